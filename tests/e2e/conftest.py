@@ -1,0 +1,103 @@
+"""End-to-end fixtures: the real Triton server and the real gateway (gunicorn + gevent).
+
+Both start on free ports for the session, wait for readiness, and always stop. When a test
+that uses them fails, the tail of each server's log is attached to the failure report.
+"""
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import requests
+
+from trident.gateway_process import GatewayProcess
+from trident.triton_launcher import TritonPorts, TritonServer
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "test-key-" + os.urandom(6).hex()
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def repo_dir() -> Path:
+    return Path(os.environ.get("TRIDENT_REPO_DIR", ROOT / ".cache/model_repository/cpu"))
+
+
+_servers = []
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory):
+    repo = repo_dir()
+    if not (repo / "llm" / "config.pbtxt").is_file():
+        pytest.fail(f"no model repository in {repo}: run `make test`, which builds it")
+    work = tmp_path_factory.mktemp("triton")
+    server = TritonServer(model_repository=repo, work_dir=work,
+                          ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
+    _servers.append(server)
+    server.start(timeout=300)
+    yield server
+    server.stop()
+
+
+def start_gateway(triton, tmp_path_factory, *, workers=1, extra_env=None):
+    work = tmp_path_factory.mktemp("gateway")
+    env = {"TRIDENT_API_KEY": API_KEY, **(extra_env or {})}
+    gw = GatewayProcess(port=free_port(), triton_grpc_url=triton.grpc_url, workers=workers,
+                        log_path=work / "gateway.log", extra_env=env)
+    _servers.append(gw)
+    return gw.start(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def gateway(triton, tmp_path_factory):
+    gw = start_gateway(triton, tmp_path_factory)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def client(gateway):
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {API_KEY}"
+    session.base_url = gateway.url
+    yield session
+    session.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _servers:
+        for server in _servers:
+            report.sections.append((f"{type(server).__name__} log", server.log_tail(80)))
+
+
+def post(client, path="/generate", **body):
+    return client.post(client.base_url + path, json=body, timeout=120)
+
+
+def sse_events(response):
+    """Parse an SSE response into (event, data) pairs; comments (heartbeats) are skipped."""
+    events, event, data = [], None, []
+    for raw in response.iter_lines(decode_unicode=False):
+        line = raw.decode("utf-8")
+        if not line:
+            if event or data:
+                events.append((event or "message", json.loads("\n".join(data))))
+            event, data = None, []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip(" "))
+    return events

@@ -1,0 +1,89 @@
+"""Incremental detokenization and stop sequences, on the real tokenizer."""
+import pytest
+
+from trident.generation import TextGeneration, TextRequest, words_list
+from trident.text import IncrementalDetokenizer, StopSequenceMatcher
+
+SAMPLES = [
+    "The capital of France is Paris.",
+    "Crème brûlée, naïve café, Ærøskøbing.",
+    "東京は日本の首都です。北京是中国的首都。",
+    "Emoji: 🎉🚀👍🏽 and a family 👨‍👩‍👧 end.",
+    "  leading spaces,\n\nnew lines\tand tabs  ",
+    "mixed: ünïcödé → ∑ π ≈ 3.14159 😀",
+]
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_token_by_token_deltas_rebuild_the_text(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.push([t]) for t in ids] + [detok.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+    for delta in deltas:
+        assert "\ufffd" not in delta  # no chunk holds a broken character
+        delta.encode("utf-8")
+
+
+def test_multi_byte_character_is_held_until_complete(tokenizer):
+    ids = tokenizer("🎉", add_special_tokens=False).input_ids
+    assert len(ids) > 1, "the emoji should span several byte tokens"
+    detok = IncrementalDetokenizer(tokenizer)
+    assert [detok.push([t]) for t in ids[:-1]] == [""] * (len(ids) - 1)
+    assert detok.push([ids[-1]]) == "🎉"
+
+
+def release_all(matcher, pieces):
+    return [matcher.push(p) for p in pieces] + ([matcher.flush()] if matcher.matched is None else [])
+
+
+@pytest.mark.parametrize("pieces, stops, released, matched", [
+    (["Hello", " wor", "ld"], [], "Hello world", None),
+    (["Hello", " wor", "ld", "!"], ["world"], "Hello ", "world"),
+    (["a", "b", "c", "d"], ["bc"], "a", "bc"),
+    (["The end", ".\n", "User:", " hi"], ["\nUser:"], "The end.", "\nUser:"),
+    (["ab", "ab", "x"], ["abx"], "ab", "abx"),
+    (["x", "y"], ["abc"], "xy", None),
+    (["a", "b"], ["abc"], "ab", None),  # held back, then released when generation ends
+    (["stop", "here"], ["here", "stophere"], "", "stophere"),  # the earliest match wins
+])
+def test_stop_sequences(pieces, stops, released, matched):
+    m = StopSequenceMatcher(stops)
+    assert "".join(release_all(m, pieces)) == released
+    assert m.matched == matched
+
+
+def test_possible_stop_prefix_is_held_back():
+    m = StopSequenceMatcher(["###"])
+    assert m.push("Answer #") == "Answer "
+    assert m.push("#") == ""
+    assert m.push("x") == "##x"
+
+
+def request(**kw):
+    kw.setdefault("prompt", "p")
+    kw.setdefault("max_tokens", 10)
+    return TextRequest(**kw)
+
+
+def test_generation_finish_reasons(tokenizer):
+    ids = tokenizer(" Paris. The end", add_special_tokens=False).input_ids
+    gen = TextGeneration(tokenizer, request(max_tokens=len(ids)), prompt_tokens=5)
+    text = gen.push(ids) + gen.finish()
+    assert (text, gen.finish_reason, gen.completion_tokens) == (" Paris. The end", "length", len(ids))
+
+    gen = TextGeneration(tokenizer, request(max_tokens=50), prompt_tokens=5)
+    text = gen.push(ids) + gen.finish()
+    assert (text, gen.finish_reason) == (" Paris. The end", "eos_token")
+
+    gen = TextGeneration(tokenizer, request(max_tokens=50, stop_words=[". The"]), prompt_tokens=5)
+    text = gen.push(ids) + gen.finish()
+    assert (text, gen.finish_reason, gen.stopped) == (" Paris", "stop_sequence", True)
+    assert gen.completion_tokens < len(ids)  # tokens after the match are not counted
+
+
+def test_words_list_format():
+    out = words_list([[5, 6], [7]])
+    assert out.shape == (1, 2, 3)
+    assert out[0, 0].tolist() == [5, 6, 7]
+    assert out[0, 1].tolist() == [2, 3, -1]

@@ -1,0 +1,1 @@
+"""trident: shared code for the model repository, the build steps and the gateway."""

@@ -1,0 +1,89 @@
+"""Run the gateway under gunicorn with the gevent + gRPC worker, as a child process."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WORKER_CLASS = "gateway.worker.GeventGrpcWorker"
+APP = "gateway:create_app()"
+
+
+class GatewayStartError(RuntimeError):
+    pass
+
+
+class GatewayProcess:
+    def __init__(self, *, port: int, triton_grpc_url: str, log_path: Path, workers: int = 1,
+                 host: str = "127.0.0.1", extra_env: dict | None = None, extra_args: tuple = ()):
+        self.port = port
+        self.host = host
+        self.workers = workers
+        self.log_path = Path(log_path)
+        self.env = dict(os.environ)
+        self.env["TRIDENT_TRITON_GRPC_URL"] = triton_grpc_url
+        self.env.update(extra_env or {})
+        self.extra_args = tuple(extra_args)
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        gunicorn = str(Path(sys.executable).parent / "gunicorn")
+        return [gunicorn, "-k", WORKER_CLASS, "-w", str(self.workers), "-b", f"{self.host}:{self.port}",
+                "--graceful-timeout", "10", "--timeout", "120", *self.extra_args, APP]
+
+    def start(self, *, timeout: float = 60.0, echo: bool = False) -> "GatewayProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = None
+        if not echo:
+            self._log_file = open(self.log_path, "ab")
+            out = self._log_file
+        log.info("starting the gateway on %s (%d worker(s)), log: %s", self.url, self.workers,
+                 "terminal" if echo else self.log_path)
+        self.process = subprocess.Popen(self.command(), env=self.env, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise GatewayStartError(f"gunicorn exited with {self.process.returncode}\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise GatewayStartError(f"gateway not healthy after {timeout:.0f}s\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no gateway log)"
+        return "---- last lines of the gateway log ----\n" + "\n".join(text[-lines:])
+
+    def stop(self, *, timeout: float = 20.0) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # gunicorn: graceful stop of all workers
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None

@@ -1,0 +1,85 @@
+"""Fill the templates in ``model_repository/`` into a runnable Triton model repository.
+
+Templates are ``*.in`` files with ``${name}`` placeholders; every other file is copied as is.
+The output folder is written whole into a temporary folder and then swapped in, and tracked
+template files are never modified. A placeholder with no value, or a value no template uses,
+is an error: a half-filled config must never reach Triton.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+TEMPLATE_ROOT = Path(__file__).resolve().parents[1] / "model_repository"
+PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Template folders per flavour; later folders may add models, never replace them.
+FLAVOURS = {
+    "cpu": ("common", "cpu"),
+    "trtllm": ("common", "trtllm"),
+}
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def fill_template(text: str, values: Mapping[str, object], *, source: str = "<template>") -> str:
+    missing = sorted({m.group(1) for m in PLACEHOLDER.finditer(text)} - set(values))
+    if missing:
+        raise TemplateError(f"{source}: no value for placeholder(s) {', '.join(missing)}")
+    filled = PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
+    if "${" in filled:
+        raise TemplateError(f"{source}: unfilled or malformed placeholder left: "
+                            f"{filled[filled.index('${'):][:40]!r}")
+    return filled
+
+
+def placeholders_in(paths) -> set[str]:
+    names: set[str] = set()
+    for path in paths:
+        names |= {m.group(1) for m in PLACEHOLDER.finditer(Path(path).read_text())}
+    return names
+
+
+def build_repository(*, flavour: str, values: Mapping[str, object], out_dir: Path,
+                     template_root: Path = TEMPLATE_ROOT) -> Path:
+    """Write the repository for ``flavour`` into ``out_dir`` (replacing what was there)."""
+    if flavour not in FLAVOURS:
+        raise TemplateError(f"unknown flavour {flavour!r}; choose one of {sorted(FLAVOURS)}")
+    sources = [Path(template_root) / part for part in FLAVOURS[flavour]]
+    for src in sources:
+        if not src.is_dir():
+            raise TemplateError(f"template folder {src} is missing")
+    templates = [p for src in sources for p in src.rglob("*.in")]
+    unused = sorted(set(values) - placeholders_in(templates))
+    if unused:
+        raise TemplateError(f"value(s) used by no template of flavour {flavour}: {', '.join(unused)}")
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".repo-", dir=out_dir.parent))
+    try:
+        for src in sources:
+            for path in sorted(src.rglob("*")):
+                if path.is_dir() or "__pycache__" in path.parts:
+                    continue
+                rel = path.relative_to(src)
+                dest = tmp / (rel.with_suffix("") if path.suffix == ".in" else rel)
+                if dest.exists():
+                    raise TemplateError(f"{rel} is defined twice in the templates")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if path.suffix == ".in":
+                    dest.write_text(fill_template(path.read_text(), values, source=str(path)))
+                elif path.name != ".keep":
+                    shutil.copy2(path, dest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

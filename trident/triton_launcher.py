@@ -1,0 +1,233 @@
+"""Run the ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel, on CPU.
+
+The wheel carries Triton 2.51 with the Python backend and one backend stub per Python
+version. Triton expects a backend folder laid out as ``<dir>/python/{libtriton_python.so,
+triton_python_backend_utils.py, triton_python_backend_stub}``, so one is assembled (with
+symlinks) for the running interpreter. The stub's embedded Python finds the virtualenv's
+packages through the ``python`` first on ``PATH``, so the venv's ``bin`` goes first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+PORT_ENV = {"http": "TRITON_HTTP_PORT", "grpc": "TRITON_GRPC_PORT", "metrics": "TRITON_METRICS_PORT"}
+
+
+class TritonStartError(RuntimeError):
+    """Triton did not become ready; the message carries the tail of its log."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonPorts:
+    http: int
+    grpc: int
+    metrics: int
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> "TritonPorts":
+        env = os.environ if env is None else env
+        return cls(**{k: int(env.get(PORT_ENV[k], v)) for k, v in DEFAULT_PORTS.items()})
+
+
+def pytriton_root() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonStartError("nvidia-pytriton is not installed (pip install nvidia-pytriton==0.7.0)")
+    return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+
+
+def prepare_backend_dir(*, dest: Path, python_version: str | None = None) -> Path:
+    """Lay out ``dest/python`` with the Python backend and the stub for this interpreter."""
+    root = pytriton_root()
+    version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonStartError(f"no Triton Python backend stub for Python {version} in {stub.parent.parent}")
+    backend = Path(dest) / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    sources = {
+        "libtriton_python.so": root / "backends" / "python" / "libtriton_python.so",
+        "triton_python_backend_utils.py": root / "backends" / "python" / "triton_python_backend_utils.py",
+        "triton_python_backend_stub": stub,
+    }
+    for name, src in sources.items():
+        link = backend / name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == src.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(src)
+    return Path(dest)
+
+
+def python_libdir() -> str:
+    """The folder of the running interpreter's own ``libpython3.X.so.1.0``, if it has one.
+
+    The stub is linked against ``libpython3.X.so.1.0`` and takes the first one the loader
+    finds; the system's (say 3.11.2) with another build's stdlib (say pyenv's 3.11.7) fails
+    on extension modules such as ``_ssl``. Putting the interpreter's own library first keeps
+    library and stdlib from the same build.
+    """
+    import sysconfig
+
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    name = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
+    return libdir if libdir and (Path(libdir) / name).exists() else ""
+
+
+def triton_env(*, base: dict | None = None) -> dict:
+    """Environment for tritonserver: bundled libs on LD_LIBRARY_PATH, the venv's bin first."""
+    env = dict(os.environ if base is None else base)
+    libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (python_libdir(), str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+    # The stub imports the project's code from the editable install; keep stray user site
+    # packages out of the stub's interpreter.
+    env.setdefault("PYTHONNOUSERSITE", "1")
+    return env
+
+
+def build_command(*, model_repository: Path, backend_dir: Path, ports: TritonPorts,
+                  log_verbose: int = 0, extra_args: Sequence[str] = ()) -> list[str]:
+    return [
+        str(pytriton_root() / "bin" / "tritonserver"),
+        f"--model-repository={model_repository}",
+        f"--backend-directory={backend_dir}",
+        f"--cache-directory={pytriton_root() / 'caches'}",
+        f"--http-port={ports.http}",
+        f"--grpc-port={ports.grpc}",
+        f"--metrics-port={ports.metrics}",
+        "--allow-http=true",
+        "--allow-grpc=true",
+        "--allow-metrics=true",
+        "--allow-gpu-metrics=false",
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        f"--log-verbose={log_verbose}",
+        *extra_args,
+    ]
+
+
+class TritonServer:
+    """A tritonserver child process: ``start()`` waits for readiness, ``stop()`` ends it."""
+
+    def __init__(self, *, model_repository: Path, work_dir: Path, ports: TritonPorts | None = None,
+                 log_path: Path | None = None, log_verbose: int = 0, ready_models: Sequence[str] = ("llm",)):
+        self.model_repository = Path(model_repository).resolve()
+        self.work_dir = Path(work_dir).resolve()
+        self.ports = ports or TritonPorts.from_env()
+        self.log_path = Path(log_path) if log_path else self.work_dir / "triton.log"
+        self.log_verbose = log_verbose
+        self.ready_models = tuple(ready_models)
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://localhost:{self.ports.http}"
+
+    def start(self, *, timeout: float = 300.0, echo: bool = False) -> "TritonServer":
+        backend_dir = prepare_backend_dir(dest=self.work_dir / "backends")
+        cmd = build_command(model_repository=self.model_repository, backend_dir=backend_dir,
+                            ports=self.ports, log_verbose=self.log_verbose)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("starting Triton (HTTP %d, gRPC %d, metrics %d), log: %s",
+                 self.ports.http, self.ports.grpc, self.ports.metrics, self.log_path)
+        if echo:
+            out = None
+        else:
+            self._log_file = open(self.log_path, "ab")
+            out = self._log_file
+        # Own process group: Ctrl-C in a terminal reaches us, and we stop Triton ourselves.
+        self.process = subprocess.Popen(cmd, env=triton_env(), stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        try:
+            self.wait_ready(timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
+                if resp.status != 200:
+                    return False
+            for model in self.ready_models:
+                with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/ready", timeout=2) as resp:
+                    if resp.status != 200:
+                        return False
+            return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def wait_ready(self, *, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last_note = 0.0
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TritonStartError(
+                    f"tritonserver exited with code {self.process.returncode} before it was ready\n"
+                    + self.log_tail())
+            if self.is_ready():
+                log.info("Triton is ready")
+                return
+            now = time.monotonic()
+            if now - last_note > 15:
+                log.info("waiting for Triton to load the models ...")
+                last_note = now
+            time.sleep(0.5)
+        raise TritonStartError(f"Triton was not ready after {timeout:.0f}s\n" + self.log_tail())
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no Triton log)"
+        return "---- last lines of the Triton log ----\n" + "\n".join(text[-lines:])
+
+    def stop(self, *, timeout: float = 30.0) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            # SIGINT is Triton's graceful shutdown; it unloads models (stopping the stubs).
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("Triton did not stop in %.0fs, killing it", timeout)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
