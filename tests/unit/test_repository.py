@@ -1,0 +1,64 @@
+"""The model-repository builder: placeholders, output layout, and Triton-valid configs."""
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from trident.repo_builder import TemplateError, build_repository, fill_template
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_fill_template_fails_on_missing_value():
+    with pytest.raises(TemplateError, match="no value for placeholder.*b"):
+        fill_template("x: ${a} y: ${b}", {"a": 1})
+
+
+def test_fill_template_fails_on_malformed_placeholder():
+    with pytest.raises(TemplateError, match="malformed"):
+        fill_template("x: ${a} y: ${ b}", {"a": 1})
+
+
+def cpu_values(model_dir):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_repository", ROOT / "build/build_repository.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import argparse
+
+    args = argparse.Namespace(model_dir=model_dir, max_seq_len=1024, max_new_tokens_limit=512,
+                              max_concurrent=64, max_batch_size=8, dtype="bfloat16", num_threads=0,
+                              max_queue_size=32)
+    return module.cpu_values(args)
+
+
+def test_unused_value_is_an_error(tmp_path):
+    values = {**cpu_values(tmp_path), "no_such_placeholder": 1}
+    with pytest.raises(TemplateError, match="no_such_placeholder"):
+        build_repository(flavour="cpu", values=values, out_dir=tmp_path / "repo")
+
+
+def test_cpu_repository_configs_parse_with_tritons_protobuf(tmp_path):
+    tracked_before = {p: p.read_bytes() for p in (ROOT / "model_repository").rglob("*") if p.is_file()}
+    out = build_repository(flavour="cpu", values=cpu_values(tmp_path), out_dir=tmp_path / "repo")
+    configs = {p.parent.name: p for p in out.glob("*/config.pbtxt")}
+    assert set(configs) == {"preprocessing", "llm", "ensemble", "tensorrt_llm"}
+    parsed = {}
+    for name, path in configs.items():
+        text = path.read_text()
+        assert "${" not in text
+        parsed[name] = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert parsed[name].name == name
+        assert (out / name / "1").is_dir()
+    assert parsed["llm"].model_transaction_policy.decoupled
+    assert parsed["tensorrt_llm"].model_transaction_policy.decoupled
+    params = {k: v.string_value for k, v in parsed["llm"].parameters.items()}
+    assert params["max_context"] == "1024" and params["tokenizer_dir"] == str(tmp_path.resolve())
+    # The ensemble exposes exactly the llm model's interface.
+    ens, llm = parsed["ensemble"], parsed["llm"]
+    assert [(i.name, i.data_type) for i in ens.input] == [(i.name, i.data_type) for i in llm.input]
+    assert [(o.name, o.data_type) for o in ens.output] == [(o.name, o.data_type) for o in llm.output]
+    # Tracked templates are never modified by a build.
+    assert {p: p.read_bytes() for p in tracked_before} == tracked_before
