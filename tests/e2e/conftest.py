@@ -3,9 +3,7 @@
 Both start on free ports for the session, wait for readiness, and always stop. When a test
 that uses them fails, the tail of each server's log is attached to the failure report.
 """
-import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,16 +12,11 @@ import requests
 from trident.gateway_process import GatewayProcess
 from trident.triton_launcher import TritonPorts, TritonServer
 
+from e2e_helpers import API_KEY, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-API_KEY = "test-key-" + os.urandom(6).hex()
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def repo_dir() -> Path:
@@ -79,25 +72,3 @@ def pytest_runtest_makereport(item, call):
     if report.failed and _servers:
         for server in _servers:
             report.sections.append((f"{type(server).__name__} log", server.log_tail(80)))
-
-
-def post(client, path="/generate", **body):
-    return client.post(client.base_url + path, json=body, timeout=120)
-
-
-def sse_events(response):
-    """Parse an SSE response into (event, data) pairs; comments (heartbeats) are skipped."""
-    events, event, data = [], None, []
-    for raw in response.iter_lines(decode_unicode=False):
-        line = raw.decode("utf-8")
-        if not line:
-            if event or data:
-                events.append((event or "message", json.loads("\n".join(data))))
-            event, data = None, []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip(" "))
-    return events

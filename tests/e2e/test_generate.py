@@ -4,7 +4,7 @@ import concurrent.futures as cf
 import numpy as np
 import pytest
 
-from .conftest import post, sse_events
+from e2e_helpers import post, sse_events
 
 PARIS = {"prompt": "The capital of France is", "max_new_tokens": 8, "temperature": 0}
 

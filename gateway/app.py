@@ -1,0 +1,109 @@
+"""The app factory (STYLE 6): ``create_app(config=None)``, config read late, handlers once.
+
+Served as ``gunicorn -k gateway.worker.GeventGrpcWorker 'gateway:create_app()'``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, g, has_request_context, request
+
+from .auth import KeyStore
+from .backend import Backend
+from .config import load_config
+from .errors import register_error_handlers
+from .ratelimit import limiter
+from .routes import bp
+from .schemas import GenerateSchema
+from .state import GatewayState, InFlight
+
+log = logging.getLogger("trident.gateway")
+
+# A client's X-Request-ID is echoed (and logged) when it is this tame; otherwise a new one.
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+
+
+def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | None = None) -> Flask:
+    """Build the gateway.
+
+    ``config`` overrides every other source (see ``gateway.config``). ``backend`` replaces the
+    Triton gRPC backend (tests pass a fake); by default a ``TritonBackend`` is built from the
+    config and connects lazily, on the first request of each worker process.
+    """
+    app = Flask(__name__)
+    load_config(app, config)
+    app.json.sort_keys = False  # keep the contract's field order
+    app.json.ensure_ascii = False
+
+    keys = KeyStore.from_config(app.config)
+    if not keys:
+        log.warning("no API keys are configured: every generation request will be refused with 401")
+    served = {app.config["MODEL_NAME"]: app.config["TRITON_MODEL"]}
+    if backend is None:
+        from .triton_backend import TritonBackend  # grpc is imported, not connected
+
+        backend = TritonBackend(
+            url=app.config["TRITON_GRPC_URL"],
+            models=served,
+            request_timeout=app.config["REQUEST_TIMEOUT"],
+            ready_timeout=app.config["READY_TIMEOUT"],
+            connect_timeout=app.config["CONNECT_TIMEOUT"],
+            retry_after=app.config["RETRY_AFTER"],
+        )
+    app.extensions["trident"] = GatewayState(
+        backend=backend,
+        keys=keys,
+        generate_schema=GenerateSchema(
+            max_new_tokens_limit=app.config["MAX_NEW_TOKENS_LIMIT"],
+            served_models=list(served),
+            default_model=app.config["MODEL_NAME"],
+        ),
+        in_flight=InFlight(app.config["MAX_IN_FLIGHT"]),
+        heartbeat_interval=app.config["HEARTBEAT_INTERVAL"],
+        retry_after=app.config["RETRY_AFTER"],
+    )
+
+    register_error_handlers(app)
+    app.before_request(_assign_request_id)  # before the limiter's hook: its 429 has an id too
+    app.after_request(_send_request_id)
+    limiter.init_app(app)
+    app.register_blueprint(bp)
+    _configure_logging()
+    return app
+
+
+def _assign_request_id() -> None:
+    sent = request.headers.get("X-Request-ID", "")
+    g.request_id = sent if _CLIENT_REQUEST_ID.match(sent) else uuid.uuid4().hex
+
+
+def _send_request_id(response: Response) -> Response:
+    response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+    return response
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to log records made while a request is handled ("-" otherwise)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        return True
+
+
+def _configure_logging() -> None:
+    """A stderr handler for ``trident.*`` unless the process configured logging itself
+    (gunicorn configures only its own loggers)."""
+    logger = logging.getLogger("trident")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

@@ -1,0 +1,86 @@
+"""The small interface routes depend on (STYLE 5), and the events it yields.
+
+Routes never import tritonclient or grpc: they take a :class:`Backend`. The Triton gRPC client
+(``gateway.triton_backend.TritonBackend``) is one implementation; the in-process tests use a
+fake (``tests/unit/fakes.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from .params import GenerationParams
+
+FINISH_REASONS = ("length", "stop_sequence", "eos_token")
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """The next piece of generated text: whole UTF-8 characters, never the prompt, never a
+    (possibly partial) stop sequence."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last event of every successful generation."""
+
+    finish_reason: str  # one of FINISH_REASONS
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+Event = TextDelta | Finished
+
+
+@runtime_checkable
+class Generation(Protocol):
+    """One running generation: iterate it for events, ``close()`` it when done.
+
+    Streaming contract:
+
+    * Iteration yields zero or more :class:`TextDelta` and then exactly one :class:`Finished`,
+      which is last. Concatenating the deltas gives the whole generated text, whether or not
+      ``params.stream`` was set (without it, a backend may yield the text as one delta).
+    * Failures are raised from the iterator as ``gateway.errors.ClientError`` (e.g. a prompt too
+      long for the context: 400 with ``param``) or ``ServerError`` (503 with ``Retry-After`` when
+      the server is unreachable or not ready, else 500), at any point: before the first event
+      (the route then still answers with that HTTP status) or after some deltas.
+    * Reading the next event blocks until it arrives; under gunicorn's gevent worker this blocks
+      only the calling greenlet. Iteration may happen on another thread (greenlet) than the one
+      that called ``generate``, but never on two at once.
+    * ``close()`` may be called at any time, from any thread, more than once. It cancels the
+      generation on the server (a client that went away must not cost more tokens) and makes a
+      blocked iteration end soon, by stopping or raising; after ``close()`` nothing more is
+      read.
+    """
+
+    def __iter__(self) -> Iterator[Event]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs generations for the gateway.
+
+    ``generate`` starts one generation and returns without waiting for its output; it may raise
+    the same typed errors as iteration. ``check_ready`` returns when the server and every served
+    model are ready and raises a 503 ``ServerError`` (with the reason) otherwise; it must answer
+    within a short deadline, never hang.
+    """
+
+    def generate(self, params: GenerationParams, *, request_id: str) -> Generation: ...
+
+    def check_ready(self) -> None: ...

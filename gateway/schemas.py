@@ -1,0 +1,276 @@
+"""Request schemas, one per endpoint (STYLE 7), and the JSON-body reader they share.
+
+Types are strict, as a JSON client would expect: integers must be JSON integers (``1.5``,
+``"3"`` and ``true`` are rejected), numbers must be JSON numbers, booleans real JSON booleans,
+strings real strings. ``null`` for an optional field means "use the default" (as in the OpenAI
+API). Messages are full sentences that name the field; the first error, in the order of the
+contract's fields, becomes the 400 (unknown fields first).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flask import Request
+from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validates, validates_schema
+from marshmallow.validate import Range
+
+from .errors import ClientError
+from .params import GenerationParams
+
+MAX_STOP_SEQUENCES = 16
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def describe(value: Any) -> str:
+    """A JSON value, shortly, for messages such as ``got string "3"``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, (int, float)):
+        text = repr(value)
+        text = text if len(text) <= 40 else text[:37] + "..."
+        return f"integer {text}" if isinstance(value, int) else f"number {text}"
+    if isinstance(value, str):
+        text = json.dumps(value[:40], ensure_ascii=False)
+        return f"string {text}" if len(value) <= 40 else f"string {text[:-1]}...\""
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+class _StrictField(fields.Field):
+    """A field that accepts one JSON type and says which one it wanted."""
+
+    expected = "a value"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_none", True)
+        super().__init__(**kwargs)
+
+    @property
+    def public_name(self) -> str:
+        return self.data_key or self.name or "value"
+
+    def fail_type(self, value: Any) -> ValidationError:
+        return ValidationError(f"{self.public_name} must be {self.expected}, got {describe(value)}")
+
+    def accepts(self, value: Any) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not self.accepts(value):
+            raise self.fail_type(value)
+        return value
+
+
+class StrictString(_StrictField):
+    expected = "a string"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str)
+
+
+class StrictInteger(_StrictField):
+    expected = "an integer"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+
+class StrictNumber(_StrictField):
+    """A JSON number (integer or not) that fits the FP32 tensor it becomes."""
+
+    expected = "a number"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if abs(value) > FLOAT32_MAX:
+            raise ValidationError(f"{self.public_name} is too large for a 32-bit float, got {describe(value)}")
+        return value
+
+
+class StrictBoolean(_StrictField):
+    expected = "a boolean (true or false)"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+
+class StopSequences(_StrictField):
+    expected = "an array of strings"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, list)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        name = self.public_name
+        if len(value) > MAX_STOP_SEQUENCES:
+            raise ValidationError(f"{name} must have at most {MAX_STOP_SEQUENCES} items, got {len(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ValidationError(f"{name}[{i}] must be a string, got {describe(item)}")
+            if not item:
+                raise ValidationError(f"{name}[{i}] must be a non-empty string")
+        return tuple(value)
+
+
+def _range(message: str, **kwargs: Any) -> Range:
+    return Range(error=message, **kwargs)
+
+
+class GenerateSchema(Schema):
+    """``POST /generate``: fields in the order of shared/API.md; loads a GenerationParams.
+
+    Built once per app with the deployment's limits: ``max_new_tokens_limit`` (the upper bound of
+    ``max_new_tokens``), ``served_models`` (public names; another name is a 404) and
+    ``default_model``.
+    """
+
+    class Meta:
+        unknown = RAISE
+
+    prompt = StrictString(
+        required=True,
+        allow_none=False,
+        error_messages={"required": "prompt is required", "null": "prompt must be a string, got null"},
+    )
+    model = StrictString()
+    max_new_tokens = StrictInteger()
+    temperature = StrictNumber(
+        validate=_range("temperature must be between {min} and {max}, got {input}", min=0, max=2)
+    )
+    top_p = StrictNumber(
+        validate=_range(
+            "top_p must be greater than {min} and at most {max}, got {input}", min=0, max=1, min_inclusive=False
+        )
+    )
+    top_k = StrictInteger(validate=_range("top_k must be between {min} and {max}, got {input}", min=0, max=INT32_MAX))
+    repetition_penalty = StrictNumber(
+        validate=_range("repetition_penalty must be greater than {min}, got {input}", min=0, min_inclusive=False)
+    )
+    stop_sequences = StopSequences()
+    stream = StrictBoolean()
+    seed = StrictInteger(validate=_range("seed must be between {min} and {max}, got {input}", min=0, max=UINT64_MAX))
+    # Older alias of max_new_tokens (TGI / early HF pipelines); see validate_max_length_alias.
+    max_length = StrictInteger()
+
+    def __init__(
+        self,
+        *,
+        max_new_tokens_limit: int,
+        served_models: Sequence[str],
+        default_model: str,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.served_models = tuple(served_models)
+        self.default_model = default_model
+
+    @validates("prompt")
+    def validate_prompt(self, value: str, data_key: str) -> None:
+        if not value:
+            raise ValidationError(f"{data_key} must be a non-empty string")
+
+    @validates("max_new_tokens", "max_length")
+    def validate_token_limit(self, value: int | None, data_key: str) -> None:
+        if value is not None and not 1 <= value <= self.max_new_tokens_limit:
+            raise ValidationError(f"{data_key} must be between 1 and {self.max_new_tokens_limit}, got {value}")
+
+    @validates_schema
+    def validate_max_length_alias(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        new, old = data.get("max_new_tokens"), data.get("max_length")
+        if new is not None and old is not None and new != old:
+            raise ValidationError(
+                f"max_length is an alias of max_new_tokens; both were given with different values "
+                f"({old} and {new}): send only max_new_tokens",
+                field_name="max_length",
+            )
+
+    @post_load
+    def make_params(self, data: dict[str, Any], **kwargs: Any) -> GenerationParams:
+        model = data.pop("model", None)
+        if model is None:
+            model = self.default_model
+        if model not in self.served_models:
+            served = ", ".join(self.served_models)
+            raise ClientError(
+                f"The model '{model}' does not exist or is not served here (served: {served})",
+                status=404,
+                param="model",
+            )
+        alias = data.pop("max_length", None)
+        if data.get("max_new_tokens") is None and alias is not None:
+            data["max_new_tokens"] = alias
+        values = {k: v for k, v in data.items() if v is not None}
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if name in values:
+                values[name] = float(values[name])
+        return GenerationParams(model=model, **values)
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def first_error(self, err: ValidationError) -> ClientError:
+        """The 400 for a failed load: unknown fields first, then fields in contract order."""
+        messages = err.messages if isinstance(err.messages, dict) else {"_schema": err.messages}
+        known = set(self.load_fields)
+        unknown = [name for name in messages if name not in known and name != "_schema"]
+        if isinstance(err.data, Mapping):  # marshmallow finds them in set order: use the body's
+            order = {name: i for i, name in enumerate(err.data)}
+            unknown.sort(key=lambda name: order.get(name, len(order)))
+        if unknown:
+            plural = "s" if len(unknown) > 1 else ""
+            return ClientError(
+                f"Unrecognized request argument{plural} supplied: {', '.join(unknown)}", param=unknown[0]
+            )
+        for name in self.load_fields:
+            if name in messages:
+                return ClientError(_first_message(messages[name]), param=name)
+        return ClientError(_first_message(messages.get("_schema", "invalid request")))
+
+
+def _first_message(messages: Any) -> str:
+    while isinstance(messages, (list, dict)):
+        if not messages:
+            return "invalid request"
+        messages = messages[0] if isinstance(messages, list) else next(iter(messages.values()))
+    return str(messages)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json_object(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 (413 comes from werkzeug's body limit)."""
+    if not request.is_json:
+        got = request.headers.get("Content-Type")
+        raise ClientError(f"Content-Type must be application/json, got {got!r}" if got else
+                          "Content-Type must be application/json")
+    raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ClientError(f"Request body is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ClientError(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ClientError(f"Request body must be a JSON object, got {describe(body).split(' ')[0]}")
+    return body
+
+
+def load_generate(schema: GenerateSchema, body: dict[str, Any]) -> GenerationParams:
+    try:
+        return schema.load(body)
+    except ValidationError as err:
+        raise schema.first_error(err) from None

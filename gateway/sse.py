@@ -1,0 +1,169 @@
+"""Server-sent events of ``POST /generate`` with ``"stream": true`` (shared/API.md).
+
+The route validates the request, starts the generation and reads its FIRST event before it
+returns (STYLE 4), so anything that fails before a token is still a proper HTTP status. The
+rest goes through :class:`SSEBody`, the WSGI body: ``event: token`` per delta, one
+``event: done``, or ``event: error`` (the envelope's error object) when the generation fails
+after the stream began; then the stream ends. While it waits for the next event it sends an SSE
+comment (``: keep-alive``) every heartbeat interval: a client that went away is only noticed on
+a write, and the server then closes the body, which cancels the generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .backend import Event, Finished, Generation, TextDelta
+from .errors import ApiError, internal_error
+
+log = logging.getLogger("trident.gateway")
+
+HEARTBEAT = b": keep-alive\n\n"
+
+
+def sse_event(name: str, data: dict[str, Any]) -> bytes:
+    """One SSE event; ``json.dumps`` escapes newlines, so ``data`` is always one line."""
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8")
+
+
+def event_bytes(event: Event) -> bytes:
+    if isinstance(event, TextDelta):
+        return sse_event("token", {"text": event.text})
+    return sse_event("done", {"finish_reason": event.finish_reason, "usage": event.usage})
+
+
+def error_bytes(error: ApiError) -> bytes:
+    return sse_event("error", {"error": error.to_dict()})
+
+
+class _End:
+    """The events ran out."""
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class EventPump:
+    """Reads an event iterator on a helper thread into a queue, so the response can wait for
+    the next event with a timeout (and send heartbeats meanwhile).
+
+    Under gunicorn's gevent worker ``threading`` and ``queue`` are monkey-patched, so the helper
+    is a greenlet and waiting is cooperative; without gevent it is a real daemon thread. The
+    helper ends when the iterator does: closing the generation makes it end.
+    """
+
+    def __init__(self, events: Iterator[Event]) -> None:
+        self._queue: queue.Queue[Event | _End | _Failed] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, args=(events,), name="trident-sse-pump", daemon=True)
+        self._thread.start()
+
+    def _run(self, events: Iterator[Event]) -> None:
+        try:
+            for event in events:
+                self._queue.put(event)
+        except BaseException as exc:  # handed to the reader, who decides
+            self._queue.put(_Failed(exc))
+        else:
+            self._queue.put(_End())
+
+    def get(self, timeout: float) -> Event | _End | None:
+        """The next event, ``_End()``, or None when ``timeout`` passed first; re-raises a failure."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+
+class SSEBody:
+    """The iterable WSGI body of one streaming response.
+
+    When the last event has been sent, or on ``close()`` (called by the WSGI server when the
+    response ends, also after a client disconnect, and also if the body was never iterated), the
+    generation is closed, which cancels it on the server if it still runs, and ``on_close`` is
+    called, once.
+    """
+
+    def __init__(
+        self,
+        first: Event,
+        generation: Generation,
+        events: Iterator[Event],
+        *,
+        heartbeat_interval: float,
+        request_id: str,
+        on_close: Callable[[Finished | None], None],
+    ) -> None:
+        self._generation = generation
+        self._heartbeat = heartbeat_interval
+        self._request_id = request_id
+        self._log_extra = {"request_id": request_id}  # the body runs outside the request context
+        self._on_close = on_close
+        self._finished: Finished | None = None
+        self._cleaned_up = False
+        self._chunks = self._run(first, events)
+
+    def __iter__(self) -> SSEBody:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def _emit(self, event: Event) -> bytes:
+        if isinstance(event, Finished):
+            self._finished = event
+        return event_bytes(event)
+
+    def _run(self, first: Event, events: Iterator[Event]) -> Iterator[bytes]:
+        try:
+            yield self._emit(first)
+            if isinstance(first, Finished):
+                return
+            pump = EventPump(events)
+            while True:
+                try:
+                    event = pump.get(self._heartbeat)
+                except ApiError as err:
+                    log.warning("stream failed: %s %s", err.status, err.message, extra=self._log_extra)
+                    yield error_bytes(err)
+                    return
+                except Exception:
+                    log.exception("stream failed", extra=self._log_extra)
+                    yield error_bytes(internal_error(self._request_id))
+                    return
+                if event is None:
+                    yield HEARTBEAT
+                elif isinstance(event, _End):
+                    log.error("generation ended without a final event", extra=self._log_extra)
+                    yield error_bytes(internal_error(self._request_id))
+                    return
+                else:
+                    yield self._emit(event)
+                    if isinstance(event, Finished):
+                        return
+        finally:  # the stream ended, or the client went away (GeneratorExit)
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._cleaned_up:
+            return
+        self._cleaned_up = True
+        try:
+            self._generation.close()
+        finally:
+            self._on_close(self._finished)
+
+    def close(self) -> None:
+        try:
+            self._chunks.close()
+        finally:
+            self._finish()  # also when the body was never iterated

@@ -1,0 +1,34 @@
+"""Helpers for end-to-end tests (imported by name: pytest puts this folder on sys.path)."""
+import json
+import os
+import socket
+
+API_KEY = "test-key-" + os.urandom(6).hex()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(client, path="/generate", **body):
+    return client.post(client.base_url + path, json=body, timeout=120)
+
+
+def sse_events(response):
+    """Parse an SSE response into (event, data) pairs; comments (heartbeats) are skipped."""
+    events, event, data = [], None, []
+    for raw in response.iter_lines(decode_unicode=False):
+        line = raw.decode("utf-8")
+        if not line:
+            if event or data:
+                events.append((event or "message", json.loads("\n".join(data))))
+            event, data = None, []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip(" "))
+    return events

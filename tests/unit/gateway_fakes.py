@@ -1,0 +1,227 @@
+"""Fakes for the gateway's tests: a ``Backend`` (in-process) and a Triton gRPC server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from gateway.backend import Event, Finished, TextDelta
+from gateway.errors import ApiError
+from gateway.params import GenerationParams
+from gateway.triton_codec import deserialize, serialize
+
+DEFAULT_DELTAS = ("Hello", ",", " wor", "ld", " ✓", "!")
+
+
+@dataclass
+class Pause:
+    """A script step: wait this long (or until the generation is closed)."""
+
+    seconds: float
+
+
+Step = str | Finished | Pause | BaseException
+Script = Callable[[GenerationParams], list[Step]]
+
+
+def default_script(params: GenerationParams) -> list[Step]:
+    """Deltas (one, joined, when not streaming, as the "llm" model does) then Finished."""
+    deltas = list(DEFAULT_DELTAS)[: params.max_new_tokens]
+    steps: list[Step] = deltas if params.stream else ["".join(deltas)]
+    reason = "length" if params.max_new_tokens <= len(DEFAULT_DELTAS) else "eos_token"
+    return [*steps, Finished(reason, prompt_tokens=len(params.prompt.split()), completion_tokens=len(deltas))]
+
+
+class FakeGeneration:
+    def __init__(self, steps: list[Step]) -> None:
+        self._steps = steps
+        self.closed = threading.Event()
+        self.consumed = 0  # steps taken: after close, no more are
+
+    def __iter__(self) -> Iterator[Event]:
+        for step in self._steps:
+            if self.closed.is_set():
+                return
+            self.consumed += 1
+            if isinstance(step, Pause):
+                if self.closed.wait(step.seconds):
+                    return
+            elif isinstance(step, BaseException):
+                raise step
+            elif isinstance(step, str):
+                yield TextDelta(step)
+            else:
+                yield step
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+@dataclass
+class FakeBackend:
+    script: Script = default_script
+    generate_error: ApiError | None = None  # raised by generate() itself
+    ready_error: ApiError | None = None  # raised by check_ready()
+    calls: list[tuple[GenerationParams, str]] = field(default_factory=list)
+    generations: list[FakeGeneration] = field(default_factory=list)
+
+    def generate(self, params: GenerationParams, *, request_id: str) -> FakeGeneration:
+        self.calls.append((params, request_id))
+        if self.generate_error is not None:
+            raise self.generate_error
+        generation = FakeGeneration(self.script(params))
+        self.generations.append(generation)
+        return generation
+
+    def check_ready(self) -> None:
+        if self.ready_error is not None:
+            raise self.ready_error
+
+    @property
+    def last_params(self) -> GenerationParams:
+        return self.calls[-1][0]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def stream_response(*, text=None, finish=None, final=False, error=""):
+    """A ModelStreamInferResponse as Triton would send it for model "llm"."""
+    response = service_pb2.ModelStreamInferResponse(error_message=error)
+    infer = response.infer_response
+    infer.model_name = "llm"
+    infer.id = "rid"
+    infer.parameters["triton_final_response"].bool_param = final
+    outputs = {}
+    if text is not None:
+        outputs["text_output"] = np.array([[text.encode()]], dtype=np.object_)
+    if finish is not None:
+        reason, prompt_tokens, completion_tokens = finish
+        outputs["finish_reason"] = np.array([[reason.encode()]], dtype=np.object_)
+        outputs["prompt_tokens"] = np.array([[prompt_tokens]], dtype=np.int32)
+        outputs["completion_tokens"] = np.array([[completion_tokens]], dtype=np.int32)
+    for name, array in outputs.items():
+        datatype, raw = serialize(array)
+        tensor = infer.outputs.add(name=name, datatype=datatype)
+        tensor.shape.extend(array.shape)
+        infer.raw_output_contents.append(raw)
+    return response
+
+
+# -- a fake Triton gRPC server ------------------------------------------------------------------
+
+
+class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Answers like Triton's "llm" model, scripted by the prompt:
+
+    * anything else: stream=true -> deltas "Hello", ",", " world", then finish outputs on a
+      non-final response, then an empty final response; stream=false -> one final response with
+      the whole text and the finish outputs;
+    * "slow": one delta, then waits (up to 30 s) for the client to cancel;
+    * "stall": waits for cancel before any output; "error-400", "error-500", "error-after",
+      "no-finish": see ``_script``.
+
+    Cancellations are counted in ``cancelled`` and, when ``cancel_log`` is set, appended to it.
+    """
+
+    DELTAS = ("Hello", ",", " world")
+
+    def __init__(self, cancel_log: str | None = None) -> None:
+        self.requests: list[service_pb2.ModelInferRequest] = []
+        self.cancelled: list[str] = []
+        self.ready_models = {"llm"}
+        self.cancel_log = cancel_log
+
+    def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request, context):
+        return service_pb2.ModelReadyResponse(ready=request.name in self.ready_models)
+
+    def ModelStreamInfer(self, request_iterator, context):
+        rpc = {"prompt": None, "done": False}
+        # Recorded when the RPC ends without finishing: the server may stop iterating this
+        # generator at a yield when the client cancels, so code after a yield need not run.
+        context.add_callback(lambda: rpc["done"] or self._record_cancel(rpc["prompt"]))
+        for request in request_iterator:
+            self.requests.append(request)
+            inputs = {t.name: (t, raw) for t, raw in zip(request.inputs, request.raw_input_contents)}
+            prompt = rpc["prompt"] = bytes(deserialize_input(inputs["text_input"]).flat[0]).decode()
+            stream = bool(deserialize_input(inputs["stream"]).flat[0]) if "stream" in inputs else False
+            for step in self._script(prompt, stream):
+                if isinstance(step, Pause):
+                    deadline = time.monotonic() + step.seconds
+                    while context.is_active() and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    if not context.is_active():
+                        return
+                else:
+                    yield step
+        rpc["done"] = True
+
+    def _record_cancel(self, prompt: str | None) -> None:
+        self.cancelled.append(prompt or "")
+        if self.cancel_log:
+            with open(self.cancel_log, "a") as f:
+                f.write(f"{prompt}\n")
+
+    def _script(self, prompt: str, stream: bool) -> list:
+        finish = ("eos_token", len(prompt.split()), len(self.DELTAS))
+        if prompt == "slow":
+            return [stream_response(text="Hello"), Pause(30)]
+        if prompt == "stall":
+            return [Pause(30)]
+        if prompt == "stall-after":
+            return [stream_response(text="Hello"), Pause(30)]
+        if prompt == "error-400":
+            return [stream_response(error="[invalid_request_error:prompt] prompt has 5000 tokens, the context 2048")]
+        if prompt == "error-500":
+            return [stream_response(error="engine exploded at engine.py:12")]
+        if prompt == "error-after":
+            return [stream_response(text="Hello"), stream_response(error="[service_unavailable] engine restarting")]
+        if prompt == "no-finish":
+            return [stream_response(text="Hello")]
+        if not stream:
+            return [stream_response(text="".join(self.DELTAS), finish=finish, final=True)]
+        return [
+            *(stream_response(text=d) for d in self.DELTAS),
+            stream_response(finish=finish),
+            stream_response(final=True),
+        ]
+
+
+def deserialize_input(pair) -> np.ndarray:
+    tensor, raw = pair
+    return deserialize(tensor.datatype, list(tensor.shape), raw)
+
+
+def start_fake_triton(servicer: FakeTriton, port: int = 0) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, port
+
+
+if __name__ == "__main__":  # python gateway_fakes.py PORT CANCEL_LOG: a fake Triton for gunicorn tests
+    import sys
+
+    _server, _port = start_fake_triton(FakeTriton(cancel_log=sys.argv[2]), int(sys.argv[1]))
+    print(f"fake triton on {_port}", flush=True)
+    _server.wait_for_termination()

@@ -1,0 +1,128 @@
+"""The real serving stack minus Triton: gunicorn + GeventGrpcWorker + TritonBackend, against the
+fake Triton gRPC server in a subprocess. Checks that the worker class makes gRPC work under
+gevent (no lock-up), that streams run concurrently in one worker, and that a client disconnect
+cancels the gRPC call."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from gateway_fakes import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "gunicorn-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["no-preload", "preload"])
+def stack(request, tmp_path_factory):
+    work = tmp_path_factory.mktemp("gunicorn")
+    cancel_log = work / "cancelled.txt"
+    cancel_log.touch()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "unit")])}
+    triton_port, http_port = free_port(), free_port()
+    procs = []
+    logs = []
+    try:
+        triton_log = open(work / "triton.log", "w")
+        logs.append(triton_log)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "tests/unit/gateway_fakes.py"), str(triton_port), str(cancel_log)],
+            env=env, stdout=triton_log, stderr=subprocess.STDOUT,
+        ))
+        wait_for_port(triton_port, procs[0])
+        gateway_log = open(work / "gateway.log", "w")
+        logs.append(gateway_log)
+        gunicorn = Path(sys.executable).with_name("gunicorn")
+        procs.append(subprocess.Popen(
+            [str(gunicorn), "-k", "gateway.worker.GeventGrpcWorker", "-w", "1", "-b", f"127.0.0.1:{http_port}",
+             "--graceful-timeout", "2", *(["--preload"] if request.param else []), "gateway:create_app()"],
+            cwd=ROOT, stdout=gateway_log, stderr=subprocess.STDOUT,
+            env={**env, "TRIDENT_API_KEY": KEY, "TRIDENT_TRITON_GRPC_URL": f"127.0.0.1:{triton_port}",
+                 "TRIDENT_HEARTBEAT_INTERVAL": "0.1"},
+        ))
+        wait_for_port(http_port, procs[1])
+        yield f"http://127.0.0.1:{http_port}", cancel_log, work / "gateway.log"
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for f in logs:
+            f.close()
+
+
+def test_completion_stream_and_readiness(stack):
+    url, _, _ = stack
+    assert requests.get(url + "/readyz", timeout=10).status_code == 200
+    response = requests.post(url + "/generate", json={"prompt": "Hi there"}, headers=AUTH, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == "Hello, world"
+    response = requests.post(url + "/generate", json={"prompt": "Hi", "stream": True}, headers=AUTH, timeout=10)
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.text.count("event: token") == 3 and "event: done" in response.text
+    response = requests.post(url + "/generate", json={"prompt": "error-400", "stream": True}, headers=AUTH, timeout=10)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_concurrent_streams_heartbeat_and_disconnect_cancels(stack):
+    url, cancel_log, gateway_log = stack
+    before = cancel_log.read_text().count("slow")
+    n = 8
+    got_heartbeat = []
+
+    def client():
+        with requests.post(url + "/generate", json={"prompt": "slow", "stream": True}, headers=AUTH,
+                           stream=True, timeout=10) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(lines) == b"event: token"
+            for line in lines:
+                if line == b": keep-alive":
+                    got_heartbeat.append(1)
+                    break
+        # leaving the with-block closes the connection: a client disconnect
+
+    threads = [threading.Thread(target=client) for _ in range(n)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert len(got_heartbeat) == n, gateway_log.read_text()[-3000:]
+    assert time.monotonic() - started < 10  # concurrent, not one after another
+    # the gateway notices each disconnect on its next heartbeat write and cancels the gRPC call
+    assert wait_until(lambda: cancel_log.read_text().count("slow") == before + n, timeout=5), (
+        cancel_log.read_text(), gateway_log.read_text()[-3000:])
+    # and the worker still answers
+    response = requests.post(url + "/generate", json={"prompt": "Hi there"}, headers=AUTH, timeout=10)
+    assert response.status_code == 200

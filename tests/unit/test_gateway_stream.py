@@ -1,0 +1,149 @@
+"""Server-sent events of POST /generate with "stream": true, against the fake backend."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gateway_fakes import FakeBackend, Pause, default_script, wait_until
+
+from gateway import create_app
+from gateway.backend import Finished
+from gateway.errors import ClientError, ServerError
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BODY = {"prompt": "Hi there"}
+
+
+def make_app(backend, **config):
+    return create_app({"API_KEY": KEY, **config}, backend=backend)
+
+
+def parse_sse(raw: str) -> list[tuple[str, object]]:
+    """[(event name, decoded data)], with ("comment", text) for comment blocks."""
+    assert raw.endswith("\n\n"), raw
+    events = []
+    for block in raw[:-2].split("\n\n"):
+        lines = block.split("\n")
+        if all(line.startswith(":") for line in lines):
+            events.append(("comment", "\n".join(lines)))
+            continue
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block
+        events.append((lines[0][len("event: "):], json.loads(lines[1][len("data: "):])))
+    return events
+
+
+def stream(client, body=None, headers=None):
+    return client.post("/generate", json={**(body or BODY), "stream": True}, headers={**AUTH, **(headers or {})})
+
+
+def test_stream_events_match_the_contract():
+    client = make_app(FakeBackend()).test_client()
+    response = stream(client)
+    assert response.status_code == 200
+    assert response.mimetype == "text/event-stream"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Request-ID"]
+    raw = response.get_data(as_text=True)
+    assert raw.startswith('event: token\ndata: {"text": "Hello"}\n\nevent: token\ndata: {"text": ","}\n\n')
+    assert raw.endswith(
+        'event: done\ndata: {"finish_reason": "eos_token", '
+        '"usage": {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}}\n\n'
+    )
+    events = parse_sse(raw)
+    assert [name for name, _ in events] == ["token"] * 6 + ["done"]
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3, 6, 100])
+def test_stream_concatenation_equals_completion(max_new_tokens):
+    client = make_app(FakeBackend()).test_client()
+    body = {**BODY, "max_new_tokens": max_new_tokens}
+    completion = client.post("/generate", json=body, headers=AUTH).get_json()
+    events = parse_sse(stream(client, body).get_data(as_text=True))
+    text = "".join(data["text"] for name, data in events if name == "token")
+    assert text == completion["choices"][0]["text"]
+    done = events[-1]
+    assert done == ("done", {"finish_reason": completion["choices"][0]["finish_reason"], "usage": completion["usage"]})
+
+
+def test_stream_that_finishes_without_text():
+    backend = FakeBackend(script=lambda p: [Finished("eos_token", prompt_tokens=2, completion_tokens=1)])
+    events = parse_sse(stream(make_app(backend).test_client()).get_data(as_text=True))
+    assert events == [
+        ("done", {"finish_reason": "eos_token", "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}})
+    ]
+
+
+def test_error_before_first_token_is_an_http_status_not_a_stream():
+    error = ClientError("prompt has 3000 tokens, more than the context of 2048", param="prompt")
+    response = stream(make_app(FakeBackend(script=lambda p: [Pause(0.01), error])).test_client())
+    assert response.status_code == 400
+    assert response.mimetype == "application/json"
+    assert response.get_json()["error"]["param"] == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (
+            ServerError("The inference server is unavailable; try again later", status=503, retry_after=5),
+            {"message": "The inference server is unavailable; try again later", "type": "service_unavailable",
+             "param": None, "code": 503},
+        ),
+        (
+            RuntimeError("secret internal detail"),
+            {"message": "The server had an error while processing your request (request id rid-1).",
+             "type": "server_error", "param": None, "code": 500},
+        ),
+    ],
+)
+def test_failure_after_first_token_is_an_error_event(failure, expected):
+    backend = FakeBackend(script=lambda p: ["Hello", " there", failure, "never"])
+    app = make_app(backend)
+    response = stream(app.test_client(), headers={"X-Request-ID": "rid-1"})
+    assert response.status_code == 200
+    events = parse_sse(response.get_data(as_text=True))
+    assert events == [("token", {"text": "Hello"}), ("token", {"text": " there"}), ("error", {"error": expected})]
+    assert backend.generations[0].closed.is_set()
+    assert app.extensions["trident"].in_flight.count == 0
+
+
+def test_generation_without_final_event_ends_with_error_event():
+    backend = FakeBackend(script=lambda p: ["Hello", "!"])
+    events = parse_sse(stream(make_app(backend).test_client()).get_data(as_text=True))
+    assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "server_error"
+
+
+def test_heartbeats_while_waiting_for_the_next_token():
+    backend = FakeBackend(script=lambda p: ["a", Pause(0.25), "b", Finished("length", 1, 2)])
+    raw = stream(make_app(backend, HEARTBEAT_INTERVAL=0.05).test_client()).get_data(as_text=True)
+    events = parse_sse(raw)
+    names = [name for name, _ in events]
+    assert names[0] == "token" and names[-2:] == ["token", "done"]
+    beats = names[1:-2]
+    assert len(beats) >= 2 and set(beats) == {"comment"}
+    assert ": keep-alive\n\n" in raw
+
+
+def test_client_disconnect_cancels_the_generation():
+    steps = ["a", "b", Pause(10), "c", Finished("length", 1, 3)]
+    backend = FakeBackend(script=lambda p: list(steps))
+    app = make_app(backend, HEARTBEAT_INTERVAL=0.05)
+    response = app.test_client().post("/generate", json={**BODY, "stream": True}, headers=AUTH, buffered=False)
+    chunks = iter(response.response)
+    assert next(chunks).startswith(b"event: token")
+    assert next(chunks).startswith(b"event: token")
+    assert next(chunks) == b": keep-alive\n\n"
+    response.close()  # what the WSGI server does when a write to the client fails
+    generation = backend.generations[0]
+    assert generation.closed.is_set()
+    assert wait_until(lambda: generation.consumed == 3)  # nothing after the pause was produced
+    assert app.extensions["trident"].in_flight.count == 0
+
+
+def test_stream_params_reach_the_backend():
+    backend = FakeBackend(script=default_script)
+    stream(make_app(backend).test_client(), {**BODY, "seed": 0, "stop_sequences": ["\n"]}).get_data()
+    params = backend.last_params
+    assert params.stream is True and params.seed == 0 and params.stop_sequences == ("\n",)

@@ -1,0 +1,175 @@
+"""The "llm" tensor mapping, request encoding, response parsing and error tags; no server."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from gateway_fakes import stream_response
+
+from gateway.backend import Finished
+from gateway.errors import ClientError, ServerError
+from gateway.params import GenerationParams
+from gateway.triton_codec import (
+    build_infer_request,
+    deserialize,
+    llm_inputs,
+    model_error,
+    parse_stream_response,
+    serialize,
+)
+
+MODEL = "smollm2-135m-instruct"
+
+
+def params(**kwargs) -> GenerationParams:
+    return GenerationParams(prompt=kwargs.pop("prompt", "Hi"), model=MODEL, **kwargs)
+
+
+def test_llm_inputs_names_dtypes_shapes():
+    inputs = llm_inputs(params(prompt="Héllo", max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=40,
+                               repetition_penalty=1.1, stop_sequences=("\n", "User:"), stream=True, seed=42))
+    expected = {
+        "text_input": (np.object_, (1, 1), "Héllo".encode()),
+        "max_tokens": (np.int32, (1, 1), 7),
+        "stop_words": (np.object_, (1, 2), b"\n"),
+        "temperature": (np.float32, (1, 1), np.float32(0.5)),
+        "top_p": (np.float32, (1, 1), np.float32(0.9)),
+        "top_k": (np.int32, (1, 1), 40),
+        "repetition_penalty": (np.float32, (1, 1), np.float32(1.1)),
+        "seed": (np.uint64, (1, 1), 42),
+        "stream": (np.bool_, (1, 1), True),
+    }
+    assert list(inputs) == list(expected)
+    for name, (dtype, shape, first) in expected.items():
+        assert inputs[name].dtype == np.dtype(dtype), name
+        assert inputs[name].shape == shape, name
+        assert inputs[name].flat[0] == first, name
+    assert list(inputs["stop_words"].flat) == [b"\n", b"User:"]
+
+
+def test_optional_tensors_are_omitted_only_when_none():
+    inputs = llm_inputs(params())
+    assert "seed" not in inputs and "stop_words" not in inputs
+    assert inputs["stream"][0, 0] == False  # noqa: E712 - sent, it is not None
+    zeros = llm_inputs(params(seed=0, top_k=0, temperature=0.0))
+    assert zeros["seed"][0, 0] == 0 and zeros["top_k"][0, 0] == 0 and zeros["temperature"][0, 0] == 0.0
+
+
+def test_build_infer_request_encodes_raw_contents():
+    p = params(prompt="añb", stop_sequences=("x", "yz"), seed=2**64 - 1)
+    request = build_infer_request("llm", llm_inputs(p), request_id="rid-1")
+    assert request.model_name == "llm" and request.id == "rid-1"
+    assert request.parameters["triton_enable_empty_final_response"].bool_param is True
+    tensors = {t.name: (t.datatype, list(t.shape)) for t in request.inputs}
+    assert tensors == {
+        "text_input": ("BYTES", [1, 1]),
+        "max_tokens": ("INT32", [1, 1]),
+        "stop_words": ("BYTES", [1, 2]),
+        "temperature": ("FP32", [1, 1]),
+        "top_p": ("FP32", [1, 1]),
+        "top_k": ("INT32", [1, 1]),
+        "repetition_penalty": ("FP32", [1, 1]),
+        "seed": ("UINT64", [1, 1]),
+        "stream": ("BOOL", [1, 1]),
+    }
+    raw = dict(zip([t.name for t in request.inputs], request.raw_input_contents))
+    prompt = "añb".encode()
+    assert raw["text_input"] == struct.pack("<I", len(prompt)) + prompt
+    assert raw["stop_words"] == b"\x01\x00\x00\x00x\x02\x00\x00\x00yz"
+    assert raw["max_tokens"] == struct.pack("<i", 128)
+    assert raw["seed"] == b"\xff" * 8
+    assert raw["stream"] == b"\x00"
+    assert raw["temperature"] == struct.pack("<f", 1.0)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array([[b"a", b"", "é".encode()]], dtype=np.object_),
+        np.array([[1, -2]], dtype=np.int32),
+        np.array([[0.5]], dtype=np.float32),
+        np.array([[True, False]], dtype=np.bool_),
+        np.array([[2**64 - 1]], dtype=np.uint64),
+    ],
+)
+def test_serialize_deserialize_round_trip(array):
+    datatype, raw = serialize(array)
+    back = deserialize(datatype, array.shape, raw)
+    assert back.shape == array.shape and list(back.flat) == list(array.flat)
+
+
+def parse(response):
+    return parse_stream_response(response, request_id="rid-9", retry_after=5)
+
+
+def test_parse_text_delta():
+    parsed = parse(stream_response(text=" Paris"))
+    assert parsed.text == " Paris" and parsed.finished is None and parsed.final is False
+
+
+def test_parse_final_response_with_outputs():
+    parsed = parse(stream_response(text=".", finish=("eos_token", 13, 3), final=True))
+    assert parsed.text == "." and parsed.final is True
+    assert parsed.finished == Finished("eos_token", prompt_tokens=13, completion_tokens=3)
+
+
+def test_parse_empty_final_response():
+    parsed = parse(stream_response(final=True))
+    assert parsed.text == "" and parsed.finished is None and parsed.final is True
+
+
+def test_parse_response_without_final_parameter():
+    response = stream_response(text="a")
+    del response.infer_response.parameters["triton_final_response"]
+    assert parse(response).final is False
+
+
+def test_parse_finish_reason_without_counts_is_an_error():
+    response = stream_response(finish=("length", 1, 1))
+    names = [t.name for t in response.infer_response.outputs]
+    keep = [i for i, n in enumerate(names) if n == "finish_reason"]
+    outputs = [response.infer_response.outputs[i] for i in keep]
+    raws = [response.infer_response.raw_output_contents[i] for i in keep]
+    del response.infer_response.outputs[:]
+    del response.infer_response.raw_output_contents[:]
+    response.infer_response.outputs.extend(outputs)
+    response.infer_response.raw_output_contents.extend(raws)
+    with pytest.raises(ValueError):
+        parse(response)
+
+
+TAGGED = [
+    # (error_message, class, status, type, param, client message)
+    ("[invalid_request_error] temperature is not allowed here", ClientError, 400, "invalid_request_error", None,
+     "temperature is not allowed here"),
+    ("[invalid_request_error:prompt] prompt has 3000 tokens; with max_new_tokens 128 that exceeds the context of 2048",
+     ClientError, 400, "invalid_request_error", "prompt",
+     "prompt has 3000 tokens; with max_new_tokens 128 that exceeds the context of 2048"),
+    ("[invalid_request_error:stop_sequences[3]] too long", ClientError, 400, "invalid_request_error",
+     "stop_sequences[3]", "too long"),
+    ("Failed to process the request(s) for model 'llm', message: [invalid_request_error:seed] bad seed",
+     ClientError, 400, "invalid_request_error", "seed", "bad seed"),
+    ("[service_unavailable] the engine queue is full", ServerError, 503, "service_unavailable", None,
+     "the engine queue is full"),
+    ("Request for unknown model: 'llm' is not found", ServerError, 503, "service_unavailable", None,
+     "The model is not loaded on the inference server; try again later"),
+    ("CUDA out of memory at /src/engine.py:123", ServerError, 500, "server_error", None,
+     "The server had an error while processing your request (request id rid-9)."),
+    ("[weird_tag] something", ServerError, 500, "server_error", None,
+     "The server had an error while processing your request (request id rid-9)."),
+    ("prompt contains [invalid_request_error] in the middle", ServerError, 500, "server_error", None,
+     "The server had an error while processing your request (request id rid-9)."),
+]
+
+
+@pytest.mark.parametrize(("message", "cls", "status", "type_", "param", "text"), TAGGED, ids=[t[0][:40] for t in TAGGED])
+def test_error_message_mapping(message, cls, status, type_, param, text):
+    with pytest.raises(cls) as info:
+        parse(stream_response(error=message))
+    error = info.value
+    assert (error.status, error.type, error.param, error.message) == (status, type_, param, text)
+    assert (error.headers.get("Retry-After") == "5") == (status == 503)
+    direct = model_error(message, request_id="rid-9", retry_after=5)
+    assert direct.to_dict() == error.to_dict()

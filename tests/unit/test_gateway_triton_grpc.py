@@ -1,0 +1,194 @@
+"""TritonBackend over real gRPC, against an in-process fake Triton server (no Triton needed)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+from gateway_fakes import FakeTriton, start_fake_triton, wait_until
+
+from gateway import create_app
+from gateway.backend import Finished, TextDelta
+from gateway.errors import ClientError, ServerError
+from gateway.params import GenerationParams
+from gateway.triton_backend import TritonBackend
+
+MODEL = "smollm2-135m-instruct"
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def fake():
+    servicer = FakeTriton()
+    server, port = start_fake_triton(servicer)
+    yield servicer, port
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def backend(fake):
+    _, port = fake
+    b = TritonBackend(url=f"127.0.0.1:{port}", models={MODEL: "llm"}, request_timeout=10, ready_timeout=1)
+    yield b
+    b.close()
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(backend, prompt, **kwargs):
+    generation = backend.generate(GenerationParams(prompt=prompt, model=MODEL, **kwargs), request_id="rid-1")
+    try:
+        return list(generation)
+    finally:
+        generation.close()
+
+
+def test_streaming_with_empty_final_response(backend, fake):
+    events = run(backend, "Hi there", stream=True, seed=3)
+    assert events == [TextDelta("Hello"), TextDelta(","), TextDelta(" world"), Finished("eos_token", 2, 3)]
+    request = fake[0].requests[-1]
+    assert request.model_name == "llm" and request.id == "rid-1"
+    assert request.parameters["triton_enable_empty_final_response"].bool_param is True
+    assert {t.name for t in request.inputs} == {
+        "text_input", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stream"}
+
+
+def test_non_streaming_final_response_with_outputs(backend):
+    assert run(backend, "Hi there") == [TextDelta("Hello, world"), Finished("eos_token", 2, 3)]
+
+
+def test_one_stub_per_process_is_reused(backend):
+    run(backend, "a")
+    stub = backend.stub
+    run(backend, "b")
+    assert backend.stub is stub
+
+
+def test_tagged_model_error_before_output_is_raised_on_first_event(backend):
+    with pytest.raises(ClientError) as info:
+        run(backend, "error-400")
+    assert (info.value.status, info.value.param) == (400, "prompt")
+    assert info.value.message == "prompt has 5000 tokens, the context 2048"
+
+
+def test_untagged_model_error_is_500_without_internals(backend):
+    with pytest.raises(ServerError) as info:
+        run(backend, "error-500")
+    assert info.value.status == 500 and "exploded" not in info.value.message and "rid-1" in info.value.message
+
+
+def test_error_after_output(backend):
+    generation = backend.generate(GenerationParams(prompt="error-after", model=MODEL, stream=True), request_id="r")
+    events = iter(generation)
+    assert next(events) == TextDelta("Hello")
+    with pytest.raises(ServerError) as info:
+        next(events)
+    assert info.value.status == 503 and info.value.headers["Retry-After"] == "5"
+    generation.close()
+
+
+def test_stream_without_finish_is_500(backend):
+    with pytest.raises(ServerError) as info:
+        run(backend, "no-finish", stream=True)
+    assert info.value.status == 500
+
+
+def test_close_cancels_on_the_server(backend, fake):
+    servicer, _ = fake
+    generation = backend.generate(GenerationParams(prompt="slow", model=MODEL, stream=True), request_id="r")
+    events = iter(generation)
+    assert next(events) == TextDelta("Hello")
+    before = servicer.cancelled.count("slow")
+    generation.close()
+    assert list(events) == []  # ends quietly after close
+    assert wait_until(lambda: servicer.cancelled.count("slow") == before + 1), (before, servicer.cancelled)
+
+
+def test_deadline_before_output_is_503(fake):
+    _, port = fake
+    backend = TritonBackend(url=f"127.0.0.1:{port}", models={MODEL: "llm"}, request_timeout=0.3)
+    with pytest.raises(ServerError) as info:
+        run(backend, "stall")
+    assert info.value.status == 503 and "Retry-After" in info.value.headers
+
+
+def test_deadline_after_output_is_500(fake):
+    _, port = fake
+    backend = TritonBackend(url=f"127.0.0.1:{port}", models={MODEL: "llm"}, request_timeout=0.3)
+    generation = backend.generate(GenerationParams(prompt="stall-after", model=MODEL, stream=True), request_id="r")
+    events = iter(generation)
+    assert next(events) == TextDelta("Hello")
+    with pytest.raises(ServerError) as info:
+        next(events)
+    assert info.value.status == 500 and "request timeout of 0.3 s" in info.value.message
+
+
+def test_unreachable_triton_is_a_fast_503():
+    backend = TritonBackend(url=f"127.0.0.1:{unused_port()}", models={MODEL: "llm"}, ready_timeout=1)
+    started = time.monotonic()
+    with pytest.raises(ServerError) as info:
+        run(backend, "Hi")
+    assert info.value.status == 503 and info.value.headers["Retry-After"] == "5"
+    with pytest.raises(ServerError) as info:
+        backend.check_ready()
+    assert info.value.status == 503 and info.value.message == "The inference server is unreachable"
+    assert time.monotonic() - started < 3
+
+
+def test_check_ready(backend, fake):
+    servicer, _ = fake
+    backend.check_ready()
+    servicer.ready_models.clear()
+    try:
+        with pytest.raises(ServerError) as info:
+            backend.check_ready()
+        assert info.value.status == 503 and info.value.message == f"The model '{MODEL}' is not ready"
+    finally:
+        servicer.ready_models.add("llm")
+
+
+# -- through the Flask app ------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(fake):
+    _, port = fake
+    app = create_app({"API_KEY": KEY, "TRITON_GRPC_URL": f"127.0.0.1:{port}", "HEARTBEAT_INTERVAL": 0.05})
+    return app.test_client()
+
+
+def test_app_completion_and_stream_over_grpc(client):
+    completion = client.post("/generate", json={"prompt": "Hi there"}, headers=AUTH).get_json()
+    assert completion["choices"][0]["text"] == "Hello, world"
+    assert completion["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    raw = client.post("/generate", json={"prompt": "Hi there", "stream": True}, headers=AUTH).get_data(as_text=True)
+    tokens = [json.loads(line[6:])["text"] for line in raw.split("\n") if line.startswith('data: {"text"')]
+    assert "".join(tokens) == "Hello, world"
+    assert raw.endswith('"usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}}\n\n')
+
+
+def test_app_maps_model_errors_to_statuses(client):
+    response = client.post("/generate", json={"prompt": "error-400", "stream": True}, headers=AUTH)
+    assert response.status_code == 400 and response.get_json()["error"]["param"] == "prompt"
+    response = client.post("/generate", json={"prompt": "error-500"}, headers={**AUTH, "X-Request-ID": "r-5"})
+    assert response.status_code == 500
+    assert response.get_json()["error"]["message"].endswith("(request id r-5).")
+    assert client.get("/readyz").status_code == 200
+
+
+def test_app_disconnect_cancels_triton_stream(client, fake):
+    servicer, _ = fake
+    before = servicer.cancelled.count("slow")
+    response = client.post("/generate", json={"prompt": "slow", "stream": True}, headers=AUTH, buffered=False)
+    chunks = iter(response.response)
+    assert next(chunks) == b'event: token\ndata: {"text": "Hello"}\n\n'
+    assert next(chunks) == b": keep-alive\n\n"
+    response.close()
+    assert wait_until(lambda: servicer.cancelled.count("slow") == before + 1)
