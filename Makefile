@@ -51,3 +51,26 @@ unit: $(STAMP)
 
 clean:
 	rm -rf $(REPO_DIR) $(CACHE)/run
+
+# ---- GPU: TensorRT-LLM 1.2.1 engines in the NGC Triton image (see docs/gpu.md) ----
+ENGINE_DIR ?= $(CACHE)/trtllm
+ENGINE_DTYPE ?= bfloat16
+TP_SIZE ?= 1
+PP_SIZE ?= 1
+TRITON_IMAGE_TAG ?= trident-triton:trtllm-1.2.1
+ENGINE_ARGS = --dtype $(ENGINE_DTYPE) --tp-size $(TP_SIZE) --pp-size $(PP_SIZE) \
+    --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN)
+
+.PHONY: engine engine-dry-run triton-image
+
+engine-dry-run: $(STAMP) model
+	$(PY) build/build_engine.py --model-dir $(MODEL_DIR) --out $(ENGINE_DIR) $(ENGINE_ARGS) --dry-run
+
+triton-image:
+	docker build -f Dockerfile.triton -t $(TRITON_IMAGE_TAG) .
+
+engine: triton-image model
+	@echo "==> building TensorRT-LLM 1.2.1 engines + the trtllm repository in $(ENGINE_DIR) (needs a GPU)"
+	docker run --rm --gpus all --shm-size=2g -v $(MODEL_DIR):/models/model:ro -v $(ENGINE_DIR):/engines \
+	    --entrypoint python3 $(TRITON_IMAGE_TAG) /opt/trident/build/build_engine.py \
+	    --model-dir /models/model --out /engines $(ENGINE_ARGS) --skip-existing

@@ -55,6 +55,10 @@ class TritonGeneration:
                 if parsed.finished is not None:
                     finished = parsed.finished
                 if parsed.final:
+                    # Let the server end the call itself (it does right after the final
+                    # response, the request side being closed): cancelling a call whose
+                    # request already completed left Triton holding the "llm" model at unload.
+                    self._drain()
                     break
         except grpc.RpcError as err:
             if self._closed:
@@ -74,9 +78,13 @@ class TritonGeneration:
             raise internal_error(self._request_id)
         yield finished
 
+    def _drain(self) -> None:
+        for _ in self._call:
+            pass
+
     def close(self) -> None:
         self._closed = True
-        self._call.cancel()
+        self._call.cancel()  # a no-op once the call has ended
 
     def _rpc_error(self, err: grpc.RpcError, started: bool) -> ApiError:
         code, details = err.code(), err.details() or ""

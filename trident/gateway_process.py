@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .triton_launcher import die_with_parent
+
 log = logging.getLogger(__name__)
 
 WORKER_CLASS = "gateway.worker.GeventGrpcWorker"
@@ -53,7 +55,8 @@ class GatewayProcess:
         log.info("starting the gateway on %s (%d worker(s)), log: %s", self.url, self.workers,
                  "terminal" if echo else self.log_path)
         self.process = subprocess.Popen(self.command(), env=self.env, stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

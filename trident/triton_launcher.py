@@ -126,6 +126,21 @@ def build_command(*, model_repository: Path, backend_dir: Path, ports: TritonPor
     ]
 
 
+def die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launching process dies, even by SIGKILL.
+
+    Triton runs in its own session (so a terminal's Ctrl-C reaches only the launcher, which
+    stops it in order), and without this an interrupted launcher would leave it running.
+    """
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
 class TritonServer:
     """A tritonserver child process: ``start()`` waits for readiness, ``stop()`` ends it."""
 
@@ -162,7 +177,7 @@ class TritonServer:
             out = self._log_file
         # Own process group: Ctrl-C in a terminal reaches us, and we stop Triton ourselves.
         self.process = subprocess.Popen(cmd, env=triton_env(), stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=die_with_parent)
         try:
             self.wait_ready(timeout=timeout)
         except BaseException:

@@ -6,9 +6,9 @@ the engine model over BLS and sends text responses through the request's respons
 import itertools
 import json
 import logging
+import queue
 import random
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -33,7 +33,11 @@ class TritonPythonModel:
         self.tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
         self.end_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm")
+        # Daemon workers: a worker still waiting on the engine must not hold the stub
+        # process open at unload (ThreadPoolExecutor joins its threads at exit).
+        self._work = queue.SimpleQueue()
+        for i in range(workers):
+            threading.Thread(target=self._worker, name=f"llm-{i}", daemon=True).start()
         # Engine request ids are decimal strings: TensorRT-LLM's backend matches a "stop"
         # request to the running one by this id.
         self._ids = itertools.count(random.randrange(1, 2**31) << 20)
@@ -41,11 +45,16 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            self.pool.submit(self._serve, request)
+            self._work.put(request)
         return None
 
     def finalize(self):
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for _ in range(threading.active_count()):
+            self._work.put(None)
+
+    def _worker(self):
+        while (request := self._work.get()) is not None:
+            self._serve(request)
 
     # -- one request, in a worker thread --------------------------------------------------
 

@@ -1,0 +1,162 @@
+"""The Hugging Face checkpoint as TensorRT-LLM 1.2.1's converter and its image's tokenizer see it.
+
+Two things in a checkpoint written by transformers 5 break the 1.2.1 path silently or loudly:
+
+* ``config.json`` keeps the RoPE base only in ``rope_parameters.rope_theta``. TensorRT-LLM's
+  ``LLaMAConfig.from_hugging_face`` reads ``getattr(hf_config, "rope_theta", 10000.0)``, and the
+  image's transformers (4.57.1, pinned by TensorRT-LLM 1.2) ignores ``rope_parameters``: the
+  engine would be built with base 10000 instead of the model's (100000 for SmolLM2), with no error.
+* ``tokenizer_config.json`` names ``"tokenizer_class": "TokenizersBackend"``, a transformers 5
+  class; transformers 4.57.1 refuses to load it, so the llm model could not start.
+
+``write_compat_view`` writes a folder beside the engines with those two files rewritten and the
+rest linked (weights) or copied (small tokenizer files). ``check_converted`` then reads the
+TensorRT-LLM checkpoint that ``convert_checkpoint.py`` wrote and refuses a build whose RoPE base,
+shape or parallel mapping differ from the source model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+# Weight files are linked, never copied (they can be tens of GB); everything else is copied so
+# the tokenizer keeps working after the build even if the source folder goes away.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# transformers 5 tokenizer classes -> the class transformers 4.x loads for the same tokenizer.json.
+TOKENIZER_CLASS_COMPAT = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be built as asked; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What the build plan needs to know about the source model (from its config.json)."""
+
+    architecture: str
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+
+
+def _rope_theta(config: Mapping) -> float:
+    if "rope_theta" in config:
+        return float(config["rope_theta"])
+    params = config.get("rope_parameters") or {}
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    return 10000.0  # the Llama default, as transformers and TensorRT-LLM assume
+
+
+def read_model_shape(model_dir: Path) -> ModelShape:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: --model-dir must be a Hugging Face checkpoint folder")
+    config = json.loads(path.read_text())
+    architectures = config.get("architectures") or []
+    if architectures != ["LlamaForCausalLM"]:
+        raise CheckpointError(
+            f"{path}: architectures {architectures}; this build step drives TensorRT-LLM's Llama "
+            "converter and supports LlamaForCausalLM only")
+    heads = int(config["num_attention_heads"])
+    return ModelShape(
+        architecture=architectures[0],
+        num_attention_heads=heads,
+        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+        num_hidden_layers=int(config["num_hidden_layers"]),
+        hidden_size=int(config["hidden_size"]),
+        vocab_size=int(config["vocab_size"]),
+        max_position_embeddings=int(config.get("max_position_embeddings") or 2048),
+        rope_theta=_rope_theta(config),
+    )
+
+
+def compat_config(config: Mapping) -> dict:
+    """config.json as transformers 4.57 + TensorRT-LLM 1.2.1 read it (same model, older keys)."""
+    out = dict(config)
+    params = dict(config.get("rope_parameters") or {})
+    if "rope_theta" not in out:
+        out["rope_theta"] = _rope_theta(config)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default" and "rope_scaling" not in out:
+        # transformers 4.x spells a scaled RoPE as rope_scaling = {rope_type, factor, ...}.
+        out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    if "torch_dtype" not in out and "dtype" in out:
+        out["torch_dtype"] = out["dtype"]
+    return out
+
+
+def compat_tokenizer_config(config: Mapping) -> dict:
+    out = dict(config)
+    cls = out.get("tokenizer_class")
+    if cls in TOKENIZER_CLASS_COMPAT:
+        out["tokenizer_class"] = TOKENIZER_CLASS_COMPAT[cls]
+    return out
+
+
+def write_compat_view(*, model_dir: Path, out_dir: Path) -> Path:
+    """Write ``out_dir``: the checkpoint with config.json / tokenizer_config.json made 4.57-safe.
+
+    Safe to call again (the folder is rewritten). Returns ``out_dir``.
+    """
+    model_dir = Path(model_dir).resolve()
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == model_dir:
+        raise CheckpointError("the compat view must not be written into the source checkpoint")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    for src in sorted(model_dir.iterdir()):
+        if src.is_dir():
+            continue  # checkpoints are flat; sub-folders (.cache, original/) are not read
+        dest = out_dir / src.name
+        if src.name == "config.json":
+            dest.write_text(json.dumps(compat_config(json.loads(src.read_text())), indent=2) + "\n")
+        elif src.name == "tokenizer_config.json":
+            dest.write_text(json.dumps(compat_tokenizer_config(json.loads(src.read_text())), indent=2) + "\n")
+        elif src.suffix in WEIGHT_SUFFIXES or src.name in WEIGHT_INDEXES:
+            os.symlink(src, dest)
+        else:
+            shutil.copy2(src, dest)
+    return out_dir
+
+
+def check_converted(*, checkpoint_dir: Path, shape: ModelShape, tp_size: int, pp_size: int,
+                    dtype: str) -> dict:
+    """Compare the TensorRT-LLM checkpoint's config.json with the source model; return it."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"the converter wrote no {path}")
+    config = json.loads(path.read_text())
+    mapping = config.get("mapping") or {}
+    expected = {
+        "architecture": shape.architecture,
+        "dtype": dtype,
+        "num_hidden_layers": shape.num_hidden_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "hidden_size": shape.hidden_size,
+        # The silent one: a wrong RoPE base builds and serves, and generates worse text.
+        "rotary_base": shape.rope_theta,
+    }
+    wrong = [f"{key}: {config.get(key)!r}, expected {value!r}"
+             for key, value in expected.items() if config.get(key) != value]
+    for key, value in (("tp_size", tp_size), ("pp_size", pp_size), ("world_size", tp_size * pp_size)):
+        if mapping.get(key) != value:
+            wrong.append(f"mapping.{key}: {mapping.get(key)!r}, expected {value!r}")
+    missing = [f"rank{r}.safetensors" for r in range(tp_size * pp_size)
+               if not (Path(checkpoint_dir) / f"rank{r}.safetensors").is_file()]
+    if missing:
+        wrong.append(f"missing weight files: {', '.join(missing)}")
+    if wrong:
+        raise CheckpointError(f"{path} does not match the source model:\n  " + "\n  ".join(wrong))
+    return config

@@ -1,0 +1,39 @@
+"""Values for the trtllm flavour of model_repository/ (common models + the tensorrtllm engine)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..repo_builder import build_repository
+from .plan import EngineSettings, ServingSettings, new_tokens_limit
+
+ENGINE_MODEL = "tensorrt_llm"
+# Triton max_batch_size of the python models (llm, preprocessing, ensemble): requests arrive
+# one by one; this only bounds what one gRPC call may batch. Same value as the CPU flavour.
+LLM_MAX_BATCH_SIZE = 64
+
+
+def trtllm_values(*, tokenizer_dir: Path, engine_dir: Path, engine: EngineSettings,
+                  serving: ServingSettings) -> dict:
+    """Every placeholder of the common + trtllm templates, and nothing else (the builder checks)."""
+    return {
+        # common/: llm, preprocessing, ensemble
+        "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+        "engine_model": ENGINE_MODEL,
+        # The llm model refuses prompt + max_new_tokens above this, before the engine sees it.
+        "max_context": engine.max_seq_len,
+        "max_new_tokens_limit": new_tokens_limit(engine=engine, serving=serving),
+        "llm_max_batch_size": LLM_MAX_BATCH_SIZE,
+        "llm_max_concurrent": serving.max_concurrent,
+        # trtllm/: tensorrt_llm
+        "engine_dir": str(Path(engine_dir).resolve()),
+        "engine_max_batch_size": engine.max_batch_size,
+        "kv_cache_free_gpu_mem_fraction": serving.kv_cache_free_gpu_mem_fraction,
+        "enable_kv_cache_reuse": "true" if serving.enable_kv_cache_reuse else "false",
+        "batch_scheduler_policy": serving.batch_scheduler_policy,
+    }
+
+
+def write_trtllm_repository(*, out_dir: Path, tokenizer_dir: Path, engine_dir: Path,
+                            engine: EngineSettings, serving: ServingSettings) -> Path:
+    values = trtllm_values(tokenizer_dir=tokenizer_dir, engine_dir=engine_dir, engine=engine, serving=serving)
+    return build_repository(flavour="trtllm", values=values, out_dir=out_dir)
