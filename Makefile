@@ -12,7 +12,7 @@ STAMP := $(VENV)/.trident-installed
 # Engine knobs for the CPU repository (see build/build_repository.py --help).
 MAX_BATCH_SIZE ?= 32
 MAX_SEQ_LEN ?= 2048
-DTYPE ?= bfloat16
+DTYPE ?= auto
 PYTEST_ARGS ?=
 
 .PHONY: install model repository serve test unit clean

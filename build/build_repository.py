@@ -37,7 +37,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens-limit", type=int, default=2048)
     parser.add_argument("--max-queue-size", type=int, default=256, help="waiting requests")
     parser.add_argument("--max-concurrent", type=int, default=256, help="llm model's workers")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="auto: bfloat16 where the CPU has AVX512-BF16 or AMX, else float32")
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[build-repository] %(message)s")

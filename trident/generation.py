@@ -131,7 +131,7 @@ def engine_tensors(req: TextRequest, *, input_ids: Sequence[int], end_id: int, p
     if req.repetition_penalty is not None:
         tensors["repetition_penalty"] = one(req.repetition_penalty, np.float32)
     if req.seed is not None:
-        tensors["random_seed"] = one(req.seed, np.uint64)
+        tensors["seed"] = one(req.seed, np.uint64)
     if bad_words_ids:
         tensors["bad_words_list"] = words_list(bad_words_ids)
     return tensors

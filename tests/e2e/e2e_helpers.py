@@ -32,3 +32,25 @@ def sse_events(response):
         elif line.startswith("data:"):
             data.append(line[5:].lstrip(" "))
     return events
+
+
+ENGINE_METRICS = {
+    "generated": "trident_engine_generated_tokens_total",
+    "cancelled": "trident_engine_requests_cancelled_total",
+    "active": "trident_engine_active_requests",
+}
+
+
+def engine_metrics(triton) -> dict:
+    """The CPU engine's counters, read from Triton's Prometheus metrics endpoint."""
+    import requests
+
+    text = requests.get(f"http://localhost:{triton.ports.metrics}/metrics", timeout=10).text
+    values = {}
+    for key, metric in ENGINE_METRICS.items():
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(metric + "{") or line.startswith(metric + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        values[key] = total
+    return values

@@ -224,9 +224,6 @@ def test_inflight_batching_serves_concurrent_requests_together(triton):
     assert together < 0.4 * n * one, f"{n} concurrent requests took {together:.2f}s, one took {one:.2f}s"
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "the llm model sends the seed as 'random_seed'; TensorRT-LLM 1.2's backend reads 'seed', and the "
-    "trtllm config declares only 'seed', so Triton refuses the request"))
 def test_seeded_sampling_is_reproducible(triton):
     a = generate(triton["grpc"], PARIS, max_tokens=16, temperature=1.0, seed=1234)
     b = generate(triton["grpc"], PARIS, max_tokens=16, temperature=1.0, seed=1234)

@@ -259,21 +259,14 @@ def engine(request, trtllm_repo):
     return request.param, engine_config(trtllm_repo) if request.param == "trtllm" else cpu_engine_config()
 
 
-SEED_NAME_MISMATCH = pytest.mark.xfail(strict=True, reason=(
-    "trident.generation.engine_tensors sends the seed as 'random_seed'; TensorRT-LLM 1.2's backend "
-    "reads 'seed' (utils.h InputFieldsNames::seed). Fix: send 'seed' (and accept it in the CPU engine)."))
-
-
 def shape_fits(config, inp, shape) -> bool:
     dims = ([-1] if config.max_batch_size > 0 else []) + list(inp.dims)
     return len(dims) == len(shape) and all(d in (-1, s) for d, s in zip(dims, shape))
 
 
 @pytest.mark.parametrize("name", sorted(sent_tensors()))
-def test_engine_declares_every_tensor_the_llm_model_sends(engine, name, request):
+def test_engine_declares_every_tensor_the_llm_model_sends(engine, name):
     flavour, config = engine
-    if flavour == "trtllm" and name == "random_seed":
-        request.applymarker(SEED_NAME_MISMATCH)
     value = sent_tensors()[name]
     inputs = {i.name: i for i in config.input}
     assert name in inputs, f"{flavour}: the llm model sends {name!r}, the engine model does not declare it"

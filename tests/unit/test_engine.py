@@ -1,0 +1,355 @@
+"""The CPU engine against Hugging Face transformers, plus its scheduling contract.
+
+Ordering is checked with the engine's step indices (GenerationOutput.step), never with timing:
+follow-up requests are submitted from inside on_output, i.e. at a known engine step.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from trident.engine import Engine, EngineConfig, GenerationRequest, QueueFullError
+
+CKPT = Path(__file__).resolve().parents[2] / ".cache" / "models" / "smollm2-135m-instruct"
+pytestmark = pytest.mark.skipif(not (CKPT / "model.safetensors").is_file(), reason=f"no checkpoint in {CKPT}")
+
+EOS = 2
+N_NEW = 16
+MAX_SEQ_LEN = 320
+TIMEOUT = 120
+
+PLAIN = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "1, 2, 3, 4, 5,",
+    "The quick brown fox",
+    "Water boils at",
+    "In 1492, Columbus",
+    "import numpy as np\n",
+    "The best way to learn programming is",
+    "My favorite color is",  # greedy ends with EOS after two tokens
+]
+CHAT = [
+    "What is the capital of Germany?",
+    "Write a haiku about the sea.",
+    "Explain gravity in one sentence.",
+    "List three fruits.",
+    "How do I reverse a list in Python?",
+    "Translate 'hello' to French.",
+    "What is 2+2?",
+    "Give me a name for a cat.",
+]
+LONG = "The history of the Roman Empire spans many centuries. " + " ".join(
+    ["Rome grew from a small town on the Tiber into an empire that ruled the Mediterranean, "
+     "building roads, aqueducts and cities while its legions fought across three continents."] * 6
+)
+
+
+class Collector:
+    """on_output sink: every output per request, plus an event per finished request."""
+
+    def __init__(self, on_each=None):
+        self.outputs = defaultdict(list)
+        self.done = defaultdict(threading.Event)
+        self.on_each = on_each
+
+    def __call__(self, out):
+        self.outputs[out.request_id].append(out)
+        if self.on_each is not None:
+            self.on_each(out)
+        if out.finished:
+            self.done[out.request_id].set()
+
+    def wait(self, *ids):
+        for rid in ids:
+            assert self.done[rid].wait(TIMEOUT), f"request {rid} did not finish"
+
+    def tokens(self, rid):
+        return [t for o in self.outputs[rid] for t in o.token_ids]
+
+    def final(self, rid):
+        finals = [o for o in self.outputs[rid] if o.finished]
+        assert len(finals) == 1, f"{rid}: expected exactly one final output, got {len(finals)}"
+        assert self.outputs[rid][-1].finished, f"{rid}: outputs after the final one"
+        return finals[0]
+
+
+def greedy(rid, ids, **kw):
+    kw.setdefault("max_new_tokens", N_NEW)
+    kw.setdefault("end_id", EOS)
+    return GenerationRequest(request_id=str(rid), input_ids=list(ids), **kw)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(CKPT)
+
+    def chat(text):
+        out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    ids = [tok(p).input_ids for p in PLAIN] + [chat(c) for c in CHAT]
+    ids += [tok(LONG + " In summary,").input_ids, chat(LONG + "\nSummarize this text.")]
+    assert max(len(p) for p in ids) + N_NEW <= MAX_SEQ_LEN
+    return ids
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(CKPT, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(prompts, hf_model):
+    """HF fp32 greedy continuations, EOS stripped (generate() stops on it): computed once."""
+    refs = []
+    with torch.inference_mode():
+        for p in prompts:
+            out = hf_model.generate(
+                torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=N_NEW, do_sample=False, pad_token_id=EOS,
+            )[0, len(p):].tolist()
+            refs.append(out[:-1] if out[-1] == EOS else out)
+    return refs
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=32, max_seq_len=MAX_SEQ_LEN,
+                              dtype="float32"))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def expected_reason(ref):
+    return "length" if len(ref) == N_NEW else "end_id"
+
+
+# ---------------------------------------------------------------- greedy identity with HF (fp32)
+
+def test_greedy_matches_hf_one_at_a_time(engine, prompts, hf_greedy):
+    sink = Collector()
+    for i, p in enumerate(prompts):
+        engine.submit(greedy(i, p), sink)
+        sink.wait(str(i))
+    for i, ref in enumerate(hf_greedy):
+        assert sink.tokens(str(i)) == ref, f"prompt {i}"
+        assert sink.final(str(i)).finish_reason == expected_reason(ref)
+
+
+def test_greedy_matches_hf_submitted_together(engine, prompts, hf_greedy):
+    sink = Collector()
+    for i, p in enumerate(prompts):
+        engine.submit(greedy(i, p), sink)
+    sink.wait(*map(str, range(len(prompts))))
+    for i, ref in enumerate(hf_greedy):
+        assert sink.tokens(str(i)) == ref, f"prompt {i}"
+
+
+def test_greedy_matches_hf_joining_a_running_batch(engine, prompts, hf_greedy):
+    """The second half joins while the first half decodes (streaming), at staggered steps."""
+    half = len(prompts) // 2
+    joined = set()
+
+    def join_later(out):
+        i = int(out.request_id)
+        if i < half and i not in joined and (len(sink.tokens(out.request_id)) >= 1 + i % 4 or out.finished):
+            joined.add(i)
+            engine.submit(greedy(i + half, prompts[i + half]), sink)
+
+    sink = Collector(on_each=join_later)
+    for i in range(half):
+        engine.submit(greedy(i, prompts[i], streaming=True), sink)
+    sink.wait(*map(str, range(len(prompts))))
+    first_steps = {i: sink.outputs[str(i)][0].step for i in range(len(prompts))}
+    assert len(set(first_steps.values())) > 2, "requests should have joined at different steps"
+    for i, ref in enumerate(hf_greedy):
+        assert sink.tokens(str(i)) == ref, f"prompt {i}"
+        if i < half:  # streaming: one token per output, the end token itself never sent
+            assert all(len(o.token_ids) <= 1 for o in sink.outputs[str(i)])
+
+
+def test_bfloat16_only_departs_from_fp32_at_near_ties(prompts, hf_model):
+    """bf16 cannot be token-identical with fp32 HF (HF's own bf16 run is not: it differs from the
+    first token on "import numpy as np\\n"). What must hold: every token the bf16 engine picks is
+    the fp32 model's top choice or within a small logit margin of it, given the same prefix."""
+    short = prompts[:-2]  # bf16 prefill of the long prompts is slow on CPUs without AVX512-BF16
+    eng = Engine(EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=len(short), max_seq_len=64,
+                              dtype="bfloat16"))
+    eng.start()
+    try:
+        sink = Collector()
+        for i, p in enumerate(short):
+            eng.submit(greedy(i, p, end_id=None, max_new_tokens=8), sink)
+        sink.wait(*map(str, range(len(short))))
+    finally:
+        eng.stop()
+    worst = 0.0
+    exact = 0
+    with torch.inference_mode():
+        for i, p in enumerate(short):
+            out = sink.tokens(str(i))
+            logits = hf_model(torch.tensor([p + out])).logits[0, len(p) - 1: len(p) - 1 + len(out)]
+            gaps = logits.max(dim=-1).values - logits[torch.arange(len(out)), torch.tensor(out)]
+            worst = max(worst, float(gaps.max()))
+            exact += int(bool((gaps == 0).all()))
+    assert worst < 0.5, f"bf16 picked a token {worst:.3f} logits below the fp32 argmax"
+    print(f"bf16: worst gap {worst:.3f}; {exact}/{len(short)} runs follow the fp32 argmax throughout")
+    assert exact >= len(short) // 2, f"only {exact}/{len(short)} bf16 runs follow the fp32 argmax"
+
+
+# ---------------------------------------------------------------- scheduling
+
+def test_new_request_joins_a_full_batch_within_one_step(engine, prompts):
+    state = {}
+
+    def inject(out):
+        if out.request_id == "0" and len(sink.tokens("0")) == 3 and "submit_step" not in state:
+            state["submit_step"] = out.step
+            state["active_then"] = engine.stats()["active"]
+            engine.submit(greedy("late", prompts[1], max_new_tokens=4, streaming=True), sink)
+
+    sink = Collector(on_each=inject)
+    ids = [str(i) for i in range(31)]
+    for rid in ids:
+        engine.submit(greedy(rid, prompts[int(rid) % 8], end_id=None, max_new_tokens=12, streaming=True), sink)
+    sink.wait(*ids, "late")
+    assert state["active_then"] == 31
+    late_first = sink.outputs["late"][0].step
+    # admitted before the next decode step: its own prefill, then at most one step
+    assert late_first <= state["submit_step"] + 1
+    assert all(sink.final(rid).step > late_first + 3 for rid in ids), "batch must still be running"
+    assert sink.final("late").finish_reason == "length"
+
+
+def test_cancel_frees_slot_at_next_step(engine, prompts, caplog):
+    caplog.set_level(logging.INFO, logger="trident.engine")
+    before = engine.stats()
+    state = {"active": {}}
+
+    def on_each(out):
+        if out.request_id == "A" and len(sink.tokens("A")) == 5 and "cancel_step" not in state:
+            state["cancel_step"] = out.step
+            engine.cancel("A")
+        if out.request_id == "B":
+            state["active"][out.step] = engine.stats()["active"]
+
+    sink = Collector(on_each=on_each)
+    engine.submit(greedy("A", prompts[0], end_id=None, max_new_tokens=40, streaming=True), sink)
+    engine.submit(greedy("B", prompts[2], end_id=None, max_new_tokens=12, streaming=True), sink)
+    sink.wait("A", "B")
+    final = sink.final("A")
+    s = state["cancel_step"]
+    assert final.finish_reason == "cancelled" and final.step == s
+    assert len(sink.tokens("A")) == 5
+    assert state["active"][s] == 2 and state["active"][s + 1] == 1
+    after = engine.stats()
+    assert after["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert after["active"] == 0 and after["waiting"] == 0
+    assert any("request A cancelled after 5 generated tokens" in r.getMessage() for r in caplog.records)
+
+
+def test_is_cancelled_probe_stops_request(engine, prompts):
+    flag = threading.Event()
+
+    def on_each(out):
+        if len(sink.tokens(out.request_id)) == 3:
+            flag.set()
+
+    sink = Collector(on_each=on_each)
+    engine.submit(greedy("p", prompts[0], end_id=None, max_new_tokens=30, streaming=True,
+                         is_cancelled=flag.is_set), sink)
+    sink.wait("p")
+    assert sink.final("p").finish_reason == "cancelled"
+    assert len(sink.tokens("p")) == 3
+
+
+def test_queue_overflow_and_cancel_while_waiting():
+    eng = Engine(EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=1, max_seq_len=32,
+                              max_queue_size=3, dtype="float32"))
+    sink = Collector()
+    for i in range(3):
+        eng.submit(greedy(f"q{i}", [1, 2, 3], max_new_tokens=2), sink)
+    with pytest.raises(QueueFullError, match="queue is full"):
+        eng.submit(greedy("q3", [1, 2, 3]), sink)
+    assert eng.stats()["waiting"] == 3
+    eng.cancel("q1")
+    eng.start()
+    try:
+        sink.wait("q0", "q1", "q2")
+    finally:
+        eng.stop()
+    assert sink.final("q1").finish_reason == "cancelled" and sink.tokens("q1") == []
+    assert [sink.final(r).finish_reason for r in ("q0", "q2")] == ["length", "length"]
+
+
+# ---------------------------------------------------------------- sampling and stopping
+
+def sampled(rid, ids, seed, **kw):
+    return GenerationRequest(request_id=rid, input_ids=list(ids), max_new_tokens=12, temperature=0.9,
+                             top_k=40, top_p=0.95, seed=seed, **kw)
+
+
+def test_seed_reproducible_alone_and_in_a_batch(engine, prompts):
+    sink = Collector()
+    engine.submit(sampled("alone", prompts[2], 1234), sink)
+    sink.wait("alone")
+    for rid, seed in (("other1", 1), ("same", 1234), ("other2", 2)):
+        engine.submit(sampled(rid, prompts[2], seed), sink)
+    engine.submit(greedy("g", prompts[3]), sink)
+    sink.wait("same", "other1", "other2", "g")
+    assert sink.tokens("same") == sink.tokens("alone")
+    assert sink.tokens("other1") != sink.tokens("alone")
+    assert sink.tokens("other1") != sink.tokens("other2")
+
+
+def test_stop_words_end_id_and_bad_words(engine, prompts, hf_greedy):
+    ref = hf_greedy[0]  # " Paris.\n\nThe answer is:"
+    k = next(j for j in range(2, len(ref)) if ref[j] not in ref[:j])
+    sink = Collector()
+    engine.submit(greedy("stop2", prompts[0], stop_words=[[999, 998], ref[k - 1:k + 1]]), sink)
+    engine.submit(greedy("stop1", prompts[0], stop_words=[[ref[k]]], streaming=True), sink)
+    engine.submit(greedy("end", prompts[0], end_id=ref[k]), sink)
+    engine.submit(greedy("bad1", prompts[0], bad_words=[[ref[0]]], max_new_tokens=3), sink)
+    engine.submit(greedy("bad2", prompts[0], bad_words=[ref[:2]], max_new_tokens=3), sink)
+    engine.submit(greedy("pen", prompts[0], repetition_penalty=1.3, max_new_tokens=8), sink)
+    sink.wait("stop2", "stop1", "end", "bad1", "bad2", "pen")
+    assert sink.tokens("stop2") == ref[:k + 1] and sink.final("stop2").finish_reason == "stop_words"
+    assert sink.tokens("stop1") == ref[:k + 1] and sink.final("stop1").finish_reason == "stop_words"
+    assert sink.tokens("end") == ref[:k] and sink.final("end").finish_reason == "end_id"
+    assert sink.tokens("bad1")[0] != ref[0]
+    assert sink.tokens("bad2")[0] == ref[0] and sink.tokens("bad2")[1] != ref[1]
+    assert sink.final("pen").finish_reason in ("length", "end_id")
+
+
+# ---------------------------------------------------------------- errors never kill the engine
+
+def test_bad_requests_get_one_error_output(engine, prompts):
+    def explode(out):
+        raise RuntimeError("client gone")
+
+    sink = Collector()
+    engine.submit(greedy("long", [5] * MAX_SEQ_LEN), sink)
+    engine.submit(greedy("sum", [5] * (MAX_SEQ_LEN - 4), max_new_tokens=5), sink)
+    engine.submit(greedy("vocab", [10**6]), sink)
+    engine.submit(greedy("boom", prompts[0], streaming=True), explode)  # raising callback: dropped
+    engine.submit(greedy("ok", prompts[0], max_new_tokens=3), sink)
+    sink.wait("long", "sum", "vocab", "ok")
+    for rid, text in (("long", "max_seq_len"), ("sum", "exceeds max_seq_len"), ("vocab", "input_ids")):
+        final = sink.final(rid)
+        assert final.finish_reason == "error" and final.error_type == "invalid_request_error"
+        assert text in final.error and sink.tokens(rid) == []
+    assert len(sink.tokens("ok")) == 3
+    stats = engine.stats()
+    assert stats["active"] == 0 and stats["steps"] > 0 and stats["tokens_generated"] > 0

@@ -1,0 +1,232 @@
+"""Engine pieces that need no model: Triton tensor parsing, sampling, config, the KV cache."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trident.engine import (
+    EngineConfig,
+    InvalidRequestError,
+    LlamaConfig,
+    decode_word_list,
+    error_message,
+    is_stop_request,
+    output_arrays,
+    request_from_tensors,
+)
+from trident.engine.kv_cache import KVCache
+from trident.engine.llama import map_weight_name
+from trident.engine.sampling import RowSampling, apply_penalties, make_generator, sample
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository" / "cpu" / "tensorrt_llm" / "config.pbtxt.in"
+
+
+def i32(*rows):
+    return np.array(rows, dtype=np.int32)
+
+
+def base(**extra):
+    tensors = {"input_ids": i32([5, 6, 7, 8]), "input_lengths": i32([4]), "request_output_len": i32([[9]])}
+    tensors.update(extra)
+    return tensors
+
+
+# ---------------------------------------------------------------- word lists
+
+@pytest.mark.parametrize(
+    "arr, words",
+    [
+        ([[[5, 6, 7, 0], [2, 3, -1, -1]]], [[5, 6], [7]]),  # [1, 2, L] as clients send it
+        ([[5, 6, 7], [3, -1, -1]], [[5, 6, 7]]),  # [2, L] after a reshape
+        ([[[9], [1]]], [[9]]),
+        ([[[0, 0], [-1, -1]]], []),  # all padding: no words
+    ],
+)
+def test_decode_word_list(arr, words):
+    assert decode_word_list(np.array(arr, dtype=np.int32)) == words
+
+
+@pytest.mark.parametrize(
+    "arr, message",
+    [
+        ([[[5, 6], [3, -1]]], "offsets must increase"),  # offset past the ids
+        ([[[5, 6], [2, 1]]], "offsets must increase"),  # decreasing
+        ([[[5, 6]]], "expected shape"),
+        ([[[5, 6], [1, 2]], [[5, 6], [1, 2]]], "batch size 2"),
+    ],
+)
+def test_decode_word_list_rejects(arr, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        decode_word_list(np.array(arr, dtype=np.int32))
+
+
+# ---------------------------------------------------------------- request tensors
+
+def test_defaults_are_greedy_without_end_id():
+    req = request_from_tensors("r1", base())
+    assert (req.request_id, req.input_ids, req.max_new_tokens) == ("r1", [5, 6, 7, 8], 9)
+    assert req.temperature == 0.0 and req.end_id is None and req.seed is None
+    assert req.stop_words == [] and req.bad_words == [] and req.streaming is False
+
+
+@pytest.mark.parametrize(
+    "extra, temperature, top_k, top_p",
+    [
+        ({"runtime_top_k": i32([1]), "temperature": np.float32([0.7])}, 0.0, 1, 0.0),  # top_k 1: greedy
+        ({"temperature": np.float32([0.7])}, 0.0, 0, 0.0),  # neither top_k nor top_p: greedy
+        ({"runtime_top_p": np.float32([0.9]), "temperature": np.float32([0.7])}, 0.7, 0, 0.9),
+        ({"runtime_top_k": i32([40])}, 1.0, 40, 0.0),  # temperature defaults to 1
+        ({"runtime_top_k": i32([40]), "temperature": np.float32([0.0])}, 0.0, 40, 0.0),
+    ],
+)
+def test_sampling_semantics_follow_tensorrt_llm(extra, temperature, top_k, top_p):
+    req = request_from_tensors("r", base(**extra))
+    assert req.temperature == pytest.approx(temperature)
+    assert (req.top_k, req.top_p) == (top_k, pytest.approx(top_p))
+
+
+def test_all_optional_tensors():
+    req = request_from_tensors("r", base(
+        input_ids=i32([5, 6, 7, 8, 0, 0]),  # padded: input_lengths says 4
+        end_id=i32([2]), pad_id=i32([0]),
+        stop_words_list=i32([[5, 6, 7, 0], [2, 3, -1, -1]]).reshape(1, 2, 4),
+        bad_words_list=i32([[9], [1]]).reshape(1, 2, 1),
+        repetition_penalty=np.float32([1.2]), random_seed=np.array([[2**63 + 5]], dtype=np.uint64),
+        streaming=np.array([[True]]),
+    ))
+    assert req.input_ids == [5, 6, 7, 8] and req.end_id == 2 and req.pad_id == 0
+    assert req.stop_words == [[5, 6], [7]] and req.bad_words == [[9]]
+    assert req.repetition_penalty == pytest.approx(1.2) and req.seed == 2**63 + 5 and req.streaming
+
+
+def test_seed_is_read_under_tensorrt_llm_names():
+    u64 = lambda v: np.array([[v]], dtype=np.uint64)  # noqa: E731
+    assert request_from_tensors("r", base(seed=u64(7))).seed == 7
+    assert request_from_tensors("r", base(random_seed=u64(8))).seed == 8
+    assert request_from_tensors("r", base(seed=u64(7), random_seed=u64(8))).seed == 7
+    assert request_from_tensors("r", base()).seed is None
+
+
+def test_negative_end_id_means_none():
+    assert request_from_tensors("r", base(end_id=i32([-1]))).end_id is None
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"input_ids": i32([5])}, "required"),
+        (base(input_ids=i32([5, 6], [7, 8])), "batch size 2"),
+        (base(input_lengths=i32([7])), "input_lengths 7"),
+        (base(temperature=np.float32([0.5, 0.6])), "temperature: expected one value"),
+    ],
+)
+def test_bad_tensors(tensors, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        request_from_tensors("r", tensors)
+
+
+def test_stop_flag():
+    assert is_stop_request({"stop": np.array([[True]])})
+    assert not is_stop_request({"stop": np.array([[False]])})
+    assert not is_stop_request(base())
+
+
+def test_output_arrays_shapes_and_error_prefix():
+    out = output_arrays([4, 5, 6])
+    assert out["output_ids"].dtype == np.int32 and out["output_ids"].shape == (1, 1, 3)
+    assert out["sequence_length"].tolist() == [[3]] and out["sequence_length"].dtype == np.int32
+    assert output_arrays([])["output_ids"].shape == (1, 1, 0)
+    assert error_message("service_unavailable", "queue full") == "[service_unavailable] queue full"
+
+
+def test_template_placeholders():
+    text = TEMPLATE.read_text()
+    assert set(re.findall(r"\$\{(\w+)\}", text)) == {
+        "checkpoint_dir", "engine_max_batch_size", "max_seq_len", "engine_dtype", "num_threads", "max_queue_size",
+    }
+    assert 'backend: "python"' in text and "decoupled: true" in text and "KIND_CPU" in text
+    for name in ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
+                 "bad_words_list", "temperature", "runtime_top_k", "runtime_top_p", "repetition_penalty",
+                 "random_seed", "stop", "streaming", "output_ids", "sequence_length"):
+        assert f'name: "{name}"' in text
+
+
+# ---------------------------------------------------------------- sampling
+
+def test_repetition_penalty_hf_semantics():
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
+    seen = torch.tensor([True, True, False, False])
+    apply_penalties(logits, [RowSampling(repetition_penalty=2.0, seen=seen)])
+    assert logits.tolist() == [[1.0, -4.0, 2.0, -2.0]]
+
+
+def test_bans_and_greedy_rows():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0], [3.0, 1.0, 2.0, 0.0]])
+    rows = [RowSampling(banned=[1]), RowSampling(temperature=1.0, top_k=1, generator=make_generator(0))]
+    assert sample(logits, rows) == [2, 0]
+
+
+def test_top_k_and_top_p_restrict_the_draw():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    top_k = [sample(logits[None].clone(), [RowSampling(temperature=1.0, top_k=2, generator=make_generator(s))])[0]
+             for s in range(200)]
+    assert set(top_k) == {0, 1}
+    # top_p 0.6: tokens 0 (0.5) and 1 (reaching 0.8) kept, the rest never drawn
+    top_p = [sample(logits[None].clone(), [RowSampling(temperature=1.0, top_p=0.6, generator=make_generator(s))])[0]
+             for s in range(200)]
+    assert set(top_p) == {0, 1}
+    full = [sample(logits[None].clone(), [RowSampling(temperature=1.0, generator=make_generator(s))])[0]
+            for s in range(400)]
+    assert set(full) == {0, 1, 2, 3}
+
+
+def test_row_draw_is_independent_of_the_batch():
+    logits = torch.randn(3, 1000)
+    alone = sample(logits[1:2].clone(), [RowSampling(temperature=1.0, generator=make_generator(7))])
+    rows = [RowSampling(temperature=0.5, top_p=0.9, generator=make_generator(s)) for s in (1, 7, 3)]
+    rows[1] = RowSampling(temperature=1.0, generator=make_generator(7))
+    assert sample(logits.clone(), rows)[1] == alone[0]
+
+
+# ---------------------------------------------------------------- config, weights, cache
+
+def test_llama_config_reads_both_rope_layouts():
+    raw = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1}
+    assert LlamaConfig.from_dict({**raw, "rope_parameters": {"rope_theta": 1e5}}).rope_theta == 1e5
+    assert LlamaConfig.from_dict({**raw, "rope_theta": 5e5}).rope_theta == 5e5
+    assert LlamaConfig.from_dict(raw).head_dim == 4
+    with pytest.raises(ValueError, match="rope"):
+        LlamaConfig.from_dict({**raw, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e5}})
+
+
+def test_engine_config_validation():
+    assert EngineConfig(checkpoint_dir="x").torch_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        EngineConfig(checkpoint_dir="x", dtype="float16")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        EngineConfig(checkpoint_dir="x", max_batch_size=0)
+
+
+def test_weight_name_map():
+    assert map_weight_name("model.layers.17.self_attn.q_proj.weight") == "layers.17.wq"
+    assert map_weight_name("model.embed_tokens.weight") == "tok_embeddings"
+    assert map_weight_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+
+
+def test_kv_cache_setup_twice_keeps_tensors_and_move_compacts():
+    cache = KVCache()
+    geometry = dict(num_layers=2, max_batch_size=3, num_kv_heads=1, max_seq_len=4, head_dim=2, dtype=torch.float32)
+    cache.setup(**geometry)
+    first = cache.k[0]
+    cache.setup(**geometry)
+    assert cache.k[0] is first and len(cache.k) == 2 and cache.k[0].shape == (3, 1, 4, 2)
+    cache.write_prefill(1, 2, torch.ones(1, 3, 2), torch.full((1, 3, 2), 2.0))
+    cache.move(2, 0, 3)
+    assert cache.k[1][0, 0, :3].eq(1).all() and cache.v[1][0, 0, :3].eq(2).all()
+    cache.setup(**{**geometry, "max_seq_len": 8})
+    assert cache.k[0].shape == (3, 1, 8, 2)

@@ -1,0 +1,220 @@
+"""model_repository/cpu/tensorrt_llm/1/model.py driven through a fake triton_python_backend_utils."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trident.engine import QueueFullError
+
+ROOT = Path(__file__).resolve().parents[2]
+CKPT = ROOT / ".cache" / "models" / "smollm2-135m-instruct"
+MODEL_PY = ROOT / "model_repository" / "cpu" / "tensorrt_llm" / "1" / "model.py"
+pytestmark = pytest.mark.skipif(not (CKPT / "model.safetensors").is_file(), reason=f"no checkpoint in {CKPT}")
+FINAL = 1
+
+
+class Tensor:
+    def __init__(self, name, array):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors=None, error=None):
+        self.output_tensors = {t.name(): t.as_numpy() for t in output_tensors or []}
+        self.error = error
+
+
+class TritonError:
+    def __init__(self, message):
+        self._message = message
+
+    def message(self):
+        return self._message
+
+
+class Sender:
+    def __init__(self):
+        self.sent = []  # (response | None, flags)
+        self.closed = threading.Event()
+        self.cancelled = False
+
+    def send(self, response=None, flags=0):
+        assert not self.closed.is_set(), "response after the final flag"
+        self.sent.append((response, flags))
+        if flags & FINAL:
+            self.closed.set()
+
+    def is_cancelled(self):
+        return self.cancelled
+
+    def wait(self):
+        assert self.closed.wait(60), "no final response"
+        return self.sent
+
+    def tokens(self):
+        return [t for r, _ in self.sent if r is not None for t in r.output_tensors["output_ids"].reshape(-1)]
+
+
+class Request:
+    def __init__(self, request_id="", **tensors):
+        self._id = request_id
+        self.tensors = {k: Tensor(k, v) for k, v in tensors.items()}
+        self.sender = Sender()
+
+    def request_id(self):
+        return self._id
+
+    def get_response_sender(self):
+        return self.sender
+
+
+class MetricFamily:
+    COUNTER, GAUGE = "counter", "gauge"
+    families = {}
+
+    def __init__(self, name, description, kind):
+        self.name, self.kind = name, kind
+        MetricFamily.families[name] = self
+
+    def Metric(self, labels):
+        self.metric = Metric()
+        return self.metric
+
+
+class Metric:
+    def __init__(self):
+        self.value = 0
+
+    def increment(self, by):
+        self.value += by
+
+    def set(self, value):
+        self.value = value
+
+
+def metric(name):
+    return MetricFamily.families[name].metric.value
+
+
+def get_input_tensor_by_name(request, name):
+    if "explode" in request.tensors:  # a backend failure the adapter cannot foresee
+        raise RuntimeError("unreachable")
+    return request.tensors.get(name)
+
+
+@pytest.fixture(scope="module")
+def model():
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor, fake.InferenceResponse, fake.TritonError = Tensor, InferenceResponse, TritonError
+    fake.get_input_tensor_by_name = get_input_tensor_by_name
+    fake.MetricFamily = MetricFamily
+    fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
+    sys.modules["triton_python_backend_utils"] = fake
+    spec = importlib.util.spec_from_file_location("tensorrt_llm_cpu_model", MODEL_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    params = {"checkpoint_dir": str(CKPT), "max_batch_size": "4", "max_seq_len": "64", "dtype": "float32",
+              "num_threads": "0", "max_queue_size": "8"}
+    instance = module.TritonPythonModel()
+    instance.initialize({"model_config": json.dumps(
+        {"parameters": {k: {"string_value": v} for k, v in params.items()}})})
+    yield instance
+    instance.finalize()
+    del sys.modules["triton_python_backend_utils"]
+
+
+def prompt(request_id="", n=6, **extra):
+    ids = np.array([[504, 3575, 282, 4649, 314]], dtype=np.int32)  # "The capital of France is"
+    return Request(request_id, input_ids=ids, input_lengths=np.array([[5]], dtype=np.int32),
+                   request_output_len=np.array([[n]], dtype=np.int32), **extra)
+
+
+def test_non_streaming_one_final_response(model):
+    req = prompt(end_id=np.array([[2]], dtype=np.int32))
+    assert model.execute([req]) is None
+    (response, flags), = req.sender.wait()
+    assert flags == FINAL and response.error is None
+    assert response.output_tensors["output_ids"].shape == (1, 1, 6)
+    assert response.output_tensors["output_ids"].dtype == np.int32
+    assert response.output_tensors["sequence_length"].tolist() == [[6]]
+
+
+def test_streaming_then_stop_request_cancels(model):
+    first = threading.Event()
+    running = prompt("req-7", n=40, streaming=np.array([[True]]))
+    send = running.sender.send
+
+    def send_and_signal(response=None, flags=0):
+        send(response, flags)
+        first.set()
+
+    running.sender.send = send_and_signal
+    model.execute([running])
+    assert first.wait(60)
+    stop = prompt("req-7", stop=np.array([[True]]))
+    model.execute([stop])
+    assert stop.sender.wait() == [(None, FINAL)]
+    sent = running.sender.wait()
+    assert all(r.output_tensors["output_ids"].shape[-1] <= 1 for r, _ in sent)
+    assert 1 <= len(running.sender.tokens()) < 40
+
+
+def test_client_cancellation_is_polled(model):
+    model.metrics.update()
+    cancelled = metric("trident_engine_requests_cancelled_total")
+    req = prompt(n=40, streaming=np.array([[True]]))
+    req.sender.cancelled = True
+    model.execute([req])
+    assert len(req.sender.wait()) == 1 and req.sender.tokens() == []
+    model.metrics.update()
+    assert metric("trident_engine_requests_cancelled_total") == cancelled + 1
+    assert metric("trident_engine_active_requests") == 0
+
+
+def test_engine_counters_are_published_as_metrics(model):
+    model.metrics.update()
+    before = metric("trident_engine_generated_tokens_total")
+    req = prompt(n=6)
+    model.execute([req])
+    req.sender.wait()
+    model.metrics.update()
+    assert metric("trident_engine_generated_tokens_total") == before + len(req.sender.tokens())
+    assert MetricFamily.families["trident_engine_active_requests"].kind == MetricFamily.GAUGE
+
+
+@pytest.mark.parametrize(
+    "request_, prefix, text",
+    [
+        (Request(input_ids=np.array([[1, 2]], dtype=np.int32)), "[invalid_request_error] ", "required"),
+        (prompt(n=100), "[invalid_request_error] ", "max_seq_len"),
+        (Request(explode=np.zeros(1)), "[internal_error] ", "unreachable"),
+    ],
+)
+def test_errors_are_final_triton_errors(model, request_, prefix, text):
+    model.execute([request_])  # must not raise
+    (response, flags), = request_.sender.wait()
+    assert flags == FINAL and response.error.message().startswith(prefix) and text in response.error.message()
+
+
+def test_queue_full_maps_to_service_unavailable(model, monkeypatch):
+    def full(request, on_output):
+        raise QueueFullError("engine queue is full")
+
+    monkeypatch.setattr(model.engine, "submit", full)
+    req = prompt()
+    model.execute([req])
+    (response, flags), = req.sender.wait()
+    assert flags == FINAL and response.error.message() == "[service_unavailable] engine queue is full"

@@ -1,0 +1,338 @@
+"""The engine: a thread running continuous (in-flight) batching over the slot KV cache.
+
+Each loop iteration: poll cancellations, admit waiting requests (prefill each, emit its first
+token at once), then run ONE batched decode step for every active sequence and emit. Finished
+sequences free their slot immediately; the last active slot moves into the hole so the batch
+always occupies slots 0..B-1.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import EngineConfig, LlamaConfig, cpu_has_native_bf16
+from .kv_cache import KVCache
+from .llama import Llama, load_weights
+from .request import (
+    EngineError,
+    EngineStoppedError,
+    GenerationOutput,
+    GenerationRequest,
+    InvalidRequestError,
+    QueueFullError,
+)
+from .sampling import RowSampling, make_generator, sample
+
+log = logging.getLogger("trident.engine")
+
+OnOutput = Callable[[GenerationOutput], None]
+
+
+@dataclass(eq=False)  # identity semantics: sequences are looked up in queues
+class _Sequence:
+    request: GenerationRequest
+    on_output: OnOutput
+    sampling: RowSampling
+    output: list[int] = field(default_factory=list)
+    emitted: int = 0  # output tokens already sent (streaming)
+    cache_len: int = 0  # tokens whose K/V are in the cache
+    finished: bool = False
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.request.input_ids[-1]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        if config.torch_dtype == torch.bfloat16 and not cpu_has_native_bf16():
+            log.warning("dtype bfloat16 on a CPU without AVX512-BF16/AMX: matmuls are emulated and "
+                        "batched decode is much slower than float32; consider dtype float32 or auto")
+        model_config = LlamaConfig.from_checkpoint(config.checkpoint_dir)
+        self.max_seq_len = min(config.max_seq_len, model_config.max_position_embeddings)
+        self.model = Llama(
+            model_config,
+            load_weights(config.checkpoint_dir, config.torch_dtype),
+            dtype=config.torch_dtype,
+            max_seq_len=self.max_seq_len,
+        )
+        c = self.model.config
+        self.cache = KVCache()
+        self.cache.setup(
+            num_layers=c.num_layers,
+            max_batch_size=config.max_batch_size,
+            num_kv_heads=c.num_kv_heads,
+            max_seq_len=self.max_seq_len,
+            head_dim=c.head_dim,
+            dtype=config.torch_dtype,
+        )
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Sequence] = collections.deque()  # guarded by _cond
+        self._rejected: collections.deque[tuple[GenerationRequest, OnOutput, EngineError]] = collections.deque()
+        self._cancel_ids: set[str] = set()  # guarded by _cond
+        self._active: list[_Sequence] = []  # engine thread only; index == KV slot
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._counters = dict.fromkeys(
+            ("steps", "tokens_generated", "requests_submitted", "requests_finished",
+             "requests_cancelled", "requests_failed", "requests_rejected"), 0
+        )
+
+    # ---- public API (any thread) ----
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="trident-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop, join the thread; requests still queued or running get an error output."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._fail_all("engine stopped")
+
+    def submit(self, request: GenerationRequest, on_output: OnOutput) -> None:
+        """Queue a request; on_output is called from the engine thread.
+
+        Raises QueueFullError when max_queue_size requests are already waiting and
+        EngineStoppedError after stop(). An invalid request is not raised here: it gets one error
+        output (finish_reason "error", error_type "invalid_request_error") from the engine thread.
+        """
+        error: EngineError | None = None
+        try:
+            request.validate(vocab_size=self.model.config.vocab_size, max_seq_len=self.max_seq_len)
+        except InvalidRequestError as e:
+            error = e
+        with self._cond:
+            if self._stopping:
+                raise EngineStoppedError("the engine is stopped")
+            if error is not None:
+                self._rejected.append((request, on_output, error))
+            else:
+                if len(self._waiting) >= self.config.max_queue_size:
+                    raise QueueFullError(
+                        f"engine queue is full ({self.config.max_queue_size} requests waiting); retry later"
+                    )
+                self._waiting.append(self._new_sequence(request, on_output))
+            self._counters["requests_submitted"] += 1
+            self._cond.notify_all()
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel every queued or running request with this id; takes effect at the next step."""
+        with self._cond:
+            self._cancel_ids.add(request_id)
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        """requests_finished counts every request that got its final output, whatever the reason."""
+        with self._cond:
+            out = dict(self._counters)
+            out["waiting"] = len(self._waiting)
+        out["active"] = len(self._active)
+        out["max_batch_size"] = self.config.max_batch_size
+        out["max_seq_len"] = self.max_seq_len
+        return out
+
+    # ---- engine thread ----
+
+    def _new_sequence(self, request: GenerationRequest, on_output: OnOutput) -> _Sequence:
+        vocab = self.model.config.vocab_size
+        rs = RowSampling(
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            repetition_penalty=request.repetition_penalty,
+            banned=sorted({w[0] for w in request.bad_words if len(w) == 1}),
+        )
+        if not rs.greedy:
+            rs.generator = make_generator(request.seed)
+        if request.repetition_penalty != 1.0:
+            rs.seen = torch.zeros(vocab, dtype=torch.bool)
+            rs.seen[request.input_ids] = True
+        return _Sequence(request=request, on_output=on_output, sampling=rs)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._active or self._rejected
+                               or self._cancel_ids):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    cancel_ids, self._cancel_ids = self._cancel_ids, set()
+                try:
+                    self._reject_invalid()
+                    self._poll_cancellations(cancel_ids)
+                    self._admit()
+                    if self._active:
+                        self._decode_step()
+                except Exception:  # a bug in the loop itself: fail what is running, keep serving
+                    log.exception("engine step failed")
+                    self._fail_active("internal error in the engine step")
+
+    def _reject_invalid(self) -> None:
+        while True:
+            with self._cond:
+                if not self._rejected:
+                    return
+                request, on_output, error = self._rejected.popleft()
+            self._counters["requests_rejected"] += 1
+            seq = _Sequence(request=request, on_output=on_output, sampling=RowSampling())
+            self._finish(seq, "error", error=str(error), error_type=error.error_type)
+
+    def _poll_cancellations(self, cancel_ids: set[str]) -> None:
+        with self._cond:
+            waiting = list(self._waiting)
+        for seq in waiting + self._active:
+            if seq.request.request_id in cancel_ids or self._client_cancelled(seq):
+                with self._cond:
+                    if seq in self._waiting:
+                        self._waiting.remove(seq)
+                log.info("request %s cancelled after %d generated tokens", seq.request.request_id,
+                         len(seq.output))
+                self._counters["requests_cancelled"] += 1
+                self._finish(seq, "cancelled")
+        self._remove_finished()
+
+    @staticmethod
+    def _client_cancelled(seq: _Sequence) -> bool:
+        check = seq.request.is_cancelled
+        if check is None:
+            return False
+        try:
+            return bool(check())
+        except Exception:  # a broken probe means nobody can receive the answer anyway
+            log.exception("is_cancelled() failed for request %s", seq.request.request_id)
+            return True
+
+    def _admit(self) -> None:
+        prefilled = 0
+        while len(self._active) < self.config.max_batch_size:
+            with self._cond:
+                if not self._waiting:
+                    return
+                n = len(self._waiting[0].request.input_ids)
+                if prefilled and prefilled + n > self.config.prefill_token_budget:
+                    return
+                seq = self._waiting.popleft()
+            prefilled += n
+            slot = len(self._active)
+            self._active.append(seq)
+            try:
+                ids = seq.request.input_ids
+                logits = self.model.prefill(torch.tensor(ids, dtype=torch.long), slot, self.cache)  # (V,)
+                seq.cache_len = len(ids)
+                self._update_bans(seq)
+                token = sample(logits[None], [seq.sampling])[0]
+                self._accept(seq, token)
+            except Exception as e:
+                log.exception("prefill failed for request %s", seq.request.request_id)
+                self._finish(seq, "error", error=f"prefill failed: {e}", error_type="internal_error")
+            self._remove_finished()
+
+    def _decode_step(self) -> None:
+        active = self._active
+        tokens = torch.tensor([s.last_token for s in active], dtype=torch.long)  # (B,)
+        positions = torch.tensor([s.cache_len for s in active], dtype=torch.long)  # (B,)
+        logits = self.model.decode(tokens, positions, self.cache)  # (B, V) fp32
+        self._counters["steps"] += 1
+        for s in active:
+            s.cache_len += 1
+            self._update_bans(s)
+        next_tokens = sample(logits, [s.sampling for s in active])
+        for s, t in zip(active, next_tokens):
+            self._accept(s, t)
+        self._remove_finished()
+
+    def _update_bans(self, seq: _Sequence) -> None:
+        # multi-token bad words: ban the last token when the sequence ends with the others
+        multi = [w for w in seq.request.bad_words if len(w) > 1]
+        if not multi:
+            return
+        tail = (seq.request.input_ids + seq.output)[-max(len(w) for w in multi):]
+        seq.sampling.banned_now = [w[-1] for w in multi if tail[len(tail) - len(w) + 1:] == w[:-1]]
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        req = seq.request
+        if req.end_id is not None and token == req.end_id:
+            self._finish(seq, "end_id")  # the end token itself is not returned (as TensorRT-LLM)
+            return
+        seq.output.append(token)
+        self._counters["tokens_generated"] += 1
+        if seq.sampling.seen is not None:
+            seq.sampling.seen[token] = True
+        if any(len(w) <= len(seq.output) and seq.output[-len(w):] == w for w in req.stop_words):
+            self._finish(seq, "stop_words")
+        elif len(seq.output) >= req.max_new_tokens:
+            self._finish(seq, "length")
+        elif req.streaming:
+            self._emit(seq, finished=False)
+
+    def _finish(self, seq: _Sequence, reason: str, *, error: str | None = None,
+                error_type: str | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        self._counters["requests_finished"] += 1
+        if reason == "error":
+            self._counters["requests_failed"] += 1
+        self._emit(seq, finished=True, reason=reason, error=error, error_type=error_type)
+
+    def _emit(self, seq: _Sequence, *, finished: bool, reason: str | None = None,
+              error: str | None = None, error_type: str | None = None) -> None:
+        start = seq.emitted if seq.request.streaming else 0
+        out = GenerationOutput(
+            request_id=seq.request.request_id,
+            token_ids=seq.output[start:],
+            finished=finished,
+            finish_reason=reason,
+            error=error,
+            error_type=error_type,
+            step=self._counters["steps"],
+            num_generated=len(seq.output),
+        )
+        seq.emitted = len(seq.output)
+        try:
+            seq.on_output(out)
+        except Exception:
+            log.exception("on_output failed for request %s", seq.request.request_id)
+            if not finished:  # nobody is listening: stop spending compute on it
+                self._finish(seq, "error", error="on_output callback failed", error_type="internal_error")
+
+    def _remove_finished(self) -> None:
+        # Descending order: the slot moved into a hole is never itself a finished one.
+        for slot in sorted((i for i, s in enumerate(self._active) if s.finished), reverse=True):
+            last = self._active.pop()
+            if slot < len(self._active):
+                self.cache.move(len(self._active), slot, last.cache_len)
+                self._active[slot] = last
+
+    def _fail_active(self, message: str) -> None:
+        for seq in self._active:
+            self._finish(seq, "error", error=message, error_type="internal_error")
+        self._active.clear()
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            rejected, self._rejected = list(self._rejected), collections.deque()
+        for request, on_output, error in rejected:
+            self._finish(_Sequence(request=request, on_output=on_output, sampling=RowSampling()),
+                         "error", error=str(error), error_type=error.error_type)
+        for seq in waiting:
+            self._finish(seq, "error", error=message, error_type="service_unavailable")
+        self._fail_active(message)
