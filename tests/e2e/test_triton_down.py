@@ -1,0 +1,52 @@
+"""Triton going away: an error event mid-stream, then fast 503s with Retry-After.
+
+Uses its own Triton and gateway (the shared ones stay up for the other tests)."""
+import time
+
+import pytest
+import requests
+
+from conftest import repo_dir, start_gateway
+from e2e_helpers import API_KEY, free_port
+from trident.triton_launcher import TritonPorts, TritonServer
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture
+def own_stack(tmp_path_factory):
+    triton = TritonServer(model_repository=repo_dir(), work_dir=tmp_path_factory.mktemp("triton-down"),
+                          ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
+    triton.start(timeout=300)
+    gateway = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_HEARTBEAT_INTERVAL": "0.5"})
+    yield triton, gateway
+    gateway.stop()
+    triton.stop()
+
+
+def test_triton_stopped_mid_stream_then_503(own_stack):
+    triton, gateway = own_stack
+    r = requests.post(gateway.url + "/generate", headers=AUTH, stream=True, timeout=120,
+                      json={"prompt": "Write a long story.", "max_new_tokens": 1500, "temperature": 0,
+                            "stream": True})
+    assert r.status_code == 200
+    lines = r.iter_lines()
+    for line in lines:
+        if line.startswith(b"event: token"):
+            break
+    triton.process.kill()  # the server dies mid-stream, without a goodbye
+    rest = b"\n".join(lines)
+    assert b"event: error" in rest, rest[-500:]
+    error_data = rest.split(b"event: error", 1)[1]
+    assert b'"error"' in error_data and b"event: done" not in error_data
+
+    started = time.monotonic()
+    r = requests.post(gateway.url + "/generate", headers=AUTH, timeout=30,
+                      json={"prompt": "hi", "max_new_tokens": 4})
+    assert time.monotonic() - started < 10
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["type"] == "service_unavailable"
+    assert int(r.headers["Retry-After"]) > 0
+    ready = requests.get(gateway.url + "/readyz", timeout=30)
+    assert ready.status_code == 503 and "Retry-After" in ready.headers
+    assert requests.get(gateway.url + "/healthz", timeout=30).status_code == 200
