@@ -64,6 +64,8 @@ class TritonPythonModel:
             self._generate(request, sender)
         except TaggedError as exc:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(exc.tagged())), flags=FINAL)
+        except EngineFailure as exc:  # already tagged by the engine model (e.g. queue full)
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=FINAL)
         except Exception as exc:  # never escape: answer the request, keep the model alive
             log.exception("llm request failed")
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {exc}")),
@@ -91,7 +93,7 @@ class TritonPythonModel:
         stopping = False
         for response in self._engine_stream(tensors, engine_id):
             if response.has_error():
-                raise RuntimeError(response.error().message())
+                raise EngineFailure(response.error().message())
             if stopping:
                 continue  # drain the engine stream up to its final response
             delta = gen.push(_output_ids(response))
@@ -141,6 +143,10 @@ class TritonPythonModel:
         )
         for _ in stop.exec(decoupled=True):
             pass
+
+
+class EngineFailure(Exception):
+    """The engine model answered with an error; its message is passed on unchanged."""
 
 
 def _input(request, name):
