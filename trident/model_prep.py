@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +72,11 @@ def convert_gguf(*, gguf_path: Path, out_dir: Path, force: bool = False) -> Path
     fresh.generation_config.eos_token_id = tokenizer.eos_token_id
     fresh.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
-    try:
+    with replace_dir(out_dir) as tmp:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(
             json.dumps({"source": gguf_path.name, "name": DEFAULT_MODEL_NAME}, indent=2)
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote HF checkpoint to %s", out_dir)
     return out_dir

@@ -7,12 +7,12 @@ is an error: a half-filled config must never reach Triton.
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
+
+from .fsutil import replace_dir
 
 TEMPLATE_ROOT = Path(__file__).resolve().parents[1] / "model_repository"
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -60,9 +60,7 @@ def build_repository(*, flavour: str, values: Mapping[str, object], out_dir: Pat
         raise TemplateError(f"value(s) used by no template of flavour {flavour}: {', '.join(unused)}")
 
     out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".repo-", dir=out_dir.parent))
-    try:
+    with replace_dir(out_dir) as tmp:
         for src in sources:
             for path in sorted(src.rglob("*")):
                 if path.is_dir() or "__pycache__" in path.parts:
@@ -76,10 +74,4 @@ def build_repository(*, flavour: str, values: Mapping[str, object], out_dir: Pat
                     dest.write_text(fill_template(path.read_text(), values, source=str(path)))
                 elif path.name != ".keep":
                     shutil.copy2(path, dest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

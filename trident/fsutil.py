@@ -1,0 +1,28 @@
+"""File-system helpers shared by the build steps."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def replace_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``out_dir`` that replaces it when the block succeeds.
+
+    A reader never sees a half-written ``out_dir``, and a failed build leaves the old one.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
