@@ -15,7 +15,7 @@ MAX_SEQ_LEN ?= 2048
 DTYPE ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: install model repository serve test unit clean
+.PHONY: install system-deps model repository serve test unit clean
 
 install: $(STAMP)
 
@@ -40,9 +40,22 @@ repository: $(STAMP) model
 	    --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) --dtype $(DTYPE)
 
 serve: repository
-	$(PY) scripts/serve.py --model-repository $(REPO_DIR)
+	$(PY) scripts/serve.py --model-repository $(REPO_DIR) --tokenizer-dir $(MODEL_DIR)
 
-test: repository
+# The tests start their own redis-server (rate limits shared across workers) and use the
+# openssl CLI (a self-signed certificate for the TLS test): Debian packages, installed when
+# missing and we are root (CI); otherwise say what to install.
+system-deps:
+	@if ! command -v redis-server >/dev/null || ! command -v openssl >/dev/null; then \
+	    if [ "$$(id -u)" = 0 ]; then \
+	        echo "==> installing redis-server and openssl (Debian packages)"; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server openssl; \
+	    else \
+	        echo "note: install redis-server and openssl (e.g. sudo apt-get install redis-server openssl); their tests skip without them"; \
+	    fi; \
+	fi
+
+test: repository system-deps
 	TRIDENT_MODEL_DIR=$(MODEL_DIR) TRIDENT_REPO_DIR=$(REPO_DIR) \
 	    $(PY) -m pytest tests $(PYTEST_ARGS)
 

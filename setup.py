@@ -26,6 +26,10 @@ GATEWAY = [
     "marshmallow>=3.20,<5",
     "flask-limiter>=3.5",
     "requests>=2.31",
+    "apispec>=6.10,<7",
+    "prometheus-client>=0.20",
+    "redis>=5",
+    "jinja2>=3.1.6",
 ]
 
 GPU_BUILD = [
@@ -38,6 +42,10 @@ GPU_BUILD = [
 DEV = [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    "openai>=3.54,<4",
+    "schemathesis>=4.32,<5",
+    "hypothesis>=6.100",
+    "jsonschema-rs>=0.60",
 ]
 
 setup(

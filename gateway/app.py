@@ -17,10 +17,15 @@ from .auth import KeyStore
 from .backend import Backend
 from .config import load_config
 from .errors import register_error_handlers
+from .openai_routes import init_app as init_openai
+from .openapi import init_app as init_openapi
 from .ratelimit import limiter
+from .retry import add_retry_advice
 from .routes import bp
 from .schemas import GenerateSchema
 from .state import GatewayState, InFlight
+from . import telemetry
+from .telemetry import formatter
 
 log = logging.getLogger("trident.gateway")
 
@@ -71,9 +76,13 @@ def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | No
     register_error_handlers(app)
     app.before_request(_assign_request_id)  # before the limiter's hook: its 429 has an id too
     app.after_request(_send_request_id)
+    app.after_request(add_retry_advice)  # registered before the limiter: runs after its headers
+    telemetry.init_app(app)  # metrics + request log line for every route; before the limiter too
     limiter.init_app(app)
     app.register_blueprint(bp)
-    _configure_logging()
+    init_openai(app)  # /v1/*
+    init_openapi(app)  # /openapi.json
+    _configure_logging(app.config["LOG_FORMAT"])
     return app
 
 
@@ -96,14 +105,15 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def _configure_logging() -> None:
+def _configure_logging(kind: str) -> None:
     """A stderr handler for ``trident.*`` unless the process configured logging itself
-    (gunicorn configures only its own loggers)."""
+    (gunicorn configures only its own loggers): one JSON object per line (``LOG_FORMAT=json``,
+    the default) or text (``LOG_FORMAT=text``); see ``gateway.telemetry``."""
     logger = logging.getLogger("trident")
     if logger.handlers or logging.getLogger().handlers:
         return
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    handler.setFormatter(formatter(kind))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -6,7 +6,10 @@ Keys come from any of, together:
   rate-limited by ``DEFAULT_RATE_LIMIT`` if set. Hashed at start-up; the key itself is not kept.
 * ``TRIDENT_API_KEYS_FILE`` (config ``API_KEYS_FILE``): a JSON list of objects
   ``{"name": "alice", "sha256": "<hex digest of the key>", "models": ["*"] or [names],
-  "rate_limit": "60/minute"}`` (``rate_limit`` may be absent: ``DEFAULT_RATE_LIMIT`` applies);
+  "rate_limit": "60/minute", "endpoints": ["*"]}`` (``rate_limit`` may be absent:
+  ``DEFAULT_RATE_LIMIT`` applies; ``endpoints``, shell-style patterns of route paths such as
+  ``"/generate"`` or ``"/v1/*"``, may be absent: every endpoint). ``python -m gateway.keys``
+  adds, lists and revokes entries;
 * config ``API_KEYS``: the same list, inline (a config file, or tests).
 
 Secure default: when no key is configured at all, every generation request is a 401; the
@@ -18,6 +21,7 @@ A presented key is hashed and compared with every stored hash using ``hmac.compa
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flask import current_app, g, request
-from limits import parse as parse_rate_limit
+from limits import parse_many as parse_rate_limit
 
 from .errors import ClientError
 
@@ -48,9 +52,13 @@ class ApiKey:
     digest: bytes  # SHA-256 of the key; the key itself is never kept
     models: frozenset[str]  # "*" allows every model
     rate_limit: str | None = None
+    endpoints: frozenset[str] = frozenset({"*"})  # fnmatch patterns of route paths
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
+
+    def may_call(self, endpoint: str) -> bool:
+        return any(fnmatch.fnmatchcase(endpoint, pattern) for pattern in self.endpoints)
 
 
 def _parse_entry(entry: Any, where: str) -> ApiKey:
@@ -58,6 +66,7 @@ def _parse_entry(entry: Any, where: str) -> ApiKey:
         raise ValueError(f"{where}: each API key entry must be an object")
     name, digest, models = entry.get("name"), entry.get("sha256"), entry.get("models", ["*"])
     rate_limit = entry.get("rate_limit")
+    endpoints = entry.get("endpoints", ["*"])
     if not isinstance(name, str) or not name:
         raise ValueError(f"{where}: API key entry needs a non-empty 'name'")
     if not isinstance(digest, str) or not _HEX64.match(digest):
@@ -68,10 +77,12 @@ def _parse_entry(entry: Any, where: str) -> ApiKey:
         if not isinstance(rate_limit, str):
             raise ValueError(f"{where}: API key {name!r}: 'rate_limit' must be a string such as '60/minute'")
         parse_rate_limit(rate_limit)  # fails at start-up, not on the first request
-    unknown = set(entry) - {"name", "sha256", "models", "rate_limit"}
+    if not isinstance(endpoints, list) or not endpoints or not all(isinstance(e, str) and e for e in endpoints):
+        raise ValueError(f"{where}: API key {name!r}: 'endpoints' must be a non-empty list of paths or [\"*\"]")
+    unknown = set(entry) - {"name", "sha256", "models", "rate_limit", "endpoints"}
     if unknown:
         raise ValueError(f"{where}: API key {name!r}: unknown fields {sorted(unknown)}")
-    return ApiKey(name, bytes.fromhex(digest), frozenset(models), rate_limit)
+    return ApiKey(name, bytes.fromhex(digest), frozenset(models), rate_limit, frozenset(endpoints))
 
 
 class KeyStore:
@@ -137,15 +148,30 @@ def authenticate(store: KeyStore, header: str | None) -> ApiKey:
 
 
 def require_api_key(view: F) -> F:
-    """Route decorator: sets ``g.api_key`` or raises 401. Put it above ``rate_limited``."""
+    """Route decorator: sets ``g.api_key`` or raises 401; a key that may not call this endpoint
+    is a 403. Put it above ``rate_limited``."""
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         store: KeyStore = current_app.extensions["trident"].keys
-        g.api_key = authenticate(store, request.headers.get("Authorization"))
+        key = authenticate(store, request.headers.get("Authorization"))
+        g.api_key = key
+        authorize_endpoint(key, _endpoint())
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _endpoint() -> str:
+    """The matched route pattern, ``/generate/`` counted as ``/generate``."""
+    rule = request.url_rule
+    return (rule.rule.rstrip("/") or "/") if rule is not None else request.path
+
+
+def authorize_endpoint(key: ApiKey, endpoint: str) -> None:
+    """403 when the key may not call ``endpoint`` (its ``endpoints`` patterns)."""
+    if not key.may_call(endpoint):
+        raise ClientError(f"API key '{key.name}' may not use the endpoint {endpoint}", status=403)
 
 
 def authorize_model(key: ApiKey, model: str) -> None:

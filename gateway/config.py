@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "MODEL_NAME": "smollm2-135m-instruct",  # the public model name, served by TRITON_MODEL
     "MAX_NEW_TOKENS_LIMIT": 2048,
     "MAX_CONTEXT": 2048,
+    "TOKENIZER_DIR": None,  # the served model's tokenizer folder: its chat template, for /v1/chat
     "REQUEST_TIMEOUT": 600.0,  # seconds: gRPC deadline of one whole generation
     "READY_TIMEOUT": 2.0,  # seconds: deadline of readiness probes
     "CONNECT_TIMEOUT": 5.0,  # seconds: how long a connection attempt to Triton may take
@@ -51,10 +52,13 @@ DEFAULTS: dict[str, Any] = {
     "HEARTBEAT_INTERVAL": 5.0,  # seconds between SSE keep-alive comments while waiting
     "MAX_BODY_BYTES": 1 << 20,  # larger bodies are a 413
     "MAX_IN_FLIGHT": 256,  # generations per worker process at once; more are a 503; 0: no limit
+    # Logs (see gateway.telemetry)
+    "LOG_FORMAT": "json",  # "json": one object per line; "text"
+    "LOG_PROMPTS": False,  # put prompts and generated text in the request log line
 }
 
 _TYPES: dict[str, type] = {key: type(value) for key, value in DEFAULTS.items() if value is not None}
-_TYPES.update({"API_KEY": str, "API_KEYS_FILE": str, "API_KEYS": list, "DEFAULT_RATE_LIMIT": str})
+_TYPES.update({"TOKENIZER_DIR": str, "API_KEY": str, "API_KEYS_FILE": str, "API_KEYS": list, "DEFAULT_RATE_LIMIT": str})
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -133,3 +137,9 @@ def _check(config: Mapping[str, Any]) -> None:
             raise ValueError(f"gateway config {key} must be positive")
     if config["MAX_IN_FLIGHT"] < 0:
         raise ValueError("gateway config MAX_IN_FLIGHT must be >= 0")
+    if config.get("DEFAULT_RATE_LIMIT"):
+        from limits import parse_many
+
+        parse_many(config["DEFAULT_RATE_LIMIT"])  # a bad limit stops start-up, not the first request
+    if config["LOG_FORMAT"] not in ("json", "text"):
+        raise ValueError(f"gateway config LOG_FORMAT must be 'json' or 'text', got {config['LOG_FORMAT']!r}")

@@ -29,6 +29,7 @@ ERROR_TYPES: dict[int, str] = {
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
+    504: "timeout_error",  # not in the contract's table: see docs/api.md, "Timeouts"
 }
 
 
@@ -102,6 +103,14 @@ class ServerError(ApiError):
 def unavailable(message: str, retry_after: int) -> ServerError:
     """A 503 ``service_unavailable`` with ``Retry-After``."""
     return ServerError(message, status=503, retry_after=retry_after)
+
+
+def timeout_error(timeout: float, request_id: str) -> ServerError:
+    """The 504 ``timeout_error`` of a generation that ran past ``REQUEST_TIMEOUT``."""
+    return ServerError(
+        f"Generation did not finish within the request timeout of {timeout:g} s (request id {request_id})",
+        status=504,
+    )
 
 
 def internal_error(request_id: str) -> ServerError:

@@ -37,9 +37,12 @@ limiter = Limiter(key_func=_key_identity)
 
 
 def rate_limited(view: F) -> F:
-    """Route decorator: the authenticated key's limit. Must sit below ``require_api_key``."""
-    return limiter.limit(
+    """Route decorator: the authenticated key's limit. Must sit below ``require_api_key``.
+
+    Shared: one budget per key across every route it decorates (``/generate`` and ``/v1/*``)."""
+    return limiter.shared_limit(
         lambda: _key_limit() or _UNLIMITED,
+        scope="generation",
         key_func=_key_identity,
         exempt_when=lambda: _key_limit() is None,
     )(view)

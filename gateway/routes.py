@@ -1,8 +1,9 @@
 """HTTP routes: ``/generate`` (JSON or SSE), ``/healthz``, ``/readyz``.
 
-Order of checks for a generation: API key (401), rate limit (429), body and fields (413, 400),
-model served (404), model allowed for the key (403), in-flight limit (503); then the backend,
-whose errors before the first event are HTTP statuses too (STYLE 4).
+Order of checks for a generation: API key (401), endpoint allowed for the key (403), rate limit
+(429), body and fields (413, 400), model served (404), model allowed for the key (403),
+in-flight limit (503); then the backend, whose errors before the first event are HTTP statuses
+too (STYLE 4). ``/metrics`` is added by gateway.telemetry.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .auth import authorize_model, require_api_key
-from .backend import Finished, Generation, TextDelta
-from .errors import internal_error
+from .backend import Event, Finished, Generation, TextDelta
+from .errors import ApiError, internal_error
 from .params import GenerationParams
 from .ratelimit import rate_limited
 from .schemas import load_generate, read_json_object
-from .sse import SSEBody
+from .sse import SSEBody, error_bytes, event_bytes
 from .state import GatewayState
+from .telemetry import note_params, observe_generation
 
 log = logging.getLogger("trident.gateway")
 
@@ -52,29 +54,50 @@ def readyz() -> Any:
 @rate_limited
 def generate() -> Any:
     """The completion as JSON, or with ``"stream": true`` as server-sent events (gateway.sse)."""
+    params = load_generate(_state().generate_schema, read_json_object(request))
+    generation, done = start_generation(params)
+    if params.stream:
+        return stream_response(generation, done)
+    text, finished = collect(generation, done)
+    return jsonify(
+        {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": params.model,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finished.finish_reason}],
+            "usage": finished.usage,
+        }
+    )
+
+
+# -- shared by every generation endpoint (/generate here, /v1/* in gateway.openai_routes) ----
+
+
+def start_generation(params: GenerationParams) -> tuple[Generation, Callable[[Finished | None], None]]:
+    """Once the request is validated: the key may use the model (403), an in-flight slot (503),
+    the backend call. Returns the generation and ``done``, to call once when it is over (gives
+    the slot back); ``collect`` and ``stream_response`` call it. The generation is measured
+    (metrics, the request's log line: gateway.telemetry)."""
     state = _state()
-    params = load_generate(state.generate_schema, read_json_object(request))
+    note_params(params)
     authorize_model(g.api_key, params.model)
     request_id: str = g.request_id
-    key_name: str = g.api_key.name
     release = state.in_flight.acquire(state.retry_after)
-    started = time.monotonic()
 
     def done(finished: Finished | None) -> None:  # once, when the generation is over
         release()
-        _log_done(request_id, key_name, params, finished, started)
 
     try:
-        generation = state.backend.generate(params, request_id=request_id)
+        generation = observe_generation(state.backend.generate(params, request_id=request_id), params)
     except BaseException:
         done(None)
         raise
-    if params.stream:
-        return _stream(generation, request_id, state.heartbeat_interval, done)
-    return _complete(generation, params, done)
+    return generation, done
 
 
-def _complete(generation: Generation, params: GenerationParams, done: Callable[[Finished | None], None]) -> Any:
+def collect(generation: Generation, done: Callable[[Finished | None], None]) -> tuple[str, Finished]:
+    """The whole text and the final event of a non-streaming generation."""
     parts: list[str] = []
     finished: Finished | None = None
     try:
@@ -89,23 +112,18 @@ def _complete(generation: Generation, params: GenerationParams, done: Callable[[
     finally:
         generation.close()
         done(finished)
-    return jsonify(
-        {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": params.model,
-            "choices": [
-                {"text": "".join(parts), "index": 0, "logprobs": None, "finish_reason": finished.finish_reason}
-            ],
-            "usage": finished.usage,
-        }
-    )
+    return "".join(parts), finished
 
 
-def _stream(
-    generation: Generation, request_id: str, heartbeat: float, done: Callable[[Finished | None], None]
+def stream_response(
+    generation: Generation,
+    done: Callable[[Finished | None], None],
+    *,
+    encode: Callable[[Event], bytes] = event_bytes,
+    encode_error: Callable[[ApiError], bytes] = error_bytes,
 ) -> Response:
+    """The SSE response of a streaming generation; ``encode``/``encode_error`` as in SSEBody."""
+    request_id: str = g.request_id
     events = iter(generation)
     try:
         first = next(events)  # errors before any token are still HTTP statuses
@@ -118,7 +136,16 @@ def _stream(
         generation.close()
         done(None)
         raise
-    body = SSEBody(first, generation, events, heartbeat_interval=heartbeat, request_id=request_id, on_close=done)
+    body = SSEBody(
+        first,
+        generation,
+        events,
+        heartbeat_interval=_state().heartbeat_interval,
+        request_id=request_id,
+        on_close=done,
+        encode=encode,
+        encode_error=encode_error,
+    )
     return Response(
         body,
         status=200,
@@ -126,14 +153,3 @@ def _stream(
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
-
-def _log_done(
-    request_id: str, key_name: str, params: GenerationParams, finished: Finished | None, started: float
-) -> None:
-    outcome: dict[str, Any] = {"key": key_name, **params.log_fields()}
-    if finished is not None:
-        outcome.update(finish_reason=finished.finish_reason, **finished.usage)
-    else:
-        outcome["finish_reason"] = None
-    outcome["seconds"] = round(time.monotonic() - started, 3)
-    log.info("generation %s", outcome, extra={"request_id": request_id})

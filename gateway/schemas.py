@@ -128,16 +128,40 @@ def _range(message: str, **kwargs: Any) -> Range:
     return Range(error=message, **kwargs)
 
 
-class GenerateSchema(Schema):
+class StrictSchema(Schema):
+    """Unknown fields raise; :meth:`first_error` turns a failed load into the one 400."""
+
+    class Meta:
+        unknown = RAISE
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def first_error(self, err: ValidationError) -> ClientError:
+        """The 400 for a failed load: unknown fields first, then fields in contract order."""
+        messages = err.messages if isinstance(err.messages, dict) else {"_schema": err.messages}
+        known = set(self.load_fields)
+        unknown = [name for name in messages if name not in known and name != "_schema"]
+        if isinstance(err.data, Mapping):  # marshmallow finds them in set order: use the body's
+            order = {name: i for i, name in enumerate(err.data)}
+            unknown.sort(key=lambda name: order.get(name, len(order)))
+        if unknown:
+            plural = "s" if len(unknown) > 1 else ""
+            return ClientError(
+                f"Unrecognized request argument{plural} supplied: {', '.join(unknown)}", param=unknown[0]
+            )
+        for name in self.load_fields:
+            if name in messages:
+                return ClientError(_first_message(messages[name]), param=name)
+        return ClientError(_first_message(messages.get("_schema", "invalid request")))
+
+
+class GenerateSchema(StrictSchema):
     """``POST /generate``: fields in the order of shared/API.md; loads a GenerationParams.
 
     Built once per app with the deployment's limits: ``max_new_tokens_limit`` (the upper bound of
     ``max_new_tokens``), ``served_models`` (public names; another name is a 404) and
     ``default_model``.
     """
-
-    class Meta:
-        unknown = RAISE
 
     prompt = StrictString(
         required=True,
@@ -217,26 +241,6 @@ class GenerateSchema(Schema):
             if name in values:
                 values[name] = float(values[name])
         return GenerationParams(model=model, **values)
-
-    # -- errors ------------------------------------------------------------------------------
-
-    def first_error(self, err: ValidationError) -> ClientError:
-        """The 400 for a failed load: unknown fields first, then fields in contract order."""
-        messages = err.messages if isinstance(err.messages, dict) else {"_schema": err.messages}
-        known = set(self.load_fields)
-        unknown = [name for name in messages if name not in known and name != "_schema"]
-        if isinstance(err.data, Mapping):  # marshmallow finds them in set order: use the body's
-            order = {name: i for i, name in enumerate(err.data)}
-            unknown.sort(key=lambda name: order.get(name, len(order)))
-        if unknown:
-            plural = "s" if len(unknown) > 1 else ""
-            return ClientError(
-                f"Unrecognized request argument{plural} supplied: {', '.join(unknown)}", param=unknown[0]
-            )
-        for name in self.load_fields:
-            if name in messages:
-                return ClientError(_first_message(messages[name]), param=name)
-        return ClientError(_first_message(messages.get("_schema", "invalid request")))
 
 
 def _first_message(messages: Any) -> str:

@@ -102,8 +102,15 @@ class SSEBody:
         heartbeat_interval: float,
         request_id: str,
         on_close: Callable[[Finished | None], None],
+        encode: Callable[[Event], bytes] = event_bytes,
+        encode_error: Callable[[ApiError], bytes] = error_bytes,
     ) -> None:
+        """``encode`` turns each event into the bytes sent and ``encode_error`` a failure after
+        the stream began; the defaults are ``/generate``'s events (the OpenAI-compatible routes
+        pass their own, gateway.openai_stream)."""
         self._generation = generation
+        self._encode = encode
+        self._encode_error = encode_error
         self._heartbeat = heartbeat_interval
         self._request_id = request_id
         self._log_extra = {"request_id": request_id}  # the body runs outside the request context
@@ -121,7 +128,7 @@ class SSEBody:
     def _emit(self, event: Event) -> bytes:
         if isinstance(event, Finished):
             self._finished = event
-        return event_bytes(event)
+        return self._encode(event)
 
     def _run(self, first: Event, events: Iterator[Event]) -> Iterator[bytes]:
         try:
@@ -134,17 +141,17 @@ class SSEBody:
                     event = pump.get(self._heartbeat)
                 except ApiError as err:
                     log.warning("stream failed: %s %s", err.status, err.message, extra=self._log_extra)
-                    yield error_bytes(err)
+                    yield self._encode_error(err)
                     return
                 except Exception:
                     log.exception("stream failed", extra=self._log_extra)
-                    yield error_bytes(internal_error(self._request_id))
+                    yield self._encode_error(internal_error(self._request_id))
                     return
                 if event is None:
                     yield HEARTBEAT
                 elif isinstance(event, _End):
                     log.error("generation ended without a final event", extra=self._log_extra)
-                    yield error_bytes(internal_error(self._request_id))
+                    yield self._encode_error(internal_error(self._request_id))
                     return
                 else:
                     yield self._emit(event)

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import metrics
 from .auth import KeyStore
 from .backend import Backend
 from .errors import unavailable
@@ -13,7 +14,9 @@ from .schemas import GenerateSchema
 
 
 class InFlight:
-    """Counts generations running in this process; past ``limit`` (0: none) a 503.
+    """Counts generations running in this process; past ``limit`` (0: none) a 503, at once:
+    there is no queue in the gateway (Triton's scheduler holds the only one). The count is also
+    the ``trident_gateway_in_flight_requests`` gauge.
 
     The lock is never held across anything that could yield to another greenlet, so it is
     safe whether or not it was created before gevent patched ``threading``.
@@ -33,14 +36,17 @@ class InFlight:
                     retry_after,
                 )
             self.count += 1
+        metrics.IN_FLIGHT.inc()
         released = False
 
         def release() -> None:
             nonlocal released
             with self._lock:
-                if not released:
-                    released = True
-                    self.count -= 1
+                if released:
+                    return
+                released = True
+                self.count -= 1
+            metrics.IN_FLIGHT.dec()
 
         return release
 

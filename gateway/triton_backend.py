@@ -21,7 +21,7 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .backend import Event, Finished, TextDelta
-from .errors import ApiError, ServerError, internal_error, unavailable
+from .errors import ApiError, internal_error, timeout_error, unavailable
 from .params import GenerationParams
 from .triton_codec import build_infer_request, llm_inputs, parse_stream_response, tagged_error
 
@@ -42,7 +42,6 @@ class TritonGeneration:
         self._closed = False
 
     def __iter__(self) -> Iterator[Event]:
-        started = False  # any output seen: a deadline after this is not "unavailable"
         finished: Finished | None = None
         try:
             for response in self._call:
@@ -50,7 +49,6 @@ class TritonGeneration:
                     response, request_id=self._request_id, retry_after=self._retry_after
                 )
                 if parsed.text:
-                    started = True
                     yield TextDelta(parsed.text)
                 if parsed.finished is not None:
                     finished = parsed.finished
@@ -63,7 +61,7 @@ class TritonGeneration:
         except grpc.RpcError as err:
             if self._closed:
                 return
-            raise self._rpc_error(err, started) from None
+            raise self._rpc_error(err) from None
         except ApiError as err:
             if err.detail:
                 log.error("model error: %s", err.detail, extra=self._log_extra)
@@ -86,7 +84,7 @@ class TritonGeneration:
         self._closed = True
         self._call.cancel()  # a no-op once the call has ended
 
-    def _rpc_error(self, err: grpc.RpcError, started: bool) -> ApiError:
+    def _rpc_error(self, err: grpc.RpcError) -> ApiError:
         code, details = err.code(), err.details() or ""
         tagged = tagged_error(details, retry_after=self._retry_after)
         if tagged is not None:
@@ -95,12 +93,10 @@ class TritonGeneration:
         if code in _UNAVAILABLE_CODES or code == grpc.StatusCode.CANCELLED:
             return unavailable("The inference server is unavailable; try again later", self._retry_after)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            if not started:
-                return unavailable("The inference server did not answer in time; try again later", self._retry_after)
-            return ServerError(
-                f"Generation did not finish within the request timeout of {self._timeout:g} s "
-                f"(request id {self._request_id})"
-            )
+            # REQUEST_TIMEOUT is the gRPC deadline of the whole generation, queueing included;
+            # gRPC cancels the call on the server, so the engine frees the slot. Before the first
+            # event this is an HTTP 504, later an error event with the same object.
+            return timeout_error(self._timeout, self._request_id)
         return internal_error(self._request_id)
 
 

@@ -38,6 +38,8 @@ def api_key(key_file: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--tokenizer-dir", type=Path, required=True,
+                        help="tokenizer (and chat template) of the served model, for /v1/chat")
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "run")
     parser.add_argument("--key-file", type=Path, default=ROOT / ".trident" / "api_key")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("GATEWAY_WORKERS", "1")))
@@ -55,7 +57,8 @@ def main() -> int:
                           ports=TritonPorts.from_env(), log_path=args.work_dir / "triton.log")
     gateway = GatewayProcess(port=port, host=args.host, workers=args.workers,
                              triton_grpc_url=triton.grpc_url, log_path=args.work_dir / "gateway.log",
-                             extra_env={"TRIDENT_API_KEY": key})
+                             extra_env={"TRIDENT_API_KEY": key,
+                                        "TRIDENT_TOKENIZER_DIR": str(args.tokenizer_dir.resolve())})
     try:
         triton.start()
         if stop.is_set():

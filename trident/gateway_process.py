@@ -1,9 +1,14 @@
-"""Run the gateway under gunicorn with the gevent + gRPC worker, as a child process."""
+"""Run the gateway under gunicorn with the gevent + gRPC worker, as a child process.
+
+HTTPS: give ``certfile`` and ``keyfile`` (PEM), or set ``GATEWAY_CERTFILE`` and
+``GATEWAY_KEYFILE`` in the environment (also in ``extra_env``); gunicorn then serves TLS only.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -17,6 +22,7 @@ log = logging.getLogger(__name__)
 
 WORKER_CLASS = "gateway.worker.GeventGrpcWorker"
 APP = "gateway:create_app()"
+CONFIG = "python:gateway.gunicorn_conf"  # Prometheus multiprocess metrics across workers
 
 
 class GatewayStartError(RuntimeError):
@@ -25,7 +31,8 @@ class GatewayStartError(RuntimeError):
 
 class GatewayProcess:
     def __init__(self, *, port: int, triton_grpc_url: str, log_path: Path, workers: int = 1,
-                 host: str = "127.0.0.1", extra_env: dict | None = None, extra_args: tuple = ()):
+                 host: str = "127.0.0.1", extra_env: dict | None = None, extra_args: tuple = (),
+                 certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None):
         self.port = port
         self.host = host
         self.workers = workers
@@ -34,17 +41,24 @@ class GatewayProcess:
         self.env["TRIDENT_TRITON_GRPC_URL"] = triton_grpc_url
         self.env.update(extra_env or {})
         self.extra_args = tuple(extra_args)
+        certfile = certfile or self.env.get("GATEWAY_CERTFILE") or None
+        keyfile = keyfile or self.env.get("GATEWAY_KEYFILE") or None
+        if bool(certfile) != bool(keyfile):
+            raise ValueError("HTTPS needs both a certificate and a key (GATEWAY_CERTFILE and GATEWAY_KEYFILE)")
+        self.certfile, self.keyfile = certfile, keyfile
         self.process: subprocess.Popen | None = None
         self._log_file = None
 
     @property
     def url(self) -> str:
-        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
+        scheme = "https" if self.certfile else "http"
+        return f"{scheme}://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
 
     def command(self) -> list[str]:
         gunicorn = str(Path(sys.executable).parent / "gunicorn")
-        return [gunicorn, "-k", WORKER_CLASS, "-w", str(self.workers), "-b", f"{self.host}:{self.port}",
-                "--graceful-timeout", "10", "--timeout", "120", *self.extra_args, APP]
+        tls = ["--certfile", str(self.certfile), "--keyfile", str(self.keyfile)] if self.certfile else []
+        return [gunicorn, "-c", CONFIG, "-k", WORKER_CLASS, "-w", str(self.workers), "-b", f"{self.host}:{self.port}",
+                "--graceful-timeout", "10", "--timeout", "120", *tls, *self.extra_args, APP]
 
     def start(self, *, timeout: float = 60.0, echo: bool = False) -> "GatewayProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +76,7 @@ class GatewayProcess:
             if self.process.poll() is not None:
                 raise GatewayStartError(f"gunicorn exited with {self.process.returncode}\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as resp:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2, context=self._probe_context()) as resp:
                     if resp.status == 200:
                         return self
             except (urllib.error.URLError, OSError):
@@ -70,6 +84,16 @@ class GatewayProcess:
             time.sleep(0.3)
         self.stop()
         raise GatewayStartError(f"gateway not healthy after {timeout:.0f}s\n{self.log_tail()}")
+
+    def _probe_context(self) -> ssl.SSLContext | None:
+        """The health probe of our own child on loopback: TLS without verification (the
+        certificate may be self-signed or name another host); clients verify it."""
+        if not self.certfile:
+            return None
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
 
     def log_tail(self, lines: int = 60) -> str:
         try:

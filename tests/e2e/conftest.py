@@ -23,6 +23,11 @@ def repo_dir() -> Path:
     return Path(os.environ.get("TRIDENT_REPO_DIR", ROOT / ".cache/model_repository/cpu"))
 
 
+def tokenizer_dir() -> Path:
+    """The served model's tokenizer (its chat template is what /v1/chat/completions renders)."""
+    return Path(os.environ.get("TRIDENT_MODEL_DIR", ROOT / ".cache/models/smollm2-135m-instruct"))
+
+
 _servers = []
 
 
@@ -42,7 +47,7 @@ def triton(tmp_path_factory):
 
 def start_gateway(triton, tmp_path_factory, *, workers=1, extra_env=None):
     work = tmp_path_factory.mktemp("gateway")
-    env = {"TRIDENT_API_KEY": API_KEY, **(extra_env or {})}
+    env = {"TRIDENT_API_KEY": API_KEY, "TRIDENT_TOKENIZER_DIR": str(tokenizer_dir()), **(extra_env or {})}
     gw = GatewayProcess(port=free_port(), triton_grpc_url=triton.grpc_url, workers=workers,
                         log_path=work / "gateway.log", extra_env=env)
     _servers.append(gw)

@@ -111,15 +111,20 @@ def test_close_cancels_on_the_server(backend, fake):
     assert wait_until(lambda: servicer.cancelled.count("slow") == before + 1), (before, servicer.cancelled)
 
 
-def test_deadline_before_output_is_503(fake):
-    _, port = fake
+def test_deadline_before_output_is_504(fake):
+    servicer, port = fake
     backend = TritonBackend(url=f"127.0.0.1:{port}", models={MODEL: "llm"}, request_timeout=0.3)
+    before = servicer.cancelled.count("stall")
     with pytest.raises(ServerError) as info:
         run(backend, "stall")
-    assert info.value.status == 503 and "Retry-After" in info.value.headers
+    assert info.value.status == 504 and info.value.type == "timeout_error"
+    assert info.value.message == "Generation did not finish within the request timeout of 0.3 s (request id rid-1)"
+    assert "Retry-After" not in info.value.headers
+    # the deadline ends the call on the server too: nothing more is computed
+    assert wait_until(lambda: servicer.cancelled.count("stall") == before + 1), servicer.cancelled
 
 
-def test_deadline_after_output_is_500(fake):
+def test_deadline_after_output_is_504(fake):
     _, port = fake
     backend = TritonBackend(url=f"127.0.0.1:{port}", models={MODEL: "llm"}, request_timeout=0.3)
     generation = backend.generate(GenerationParams(prompt="stall-after", model=MODEL, stream=True), request_id="r")
@@ -127,7 +132,7 @@ def test_deadline_after_output_is_500(fake):
     assert next(events) == TextDelta("Hello")
     with pytest.raises(ServerError) as info:
         next(events)
-    assert info.value.status == 500 and "request timeout of 0.3 s" in info.value.message
+    assert info.value.status == 504 and "request timeout of 0.3 s" in info.value.message
 
 
 def test_unreachable_triton_is_a_fast_503():

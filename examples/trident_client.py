@@ -1,0 +1,38 @@
+"""What the recipes share: the command-line options to reach the gateway, and the client.
+
+The recipes use the official ``openai`` client, unmodified, against the gateway's
+OpenAI-compatible endpoints (``/v1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import openai
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8080/v1"
+
+
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--base-url",
+        default=os.environ.get("TRIDENT_BASE_URL", DEFAULT_BASE_URL),
+        help="the gateway's /v1 URL (env TRIDENT_BASE_URL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("TRIDENT_API_KEY"),
+        help="API key (default: env TRIDENT_API_KEY)",
+    )
+    parser.add_argument("--model", default=None, help="model name (default: the first one the gateway serves)")
+
+
+def connect(args: argparse.Namespace) -> tuple[openai.OpenAI, str]:
+    """The client and the model to use; exits with a message when no key was given."""
+    if not args.api_key:
+        sys.exit("no API key: pass --api-key or set TRIDENT_API_KEY")
+    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
+    model = args.model or client.models.list().data[0].id
+    return client, model

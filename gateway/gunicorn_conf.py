@@ -1,0 +1,74 @@
+"""gunicorn settings for the gateway: Prometheus multiprocess metrics across workers.
+
+    gunicorn -c python:gateway.gunicorn_conf -k gateway.worker.GeventGrpcWorker -w 4 'gateway:create_app()'
+
+(``trident.gateway_process.GatewayProcess`` passes ``-c python:gateway.gunicorn_conf``.)
+
+Each worker writes its metrics to files in ``PROMETHEUS_MULTIPROC_DIR``; ``/metrics`` sums them.
+That variable must be set before prometheus_client is first imported, in the master, so it is
+set here, when gunicorn loads this file (before ``--preload`` imports the app, before any
+worker forks):
+
+* not set: a fresh private temporary folder, removed when gunicorn exits (however it exits);
+* set by the operator: the folder is created if missing and emptied of old ``*.db`` files, as
+  prometheus-client requires (stale files from a previous run would be summed in). Give each
+  gunicorn its own folder.
+
+``child_exit`` marks a dead worker's live gauges (in-flight) as gone; its counters stay summed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_multiproc_dir(environ: dict[str, str] | os._Environ[str] = os.environ) -> tuple[Path, bool]:
+    """Set up the metrics folder; returns it and whether it was made here (to remove at exit)."""
+    given = environ.get(_ENV) or environ.get(_ENV.lower())
+    if not given:
+        path = Path(tempfile.mkdtemp(prefix="trident-metrics-"))
+        environ[_ENV] = str(path)
+        return path, True
+    path = Path(given)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    environ[_ENV] = str(path)
+    return path, False
+
+
+_multiproc_dir, _made_here = prepare_multiproc_dir()
+_master_pid = os.getpid()
+
+
+def _remove_made_dir() -> None:
+    """Remove the folder made here, once, in the master only (forked workers inherit atexit
+    handlers and some of their exits run them)."""
+    if _made_here and os.getpid() == _master_pid:
+        shutil.rmtree(_multiproc_dir, ignore_errors=True)
+
+
+atexit.register(_remove_made_dir)  # also when gunicorn stops because a worker failed to boot
+if "prometheus_client" in sys.modules:  # its value class is chosen once, at import
+    print(
+        "gateway.gunicorn_conf: prometheus_client was imported before this config set "
+        f"{_ENV}; /metrics will show one worker's numbers only",
+        file=sys.stderr,
+    )
+
+
+def child_exit(server, worker) -> None:  # noqa: ANN001 (gunicorn's hook signature)
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, str(_multiproc_dir))
+
+
+def on_exit(server) -> None:  # noqa: ANN001
+    _remove_made_dir()

@@ -1,0 +1,170 @@
+"""Marshmallow fields of the OpenAI-compatible request schemas (gateway.openai_schemas): JSON
+types OpenAI accepts in one field (a string or an array), nested objects whose errors name their
+path (``messages[1].role ...``), and fields accepted only at a neutral value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from marshmallow import ValidationError
+from marshmallow.validate import OneOf
+
+from .schemas import MAX_STOP_SEQUENCES, StrictSchema, _StrictField, describe
+
+
+def _only(value: Any, message: str) -> OneOf:
+    """A field accepted only at ``value`` (documented as ``enum: [value]``)."""
+    return OneOf([value], error=message)
+
+
+class Anything(_StrictField):
+    """Any JSON value; for fields that are accepted and ignored."""
+
+    def accepts(self, value: Any) -> bool:
+        return True
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """JSON equality: 0 == 0.0, but false is not 0."""
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
+
+
+class Empty(_StrictField):
+    """A field that OpenAI has and the gateway does not support: only null, or an empty value
+    (``{}``, ``[]``, ``""``) or one of ``neutral`` is accepted."""
+
+    def __init__(self, unsupported: str, *, neutral: Sequence[Any] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.unsupported = unsupported
+        self.neutral = tuple(neutral)
+
+    def accepts(self, value: Any) -> bool:
+        return True
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if value in ({}, [], "") or any(_same(value, n) for n in self.neutral):
+            return None
+        name = self.public_name
+        raise ValidationError(self.unsupported if self.unsupported.startswith(name) else f"{name}: {self.unsupported}")
+
+
+class StringOrStrings(_StrictField):
+    """``stop``: a string, or an array of at most ``max_items`` non-empty strings; loads a tuple."""
+
+    expected = "a string or an array of strings"
+
+    def __init__(self, *, max_items: int = MAX_STOP_SEQUENCES, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_items = max_items
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, (str, list))
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        name = self.public_name
+        if isinstance(value, str):
+            if not value:
+                raise ValidationError(f"{name} must be a non-empty string")
+            return (value,)
+        if len(value) > self.max_items:
+            raise ValidationError(f"{name} must have at most {self.max_items} items, got {len(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ValidationError(f"{name}[{i}] must be a string, got {describe(item)}")
+            if not item:
+                raise ValidationError(f"{name}[{i}] must be a non-empty string")
+        return tuple(value)
+
+
+class Prompt(_StrictField):
+    """``prompt`` of /v1/completions: a non-empty string, or an array holding one such string."""
+
+    expected = "a string"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, (str, list))
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValidationError(f"prompt must be one string: only one prompt per request is supported, "
+                                      f"got an array of {len(value)}")
+            if not isinstance(value[0], str):
+                raise ValidationError(f"prompt must be a string (token ids are not supported), "
+                                      f"got an array of {describe(value[0]).split(' ')[0]}")
+            value = value[0]
+        if not value:
+            raise ValidationError("prompt must be a non-empty string")
+        return value
+
+
+class Nested(_StrictField):
+    """An object (or, with ``many``, an array of objects) loaded with ``schema``; errors name the
+    path, e.g. ``messages[1].role must be one of ...``."""
+
+    def __init__(self, schema: type[StrictSchema], *, many: bool = False, min_items: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.schema_class = schema
+        self.many = many
+        self.min_items = min_items
+        self.expected = "an array of objects" if many else "an object"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, list) if self.many else isinstance(value, dict)
+
+    def _load_one(self, value: Any, path: str) -> Any:
+        if not isinstance(value, dict):
+            raise ValidationError(f"{path} must be an object, got {describe(value)}")
+        schema = self.schema_class()
+        try:
+            return schema.load(value)
+        except ValidationError as err:
+            error = schema.first_error(err)
+            if error.message.startswith("Unrecognized request argument"):
+                raise ValidationError(f"{path} has an unrecognized field: {error.param}") from None
+            inner = error.param or ""
+            message = error.message
+            if inner and message.startswith(inner):
+                raise ValidationError(f"{path}.{message}") from None
+            raise ValidationError(f"{path}: {message}") from None
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        name = self.public_name
+        if not self.many:
+            return self._load_one(value, name)
+        if len(value) < self.min_items:
+            raise ValidationError(f"{name} must have at least {self.min_items} item{'s' if self.min_items > 1 else ''}")
+        return [self._load_one(item, f"{name}[{i}]") for i, item in enumerate(value)]
+
+
+class MessageContent(_StrictField):
+    """A message's ``content``: a string, or an array of text parts (joined with newlines, as
+    vLLM does)."""
+
+    expected = "a string or an array of text parts"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, (str, list))
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if isinstance(value, str):
+            return value
+        texts = []
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                got = f"type {describe(kind)}" if isinstance(part, dict) else describe(part)
+                raise ValidationError(f"content[{i}] must be a text part ({{\"type\": \"text\", \"text\": ...}}): "
+                                      f"only text content is supported, got {got}")
+            if not isinstance(part.get("text"), str):
+                raise ValidationError(f"content[{i}].text must be a string, got {describe(part.get('text'))}")
+            unknown = sorted(set(part) - {"type", "text"})
+            if unknown:
+                raise ValidationError(f"content[{i}] has an unrecognized field: {unknown[0]}")
+            texts.append(part["text"])
+        return "\n".join(texts)

@@ -1,0 +1,111 @@
+"""OpenAI-compatible routes: ``GET /v1/models``, ``GET /v1/models/<id>``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (docs/openai.md).
+
+They share everything but the request schema and the body format with ``/generate``: the API
+key (401), the key's rate limit (429, one budget across all generation routes), the checks of
+the model (404, 403), the in-flight limit (503), the backend call, logs, and SSE with
+heartbeats and cancel on disconnect (gateway.routes.start_generation / collect /
+stream_response). Errors are the same envelope, which the official client maps to its
+exception classes by status.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, g, jsonify, request
+
+from .auth import authorize_model, require_api_key
+from .chat_template import ChatTemplate
+from .errors import ClientError
+from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest, load_openai
+from .openai_stream import ChatCompletionReply, CompletionReply
+from .ratelimit import rate_limited
+from .routes import collect, start_generation, stream_response
+from .schemas import read_json_object
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+OWNER = "trident"
+
+
+@dataclass
+class OpenAIState:
+    completion_schema: CompletionSchema
+    chat_schema: ChatCompletionSchema
+    served_models: tuple[str, ...]
+    created: int  # "created" of every model object: when this app was built
+
+
+def init_app(app: Flask) -> None:
+    """Build the /v1 schemas from the app's config and register the blueprint. Call after the
+    gateway's own state exists (it holds the served models)."""
+    schema = app.extensions["trident"].generate_schema
+    common = {
+        "max_new_tokens_limit": app.config["MAX_NEW_TOKENS_LIMIT"],
+        "served_models": schema.served_models,
+        "default_model": schema.default_model,
+    }
+    tokenizer_dir = app.config.get("TOKENIZER_DIR")
+    template = ChatTemplate.from_tokenizer_dir(tokenizer_dir) if tokenizer_dir else None
+    app.extensions["trident.openai"] = OpenAIState(
+        completion_schema=CompletionSchema(**common),
+        chat_schema=ChatCompletionSchema(chat_template=template, **common),
+        served_models=tuple(schema.served_models),
+        created=int(time.time()),
+    )
+    app.register_blueprint(bp)
+
+
+def _state() -> OpenAIState:
+    return current_app.extensions["trident.openai"]
+
+
+def _model_object(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": OWNER}
+
+
+@bp.get("/models")
+@require_api_key
+def list_models() -> Any:
+    """The served models this key may use."""
+    state = _state()
+    data = [_model_object(m, state.created) for m in state.served_models if g.api_key.may_use(m)]
+    return {"object": "list", "data": data}
+
+
+@bp.get("/models/<path:model>")
+@require_api_key
+def retrieve_model(model: str) -> Any:
+    """One served model: 404 when it is not served, 403 when this key may not use it."""
+    state = _state()
+    if model not in state.served_models:
+        raise ClientError(f"The model '{model}' does not exist or is not served here", status=404, param="model")
+    authorize_model(g.api_key, model)
+    return _model_object(model, state.created)
+
+
+@bp.post("/completions")
+@require_api_key
+@rate_limited
+def completions() -> Any:
+    return _answer(load_openai(_state().completion_schema, read_json_object(request)), CompletionReply)
+
+
+@bp.post("/chat/completions")
+@require_api_key
+@rate_limited
+def chat_completions() -> Any:
+    return _answer(load_openai(_state().chat_schema, read_json_object(request)), ChatCompletionReply)
+
+
+def _answer(req: OpenAIRequest, reply_class: type[CompletionReply] | type[ChatCompletionReply]) -> Any:
+    params = req.params
+    reply = reply_class(params.model, include_usage=req.include_usage)
+    generation, done = start_generation(params)
+    if params.stream:
+        return stream_response(generation, done, encode=reply, encode_error=reply.error)
+    text, finished = collect(generation, done)
+    return jsonify(reply.response(text, finished))

@@ -1,0 +1,184 @@
+"""Marshmallow schemas of what the gateway answers: JSON bodies, SSE event payloads and the
+error envelope (shared/API.md). They document the responses in ``/openapi.json`` (gateway.openapi)
+and the tests validate real responses against that document, so code and description cannot
+drift apart. Request schemas live in gateway.schemas and gateway.openai_schemas.
+"""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields
+from marshmallow.validate import Equal, Length, OneOf, Range
+
+from .backend import FINISH_REASONS
+from .errors import ERROR_TYPES
+
+OPENAI_FINISH_REASONS = ("stop", "length")
+
+
+def _required(field_class: type[fields.Field], *args, **kwargs) -> fields.Field:
+    return field_class(*args, required=True, **kwargs)
+
+
+def _null() -> fields.Field:
+    """Always null (documented as ``enum: [null]``)."""
+    return fields.Raw(required=True, validate=Equal(None))
+
+
+def _const(value: str, **kwargs) -> fields.Field:
+    return fields.String(required=True, validate=OneOf([value]), **kwargs)
+
+
+class ErrorObjectSchema(Schema):
+    message = _required(fields.String)
+    type = _required(fields.String, validate=OneOf(sorted(set(ERROR_TYPES.values()))))
+    param = _required(fields.String, allow_none=True)
+    code = _required(fields.Integer, validate=Range(min=400, max=599))
+
+
+class ErrorSchema(Schema):
+    """Every error, on every endpoint; also the data of SSE ``event: error`` (/generate) and of
+    a failed /v1 stream's last ``data:`` line before ``[DONE]``."""
+
+    error = fields.Nested(ErrorObjectSchema, required=True)
+
+
+class UsageSchema(Schema):
+    prompt_tokens = _required(fields.Integer, validate=Range(min=0))
+    completion_tokens = _required(fields.Integer, validate=Range(min=0))
+    total_tokens = _required(fields.Integer, validate=Range(min=0))
+
+
+class HealthSchema(Schema):
+    status = _const("ok")
+
+
+class ReadySchema(Schema):
+    status = _const("ready")
+
+
+# -- /generate ----------------------------------------------------------------------------------
+
+
+class GenerateChoiceSchema(Schema):
+    text = _required(fields.String)
+    index = _required(fields.Integer, validate=OneOf([0]))
+    logprobs = _null()
+    finish_reason = _required(fields.String, validate=OneOf(FINISH_REASONS))
+
+
+class GenerateResponseSchema(Schema):
+    id = _required(fields.String)
+    object = _const("text_completion")
+    created = _required(fields.Integer)
+    model = _required(fields.String)
+    choices = _required(fields.List, fields.Nested(GenerateChoiceSchema), validate=Length(equal=1))
+    usage = fields.Nested(UsageSchema, required=True)
+
+
+class GenerateTokenEventSchema(Schema):
+    """``event: token``."""
+
+    text = _required(fields.String)
+
+
+class GenerateDoneEventSchema(Schema):
+    """``event: done``, the last event of a stream that succeeded."""
+
+    finish_reason = _required(fields.String, validate=OneOf(FINISH_REASONS))
+    usage = fields.Nested(UsageSchema, required=True)
+
+
+# -- /v1 ----------------------------------------------------------------------------------------
+
+
+class ModelSchema(Schema):
+    id = _required(fields.String)
+    object = _const("model")
+    created = _required(fields.Integer)
+    owned_by = _required(fields.String)
+
+
+class ModelListSchema(Schema):
+    object = _const("list")
+    data = _required(fields.List, fields.Nested(ModelSchema))
+
+
+class CompletionChoiceSchema(Schema):
+    text = _required(fields.String)
+    index = _required(fields.Integer, validate=OneOf([0]))
+    logprobs = _null()
+    finish_reason = _required(fields.String, validate=OneOf(OPENAI_FINISH_REASONS))
+
+
+class CompletionResponseSchema(Schema):
+    id = _required(fields.String)
+    object = _const("text_completion")
+    created = _required(fields.Integer)
+    model = _required(fields.String)
+    choices = _required(fields.List, fields.Nested(CompletionChoiceSchema), validate=Length(equal=1))
+    usage = fields.Nested(UsageSchema, required=True)
+
+
+class CompletionChunkChoiceSchema(Schema):
+    text = _required(fields.String)
+    index = _required(fields.Integer, validate=OneOf([0]))
+    logprobs = _null()
+    finish_reason = _required(fields.String, allow_none=True, validate=OneOf(OPENAI_FINISH_REASONS))
+
+
+class CompletionChunkSchema(Schema):
+    """One ``data:`` line of a /v1/completions stream. ``usage`` is there only with
+    ``stream_options.include_usage``: null, except in the last chunk, whose ``choices`` is empty."""
+
+    id = _required(fields.String)
+    object = _const("text_completion")
+    created = _required(fields.Integer)
+    model = _required(fields.String)
+    choices = _required(fields.List, fields.Nested(CompletionChunkChoiceSchema), validate=Length(max=1))
+    usage = fields.Nested(UsageSchema, allow_none=True)
+
+
+class AssistantMessageSchema(Schema):
+    role = _const("assistant")
+    content = _required(fields.String)
+
+
+class ChatChoiceSchema(Schema):
+    index = _required(fields.Integer, validate=OneOf([0]))
+    message = fields.Nested(AssistantMessageSchema, required=True)
+    logprobs = _null()
+    finish_reason = _required(fields.String, validate=OneOf(OPENAI_FINISH_REASONS))
+
+
+class ChatCompletionResponseSchema(Schema):
+    id = _required(fields.String)
+    object = _const("chat.completion")
+    created = _required(fields.Integer)
+    model = _required(fields.String)
+    choices = _required(fields.List, fields.Nested(ChatChoiceSchema), validate=Length(equal=1))
+    usage = fields.Nested(UsageSchema, required=True)
+
+
+class ChatDeltaSchema(Schema):
+    """The first delta has ``role``; the last (with ``finish_reason``) is empty."""
+
+    role = fields.String(validate=OneOf(["assistant"]))
+    content = fields.String()
+
+
+class ChatChunkChoiceSchema(Schema):
+    index = _required(fields.Integer, validate=OneOf([0]))
+    delta = fields.Nested(ChatDeltaSchema, required=True)
+    logprobs = _null()
+    finish_reason = _required(fields.String, allow_none=True, validate=OneOf(OPENAI_FINISH_REASONS))
+
+
+class ChatCompletionChunkSchema(Schema):
+    """One ``data:`` line of a /v1/chat/completions stream; ``usage`` as in CompletionChunk."""
+
+    id = _required(fields.String)
+    object = _const("chat.completion.chunk")
+    created = _required(fields.Integer)
+    model = _required(fields.String)
+    choices = _required(fields.List, fields.Nested(ChatChunkChoiceSchema), validate=Length(max=1))
+    usage = fields.Nested(UsageSchema, allow_none=True)

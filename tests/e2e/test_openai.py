@@ -1,0 +1,121 @@
+"""The official ``openai`` client, unmodified, against the real gateway and Triton (CPU model):
+/v1/models, /v1/completions and /v1/chat/completions, streamed and not, and the exception
+class it raises for 401, 400 and 429."""
+
+import hashlib
+import json
+
+import httpx2
+import openai
+import pytest
+import requests
+from conftest import start_gateway
+from e2e_helpers import API_KEY
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "smollm2-135m-instruct"
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def oai(gateway):
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_models(oai):
+    assert [m.id for m in oai.models.list()] == [MODEL]
+    assert oai.models.retrieve(MODEL).id == MODEL
+
+
+def test_completion_streamed_equals_json_for_greedy_requests(oai):
+    request = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+    whole = oai.completions.create(**request)
+    chunks = list(oai.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == whole.choices[0].text and "Paris" in streamed
+    assert whole.choices[0].finish_reason == "length"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens == 5
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_chat_streamed_equals_json_for_greedy_requests(oai):
+    request = {"model": MODEL, "messages": CAPITAL, "max_tokens": 40, "temperature": 0}
+    whole = oai.chat.completions.create(**request)
+    answer = whole.choices[0].message.content
+    assert "Paris" in answer
+    assert whole.choices[0].finish_reason == "stop"  # the model ended its turn (eos_token)
+    # The prompt is the model's chat template around the question, counted by its tokenizer.
+    assert whole.usage.prompt_tokens > 20 and whole.usage.completion_tokens < 40
+    chunks = list(oai.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    assert chunks[-1].usage == whole.usage
+
+
+def test_stop_sequences_finish_with_stop(oai):
+    whole = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=30,
+                                   temperature=0, stop=["."])
+    assert whole.choices[0].finish_reason == "stop"
+    assert "." not in whole.choices[0].text and "Paris" in whole.choices[0].text
+
+
+def test_every_stream_ends_with_done(gateway):
+    response = requests.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"messages": CAPITAL, "max_tokens": 3, "stream": True},
+        headers={"Authorization": f"Bearer {API_KEY}"}, stream=True, timeout=60,
+    )
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: {") for line in lines[:-1])
+    assert json.loads(lines[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+
+
+def test_401_is_authentication_error(gateway):
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model=MODEL, messages=CAPITAL)
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "param", "text"),
+    [
+        ({"n": 2}, "n", "n must be 1"),
+        ({"max_tokens": 2048}, "prompt", "context"),  # refused by Triton: prompt + max_tokens > context
+    ],
+)
+def test_400_is_bad_request_error(oai, request_kwargs, param, text):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=MODEL, messages=CAPITAL, **request_kwargs)
+    assert caught.value.body["param"] == param and text in caught.value.body["message"]
+
+
+def test_404_is_not_found_error(oai):
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="gpt-4", prompt="Hi")
+
+
+def test_429_is_rate_limit_error_without_blind_retries(triton, tmp_path_factory):
+    key = "tiny-limit-key"
+    keys = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys.write_text(json.dumps([{"name": "tiny", "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                                 "models": ["*"], "rate_limit": "1/hour"}]))
+    gateway = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_API_KEYS_FILE": str(keys)})
+    try:
+        sent = []
+        http = httpx2.Client(event_hooks={"request": [lambda request: sent.append(request.url.path)]})
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=2, http_client=http)
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=1)
+        headers = caught.value.response.headers
+        assert int(headers["retry-after"]) > 60 and headers["x-should-retry"] == "false"
+        assert sent == ["/v1/completions", "/v1/chat/completions"]  # the client did not retry
+        # one budget for the key: /generate is refused too
+        response = requests.post(f"{gateway.url}/generate", json={"prompt": "Hi"},
+                                 headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert response.status_code == 429
+    finally:
+        gateway.stop()

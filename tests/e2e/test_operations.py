@@ -1,0 +1,375 @@
+"""Operations on the real stack (gunicorn + gevent workers + the real Triton): rate limits shared
+in Redis across 4 workers, /metrics summed across workers, the JSON request log, the in-flight
+cap under a burst, TLS, timeouts and the body limit.
+
+Three gateways of their own (the session's Triton is shared): ``redis_gateway`` (4 workers,
+keys file, Redis storage), ``tls_gateway`` (HTTPS, 1 worker, MAX_IN_FLIGHT=4) and
+``timeout_gateway`` (REQUEST_TIMEOUT=2 s, a 2000-byte body limit).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import start_gateway
+from e2e_helpers import API_KEY, engine_metrics, free_port, sse_events
+from gateway.keys import add_key
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MODEL = "smollm2-135m-instruct"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def scrape(url: str, **kwargs) -> dict[tuple, float]:
+    """/metrics as {(sample name, sorted label pairs): value}; needs no key."""
+    r = requests.get(url + "/metrics", timeout=30, **kwargs)
+    assert r.status_code == 200, r.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def sample(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def log_lines(gateway) -> list[dict]:
+    lines = []
+    for raw in gateway.log_path.read_text(errors="replace").splitlines():
+        if raw.startswith("{"):
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                pass
+    return lines
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval)
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
+    work = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    log = open(work / "redis.log", "wb")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", "",
+         "--appendonly", "no", "--daemonize", "no"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port)
+        if not wait_for(lambda: _pings(client), timeout=15):
+            pytest.fail(f"redis-server did not answer on {port}: {(work / 'redis.log').read_text()}")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def redis_gateway(triton, tmp_path_factory, redis_url):
+    keys = tmp_path_factory.mktemp("keys") / "keys.json"
+    limited = add_key(keys, name="limited", models=["*"], rate_limit="10/minute")
+    free = add_key(keys, name="free", models=["*"])
+    gw = start_gateway(triton, tmp_path_factory, workers=4, extra_env={
+        "TRIDENT_API_KEYS_FILE": str(keys),
+        "TRIDENT_RATELIMIT_STORAGE_URI": redis_url,
+        "TRIDENT_REQUEST_TIMEOUT": "60",  # a broken engine fails these tests in a minute, not ten
+    })
+    gw.keys = {"limited": limited, "free": free}
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed (Debian: apt-get install -y openssl)")
+    work = tmp_path_factory.mktemp("tls")
+    cert, key = work / "cert.pem", work / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def tls_gateway(triton, tmp_path_factory, certificate):
+    cert, key = certificate
+    gw = start_gateway(triton, tmp_path_factory, extra_env={
+        "GATEWAY_CERTFILE": str(cert), "GATEWAY_KEYFILE": str(key),
+        "TRIDENT_MAX_IN_FLIGHT": "4", "TRIDENT_RETRY_AFTER": "2", "TRIDENT_REQUEST_TIMEOUT": "60",
+    })
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def timeout_gateway(triton, tmp_path_factory):
+    gw = start_gateway(triton, tmp_path_factory, extra_env={
+        "TRIDENT_REQUEST_TIMEOUT": "2", "TRIDENT_MAX_BODY_BYTES": "2000", "TRIDENT_HEARTBEAT_INTERVAL": "0.5",
+    })
+    yield gw
+    gw.stop()
+
+
+# -- rate limits in Redis, metrics and logs across 4 workers ----------------------------------
+
+
+def test_rate_limit_holds_exactly_across_4_workers(redis_gateway):
+    """10/minute for the key, 30 requests on 30 connections at once: exactly 10 pass."""
+    auth = {"Authorization": f"Bearer {redis_gateway.keys['limited']}", "Connection": "close"}
+    start = threading.Barrier(30)
+    ids = [f"rl-{uuid.uuid4().hex[:12]}" for _ in range(30)]
+
+    def one(request_id):
+        start.wait(30)
+        return requests.post(redis_gateway.url + "/generate", timeout=60,
+                             headers={**auth, "X-Request-ID": request_id},
+                             json={"prompt": "Hi", "max_new_tokens": 1, "temperature": 0})
+
+    with cf.ThreadPoolExecutor(30) as pool:
+        responses = list(pool.map(one, ids))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 10 + [429] * 20, statuses
+    for r in responses:
+        assert r.headers["X-RateLimit-Limit"] == "10"
+        if r.status_code == 429:
+            error = r.json()["error"]
+            assert error["type"] == "rate_limit_error" and error["code"] == 429
+            assert 0 < int(r.headers["Retry-After"]) <= 60
+            assert r.headers["X-RateLimit-Remaining"] == "0"
+            assert int(r.headers["X-RateLimit-Reset"]) > time.time() - 5
+    # several worker processes answered (their pids are in the request log lines)
+    def logged():
+        found = [line for line in log_lines(redis_gateway) if line.get("request_id") in ids]
+        return found if len(found) == 30 else None
+
+    lines = wait_for(logged)
+    assert lines, "expected 30 request log lines"
+    assert len({line["pid"] for line in lines}) >= 2, "all requests went to one worker"
+    assert sorted(line["status"] for line in lines) == statuses
+    # every worker's rejections, summed in /metrics whichever worker answers the scrape
+    for _ in range(4):
+        samples = scrape(redis_gateway.url)
+        rejected = sample(samples, "trident_gateway_rate_limited_requests_total", endpoint="/generate", key="limited")
+        assert rejected == 20
+
+
+def test_metrics_are_summed_across_workers(redis_gateway):
+    auth = {"Authorization": f"Bearer {redis_gateway.keys['free']}", "Connection": "close"}
+    gen = {"endpoint": "/generate", "model": MODEL}
+    before = scrape(redis_gateway.url)
+
+    def one(i):
+        r = requests.post(redis_gateway.url + "/generate", headers=auth, stream=True, timeout=60,
+                          json={"prompt": f"Count to {i}:", "max_new_tokens": 6, "temperature": 0, "stream": True})
+        assert r.status_code == 200, r.text
+        events = sse_events(r)
+        assert events[-1][0] == "done", events
+        return events[-1][1]["usage"], sum(1 for e, d in events if e == "token" and d["text"])
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    prompt_tokens = sum(u["prompt_tokens"] for u, _ in results)
+    completion_tokens = sum(u["completion_tokens"] for u, _ in results)
+    gaps = sum(n - 1 for _, n in results)
+
+    def moved(samples, name, **labels):
+        return sample(samples, name, **labels) - sample(before, name, **labels)
+
+    for _ in range(4):  # any worker may answer; each sees every worker's numbers
+        after = scrape(redis_gateway.url)
+        assert moved(after, "trident_gateway_requests_total", endpoint="/generate", status="200") == 8
+        assert moved(after, "trident_gateway_request_duration_seconds_count", endpoint="/generate") == 8
+        assert moved(after, "trident_gateway_time_to_first_token_seconds_count", **gen) == 8
+        assert moved(after, "trident_gateway_inter_token_latency_seconds_count", **gen) == gaps
+        assert moved(after, "trident_gateway_prompt_tokens_total", **gen) == prompt_tokens
+        assert moved(after, "trident_gateway_completion_tokens_total", **gen) == completion_tokens
+        assert sample(after, "trident_gateway_in_flight_requests") == 0
+        assert 0 < moved(after, "trident_gateway_time_to_first_token_seconds_sum", **gen) < 8 * 30
+
+
+def test_request_log_is_one_json_line_without_secrets(redis_gateway):
+    key = redis_gateway.keys["free"]
+    request_id = f"log-{uuid.uuid4().hex[:12]}"
+    marker = f"zebra{uuid.uuid4().hex[:8]}"
+    r = requests.post(redis_gateway.url + "/generate", timeout=60,
+                      headers={"Authorization": f"Bearer {key}", "X-Request-ID": request_id},
+                      json={"prompt": f"Say {marker}.", "max_new_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    output = r.json()["choices"][0]["text"]
+    lines = wait_for(lambda: [l for l in log_lines(redis_gateway) if l.get("request_id") == request_id])
+    assert len(lines) == 1, lines
+    (line,) = lines
+    assert line["msg"] == "generation" and line["level"] == "INFO" and line["logger"] == "trident.gateway.request"
+    assert line["key"] == "free" and line["model"] == MODEL and line["status"] == 200
+    assert line["prompt_tokens"] == usage["prompt_tokens"]
+    assert line["completion_tokens"] == usage["completion_tokens"]
+    assert line["finish_reason"] == r.json()["choices"][0]["finish_reason"]
+    assert 0 < line["duration_s"] < 60 and line["params"]["max_new_tokens"] == 4
+    text = redis_gateway.log_path.read_text(errors="replace")
+    assert marker not in text  # prompts are not logged by default
+    assert key not in text and API_KEY not in text  # keys never are
+    assert output.strip() == "" or output not in json.dumps(line)
+
+
+# -- TLS and the in-flight cap ----------------------------------------------------------------
+
+
+def test_https_with_a_self_signed_certificate(tls_gateway, certificate):
+    cert, _ = certificate
+    assert tls_gateway.url.startswith("https://")
+    assert requests.get(tls_gateway.url + "/healthz", verify=str(cert), timeout=10).json() == {"status": "ok"}
+    r = requests.post(tls_gateway.url + "/generate", verify=str(cert), headers=AUTH, timeout=60,
+                      json={"prompt": "The capital of France is", "max_new_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    with pytest.raises(requests.exceptions.SSLError):  # the client checks the certificate
+        requests.get(tls_gateway.url + "/healthz", timeout=10)
+    with pytest.raises(requests.exceptions.ConnectionError):  # no plain HTTP on a TLS port
+        requests.get(tls_gateway.url.replace("https://", "http://") + "/healthz", timeout=10)
+
+
+def test_burst_over_the_in_flight_cap_gets_fast_503s_and_never_hangs(tls_gateway, certificate):
+    """MAX_IN_FLIGHT=4 and 54 requests at once: each is a complete answer or a 503 with
+    Retry-After; nothing waits in a queue, nothing hangs."""
+    cert, _ = certificate
+    n = 4 + 50
+    start = threading.Barrier(n)
+    before = scrape(tls_gateway.url, verify=str(cert))
+
+    def one(i):
+        stream = i % 2 == 1
+        start.wait(60)
+        began = time.monotonic()
+        r = requests.post(tls_gateway.url + "/generate", verify=str(cert), headers=AUTH, stream=stream,
+                          timeout=60, json={"prompt": f"Once upon a time, {i} dragons", "max_new_tokens": 24,
+                                            "temperature": 0, "stream": stream})
+        if r.status_code != 200:
+            return r.status_code, r.headers.get("Retry-After"), r.json(), time.monotonic() - began
+        if stream:
+            events = sse_events(r)
+            return 200, None, events, time.monotonic() - began
+        return 200, None, r.json(), time.monotonic() - began
+
+    with cf.ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(one, i) for i in range(n)]
+        done, not_done = cf.wait(futures, timeout=120)
+    assert not not_done, f"{len(not_done)} requests hung"
+    results = [f.result() for f in futures]
+    ok = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 503]
+    assert len(ok) + len(refused) == n, [r[:3] for r in results if r[0] not in (200, 503)]
+    assert len(ok) >= 4 and len(refused) >= 1, (len(ok), len(refused))
+    for status, _, body, _ in ok:
+        if isinstance(body, list):  # streamed: tokens, then done
+            assert body[-1][0] == "done" and {e for e, _ in body[:-1]} <= {"token"}, body
+            assert body[-1][1]["usage"]["completion_tokens"] >= 1
+        else:
+            assert body["choices"][0]["finish_reason"] in ("length", "eos_token", "stop_sequence")
+            assert body["usage"]["completion_tokens"] >= 1
+    for status, retry_after, body, elapsed in refused:
+        assert int(retry_after) == 2
+        assert body["error"]["type"] == "service_unavailable"
+        assert body["error"]["message"] == (
+            "The gateway is at its limit of 4 concurrent generations; try again later")
+        assert elapsed < 15, elapsed  # refused at once (the bound is loose: 54 TLS handshakes on 2 cores)
+    after = scrape(tls_gateway.url, verify=str(cert))
+    moved = (sample(after, "trident_gateway_requests_total", endpoint="/generate", status="503")
+             - sample(before, "trident_gateway_requests_total", endpoint="/generate", status="503"))
+    assert moved == len(refused)
+    assert sample(after, "trident_gateway_in_flight_requests") == 0
+
+
+# -- timeouts and the body limit --------------------------------------------------------------
+
+LONG = {"prompt": "Once upon a time, in a land far away, there lived a dragon who", "max_new_tokens": 2000,
+        "temperature": 0}
+
+
+def _engine_idle(triton) -> bool:
+    return engine_metrics(triton)["active"] == 0
+
+
+def test_timeout_without_streaming_is_a_504(timeout_gateway, triton):
+    started = time.monotonic()
+    r = requests.post(timeout_gateway.url + "/generate", headers={**AUTH, "X-Request-ID": "timeout-plain"},
+                      json=LONG, timeout=60)
+    elapsed = time.monotonic() - started
+    assert r.status_code == 504, r.text
+    assert r.json() == {"error": {
+        "message": "Generation did not finish within the request timeout of 2 s (request id timeout-plain)",
+        "type": "timeout_error", "param": None, "code": 504}}
+    assert 1.9 < elapsed < 10
+    assert wait_for(lambda: _engine_idle(triton), timeout=10), "the engine kept generating after the timeout"
+
+
+def test_timeout_while_streaming_is_an_error_event(timeout_gateway, triton):
+    started = time.monotonic()
+    r = requests.post(timeout_gateway.url + "/generate", headers={**AUTH, "X-Request-ID": "timeout-stream"},
+                      json={**LONG, "stream": True}, stream=True, timeout=60)
+    assert r.status_code == 200
+    events = sse_events(r)
+    elapsed = time.monotonic() - started
+    names = [e for e, _ in events]
+    assert names[-1] == "error" and "done" not in names and names.count("token") >= 1, names
+    assert events[-1][1] == {"error": {
+        "message": "Generation did not finish within the request timeout of 2 s (request id timeout-stream)",
+        "type": "timeout_error", "param": None, "code": 504}}
+    assert 1.9 < elapsed < 10
+    assert wait_for(lambda: _engine_idle(triton), timeout=10), "the engine kept generating after the timeout"
+    generated = engine_metrics(triton)["generated"]
+    time.sleep(1)
+    assert engine_metrics(triton)["generated"] == generated
+    lines = wait_for(lambda: [line for line in log_lines(timeout_gateway)
+                              if line.get("request_id") == "timeout-stream" and line["msg"] == "generation"])
+    assert lines and lines[0]["status"] == 200 and lines[0]["error"] == "timeout_error"
+    assert lines[0]["completion_tokens"] is None and lines[0]["ttft_s"] < 2
+
+
+def test_body_over_the_limit_is_413(timeout_gateway):
+    r = requests.post(timeout_gateway.url + "/generate", headers=AUTH, timeout=30,
+                      json={"prompt": "x" * 5000, "max_new_tokens": 1})
+    assert r.status_code == 413
+    assert r.json() == {"error": {"message": "Request body is larger than the limit of 2000 bytes",
+                                  "type": "invalid_request_error", "param": None, "code": 413}}

@@ -1,0 +1,336 @@
+"""/metrics, the per-request record (metrics + one JSON log line), timeouts: in-process, fake backend."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gateway_fakes import FakeBackend, Pause
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import create_app
+from gateway.backend import Finished
+from gateway.errors import timeout_error
+from gateway.telemetry import JsonFormatter
+
+KEY = "metrics-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MODEL = "smollm2-135m-instruct"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_app(backend=None, **config):
+    return create_app({"API_KEY": KEY, **config}, backend=backend or FakeBackend())
+
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def snapshot() -> dict[str, float]:
+    gen = {"endpoint": "/generate", "model": MODEL}
+    return {
+        "ok": value("trident_gateway_requests_total", endpoint="/generate", status="200"),
+        "401": value("trident_gateway_requests_total", endpoint="/generate", status="401"),
+        "429": value("trident_gateway_requests_total", endpoint="/generate", status="429"),
+        "unmatched": value("trident_gateway_requests_total", endpoint="unmatched", status="404"),
+        "latency": value("trident_gateway_request_duration_seconds_count", endpoint="/generate"),
+        "ttft": value("trident_gateway_time_to_first_token_seconds_count", **gen),
+        "itl": value("trident_gateway_inter_token_latency_seconds_count", **gen),
+        "prompt": value("trident_gateway_prompt_tokens_total", **gen),
+        "completion": value("trident_gateway_completion_tokens_total", **gen),
+        "eos": value("trident_gateway_generations_total", **gen, outcome="eos_token"),
+        "timeout": value("trident_gateway_generations_total", **gen, outcome="timeout_error"),
+        "cancelled": value("trident_gateway_generations_total", **gen, outcome="cancelled"),
+        "in_flight": value("trident_gateway_in_flight_requests"),
+    }
+
+
+def delta(before: dict[str, float]) -> dict[str, float]:
+    after = snapshot()
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+@pytest.fixture
+def request_log():
+    """The request log lines, formatted as the gateway writes them (JSON), decoded."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("trident.gateway.request")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    lines: list[dict] = []
+
+    def read() -> list[dict]:
+        lines[:] = [json.loads(line) for line in stream.getvalue().splitlines()]
+        return lines
+
+    yield read
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+# -- /metrics ---------------------------------------------------------------------------------
+
+
+def test_metrics_need_no_key_and_are_prometheus_text():
+    client = make_app().test_client()
+    client.post("/generate", json={"prompt": "Hi there"}, headers=AUTH)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.content_type == "text/plain; version=0.0.4; charset=utf-8"
+    families = {f.name for f in text_string_to_metric_families(response.get_data(as_text=True))}
+    assert {
+        "trident_gateway_requests",
+        "trident_gateway_request_duration_seconds",
+        "trident_gateway_time_to_first_token_seconds",
+        "trident_gateway_inter_token_latency_seconds",
+        "trident_gateway_prompt_tokens",
+        "trident_gateway_completion_tokens",
+        "trident_gateway_in_flight_requests",
+        "trident_gateway_rate_limited_requests",
+    } <= families
+
+
+def test_streaming_generation_is_measured():
+    client = make_app().test_client()
+    before = snapshot()
+    response = client.post("/generate", json={"prompt": "Hi there", "stream": True}, headers=AUTH)
+    assert response.status_code == 200
+    response.get_data()
+    response.close()
+    # 6 deltas: 1 time to first token, 5 gaps; usage 2 + 6 (gateway_fakes.default_script)
+    assert delta(before) == {
+        "ok": 1, "latency": 1, "ttft": 1, "itl": 5, "prompt": 2, "completion": 6, "eos": 1,
+    }
+
+
+def test_non_streaming_generation_counts_tokens_but_no_token_timings():
+    client = make_app().test_client()
+    before = snapshot()
+    assert client.post("/generate", json={"prompt": "a b c"}, headers=AUTH).status_code == 200
+    assert delta(before) == {"ok": 1, "latency": 1, "prompt": 3, "completion": 6, "eos": 1}
+
+
+def test_errors_rate_limits_and_unknown_paths_are_counted():
+    client = make_app(DEFAULT_RATE_LIMIT="1/minute").test_client()
+    rejected = {"endpoint": "/generate", "key": "default"}
+    rejected_before = value("trident_gateway_rate_limited_requests_total", **rejected)
+    before = snapshot()
+    assert client.post("/generate", json={"prompt": "x"}, headers=AUTH).status_code == 200
+    assert client.post("/generate/", json={"prompt": "x"}, headers=AUTH).status_code == 429
+    assert client.post("/generate", json={"prompt": "x"}, headers=AUTH).status_code == 429
+    assert client.post("/generate", json={"prompt": "x"}).status_code == 401
+    assert client.get("/no/such/path/12345").status_code == 404
+    changed = delta(before)
+    assert changed["ok"] == 1 and changed["429"] == 2 and changed["401"] == 1 and changed["unmatched"] == 1
+    assert value("trident_gateway_rate_limited_requests_total", **rejected) - rejected_before == 2
+    assert value("trident_gateway_requests_total", endpoint="/no/such/path/12345", status="404") == 0
+
+
+def test_in_flight_gauge_follows_open_streams():
+    backend = FakeBackend(script=lambda p: ["a", Pause(5), Finished("length", 1, 1)])
+    client = make_app(backend).test_client()
+    base = value("trident_gateway_in_flight_requests")
+    response = client.post("/generate", json={"prompt": "x", "stream": True}, headers=AUTH, buffered=False)
+    assert response.status_code == 200
+    assert value("trident_gateway_in_flight_requests") == base + 1
+    before = snapshot()
+    response.close()  # the client went away
+    assert value("trident_gateway_in_flight_requests") == base
+    assert delta(before) == {"ok": 1, "latency": 1, "cancelled": 1, "in_flight": -1}
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+def test_timeout_before_output_is_504(request_log):
+    backend = FakeBackend(script=lambda p: [timeout_error(2, "rid-t")])
+    client = make_app(backend).test_client()
+    before = snapshot()
+    for stream in (False, True):
+        response = client.post("/generate", json={"prompt": "x", "stream": stream},
+                               headers={**AUTH, "X-Request-ID": "rid-t"})
+        assert response.status_code == 504
+        assert response.get_json() == {"error": {
+            "message": "Generation did not finish within the request timeout of 2 s (request id rid-t)",
+            "type": "timeout_error", "param": None, "code": 504}}
+        assert "Retry-After" not in response.headers
+    assert delta(before)["timeout"] == 2
+    assert [(line["status"], line["error"]) for line in request_log()] == [(504, "timeout_error")] * 2
+
+
+def test_timeout_mid_stream_is_an_error_event(request_log):
+    backend = FakeBackend(script=lambda p: ["Hello", timeout_error(2, "rid-s")])
+    client = make_app(backend).test_client()
+    before = snapshot()
+    response = client.post("/generate", json={"prompt": "x", "stream": True},
+                           headers={**AUTH, "X-Request-ID": "rid-s"})
+    assert response.status_code == 200
+    raw = response.get_data(as_text=True)
+    response.close()
+    assert raw.endswith(
+        'event: error\ndata: {"error": {"message": "Generation did not finish within the request timeout '
+        'of 2 s (request id rid-s)", "type": "timeout_error", "param": null, "code": 504}}\n\n'
+    )
+    assert delta(before) == {"ok": 1, "latency": 1, "ttft": 1, "timeout": 1}
+    (line,) = request_log()
+    assert line["status"] == 200 and line["error"] == "timeout_error" and line["finish_reason"] is None
+
+
+# -- the request log line ---------------------------------------------------------------------
+
+
+def test_request_log_line_has_ids_counts_and_timings_but_no_secrets(request_log):
+    client = make_app().test_client()
+    response = client.post(
+        "/generate",
+        json={"prompt": "the secret prompt", "stream": True, "temperature": 0.5},
+        headers={**AUTH, "X-Request-ID": "rid-log-1"},
+    )
+    text = response.get_data(as_text=True)
+    response.close()
+    (line,) = request_log()
+    assert line["request_id"] == "rid-log-1" and line["msg"] == "generation"
+    assert line["logger"] == "trident.gateway.request" and line["level"] == "INFO"
+    assert line["pid"] == os.getpid()
+    assert line["method"] == "POST" and line["path"] == "/generate" and line["endpoint"] == "/generate"
+    assert line["status"] == 200 and line["key"] == "default" and line["model"] == MODEL
+    assert line["stream"] is True and line["finish_reason"] == "eos_token"
+    assert line["prompt_tokens"] == 3 and line["completion_tokens"] == 6
+    assert 0 <= line["ttft_s"] <= line["duration_s"] < 5
+    assert line["params"]["temperature"] == 0.5 and line["params"]["prompt_chars"] == 17
+    raw = json.dumps(line)
+    assert "secret" not in raw and KEY not in raw and "prompt" not in line and "output" not in line
+    assert "Hello" in text and "Hello" not in raw  # the output is not logged either
+
+
+def test_log_prompts_puts_prompt_and_output_in_the_line(request_log):
+    client = make_app(LOG_PROMPTS="true").test_client()
+    response = client.post("/generate", json={"prompt": "the secret prompt", "stream": True}, headers=AUTH)
+    response.get_data()
+    response.close()
+    client.post("/generate", json={"prompt": "plain"}, headers=AUTH)
+    streamed, plain = request_log()
+    assert streamed["prompt"] == "the secret prompt" and streamed["output"] == "Hello, wor" "ld ✓!"
+    assert plain["prompt"] == "plain" and plain["output"] == "Hello, world ✓!"
+    assert KEY not in json.dumps(streamed)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "key"),
+    [
+        ("post", "/generate", {}, 401, None),
+        ("post", "/generate", {"Authorization": "Bearer wrong-secret-key"}, 401, None),
+        ("get", "/nope", AUTH, 404, None),
+    ],
+)
+def test_failed_requests_get_a_line_too(request_log, method, path, headers, status, key):
+    client = make_app().test_client()
+    getattr(client, method)(path, json={"prompt": "x"}, headers={**headers, "X-Request-ID": "rid-f"})
+    (line,) = request_log()
+    assert (line["request_id"], line["status"], line["key"], line["msg"]) == ("rid-f", status, key, "request")
+    assert "wrong-secret-key" not in json.dumps(line)
+
+
+def test_probes_log_at_debug_only(request_log):
+    client = make_app().test_client()
+    client.get("/healthz")
+    client.get("/metrics")
+    assert [line["level"] for line in request_log()] == ["DEBUG", "DEBUG"]
+
+
+def test_json_formatter_includes_tracebacks():
+    formatter = JsonFormatter()
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        record = logging.LogRecord("trident.x", logging.ERROR, __file__, 1, "failed %s", ("here",), sys.exc_info())
+    line = json.loads(formatter.format(record))
+    assert line["msg"] == "failed here" and line["request_id"] == "-" and "RuntimeError: boom" in line["exc"]
+
+
+@pytest.mark.parametrize(("setting", "match"), [({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+                                               ({"DEFAULT_RATE_LIMIT": "lots"}, "lots")])
+def test_bad_settings_stop_start_up(setting, match):
+    with pytest.raises(ValueError, match=match):
+        make_app(**setting)
+
+
+# -- multiprocess mode (gunicorn workers) -----------------------------------------------------
+
+_WORKER = """
+import sys
+from gateway import metrics
+metrics.REQUESTS.labels("/generate", "200").inc(int(sys.argv[1]))
+metrics.IN_FLIGHT.inc()
+"""
+
+
+@pytest.fixture
+def gunicorn_conf(tmp_path, monkeypatch):
+    """The config module, imported as gunicorn would, but pointed at a test folder (importing it
+    sets PROMETHEUS_MULTIPROC_DIR; monkeypatch takes it back)."""
+    folder = tmp_path / "conf-metrics"
+    folder.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
+    from gateway import gunicorn_conf
+
+    return gunicorn_conf
+
+
+def test_multiprocess_metrics_are_summed_over_processes(tmp_path, gunicorn_conf, monkeypatch):
+    """Two "workers" write their numbers; a third process's /metrics shows the sums; the live
+    gauge of a process marked dead (gunicorn's child_exit) is dropped."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    pids = []
+    for n in (3, 4):
+        proc = subprocess.run([sys.executable, "-c", _WORKER + "import os; print(os.getpid())", str(n)],
+                              env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+        pids.append(int(proc.stdout))
+    render = "from gateway import metrics; import sys; sys.stdout.write(metrics.render().decode())"
+
+    def scrape() -> dict:
+        out = subprocess.run([sys.executable, "-c", render], env=env, cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(out) for s in f.samples}
+
+    samples = scrape()
+    assert samples[("trident_gateway_requests_total", (("endpoint", "/generate"), ("status", "200")))] == 7
+    assert samples[("trident_gateway_in_flight_requests", ())] == 2
+    class Worker:
+        pid = pids[0]
+
+    monkeypatch.setattr(gunicorn_conf, "_multiproc_dir", tmp_path)  # as if the config had made it
+    gunicorn_conf.child_exit(None, Worker())
+    samples = scrape()
+    assert samples[("trident_gateway_in_flight_requests", ())] == 1
+    assert samples[("trident_gateway_requests_total", (("endpoint", "/generate"), ("status", "200")))] == 7
+
+
+def test_gunicorn_conf_prepares_the_folder(tmp_path, gunicorn_conf):
+    prepare_multiproc_dir = gunicorn_conf.prepare_multiproc_dir
+
+    env: dict[str, str] = {}
+    made, fresh = prepare_multiproc_dir(env)
+    try:
+        assert fresh and made.is_dir() and env["PROMETHEUS_MULTIPROC_DIR"] == str(made)
+    finally:
+        made.rmdir()
+    given = tmp_path / "metrics"
+    given.mkdir()
+    (given / "counter_123.db").write_bytes(b"stale")
+    (given / "keep.txt").write_text("not ours")
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(given)}
+    assert prepare_multiproc_dir(env) == (given, False)
+    assert sorted(p.name for p in given.iterdir()) == ["keep.txt"]
