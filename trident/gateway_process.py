@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import ssl
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .triton_launcher import die_with_parent
+from .child_process import ChildServer
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +27,16 @@ class GatewayStartError(RuntimeError):
     pass
 
 
-class GatewayProcess:
+class GatewayProcess(ChildServer):
+    name = "gateway"  # gunicorn stops its workers gracefully on SIGTERM
+
     def __init__(self, *, port: int, triton_grpc_url: str, log_path: Path, workers: int = 1,
                  host: str = "127.0.0.1", extra_env: dict | None = None, extra_args: tuple = (),
                  certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None):
+        super().__init__(log_path=log_path)
         self.port = port
         self.host = host
         self.workers = workers
-        self.log_path = Path(log_path)
         self.env = dict(os.environ)
         self.env["TRIDENT_TRITON_GRPC_URL"] = triton_grpc_url
         self.env.update(extra_env or {})
@@ -46,8 +46,6 @@ class GatewayProcess:
         if bool(certfile) != bool(keyfile):
             raise ValueError("HTTPS needs both a certificate and a key (GATEWAY_CERTFILE and GATEWAY_KEYFILE)")
         self.certfile, self.keyfile = certfile, keyfile
-        self.process: subprocess.Popen | None = None
-        self._log_file = None
 
     @property
     def url(self) -> str:
@@ -61,19 +59,12 @@ class GatewayProcess:
                 "--graceful-timeout", "10", "--timeout", "120", *tls, *self.extra_args, APP]
 
     def start(self, *, timeout: float = 60.0, echo: bool = False) -> "GatewayProcess":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = None
-        if not echo:
-            self._log_file = open(self.log_path, "ab")
-            out = self._log_file
         log.info("starting the gateway on %s (%d worker(s)), log: %s", self.url, self.workers,
                  "terminal" if echo else self.log_path)
-        self.process = subprocess.Popen(self.command(), env=self.env, stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=die_with_parent)
+        self._spawn(self.command(), env=self.env, echo=echo)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if self.exited():
                 raise GatewayStartError(f"gunicorn exited with {self.process.returncode}\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/healthz", timeout=2, context=self._probe_context()) as resp:
@@ -95,22 +86,5 @@ class GatewayProcess:
         context.verify_mode = ssl.CERT_NONE
         return context
 
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no gateway log)"
-        return "---- last lines of the gateway log ----\n" + "\n".join(text[-lines:])
-
     def stop(self, *, timeout: float = 20.0) -> None:
-        proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # gunicorn: graceful stop of all workers
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        super().stop(timeout=timeout)

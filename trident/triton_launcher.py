@@ -12,13 +12,14 @@ import dataclasses
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Sequence
+
+from .child_process import ChildServer
 
 log = logging.getLogger(__name__)
 
@@ -126,34 +127,20 @@ def build_command(*, model_repository: Path, backend_dir: Path, ports: TritonPor
     ]
 
 
-def die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the launching process dies, even by SIGKILL.
-
-    Triton runs in its own session (so a terminal's Ctrl-C reaches only the launcher, which
-    stops it in order), and without this an interrupted launcher would leave it running.
-    """
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-class TritonServer:
+class TritonServer(ChildServer):
     """A tritonserver child process: ``start()`` waits for readiness, ``stop()`` ends it."""
+
+    name = "Triton"
+    stop_signal = signal.SIGINT  # Triton's graceful shutdown: unloads models, stopping the stubs
 
     def __init__(self, *, model_repository: Path, work_dir: Path, ports: TritonPorts | None = None,
                  log_path: Path | None = None, log_verbose: int = 0, ready_models: Sequence[str] = ("llm",)):
+        super().__init__(log_path=Path(log_path) if log_path else Path(work_dir).resolve() / "triton.log")
         self.model_repository = Path(model_repository).resolve()
         self.work_dir = Path(work_dir).resolve()
         self.ports = ports or TritonPorts.from_env()
-        self.log_path = Path(log_path) if log_path else self.work_dir / "triton.log"
         self.log_verbose = log_verbose
         self.ready_models = tuple(ready_models)
-        self.process: subprocess.Popen | None = None
-        self._log_file = None
 
     @property
     def grpc_url(self) -> str:
@@ -167,17 +154,9 @@ class TritonServer:
         backend_dir = prepare_backend_dir(dest=self.work_dir / "backends")
         cmd = build_command(model_repository=self.model_repository, backend_dir=backend_dir,
                             ports=self.ports, log_verbose=self.log_verbose)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting Triton (HTTP %d, gRPC %d, metrics %d), log: %s",
                  self.ports.http, self.ports.grpc, self.ports.metrics, self.log_path)
-        if echo:
-            out = None
-        else:
-            self._log_file = open(self.log_path, "ab")
-            out = self._log_file
-        # Own process group: Ctrl-C in a terminal reaches us, and we stop Triton ourselves.
-        self.process = subprocess.Popen(cmd, env=triton_env(), stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True, preexec_fn=die_with_parent)
+        self._spawn(cmd, env=triton_env(), echo=echo)
         try:
             self.wait_ready(timeout=timeout)
         except BaseException:
@@ -202,7 +181,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         last_note = 0.0
         while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
+            if self.exited():
                 raise TritonStartError(
                     f"tritonserver exited with code {self.process.returncode} before it was ready\n"
                     + self.log_tail())
@@ -215,31 +194,6 @@ class TritonServer:
                 last_note = now
             time.sleep(0.5)
         raise TritonStartError(f"Triton was not ready after {timeout:.0f}s\n" + self.log_tail())
-
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no Triton log)"
-        return "---- last lines of the Triton log ----\n" + "\n".join(text[-lines:])
-
-    def stop(self, *, timeout: float = 30.0) -> None:
-        proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            # SIGINT is Triton's graceful shutdown; it unloads models (stopping the stubs).
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("Triton did not stop in %.0fs, killing it", timeout)
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
 
     def __enter__(self) -> "TritonServer":
         return self.start()

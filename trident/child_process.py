@@ -1,0 +1,75 @@
+"""A server run as a child process: its own session, its log in a file, an orderly stop."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launching process dies, even by SIGKILL.
+
+    The child runs in its own session (so a terminal's Ctrl-C reaches only the launcher, which
+    stops its children in order), and without this an interrupted launcher would leave it
+    running.
+    """
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class ChildServer:
+    """Base of the Triton and gateway launchers; subclasses say how to start and when ready."""
+
+    name = "server"
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, *, log_path: Path):
+        self.log_path = Path(log_path)
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    def _spawn(self, cmd: Sequence[str], *, env: dict, echo: bool = False) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = None
+        if not echo:
+            self._log_file = open(self.log_path, "ab")
+            out = self._log_file
+        self.process = subprocess.Popen(list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=die_with_parent)
+
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return f"(no {self.name} log)"
+        return f"---- last lines of the {self.name} log ----\n" + "\n".join(text[-lines:])
+
+    def stop(self, *, timeout: float = 30.0) -> None:
+        """Ask the server to stop (``stop_signal``); kill its process group after ``timeout``."""
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(self.stop_signal)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs, killing it", self.name, timeout)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
