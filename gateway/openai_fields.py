@@ -10,7 +10,7 @@ from typing import Any
 from marshmallow import ValidationError
 from marshmallow.validate import OneOf
 
-from .schemas import MAX_STOP_SEQUENCES, StrictSchema, _StrictField, describe
+from .schemas import MAX_STOP_SEQUENCES, StrictSchema, _StrictField, describe, non_empty_strings
 
 
 def _only(value: Any, message: str) -> OneOf:
@@ -68,14 +68,7 @@ class StringOrStrings(_StrictField):
             if not value:
                 raise ValidationError(f"{name} must be a non-empty string")
             return (value,)
-        if len(value) > self.max_items:
-            raise ValidationError(f"{name} must have at most {self.max_items} items, got {len(value)}")
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise ValidationError(f"{name}[{i}] must be a string, got {describe(item)}")
-            if not item:
-                raise ValidationError(f"{name}[{i}] must be a non-empty string")
-        return tuple(value)
+        return non_empty_strings(value, name=name, max_items=self.max_items)
 
 
 class Prompt(_StrictField):

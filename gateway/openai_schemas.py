@@ -28,7 +28,7 @@ gateway cannot know without tokenizing; prompt + max_tokens must fit the model's
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, Stri
 from .params import GenerationParams
 from .schemas import (
     INT32_MAX,
+    ModelSchema,
     UINT64_MAX,
     StrictBoolean,
     StrictInteger,
@@ -122,7 +123,7 @@ class ChatMessageSchema(StrictSchema):
 # -- the two request schemas --------------------------------------------------------------------
 
 
-class _OpenAISchema(StrictSchema):
+class _OpenAISchema(ModelSchema):
     """Fields both endpoints share; built once per app, like GenerateSchema."""
 
     default_max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
@@ -159,19 +160,6 @@ class _OpenAISchema(StrictSchema):
     repetition_penalty = StrictNumber(
         validate=_range("repetition_penalty must be greater than {min}, got {input}", min=0, min_inclusive=False)
     )
-
-    def __init__(
-        self,
-        *,
-        max_new_tokens_limit: int,
-        served_models: Sequence[str],
-        default_model: str,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.max_new_tokens_limit = max_new_tokens_limit
-        self.served_models = tuple(served_models)
-        self.default_model = default_model
 
     @validates("max_tokens")
     def validate_max_tokens(self, value: int | None, data_key: str) -> None:

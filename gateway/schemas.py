@@ -105,6 +105,18 @@ class StrictBoolean(_StrictField):
         return isinstance(value, bool)
 
 
+def non_empty_strings(value: list, *, name: str, max_items: int) -> tuple[str, ...]:
+    """A list of at most ``max_items`` non-empty strings (stop sequences), as a tuple."""
+    if len(value) > max_items:
+        raise ValidationError(f"{name} must have at most {max_items} items, got {len(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ValidationError(f"{name}[{i}] must be a string, got {describe(item)}")
+        if not item:
+            raise ValidationError(f"{name}[{i}] must be a non-empty string")
+    return tuple(value)
+
+
 class StopSequences(_StrictField):
     expected = "an array of strings"
 
@@ -112,16 +124,8 @@ class StopSequences(_StrictField):
         return isinstance(value, list)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
-        value = super()._deserialize(value, attr, data, **kwargs)
-        name = self.public_name
-        if len(value) > MAX_STOP_SEQUENCES:
-            raise ValidationError(f"{name} must have at most {MAX_STOP_SEQUENCES} items, got {len(value)}")
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise ValidationError(f"{name}[{i}] must be a string, got {describe(item)}")
-            if not item:
-                raise ValidationError(f"{name}[{i}] must be a non-empty string")
-        return tuple(value)
+        return non_empty_strings(super()._deserialize(value, attr, data, **kwargs), name=self.public_name,
+                                 max_items=MAX_STOP_SEQUENCES)
 
 
 def _range(message: str, **kwargs: Any) -> Range:
@@ -155,7 +159,24 @@ class StrictSchema(Schema):
         return ClientError(_first_message(messages.get("_schema", "invalid request")))
 
 
-class GenerateSchema(StrictSchema):
+class ModelSchema(StrictSchema):
+    """A generation endpoint's schema: it knows the served models and the token limit."""
+
+    def __init__(
+        self,
+        *,
+        max_new_tokens_limit: int,
+        served_models: Sequence[str],
+        default_model: str,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.served_models = tuple(served_models)
+        self.default_model = default_model
+
+
+class GenerateSchema(ModelSchema):
     """``POST /generate``: fields in the order of shared/API.md; loads a GenerationParams.
 
     Built once per app with the deployment's limits: ``max_new_tokens_limit`` (the upper bound of
@@ -187,19 +208,6 @@ class GenerateSchema(StrictSchema):
     seed = StrictInteger(validate=_range("seed must be between {min} and {max}, got {input}", min=0, max=UINT64_MAX))
     # Older alias of max_new_tokens (TGI / early HF pipelines); see validate_max_length_alias.
     max_length = StrictInteger()
-
-    def __init__(
-        self,
-        *,
-        max_new_tokens_limit: int,
-        served_models: Sequence[str],
-        default_model: str,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.max_new_tokens_limit = max_new_tokens_limit
-        self.served_models = tuple(served_models)
-        self.default_model = default_model
 
     @validates("prompt")
     def validate_prompt(self, value: str, data_key: str) -> None:
