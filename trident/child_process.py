@@ -26,6 +26,13 @@ def die_with_parent() -> None:
         pass
 
 
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class ChildServer:
     """Base of the Triton and gateway launchers; subclasses say how to start and when ready."""
 
@@ -65,11 +72,11 @@ class ChildServer:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in %.0fs, killing it", self.name, timeout)
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+        if proc is not None:
+            # Whatever is left of its process group (e.g. Triton's backend stubs after Triton
+            # itself died) goes too: orphans would keep a whole model in memory.
+            kill_group(proc.pid)
+            proc.wait()
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

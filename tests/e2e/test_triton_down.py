@@ -8,6 +8,7 @@ import requests
 
 from conftest import repo_dir, start_gateway
 from e2e_helpers import API_KEY, free_port
+from trident.child_process import kill_group
 from trident.triton_launcher import TritonPorts, TritonServer
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -34,7 +35,7 @@ def test_triton_stopped_mid_stream_then_503(own_stack):
     for line in lines:
         if line.startswith(b"event: token"):
             break
-    triton.process.kill()  # the server dies mid-stream, without a goodbye
+    kill_group(triton.process.pid)  # Triton and its model processes die mid-stream, no goodbye
     rest = b"\n".join(lines)
     assert b"event: error" in rest, rest[-500:]
     error_data = rest.split(b"event: error", 1)[1]
@@ -50,3 +51,25 @@ def test_triton_stopped_mid_stream_then_503(own_stack):
     ready = requests.get(gateway.url + "/readyz", timeout=30)
     assert ready.status_code == 503 and "Retry-After" in ready.headers
     assert requests.get(gateway.url + "/healthz", timeout=30).status_code == 200
+
+
+def test_stop_leaves_no_process_of_the_group(tmp_path_factory):
+    """Stopping Triton also ends its Python-backend stubs, even after Triton died first."""
+    import os
+    import signal
+
+    triton = TritonServer(model_repository=repo_dir(), work_dir=tmp_path_factory.mktemp("triton-kill"),
+                          ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
+    triton.start(timeout=300)
+    pgid = triton.process.pid
+    triton.process.send_signal(signal.SIGKILL)  # only Triton itself: its stubs are orphaned
+    triton.process.wait()
+    triton.stop()
+    deadline = time.monotonic() + 15  # killed processes linger until their new parent reaps them
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return  # no process is left in the group
+        time.sleep(0.2)
+    pytest.fail(f"processes of Triton's group are still running: {os.popen(f'pgrep -ag {pgid}').read()}")
