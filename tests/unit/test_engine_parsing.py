@@ -146,7 +146,8 @@ def test_output_arrays_shapes_and_error_prefix():
 def test_template_placeholders():
     text = TEMPLATE.read_text()
     assert set(re.findall(r"\$\{(\w+)\}", text)) == {
-        "checkpoint_dir", "engine_max_batch_size", "max_seq_len", "engine_dtype", "num_threads", "max_queue_size",
+        "checkpoint_dir", "engine_max_batch_size", "max_seq_len", "engine_dtype", "engine_weight_dtype",
+        "num_threads", "max_queue_size",
     }
     assert 'backend: "python"' in text and "decoupled: true" in text and "KIND_CPU" in text
     for name in ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",

@@ -18,6 +18,7 @@ import torch
 from .config import EngineConfig, LlamaConfig, cpu_has_native_bf16
 from .kv_cache import KVCache
 from .llama import Llama, load_weights
+from .quant import calibration_tokens
 from .request import (
     EngineError,
     EngineStoppedError,
@@ -53,6 +54,8 @@ class Engine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        self._threads = torch.get_num_threads()  # for large steps; see EngineConfig.small_batch_size
+        self._threads_now = 0
         if config.torch_dtype == torch.bfloat16 and not cpu_has_native_bf16():
             log.warning("dtype bfloat16 on a CPU without AVX512-BF16/AMX: matmuls are emulated and "
                         "batched decode is much slower than float32; consider dtype float32 or auto")
@@ -63,6 +66,8 @@ class Engine:
             load_weights(config.checkpoint_dir, config.torch_dtype),
             dtype=config.torch_dtype,
             max_seq_len=self.max_seq_len,
+            weight_dtype=config.weight_dtype,
+            calibration_tokens=calibration_tokens(config.checkpoint_dir) if config.weight_dtype == "int8" else None,
         )
         c = self.model.config
         self.cache = KVCache()
@@ -164,6 +169,14 @@ class Engine:
             rs.seen[request.input_ids] = True
         return _Sequence(request=request, on_output=on_output, sampling=rs)
 
+    def _use_threads(self, rows: int) -> None:
+        """OpenMP's thread count is per calling thread: set it here, in the engine thread."""
+        c = self.config
+        want = c.small_batch_threads if c.small_batch_threads and rows < c.small_batch_size else self._threads
+        if want != self._threads_now:
+            torch.set_num_threads(want)
+            self._threads_now = want
+
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
@@ -234,6 +247,7 @@ class Engine:
             self._active.append(seq)
             try:
                 ids = seq.request.input_ids
+                self._use_threads(len(ids))
                 logits = self.model.prefill(torch.tensor(ids, dtype=torch.long), slot, self.cache)  # (V,)
                 seq.cache_len = len(ids)
                 self._update_bans(seq)
@@ -248,6 +262,7 @@ class Engine:
         active = self._active
         tokens = torch.tensor([s.last_token for s in active], dtype=torch.long)  # (B,)
         positions = torch.tensor([s.cache_len for s in active], dtype=torch.long)  # (B,)
+        self._use_threads(len(active))
         logits = self.model.decode(tokens, positions, self.cache)  # (B, V) fp32
         self._counters["steps"] += 1
         for s in active:

@@ -1,13 +1,16 @@
 """Triton Python-backend adapter: TensorRT-LLM-style tensors in, trident's CPU engine underneath.
 
 Thin on purpose: parsing lives in trident.engine.triton_io (unit-tested without Triton), batching
-in trident.engine.Engine. execute() only queues work and never blocks; responses are sent from
-the engine thread through each request's decoupled response sender.
+in trident.engine.Engine. execute() only queues work and never blocks; responses are sent through
+each request's decoupled response sender by one sender thread, in the order the engine produced
+them: a send costs ~0.8 ms of IPC, so sending from the engine thread took ~20 % of every decode
+step at batch 32 (measured); from its own thread it overlaps the next step's compute.
 """
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import sys
 import threading
 
@@ -116,6 +119,31 @@ class EngineMetrics:
         self._thread.join(timeout=1)
 
 
+class ResponseSender:
+    """One thread that sends engine outputs in FIFO order (so per request too)."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="engine-responses", daemon=True)
+        self._thread.start()
+
+    def put(self, sender, out: GenerationOutput) -> None:
+        self._queue.put((sender, out))
+
+    def _run(self):
+        while (item := self._queue.get()) is not None:
+            sender, out = item
+            try:
+                _send_output(sender, out)
+            except Exception:  # the client is gone; the engine notices through is_cancelled
+                log.exception("could not send a response for request %s", out.request_id)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is queued (the engine's final outputs included), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         _configure_logging()
@@ -126,12 +154,14 @@ class TritonPythonModel:
             max_batch_size=int(_param(params, "max_batch_size", "32")),
             max_seq_len=int(_param(params, "max_seq_len", "2048")),
             dtype=_param(params, "dtype", "bfloat16"),
+            weight_dtype=_param(params, "weight_dtype", "auto"),
             num_threads=num_threads or None,
             max_queue_size=int(_param(params, "max_queue_size", "256")),
         )
         if not config.checkpoint_dir:
             raise ValueError("config.pbtxt parameter checkpoint_dir is required")
         self.engine = Engine(config)
+        self.responses = ResponseSender()
         self.engine.start()
         self.metrics = EngineMetrics(self.engine)
         log.info("tensorrt_llm (CPU engine) ready: %s", config)
@@ -156,7 +186,7 @@ class TritonPythonModel:
                 return
             generation = request_from_tensors(request.request_id(), tensors)
             generation.is_cancelled = sender.is_cancelled
-            self.engine.submit(generation, lambda out: _send_output(sender, out))
+            self.engine.submit(generation, lambda out: self.responses.put(sender, out))
         except EngineError as e:  # invalid request, queue full, engine stopped
             _send_error(sender, error_message(e.error_type, str(e)))
         except Exception as e:  # never let one request take the model down
@@ -169,3 +199,5 @@ class TritonPythonModel:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
+        if getattr(self, "responses", None) is not None:
+            self.responses.close()

@@ -1,0 +1,79 @@
+"""The decode fast path's building blocks, the reduced-precision weights and the memory report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trident.engine import EngineConfig
+from trident.engine import quant
+from trident.engine.kv_cache import KVCache
+from trident.engine.llama import apply_rope_, rms_norm, rms_norm_fp32
+
+CKPT = Path(__file__).resolve().parents[2] / ".cache" / "models" / "smollm2-135m-instruct"
+needs_checkpoint = pytest.mark.skipif(not (CKPT / "model.safetensors").is_file(), reason=f"no checkpoint in {CKPT}")
+
+
+def hf_rotate_half_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def test_fused_rope_and_rms_norm_are_bit_identical_to_hf_formulas():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 12, 64, generator=g)
+    cos, sin = torch.randn(5, 1, 64, generator=g), torch.randn(5, 1, 64, generator=g)
+    sin_signed = torch.cat((-sin[..., :32], sin[..., 32:]), dim=-1)
+    expected = hf_rotate_half_rope(x, cos, sin)
+    qkv = torch.cat([x.reshape(5, -1), torch.randn(5, 7, generator=g)], dim=1)  # rope a view, in place
+    view = qkv[:, :768].view(5, 12, 64)
+    apply_rope_(view, cos, sin_signed)
+    assert torch.equal(view, expected)
+    h, w = torch.randn(7, 576, generator=g) * 3, torch.randn(576, generator=g)
+    assert torch.equal(rms_norm_fp32(h, w, 1e-5), rms_norm(h, w, 1e-5))
+
+
+def test_decode_index_writes_each_row_at_its_own_position():
+    cache = KVCache()
+    cache.setup(num_layers=2, max_batch_size=4, num_kv_heads=3, max_seq_len=8, head_dim=2, dtype=torch.float32)
+    positions = torch.tensor([5, 0, 7])
+    kv = torch.arange(3 * 2 * 3 * 2, dtype=torch.float32).view(3, 2, 3, 2)  # (B, k|v, head, hd)
+    cache.write_decode(1, cache.decode_index(positions), kv.reshape(-1, 2))
+    for b, pos in enumerate(positions.tolist()):
+        assert torch.equal(cache.k[1][b, :, pos], kv[b, 0]) and torch.equal(cache.v[1][b, :, pos], kv[b, 1])
+    assert cache.k[1].abs().sum() == kv[:, 0].abs().sum() and cache.k[0].abs().sum() == 0
+    assert cache.nbytes() == 2 * 2 * 4 * 3 * 8 * 2 * 4
+
+
+def test_packed_weights_compute_the_same_product():
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=g) * 0.05, torch.randn(3, 64, generator=g)
+    ref = x @ w.t()
+    assert torch.allclose(quant.linear(x, quant.Fp16Weight(w)), ref, atol=2e-3)
+    assert (quant.linear(x, quant.Int8Weight(w)) - ref).abs().max() < 0.05 * ref.abs().max()
+    assert quant.linear(x, w) is not None and torch.equal(quant.linear(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_weight_dtype_config():
+    assert EngineConfig(checkpoint_dir="x", dtype="auto", weight_dtype="int8").torch_dtype == torch.float32
+    assert EngineConfig(checkpoint_dir="x", dtype="float32", weight_dtype="float16").torch_dtype == torch.float32
+    with pytest.raises(ValueError, match="weight_dtype"):
+        EngineConfig(checkpoint_dir="x", weight_dtype="int4")
+    with pytest.raises(ValueError, match="float32"):
+        EngineConfig(checkpoint_dir="x", dtype="bfloat16", weight_dtype="int8")
+
+
+@needs_checkpoint
+def test_memory_report_fills_every_slot():
+    from trident.engine.memory import resident_memory_at_max_batch
+
+    report = resident_memory_at_max_batch(
+        EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=4, max_seq_len=64, dtype="float32"),
+        prompt_len=8, new_tokens=3)
+    assert report["peak_active"] == 4 and report["max_seq_len"] == 64
+    assert report["kv_cache_bytes"] == 30 * 2 * 4 * 3 * 64 * 64 * 4
+    # RSS is only compared within a fresh process (scripts/engine_memory.py): in a test process
+    # that has loaded and freed other models, the allocator may reuse what it already holds.
+    assert report["rss_loaded_bytes"] > 0
+    assert report["rss_all_slots_active_bytes"] > 0 and report["rss_full_kv_cache_bytes"] > 0
