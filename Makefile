@@ -13,6 +13,8 @@ STAMP := $(VENV)/.trident-installed
 MAX_BATCH_SIZE ?= 32
 MAX_SEQ_LEN ?= 2048
 DTYPE ?= auto
+# Engine weights: auto (= DTYPE; HF-identical in float32) | float16 | int8 (faster, not identical).
+WEIGHT_DTYPE ?= auto
 PYTEST_ARGS ?=
 
 .PHONY: install system-deps model repository serve test unit clean
@@ -37,7 +39,8 @@ $(MODEL_DIR)/trident_checkpoint.json: | $(STAMP)
 repository: $(STAMP) model
 	@echo "==> filling the CPU model repository into $(REPO_DIR)"
 	$(PY) build/build_repository.py --model-dir $(MODEL_DIR) --out $(REPO_DIR) \
-	    --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) --dtype $(DTYPE)
+	    --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) --dtype $(DTYPE) \
+	    --weight-dtype $(WEIGHT_DTYPE)
 
 serve: repository
 	$(PY) scripts/serve.py --model-repository $(REPO_DIR) --tokenizer-dir $(MODEL_DIR)
@@ -87,3 +90,18 @@ engine: triton-image model
 	docker run --rm --gpus all --shm-size=2g -v $(MODEL_DIR):/models/model:ro -v $(ENGINE_DIR):/engines \
 	    --entrypoint python3 $(TRITON_IMAGE_TAG) /opt/trident/build/build_engine.py \
 	    --model-dir /models/model --out /engines $(ENGINE_ARGS) --skip-existing
+
+# ---- CPU engine benchmark (issue 4): this engine through Triton vs HF generate vs llama.cpp ----
+BENCH_ARGS ?=
+.PHONY: bench bench-quick engine-memory
+
+bench: $(STAMP) model   # the first run builds .cache/bench-venv and llama-server (~10-20 min)
+	$(PY) scripts/benchmark.py --repeats 2 --out $(CACHE)/bench/benchmark.png $(BENCH_ARGS)
+
+bench-quick: $(STAMP) model
+	$(PY) scripts/benchmark.py --systems trident-int8,hf,llamacpp-server --concurrency 1,32 --tokens 64 \
+	    --out $(CACHE)/bench/quick.png
+
+engine-memory: $(STAMP) model
+	$(PY) scripts/engine_memory.py --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) \
+	    --weight-dtype $(WEIGHT_DTYPE)
