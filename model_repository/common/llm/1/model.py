@@ -36,6 +36,7 @@ class TritonPythonModel:
         # Daemon workers: a worker still waiting on the engine must not hold the stub
         # process open at unload (ThreadPoolExecutor joins its threads at exit).
         self._work = queue.SimpleQueue()
+        self._workers = workers
         for i in range(workers):
             threading.Thread(target=self._worker, name=f"llm-{i}", daemon=True).start()
         # Engine request ids are decimal strings: TensorRT-LLM's backend matches a "stop"
@@ -49,7 +50,7 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        for _ in range(threading.active_count()):
+        for _ in range(self._workers):  # one stop marker per worker
             self._work.put(None)
 
     def _worker(self):
