@@ -15,6 +15,9 @@ CPU = [
     "gguf>=0.17",
     "accelerate>=1.0",
     "sentencepiece>=0.2",
+    # torch.utils.cpp_extension builds the engine's int4 kernels (trident/engine/csrc) with it,
+    # once, on first use; also needs a C++ compiler (g++).
+    "ninja>=1.11",
 ]
 
 GATEWAY = [
@@ -54,6 +57,7 @@ setup(
     description=__doc__,
     python_requires=">=3.10",
     packages=find_packages(include=["trident", "trident.*", "gateway", "gateway.*"]),
+    package_data={"trident.engine": ["csrc/*.cpp"]},
     install_requires=GATEWAY,
     extras_require={
         "cpu": CPU,

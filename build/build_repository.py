@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trident.engine.config import WEIGHT_DTYPES  # noqa: E402
 from trident.repo_builder import build_repository  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def main() -> int:
     parser.add_argument("--max-concurrent", type=int, default=256, help="llm model's workers")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                         help="auto: bfloat16 where the CPU has AVX512-BF16 or AMX, else float32")
-    parser.add_argument("--weight-dtype", choices=["auto", "float16", "int8"], default="auto",
+    parser.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="auto",
                         help="engine weights: auto (= dtype), or float16/int8 packed for fbgemm with "
                              "float32 activations (2-3x faster decode on CPU, not HF-identical)")
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads (0: default)")

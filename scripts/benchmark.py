@@ -53,7 +53,7 @@ LLAMA_CPP_VERSION = "0.3.36"
 LLAMA_SRC = CACHE / "llama-src"
 LLAMA_SERVER = LLAMA_SRC / "build" / "bin" / "llama-server"
 DEFAULT_SYSTEMS = "trident-int8,trident-fp32,hf,llamacpp,llamacpp-server"
-TRIDENT_WEIGHTS = {"trident-fp32": "auto", "trident-fp16": "float16", "trident-int8": "int8"}
+TRIDENT_WEIGHTS = {"trident-fp32": "auto", "trident-fp16": "float16", "trident-int8": "int8", "trident-int4": "int4"}
 # Targets of issue #4, on aggregate decode tok/s.
 TARGETS = (("c=32 vs llama.cpp", 32, "llamacpp", 1.0), ("c=32 vs HF sequential", 32, "hf", 10.0),
            ("c=1 vs llama.cpp", 1, "llamacpp", 0.5))

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trident.engine import EngineConfig  # noqa: E402
+from trident.engine.config import WEIGHT_DTYPES  # noqa: E402
 from trident.engine.memory import resident_memory_at_max_batch  # noqa: E402
 
 
@@ -21,7 +22,7 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    parser.add_argument("--weight-dtype", default="auto", choices=["auto", "float16", "int8"])
+    parser.add_argument("--weight-dtype", default="auto", choices=list(WEIGHT_DTYPES))
     parser.add_argument("--json", action="store_true", help="print the raw numbers as JSON")
     args = parser.parse_args()
     config = EngineConfig(checkpoint_dir=str(args.model_dir), max_batch_size=args.max_batch_size,

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-WEIGHT_DTYPES = ("auto", "float16", "int8")  # mirrored by quant.WEIGHT_DTYPES
+WEIGHT_DTYPES = ("auto", "float16", "int8", "int4")  # mirrored by quant.WEIGHT_DTYPES
 
 
 def cpu_has_native_bf16() -> bool:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from .config import LlamaConfig
-from . import quant
+from . import kernels, quant
 from .kv_cache import KVCache
 
 log = logging.getLogger("trident.engine")
@@ -150,6 +150,8 @@ class Llama:
             self._convert_float16()
         elif weight_dtype == "int8":
             self._quantize_int8(calibration_tokens or list(range(1, 129)))
+        elif weight_dtype == "int4":
+            self._quantize_int4()
         if weight_dtype != "auto":
             quant.release_free_memory()
 
@@ -159,6 +161,29 @@ class Llama:
                 setattr(layer, name, quant.Fp16Weight(getattr(layer, name)))
         self.lm_head = quant.Fp16Weight(self.lm_head)
         self.tok_embeddings = self.tok_embeddings.half()  # gathered rows go back to fp32 exactly
+
+    def _quantize_int4(self) -> None:
+        """Matmul weights as 4-bit blocks (GGUF Q4_1), the embedding table and lm_head as Q8_0:
+        for a checkpoint converted from such a GGUF file this is the file's own quantization, so
+        the weights used are exactly the checkpoint's (the fraction is logged). Decode steps run
+        each layer as one fused kernel call (csrc/blockquant.cpp)."""
+        kernels.load()
+        exact = []
+        for layer in self.layers:
+            for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+                dense = getattr(layer, name)
+                weight = quant.Q4Weight(dense)
+                exact.append((weight.exact, dense.numel()))
+                setattr(layer, name, weight)
+            layer.attention_norm = layer.attention_norm.float().contiguous()
+            layer.ffn_norm = layer.ffn_norm.float().contiguous()
+        head = quant.Q8Weight(self.lm_head)
+        embeddings = head if self.lm_head is self.tok_embeddings else quant.Q8Weight(self.tok_embeddings)
+        self.lm_head, self.tok_embeddings = head, embeddings
+        total = sum(n for _, n in exact)
+        self.int4_exact = sum(e * n for e, n in exact) / total
+        log.info("int4 weights: %.4f%% of matmul weights exact, %.4f%% of the embedding table",
+                 100 * self.int4_exact, 100 * embeddings.exact)
 
     def _quantize_int8(self, calibration_tokens: list[int]) -> None:
         """Per-row int8 weights, after SmoothQuant smoothing calibrated on one prompt.
@@ -204,6 +229,8 @@ class Llama:
                    weight_dtype=weight_dtype, calibration_tokens=quant.calibration_tokens(checkpoint_dir))
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.tok_embeddings, quant.Q8Weight):
+            return self.tok_embeddings.rows(tokens)
         x = F.embedding(tokens, self.tok_embeddings)  # (T, H)
         if self.embedding_scale is not None:
             return x.float() * self.embedding_scale[tokens, None]
@@ -257,6 +284,8 @@ class Llama:
         step, q and k are rotated together in place, K and V are written with one index_copy_,
         and the scale and mask ride in one baddbmm.
         """
+        if self.weight_dtype == "int4":
+            return self._decode_int4(tokens, positions, cache)
         c = self.config
         B = tokens.shape[0]
         n_kv, hd = c.num_kv_heads, c.head_dim
@@ -286,4 +315,17 @@ class Llama:
             o = torch.bmm(self._softmax(scores), values).view(B, self.q_size)  # (B, n_heads*hd)
             x = x + quant.linear(o, layer.wo)
             x = x + self._mlp(layer, self._norm(x, layer.ffn_norm, c.rms_norm_eps))
+        return self._logits(x)
+
+    def _decode_int4(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """decode() with int4 weights: one fused kernel call per layer (norm, QKV, RoPE, cache
+        write, attention, output projection, norm, SwiGLU MLP, both residual adds)."""
+        c = self.config
+        op = kernels.ops().decode_layer_q4
+        x = self._embed(tokens).contiguous()  # (B, H) fp32, updated in place layer by layer
+        positions = positions.contiguous()
+        for i, layer in enumerate(self.layers):
+            op(x, layer.attention_norm, layer.ffn_norm, layer.wqkv.packed, layer.wo.packed,
+               layer.w_gate_up.packed, layer.w_down.packed, cache.kv[i], positions, self.cos, self.sin_signed,
+               c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
         return self._logits(x)

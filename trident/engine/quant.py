@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import WEIGHT_DTYPES  # noqa: F401  ("auto", "float16", "int8")
+from .config import WEIGHT_DTYPES  # noqa: F401  ("auto", "float16", "int8", "int4")
+from . import kernels
+
+BLOCK = 32  # input features per scale in the int4 (Q4_1) and Q8_0 formats
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +68,78 @@ class Fp16Weight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"int4 weights need input sizes divisible by {BLOCK}, got {tuple(w.shape)}")
+    return w.float().reshape(n, k // BLOCK, BLOCK)
+
+
+def _rows(*parts: torch.Tensor) -> torch.Tensor:
+    """Concatenate per-row byte fields into the kernels' (N, row bytes) uint8 layout."""
+    n = parts[0].shape[0]
+    return torch.cat([p.contiguous().view(torch.uint8).reshape(n, -1) for p in parts], dim=1).contiguous()
+
+
+def pack_q4(w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(N, K) float -> GGUF Q4_1-style rows for csrc/blockquant.cpp, and the fraction of weights
+    that dequantize to exactly their input value.
+
+    Per block of 32: m = the minimum, d = (max - m) / 15, both fp16; q = round((w - m) / d). On a
+    checkpoint dequantized from a Q4_1 GGUF (SmolLM2's) every block is recovered bit for bit:
+    the block minimum is the stored m, and the fp16 rounding of (max - m) / 15 is the stored d.
+    """
+    b = _blocks(w)
+    m = b.amin(-1).half()
+    d = ((b.amax(-1) - m.float()) / 15).half()
+    df, mf = d.float()[..., None], m.float()[..., None]
+    q = torch.where(df > 0, torch.round((b - mf) / df.clamp(min=torch.finfo(torch.float16).tiny)), 0.0)
+    q = q.clamp(0, 15).to(torch.uint8)
+    exact = ((df * q.float() + mf) == b).float().mean().item()
+    nibbles = q[..., :16] | (q[..., 16:] << 4)  # byte i: q[i] low, q[16 + i] high
+    return _rows(d, m, nibbles), exact
+
+
+def pack_q8(w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(N, K) float -> GGUF Q8_0-style rows (per block of 32: fp16 d = amax / 127, int8 q), and
+    the fraction of weights recovered exactly (all of them for SmolLM2's Q8_0 embeddings)."""
+    b = _blocks(w)
+    d = (b.abs().amax(-1) / 127).half()
+    df = d.float()[..., None]
+    q = torch.where(df > 0, torch.round(b / df.clamp(min=torch.finfo(torch.float16).tiny)), 0.0)
+    q = q.clamp(-127, 127).to(torch.int8)
+    exact = ((df * q.float()) == b).float().mean().item()
+    return _rows(d, q), exact
+
+
+class Q4Weight:
+    """(N, K) weight as 4-bit blocks; products in int8 x int4 with per-block fp32 scales."""
+
+    __slots__ = ("packed", "exact")
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.packed, self.exact = pack_q4(w)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.ops().q4_linear(x, self.packed)
+
+
+class Q8Weight:
+    """(N, K) weight (the tied embedding / lm_head) as Q8_0 blocks; rows can be gathered."""
+
+    __slots__ = ("packed", "exact")
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.packed, self.exact = pack_q8(w)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.ops().q8_linear(x, self.packed)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows (an embedding lookup): (T,) -> (T, K) fp32."""
+        return kernels.ops().q8_dequant(self.packed[index])
 
 
 class Observer:

@@ -1,0 +1,66 @@
+"""trident's own CPU kernels (csrc/blockquant.cpp): built once with torch's C++ extension
+machinery, cached under torch's extensions directory (TORCH_EXTENSIONS_DIR), loaded as torch ops.
+
+    python -m trident.engine.kernels     # build now (make model does), print where
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("trident.engine")
+
+SOURCE = Path(__file__).with_name("csrc") / "blockquant.cpp"
+NAME = "trident_blockquant"
+REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
+
+
+class KernelsUnavailable(RuntimeError):
+    pass
+
+
+def missing_cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return list(REQUIRED_CPU_FLAGS)
+    return [flag for flag in REQUIRED_CPU_FLAGS if flag not in flags]
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> None:
+    """Build (first time, ~20 s) and load the kernels; raises KernelsUnavailable with the reason."""
+    missing = missing_cpu_flags()
+    if missing:
+        raise KernelsUnavailable(f"the int4 kernels need a CPU with {', '.join(missing)}")
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+    except (RuntimeError, OSError, ImportError) as exc:  # no compiler, no ninja, build error
+        raise KernelsUnavailable(f"building {SOURCE.name} failed: {exc}") from exc
+    log.info("loaded %s", NAME)
+
+
+def ops():
+    load()
+    return torch.ops.trident
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    try:
+        load()
+    except KernelsUnavailable as exc:
+        print(f"trident kernels unavailable: {exc}", file=sys.stderr)
+        sys.exit(1)
+    from torch.utils.cpp_extension import _get_build_directory
+
+    print(f"trident kernels ready in {_get_build_directory(NAME, verbose=False)}")
