@@ -59,7 +59,7 @@ def test_weight_dtype_config():
     assert EngineConfig(checkpoint_dir="x", dtype="auto", weight_dtype="int8").torch_dtype == torch.float32
     assert EngineConfig(checkpoint_dir="x", dtype="float32", weight_dtype="float16").torch_dtype == torch.float32
     with pytest.raises(ValueError, match="weight_dtype"):
-        EngineConfig(checkpoint_dir="x", weight_dtype="int4")
+        EngineConfig(checkpoint_dir="x", weight_dtype="int3")
     with pytest.raises(ValueError, match="float32"):
         EngineConfig(checkpoint_dir="x", dtype="bfloat16", weight_dtype="int8")
 

@@ -286,6 +286,10 @@ class Llama:
         """
         if self.weight_dtype == "int4":
             return self._decode_int4(tokens, positions, cache)
+        return self._decode_ops(tokens, positions, cache)
+
+    def _decode_ops(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """decode() as a sequence of torch ops (every weight format; the int4 reference)."""
         c = self.config
         B = tokens.shape[0]
         n_kv, hd = c.num_kv_heads, c.head_dim

@@ -8,6 +8,7 @@ always occupies slots 0..B-1.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 
 from .config import EngineConfig, LlamaConfig, cpu_has_native_bf16
+from . import kernels
 from .kv_cache import KVCache
 from .llama import Llama, load_weights
 from .quant import calibration_tokens
@@ -59,6 +61,15 @@ class Engine:
         if config.torch_dtype == torch.bfloat16 and not cpu_has_native_bf16():
             log.warning("dtype bfloat16 on a CPU without AVX512-BF16/AMX: matmuls are emulated and "
                         "batched decode is much slower than float32; consider dtype float32 or auto")
+        if config.weight_dtype == "int4":
+            try:
+                kernels.load()
+            except kernels.KernelsUnavailable as exc:
+                # Serving slowly beats not serving: say so loudly, once.
+                log.warning("weight_dtype int4 is unavailable (%s): serving float32 weights instead, "
+                            "several times slower", exc)
+                config = dataclasses.replace(config, weight_dtype="auto", dtype="float32")
+                self.config = config
         model_config = LlamaConfig.from_checkpoint(config.checkpoint_dir)
         self.max_seq_len = min(config.max_seq_len, model_config.max_position_embeddings)
         self.model = Llama(
