@@ -24,7 +24,7 @@ the project's .venv. Metrics per system and concurrency:
   TTFT p50/p99  request sent -> first streamed token
 
     .venv/bin/python scripts/benchmark.py --out .cache/bench/bench.png
-    .venv/bin/python scripts/benchmark.py --systems trident-int8,llamacpp-server --concurrency 1,32 --tokens 64
+    .venv/bin/python scripts/benchmark.py --systems trident-int4,llamacpp-server --concurrency 1,32 --tokens 64
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ BENCH_VENV = CACHE / "bench-venv"
 LLAMA_CPP_VERSION = "0.3.36"
 LLAMA_SRC = CACHE / "llama-src"
 LLAMA_SERVER = LLAMA_SRC / "build" / "bin" / "llama-server"
-DEFAULT_SYSTEMS = "trident-int8,trident-fp32,hf,llamacpp,llamacpp-server"
+DEFAULT_SYSTEMS = "trident-int4,trident-fp32,hf,llamacpp,llamacpp-server"
 TRIDENT_WEIGHTS = {"trident-fp32": "auto", "trident-fp16": "float16", "trident-int8": "int8", "trident-int4": "int4"}
 # Targets of issue #4, on aggregate decode tok/s.
 TARGETS = (("c=32 vs llama.cpp", 32, "llamacpp", 1.0), ("c=32 vs HF sequential", 32, "hf", 10.0),

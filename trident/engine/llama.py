@@ -96,7 +96,8 @@ class Llama:
     """Weights plus the two entry points the scheduler needs: ``prefill`` and ``decode``.
 
     weight_dtype "auto" keeps the weights in the model dtype; "float16" and "int8" store them
-    packed for fbgemm's kernels, with fp32 activations (see quant.py).
+    packed for fbgemm's kernels, with fp32 activations; "int4" stores them as 4-bit blocks for
+    trident's own kernels (see quant.py and csrc/blockquant.cpp).
     """
 
     def __init__(
@@ -250,29 +251,51 @@ class Llama:
         x = self._norm(x, self.norm, self.config.rms_norm_eps)
         return quant.linear(x, self.lm_head).float()  # (B, V) fp32 for sampling
 
+    @property
+    def batch_invariant(self) -> bool:
+        """True when a row's results do not depend on the other rows computed with it, so that
+        several prompts can be prefilled in one pass without changing any sequence's output:
+        the int4 kernels (per-row activation scales, fixed accumulation order). MKL's fp32 GEMM
+        may pick another blocking for another row count, and fbgemm's int8 scale is per tensor."""
+        return self.weight_dtype == "int4"
+
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, slot: int, cache: KVCache) -> torch.Tensor:
         """Run a whole prompt for one sequence, fill its cache slot; return last-position logits (V,)."""
+        return self.prefill_many([tokens], [slot], cache)[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, prompts: list[torch.Tensor], slots: list[int], cache: KVCache) -> torch.Tensor:
+        """Prefill several prompts in one pass: their rows go through every matmul together (one
+        kernel call per weight instead of one per prompt), attention runs per prompt. Fills each
+        prompt's cache slot; returns each prompt's last-position logits (n, V)."""
         c = self.config
-        T = tokens.shape[0]
+        lengths = [int(p.shape[0]) for p in prompts]
+        ends = torch.tensor(lengths).cumsum(0)
+        T = int(ends[-1])
         qk_heads = c.num_heads + c.num_kv_heads
-        x = self._embed(tokens)  # (T, H)
-        cos, sin = self.cos[:T, None], self.sin_signed[:T, None]  # (T, 1, hd)
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        x = self._embed(torch.cat(prompts))  # (T, H)
+        cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]  # (T, 1, hd)
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer.attention_norm, c.rms_norm_eps)
             qkv = quant.linear(h, layer.wqkv)  # (T, q + 2*kv)
             apply_rope_(qkv[:, :self.q_size + self.kv_size].view(T, qk_heads, c.head_dim), cos, sin)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(T, c.num_heads, c.head_dim).transpose(0, 1)  # (n_heads, T, hd)
-            k = k.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)  # (n_kv, T, hd)
-            v = v.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)  # (n_kv, T, hd)
-            cache.write_prefill(i, slot, k, v)
-            o = F.scaled_dot_product_attention(
-                q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True, enable_gqa=True
-            )  # (1, n_heads, T, hd)
-            x = x + quant.linear(o[0].transpose(0, 1).reshape(T, self.q_size), layer.wo)
+            outputs = []
+            for slot, end, n in zip(slots, ends.tolist(), lengths):
+                q, k, v = qkv[end - n:end].split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                q = q.view(n, c.num_heads, c.head_dim).transpose(0, 1)  # (n_heads, n, hd)
+                k = k.view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)  # (n_kv, n, hd)
+                v = v.view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)  # (n_kv, n, hd)
+                cache.write_prefill(i, slot, k, v)
+                o = F.scaled_dot_product_attention(
+                    q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True, enable_gqa=True
+                )  # (1, n_heads, n, hd)
+                outputs.append(o[0].transpose(0, 1).reshape(n, self.q_size))
+            o = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            x = x + quant.linear(o, layer.wo)
             x = x + self._mlp(layer, self._norm(x, layer.ffn_norm, c.rms_norm_eps))
-        return self._logits(x[-1:])[0]
+        return self._logits(x[ends - 1])
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

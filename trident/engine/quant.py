@@ -1,7 +1,8 @@
-"""Reduced-precision weights for the CPU engine, computed with fp32 activations.
+"""Reduced-precision weights for the CPU engine.
 
 Batch-1 decode is memory-bound (every step reads every weight) and the matmul kernels matter
-more than the arithmetic, so both modes use fbgemm's packed-weight kernels, measured on the
+more than the arithmetic. float16 and int8 use fbgemm's packed-weight kernels with fp32
+activations; int4 uses trident's own kernels. Measured on the
 2-vCPU AVX2 EPYC (decode step of the whole model, 2 threads, against fp32 F.linear / MKL):
 
 - "float16": fp16 weights (``linear_dynamic_fp16``): ~2x faster at batch 1, 8 and 32; next-token
@@ -13,6 +14,12 @@ more than the arithmetic, so both modes use fbgemm's packed-weight kernels, meas
   at 8-32. Lossy: KL ~0.05 from fp32; greedy picks stay within 0.9 logits of the fp32 argmax
   but 14/20 test runs depart from it within 8 tokens. The activation scale is per tensor, so a
   row's result also depends on the other rows of its batch.
+- "int4" (the CPU repository's default): GGUF Q4_1 blocks (32 weights, fp16 scale and minimum)
+  for the matmuls and Q8_0 blocks for the tied embedding / lm_head, run by trident's AVX2
+  kernels (csrc/blockquant.cpp) with activations quantized per block of 32 to int8, as
+  llama.cpp does. SmolLM2's checkpoint comes from such a GGUF, so the packed weights are its
+  exact values (checked at load, logged). ~2.5-3x fp32 at batch 1 (one fused kernel call per
+  layer), ~2x at 32; next-token KL ~0.005 from fp32; greedy output does not depend on the batch.
 
 Not ``torch.ops.aten._weight_int8pack_mm``: with fp32 activations it was 10-20x slower than
 F.linear here (only its bf16 path is vectorised, and bf16 is emulated on AVX2). The quantized

@@ -244,29 +244,37 @@ class Engine:
             return True
 
     def _admit(self) -> None:
-        prefilled = 0
-        while len(self._active) < self.config.max_batch_size:
+        """Prefill waiting requests into free slots, at most prefill_token_budget prompt tokens
+        per call (at least one request). A batch-invariant model prefills them in one pass."""
+        budget = self.config.prefill_token_budget
+        together = self.model.batch_invariant
+        while len(self._active) < self.config.max_batch_size and budget > 0:
+            batch: list[_Sequence] = []
             with self._cond:
-                if not self._waiting:
-                    return
-                n = len(self._waiting[0].request.input_ids)
-                if prefilled and prefilled + n > self.config.prefill_token_budget:
-                    return
-                seq = self._waiting.popleft()
-            prefilled += n
-            slot = len(self._active)
-            self._active.append(seq)
+                while self._waiting and len(self._active) + len(batch) < self.config.max_batch_size:
+                    n = len(self._waiting[0].request.input_ids)
+                    if n > budget and (batch or budget < self.config.prefill_token_budget):
+                        break
+                    batch.append(self._waiting.popleft())
+                    budget -= n
+                    if not together:
+                        break
+            if not batch:
+                return
+            slots = list(range(len(self._active), len(self._active) + len(batch)))
+            self._active.extend(batch)
             try:
-                ids = seq.request.input_ids
-                self._use_threads(len(ids))
-                logits = self.model.prefill(torch.tensor(ids, dtype=torch.long), slot, self.cache)  # (V,)
-                seq.cache_len = len(ids)
-                self._update_bans(seq)
-                token = sample(logits[None], [seq.sampling])[0]
-                self._accept(seq, token)
+                prompts = [torch.tensor(seq.request.input_ids, dtype=torch.long) for seq in batch]
+                self._use_threads(sum(len(p) for p in prompts))
+                logits = self.model.prefill_many(prompts, slots, self.cache)  # (n, V)
+                for seq, row in zip(batch, logits):
+                    seq.cache_len = len(seq.request.input_ids)
+                    self._update_bans(seq)
+                    self._accept(seq, sample(row[None], [seq.sampling])[0])
             except Exception as e:
-                log.exception("prefill failed for request %s", seq.request.request_id)
-                self._finish(seq, "error", error=f"prefill failed: {e}", error_type="internal_error")
+                log.exception("prefill failed for request(s) %s", [seq.request.request_id for seq in batch])
+                for seq in batch:
+                    self._finish(seq, "error", error=f"prefill failed: {e}", error_type="internal_error")
             self._remove_finished()
 
     def _decode_step(self) -> None:
