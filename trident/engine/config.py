@@ -41,8 +41,10 @@ class EngineConfig:
     # run on small_batch_threads threads (0: always num_threads). Measured through Triton on 2
     # vCPUs, int8: 1 thread gave 27 tok/s at concurrency 1 and 98 at 8 where 2 threads gave 16
     # and 75 (OpenMP barriers stall when Triton's own threads take a core), while 2 threads won
-    # at 32 (172 vs 156).
-    small_batch_size: int = 16
+    # at 32 (172 vs 156). int4 steps are fewer, larger kernel calls: 1 thread still wins at
+    # concurrency 1 (57 vs 45 tok/s) but 2 threads already at 8 (158 vs 133 tok/s). None: 4 for
+    # int4 weights, 16 otherwise.
+    small_batch_size: int | None = None
     small_batch_threads: int = 1
     max_queue_size: int = 256
     # Prompt tokens prefilled between two decode steps (at least one request is always admitted):
@@ -62,6 +64,12 @@ class EngineConfig:
         for name in ("num_threads", "small_batch_size", "small_batch_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def small_batch_rows(self) -> int:
+        if self.small_batch_size is not None:
+            return self.small_batch_size
+        return 4 if self.weight_dtype == "int4" else 16
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -183,7 +183,7 @@ class Engine:
     def _use_threads(self, rows: int) -> None:
         """OpenMP's thread count is per calling thread: set it here, in the engine thread."""
         c = self.config
-        want = c.small_batch_threads if c.small_batch_threads and rows < c.small_batch_size else self._threads
+        want = c.small_batch_threads if c.small_batch_threads and rows < c.small_batch_rows else self._threads
         if want != self._threads_now:
             torch.set_num_threads(want)
             self._threads_now = want
