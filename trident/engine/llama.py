@@ -154,6 +154,11 @@ class Llama:
         elif weight_dtype == "int4":
             self._quantize_int4()
         if weight_dtype != "auto":
+            # The norm weights are still views of the loaded checkpoint's storage, which would
+            # keep all of it resident (measured: int4 865 MiB after loading, 352 MiB with copies).
+            self.norm = self.norm.clone()
+            for layer in self.layers:
+                layer.attention_norm, layer.ffn_norm = layer.attention_norm.clone(), layer.ffn_norm.clone()
             quant.release_free_memory()
 
     def _convert_float16(self) -> None:
@@ -176,8 +181,6 @@ class Llama:
                 weight = quant.Q4Weight(dense)
                 exact.append((weight.exact, dense.numel()))
                 setattr(layer, name, weight)
-            layer.attention_norm = layer.attention_norm.float().contiguous()
-            layer.ffn_norm = layer.ffn_norm.float().contiguous()
         head = quant.Q8Weight(self.lm_head)
         embeddings = head if self.lm_head is self.tok_embeddings else quant.Q8Weight(self.tok_embeddings)
         self.lm_head, self.tok_embeddings = head, embeddings
