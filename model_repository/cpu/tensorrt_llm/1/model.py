@@ -164,7 +164,7 @@ class TritonPythonModel:
         self.responses = ResponseSender()
         self.engine.start()
         self.metrics = EngineMetrics(self.engine)
-        log.info("tensorrt_llm (CPU engine) ready: %s", config)
+        log.info("tensorrt_llm (CPU engine) ready: %s", self.engine.config)  # after any fallback
 
     def execute(self, requests):
         for request in requests:
