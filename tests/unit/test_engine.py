@@ -132,6 +132,17 @@ def engine():
     eng.stop()
 
 
+@pytest.fixture(scope="module")
+def int4_engine():
+    """The CPU repository's default weights (int4 kernels; batched prefill)."""
+    eng = Engine(EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=32, max_seq_len=MAX_SEQ_LEN,
+                              dtype="float32", weight_dtype="int4"))
+    assert eng.config.weight_dtype == "int4", "int4 kernels unavailable: the engine fell back"
+    eng.start()
+    yield eng
+    eng.stop()
+
+
 def expected_reason(ref):
     return "length" if len(ref) == N_NEW else "end_id"
 
@@ -242,38 +253,33 @@ def test_reduced_precision_weights_stay_near_fp32(prompts, hf_model, weight_dtyp
     assert exact >= min_exact * len(prompts), f"only {exact}/{len(prompts)} {weight_dtype} runs follow fp32"
 
 
-def test_int4_greedy_is_the_same_alone_together_and_joining_a_running_batch(prompts):
+def test_int4_greedy_is_the_same_alone_together_and_joining_a_running_batch(int4_engine, prompts):
     """int4 is not HF-identical, but a sequence's tokens must not depend on what else is batched
     with it (per-row activation scales, fixed accumulation order): the 20 prompts alone, all
-    submitted together, and half of them joining the other half mid-decode, token for token."""
-    eng = Engine(EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=32, max_seq_len=MAX_SEQ_LEN,
-                              dtype="float32", weight_dtype="int4"))
-    assert eng.config.weight_dtype == "int4", "int4 kernels unavailable: the engine fell back"
-    eng.start()
-    try:
-        alone = Collector()
-        for i, p in enumerate(prompts):
-            eng.submit(greedy(i, p), alone)
-            alone.wait(str(i))
-        together = Collector()
-        for i, p in enumerate(prompts):
-            eng.submit(greedy(i, p), together)
-        together.wait(*map(str, range(len(prompts))))
-        half = len(prompts) // 2
-        joined = set()
+    submitted together (prefilled in one pass), and half of them joining the other half
+    mid-decode, token for token."""
+    eng = int4_engine
+    alone = Collector()
+    for i, p in enumerate(prompts):
+        eng.submit(greedy(i, p), alone)
+        alone.wait(str(i))
+    together = Collector()
+    for i, p in enumerate(prompts):
+        eng.submit(greedy(i, p), together)
+    together.wait(*map(str, range(len(prompts))))
+    half = len(prompts) // 2
+    joined = set()
 
-        def join_later(out):
-            i = int(out.request_id)
-            if i < half and i not in joined and (len(joining.tokens(out.request_id)) >= 1 + i % 4 or out.finished):
-                joined.add(i)
-                eng.submit(greedy(i + half, prompts[i + half]), joining)
+    def join_later(out):
+        i = int(out.request_id)
+        if i < half and i not in joined and (len(joining.tokens(out.request_id)) >= 1 + i % 4 or out.finished):
+            joined.add(i)
+            eng.submit(greedy(i + half, prompts[i + half]), joining)
 
-        joining = Collector(on_each=join_later)
-        for i in range(half):
-            eng.submit(greedy(i, prompts[i], streaming=True), joining)
-        joining.wait(*map(str, range(len(prompts))))
-    finally:
-        eng.stop()
+    joining = Collector(on_each=join_later)
+    for i in range(half):
+        eng.submit(greedy(i, prompts[i], streaming=True), joining)
+    joining.wait(*map(str, range(len(prompts))))
     for i in range(len(prompts)):
         assert alone.tokens(str(i)), f"prompt {i}: no tokens"
         assert together.tokens(str(i)) == alone.tokens(str(i)), f"prompt {i} together"
@@ -282,7 +288,9 @@ def test_int4_greedy_is_the_same_alone_together_and_joining_a_running_batch(prom
 
 # ---------------------------------------------------------------- scheduling
 
-def test_new_request_joins_a_full_batch_within_one_step(engine, prompts):
+@pytest.mark.parametrize("weights", ["float32", "int4"])
+def test_new_request_joins_a_full_batch_within_one_step(request, weights, prompts):
+    engine = request.getfixturevalue("engine" if weights == "float32" else "int4_engine")
     state = {}
 
     def inject(out):

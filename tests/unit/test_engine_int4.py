@@ -147,3 +147,26 @@ def test_fused_decode_layer_matches_the_torch_ops_path():
         for kv_fused, kv_ops in zip(caches[0].kv, caches[1].kv):
             torch.testing.assert_close(kv_fused, kv_ops, rtol=1e-5, atol=1e-5)
         tokens, positions = fused.argmax(-1), positions + 1
+
+
+def test_engine_serves_float32_when_the_kernels_cannot_be_built(monkeypatch, caplog):
+    """No compiler or no AVX2: the engine must still serve (float32 weights) and say why."""
+    from pathlib import Path
+
+    from trident.engine import Engine, EngineConfig
+    from trident.engine.scheduler import kernels as scheduler_kernels
+
+    ckpt = Path(__file__).resolve().parents[2] / ".cache" / "models" / "smollm2-135m-instruct"
+    if not (ckpt / "model.safetensors").is_file():
+        pytest.skip(f"no checkpoint in {ckpt}")
+
+    def unavailable():
+        raise kernels.KernelsUnavailable("the int4 kernels need a CPU with avx2")
+
+    monkeypatch.setattr(scheduler_kernels, "load", unavailable)
+    caplog.set_level("WARNING", logger="trident.engine")
+    engine = Engine(EngineConfig(checkpoint_dir=str(ckpt), max_batch_size=2, max_seq_len=64, dtype="auto",
+                                 weight_dtype="int4"))
+    assert engine.config.weight_dtype == "auto" and engine.config.torch_dtype == torch.float32
+    assert engine.model.weight_dtype == "auto" and not engine.model.batch_invariant
+    assert any("serving float32 weights" in r.getMessage() and "avx2" in r.getMessage() for r in caplog.records)
