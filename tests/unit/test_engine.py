@@ -168,8 +168,9 @@ def test_greedy_matches_hf_submitted_together(engine, prompts, hf_greedy):
         assert sink.tokens(str(i)) == ref, f"prompt {i}"
 
 
-def test_greedy_matches_hf_joining_a_running_batch(engine, prompts, hf_greedy):
-    """The second half joins while the first half decodes (streaming), at staggered steps."""
+def run_joining(engine, prompts) -> Collector:
+    """The first half of the prompts decodes (streaming); each of the second half joins it when
+    its partner has 1-4 tokens (or finished), so requests join at staggered steps."""
     half = len(prompts) // 2
     joined = set()
 
@@ -183,6 +184,13 @@ def test_greedy_matches_hf_joining_a_running_batch(engine, prompts, hf_greedy):
     for i in range(half):
         engine.submit(greedy(i, prompts[i], streaming=True), sink)
     sink.wait(*map(str, range(len(prompts))))
+    return sink
+
+
+def test_greedy_matches_hf_joining_a_running_batch(engine, prompts, hf_greedy):
+    """The second half joins while the first half decodes (streaming), at staggered steps."""
+    half = len(prompts) // 2
+    sink = run_joining(engine, prompts)
     first_steps = {i: sink.outputs[str(i)][0].step for i in range(len(prompts))}
     assert len(set(first_steps.values())) > 2, "requests should have joined at different steps"
     for i, ref in enumerate(hf_greedy):
@@ -267,19 +275,7 @@ def test_int4_greedy_is_the_same_alone_together_and_joining_a_running_batch(int4
     for i, p in enumerate(prompts):
         eng.submit(greedy(i, p), together)
     together.wait(*map(str, range(len(prompts))))
-    half = len(prompts) // 2
-    joined = set()
-
-    def join_later(out):
-        i = int(out.request_id)
-        if i < half and i not in joined and (len(joining.tokens(out.request_id)) >= 1 + i % 4 or out.finished):
-            joined.add(i)
-            eng.submit(greedy(i + half, prompts[i + half]), joining)
-
-    joining = Collector(on_each=join_later)
-    for i in range(half):
-        eng.submit(greedy(i, prompts[i], streaming=True), joining)
-    joining.wait(*map(str, range(len(prompts))))
+    joining = run_joining(eng, prompts)
     for i in range(len(prompts)):
         assert alone.tokens(str(i)), f"prompt {i}: no tokens"
         assert together.tokens(str(i)) == alone.tokens(str(i)), f"prompt {i} together"
