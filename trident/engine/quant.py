@@ -18,8 +18,8 @@ activations; int4 uses trident's own kernels. Measured on the
   for the matmuls and Q8_0 blocks for the tied embedding / lm_head, run by trident's AVX2
   kernels (csrc/blockquant.cpp) with activations quantized per block of 32 to int8, as
   llama.cpp does. SmolLM2's checkpoint comes from such a GGUF, so the packed weights are its
-  exact values (checked at load, logged). ~2.5-3x fp32 at batch 1 (one fused kernel call per
-  layer), ~2x at 32; next-token KL ~0.005 from fp32; greedy output does not depend on the batch.
+  exact values (checked at load, logged). ~4x fp32 at batch 1 (one fused kernel call per
+  layer), ~1.6x at 32 (decode tok/s through Triton); next-token KL ~0.005 from fp32; greedy output does not depend on the batch.
 
 Not ``torch.ops.aten._weight_int8pack_mm``: with fp32 activations it was 10-20x slower than
 F.linear here (only its bf16 path is vectorised, and bf16 is emulated on AVX2). The quantized
