@@ -49,6 +49,7 @@ from .schemas import (
     StrictSchema,
     StrictString,
     _range,
+    reject_conflicting_alias,
 )
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -275,13 +276,11 @@ class ChatCompletionSchema(_OpenAISchema):
 
     @validates_schema
     def validate_max_tokens_alias(self, data: Mapping[str, Any], **kwargs: Any) -> None:
-        new, old = data.get("max_completion_tokens"), data.get("max_tokens")
-        if new is not None and old is not None and new != old:
-            raise ValidationError(
-                f"max_tokens and max_completion_tokens were both given, with different values ({old} and "
-                f"{new}): send only max_completion_tokens",
-                field_name="max_tokens",
-            )
+        reject_conflicting_alias(
+            data, "max_completion_tokens", "max_tokens",
+            "max_tokens and max_completion_tokens were both given, with different values ({old} and "
+            "{new}): send only max_completion_tokens",
+        )
 
     @post_load
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> OpenAIRequest:

@@ -128,6 +128,14 @@ class StopSequences(_StrictField):
                                  max_items=MAX_STOP_SEQUENCES)
 
 
+def reject_conflicting_alias(data: Mapping[str, Any], name: str, alias: str, message: str) -> None:
+    """A field and its alias both given, with different values: a 400 naming the alias.
+    message is formatted with old (the alias's value) and new (the field's)."""
+    new, old = data.get(name), data.get(alias)
+    if new is not None and old is not None and new != old:
+        raise ValidationError(message.format(old=old, new=new), field_name=alias)
+
+
 def _range(message: str, **kwargs: Any) -> Range:
     return Range(error=message, **kwargs)
 
@@ -221,13 +229,11 @@ class GenerateSchema(ModelSchema):
 
     @validates_schema
     def validate_max_length_alias(self, data: Mapping[str, Any], **kwargs: Any) -> None:
-        new, old = data.get("max_new_tokens"), data.get("max_length")
-        if new is not None and old is not None and new != old:
-            raise ValidationError(
-                f"max_length is an alias of max_new_tokens; both were given with different values "
-                f"({old} and {new}): send only max_new_tokens",
-                field_name="max_length",
-            )
+        reject_conflicting_alias(
+            data, "max_new_tokens", "max_length",
+            "max_length is an alias of max_new_tokens; both were given with different values "
+            "({old} and {new}): send only max_new_tokens",
+        )
 
     @post_load
     def make_params(self, data: dict[str, Any], **kwargs: Any) -> GenerationParams:
