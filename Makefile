@@ -51,7 +51,8 @@ compiler:
 	fi
 
 kernels: $(STAMP) compiler
-	@$(PY) -m trident.engine.kernels || echo "warning: int4 kernels unavailable; the engine will serve float32 weights"
+	@$(PY) -c 'import sys; from trident.engine import kernels; sys.exit(kernels.main())' \
+	    || echo "warning: int4 kernels unavailable; the engine will serve float32 weights"
 
 repository: $(STAMP) model kernels
 	@echo "==> filling the CPU model repository into $(REPO_DIR)"

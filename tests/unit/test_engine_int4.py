@@ -170,3 +170,18 @@ def test_engine_serves_float32_when_the_kernels_cannot_be_built(monkeypatch, cap
     assert engine.config.weight_dtype == "auto" and engine.config.torch_dtype == torch.float32
     assert engine.model.weight_dtype == "auto" and not engine.model.batch_invariant
     assert any("serving float32 weights" in r.getMessage() and "avx2" in r.getMessage() for r in caplog.records)
+
+
+def test_fused_decode_layer_refuses_mismatched_weights():
+    """A gate/up weight whose input size is not the hidden size would be read out of bounds."""
+    model = tiny_llama("int4")
+    c = model.config
+    cache = KVCache()
+    cache.setup(num_layers=2, max_batch_size=1, num_kv_heads=c.num_kv_heads, max_seq_len=64,
+                head_dim=c.head_dim, dtype=torch.float32)
+    layer = model.layers[0]
+    wrong_gate_up = quant.pack_q4(torch.randn(2 * 160, 64))[0]  # K 64, hidden size 128
+    with pytest.raises(RuntimeError, match="weight shapes do not match"):
+        OPS.decode_layer_q4(torch.randn(1, 128), layer.attention_norm, layer.ffn_norm, layer.wqkv.packed,
+                            layer.wo.packed, wrong_gate_up, layer.w_down.packed, cache.kv[0], torch.tensor([0]),
+                            model.cos, model.sin_signed, c.num_heads, c.num_kv_heads, c.rms_norm_eps, model.scale)

@@ -1,7 +1,7 @@
 """trident's own CPU kernels (csrc/blockquant.cpp): built once with torch's C++ extension
 machinery, cached under torch's extensions directory (TORCH_EXTENSIONS_DIR), loaded as torch ops.
 
-    python -m trident.engine.kernels     # build now (make model does), print where
+    python -c 'from trident.engine import kernels; kernels.main()'   # build now (make kernels)
 """
 from __future__ import annotations
 
@@ -54,13 +54,15 @@ def ops():
     return torch.ops.trident
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """Build and load now; not ``python -m``: trident.engine imports this module already."""
     logging.basicConfig(level=logging.INFO)
     try:
         load()
     except KernelsUnavailable as exc:
         print(f"trident kernels unavailable: {exc}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     from torch.utils.cpp_extension import _get_build_directory
 
     print(f"trident kernels ready in {_get_build_directory(NAME, verbose=False)}")
+    return 0

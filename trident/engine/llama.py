@@ -184,10 +184,9 @@ class Llama:
         head = quant.Q8Weight(self.lm_head)
         embeddings = head if self.lm_head is self.tok_embeddings else quant.Q8Weight(self.tok_embeddings)
         self.lm_head, self.tok_embeddings = head, embeddings
-        total = sum(n for _, n in exact)
-        self.int4_exact = sum(e * n for e, n in exact) / total
+        fraction = sum(e * n for e, n in exact) / sum(n for _, n in exact)
         log.info("int4 weights: %.4f%% of matmul weights exact, %.4f%% of the embedding table",
-                 100 * self.int4_exact, 100 * embeddings.exact)
+                 100 * fraction, 100 * embeddings.exact)
 
     def _quantize_int8(self, calibration_tokens: list[int]) -> None:
         """Per-row int8 weights, after SmoothQuant smoothing calibrated on one prompt.

@@ -321,10 +321,10 @@ void decode_layer_q4(at::Tensor& x, const at::Tensor& attn_norm, const at::Tenso
   const int64_t nb_h = check_weight<true>(wqkv, "wqkv");
   const int64_t nb_o = check_weight<true>(wo, "wo");
   const int64_t nb_i = check_weight<true>(w_down, "w_down");
-  check_weight<true>(w_gate_up, "w_gate_up");
-  const int64_t inter = w_down.size(1) / Format<true>::block_bytes * kBlock;
+  const int64_t nb_gu = check_weight<true>(w_gate_up, "w_gate_up");
+  const int64_t inter = nb_i * kBlock;
   TORCH_CHECK(nb_h * kBlock == H && nb_o * kBlock == q_size && wqkv.size(0) == qkv_size && wo.size(0) == H &&
-                  w_gate_up.size(0) == 2 * inter && w_down.size(0) == H && nb_i * kBlock == inter,
+                  nb_gu == nb_h && w_gate_up.size(0) == 2 * inter && w_down.size(0) == H,
               "decode_layer_q4: weight shapes do not match");
   const int64_t* pos = positions.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(pos[b] >= 0 && pos[b] < S, "position out of range");
@@ -382,7 +382,7 @@ void decode_layer_q4(at::Tensor& x, const at::Tensor& attn_norm, const at::Tenso
 
   // feed-forward
   rms_norm_rows(xp, ffn_norm.data_ptr<float>(), h.data(), B, H, eps);
-  linear_into<true>(h.data(), B, w_gate_up, nb_h, gu.data(), false);
+  linear_into<true>(h.data(), B, w_gate_up, nb_gu, gu.data(), false);
   for (int64_t b = 0; b < B; ++b) {
     const float* gate = gu.data() + b * 2 * inter;
     const float* up = gate + inter;
