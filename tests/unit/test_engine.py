@@ -199,46 +199,11 @@ def test_greedy_matches_hf_joining_a_running_batch(engine, prompts, hf_greedy):
             assert all(len(o.token_ids) <= 1 for o in sink.outputs[str(i)])
 
 
-def test_bfloat16_only_departs_from_fp32_at_near_ties(prompts, hf_model):
-    """bf16 cannot be token-identical with fp32 HF (HF's own bf16 run is not: it differs from the
-    first token on "import numpy as np\\n"). What must hold: every token the bf16 engine picks is
-    the fp32 model's top choice or within a small logit margin of it, given the same prefix."""
-    short = prompts[:-2]  # bf16 prefill of the long prompts is slow on CPUs without AVX512-BF16
-    eng = Engine(EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=len(short), max_seq_len=64,
-                              dtype="bfloat16"))
-    eng.start()
-    try:
-        sink = Collector()
-        for i, p in enumerate(short):
-            eng.submit(greedy(i, p, end_id=None, max_new_tokens=8), sink)
-        sink.wait(*map(str, range(len(short))))
-    finally:
-        eng.stop()
-    worst = 0.0
-    exact = 0
-    with torch.inference_mode():
-        for i, p in enumerate(short):
-            out = sink.tokens(str(i))
-            logits = hf_model(torch.tensor([p + out])).logits[0, len(p) - 1: len(p) - 1 + len(out)]
-            gaps = logits.max(dim=-1).values - logits[torch.arange(len(out)), torch.tensor(out)]
-            worst = max(worst, float(gaps.max()))
-            exact += int(bool((gaps == 0).all()))
-    assert worst < 0.5, f"bf16 picked a token {worst:.3f} logits below the fp32 argmax"
-    print(f"bf16: worst gap {worst:.3f}; {exact}/{len(short)} runs follow the fp32 argmax throughout")
-    assert exact >= len(short) // 2, f"only {exact}/{len(short)} bf16 runs follow the fp32 argmax"
-
-
-@pytest.mark.parametrize("weight_dtype, max_gap, min_exact", [("float16", 0.1, 0.8), ("int8", 1.5, 0.2), ("int4", 0.5, 0.5)])
-def test_reduced_precision_weights_stay_near_fp32(prompts, hf_model, weight_dtype, max_gap, min_exact):
-    """fp16/int8 weights (fbgemm kernels, fp32 activations) and int4 (the checkpoint's exact 4-bit
-    weights, int8 activations per block of 32) cannot be token-identical with HF fp32. Bound how
-    far they may stray, as for bf16: every picked token must be the fp32 model's top choice or
-    within max_gap logits of it given the same prefix, and most runs must follow the fp32 argmax
-    throughout (measured on 12 prompts x 8 tokens: float16 12/12 runs, worst gap 0; int4 9/12,
-    worst gap 0.22; int8 3/12, worst gap 0.91: it departs at near-ties, early and often)."""
-    prompts = prompts[:12]  # the short ones: enough to see drift, cheap to check against HF
-    eng = Engine(EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=len(prompts), max_seq_len=MAX_SEQ_LEN,
-                              dtype="float32", weight_dtype=weight_dtype))
+def drift_from_fp32(hf_model, prompts, **config) -> tuple[float, int]:
+    """Greedy 8 tokens per prompt from an engine built with these EngineConfig fields; for each
+    token picked, how many logits it lies below the fp32 HF argmax given the same prefix.
+    Returns the worst such gap and the number of runs that follow the fp32 argmax throughout."""
+    eng = Engine(EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=len(prompts), **config))
     eng.start()
     try:
         sink = Collector()
@@ -256,6 +221,31 @@ def test_reduced_precision_weights_stay_near_fp32(prompts, hf_model, weight_dtyp
             gaps = logits.max(dim=-1).values - logits[torch.arange(len(out)), torch.tensor(out)]
             worst = max(worst, float(gaps.max()))
             exact += int(bool((gaps == 0).all()))
+    return worst, exact
+
+
+def test_bfloat16_only_departs_from_fp32_at_near_ties(prompts, hf_model):
+    """bf16 cannot be token-identical with fp32 HF (HF's own bf16 run is not: it differs from the
+    first token on "import numpy as np\\n"). What must hold: every token the bf16 engine picks is
+    the fp32 model's top choice or within a small logit margin of it, given the same prefix."""
+    short = prompts[:-2]  # bf16 prefill of the long prompts is slow on CPUs without AVX512-BF16
+    worst, exact = drift_from_fp32(hf_model, short, max_seq_len=64, dtype="bfloat16")
+    assert worst < 0.5, f"bf16 picked a token {worst:.3f} logits below the fp32 argmax"
+    print(f"bf16: worst gap {worst:.3f}; {exact}/{len(short)} runs follow the fp32 argmax throughout")
+    assert exact >= len(short) // 2, f"only {exact}/{len(short)} bf16 runs follow the fp32 argmax"
+
+
+@pytest.mark.parametrize("weight_dtype, max_gap, min_exact", [("float16", 0.1, 0.8), ("int8", 1.5, 0.2), ("int4", 0.5, 0.5)])
+def test_reduced_precision_weights_stay_near_fp32(prompts, hf_model, weight_dtype, max_gap, min_exact):
+    """fp16/int8 weights (fbgemm kernels, fp32 activations) and int4 (the checkpoint's exact 4-bit
+    weights, int8 activations per block of 32) cannot be token-identical with HF fp32. Bound how
+    far they may stray, as for bf16: every picked token must be the fp32 model's top choice or
+    within max_gap logits of it given the same prefix, and most runs must follow the fp32 argmax
+    throughout (measured on 12 prompts x 8 tokens: float16 12/12 runs, worst gap 0; int4 9/12,
+    worst gap 0.22; int8 3/12, worst gap 0.91: it departs at near-ties, early and often)."""
+    prompts = prompts[:12]  # the short ones: enough to see drift, cheap to check against HF
+    worst, exact = drift_from_fp32(hf_model, prompts, max_seq_len=MAX_SEQ_LEN, dtype="float32",
+                                   weight_dtype=weight_dtype)
     print(f"{weight_dtype}: worst gap {worst:.3f}; {exact}/{len(prompts)} runs follow the fp32 argmax throughout")
     assert worst < max_gap, f"{weight_dtype} picked a token {worst:.3f} logits below the fp32 argmax"
     assert exact >= min_exact * len(prompts), f"only {exact}/{len(prompts)} {weight_dtype} runs follow fp32"
