@@ -239,8 +239,10 @@ class Llama:
             return x.float() * self.embedding_scale[tokens, None]
         return x.to(self.dtype)
 
-    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, layer: Layer, x: torch.Tensor, swiglu=None) -> torch.Tensor:
         gate_up = quant.linear(x, layer.w_gate_up)  # (T, 2*I)
+        if swiglu is not None:
+            return quant.linear(swiglu(gate_up), layer.w_down)
         inter = self.config.intermediate_size
         return quant.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.w_down)
 
@@ -314,8 +316,22 @@ class Llama:
         return self._decode_ops(tokens, positions, cache)
 
     def _decode_ops(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """decode() as a sequence of torch ops (every weight format; the int4 reference)."""
+        """decode() as a sequence of ops (every weight format; the int4 reference).
+
+        For int4 this is the fused kernel's reference, unfused: the same Q4 matmuls, RoPE, cache
+        write and residual adds as torch ops, but the RMSNorms, the attention and the SwiGLU are
+        the kernel's own (torch.ops.trident.{rms_norm, decode_attention, swiglu}, the functions
+        decode_layer_q4 calls). Their outputs are the activations the matmuls quantize to int8
+        per block of 32, where a 1-ulp difference can flip a rounding and move logits by ~0.01-0.2
+        (measured). torch's versions differ from the kernel's by ulps (FMA dot vs pow + mean, glibc
+        vs SLEEF exp), torch's softmax also by CPU (AVX-512 vs AVX2 reduction order), so a torch-op
+        reference matched the fused layer only by luck. Those three steps are checked against
+        torch (to float rounding) in tests/unit/test_engine_int4.py.
+        """
         c = self.config
+        kernel_ops = kernels.ops() if self.weight_dtype == "int4" else None
+        norm = kernel_ops.rms_norm if kernel_ops is not None else self._norm
+        swiglu = kernel_ops.swiglu if kernel_ops is not None else None
         B = tokens.shape[0]
         n_kv, hd = c.num_kv_heads, c.head_dim
         group = c.num_heads // n_kv
@@ -329,21 +345,24 @@ class Llama:
         index = cache.decode_index(positions)  # (B*2*n_kv,)
         x = self._embed(tokens)  # (B, H)
         for i, layer in enumerate(self.layers):
-            h = self._norm(x, layer.attention_norm, c.rms_norm_eps)
+            h = norm(x, layer.attention_norm, c.rms_norm_eps)
             qkv = quant.linear(h, layer.wqkv)  # (B, q + 2*kv)
             apply_rope_(qkv[:, :self.q_size + self.kv_size].view(B, qk_heads, hd), cos, sin)
             cache.write_decode(i, index, qkv[:, self.q_size:].reshape(B * 2 * n_kv, hd))
-            kv = cache.kv[i]
-            keys = kv[0, :B, :, :S].reshape(B * n_kv, S, hd)  # a view: slots and heads merge
-            values = kv[1, :B, :, :S].reshape(B * n_kv, S, hd)
-            # Grouped-query attention as two batched matmuls: SDPA is slow for 1-token GQA
-            # decode on CPU. alpha= scales the product as HF eager attention does (and rounds
-            # exactly like q * scale when the scale is a power of two: head_dim 64 gives 1/8).
-            q = qkv[:, :self.q_size].reshape(B * n_kv, group, hd)  # (B*n_kv, group, hd)
-            scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scale)  # (B*n_kv, group, S)
-            o = torch.bmm(self._softmax(scores), values).view(B, self.q_size)  # (B, n_heads*hd)
+            if kernel_ops is not None:
+                o = kernel_ops.decode_attention(qkv[:, :self.q_size], cache.kv[i], positions, n_kv, self.scale)
+            else:
+                kv = cache.kv[i]
+                keys = kv[0, :B, :, :S].reshape(B * n_kv, S, hd)  # a view: slots and heads merge
+                values = kv[1, :B, :, :S].reshape(B * n_kv, S, hd)
+                # Grouped-query attention as two batched matmuls: SDPA is slow for 1-token GQA
+                # decode on CPU. alpha= scales the product as HF eager attention does (and rounds
+                # exactly like q * scale when the scale is a power of two: head_dim 64 gives 1/8).
+                q = qkv[:, :self.q_size].reshape(B * n_kv, group, hd)  # (B*n_kv, group, hd)
+                scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scale)  # (B*n_kv, group, S)
+                o = torch.bmm(self._softmax(scores), values).view(B, self.q_size)  # (B, n_heads*hd)
             x = x + quant.linear(o, layer.wo)
-            x = x + self._mlp(layer, self._norm(x, layer.ffn_norm, c.rms_norm_eps))
+            x = x + self._mlp(layer, norm(x, layer.ffn_norm, c.rms_norm_eps), swiglu)
         return self._logits(x)
 
     def _decode_int4(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

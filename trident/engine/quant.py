@@ -12,8 +12,11 @@ activations; int4 uses trident's own kernels. Measured on the
   on the fly to 7 bits: ``reduce_range`` keeps AVX2's u8 x s8 pair sums inside int16), after
   SmoothQuant smoothing (see Llama._quantize_int8); w_down stays fp16. ~2.1x at batch 1, ~2.5-3x
   at 8-32. Lossy: KL ~0.05 from fp32; greedy picks stay within 0.9 logits of the fp32 argmax
-  but 14/20 test runs depart from it within 8 tokens. The activation scale is per tensor, so a
-  row's result also depends on the other rows of its batch.
+  but 14/20 test runs depart from it within 8 tokens. Along fp32's own continuations (same
+  prefix, tests/unit/test_engine.py): mean KL 0.033-0.036 whether fbgemm, ATen and MKL run
+  their AVX2 or AVX-512 kernels, though which near-ties flip (and so which greedy runs depart)
+  changes with them. The activation scale is per tensor, so a row's result also depends on the
+  other rows of its batch.
 - "int4" (the CPU repository's default): GGUF Q4_1 blocks (32 weights, fp16 scale and minimum)
   for the matmuls and Q8_0 blocks for the tied embedding / lm_head, run by trident's AVX2
   kernels (csrc/blockquant.cpp) with activations quantized per block of 32 to int8, as

@@ -15,7 +15,8 @@
 // int32 (maddubs + madd), and the block sums are accumulated in fp32 with d_w * d_x. Decode at
 // small batch is bound by reading the weights: 0.625 bytes per weight instead of 4 (fp32).
 //
-// Exposed as torch ops: torch.ops.trident.{q4_linear, q8_linear, q4_dequant, q8_dequant}.
+// Exposed as torch ops: torch.ops.trident.{q4_linear, q8_linear, q4_dequant, q8_dequant}, the fused
+// decode layer decode_layer_q4, and its own steps {rms_norm, decode_attention, swiglu}.
 
 #include <immintrin.h>
 #include <torch/library.h>
@@ -302,6 +303,54 @@ inline void rope(float* x, const float* cos, const float* sin_signed, int64_t hd
   for (int64_t i = 0; i < hd; ++i) x[i] = x[i] * cos[i] + rot[i] * sin_signed[i];
 }
 
+// One decode query per row b (q: row stride q_stride, heads in order) against slot b of the
+// cache at positions 0..pos[b]; o: (B, num_heads * hd). Query head h reads kv head h / group.
+// Softmax in fp32: scores, their max, exp, a sequential sum, times its reciprocal.
+void decode_attention_rows(const float* qp, int64_t q_stride, const float* kvp, int64_t slots, int64_t num_kv_heads,
+                           int64_t S, int64_t hd, const int64_t* pos, int64_t B, int64_t num_heads, float scale,
+                           float* o) {
+  const int64_t group = num_heads / num_kv_heads, q_size = num_heads * hd;
+  const int64_t head_stride = S * hd, slot_stride = num_kv_heads * head_stride, half_stride = slots * slot_stride;
+  at::parallel_for(0, B * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_kv_heads, g = task % num_kv_heads, len = pos[b] + 1;
+      const float* keys = kvp + b * slot_stride + g * head_stride;
+      const float* values = keys + half_stride;
+      scores.resize(group * len);
+      for (int64_t j = 0; j < group; ++j) {
+        const float* q = qp + b * q_stride + (g * group + j) * hd;
+        float* sc = scores.data() + j * len;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) {
+          sc[t] = dot(q, keys + t * hd, hd) * scale;
+          mx = std::max(mx, sc[t]);
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
+        const float inv = 1.f / sum;
+        float* out = o + b * q_size + (g * group + j) * hd;
+        std::fill(out, out + hd, 0.f);
+        for (int64_t t = 0; t < len; ++t) {
+          const float pt = sc[t] * inv;
+          const float* v = values + t * hd;
+          for (int64_t i = 0; i < hd; ++i) out[i] += pt * v[i];
+        }
+      }
+    }
+  });
+}
+
+// act (B, inter) = silu(gate) * up for gate_up (B, 2 * inter) = [gate | up] per row
+void swiglu_rows(const float* gu, int64_t B, int64_t inter, float* act) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* gate = gu + b * 2 * inter;
+    const float* up = gate + inter;
+    float* a = act + b * inter;
+    for (int64_t i = 0; i < inter; ++i) a[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  }
+}
+
 void decode_layer_q4(at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& ffn_norm, const at::Tensor& wqkv,
                      const at::Tensor& wo, const at::Tensor& w_gate_up, const at::Tensor& w_down, at::Tensor& kv,
                      const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin_signed,
@@ -317,7 +366,7 @@ void decode_layer_q4(at::Tensor& x, const at::Tensor& attn_norm, const at::Tenso
               "decode_layer_q4: shapes do not match");
   TORCH_CHECK(cos.is_contiguous() && sin_signed.is_contiguous() && cos.size(1) == hd, "rope tables must be (S, hd)");
   const int64_t q_size = num_heads * hd, kv_size = num_kv_heads * hd, qkv_size = q_size + 2 * kv_size;
-  const int64_t group = num_heads / num_kv_heads;
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
   const int64_t nb_h = check_weight<true>(wqkv, "wqkv");
   const int64_t nb_o = check_weight<true>(wo, "wo");
   const int64_t nb_i = check_weight<true>(w_down, "w_down");
@@ -350,46 +399,57 @@ void decode_layer_q4(at::Tensor& x, const at::Tensor& attn_norm, const at::Tenso
     }
   }
   float* o = h.data();  // (B, q_size): the normed input is no longer needed
-  at::parallel_for(0, B * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / num_kv_heads, g = task % num_kv_heads, len = pos[b] + 1;
-      const float* keys = kvp + b * slot_stride + g * head_stride;
-      const float* values = keys + half_stride;
-      scores.resize(group * len);
-      for (int64_t j = 0; j < group; ++j) {
-        const float* q = qkv.data() + b * qkv_size + (g * group + j) * hd;
-        float* sc = scores.data() + j * len;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < len; ++t) {
-          sc[t] = dot(q, keys + t * hd, hd) * scale;
-          mx = std::max(mx, sc[t]);
-        }
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
-        const float inv = 1.f / sum;
-        float* out = o + b * q_size + (g * group + j) * hd;
-        std::fill(out, out + hd, 0.f);
-        for (int64_t t = 0; t < len; ++t) {
-          const float pt = sc[t] * inv;
-          const float* v = values + t * hd;
-          for (int64_t i = 0; i < hd; ++i) out[i] += pt * v[i];
-        }
-      }
-    }
-  });
+  decode_attention_rows(qkv.data(), qkv_size, kvp, slots, num_kv_heads, S, hd, pos, B, num_heads, scale, o);
   linear_into<true>(o, B, wo, nb_o, xp, true);
 
   // feed-forward
   rms_norm_rows(xp, ffn_norm.data_ptr<float>(), h.data(), B, H, eps);
   linear_into<true>(h.data(), B, w_gate_up, nb_gu, gu.data(), false);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* gate = gu.data() + b * 2 * inter;
-    const float* up = gate + inter;
-    float* a = act.data() + b * inter;
-    for (int64_t i = 0; i < inter; ++i) a[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-  }
+  swiglu_rows(gu.data(), B, inter, act.data());
   linear_into<true>(act.data(), B, w_down, nb_i, xp, true);
+}
+
+// The fused layer's own norm, attention and SwiGLU as ops: the int4 reference decode
+// (Llama._decode_ops) calls them, so each int8-quantized activation (the normed input, the
+// attention output, the SwiGLU output) is the same bits as inside decode_layer_q4 on any CPU.
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "rms_norm: x must be float32 (B, H)");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.numel() == x.size(1), "rms_norm: weight must be float32 (H,)");
+  at::Tensor out = at::empty_like(x);
+  rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), x.size(0), x.size(1),
+                static_cast<float>(eps));
+  return out;
+}
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kv, const at::Tensor& positions,
+                            int64_t num_kv_heads, double scale) {
+  TORCH_CHECK(kv.dim() == 5 && kv.is_contiguous() && kv.scalar_type() == at::kFloat && kv.size(0) == 2,
+              "kv must be contiguous float32 (2, slots, kv heads, S, head dim)");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions must be int64");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t slots = kv.size(1), S = kv.size(3), hd = kv.size(4), B = q.size(0);
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.size(1) % hd == 0,
+              "decode_attention: q must be float32 (B, heads * head dim)");
+  const int64_t num_heads = q.size(1) / hd;
+  TORCH_CHECK(kv.size(2) == num_kv_heads && num_heads % num_kv_heads == 0 && B <= slots && positions.numel() == B,
+              "decode_attention: shapes do not match");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(pos[b] >= 0 && pos[b] < S, "position out of range");
+  at::Tensor o = at::empty({B, num_heads * hd}, q.options());
+  decode_attention_rows(q.data_ptr<float>(), q.size(1), kv.data_ptr<float>(), slots, num_kv_heads, S, hd, pos, B,
+                        num_heads, static_cast<float>(scale), o.data_ptr<float>());
+  return o;
+}
+
+at::Tensor swiglu(const at::Tensor& gate_up_in) {
+  TORCH_CHECK(gate_up_in.dim() == 2 && gate_up_in.scalar_type() == at::kFloat && gate_up_in.size(1) % 2 == 0,
+              "swiglu: gate_up must be float32 (B, 2 * inter)");
+  const at::Tensor gu = gate_up_in.contiguous();
+  const int64_t B = gu.size(0), inter = gu.size(1) / 2;
+  at::Tensor act = at::empty({B, inter}, gu.options());
+  swiglu_rows(gu.data_ptr<float>(), B, inter, act.data_ptr<float>());
+  return act;
 }
 
 }  // namespace
@@ -399,6 +459,9 @@ TORCH_LIBRARY(trident, m) {
   m.def("q8_linear(Tensor x, Tensor w) -> Tensor");
   m.def("q4_dequant(Tensor w) -> Tensor");
   m.def("q8_dequant(Tensor w) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor kv, Tensor positions, int num_kv_heads, float scale) -> Tensor");
+  m.def("swiglu(Tensor gate_up) -> Tensor");
   m.def(
       "decode_layer_q4(Tensor(a!) x, Tensor attn_norm, Tensor ffn_norm, Tensor wqkv, Tensor wo, Tensor w_gate_up, "
       "Tensor w_down, Tensor(b!) kv, Tensor positions, Tensor cos, Tensor sin_signed, int num_heads, "
@@ -410,5 +473,8 @@ TORCH_LIBRARY_IMPL(trident, CPU, m) {
   m.impl("q8_linear", q8_linear);
   m.impl("q4_dequant", q4_dequant);
   m.impl("q8_dequant", q8_dequant);
+  m.impl("rms_norm", rms_norm);
+  m.impl("decode_attention", decode_attention);
+  m.impl("swiglu", swiglu);
   m.impl("decode_layer_q4", decode_layer_q4);
 }
