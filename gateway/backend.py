@@ -41,7 +41,15 @@ class Finished:
         }
 
 
-Event = TextDelta | Finished
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """The server validated and queued the request; text follows. Optional: a backend whose
+    server cannot say so yields its first text (or error) instead."""
+
+
+ADMITTED = Admitted()
+
+Event = TextDelta | Finished | Admitted
 
 
 @runtime_checkable
@@ -50,8 +58,10 @@ class Generation(Protocol):
 
     Streaming contract:
 
-    * Iteration yields zero or more :class:`TextDelta` and then exactly one :class:`Finished`,
-      which is last. Concatenating the deltas gives the whole generated text, whether or not
+    * Iteration may first yield :data:`ADMITTED` (at most once, before anything else): the
+      server accepted the request (it passed every check a request can fail on before it
+      runs). Then zero or more :class:`TextDelta` and exactly one :class:`Finished`, which is
+      last. Concatenating the deltas gives the whole generated text, whether or not
       ``params.stream`` was set (without it, a backend may yield the text as one delta).
     * Failures are raised from the iterator as ``gateway.errors.ClientError`` (e.g. a prompt too
       long for the context: 400 with ``param``) or ``ServerError`` (503 with ``Retry-After`` when

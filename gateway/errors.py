@@ -100,6 +100,16 @@ class ServerError(ApiError):
             self.headers["Retry-After"] = str(int(retry_after))
 
 
+class ClientGone(ApiError):
+    """The client closed its connection before the response: logged and counted with nginx's
+    499 ("client closed request"); nobody reads the response."""
+
+    status = 499
+
+    def __init__(self) -> None:
+        super().__init__("The client closed the connection before the response", status=499)
+
+
 def unavailable(message: str, retry_after: int) -> ServerError:
     """A 503 ``service_unavailable`` with ``Retry-After``."""
     return ServerError(message, status=503, retry_after=retry_after)

@@ -18,7 +18,8 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .auth import authorize_model, require_api_key
 from .backend import Event, Finished, Generation, TextDelta
-from .errors import ApiError, internal_error
+from .disconnect import DisconnectWatch
+from .errors import ApiError, ClientGone, internal_error
 from .params import GenerationParams
 from .ratelimit import rate_limited
 from .schemas import load_generate, read_json_object
@@ -97,19 +98,24 @@ def start_generation(params: GenerationParams) -> tuple[Generation, Callable[[Fi
 
 
 def collect(generation: Generation, done: Callable[[Finished | None], None]) -> tuple[str, Finished]:
-    """The whole text and the final event of a non-streaming generation."""
+    """The whole text and the final event of a non-streaming generation; a client that goes
+    away meanwhile cancels it (gateway.disconnect) and gets :class:`ClientGone`."""
     parts: list[str] = []
     finished: Finished | None = None
+    watch = DisconnectWatch.start(request.environ, generation.close)
     try:
         for event in generation:
             if isinstance(event, TextDelta):
                 parts.append(event.text)
-            else:
+            elif isinstance(event, Finished):
                 finished = event
         if finished is None:
+            if watch.gone:
+                raise ClientGone()
             log.error("generation ended without a final event")
             raise internal_error(g.request_id)
     finally:
+        watch.stop()
         generation.close()
         done(finished)
     return "".join(parts), finished
@@ -145,6 +151,7 @@ def stream_response(
         on_close=done,
         encode=encode,
         encode_error=encode_error,
+        environ=request.environ,
     )
     return Response(
         body,

@@ -1,12 +1,16 @@
 """Server-sent events of ``POST /generate`` with ``"stream": true`` (shared/API.md).
 
 The route validates the request, starts the generation and reads its FIRST event before it
-returns (STYLE 4), so anything that fails before a token is still a proper HTTP status. The
-rest goes through :class:`SSEBody`, the WSGI body: ``event: token`` per delta, one
+returns (STYLE 4): the admission (``backend.ADMITTED``: Triton's "llm" model validated and queued
+the request) or, from a backend that does not send one, the first text. Anything that fails
+before that is still a proper HTTP status. The rest goes through :class:`SSEBody`, the WSGI
+body: an SSE comment at once when the first event was the admission (so the status line and
+headers leave while the request waits for the engine), ``event: token`` per delta, one
 ``event: done``, or ``event: error`` (the envelope's error object) when the generation fails
 after the stream began; then the stream ends. While it waits for the next event it sends an SSE
-comment (``: keep-alive``) every heartbeat interval: a client that went away is only noticed on
-a write, and the server then closes the body, which cancels the generation.
+comment (``: keep-alive``) every heartbeat interval, so idle timeouts of clients and proxies do
+not fire. A client that went away is noticed by gateway.disconnect (or, failing that, on the
+next write); the body then closes the generation, which cancels it on the server.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .backend import Event, Finished, Generation, TextDelta
+from .backend import Admitted, Event, Finished, Generation, TextDelta
+from .disconnect import DisconnectWatch
 from .errors import ApiError, internal_error
 
 log = logging.getLogger("trident.gateway")
@@ -104,10 +109,12 @@ class SSEBody:
         on_close: Callable[[Finished | None], None],
         encode: Callable[[Event], bytes] = event_bytes,
         encode_error: Callable[[ApiError], bytes] = error_bytes,
+        environ: dict[str, Any] | None = None,
     ) -> None:
-        """``encode`` turns each event into the bytes sent and ``encode_error`` a failure after
-        the stream began; the defaults are ``/generate``'s events (the OpenAI-compatible routes
-        pass their own, gateway.openai_stream)."""
+        """``encode`` turns each text or final event into the bytes sent and ``encode_error`` a
+        failure after the stream began; the defaults are ``/generate``'s events (the
+        OpenAI-compatible routes pass their own, gateway.openai_stream). ``environ`` (the WSGI
+        environ) lets the body watch the client's connection (gateway.disconnect)."""
         self._generation = generation
         self._encode = encode
         self._encode_error = encode_error
@@ -117,6 +124,8 @@ class SSEBody:
         self._on_close = on_close
         self._finished: Finished | None = None
         self._cleaned_up = False
+        self._environ = environ
+        self._watch: DisconnectWatch | None = None
         self._chunks = self._run(first, events)
 
     def __iter__(self) -> SSEBody:
@@ -126,15 +135,23 @@ class SSEBody:
         return next(self._chunks)
 
     def _emit(self, event: Event) -> bytes:
+        if isinstance(event, Admitted):
+            return HEARTBEAT
         if isinstance(event, Finished):
             self._finished = event
         return self._encode(event)
+
+    def _client_gone(self) -> None:
+        log.info("client went away; cancelling the generation", extra=self._log_extra)
+        self._generation.close()
 
     def _run(self, first: Event, events: Iterator[Event]) -> Iterator[bytes]:
         try:
             yield self._emit(first)
             if isinstance(first, Finished):
                 return
+            if self._environ is not None:
+                self._watch = DisconnectWatch.start(self._environ, self._client_gone)
             pump = EventPump(events)
             while True:
                 try:
@@ -147,6 +164,8 @@ class SSEBody:
                     log.exception("stream failed", extra=self._log_extra)
                     yield self._encode_error(internal_error(self._request_id))
                     return
+                if self._watch is not None and self._watch.gone:
+                    return  # nobody to write to; the generation is closed
                 if event is None:
                     yield HEARTBEAT
                 elif isinstance(event, _End):
@@ -164,6 +183,8 @@ class SSEBody:
         if self._cleaned_up:
             return
         self._cleaned_up = True
+        if self._watch is not None:
+            self._watch.stop()
         try:
             self._generation.close()
         finally:

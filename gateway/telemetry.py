@@ -180,7 +180,7 @@ class ObservedGeneration:
                         last = now
                     if record.output is not None:
                         record.output.append(event.text)
-                else:
+                elif isinstance(event, Finished):
                     record.finished = event
                     self._prompt_tokens.inc(event.prompt_tokens)
                     self._completion_tokens.inc(event.completion_tokens)

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from .backend import Event, Finished, TextDelta
+from .backend import ADMITTED, Event, Finished, TextDelta
 from .errors import ApiError, internal_error, timeout_error, unavailable
 from .params import GenerationParams
 from .triton_codec import build_infer_request, llm_inputs, parse_stream_response, tagged_error
@@ -48,6 +48,9 @@ class TritonGeneration:
                 parsed = parse_stream_response(
                     response, request_id=self._request_id, retry_after=self._retry_after
                 )
+                if parsed.admitted:
+                    yield ADMITTED
+                    continue
                 if parsed.text:
                     yield TextDelta(parsed.text)
                 if parsed.finished is not None:
@@ -157,7 +160,7 @@ class TritonBackend:
 
     def generate(self, params: GenerationParams, *, request_id: str) -> TritonGeneration:
         triton_model = self.models[params.model]
-        request = build_infer_request(triton_model, llm_inputs(params), request_id=request_id)
+        request = build_infer_request(triton_model, llm_inputs(params), request_id=request_id, admission=True)
         call = self.stub.ModelStreamInfer(
             iter((request,)), timeout=self.request_timeout, wait_for_ready=False
         )

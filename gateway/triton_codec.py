@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+from trident.contract import ADMISSION_PARAMETER
+
 from .backend import Finished
 from .errors import ApiError, ClientError, internal_error, unavailable
 from .params import GenerationParams
@@ -74,11 +76,14 @@ def serialize(array: np.ndarray) -> tuple[str, bytes]:
 
 
 def build_infer_request(
-    model_name: str, inputs: dict[str, np.ndarray], *, request_id: str = ""
+    model_name: str, inputs: dict[str, np.ndarray], *, request_id: str = "", admission: bool = False
 ) -> service_pb2.ModelInferRequest:
-    """A ``ModelInferRequest`` that asks for the empty final response, so the final flag arrives."""
+    """A ``ModelInferRequest`` that asks for the empty final response, so the final flag arrives,
+    and with ``admission`` for the "llm" model's admission response (trident.contract)."""
     request = service_pb2.ModelInferRequest(model_name=model_name, id=request_id)
     request.parameters[EMPTY_FINAL].bool_param = True
+    if admission:
+        request.parameters[ADMISSION_PARAMETER].bool_param = True
     for name, array in inputs.items():
         datatype, raw = serialize(array)
         tensor = request.inputs.add()
@@ -115,6 +120,7 @@ class StreamResponse:
     text: str  # "" when the response holds no text_output
     finished: Finished | None  # set on the response that carries finish_reason and the counts
     final: bool  # the triton_final_response flag
+    admitted: bool = False  # a non-final response without outputs: the admission response
 
 
 _SCALAR_FORMATS = {"INT32": "<i", "INT64": "<q", "UINT64": "<Q"}
@@ -165,6 +171,7 @@ def parse_stream_response(
         text=text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text),
         finished=finished,
         final=bool(final),
+        admitted=not final and not infer.outputs,
     )
 
 

@@ -8,9 +8,11 @@ packages through the ``python`` first on ``PATH``, so the venv's ``bin`` goes fi
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -106,8 +108,35 @@ def triton_env(*, base: dict | None = None) -> dict:
     return env
 
 
+# Threads the Python backend's parent keeps for one model instance beyond the llm model's BLS
+# calls: its own responses, the engine model's responses, stop requests.
+THREAD_POOL_HEADROOM = 32
+DEFAULT_THREAD_POOL = 32  # the Python backend's own default
+_MAX_CONCURRENT = re.compile(
+    r'key:\s*"max_concurrent_requests"\s*value:\s*\{\s*string_value:\s*"(\d+)"')
+
+
+def python_thread_pool_size(model_repository: Path, *, llm_model: str = "llm") -> int:
+    """The Python backend's ``thread-pool-size`` for a repository: the llm model's
+    ``max_concurrent_requests`` plus headroom.
+
+    Every decoupled BLS call holds a thread of that pool until the engine's first response, and
+    the same pool sends the model's own responses: a pool no larger than the requests waiting in
+    the engine's queue sends nothing until a batch ends (trident.llm_service, "Thread budget").
+    """
+    config = Path(model_repository) / llm_model / "config.pbtxt"
+    try:
+        match = _MAX_CONCURRENT.search(config.read_text())
+    except OSError:
+        match = None
+    concurrent = int(match.group(1)) if match else 256  # LlmSettings' default
+    return max(DEFAULT_THREAD_POOL, concurrent + THREAD_POOL_HEADROOM)
+
+
 def build_command(*, model_repository: Path, backend_dir: Path, ports: TritonPorts,
-                  log_verbose: int = 0, extra_args: Sequence[str] = ()) -> list[str]:
+                  log_verbose: int = 0, exit_timeout: int = 30,
+                  extra_args: Sequence[str] = ()) -> list[str]:
+    pool = python_thread_pool_size(model_repository)
     return [
         str(pytriton_root() / "bin" / "tritonserver"),
         f"--model-repository={model_repository}",
@@ -122,6 +151,10 @@ def build_command(*, model_repository: Path, backend_dir: Path, ports: TritonPor
         "--allow-gpu-metrics=false",
         "--exit-on-error=true",
         "--strict-readiness=true",
+        f"--backend-config=python,thread-pool-size={pool}",
+        # On SIGINT/SIGTERM Triton stops taking requests and waits this long for the ones in
+        # flight (and model unloads) before it exits.
+        f"--exit-timeout-secs={exit_timeout}",
         f"--log-verbose={log_verbose}",
         *extra_args,
     ]

@@ -45,6 +45,41 @@ def triton(tmp_path_factory):
     server.stop()
 
 
+SMALL_BATCH = 4  # engine slots of the small-batch repository: tests run many more streams
+
+
+def build_small_repository(out: Path, *, max_batch_size: int = SMALL_BATCH) -> Path:
+    """The CPU repository from the same templates and model, with a small engine batch."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(ROOT / "build/build_repository.py"), "--model-dir", str(tokenizer_dir()),
+                    "--out", str(out), "--max-batch-size", str(max_batch_size), "--max-seq-len", "1024",
+                    "--weight-dtype", "int4"], check=True, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_repo(tmp_path_factory):
+    return build_small_repository(tmp_path_factory.mktemp("repo-small") / "repository")
+
+
+def start_triton(repo, tmp_path_factory, name="triton"):
+    work = tmp_path_factory.mktemp(name)
+    server = TritonServer(model_repository=repo, work_dir=work,
+                          ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
+    _servers.append(server)
+    return server.start(timeout=300)
+
+
+@pytest.fixture(scope="session")
+def small_triton(small_repo, tmp_path_factory):
+    """A Triton whose engine has SMALL_BATCH slots."""
+    server = start_triton(small_repo, tmp_path_factory, "triton-small")
+    yield server
+    server.stop()
+
+
 def start_gateway(triton, tmp_path_factory, *, workers=1, extra_env=None):
     work = tmp_path_factory.mktemp("gateway")
     env = {"TRIDENT_API_KEY": API_KEY, "TRIDENT_TOKENIZER_DIR": str(tokenizer_dir()), **(extra_env or {})}

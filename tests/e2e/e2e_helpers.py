@@ -37,7 +37,10 @@ def sse_events(response):
 ENGINE_METRICS = {
     "generated": "trident_engine_generated_tokens_total",
     "cancelled": "trident_engine_requests_cancelled_total",
+    "prefilled": "trident_engine_requests_prefilled_total",
+    "steps": "trident_engine_decode_steps_total",
     "active": "trident_engine_active_requests",
+    "waiting": "trident_engine_waiting_requests",
 }
 
 

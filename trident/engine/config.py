@@ -50,6 +50,9 @@ class EngineConfig:
     # Prompt tokens prefilled between two decode steps (at least one request is always admitted):
     # a burst of long prompts must not freeze the tokens of the sequences already decoding.
     prefill_token_budget: int = 1024
+    # Seconds between two is_cancelled() polls of one request (each is an IPC round trip under
+    # Triton); a waiting request is also polled right before it would be admitted.
+    cancel_check_interval: float = 0.1
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +35,7 @@ from .sampling import RowSampling, make_generator, sample
 log = logging.getLogger("trident.engine")
 
 OnOutput = Callable[[GenerationOutput], None]
+STOP_MEMORY = 5.0  # seconds a stop for an unknown request id is kept (see Engine._early_stops)
 
 
 @dataclass(eq=False)  # identity semantics: sequences are looked up in queues
@@ -45,6 +47,7 @@ class _Sequence:
     emitted: int = 0  # output tokens already sent (streaming)
     cache_len: int = 0  # tokens whose K/V are in the cache
     finished: bool = False
+    cancel_checked: float = 0.0  # time.monotonic() of the last is_cancelled() poll
 
     @property
     def last_token(self) -> int:
@@ -94,11 +97,14 @@ class Engine:
         self._waiting: collections.deque[_Sequence] = collections.deque()  # guarded by _cond
         self._rejected: collections.deque[tuple[GenerationRequest, OnOutput, EngineError]] = collections.deque()
         self._cancel_ids: set[str] = set()  # guarded by _cond
+        # Stops for ids the engine did not hold yet (the stop overtook its request): a request
+        # submitted with such an id within STOP_MEMORY seconds is cancelled, never prefilled.
+        self._early_stops: dict[str, float] = {}  # engine thread only
         self._active: list[_Sequence] = []  # engine thread only; index == KV slot
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counters = dict.fromkeys(
-            ("steps", "tokens_generated", "requests_submitted", "requests_finished",
+            ("steps", "tokens_generated", "requests_submitted", "requests_prefilled", "requests_finished",
              "requests_cancelled", "requests_failed", "requests_rejected"), 0
         )
 
@@ -135,6 +141,8 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise EngineStoppedError("the engine is stopped")
+            if request.request_id and request.request_id in self._early_stops:
+                self._cancel_ids.add(request.request_id)  # polled before the next admission
             if error is not None:
                 self._rejected.append((request, on_output, error))
             else:
@@ -178,7 +186,7 @@ class Engine:
         if request.repetition_penalty != 1.0:
             rs.seen = torch.zeros(vocab, dtype=torch.bool)
             rs.seen[request.input_ids] = True
-        return _Sequence(request=request, on_output=on_output, sampling=rs)
+        return _Sequence(request=request, on_output=on_output, sampling=rs, cancel_checked=time.monotonic())
 
     def _use_threads(self, rows: int) -> None:
         """OpenMP's thread count is per calling thread: set it here, in the engine thread."""
@@ -219,24 +227,37 @@ class Engine:
             self._finish(seq, "error", error=str(error), error_type=error.error_type)
 
     def _poll_cancellations(self, cancel_ids: set[str]) -> None:
+        """Stop requests (by id) and clients gone (is_cancelled(), at most once per
+        cancel_check_interval per request: with a Triton sender each poll is an IPC round trip)."""
+        now = time.monotonic()
+        self._early_stops = {i: t for i, t in self._early_stops.items() if now - t < STOP_MEMORY}
         with self._cond:
             waiting = list(self._waiting)
+        found: set[str] = set()
         for seq in waiting + self._active:
-            if seq.request.request_id in cancel_ids or self._client_cancelled(seq):
-                with self._cond:
-                    if seq in self._waiting:
-                        self._waiting.remove(seq)
-                log.info("request %s cancelled after %d generated tokens", seq.request.request_id,
-                         len(seq.output))
-                self._counters["requests_cancelled"] += 1
-                self._finish(seq, "cancelled")
+            stopped = seq.request.request_id in cancel_ids
+            if stopped:
+                found.add(seq.request.request_id)
+            if stopped or self._client_cancelled(seq, now):
+                self._cancel(seq)
+        for request_id in cancel_ids - found:
+            if request_id:
+                self._early_stops[request_id] = now
         self._remove_finished()
 
-    @staticmethod
-    def _client_cancelled(seq: _Sequence) -> bool:
+    def _cancel(self, seq: _Sequence) -> None:
+        with self._cond:
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+        log.info("request %s cancelled after %d generated tokens", seq.request.request_id, len(seq.output))
+        self._counters["requests_cancelled"] += 1
+        self._finish(seq, "cancelled")
+
+    def _client_cancelled(self, seq: _Sequence, now: float, *, force: bool = False) -> bool:
         check = seq.request.is_cancelled
-        if check is None:
+        if check is None or (not force and now - seq.cancel_checked < self.config.cancel_check_interval):
             return False
+        seq.cancel_checked = now
         try:
             return bool(check())
         except Exception:  # a broken probe means nobody can receive the answer anyway
@@ -250,19 +271,29 @@ class Engine:
         together = self.model.batch_invariant
         while len(self._active) < self.config.max_batch_size and budget > 0:
             batch: list[_Sequence] = []
+            gone: list[_Sequence] = []
             with self._cond:
                 while self._waiting and len(self._active) + len(batch) < self.config.max_batch_size:
                     n = len(self._waiting[0].request.input_ids)
                     if n > budget and (batch or budget < self.config.prefill_token_budget):
                         break
-                    batch.append(self._waiting.popleft())
+                    seq = self._waiting.popleft()
+                    if self._client_cancelled(seq, time.monotonic(), force=True):
+                        gone.append(seq)  # a client gone never reaches prefill
+                        continue
+                    batch.append(seq)
                     budget -= n
                     if not together:
                         break
+            for seq in gone:
+                self._cancel(seq)
             if not batch:
+                if gone:
+                    continue
                 return
             slots = list(range(len(self._active), len(self._active) + len(batch)))
             self._active.extend(batch)
+            self._counters["requests_prefilled"] += len(batch)
             try:
                 prompts = [torch.tensor(seq.request.input_ids, dtype=torch.long) for seq in batch]
                 self._use_threads(sum(len(p) for p in prompts))

@@ -1,0 +1,256 @@
+"""The llm model's request loop (trident.llm_service) with a fake engine and fake Triton requests:
+admission, streaming, stop sequences, cancellation at every stage, workers that never die."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from trident.llm_service import EngineChunk, LlmService, LlmSettings
+
+TIMEOUT = 10
+
+
+class FakeRequest:
+    def __init__(self, prompt="Hello there", *, max_tokens=8, stream=True, stop_words=(), admission=False,
+                 fail_on=()):
+        self.inputs = {
+            "text_input": np.array([[prompt.encode()]], dtype=object),
+            "max_tokens": np.array([[max_tokens]], dtype=np.int32),
+            "stream": np.array([[stream]]),
+        }
+        if stop_words:
+            self.inputs["stop_words"] = np.array([[w.encode() for w in stop_words]], dtype=object)
+        self.admission = admission
+        self.fail_on = set(fail_on)  # names of send functions that raise, as for a client gone
+        self.cancelled = threading.Event()
+        self.sent = []  # (kind, payload)
+        self.done = threading.Event()
+
+    def input(self, name):
+        return self.inputs.get(name)
+
+    def wants_admission(self):
+        return self.admission
+
+    def is_cancelled(self):
+        return self.cancelled.is_set()
+
+    def _record(self, kind, payload=None, *, final=False):
+        if kind in self.fail_on:
+            if final:
+                self.done.set()
+            raise RuntimeError(f"{kind}: the response stream is gone")
+        self.sent.append((kind, payload))
+        if final:
+            self.done.set()
+
+    def send_admission(self):
+        self._record("send_admission")
+
+    def send_text(self, text):
+        self._record("send_text", text)
+
+    def send_final(self, text, gen):
+        self._record("send_final", (text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens), final=True)
+
+    def send_error(self, message):
+        self._record("send_error", message, final=True)
+
+    def close(self):
+        self._record("close", final=True)
+
+    def text(self):
+        parts = [p for k, p in self.sent if k == "send_text"]
+        finals = [p for k, p in self.sent if k == "send_final"]
+        return "".join(parts) + (finals[0][0] if finals else "")
+
+
+class FakeEngine:
+    """Streams the token ids of ``reply`` one at a time; ``hold`` keeps every request queued
+    (no first response) until it is stopped or released."""
+
+    def __init__(self, tokenizer, reply=" one two three four five six seven eight", *, hold=False):
+        self.ids = tokenizer(reply, add_special_tokens=False).input_ids
+        self.hold = hold
+        self.release = threading.Event()
+        self.streams = []  # engine ids, in submission order
+        self.stops = []
+        self.stopped = {}
+        self.error = None
+
+    def stream(self, tensors, engine_id):
+        self.streams.append(engine_id)
+        stopped = self.stopped.setdefault(engine_id, threading.Event())
+        if self.hold:
+            while not (stopped.is_set() or self.release.is_set()):
+                time.sleep(0.005)
+        if self.error:
+            yield EngineChunk(error=self.error)
+            return
+        limit = int(tensors["request_output_len"][0, 0])
+        for token in self.ids[:limit]:
+            if stopped.is_set():
+                break
+            yield EngineChunk(token_ids=[token])
+        yield EngineChunk(token_ids=[])  # the final response
+
+    def stop(self, engine_id):
+        self.stops.append(engine_id)
+        self.stopped.setdefault(engine_id, threading.Event()).set()
+
+
+@pytest.fixture
+def make_service(tokenizer):
+    services = []
+
+    def make(engine=None, **settings):
+        engine = engine or FakeEngine(tokenizer)
+        defaults = dict(max_concurrent=2, cancel_check_interval=0.02)
+        service = LlmService(LlmSettings(**{**defaults, **settings}), tokenizer, engine)
+        service.start()
+        services.append(service)
+        return service, engine
+
+    yield make
+    for service in services:
+        service.stop()
+
+
+def wait(request):
+    assert request.done.wait(TIMEOUT), f"no final response; sent so far: {request.sent}"
+
+
+def test_streams_deltas_then_a_final_response_with_the_counts(make_service, tokenizer):
+    service, engine = make_service()
+    request = FakeRequest(max_tokens=4)
+    service.accept(request)
+    wait(request)
+    kinds = [k for k, _ in request.sent]
+    assert kinds[-1] == "send_final" and set(kinds[:-1]) == {"send_text"}
+    assert request.text() == tokenizer.decode(engine.ids[:4])
+    _, reason, prompt_tokens, completion_tokens = request.sent[-1][1]
+    assert (reason, completion_tokens) == ("length", 4)
+    assert prompt_tokens == len(tokenizer("Hello there").input_ids)
+
+
+def test_admission_comes_first_and_only_when_asked(make_service):
+    service, _ = make_service()
+    asked, silent = FakeRequest(admission=True), FakeRequest()
+    service.accept(asked)
+    service.accept(silent)
+    wait(asked)
+    wait(silent)
+    assert asked.sent[0] == ("send_admission", None)
+    assert all(kind != "send_admission" for kind, _ in silent.sent)
+
+
+def test_a_bad_request_is_refused_before_admission(make_service):
+    service, engine = make_service(max_context=16)
+    request = FakeRequest("word " * 40, admission=True)
+    service.accept(request)
+    wait(request)
+    assert [k for k, _ in request.sent] == ["send_error"]
+    assert request.sent[0][1].startswith("[invalid_request_error:prompt] the prompt has")
+    assert engine.streams == []
+
+
+def test_a_stop_sequence_stops_the_engine_request(make_service, tokenizer):
+    service, engine = make_service()
+    request = FakeRequest(stop_words=[" three"])
+    service.accept(request)
+    wait(request)
+    assert request.text() == " one two"
+    assert request.sent[-1][1][1] == "stop_sequence"
+    assert engine.stops == engine.streams  # the engine was told to stop that request
+
+
+def test_an_engine_error_is_passed_on_unchanged(make_service, tokenizer):
+    engine = FakeEngine(tokenizer)
+    engine.error = "[service_unavailable] engine queue is full"
+    service, _ = make_service(engine)
+    request = FakeRequest()
+    service.accept(request)
+    wait(request)
+    assert request.sent == [("send_error", "[service_unavailable] engine queue is full")]
+
+
+@pytest.mark.parametrize("failing", ["send_text", "send_final", "send_error", "close"])
+def test_a_failing_send_leaves_the_worker_alive(make_service, tokenizer, failing):
+    """One worker; its request's response stream breaks (the client went away between the check
+    and the send). The next request must still be served by the same worker."""
+    engine = FakeEngine(tokenizer)
+    if failing in ("send_error",):
+        engine.error = "[service_unavailable] engine stopped"
+    service, _ = make_service(engine, max_concurrent=1, cancel_check_interval=0.0)
+    broken = FakeRequest(fail_on={failing})
+    if failing == "close":
+        broken.cancelled.set()  # a request found cancelled is closed
+    service.accept(broken)
+    wait(broken)
+    engine.error = None
+    healthy = FakeRequest(max_tokens=3)
+    service.accept(healthy)
+    wait(healthy)
+    assert healthy.sent[-1][0] == "send_final"
+
+
+def test_a_request_cancelled_while_queued_here_never_reaches_the_engine(make_service, tokenizer):
+    engine = FakeEngine(tokenizer, hold=True)
+    service, _ = make_service(engine, max_concurrent=1)
+    first, queued = FakeRequest(), FakeRequest(admission=True)
+    service.accept(first)
+    service.accept(queued)
+    queued.cancelled.set()
+    time.sleep(0.1)  # the watcher polls it while it waits for the only worker
+    engine.release.set()
+    wait(first)
+    wait(queued)
+    assert len(engine.streams) == 1
+    assert [k for k, _ in queued.sent] == ["send_admission", "close"]
+    assert service.counters["cancelled_queued"] == 1
+
+
+def test_a_request_queued_in_the_engine_is_stopped_when_its_client_goes(make_service, tokenizer):
+    """No response from the engine yet (queued there): the watcher notices the client is gone
+    and sends the engine's stop request for that id, without waiting for a token."""
+    engine = FakeEngine(tokenizer, hold=True)
+    service, _ = make_service(engine)
+    request = FakeRequest(admission=True)
+    service.accept(request)
+    deadline = time.monotonic() + TIMEOUT
+    while not engine.streams and time.monotonic() < deadline:
+        time.sleep(0.005)
+    request.cancelled.set()
+    wait(request)
+    assert engine.stops == engine.streams
+    assert [k for k, _ in request.sent] == ["send_admission", "close"]
+    assert service.counters["cancelled_at_engine"] == 1
+
+
+def test_a_client_gone_mid_stream_stops_the_engine_and_gets_no_final(make_service, tokenizer):
+    engine = FakeEngine(tokenizer)
+    service, _ = make_service(engine, cancel_check_interval=0.0)
+
+    class DropsAfterTwo(FakeRequest):
+        def send_text(self, text):
+            super().send_text(text)
+            if len(self.sent) == 2:
+                self.cancelled.set()
+
+    request = DropsAfterTwo(max_tokens=8)
+    service.accept(request)
+    wait(request)
+    assert [k for k, _ in request.sent] == ["send_text", "send_text", "close"]
+    assert engine.stops == engine.streams
+
+
+def test_many_requests_over_few_workers_all_complete(make_service, tokenizer):
+    service, engine = make_service(max_concurrent=3)
+    requests = [FakeRequest(max_tokens=3, admission=True) for _ in range(20)]
+    for request in requests:
+        service.accept(request)
+    for request in requests:
+        wait(request)
+        assert request.sent[0][0] == "send_admission" and request.sent[-1][0] == "send_final"
+    assert len(engine.streams) == 20

@@ -1,0 +1,344 @@
+"""The ``llm`` Triton model's request loop, as plain code (``model.py`` only adapts Triton to it).
+
+One request goes through three stages:
+
+1. **accept** (in ``execute``, on Triton's thread): parse and validate the inputs, tokenize,
+   check the context. A bad request is answered with a tagged error at once; a good one gets an
+   *admission* response when the caller asked for it (request parameter
+   :data:`ADMISSION_PARAMETER`: the gateway does, so it can answer HTTP 200 and start SSE
+   heartbeats while the request waits for the engine) and joins the work queue.
+2. **wait for a worker**: at most ``max_concurrent`` requests stream from the engine at once,
+   one worker thread each (a BLS call blocks its thread; see "Thread budget" below).
+3. **stream** from the engine model over BLS: detokenize, hold back possible stop sequences,
+   stop the engine request on a match, send text deltas, then the final response with
+   ``finish_reason`` and token counts.
+
+Cancellation at every stage: a watcher thread polls ``is_cancelled()`` of every request that has
+not heard from the engine for ``cancel_check_interval`` seconds (queued here, queued in the
+engine, in a long prefill); workers poll it as tokens arrive, at the same rate. A cancelled
+request still queued here is dropped when a worker takes it; one at the engine gets the engine's
+``stop`` request (TensorRT-LLM's way, by request id; the CPU engine shares it), which also
+removes it from the engine's waiting queue, so it never reaches prefill.
+
+Thread budget (why requests beyond ``max_concurrent`` wait here): the Python backend runs every
+BLS call on a thread of its per-instance pool (Triton's ``--backend-config=python,
+thread-pool-size``), and a decoupled BLS call holds that thread until the engine's *first*
+response. The same pool sends this model's own responses. With the default 32 threads and 32
+requests waiting in the engine's queue, no response of any stream could be sent until a batch
+finished. So the launcher sizes the pool from ``max_concurrent`` (see
+``trident.triton_launcher.python_thread_pool_size``) and this model never has more BLS calls
+open than that.
+
+Workers never die: every failure, including a failing ``send`` on a request whose client is
+gone, ends that request only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Optional, Protocol
+
+import numpy as np
+
+from .contract import ADMISSION_PARAMETER  # noqa: F401  (re-exported for model.py)
+from .errors import InvalidRequest, TaggedError
+from .generation import TextGeneration, TextRequest, engine_tensors, parse_text_request
+
+log = logging.getLogger("trident.llm")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class LlmSettings:
+    """The ``llm`` model's ``config.pbtxt`` parameters."""
+
+    engine_model: str = "tensorrt_llm"
+    max_context: int = 2048
+    max_new_tokens_limit: int = 2048
+    max_concurrent: int = 256  # requests streaming from the engine at once (worker threads)
+    cancel_check_interval: float = 0.1  # seconds between is_cancelled() polls of one request
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> "LlmSettings":
+        def get(key: str, default: Any, cast: Callable[[str], Any]) -> Any:
+            value = params.get(key, "")
+            return cast(value) if value != "" else default
+
+        return cls(
+            engine_model=get("engine_model", cls.engine_model, str),
+            max_context=get("max_context", cls.max_context, int),
+            max_new_tokens_limit=get("max_new_tokens_limit", cls.max_new_tokens_limit, int),
+            max_concurrent=get("max_concurrent_requests", cls.max_concurrent, int),
+            cancel_check_interval=get("cancel_check_interval_ms", cls.cancel_check_interval * 1000, float) / 1000,
+        )
+
+
+class Request(Protocol):
+    """One ``llm`` request as the service sees it (model.py wraps Triton's)."""
+
+    def input(self, name: str) -> Optional[np.ndarray]: ...
+
+    def wants_admission(self) -> bool: ...
+
+    def is_cancelled(self) -> bool: ...
+
+    def send_admission(self) -> None:
+        """An empty, non-final response: accepted, generation pending."""
+
+    def send_text(self, text: str) -> None:
+        """A non-final response holding a text delta."""
+
+    def send_final(self, text: str, gen: TextGeneration) -> None:
+        """The final response: the last text, finish_reason and token counts."""
+
+    def send_error(self, message: str) -> None:
+        """A final error response; ``message`` is tagged (trident.errors)."""
+
+    def close(self) -> None:
+        """End the response stream without a response (the client is gone)."""
+
+
+@dataclasses.dataclass
+class EngineChunk:
+    """One response of the engine model: new token ids, or an error message."""
+
+    token_ids: Sequence[int] = ()
+    error: Optional[str] = None
+
+
+class EngineClient(Protocol):
+    def stream(self, tensors: dict[str, np.ndarray], engine_id: str) -> Iterable[EngineChunk]:
+        """Submit one engine request and iterate its responses up to the final one."""
+
+    def stop(self, engine_id: str) -> None:
+        """Stop the engine request with this id (queued or running); returns once sent."""
+
+
+class EngineFailure(Exception):
+    """The engine model answered with an error; its message is passed on unchanged."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """A request accepted by the service, from the queue to its last response."""
+
+    request: Request
+    text: TextRequest
+    tensors: dict[str, np.ndarray]
+    prompt_tokens: int
+    engine_id: str
+    last_check: float = dataclasses.field(default_factory=time.monotonic)
+    cancelled: bool = False
+    at_engine: bool = False
+    stop_sent: bool = False
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+
+class LlmService:
+    """Accepts requests (``accept``), streams them from the engine on worker threads."""
+
+    def __init__(self, settings: LlmSettings, tokenizer: Any, engine: EngineClient, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.clock = clock
+        self.end_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
+        # Engine request ids are decimal strings: TensorRT-LLM's backend matches a "stop"
+        # request to the running one by this id.
+        self._ids = itertools.count(random.randrange(1, 2**31) << 20)
+        self._queue: queue.SimpleQueue[Optional[Job]] = queue.SimpleQueue()
+        self._jobs: set[Job] = set()  # accepted and not finished; the watcher's list
+        self._jobs_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.counters = dict.fromkeys(("accepted", "rejected", "cancelled_queued", "cancelled_at_engine",
+                                       "completed", "failed"), 0)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        # Daemon threads: a worker still waiting on the engine must not hold the stub process
+        # open at unload.
+        for i in range(self.settings.max_concurrent):
+            self._threads.append(threading.Thread(target=self._worker, name=f"llm-{i}", daemon=True))
+        self._threads.append(threading.Thread(target=self._watch, name="llm-cancel-watch", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for _ in range(self.settings.max_concurrent):
+            self._queue.put(None)
+
+    # -- stage 1: accept (Triton's execute thread) -----------------------------------------------
+
+    def accept(self, request: Request) -> None:
+        """Validate, answer errors at once, acknowledge, queue. Never raises."""
+        try:
+            job = self._prepare(request)
+        except TaggedError as exc:
+            self.counters["rejected"] += 1
+            _safely(request.send_error, exc.tagged())
+            return
+        except Exception:  # a bug, not the client's fault: a 500 with no internals
+            log.exception("llm: accepting a request failed")
+            self.counters["failed"] += 1
+            _safely(request.send_error, "[server_error] internal error while accepting the request")
+            return
+        self.counters["accepted"] += 1
+        if request.wants_admission() and not _safely(request.send_admission):
+            return  # the client is already gone
+        with self._jobs_lock:
+            self._jobs.add(job)
+        self._queue.put(job)
+
+    def _prepare(self, request: Request) -> Job:
+        text = parse_text_request(request.input)
+        limit = self.settings.max_new_tokens_limit
+        if text.max_tokens > limit:
+            raise InvalidRequest(f"max_new_tokens must be between 1 and {limit}, got {text.max_tokens}",
+                                 param="max_new_tokens")
+        input_ids = self.tokenizer(text.prompt).input_ids
+        context = self.settings.max_context
+        if len(input_ids) + text.max_tokens > context:
+            raise InvalidRequest(
+                f"the prompt has {len(input_ids)} tokens and max_new_tokens is {text.max_tokens}: "
+                f"together {len(input_ids) + text.max_tokens}, over the model's context of "
+                f"{context} tokens", param="prompt")
+        bad_ids = [self.tokenizer(w, add_special_tokens=False).input_ids for w in text.bad_words]
+        tensors = engine_tensors(text, input_ids=input_ids, end_id=self.end_id, pad_id=self.pad_id,
+                                 bad_words_ids=[b for b in bad_ids if b])
+        return Job(request=request, text=text, tensors=tensors, prompt_tokens=len(input_ids),
+                   engine_id=str(next(self._ids)), last_check=self.clock())
+
+    # -- cancellation ---------------------------------------------------------------------------
+
+    def _poll(self, job: Job) -> bool:
+        """True when the job is (now found) cancelled; polls the client at most once per interval."""
+        if job.cancelled:
+            return True
+        now = self.clock()
+        if now - job.last_check < self.settings.cancel_check_interval:
+            return False
+        job.last_check = now
+        try:
+            gone = job.request.is_cancelled()
+        except Exception:  # a broken probe: nobody can receive the answer
+            log.exception("llm: is_cancelled() failed for %s", job.engine_id)
+            gone = True
+        if gone:
+            self._cancel(job)
+        return gone
+
+    def _cancel(self, job: Job) -> None:
+        with job.lock:
+            if job.cancelled:
+                return
+            job.cancelled = True
+            at_engine = job.at_engine
+        self.counters["cancelled_at_engine" if at_engine else "cancelled_queued"] += 1
+        log.info("request %s cancelled by the client (%s)", job.engine_id,
+                 "at the engine" if at_engine else "before reaching the engine")
+        if at_engine:
+            self._stop_engine(job)
+
+    def _stop_engine(self, job: Job) -> None:
+        with job.lock:
+            if job.stop_sent:
+                return
+            job.stop_sent = True
+        try:
+            self.engine.stop(job.engine_id)
+        except Exception:
+            log.exception("llm: could not stop engine request %s", job.engine_id)
+
+    def _watch(self) -> None:
+        interval = self.settings.cancel_check_interval
+        while not self._stopping.wait(max(interval / 2, 0.01)):
+            with self._jobs_lock:
+                jobs = list(self._jobs)
+            for job in jobs:
+                try:
+                    self._poll(job)
+                except Exception:  # never let the watcher die
+                    log.exception("llm: cancellation watch failed for %s", job.engine_id)
+
+    # -- stages 2 and 3: workers ----------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                self._serve(job)
+            except BaseException:  # never let a worker die: the request ends, the thread stays
+                log.exception("llm: request %s failed", job.engine_id)
+                self.counters["failed"] += 1
+                _safely(job.request.send_error, "[server_error] internal error during generation")
+            finally:
+                with self._jobs_lock:
+                    self._jobs.discard(job)
+
+    def _serve(self, job: Job) -> None:
+        with job.lock:
+            cancelled = job.cancelled
+            job.at_engine = not cancelled
+        if cancelled or self._poll(job):
+            _safely(job.request.close)
+            return
+        try:
+            self._generate(job)
+        except EngineFailure as exc:  # already tagged by the engine model (e.g. queue full)
+            if job.cancelled:
+                _safely(job.request.close)
+            else:
+                self.counters["failed"] += 1
+                _safely(job.request.send_error, str(exc))
+        except TaggedError as exc:
+            _safely(job.request.send_error, exc.tagged())
+
+    def _generate(self, job: Job) -> None:
+        request, text = job.request, job.text
+        gen = TextGeneration(self.tokenizer, text, prompt_tokens=job.prompt_tokens)
+        parts: list[str] = []
+        stopping = False
+        for chunk in self.engine.stream(job.tensors, job.engine_id):
+            if chunk.error is not None:
+                raise EngineFailure(chunk.error)
+            if stopping:
+                continue  # drain the engine stream up to its final response
+            delta = gen.push(chunk.token_ids)
+            if gen.stopped:
+                stopping = True
+                self._stop_engine(job)
+            if self._poll(job):
+                stopping = True
+                continue
+            if delta and text.stream:
+                if not _safely(request.send_text, delta):
+                    self._cancel(job)  # the response stream is gone: so is the client
+                    stopping = True
+            elif delta:
+                parts.append(delta)
+        if job.cancelled or self._poll(job):
+            _safely(request.close)  # Triton may refuse a send on a cancelled request
+            return
+        tail = gen.finish()
+        if _safely(request.send_final, tail if text.stream else "".join(parts) + tail, gen):
+            self.counters["completed"] += 1
+
+
+def _safely(send: Callable[..., None], *args: Any) -> bool:
+    """Call a response function; a failure (the client is gone) is logged, never raised."""
+    try:
+        send(*args)
+        return True
+    except Exception as exc:
+        log.info("llm: %s failed: %s", getattr(send, "__name__", "send"), exc)
+        return False
