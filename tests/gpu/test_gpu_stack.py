@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from trident.trtllm import TRTLLM_VERSION  # noqa: E402
 from trident.trtllm.checks import check_engine_version, engine_world_size, tensorrt_llm_version  # noqa: E402
+from trident.trtllm.plan import BuildLayout  # noqa: E402
 
 TRITONSERVER = os.environ.get("TRIDENT_TRITONSERVER", "/opt/tritonserver/bin/tritonserver")
 PARIS = "The capital of France is"
@@ -76,6 +77,19 @@ def built(tmp_path_factory):
         capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, f"engine build failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(built):
+    """The tokenizer as the served models load it: from the build's compatibility view.
+
+    Overrides tests/conftest.py's, which reads TRIDENT_MODEL_DIR: that checkpoint is written by
+    transformers 5 ("tokenizer_class": "TokenizersBackend"), which the image's transformers 4.57.3
+    cannot load; build_engine.py writes <out>/hf with the class it can (trident/trtllm/checkpoint.py).
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(BuildLayout.under(built).hf_dir))
 
 
 @pytest.fixture(scope="session")

@@ -13,5 +13,7 @@ TRTLLM_VERSION = "1.2.1"
 # First Triton release whose trtllm-python-py3 image ships TensorRT-LLM 1.2.1 (26.05 keeps it).
 TRITON_RELEASE = "26.04"
 TRITON_IMAGE = f"nvcr.io/nvidia/tritonserver:{TRITON_RELEASE}-trtllm-python-py3"
-# Git tag of TensorRT-LLM whose examples/ match the installed wheel (the converter script).
-TRTLLM_GIT_TAG = f"v{TRTLLM_VERSION}"
+# Git refs of NVIDIA/TensorRT-LLM whose examples/ match the installed wheel (the converter script),
+# tried in order: the release ref that tensorrtllm_backend tracks (PR #853), then the tag, which
+# may not exist. Only used when the image has no copy of its own (converter.py).
+TRTLLM_GIT_REFS = (f"release/{TRTLLM_VERSION}", f"v{TRTLLM_VERSION}")

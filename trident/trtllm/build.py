@@ -21,7 +21,8 @@ from . import TRITON_IMAGE, TRTLLM_VERSION
 from .checkpoint import check_converted, read_model_shape, write_compat_view
 from .checks import (GpuSetupError, check_engine_version, explain_failure, list_gpus, require_pinned_version,
                      tensorrt_llm_version)
-from .commands import build_command, convert_command, find_convert_script, shell_line
+from .commands import build_command, convert_command, shell_line
+from .converter import CONVERT_SCRIPT_ENV, find_convert_script
 from .plan import BuildLayout, EngineSettings, ServingSettings, check_plan
 from .repository import write_trtllm_repository
 
@@ -115,8 +116,8 @@ def run_build(*, model_dir: Path, out_dir: Path, engine: EngineSettings, serving
         script = find_convert_script(explicit=convert_script)
         if script is None:
             script = Path("<convert_checkpoint.py of TensorRT-LLM " + TRTLLM_VERSION + ">")
-            log("note: no convert_checkpoint.py found here; Dockerfile.triton installs one "
-                "(or pass --convert-script)")
+            log("note: no convert_checkpoint.py found here; in Dockerfile.triton's image it is the image's "
+                "own copy or a downloaded one (or pass --convert-script)")
         commands = plan_commands(layout=layout, engine=engine, convert_script=script, python=python,
                                  trtllm_build=trtllm_build)
         log(f"[1/{total}] compat view of the checkpoint -> {layout.hf_dir}")
@@ -156,7 +157,8 @@ def run_build(*, model_dir: Path, out_dir: Path, engine: EngineSettings, serving
             raise BuildError(
                 f"convert_checkpoint.py of TensorRT-LLM {TRTLLM_VERSION} not found "
                 f"({script or 'no candidate path exists'}): pass --convert-script or set "
-                "TRIDENT_TRTLLM_CONVERT_SCRIPT (Dockerfile.triton installs it)")
+                f"{CONVERT_SCRIPT_ENV} (Dockerfile.triton finds the image's copy or downloads one: "
+                "python3 -m trident.trtllm.converter)")
         commands = plan_commands(layout=layout, engine=engine, convert_script=script, python=python,
                                  trtllm_build=trtllm_build)
         layout.stamp.unlink(missing_ok=True)  # a half-done build must never look finished

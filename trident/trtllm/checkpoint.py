@@ -4,10 +4,10 @@ Two things in a checkpoint written by transformers 5 break the 1.2.1 path silent
 
 * ``config.json`` keeps the RoPE base only in ``rope_parameters.rope_theta``. TensorRT-LLM's
   ``LLaMAConfig.from_hugging_face`` reads ``getattr(hf_config, "rope_theta", 10000.0)``, and the
-  image's transformers (4.57.1, pinned by TensorRT-LLM 1.2) ignores ``rope_parameters``: the
+  image's transformers (4.57.3, pinned by TensorRT-LLM 1.2.1) ignores ``rope_parameters``: the
   engine would be built with base 10000 instead of the model's (100000 for SmolLM2), with no error.
 * ``tokenizer_config.json`` names ``"tokenizer_class": "TokenizersBackend"``, a transformers 5
-  class; transformers 4.57.1 refuses to load it, so the llm model could not start.
+  class; transformers 4.57.3 refuses to load it, so the llm model could not start.
 
 ``write_compat_view`` writes a folder beside the engines with those two files rewritten and the
 rest linked (weights) or copied (small tokenizer files). ``check_converted`` then reads the

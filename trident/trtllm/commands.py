@@ -7,33 +7,11 @@ the plugin flags that ``tensorrt_llm/plugin/plugin.py::add_plugin_argument`` exp
 """
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 from typing import Sequence
 
-from . import TRTLLM_GIT_TAG
 from .plan import EngineSettings
-
-CONVERT_SCRIPT_ENV = "TRIDENT_TRTLLM_CONVERT_SCRIPT"
-# Where the Llama converter of the pinned release may be: the copy Dockerfile.triton fetches at
-# the release tag first, then the layouts NVIDIA's Triton images have used for examples/.
-CONVERT_SCRIPT_CANDIDATES = (
-    Path("/opt/trident/third_party/tensorrt_llm") / TRTLLM_GIT_TAG / "llama/convert_checkpoint.py",
-    Path("/app/examples/models/core/llama/convert_checkpoint.py"),
-    Path("/app/tensorrt_llm/examples/models/core/llama/convert_checkpoint.py"),
-)
-
-
-def find_convert_script(*, explicit: str | None = None, env: dict | None = None,
-                        candidates: Sequence[Path] = CONVERT_SCRIPT_CANDIDATES) -> Path | None:
-    """The converter to run: --convert-script, else $TRIDENT_TRTLLM_CONVERT_SCRIPT, else a known path."""
-    env = os.environ if env is None else env
-    if explicit:
-        return Path(explicit)
-    if env.get(CONVERT_SCRIPT_ENV):
-        return Path(env[CONVERT_SCRIPT_ENV])
-    return next((path for path in candidates if path.is_file()), None)
 
 
 def convert_command(*, python: str, convert_script: Path, model_dir: Path, checkpoint_dir: Path,

@@ -1,0 +1,138 @@
+"""Where ``convert_checkpoint.py``, TensorRT-LLM's Llama converter, comes from.
+
+The converter is one of TensorRT-LLM's examples, not part of the tensorrt_llm wheel, and it has
+to be the one of the installed release (its flags and weight mapping change between releases).
+``find_convert_script`` takes, in order:
+
+1. ``--convert-script`` or ``$TRIDENT_TRTLLM_CONVERT_SCRIPT``: the operator's choice;
+2. a copy inside the image: tensorrtllm_backend's image build copies the release's ``examples/``
+   to ``/app/examples``, which match the installed wheel by construction;
+3. the copy that Dockerfile.triton downloads at image build (``python3 -m
+   trident.trtllm.converter``) when the image has none.
+
+The download tries the ``release/1.2.1`` ref first (tensorrtllm_backend PR #853 moved to it and
+calls it the release's ref) and the ``v1.2.1`` tag second, which may not exist. A file that does
+not look like the converter (an HTML error page, a moved file) is refused, not saved.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from . import TRTLLM_GIT_REFS, TRTLLM_VERSION
+
+CONVERT_SCRIPT_ENV = "TRIDENT_TRTLLM_CONVERT_SCRIPT"
+# The converter's path inside TensorRT-LLM's source tree (1.x layout).
+IN_REPO = "examples/models/core/llama/convert_checkpoint.py"
+# Where NVIDIA's Triton + TensorRT-LLM images put TensorRT-LLM's examples/ (/app/examples first).
+IMAGE_CANDIDATES = (
+    Path("/app") / IN_REPO,
+    Path("/app/tensorrt_llm") / IN_REPO,
+    Path("/opt/tensorrt_llm") / IN_REPO,
+)
+# Where ``ensure_converter`` saves a downloaded copy (Dockerfile.triton runs it at image build).
+DOWNLOADED = Path("/opt/trident/third_party/tensorrt_llm") / TRTLLM_VERSION / "convert_checkpoint.py"
+# The image's own copy first, the downloaded one otherwise.
+CANDIDATES = IMAGE_CANDIDATES + (DOWNLOADED,)
+RAW_URL = "https://raw.githubusercontent.com/NVIDIA/TensorRT-LLM/{ref}/{path}"
+
+
+class ConverterNotFound(RuntimeError):
+    """No converter in the image and none could be downloaded; the message lists what was tried."""
+
+
+def find_convert_script(*, explicit: str | None = None, env: dict | None = None,
+                        candidates: Sequence[Path] = CANDIDATES) -> Path | None:
+    """The converter to run: --convert-script, else $TRIDENT_TRTLLM_CONVERT_SCRIPT, else a known path."""
+    env = os.environ if env is None else env
+    if explicit:
+        return Path(explicit)
+    if env.get(CONVERT_SCRIPT_ENV):
+        return Path(env[CONVERT_SCRIPT_ENV])
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def converter_urls(refs: Iterable[str] = TRTLLM_GIT_REFS) -> list[str]:
+    return [RAW_URL.format(ref=ref, path=IN_REPO) for ref in refs]
+
+
+def looks_like_converter(text: str) -> bool:
+    """True for TensorRT-LLM's convert_checkpoint.py (its CLI and its import), not an error page."""
+    return all(marker in text for marker in ("--model_dir", "--output_dir", "--tp_size", "tensorrt_llm"))
+
+
+def http_get(url: str, *, timeout: float = 60.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (a fixed https URL)
+        return resp.read().decode("utf-8")
+
+
+def download_converter(*, dest: Path, urls: Sequence[str], fetch: Callable[[str], str] = http_get,
+                       log: Callable[[str], None] = print) -> str:
+    """Save the first URL that serves the converter to ``dest``; return that URL."""
+    failures = []
+    for url in urls:
+        try:
+            text = fetch(url)
+        except urllib.error.HTTPError as exc:
+            failures.append(f"{url}: HTTP {exc.code}")
+            continue
+        except (urllib.error.URLError, OSError, UnicodeDecodeError) as exc:
+            failures.append(f"{url}: {exc}")
+            continue
+        if not looks_like_converter(text):
+            failures.append(f"{url}: not TensorRT-LLM's convert_checkpoint.py")
+            continue
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        partial.write_text(text)
+        os.replace(partial, dest)  # never a half-written converter under the final name
+        log(f"[converter] {url} -> {dest}")
+        return url
+    raise ConverterNotFound(
+        f"could not download convert_checkpoint.py of TensorRT-LLM {TRTLLM_VERSION}:\n  "
+        + "\n  ".join(failures)
+        + f"\nPass --convert-script or set {CONVERT_SCRIPT_ENV} to a copy of {IN_REPO} from that release.")
+
+
+def ensure_converter(*, dest: Path = DOWNLOADED, image_candidates: Sequence[Path] = IMAGE_CANDIDATES,
+                     urls: Sequence[str] | None = None, fetch: Callable[[str], str] = http_get,
+                     log: Callable[[str], None] = print) -> Path:
+    """The image's own converter when it has one; otherwise a downloaded copy at ``dest``."""
+    own = next((path for path in image_candidates if path.is_file()), None)
+    if own is not None:
+        log(f"[converter] the image has TensorRT-LLM's converter: {own} (nothing downloaded)")
+        return own
+    dest = Path(dest)
+    if dest.is_file() and looks_like_converter(dest.read_text(errors="replace")):
+        log(f"[converter] already downloaded: {dest}")
+        return dest
+    download_converter(dest=dest, urls=converter_urls() if urls is None else urls, fetch=fetch, log=log)
+    return dest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m trident.trtllm.converter",
+        description=f"Make TensorRT-LLM {TRTLLM_VERSION}'s convert_checkpoint.py available: the image's "
+                    "own copy if it has one, else download it (Dockerfile.triton runs this).")
+    parser.add_argument("--dest", type=Path, default=DOWNLOADED, help="where a downloaded copy goes")
+    parser.add_argument("--ref", action="append", dest="refs", default=None,
+                        help=f"git ref of NVIDIA/TensorRT-LLM to try, repeatable (default: "
+                             f"{' then '.join(TRTLLM_GIT_REFS)})")
+    args = parser.parse_args(argv)
+    try:
+        ensure_converter(dest=args.dest, urls=converter_urls(args.refs or TRTLLM_GIT_REFS))
+    except ConverterNotFound as exc:
+        print(f"[converter] error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
