@@ -109,6 +109,13 @@ engine: triton-image model
 	    --entrypoint python3 $(TRITON_IMAGE_TAG) /opt/trident/build/build_engine.py \
 	    --model-dir /models/model --out /engines $(ENGINE_ARGS) --skip-existing
 
+# ---- streaming under load: first tokens at 1x, 2x, 4x the engine's slots (issue 11) ----
+LOAD_ARGS ?=
+.PHONY: load-streams
+
+load-streams: repository
+	$(PY) scripts/load_streams.py --model-repository $(REPO_DIR) --tokenizer-dir $(MODEL_DIR) $(LOAD_ARGS)
+
 # ---- CPU engine benchmark (issue 4): this engine through Triton vs HF generate vs llama.cpp ----
 BENCH_ARGS ?=
 .PHONY: bench bench-quick engine-memory

@@ -146,3 +146,49 @@ def test_a_disconnect_storm_leaves_the_engine_idle(load_gateway, small_triton):
     # the ~0.2 s a cancellation takes to arrive) were prefilled.
     prefilled = settled["prefilled"] - before["prefilled"]
     assert prefilled <= 100 + 2 * SMALL_BATCH, prefilled
+
+
+@pytest.fixture(scope="module")
+def quiet_gateway(small_triton, tmp_path_factory):
+    """Heartbeats every 10 minutes: a client that leaves can only be noticed on its socket."""
+    gw = start_gateway(small_triton, tmp_path_factory, extra_env={"TRIDENT_HEARTBEAT_INTERVAL": "600"})
+    yield gw
+    gw.stop()
+
+
+def raw_request(url, body):
+    """Send one request on a plain socket and return it (the response is never read)."""
+    import json
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_client_that_leaves_is_noticed_without_a_write(quiet_gateway, small_triton, streamed):
+    """The gateway watches the client's socket: a client that hangs up while its generation is
+    queued or running cancels it within the llm model's polling interval, not at the next
+    heartbeat (10 minutes here) or at the end of the generation."""
+    before = engine_metrics(small_triton)
+    socks = [raw_request(quiet_gateway.url, {**COUNTING, "stream": streamed, "max_new_tokens": 800})
+             for _ in range(2 * SMALL_BATCH)]  # half of them wait for a slot
+    deadline = time.monotonic() + 60
+    while engine_metrics(small_triton)["generated"] - before["generated"] < 8 * SMALL_BATCH:
+        assert time.monotonic() < deadline, "the engine did not start"
+        time.sleep(0.05)
+    for sock in socks:
+        sock.close()
+    left = time.monotonic()
+    while True:
+        now = engine_metrics(small_triton)
+        if now["active"] == 0 and now["waiting"] == 0:
+            break
+        assert time.monotonic() - left < 2.0, f"engine still busy 2 s after the clients left: {now}"
+        time.sleep(0.05)
+    assert now["cancelled"] - before["cancelled"] == 2 * SMALL_BATCH
+    assert now["prefilled"] - before["prefilled"] == SMALL_BATCH  # the queued half never started

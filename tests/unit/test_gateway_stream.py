@@ -8,7 +8,7 @@ import pytest
 from gateway_fakes import FakeBackend, Pause, default_script, wait_until
 
 from gateway import create_app
-from gateway.backend import Finished
+from gateway.backend import ADMITTED, Finished
 from gateway.errors import ClientError, ServerError
 
 KEY = "test-key-123"
@@ -147,3 +147,35 @@ def test_stream_params_reach_the_backend():
     stream(make_app(backend).test_client(), {**BODY, "seed": 0, "stop_sequences": ["\n"]}).get_data()
     params = backend.last_params
     assert params.stream is True and params.seed == 0 and params.stop_sequences == ("\n",)
+
+
+def test_admission_starts_the_stream_before_any_token():
+    """Triton's llm model admits a request (validated, queued) long before its first token when
+    the engine is busy: the 200 and a first comment go out at once, heartbeats follow while it
+    waits, and a failure after that is an error event."""
+    backend = FakeBackend(script=lambda p: [ADMITTED, Pause(0.25), "a", Finished("length", 1, 1)])
+    app = make_app(backend, HEARTBEAT_INTERVAL=0.05)
+    response = app.test_client().post("/generate", json={**BODY, "stream": True}, headers=AUTH, buffered=False)
+    assert response.status_code == 200 and response.mimetype == "text/event-stream"
+    chunks = iter(response.response)
+    assert next(chunks) == b": keep-alive\n\n"  # sent before the generation produced anything
+    assert backend.generations[0].consumed == 1
+    names = [name for name, _ in parse_sse(b"".join(chunks).decode())]
+    assert names[-2:] == ["token", "done"] and len(names) >= 4 and set(names[:-2]) == {"comment"}
+
+
+def test_failure_after_admission_is_an_error_event():
+    error = ServerError("The inference server is unavailable; try again later", status=503, retry_after=5)
+    backend = FakeBackend(script=lambda p: [ADMITTED, Pause(0.01), error])
+    response = stream(make_app(backend).test_client())
+    assert response.status_code == 200
+    events = parse_sse(response.get_data(as_text=True))
+    assert [name for name, _ in events] == ["comment", "error"]
+    assert events[1][1]["error"]["code"] == 503
+
+
+def test_admission_is_invisible_without_streaming():
+    backend = FakeBackend(script=lambda p: [ADMITTED, Pause(0.01), "Hello", Finished("eos_token", 2, 1)])
+    response = make_app(backend).test_client().post("/generate", json=BODY, headers=AUTH)
+    assert response.status_code == 200
+    assert response.get_json()["choices"][0]["text"] == "Hello"

@@ -62,3 +62,17 @@ def test_cpu_repository_configs_parse_with_tritons_protobuf(tmp_path):
     assert [(o.name, o.data_type) for o in ens.output] == [(o.name, o.data_type) for o in llm.output]
     # Tracked templates are never modified by a build.
     assert {p: p.read_bytes() for p in tracked_before} == tracked_before
+
+
+def test_launcher_sizes_the_python_thread_pool_from_the_llm_concurrency(tmp_path):
+    """Each of llm's BLS calls holds a thread of the Python backend's pool until the engine's
+    first response, and the pool also sends llm's own responses: the launcher gives it llm's
+    max_concurrent_requests (64 here) plus headroom, on CPU and on GPU alike."""
+    from trident.triton_launcher import TritonPorts, build_command, python_thread_pool_size
+    from trident.trtllm.launch import triton_command
+
+    out = build_repository(flavour="cpu", values=cpu_values(tmp_path), out_dir=tmp_path / "repo")
+    assert python_thread_pool_size(out) == 64 + 32
+    cmd = build_command(model_repository=out, backend_dir=tmp_path, ports=TritonPorts(1, 2, 3))
+    assert "--backend-config=python,thread-pool-size=96" in cmd and "--exit-timeout-secs=30" in cmd
+    assert "--backend-config=python,thread-pool-size=96" in triton_command(world_size=1, model_repository=out)

@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from trident.trtllm.build import BuildError, run_build
 from trident.trtllm.checkpoint import CheckpointError, check_converted, read_model_shape, write_compat_view
 from trident.trtllm.checks import (Gpu, GpuSetupError, check_engine_version, explain_failure, list_gpus,
                                    require_pinned_version)
+from trident.trtllm.converter import (ConverterNotFound, converter_urls, download_converter, ensure_converter,
+                                      find_convert_script)
 from trident.trtllm.launch import triton_command, world_size_of
 from trident.trtllm.plan import EngineSettings, PlanError, ServingSettings, check_plan
 
@@ -416,6 +419,83 @@ def test_engines_from_another_tensorrt_llm_are_refused(tmp_path):
         fake_build(tmp_path, FakeTools(shape, version="1.1.0"))
 
 
+# ---------------------------------------------------------------- the converter script
+
+CONVERTER_TEXT = ("import tensorrt_llm\nparser.add_argument('--model_dir')\nparser.add_argument('--output_dir')\n"
+                  "parser.add_argument('--tp_size')\n")
+
+
+class FakeRemote:
+    """Serves ``pages`` by URL; any other URL is a 404, as raw.githubusercontent.com answers a missing ref."""
+
+    def __init__(self, pages):
+        self.pages, self.asked = pages, []
+
+    def __call__(self, url):
+        self.asked.append(url)
+        if url not in self.pages:
+            raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
+        return self.pages[url]
+
+
+def test_converter_urls_try_the_release_ref_before_the_tag():
+    release, tag = converter_urls()
+    assert release == ("https://raw.githubusercontent.com/NVIDIA/TensorRT-LLM/release/1.2.1/"
+                       "examples/models/core/llama/convert_checkpoint.py")
+    assert tag == release.replace("/release/1.2.1/", "/v1.2.1/")
+
+
+def test_the_images_own_converter_comes_before_the_downloaded_one(tmp_path):
+    image, downloaded = tmp_path / "app/convert_checkpoint.py", tmp_path / "third_party/convert_checkpoint.py"
+    for path in (image, downloaded):
+        path.parent.mkdir(parents=True)
+        path.write_text(CONVERTER_TEXT)
+    candidates = (image, downloaded)
+    assert find_convert_script(env={}, candidates=candidates) == image
+    image.unlink()
+    assert find_convert_script(env={}, candidates=candidates) == downloaded
+    env = {"TRIDENT_TRTLLM_CONVERT_SCRIPT": "/mine.py"}
+    assert find_convert_script(env=env, candidates=candidates) == Path("/mine.py")
+    assert find_convert_script(explicit="/flag.py", env=env, candidates=candidates) == Path("/flag.py")
+    downloaded.unlink()
+    assert find_convert_script(env={}, candidates=candidates) is None
+
+
+def test_ensure_converter_downloads_nothing_when_the_image_has_one(tmp_path):
+    image = tmp_path / "app/convert_checkpoint.py"
+    image.parent.mkdir()
+    image.write_text(CONVERTER_TEXT)
+    remote = FakeRemote({})
+    got = ensure_converter(dest=tmp_path / "dl/convert_checkpoint.py", image_candidates=(image,), fetch=remote,
+                           log=lambda _: None)
+    assert got == image and remote.asked == [] and not (tmp_path / "dl").exists()
+
+
+def test_download_falls_back_to_the_tag_when_the_release_ref_is_missing(tmp_path):
+    release, tag = converter_urls()
+    dest = tmp_path / "dl/convert_checkpoint.py"
+    remote = FakeRemote({tag: CONVERTER_TEXT})
+    got = ensure_converter(dest=dest, image_candidates=(tmp_path / "none.py",), fetch=remote, log=lambda _: None)
+    assert got == dest and dest.read_text() == CONVERTER_TEXT
+    assert remote.asked == [release, tag]
+    remote = FakeRemote({release: CONVERTER_TEXT, tag: CONVERTER_TEXT})
+    dest.unlink()
+    assert download_converter(dest=dest, urls=[release, tag], fetch=remote, log=lambda _: None) == release
+    assert remote.asked == [release]
+
+
+def test_a_download_that_is_not_the_converter_is_refused_and_not_saved(tmp_path):
+    release, tag = converter_urls()
+    dest = tmp_path / "dl/convert_checkpoint.py"
+    remote = FakeRemote({release: "<html>moved</html>"})
+    with pytest.raises(ConverterNotFound) as info:
+        download_converter(dest=dest, urls=[release, tag], fetch=remote, log=lambda _: None)
+    message = str(info.value)
+    assert f"{release}: not TensorRT-LLM's convert_checkpoint.py" in message
+    assert f"{tag}: HTTP 404" in message and "TRIDENT_TRTLLM_CONVERT_SCRIPT" in message
+    assert not dest.exists() and not dest.parent.exists()
+
+
 # ---------------------------------------------------------------- checks
 
 def test_explain_failure_tells_oom_from_other_failures():
@@ -453,7 +533,9 @@ def test_version_checks(tmp_path):
 def rank(i, repo, extra=()):
     return ["/opt/tritonserver/bin/tritonserver", f"--model-repository={repo}", "--grpc-port=8001",
             "--http-port=8000", "--metrics-port=8002", *extra, "--disable-auto-complete-config",
-            f"--backend-config=python,shm-region-prefix-name=prefix{i}_"]
+            f"--backend-config=python,shm-region-prefix-name=prefix{i}_",
+            "--backend-config=python,thread-pool-size=288",  # no llm config at /r: 256 + 32
+            "--exit-timeout-secs=30"]
 
 
 def test_world_size_one_runs_tritonserver_without_mpi():

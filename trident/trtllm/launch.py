@@ -21,13 +21,15 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from ..triton_launcher import python_thread_pool_size
 from .checks import engine_world_size
 
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
 
 
 def rank_args(*, rank: int, tritonserver: str, model_repository: Path, http_port: int, grpc_port: int,
-              metrics_port: int, engine_model: str, log_verbose: int) -> list[str]:
+              metrics_port: int, engine_model: str, log_verbose: int, python_pool: int = 32,
+              exit_timeout: int = 30) -> list[str]:
     args = [
         tritonserver,
         f"--model-repository={model_repository}",
@@ -42,6 +44,10 @@ def rank_args(*, rank: int, tritonserver: str, model_repository: Path, http_port
     args += [
         "--disable-auto-complete-config",
         f"--backend-config=python,shm-region-prefix-name=prefix{rank}_",
+        # The llm model's BLS calls each hold a thread of this pool until the engine's first
+        # response: see trident.llm_service ("Thread budget").
+        f"--backend-config=python,thread-pool-size={python_pool}",
+        f"--exit-timeout-secs={exit_timeout}",
     ]
     return args
 
@@ -54,7 +60,7 @@ def triton_command(*, world_size: int, model_repository: Path, tritonserver: str
         raise ValueError(f"world size must be at least 1, got {world_size}")
     common = dict(tritonserver=tritonserver, model_repository=Path(model_repository), http_port=http_port,
                   grpc_port=grpc_port, metrics_port=metrics_port, engine_model=engine_model,
-                  log_verbose=log_verbose)
+                  log_verbose=log_verbose, python_pool=python_thread_pool_size(Path(model_repository)))
     if world_size == 1:
         return rank_args(rank=0, **common)
     cmd = [mpirun, "--allow-run-as-root", *extra_mpirun_args]

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Streaming under load: first-token times at 1x, 2x and 4x the engine's batch size.
+
+Sends N concurrent streaming requests (the same counting prompt, greedy, T tokens each) three
+ways, one after the other in the same run, and prints first-token earliest / p50 / p99 / latest:
+
+* ``gateway``  POST /generate with "stream": true, through the real gateway (gunicorn + gevent);
+* ``llm``      Triton gRPC straight to the text-level ``llm`` model;
+* ``engine``   Triton gRPC straight to the engine model ``tensorrt_llm`` (token ids in and out).
+
+"first batch" is the p50 of the first ``batch`` first tokens: the streams the engine admits at
+once. Streaming holds under load when the first batch's tokens arrive as fast at 2x and 4x as
+at 1x (the engine alone sets the floor); the later streams wait for a slot, as they should.
+
+    make load-streams                          # starts Triton and the gateway on the CPU repository
+    .venv/bin/python scripts/load_streams.py --grpc-url host:8001 --gateway-url http://host:8080 --api-key K
+
+Not a test: it prints numbers for a person to read (the tests check behaviour, not time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "1, 2, 3, 4, 5, 6,"  # the model counts on: every request makes all its tokens
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    v = sorted(values)
+    pick = lambda q: v[min(len(v) - 1, int(round(q * (len(v) - 1))))]  # noqa: E731
+    return {"min": v[0], "p50": statistics.median(v), "p99": pick(0.99), "max": v[-1]}
+
+
+def run_concurrently(n: int, one) -> list[float | None]:
+    """Start n threads at once (behind a barrier); each returns its first-token time."""
+    firsts: list[float | None] = [None] * n
+    barrier = threading.Barrier(n + 1)
+    t0 = [0.0]
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            firsts[i] = one(t0[0])
+        except Exception as exc:  # reported, not fatal: the table says how many answered
+            print(f"  stream {i}: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    t0[0] = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join(timeout=900)
+    return firsts
+
+
+def grpc_stream(stub, model: str, inputs: dict, t0: float) -> float:
+    from gateway.triton_codec import FINAL_FLAG, build_infer_request
+
+    first = None
+    call = stub.ModelStreamInfer(iter((build_infer_request(model, inputs),)), timeout=900)
+    for response in call:
+        if response.error_message:
+            raise RuntimeError(response.error_message)
+        infer = response.infer_response
+        for out, raw in zip(infer.outputs, infer.raw_output_contents):
+            has_token = len(raw) > 4 if out.name == "text_output" else (out.name == "output_ids" and len(raw) > 0)
+            if first is None and has_token:
+                first = time.perf_counter() - t0
+        if infer.parameters[FINAL_FLAG].bool_param:
+            for _ in call:  # let the server end the call (an open one keeps the model loaded)
+                pass
+            break
+    return first
+
+
+def gateway_stream(url: str, key: str, tokens: int, t0: float) -> float:
+    import requests
+
+    body = {"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0, "stream": True}
+    first = None
+    with requests.post(url + "/generate", json=body, headers={"Authorization": f"Bearer {key}"},
+                       stream=True, timeout=900) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if first is None and line.startswith(b"event: token"):
+                first = time.perf_counter() - t0
+            if line.startswith(b"event: error"):
+                raise RuntimeError("error event")
+    return first
+
+
+def engine_batch_size(repo: Path) -> int:
+    text = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
+    return int(re.search(r"^max_batch_size:\s*(\d+)", text, re.M).group(1))
+
+
+def measure(args, batch: int) -> list[dict]:
+    import grpc
+    import numpy as np
+    from transformers import AutoTokenizer
+    from tritonclient.grpc import service_pb2_grpc
+
+    tok = AutoTokenizer.from_pretrained(str(args.tokenizer_dir))
+    ids = tok(PROMPT).input_ids
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(
+        grpc.insecure_channel(args.grpc_url, options=[("grpc.max_receive_message_length", -1)]))
+    llm_inputs = {"text_input": np.array([[PROMPT.encode()]], dtype=object),
+                  "max_tokens": np.array([[args.tokens]], np.int32),
+                  "temperature": np.array([[0.0]], np.float32), "stream": np.array([[True]])}
+    engine_inputs = {"input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
+                     "request_output_len": np.array([[args.tokens]], np.int32), "streaming": np.array([[True]]),
+                     "runtime_top_k": np.array([[1]], np.int32)}
+    ways = {
+        "engine": lambda t0: grpc_stream(stub, "tensorrt_llm", engine_inputs, t0),
+        "llm": lambda t0: grpc_stream(stub, "llm", llm_inputs, t0),
+        "gateway": lambda t0: gateway_stream(args.gateway_url, args.api_key, args.tokens, t0),
+    }
+    rows = []
+    for mult in args.multiples:
+        n = batch * mult
+        for way in args.ways:
+            firsts = run_concurrently(n, ways[way])
+            got = sorted(f for f in firsts if f is not None)
+            if not got:
+                rows.append({"way": way, "streams": n, "answered": 0})
+                continue
+            row = {"way": way, "streams": n, "answered": len(got), **quantiles(got),
+                   "first_batch_p50": statistics.median(got[:batch])}
+            rows.append(row)
+            print(f"  {way:8s} {n:4d} streams: first token min {row['min']:.2f} p50 {row['p50']:.2f} "
+                  f"p99 {row['p99']:.2f} max {row['max']:.2f} s; first batch p50 {row['first_batch_p50']:.2f} s"
+                  f" ({len(got)}/{n} answered)", flush=True)
+    return rows
+
+
+def print_table(rows: list[dict], batch: int) -> None:
+    engine = {r["streams"]: r for r in rows if r["way"] == "engine" and r.get("answered")}
+    print(f"\nengine batch size {batch}; first-token seconds (min / p50 / p99 / max), "
+          "first batch p50, and its ratio to the engine-direct first batch\n")
+    print("| streams | through | min / p50 / p99 / max | first batch p50 | vs engine |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if not r.get("answered"):
+            print(f"| {r['streams']} | {r['way']} | no answer | | |")
+            continue
+        ref = engine.get(r["streams"])
+        ratio = f"{r['first_batch_p50'] / ref['first_batch_p50']:.2f}x" if ref else "-"
+        print(f"| {r['streams']} | {r['way']} | {r['min']:.2f} / {r['p50']:.2f} / {r['p99']:.2f} / {r['max']:.2f}"
+              f" | {r['first_batch_p50']:.2f} | {ratio} |")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", type=Path, default=ROOT / ".cache/model_repository/cpu",
+                   help="repository to serve (when this script starts Triton) and to read the batch size from")
+    p.add_argument("--tokenizer-dir", type=Path, default=ROOT / ".cache/models/smollm2-135m-instruct")
+    p.add_argument("--grpc-url", help="a running Triton (default: start one)")
+    p.add_argument("--gateway-url", help="a running gateway (default: start one)")
+    p.add_argument("--api-key", default=os.environ.get("TRIDENT_API_KEY", ""))
+    p.add_argument("--batch", type=int, help="the engine's batch size (default: read from the repository)")
+    p.add_argument("--multiples", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    p.add_argument("--ways", type=lambda s: s.split(","), default=["engine", "llm", "gateway"])
+    p.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args()
+    batch = args.batch or engine_batch_size(args.model_repository)
+
+    started = []
+    try:
+        if not args.grpc_url:
+            from trident.triton_launcher import TritonPorts, TritonServer
+
+            work = Path(tempfile.mkdtemp(prefix="load-streams-"))
+            triton = TritonServer(model_repository=args.model_repository, work_dir=work,
+                                  ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
+            started.append(triton)
+            print(f"starting Triton on {args.model_repository} (log {triton.log_path})", flush=True)
+            triton.start(timeout=600)
+            args.grpc_url = triton.grpc_url
+        if not args.gateway_url and "gateway" in args.ways:
+            from trident.gateway_process import GatewayProcess
+
+            args.api_key = args.api_key or "load-" + os.urandom(8).hex()
+            gw = GatewayProcess(port=free_port(), triton_grpc_url=args.grpc_url,
+                                log_path=Path(tempfile.mkdtemp(prefix="load-gw-")) / "gateway.log",
+                                extra_env={"TRIDENT_API_KEY": args.api_key, "TRIDENT_LOG_FORMAT": "text"})
+            started.append(gw)
+            gw.start(timeout=60)
+            args.gateway_url = gw.url
+        print(f"{batch} engine slots; {args.tokens} tokens a stream; multiples {args.multiples}", flush=True)
+        rows = measure(args, batch)
+        print_table(rows, batch)
+        if args.json:
+            args.json.write_text(json.dumps({"batch": batch, "tokens": args.tokens, "rows": rows}, indent=1))
+    finally:
+        for server in reversed(started):
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
