@@ -7,7 +7,8 @@ import torch
 from trident.engine import kernels, quant
 from trident.engine.config import LlamaConfig
 from trident.engine.kv_cache import KVCache
-from trident.engine.llama import Llama, rms_norm_fp32
+from trident.engine.llama import rms_norm_fp32
+from trident.engine.weights import build_model
 
 try:
     kernels.load()
@@ -123,7 +124,7 @@ def tiny_llama(weight_dtype):
             weights[p + name] = torch.randn(*shape, generator=g) * shape[1] ** -0.5
         weights[p + "attention_norm"] = 1 + 0.1 * torch.randn(h, generator=g)
         weights[p + "ffn_norm"] = 1 + 0.1 * torch.randn(h, generator=g)
-    return Llama(config, weights, dtype=torch.float32, max_seq_len=64, weight_dtype=weight_dtype)
+    return build_model(config, weights, dtype=torch.float32, max_seq_len=64, weight_dtype=weight_dtype)
 
 
 def test_fused_decode_layer_matches_the_torch_ops_path():
@@ -193,7 +194,7 @@ def test_engine_serves_float32_when_the_kernels_cannot_be_built(monkeypatch, cap
     from pathlib import Path
 
     from trident.engine import Engine, EngineConfig
-    from trident.engine.scheduler import kernels as scheduler_kernels
+    from trident.engine.weights import kernels as loader_kernels
 
     ckpt = Path(__file__).resolve().parents[2] / ".cache" / "models" / "smollm2-135m-instruct"
     if not (ckpt / "model.safetensors").is_file():
@@ -202,7 +203,7 @@ def test_engine_serves_float32_when_the_kernels_cannot_be_built(monkeypatch, cap
     def unavailable():
         raise kernels.KernelsUnavailable("the int4 kernels need a CPU with avx2")
 
-    monkeypatch.setattr(scheduler_kernels, "load", unavailable)
+    monkeypatch.setattr(loader_kernels, "load", unavailable)
     caplog.set_level("WARNING", logger="trident.engine")
     engine = Engine(EngineConfig(checkpoint_dir=str(ckpt), max_batch_size=2, max_seq_len=64, dtype="auto",
                                  weight_dtype="int4"))

@@ -66,9 +66,14 @@ def test_weight_dtype_config():
 
 @needs_checkpoint
 def test_memory_report_fills_every_slot():
-    from trident.engine.memory import resident_memory_at_max_batch
+    import importlib.util
 
-    report = resident_memory_at_max_batch(
+    spec = importlib.util.spec_from_file_location("engine_memory", Path(__file__).resolve().parents[2]
+                                                  / "scripts" / "engine_memory.py")
+    engine_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine_memory)
+
+    report = engine_memory.resident_memory_at_max_batch(
         EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=4, max_seq_len=64, dtype="float32"),
         prompt_len=8, new_tokens=3)
     assert report["peak_active"] == 4 and report["max_seq_len"] == 64

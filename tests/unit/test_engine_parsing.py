@@ -19,7 +19,7 @@ from trident.engine import (
     request_from_tensors,
 )
 from trident.engine.kv_cache import KVCache
-from trident.engine.llama import map_weight_name
+from trident.engine.weights import map_weight_name
 from trident.engine.sampling import RowSampling, apply_penalties, make_generator, sample
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository" / "cpu" / "tensorrt_llm" / "config.pbtxt.in"

@@ -12,7 +12,7 @@ from .request import (
     InvalidRequestError,
     QueueFullError,
 )
-from .scheduler import Engine
+from .engine import Engine
 from .triton_io import decode_word_list, error_message, is_stop_request, output_arrays, request_from_tensors
 
 __all__ = [

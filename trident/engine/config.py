@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-WEIGHT_DTYPES = ("auto", "float16", "int8", "int4")  # mirrored by quant.WEIGHT_DTYPES
+WEIGHT_DTYPES = ("auto", "float16", "int8", "int4")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -97,7 +97,6 @@ class LlamaConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    eos_token_id: int | None
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "LlamaConfig":
@@ -115,9 +114,6 @@ class LlamaConfig:
         theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
-        eos = raw.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
         return cls(
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
@@ -130,5 +126,4 @@ class LlamaConfig:
             rope_theta=float(theta),
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            eos_token_id=None if eos is None else int(eos),
         )

@@ -51,14 +51,6 @@ class KVCache:
         self.v = [kv[1] for kv in self.kv]
         self.shape, self.dtype = shape, dtype
 
-    @property
-    def max_batch_size(self) -> int:
-        return self.shape[0] if self.shape else 0
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.shape[2] if self.shape else 0
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv)
 

@@ -5,63 +5,18 @@ the model dtype, softmax in fp32) so greedy outputs can be compared token for to
 """
 from __future__ import annotations
 
-import logging
 import math
-import re
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
-from .config import LlamaConfig
 from . import kernels, quant
+from .config import LlamaConfig
 from .kv_cache import KVCache
 
-log = logging.getLogger("trident.engine")
-
-# Hugging Face tensor name -> our name; "{i}" is the layer index. Tensors not listed are ignored.
-WEIGHT_MAP = {
-    "model.embed_tokens.weight": "tok_embeddings",
-    "model.norm.weight": "norm",
-    "lm_head.weight": "lm_head",
-    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm",
-    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm",
-    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.wq",
-    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.wk",
-    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.wv",
-    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.wo",
-    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.w_gate",
-    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.w_up",
-    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.w_down",
-}
-_PATTERNS = [
-    (re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)") + "$"), dst)
-    for src, dst in WEIGHT_MAP.items()
-]
-
-
-def map_weight_name(name: str) -> str | None:
-    for pattern, dst in _PATTERNS:
-        m = pattern.match(name)
-        if m:
-            return dst.replace("{i}", m.group(1)) if m.groups() else dst
-    return None
-
-
-def load_weights(checkpoint_dir: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {checkpoint_dir}")
-    weights: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                ours = map_weight_name(name)
-                if ours is not None:
-                    weights[ours] = f.get_tensor(name).to(dtype)
-    return weights
-
+if TYPE_CHECKING:
+    from .weights import LayerWeights, ModelWeights
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # fp32 statistics, then back to the model dtype before the weight, as HF does
@@ -88,50 +43,20 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) ->
     return torch.add(x * cos, rotated, out=x)
 
 
-class Layer:
-    __slots__ = ("attention_norm", "ffn_norm", "wqkv", "wo", "w_gate_up", "w_down")
-
-
 class Llama:
-    """Weights plus the two entry points the scheduler needs: ``prefill`` and ``decode``.
+    """The forward pass, with the two entry points the engine needs: ``prefill`` and ``decode``.
 
-    weight_dtype "auto" keeps the weights in the model dtype; "float16" and "int8" store them
-    packed for fbgemm's kernels, with fp32 activations; "int4" stores them as 4-bit blocks for
-    trident's own kernels (see quant.py and csrc/blockquant.cpp).
+    Weights come from weights.py in any format: a matmul is ``quant.linear(x, w)`` and an
+    embedding lookup ``tok_embeddings.rows(tokens)``. With int4 weights a decode step runs each
+    layer as one fused kernel call (csrc/blockquant.cpp).
     """
 
-    def __init__(
-        self, config: LlamaConfig, weights: dict[str, torch.Tensor], *, dtype: torch.dtype, max_seq_len: int,
-        weight_dtype: str = "auto", calibration_tokens: list[int] | None = None,
-    ) -> None:
+    def __init__(self, config: LlamaConfig, weights: "ModelWeights", *, dtype: torch.dtype, max_seq_len: int) -> None:
         self.config = config
+        self.weights = weights
         self.dtype = dtype
-        self.weight_dtype = weight_dtype
+        self.max_seq_len = max_seq_len
         c = config
-        self.tok_embeddings = weights.pop("tok_embeddings")  # (V, H)
-        self.embedding_scale: torch.Tensor | None = None
-        self.norm = weights.pop("norm")
-        lm_head = weights.pop("lm_head", None)
-        if lm_head is None:
-            if not c.tie_word_embeddings:
-                raise ValueError("checkpoint has no lm_head.weight and does not tie embeddings")
-            lm_head = self.tok_embeddings
-        self.lm_head = lm_head  # (V, H)
-        self.layers: list[Layer] = []
-        for i in range(c.num_layers):
-            p = f"layers.{i}."
-            layer = Layer()
-            layer.attention_norm = weights.pop(p + "attention_norm")
-            layer.ffn_norm = weights.pop(p + "ffn_norm")
-            # One matmul instead of three (and two): fewer, larger GEMMs are faster on CPU.
-            layer.wqkv = torch.cat([weights.pop(p + n) for n in ("wq", "wk", "wv")]).contiguous()
-            layer.wo = weights.pop(p + "wo")
-            layer.w_gate_up = torch.cat([weights.pop(p + "w_gate"), weights.pop(p + "w_up")]).contiguous()
-            layer.w_down = weights.pop(p + "w_down")
-            self.layers.append(layer)
-        if weights:
-            log.warning("unused weights: %s", sorted(weights)[:5])
-
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
         freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
@@ -143,103 +68,19 @@ class Llama:
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
         self._norm = rms_norm_fp32 if dtype == torch.float32 else rms_norm
-        if weight_dtype not in quant.WEIGHT_DTYPES:
-            raise ValueError(f"weight_dtype must be one of {quant.WEIGHT_DTYPES}, got {weight_dtype!r}")
-        if weight_dtype != "auto" and dtype != torch.float32:
-            raise ValueError(f"weight_dtype {weight_dtype} runs with float32 activations; use dtype float32")
-        if weight_dtype == "float16":
-            self._convert_float16()
-        elif weight_dtype == "int8":
-            self._quantize_int8(calibration_tokens or list(range(1, 129)))
-        elif weight_dtype == "int4":
-            self._quantize_int4()
-        if weight_dtype != "auto":
-            # The norm weights are still views of the loaded checkpoint's storage, which would
-            # keep all of it resident (measured: int4 865 MiB after loading, 352 MiB with copies).
-            self.norm = self.norm.clone()
-            for layer in self.layers:
-                layer.attention_norm, layer.ffn_norm = layer.attention_norm.clone(), layer.ffn_norm.clone()
-            quant.release_free_memory()
 
-    def _convert_float16(self) -> None:
-        for layer in self.layers:
-            for name in ("wqkv", "wo", "w_gate_up", "w_down"):
-                setattr(layer, name, quant.Fp16Weight(getattr(layer, name)))
-        self.lm_head = quant.Fp16Weight(self.lm_head)
-        self.tok_embeddings = self.tok_embeddings.half()  # gathered rows go back to fp32 exactly
+    @property
+    def weight_dtype(self) -> str:
+        return self.weights.weight_dtype
 
-    def _quantize_int4(self) -> None:
-        """Matmul weights as 4-bit blocks (GGUF Q4_1), the embedding table and lm_head as Q8_0:
-        for a checkpoint converted from such a GGUF file this is the file's own quantization, so
-        the weights used are exactly the checkpoint's (the fraction is logged). Decode steps run
-        each layer as one fused kernel call (csrc/blockquant.cpp)."""
-        kernels.load()
-        exact = []
-        for layer in self.layers:
-            for name in ("wqkv", "wo", "w_gate_up", "w_down"):
-                dense = getattr(layer, name)
-                weight = quant.Q4Weight(dense)
-                exact.append((weight.exact, dense.numel()))
-                setattr(layer, name, weight)
-        head = quant.Q8Weight(self.lm_head)
-        embeddings = head if self.lm_head is self.tok_embeddings else quant.Q8Weight(self.tok_embeddings)
-        self.lm_head, self.tok_embeddings = head, embeddings
-        fraction = sum(e * n for e, n in exact) / sum(n for _, n in exact)
-        log.info("int4 weights: %.4f%% of matmul weights exact, %.4f%% of the embedding table",
-                 100 * fraction, 100 * embeddings.exact)
-
-    def _quantize_int8(self, calibration_tokens: list[int]) -> None:
-        """Per-row int8 weights, after SmoothQuant smoothing calibrated on one prompt.
-
-        Activations are quantized per tensor on the fly, so their outlier channels (largest in
-        the SwiGLU output that feeds w_down) would crush every other channel: measured on 5
-        prompts, plain int8 kept the fp32 top-1 token on 3 (KL 1.7). Dividing each input channel
-        by s (folded into the preceding RMSNorm weight) and multiplying the weight's column by s
-        is exact in real arithmetic and moves the outliers into the weights, whose rows are
-        scaled separately. w_down stays fp32: even smoothed, its int8 version lost the top-1 token
-        on 1-4 of 10 prompts (KL 0.16-0.37); in fp16 9-10/10 agree, KL ~0.05 (alpha 0.5).
-        """
-        c = self.config
-        tokens = torch.tensor(calibration_tokens[: 512], dtype=torch.long)
-        for layer in self.layers:
-            for name in ("wqkv", "w_gate_up", "w_down"):
-                setattr(layer, name, quant.Observer(getattr(layer, name)))
-        scratch = KVCache()
-        scratch.setup(num_layers=c.num_layers, max_batch_size=1, num_kv_heads=c.num_kv_heads,
-                      max_seq_len=len(tokens), head_dim=c.head_dim, dtype=self.dtype)
-        self.prefill(tokens, 0, scratch)
-        for layer in self.layers:
-            obs_qkv, obs_gate_up, obs_down = layer.wqkv, layer.w_gate_up, layer.w_down
-            s = quant.smooth_scales(obs_qkv.amax, obs_qkv.weight)
-            layer.attention_norm = layer.attention_norm / s
-            wqkv = obs_qkv.weight * s
-            s = quant.smooth_scales(obs_gate_up.amax, obs_gate_up.weight)
-            layer.ffn_norm = layer.ffn_norm / s
-            w_gate_up = obs_gate_up.weight * s
-            layer.w_down = quant.Fp16Weight(obs_down.weight)  # not int8: see the docstring
-            layer.wqkv = quant.Int8Weight(wqkv)
-            layer.w_gate_up = quant.Int8Weight(w_gate_up)
-            layer.wo = quant.Int8Weight(layer.wo)
-        self.lm_head = quant.Int8Weight(self.lm_head)
-        # the table is only gathered from: int8 rows and a scale each (28 MB resident, not 113)
-        self.tok_embeddings, self.embedding_scale = quant.quantize_rows(self.tok_embeddings)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, *, dtype: torch.dtype, max_seq_len: int,
-                        weight_dtype: str = "auto") -> "Llama":
-        config = LlamaConfig.from_checkpoint(checkpoint_dir)
-        return cls(config, load_weights(checkpoint_dir, dtype), dtype=dtype, max_seq_len=max_seq_len,
-                   weight_dtype=weight_dtype, calibration_tokens=quant.calibration_tokens(checkpoint_dir))
+    @property
+    def layers(self):
+        return self.weights.layers
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.tok_embeddings, quant.Q8Weight):
-            return self.tok_embeddings.rows(tokens)
-        x = F.embedding(tokens, self.tok_embeddings)  # (T, H)
-        if self.embedding_scale is not None:
-            return x.float() * self.embedding_scale[tokens, None]
-        return x.to(self.dtype)
+        return self.weights.tok_embeddings.rows(tokens)  # (T, H)
 
-    def _mlp(self, layer: Layer, x: torch.Tensor, swiglu=None) -> torch.Tensor:
+    def _mlp(self, layer: "LayerWeights", x: torch.Tensor, swiglu=None) -> torch.Tensor:
         gate_up = quant.linear(x, layer.w_gate_up)  # (T, 2*I)
         if swiglu is not None:
             return quant.linear(swiglu(gate_up), layer.w_down)
@@ -252,8 +93,8 @@ class Llama:
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._norm(x, self.norm, self.config.rms_norm_eps)
-        return quant.linear(x, self.lm_head).float()  # (B, V) fp32 for sampling
+        x = self._norm(x, self.weights.norm, self.config.rms_norm_eps)
+        return quant.linear(x, self.weights.lm_head).float()  # (B, V) fp32 for sampling
 
     @property
     def batch_invariant(self) -> bool:

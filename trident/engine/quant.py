@@ -10,7 +10,7 @@ activations; int4 uses trident's own kernels. Measured on the
   20/20 test prompts x 8 tokens (not guaranteed: fp16 rounding can flip an exact near-tie).
 - "int8": per-output-channel int8 weights (``linear_dynamic``; activations quantized per tensor
   on the fly to 7 bits: ``reduce_range`` keeps AVX2's u8 x s8 pair sums inside int16), after
-  SmoothQuant smoothing (see Llama._quantize_int8); w_down stays fp16. ~2.1x at batch 1, ~2.5-3x
+  SmoothQuant smoothing (see weights.to_int8); w_down stays fp16. ~2.1x at batch 1, ~2.5-3x
   at 8-32. Lossy: KL ~0.05 from fp32; greedy picks stay within 0.9 logits of the fp32 argmax
   but 14/20 test runs depart from it within 8 tokens. Along fp32's own continuations (same
   prefix, tests/unit/test_engine.py): mean KL 0.033-0.036 whether fbgemm, ATen and MKL run
@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import WEIGHT_DTYPES  # noqa: F401  ("auto", "float16", "int8", "int4")
 from . import kernels
 
 BLOCK = 32  # input features per scale in the int4 (Q4_1) and Q8_0 formats
@@ -150,6 +149,30 @@ class Q8Weight:
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Dequantized rows (an embedding lookup): (T,) -> (T, K) fp32."""
         return kernels.ops().q8_dequant(self.packed[index])
+
+
+class DenseEmbedding:
+    """An embedding table as a plain tensor; gathered rows are cast to the activation dtype."""
+
+    __slots__ = ("table", "dtype")
+
+    def __init__(self, table: torch.Tensor, dtype: torch.dtype) -> None:
+        self.table, self.dtype = table, dtype
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return F.embedding(index, self.table).to(self.dtype)  # (T, H)
+
+
+class Int8Embedding:
+    """An embedding table as per-row int8 and a scale per row (see quantize_rows)."""
+
+    __slots__ = ("q", "scale")
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.q, self.scale = q, scale
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return F.embedding(index, self.q).float() * self.scale[index, None]  # (T, H) fp32
 
 
 class Observer:

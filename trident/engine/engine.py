@@ -8,20 +8,14 @@ always occupies slots 0..B-1.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from .config import EngineConfig, LlamaConfig, cpu_has_native_bf16
-from . import kernels
+from .config import EngineConfig
 from .kv_cache import KVCache
-from .llama import Llama, load_weights
-from .quant import calibration_tokens
 from .request import (
     EngineError,
     EngineStoppedError,
@@ -30,28 +24,13 @@ from .request import (
     InvalidRequestError,
     QueueFullError,
 )
-from .sampling import RowSampling, make_generator, sample
+from .sampling import RowSampling, sample
+from .sequence import OnOutput, Sequence
+from .weights import load_model
 
 log = logging.getLogger("trident.engine")
 
-OnOutput = Callable[[GenerationOutput], None]
 STOP_MEMORY = 5.0  # seconds a stop for an unknown request id is kept (see Engine._early_stops)
-
-
-@dataclass(eq=False)  # identity semantics: sequences are looked up in queues
-class _Sequence:
-    request: GenerationRequest
-    on_output: OnOutput
-    sampling: RowSampling
-    output: list[int] = field(default_factory=list)
-    emitted: int = 0  # output tokens already sent (streaming)
-    cache_len: int = 0  # tokens whose K/V are in the cache
-    finished: bool = False
-    cancel_checked: float = 0.0  # time.monotonic() of the last is_cancelled() poll
-
-    @property
-    def last_token(self) -> int:
-        return self.output[-1] if self.output else self.request.input_ids[-1]
 
 
 class Engine:
@@ -61,28 +40,8 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self._threads = torch.get_num_threads()  # for large steps; see EngineConfig.small_batch_size
         self._threads_now = 0
-        if config.torch_dtype == torch.bfloat16 and not cpu_has_native_bf16():
-            log.warning("dtype bfloat16 on a CPU without AVX512-BF16/AMX: matmuls are emulated and "
-                        "batched decode is much slower than float32; consider dtype float32 or auto")
-        if config.weight_dtype == "int4":
-            try:
-                kernels.load()
-            except kernels.KernelsUnavailable as exc:
-                # Serving slowly beats not serving: say so loudly, once.
-                log.warning("weight_dtype int4 is unavailable (%s): serving float32 weights instead, "
-                            "several times slower", exc)
-                config = dataclasses.replace(config, weight_dtype="auto", dtype="float32")
-                self.config = config
-        model_config = LlamaConfig.from_checkpoint(config.checkpoint_dir)
-        self.max_seq_len = min(config.max_seq_len, model_config.max_position_embeddings)
-        self.model = Llama(
-            model_config,
-            load_weights(config.checkpoint_dir, config.torch_dtype),
-            dtype=config.torch_dtype,
-            max_seq_len=self.max_seq_len,
-            weight_dtype=config.weight_dtype,
-            calibration_tokens=calibration_tokens(config.checkpoint_dir) if config.weight_dtype == "int8" else None,
-        )
+        self.model, self.config = load_model(config)  # int4 may fall back to float32
+        self.max_seq_len = self.model.max_seq_len
         c = self.model.config
         self.cache = KVCache()
         self.cache.setup(
@@ -91,16 +50,16 @@ class Engine:
             num_kv_heads=c.num_kv_heads,
             max_seq_len=self.max_seq_len,
             head_dim=c.head_dim,
-            dtype=config.torch_dtype,
+            dtype=self.config.torch_dtype,
         )
         self._cond = threading.Condition()
-        self._waiting: collections.deque[_Sequence] = collections.deque()  # guarded by _cond
+        self._waiting: collections.deque[Sequence] = collections.deque()  # guarded by _cond
         self._rejected: collections.deque[tuple[GenerationRequest, OnOutput, EngineError]] = collections.deque()
         self._cancel_ids: set[str] = set()  # guarded by _cond
         # Stops for ids the engine did not hold yet (the stop overtook its request): a request
         # submitted with such an id within STOP_MEMORY seconds is cancelled, never prefilled.
         self._early_stops: dict[str, float] = {}  # engine thread only
-        self._active: list[_Sequence] = []  # engine thread only; index == KV slot
+        self._active: list[Sequence] = []  # engine thread only; index == KV slot
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counters = dict.fromkeys(
@@ -172,21 +131,8 @@ class Engine:
 
     # ---- engine thread ----
 
-    def _new_sequence(self, request: GenerationRequest, on_output: OnOutput) -> _Sequence:
-        vocab = self.model.config.vocab_size
-        rs = RowSampling(
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            repetition_penalty=request.repetition_penalty,
-            banned=sorted({w[0] for w in request.bad_words if len(w) == 1}),
-        )
-        if not rs.greedy:
-            rs.generator = make_generator(request.seed)
-        if request.repetition_penalty != 1.0:
-            rs.seen = torch.zeros(vocab, dtype=torch.bool)
-            rs.seen[request.input_ids] = True
-        return _Sequence(request=request, on_output=on_output, sampling=rs, cancel_checked=time.monotonic())
+    def _new_sequence(self, request: GenerationRequest, on_output: OnOutput) -> Sequence:
+        return Sequence.create(request, on_output, vocab_size=self.model.config.vocab_size)
 
     def _use_threads(self, rows: int) -> None:
         """OpenMP's thread count is per calling thread: set it here, in the engine thread."""
@@ -223,7 +169,7 @@ class Engine:
                     return
                 request, on_output, error = self._rejected.popleft()
             self._counters["requests_rejected"] += 1
-            seq = _Sequence(request=request, on_output=on_output, sampling=RowSampling())
+            seq = Sequence(request=request, on_output=on_output, sampling=RowSampling())
             self._finish(seq, "error", error=str(error), error_type=error.error_type)
 
     def _poll_cancellations(self, cancel_ids: set[str]) -> None:
@@ -245,7 +191,7 @@ class Engine:
                 self._early_stops[request_id] = now
         self._remove_finished()
 
-    def _cancel(self, seq: _Sequence) -> None:
+    def _cancel(self, seq: Sequence) -> None:
         with self._cond:
             if seq in self._waiting:
                 self._waiting.remove(seq)
@@ -253,7 +199,7 @@ class Engine:
         self._counters["requests_cancelled"] += 1
         self._finish(seq, "cancelled")
 
-    def _client_cancelled(self, seq: _Sequence, now: float, *, force: bool = False) -> bool:
+    def _client_cancelled(self, seq: Sequence, now: float, *, force: bool = False) -> bool:
         check = seq.request.is_cancelled
         if check is None or (not force and now - seq.cancel_checked < self.config.cancel_check_interval):
             return False
@@ -270,8 +216,8 @@ class Engine:
         budget = self.config.prefill_token_budget
         together = self.model.batch_invariant
         while len(self._active) < self.config.max_batch_size and budget > 0:
-            batch: list[_Sequence] = []
-            gone: list[_Sequence] = []
+            batch: list[Sequence] = []
+            gone: list[Sequence] = []
             with self._cond:
                 while self._waiting and len(self._active) + len(batch) < self.config.max_batch_size:
                     n = len(self._waiting[0].request.input_ids)
@@ -300,7 +246,7 @@ class Engine:
                 logits = self.model.prefill_many(prompts, slots, self.cache)  # (n, V)
                 for seq, row in zip(batch, logits):
                     seq.cache_len = len(seq.request.input_ids)
-                    self._update_bans(seq)
+                    seq.update_bans()
                     self._accept(seq, sample(row[None], [seq.sampling])[0])
             except Exception as e:
                 log.exception("prefill failed for request(s) %s", [seq.request.request_id for seq in batch])
@@ -317,37 +263,22 @@ class Engine:
         self._counters["steps"] += 1
         for s in active:
             s.cache_len += 1
-            self._update_bans(s)
+            s.update_bans()
         next_tokens = sample(logits, [s.sampling for s in active])
         for s, t in zip(active, next_tokens):
             self._accept(s, t)
         self._remove_finished()
 
-    def _update_bans(self, seq: _Sequence) -> None:
-        # multi-token bad words: ban the last token when the sequence ends with the others
-        multi = [w for w in seq.request.bad_words if len(w) > 1]
-        if not multi:
-            return
-        tail = (seq.request.input_ids + seq.output)[-max(len(w) for w in multi):]
-        seq.sampling.banned_now = [w[-1] for w in multi if tail[len(tail) - len(w) + 1:] == w[:-1]]
-
-    def _accept(self, seq: _Sequence, token: int) -> None:
-        req = seq.request
-        if req.end_id is not None and token == req.end_id:
-            self._finish(seq, "end_id")  # the end token itself is not returned (as TensorRT-LLM)
-            return
-        seq.output.append(token)
-        self._counters["tokens_generated"] += 1
-        if seq.sampling.seen is not None:
-            seq.sampling.seen[token] = True
-        if any(len(w) <= len(seq.output) and seq.output[-len(w):] == w for w in req.stop_words):
-            self._finish(seq, "stop_words")
-        elif len(seq.output) >= req.max_new_tokens:
-            self._finish(seq, "length")
-        elif req.streaming:
+    def _accept(self, seq: Sequence, token: int) -> None:
+        reason = seq.append(token)
+        if reason != "end_id":
+            self._counters["tokens_generated"] += 1
+        if reason is not None:
+            self._finish(seq, reason)
+        elif seq.request.streaming:
             self._emit(seq, finished=False)
 
-    def _finish(self, seq: _Sequence, reason: str, *, error: str | None = None,
+    def _finish(self, seq: Sequence, reason: str, *, error: str | None = None,
                 error_type: str | None = None) -> None:
         if seq.finished:
             return
@@ -357,7 +288,7 @@ class Engine:
             self._counters["requests_failed"] += 1
         self._emit(seq, finished=True, reason=reason, error=error, error_type=error_type)
 
-    def _emit(self, seq: _Sequence, *, finished: bool, reason: str | None = None,
+    def _emit(self, seq: Sequence, *, finished: bool, reason: str | None = None,
               error: str | None = None, error_type: str | None = None) -> None:
         start = seq.emitted if seq.request.streaming else 0
         out = GenerationOutput(
@@ -396,7 +327,7 @@ class Engine:
             waiting, self._waiting = list(self._waiting), collections.deque()
             rejected, self._rejected = list(self._rejected), collections.deque()
         for request, on_output, error in rejected:
-            self._finish(_Sequence(request=request, on_output=on_output, sampling=RowSampling()),
+            self._finish(Sequence(request=request, on_output=on_output, sampling=RowSampling()),
                          "error", error=str(error), error_type=error.error_type)
         for seq in waiting:
             self._finish(seq, "error", error=message, error_type="service_unavailable")
