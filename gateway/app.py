@@ -64,7 +64,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | No
         backend=backend,
         keys=keys,
         generate_schema=GenerateSchema(
-            max_new_tokens_limit=app.config["MAX_NEW_TOKENS_LIMIT"],
+            limits=lambda model: backend.limits(served[model]),
             served_models=list(served),
             default_model=app.config["MODEL_NAME"],
         ),

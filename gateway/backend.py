@@ -11,9 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .params import GenerationParams
-
-FINISH_REASONS = ("length", "stop_sequence", "eos_token")
+from trident.contract import ModelLimits, TextRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +26,7 @@ class TextDelta:
 class Finished:
     """The last event of every successful generation."""
 
-    finish_reason: str  # one of FINISH_REASONS
+    finish_reason: str  # one of trident.contract.FINISH_REASONS
     prompt_tokens: int
     completion_tokens: int
 
@@ -86,11 +84,15 @@ class Backend(Protocol):
     """Runs generations for the gateway.
 
     ``generate`` starts one generation and returns without waiting for its output; it may raise
-    the same typed errors as iteration. ``check_ready`` returns when the server and every served
+    the same typed errors as iteration. ``params.model`` is the public model name. ``check_ready`` returns when the server and every served
     model are ready and raises a 503 ``ServerError`` (with the reason) otherwise; it must answer
     within a short deadline, never hang.
     """
 
-    def generate(self, params: GenerationParams, *, request_id: str) -> Generation: ...
+    def generate(self, params: TextRequest, *, request_id: str) -> Generation: ...
 
     def check_ready(self) -> None: ...
+
+    def limits(self, model: str) -> ModelLimits:
+        """The limits of a served (backend-side) model, as the server states them; may raise a
+        503 ``ServerError`` when it cannot be asked. Cached: cheap after the first call."""

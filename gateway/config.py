@@ -34,8 +34,6 @@ DEFAULTS: dict[str, Any] = {
     "TRITON_GRPC_URL": "localhost:8001",
     "TRITON_MODEL": "llm",  # the Triton model the gateway calls
     "MODEL_NAME": "smollm2-135m-instruct",  # the public model name, served by TRITON_MODEL
-    "MAX_NEW_TOKENS_LIMIT": 2048,
-    "MAX_CONTEXT": 2048,
     "TOKENIZER_DIR": None,  # the served model's tokenizer folder: its chat template, for /v1/chat
     "REQUEST_TIMEOUT": 600.0,  # seconds: gRPC deadline of one whole generation
     "READY_TIMEOUT": 2.0,  # seconds: deadline of readiness probes
@@ -128,10 +126,6 @@ def load_config(
 
 
 def _check(config: Mapping[str, Any]) -> None:
-    if config["MAX_NEW_TOKENS_LIMIT"] < 1:
-        raise ValueError("gateway config MAX_NEW_TOKENS_LIMIT must be at least 1")
-    if config["MAX_NEW_TOKENS_LIMIT"] > config["MAX_CONTEXT"]:
-        raise ValueError("gateway config MAX_NEW_TOKENS_LIMIT must not exceed MAX_CONTEXT")
     for key in ("HEARTBEAT_INTERVAL", "REQUEST_TIMEOUT", "READY_TIMEOUT", "CONNECT_TIMEOUT"):
         if config[key] <= 0:
             raise ValueError(f"gateway config {key} must be positive")

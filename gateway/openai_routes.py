@@ -44,7 +44,7 @@ def init_app(app: Flask) -> None:
     gateway's own state exists (it holds the served models)."""
     schema = app.extensions["trident"].generate_schema
     common = {
-        "max_new_tokens_limit": app.config["MAX_NEW_TOKENS_LIMIT"],
+        "limits": schema.limits,
         "served_models": schema.served_models,
         "default_model": schema.default_model,
     }

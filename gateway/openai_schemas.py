@@ -1,4 +1,4 @@
-"""Request schemas of the OpenAI-compatible endpoints (STYLE 7), loading one GenerationParams.
+"""Request schemas of the OpenAI-compatible endpoints (STYLE 7), loading one TextRequest.
 
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` take OpenAI's request bodies. The
 policy for OpenAI's fields (docs/openai.md says the same for users):
@@ -32,17 +32,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from marshmallow import ValidationError, post_load, validates, validates_schema
+from marshmallow import ValidationError, post_load, validates_schema
 from marshmallow.validate import OneOf
 
 from .chat_template import ChatTemplate
-from .errors import ClientError, ServerError
+from .errors import ServerError
 from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, _only
-from .params import GenerationParams
+from trident.contract import INT32_MAX, UINT64_MAX, TextRequest
+
 from .schemas import (
-    INT32_MAX,
     ModelSchema,
-    UINT64_MAX,
     StrictBoolean,
     StrictInteger,
     StrictNumber,
@@ -50,6 +49,7 @@ from .schemas import (
     StrictString,
     _range,
     reject_conflicting_alias,
+    sampling_params,
 )
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -62,7 +62,7 @@ CHAT_ROLES = ("system", "developer", "user", "assistant")
 class OpenAIRequest:
     """A validated ``/v1`` request: the generation, and how to answer it."""
 
-    params: GenerationParams
+    params: TextRequest
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
 
@@ -128,6 +128,7 @@ class _OpenAISchema(ModelSchema):
     """Fields both endpoints share; built once per app, like GenerateSchema."""
 
     default_max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
+    token_fields = ("max_tokens",)
 
     model = StrictString()
     max_tokens = StrictInteger()
@@ -162,11 +163,6 @@ class _OpenAISchema(ModelSchema):
         validate=_range("repetition_penalty must be greater than {min}, got {input}", min=0, min_inclusive=False)
     )
 
-    @validates("max_tokens")
-    def validate_max_tokens(self, value: int | None, data_key: str) -> None:
-        if value is not None and not 1 <= value <= self.max_new_tokens_limit:
-            raise ValidationError(f"{data_key} must be between 1 and {self.max_new_tokens_limit}, got {value}")
-
     @validates_schema
     def validate_stream_options(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         if data.get("stream_options") is not None and not data.get("stream"):
@@ -174,41 +170,17 @@ class _OpenAISchema(ModelSchema):
                 'stream_options is only allowed with "stream": true', field_name="stream_options"
             )
 
-    def _model(self, data: dict[str, Any]) -> str:
-        model = data.get("model")
-        if model is None:
-            return self.default_model
-        if model not in self.served_models:
-            served = ", ".join(self.served_models)
-            raise ClientError(
-                f"The model '{model}' does not exist or is not served here (served: {served})",
-                status=404,
-                param="model",
-            )
-        return model
-
     def _request(self, data: dict[str, Any], *, prompt: str, model: str, max_tokens: int | None) -> OpenAIRequest:
-        if max_tokens is None:
-            max_tokens = min(self.default_max_tokens, self.max_new_tokens_limit)
-        sampling: dict[str, Any] = {}
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            if data.get(name) is not None:
-                sampling[name] = float(data[name])
-        if data.get("top_k") is not None:
-            sampling["top_k"] = data["top_k"]
+        if max_tokens is None:  # the endpoint's own default (OpenAI's), within the model's limit
+            max_tokens = min(self.default_max_tokens, self.limits(model).max_new_tokens)
+        fields = {**data, "max_tokens": max_tokens}
         if data.get("seed") is not None:
-            sampling["seed"] = data["seed"] % (UINT64_MAX + 1)  # int64 seeds of OpenAI, as uint64
+            fields["seed"] = data["seed"] % (UINT64_MAX + 1)  # int64 seeds of OpenAI, as uint64
+        sampling = sampling_params(fields, max_new_tokens="max_tokens", stop="stop")
         stream = bool(data.get("stream"))
-        params = GenerationParams(
-            prompt=prompt,
-            model=model,
-            max_new_tokens=max_tokens,
-            stop_sequences=data.get("stop") or (),
-            stream=stream,
-            **sampling,
-        )
         options = data.get("stream_options") or {}
-        return OpenAIRequest(params=params, include_usage=stream and bool(options.get("include_usage")))
+        return OpenAIRequest(params=TextRequest(prompt=prompt, sampling=sampling, stream=stream, model=model),
+                             include_usage=stream and bool(options.get("include_usage")))
 
 
 class CompletionSchema(_OpenAISchema):
@@ -226,7 +198,8 @@ class CompletionSchema(_OpenAISchema):
 
     @post_load
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> OpenAIRequest:
-        return self._request(data, prompt=data["prompt"], model=self._model(data), max_tokens=data.get("max_tokens"))
+        return self._request(data, prompt=data["prompt"], model=self.requested_model(data),
+                             max_tokens=data.get("max_tokens"))
 
 
 class ChatCompletionSchema(_OpenAISchema):
@@ -234,6 +207,7 @@ class ChatCompletionSchema(_OpenAISchema):
     template (``chat_template``; None when the deployment has none: a 501)."""
 
     default_max_tokens = CHAT_DEFAULT_MAX_TOKENS
+    token_fields = ("max_tokens", "max_completion_tokens")
 
     messages = Nested(
         ChatMessageSchema,
@@ -270,10 +244,6 @@ class ChatCompletionSchema(_OpenAISchema):
         super().__init__(**kwargs)
         self.chat_template = chat_template
 
-    @validates("max_completion_tokens")
-    def validate_max_completion_tokens(self, value: int | None, data_key: str) -> None:
-        self.validate_max_tokens(value, data_key)
-
     @validates_schema
     def validate_max_tokens_alias(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         reject_conflicting_alias(
@@ -284,7 +254,7 @@ class ChatCompletionSchema(_OpenAISchema):
 
     @post_load
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> OpenAIRequest:
-        model = self._model(data)
+        model = self.requested_model(data)
         if self.chat_template is None:
             raise ServerError(
                 "Chat completions are not available: this gateway has no chat template configured "

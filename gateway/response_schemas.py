@@ -9,7 +9,7 @@ from __future__ import annotations
 from marshmallow import Schema, fields
 from marshmallow.validate import Equal, Length, OneOf, Range
 
-from .backend import FINISH_REASONS
+from trident.contract import FINISH_REASONS
 from .errors import ERROR_TYPES
 
 OPENAI_FINISH_REASONS = ("stop", "length")

@@ -20,7 +20,7 @@ from .auth import authorize_model, require_api_key
 from .backend import Event, Finished, Generation, TextDelta
 from .disconnect import DisconnectWatch
 from .errors import ApiError, ClientGone, internal_error
-from .params import GenerationParams
+from trident.contract import TextRequest
 from .ratelimit import rate_limited
 from .schemas import load_generate, read_json_object
 from .sse import SSEBody, error_bytes, event_bytes
@@ -75,7 +75,7 @@ def generate() -> Any:
 # -- shared by every generation endpoint (/generate here, /v1/* in gateway.openai_routes) ----
 
 
-def start_generation(params: GenerationParams) -> tuple[Generation, Callable[[Finished | None], None]]:
+def start_generation(params: TextRequest) -> tuple[Generation, Callable[[], None]]:
     """Once the request is validated: the key may use the model (403), an in-flight slot (503),
     the backend call. Returns the generation and ``done``, to call once when it is over (gives
     the slot back); ``collect`` and ``stream_response`` call it. The generation is measured
@@ -84,20 +84,16 @@ def start_generation(params: GenerationParams) -> tuple[Generation, Callable[[Fi
     note_params(params)
     authorize_model(g.api_key, params.model)
     request_id: str = g.request_id
-    release = state.in_flight.acquire(state.retry_after)
-
-    def done(finished: Finished | None) -> None:  # once, when the generation is over
-        release()
-
+    done = state.in_flight.acquire(state.retry_after)  # once, when the generation is over
     try:
         generation = observe_generation(state.backend.generate(params, request_id=request_id), params)
     except BaseException:
-        done(None)
+        done()
         raise
     return generation, done
 
 
-def collect(generation: Generation, done: Callable[[Finished | None], None]) -> tuple[str, Finished]:
+def collect(generation: Generation, done: Callable[[], None]) -> tuple[str, Finished]:
     """The whole text and the final event of a non-streaming generation; a client that goes
     away meanwhile cancels it (gateway.disconnect) and gets :class:`ClientGone`."""
     parts: list[str] = []
@@ -117,13 +113,13 @@ def collect(generation: Generation, done: Callable[[Finished | None], None]) -> 
     finally:
         watch.stop()
         generation.close()
-        done(finished)
+        done()
     return "".join(parts), finished
 
 
 def stream_response(
     generation: Generation,
-    done: Callable[[Finished | None], None],
+    done: Callable[[], None],
     *,
     encode: Callable[[Event], bytes] = event_bytes,
     encode_error: Callable[[ApiError], bytes] = error_bytes,
@@ -135,12 +131,12 @@ def stream_response(
         first = next(events)  # errors before any token are still HTTP statuses
     except StopIteration:
         generation.close()
-        done(None)
+        done()
         log.error("generation ended without a final event")
         raise internal_error(request_id) from None
     except BaseException:
         generation.close()
-        done(None)
+        done()
         raise
     body = SSEBody(
         first,

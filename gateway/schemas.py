@@ -10,19 +10,18 @@ contract's fields, becomes the 400 (unknown fields first).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flask import Request
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validates, validates_schema
 from marshmallow.validate import Range
 
+from trident.contract import INT32_MAX, UINT64_MAX, ModelLimits, SamplingParams, TextRequest, max_tokens_error
+
 from .errors import ClientError
-from .params import GenerationParams
 
 MAX_STOP_SEQUENCES = 16
-INT32_MAX = 2**31 - 1
-UINT64_MAX = 2**64 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -168,29 +167,63 @@ class StrictSchema(Schema):
 
 
 class ModelSchema(StrictSchema):
-    """A generation endpoint's schema: it knows the served models and the token limit."""
+    """A generation endpoint's schema: it knows the served models and, through ``limits``, each
+    one's limits (read from Triton: trident.contract.ModelLimits, whose one source is the
+    repository build). Fields named in ``token_fields`` are checked against the model's
+    ``max_new_tokens``."""
+
+    token_fields: tuple[str, ...] = ()
 
     def __init__(
         self,
         *,
-        max_new_tokens_limit: int,
+        limits: Callable[[str], ModelLimits],
         served_models: Sequence[str],
         default_model: str,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.max_new_tokens_limit = max_new_tokens_limit
+        self.limits = limits
         self.served_models = tuple(served_models)
         self.default_model = default_model
 
+    def requested_model(self, data: Mapping[str, Any]) -> str:
+        """The model the request names (or the default); 404 when it is not served."""
+        model = data.get("model")
+        if model is None:
+            return self.default_model
+        if model not in self.served_models:
+            served = ", ".join(self.served_models)
+            raise ClientError(
+                f"The model '{model}' does not exist or is not served here (served: {served})",
+                status=404,
+                param="model",
+            )
+        return model
+
+    @validates_schema(skip_on_field_errors=False)
+    def validate_token_limits(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        values = [(name, data.get(name)) for name in self.token_fields if isinstance(data.get(name), int)]
+        if not values:
+            return
+        model = data.get("model") or self.default_model
+        if model not in self.served_models:
+            return  # the 404 comes from post_load, after every field error
+        limit = self.limits(model).max_new_tokens
+        for name, value in values:
+            if not 1 <= value <= limit:
+                raise ValidationError(max_tokens_error(value, limit, name), field_name=name)
+
 
 class GenerateSchema(ModelSchema):
-    """``POST /generate``: fields in the order of shared/API.md; loads a GenerationParams.
+    """``POST /generate``: fields in the order of shared/API.md; loads a TextRequest.
 
-    Built once per app with the deployment's limits: ``max_new_tokens_limit`` (the upper bound of
+    Built once per app with ``limits`` (the served model's: the upper bound of
     ``max_new_tokens``), ``served_models`` (public names; another name is a 404) and
-    ``default_model``.
+    ``default_model``. Defaults are SamplingParams' (trident.contract), the only ones.
     """
+
+    token_fields = ("max_new_tokens", "max_length")
 
     prompt = StrictString(
         required=True,
@@ -222,11 +255,6 @@ class GenerateSchema(ModelSchema):
         if not value:
             raise ValidationError(f"{data_key} must be a non-empty string")
 
-    @validates("max_new_tokens", "max_length")
-    def validate_token_limit(self, value: int | None, data_key: str) -> None:
-        if value is not None and not 1 <= value <= self.max_new_tokens_limit:
-            raise ValidationError(f"{data_key} must be between 1 and {self.max_new_tokens_limit}, got {value}")
-
     @validates_schema
     def validate_max_length_alias(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         reject_conflicting_alias(
@@ -236,25 +264,24 @@ class GenerateSchema(ModelSchema):
         )
 
     @post_load
-    def make_params(self, data: dict[str, Any], **kwargs: Any) -> GenerationParams:
-        model = data.pop("model", None)
-        if model is None:
-            model = self.default_model
-        if model not in self.served_models:
-            served = ", ".join(self.served_models)
-            raise ClientError(
-                f"The model '{model}' does not exist or is not served here (served: {served})",
-                status=404,
-                param="model",
-            )
-        alias = data.pop("max_length", None)
-        if data.get("max_new_tokens") is None and alias is not None:
-            data["max_new_tokens"] = alias
-        values = {k: v for k, v in data.items() if v is not None}
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            if name in values:
-                values[name] = float(values[name])
-        return GenerationParams(model=model, **values)
+    def make_params(self, data: dict[str, Any], **kwargs: Any) -> TextRequest:
+        model = self.requested_model(data)
+        if data.get("max_new_tokens") is None:
+            data["max_new_tokens"] = data.get("max_length")
+        return TextRequest(prompt=data["prompt"], sampling=sampling_params(data), stream=bool(data.get("stream")),
+                           model=model)
+
+
+def sampling_params(data: Mapping[str, Any], **renamed: str) -> SamplingParams:
+    """SamplingParams from validated fields; absent or null ones keep the contract's defaults.
+    ``renamed`` maps a SamplingParams field to the request's name for it (``stop="stop"``)."""
+    names = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+             "repetition_penalty": "repetition_penalty", "stop": "stop_sequences", "seed": "seed", **renamed}
+    values = {field: data.get(key) for field, key in names.items() if data.get(key) is not None}
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if name in values:
+            values[name] = float(values[name])
+    return SamplingParams(**values)
 
 
 def _first_message(messages: Any) -> str:
@@ -287,7 +314,7 @@ def read_json_object(request: Request) -> dict[str, Any]:
     return body
 
 
-def load_generate(schema: GenerateSchema, body: dict[str, Any]) -> GenerationParams:
+def load_generate(schema: GenerateSchema, body: dict[str, Any]) -> TextRequest:
     try:
         return schema.load(body)
     except ValidationError as err:

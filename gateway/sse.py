@@ -106,7 +106,7 @@ class SSEBody:
         *,
         heartbeat_interval: float,
         request_id: str,
-        on_close: Callable[[Finished | None], None],
+        on_close: Callable[[], None],
         encode: Callable[[Event], bytes] = event_bytes,
         encode_error: Callable[[ApiError], bytes] = error_bytes,
         environ: dict[str, Any] | None = None,
@@ -122,7 +122,6 @@ class SSEBody:
         self._request_id = request_id
         self._log_extra = {"request_id": request_id}  # the body runs outside the request context
         self._on_close = on_close
-        self._finished: Finished | None = None
         self._cleaned_up = False
         self._environ = environ
         self._watch: DisconnectWatch | None = None
@@ -137,8 +136,6 @@ class SSEBody:
     def _emit(self, event: Event) -> bytes:
         if isinstance(event, Admitted):
             return HEARTBEAT
-        if isinstance(event, Finished):
-            self._finished = event
         return self._encode(event)
 
     def _client_gone(self) -> None:
@@ -188,7 +185,7 @@ class SSEBody:
         try:
             self._generation.close()
         finally:
-            self._on_close(self._finished)
+            self._on_close()
 
     def close(self) -> None:
         try:

@@ -37,7 +37,7 @@ from flask import Flask, Response, current_app, g, request
 from . import metrics
 from .backend import Event, Finished, Generation, TextDelta
 from .errors import ApiError
-from .params import GenerationParams
+from trident.contract import TextRequest
 
 log = logging.getLogger("trident.gateway.request")
 
@@ -129,22 +129,23 @@ def current_record() -> RequestRecord | None:
     return g.get("trident_record")
 
 
-def note_params(params: GenerationParams) -> None:
+def note_params(params: TextRequest) -> None:
     """Record the validated request (model, stream, sampling; the prompt only with LOG_PROMPTS)."""
     record = current_record()
     if record is None:
         return
-    record.model, record.stream, record.params = params.model, params.stream, params.log_fields()
+    record.model, record.stream = params.model, params.stream
+    record.params = {"model": params.model, "prompt_chars": len(params.prompt), "stream": params.stream,
+                     **params.sampling.log_fields()}
     if record.log_prompts:
         record.prompt = params.prompt
 
 
-def observe_generation(generation: Generation, params: GenerationParams) -> Generation:
+def observe_generation(generation: Generation, params: TextRequest) -> Generation:
     """Wrap a started generation so that its events are measured (see the module docstring)."""
     record = current_record()
     if record is None:  # outside the app's hooks (e.g. a unit test of a route helper)
         return generation
-    note_params(params)
     record.generating = True
     if record.log_prompts:
         record.output = []

@@ -20,10 +20,11 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from trident.contract import ModelLimits, TextRequest, llm_inputs
+
 from .backend import ADMITTED, Event, Finished, TextDelta
 from .errors import ApiError, internal_error, timeout_error, unavailable
-from .params import GenerationParams
-from .triton_codec import build_infer_request, llm_inputs, parse_stream_response, tagged_error
+from .triton_codec import build_infer_request, parse_stream_response, tagged_error
 
 log = logging.getLogger("trident.gateway.triton")
 
@@ -129,6 +130,7 @@ class TritonBackend:
         self._pid: int | None = None
         self._channel: grpc.Channel | None = None
         self._stub: service_pb2_grpc.GRPCInferenceServiceStub | None = None
+        self._limits: dict[str, ModelLimits] = {}
 
     def _channel_options(self) -> list[tuple[str, int]]:
         return [
@@ -158,7 +160,7 @@ class TritonBackend:
         assert self._stub is not None
         return self._stub
 
-    def generate(self, params: GenerationParams, *, request_id: str) -> TritonGeneration:
+    def generate(self, params: TextRequest, *, request_id: str) -> TritonGeneration:
         triton_model = self.models[params.model]
         request = build_infer_request(triton_model, llm_inputs(params), request_id=request_id, admission=True)
         call = self.stub.ModelStreamInfer(
@@ -179,9 +181,27 @@ class TritonBackend:
                 request = service_pb2.ModelReadyRequest(name=triton_model)
                 if not stub.ModelReady(request, timeout=timeout, wait_for_ready=False).ready:
                     raise unavailable(f"The model '{public}' is not ready", self.retry_after)
+                self._limits[triton_model] = self._read_limits(triton_model)  # kept fresh by probes
         except grpc.RpcError as err:
             log.warning("Triton readiness check failed: %s %s", err.code(), err.details())
             raise unavailable("The inference server is unreachable", self.retry_after) from None
+
+    def limits(self, model: str) -> ModelLimits:
+        """The Triton model's limits from its config parameters (the repository build wrote them):
+        asked once per worker process, refreshed by every readiness check."""
+        if model not in self._limits:
+            try:
+                self._limits[model] = self._read_limits(model)
+            except grpc.RpcError as err:
+                log.warning("reading the limits of %s failed: %s %s", model, err.code(), err.details())
+                raise unavailable("The inference server is unreachable", self.retry_after) from None
+        return self._limits[model]
+
+    def _read_limits(self, model: str) -> ModelLimits:
+        response = self.stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=self.ready_timeout,
+                                         wait_for_ready=False)
+        params = {k: v.string_value for k, v in response.config.parameters.items()}
+        return ModelLimits.from_parameters(params)
 
     def close(self) -> None:
         if self._channel is not None and self._pid == os.getpid():

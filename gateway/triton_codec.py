@@ -1,6 +1,8 @@
-"""Tensors of the Triton model "llm": the one mapping function, protobuf encoding, parsing.
+"""Tensors of the Triton model "llm" on the wire: protobuf encoding and parsing.
 
-No network here: this module turns a :class:`GenerationParams` into a ``ModelInferRequest``
+The mapping itself (names, dtypes, defaults) is trident.contract's ``llm_inputs``, which the
+"llm" model reads back with ``read_llm_inputs``. No network here: this module turns a
+:class:`trident.contract.TextRequest` into a ``ModelInferRequest``
 and a ``ModelStreamInferResponse`` back into gateway events, so both are tested without
 a server. Wire format (KServe v2 / Triton gRPC): every tensor has a leading batch dimension 1
 and travels in ``raw_input_contents`` / ``raw_output_contents`` as little-endian bytes; BYTES
@@ -9,18 +11,18 @@ tensors are elements each prefixed with their 4-byte little-endian length.
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from trident.contract import ADMISSION_PARAMETER
+from trident.contract import ADMISSION_PARAMETER, INVALID_REQUEST, SERVER_ERROR, llm_inputs, parse_error
 
 from .backend import Finished
 from .errors import ApiError, ClientError, internal_error, unavailable
-from .params import GenerationParams
+
+__all__ = ["build_infer_request", "llm_inputs", "parse_stream_response", "serialize", "tagged_error"]
 
 _DATATYPES: dict[np.dtype, str] = {
     np.dtype(np.bool_): "BOOL",
@@ -31,37 +33,9 @@ _DATATYPES: dict[np.dtype, str] = {
     np.dtype(np.float64): "FP64",
     np.dtype(np.object_): "BYTES",
 }
-_NUMERIC: dict[str, str] = {"BOOL": "?", "INT32": "<i4", "INT64": "<i8", "UINT64": "<u8", "FP32": "<f4", "FP64": "<f8"}
 
 FINAL_FLAG = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
-
-
-def llm_inputs(params: GenerationParams) -> dict[str, np.ndarray]:
-    """The inputs of Triton model "llm" for ``params`` (STYLE 2), each of shape [1, ...].
-
-    ``stop_words`` is sent only when there are stop sequences and ``seed`` only when it is not
-    None; any other optional value would also be sent whenever it ``is not None`` (0 is a value).
-    """
-    inputs: dict[str, np.ndarray] = {
-        "text_input": np.array([[params.prompt.encode("utf-8")]], dtype=np.object_),  # [1, 1]
-        "max_tokens": np.array([[params.max_new_tokens]], dtype=np.int32),  # [1, 1]
-    }
-    if params.stop_sequences:
-        stop_words = [[s.encode("utf-8") for s in params.stop_sequences]]
-        inputs["stop_words"] = np.array(stop_words, dtype=np.object_)  # [1, N]
-    optional: tuple[tuple[str, object, type], ...] = (
-        ("temperature", params.temperature, np.float32),
-        ("top_p", params.top_p, np.float32),
-        ("top_k", params.top_k, np.int32),
-        ("repetition_penalty", params.repetition_penalty, np.float32),
-        ("seed", params.seed, np.uint64),
-        ("stream", params.stream, np.bool_),
-    )
-    for name, value, dtype in optional:
-        if value is not None:
-            inputs[name] = np.array([[value]], dtype=dtype)  # [1, 1]
-    return inputs
 
 
 def serialize(array: np.ndarray) -> tuple[str, bytes]:
@@ -92,25 +66,6 @@ def build_infer_request(
         tensor.shape.extend(array.shape)
         request.raw_input_contents.append(raw)
     return request
-
-
-def deserialize(datatype: str, shape: list[int] | tuple[int, ...], raw: bytes) -> np.ndarray:
-    """The numpy array of one output tensor (BYTES elements as ``bytes``)."""
-    if datatype == "BYTES":
-        items: list[bytes] = []
-        offset = 0
-        while offset < len(raw):
-            (length,) = struct.unpack_from("<I", raw, offset)
-            offset += 4
-            items.append(raw[offset:offset + length])
-            offset += length
-        array = np.empty(len(items), dtype=np.object_)
-        array[:] = items
-    elif datatype in _NUMERIC:
-        array = np.frombuffer(raw, dtype=_NUMERIC[datatype])
-    else:
-        raise ValueError(f"unsupported output datatype {datatype}")
-    return array.reshape(tuple(shape)) if shape else array
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,26 +130,18 @@ def parse_stream_response(
     )
 
 
-# A model error starts with a bracketed tag: "[invalid_request_error] ...",
-# "[invalid_request_error:param] ..." or "[service_unavailable] ...". Triton or the Python
-# backend may put a prefix ending in ": " before it.
-_TAGGED = re.compile(
-    r"(?:^|:\s)\s*\[(?P<type>invalid_request_error|service_unavailable)"
-    r"(?::(?P<param>[A-Za-z0-9_.-]+(?:\[\d+\])*))?\]\s*(?P<message>.*)\Z",
-    re.S,
-)
 _NOT_LOADED = ("Request for unknown model", "is not ready", "has no available versions")
 
 
 def tagged_error(message: str, *, retry_after: int) -> ApiError | None:
-    """The error a tagged model message stands for, or None when it has no known tag."""
-    match = _TAGGED.search(message.strip())
-    if match is None:
+    """The error a tagged model message stands for (trident.contract.parse_error), or None when
+    it has no tag, or only the generic server-error one."""
+    tagged = parse_error(message)
+    if tagged is None or tagged.kind == SERVER_ERROR:
         return None
-    text = match["message"].strip() or match["type"].replace("_", " ")
-    if match["type"] == "invalid_request_error":
-        return ClientError(text, param=match["param"])
-    return unavailable(text, retry_after)
+    if tagged.kind == INVALID_REQUEST:
+        return ClientError(tagged.message, param=tagged.param)
+    return unavailable(tagged.message, retry_after)
 
 
 def model_error(message: str, *, request_id: str, retry_after: int) -> ApiError:

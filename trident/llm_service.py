@@ -46,9 +46,19 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from .contract import ADMISSION_PARAMETER  # noqa: F401  (re-exported for model.py)
-from .errors import InvalidRequest, TaggedError
-from .generation import TextGeneration, TextRequest, engine_tensors, parse_text_request
+from .contract import (  # noqa: F401  (ADMISSION_PARAMETER: re-exported for model.py)
+    ADMISSION_PARAMETER,
+    SERVER_ERROR,
+    InvalidRequest,
+    ModelLimits,
+    TaggedError,
+    TextRequest,
+    context_error,
+    read_llm_inputs,
+    tag_error,
+)
+from .engine_tensors import engine_inputs
+from .generation import TextGeneration
 
 log = logging.getLogger("trident.llm")
 
@@ -59,8 +69,7 @@ class LlmSettings:
     """The ``llm`` model's ``config.pbtxt`` parameters."""
 
     engine_model: str = "tensorrt_llm"
-    max_context: int = 2048
-    max_new_tokens_limit: int = 2048
+    limits: ModelLimits = ModelLimits()
     max_concurrent: int = 256  # requests streaming from the engine at once (worker threads)
     cancel_check_interval: float = 0.1  # seconds between is_cancelled() polls of one request
 
@@ -72,8 +81,7 @@ class LlmSettings:
 
         return cls(
             engine_model=get("engine_model", cls.engine_model, str),
-            max_context=get("max_context", cls.max_context, int),
-            max_new_tokens_limit=get("max_new_tokens_limit", cls.max_new_tokens_limit, int),
+            limits=ModelLimits.from_parameters(params),
             max_concurrent=get("max_concurrent_requests", cls.max_concurrent, int),
             cancel_check_interval=get("cancel_check_interval_ms", cls.cancel_check_interval * 1000, float) / 1000,
         )
@@ -143,7 +151,7 @@ class Job:
 class LlmService:
     """Accepts requests (``accept``), streams them from the engine on worker threads."""
 
-    def __init__(self, settings: LlmSettings, tokenizer: Any, engine: EngineClient, *,
+    def __init__(self, settings: LlmSettings, tokenizer: Any, engine: "EngineClient", *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
@@ -191,7 +199,7 @@ class LlmService:
         except Exception:  # a bug, not the client's fault: a 500 with no internals
             log.exception("llm: accepting a request failed")
             self.counters["failed"] += 1
-            _safely(request.send_error, "[server_error] internal error while accepting the request")
+            _safely(request.send_error, tag_error(SERVER_ERROR, "internal error while accepting the request"))
             return
         self.counters["accepted"] += 1
         if request.wants_admission() and not _safely(request.send_admission):
@@ -201,21 +209,18 @@ class LlmService:
         self._queue.put(job)
 
     def _prepare(self, request: Request) -> Job:
-        text = parse_text_request(request.input)
-        limit = self.settings.max_new_tokens_limit
-        if text.max_tokens > limit:
-            raise InvalidRequest(f"max_new_tokens must be between 1 and {limit}, got {text.max_tokens}",
-                                 param="max_new_tokens")
+        text = read_llm_inputs(request.input)
+        limits = self.settings.limits
+        text.sampling.check(limits)
         input_ids = self.tokenizer(text.prompt).input_ids
-        context = self.settings.max_context
-        if len(input_ids) + text.max_tokens > context:
-            raise InvalidRequest(
-                f"the prompt has {len(input_ids)} tokens and max_new_tokens is {text.max_tokens}: "
-                f"together {len(input_ids) + text.max_tokens}, over the model's context of "
-                f"{context} tokens", param="prompt")
-        bad_ids = [self.tokenizer(w, add_special_tokens=False).input_ids for w in text.bad_words]
-        tensors = engine_tensors(text, input_ids=input_ids, end_id=self.end_id, pad_id=self.pad_id,
-                                 bad_words_ids=[b for b in bad_ids if b])
+        new_tokens = text.sampling.max_new_tokens
+        if len(input_ids) + new_tokens > limits.max_context:
+            raise InvalidRequest(context_error(len(input_ids), new_tokens, limits.max_context), param="prompt")
+        bad_ids = [self.tokenizer(w, add_special_tokens=False).input_ids for w in text.sampling.bad_words]
+        tensors = engine_inputs(text.sampling, input_ids=input_ids,
+                                end_id=self.end_id if text.end_id is None else text.end_id,
+                                pad_id=self.pad_id if text.pad_id is None else text.pad_id,
+                                bad_words_ids=[b for b in bad_ids if b])
         return Job(request=request, text=text, tensors=tensors, prompt_tokens=len(input_ids),
                    engine_id=str(next(self._ids)), last_check=self.clock())
 
@@ -280,7 +285,7 @@ class LlmService:
             except BaseException:  # never let a worker die: the request ends, the thread stays
                 log.exception("llm: request %s failed", job.engine_id)
                 self.counters["failed"] += 1
-                _safely(job.request.send_error, "[server_error] internal error during generation")
+                _safely(job.request.send_error, tag_error(SERVER_ERROR, "internal error during generation"))
             finally:
                 with self._jobs_lock:
                     self._jobs.discard(job)

@@ -133,3 +133,32 @@ def test_disconnect_cancels_the_engine_request(client, triton):
     time.sleep(1.0)
     assert engine_metrics(triton)["generated"] == settled, "tokens still computed after cancel"
     assert settled - before["generated"] < 1500
+
+
+def test_direct_grpc_and_the_gateway_share_the_defaults(client, triton):
+    """One set of sampling defaults (trident.contract.SamplingParams): a direct gRPC request to
+    llm with no sampling inputs and a /generate request with no sampling fields, with the same
+    seed, sample the same text (temperature 1.0, top_p 1.0, top_k 0 on both paths)."""
+    import grpc
+    import numpy as np
+    from tritonclient.grpc import service_pb2_grpc
+
+    from gateway.triton_codec import FINAL_FLAG, build_infer_request
+
+    prompt, seed = "Once upon a time, in a small village,", 4242
+    via_gateway = generate(client, prompt=prompt, max_new_tokens=24, seed=seed)["choices"][0]["text"]
+    inputs = {"text_input": np.array([[prompt.encode()]], dtype=object), "max_tokens": np.array([[24]], np.int32),
+              "seed": np.array([[seed]], np.uint64)}
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(triton.grpc_url))
+    text = ""
+    for response in stub.ModelStreamInfer(iter((build_infer_request("llm", inputs),)), timeout=120):
+        assert not response.error_message, response.error_message
+        infer = response.infer_response
+        for out, raw in zip(infer.outputs, infer.raw_output_contents):
+            if out.name == "text_output" and raw:
+                text += raw[4:].decode()
+        if infer.parameters[FINAL_FLAG].bool_param:
+            break
+    assert text == via_gateway
+    greedy = generate(client, prompt=prompt, max_new_tokens=24, temperature=0)["choices"][0]["text"]
+    assert text != greedy  # the shared default samples; it is not greedy decoding

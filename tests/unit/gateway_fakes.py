@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,8 +15,10 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.backend import Event, Finished, TextDelta
 from gateway.errors import ApiError
-from gateway.params import GenerationParams
-from gateway.triton_codec import deserialize, serialize
+from gateway.triton_codec import serialize
+from trident.contract import ModelLimits, TextRequest
+
+GenerationParams = TextRequest  # what a backend receives
 
 DEFAULT_DELTAS = ("Hello", ",", " wor", "ld", " ✓", "!")
 
@@ -33,9 +36,10 @@ Script = Callable[[GenerationParams], list[Step]]
 
 def default_script(params: GenerationParams) -> list[Step]:
     """Deltas (one, joined, when not streaming, as the "llm" model does) then Finished."""
-    deltas = list(DEFAULT_DELTAS)[: params.max_new_tokens]
+    max_new_tokens = params.sampling.max_new_tokens
+    deltas = list(DEFAULT_DELTAS)[:max_new_tokens]
     steps: list[Step] = deltas if params.stream else ["".join(deltas)]
-    reason = "length" if params.max_new_tokens <= len(DEFAULT_DELTAS) else "eos_token"
+    reason = "length" if max_new_tokens <= len(DEFAULT_DELTAS) else "eos_token"
     return [*steps, Finished(reason, prompt_tokens=len(params.prompt.split()), completion_tokens=len(deltas))]
 
 
@@ -69,6 +73,7 @@ class FakeBackend:
     script: Script = default_script
     generate_error: ApiError | None = None  # raised by generate() itself
     ready_error: ApiError | None = None  # raised by check_ready()
+    model_limits: ModelLimits = field(default_factory=ModelLimits)  # what Triton would report
     calls: list[tuple[GenerationParams, str]] = field(default_factory=list)
     generations: list[FakeGeneration] = field(default_factory=list)
 
@@ -83,6 +88,9 @@ class FakeBackend:
     def check_ready(self) -> None:
         if self.ready_error is not None:
             raise self.ready_error
+
+    def limits(self, model: str) -> ModelLimits:
+        return self.model_limits
 
     @property
     def last_params(self) -> GenerationParams:
@@ -154,6 +162,13 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelReady(self, request, context):
         return service_pb2.ModelReadyResponse(ready=request.name in self.ready_models)
 
+    def ModelConfig(self, request, context):
+        response = service_pb2.ModelConfigResponse()
+        response.config.name = request.name
+        response.config.parameters["max_context"].string_value = "2048"
+        response.config.parameters["max_new_tokens_limit"].string_value = "2048"
+        return response
+
     def ModelStreamInfer(self, request_iterator, context):
         rpc = {"prompt": None, "done": False}
         # Recorded when the RPC ends without finishing: the server may stop iterating this
@@ -204,6 +219,25 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             stream_response(finish=finish),
             stream_response(final=True),
         ]
+
+
+_NUMERIC = {"BOOL": "?", "INT32": "<i4", "INT64": "<i8", "UINT64": "<u8", "FP32": "<f4", "FP64": "<f8"}
+
+
+def deserialize(datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
+    """The numpy array of one raw tensor (BYTES elements as ``bytes``), as Triton reads it."""
+    if datatype == "BYTES":
+        items: list[bytes] = []
+        offset = 0
+        while offset < len(raw):
+            (length,) = struct.unpack_from("<I", raw, offset)
+            items.append(raw[offset + 4:offset + 4 + length])
+            offset += 4 + length
+        array = np.empty(len(items), dtype=np.object_)
+        array[:] = items
+    else:
+        array = np.frombuffer(raw, dtype=_NUMERIC[datatype])
+    return array.reshape(tuple(shape)) if shape else array
 
 
 def deserialize_input(pair) -> np.ndarray:

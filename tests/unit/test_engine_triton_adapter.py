@@ -200,7 +200,7 @@ def test_engine_counters_are_published_as_metrics(model):
     [
         (Request(input_ids=np.array([[1, 2]], dtype=np.int32)), "[invalid_request_error] ", "required"),
         (prompt(n=100), "[invalid_request_error] ", "max_seq_len"),
-        (Request(explode=np.zeros(1)), "[internal_error] ", "unreachable"),
+        (Request(explode=np.zeros(1)), "[server_error] ", "unreachable"),
     ],
 )
 def test_errors_are_final_triton_errors(model, request_, prefix, text):

@@ -344,11 +344,11 @@ def test_config_precedence(tmp_path, monkeypatch):
     from flask import Flask
 
     config_file = tmp_path / "gateway.json"
-    config_file.write_text(json.dumps({"TRITON_MODEL": "from-file", "MAX_CONTEXT": 4096, "RETRY_AFTER": 9}))
+    config_file.write_text(json.dumps({"TRITON_MODEL": "from-file", "MAX_IN_FLIGHT": 4096, "RETRY_AFTER": 9}))
     env = {
         "TRITON_GRPC_PORT": "9101",
         "TRIDENT_GATEWAY_CONFIG": str(config_file),
-        "TRIDENT_MAX_CONTEXT": "8192",
+        "TRIDENT_MAX_IN_FLIGHT": "8192",
         "TRIDENT_HEARTBEAT_INTERVAL": "0.5",
         "TRIDENT_RATELIMIT_HEADERS_ENABLED": "false",
         "TRIDENT_API_KEY": "12345",
@@ -357,7 +357,7 @@ def test_config_precedence(tmp_path, monkeypatch):
     load_config(app, {"RETRY_AFTER": 1}, environ=env)
     assert app.config["TRITON_GRPC_URL"] == "localhost:9101"
     assert app.config["TRITON_MODEL"] == "from-file"
-    assert app.config["MAX_CONTEXT"] == 8192
+    assert app.config["MAX_IN_FLIGHT"] == 8192
     assert app.config["HEARTBEAT_INTERVAL"] == 0.5
     assert app.config["RATELIMIT_HEADERS_ENABLED"] is False
     assert app.config["API_KEY"] == "12345"  # a key stays a string
@@ -370,7 +370,7 @@ def test_config_precedence(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "override",
-    [{"MAX_CONTEXT": "lots"}, {"MAX_NEW_TOKENS_LIMIT": 4096}, {"HEARTBEAT_INTERVAL": 0}, {"MAX_IN_FLIGHT": True}],
+    [{"MAX_IN_FLIGHT": "lots"}, {"READY_TIMEOUT": -1}, {"HEARTBEAT_INTERVAL": 0}, {"MAX_IN_FLIGHT": True}],
 )
 def test_bad_config_stops_start_up(override):
     with pytest.raises(ValueError):

@@ -1,5 +1,5 @@
 """/v1/models, /v1/completions, /v1/chat/completions in-process with the fake backend: request
-mapping to GenerationParams, errors, JSON bodies, SSE chunks, [DONE], include_usage, shared
+mapping to TextRequest, errors, JSON bodies, SSE chunks, [DONE], include_usage, shared
 auth and rate limits, retry advice."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from gateway import create_app
 from gateway.auth import hash_key
 from gateway.backend import Finished
 from gateway.errors import ClientError, ServerError
-from gateway.params import GenerationParams
+from trident.contract import SamplingParams, TextRequest
 
 USER = [{"role": "user", "content": "Hi"}]
 CHAT = {"messages": USER}
@@ -47,14 +47,14 @@ def assert_error(response, status, type_, param, message):
 def test_completion_defaults(client, backend):
     response = client.post("/v1/completions", json=COMPLETION, headers=AUTH)
     assert response.status_code == 200
-    assert backend.last_params == GenerationParams(prompt="Hi there", model=MODEL, max_new_tokens=16)
+    assert backend.last_params == TextRequest(prompt="Hi there", model=MODEL, sampling=SamplingParams(max_new_tokens=16))
 
 
 def test_chat_defaults_render_the_chat_template(client, backend):
     response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
     assert response.status_code == 200
     expected = SMOL_SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    assert backend.last_params == GenerationParams(prompt=expected, model=MODEL, max_new_tokens=512)
+    assert backend.last_params == TextRequest(prompt=expected, model=MODEL, sampling=SamplingParams(max_new_tokens=512))
 
 
 def test_every_openai_parameter_is_mapped(client, backend):
@@ -65,11 +65,10 @@ def test_every_openai_parameter_is_mapped(client, backend):
         "echo": False, "best_of": 1, "logprobs": None,
     }
     assert client.post("/v1/completions", json=body, headers=AUTH).status_code == 200
-    assert backend.last_params == GenerationParams(
-        prompt="Once", model=MODEL, max_new_tokens=7, temperature=0.0, top_p=0.5, top_k=3,
-        repetition_penalty=1.2, stop_sequences=("\n",), stream=False, seed=42,
-    )
-    assert isinstance(backend.last_params.temperature, float)
+    assert backend.last_params == TextRequest(prompt="Once", model=MODEL, stream=False, sampling=SamplingParams(
+        max_new_tokens=7, temperature=0.0, top_p=0.5, top_k=3, repetition_penalty=1.2, stop=("\n",), seed=42,
+    ))
+    assert isinstance(backend.last_params.sampling.temperature, float)
 
 
 def test_chat_parameters_and_ignored_fields(client, backend):
@@ -81,16 +80,16 @@ def test_chat_parameters_and_ignored_fields(client, backend):
     }
     assert client.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
     params = backend.last_params
-    assert (params.max_new_tokens, params.stop_sequences, params.stream) == (9, ("a", "bb"), True)
-    assert params.seed == 2**64 - 1  # OpenAI's int64 seeds, modulo 2**64
+    assert (params.sampling.max_new_tokens, params.sampling.stop, params.stream) == (9, ("a", "bb"), True)
+    assert params.sampling.seed == 2**64 - 1  # OpenAI's int64 seeds, modulo 2**64
 
 
 def test_max_tokens_and_max_completion_tokens_may_agree(client, backend):
     body = {**CHAT, "max_tokens": 5, "max_completion_tokens": 5}
     assert client.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
-    assert backend.last_params.max_new_tokens == 5
+    assert backend.last_params.sampling.max_new_tokens == 5
     assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 6}, headers=AUTH).status_code == 200
-    assert backend.last_params.max_new_tokens == 6
+    assert backend.last_params.sampling.max_new_tokens == 6
 
 
 def test_messages_content_parts_roles_and_names(client, backend):

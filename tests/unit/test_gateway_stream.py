@@ -146,7 +146,7 @@ def test_stream_params_reach_the_backend():
     backend = FakeBackend(script=default_script)
     stream(make_app(backend).test_client(), {**BODY, "seed": 0, "stop_sequences": ["\n"]}).get_data()
     params = backend.last_params
-    assert params.stream is True and params.seed == 0 and params.stop_sequences == ("\n",)
+    assert params.stream is True and params.sampling.seed == 0 and params.sampling.stop == ("\n",)
 
 
 def test_admission_starts_the_stream_before_any_token():

@@ -10,21 +10,17 @@ from gateway_fakes import stream_response
 
 from gateway.backend import Finished
 from gateway.errors import ClientError, ServerError
-from gateway.params import GenerationParams
-from gateway.triton_codec import (
-    build_infer_request,
-    deserialize,
-    llm_inputs,
-    model_error,
-    parse_stream_response,
-    serialize,
-)
+from gateway_fakes import deserialize
+
+from gateway.triton_codec import build_infer_request, model_error, parse_stream_response, serialize
+from trident.contract import SamplingParams, TextRequest, llm_inputs, read_llm_inputs
 
 MODEL = "smollm2-135m-instruct"
 
 
-def params(**kwargs) -> GenerationParams:
-    return GenerationParams(prompt=kwargs.pop("prompt", "Hi"), model=MODEL, **kwargs)
+def params(*, prompt="Hi", stream=False, stop_sequences=(), **sampling) -> TextRequest:
+    return TextRequest(prompt=prompt, model=MODEL, stream=stream,
+                       sampling=SamplingParams(stop=tuple(stop_sequences), **sampling))
 
 
 def test_llm_inputs_names_dtypes_shapes():
@@ -47,6 +43,15 @@ def test_llm_inputs_names_dtypes_shapes():
         assert inputs[name].shape == shape, name
         assert inputs[name].flat[0] == first, name
     assert list(inputs["stop_words"].flat) == [b"\n", b"User:"]
+
+
+def test_the_llm_model_reads_back_what_the_gateway_sends():
+    """One definition on both sides of the gRPC seam: encode, then decode as the llm model does."""
+    sent = params(prompt="Héllo", max_new_tokens=7, temperature=0.5, top_p=0.75, top_k=40,  # exact in fp32
+                  repetition_penalty=1.25, stop_sequences=("\n", "User:"), stream=True, seed=2**64 - 1)
+    received = read_llm_inputs(llm_inputs(sent).get)
+    assert received == TextRequest(prompt="Héllo", sampling=sent.sampling, stream=True)
+    assert read_llm_inputs(llm_inputs(params()).get).sampling == SamplingParams()
 
 
 def test_optional_tensors_are_omitted_only_when_none():

@@ -12,7 +12,7 @@ from gateway_fakes import FakeTriton, start_fake_triton, wait_until
 from gateway import create_app
 from gateway.backend import Finished, TextDelta
 from gateway.errors import ClientError, ServerError
-from gateway.params import GenerationParams
+from trident.contract import SamplingParams, TextRequest
 from gateway.triton_backend import TritonBackend
 
 MODEL = "smollm2-135m-instruct"
@@ -42,8 +42,9 @@ def unused_port() -> int:
         return s.getsockname()[1]
 
 
-def run(backend, prompt, **kwargs):
-    generation = backend.generate(GenerationParams(prompt=prompt, model=MODEL, **kwargs), request_id="rid-1")
+def run(backend, prompt, stream=False, **sampling):
+    request = TextRequest(prompt=prompt, model=MODEL, stream=stream, sampling=SamplingParams(**sampling))
+    generation = backend.generate(request, request_id="rid-1")
     try:
         return list(generation)
     finally:
@@ -85,7 +86,7 @@ def test_untagged_model_error_is_500_without_internals(backend):
 
 
 def test_error_after_output(backend):
-    generation = backend.generate(GenerationParams(prompt="error-after", model=MODEL, stream=True), request_id="r")
+    generation = backend.generate(TextRequest(prompt="error-after", model=MODEL, stream=True), request_id="r")
     events = iter(generation)
     assert next(events) == TextDelta("Hello")
     with pytest.raises(ServerError) as info:
@@ -102,7 +103,7 @@ def test_stream_without_finish_is_500(backend):
 
 def test_close_cancels_on_the_server(backend, fake):
     servicer, _ = fake
-    generation = backend.generate(GenerationParams(prompt="slow", model=MODEL, stream=True), request_id="r")
+    generation = backend.generate(TextRequest(prompt="slow", model=MODEL, stream=True), request_id="r")
     events = iter(generation)
     assert next(events) == TextDelta("Hello")
     before = servicer.cancelled.count("slow")
@@ -127,7 +128,7 @@ def test_deadline_before_output_is_504(fake):
 def test_deadline_after_output_is_504(fake):
     _, port = fake
     backend = TritonBackend(url=f"127.0.0.1:{port}", models={MODEL: "llm"}, request_timeout=0.3)
-    generation = backend.generate(GenerationParams(prompt="stall-after", model=MODEL, stream=True), request_id="r")
+    generation = backend.generate(TextRequest(prompt="stall-after", model=MODEL, stream=True), request_id="r")
     events = iter(generation)
     assert next(events) == TextDelta("Hello")
     with pytest.raises(ServerError) as info:

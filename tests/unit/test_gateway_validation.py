@@ -8,7 +8,7 @@ import pytest
 from gateway_fakes import FakeBackend
 
 from gateway import create_app
-from gateway.params import GenerationParams
+from trident.contract import ModelLimits, SamplingParams, TextRequest
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -169,15 +169,23 @@ def test_json_content_type_with_charset_is_accepted(client):
 
 def test_defaults_fill_the_parameters_object(client, backend):
     assert post(client, {"prompt": "Hi there"}).status_code == 200
-    assert backend.last_params == GenerationParams(prompt="Hi there", model=MODEL)
-    assert backend.last_params.max_new_tokens == 128 and backend.last_params.temperature == 1.0
+    assert backend.last_params == TextRequest(prompt="Hi there", model=MODEL)
+    assert backend.last_params.sampling == SamplingParams(max_new_tokens=128, temperature=1.0)
 
 
 def test_null_means_default(client, backend):
     body = {k: None for k in ("model", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
                               "stop_sequences", "stream", "seed", "max_length")}
     assert post(client, {"prompt": "Hi", **body}).status_code == 200
-    assert backend.last_params == GenerationParams(prompt="Hi", model=MODEL)
+    assert backend.last_params == TextRequest(prompt="Hi", model=MODEL)
+
+
+def flat(params: TextRequest) -> dict:
+    """The request's values by their /generate names."""
+    s = params.sampling
+    return {"model": params.model, "stream": params.stream, "max_new_tokens": s.max_new_tokens,
+            "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+            "repetition_penalty": s.repetition_penalty, "stop_sequences": s.stop, "seed": s.seed}
 
 
 GOOD_FIELDS = [
@@ -206,10 +214,10 @@ GOOD_FIELDS = [
 def test_valid_fields_reach_the_backend(client, backend, fields, expected):
     response = post(client, {"prompt": "Hi", **fields})
     assert response.status_code == 200, response.get_data(as_text=True)
-    params = backend.last_params
+    params = flat(backend.last_params)
     for name, value in expected.items():
-        assert getattr(params, name) == value
-        assert type(getattr(params, name)) is type(value)
+        assert params[name] == value
+        assert type(params[name]) is type(value)
 
 
 def test_trailing_slash_route(client):
@@ -218,8 +226,10 @@ def test_trailing_slash_route(client):
     assert response.get_json()["object"] == "text_completion"
 
 
-def test_max_new_tokens_limit_comes_from_config(backend):
-    client = create_app({"API_KEY": KEY, "MAX_NEW_TOKENS_LIMIT": 64, "MAX_CONTEXT": 128}, backend=backend).test_client()
+def test_max_new_tokens_limit_comes_from_the_served_model(backend):
+    """The limit is the served model's, as Triton reports it (one source: the repository build)."""
+    backend.model_limits = ModelLimits(max_context=128, max_new_tokens=64)
+    client = create_app({"API_KEY": KEY}, backend=backend).test_client()
     assert_error(
         post(client, {"prompt": "Hi", "max_new_tokens": 65}),
         400,

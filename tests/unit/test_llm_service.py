@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 
+from trident.contract import ModelLimits
 from trident.llm_service import EngineChunk, LlmService, LlmSettings
 
 TIMEOUT = 10
@@ -146,8 +147,8 @@ def test_admission_comes_first_and_only_when_asked(make_service):
 
 
 def test_a_bad_request_is_refused_before_admission(make_service):
-    service, engine = make_service(max_context=16)
-    request = FakeRequest("word " * 40, admission=True)
+    service, engine = make_service(limits=ModelLimits(max_context=16, max_new_tokens=8))
+    request = FakeRequest("word " * 40, max_tokens=8, admission=True)
     service.accept(request)
     wait(request)
     assert [k for k, _ in request.sent] == ["send_error"]

@@ -1,7 +1,9 @@
 """Incremental detokenization and stop sequences, on the real tokenizer."""
 import pytest
 
-from trident.generation import TextGeneration, TextRequest, words_list
+from trident.contract import SamplingParams, TextRequest
+from trident.engine_tensors import words_list
+from trident.generation import TextGeneration
 from trident.text import IncrementalDetokenizer, StopSequenceMatcher
 
 SAMPLES = [
@@ -60,10 +62,8 @@ def test_possible_stop_prefix_is_held_back():
     assert m.push("x") == "##x"
 
 
-def request(**kw):
-    kw.setdefault("prompt", "p")
-    kw.setdefault("max_tokens", 10)
-    return TextRequest(**kw)
+def request(max_tokens=10, stop_words=()):
+    return TextRequest(prompt="p", sampling=SamplingParams(max_new_tokens=max_tokens, stop=tuple(stop_words)))
 
 
 def test_generation_finish_reasons(tokenizer):

@@ -16,7 +16,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from trident.generation import TextRequest, engine_tensors
+from trident.contract import SamplingParams
+from trident.engine_tensors import ENGINE_INPUTS, ENGINE_OUTPUTS, engine_inputs, stop_inputs
 from trident.repo_builder import PLACEHOLDER, TemplateError, fill_template
 from trident.trtllm import TRITON_IMAGE, TRTLLM_VERSION
 from trident.trtllm.build import BuildError, run_build
@@ -208,31 +209,22 @@ BACKEND_INPUTS = {
 }
 TRITON_DTYPES = {np.dtype(np.int32): "TYPE_INT32", np.dtype(np.uint64): "TYPE_UINT64", np.dtype(np.float32): "TYPE_FP32",
                  np.dtype(np.bool_): "TYPE_BOOL", np.dtype(np.int64): "TYPE_INT64"}
-LLM_MODEL = ROOT / "model_repository/common/llm/1/model.py"
-
-
 def sent_tensors() -> dict:
-    """Every tensor the llm model can send: sampled with every option, greedy, and the stop request."""
+    """Every tensor the llm model can send (trident.engine_tensors, the functions it calls):
+    sampled with every option, greedy, and the stop request."""
     sent = {}
-    for req in (TextRequest(prompt="x", max_tokens=8, temperature=0.7, top_k=40, top_p=0.9,
-                            repetition_penalty=1.1, seed=7, end_id=2, pad_id=2),
-                TextRequest(prompt="x", max_tokens=8, temperature=0.0)):
-        sent.update(engine_tensors(req, input_ids=[1, 2, 3], end_id=2, pad_id=2, bad_words_ids=[[5, 6], [7]]))
-    # _stop_engine in the llm model: same request id, these four tensors.
-    source = LLM_MODEL.read_text()
-    stop_names = re.findall(r'pb_utils\.Tensor\("(\w+)", np\.(?:zeros|ones)\(\(1, 1\), dtype=np\.(\w+)\)\)', source)
-    assert {n for n, _ in stop_names} == {"input_ids", "input_lengths", "request_output_len", "stop"}, stop_names
-    for name, dtype in stop_names:
-        sent.setdefault(name, np.ones((1, 1), dtype=getattr(np, dtype)))
+    for sampling in (SamplingParams(max_new_tokens=8, temperature=0.7, top_k=40, top_p=0.9,
+                                    repetition_penalty=1.1, seed=7),
+                     SamplingParams(max_new_tokens=8, temperature=0.0)):
+        sent.update(engine_inputs(sampling, input_ids=[1, 2, 3], end_id=2, pad_id=2, bad_words_ids=[[5, 6], [7]]))
+    for name, value in stop_inputs().items():
+        sent.setdefault(name, value)
+    assert set(sent) <= set(ENGINE_INPUTS)
     return sent
 
 
 def read_outputs() -> set:
-    names = set()
-    for listing in re.findall(r"requested_output_names=\[([^\]]*)\]", LLM_MODEL.read_text()):
-        names |= set(re.findall(r'"(\w+)"', listing))
-    assert "output_ids" in names
-    return names
+    return set(ENGINE_OUTPUTS)
 
 
 def cpu_engine_config():
@@ -282,7 +274,7 @@ def test_engine_declares_every_tensor_the_llm_model_sends(engine, name):
 
 def test_engine_requires_only_what_every_llm_request_sends(engine):
     flavour, config = engine
-    always = set(engine_tensors(TextRequest(prompt="x", max_tokens=1), input_ids=[1], end_id=2, pad_id=2))
+    always = set(engine_inputs(SamplingParams(max_new_tokens=1), input_ids=[1], end_id=2, pad_id=2))
     stop = {"input_ids", "input_lengths", "request_output_len", "stop"}
     required = {i.name for i in config.input if not i.optional}
     assert required <= always & stop, f"{flavour}: required inputs {required - (always & stop)} are not always sent"
@@ -294,6 +286,7 @@ def test_engine_returns_what_the_llm_model_reads(engine):
     for name in read_outputs():
         assert name in outputs, f"{flavour}: the llm model reads {name!r}"
         assert model_config_pb2.DataType.Name(outputs[name].data_type) == "TYPE_INT32"
+    assert "output_ids" in read_outputs()
     assert config.model_transaction_policy.decoupled
 
 

@@ -1,49 +1,59 @@
-"""What goes into the engine (one parameters object per request) and what comes out."""
+"""What goes into the engine (token ids + the one SamplingParams object) and what comes out."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+from trident.contract import INVALID_REQUEST, SERVER_ERROR, UNAVAILABLE, SamplingParams
+
 FinishReason = Literal["length", "end_id", "stop_words", "cancelled", "error"]
 
 
 class EngineError(Exception):
-    """Base class; ``error_type`` is the tag the Triton adapter puts in front of the message."""
+    """Base class; ``error_type`` is the tag (trident.contract) the Triton adapter puts in front
+    of the message."""
 
-    error_type = "internal_error"
+    error_type = SERVER_ERROR
 
 
 class QueueFullError(EngineError):
     """submit() refused: max_queue_size requests are already waiting."""
 
-    error_type = "service_unavailable"
+    error_type = UNAVAILABLE
 
 
 class EngineStoppedError(EngineError):
-    error_type = "service_unavailable"
+    error_type = UNAVAILABLE
 
 
 class InvalidRequestError(EngineError, ValueError):
-    error_type = "invalid_request_error"
+    error_type = INVALID_REQUEST
 
 
 @dataclass
 class GenerationRequest:
+    """One engine request: token ids, the request's SamplingParams (read from TensorRT-LLM's
+    tensors by trident.engine_tensors.read_sampling; their text-level ``stop``/``bad_words`` are
+    not used here), and the engine-level token lists of TensorRT-LLM's interface."""
+
     request_id: str
     input_ids: list[int]
-    max_new_tokens: int = 16
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=16, temperature=0.0))
     end_id: int | None = None
     pad_id: int | None = None
-    temperature: float = 0.0  # 0 => greedy
-    top_k: int = 0  # 0 = off, 1 => greedy
-    top_p: float = 1.0  # 1.0 or 0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off
-    seed: int | None = None
-    stop_words: list[list[int]] = field(default_factory=list)
+    stop_words: list[list[int]] = field(default_factory=list)  # token sequences
     bad_words: list[list[int]] = field(default_factory=list)
     streaming: bool = False
-    # Polled once per engine step; True cancels the request (e.g. the client went away).
+    # Polled at most every cancel_check_interval; True cancels the request (the client went away).
     is_cancelled: Callable[[], bool] | None = field(default=None, repr=False)
+
+    # Read-only views of the sampling parameters, for the scheduler's convenience.
+    max_new_tokens = property(lambda self: self.sampling.max_new_tokens)
+    temperature = property(lambda self: self.sampling.temperature)
+    top_k = property(lambda self: self.sampling.top_k)
+    top_p = property(lambda self: self.sampling.top_p)
+    repetition_penalty = property(lambda self: self.sampling.repetition_penalty)
+    seed = property(lambda self: self.sampling.seed)
 
     def validate(self, *, vocab_size: int, max_seq_len: int) -> None:
         """Raise InvalidRequestError with a message naming the field; called by Engine.submit."""
@@ -91,6 +101,6 @@ class GenerationOutput:
     finished: bool
     finish_reason: FinishReason | None = None
     error: str | None = None
-    error_type: str | None = None  # "invalid_request_error" | "service_unavailable" | "internal_error"
+    error_type: str | None = None  # a trident.contract error kind
     step: int = 0  # decode steps the engine had completed when this output was produced
     num_generated: int = 0  # tokens generated so far (end_id excluded)

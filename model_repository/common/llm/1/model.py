@@ -10,7 +10,9 @@ import sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trident.llm_service import ADMISSION_PARAMETER, EngineChunk, LlmService, LlmSettings
+from trident.contract import ADMISSION_PARAMETER
+from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_output_ids, stop_inputs
+from trident.llm_service import EngineChunk, LlmService, LlmSettings
 
 log = logging.getLogger("trident.llm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -94,7 +96,7 @@ class BlsEngine:
         infer = pb_utils.InferenceRequest(
             model_name=self.model_name,
             inputs=[pb_utils.Tensor(name, value) for name, value in tensors.items()],
-            requested_output_names=["output_ids", "sequence_length"],
+            requested_output_names=list(ENGINE_OUTPUTS),
             request_id=engine_id,
         )
         # Iterating drains the stream to its final response, also after a stop.
@@ -102,19 +104,14 @@ class BlsEngine:
             if response.has_error():
                 yield EngineChunk(error=response.error().message())
                 continue
-            out = pb_utils.get_output_tensor_by_name(response, "output_ids")
-            yield EngineChunk(token_ids=[] if out is None else out.as_numpy().reshape(-1).tolist())
+            out = pb_utils.get_output_tensor_by_name(response, OUTPUT_IDS)
+            yield EngineChunk(token_ids=read_output_ids(None if out is None else out.as_numpy()))
 
     def stop(self, engine_id):
         stop = pb_utils.InferenceRequest(
             model_name=self.model_name,
-            inputs=[
-                pb_utils.Tensor("input_ids", np.zeros((1, 1), dtype=np.int32)),
-                pb_utils.Tensor("input_lengths", np.ones((1, 1), dtype=np.int32)),
-                pb_utils.Tensor("request_output_len", np.ones((1, 1), dtype=np.int32)),
-                pb_utils.Tensor("stop", np.ones((1, 1), dtype=np.bool_)),
-            ],
-            requested_output_names=["output_ids"],
+            inputs=[pb_utils.Tensor(name, value) for name, value in stop_inputs().items()],
+            requested_output_names=[OUTPUT_IDS],
             request_id=engine_id,
         )
         for _ in stop.exec(decoupled=True):

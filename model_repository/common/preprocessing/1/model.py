@@ -1,10 +1,14 @@
 """Triton adapter of the ``preprocessing`` model: prompt -> token ids (TensorRT-LLM names)."""
 import json
+import logging
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trident.generation import words_list
+from trident.contract import SERVER_ERROR, InvalidRequest, TaggedError, tag_error
+from trident.engine_tensors import words_list
+
+log = logging.getLogger("trident.preprocessing")
 
 
 class TritonPythonModel:
@@ -22,9 +26,12 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(self._one(request))
-            except Exception as exc:  # answer the request, never escape execute
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"[invalid_request_error] {exc}")))
+            except TaggedError as exc:  # the client's mistake: a 400 naming it
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(exc.tagged())))
+            except Exception:  # a bug: a 500, never hidden as a client error; execute never raises
+                log.exception("preprocessing failed for request %r", request.request_id())
+                message = tag_error(SERVER_ERROR, f"internal error in preprocessing (request {request.request_id()!r})")
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
         return responses
 
     def _one(self, request):
@@ -32,10 +39,16 @@ class TritonPythonModel:
             t = pb_utils.get_input_tensor_by_name(request, name)
             return None if t is None else t.as_numpy()
 
-        queries = get("QUERY").reshape(-1)
-        if queries.size != 1:
-            raise ValueError("send one QUERY per request")
-        query = queries[0].decode("utf-8") if isinstance(queries[0], bytes) else str(queries[0])
+        queries = get("QUERY")
+        if queries is None or queries.size != 1:
+            raise InvalidRequest("send one QUERY per request", param="prompt")
+        if get("REQUEST_OUTPUT_LEN") is None:
+            raise InvalidRequest("REQUEST_OUTPUT_LEN is required", param="max_new_tokens")
+        query = queries.reshape(-1)[0]
+        try:
+            query = query.decode("utf-8") if isinstance(query, bytes) else str(query)
+        except UnicodeDecodeError:
+            raise InvalidRequest("QUERY is not valid UTF-8", param="prompt") from None
         ids = self.tokenizer(query).input_ids
         end_id = get("END_ID")
         pad_id = get("PAD_ID")

@@ -16,6 +16,8 @@ import threading
 
 import triton_python_backend_utils as pb_utils
 
+from trident.contract import SERVER_ERROR
+from trident.engine_tensors import ENGINE_INPUTS
 from trident.engine import (
     Engine,
     EngineConfig,
@@ -29,11 +31,6 @@ from trident.engine import (
 
 log = logging.getLogger("trident.engine.triton")
 
-INPUT_NAMES = (
-    "input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
-    "bad_words_list", "temperature", "runtime_top_k", "runtime_top_p", "repetition_penalty",
-    "seed", "random_seed", "stop", "streaming",
-)
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -177,7 +174,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             tensors = {}
-            for name in INPUT_NAMES:
+            for name in ENGINE_INPUTS:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     tensors[name] = tensor.as_numpy()
@@ -193,7 +190,7 @@ class TritonPythonModel:
             _send_error(sender, error_message(e.error_type, str(e)))
         except Exception as e:  # never let one request take the model down
             log.exception("failed to handle request %r", request.request_id())
-            _send_error(sender, error_message("internal_error", f"{type(e).__name__}: {e}"))
+            _send_error(sender, error_message(SERVER_ERROR, f"{type(e).__name__}: {e}"))
 
     def finalize(self):
         if getattr(self, "metrics", None) is not None:

@@ -1,0 +1,140 @@
+"""The two contracts, each one definition on both sides: gateway <-> llm (trident.contract) and
+llm <-> engine (trident.engine_tensors)."""
+import numpy as np
+import pytest
+
+from trident.contract import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    InvalidRequest,
+    ModelLimits,
+    SamplingParams,
+    TextRequest,
+    finish_reason,
+    llm_inputs,
+    parse_error,
+    read_llm_inputs,
+    tag_error,
+)
+from trident.engine_tensors import engine_inputs, read_sampling, stop_inputs, is_stop
+
+
+def engine(sampling, ids=(5, 6, 7)):
+    return engine_inputs(sampling, input_ids=list(ids), end_id=2, pad_id=2)
+
+
+def test_engine_request_names_dtypes_and_batch_dim():
+    t = engine(SamplingParams(max_new_tokens=7))
+    assert t["input_ids"].dtype == np.int32 and t["input_ids"].tolist() == [[5, 6, 7]]
+    assert t["input_lengths"].tolist() == [[3]] and t["request_output_len"].tolist() == [[7]]
+    assert t["end_id"].tolist() == [[2]] and t["pad_id"].tolist() == [[2]]
+    assert t["streaming"].dtype == np.bool_ and t["streaming"].tolist() == [[True]]
+    assert "seed" not in t and "bad_words_list" not in t  # only when set
+
+
+def test_greedy_is_top_k_one_as_tensorrt_llm_expresses_it():
+    for greedy in (SamplingParams(temperature=0.0, top_k=50, top_p=0.5), SamplingParams(top_k=1)):
+        t = engine(greedy)
+        assert t["runtime_top_k"].tolist() == [[1]] and t["temperature"].tolist() == [[1.0]]
+        assert "runtime_top_p" not in t
+
+
+def test_sampling_values_pass_through_including_zero():
+    t = engine(SamplingParams(temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.3, seed=0))
+    assert t["temperature"].dtype == np.float32 and t["temperature"][0, 0] == pytest.approx(0.7)
+    assert t["runtime_top_k"].dtype == np.int32 and t["runtime_top_k"].tolist() == [[0]]
+    assert t["runtime_top_p"][0, 0] == pytest.approx(0.9)
+    assert t["repetition_penalty"][0, 0] == pytest.approx(1.3)
+    assert t["seed"].dtype == np.uint64 and t["seed"].tolist() == [[0]]
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(max_new_tokens=9, temperature=0.0),
+    SamplingParams(max_new_tokens=9, temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.2, seed=2**64 - 1),
+])
+def test_the_engine_reads_back_what_llm_sends(sampling):
+    back = read_sampling(engine(sampling))
+    assert back.greedy == sampling.greedy and back.max_new_tokens == 9 and back.seed == sampling.seed
+    if not sampling.greedy:
+        assert (back.top_k, back.repetition_penalty) == (40, pytest.approx(1.2))
+        assert (back.temperature, back.top_p) == (pytest.approx(0.8), pytest.approx(0.95))
+
+
+def test_engine_defaults_keep_tensorrt_llm_semantics():
+    """A direct caller of the engine model who sends no sampling input gets greedy, as from
+    NVIDIA's backend; llm always sends every value, so its own defaults apply above it."""
+    assert read_sampling({"request_output_len": np.array([[4]], np.int32)}).greedy
+    assert is_stop(stop_inputs()) and not is_stop({})
+
+
+def test_llm_reads_nvidia_ensemble_names():
+    inputs = {
+        "text_input": np.array([["héllo".encode()]], dtype=object),
+        "max_tokens": np.array([[4]], dtype=np.int32),
+        "stop_words": np.array([[b"\n", b""]], dtype=object),
+        "random_seed": np.array([[9]], dtype=np.uint64),
+        "top_p": np.array([[0.0]], dtype=np.float32),  # NVIDIA's clients: 0 means off
+        "stream": np.array([[True]]),
+    }
+    req = read_llm_inputs(inputs.get)
+    assert (req.prompt, req.sampling.max_new_tokens, req.sampling.stop, req.sampling.seed, req.stream) == (
+        "héllo", 4, ("\n",), 9, True)
+    assert req.sampling.top_p == 1.0
+
+
+def test_absent_sampling_inputs_take_the_one_set_of_defaults():
+    req = read_llm_inputs({"text_input": np.array([[b"x"]], dtype=object),
+                           "max_tokens": np.array([[3]], dtype=np.int32)}.get)
+    assert req.sampling == SamplingParams(max_new_tokens=3)
+    assert req == read_llm_inputs(llm_inputs(TextRequest(prompt="x", sampling=SamplingParams(max_new_tokens=3))).get)
+
+
+@pytest.mark.parametrize("inputs, param", [
+    ({"max_tokens": np.array([[4]], dtype=np.int32)}, "prompt"),
+    ({"text_input": np.array([[b""]], dtype=object), "max_tokens": np.array([[4]], dtype=np.int32)}, "prompt"),
+    ({"text_input": np.array([[b"\xff"]], dtype=object), "max_tokens": np.array([[4]], dtype=np.int32)}, "prompt"),
+    ({"text_input": np.array([[b"x"]], dtype=object)}, "max_new_tokens"),
+])
+def test_llm_inputs_refused_with_the_field_named(inputs, param):
+    with pytest.raises(InvalidRequest) as err:
+        read_llm_inputs(inputs.get)
+    assert err.value.param == param and err.value.tagged().startswith(f"[invalid_request_error:{param}] ")
+
+
+@pytest.mark.parametrize("sampling, param", [
+    (SamplingParams(max_new_tokens=0), "max_new_tokens"),
+    (SamplingParams(max_new_tokens=65), "max_new_tokens"),
+    (SamplingParams(max_new_tokens=8, temperature=-1.0), "temperature"),
+    (SamplingParams(max_new_tokens=8, temperature=float("nan")), "temperature"),
+    (SamplingParams(max_new_tokens=8, top_p=1.5), "top_p"),
+    (SamplingParams(max_new_tokens=8, top_k=-1), "top_k"),
+    (SamplingParams(max_new_tokens=8, repetition_penalty=0.0), "repetition_penalty"),
+])
+def test_check_names_the_field(sampling, param):
+    with pytest.raises(InvalidRequest) as err:
+        sampling.check(ModelLimits(max_context=128, max_new_tokens=64))
+    assert err.value.param == param
+
+
+def test_error_tags_round_trip():
+    text = tag_error("invalid_request_error", "prompt too long", "prompt")
+    assert text == "[invalid_request_error:prompt] prompt too long"
+    parsed = parse_error("Python backend: " + text)
+    assert (parsed.kind, parsed.param, parsed.message) == ("invalid_request_error", "prompt", "prompt too long")
+    assert parse_error("[service_unavailable] queue full").kind == "service_unavailable"
+    assert parse_error("[server_error] boom").kind == "server_error"
+    assert parse_error("no tag here") is None
+    with pytest.raises(ValueError):
+        tag_error("internal_error", "x")
+
+
+def test_finish_reason_is_derived_in_one_place():
+    assert finish_reason(stopped=True, completion_tokens=5, max_new_tokens=5) == FINISH_STOP
+    assert finish_reason(stopped=False, completion_tokens=5, max_new_tokens=5) == FINISH_LENGTH
+    assert finish_reason(stopped=False, completion_tokens=3, max_new_tokens=5) == FINISH_EOS
+
+
+def test_limits_come_from_the_llm_config_parameters():
+    assert ModelLimits.from_parameters({"max_context": "1024", "max_new_tokens_limit": "512"}) == ModelLimits(1024, 512)
+    assert ModelLimits.from_parameters({}) == ModelLimits()
