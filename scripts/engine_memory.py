@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trident.contract import SamplingParams  # noqa: E402
 from trident.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
 from trident.engine.config import WEIGHT_DTYPES  # noqa: E402
 
@@ -54,8 +55,9 @@ def resident_memory_at_max_batch(config: EngineConfig, *, prompt_len: int = 16, 
     vocab = engine.model.config.vocab_size
     for i in range(n):
         ids = [(7919 * (i * prompt_len + j)) % vocab for j in range(prompt_len)]
-        engine.submit(GenerationRequest(request_id=f"mem-{i}", input_ids=ids, max_new_tokens=new_tokens,
-                                        streaming=True), on_output)
+        engine.submit(GenerationRequest(request_id=f"mem-{i}", input_ids=ids, streaming=True,
+                                        sampling=SamplingParams(max_new_tokens=new_tokens, temperature=0.0)),
+                      on_output)
     engine.start()  # after submitting: all requests are admitted together
     try:
         if not done.wait(timeout):

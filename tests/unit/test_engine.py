@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from trident.contract import SamplingParams
 from trident.engine import Engine, EngineConfig, GenerationRequest, QueueFullError
 
 CKPT = Path(__file__).resolve().parents[2] / ".cache" / "models" / "smollm2-135m-instruct"
@@ -81,10 +82,19 @@ class Collector:
         return finals[0]
 
 
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+
+
+def request(rid, ids, **kw):
+    """A GenerationRequest; sampling keywords go into its SamplingParams (greedy by default)."""
+    sampling = {"max_new_tokens": N_NEW, "temperature": 0.0,
+                **{k: kw.pop(k) for k in SAMPLING_FIELDS if k in kw}}
+    return GenerationRequest(request_id=str(rid), input_ids=list(ids), sampling=SamplingParams(**sampling), **kw)
+
+
 def greedy(rid, ids, **kw):
-    kw.setdefault("max_new_tokens", N_NEW)
     kw.setdefault("end_id", EOS)
-    return GenerationRequest(request_id=str(rid), input_ids=list(ids), **kw)
+    return request(rid, ids, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -462,8 +472,7 @@ def test_queue_overflow_and_cancel_while_waiting():
 # ---------------------------------------------------------------- sampling and stopping
 
 def sampled(rid, ids, seed, **kw):
-    return GenerationRequest(request_id=rid, input_ids=list(ids), max_new_tokens=12, temperature=0.9,
-                             top_k=40, top_p=0.95, seed=seed, **kw)
+    return request(rid, ids, max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=seed, **kw)
 
 
 def test_seed_reproducible_alone_and_in_a_batch(engine, prompts):

@@ -20,6 +20,7 @@ from trident.engine import (
 )
 from trident.engine.kv_cache import KVCache
 from trident.engine.weights import map_weight_name
+from trident.contract import SamplingParams
 from trident.engine.sampling import RowSampling, apply_penalties, make_generator, sample
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository" / "cpu" / "tensorrt_llm" / "config.pbtxt.in"
@@ -161,35 +162,35 @@ def test_template_placeholders():
 def test_repetition_penalty_hf_semantics():
     logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
     seen = torch.tensor([True, True, False, False])
-    apply_penalties(logits, [RowSampling(repetition_penalty=2.0, seen=seen)])
+    apply_penalties(logits, [RowSampling(SamplingParams(temperature=0.0, repetition_penalty=2.0), seen=seen)])
     assert logits.tolist() == [[1.0, -4.0, 2.0, -2.0]]
 
 
 def test_bans_and_greedy_rows():
     logits = torch.tensor([[0.0, 5.0, 4.0, 1.0], [3.0, 1.0, 2.0, 0.0]])
-    rows = [RowSampling(banned=[1]), RowSampling(temperature=1.0, top_k=1, generator=make_generator(0))]
+    rows = [RowSampling(SamplingParams(temperature=0.0), banned=[1]), RowSampling(SamplingParams(temperature=1.0, top_k=1), generator=make_generator(0))]
     assert sample(logits, rows) == [2, 0]
 
 
 def test_top_k_and_top_p_restrict_the_draw():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    top_k = [sample(logits[None].clone(), [RowSampling(temperature=1.0, top_k=2, generator=make_generator(s))])[0]
+    top_k = [sample(logits[None].clone(), [RowSampling(SamplingParams(temperature=1.0, top_k=2), generator=make_generator(s))])[0]
              for s in range(200)]
     assert set(top_k) == {0, 1}
     # top_p 0.6: tokens 0 (0.5) and 1 (reaching 0.8) kept, the rest never drawn
-    top_p = [sample(logits[None].clone(), [RowSampling(temperature=1.0, top_p=0.6, generator=make_generator(s))])[0]
+    top_p = [sample(logits[None].clone(), [RowSampling(SamplingParams(temperature=1.0, top_p=0.6), generator=make_generator(s))])[0]
              for s in range(200)]
     assert set(top_p) == {0, 1}
-    full = [sample(logits[None].clone(), [RowSampling(temperature=1.0, generator=make_generator(s))])[0]
+    full = [sample(logits[None].clone(), [RowSampling(SamplingParams(temperature=1.0), generator=make_generator(s))])[0]
             for s in range(400)]
     assert set(full) == {0, 1, 2, 3}
 
 
 def test_row_draw_is_independent_of_the_batch():
     logits = torch.randn(3, 1000)
-    alone = sample(logits[1:2].clone(), [RowSampling(temperature=1.0, generator=make_generator(7))])
-    rows = [RowSampling(temperature=0.5, top_p=0.9, generator=make_generator(s)) for s in (1, 7, 3)]
-    rows[1] = RowSampling(temperature=1.0, generator=make_generator(7))
+    alone = sample(logits[1:2].clone(), [RowSampling(SamplingParams(temperature=1.0), generator=make_generator(7))])
+    rows = [RowSampling(SamplingParams(temperature=0.5, top_p=0.9), generator=make_generator(s)) for s in (1, 7, 3)]
+    rows[1] = RowSampling(SamplingParams(temperature=1.0), generator=make_generator(7))
     assert sample(logits.clone(), rows)[1] == alone[0]
 
 

@@ -1,7 +1,8 @@
 """trident's PyTorch CPU inference engine for Llama checkpoints (continuous batching).
 
     engine = Engine(EngineConfig(checkpoint_dir=...)); engine.start()
-    engine.submit(GenerationRequest(request_id="r1", input_ids=[...], max_new_tokens=16), on_output)
+    engine.submit(GenerationRequest(request_id="r1", input_ids=[...],
+                                    sampling=SamplingParams(max_new_tokens=16)), on_output)
 """
 from .config import EngineConfig, LlamaConfig
 from .request import (

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from trident.contract import SERVER_ERROR, UNAVAILABLE
+
 from .config import EngineConfig
 from .kv_cache import KVCache
 from .request import (
@@ -251,7 +253,7 @@ class Engine:
             except Exception as e:
                 log.exception("prefill failed for request(s) %s", [seq.request.request_id for seq in batch])
                 for seq in batch:
-                    self._finish(seq, "error", error=f"prefill failed: {e}", error_type="internal_error")
+                    self._finish(seq, "error", error=f"prefill failed: {e}", error_type=SERVER_ERROR)
             self._remove_finished()
 
     def _decode_step(self) -> None:
@@ -299,7 +301,6 @@ class Engine:
             error=error,
             error_type=error_type,
             step=self._counters["steps"],
-            num_generated=len(seq.output),
         )
         seq.emitted = len(seq.output)
         try:
@@ -307,7 +308,7 @@ class Engine:
         except Exception:
             log.exception("on_output failed for request %s", seq.request.request_id)
             if not finished:  # nobody is listening: stop spending compute on it
-                self._finish(seq, "error", error="on_output callback failed", error_type="internal_error")
+                self._finish(seq, "error", error="on_output callback failed", error_type=SERVER_ERROR)
 
     def _remove_finished(self) -> None:
         # Descending order: the slot moved into a hole is never itself a finished one.
@@ -319,7 +320,7 @@ class Engine:
 
     def _fail_active(self, message: str) -> None:
         for seq in self._active:
-            self._finish(seq, "error", error=message, error_type="internal_error")
+            self._finish(seq, "error", error=message, error_type=SERVER_ERROR)
         self._active.clear()
 
     def _fail_all(self, message: str) -> None:
@@ -330,5 +331,5 @@ class Engine:
             self._finish(Sequence(request=request, on_output=on_output, sampling=RowSampling()),
                          "error", error=str(error), error_type=error.error_type)
         for seq in waiting:
-            self._finish(seq, "error", error=message, error_type="service_unavailable")
+            self._finish(seq, "error", error=message, error_type=UNAVAILABLE)
         self._fail_active(message)

@@ -103,4 +103,3 @@ class GenerationOutput:
     error: str | None = None
     error_type: str | None = None  # a trident.contract error kind
     step: int = 0  # decode steps the engine had completed when this output was produced
-    num_generated: int = 0  # tokens generated so far (end_id excluded)

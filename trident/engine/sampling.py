@@ -10,24 +10,29 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trident.contract import SamplingParams
+
 
 @dataclass
 class RowSampling:
-    """The sampling state of one sequence, kept by the scheduler for its whole life."""
+    """The sampler's state for one sequence, for its whole life: its request's SamplingParams
+    (the one parameters object, not a copy of its fields) plus what sampling accumulates."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
     generator: torch.Generator | None = None
     # (V,) bool: tokens in the prompt or the output; only kept when repetition_penalty != 1
     seen: torch.Tensor | None = None
     banned: list[int] = field(default_factory=list)  # single-token bad words, always banned
     banned_now: list[int] = field(default_factory=list)  # last tokens of multi-token bad words
 
+    temperature = property(lambda self: self.params.temperature)
+    top_k = property(lambda self: self.params.top_k)
+    top_p = property(lambda self: self.params.top_p)
+    repetition_penalty = property(lambda self: self.params.repetition_penalty)
+
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
+        return self.params.greedy
 
     @property
     def top_p_active(self) -> bool:

@@ -27,13 +27,7 @@ class Sequence:
 
     @classmethod
     def create(cls, request: GenerationRequest, on_output: OnOutput, *, vocab_size: int) -> "Sequence":
-        rs = RowSampling(
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            repetition_penalty=request.repetition_penalty,
-            banned=sorted({w[0] for w in request.bad_words if len(w) == 1}),
-        )
+        rs = RowSampling(params=request.sampling, banned=sorted({w[0] for w in request.bad_words if len(w) == 1}))
         if not rs.greedy:
             rs.generator = make_generator(request.seed)
         if request.repetition_penalty != 1.0:
