@@ -4,7 +4,7 @@
 They share everything but the request schema and the body format with ``/generate``: the API
 key (401), the key's rate limit (429, one budget across all generation routes), the checks of
 the model (404, 403), the in-flight limit (503), the backend call, logs, and SSE with
-heartbeats and cancel on disconnect (gateway.routes.start_generation / collect /
+heartbeats and cancel on disconnect (gateway.generation: start_generation, collect,
 stream_response). Errors are the same envelope, which the official client maps to its
 exception classes by status.
 """
@@ -21,9 +21,9 @@ from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
 from .errors import ClientError
 from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest, load_openai
-from .openai_stream import ChatCompletionReply, CompletionReply
+from .openai_replies import ChatCompletionReply, CompletionReply
 from .ratelimit import rate_limited
-from .routes import collect, start_generation, stream_response
+from .generation import collect, start_generation, stream_response
 from .schemas import read_json_object
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")

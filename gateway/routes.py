@@ -1,33 +1,23 @@
 """HTTP routes: ``/generate`` (JSON or SSE), ``/healthz``, ``/readyz``.
 
 Order of checks for a generation: API key (401), endpoint allowed for the key (403), rate limit
-(429), body and fields (413, 400), model served (404), model allowed for the key (403),
-in-flight limit (503); then the backend, whose errors before the first event are HTTP statuses
-too (STYLE 4). ``/metrics`` is added by gateway.telemetry.
+(429), body and fields (413, 400), model served (404); then gateway.generation (model allowed
+for the key, in-flight limit, the backend). ``/metrics`` is added by gateway.telemetry.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
-from .auth import authorize_model, require_api_key
-from .backend import Event, Finished, Generation, TextDelta
-from .disconnect import DisconnectWatch
-from .errors import ApiError, ClientGone, internal_error
-from trident.contract import TextRequest
+from .auth import require_api_key
+from .generation import collect, start_generation, stream_response
 from .ratelimit import rate_limited
 from .schemas import load_generate, read_json_object
-from .sse import SSEBody, error_bytes, event_bytes
 from .state import GatewayState
-from .telemetry import note_params, observe_generation
-
-log = logging.getLogger("trident.gateway")
 
 bp = Blueprint("gateway", __name__)
 
@@ -70,89 +60,3 @@ def generate() -> Any:
             "usage": finished.usage,
         }
     )
-
-
-# -- shared by every generation endpoint (/generate here, /v1/* in gateway.openai_routes) ----
-
-
-def start_generation(params: TextRequest) -> tuple[Generation, Callable[[], None]]:
-    """Once the request is validated: the key may use the model (403), an in-flight slot (503),
-    the backend call. Returns the generation and ``done``, to call once when it is over (gives
-    the slot back); ``collect`` and ``stream_response`` call it. The generation is measured
-    (metrics, the request's log line: gateway.telemetry)."""
-    state = _state()
-    note_params(params)
-    authorize_model(g.api_key, params.model)
-    request_id: str = g.request_id
-    done = state.in_flight.acquire(state.retry_after)  # once, when the generation is over
-    try:
-        generation = observe_generation(state.backend.generate(params, request_id=request_id), params)
-    except BaseException:
-        done()
-        raise
-    return generation, done
-
-
-def collect(generation: Generation, done: Callable[[], None]) -> tuple[str, Finished]:
-    """The whole text and the final event of a non-streaming generation; a client that goes
-    away meanwhile cancels it (gateway.disconnect) and gets :class:`ClientGone`."""
-    parts: list[str] = []
-    finished: Finished | None = None
-    watch = DisconnectWatch.start(request.environ, generation.close)
-    try:
-        for event in generation:
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            elif isinstance(event, Finished):
-                finished = event
-        if finished is None:
-            if watch.gone:
-                raise ClientGone()
-            log.error("generation ended without a final event")
-            raise internal_error(g.request_id)
-    finally:
-        watch.stop()
-        generation.close()
-        done()
-    return "".join(parts), finished
-
-
-def stream_response(
-    generation: Generation,
-    done: Callable[[], None],
-    *,
-    encode: Callable[[Event], bytes] = event_bytes,
-    encode_error: Callable[[ApiError], bytes] = error_bytes,
-) -> Response:
-    """The SSE response of a streaming generation; ``encode``/``encode_error`` as in SSEBody."""
-    request_id: str = g.request_id
-    events = iter(generation)
-    try:
-        first = next(events)  # errors before any token are still HTTP statuses
-    except StopIteration:
-        generation.close()
-        done()
-        log.error("generation ended without a final event")
-        raise internal_error(request_id) from None
-    except BaseException:
-        generation.close()
-        done()
-        raise
-    body = SSEBody(
-        first,
-        generation,
-        events,
-        heartbeat_interval=_state().heartbeat_interval,
-        request_id=request_id,
-        on_close=done,
-        encode=encode,
-        encode_error=encode_error,
-        environ=request.environ,
-    )
-    return Response(
-        body,
-        status=200,
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-

@@ -113,7 +113,7 @@ class SSEBody:
     ) -> None:
         """``encode`` turns each text or final event into the bytes sent and ``encode_error`` a
         failure after the stream began; the defaults are ``/generate``'s events (the
-        OpenAI-compatible routes pass their own, gateway.openai_stream). ``environ`` (the WSGI
+        OpenAI-compatible routes pass their own, gateway.openai_replies). ``environ`` (the WSGI
         environ) lets the body watch the client's connection (gateway.disconnect)."""
         self._generation = generation
         self._encode = encode

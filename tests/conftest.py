@@ -1,14 +1,9 @@
-"""Shared fixtures: where the prepared model and the filled repository are."""
-import os
+"""Shared fixtures: where the prepared model is. Loading this puts tests/ on the import path,
+so every tier imports the shared helpers as ``testkit``."""
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def model_dir() -> Path:
-    return Path(os.environ.get("TRIDENT_MODEL_DIR", ROOT / ".cache/models/smollm2-135m-instruct"))
+from testkit import model_dir
 
 
 @pytest.fixture(scope="session")

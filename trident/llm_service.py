@@ -46,8 +46,7 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from .contract import (  # noqa: F401  (ADMISSION_PARAMETER: re-exported for model.py)
-    ADMISSION_PARAMETER,
+from .contract import (
     SERVER_ERROR,
     InvalidRequest,
     ModelLimits,
@@ -146,6 +145,11 @@ class Job:
     at_engine: bool = False
     stop_sent: bool = False
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+    # Guards the last response against is_cancelled(): the Python backend (24.10) reads the
+    # request's response factory, which Triton frees with the final response; a poll after it
+    # crashed Triton (use after free in TRITONBACKEND_ResponseFactoryIsCancelled).
+    final_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+    closed: bool = False  # the final response was sent
 
 
 class LlmService:
@@ -234,11 +238,14 @@ class LlmService:
         if now - job.last_check < self.settings.cancel_check_interval:
             return False
         job.last_check = now
-        try:
-            gone = job.request.is_cancelled()
-        except Exception:  # a broken probe: nobody can receive the answer
-            log.exception("llm: is_cancelled() failed for %s", job.engine_id)
-            gone = True
+        with job.final_lock:
+            if job.closed:
+                return job.cancelled
+            try:
+                gone = job.request.is_cancelled()
+            except Exception:  # a broken probe: nobody can receive the answer
+                log.exception("llm: is_cancelled() failed for %s", job.engine_id)
+                gone = True
         if gone:
             self._cancel(job)
         return gone
@@ -285,7 +292,7 @@ class LlmService:
             except BaseException:  # never let a worker die: the request ends, the thread stays
                 log.exception("llm: request %s failed", job.engine_id)
                 self.counters["failed"] += 1
-                _safely(job.request.send_error, tag_error(SERVER_ERROR, "internal error during generation"))
+                _final(job, job.request.send_error, tag_error(SERVER_ERROR, "internal error during generation"))
             finally:
                 with self._jobs_lock:
                     self._jobs.discard(job)
@@ -295,18 +302,18 @@ class LlmService:
             cancelled = job.cancelled
             job.at_engine = not cancelled
         if cancelled or self._poll(job):
-            _safely(job.request.close)
+            _final(job, job.request.close)
             return
         try:
             self._generate(job)
         except EngineFailure as exc:  # already tagged by the engine model (e.g. queue full)
             if job.cancelled:
-                _safely(job.request.close)
+                _final(job, job.request.close)
             else:
                 self.counters["failed"] += 1
-                _safely(job.request.send_error, str(exc))
+                _final(job, job.request.send_error, str(exc))
         except TaggedError as exc:
-            _safely(job.request.send_error, exc.tagged())
+            _final(job, job.request.send_error, exc.tagged())
 
     def _generate(self, job: Job) -> None:
         request, text = job.request, job.text
@@ -332,11 +339,20 @@ class LlmService:
             elif delta:
                 parts.append(delta)
         if job.cancelled or self._poll(job):
-            _safely(request.close)  # Triton may refuse a send on a cancelled request
+            _final(job, request.close)  # Triton may refuse a send on a cancelled request
             return
         tail = gen.finish()
-        if _safely(request.send_final, tail if text.stream else "".join(parts) + tail, gen):
+        if _final(job, request.send_final, tail if text.stream else "".join(parts) + tail, gen):
             self.counters["completed"] += 1
+
+
+def _final(job: Job, send: Callable[..., None], *args: Any) -> bool:
+    """Send a job's final response, once; never while its is_cancelled() is being asked."""
+    with job.final_lock:
+        if job.closed:
+            return False
+        job.closed = True
+        return _safely(send, *args)
 
 
 def _safely(send: Callable[..., None], *args: Any) -> bool:

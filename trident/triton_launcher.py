@@ -167,13 +167,15 @@ class TritonServer(ChildServer):
     stop_signal = signal.SIGINT  # Triton's graceful shutdown: unloads models, stopping the stubs
 
     def __init__(self, *, model_repository: Path, work_dir: Path, ports: TritonPorts | None = None,
-                 log_path: Path | None = None, log_verbose: int = 0, ready_models: Sequence[str] = ("llm",)):
+                 log_path: Path | None = None, log_verbose: int = 0, ready_models: Sequence[str] = ("llm",),
+                 exit_timeout: int = 30):
         super().__init__(log_path=Path(log_path) if log_path else Path(work_dir).resolve() / "triton.log")
         self.model_repository = Path(model_repository).resolve()
         self.work_dir = Path(work_dir).resolve()
         self.ports = ports or TritonPorts.from_env()
         self.log_verbose = log_verbose
         self.ready_models = tuple(ready_models)
+        self.exit_timeout = exit_timeout
 
     @property
     def grpc_url(self) -> str:
@@ -186,7 +188,7 @@ class TritonServer(ChildServer):
     def start(self, *, timeout: float = 300.0, echo: bool = False) -> "TritonServer":
         backend_dir = prepare_backend_dir(dest=self.work_dir / "backends")
         cmd = build_command(model_repository=self.model_repository, backend_dir=backend_dir,
-                            ports=self.ports, log_verbose=self.log_verbose)
+                            ports=self.ports, log_verbose=self.log_verbose, exit_timeout=self.exit_timeout)
         log.info("starting Triton (HTTP %d, gRPC %d, metrics %d), log: %s",
                  self.ports.http, self.ports.grpc, self.ports.metrics, self.log_path)
         self._spawn(cmd, env=triton_env(), echo=echo)
@@ -228,8 +230,51 @@ class TritonServer(ChildServer):
             time.sleep(0.5)
         raise TritonStartError(f"Triton was not ready after {timeout:.0f}s\n" + self.log_tail())
 
+    def stop(self, *, timeout: float | None = None) -> None:
+        """SIGINT (Triton stops taking requests and lets in-flight ones end, up to its exit
+        timeout), then the process group is killed past ``timeout`` (exit timeout + 10 s)."""
+        super().stop(timeout=self.exit_timeout + 10 if timeout is None else timeout)
+
     def __enter__(self) -> "TritonServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m trident.triton_launcher --model-repository DIR``: Triton in the foreground, its
+    log on stdout (the CPU image's entry point). SIGTERM or SIGINT stops it gracefully; it exits
+    with Triton's status when Triton exits by itself."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model-repository", required=True, type=Path)
+    p.add_argument("--work-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "trident-triton")
+    p.add_argument("--exit-timeout", type=int, default=int(os.environ.get("TRITON_EXIT_TIMEOUT", "30")),
+                   help="seconds in-flight requests get after SIGTERM (TRITON_EXIT_TIMEOUT)")
+    p.add_argument("--log-verbose", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[triton-launcher] %(message)s")
+    server = TritonServer(model_repository=args.model_repository, work_dir=args.work_dir, ports=TritonPorts.from_env(),
+                          log_verbose=args.log_verbose, exit_timeout=args.exit_timeout)
+    stopping: list[bool] = []
+
+    def on_signal(*_: object) -> None:
+        stopping.append(True)
+        if server.process is None or not server.is_ready():
+            raise KeyboardInterrupt  # still loading: start() stops Triton and re-raises
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        server.start(timeout=float("inf"), echo=True)
+    except KeyboardInterrupt:
+        return 0
+    while not stopping and not server.exited():
+        time.sleep(0.5)
+    code = 0 if stopping else (server.process.returncode or 1)
+    server.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,15 +1,10 @@
 """Helpers for end-to-end tests (imported by name: pytest puts this folder on sys.path)."""
 import json
 import os
-import socket
+
+from testkit import free_port  # noqa: F401  (re-exported for the e2e tests)
 
 API_KEY = "test-key-" + os.urandom(6).hex()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(client, path="/generate", **body):

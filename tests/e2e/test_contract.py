@@ -3,9 +3,8 @@ and a client disconnect that frees the engine."""
 import time
 
 import pytest
-import requests
 
-from e2e_helpers import API_KEY, engine_metrics, post, sse_events
+from e2e_helpers import engine_metrics, post, sse_events
 
 
 def chat(tokenizer, text):

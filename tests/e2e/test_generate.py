@@ -2,7 +2,6 @@
 import concurrent.futures as cf
 
 import numpy as np
-import pytest
 
 from e2e_helpers import post, sse_events
 

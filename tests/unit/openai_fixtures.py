@@ -9,9 +9,7 @@ from gateway_fakes import FakeBackend
 
 from gateway import create_app
 
-KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MODEL = "smollm2-135m-instruct"
+from testkit import AUTH, KEY, MODEL  # noqa: F401  (re-exported for the OpenAI tests)
 
 # SmolLM2-135M-Instruct's own chat template (as its tokenizer_config.json holds it).
 SMOL_TEMPLATE = (
@@ -33,7 +31,7 @@ def tokenizer_dir(root: Path, template: str | list | None = SMOL_TEMPLATE, **ext
     return root
 
 
-def make_app(tmp_path: Path, config=None, backend=None):
+def make_openai_app(tmp_path: Path, config=None, backend=None):
     backend = backend or FakeBackend()
     settings = {"API_KEY": KEY, "TOKENIZER_DIR": str(tokenizer_dir(tmp_path / "tok")), **(config or {})}
     return create_app(settings, backend=backend), backend

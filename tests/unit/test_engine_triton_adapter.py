@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import model_dir
 
 from trident.engine import QueueFullError
 
 ROOT = Path(__file__).resolve().parents[2]
-CKPT = ROOT / ".cache" / "models" / "smollm2-135m-instruct"
+CKPT = model_dir()
 MODEL_PY = ROOT / "model_repository" / "cpu" / "tensorrt_llm" / "1" / "model.py"
 pytestmark = pytest.mark.skipif(not (CKPT / "model.safetensors").is_file(), reason=f"no checkpoint in {CKPT}")
 FINAL = 1

@@ -14,18 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from testkit import AUTH, KEY, free_port
 import requests
 from gateway_fakes import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-KEY = "gunicorn-test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:

@@ -8,6 +8,7 @@ import re
 
 import pytest
 from gateway_fakes import FakeBackend
+from testkit import AUTH, KEY, MODEL, assert_error
 
 from gateway import create_app
 from gateway.auth import hash_key
@@ -15,19 +16,11 @@ from gateway.backend import Finished
 from gateway.config import load_config
 from gateway.errors import ClientError, ServerError
 
-KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MODEL = "smollm2-135m-instruct"
 BODY = {"prompt": "Hi there"}
 
 
 def make_client(config=None, backend=None):
     return create_app({"API_KEY": KEY, **(config or {})}, backend=backend or FakeBackend()).test_client()
-
-
-def assert_error(response, status, type_, param, message):
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.get_json() == {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
 # -- authentication ---------------------------------------------------------------------------

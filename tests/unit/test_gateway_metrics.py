@@ -12,22 +12,17 @@ from pathlib import Path
 
 import pytest
 from gateway_fakes import FakeBackend, Pause
+from testkit import AUTH, KEY, MODEL
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import create_app
 from gateway.backend import Finished
 from gateway.errors import timeout_error
 from gateway.telemetry import JsonFormatter
 
-KEY = "metrics-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MODEL = "smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_app(backend=None, **config):
-    return create_app({"API_KEY": KEY, **config}, backend=backend or FakeBackend())
 
 
 def value(name: str, **labels: str) -> float:
@@ -82,7 +77,7 @@ def request_log():
 # -- /metrics ---------------------------------------------------------------------------------
 
 
-def test_metrics_need_no_key_and_are_prometheus_text():
+def test_metrics_need_no_key_and_are_prometheus_text(make_app):
     client = make_app().test_client()
     client.post("/generate", json={"prompt": "Hi there"}, headers=AUTH)
     response = client.get("/metrics")
@@ -101,7 +96,7 @@ def test_metrics_need_no_key_and_are_prometheus_text():
     } <= families
 
 
-def test_streaming_generation_is_measured():
+def test_streaming_generation_is_measured(make_app):
     client = make_app().test_client()
     before = snapshot()
     response = client.post("/generate", json={"prompt": "Hi there", "stream": True}, headers=AUTH)
@@ -114,14 +109,14 @@ def test_streaming_generation_is_measured():
     }
 
 
-def test_non_streaming_generation_counts_tokens_but_no_token_timings():
+def test_non_streaming_generation_counts_tokens_but_no_token_timings(make_app):
     client = make_app().test_client()
     before = snapshot()
     assert client.post("/generate", json={"prompt": "a b c"}, headers=AUTH).status_code == 200
     assert delta(before) == {"ok": 1, "latency": 1, "prompt": 3, "completion": 6, "eos": 1}
 
 
-def test_errors_rate_limits_and_unknown_paths_are_counted():
+def test_errors_rate_limits_and_unknown_paths_are_counted(make_app):
     client = make_app(DEFAULT_RATE_LIMIT="1/minute").test_client()
     rejected = {"endpoint": "/generate", "key": "default"}
     rejected_before = value("trident_gateway_rate_limited_requests_total", **rejected)
@@ -137,9 +132,9 @@ def test_errors_rate_limits_and_unknown_paths_are_counted():
     assert value("trident_gateway_requests_total", endpoint="/no/such/path/12345", status="404") == 0
 
 
-def test_in_flight_gauge_follows_open_streams():
+def test_in_flight_gauge_follows_open_streams(make_app):
     backend = FakeBackend(script=lambda p: ["a", Pause(5), Finished("length", 1, 1)])
-    client = make_app(backend).test_client()
+    client = make_app(backend=backend).test_client()
     base = value("trident_gateway_in_flight_requests")
     response = client.post("/generate", json={"prompt": "x", "stream": True}, headers=AUTH, buffered=False)
     assert response.status_code == 200
@@ -153,9 +148,9 @@ def test_in_flight_gauge_follows_open_streams():
 # -- timeouts ---------------------------------------------------------------------------------
 
 
-def test_timeout_before_output_is_504(request_log):
+def test_timeout_before_output_is_504(request_log, make_app):
     backend = FakeBackend(script=lambda p: [timeout_error(2, "rid-t")])
-    client = make_app(backend).test_client()
+    client = make_app(backend=backend).test_client()
     before = snapshot()
     for stream in (False, True):
         response = client.post("/generate", json={"prompt": "x", "stream": stream},
@@ -169,9 +164,9 @@ def test_timeout_before_output_is_504(request_log):
     assert [(line["status"], line["error"]) for line in request_log()] == [(504, "timeout_error")] * 2
 
 
-def test_timeout_mid_stream_is_an_error_event(request_log):
+def test_timeout_mid_stream_is_an_error_event(request_log, make_app):
     backend = FakeBackend(script=lambda p: ["Hello", timeout_error(2, "rid-s")])
-    client = make_app(backend).test_client()
+    client = make_app(backend=backend).test_client()
     before = snapshot()
     response = client.post("/generate", json={"prompt": "x", "stream": True},
                            headers={**AUTH, "X-Request-ID": "rid-s"})
@@ -190,7 +185,7 @@ def test_timeout_mid_stream_is_an_error_event(request_log):
 # -- the request log line ---------------------------------------------------------------------
 
 
-def test_request_log_line_has_ids_counts_and_timings_but_no_secrets(request_log):
+def test_request_log_line_has_ids_counts_and_timings_but_no_secrets(request_log, make_app):
     client = make_app().test_client()
     response = client.post(
         "/generate",
@@ -214,7 +209,7 @@ def test_request_log_line_has_ids_counts_and_timings_but_no_secrets(request_log)
     assert "Hello" in text and "Hello" not in raw  # the output is not logged either
 
 
-def test_log_prompts_puts_prompt_and_output_in_the_line(request_log):
+def test_log_prompts_puts_prompt_and_output_in_the_line(request_log, make_app):
     client = make_app(LOG_PROMPTS="true").test_client()
     response = client.post("/generate", json={"prompt": "the secret prompt", "stream": True}, headers=AUTH)
     response.get_data()
@@ -234,7 +229,7 @@ def test_log_prompts_puts_prompt_and_output_in_the_line(request_log):
         ("get", "/nope", AUTH, 404, None),
     ],
 )
-def test_failed_requests_get_a_line_too(request_log, method, path, headers, status, key):
+def test_failed_requests_get_a_line_too(request_log, method, path, headers, status, key, make_app):
     client = make_app().test_client()
     getattr(client, method)(path, json={"prompt": "x"}, headers={**headers, "X-Request-ID": "rid-f"})
     (line,) = request_log()
@@ -242,7 +237,7 @@ def test_failed_requests_get_a_line_too(request_log, method, path, headers, stat
     assert "wrong-secret-key" not in json.dumps(line)
 
 
-def test_probes_log_at_debug_only(request_log):
+def test_probes_log_at_debug_only(request_log, make_app):
     client = make_app().test_client()
     client.get("/healthz")
     client.get("/metrics")
@@ -261,7 +256,7 @@ def test_json_formatter_includes_tracebacks():
 
 @pytest.mark.parametrize(("setting", "match"), [({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
                                                ({"DEFAULT_RATE_LIMIT": "lots"}, "lots")])
-def test_bad_settings_stop_start_up(setting, match):
+def test_bad_settings_stop_start_up(setting, match, make_app):
     with pytest.raises(ValueError, match=match):
         make_app(**setting)
 

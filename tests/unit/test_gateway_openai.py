@@ -8,7 +8,8 @@ import json
 
 import pytest
 from gateway_fakes import FakeBackend, Pause, wait_until
-from openai_fixtures import AUTH, KEY, MODEL, SMOL_SYSTEM, make_app, sse_data
+from testkit import assert_error
+from openai_fixtures import AUTH, KEY, MODEL, SMOL_SYSTEM, make_openai_app, sse_data
 
 from gateway import create_app
 from gateway.auth import hash_key
@@ -23,7 +24,7 @@ COMPLETION = {"prompt": "Hi there"}
 
 @pytest.fixture
 def app_backend(tmp_path):
-    return make_app(tmp_path)
+    return make_openai_app(tmp_path)
 
 
 @pytest.fixture
@@ -36,9 +37,6 @@ def backend(app_backend):
     return app_backend[1]
 
 
-def assert_error(response, status, type_, param, message):
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.get_json() == {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
 # -- request mapping ----------------------------------------------------------------------------
@@ -250,7 +248,7 @@ def test_a_bad_tokenizer_dir_stops_the_app_from_starting(tmp_path):
                                                        ("length", "length")])
 def test_completion_response(tmp_path, reason, openai_reason):
     backend = FakeBackend(script=lambda p: ["Hello", " world", Finished(reason, 3, 2)])
-    client = make_app(tmp_path, backend=backend)[0].test_client()
+    client = make_openai_app(tmp_path, backend=backend)[0].test_client()
     body = client.post("/v1/completions", json=COMPLETION, headers=AUTH).get_json()
     assert body["id"].startswith("cmpl-") and isinstance(body["created"], int)
     assert {k: v for k, v in body.items() if k not in ("id", "created")} == {
@@ -263,7 +261,7 @@ def test_completion_response(tmp_path, reason, openai_reason):
 
 def test_chat_response(tmp_path):
     backend = FakeBackend(script=lambda p: ["Hi!", Finished("eos_token", 20, 2)])
-    client = make_app(tmp_path, backend=backend)[0].test_client()
+    client = make_openai_app(tmp_path, backend=backend)[0].test_client()
     body = client.post("/v1/chat/completions", json=CHAT, headers=AUTH).get_json()
     assert body["id"].startswith("chatcmpl-")
     assert {k: v for k, v in body.items() if k not in ("id", "created")} == {
@@ -284,7 +282,7 @@ def _script(p):
 
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_completion_stream_chunks(tmp_path, include_usage):
-    client = make_app(tmp_path, backend=FakeBackend(script=_script))[0].test_client()
+    client = make_openai_app(tmp_path, backend=FakeBackend(script=_script))[0].test_client()
     body = {**COMPLETION, "stream": True}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
@@ -311,7 +309,7 @@ def test_completion_stream_chunks(tmp_path, include_usage):
 
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_chat_stream_chunks(tmp_path, include_usage):
-    client = make_app(tmp_path, backend=FakeBackend(script=_script))[0].test_client()
+    client = make_openai_app(tmp_path, backend=FakeBackend(script=_script))[0].test_client()
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": include_usage}}
     data = sse_data(client.post("/v1/chat/completions", json=body, headers=AUTH))
     assert data[-1] == "[DONE]"
@@ -325,7 +323,7 @@ def test_chat_stream_chunks(tmp_path, include_usage):
 
 
 def test_chat_stream_of_no_text_still_sends_the_role(tmp_path):
-    client = make_app(tmp_path, backend=FakeBackend(script=lambda p: [Finished("eos_token", 4, 0)]))[0].test_client()
+    client = make_openai_app(tmp_path, backend=FakeBackend(script=lambda p: [Finished("eos_token", 4, 0)]))[0].test_client()
     data = sse_data(client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH))
     assert [c["choices"][0] for c in data[:-1]] == [
         {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": "stop"}
@@ -336,7 +334,7 @@ def test_chat_stream_of_no_text_still_sends_the_role(tmp_path):
 @pytest.mark.parametrize("path,body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
 def test_failure_after_the_stream_began_is_an_error_chunk_then_done(tmp_path, path, body):
     error = ServerError("The inference server is unavailable; try again later", status=503, retry_after=5)
-    client = make_app(tmp_path, backend=FakeBackend(script=lambda p: ["Hel", error]))[0].test_client()
+    client = make_openai_app(tmp_path, backend=FakeBackend(script=lambda p: ["Hel", error]))[0].test_client()
     data = sse_data(client.post(path, json={**body, "stream": True}, headers=AUTH))
     assert data[-2] == {"error": {"message": error.message, "type": "service_unavailable", "param": None, "code": 503}}
     assert data[-1] == "[DONE]"
@@ -346,14 +344,14 @@ def test_failure_after_the_stream_began_is_an_error_chunk_then_done(tmp_path, pa
 @pytest.mark.parametrize("stream", [False, True])
 def test_failure_before_any_output_is_an_http_status(tmp_path, path, body, stream):
     error = ClientError("prompt has 3000 tokens, over the context", param="prompt")
-    client = make_app(tmp_path, backend=FakeBackend(script=lambda p: [error]))[0].test_client()
+    client = make_openai_app(tmp_path, backend=FakeBackend(script=lambda p: [error]))[0].test_client()
     response = client.post(path, json={**body, "stream": stream}, headers=AUTH)
     assert_error(response, 400, "invalid_request_error", "prompt", error.message)
 
 
 def test_stream_heartbeats_and_closing_cancels(tmp_path):
     backend = FakeBackend(script=lambda p: ["a", Pause(5), "b", Finished("eos_token", 1, 2)])
-    app, _ = make_app(tmp_path, {"HEARTBEAT_INTERVAL": 0.05}, backend=backend)
+    app, _ = make_openai_app(tmp_path, {"HEARTBEAT_INTERVAL": 0.05}, backend=backend)
     response = app.test_client().post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH,
                                       buffered=False)
     chunks = iter(response.response)
@@ -379,7 +377,7 @@ def test_models_list_and_retrieve(client):
 
 def test_models_are_those_the_key_may_use(tmp_path):
     keys = [{"name": "other", "sha256": hash_key("other-key"), "models": ["another-model"]}]
-    app, backend = make_app(tmp_path, {"API_KEYS": keys})
+    app, backend = make_openai_app(tmp_path, {"API_KEYS": keys})
     client = app.test_client()
     other = {"Authorization": "Bearer other-key"}
     assert client.get("/v1/models", headers=other).get_json()["data"] == []
@@ -407,7 +405,7 @@ def test_v1_needs_a_key(client, backend, method, path, body, headers):
 
 
 def test_one_rate_limit_budget_across_generate_and_v1(tmp_path):
-    app, backend = make_app(tmp_path, {"DEFAULT_RATE_LIMIT": "3/minute"})
+    app, backend = make_openai_app(tmp_path, {"DEFAULT_RATE_LIMIT": "3/minute"})
     client = app.test_client()
     assert client.post("/generate", json={"prompt": "x"}, headers=AUTH).status_code == 200
     assert client.post("/v1/completions", json=COMPLETION, headers=AUTH).status_code == 200
@@ -422,7 +420,7 @@ def test_one_rate_limit_budget_across_generate_and_v1(tmp_path):
 
 
 def test_429_with_a_long_wait_says_do_not_retry(tmp_path):
-    client = make_app(tmp_path, {"DEFAULT_RATE_LIMIT": "1/hour"})[0].test_client()
+    client = make_openai_app(tmp_path, {"DEFAULT_RATE_LIMIT": "1/hour"})[0].test_client()
     assert client.post("/v1/completions", json=COMPLETION, headers=AUTH).status_code == 200
     response = client.post("/v1/completions", json=COMPLETION, headers=AUTH)
     assert response.status_code == 429
@@ -433,7 +431,7 @@ def test_429_with_a_long_wait_says_do_not_retry(tmp_path):
 @pytest.mark.parametrize(("retry_after", "advice"), [(5, "true"), (60, "true"), (61, "false")])
 def test_503_carries_retry_after_and_advice(tmp_path, retry_after, advice):
     error = ServerError("The inference server is unavailable; try again later", status=503, retry_after=retry_after)
-    client = make_app(tmp_path, backend=FakeBackend(generate_error=error))[0].test_client()
+    client = make_openai_app(tmp_path, backend=FakeBackend(generate_error=error))[0].test_client()
     response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
     assert_error(response, 503, "service_unavailable", None, error.message)
     assert response.headers["Retry-After"] == str(retry_after)
@@ -444,7 +442,7 @@ def test_504_timeout_says_do_not_retry(tmp_path):
     from gateway.errors import timeout_error
 
     error = timeout_error(30, "req-1")
-    client = make_app(tmp_path, backend=FakeBackend(generate_error=error))[0].test_client()
+    client = make_openai_app(tmp_path, backend=FakeBackend(generate_error=error))[0].test_client()
     response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
     assert response.status_code == 504
     assert response.headers["x-should-retry"] == "false"
@@ -452,7 +450,7 @@ def test_504_timeout_says_do_not_retry(tmp_path):
 
 def test_in_flight_limit_is_shared_with_generate(tmp_path):
     backend = FakeBackend(script=lambda p: ["a", Pause(5), Finished("eos_token", 1, 1)])
-    app, _ = make_app(tmp_path, {"MAX_IN_FLIGHT": 1, "RETRY_AFTER": 3}, backend=backend)
+    app, _ = make_openai_app(tmp_path, {"MAX_IN_FLIGHT": 1, "RETRY_AFTER": 3}, backend=backend)
     client = app.test_client()
     running = client.post("/generate", json={"prompt": "x", "stream": True}, headers=AUTH, buffered=False)
     response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
@@ -483,7 +481,7 @@ def test_log_line_has_no_prompt(client, caplog):
 
 
 def test_json_dumps_of_chunks_keeps_unicode(tmp_path):
-    client = make_app(tmp_path, backend=FakeBackend(script=lambda p: ["✓ é", Finished("eos_token", 1, 1)]))[0]
+    client = make_openai_app(tmp_path, backend=FakeBackend(script=lambda p: ["✓ é", Finished("eos_token", 1, 1)]))[0]
     raw = client.test_client().post("/v1/completions", json={**COMPLETION, "stream": True}, headers=AUTH).get_data()
     assert "✓ é".encode() in raw
     assert json.loads(raw.split(b"\n\n")[0][len(b"data: "):])["choices"][0]["text"] == "✓ é"

@@ -10,7 +10,7 @@ import httpx2
 import openai
 import pytest
 from gateway_fakes import FakeBackend
-from openai_fixtures import KEY, MODEL, make_app
+from openai_fixtures import KEY, MODEL, make_openai_app
 
 from gateway.backend import Finished
 from gateway.errors import ServerError
@@ -35,7 +35,7 @@ class Client:
 
 @pytest.fixture
 def app_backend(tmp_path):
-    return make_app(tmp_path)
+    return make_openai_app(tmp_path)
 
 
 def test_chat_json_and_stream(app_backend):
@@ -112,7 +112,7 @@ def test_401_is_authentication_error(app_backend):
 
 
 def test_429_with_a_long_wait_is_raised_without_retrying(tmp_path):
-    app, backend = make_app(tmp_path, {"DEFAULT_RATE_LIMIT": "1/hour"})
+    app, backend = make_openai_app(tmp_path, {"DEFAULT_RATE_LIMIT": "1/hour"})
     client = Client(app, max_retries=2)
     client.openai.completions.create(model=MODEL, prompt="x")
     with pytest.raises(openai.RateLimitError) as caught:
@@ -123,7 +123,7 @@ def test_429_with_a_long_wait_is_raised_without_retrying(tmp_path):
 
 def test_503_is_retried_after_retry_after_then_raised(tmp_path):
     error = ServerError("The inference server is unavailable; try again later", status=503, retry_after=1)
-    app, backend = make_app(tmp_path, backend=FakeBackend(generate_error=error))
+    app, backend = make_openai_app(tmp_path, backend=FakeBackend(generate_error=error))
     client = Client(app, max_retries=1)
     with pytest.raises(openai.InternalServerError) as caught:
         client.openai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
@@ -143,7 +143,7 @@ def test_501_is_not_retried(monkeypatch):
 
 def test_failure_mid_stream_raises_api_error(tmp_path):
     error = ServerError("The inference server is unavailable; try again later", status=503, retry_after=5)
-    app, _ = make_app(tmp_path, backend=FakeBackend(script=lambda p: ["Hel", error, Finished("eos_token", 1, 1)]))
+    app, _ = make_openai_app(tmp_path, backend=FakeBackend(script=lambda p: ["Hel", error, Finished("eos_token", 1, 1)]))
     stream = Client(app).openai.completions.create(model=MODEL, prompt="x", stream=True)
     texts = []
     with pytest.raises(openai.APIError, match="The inference server is unavailable"):

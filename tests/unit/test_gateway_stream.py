@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from gateway_fakes import FakeBackend, Pause, default_script, wait_until
+from gateway_fakes import FakeBackend, Pause, default_script
+from testkit import AUTH, wait_until
 
-from gateway import create_app
 from gateway.backend import ADMITTED, Finished
 from gateway.errors import ClientError, ServerError
 
-KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 BODY = {"prompt": "Hi there"}
-
-
-def make_app(backend, **config):
-    return create_app({"API_KEY": KEY, **config}, backend=backend)
 
 
 def parse_sse(raw: str) -> list[tuple[str, object]]:
@@ -38,8 +32,8 @@ def stream(client, body=None, headers=None):
     return client.post("/generate", json={**(body or BODY), "stream": True}, headers={**AUTH, **(headers or {})})
 
 
-def test_stream_events_match_the_contract():
-    client = make_app(FakeBackend()).test_client()
+def test_stream_events_match_the_contract(make_app):
+    client = make_app(backend=FakeBackend()).test_client()
     response = stream(client)
     assert response.status_code == 200
     assert response.mimetype == "text/event-stream"
@@ -56,8 +50,8 @@ def test_stream_events_match_the_contract():
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 3, 6, 100])
-def test_stream_concatenation_equals_completion(max_new_tokens):
-    client = make_app(FakeBackend()).test_client()
+def test_stream_concatenation_equals_completion(max_new_tokens, make_app):
+    client = make_app(backend=FakeBackend()).test_client()
     body = {**BODY, "max_new_tokens": max_new_tokens}
     completion = client.post("/generate", json=body, headers=AUTH).get_json()
     events = parse_sse(stream(client, body).get_data(as_text=True))
@@ -67,17 +61,17 @@ def test_stream_concatenation_equals_completion(max_new_tokens):
     assert done == ("done", {"finish_reason": completion["choices"][0]["finish_reason"], "usage": completion["usage"]})
 
 
-def test_stream_that_finishes_without_text():
+def test_stream_that_finishes_without_text(make_app):
     backend = FakeBackend(script=lambda p: [Finished("eos_token", prompt_tokens=2, completion_tokens=1)])
-    events = parse_sse(stream(make_app(backend).test_client()).get_data(as_text=True))
+    events = parse_sse(stream(make_app(backend=backend).test_client()).get_data(as_text=True))
     assert events == [
         ("done", {"finish_reason": "eos_token", "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}})
     ]
 
 
-def test_error_before_first_token_is_an_http_status_not_a_stream():
+def test_error_before_first_token_is_an_http_status_not_a_stream(make_app):
     error = ClientError("prompt has 3000 tokens, more than the context of 2048", param="prompt")
-    response = stream(make_app(FakeBackend(script=lambda p: [Pause(0.01), error])).test_client())
+    response = stream(make_app(backend=FakeBackend(script=lambda p: [Pause(0.01), error])).test_client())
     assert response.status_code == 400
     assert response.mimetype == "application/json"
     assert response.get_json()["error"]["param"] == "prompt"
@@ -98,9 +92,9 @@ def test_error_before_first_token_is_an_http_status_not_a_stream():
         ),
     ],
 )
-def test_failure_after_first_token_is_an_error_event(failure, expected):
+def test_failure_after_first_token_is_an_error_event(failure, expected, make_app):
     backend = FakeBackend(script=lambda p: ["Hello", " there", failure, "never"])
-    app = make_app(backend)
+    app = make_app(backend=backend)
     response = stream(app.test_client(), headers={"X-Request-ID": "rid-1"})
     assert response.status_code == 200
     events = parse_sse(response.get_data(as_text=True))
@@ -109,15 +103,15 @@ def test_failure_after_first_token_is_an_error_event(failure, expected):
     assert app.extensions["trident"].in_flight.count == 0
 
 
-def test_generation_without_final_event_ends_with_error_event():
+def test_generation_without_final_event_ends_with_error_event(make_app):
     backend = FakeBackend(script=lambda p: ["Hello", "!"])
-    events = parse_sse(stream(make_app(backend).test_client()).get_data(as_text=True))
+    events = parse_sse(stream(make_app(backend=backend).test_client()).get_data(as_text=True))
     assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "server_error"
 
 
-def test_heartbeats_while_waiting_for_the_next_token():
+def test_heartbeats_while_waiting_for_the_next_token(make_app):
     backend = FakeBackend(script=lambda p: ["a", Pause(0.25), "b", Finished("length", 1, 2)])
-    raw = stream(make_app(backend, HEARTBEAT_INTERVAL=0.05).test_client()).get_data(as_text=True)
+    raw = stream(make_app(backend=backend, HEARTBEAT_INTERVAL=0.05).test_client()).get_data(as_text=True)
     events = parse_sse(raw)
     names = [name for name, _ in events]
     assert names[0] == "token" and names[-2:] == ["token", "done"]
@@ -126,10 +120,10 @@ def test_heartbeats_while_waiting_for_the_next_token():
     assert ": keep-alive\n\n" in raw
 
 
-def test_client_disconnect_cancels_the_generation():
+def test_client_disconnect_cancels_the_generation(make_app):
     steps = ["a", "b", Pause(10), "c", Finished("length", 1, 3)]
     backend = FakeBackend(script=lambda p: list(steps))
-    app = make_app(backend, HEARTBEAT_INTERVAL=0.05)
+    app = make_app(backend=backend, HEARTBEAT_INTERVAL=0.05)
     response = app.test_client().post("/generate", json={**BODY, "stream": True}, headers=AUTH, buffered=False)
     chunks = iter(response.response)
     assert next(chunks).startswith(b"event: token")
@@ -142,19 +136,19 @@ def test_client_disconnect_cancels_the_generation():
     assert app.extensions["trident"].in_flight.count == 0
 
 
-def test_stream_params_reach_the_backend():
+def test_stream_params_reach_the_backend(make_app):
     backend = FakeBackend(script=default_script)
-    stream(make_app(backend).test_client(), {**BODY, "seed": 0, "stop_sequences": ["\n"]}).get_data()
+    stream(make_app(backend=backend).test_client(), {**BODY, "seed": 0, "stop_sequences": ["\n"]}).get_data()
     params = backend.last_params
     assert params.stream is True and params.sampling.seed == 0 and params.sampling.stop == ("\n",)
 
 
-def test_admission_starts_the_stream_before_any_token():
+def test_admission_starts_the_stream_before_any_token(make_app):
     """Triton's llm model admits a request (validated, queued) long before its first token when
     the engine is busy: the 200 and a first comment go out at once, heartbeats follow while it
     waits, and a failure after that is an error event."""
     backend = FakeBackend(script=lambda p: [ADMITTED, Pause(0.25), "a", Finished("length", 1, 1)])
-    app = make_app(backend, HEARTBEAT_INTERVAL=0.05)
+    app = make_app(backend=backend, HEARTBEAT_INTERVAL=0.05)
     response = app.test_client().post("/generate", json={**BODY, "stream": True}, headers=AUTH, buffered=False)
     assert response.status_code == 200 and response.mimetype == "text/event-stream"
     chunks = iter(response.response)
@@ -164,18 +158,18 @@ def test_admission_starts_the_stream_before_any_token():
     assert names[-2:] == ["token", "done"] and len(names) >= 4 and set(names[:-2]) == {"comment"}
 
 
-def test_failure_after_admission_is_an_error_event():
+def test_failure_after_admission_is_an_error_event(make_app):
     error = ServerError("The inference server is unavailable; try again later", status=503, retry_after=5)
     backend = FakeBackend(script=lambda p: [ADMITTED, Pause(0.01), error])
-    response = stream(make_app(backend).test_client())
+    response = stream(make_app(backend=backend).test_client())
     assert response.status_code == 200
     events = parse_sse(response.get_data(as_text=True))
     assert [name for name, _ in events] == ["comment", "error"]
     assert events[1][1]["error"]["code"] == 503
 
 
-def test_admission_is_invisible_without_streaming():
+def test_admission_is_invisible_without_streaming(make_app):
     backend = FakeBackend(script=lambda p: [ADMITTED, Pause(0.01), "Hello", Finished("eos_token", 2, 1)])
-    response = make_app(backend).test_client().post("/generate", json=BODY, headers=AUTH)
+    response = make_app(backend=backend).test_client().post("/generate", json=BODY, headers=AUTH)
     assert response.status_code == 200
     assert response.get_json()["choices"][0]["text"] == "Hello"

@@ -5,25 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from gateway_fakes import FakeBackend
 
 from gateway import create_app
+from testkit import AUTH, KEY, MODEL, assert_error
+
 from trident.contract import ModelLimits, SamplingParams, TextRequest
 
-KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MODEL = "smollm2-135m-instruct"
 
 
-@pytest.fixture
-def backend() -> FakeBackend:
-    return FakeBackend()
 
 
-@pytest.fixture
-def client(backend: FakeBackend):
-    app = create_app({"API_KEY": KEY}, backend=backend)
-    return app.test_client()
 
 
 def post(client, body, **kwargs):
@@ -33,10 +24,6 @@ def post(client, body, **kwargs):
     return client.post("/generate", data=body, headers=headers, **kwargs)
 
 
-def assert_error(response, status, type_, param, message):
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.headers["Content-Type"] == "application/json"
-    assert response.get_json() == {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
 BAD_FIELDS = [

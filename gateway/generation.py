@@ -1,0 +1,114 @@
+"""Running one generation for a route, shared by ``/generate`` (gateway.routes) and ``/v1/*``
+(gateway.openai_routes): admission, then the whole text (:func:`collect`) or the SSE stream
+(:func:`stream_response`).
+
+Order of checks once the body is valid: model allowed for the key (403), the in-flight slot
+(503), the backend call; the backend's errors before its admission (or first event) are HTTP
+statuses too (STYLE 4).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flask import Response, current_app, g, request
+
+from trident.contract import TextRequest
+
+from .auth import authorize_model
+from .backend import Event, Finished, Generation, TextDelta
+from .disconnect import DisconnectWatch
+from .errors import ApiError, ClientGone, internal_error
+from .sse import SSEBody, error_bytes, event_bytes
+from .state import GatewayState
+from .telemetry import note_params, observe_generation
+
+log = logging.getLogger("trident.gateway")
+
+
+def _state() -> GatewayState:
+    return current_app.extensions["trident"]
+
+
+def start_generation(params: TextRequest) -> tuple[Generation, Callable[[], None]]:
+    """Once the request is validated: the key may use the model (403), an in-flight slot (503),
+    the backend call. Returns the generation and ``done``, to call once when it is over (gives
+    the slot back); ``collect`` and ``stream_response`` call it. The generation is measured
+    (metrics, the request's log line: gateway.telemetry)."""
+    state = _state()
+    note_params(params)
+    authorize_model(g.api_key, params.model)
+    request_id: str = g.request_id
+    done = state.in_flight.acquire(state.retry_after)  # once, when the generation is over
+    try:
+        generation = observe_generation(state.backend.generate(params, request_id=request_id), params)
+    except BaseException:
+        done()
+        raise
+    return generation, done
+
+
+def collect(generation: Generation, done: Callable[[], None]) -> tuple[str, Finished]:
+    """The whole text and the final event of a non-streaming generation; a client that goes
+    away meanwhile cancels it (gateway.disconnect) and gets :class:`ClientGone`."""
+    parts: list[str] = []
+    finished: Finished | None = None
+    watch = DisconnectWatch.start(request.environ, generation.close)
+    try:
+        for event in generation:
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, Finished):
+                finished = event
+        if finished is None:
+            if watch.gone:
+                raise ClientGone()
+            log.error("generation ended without a final event")
+            raise internal_error(g.request_id)
+    finally:
+        watch.stop()
+        generation.close()
+        done()
+    return "".join(parts), finished
+
+
+def stream_response(
+    generation: Generation,
+    done: Callable[[], None],
+    *,
+    encode: Callable[[Event], bytes] = event_bytes,
+    encode_error: Callable[[ApiError], bytes] = error_bytes,
+) -> Response:
+    """The SSE response of a streaming generation; ``encode``/``encode_error`` as in SSEBody."""
+    request_id: str = g.request_id
+    events = iter(generation)
+    try:
+        first = next(events)  # errors before any token are still HTTP statuses
+    except StopIteration:
+        generation.close()
+        done()
+        log.error("generation ended without a final event")
+        raise internal_error(request_id) from None
+    except BaseException:
+        generation.close()
+        done()
+        raise
+    body = SSEBody(
+        first,
+        generation,
+        events,
+        heartbeat_interval=_state().heartbeat_interval,
+        request_id=request_id,
+        on_close=done,
+        encode=encode,
+        encode_error=encode_error,
+        environ=request.environ,
+    )
+    return Response(
+        body,
+        status=200,
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+

@@ -1,0 +1,44 @@
+"""Test helpers shared by every tier (importable as ``testkit``: tests/conftest.py puts this
+folder on the path). Defined once: keys, the served model's name, ports, the error envelope."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key-123"  # in-process tiers; the end-to-end tier makes a random one (e2e_helpers.API_KEY)
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MODEL = "smollm2-135m-instruct"  # the public model name the gateway serves by default
+
+
+def model_dir() -> Path:
+    """The prepared checkpoint (make test prepares it; TRIDENT_MODEL_DIR overrides)."""
+    return Path(os.environ.get("TRIDENT_MODEL_DIR", ROOT / ".cache/models/smollm2-135m-instruct"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 2.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def assert_error(response, status: int, type_: str, param: str | None, message: str) -> None:
+    """The response is exactly this error in the envelope of shared/API.md (a Flask test
+    response or a requests one)."""
+    text = response.get_data(as_text=True) if hasattr(response, "get_data") else response.text
+    assert response.status_code == status, text
+    assert response.headers["Content-Type"].startswith("application/json"), response.headers
+    body = response.get_json() if hasattr(response, "get_json") else response.json()
+    assert body == {"error": {"message": message, "type": type_, "param": param, "code": status}}
