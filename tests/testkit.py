@@ -42,3 +42,31 @@ def assert_error(response, status: int, type_: str, param: str | None, message: 
     assert response.headers["Content-Type"].startswith("application/json"), response.headers
     body = response.get_json() if hasattr(response, "get_json") else response.json()
     assert body == {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
+# -- servers of the end-to-end tiers (tests/e2e, tests/gpu) ---------------------------------------
+
+SERVERS: list = []  # every server started by a fixture: their logs are attached to failures
+
+
+def started(server):
+    """Register a child server (trident.child_process.ChildServer) for log attachment."""
+    SERVERS.append(server)
+    return server
+
+
+def attach_logs(report) -> None:
+    """From a ``pytest_runtest_makereport`` hook: the tail of each server's log on a failure."""
+    if report.failed:
+        for server in SERVERS:
+            report.sections.append((f"{type(server).__name__} log", server.log_tail(80)))
+
+
+def start_gateway(triton_grpc_url: str, work: Path, *, api_key: str, workers: int = 1, extra_env=None):
+    """The real gateway (gunicorn + gevent) on a free port, pointed at ``triton_grpc_url``."""
+    from trident.gateway_process import GatewayProcess
+
+    env = {"TRIDENT_API_KEY": api_key, "TRIDENT_TOKENIZER_DIR": str(model_dir()), **(extra_env or {})}
+    gw = started(GatewayProcess(port=free_port(), triton_grpc_url=triton_grpc_url, workers=workers,
+                                log_path=Path(work) / "gateway.log", extra_env=env))
+    return gw.start(timeout=60)

@@ -9,26 +9,18 @@ from pathlib import Path
 import pytest
 import requests
 
-from trident.gateway_process import GatewayProcess
+import testkit
+from testkit import ROOT, free_port, model_dir
+
 from trident.triton_launcher import TritonPorts, TritonServer
 
-from e2e_helpers import API_KEY, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from e2e_helpers import API_KEY
 
 pytestmark = pytest.mark.e2e
 
 
 def repo_dir() -> Path:
     return Path(os.environ.get("TRIDENT_REPO_DIR", ROOT / ".cache/model_repository/cpu"))
-
-
-def tokenizer_dir() -> Path:
-    """The served model's tokenizer (its chat template is what /v1/chat/completions renders)."""
-    return Path(os.environ.get("TRIDENT_MODEL_DIR", ROOT / ".cache/models/smollm2-135m-instruct"))
-
-
-_servers = []
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +31,7 @@ def triton(tmp_path_factory):
     work = tmp_path_factory.mktemp("triton")
     server = TritonServer(model_repository=repo, work_dir=work,
                           ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
-    _servers.append(server)
+    testkit.started(server)
     server.start(timeout=300)
     yield server
     server.stop()
@@ -53,7 +45,7 @@ def build_small_repository(out: Path, *, max_batch_size: int = SMALL_BATCH) -> P
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, str(ROOT / "build/build_repository.py"), "--model-dir", str(tokenizer_dir()),
+    subprocess.run([sys.executable, str(ROOT / "build/build_repository.py"), "--model-dir", str(model_dir()),
                     "--out", str(out), "--max-batch-size", str(max_batch_size), "--max-seq-len", "1024",
                     "--weight-dtype", "int4"], check=True, capture_output=True, timeout=120)
     return out
@@ -68,7 +60,7 @@ def start_triton(repo, tmp_path_factory, name="triton"):
     work = tmp_path_factory.mktemp(name)
     server = TritonServer(model_repository=repo, work_dir=work,
                           ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
-    _servers.append(server)
+    testkit.started(server)
     return server.start(timeout=300)
 
 
@@ -81,12 +73,8 @@ def small_triton(small_repo, tmp_path_factory):
 
 
 def start_gateway(triton, tmp_path_factory, *, workers=1, extra_env=None):
-    work = tmp_path_factory.mktemp("gateway")
-    env = {"TRIDENT_API_KEY": API_KEY, "TRIDENT_TOKENIZER_DIR": str(tokenizer_dir()), **(extra_env or {})}
-    gw = GatewayProcess(port=free_port(), triton_grpc_url=triton.grpc_url, workers=workers,
-                        log_path=work / "gateway.log", extra_env=env)
-    _servers.append(gw)
-    return gw.start(timeout=60)
+    return testkit.start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway"), api_key=API_KEY,
+                                 workers=workers, extra_env=extra_env)
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +96,4 @@ def client(gateway):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    report = outcome.get_result()
-    if report.failed and _servers:
-        for server in _servers:
-            report.sections.append((f"{type(server).__name__} log", server.log_tail(80)))
+    testkit.attach_logs(outcome.get_result())

@@ -3,139 +3,26 @@
 Runs only where ``nvidia-smi`` works and ``tensorrt_llm`` imports (the image of Dockerfile.triton
 with the GPUs passed in, see docs/gpu.md); skipped elsewhere, with the reason. The build goes
 through build/build_engine.py and Triton through scripts/launch_triton_gpu.py, the same entry
-points the container uses. TRIDENT_GPU_BUILD_DIR keeps engines between runs (--skip-existing).
+points the container uses; the fixtures (conftest.py) are the end-to-end tier's
+(tests/testkit.py). TRIDENT_GPU_BUILD_DIR keeps engines between runs (--skip-existing).
 """
-import functools
 import json
-import os
 import queue
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
+from gpu_stack import FINISH_REASONS, MISSING, PARIS
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from trident.trtllm import TRTLLM_VERSION
+from trident.trtllm.checks import check_engine_version, engine_world_size, tensorrt_llm_version
 
-from trident.trtllm import TRTLLM_VERSION  # noqa: E402
-from trident.trtllm.checks import check_engine_version, engine_world_size, tensorrt_llm_version  # noqa: E402
-from trident.trtllm.plan import BuildLayout  # noqa: E402
-
-TRITONSERVER = os.environ.get("TRIDENT_TRITONSERVER", "/opt/tritonserver/bin/tritonserver")
-PARIS = "The capital of France is"
-FINISH_REASONS = {"length", "eos_token", "stop_sequence"}
-
-
-@functools.lru_cache(maxsize=None)
-def gpu_stack_missing() -> str | None:
-    """Why the GPU stack cannot run here, or None when it can."""
-    try:
-        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"nvidia-smi does not run ({exc}): no NVIDIA GPU or driver here"
-    if smi.returncode != 0 or "GPU" not in smi.stdout:
-        return f"nvidia-smi lists no GPU (exit {smi.returncode}): {(smi.stderr or smi.stdout).strip()[:200]}"
-    imp = subprocess.run([sys.executable, "-c", "import tensorrt_llm"], capture_output=True, text=True, timeout=600)
-    if imp.returncode != 0:
-        return f"tensorrt_llm does not import: {imp.stderr.strip().splitlines()[-1:] or imp.returncode}"
-    return None
-
-
-MISSING = gpu_stack_missing()
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(MISSING is not None, reason=f"GPU stack not available: {MISSING}"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def model_dir() -> Path:
-    return Path(os.environ.get("TRIDENT_MODEL_DIR", ROOT / ".cache/models/smollm2-135m-instruct"))
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    if not (model_dir() / "config.json").is_file():
-        pytest.fail(f"no HF checkpoint in {model_dir()}: run `make model` or set TRIDENT_MODEL_DIR")
-    out = Path(os.environ.get("TRIDENT_GPU_BUILD_DIR") or tmp_path_factory.mktemp("gpu-build"))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "build/build_engine.py"), "--model-dir", str(model_dir()), "--out", str(out),
-         "--max-batch-size", "16", "--max-seq-len", "1024", "--max-num-tokens", "4096", "--skip-existing"],
-        capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, f"engine build failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
-    return out
-
-
-@pytest.fixture(scope="session")
-def tokenizer(built):
-    """The tokenizer as the served models load it: from the build's compatibility view.
-
-    Overrides tests/conftest.py's, which reads TRIDENT_MODEL_DIR: that checkpoint is written by
-    transformers 5 ("tokenizer_class": "TokenizersBackend"), which the image's transformers 4.57.3
-    cannot load; build_engine.py writes <out>/hf with the class it can (trident/trtllm/checkpoint.py).
-    """
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(BuildLayout.under(built).hf_dir))
-
-
-@pytest.fixture(scope="session")
-def triton(built, tmp_path_factory):
-    if not Path(TRITONSERVER).is_file():
-        pytest.skip(f"no tritonserver at {TRITONSERVER} (set TRIDENT_TRITONSERVER; the NGC image has it)")
-    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-    log_path = tmp_path_factory.mktemp("triton") / "triton.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts/launch_triton_gpu.py"), "--model-repository",
-         str(built / "model_repository"), "--tritonserver", TRITONSERVER, "--http-port", str(ports["http"]),
-         "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{ports['http']}"
-
-    def tail():
-        return "\n".join(log_path.read_text(errors="replace").splitlines()[-80:])
-
-    try:
-        deadline = time.monotonic() + 600
-        while not all(ready(f"{base}/v2/models/{m}/ready") for m in ("tensorrt_llm", "llm")):
-            if proc.poll() is not None:
-                pytest.fail(f"Triton exited with {proc.returncode}:\n{tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"Triton not ready after 600 s:\n{tail()}")
-            time.sleep(1)
-        yield {"grpc": f"127.0.0.1:{ports['grpc']}", "http": base, "metrics": ports["metrics"], "tail": tail}
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
-        log.close()
-
-
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def generate(url: str, prompt: str, *, max_tokens: int, temperature: float = 0.0, stream: bool = False,
@@ -192,17 +79,17 @@ def test_engines_were_built_by_the_pinned_tensorrt_llm(built):
 
 
 def test_greedy_generation_through_triton(triton, tokenizer):
-    out = generate(triton["grpc"], PARIS, max_tokens=8)
+    out = generate(triton.grpc_url, PARIS, max_tokens=8)
     assert "Paris" in out["text"], out
     assert out["finish_reason"] in {"length", "eos_token"}
     assert out["prompt_tokens"] == len(tokenizer(PARIS).input_ids)
     assert 1 <= out["completion_tokens"] <= 8
-    assert generate(triton["grpc"], PARIS, max_tokens=8)["text"] == out["text"]  # greedy is deterministic
+    assert generate(triton.grpc_url, PARIS, max_tokens=8)["text"] == out["text"]  # greedy is deterministic
 
 
 def test_streaming_chunks_add_up_to_the_non_streaming_text(triton):
-    plain = generate(triton["grpc"], PARIS, max_tokens=24)
-    streamed = generate(triton["grpc"], PARIS, max_tokens=24, stream=True)
+    plain = generate(triton.grpc_url, PARIS, max_tokens=24)
+    streamed = generate(triton.grpc_url, PARIS, max_tokens=24, stream=True)
     assert len(streamed["chunks"]) > 1
     assert streamed["text"] == plain["text"]
     assert streamed["finish_reason"] == plain["finish_reason"]
@@ -210,12 +97,12 @@ def test_streaming_chunks_add_up_to_the_non_streaming_text(triton):
 
 def test_stop_sequence_ends_the_engine_request(triton):
     """The llm model sends the backend a stop request (same request id); the stream must end."""
-    full = generate(triton["grpc"], "Once upon a time", max_tokens=48)
+    full = generate(triton.grpc_url, "Once upon a time", max_tokens=48)
     words = full["text"].split()
     assert len(words) >= 6, full
     stop = words[len(words) // 2]
     start = time.monotonic()
-    cut = generate(triton["grpc"], "Once upon a time", max_tokens=48, stop_words=[stop], timeout=60)
+    cut = generate(triton.grpc_url, "Once upon a time", max_tokens=48, stop_words=[stop], timeout=60)
     assert cut["finish_reason"] == "stop_sequence", cut
     assert cut["text"] == full["text"][:full["text"].index(stop)]
     assert cut["completion_tokens"] < full["completion_tokens"]
@@ -224,13 +111,13 @@ def test_stop_sequence_ends_the_engine_request(triton):
 
 def test_inflight_batching_serves_concurrent_requests_together(triton):
     prompt, n = "Write a long story about a lighthouse keeper.", 12
-    generate(triton["grpc"], prompt, max_tokens=8)  # warm up
+    generate(triton.grpc_url, prompt, max_tokens=8)  # warm up
     start = time.monotonic()
-    single = generate(triton["grpc"], prompt, max_tokens=128)
+    single = generate(triton.grpc_url, prompt, max_tokens=128)
     one = time.monotonic() - start
     start = time.monotonic()
     with ThreadPoolExecutor(n) as pool:
-        outs = list(pool.map(lambda _: generate(triton["grpc"], prompt, max_tokens=128), range(n)))
+        outs = list(pool.map(lambda _: generate(triton.grpc_url, prompt, max_tokens=128), range(n)))
     together = time.monotonic() - start
     assert all(o["finish_reason"] in FINISH_REASONS and o["completion_tokens"] >= 1 for o in outs)
     assert sum(o["completion_tokens"] for o in outs) >= n * min(single["completion_tokens"], 16)
@@ -239,24 +126,9 @@ def test_inflight_batching_serves_concurrent_requests_together(triton):
 
 
 def test_seeded_sampling_is_reproducible(triton):
-    a = generate(triton["grpc"], PARIS, max_tokens=16, temperature=1.0, seed=1234)
-    b = generate(triton["grpc"], PARIS, max_tokens=16, temperature=1.0, seed=1234)
+    a = generate(triton.grpc_url, PARIS, max_tokens=16, temperature=1.0, seed=1234)
+    b = generate(triton.grpc_url, PARIS, max_tokens=16, temperature=1.0, seed=1234)
     assert a["text"] == b["text"]
-
-
-@pytest.fixture(scope="session")
-def gateway(triton, tmp_path_factory):
-    pytest.importorskip("flask", reason="gateway dependencies not installed (pip install -e .)")
-    pytest.importorskip("gunicorn", reason="gateway dependencies not installed (pip install -e .)")
-    from trident.gateway_process import GatewayProcess
-
-    key = "gpu-test-" + os.urandom(6).hex()
-    work = tmp_path_factory.mktemp("gateway")
-    gw = GatewayProcess(port=free_port(), triton_grpc_url=triton["grpc"], log_path=work / "gateway.log",
-                        extra_env={"TRIDENT_API_KEY": key})
-    gw.start(timeout=60)
-    yield gw, key
-    gw.stop()
 
 
 def test_gateway_generates_on_the_gpu_engine(gateway):
