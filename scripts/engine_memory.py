@@ -64,8 +64,7 @@ def resident_memory_at_max_batch(config: EngineConfig, *, prompt_len: int = 16, 
             raise TimeoutError(f"{n} requests did not finish in {timeout:.0f}s")
     finally:
         engine.stop()
-    for kv in engine.cache.kv:  # what all slots at max_seq_len would have written
-        kv.fill_(0)
+    engine.cache.touch_all()  # what all slots at max_seq_len would have written
     return {
         "max_batch_size": n,
         "max_seq_len": engine.max_seq_len,

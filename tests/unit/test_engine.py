@@ -154,6 +154,16 @@ def int4_engine():
     eng.stop()
 
 
+@pytest.fixture(scope="module")
+def int4_engine_no_reuse():
+    """int4 without prefix reuse, and prompts prefilled at most 7 tokens a step (chunked)."""
+    eng = Engine(EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=32, max_seq_len=MAX_SEQ_LEN,
+                              dtype="float32", weight_dtype="int4", prefix_reuse=False, prefill_token_budget=7))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
 def expected_reason(ref):
     return "length" if len(ref) == N_NEW else "end_id"
 
@@ -331,6 +341,60 @@ def test_int4_greedy_is_the_same_alone_together_and_joining_a_running_batch(int4
         assert alone.tokens(str(i)), f"prompt {i}: no tokens"
         assert together.tokens(str(i)) == alone.tokens(str(i)), f"prompt {i} together"
         assert joining.tokens(str(i)) == alone.tokens(str(i)), f"prompt {i} joining"
+
+
+def run_together(engine, prompts, prefix="", **kw) -> list[list[int]]:
+    sink = Collector()
+    for i, p in enumerate(prompts):
+        engine.submit(greedy(f"{prefix}{i}", p, **kw), sink)
+    sink.wait(*(f"{prefix}{i}" for i in range(len(prompts))))
+    return [sink.tokens(f"{prefix}{i}") for i in range(len(prompts))]
+
+
+def test_int4_prefix_reuse_and_chunked_prefill_change_no_token(int4_engine, int4_engine_no_reuse, prompts):
+    """Prefix reuse on and off give the same tokens: the 20 prompts twice on the reuse engine
+    (the second time every full block of each prompt comes from the cache), and follow-ups that
+    extend each prompt with its own output (a chat's next turn: blocks of generated tokens are
+    reused too), against an engine without reuse that also prefills prompts in chunks of 7."""
+    before = int4_engine.stats()
+    first = run_together(int4_engine, prompts, "a")
+    second = run_together(int4_engine, prompts, "b")
+    follow_ups = [p + out + p[:5] for p, out in zip(prompts, first) if len(p) + len(out) + 5 + N_NEW <= MAX_SEQ_LEN]
+    warm = run_together(int4_engine, follow_ups, "c")
+    cold = run_together(int4_engine_no_reuse, prompts + follow_ups, "d")
+    assert second == first and cold[:len(prompts)] == first
+    assert warm == cold[len(prompts):]
+    after = int4_engine.stats()
+    blocks = sum(len(p) // 16 for p in prompts[:len(follow_ups)])
+    assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] >= 16 * blocks
+    assert after["prefix_cache_hit_requests"] > before["prefix_cache_hit_requests"]
+    assert int4_engine_no_reuse.stats()["prefix_cache_hit_tokens"] == 0
+
+
+def test_int4_cancelled_and_finished_requests_release_their_blocks(int4_engine, prompts):
+    """Blocks shared with a request that is cancelled stay valid for the others; once all are
+    done every block is free or cached for reuse, none leaked."""
+    eng = int4_engine
+    cancel_at = {"x0": 2, "x2": 5}
+
+    def on_each(out):
+        if cancel_at.get(out.request_id) == len(sink.tokens(out.request_id)):
+            eng.cancel(out.request_id)
+
+    sink = Collector(on_each=on_each)
+    long_prompt = prompts[-1]  # shares every full block with x1 and x2
+    for rid in ("x0", "x1", "x2"):
+        eng.submit(greedy(rid, long_prompt, end_id=None, streaming=True), sink)
+    sink.wait("x0", "x1", "x2")
+    assert sink.final("x0").finish_reason == "cancelled" and sink.final("x2").finish_reason == "cancelled"
+    assert sink.tokens("x0") == sink.tokens("x1")[:2] and sink.tokens("x2") == sink.tokens("x1")[:5]
+    deadline = time.monotonic() + 10  # the final output is emitted before the slot is closed
+    while eng.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = eng.stats()
+    assert stats["active"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    again = run_together(eng, [long_prompt], "y", end_id=None)[0]
+    assert again == sink.tokens("x1")
 
 
 # ---------------------------------------------------------------- scheduling

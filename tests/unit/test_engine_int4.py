@@ -1,13 +1,21 @@
-"""The int4 weight format and trident's own kernels (trident/engine/csrc/blockquant.cpp)."""
+"""The int4 weight format, trident's own kernels (trident/engine/csrc/) and the fused model step.
+
+Every kernel test that can runs on each integer dot-product path this CPU has: AVX2 always (the
+AVX-512 VNNI path is switched off at run time, as on an AVX2-only CPU) and AVX-512 VNNI where
+present; the two must give the same bits. TRIDENT_KERNEL_ISA=avx2 forces AVX2 for a whole run.
+"""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 from trident.engine import kernels, quant
 from trident.engine.config import LlamaConfig
-from trident.engine.kv_cache import KVCache
-from trident.engine.llama import rms_norm_fp32
+from trident.engine.fused_llama import FusedLlama
+from trident.engine.llama import apply_rope_, rms_norm_fp32
+from trident.engine.paged_cache import PagedKVCache
 from trident.engine.weights import build_model
 
 try:
@@ -16,6 +24,20 @@ except kernels.KernelsUnavailable as exc:  # pragma: no cover - a CPU without AV
     pytest.skip(f"int4 kernels unavailable: {exc}", allow_module_level=True)
 
 OPS = torch.ops.trident
+AVX2, VNNI = 0, 1
+_DEFAULT_ISA = OPS.set_kernel_isa(-1)
+ISAS = [AVX2] + ([VNNI] if OPS.set_kernel_isa(VNNI) == VNNI else [])
+OPS.set_kernel_isa(_DEFAULT_ISA)
+
+
+@contextlib.contextmanager
+def kernel_isa(isa):
+    before = OPS.set_kernel_isa(-1)
+    assert OPS.set_kernel_isa(isa) == isa
+    try:
+        yield
+    finally:
+        OPS.set_kernel_isa(before)
 
 
 def gguf_q4_1_values(n, k, g):
@@ -51,12 +73,14 @@ def test_packing_recovers_gguf_blocks_bit_for_bit():
     g = torch.Generator().manual_seed(0)
     w4 = gguf_q4_1_values(64, 576, g)
     packed, exact = quant.pack_q4(w4)
-    assert exact == 1.0 and packed.shape == (64, 18 * 20)
+    assert exact == 1.0 and packed.shape == (8, 18 * 160)  # groups of 8 rows, 160 bytes a block
     assert torch.equal(OPS.q4_dequant(packed), w4)
     w8 = gguf_q8_0_values(64, 576, g)
     packed, exact = quant.pack_q8(w8)
-    assert exact == 1.0 and packed.shape == (64, 18 * 34)
+    assert exact == 1.0 and packed.shape == (8, 18 * 272)
     assert torch.equal(OPS.q8_dequant(packed), w8)
+    index = torch.tensor([0, 9, 63, 9, 7])
+    assert torch.equal(OPS.q8_rows(packed, index), w8[index])  # the embedding lookup
     # any other weights are quantized (and say so): within half a step of their block
     w = torch.randn(64, 576, generator=g)
     packed, exact = quant.pack_q4(w)
@@ -65,36 +89,47 @@ def test_packing_recovers_gguf_blocks_bit_for_bit():
     assert ((OPS.q4_dequant(packed) - w).reshape(64, 18, 32).abs() <= step[..., None] * 0.51 + 1e-3).all()
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind", ["q4", "q8"])
-@pytest.mark.parametrize("batch", [1, 3, 4, 7])
-def test_linear_kernels_match_the_blockwise_reference(kind, batch):
+@pytest.mark.parametrize("batch", [1, 3, 4, 9])
+def test_linear_kernels_match_the_blockwise_reference(isa, kind, batch):
     g = torch.Generator().manual_seed(batch)
-    n, k = 70, 1536  # n not a multiple of the kernels' row tiles
+    n, k = 72, 1536
     w = gguf_q4_1_values(n, k, g) if kind == "q4" else gguf_q8_0_values(n, k, g)
     packed = (quant.pack_q4 if kind == "q4" else quant.pack_q8)(w)[0]
     x = torch.randn(batch, k, generator=g)
-    y = (OPS.q4_linear if kind == "q4" else OPS.q8_linear)(x, packed)
+    with kernel_isa(isa):
+        y = (OPS.q4_linear if kind == "q4" else OPS.q8_linear)(x, packed)
     assert y.shape == (batch, n)
     torch.testing.assert_close(y, reference_linear(x, w), rtol=1e-4, atol=1e-4)
     # and close to the exact fp32 product: activation quantization costs < 1 % here
     assert (y - x @ w.T).abs().max() < 0.01 * (x @ w.T).abs().max()
 
 
-def test_rows_do_not_depend_on_their_batch_or_thread_count():
-    """Per-row activation scales and a fixed accumulation order: a sequence's logits are the same
-    bits whatever else is in the batch, which is why int4 greedy output is batch-invariant."""
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_rows_do_not_depend_on_their_batch_thread_count_or_isa(kind):
+    """Exact integer block sums and a fixed float order per output: a row is the same bits in a
+    tile of 1 to 8 rows, on 1 or 2 threads, on the AVX2 or the AVX-512 VNNI path. This is why
+    int4 greedy output is batch-invariant and the same on every CPU."""
     g = torch.Generator().manual_seed(1)
-    packed = quant.pack_q4(gguf_q4_1_values(200, 576, g))[0]
-    x = torch.randn(9, 576, generator=g)
+    w = gguf_q4_1_values(200, 576, g) if kind == "q4" else gguf_q8_0_values(200, 576, g)
+    packed = (quant.pack_q4 if kind == "q4" else quant.pack_q8)(w)[0]
+    linear = OPS.q4_linear if kind == "q4" else OPS.q8_linear
+    x = torch.randn(19, 576, generator=g)
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(2)
-        together = OPS.q4_linear(x, packed)
-        torch.set_num_threads(1)
-        alone = torch.cat([OPS.q4_linear(x[i:i + 1], packed) for i in range(9)])
+        for isa in ISAS:
+            with kernel_isa(isa):
+                torch.set_num_threads(2)
+                results.append(linear(x, packed))
+                torch.set_num_threads(1)
+                results.append(torch.cat([linear(x[i:i + 1], packed) for i in range(19)]))
+                results.append(torch.cat([linear(x[i:i + 5], packed) for i in range(0, 19, 5)]))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(together, alone)
+    for other in results[1:]:
+        assert torch.equal(results[0], other)
 
 
 def test_kernels_refuse_bad_shapes():
@@ -105,6 +140,8 @@ def test_kernels_refuse_bad_shapes():
         OPS.q4_linear(torch.randn(2, 64), packed.float())
     with pytest.raises(ValueError, match="divisible by 32"):
         quant.pack_q4(torch.randn(8, 48))
+    with pytest.raises(ValueError, match="multiple of 8 rows"):
+        quant.pack_q4(torch.randn(12, 64))
 
 
 def tiny_llama(weight_dtype):
@@ -126,45 +163,115 @@ def tiny_llama(weight_dtype):
         weights[p + "ffn_norm"] = 1 + 0.1 * torch.randn(h, generator=g)
     return build_model(config, weights, dtype=torch.float32, max_seq_len=64, weight_dtype=weight_dtype)
 
-
-def test_fused_decode_layer_matches_the_torch_ops_path():
-    """The int4 decode step (one kernel call per layer: norms, QKV, RoPE, cache write, attention,
-    MLP, residuals) against the same step unfused (Llama._decode_ops): the same int4 weights and
-    Q4 matmul kernel, RoPE, the cache write and the residual adds as torch ops, and the kernel's
-    own RMSNorm, attention and SwiGLU ops (checked against torch below).
-
-    Bit-identical, on any CPU: every activation the matmuls quantize to int8 is computed by the
-    same C++ function in both paths, and the rest are single correctly rounded float ops. Any
-    tolerance would be wrong here: with torch's norm, softmax and SiLU in the reference, the
-    inputs to the int8 quantization differed by ulps (torch's softmax differently on AVX-512 and
-    AVX2), one int8 rounding flipped now and then, and logits moved by up to 0.23 (in 1 of 12
-    weight seeds with torch's AVX2 kernels, 2 of 12 with its AVX-512 ones, this seed among them)."""
-    model = tiny_llama("int4")
+def tiny_cache(model, slots=3, *, dtype=torch.float16, block_size=4):
     c = model.config
-    caches = []
-    for _ in range(2):
-        cache = KVCache()
-        cache.setup(num_layers=2, max_batch_size=3, num_kv_heads=c.num_kv_heads, max_seq_len=64,
-                    head_dim=c.head_dim, dtype=torch.float32)
-        for slot, length in enumerate([5, 11, 1]):
-            model.prefill(torch.arange(length) % 96, slot, cache)
-        caches.append(cache)
-    tokens, positions = torch.tensor([7, 50, 3]), torch.tensor([5, 11, 1])
-    for step in range(3):  # three steps: each reads what the previous one wrote into the cache
-        fused = model.decode(tokens, positions, caches[0])
-        ops = model._decode_ops(tokens, positions, caches[1])
-        assert torch.equal(fused, ops), f"step {step}: {(fused - ops).abs().max():.3g} apart"
-        for kv_fused, kv_ops in zip(caches[0].kv, caches[1].kv):
-            assert torch.equal(kv_fused, kv_ops), f"step {step}: caches differ"
-        tokens, positions = fused.argmax(-1), positions + 1
+    return PagedKVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_slots=slots,
+                        max_seq_len=64, block_size=block_size, dtype=dtype, cache_bytes=0, reuse=False)
+
+
+def reference_step(model, cache, tokens, positions, slots, logit_rows):
+    """forward_q4 rebuilt from the kernel's parts: its matmul, RMSNorm, attention and SwiGLU ops,
+    RoPE, the K/V write and the residual adds as torch ops."""
+    c, ops = model.config, OPS
+    T, hd, q_size, kv_size = len(tokens), c.head_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    x = ops.q8_rows(model.embed, tokens)
+    cos, sin = model.cos[positions][:, None], model.sin_signed[positions][:, None]
+    blocks = cache.tables[slots, positions // cache.block_size].long()
+    offsets = positions % cache.block_size
+    for layer in range(c.num_layers):
+        qkv = ops.q4_linear(ops.rms_norm(x, model.attn_norm[layer], c.rms_norm_eps), model.wqkv[layer])
+        apply_rope_(qkv[:, :q_size + kv_size].view(T, c.num_heads + c.num_kv_heads, hd), cos, sin)
+        k = qkv[:, q_size:q_size + kv_size].view(T, c.num_kv_heads, hd)
+        v = qkv[:, q_size + kv_size:].view(T, c.num_kv_heads, hd)
+        cache.kv[layer, blocks, 0, :, offsets] = k.to(cache.dtype)
+        cache.kv[layer, blocks, 1, :, offsets] = v.to(cache.dtype)
+        o = ops.paged_attention(qkv[:, :q_size], cache.kv[layer], positions, slots, cache.tables, c.num_kv_heads,
+                                model.scale)
+        x = x + ops.q4_linear(o, model.wo[layer])
+        h = ops.rms_norm(x, model.ffn_norm[layer], c.rms_norm_eps)
+        x = x + ops.q4_linear(ops.swiglu(ops.q4_linear(h, model.w_gate_up[layer])), model.w_down[layer])
+    return ops.q8_linear(ops.rms_norm(x[logit_rows], model.norm, c.rms_norm_eps), model.lm_head)
+
+
+def step(model, cache, rows, fn=None):
+    """rows: (slot, position, token) triples; logits of each slot's last row in this step."""
+    slots, positions, tokens = (torch.tensor(v) for v in zip(*rows))
+    last = {s: i for i, s in enumerate(slots.tolist())}
+    logit_rows = torch.tensor(sorted(last.values()))
+    for s, p in zip(slots.tolist(), positions.tolist()):
+        cache.extend(s, p + 1)
+    if fn is None:
+        return model.forward(tokens, positions, slots, cache, logit_rows)
+    return fn(model, cache, tokens, positions, slots, logit_rows)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
+def test_fused_step_matches_its_reference_ops(kv_dtype):
+    """forward_q4 (the whole model in one call: three prompts prefilled together, then decode
+    steps that read what the previous ones wrote) against the same step built from the kernel's
+    own ops: bit-identical, logits and cache. Every activation the matmuls quantize to int8 is
+    computed by the same C++ code in both, and the rest are single correctly rounded float ops;
+    any tolerance would hide a 1-ulp difference that flips an int8 rounding (measured: logits
+    moved by up to 0.23 when torch's norm and softmax stood in for the kernel's)."""
+    model = tiny_llama("int4")
+    assert isinstance(model, FusedLlama)
+    caches = [tiny_cache(model, dtype=kv_dtype) for _ in range(2)]
+    prompts = {0: [5, 17, 3, 90, 44], 1: [(7 * i) % 96 for i in range(11)], 2: [60]}
+    rows = [(s, p, t) for s, ids in prompts.items() for p, t in enumerate(ids)]
+    positions = {s: len(ids) for s, ids in prompts.items()}
+    for n in range(4):
+        fused = step(model, caches[0], rows)
+        ref = step(model, caches[1], rows, reference_step)
+        assert torch.equal(fused, ref), f"step {n}: {(fused - ref).abs().max():.3g} apart"
+        assert torch.equal(caches[0].kv, caches[1].kv), f"step {n}: caches differ"
+        rows = [(s, positions[s], int(t)) for s, t in zip(sorted(prompts), fused.argmax(-1))]
+        positions = {s: p + 1 for s, p in positions.items()}
+
+
+def greedy_run(model, cache, slot, prompt, new_tokens, chunks=None, neighbour=None):
+    """A sequence's logits: its prompt prefilled in chunks (None: one step), then greedy decode.
+    neighbour: another slot one of whose rows rides along in every step (a batch to be invariant to)."""
+    steps = iter(range(20, 64))  # the neighbour's positions
+
+    def with_neighbour(rows):
+        return ([(neighbour, next(steps), 11)] if neighbour is not None else []) + rows
+
+    pos = 0
+    for n in chunks or [len(prompt)]:
+        logits = step(model, cache, with_neighbour([(slot, pos + i, prompt[pos + i]) for i in range(n)]))
+        pos += n
+    out = [logits[-1]]
+    for _ in range(new_tokens):
+        out.append(step(model, cache, with_neighbour([(slot, pos, int(out[-1].argmax()))]))[-1])
+        pos += 1
+    return torch.stack(out)
+
+
+def test_a_sequence_is_the_same_alone_chunked_batched_on_any_thread_count_or_isa():
+    """The same prompt and greedy continuation, prefilled in one step or in chunks spread over
+    steps, alone or beside another sequence's rows, on 1 or 2 threads, on every ISA path: the
+    same logits, bit for bit (what prefix reuse and batch invariance rest on)."""
+    model = tiny_llama("int4")
+    prompt = [(13 * i + 5) % 96 for i in range(13)]
+    alone = greedy_run(model, tiny_cache(model), 0, prompt, 4)
+    threads = torch.get_num_threads()
+    try:
+        for isa in ISAS:
+            with kernel_isa(isa):
+                for n_threads in (1, 2):
+                    torch.set_num_threads(n_threads)
+                    for chunks in ([13], [5, 5, 3], [1] * 13):
+                        other = greedy_run(model, tiny_cache(model), 2, prompt, 4, chunks=chunks, neighbour=0)
+                        assert torch.equal(alone, other), f"isa {isa}, {n_threads} threads, chunks {chunks}"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_fused_layer_steps_match_torch_to_float_rounding():
-    """The kernel's RMSNorm, decode attention and SwiGLU (what the fused layer runs between its
+    """The kernel's RMSNorm, SwiGLU and paged attention (what the fused step runs between its
     matmuls) against torch's formulas, with no quantization in between: the differences are
-    float rounding only (summation order, FMA, glibc vs SLEEF exp; measured <= 3 ulp for the
-    norm over 400 random rows, <= 2 ulp for SwiGLU, < 3e-7 for attention outputs of magnitude
-    ~3), so the tolerances are 4-11x that and still catch a wrong eps, mask, GQA head or slot."""
+    float rounding only (summation order, FMA, the kernel's polynomial exp vs SLEEF's), so the
+    tolerances still catch a wrong eps, mask, GQA head, block or slot."""
     g = torch.Generator().manual_seed(0)
     # rows from large to tiny, where eps dominates the mean square
     x = torch.randn(6, 576, generator=g) * torch.tensor([30, 1, 0.1, 1e-2, 1e-3, 1e-4])[:, None]
@@ -173,20 +280,26 @@ def test_fused_layer_steps_match_torch_to_float_rounding():
 
     gate_up = torch.randn(5, 2 * 1536, generator=g) * 4
     expected = torch.nn.functional.silu(gate_up[:, :1536]) * gate_up[:, 1536:]
-    torch.testing.assert_close(OPS.swiglu(gate_up), expected, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(OPS.swiglu(gate_up), expected, rtol=2e-6, atol=1e-12)
 
-    # SmolLM2's heads (9 query heads on 3 kv heads, head dim 64); 4 rows in a 5-slot cache whose
-    # positions past each row's own are random (stale) data that must be masked out
-    slots, n_kv, n_heads, S, hd = 5, 3, 9, 40, 64
-    kv = torch.randn(2, slots, n_kv, S, hd, generator=g)
-    positions = torch.tensor([0, 7, 39, 20])
+    # SmolLM2's heads (9 query heads on 3 kv heads, head dim 64) in blocks of 16 positions,
+    # 4 rows of 3 sequences (two rows share slot 1 at different positions), blocks shuffled;
+    # positions past each row's own hold random (stale) data that must be masked out
+    n_kv, n_heads, hd, bs = 3, 9, 64, 16
+    kv = torch.randn(12, 2, n_kv, bs, hd, generator=g)
+    tables = torch.randperm(12, generator=g).int().view(3, 4)
+    positions, slots = torch.tensor([0, 7, 63, 20]), torch.tensor([0, 1, 2, 1])
     q = torch.randn(4, n_heads * hd, generator=g)
-    o = OPS.decode_attention(q, kv, positions, n_kv, 0.125)
-    for b, pos in enumerate(positions.tolist()):
-        keys, values = kv[0, b, :, :pos + 1][None], kv[1, b, :, :pos + 1][None]  # (1, n_kv, len, hd)
-        expected = torch.nn.functional.scaled_dot_product_attention(
-            q[b].view(1, n_heads, 1, hd), keys, values, scale=0.125, enable_gqa=True)
-        torch.testing.assert_close(o[b], expected.reshape(-1), rtol=1e-5, atol=2e-6)
+    for dtype in (torch.float32, torch.float16):
+        cache = kv.to(dtype)
+        o = OPS.paged_attention(q, cache, positions, slots, tables, n_kv, 0.125)
+        for b, (pos, slot) in enumerate(zip(positions.tolist(), slots.tolist())):
+            blocks = cache[tables[slot].long()].float()  # (4, 2, n_kv, bs, hd)
+            keys = blocks[:, 0].permute(1, 0, 2, 3).reshape(n_kv, -1, hd)[:, :pos + 1]
+            values = blocks[:, 1].permute(1, 0, 2, 3).reshape(n_kv, -1, hd)[:, :pos + 1]
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                q[b].view(1, n_heads, 1, hd), keys[None], values[None], scale=0.125, enable_gqa=True)
+            torch.testing.assert_close(o[b], expected.reshape(-1), rtol=1e-5, atol=3e-6)
 
 
 def test_engine_serves_float32_when_the_kernels_cannot_be_built(monkeypatch, caplog):
@@ -211,17 +324,31 @@ def test_engine_serves_float32_when_the_kernels_cannot_be_built(monkeypatch, cap
     assert engine.model.weight_dtype == "auto" and not engine.model.batch_invariant
     assert any("serving float32 weights" in r.getMessage() and "avx2" in r.getMessage() for r in caplog.records)
 
-
-def test_fused_decode_layer_refuses_mismatched_weights():
-    """A gate/up weight whose input size is not the hidden size would be read out of bounds."""
+def test_fused_step_refuses_bad_inputs():
+    """Wrong weight shapes or block tables would read out of bounds: refused before any work."""
     model = tiny_llama("int4")
     c = model.config
-    cache = KVCache()
-    cache.setup(num_layers=2, max_batch_size=1, num_kv_heads=c.num_kv_heads, max_seq_len=64,
-                head_dim=c.head_dim, dtype=torch.float32)
-    layer = model.layers[0]
-    wrong_gate_up = quant.pack_q4(torch.randn(2 * 160, 64))[0]  # K 64, hidden size 128
+    cache = tiny_cache(model)
+    cache.extend(0, 8)
+    args = dict(tokens=torch.tensor([1, 2]), positions=torch.tensor([0, 1]), row_slots=torch.tensor([0, 0]),
+                logit_rows=torch.tensor([1]))
+
+    def run(**overrides):
+        a = {**args, **overrides}
+        wqkv = overrides.get("wqkv", model.wqkv)
+        return OPS.forward_q4(a["tokens"], a["positions"], a["row_slots"], cache.tables, a["logit_rows"], model.embed,
+                              model.norm, model.lm_head, model.attn_norm, model.ffn_norm, wqkv, model.wo,
+                              model.w_gate_up, model.w_down, cache.kv, model.cos, model.sin_signed, c.num_heads,
+                              c.num_kv_heads, c.rms_norm_eps, model.scale)
+
+    assert run().shape == (1, 96)
     with pytest.raises(RuntimeError, match="weight shapes do not match"):
-        OPS.decode_layer_q4(torch.randn(1, 128), layer.attention_norm, layer.ffn_norm, layer.wqkv.packed,
-                            layer.wo.packed, wrong_gate_up, layer.w_down.packed, cache.kv[0], torch.tensor([0]),
-                            model.cos, model.sin_signed, c.num_heads, c.num_kv_heads, c.rms_norm_eps, model.scale)
+        run(wqkv=model.wqkv[:, :-1].contiguous())
+    with pytest.raises(RuntimeError, match="block table entry"):
+        run(positions=torch.tensor([0, 9]))  # slot 0 has blocks for positions 0..7 only
+    with pytest.raises(RuntimeError, match="position out of range"):
+        run(positions=torch.tensor([0, 64]))
+    with pytest.raises(RuntimeError, match="row slot out of range"):
+        run(row_slots=torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="logit_rows must increase"):
+        run(logit_rows=torch.tensor([1, 0]))

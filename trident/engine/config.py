@@ -9,6 +9,7 @@ import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 WEIGHT_DTYPES = ("auto", "float16", "int8", "int4")
+KV_CACHE_DTYPES = {"auto": torch.float16, "float16": torch.float16, "float32": torch.float32}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -50,6 +51,16 @@ class EngineConfig:
     # Prompt tokens prefilled between two decode steps (at least one request is always admitted):
     # a burst of long prompts must not freeze the tokens of the sequences already decoding.
     prefill_token_budget: int = 1024
+    # KV cache of the int4 engine (paged: blocks of kv_block_size positions). "auto" stores it in
+    # float16 (half the memory of float32, same tokens on the test prompts: docs/cpu_engine.md);
+    # the torch-ops formats keep their own dtype.
+    kv_cache_dtype: str = "auto"  # "auto" | "float16" | "float32"
+    kv_block_size: int = 16
+    # Prefix reuse (int4): full KV blocks of finished requests stay cached, at most
+    # prefix_cache_mb of them (least recently used evicted first), and a request whose prompt
+    # starts with the same tokens skips their prefill. Outputs are the same with it on or off.
+    prefix_reuse: bool = True
+    prefix_cache_mb: int = 256
     # Seconds between two is_cancelled() polls of one request (each is an IPC round trip under
     # Triton); a waiting request is also polled right before it would be admitted.
     cancel_check_interval: float = 0.1
@@ -61,7 +72,11 @@ class EngineConfig:
             raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {self.weight_dtype!r}")
         if self.weight_dtype != "auto" and self.dtype == "bfloat16":
             raise ValueError(f"weight_dtype {self.weight_dtype} computes in float32: use dtype float32 or auto")
-        for name in ("max_batch_size", "max_seq_len", "max_queue_size", "prefill_token_budget"):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb!r}")
+        for name in ("max_batch_size", "max_seq_len", "max_queue_size", "prefill_token_budget", "kv_block_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("num_threads", "small_batch_size", "small_batch_threads"):

@@ -1,9 +1,11 @@
-"""The engine: a thread running continuous (in-flight) batching over the slot KV cache.
+"""The engine: a thread running continuous (in-flight) batching.
 
-Each loop iteration: poll cancellations, admit waiting requests (prefill each, emit its first
-token at once), then run ONE batched decode step for every active sequence and emit. Finished
-sequences free their slot immediately; the last active slot moves into the hole so the batch
-always occupies slots 0..B-1.
+Each loop iteration: poll cancellations, admit waiting requests into the running batch, then run
+ONE batched step for every active sequence and emit. Finished sequences leave at once. What a
+step is depends on the model (see the two batches): the int4 model runs one kernel call over
+every decoding sequence plus chunks of the prompts being prefilled, on a paged KV cache with
+prefix reuse (paged_batch.py); the torch-ops model prefills each prompt when it is admitted, then
+decodes all sequences from a contiguous slot cache (slot_batch.py).
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ import torch
 
 from trident.contract import SERVER_ERROR, UNAVAILABLE
 
-from .config import EngineConfig
+from .config import KV_CACHE_DTYPES, EngineConfig
 from .kv_cache import KVCache
+from .paged_batch import PagedBatch
+from .paged_cache import PagedKVCache
 from .request import (
     EngineError,
     EngineStoppedError,
@@ -28,6 +32,7 @@ from .request import (
 )
 from .sampling import RowSampling, sample
 from .sequence import OnOutput, Sequence
+from .slot_batch import SlotBatch
 from .weights import load_model
 
 log = logging.getLogger("trident.engine")
@@ -44,16 +49,8 @@ class Engine:
         self._threads_now = 0
         self.model, self.config = load_model(config)  # int4 may fall back to float32
         self.max_seq_len = self.model.max_seq_len
-        c = self.model.config
-        self.cache = KVCache()
-        self.cache.setup(
-            num_layers=c.num_layers,
-            max_batch_size=config.max_batch_size,
-            num_kv_heads=c.num_kv_heads,
-            max_seq_len=self.max_seq_len,
-            head_dim=c.head_dim,
-            dtype=self.config.torch_dtype,
-        )
+        self.batch = self._make_batch()
+        self.cache = self.batch.cache
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()  # guarded by _cond
         self._rejected: collections.deque[tuple[GenerationRequest, OnOutput, EngineError]] = collections.deque()
@@ -61,13 +58,28 @@ class Engine:
         # Stops for ids the engine did not hold yet (the stop overtook its request): a request
         # submitted with such an id within STOP_MEMORY seconds is cancelled, never prefilled.
         self._early_stops: dict[str, float] = {}  # engine thread only
-        self._active: list[Sequence] = []  # engine thread only; index == KV slot
+        self._active = self.batch.sequences  # engine thread only
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counters = dict.fromkeys(
             ("steps", "tokens_generated", "requests_submitted", "requests_prefilled", "requests_finished",
              "requests_cancelled", "requests_failed", "requests_rejected"), 0
         )
+
+    def _make_batch(self) -> PagedBatch | SlotBatch:
+        c, m = self.config, self.model.config
+        common = dict(max_batch_size=c.max_batch_size, use_threads=self._use_threads,
+                      prefill_token_budget=c.prefill_token_budget)
+        if self.model.batch_invariant:  # the fused int4 model
+            cache = PagedKVCache(num_layers=m.num_layers, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+                                 max_slots=c.max_batch_size, max_seq_len=self.max_seq_len, block_size=c.kv_block_size,
+                                 dtype=KV_CACHE_DTYPES[c.kv_cache_dtype], cache_bytes=c.prefix_cache_mb << 20,
+                                 reuse=c.prefix_reuse)
+            return PagedBatch(self.model, cache, **common)
+        cache = KVCache()
+        cache.setup(num_layers=m.num_layers, max_batch_size=c.max_batch_size, num_kv_heads=m.num_kv_heads,
+                    max_seq_len=self.max_seq_len, head_dim=m.head_dim, dtype=c.torch_dtype)
+        return SlotBatch(self.model, cache, **common)
 
     # ---- public API (any thread) ----
 
@@ -129,6 +141,7 @@ class Engine:
         out["active"] = len(self._active)
         out["max_batch_size"] = self.config.max_batch_size
         out["max_seq_len"] = self.max_seq_len
+        out.update(self.batch.stats())  # int4: KV blocks and prefix-cache counters
         return out
 
     # ---- engine thread ----
@@ -159,7 +172,7 @@ class Engine:
                     self._poll_cancellations(cancel_ids)
                     self._admit()
                     if self._active:
-                        self._decode_step()
+                        self._step()
                 except Exception:  # a bug in the loop itself: fail what is running, keep serving
                     log.exception("engine step failed")
                     self._fail_active("internal error in the engine step")
@@ -213,24 +226,27 @@ class Engine:
             return True
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots, at most prefill_token_budget prompt tokens
-        per call (at least one request). A batch-invariant model prefills them in one pass."""
-        budget = self.config.prefill_token_budget
+        """Move waiting requests into the batch while it has room. The slot batch prefills them
+        at once, at most prefill_token_budget prompt tokens per call (at least one request); the
+        paged batch only finds their cached prefix: its steps prefill the rest in chunks."""
+        budget = self.batch.admission_budget
         together = self.model.batch_invariant
-        while len(self._active) < self.config.max_batch_size and budget > 0:
+        while self.batch.has_room() and (budget is None or budget > 0):
             batch: list[Sequence] = []
             gone: list[Sequence] = []
             with self._cond:
-                while self._waiting and len(self._active) + len(batch) < self.config.max_batch_size:
+                while self._waiting and self.batch.has_room():
                     n = len(self._waiting[0].request.input_ids)
-                    if n > budget and (batch or budget < self.config.prefill_token_budget):
+                    if budget is not None and n > budget and (batch or budget < self.config.prefill_token_budget):
                         break
                     seq = self._waiting.popleft()
                     if self._client_cancelled(seq, time.monotonic(), force=True):
                         gone.append(seq)  # a client gone never reaches prefill
                         continue
+                    self.batch.add(seq)
                     batch.append(seq)
-                    budget -= n
+                    if budget is not None:
+                        budget -= n
                     if not together:
                         break
             for seq in gone:
@@ -239,15 +255,10 @@ class Engine:
                 if gone:
                     continue
                 return
-            slots = list(range(len(self._active), len(self._active) + len(batch)))
-            self._active.extend(batch)
             self._counters["requests_prefilled"] += len(batch)
             try:
-                prompts = [torch.tensor(seq.request.input_ids, dtype=torch.long) for seq in batch]
-                self._use_threads(sum(len(p) for p in prompts))
-                logits = self.model.prefill_many(prompts, slots, self.cache)  # (n, V)
-                for seq, row in zip(batch, logits):
-                    seq.cache_len = len(seq.request.input_ids)
+                logits = self.batch.prefill(batch)  # (n, V), or None: the steps prefill them
+                for seq, row in zip(batch, logits if logits is not None else ()):
                     seq.update_bans()
                     self._accept(seq, sample(row[None], [seq.sampling])[0])
             except Exception as e:
@@ -256,18 +267,15 @@ class Engine:
                     self._finish(seq, "error", error=f"prefill failed: {e}", error_type=SERVER_ERROR)
             self._remove_finished()
 
-    def _decode_step(self) -> None:
-        active = self._active
-        tokens = torch.tensor([s.last_token for s in active], dtype=torch.long)  # (B,)
-        positions = torch.tensor([s.cache_len for s in active], dtype=torch.long)  # (B,)
-        self._use_threads(len(active))
-        logits = self.model.decode(tokens, positions, self.cache)  # (B, V) fp32
+    def _step(self) -> None:
+        seqs, logits = self.batch.step()
         self._counters["steps"] += 1
-        for s in active:
-            s.cache_len += 1
+        if not seqs:
+            return
+        for s in seqs:
             s.update_bans()
-        next_tokens = sample(logits, [s.sampling for s in active])
-        for s, t in zip(active, next_tokens):
+        next_tokens = sample(logits, [s.sampling for s in seqs])
+        for s, t in zip(seqs, next_tokens):
             self._accept(s, t)
         self._remove_finished()
 
@@ -311,17 +319,12 @@ class Engine:
                 self._finish(seq, "error", error="on_output callback failed", error_type=SERVER_ERROR)
 
     def _remove_finished(self) -> None:
-        # Descending order: the slot moved into a hole is never itself a finished one.
-        for slot in sorted((i for i, s in enumerate(self._active) if s.finished), reverse=True):
-            last = self._active.pop()
-            if slot < len(self._active):
-                self.cache.move(len(self._active), slot, last.cache_len)
-                self._active[slot] = last
+        self.batch.remove_finished()
 
     def _fail_active(self, message: str) -> None:
         for seq in self._active:
             self._finish(seq, "error", error=message, error_type=SERVER_ERROR)
-        self._active.clear()
+        self.batch.clear()
 
     def _fail_all(self, message: str) -> None:
         with self._cond:

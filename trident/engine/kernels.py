@@ -1,4 +1,4 @@
-"""trident's own CPU kernels (csrc/blockquant.cpp): built once with torch's C++ extension
+"""trident's own CPU kernels (csrc/): built once with torch's C++ extension
 machinery, cached under torch's extensions directory (TORCH_EXTENSIONS_DIR), loaded as torch ops.
 
     python -c 'from trident.engine import kernels; kernels.main()'   # build now (make kernels)
@@ -14,8 +14,9 @@ import torch
 
 log = logging.getLogger("trident.engine")
 
-SOURCE = Path(__file__).with_name("csrc") / "blockquant.cpp"
-NAME = "trident_blockquant"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name for name in ("gemm.cpp", "layers.cpp", "forward.cpp", "ops.cpp")]
+NAME = "trident_kernels"
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 
@@ -42,10 +43,11 @@ def load() -> None:
     from torch.utils import cpp_extension
 
     try:
-        cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
+        cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                           extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)], is_python_module=False,
+                           verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler, no ninja, build error
-        raise KernelsUnavailable(f"building {SOURCE.name} failed: {exc}") from exc
+        raise KernelsUnavailable(f"building {NAME} from {CSRC} failed: {exc}") from exc
     log.info("loaded %s", NAME)
 
 

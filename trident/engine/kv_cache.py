@@ -54,6 +54,11 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv)
 
+    def touch_all(self) -> None:
+        """Write every page (what every slot at max_seq_len would make resident: memory reports)."""
+        for kv in self.kv:
+            kv.fill_(0)
+
     def write_prefill(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: (n_kv, T, hd) for positions 0..T-1
         t = k.shape[1]

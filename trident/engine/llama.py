@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from . import kernels, quant
+from . import quant
 from .config import LlamaConfig
 from .kv_cache import KVCache
 
@@ -31,6 +31,18 @@ def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def rope_tables(config: LlamaConfig, max_seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (max_seq_len, head_dim) as Hugging Face computes them (fp32, then cast), sin
+    with its first half negated (see apply_rope_)."""
+    c = config
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
+    sin = emb.sin().to(dtype)
+    half = c.head_dim // 2
+    return emb.cos().to(dtype), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
+
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, written into x (which may be a view of the QKV output).
 
@@ -44,11 +56,12 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) ->
 
 
 class Llama:
-    """The forward pass, with the two entry points the engine needs: ``prefill`` and ``decode``.
+    """The forward pass in torch ops, with the two entry points the engine needs: ``prefill``
+    and ``decode`` over a slot KV cache (kv_cache.py).
 
-    Weights come from weights.py in any format: a matmul is ``quant.linear(x, w)`` and an
-    embedding lookup ``tok_embeddings.rows(tokens)``. With int4 weights a decode step runs each
-    layer as one fused kernel call (csrc/blockquant.cpp).
+    Weights come from weights.py in float32 / bfloat16, float16 or int8: a matmul is
+    ``quant.linear(x, w)`` and an embedding lookup ``tok_embeddings.rows(tokens)``. (int4 runs
+    as fused_llama.FusedLlama.)
     """
 
     def __init__(self, config: LlamaConfig, weights: "ModelWeights", *, dtype: torch.dtype, max_seq_len: int) -> None:
@@ -57,13 +70,7 @@ class Llama:
         self.dtype = dtype
         self.max_seq_len = max_seq_len
         c = config
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
-        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
-        self.cos = emb.cos().to(dtype)
-        sin = emb.sin().to(dtype)
-        half = c.head_dim // 2
-        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # (S, hd), see apply_rope_
+        self.cos, self.sin_signed = rope_tables(c, max_seq_len, dtype)  # (S, hd) each
         self.scale = 1.0 / math.sqrt(c.head_dim)
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
@@ -80,10 +87,8 @@ class Llama:
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.weights.tok_embeddings.rows(tokens)  # (T, H)
 
-    def _mlp(self, layer: "LayerWeights", x: torch.Tensor, swiglu=None) -> torch.Tensor:
+    def _mlp(self, layer: "LayerWeights", x: torch.Tensor) -> torch.Tensor:
         gate_up = quant.linear(x, layer.w_gate_up)  # (T, 2*I)
-        if swiglu is not None:
-            return quant.linear(swiglu(gate_up), layer.w_down)
         inter = self.config.intermediate_size
         return quant.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.w_down)
 
@@ -96,13 +101,10 @@ class Llama:
         x = self._norm(x, self.weights.norm, self.config.rms_norm_eps)
         return quant.linear(x, self.weights.lm_head).float()  # (B, V) fp32 for sampling
 
-    @property
-    def batch_invariant(self) -> bool:
-        """True when a row's results do not depend on the other rows computed with it, so that
-        several prompts can be prefilled in one pass without changing any sequence's output:
-        the int4 kernels (per-row activation scales, fixed accumulation order). MKL's fp32 GEMM
-        may pick another blocking for another row count, and fbgemm's int8 scale is per tensor."""
-        return self.weight_dtype == "int4"
+    # A row's results depend on the other rows computed with it (MKL's fp32 GEMM may pick another
+    # blocking for another row count; fbgemm's int8 scale is per tensor): prompts are prefilled
+    # one at a time. The int4 model (fused_llama.py) is batch-invariant.
+    batch_invariant = False
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, slot: int, cache: KVCache) -> torch.Tensor:
@@ -152,27 +154,7 @@ class Llama:
         step, q and k are rotated together in place, K and V are written with one index_copy_,
         and the scale and mask ride in one baddbmm.
         """
-        if self.weight_dtype == "int4":
-            return self._decode_int4(tokens, positions, cache)
-        return self._decode_ops(tokens, positions, cache)
-
-    def _decode_ops(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """decode() as a sequence of ops (every weight format; the int4 reference).
-
-        For int4 this is the fused kernel's reference, unfused: the same Q4 matmuls, RoPE, cache
-        write and residual adds as torch ops, but the RMSNorms, the attention and the SwiGLU are
-        the kernel's own (torch.ops.trident.{rms_norm, decode_attention, swiglu}, the functions
-        decode_layer_q4 calls). Their outputs are the activations the matmuls quantize to int8
-        per block of 32, where a 1-ulp difference can flip a rounding and move logits by ~0.01-0.2
-        (measured). torch's versions differ from the kernel's by ulps (FMA dot vs pow + mean, glibc
-        vs SLEEF exp), torch's softmax also by CPU (AVX-512 vs AVX2 reduction order), so a torch-op
-        reference matched the fused layer only by luck. Those three steps are checked against
-        torch (to float rounding) in tests/unit/test_engine_int4.py.
-        """
         c = self.config
-        kernel_ops = kernels.ops() if self.weight_dtype == "int4" else None
-        norm = kernel_ops.rms_norm if kernel_ops is not None else self._norm
-        swiglu = kernel_ops.swiglu if kernel_ops is not None else None
         B = tokens.shape[0]
         n_kv, hd = c.num_kv_heads, c.head_dim
         group = c.num_heads // n_kv
@@ -186,35 +168,19 @@ class Llama:
         index = cache.decode_index(positions)  # (B*2*n_kv,)
         x = self._embed(tokens)  # (B, H)
         for i, layer in enumerate(self.layers):
-            h = norm(x, layer.attention_norm, c.rms_norm_eps)
+            h = self._norm(x, layer.attention_norm, c.rms_norm_eps)
             qkv = quant.linear(h, layer.wqkv)  # (B, q + 2*kv)
             apply_rope_(qkv[:, :self.q_size + self.kv_size].view(B, qk_heads, hd), cos, sin)
             cache.write_decode(i, index, qkv[:, self.q_size:].reshape(B * 2 * n_kv, hd))
-            if kernel_ops is not None:
-                o = kernel_ops.decode_attention(qkv[:, :self.q_size], cache.kv[i], positions, n_kv, self.scale)
-            else:
-                kv = cache.kv[i]
-                keys = kv[0, :B, :, :S].reshape(B * n_kv, S, hd)  # a view: slots and heads merge
-                values = kv[1, :B, :, :S].reshape(B * n_kv, S, hd)
-                # Grouped-query attention as two batched matmuls: SDPA is slow for 1-token GQA
-                # decode on CPU. alpha= scales the product as HF eager attention does (and rounds
-                # exactly like q * scale when the scale is a power of two: head_dim 64 gives 1/8).
-                q = qkv[:, :self.q_size].reshape(B * n_kv, group, hd)  # (B*n_kv, group, hd)
-                scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scale)  # (B*n_kv, group, S)
-                o = torch.bmm(self._softmax(scores), values).view(B, self.q_size)  # (B, n_heads*hd)
+            kv = cache.kv[i]
+            keys = kv[0, :B, :, :S].reshape(B * n_kv, S, hd)  # a view: slots and heads merge
+            values = kv[1, :B, :, :S].reshape(B * n_kv, S, hd)
+            # Grouped-query attention as two batched matmuls: SDPA is slow for 1-token GQA
+            # decode on CPU. alpha= scales the product as HF eager attention does (and rounds
+            # exactly like q * scale when the scale is a power of two: head_dim 64 gives 1/8).
+            q = qkv[:, :self.q_size].reshape(B * n_kv, group, hd)  # (B*n_kv, group, hd)
+            scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scale)  # (B*n_kv, group, S)
+            o = torch.bmm(self._softmax(scores), values).view(B, self.q_size)  # (B, n_heads*hd)
             x = x + quant.linear(o, layer.wo)
-            x = x + self._mlp(layer, norm(x, layer.ffn_norm, c.rms_norm_eps), swiglu)
-        return self._logits(x)
-
-    def _decode_int4(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """decode() with int4 weights: one fused kernel call per layer (norm, QKV, RoPE, cache
-        write, attention, output projection, norm, SwiGLU MLP, both residual adds)."""
-        c = self.config
-        op = kernels.ops().decode_layer_q4
-        x = self._embed(tokens).contiguous()  # (B, H) fp32, updated in place layer by layer
-        positions = positions.contiguous()
-        for i, layer in enumerate(self.layers):
-            op(x, layer.attention_norm, layer.ffn_norm, layer.wqkv.packed, layer.wo.packed,
-               layer.w_gate_up.packed, layer.w_down.packed, cache.kv[i], positions, self.cos, self.sin_signed,
-               c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
+            x = x + self._mlp(layer, self._norm(x, layer.ffn_norm, c.rms_norm_eps))
         return self._logits(x)

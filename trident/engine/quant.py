@@ -86,41 +86,58 @@ def _blocks(w: torch.Tensor) -> torch.Tensor:
     return w.float().reshape(n, k // BLOCK, BLOCK)
 
 
-def _rows(*parts: torch.Tensor) -> torch.Tensor:
-    """Concatenate per-row byte fields into the kernels' (N, row bytes) uint8 layout."""
-    n = parts[0].shape[0]
-    return torch.cat([p.contiguous().view(torch.uint8).reshape(n, -1) for p in parts], dim=1).contiguous()
+GROUP = 8  # weight rows interleaved per group in the packed formats (csrc/common.h)
+
+
+def _interleave(n: int, *parts: torch.Tensor) -> torch.Tensor:
+    """Per-block byte fields (N, nb, bytes) -> the kernels' layout (N / 8, nb * group bytes):
+    for each group of 8 rows and each block, every field of the 8 rows in turn. A field given as
+    (N, nb, k, 4) interleaves its 4-byte chunks: chunk c of rows 0..7, then chunk c + 1."""
+    if n % GROUP:
+        raise ValueError(f"packed weights need a multiple of {GROUP} rows, got {n}")
+    out = []
+    for p in parts:
+        p = p.contiguous().view(torch.uint8)
+        if p.dim() == 4:  # (N, nb, k, 4) -> (G, nb, k, 8, 4)
+            p = p.reshape(n // GROUP, GROUP, *p.shape[1:]).permute(0, 2, 3, 1, 4)
+        else:  # (N, nb, bytes) -> (G, nb, 8, bytes)
+            p = p.reshape(n // GROUP, GROUP, *p.shape[1:]).permute(0, 2, 1, 3)
+        out.append(p.reshape(n // GROUP, p.shape[1], -1))
+    return torch.cat(out, dim=2).reshape(n // GROUP, -1).contiguous()
 
 
 def pack_q4(w: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(N, K) float -> GGUF Q4_1-style rows for csrc/blockquant.cpp, and the fraction of weights
-    that dequantize to exactly their input value.
+    """(N, K) float -> GGUF Q4_1 blocks in the kernels' layout (csrc/common.h), and the fraction
+    of weights that dequantize to exactly their input value.
 
     Per block of 32: m = the minimum, d = (max - m) / 15, both fp16; q = round((w - m) / d). On a
     checkpoint dequantized from a Q4_1 GGUF (SmolLM2's) every block is recovered bit for bit:
     the block minimum is the stored m, and the fp16 rounding of (max - m) / 15 is the stored d.
     """
     b = _blocks(w)
+    n, nb = b.shape[:2]
     m = b.amin(-1).half()
     d = ((b.amax(-1) - m.float()) / 15).half()
     df, mf = d.float()[..., None], m.float()[..., None]
     q = torch.where(df > 0, torch.round((b - mf) / df.clamp(min=torch.finfo(torch.float16).tiny)), 0.0)
     q = q.clamp(0, 15).to(torch.uint8)
     exact = ((df * q.float() + mf) == b).float().mean().item()
-    nibbles = q[..., :16] | (q[..., 16:] << 4)  # byte i: q[i] low, q[16 + i] high
-    return _rows(d, m, nibbles), exact
+    nibbles = q[..., :16] | (q[..., 16:] << 4)  # byte 4h + c: q[4h + c] low, q[16 + 4h + c] high
+    return _interleave(n, d[..., None], m[..., None], nibbles.reshape(n, nb, 4, 4)), exact
 
 
 def pack_q8(w: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(N, K) float -> GGUF Q8_0-style rows (per block of 32: fp16 d = amax / 127, int8 q), and
-    the fraction of weights recovered exactly (all of them for SmolLM2's Q8_0 embeddings)."""
+    """(N, K) float -> GGUF Q8_0 blocks (per block of 32: fp16 d = amax / 127, int8 q) in the
+    kernels' layout, and the fraction of weights recovered exactly (all of them for SmolLM2's
+    Q8_0 embeddings)."""
     b = _blocks(w)
+    n, nb = b.shape[:2]
     d = (b.abs().amax(-1) / 127).half()
     df = d.float()[..., None]
     q = torch.where(df > 0, torch.round(b / df.clamp(min=torch.finfo(torch.float16).tiny)), 0.0)
     q = q.clamp(-127, 127).to(torch.int8)
     exact = ((df * q.float()) == b).float().mean().item()
-    return _rows(d, q), exact
+    return _interleave(n, d[..., None], q.reshape(n, nb, 8, 4)), exact
 
 
 class Q4Weight:
@@ -148,7 +165,7 @@ class Q8Weight:
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Dequantized rows (an embedding lookup): (T,) -> (T, K) fp32."""
-        return kernels.ops().q8_dequant(self.packed[index])
+        return kernels.ops().q8_rows(self.packed, index)
 
 
 class DenseEmbedding:

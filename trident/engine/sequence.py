@@ -22,6 +22,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     emitted: int = 0  # output tokens already sent (streaming)
     cache_len: int = 0  # tokens whose K/V are in the cache
+    slot: int = -1  # its row of the paged cache's block tables (paged_batch.py)
     finished: bool = False
     cancel_checked: float = 0.0  # time.monotonic() of the last is_cancelled() poll
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from . import kernels, quant
 from .config import WEIGHT_DTYPES, EngineConfig, LlamaConfig, cpu_has_native_bf16
+from .fused_llama import FusedLlama
 from .kv_cache import KVCache
 from .llama import Llama
 
@@ -184,8 +185,9 @@ def to_int8(model: Llama, calibration_tokens: list[int]) -> None:
 
 
 def build_model(config: LlamaConfig, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, max_seq_len: int,
-                weight_dtype: str = "auto", calibration_tokens: list[int] | None = None) -> Llama:
-    """A Llama over checkpoint tensors (our names, see read_checkpoint) in the given weight format."""
+                weight_dtype: str = "auto", calibration_tokens: list[int] | None = None) -> Llama | FusedLlama:
+    """The model over checkpoint tensors (our names, see read_checkpoint) in the given weight
+    format: int4 runs as FusedLlama (one kernel call a step), the others as Llama (torch ops)."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
     if weight_dtype != "auto" and dtype != torch.float32:
@@ -195,6 +197,11 @@ def build_model(config: LlamaConfig, tensors: dict[str, torch.Tensor], *, dtype:
         to_float16(weights)
     elif weight_dtype == "int4":
         to_int4(weights)
+        weights.weight_dtype = weight_dtype
+        model = FusedLlama(config, weights, max_seq_len=max_seq_len)  # copies what it keeps
+        del weights, tensors
+        quant.release_free_memory()
+        return model
     model = Llama(config, weights, dtype=dtype, max_seq_len=max_seq_len)
     if weight_dtype == "int8":
         to_int8(model, calibration_tokens or list(range(1, 129)))
@@ -209,7 +216,7 @@ def build_model(config: LlamaConfig, tensors: dict[str, torch.Tensor], *, dtype:
     return model
 
 
-def load_model(config: EngineConfig) -> tuple[Llama, EngineConfig]:
+def load_model(config: EngineConfig) -> tuple[Llama | FusedLlama, EngineConfig]:
     """The model an engine with this config serves, and the config it actually runs: int4 without
     its kernels (no AVX2/FMA/F16C, no compiler) falls back to float32 weights, with a warning."""
     if config.torch_dtype == torch.bfloat16 and not cpu_has_native_bf16():

@@ -1,0 +1,73 @@
+"""The int4 Llama forward pass as one kernel call per step (csrc/forward.cpp).
+
+A step is any set of rows, each one token of one sequence at one position: the whole prompt (or
+a chunk of it) of a sequence being prefilled, one token of each sequence decoding, or both at
+once. Every row writes its K/V into the paged cache and attends to its own sequence, so the
+rows never influence each other: a sequence's tokens do not depend on its batch, its chunking,
+the thread count or the CPU's instruction set (tests/unit/test_engine_int4.py), and blocks
+computed for one request can be reused by another (prefix reuse).
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import kernels
+from .config import LlamaConfig
+from .llama import rope_tables
+from .paged_cache import PagedKVCache
+
+if TYPE_CHECKING:
+    from .weights import ModelWeights
+
+
+class FusedLlama:
+    batch_invariant = True  # see the module docstring
+    weight_dtype = "int4"
+
+    def __init__(self, config: LlamaConfig, weights: "ModelWeights", *, max_seq_len: int) -> None:
+        self.config = config
+        self.dtype = torch.float32
+        self.max_seq_len = max_seq_len
+        w = weights
+        # (layers, ...) stacks: one tensor per kind, so a step passes 15 tensors, not 6 x layers
+        self.attn_norm = torch.stack([layer.attention_norm for layer in w.layers]).contiguous()  # (L, H)
+        self.ffn_norm = torch.stack([layer.ffn_norm for layer in w.layers]).contiguous()
+        self.wqkv, self.wo, self.w_gate_up, self.w_down = (
+            torch.stack([getattr(layer, name).packed for layer in w.layers]).contiguous()  # (L, N / 8, bytes)
+            for name in ("wqkv", "wo", "w_gate_up", "w_down"))
+        self.embed = w.tok_embeddings.packed  # Q8 (V / 8, bytes); the tied lm_head is the same tensor
+        self.lm_head = w.lm_head.packed
+        self.norm = w.norm.clone()  # not a view: that would keep the whole checkpoint resident
+        self.cos, self.sin_signed = (t.contiguous() for t in rope_tables(config, max_seq_len, torch.float32))
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, row_slots: torch.Tensor,
+                cache: PagedKVCache, logit_rows: torch.Tensor) -> torch.Tensor:
+        """One step over T rows (tokens, positions, row_slots: (T,) int64), each slot's blocks
+        already extended to its rows' positions; returns the logits (R, V) fp32 of logit_rows
+        ((R,) int64, increasing)."""
+        c = self.config
+        return kernels.ops().forward_q4(
+            tokens, positions, row_slots, cache.tables, logit_rows, self.embed, self.norm, self.lm_head,
+            self.attn_norm, self.ffn_norm, self.wqkv, self.wo, self.w_gate_up, self.w_down, cache.kv, self.cos,
+            self.sin_signed, c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
+
+    # The interface of llama.Llama, for one prompt or one token per slot (tests, measurements).
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, slot: int, cache: PagedKVCache) -> torch.Tensor:
+        """A whole prompt at positions 0..T-1 of a slot; its last position's logits (V,)."""
+        T = tokens.shape[0]
+        cache.extend(slot, T)
+        return self.forward(tokens.long(), torch.arange(T), torch.full((T,), slot), cache, torch.tensor([T - 1]))[0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
+        """One token for each of slots 0..B-1 at its position; logits (B, V)."""
+        B = tokens.shape[0]
+        for slot, pos in enumerate(positions.tolist()):
+            cache.extend(slot, pos + 1)
+        return self.forward(tokens.long(), positions.long(), torch.arange(B), cache, torch.arange(B))

@@ -1,0 +1,100 @@
+"""The running batch of the fused int4 model (fused_llama.FusedLlama) over the paged KV cache.
+
+Admission only finds a sequence a slot and the cached blocks of its prompt's longest known
+prefix (prefix reuse). Every step is then ONE kernel call over: the next token of each sequence
+that is decoding, plus the next chunk of each prompt still being prefilled, at most
+``prefill_token_budget`` prompt tokens a step (a long prompt is spread over several steps, so
+running sequences keep getting tokens). Rows never influence each other (see fused_llama.py):
+chunking, batching and reuse change no sequence's tokens.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Callable
+
+import torch
+
+from .fused_llama import FusedLlama
+from .paged_cache import PagedKVCache
+from .sequence import Sequence
+
+
+class PagedBatch:
+    paged = True
+    admission_budget = None  # prompts are chunked by the step instead
+
+    def __init__(self, model: FusedLlama, cache: PagedKVCache, *, max_batch_size: int,
+                 use_threads: Callable[[int], None], prefill_token_budget: int) -> None:
+        self.model, self.cache = model, cache
+        self.use_threads = use_threads
+        self.prefill_token_budget = prefill_token_budget
+        self.sequences: list[Sequence] = []
+        self._free_slots = list(range(max_batch_size))  # a heap
+
+    def has_room(self) -> bool:
+        return bool(self._free_slots)
+
+    def add(self, seq: Sequence) -> None:
+        seq.slot = heapq.heappop(self._free_slots)
+        seq.cache_len = self.cache.open(seq.slot, seq.request.input_ids)
+        self.sequences.append(seq)
+
+    def prefill(self, seqs: list[Sequence]) -> None:
+        return None  # prompts are prefilled by the next steps
+
+    def step(self) -> tuple[list[Sequence], torch.Tensor | None]:
+        """One kernel call; returns the sequences that got logits (a prompt's last chunk, or a
+        decoding sequence) and those logits (R, V)."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logit_rows: list[int] = []
+        with_logits: list[Sequence] = []
+        advanced: list[tuple[Sequence, int]] = []
+        budget = self.prefill_token_budget
+        for seq in self.sequences:
+            prompt = seq.request.input_ids
+            start = seq.cache_len
+            if start < len(prompt):  # prefilling: the next chunk, in admission order
+                if budget <= 0:
+                    continue
+                n = min(len(prompt) - start, budget)
+                budget -= n
+                tokens.extend(prompt[start:start + n])
+            else:
+                n = 1
+                tokens.append(seq.last_token)
+            self.cache.extend(seq.slot, start + n)
+            positions.extend(range(start, start + n))
+            slots.extend([seq.slot] * n)
+            if start + n >= len(prompt):
+                logit_rows.append(len(tokens) - 1)
+                with_logits.append(seq)
+            advanced.append((seq, n))
+        if not tokens:
+            return [], None
+        self.use_threads(len(tokens))
+        logits = self.model.forward(torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots), self.cache,
+                                    torch.tensor(logit_rows, dtype=torch.long))
+        for seq, n in advanced:
+            seq.cache_len += n
+            self.cache.commit(seq.slot, seq.cache_len, lambda seq=seq: seq.request.input_ids + seq.output)
+        return with_logits, logits
+
+    def remove_finished(self) -> None:
+        kept = []
+        for seq in self.sequences:
+            if seq.finished:
+                self.cache.close(seq.slot)
+                heapq.heappush(self._free_slots, seq.slot)
+            else:
+                kept.append(seq)
+        self.sequences[:] = kept
+
+    def clear(self) -> None:
+        for seq in self.sequences:
+            seq.finished = True
+        self.remove_finished()
+
+    def stats(self) -> dict[str, int]:
+        return self.cache.stats()

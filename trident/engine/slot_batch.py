@@ -1,0 +1,70 @@
+"""The running batch of the torch-ops model (llama.Llama: float32 / bfloat16, float16, int8) over
+the contiguous slot KV cache: a sequence's index in ``sequences`` is its cache slot.
+
+Prompts are prefilled when admitted (one at a time: this model is not batch-invariant), then
+every step decodes one token for all of them. A finished sequence's slot is filled by moving the
+last one, so a decode step reads plain views of slots 0..B-1.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .kv_cache import KVCache
+from .llama import Llama
+from .sequence import Sequence
+
+
+class SlotBatch:
+    paged = False
+
+    def __init__(self, model: Llama, cache: KVCache, *, max_batch_size: int, use_threads: Callable[[int], None],
+                 prefill_token_budget: int) -> None:
+        self.model, self.cache = model, cache
+        self.max_batch_size = max_batch_size
+        self.use_threads = use_threads
+        self.admission_budget = prefill_token_budget  # prompt tokens prefilled per admission round
+        self.sequences: list[Sequence] = []
+
+    def has_room(self) -> bool:
+        return len(self.sequences) < self.max_batch_size
+
+    def add(self, seq: Sequence) -> None:
+        self.sequences.append(seq)
+
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Prefill just-added sequences; their last positions' logits (n, V)."""
+        slots = [next(i for i, s in enumerate(self.sequences) if s is seq) for seq in seqs]
+        prompts = [torch.tensor(seq.request.input_ids, dtype=torch.long) for seq in seqs]
+        self.use_threads(sum(len(p) for p in prompts))
+        logits = self.model.prefill_many(prompts, slots, self.cache)  # (n, V)
+        for seq in seqs:
+            seq.cache_len = len(seq.request.input_ids)
+        return logits
+
+    def step(self) -> tuple[list[Sequence], torch.Tensor | None]:
+        """One decode step for every sequence: (the sequences, their logits (B, V))."""
+        active = list(self.sequences)
+        tokens = torch.tensor([s.last_token for s in active], dtype=torch.long)  # (B,)
+        positions = torch.tensor([s.cache_len for s in active], dtype=torch.long)  # (B,)
+        self.use_threads(len(active))
+        logits = self.model.decode(tokens, positions, self.cache)  # (B, V) fp32
+        for s in active:
+            s.cache_len += 1
+        return active, logits
+
+    def remove_finished(self) -> None:
+        # Descending order: the slot moved into a hole is never itself a finished one.
+        active = self.sequences
+        for slot in sorted((i for i, s in enumerate(active) if s.finished), reverse=True):
+            last = active.pop()
+            if slot < len(active):
+                self.cache.move(len(active), slot, last.cache_len)
+                active[slot] = last
+
+    def clear(self) -> None:
+        self.sequences.clear()
+
+    def stats(self) -> dict[str, int]:
+        return {}
