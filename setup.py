@@ -64,7 +64,7 @@ setup(
     description=__doc__,
     python_requires=">=3.10",
     packages=find_packages(include=["trident", "trident.*", "gateway", "gateway.*"]),
-    package_data={"trident.engine": ["csrc/*.cpp"]},
+    package_data={"trident.engine": ["csrc/*.cpp", "csrc/*.h"]},
     install_requires=GATEWAY,
     extras_require={
         "cpu": CPU,
