@@ -150,6 +150,7 @@ class Job:
     # crashed Triton (use after free in TRITONBACKEND_ResponseFactoryIsCancelled).
     final_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
     closed: bool = False  # the final response was sent
+    running: bool = False  # the engine has answered (it holds a slot for it)
 
 
 class LlmService:
@@ -169,6 +170,7 @@ class LlmService:
         self._queue: queue.SimpleQueue[Optional[Job]] = queue.SimpleQueue()
         self._jobs: set[Job] = set()  # accepted and not finished; the watcher's list
         self._jobs_lock = threading.Lock()
+        self._last_sweep = float("-inf")
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.counters = dict.fromkeys(("accepted", "rejected", "cancelled_queued", "cancelled_at_engine",
@@ -230,12 +232,12 @@ class LlmService:
 
     # -- cancellation ---------------------------------------------------------------------------
 
-    def _poll(self, job: Job) -> bool:
+    def _poll(self, job: Job, *, force: bool = False) -> bool:
         """True when the job is (now found) cancelled; polls the client at most once per interval."""
         if job.cancelled:
             return True
         now = self.clock()
-        if now - job.last_check < self.settings.cancel_check_interval:
+        if not force and now - job.last_check < self.settings.cancel_check_interval:
             return False
         job.last_check = now
         with job.final_lock:
@@ -260,7 +262,22 @@ class LlmService:
         log.info("request %s cancelled by the client (%s)", job.engine_id,
                  "at the engine" if at_engine else "before reaching the engine")
         if at_engine:
+            if job.running:
+                self._sweep_waiting()
             self._stop_engine(job)
+
+    def _sweep_waiting(self) -> None:
+        """Before a running request's stop frees a slot: stop the requests waiting in the engine
+        whose clients are gone too (clients often leave together), so that the slot never goes
+        to one of them. At most once per 10 ms."""
+        now = self.clock()
+        with self._jobs_lock:
+            if now - self._last_sweep < 0.01:
+                return
+            self._last_sweep = now
+            waiting = [j for j in self._jobs if j.at_engine and not j.running and not j.cancelled]
+        for job in waiting:
+            self._poll(job, force=True)
 
     def _stop_engine(self, job: Job) -> None:
         with job.lock:
@@ -321,6 +338,7 @@ class LlmService:
         parts: list[str] = []
         stopping = False
         for chunk in self.engine.stream(job.tensors, job.engine_id):
+            job.running = True
             if chunk.error is not None:
                 raise EngineFailure(chunk.error)
             if stopping:

@@ -172,23 +172,33 @@ def raw_request(url, body):
 @pytest.mark.parametrize("streamed", [False, True])
 def test_a_client_that_leaves_is_noticed_without_a_write(quiet_gateway, small_triton, streamed):
     """The gateway watches the client's socket: a client that hangs up while its generation is
-    queued or running cancels it within the llm model's polling interval, not at the next
-    heartbeat (10 minutes here) or at the end of the generation."""
+    queued in the engine, or running, cancels it within the llm model's polling interval, not
+    at the next heartbeat (10 minutes here) or at the end of the generation. One that leaves
+    while queued never reaches prefill."""
+    def engine_until(predicate, what):
+        deadline = time.monotonic() + 60
+        while not predicate(now := engine_metrics(small_triton)):
+            assert time.monotonic() < deadline, f"{what}: {now}"
+            time.sleep(0.05)
+        return now
+
     before = engine_metrics(small_triton)
-    socks = [raw_request(quiet_gateway.url, {**COUNTING, "stream": streamed, "max_new_tokens": 800})
-             for _ in range(2 * SMALL_BATCH)]  # half of them wait for a slot
-    deadline = time.monotonic() + 60
-    while engine_metrics(small_triton)["generated"] - before["generated"] < 8 * SMALL_BATCH:
-        assert time.monotonic() < deadline, "the engine did not start"
-        time.sleep(0.05)
-    for sock in socks:
+    body = {**COUNTING, "stream": streamed, "max_new_tokens": 800}
+    running = [raw_request(quiet_gateway.url, body) for _ in range(SMALL_BATCH)]
+    engine_until(lambda m: m["active"] == SMALL_BATCH and m["generated"] > before["generated"], "not running")
+    queued = [raw_request(quiet_gateway.url, body) for _ in range(SMALL_BATCH)]
+    engine_until(lambda m: m["waiting"] == SMALL_BATCH, "not queued")
+    for sock in queued:
         sock.close()
     left = time.monotonic()
-    while True:
-        now = engine_metrics(small_triton)
-        if now["active"] == 0 and now["waiting"] == 0:
-            break
-        assert time.monotonic() - left < 2.0, f"engine still busy 2 s after the clients left: {now}"
-        time.sleep(0.05)
+    now = engine_until(lambda m: m["waiting"] == 0, "the queued requests were not cancelled")
+    assert time.monotonic() - left < 2.0, "queued requests cancelled late"
+    assert now["prefilled"] - before["prefilled"] == SMALL_BATCH  # the queued ones never started
+    assert now["active"] == SMALL_BATCH
+    for sock in running:
+        sock.close()
+    left = time.monotonic()
+    now = engine_until(lambda m: m["active"] == 0, "the running requests were not cancelled")
+    assert time.monotonic() - left < 2.0, "running requests cancelled late"
     assert now["cancelled"] - before["cancelled"] == 2 * SMALL_BATCH
-    assert now["prefilled"] - before["prefilled"] == SMALL_BATCH  # the queued half never started
+    assert now["prefilled"] - before["prefilled"] == SMALL_BATCH

@@ -4,6 +4,7 @@ import threading
 import time
 
 import numpy as np
+from testkit import wait_until
 import pytest
 
 from trident.contract import ModelLimits
@@ -255,3 +256,36 @@ def test_many_requests_over_few_workers_all_complete(make_service, tokenizer):
         wait(request)
         assert request.sent[0][0] == "send_admission" and request.sent[-1][0] == "send_final"
     assert len(engine.streams) == 20
+
+
+def test_a_storm_stops_the_waiting_requests_before_a_running_one_frees_its_slot(make_service, tokenizer):
+    """Clients often leave together. When a running request is found gone, the requests still
+    waiting in the engine whose clients left too are stopped first: the slot the running one
+    frees must not go to one of them (it would be prefilled for nobody)."""
+
+    class OneSlot(FakeEngine):
+        def stream(self, tensors, engine_id):
+            self.streams.append(engine_id)
+            stopped = self.stopped.setdefault(engine_id, threading.Event())
+            if len(self.streams) > 1:  # waits for the only slot
+                stopped.wait(TIMEOUT)
+                yield EngineChunk(token_ids=[])
+                return
+            for token in self.ids * 50:  # runs until stopped
+                if stopped.wait(0.01):
+                    break
+                yield EngineChunk(token_ids=[token])
+            yield EngineChunk(token_ids=[])
+
+    engine = OneSlot(tokenizer)
+    service, _ = make_service(engine, cancel_check_interval=0.05)
+    running, waiting = FakeRequest(max_tokens=400), FakeRequest(max_tokens=400)
+    service.accept(running)
+    assert wait_until(lambda: len(running.sent) >= 2)
+    service.accept(waiting)
+    assert wait_until(lambda: len(engine.streams) == 2)
+    waiting.cancelled.set()
+    running.cancelled.set()
+    wait(running)
+    wait(waiting)
+    assert engine.stops == [engine.streams[1], engine.streams[0]]
