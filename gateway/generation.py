@@ -20,7 +20,7 @@ from .auth import authorize_model
 from .backend import Event, Finished, Generation, TextDelta
 from .disconnect import DisconnectWatch
 from .errors import ApiError, ClientGone, internal_error
-from .sse import SSEBody, error_bytes, event_bytes
+from .sse import SSEBody, error_bytes, event_bytes, event_source
 from .state import GatewayState
 from .telemetry import note_params, observe_generation
 
@@ -82,14 +82,14 @@ def stream_response(
 ) -> Response:
     """The SSE response of a streaming generation; ``encode``/``encode_error`` as in SSEBody."""
     request_id: str = g.request_id
-    events = iter(generation)
+    source = event_source(generation)
     try:
-        first = next(events)  # errors before any token are still HTTP statuses
-    except StopIteration:
-        generation.close()
-        done()
-        log.error("generation ended without a final event")
-        raise internal_error(request_id) from None
+        first = None
+        while first is None:  # the admission, or the first events: errors before are HTTP statuses
+            first = source.next_events(_state().heartbeat_interval)
+        if not first:
+            log.error("generation ended without a final event")
+            raise internal_error(request_id)
     except BaseException:
         generation.close()
         done()
@@ -97,7 +97,7 @@ def stream_response(
     body = SSEBody(
         first,
         generation,
-        events,
+        source,
         heartbeat_interval=_state().heartbeat_interval,
         request_id=request_id,
         on_close=done,

@@ -56,16 +56,13 @@ class _Failed:
 
 
 class EventPump:
-    """Reads an event iterator on a helper thread into a queue, so the response can wait for
-    the next event with a timeout (and send heartbeats meanwhile).
-
-    Under gunicorn's gevent worker ``threading`` and ``queue`` are monkey-patched, so the helper
-    is a greenlet and waiting is cooperative; without gevent it is a real daemon thread. The
-    helper ends when the iterator does: closing the generation makes it end.
-    """
+    """For a generation that is only an iterator (a fake backend in tests): reads it on a helper
+    thread into a queue and offers the ``next_events`` of a generation that has one (the Triton
+    backend's reads its relay directly, gateway.triton_relay)."""
 
     def __init__(self, events: Iterator[Event]) -> None:
         self._queue: queue.Queue[Event | _End | _Failed] = queue.Queue()
+        self._done = False
         self._thread = threading.Thread(target=self._run, args=(events,), name="trident-sse-pump", daemon=True)
         self._thread.start()
 
@@ -78,15 +75,37 @@ class EventPump:
         else:
             self._queue.put(_End())
 
-    def get(self, timeout: float) -> Event | _End | None:
-        """The next event, ``_End()``, or None when ``timeout`` passed first; re-raises a failure."""
+    def next_events(self, timeout: float | None) -> list[Event] | None:
+        """Every event available, waiting up to ``timeout`` for the first; None on timeout; []
+        at the end; re-raises a failure (after the events before it)."""
+        if self._done:
+            return []
         try:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
-        if isinstance(item, _Failed):
-            raise item.error
-        return item
+        events: list[Event] = []
+        while True:
+            if isinstance(item, _Failed):
+                self._done = True
+                if events:
+                    self._queue.put(item)  # raised on the next call, after these are sent
+                    self._done = False
+                    return events
+                raise item.error
+            if isinstance(item, _End):
+                self._done = True
+                return events
+            events.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return events
+
+
+def event_source(generation: Generation) -> Any:
+    """What has ``next_events``: the generation itself, or a pump over its iterator."""
+    return generation if hasattr(generation, "next_events") else EventPump(iter(generation))
 
 
 class SSEBody:
@@ -100,9 +119,9 @@ class SSEBody:
 
     def __init__(
         self,
-        first: Event,
+        first: list[Event],
         generation: Generation,
-        events: Iterator[Event],
+        source: Any,
         *,
         heartbeat_interval: float,
         request_id: str,
@@ -125,7 +144,7 @@ class SSEBody:
         self._cleaned_up = False
         self._environ = environ
         self._watch: DisconnectWatch | None = None
-        self._chunks = self._run(first, events)
+        self._chunks = self._run(first, source)
 
     def __iter__(self) -> SSEBody:
         return self
@@ -133,26 +152,32 @@ class SSEBody:
     def __next__(self) -> bytes:
         return next(self._chunks)
 
-    def _emit(self, event: Event) -> bytes:
-        if isinstance(event, Admitted):
-            return HEARTBEAT
-        return self._encode(event)
+    def _encode_batch(self, events: list[Event]) -> tuple[bytes, bool]:
+        """All events of one batch as one chunk (one socket write), and whether the last was
+        the final one."""
+        parts = []
+        for event in events:
+            if isinstance(event, Admitted):
+                parts.append(HEARTBEAT)  # the status line and headers leave with it
+            else:
+                parts.append(self._encode(event))
+        return b"".join(parts), bool(events) and isinstance(events[-1], Finished)
 
     def _client_gone(self) -> None:
         log.info("client went away; cancelling the generation", extra=self._log_extra)
         self._generation.close()
 
-    def _run(self, first: Event, events: Iterator[Event]) -> Iterator[bytes]:
+    def _run(self, first: list[Event], source: Any) -> Iterator[bytes]:
         try:
-            yield self._emit(first)
-            if isinstance(first, Finished):
+            chunk, done = self._encode_batch(first)
+            yield chunk
+            if done:
                 return
             if self._environ is not None:
                 self._watch = DisconnectWatch.start(self._environ, self._client_gone)
-            pump = EventPump(events)
             while True:
                 try:
-                    event = pump.get(self._heartbeat)
+                    events = source.next_events(self._heartbeat)
                 except ApiError as err:
                     log.warning("stream failed: %s %s", err.status, err.message, extra=self._log_extra)
                     yield self._encode_error(err)
@@ -163,15 +188,16 @@ class SSEBody:
                     return
                 if self._watch is not None and self._watch.gone:
                     return  # nobody to write to; the generation is closed
-                if event is None:
+                if events is None:
                     yield HEARTBEAT
-                elif isinstance(event, _End):
+                elif not events:
                     log.error("generation ended without a final event", extra=self._log_extra)
                     yield self._encode_error(internal_error(self._request_id))
                     return
                 else:
-                    yield self._emit(event)
-                    if isinstance(event, Finished):
+                    chunk, done = self._encode_batch(events)
+                    yield chunk
+                    if done:
                         return
         finally:  # the stream ended, or the client went away (GeneratorExit)
             self._finish()

@@ -163,35 +163,56 @@ class ObservedGeneration:
         self._itl = metrics.ITL.labels(endpoint, model)
         self._prompt_tokens = metrics.PROMPT_TOKENS.labels(endpoint, model)
         self._completion_tokens = metrics.COMPLETION_TOKENS.labels(endpoint, model)
+        self._last: float | None = None
+        self._source: Any = None
+
+    def _observe(self, event: Event, now: float) -> None:
+        record = self._record
+        if isinstance(event, TextDelta):
+            if event.text:
+                if self._last is None:
+                    record.ttft = now - record.started
+                    if self._stream:
+                        self._ttft.observe(record.ttft)
+                elif self._stream:
+                    self._itl.observe(now - self._last)
+                self._last = now
+            if record.output is not None:
+                record.output.append(event.text)
+        elif isinstance(event, Finished):
+            record.finished = event
+            self._prompt_tokens.inc(event.prompt_tokens)
+            self._completion_tokens.inc(event.completion_tokens)
+
+    def _failed(self, err: BaseException) -> None:
+        self._record.error = err.type if isinstance(err, ApiError) else "server_error"
 
     def __iter__(self) -> Iterator[Event]:
-        record = self._record
-        last: float | None = None
         try:
             for event in self._inner:
-                if isinstance(event, TextDelta):
-                    now = time.perf_counter()
-                    if event.text:
-                        if last is None:
-                            record.ttft = now - record.started
-                            if self._stream:
-                                self._ttft.observe(record.ttft)
-                        elif self._stream:
-                            self._itl.observe(now - last)
-                        last = now
-                    if record.output is not None:
-                        record.output.append(event.text)
-                elif isinstance(event, Finished):
-                    record.finished = event
-                    self._prompt_tokens.inc(event.prompt_tokens)
-                    self._completion_tokens.inc(event.completion_tokens)
+                self._observe(event, time.perf_counter())
                 yield event
-        except ApiError as err:
-            record.error = err.type
+        except Exception as err:
+            self._failed(err)
             raise
-        except Exception:
-            record.error = "server_error"
+
+    def next_events(self, timeout: float | None) -> list[Event] | None:
+        """As the inner generation's (or a pump over its iterator, gateway.sse.event_source):
+        a batch of events that arrived together is timed together."""
+        if self._source is None:
+            from .sse import event_source
+
+            self._source = event_source(self._inner)
+        try:
+            events = self._source.next_events(timeout)
+        except Exception as err:
+            self._failed(err)
             raise
+        if events:
+            now = time.perf_counter()
+            for event in events:
+                self._observe(event, now)
+        return events
 
     def close(self) -> None:
         self._inner.close()

@@ -1,88 +1,152 @@
 """The Triton gRPC implementation of :class:`gateway.backend.Backend`.
 
-As measured in shared/ARCHITECTURE.md: one gRPC channel and one ``GRPCInferenceServiceStub``
-per worker process, created lazily on first use (after ``gateway.worker`` ran
-``grpc.experimental.gevent.init_gevent()``, and re-created after a fork), one
-``ModelStreamInfer`` call per HTTP request with a one-item request iterator, the request
-parameter ``triton_enable_empty_final_response`` so the final flag arrives, and
-``call.cancel()`` on close. Calls never wait for a connection (``wait_for_ready=False``): Triton
-down is a fast 503, not a hang. tritonclient's ``InferenceServerClient`` is deliberately not
-used: it holds one stream at a time, and one request's ``stop_stream`` cancels another's.
+One channel per worker process, on the relay thread (gateway.triton_relay), created lazily on
+first use and again after a fork; one ``ModelStreamInfer`` call per HTTP request with a one-item
+request iterator, the request parameters ``triton_enable_empty_final_response`` (so the final
+flag arrives) and the ``llm`` model's admission (trident.contract), and a cancel on close. Calls
+never wait for a connection (``wait_for_ready=False``): every Triton down is a fast 503, not a
+hang. tritonclient's ``InferenceServerClient`` is deliberately not used: it holds one stream at a
+time, and one request's ``stop_stream`` cancels another's.
+
+Several Tritons: ``url`` may list several ``host:port`` (comma-separated) or be a
+``dns:///name:port`` target (a Kubernetes headless Service: every address of the name). The
+channel balances calls over them with gRPC's ``round_robin`` policy (a server that is down is
+skipped), and gRPC's retry policy sends a call that got no response yet (UNAVAILABLE: refused,
+stopping) to another server. No routing code of our own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2
 
 from trident.contract import ModelLimits, TextRequest, llm_inputs
 
 from .backend import ADMITTED, Event, Finished, TextDelta
 from .errors import ApiError, internal_error, timeout_error, unavailable
-from .triton_codec import build_infer_request, parse_stream_response, tagged_error
+from .triton_codec import StreamResponse, build_infer_request, parse_stream_response, tagged_error
+from .triton_relay import Relay, RelayCall
 
 log = logging.getLogger("trident.gateway.triton")
 
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+_SERVICE = "inference.GRPCInferenceService"
+
+
+def grpc_target(url: str) -> str:
+    """The channel target for ``TRITON_GRPC_URL``: a ``dns:///`` (or other scheme) target as
+    given; one ``host:port`` as given; several, comma-separated, as one ``ipv4:``/``ipv6:``
+    address list (gRPC has no static multi-host resolver for names), each name resolved now."""
+    url = url.strip()
+    if "://" in url or url.startswith(("ipv4:", "ipv6:", "unix:")):
+        return url
+    parts = [p.strip() for p in url.split(",") if p.strip()]
+    if len(parts) == 1:
+        return parts[0]
+    v4, v6 = [], []
+    for part in parts:
+        host, _, port = part.rpartition(":")
+        host = host.strip("[]")
+        for family, *_rest, addr in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
+            (v6 if family == socket.AF_INET6 else v4).append(
+                f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}")
+            break  # one address per listed server
+    if v4 and v6:
+        raise ValueError(f"TRITON_GRPC_URL mixes IPv4 and IPv6 servers: {url}")
+    return ("ipv6:" if v6 else "ipv4:") + ",".join(v6 or v4)
+
+
+def service_config(*, retries: int) -> str:
+    """round_robin over every address, and gRPC's retries of a call that has no response yet."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if retries > 1:
+        config["methodConfig"] = [{
+            "name": [{"service": _SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": retries,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "0.5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }]
+    return json.dumps(config)
 
 
 class TritonGeneration:
     """One ``ModelStreamInfer`` call, read as gateway events (see ``backend.Generation``)."""
 
-    def __init__(self, call: Any, *, request_id: str, retry_after: int, timeout: float) -> None:
+    def __init__(self, call: RelayCall, *, request_id: str, retry_after: int, timeout: float) -> None:
         self._call = call
         self._request_id = request_id
-        self._log_extra = {"request_id": request_id}  # iterated outside the request context
+        self._log_extra = {"request_id": request_id}  # read outside the request context
         self._retry_after = retry_after
         self._timeout = timeout
         self._closed = False
+        self._finished: Finished | None = None
+        self._ended = False
+
+    def next_events(self, timeout: float | None) -> list[Event] | None:
+        """Every event that has arrived, waiting up to ``timeout`` for the first; None when the
+        timeout passed; [] once the generation ended. Raises the typed errors."""
+        if self._ended:
+            return []
+        items = self._call.take(timeout)
+        if items is None:
+            return None
+        events: list[Event] = []
+        for item in items:
+            if isinstance(item, StreamResponse):
+                if item.admitted:
+                    events.append(ADMITTED)
+                    continue
+                if item.text:
+                    events.append(TextDelta(item.text))
+                if item.finished is not None:
+                    self._finished = item.finished
+            elif item is None:  # the call ended
+                self._ended = True
+                if self._closed:
+                    return events
+                if self._finished is None:
+                    log.error("Triton stream ended without finish_reason", extra=self._log_extra)
+                    raise internal_error(self._request_id)
+                events.append(self._finished)
+            else:
+                self._ended = True
+                if self._closed:
+                    return events
+                raise self._error(item)
+        if not events and not self._ended:
+            return self.next_events(timeout)  # only the empty final response: wait for the end
+        return events
 
     def __iter__(self) -> Iterator[Event]:
-        finished: Finished | None = None
-        try:
-            for response in self._call:
-                parsed = parse_stream_response(
-                    response, request_id=self._request_id, retry_after=self._retry_after
-                )
-                if parsed.admitted:
-                    yield ADMITTED
-                    continue
-                if parsed.text:
-                    yield TextDelta(parsed.text)
-                if parsed.finished is not None:
-                    finished = parsed.finished
-                if parsed.final:
-                    # Let the server end the call itself (it does right after the final
-                    # response, the request side being closed): cancelling a call whose
-                    # request already completed left Triton holding the "llm" model at unload.
-                    self._drain()
-                    break
-        except grpc.RpcError as err:
-            if self._closed:
+        while True:
+            events = self.next_events(None)
+            if not events:
                 return
-            raise self._rpc_error(err) from None
-        except ApiError as err:
-            if err.detail:
-                log.error("model error: %s", err.detail, extra=self._log_extra)
-            raise
-        except ValueError as err:  # a response that does not follow the "llm" interface
-            log.error("bad response from Triton: %s", err, extra=self._log_extra)
-            raise internal_error(self._request_id) from None
-        if self._closed:
-            return
-        if finished is None:
-            log.error("Triton stream ended without finish_reason", extra=self._log_extra)
-            raise internal_error(self._request_id)
-        yield finished
+            yield from events
 
-    def _drain(self) -> None:
-        for _ in self._call:
-            pass
+    def _error(self, exc: BaseException) -> ApiError:
+        if isinstance(exc, ApiError):
+            if exc.detail:
+                log.error("model error: %s", exc.detail, extra=self._log_extra)
+            return exc
+        if isinstance(exc, ValueError):  # a response that does not follow the "llm" interface
+            log.error("bad response from Triton: %s", exc, extra=self._log_extra)
+            return internal_error(self._request_id)
+        if isinstance(exc, grpc.RpcError):
+            return self._rpc_error(exc)
+        log.error("Triton call failed: %r", exc, extra=self._log_extra)
+        return internal_error(self._request_id)
 
     def close(self) -> None:
         self._closed = True
@@ -105,7 +169,7 @@ class TritonGeneration:
 
 
 class TritonBackend:
-    """Generations on a Triton server over gRPC (see the module docstring).
+    """Generations on one or several Triton servers over gRPC (see the module docstring).
 
     ``models`` maps each public model name to the Triton model serving it, e.g.
     ``{"smollm2-135m-instruct": "llm"}``.
@@ -120,90 +184,102 @@ class TritonBackend:
         ready_timeout: float = 2.0,
         connect_timeout: float = 5.0,
         retry_after: int = 5,
+        retries: int = 3,
     ) -> None:
         self.url = url
+        self.target = grpc_target(url)
         self.models = dict(models)
         self.request_timeout = request_timeout
         self.ready_timeout = ready_timeout
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
-        self._pid: int | None = None
-        self._channel: grpc.Channel | None = None
-        self._stub: service_pb2_grpc.GRPCInferenceServiceStub | None = None
+        self.retries = retries
+        self._relay: Relay | None = None
         self._limits: dict[str, ModelLimits] = {}
 
-    def _channel_options(self) -> list[tuple[str, int]]:
+    def _channel_options(self) -> list[tuple[str, Any]]:
         return [
             ("grpc.max_send_message_length", -1),
             ("grpc.max_receive_message_length", -1),
             # gRPC core takes this as the minimum connect timeout (default 20 s).
             ("grpc.min_reconnect_backoff_ms", int(self.connect_timeout * 1000)),
-            # Reconnect soon after Triton comes back (the default backoff grows to 120 s,
-            # during which every call would fail fast with UNAVAILABLE).
+            # Reconnect soon after a Triton comes back (the default backoff grows to 120 s,
+            # during which calls to it would fail fast with UNAVAILABLE).
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", 2000),
+            ("grpc.service_config", service_config(retries=self.retries)),
+            ("grpc.enable_retries", 1),
+            # A dns:/// target is re-resolved when a connection breaks; not more often than this.
+            ("grpc.dns_min_time_between_resolutions_ms", 5000),
         ]
 
     @property
-    def stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
-        """This process's stub, created on first use (never before init_gevent, never shared
-        across a fork). No lock: under gevent nothing yields here; under threads a race at
-        worst makes one extra channel, which is closed."""
-        pid = os.getpid()
-        if self._stub is None or self._pid != pid:
-            channel = grpc.insecure_channel(self.url, options=self._channel_options())
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            if self._stub is not None and self._pid == pid:  # another thread won the race
-                channel.close()
-            else:
-                self._channel, self._stub, self._pid = channel, stub, pid
-        assert self._stub is not None
-        return self._stub
+    def relay(self) -> Relay:
+        """This process's relay thread and channel, created on first use, never shared across
+        a fork."""
+        relay = self._relay
+        if relay is None or relay.pid != os.getpid():
+            relay = self._relay = Relay(self.target, self._channel_options())
+        return relay
 
     def generate(self, params: TextRequest, *, request_id: str) -> TritonGeneration:
         triton_model = self.models[params.model]
         request = build_infer_request(triton_model, llm_inputs(params), request_id=request_id, admission=True)
-        call = self.stub.ModelStreamInfer(
-            iter((request,)), timeout=self.request_timeout, wait_for_ready=False
-        )
-        return TritonGeneration(
-            call, request_id=request_id, retry_after=self.retry_after, timeout=self.request_timeout
-        )
+        retry_after = self.retry_after
+
+        def parse(response: Any) -> StreamResponse:
+            return parse_stream_response(response, request_id=request_id, retry_after=retry_after)
+
+        call = self.relay.stream(request, timeout=self.request_timeout, parse=parse)
+        return TritonGeneration(call, request_id=request_id, retry_after=retry_after, timeout=self.request_timeout)
 
     def check_ready(self) -> None:
-        stub, timeout = self.stub, self.ready_timeout
-        try:
-            if not stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=timeout, wait_for_ready=False).live:
-                raise unavailable("The inference server is not live", self.retry_after)
-            if not stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout, wait_for_ready=False).ready:
-                raise unavailable("The inference server is not ready", self.retry_after)
-            for public, triton_model in self.models.items():
-                request = service_pb2.ModelReadyRequest(name=triton_model)
-                if not stub.ModelReady(request, timeout=timeout, wait_for_ready=False).ready:
-                    raise unavailable(f"The model '{public}' is not ready", self.retry_after)
-                self._limits[triton_model] = self._read_limits(triton_model)  # kept fresh by probes
-        except grpc.RpcError as err:
-            log.warning("Triton readiness check failed: %s %s", err.code(), err.details())
-            raise unavailable("The inference server is unreachable", self.retry_after) from None
+        """Ready while at least one server is: round_robin picks a server for each probe, so this
+        asks until one answers ready (up to one try per listed server, and at least 3)."""
+        tries = max(3, self.target.count(",") + 1)
+        last: ApiError | None = None
+        for _ in range(tries):
+            try:
+                self.relay.run(self._ready_probe(), timeout=self.ready_timeout * 4)
+                return
+            except ApiError as err:
+                last = err
+            except (grpc.RpcError, TimeoutError) as err:
+                log.warning("Triton readiness check failed: %r", err)
+                last = unavailable("The inference server is unreachable", self.retry_after)
+        assert last is not None
+        raise last
+
+    async def _ready_probe(self) -> None:
+        stub, timeout = self.relay.stub, self.ready_timeout
+        if not (await stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=timeout, wait_for_ready=False)).live:
+            raise unavailable("The inference server is not live", self.retry_after)
+        if not (await stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout, wait_for_ready=False)).ready:
+            raise unavailable("The inference server is not ready", self.retry_after)
+        for public, triton_model in self.models.items():
+            request = service_pb2.ModelReadyRequest(name=triton_model)
+            if not (await stub.ModelReady(request, timeout=timeout, wait_for_ready=False)).ready:
+                raise unavailable(f"The model '{public}' is not ready", self.retry_after)
+            self._limits[triton_model] = await self._read_limits(triton_model)  # kept fresh by probes
 
     def limits(self, model: str) -> ModelLimits:
         """The Triton model's limits from its config parameters (the repository build wrote them):
         asked once per worker process, refreshed by every readiness check."""
         if model not in self._limits:
             try:
-                self._limits[model] = self._read_limits(model)
-            except grpc.RpcError as err:
-                log.warning("reading the limits of %s failed: %s %s", model, err.code(), err.details())
+                self._limits[model] = self.relay.run(self._read_limits(model), timeout=self.ready_timeout * 2)
+            except (grpc.RpcError, TimeoutError) as err:
+                log.warning("reading the limits of %s failed: %r", model, err)
                 raise unavailable("The inference server is unreachable", self.retry_after) from None
         return self._limits[model]
 
-    def _read_limits(self, model: str) -> ModelLimits:
-        response = self.stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=self.ready_timeout,
-                                         wait_for_ready=False)
+    async def _read_limits(self, model: str) -> ModelLimits:
+        response = await self.relay.stub.ModelConfig(service_pb2.ModelConfigRequest(name=model),
+                                                     timeout=self.ready_timeout, wait_for_ready=False)
         params = {k: v.string_value for k, v in response.config.parameters.items()}
         return ModelLimits.from_parameters(params)
 
     def close(self) -> None:
-        if self._channel is not None and self._pid == os.getpid():
-            self._channel.close()
-        self._channel = self._stub = self._pid = None
+        if self._relay is not None and self._relay.pid == os.getpid():
+            self._relay.close()
+        self._relay = None

@@ -1,23 +1,33 @@
-"""The gunicorn worker class: gevent, then gRPC's gevent integration.
+"""The gunicorn worker class: gevent for HTTP, real threads for gRPC.
 
     gunicorn -k gateway.worker.GeventGrpcWorker 'gateway:create_app()'
 
-Without ``grpc.experimental.gevent.init_gevent()`` a gevent worker locks up on its first gRPC
-call. It must run after gevent has patched the process and before any gRPC channel exists;
-import-time set-up and gunicorn's pre-fork hooks do not work (measured, see
-shared/ARCHITECTURE.md). ``patch()`` runs first thing in the worker process, with or without
-``--preload``, and the backend creates its channel lazily, on the first request.
+gunicorn's gevent worker patches everything with gevent; this one leaves ``threading`` (and so
+``queue``) unpatched. The gRPC client runs on its own OS thread (gateway.triton_relay: an
+asyncio loop with ``grpc.aio``, whose poller threads must be real threads) and hands events to
+greenlets in batches through a libev async watcher. Measured with scripts/bench_gateway.py: gRPC's
+own gevent integration (``grpc.experimental.gevent.init_gevent``), which the previous version
+of this worker used, spent about two thirds of a worker's CPU per relayed token.
+
+What this means for the rest of the gateway: a ``threading`` lock is a real lock, so no code may
+hold one across anything that yields to another greenlet (gateway.state.InFlight does not;
+prometheus-client and flask-limiter hold theirs only around memory updates); and nothing in a
+request may block in a threading primitive waiting for another greenlet.
 """
 
 from __future__ import annotations
 
-from grpc.experimental import gevent as grpc_gevent
+
+
+from gevent import monkey
+from gevent import socket
 from gunicorn.workers.ggevent import GeventWorker
 
 
 class GeventGrpcWorker(GeventWorker):
-    """gunicorn's gevent worker with ``init_gevent()`` right after the monkey-patching."""
+    """gunicorn's gevent worker, with ``threading`` left to the OS."""
 
     def patch(self) -> None:
-        super().patch()
-        grpc_gevent.init_gevent()
+        monkey.patch_all(thread=False)
+        # As GeventWorker.patch: the listening sockets become gevent sockets.
+        self.sockets = [socket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]

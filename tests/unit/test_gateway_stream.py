@@ -126,8 +126,9 @@ def test_client_disconnect_cancels_the_generation(make_app):
     app = make_app(backend=backend, HEARTBEAT_INTERVAL=0.05)
     response = app.test_client().post("/generate", json={**BODY, "stream": True}, headers=AUTH, buffered=False)
     chunks = iter(response.response)
-    assert next(chunks).startswith(b"event: token")
-    assert next(chunks).startswith(b"event: token")
+    received = b""
+    while received.count(b"event: token") < 2:  # "a" and "b", in one chunk or two
+        received += next(chunks)
     assert next(chunks) == b": keep-alive\n\n"
     response.close()  # what the WSGI server does when a write to the client fails
     generation = backend.generations[0]
@@ -153,7 +154,7 @@ def test_admission_starts_the_stream_before_any_token(make_app):
     assert response.status_code == 200 and response.mimetype == "text/event-stream"
     chunks = iter(response.response)
     assert next(chunks) == b": keep-alive\n\n"  # sent before the generation produced anything
-    assert backend.generations[0].consumed == 1
+    assert backend.generations[0].consumed <= 2  # admission, maybe the pause: no text yet
     names = [name for name, _ in parse_sse(b"".join(chunks).decode())]
     assert names[-2:] == ["token", "done"] and len(names) >= 4 and set(names[:-2]) == {"comment"}
 

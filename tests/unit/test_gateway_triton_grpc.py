@@ -65,11 +65,11 @@ def test_non_streaming_final_response_with_outputs(backend):
     assert run(backend, "Hi there") == [TextDelta("Hello, world"), Finished("eos_token", 2, 3)]
 
 
-def test_one_stub_per_process_is_reused(backend):
+def test_one_relay_per_process_is_reused(backend):
     run(backend, "a")
-    stub = backend.stub
+    relay = backend.relay
     run(backend, "b")
-    assert backend.stub is stub
+    assert backend.relay is relay and relay.stub is backend.relay.stub
 
 
 def test_tagged_model_error_before_output_is_raised_on_first_event(backend):

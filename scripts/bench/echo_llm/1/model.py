@@ -1,0 +1,88 @@
+"""Echo model with the llm interface, for the gateway benchmark: a pace, not a model.
+
+One ticker thread: every interval, each open stream gets one token " tok" (its index in the
+text, so a client can check order), then, at max_tokens, a final response with finish_reason
+"length" and the counts. Cancelled streams are dropped at the next tick.
+"""
+import json
+import threading
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _text(text, final_count=None):
+    outputs = [pb_utils.Tensor("text_output", np.array([[text.encode()]], dtype=np.object_))]
+    if final_count is not None:
+        outputs += [
+            pb_utils.Tensor("finish_reason", np.array([[b"length"]], dtype=np.object_)),
+            pb_utils.Tensor("prompt_tokens", np.array([[1]], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([[final_count]], dtype=np.int32)),
+        ]
+    return pb_utils.InferenceResponse(output_tensors=outputs)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        self.interval = float(params["interval_ms"]) / 1000
+        self.lock = threading.Lock()
+        self.streams = []  # [sender, tokens left, sent, stream?, text so far]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._tick, daemon=True)
+        self.thread.start()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            n = int(pb_utils.get_input_tensor_by_name(request, "max_tokens").as_numpy().reshape(-1)[0])
+            stream = pb_utils.get_input_tensor_by_name(request, "stream")
+            stream = bool(stream.as_numpy().reshape(-1)[0]) if stream is not None else False
+            if json.loads(request.parameters() or "{}").get("trident_admission_ack"):
+                sender.send(pb_utils.InferenceResponse(output_tensors=[]))
+            with self.lock:
+                self.streams.append([sender, max(n, 1), 0, stream, []])
+        return None
+
+    def _tick(self):
+        next_tick = time.monotonic()
+        while not self.stop.is_set():
+            next_tick += self.interval
+            with self.lock:
+                streams = list(self.streams)
+            done = []
+            for entry in streams:
+                sender, left, sent, stream, parts = entry
+                try:
+                    if sent % 25 == 0 and sender.is_cancelled():  # an IPC round trip: not every token
+                        done.append(entry)
+                        sender.send(flags=FINAL)
+                        continue
+                    token = f" {sent}"
+                    entry[1], entry[2] = left - 1, sent + 1
+                    if entry[1] == 0:
+                        done.append(entry)
+                        text = token if stream else "".join(parts) + token
+                        sender.send(_text(text, final_count=entry[2]), flags=FINAL)
+                    elif stream:
+                        sender.send(_text(token))
+                    else:
+                        parts.append(token)
+                except Exception:
+                    done.append(entry)
+            if done:
+                gone = {id(entry) for entry in done}
+                with self.lock:
+                    self.streams = [s for s in self.streams if id(s) not in gone]
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                next_tick = time.monotonic()  # behind: do not try to catch up in a burst
+
+    def finalize(self):
+        self.stop.set()
+        self.thread.join(timeout=5)

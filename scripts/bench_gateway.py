@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Gateway relay cost: CPU per relayed token, rates and added latency, against a gRPC floor.
+
+In one run: Triton serving an echo model with the ``llm`` interface (scripts/bench/echo_llm:
+every open stream gets a token per tick, no engine), then for each number of open streams
+
+* ``floor``: a plain Python gRPC client (grpc.aio) consuming the streams straight from Triton;
+* ``gateway xW``: the same streams through the gateway under gunicorn with W gevent workers,
+  opened by a bare asyncio SSE client (scripts/bench/clients.py).
+
+It prints, per row: the CPU seconds of the gateway's worker processes (or of the floor client)
+per relayed token, relayed tokens/s against offered, time to first token and inter-token gap
+(p50/p99) at the client and what the gateway adds over the floor, the ratio of the gateway's
+CPU per token to the floor's, and how busy the machine was; it saves a plot and the JSON.
+
+    make bench-gateway                                   # the default sweep
+    .venv/bin/python scripts/bench_gateway.py --streams 200 --workers 1 --seconds 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trident.gateway_process import GatewayProcess  # noqa: E402
+from trident.repo_builder import fill_template  # noqa: E402
+from trident.triton_launcher import TritonPorts, TritonServer  # noqa: E402
+
+ECHO = ROOT / "scripts" / "bench" / "echo_llm"
+CLIENTS = ROOT / "scripts" / "bench" / "clients.py"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pace_ms(streams: int) -> float:
+    """A token every 20 ms per stream up to 200 streams; beyond, what the echo model (one Python
+    thread sending every response over IPC) sustains on 2 cores: ~10,000 tokens/s offered."""
+    return 20.0 if streams <= 200 else 20.0 * streams / 200
+
+
+def echo_repository(dest: Path, interval_ms: float) -> Path:
+    model = dest / "llm"
+    (model / "1").mkdir(parents=True)
+    text = fill_template((ECHO / "config.pbtxt.in").read_text(),
+                         {"interval_ms": f"{interval_ms:g}", "max_concurrent": 64}, source="echo config")
+    (model / "config.pbtxt").write_text(text)
+    shutil.copy(ECHO / "1" / "model.py", model / "1" / "model.py")
+    return dest
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def machine_busy() -> tuple[int, int]:
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(c) for c in text]
+    return out
+
+
+def run_client(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, str(CLIENTS), *args], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"client failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measured(kind: str, streams: int, tokens: int, pace: float, result: dict, cpu: float, busy: float,
+             workers: int = 0) -> dict:
+    relayed = result["tokens"] / result["wall_s"] if result["wall_s"] else 0.0
+    return {"kind": kind, "workers": workers, "streams": streams, "tokens_per_stream": tokens, "pace_ms": pace,
+            "tokens": result["tokens"], "errors": result["errors"], "cpu_s": cpu,
+            "cpu_us_per_token": cpu / max(result["tokens"], 1) * 1e6, "relayed_per_s": relayed,
+            "offered_per_s": streams * 1000.0 / pace, "ttft_ms": result["ttft_ms"], "gap_ms": result["gap_ms"],
+            "client_cpu_s": result["cpu_s"], "machine_busy": busy}
+
+
+def sweep(args) -> list[dict]:
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    key = "bench-" + os.urandom(8).hex()
+    for streams in args.streams:
+        pace = pace_ms(streams)
+        tokens = max(20, int(args.seconds * 1000 / pace))
+        repo = echo_repository(work / f"repo-{streams}", pace)
+        triton = TritonServer(model_repository=repo, work_dir=work / f"triton-{streams}",
+                              ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
+        triton.start(timeout=120)
+        try:
+            b0 = machine_busy()
+            result = run_client(["grpc", "--url", triton.grpc_url, "--streams", str(streams), "--tokens", str(tokens)])
+            b1 = machine_busy()
+            row = measured("floor", streams, tokens, pace, result, result["cpu_s"],
+                           (b1[0] - b0[0]) / max(b1[1] - b0[1], 1))
+            rows.append(row)
+            report(row)
+            for w in args.workers:
+                gw = GatewayProcess(port=free_port(), triton_grpc_url=triton.grpc_url, workers=w,
+                                    log_path=work / f"gateway-{streams}-{w}.log",
+                                    extra_env={"TRIDENT_API_KEY": key, "TRIDENT_MAX_IN_FLIGHT": "0",
+                                               "TRIDENT_LOG_FORMAT": "text"})
+                gw.start(timeout=60)
+                try:
+                    time.sleep(1.0)  # workers booted
+                    pids = children(gw.process.pid)
+                    c0, b0 = cpu_seconds(pids), machine_busy()
+                    result = run_client(["sse", "--url", gw.url, "--key", key, "--streams", str(streams),
+                                         "--tokens", str(tokens)])
+                    c1, b1 = cpu_seconds(pids), machine_busy()
+                finally:
+                    gw.stop()
+                row = measured("gateway", streams, tokens, pace, result, c1 - c0,
+                               (b1[0] - b0[0]) / max(b1[1] - b0[1], 1), workers=w)
+                rows.append(row)
+                report(row)
+        finally:
+            triton.stop()
+    return rows
+
+
+def report(row: dict) -> None:
+    name = "floor (gRPC)" if row["kind"] == "floor" else f"gateway x{row['workers']}"
+    print(f"  {row['streams']:5d} streams  {name:13s} {row['cpu_us_per_token']:7.0f} us/token  "
+          f"{row['relayed_per_s']:7.0f}/{row['offered_per_s']:.0f} tok/s  "
+          f"ttft p50 {row['ttft_ms'].get('p50', 0):6.1f} ms  gap p50/p99 {row['gap_ms'].get('p50', 0):5.1f}/"
+          f"{row['gap_ms'].get('p99', 0):6.1f} ms  errors {row['errors']}  machine {row['machine_busy']:.0%}",
+          flush=True)
+
+
+def table(rows: list[dict]) -> str:
+    floors = {r["streams"]: r for r in rows if r["kind"] == "floor"}
+    lines = ["| streams (pace) | relay | CPU per token | vs floor | relayed / offered tok/s | TTFT p50 (+gateway) "
+             "| gap p50 / p99 (+gateway p99) | machine busy |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = floors[r["streams"]]
+        name = "gRPC client (floor)" if r["kind"] == "floor" else f"gateway, {r['workers']} worker(s)"
+        ratio = "1.00x" if r["kind"] == "floor" else f"{r['cpu_us_per_token'] / f['cpu_us_per_token']:.2f}x"
+        add_ttft = r["ttft_ms"].get("p50", 0) - f["ttft_ms"].get("p50", 0)
+        add_gap = r["gap_ms"].get("p99", 0) - f["gap_ms"].get("p99", 0)
+        lines.append(
+            f"| {r['streams']} ({r['pace_ms']:g} ms) | {name} | {r['cpu_us_per_token']:.0f} us | {ratio} | "
+            f"{r['relayed_per_s']:.0f} / {r['offered_per_s']:.0f} | {r['ttft_ms'].get('p50', 0):.1f} ms "
+            f"({add_ttft:+.1f}) | {r['gap_ms'].get('p50', 0):.1f} / {r['gap_ms'].get('p99', 0):.1f} ms ({add_gap:+.1f}) "
+            f"| {r['machine_busy']:.0%} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    kinds = sorted({(r["kind"], r["workers"]) for r in rows})
+    for kind, workers in kinds:
+        sel = [r for r in rows if (r["kind"], r["workers"]) == (kind, workers)]
+        label = "gRPC floor" if kind == "floor" else f"gateway x{workers}"
+        a.plot([r["streams"] for r in sel], [r["cpu_us_per_token"] for r in sel], marker="o", label=label)
+        b.plot([r["streams"] for r in sel], [r["gap_ms"].get("p99", 0) for r in sel], marker="o", label=label)
+    a.set(xscale="log", xlabel="open streams", ylabel="CPU us per relayed token", title="relay cost")
+    a.axhline(60, color="grey", linestyle=":", label="target 60 us")
+    b.set(xscale="log", yscale="log", xlabel="open streams", ylabel="inter-token gap p99 (ms)",
+          title="gap at the client")
+    a.legend()
+    b.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--streams", type=ints, default=[1, 50, 200, 500, 1000])
+    p.add_argument("--workers", type=ints, default=[1, os.cpu_count() or 2])
+    p.add_argument("--seconds", type=float, default=6.0, help="how long each stream runs (sets the tokens)")
+    p.add_argument("--out", type=Path, default=ROOT / ".cache/bench/gateway.png")
+    args = p.parse_args()
+    flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16") if f in Path("/proc/cpuinfo").read_text())
+    print(f"{os.cpu_count()} CPUs ({flags}); streams {args.streams}; workers {args.workers}", flush=True)
+    rows = sweep(args)
+    print("\n" + table(rows))
+    args.out.with_suffix(".json").parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    plot(rows, args.out)
+    print(f"\nplot: {args.out}\njson: {args.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
