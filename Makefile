@@ -60,8 +60,12 @@ repository: $(STAMP) model kernels
 	    --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) --dtype $(DTYPE) \
 	    --weight-dtype $(WEIGHT_DTYPE)
 
+# TRITON_REPLICAS=N: N Tritons on their own ports (base + 10 * i), the gateway balancing over them.
+TRITON_REPLICAS ?= 1
+
 serve: repository
-	$(PY) scripts/serve.py --model-repository $(REPO_DIR) --tokenizer-dir $(MODEL_DIR)
+	$(PY) scripts/serve.py --model-repository $(REPO_DIR) --tokenizer-dir $(MODEL_DIR) \
+	    --triton-replicas $(TRITON_REPLICAS)
 
 # The tests start their own redis-server (rate limits shared across workers) and use the
 # openssl CLI (a self-signed certificate for the TLS test): Debian packages, installed when

@@ -42,7 +42,10 @@ class Finished:
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """The server validated and queued the request; text follows. Optional: a backend whose
-    server cannot say so yields its first text (or error) instead."""
+    server cannot say so yields its first text (or error) instead. ``server`` names the server
+    that took it, when it says (one of several Tritons)."""
+
+    server: str | None = None
 
 
 ADMITTED = Admitted()

@@ -19,7 +19,8 @@ from trident.contract import TextRequest
 from .auth import authorize_model
 from .backend import Event, Finished, Generation, TextDelta
 from .disconnect import DisconnectWatch
-from .errors import ApiError, ClientGone, internal_error
+from .drain import DRAIN
+from .errors import ApiError, ClientGone, internal_error, unavailable
 from .sse import SSEBody, error_bytes, event_bytes, event_source
 from .state import GatewayState
 from .telemetry import note_params, observe_generation
@@ -39,6 +40,8 @@ def start_generation(params: TextRequest) -> tuple[Generation, Callable[[], None
     state = _state()
     note_params(params)
     authorize_model(g.api_key, params.model)
+    if DRAIN.draining:  # a kept-alive connection asking after SIGTERM
+        raise unavailable("The gateway is shutting down; retry the request", state.retry_after)
     request_id: str = g.request_id
     done = state.in_flight.acquire(state.retry_after)  # once, when the generation is over
     try:

@@ -1,8 +1,15 @@
-"""gunicorn settings for the gateway: Prometheus multiprocess metrics across workers.
+"""gunicorn settings for the gateway: where it listens, its workers, the drain, Prometheus
+multiprocess metrics across workers.
 
-    gunicorn -c python:gateway.gunicorn_conf -k gateway.worker.GeventGrpcWorker -w 4 'gateway:create_app()'
+    gunicorn -c python:gateway.gunicorn_conf 'gateway:create_app()'
 
-(``trident.gateway_process.GatewayProcess`` passes ``-c python:gateway.gunicorn_conf``.)
+(``trident.gateway_process.GatewayProcess`` passes ``-c python:gateway.gunicorn_conf`` too.)
+From the environment: ``GATEWAY_HOST`` (127.0.0.1), ``GATEWAY_PORT`` (8080), ``GATEWAY_WORKERS``
+(1), ``GATEWAY_DRAIN_TIMEOUT`` (30 s: after SIGTERM open streams get that long, gateway.drain;
+gunicorn's graceful timeout is 5 s more), ``GATEWAY_CERTFILE``/``GATEWAY_KEYFILE`` (HTTPS). The
+worker class is gateway.worker.GeventGrpcWorker. ``reuse_port``: every worker opens its own
+listening socket with SO_REUSEPORT and the kernel spreads connections over them (with one shared
+socket, whichever gevent worker woke first took a whole burst: 30 of 30 connections).
 
 Each worker writes its metrics to files in ``PROMETHEUS_MULTIPROC_DIR``; ``/metrics`` sums them.
 That variable must be set before prometheus_client is first imported, in the master, so it is
@@ -43,6 +50,19 @@ def prepare_multiproc_dir(environ: dict[str, str] | os._Environ[str] = os.enviro
     environ[_ENV] = str(path)
     return path, False
 
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+bind = [f"{_env('GATEWAY_HOST', '127.0.0.1')}:{_env('GATEWAY_PORT', '8080')}"]
+workers = int(_env("GATEWAY_WORKERS", "1"))
+worker_class = "gateway.worker.GeventGrpcWorker"
+reuse_port = True
+graceful_timeout = float(_env("GATEWAY_DRAIN_TIMEOUT", "30")) + 5
+timeout = 120
+if os.environ.get("GATEWAY_CERTFILE"):
+    certfile, keyfile = os.environ["GATEWAY_CERTFILE"], os.environ.get("GATEWAY_KEYFILE")
 
 _multiproc_dir, _made_here = prepare_multiproc_dir()
 _master_pid = os.getpid()

@@ -67,6 +67,12 @@ GENERATIONS = Counter(
     "error type or 'cancelled' (client went away) when they did not finish.",
     ["endpoint", "model", "outcome"],
 )
+SERVER_GENERATIONS = Counter(
+    "trident_gateway_server_generations",
+    "Generations by the Triton server that took them (its TRIDENT_SERVER_ID, host:port by default): "
+    "how the gateway's load spreads over several Tritons.",
+    ["server"],
+)
 IN_FLIGHT = Gauge(
     "trident_gateway_in_flight_requests",
     "Generations running now, summed over the gateway's worker processes.",

@@ -14,6 +14,8 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 
 from .auth import require_api_key
+from .drain import DRAIN
+from .errors import unavailable
 from .generation import collect, start_generation, stream_response
 from .ratelimit import rate_limited
 from .schemas import load_generate, read_json_object
@@ -34,7 +36,10 @@ def healthz() -> Any:
 
 @bp.get("/readyz")
 def readyz() -> Any:
-    """200 when Triton is live and ready and every served model is ready, else 503; no key."""
+    """200 when a Triton is live and ready with every served model, else 503 (also while the
+    gateway drains before it exits, gateway.drain); no key."""
+    if DRAIN.draining:
+        raise unavailable("The gateway is shutting down", _state().retry_after)
     _state().backend.check_ready()
     return {"status": "ready"}
 

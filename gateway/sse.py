@@ -24,6 +24,7 @@ from typing import Any
 
 from .backend import Admitted, Event, Finished, Generation, TextDelta
 from .disconnect import DisconnectWatch
+from .drain import DRAIN
 from .errors import ApiError, internal_error
 
 log = logging.getLogger("trident.gateway")
@@ -144,6 +145,7 @@ class SSEBody:
         self._cleaned_up = False
         self._environ = environ
         self._watch: DisconnectWatch | None = None
+        self._abort: ApiError | None = None
         self._chunks = self._run(first, source)
 
     def __iter__(self) -> SSEBody:
@@ -163,12 +165,18 @@ class SSEBody:
                 parts.append(self._encode(event))
         return b"".join(parts), bool(events) and isinstance(events[-1], Finished)
 
+    def abort(self, error: ApiError) -> None:
+        """Any thread: end the stream with ``error`` as its last event (the drain's deadline)."""
+        self._abort = error
+        self._generation.close()  # wakes the body; its generation ends
+
     def _client_gone(self) -> None:
         log.info("client went away; cancelling the generation", extra=self._log_extra)
         self._generation.close()
 
     def _run(self, first: list[Event], source: Any) -> Iterator[bytes]:
         try:
+            DRAIN.streams.add(self)
             chunk, done = self._encode_batch(first)
             yield chunk
             if done:
@@ -188,6 +196,9 @@ class SSEBody:
                     return
                 if self._watch is not None and self._watch.gone:
                     return  # nobody to write to; the generation is closed
+                if self._abort is not None:
+                    yield self._encode_error(self._abort)
+                    return
                 if events is None:
                     yield HEARTBEAT
                 elif not events:
@@ -206,6 +217,7 @@ class SSEBody:
         if self._cleaned_up:
             return
         self._cleaned_up = True
+        DRAIN.streams.discard(self)
         if self._watch is not None:
             self._watch.stop()
         try:

@@ -35,7 +35,7 @@ from typing import Any
 from flask import Flask, Response, current_app, g, request
 
 from . import metrics
-from .backend import Event, Finished, Generation, TextDelta
+from .backend import Admitted, Event, Finished, Generation, TextDelta
 from .errors import ApiError
 from trident.contract import TextRequest
 
@@ -74,6 +74,7 @@ class RequestRecord:
     finished: Finished | None = None
     error: str | None = None  # the error type that ended a generation, also mid-stream
     ttft: float | None = None
+    server: str | None = None  # the Triton that took the generation, when it said
     _closed: bool = False
 
     def close(self) -> None:
@@ -107,6 +108,8 @@ class RequestRecord:
         if self.model is not None:
             out["model"] = self.model
             out["stream"] = self.stream
+        if self.server is not None:
+            out["server"] = self.server
         if self.generating:
             done = self.finished
             out["finish_reason"] = done.finish_reason if done else None
@@ -179,6 +182,10 @@ class ObservedGeneration:
                 self._last = now
             if record.output is not None:
                 record.output.append(event.text)
+        elif isinstance(event, Admitted):
+            if event.server:
+                record.server = event.server
+                metrics.SERVER_GENERATIONS.labels(event.server).inc()
         elif isinstance(event, Finished):
             record.finished = event
             self._prompt_tokens.inc(event.prompt_tokens)

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -29,7 +30,7 @@ from tritonclient.grpc import service_pb2
 
 from trident.contract import ModelLimits, TextRequest, llm_inputs
 
-from .backend import ADMITTED, Event, Finished, TextDelta
+from .backend import ADMITTED, Admitted, Event, Finished, TextDelta
 from .errors import ApiError, internal_error, timeout_error, unavailable
 from .triton_codec import StreamResponse, build_infer_request, parse_stream_response, tagged_error
 from .triton_relay import Relay, RelayCall
@@ -105,7 +106,7 @@ class TritonGeneration:
         for item in items:
             if isinstance(item, StreamResponse):
                 if item.admitted:
-                    events.append(ADMITTED)
+                    events.append(Admitted(item.server) if item.server else ADMITTED)
                     continue
                 if item.text:
                     events.append(TextDelta(item.text))
@@ -195,6 +196,7 @@ class TritonBackend:
         self.retry_after = retry_after
         self.retries = retries
         self._relay: Relay | None = None
+        self._relay_lock = threading.Lock()  # held only while a relay is built (nothing yields)
         self._limits: dict[str, ModelLimits] = {}
 
     def _channel_options(self) -> list[tuple[str, Any]]:
@@ -219,7 +221,10 @@ class TritonBackend:
         a fork."""
         relay = self._relay
         if relay is None or relay.pid != os.getpid():
-            relay = self._relay = Relay(self.target, self._channel_options())
+            with self._relay_lock:
+                relay = self._relay
+                if relay is None or relay.pid != os.getpid():
+                    relay = self._relay = Relay(self.target, self._channel_options())
         return relay
 
     def generate(self, params: TextRequest, *, request_id: str) -> TritonGeneration:

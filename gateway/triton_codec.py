@@ -75,7 +75,8 @@ class StreamResponse:
     text: str  # "" when the response holds no text_output
     finished: Finished | None  # set on the response that carries finish_reason and the counts
     final: bool  # the triton_final_response flag
-    admitted: bool = False  # a non-final response without outputs: the admission response
+    admitted: bool = False  # the admission response (non-final, no text)
+    server: str | None = None  # which Triton took the request (on the admission)
 
 
 _SCALAR_FORMATS = {"INT32": "<i", "INT64": "<q", "UINT64": "<Q"}
@@ -126,7 +127,8 @@ def parse_stream_response(
         text=text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text),
         finished=finished,
         final=bool(final),
-        admitted=not final and not infer.outputs,
+        admitted=not final and "text_output" not in values and finished is None,
+        server=bytes(values["server"]).decode("utf-8", "replace") if "server" in values else None,
     )
 
 

@@ -133,14 +133,17 @@ class Relay:
         started.wait()
         self._channel: grpc.aio.Channel | None = None
         self.stub: Any = None
-        self.run(self._connect(target, options), timeout=None)
+        # Scheduled, not awaited: the loop runs callbacks in order, so the stub exists before any
+        # later call runs; and the caller never yields to another greenlet (which could build a
+        # second relay, with a second event loop: grpc.aio then mixes their futures).
+        self.loop.call_soon_threadsafe(self._connect, target, options)
 
     def _run(self, started: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(started.set)
         self.loop.run_forever()
 
-    async def _connect(self, target: str, options: list[tuple[str, Any]]) -> None:
+    def _connect(self, target: str, options: list[tuple[str, Any]]) -> None:  # on the loop
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 

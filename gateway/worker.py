@@ -25,7 +25,14 @@ from gunicorn.workers.ggevent import GeventWorker
 
 
 class GeventGrpcWorker(GeventWorker):
-    """gunicorn's gevent worker, with ``threading`` left to the OS."""
+    """gunicorn's gevent worker, with ``threading`` left to the OS, and a drain on SIGTERM
+    (gateway.drain)."""
+
+    def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 (gunicorn's signal handler)
+        from .drain import DRAIN, drain_timeout
+
+        DRAIN.begin(drain_timeout())
+        super().handle_exit(sig, frame)
 
     def patch(self) -> None:
         monkey.patch_all(thread=False)

@@ -7,11 +7,13 @@ replaces itself with the command (exec), so signals reach Triton. --dry-run prin
 """
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trident.contract import SERVER_ID_ENV  # noqa: E402
 from trident.trtllm.commands import shell_line  # noqa: E402
 from trident.trtllm.launch import TRITONSERVER, triton_command, world_size_of  # noqa: E402
 
@@ -40,6 +42,8 @@ def main() -> int:
     print(shell_line(cmd), flush=True)
     if args.dry_run:
         return 0
+    # Which Triton took a request: in the llm model's admission responses, the gateway's logs.
+    os.environ.setdefault(SERVER_ID_ENV, f"{socket.gethostname()}:{args.grpc_port}")
     print(f"[launch-triton] world size {world_size}; gRPC on :{args.grpc_port} "
           f"(point the gateway at TRIDENT_TRITON_GRPC_URL=<host>:{args.grpc_port})", flush=True)
     os.execvp(cmd[0], cmd)

@@ -62,11 +62,12 @@ def attach_logs(report) -> None:
             report.sections.append((f"{type(server).__name__} log", server.log_tail(80)))
 
 
-def start_gateway(triton_grpc_url: str, work: Path, *, api_key: str, workers: int = 1, extra_env=None):
+def start_gateway(triton_grpc_url: str, work: Path, *, api_key: str, workers: int = 1, extra_env=None,
+                  drain_timeout: float = 5):
     """The real gateway (gunicorn + gevent) on a free port, pointed at ``triton_grpc_url``."""
     from trident.gateway_process import GatewayProcess
 
     env = {"TRIDENT_API_KEY": api_key, "TRIDENT_TOKENIZER_DIR": str(model_dir()), **(extra_env or {})}
     gw = started(GatewayProcess(port=free_port(), triton_grpc_url=triton_grpc_url, workers=workers,
-                                log_path=Path(work) / "gateway.log", extra_env=env))
+                                log_path=Path(work) / "gateway.log", extra_env=env, drain_timeout=drain_timeout))
     return gw.start(timeout=60)

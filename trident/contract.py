@@ -58,7 +58,13 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("finish_reason", np.object_),
     TensorSpec("prompt_tokens", np.int32),
     TensorSpec("completion_tokens", np.int32),
+    TensorSpec("server", np.object_),  # on the admission response: which Triton took the request
 )
+
+#: Environment variable naming a Triton server (``host:grpc port`` by default, set by the
+#: launchers); the ``llm`` model puts it in its admission response, the gateway in its metrics
+#: and logs.
+SERVER_ID_ENV = "TRIDENT_SERVER_ID"
 
 #: Request parameter (bool) of the ``llm`` model: send one empty response as soon as the request
 #: is validated and queued, before any text. The gateway asks for it so that a streaming client

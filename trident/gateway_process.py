@@ -32,7 +32,8 @@ class GatewayProcess(ChildServer):
 
     def __init__(self, *, port: int, triton_grpc_url: str, log_path: Path, workers: int = 1,
                  host: str = "127.0.0.1", extra_env: dict | None = None, extra_args: tuple = (),
-                 certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None):
+                 certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None,
+                 drain_timeout: float | None = None):
         super().__init__(log_path=log_path)
         self.port = port
         self.host = host
@@ -40,6 +41,9 @@ class GatewayProcess(ChildServer):
         self.env = dict(os.environ)
         self.env["TRIDENT_TRITON_GRPC_URL"] = triton_grpc_url
         self.env.update(extra_env or {})
+        if drain_timeout is not None:
+            self.env["GATEWAY_DRAIN_TIMEOUT"] = str(drain_timeout)
+        self.drain_timeout = float(self.env.get("GATEWAY_DRAIN_TIMEOUT") or 30)
         self.extra_args = tuple(extra_args)
         certfile = certfile or self.env.get("GATEWAY_CERTFILE") or None
         keyfile = keyfile or self.env.get("GATEWAY_KEYFILE") or None
@@ -56,7 +60,7 @@ class GatewayProcess(ChildServer):
         gunicorn = str(Path(sys.executable).parent / "gunicorn")
         tls = ["--certfile", str(self.certfile), "--keyfile", str(self.keyfile)] if self.certfile else []
         return [gunicorn, "-c", CONFIG, "-k", WORKER_CLASS, "-w", str(self.workers), "-b", f"{self.host}:{self.port}",
-                "--graceful-timeout", "10", "--timeout", "120", *tls, *self.extra_args, APP]
+                *tls, *self.extra_args, APP]
 
     def start(self, *, timeout: float = 60.0, echo: bool = False) -> "GatewayProcess":
         log.info("starting the gateway on %s (%d worker(s)), log: %s", self.url, self.workers,
@@ -86,5 +90,7 @@ class GatewayProcess(ChildServer):
         context.verify_mode = ssl.CERT_NONE
         return context
 
-    def stop(self, *, timeout: float = 20.0) -> None:
-        super().stop(timeout=timeout)
+    def stop(self, *, timeout: float | None = None) -> None:
+        """SIGTERM: the gateway drains (open streams get GATEWAY_DRAIN_TIMEOUT), then exits;
+        killed past the drain plus 10 s."""
+        super().stop(timeout=self.drain_timeout + 10 if timeout is None else timeout)

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .child_process import ChildServer
+from .contract import SERVER_ID_ENV
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +193,9 @@ class TritonServer(ChildServer):
                             ports=self.ports, log_verbose=self.log_verbose, exit_timeout=self.exit_timeout)
         log.info("starting Triton (HTTP %d, gRPC %d, metrics %d), log: %s",
                  self.ports.http, self.ports.grpc, self.ports.metrics, self.log_path)
-        self._spawn(cmd, env=triton_env(), echo=echo)
+        env = triton_env()
+        env.setdefault(SERVER_ID_ENV, f"{socket.gethostname()}:{self.ports.grpc}")
+        self._spawn(cmd, env=env, echo=echo)
         try:
             self.wait_ready(timeout=timeout)
         except BaseException:

@@ -4,6 +4,8 @@ Both start on free ports for the session, wait for readiness, and always stop. W
 that uses them fails, the tail of each server's log is attached to the failure report.
 """
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from testkit import ROOT, free_port, model_dir
 
 from trident.triton_launcher import TritonPorts, TritonServer
 
-from e2e_helpers import API_KEY
+from e2e_helpers import API_KEY, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -91,6 +93,43 @@ def client(gateway):
     session.base_url = gateway.url
     yield session
     session.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
+    work = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    log = open(work / "redis.log", "wb")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", "",
+         "--appendonly", "no", "--daemonize", "no"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port)
+        if not wait_for(lambda: _pings(client), timeout=15):
+            pytest.fail(f"redis-server did not answer on {port}: {(work / 'redis.log').read_text()}")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -52,3 +52,41 @@ def engine_metrics(triton) -> dict:
                 total += float(line.rsplit(" ", 1)[1])
         values[key] = total
     return values
+
+
+def scrape(url: str, **kwargs) -> dict[tuple, float]:
+    """/metrics as {(sample name, sorted label pairs): value}; needs no key."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = requests.get(url + "/metrics", timeout=30, **kwargs)
+    assert r.status_code == 200, r.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def sample(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def log_lines(gateway) -> list[dict]:
+    """The gateway's JSON log lines."""
+    lines = []
+    for raw in gateway.log_path.read_text(errors="replace").splitlines():
+        if raw.startswith("{"):
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                pass
+    return lines
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval)

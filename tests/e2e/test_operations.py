@@ -8,6 +8,7 @@ keys file, Redis storage), ``tls_gateway`` (HTTPS, 1 worker, MAX_IN_FLIGHT=4) an
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import json
 import shutil
@@ -18,89 +19,14 @@ import uuid
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_gateway
-from e2e_helpers import API_KEY, engine_metrics, free_port, sse_events
+from testkit import MODEL
+
+from e2e_helpers import API_KEY, engine_metrics, log_lines, sample, scrape, sse_events, wait_for
 from gateway.keys import add_key
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-MODEL = "smollm2-135m-instruct"
-
-
-# -- helpers ----------------------------------------------------------------------------------
-
-
-def scrape(url: str, **kwargs) -> dict[tuple, float]:
-    """/metrics as {(sample name, sorted label pairs): value}; needs no key."""
-    r = requests.get(url + "/metrics", timeout=30, **kwargs)
-    assert r.status_code == 200, r.text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(r.text) for s in family.samples}
-
-
-def sample(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def log_lines(gateway) -> list[dict]:
-    lines = []
-    for raw in gateway.log_path.read_text(errors="replace").splitlines():
-        if raw.startswith("{"):
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:
-                pass
-    return lines
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
-
-
-# -- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
-    work = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    log = open(work / "redis.log", "wb")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", "",
-         "--appendonly", "no", "--daemonize", "no"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=port)
-        if not wait_for(lambda: _pings(client), timeout=15):
-            pytest.fail(f"redis-server did not answer on {port}: {(work / 'redis.log').read_text()}")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _pings(client) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +119,30 @@ def test_rate_limit_holds_exactly_across_4_workers(redis_gateway):
         samples = scrape(redis_gateway.url)
         rejected = sample(samples, "trident_gateway_rate_limited_requests_total", endpoint="/generate", key="limited")
         assert rejected == 20
+
+
+def test_connections_spread_over_the_workers(redis_gateway):
+    """100 connections over 4 workers: no worker takes more than 40 %. Each worker listens on its
+    own socket (SO_REUSEPORT, gateway.gunicorn_conf) and the kernel spreads connections over
+    them; with one shared socket one gevent worker could take a whole burst."""
+    ids = [f"spread-{uuid.uuid4().hex[:12]}" for _ in range(100)]
+
+    def one(request_id):  # refused at once (401): the worker that accepted it logs it
+        return requests.post(redis_gateway.url + "/generate", json={"prompt": "x"}, timeout=30,
+                             headers={"Authorization": "Bearer not-a-key", "Connection": "close",
+                                      "X-Request-ID": request_id}).status_code
+
+    with cf.ThreadPoolExecutor(20) as pool:
+        assert set(pool.map(one, ids)) == {401}
+
+    def logged():
+        found = [line for line in log_lines(redis_gateway) if line.get("request_id") in ids]
+        return found if len(found) == 100 else None
+
+    lines = wait_for(logged)
+    assert lines, "expected 100 request log lines"
+    per_worker = sorted(collections.Counter(line["pid"] for line in lines).values())
+    assert len(per_worker) == 4 and per_worker[-1] <= 40, per_worker
 
 
 def test_metrics_are_summed_across_workers(redis_gateway):

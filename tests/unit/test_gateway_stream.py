@@ -174,3 +174,31 @@ def test_admission_is_invisible_without_streaming(make_app):
     response = make_app(backend=backend).test_client().post("/generate", json=BODY, headers=AUTH)
     assert response.status_code == 200
     assert response.get_json()["choices"][0]["text"] == "Hello"
+
+
+def test_the_drain_deadline_ends_open_streams_with_an_error_event(make_app):
+    """After SIGTERM open streams may finish; past GATEWAY_DRAIN_TIMEOUT each still open gets an
+    error event (503, shutting down) and ends, and new generations and /readyz get 503."""
+    from gateway.drain import DRAIN
+
+    backend = FakeBackend(script=lambda p: ["a", Pause(30), "never", Finished("length", 1, 2)])
+    app = make_app(backend=backend, HEARTBEAT_INTERVAL=0.05)
+    client = app.test_client()
+    response = client.post("/generate", json={**BODY, "stream": True}, headers=AUTH, buffered=False)
+    chunks = iter(response.response)
+    assert next(chunks).startswith(b"event: token")
+    assert DRAIN.streams, "the open stream is registered for the drain"
+    try:
+        DRAIN.started = 0.0  # what SIGTERM does (gateway.worker -> DRAIN.begin)
+        assert client.get("/readyz").status_code == 503
+        refused = client.post("/generate", json=BODY, headers=AUTH)
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        DRAIN.end_streams()  # the deadline
+        rest = parse_sse(b"".join(chunks).decode())
+    finally:
+        DRAIN.started = None
+    names = [name for name, _ in rest]
+    assert names[-1] == "error" and "done" not in names and set(names[:-1]) <= {"comment"}
+    assert rest[-1][1]["error"]["code"] == 503 and rest[-1][1]["error"]["type"] == "service_unavailable"
+    assert backend.generations[0].closed.is_set()
+    assert not DRAIN.streams

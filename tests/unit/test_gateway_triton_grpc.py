@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from gateway_fakes import FakeTriton, start_fake_triton, wait_until
+from gateway_fakes import FakeTriton, start_fake_triton
+from testkit import AUTH, KEY, MODEL, free_port, wait_until
 
 from gateway import create_app
 from gateway.backend import Finished, TextDelta
@@ -15,9 +16,6 @@ from gateway.errors import ClientError, ServerError
 from trident.contract import SamplingParams, TextRequest
 from gateway.triton_backend import TritonBackend
 
-MODEL = "smollm2-135m-instruct"
-KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +32,6 @@ def backend(fake):
     b = TritonBackend(url=f"127.0.0.1:{port}", models={MODEL: "llm"}, request_timeout=10, ready_timeout=1)
     yield b
     b.close()
-
-
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(backend, prompt, stream=False, **sampling):
@@ -137,7 +129,7 @@ def test_deadline_after_output_is_504(fake):
 
 
 def test_unreachable_triton_is_a_fast_503():
-    backend = TritonBackend(url=f"127.0.0.1:{unused_port()}", models={MODEL: "llm"}, ready_timeout=1)
+    backend = TritonBackend(url=f"127.0.0.1:{free_port()}", models={MODEL: "llm"}, ready_timeout=1)
     started = time.monotonic()
     with pytest.raises(ServerError) as info:
         run(backend, "Hi")
@@ -198,3 +190,18 @@ def test_app_disconnect_cancels_triton_stream(client, fake):
     assert next(chunks) == b": keep-alive\n\n"
     response.close()
     assert wait_until(lambda: servicer.cancelled.count("slow") == before + 1)
+
+
+def test_concurrent_first_calls_share_one_relay(fake):
+    """Several requests arriving at once on a fresh worker build one relay (one event loop):
+    two loops in one process made grpc.aio mix their futures ("attached to a different loop")."""
+    backend = TritonBackend(url=f"127.0.0.1:{fake[1]}", models={MODEL: "llm"})
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            limits = list(pool.map(lambda _: backend.limits("llm"), range(8)))
+        assert len(set(limits)) == 1
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda _: run(backend, "Hi there"), range(8)))
+        assert all(o[-1] == Finished("eos_token", 2, 3) for o in outs)
+    finally:
+        backend.close()

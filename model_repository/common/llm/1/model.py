@@ -5,17 +5,20 @@ from the engine model over BLS and send text responses through each request's re
 """
 import json
 import logging
+import os
+import socket
 import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trident.contract import ADMISSION_PARAMETER
+from trident.contract import ADMISSION_PARAMETER, SERVER_ID_ENV
 from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_output_ids, stop_inputs
 from trident.llm_service import EngineChunk, LlmService, LlmSettings
 
 log = logging.getLogger("trident.llm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+SERVER_ID = os.environ.get(SERVER_ID_ENV) or socket.gethostname()  # which Triton: in admissions
 
 
 class TritonPythonModel:
@@ -71,7 +74,8 @@ class TritonRequest:
         return self._sender.is_cancelled()
 
     def send_admission(self):
-        self._sender.send(pb_utils.InferenceResponse(output_tensors=[]))
+        server = np.array([[SERVER_ID.encode()]], dtype=np.object_)
+        self._sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("server", server)]))
 
     def send_text(self, text):
         self._sender.send(_text_response(text))

@@ -1,0 +1,187 @@
+"""Scale-out on the real stack: two Tritons behind one gateway (gRPC round_robin + retries),
+failover when one dies, its return, the drain on SIGTERM, and connections spread over workers.
+
+The two Tritons serve the small-batch repository: the session's ``small_triton`` and one of
+this module's (``second_triton``), which the failover test kills and starts again.
+"""
+import concurrent.futures as cf
+import json
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import requests
+import testkit
+from testkit import free_port
+
+from conftest import SMALL_BATCH, start_gateway
+from e2e_helpers import API_KEY, engine_metrics, log_lines, sample, scrape, wait_for
+from trident.child_process import kill_group
+from trident.triton_launcher import TritonPorts, TritonServer
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SHORT = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def second_triton(small_repo, tmp_path_factory):
+    server = testkit.started(TritonServer(
+        model_repository=small_repo, work_dir=tmp_path_factory.mktemp("triton-second"),
+        ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())))
+    server.start(timeout=300)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_triton_gateway(small_triton, second_triton, tmp_path_factory, redis_url):
+    """Two workers, Redis for the shared rate limits, both Tritons as one comma-separated URL."""
+    class Both:  # what start_gateway needs of "a Triton"
+        grpc_url = f"{small_triton.grpc_url},{second_triton.grpc_url}"
+
+    gw = start_gateway(Both, tmp_path_factory, workers=2, extra_env={
+        "TRIDENT_RATELIMIT_STORAGE_URI": redis_url, "TRIDENT_REQUEST_TIMEOUT": "120"})
+    yield gw
+    gw.stop()
+
+
+def finished(triton) -> float:
+    text = requests.get(f"http://localhost:{triton.ports.metrics}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("trident_engine_requests_finished_total"))
+
+
+def test_requests_spread_over_both_tritons(two_triton_gateway, small_triton, second_triton):
+    """200 requests: each Triton takes 30-70 % (by its engine's own counter), and the gateway's
+    logs and metrics say which server answered."""
+    before = (finished(small_triton), finished(second_triton))
+    ids = [f"spread-{i}" for i in range(200)]
+
+    def one(request_id):
+        return requests.post(two_triton_gateway.url + "/generate", json=SHORT, timeout=120,
+                             headers={**AUTH, "X-Request-ID": request_id})
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        statuses = [r.status_code for r in pool.map(one, ids)]
+    assert statuses == [200] * 200
+    a, b = finished(small_triton) - before[0], finished(second_triton) - before[1]
+    assert a + b == 200 and 0.3 <= a / 200 <= 0.7, (a, b)
+    lines = wait_for(lambda: [x for x in log_lines(two_triton_gateway) if x.get("request_id") in ids]
+                     if len([x for x in log_lines(two_triton_gateway) if x.get("request_id") in ids]) == 200 else None)
+    servers = {line["server"] for line in lines}
+    host = socket.gethostname()
+    assert servers == {f"{host}:{small_triton.ports.grpc}", f"{host}:{second_triton.ports.grpc}"}
+    samples = scrape(two_triton_gateway.url)
+    for server in servers:
+        assert sample(samples, "trident_gateway_server_generations_total", server=server) >= 0.3 * 200
+
+
+def test_a_killed_triton_fails_its_streams_and_nothing_else_then_comes_back(
+        two_triton_gateway, small_triton, second_triton):
+    """Kill one Triton during streams: its streams get an error event, every request after the
+    kill succeeds on the other, and once restarted it takes traffic again within 30 s."""
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 300, "temperature": 0, "stream": True}
+    outcomes: dict[int, list[str]] = {}
+
+    def stream(i):
+        events = []
+        with requests.post(two_triton_gateway.url + "/generate", json=body, headers=AUTH, stream=True,
+                           timeout=120) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith(b"event: "):
+                    events.append(line[7:].decode())
+        outcomes[i] = events
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2 * SMALL_BATCH)]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: engine_metrics(second_triton)["active"] > 0 and engine_metrics(small_triton)["active"] > 0,
+                    timeout=60), "the streams did not reach both Tritons"
+    kill_group(second_triton.process.pid)  # SIGKILL: Triton and its stubs, mid-stream
+    killed = time.monotonic()
+    second_triton.stop()
+    after = []
+    with cf.ThreadPoolExecutor(8) as pool:
+        after = list(pool.map(lambda _: requests.post(two_triton_gateway.url + "/generate", json=SHORT,
+                                                      headers=AUTH, timeout=120), range(20)))
+    assert [r.status_code for r in after] == [200] * 20, [r.text for r in after if r.status_code != 200][:3]
+    for t in threads:
+        t.join(timeout=180)
+    errors = [e for e in outcomes.values() if e[-1] == "error"]
+    assert errors, "the killed Triton's streams should have ended with an error event"
+    assert all(e[-1] in ("error", "done") for e in outcomes.values())
+    assert time.monotonic() - killed < 120
+    second_triton.start(timeout=300)
+    back = time.monotonic()
+    before = finished(second_triton)
+
+    def took_traffic():
+        requests.post(two_triton_gateway.url + "/generate", json=SHORT, headers=AUTH, timeout=60)
+        return finished(second_triton) > before
+
+    assert wait_for(took_traffic, timeout=30, interval=0.2), "the restarted Triton got no request in 30 s"
+    assert time.monotonic() - back < 30
+
+
+def test_sigterm_drains_open_streams(small_triton, second_triton, tmp_path_factory):
+    """SIGTERM during 20 open streams: all 20 finish complete, requests during the drain get a 503
+    or a refused connection, and the gateway exits within the drain time plus 5 s."""
+    class Both:
+        grpc_url = f"{small_triton.grpc_url},{second_triton.grpc_url}"
+
+    gw = start_gateway(Both, tmp_path_factory, workers=1, drain_timeout=60)
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 16, "temperature": 0, "stream": True}
+    results = []
+
+    def stream():
+        with requests.post(gw.url + "/generate", json=body, headers=AUTH, stream=True, timeout=120) as r:
+            results.append([json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: ")])
+
+    threads = [threading.Thread(target=stream) for _ in range(20)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: engine_metrics(small_triton)["active"] + engine_metrics(second_triton)["active"] > 0, timeout=30)
+    gw.process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    during = []
+    while gw.process.poll() is None and time.monotonic() - sent < 65:
+        try:
+            during.append(requests.post(gw.url + "/generate", json=SHORT, headers=AUTH, timeout=10).status_code)
+        except requests.ConnectionError:
+            during.append("refused")
+        time.sleep(0.2)
+    gw.process.wait(timeout=70)
+    assert time.monotonic() - sent < 60 + 5
+    for t in threads:
+        t.join(timeout=30)
+    assert len(results) == 20
+    assert all(r and "finish_reason" in r[-1] for r in results), [r[-1:] for r in results]
+    assert during and set(during) <= {503, "refused"}, during
+    gw.stop()
+
+
+def test_streams_past_the_drain_time_end_with_an_error_event(small_triton, tmp_path_factory):
+    gw = start_gateway(small_triton, tmp_path_factory, workers=1, drain_timeout=2)
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 800, "temperature": 0, "stream": True}
+    results = []
+
+    def stream():
+        with requests.post(gw.url + "/generate", json=body, headers=AUTH, stream=True, timeout=120) as r:
+            results.append([line[7:].decode() for line in r.iter_lines() if line.startswith(b"event: ")])
+
+    threads = [threading.Thread(target=stream) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: engine_metrics(small_triton)["active"] >= 3, timeout=30)
+    gw.process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    gw.process.wait(timeout=30)
+    assert time.monotonic() - sent < 2 + 5
+    for t in threads:
+        t.join(timeout=30)
+    assert len(results) == 3 and all(r[-1] == "error" and "done" not in r for r in results), results
+    assert wait_for(lambda: engine_metrics(small_triton)["active"] == 0, timeout=10), "streams kept running"
+    gw.stop()
