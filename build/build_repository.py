@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trident.engine.config import WEIGHT_DTYPES  # noqa: E402
+from trident.prompt_limits import max_prompt_chars  # noqa: E402
 from trident.repo_builder import build_repository  # noqa: E402
 
 
@@ -19,6 +20,7 @@ def cpu_values(args) -> dict:
         "engine_model": "tensorrt_llm",
         "max_context": args.max_seq_len,
         "max_new_tokens_limit": args.max_new_tokens_limit,
+        "max_prompt_chars": getattr(args, "max_prompt_chars", None) or max_prompt_chars(model_dir, args.max_seq_len),
         "llm_max_batch_size": 64,
         "llm_max_concurrent": args.max_concurrent,
         "engine_max_batch_size": args.max_batch_size,
@@ -37,6 +39,8 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=32, help="engine's running batch")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens")
     parser.add_argument("--max-new-tokens-limit", type=int, default=2048)
+    parser.add_argument("--max-prompt-chars", type=int, default=0,
+                        help="prompt characters allowed before tokenizing (0: context x the longest token)")
     parser.add_argument("--max-queue-size", type=int, default=256, help="waiting requests")
     parser.add_argument("--max-concurrent", type=int, default=256, help="llm model's workers")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",

@@ -59,7 +59,7 @@ bind = [f"{_env('GATEWAY_HOST', '127.0.0.1')}:{_env('GATEWAY_PORT', '8080')}"]
 workers = int(_env("GATEWAY_WORKERS", "1"))
 worker_class = "gateway.worker.GeventGrpcWorker"
 reuse_port = True
-graceful_timeout = float(_env("GATEWAY_DRAIN_TIMEOUT", "30")) + 5
+graceful_timeout = int(float(_env("GATEWAY_DRAIN_TIMEOUT", "30")) + 5.999)  # gunicorn takes whole seconds
 timeout = 120
 if os.environ.get("GATEWAY_CERTFILE"):
     certfile, keyfile = os.environ["GATEWAY_CERTFILE"], os.environ.get("GATEWAY_KEYFILE")

@@ -147,6 +147,12 @@ class InvalidRequest(TaggedError):
 
 # -- limits --------------------------------------------------------------------------------------
 
+# Costly fields, bounded the same way on both sides (docs/api.md, "Limits", says why):
+MAX_STOP_SEQUENCES = 16  # stop sequences per request
+MAX_STOP_CHARS = 256  # characters of one stop sequence: held back and matched at every token
+MAX_CHAT_MESSAGES = 512  # messages of one chat request
+MAX_JSON_DEPTH = 32  # nesting of a request body (the deepest valid body needs 4)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelLimits:
@@ -156,8 +162,13 @@ class ModelLimits:
 
     max_context: int = 2048  # prompt + generated tokens
     max_new_tokens: int = 2048
+    # Characters a prompt may have before it is tokenized: the context times the longest token
+    # of the tokenizer (written by the repository build), so no prompt that fits is refused;
+    # 0: not bounded here (the tokenizer's own count still is).
+    max_prompt_chars: int = 0
 
-    PARAMETERS = {"max_context": "max_context", "max_new_tokens": "max_new_tokens_limit"}
+    PARAMETERS = {"max_context": "max_context", "max_new_tokens": "max_new_tokens_limit",
+                  "max_prompt_chars": "max_prompt_chars"}
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str]) -> "ModelLimits":
@@ -167,6 +178,21 @@ class ModelLimits:
 
 def max_tokens_error(value: int, limit: int, param: str = "max_new_tokens") -> str:
     return f"{param} must be between 1 and {limit}, got {value}"
+
+
+def prompt_chars_error(chars: int, limit: int, param: str = "prompt") -> str:
+    return (f"{param} has {chars} characters, more than the {limit} that can fit the model's context "
+            f"(checked before tokenizing); shorten it")
+
+
+def stop_error(stops: tuple[str, ...], param: str = "stop_sequences") -> Optional[str]:
+    """The message for stop sequences over the limits, or None."""
+    if len(stops) > MAX_STOP_SEQUENCES:
+        return f"{param} must have at most {MAX_STOP_SEQUENCES} items, got {len(stops)}"
+    for i, stop in enumerate(stops):
+        if len(stop) > MAX_STOP_CHARS:
+            return f"{param}[{i}] must be at most {MAX_STOP_CHARS} characters, got {len(stop)}"
+    return None
 
 
 def context_error(prompt_tokens: int, max_new_tokens: int, max_context: int) -> str:
@@ -219,6 +245,10 @@ class SamplingParams:
                                  param="repetition_penalty")
         if self.seed is not None and not 0 <= self.seed <= UINT64_MAX:
             raise InvalidRequest(f"seed must be between 0 and {UINT64_MAX}, got {self.seed}", param="seed")
+        for stops, param in ((self.stop, "stop_sequences"), (self.bad_words, "bad_words")):
+            message = stop_error(stops, param)
+            if message:
+                raise InvalidRequest(message, param=param)
 
     def log_fields(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,

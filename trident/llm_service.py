@@ -53,6 +53,7 @@ from .contract import (
     TaggedError,
     TextRequest,
     context_error,
+    prompt_chars_error,
     read_llm_inputs,
     tag_error,
 )
@@ -218,6 +219,8 @@ class LlmService:
         text = read_llm_inputs(request.input)
         limits = self.settings.limits
         text.sampling.check(limits)
+        if limits.max_prompt_chars and len(text.prompt) > limits.max_prompt_chars:
+            raise InvalidRequest(prompt_chars_error(len(text.prompt), limits.max_prompt_chars), param="prompt")
         input_ids = self.tokenizer(text.prompt).input_ids
         new_tokens = text.sampling.max_new_tokens
         if len(input_ids) + new_tokens > limits.max_context:

@@ -54,11 +54,11 @@ def stack(request, tmp_path_factory):
         logs.append(gateway_log)
         gunicorn = Path(sys.executable).with_name("gunicorn")
         procs.append(subprocess.Popen(
-            [str(gunicorn), "-k", "gateway.worker.GeventGrpcWorker", "-w", "1", "-b", f"127.0.0.1:{http_port}",
-             "--graceful-timeout", "2", *(["--preload"] if request.param else []), "gateway:create_app()"],
+            [str(gunicorn), "-c", "python:gateway.gunicorn_conf", "-w", "1", "-b", f"127.0.0.1:{http_port}",
+             *(["--preload"] if request.param else []), "gateway:create_app()"],
             cwd=ROOT, stdout=gateway_log, stderr=subprocess.STDOUT,
             env={**env, "TRIDENT_API_KEY": KEY, "TRIDENT_TRITON_GRPC_URL": f"127.0.0.1:{triton_port}",
-                 "TRIDENT_HEARTBEAT_INTERVAL": "0.1"},
+                 "TRIDENT_HEARTBEAT_INTERVAL": "0.1", "GATEWAY_DRAIN_TIMEOUT": "2"},
         ))
         wait_for_port(http_port, procs[1])
         yield f"http://127.0.0.1:{http_port}", cancel_log, work / "gateway.log"

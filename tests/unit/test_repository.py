@@ -28,7 +28,7 @@ def cpu_values(model_dir):
     spec.loader.exec_module(module)
     import argparse
 
-    args = argparse.Namespace(model_dir=model_dir, max_seq_len=1024, max_new_tokens_limit=512,
+    args = argparse.Namespace(model_dir=model_dir, max_seq_len=1024, max_new_tokens_limit=512, max_prompt_chars=65536,
                               max_concurrent=64, max_batch_size=8, dtype="bfloat16", num_threads=0,
                               max_queue_size=32)
     return module.cpu_values(args)

@@ -238,7 +238,7 @@ def cpu_engine_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     values = module.cpu_values(argparse.Namespace(
-        model_dir=ROOT, max_seq_len=1024, max_new_tokens_limit=512, max_concurrent=64, max_batch_size=8,
+        model_dir=ROOT, max_seq_len=1024, max_new_tokens_limit=512, max_prompt_chars=65536, max_concurrent=64, max_batch_size=8,
         dtype="bfloat16", num_threads=0, max_queue_size=32))
     text = path.read_text()
     values = {**{m.group(1): "1" for m in PLACEHOLDER.finditer(text)}, **values}

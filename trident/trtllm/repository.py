@@ -1,11 +1,14 @@
 """Values for the trtllm flavour of model_repository/ (common models + the tensorrtllm engine)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from ..prompt_limits import max_prompt_chars
 from ..repo_builder import build_repository
 from .plan import EngineSettings, ServingSettings, new_tokens_limit
 
+log = logging.getLogger(__name__)
 ENGINE_MODEL = "tensorrt_llm"
 # Triton max_batch_size of the python models (llm, preprocessing, ensemble): requests arrive
 # one by one; this only bounds what one gRPC call may batch. Same value as the CPU flavour.
@@ -22,6 +25,7 @@ def trtllm_values(*, tokenizer_dir: Path, engine_dir: Path, engine: EngineSettin
         # The llm model refuses prompt + max_new_tokens above this, before the engine sees it.
         "max_context": engine.max_seq_len,
         "max_new_tokens_limit": new_tokens_limit(engine=engine, serving=serving),
+        "max_prompt_chars": _prompt_chars(Path(tokenizer_dir), engine.max_seq_len),
         "llm_max_batch_size": LLM_MAX_BATCH_SIZE,
         "llm_max_concurrent": serving.max_concurrent,
         # trtllm/: tensorrt_llm
@@ -31,6 +35,17 @@ def trtllm_values(*, tokenizer_dir: Path, engine_dir: Path, engine: EngineSettin
         "enable_kv_cache_reuse": "true" if serving.enable_kv_cache_reuse else "false",
         "batch_scheduler_policy": serving.batch_scheduler_policy,
     }
+
+
+def _prompt_chars(tokenizer_dir: Path, max_context: int) -> int:
+    """trident.prompt_limits' bound; 0 (the llm model's token count alone) when the tokenizer
+    cannot be read here (a dry run on a made-up checkpoint), with a log line."""
+    try:
+        return max_prompt_chars(tokenizer_dir, max_context)
+    except Exception as exc:  # any loader error: the bound is an optimization, not a safeguard
+        log.warning("max_prompt_chars left unbounded: the tokenizer in %s did not load (%s)", tokenizer_dir,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return 0
 
 
 def write_trtllm_repository(*, out_dir: Path, tokenizer_dir: Path, engine_dir: Path,
