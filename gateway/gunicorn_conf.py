@@ -84,6 +84,17 @@ if "prometheus_client" in sys.modules:  # its value class is chosen once, at imp
     )
 
 
+def post_worker_init(worker) -> None:  # noqa: ANN001
+    """In each worker, once its app is loaded: warm the Triton backend up on a greenlet (its relay
+    thread, the served models' limits), so a burst of first requests does not wait for it."""
+    backend = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("trident")
+    warm_up = getattr(getattr(backend, "backend", None), "warm_up", None)
+    if warm_up is not None:
+        import gevent
+
+        gevent.spawn(warm_up)
+
+
 def child_exit(server, worker) -> None:  # noqa: ANN001 (gunicorn's hook signature)
     from prometheus_client import multiprocess
 

@@ -10,7 +10,9 @@ from typing import Any
 from marshmallow import ValidationError
 from marshmallow.validate import OneOf
 
-from .schemas import MAX_STOP_SEQUENCES, StrictSchema, _StrictField, describe, non_empty_strings
+from trident.contract import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+
+from .schemas import StrictSchema, _StrictField, describe, non_empty_strings
 
 
 def _only(value: Any, message: str) -> OneOf:
@@ -67,6 +69,8 @@ class StringOrStrings(_StrictField):
         if isinstance(value, str):
             if not value:
                 raise ValidationError(f"{name} must be a non-empty string")
+            if len(value) > MAX_STOP_CHARS:
+                raise ValidationError(f"{name} must be at most {MAX_STOP_CHARS} characters, got {len(value)}")
             return (value,)
         return non_empty_strings(value, name=name, max_items=self.max_items)
 
@@ -98,11 +102,13 @@ class Nested(_StrictField):
     """An object (or, with ``many``, an array of objects) loaded with ``schema``; errors name the
     path, e.g. ``messages[1].role must be one of ...``."""
 
-    def __init__(self, schema: type[StrictSchema], *, many: bool = False, min_items: int = 0, **kwargs: Any) -> None:
+    def __init__(self, schema: type[StrictSchema], *, many: bool = False, min_items: int = 0,
+                 max_items: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.schema_class = schema
         self.many = many
         self.min_items = min_items
+        self.max_items = max_items
         self.expected = "an array of objects" if many else "an object"
 
     def accepts(self, value: Any) -> bool:
@@ -131,6 +137,8 @@ class Nested(_StrictField):
             return self._load_one(value, name)
         if len(value) < self.min_items:
             raise ValidationError(f"{name} must have at least {self.min_items} item{'s' if self.min_items > 1 else ''}")
+        if self.max_items is not None and len(value) > self.max_items:
+            raise ValidationError(f"{name} must have at most {self.max_items} items, got {len(value)}")
         return [self._load_one(item, f"{name}[{i}]") for i, item in enumerate(value)]
 
 

@@ -38,7 +38,7 @@ from marshmallow.validate import OneOf
 from .chat_template import ChatTemplate
 from .errors import ServerError
 from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, _only
-from trident.contract import INT32_MAX, UINT64_MAX, TextRequest
+from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, UINT64_MAX, TextRequest
 
 from .schemas import (
     ModelSchema,
@@ -170,7 +170,9 @@ class _OpenAISchema(ModelSchema):
                 'stream_options is only allowed with "stream": true', field_name="stream_options"
             )
 
-    def _request(self, data: dict[str, Any], *, prompt: str, model: str, max_tokens: int | None) -> OpenAIRequest:
+    def _request(self, data: dict[str, Any], *, prompt: str, model: str, max_tokens: int | None,
+                 prompt_param: str = "prompt") -> OpenAIRequest:
+        self.check_prompt_length(prompt, model, prompt_param)
         if max_tokens is None:  # the endpoint's own default (OpenAI's), within the model's limit
             max_tokens = min(self.default_max_tokens, self.limits(model).max_new_tokens)
         fields = {**data, "max_tokens": max_tokens}
@@ -213,6 +215,7 @@ class ChatCompletionSchema(_OpenAISchema):
         ChatMessageSchema,
         many=True,
         min_items=1,
+        max_items=MAX_CHAT_MESSAGES,
         required=True,
         allow_none=False,
         error_messages={"required": "messages is required", "null": "messages must be an array, got null"},
@@ -265,7 +268,7 @@ class ChatCompletionSchema(_OpenAISchema):
         max_tokens = data.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = data.get("max_tokens")
-        return self._request(data, prompt=prompt, model=model, max_tokens=max_tokens)
+        return self._request(data, prompt=prompt, model=model, max_tokens=max_tokens, prompt_param="messages")
 
 
 def load_openai(schema: _OpenAISchema, body: dict[str, Any]) -> OpenAIRequest:

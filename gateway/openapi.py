@@ -24,6 +24,8 @@ from marshmallow.validate import Range
 
 from . import response_schemas as rs
 from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings
+from trident.contract import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+
 from .schemas import StopSequences, StrictBoolean, StrictInteger, StrictNumber, StrictString
 
 bp = Blueprint("openapi", __name__)
@@ -55,10 +57,11 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
     exclusive ranges, and the app's token limit."""
     props: dict[str, Any] = {}
     text = {"type": "string", "minLength": 1}
+    stop = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     if isinstance(field, StopSequences):
-        props = {"items": text, "maxItems": 16}
+        props = {"items": stop, "maxItems": MAX_STOP_SEQUENCES}
     elif isinstance(field, StringOrStrings):
-        props = {"anyOf": [text, {"type": "array", "items": text, "maxItems": field.max_items}]}
+        props = {"anyOf": [stop, {"type": "array", "items": stop, "maxItems": field.max_items}]}
     elif isinstance(field, Prompt):
         props = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]}
     elif isinstance(field, MessageContent):
@@ -72,6 +75,8 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
     elif isinstance(field, Nested):
         ref = self.resolve_nested_schema(field.schema_class)
         props = {"type": "array", "items": ref, "minItems": field.min_items} if field.many else {"anyOf": [ref]}
+        if field.many and field.max_items is not None:
+            props["maxItems"] = field.max_items
     elif isinstance(field, Empty):
         props = {"enum": [None, {}, [], "", *field.neutral], "description": f"Only its neutral values are accepted ({field.unsupported})."}
     if field.allow_none and "anyOf" in props:

@@ -17,11 +17,21 @@ from flask import Request
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validates, validates_schema
 from marshmallow.validate import Range
 
-from trident.contract import INT32_MAX, UINT64_MAX, ModelLimits, SamplingParams, TextRequest, max_tokens_error
+from trident.contract import (
+    INT32_MAX,
+    MAX_JSON_DEPTH,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    UINT64_MAX,
+    ModelLimits,
+    SamplingParams,
+    TextRequest,
+    max_tokens_error,
+    prompt_chars_error,
+)
 
 from .errors import ClientError
 
-MAX_STOP_SEQUENCES = 16
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -104,8 +114,9 @@ class StrictBoolean(_StrictField):
         return isinstance(value, bool)
 
 
-def non_empty_strings(value: list, *, name: str, max_items: int) -> tuple[str, ...]:
-    """A list of at most ``max_items`` non-empty strings (stop sequences), as a tuple."""
+def non_empty_strings(value: list, *, name: str, max_items: int, max_chars: int = MAX_STOP_CHARS) -> tuple[str, ...]:
+    """A list of at most ``max_items`` non-empty strings of at most ``max_chars`` characters
+    (stop sequences), as a tuple."""
     if len(value) > max_items:
         raise ValidationError(f"{name} must have at most {max_items} items, got {len(value)}")
     for i, item in enumerate(value):
@@ -113,6 +124,8 @@ def non_empty_strings(value: list, *, name: str, max_items: int) -> tuple[str, .
             raise ValidationError(f"{name}[{i}] must be a string, got {describe(item)}")
         if not item:
             raise ValidationError(f"{name}[{i}] must be a non-empty string")
+        if len(item) > max_chars:
+            raise ValidationError(f"{name}[{i}] must be at most {max_chars} characters, got {len(item)}")
     return tuple(value)
 
 
@@ -201,6 +214,12 @@ class ModelSchema(StrictSchema):
             )
         return model
 
+    def check_prompt_length(self, prompt: str, model: str, param: str) -> None:
+        """A 400 before the prompt crosses to Triton when it cannot fit the model's context."""
+        limit = self.limits(model).max_prompt_chars
+        if limit and len(prompt) > limit:
+            raise ClientError(prompt_chars_error(len(prompt), limit, param), param=param)
+
     @validates_schema(skip_on_field_errors=False)
     def validate_token_limits(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         values = [(name, data.get(name)) for name in self.token_fields if isinstance(data.get(name), int)]
@@ -266,6 +285,7 @@ class GenerateSchema(ModelSchema):
     @post_load
     def make_params(self, data: dict[str, Any], **kwargs: Any) -> TextRequest:
         model = self.requested_model(data)
+        self.check_prompt_length(data["prompt"], model, "prompt")
         if data.get("max_new_tokens") is None:
             data["max_new_tokens"] = data.get("max_length")
         return TextRequest(prompt=data["prompt"], sampling=sampling_params(data), stream=bool(data.get("stream")),
@@ -303,6 +323,9 @@ def read_json_object(request: Request) -> dict[str, Any]:
         raise ClientError(f"Content-Type must be application/json, got {got!r}" if got else
                           "Content-Type must be application/json")
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ClientError(f"Request body is nested {depth} levels deep; at most {MAX_JSON_DEPTH} are allowed")
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
@@ -311,7 +334,62 @@ def read_json_object(request: Request) -> dict[str, Any]:
         raise ClientError(f"Request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ClientError(f"Request body must be a JSON object, got {describe(body).split(' ')[0]}")
+    bad = unencodable_path(body)
+    if bad is not None:
+        raise ClientError(f"{bad} is not valid Unicode text: it holds a lone surrogate (such as \\ud800); "
+                          "send UTF-8 text", param=bad.split("[")[0].split(".")[0] or None)
     return body
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in a JSON text, counted without parsing it (brackets
+    inside strings skipped), so a deep body never reaches the parser's recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_JSON_DEPTH:
+                    return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def unencodable_path(value: Any, path: str = "") -> str | None:
+    """The path (``messages[1].content``) of the first string, key included, that is not valid
+    Unicode (a lone surrogate from a ``\\ud800`` escape), or None. Depth is bounded already."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "the request body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{path}.{key}" if path else str(key)
+            if unencodable_path(key, name) is not None:
+                return name.encode("utf-8", "backslashreplace").decode("ascii")
+            found = unencodable_path(item, name)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = unencodable_path(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def load_generate(schema: GenerateSchema, body: dict[str, Any]) -> TextRequest:

@@ -17,6 +17,7 @@ stopping) to another server. No routing code of our own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -198,6 +199,7 @@ class TritonBackend:
         self._relay: Relay | None = None
         self._relay_lock = threading.Lock()  # held only while a relay is built (nothing yields)
         self._limits: dict[str, ModelLimits] = {}
+        self._limit_tasks: dict[str, asyncio.Future] = {}  # relay loop only
 
     def _channel_options(self) -> list[tuple[str, Any]]:
         return [
@@ -269,14 +271,31 @@ class TritonBackend:
 
     def limits(self, model: str) -> ModelLimits:
         """The Triton model's limits from its config parameters (the repository build wrote them):
-        asked once per worker process, refreshed by every readiness check."""
+        asked once per worker process (requests arriving meanwhile wait for that one answer),
+        refreshed by every readiness check."""
         if model not in self._limits:
             try:
-                self._limits[model] = self.relay.run(self._read_limits(model), timeout=self.ready_timeout * 2)
+                self._limits[model] = self.relay.run(self._read_limits_once(model), timeout=self.ready_timeout * 2)
             except (grpc.RpcError, TimeoutError) as err:
                 log.warning("reading the limits of %s failed: %r", model, err)
                 raise unavailable("The inference server is unreachable", self.retry_after) from None
         return self._limits[model]
+
+    async def _read_limits_once(self, model: str) -> ModelLimits:
+        """On the relay loop: one ModelConfig call per model in flight, shared by every caller."""
+        task = self._limit_tasks.get(model)
+        if task is None or task.done() and task.exception() is not None:
+            task = self._limit_tasks[model] = asyncio.ensure_future(self._read_limits(model))
+        return await asyncio.shield(task)
+
+    def warm_up(self) -> None:
+        """Build this worker's relay and read the served models' limits now, not in the first
+        requests (a burst of them waited for both). Errors are only logged: Triton may be down."""
+        for model in self.models.values():
+            try:
+                self.limits(model)
+            except Exception as exc:
+                log.info("warm-up: limits of %s not read yet (%s)", model, exc)
 
     async def _read_limits(self, model: str) -> ModelLimits:
         response = await self.relay.stub.ModelConfig(service_pb2.ModelConfigRequest(name=model),

@@ -24,9 +24,41 @@ from gevent import socket
 from gunicorn.workers.ggevent import GeventWorker
 
 
+def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # noqa: ANN001
+    """gunicorn's answer to a request it could not parse (before the app runs), in the JSON
+    envelope of shared/API.md instead of an HTML page. gunicorn's own detail is left out: it may
+    quote a header, and headers carry API keys."""
+    import json
+    import uuid
+
+    from gunicorn import util
+
+    messages = {
+        400: "The request is not valid HTTP (request line, a header or the chunked body)",
+        403: "The request is forbidden",
+        414: "The request line is too long",
+        417: "Expectation failed",
+        431: "The request's header fields are too large",
+        500: "The server could not handle the request",
+        501: "Unsupported transfer coding",
+    }
+    kind = "server_error" if status_int >= 500 else "invalid_request_error"
+    body = json.dumps({"error": {"message": messages.get(status_int, reason), "type": kind, "param": None,
+                                 "code": status_int}}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"X-Request-ID: {uuid.uuid4().hex}\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    util.write_nonblock(sock, head + body)
+
+
 class GeventGrpcWorker(GeventWorker):
     """gunicorn's gevent worker, with ``threading`` left to the OS, and a drain on SIGTERM
     (gateway.drain)."""
+
+    def init_process(self) -> None:
+        from gunicorn.workers import base
+
+        base.util.write_error = write_json_error  # this worker process only
+        super().init_process()
 
     def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 (gunicorn's signal handler)
         from .drain import DRAIN, drain_timeout

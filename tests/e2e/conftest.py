@@ -74,9 +74,9 @@ def small_triton(small_repo, tmp_path_factory):
     server.stop()
 
 
-def start_gateway(triton, tmp_path_factory, *, workers=1, extra_env=None):
+def start_gateway(triton, tmp_path_factory, *, workers=1, extra_env=None, drain_timeout=5):
     return testkit.start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway"), api_key=API_KEY,
-                                 workers=workers, extra_env=extra_env)
+                                 workers=workers, extra_env=extra_env, drain_timeout=drain_timeout)
 
 
 @pytest.fixture(scope="session")

@@ -66,7 +66,10 @@ def test_requests_spread_over_both_tritons(two_triton_gateway, small_triton, sec
     with cf.ThreadPoolExecutor(16) as pool:
         statuses = [r.status_code for r in pool.map(one, ids)]
     assert statuses == [200] * 200
-    a, b = finished(small_triton) - before[0], finished(second_triton) - before[1]
+    counts = wait_for(lambda: (lambda a, b: (a, b) if a + b >= 200 else None)(  # published every 0.1 s
+        finished(small_triton) - before[0], finished(second_triton) - before[1]))
+    assert counts is not None
+    a, b = counts
     assert a + b == 200 and 0.3 <= a / 200 <= 0.7, (a, b)
     lines = wait_for(lambda: [x for x in log_lines(two_triton_gateway) if x.get("request_id") in ids]
                      if len([x for x in log_lines(two_triton_gateway) if x.get("request_id") in ids]) == 200 else None)

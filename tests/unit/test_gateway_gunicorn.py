@@ -5,6 +5,7 @@ cancels the gRPC call."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -119,3 +120,34 @@ def test_concurrent_streams_heartbeat_and_disconnect_cancels(stack):
     # and the worker still answers
     response = requests.post(url + "/generate", json={"prompt": "Hi there"}, headers=AUTH, timeout=10)
     assert response.status_code == 200
+
+
+def raw_http(url: str, request: bytes) -> bytes:
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize(("stray", "status"), [(b"\xff\xfe", 401), (b"\xc3\xa9", 401), (b"\x01", 400),
+                                               (b"\x00", 400), (b"\x7f", 400)])
+def test_a_key_with_stray_bytes_gets_the_json_envelope_and_is_never_echoed(stack, stray, status):
+    """An Authorization header with stray bytes (a key pasted with a character too many): bytes
+    HTTP allows in a field value reach the app (401: unknown key); others gunicorn refuses before
+    the app runs (400). Either way the answer is the JSON envelope, and neither it nor the log
+    quotes the header: it carries a key."""
+    url, _, gateway_log = stack
+    secret = b"sk-" + stray + KEY.encode()
+    raw = raw_http(url, b"POST /generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer "
+                   + secret + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()) and b"Content-Type: application/json" in head, raw[:300]
+    assert b"X-Request-ID: " in head
+    error = json.loads(body)["error"]
+    assert error["code"] == status and error["type"] in ("invalid_request_error", "authentication_error")
+    assert KEY.encode() not in raw
+    time.sleep(0.2)
+    assert KEY.encode() not in gateway_log.read_bytes()

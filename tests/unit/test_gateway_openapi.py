@@ -88,8 +88,10 @@ def test_request_schemas_come_from_the_app_schemas():
     assert generate["properties"]["top_p"] == {"type": ["number", "null"], "maximum": 1, "exclusiveMinimum": 0}
     chat = schemas["ChatCompletionRequest"]
     assert chat["properties"]["messages"] == {
-        "type": "array", "items": {"$ref": "#/components/schemas/ChatMessage"}, "minItems": 1,
+        "type": "array", "items": {"$ref": "#/components/schemas/ChatMessage"}, "minItems": 1, "maxItems": 512,
     }
+    stop = generate["properties"]["stop_sequences"]
+    assert stop["maxItems"] == 16 and stop["items"]["maxLength"] == 256
     assert chat["properties"]["n"]["enum"] == [1, None]
     assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
     ops = SPEC["paths"]
