@@ -94,10 +94,14 @@ class TritonGeneration:
         self._closed = False
         self._finished: Finished | None = None
         self._ended = False
+        self._pending_error: ApiError | None = None
 
     def next_events(self, timeout: float | None) -> list[Event] | None:
         """Every event that has arrived, waiting up to ``timeout`` for the first; None when the
         timeout passed; [] once the generation ended. Raises the typed errors."""
+        if self._pending_error is not None:  # after the events that came before it
+            error, self._pending_error = self._pending_error, None
+            raise error
         if self._ended:
             return []
         items = self._call.take(timeout)
@@ -124,6 +128,9 @@ class TritonGeneration:
             else:
                 self._ended = True
                 if self._closed:
+                    return events
+                if events:  # text that arrived before the failure is sent first
+                    self._pending_error = self._error(item)
                     return events
                 raise self._error(item)
         if not events and not self._ended:

@@ -205,3 +205,15 @@ def test_concurrent_first_calls_share_one_relay(fake):
         assert all(o[-1] == Finished("eos_token", 2, 3) for o in outs)
     finally:
         backend.close()
+
+
+def test_text_that_arrives_with_a_failure_is_not_lost(backend):
+    """The relay hands over everything that arrived at once: text then an error in one batch
+    gives the text, and the error on the next read."""
+    generation = backend.generate(TextRequest(prompt="error-after", model=MODEL, stream=True), request_id="r")
+    assert wait_until(lambda: generation._call.done, timeout=5)  # both arrived before the first read
+    assert generation.next_events(1) == [TextDelta("Hello")]
+    with pytest.raises(ServerError) as info:
+        generation.next_events(1)
+    assert info.value.status == 503
+    generation.close()
