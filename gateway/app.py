@@ -15,6 +15,7 @@ from flask import Flask, Response, g, has_request_context, request
 
 from .auth import KeyStore
 from .backend import Backend
+from .concurrency import KeyConcurrency
 from .config import load_config
 from .errors import register_error_handlers
 from .openai_routes import init_app as init_openai
@@ -71,6 +72,9 @@ def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | No
         in_flight=InFlight(app.config["MAX_IN_FLIGHT"]),
         heartbeat_interval=app.config["HEARTBEAT_INTERVAL"],
         retry_after=app.config["RETRY_AFTER"],
+        key_concurrency=KeyConcurrency(app.config["RATELIMIT_STORAGE_URI"],
+                                       lease=app.config["REQUEST_TIMEOUT"] + 60),
+        default_max_concurrent=app.config["DEFAULT_MAX_CONCURRENT"],
     )
 
     register_error_handlers(app)

@@ -6,7 +6,7 @@ Keys come from any of, together:
   rate-limited by ``DEFAULT_RATE_LIMIT`` if set. Hashed at start-up; the key itself is not kept.
 * ``TRIDENT_API_KEYS_FILE`` (config ``API_KEYS_FILE``): a JSON list of objects
   ``{"name": "alice", "sha256": "<hex digest of the key>", "models": ["*"] or [names],
-  "rate_limit": "60/minute", "endpoints": ["*"]}`` (``rate_limit`` may be absent:
+  "rate_limit": "60/minute", "endpoints": ["*"], "max_concurrent": 4}`` (``rate_limit`` may be absent:
   ``DEFAULT_RATE_LIMIT`` applies; ``endpoints``, shell-style patterns of route paths such as
   ``"/generate"`` or ``"/v1/*"``, may be absent: every endpoint). ``python -m gateway.keys``
   adds, lists and revokes entries;
@@ -53,6 +53,7 @@ class ApiKey:
     models: frozenset[str]  # "*" allows every model
     rate_limit: str | None = None
     endpoints: frozenset[str] = frozenset({"*"})  # fnmatch patterns of route paths
+    max_concurrent: int | None = None  # open generations at once (gateway.concurrency); None: the default
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -79,10 +80,14 @@ def _parse_entry(entry: Any, where: str) -> ApiKey:
         parse_rate_limit(rate_limit)  # fails at start-up, not on the first request
     if not isinstance(endpoints, list) or not endpoints or not all(isinstance(e, str) and e for e in endpoints):
         raise ValueError(f"{where}: API key {name!r}: 'endpoints' must be a non-empty list of paths or [\"*\"]")
-    unknown = set(entry) - {"name", "sha256", "models", "rate_limit", "endpoints"}
+    max_concurrent = entry.get("max_concurrent")
+    if max_concurrent is not None and (not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool)
+                                       or max_concurrent < 1):
+        raise ValueError(f"{where}: API key {name!r}: 'max_concurrent' must be a positive integer")
+    unknown = set(entry) - {"name", "sha256", "models", "rate_limit", "endpoints", "max_concurrent"}
     if unknown:
         raise ValueError(f"{where}: API key {name!r}: unknown fields {sorted(unknown)}")
-    return ApiKey(name, bytes.fromhex(digest), frozenset(models), rate_limit, frozenset(endpoints))
+    return ApiKey(name, bytes.fromhex(digest), frozenset(models), rate_limit, frozenset(endpoints), max_concurrent)
 
 
 class KeyStore:

@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "API_KEYS_FILE": None,  # JSON list of {name, sha256, models, rate_limit}
     "API_KEYS": None,  # the same list given inline (config file or tests)
     "DEFAULT_RATE_LIMIT": None,  # e.g. "60/minute", for keys without their own; None: none
+    "DEFAULT_MAX_CONCURRENT": 0,  # open generations per key, for keys without their own; 0: no bound
     "RATELIMIT_STORAGE_URI": "memory://",  # flask-limiter; "redis://..." for several replicas
     "RATELIMIT_HEADERS_ENABLED": True,  # X-RateLimit-* and Retry-After
     # HTTP

@@ -33,8 +33,9 @@ def _state() -> GatewayState:
 
 
 def start_generation(params: TextRequest) -> tuple[Generation, Callable[[], None]]:
-    """Once the request is validated: the key may use the model (403), an in-flight slot (503),
-    the backend call. Returns the generation and ``done``, to call once when it is over (gives
+    """Once the request is validated: the key may use the model (403), the gateway is not
+    draining (503), the key has a generation to spare (429, gateway.concurrency), an in-flight
+    slot (503), the backend call. Returns the generation and ``done``, to call once when it is over (gives
     the slot back); ``collect`` and ``stream_response`` call it. The generation is measured
     (metrics, the request's log line: gateway.telemetry)."""
     state = _state()
@@ -43,7 +44,19 @@ def start_generation(params: TextRequest) -> tuple[Generation, Callable[[], None
     if DRAIN.draining:  # a kept-alive connection asking after SIGTERM
         raise unavailable("The gateway is shutting down; retry the request", state.retry_after)
     request_id: str = g.request_id
-    done = state.in_flight.acquire(state.retry_after)  # once, when the generation is over
+    key = g.api_key
+    release_key = state.key_concurrency.acquire(key.name, key.max_concurrent or state.default_max_concurrent,
+                                                retry_after=state.retry_after)  # 429 over the key's bound
+    try:
+        release_slot = state.in_flight.acquire(state.retry_after)
+    except BaseException:
+        release_key()
+        raise
+
+    def done() -> None:  # once, when the generation is over
+        release_slot()
+        release_key()
+
     try:
         generation = observe_generation(state.backend.generate(params, request_id=request_id), params)
     except BaseException:

@@ -76,6 +76,7 @@ def add_key(
     models: list[str],
     rate_limit: str | None = None,
     endpoints: list[str] | None = None,
+    max_concurrent: int | None = None,
 ) -> str:
     """Add a key named ``name``; returns the key (the only time it exists outside a client)."""
     entries = read_entries(path)
@@ -89,6 +90,10 @@ def add_key(
         entry["rate_limit"] = rate_limit
     if endpoints is not None:
         entry["endpoints"] = endpoints
+    if max_concurrent is not None:
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        entry["max_concurrent"] = max_concurrent
     write_entries(path, [*entries, entry])
     return key
 
@@ -122,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--models", type=_names, default=["*"], help="comma-separated model names, or '*' (default)")
     add.add_argument("--rate-limit", default=None, help="e.g. '60/minute' (default: DEFAULT_RATE_LIMIT)")
     add.add_argument("--endpoints", type=_names, default=None, help="comma-separated paths or patterns, e.g. '/v1/*'")
+    add.add_argument("--max-concurrent", type=int, default=None,
+                     help="generations the key may have open at once (default: DEFAULT_MAX_CONCURRENT)")
     for name in ("list", "revoke"):
         sub = commands.add_parser(name, help=f"{name} keys")
         sub.add_argument("--file", type=Path, default=argparse.SUPPRESS)
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "add":
             key = add_key(args.file, name=args.name, models=args.models, rate_limit=args.rate_limit,
-                          endpoints=args.endpoints)
+                          endpoints=args.endpoints, max_concurrent=args.max_concurrent)
             print(key)
             print(f"added key {args.name!r} to {args.file}; this is the only time the key is shown",
                   file=sys.stderr)

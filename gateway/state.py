@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from . import metrics
 from .auth import KeyStore
+from .concurrency import KeyConcurrency
 from .backend import Backend
 from .errors import unavailable
 from .schemas import GenerateSchema
@@ -59,3 +60,5 @@ class GatewayState:
     in_flight: InFlight
     heartbeat_interval: float
     retry_after: int
+    key_concurrency: KeyConcurrency
+    default_max_concurrent: int = 0

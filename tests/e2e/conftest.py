@@ -42,14 +42,15 @@ def triton(tmp_path_factory):
 SMALL_BATCH = 4  # engine slots of the small-batch repository: tests run many more streams
 
 
-def build_small_repository(out: Path, *, max_batch_size: int = SMALL_BATCH) -> Path:
-    """The CPU repository from the same templates and model, with a small engine batch."""
+def build_small_repository(out: Path, *, max_batch_size: int = SMALL_BATCH, extra=()) -> Path:
+    """The CPU repository from the same templates and model, with a small engine batch (and
+    ``extra`` options of build/build_repository.py)."""
     import subprocess
     import sys
 
     subprocess.run([sys.executable, str(ROOT / "build/build_repository.py"), "--model-dir", str(model_dir()),
                     "--out", str(out), "--max-batch-size", str(max_batch_size), "--max-seq-len", "1024",
-                    "--weight-dtype", "int4"], check=True, capture_output=True, timeout=120)
+                    "--weight-dtype", "int4", *extra], check=True, capture_output=True, timeout=120)
     return out
 
 

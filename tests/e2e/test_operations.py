@@ -323,3 +323,26 @@ def test_body_over_the_limit_is_413(timeout_gateway):
     assert r.status_code == 413
     assert r.json() == {"error": {"message": "Request body is larger than the limit of 2000 bytes",
                                   "type": "invalid_request_error", "param": None, "code": 413}}
+
+
+def test_no_log_line_metric_or_error_holds_a_key_or_its_hash(redis_gateway):
+    """Keys travel in every request; none, nor its SHA-256 (what the keys file stores), may reach
+    the gateway's log, its /metrics or an error message, whatever the request."""
+    import hashlib
+
+    keys = [*redis_gateway.keys.values(), API_KEY, "sk-wrong-" + uuid.uuid4().hex]
+    bodies = []
+    for key in keys:
+        for body in ({"prompt": "Hi", "max_new_tokens": 1, "temperature": 0}, {"prompt": ""}, {"nope": 1}):
+            r = requests.post(redis_gateway.url + "/generate", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {key}"})
+            bodies.append(r.text)
+        bodies.append(requests.get(redis_gateway.url + "/v1/models", timeout=30,
+                                   headers={"Authorization": f"Bearer {key}"}).text)
+    time.sleep(0.5)
+    metrics = requests.get(redis_gateway.url + "/metrics", timeout=30).text
+    log = redis_gateway.log_path.read_text(errors="replace")
+    for key in keys:
+        for secret in (key, hashlib.sha256(key.encode()).hexdigest()):
+            assert secret not in log and secret not in metrics
+            assert not any(secret in body for body in bodies)

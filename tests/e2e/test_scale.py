@@ -18,6 +18,7 @@ from testkit import free_port
 
 from conftest import SMALL_BATCH, start_gateway
 from e2e_helpers import API_KEY, engine_metrics, log_lines, sample, scrape, wait_for
+from gateway.keys import add_key
 from trident.child_process import kill_group
 from trident.triton_launcher import TritonPorts, TritonServer
 
@@ -41,8 +42,12 @@ def two_triton_gateway(small_triton, second_triton, tmp_path_factory, redis_url)
     class Both:  # what start_gateway needs of "a Triton"
         grpc_url = f"{small_triton.grpc_url},{second_triton.grpc_url}"
 
+    keys = tmp_path_factory.mktemp("keys") / "keys.json"
+    two = add_key(keys, name="two-streams", models=["*"], max_concurrent=2)
     gw = start_gateway(Both, tmp_path_factory, workers=2, extra_env={
-        "TRIDENT_RATELIMIT_STORAGE_URI": redis_url, "TRIDENT_REQUEST_TIMEOUT": "120"})
+        "TRIDENT_RATELIMIT_STORAGE_URI": redis_url, "TRIDENT_REQUEST_TIMEOUT": "120",
+        "TRIDENT_API_KEYS_FILE": str(keys)})
+    gw.two_streams_key = two
     yield gw
     gw.stop()
 
@@ -188,3 +193,26 @@ def test_streams_past_the_drain_time_end_with_an_error_event(small_triton, tmp_p
     assert len(results) == 3 and all(r[-1] == "error" and "done" not in r for r in results), results
     assert wait_for(lambda: engine_metrics(small_triton)["active"] == 0, timeout=10), "streams kept running"
     gw.stop()
+
+
+def test_a_key_bounded_to_two_streams_gets_429_for_a_third_across_workers(two_triton_gateway):
+    """max_concurrent 2, counted in Redis: the third stream is refused (429, Retry-After) while two
+    stream, whichever of the 2 workers takes each connection; it passes once one has ended."""
+    auth = {"Authorization": f"Bearer {two_triton_gateway.two_streams_key}", "Connection": "close"}
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 200, "temperature": 0, "stream": True}
+    first = [requests.post(two_triton_gateway.url + "/generate", json=body, headers=auth, stream=True, timeout=120)
+             for _ in range(2)]
+    assert [r.status_code for r in first] == [200, 200]
+    refused = [requests.post(two_triton_gateway.url + "/generate", json=body, headers=auth, timeout=30)
+               for _ in range(4)]  # over both workers (SO_REUSEPORT spreads the connections)
+    assert {r.status_code for r in refused} == {429}
+    assert all(int(r.headers["Retry-After"]) > 0 and r.json()["error"]["type"] == "rate_limit_error"
+               for r in refused)
+    for line in first[0].iter_lines():  # the first two still stream
+        if line.startswith(b"event: token"):
+            break
+    first[0].close()
+    again = wait_for(lambda: (r := requests.post(two_triton_gateway.url + "/generate", headers=auth, timeout=60,
+                                                  json={**SHORT})).status_code == 200 and r, timeout=10)
+    assert again, "a stream ended but the key's bound was not given back"
+    first[1].close()

@@ -9,15 +9,15 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
+from testkit import model_dir
 import torch
 
 from trident.contract import SamplingParams
 from trident.engine import Engine, EngineConfig, GenerationRequest, QueueFullError
 
-CKPT = Path(__file__).resolve().parents[2] / ".cache" / "models" / "smollm2-135m-instruct"
+CKPT = model_dir()
 pytestmark = pytest.mark.skipif(not (CKPT / "model.safetensors").is_file(), reason=f"no checkpoint in {CKPT}")
 
 EOS = 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from testkit import model_dir
 import torch
 
 from trident.engine import EngineConfig
@@ -11,7 +12,7 @@ from trident.engine import quant
 from trident.engine.kv_cache import KVCache
 from trident.engine.llama import apply_rope_, rms_norm, rms_norm_fp32
 
-CKPT = Path(__file__).resolve().parents[2] / ".cache" / "models" / "smollm2-135m-instruct"
+CKPT = model_dir()
 needs_checkpoint = pytest.mark.skipif(not (CKPT / "model.safetensors").is_file(), reason=f"no checkpoint in {CKPT}")
 
 

@@ -202,3 +202,26 @@ def test_the_drain_deadline_ends_open_streams_with_an_error_event(make_app):
     assert rest[-1][1]["error"]["code"] == 503 and rest[-1][1]["error"]["type"] == "service_unavailable"
     assert backend.generations[0].closed.is_set()
     assert not DRAIN.streams
+
+
+def test_a_key_bounded_to_two_open_generations_gets_429_for_a_third(make_app):
+    """max_concurrent in the keys file (OWASP API4): a third open generation of the key is a 429
+    with Retry-After while two stream; once one ends, the next one passes."""
+    from gateway.auth import hash_key
+
+    backend = FakeBackend(script=lambda p: ["a", Pause(30 if p.stream else 0), Finished("length", 1, 1)])
+    app = make_app(backend=backend, API_KEYS=[{"name": "two", "sha256": hash_key("k2"), "models": ["*"],
+                                               "max_concurrent": 2}])
+    client = app.test_client()
+    auth = {"Authorization": "Bearer k2"}
+    open_ = [client.post("/generate", json={**BODY, "stream": True}, headers=auth, buffered=False) for _ in range(2)]
+    assert [r.status_code for r in open_] == [200, 200]
+    third = client.post("/generate", json={**BODY, "stream": True}, headers=auth)
+    assert third.status_code == 429 and third.headers["Retry-After"] == "5"
+    assert third.get_json()["error"] == {
+        "message": "API key 'two' already has 2 generations open, its limit; retry when one ends",
+        "type": "rate_limit_error", "param": None, "code": 429}
+    assert client.post("/generate", json=BODY, headers=AUTH).status_code == 200  # other keys: unaffected
+    open_[0].close()
+    assert client.post("/generate", json=BODY, headers=auth).status_code == 200
+    open_[1].close()

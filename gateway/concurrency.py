@@ -1,0 +1,94 @@
+"""Concurrent generations per API key (``max_concurrent`` in the keys file): OWASP API4.
+
+A rate limit bounds how many generations a key *starts* in a window; this bounds how many it
+has *open* at once (a stream may hold an engine slot for minutes). Over the bound is a 429
+``rate_limit_error`` with ``Retry-After``. The count is kept where the rate limits are
+(``RATELIMIT_STORAGE_URI``): in the process for ``memory://`` (per worker, so a key's bound is per
+worker there), in Redis for ``redis://``, shared by every worker and replica. In Redis each open
+generation is a member of a sorted set scored by its lease's end (the request timeout plus a
+minute), so a worker that dies holding some does not leak them: they expire.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ClientError
+
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+class KeyConcurrency:
+    """Counts each key's open generations; ``acquire`` returns the function that gives one back."""
+
+    def __init__(self, storage_uri: str, *, lease: float) -> None:
+        self.storage_uri = storage_uri
+        self.lease = lease
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()  # never held across anything that yields
+        self._redis: Any = None
+        self._script: Any = None
+
+    def acquire(self, name: str, limit: int | None, *, retry_after: int) -> Callable[[], None]:
+        if not limit:
+            return _nothing
+        if self.storage_uri.startswith(("redis://", "rediss://", "unix://")):
+            return self._acquire_redis(name, limit, retry_after)
+        with self._lock:
+            count = self._counts.get(name, 0)
+            if count >= limit:
+                raise _refused(name, limit, retry_after)
+            self._counts[name] = count + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if not released:
+                    released = True
+                    self._counts[name] -= 1
+
+        return release
+
+    def _acquire_redis(self, name: str, limit: int, retry_after: int) -> Callable[[], None]:
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.storage_uri)
+            self._script = self._redis.register_script(_ACQUIRE)
+        key, member, now = f"trident:open-generations:{name}", uuid.uuid4().hex, time.time()
+        if not self._script(keys=[key], args=[now, now + self.lease, member, limit, int(self.lease) + 60]):
+            raise _refused(name, limit, retry_after)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._redis.zrem(key, member)
+
+        return release
+
+
+def _nothing() -> None:
+    pass
+
+
+def _refused(name: str, limit: int, retry_after: int) -> ClientError:
+    return ClientError(
+        f"API key '{name}' already has {limit} generations open, its limit; retry when one ends",
+        status=429,
+        headers={"Retry-After": str(retry_after)},
+    )
