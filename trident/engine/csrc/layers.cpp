@@ -73,7 +73,9 @@ template <typename S>
 void attention(const float* q, int64_t q_stride, const S* kv, const Paged& p, int64_t T, int64_t num_heads,
                float scale, float* o) {
   const int64_t group = num_heads / p.n_kv, hd = p.hd, bs = p.bs;
-  at::parallel_for(0, T * p.n_kv, 1, [&](int64_t begin, int64_t end) {
+  int64_t keys = 0;  // work in key visits: below ~50k (a short decode batch) one thread is quicker
+  for (int64_t i = 0; i < T; ++i) keys += p.pos[i] + 1;
+  at::parallel_for(0, T * p.n_kv, keys * p.n_kv >= 50000 ? 1 : T * p.n_kv, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, buf(hd);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / p.n_kv, g = task % p.n_kv, len = p.pos[i] + 1;

@@ -5,10 +5,13 @@
 
 namespace trident {
 
-// f(row) for rows 0..n-1, on several threads when there are enough rows to pay for it
+// f(row) for rows 0..n-1 of a cheap per-row step (norm, RoPE, K/V write, SwiGLU), on several
+// threads only for long prompts: each parallel region ends in a barrier, and a decode step of
+// 30 layers would pass ~150 more of them, each a stall whenever another process (Triton's own
+// threads, on 2 cores) has preempted a worker.
 template <typename F>
 void for_rows(int64_t n, F f) {
-  if (n >= 32) {
+  if (n >= 256) {
     at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) f(i);
     });
