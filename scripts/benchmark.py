@@ -32,7 +32,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.llamacpp import BENCH_VENV, CACHE, ROOT, bench_python, ensure_bench_venv, ensure_llama_server  # noqa: E402
-from bench.report import plot, summarize, table, target_lines  # noqa: E402
+from bench.chat import chat_table, chat_ttft  # noqa: E402
+from bench.report import cpu_line, plot, summarize, table, target_lines  # noqa: E402
 from bench.systems import HFGenerate, LlamaCppPython, LlamaServer, Result, System, TridentTriton, tree_rss_mb  # noqa: E402
 
 DEFAULT_SYSTEMS = "trident-int4,trident-fp32,hf,llamacpp,llamacpp-server"
@@ -62,9 +62,79 @@ PROMPTS = [
 
 
 def run_level(system: System, concurrency: int, n_requests: int, tokens: int) -> list[Result]:
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_requests)]
+    # Each request's prompt starts with its own number: no two share a KV block, so prefix reuse
+    # (trident's, or llama-server's cache_prompt) plays no part in the decode figures.
+    prompts = [f"{i + 1}. {PROMPTS[i % len(PROMPTS)]}" for i in range(n_requests)]
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:  # closed loop: c in flight
         return list(pool.map(lambda p: system.request(p, tokens), prompts))
+
+
+def start_systems(args, names: list[str], levels: list[int], work: Path, systems: dict[str, System]) -> None:
+    for name in names:
+        print(f"==> starting {name}", flush=True)
+        base, _, threads = name.partition("@")  # trident-int8@1: that system with 1 thread
+        if base in TRIDENT_WEIGHTS:
+            systems[name] = TridentTriton(name, weight_dtype=TRIDENT_WEIGHTS[base], work=work,
+                                          model_dir=args.model_dir, max_batch_size=max(levels),
+                                          num_threads=int(threads or args.threads))
+        elif name == "llamacpp":
+            systems[name] = LlamaCppPython(work=work, threads=args.threads)
+        elif name == "llamacpp-server":
+            systems[name] = LlamaServer(work=work, threads=args.threads, slots=max(levels), tokens=args.tokens)
+        elif name == "hf":
+            systems[name] = HFGenerate(model_dir=args.model_dir)
+        systems[name].request(PROMPTS[0], 8)  # warm-up
+
+
+def measure_levels(args, systems: dict[str, System], levels: list[int]) -> list[dict]:
+    """Interleaved: every system at one level before the next level, and every level before the
+    next round; each cell keeps its best round."""
+    best: dict[tuple[str, int], dict] = {}
+    for round_ in range(1, args.repeats + 1):
+        for c in levels:
+            for name, system in systems.items():
+                if name == "hf" and c != min(levels):
+                    continue  # sequential by definition: measured once per round
+                n = args.hf_requests if name == "hf" else (args.requests or max(c, 3))
+                print(f"==> round {round_}: {name}, concurrency {c}, {n} requests x {args.tokens} tokens", flush=True)
+                t = time.perf_counter()
+                row = {"system": name, "concurrency": 1 if name == "hf" else c,
+                       **summarize(run_level(system, 1 if name == "hf" else c, n, args.tokens))}
+                if system.pid is not None:
+                    row["rss_mb"] = tree_rss_mb(system.pid)
+                key = (name, row["concurrency"])
+                row["rounds"] = best.get(key, {}).get("rounds", []) + [round(row["decode_tok_s"], 1)]
+                if key not in best or row["decode_tok_s"] > best[key]["decode_tok_s"]:
+                    best[key] = row
+                else:
+                    best[key]["rounds"] = row["rounds"]
+                print(f"    {row['decode_tok_s']:.1f} decode tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms "
+                      f"({time.perf_counter() - t:.0f}s)", flush=True)
+    return sorted(best.values(), key=lambda r: (r["concurrency"], list(systems).index(r["system"])))
+
+
+def measure_chat(args, systems: dict[str, System], work: Path) -> list[dict]:
+    """The chat scenario (bench/chat.py) on every system that reuses prefixes. llama-server gets
+    its own instance: one slot with room for the history and cache_prompt on (its slots split
+    one context, and a context of 32 long slots slowed its every step ~10x)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    rows = []
+    for name, system in systems.items():
+        if not (name.startswith("trident") or name == "llamacpp-server"):
+            continue
+        print(f"==> chat: {name}, follow-up after a {args.chat_history}-token history", flush=True)
+        if name == "llamacpp-server":
+            system = LlamaServer(work=work, threads=args.threads, slots=1, tokens=64, context=args.chat_history + 256)
+            system.cache_prompt = True
+        try:
+            rows.append(chat_ttft(system, tokenizer=tokenizer, history_tokens=args.chat_history))
+        finally:
+            if system is not systems[name]:
+                system.stop()
+        print(f"    warm {rows[-1]['warm_ttft_ms']:.0f} ms, cold {rows[-1]['cold_ttft_ms']:.0f} ms", flush=True)
+    return rows
 
 
 def main() -> int:
@@ -81,6 +151,8 @@ def main() -> int:
                         help="interleaved rounds; each cell keeps its round with the best decode tok/s "
                              "(others' load on a shared machine only ever slows a system down)")
     parser.add_argument("--threads", type=int, default=2, help="compute threads of every system")
+    parser.add_argument("--chat-history", type=int, default=1000,
+                        help="tokens of history in the chat scenario (0: skip it)")
     parser.add_argument("--model-dir", type=Path, default=CACHE / "models" / "smollm2-135m-instruct")
     parser.add_argument("--out", type=Path, default=CACHE / "bench" / "benchmark.png", help="plot (PNG)")
     parser.add_argument("--plot-only", type=Path, help=argparse.SUPPRESS)  # results JSON; bench venv
@@ -89,60 +161,25 @@ def main() -> int:
         plot(args.plot_only, args.out)
         return 0
 
-    systems_wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = {s.split("@")[0] for s in systems_wanted} - {*TRIDENT_WEIGHTS, "hf", "llamacpp", "llamacpp-server"}
+    names = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = {s.split("@")[0] for s in names} - {*TRIDENT_WEIGHTS, "hf", "llamacpp", "llamacpp-server"}
     if unknown:
         parser.error(f"unknown system(s): {', '.join(sorted(unknown))}")
     levels = [int(c) for c in args.concurrency.split(",")]
     sys.path.insert(0, str(ROOT))
-    if any(s.startswith("llamacpp") for s in systems_wanted):
+    if any(s.startswith("llamacpp") for s in names):
         ensure_bench_venv()
-    if "llamacpp-server" in systems_wanted:
+    if "llamacpp-server" in names:
         ensure_llama_server()
 
     work = Path(tempfile.mkdtemp(prefix="trident-bench-"))
     systems: dict[str, System] = {}
-    rows: list[dict] = []
+    chat_rows: list[dict] = []
     try:
-        for name in systems_wanted:
-            print(f"==> starting {name}", flush=True)
-            base, _, threads = name.partition("@")  # trident-int8@1: that system with 1 thread
-            if base in TRIDENT_WEIGHTS:
-                systems[name] = TridentTriton(name, weight_dtype=TRIDENT_WEIGHTS[base], work=work,
-                                              model_dir=args.model_dir, max_batch_size=max(levels),
-                                              num_threads=int(threads or args.threads))
-            elif name == "llamacpp":
-                systems[name] = LlamaCppPython(work=work, threads=args.threads)
-            elif name == "llamacpp-server":
-                systems[name] = LlamaServer(work=work, threads=args.threads, slots=max(levels), tokens=args.tokens)
-            elif name == "hf":
-                systems[name] = HFGenerate(model_dir=args.model_dir)
-            systems[name].request(PROMPTS[0], 8)  # warm-up
-        # Interleaved: every system at one level before the next level, and every level
-        # before the next round.
-        best: dict[tuple[str, int], dict] = {}
-        for round_ in range(1, args.repeats + 1):
-            for c in levels:
-                for name, system in systems.items():
-                    if name == "hf" and c != min(levels):
-                        continue  # sequential by definition: measured once per round
-                    n = args.hf_requests if name == "hf" else (args.requests or max(c, 3))
-                    print(f"==> round {round_}: {name}, concurrency {c}, {n} requests x {args.tokens} tokens",
-                          flush=True)
-                    t = time.perf_counter()
-                    row = {"system": name, "concurrency": 1 if name == "hf" else c,
-                           **summarize(run_level(system, 1 if name == "hf" else c, n, args.tokens))}
-                    if system.pid is not None:
-                        row["rss_mb"] = tree_rss_mb(system.pid)
-                    key = (name, row["concurrency"])
-                    row["rounds"] = best.get(key, {}).get("rounds", []) + [round(row["decode_tok_s"], 1)]
-                    if key not in best or row["decode_tok_s"] > best[key]["decode_tok_s"]:
-                        best[key] = row
-                    else:
-                        best[key]["rounds"] = row["rounds"]
-                    print(f"    {row['decode_tok_s']:.1f} decode tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms "
-                          f"({time.perf_counter() - t:.0f}s)", flush=True)
-        rows = sorted(best.values(), key=lambda r: (r["concurrency"], list(systems).index(r["system"])))
+        start_systems(args, names, levels, work, systems)
+        rows = measure_levels(args, systems, levels)
+        if args.chat_history:
+            chat_rows = measure_chat(args, systems, work)
     finally:
         for system in systems.values():
             with contextlib.suppress(Exception):
@@ -150,15 +187,20 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"{args.tokens} generated tokens per request (EOS ignored), {args.threads} threads per system, "
-          f"{os.cpu_count()} CPUs, best of {args.repeats} interleaved round(s) per cell")
+    print(f"{cpu_line()}; {args.threads} threads per system")
+    print(f"{args.tokens} generated tokens per request (EOS ignored), best of {args.repeats} interleaved round(s) "
+          "per cell")
     print(table(rows))
     print()
     for line in target_lines(rows):
         print(line)
+    if chat_rows:
+        print("\nchat: TTFT of a follow-up turn, its history cached (warm) or not (cold: same prompt, new session)")
+        print(chat_table(chat_rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = args.out.with_suffix(".json")
-    results.write_text(json.dumps({"tokens": args.tokens, "threads": args.threads, "rows": rows}, indent=1))
+    results.write_text(json.dumps({"cpu": cpu_line(), "tokens": args.tokens, "threads": args.threads, "rows": rows,
+                                   "chat": chat_rows}, indent=1))
     print(f"\nresults: {results}")
     if bench_python().exists():
         subprocess.run([str(bench_python()), __file__, "--plot-only", str(results), "--out", str(args.out)], check=True)

@@ -23,6 +23,7 @@ class Result:
     t_first: float
     t_end: float
     tokens: int
+    text: str = ""  # the generated text (what a chat client sends back with its next turn)
 
 
 def free_port() -> int:
@@ -111,19 +112,20 @@ class TridentTriton(System):
             client.start_stream(callback=lambda result, error: events.put((time.perf_counter(), result, error)))
             t_start = time.perf_counter()
             client.async_stream_infer("llm", inputs, enable_empty_final_response=True)
-            t_first, last_tokens = None, 0
+            t_first, last_tokens, pieces = None, 0, []
             while True:
                 t, result, error = events.get(timeout=900)
                 if error is not None:
                     raise RuntimeError(f"{self.name}: {error}")
                 text = result.as_numpy("text_output")
-                if t_first is None and text is not None and text.size and text.reshape(-1)[0]:
-                    t_first = t
+                if text is not None and text.size and text.reshape(-1)[0]:
+                    t_first = t_first or t
+                    pieces.append(text.reshape(-1)[0].decode())
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     tokens = result.as_numpy("completion_tokens")
                     if tokens is None:  # an empty final response after the last data
                         tokens = np.array([last_tokens])
-                    return Result(t_start, t_first or t, t, int(tokens.reshape(-1)[0]))
+                    return Result(t_start, t_first or t, t, int(tokens.reshape(-1)[0]), "".join(pieces))
                 ct = result.as_numpy("completion_tokens")
                 last_tokens = int(ct.reshape(-1)[0]) if ct is not None else 0
         finally:
@@ -185,9 +187,9 @@ class LlamaCppPython(System):
 class LlamaServer(System):
     name = "llamacpp-server"
 
-    def __init__(self, *, work: Path, threads: int, slots: int, tokens: int) -> None:
+    def __init__(self, *, work: Path, threads: int, slots: int, tokens: int, context: int = 256) -> None:
         port = free_port()
-        ctx = slots * (256 + tokens)  # llama-server splits the context between its slots
+        ctx = slots * (context + tokens)  # llama-server splits the context between its slots
         self.log = open(work / "llama-server.log", "wb")
         self.proc = subprocess.Popen(
             [str(ensure_llama_server()), "-m", str(gguf_path()), "--host", "127.0.0.1", "--port", str(port),
@@ -197,17 +199,20 @@ class LlamaServer(System):
         self.base = f"http://127.0.0.1:{port}"
         wait_http(self.base + "/health", self.proc)
 
+    cache_prompt = False  # its prefix reuse (a slot keeps its last prompt): on for the chat scenario
+
     def request(self, prompt: str, n: int) -> Result:
         body = {"prompt": prompt, "n_predict": n, "ignore_eos": True, "temperature": 0.0, "stream": True,
-                "cache_prompt": False}
+                "cache_prompt": self.cache_prompt}
         t_start = time.perf_counter()
-        t_first, tokens, t = None, 0, t_start
+        t_first, tokens, t, pieces = None, 0, t_start, []
         for t, chunk in sse_lines(self.base + "/completion", body):
-            if t_first is None and chunk.get("content"):
-                t_first = t
+            if chunk.get("content"):
+                t_first = t_first or t
+                pieces.append(chunk["content"])
             if chunk.get("stop"):
                 tokens = int(chunk.get("tokens_predicted") or chunk.get("timings", {}).get("predicted_n", 0))
-        return Result(t_start, t_first or t, t, tokens)
+        return Result(t_start, t_first or t, t, tokens, "".join(pieces))
 
     def stop(self) -> None:
         self.proc.terminate()
