@@ -18,7 +18,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -34,6 +37,23 @@ constexpr int64_t kQ8Bytes = 272;  // one block of a q8 group
 enum Isa : int64_t { kAvx2 = 0, kAvx512Vnni = 1 };
 int64_t isa();                    // the integer dot-product path in use
 int64_t set_isa(int64_t wanted);  // tests force AVX2 on an AVX-512 CPU; returns the path in use
+
+// f(task) for tasks 0..n-1 on the caller's torch thread count, each thread taking the next task
+// as it finishes one. Not at::parallel_for's equal shares: when another process preempts one
+// thread (Triton's own threads share the 2 cores), the other takes over its remaining tasks
+// instead of waiting at the barrier. Which thread runs a task changes no result: every output
+// is computed by exactly one task.
+template <typename F>
+void parallel_tasks(int64_t n, F f) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || omp_in_parallel()) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(threads)
+  for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
+}
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 

@@ -100,8 +100,8 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
               "tokens must be int64 (T,)");
   const int64_t T = tokens.numel();
   const Paged p = check_paged(kv, 6, positions, row_slots, block_tables, T);
-  TORCH_CHECK(kv.size(0) == attn_norm.size(0) && p.n_kv == num_kv_heads && num_heads % num_kv_heads == 0,
-              "forward_q4: kv cache does not match the model");
+  TORCH_CHECK(kv.size(0) == attn_norm.size(0) && p.n_kv == num_kv_heads && num_heads % num_kv_heads == 0 &&
+                  num_heads / num_kv_heads <= 64, "forward_q4: kv cache does not match the model");
   const Shapes s = check_weights(embed, norm, lm_head, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, num_heads,
                                  num_kv_heads, p.hd);
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin_signed.scalar_type() == at::kFloat && cos.is_contiguous() &&

@@ -189,7 +189,7 @@ void q8_tile_vnni(const uint8_t* wg, int64_t nb, const int8_t* xq, const float* 
 
 // ---- drivers ---------------------------------------------------------------------------------
 
-constexpr int64_t kGroupChunk = 16;  // weight groups kept hot in L1/L2 while every row tile passes
+constexpr int64_t kGroupChunk = 16;  // most weight groups a task: kept hot in L1/L2 while every row tile passes
 
 template <int T>
 void q4_tile(const uint8_t* wg, int64_t nb, const QuantizedActivations& a, int64_t b0, float* y, int64_t ldy,
@@ -225,28 +225,28 @@ void gemm(const float* x, int64_t B, int64_t K, const uint8_t* w, int64_t N, flo
   const bool vnni = g_isa == kAvx512Vnni;
   // AVX2 has 16 vector registers: 4 rows a tile (2 accumulators each); AVX-512 has 32: 8 rows.
   const int64_t rows_per_tile = vnni ? 8 : 4;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g0 = begin; g0 < end; g0 += kGroupChunk) {
-      const int64_t g1 = std::min(end, g0 + kGroupChunk);
-      for (int64_t b0 = 0; b0 < B; b0 += rows_per_tile) {
-        const int64_t rows = std::min(rows_per_tile, B - b0);
-        for (int64_t g = g0; g < g1; ++g) {
-          const uint8_t* wg = w + g * group_bytes;
-          float* yt = y + b0 * ldy + g * kGroup;
+  // tasks of up to 16 groups (weights kept hot while every row tile passes), at least ~8 a thread
+  const int64_t chunk = std::clamp<int64_t>(groups / (8 * at::get_num_threads()), 1, kGroupChunk);
+  parallel_tasks((groups + chunk - 1) / chunk, [&](int64_t task) {
+    const int64_t g0 = task * chunk, g1 = std::min(groups, g0 + chunk);
+    for (int64_t b0 = 0; b0 < B; b0 += rows_per_tile) {
+      const int64_t rows = std::min(rows_per_tile, B - b0);
+      for (int64_t g = g0; g < g1; ++g) {
+        const uint8_t* wg = w + g * group_bytes;
+        float* yt = y + b0 * ldy + g * kGroup;
 #define TRIDENT_TILE(R) \
   (Q4 ? q4_tile<R>(wg, nb, a, b0, yt, ldy, accumulate, vnni) : q8_tile<R>(wg, nb, a, b0, yt, ldy, accumulate, vnni))
-          switch (rows) {
-            case 1: TRIDENT_TILE(1); break;
-            case 2: TRIDENT_TILE(2); break;
-            case 3: TRIDENT_TILE(3); break;
-            case 4: TRIDENT_TILE(4); break;
-            case 5: TRIDENT_TILE(5); break;
-            case 6: TRIDENT_TILE(6); break;
-            case 7: TRIDENT_TILE(7); break;
-            default: TRIDENT_TILE(8); break;
-          }
-#undef TRIDENT_TILE
+        switch (rows) {
+          case 1: TRIDENT_TILE(1); break;
+          case 2: TRIDENT_TILE(2); break;
+          case 3: TRIDENT_TILE(3); break;
+          case 4: TRIDENT_TILE(4); break;
+          case 5: TRIDENT_TILE(5); break;
+          case 6: TRIDENT_TILE(6); break;
+          case 7: TRIDENT_TILE(7); break;
+          default: TRIDENT_TILE(8); break;
         }
+#undef TRIDENT_TILE
       }
     }
   });

@@ -67,47 +67,86 @@ float softmax_unnormalized(float* s, int64_t n) {
   return 1.f / hsum(sum);
 }
 
+// scale * (q . k_u) for the 8 keys k_0..k_7 at k (row stride hd, hd % 8 == 0): one FMA chain per
+// key, its 8 lanes summed in a fixed tree, so a key's score never depends on its neighbours
+inline __m256 scores8(const float* q, const float* k, int64_t hd, __m256 scale) {
+  __m256 acc[8];
+  for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < hd; c += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + c);
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + u * hd + c), acc[u]);
+  }
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+  return _mm256_mul_ps(sum, scale);
+}
+
 // o (T, num_heads * hd) for query rows q (row stride q_stride); query head h reads kv head
-// h / group. Scores in fp32, softmax in fp32, the output scaled by 1 / sum at the end.
+// h / group. Scores in fp32 (8 keys at a time), softmax in fp32, the output scaled by 1 / sum at
+// the end. Up to 4 consecutive rows of one sequence (a prompt) share the keys and values they
+// convert; a row's arithmetic depends only on its own length, whatever tile it is in, so prefill
+// and decode rows agree bit for bit.
+constexpr int64_t kTileRows = 4;  // prompt rows sharing the K/V they convert
+
 template <typename S>
 void attention(const float* q, int64_t q_stride, const S* kv, const Paged& p, int64_t T, int64_t num_heads,
                float scale, float* o) {
-  const int64_t group = num_heads / p.n_kv, hd = p.hd, bs = p.bs;
-  int64_t keys = 0;  // work in key visits: below ~50k (a short decode batch) one thread is quicker
-  for (int64_t i = 0; i < T; ++i) keys += p.pos[i] + 1;
-  at::parallel_for(0, T * p.n_kv, keys * p.n_kv >= 50000 ? 1 : T * p.n_kv, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, buf(hd);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / p.n_kv, g = task % p.n_kv, len = p.pos[i] + 1;
-      scores.resize(group * len);
-      const float* qi = q + i * q_stride + g * group * hd;
-      for (int64_t t0 = 0; t0 < len; t0 += bs) {
-        const S* keys = kv + p.block_of(i, t0) * p.block_stride() + g * bs * hd;
-        for (int64_t t = t0; t < std::min(len, t0 + bs); ++t) {
-          to_float(keys + (t - t0) * hd, buf.data(), hd);
-          for (int64_t j = 0; j < group; ++j) scores[j * len + t] = dot(qi + j * hd, buf.data(), hd) * scale;
-        }
-      }
-      float inv[64];
-      for (int64_t j = 0; j < group; ++j) inv[j] = softmax_unnormalized(scores.data() + j * len, len);
-      float* oi = o + i * num_heads * hd + g * group * hd;
-      std::fill(oi, oi + group * hd, 0.f);
-      for (int64_t t0 = 0; t0 < len; t0 += bs) {
-        const S* values = kv + p.block_of(i, t0) * p.block_stride() + (p.n_kv + g) * bs * hd;
-        for (int64_t t = t0; t < std::min(len, t0 + bs); ++t) {
-          to_float(values + (t - t0) * hd, buf.data(), hd);
-          for (int64_t j = 0; j < group; ++j) {
-            const __m256 e = _mm256_set1_ps(scores[j * len + t]);
-            float* out = oi + j * hd;
-            for (int64_t k = 0; k < hd; k += 8)
-              _mm256_storeu_ps(out + k, _mm256_fmadd_ps(e, _mm256_loadu_ps(buf.data() + k), _mm256_loadu_ps(out + k)));
-          }
-        }
-      }
-      for (int64_t j = 0; j < group; ++j)
-        for (int64_t k = 0; k < hd; ++k) oi[j * hd + k] *= inv[j];
+  const int64_t group = num_heads / p.n_kv, hd = p.hd, bs = p.bs, gh = group * hd;
+  std::vector<int64_t> tiles{0};  // row ranges [tiles[k], tiles[k + 1])
+  int64_t keys = 0;
+  for (int64_t i = 0; i < T; ++i) {
+    keys += p.pos[i] + 1;
+    const int64_t start = tiles.back();
+    if (i > start && (i - start == kTileRows || p.slot[i] != p.slot[start] || p.pos[i] != p.pos[i - 1] + 1))
+      tiles.push_back(i);
+  }
+  tiles.push_back(T);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) - 1;
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  auto task = [&](int64_t k) {
+    thread_local std::vector<float> scores, kf, vf;
+    const int64_t i0 = tiles[k / p.n_kv], rows = tiles[k / p.n_kv + 1] - i0, g = k % p.n_kv;
+    const int64_t len = p.pos[i0 + rows - 1] + 1, padded = (len + 7) / 8 * 8;  // the tile's longest row
+    scores.resize(rows * group * padded);
+    kf.resize(padded * hd);  // K and V of positions 0..len-1 in fp32, K zero up to a multiple of 8
+    vf.resize(len * hd);
+    std::fill(kf.begin() + len * hd, kf.end(), 0.f);
+    for (int64_t t0 = 0; t0 < len; t0 += bs) {
+      const S* block = kv + p.block_of(i0, t0) * p.block_stride();
+      const int64_t n = std::min(len, t0 + bs) - t0;
+      to_float(block + g * bs * hd, kf.data() + t0 * hd, n * hd);
+      to_float(block + (p.n_kv + g) * bs * hd, vf.data() + t0 * hd, n * hd);
     }
-  });
+    float inv[kTileRows * 64];
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = p.pos[i0 + r] + 1;
+      for (int64_t j = 0; j < group; ++j) {
+        const float* qj = q + (i0 + r) * q_stride + g * gh + j * hd;
+        float* sc = scores.data() + (r * group + j) * padded;
+        for (int64_t t = 0; t < n; t += 8) _mm256_storeu_ps(sc + t, scores8(qj, kf.data() + t * hd, hd, scale8));
+        inv[r * group + j] = softmax_unnormalized(sc, n);
+        float* out = o + (i0 + r) * num_heads * hd + g * gh + j * hd;
+        for (int64_t c0 = 0; c0 < hd; c0 += 64) {  // 8 accumulators: 64 outputs at a time
+          const int64_t m = std::min<int64_t>(64, hd - c0) / 8;
+          __m256 acc[8];
+          for (int64_t u = 0; u < m; ++u) acc[u] = _mm256_setzero_ps();
+          for (int64_t t = 0; t < n; ++t) {
+            const __m256 e = _mm256_set1_ps(sc[t]);
+            const float* v = vf.data() + t * hd + c0;
+            for (int64_t u = 0; u < m; ++u) acc[u] = _mm256_fmadd_ps(e, _mm256_loadu_ps(v + 8 * u), acc[u]);
+          }
+          const __m256 w = _mm256_set1_ps(inv[r * group + j]);
+          for (int64_t u = 0; u < m; ++u) _mm256_storeu_ps(out + c0 + 8 * u, _mm256_mul_ps(acc[u], w));
+        }
+      }
+    }
+  };
+  if (keys * p.n_kv >= 50000) {  // below that (a short decode batch) one thread is quicker
+    parallel_tasks(n_tiles * p.n_kv, task);
+  } else {
+    for (int64_t k = 0; k < n_tiles * p.n_kv; ++k) task(k);
+  }
 }
 
 Paged check_paged(const at::Tensor& kv, int64_t kv_dims, const at::Tensor& positions, const at::Tensor& row_slots,

@@ -101,7 +101,8 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& kv, const a
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat, "paged_attention: q must be float32 (T, heads * head dim)");
   const int64_t T = q.size(0);
   const Paged p = check_paged(kv, 5, positions, row_slots, tables, T);
-  TORCH_CHECK(p.n_kv == num_kv_heads && q.size(1) % (p.hd * p.n_kv) == 0, "paged_attention: shapes do not match");
+  TORCH_CHECK(p.n_kv == num_kv_heads && q.size(1) % (p.hd * p.n_kv) == 0 && q.size(1) / p.hd / p.n_kv <= 64,
+              "paged_attention: shapes do not match (at most 64 query heads per kv head)");
   const int64_t num_heads = q.size(1) / p.hd;
   at::Tensor o = at::empty_like(q);
   if (kv.scalar_type() == at::kHalf)
