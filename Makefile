@@ -113,6 +113,18 @@ engine: triton-image model
 	    --entrypoint python3 $(TRITON_IMAGE_TAG) /opt/trident/build/build_engine.py \
 	    --model-dir /models/model --out /engines $(ENGINE_ARGS) --skip-existing
 
+# ---- the gateway's relay cost against a plain gRPC client, with an echo model (issue 12) ----
+GATEWAY_BENCH_ARGS ?=
+.PHONY: bench-gateway fuzz
+
+bench-gateway: $(STAMP)
+	$(PY) scripts/bench_gateway.py --out $(CACHE)/bench/gateway.png $(GATEWAY_BENCH_ARGS)
+
+# schemathesis against the real gateway + Triton, >5,000 requests (make test runs a sample of it).
+fuzz: repository system-deps
+	TRIDENT_FUZZ_EXAMPLES=600 TRIDENT_MODEL_DIR=$(MODEL_DIR) TRIDENT_REPO_DIR=$(REPO_DIR) \
+	    $(PY) -m pytest tests/e2e/test_fuzz_live.py -q $(PYTEST_ARGS)
+
 # ---- streaming under load: first tokens at 1x, 2x, 4x the engine's slots (issue 11) ----
 LOAD_ARGS ?=
 .PHONY: load-streams

@@ -141,18 +141,22 @@ def test_sigterm_drains_open_streams(small_triton, second_triton, tmp_path_facto
         grpc_url = f"{small_triton.grpc_url},{second_triton.grpc_url}"
 
     gw = start_gateway(Both, tmp_path_factory, workers=1, drain_timeout=60)
-    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 16, "temperature": 0, "stream": True}
-    results = []
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 64, "temperature": 0, "stream": True}
+    results, opened = [], threading.Semaphore(0)
 
     def stream():
         with requests.post(gw.url + "/generate", json=body, headers=AUTH, stream=True, timeout=120) as r:
+            assert r.status_code == 200
+            opened.release()  # admitted: its 200 and first comment arrived
             results.append([json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: ")])
 
     threads = [threading.Thread(target=stream) for _ in range(20)]
     for t in threads:
         t.start()
-    wait_for(lambda: engine_metrics(small_triton)["active"] + engine_metrics(second_triton)["active"] > 0, timeout=30)
+    for _ in threads:
+        assert opened.acquire(timeout=60), "the 20 streams did not all open"
     gw.process.send_signal(signal.SIGTERM)
+    assert len(results) < 20, "every stream had ended before SIGTERM: nothing was drained"
     sent = time.monotonic()
     during = []
     while gw.process.poll() is None and time.monotonic() - sent < 65:
