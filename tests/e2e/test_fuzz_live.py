@@ -73,7 +73,7 @@ def test_fuzz_the_real_stack(fuzz_gateway, fuzz_spec):
                 response = case.call(base_url=fuzz_gateway.url, headers=AUTH, timeout=60)
                 SENT.append(case.operation.label)
                 case.validate_response(response, checks=checks, headers=AUTH)
-                if response.headers.get("content-type", "").startswith("text/event-stream"):
+                if response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
                     check_sse(fuzz_spec, case.path, response.content)
 
             run()
