@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from json.encoder import encode_basestring
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -37,9 +38,12 @@ def sse_event(name: str, data: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8")
 
 
+_TOKEN_HEAD = b'event: token\ndata: {"text": '
+
+
 def event_bytes(event: Event) -> bytes:
-    if isinstance(event, TextDelta):
-        return sse_event("token", {"text": event.text})
+    if isinstance(event, TextDelta):  # the hot path: the same bytes as sse_event, without the encoder
+        return _TOKEN_HEAD + encode_basestring(event.text).encode("utf-8") + b"}\n\n"
     return sse_event("done", {"finish_reason": event.finish_reason, "usage": event.usage})
 
 

@@ -225,3 +225,11 @@ def test_a_key_bounded_to_two_open_generations_gets_429_for_a_third(make_app):
     open_[0].close()
     assert client.post("/generate", json=BODY, headers=auth).status_code == 200
     open_[1].close()
+
+
+@pytest.mark.parametrize("text", ["Hello", ' "quoted" \\ back\nslash\t\x01 é ✓ 🎉', ""])
+def test_the_fast_token_event_is_the_json_encoders_bytes(text):
+    from gateway.backend import TextDelta
+    from gateway.sse import event_bytes, sse_event
+
+    assert event_bytes(TextDelta(text)) == sse_event("token", {"text": text})
