@@ -18,6 +18,10 @@ CPU = [
     # torch.utils.cpp_extension builds the engine's int4 kernels (trident/engine/csrc) with it,
     # once, on first use; also needs a C++ compiler (g++).
     "ninja>=1.11",
+    # Structured output (trident.grammar): the llm model checks guides with it, the CPU engine
+    # constrains its sampler with it. TensorRT-LLM's backend uses XGrammar too, on GPU (the NGC
+    # image brings its own). Its wheel depends on OpenAI's triton, used only for GPU kernels.
+    "xgrammar==0.2.9",
 ]
 
 GATEWAY = [

@@ -19,11 +19,15 @@ A request has these shapes between the HTTP body and the engine's sampler:
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy as np
+
+from .error_tags import *  # noqa: F401,F403 (part of the contract)
+from .error_tags import InvalidRequest
+from .sampling_params import *  # noqa: F401,F403 (part of the contract)
+from .sampling_params import Guide, SamplingParams
 
 # -- the llm / ensemble tensors -------------------------------------------------------------------
 
@@ -34,6 +38,12 @@ class TensorSpec:
     dtype: Any  # numpy dtype of the values (BYTES tensors: np.object_ of bytes)
     optional: bool = True
     many: bool = False  # dims [-1] (a list), else [1]
+    matrix: bool = False  # dims [-1, -1]
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The dims in config.pbtxt (after the batch dimension)."""
+        return (-1, -1) if self.matrix else (-1,) if self.many else (1,)
 
 
 #: Inputs of ``llm`` and ``ensemble``, the names of NVIDIA's TensorRT-LLM ensemble.
@@ -51,6 +61,19 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("seed", np.uint64),
     TensorSpec("random_seed", np.uint64),  # the older name of seed in NVIDIA's ensemble
     TensorSpec("stream", np.bool_),
+    # Output controls (issue 15); NVIDIA's ensemble names where it has the input.
+    TensorSpec("num_return_sequences", np.int32),
+    TensorSpec("min_tokens", np.int32),
+    TensorSpec("presence_penalty", np.float32),
+    TensorSpec("frequency_penalty", np.float32),
+    TensorSpec("return_log_probs", np.bool_),
+    TensorSpec("guided_decoding_guide_type", np.object_),
+    TensorSpec("guided_decoding_guide", np.object_),
+    # trident extensions: alternatives per token (0..20), min-p, logit bias by token id
+    TensorSpec("num_top_log_probs", np.int32),
+    TensorSpec("min_p", np.float32),
+    TensorSpec("logit_bias_ids", np.int32, many=True),
+    TensorSpec("logit_bias_values", np.float32, many=True),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one.
 LLM_OUTPUTS: tuple[TensorSpec, ...] = (
@@ -59,6 +82,19 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("prompt_tokens", np.int32),
     TensorSpec("completion_tokens", np.int32),
     TensorSpec("server", np.object_),  # on the admission response: which Triton took the request
+    # With num_return_sequences > 1: the choice a response belongs to (absent: 0). Each choice
+    # ends with its own response carrying finish_reason and its completion_tokens.
+    TensorSpec("sequence_index", np.int32),
+    # With return_log_probs, per response, one entry per token of its text_output: the token's
+    # text (the texts concatenate to text_output), id and log-probability; with
+    # num_top_log_probs k > 0 also [tokens, k] alternatives (texts and log-probabilities, best
+    # first). On a choice's last response, cum_log_probs: the sum over its returned tokens.
+    TensorSpec("output_token_texts", np.object_, many=True),
+    TensorSpec("output_token_ids", np.int32, many=True),
+    TensorSpec("output_log_probs", np.float32, many=True),
+    TensorSpec("top_log_prob_texts", np.object_, matrix=True),
+    TensorSpec("top_log_probs", np.float32, matrix=True),
+    TensorSpec("cum_log_probs", np.float32),
 )
 
 #: Environment variable naming a Triton server (``host:grpc port`` by default, set by the
@@ -87,173 +123,6 @@ def finish_reason(*, stopped: bool, completion_tokens: int, max_new_tokens: int)
         return FINISH_STOP
     return FINISH_LENGTH if completion_tokens >= max_new_tokens else FINISH_EOS
 
-
-# -- errors across the boundary ----------------------------------------------------------------------
-
-INVALID_REQUEST = "invalid_request_error"  # the gateway's 400, naming the param when tagged with one
-UNAVAILABLE = "service_unavailable"  # the gateway's 503 with Retry-After
-SERVER_ERROR = "server_error"  # the gateway's 500 (also any untagged message)
-ERROR_KINDS = (INVALID_REQUEST, UNAVAILABLE, SERVER_ERROR)
-
-
-def tag_error(kind: str, message: str, param: Optional[str] = None) -> str:
-    """``[kind] message`` or ``[kind:param] message``: how an error crosses Triton."""
-    if kind not in ERROR_KINDS:
-        raise ValueError(f"unknown error kind {kind!r}")
-    return f"[{kind}:{param}] {message}" if param else f"[{kind}] {message}"
-
-
-# Triton or the Python backend may put a prefix ending in ": " before the tag.
-_TAGGED = re.compile(
-    r"(?:^|:\s)\s*\[(?P<kind>" + "|".join(ERROR_KINDS) + r")"
-    r"(?::(?P<param>[A-Za-z0-9_.-]+(?:\[\d+\])*))?\]\s*(?P<message>.*)\Z",
-    re.S,
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class TaggedMessage:
-    kind: str
-    param: Optional[str]
-    message: str
-
-
-def parse_error(text: str) -> Optional[TaggedMessage]:
-    """The tag of an error message, or None when it has none."""
-    match = _TAGGED.search(text.strip())
-    if match is None:
-        return None
-    message = match["message"].strip() or match["kind"].replace("_", " ")
-    return TaggedMessage(match["kind"], match["param"], message)
-
-
-class TaggedError(Exception):
-    """An error that crosses the boundary with its tag (:func:`tag_error`)."""
-
-    kind = SERVER_ERROR
-
-    def __init__(self, message: str, *, param: Optional[str] = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-    def tagged(self) -> str:
-        return tag_error(self.kind, self.message, self.param)
-
-
-class InvalidRequest(TaggedError):
-    kind = INVALID_REQUEST
-
-
-# -- limits --------------------------------------------------------------------------------------
-
-# Costly fields, bounded the same way on both sides (docs/api.md, "Limits", says why):
-MAX_STOP_SEQUENCES = 16  # stop sequences per request
-MAX_STOP_CHARS = 256  # characters of one stop sequence: held back and matched at every token
-MAX_CHAT_MESSAGES = 512  # messages of one chat request
-MAX_JSON_DEPTH = 32  # nesting of a request body (the deepest valid body needs 4)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelLimits:
-    """A served model's limits. One source: the ``llm`` model's config parameters, written by the
-    repository build from the engine's own (``max_seq_len``); the gateway reads them from Triton
-    (``ModelConfig``), the ``llm`` model from its config."""
-
-    max_context: int = 2048  # prompt + generated tokens
-    max_new_tokens: int = 2048
-    # Characters a prompt may have before it is tokenized: the context times the longest token
-    # of the tokenizer (written by the repository build), so no prompt that fits is refused;
-    # 0: not bounded here (the tokenizer's own count still is).
-    max_prompt_chars: int = 0
-
-    PARAMETERS = {"max_context": "max_context", "max_new_tokens": "max_new_tokens_limit",
-                  "max_prompt_chars": "max_prompt_chars"}
-
-    @classmethod
-    def from_parameters(cls, params: Mapping[str, str]) -> "ModelLimits":
-        values = {field: int(params[key]) for field, key in cls.PARAMETERS.items() if params.get(key)}
-        return cls(**values)
-
-
-def max_tokens_error(value: int, limit: int, param: str = "max_new_tokens") -> str:
-    return f"{param} must be between 1 and {limit}, got {value}"
-
-
-def prompt_chars_error(chars: int, limit: int, param: str = "prompt") -> str:
-    return (f"{param} has {chars} characters, more than the {limit} that can fit the model's context "
-            f"(checked before tokenizing); shorten it")
-
-
-def stop_error(stops: tuple[str, ...], param: str = "stop_sequences") -> Optional[str]:
-    """The message for stop sequences over the limits, or None."""
-    if len(stops) > MAX_STOP_SEQUENCES:
-        return f"{param} must have at most {MAX_STOP_SEQUENCES} items, got {len(stops)}"
-    for i, stop in enumerate(stops):
-        if len(stop) > MAX_STOP_CHARS:
-            return f"{param}[{i}] must be at most {MAX_STOP_CHARS} characters, got {len(stop)}"
-    return None
-
-
-def context_error(prompt_tokens: int, max_new_tokens: int, max_context: int) -> str:
-    return (f"the prompt has {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: together "
-            f"{prompt_tokens + max_new_tokens}, over the model's context of {max_context} tokens")
-
-
-# -- sampling parameters ---------------------------------------------------------------------------
-
-UINT64_MAX = 2**64 - 1
-INT32_MAX = 2**31 - 1
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """Sampling and limits of one generation: the defaults of shared/API.md, the only defaults.
-
-    A gateway caller who leaves a field out and a direct gRPC caller of ``llm`` who sends no
-    tensor for it get these same values. ``temperature`` 0 means greedy, as does ``top_k`` 1.
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    repetition_penalty: float = 1.0  # 1: off
-    stop: tuple[str, ...] = ()  # stop sequences (text)
-    seed: Optional[int] = None  # None: not seeded
-    bad_words: tuple[str, ...] = ()  # words never generated (text; NVIDIA ensemble input)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
-    def check(self, limits: Optional[ModelLimits] = None) -> None:
-        """Raise InvalidRequest naming the field when a value is one no engine can serve. The
-        gateway's schemas are stricter (shared/API.md's ranges, e.g. temperature at most 2)
-        before a request leaves; this guards direct gRPC callers, who keep NVIDIA's ranges."""
-        limit = limits.max_new_tokens if limits else None
-        if self.max_new_tokens < 1 or (limit is not None and self.max_new_tokens > limit):
-            raise InvalidRequest(max_tokens_error(self.max_new_tokens, limit or INT32_MAX), param="max_new_tokens")
-        if not self.temperature >= 0.0:  # also NaN
-            raise InvalidRequest(f"temperature must be at least 0, got {self.temperature:g}", param="temperature")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequest(f"top_p must be greater than 0 and at most 1, got {self.top_p:g}", param="top_p")
-        if self.top_k < 0:
-            raise InvalidRequest(f"top_k must be between 0 and {INT32_MAX}, got {self.top_k}", param="top_k")
-        if not self.repetition_penalty > 0.0:
-            raise InvalidRequest(f"repetition_penalty must be greater than 0, got {self.repetition_penalty:g}",
-                                 param="repetition_penalty")
-        if self.seed is not None and not 0 <= self.seed <= UINT64_MAX:
-            raise InvalidRequest(f"seed must be between 0 and {UINT64_MAX}, got {self.seed}", param="seed")
-        for stops, param in ((self.stop, "stop_sequences"), (self.bad_words, "bad_words")):
-            message = stop_error(stops, param)
-            if message:
-                raise InvalidRequest(message, param=param)
-
-    def log_fields(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "stop_sequences": len(self.stop),
-                "seed": self.seed}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -298,7 +167,54 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
         "seed": None if s.seed is None else _one(s.seed, np.uint64),
         "stream": _one(req.stream, np.bool_),
     }
+    # Output controls only when they differ from the defaults (the common request stays small).
+    if s.n != 1:
+        values["num_return_sequences"] = _one(s.n, np.int32)
+    if s.min_tokens:
+        values["min_tokens"] = _one(s.min_tokens, np.int32)
+    if s.presence_penalty:
+        values["presence_penalty"] = _one(s.presence_penalty, np.float32)
+    if s.frequency_penalty:
+        values["frequency_penalty"] = _one(s.frequency_penalty, np.float32)
+    if s.min_p:
+        values["min_p"] = _one(s.min_p, np.float32)
+    if s.logit_bias:
+        values["logit_bias_ids"] = np.array([[t for t, _ in s.logit_bias]], dtype=np.int32)
+        values["logit_bias_values"] = np.array([[b for _, b in s.logit_bias]], dtype=np.float32)
+    if s.logprobs is not None:
+        values["return_log_probs"] = _one(True, np.bool_)
+        values["num_top_log_probs"] = _one(s.logprobs, np.int32)
+    if s.guide is not None:
+        values["guided_decoding_guide_type"] = _strings((s.guide.type,))
+        values["guided_decoding_guide"] = _strings((s.guide.text,))
     return {name: value for name, value in values.items() if value is not None}
+
+
+def _logit_bias(ids: Optional[np.ndarray], biases: Optional[np.ndarray]) -> tuple[tuple[int, float], ...]:
+    if ids is None and biases is None:
+        return ()
+    ids_ = np.asarray(ids if ids is not None else []).reshape(-1)
+    biases_ = np.asarray(biases if biases is not None else []).reshape(-1)
+    if ids_.size != biases_.size:
+        raise InvalidRequest(f"logit_bias_ids has {ids_.size} entries and logit_bias_values {biases_.size}: "
+                             "give one value per id", param="logit_bias")
+    merged: dict[int, float] = {}
+    for token, bias in zip(ids_.tolist(), biases_.tolist()):
+        merged[int(token)] = float(bias)
+    return tuple(merged.items())
+
+
+def _guide(get: Callable[[str], Optional[np.ndarray]]) -> Optional[Guide]:
+    kinds = _texts(get("guided_decoding_guide_type"), "guided_decoding_guide_type")
+    texts = _texts(get("guided_decoding_guide"), "guided_decoding_guide")
+    if not kinds:
+        if texts:
+            raise InvalidRequest("guided_decoding_guide needs guided_decoding_guide_type",
+                                 param="guided_decoding_guide_type")
+        return None
+    if len(kinds) > 1 or len(texts) > 1:
+        raise InvalidRequest("give one guided decoding guide", param="guided_decoding_guide")
+    return Guide(kinds[0], texts[0] if texts else "")
 
 
 def _scalar(value: Optional[np.ndarray], cast: Callable[[Any], Any]) -> Any:
@@ -343,7 +259,16 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
         "stop": _texts(get("stop_words"), "stop_sequences"),
         "seed": seed,
         "bad_words": _texts(get("bad_words"), "bad_words"),
+        "n": _scalar(get("num_return_sequences"), int),
+        "min_tokens": _scalar(get("min_tokens"), int),
+        "presence_penalty": _scalar(get("presence_penalty"), float),
+        "frequency_penalty": _scalar(get("frequency_penalty"), float),
+        "min_p": _scalar(get("min_p"), float),
+        "logit_bias": _logit_bias(get("logit_bias_ids"), get("logit_bias_values")),
+        "guide": _guide(get),
     }
+    if _scalar(get("return_log_probs"), bool):
+        given["logprobs"] = _scalar(get("num_top_log_probs"), int) or 0
     sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})
     return TextRequest(prompt=prompts[0], sampling=sampling, stream=bool(_scalar(get("stream"), bool) or False),
                        end_id=_scalar(get("end_id"), int), pad_id=_scalar(get("pad_id"), int))

@@ -10,12 +10,13 @@ No torch and no Triton import: unit-tested on its own.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
-from .contract import SamplingParams
+from .contract import Guide, SamplingParams
 
 #: Inputs of the engine model (name -> numpy dtype), the subset of the TensorRT-LLM backend's
 #: that trident uses; declared with the same names in both repository flavours' config.pbtxt.
@@ -35,10 +36,33 @@ ENGINE_INPUTS: dict[str, Any] = {
     "random_seed": np.uint64,
     "stop": np.bool_,
     "streaming": np.bool_,
+    # Output controls (issue 15), TensorRT-LLM's inputs:
+    "num_return_sequences": np.int32,
+    "min_tokens": np.int32,
+    "presence_penalty": np.float32,
+    "frequency_penalty": np.float32,
+    "return_log_probs": np.bool_,
+    "embedding_bias": np.float32,  # (1, vocab): added to the logits (OpenAI's logit_bias)
+    "guided_decoding_guide_type": np.object_,
+    "guided_decoding_guide": np.object_,
+}
+#: Inputs only trident's CPU engine reads (TensorRT-LLM 1.2.1's backend has no such input; the
+#: llm model refuses a request needing one on GPU: trident.contract.ENGINE_FEATURES).
+CPU_ENGINE_INPUTS: dict[str, Any] = {
+    "min_p": np.float32,
+    "num_top_log_probs": np.int32,  # alternatives per token, 0..20 (with return_log_probs)
 }
 OUTPUT_IDS = "output_ids"  # (batch 1, beam 1, new tokens) int32
 SEQUENCE_LENGTH = "sequence_length"  # (1, 1) int32
+OUTPUT_LOG_PROBS = "output_log_probs"  # (1, 1, new tokens) fp32: of the tokens in output_ids
+CUM_LOG_PROBS = "cum_log_probs"  # (1, 1) fp32: the sum over every token generated so far
+SEQUENCE_INDEX = "sequence_index"  # (1, 1) int32: which of num_return_sequences (when > 1)
+TOP_LOG_PROBS = "top_log_probs"  # CPU engine: (1, 1, new tokens, k) fp32, best first
+TOP_LOG_PROB_IDS = "top_log_prob_ids"  # CPU engine: (1, 1, new tokens, k) int32
 ENGINE_OUTPUTS = (OUTPUT_IDS, SEQUENCE_LENGTH)
+#: What llm asks for besides ENGINE_OUTPUTS when a request has logprobs or several choices.
+LOG_PROB_OUTPUTS = (OUTPUT_LOG_PROBS, CUM_LOG_PROBS)
+CPU_ENGINE_OUTPUTS = (TOP_LOG_PROBS, TOP_LOG_PROB_IDS)
 
 
 class EngineTensorError(ValueError):
@@ -46,7 +70,11 @@ class EngineTensorError(ValueError):
 
 
 def _one(value: Any, name: str) -> np.ndarray:
-    return np.array([[value]], dtype=ENGINE_INPUTS[name])  # [1, 1]
+    return np.array([[value]], dtype={**ENGINE_INPUTS, **CPU_ENGINE_INPUTS}[name])  # [1, 1]
+
+
+def _string(value: str) -> np.ndarray:
+    return np.array([[value.encode("utf-8")]], dtype=np.object_)  # [1, 1]
 
 
 # -- request: llm side --------------------------------------------------------------------------
@@ -70,7 +98,7 @@ def words_list(sequences: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def engine_inputs(sampling: SamplingParams, *, input_ids: Sequence[int], end_id: int, pad_id: int,
-                  bad_words_ids: Sequence[Sequence[int]] = ()) -> dict[str, np.ndarray]:
+                  bad_words_ids: Sequence[Sequence[int]] = (), vocab_size: int = 0) -> dict[str, np.ndarray]:
     """The engine request for one prompt (leading batch dim 1, explicit dtypes). Every sampling
     value is sent, so the engine's own defaults never apply. Greedy (``sampling.greedy``) is
     TensorRT-LLM's ``runtime_top_k`` 1 (it refuses a zero temperature). Always streaming: ``llm``
@@ -95,6 +123,38 @@ def engine_inputs(sampling: SamplingParams, *, input_ids: Sequence[int], end_id:
         tensors["seed"] = _one(sampling.seed, "seed")
     if bad_words_ids:
         tensors["bad_words_list"] = words_list(bad_words_ids)
+    tensors.update(_output_control_inputs(sampling, vocab_size))
+    return tensors
+
+
+def _output_control_inputs(s: SamplingParams, vocab_size: int) -> dict[str, np.ndarray]:
+    """The output controls, each only when it is not its default (a plain request stays as it
+    was). ``logit_bias`` becomes TensorRT-LLM's dense ``embedding_bias`` of the model's width."""
+    tensors: dict[str, np.ndarray] = {}
+    if s.n != 1:
+        tensors["num_return_sequences"] = _one(s.n, "num_return_sequences")
+    if s.min_tokens:
+        tensors["min_tokens"] = _one(s.min_tokens, "min_tokens")
+    if s.presence_penalty:
+        tensors["presence_penalty"] = _one(s.presence_penalty, "presence_penalty")
+    if s.frequency_penalty:
+        tensors["frequency_penalty"] = _one(s.frequency_penalty, "frequency_penalty")
+    if s.min_p:
+        tensors["min_p"] = _one(s.min_p, "min_p")
+    if s.logit_bias:
+        if vocab_size <= max(t for t, _ in s.logit_bias):
+            raise ValueError(f"embedding_bias needs the model's vocabulary size (got {vocab_size})")
+        bias = np.zeros((1, vocab_size), dtype=np.float32)
+        for token, value in s.logit_bias:
+            bias[0, token] = value
+        tensors["embedding_bias"] = bias
+    if s.logprobs is not None:
+        tensors["return_log_probs"] = _one(True, "return_log_probs")
+        if s.logprobs:
+            tensors["num_top_log_probs"] = _one(s.logprobs, "num_top_log_probs")
+    if s.guide is not None:
+        tensors["guided_decoding_guide_type"] = _string(s.guide.type)
+        tensors["guided_decoding_guide"] = _string(s.guide.text)
     return tensors
 
 
@@ -167,6 +227,9 @@ def read_sampling(tensors: Mapping[str, np.ndarray]) -> SamplingParams:
     seed = scalar(tensors, "seed")
     if seed is None:
         seed = scalar(tensors, "random_seed")
+    logprobs = None
+    if scalar(tensors, "return_log_probs", False):
+        logprobs = int(scalar(tensors, "num_top_log_probs", 0))
     return SamplingParams(
         max_new_tokens=int(scalar(tensors, "request_output_len")),
         temperature=temperature,
@@ -174,7 +237,48 @@ def read_sampling(tensors: Mapping[str, np.ndarray]) -> SamplingParams:
         top_p=top_p,
         repetition_penalty=float(scalar(tensors, "repetition_penalty", 1.0)),
         seed=None if seed is None else int(seed),
+        n=int(scalar(tensors, "num_return_sequences", 1)),
+        min_tokens=int(scalar(tensors, "min_tokens", 0)),
+        presence_penalty=float(scalar(tensors, "presence_penalty", 0.0)),
+        frequency_penalty=float(scalar(tensors, "frequency_penalty", 0.0)),
+        min_p=float(scalar(tensors, "min_p", 0.0)),
+        logit_bias=read_embedding_bias(tensors.get("embedding_bias")),
+        logprobs=logprobs,
+        guide=read_guide(tensors),
     )
+
+
+def read_embedding_bias(arr: Optional[np.ndarray]) -> tuple[tuple[int, float], ...]:
+    """The non-zero entries of a dense embedding_bias ((1, V) or (V,); empty: none)."""
+    if arr is None:
+        return ()
+    flat = np.asarray(arr, dtype=np.float32).reshape(-1)
+    if not np.isfinite(flat).all():
+        raise EngineTensorError("embedding_bias: values must be finite")
+    ids = np.flatnonzero(flat)
+    return tuple(zip(ids.tolist(), flat[ids].tolist()))
+
+
+def _text(tensors: Mapping[str, np.ndarray], name: str) -> Optional[str]:
+    arr = tensors.get(name)
+    if arr is None:
+        return None
+    flat = np.asarray(arr, dtype=object).reshape(-1)
+    if flat.size != 1:
+        raise EngineTensorError(f"{name}: expected one string, got shape {list(np.shape(arr))}")
+    value = flat[0]
+    try:
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError:
+        raise EngineTensorError(f"{name}: not valid UTF-8") from None
+
+
+def read_guide(tensors: Mapping[str, np.ndarray]) -> Optional[Guide]:
+    """TensorRT-LLM's guided decoding inputs; as its backend, no guide type means no guide."""
+    kind = _text(tensors, "guided_decoding_guide_type")
+    if not kind:
+        return None
+    return Guide(kind, _text(tensors, "guided_decoding_guide") or "")
 
 
 def is_stop(tensors: Mapping[str, np.ndarray]) -> bool:
@@ -184,9 +288,57 @@ def is_stop(tensors: Mapping[str, np.ndarray]) -> bool:
 # -- responses ------------------------------------------------------------------------------------
 
 
-def output_arrays(token_ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """Generated tokens (prompt excluded) as TensorRT-LLM outputs: (1, 1, n) and (1, 1)."""
-    return {
-        OUTPUT_IDS: np.asarray(token_ids, dtype=np.int32).reshape(1, 1, len(token_ids)),
-        SEQUENCE_LENGTH: np.asarray([[len(token_ids)]], dtype=np.int32),
+def output_arrays(token_ids: Sequence[int], *, log_probs: Optional[Sequence[float]] = None,
+                  cum_log_prob: Optional[float] = None, top_ids: Optional[np.ndarray] = None,
+                  top_log_probs: Optional[np.ndarray] = None,
+                  sequence_index: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Generated tokens (prompt excluded) as TensorRT-LLM outputs: (1, 1, n) and (1, 1); with
+    logprobs their log-probabilities (1, 1, n) and the running sum (1, 1); the CPU engine's
+    alternatives (n, k) as (1, 1, n, k); the choice index of a num_return_sequences request."""
+    n = len(token_ids)
+    out = {
+        OUTPUT_IDS: np.asarray(token_ids, dtype=np.int32).reshape(1, 1, n),
+        SEQUENCE_LENGTH: np.asarray([[n]], dtype=np.int32),
     }
+    if log_probs is not None:
+        out[OUTPUT_LOG_PROBS] = np.asarray(log_probs, dtype=np.float32).reshape(1, 1, n)
+        out[CUM_LOG_PROBS] = np.asarray([[cum_log_prob or 0.0]], dtype=np.float32)
+    if top_ids is not None and top_log_probs is not None:
+        k = np.shape(top_ids)[-1] if np.size(top_ids) else 0
+        out[TOP_LOG_PROB_IDS] = np.asarray(top_ids, dtype=np.int32).reshape(1, 1, n, k)
+        out[TOP_LOG_PROBS] = np.asarray(top_log_probs, dtype=np.float32).reshape(1, 1, n, k)
+    if sequence_index is not None:
+        out[SEQUENCE_INDEX] = np.asarray([[sequence_index]], dtype=np.int32)
+    return out
+
+
+@dataclass(frozen=True)
+class EngineResponse:
+    """One engine response as llm reads it (any of the optional outputs may be absent)."""
+
+    token_ids: list[int]
+    log_probs: Optional[list[float]] = None  # one per token
+    top_ids: Optional[list[list[int]]] = None  # per token, best first
+    top_log_probs: Optional[list[list[float]]] = None
+    sequence_index: int = 0
+
+
+def read_response(get: Callable[[str], Optional[np.ndarray]]) -> EngineResponse:
+    """An engine response from its output tensors. TensorRT-LLM's streaming responses carry the
+    new tokens; their log-probabilities are taken from the end of output_log_probs, so a backend
+    that sends the whole history there reads the same."""
+    ids = read_output_ids(get(OUTPUT_IDS))
+    n = len(ids)
+    log_probs = top_ids = top = None
+    lp = get(OUTPUT_LOG_PROBS)
+    if lp is not None:
+        flat = np.asarray(lp, dtype=np.float32).reshape(-1)
+        log_probs = flat[flat.size - n:].tolist() if n else []
+    t_ids, t_lp = get(TOP_LOG_PROB_IDS), get(TOP_LOG_PROBS)
+    if t_ids is not None and t_lp is not None and n:
+        k = np.shape(t_ids)[-1]
+        top_ids = np.asarray(t_ids).reshape(-1, k)[-n:].tolist()
+        top = np.asarray(t_lp, dtype=np.float32).reshape(-1, k)[-n:].tolist()
+    index = get(SEQUENCE_INDEX)
+    return EngineResponse(ids, log_probs, top_ids, top,
+                          int(np.asarray(index).reshape(-1)[0]) if index is not None and np.size(index) else 0)

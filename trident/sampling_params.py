@@ -1,0 +1,219 @@
+"""Limits and sampling parameters: part of trident.contract (import them from there).
+
+:class:`SamplingParams` is the one parameters object of a generation, from the gateway's
+schemas to the engine's sampler; :class:`ModelLimits` the served model's limits, read by both
+sides from the ``llm`` model's config parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from .error_tags import InvalidRequest
+
+# -- limits --------------------------------------------------------------------------------------
+
+# Costly fields, bounded the same way on both sides (docs/api.md, "Limits", says why):
+MAX_STOP_SEQUENCES = 16  # stop sequences per request
+MAX_STOP_CHARS = 256  # characters of one stop sequence: held back and matched at every token
+MAX_CHAT_MESSAGES = 512  # messages of one chat request
+MAX_JSON_DEPTH = 32  # nesting of a request body (the deepest valid body needs 4)
+MAX_CHOICES = 16  # n (and best_of): each choice costs a whole generation
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_BIAS = 100.0  # |bias| (OpenAI's range)
+MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
+MAX_GUIDE_CHARS = 65536  # a JSON schema, regex or grammar: compiled against the whole vocabulary
+
+#: Engine features beyond TensorRT-LLM 1.2.1's backend inputs (the llm model's parameter
+#: ``engine_features``, comma-separated, written by the repository build): the CPU engine has
+#: both; a request needing one the engine lacks is a 400 naming the field.
+FEATURE_TOP_LOGPROBS = "top_logprobs"  # alternatives per token (TensorRT-LLM: the chosen token only)
+FEATURE_MIN_P = "min_p"  # the backend reads no min_p input
+ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLimits:
+    """A served model's limits. One source: the ``llm`` model's config parameters, written by the
+    repository build from the engine's own (``max_seq_len``); the gateway reads them from Triton
+    (``ModelConfig``), the ``llm`` model from its config."""
+
+    max_context: int = 2048  # prompt + generated tokens
+    max_new_tokens: int = 2048
+    # Characters a prompt may have before it is tokenized: the context times the longest token
+    # of the tokenizer (written by the repository build), so no prompt that fits is refused;
+    # 0: not bounded here (the tokenizer's own count still is).
+    max_prompt_chars: int = 0
+    # What the engine can do beyond TensorRT-LLM's backend (ENGINE_FEATURES); the default, for a
+    # config without the parameter, is what every engine does.
+    features: frozenset[str] = frozenset()
+    vocab_size: int = 0  # token ids are below it (logit_bias); 0: not checked here
+
+    PARAMETERS = {"max_context": "max_context", "max_new_tokens": "max_new_tokens_limit",
+                  "max_prompt_chars": "max_prompt_chars", "vocab_size": "vocab_size"}
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> "ModelLimits":
+        values: dict[str, Any] = {field: int(params[key]) for field, key in cls.PARAMETERS.items() if params.get(key)}
+        features = params.get("engine_features", "")
+        values["features"] = frozenset(f.strip() for f in features.split(",") if f.strip())
+        return cls(**values)
+
+
+def max_tokens_error(value: int, limit: int, param: str = "max_new_tokens") -> str:
+    return f"{param} must be between 1 and {limit}, got {value}"
+
+
+def prompt_chars_error(chars: int, limit: int, param: str = "prompt") -> str:
+    return (f"{param} has {chars} characters, more than the {limit} that can fit the model's context "
+            f"(checked before tokenizing); shorten it")
+
+
+def stop_error(stops: tuple[str, ...], param: str = "stop_sequences") -> Optional[str]:
+    """The message for stop sequences over the limits, or None."""
+    if len(stops) > MAX_STOP_SEQUENCES:
+        return f"{param} must have at most {MAX_STOP_SEQUENCES} items, got {len(stops)}"
+    for i, stop in enumerate(stops):
+        if len(stop) > MAX_STOP_CHARS:
+            return f"{param}[{i}] must be at most {MAX_STOP_CHARS} characters, got {len(stop)}"
+    return None
+
+
+def context_error(prompt_tokens: int, max_new_tokens: int, max_context: int) -> str:
+    return (f"the prompt has {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: together "
+            f"{prompt_tokens + max_new_tokens}, over the model's context of {max_context} tokens")
+
+
+# -- sampling parameters ---------------------------------------------------------------------------
+
+# TensorRT-LLM's guided_decoding_guide_type values
+GUIDE_JSON = "json"  # any JSON value (XGrammar's built-in JSON grammar)
+GUIDE_JSON_SCHEMA = "json_schema"
+GUIDE_REGEX = "regex"
+GUIDE_EBNF = "ebnf_grammar"
+GUIDE_TYPES = (GUIDE_JSON, GUIDE_JSON_SCHEMA, GUIDE_REGEX, GUIDE_EBNF)
+#: OpenAI's ``{"type": "json_object"}``: any JSON object (TensorRT-LLM's "json" allows any value)
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Guide:
+    """Constrained decoding: the output must match ``text`` (a JSON schema, a regex, an EBNF
+    grammar; empty for ``json``), compiled by XGrammar (trident.grammar)."""
+
+    type: str
+    text: str = ""
+
+UINT64_MAX = 2**64 - 1
+INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling and limits of one generation: the defaults of shared/API.md, the only defaults.
+
+    A gateway caller who leaves a field out and a direct gRPC caller of ``llm`` who sends no
+    tensor for it get these same values. ``temperature`` 0 means greedy, as does ``top_k`` 1.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+    stop: tuple[str, ...] = ()  # stop sequences (text)
+    seed: Optional[int] = None  # None: not seeded
+    bad_words: tuple[str, ...] = ()  # words never generated (text; NVIDIA ensemble input)
+    # Output controls (issue 15), with OpenAI's and TensorRT-LLM's meanings:
+    n: int = 1  # choices (TensorRT-LLM's num_return_sequences), each its own random stream
+    min_tokens: int = 0  # the end token is banned before this many tokens
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # ... times the number of times it was generated
+    min_p: float = 0.0  # keep tokens with probability >= min_p x the most likely one's; 0: off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: Optional[int] = None  # None: none; 0: the chosen token's; k: also the k best
+    guide: Optional[Guide] = None  # structured output
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def check(self, limits: Optional[ModelLimits] = None) -> None:
+        """Raise InvalidRequest naming the field when a value is one no engine can serve. The
+        gateway's schemas are stricter (shared/API.md's ranges, e.g. temperature at most 2)
+        before a request leaves; this guards direct gRPC callers, who keep NVIDIA's ranges."""
+        limit = limits.max_new_tokens if limits else None
+        if self.max_new_tokens < 1 or (limit is not None and self.max_new_tokens > limit):
+            raise InvalidRequest(max_tokens_error(self.max_new_tokens, limit or INT32_MAX), param="max_new_tokens")
+        if not self.temperature >= 0.0:  # also NaN
+            raise InvalidRequest(f"temperature must be at least 0, got {self.temperature:g}", param="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be greater than 0 and at most 1, got {self.top_p:g}", param="top_p")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be between 0 and {INT32_MAX}, got {self.top_k}", param="top_k")
+        if not self.repetition_penalty > 0.0:
+            raise InvalidRequest(f"repetition_penalty must be greater than 0, got {self.repetition_penalty:g}",
+                                 param="repetition_penalty")
+        if self.seed is not None and not 0 <= self.seed <= UINT64_MAX:
+            raise InvalidRequest(f"seed must be between 0 and {UINT64_MAX}, got {self.seed}", param="seed")
+        for stops, param in ((self.stop, "stop_sequences"), (self.bad_words, "bad_words")):
+            message = stop_error(stops, param)
+            if message:
+                raise InvalidRequest(message, param=param)
+        self._check_output_controls(limits)
+
+    def _check_output_controls(self, limits: Optional[ModelLimits]) -> None:
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise InvalidRequest(f"n must be between 1 and {MAX_CHOICES}, got {self.n}", param="n")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidRequest(f"min_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
+                                 f"got {self.min_tokens}", param="min_tokens")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise InvalidRequest(f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got {value:g}",
+                                     param=name)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest(f"min_p must be between 0 and 1, got {self.min_p:g}", param="min_p")
+        features = limits.features if limits is not None else frozenset(ENGINE_FEATURES)
+        if self.min_p and FEATURE_MIN_P not in features:
+            raise InvalidRequest("min_p is not supported by this deployment's engine (TensorRT-LLM's backend "
+                                 "has no min_p input); leave it at 0", param="min_p")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequest(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}",
+                                 param="logit_bias")
+        vocab = limits.vocab_size if limits is not None else 0
+        for token, bias in self.logit_bias:
+            if token < 0 or (vocab and token >= vocab):
+                bound = f"below {vocab}" if vocab else "non-negative"
+                raise InvalidRequest(f"logit_bias: token id {token} is not a token of the model (ids are {bound})",
+                                     param="logit_bias")
+            if not -MAX_BIAS <= bias <= MAX_BIAS:
+                raise InvalidRequest(f"logit_bias: the bias of token {token} must be between -{MAX_BIAS:g} and "
+                                     f"{MAX_BIAS:g}, got {bias:g}", param="logit_bias")
+        if self.logprobs is not None:
+            if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidRequest(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}",
+                                     param="logprobs")
+            if self.logprobs and FEATURE_TOP_LOGPROBS not in features:
+                raise InvalidRequest("top log-probabilities are not supported by this deployment's engine "
+                                     "(TensorRT-LLM returns the chosen token's only): ask for 0 alternatives",
+                                     param="logprobs")
+        if self.guide is not None:
+            if self.guide.type not in GUIDE_TYPES:
+                raise InvalidRequest(f"guided_decoding_guide_type must be one of {', '.join(GUIDE_TYPES)}, "
+                                     f"got {self.guide.type!r}", param="guided_decoding_guide_type")
+            if self.guide.type != GUIDE_JSON and not self.guide.text:
+                raise InvalidRequest(f"a {self.guide.type} guide needs guided_decoding_guide",
+                                     param="guided_decoding_guide")
+            if len(self.guide.text) > MAX_GUIDE_CHARS:
+                raise InvalidRequest(f"guided_decoding_guide must be at most {MAX_GUIDE_CHARS} characters, "
+                                     f"got {len(self.guide.text)}", param="guided_decoding_guide")
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "stop_sequences": len(self.stop),
+                "seed": self.seed, "n": self.n, "logprobs": self.logprobs,
+                "guide": None if self.guide is None else self.guide.type}
