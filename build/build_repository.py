@@ -7,13 +7,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trident.contract import ENGINE_FEATURES  # noqa: E402
 from trident.engine.config import WEIGHT_DTYPES  # noqa: E402
+from trident.grammar import write_tokenizer_info  # noqa: E402
 from trident.prompt_limits import max_prompt_chars  # noqa: E402
-from trident.repo_builder import build_repository  # noqa: E402
+from trident.repo_builder import TOKENIZER_INFO, build_repository, model_vocab_size  # noqa: E402
 
 
 def cpu_values(args) -> dict:
     model_dir = str(Path(args.model_dir).resolve())
+    out = Path(getattr(args, "out", None) or ".").resolve()
     return {
         "tokenizer_dir": model_dir,
         "checkpoint_dir": model_dir,
@@ -29,6 +32,9 @@ def cpu_values(args) -> dict:
         "engine_weight_dtype": getattr(args, "weight_dtype", "auto"),
         "num_threads": args.num_threads,
         "max_queue_size": args.max_queue_size,
+        "vocab_size": model_vocab_size(model_dir),
+        "engine_features": ",".join(ENGINE_FEATURES),
+        "xgrammar_tokenizer_info_path": str(out / TOKENIZER_INFO),
     }
 
 
@@ -53,6 +59,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[build-repository] %(message)s")
     out = build_repository(flavour="cpu", values=cpu_values(args), out_dir=args.out)
+    write_tokenizer_info(args.model_dir, out / TOKENIZER_INFO)
     logging.info("wrote %s", out)
     return 0
 

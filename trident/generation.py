@@ -1,37 +1,88 @@
-"""The text-level side of one generation, independent of Triton: engine tokens in, text out.
+"""The text-level side of one generation (one choice), independent of Triton: engine tokens in,
+text out.
 
 Incremental detokenization (no broken UTF-8, no lost spaces), stop sequences matched on text
 across token boundaries and held back while they might still match, token counts, and the
 finish reason (trident.contract.finish_reason, the one derivation, for both engines).
+
+With logprobs, every released piece of text comes with the tokens it is made of
+(:meth:`TextGeneration.take_tokens`), so that the tokens' texts concatenate to exactly the
+returned text, stream by stream and in total:
+
+* a token's text is what the incremental detokenizer produced for it: the tokens before the
+  last one of a multi-byte character get "" and the last one the whole character;
+* text is released at token boundaries only (a token whose text is partly held back, as the
+  possible start of a stop sequence, waits with all of its text);
+* a stop sequence cuts the text: the token it starts in keeps only its text before the stop,
+  tokens after that are not returned (as the text after the stop is not).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import dataclasses
+from collections import deque
+from typing import Callable, Optional, Sequence
 
 from .contract import FINISH_STOP, TextRequest, finish_reason
 from .text import IncrementalDetokenizer, StopSequenceMatcher
 
 
-class TextGeneration:
-    """Turns the engine's token stream into released text, a finish reason and token counts."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One returned token: its part of the text, id, log-probability, and the alternatives
+    (text, log-probability), best first, when asked for."""
 
-    def __init__(self, tokenizer, req: TextRequest, *, prompt_tokens: int):
+    text: str
+    id: int
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    start: int  # character offsets of its text in everything generated
+    end: int
+    id: int
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+class TextGeneration:
+    """Turns one choice's token stream into released text, a finish reason and token counts."""
+
+    def __init__(self, tokenizer, req: TextRequest, *, prompt_tokens: int, index: int = 0,
+                 token_text: Optional[Callable[[int], str]] = None):
         self.req = req
+        self.index = index
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = StopSequenceMatcher(req.sampling.stop)
         self.finish_reason: Optional[str] = None
+        self.ended = False  # its final response was sent (llm_service)
+        # logprobs bookkeeping, only when asked for
+        self.logprobs = req.sampling.logprobs is not None
+        self._token_text = token_text or (lambda i: tokenizer.decode([i], skip_special_tokens=False))
+        self._text = ""  # everything the detokenizer produced (before stop sequences cut it)
+        self._pending: deque[_Pending] = deque()
+        self._released = 0  # characters the stop matcher released
+        self._sent = 0  # characters handed out with their tokens
+        self._ready: list[TokenLogprob] = []
+        self.cum_logprob = 0.0
 
     @property
     def stopped(self) -> bool:
-        """A stop sequence matched: the engine request should be stopped."""
+        """A stop sequence matched: the engine request (or this choice) should be stopped."""
         return self._stops.matched is not None
 
-    def push(self, token_ids: Sequence[int]) -> str:
-        """New engine tokens -> text safe to hand out now."""
+    def push(self, token_ids: Sequence[int], log_probs: Optional[Sequence[float]] = None,
+             top_ids: Optional[Sequence[Sequence[int]]] = None,
+             top_log_probs: Optional[Sequence[Sequence[float]]] = None) -> str:
+        """New engine tokens (with their log-probabilities when asked for) -> text safe to hand
+        out now."""
         if self.stopped or not len(token_ids):
             return ""
+        if self.logprobs:
+            return self._push_aligned(token_ids, log_probs, top_ids, top_log_probs)
         out = []
         for token in token_ids:  # one at a time, so counting stops at the matching token
             self.completion_tokens += 1
@@ -42,12 +93,73 @@ class TextGeneration:
         return "".join(out)
 
     def finish(self) -> str:
-        """The engine finished this request; returns the text still held back."""
+        """The engine finished this choice; returns the text still held back."""
         if self.stopped:
             return ""
-        tail = self._stops.push(self._detok.flush())
+        tail = self._detok.flush()
+        if self.logprobs and tail:
+            self._extend_last(tail)
+        released = self._stops.push(tail)
         if not self.stopped:
-            tail += self._stops.flush()
+            released += self._stops.flush()
         self.finish_reason = finish_reason(stopped=self.stopped, completion_tokens=self.completion_tokens,
                                            max_new_tokens=self.req.sampling.max_new_tokens)
-        return tail
+        if not self.logprobs:
+            return released
+        self._released += len(released)
+        return self._hand_out(final=True)
+
+    def take_tokens(self) -> list[TokenLogprob]:
+        """The tokens of the text returned since the last call (empty without logprobs)."""
+        ready, self._ready = self._ready, []
+        return ready
+
+    # -- logprobs: text released with its tokens ----------------------------------------------------
+
+    def _push_aligned(self, token_ids, log_probs, top_ids, top_log_probs) -> str:
+        for k, token in enumerate(token_ids):
+            self.completion_tokens += 1
+            piece = self._detok.push([token])
+            start = len(self._text)
+            self._text += piece
+            top = ()
+            if top_ids is not None and top_log_probs is not None:
+                top = tuple((self._token_text(int(t)), float(lp)) for t, lp in zip(top_ids[k], top_log_probs[k]))
+            logprob = float(log_probs[k]) if log_probs is not None and k < len(log_probs) else float("nan")
+            self._pending.append(_Pending(start, len(self._text), int(token), logprob, top))
+            self._released += len(self._stops.push(piece))
+            if self.stopped:
+                self.finish_reason = FINISH_STOP
+                return self._hand_out(final=True)
+        return self._hand_out(final=False)
+
+    def _extend_last(self, tail: str) -> None:
+        """Text the detokenizer only gave up at the end belongs to the last token(s)."""
+        self._text += tail
+        if self._pending:
+            self._pending[-1].end = len(self._text)
+
+    def _hand_out(self, *, final: bool) -> str:
+        """Release the text up to the last whole token the stop matcher let go (at the end: all
+        of it, the token a stop sequence starts in cut at the stop)."""
+        limit = self._released
+        held_bytes = self._detok.pending and not final
+        out_end = self._sent
+        while self._pending:
+            tok = self._pending[0]
+            if tok.end > limit:
+                if final and tok.start < limit:  # a stop sequence starts inside this token
+                    tok.end = limit
+                else:
+                    break
+            if held_bytes and tok.start == tok.end == len(self._text):
+                break  # its bytes may still become a character: it waits for it
+            self._pending.popleft()
+            self._ready.append(TokenLogprob(self._text[tok.start:tok.end], tok.id, tok.logprob, tok.top))
+            self.cum_logprob += tok.logprob
+            out_end = tok.end
+        if final:
+            self._pending.clear()  # after a stop: never returned
+        text = self._text[self._sent:out_end]
+        self._sent = out_end
+        return text

@@ -35,6 +35,7 @@ gone, ends that request only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
@@ -57,8 +58,16 @@ from .contract import (
     read_llm_inputs,
     tag_error,
 )
-from .engine_tensors import engine_inputs
-from .generation import TextGeneration
+from .engine_tensors import (
+    CPU_ENGINE_OUTPUTS,
+    ENGINE_OUTPUTS,
+    LOG_PROB_OUTPUTS,
+    SEQUENCE_INDEX,
+    engine_inputs,
+)
+from .generation import TextGeneration, TokenLogprob
+from .grammar import check_guide
+from .sampling_params import SamplingParams
 
 log = logging.getLogger("trident.llm")
 
@@ -99,11 +108,14 @@ class Request(Protocol):
     def send_admission(self) -> None:
         """An empty, non-final response: accepted, generation pending."""
 
-    def send_text(self, text: str) -> None:
-        """A non-final response holding a text delta."""
+    def send_text(self, text: str, *, index: int = 0, tokens: Optional[list[TokenLogprob]] = None) -> None:
+        """A non-final response holding a text delta of choice ``index`` (with its tokens when
+        logprobs were asked for)."""
 
-    def send_final(self, text: str, gen: TextGeneration) -> None:
-        """The final response: the last text, finish_reason and token counts."""
+    def send_final(self, text: str, gen: TextGeneration, *, tokens: Optional[list[TokenLogprob]] = None,
+                   final: bool = True) -> None:
+        """A choice's last response: its last text, finish_reason and token counts; ``final``
+        (the request's last response) is False for every choice but the last to end."""
 
     def send_error(self, message: str) -> None:
         """A final error response; ``message`` is tagged (trident.errors)."""
@@ -114,15 +126,22 @@ class Request(Protocol):
 
 @dataclasses.dataclass
 class EngineChunk:
-    """One response of the engine model: new token ids, or an error message."""
+    """One response of the engine model: new token ids (with their log-probabilities when asked
+    for, and the choice they belong to), or an error message."""
 
     token_ids: Sequence[int] = ()
     error: Optional[str] = None
+    log_probs: Optional[Sequence[float]] = None
+    top_ids: Optional[Sequence[Sequence[int]]] = None
+    top_log_probs: Optional[Sequence[Sequence[float]]] = None
+    sequence_index: int = 0
 
 
 class EngineClient(Protocol):
-    def stream(self, tensors: dict[str, np.ndarray], engine_id: str) -> Iterable[EngineChunk]:
-        """Submit one engine request and iterate its responses up to the final one."""
+    def stream(self, tensors: dict[str, np.ndarray], engine_id: str, outputs: Sequence[str] = ENGINE_OUTPUTS
+               ) -> Iterable[EngineChunk]:
+        """Submit one engine request and iterate its responses up to the final one; ``outputs``
+        are the engine outputs to ask for (:func:`engine_outputs`)."""
 
     def stop(self, engine_id: str) -> None:
         """Stop the engine request with this id (queued or running); returns once sent."""
@@ -164,6 +183,9 @@ class LlmService:
         self.engine = engine
         self.clock = clock
         self.end_id = tokenizer.eos_token_id
+        # A token's text on its own (logprobs' alternatives); the same few ids come back often.
+        self._token_text = functools.lru_cache(maxsize=65536)(
+            lambda token: tokenizer.decode([token], skip_special_tokens=False))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
         # Engine request ids are decimal strings: TensorRT-LLM's backend matches a "stop"
         # request to the running one by this id.
@@ -226,10 +248,13 @@ class LlmService:
         if len(input_ids) + new_tokens > limits.max_context:
             raise InvalidRequest(context_error(len(input_ids), new_tokens, limits.max_context), param="prompt")
         bad_ids = [self.tokenizer(w, add_special_tokens=False).input_ids for w in text.sampling.bad_words]
+        if text.sampling.guide is not None:
+            check_guide(text.sampling.guide)  # a schema XGrammar cannot take: 400 here, on CPU and GPU
         tensors = engine_inputs(text.sampling, input_ids=input_ids,
                                 end_id=self.end_id if text.end_id is None else text.end_id,
                                 pad_id=self.pad_id if text.pad_id is None else text.pad_id,
-                                bad_words_ids=[b for b in bad_ids if b])
+                                bad_words_ids=[b for b in bad_ids if b],
+                                vocab_size=limits.vocab_size or len(self.tokenizer))
         return Job(request=request, text=text, tensors=tensors, prompt_tokens=len(input_ids),
                    engine_id=str(next(self._ids)), last_check=self.clock())
 
@@ -337,50 +362,135 @@ class LlmService:
 
     def _generate(self, job: Job) -> None:
         request, text = job.request, job.text
-        gen = TextGeneration(self.tokenizer, text, prompt_tokens=job.prompt_tokens)
-        parts: list[str] = []
+        n = text.sampling.n
+        gens = [TextGeneration(self.tokenizer, text, prompt_tokens=job.prompt_tokens, index=i,
+                               token_text=self._token_text) for i in range(n)]
+        # Without streaming, a choice's text and tokens wait for its last response.
+        parts: list[list[str]] = [[] for _ in range(n)]
+        held: list[list[TokenLogprob]] = [[] for _ in range(n)]
         stopping = False
-        for chunk in self.engine.stream(job.tensors, job.engine_id):
+        for chunk in self.engine.stream(job.tensors, job.engine_id, engine_outputs(text.sampling)):
             job.running = True
             if chunk.error is not None:
                 raise EngineFailure(chunk.error)
-            if stopping:
+            if stopping or not 0 <= chunk.sequence_index < n:
                 continue  # drain the engine stream up to its final response
-            delta = gen.push(chunk.token_ids)
-            if gen.stopped:
-                stopping = True
-                self._stop_engine(job)
+            gen = gens[chunk.sequence_index]
+            if gen.ended:
+                continue  # a choice ended by a stop sequence: the engine may still run it
+            delta = gen.push(chunk.token_ids, chunk.log_probs, chunk.top_ids, chunk.top_log_probs)
+            tokens = gen.take_tokens() if gen.logprobs else None
             if self._poll(job):
                 stopping = True
                 continue
-            if delta and text.stream:
-                if not _safely(request.send_text, delta):
+            if gen.stopped and n > 1:  # this choice is done; the others go on
+                if not self._end_choice(job, gen, parts, held, delta, tokens, last=False):
+                    stopping = True
+                if all(g.ended or g.stopped for g in gens):
+                    stopping = True
+                    self._stop_engine(job)
+                continue
+            if gen.stopped:
+                stopping = True
+                self._stop_engine(job)
+            if text.stream and (delta or tokens):
+                if not _safely(request.send_text, delta, index=gen.index, tokens=tokens):
                     self._cancel(job)  # the response stream is gone: so is the client
                     stopping = True
-            elif delta:
-                parts.append(delta)
+            else:
+                parts[gen.index].append(delta)
+                if tokens:
+                    held[gen.index].extend(tokens)
         if job.cancelled or self._poll(job):
             _final(job, request.close)  # Triton may refuse a send on a cancelled request
             return
-        tail = gen.finish()
-        if _final(job, request.send_final, tail if text.stream else "".join(parts) + tail, gen):
-            self.counters["completed"] += 1
+        left = [g for g in gens if not g.ended]
+        for k, gen in enumerate(left):
+            tail = gen.finish()
+            tokens = gen.take_tokens() if gen.logprobs else None
+            if not self._end_choice(job, gen, parts, held, tail, tokens, last=k == len(left) - 1):
+                return
+        if not left:  # every choice ended early: the request still needs its final flag
+            _final(job, request.close)
+            return
+        self.counters["completed"] += 1
+
+    def _end_choice(self, job: Job, gen: TextGeneration, parts: list[list[str]], held: list[list[TokenLogprob]],
+                    tail: str, tokens: Optional[list[TokenLogprob]], *, last: bool) -> bool:
+        """Send a choice's last response (the request's last one when ``last``)."""
+        gen.ended = True
+        if gen.finish_reason is None:  # ended by a stop sequence before the engine finished it
+            gen.finish()
+        if not job.text.stream:
+            tail = "".join(parts[gen.index]) + tail
+            tokens = held[gen.index] + (tokens or []) if gen.logprobs else None
+        if last:
+            return _final(job, job.request.send_final, tail, gen, tokens=tokens)
+        if not _safely(job.request.send_final, tail, gen, tokens=tokens, final=False):
+            self._cancel(job)
+            return False
+        return True
 
 
-def _final(job: Job, send: Callable[..., None], *args: Any) -> bool:
+def engine_outputs(sampling: SamplingParams) -> tuple[str, ...]:
+    """The engine outputs a request needs: log-probabilities, alternatives (CPU engine), the
+    choice index, only when it asked for them."""
+    outputs = ENGINE_OUTPUTS
+    if sampling.logprobs is not None:
+        outputs += LOG_PROB_OUTPUTS
+        if sampling.logprobs:
+            outputs += CPU_ENGINE_OUTPUTS
+    if sampling.n > 1:
+        outputs += (SEQUENCE_INDEX,)
+    return outputs
+
+
+def _final(job: Job, send: Callable[..., None], *args: Any, **kwargs: Any) -> bool:
     """Send a job's final response, once; never while its is_cancelled() is being asked."""
     with job.final_lock:
         if job.closed:
             return False
         job.closed = True
-        return _safely(send, *args)
+        return _safely(send, *args, **kwargs)
 
 
-def _safely(send: Callable[..., None], *args: Any) -> bool:
+def _safely(send: Callable[..., None], *args: Any, **kwargs: Any) -> bool:
     """Call a response function; a failure (the client is gone) is logged, never raised."""
     try:
-        send(*args)
+        send(*args, **kwargs)
         return True
     except Exception as exc:
         log.info("llm: %s failed: %s", getattr(send, "__name__", "send"), exc)
         return False
+
+
+def output_tensors(text: str, *, index: int = 0, tokens: Optional[list[TokenLogprob]] = None,
+                   gen: Optional[TextGeneration] = None, n: int = 1) -> dict[str, np.ndarray]:
+    """One llm response's tensors (trident.contract.LLM_OUTPUTS), each with the batch dimension:
+    the text; the choice index with several choices; the tokens of the text with logprobs; and on
+    a choice's last response (``gen``) its finish_reason, token counts and cum_log_probs."""
+    out = {"text_output": np.array([[text.encode("utf-8")]], dtype=np.object_)}
+    if n > 1:
+        out["sequence_index"] = np.array([[index]], dtype=np.int32)
+    if tokens is not None:
+        k = max((len(t.top) for t in tokens), default=0)
+        out["output_token_texts"] = np.array([[t.text.encode("utf-8") for t in tokens]], dtype=np.object_).reshape(
+            1, len(tokens))
+        out["output_token_ids"] = np.array([[t.id for t in tokens]], dtype=np.int32).reshape(1, len(tokens))
+        out["output_log_probs"] = np.array([[t.logprob for t in tokens]], dtype=np.float32).reshape(1, len(tokens))
+        if k:
+            texts = np.full((1, len(tokens), k), b"", dtype=np.object_)
+            values = np.full((1, len(tokens), k), -np.inf, dtype=np.float32)
+            for i, token in enumerate(tokens):
+                for j, (alt, logprob) in enumerate(token.top):
+                    texts[0, i, j] = alt.encode("utf-8")
+                    values[0, i, j] = logprob
+            out["top_log_prob_texts"] = texts
+            out["top_log_probs"] = values
+    if gen is not None:
+        out["finish_reason"] = np.array([[gen.finish_reason.encode()]], dtype=np.object_)
+        out["prompt_tokens"] = np.array([[gen.prompt_tokens]], dtype=np.int32)
+        out["completion_tokens"] = np.array([[gen.completion_tokens]], dtype=np.int32)
+        if gen.logprobs:
+            out["cum_log_probs"] = np.array([[gen.cum_logprob]], dtype=np.float32)
+    return out

@@ -7,6 +7,7 @@ is an error: a half-filled config must never reach Triton.
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import Mapping
 from .fsutil import replace_dir
 
 TEMPLATE_ROOT = Path(__file__).resolve().parents[1] / "model_repository"
+#: Where the build writes XGrammar's description of the tokenizer (trident.grammar), inside the
+#: repository: the engine model's parameter xgrammar_tokenizer_info_path names it.
+TOKENIZER_INFO = "tensorrt_llm/xgrammar_tokenizer_info.json"
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Template folders per flavour; later folders may add models, never replace them.
 FLAVOURS = {
@@ -36,6 +40,15 @@ def fill_template(text: str, values: Mapping[str, object], *, source: str = "<te
         raise TemplateError(f"{source}: unfilled or malformed placeholder left: "
                             f"{filled[filled.index('${'):][:40]!r}")
     return filled
+
+
+def model_vocab_size(model_dir: str | Path) -> int:
+    """The model's vocabulary (its logits' width) from the checkpoint's config.json; 0 when it has
+    none (the llm model then checks token ids against the tokenizer alone)."""
+    try:
+        return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0
 
 
 def placeholders_in(paths) -> set[str]:

@@ -26,12 +26,14 @@ MAX_BIAS = 100.0  # |bias| (OpenAI's range)
 MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 MAX_GUIDE_CHARS = 65536  # a JSON schema, regex or grammar: compiled against the whole vocabulary
 
-#: Engine features beyond TensorRT-LLM 1.2.1's backend inputs (the llm model's parameter
+#: What an engine can do beyond the inputs every engine reads (the llm model's parameter
 #: ``engine_features``, comma-separated, written by the repository build): the CPU engine has
-#: both; a request needing one the engine lacks is a 400 naming the field.
+#: all; TensorRT-LLM 1.2.1's backend guided decoding only. A request needing one the engine
+#: lacks is a 400 naming the field.
 FEATURE_TOP_LOGPROBS = "top_logprobs"  # alternatives per token (TensorRT-LLM: the chosen token only)
 FEATURE_MIN_P = "min_p"  # the backend reads no min_p input
-ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P)
+FEATURE_GUIDED = "guided_decoding"  # XGrammar configured (both engines, when the build could describe the tokenizer)
+ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P, FEATURE_GUIDED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +204,9 @@ class SamplingParams:
                                      "(TensorRT-LLM returns the chosen token's only): ask for 0 alternatives",
                                      param="logprobs")
         if self.guide is not None:
+            if FEATURE_GUIDED not in features:
+                raise InvalidRequest("structured output is not configured on this deployment (its repository has "
+                                     "no tokenizer description for XGrammar)", param="guided_decoding_guide_type")
             if self.guide.type not in GUIDE_TYPES:
                 raise InvalidRequest(f"guided_decoding_guide_type must be one of {', '.join(GUIDE_TYPES)}, "
                                      f"got {self.guide.type!r}", param="guided_decoding_guide_type")

@@ -27,6 +27,7 @@ class FakeRequest:
         self.fail_on = set(fail_on)  # names of send functions that raise, as for a client gone
         self.cancelled = threading.Event()
         self.sent = []  # (kind, payload)
+        self.choices = []  # ("text" | "end" | "final", choice index, text, tokens)
         self.done = threading.Event()
 
     def input(self, name):
@@ -50,11 +51,13 @@ class FakeRequest:
     def send_admission(self):
         self._record("send_admission")
 
-    def send_text(self, text):
+    def send_text(self, text, *, index=0, tokens=None):
         self._record("send_text", text)
+        self.choices.append(("text", index, text, tokens))
 
-    def send_final(self, text, gen):
-        self._record("send_final", (text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens), final=True)
+    def send_final(self, text, gen, *, tokens=None, final=True):
+        self._record("send_final", (text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens), final=final)
+        self.choices.append(("final" if final else "end", gen.index, text, tokens))
 
     def send_error(self, message):
         self._record("send_error", message, final=True)
@@ -81,8 +84,9 @@ class FakeEngine:
         self.stopped = {}
         self.error = None
 
-    def stream(self, tensors, engine_id):
+    def stream(self, tensors, engine_id, outputs=()):
         self.streams.append(engine_id)
+        self.outputs = tuple(outputs)
         stopped = self.stopped.setdefault(engine_id, threading.Event())
         if self.hold:
             while not (stopped.is_set() or self.release.is_set()):
@@ -91,10 +95,21 @@ class FakeEngine:
             yield EngineChunk(error=self.error)
             return
         limit = int(tensors["request_output_len"][0, 0])
-        for token in self.ids[:limit]:
-            if stopped.is_set():
-                break
-            yield EngineChunk(token_ids=[token])
+        n = int(tensors["num_return_sequences"][0, 0]) if "num_return_sequences" in tensors else 1
+        logprobs = "return_log_probs" in tensors
+        top = int(tensors["num_top_log_probs"][0, 0]) if "num_top_log_probs" in tensors else 0
+        for step, token in enumerate(self.ids[:limit]):
+            for index in range(n):  # choice i says the reply from its i-th token on
+                if stopped.is_set():
+                    break
+                token = self.ids[(step + index) % len(self.ids)]
+                extra = {}
+                if logprobs:
+                    extra["log_probs"] = [-0.25 * (index + 1)]
+                if top:
+                    extra["top_ids"] = [[token] + [self.ids[0]] * (top - 1)]
+                    extra["top_log_probs"] = [[-0.25 * (index + 1)] + [-5.0] * (top - 1)]
+                yield EngineChunk(token_ids=[token], sequence_index=index, **extra)
         yield EngineChunk(token_ids=[])  # the final response
 
     def stop(self, engine_id):
@@ -235,8 +250,8 @@ def test_a_client_gone_mid_stream_stops_the_engine_and_gets_no_final(make_servic
     service, _ = make_service(engine, cancel_check_interval=0.0)
 
     class DropsAfterTwo(FakeRequest):
-        def send_text(self, text):
-            super().send_text(text)
+        def send_text(self, text, **kwargs):
+            super().send_text(text, **kwargs)
             if len(self.sent) == 2:
                 self.cancelled.set()
 
@@ -264,7 +279,7 @@ def test_a_storm_stops_the_waiting_requests_before_a_running_one_frees_its_slot(
     frees must not go to one of them (it would be prefilled for nobody)."""
 
     class OneSlot(FakeEngine):
-        def stream(self, tensors, engine_id):
+        def stream(self, tensors, engine_id, outputs=()):
             self.streams.append(engine_id)
             stopped = self.stopped.setdefault(engine_id, threading.Event())
             if len(self.streams) > 1:  # waits for the only slot

@@ -32,6 +32,11 @@ class IncrementalDetokenizer:
     def token_count(self) -> int:
         return len(self._ids)
 
+    @property
+    def pending(self) -> bool:
+        """Tokens are held back (an unfinished character or nothing visible yet)."""
+        return self._read < len(self._ids)
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 

@@ -1,11 +1,14 @@
 """Values for the trtllm flavour of model_repository/ (common models + the tensorrtllm engine)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+from ..contract import FEATURE_GUIDED
+from ..grammar import tokenizer_info_dict
 from ..prompt_limits import max_prompt_chars
-from ..repo_builder import build_repository
+from ..repo_builder import TOKENIZER_INFO, build_repository, model_vocab_size
 from .plan import EngineSettings, ServingSettings, new_tokens_limit
 
 log = logging.getLogger(__name__)
@@ -16,7 +19,7 @@ LLM_MAX_BATCH_SIZE = 64
 
 
 def trtllm_values(*, tokenizer_dir: Path, engine_dir: Path, engine: EngineSettings,
-                  serving: ServingSettings) -> dict:
+                  serving: ServingSettings, out_dir: Path = Path("."), guided: bool = True) -> dict:
     """Every placeholder of the common + trtllm templates, and nothing else (the builder checks)."""
     return {
         # common/: llm, preprocessing, ensemble
@@ -28,12 +31,17 @@ def trtllm_values(*, tokenizer_dir: Path, engine_dir: Path, engine: EngineSettin
         "max_prompt_chars": _prompt_chars(Path(tokenizer_dir), engine.max_seq_len),
         "llm_max_batch_size": LLM_MAX_BATCH_SIZE,
         "llm_max_concurrent": serving.max_concurrent,
+        "vocab_size": model_vocab_size(tokenizer_dir),
+        # TensorRT-LLM 1.2.1's backend has neither min_p nor top log-probabilities.
+        "engine_features": FEATURE_GUIDED if guided else "",
         # trtllm/: tensorrt_llm
         "engine_dir": str(Path(engine_dir).resolve()),
         "engine_max_batch_size": engine.max_batch_size,
         "kv_cache_free_gpu_mem_fraction": serving.kv_cache_free_gpu_mem_fraction,
         "enable_kv_cache_reuse": "true" if serving.enable_kv_cache_reuse else "false",
         "batch_scheduler_policy": serving.batch_scheduler_policy,
+        "guided_decoding_backend": "xgrammar" if guided else "",
+        "xgrammar_tokenizer_info_path": str(Path(out_dir).resolve() / TOKENIZER_INFO) if guided else "",
     }
 
 
@@ -50,5 +58,23 @@ def _prompt_chars(tokenizer_dir: Path, max_context: int) -> int:
 
 def write_trtllm_repository(*, out_dir: Path, tokenizer_dir: Path, engine_dir: Path,
                             engine: EngineSettings, serving: ServingSettings) -> Path:
-    values = trtllm_values(tokenizer_dir=tokenizer_dir, engine_dir=engine_dir, engine=engine, serving=serving)
-    return build_repository(flavour="trtllm", values=values, out_dir=out_dir)
+    info = _tokenizer_info(Path(tokenizer_dir))
+    values = trtllm_values(tokenizer_dir=tokenizer_dir, engine_dir=engine_dir, engine=engine, serving=serving,
+                           out_dir=out_dir, guided=info is not None)
+    out = build_repository(flavour="trtllm", values=values, out_dir=out_dir)
+    if info is not None:
+        (out / TOKENIZER_INFO).write_text(json.dumps(info), encoding="utf-8")
+    return out
+
+
+def _tokenizer_info(tokenizer_dir: Path):
+    """XGrammar's description of the tokenizer (trident.grammar), or None (guided decoding off,
+    with a log line) when the tokenizer cannot be read here (a dry run on a made-up checkpoint)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return tokenizer_info_dict(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    except Exception as exc:  # any loader error
+        log.warning("guided decoding off: the tokenizer in %s did not load (%s)", tokenizer_dir,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None

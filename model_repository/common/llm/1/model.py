@@ -13,8 +13,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trident.contract import ADMISSION_PARAMETER, SERVER_ID_ENV
-from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_output_ids, stop_inputs
-from trident.llm_service import EngineChunk, LlmService, LlmSettings
+from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_response, stop_inputs
+from trident.llm_service import EngineChunk, LlmService, LlmSettings, output_tensors
 
 log = logging.getLogger("trident.llm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -77,11 +77,16 @@ class TritonRequest:
         server = np.array([[SERVER_ID.encode()]], dtype=np.object_)
         self._sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("server", server)]))
 
-    def send_text(self, text):
-        self._sender.send(_text_response(text))
+    def send_text(self, text, *, index=0, tokens=None):
+        self._sender.send(_response(output_tensors(text, index=index, tokens=tokens, n=self._n())))
 
-    def send_final(self, text, gen):
-        self._sender.send(_text_response(text, gen), flags=FINAL)
+    def send_final(self, text, gen, *, tokens=None, final=True):
+        response = _response(output_tensors(text, index=gen.index, tokens=tokens, gen=gen, n=gen.req.sampling.n))
+        self._sender.send(response, flags=FINAL if final else 0)
+
+    def _n(self):
+        value = self.input("num_return_sequences")
+        return 1 if value is None else int(value.reshape(-1)[0])
 
     def send_error(self, message):
         self._sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
@@ -96,11 +101,11 @@ class BlsEngine:
     def __init__(self, model_name):
         self.model_name = model_name
 
-    def stream(self, tensors, engine_id):
+    def stream(self, tensors, engine_id, outputs=ENGINE_OUTPUTS):
         infer = pb_utils.InferenceRequest(
             model_name=self.model_name,
             inputs=[pb_utils.Tensor(name, value) for name, value in tensors.items()],
-            requested_output_names=list(ENGINE_OUTPUTS),
+            requested_output_names=list(outputs),
             request_id=engine_id,
         )
         # Iterating drains the stream to its final response, also after a stop.
@@ -108,8 +113,14 @@ class BlsEngine:
             if response.has_error():
                 yield EngineChunk(error=response.error().message())
                 continue
-            out = pb_utils.get_output_tensor_by_name(response, OUTPUT_IDS)
-            yield EngineChunk(token_ids=read_output_ids(None if out is None else out.as_numpy()))
+
+            def get(name, response=response):
+                tensor = pb_utils.get_output_tensor_by_name(response, name)
+                return None if tensor is None else tensor.as_numpy()
+
+            out = read_response(get)
+            yield EngineChunk(token_ids=out.token_ids, log_probs=out.log_probs, top_ids=out.top_ids,
+                              top_log_probs=out.top_log_probs, sequence_index=out.sequence_index)
 
     def stop(self, engine_id):
         stop = pb_utils.InferenceRequest(
@@ -122,12 +133,5 @@ class BlsEngine:
             pass
 
 
-def _text_response(text, gen=None):
-    outputs = [pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_))]
-    if gen is not None:
-        outputs += [
-            pb_utils.Tensor("finish_reason", np.array([[gen.finish_reason.encode()]], dtype=np.object_)),
-            pb_utils.Tensor("prompt_tokens", np.array([[gen.prompt_tokens]], dtype=np.int32)),
-            pb_utils.Tensor("completion_tokens", np.array([[gen.completion_tokens]], dtype=np.int32)),
-        ]
-    return pb_utils.InferenceResponse(output_tensors=outputs)
+def _response(arrays):
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in arrays.items()])

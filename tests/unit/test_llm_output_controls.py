@@ -1,0 +1,116 @@
+"""The llm model's side of the output controls (issue 15), with the fake engine of
+test_llm_service: several choices (each its own text, finish and counts; one final response),
+logprobs aligned with the text streamed or not, guides checked before the engine."""
+import numpy as np
+import pytest
+from test_llm_service import FakeEngine, FakeRequest, make_service, wait  # noqa: F401 (fixture)
+
+from trident.contract import parse_error
+from trident.engine_tensors import ENGINE_OUTPUTS, LOG_PROB_OUTPUTS, SEQUENCE_INDEX, TOP_LOG_PROBS
+from trident.generation import TextGeneration, TokenLogprob
+from trident.llm_service import engine_outputs, output_tensors
+from trident.contract import ENGINE_FEATURES, ModelLimits, SamplingParams, TextRequest
+
+
+def request(**inputs):
+    req = FakeRequest(max_tokens=inputs.pop("max_tokens", 4), stream=inputs.pop("stream", True),
+                      stop_words=inputs.pop("stop_words", ()))
+    for name, value in inputs.items():
+        dtype = object if isinstance(value, str) else np.float32 if isinstance(value, float) else np.int32
+        if isinstance(value, bool):
+            dtype = np.bool_
+        req.inputs[name] = np.array([[value.encode() if isinstance(value, str) else value]], dtype=dtype)
+    return req
+
+
+def choice_texts(req, n):
+    return ["".join(text for kind, i, text, _ in req.choices if i == index) for index in range(n)]
+
+
+def choice_tokens(req, index):
+    return [t for kind, i, _, tokens in req.choices if i == index and tokens for t in tokens]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_three_choices_each_with_its_text_and_one_final_response(make_service, tokenizer, stream):
+    service, engine = make_service()
+    req = request(num_return_sequences=3, stream=stream)
+    service.accept(req)
+    wait(req)
+    assert choice_texts(req, 3) == [tokenizer.decode(engine.ids[i:i + 4]) for i in range(3)]
+    kinds = [kind for kind, *_ in req.choices]
+    assert kinds.count("final") == 1 and kinds[-1] == "final" and kinds.count("end") == 2
+    ends = [p for k, p in req.sent if k == "send_final"]
+    assert [reason for _, reason, _, _ in ends] == ["length"] * 3
+    assert SEQUENCE_INDEX in engine.outputs
+
+
+def test_a_choice_that_meets_its_stop_sequence_ends_alone(make_service, tokenizer):
+    service, engine = make_service()
+    stop = tokenizer.decode(engine.ids[1:2]).strip()  # choice 1 says it first, choice 0 one step later
+    req = request(num_return_sequences=2, max_tokens=6, stop_words=(stop,))
+    service.accept(req)
+    wait(req)
+    ends = [(kind, i) for kind, i, _, _ in req.choices if kind != "text"]
+    assert ends[0] == ("end", 1)  # ended as soon as it matched, before the engine finished
+    reasons = {i: p[1] for (kind, i), (k, p) in zip(ends, [s for s in req.sent if s[0] == "send_final"])}
+    assert reasons == {0: "stop_sequence", 1: "stop_sequence"}
+    assert engine.stops == engine.streams  # both matched: the engine request was stopped
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_logprob_tokens_concatenate_to_the_text(make_service, tokenizer, stream):
+    service, engine = make_service(limits=ModelLimits(features=frozenset(ENGINE_FEATURES)))
+    req = request(return_log_probs=True, num_top_log_probs=2, max_tokens=6, stream=stream)
+    service.accept(req)
+    wait(req)
+    text = choice_texts(req, 1)[0]
+    tokens = choice_tokens(req, 0)
+    assert text == tokenizer.decode(engine.ids[:6])
+    assert "".join(t.text for t in tokens) == text and [t.id for t in tokens] == engine.ids[:6]
+    assert all(t.logprob == -0.25 and len(t.top) == 2 for t in tokens)
+    assert [t.top[0][0] for t in tokens] == [tokenizer.decode([i]) for i in engine.ids[:6]]
+    assert set(LOG_PROB_OUTPUTS + (TOP_LOG_PROBS,)) <= set(engine.outputs)
+
+
+@pytest.mark.parametrize("inputs, param", [
+    (dict(return_log_probs=True, num_top_log_probs=2), "logprobs"),
+    (dict(min_p=0.5), "min_p"),
+    (dict(guided_decoding_guide_type="json"), "guided_decoding_guide_type"),
+])
+def test_what_the_engine_cannot_do_is_refused_naming_the_field(make_service, inputs, param):
+    service, engine = make_service()  # no engine_features: like a repository without XGrammar's file
+    req = request(**inputs)
+    service.accept(req)
+    wait(req)
+    assert parse_error(req.sent[0][1]).param == param and engine.streams == []
+
+
+def test_a_plain_request_asks_the_engine_for_token_ids_only():
+    assert engine_outputs(SamplingParams()) == ENGINE_OUTPUTS
+    assert engine_outputs(SamplingParams(logprobs=0)) == ENGINE_OUTPUTS + LOG_PROB_OUTPUTS
+    assert SEQUENCE_INDEX in engine_outputs(SamplingParams(n=2))
+
+
+def test_a_schema_xgrammar_cannot_compile_is_refused_naming_the_field(make_service):
+    service, engine = make_service(limits=ModelLimits(features=frozenset(ENGINE_FEATURES)))
+    req = request(guided_decoding_guide_type="json_schema", guided_decoding_guide='{"type": "bogus"}')
+    service.accept(req)
+    wait(req)
+    (kind, message), = req.sent
+    tagged = parse_error(message)
+    assert kind == "send_error" and tagged.param == "guided_decoding_guide" and "bogus" in tagged.message
+    assert engine.streams == []
+
+
+def test_output_tensors_shapes():
+    gen = TextGeneration(None, TextRequest(prompt="p", sampling=SamplingParams(logprobs=2, n=2)), prompt_tokens=3,
+                         index=1, token_text=str)
+    gen.finish_reason = "length"
+    tokens = [TokenLogprob("a", 5, -0.5, (("a", -0.5), ("b", -1.0))), TokenLogprob("", 6, -0.25, (("c", -0.3),))]
+    out = output_tensors("a", index=1, tokens=tokens, gen=gen, n=2)
+    assert out["sequence_index"].tolist() == [[1]]
+    assert out["output_token_texts"].shape == (1, 2) and out["output_log_probs"].dtype == np.float32
+    assert out["top_log_prob_texts"].shape == (1, 2, 2) and out["top_log_probs"][0, 1, 1] == -np.inf
+    assert out["finish_reason"].tolist() == [[b"length"]] and "cum_log_probs" in out
+    assert set(output_tensors("x")) == {"text_output"}
