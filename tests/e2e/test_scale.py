@@ -52,6 +52,13 @@ def two_triton_gateway(small_triton, second_triton, tmp_path_factory, redis_url)
     gw.stop()
 
 
+def not_ready(gw) -> bool:
+    try:
+        return requests.get(gw.url + "/readyz", timeout=5).status_code == 503
+    except requests.ConnectionError:
+        return True
+
+
 def finished(triton) -> float:
     text = requests.get(f"http://localhost:{triton.ports.metrics}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -156,8 +163,12 @@ def test_sigterm_drains_open_streams(small_triton, second_triton, tmp_path_facto
     for _ in threads:
         assert opened.acquire(timeout=60), "the 20 streams did not all open"
     gw.process.send_signal(signal.SIGTERM)
-    assert len(results) < 20, "every stream had ended before SIGTERM: nothing was drained"
     sent = time.monotonic()
+    # The master relays SIGTERM to its worker a few milliseconds later; a request that lands in
+    # between is served (it was accepted before the worker knew). The drain starts when the worker
+    # says so: /readyz turns 503 (or the port closes), and from then on nothing new is accepted.
+    assert wait_for(lambda: not_ready(gw), timeout=2, interval=0.005), "/readyz still 200 2 s after SIGTERM"
+    assert len(results) < 20, "every stream had ended before the drain began: nothing was drained"
     during = []
     while gw.process.poll() is None and time.monotonic() - sent < 65:
         try:

@@ -148,7 +148,7 @@ def test_template_placeholders():
     text = TEMPLATE.read_text()
     assert set(re.findall(r"\$\{(\w+)\}", text)) == {
         "checkpoint_dir", "engine_max_batch_size", "max_seq_len", "engine_dtype", "engine_weight_dtype",
-        "num_threads", "max_queue_size",
+        "num_threads", "max_queue_size", "xgrammar_tokenizer_info_path",
     }
     assert 'backend: "python"' in text and "decoupled: true" in text and "KIND_CPU" in text
     for name in ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
