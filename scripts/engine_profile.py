@@ -109,8 +109,9 @@ def main() -> int:
     thread_counts = [int(t) for t in args.threads.split(",")]
     for t in thread_counts:
         print(f"memory read bandwidth, {t} thread(s): {read_bandwidth(t):.1f} GB/s")
-    engine = Engine(EngineConfig(checkpoint_dir=str(args.model_dir), max_batch_size=max(32, *map(int, args.batch.split(","))),
-                                 max_seq_len=2048, dtype="float32", weight_dtype="int4", small_batch_size=0))
+    batches = [int(b) for b in args.batch.split(",")]
+    engine = Engine(EngineConfig(checkpoint_dir=str(args.model_dir), max_batch_size=max(batches), max_seq_len=2048,
+                                 dtype="float32", weight_dtype="int4"))
     isa_name = "AVX-512 VNNI" if torch.ops.trident.set_kernel_isa(-1) == 1 else "AVX2"
     nbytes = model_bytes(engine.model)
     print(f"int4 kernels on the {isa_name} path; a batch-1 step reads {nbytes / 1e6:.1f} MB of weights")
@@ -118,7 +119,7 @@ def main() -> int:
     with torch.inference_mode():
         for t in thread_counts:
             torch.set_num_threads(t)
-            for b in (int(x) for x in args.batch.split(",")):
+            for b in batches:
                 step, head = kernel_step(engine, b, args.context, args.repeats)
                 samp = sampling_time(vocab, b, args.repeats)
                 line = (f"threads {t} batch {b:3d}: kernel step {step * 1e3:6.2f} ms (lm_head {head * 1e3:5.2f} ms, "
@@ -127,19 +128,19 @@ def main() -> int:
                 if b == 1:
                     line += f"; {nbytes / step / 1e9:.1f} GB/s of weights"
                 print(line, flush=True)
-    # the running engine: kernel + sampling + loop + outputs (no Triton)
-    engine.config.small_batch_size = None
-    engine.start()
-    try:
-        for t in thread_counts:
-            engine._threads = t
-            for b in (int(x) for x in args.batch.split(",")):
-                engine.config.small_batch_threads = t
+    engine = None
+    # the running engine: kernel + sampling + loop + outputs (no Triton), every step on t threads
+    for t in thread_counts:
+        engine = Engine(EngineConfig(checkpoint_dir=str(args.model_dir), max_batch_size=max(batches), max_seq_len=2048,
+                                     dtype="float32", weight_dtype="int4", num_threads=t, small_batch_size=0))
+        engine.start()
+        try:
+            for b in batches:
                 per_step = engine_step_time(engine, b, 64)
                 print(f"engine, {t} thread(s), batch {b:3d}: {per_step * 1e3:6.2f} ms a step, {b / per_step:7.1f} tok/s",
                       flush=True)
-    finally:
-        engine.stop()
+        finally:
+            engine.stop()
     return 0
 
 

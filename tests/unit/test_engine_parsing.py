@@ -21,6 +21,14 @@ from trident.engine import (
 from trident.engine.kv_cache import KVCache
 from trident.engine.weights import map_weight_name
 from trident.contract import SamplingParams
+from trident.engine_tensors import (
+    CPU_ENGINE_INPUTS,
+    CPU_ENGINE_OUTPUTS,
+    ENGINE_INPUTS,
+    ENGINE_OUTPUTS,
+    LOG_PROB_OUTPUTS,
+    SEQUENCE_INDEX,
+)
 from trident.engine.sampling import RowSampling, apply_penalties, make_generator, sample
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository" / "cpu" / "tensorrt_llm" / "config.pbtxt.in"
@@ -151,9 +159,8 @@ def test_template_placeholders():
         "num_threads", "max_queue_size", "xgrammar_tokenizer_info_path",
     }
     assert 'backend: "python"' in text and "decoupled: true" in text and "KIND_CPU" in text
-    for name in ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
-                 "bad_words_list", "temperature", "runtime_top_k", "runtime_top_p", "repetition_penalty",
-                 "random_seed", "stop", "streaming", "output_ids", "sequence_length"):
+    for name in (*ENGINE_INPUTS, *CPU_ENGINE_INPUTS, *ENGINE_OUTPUTS, *LOG_PROB_OUTPUTS, *CPU_ENGINE_OUTPUTS,
+                 SEQUENCE_INDEX):
         assert f'name: "{name}"' in text
 
 

@@ -16,8 +16,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from trident.contract import SamplingParams
-from trident.engine_tensors import ENGINE_INPUTS, ENGINE_OUTPUTS, engine_inputs, stop_inputs
+from trident.contract import Guide, SamplingParams
+from trident.engine_tensors import CPU_ENGINE_INPUTS, ENGINE_INPUTS, engine_inputs, stop_inputs
+from trident.llm_service import engine_outputs
 from trident.repo_builder import PLACEHOLDER, TemplateError, fill_template
 from trident.trtllm import TRITON_IMAGE, TRTLLM_VERSION
 from trident.trtllm.build import BuildError, run_build
@@ -207,7 +208,7 @@ BACKEND_INPUTS = {
     "lookahead_window_size", "lookahead_ngram_size", "lookahead_verification_set_size",
     "stop", "streaming",
 }
-TRITON_DTYPES = {np.dtype(np.int32): "TYPE_INT32", np.dtype(np.uint64): "TYPE_UINT64", np.dtype(np.float32): "TYPE_FP32",
+TRITON_DTYPES = {np.dtype(np.object_): "TYPE_STRING", np.dtype(np.int32): "TYPE_INT32", np.dtype(np.uint64): "TYPE_UINT64", np.dtype(np.float32): "TYPE_FP32",
                  np.dtype(np.bool_): "TYPE_BOOL", np.dtype(np.int64): "TYPE_INT64"}
 def sent_tensors() -> dict:
     """Every tensor the llm model can send (trident.engine_tensors, the functions it calls):
@@ -215,16 +216,23 @@ def sent_tensors() -> dict:
     sent = {}
     for sampling in (SamplingParams(max_new_tokens=8, temperature=0.7, top_k=40, top_p=0.9,
                                     repetition_penalty=1.1, seed=7),
-                     SamplingParams(max_new_tokens=8, temperature=0.0)):
-        sent.update(engine_inputs(sampling, input_ids=[1, 2, 3], end_id=2, pad_id=2, bad_words_ids=[[5, 6], [7]]))
+                     SamplingParams(max_new_tokens=8, temperature=0.0),
+                     # every output control (issue 15); min_p and alternatives: CPU engine only
+                     SamplingParams(max_new_tokens=8, n=3, min_tokens=2, presence_penalty=0.5, frequency_penalty=0.5,
+                                    logit_bias=((3, 1.0),), min_p=0.1, logprobs=5,
+                                    guide=Guide("json_schema", '{"type": "object"}'))):
+        sent.update(engine_inputs(sampling, input_ids=[1, 2, 3], end_id=2, pad_id=2, bad_words_ids=[[5, 6], [7]],
+                                  vocab_size=10))
     for name, value in stop_inputs().items():
         sent.setdefault(name, value)
-    assert set(sent) <= set(ENGINE_INPUTS)
+    assert set(sent) <= set(ENGINE_INPUTS) | set(CPU_ENGINE_INPUTS)
     return sent
 
 
-def read_outputs() -> set:
-    return set(ENGINE_OUTPUTS)
+def read_outputs(flavour: str) -> set:
+    """What the llm model may ask the engine for (trident.llm_service.engine_outputs)."""
+    every = SamplingParams(n=2, logprobs=3) if flavour == "cpu" else SamplingParams(n=2, logprobs=0)
+    return set(engine_outputs(every))
 
 
 def cpu_engine_config():
@@ -264,6 +272,9 @@ def test_engine_declares_every_tensor_the_llm_model_sends(engine, name):
     flavour, config = engine
     value = sent_tensors()[name]
     inputs = {i.name: i for i in config.input}
+    if flavour == "trtllm" and name in CPU_ENGINE_INPUTS:
+        assert name not in inputs  # the llm model refuses such a request on GPU (engine_features)
+        return
     assert name in inputs, f"{flavour}: the llm model sends {name!r}, the engine model does not declare it"
     inp = inputs[name]
     assert model_config_pb2.DataType.Name(inp.data_type) == TRITON_DTYPES[value.dtype], name
@@ -283,10 +294,11 @@ def test_engine_requires_only_what_every_llm_request_sends(engine):
 def test_engine_returns_what_the_llm_model_reads(engine):
     flavour, config = engine
     outputs = {o.name: o for o in config.output}
-    for name in read_outputs():
+    for name in read_outputs(flavour):
         assert name in outputs, f"{flavour}: the llm model reads {name!r}"
-        assert model_config_pb2.DataType.Name(outputs[name].data_type) == "TYPE_INT32"
-    assert "output_ids" in read_outputs()
+        dtype = "TYPE_FP32" if "log_probs" in name else "TYPE_INT32"
+        assert model_config_pb2.DataType.Name(outputs[name].data_type) == dtype, name
+    assert "output_ids" in read_outputs(flavour)
     assert config.model_transaction_policy.decoupled
 
 

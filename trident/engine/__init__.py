@@ -14,7 +14,14 @@ from .request import (
     QueueFullError,
 )
 from .engine import Engine
-from .triton_io import decode_word_list, error_message, is_stop_request, output_arrays, request_from_tensors
+from .triton_io import (
+    decode_word_list,
+    error_message,
+    is_stop_request,
+    output_arrays,
+    request_from_tensors,
+    response_arrays,
+)
 
 __all__ = [
     "Engine",
@@ -31,4 +38,5 @@ __all__ = [
     "is_stop_request",
     "output_arrays",
     "request_from_tensors",
+    "response_arrays",
 ]

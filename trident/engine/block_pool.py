@@ -74,6 +74,11 @@ class BlockPool:
         self.refs[block] = 1
         return block
 
+    def share(self, block: int) -> None:
+        """One more holder of a block in use (the sequences of one request share its prompt)."""
+        assert self.refs[block] > 0, f"block {block} is not in use"
+        self.refs[block] += 1
+
     def register(self, block: int, parent: int, tokens: tuple[int, ...]) -> int:
         """Make a full block findable under (parent chain id, tokens); return the chain id of
         that content (another block's, if it was registered first: then this one stays private)."""

@@ -34,16 +34,18 @@ class EngineConfig:
     max_batch_size: int = 32
     max_seq_len: int = 2048  # capped by the model's max_position_embeddings
     dtype: str = "bfloat16"  # "bfloat16" | "float32" | "auto" (bfloat16 only where the CPU has it)
-    # Storage of the matmul weights: "auto" (= dtype), or "float16" / "int8" packed for fbgemm
-    # with float32 activations (2-3x faster decode here; see quant.py). Not HF-identical.
+    # Storage of the matmul weights: "auto" (= dtype), "float16" / "int8" packed for fbgemm with
+    # float32 activations (2-3x faster decode here; see quant.py), or "int4" (the fused model,
+    # fused_llama.py: the fastest). Not HF-identical.
     weight_dtype: str = "auto"
     num_threads: int | None = None  # None (or 0): torch's default
     # Steps over fewer rows than small_batch_size (decode rows, or prompt tokens for a prefill)
     # run on small_batch_threads threads (0: always num_threads). Measured through Triton on 2
     # vCPUs, int8: 1 thread gave 27 tok/s at concurrency 1 and 98 at 8 where 2 threads gave 16
     # and 75 (OpenMP barriers stall when Triton's own threads take a core), while 2 threads won
-    # at 32 (172 vs 156). int4 steps are fewer, larger kernel calls: 1 thread still wins at
-    # concurrency 1 (57 vs 45 tok/s) but 2 threads already at 8 (158 vs 133 tok/s). None: 4 for
+    # at 32 (172 vs 156). int4 steps are one kernel call: 1 thread still wins at concurrency 1
+    # (115.7 vs 96.4 tok/s: a batch-1 step is memory-bound, ~90 % of one core's bandwidth on one
+    # thread); at 8, 2 threads won with the previous int4 kernels (158 vs 133 tok/s). None: 4 for
     # int4 weights, 16 otherwise.
     small_batch_size: int | None = None
     small_batch_threads: int = 1
@@ -64,6 +66,9 @@ class EngineConfig:
     # Seconds between two is_cancelled() polls of one request (each is an IPC round trip under
     # Triton); a waiting request is also polled right before it would be admitted.
     cancel_check_interval: float = 0.1
+    # Guided decoding: XGrammar's description of the tokenizer (TensorRT-LLM's
+    # xgrammar_tokenizer_info.json, trident.grammar.write_tokenizer_info); "": guides refused.
+    xgrammar_tokenizer_info_path: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":

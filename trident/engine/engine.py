@@ -6,6 +6,10 @@ step is depends on the model (see the two batches): the int4 model runs one kern
 every decoding sequence plus chunks of the prompts being prefilled, on a paged KV cache with
 prefix reuse (paged_batch.py); the torch-ops model prefills each prompt when it is admitted, then
 decodes all sequences from a contiguous slot cache (slot_batch.py).
+
+A request with num_return_sequences n > 1 is admitted only when n slots are free (requests are
+admitted in order, so it never starves), prefilled once, then forked into n sequences sharing
+the prompt's KV (sequence.Group).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from trident.contract import SERVER_ERROR, UNAVAILABLE
 
 from .config import KV_CACHE_DTYPES, EngineConfig
+from .guided import GuideCompiler
 from .kv_cache import KVCache
 from .paged_batch import PagedBatch
 from .paged_cache import PagedKVCache
@@ -30,8 +35,8 @@ from .request import (
     InvalidRequestError,
     QueueFullError,
 )
-from .sampling import RowSampling, sample
-from .sequence import OnOutput, Sequence
+from .sampling import RowSampling, TokenLogprobs, sample_step
+from .sequence import OnOutput, Sequence, fork_leaders
 from .slot_batch import SlotBatch
 from .weights import load_model
 
@@ -51,6 +56,7 @@ class Engine:
         self.max_seq_len = self.model.max_seq_len
         self.batch = self._make_batch()
         self.cache = self.batch.cache
+        self.guides = GuideCompiler(config.xgrammar_tokenizer_info_path, vocab_size=self.model.config.vocab_size)
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()  # guarded by _cond
         self._rejected: collections.deque[tuple[GenerationRequest, OnOutput, EngineError]] = collections.deque()
@@ -59,6 +65,7 @@ class Engine:
         # submitted with such an id within STOP_MEMORY seconds is cancelled, never prefilled.
         self._early_stops: dict[str, float] = {}  # engine thread only
         self._active = self.batch.sequences  # engine thread only
+        self._unforked: set[Sequence] = set()  # admitted group leaders still prefilling (engine thread)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counters = dict.fromkeys(
@@ -107,8 +114,13 @@ class Engine:
         output (finish_reason "error", error_type "invalid_request_error") from the engine thread.
         """
         error: EngineError | None = None
+        matchers = None
         try:
-            request.validate(vocab_size=self.model.config.vocab_size, max_seq_len=self.max_seq_len)
+            request.validate(vocab_size=self.model.config.vocab_size, max_seq_len=self.max_seq_len,
+                             max_batch_size=self.config.max_batch_size)
+            if request.sampling.guide is not None:  # here, never in the engine's loop (milliseconds)
+                request.grammar = self.guides.compile(request.sampling.guide)
+                matchers = self.guides.matchers(request.grammar, request.sampling.n, request.end_id)
         except InvalidRequestError as e:
             error = e
         with self._cond:
@@ -123,7 +135,7 @@ class Engine:
                     raise QueueFullError(
                         f"engine queue is full ({self.config.max_queue_size} requests waiting); retry later"
                     )
-                self._waiting.append(self._new_sequence(request, on_output))
+                self._waiting.append(self._new_sequence(request, on_output, matchers))
             self._counters["requests_submitted"] += 1
             self._cond.notify_all()
 
@@ -134,7 +146,9 @@ class Engine:
             self._cond.notify_all()
 
     def stats(self) -> dict[str, int]:
-        """requests_finished counts every request that got its final output, whatever the reason."""
+        """requests_finished counts every request that got its final output, whatever the reason
+        (a request of n sequences counts once, as it is prefilled once); prompt_tokens_prefilled
+        counts the prompt tokens the model computed (int4: those not taken from the prefix cache)."""
         with self._cond:
             out = dict(self._counters)
             out["waiting"] = len(self._waiting)
@@ -146,8 +160,8 @@ class Engine:
 
     # ---- engine thread ----
 
-    def _new_sequence(self, request: GenerationRequest, on_output: OnOutput) -> Sequence:
-        return Sequence.create(request, on_output, vocab_size=self.model.config.vocab_size)
+    def _new_sequence(self, request: GenerationRequest, on_output: OnOutput, matchers=None) -> Sequence:
+        return Sequence.create(request, on_output, vocab_size=self.model.config.vocab_size, matchers=matchers)
 
     def _use_threads(self, rows: int) -> None:
         """OpenMP's thread count is per calling thread: set it here, in the engine thread."""
@@ -185,7 +199,7 @@ class Engine:
                 request, on_output, error = self._rejected.popleft()
             self._counters["requests_rejected"] += 1
             seq = Sequence(request=request, on_output=on_output, sampling=RowSampling())
-            self._finish(seq, "error", error=str(error), error_type=error.error_type)
+            self._finish(seq, "error", error=str(error), error_type=error.error_type, error_param=error.param)
 
     def _poll_cancellations(self, cancel_ids: set[str]) -> None:
         """Stop requests (by id) and clients gone (is_cancelled(), at most once per
@@ -196,6 +210,8 @@ class Engine:
             waiting = list(self._waiting)
         found: set[str] = set()
         for seq in waiting + self._active:
+            if seq.finished:  # a member of a group cancelled by another member
+                continue
             stopped = seq.request.request_id in cancel_ids
             if stopped:
                 found.add(seq.request.request_id)
@@ -207,18 +223,23 @@ class Engine:
         self._remove_finished()
 
     def _cancel(self, seq: Sequence) -> None:
+        """Cancel a request: every unfinished sequence of it (each ends with its tokens so far)."""
         with self._cond:
             if seq in self._waiting:
                 self._waiting.remove(seq)
-        log.info("request %s cancelled after %d generated tokens", seq.request.request_id, len(seq.output))
+        members = [m for m in seq.group.members if not m.finished] if seq.group is not None else [seq]
+        log.info("request %s cancelled after %d generated tokens", seq.request.request_id,
+                 sum(len(m.output) for m in (seq.group.members if seq.group is not None else [seq])))
         self._counters["requests_cancelled"] += 1
-        self._finish(seq, "cancelled")
+        for m in members:
+            self._finish(m, "cancelled")
 
     def _client_cancelled(self, seq: Sequence, now: float, *, force: bool = False) -> bool:
         check = seq.request.is_cancelled
-        if check is None or (not force and now - seq.cancel_checked < self.config.cancel_check_interval):
+        holder = seq.group if seq.group is not None else seq  # one poll for all n
+        if check is None or (not force and now - holder.cancel_checked < self.config.cancel_check_interval):
             return False
-        seq.cancel_checked = now
+        holder.cancel_checked = now
         try:
             return bool(check())
         except Exception:  # a broken probe means nobody can receive the answer anyway
@@ -235,7 +256,8 @@ class Engine:
             batch: list[Sequence] = []
             gone: list[Sequence] = []
             with self._cond:
-                while self._waiting and self.batch.has_room():
+                # in order: a request of n sequences waits for n free slots, and nothing passes it
+                while self._waiting and self.batch.has_room(self._waiting[0].request.sampling.n):
                     n = len(self._waiting[0].request.input_ids)
                     if budget is not None and n > budget and (batch or budget < self.config.prefill_token_budget):
                         break
@@ -244,6 +266,8 @@ class Engine:
                         gone.append(seq)  # a client gone never reaches prefill
                         continue
                     self.batch.add(seq)
+                    if seq.group is not None:
+                        self._unforked.add(seq)
                     batch.append(seq)
                     if budget is not None:
                         budget -= n
@@ -258,9 +282,8 @@ class Engine:
             self._counters["requests_prefilled"] += len(batch)
             try:
                 logits = self.batch.prefill(batch)  # (n, V), or None: the steps prefill them
-                for seq, row in zip(batch, logits if logits is not None else ()):
-                    seq.update_bans()
-                    self._accept(seq, sample(row[None], [seq.sampling])[0])
+                if logits is not None:
+                    self._sample(batch, logits)
             except Exception as e:
                 log.exception("prefill failed for request(s) %s", [seq.request.request_id for seq in batch])
                 for seq in batch:
@@ -272,15 +295,24 @@ class Engine:
         self._counters["steps"] += 1
         if not seqs:
             return
-        for s in seqs:
-            s.update_bans()
-        next_tokens = sample(logits, [s.sampling for s in seqs])
-        for s, t in zip(seqs, next_tokens):
-            self._accept(s, t)
+        self._sample(seqs, logits)
         self._remove_finished()
 
-    def _accept(self, seq: Sequence, token: int) -> None:
-        reason = seq.append(token)
+    def _sample(self, seqs: list[Sequence], logits) -> None:
+        """One token for each sequence from its logits row (B, V)."""
+        if self._unforked:
+            seqs, logits = fork_leaders(seqs, logits, self._unforked, self.batch)
+        rows = []
+        for s in seqs:
+            if s.sampling.dynamic_bans:
+                s.update_bans()
+            rows.append(s.sampling)
+        tokens, logprobs = sample_step(logits, rows)
+        for b, (s, t) in enumerate(zip(seqs, tokens)):
+            self._accept(s, t, logprobs.get(b) if logprobs else None)
+
+    def _accept(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
+        reason = seq.append(token, logprobs)
         if reason != "end_id":
             self._counters["tokens_generated"] += 1
         if reason is not None:
@@ -289,17 +321,31 @@ class Engine:
             self._emit(seq, finished=False)
 
     def _finish(self, seq: Sequence, reason: str, *, error: str | None = None,
-                error_type: str | None = None) -> None:
+                error_type: str | None = None, error_param: str | None = None) -> None:
+        """A sequence ends. With n > 1 only the last member's output is the request's final one;
+        an error (or an end before the fork) ends every member with one output."""
         if seq.finished:
             return
         seq.finished = True
-        self._counters["requests_finished"] += 1
-        if reason == "error":
-            self._counters["requests_failed"] += 1
-        self._emit(seq, finished=True, reason=reason, error=error, error_type=error_type)
+        group = seq.group
+        final = True
+        if group is not None:
+            if reason == "error" or not group.forked:
+                for m in group.members:
+                    m.finished = True
+                group.running = 0
+                self._unforked.discard(group.members[0])
+            else:
+                group.running -= 1
+                final = group.running == 0
+        if final:
+            self._counters["requests_finished"] += 1
+            if reason == "error":
+                self._counters["requests_failed"] += 1
+        self._emit(seq, finished=final, reason=reason, error=error, error_type=error_type, error_param=error_param)
 
     def _emit(self, seq: Sequence, *, finished: bool, reason: str | None = None,
-              error: str | None = None, error_type: str | None = None) -> None:
+              error: str | None = None, error_type: str | None = None, error_param: str | None = None) -> None:
         start = seq.emitted if seq.request.streaming else 0
         out = GenerationOutput(
             request_id=seq.request.request_id,
@@ -308,15 +354,29 @@ class Engine:
             finish_reason=reason,
             error=error,
             error_type=error_type,
+            error_param=error_param,
             step=self._counters["steps"],
+            sequence_index=seq.index,
         )
+        if seq.log_probs is not None:
+            out.log_probs, out.cum_log_prob = seq.log_probs[start:], seq.cum_log_prob
+            if seq.top_ids is not None:
+                out.top_ids, out.top_log_probs = seq.top_ids[start:], seq.top_log_probs[start:]
         seq.emitted = len(seq.output)
         try:
             seq.on_output(out)
         except Exception:
             log.exception("on_output failed for request %s", seq.request.request_id)
-            if not finished:  # nobody is listening: stop spending compute on it
-                self._finish(seq, "error", error="on_output callback failed", error_type=SERVER_ERROR)
+            if not finished:  # nobody is listening: stop spending compute on it (on all n)
+                self._finish_request(seq, "on_output callback failed")
+
+    def _finish_request(self, seq: Sequence, message: str) -> None:
+        """End a request with an error: one output, whatever is left of its n sequences."""
+        if seq.group is not None:
+            seq = next((m for m in seq.group.members if not m.finished), None)
+            if seq is None:
+                return
+        self._finish(seq, "error", error=message, error_type=SERVER_ERROR)
 
     def _remove_finished(self) -> None:
         self.batch.remove_finished()
@@ -332,7 +392,7 @@ class Engine:
             rejected, self._rejected = list(self._rejected), collections.deque()
         for request, on_output, error in rejected:
             self._finish(Sequence(request=request, on_output=on_output, sampling=RowSampling()),
-                         "error", error=str(error), error_type=error.error_type)
+                         "error", error=str(error), error_type=error.error_type, error_param=error.param)
         for seq in waiting:
             self._finish(seq, "error", error=message, error_type=UNAVAILABLE)
         self._fail_active(message)

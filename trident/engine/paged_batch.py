@@ -30,14 +30,27 @@ class PagedBatch:
         self.prefill_token_budget = prefill_token_budget
         self.sequences: list[Sequence] = []
         self._free_slots = list(range(max_batch_size))  # a heap
+        self.prompt_tokens = 0  # prompt tokens computed (the rest came from the prefix cache)
 
-    def has_room(self) -> bool:
-        return bool(self._free_slots)
+    def has_room(self, slots: int = 1) -> bool:
+        return len(self._free_slots) >= slots
 
     def add(self, seq: Sequence) -> None:
+        """Admit a sequence; a group's leader also reserves the slots of its other members."""
         seq.slot = heapq.heappop(self._free_slots)
+        if seq.group is not None:
+            seq.group.reserved = [heapq.heappop(self._free_slots) for _ in range(seq.group.n - 1)]
         seq.cache_len = self.cache.open(seq.slot, seq.request.input_ids)
         self.sequences.append(seq)
+
+    def fork(self, leader: Sequence, children: list[Sequence]) -> None:
+        """The leader's prompt is prefilled: its other members take their reserved slots, sharing
+        its KV blocks (the last, partial one copied)."""
+        for seq, slot in zip(children, leader.group.reserved, strict=True):
+            seq.slot = slot
+            self.cache.fork(leader.slot, slot, leader.cache_len)
+            self.sequences.append(seq)
+        leader.group.reserved = []
 
     def prefill(self, seqs: list[Sequence]) -> None:
         return None  # prompts are prefilled by the next steps
@@ -60,6 +73,7 @@ class PagedBatch:
                     continue
                 n = min(len(prompt) - start, budget)
                 budget -= n
+                self.prompt_tokens += n
                 tokens.extend(prompt[start:start + n])
             else:
                 n = 1
@@ -87,6 +101,10 @@ class PagedBatch:
             if seq.finished:
                 self.cache.close(seq.slot)
                 heapq.heappush(self._free_slots, seq.slot)
+                if seq.group is not None and seq.group.reserved:  # a leader ended before its fork
+                    for slot in seq.group.reserved:
+                        heapq.heappush(self._free_slots, slot)
+                    seq.group.reserved = []
             else:
                 kept.append(seq)
         self.sequences[:] = kept
@@ -97,4 +115,4 @@ class PagedBatch:
         self.remove_finished()
 
     def stats(self) -> dict[str, int]:
-        return self.cache.stats()
+        return {**self.cache.stats(), "prompt_tokens_prefilled": self.prompt_tokens}

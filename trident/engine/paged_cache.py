@@ -72,6 +72,24 @@ class PagedKVCache:
             parent = chain[-1] if chain else ROOT
             chain.append(self.pool.register(self._blocks[slot][i], parent, tuple(all_tokens[i * bs:(i + 1) * bs])))
 
+    def fork(self, src: int, dst: int, length: int) -> None:
+        """Start slot ``dst`` as a copy of positions 0..length-1 of slot ``src`` (the sequences of
+        one request after its prompt): full blocks are shared by reference, never written again;
+        the last, partial block is copied (both sequences write their next positions into it)."""
+        assert not self._blocks[dst], f"slot {dst} is in use"
+        bs = self.block_size
+        full = length // bs
+        blocks = self._blocks[src][:full]
+        for block in blocks:
+            self.pool.share(block)
+        if length % bs:
+            block = self.pool.allocate()
+            self.kv[:, block] = self.kv[:, self._blocks[src][full]]  # (layers, 2, kv heads, block size, head dim)
+            blocks = blocks + [block]
+        self._blocks[dst], self._chains[dst] = blocks, list(self._chains[src][:full])
+        if blocks:
+            self.tables[dst, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+
     def close(self, slot: int) -> None:
         """The slot's sequence finished or was cancelled: release its blocks."""
         self.pool.release(self._blocks[slot])

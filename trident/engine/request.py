@@ -1,19 +1,31 @@
 """What goes into the engine (token ids + the one SamplingParams object) and what comes out."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
-from trident.contract import INVALID_REQUEST, SERVER_ERROR, UNAVAILABLE, SamplingParams
+from trident.contract import (
+    INVALID_REQUEST,
+    MAX_CHOICES,
+    MAX_TOP_LOGPROBS,
+    SERVER_ERROR,
+    UNAVAILABLE,
+    SamplingParams,
+)
 
 FinishReason = Literal["length", "end_id", "stop_words", "cancelled", "error"]
 
 
 class EngineError(Exception):
     """Base class; ``error_type`` is the tag (trident.contract) the Triton adapter puts in front
-    of the message."""
+    of the message, with ``param`` (the request field at fault) when there is one."""
 
     error_type = SERVER_ERROR
+
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFullError(EngineError):
@@ -46,6 +58,8 @@ class GenerationRequest:
     streaming: bool = False
     # Polled at most every cancel_check_interval; True cancels the request (the client went away).
     is_cancelled: Callable[[], bool] | None = field(default=None, repr=False)
+    # The guide compiled by Engine.submit (xgrammar.CompiledGrammar), in the submitting thread.
+    grammar: Any = field(default=None, repr=False)
 
     # Read-only views of the sampling parameters, for the scheduler's convenience.
     max_new_tokens = property(lambda self: self.sampling.max_new_tokens)
@@ -55,7 +69,7 @@ class GenerationRequest:
     repetition_penalty = property(lambda self: self.sampling.repetition_penalty)
     seed = property(lambda self: self.sampling.seed)
 
-    def validate(self, *, vocab_size: int, max_seq_len: int) -> None:
+    def validate(self, *, vocab_size: int, max_seq_len: int, max_batch_size: int | None = None) -> None:
         """Raise InvalidRequestError with a message naming the field; called by Engine.submit."""
         if not self.input_ids:
             raise InvalidRequestError("input_ids must not be empty")
@@ -92,14 +106,55 @@ class GenerationRequest:
                     raise InvalidRequestError(f"{name} contains an empty sequence")
                 if any(not 0 <= t < vocab_size for t in words):
                     raise InvalidRequestError(f"{name} contains ids outside [0, {vocab_size})")
+        self._validate_output_controls(vocab_size, max_batch_size)
+
+    def _validate_output_controls(self, vocab_size: int, max_batch_size: int | None) -> None:
+        """TensorRT-LLM's input names in the messages and tags (a direct caller of the engine
+        model sends those); trident.contract checks the same fields above llm with its own."""
+        s = self.sampling
+        n_limit = min(MAX_CHOICES, max_batch_size or MAX_CHOICES)
+        if not 1 <= s.n <= n_limit:  # over max_batch_size it could never be admitted
+            why = " (the engine's max_batch_size)" if n_limit < MAX_CHOICES else ""
+            raise InvalidRequestError(f"num_return_sequences must be between 1 and {n_limit}{why}, got {s.n}",
+                                      param="num_return_sequences")
+        if not 0 <= s.min_tokens <= s.max_new_tokens:
+            raise InvalidRequestError(f"min_tokens must be between 0 and request_output_len ({s.max_new_tokens}), "
+                                      f"got {s.min_tokens}", param="min_tokens")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(s, name)):
+                raise InvalidRequestError(f"{name} must be finite, got {getattr(s, name)}", param=name)
+        if not 0.0 <= s.min_p <= 1.0:  # also NaN
+            raise InvalidRequestError(f"min_p must be between 0 and 1, got {s.min_p}", param="min_p")
+        if s.logprobs is not None and not 0 <= s.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"num_top_log_probs must be between 0 and {MAX_TOP_LOGPROBS}, got {s.logprobs}",
+                                      param="num_top_log_probs")
+        for token, bias in s.logit_bias:
+            if not 0 <= token < vocab_size:
+                raise InvalidRequestError(f"embedding_bias has {vocab_size} entries at most (the model's vocabulary), "
+                                          f"got a bias for token {token}", param="embedding_bias")
+            if not math.isfinite(bias):
+                raise InvalidRequestError(f"embedding_bias must be finite, got {bias} for token {token}",
+                                          param="embedding_bias")
 
 
 @dataclass
 class GenerationOutput:
+    """One output of a sequence. ``finished``: the request's last output (Triton's final flag).
+    With num_return_sequences n > 1 each of the n sequences ends with an output carrying its
+    ``finish_reason``; only the last of them is ``finished``. An error ends all n at once."""
+
     request_id: str
     token_ids: list[int]  # streaming: tokens since the last call; otherwise all generated tokens
     finished: bool
-    finish_reason: FinishReason | None = None
+    finish_reason: FinishReason | None = None  # set on a sequence's last output
     error: str | None = None
     error_type: str | None = None  # a trident.contract error kind
+    error_param: str | None = None  # the request field at fault (invalid requests)
     step: int = 0  # decode steps the engine had completed when this output was produced
+    sequence_index: int | None = None  # which of n (None when n is 1)
+    # With logprobs: one per token of token_ids, the running sum over all the sequence's tokens,
+    # and with k alternatives, (len(token_ids), k) ids and log-probabilities, best first.
+    log_probs: list[float] | None = None
+    cum_log_prob: float | None = None
+    top_ids: list[list[int]] | None = None
+    top_log_probs: list[list[float]] | None = None

@@ -1,16 +1,34 @@
-"""Per-row token selection: penalties, bans, then greedy or temperature/top-k/top-p sampling.
+"""Per-row token selection: logit processing, then greedy or temperature/top-k/top-p/min-p.
 
-Every row carries its own parameters and its own ``torch.Generator``; a row's draw consumes
-exactly one uniform number from its generator, so a seeded request samples the same tokens
-whatever else shares the batch.
+The order, for each row (docs/cpu_engine.md, "Output controls"):
+
+1. log-probabilities, for rows that asked: log_softmax of the model's raw logits;
+2. repetition penalty (prompt and output), then presence / frequency penalties (output only);
+3. logit bias;
+4. bans (-inf): bad words, the end id before min_tokens;
+5. the grammar's mask (-inf for every token the guide does not allow next);
+6. a row left with no possible token ends its sequence (:data:`NO_TOKEN`);
+7. selection: greedy argmax; or temperature, then top-k, top-p, min-p, and one draw.
+
+Steps 2-6 run only for rows that use one of them (``RowSampling.processed``): a plain row costs
+what it did before any of them existed. Every row carries its own parameters and its own
+``torch.Generator``; a row's draw consumes exactly one uniform number from its generator, so a
+seeded request samples the same tokens whatever else shares the batch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 
 from trident.contract import SamplingParams
+
+from . import guided
+
+NO_TOKEN = -1  # what a row with no possible token "samples": its sequence ends (as at its end id)
+_MIX = 0x9E37_79B9_7F4A_7C15  # 2**64 / golden ratio (splitmix64)
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 @dataclass
@@ -23,7 +41,23 @@ class RowSampling:
     # (V,) bool: tokens in the prompt or the output; only kept when repetition_penalty != 1
     seen: torch.Tensor | None = None
     banned: list[int] = field(default_factory=list)  # single-token bad words, always banned
-    banned_now: list[int] = field(default_factory=list)  # last tokens of multi-token bad words
+    banned_now: list[int] = field(default_factory=list)  # last tokens of multi-token bad words; the end id
+    # bans that change from step to step (multi-token bad words, min_tokens): Sequence.update_bans
+    dynamic_bans: bool = False
+    # (V,) fp32: frequency_penalty x count + presence_penalty x (count > 0) over the output;
+    # only kept when one of the two is non-zero
+    penalty: torch.Tensor | None = None
+    counted: set[int] | None = None  # tokens already counted once (presence)
+    bias_ids: torch.Tensor | None = None  # (n,) int64: logit_bias, sparse
+    bias_values: torch.Tensor | None = None  # (n,) fp32
+    matcher: Any = None  # xgrammar.GrammarMatcher of the guide
+    # any of the above: the row's logits need processing (one flag, checked once per row and step)
+    processed: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.processed = bool(
+            (self.seen is not None and self.params.repetition_penalty != 1.0) or self.banned or self.dynamic_bans
+            or self.penalty is not None or self.bias_ids is not None or self.matcher is not None)
 
     temperature = property(lambda self: self.params.temperature)
     top_k = property(lambda self: self.params.top_k)
@@ -38,39 +72,114 @@ class RowSampling:
     def top_p_active(self) -> bool:
         return 0.0 < self.top_p < 1.0
 
+    def count(self, token: int) -> None:
+        """A generated token, for the presence / frequency penalties."""
+        p = self.params
+        first = token not in self.counted
+        self.counted.add(token)
+        self.penalty[token] += p.frequency_penalty + (p.presence_penalty if first else 0.0)
 
-def make_generator(seed: int | None) -> torch.Generator:
+
+def make_generator(seed: int | None, index: int = 0) -> torch.Generator:
+    """The random stream of sequence ``index`` of a request: sequence 0 of seed s draws exactly
+    what a one-sequence request with seed s draws; sequence i > 0 gets a seed derived from
+    (s, i) (splitmix64). Unseeded: fresh entropy for each."""
     g = torch.Generator()
     if seed is None:
         g.seed()  # non-deterministic
-    else:
-        g.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+        return g
+    seed &= _U64
+    if index:
+        z = (seed + index * _MIX) & _U64
+        z = ((z ^ (z >> 30)) * 0xBF58_476D_1CE4_E5B9) & _U64
+        z = ((z ^ (z >> 27)) * 0x94D0_49BB_1331_11EB) & _U64
+        seed = z ^ (z >> 31)
+    g.manual_seed(seed)
     return g
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[RowSampling]) -> None:
-    """In place on logits (B, V) fp32."""
-    for b, r in enumerate(rows):
+def apply_penalties(logits: torch.Tensor, rows: list[RowSampling], which: list[int] | None = None) -> list[int]:
+    """Steps 2-4 in place on logits (B, V) fp32, for the rows ``which`` (default: every
+    processed row); returns the rows that got -inf entries."""
+    banned_rows = []
+    for b in (which if which is not None else [b for b, r in enumerate(rows) if r.processed]):
+        r = rows[b]
         if r.seen is not None and r.repetition_penalty != 1.0:
             row = logits[b]
             # HF semantics: shrink positive logits, push negative ones further down
             penalized = torch.where(row > 0, row / r.repetition_penalty, row * r.repetition_penalty)
             logits[b] = torch.where(r.seen, penalized, row)
+        if r.penalty is not None:
+            logits[b] -= r.penalty
+        if r.bias_ids is not None:
+            logits[b].index_add_(0, r.bias_ids, r.bias_values)
         if r.banned or r.banned_now:
             logits[b, r.banned + r.banned_now] = float("-inf")
+            banned_rows.append(b)
+    return banned_rows
+
+
+class TokenLogprobs(NamedTuple):
+    """One generated token's log-probability under the model's raw distribution, and the k most
+    likely tokens of that distribution (best first; ties: lower id first)."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class Sampled(NamedTuple):
+    tokens: list[int]  # per row; NO_TOKEN where nothing was possible
+    logprobs: dict[int, TokenLogprobs]  # row -> its token's, for the rows that asked
+
+
+def sample_step(logits: torch.Tensor, rows: list[RowSampling]) -> Sampled:
+    """logits (B, V) fp32 (modified in place) -> one token per row, and the log-probabilities of
+    the rows that asked for them."""
+    special = [b for b, r in enumerate(rows) if r.processed or r.params.logprobs is not None]
+    if not special:
+        return Sampled(_select(logits, rows), {})
+    want = [b for b in special if rows[b].params.logprobs is not None]
+    raw = None
+    if want:  # before any processing: the raw distribution (vLLM's default "raw logprobs")
+        raw = logits.log_softmax(-1) if len(want) == len(rows) else logits[want].log_softmax(-1)  # (W, V)
+    processed = [b for b in special if rows[b].processed]
+    masked = apply_penalties(logits, rows, processed)
+    guided_rows = [b for b in processed if rows[b].matcher is not None]
+    if guided_rows:
+        guided.apply_masks(logits, [rows[b].matcher for b in guided_rows], guided_rows)
+        masked = sorted(set(masked) | set(guided_rows))
+    dead: list[int] = []
+    if masked:  # a row whose masks leave nothing: never sample from all -inf
+        best = logits[masked].amax(-1)  # (M,)
+        dead = [b for b, m in zip(masked, best.tolist()) if m == float("-inf")]
+    tokens = _select(logits, rows, dead)
+    return Sampled(tokens, _logprobs(raw, want, tokens, rows) if want else {})
 
 
 def sample(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     """logits (B, V) fp32 (modified in place) -> one token id per row."""
-    apply_penalties(logits, rows)
-    out = [0] * len(rows)
+    return sample_step(logits, rows).tokens
+
+
+def _select(logits: torch.Tensor, rows: list[RowSampling], dead: list[int] = ()) -> list[int]:
+    out = [NO_TOKEN] * len(rows)
+    if dead:
+        dead = set(dead)
+        live = [b for b in range(len(rows)) if b not in dead]
+        if not live:
+            return out
+        sub = _select(logits[live], [rows[b] for b in live])
+        for b, t in zip(live, sub):
+            out[b] = t
+        return out
     greedy = [b for b, r in enumerate(rows) if r.greedy]
     if greedy:
         ids = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(rows) else logits.argmax(dim=-1).tolist()
         for b, t in zip(greedy, ids):
             out[b] = t
-    sampled = [b for b, r in enumerate(rows) if not r.greedy]
-    if sampled:
+    if len(greedy) < len(rows):
+        sampled = [b for b, r in enumerate(rows) if not r.greedy]
         ids = _sample_rows(logits[sampled], [rows[b] for b in sampled])
         for b, t in zip(sampled, ids):
             out[b] = t
@@ -95,10 +204,47 @@ def _sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better tokens
         # keep the smallest prefix whose mass reaches top_p (HF / TensorRT-LLM semantics)
         probs = probs.masked_fill(mass_before >= top_p, 0.0)
-    cdf = probs.cumsum(dim=-1)  # (R, K), unnormalized after top-p
+    if any(r.params.min_p for r in rows):
+        # min-p: a token below min_p x the most likely one's probability is dropped. A ratio to
+        # the top token, so it is the same before or after the top-k / top-p renormalization.
+        min_p = torch.tensor([r.params.min_p for r in rows], dtype=torch.float32)[:, None]
+        probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
+    cdf = probs.cumsum(dim=-1)  # (R, K), unnormalized after top-p / min-p
     u = torch.cat([torch.rand(1, generator=r.generator) for r in rows])[:, None]  # (R, 1)
     choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (R, 1)
     # kept tokens form a prefix of the sorted row; rounding must not step past it
     last_kept = (probs > 0).sum(dim=-1, keepdim=True) - 1
     choice = torch.minimum(choice, last_kept)
     return indices.gather(1, choice)[:, 0].tolist()
+
+
+def _logprobs(raw: torch.Tensor, want: list[int], tokens: list[int],
+              rows: list[RowSampling]) -> dict[int, TokenLogprobs]:
+    """raw: (W, V) log-probabilities of the rows ``want`` (or of every row, when all want them)."""
+    if raw.shape[0] != len(want):
+        raw = raw[want]
+    live = [i for i, b in enumerate(want) if tokens[b] != NO_TOKEN]
+    if not live:
+        return {}
+    chosen = raw[live, [tokens[want[i]] for i in live]].tolist()
+    ks = [rows[want[i]].params.logprobs for i in live]
+    kmax = max(ks)
+    top_v = top_i = None
+    if kmax:
+        top_v, top_i = raw[live].topk(kmax, dim=-1)  # (L, kmax), descending
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+    out = {}
+    for j, (i, k) in enumerate(zip(live, ks)):
+        ids, values = ([], []) if not k else _best_first(raw[i], top_v[j][:k], top_i[j][:k])
+        out[want[i]] = TokenLogprobs(chosen[j], ids, values)
+    return out
+
+
+def _best_first(row: torch.Tensor, values: list[float], ids: list[int]) -> tuple[list[int], list[float]]:
+    """topk's k best, with ties broken by the lower id (topk leaves tie order unspecified)."""
+    k = len(ids)
+    if len(set(values)) == k and int((row >= values[-1]).sum()) == k:
+        return ids, values  # no tie anywhere in or at the edge of the k best
+    candidates = (row >= values[-1]).nonzero()[:, 0]  # ascending ids
+    order = row[candidates].argsort(descending=True, stable=True)[:k]
+    return candidates[order].tolist(), row[candidates[order]].tolist()

@@ -26,18 +26,36 @@ class SlotBatch:
         self.use_threads = use_threads
         self.admission_budget = prefill_token_budget  # prompt tokens prefilled per admission round
         self.sequences: list[Sequence] = []
+        self._reserved = 0  # slots promised to the other members of admitted groups
+        self.prompt_tokens = 0  # prompt tokens prefilled
 
-    def has_room(self) -> bool:
-        return len(self.sequences) < self.max_batch_size
+    def has_room(self, slots: int = 1) -> bool:
+        return len(self.sequences) + self._reserved + slots <= self.max_batch_size
 
     def add(self, seq: Sequence) -> None:
+        """Admit a sequence; a group's leader also reserves the slots of its other members."""
         self.sequences.append(seq)
+        if seq.group is not None:
+            seq.group.reserved = [-1] * (seq.group.n - 1)
+            self._reserved += seq.group.n - 1
+
+    def fork(self, leader: Sequence, children: list[Sequence]) -> None:
+        """The leader's prompt is prefilled: its other members take the next slots, each a copy
+        of the leader's cache slot."""
+        assert len(children) == len(leader.group.reserved)
+        src = next(i for i, s in enumerate(self.sequences) if s is leader)
+        for seq in children:
+            self.cache.move(src, len(self.sequences), leader.cache_len)
+            self.sequences.append(seq)
+        self._reserved -= len(children)
+        leader.group.reserved = []
 
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Prefill just-added sequences; their last positions' logits (n, V)."""
         slots = [next(i for i, s in enumerate(self.sequences) if s is seq) for seq in seqs]
         prompts = [torch.tensor(seq.request.input_ids, dtype=torch.long) for seq in seqs]
         self.use_threads(sum(len(p) for p in prompts))
+        self.prompt_tokens += sum(len(p) for p in prompts)
         logits = self.model.prefill_many(prompts, slots, self.cache)  # (n, V)
         for seq in seqs:
             seq.cache_len = len(seq.request.input_ids)
@@ -57,6 +75,10 @@ class SlotBatch:
     def remove_finished(self) -> None:
         # Descending order: the slot moved into a hole is never itself a finished one.
         active = self.sequences
+        for seq in active:
+            if seq.finished and seq.group is not None and seq.group.reserved:  # a leader ended before its fork
+                self._reserved -= len(seq.group.reserved)
+                seq.group.reserved = []
         for slot in sorted((i for i, s in enumerate(active) if s.finished), reverse=True):
             last = active.pop()
             if slot < len(active):
@@ -65,6 +87,7 @@ class SlotBatch:
 
     def clear(self) -> None:
         self.sequences.clear()
+        self._reserved = 0
 
     def stats(self) -> dict[str, int]:
-        return {}
+        return {"prompt_tokens_prefilled": self.prompt_tokens}

@@ -23,9 +23,10 @@ from trident.engine_tensors import (
     scalar,
 )
 
-from .request import GenerationRequest, InvalidRequestError
+from .request import GenerationOutput, GenerationRequest, InvalidRequestError
 
-__all__ = ["decode_word_list", "error_message", "is_stop_request", "output_arrays", "request_from_tensors"]
+__all__ = ["decode_word_list", "error_message", "is_stop_request", "output_arrays", "request_from_tensors",
+           "response_arrays"]
 
 is_stop_request = is_stop
 
@@ -65,9 +66,27 @@ def request_from_tensors(request_id: str, tensors: Mapping[str, np.ndarray]) -> 
         raise InvalidRequestError(str(exc)) from None
 
 
-def error_message(error_type: str | None, message: str | None) -> str:
-    """The adapter's error text: a contract tag the gateway maps to a status, then the reason."""
+def response_arrays(out: GenerationOutput) -> dict[str, np.ndarray]:
+    """An output's tensors: output_ids and sequence_length always; log-probabilities,
+    alternatives and the sequence index only when the request asked for them (a plain request's
+    responses are exactly what they were before these existed)."""
+    top = out.top_ids is not None
+    return output_arrays(out.token_ids, log_probs=out.log_probs, cum_log_prob=out.cum_log_prob,
+                         top_ids=_rows(out.top_ids, np.int32) if top else None,
+                         top_log_probs=_rows(out.top_log_probs, np.float32) if top else None,
+                         sequence_index=out.sequence_index)
+
+
+def _rows(rows: list[list], dtype) -> np.ndarray:
+    """(n, k) from n lists of k (n may be 0: the sequence's last output can carry no token)."""
+    k = len(rows[0]) if rows else 0
+    return np.asarray(rows, dtype=dtype).reshape(len(rows), k)
+
+
+def error_message(error_type: str | None, message: str | None, param: str | None = None) -> str:
+    """The adapter's error text: a contract tag the gateway maps to a status (naming the request
+    field at fault when known), then the reason."""
     try:
-        return tag_error(error_type or SERVER_ERROR, message or "unknown error")
+        return tag_error(error_type or SERVER_ERROR, message or "unknown error", param)
     except ValueError:  # not a contract kind: a server error
         return tag_error(SERVER_ERROR, message or "unknown error")

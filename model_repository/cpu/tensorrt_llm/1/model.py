@@ -17,7 +17,7 @@ import threading
 import triton_python_backend_utils as pb_utils
 
 from trident.contract import SERVER_ERROR
-from trident.engine_tensors import ENGINE_INPUTS
+from trident.engine_tensors import CPU_ENGINE_INPUTS, ENGINE_INPUTS
 from trident.engine import (
     Engine,
     EngineConfig,
@@ -25,13 +25,14 @@ from trident.engine import (
     GenerationOutput,
     error_message,
     is_stop_request,
-    output_arrays,
     request_from_tensors,
+    response_arrays,
 )
 
 log = logging.getLogger("trident.engine.triton")
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+INPUTS = (*ENGINE_INPUTS, *CPU_ENGINE_INPUTS)
 
 
 def _param(params: dict, key: str, default: str) -> str:
@@ -48,9 +49,9 @@ def _send_error(sender, message: str) -> None:
 
 def _send_output(sender, out: GenerationOutput) -> None:
     if out.error is not None:
-        _send_error(sender, error_message(out.error_type, out.error))
+        _send_error(sender, error_message(out.error_type, out.error, out.error_param))
         return
-    tensors = [pb_utils.Tensor(name, array) for name, array in output_arrays(out.token_ids).items()]
+    tensors = [pb_utils.Tensor(name, array) for name, array in response_arrays(out).items()]
     sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.finished else 0)
 
 
@@ -74,8 +75,25 @@ METRICS = (
      "requests_prefilled"),
     ("trident_engine_requests_finished_total", "COUNTER", "requests that got their final output", "requests_finished"),
     ("trident_engine_requests_cancelled_total", "COUNTER", "requests cancelled (client gone or stop)", "requests_cancelled"),
+    ("trident_engine_prompt_tokens_prefilled_total", "COUNTER",
+     "prompt tokens the model computed (once per request, whatever its num_return_sequences)",
+     "prompt_tokens_prefilled"),
+    ("trident_engine_prefix_cache_hit_tokens_total", "COUNTER", "prompt tokens taken from the prefix cache (int4)",
+     "prefix_cache_hit_tokens"),
+    ("trident_engine_prefix_cache_miss_tokens_total", "COUNTER", "prompt tokens not found in the prefix cache (int4)",
+     "prefix_cache_miss_tokens"),
+    ("trident_engine_prefix_cache_hit_requests_total", "COUNTER", "requests that reused a cached prefix (int4)",
+     "prefix_cache_hit_requests"),
+    ("trident_engine_prefix_cache_miss_requests_total", "COUNTER", "requests that found no cached prefix (int4)",
+     "prefix_cache_miss_requests"),
+    ("trident_engine_prefix_cache_evicted_blocks_total", "COUNTER", "cached KV blocks evicted (int4)",
+     "prefix_cache_evicted"),
     ("trident_engine_active_requests", "GAUGE", "sequences in the running batch", "active"),
     ("trident_engine_waiting_requests", "GAUGE", "requests queued for a batch slot", "waiting"),
+    ("trident_engine_prefix_cache_blocks", "GAUGE", "KV blocks cached for reuse, held by no sequence (int4)",
+     "prefix_cache_blocks"),
+    ("trident_engine_kv_blocks_free", "GAUGE", "KV blocks free or cached (int4)", "kv_blocks_free"),
+    ("trident_engine_kv_blocks_total", "GAUGE", "KV blocks in the paged cache (int4)", "kv_blocks_total"),
 )
 
 
@@ -156,6 +174,7 @@ class TritonPythonModel:
             weight_dtype=_param(params, "weight_dtype", "auto"),
             num_threads=num_threads or None,
             max_queue_size=int(_param(params, "max_queue_size", "256")),
+            xgrammar_tokenizer_info_path=_param(params, "xgrammar_tokenizer_info_path", ""),
         )
         if not config.checkpoint_dir:
             raise ValueError("config.pbtxt parameter checkpoint_dir is required")
@@ -174,7 +193,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             tensors = {}
-            for name in ENGINE_INPUTS:
+            for name in INPUTS:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     tensors[name] = tensor.as_numpy()
@@ -187,7 +206,7 @@ class TritonPythonModel:
             generation.is_cancelled = sender.is_cancelled
             self.engine.submit(generation, lambda out: self.responses.put(sender, out))
         except EngineError as e:  # invalid request, queue full, engine stopped
-            _send_error(sender, error_message(e.error_type, str(e)))
+            _send_error(sender, error_message(e.error_type, str(e), e.param))
         except Exception as e:  # never let one request take the model down
             log.exception("failed to handle request %r", request.request_id())
             _send_error(sender, error_message(SERVER_ERROR, f"{type(e).__name__}: {e}"))
