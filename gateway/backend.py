@@ -15,20 +15,52 @@ from trident.contract import ModelLimits, TextRequest
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """The tokens of one piece of text (their texts concatenate to it), with log-probabilities
+    and, when asked for, each one's best alternatives ``(text, logprob)``, best first."""
+
+    tokens: tuple[str, ...]
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    top: tuple[tuple[tuple[str, float], ...], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
-    """The next piece of generated text: whole UTF-8 characters, never the prompt, never a
-    (possibly partial) stop sequence."""
+    """The next piece of generated text of choice ``index``: whole UTF-8 characters, never the
+    prompt, never a (possibly partial) stop sequence; with ``logprobs`` its tokens."""
 
     text: str
+    index: int = 0
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceEnd:
+    """How one choice ended: its finish reason, its own completion tokens and, with logprobs,
+    the sum of its tokens' log-probabilities."""
+
+    index: int
+    finish_reason: str
+    completion_tokens: int
+    cum_logprob: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """The last event of every successful generation."""
+    """The last event of every successful generation: choice 0's finish reason, the prompt's
+    tokens and every choice's completion tokens together; ``choices`` says how each choice
+    ended (empty: one choice, as the fields say)."""
 
     finish_reason: str  # one of trident.contract.FINISH_REASONS
     prompt_tokens: int
     completion_tokens: int
+    choices: tuple[ChoiceEnd, ...] = ()
+
+    @property
+    def ends(self) -> tuple[ChoiceEnd, ...]:
+        """Every choice's end, by index."""
+        return self.choices or (ChoiceEnd(0, self.finish_reason, self.completion_tokens),)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -62,8 +94,9 @@ class Generation(Protocol):
     * Iteration may first yield :data:`ADMITTED` (at most once, before anything else): the
       server accepted the request (it passed every check a request can fail on before it
       runs). Then zero or more :class:`TextDelta` and exactly one :class:`Finished`, which is
-      last. Concatenating the deltas gives the whole generated text, whether or not
-      ``params.stream`` was set (without it, a backend may yield the text as one delta).
+      last. Concatenating the deltas of one choice (``index``; several with ``sampling.n``)
+      gives its whole generated text, whether or not ``params.stream`` was set (without it, a
+      backend may yield each choice's text as one delta).
     * Failures are raised from the iterator as ``gateway.errors.ClientError`` (e.g. a prompt too
       long for the context: 400 with ``param``) or ``ServerError`` (503 with ``Retry-After`` when
       the server is unreachable or not ready, else 500), at any point: before the first event

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from collections.abc import Mapping
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -156,7 +157,17 @@ def _http_message(exc: HTTPException) -> str:
     return exc.description or exc.name
 
 
+def public_param(error: ApiError, names: Mapping[str, str] | None) -> ApiError:
+    """``error`` naming the request's field where it names a contract one (``names``: contract
+    name -> the endpoint's, e.g. ``guided_decoding_guide`` -> ``response_format``). A route
+    sets its names in ``g.param_names``; errors from the llm model name the contract's fields."""
+    if names and error.param in names:
+        error.param = names[error.param]
+    return error
+
+
 def _handle_api_error(exc: ApiError) -> Response:
+    public_param(exc, g.get("param_names"))
     if exc.status >= 500:
         log.warning("request failed: %s %s", exc.status, exc.message)
     return envelope(exc)

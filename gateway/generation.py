@@ -17,10 +17,11 @@ from flask import Response, current_app, g, request
 from trident.contract import TextRequest
 
 from .auth import authorize_model
-from .backend import Event, Finished, Generation, TextDelta
+from .backend import Event, Finished, Generation
+from .choices import Choice, gather
 from .disconnect import DisconnectWatch
 from .drain import DRAIN
-from .errors import ApiError, ClientGone, internal_error, unavailable
+from .errors import ApiError, ClientGone, internal_error, public_param, unavailable
 from .sse import SSEBody, error_bytes, event_bytes, event_source
 from .state import GatewayState
 from .telemetry import note_params, observe_generation
@@ -65,18 +66,13 @@ def start_generation(params: TextRequest) -> tuple[Generation, Callable[[], None
     return generation, done
 
 
-def collect(generation: Generation, done: Callable[[], None]) -> tuple[str, Finished]:
-    """The whole text and the final event of a non-streaming generation; a client that goes
-    away meanwhile cancels it (gateway.disconnect) and gets :class:`ClientGone`."""
-    parts: list[str] = []
-    finished: Finished | None = None
+def collect(generation: Generation, done: Callable[[], None], n: int = 1) -> tuple[list[Choice], Finished]:
+    """Every choice (its text, tokens and end) and the final event of a non-streaming generation
+    of ``n`` choices; a client that goes away meanwhile cancels it (gateway.disconnect) and gets
+    :class:`ClientGone`."""
     watch = DisconnectWatch.start(request.environ, generation.close)
     try:
-        for event in generation:
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            elif isinstance(event, Finished):
-                finished = event
+        choices, finished = gather(generation, n)
         if finished is None:
             if watch.gone:
                 raise ClientGone()
@@ -86,7 +82,7 @@ def collect(generation: Generation, done: Callable[[], None]) -> tuple[str, Fini
         watch.stop()
         generation.close()
         done()
-    return "".join(parts), finished
+    return choices, finished
 
 
 def stream_response(
@@ -96,8 +92,15 @@ def stream_response(
     encode: Callable[[Event], bytes] = event_bytes,
     encode_error: Callable[[ApiError], bytes] = error_bytes,
 ) -> Response:
-    """The SSE response of a streaming generation; ``encode``/``encode_error`` as in SSEBody."""
+    """The SSE response of a streaming generation; ``encode``/``encode_error`` as in SSEBody (an
+    error names the route's fields: ``g.param_names``, gateway.errors.public_param)."""
     request_id: str = g.request_id
+    names = g.get("param_names")
+    if names:
+        raw_encode_error = encode_error
+
+        def encode_error(error: ApiError) -> bytes:
+            return raw_encode_error(public_param(error, names))
     source = event_source(generation)
     try:
         first = None

@@ -6,6 +6,10 @@ ends every stream, also one that failed after it began (the failure is a ``data:
 ``APIError``). With ``stream_options.include_usage`` every chunk has ``"usage": null`` and one
 more chunk, with empty ``choices`` and the usage, comes before ``[DONE]``. Heartbeats are SSE
 comments (gateway.sse), which SSE clients skip.
+
+Several choices (``n``) stream interleaved, each chunk naming its choice's ``index``; each
+choice's last chunk (its ``finish_reason``) comes when the generation ends. Log-probabilities
+follow OpenAI's shapes (gateway.choices), in every chunk for the text it carries.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import time
 import uuid
 from typing import Any
 
-from .backend import Event, Finished, TextDelta
+from .backend import Event, Finished, TextDelta, TokenLogprobs
+from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs
 from .errors import ApiError
 
 DONE = b"data: [DONE]\n\n"
@@ -24,8 +29,8 @@ DONE = b"data: [DONE]\n\n"
 FINISH_REASONS = {"length": "length", "stop_sequence": "stop", "eos_token": "stop"}
 
 
-def finish_reason(finished: Finished) -> str:
-    return FINISH_REASONS.get(finished.finish_reason, "stop")
+def finish_reason(reason: str) -> str:
+    return FINISH_REASONS.get(reason, "stop")
 
 
 def data_line(payload: dict[str, Any]) -> bytes:
@@ -36,38 +41,51 @@ def error_chunk(error: ApiError) -> bytes:
     return data_line({"error": error.to_dict()}) + DONE
 
 
+def best(choices: list[Choice], n: int) -> list[Choice]:
+    """``best_of``: the ``n`` choices with the highest sum of log-probabilities, best first,
+    numbered again from 0; all of them, as they are, when there are no more than ``n``."""
+    if len(choices) <= n:
+        return choices
+
+    def score(choice: Choice) -> float:
+        end = choice.end
+        return end.cum_logprob if end is not None and end.cum_logprob is not None else float("-inf")
+
+    ranked = sorted(choices, key=score, reverse=True)[:n]
+    return [Choice(i, c.parts, c.pieces, c.end) for i, c in enumerate(ranked)]
+
+
 class _Reply:
-    """What every response and chunk of one request has in common."""
+    """What every response and chunk of one request has in common. ``logprobs``: the
+    alternatives per token the request asked for (None: no logprobs in the reply)."""
 
     object: str
     chunk_object: str
     id_prefix: str
 
-    def __init__(self, model: str, *, include_usage: bool = False) -> None:
+    def __init__(self, model: str, *, include_usage: bool = False, logprobs: int | None = None) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.logprobs = logprobs
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     # -- JSON ----------------------------------------------------------------------------------
 
-    def _choice(self, text: str, reason: str) -> dict[str, Any]:
+    def _choice(self, choice: Choice) -> dict[str, Any]:
         raise NotImplementedError
 
-    def response(self, text: str, finished: Finished) -> dict[str, Any]:
-        """The non-streaming response body."""
-        return {
-            **self._head(self.object),
-            "choices": [self._choice(text, finish_reason(finished))],
-            "usage": finished.usage,
-        }
+    def response(self, choices: list[Choice], finished: Finished) -> dict[str, Any]:
+        """The non-streaming response body; usage counts every generated token (best_of's too)."""
+        return {**self._head(self.object), "choices": [self._choice(c) for c in choices], "usage": finished.usage}
 
     # -- SSE -----------------------------------------------------------------------------------
 
-    def _delta_choice(self, text: str | None, reason: str | None) -> dict[str, Any]:
+    def _delta_choice(self, index: int, text: str | None, reason: str | None,
+                      logprobs: TokenLogprobs | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
@@ -79,8 +97,11 @@ class _Reply:
     def __call__(self, event: Event) -> bytes:
         """The SSE bytes of one generation event (SSEBody's ``encode``)."""
         if isinstance(event, TextDelta):
-            return self._chunk([self._delta_choice(event.text, None)]) if event.text else b""
-        out = self._chunk([self._delta_choice(None, finish_reason(event))])
+            if not event.text and event.logprobs is None:
+                return b""
+            return self._chunk([self._delta_choice(event.index, event.text, None, event.logprobs)])
+        out = b"".join(self._chunk([self._delta_choice(end.index, None, finish_reason(end.finish_reason))])
+                       for end in event.ends)
         if self.include_usage:
             out += self._chunk([], usage=event.usage)
         return out + DONE
@@ -95,40 +116,55 @@ class CompletionReply(_Reply):
     chunk_object = "text_completion"
     id_prefix = "cmpl"
 
-    def _choice(self, text: str, reason: str) -> dict[str, Any]:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self._offsets = TextOffsets()
 
-    def _delta_choice(self, text: str | None, reason: str | None) -> dict[str, Any]:
-        return {"text": text or "", "index": 0, "logprobs": None, "finish_reason": reason}
+    def _choice(self, choice: Choice) -> dict[str, Any]:
+        logprobs = completion_logprobs(choice.pieces) if self.logprobs is not None else None
+        return {"text": choice.text, "index": choice.index, "logprobs": logprobs,
+                "finish_reason": finish_reason(choice.finish_reason)}
+
+    def _delta_choice(self, index: int, text: str | None, reason: str | None,
+                      logprobs: TokenLogprobs | None = None) -> dict[str, Any]:
+        shown = None
+        if self.logprobs is not None and reason is None:
+            pieces = [logprobs] if logprobs is not None else []
+            shown = completion_logprobs(pieces, self._offsets.take(index, logprobs.tokens) if pieces else [])
+        return {"text": text or "", "index": index, "logprobs": shown, "finish_reason": reason}
 
 
 class ChatCompletionReply(_Reply):
     """``/v1/chat/completions``: ``chat.completion`` and ``chat.completion.chunk``; the first
-    chunk carries the assistant's role."""
+    chunk of each choice carries the assistant's role."""
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
-    def __init__(self, model: str, *, include_usage: bool = False) -> None:
-        super().__init__(model, include_usage=include_usage)
-        self._role_sent = False
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self._role_sent: set[int] = set()
 
-    def _choice(self, text: str, reason: str) -> dict[str, Any]:
+    def _choice(self, choice: Choice) -> dict[str, Any]:
         return {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": reason,
+            "index": choice.index,
+            "message": {"role": "assistant", "content": choice.text},
+            "logprobs": chat_logprobs(choice.pieces) if self.logprobs is not None else None,
+            "finish_reason": finish_reason(choice.finish_reason),
         }
 
-    def _delta_choice(self, text: str | None, reason: str | None) -> dict[str, Any]:
+    def _delta_choice(self, index: int, text: str | None, reason: str | None,
+                      logprobs: TokenLogprobs | None = None) -> dict[str, Any]:
         delta: dict[str, Any] = {}
-        if not self._role_sent:
-            self._role_sent = True
+        if index not in self._role_sent:
+            self._role_sent.add(index)
             delta["role"] = "assistant"
             if text is None:
                 text = ""
         if text is not None:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        shown = None
+        if self.logprobs is not None and reason is None:
+            shown = chat_logprobs([logprobs] if logprobs is not None else [])
+        return {"index": index, "delta": delta, "logprobs": shown, "finish_reason": reason}

@@ -21,10 +21,10 @@ from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
 from .errors import ClientError
 from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest, load_openai
-from .openai_replies import ChatCompletionReply, CompletionReply
+from .openai_replies import ChatCompletionReply, CompletionReply, best
 from .ratelimit import rate_limited
 from .generation import collect, start_generation, stream_response
-from .schemas import read_json_object
+from .json_body import read_json_object
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -103,9 +103,10 @@ def chat_completions() -> Any:
 
 def _answer(req: OpenAIRequest, reply_class: type[CompletionReply] | type[ChatCompletionReply]) -> Any:
     params = req.params
-    reply = reply_class(params.model, include_usage=req.include_usage)
+    g.param_names = req.param_names
+    reply = reply_class(params.model, include_usage=req.include_usage, logprobs=req.logprobs)
     generation, done = start_generation(params)
     if params.stream:
         return stream_response(generation, done, encode=reply, encode_error=reply.error)
-    text, finished = collect(generation, done)
-    return jsonify(reply.response(text, finished))
+    choices, finished = collect(generation, done, params.sampling.n)
+    return jsonify(reply.response(best(choices, req.choices), finished))

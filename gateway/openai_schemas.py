@@ -5,12 +5,15 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
 
 * mapped: ``model``, ``max_tokens`` (chat: also ``max_completion_tokens``), ``temperature``,
   ``top_p``, ``stop`` (a string or up to 16 strings), ``seed`` (any 64-bit integer; a negative
-  one is taken modulo 2**64), ``stream``, ``stream_options.include_usage``; and, as vLLM does, the
-  extensions ``top_k`` and ``repetition_penalty`` (``extra_body`` in the official client);
-* accepted only at their neutral value, else a 400 that says so: ``n`` and ``best_of`` (1),
-  ``frequency_penalty`` and ``presence_penalty`` (0), ``logprobs`` (null/false),
-  ``top_logprobs`` (0), ``logit_bias`` ({}), ``echo`` (false), ``suffix`` (""),
-  ``response_format`` ({"type": "text"}), ``tools``/``functions`` ([]), ``tool_choice``/
+  one is taken modulo 2**64), ``stream``, ``stream_options.include_usage``, ``n`` (up to 16),
+  ``best_of`` (completions, not streamed: the ``n`` of ``best_of`` choices with the highest sum
+  of log-probabilities), ``presence_penalty`` and ``frequency_penalty`` (-2..2), ``logit_bias``,
+  ``logprobs`` (completions: 0..20 alternatives; chat: a boolean, with ``top_logprobs`` 0..20),
+  ``response_format`` (``text``, ``json_object``, ``json_schema``: XGrammar constrains the
+  output); and, as vLLM does, the extensions ``top_k``, ``repetition_penalty``, ``min_p`` and
+  ``min_tokens`` (``extra_body`` in the official client);
+* accepted only at their neutral value, else a 400 that says so: ``echo`` (false), ``suffix`` (""),
+  ``tools``/``functions`` ([]), ``tool_choice``/
   ``function_call`` ("none"/"auto"), ``modalities`` (["text"]), ``audio``/``prediction``/
   ``web_search_options`` (null);
 * accepted and ignored (they do not change the output): ``user``, ``metadata``, ``store``,
@@ -29,6 +32,7 @@ gateway cannot know without tokenizing; prompt + max_tokens must fit the model's
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +42,9 @@ from marshmallow.validate import OneOf
 from .chat_template import ChatTemplate
 from .errors import ServerError
 from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, _only
-from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, UINT64_MAX, TextRequest
+from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
+
+from .control_fields import LogitBias, ResponseFormat
 
 from .schemas import (
     ModelSchema,
@@ -47,7 +53,9 @@ from .schemas import (
     StrictNumber,
     StrictSchema,
     StrictString,
+    _penalty,
     _range,
+    check_min_tokens,
     reject_conflicting_alias,
     sampling_params,
 )
@@ -55,6 +63,9 @@ from .schemas import (
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 CHAT_DEFAULT_MAX_TOKENS = 512
 INT64_MIN = -(2**63)
+#: the llm model's names of fields (in its errors) as both endpoints name them
+PARAM_NAMES = {"max_new_tokens": "max_tokens", "stop_sequences": "stop", "guided_decoding_guide": "response_format",
+               "guided_decoding_guide_type": "response_format"}
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -64,6 +75,13 @@ class OpenAIRequest:
 
     params: TextRequest
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    choices: int = 1  # n: the choices answered (best_of may generate more: params.sampling.n)
+    logprobs: int | None = None  # the alternatives the reply shows per token; None: no logprobs
+    param_names: Mapping[str, str] = dataclasses.field(default_factory=dict)  # gateway.errors.public_param
+
+    @property
+    def best_of(self) -> bool:
+        return self.params.sampling.n > self.choices
 
 
 # -- nested objects -----------------------------------------------------------------------------
@@ -74,17 +92,6 @@ class StreamOptionsSchema(StrictSchema):
 
     include_usage = StrictBoolean()
     include_obfuscation = StrictBoolean()  # accepted and ignored: chunks carry no padding here
-
-
-class ResponseFormatSchema(StrictSchema):
-    """``response_format``: only plain text output is supported."""
-
-    type = StrictString(
-        required=True,
-        allow_none=False,
-        validate=_only("text", 'type must be "text": JSON output modes are not supported, got {input}'),
-        error_messages={"required": "type is required"},
-    )
 
 
 class ChatMessageSchema(StrictSchema):
@@ -129,6 +136,7 @@ class _OpenAISchema(ModelSchema):
 
     default_max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     token_fields = ("max_tokens",)
+    param_names: Mapping[str, str] = {}  # the endpoint's own names of the llm model's fields
 
     model = StrictString()
     max_tokens = StrictInteger()
@@ -140,28 +148,26 @@ class _OpenAISchema(ModelSchema):
             "top_p must be greater than {min} and at most {max}, got {input}", min=0, max=1, min_inclusive=False
         )
     )
-    n = StrictInteger(validate=_only(1, "n must be 1: one choice per request is supported, got {input}"))
+    n = StrictInteger(validate=_range("n must be between {min} and {max}, got {input}", min=1, max=MAX_CHOICES))
     stop = StringOrStrings()
     seed = StrictInteger(
         validate=_range("seed must be between {min} and {max}, got {input}", min=INT64_MIN, max=UINT64_MAX)
     )
     stream = StrictBoolean()
     stream_options = Nested(StreamOptionsSchema)
-    frequency_penalty = StrictNumber(
-        validate=_only(0, "frequency_penalty is not supported (use repetition_penalty): only 0 is accepted, "
-                          "got {input}")
-    )
-    presence_penalty = StrictNumber(
-        validate=_only(0, "presence_penalty is not supported (use repetition_penalty): only 0 is accepted, "
-                          "got {input}")
-    )
-    logit_bias = Empty("logit_bias is not supported")
+    frequency_penalty = StrictNumber(validate=_penalty("frequency_penalty"))
+    presence_penalty = StrictNumber(validate=_penalty("presence_penalty"))
+    logit_bias = LogitBias()
+    response_format = ResponseFormat()
     user = Anything()
     # Extensions (vLLM has the same): sampling knobs of /generate.
     top_k = StrictInteger(validate=_range("top_k must be between {min} and {max}, got {input}", min=0, max=INT32_MAX))
     repetition_penalty = StrictNumber(
         validate=_range("repetition_penalty must be greater than {min}, got {input}", min=0, min_inclusive=False)
     )
+    min_p = StrictNumber(validate=_range("min_p must be between {min} and {max}, got {input}", min=0, max=1))
+    min_tokens = StrictInteger(validate=_range("min_tokens must be between {min} and {max}, got {input}",
+                                               min=0, max=INT32_MAX))
 
     @validates_schema
     def validate_stream_options(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -171,18 +177,26 @@ class _OpenAISchema(ModelSchema):
             )
 
     def _request(self, data: dict[str, Any], *, prompt: str, model: str, max_tokens: int | None,
-                 prompt_param: str = "prompt") -> OpenAIRequest:
+                 prompt_param: str = "prompt", logprobs: int | None = None) -> OpenAIRequest:
+        """``logprobs``: the alternatives per token the reply shows (None: no logprobs)."""
         self.check_prompt_length(prompt, model, prompt_param)
         if max_tokens is None:  # the endpoint's own default (OpenAI's), within the model's limit
             max_tokens = min(self.default_max_tokens, self.limits(model).max_new_tokens)
-        fields = {**data, "max_tokens": max_tokens}
+        check_min_tokens(data, max_tokens, "max_tokens")
+        choices = data.get("n") or 1
+        generated = data.get("best_of") or choices
+        fields = {**data, "max_tokens": max_tokens, "n": generated, "guide": data.get("response_format"),
+                  # best_of ranks the choices by their sum of log-probabilities: the engine must report them
+                  "logprobs": 0 if logprobs is None and generated > choices else logprobs}
         if data.get("seed") is not None:
             fields["seed"] = data["seed"] % (UINT64_MAX + 1)  # int64 seeds of OpenAI, as uint64
         sampling = sampling_params(fields, max_new_tokens="max_tokens", stop="stop")
         stream = bool(data.get("stream"))
         options = data.get("stream_options") or {}
+        names = {**PARAM_NAMES, **self.param_names, "n": "best_of" if generated > choices else "n"}
         return OpenAIRequest(params=TextRequest(prompt=prompt, sampling=sampling, stream=stream, model=model),
-                             include_usage=stream and bool(options.get("include_usage")))
+                             include_usage=stream and bool(options.get("include_usage")), choices=choices,
+                             logprobs=logprobs, param_names=names)
 
 
 class CompletionSchema(_OpenAISchema):
@@ -195,13 +209,26 @@ class CompletionSchema(_OpenAISchema):
     )
     suffix = Empty("suffix is not supported")
     echo = StrictBoolean(validate=_only(False, "echo is not supported: only false is accepted"))
-    best_of = StrictInteger(validate=_only(1, "best_of must be 1: one choice per request is supported, got {input}"))
-    logprobs = Empty("logprobs are not supported", neutral=(0,))
+    best_of = StrictInteger(
+        validate=_range("best_of must be between {min} and {max}, got {input}", min=1, max=MAX_CHOICES))
+    logprobs = StrictInteger(
+        validate=_range("logprobs must be between {min} and {max}, got {input}", min=0, max=MAX_TOP_LOGPROBS))
+
+    @validates_schema
+    def validate_best_of(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        best_of, n = data.get("best_of"), data.get("n") or 1
+        if not isinstance(best_of, int) or isinstance(best_of, bool):
+            return
+        if best_of < n:
+            raise ValidationError(f"best_of ({best_of}) must be at least n ({n})", field_name="best_of")
+        if best_of > n and data.get("stream"):
+            raise ValidationError("best_of cannot be used with stream: the best choices are known only at the end",
+                                  field_name="best_of")
 
     @post_load
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> OpenAIRequest:
         return self._request(data, prompt=data["prompt"], model=self.requested_model(data),
-                             max_tokens=data.get("max_tokens"))
+                             max_tokens=data.get("max_tokens"), logprobs=data.get("logprobs"))
 
 
 class ChatCompletionSchema(_OpenAISchema):
@@ -210,6 +237,7 @@ class ChatCompletionSchema(_OpenAISchema):
 
     default_max_tokens = CHAT_DEFAULT_MAX_TOKENS
     token_fields = ("max_tokens", "max_completion_tokens")
+    param_names = {"logprobs": "top_logprobs"}  # the llm refuses alternatives, which top_logprobs asks for
 
     messages = Nested(
         ChatMessageSchema,
@@ -221,9 +249,9 @@ class ChatCompletionSchema(_OpenAISchema):
         error_messages={"required": "messages is required", "null": "messages must be an array, got null"},
     )
     max_completion_tokens = StrictInteger()
-    logprobs = Empty("logprobs are not supported", neutral=(False,))
-    top_logprobs = Empty("top_logprobs are not supported", neutral=(0,))
-    response_format = Nested(ResponseFormatSchema)
+    logprobs = StrictBoolean()
+    top_logprobs = StrictInteger(
+        validate=_range("top_logprobs must be between {min} and {max}, got {input}", min=0, max=MAX_TOP_LOGPROBS))
     tools = Empty("tools are not supported")
     tool_choice = Empty("tools are not supported", neutral=("none", "auto"))
     functions = Empty("functions are not supported")
@@ -255,6 +283,11 @@ class ChatCompletionSchema(_OpenAISchema):
             "{new}): send only max_completion_tokens",
         )
 
+    @validates_schema
+    def validate_top_logprobs(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        if data.get("top_logprobs") and not data.get("logprobs"):
+            raise ValidationError('top_logprobs needs "logprobs": true', field_name="top_logprobs")
+
     @post_load
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> OpenAIRequest:
         model = self.requested_model(data)
@@ -268,7 +301,9 @@ class ChatCompletionSchema(_OpenAISchema):
         max_tokens = data.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = data.get("max_tokens")
-        return self._request(data, prompt=prompt, model=model, max_tokens=max_tokens, prompt_param="messages")
+        logprobs = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
+        return self._request(data, prompt=prompt, model=model, max_tokens=max_tokens, prompt_param="messages",
+                             logprobs=logprobs)
 
 
 def load_openai(schema: _OpenAISchema, body: dict[str, Any]) -> OpenAIRequest:

@@ -26,6 +26,8 @@ from . import response_schemas as rs
 from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings
 from trident.contract import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
+from .control_fields import LogitBias, Regex, ResponseFormat
+from .control_fields import openapi_properties as control_properties
 from .schemas import StopSequences, StrictBoolean, StrictInteger, StrictNumber, StrictString
 
 bp = Blueprint("openapi", __name__)
@@ -77,6 +79,8 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
         props = {"type": "array", "items": ref, "minItems": field.min_items} if field.many else {"anyOf": [ref]}
         if field.many and field.max_items is not None:
             props["maxItems"] = field.max_items
+    elif (controls := control_properties(field)) is not None:
+        props = controls
     elif isinstance(field, Empty):
         props = {"enum": [None, {}, [], "", *field.neutral], "description": f"Only its neutral values are accepted ({field.unsupported})."}
     if field.allow_none and "anyOf" in props:
@@ -136,7 +140,7 @@ def _plugin() -> tuple[Any, Any]:
         (StopSequences, ("array", None)),
     ):
         plugin.map_to_openapi_type(cls, *mapping)
-    for cls in (Anything, Empty, StringOrStrings, Prompt, MessageContent, Nested):
+    for cls in (Anything, Empty, StringOrStrings, Prompt, MessageContent, Nested, LogitBias, ResponseFormat, Regex):
         plugin.map_to_openapi_type(cls, None, None)
     plugin.converter.add_attribute_function(_trident_fields)
     return plugin, spec

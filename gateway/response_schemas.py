@@ -9,7 +9,7 @@ from __future__ import annotations
 from marshmallow import Schema, fields
 from marshmallow.validate import Equal, Length, OneOf, Range
 
-from trident.contract import FINISH_REASONS
+from trident.contract import FINISH_REASONS, MAX_CHOICES
 from .errors import ERROR_TYPES
 
 OPENAI_FINISH_REASONS = ("stop", "length")
@@ -17,11 +17,6 @@ OPENAI_FINISH_REASONS = ("stop", "length")
 
 def _required(field_class: type[fields.Field], *args, **kwargs) -> fields.Field:
     return field_class(*args, required=True, **kwargs)
-
-
-def _null() -> fields.Field:
-    """Always null (documented as ``enum: [null]``)."""
-    return fields.Raw(required=True, validate=Equal(None))
 
 
 def _const(value: str, **kwargs) -> fields.Field:
@@ -56,13 +51,57 @@ class ReadySchema(Schema):
     status = _const("ready")
 
 
+def _index() -> fields.Field:
+    """A choice's index (several with ``n``)."""
+    return _required(fields.Integer, validate=Range(min=0, max=MAX_CHOICES - 1))
+
+
+def _choices(schema: type[Schema], *, streamed: bool = False) -> fields.Field:
+    return _required(fields.List, fields.Nested(schema),
+                     validate=Length(max=1) if streamed else Length(min=1, max=MAX_CHOICES))
+
+
+class CompletionLogprobsSchema(Schema):
+    """OpenAI's legacy completions ``logprobs`` (``/generate`` and ``/v1/completions``): per
+    token its text, log-probability, the best alternatives with the chosen token, and where it
+    starts in the choice's text."""
+
+    tokens = _required(fields.List, fields.String())
+    token_logprobs = _required(fields.List, fields.Float())
+    top_logprobs = _required(fields.List, fields.Dict(keys=fields.String(), values=fields.Float()))
+    text_offset = _required(fields.List, fields.Integer(validate=Range(min=0)))
+
+
+def _completion_logprobs() -> fields.Field:
+    return fields.Nested(CompletionLogprobsSchema, required=True, allow_none=True)
+
+
+class TopLogprobSchema(Schema):
+    token = _required(fields.String)
+    logprob = _required(fields.Float)
+    bytes = _required(fields.List, fields.Integer(validate=Range(min=0, max=255)), allow_none=True)
+
+
+class ChatTokenLogprobSchema(TopLogprobSchema):
+    top_logprobs = _required(fields.List, fields.Nested(TopLogprobSchema))
+
+
+class ChatLogprobsSchema(Schema):
+    content = _required(fields.List, fields.Nested(ChatTokenLogprobSchema), allow_none=True)
+    refusal = fields.Raw(validate=Equal(None), allow_none=True)
+
+
+def _chat_logprobs() -> fields.Field:
+    return fields.Nested(ChatLogprobsSchema, required=True, allow_none=True)
+
+
 # -- /generate ----------------------------------------------------------------------------------
 
 
 class GenerateChoiceSchema(Schema):
     text = _required(fields.String)
-    index = _required(fields.Integer, validate=OneOf([0]))
-    logprobs = _null()
+    index = _index()
+    logprobs = _completion_logprobs()
     finish_reason = _required(fields.String, validate=OneOf(FINISH_REASONS))
 
 
@@ -71,14 +110,22 @@ class GenerateResponseSchema(Schema):
     object = _const("text_completion")
     created = _required(fields.Integer)
     model = _required(fields.String)
-    choices = _required(fields.List, fields.Nested(GenerateChoiceSchema), validate=Length(equal=1))
+    choices = _choices(GenerateChoiceSchema)
     usage = fields.Nested(UsageSchema, required=True)
 
 
 class GenerateTokenEventSchema(Schema):
-    """``event: token``."""
+    """``event: token``; ``index`` with ``n`` > 1, ``logprobs`` when asked for."""
 
     text = _required(fields.String)
+    index = fields.Integer(validate=Range(min=0, max=MAX_CHOICES - 1))
+    logprobs = fields.Nested(CompletionLogprobsSchema)
+
+
+class ChoiceEndSchema(Schema):
+    index = _index()
+    finish_reason = _required(fields.String, validate=OneOf(FINISH_REASONS))
+    completion_tokens = _required(fields.Integer, validate=Range(min=0))
 
 
 class GenerateDoneEventSchema(Schema):
@@ -86,6 +133,7 @@ class GenerateDoneEventSchema(Schema):
 
     finish_reason = _required(fields.String, validate=OneOf(FINISH_REASONS))
     usage = fields.Nested(UsageSchema, required=True)
+    choices = fields.List(fields.Nested(ChoiceEndSchema), validate=Length(min=2, max=MAX_CHOICES))
 
 
 # -- /v1 ----------------------------------------------------------------------------------------
@@ -105,8 +153,8 @@ class ModelListSchema(Schema):
 
 class CompletionChoiceSchema(Schema):
     text = _required(fields.String)
-    index = _required(fields.Integer, validate=OneOf([0]))
-    logprobs = _null()
+    index = _index()
+    logprobs = _completion_logprobs()
     finish_reason = _required(fields.String, validate=OneOf(OPENAI_FINISH_REASONS))
 
 
@@ -115,14 +163,14 @@ class CompletionResponseSchema(Schema):
     object = _const("text_completion")
     created = _required(fields.Integer)
     model = _required(fields.String)
-    choices = _required(fields.List, fields.Nested(CompletionChoiceSchema), validate=Length(equal=1))
+    choices = _choices(CompletionChoiceSchema)
     usage = fields.Nested(UsageSchema, required=True)
 
 
 class CompletionChunkChoiceSchema(Schema):
     text = _required(fields.String)
-    index = _required(fields.Integer, validate=OneOf([0]))
-    logprobs = _null()
+    index = _index()
+    logprobs = _completion_logprobs()
     finish_reason = _required(fields.String, allow_none=True, validate=OneOf(OPENAI_FINISH_REASONS))
 
 
@@ -134,7 +182,7 @@ class CompletionChunkSchema(Schema):
     object = _const("text_completion")
     created = _required(fields.Integer)
     model = _required(fields.String)
-    choices = _required(fields.List, fields.Nested(CompletionChunkChoiceSchema), validate=Length(max=1))
+    choices = _choices(CompletionChunkChoiceSchema, streamed=True)
     usage = fields.Nested(UsageSchema, allow_none=True)
 
 
@@ -144,9 +192,9 @@ class AssistantMessageSchema(Schema):
 
 
 class ChatChoiceSchema(Schema):
-    index = _required(fields.Integer, validate=OneOf([0]))
+    index = _index()
     message = fields.Nested(AssistantMessageSchema, required=True)
-    logprobs = _null()
+    logprobs = _chat_logprobs()
     finish_reason = _required(fields.String, validate=OneOf(OPENAI_FINISH_REASONS))
 
 
@@ -155,7 +203,7 @@ class ChatCompletionResponseSchema(Schema):
     object = _const("chat.completion")
     created = _required(fields.Integer)
     model = _required(fields.String)
-    choices = _required(fields.List, fields.Nested(ChatChoiceSchema), validate=Length(equal=1))
+    choices = _choices(ChatChoiceSchema)
     usage = fields.Nested(UsageSchema, required=True)
 
 
@@ -167,9 +215,9 @@ class ChatDeltaSchema(Schema):
 
 
 class ChatChunkChoiceSchema(Schema):
-    index = _required(fields.Integer, validate=OneOf([0]))
+    index = _index()
     delta = fields.Nested(ChatDeltaSchema, required=True)
-    logprobs = _null()
+    logprobs = _chat_logprobs()
     finish_reason = _required(fields.String, allow_none=True, validate=OneOf(OPENAI_FINISH_REASONS))
 
 
@@ -180,5 +228,5 @@ class ChatCompletionChunkSchema(Schema):
     object = _const("chat.completion.chunk")
     created = _required(fields.Integer)
     model = _required(fields.String)
-    choices = _required(fields.List, fields.Nested(ChatChunkChoiceSchema), validate=Length(max=1))
+    choices = _choices(ChatChunkChoiceSchema, streamed=True)
     usage = fields.Nested(UsageSchema, allow_none=True)

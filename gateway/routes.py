@@ -11,14 +11,19 @@ import time
 import uuid
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
+
+from trident.contract import GUIDE_REGEX
 
 from .auth import require_api_key
+from .choices import GenerateEvents, completion_logprobs
 from .drain import DRAIN
 from .errors import unavailable
 from .generation import collect, start_generation, stream_response
 from .ratelimit import rate_limited
-from .schemas import load_generate, read_json_object
+from .sse import event_bytes
+from .json_body import read_json_object
+from .schemas import load_generate
 from .state import GatewayState
 
 bp = Blueprint("gateway", __name__)
@@ -51,17 +56,28 @@ def readyz() -> Any:
 def generate() -> Any:
     """The completion as JSON, or with ``"stream": true`` as server-sent events (gateway.sse)."""
     params = load_generate(_state().generate_schema, read_json_object(request))
+    sampling = params.sampling
+    if sampling.guide is not None:  # the llm model's errors name the contract's fields
+        field = "regex" if sampling.guide.type == GUIDE_REGEX else "response_format"
+        g.param_names = {"guided_decoding_guide": field, "guided_decoding_guide_type": field}
     generation, done = start_generation(params)
     if params.stream:
-        return stream_response(generation, done)
-    text, finished = collect(generation, done)
+        plain = sampling.n == 1 and sampling.logprobs is None
+        return stream_response(generation, done,
+                               encode=event_bytes if plain else GenerateEvents(sampling.n, sampling.logprobs is not None))
+    choices, finished = collect(generation, done, sampling.n)
     return jsonify(
         {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": params.model,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finished.finish_reason}],
+            "choices": [
+                {"text": c.text, "index": c.index,
+                 "logprobs": completion_logprobs(c.pieces) if sampling.logprobs is not None else None,
+                 "finish_reason": c.finish_reason}
+                for c in choices
+            ],
             "usage": finished.usage,
         }
     )

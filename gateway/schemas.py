@@ -9,17 +9,17 @@ contract's fields, becomes the 400 (unknown fields first).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flask import Request
-from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validates, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, post_load, validates, validates_schema
 from marshmallow.validate import Range
 
 from trident.contract import (
     INT32_MAX,
-    MAX_JSON_DEPTH,
+    MAX_CHOICES,
+    MAX_PENALTY,
+    MAX_TOP_LOGPROBS,
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
     UINT64_MAX,
@@ -30,89 +30,16 @@ from trident.contract import (
     prompt_chars_error,
 )
 
+from .control_fields import LogitBias, Regex, ResponseFormat, guide_of
 from .errors import ClientError
-
-FLOAT32_MAX = 3.4028234663852886e38
-
-
-def describe(value: Any) -> str:
-    """A JSON value, shortly, for messages such as ``got string "3"``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {'true' if value else 'false'}"
-    if isinstance(value, (int, float)):
-        text = repr(value)
-        text = text if len(text) <= 40 else text[:37] + "..."
-        return f"integer {text}" if isinstance(value, int) else f"number {text}"
-    if isinstance(value, str):
-        text = json.dumps(value[:40], ensure_ascii=False)
-        return f"string {text}" if len(value) <= 40 else f"string {text[:-1]}...\""
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-class _StrictField(fields.Field):
-    """A field that accepts one JSON type and says which one it wanted."""
-
-    expected = "a value"
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_none", True)
-        super().__init__(**kwargs)
-
-    @property
-    def public_name(self) -> str:
-        return self.data_key or self.name or "value"
-
-    def fail_type(self, value: Any) -> ValidationError:
-        return ValidationError(f"{self.public_name} must be {self.expected}, got {describe(value)}")
-
-    def accepts(self, value: Any) -> bool:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        if not self.accepts(value):
-            raise self.fail_type(value)
-        return value
-
-
-class StrictString(_StrictField):
-    expected = "a string"
-
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, str)
-
-
-class StrictInteger(_StrictField):
-    expected = "an integer"
-
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-
-class StrictNumber(_StrictField):
-    """A JSON number (integer or not) that fits the FP32 tensor it becomes."""
-
-    expected = "a number"
-
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        value = super()._deserialize(value, attr, data, **kwargs)
-        if abs(value) > FLOAT32_MAX:
-            raise ValidationError(f"{self.public_name} is too large for a 32-bit float, got {describe(value)}")
-        return value
-
-
-class StrictBoolean(_StrictField):
-    expected = "a boolean (true or false)"
-
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, bool)
-
+from .fields import (  # noqa: F401 (re-exported: the schemas' field types)
+    StrictBoolean,
+    StrictInteger,
+    StrictNumber,
+    StrictString,
+    _StrictField,
+    describe,
+)
 
 def non_empty_strings(value: list, *, name: str, max_items: int, max_chars: int = MAX_STOP_CHARS) -> tuple[str, ...]:
     """A list of at most ``max_items`` non-empty strings of at most ``max_chars`` characters
@@ -150,6 +77,11 @@ def reject_conflicting_alias(data: Mapping[str, Any], name: str, alias: str, mes
 
 def _range(message: str, **kwargs: Any) -> Range:
     return Range(error=message, **kwargs)
+
+
+def _penalty(name: str) -> Range:
+    return _range(f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got {{input}}",
+                  min=-MAX_PENALTY, max=MAX_PENALTY)
 
 
 class StrictSchema(Schema):
@@ -268,6 +200,19 @@ class GenerateSchema(ModelSchema):
     seed = StrictInteger(validate=_range("seed must be between {min} and {max}, got {input}", min=0, max=UINT64_MAX))
     # Older alias of max_new_tokens (TGI / early HF pipelines); see validate_max_length_alias.
     max_length = StrictInteger()
+    # Output controls (docs/api.md); the fields are gateway.control_fields' and OpenAI's.
+    n = StrictInteger(validate=_range("n must be between {min} and {max}, got {input}", min=1, max=MAX_CHOICES))
+    logprobs = StrictInteger(
+        validate=_range("logprobs must be between {min} and {max}, got {input}", min=0, max=MAX_TOP_LOGPROBS)
+    )
+    presence_penalty = StrictNumber(validate=_penalty("presence_penalty"))
+    frequency_penalty = StrictNumber(validate=_penalty("frequency_penalty"))
+    min_tokens = StrictInteger(validate=_range("min_tokens must be between {min} and {max}, got {input}",
+                                               min=0, max=INT32_MAX))
+    min_p = StrictNumber(validate=_range("min_p must be between {min} and {max}, got {input}", min=0, max=1))
+    logit_bias = LogitBias()
+    response_format = ResponseFormat()
+    regex = Regex()
 
     @validates("prompt")
     def validate_prompt(self, value: str, data_key: str) -> None:
@@ -288,17 +233,34 @@ class GenerateSchema(ModelSchema):
         self.check_prompt_length(data["prompt"], model, "prompt")
         if data.get("max_new_tokens") is None:
             data["max_new_tokens"] = data.get("max_length")
+        data["guide"] = guide_of(data)
         return TextRequest(prompt=data["prompt"], sampling=sampling_params(data), stream=bool(data.get("stream")),
                            model=model)
+
+    @validates_schema
+    def validate_min_tokens(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        check_min_tokens(data, data.get("max_new_tokens") or data.get("max_length"))
+
+
+def check_min_tokens(data: Mapping[str, Any], max_tokens: int | None, name: str = "max_new_tokens") -> None:
+    min_tokens = data.get("min_tokens")
+    limit = max_tokens if max_tokens is not None else SamplingParams.max_new_tokens
+    if isinstance(min_tokens, int) and isinstance(limit, int) and min_tokens > limit:
+        raise ValidationError(f"min_tokens ({min_tokens}) must be at most {name} ({limit})", field_name="min_tokens")
+
+
+#: SamplingParams fields a request sets under the same name
+_SAME_NAME = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "n", "min_tokens",
+              "presence_penalty", "frequency_penalty", "min_p", "logit_bias", "logprobs", "guide")
+_FLOATS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 
 
 def sampling_params(data: Mapping[str, Any], **renamed: str) -> SamplingParams:
     """SamplingParams from validated fields; absent or null ones keep the contract's defaults.
     ``renamed`` maps a SamplingParams field to the request's name for it (``stop="stop"``)."""
-    names = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-             "repetition_penalty": "repetition_penalty", "stop": "stop_sequences", "seed": "seed", **renamed}
+    names = {**{name: name for name in _SAME_NAME}, "stop": "stop_sequences", **renamed}
     values = {field: data.get(key) for field, key in names.items() if data.get(key) is not None}
-    for name in ("temperature", "top_p", "repetition_penalty"):
+    for name in _FLOATS:
         if name in values:
             values[name] = float(values[name])
     return SamplingParams(**values)
@@ -310,86 +272,6 @@ def _first_message(messages: Any) -> str:
             return "invalid request"
         messages = messages[0] if isinstance(messages, list) else next(iter(messages.values()))
     return str(messages)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def read_json_object(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 (413 comes from werkzeug's body limit)."""
-    if not request.is_json:
-        got = request.headers.get("Content-Type")
-        raise ClientError(f"Content-Type must be application/json, got {got!r}" if got else
-                          "Content-Type must be application/json")
-    raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
-    depth = json_depth(raw)
-    if depth > MAX_JSON_DEPTH:
-        raise ClientError(f"Request body is nested {depth} levels deep; at most {MAX_JSON_DEPTH} are allowed")
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise ClientError(f"Request body is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ClientError(f"Request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ClientError(f"Request body must be a JSON object, got {describe(body).split(' ')[0]}")
-    bad = unencodable_path(body)
-    if bad is not None:
-        raise ClientError(f"{bad} is not valid Unicode text: it holds a lone surrogate (such as \\ud800); "
-                          "send UTF-8 text", param=bad.split("[")[0].split(".")[0] or None)
-    return body
-
-
-def json_depth(raw: bytes) -> int:
-    """How deeply arrays and objects nest in a JSON text, counted without parsing it (brackets
-    inside strings skipped), so a deep body never reaches the parser's recursion."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > MAX_JSON_DEPTH:
-                    return deepest
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
-
-
-def unencodable_path(value: Any, path: str = "") -> str | None:
-    """The path (``messages[1].content``) of the first string, key included, that is not valid
-    Unicode (a lone surrogate from a ``\\ud800`` escape), or None. Depth is bounded already."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or "the request body"
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            name = f"{path}.{key}" if path else str(key)
-            if unencodable_path(key, name) is not None:
-                return name.encode("utf-8", "backslashreplace").decode("ascii")
-            found = unencodable_path(item, name)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = unencodable_path(item, f"{path}[{i}]")
-            if found is not None:
-                return found
-    return None
 
 
 def load_generate(schema: GenerateSchema, body: dict[str, Any]) -> TextRequest:

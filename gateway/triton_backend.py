@@ -31,7 +31,7 @@ from tritonclient.grpc import service_pb2
 
 from trident.contract import ModelLimits, TextRequest, llm_inputs
 
-from .backend import ADMITTED, Admitted, Event, Finished, TextDelta
+from .backend import ADMITTED, Admitted, ChoiceEnd, Event, Finished, TextDelta
 from .errors import ApiError, internal_error, timeout_error, unavailable
 from .triton_codec import StreamResponse, build_infer_request, parse_stream_response, tagged_error
 from .triton_relay import Relay, RelayCall
@@ -92,7 +92,8 @@ class TritonGeneration:
         self._retry_after = retry_after
         self._timeout = timeout
         self._closed = False
-        self._finished: Finished | None = None
+        self._ends: dict[int, ChoiceEnd] = {}  # each choice's last response
+        self._prompt_tokens = 0
         self._ended = False
         self._pending_error: ApiError | None = None
 
@@ -113,18 +114,19 @@ class TritonGeneration:
                 if item.admitted:
                     events.append(Admitted(item.server) if item.server else ADMITTED)
                     continue
-                if item.text:
-                    events.append(TextDelta(item.text))
+                if item.text or item.logprobs is not None and item.logprobs.tokens:
+                    events.append(TextDelta(item.text, item.index, item.logprobs))
                 if item.finished is not None:
-                    self._finished = item.finished
+                    self._ends[item.finished.index] = item.finished
+                    self._prompt_tokens = item.prompt_tokens
             elif item is None:  # the call ended
                 self._ended = True
                 if self._closed:
                     return events
-                if self._finished is None:
+                if not self._ends:
                     log.error("Triton stream ended without finish_reason", extra=self._log_extra)
                     raise internal_error(self._request_id)
-                events.append(self._finished)
+                events.append(self._finished())
             else:
                 self._ended = True
                 if self._closed:
@@ -136,6 +138,12 @@ class TritonGeneration:
         if not events and not self._ended:
             return self.next_events(timeout)  # only the empty final response: wait for the end
         return events
+
+    def _finished(self) -> Finished:
+        ends = tuple(self._ends[i] for i in sorted(self._ends))
+        return Finished(finish_reason=ends[0].finish_reason, prompt_tokens=self._prompt_tokens,
+                        completion_tokens=sum(end.completion_tokens for end in ends),
+                        choices=ends if len(ends) > 1 or ends[0].cum_logprob is not None else ())
 
     def __iter__(self) -> Iterator[Event]:
         while True:

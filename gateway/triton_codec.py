@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tritonclient.grpc import service_pb2
 
 from trident.contract import ADMISSION_PARAMETER, INVALID_REQUEST, SERVER_ERROR, llm_inputs, parse_error
 
-from .backend import Finished
+from .backend import ChoiceEnd, TokenLogprobs
 from .errors import ApiError, ClientError, internal_error, unavailable
 
 __all__ = ["build_infer_request", "llm_inputs", "parse_stream_response", "serialize", "tagged_error"]
@@ -73,10 +74,13 @@ class StreamResponse:
     """One parsed ``ModelStreamInferResponse`` of "llm"."""
 
     text: str  # "" when the response holds no text_output
-    finished: Finished | None  # set on the response that carries finish_reason and the counts
+    finished: ChoiceEnd | None  # on a choice's last response: its finish_reason and counts
     final: bool  # the triton_final_response flag
     admitted: bool = False  # the admission response (non-final, no text)
     server: str | None = None  # which Triton took the request (on the admission)
+    index: int = 0  # the choice (sequence_index)
+    logprobs: TokenLogprobs | None = None  # the tokens of ``text``, when asked for
+    prompt_tokens: int = 0  # with ``finished``
 
 
 _SCALAR_FORMATS = {"INT32": "<i", "INT64": "<q", "UINT64": "<Q"}
@@ -110,17 +114,23 @@ def parse_stream_response(
     if len(infer.raw_output_contents) != len(infer.outputs):
         raise ValueError("Triton response without raw_output_contents for every output")
     values: dict[str, bytes | int] = {}
+    arrays: dict[str, tuple[Any, list[int], bytes]] = {}
     for tensor, raw in zip(infer.outputs, infer.raw_output_contents, strict=True):
-        if raw:  # an empty tensor holds no element
+        if tensor.name in _ARRAY_OUTPUTS:  # logprobs: whole tensors, only when asked for
+            arrays[tensor.name] = (tensor.datatype, list(tensor.shape), raw)
+        elif raw:  # an empty tensor holds no element
             values[tensor.name] = _first_element(tensor.datatype, raw)
+    index = int(values.get("sequence_index", 0))
     finished = None
     if "finish_reason" in values:
         if "prompt_tokens" not in values or "completion_tokens" not in values:
             raise ValueError("Triton response with finish_reason but without token counts")
-        finished = Finished(
+        cum = arrays.get("cum_log_probs")
+        finished = ChoiceEnd(
+            index=index,
             finish_reason=bytes(values["finish_reason"]).decode("utf-8"),
-            prompt_tokens=int(values["prompt_tokens"]),
             completion_tokens=int(values["completion_tokens"]),
+            cum_logprob=float(_array(*cum)[0]) if cum is not None and cum[2] else None,
         )
     text = values.get("text_output", b"")
     return StreamResponse(
@@ -129,7 +139,47 @@ def parse_stream_response(
         final=bool(final),
         admitted=not final and "text_output" not in values and finished is None,
         server=bytes(values["server"]).decode("utf-8", "replace") if "server" in values else None,
+        index=index,
+        logprobs=_token_logprobs(arrays) if "output_log_probs" in arrays else None,
+        prompt_tokens=int(values.get("prompt_tokens", 0)),
     )
+
+
+_ARRAY_OUTPUTS = frozenset(("output_token_texts", "output_token_ids", "output_log_probs", "top_log_prob_texts",
+                            "top_log_probs", "cum_log_probs"))
+_NUMPY = {"INT32": "<i4", "FP32": "<f4"}
+
+
+def _array(datatype: str, shape: list[int], raw: bytes) -> list[Any]:
+    """A whole output tensor, flattened: strings for BYTES, numbers otherwise."""
+    if datatype == "BYTES":
+        out, offset = [], 0
+        while offset < len(raw):
+            (length,) = struct.unpack_from("<I", raw, offset)
+            out.append(raw[offset + 4:offset + 4 + length].decode("utf-8", "replace"))
+            offset += 4 + length
+        return out
+    if datatype not in _NUMPY:
+        raise ValueError(f"unexpected output datatype {datatype}")
+    return np.frombuffer(raw, dtype=_NUMPY[datatype]).tolist()
+
+
+def _token_logprobs(arrays: dict[str, tuple[Any, list[int], bytes]]) -> TokenLogprobs:
+    logprobs = _array(*arrays["output_log_probs"])
+    n = len(logprobs)
+    texts = _array(*arrays["output_token_texts"]) if "output_token_texts" in arrays else [""] * n
+    ids = _array(*arrays["output_token_ids"]) if "output_token_ids" in arrays else [0] * n
+    if len(texts) != n or len(ids) != n:
+        raise ValueError("Triton response with token texts, ids and logprobs of different lengths")
+    top = None
+    if "top_log_probs" in arrays and "top_log_prob_texts" in arrays:
+        values, alternatives = _array(*arrays["top_log_probs"]), _array(*arrays["top_log_prob_texts"])
+        k = arrays["top_log_probs"][1][-1] if n else 0
+        if len(values) != n * k or len(alternatives) != n * k:
+            raise ValueError("Triton response with top log-probabilities of the wrong shape")
+        top = tuple(tuple((alternatives[i * k + j], values[i * k + j]) for j in range(k)
+                          if values[i * k + j] != float("-inf")) for i in range(n))
+    return TokenLogprobs(tuple(texts), tuple(int(i) for i in ids), tuple(logprobs), top)
 
 
 _NOT_LOADED = ("Request for unknown model", "is not ready", "has no available versions")

@@ -106,8 +106,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
     return predicate()
 
 
-def stream_response(*, text=None, finish=None, final=False, error=""):
-    """A ModelStreamInferResponse as Triton would send it for model "llm"."""
+def stream_response(*, text=None, finish=None, final=False, error="", arrays=None):
+    """A ModelStreamInferResponse as Triton would send it for model "llm" (``arrays``: more
+    output tensors, e.g. trident.llm_service.output_tensors')."""
     response = service_pb2.ModelStreamInferResponse(error_message=error)
     infer = response.infer_response
     infer.model_name = "llm"
@@ -121,6 +122,7 @@ def stream_response(*, text=None, finish=None, final=False, error=""):
         outputs["finish_reason"] = np.array([[reason.encode()]], dtype=np.object_)
         outputs["prompt_tokens"] = np.array([[prompt_tokens]], dtype=np.int32)
         outputs["completion_tokens"] = np.array([[completion_tokens]], dtype=np.int32)
+    outputs.update(arrays or {})
     for name, array in outputs.items():
         datatype, raw = serialize(array)
         tensor = infer.outputs.add(name=name, datatype=datatype)

@@ -91,7 +91,7 @@ def test_an_assistant_message_from_a_response_can_be_sent_back(app_backend):
     ("call", "exception", "status"),
     [
         (lambda c: c.chat.completions.create(model=MODEL, messages=[]), openai.BadRequestError, 400),
-        (lambda c: c.completions.create(model=MODEL, prompt="x", n=2), openai.BadRequestError, 400),
+        (lambda c: c.completions.create(model=MODEL, prompt="x", n=17), openai.BadRequestError, 400),
         (lambda c: c.completions.create(model=MODEL, prompt="x", extra_body={"foo": 1}), openai.BadRequestError, 400),
         (lambda c: c.completions.create(model="gpt-4", prompt="x"), openai.NotFoundError, 404),
         (lambda c: c.models.retrieve("gpt-4"), openai.NotFoundError, 404),

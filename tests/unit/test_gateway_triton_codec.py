@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gateway_fakes import stream_response
 
-from gateway.backend import Finished
+from gateway.backend import ChoiceEnd
 from gateway.errors import ClientError, ServerError
 from gateway_fakes import deserialize
 
@@ -117,7 +117,7 @@ def test_parse_text_delta():
 def test_parse_final_response_with_outputs():
     parsed = parse(stream_response(text=".", finish=("eos_token", 13, 3), final=True))
     assert parsed.text == "." and parsed.final is True
-    assert parsed.finished == Finished("eos_token", prompt_tokens=13, completion_tokens=3)
+    assert parsed.finished == ChoiceEnd(0, "eos_token", completion_tokens=3) and parsed.prompt_tokens == 13
 
 
 def test_parse_empty_final_response():
@@ -178,3 +178,23 @@ def test_error_message_mapping(message, cls, status, type_, param, text):
     assert (error.headers.get("Retry-After") == "5") == (status == 503)
     direct = model_error(message, request_id="rid-9", retry_after=5)
     assert direct.to_dict() == error.to_dict()
+
+
+def test_the_llm_models_logprob_outputs_parse_back():
+    """trident.llm_service.output_tensors (what the llm model sends) read by the gateway."""
+    from trident.contract import SamplingParams, TextRequest
+    from trident.generation import TextGeneration, TokenLogprob
+    from trident.llm_service import output_tensors
+
+    tokens = [TokenLogprob("He", 5, -0.5, (("He", -0.5), ("A", -1.5))), TokenLogprob("llo ✓", 6, -0.25, (("llo ✓", -0.25),))]
+    gen = TextGeneration(None, TextRequest(prompt="p", sampling=SamplingParams(logprobs=2, n=2)), prompt_tokens=3,
+                         index=1, token_text=str)
+    gen.finish_reason, gen.completion_tokens, gen.cum_logprob = "length", 2, -0.75
+    parsed = parse(stream_response(arrays=output_tensors("Hello ✓", index=1, tokens=tokens, gen=gen, n=2), final=True))
+    assert (parsed.index, parsed.text, parsed.prompt_tokens) == (1, "Hello ✓", 3)
+    assert parsed.logprobs.tokens == ("He", "llo ✓") and parsed.logprobs.token_ids == (5, 6)
+    assert parsed.logprobs.logprobs == (-0.5, -0.25)
+    assert parsed.logprobs.top == ((("He", -0.5), ("A", -1.5)), (("llo ✓", -0.25),))
+    assert parsed.finished == ChoiceEnd(1, "length", 2, -0.75)
+    plain = parse(stream_response(arrays=output_tensors("x", tokens=[TokenLogprob("x", 1, -1.0)])))
+    assert plain.logprobs.top is None and plain.finished is None and plain.index == 0

@@ -1,0 +1,150 @@
+"""Choices and their log-probabilities in the shapes clients read (issue 15), shared by
+``/generate`` (gateway.routes, gateway.generate_events) and ``/v1/*`` (gateway.openai_replies).
+
+A generation with ``n`` > 1 yields text deltas tagged with their choice's ``index``; with
+``logprobs`` each delta carries its tokens (gateway.backend.TokenLogprobs), whose texts
+concatenate to the delta's text, so the offsets below line up with the returned text, held-back
+stop sequences included.
+
+Shapes:
+
+* completions (``/generate``, ``/v1/completions``): OpenAI's legacy object ``{"tokens": [...],
+  "token_logprobs": [...], "top_logprobs": [{token: logprob}, ...], "text_offset": [...]}``;
+  ``top_logprobs[i]`` holds the ``k`` best alternatives and, as OpenAI's does, the chosen token
+  (so ``logprobs: 0`` gives the chosen token alone); ``text_offset`` counts characters from the
+  start of the choice's generated text.
+* chat (``/v1/chat/completions``): ``{"content": [{"token", "logprob", "bytes", "top_logprobs":
+  [{"token", "logprob", "bytes"}, ...]}], "refusal": null}``, ``top_logprobs`` the ``k`` best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backend import ChoiceEnd, Event, Finished, TextDelta, TokenLogprobs
+from .sse import sse_event
+
+
+@dataclass(slots=True)
+class Choice:
+    """One choice of a finished, non-streaming generation."""
+
+    index: int
+    parts: list[str] = field(default_factory=list)
+    pieces: list[TokenLogprobs] = field(default_factory=list)
+    end: ChoiceEnd | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def finish_reason(self) -> str:
+        return self.end.finish_reason if self.end is not None else "length"
+
+
+def gather(events: Iterable[Event], n: int) -> tuple[list[Choice], Finished | None]:
+    """Every choice's text and tokens from a generation's events, and its final event."""
+    choices = [Choice(i) for i in range(n)]
+    finished = None
+    for event in events:
+        if isinstance(event, TextDelta):
+            choice = choices[event.index] if event.index < n else None
+            if choice is None:
+                raise ValueError(f"a text delta of choice {event.index}, but the request asked for {n}")
+            choice.parts.append(event.text)
+            if event.logprobs is not None:
+                choice.pieces.append(event.logprobs)
+        elif isinstance(event, Finished):
+            finished = event
+    if finished is not None:
+        for end in finished.ends:
+            if end.index < n:
+                choices[end.index].end = end
+    return choices, finished
+
+
+class TextOffsets:
+    """Where the next token of each choice starts in its text (streams send a piece at a time)."""
+
+    def __init__(self) -> None:
+        self._next: dict[int, int] = {}
+
+    def take(self, index: int, tokens: tuple[str, ...]) -> list[int]:
+        start = self._next.get(index, 0)
+        out = []
+        for token in tokens:
+            out.append(start)
+            start += len(token)
+        self._next[index] = start
+        return out
+
+
+def completion_logprobs(pieces: Iterable[TokenLogprobs], offsets: list[int] | None = None,
+                        start: int = 0) -> dict[str, Any]:
+    """OpenAI's legacy completions ``logprobs`` object of the given pieces (one choice's, in
+    order). ``offsets``: the tokens' text offsets when the caller tracks them (streams), else
+    they count from ``start``."""
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top: list[dict[str, float]] = []
+    for piece in pieces:
+        tokens.extend(piece.tokens)
+        token_logprobs.extend(piece.logprobs)
+        for i, (token, logprob) in enumerate(zip(piece.tokens, piece.logprobs)):
+            best = dict(piece.top[i]) if piece.top is not None else {}
+            best.setdefault(token, logprob)  # the chosen token is always there, as OpenAI's
+            top.append(best)
+    if offsets is None:
+        offsets = []
+        for token in tokens:
+            offsets.append(start)
+            start += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(pieces: Iterable[TokenLogprobs]) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs`` object of the given pieces."""
+    content = []
+    for piece in pieces:
+        for i, (token, logprob) in enumerate(zip(piece.tokens, piece.logprobs)):
+            alternatives = piece.top[i] if piece.top is not None else ()
+            content.append({
+                "token": token, "logprob": logprob, "bytes": _utf8(token),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": _utf8(t)} for t, lp in alternatives],
+            })
+    return {"content": content, "refusal": None}
+
+
+class GenerateEvents:
+    """``/generate``'s SSE encoder when a request has several choices or logprobs (a plain one
+    keeps gateway.sse.event_bytes): a ``token`` event names its choice (``index``, with ``n`` >
+    1) and carries its tokens' ``logprobs`` (the completions shape, offsets running over the
+    choice's text); ``done`` also says how each choice ended (``choices``, with ``n`` > 1)."""
+
+    def __init__(self, n: int, logprobs: bool) -> None:
+        self.n = n
+        self.logprobs = logprobs
+        self.offsets = TextOffsets()
+
+    def __call__(self, event: Event) -> bytes:
+        if isinstance(event, TextDelta):
+            data: dict[str, Any] = {"text": event.text}
+            if self.n > 1:
+                data["index"] = event.index
+            if self.logprobs:
+                pieces = [event.logprobs] if event.logprobs is not None else []
+                offsets = self.offsets.take(event.index, event.logprobs.tokens) if pieces else []
+                data["logprobs"] = completion_logprobs(pieces, offsets)
+            return sse_event("token", data)
+        data = {"finish_reason": event.finish_reason, "usage": event.usage}
+        if self.n > 1:
+            data["choices"] = [{"index": end.index, "finish_reason": end.finish_reason,
+                                "completion_tokens": end.completion_tokens} for end in event.ends]
+        return sse_event("done", data)

@@ -1,0 +1,148 @@
+"""Fields of the output controls (issue 15), shared by ``/generate`` and ``/v1/*``: ``logit_bias``,
+``response_format`` (and ``/generate``'s ``regex``), with their limits from trident.contract.
+
+``response_format`` is OpenAI's: ``{"type": "text"}`` (the default), ``{"type": "json_object"}``
+(any JSON object) or ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...},
+"strict": ..., "description": ...}}``; it loads a :class:`trident.contract.Guide` (or None for
+text), which the llm model compiles with XGrammar: a schema it cannot take is a 400 naming
+``response_format``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from marshmallow import ValidationError
+
+from trident.contract import (
+    GUIDE_JSON_SCHEMA,
+    GUIDE_REGEX,
+    JSON_OBJECT_SCHEMA,
+    MAX_BIAS,
+    MAX_GUIDE_CHARS,
+    MAX_LOGIT_BIAS,
+    Guide,
+)
+
+from .fields import _StrictField, describe
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+class LogitBias(_StrictField):
+    """OpenAI's ``logit_bias``: token id (a decimal string, as JSON keys are) -> a number between
+    -100 and 100 added to that token's logit; loads ((id, bias), ...). The ids are checked
+    against the model's vocabulary by the llm model."""
+
+    expected = "an object mapping token ids to numbers"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, dict)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[tuple[int, float], ...]:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        name = self.public_name
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValidationError(f"{name} must have at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+        out = []
+        for key, bias in value.items():
+            if not (key.isascii() and key.isdigit()) or len(key) > 10:
+                raise ValidationError(f"{name}: keys must be token ids (non-negative integers), got {describe(key)}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+                raise ValidationError(f"{name}[{key}] must be a number, got {describe(bias)}")
+            if not -MAX_BIAS <= bias <= MAX_BIAS:
+                raise ValidationError(f"{name}[{key}] must be between -{MAX_BIAS:g} and {MAX_BIAS:g}, got {bias}")
+            out.append((int(key), float(bias)))
+        return tuple(out)
+
+
+class ResponseFormat(_StrictField):
+    """OpenAI's ``response_format``; loads a Guide, or None for plain text."""
+
+    expected = "an object"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, dict)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Guide | None:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        name = self.public_name
+        kind = value.get("type")
+        if kind not in RESPONSE_FORMATS:
+            raise ValidationError(f"{name}.type must be one of {', '.join(RESPONSE_FORMATS)}, got {describe(kind)}")
+        allowed = {"type", "json_schema"} if kind == "json_schema" else {"type"}
+        unknown = [key for key in value if key not in allowed]
+        if unknown:
+            raise ValidationError(f"{name} has an unrecognized field: {unknown[0]}")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Guide(GUIDE_JSON_SCHEMA, JSON_OBJECT_SCHEMA)
+        return Guide(GUIDE_JSON_SCHEMA, _schema_text(value.get("json_schema"), f"{name}.json_schema"))
+
+
+def _schema_text(spec: Any, path: str) -> str:
+    if not isinstance(spec, Mapping):
+        raise ValidationError(f"{path} must be an object with the schema, got {describe(spec)}")
+    unknown = [key for key in spec if key not in ("name", "schema", "strict", "description")]
+    if unknown:
+        raise ValidationError(f"{path} has an unrecognized field: {unknown[0]}")
+    for key, kind in (("name", str), ("description", str), ("strict", bool)):
+        if spec.get(key) is not None and not isinstance(spec[key], kind):
+            raise ValidationError(f"{path}.{key} must be a {'boolean' if kind is bool else 'string'}, "
+                                  f"got {describe(spec[key])}")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise ValidationError(f"{path}.schema must be a JSON schema (an object), got {describe(schema)}")
+    text = json.dumps(schema, ensure_ascii=False)
+    if len(text) > MAX_GUIDE_CHARS:
+        raise ValidationError(f"{path}.schema must be at most {MAX_GUIDE_CHARS} characters as JSON, got {len(text)}")
+    return text
+
+
+class Regex(_StrictField):
+    """``/generate``'s ``regex`` (an extension, as vLLM's ``guided_regex``): the output matches it."""
+
+    expected = "a string"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Guide:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if not value:
+            raise ValidationError(f"{self.public_name} must be a non-empty string")
+        if len(value) > MAX_GUIDE_CHARS:
+            raise ValidationError(f"{self.public_name} must be at most {MAX_GUIDE_CHARS} characters, got {len(value)}")
+        return Guide(GUIDE_REGEX, value)
+
+
+def guide_of(data: Mapping[str, Any]) -> Guide | None:
+    """The request's guide: ``response_format`` or ``regex`` (400 when both constrain)."""
+    fmt, regex = data.get("response_format"), data.get("regex")
+    if fmt is not None and regex is not None:
+        raise ValidationError("give either regex or a JSON response_format, not both", field_name="regex")
+    return fmt or regex
+
+
+#: OpenAPI properties of these fields (gateway.openapi)
+def openapi_properties(field: Any) -> dict[str, Any] | None:
+    nullable = ["null"] if field.allow_none else []
+    if isinstance(field, LogitBias):
+        return {"type": ["object", *nullable], "maxProperties": MAX_LOGIT_BIAS,
+                "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+                "additionalProperties": {"type": "number", "minimum": -MAX_BIAS, "maximum": MAX_BIAS}}
+    if isinstance(field, ResponseFormat):
+        simple = {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}},
+                  "required": ["type"], "additionalProperties": False}
+        spec = {"type": "object", "properties": {"name": {"type": ["string", "null"]}, "description": {"type": ["string", "null"]},
+                                                 "strict": {"type": ["boolean", "null"]}, "schema": {"type": "object"}},
+                "required": ["schema"], "additionalProperties": False}
+        schema = {"type": "object", "properties": {"type": {"enum": ["json_schema"]}, "json_schema": spec},
+                  "required": ["type", "json_schema"], "additionalProperties": False}
+        return {"anyOf": [simple, schema]}
+    if isinstance(field, Regex):
+        return {"type": ["string", *nullable], "minLength": 1, "maxLength": MAX_GUIDE_CHARS}
+    return None

@@ -1,0 +1,200 @@
+"""Output controls through the gateway (issue 15), in-process with a fake backend: what each
+route sends to the backend (SamplingParams), the shapes of choices and logprobs (JSON and SSE,
+/generate and /v1), best_of, and errors naming each endpoint's own fields. The real stack is
+tested in tests/e2e/test_output_controls.py."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from gateway_fakes import FakeBackend
+from openai_fixtures import AUTH, MODEL, make_openai_app, sse_data
+from test_gateway_openai_client import Client
+
+from gateway.backend import ChoiceEnd, Finished, TextDelta, TokenLogprobs
+from gateway.errors import ClientError
+from trident.contract import GUIDE_JSON_SCHEMA, GUIDE_REGEX, JSON_OBJECT_SCHEMA, Guide
+
+
+def piece(*tokens: tuple[str, float], top: int = 0) -> TokenLogprobs:
+    """The tokens of one delta; with ``top``, alternatives: the token itself then "alt<i>"."""
+    alternatives = None
+    if top:
+        alternatives = tuple(((t, lp), *((f"alt{i}", lp - 1 - i) for i in range(top - 1))) for t, lp in tokens)
+    return TokenLogprobs(tuple(t for t, _ in tokens), tuple(range(len(tokens))), tuple(lp for _, lp in tokens),
+                         alternatives)
+
+
+def two_choices(params):
+    """Choice 0 "Hello!" (two deltas), choice 1 "Hi" (one); choice 1 ends first, on a stop."""
+    k = params.sampling.logprobs
+    lp = (lambda *t: piece(*t, top=k)) if k is not None else (lambda *t: None)
+    steps = [
+        TextDelta("Hel", 0, lp(("H", -0.5), ("el", -0.25))),
+        TextDelta("Hi", 1, lp(("Hi", -2.0))),
+        TextDelta("lo!", 0, lp(("lo", -0.125), ("!", -1.0))),
+    ]
+    cum = (lambda v: v) if k is not None else (lambda v: None)
+    ends = (ChoiceEnd(0, "eos_token", 4, cum(-1.875)), ChoiceEnd(1, "stop_sequence", 1, cum(-2.0)))
+    if params.sampling.n == 1:
+        steps, ends = [steps[0], steps[2]], ends[:1] if k is not None else ()
+    tokens = sum(end.completion_tokens for end in ends) if ends else 4
+    return [*steps, Finished("eos_token", prompt_tokens=3, completion_tokens=tokens, choices=ends)]
+
+
+@pytest.fixture
+def app_backend(tmp_path):
+    return make_openai_app(tmp_path, backend=FakeBackend(script=two_choices))
+
+
+@pytest.fixture
+def client(app_backend):
+    return app_backend[0].test_client()
+
+
+def generate(client, **body):
+    return client.post("/generate", json={"prompt": "Hi", **body}, headers=AUTH)
+
+
+def test_generate_fields_reach_the_backend_as_sampling_params(client, app_backend):
+    backend = app_backend[1]
+    body = dict(n=2, logprobs=3, presence_penalty=0.5, frequency_penalty=-1, min_tokens=2, min_p=0.1,
+                logit_bias={"7": -100, "42": 2.5}, response_format={"type": "json_object"})
+    assert generate(client, **body).status_code == 200
+    sampling = backend.last_params.sampling
+    assert (sampling.n, sampling.logprobs, sampling.presence_penalty, sampling.frequency_penalty) == (2, 3, 0.5, -1.0)
+    assert (sampling.min_tokens, sampling.min_p, sampling.logit_bias) == (2, pytest.approx(0.1), ((7, -100.0), (42, 2.5)))
+    assert sampling.guide == Guide(GUIDE_JSON_SCHEMA, JSON_OBJECT_SCHEMA)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    assert generate(client, response_format=fmt).status_code == 200
+    assert json.loads(backend.last_params.sampling.guide.text) == schema
+    assert generate(client, regex="[0-9]+").status_code == 200
+    assert backend.last_params.sampling.guide == Guide(GUIDE_REGEX, "[0-9]+")
+    assert generate(client, response_format={"type": "text"}).status_code == 200
+    assert backend.last_params.sampling.guide is None
+
+
+def test_generate_json_has_every_choice_with_completions_logprobs(client):
+    body = generate(client, n=2, logprobs=2).get_json()
+    first, second = body["choices"]
+    assert (first["text"], first["index"], first["finish_reason"]) == ("Hello!", 0, "eos_token")
+    assert (second["text"], second["index"], second["finish_reason"]) == ("Hi", 1, "stop_sequence")
+    assert first["logprobs"] == {
+        "tokens": ["H", "el", "lo", "!"], "token_logprobs": [-0.5, -0.25, -0.125, -1.0],
+        "top_logprobs": [{"H": -0.5, "alt0": -1.5}, {"el": -0.25, "alt0": -1.25}, {"lo": -0.125, "alt0": -1.125},
+                         {"!": -1.0, "alt0": -2.0}],
+        "text_offset": [0, 1, 3, 5],
+    }
+    assert "".join(first["logprobs"]["tokens"]) == first["text"]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    plain = generate(client).get_json()["choices"]
+    assert len(plain) == 1 and plain[0]["logprobs"] is None
+
+
+def test_generate_logprobs_zero_gives_the_chosen_token_only(client):
+    logprobs = generate(client, logprobs=0).get_json()["choices"][0]["logprobs"]
+    assert logprobs["top_logprobs"] == [{"H": -0.5}, {"el": -0.25}, {"lo": -0.125}, {"!": -1.0}]
+
+
+def test_generate_stream_names_choices_and_carries_logprobs(client):
+    response = generate(client, n=2, logprobs=1, stream=True)
+    events = [line for line in response.get_data(as_text=True).split("\n\n") if line.startswith("event:")]
+    parsed = [(e.split("\n")[0][7:], json.loads(e.split("\n")[1][6:])) for e in events]
+    tokens = [data for name, data in parsed if name == "token"]
+    assert [(t["index"], t["text"]) for t in tokens] == [(0, "Hel"), (1, "Hi"), (0, "lo!")]
+    assert tokens[2]["logprobs"] == {"tokens": ["lo", "!"], "token_logprobs": [-0.125, -1.0],
+                                     "top_logprobs": [{"lo": -0.125}, {"!": -1.0}], "text_offset": [3, 5]}
+    assert tokens[1]["logprobs"]["text_offset"] == [0]
+    name, done = parsed[-1]
+    assert name == "done" and done["choices"] == [
+        {"index": 0, "finish_reason": "eos_token", "completion_tokens": 4},
+        {"index": 1, "finish_reason": "stop_sequence", "completion_tokens": 1}]
+
+
+def test_generate_plain_stream_is_unchanged(client):
+    text = generate(client, stream=True).get_data(as_text=True)
+    assert 'event: token\ndata: {"text": "Hel"}\n\n' in text and '"index"' not in text and "logprobs" not in text
+
+
+def test_completions_best_of_returns_the_best_by_sum_of_logprobs(app_backend):
+    client, backend = Client(app_backend[0]).openai, app_backend[1]
+    out = client.completions.create(model=MODEL, prompt="Hi", best_of=2, n=1)
+    assert backend.last_params.sampling.n == 2 and backend.last_params.sampling.logprobs == 0
+    assert [(c.index, c.text, c.logprobs) for c in out.choices] == [(0, "Hello!", None)]  # -1.875 > -2.0
+    assert out.usage.completion_tokens == 5  # both choices were generated
+    both = client.completions.create(model=MODEL, prompt="Hi", n=2, logprobs=1)
+    assert [c.text for c in both.choices] == ["Hello!", "Hi"]
+    assert both.choices[1].logprobs.tokens == ["Hi"] and both.choices[1].logprobs.top_logprobs == [{"Hi": -2.0}]
+
+
+def test_chat_logprobs_are_openais_shape(app_backend):
+    client = Client(app_backend[0]).openai
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2,
+                                         logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert [c.token for c in content] == ["H", "el", "lo", "!"]
+    assert content[0].logprob == -0.5 and content[0].bytes == [72]
+    assert [(t.token, t.logprob) for t in content[0].top_logprobs] == [("H", -0.5), ("alt0", -1.5)]
+    assert out.choices[1].message.content == "Hi" and out.choices[1].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2,
+                                                 logprobs=True, stream=True))
+    roles = [(c.choices[0].index, c.choices[0].delta.role) for c in chunks if c.choices[0].delta.role]
+    assert roles == [(0, "assistant"), (1, "assistant")]
+    streamed = [t.token for c in chunks if c.choices[0].index == 0 and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert streamed == ["H", "el", "lo", "!"]
+    ends = [(c.choices[0].index, c.choices[0].finish_reason) for c in chunks if c.choices[0].finish_reason]
+    assert ends == [(0, "stop"), (1, "stop")]
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    assert plain.choices[0].logprobs is None
+
+
+def _refuse(param):
+    def script(params):
+        return [ClientError("no", param=param)]
+    return script
+
+
+@pytest.mark.parametrize(("path", "body", "contract", "public"), [
+    ("/generate", {"prompt": "x", "response_format": {"type": "json_object"}}, "guided_decoding_guide",
+     "response_format"),
+    ("/generate", {"prompt": "x", "regex": "a+"}, "guided_decoding_guide", "regex"),
+    ("/generate", {"prompt": "x", "regex": "a+", "stream": True}, "guided_decoding_guide_type", "regex"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 3},
+     "logprobs", "top_logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 3}, "logprobs", "logprobs"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}, "stream": True},
+     "guided_decoding_guide", "response_format"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, "n", "best_of"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 3}, "max_new_tokens", "max_tokens"),
+])
+def test_backend_errors_name_the_endpoints_fields(tmp_path, path, body, contract, public):
+    app, _ = make_openai_app(tmp_path, backend=FakeBackend(script=_refuse(contract)))
+    response = app.test_client().post(path, json=body, headers=AUTH)
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert response.get_json()["error"]["param"] == public
+
+
+def test_an_error_after_the_stream_began_names_the_endpoints_field(tmp_path):
+    def script(params):
+        return ["a", ClientError("bad guide", param="guided_decoding_guide")]
+
+    app, _ = make_openai_app(tmp_path, backend=FakeBackend(script=script))
+    response = app.test_client().post("/generate", json={"prompt": "x", "regex": "a+", "stream": True}, headers=AUTH)
+    assert response.status_code == 200
+    last = response.get_data(as_text=True).strip().split("\n\n")[-1]
+    assert last.startswith("event: error") and json.loads(last.split("\n")[1][6:])["error"]["param"] == "regex"
+
+
+def test_the_sum_of_shown_logprobs_is_the_choices_cum_logprob(client):
+    """What a client computes from the tokens agrees with the engine's own sum (best_of's key)."""
+    first = generate(client, n=2, logprobs=0).get_json()["choices"][0]
+    assert math.isclose(sum(first["logprobs"]["token_logprobs"]), -1.875)
+    chunks = sse_data(client.post("/v1/completions", json={"prompt": "x", "n": 2, "logprobs": 0, "stream": True},
+                                  headers=AUTH))
+    offsets = [c["choices"][0]["logprobs"]["text_offset"] for c in chunks
+               if c != "[DONE]" and c["choices"] and c["choices"][0]["index"] == 0 and c["choices"][0]["logprobs"]]
+    assert offsets == [[0, 1], [3, 5]]
