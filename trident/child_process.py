@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,20 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+#: Children are started from this one thread, which lives as long as the process. The kernel
+#: sends PR_SET_PDEATHSIG's signal when the *thread* that forked the child exits, not the
+#: process: a server started from a short-lived thread (scripts/serve.py starts its Tritons in
+#: parallel, and restarts them from a supervisor thread) got SIGTERM as soon as that thread ended.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trident-spawn")
+
+
+def spawn(cmd: Sequence[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(cmd, **kwargs)`` in its own session, sent SIGTERM when this process
+    dies (die_with_parent), from the long-lived spawner thread."""
+    return _SPAWNER.submit(subprocess.Popen, list(cmd), start_new_session=True, preexec_fn=die_with_parent,
+                           **kwargs).result()
 
 
 def kill_group(pgid: int) -> None:
@@ -50,8 +65,7 @@ class ChildServer:
         if not echo:
             self._log_file = open(self.log_path, "ab")
             out = self._log_file
-        self.process = subprocess.Popen(list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True, preexec_fn=die_with_parent)
+        self.process = spawn(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def exited(self) -> bool:
         return self.process is not None and self.process.poll() is not None

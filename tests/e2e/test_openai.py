@@ -86,7 +86,7 @@ def test_401_is_authentication_error(gateway):
 @pytest.mark.parametrize(
     ("request_kwargs", "param", "text"),
     [
-        ({"n": 2}, "n", "n must be 1"),
+        ({"n": 17}, "n", "n must be between 1 and 16"),
         ({"max_tokens": 2048}, "prompt", "context"),  # refused by Triton: prompt + max_tokens > context
     ],
 )

@@ -1,0 +1,63 @@
+"""``make serve`` as a user runs it (scripts/serve.py, the small-batch repository): the service
+stays up after it says it is ready, and comes back by itself when Triton is killed."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from testkit import ROOT, free_port, model_dir
+
+from e2e_helpers import API_KEY, wait_for
+
+pytestmark = pytest.mark.e2e
+
+BODY = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 4, "temperature": 0}
+
+
+def _generates(url: str) -> bool:
+    try:
+        r = requests.post(url + "/generate", json=BODY, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    except requests.ConnectionError:
+        return False
+    return r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def _triton_pid(work) -> int | None:
+    """The running tritonserver of this serve.py (its command line names the work dir)."""
+    out = subprocess.run(["pgrep", "-f", f"tritonserver.*{work}"], capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def test_serve_stays_up_and_restarts_a_killed_triton(small_repo, tmp_path):
+    port = free_port()
+    env = {**os.environ, "TRIDENT_API_KEY": API_KEY, "GATEWAY_PORT": str(port), "TRITON_HTTP_PORT": str(free_port()),
+           "TRITON_GRPC_PORT": str(free_port()), "TRITON_METRICS_PORT": str(free_port())}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/serve.py"), "--model-repository", str(small_repo),
+                             "--tokenizer-dir", str(model_dir()), "--work-dir", str(tmp_path / "run")],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: "trident is ready" in (tmp_path / "serve.log").read_text(), timeout=300), \
+            (tmp_path / "serve.log").read_text()
+        time.sleep(3)  # a Triton started from a thread that had ended got SIGTERM right after it was ready
+        assert "exited" not in (tmp_path / "serve.log").read_text(), (tmp_path / "serve.log").read_text()
+        assert _generates(url)
+        pid = _triton_pid(tmp_path / "run")
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: "Triton is back" in (tmp_path / "serve.log").read_text(), timeout=300), \
+            (tmp_path / "serve.log").read_text()
+        assert wait_for(lambda: _generates(url), timeout=60)
+        assert _triton_pid(tmp_path / "run") not in (None, pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "serve.log").read_text()
