@@ -1,0 +1,181 @@
+"""Output controls on the real stack (issue 15): the official ``openai`` client and raw
+``/generate`` against the gunicorn gateway, Triton's ``llm`` model and the CPU engine.
+
+Log-probabilities are the model's raw distribution (docs/api.md): under greedy decoding the
+chosen token is the best alternative, with the same value.
+"""
+import concurrent.futures as cf
+import json
+import math
+
+import jsonschema_rs
+import openai
+import pytest
+import requests
+from testkit import model_dir
+
+from e2e_helpers import API_KEY, sse_events
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "smollm2-135m-instruct"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0},
+                   "city": {"type": "string", "maxLength": 40}},
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture
+def oai(gateway):
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def generate(gateway, **body):
+    r = requests.post(gateway.url + "/generate", json=body, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_chat_top_logprobs_under_greedy(oai):
+    out = oai.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=12, temperature=0, logprobs=True,
+                                      top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == out.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3
+        values = [a.logprob for a in t.top_logprobs]
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        assert t.top_logprobs[0].token == t.token and math.isclose(t.top_logprobs[0].logprob, t.logprob,
+                                                                   abs_tol=1e-6)
+        assert sum(math.exp(v) for v in values) <= 1 + 1e-4
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token or "\ufffd" in t.token
+
+
+def test_generate_logprobs_streamed_and_not_agree_and_line_up_with_the_text(gateway):
+    body = {"prompt": "The capital of France is", "max_new_tokens": 12, "temperature": 0, "logprobs": 2,
+            "stop_sequences": ["\n\n"]}
+    choice = generate(gateway, **body)["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+    assert all(len(top) in (2, 3) and top[tok] == v for top, tok, v in zip(lp["top_logprobs"], lp["tokens"],
+                                                                             lp["token_logprobs"]))
+    with requests.post(gateway.url + "/generate", json={**body, "stream": True}, headers=AUTH, stream=True,
+                       timeout=120) as r:
+        events = sse_events(r)
+    tokens = [data for name, data in events if name == "token"]
+    streamed = [v for t in tokens for v in t["logprobs"]["token_logprobs"]]
+    assert "".join(t["text"] for t in tokens) == choice["text"]
+    assert [tok for t in tokens for tok in t["logprobs"]["tokens"]] == lp["tokens"]
+    assert streamed == pytest.approx(lp["token_logprobs"], abs=1e-6)
+    assert [o for t in tokens for o in t["logprobs"]["text_offset"]] == lp["text_offset"]
+
+
+def test_n_choices_greedy_identical_sampled_distinct_and_seeded(oai, gateway):
+    greedy = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, n=3)
+    assert len(greedy.choices) == 3 and len({c.text for c in greedy.choices}) == 1
+    assert greedy.usage.completion_tokens == 3 * 12
+    sampled = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0, n=4,
+                                     seed=11)
+    assert [c.index for c in sampled.choices] == [0, 1, 2, 3] and len({c.text for c in sampled.choices}) >= 3
+    again = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0, n=4,
+                                   seed=11)
+    assert [c.text for c in again.choices] == [c.text for c in sampled.choices]
+    one = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=11)
+    assert one.choices[0].text == sampled.choices[0].text  # choice 0 is the n=1 stream
+    chunks = list(oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0,
+                                         n=4, seed=11, stream=True))
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(4)]
+    assert texts == [c.text for c in sampled.choices]
+
+
+def test_best_of_returns_the_choice_with_the_highest_sum_of_logprobs(oai):
+    kwargs = dict(model=MODEL, prompt="My favourite colour is", max_tokens=8, temperature=1.0, seed=5)
+    all3 = oai.completions.create(n=3, logprobs=0, **kwargs)
+    sums = [sum(c.logprobs.token_logprobs) for c in all3.choices]
+    best = oai.completions.create(best_of=3, **kwargs)
+    assert len(best.choices) == 1 and best.choices[0].logprobs is None
+    assert best.choices[0].text == all3.choices[max(range(3), key=sums.__getitem__)].text
+    assert best.usage.completion_tokens == all3.usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_output_parses_and_validates(oai, stream):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    prompts = ["Invent a person.", "Describe a pilot from Lyon.", "A fictional painter, please.",
+               "Tell me about a baker.", "Make up a student in Tokyo.", "Describe your neighbour.",
+               "A chess player from Oslo.", "Someone who loves cats.", "An old sailor.", "A young chef."]
+
+    def ask(prompt):
+        messages = [{"role": "user", "content": prompt + " Answer in JSON."}]
+        if not stream:
+            out = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=96, temperature=0.7, seed=1,
+                                              response_format=fmt)
+            return out.choices[0].message.content, out.choices[0].finish_reason
+        chunks = list(oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=96, temperature=0.7,
+                                                  seed=1, response_format=fmt, stream=True))
+        return ("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+                [c.choices[0].finish_reason for c in chunks if c.choices][-1])
+
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(ask, prompts))
+    for text, reason in results:
+        assert reason == "stop", text
+        jsonschema_rs.validate(PERSON, json.loads(text))
+
+
+def test_json_object_and_regex_on_generate(gateway):
+    out = generate(gateway, prompt="A JSON object describing a dog:", max_new_tokens=64, temperature=0,
+                   response_format={"type": "json_object"})["choices"][0]
+    assert out["finish_reason"] == "eos_token" and isinstance(json.loads(out["text"]), dict)
+    date = generate(gateway, prompt="Today's date is", max_new_tokens=16, temperature=0,
+                    regex=r" [0-9]{4}-[0-9]{2}-[0-9]{2}")["choices"][0]
+    assert date["finish_reason"] == "eos_token"
+    assert len(date["text"]) == 11 and date["text"][5] == "-" and date["text"][1:5].isdigit()
+
+
+def test_bad_guides_are_400s_naming_the_field(gateway, oai):
+    r = requests.post(gateway.url + "/generate", json={"prompt": "x", "regex": "(a"}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "regex", r.text
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=MODEL, messages=CAPITAL, response_format=bad)
+    assert caught.value.body["param"] == "response_format"
+
+
+def test_penalties_reduce_repetition(gateway):
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 24, "temperature": 0, "logprobs": 0}
+
+    def repeats(**extra):
+        tokens = generate(gateway, **body, **extra)["choices"][0]["logprobs"]["tokens"]
+        return len(tokens) - len(set(tokens))
+
+    plain = repeats()
+    assert plain >= 8  # " 7, 8, 9, ...": the comma over and over
+    assert repeats(frequency_penalty=2.0) < plain
+    assert repeats(presence_penalty=2.0) < plain
+
+
+def test_logit_bias_bans_and_forces_a_token_and_min_tokens_holds_off_the_end(gateway):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir()))
+    paris = tok(" Paris", add_special_tokens=False).input_ids
+    assert len(paris) == 1
+    body = {"prompt": "The capital of France is", "max_new_tokens": 4, "temperature": 0}
+    assert generate(gateway, **body)["choices"][0]["text"].startswith(" Paris")
+    banned = generate(gateway, **body, logit_bias={str(paris[0]): -100})["choices"][0]["text"]
+    assert "Paris" not in banned
+    forced = generate(gateway, **{**body, "prompt": "My dog is called"}, logit_bias={str(paris[0]): 100})
+    assert forced["choices"][0]["text"] == " Paris" * 4
+    short = {"prompt": "Say yes.", "max_new_tokens": 40, "temperature": 0}
+    ended = generate(gateway, **short)
+    natural = ended["usage"]["completion_tokens"]
+    assert ended["choices"][0]["finish_reason"] == "eos_token" and natural < 30
+    held = generate(gateway, **short, min_tokens=natural + 5)
+    assert held["usage"]["completion_tokens"] >= natural + 5
