@@ -42,15 +42,14 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Optional, Protocol
+from collections.abc import Callable
+from typing import Any, Optional
 
 import numpy as np
 
 from .contract import (
     SERVER_ERROR,
     InvalidRequest,
-    ModelLimits,
     TaggedError,
     TextRequest,
     context_error,
@@ -58,97 +57,13 @@ from .contract import (
     read_llm_inputs,
     tag_error,
 )
-from .engine_tensors import (
-    CPU_ENGINE_OUTPUTS,
-    ENGINE_OUTPUTS,
-    LOG_PROB_OUTPUTS,
-    SEQUENCE_INDEX,
-    engine_inputs,
-)
+from .engine_tensors import engine_inputs
 from .generation import TextGeneration, TokenLogprob
 from .grammar import check_guide
-from .sampling_params import SamplingParams
+from .llm_io import EngineClient, EngineFailure, LlmSettings, Request, engine_outputs
 
 log = logging.getLogger("trident.llm")
 
-
-
-@dataclasses.dataclass(frozen=True)
-class LlmSettings:
-    """The ``llm`` model's ``config.pbtxt`` parameters."""
-
-    engine_model: str = "tensorrt_llm"
-    limits: ModelLimits = ModelLimits()
-    max_concurrent: int = 256  # requests streaming from the engine at once (worker threads)
-    cancel_check_interval: float = 0.1  # seconds between is_cancelled() polls of one request
-
-    @classmethod
-    def from_parameters(cls, params: Mapping[str, str]) -> "LlmSettings":
-        def get(key: str, default: Any, cast: Callable[[str], Any]) -> Any:
-            value = params.get(key, "")
-            return cast(value) if value != "" else default
-
-        return cls(
-            engine_model=get("engine_model", cls.engine_model, str),
-            limits=ModelLimits.from_parameters(params),
-            max_concurrent=get("max_concurrent_requests", cls.max_concurrent, int),
-            cancel_check_interval=get("cancel_check_interval_ms", cls.cancel_check_interval * 1000, float) / 1000,
-        )
-
-
-class Request(Protocol):
-    """One ``llm`` request as the service sees it (model.py wraps Triton's)."""
-
-    def input(self, name: str) -> Optional[np.ndarray]: ...
-
-    def wants_admission(self) -> bool: ...
-
-    def is_cancelled(self) -> bool: ...
-
-    def send_admission(self) -> None:
-        """An empty, non-final response: accepted, generation pending."""
-
-    def send_text(self, text: str, *, index: int = 0, tokens: Optional[list[TokenLogprob]] = None) -> None:
-        """A non-final response holding a text delta of choice ``index`` (with its tokens when
-        logprobs were asked for)."""
-
-    def send_final(self, text: str, gen: TextGeneration, *, tokens: Optional[list[TokenLogprob]] = None,
-                   final: bool = True) -> None:
-        """A choice's last response: its last text, finish_reason and token counts; ``final``
-        (the request's last response) is False for every choice but the last to end."""
-
-    def send_error(self, message: str) -> None:
-        """A final error response; ``message`` is tagged (trident.errors)."""
-
-    def close(self) -> None:
-        """End the response stream without a response (the client is gone)."""
-
-
-@dataclasses.dataclass
-class EngineChunk:
-    """One response of the engine model: new token ids (with their log-probabilities when asked
-    for, and the choice they belong to), or an error message."""
-
-    token_ids: Sequence[int] = ()
-    error: Optional[str] = None
-    log_probs: Optional[Sequence[float]] = None
-    top_ids: Optional[Sequence[Sequence[int]]] = None
-    top_log_probs: Optional[Sequence[Sequence[float]]] = None
-    sequence_index: int = 0
-
-
-class EngineClient(Protocol):
-    def stream(self, tensors: dict[str, np.ndarray], engine_id: str, outputs: Sequence[str] = ENGINE_OUTPUTS
-               ) -> Iterable[EngineChunk]:
-        """Submit one engine request and iterate its responses up to the final one; ``outputs``
-        are the engine outputs to ask for (:func:`engine_outputs`)."""
-
-    def stop(self, engine_id: str) -> None:
-        """Stop the engine request with this id (queued or running); returns once sent."""
-
-
-class EngineFailure(Exception):
-    """The engine model answered with an error; its message is passed on unchanged."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -432,19 +347,6 @@ class LlmService:
         return True
 
 
-def engine_outputs(sampling: SamplingParams) -> tuple[str, ...]:
-    """The engine outputs a request needs: log-probabilities, alternatives (CPU engine), the
-    choice index, only when it asked for them."""
-    outputs = ENGINE_OUTPUTS
-    if sampling.logprobs is not None:
-        outputs += LOG_PROB_OUTPUTS
-        if sampling.logprobs:
-            outputs += CPU_ENGINE_OUTPUTS
-    if sampling.n > 1:
-        outputs += (SEQUENCE_INDEX,)
-    return outputs
-
-
 def _final(job: Job, send: Callable[..., None], *args: Any, **kwargs: Any) -> bool:
     """Send a job's final response, once; never while its is_cancelled() is being asked."""
     with job.final_lock:
@@ -462,35 +364,3 @@ def _safely(send: Callable[..., None], *args: Any, **kwargs: Any) -> bool:
     except Exception as exc:
         log.info("llm: %s failed: %s", getattr(send, "__name__", "send"), exc)
         return False
-
-
-def output_tensors(text: str, *, index: int = 0, tokens: Optional[list[TokenLogprob]] = None,
-                   gen: Optional[TextGeneration] = None, n: int = 1) -> dict[str, np.ndarray]:
-    """One llm response's tensors (trident.contract.LLM_OUTPUTS), each with the batch dimension:
-    the text; the choice index with several choices; the tokens of the text with logprobs; and on
-    a choice's last response (``gen``) its finish_reason, token counts and cum_log_probs."""
-    out = {"text_output": np.array([[text.encode("utf-8")]], dtype=np.object_)}
-    if n > 1:
-        out["sequence_index"] = np.array([[index]], dtype=np.int32)
-    if tokens is not None:
-        k = max((len(t.top) for t in tokens), default=0)
-        out["output_token_texts"] = np.array([[t.text.encode("utf-8") for t in tokens]], dtype=np.object_).reshape(
-            1, len(tokens))
-        out["output_token_ids"] = np.array([[t.id for t in tokens]], dtype=np.int32).reshape(1, len(tokens))
-        out["output_log_probs"] = np.array([[t.logprob for t in tokens]], dtype=np.float32).reshape(1, len(tokens))
-        if k:
-            texts = np.full((1, len(tokens), k), b"", dtype=np.object_)
-            values = np.full((1, len(tokens), k), -np.inf, dtype=np.float32)
-            for i, token in enumerate(tokens):
-                for j, (alt, logprob) in enumerate(token.top):
-                    texts[0, i, j] = alt.encode("utf-8")
-                    values[0, i, j] = logprob
-            out["top_log_prob_texts"] = texts
-            out["top_log_probs"] = values
-    if gen is not None:
-        out["finish_reason"] = np.array([[gen.finish_reason.encode()]], dtype=np.object_)
-        out["prompt_tokens"] = np.array([[gen.prompt_tokens]], dtype=np.int32)
-        out["completion_tokens"] = np.array([[gen.completion_tokens]], dtype=np.int32)
-        if gen.logprobs:
-            out["cum_log_probs"] = np.array([[gen.cum_logprob]], dtype=np.float32)
-    return out

@@ -108,7 +108,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
 
 def stream_response(*, text=None, finish=None, final=False, error="", arrays=None):
     """A ModelStreamInferResponse as Triton would send it for model "llm" (``arrays``: more
-    output tensors, e.g. trident.llm_service.output_tensors')."""
+    output tensors, e.g. trident.llm_io.output_tensors')."""
     response = service_pb2.ModelStreamInferResponse(error_message=error)
     infer = response.infer_response
     infer.model_name = "llm"

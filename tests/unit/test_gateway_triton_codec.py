@@ -181,10 +181,10 @@ def test_error_message_mapping(message, cls, status, type_, param, text):
 
 
 def test_the_llm_models_logprob_outputs_parse_back():
-    """trident.llm_service.output_tensors (what the llm model sends) read by the gateway."""
+    """trident.llm_io.output_tensors (what the llm model sends) read by the gateway."""
     from trident.contract import SamplingParams, TextRequest
     from trident.generation import TextGeneration, TokenLogprob
-    from trident.llm_service import output_tensors
+    from trident.llm_io import output_tensors
 
     tokens = [TokenLogprob("He", 5, -0.5, (("He", -0.5), ("A", -1.5))), TokenLogprob("llo ✓", 6, -0.25, (("llo ✓", -0.25),))]
     gen = TextGeneration(None, TextRequest(prompt="p", sampling=SamplingParams(logprobs=2, n=2)), prompt_tokens=3,

@@ -8,7 +8,7 @@ from test_llm_service import FakeEngine, FakeRequest, make_service, wait  # noqa
 from trident.contract import parse_error
 from trident.engine_tensors import ENGINE_OUTPUTS, LOG_PROB_OUTPUTS, SEQUENCE_INDEX, TOP_LOG_PROBS
 from trident.generation import TextGeneration, TokenLogprob
-from trident.llm_service import engine_outputs, output_tensors
+from trident.llm_io import engine_outputs, output_tensors
 from trident.contract import ENGINE_FEATURES, ModelLimits, SamplingParams, TextRequest
 
 

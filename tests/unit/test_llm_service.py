@@ -8,7 +8,8 @@ from testkit import wait_until
 import pytest
 
 from trident.contract import ModelLimits
-from trident.llm_service import EngineChunk, LlmService, LlmSettings
+from trident.llm_io import EngineChunk, LlmSettings
+from trident.llm_service import LlmService
 
 TIMEOUT = 10
 

@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2
 
 from trident.contract import Guide, SamplingParams
 from trident.engine_tensors import CPU_ENGINE_INPUTS, ENGINE_INPUTS, engine_inputs, stop_inputs
-from trident.llm_service import engine_outputs
+from trident.llm_io import engine_outputs
 from trident.repo_builder import PLACEHOLDER, TemplateError, fill_template
 from trident.trtllm import TRITON_IMAGE, TRTLLM_VERSION
 from trident.trtllm.build import BuildError, run_build
@@ -230,7 +230,7 @@ def sent_tensors() -> dict:
 
 
 def read_outputs(flavour: str) -> set:
-    """What the llm model may ask the engine for (trident.llm_service.engine_outputs)."""
+    """What the llm model may ask the engine for (trident.llm_io.engine_outputs)."""
     every = SamplingParams(n=2, logprobs=3) if flavour == "cpu" else SamplingParams(n=2, logprobs=0)
     return set(engine_outputs(every))
 

@@ -14,7 +14,8 @@ import triton_python_backend_utils as pb_utils
 
 from trident.contract import ADMISSION_PARAMETER, SERVER_ID_ENV
 from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_response, stop_inputs
-from trident.llm_service import EngineChunk, LlmService, LlmSettings, output_tensors
+from trident.llm_io import EngineChunk, LlmSettings, output_tensors
+from trident.llm_service import LlmService
 
 log = logging.getLogger("trident.llm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -54,7 +55,7 @@ def _configure_logging():
 
 
 class TritonRequest:
-    """trident.llm_service.Request over a Triton request and its decoupled response sender."""
+    """trident.llm_io.Request over a Triton request and its decoupled response sender."""
 
     def __init__(self, request):
         self._request = request
@@ -96,7 +97,7 @@ class TritonRequest:
 
 
 class BlsEngine:
-    """trident.llm_service.EngineClient: the engine model over decoupled BLS."""
+    """trident.llm_io.EngineClient: the engine model over decoupled BLS."""
 
     def __init__(self, model_name):
         self.model_name = model_name
