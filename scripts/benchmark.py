@@ -8,6 +8,9 @@ load on the machine hits all of them alike:
 - trident-<weights>: the real Triton server (trident.triton_launcher) on free ports, serving a
   repository built by build/build_repository.py, driven on model "llm" with one streaming
   gRPC client per request (end_id -1: no end token).
+- trident-<weights>+gateway: the same Triton behind the real gateway (gunicorn, one worker),
+  streamed POST /generate with min_tokens = max_new_tokens (the end token banned); start the
+  system without the suffix first (its Triton is shared).
 - hf: transformers generate() in this process, one request at a time (min_new_tokens).
 - llamacpp: llama-cpp-python's OpenAI server on the SmolLM2 Q4_1 GGUF (min_tokens). Its
   server has no parallel slots: it serves one request at a time (--interrupt_requests False
@@ -44,7 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench.llamacpp import BENCH_VENV, CACHE, ROOT, bench_python, ensure_bench_venv, ensure_llama_server  # noqa: E402
 from bench.chat import chat_table, chat_ttft  # noqa: E402
 from bench.report import cpu_line, plot, summarize, table, target_lines  # noqa: E402
-from bench.systems import HFGenerate, LlamaCppPython, LlamaServer, Result, System, TridentTriton, tree_rss_mb  # noqa: E402
+from bench.systems import (  # noqa: E402
+    HFGenerate,
+    LlamaCppPython,
+    LlamaServer,
+    Result,
+    System,
+    TridentGateway,
+    TridentTriton,
+    tree_rss_mb,
+)
 
 DEFAULT_SYSTEMS = "trident-int4,trident-fp32,hf,llamacpp,llamacpp-server"
 TRIDENT_WEIGHTS = {"trident-fp32": "auto", "trident-fp16": "float16", "trident-int8": "int8", "trident-int4": "int4"}
@@ -73,7 +85,10 @@ def start_systems(args, names: list[str], levels: list[int], work: Path, systems
     for name in names:
         print(f"==> starting {name}", flush=True)
         base, _, threads = name.partition("@")  # trident-int8@1: that system with 1 thread
-        if base in TRIDENT_WEIGHTS:
+        if base.endswith("+gateway"):
+            systems[name] = TridentGateway(name, systems[base.removesuffix("+gateway")], work=work,
+                                           model_dir=args.model_dir)
+        elif base in TRIDENT_WEIGHTS:
             systems[name] = TridentTriton(name, weight_dtype=TRIDENT_WEIGHTS[base], work=work,
                                           model_dir=args.model_dir, max_batch_size=max(levels),
                                           num_threads=int(threads or args.threads))

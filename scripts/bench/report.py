@@ -88,6 +88,16 @@ def target_lines(rows: list[dict]) -> list[str]:
             ratio = ours / theirs
             out.append(f"{sysname:<14} {label:<22} {ours:8.1f} / {theirs:8.1f} = {ratio:5.2f}x "
                        f"(target >= {goal}x): {'MET' if ratio >= goal else 'NOT MET'}")
+    # issue 16: through the gateway within 10 % of direct gRPC, at every measured level
+    for sysname in sorted({r["system"] for r in rows if r["system"].endswith("+gateway")}):
+        direct = sysname.removesuffix("+gateway")
+        for c in sorted({r["concurrency"] for r in rows if r["system"] == sysname}):
+            ours, theirs = rate(sysname, c), rate(direct, c)
+            if ours is None or theirs is None:
+                continue
+            ratio = ours / theirs
+            out.append(f"{sysname:<14} c={c:<20} {ours:8.1f} / {theirs:8.1f} = {ratio:5.2f}x of direct gRPC "
+                       f"(target >= 0.9x): {'MET' if ratio >= 0.9 else 'NOT MET'}")
     return out
 
 

@@ -136,6 +136,52 @@ class TridentTriton(System):
         self.server.stop()
 
 
+class TridentGateway(System):
+    """The real gateway (gunicorn + gevent, one worker) in front of a TridentTriton: POST
+    /generate streamed, greedy, exactly ``n`` tokens (``min_tokens`` = ``max_new_tokens``: the end
+    token is banned, as end_id -1 does on the direct path)."""
+
+    KEY = "bench-key"
+
+    def __init__(self, name: str, triton: TridentTriton, *, work: Path, model_dir: Path) -> None:
+        from trident.gateway_process import GatewayProcess
+
+        self.name = name
+        self.gateway = GatewayProcess(port=free_port(), triton_grpc_url=triton.url, workers=1,
+                                      log_path=work / f"gateway-{name}.log",
+                                      extra_env={"TRIDENT_API_KEY": self.KEY, "TRIDENT_TOKENIZER_DIR": str(model_dir)})
+        self.gateway.start(timeout=120)
+        self.pid = triton.pid  # memory: the Triton's (the gateway's is small and not the point)
+
+    def request(self, prompt: str, n: int) -> Result:
+        body = json.dumps({"prompt": prompt, "max_new_tokens": n, "min_tokens": n, "temperature": 0,
+                           "stream": True}).encode()
+        req = urllib.request.Request(self.gateway.url + "/generate", data=body,
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {self.KEY}"})
+        t_start = time.perf_counter()
+        t_first, pieces, tokens, event = None, [], 0, None
+        with urllib.request.urlopen(req, timeout=900) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line[5:])
+                    if event == "token" and data["text"]:
+                        t_first = t_first or time.perf_counter()
+                        pieces.append(data["text"])
+                    elif event == "done":
+                        tokens = data["usage"]["completion_tokens"]
+                    elif event == "error":
+                        raise RuntimeError(f"{self.name}: {data}")
+        t_end = time.perf_counter()
+        return Result(t_start, t_first or t_end, t_end, tokens, "".join(pieces))
+
+    def stop(self) -> None:
+        self.gateway.stop()
+
+
 def sse_lines(url: str, body: dict):
     """POST body as JSON; yield (time, parsed JSON) for each SSE data line."""
     data = json.dumps(body).encode()

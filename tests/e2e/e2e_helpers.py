@@ -5,6 +5,7 @@ import os
 from testkit import free_port  # noqa: F401  (re-exported for the e2e tests)
 
 API_KEY = "test-key-" + os.urandom(6).hex()
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def post(client, path="/generate", **body):

@@ -20,9 +20,8 @@ from hypothesis.errors import Unsatisfiable
 from openapi_sse import check_sse
 
 from conftest import build_small_repository, start_gateway, start_triton
-from e2e_helpers import API_KEY
+from e2e_helpers import AUTH
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 EXAMPLES = int(os.environ.get("TRIDENT_FUZZ_EXAMPLES", "30"))
 SENT: list[str] = []
 

@@ -13,9 +13,8 @@ import pytest
 import requests
 
 from conftest import SMALL_BATCH, start_gateway
-from e2e_helpers import API_KEY, engine_metrics
+from e2e_helpers import API_KEY, AUTH, engine_metrics
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 COUNTING = {"prompt": "1, 2, 3, 4, 5, 6,", "temperature": 0, "stream": True}
 
 

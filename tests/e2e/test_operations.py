@@ -23,10 +23,8 @@ import requests
 from conftest import start_gateway
 from testkit import MODEL
 
-from e2e_helpers import API_KEY, engine_metrics, log_lines, sample, scrape, sse_events, wait_for
+from e2e_helpers import API_KEY, AUTH, engine_metrics, log_lines, sample, scrape, sse_events, wait_for
 from gateway.keys import add_key
-
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,11 @@ import pytest
 import requests
 from testkit import model_dir
 
-from e2e_helpers import API_KEY, sse_events
+from e2e_helpers import API_KEY, AUTH, sse_events
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 PERSON = {
     "type": "object",

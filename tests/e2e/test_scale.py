@@ -17,12 +17,11 @@ import testkit
 from testkit import free_port
 
 from conftest import SMALL_BATCH, start_gateway
-from e2e_helpers import API_KEY, engine_metrics, log_lines, sample, scrape, wait_for
+from e2e_helpers import AUTH, engine_metrics, log_lines, sample, scrape, wait_for
 from gateway.keys import add_key
 from trident.child_process import kill_group
 from trident.triton_launcher import TritonPorts, TritonServer
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SHORT = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 4, "temperature": 0}
 
 

@@ -7,11 +7,10 @@ import pytest
 import requests
 
 from conftest import repo_dir, start_gateway
-from e2e_helpers import API_KEY, free_port
+from e2e_helpers import AUTH
+from testkit import free_port
 from trident.child_process import kill_group
 from trident.triton_launcher import TritonPorts, TritonServer
-
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture
