@@ -342,3 +342,17 @@ def test_adapter_tensors_round_trip(int4, tok):
     assert sorted(seen) == [0, 1] and all(len(t) >= 2 for t in seen.values())
     plain = response_arrays(run(int4, prompt, max_new_tokens=2)[0][2][-1])
     assert set(plain) == {"output_ids", "sequence_length"}
+
+
+def test_a_row_with_every_token_masked_ends_as_at_its_end_id():
+    from trident.engine.sampling import NO_TOKEN, RowSampling, sample_step
+    from trident.engine.sequence import Sequence
+
+    request = GenerationRequest("dead", [1, 2], SamplingParams(max_new_tokens=4, temperature=1.0, seed=1), end_id=EOS)
+    seq = Sequence.create(request, lambda out: None, vocab_size=8)
+    seq.sampling.banned = list(range(8))
+    seq.sampling.processed = True
+    live = RowSampling(params=SamplingParams(temperature=0.0))
+    tokens, _ = sample_step(torch.randn(2, 8), [seq.sampling, live])
+    assert tokens[0] == NO_TOKEN and 0 <= tokens[1] < 8
+    assert seq.append(tokens[0]) == "end_id" and seq.output == []
