@@ -108,7 +108,10 @@ def test_json_schema_output_parses_and_validates(oai, stream):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     prompts = ["Invent a person.", "Describe a pilot from Lyon.", "A fictional painter, please.",
                "Tell me about a baker.", "Make up a student in Tokyo.", "Describe your neighbour.",
-               "A chess player from Oslo.", "Someone who loves cats.", "An old sailor.", "A young chef."]
+               "A chess player from Oslo.", "Someone who loves cats.", "An old sailor.", "A young chef.",
+               "A famous scientist.", "A nurse from Madrid.", "Describe a farmer.", "A teacher who likes jazz.",
+               "Invent a football player.", "A librarian in Dublin.", "Someone who builds boats.",
+               "A poet from Chile.", "A taxi driver in New York.", "A retired astronaut."]
 
     def ask(prompt):
         messages = [{"role": "user", "content": prompt + " Answer in JSON."}]
@@ -145,6 +148,55 @@ def test_bad_guides_are_400s_naming_the_field(gateway, oai):
     with pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(model=MODEL, messages=CAPITAL, response_format=bad)
     assert caught.value.body["param"] == "response_format"
+
+
+def test_frequency_penalty_two_stops_a_repeating_continuation(gateway):
+    """ "la la la ..." goes on repeating greedily; at frequency_penalty 2 no token comes twice."""
+    body = {"prompt": "la la la la la", "max_new_tokens": 6, "temperature": 0, "logprobs": 0}
+    plain = generate(gateway, **body)["choices"][0]["logprobs"]["tokens"]
+    penalized = generate(gateway, **body, frequency_penalty=2.0)["choices"][0]["logprobs"]["tokens"]
+    assert len(plain) == 6 and len(plain) - len(set(plain)) >= 3, plain
+    assert len(penalized) == len(set(penalized)), penalized
+
+
+def test_logprobs_sum_to_the_engines_cum_log_probs(gateway, triton):
+    """What /generate shows agrees with the engine's own scores, read over direct gRPC from the
+    llm model: the same per-token values and their sum is its cum_log_probs."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    prompt = "The capital of France is"
+    shown = generate(gateway, prompt=prompt, max_new_tokens=10, temperature=0, logprobs=0)["choices"][0]
+
+    def tensor(name, value, dtype, datatype):
+        t = grpcclient.InferInput(name, [1, 1], datatype)
+        t.set_data_from_numpy(np.array([[value]], dtype=dtype))
+        return t
+
+    inputs = [tensor("text_input", prompt.encode(), object, "BYTES"), tensor("max_tokens", 10, np.int32, "INT32"),
+              tensor("temperature", 0.0, np.float32, "FP32"), tensor("stream", True, np.bool_, "BOOL"),
+              tensor("return_log_probs", True, np.bool_, "BOOL")]
+    results: "queue.Queue" = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("llm", inputs, enable_empty_final_response=True)
+    values, cum = [], None
+    while True:
+        result, error = results.get(timeout=120)
+        assert error is None, error
+        if result.as_numpy("output_log_probs") is not None:
+            values.extend(result.as_numpy("output_log_probs").reshape(-1).tolist())
+        if result.as_numpy("cum_log_probs") is not None:
+            cum = float(result.as_numpy("cum_log_probs").reshape(-1)[0])
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    client.close()
+    token_logprobs = shown["logprobs"]["token_logprobs"]
+    assert values == pytest.approx(token_logprobs, abs=1e-6)
+    assert cum is not None and abs(sum(token_logprobs) - cum) < 1e-3
 
 
 def test_penalties_reduce_repetition(gateway):

@@ -437,14 +437,11 @@ def gateway_metric_names() -> set[str]:
     return names
 
 
-@functools.lru_cache(maxsize=None)
 def engine_metric_names() -> frozenset[str]:
-    """The trident_engine_* metrics the CPU engine model declares (model_repository/ and trident/)."""
-    names = set()
-    for folder in (ROOT / "model_repository", ROOT / "trident"):
-        for path in folder.rglob("*.py"):
-            names.update(re.findall(r"[\"'](trident_engine_[a-z0-9_]+)[\"']", path.read_text()))
-    return frozenset(names)
+    """The trident_engine_* metrics the CPU engine model publishes (trident.engine.triton_io.METRICS)."""
+    from trident.engine.triton_io import METRICS
+
+    return frozenset(name for name, *_ in METRICS)
 
 
 ENGINE_METRICS = {"trident_engine_generated_tokens_total", "trident_engine_decode_steps_total",
