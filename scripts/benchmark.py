@@ -177,9 +177,13 @@ def main() -> int:
         return 0
 
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = {s.split("@")[0] for s in names} - {*TRIDENT_WEIGHTS, "hf", "llamacpp", "llamacpp-server"}
+    known = {*TRIDENT_WEIGHTS, *(f"{w}+gateway" for w in TRIDENT_WEIGHTS), "hf", "llamacpp", "llamacpp-server"}
+    unknown = {s.split("@")[0] for s in names} - known
     if unknown:
         parser.error(f"unknown system(s): {', '.join(sorted(unknown))}")
+    for name in names:
+        if name.endswith("+gateway") and name.removesuffix("+gateway") not in names[:names.index(name)]:
+            parser.error(f"{name} needs {name.removesuffix('+gateway')} before it in --systems (its Triton)")
     levels = [int(c) for c in args.concurrency.split(",")]
     sys.path.insert(0, str(ROOT))
     if any(s.startswith("llamacpp") for s in names):
