@@ -43,6 +43,8 @@ def test_serve_stays_up_and_restarts_a_killed_triton(small_repo, tmp_path):
     try:
         assert wait_for(lambda: "trident is ready" in (tmp_path / "serve.log").read_text(), timeout=300), \
             (tmp_path / "serve.log").read_text()
+        banner = (tmp_path / "serve.log").read_text()
+        assert API_KEY not in banner and "from TRIDENT_API_KEY (not shown)" in banner  # the operator's secret
         time.sleep(3)  # a Triton started from a thread that had ended got SIGTERM right after it was ready
         assert "exited" not in (tmp_path / "serve.log").read_text(), (tmp_path / "serve.log").read_text()
         assert _generates(url)
