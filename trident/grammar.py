@@ -27,8 +27,15 @@ from .contract import GUIDE_JSON, GUIDE_JSON_SCHEMA, GUIDE_REGEX, Guide, Invalid
 GUIDE_PARAM = "guided_decoding_guide"
 
 
+#: Every XGrammar call of this process goes through this lock (compiles, matcher creation, the
+#: engine's per-step masks): the llm stub's heap was corrupted twice under 20 concurrent guided
+#: requests in fresh-clone test runs, and XGrammar does not document its thread safety.
+LOCK = threading.RLock()
+
+
 def _xgr():
-    import xgrammar  # imported on first use: the gateway never needs it
+    with LOCK:
+        import xgrammar  # imported on first use: the gateway never needs it
 
     return xgrammar
 
@@ -47,17 +54,22 @@ def check_guide(guide: Guide) -> None:
     Builds the grammar without a vocabulary: milliseconds, no tokenizer needed."""
     xgr = _xgr()
     try:
-        if guide.type == GUIDE_JSON_SCHEMA:
-            json.loads(guide.text)  # a clearer message than the converter's for bad JSON
-            xgr.Grammar.from_json_schema(guide.text, any_whitespace=False)
-        elif guide.type == GUIDE_REGEX:
-            xgr.Grammar.from_regex(guide.text)
-        elif guide.type != GUIDE_JSON:
-            xgr.Grammar.from_ebnf(guide.text)
+        with LOCK:
+            _build(xgr, guide)
     except ValueError as exc:  # json.JSONDecodeError too
         raise _error(guide, exc) from None
     except RuntimeError as exc:
         raise _error(guide, exc) from None
+
+
+def _build(xgr, guide: Guide) -> None:
+    if guide.type == GUIDE_JSON_SCHEMA:
+        json.loads(guide.text)  # a clearer message than the converter's for bad JSON
+        xgr.Grammar.from_json_schema(guide.text, any_whitespace=False)
+    elif guide.type == GUIDE_REGEX:
+        xgr.Grammar.from_regex(guide.text)
+    elif guide.type != GUIDE_JSON:
+        xgr.Grammar.from_ebnf(guide.text)
 
 
 # -- the tokenizer description (TensorRT-LLM's xgrammar_tokenizer_info.json) ----------------------
@@ -107,11 +119,10 @@ class GuideCompiler:
     def __init__(self, tokenizer_info, *, max_threads: int = 1) -> None:
         self.tokenizer_info = tokenizer_info
         self._compiler = _xgr().GrammarCompiler(tokenizer_info, max_threads=max_threads, cache_enabled=True)
-        self._lock = threading.Lock()
 
     def compile(self, guide: Guide):
         """The CompiledGrammar of ``guide``; raises InvalidRequest naming the field."""
-        with self._lock:
+        with LOCK:
             try:
                 if guide.type == GUIDE_JSON:
                     return self._compiler.compile_builtin_json_grammar()
@@ -124,4 +135,5 @@ class GuideCompiler:
                 raise _error(guide, exc) from None
 
     def matcher(self, compiled):
-        return _xgr().GrammarMatcher(compiled)
+        with LOCK:
+            return _xgr().GrammarMatcher(compiled)

@@ -51,17 +51,23 @@ class GuideCompiler:
         """One matcher per sequence. The request's end id is the grammar's only stop token (it
         ends a guided sequence where the grammar allows, as it does any other); without one,
         the tokenizer's end token is (and is not output either)."""
+        from trident.grammar import LOCK
+
         import xgrammar
 
         stop = None if end_id is None else [end_id]
-        return [xgrammar.GrammarMatcher(compiled, override_stop_tokens=stop) for _ in range(n)]
+        with LOCK:
+            return [xgrammar.GrammarMatcher(compiled, override_stop_tokens=stop) for _ in range(n)]
 
 
 def apply_masks(logits: torch.Tensor, matchers: list, rows: list[int]) -> None:
     """Set to -inf, in rows ``rows`` of logits (B, V), every token its matcher does not allow."""
     import xgrammar
 
+    from trident.grammar import LOCK
+
     bitmask = xgrammar.allocate_token_bitmask(logits.shape[0], logits.shape[1])  # (B, ceil(V / 32)) int32
-    for matcher, b in zip(matchers, rows):
-        matcher.fill_next_token_bitmask(bitmask, b)
-    xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+    with LOCK:
+        for matcher, b in zip(matchers, rows):
+            matcher.fill_next_token_bitmask(bitmask, b)
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)

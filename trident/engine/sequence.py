@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from trident.grammar import LOCK as GRAMMAR_LOCK
 from .request import GenerationOutput, GenerationRequest
 from .sampling import NO_TOKEN, RowSampling, TokenLogprobs, make_generator
 
@@ -132,9 +133,12 @@ class Sequence:
         rs = self.sampling
         if rs.processed:
             if rs.matcher is not None:
-                if not rs.matcher.accept_token(token):
+                with GRAMMAR_LOCK:
+                    accepted = rs.matcher.accept_token(token)
+                    terminated = accepted and rs.matcher.is_terminated()
+                if not accepted:
                     raise RuntimeError(f"the grammar refused token {token} that its own mask allowed")
-                if rs.matcher.is_terminated():  # the tokenizer's end token, when there is no end id
+                if terminated:  # the tokenizer's end token, when there is no end id
                     return "end_id"
             if rs.seen is not None:
                 rs.seen[token] = True
