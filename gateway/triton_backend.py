@@ -175,7 +175,10 @@ class TritonGeneration:
         if tagged is not None:
             return tagged
         log.warning("Triton gRPC error: %s %s", code, details, extra=self._log_extra)
-        if code in _UNAVAILABLE_CODES or code == grpc.StatusCode.CANCELLED:
+        # gRPC core's own INTERNAL (not Triton's): the connection broke under the call, e.g. the
+        # server was killed as the request went out; the server is gone, not failing.
+        transport = code == grpc.StatusCode.INTERNAL and details == "Internal error from Core"
+        if code in _UNAVAILABLE_CODES or code == grpc.StatusCode.CANCELLED or transport:
             return unavailable("The inference server is unavailable; try again later", self._retry_after)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             # REQUEST_TIMEOUT is the gRPC deadline of the whole generation, queueing included;
