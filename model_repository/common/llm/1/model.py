@@ -58,11 +58,13 @@ class TritonRequest:
     """trident.llm_io.Request over a Triton request and its decoupled response sender."""
 
     def __init__(self, request):
-        """The request's inputs are read in ``execute`` only (the service's accept), never from
-        the workers: a decoupled request's input tensors must not be touched once execute has
-        returned."""
+        """In ``execute`` only: the request's inputs are read here and in the service's accept,
+        never from the workers (a decoupled request's input tensors must not be touched once
+        execute has returned: reading one per streamed delta corrupted the stub's heap)."""
         self._request = request
         self._sender = request.get_response_sender()
+        choices = self.input("num_return_sequences")
+        self._choices = 1 if choices is None else int(choices.reshape(-1)[0])
 
     def input(self, name):
         tensor = pb_utils.get_input_tensor_by_name(self._request, name)
@@ -81,8 +83,8 @@ class TritonRequest:
         server = np.array([[SERVER_ID.encode()]], dtype=np.object_)
         self._sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("server", server)]))
 
-    def send_text(self, text, *, index=0, n=1, tokens=None):
-        self._sender.send(_response(output_tensors(text, index=index, tokens=tokens, n=n)))
+    def send_text(self, text, *, index=0, tokens=None):
+        self._sender.send(_response(output_tensors(text, index=index, tokens=tokens, n=self._choices)))
 
     def send_final(self, text, gen, *, tokens=None, final=True):
         response = _response(output_tensors(text, index=gen.index, tokens=tokens, gen=gen, n=gen.req.sampling.n))
