@@ -28,7 +28,7 @@ import argparse
 import json
 import sys
 
-from trident_client import add_connection_args, connect
+from trident_client import add_connection_args, add_text_args, connect, read_texts
 
 EVENT_SCHEMA = {
     "type": "object",
@@ -84,17 +84,11 @@ def extract(client, model: str, text: str, schema: dict, name: str = "event", ma
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_connection_args(parser)
-    parser.add_argument("texts", nargs="*", help="texts to extract from")
-    parser.add_argument("--file", help="a file with one text per line (- for standard input)")
+    add_text_args(parser, "extract from")
     parser.add_argument("--schema", help="a JSON Schema file to use instead of the event schema")
     parser.add_argument("--max-tokens", type=int, default=200, help="default %(default)s")
     args = parser.parse_args(argv)
-    texts = list(args.texts)
-    if args.file:
-        lines = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
-        texts += [line.strip() for line in lines if line.strip()]
-    if not texts:
-        parser.error("give texts as arguments or --file")
+    texts = read_texts(parser, args)
     schema, key = EVENT_SCHEMA, "event"
     if args.schema:
         with open(args.schema, encoding="utf-8") as f:

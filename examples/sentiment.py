@@ -45,7 +45,7 @@ import sys
 
 import openai
 
-from trident_client import add_connection_args, connect
+from trident_client import add_connection_args, add_text_args, connect, read_texts
 
 LABELS = ("positive", "negative", "neutral")
 ALTERNATIVES = 20  # the most the gateway returns
@@ -138,20 +138,14 @@ def classify(client, model: str, text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_connection_args(parser)
-    parser.add_argument("texts", nargs="*", help="texts to classify")
-    parser.add_argument("--file", help="a file with one text per line (- for standard input)")
+    add_text_args(parser, "classify")
     parser.add_argument("--method", choices=("scores", "vote"), default="scores",
                         help="scores: one request with logprobs (default); vote: three prompts, labels "
                              "only, for a backend without top log-probabilities (GPU)")
     parser.add_argument("--json", action="store_true",
                         help='print JSON lines {"text", "label", "scores", "label_mass"} instead of LABEL<TAB>TEXT')
     args = parser.parse_args(argv)
-    texts = list(args.texts)
-    if args.file:
-        lines = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
-        texts += [line.strip() for line in lines if line.strip()]
-    if not texts:
-        parser.error("give texts as arguments or --file")
+    texts = read_texts(parser, args)
     client, model = connect(args)
     for text in texts:
         if args.method == "vote":

@@ -29,6 +29,26 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name (default: the first one the gateway serves)")
 
 
+def add_text_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """Texts to work on: as arguments, and/or one per line of ``--file``."""
+    parser.add_argument("texts", nargs="*", help=f"texts to {what}")
+    parser.add_argument("--file", help="a file with one text per line (- for standard input)")
+
+
+def read_texts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The texts of add_text_args (non-empty lines of the file, stripped); a usage error if none."""
+    texts = list(args.texts)
+    if args.file:
+        if args.file == "-":
+            texts += [line.strip() for line in sys.stdin if line.strip()]
+        else:
+            with open(args.file, encoding="utf-8") as lines:
+                texts += [line.strip() for line in lines if line.strip()]
+    if not texts:
+        parser.error("give texts as arguments or --file")
+    return texts
+
+
 def connect(args: argparse.Namespace) -> tuple[openai.OpenAI, str]:
     """The client and the model to use; exits with a message when no key was given."""
     if not args.api_key:

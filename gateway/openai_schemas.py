@@ -79,10 +79,6 @@ class OpenAIRequest:
     logprobs: int | None = None  # the alternatives the reply shows per token; None: no logprobs
     param_names: Mapping[str, str] = dataclasses.field(default_factory=dict)  # gateway.errors.public_param
 
-    @property
-    def best_of(self) -> bool:
-        return self.params.sampling.n > self.choices
-
 
 # -- nested objects -----------------------------------------------------------------------------
 
