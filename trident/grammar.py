@@ -102,14 +102,15 @@ def load_tokenizer_info(path: str | Path, *, vocab_size: int):
     width, which may exceed the tokenizer's vocabulary: padded rows are never allowed)."""
     xgr = _xgr()
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    metadata = xgr.TokenizerInfo._detect_metadata_from_hf(data["tokenizer_str"])
-    return xgr.TokenizerInfo(
-        data["encoded_vocab"],
-        vocab_type=metadata["vocab_type"],
-        vocab_size=vocab_size,
-        stop_token_ids=data["stop_token_ids"],
-        add_prefix_space=metadata["add_prefix_space"],
-    )
+    with LOCK:
+        metadata = xgr.TokenizerInfo._detect_metadata_from_hf(data["tokenizer_str"])
+        return xgr.TokenizerInfo(
+            data["encoded_vocab"],
+            vocab_type=metadata["vocab_type"],
+            vocab_size=vocab_size,
+            stop_token_ids=data["stop_token_ids"],
+            add_prefix_space=metadata["add_prefix_space"],
+        )
 
 
 class GuideCompiler:
@@ -118,7 +119,8 @@ class GuideCompiler:
 
     def __init__(self, tokenizer_info, *, max_threads: int = 1) -> None:
         self.tokenizer_info = tokenizer_info
-        self._compiler = _xgr().GrammarCompiler(tokenizer_info, max_threads=max_threads, cache_enabled=True)
+        with LOCK:
+            self._compiler = _xgr().GrammarCompiler(tokenizer_info, max_threads=max_threads, cache_enabled=True)
 
     def compile(self, guide: Guide):
         """The CompiledGrammar of ``guide``; raises InvalidRequest naming the field."""

@@ -52,9 +52,9 @@ class Request(Protocol):
     def send_admission(self) -> None:
         """An empty, non-final response: accepted, generation pending."""
 
-    def send_text(self, text: str, *, index: int = 0, tokens: Optional[list[TokenLogprob]] = None) -> None:
-        """A non-final response holding a text delta of choice ``index`` (with its tokens when
-        logprobs were asked for)."""
+    def send_text(self, text: str, *, index: int = 0, n: int = 1, tokens: Optional[list[TokenLogprob]] = None) -> None:
+        """A non-final response holding a text delta of choice ``index`` of ``n`` (with its tokens
+        when logprobs were asked for)."""
 
     def send_final(self, text: str, gen: TextGeneration, *, tokens: Optional[list[TokenLogprob]] = None,
                    final: bool = True) -> None:

@@ -309,7 +309,7 @@ class LlmService:
                 stopping = True
                 self._stop_engine(job)
             if text.stream and (delta or tokens):
-                if not _safely(request.send_text, delta, index=gen.index, tokens=tokens):
+                if not _safely(request.send_text, delta, index=gen.index, n=n, tokens=tokens):
                     self._cancel(job)  # the response stream is gone: so is the client
                     stopping = True
             else:

@@ -80,6 +80,18 @@ class Stream:
         self.dropped_at = time.monotonic()
 
 
+def join_all(streams, triton, *, seconds=180):
+    """Wait for every client thread, failing with what the stuck ones saw (and the engine's
+    counters) instead of hanging when one never finishes."""
+    deadline = time.monotonic() + seconds
+    for s in streams:
+        s.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = [s for s in streams if s.thread.is_alive()]
+    assert not stuck, (f"{len(stuck)} of {len(streams)} clients still waiting after {seconds} s; "
+                       f"their status and last events: {[(s.status, s.log[-4:]) for s in stuck[:10]]}; "
+                       f"engine: {engine_metrics(triton)}")
+
+
 def test_streams_beyond_the_slots_get_tokens_as_the_engine_makes_them(load_gateway, small_triton):
     """48 streams on 4 slots (44 waiting in the engine's queue). Before the fix the llm model's
     responses waited for a thread of the Python backend's pool, all of which were held by BLS
@@ -101,8 +113,7 @@ def test_streams_beyond_the_slots_get_tokens_as_the_engine_makes_them(load_gatew
     watcher = threading.Thread(target=monitor, daemon=True)
     watcher.start()
     streams = [Stream(load_gateway.url, {**COUNTING, "max_new_tokens": tokens}).start() for _ in range(n)]
-    for s in streams:
-        s.thread.join(timeout=300)
+    join_all(streams, small_triton)
     stop.set()
     watcher.join()
 
@@ -129,8 +140,7 @@ def test_a_disconnect_storm_leaves_the_engine_idle(load_gateway, small_triton):
     late = [Stream(load_gateway.url, body, drop_after_tokens=2).start() for _ in range(100)]
     time.sleep(0.5)  # so that the early leavers queue behind them
     early = [Stream(load_gateway.url, body, drop_after_tokens=0).start() for _ in range(100)]
-    for s in late + early:
-        s.thread.join(timeout=300)
+    join_all(late + early, small_triton)
     assert all(s.status == 200 and s.dropped_at is not None for s in late + early)
     last_drop = max(s.dropped_at for s in late + early)
     while True:

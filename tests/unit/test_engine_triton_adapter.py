@@ -70,13 +70,17 @@ class Sender:
 
 
 class Request:
-    def __init__(self, request_id="", **tensors):
+    def __init__(self, request_id="", outputs=(), **tensors):
         self._id = request_id
         self.tensors = {k: Tensor(k, v) for k, v in tensors.items()}
         self.sender = Sender()
+        self.outputs = list(outputs)  # Triton names every output when the client named none
 
     def request_id(self):
         return self._id
+
+    def requested_output_names(self):
+        return self.outputs
 
     def get_response_sender(self):
         return self.sender
@@ -151,6 +155,18 @@ def test_non_streaming_one_final_response(model):
     assert response.output_tensors["output_ids"].shape == (1, 1, 6)
     assert response.output_tensors["output_ids"].dtype == np.int32
     assert response.output_tensors["sequence_length"].tolist() == [[6]]
+
+
+def test_only_the_requested_outputs_are_sent(model):
+    """The stub of Triton 2.51 would drop the others itself, without the GIL (trident.stub_objects)."""
+    req = prompt(outputs=["output_ids"])
+    model.execute([req])
+    (response, _), = req.sender.wait()
+    assert list(response.output_tensors) == ["output_ids"]
+    everything = prompt(outputs=["output_ids", "sequence_length"])
+    model.execute([everything])
+    (response, _), = everything.sender.wait()
+    assert sorted(response.output_tensors) == ["output_ids", "sequence_length"]
 
 
 def test_streaming_then_stop_request_cancels(model):

@@ -52,7 +52,7 @@ class FakeRequest:
     def send_admission(self):
         self._record("send_admission")
 
-    def send_text(self, text, *, index=0, tokens=None):
+    def send_text(self, text, *, index=0, n=1, tokens=None):
         self._record("send_text", text)
         self.choices.append(("text", index, text, tokens))
 

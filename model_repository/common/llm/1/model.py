@@ -16,10 +16,14 @@ from trident.contract import ADMISSION_PARAMETER, SERVER_ID_ENV
 from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_response, stop_inputs
 from trident.llm_io import EngineChunk, LlmSettings, output_tensors
 from trident.llm_service import LlmService
+from trident.stub_objects import Retirement, requested_only
 
 log = logging.getLogger("trident.llm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 SERVER_ID = os.environ.get(SERVER_ID_ENV) or socket.gethostname()  # which Triton: in admissions
+# Finished BLS response iterators, let go only seconds later on a Python thread: the stub of
+# Triton 2.51 could otherwise free them, NumPy arrays and all, without the GIL (trident.stub_objects).
+RETIRED = None
 
 
 class TritonPythonModel:
@@ -31,6 +35,8 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         settings = LlmSettings.from_parameters(params)
         tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
+        global RETIRED
+        RETIRED = Retirement()
         self.service = LlmService(settings, tokenizer, BlsEngine(settings.engine_model))
         self.service.start()
         log.info("llm ready: %s", settings)
@@ -42,6 +48,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.service.stop()
+        RETIRED.stop()
 
 
 def _configure_logging():
@@ -58,13 +65,13 @@ class TritonRequest:
     """trident.llm_io.Request over a Triton request and its decoupled response sender."""
 
     def __init__(self, request):
-        """In ``execute`` only: the request's inputs are read here and in the service's accept,
-        never from the workers (a decoupled request's input tensors must not be touched once
-        execute has returned: reading one per streamed delta corrupted the stub's heap)."""
+        """The request's inputs are read in ``execute`` only (the service's accept), never from
+        the workers: a decoupled request's input tensors must not be touched once execute has
+        returned."""
         self._request = request
         self._sender = request.get_response_sender()
-        choices = self.input("num_return_sequences")
-        self._choices = 1 if choices is None else int(choices.reshape(-1)[0])
+        # Only these outputs are sent: the stub would drop the others without the GIL.
+        self._outputs = frozenset(request.requested_output_names())
 
     def input(self, name):
         tensor = pb_utils.get_input_tensor_by_name(self._request, name)
@@ -81,14 +88,18 @@ class TritonRequest:
 
     def send_admission(self):
         server = np.array([[SERVER_ID.encode()]], dtype=np.object_)
-        self._sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("server", server)]))
+        self._sender.send(self._response({"server": server}))
 
-    def send_text(self, text, *, index=0, tokens=None):
-        self._sender.send(_response(output_tensors(text, index=index, tokens=tokens, n=self._choices)))
+    def send_text(self, text, *, index=0, n=1, tokens=None):
+        self._sender.send(self._response(output_tensors(text, index=index, tokens=tokens, n=n)))
 
     def send_final(self, text, gen, *, tokens=None, final=True):
-        response = _response(output_tensors(text, index=gen.index, tokens=tokens, gen=gen, n=gen.req.sampling.n))
+        response = self._response(output_tensors(text, index=gen.index, tokens=tokens, gen=gen, n=gen.req.sampling.n))
         self._sender.send(response, flags=FINAL if final else 0)
+
+    def _response(self, arrays):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, value) for name, value in requested_only(arrays, self._outputs).items()])
 
     def send_error(self, message):
         self._sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
@@ -111,7 +122,15 @@ class BlsEngine:
             request_id=engine_id,
         )
         # Iterating drains the stream to its final response, also after a stop.
-        for response in infer.exec(decoupled=True):
+        responses = infer.exec(decoupled=True)
+        try:
+            yield from self._chunks(responses)
+        finally:
+            RETIRED.keep(responses)
+
+    @staticmethod
+    def _chunks(responses):
+        for response in responses:
             if response.has_error():
                 yield EngineChunk(error=response.error().message())
                 continue
@@ -131,9 +150,8 @@ class BlsEngine:
             requested_output_names=[OUTPUT_IDS],
             request_id=engine_id,
         )
-        for _ in stop.exec(decoupled=True):
+        responses = stop.exec(decoupled=True)
+        for _ in responses:
             pass
+        RETIRED.keep(responses)
 
-
-def _response(arrays):
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in arrays.items()])

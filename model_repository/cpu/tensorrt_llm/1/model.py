@@ -29,6 +29,7 @@ from trident.engine import (
     response_arrays,
 )
 from trident.engine.triton_io import METRICS
+from trident.stub_objects import requested_only
 
 log = logging.getLogger("trident.engine.triton")
 
@@ -48,11 +49,12 @@ def _send_error(sender, message: str) -> None:
         log.exception("could not send error response: %s", message)
 
 
-def _send_output(sender, out: GenerationOutput) -> None:
+def _send_output(sender, out: GenerationOutput, requested=None) -> None:
     if out.error is not None:
         _send_error(sender, error_message(out.error_type, out.error, out.error_param))
         return
-    tensors = [pb_utils.Tensor(name, array) for name, array in response_arrays(out).items()]
+    # Only what the request asked for: the stub would drop the rest without the GIL (trident.stub_objects).
+    tensors = [pb_utils.Tensor(name, array) for name, array in requested_only(response_arrays(out), requested).items()]
     sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.finished else 0)
 
 
@@ -113,14 +115,14 @@ class ResponseSender:
         self._thread = threading.Thread(target=self._run, name="engine-responses", daemon=True)
         self._thread.start()
 
-    def put(self, sender, out: GenerationOutput) -> None:
-        self._queue.put((sender, out))
+    def put(self, sender, out: GenerationOutput, requested=None) -> None:
+        self._queue.put((sender, out, requested))
 
     def _run(self):
         while (item := self._queue.get()) is not None:
-            sender, out = item
+            sender, out, requested = item
             try:
-                _send_output(sender, out)
+                _send_output(sender, out, requested)
             except Exception:  # the client is gone; the engine notices through is_cancelled
                 log.exception("could not send a response for request %s", out.request_id)
 
@@ -173,7 +175,8 @@ class TritonPythonModel:
                 return
             generation = request_from_tensors(request.request_id(), tensors)
             generation.is_cancelled = sender.is_cancelled
-            self.engine.submit(generation, lambda out: self.responses.put(sender, out))
+            requested = frozenset(request.requested_output_names())
+            self.engine.submit(generation, lambda out: self.responses.put(sender, out, requested))
         except EngineError as e:  # invalid request, queue full, engine stopped
             _send_error(sender, error_message(e.error_type, str(e), e.param))
         except Exception as e:  # never let one request take the model down
