@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ from .schemas import GenerateSchema
 from .state import GatewayState, InFlight
 from . import telemetry
 from .telemetry import formatter
+from .ids import new_id
 
 log = logging.getLogger("trident.gateway")
 
@@ -92,11 +92,11 @@ def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | No
 
 def _assign_request_id() -> None:
     sent = request.headers.get("X-Request-ID", "")
-    g.request_id = sent if _CLIENT_REQUEST_ID.match(sent) else uuid.uuid4().hex
+    g.request_id = sent if _CLIENT_REQUEST_ID.match(sent) else new_id()
 
 
 def _send_request_id(response: Response) -> Response:
-    response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+    response.headers["X-Request-ID"] = g.get("request_id") or new_id()
     return response
 
 

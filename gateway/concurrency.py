@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from .errors import ClientError
+from .ids import new_id
 
 _ACQUIRE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -68,7 +68,7 @@ class KeyConcurrency:
 
             self._redis = redis.Redis.from_url(self.storage_uri)
             self._script = self._redis.register_script(_ACQUIRE)
-        key, member, now = f"trident:open-generations:{name}", uuid.uuid4().hex, time.time()
+        key, member, now = f"trident:open-generations:{name}", new_id(), time.time()
         if not self._script(keys=[key], args=[now, now + self.lease, member, limit, int(self.lease) + 60]):
             raise _refused(name, limit, retry_after)
         released = False

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any
 
 from .backend import Event, Finished, TextDelta, TokenLogprobs
 from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs
 from .errors import ApiError
+from .ids import new_id
 
 DONE = b"data: [DONE]\n\n"
 
@@ -64,7 +64,7 @@ class _Reply:
     id_prefix: str
 
     def __init__(self, model: str, *, include_usage: bool = False, logprobs: int | None = None) -> None:
-        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.id = f"{self.id_prefix}-{new_id()}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage

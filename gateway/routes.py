@@ -8,7 +8,6 @@ for the key, in-flight limit, the backend). ``/metrics`` is added by gateway.tel
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
@@ -25,6 +24,7 @@ from .sse import event_bytes
 from .json_body import read_json_object
 from .schemas import load_generate
 from .state import GatewayState
+from .ids import new_id
 
 bp = Blueprint("gateway", __name__)
 
@@ -68,7 +68,7 @@ def generate() -> Any:
     choices, finished = collect(generation, done, sampling.n)
     return jsonify(
         {
-            "id": f"cmpl-{uuid.uuid4().hex}",
+            "id": f"cmpl-{new_id()}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": params.model,

@@ -180,6 +180,7 @@ def main() -> int:
     p.add_argument("--multiples", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     p.add_argument("--ways", type=lambda s: s.split(","), default=["engine", "llm", "gateway"])
     p.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    p.add_argument("--gateway-workers", type=int, default=1, help="gunicorn workers of the gateway this script starts")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     batch = args.batch or engine_batch_size(args.model_repository)
@@ -200,7 +201,7 @@ def main() -> int:
             from trident.gateway_process import GatewayProcess
 
             args.api_key = args.api_key or "load-" + os.urandom(8).hex()
-            gw = GatewayProcess(port=free_port(), triton_grpc_url=args.grpc_url,
+            gw = GatewayProcess(port=free_port(), triton_grpc_url=args.grpc_url, workers=args.gateway_workers,
                                 log_path=Path(tempfile.mkdtemp(prefix="load-gw-")) / "gateway.log",
                                 extra_env={"TRIDENT_API_KEY": args.api_key, "TRIDENT_LOG_FORMAT": "text"})
             started.append(gw)
