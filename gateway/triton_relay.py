@@ -112,7 +112,7 @@ class RelayCall:
 
     def cancel(self) -> None:
         """Any thread, any time, more than once: cancels the gRPC call."""
-        if self._cancelled or self.done:  # nothing to cancel once the call has ended
+        if self._cancelled:
             return
         self._cancelled = True
         task = self._task
@@ -133,12 +133,6 @@ class Relay:
         started.wait()
         self._channel: grpc.aio.Channel | None = None
         self.stub: Any = None
-        # Calls to start, handed over in batches: one wake-up of the loop for all the calls a
-        # burst of requests starts meanwhile. Each wake-up is a write to the loop's self-pipe, a
-        # system call that releases the GIL; taking it back from the relay and gRPC's threads
-        # cost the gevent thread hundreds of microseconds per call (cProfile of a worker).
-        self._starts: collections.deque[tuple[RelayCall, Coroutine[Any, Any, None]]] = collections.deque()
-        self._start_scheduled = False
         # Scheduled, not awaited: the loop runs callbacks in order, so the stub exists before any
         # later call runs; and the caller never yields to another greenlet (which could build a
         # second relay, with a second event loop: grpc.aio then mixes their futures).
@@ -193,22 +187,13 @@ class Relay:
             except BaseException as exc:  # grpc.aio.AioRpcError, a bad response: the consumer decides
                 call.put(exc, last=True)
 
-        self._starts.append((call, pump()))  # before the flag is read: see _start_calls
-        if not self._start_scheduled:
-            self._start_scheduled = True
-            self.loop.call_soon_threadsafe(self._start_calls)
-        return call
-
-    def _start_calls(self) -> None:  # on the loop
-        # The flag goes down before the queue is read: a call queued after this read finds it
-        # down and schedules another round; one queued before it is started here.
-        self._start_scheduled = False
-        starts = self._starts
-        while starts:
-            call, pump = starts.popleft()
-            call._task = self.loop.create_task(pump)
+        def start() -> None:
+            call._task = self.loop.create_task(pump())
             if call._cancelled:
                 call._task.cancel()
+
+        self.loop.call_soon_threadsafe(start)
+        return call
 
     def close(self) -> None:
         if self._channel is not None:
