@@ -82,9 +82,9 @@ def main() -> int:
             t.start()
         for t in threads:
             t.join()
+        log = Path(triton.log_path).read_text(errors="replace").splitlines()  # before the stop's own signal line
     finally:
         triton.stop()
-    log = Path(triton.log_path).read_text(errors="replace").splitlines()
     bad = [line for line in log if any(b in line for b in BAD_LINES)]
     print(f"{counts['streams']} streams, {counts['errors']} errors in {args.seconds:g} s; "
           f"{len(bad)} abort/corruption lines in Triton's log{': ' + bad[0] if bad else ''}")
