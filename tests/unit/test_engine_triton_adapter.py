@@ -1,15 +1,13 @@
 """model_repository/cpu/tensorrt_llm/1/model.py driven through a fake triton_python_backend_utils."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import threading
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pb_fakes import FINAL, Tensor, load_model, unload
 from testkit import model_dir
 
 from trident.engine import QueueFullError
@@ -18,32 +16,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CKPT = model_dir()
 MODEL_PY = ROOT / "model_repository" / "cpu" / "tensorrt_llm" / "1" / "model.py"
 pytestmark = pytest.mark.skipif(not (CKPT / "model.safetensors").is_file(), reason=f"no checkpoint in {CKPT}")
-FINAL = 1
-
-
-class Tensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-
-class InferenceResponse:
-    def __init__(self, output_tensors=None, error=None):
-        self.output_tensors = {t.name(): t.as_numpy() for t in output_tensors or []}
-        self.error = error
-
-
-class TritonError:
-    def __init__(self, message):
-        self._message = message
-
-    def message(self):
-        return self._message
 
 
 class Sender:
@@ -122,15 +94,8 @@ def get_input_tensor_by_name(request, name):
 
 @pytest.fixture(scope="module")
 def model():
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.Tensor, fake.InferenceResponse, fake.TritonError = Tensor, InferenceResponse, TritonError
-    fake.get_input_tensor_by_name = get_input_tensor_by_name
-    fake.MetricFamily = MetricFamily
-    fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
-    sys.modules["triton_python_backend_utils"] = fake
-    spec = importlib.util.spec_from_file_location("tensorrt_llm_cpu_model", MODEL_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_model(MODEL_PY, "tensorrt_llm_cpu_model", get_input_tensor_by_name=get_input_tensor_by_name,
+                        MetricFamily=MetricFamily)
     params = {"checkpoint_dir": str(CKPT), "max_batch_size": "4", "max_seq_len": "64", "dtype": "float32",
               "num_threads": "0", "max_queue_size": "8"}
     instance = module.TritonPythonModel()
@@ -138,7 +103,7 @@ def model():
         {"parameters": {k: {"string_value": v} for k, v in params.items()}})})
     yield instance
     instance.finalize()
-    del sys.modules["triton_python_backend_utils"]
+    unload()
 
 
 def prompt(request_id="", n=6, **extra):

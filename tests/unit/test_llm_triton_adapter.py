@@ -4,41 +4,19 @@ triton_python_backend_utils: what they hand to the stub, and when they let go of
 from __future__ import annotations
 
 import gc
-import importlib.util
-import sys
 import time
-import types
 import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pb_fakes import InferenceResponse, Tensor, load_model, unload
+
 from trident.stub_objects import Retirement
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_PY = ROOT / "model_repository" / "common" / "llm" / "1" / "model.py"
-FINAL = 1
-
-
-class Tensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-
-class InferenceResponse:
-    def __init__(self, output_tensors=None, error=None):
-        self.tensors = {t.name(): t.as_numpy() for t in output_tensors or []}
-        self._error = error
-
-    def has_error(self):
-        return self._error is not None
 
 
 class ResponseIterator:
@@ -71,7 +49,7 @@ class InferenceRequest:
 
 
 def get_output_tensor_by_name(response, name):
-    array = response.tensors.get(name)
+    array = response.output_tensors.get(name)
     return None if array is None else Tensor(name, array)
 
 
@@ -80,7 +58,7 @@ class Sender:
         self.sent = []
 
     def send(self, response=None, flags=0):
-        self.sent.append((None if response is None else sorted(response.tensors), flags))
+        self.sent.append((None if response is None else sorted(response.output_tensors), flags))
 
     def is_cancelled(self):
         return False
@@ -100,41 +78,44 @@ class Request:
 
 @pytest.fixture
 def model():
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.Tensor, fake.InferenceResponse, fake.InferenceRequest = Tensor, InferenceResponse, InferenceRequest
-    fake.get_output_tensor_by_name = get_output_tensor_by_name
-    fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
-    sys.modules["triton_python_backend_utils"] = fake
-    spec = importlib.util.spec_from_file_location("llm_model_under_test", MODEL_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    now = [0.0]
-    module.RETIRED = Retirement(hold=5.0, clock=lambda: now[0])
-    module.clock = now
+    module = load_model(MODEL_PY, "llm_model_under_test", InferenceRequest=InferenceRequest,
+                        get_output_tensor_by_name=get_output_tensor_by_name)
     yield module
-    module.RETIRED.stop()
-    del sys.modules["triton_python_backend_utils"]
+    unload()
 
 
-def test_a_finished_engine_stream_is_let_go_only_after_the_hold(model):
+@pytest.fixture
+def clock():
+    return [0.0]
+
+
+@pytest.fixture
+def engine(model, clock):
+    """BlsEngine with a retirement whose clock the test moves."""
+    retired = Retirement(hold=5.0, clock=lambda: clock[0])
+    yield model.BlsEngine("tensorrt_llm", retired)
+    retired.stop()
+
+
+def test_a_finished_engine_stream_is_let_go_only_after_the_hold(engine, clock):
     """Dropped at once, the iterator could die on the stub's utility thread, without the GIL."""
     InferenceRequest.made.clear()
-    chunks = list(model.BlsEngine("tensorrt_llm").stream({"input_ids": np.array([[1]], np.int32)}, "e-1"))
+    chunks = list(engine.stream({"input_ids": np.array([[1]], np.int32)}, "e-1"))
     assert [c.token_ids for c in chunks] == [[7], [8], []]
     iterator = weakref.ref(InferenceRequest.made[0].iterator)
     InferenceRequest.made.clear()
     gc.collect()
     assert iterator() is not None  # held by the retirement, nothing else
-    model.clock[0] += 5.1
+    clock[0] += 5.1
     deadline = time.monotonic() + 5
     while iterator() is not None:
         assert time.monotonic() < deadline, "never let go"
         time.sleep(0.01)
 
 
-def test_a_stop_request_stream_is_retired_too(model):
+def test_a_stop_request_stream_is_retired_too(engine):
     InferenceRequest.made.clear()
-    model.BlsEngine("tensorrt_llm").stop("e-2")
+    engine.stop("e-2")
     iterator = weakref.ref(InferenceRequest.made[0].iterator)
     InferenceRequest.made.clear()
     gc.collect()

@@ -21,9 +21,6 @@ from trident.stub_objects import Retirement, requested_only
 log = logging.getLogger("trident.llm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 SERVER_ID = os.environ.get(SERVER_ID_ENV) or socket.gethostname()  # which Triton: in admissions
-# Finished BLS response iterators, let go only seconds later on a Python thread: the stub of
-# Triton 2.51 could otherwise free them, NumPy arrays and all, without the GIL (trident.stub_objects).
-RETIRED = None
 
 
 class TritonPythonModel:
@@ -35,9 +32,8 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         settings = LlmSettings.from_parameters(params)
         tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
-        global RETIRED
-        RETIRED = Retirement()
-        self.service = LlmService(settings, tokenizer, BlsEngine(settings.engine_model))
+        self.engine = BlsEngine(settings.engine_model, Retirement())
+        self.service = LlmService(settings, tokenizer, self.engine)
         self.service.start()
         log.info("llm ready: %s", settings)
 
@@ -48,7 +44,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.service.stop()
-        RETIRED.stop()
+        self.engine.retired.stop()
 
 
 def _configure_logging():
@@ -111,8 +107,12 @@ class TritonRequest:
 class BlsEngine:
     """trident.llm_io.EngineClient: the engine model over decoupled BLS."""
 
-    def __init__(self, model_name):
+    def __init__(self, model_name, retired):
         self.model_name = model_name
+        # Finished BLS response iterators, let go only seconds later on a Python thread: the stub
+        # of Triton 2.51 could otherwise free them, NumPy arrays and all, without the GIL
+        # (trident.stub_objects).
+        self.retired = retired
 
     def stream(self, tensors, engine_id, outputs=ENGINE_OUTPUTS):
         infer = pb_utils.InferenceRequest(
@@ -126,7 +126,7 @@ class BlsEngine:
         try:
             yield from self._chunks(responses)
         finally:
-            RETIRED.keep(responses)
+            self.retired.keep(responses)
 
     @staticmethod
     def _chunks(responses):
@@ -153,5 +153,5 @@ class BlsEngine:
         responses = stop.exec(decoupled=True)
         for _ in responses:
             pass
-        RETIRED.keep(responses)
+        self.retired.keep(responses)
 
