@@ -15,6 +15,7 @@ Not a test (tests/e2e/test_stub_churn.py is the short version in make test).
 from __future__ import annotations
 
 import argparse
+import collections
 import socket
 import sys
 import tempfile
@@ -26,6 +27,69 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BAD_LINES = ("malloc", "pybind11", "double free", "corrupted", "Signal (", "terminate called")
+
+
+def abort_lines(log_text: str) -> list[str]:
+    """The lines of a Triton log that tell of a stub abort or a corrupted heap."""
+    return [line for line in log_text.splitlines() if any(b in line for b in BAD_LINES)]
+
+
+def churn(grpc_url: str, *, seconds: float, clients: int) -> tuple[collections.Counter, list[str]]:
+    """``clients`` threads open 3-token greedy streams to ``llm`` one after another for
+    ``seconds``; every other stream names ``text_output`` as its only output. Returns how many
+    streams produced each text, and what went wrong (an error, or outputs sent that were not
+    asked for); a client pauses 0.1 s after a failure and goes on."""
+    import grpc
+    import numpy as np
+    from tritonclient.grpc import service_pb2_grpc
+
+    from gateway.triton_codec import build_infer_request
+
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(grpc_url))
+    inputs = {"text_input": np.array([[b"1, 2, 3, 4,"]], dtype=object), "max_tokens": np.array([[3]], np.int32),
+              "temperature": np.array([[0.0]], np.float32), "stream": np.array([[True]])}
+    texts: collections.Counter = collections.Counter()
+    failures: list[str] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def one(request) -> str:
+        text, names = "", set()
+        for response in stub.ModelStreamInfer(iter((request,)), timeout=60):
+            if response.error_message:
+                raise RuntimeError(response.error_message)
+            infer = response.infer_response
+            for tensor, raw in zip(infer.outputs, infer.raw_output_contents):
+                names.add(tensor.name)
+                if tensor.name == "text_output":
+                    text += raw[4:].decode()
+        if request.outputs and names - {"text_output"}:
+            raise RuntimeError(f"outputs not asked for were sent: {names}")
+        return text
+
+    def client(k: int) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            request = build_infer_request("llm", inputs)
+            if (k + i) % 2:
+                request.outputs.add().name = "text_output"
+            i += 1
+            try:
+                text = one(request)
+            except Exception as exc:  # noqa: BLE001 - counted, reported
+                with lock:
+                    failures.append(repr(exc))
+                time.sleep(0.1)
+                continue
+            with lock:
+                texts[text] += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return texts, failures
 
 
 def free_port() -> int:
@@ -41,11 +105,6 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=48)
     args = p.parse_args()
 
-    import grpc
-    import numpy as np
-    from tritonclient.grpc import service_pb2_grpc
-
-    from gateway.triton_codec import build_infer_request
     from trident.triton_launcher import TritonPorts, TritonServer
 
     work = Path(tempfile.mkdtemp(prefix="stress-llm-"))
@@ -53,42 +112,14 @@ def main() -> int:
                           ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
     triton.start(timeout=600)
     print(f"Triton log: {triton.log_path}", flush=True)
-    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(triton.grpc_url))
-    inputs = {"text_input": np.array([[b"1, 2, 3, 4,"]], dtype=object), "max_tokens": np.array([[3]], np.int32),
-              "temperature": np.array([[0.0]], np.float32), "stream": np.array([[True]])}
-    counts = {"streams": 0, "errors": 0}
-    lock = threading.Lock()
-    stop = time.monotonic() + args.seconds
-
-    def client(k: int) -> None:
-        i = 0
-        while time.monotonic() < stop:
-            request = build_infer_request("llm", inputs)
-            if (k + i) % 2:
-                request.outputs.add().name = "text_output"
-            i += 1
-            try:
-                failed = any(r.error_message for r in stub.ModelStreamInfer(iter((request,)), timeout=60))
-            except grpc.RpcError:
-                failed = True
-            with lock:
-                counts["errors" if failed else "streams"] += 1
-            if failed:
-                time.sleep(0.1)
-
     try:
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        log = Path(triton.log_path).read_text(errors="replace").splitlines()  # before the stop's own signal line
+        texts, failures = churn(triton.grpc_url, seconds=args.seconds, clients=args.clients)
+        bad = abort_lines(Path(triton.log_path).read_text(errors="replace"))  # before the stop's own signal line
     finally:
         triton.stop()
-    bad = [line for line in log if any(b in line for b in BAD_LINES)]
-    print(f"{counts['streams']} streams, {counts['errors']} errors in {args.seconds:g} s; "
+    print(f"{sum(texts.values())} streams, {len(failures)} errors in {args.seconds:g} s; "
           f"{len(bad)} abort/corruption lines in Triton's log{': ' + bad[0] if bad else ''}")
-    return 1 if bad or counts["errors"] else 0
+    return 1 if bad or failures else 0
 
 
 if __name__ == "__main__":
