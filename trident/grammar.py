@@ -28,8 +28,9 @@ GUIDE_PARAM = "guided_decoding_guide"
 
 
 #: Every XGrammar call of this process goes through this lock (compiles, matcher creation, the
-#: engine's per-step masks): the llm stub's heap was corrupted twice under 20 concurrent guided
-#: requests in fresh-clone test runs, and XGrammar does not document its thread safety.
+#: engine's per-step masks), because XGrammar does not document its thread safety. It was added
+#: while the llm stub's heap corruption under concurrent guided requests was unexplained; that
+#: turned out to be Triton 2.51's Python-backend stub (trident.stub_objects), not XGrammar.
 LOCK = threading.RLock()
 
 
