@@ -93,18 +93,28 @@ def grpc_stream(stub, model: str, inputs: dict, t0: float) -> float:
 
 
 def gateway_stream(url: str, key: str, tokens: int, t0: float) -> float:
-    import requests
+    """One SSE stream over the standard library's http.client, the lightest client at hand: the
+    clients share the machine's cores with the servers (the table prints their CPU)."""
+    import http.client
+    from urllib.parse import urlsplit
 
-    body = {"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0, "stream": True}
+    where = urlsplit(url)
+    body = json.dumps({"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0, "stream": True})
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=900)
     first = None
-    with requests.post(url + "/generate", json=body, headers={"Authorization": f"Bearer {key}"},
-                       stream=True, timeout=900) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
+    try:
+        conn.request("POST", "/generate", body=body,
+                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+        for line in response:
             if first is None and line.startswith(b"event: token"):
                 first = time.perf_counter() - t0
             if line.startswith(b"event: error"):
                 raise RuntimeError("error event")
+    finally:
+        conn.close()
     return first
 
 
@@ -134,38 +144,46 @@ def measure(args, batch: int) -> list[dict]:
         "llm": lambda t0: grpc_stream(stub, "llm", llm_inputs, t0),
         "gateway": lambda t0: gateway_stream(args.gateway_url, args.api_key, args.tokens, t0),
     }
+    # The first requests of a fresh server pay one-time costs (the engine's first batches, lazy
+    # imports, connection set-up): one round at the batch size, per way, before measuring.
+    for way in args.ways:
+        run_concurrently(batch, ways[way])
     rows = []
     for mult in args.multiples:
         n = batch * mult
         for way in args.ways:
+            before = os.times()
             firsts = run_concurrently(n, ways[way])
+            after = os.times()
+            client_ms = (after.user + after.system - before.user - before.system) * 1000 / n
             got = sorted(f for f in firsts if f is not None)
             if not got:
                 rows.append({"way": way, "streams": n, "answered": 0})
                 continue
             row = {"way": way, "streams": n, "answered": len(got), **quantiles(got),
-                   "first_batch_p50": statistics.median(got[:batch])}
+                   "first_batch_p50": statistics.median(got[:batch]), "client_cpu_ms": client_ms}
             rows.append(row)
             print(f"  {way:8s} {n:4d} streams: first token min {row['min']:.2f} p50 {row['p50']:.2f} "
                   f"p99 {row['p99']:.2f} max {row['max']:.2f} s; first batch p50 {row['first_batch_p50']:.2f} s"
-                  f" ({len(got)}/{n} answered)", flush=True)
+                  f" ({len(got)}/{n} answered; client CPU {client_ms:.1f} ms a stream)", flush=True)
     return rows
 
 
 def print_table(rows: list[dict], batch: int) -> None:
     engine = {r["streams"]: r for r in rows if r["way"] == "engine" and r.get("answered")}
     print(f"\nengine batch size {batch}; first-token seconds (min / p50 / p99 / max), "
-          "first batch p50, and its ratio to the engine-direct first batch\n")
-    print("| streams | through | min / p50 / p99 / max | first batch p50 | vs engine |")
-    print("|---|---|---|---|---|")
+          "first batch p50, its ratio to the engine-direct first batch, and this script's own CPU per stream "
+          "(the clients share the machine with the servers)\n")
+    print("| streams | through | min / p50 / p99 / max | first batch p50 | vs engine | client CPU |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         if not r.get("answered"):
-            print(f"| {r['streams']} | {r['way']} | no answer | | |")
+            print(f"| {r['streams']} | {r['way']} | no answer | | | |")
             continue
         ref = engine.get(r["streams"])
         ratio = f"{r['first_batch_p50'] / ref['first_batch_p50']:.2f}x" if ref else "-"
         print(f"| {r['streams']} | {r['way']} | {r['min']:.2f} / {r['p50']:.2f} / {r['p99']:.2f} / {r['max']:.2f}"
-              f" | {r['first_batch_p50']:.2f} | {ratio} |")
+              f" | {r['first_batch_p50']:.2f} | {ratio} | {r['client_cpu_ms']:.1f} ms |")
 
 
 def main() -> int:
