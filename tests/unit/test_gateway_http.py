@@ -172,6 +172,30 @@ def test_rate_limit_per_key_is_429_with_headers(tmp_path):
         assert client.post("/generate", json=BODY, headers={"Authorization": "Bearer free-key"}).status_code == 200
 
 
+def test_a_key_without_a_limit_skips_the_limiters_work(tmp_path, monkeypatch):
+    """Cost, not behaviour: flask-limiter resolves a route's limits twice per request (its hook
+    and the route's decorator); for a key without a limit it must not get that far. A limited
+    key still goes through it."""
+    from gateway.ratelimit import limiter
+
+    path = keys_file(
+        tmp_path,
+        [
+            {"name": "slow", "sha256": hash_key("slow-key"), "models": ["*"], "rate_limit": "5/minute"},
+            {"name": "free", "sha256": hash_key("free-key"), "models": ["*"]},
+        ],
+    )
+    client = create_app({"API_KEYS_FILE": path}, backend=FakeBackend()).test_client()
+    resolved = []
+    real = limiter.limit_manager.resolve_limits
+    monkeypatch.setattr(limiter.limit_manager, "resolve_limits", lambda *a, **k: resolved.append(a) or real(*a, **k))
+    for _ in range(3):
+        assert client.post("/generate", json=BODY, headers={"Authorization": "Bearer free-key"}).status_code == 200
+    assert resolved == []
+    assert client.post("/generate", json=BODY, headers={"Authorization": "Bearer slow-key"}).status_code == 200
+    assert resolved
+
+
 def test_default_rate_limit_applies_to_keys_without_one():
     client = make_client({"DEFAULT_RATE_LIMIT": "1/minute"})
     assert client.post("/generate", json=BODY, headers=AUTH).status_code == 200
