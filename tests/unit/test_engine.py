@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import pytest
 from testkit import model_dir
+from thread_events import Events
 import torch
 
 from trident.contract import SamplingParams
@@ -58,7 +59,7 @@ class Collector:
 
     def __init__(self, on_each=None):
         self.outputs = defaultdict(list)
-        self.done = defaultdict(threading.Event)
+        self.done = Events()  # thread-safe: see thread_events
         self.on_each = on_each
 
     def __call__(self, out):

@@ -15,6 +15,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 from testkit import model_dir
+from thread_events import Events
 import torch
 
 from trident.contract import Guide, SamplingParams
@@ -44,8 +45,8 @@ SCHEMA = {
 class Collector:
     def __init__(self):
         self.outputs = defaultdict(list)
-        self.done = defaultdict(threading.Event)
-        self.first = defaultdict(threading.Event)
+        self.done = Events()  # thread-safe: see thread_events
+        self.first = Events()
 
     def __call__(self, out):
         self.outputs[out.request_id].append(out)
