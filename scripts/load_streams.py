@@ -118,12 +118,36 @@ def gateway_stream(url: str, key: str, tokens: int, t0: float) -> float:
     return first
 
 
+def cpu_by_part(groups: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of the servers this script started, by part: each server runs in its
+    own session (trident.child_process.spawn), so its process group holds all its processes;
+    Triton's Python-backend stubs are counted by model."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parts: dict[str, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            server = next((name for name, pgid in groups.items() if pgid == int(fields[2])), None)
+            if server is None:
+                continue
+            part = server
+            args = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+            if b"triton_python_backend_stub" in args[0] and len(args) > 1:
+                part = "stub " + Path(args[1].decode()).parent.parent.name  # <repo>/<model>/1/model.py
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended meanwhile
+        parts[part] = parts.get(part, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return parts
+
+
 def engine_batch_size(repo: Path) -> int:
     text = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
     return int(re.search(r"^max_batch_size:\s*(\d+)", text, re.M).group(1))
 
 
-def measure(args, batch: int) -> list[dict]:
+def measure(args, batch: int, groups: dict[str, int]) -> list[dict]:
     import grpc
     import numpy as np
     from transformers import AutoTokenizer
@@ -152,16 +176,18 @@ def measure(args, batch: int) -> list[dict]:
     for mult in args.multiples:
         n = batch * mult
         for way in args.ways:
-            before = os.times()
+            before, servers_before = os.times(), cpu_by_part(groups)
             firsts = run_concurrently(n, ways[way])
-            after = os.times()
+            after, servers_after = os.times(), cpu_by_part(groups)
             client_ms = (after.user + after.system - before.user - before.system) * 1000 / n
+            server_ms = {part: (cpu - servers_before.get(part, 0.0)) * 1000 / n for part, cpu in servers_after.items()}
             got = sorted(f for f in firsts if f is not None)
             if not got:
                 rows.append({"way": way, "streams": n, "answered": 0})
                 continue
             row = {"way": way, "streams": n, "answered": len(got), **quantiles(got),
-                   "first_batch_p50": statistics.median(got[:batch]), "client_cpu_ms": client_ms}
+                   "first_batch_p50": statistics.median(got[:batch]), "client_cpu_ms": client_ms,
+                   "server_cpu_ms": server_ms}
             rows.append(row)
             print(f"  {way:8s} {n:4d} streams: first token min {row['min']:.2f} p50 {row['p50']:.2f} "
                   f"p99 {row['p99']:.2f} max {row['max']:.2f} s; first batch p50 {row['first_batch_p50']:.2f} s"
@@ -184,6 +210,16 @@ def print_table(rows: list[dict], batch: int) -> None:
         ratio = f"{r['first_batch_p50'] / ref['first_batch_p50']:.2f}x" if ref else "-"
         print(f"| {r['streams']} | {r['way']} | {r['min']:.2f} / {r['p50']:.2f} / {r['p99']:.2f} / {r['max']:.2f}"
               f" | {r['first_batch_p50']:.2f} | {ratio} | {r['client_cpu_ms']:.1f} ms |")
+    parts = sorted({part for r in rows for part in r.get("server_cpu_ms", {})})
+    if parts:
+        print("\nCPU per stream (ms), by process, over each whole round (the servers this script started; "
+              "a Python-backend stub by its model)\n")
+        print("| streams | through | " + " | ".join(parts) + " | client |")
+        print("|---|---|" + "---|" * (len(parts) + 1))
+        for r in rows:
+            if r.get("answered"):
+                cells = " | ".join(f"{r['server_cpu_ms'].get(part, 0.0):.2f}" for part in parts)
+                print(f"| {r['streams']} | {r['way']} | {cells} | {r['client_cpu_ms']:.2f} |")
 
 
 def main() -> int:
@@ -204,6 +240,7 @@ def main() -> int:
     batch = args.batch or engine_batch_size(args.model_repository)
 
     started = []
+    groups: dict[str, int] = {}  # server -> process group, for the CPU table
     try:
         if not args.grpc_url:
             from trident.triton_launcher import TritonPorts, TritonServer
@@ -215,6 +252,7 @@ def main() -> int:
             print(f"starting Triton on {args.model_repository} (log {triton.log_path})", flush=True)
             triton.start(timeout=600)
             args.grpc_url = triton.grpc_url
+            groups["triton"] = triton.process.pid
         if not args.gateway_url and "gateway" in args.ways:
             from trident.gateway_process import GatewayProcess
 
@@ -225,8 +263,9 @@ def main() -> int:
             started.append(gw)
             gw.start(timeout=60)
             args.gateway_url = gw.url
+            groups["gateway"] = gw.process.pid
         print(f"{batch} engine slots; {args.tokens} tokens a stream; multiples {args.multiples}", flush=True)
-        rows = measure(args, batch)
+        rows = measure(args, batch, groups)
         print_table(rows, batch)
         if args.json:
             args.json.write_text(json.dumps({"batch": batch, "tokens": args.tokens, "rows": rows}, indent=1))
