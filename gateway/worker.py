@@ -29,9 +29,10 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # 
     envelope of shared/API.md instead of an HTML page. gunicorn's own detail is left out: it may
     quote a header, and headers carry API keys."""
     import json
-    import uuid
 
     from gunicorn import util
+
+    from .ids import new_id
 
     messages = {
         400: "The request is not valid HTTP (request line, a header or the chunked body)",
@@ -46,7 +47,7 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # 
     body = json.dumps({"error": {"message": messages.get(status_int, reason), "type": kind, "param": None,
                                  "code": status_int}}).encode()
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-            f"X-Request-ID: {uuid.uuid4().hex}\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin-1")
+            f"X-Request-ID: {new_id()}\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin-1")
     util.write_nonblock(sock, head + body)
 
 
