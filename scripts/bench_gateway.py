@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trident.child_process import free_port  # noqa: E402
 from trident.gateway_process import GatewayProcess  # noqa: E402
 from trident.repo_builder import fill_template  # noqa: E402
 from trident.triton_launcher import TritonPorts, TritonServer  # noqa: E402
@@ -39,12 +39,6 @@ from trident.triton_launcher import TritonPorts, TritonServer  # noqa: E402
 ECHO = ROOT / "scripts" / "bench" / "echo_llm"
 CLIENTS = ROOT / "scripts" / "bench" / "clients.py"
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pace_ms(streams: int) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import socket
 import sys
 import tempfile
 import threading
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from trident.child_process import free_port  # noqa: E402
 
 BAD_LINES = ("malloc", "pybind11", "double free", "corrupted", "Signal (", "terminate called")
 
@@ -90,12 +91,6 @@ def churn(grpc_url: str, *, seconds: float, clients: int) -> tuple[collections.C
     for t in threads:
         t.join()
     return texts, failures
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

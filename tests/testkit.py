@@ -3,10 +3,11 @@ folder on the path). Defined once: keys, the served model's name, ports, the err
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from trident.child_process import free_port  # noqa: F401 (shared by every tier as testkit.free_port)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"  # in-process tiers; the end-to-end tier makes a random one (e2e_helpers.API_KEY)
@@ -17,12 +18,6 @@ MODEL = "smollm2-135m-instruct"  # the public model name the gateway serves by d
 def model_dir() -> Path:
     """The prepared checkpoint (make test prepares it; TRIDENT_MODEL_DIR overrides)."""
     return Path(os.environ.get("TRIDENT_MODEL_DIR", ROOT / ".cache/models/smollm2-135m-instruct"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 2.0, interval: float = 0.01) -> bool:

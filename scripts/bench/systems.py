@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from .llamacpp import ROOT, ensure_bench_venv, ensure_llama_server, gguf_path
+from trident.child_process import free_port
 
 
 @dataclasses.dataclass
@@ -24,12 +24,6 @@ class Result:
     t_end: float
     tokens: int
     text: str = ""  # the generated text (what a chat client sends back with its next turn)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
