@@ -25,6 +25,14 @@ class LlmSettings:
     limits: ModelLimits = ModelLimits()
     max_concurrent: int = 256  # requests streaming from the engine at once (worker threads)
     cancel_check_interval: float = 0.1  # seconds between is_cancelled() polls of one request
+    # Engine tokens per streamed response (SGLang's and vLLM's --stream-interval): 1 sends every
+    # token as it comes; N sends a choice's first text at once, then every N tokens, so Triton,
+    # this model and the gateway handle N times fewer messages.
+    stream_interval: int = 1
+
+    def __post_init__(self) -> None:
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval}")
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str]) -> "LlmSettings":
@@ -37,6 +45,7 @@ class LlmSettings:
             limits=ModelLimits.from_parameters(params),
             max_concurrent=get("max_concurrent_requests", cls.max_concurrent, int),
             cancel_check_interval=get("cancel_check_interval_ms", cls.cancel_check_interval * 1000, float) / 1000,
+            stream_interval=get("stream_interval", cls.stream_interval, int),
         )
 
 

@@ -11,7 +11,8 @@ One request goes through three stages:
    one worker thread each (a BLS call blocks its thread; see "Thread budget" below).
 3. **stream** from the engine model over BLS: detokenize, hold back possible stop sequences,
    stop the engine request on a match, send text deltas, then the final response with
-   ``finish_reason`` and token counts.
+   ``finish_reason`` and token counts. A choice's first text goes out at once, later ones every
+   ``stream_interval`` engine tokens (1 by default: every token as it comes).
 
 Cancellation at every stage: a watcher thread polls ``is_cancelled()`` of every request that has
 not heard from the engine for ``cancel_check_interval`` seconds (queued here, queued in the
@@ -280,9 +281,14 @@ class LlmService:
         n = text.sampling.n
         gens = [TextGeneration(self.tokenizer, text, prompt_tokens=job.prompt_tokens, index=i,
                                token_text=self._token_text) for i in range(n)]
-        # Without streaming, a choice's text and tokens wait for its last response.
+        # A choice's released text and tokens wait here until they are sent: without streaming,
+        # for its last response; streaming, for every ``stream_interval``-th engine token (its
+        # first text at once).
         parts: list[list[str]] = [[] for _ in range(n)]
         held: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        unsent = [0] * n  # engine tokens of each choice since its last streamed response
+        started = [False] * n  # the choice has streamed something
+        interval = self.settings.stream_interval
         stopping = False
         for chunk in self.engine.stream(job.tensors, job.engine_id, engine_outputs(text.sampling)):
             job.running = True
@@ -298,8 +304,13 @@ class LlmService:
             if self._poll(job):
                 stopping = True
                 continue
+            i = gen.index
+            parts[i].append(delta)
+            if tokens:
+                held[i].extend(tokens)
+            unsent[i] += len(chunk.token_ids)
             if gen.stopped and n > 1:  # this choice is done; the others go on
-                if not self._end_choice(job, gen, parts, held, delta, tokens, last=False):
+                if not self._end_choice(job, gen, parts, held, "", None, last=False):
                     stopping = True
                 if all(g.ended or g.stopped for g in gens):
                     stopping = True
@@ -308,14 +319,14 @@ class LlmService:
             if gen.stopped:
                 stopping = True
                 self._stop_engine(job)
-            if text.stream and (delta or tokens):
-                if not _safely(request.send_text, delta, index=gen.index, n=n, tokens=tokens):
-                    self._cancel(job)  # the response stream is gone: so is the client
-                    stopping = True
-            else:
-                parts[gen.index].append(delta)
-                if tokens:
-                    held[gen.index].extend(tokens)
+            if text.stream and (unsent[i] >= interval or not started[i]):
+                out = "".join(parts[i])
+                if out or held[i]:
+                    out_tokens = held[i] if gen.logprobs else None
+                    parts[i], held[i], unsent[i], started[i] = [], [], 0, True
+                    if not _safely(request.send_text, out, index=i, n=n, tokens=out_tokens):
+                        self._cancel(job)  # the response stream is gone: so is the client
+                        stopping = True
         if job.cancelled or self._poll(job):
             _final(job, request.close)  # Triton may refuse a send on a cancelled request
             return
@@ -332,13 +343,14 @@ class LlmService:
 
     def _end_choice(self, job: Job, gen: TextGeneration, parts: list[list[str]], held: list[list[TokenLogprob]],
                     tail: str, tokens: Optional[list[TokenLogprob]], *, last: bool) -> bool:
-        """Send a choice's last response (the request's last one when ``last``)."""
+        """Send a choice's last response (the request's last one when ``last``), with whatever of
+        it was not sent yet."""
         gen.ended = True
         if gen.finish_reason is None:  # ended by a stop sequence before the engine finished it
             gen.finish()
-        if not job.text.stream:
-            tail = "".join(parts[gen.index]) + tail
-            tokens = held[gen.index] + (tokens or []) if gen.logprobs else None
+        tail = "".join(parts[gen.index]) + tail
+        tokens = held[gen.index] + (tokens or []) if gen.logprobs else None
+        parts[gen.index], held[gen.index] = [], []
         if last:
             return _final(job, job.request.send_final, tail, gen, tokens=tokens)
         if not _safely(job.request.send_final, tail, gen, tokens=tokens, final=False):

@@ -31,9 +31,9 @@ def choice_tokens(req, index):
     return [t for kind, i, _, tokens in req.choices if i == index and tokens for t in tokens]
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_three_choices_each_with_its_text_and_one_final_response(make_service, tokenizer, stream):
-    service, engine = make_service()
+@pytest.mark.parametrize("stream, interval", [(True, 1), (False, 1), (True, 2)])
+def test_three_choices_each_with_its_text_and_one_final_response(make_service, tokenizer, stream, interval):
+    service, engine = make_service(stream_interval=interval)
     req = request(num_return_sequences=3, stream=stream)
     service.accept(req)
     wait(req)
@@ -58,12 +58,17 @@ def test_a_choice_that_meets_its_stop_sequence_ends_alone(make_service, tokenize
     assert engine.stops == engine.streams  # both matched: the engine request was stopped
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_logprob_tokens_concatenate_to_the_text(make_service, tokenizer, stream):
-    service, engine = make_service(limits=ModelLimits(features=frozenset(ENGINE_FEATURES)))
+@pytest.mark.parametrize("stream, interval", [(True, 1), (False, 1), (True, 4)])
+def test_logprob_tokens_concatenate_to_the_text(make_service, tokenizer, stream, interval):
+    service, engine = make_service(limits=ModelLimits(features=frozenset(ENGINE_FEATURES)), stream_interval=interval)
     req = request(return_log_probs=True, num_top_log_probs=2, max_tokens=6, stream=stream)
     service.accept(req)
     wait(req)
+    for _, _, text, tokens in req.choices:  # each response's tokens are its own text
+        assert "".join(t.text for t in tokens) == text
+    if stream:  # the first token at once, then the interval's groups, the rest with the final
+        groups = [1] + [interval] * ((6 - 1) // interval)
+        assert [len(tokens) for kind, _, _, tokens in req.choices if kind == "text"] == groups
     text = choice_texts(req, 1)[0]
     tokens = choice_tokens(req, 0)
     assert text == tokenizer.decode(engine.ids[:6])

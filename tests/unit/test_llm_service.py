@@ -305,3 +305,62 @@ def test_a_storm_stops_the_waiting_requests_before_a_running_one_frees_its_slot(
     wait(running)
     wait(waiting)
     assert engine.stops == [engine.streams[1], engine.streams[0]]
+
+
+def streamed(request):
+    """The texts of a request's streamed responses, then its final text."""
+    return [p for k, p in request.sent if k == "send_text"], [p[0] for k, p in request.sent if k == "send_final"]
+
+
+@pytest.mark.parametrize("interval, groups", [
+    (1, [1, 1, 1, 1, 1, 1, 1, 1]),  # every token as it comes (the default)
+    (3, [1, 3, 3]),  # the first text at once, then every third token; the eighth rides the final
+    (100, [1]),  # everything after the first token comes with the final response
+])
+def test_stream_interval_sends_the_first_text_at_once_then_every_nth_token(make_service, tokenizer, interval, groups):
+    service, engine = make_service(stream_interval=interval)
+    request = FakeRequest(max_tokens=8)
+    service.accept(request)
+    wait(request)
+    texts, finals = streamed(request)
+    bounds = [sum(groups[:k]) for k in range(len(groups) + 1)]
+    assert texts == [tokenizer.decode(engine.ids[a:b]) for a, b in zip(bounds, bounds[1:])]
+    assert finals == [tokenizer.decode(engine.ids[bounds[-1]:8])]
+    assert request.text() == tokenizer.decode(engine.ids[:8])
+    assert request.sent[-1][1][1:] == ("length", request.sent[-1][1][2], 8)  # counts every token
+
+
+def test_stream_interval_holds_text_back_for_a_stop_sequence_as_before(make_service, tokenizer):
+    service, engine = make_service(stream_interval=2)
+    request = FakeRequest(stop_words=[" four"])
+    service.accept(request)
+    wait(request)
+    assert request.text() == " one two three"
+    assert request.sent[-1][1][1] == "stop_sequence"
+    assert engine.stops == engine.streams
+
+
+def test_stream_interval_without_streaming_changes_nothing(make_service, tokenizer):
+    service, engine = make_service(stream_interval=3)
+    request = FakeRequest(max_tokens=8, stream=False)
+    service.accept(request)
+    wait(request)
+    assert streamed(request) == ([], [tokenizer.decode(engine.ids[:8])])
+
+
+def test_a_client_gone_between_grouped_responses_stops_the_engine(make_service, tokenizer):
+    engine = FakeEngine(tokenizer)
+    service, _ = make_service(engine, cancel_check_interval=0.0, stream_interval=2)
+    request = FakeRequest(max_tokens=8, fail_on={"send_text"})
+    service.accept(request)
+    wait(request)
+    assert [k for k, _ in request.sent] == ["close"]
+    assert engine.stops == engine.streams
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_stream_interval_below_one_is_refused(value):
+    with pytest.raises(ValueError, match="stream_interval"):
+        LlmSettings(stream_interval=value)
+    assert LlmSettings.from_parameters({"stream_interval": "4"}).stream_interval == 4
+    assert LlmSettings.from_parameters({}).stream_interval == 1
