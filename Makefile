@@ -16,6 +16,8 @@ DTYPE ?= auto
 # Engine weights: int4 (GGUF Q4_1 blocks + trident's AVX2 kernels: the checkpoint's own 4-bit
 # weights, 3-5x faster than float32) | auto (= DTYPE; HF-identical in float32) | float16 | int8.
 WEIGHT_DTYPE ?= int4
+# Engine tokens per streamed response (1: every token; N: the first at once, then every N).
+STREAM_INTERVAL ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: install system-deps compiler kernels model repository serve test unit clean
@@ -58,7 +60,7 @@ repository: $(STAMP) model kernels
 	@echo "==> filling the CPU model repository into $(REPO_DIR)"
 	$(PY) build/build_repository.py --model-dir $(MODEL_DIR) --out $(REPO_DIR) \
 	    --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) --dtype $(DTYPE) \
-	    --weight-dtype $(WEIGHT_DTYPE)
+	    --weight-dtype $(WEIGHT_DTYPE) --stream-interval $(STREAM_INTERVAL)
 
 # TRITON_REPLICAS=N: N Tritons on their own ports (base + 10 * i), the gateway balancing over them.
 TRITON_REPLICAS ?= 1

@@ -43,6 +43,8 @@ def main() -> int:
                    help="largest max_new_tokens a request may ask for (default: max-seq-len - 1)")
     p.add_argument("--max-concurrent", type=int, default=serving_defaults.max_concurrent,
                    help="requests the llm model serves at once")
+    p.add_argument("--stream-interval", type=int, default=serving_defaults.stream_interval,
+                   help="engine tokens per streamed response of the llm model (1: every token)")
     p.add_argument("--convert-script", default=None,
                    help="TensorRT-LLM's examples/models/core/llama/convert_checkpoint.py "
                         "(default: $TRIDENT_TRTLLM_CONVERT_SCRIPT or the image's copy)")
@@ -57,7 +59,8 @@ def main() -> int:
     serving = ServingSettings(kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
                               enable_kv_cache_reuse=args.enable_kv_cache_reuse,
                               batch_scheduler_policy=args.batch_scheduler_policy,
-                              max_new_tokens_limit=args.max_new_tokens_limit, max_concurrent=args.max_concurrent)
+                              max_new_tokens_limit=args.max_new_tokens_limit, max_concurrent=args.max_concurrent,
+                              stream_interval=args.stream_interval)
 
     def log(message: str) -> None:
         print(f"[build-engine] {message}", flush=True)

@@ -5,6 +5,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from trident.llm_io import LlmSettings
 from trident.repo_builder import TemplateError, build_repository, fill_template
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,8 @@ def test_cpu_repository_configs_parse_with_tritons_protobuf(tmp_path):
     assert parsed["tensorrt_llm"].model_transaction_policy.decoupled
     params = {k: v.string_value for k, v in parsed["llm"].parameters.items()}
     assert params["max_context"] == "1024" and params["tokenizer_dir"] == str(tmp_path.resolve())
+    settings = LlmSettings.from_parameters(params)  # what the llm model reads back
+    assert (settings.max_concurrent, settings.stream_interval, settings.limits.max_context) == (64, 1, 1024)
     # The ensemble exposes exactly the llm model's interface.
     ens, llm = parsed["ensemble"], parsed["llm"]
     assert [(i.name, i.data_type) for i in ens.input] == [(i.name, i.data_type) for i in llm.input]

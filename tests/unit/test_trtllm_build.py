@@ -28,6 +28,7 @@ from trident.trtllm.checks import (Gpu, GpuSetupError, check_engine_version, exp
 from trident.trtllm.converter import (ConverterNotFound, converter_urls, download_converter, ensure_converter,
                                       find_convert_script)
 from trident.trtllm.launch import triton_command, world_size_of
+from trident.llm_io import LlmSettings
 from trident.trtllm.plan import EngineSettings, PlanError, ServingSettings, check_plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +121,8 @@ def test_bad_serving_knobs_are_refused(tmp_path):
     shape = read_model_shape(write_llama(tmp_path / "model"))
     with pytest.raises(PlanError, match="kv-cache-free-gpu-mem-fraction 1.5"):
         check_plan(engine=EngineSettings(), serving=ServingSettings(kv_cache_free_gpu_mem_fraction=1.5), shape=shape)
+    with pytest.raises(PlanError, match="--stream-interval must be at least 1, got 0"):
+        check_plan(engine=EngineSettings(), serving=ServingSettings(stream_interval=0), shape=shape)
 
 
 # ---------------------------------------------------------------- the filled repository
@@ -131,7 +134,7 @@ def trtllm_repo(tmp_path_factory):
     layout = run_build(model_dir=model, out_dir=base / "out", dry_run=True, convert_script=CONVERT,
                        engine=EngineSettings(max_batch_size=24, max_seq_len=1024, max_num_tokens=4096),
                        serving=ServingSettings(kv_cache_free_gpu_mem_fraction=0.8, enable_kv_cache_reuse=False,
-                                               batch_scheduler_policy="max_utilization"),
+                                               batch_scheduler_policy="max_utilization", stream_interval=4),
                        log=lambda _: None)
     return layout
 
@@ -153,6 +156,7 @@ def test_every_trtllm_config_parses_with_tritons_protobuf(trtllm_repo):
     assert params["engine_model"] == "tensorrt_llm"
     assert params["max_context"] == "1024" and params["max_new_tokens_limit"] == "1023"
     assert params["tokenizer_dir"] == str(trtllm_repo.hf_dir)
+    assert LlmSettings.from_parameters(params).stream_interval == 4  # the llm model reads it back
 
 
 def engine_config(repo) -> model_config_pb2.ModelConfig:

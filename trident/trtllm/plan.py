@@ -51,6 +51,7 @@ class ServingSettings:
     batch_scheduler_policy: str = "guaranteed_no_evict"
     max_new_tokens_limit: Optional[int] = None  # None: max_seq_len - 1
     max_concurrent: int = 256
+    stream_interval: int = 1  # engine tokens per streamed response of the llm model
 
 
 def check_plan(*, engine: EngineSettings, serving: ServingSettings, shape: ModelShape) -> list[str]:
@@ -92,6 +93,8 @@ def check_plan(*, engine: EngineSettings, serving: ServingSettings, shape: Model
         problems.append(f"--max-new-tokens-limit {limit} must be between 1 and --max-seq-len - 1")
     if serving.max_concurrent < 1:
         problems.append(f"--max-concurrent must be at least 1, got {serving.max_concurrent}")
+    if serving.stream_interval < 1:
+        problems.append(f"--stream-interval must be at least 1, got {serving.stream_interval}")
     if problems:
         raise PlanError("cannot build this engine:\n  " + "\n  ".join(problems))
 
