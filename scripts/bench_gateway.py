@@ -10,11 +10,12 @@ every open stream gets a token per tick, no engine), then for each number of ope
 
 It prints, per row: the CPU seconds of the gateway's worker processes (or of the floor client)
 per relayed token, relayed tokens/s against offered, time to first token and inter-token gap
-(p50/p99) at the client and what the gateway adds over the floor, the ratio of the gateway's
+(p50/p99) at the client and what the gateway adds over the floor (gaps are between
+responses: with ``--stream-interval N`` a response carries N tokens), the ratio of the gateway's
 CPU per token to the floor's, and how busy the machine was; it saves a plot and the JSON.
 
     make bench-gateway                                   # the default sweep
-    .venv/bin/python scripts/bench_gateway.py --streams 200 --workers 1 --seconds 5
+    .venv/bin/python scripts/bench_gateway.py --streams 200 --workers 1 --seconds 5 --stream-interval 1,8
 """
 from __future__ import annotations
 
@@ -47,11 +48,12 @@ def pace_ms(streams: int) -> float:
     return 20.0 if streams <= 200 else 20.0 * streams / 200
 
 
-def echo_repository(dest: Path, interval_ms: float) -> Path:
+def echo_repository(dest: Path, interval_ms: float, stream_interval: int = 1) -> Path:
     model = dest / "llm"
     (model / "1").mkdir(parents=True)
     text = fill_template((ECHO / "config.pbtxt.in").read_text(),
-                         {"interval_ms": f"{interval_ms:g}", "max_concurrent": 64}, source="echo config")
+                         {"interval_ms": f"{interval_ms:g}", "max_concurrent": 64, "stream_interval": stream_interval},
+                         source="echo config")
     (model / "config.pbtxt").write_text(text)
     shutil.copy(ECHO / "1" / "model.py", model / "1" / "model.py")
     return dest
@@ -90,9 +92,10 @@ def run_client(args: list[str]) -> dict:
 
 
 def measured(kind: str, streams: int, tokens: int, pace: float, result: dict, cpu: float, busy: float,
-             workers: int = 0) -> dict:
+             workers: int = 0, stream_interval: int = 1) -> dict:
     relayed = result["tokens"] / result["wall_s"] if result["wall_s"] else 0.0
-    return {"kind": kind, "workers": workers, "streams": streams, "tokens_per_stream": tokens, "pace_ms": pace,
+    return {"kind": kind, "workers": workers, "streams": streams, "stream_interval": stream_interval,
+            "tokens_per_stream": tokens, "pace_ms": pace,
             "tokens": result["tokens"], "errors": result["errors"], "cpu_s": cpu,
             "cpu_us_per_token": cpu / max(result["tokens"], 1) * 1e6, "relayed_per_s": relayed,
             "offered_per_s": streams * 1000.0 / pace, "ttft_ms": result["ttft_ms"], "gap_ms": result["gap_ms"],
@@ -103,11 +106,11 @@ def sweep(args) -> list[dict]:
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     key = "bench-" + os.urandom(8).hex()
-    for streams in args.streams:
+    for streams, interval in [(s, i) for s in args.streams for i in args.stream_interval]:
         pace = pace_ms(streams)
         tokens = max(20, int(args.seconds * 1000 / pace))
-        repo = echo_repository(work / f"repo-{streams}", pace)
-        triton = TritonServer(model_repository=repo, work_dir=work / f"triton-{streams}",
+        repo = echo_repository(work / f"repo-{streams}-{interval}", pace, interval)
+        triton = TritonServer(model_repository=repo, work_dir=work / f"triton-{streams}-{interval}",
                               ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
         triton.start(timeout=120)
         try:
@@ -115,12 +118,12 @@ def sweep(args) -> list[dict]:
             result = run_client(["grpc", "--url", triton.grpc_url, "--streams", str(streams), "--tokens", str(tokens)])
             b1 = machine_busy()
             row = measured("floor", streams, tokens, pace, result, result["cpu_s"],
-                           (b1[0] - b0[0]) / max(b1[1] - b0[1], 1))
+                           (b1[0] - b0[0]) / max(b1[1] - b0[1], 1), stream_interval=interval)
             rows.append(row)
             report(row)
             for w in args.workers:
                 gw = GatewayProcess(port=free_port(), triton_grpc_url=triton.grpc_url, workers=w,
-                                    log_path=work / f"gateway-{streams}-{w}.log",
+                                    log_path=work / f"gateway-{streams}-{interval}-{w}.log",
                                     extra_env={"TRIDENT_API_KEY": key, "TRIDENT_MAX_IN_FLIGHT": "0",
                                                "TRIDENT_LOG_FORMAT": "text"})
                 gw.start(timeout=60)
@@ -134,7 +137,7 @@ def sweep(args) -> list[dict]:
                 finally:
                     gw.stop()
                 row = measured("gateway", streams, tokens, pace, result, c1 - c0,
-                               (b1[0] - b0[0]) / max(b1[1] - b0[1], 1), workers=w)
+                               (b1[0] - b0[0]) / max(b1[1] - b0[1], 1), workers=w, stream_interval=interval)
                 rows.append(row)
                 report(row)
         finally:
@@ -144,7 +147,8 @@ def sweep(args) -> list[dict]:
 
 def report(row: dict) -> None:
     name = "floor (gRPC)" if row["kind"] == "floor" else f"gateway x{row['workers']}"
-    print(f"  {row['streams']:5d} streams  {name:13s} {row['cpu_us_per_token']:7.0f} us/token  "
+    print(f"  {row['streams']:5d} streams  {row['stream_interval']:2d} tok/resp  {name:13s} "
+          f"{row['cpu_us_per_token']:7.0f} us/token  "
           f"{row['relayed_per_s']:7.0f}/{row['offered_per_s']:.0f} tok/s  "
           f"ttft p50 {row['ttft_ms'].get('p50', 0):6.1f} ms  gap p50/p99 {row['gap_ms'].get('p50', 0):5.1f}/"
           f"{row['gap_ms'].get('p99', 0):6.1f} ms  errors {row['errors']}  machine {row['machine_busy']:.0%}",
@@ -152,17 +156,18 @@ def report(row: dict) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    floors = {r["streams"]: r for r in rows if r["kind"] == "floor"}
-    lines = ["| streams (pace) | relay | CPU per token | vs floor | relayed / offered tok/s | TTFT p50 (+gateway) "
-             "| gap p50 / p99 (+gateway p99) | machine busy |", "|---|---|---|---|---|---|---|---|"]
+    floors = {(r["streams"], r["stream_interval"]): r for r in rows if r["kind"] == "floor"}
+    lines = ["| streams (pace) | tokens / response | relay | CPU per token | vs floor | relayed / offered tok/s "
+             "| TTFT p50 (+gateway) | gap p50 / p99 (+gateway p99) | machine busy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        f = floors[r["streams"]]
+        f = floors[(r["streams"], r["stream_interval"])]
         name = "gRPC client (floor)" if r["kind"] == "floor" else f"gateway, {r['workers']} worker(s)"
         ratio = "1.00x" if r["kind"] == "floor" else f"{r['cpu_us_per_token'] / f['cpu_us_per_token']:.2f}x"
         add_ttft = r["ttft_ms"].get("p50", 0) - f["ttft_ms"].get("p50", 0)
         add_gap = r["gap_ms"].get("p99", 0) - f["gap_ms"].get("p99", 0)
         lines.append(
-            f"| {r['streams']} ({r['pace_ms']:g} ms) | {name} | {r['cpu_us_per_token']:.0f} us | {ratio} | "
+            f"| {r['streams']} ({r['pace_ms']:g} ms) | {r['stream_interval']} | {name} | {r['cpu_us_per_token']:.0f} us | {ratio} | "
             f"{r['relayed_per_s']:.0f} / {r['offered_per_s']:.0f} | {r['ttft_ms'].get('p50', 0):.1f} ms "
             f"({add_ttft:+.1f}) | {r['gap_ms'].get('p50', 0):.1f} / {r['gap_ms'].get('p99', 0):.1f} ms ({add_gap:+.1f}) "
             f"| {r['machine_busy']:.0%} |")
@@ -176,10 +181,10 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    kinds = sorted({(r["kind"], r["workers"]) for r in rows})
-    for kind, workers in kinds:
-        sel = [r for r in rows if (r["kind"], r["workers"]) == (kind, workers)]
-        label = "gRPC floor" if kind == "floor" else f"gateway x{workers}"
+    kinds = sorted({(r["kind"], r["workers"], r["stream_interval"]) for r in rows})
+    for kind, workers, interval in kinds:
+        sel = [r for r in rows if (r["kind"], r["workers"], r["stream_interval"]) == (kind, workers, interval)]
+        label = ("gRPC floor" if kind == "floor" else f"gateway x{workers}") + f", {interval} tok/resp"
         a.plot([r["streams"] for r in sel], [r["cpu_us_per_token"] for r in sel], marker="o", label=label)
         b.plot([r["streams"] for r in sel], [r["gap_ms"].get("p99", 0) for r in sel], marker="o", label=label)
     a.set(xscale="log", xlabel="open streams", ylabel="CPU us per relayed token", title="relay cost")
@@ -199,10 +204,14 @@ def main() -> int:
     p.add_argument("--streams", type=ints, default=[1, 50, 200, 500, 1000])
     p.add_argument("--workers", type=ints, default=[1, os.cpu_count() or 2])
     p.add_argument("--seconds", type=float, default=6.0, help="how long each stream runs (sets the tokens)")
+    p.add_argument("--stream-interval", type=ints, default=[1, 8],
+                   help="tokens per streamed response, as the llm model's stream_interval sends them "
+                        "(1: every token; N: the first at once, then N to a response); each is measured")
     p.add_argument("--out", type=Path, default=ROOT / ".cache/bench/gateway.png")
     args = p.parse_args()
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16") if f in Path("/proc/cpuinfo").read_text())
-    print(f"{os.cpu_count()} CPUs ({flags}); streams {args.streams}; workers {args.workers}", flush=True)
+    print(f"{os.cpu_count()} CPUs ({flags}); streams {args.streams}; workers {args.workers}; "
+          f"stream_interval {args.stream_interval}", flush=True)
     rows = sweep(args)
     print("\n" + table(rows))
     args.out.with_suffix(".json").parent.mkdir(parents=True, exist_ok=True)

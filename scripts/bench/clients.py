@@ -47,7 +47,8 @@ class Recorder:
         start = time.perf_counter()
         last = None
 
-        def token() -> None:
+        def token(count: int = 1) -> None:
+            """A response holding ``count`` tokens arrived."""
             nonlocal last
             now = time.perf_counter()
             if last is None:
@@ -55,7 +56,7 @@ class Recorder:
             else:
                 self.gaps.append((now - last) * 1000)
             last = now
-            self.tokens += 1
+            self.tokens += count
 
         return token
 
@@ -73,7 +74,7 @@ async def grpc_streams(url: str, streams: int, tokens: int, rec: Recorder) -> No
                 async for response in stub.ModelStreamInfer(iter((request,))):
                     infer = response.infer_response
                     if infer.outputs and infer.outputs[0].name == "text_output" and len(infer.raw_output_contents[0]) > 4:
-                        token()
+                        token(infer.raw_output_contents[0].count(b" "))  # the echo model's tokens: " 7"
                     if infer.parameters[FINAL_FLAG].bool_param:
                         break
             except grpc.aio.AioRpcError:
@@ -110,7 +111,8 @@ async def sse_streams(url: str, key: str, streams: int, tokens: int, rec: Record
             while b"\n\n" in buf:
                 block, buf = buf.split(b"\n\n", 1)
                 if b"event: token" in block:
-                    token()
+                    data = block.split(b"data: ", 1)[1]
+                    token(json.loads(data)["text"].count(" "))  # the echo model's tokens: " 7"
                 elif b"event: done" in block:
                     ok = True
                 elif b"event: error" in block:

@@ -2,7 +2,9 @@
 
 One ticker thread: every interval, each open stream gets one token " tok" (its index in the
 text, so a client can check order), then, at max_tokens, a final response with finish_reason
-"length" and the counts. Cancelled streams are dropped at the next tick.
+"length" and the counts. Cancelled streams are dropped at the next tick. With the parameter
+``stream_interval`` N, tokens are sent as the llm model sends them: the first at once, then N to
+a response (trident.llm_service).
 """
 import json
 import threading
@@ -29,8 +31,9 @@ class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         self.interval = float(params["interval_ms"]) / 1000
+        self.stream_interval = int(params.get("stream_interval", "1"))
         self.lock = threading.Lock()
-        self.streams = []  # [sender, tokens left, sent, stream?, text so far]
+        self.streams = []  # [sender, tokens left, tokens made, stream?, text not sent yet]
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._tick, daemon=True)
         self.thread.start()
@@ -61,16 +64,14 @@ class TritonPythonModel:
                         done.append(entry)
                         sender.send(flags=FINAL)
                         continue
-                    token = f" {sent}"
+                    parts.append(f" {sent}")
                     entry[1], entry[2] = left - 1, sent + 1
                     if entry[1] == 0:
                         done.append(entry)
-                        text = token if stream else "".join(parts) + token
-                        sender.send(_text(text, final_count=entry[2]), flags=FINAL)
-                    elif stream:
-                        sender.send(_text(token))
-                    else:
-                        parts.append(token)
+                        sender.send(_text("".join(parts), final_count=entry[2]), flags=FINAL)
+                    elif stream and (sent == 0 or len(parts) >= self.stream_interval):
+                        sender.send(_text("".join(parts)))
+                        parts.clear()
                 except Exception:
                     done.append(entry)
             if done:
