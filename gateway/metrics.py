@@ -51,7 +51,8 @@ TTFT = Histogram(
 )
 ITL = Histogram(
     "trident_gateway_inter_token_latency_seconds",
-    "Streaming generations: time between consecutive chunks of generated text (usually one token).",
+    "Streaming generations: time between consecutive chunks of generated text (usually one token; "
+    "up to the llm model's stream_interval tokens).",
     ["endpoint", "model"],
     buckets=_ITL_BUCKETS,
 )
