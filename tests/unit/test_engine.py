@@ -8,11 +8,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
 
 import pytest
 from testkit import model_dir
-from thread_events import Events
+from engine_sink import Collector
 import torch
 
 from trident.contract import SamplingParams
@@ -52,35 +51,6 @@ LONG = "The history of the Roman Empire spans many centuries. " + " ".join(
     ["Rome grew from a small town on the Tiber into an empire that ruled the Mediterranean, "
      "building roads, aqueducts and cities while its legions fought across three continents."] * 6
 )
-
-
-class Collector:
-    """on_output sink: every output per request, plus an event per finished request."""
-
-    def __init__(self, on_each=None):
-        self.outputs = defaultdict(list)
-        self.done = Events()  # thread-safe: see thread_events
-        self.on_each = on_each
-
-    def __call__(self, out):
-        self.outputs[out.request_id].append(out)
-        if self.on_each is not None:
-            self.on_each(out)
-        if out.finished:
-            self.done[out.request_id].set()
-
-    def wait(self, *ids):
-        for rid in ids:
-            assert self.done[rid].wait(TIMEOUT), f"request {rid} did not finish"
-
-    def tokens(self, rid):
-        return [t for o in self.outputs[rid] for t in o.token_ids]
-
-    def final(self, rid):
-        finals = [o for o in self.outputs[rid] if o.finished]
-        assert len(finals) == 1, f"{rid}: expected exactly one final output, got {len(finals)}"
-        assert self.outputs[rid][-1].finished, f"{rid}: outputs after the final one"
-        return finals[0]
 
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")

@@ -8,14 +8,13 @@ stream; guided decoding by parsing and validating the text.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import defaultdict
 
 import numpy as np
 import pytest
 from testkit import model_dir
-from thread_events import Events
+from engine_sink import Collector
 import torch
 
 from trident.contract import Guide, SamplingParams
@@ -40,32 +39,6 @@ SCHEMA = {
     "required": ["name", "colour", "happy"],
     "additionalProperties": False,
 }
-
-
-class Collector:
-    def __init__(self):
-        self.outputs = defaultdict(list)
-        self.done = Events()  # thread-safe: see thread_events
-        self.first = Events()
-
-    def __call__(self, out):
-        self.outputs[out.request_id].append(out)
-        self.first[out.request_id].set()
-        if out.finished:
-            self.done[out.request_id].set()
-
-    def wait(self, rid):
-        assert self.done[rid].wait(TIMEOUT), f"request {rid} did not finish"
-        finals = [o for o in self.outputs[rid] if o.finished]
-        assert len(finals) == 1 and self.outputs[rid][-1].finished, f"{rid}: not exactly one final output, last"
-        return self.outputs[rid]
-
-    def streams(self, rid):
-        """sequence index -> (tokens, finish_reason, outputs)."""
-        by = defaultdict(list)
-        for o in self.wait(rid):
-            by[o.sequence_index or 0].append(o)
-        return {i: ([t for o in outs for t in o.token_ids], outs[-1].finish_reason, outs) for i, outs in by.items()}
 
 
 _ids = iter(range(10**6))
@@ -213,7 +186,7 @@ def test_cancelling_an_n_request_ends_every_sequence(engine, tok):
                                     end_id=None, streaming=True), sink)
     assert sink.first[rid].wait(TIMEOUT)
     engine.cancel(rid)
-    outs = sink.wait(rid)
+    outs = sink.finished(rid)
     ends = {o.sequence_index: o.finish_reason for o in outs if o.finish_reason}
     assert ends == {0: "cancelled", 1: "cancelled", 2: "cancelled"}
     assert sum(len(o.token_ids) for o in outs) < 3 * 200
@@ -312,7 +285,7 @@ def test_a_bad_schema_is_an_error_naming_the_guide(fp32, tok):
     sink = Collector()
     bad = Guide("json_schema", '{"type": "object", "properties": {"a": {"type": "no-such-type"}}}')
     fp32.submit(GenerationRequest("bad-schema", [1, 2, 3], SamplingParams(max_new_tokens=4, guide=bad)), sink)
-    [out] = sink.wait("bad-schema")
+    [out] = sink.finished("bad-schema")
     assert out.finish_reason == "error" and out.error_type == "invalid_request_error"
     assert out.error_param == "guided_decoding_guide", out
 
@@ -331,7 +304,7 @@ def test_adapter_tensors_round_trip(int4, tok):
     assert request.sampling.logit_bias == ((5, -2.0),) and request.streaming
     sink = Collector()
     int4.submit(request, sink)
-    outs = sink.wait("adapter")
+    outs = sink.finished("adapter")
     seen = defaultdict(list)
     for out in outs:
         arrays = response_arrays(out)
