@@ -32,14 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trident.child_process import free_port  # noqa: E402
+from trident.child_process import free_port, process_cpu  # noqa: E402
 from trident.gateway_process import GatewayProcess  # noqa: E402
 from trident.repo_builder import fill_template  # noqa: E402
 from trident.triton_launcher import TritonPorts, TritonServer  # noqa: E402
 
 ECHO = ROOT / "scripts" / "bench" / "echo_llm"
 CLIENTS = ROOT / "scripts" / "bench" / "clients.py"
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def pace_ms(streams: int) -> float:
@@ -60,14 +59,13 @@ def echo_repository(dest: Path, interval_ms: float, stream_interval: int = 1) ->
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+    total = 0.0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += process_cpu(pid)[1]
         except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
+            continue  # ended
+    return total
 
 
 def machine_busy() -> tuple[int, int]:

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trident.child_process import free_port  # noqa: E402
+from trident.child_process import free_port, process_cpu  # noqa: E402
 
 PROMPT = "1, 2, 3, 4, 5, 6,"  # the model counts on: every request makes all its tokens
 
@@ -117,14 +117,13 @@ def cpu_by_part(groups: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far of the servers this script started, by part: each server runs in its
     own session (trident.child_process.spawn), so its process group holds all its processes;
     Triton's Python-backend stubs are counted by model."""
-    ticks = os.sysconf("SC_CLK_TCK")
     parts: dict[str, float] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-            server = next((name for name, pgid in groups.items() if pgid == int(fields[2])), None)
+            group, cpu = process_cpu(int(entry.name))
+            server = next((name for name, pgid in groups.items() if pgid == group), None)
             if server is None:
                 continue
             part = server
@@ -133,7 +132,7 @@ def cpu_by_part(groups: dict[str, int]) -> dict[str, float]:
                 part = "stub " + Path(args[1].decode()).parent.parent.name  # <repo>/<model>/1/model.py
         except (OSError, ValueError, IndexError):
             continue  # the process ended meanwhile
-        parts[part] = parts.get(part, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        parts[part] = parts.get(part, 0.0) + cpu
     return parts
 
 

@@ -21,6 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_cpu(pid: int) -> tuple[int, float]:
+    """A live process's group and its user + system CPU seconds so far (/proc/<pid>/stat; the
+    fields after the command name, which may hold spaces and parentheses). OSError once it ended."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[2]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the launching process dies, even by SIGKILL.
 

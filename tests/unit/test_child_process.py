@@ -1,13 +1,17 @@
 """trident.child_process: a server started from a thread that then ends keeps running (the
-kernel's parent-death signal follows the forking *thread*), and dies with its launcher."""
+kernel's parent-death signal follows the forking *thread*), and dies with its launcher; a
+process's group and CPU read from /proc."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 import time
 
-from trident.child_process import ChildServer
+import pytest
+
+from trident.child_process import ChildServer, process_cpu
 
 
 class Sleeper(ChildServer):
@@ -53,3 +57,16 @@ t.start(); t.join(); time.sleep(60)
     else:
         subprocess.run(["kill", "-9", str(child)])
         raise AssertionError("the server outlived its launcher")
+
+
+def test_process_cpu_reads_the_group_and_the_cpu_of_a_live_process():
+    group, before = process_cpu(os.getpid())
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    assert group == os.getpgrp()
+    assert process_cpu(os.getpid())[1] - before >= 0.25
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    with pytest.raises(OSError):  # reaped: no /proc entry
+        process_cpu(child.pid)
