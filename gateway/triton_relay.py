@@ -25,7 +25,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
-from tritonclient.grpc import service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 log = logging.getLogger("trident.gateway.triton")
 
@@ -133,6 +133,7 @@ class Relay:
         started.wait()
         self._channel: grpc.aio.Channel | None = None
         self.stub: Any = None
+        self._stream_infer: Any = None
         # Scheduled, not awaited: the loop runs callbacks in order, so the stub exists before any
         # later call runs; and the caller never yields to another greenlet (which could build a
         # second relay, with a second event loop: grpc.aio then mixes their futures).
@@ -146,6 +147,15 @@ class Relay:
     def _connect(self, target: str, options: list[tuple[str, Any]]) -> None:  # on the loop
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        # ModelStreamInfer is bidirectional, but each call here sends exactly one request and
+        # half-closes: on the wire that is a server-streaming call, and invoking it as one spares
+        # grpc.aio the request-iterator task and its write and done-writing steps for every call
+        # (about 10 % of the relay thread's samples under load, py-spy).
+        self._stream_infer = self._channel.unary_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
 
     def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None) -> Any:
         """Run a coroutine on the relay thread and wait for its result (cooperatively under
@@ -176,7 +186,7 @@ class Relay:
 
         async def pump() -> None:
             try:
-                grpc_call = self.stub.ModelStreamInfer(iter((request,)), timeout=timeout, wait_for_ready=False)
+                grpc_call = self._stream_infer(request, timeout=timeout, wait_for_ready=False)
                 # Read to the end: the server ends the call right after its final response
                 # (cancelling a call whose request completed kept Triton's model loaded).
                 async for response in grpc_call:
