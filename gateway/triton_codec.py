@@ -110,12 +110,19 @@ def parse_stream_response(
     if response.error_message:
         raise model_error(response.error_message, request_id=request_id, retry_after=retry_after)
     infer = response.infer_response
-    final = FINAL_FLAG in infer.parameters and infer.parameters[FINAL_FLAG].bool_param
-    if len(infer.raw_output_contents) != len(infer.outputs):
+    flag = infer.parameters.get(FINAL_FLAG)
+    final = flag is not None and flag.bool_param
+    outputs, raws = infer.outputs, infer.raw_output_contents
+    if len(raws) != len(outputs):
         raise ValueError("Triton response without raw_output_contents for every output")
+    if len(outputs) == 1:  # the common response, once per token or group: text only
+        tensor, raw = outputs[0], raws[0]
+        if tensor.name == "text_output" and tensor.datatype == "BYTES" and raw:
+            text = _first_element("BYTES", raw)
+            return StreamResponse(text=text.decode("utf-8", errors="replace"), finished=None, final=bool(final))
     values: dict[str, bytes | int] = {}
     arrays: dict[str, tuple[Any, list[int], bytes]] = {}
-    for tensor, raw in zip(infer.outputs, infer.raw_output_contents, strict=True):
+    for tensor, raw in zip(outputs, raws, strict=True):
         if tensor.name in _ARRAY_OUTPUTS:  # logprobs: whole tensors, only when asked for
             arrays[tensor.name] = (tensor.datatype, list(tensor.shape), raw)
         elif raw:  # an empty tensor holds no element

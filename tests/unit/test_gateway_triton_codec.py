@@ -114,6 +114,17 @@ def test_parse_text_delta():
     assert parsed.text == " Paris" and parsed.finished is None and parsed.final is False
 
 
+@pytest.mark.parametrize("final", [False, True])
+@pytest.mark.parametrize("text", [" Paris", "", "日本"])
+def test_a_lone_text_output_parses_as_with_other_outputs(text, final):
+    """The one-tensor shortcut (the response sent for every token) gives what the full parse
+    gives for the same text next to an output it ignores."""
+    lone = parse(stream_response(text=text, final=final))
+    padded = stream_response(text=text, final=final, arrays={"unknown_output": np.array([[7]], dtype=np.int32)})
+    assert lone == parse(padded)
+    assert lone.text == text and lone.final is final and lone.finished is None and lone.admitted is False
+
+
 def test_parse_final_response_with_outputs():
     parsed = parse(stream_response(text=".", finish=("eos_token", 13, 3), final=True))
     assert parsed.text == "." and parsed.final is True
