@@ -2,6 +2,8 @@
 ``--stream-interval 3``, its own Triton and the gunicorn gateway. A stream's first text comes at
 once, then three tokens to a response; the text, the log-probabilities and the counts are the
 same as without streaming. The default repository (interval 1) sends every token alone.
+Clients that hang up between grouped responses, or while queued, are cancelled as with
+interval 1.
 """
 import math
 
@@ -11,24 +13,31 @@ import requests
 
 from conftest import build_small_repository, start_gateway, start_triton
 from e2e_helpers import API_KEY, AUTH, sse_events
+from load_clients import disconnect_storm
 
 pytestmark = pytest.mark.e2e
 
 INTERVAL = 3
+SLOTS = 8
 TOKENS = 16
 BODY = {"prompt": "Write a short poem about the sea.", "max_new_tokens": TOKENS, "min_tokens": TOKENS,
         "temperature": 0, "logprobs": 1}
 
 
 @pytest.fixture(scope="module")
-def grouped(tmp_path_factory):
-    repo = build_small_repository(tmp_path_factory.mktemp("repo-interval") / "repository", max_batch_size=8,
+def grouped_triton(tmp_path_factory):
+    repo = build_small_repository(tmp_path_factory.mktemp("repo-interval") / "repository", max_batch_size=SLOTS,
                                   extra=["--stream-interval", str(INTERVAL)])
     triton = start_triton(repo, tmp_path_factory, "triton-interval")
-    gw = start_gateway(triton, tmp_path_factory)
+    yield triton
+    triton.stop()
+
+
+@pytest.fixture(scope="module")
+def grouped(grouped_triton, tmp_path_factory):
+    gw = start_gateway(grouped_triton, tmp_path_factory)
     yield gw
     gw.stop()
-    triton.stop()
 
 
 def stream(gateway, body):
@@ -70,3 +79,9 @@ def test_openai_chat_stream_in_groups_equals_the_plain_answer(grouped):
     chunks = [c for c in oai.chat.completions.create(stream=True, **kwargs) if c.choices and c.choices[0].delta.content]
     assert "".join(c.choices[0].delta.content for c in chunks) == plain
     assert len(chunks) <= 1 + math.ceil((TOKENS - 1) / INTERVAL)
+
+
+def test_a_disconnect_storm_between_grouped_responses_leaves_the_engine_idle(grouped, grouped_triton):
+    """40 clients hang up after their second response (the first group of three tokens, so
+    between groups), 40 while queued, on 8 slots: all cancelled, the engine idle within 2 s."""
+    disconnect_storm(grouped.url, grouped_triton, clients=40, slots=SLOTS)

@@ -1,0 +1,109 @@
+"""SSE clients on threads for the load tests: streams that run to the end or hang up at a
+chosen point, and the disconnect storm that the tests run against the default and the grouped
+(``stream_interval``) repositories."""
+import json
+import socket
+import threading
+import time
+
+import requests
+
+from e2e_helpers import AUTH, engine_metrics
+
+COUNTING = {"prompt": "1, 2, 3, 4, 5, 6,", "temperature": 0, "stream": True}
+
+
+class Stream:
+    """One SSE client on its own thread: what arrived, in order (headers, comments, events)."""
+
+    received = 0  # token events over all streams (under lock)
+    lock = threading.Lock()
+
+    def __init__(self, url, body, *, drop_after_tokens=None):
+        self.url, self.body, self.drop_after = url, body, drop_after_tokens
+        self.log = []  # kinds in arrival order: "headers", "comment", "token", "done", "error"
+        self.status = None
+        self.text = ""
+        self.dropped_at = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def _run(self):
+        r = requests.post(self.url + "/generate", json=self.body, headers=AUTH, stream=True, timeout=300)
+        self.status = r.status_code
+        self.log.append("headers")
+        if self.drop_after == 0:
+            self._drop(r)
+            return
+        tokens = 0
+        for line in r.iter_lines():
+            if line.startswith(b":"):
+                self.log.append("comment")
+            elif line.startswith(b"event: "):
+                kind = line[7:].decode()
+                self.log.append(kind)
+                if kind == "token":
+                    tokens += 1
+                    with Stream.lock:
+                        Stream.received += 1
+                    if self.drop_after is not None and tokens >= self.drop_after:
+                        self._drop(r)
+                        return
+            elif line.startswith(b"data: ") and self.log[-1] == "token":
+                self.text += json.loads(line[6:])["text"]
+        r.close()
+
+    def _drop(self, response):
+        # Close the TCP connection itself (requests may otherwise keep it in its pool).
+        raw = response.raw
+        try:
+            sock = raw._fp.fp.raw._sock  # the http.client socket under urllib3
+            sock.shutdown(socket.SHUT_RDWR)
+        except (AttributeError, OSError):
+            pass
+        response.close()
+        self.dropped_at = time.monotonic()
+
+
+def join_all(streams, triton, *, seconds=180):
+    """Wait for every client thread, failing with what the stuck ones saw (and the engine's
+    counters) instead of hanging when one never finishes."""
+    deadline = time.monotonic() + seconds
+    for s in streams:
+        s.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = [s for s in streams if s.thread.is_alive()]
+    assert not stuck, (f"{len(stuck)} of {len(streams)} clients still waiting after {seconds} s; "
+                       f"their status and last events: {[(s.status, s.log[-4:]) for s in stuck[:10]]}; "
+                       f"engine: {engine_metrics(triton)}")
+
+
+def disconnect_storm(url, triton, *, clients, slots, max_new_tokens=400):
+    """``clients`` streams hang up after 2 token events, then ``clients`` more as soon as they
+    have their 200 (still queued). Checks that every one of them is cancelled in the engine,
+    those still queued before reaching prefill, and that the engine is idle within 2 s of the
+    last hang-up and computes no token after."""
+    before = engine_metrics(triton)
+    body = {**COUNTING, "max_new_tokens": max_new_tokens}
+    late = [Stream(url, body, drop_after_tokens=2).start() for _ in range(clients)]
+    time.sleep(0.5)  # so that the early leavers queue behind them
+    early = [Stream(url, body, drop_after_tokens=0).start() for _ in range(clients)]
+    join_all(late + early, triton)
+    assert all(s.status == 200 and s.dropped_at is not None for s in late + early)
+    last_drop = max(s.dropped_at for s in late + early)
+    while True:
+        now = engine_metrics(triton)
+        if now["active"] == 0 and now["waiting"] == 0:
+            break
+        assert time.monotonic() - last_drop < 2.0, f"engine still busy 2 s after the last client left: {now}"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    settled = engine_metrics(triton)
+    assert settled["generated"] == now["generated"], "tokens still computed after every client left"
+    assert settled["cancelled"] - before["cancelled"] == 2 * clients
+    # The early leavers never got a slot: only the late ones (and any that the queue reached in
+    # the ~0.2 s a cancellation takes to arrive) were prefilled.
+    prefilled = settled["prefilled"] - before["prefilled"]
+    assert prefilled <= clients + 2 * slots, prefilled
