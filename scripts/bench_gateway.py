@@ -94,7 +94,7 @@ def measured(kind: str, streams: int, tokens: int, pace: float, result: dict, cp
     relayed = result["tokens"] / result["wall_s"] if result["wall_s"] else 0.0
     return {"kind": kind, "workers": workers, "streams": streams, "stream_interval": stream_interval,
             "tokens_per_stream": tokens, "pace_ms": pace,
-            "tokens": result["tokens"], "errors": result["errors"], "cpu_s": cpu,
+            "tokens": result["tokens"], "responses": result["responses"], "errors": result["errors"], "cpu_s": cpu,
             "cpu_us_per_token": cpu / max(result["tokens"], 1) * 1e6, "relayed_per_s": relayed,
             "offered_per_s": streams * 1000.0 / pace, "ttft_ms": result["ttft_ms"], "gap_ms": result["gap_ms"],
             "client_cpu_s": result["cpu_s"], "machine_busy": busy}

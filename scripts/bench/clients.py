@@ -41,6 +41,7 @@ class Recorder:
         self.ttft: list[float] = []
         self.gaps: list[float] = []
         self.tokens = 0
+        self.responses = 0  # those that carried text
         self.errors = 0
 
     def stream(self):
@@ -57,6 +58,7 @@ class Recorder:
                 self.gaps.append((now - last) * 1000)
             last = now
             self.tokens += count
+            self.responses += 1
 
         return token
 
@@ -142,8 +144,8 @@ def main() -> int:
         asyncio.run(sse_streams(args.url, args.key, args.streams, args.tokens, rec))
     cpu1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    print(json.dumps({"tokens": rec.tokens, "errors": rec.errors, "cpu_s": cpu, "wall_s": wall,
-                      "ttft_ms": quantiles(rec.ttft), "gap_ms": quantiles(rec.gaps)}))
+    print(json.dumps({"tokens": rec.tokens, "responses": rec.responses, "errors": rec.errors, "cpu_s": cpu,
+                      "wall_s": wall, "ttft_ms": quantiles(rec.ttft), "gap_ms": quantiles(rec.gaps)}))
     return 0
 
 
