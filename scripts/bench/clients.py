@@ -75,8 +75,11 @@ async def grpc_streams(url: str, streams: int, tokens: int, rec: Recorder) -> No
             try:
                 async for response in stub.ModelStreamInfer(iter((request,))):
                     infer = response.infer_response
-                    if infer.outputs and infer.outputs[0].name == "text_output" and len(infer.raw_output_contents[0]) > 4:
-                        token(infer.raw_output_contents[0].count(b" "))  # the echo model's tokens: " 7"
+                    if (infer.outputs and infer.outputs[0].name == "text_output"
+                            and len(raw := infer.raw_output_contents[0]) > 4):
+                        # The echo model's tokens, " 7": the spaces of the text after the 4-byte
+                        # length (whose bytes may be 0x20 too: 32 bytes of text).
+                        token(raw.count(b" ", 4))
                     if infer.parameters[FINAL_FLAG].bool_param:
                         break
             except grpc.aio.AioRpcError:
