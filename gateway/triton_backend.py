@@ -1,8 +1,8 @@
 """The Triton gRPC implementation of :class:`gateway.backend.Backend`.
 
 One channel per worker process, on the relay thread (gateway.triton_relay), created lazily on
-first use and again after a fork; one ``ModelStreamInfer`` call per HTTP request with a one-item
-request iterator, the request parameters ``triton_enable_empty_final_response`` (so the final
+first use and again after a fork; one ``ModelStreamInfer`` call per HTTP request, invoked as
+server-streaming (one request, then a half-close: gateway.triton_relay), the request parameters ``triton_enable_empty_final_response`` (so the final
 flag arrives) and the ``llm`` model's admission (trident.contract), and a cancel on close. Calls
 never wait for a connection (``wait_for_ready=False``): every Triton down is a fast 503, not a
 hang. tritonclient's ``InferenceServerClient`` is deliberately not used: it holds one stream at a
