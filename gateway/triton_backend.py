@@ -2,11 +2,12 @@
 
 One channel per worker process, on the relay thread (gateway.triton_relay), created lazily on
 first use and again after a fork; one ``ModelStreamInfer`` call per HTTP request, invoked as
-server-streaming (one request, then a half-close: gateway.triton_relay), the request parameters ``triton_enable_empty_final_response`` (so the final
-flag arrives) and the ``llm`` model's admission (trident.contract), and a cancel on close. Calls
-never wait for a connection (``wait_for_ready=False``): every Triton down is a fast 503, not a
-hang. tritonclient's ``InferenceServerClient`` is deliberately not used: it holds one stream at a
-time, and one request's ``stop_stream`` cancels another's.
+server-streaming (one request, then a half-close: gateway.triton_relay), with the request
+parameters ``triton_enable_empty_final_response`` (so the final flag arrives) and the ``llm``
+model's admission (trident.contract), and a cancel on close. Calls never wait for a connection
+(``wait_for_ready=False``): every Triton down is a fast 503, not a hang. tritonclient's
+``InferenceServerClient`` is deliberately not used: it holds one stream at a time, and one
+request's ``stop_stream`` cancels another's.
 
 Several Tritons: ``url`` may list several ``host:port`` (comma-separated) or be a
 ``dns:///name:port`` target (a Kubernetes headless Service: every address of the name). The
