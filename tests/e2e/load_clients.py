@@ -1,5 +1,5 @@
 """SSE clients on threads for the load tests: streams that run to the end or hang up at a
-chosen point, and the disconnect storm that the tests run against the default and the grouped
+chosen point, and the disconnect storms that the tests run against the default and the grouped
 (``stream_interval``) repositories."""
 import json
 import socket
@@ -8,7 +8,7 @@ import time
 
 import requests
 
-from e2e_helpers import AUTH, engine_metrics
+from e2e_helpers import AUTH, engine_metrics, wait_for
 
 COUNTING = {"prompt": "1, 2, 3, 4, 5, 6,", "temperature": 0, "stream": True}
 
@@ -19,8 +19,10 @@ class Stream:
     received = 0  # token events over all streams (under lock)
     lock = threading.Lock()
 
-    def __init__(self, url, body, *, drop_after_tokens=None):
-        self.url, self.body, self.drop_after = url, body, drop_after_tokens
+    def __init__(self, url, body, *, drop_after_tokens=None, drop_when=None):
+        """Hangs up after ``drop_after_tokens`` token events (0: on the headers), or at the
+        first token event after ``drop_when`` (a threading.Event) is set."""
+        self.url, self.body, self.drop_after, self.drop_when = url, body, drop_after_tokens, drop_when
         self.log = []  # kinds in arrival order: "headers", "comment", "token", "done", "error"
         self.status = None
         self.text = ""
@@ -49,7 +51,8 @@ class Stream:
                     tokens += 1
                     with Stream.lock:
                         Stream.received += 1
-                    if self.drop_after is not None and tokens >= self.drop_after:
+                    if (self.drop_after is not None and tokens >= self.drop_after
+                            or self.drop_when is not None and self.drop_when.is_set()):
                         self._drop(r)
                         return
             elif line.startswith(b"data: ") and self.log[-1] == "token":
@@ -107,3 +110,43 @@ def disconnect_storm(url, triton, *, clients, slots, max_new_tokens=400):
     # the ~0.2 s a cancellation takes to arrive) were prefilled.
     prefilled = settled["prefilled"] - before["prefilled"]
     assert prefilled <= clients + 2 * slots, prefilled
+
+
+def _engine_until(triton, done, since, what):
+    """The engine's counters once ``done(counters)``; fails if that takes 2 s past ``since``."""
+    while True:
+        now = engine_metrics(triton)
+        if done(now):
+            return now
+        assert time.monotonic() - since < 2.0, f"{what} 2 s after the last client left: {now}"
+        time.sleep(0.05)
+
+
+def held_slots_storm(url, triton, *, clients, slots, max_new_tokens=900):
+    """``slots`` streams hold every engine slot while ``clients`` more queue behind them and hang
+    up as soon as they have their 200. Those are cancelled while queued: the engine's queue is
+    empty within 2 s of the last, and not one of them is ever prefilled. Then the holders hang up
+    at their next token event: all cancelled, the engine idle within 2 s, no token computed after.
+    Nothing here depends on how fast the queue would have moved: the slots stay held until the
+    queue is empty."""
+    before = engine_metrics(triton)
+    body = {**COUNTING, "max_new_tokens": max_new_tokens}
+    release = threading.Event()
+    holders = [Stream(url, body, drop_when=release).start() for _ in range(slots)]
+    assert wait_for(lambda: all("token" in h.log for h in holders), timeout=120), [h.log[:3] for h in holders]
+    queued = [Stream(url, body, drop_after_tokens=0).start() for _ in range(clients)]
+    join_all(queued, triton)
+    assert all(s.status == 200 and s.dropped_at is not None for s in queued)
+    _engine_until(triton, lambda m: m["waiting"] == 0, max(s.dropped_at for s in queued),
+                  "queued requests still waiting")
+    assert not any(h.dropped_at for h in holders), "a holder ended before the queue emptied"
+    release.set()
+    join_all(holders, triton)
+    assert all(h.status == 200 and h.dropped_at is not None for h in holders)
+    now = _engine_until(triton, lambda m: m["active"] == 0 and m["waiting"] == 0,
+                        max(h.dropped_at for h in holders), "engine still busy")
+    time.sleep(1.0)
+    settled = engine_metrics(triton)
+    assert settled["generated"] == now["generated"], "tokens still computed after every client left"
+    assert settled["cancelled"] - before["cancelled"] == slots + clients
+    assert settled["prefilled"] - before["prefilled"] == slots  # the holders only

@@ -13,7 +13,7 @@ import requests
 
 from conftest import build_small_repository, start_gateway, start_triton
 from e2e_helpers import API_KEY, AUTH, sse_events
-from load_clients import disconnect_storm
+from load_clients import held_slots_storm
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +81,8 @@ def test_openai_chat_stream_in_groups_equals_the_plain_answer(grouped):
     assert len(chunks) <= 1 + math.ceil((TOKENS - 1) / INTERVAL)
 
 
-def test_a_disconnect_storm_between_grouped_responses_leaves_the_engine_idle(grouped, grouped_triton):
-    """40 clients hang up after their second response (the first group of three tokens, so
-    between groups), 40 while queued, on 8 slots: all cancelled, the engine idle within 2 s."""
-    disconnect_storm(grouped.url, grouped_triton, clients=40, slots=SLOTS)
+def test_clients_leaving_while_queued_and_between_groups_are_cancelled(grouped, grouped_triton):
+    """8 streams hold the 8 slots; 40 more queue behind them and hang up at their 200 (all
+    cancelled, none prefilled); then the 8 hang up at their next event, between two grouped
+    responses: all cancelled, the engine idle within 2 s."""
+    held_slots_storm(grouped.url, grouped_triton, clients=40, slots=SLOTS)
