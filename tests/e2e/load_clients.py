@@ -83,6 +83,26 @@ def join_all(streams, triton, *, seconds=180):
                        f"engine: {engine_metrics(triton)}")
 
 
+def _engine_until(triton, done, since, what):
+    """The engine's counters once ``done(counters)``; fails if that takes 2 s past ``since``."""
+    while True:
+        now = engine_metrics(triton)
+        if done(now):
+            return now
+        assert time.monotonic() - since < 2.0, f"{what} 2 s after the last client left: {now}"
+        time.sleep(0.05)
+
+
+def _idle_and_settled(triton, last_drop):
+    """The engine's counters a second after it went idle (no active or waiting request), which
+    must be within 2 s of ``last_drop``; fails if it computed a token in that second."""
+    now = _engine_until(triton, lambda m: m["active"] == 0 and m["waiting"] == 0, last_drop, "engine still busy")
+    time.sleep(1.0)
+    settled = engine_metrics(triton)
+    assert settled["generated"] == now["generated"], "tokens still computed after every client left"
+    return settled
+
+
 def disconnect_storm(url, triton, *, clients, slots, max_new_tokens=400):
     """``clients`` streams hang up after 2 token events, then ``clients`` more as soon as they
     have their 200 (still queued). Checks that every one of them is cancelled in the engine,
@@ -95,31 +115,12 @@ def disconnect_storm(url, triton, *, clients, slots, max_new_tokens=400):
     early = [Stream(url, body, drop_after_tokens=0).start() for _ in range(clients)]
     join_all(late + early, triton)
     assert all(s.status == 200 and s.dropped_at is not None for s in late + early)
-    last_drop = max(s.dropped_at for s in late + early)
-    while True:
-        now = engine_metrics(triton)
-        if now["active"] == 0 and now["waiting"] == 0:
-            break
-        assert time.monotonic() - last_drop < 2.0, f"engine still busy 2 s after the last client left: {now}"
-        time.sleep(0.05)
-    time.sleep(1.0)
-    settled = engine_metrics(triton)
-    assert settled["generated"] == now["generated"], "tokens still computed after every client left"
+    settled = _idle_and_settled(triton, max(s.dropped_at for s in late + early))
     assert settled["cancelled"] - before["cancelled"] == 2 * clients
     # The early leavers never got a slot: only the late ones (and any that the queue reached in
     # the ~0.2 s a cancellation takes to arrive) were prefilled.
     prefilled = settled["prefilled"] - before["prefilled"]
     assert prefilled <= clients + 2 * slots, prefilled
-
-
-def _engine_until(triton, done, since, what):
-    """The engine's counters once ``done(counters)``; fails if that takes 2 s past ``since``."""
-    while True:
-        now = engine_metrics(triton)
-        if done(now):
-            return now
-        assert time.monotonic() - since < 2.0, f"{what} 2 s after the last client left: {now}"
-        time.sleep(0.05)
 
 
 def held_slots_storm(url, triton, *, clients, slots, max_new_tokens=900):
@@ -143,10 +144,6 @@ def held_slots_storm(url, triton, *, clients, slots, max_new_tokens=900):
     release.set()
     join_all(holders, triton)
     assert all(h.status == 200 and h.dropped_at is not None for h in holders)
-    now = _engine_until(triton, lambda m: m["active"] == 0 and m["waiting"] == 0,
-                        max(h.dropped_at for h in holders), "engine still busy")
-    time.sleep(1.0)
-    settled = engine_metrics(triton)
-    assert settled["generated"] == now["generated"], "tokens still computed after every client left"
+    settled = _idle_and_settled(triton, max(h.dropped_at for h in holders))
     assert settled["cancelled"] - before["cancelled"] == slots + clients
     assert settled["prefilled"] - before["prefilled"] == slots  # the holders only
