@@ -125,8 +125,8 @@ def disconnect_storm(url, triton, *, clients, slots, max_new_tokens=400):
 
 def held_slots_storm(url, triton, *, clients, slots, max_new_tokens=900):
     """``slots`` streams hold every engine slot while ``clients`` more queue behind them and hang
-    up as soon as they have their 200. Those are cancelled while queued: the engine's queue is
-    empty within 2 s of the last, and not one of them is ever prefilled. Then the holders hang up
+    up as soon as they have their 200. Those are cancelled while queued: the engine has cancelled
+    every one of them within 2 s of the last, and not one of them is ever prefilled. Then the holders hang up
     at their next token event: all cancelled, the engine idle within 2 s, no token computed after.
     Nothing here depends on how fast the queue would have moved: the slots stay held until the
     queue is empty."""
@@ -138,12 +138,14 @@ def held_slots_storm(url, triton, *, clients, slots, max_new_tokens=900):
     queued = [Stream(url, body, drop_after_tokens=0).start() for _ in range(clients)]
     join_all(queued, triton)
     assert all(s.status == 200 and s.dropped_at is not None for s in queued)
-    _engine_until(triton, lambda m: m["waiting"] == 0, max(s.dropped_at for s in queued),
-                  "queued requests still waiting")
+    # Every one of them cancelled by the engine, not just its queue empty: a request still on its
+    # way to the engine when the queue was read would reach it later, with a slot free by then.
+    _engine_until(triton, lambda m: m["waiting"] == 0 and m["cancelled"] - before["cancelled"] == clients,
+                  max(s.dropped_at for s in queued), "queued requests not all cancelled")
     assert not any(h.dropped_at for h in holders), "a holder ended before the queue emptied"
     release.set()
     join_all(holders, triton)
     assert all(h.status == 200 and h.dropped_at is not None for h in holders)
     settled = _idle_and_settled(triton, max(h.dropped_at for h in holders))
-    assert settled["cancelled"] - before["cancelled"] == slots + clients
-    assert settled["prefilled"] - before["prefilled"] == slots  # the holders only
+    assert settled["cancelled"] - before["cancelled"] == slots + clients, (before, settled)
+    assert settled["prefilled"] - before["prefilled"] == slots, (before, settled)  # the holders only
