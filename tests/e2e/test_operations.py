@@ -165,6 +165,10 @@ def test_metrics_are_summed_across_workers(redis_gateway):
     def moved(samples, name, **labels):
         return sample(samples, name, **labels) - sample(before, name, **labels)
 
+    # A request is recorded when its response closes, just after its last bytes left: a client
+    # can have read its whole stream a moment before that.
+    wait_for(lambda: moved(scrape(redis_gateway.url), "trident_gateway_requests_total",
+                           endpoint="/generate", status="200") >= 8, timeout=10)
     for _ in range(4):  # any worker may answer; each sees every worker's numbers
         after = scrape(redis_gateway.url)
         assert moved(after, "trident_gateway_requests_total", endpoint="/generate", status="200") == 8
