@@ -62,7 +62,7 @@ def stack(request, tmp_path_factory):
                  "TRIDENT_HEARTBEAT_INTERVAL": "0.1", "GATEWAY_DRAIN_TIMEOUT": "2"},
         ))
         wait_for_port(http_port, procs[1])
-        yield f"http://127.0.0.1:{http_port}", cancel_log, work / "gateway.log"
+        yield f"http://127.0.0.1:{http_port}", cancel_log, work / "gateway.log", procs[1].pid
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -76,7 +76,7 @@ def stack(request, tmp_path_factory):
 
 
 def test_completion_stream_and_readiness(stack):
-    url, _, _ = stack
+    url, _, _, _ = stack
     assert requests.get(url + "/readyz", timeout=10).status_code == 200
     response = requests.post(url + "/generate", json={"prompt": "Hi there"}, headers=AUTH, timeout=10)
     assert response.status_code == 200, response.text
@@ -89,7 +89,7 @@ def test_completion_stream_and_readiness(stack):
 
 
 def test_concurrent_streams_heartbeat_and_disconnect_cancels(stack):
-    url, cancel_log, gateway_log = stack
+    url, cancel_log, gateway_log, _ = stack
     before = cancel_log.read_text().count("slow")
     n = 8
     got_heartbeat = []
@@ -139,7 +139,7 @@ def test_a_key_with_stray_bytes_gets_the_json_envelope_and_is_never_echoed(stack
     HTTP allows in a field value reach the app (401: unknown key); others gunicorn refuses before
     the app runs (400). Either way the answer is the JSON envelope, and neither it nor the log
     quotes the header: it carries a key."""
-    url, _, gateway_log = stack
+    url, _, gateway_log, _ = stack
     secret = b"sk-" + stray + KEY.encode()
     raw = raw_http(url, b"POST /generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer "
                    + secret + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
@@ -151,3 +151,82 @@ def test_a_key_with_stray_bytes_gets_the_json_envelope_and_is_never_echoed(stack
     assert KEY.encode() not in raw
     time.sleep(0.2)
     assert KEY.encode() not in gateway_log.read_bytes()
+
+
+def test_a_burst_of_new_connections_does_not_hold_back_a_running_stream(stack):
+    """Events of running streams are not queued behind the admission of a whole burst of new
+    connections: the worker accepts at most 10 connections per turn of its event loop
+    (gateway.worker.FewAcceptsPerTurnServer), so the relay's wake-up is handled after at most
+    that many admissions. With gevent's default (up to 100 accepts a turn) the stream's first
+    token came after 99 of the burst's 120 replies (every connection accepted in that turn had
+    been parsed, authenticated and validated first); with 10 a turn, after 9.
+
+    Once the worker's gRPC channel is connected, the worker is stopped while one stream and then
+    120 requests that fail validation (400s, answered during admission) connect, so that all of
+    them wait in the listening backlog (under Linux's default limit of 128 before 5.4), in that
+    order; then it continues. Order of arrival at the client, not time, is checked."""
+    import signal
+
+    url, _, gateway_log, master = stack
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    workers = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    assert len(workers) == 1, workers
+    worker = int(workers[0])
+
+    def request(body: dict) -> bytes:
+        data = json.dumps(body).encode()
+        return (f"POST /generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
+
+    # The worker's gRPC channel is connected before the burst (its first call connects it).
+    assert requests.post(url + "/generate", json={"prompt": "Hi there"}, headers=AUTH, timeout=10).status_code == 200
+    quick = 120
+    socks: list[socket.socket] = []
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        stat = Path(f"/proc/{worker}/stat")
+        assert wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T", timeout=5)
+        for body in [{"prompt": "Hi there", "stream": True}] + [{"prompt": "x", "max_new_tokens": -1}] * quick:
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(request(body))
+            socks.append(sock)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    try:
+        data, arrival, unfinished = _read_all(socks, stream=socks[0])
+    finally:
+        for sock in socks:
+            sock.close()
+    stream = socks[0]
+    assert not unfinished, f"{unfinished} replies unfinished\n" + gateway_log.read_text()[-3000:]
+    assert data[stream].startswith(b"HTTP/1.1 200 ") and b"event: done" in data[stream], data[stream][:500]
+    assert all(data[s].startswith(b"HTTP/1.1 400 ") for s in socks[1:]), [data[s][:100] for s in socks[1:4]]
+    before = arrival[stream]  # quick replies that arrived before the stream's first token
+    assert before < quick // 3, f"the stream's first token came after {before} of {quick} admissions"
+
+
+def _read_all(socks: list[socket.socket], stream: socket.socket) -> tuple[dict, dict, int]:
+    """Every socket read to its end (30 s at most), in one thread: the bytes of each, the order in
+    which each reply first showed what is checked (any byte; the stream: its first token), and
+    how many did not end."""
+    import selectors
+
+    data = {sock: b"" for sock in socks}
+    arrival: dict[socket.socket, int] = {}
+    with selectors.DefaultSelector() as sel:
+        for sock in socks:
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + 30
+        open_ = len(socks)
+        while open_ and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=1):
+                sock = key.fileobj
+                chunk = sock.recv(65536)
+                data[sock] += chunk
+                if sock not in arrival and (b"event: token" in data[sock] if sock is stream else data[sock]):
+                    arrival[sock] = len(arrival)
+                if not chunk:
+                    sel.unregister(sock)
+                    open_ -= 1
+    return data, arrival, open_
