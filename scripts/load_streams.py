@@ -11,6 +11,9 @@ ways, one after the other in the same run, and prints first-token earliest / p50
 "first batch" is the p50 of the first ``batch`` first tokens: the streams the engine admits at
 once. Streaming holds under load when the first batch's tokens arrive as fast at 2x and 4x as
 at 1x (the engine alone sets the floor); the later streams wait for a slot, as they should.
+Every way and multiple runs ``--rounds`` times (3), the ways in alternating order; the table
+gives the median of each figure and each round's ratio to the engine-direct first batch of the
+same round: on a shared machine one round's ratio can be off by 2x.
 
     make load-streams                          # starts Triton and the gateway on the CPU repository
     .venv/bin/python scripts/load_streams.py --grpc-url host:8001 --gateway-url http://host:8080 --api-key K
@@ -167,51 +170,84 @@ def measure(args, batch: int, groups: dict[str, int]) -> list[dict]:
     for way in args.ways:
         run_concurrently(batch, ways[way])
     rows = []
-    for mult in args.multiples:
-        n = batch * mult
-        for way in args.ways:
-            before, servers_before = os.times(), cpu_by_part(groups)
-            firsts = run_concurrently(n, ways[way])
-            after, servers_after = os.times(), cpu_by_part(groups)
-            client_ms = (after.user + after.system - before.user - before.system) * 1000 / n
-            server_ms = {part: (cpu - servers_before.get(part, 0.0)) * 1000 / n for part, cpu in servers_after.items()}
-            got = sorted(f for f in firsts if f is not None)
-            if not got:
-                rows.append({"way": way, "streams": n, "answered": 0})
-                continue
-            row = {"way": way, "streams": n, "answered": len(got), **quantiles(got),
-                   "first_batch_p50": statistics.median(got[:batch]), "client_cpu_ms": client_ms,
-                   "server_cpu_ms": server_ms}
-            rows.append(row)
-            print(f"  {way:8s} {n:4d} streams: first token min {row['min']:.2f} p50 {row['p50']:.2f} "
-                  f"p99 {row['p99']:.2f} max {row['max']:.2f} s; first batch p50 {row['first_batch_p50']:.2f} s"
-                  f" ({len(got)}/{n} answered; client CPU {client_ms:.1f} ms a stream)", flush=True)
+    for round_ in range(1, args.rounds + 1):
+        # Every way once per multiple in each round, in the opposite order every other round, so
+        # that no way always runs first (or last) after a pause: the machine's speed drifts.
+        order = list(args.ways) if round_ % 2 else list(reversed(args.ways))
+        for mult in args.multiples:
+            n = batch * mult
+            for way in order:
+                before, servers_before = os.times(), cpu_by_part(groups)
+                firsts = run_concurrently(n, ways[way])
+                after, servers_after = os.times(), cpu_by_part(groups)
+                client_ms = (after.user + after.system - before.user - before.system) * 1000 / n
+                server_ms = {part: (cpu - servers_before.get(part, 0.0)) * 1000 / n
+                             for part, cpu in servers_after.items()}
+                got = sorted(f for f in firsts if f is not None)
+                if not got:
+                    rows.append({"round": round_, "way": way, "streams": n, "answered": 0})
+                    continue
+                row = {"round": round_, "way": way, "streams": n, "answered": len(got), **quantiles(got),
+                       "first_batch_p50": statistics.median(got[:batch]), "client_cpu_ms": client_ms,
+                       "server_cpu_ms": server_ms}
+                rows.append(row)
+                print(f"  round {round_} {way:8s} {n:4d} streams: first token min {row['min']:.2f} "
+                      f"p50 {row['p50']:.2f} p99 {row['p99']:.2f} max {row['max']:.2f} s; first batch p50 "
+                      f"{row['first_batch_p50']:.2f} s ({len(got)}/{n} answered; client CPU {client_ms:.1f} ms a stream)",
+                      flush=True)
     return rows
 
 
-def print_table(rows: list[dict], batch: int) -> None:
-    engine = {r["streams"]: r for r in rows if r["way"] == "engine" and r.get("answered")}
-    print(f"\nengine batch size {batch}; first-token seconds (min / p50 / p99 / max), "
-          "first batch p50, its ratio to the engine-direct first batch, and this script's own CPU per stream "
-          "(the clients share the machine with the servers)\n")
-    print("| streams | through | min / p50 / p99 / max | first batch p50 | vs engine | client CPU |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        if not r.get("answered"):
-            print(f"| {r['streams']} | {r['way']} | no answer | | | |")
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (streams, way), in the order measured: the median over the rounds of each
+    figure, and each round's ratio of the first batch to the engine-direct one of that round."""
+    engine = {(r["round"], r["streams"]): r for r in rows if r["way"] == "engine" and r.get("answered")}
+    keys = list(dict.fromkeys((r["streams"], r["way"]) for r in rows))
+    out = []
+    for streams, way in keys:
+        mine = [r for r in rows if (r["streams"], r["way"]) == (streams, way)]
+        done = [r for r in mine if r.get("answered")]
+        summary = {"streams": streams, "way": way, "rounds": len(mine), "answered_rounds": len(done)}
+        if done:
+            for field in ("min", "p50", "p99", "max", "first_batch_p50", "client_cpu_ms"):
+                summary[field] = statistics.median(r[field] for r in done)
+            parts = {part for r in done for part in r["server_cpu_ms"]}
+            summary["server_cpu_ms"] = {part: statistics.median(r["server_cpu_ms"].get(part, 0.0) for r in done)
+                                        for part in parts}
+            summary["vs_engine"] = [r["first_batch_p50"] / engine[(r["round"], streams)]["first_batch_p50"]
+                                    for r in done if (r["round"], streams) in engine]
+        out.append(summary)
+    return out
+
+
+def print_table(rows: list[dict], batch: int, rounds: int) -> None:
+    summary = summarize(rows)
+    print(f"\nengine batch size {batch}; {rounds} round(s), the median of each figure over them: first-token "
+          "seconds (min / p50 / p99 / max), first batch p50, its ratio to the engine-direct first batch of the "
+          "same round (each round, then their median), and this script's own CPU per stream (the clients "
+          "share the machine with the servers)\n")
+    print("| streams | through | min / p50 / p99 / max | first batch p50 | vs engine, each round | vs engine |"
+          " client CPU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in summary:
+        if not r["answered_rounds"]:
+            print(f"| {r['streams']} | {r['way']} | no answer | | | | |")
             continue
-        ref = engine.get(r["streams"])
-        ratio = f"{r['first_batch_p50'] / ref['first_batch_p50']:.2f}x" if ref else "-"
-        print(f"| {r['streams']} | {r['way']} | {r['min']:.2f} / {r['p50']:.2f} / {r['p99']:.2f} / {r['max']:.2f}"
-              f" | {r['first_batch_p50']:.2f} | {ratio} | {r['client_cpu_ms']:.1f} ms |")
-    parts = sorted({part for r in rows for part in r.get("server_cpu_ms", {})})
+        missing = r["rounds"] - r["answered_rounds"]
+        way = r["way"] + (f" ({missing} of {r['rounds']} rounds unanswered)" if missing else "")
+        ratios = r["vs_engine"]
+        each = " / ".join(f"{x:.2f}x" for x in ratios) if ratios else "-"
+        median = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+        print(f"| {r['streams']} | {way} | {r['min']:.2f} / {r['p50']:.2f} / {r['p99']:.2f} / {r['max']:.2f}"
+              f" | {r['first_batch_p50']:.2f} | {each} | {median} | {r['client_cpu_ms']:.1f} ms |")
+    parts = sorted({part for r in summary for part in r.get("server_cpu_ms", {})})
     if parts:
-        print("\nCPU per stream (ms), by process, over each whole round (the servers this script started; "
-              "a Python-backend stub by its model)\n")
+        print("\nCPU per stream (ms), by process, over each whole round, median over the rounds (the servers "
+              "this script started; a Python-backend stub by its model)\n")
         print("| streams | through | " + " | ".join(parts) + " | client |")
         print("|---|---|" + "---|" * (len(parts) + 1))
-        for r in rows:
-            if r.get("answered"):
+        for r in summary:
+            if r["answered_rounds"]:
                 cells = " | ".join(f"{r['server_cpu_ms'].get(part, 0.0):.2f}" for part in parts)
                 print(f"| {r['streams']} | {r['way']} | {cells} | {r['client_cpu_ms']:.2f} |")
 
@@ -228,6 +264,9 @@ def main() -> int:
     p.add_argument("--multiples", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     p.add_argument("--ways", type=lambda s: s.split(","), default=["engine", "llm", "gateway"])
     p.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measure every way and multiple this many times, alternating the order of the ways "
+                        "(this machine's speed drifts between runs: one round's ratio can be off by 2x)")
     p.add_argument("--gateway-workers", type=int, default=1, help="gunicorn workers of the gateway this script starts")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
@@ -260,9 +299,10 @@ def main() -> int:
             groups["gateway"] = gw.process.pid
         print(f"{batch} engine slots; {args.tokens} tokens a stream; multiples {args.multiples}", flush=True)
         rows = measure(args, batch, groups)
-        print_table(rows, batch)
+        print_table(rows, batch, args.rounds)
         if args.json:
-            args.json.write_text(json.dumps({"batch": batch, "tokens": args.tokens, "rows": rows}, indent=1))
+            args.json.write_text(json.dumps({"batch": batch, "tokens": args.tokens, "rows": rows,
+                                             "summary": summarize(rows)}, indent=1))
     finally:
         for server in reversed(started):
             server.stop()

@@ -1,13 +1,16 @@
-"""scripts/load_streams.py's CPU table: it sums the CPU of a started server's whole process group
-(children included) and names a Python-backend stub by its model."""
+"""scripts/load_streams.py's tables: the CPU table sums the CPU of a started server's whole
+process group (children included) and names a Python-backend stub by its model; the summary
+over rounds takes medians and compares each round with the engine-direct figure of that round."""
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-from load_streams import cpu_by_part  # noqa: E402
+from load_streams import cpu_by_part, summarize  # noqa: E402
 
 BURN = "import time\nend = time.process_time() + {seconds}\nwhile time.process_time() < end: pass\ntime.sleep(60)"
 
@@ -40,3 +43,33 @@ subprocess.Popen(["/opt/tritonserver/backends/python/triton_python_backend_stub"
     finally:
         subprocess.run(["pkill", "-9", "-g", str(server.pid)], check=False)
         server.wait()
+
+
+def _row(round_, way, streams, first_batch, cpu=1.0, answered=True):
+    if not answered:
+        return {"round": round_, "way": way, "streams": streams, "answered": 0}
+    return {"round": round_, "way": way, "streams": streams, "answered": streams, "min": first_batch / 2,
+            "p50": first_batch * 2, "p99": first_batch * 3, "max": first_batch * 4,
+            "first_batch_p50": first_batch, "client_cpu_ms": cpu, "server_cpu_ms": {"triton": cpu * 10}}
+
+
+def test_the_summary_takes_medians_and_compares_each_round_with_its_own_engine_figure():
+    rows = [
+        _row(1, "engine", 32, 0.10), _row(1, "gateway", 32, 0.30, cpu=3.0),
+        _row(2, "gateway", 32, 0.40, cpu=5.0), _row(2, "engine", 32, 0.20),  # round 2: the other order
+        _row(3, "engine", 32, 0.10), _row(3, "gateway", 32, 0.12, cpu=4.0),
+        _row(1, "engine", 64, 0.10), _row(1, "gateway", 64, 0.0, answered=False),
+        _row(2, "gateway", 64, 0.50), _row(2, "engine", 64, 0.25),
+    ]
+    summary = {(r["streams"], r["way"]): r for r in summarize(rows)}
+    assert list(summary) == [(32, "engine"), (32, "gateway"), (64, "engine"), (64, "gateway")]
+    gw = summary[(32, "gateway")]
+    # 0.30/0.10, 0.40/0.20, 0.12/0.10: each round against its own engine figure
+    assert gw["vs_engine"] == pytest.approx([3.0, 2.0, 1.2])
+    assert gw["first_batch_p50"] == 0.30 and gw["client_cpu_ms"] == 4.0 and gw["server_cpu_ms"] == {"triton": 40.0}
+    assert gw["p99"] == pytest.approx(0.90) and gw["rounds"] == gw["answered_rounds"] == 3
+    assert summary[(32, "engine")]["vs_engine"] == [1.0, 1.0, 1.0]
+    late = summary[(64, "gateway")]
+    assert (late["rounds"], late["answered_rounds"], late["vs_engine"]) == (2, 1, pytest.approx([2.0]))
+    assert summarize([_row(1, "gateway", 32, 0.0, answered=False)]) == [
+        {"streams": 32, "way": "gateway", "rounds": 1, "answered_rounds": 0}]
