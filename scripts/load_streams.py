@@ -220,8 +220,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def print_table(rows: list[dict], batch: int, rounds: int) -> None:
-    summary = summarize(rows)
+def print_table(summary: list[dict], batch: int, rounds: int) -> None:
+    """The tables of ``summarize``'s rows."""
     print(f"\nengine batch size {batch}; {rounds} round(s), the median of each figure over them: first-token "
           "seconds (min / p50 / p99 / max), first batch p50, its ratio to the engine-direct first batch of the "
           "same round (each round, then their median), and this script's own CPU per stream (the clients "
@@ -299,10 +299,11 @@ def main() -> int:
             groups["gateway"] = gw.process.pid
         print(f"{batch} engine slots; {args.tokens} tokens a stream; multiples {args.multiples}", flush=True)
         rows = measure(args, batch, groups)
-        print_table(rows, batch, args.rounds)
+        summary = summarize(rows)
+        print_table(summary, batch, args.rounds)
         if args.json:
             args.json.write_text(json.dumps({"batch": batch, "tokens": args.tokens, "rows": rows,
-                                             "summary": summarize(rows)}, indent=1))
+                                             "summary": summary}, indent=1))
     finally:
         for server in reversed(started):
             server.stop()
