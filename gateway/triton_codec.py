@@ -19,35 +19,12 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from trident.contract import ADMISSION_PARAMETER, INVALID_REQUEST, SERVER_ERROR, llm_inputs, parse_error
+from trident.triton_wire import FINAL_FLAG, infer_request, serialize
 
 from .backend import ChoiceEnd, TokenLogprobs
 from .errors import ApiError, ClientError, internal_error, unavailable
 
 __all__ = ["build_infer_request", "llm_inputs", "parse_stream_response", "serialize", "tagged_error"]
-
-_DATATYPES: dict[np.dtype, str] = {
-    np.dtype(np.bool_): "BOOL",
-    np.dtype(np.int32): "INT32",
-    np.dtype(np.int64): "INT64",
-    np.dtype(np.uint64): "UINT64",
-    np.dtype(np.float32): "FP32",
-    np.dtype(np.float64): "FP64",
-    np.dtype(np.object_): "BYTES",
-}
-
-FINAL_FLAG = "triton_final_response"
-EMPTY_FINAL = "triton_enable_empty_final_response"
-
-
-def serialize(array: np.ndarray) -> tuple[str, bytes]:
-    """Triton datatype and raw little-endian contents of ``array``."""
-    datatype = _DATATYPES.get(array.dtype)
-    if datatype is None:
-        raise TypeError(f"no Triton datatype for numpy dtype {array.dtype}")
-    if datatype == "BYTES":
-        items = [item if isinstance(item, bytes) else str(item).encode("utf-8") for item in array.flat]
-        return datatype, b"".join(struct.pack("<I", len(item)) + item for item in items)
-    return datatype, np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
 def build_infer_request(
@@ -55,18 +32,8 @@ def build_infer_request(
 ) -> service_pb2.ModelInferRequest:
     """A ``ModelInferRequest`` that asks for the empty final response, so the final flag arrives,
     and with ``admission`` for the "llm" model's admission response (trident.contract)."""
-    request = service_pb2.ModelInferRequest(model_name=model_name, id=request_id)
-    request.parameters[EMPTY_FINAL].bool_param = True
-    if admission:
-        request.parameters[ADMISSION_PARAMETER].bool_param = True
-    for name, array in inputs.items():
-        datatype, raw = serialize(array)
-        tensor = request.inputs.add()
-        tensor.name = name
-        tensor.datatype = datatype
-        tensor.shape.extend(array.shape)
-        request.raw_input_contents.append(raw)
-    return request
+    return infer_request(model_name, inputs, request_id=request_id,
+                         bool_parameters=(ADMISSION_PARAMETER,) if admission else ())
 
 
 @dataclass(frozen=True, slots=True)

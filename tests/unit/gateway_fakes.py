@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from gateway.backend import Event, Finished, TextDelta
 from gateway.errors import ApiError
 from gateway.triton_codec import serialize
 from trident.contract import ModelLimits, TextRequest
+from trident.triton_wire import deserialize
 
 GenerationParams = TextRequest  # what a backend receives
 
@@ -221,25 +221,6 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             stream_response(finish=finish),
             stream_response(final=True),
         ]
-
-
-_NUMERIC = {"BOOL": "?", "INT32": "<i4", "INT64": "<i8", "UINT64": "<u8", "FP32": "<f4", "FP64": "<f8"}
-
-
-def deserialize(datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
-    """The numpy array of one raw tensor (BYTES elements as ``bytes``), as Triton reads it."""
-    if datatype == "BYTES":
-        items: list[bytes] = []
-        offset = 0
-        while offset < len(raw):
-            (length,) = struct.unpack_from("<I", raw, offset)
-            items.append(raw[offset + 4:offset + 4 + length])
-            offset += 4 + length
-        array = np.empty(len(items), dtype=np.object_)
-        array[:] = items
-    else:
-        array = np.frombuffer(raw, dtype=_NUMERIC[datatype])
-    return array.reshape(tuple(shape)) if shape else array
 
 
 def deserialize_input(pair) -> np.ndarray:
