@@ -101,6 +101,10 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
 #: launchers); the ``llm`` model puts it in its admission response, the gateway in its metrics
 #: and logs.
 SERVER_ID_ENV = "TRIDENT_SERVER_ID"
+#: Environment variable: ``host:port`` of the Triton gRPC endpoint through which the ``llm``
+#: model streams from the engine model (trident.engine_grpc); the launchers set it to their own
+#: server's gRPC port.
+ENGINE_GRPC_ENV = "TRIDENT_ENGINE_GRPC_URL"
 
 #: Request parameter (bool) of the ``llm`` model: send one empty response as soon as the request
 #: is validated and queued, before any text. The gateway asks for it so that a streaming client

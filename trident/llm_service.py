@@ -8,8 +8,9 @@ One request goes through three stages:
    :data:`ADMISSION_PARAMETER`: the gateway does, so it can answer HTTP 200 and start SSE
    heartbeats while the request waits for the engine) and joins the work queue.
 2. **wait for a worker**: at most ``max_concurrent`` requests stream from the engine at once,
-   one worker thread each (a BLS call blocks its thread; see "Thread budget" below).
-3. **stream** from the engine model over BLS: detokenize, hold back possible stop sequences,
+   one worker thread each (an engine stream blocks its thread; see "Thread budget" below).
+3. **stream** from the engine model (``EngineClient``: over Triton's gRPC endpoint in the
+   model, trident.engine_grpc): detokenize, hold back possible stop sequences,
    stop the engine request on a match, send text deltas, then the final response with
    ``finish_reason`` and token counts. A choice's first text goes out at once, later ones every
    ``stream_interval`` engine tokens (1 by default: every token as it comes).
@@ -21,14 +22,12 @@ request still queued here is dropped when a worker takes it; one at the engine g
 ``stop`` request (TensorRT-LLM's way, by request id; the CPU engine shares it), which also
 removes it from the engine's waiting queue, so it never reaches prefill.
 
-Thread budget (why requests beyond ``max_concurrent`` wait here): the Python backend runs every
-BLS call on a thread of its per-instance pool (Triton's ``--backend-config=python,
-thread-pool-size``), and a decoupled BLS call holds that thread until the engine's *first*
-response. The same pool sends this model's own responses. With the default 32 threads and 32
-requests waiting in the engine's queue, no response of any stream could be sent until a batch
-finished. So the launcher sizes the pool from ``max_concurrent`` (see
-``trident.triton_launcher.python_thread_pool_size``) and this model never has more BLS calls
-open than that.
+Thread budget (why requests beyond ``max_concurrent`` wait here): each engine stream blocks
+one worker thread until its final response, and a request that waits here costs nothing at the
+engine and is dropped before reaching it when its client leaves. The engine's own queue stays
+the place where requests wait for a slot (TensorRT-LLM's scheduler, the CPU engine's waiting
+list); ``max_concurrent`` (config.pbtxt's ``max_concurrent_requests``, 256 by default) only
+bounds this model's threads.
 
 Workers never die: every failure, including a failing ``send`` on a request whose client is
 gone, ends that request only.

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .child_process import ChildServer
-from .contract import SERVER_ID_ENV
+from .contract import ENGINE_GRPC_ENV, SERVER_ID_ENV
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def triton_env(*, base: dict | None = None) -> dict:
     return env
 
 
-# Threads the Python backend's parent keeps for one model instance beyond the llm model's BLS
-# calls: its own responses, the engine model's responses, stop requests.
+# Threads the Python backend's parent keeps for one model instance beyond the llm model's
+# engine streams (BLS calls in its fallback): its own responses, the engine model's responses.
 THREAD_POOL_HEADROOM = 32
 DEFAULT_THREAD_POOL = 32  # the Python backend's own default
 _MAX_CONCURRENT = re.compile(
@@ -122,9 +122,10 @@ def python_thread_pool_size(model_repository: Path, *, llm_model: str = "llm") -
     """The Python backend's ``thread-pool-size`` for a repository: the llm model's
     ``max_concurrent_requests`` plus headroom.
 
-    Every decoupled BLS call holds a thread of that pool until the engine's first response, and
-    the same pool sends the model's own responses: a pool no larger than the requests waiting in
-    the engine's queue sends nothing until a batch ends (trident.llm_service, "Thread budget").
+    The pool sends the models' own responses. When ``llm`` streams from the engine over BLS (its
+    fallback where no gRPC client is installed: trident.engine_grpc), every decoupled BLS call
+    also holds a thread of it until the engine's first response, and a pool no larger than the
+    requests waiting in the engine's queue sent nothing until a batch ended.
     """
     config = Path(model_repository) / llm_model / "config.pbtxt"
     try:
@@ -195,6 +196,7 @@ class TritonServer(ChildServer):
                  self.ports.http, self.ports.grpc, self.ports.metrics, self.log_path)
         env = triton_env()
         env.setdefault(SERVER_ID_ENV, f"{socket.gethostname()}:{self.ports.grpc}")
+        env[ENGINE_GRPC_ENV] = f"127.0.0.1:{self.ports.grpc}"  # llm -> engine (trident.engine_grpc)
         self._spawn(cmd, env=env, echo=echo)
         try:
             self.wait_ready(timeout=timeout)

@@ -72,3 +72,30 @@ def test_stop_leaves_no_process_of_the_group(tmp_path_factory):
             return  # no process is left in the group
         time.sleep(0.2)
     pytest.fail(f"processes of Triton's group are still running: {os.popen(f'pgrep -ag {pgid}').read()}")
+
+
+def test_the_engine_model_unloads_at_once_after_streams_through_llm(tmp_path_factory):
+    """llm streams from the engine model over Triton's own gRPC endpoint (trident.engine_grpc).
+    A call cancelled after its final response left the engine's request counted as in flight
+    in Triton 2.51, so at shutdown the engine model never unloaded and Triton gave up after its
+    exit timeout. After a few seconds of short streams, Triton's log must show both models
+    unloaded and no expired timeout."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from stress_llm_stub import churn
+
+    triton = TritonServer(model_repository=repo_dir(), work_dir=tmp_path_factory.mktemp("triton-unload"),
+                          ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
+    triton.start(timeout=300)
+    try:
+        texts, failures = churn(triton.grpc_url, seconds=3, clients=8)
+        assert not failures, failures[:5]
+        assert sum(texts.values()) >= 8, texts
+    finally:
+        triton.stop()
+    log = triton.log_path.read_text(errors="replace")
+    assert "Exit timeout expired" not in log
+    for model in ("llm", "tensorrt_llm"):
+        assert f"successfully unloaded '{model}'" in log, model

@@ -44,8 +44,8 @@ def rank_args(*, rank: int, tritonserver: str, model_repository: Path, http_port
     args += [
         "--disable-auto-complete-config",
         f"--backend-config=python,shm-region-prefix-name=prefix{rank}_",
-        # The llm model's BLS calls each hold a thread of this pool until the engine's first
-        # response: see trident.llm_service ("Thread budget").
+        # Where llm falls back to BLS (no gRPC client in the image), each of its calls holds a
+        # thread of this pool until the engine's first response: trident.triton_launcher.
         f"--backend-config=python,thread-pool-size={python_pool}",
         f"--exit-timeout-secs={exit_timeout}",
     ]

@@ -1,7 +1,8 @@
 """Triton adapter of the text-level ``llm`` model; the request loop is trident.llm_service.
 
 ``execute`` validates and queues (it never waits for the engine); worker threads stream tokens
-from the engine model over BLS and send text responses through each request's response sender.
+from the engine model over Triton's gRPC endpoint (trident.engine_grpc: BLS has a lock-order
+deadlock in this stub) and send text responses through each request's response sender.
 """
 import json
 import logging
@@ -32,7 +33,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         settings = LlmSettings.from_parameters(params)
         tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
-        self.engine = BlsEngine(settings.engine_model, Retirement())
+        self.engine = _engine(settings.engine_model)
         self.service = LlmService(settings, tokenizer, self.engine)
         self.service.start()
         log.info("llm ready: %s", settings)
@@ -44,7 +45,21 @@ class TritonPythonModel:
 
     def finalize(self):
         self.service.stop()
-        self.engine.retired.stop()
+        self.engine.close()
+
+
+def _engine(model_name):
+    """The engine over gRPC; over BLS only where grpcio or tritonclient is missing (NVIDIA's
+    TensorRT-LLM image may lack tritonclient: docs/gpu.md), with a warning."""
+    try:
+        from trident.engine_grpc import GrpcEngine, engine_url
+    except ImportError as exc:
+        log.warning("llm: no gRPC client (%s): streaming from %s over BLS, which can deadlock under "
+                    "load (docs/architecture.md); install tritonclient[grpc]", exc, model_name)
+        return BlsEngine(model_name, Retirement())
+    url = engine_url()
+    log.info("llm: streaming from %s over gRPC at %s", model_name, url)
+    return GrpcEngine(model_name, url)
 
 
 def _configure_logging():
@@ -105,7 +120,8 @@ class TritonRequest:
 
 
 class BlsEngine:
-    """trident.llm_io.EngineClient: the engine model over decoupled BLS."""
+    """trident.llm_io.EngineClient: the engine model over decoupled BLS (the fallback: see
+    ``_engine``)."""
 
     def __init__(self, model_name, retired):
         self.model_name = model_name
@@ -113,6 +129,9 @@ class BlsEngine:
         # of Triton 2.51 could otherwise free them, NumPy arrays and all, without the GIL
         # (trident.stub_objects).
         self.retired = retired
+
+    def close(self):
+        self.retired.stop()
 
     def stream(self, tensors, engine_id, outputs=ENGINE_OUTPUTS):
         infer = pb_utils.InferenceRequest(
