@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 from collections.abc import Iterator, Mapping
@@ -34,12 +35,22 @@ from trident.contract import ModelLimits, TextRequest, llm_inputs
 
 from .backend import ADMITTED, Admitted, ChoiceEnd, Event, Finished, TextDelta
 from .errors import ApiError, internal_error, timeout_error, unavailable
-from .triton_codec import StreamResponse, build_infer_request, parse_stream_response, tagged_error
+from .triton_codec import (
+    StreamResponse,
+    build_cancel_request,
+    build_infer_request,
+    parse_stream_response,
+    tagged_error,
+)
 from .triton_relay import Relay, RelayCall
 
 log = logging.getLogger("trident.gateway.triton")
 
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+#: Seconds a call whose client left may take to end after its cancel request before it is
+#: cancelled: llm ends it within its cancel check interval (0.1 s) and the engine's stop; with
+#: several Tritons the cancel request can reach another one, and then this cancel ends it.
+CANCEL_GRACE = 3.0
 _SERVICE = "inference.GRPCInferenceService"
 
 
@@ -250,13 +261,19 @@ class TritonBackend:
 
     def generate(self, params: TextRequest, *, request_id: str) -> TritonGeneration:
         triton_model = self.models[params.model]
-        request = build_infer_request(triton_model, llm_inputs(params), request_id=request_id, admission=True)
+        # A client that leaves is handled by asking llm to end its request (a cancel request
+        # naming this random token), not by cancelling the call: see Relay.stream.
+        token = secrets.token_hex(12)
+        request = build_infer_request(triton_model, llm_inputs(params), request_id=request_id, admission=True,
+                                      cancel_token=token)
         retry_after = self.retry_after
 
         def parse(response: Any) -> StreamResponse:
             return parse_stream_response(response, request_id=request_id, retry_after=retry_after)
 
-        call = self.relay.stream(request, timeout=self.request_timeout, parse=parse)
+        call = self.relay.stream(request, timeout=self.request_timeout, parse=parse,
+                                 cancel_request=build_cancel_request(triton_model, token),
+                                 cancel_grace=CANCEL_GRACE)
         return TritonGeneration(call, request_id=request_id, retry_after=retry_after, timeout=self.request_timeout)
 
     def check_ready(self) -> None:

@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from trident.contract import ADMISSION_PARAMETER, INVALID_REQUEST, SERVER_ERROR, llm_inputs, parse_error
+from trident.contract import (
+    ADMISSION_PARAMETER,
+    CANCEL_PARAMETER,
+    CANCEL_TOKEN_PARAMETER,
+    INVALID_REQUEST,
+    SERVER_ERROR,
+    llm_inputs,
+    parse_error,
+)
 from trident.triton_wire import FINAL_FLAG, infer_request, serialize
 
 from .backend import ChoiceEnd, TokenLogprobs
@@ -28,12 +36,26 @@ __all__ = ["build_infer_request", "llm_inputs", "parse_stream_response", "serial
 
 
 def build_infer_request(
-    model_name: str, inputs: dict[str, np.ndarray], *, request_id: str = "", admission: bool = False
+    model_name: str, inputs: dict[str, np.ndarray], *, request_id: str = "", admission: bool = False,
+    cancel_token: str | None = None,
 ) -> service_pb2.ModelInferRequest:
     """A ``ModelInferRequest`` that asks for the empty final response, so the final flag arrives,
-    and with ``admission`` for the "llm" model's admission response (trident.contract)."""
-    return infer_request(model_name, inputs, request_id=request_id,
-                         bool_parameters=(ADMISSION_PARAMETER,) if admission else ())
+    with ``admission`` for the "llm" model's admission response, and with ``cancel_token`` so
+    that :func:`build_cancel_request` can end it (trident.contract)."""
+    request = infer_request(model_name, inputs, request_id=request_id,
+                            bool_parameters=(ADMISSION_PARAMETER,) if admission else ())
+    if cancel_token:
+        request.parameters[CANCEL_TOKEN_PARAMETER].string_param = cancel_token
+    return request
+
+
+def build_cancel_request(model_name: str, cancel_token: str) -> service_pb2.ModelInferRequest:
+    """The "llm" request that ends the request carrying ``cancel_token`` (trident.contract
+    CANCEL_PARAMETER), with the inputs Triton requires (ignored by the model)."""
+    request = infer_request(model_name, {"text_input": np.array([[b""]], dtype=np.object_),
+                                         "max_tokens": np.array([[1]], dtype=np.int32)})
+    request.parameters[CANCEL_PARAMETER].string_param = cancel_token
+    return request
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,13 +80,15 @@ class RelayCall:
     """One streaming call: its parsed events arrive in ``inbox`` (relay thread), the consumer
     takes them with :meth:`take`."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, *, cancel_request: Any = None, cancel_grace: float = 0.0) -> None:
         self._relay = relay
         self._event = relay.wakeups.new_event()
         self.inbox: collections.deque[Any] = collections.deque()
         self.done = False  # no more items will arrive
         self._task: asyncio.Task | None = None
         self._cancelled = False
+        self._cancel_request = cancel_request
+        self._cancel_grace = cancel_grace
 
     def put(self, item: Any, *, last: bool = False) -> None:
         """From the relay thread: one item (or the end), and a wake-up when the consumer may wait."""
@@ -111,13 +113,25 @@ class RelayCall:
         return items
 
     def cancel(self) -> None:
-        """Any thread, any time, more than once: cancels the gRPC call."""
+        """Any thread, any time, more than once: ends the call. With a ``cancel_request`` (see
+        :meth:`Relay.stream`) that request is sent on a second call and this one is read to its
+        end; it is cancelled only if it has not ended ``cancel_grace`` seconds later."""
         if self._cancelled:
             return
         self._cancelled = True
         task = self._task
         if task is not None:
-            self._relay.loop.call_soon_threadsafe(task.cancel)
+            self._relay.loop.call_soon_threadsafe(self._end_started_call, task)
+
+    def _end_started_call(self, task: asyncio.Task) -> None:  # on the loop
+        if task.done():
+            return
+        if self._cancel_request is None:
+            task.cancel()
+            return
+        loop = self._relay.loop
+        loop.create_task(self._relay.send_cancel(self._cancel_request))
+        loop.call_later(self._cancel_grace, lambda: task.done() or task.cancel())
 
 
 class Relay:
@@ -179,10 +193,15 @@ class Relay:
             raise value
         return value
 
-    def stream(self, request: Any, *, timeout: float, parse: Callable[[Any], Any]) -> RelayCall:
+    def stream(self, request: Any, *, timeout: float, parse: Callable[[Any], Any], cancel_request: Any = None,
+               cancel_grace: float = 5.0) -> RelayCall:
         """Start ``ModelStreamInfer`` with one request; each response goes through ``parse`` on
-        the relay thread (its exception ends the stream as an item) into the call's inbox."""
-        call = RelayCall(self)
+        the relay thread (its exception ends the stream as an item) into the call's inbox.
+
+        ``cancel_request``: what :meth:`RelayCall.cancel` sends (on a second call) to end this
+        one, instead of cancelling it: Triton 2.51's gRPC endpoint can deadlock when a client
+        cancels a stream while one of its responses is being written (docs/architecture.md)."""
+        call = RelayCall(self, cancel_request=cancel_request, cancel_grace=cancel_grace)
 
         async def pump() -> None:
             try:
@@ -204,6 +223,14 @@ class Relay:
 
         self.loop.call_soon_threadsafe(start)
         return call
+
+    async def send_cancel(self, request: Any) -> None:
+        """A cancel request's call, read to its end (never cancelled: see :meth:`stream`)."""
+        try:
+            async for _ in self._stream_infer(request, timeout=30, wait_for_ready=False):
+                pass
+        except Exception as exc:  # the original call is still cancelled after its grace
+            log.info("cancel request failed: %r", exc)
 
     def close(self) -> None:
         if self._channel is not None:

@@ -112,6 +112,17 @@ ENGINE_GRPC_ENV = "TRIDENT_ENGINE_GRPC_URL"
 #: validation error still arrives before that as an HTTP status.
 ADMISSION_PARAMETER = "trident_admission_ack"
 
+#: Request parameter (string) of the ``llm`` model: a token naming this request for
+#: :data:`CANCEL_PARAMETER`. The gateway sets a random one on every request.
+CANCEL_TOKEN_PARAMETER = "trident_cancel_token"
+#: Request parameter (string) of the ``llm`` model: this request only ends the request whose
+#: :data:`CANCEL_TOKEN_PARAMETER` it names (its client is gone), and gets an empty final
+#: response. That request ends with an empty final response too, so its gRPC call ends without
+#: a cancellation: Triton 2.51's gRPC endpoint can deadlock when a client cancels a stream while
+#: a response of it is being written (docs/architecture.md). Its inputs are ignored (the
+#: required ones must be present: an empty ``text_input`` and ``max_tokens``).
+CANCEL_PARAMETER = "trident_cancel"
+
 # -- finish reasons -----------------------------------------------------------------------------
 
 FINISH_LENGTH = "length"  # max_new_tokens reached

@@ -56,6 +56,14 @@ class Request(Protocol):
 
     def wants_admission(self) -> bool: ...
 
+    def cancel_token(self) -> Optional[str]:
+        """The token that names this request for a cancel request (trident.contract
+        CANCEL_TOKEN_PARAMETER), or None."""
+
+    def cancels(self) -> Optional[str]:
+        """For a cancel request (trident.contract CANCEL_PARAMETER): the token of the request
+        it ends; None for a generation request."""
+
     def is_cancelled(self) -> bool: ...
 
     def send_admission(self) -> None:

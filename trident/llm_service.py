@@ -64,6 +64,9 @@ from .llm_io import EngineClient, EngineFailure, LlmSettings, Request, engine_ou
 
 log = logging.getLogger("trident.llm")
 
+#: Seconds a cancel request that found no job is remembered, for the job it names to arrive.
+EARLY_CANCEL_SECONDS = 10.0
+
 
 
 @dataclasses.dataclass(eq=False)
@@ -85,6 +88,8 @@ class Job:
     # crashed Triton (use after free in TRITONBACKEND_ResponseFactoryIsCancelled).
     final_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
     closed: bool = False  # the final response was sent
+    token: Optional[str] = None  # its cancel token (trident.contract CANCEL_TOKEN_PARAMETER)
+    cancel_requested: bool = False  # a cancel request named it: its client is gone
     running: bool = False  # the engine has answered (it holds a slot for it)
 
 
@@ -109,10 +114,13 @@ class LlmService:
         self._jobs: set[Job] = set()  # accepted and not finished; the watcher's list
         self._jobs_lock = threading.Lock()
         self._last_sweep = float("-inf")
+        # Cancel requests that came before the request they name (two gRPC calls, no order):
+        # token -> when, kept for EARLY_CANCEL_SECONDS.
+        self._early_cancels: dict[str, float] = {}
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.counters = dict.fromkeys(("accepted", "rejected", "cancelled_queued", "cancelled_at_engine",
-                                       "completed", "failed"), 0)
+                                       "completed", "failed", "cancel_requests"), 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -135,6 +143,14 @@ class LlmService:
     def accept(self, request: Request) -> None:
         """Validate, answer errors at once, acknowledge, queue. Never raises."""
         try:
+            target = request.cancels()
+        except Exception:  # unreadable parameters: a generation request, validated below
+            target = None
+        if target is not None:
+            self._cancel_request(target)
+            _safely(request.close)
+            return
+        try:
             job = self._prepare(request)
         except TaggedError as exc:
             self.counters["rejected"] += 1
@@ -149,8 +165,24 @@ class LlmService:
         if request.wants_admission() and not _safely(request.send_admission):
             return  # the client is already gone
         with self._jobs_lock:
+            if job.token is not None and self._early_cancels.pop(job.token, None) is not None:
+                job.cancel_requested = True
             self._jobs.add(job)
         self._queue.put(job)
+
+    def _cancel_request(self, token: str) -> None:
+        """A cancel request for the job with this token: it is ended as if its client had been
+        found gone (at its next poll, within ``cancel_check_interval``)."""
+        now = self.clock()
+        with self._jobs_lock:
+            jobs = [job for job in self._jobs if job.token == token]
+            if not jobs:
+                self._early_cancels = {t: at for t, at in self._early_cancels.items()
+                                       if now - at < EARLY_CANCEL_SECONDS}
+                self._early_cancels[token] = now
+            for job in jobs:
+                job.cancel_requested = True
+        self.counters["cancel_requests"] += 1
 
     def _prepare(self, request: Request) -> Job:
         text = read_llm_inputs(request.input)
@@ -171,13 +203,16 @@ class LlmService:
                                 bad_words_ids=[b for b in bad_ids if b],
                                 vocab_size=limits.vocab_size or len(self.tokenizer))
         return Job(request=request, text=text, tensors=tensors, prompt_tokens=len(input_ids),
-                   engine_id=str(next(self._ids)), last_check=self.clock())
+                   engine_id=str(next(self._ids)), last_check=self.clock(), token=request.cancel_token())
 
     # -- cancellation ---------------------------------------------------------------------------
 
     def _poll(self, job: Job, *, force: bool = False) -> bool:
         """True when the job is (now found) cancelled; polls the client at most once per interval."""
         if job.cancelled:
+            return True
+        if job.cancel_requested:
+            self._cancel(job)
             return True
         now = self.clock()
         if not force and now - job.last_check < self.settings.cancel_check_interval:
@@ -202,12 +237,16 @@ class LlmService:
             job.cancelled = True
             at_engine = job.at_engine
         self.counters["cancelled_at_engine" if at_engine else "cancelled_queued"] += 1
-        log.info("request %s cancelled by the client (%s)", job.engine_id,
-                 "at the engine" if at_engine else "before reaching the engine")
+        log.info("request %s cancelled by the client (%s, %s)", job.engine_id,
+                 "at the engine" if at_engine else "before reaching the engine",
+                 "cancel request" if job.cancel_requested else "found gone")
         if at_engine:
             if job.running:
                 self._sweep_waiting()
             self._stop_engine(job)
+        elif job.cancel_requested:
+            # Still queued here: end its call now (a worker that takes it later drops it).
+            _final(job, job.request.close)
 
     def _sweep_waiting(self) -> None:
         """Before a running request's stop frees a slot: stop the requests waiting in the engine
@@ -258,10 +297,11 @@ class LlmService:
                     self._jobs.discard(job)
 
     def _serve(self, job: Job) -> None:
+        self._poll(job)  # a request whose client is gone by now never reaches the engine
         with job.lock:
             cancelled = job.cancelled
             job.at_engine = not cancelled
-        if cancelled or self._poll(job):
+        if cancelled:
             _final(job, job.request.close)
             return
         try:

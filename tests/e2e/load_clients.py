@@ -103,12 +103,24 @@ def _idle_and_settled(triton, last_drop):
     return settled
 
 
+def cancelled_before_the_engine(triton, since: int) -> int:
+    """Requests that llm cancelled before they reached the engine (its log), among the log's
+    lines from ``since`` on: a cancellation that reaches llm while the request still waits for
+    a worker ends it there, and the engine never sees it."""
+    lines = triton.log_path.read_text(errors="replace").splitlines()[since:]
+    return sum("cancelled by the client (before reaching the engine" in line for line in lines)
+
+
+def log_mark(triton) -> int:
+    return len(triton.log_path.read_text(errors="replace").splitlines())
+
+
 def disconnect_storm(url, triton, *, clients, slots, max_new_tokens=400):
     """``clients`` streams hang up after 2 token events, then ``clients`` more as soon as they
     have their 200 (still queued). Checks that every one of them is cancelled in the engine,
     those still queued before reaching prefill, and that the engine is idle within 2 s of the
     last hang-up and computes no token after."""
-    before = engine_metrics(triton)
+    before, mark = engine_metrics(triton), log_mark(triton)
     body = {**COUNTING, "max_new_tokens": max_new_tokens}
     late = [Stream(url, body, drop_after_tokens=2).start() for _ in range(clients)]
     time.sleep(0.5)  # so that the early leavers queue behind them
@@ -116,7 +128,8 @@ def disconnect_storm(url, triton, *, clients, slots, max_new_tokens=400):
     join_all(late + early, triton)
     assert all(s.status == 200 and s.dropped_at is not None for s in late + early)
     settled = _idle_and_settled(triton, max(s.dropped_at for s in late + early))
-    assert settled["cancelled"] - before["cancelled"] == 2 * clients
+    in_llm = cancelled_before_the_engine(triton, mark)
+    assert settled["cancelled"] - before["cancelled"] + in_llm == 2 * clients, (before, settled, in_llm)
     # The early leavers never got a slot: only the late ones (and any that the queue reached in
     # the ~0.2 s a cancellation takes to arrive) were prefilled.
     prefilled = settled["prefilled"] - before["prefilled"]
@@ -130,7 +143,7 @@ def held_slots_storm(url, triton, *, clients, slots, max_new_tokens=900):
     at their next token event: all cancelled, the engine idle within 2 s, no token computed after.
     Nothing here depends on how fast the queue would have moved: the slots stay held until the
     queue is empty."""
-    before = engine_metrics(triton)
+    before, mark = engine_metrics(triton), log_mark(triton)
     body = {**COUNTING, "max_new_tokens": max_new_tokens}
     release = threading.Event()
     holders = [Stream(url, body, drop_when=release).start() for _ in range(slots)]
@@ -140,12 +153,14 @@ def held_slots_storm(url, triton, *, clients, slots, max_new_tokens=900):
     assert all(s.status == 200 and s.dropped_at is not None for s in queued)
     # Every one of them cancelled by the engine, not just its queue empty: a request still on its
     # way to the engine when the queue was read would reach it later, with a slot free by then.
-    _engine_until(triton, lambda m: m["waiting"] == 0 and m["cancelled"] - before["cancelled"] == clients,
+    _engine_until(triton, lambda m: m["waiting"] == 0 and m["cancelled"] - before["cancelled"]
+                  + cancelled_before_the_engine(triton, mark) == clients,
                   max(s.dropped_at for s in queued), "queued requests not all cancelled")
     assert not any(h.dropped_at for h in holders), "a holder ended before the queue emptied"
     release.set()
     join_all(holders, triton)
     assert all(h.status == 200 and h.dropped_at is not None for h in holders)
     settled = _idle_and_settled(triton, max(h.dropped_at for h in holders))
-    assert settled["cancelled"] - before["cancelled"] == slots + clients, (before, settled)
+    in_llm = cancelled_before_the_engine(triton, mark)
+    assert settled["cancelled"] - before["cancelled"] + in_llm == slots + clients, (before, settled, in_llm)
     assert settled["prefilled"] - before["prefilled"] == slots, (before, settled)  # the holders only

@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from gateway.backend import Event, Finished, TextDelta
 from gateway.errors import ApiError
 from gateway.triton_codec import serialize
-from trident.contract import ModelLimits, TextRequest
+from trident.contract import CANCEL_PARAMETER, CANCEL_TOKEN_PARAMETER, ModelLimits, TextRequest
 from trident.triton_wire import deserialize
 
 GenerationParams = TextRequest  # what a backend receives
@@ -151,7 +151,11 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, cancel_log: str | None = None) -> None:
         self.requests: list[service_pb2.ModelInferRequest] = []
-        self.cancelled: list[str] = []
+        self.cancel_requests: list[str] = []  # tokens named by llm cancel requests
+        self._cancel_events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.cancelled: list[str] = []  # requests ended early, by a cancel request or a gRPC cancel
+        self.grpc_cancelled: list[str] = []  # of those, the ones whose call the client cancelled
         self.ready_models = {"llm"}
         self.cancel_log = cancel_log
 
@@ -175,24 +179,45 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         rpc = {"prompt": None, "done": False}
         # Recorded when the RPC ends without finishing: the server may stop iterating this
         # generator at a yield when the client cancels, so code after a yield need not run.
-        context.add_callback(lambda: rpc["done"] or self._record_cancel(rpc["prompt"]))
+        context.add_callback(lambda: rpc["done"] or self._record_cancel(rpc["prompt"], grpc_cancel=True))
         for request in request_iterator:
+            if CANCEL_PARAMETER in request.parameters:  # llm's cancel request: ends the named one
+                token = request.parameters[CANCEL_PARAMETER].string_param
+                self.cancel_requests.append(token)
+                self._cancel_event(token).set()
+                yield stream_response(final=True)
+                continue
             self.requests.append(request)
+            ended = self._cancel_event(request.parameters[CANCEL_TOKEN_PARAMETER].string_param
+                                       if CANCEL_TOKEN_PARAMETER in request.parameters else "")
             inputs = {t.name: (t, raw) for t, raw in zip(request.inputs, request.raw_input_contents)}
             prompt = rpc["prompt"] = bytes(deserialize_input(inputs["text_input"]).flat[0]).decode()
             stream = bool(deserialize_input(inputs["stream"]).flat[0]) if "stream" in inputs else False
             for step in self._script(prompt, stream):
                 if isinstance(step, Pause):
                     deadline = time.monotonic() + step.seconds
-                    while context.is_active() and time.monotonic() < deadline:
+                    while context.is_active() and not ended.is_set() and time.monotonic() < deadline:
                         time.sleep(0.01)
                     if not context.is_active():
+                        return
+                    if ended.is_set():  # as llm does: the request ends with an empty final response
+                        self._record_cancel(prompt)
+                        rpc["done"] = True
+                        yield stream_response(final=True)
                         return
                 else:
                     yield step
         rpc["done"] = True
 
-    def _record_cancel(self, prompt: str | None) -> None:
+    def _cancel_event(self, token: str) -> threading.Event:
+        if not token:
+            return threading.Event()
+        with self._lock:
+            return self._cancel_events.setdefault(token, threading.Event())
+
+    def _record_cancel(self, prompt: str | None, *, grpc_cancel: bool = False) -> None:
+        if grpc_cancel:
+            self.grpc_cancelled.append(prompt or "")
         self.cancelled.append(prompt or "")
         if self.cancel_log:
             with open(self.cancel_log, "a") as f:

@@ -13,7 +13,7 @@ from testkit import AUTH, KEY, MODEL, free_port, wait_until
 from gateway import create_app
 from gateway.backend import Finished, TextDelta
 from gateway.errors import ClientError, ServerError
-from trident.contract import SamplingParams, TextRequest
+from trident.contract import CANCEL_TOKEN_PARAMETER, SamplingParams, TextRequest
 from gateway.triton_backend import TritonBackend
 
 
@@ -102,6 +102,25 @@ def test_close_cancels_on_the_server(backend, fake):
     generation.close()
     assert list(events) == []  # ends quietly after close
     assert wait_until(lambda: servicer.cancelled.count("slow") == before + 1), (before, servicer.cancelled)
+
+
+def test_close_ends_the_call_with_a_cancel_request_not_a_grpc_cancel(backend, fake):
+    """Triton 2.51's gRPC endpoint can deadlock when a client cancels a stream while a response
+    of it is being written: a client that leaves is handled by a cancel request naming the
+    request's token, on a second call, and the first call ends with its final response."""
+    servicer, _ = fake
+    generation = backend.generate(TextRequest(prompt="slow", model=MODEL, stream=True), request_id="soft")
+    events = iter(generation)
+    assert next(events) == TextDelta("Hello")
+    (request,) = [r for r in servicer.requests if r.id == "soft"]
+    token = request.parameters[CANCEL_TOKEN_PARAMETER].string_param
+    assert len(token) >= 16
+    before, grpc_before = servicer.cancelled.count("slow"), servicer.grpc_cancelled.count("slow")
+    generation.close()
+    assert wait_until(lambda: servicer.cancelled.count("slow") == before + 1)
+    assert servicer.cancel_requests.count(token) == 1
+    time.sleep(0.2)
+    assert servicer.grpc_cancelled.count("slow") == grpc_before
 
 
 def test_deadline_before_output_is_504(fake):

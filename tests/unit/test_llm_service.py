@@ -16,7 +16,8 @@ TIMEOUT = 10
 
 class FakeRequest:
     def __init__(self, prompt="Hello there", *, max_tokens=8, stream=True, stop_words=(), admission=False,
-                 fail_on=()):
+                 fail_on=(), token=None, cancels=None):
+        self.token, self.target = token, cancels
         self.inputs = {
             "text_input": np.array([[prompt.encode()]], dtype=object),
             "max_tokens": np.array([[max_tokens]], dtype=np.int32),
@@ -36,6 +37,12 @@ class FakeRequest:
 
     def wants_admission(self):
         return self.admission
+
+    def cancel_token(self):
+        return self.token
+
+    def cancels(self):
+        return self.target
 
     def is_cancelled(self):
         return self.cancelled.is_set()
@@ -261,6 +268,56 @@ def test_a_client_gone_mid_stream_stops_the_engine_and_gets_no_final(make_servic
     wait(request)
     assert [k for k, _ in request.sent] == ["send_text", "send_text", "close"]
     assert engine.stops == engine.streams
+
+
+def test_a_cancel_request_ends_a_request_at_the_engine_with_a_final_response(make_service, tokenizer):
+    """The gateway's way to end a request whose client left (trident.contract CANCEL_PARAMETER):
+    the request named by its token gets the engine's stop and an empty final response, so its
+    gRPC call ends without a cancellation; the cancel request gets its own final response."""
+    engine = FakeEngine(tokenizer, hold=True)
+    service, _ = make_service(engine)
+    request, other = FakeRequest(admission=True, token="t-1"), FakeRequest(max_tokens=2, token="t-2")
+    service.accept(request)
+    deadline = time.monotonic() + TIMEOUT
+    while not engine.streams and time.monotonic() < deadline:
+        time.sleep(0.005)
+    cancel = FakeRequest(cancels="t-1")
+    service.accept(cancel)
+    assert [k for k, _ in cancel.sent] == ["close"]
+    wait(request)
+    assert [k for k, _ in request.sent] == ["send_admission", "close"]
+    assert engine.stops == engine.streams[:1] and not request.cancelled.is_set()
+    assert service.counters["cancelled_at_engine"] == 1 and service.counters["cancel_requests"] == 1
+    engine.release.set()
+    service.accept(other)
+    wait(other)
+    assert other.sent[-1][0] == "send_final"  # a token names one request only
+
+
+def test_a_cancel_request_ends_a_request_still_queued_here_at_once(make_service, tokenizer):
+    engine = FakeEngine(tokenizer, hold=True)
+    service, _ = make_service(engine, max_concurrent=1)
+    first, queued = FakeRequest(), FakeRequest(admission=True, token="q")
+    service.accept(first)
+    service.accept(queued)
+    service.accept(FakeRequest(cancels="q"))
+    wait(queued)  # before the only worker is free
+    assert [k for k, _ in queued.sent] == ["send_admission", "close"]
+    engine.release.set()
+    wait(first)
+    assert len(engine.streams) == 1 and service.counters["cancelled_queued"] == 1
+
+
+def test_a_cancel_request_that_comes_first_ends_its_request_when_it_arrives(make_service, tokenizer):
+    """The two requests travel on separate gRPC calls, so the cancel may be first."""
+    engine = FakeEngine(tokenizer, hold=True)
+    service, _ = make_service(engine)
+    service.accept(FakeRequest(cancels="early"))
+    late = FakeRequest(admission=True, token="early")
+    service.accept(late)
+    wait(late)
+    assert [k for k, _ in late.sent] == ["send_admission", "close"]
+    assert not engine.streams or engine.stops == engine.streams
 
 
 def test_many_requests_over_few_workers_all_complete(make_service, tokenizer):

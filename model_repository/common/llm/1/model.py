@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trident.contract import ADMISSION_PARAMETER, SERVER_ID_ENV
+from trident.contract import ADMISSION_PARAMETER, CANCEL_PARAMETER, CANCEL_TOKEN_PARAMETER, SERVER_ID_ENV
 from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_response, stop_inputs
 from trident.llm_io import EngineChunk, LlmSettings, output_tensors
 from trident.llm_service import LlmService
@@ -88,11 +88,22 @@ class TritonRequest:
         tensor = pb_utils.get_input_tensor_by_name(self._request, name)
         return None if tensor is None else tensor.as_numpy()
 
-    def wants_admission(self):
+    def _parameter(self, name):
         try:
-            return bool(json.loads(self._request.parameters() or "{}").get(ADMISSION_PARAMETER))
+            return json.loads(self._request.parameters() or "{}").get(name)
         except (ValueError, AttributeError):
-            return False
+            return None
+
+    def wants_admission(self):
+        return bool(self._parameter(ADMISSION_PARAMETER))
+
+    def cancel_token(self):
+        token = self._parameter(CANCEL_TOKEN_PARAMETER)
+        return token if isinstance(token, str) and token else None
+
+    def cancels(self):
+        token = self._parameter(CANCEL_PARAMETER)
+        return token if isinstance(token, str) and token else None
 
     def is_cancelled(self):
         return self._sender.is_cancelled()
