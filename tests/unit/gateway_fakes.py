@@ -123,12 +123,17 @@ def stream_response(*, text=None, finish=None, final=False, error="", arrays=Non
         outputs["prompt_tokens"] = np.array([[prompt_tokens]], dtype=np.int32)
         outputs["completion_tokens"] = np.array([[completion_tokens]], dtype=np.int32)
     outputs.update(arrays or {})
-    for name, array in outputs.items():
+    add_outputs(infer, outputs)
+    return response
+
+
+def add_outputs(infer, arrays) -> None:
+    """Put numpy arrays into a ModelInferResponse as Triton does (raw_output_contents)."""
+    for name, array in arrays.items():
         datatype, raw = serialize(array)
         tensor = infer.outputs.add(name=name, datatype=datatype)
         tensor.shape.extend(array.shape)
         infer.raw_output_contents.append(raw)
-    return response
 
 
 # -- a fake Triton gRPC server ------------------------------------------------------------------

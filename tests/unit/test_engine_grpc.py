@@ -9,24 +9,21 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from gateway_fakes import add_outputs
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from trident.contract import ENGINE_GRPC_ENV
 from trident.engine_grpc import DEFAULT_URL, GrpcEngine, engine_url
 from trident.engine_tensors import OUTPUT_IDS, OUTPUT_LOG_PROBS, SEQUENCE_INDEX, SEQUENCE_LENGTH
 from trident.error_tags import SERVER_ERROR, UNAVAILABLE, parse_error
-from trident.triton_wire import EMPTY_FINAL, FINAL_FLAG, deserialize, serialize
+from trident.triton_wire import EMPTY_FINAL, FINAL_FLAG, deserialize
 
 
 def engine_response(*, final=False, error="", **arrays):
     response = service_pb2.ModelStreamInferResponse(error_message=error)
     infer = response.infer_response
     infer.parameters[FINAL_FLAG].bool_param = final
-    for name, array in arrays.items():
-        datatype, raw = serialize(array)
-        tensor = infer.outputs.add(name=name, datatype=datatype)
-        tensor.shape.extend(array.shape)
-        infer.raw_output_contents.append(raw)
+    add_outputs(infer, arrays)
     return response
 
 

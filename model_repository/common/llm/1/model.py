@@ -83,16 +83,19 @@ class TritonRequest:
         self._sender = request.get_response_sender()
         # Only these outputs are sent: the stub would drop the others without the GIL.
         self._outputs = frozenset(request.requested_output_names())
+        # Its parameters (admission, cancel token, cancel request), read once.
+        try:
+            parameters = json.loads(request.parameters() or "{}")
+        except (ValueError, AttributeError):
+            parameters = {}
+        self._parameters = parameters if isinstance(parameters, dict) else {}
 
     def input(self, name):
         tensor = pb_utils.get_input_tensor_by_name(self._request, name)
         return None if tensor is None else tensor.as_numpy()
 
     def _parameter(self, name):
-        try:
-            return json.loads(self._request.parameters() or "{}").get(name)
-        except (ValueError, AttributeError):
-            return None
+        return self._parameters.get(name)
 
     def wants_admission(self):
         return bool(self._parameter(ADMISSION_PARAMETER))
