@@ -1,17 +1,24 @@
-"""gRPC to Triton on one native thread per worker process, handed to greenlets in batches.
+"""gRPC to Triton on one asyncio loop per worker process, handed to greenlets in batches.
 
 Why: through gRPC's gevent integration (``grpc.experimental.gevent``) every streamed message
 went from a C-core thread through gevent's thread pool, a hub callback, a channel-spin greenlet
 and a condition variable with a timeout before the waiting greenlet saw it: about two thirds of a
-gateway worker's CPU per relayed token (py-spy, scripts/bench_gateway.py). Here one OS thread runs
-an asyncio loop with a ``grpc.aio`` channel for every call of the process; each message is parsed
-there and appended to its call's inbox, and the gevent side is woken once per batch (a libev
-async watcher, which coalesces the wake-ups of many calls into one hub callback). A waiting
-greenlet then takes every event that arrived for its call at once.
+gateway worker's CPU per relayed token (py-spy, scripts/bench_gateway.py). Here one asyncio loop
+runs a ``grpc.aio`` channel for every call of the process; each message is parsed there and
+appended to its call's inbox, and the waiting greenlet takes every event that arrived for its
+call at once.
+
+Under gevent (the gateway's workers) the loop runs in a greenlet of the hub's own thread, on an
+OS epoll selector that the hub watches (:class:`_HubSelector`); grpc.aio's poller thread wakes it
+through a socket, and the loop sets the gevent events of the calls that got something directly.
+Until 2026-12-04 the loop had an OS thread of its own, which woke the hub through a libev async
+watcher: the two threads then handed the GIL back and forth for every batch, and a worker spent
+more CPU per relayed token (about 8 % at 500 streams) and per stream in bursts (docs/operations.md,
+Gateway speed). Outside gevent (tests, scripts) the loop still runs on its own thread and
+signals plain threading events.
 
 This needs ``threading`` unpatched in the gevent worker (gateway.worker patches everything else),
-so that grpc.aio's own threads are real threads. Outside gevent (tests, scripts) the same code
-signals plain threading events.
+so that grpc.aio's poller thread is a real thread.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import collections
 import logging
 import os
+import signal
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -43,46 +51,13 @@ def _gevent_hub() -> Any:
     return gevent.get_hub()
 
 
-class _Wakeups:
-    """Signals that cross from the relay thread to the consumers. Under gevent: one libev async
-    watcher for the whole process (thread-safe to send, coalesced), whose hub callback sets the
-    gevent events of every call that got something; otherwise each call's threading.Event."""
-
-    def __init__(self) -> None:
-        self._hub = _gevent_hub()
-        self._pending: collections.deque[Any] = collections.deque()
-        if self._hub is not None:
-            self._watcher = self._hub.loop.async_()
-            self._watcher.start(self._drain)
-
-    def new_event(self) -> Any:
-        if self._hub is not None:
-            import gevent.event
-
-            return gevent.event.Event()
-        return threading.Event()
-
-    def set(self, event: Any) -> None:
-        """From the relay thread."""
-        if self._hub is None:
-            event.set()
-            return
-        self._pending.append(event)
-        self._watcher.send()
-
-    def _drain(self) -> None:  # in the hub
-        pending = self._pending
-        while pending:
-            pending.popleft().set()
-
-
 class RelayCall:
-    """One streaming call: its parsed events arrive in ``inbox`` (relay thread), the consumer
+    """One streaming call: its parsed events arrive in ``inbox`` (relay loop), the consumer
     takes them with :meth:`take`."""
 
     def __init__(self, relay: Relay, *, cancel_request: Any = None, cancel_grace: float = 0.0) -> None:
         self._relay = relay
-        self._event = relay.wakeups.new_event()
+        self._event = relay.new_event()
         self.inbox: collections.deque[Any] = collections.deque()
         self.done = False  # no more items will arrive
         self._task: asyncio.Task | None = None
@@ -91,11 +66,11 @@ class RelayCall:
         self._cancel_grace = cancel_grace
 
     def put(self, item: Any, *, last: bool = False) -> None:
-        """From the relay thread: one item (or the end), and a wake-up when the consumer may wait."""
+        """From the relay loop: one item (or the end), and a wake-up when the consumer may wait."""
         self.inbox.append(item)
         if last:
             self.done = True
-        self._relay.wakeups.set(self._event)
+        self._event.set()
 
     def take(self, timeout: float | None) -> list[Any] | None:
         """Every item that has arrived, waiting up to ``timeout`` for the first; None when the
@@ -135,19 +110,36 @@ class RelayCall:
 
 
 class Relay:
-    """The relay thread of this worker process: its event loop, its channel, its stub."""
+    """The relay of this worker process: its event loop (in a greenlet of the gevent hub's thread,
+    or on a thread of its own without gevent), its channel, its stub."""
 
     def __init__(self, target: str, options: list[tuple[str, Any]]) -> None:
         self.pid = os.getpid()
-        self.wakeups = _Wakeups()
-        self.loop = _RelayLoop(_real_selector())
-        started = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(started,), name="trident-grpc-relay", daemon=True)
-        self._thread.start()
-        started.wait()
         self._channel: grpc.aio.Channel | None = None
         self.stub: Any = None
         self._stream_infer: Any = None
+        self._runner: Any
+        #: What a call's consumer waits on, set by the loop: a gevent event when the loop runs in a
+        #: greenlet of the hub's thread, else a threading event (the loop has its own thread).
+        self.new_event: Callable[[], Any]
+        if _gevent_hub() is not None:
+            # In a greenlet of the hub's thread (see _HubSelector): grpc.aio's completions reach
+            # the loop as readable sockets, and its waits yield to the hub.
+            import gevent
+            import gevent.event
+
+            self.new_event = gevent.event.Event
+            self.loop = _RelayLoop(_HubSelector())
+            self._runner = gevent.spawn(self.loop.run_forever)
+            self._runner.link_exception(self._loop_died)
+        else:
+            self.new_event = threading.Event
+            self.loop = _RelayLoop(_real_selector())
+            started = threading.Event()
+            self._runner = threading.Thread(target=self._run, args=(started,), name="trident-grpc-relay",
+                                            daemon=True)
+            self._runner.start()
+            started.wait()
         # Scheduled, not awaited: the loop runs callbacks in order, so the stub exists before any
         # later call runs; and the caller never yields to another greenlet (which could build a
         # second relay, with a second event loop: grpc.aio then mixes their futures).
@@ -158,13 +150,20 @@ class Relay:
         self.loop.call_soon(started.set)
         self.loop.run_forever()
 
+    def _loop_died(self, runner: Any) -> None:  # in the hub
+        """Every call of this process goes through the loop, and grpc.aio's poller stays bound to
+        it, so a worker without it can only hang its streams: it stops (gracefully: SIGTERM, the
+        drain of gateway.drain) and gunicorn starts a new one."""
+        log.critical("the gRPC relay loop died (%r); stopping this worker", runner.exception)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def _connect(self, target: str, options: list[tuple[str, Any]]) -> None:  # on the loop
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         # ModelStreamInfer is bidirectional, but each call here sends exactly one request and
         # half-closes: on the wire that is a server-streaming call, and invoking it as one spares
         # grpc.aio the request-iterator task and its write and done-writing steps for every call
-        # (about 10 % of the relay thread's samples under load, py-spy).
+        # (about 10 % of the relay loop's samples under load, py-spy).
         self._stream_infer = self._channel.unary_stream(
             "/inference.GRPCInferenceService/ModelStreamInfer",
             request_serializer=service_pb2.ModelInferRequest.SerializeToString,
@@ -172,7 +171,7 @@ class Relay:
         )
 
     def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None) -> Any:
-        """Run a coroutine on the relay thread and wait for its result (cooperatively under
+        """Run a coroutine on the relay loop and wait for its result (cooperatively under
         gevent); its exception is raised here."""
         call = RelayCall(self)
 
@@ -196,7 +195,7 @@ class Relay:
     def stream(self, request: Any, *, timeout: float, parse: Callable[[Any], Any], cancel_request: Any = None,
                cancel_grace: float = 5.0) -> RelayCall:
         """Start ``ModelStreamInfer`` with one request; each response goes through ``parse`` on
-        the relay thread (its exception ends the stream as an item) into the call's inbox.
+        the relay loop (its exception ends the stream as an item) into the call's inbox.
 
         ``cancel_request``: what :meth:`RelayCall.cancel` sends (on a second call) to end this
         one, instead of cancelling it: Triton 2.51's gRPC endpoint can deadlock when a client
@@ -269,8 +268,52 @@ def _original(module: str, name: str) -> Any:
     return getattr(__import__(module), name)
 
 
+class _HubSelector:
+    """An OS epoll selector for an asyncio loop that runs in a greenlet of the gevent hub's thread.
+
+    ``select`` takes what is ready without yielding, so the loop runs every ready callback in one
+    go; only when nothing is ready does it wait, cooperatively, for the epoll descriptor itself to
+    become readable (one libev watcher on it). That watcher fires in the hub's poll phase, once per
+    turn of the hub's loop, so each step of a call (its start, each batch of its responses) waits
+    behind at most one turn's admissions of new connections (gateway.worker limits them to 4).
+    gevent's own ``GeventSelector`` yields to the hub on every call, even with work ready, which
+    put the loop behind every greenlet queued at that moment, for every step."""
+
+    def __init__(self) -> None:
+        import gevent
+
+        self._selector = _real_selector()
+        self._hub = gevent.get_hub()
+        self._watcher = self._hub.loop.io(self._selector.fileno(), 1)  # EV_READ
+        self._timeout = gevent.Timeout
+
+    def __getattr__(self, name: str) -> Any:  # register, unregister, modify, get_key, get_map
+        return getattr(self._selector, name)
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        ready = self._selector.select(0)
+        if ready or (timeout is not None and timeout <= 0):
+            return ready
+        timer = self._timeout.start_new(timeout) if timeout is not None else None
+        try:
+            self._hub.wait(self._watcher)
+        except self._timeout as expired:
+            if expired is not timer:
+                raise
+            return []
+        finally:
+            if timer is not None:
+                timer.close()
+        return self._selector.select(0)
+
+    def close(self) -> None:
+        self._watcher.close()
+        self._selector.close()
+
+
 def _real_selector() -> Any:
-    """The OS selector, not gevent's (which would run a gevent hub inside the relay thread)."""
+    """The OS selector, not gevent's (which would run a gevent hub inside the relay's own thread,
+    or, in the hub's thread, yield to the hub on every turn of the loop: _HubSelector)."""
     try:
         from gevent import monkey
 

@@ -1,18 +1,19 @@
-"""The gunicorn worker class: gevent for HTTP, real threads for gRPC.
+"""The gunicorn worker class: gevent for HTTP, real threads for gRPC's poller.
 
     gunicorn -k gateway.worker.GeventGrpcWorker 'gateway:create_app()'
 
 gunicorn's gevent worker patches everything with gevent; this one leaves ``threading`` (and so
-``queue``) unpatched. The gRPC client runs on its own OS thread (gateway.triton_relay: an
-asyncio loop with ``grpc.aio``, whose poller threads must be real threads) and hands events to
-greenlets in batches through a libev async watcher. Measured with scripts/bench_gateway.py: gRPC's
-own gevent integration (``grpc.experimental.gevent.init_gevent``), which the previous version
-of this worker used, spent about two thirds of a worker's CPU per relayed token.
+``queue``) unpatched. The gRPC client (gateway.triton_relay) is an asyncio loop with ``grpc.aio``
+in a greenlet of the hub's thread, woken through a socket by grpc.aio's poller thread, which
+must be a real thread. Measured with scripts/bench_gateway.py: gRPC's own gevent integration
+(``grpc.experimental.gevent.init_gevent``), which an earlier version of this worker used, spent
+about two thirds of a worker's CPU per relayed token.
 
 What this means for the rest of the gateway: a ``threading`` lock is a real lock, so no code may
 hold one across anything that yields to another greenlet (gateway.state.InFlight does not;
 prometheus-client and flask-limiter hold theirs only around memory updates); and nothing in a
-request may block in a threading primitive waiting for another greenlet.
+request may block in a threading primitive waiting for another greenlet (the relay loop is one:
+it would wait too).
 """
 
 from __future__ import annotations
@@ -54,23 +55,25 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # 
 
 
 class FewAcceptsPerTurnServer(StreamServer):
-    """gevent's server, accepting at most 10 connections per turn of the event loop instead of
-    100. Each accepted connection's greenlet runs its whole admission (HTTP parsing, key, rate
-    limit, validation, the gRPC call's start: about 2 ms of CPU) before the loop turns again, and
-    the relay thread's wake-ups (gateway.triton_relay) are handled only at the next turn. With 100
-    a turn, a burst of new connections held every running stream's tokens back until up to 100
-    admissions were done: in the burst test of tests/unit/test_gateway_gunicorn.py a stream's
-    first token came after 99 of 120 quick replies (10 a turn: after 9). gunicorn itself accepts
-    1 a turn when it runs more than one worker. One a turn costs more per connection: about
-    +13 % of the worker's CPU per short stream with 50 clients that reconnect for every request
-    (10 a turn: +4 %, within the noise; CPU per request over 3 alternated runs of 3 rounds,
-    2,000 two-token streams each, on the 2-vCPU EPYC of docs/operations.md)."""
+    """gevent's server, accepting at most 4 connections per turn of the event loop instead of 100.
+    Each accepted connection's greenlet runs its whole admission (HTTP parsing, key, rate limit,
+    validation, the gRPC call's start: about 2 ms of CPU) before the loop turns again, and the
+    relay loop (gateway.triton_relay) runs once a turn. With 100 a turn, a burst of new
+    connections held every running stream's tokens back until up to 100 admissions were done: in
+    the burst test of tests/unit/test_gateway_gunicorn.py a stream's first token came after 99 of
+    120 quick replies; with 10 a turn, after 29-49 (its call's start, admission and first token
+    each wait a turn); with 4, after 7-15. gunicorn itself accepts 1 a turn when it runs more
+    than one worker. Fewer accepts a turn cost little: 4 against 10 a turn, 128 clients each
+    opening a connection for one two-token stream, 1.83 / 2.09 / 2.11 against 1.84 / 2.24 /
+    2.35 ms of the worker's CPU a request (three alternated runs, 1,280 requests each, on the
+    2-vCPU EPYC of docs/operations.md); 1 a turn had cost about 13 % more than 10 (an earlier
+    measurement, with the relay on its own thread)."""
 
-    max_accept = 10
+    max_accept = 4
 
 
 class GeventGrpcWorker(GeventWorker):
-    """gunicorn's gevent worker, with ``threading`` left to the OS, at most 10 accepts per loop
+    """gunicorn's gevent worker, with ``threading`` left to the OS, at most 4 accepts per loop
     turn (FewAcceptsPerTurnServer), and a drain on SIGTERM (gateway.drain)."""
 
     def init_process(self) -> None:

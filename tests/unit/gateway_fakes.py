@@ -149,7 +149,8 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
     * "stall": waits for cancel before any output; "error-400", "error-500", "error-after",
       "no-finish": see ``_script``.
 
-    Cancellations are counted in ``cancelled`` and, when ``cancel_log`` is set, appended to it.
+    Cancellations are counted in ``cancelled`` and, when ``cancel_log`` is set, appended to it
+    (a line each: the prompt, then ``cancel-request`` or ``grpc-cancel``).
     """
 
     DELTAS = ("Hello", ",", " world")
@@ -226,7 +227,7 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.cancelled.append(prompt or "")
         if self.cancel_log:
             with open(self.cancel_log, "a") as f:
-                f.write(f"{prompt}\n")
+                f.write(f"{prompt} {'grpc-cancel' if grpc_cancel else 'cancel-request'}\n")
 
     def _script(self, prompt: str, stream: bool) -> list:
         finish = ("eos_token", len(prompt.split()), len(self.DELTAS))

@@ -155,11 +155,14 @@ def test_a_key_with_stray_bytes_gets_the_json_envelope_and_is_never_echoed(stack
 
 def test_a_burst_of_new_connections_does_not_hold_back_a_running_stream(stack):
     """Events of running streams are not queued behind the admission of a whole burst of new
-    connections: the worker accepts at most 10 connections per turn of its event loop
-    (gateway.worker.FewAcceptsPerTurnServer), so the relay's wake-up is handled after at most
-    that many admissions. With gevent's default (up to 100 accepts a turn) the stream's first
-    token came after 99 of the burst's 120 replies (every connection accepted in that turn had
-    been parsed, authenticated and validated first); with 10 a turn, after 9.
+    connections: the worker accepts at most 4 connections per turn of its event loop
+    (gateway.worker.FewAcceptsPerTurnServer), and the relay loop runs once a turn
+    (gateway.triton_relay._HubSelector), so each step of a call waits behind at most that many
+    admissions. With gevent's default (up to 100 accepts a turn) the stream's first token came
+    after 99 of the burst's 120 replies (every connection accepted in that turn had been parsed,
+    authenticated and validated first); with 10 a turn and the relay loop in a greenlet, after
+    29-49 (the call's start, its admission and its first token each wait a turn); with 4, after
+    7-15.
 
     Once the worker's gRPC channel is connected, the worker is stopped while one stream and then
     120 requests that fail validation (400s, answered during admission) connect, so that all of
