@@ -139,6 +139,32 @@ def test_bad_body_is_400(client, raw, content_type, message):
     assert_error(response, 400, "invalid_request_error", None, message)
 
 
+def _nested(levels: int) -> bytes:
+    return b'{"prompt": "x", "stop_sequences": ' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+
+
+@pytest.mark.parametrize("levels", [33, 40, 5000])
+def test_a_body_nested_past_the_limit_is_400_before_parsing(client, levels):
+    response = client.post("/generate", data=_nested(levels), headers={**AUTH, "Content-Type": "application/json"})
+    shown = min(levels, 33)  # the count stops at the first level past the limit
+    assert_error(response, 400, "invalid_request_error", None,
+                 f"Request body is nested {shown} levels deep; at most 32 are allowed")
+
+
+def test_a_body_at_the_nesting_limit_reaches_validation(client):
+    response = client.post("/generate", data=_nested(32), headers={**AUTH, "Content-Type": "application/json"})
+    error = response.get_json()["error"]
+    assert response.status_code == 400 and error["param"] == "stop_sequences", error
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(client, backend):
+    """More opening brackets than the limit, all inside strings (escaped quotes too): the body is
+    counted byte by byte (not only its brackets) and is shallow."""
+    prompt = '[{"a": [1]}] \\ \\" ' * 40 + "[" * 100
+    assert post(client, {"prompt": prompt, "stop_sequences": ["[["]}).status_code == 200
+    assert backend.last_params.prompt == prompt
+
+
 def test_invalid_utf8_is_400(client):
     response = client.post("/generate", data=b'{"prompt": "\xff"}', headers={**AUTH, "Content-Type": "application/json"})
     assert response.status_code == 400
