@@ -54,7 +54,10 @@ class GrpcEngine:
         # No message size limit: a request's embedding_bias is a vocabulary-wide float row.
         self._channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", -1),
                                                             ("grpc.max_receive_message_length", -1)])
-        self._call = self._channel.stream_stream(
+        # ModelStreamInfer is bidirectional, but every call here sends one request and closes its
+        # side: invoked as server-streaming (the same bytes on the wire), grpcio sends both in one
+        # batch instead of starting a thread per call to consume a request iterator.
+        self._call = self._channel.unary_stream(
             STREAM_METHOD,
             request_serializer=service_pb2.ModelInferRequest.SerializeToString,
             response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
@@ -68,7 +71,7 @@ class GrpcEngine:
         request = infer_request(self.model_name, tensors, request_id=engine_id, outputs=outputs)
         # Sending one request and closing our side ends nothing: Triton answers until its final
         # response, then ends the call.
-        call = self._call(iter((request,)))
+        call = self._call(request)
         finished = False
         try:
             for response in call:
@@ -106,7 +109,7 @@ class GrpcEngine:
     def stop(self, engine_id: str) -> None:
         request = infer_request(self.model_name, stop_inputs(), request_id=engine_id, outputs=(OUTPUT_IDS,))
         # Read to the call's end (Triton ends it after the final response): see ``stream``.
-        for response in self._call(iter((request,)), timeout=self.stop_timeout):
+        for response in self._call(request, timeout=self.stop_timeout):
             if response.error_message:
                 log.info("llm: the engine refused the stop of %s: %s", engine_id, response.error_message)
 
