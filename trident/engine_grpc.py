@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
+import grpc.experimental
 import numpy as np
 from tritonclient.grpc import service_pb2
 
@@ -52,8 +53,15 @@ class GrpcEngine:
         self.url = url
         self.stop_timeout = stop_timeout
         # No message size limit: a request's embedding_bias is a vocabulary-wide float row.
-        self._channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", -1),
-                                                            ("grpc.max_receive_message_length", -1)])
+        # SingleThreadedUnaryStream: the thread that reads a call waits in gRPC core for that
+        # call's next message itself, instead of being woken through a condition variable by
+        # grpcio's channel thread for every message (two thread wake-ups and GIL hand-offs a
+        # message; context switches were about a third of the stub's CPU under load, perf).
+        self._channel = grpc.insecure_channel(url, options=[
+            ("grpc.max_send_message_length", -1),
+            ("grpc.max_receive_message_length", -1),
+            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
+        ])
         # ModelStreamInfer is bidirectional, but every call here sends one request and closes its
         # side: invoked as server-streaming (the same bytes on the wire), grpcio sends both in one
         # batch instead of starting a thread per call to consume a request iterator.
