@@ -19,6 +19,7 @@ stopping) to another server. No routing code of our own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -272,7 +273,7 @@ class TritonBackend:
             return parse_stream_response(response, request_id=request_id, retry_after=retry_after)
 
         call = self.relay.stream(request, timeout=self.request_timeout, parse=parse,
-                                 cancel_request=build_cancel_request(triton_model, token),
+                                 cancel_request=functools.partial(build_cancel_request, triton_model, token),
                                  cancel_grace=CANCEL_GRACE)
         return TritonGeneration(call, request_id=request_id, retry_after=retry_after, timeout=self.request_timeout)
 
