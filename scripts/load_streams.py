@@ -11,6 +11,9 @@ ways, one after the other in the same run, and prints first-token earliest / p50
 "first batch" is the p50 of the first ``batch`` first tokens: the streams the engine admits at
 once. Streaming holds under load when the first batch's tokens arrive as fast at 2x and 4x as
 at 1x (the engine alone sets the floor); the later streams wait for a slot, as they should.
+"first batch admitted" is when the ``batch``-th request had been admitted by ``llm`` (through
+the gateway: its client had its 200; straight to ``llm``: its admission response, which the
+gateway asks for too): how fast the serving layers let a burst in.
 Every way and multiple runs ``--rounds`` times (3), the ways in alternating order; the table
 gives the median of each figure and each round's ratio to the engine-direct first batch of the
 same round: on a shared machine one round's ratio can be off by 2x.
@@ -70,14 +73,20 @@ def run_concurrently(n: int, one) -> list[float | None]:
     return firsts
 
 
-def grpc_stream(stub, model: str, inputs: dict, t0: float) -> float:
+def grpc_stream(stub, model: str, inputs: dict, t0: float, admitted: list[float] | None = None) -> float:
+    """One stream straight to a model over Triton's gRPC; with ``admitted``, asks ``llm`` for its
+    admission response (as the gateway does) and appends its time there."""
     from gateway.triton_codec import FINAL_FLAG, build_infer_request
 
     first = None
-    call = stub.ModelStreamInfer(iter((build_infer_request(model, inputs),)), timeout=900)
+    request = build_infer_request(model, inputs, admission=admitted is not None)
+    call = stub.ModelStreamInfer(iter((request,)), timeout=900)
     for response in call:
         if response.error_message:
             raise RuntimeError(response.error_message)
+        if admitted is not None:
+            admitted.append(time.perf_counter() - t0)  # the first response: the admission
+            admitted = None
         infer = response.infer_response
         for out, raw in zip(infer.outputs, infer.raw_output_contents):
             has_token = len(raw) > 4 if out.name == "text_output" else (out.name == "output_ids" and len(raw) > 0)
@@ -90,9 +99,10 @@ def grpc_stream(stub, model: str, inputs: dict, t0: float) -> float:
     return first
 
 
-def gateway_stream(url: str, key: str, tokens: int, t0: float) -> float:
+def gateway_stream(url: str, key: str, tokens: int, t0: float, admitted: list[float]) -> float:
     """One SSE stream over the standard library's http.client, the lightest client at hand: the
-    clients share the machine's cores with the servers (the table prints their CPU)."""
+    clients share the machine's cores with the servers (the table prints their CPU). Appends the
+    time of its 200 (sent once ``llm`` admitted the request) to ``admitted``."""
     import http.client
     from urllib.parse import urlsplit
 
@@ -106,6 +116,7 @@ def gateway_stream(url: str, key: str, tokens: int, t0: float) -> float:
         response = conn.getresponse()
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+        admitted.append(time.perf_counter() - t0)
         for line in response:
             if first is None and line.startswith(b"event: token"):
                 first = time.perf_counter() - t0
@@ -162,9 +173,10 @@ def measure(args, batch: int, groups: dict[str, int]) -> list[dict]:
                      "runtime_top_k": np.array([[1]], np.int32)}
     ways = {
         "engine": lambda t0: grpc_stream(stub, "tensorrt_llm", engine_inputs, t0),
-        "llm": lambda t0: grpc_stream(stub, "llm", llm_inputs, t0),
-        "gateway": lambda t0: gateway_stream(args.gateway_url, args.api_key, args.tokens, t0),
+        "llm": lambda t0: grpc_stream(stub, "llm", llm_inputs, t0, admitted),
+        "gateway": lambda t0: gateway_stream(args.gateway_url, args.api_key, args.tokens, t0, admitted),
     }
+    admitted: list[float] = []  # the admissions of the run in progress (gateway, llm)
     # The first requests of a fresh server pay one-time costs (the engine's first batches, lazy
     # imports, connection set-up): one round at the batch size, per way, before measuring.
     for way in args.ways:
@@ -178,6 +190,7 @@ def measure(args, batch: int, groups: dict[str, int]) -> list[dict]:
             n = batch * mult
             for way in order:
                 before, servers_before = os.times(), cpu_by_part(groups)
+                admitted.clear()
                 firsts = run_concurrently(n, ways[way])
                 after, servers_after = os.times(), cpu_by_part(groups)
                 client_ms = (after.user + after.system - before.user - before.system) * 1000 / n
@@ -190,12 +203,19 @@ def measure(args, batch: int, groups: dict[str, int]) -> list[dict]:
                 row = {"round": round_, "way": way, "streams": n, "answered": len(got), **quantiles(got),
                        "first_batch_p50": statistics.median(got[:batch]), "client_cpu_ms": client_ms,
                        "server_cpu_ms": server_ms}
+                if len(admitted) >= batch:
+                    row["first_batch_admitted"] = sorted(admitted)[batch - 1]
                 rows.append(row)
                 print(f"  round {round_} {way:8s} {n:4d} streams: first token min {row['min']:.2f} "
                       f"p50 {row['p50']:.2f} p99 {row['p99']:.2f} max {row['max']:.2f} s; first batch p50 "
-                      f"{row['first_batch_p50']:.2f} s ({len(got)}/{n} answered; client CPU {client_ms:.1f} ms a stream)",
+                      f"{row['first_batch_p50']:.2f} s{_admitted_note(row)} ({len(got)}/{n} answered; "
+                      f"client CPU {client_ms:.1f} ms a stream)",
                       flush=True)
     return rows
+
+
+def _admitted_note(row: dict) -> str:
+    return f", admitted by {row['first_batch_admitted']:.2f} s" if "first_batch_admitted" in row else ""
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -211,6 +231,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         if done:
             for field in ("min", "p50", "p99", "max", "first_batch_p50", "client_cpu_ms"):
                 summary[field] = statistics.median(r[field] for r in done)
+            if all("first_batch_admitted" in r for r in done):
+                summary["first_batch_admitted"] = statistics.median(r["first_batch_admitted"] for r in done)
             parts = {part for r in done for part in r["server_cpu_ms"]}
             summary["server_cpu_ms"] = {part: statistics.median(r["server_cpu_ms"].get(part, 0.0) for r in done)
                                         for part in parts}
@@ -224,22 +246,23 @@ def print_table(summary: list[dict], batch: int, rounds: int) -> None:
     """The tables of ``summarize``'s rows."""
     print(f"\nengine batch size {batch}; {rounds} round(s), the median of each figure over them: first-token "
           "seconds (min / p50 / p99 / max), first batch p50, its ratio to the engine-direct first batch of the "
-          "same round (each round, then their median), and this script's own CPU per stream (the clients "
-          "share the machine with the servers)\n")
+          "same round (each round, then their median), when llm had admitted the first batch (gateway, llm), "
+          "and this script's own CPU per stream (the clients share the machine with the servers)\n")
     print("| streams | through | min / p50 / p99 / max | first batch p50 | vs engine, each round | vs engine |"
-          " client CPU |")
-    print("|---|---|---|---|---|---|---|")
+          " first batch admitted | client CPU |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in summary:
         if not r["answered_rounds"]:
-            print(f"| {r['streams']} | {r['way']} | no answer | | | | |")
+            print(f"| {r['streams']} | {r['way']} | no answer | | | | | |")
             continue
         missing = r["rounds"] - r["answered_rounds"]
         way = r["way"] + (f" ({missing} of {r['rounds']} rounds unanswered)" if missing else "")
         ratios = r["vs_engine"]
         each = " / ".join(f"{x:.2f}x" for x in ratios) if ratios else "-"
         median = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+        admitted = f"{r['first_batch_admitted']:.2f}" if "first_batch_admitted" in r else "-"
         print(f"| {r['streams']} | {way} | {r['min']:.2f} / {r['p50']:.2f} / {r['p99']:.2f} / {r['max']:.2f}"
-              f" | {r['first_batch_p50']:.2f} | {each} | {median} | {r['client_cpu_ms']:.1f} ms |")
+              f" | {r['first_batch_p50']:.2f} | {each} | {median} | {admitted} | {r['client_cpu_ms']:.1f} ms |")
     parts = sorted({part for r in summary for part in r.get("server_cpu_ms", {})})
     if parts:
         print("\nCPU per stream (ms), by process, over each whole round, median over the rounds (the servers "

@@ -73,3 +73,21 @@ def test_the_summary_takes_medians_and_compares_each_round_with_its_own_engine_f
     assert (late["rounds"], late["answered_rounds"], late["vs_engine"]) == (2, 1, pytest.approx([2.0]))
     assert summarize([_row(1, "gateway", 32, 0.0, answered=False)]) == [
         {"streams": 32, "way": "gateway", "rounds": 1, "answered_rounds": 0}]
+
+
+def test_the_first_batch_admission_is_a_median_over_rounds_and_only_where_every_round_has_it(capsys):
+    from load_streams import print_table
+
+    rows = [_row(1, "engine", 32, 0.10), {**_row(1, "gateway", 32, 0.30), "first_batch_admitted": 0.12},
+            _row(2, "engine", 32, 0.10), {**_row(2, "gateway", 32, 0.20), "first_batch_admitted": 0.08},
+            _row(3, "engine", 32, 0.10), {**_row(3, "gateway", 32, 0.25), "first_batch_admitted": 0.30},
+            {**_row(1, "gateway", 64, 0.30), "first_batch_admitted": 0.2}, _row(2, "gateway", 64, 0.30)]
+    summary = summarize(rows)
+    by = {(r["streams"], r["way"]): r for r in summary}
+    assert by[(32, "gateway")]["first_batch_admitted"] == 0.12
+    assert "first_batch_admitted" not in by[(32, "engine")]
+    assert "first_batch_admitted" not in by[(64, "gateway")]  # one round without it: no median of a part
+    print_table(summary, 32, 3)
+    table = capsys.readouterr().out
+    assert "| 32 | gateway | 0.12 / 0.50 / 0.75 / 1.00 | 0.25 | 3.00x / 2.00x / 2.50x | 2.50x | 0.12 | 1.0 ms |" in table
+    assert "| 32 | engine | 0.05 / 0.20 / 0.30 / 0.40 | 0.10 | 1.00x / 1.00x / 1.00x | 1.00x | - | 1.0 ms |" in table
