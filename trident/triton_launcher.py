@@ -218,6 +218,14 @@ class TritonServer(ChildServer):
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
+    def metrics_listening(self) -> bool:
+        """Whether the metrics port accepts a connection (``/metrics``, Prometheus' text)."""
+        try:
+            with socket.create_connection(("localhost", self.ports.metrics), timeout=2):
+                return True
+        except OSError:
+            return False
+
     def wait_ready(self, *, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         last_note = 0.0
@@ -226,7 +234,9 @@ class TritonServer(ChildServer):
                 raise TritonStartError(
                     f"tritonserver exited with code {self.process.returncode} before it was ready\n"
                     + self.log_tail())
-            if self.is_ready():
+            # Ready, and its metrics endpoint listening: Triton starts that one last, tens of
+            # milliseconds after HTTP answers ready (a scrape right after start() was refused).
+            if self.is_ready() and self.metrics_listening():
                 log.info("Triton is ready")
                 return
             now = time.monotonic()
