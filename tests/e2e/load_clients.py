@@ -147,7 +147,7 @@ def _storm(url, triton, *, leaving, staying, slots, max_new_tokens):
     instead (as this storm once did) failed whenever the engine drained the queue faster than a
     200 reached a client and its hang-up came back, a question of CPU speed, not of correctness."""
     assert staying >= slots  # they hold every slot
-    before, mark = engine_metrics(triton), log_mark(triton)
+    before, mark = settled_metrics(triton), log_mark(triton)
     body = {**COUNTING, "max_new_tokens": max_new_tokens}
     release = threading.Event()
     staying_streams = [Stream(url, body, drop_after_tokens=2, drop_when=release).start() for _ in range(staying)]
@@ -159,7 +159,8 @@ def _storm(url, triton, *, leaving, staying, slots, max_new_tokens):
                   + cancelled_before_the_engine(triton, mark) == leaving,
                   max(s.dropped_at for s in leavers), "queued requests not all cancelled")
     assert not any(s.dropped_at or "done" in s.log for s in staying_streams), "a stream ended before the release"
-    assert engine_metrics(triton)["prefilled"] - before["prefilled"] == slots  # no leaver reached prefill
+    now = engine_metrics(triton)
+    assert now["prefilled"] - before["prefilled"] == slots, (before, now)  # no leaver reached prefill
     release.set()
     join_all(staying_streams, triton)
     assert all(s.status == 200 and s.dropped_at is not None for s in staying_streams)
@@ -168,6 +169,21 @@ def _storm(url, triton, *, leaving, staying, slots, max_new_tokens):
     in_llm = cancelled_before_the_engine(triton, mark)
     assert settled["cancelled"] - before["cancelled"] + in_llm == staying + leaving, (before, settled, in_llm)
     assert settled["prefilled"] - before["prefilled"] == staying, (before, settled)  # no leaver, ever
+
+
+def settled_metrics(triton, *, seconds=60):
+    """The engine's counters once it is idle and they have stopped moving: the engine stub
+    publishes them every 0.1 s from a thread that can wait for the GIL behind the engine's own,
+    so a read right after the last test's requests may still lack the last of their prefills."""
+    deadline = time.monotonic() + seconds
+    last = engine_metrics(triton)
+    while True:
+        time.sleep(0.3)
+        now = engine_metrics(triton)
+        if now == last and now["active"] == 0 and now["waiting"] == 0:
+            return now
+        assert time.monotonic() < deadline, f"the engine did not settle in {seconds} s: {now}"
+        last = now
 
 
 def _engine_until_queued(triton, before, streams, slots, *, seconds=120):
