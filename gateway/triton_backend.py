@@ -48,9 +48,9 @@ from .triton_relay import Relay, RelayCall
 log = logging.getLogger("trident.gateway.triton")
 
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-#: Seconds a call whose client left may take to end after its cancel request before it is
-#: cancelled: llm ends it within its cancel check interval (0.1 s) and the engine's stop; with
-#: several Tritons the cancel request can reach another one, and then this cancel ends it.
+#: Seconds a call whose client left may take to end after its cancel request (sent on the same
+#: call, so at the Triton that holds the request) before the call is cancelled: llm ends it
+#: within its cancel check interval (0.1 s) and the engine's stop; this is the safety net.
 CANCEL_GRACE = 3.0
 _SERVICE = "inference.GRPCInferenceService"
 

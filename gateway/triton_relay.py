@@ -35,6 +35,8 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from trident.triton_wire import is_final
+
 log = logging.getLogger("trident.gateway.triton")
 
 
@@ -65,6 +67,11 @@ class RelayCall:
         self._cancelled = False
         self._cancel_request = cancel_request
         self._cancel_grace = cancel_grace
+        # Relay loop only: the bidirectional call, resolved once its request is written (or its
+        # start failed), and whether this side has half-closed (nothing more can be sent).
+        self._grpc: Any = None
+        self._written: asyncio.Future | None = None
+        self._half_closed = False
 
     def put(self, item: Any, *, last: bool = False) -> None:
         """From the relay loop: one item (or the end), and a wake-up when the consumer may wait."""
@@ -89,9 +96,10 @@ class RelayCall:
         return items
 
     def cancel(self) -> None:
-        """Any thread, any time, more than once: ends the call. With a ``cancel_request`` (see
-        :meth:`Relay.stream`) that request is sent on a second call and this one is read to its
-        end; it is cancelled only if it has not ended ``cancel_grace`` seconds later."""
+        """Any thread, any time, more than once: ends the call's request, if it has not ended.
+        The cancel request (see :meth:`Relay.stream`) goes on the same call, which is then read
+        to its end; the call is cancelled only if it has not ended ``cancel_grace`` seconds
+        later."""
         if self._cancelled:
             return
         self._cancelled = True
@@ -100,14 +108,28 @@ class RelayCall:
             self._relay.loop.call_soon_threadsafe(self._end_started_call, task)
 
     def _end_started_call(self, task: asyncio.Task) -> None:  # on the loop
-        if task.done():
-            return
-        if self._cancel_request is None:
-            task.cancel()
+        if task.done() or self._half_closed:  # ended, or ending by itself
             return
         loop = self._relay.loop
-        loop.create_task(self._relay.send_cancel(self._cancel_request()))
+        loop.create_task(self._send_cancel())
         loop.call_later(self._cancel_grace, lambda: task.done() or task.cancel())
+
+    async def _send_cancel(self) -> None:  # on the loop
+        assert self._written is not None and self._cancel_request is not None
+        await self._written
+        await self._half_close(self._cancel_request())
+
+    async def _half_close(self, last_request: Any = None) -> None:  # on the loop
+        """Sends ``last_request`` (when given) and closes this side of the call, once."""
+        if self._half_closed or self._grpc is None:
+            return
+        self._half_closed = True
+        try:
+            if last_request is not None:
+                await self._grpc.write(last_request)
+            await self._grpc.done_writing()
+        except Exception as exc:  # the call has ended: its reader sees how
+            log.info("could not finish the call's requests: %r", exc)
 
 
 class Relay:
@@ -161,11 +183,9 @@ class Relay:
     def _connect(self, target: str, options: list[tuple[str, Any]]) -> None:  # on the loop
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        # ModelStreamInfer is bidirectional, but each call here sends exactly one request and
-        # half-closes: on the wire that is a server-streaming call, and invoking it as one spares
-        # grpc.aio the request-iterator task and its write and done-writing steps for every call
-        # (about 10 % of the relay loop's samples under load, py-spy).
-        self._stream_infer = self._channel.unary_stream(
+        # Bidirectional, written to directly (no request iterator, so no task to consume one):
+        # a client that leaves is handled by a cancel request on its own call (see stream).
+        self._stream_infer = self._channel.stream_stream(
             "/inference.GRPCInferenceService/ModelStreamInfer",
             request_serializer=service_pb2.ModelInferRequest.SerializeToString,
             response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
@@ -194,45 +214,56 @@ class Relay:
         return value
 
     def stream(self, request: Any, *, timeout: float, parse: Callable[[Any], Any],
-               cancel_request: Callable[[], Any] | None = None,
-               cancel_grace: float = 5.0) -> RelayCall:
-        """Start ``ModelStreamInfer`` with one request; each response goes through ``parse`` on
-        the relay loop (its exception ends the stream as an item) into the call's inbox.
+               cancel_request: Callable[[], Any], cancel_grace: float = 5.0) -> RelayCall:
+        """Start ``ModelStreamInfer`` with ``request``; each of its responses goes through
+        ``parse`` on the relay loop (an exception ends the events as an item) into the call's
+        inbox. Its last response (the final flag, or an error) ends the events at once; the call
+        is then half-closed and read to its end (Triton ends it after that).
 
-        ``cancel_request``: builds what :meth:`RelayCall.cancel` sends (on a second call) to end
-        this one, instead of cancelling it: Triton 2.51's gRPC endpoint can deadlock when a client
-        cancels a stream while one of its responses is being written (docs/architecture.md).
-        Built only then: most calls end by themselves (building it took about 9 us)."""
+        ``cancel_request`` builds the request that :meth:`RelayCall.cancel` sends to end this one
+        (built only then: most calls end by themselves, and building it took about 9 us). It goes
+        on the same call, so it reaches the server that holds the request: round_robin picks a
+        server for every call, and a cancel on a call of its own could reach another Triton.
+        The call itself is not cancelled: Triton 2.51's gRPC endpoint can deadlock when a client
+        cancels a stream while one of its responses is being written (docs/architecture.md)."""
         call = RelayCall(self, cancel_request=cancel_request, cancel_grace=cancel_grace)
 
         async def pump() -> None:
             try:
-                grpc_call = self._stream_infer(request, timeout=timeout, wait_for_ready=False)
-                # Read to the end: the server ends the call right after its final response
-                # (cancelling a call whose request completed kept Triton's model loaded).
+                grpc_call = call._grpc = self._stream_infer(timeout=timeout, wait_for_ready=False)
+                try:
+                    await grpc_call.write(request)
+                finally:
+                    call._written.set_result(None)
                 async for response in grpc_call:
-                    call.put(parse(response))
-                call.put(None, last=True)
+                    if call.done:  # its request ended (or failed to parse): read to the end
+                        continue
+                    last = bool(response.error_message) or is_final(response.infer_response)
+                    try:
+                        call.put(parse(response))
+                    except Exception as exc:  # a bad response: the consumer decides (it cancels)
+                        call.put(exc, last=True)
+                    if last:
+                        if not call.done:
+                            call.put(None, last=True)
+                        await call._half_close()
+                if not call.done:
+                    call.put(None, last=True)
             except asyncio.CancelledError:
-                call.put(None, last=True)
-            except BaseException as exc:  # grpc.aio.AioRpcError, a bad response: the consumer decides
-                call.put(exc, last=True)
+                if not call.done:
+                    call.put(None, last=True)
+            except BaseException as exc:  # grpc.aio.AioRpcError: the consumer decides
+                if not call.done:
+                    call.put(exc, last=True)
 
         def start() -> None:
+            call._written = self.loop.create_future()
             call._task = self.loop.create_task(pump())
             if call._cancelled:
                 call._task.cancel()
 
         self.loop.call_soon_threadsafe(start)
         return call
-
-    async def send_cancel(self, request: Any) -> None:
-        """A cancel request's call, read to its end (never cancelled: see :meth:`stream`)."""
-        try:
-            async for _ in self._stream_infer(request, timeout=30, wait_for_ready=False):
-                pass
-        except Exception as exc:  # the original call is still cancelled after its grace
-            log.info("cancel request failed: %r", exc)
 
     def close(self) -> None:
         if self._channel is not None:

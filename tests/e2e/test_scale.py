@@ -18,6 +18,7 @@ from testkit import free_port
 
 from conftest import SMALL_BATCH, start_gateway
 from e2e_helpers import AUTH, engine_metrics, log_lines, sample, scrape, wait_for
+from load_clients import COUNTING, Stream, log_mark
 from gateway.keys import add_key
 from trident.child_process import kill_group
 from trident.triton_launcher import TritonPorts, TritonServer
@@ -90,6 +91,35 @@ def test_requests_spread_over_both_tritons(two_triton_gateway, small_triton, sec
     samples = scrape(two_triton_gateway.url)
     for server in servers:
         assert sample(samples, "trident_gateway_server_generations_total", server=server) >= 0.3 * 200
+
+
+def test_a_client_that_leaves_is_cancelled_at_the_triton_that_serves_it(
+        two_triton_gateway, small_triton, second_triton):
+    """round_robin picks a server for every call, so a cancel request on a call of its own can
+    reach the other Triton, whose llm has no such request. Ten clients, one after the other, hang
+    up at their first token: each time both engines are idle within 2 s, and each request was
+    ended by its cancel request at its own Triton (llm's log), never by a cancelled gRPC call."""
+    tritons = (small_triton, second_triton)
+    marks = [log_mark(t) for t in tritons]
+    for i in range(10):
+        s = Stream(two_triton_gateway.url, {**COUNTING, "max_new_tokens": 900}, drop_after_tokens=1).start()
+        s.thread.join(timeout=60)
+        assert s.status == 200 and s.dropped_at is not None, (i, s.status, s.log[-4:])
+        while True:
+            now = [engine_metrics(t) for t in tritons]
+            if all(m["active"] == 0 and m["waiting"] == 0 for m in now):
+                break
+            assert time.monotonic() - s.dropped_at < 2.0, f"client {i}: engines still busy 2 s after it left: {now}"
+            time.sleep(0.05)
+
+    def cancellations():
+        lines = [line for t, mark in zip(tritons, marks)
+                 for line in t.log_path.read_text(errors="replace").splitlines()[mark:]]
+        return [line for line in lines if "cancelled by the client" in line]
+
+    ended = wait_for(lambda: (c := cancellations()) and len(c) >= 10 and c, timeout=5)
+    assert ended and len(ended) == 10, cancellations()
+    assert all("cancel request" in line for line in ended), ended
 
 
 def test_a_killed_triton_fails_its_streams_and_nothing_else_then_comes_back(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -150,7 +151,9 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
       "no-finish": see ``_script``.
 
     Cancellations are counted in ``cancelled`` and, when ``cancel_log`` is set, appended to it
-    (a line each: the prompt, then ``cancel-request`` or ``grpc-cancel``).
+    (a line each: the prompt, then ``cancel-request`` when the cancel request came on the stream
+    of the request it ends, ``cancel-request-elsewhere`` when on a call of its own, or
+    ``grpc-cancel``).
     """
 
     DELTAS = ("Hello", ",", " world")
@@ -159,6 +162,7 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.requests: list[service_pb2.ModelInferRequest] = []
         self.cancel_requests: list[str] = []  # tokens named by llm cancel requests
         self._cancel_events: dict[str, threading.Event] = {}
+        self._cancel_where: dict[str, str] = {}  # token -> how its cancel request came
         self._lock = threading.Lock()
         self.cancelled: list[str] = []  # requests ended early, by a cancel request or a gRPC cancel
         self.grpc_cancelled: list[str] = []  # of those, the ones whose call the client cancelled
@@ -182,38 +186,80 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     def ModelStreamInfer(self, request_iterator, context):
-        rpc = {"prompt": None, "done": False}
+        """Like Triton: every request read from the stream is answered at once, concurrently
+        with the others (a cancel request can follow its request on the same stream), and the
+        RPC ends when the client has half-closed and every request has had its last response."""
+        rpc = {"prompt": None, "done": False, "tokens": set()}
         # Recorded when the RPC ends without finishing: the server may stop iterating this
         # generator at a yield when the client cancels, so code after a yield need not run.
         context.add_callback(lambda: rpc["done"] or self._record_cancel(rpc["prompt"], grpc_cancel=True))
-        for request in request_iterator:
-            if CANCEL_PARAMETER in request.parameters:  # llm's cancel request: ends the named one
-                token = request.parameters[CANCEL_PARAMETER].string_param
-                self.cancel_requests.append(token)
-                self._cancel_event(token).set()
-                yield stream_response(final=True)
-                continue
-            self.requests.append(request)
-            ended = self._cancel_event(request.parameters[CANCEL_TOKEN_PARAMETER].string_param
-                                       if CANCEL_TOKEN_PARAMETER in request.parameters else "")
-            inputs = {t.name: (t, raw) for t, raw in zip(request.inputs, request.raw_input_contents)}
-            prompt = rpc["prompt"] = bytes(deserialize_input(inputs["text_input"]).flat[0]).decode()
-            stream = bool(deserialize_input(inputs["stream"]).flat[0]) if "stream" in inputs else False
-            for step in self._script(prompt, stream):
-                if isinstance(step, Pause):
-                    deadline = time.monotonic() + step.seconds
-                    while context.is_active() and not ended.is_set() and time.monotonic() < deadline:
-                        time.sleep(0.01)
-                    if not context.is_active():
-                        return
-                    if ended.is_set():  # as llm does: the request ends with an empty final response
-                        self._record_cancel(prompt)
-                        rpc["done"] = True
-                        yield stream_response(final=True)
-                        return
-                else:
-                    yield step
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        answered = object()  # one request had its last response
+
+        def answer(request) -> None:
+            try:
+                for response in self._answer(request, context, rpc):
+                    out.put(response)
+            finally:
+                out.put(answered)
+
+        def read() -> None:
+            count = 0
+            try:
+                for request in request_iterator:
+                    if CANCEL_TOKEN_PARAMETER in request.parameters:
+                        rpc["tokens"].add(request.parameters[CANCEL_TOKEN_PARAMETER].string_param)
+                    count += 1
+                    threading.Thread(target=answer, args=(request,), daemon=True).start()
+            except Exception:  # the client cancelled: the RPC is over
+                pass
+            out.put(("read", count))
+
+        threading.Thread(target=read, daemon=True).start()
+        requests_read, finished = None, 0
+        while requests_read is None or finished < requests_read:
+            item = out.get()
+            if item is answered:
+                finished += 1
+            elif isinstance(item, tuple):
+                requests_read = item[1]
+            else:
+                yield item
         rpc["done"] = True
+
+    def _answer(self, request, context, rpc):
+        if CANCEL_PARAMETER in request.parameters:  # llm's cancel request: ends the named one
+            token = request.parameters[CANCEL_PARAMETER].string_param
+            self.cancel_requests.append(token)
+            # Where it came: on the stream of the request it names, or on a call of its own
+            # (which, with several Tritons behind one channel, may reach another server).
+            self._cancel_where[token] = "cancel-request" if token in rpc["tokens"] else "cancel-request-elsewhere"
+            self._cancel_event(token).set()
+            yield stream_response(final=True)
+            return
+        self.requests.append(request)
+        token = request.parameters[CANCEL_TOKEN_PARAMETER].string_param if CANCEL_TOKEN_PARAMETER in request.parameters else ""
+        ended = self._cancel_event(token)
+        inputs = {t.name: (t, raw) for t, raw in zip(request.inputs, request.raw_input_contents)}
+        prompt = rpc["prompt"] = bytes(deserialize_input(inputs["text_input"]).flat[0]).decode()
+        stream = bool(deserialize_input(inputs["stream"]).flat[0]) if "stream" in inputs else False
+        for step in self._script(prompt, stream):
+            if isinstance(step, Pause):
+                deadline = time.monotonic() + step.seconds
+                while context.is_active() and not ended.is_set() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if not context.is_active():
+                    return
+                if ended.is_set():  # as llm does: the request ends with an empty final response
+                    self._record_cancel(prompt, how=self._cancel_where.get(token, "cancel-request"))
+                    yield stream_response(final=True)
+                    return
+            else:
+                yield step
+        if isinstance(step, Pause) or not (step.error_message or
+                                           step.infer_response.parameters["triton_final_response"].bool_param):
+            # Triton flags every request's last response (the empty final one when asked for)
+            yield stream_response(final=True)
 
     def _cancel_event(self, token: str) -> threading.Event:
         if not token:
@@ -221,13 +267,14 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         with self._lock:
             return self._cancel_events.setdefault(token, threading.Event())
 
-    def _record_cancel(self, prompt: str | None, *, grpc_cancel: bool = False) -> None:
+    def _record_cancel(self, prompt: str | None, *, grpc_cancel: bool = False, how: str = "cancel-request") -> None:
         if grpc_cancel:
             self.grpc_cancelled.append(prompt or "")
+            how = "grpc-cancel"
         self.cancelled.append(prompt or "")
         if self.cancel_log:
             with open(self.cancel_log, "a") as f:
-                f.write(f"{prompt} {'grpc-cancel' if grpc_cancel else 'cancel-request'}\n")
+                f.write(f"{prompt} {how}\n")
 
     def _script(self, prompt: str, stream: bool) -> list:
         finish = ("eos_token", len(prompt.split()), len(self.DELTAS))

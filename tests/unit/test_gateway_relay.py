@@ -2,7 +2,8 @@
 the fake Triton in its own process: the asyncio loop runs in a greenlet of the hub's thread (no
 thread of its own); a call's wait times out in time (the SSE heartbeat) and wakes at its item;
 40 streams at once reach their greenlets while another greenlet keeps running; a client that
-leaves ends its call with a cancel request, not a gRPC cancel; and a relay loop that dies stops
+leaves ends its call with a cancel request sent on that same call (so it reaches the server that
+holds the request), not with a gRPC cancel; and a relay loop that dies stops
 the worker (SIGTERM to itself), which would otherwise hang every stream."""
 import os
 import subprocess
@@ -103,8 +104,9 @@ def test_the_relay_under_gevent(tmp_path):
                               text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.split() == ["closed", "ok"], done.stdout + done.stderr
         assert "the gRPC relay loop died" in done.stderr and "stopping this worker" in done.stderr, done.stderr
-        # The stream the client left was ended by a cancel request (the fake records it), which
-        # llm answers; the call itself was never cancelled (Triton 2.51: docs/architecture.md).
+        # The stream the client left was ended by a cancel request on its own call (the fake
+        # records where it came: a call of its own could reach another Triton), which llm
+        # answers; the call itself was never cancelled (Triton 2.51: docs/architecture.md).
         assert wait_until(lambda: cancel_log.read_text().splitlines() == ["slow cancel-request"], timeout=5), cancel_log.read_text()
     finally:
         fake.terminate()
