@@ -18,7 +18,7 @@ from testkit import free_port
 
 from conftest import SMALL_BATCH, start_gateway
 from e2e_helpers import AUTH, engine_metrics, log_lines, sample, scrape, wait_for
-from load_clients import COUNTING, Stream, log_mark
+from load_clients import COUNTING, Stream, log_mark, settled_metrics
 from gateway.keys import add_key
 from trident.child_process import kill_group
 from trident.triton_launcher import TritonPorts, TritonServer
@@ -101,13 +101,18 @@ def test_a_client_that_leaves_is_cancelled_at_the_triton_that_serves_it(
     ended by its cancel request at its own Triton (llm's log), never by a cancelled gRPC call."""
     tritons = (small_triton, second_triton)
     marks = [log_mark(t) for t in tritons]
+    # The engines publish their counters every 0.1 s: a read counts only once it shows this
+    # client's prefill, so an idle reading from before its request cannot pass for the end of it.
+    prefilled = sum(settled_metrics(t)["prefilled"] for t in tritons)
     for i in range(10):
         s = Stream(two_triton_gateway.url, {**COUNTING, "max_new_tokens": 900}, drop_after_tokens=1).start()
         s.thread.join(timeout=60)
         assert s.status == 200 and s.dropped_at is not None, (i, s.status, s.log[-4:])
         while True:
             now = [engine_metrics(t) for t in tritons]
-            if all(m["active"] == 0 and m["waiting"] == 0 for m in now):
+            if (sum(m["prefilled"] for m in now) == prefilled + 1
+                    and all(m["active"] == 0 and m["waiting"] == 0 for m in now)):
+                prefilled += 1
                 break
             assert time.monotonic() - s.dropped_at < 2.0, f"client {i}: engines still busy 2 s after it left: {now}"
             time.sleep(0.05)
