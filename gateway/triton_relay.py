@@ -184,7 +184,7 @@ class Relay:
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         # Bidirectional, written to directly (no request iterator, so no task to consume one):
-        # a client that leaves is handled by a cancel request on its own call (see stream).
+        # a client that leaves is handled by a cancel request written on the same call (see stream).
         self._stream_infer = self._channel.stream_stream(
             "/inference.GRPCInferenceService/ModelStreamInfer",
             request_serializer=service_pb2.ModelInferRequest.SerializeToString,

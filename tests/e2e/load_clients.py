@@ -109,12 +109,16 @@ def cancelled_before_the_engine(triton, since: int) -> int:
     """Requests that llm cancelled before they reached the engine (its log), among the log's
     lines from ``since`` on: a cancellation that reaches llm while the request still waits for
     a worker ends it there, and the engine never sees it."""
-    lines = triton.log_path.read_text(errors="replace").splitlines()[since:]
-    return sum("cancelled by the client (before reaching the engine" in line for line in lines)
+    return sum("cancelled by the client (before reaching the engine" in line for line in log_since(triton, since))
 
 
 def log_mark(triton) -> int:
     return len(triton.log_path.read_text(errors="replace").splitlines())
+
+
+def log_since(triton, mark: int) -> list[str]:
+    """The lines of Triton's log from ``mark`` (a :func:`log_mark`) on."""
+    return triton.log_path.read_text(errors="replace").splitlines()[mark:]
 
 
 def disconnect_storm(url, triton, *, clients, slots, max_new_tokens=900):

@@ -18,7 +18,7 @@ from testkit import free_port
 
 from conftest import SMALL_BATCH, start_gateway
 from e2e_helpers import AUTH, engine_metrics, log_lines, sample, scrape, wait_for
-from load_clients import COUNTING, Stream, log_mark, settled_metrics
+from load_clients import COUNTING, Stream, log_mark, log_since, settled_metrics
 from gateway.keys import add_key
 from trident.child_process import kill_group
 from trident.triton_launcher import TritonPorts, TritonServer
@@ -118,9 +118,8 @@ def test_a_client_that_leaves_is_cancelled_at_the_triton_that_serves_it(
             time.sleep(0.05)
 
     def cancellations():
-        lines = [line for t, mark in zip(tritons, marks)
-                 for line in t.log_path.read_text(errors="replace").splitlines()[mark:]]
-        return [line for line in lines if "cancelled by the client" in line]
+        return [line for t, mark in zip(tritons, marks) for line in log_since(t, mark)
+                if "cancelled by the client" in line]
 
     ended = wait_for(lambda: (c := cancellations()) and len(c) >= 10 and c, timeout=5)
     assert ended and len(ended) == 10, cancellations()

@@ -104,8 +104,8 @@ def test_the_relay_under_gevent(tmp_path):
                               text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.split() == ["closed", "ok"], done.stdout + done.stderr
         assert "the gRPC relay loop died" in done.stderr and "stopping this worker" in done.stderr, done.stderr
-        # The stream the client left was ended by a cancel request on its own call (the fake
-        # records where it came: a call of its own could reach another Triton), which llm
+        # The stream the client left was ended by a cancel request written on that same stream
+        # (the fake records where it came: a separate call could reach another Triton), which llm
         # answers; the call itself was never cancelled (Triton 2.51: docs/architecture.md).
         assert wait_until(lambda: cancel_log.read_text().splitlines() == ["slow cancel-request"], timeout=5), cancel_log.read_text()
     finally:
