@@ -83,3 +83,46 @@ def test_memory_report_fills_every_slot():
     # that has loaded and freed other models, the allocator may reuse what it already holds.
     assert report["rss_loaded_bytes"] > 0
     assert report["rss_all_slots_active_bytes"] > 0 and report["rss_full_kv_cache_bytes"] > 0
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path, monkeypatch):
+    """torch's own ``lock`` file outlives a killed build, and its next build would wait for it forever;
+    the flock taken first is released by the kernel when its holder dies, so the next build goes on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trident.engine import kernels
+
+    build_dir = tmp_path / kernels.NAME
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from trident.engine import kernels\n"
+         f"with kernels._build_lock(Path({str(build_dir)!r})):\n"
+         f"    Path({str(build_dir / 'lock')!r}).touch(); print('building', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "building"
+    os.kill(holder.pid, signal.SIGKILL)  # killed mid-build: torch's lock file stays
+    holder.wait()
+    assert (build_dir / "lock").exists()
+
+    calls = []
+
+    def fake_load(**kwargs):  # what torch's load would meet: no leftover lock, and the flock held
+        probe = subprocess.run(["flock", "-n", str(tmp_path / f"{kernels.NAME}.flock"), "true"])
+        calls.append(((build_dir / "lock").exists(), probe.returncode))
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(kernels, "missing_cpu_flags", lambda: [])
+    kernels.load.cache_clear()
+    started = time.monotonic()
+    try:
+        kernels.load()
+    finally:
+        kernels.load.cache_clear()
+    assert calls == [(False, 1)]  # leftover removed; another process could not take the flock meanwhile
+    assert time.monotonic() - started < 10

@@ -1,12 +1,19 @@
 """trident's own CPU kernels (csrc/): built once with torch's C++ extension
 machinery, cached under torch's extensions directory (TORCH_EXTENSIONS_DIR), loaded as torch ops.
 
+torch guards a build with a ``lock`` file that a killed build leaves behind, and every later build then
+waits for it forever, silently. ``load`` takes an OS lock (flock, released when its holder dies) first:
+whoever holds it is the only builder, so a ``lock`` file it finds is such a leftover and is removed.
+
     python -c 'from trident.engine import kernels; kernels.main()'   # build now (make kernels)
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -43,12 +50,30 @@ def load() -> None:
     from torch.utils import cpp_extension
 
     try:
-        cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
-                           extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)], is_python_module=False,
-                           verbose=False)
+        with _build_lock(Path(cpp_extension._get_build_directory(NAME, verbose=False))):
+                cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                               extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)],
+                               is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler, no ninja, build error
         raise KernelsUnavailable(f"building {NAME} from {CSRC} failed: {exc}") from exc
     log.info("loaded %s", NAME)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Hold an flock beside ``build_dir`` (waiting for a build in another process); remove torch's
+    ``lock`` file in it if one is there, which only a killed build can have left."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(build_dir.with_name(build_dir.name + ".flock"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        leftover = build_dir / "lock"
+        if leftover.exists():
+            log.warning("removing %s, left by a build of %s that was killed", leftover, NAME)
+            leftover.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def ops():
