@@ -32,10 +32,13 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import grpc
+from .grpc_env import use_polling_client
+
+use_polling_client()  # before grpc starts (gateway.grpc_env)
+import grpc  # noqa: E402
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from trident.triton_wire import is_final
+from trident.triton_wire import is_final  # noqa: E402
 
 log = logging.getLogger("trident.gateway.triton")
 

@@ -4,7 +4,8 @@
     python scripts/bench/clients.py sse --url http://127.0.0.1:8080 --key K --streams 200 --tokens 300
 
 ``grpc`` is the floor: a plain Python gRPC client (grpc.aio, one thread) consuming the streams
-straight from Triton's ``llm`` model. ``sse`` opens the same streams through the gateway with a
+straight from Triton's ``llm`` model, with gRPC's client I/O set up as the gateway's
+(gateway.grpc_env). ``sse`` opens the same streams through the gateway with a
 bare asyncio HTTP/1.1 client (as cheap as a client can be, so that it leaves the CPU to the
 gateway). Both print one JSON object: tokens received, the process's own CPU seconds, and
 time-to-first-token and inter-token-gap quantiles in milliseconds.
@@ -21,6 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from gateway.grpc_env import use_polling_client  # noqa: E402
+
+use_polling_client()  # the floor reads gRPC as the gateway does (gateway.grpc_env)
 import grpc  # noqa: E402  (imported before the clock starts: only streaming is measured)
 import numpy as np  # noqa: E402
 from tritonclient.grpc import service_pb2_grpc  # noqa: E402
