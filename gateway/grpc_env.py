@@ -7,11 +7,12 @@ hand-offs before the relay loop sees it. With the ``event_engine_client`` experi
 channel uses gRPC's polling I/O, which the poller thread drives itself in its completion-queue
 wait: one hand-off. Measured with scripts/bench_gateway.py (200 streams, one token a response,
 echo model; docs/operations.md, Gateway speed): perf put 37 % of a worker's CPU in the pool's
-threads, and the worker's CPU per relayed token fell by about a quarter with it off.
+threads, and the worker's CPU per relayed token fell by about a fifth with it off.
 
 ``GRPC_EXPERIMENTS`` is read once, when gRPC starts, so this runs before ``grpc`` is imported:
 in gunicorn's master (gateway.gunicorn_conf, before any worker forks) and again at the top of
-gateway.triton_relay (processes that build the gateway without gunicorn). An operator's own
+gateway.triton_backend and gateway.triton_relay (processes that build the gateway without
+gunicorn). An operator's own
 ``GRPC_EXPERIMENTS`` is kept; one that names ``event_engine_client`` either way decides it.
 """
 

@@ -36,7 +36,7 @@ from .grpc_env import use_polling_client
 
 use_polling_client()  # before grpc starts (gateway.grpc_env)
 import grpc  # noqa: E402
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 
 from trident.triton_wire import is_final  # noqa: E402
 

@@ -3,7 +3,8 @@ machinery, cached under torch's extensions directory (TORCH_EXTENSIONS_DIR), loa
 
 torch guards a build with a ``lock`` file that a killed build leaves behind, and every later build then
 waits for it forever, silently. ``load`` takes an OS lock (flock, released when its holder dies) first:
-whoever holds it is the only builder, so a ``lock`` file it finds is such a leftover and is removed.
+whoever holds it is the only builder (every build goes through ``load``), so a ``lock`` file it
+finds is such a leftover and is removed.
 
     python -c 'from trident.engine import kernels; kernels.main()'   # build now (make kernels)
 """
@@ -51,7 +52,7 @@ def load() -> None:
 
     try:
         with _build_lock(Path(cpp_extension._get_build_directory(NAME, verbose=False))):
-                cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+            cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
                                extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)],
                                is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler, no ninja, build error
