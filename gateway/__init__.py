@@ -4,12 +4,18 @@
 
 Importing the package imports nothing else: gunicorn's master imports ``gateway.gunicorn_conf``
 and ``gateway.worker`` before any worker exists, and prometheus_client must not be imported
-before the config has set ``PROMETHEUS_MULTIPROC_DIR`` (see gateway.gunicorn_conf).
+before the config has set ``PROMETHEUS_MULTIPROC_DIR`` (see gateway.gunicorn_conf). Except
+gateway.grpc_env (``os`` only): it sets ``GRPC_EXPERIMENTS`` here, before any gateway module
+can import ``grpc``, which reads it once, when it starts.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from .grpc_env import use_polling_client
+
+use_polling_client()
 
 if TYPE_CHECKING:
     from flask import Flask

@@ -9,13 +9,12 @@ wait: one hand-off. Measured with scripts/bench_gateway.py (200 streams, one tok
 echo model; docs/operations.md, Gateway speed): perf put 37 % of a worker's CPU in the pool's
 threads, and the worker's CPU per relayed token fell by about a fifth with it off.
 
-``GRPC_EXPERIMENTS`` is read once, when gRPC starts, so this runs before ``grpc`` is imported:
-in gunicorn's master (gateway.gunicorn_conf, before any worker forks) and again at the top of
-gateway.triton_backend and gateway.triton_relay (processes that build the gateway without
-gunicorn). An operator's own
-``GRPC_EXPERIMENTS`` is kept; one that names ``event_engine_client`` either way decides it.
-Measured with grpcio 1.85.3 (setup.py asks for >= 1.60); a grpcio that no longer has the
-experiment logs "Unknown experiment" once and keeps its default I/O.
+``GRPC_EXPERIMENTS`` is read once, when gRPC starts, so this runs before any gateway module can
+import ``grpc``: when the ``gateway`` package itself is imported (gateway/__init__.py), which in
+gunicorn is in the master, before any worker forks. An operator's own ``GRPC_EXPERIMENTS`` is
+kept; one that names ``event_engine_client`` either way decides it. Measured with grpcio 1.85.3
+(setup.py asks for >= 1.60); a grpcio that no longer has the experiment logs "Unknown
+experiment" once and keeps its default I/O.
 """
 
 from __future__ import annotations

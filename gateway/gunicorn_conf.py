@@ -11,8 +11,9 @@ worker class is gateway.worker.GeventGrpcWorker. ``reuse_port``: every worker op
 listening socket with SO_REUSEPORT and the kernel spreads connections over them (with one shared
 socket, whichever gevent worker woke first took a whole burst: 30 of 30 connections).
 
-``GRPC_EXPERIMENTS`` gets ``-event_engine_client`` (gateway.grpc_env) unless the operator's own
-value names that experiment.
+``GRPC_EXPERIMENTS`` gets ``-event_engine_client`` when the ``gateway`` package is imported,
+here in the master, before any worker forks (gateway.grpc_env), unless the operator's own value
+names that experiment.
 
 Each worker writes its metrics to files in ``PROMETHEUS_MULTIPROC_DIR``; ``/metrics`` sums them.
 That variable must be set before prometheus_client is first imported, in the master, so it is
@@ -35,8 +36,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-
-from gateway.grpc_env import use_polling_client
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -70,7 +69,6 @@ if os.environ.get("GATEWAY_CERTFILE"):
     certfile, keyfile = os.environ["GATEWAY_CERTFILE"], os.environ.get("GATEWAY_KEYFILE")
 
 _multiproc_dir, _made_here = prepare_multiproc_dir()
-use_polling_client()  # before any import of grpc, in the master and so in every worker
 _master_pid = os.getpid()
 
 

@@ -29,11 +29,8 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .grpc_env import use_polling_client
-
-use_polling_client()  # before grpc starts (gateway.grpc_env)
-import grpc  # noqa: E402
-from tritonclient.grpc import service_pb2  # noqa: E402
+import grpc
+from tritonclient.grpc import service_pb2
 
 from trident.contract import ModelLimits, TextRequest, llm_inputs
 

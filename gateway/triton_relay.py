@@ -32,13 +32,10 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from .grpc_env import use_polling_client
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-use_polling_client()  # before grpc starts (gateway.grpc_env)
-import grpc  # noqa: E402
-from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
-
-from trident.triton_wire import is_final  # noqa: E402
+from trident.triton_wire import is_final
 
 log = logging.getLogger("trident.gateway.triton")
 

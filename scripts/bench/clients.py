@@ -22,9 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gateway.grpc_env import use_polling_client  # noqa: E402
-
-use_polling_client()  # the floor reads gRPC as the gateway does (gateway.grpc_env)
+import gateway  # noqa: E402,F401  (first: the floor reads gRPC as the gateway does, gateway.grpc_env)
 import grpc  # noqa: E402  (imported before the clock starts: only streaming is measured)
 import numpy as np  # noqa: E402
 from tritonclient.grpc import service_pb2_grpc  # noqa: E402
