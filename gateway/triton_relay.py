@@ -80,6 +80,12 @@ class RelayCall:
             self.done = True
         self._event.set()
 
+    def end(self, item: Any = None) -> None:
+        """From the relay loop: the end (with ``item``, an exception, when it failed), unless the
+        events already ended."""
+        if not self.done:
+            self.put(item, last=True)
+
     def take(self, timeout: float | None) -> list[Any] | None:
         """Every item that has arrived, waiting up to ``timeout`` for the first; None when the
         timeout passed first; [] when the call ended and everything was taken."""
@@ -230,8 +236,8 @@ class Relay:
 
         async def pump() -> None:
             try:
-                grpc_call = call._grpc = self._stream_infer(timeout=timeout, wait_for_ready=False)
                 try:
+                    grpc_call = call._grpc = self._stream_infer(timeout=timeout, wait_for_ready=False)
                     await grpc_call.write(request)
                 finally:
                     call._written.set_result(None)
@@ -242,19 +248,15 @@ class Relay:
                     try:
                         call.put(parse(response))
                     except Exception as exc:  # a bad response: the consumer decides (it cancels)
-                        call.put(exc, last=True)
+                        call.end(exc)
                     if last:
-                        if not call.done:
-                            call.put(None, last=True)
+                        call.end()
                         await call._half_close()
-                if not call.done:
-                    call.put(None, last=True)
+                call.end()
             except asyncio.CancelledError:
-                if not call.done:
-                    call.put(None, last=True)
+                call.end()
             except BaseException as exc:  # grpc.aio.AioRpcError: the consumer decides
-                if not call.done:
-                    call.put(exc, last=True)
+                call.end(exc)
 
         def start() -> None:
             call._written = self.loop.create_future()
