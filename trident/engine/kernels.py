@@ -1,10 +1,10 @@
 """trident's own CPU kernels (csrc/): built once with torch's C++ extension
 machinery, cached under torch's extensions directory (TORCH_EXTENSIONS_DIR), loaded as torch ops.
 
-torch guards a build with a ``lock`` file that a killed build leaves behind, and every later build then
-waits for it forever, silently. ``load`` takes an OS lock (flock, released when its holder dies) first:
-whoever holds it is the only builder (every build goes through ``load``), so a ``lock`` file it
-finds is such a leftover and is removed.
+torch guards a build with a ``lock`` file that a killed build leaves behind, and every later
+build then waits for it forever, silently. ``load`` takes an OS lock (flock, released when its
+holder dies) first: whoever holds it is the only builder (every build goes through ``load``), so
+a ``lock`` file it finds is such a leftover and is removed.
 
     python -c 'from trident.engine import kernels; kernels.main()'   # build now (make kernels)
 """
@@ -51,13 +51,20 @@ def load() -> None:
     from torch.utils import cpp_extension
 
     try:
-        with _build_lock(Path(cpp_extension._get_build_directory(NAME, verbose=False))):
+        with _build_lock(build_directory()):
             cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
                                extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)],
                                is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler, no ninja, build error
         raise KernelsUnavailable(f"building {NAME} from {CSRC} failed: {exc}") from exc
     log.info("loaded %s", NAME)
+
+
+def build_directory() -> Path:
+    """Where torch builds and caches the kernels (it honours TORCH_EXTENSIONS_DIR)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(NAME, verbose=False))
 
 
 @contextlib.contextmanager
@@ -90,7 +97,5 @@ def main() -> int:
     except KernelsUnavailable as exc:
         print(f"trident kernels unavailable: {exc}", file=sys.stderr)
         return 1
-    from torch.utils.cpp_extension import _get_build_directory
-
-    print(f"trident kernels ready in {_get_build_directory(NAME, verbose=False)}")
+    print(f"trident kernels ready in {build_directory()}")
     return 0
