@@ -18,6 +18,8 @@ DTYPE ?= auto
 WEIGHT_DTYPE ?= int4
 # Engine tokens per streamed response (1: every token; N: the first at once, then every N).
 STREAM_INTERVAL ?= 1
+# Processes of the llm model (more spread its per-token work over more cores; docs/operations.md).
+LLM_INSTANCES ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: install system-deps compiler kernels model repository serve test unit clean
@@ -60,7 +62,7 @@ repository: $(STAMP) model kernels
 	@echo "==> filling the CPU model repository into $(REPO_DIR)"
 	$(PY) build/build_repository.py --model-dir $(MODEL_DIR) --out $(REPO_DIR) \
 	    --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) --dtype $(DTYPE) \
-	    --weight-dtype $(WEIGHT_DTYPE) --stream-interval $(STREAM_INTERVAL)
+	    --weight-dtype $(WEIGHT_DTYPE) --stream-interval $(STREAM_INTERVAL) --llm-instances $(LLM_INSTANCES)
 
 # TRITON_REPLICAS=N: N Tritons on their own ports (base + 10 * i), the gateway balancing over them.
 TRITON_REPLICAS ?= 1

@@ -45,6 +45,8 @@ def main() -> int:
                    help="requests the llm model serves at once")
     p.add_argument("--stream-interval", type=int, default=serving_defaults.stream_interval,
                    help="engine tokens per streamed response of the llm model (1: every token)")
+    p.add_argument("--llm-instances", type=int, default=serving_defaults.llm_instances,
+                   help="processes of the llm model: more spread its per-token work over more cores")
     p.add_argument("--convert-script", default=None,
                    help="TensorRT-LLM's examples/models/core/llama/convert_checkpoint.py "
                         "(default: $TRIDENT_TRTLLM_CONVERT_SCRIPT or the image's copy)")
@@ -60,7 +62,7 @@ def main() -> int:
                               enable_kv_cache_reuse=args.enable_kv_cache_reuse,
                               batch_scheduler_policy=args.batch_scheduler_policy,
                               max_new_tokens_limit=args.max_new_tokens_limit, max_concurrent=args.max_concurrent,
-                              stream_interval=args.stream_interval)
+                              stream_interval=args.stream_interval, llm_instances=args.llm_instances)
 
     def log(message: str) -> None:
         print(f"[build-engine] {message}", flush=True)

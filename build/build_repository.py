@@ -26,6 +26,7 @@ def cpu_values(args) -> dict:
         "max_prompt_chars": getattr(args, "max_prompt_chars", None) or max_prompt_chars(model_dir, args.max_seq_len),
         "llm_max_batch_size": 64,
         "llm_max_concurrent": args.max_concurrent,
+        "llm_instances": getattr(args, "llm_instances", 1),
         "stream_interval": getattr(args, "stream_interval", 1),
         "engine_max_batch_size": args.max_batch_size,
         "max_seq_len": args.max_seq_len,
@@ -50,6 +51,9 @@ def main() -> int:
                         help="prompt characters allowed before tokenizing (0: context x the longest token)")
     parser.add_argument("--max-queue-size", type=int, default=256, help="waiting requests")
     parser.add_argument("--max-concurrent", type=int, default=256, help="llm model's workers")
+    parser.add_argument("--llm-instances", type=int, default=1,
+                        help="instances (processes) of the llm model: more spread its per-token work "
+                             "over more cores (docs/operations.md)")
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="engine tokens per streamed response: 1 streams each token; N sends the "
                              "first text at once, then every N tokens (docs/operations.md)")
@@ -63,6 +67,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.stream_interval < 1:
         parser.error(f"--stream-interval must be at least 1, got {args.stream_interval}")
+    if args.llm_instances < 1:
+        parser.error(f"--llm-instances must be at least 1, got {args.llm_instances}")
     logging.basicConfig(level=logging.INFO, format="[build-repository] %(message)s")
     out = build_repository(flavour="cpu", values=cpu_values(args), out_dir=args.out)
     write_tokenizer_info(args.model_dir, out / TOKENIZER_INFO)

@@ -31,6 +31,10 @@ bounds this model's threads.
 
 Workers never die: every failure, including a failing ``send`` on a request whose client is
 gone, ends that request only.
+
+Several instances of the model (one stub process each) share cancel requests through a
+:class:`trident.cancel_board.CancelBoard`: Triton may hand a cancel request to an instance that
+does not hold the request it names.
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ from .contract import (
     read_llm_inputs,
     tag_error,
 )
+from .cancel_board import CancelBoard
 from .engine_tensors import engine_inputs
 from .generation import TextGeneration, TokenLogprob
 from .grammar import check_guide
@@ -90,6 +95,7 @@ class Job:
     closed: bool = False  # the final response was sent
     token: Optional[str] = None  # its cancel token (trident.contract CANCEL_TOKEN_PARAMETER)
     cancel_requested: bool = False  # a cancel request named it: its client is gone
+    via_board: bool = False  # ... which reached another instance, and came here by its board
     running: bool = False  # the engine has answered (it holds a slot for it)
 
 
@@ -97,11 +103,13 @@ class LlmService:
     """Accepts requests (``accept``), streams them from the engine on worker threads."""
 
     def __init__(self, settings: LlmSettings, tokenizer: Any, engine: "EngineClient", *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, board: Optional[CancelBoard] = None) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
         self.engine = engine
         self.clock = clock
+        # The other instances' cancel requests (None with one instance).
+        self.board = board
         self.end_id = tokenizer.eos_token_id
         # A token's text on its own (logprobs' alternatives); the same few ids come back often.
         self._token_text = functools.lru_cache(maxsize=65536)(
@@ -120,7 +128,8 @@ class LlmService:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.counters = dict.fromkeys(("accepted", "rejected", "cancelled_queued", "cancelled_at_engine",
-                                       "completed", "failed", "cancel_requests"), 0)
+                                       "completed", "failed", "cancel_requests", "cancels_posted",
+                                       "cancels_from_board"), 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -137,6 +146,8 @@ class LlmService:
         self._stopping.set()
         for _ in range(self.settings.max_concurrent):
             self._queue.put(None)
+        if self.board is not None:
+            self.board.close()
 
     # -- stage 1: accept (Triton's execute thread) -----------------------------------------------
 
@@ -168,6 +179,8 @@ class LlmService:
             if job.token is not None and self._early_cancels.pop(job.token, None) is not None:
                 job.cancel_requested = True
             self._jobs.add(job)
+        if job.token is not None and not job.cancel_requested and self._take_from_board(job.token):
+            job.cancel_requested = job.via_board = True  # another instance got its cancel request first
         self._queue.put(job)
 
     def _cancel_request(self, token: str) -> None:
@@ -183,6 +196,14 @@ class LlmService:
             for job in jobs:
                 job.cancel_requested = True
         self.counters["cancel_requests"] += 1
+        if not jobs and self.board is not None:
+            # Not here: maybe at another instance (or not arrived yet: then the note above, or
+            # the board, ends it when it comes).
+            try:
+                if self.board.post(token):
+                    self.counters["cancels_posted"] += 1
+            except OSError:
+                log.exception("llm: could not post the cancel request for token %r", token)
 
     def _prepare(self, request: Request) -> Job:
         text = read_llm_inputs(request.input)
@@ -239,7 +260,8 @@ class LlmService:
         self.counters["cancelled_at_engine" if at_engine else "cancelled_queued"] += 1
         log.info("request %s cancelled by the client (%s, %s)", job.engine_id,
                  "at the engine" if at_engine else "before reaching the engine",
-                 "cancel request" if job.cancel_requested else "found gone")
+                 ("cancel request via another instance" if job.via_board else "cancel request")
+                 if job.cancel_requested else "found gone")
         if at_engine:
             if job.running:
                 self._sweep_waiting()
@@ -258,6 +280,8 @@ class LlmService:
                 return
             self._last_sweep = now
             waiting = [j for j in self._jobs if j.at_engine and not j.running and not j.cancelled]
+        if self.board is not None and waiting:  # their cancel requests may be at another instance
+            self._read_board(waiting)
         for job in waiting:
             self._poll(job, force=True)
 
@@ -271,11 +295,47 @@ class LlmService:
         except Exception:
             log.exception("llm: could not stop engine request %s", job.engine_id)
 
+    def _take_from_board(self, token: str) -> bool:
+        """True when another instance posted ``token`` (the post is then removed)."""
+        if self.board is None:
+            return False
+        try:
+            if not self.board.has(token):
+                return False
+            self.board.take(token)
+        except OSError:
+            log.exception("llm: could not read the cancel board")
+            return False
+        self.counters["cancels_from_board"] += 1
+        return True
+
+    def _read_board(self, jobs: list[Job]) -> None:
+        """Mark this instance's jobs whose cancel request reached another instance."""
+        try:
+            posted = self.board.posted()
+        except OSError:
+            log.exception("llm: could not read the cancel board")
+            return
+        if not posted:
+            return
+        with self._jobs_lock:
+            found = [job for job in jobs if job.token in posted and not job.cancel_requested]
+            for job in found:
+                job.cancel_requested = job.via_board = True
+        for job in found:
+            self.counters["cancels_from_board"] += 1
+            try:
+                self.board.take(job.token)
+            except OSError:
+                pass  # it expires
+
     def _watch(self) -> None:
         interval = self.settings.cancel_check_interval
         while not self._stopping.wait(max(interval / 2, 0.01)):
             with self._jobs_lock:
                 jobs = list(self._jobs)
+            if self.board is not None:
+                self._read_board(jobs)
             for job in jobs:
                 try:
                     self._poll(job)

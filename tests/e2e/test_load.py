@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import SMALL_BATCH, start_gateway
+from conftest import SMALL_BATCH, build_small_repository, start_gateway, start_triton
 from e2e_helpers import API_KEY, engine_metrics
 from load_clients import COUNTING, Stream, disconnect_storm, join_all
 
@@ -75,6 +75,39 @@ def test_a_disconnect_storm_leaves_the_engine_idle(load_gateway, small_triton):
     storm = cancellations()[before:]
     assert len(storm) >= 100, len(storm)
     assert all("cancel request" in line for line in storm), [x for x in storm if "cancel request" not in x][:3]
+
+
+@pytest.fixture(scope="module")
+def two_llm_triton(tmp_path_factory):
+    """The small-batch repository with two instances of llm (two stub processes)."""
+    repo = build_small_repository(tmp_path_factory.mktemp("repo-two-llm") / "repository",
+                                  extra=("--llm-instances", "2"))
+    server = start_triton(repo, tmp_path_factory, "triton-two-llm")
+    yield server
+    server.stop()
+
+
+def test_a_disconnect_storm_over_two_llm_instances_leaves_the_engine_idle(two_llm_triton, tmp_path_factory):
+    """The same storm with two instances of llm: Triton hands each cancel request to either
+    instance, and about half reach the one that does not hold the request. That one posts it on
+    the instances' shared board (trident.cancel_board) and the holder ends the request: every
+    leaver is still cancelled before prefill and the engine is idle within 2 s of the last
+    client. Without the board those requests ran on until the gateway cancelled their calls 3 s
+    later (its safety net), and the storm failed."""
+    gw = start_gateway(two_llm_triton, tmp_path_factory, extra_env={"TRIDENT_HEARTBEAT_INTERVAL": "0.5"})
+    try:
+        log = two_llm_triton.log_path
+        before = len(log.read_text(errors="replace").splitlines())
+        disconnect_storm(gw.url, two_llm_triton, clients=40, slots=SMALL_BATCH)
+        lines = log.read_text(errors="replace").splitlines()[before:]
+    finally:
+        gw.stop()
+    storm = [line for line in lines if "cancelled by the client" in line]
+    assert len(storm) >= 80, len(storm)
+    assert all("cancel request" in line for line in storm), [x for x in storm if "cancel request" not in x][:3]
+    crossed = [line for line in storm if "via another instance" in line]
+    assert len(crossed) >= 5, f"only {len(crossed)} of {len(storm)} cancellations crossed instances"
+    assert "instances share cancel requests" in log.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")

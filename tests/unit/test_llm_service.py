@@ -1,5 +1,6 @@
 """The llm model's request loop (trident.llm_service) with a fake engine and fake Triton requests:
 admission, streaming, stop sequences, cancellation at every stage, workers that never die."""
+import os
 import threading
 import time
 
@@ -7,6 +8,7 @@ import numpy as np
 from testkit import wait_until
 import pytest
 
+from trident.cancel_board import CANCEL_DIR_ENV, CancelBoard, default_directory
 from trident.contract import ModelLimits
 from trident.llm_io import EngineChunk, LlmSettings
 from trident.llm_service import LlmService
@@ -129,10 +131,10 @@ class FakeEngine:
 def make_service(tokenizer):
     services = []
 
-    def make(engine=None, **settings):
+    def make(engine=None, board=None, **settings):
         engine = engine or FakeEngine(tokenizer)
         defaults = dict(max_concurrent=2, cancel_check_interval=0.02)
-        service = LlmService(LlmSettings(**{**defaults, **settings}), tokenizer, engine)
+        service = LlmService(LlmSettings(**{**defaults, **settings}), tokenizer, engine, board=board)
         service.start()
         services.append(service)
         return service, engine
@@ -421,3 +423,90 @@ def test_stream_interval_below_one_is_refused(value):
         LlmSettings(stream_interval=value)
     assert LlmSettings.from_parameters({"stream_interval": "4"}).stream_interval == 4
     assert LlmSettings.from_parameters({}).stream_interval == 1
+
+
+# -- several instances: cancel requests through the board (trident.cancel_board) --------------------
+
+
+@pytest.fixture
+def board_dir(tmp_path):
+    return tmp_path / "cancels"
+
+
+def test_a_cancel_request_at_another_instance_stops_the_request_at_the_engine(make_service, tokenizer, board_dir):
+    """Triton hands a cancel request to any instance of llm: the one without the request posts
+    its token, the one holding it stops the engine request and ends the call. Without the board
+    the request ran on (until the gateway cancelled the gRPC call, seconds later)."""
+    engine = FakeEngine(tokenizer, hold=True)
+    holder, _ = make_service(engine, board=CancelBoard(board_dir, keep=10))
+    other, _ = make_service(FakeEngine(tokenizer), board=CancelBoard(board_dir, keep=10))
+    request = FakeRequest(admission=True, token="t-at-engine")
+    holder.accept(request)
+    assert wait_until(lambda: engine.streams, TIMEOUT)
+    cancel = FakeRequest(cancels="t-at-engine")
+    other.accept(cancel)
+    assert [k for k, _ in cancel.sent] == ["close"]
+    wait(request)
+    assert [k for k, _ in request.sent] == ["send_admission", "close"]
+    assert engine.stops == engine.streams and not request.cancelled.is_set()
+    assert other.counters["cancels_posted"] == 1 and holder.counters["cancels_from_board"] == 1
+    assert holder.counters["cancelled_at_engine"] == 1
+    assert wait_until(lambda: not list(board_dir.iterdir()), TIMEOUT)  # taken off the board
+
+
+def test_a_cancel_request_at_another_instance_before_its_request_keeps_it_from_the_engine(
+        make_service, tokenizer, board_dir):
+    engine = FakeEngine(tokenizer, hold=True)
+    holder, _ = make_service(engine, board=CancelBoard(board_dir, keep=10))
+    other, _ = make_service(FakeEngine(tokenizer), board=CancelBoard(board_dir, keep=10))
+    other.accept(FakeRequest(cancels="t-early"))
+    late = FakeRequest(admission=True, token="t-early")
+    holder.accept(late)
+    wait(late)
+    assert [k for k, _ in late.sent] == ["send_admission", "close"]
+    assert engine.streams == [] and holder.counters["cancelled_queued"] == 1
+
+
+def test_a_cancel_request_for_a_request_here_is_not_posted(make_service, tokenizer, board_dir):
+    engine = FakeEngine(tokenizer, hold=True)
+    service, _ = make_service(engine, board=CancelBoard(board_dir, keep=10))
+    request = FakeRequest(token="t-here")
+    service.accept(request)
+    service.accept(FakeRequest(cancels="t-here"))
+    wait(request)
+    assert service.counters["cancels_posted"] == 0 and list(board_dir.iterdir()) == []
+
+
+def test_the_board_keeps_a_token_for_its_time_then_drops_it(board_dir):
+    now = [1000.0]
+    board = CancelBoard(board_dir, keep=10, clock=lambda: now[0])
+    assert board.post("abc123") and board.has("abc123")
+    now[0] += 9
+    assert board.posted() == {"abc123"}
+    now[0] += 2
+    assert not board.has("abc123") and board.posted() == set()
+    assert list(board_dir.iterdir()) == []  # removed by the reader that found it expired
+    board.close()
+    assert not board_dir.exists()
+
+
+@pytest.mark.parametrize("token", ["", "../escape", "a/b", ".hidden", "x" * 129, "sp ace"])
+def test_tokens_that_are_not_plain_file_names_are_not_posted(board_dir, token):
+    board = CancelBoard(board_dir, keep=10)
+    assert not board.post(token) and not board.has(token)
+    assert list(board_dir.iterdir()) == []
+
+
+def test_a_board_whose_directory_went_away_still_takes_posts(board_dir):
+    """Another instance that unloaded removes the directory once empty."""
+    board = CancelBoard(board_dir, keep=10)
+    CancelBoard(board_dir, keep=10).close()
+    assert board.posted() == set()
+    assert board.post("t") and board.posted() == {"t"}
+
+
+def test_the_board_directory_is_per_triton_process_and_model(monkeypatch, tmp_path):
+    monkeypatch.delenv(CANCEL_DIR_ENV, raising=False)
+    path = default_directory("llm")
+    assert path.name == f"trident-cancels-{os.getppid()}-llm"
+    assert default_directory("llm", {CANCEL_DIR_ENV: str(tmp_path)}) == tmp_path

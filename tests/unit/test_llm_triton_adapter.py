@@ -134,3 +134,15 @@ def test_responses_carry_only_the_outputs_the_client_asked_for(model):
     adapter.send_admission()
     adapter.send_text("Paris", n=2, index=1)
     assert everything.sender.sent == [(["server"], 0), (["sequence_index", "text_output"], 0)]
+
+
+def test_instances_share_a_cancel_board_only_when_there_are_several(model, monkeypatch, tmp_path):
+    """config.pbtxt's instance_group count (build_repository.py --llm-instances): with more than
+    one instance, each builds the board in the same directory (trident.cancel_board)."""
+    from trident.cancel_board import CANCEL_DIR_ENV
+
+    monkeypatch.setenv(CANCEL_DIR_ENV, str(tmp_path / "board"))
+    assert model._cancel_board({"name": "llm", "instance_group": [{"count": 1, "kind": "KIND_CPU"}]}) is None
+    assert model._cancel_board({"name": "llm"}) is None
+    board = model._cancel_board({"name": "llm", "instance_group": [{"count": 2, "kind": "KIND_CPU"}]})
+    assert board is not None and board.directory == tmp_path / "board" and board.directory.is_dir()

@@ -52,6 +52,7 @@ class ServingSettings:
     max_new_tokens_limit: Optional[int] = None  # None: max_seq_len - 1
     max_concurrent: int = 256
     stream_interval: int = 1  # engine tokens per streamed response of the llm model
+    llm_instances: int = 1  # processes of the llm model (its per-token work per core: docs/operations.md)
 
 
 def check_plan(*, engine: EngineSettings, serving: ServingSettings, shape: ModelShape) -> list[str]:
@@ -95,6 +96,8 @@ def check_plan(*, engine: EngineSettings, serving: ServingSettings, shape: Model
         problems.append(f"--max-concurrent must be at least 1, got {serving.max_concurrent}")
     if serving.stream_interval < 1:
         problems.append(f"--stream-interval must be at least 1, got {serving.stream_interval}")
+    if serving.llm_instances < 1:
+        problems.append(f"--llm-instances must be at least 1, got {serving.llm_instances}")
     if problems:
         raise PlanError("cannot build this engine:\n  " + "\n  ".join(problems))
 

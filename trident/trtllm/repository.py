@@ -31,6 +31,7 @@ def trtllm_values(*, tokenizer_dir: Path, engine_dir: Path, engine: EngineSettin
         "max_prompt_chars": _prompt_chars(Path(tokenizer_dir), engine.max_seq_len),
         "llm_max_batch_size": LLM_MAX_BATCH_SIZE,
         "llm_max_concurrent": serving.max_concurrent,
+        "llm_instances": serving.llm_instances,
         "stream_interval": serving.stream_interval,
         "vocab_size": model_vocab_size(tokenizer_dir),
         # TensorRT-LLM 1.2.1's backend has neither min_p nor top log-probabilities.

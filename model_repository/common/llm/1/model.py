@@ -16,7 +16,8 @@ import triton_python_backend_utils as pb_utils
 from trident.contract import ADMISSION_PARAMETER, CANCEL_PARAMETER, CANCEL_TOKEN_PARAMETER, SERVER_ID_ENV
 from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_response, stop_inputs
 from trident.llm_io import EngineChunk, LlmSettings, output_tensors
-from trident.llm_service import LlmService
+from trident.cancel_board import CancelBoard, default_directory
+from trident.llm_service import EARLY_CANCEL_SECONDS, LlmService
 from trident.stub_objects import Retirement, requested_only
 
 log = logging.getLogger("trident.llm")
@@ -34,7 +35,7 @@ class TritonPythonModel:
         settings = LlmSettings.from_parameters(params)
         tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
         self.engine = _engine(settings.engine_model)
-        self.service = LlmService(settings, tokenizer, self.engine)
+        self.service = LlmService(settings, tokenizer, self.engine, board=_cancel_board(config))
         self.service.start()
         log.info("llm ready: %s", settings)
 
@@ -60,6 +61,17 @@ def _engine(model_name):
     url = engine_url()
     log.info("llm: streaming from %s over gRPC at %s", model_name, url)
     return GrpcEngine(model_name, url)
+
+
+def _cancel_board(config):
+    """With more than one instance of this model, the board they share cancel requests on
+    (trident.cancel_board); None with one."""
+    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
+    if instances <= 1:
+        return None
+    board = CancelBoard(default_directory(config["name"]), keep=EARLY_CANCEL_SECONDS)
+    log.info("llm: %d instances share cancel requests in %s", instances, board.directory)
+    return board
 
 
 def _configure_logging():
