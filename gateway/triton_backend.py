@@ -43,7 +43,7 @@ from .triton_codec import (
     parse_stream_response,
     tagged_error,
 )
-from .triton_relay import Relay, RelayCall
+from .triton_relay import CallTimedOut, Relay, RelayCall
 
 log = logging.getLogger("trident.gateway.triton")
 
@@ -175,6 +175,11 @@ class TritonGeneration:
             return internal_error(self._request_id)
         if isinstance(exc, grpc.RpcError):
             return self._rpc_error(exc)
+        if isinstance(exc, CallTimedOut):
+            # REQUEST_TIMEOUT bounds the whole generation, queueing included; the call is ended
+            # with its cancel request, so the engine frees the slot. Before the first event this
+            # is an HTTP 504, later an error event with the same object.
+            return timeout_error(self._timeout, self._request_id)
         log.error("Triton call failed: %r", exc, extra=self._log_extra)
         return internal_error(self._request_id)
 
@@ -193,10 +198,7 @@ class TritonGeneration:
         transport = code == grpc.StatusCode.INTERNAL and details == "Internal error from Core"
         if code in _UNAVAILABLE_CODES or code == grpc.StatusCode.CANCELLED or transport:
             return unavailable("The inference server is unavailable; try again later", self._retry_after)
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            # REQUEST_TIMEOUT is the gRPC deadline of the whole generation, queueing included;
-            # gRPC cancels the call on the server, so the engine frees the slot. Before the first
-            # event this is an HTTP 504, later an error event with the same object.
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # the last resort after a timeout (CallTimedOut)
             return timeout_error(self._timeout, self._request_id)
         return internal_error(self._request_id)
 

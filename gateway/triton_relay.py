@@ -39,6 +39,15 @@ from trident.triton_wire import is_final
 
 log = logging.getLogger("trident.gateway.triton")
 
+#: Seconds the gRPC deadline of a call lies beyond its timeout and cancel grace: only a call that
+#: neither its cancel request nor the grace ended is cancelled by gRPC itself.
+DEADLINE_MARGIN = 2.0
+
+
+class CallTimedOut(TimeoutError):
+    """A streaming call ran past its ``timeout`` (the consumer's item; the call is then ended
+    with its cancel request, as for a client that left)."""
+
 
 def _gevent_hub() -> Any:
     """The gevent hub of this thread when gevent patched the process, else None."""
@@ -72,6 +81,7 @@ class RelayCall:
         self._grpc: Any = None
         self._written: asyncio.Future | None = None
         self._half_closed = False
+        self._timer: asyncio.TimerHandle | None = None
 
     def put(self, item: Any, *, last: bool = False) -> None:
         """From the relay loop: one item (or the end), and a wake-up when the consumer may wait."""
@@ -112,6 +122,12 @@ class RelayCall:
         task = self._task
         if task is not None:
             self._relay.loop.call_soon_threadsafe(self._end_started_call, task)
+
+    def _time_out(self, timeout: float) -> None:  # on the loop
+        if self.done:
+            return
+        self.end(CallTimedOut(f"the call ran past its timeout of {timeout:g} s"))
+        self.cancel()
 
     def _end_started_call(self, task: asyncio.Task) -> None:  # on the loop
         if task.done() or self._half_closed:  # ended, or ending by itself
@@ -231,13 +247,18 @@ class Relay:
         on the same call, so it reaches the server that holds the request: round_robin picks a
         server for every call, and a cancel on a call of its own could reach another Triton.
         The call itself is not cancelled: Triton 2.51's gRPC endpoint can deadlock when a client
-        cancels a stream while one of its responses is being written (docs/architecture.md)."""
+        cancels a stream while one of its responses is being written (docs/architecture.md).
+
+        A call still running ``timeout`` seconds after its start ends the same way, its events
+        with a :class:`CallTimedOut` item; its gRPC deadline, later by the cancel grace and
+        :data:`DEADLINE_MARGIN`, is only the last resort."""
         call = RelayCall(self, cancel_request=cancel_request, cancel_grace=cancel_grace)
+        deadline = timeout + cancel_grace + DEADLINE_MARGIN
 
         async def pump() -> None:
             try:
                 try:
-                    grpc_call = call._grpc = self._stream_infer(timeout=timeout, wait_for_ready=False)
+                    grpc_call = call._grpc = self._stream_infer(timeout=deadline, wait_for_ready=False)
                     await grpc_call.write(request)
                 finally:
                     call._written.set_result(None)
@@ -257,9 +278,13 @@ class Relay:
                 call.end()
             except BaseException as exc:  # grpc.aio.AioRpcError: the consumer decides
                 call.end(exc)
+            finally:
+                if call._timer is not None:
+                    call._timer.cancel()
 
         def start() -> None:
             call._written = self.loop.create_future()
+            call._timer = self.loop.call_later(timeout, call._time_out, timeout)
             call._task = self.loop.create_task(pump())
             if call._cancelled:
                 call._task.cancel()

@@ -2,7 +2,7 @@
 the fake Triton in its own process: the asyncio loop runs in a greenlet of the hub's thread (no
 thread of its own); a call's wait times out in time (the SSE heartbeat) and wakes at its item;
 40 streams at once reach their greenlets while another greenlet keeps running; a client that
-leaves ends its call with a cancel request sent on that same call (so it reaches the server that
+leaves, or a call past its timeout, ends with a cancel request sent on that same call (so it reaches the server that
 holds the request), not with a gRPC cancel; and a relay loop that dies stops
 the worker (SIGTERM to itself), which would otherwise hang every stream."""
 import os
@@ -80,6 +80,26 @@ while not slow._call.done and time.monotonic() - t2 < 2.5:  # the hard cancel co
 assert slow._call.done
 print("closed", flush=True)
 
+# A generation past its timeout ends the same way (a cancel request on its call), not by its
+# gRPC deadline, which gRPC would enforce by cancelling the call.
+from gateway.errors import ApiError
+backend.request_timeout = 0.5
+late = backend.generate(request("slow"), request_id="r-late")
+assert late.next_events(10) == [TextDelta("Hello")]
+t3 = time.monotonic()
+try:
+    late.next_events(10)
+    raise AssertionError("no timeout")
+except ApiError as exc:
+    assert exc.status == 504 and "request timeout of 0.5 s" in str(exc), exc
+assert time.monotonic() - t3 < 3.0
+late.close()
+while not late._call._task.done() and time.monotonic() - t3 < 2.5:  # read to its end
+    gevent.sleep(0.01)
+assert late._call._task.done()
+backend.request_timeout = 10
+print("timed-out", flush=True)
+
 terms = []
 signal.signal(signal.SIGTERM, lambda *args: terms.append(args[0]))
 relay._runner.kill(RuntimeError("relay loop failure for the test"), block=True)
@@ -102,12 +122,14 @@ def test_the_relay_under_gevent(tmp_path):
         assert "fake triton on" in fake.stdout.readline()
         done = subprocess.run([sys.executable, "-c", SCRIPT, str(port)], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
-        assert done.returncode == 0 and done.stdout.split() == ["closed", "ok"], done.stdout + done.stderr
+        assert done.returncode == 0 and done.stdout.split() == ["closed", "timed-out", "ok"], done.stdout + done.stderr
         assert "the gRPC relay loop died" in done.stderr and "stopping this worker" in done.stderr, done.stderr
         # The stream the client left was ended by a cancel request written on that same stream
         # (the fake records where it came: a separate call could reach another Triton), which llm
         # answers; the call itself was never cancelled (Triton 2.51: docs/architecture.md).
-        assert wait_until(lambda: cancel_log.read_text().splitlines() == ["slow cancel-request"], timeout=5), cancel_log.read_text()
+        # So was the stream that ran past its timeout.
+        assert wait_until(lambda: cancel_log.read_text().splitlines() == ["slow cancel-request"] * 2,
+                          timeout=5), cancel_log.read_text()
     finally:
         fake.terminate()
         fake.wait(10)
