@@ -19,6 +19,8 @@ ARG MAX_BATCH_SIZE=32
 ARG MAX_SEQ_LEN=2048
 ARG DTYPE=auto
 ARG WEIGHT_DTYPE=int4
+ARG STREAM_INTERVAL=1
+ARG LLM_INSTANCES=1
 # torch==2.13.0 (setup.py's [cpu] pin) from PyTorch's CPU index: the default index's Linux wheel
 # would bring several GB of CUDA libraries. Empty to take torch from the default index.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -59,7 +61,7 @@ RUN if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_
 RUN python build/prepare_model.py --out /models/smollm2-135m-instruct \
  && python build/build_repository.py --model-dir /models/smollm2-135m-instruct --out /models/repository \
         --max-batch-size "${MAX_BATCH_SIZE}" --max-seq-len "${MAX_SEQ_LEN}" --dtype "${DTYPE}" \
-        --weight-dtype "${WEIGHT_DTYPE}"
+        --weight-dtype "${WEIGHT_DTYPE}" --stream-interval "${STREAM_INTERVAL}" --llm-instances "${LLM_INSTANCES}"
 
 # The int4 kernels, compiled from the installed package (the copy Triton's models import), into
 # TORCH_EXTENSIONS_DIR, owned by the user that serves: torch takes a lock file there on load.

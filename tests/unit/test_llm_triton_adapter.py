@@ -146,3 +146,7 @@ def test_instances_share_a_cancel_board_only_when_there_are_several(model, monke
     assert model._cancel_board({"name": "llm"}) is None
     board = model._cancel_board({"name": "llm", "instance_group": [{"count": 2, "kind": "KIND_CPU"}]})
     assert board is not None and board.directory == tmp_path / "board" and board.directory.is_dir()
+    # A directory that cannot be made: the model still loads, without the board.
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(CANCEL_DIR_ENV, str(tmp_path / "file" / "board"))
+    assert model._cancel_board({"name": "llm", "instance_group": [{"count": 2}]}) is None

@@ -69,7 +69,14 @@ def _cancel_board(config):
     instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
     if instances <= 1:
         return None
-    board = CancelBoard(default_directory(config["name"]), keep=EARLY_CANCEL_SECONDS)
+    directory = default_directory(config["name"])
+    try:
+        board = CancelBoard(directory, keep=EARLY_CANCEL_SECONDS)
+    except OSError as exc:  # served anyway: a cancel request at another instance then waits for
+        # the gateway's safety net (it cancels the call 3 s later)
+        log.warning("llm: %d instances but no cancel board in %s (%s): a cancel request that reaches "
+                    "another instance ends its request only seconds later", instances, directory, exc)
+        return None
     log.info("llm: %d instances share cancel requests in %s", instances, board.directory)
     return board
 
