@@ -311,7 +311,7 @@ def test_timeout_without_streaming_is_a_504(timeout_gateway, triton):
     assert 1.9 < elapsed < 10
     assert wait_for(lambda: _engine_idle(triton), timeout=10), "the engine kept generating after the timeout"
     cancelled = wait_for(lambda: _cancellations_since(triton, mark))
-    assert len(cancelled) == 1 and "at the engine, cancel request)" in cancelled[0], cancelled
+    assert len(cancelled) == 1 and "at the engine, cancel request" in cancelled[0], cancelled
 
 
 def test_timeout_while_streaming_is_an_error_event(timeout_gateway, triton):
@@ -330,7 +330,7 @@ def test_timeout_while_streaming_is_an_error_event(timeout_gateway, triton):
     assert 1.9 < elapsed < 10
     assert wait_for(lambda: _engine_idle(triton), timeout=10), "the engine kept generating after the timeout"
     cancelled = wait_for(lambda: _cancellations_since(triton, mark))
-    assert len(cancelled) == 1 and "at the engine, cancel request)" in cancelled[0], cancelled
+    assert len(cancelled) == 1 and "at the engine, cancel request" in cancelled[0], cancelled
     generated = engine_metrics(triton)["generated"]
     time.sleep(1)
     assert engine_metrics(triton)["generated"] == generated
