@@ -47,6 +47,8 @@ def postable(token: str) -> bool:
 
 
 class CancelBoard:
+    """One model's board of posted cancel tokens, shared by its instances (see the module)."""
+
     def __init__(self, directory: Path, *, keep: float, clock: Callable[[], float] = time.time) -> None:
         self.directory = Path(directory)
         self.keep = keep
@@ -64,7 +66,10 @@ class CancelBoard:
             self.directory.mkdir(parents=True, exist_ok=True)
             path.touch()
         now = self.clock()
-        os.utime(path, (now, now))
+        try:
+            os.utime(path, (now, now))
+        except FileNotFoundError:  # already found and taken by the instance that holds the request
+            pass
         return True
 
     def posted(self) -> set[str]:
