@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -40,6 +41,33 @@ def default_directory(model_name: str, environ: Mapping[str, str] = os.environ) 
         return Path(environ[CANCEL_DIR_ENV])
     base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
     return base / f"trident-cancels-{os.getppid()}-{model_name}"
+
+
+def remove_stale(directory: Path) -> list[Path]:
+    """Remove the boards beside :func:`default_directory`'s ``directory`` that belonged to Triton
+    processes that are gone (a killed server never unloads its models, so nothing removed
+    them); returns what was removed."""
+    match = re.fullmatch(r"trident-cancels-(\d+)-(.+)", directory.name)
+    if match is None:
+        return []
+    removed = []
+    for other in directory.parent.glob(f"trident-cancels-*-{match.group(2)}"):
+        found = re.fullmatch(r"trident-cancels-(\d+)-(.+)", other.name)
+        if found is None or found.group(2) != match.group(2) or other == directory or _alive(int(found.group(1))):
+            continue
+        shutil.rmtree(other, ignore_errors=True)
+        removed.append(other)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def postable(token: str) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 from testkit import wait_until
 import pytest
 
-from trident.cancel_board import CANCEL_DIR_ENV, CancelBoard, default_directory
+from trident.cancel_board import CANCEL_DIR_ENV, CancelBoard, default_directory, remove_stale
 from trident.contract import ModelLimits
 from trident.llm_io import EngineChunk, LlmSettings
 from trident.llm_service import LlmService
@@ -503,6 +503,25 @@ def test_a_board_whose_directory_went_away_still_takes_posts(board_dir):
     CancelBoard(board_dir, keep=10).close()
     assert board.posted() == set()
     assert board.post("t") and board.posted() == {"t"}
+
+
+def test_boards_of_tritons_that_are_gone_are_removed(tmp_path):
+    """A killed Triton never unloads llm, which would remove its board."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    mine = tmp_path / f"trident-cancels-{os.getppid()}-llm"
+    stale = tmp_path / f"trident-cancels-{gone}-llm"
+    live = tmp_path / f"trident-cancels-{os.getpid()}-llm"  # another live server's
+    other_model = tmp_path / f"trident-cancels-{gone}-other"
+    for path in (mine, stale, live, other_model):
+        path.mkdir()
+    (stale / "token").touch()
+    assert remove_stale(mine) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (mine, live, other_model))
+    assert remove_stale(tmp_path / "cancels") == []  # a directory of the operator's: left alone
 
 
 def test_the_board_directory_is_per_triton_process_and_model(monkeypatch, tmp_path):

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 from trident.contract import ADMISSION_PARAMETER, CANCEL_PARAMETER, CANCEL_TOKEN_PARAMETER, SERVER_ID_ENV
 from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_response, stop_inputs
 from trident.llm_io import EngineChunk, LlmSettings, output_tensors
-from trident.cancel_board import CancelBoard, default_directory
+from trident.cancel_board import CancelBoard, default_directory, remove_stale
 from trident.llm_service import EARLY_CANCEL_SECONDS, LlmService
 from trident.stub_objects import Retirement, requested_only
 
@@ -78,6 +78,8 @@ def _cancel_board(config):
                     "another instance ends its request only seconds later", instances, directory, exc)
         return None
     log.info("llm: %d instances share cancel requests in %s", instances, board.directory)
+    for stale in remove_stale(board.directory):
+        log.info("llm: removed %s, the cancel board of a Triton that is gone", stale)
     return board
 
 
