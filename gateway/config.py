@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "TRITON_MODEL": "llm",  # the Triton model the gateway calls
     "MODEL_NAME": "smollm2-135m-instruct",  # the public model name, served by TRITON_MODEL
     "TOKENIZER_DIR": None,  # the served model's tokenizer folder: its chat template, for /v1/chat
-    "REQUEST_TIMEOUT": 600.0,  # seconds: gRPC deadline of one whole generation
+    "REQUEST_TIMEOUT": 600.0,  # seconds one whole generation may take (then its cancel request)
     "READY_TIMEOUT": 2.0,  # seconds: deadline of readiness probes
     "CONNECT_TIMEOUT": 5.0,  # seconds: how long a connection attempt to Triton may take
     "RETRY_AFTER": 5,  # seconds, sent with every 503

@@ -1,10 +1,11 @@
 """The Triton gRPC implementation of :class:`gateway.backend.Backend`.
 
-One channel per worker process, on the relay thread (gateway.triton_relay), created lazily on
-first use and again after a fork; one ``ModelStreamInfer`` call per HTTP request, invoked as
-server-streaming (one request, then a half-close: gateway.triton_relay), with the request
-parameters ``triton_enable_empty_final_response`` (so the final flag arrives) and the ``llm``
-model's admission (trident.contract), and a cancel on close. Calls never wait for a connection
+One channel per worker process, on the relay loop (gateway.triton_relay), created lazily on
+first use and again after a fork; one bidirectional ``ModelStreamInfer`` call per HTTP request,
+with the request parameters ``triton_enable_empty_final_response`` (so the final flag arrives),
+the ``llm`` model's admission and a cancel token (trident.contract). A client that leaves, or a
+generation past ``request_timeout``, is ended by a cancel request naming that token on the same
+call (gateway.triton_relay), not by cancelling the call. Calls never wait for a connection
 (``wait_for_ready=False``): every Triton down is a fast 503, not a hang. tritonclient's
 ``InferenceServerClient`` is deliberately not used: it holds one stream at a time, and one
 request's ``stop_stream`` cancels another's.
