@@ -33,6 +33,7 @@ class FakeRequest:
         self.sent = []  # (kind, payload)
         self.choices = []  # ("text" | "end" | "final", choice index, text, tokens)
         self.done = threading.Event()
+        self.polls = 0  # is_cancelled() calls
 
     def input(self, name):
         return self.inputs.get(name)
@@ -47,6 +48,7 @@ class FakeRequest:
         return self.target
 
     def is_cancelled(self):
+        self.polls += 1
         return self.cancelled.is_set()
 
     def _record(self, kind, payload=None, *, final=False):
@@ -529,3 +531,25 @@ def test_the_board_directory_is_per_triton_process_and_model(monkeypatch, tmp_pa
     path = default_directory("llm")
     assert path.name == f"trident-cancels-{os.getppid()}-llm"
     assert default_directory("llm", {CANCEL_DIR_ENV: str(tmp_path)}) == tmp_path
+
+
+def test_a_request_with_a_cancel_token_is_polled_less_often_and_still_noticed(make_service, tokenizer):
+    """The gateway's requests carry a cancel token and end by cancel requests; their
+    is_cancelled() (a round trip to Triton's process) is only the fallback, polled
+    TOKEN_POLL_FACTOR times less often, and still notices a client found gone that way."""
+    engine = FakeEngine(tokenizer, hold=True)
+    service, _ = make_service(engine, cancel_check_interval=0.02)
+    plain, tokened = FakeRequest(), FakeRequest(token="t-polled")
+    service.accept(plain)
+    service.accept(tokened)
+    assert wait_until(lambda: len(engine.streams) == 2, TIMEOUT)
+    plain0, tokened0, t0 = plain.polls, tokened.polls, time.monotonic()
+    time.sleep(1.0)
+    plain1, tokened1, t1 = plain.polls, tokened.polls, time.monotonic()
+    # At most one poll per 5 x 0.02 s (its rate limit); the plain request gets one per 0.02 s.
+    assert tokened1 - tokened0 <= (t1 - t0) / (5 * 0.02) + 1, (tokened1 - tokened0, plain1 - plain0)
+    tokened.cancelled.set()  # its call cancelled (say the gateway's process died)
+    wait(tokened)
+    assert [k for k, _ in tokened.sent] == ["close"] and len(engine.stops) == 1
+    plain.cancelled.set()
+    wait(plain)
