@@ -17,7 +17,6 @@ holds such a request still ends it when its call is cancelled (``is_cancelled``)
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -27,11 +26,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Optional
 
-log = logging.getLogger("trident.llm")
-
 #: Environment variable naming the board's directory (default: :func:`default_directory`).
 CANCEL_DIR_ENV = "TRIDENT_LLM_CANCEL_DIR"
 _TOKEN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+#: The default board's name: the Triton process (the stubs' parent) and the model.
+_NAME = "trident-cancels-{pid}-{model}"
+_NAME_PATTERN = re.compile(r"trident-cancels-(\d+)-(.+)")
 
 
 def default_directory(model_name: str, environ: Mapping[str, str] = os.environ) -> Path:
@@ -40,19 +40,19 @@ def default_directory(model_name: str, environ: Mapping[str, str] = os.environ) 
     if environ.get(CANCEL_DIR_ENV):
         return Path(environ[CANCEL_DIR_ENV])
     base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
-    return base / f"trident-cancels-{os.getppid()}-{model_name}"
+    return base / _NAME.format(pid=os.getppid(), model=model_name)
 
 
 def remove_stale(directory: Path) -> list[Path]:
     """Remove the boards beside :func:`default_directory`'s ``directory`` that belonged to Triton
     processes that are gone (a killed server never unloads its models, so nothing removed
     them); returns what was removed."""
-    match = re.fullmatch(r"trident-cancels-(\d+)-(.+)", directory.name)
+    match = _NAME_PATTERN.fullmatch(directory.name)
     if match is None:
         return []
     removed = []
-    for other in directory.parent.glob(f"trident-cancels-*-{match.group(2)}"):
-        found = re.fullmatch(r"trident-cancels-(\d+)-(.+)", other.name)
+    for other in directory.parent.glob(_NAME.format(pid="*", model=match.group(2))):
+        found = _NAME_PATTERN.fullmatch(other.name)
         if found is None or found.group(2) != match.group(2) or other == directory or _alive(int(found.group(1))):
             continue
         shutil.rmtree(other, ignore_errors=True)
