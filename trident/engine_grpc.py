@@ -95,7 +95,8 @@ class GrpcEngine:
                 if arrays:
                     out = read_response(arrays.get)
                     yield EngineChunk(token_ids=out.token_ids, log_probs=out.log_probs, top_ids=out.top_ids,
-                                      top_log_probs=out.top_log_probs, sequence_index=out.sequence_index)
+                                      top_log_probs=out.top_log_probs, sequence_index=out.sequence_index,
+                                      final=finished)
         except grpc.RpcError as exc:
             if not finished:
                 yield EngineChunk(error=self._failure(exc, engine_id))

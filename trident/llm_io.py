@@ -88,7 +88,8 @@ class Request(Protocol):
 @dataclasses.dataclass
 class EngineChunk:
     """One response of the engine model: new token ids (with their log-probabilities when asked
-    for, and the choice they belong to), or an error message."""
+    for, and the choice they belong to), or an error message. ``final``: the engine's final
+    response (its last tokens, when it carries any: nothing follows)."""
 
     token_ids: Sequence[int] = ()
     error: Optional[str] = None
@@ -96,6 +97,7 @@ class EngineChunk:
     top_ids: Optional[Sequence[Sequence[int]]] = None
     top_log_probs: Optional[Sequence[Sequence[float]]] = None
     sequence_index: int = 0
+    final: bool = False
 
 
 class EngineClient(Protocol):

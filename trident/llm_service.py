@@ -427,7 +427,10 @@ class LlmService:
             if gen.stopped:
                 stopping = True
                 self._stop_engine(job)
-            if text.stream and (unsent[i] >= interval or not started[i]):
+            # The engine's final response (both engines put the last token in it) is answered by
+            # the choice's last response alone: it carries the text, one message fewer through
+            # this stub, Triton and the gateway for every request.
+            if text.stream and not chunk.final and (unsent[i] >= interval or not started[i]):
                 out = "".join(parts[i])
                 if out or held[i]:
                     out_tokens = held[i] if gen.logprobs else None

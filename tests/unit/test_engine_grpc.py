@@ -90,6 +90,7 @@ def test_a_stream_sends_one_engine_request_and_reads_tokens_up_to_the_final_flag
             "temperature": np.array([[0.5]], dtype=np.float32)}
     chunks = list(engine.stream(sent, "1234", (OUTPUT_IDS, SEQUENCE_LENGTH, OUTPUT_LOG_PROBS)))
     assert [list(c.token_ids) for c in chunks] == [[5], [6, 7]]  # the final flag ends it: no 99
+    assert not any(c.final for c in chunks)  # an empty final response makes no chunk
     assert all(c.error is None for c in chunks)
     (request,) = fake.requests
     assert request.model_name == "tensorrt_llm" and request.id == "1234"
@@ -99,6 +100,12 @@ def test_a_stream_sends_one_engine_request_and_reads_tokens_up_to_the_final_flag
     assert set(got) == set(sent)
     for name, array in sent.items():
         assert got[name].dtype == array.dtype and np.array_equal(got[name], array)
+
+
+def test_tokens_in_the_final_response_come_in_a_final_chunk(serve):
+    _, engine = serve(lambda r: [engine_response(**tokens(5)), engine_response(**tokens(6), final=True)])
+    chunks = list(engine.stream({"input_ids": np.array([[1]], dtype=np.int32)}, "7"))
+    assert [(list(c.token_ids), c.final) for c in chunks] == [([5], False), ([6], True)]
 
 
 def test_log_probs_and_the_choice_index_are_read(serve):

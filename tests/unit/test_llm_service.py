@@ -85,11 +85,14 @@ class FakeRequest:
 
 class FakeEngine:
     """Streams the token ids of ``reply`` one at a time; ``hold`` keeps every request queued
-    (no first response) until it is stopped or released."""
+    (no first response) until it is stopped or released. The final response is empty, unless
+    ``last_in_final`` (as both real engines send it: with the last token)."""
 
-    def __init__(self, tokenizer, reply=" one two three four five six seven eight", *, hold=False):
+    def __init__(self, tokenizer, reply=" one two three four five six seven eight", *, hold=False,
+                 last_in_final=False):
         self.ids = tokenizer(reply, add_special_tokens=False).input_ids
         self.hold = hold
+        self.last_in_final = last_in_final
         self.release = threading.Event()
         self.streams = []  # engine ids, in submission order
         self.stops = []
@@ -110,19 +113,24 @@ class FakeEngine:
         n = int(tensors["num_return_sequences"][0, 0]) if "num_return_sequences" in tensors else 1
         logprobs = "return_log_probs" in tensors
         top = int(tensors["num_top_log_probs"][0, 0]) if "num_top_log_probs" in tensors else 0
-        for step, token in enumerate(self.ids[:limit]):
+        steps = min(limit, len(self.ids))
+        for step in range(steps):
             for index in range(n):  # choice i says the reply from its i-th token on
                 if stopped.is_set():
                     break
                 token = self.ids[(step + index) % len(self.ids)]
                 extra = {}
+                if self.last_in_final and step == steps - 1 and index == n - 1:
+                    extra["final"] = True
                 if logprobs:
                     extra["log_probs"] = [-0.25 * (index + 1)]
                 if top:
                     extra["top_ids"] = [[token] + [self.ids[0]] * (top - 1)]
                     extra["top_log_probs"] = [[-0.25 * (index + 1)] + [-5.0] * (top - 1)]
                 yield EngineChunk(token_ids=[token], sequence_index=index, **extra)
-        yield EngineChunk(token_ids=[])  # the final response
+                if extra.get("final"):
+                    return
+        yield EngineChunk(token_ids=[], final=True)  # the final response
 
     def stop(self, engine_id):
         self.stops.append(engine_id)
@@ -399,6 +407,32 @@ def test_stream_interval_holds_text_back_for_a_stop_sequence_as_before(make_serv
     assert request.text() == " one two three"
     assert request.sent[-1][1][1] == "stop_sequence"
     assert engine.stops == engine.streams
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_the_engines_last_token_goes_out_in_the_final_response(make_service, tokenizer, interval):
+    engine = FakeEngine(tokenizer, last_in_final=True)
+    service, _ = make_service(engine, stream_interval=interval)
+    request = FakeRequest(max_tokens=7)
+    service.accept(request)
+    wait(request)
+    texts, finals = streamed(request)
+    # Every token but the last streamed as before; the last (with any held back) only in the
+    # final response: no text response of its own.
+    assert "".join(texts) + finals[0] == tokenizer.decode(engine.ids[:7]) == request.text()
+    assert finals[0] and finals[0].endswith(tokenizer.decode(engine.ids[6:7]))
+    assert len(texts) == (6 if interval == 1 else 2)  # tokens 1..6; (1), (2-4) with their interval
+    assert request.sent[-1][1][1:] == ("length", request.sent[-1][1][2], 7)
+
+
+def test_a_one_token_stream_is_its_final_response_alone(make_service, tokenizer):
+    engine = FakeEngine(tokenizer, last_in_final=True)
+    service, _ = make_service(engine)
+    request = FakeRequest(max_tokens=1, admission=True)
+    service.accept(request)
+    wait(request)
+    assert [k for k, _ in request.sent] == ["send_admission", "send_final"]
+    assert request.text() == tokenizer.decode(engine.ids[:1])
 
 
 def test_stream_interval_without_streaming_changes_nothing(make_service, tokenizer):
