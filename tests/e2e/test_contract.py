@@ -163,3 +163,34 @@ def test_direct_grpc_and_the_gateway_share_the_defaults(client, triton):
     assert text == via_gateway
     greedy = generate(client, prompt=prompt, max_new_tokens=24, temperature=0)["choices"][0]["text"]
     assert text != greedy  # the shared default samples; it is not greedy decoding
+
+
+def test_a_streamed_requests_last_token_comes_in_its_final_response(client, triton):
+    """Direct gRPC to llm, streaming: every token but the last in a response of its own, the last
+    one in the final response (with finish_reason), as the engine sends it; no empty final
+    response after it. The texts add up to the gateway's answer."""
+    import grpc
+    import numpy as np
+    from tritonclient.grpc import service_pb2_grpc
+
+    from gateway.triton_codec import FINAL_FLAG, build_infer_request
+
+    prompt, tokens = "1, 2, 3, 4, 5, 6,", 4
+    plain = generate(client, prompt=prompt, max_new_tokens=tokens, temperature=0)["choices"][0]["text"]
+    inputs = {"text_input": np.array([[prompt.encode()]], dtype=object), "max_tokens": np.array([[tokens]], np.int32),
+              "temperature": np.array([[0.0]], np.float32), "stream": np.array([[True]])}
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(triton.grpc_url))
+    responses = []  # (text, finish_reason or None, final flag)
+    for response in stub.ModelStreamInfer(iter((build_infer_request("llm", inputs),)), timeout=120):
+        assert not response.error_message, response.error_message
+        infer = response.infer_response
+        raw = dict(zip((o.name for o in infer.outputs), infer.raw_output_contents))
+        text = raw["text_output"][4:].decode() if raw.get("text_output") else ""
+        reason = raw["finish_reason"][4:].decode() if raw.get("finish_reason") else None
+        responses.append((text, reason, infer.parameters[FINAL_FLAG].bool_param))
+        if responses[-1][2]:
+            break
+    assert [final for _, _, final in responses] == [False] * (tokens - 1) + [True], responses
+    assert all(text for text, _, _ in responses), responses  # the final one carries the last token
+    assert responses[-1][1] == "length" and all(reason is None for _, reason, _ in responses[:-1])
+    assert "".join(text for text, _, _ in responses) == plain
