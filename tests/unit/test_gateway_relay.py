@@ -133,3 +133,33 @@ def test_the_relay_under_gevent(tmp_path):
     finally:
         fake.terminate()
         fake.wait(10)
+
+
+def test_a_calls_hub_signal_wakes_its_greenlet_times_out_and_takes_one_waiter():
+    """gateway.triton_relay._HubSignal, what a call's consumer waits on under gevent: set before
+    the wait answers at once; a set from another greenlet wakes it; a wait past its timeout says
+    False (and a later set does not wake anything stale); a second waiting greenlet is an error."""
+    import gevent
+
+    from gateway.triton_relay import _HubSignal
+
+    signal = _HubSignal()
+    signal.set()
+    assert signal.wait(5) is True
+    signal.clear()
+    gevent.spawn_later(0.01, signal.set)
+    assert signal.wait(5) is True
+    signal.clear()
+    assert signal.wait(0.02) is False
+    signal.set()  # nobody waits: only the flag
+    assert signal.wait(0) is True
+    signal.clear()
+    first = gevent.spawn(signal.wait, 5)
+    gevent.sleep(0.01)
+    try:
+        second = gevent.spawn(signal.wait, 5)
+        second.join(1)
+        assert isinstance(second.exception, RuntimeError)
+    finally:
+        signal.set()
+        assert first.get(timeout=1) is True
