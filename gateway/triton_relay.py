@@ -34,6 +34,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
+from gevent.hub import Waiter as _Waiter  # only used with a gevent hub (_HubSignal, _HubSelector)
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from trident.triton_wire import is_final
@@ -63,24 +64,36 @@ def _gevent_hub() -> Any:
     return gevent.get_hub()
 
 
+def _hub_wait(hub: Any, waiter: Any, timeout: float | None, expired: Any) -> Any:
+    """In a greenlet of ``hub``'s thread: what ``waiter`` (a gevent ``Waiter``) is switched with,
+    or ``expired`` after ``timeout`` seconds (None: no limit). The timeout is a plain libev timer
+    that switches the same waiter: under a ``gevent.Timeout`` (an exception raised into the
+    greenlet) a wait cost 5.5-7.7 us and an expiry 9.4-11 us, this way 2.9-3.8 and 2.4 (timeit)."""
+    if timeout is None:
+        return waiter.get()
+    timer = hub.loop.timer(timeout)
+    try:
+        timer.start(waiter.switch, expired)
+        return waiter.get()
+    finally:
+        timer.close()
+
+
 class _HubSignal:
     """What a call's consumer waits on when the relay loop runs in a greenlet of the hub's thread:
     ``set``/``clear``/``wait(timeout)`` as gevent's ``Event``, for one waiting greenlet at a
-    time, woken through a gevent ``Waiter`` by the hub's callback (``set``) or a plain libev timer
-    (the timeout). gevent's ``Event.wait`` with a timeout runs under a ``gevent.Timeout``: 5.5-7.7
-    against 2.9-3.0 us a wait that is set, 9.4 against 2.4 us one that times out (timeit, 50,000
-    waits)."""
+    time, woken by a hub callback (``set``) or its timeout (:func:`_hub_wait`). gevent's
+    ``Event.wait`` with a timeout runs under a ``gevent.Timeout``: 5.5-7.7 against 2.9-3.0 us a
+    wait that is set, 9.4 against 2.4 us one that times out (timeit, 50,000 waits)."""
 
-    __slots__ = ("_hub", "_flag", "_waiter", "_new_waiter")
+    __slots__ = ("_hub", "_flag", "_waiter")
 
     def __init__(self) -> None:
         from gevent import get_hub
-        from gevent.hub import Waiter
 
         self._hub = get_hub()
         self._flag = False
         self._waiter: Any = None
-        self._new_waiter = Waiter
 
     def set(self) -> None:
         self._flag = True
@@ -97,17 +110,12 @@ class _HubSignal:
             return True
         if self._waiter is not None:
             raise RuntimeError("another greenlet already waits on this call")
-        waiter = self._waiter = self._new_waiter(self._hub)
-        timer = self._hub.loop.timer(timeout) if timeout is not None else None
+        waiter = self._waiter = _Waiter(self._hub)
         try:
-            if timer is not None:
-                timer.start(waiter.switch, False)
-            return waiter.get()
+            return _hub_wait(self._hub, waiter, timeout, False)
         finally:
             if self._waiter is waiter:
                 self._waiter = None
-            if timer is not None:
-                timer.close()
 
 
 class RelayCall:
@@ -389,12 +397,10 @@ class _HubSelector:
 
     def __init__(self) -> None:
         import gevent
-        from gevent.hub import Waiter
 
         self._selector = _real_selector()
         self._hub = gevent.get_hub()
         self._watcher = self._hub.loop.io(self._selector.fileno(), 1)  # EV_READ
-        self._waiter = Waiter
 
     def __getattr__(self, name: str) -> Any:  # register, unregister, modify, get_key, get_map
         return getattr(self._selector, name)
@@ -403,20 +409,12 @@ class _HubSelector:
         ready = self._selector.select(0)
         if ready or (timeout is not None and timeout <= 0):
             return ready
-        # The descriptor's watcher and a plain libev timer wake the same waiter: gevent.Timeout
-        # (an exception raised into this greenlet) cost 5.6-6.7 us a wait and 10-11 us an
-        # expiry, this 3.8 and 2.4 (timeit, 20,000 waits).
-        waiter = self._waiter(self._hub)
-        timer = self._hub.loop.timer(timeout) if timeout is not None else None
+        waiter = _Waiter(self._hub)  # woken by the descriptor's watcher or the timeout
         self._watcher.start(waiter.switch, None)
         try:
-            if timer is not None:
-                timer.start(waiter.switch, None)
-            waiter.get()
+            _hub_wait(self._hub, waiter, timeout, None)
         finally:
             self._watcher.stop()
-            if timer is not None:
-                timer.close()
         return self._selector.select(0)
 
     def close(self) -> None:
