@@ -14,8 +14,13 @@ per relayed token, relayed tokens/s against offered, time to first token and int
 responses: with ``--stream-interval N`` a response carries N tokens), the ratio of the gateway's
 CPU per token to the floor's, and how busy the machine was; it saves a plot and the JSON.
 
+With ``--rounds N`` each relay is measured N times on the same Triton, alternating with the
+floor; the table then gives medians, and the ratio to the floor is each round's gateway over that
+round's floor (single runs move by 20-30 % on a shared machine).
+
     make bench-gateway                                   # the default sweep
     .venv/bin/python scripts/bench_gateway.py --streams 200 --workers 1 --seconds 5 --stream-interval 1,8
+    .venv/bin/python scripts/bench_gateway.py --streams 200,500 --workers 1 --stream-interval 1,8 --rounds 3
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,6 +107,9 @@ def measured(kind: str, streams: int, tokens: int, pace: float, result: dict, cp
 
 
 def sweep(args) -> list[dict]:
+    """Every (streams, stream interval) on a Triton of its own; in each of ``args.rounds`` rounds
+    the floor and each gateway in turn, in the opposite order every other round (the machine's
+    speed drifts: no relay always runs first)."""
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     key = "bench-" + os.urandom(8).hex()
@@ -112,40 +121,50 @@ def sweep(args) -> list[dict]:
                               ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
         triton.start(timeout=120)
         try:
-            b0 = machine_busy()
-            result = run_client(["grpc", "--url", triton.grpc_url, "--streams", str(streams), "--tokens", str(tokens)])
-            b1 = machine_busy()
-            row = measured("floor", streams, tokens, pace, result, result["cpu_s"],
-                           (b1[0] - b0[0]) / max(b1[1] - b0[1], 1), stream_interval=interval)
-            rows.append(row)
-            report(row)
-            for w in args.workers:
-                gw = GatewayProcess(port=free_port(), triton_grpc_url=triton.grpc_url, workers=w,
-                                    log_path=work / f"gateway-{streams}-{interval}-{w}.log",
-                                    extra_env={"TRIDENT_API_KEY": key, "TRIDENT_MAX_IN_FLIGHT": "0",
-                                               "TRIDENT_LOG_FORMAT": "text"})
-                gw.start(timeout=60)
-                try:
-                    time.sleep(1.0)  # workers booted
-                    pids = children(gw.process.pid)
-                    c0, b0 = cpu_seconds(pids), machine_busy()
-                    result = run_client(["sse", "--url", gw.url, "--key", key, "--streams", str(streams),
-                                         "--tokens", str(tokens)])
-                    c1, b1 = cpu_seconds(pids), machine_busy()
-                finally:
-                    gw.stop()
-                row = measured("gateway", streams, tokens, pace, result, c1 - c0,
-                               (b1[0] - b0[0]) / max(b1[1] - b0[1], 1), workers=w, stream_interval=interval)
-                rows.append(row)
-                report(row)
+            relays = [0, *args.workers]  # 0: the floor client
+            for round_ in range(1, args.rounds + 1):
+                for w in relays if round_ % 2 else reversed(relays):
+                    row = (measure_floor(triton, streams, tokens, pace, interval) if w == 0 else
+                           measure_gateway(triton, w, key, work, streams, tokens, pace, interval))
+                    row["round"] = round_
+                    rows.append(row)
+                    report(row)
         finally:
             triton.stop()
     return rows
 
 
+def measure_floor(triton: TritonServer, streams: int, tokens: int, pace: float, interval: int) -> dict:
+    b0 = machine_busy()
+    result = run_client(["grpc", "--url", triton.grpc_url, "--streams", str(streams), "--tokens", str(tokens)])
+    b1 = machine_busy()
+    return measured("floor", streams, tokens, pace, result, result["cpu_s"],
+                    (b1[0] - b0[0]) / max(b1[1] - b0[1], 1), stream_interval=interval)
+
+
+def measure_gateway(triton: TritonServer, workers: int, key: str, work: Path, streams: int, tokens: int,
+                    pace: float, interval: int) -> dict:
+    gw = GatewayProcess(port=free_port(), triton_grpc_url=triton.grpc_url, workers=workers,
+                        log_path=work / f"gateway-{streams}-{interval}-{workers}.log",
+                        extra_env={"TRIDENT_API_KEY": key, "TRIDENT_MAX_IN_FLIGHT": "0",
+                                   "TRIDENT_LOG_FORMAT": "text"})
+    gw.start(timeout=60)
+    try:
+        time.sleep(1.0)  # workers booted
+        pids = children(gw.process.pid)
+        c0, b0 = cpu_seconds(pids), machine_busy()
+        result = run_client(["sse", "--url", gw.url, "--key", key, "--streams", str(streams),
+                             "--tokens", str(tokens)])
+        c1, b1 = cpu_seconds(pids), machine_busy()
+    finally:
+        gw.stop()
+    return measured("gateway", streams, tokens, pace, result, c1 - c0,
+                    (b1[0] - b0[0]) / max(b1[1] - b0[1], 1), workers=workers, stream_interval=interval)
+
+
 def report(row: dict) -> None:
     name = "floor (gRPC)" if row["kind"] == "floor" else f"gateway x{row['workers']}"
-    print(f"  {row['streams']:5d} streams  {row['stream_interval']:2d} tok/resp  {name:13s} "
+    print(f"  round {row.get('round', 1)}  {row['streams']:5d} streams  {row['stream_interval']:2d} tok/resp  {name:13s} "
           f"{row['cpu_us_per_token']:7.0f} us/token  "
           f"{row['relayed_per_s']:7.0f}/{row['offered_per_s']:.0f} tok/s  "
           f"ttft p50 {row['ttft_ms'].get('p50', 0):6.1f} ms  gap p50/p99 {row['gap_ms'].get('p50', 0):5.1f}/"
@@ -153,21 +172,61 @@ def report(row: dict) -> None:
           flush=True)
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (streams, stream interval, relay), in the order first measured: the median
+    over the rounds of each figure, and ``ratios``, each round's CPU per token over the floor's
+    of the same round (``vs_floor``: their median)."""
+    floors = {(r["streams"], r["stream_interval"], r.get("round", 1)): r for r in rows if r["kind"] == "floor"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["streams"], r["stream_interval"], r["kind"], r["workers"]), []).append(r)
+    out = []
+    for (streams, interval, kind, workers), mine in groups.items():
+        med = lambda get: statistics.median(get(r) for r in mine)  # noqa: E731
+        ratios = [r["cpu_us_per_token"] / floors[(streams, interval, r.get("round", 1))]["cpu_us_per_token"]
+                  for r in mine if (streams, interval, r.get("round", 1)) in floors]
+        out.append({
+            "kind": kind, "workers": workers, "streams": streams, "stream_interval": interval,
+            "pace_ms": mine[0]["pace_ms"], "offered_per_s": mine[0]["offered_per_s"], "rounds": len(mine),
+            "cpu_us_per_token": med(lambda r: r["cpu_us_per_token"]),
+            "each_cpu_us_per_token": [r["cpu_us_per_token"] for r in mine],
+            "relayed_per_s": med(lambda r: r["relayed_per_s"]),
+            "ttft_p50_ms": med(lambda r: r["ttft_ms"].get("p50", 0)),
+            "gap_p50_ms": med(lambda r: r["gap_ms"].get("p50", 0)),
+            "gap_p99_ms": med(lambda r: r["gap_ms"].get("p99", 0)),
+            "machine_busy": med(lambda r: r["machine_busy"]),
+            "ratios": ratios, "vs_floor": statistics.median(ratios) if ratios else None,
+        })
+    return out
+
+
 def table(rows: list[dict]) -> str:
-    floors = {(r["streams"], r["stream_interval"]): r for r in rows if r["kind"] == "floor"}
+    """The markdown table of :func:`summarize`'s rows: with several rounds each figure is the
+    median, and the ratio to the floor is followed by each round's."""
+    summary = summarize(rows)
+    several = any(r["rounds"] > 1 for r in summary)
+    floors = {(r["streams"], r["stream_interval"]): r for r in summary if r["kind"] == "floor"}
     lines = ["| streams (pace) | tokens / response | relay | CPU per token | vs floor | relayed / offered tok/s "
              "| TTFT p50 (+gateway) | gap p50 / p99 (+gateway p99) | machine busy |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    if several:
+        lines.insert(0, f"Medians over {max(r['rounds'] for r in summary)} rounds; after the ratio to the floor, "
+                        "each round's (against that round's floor).\n")
+    for r in summary:
         f = floors[(r["streams"], r["stream_interval"])]
         name = "gRPC client (floor)" if r["kind"] == "floor" else f"gateway, {r['workers']} worker(s)"
-        ratio = "1.00x" if r["kind"] == "floor" else f"{r['cpu_us_per_token'] / f['cpu_us_per_token']:.2f}x"
-        add_ttft = r["ttft_ms"].get("p50", 0) - f["ttft_ms"].get("p50", 0)
-        add_gap = r["gap_ms"].get("p99", 0) - f["gap_ms"].get("p99", 0)
+        if r["kind"] == "floor":
+            ratio = "1.00x"
+        else:
+            ratio = f"{r['vs_floor']:.2f}x"
+            if several:
+                ratio += " (" + " / ".join(f"{x:.2f}x" for x in r["ratios"]) + ")"
+        add_ttft = r["ttft_p50_ms"] - f["ttft_p50_ms"]
+        add_gap = r["gap_p99_ms"] - f["gap_p99_ms"]
         lines.append(
             f"| {r['streams']} ({r['pace_ms']:g} ms) | {r['stream_interval']} | {name} | {r['cpu_us_per_token']:.0f} us | {ratio} | "
-            f"{r['relayed_per_s']:.0f} / {r['offered_per_s']:.0f} | {r['ttft_ms'].get('p50', 0):.1f} ms "
-            f"({add_ttft:+.1f}) | {r['gap_ms'].get('p50', 0):.1f} / {r['gap_ms'].get('p99', 0):.1f} ms ({add_gap:+.1f}) "
+            f"{r['relayed_per_s']:.0f} / {r['offered_per_s']:.0f} | {r['ttft_p50_ms']:.1f} ms "
+            f"({add_ttft:+.1f}) | {r['gap_p50_ms']:.1f} / {r['gap_p99_ms']:.1f} ms ({add_gap:+.1f}) "
             f"| {r['machine_busy']:.0%} |")
     return "\n".join(lines)
 
@@ -179,12 +238,13 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    kinds = sorted({(r["kind"], r["workers"], r["stream_interval"]) for r in rows})
+    summary = summarize(rows)  # medians over the rounds
+    kinds = sorted({(r["kind"], r["workers"], r["stream_interval"]) for r in summary})
     for kind, workers, interval in kinds:
-        sel = [r for r in rows if (r["kind"], r["workers"], r["stream_interval"]) == (kind, workers, interval)]
+        sel = [r for r in summary if (r["kind"], r["workers"], r["stream_interval"]) == (kind, workers, interval)]
         label = ("gRPC floor" if kind == "floor" else f"gateway x{workers}") + f", {interval} tok/resp"
         a.plot([r["streams"] for r in sel], [r["cpu_us_per_token"] for r in sel], marker="o", label=label)
-        b.plot([r["streams"] for r in sel], [r["gap_ms"].get("p99", 0) for r in sel], marker="o", label=label)
+        b.plot([r["streams"] for r in sel], [r["gap_p99_ms"] for r in sel], marker="o", label=label)
     a.set(xscale="log", xlabel="open streams", ylabel="CPU us per relayed token", title="relay cost")
     a.axhline(60, color="grey", linestyle=":", label="target 60 us")
     b.set(xscale="log", yscale="log", xlabel="open streams", ylabel="inter-token gap p99 (ms)",
@@ -205,11 +265,16 @@ def main() -> int:
     p.add_argument("--stream-interval", type=ints, default=[1, 8],
                    help="tokens per streamed response, as the llm model's stream_interval sends them "
                         "(1: every token; N: the first at once, then N to a response); each is measured")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure each relay this many times, alternating with the floor on the same Triton; "
+                        "the table gives medians and each round's ratio (single runs move by 20-30 %% here)")
     p.add_argument("--out", type=Path, default=ROOT / ".cache/bench/gateway.png")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16") if f in Path("/proc/cpuinfo").read_text())
     print(f"{os.cpu_count()} CPUs ({flags}); streams {args.streams}; workers {args.workers}; "
-          f"stream_interval {args.stream_interval}", flush=True)
+          f"stream_interval {args.stream_interval}; rounds {args.rounds}", flush=True)
     rows = sweep(args)
     print("\n" + table(rows))
     args.out.with_suffix(".json").parent.mkdir(parents=True, exist_ok=True)
