@@ -164,7 +164,7 @@ def measure_gateway(triton: TritonServer, workers: int, key: str, work: Path, st
 
 def report(row: dict) -> None:
     name = "floor (gRPC)" if row["kind"] == "floor" else f"gateway x{row['workers']}"
-    print(f"  round {row.get('round', 1)}  {row['streams']:5d} streams  {row['stream_interval']:2d} tok/resp  {name:13s} "
+    print(f"  round {row['round']}  {row['streams']:5d} streams  {row['stream_interval']:2d} tok/resp  {name:13s} "
           f"{row['cpu_us_per_token']:7.0f} us/token  "
           f"{row['relayed_per_s']:7.0f}/{row['offered_per_s']:.0f} tok/s  "
           f"ttft p50 {row['ttft_ms'].get('p50', 0):6.1f} ms  gap p50/p99 {row['gap_ms'].get('p50', 0):5.1f}/"
@@ -176,15 +176,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     """One row per (streams, stream interval, relay), in the order first measured: the median
     over the rounds of each figure, and ``ratios``, each round's CPU per token over the floor's
     of the same round (``vs_floor``: their median)."""
-    floors = {(r["streams"], r["stream_interval"], r.get("round", 1)): r for r in rows if r["kind"] == "floor"}
+    floors = {(r["streams"], r["stream_interval"], r["round"]): r for r in rows if r["kind"] == "floor"}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["streams"], r["stream_interval"], r["kind"], r["workers"]), []).append(r)
     out = []
     for (streams, interval, kind, workers), mine in groups.items():
         med = lambda get: statistics.median(get(r) for r in mine)  # noqa: E731
-        ratios = [r["cpu_us_per_token"] / floors[(streams, interval, r.get("round", 1))]["cpu_us_per_token"]
-                  for r in mine if (streams, interval, r.get("round", 1)) in floors]
+        ratios = [r["cpu_us_per_token"] / floors[(streams, interval, r["round"])]["cpu_us_per_token"] for r in mine]
         out.append({
             "kind": kind, "workers": workers, "streams": streams, "stream_interval": interval,
             "pace_ms": mine[0]["pace_ms"], "offered_per_s": mine[0]["offered_per_s"], "rounds": len(mine),
@@ -195,7 +194,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "gap_p50_ms": med(lambda r: r["gap_ms"].get("p50", 0)),
             "gap_p99_ms": med(lambda r: r["gap_ms"].get("p99", 0)),
             "machine_busy": med(lambda r: r["machine_busy"]),
-            "ratios": ratios, "vs_floor": statistics.median(ratios) if ratios else None,
+            "ratios": ratios, "vs_floor": statistics.median(ratios),
         })
     return out
 
