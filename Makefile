@@ -136,6 +136,13 @@ LOAD_ARGS ?=
 load-streams: repository
 	$(PY) scripts/load_streams.py --model-repository $(REPO_DIR) --tokenizer-dir $(MODEL_DIR) $(LOAD_ARGS)
 
+# ---- the llm model at GPU-like rates: an echo engine behind it, against the engine alone ----
+LLM_BENCH_ARGS ?=
+.PHONY: bench-llm
+
+bench-llm: repository
+	$(PY) scripts/bench_llm.py --source $(REPO_DIR) $(LLM_BENCH_ARGS)
+
 # ---- CPU engine benchmark (issue 4): this engine through Triton vs HF generate vs llama.cpp ----
 BENCH_ARGS ?=
 .PHONY: bench bench-quick engine-memory

@@ -1,13 +1,18 @@
-"""Load clients of the gateway benchmark (scripts/bench_gateway.py), each run as its own process.
+"""Load clients of the relay benchmarks (scripts/bench_gateway.py, scripts/bench_llm.py), each
+run as its own process.
 
     python scripts/bench/clients.py grpc --url localhost:8001 --streams 200 --tokens 300
     python scripts/bench/clients.py sse --url http://127.0.0.1:8080 --key K --streams 200 --tokens 300
+    python scripts/bench/clients.py engine --url localhost:8001 --streams 256 --tokens 300
+    python scripts/bench/clients.py llm --url localhost:8001 --streams 256 --tokens 300
 
 ``grpc`` is the floor: a plain Python gRPC client (grpc.aio, one thread) consuming the streams
 straight from Triton's ``llm`` model, with gRPC's client I/O set up as the gateway's
 (gateway.grpc_env). ``sse`` opens the same streams through the gateway with a
 bare asyncio HTTP/1.1 client (as cheap as a client can be, so that it leaves the CPU to the
-gateway). Both print one JSON object: tokens received, the process's own CPU seconds, and
+gateway). ``engine`` and ``llm`` are bench_llm's: the same grpc.aio client on the engine
+interface (``tensorrt_llm``, token ids) and on a real ``llm`` model in front of it. Each prints one
+JSON object: tokens received, the process's own CPU seconds, and
 time-to-first-token and inter-token-gap quantiles in milliseconds.
 """
 from __future__ import annotations
@@ -28,6 +33,8 @@ import numpy as np  # noqa: E402
 from tritonclient.grpc import service_pb2_grpc  # noqa: E402
 
 from gateway.triton_codec import FINAL_FLAG, build_infer_request  # noqa: E402
+from trident.engine_tensors import ENGINE_OUTPUTS  # noqa: E402
+from trident.triton_wire import infer_request  # noqa: E402
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
@@ -90,6 +97,51 @@ async def grpc_streams(url: str, streams: int, tokens: int, rec: Recorder) -> No
         await asyncio.gather(*(one() for _ in range(streams)))
 
 
+ENGINE_PROMPT_IDS = list(range(100, 112))  # any ids: the echo engine (scripts/bench/echo_engine) repeats them
+
+
+async def engine_streams(url: str, streams: int, tokens: int, rec: Recorder, *, model: str) -> None:
+    """Streams of the engine interface (``tensorrt_llm``: token ids in and out, one token a
+    response) with ``model`` "tensorrt_llm", or of the ``llm`` interface (text) with "llm", whose
+    responses are counted by their ``completion_tokens`` at the end (a text response may hold
+    more than one token)."""
+    if model == "llm":
+        inputs = {"text_input": np.array([[b"1, 2, 3, 4, 5, 6,"]], dtype=object),
+                  "max_tokens": np.array([[tokens]], np.int32), "stream": np.array([[True]])}
+        request = build_infer_request("llm", inputs)
+    else:
+        ids = ENGINE_PROMPT_IDS
+        inputs = {"input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
+                  "request_output_len": np.array([[tokens]], np.int32), "streaming": np.array([[True]])}
+        request = infer_request(model, inputs, outputs=ENGINE_OUTPUTS)  # as llm asks the engine
+    async with grpc.aio.insecure_channel(url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        async def one() -> None:
+            token = rec.stream()
+            counted = 0
+            try:
+                async for response in stub.ModelStreamInfer(iter((request,))):
+                    if response.error_message:
+                        rec.errors += 1
+                        break
+                    infer = response.infer_response
+                    for out, raw in zip(infer.outputs, infer.raw_output_contents):
+                        if out.name == "output_ids" and raw:
+                            token(len(raw) // 4)
+                        elif out.name == "text_output" and len(raw) > 4:
+                            token(1)
+                            counted += 1
+                        elif out.name == "completion_tokens" and raw:
+                            rec.tokens += int.from_bytes(raw[:4], "little", signed=True) - counted
+                    if infer.parameters[FINAL_FLAG].bool_param:
+                        break
+            except grpc.aio.AioRpcError:
+                rec.errors += 1
+
+        await asyncio.gather(*(one() for _ in range(streams)))
+
+
 async def sse_streams(url: str, key: str, streams: int, tokens: int, rec: Recorder) -> None:
     from urllib.parse import urlparse
 
@@ -135,7 +187,7 @@ async def sse_streams(url: str, key: str, streams: int, tokens: int, rec: Record
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["grpc", "sse"])
+    p.add_argument("kind", choices=["grpc", "sse", "engine", "llm"])
     p.add_argument("--url", required=True)
     p.add_argument("--key", default="")
     p.add_argument("--streams", type=int, required=True)
@@ -145,6 +197,9 @@ def main() -> int:
     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if args.kind == "grpc":
         asyncio.run(grpc_streams(args.url, args.streams, args.tokens, rec))
+    elif args.kind in ("engine", "llm"):
+        model = "llm" if args.kind == "llm" else "tensorrt_llm"
+        asyncio.run(engine_streams(args.url, args.streams, args.tokens, rec, model=model))
     else:
         asyncio.run(sse_streams(args.url, args.key, args.streams, args.tokens, rec))
     cpu1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
