@@ -315,7 +315,10 @@ def main() -> int:
             args.api_key = args.api_key or "load-" + os.urandom(8).hex()
             gw = GatewayProcess(port=free_port(), triton_grpc_url=args.grpc_url, workers=args.gateway_workers,
                                 log_path=Path(tempfile.mkdtemp(prefix="load-gw-")) / "gateway.log",
-                                extra_env={"TRIDENT_API_KEY": args.api_key, "TRIDENT_LOG_FORMAT": "text"})
+                                # Every stream admitted (the default limit, 256, would answer 503 beyond it):
+                                # the streams beyond the engine's slots are to wait in llm and the engine.
+                                extra_env={"TRIDENT_API_KEY": args.api_key, "TRIDENT_LOG_FORMAT": "text",
+                                           "TRIDENT_MAX_IN_FLIGHT": str(batch * max(args.multiples))})
             started.append(gw)
             gw.start(timeout=60)
             args.gateway_url = gw.url
