@@ -13,7 +13,7 @@ from gateway_fakes import add_outputs
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from trident.contract import ENGINE_GRPC_ENV
-from trident.engine_grpc import DEFAULT_URL, GrpcEngine, engine_url
+from trident.engine_grpc import DEFAULT_URL, GrpcEngine, engine_url, plain_token_ids
 from trident.engine_tensors import OUTPUT_IDS, OUTPUT_LOG_PROBS, SEQUENCE_INDEX, SEQUENCE_LENGTH
 from trident.error_tags import SERVER_ERROR, UNAVAILABLE, parse_error
 from trident.triton_wire import EMPTY_FINAL, FINAL_FLAG, deserialize
@@ -174,3 +174,22 @@ def test_stop_sends_the_engine_stop_request_with_the_same_id(serve):
 def test_the_url_comes_from_the_launchers_environment():
     assert engine_url({ENGINE_GRPC_ENV: "127.0.0.1:9101"}) == "127.0.0.1:9101"
     assert engine_url({}) == DEFAULT_URL
+
+
+def test_plain_token_ids_reads_only_plain_responses():
+    """The numpy-free read of the common response gives what read_response gives, and leaves
+    every other response to it (log-probabilities, a choice's index, an unexpected type)."""
+    from trident.engine_tensors import read_response
+    from trident.triton_wire import output_arrays
+
+    for ids in ((7,), (1, -2, 49151), ()):
+        infer = engine_response(**tokens(*ids)).infer_response
+        assert plain_token_ids(infer) == list(ids) == read_response(output_arrays(infer).get).token_ids
+    only_ids = engine_response(**{OUTPUT_IDS: np.array([[[5, 6]]], dtype=np.int32)}).infer_response
+    assert plain_token_ids(only_ids) == [5, 6]
+    for others in ({OUTPUT_LOG_PROBS: np.array([[[-0.5]]], dtype=np.float32)},
+                   {SEQUENCE_INDEX: np.array([[1]], dtype=np.int32)}):
+        assert plain_token_ids(engine_response(**tokens(9), **others).infer_response) is None
+    wide = engine_response(**{OUTPUT_IDS: np.array([[[5]]], dtype=np.int64)}).infer_response
+    assert plain_token_ids(wide) is None
+    assert plain_token_ids(engine_response(final=True).infer_response) is None

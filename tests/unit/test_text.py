@@ -5,6 +5,7 @@ from trident.contract import SamplingParams, TextRequest
 from trident.engine_tensors import words_list
 from trident.generation import TextGeneration
 from trident.text import IncrementalDetokenizer, StopSequenceMatcher
+from trident.text.detokenizer import decoder_of
 
 SAMPLES = [
     "The capital of France is Paris.",
@@ -25,6 +26,34 @@ def test_token_by_token_deltas_rebuild_the_text(tokenizer, text):
     for delta in deltas:
         assert "\ufffd" not in delta  # no chunk holds a broken character
         delta.encode("utf-8")
+
+
+class ThroughTransformers:
+    """The tokenizer's ``decode`` only (no Rust tokenizer to reach): the path before decoder_of."""
+
+    def __init__(self, tokenizer):
+        self.decode = tokenizer.decode
+
+
+def test_the_rust_decoder_gives_the_same_deltas_as_transformers_decode(tokenizer):
+    assert decoder_of(tokenizer) is tokenizer.backend_tokenizer  # SmolLM2's: no clean-up of spaces
+    ids = tokenizer("".join(SAMPLES) + "<|im_end|>x", add_special_tokens=False).input_ids
+    rust, plain = IncrementalDetokenizer(tokenizer), IncrementalDetokenizer(ThroughTransformers(tokenizer))
+    for i in range(0, len(ids), 3):  # one to three ids a push, as streamed responses carry them
+        assert rust.push(ids[i:i + 3]) == plain.push(ids[i:i + 3])
+    assert rust.flush() == plain.flush()
+
+
+def test_a_tokenizer_that_cleans_up_spaces_decodes_through_transformers(tokenizer):
+    class CleansUp:
+        backend_tokenizer = tokenizer.backend_tokenizer
+        clean_up_tokenization_spaces = True
+        decode = tokenizer.decode
+
+    cleans_up = CleansUp()
+    assert decoder_of(cleans_up) is cleans_up
+    plain = ThroughTransformers(tokenizer)
+    assert decoder_of(plain) is plain
 
 
 def test_multi_byte_character_is_held_until_complete(tokenizer):

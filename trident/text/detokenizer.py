@@ -17,11 +17,22 @@ class Decoder(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
 
 
+def decoder_of(tokenizer: Decoder) -> Decoder:
+    """What decodes for ``tokenizer``: a Hugging Face fast tokenizer's own Rust tokenizer when
+    decoding through it gives the same text (no clean-up of spaces afterwards), else the
+    tokenizer. transformers' ``decode`` wraps the same Rust call in about 3 us of argument
+    handling (3.6 against 0.7 us for three ids, timeit), and a token is decoded twice here."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer
+    return backend
+
+
 class IncrementalDetokenizer:
     """Feed token ids with :meth:`push`; each call returns the newly completed text."""
 
     def __init__(self, tokenizer: Decoder, *, skip_special_tokens: bool = True):
-        self._tokenizer = tokenizer
+        self._tokenizer = decoder_of(tokenizer)
         self._skip = skip_special_tokens
         self._ids: list[int] = []
         # _ids[prefix:read] was already emitted; it is re-decoded as context for new tokens.
