@@ -10,7 +10,8 @@ CPU repository's real ``llm`` model, and measures, on one Triton, for each numbe
 
 * ``engine``: a plain Python gRPC client (grpc.aio) streaming straight from the echo engine,
   one token a response, as ``llm`` reads it (the floor: Triton and the engine alone);
-* ``llm xI``: the same streams through ``llm`` with I instances (one stub process each).
+* ``llm xI``: the same streams through ``llm`` with I instances (one stub process each), as the
+  gateway sends them (each asks for its admission response and carries a cancel token).
 
 Per row: CPU per relayed token of each part (Triton's own process, the ``llm`` stubs, the
 engine's stub), relayed tokens/s against offered, time to first token and the gap between

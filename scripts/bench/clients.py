@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import resource
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -104,20 +105,22 @@ async def engine_streams(url: str, streams: int, tokens: int, rec: Recorder, *, 
     """Streams of the engine interface (``tensorrt_llm``: token ids in and out, one token a
     response) with ``model`` "tensorrt_llm", or of the ``llm`` interface (text) with "llm", whose
     responses are counted by their ``completion_tokens`` at the end (a text response may hold
-    more than one token)."""
+    more than one token). ``llm`` requests are the gateway's: with its admission response and a
+    cancel token each (llm polls a request with a token for its client 5 times less often)."""
     if model == "llm":
         inputs = {"text_input": np.array([[b"1, 2, 3, 4, 5, 6,"]], dtype=object),
                   "max_tokens": np.array([[tokens]], np.int32), "stream": np.array([[True]])}
-        request = build_infer_request("llm", inputs)
+        requests = [build_infer_request("llm", inputs, admission=True, cancel_token=secrets.token_hex(12))
+                    for _ in range(streams)]
     else:
         ids = ENGINE_PROMPT_IDS
         inputs = {"input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
                   "request_output_len": np.array([[tokens]], np.int32), "streaming": np.array([[True]])}
-        request = infer_request(model, inputs, outputs=ENGINE_OUTPUTS)  # as llm asks the engine
+        requests = [infer_request(model, inputs, outputs=ENGINE_OUTPUTS)] * streams  # as llm asks the engine
     async with grpc.aio.insecure_channel(url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
-        async def one() -> None:
+        async def one(request) -> None:
             token = rec.stream()
             counted = 0
             try:
@@ -139,7 +142,7 @@ async def engine_streams(url: str, streams: int, tokens: int, rec: Recorder, *, 
             except grpc.aio.AioRpcError:
                 rec.errors += 1
 
-        await asyncio.gather(*(one() for _ in range(streams)))
+        await asyncio.gather(*(one(request) for request in requests))
 
 
 async def sse_streams(url: str, key: str, streams: int, tokens: int, rec: Recorder) -> None:
