@@ -45,6 +45,7 @@ from trident.triton_launcher import TritonPorts, TritonServer  # noqa: E402
 
 ECHO = ROOT / "scripts" / "bench" / "echo_llm"
 CLIENTS = ROOT / "scripts" / "bench" / "clients.py"
+PACING = ROOT / "scripts" / "bench" / "pacing.py"  # the echo models' step loop, next to their model.py
 
 
 def pace_ms(streams: int) -> float:
@@ -61,6 +62,7 @@ def echo_repository(dest: Path, interval_ms: float, stream_interval: int = 1) ->
                          source="echo config")
     (model / "config.pbtxt").write_text(text)
     shutil.copy(ECHO / "1" / "model.py", model / "1" / "model.py")
+    shutil.copy(PACING, model / "1" / "pacing.py")
     return dest
 
 

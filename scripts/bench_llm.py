@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_gateway import machine_busy, run_client  # noqa: E402  (scripts/ is this script's path)
+from bench_gateway import PACING, machine_busy, run_client  # noqa: E402  (scripts/ is this script's path)
 
 from trident.child_process import free_port, process_cpu  # noqa: E402
 from trident.triton_launcher import TritonPorts, TritonServer  # noqa: E402
@@ -79,6 +79,7 @@ def echo_engine_repository(dest: Path, source: Path, *, slots: int, interval_ms:
     text = re.sub(r"^max_batch_size:\s*\d+", f"max_batch_size: {slots}", text, flags=re.M)  # load_streams reads it
     (engine / "config.pbtxt").write_text(text)
     shutil.copy(ECHO_ENGINE / "1" / "model.py", engine / "1" / "model.py")
+    shutil.copy(PACING, engine / "1" / "pacing.py")
     return dest
 
 

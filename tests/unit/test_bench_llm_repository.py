@@ -12,7 +12,7 @@ from trident.repo_builder import build_repository
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-from bench_llm import ECHO_ENGINE, echo_engine_repository  # noqa: E402
+from bench_llm import ECHO_ENGINE, PACING, echo_engine_repository  # noqa: E402
 
 
 def parse(path: Path) -> model_config_pb2.ModelConfig:
@@ -41,6 +41,7 @@ def test_echo_engine_behind_the_real_llm_model(tmp_path):
     params = {k: v.string_value for k, v in engine.parameters.items()}
     assert params["max_batch_size"] == "96" and params["interval_ms"] == "12.5"
     assert (repo / "tensorrt_llm" / "1" / "model.py").read_bytes() == (ECHO_ENGINE / "1" / "model.py").read_bytes()
+    assert (repo / "tensorrt_llm" / "1" / "pacing.py").read_bytes() == PACING.read_bytes()  # the model imports it
 
 
 def test_defaults_keep_the_llm_models_stream_interval(tmp_path):

@@ -12,10 +12,10 @@ and one still waiting at admission never gets a slot.
 import collections
 import json
 import threading
-import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from pacing import Pacer  # scripts/bench/pacing.py, copied next to this file
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_TICKS = 25
@@ -50,9 +50,7 @@ class TritonPythonModel:
         self.lock = threading.Lock()
         self.waiting = collections.deque()
         self.active = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._tick, daemon=True)
-        self.thread.start()
+        self.pacer = Pacer(self.interval, self._step)
 
     def execute(self, requests):
         for request in requests:
@@ -82,38 +80,29 @@ class TritonPythonModel:
                     self.active.append(entry)
             return list(self.active)
 
-    def _tick(self):
-        next_tick = time.monotonic()
-        while not self.stop.is_set():
-            next_tick += self.interval
-            done = []
-            for entry in self._admit():
-                try:
-                    if entry.stopped or (entry.made % CANCEL_CHECK_TICKS == 0 and entry.made
-                                         and entry.sender.is_cancelled()):
-                        done.append(entry)
-                        entry.sender.send(flags=FINAL)
-                        continue
-                    token_id = entry.ids[entry.made % len(entry.ids)]
-                    entry.made += 1
-                    entry.left -= 1
-                    if entry.left == 0:
-                        done.append(entry)
-                        entry.sender.send(_token(token_id, entry.made), flags=FINAL)
-                    else:
-                        entry.sender.send(_token(token_id, entry.made))
-                except Exception:  # the client is gone
+    def _step(self):
+        """One engine step: a token for every request in a slot."""
+        done = []
+        for entry in self._admit():
+            try:
+                if entry.stopped or (entry.made % CANCEL_CHECK_TICKS == 0 and entry.made
+                                     and entry.sender.is_cancelled()):
                     done.append(entry)
-            if done:
-                gone = {id(entry) for entry in done}
-                with self.lock:
-                    self.active = [e for e in self.active if id(e) not in gone]
-            delay = next_tick - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            else:
-                next_tick = time.monotonic()  # behind: no catching up in a burst
+                    entry.sender.send(flags=FINAL)
+                    continue
+                token_id = entry.ids[entry.made % len(entry.ids)]
+                entry.made += 1
+                entry.left -= 1
+                if entry.left == 0:
+                    done.append(entry)
+                    entry.sender.send(_token(token_id, entry.made), flags=FINAL)
+                else:
+                    entry.sender.send(_token(token_id, entry.made))
+            except Exception:  # the client is gone
+                done.append(entry)
+        if done:
+            with self.lock:
+                self.active = [e for e in self.active if e not in done]
 
     def finalize(self):
-        self.stop.set()
-        self.thread.join(timeout=5)
+        self.pacer.close()

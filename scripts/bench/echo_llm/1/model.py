@@ -8,10 +8,10 @@ a response (trident.llm_service).
 """
 import json
 import threading
-import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from pacing import Pacer  # scripts/bench/pacing.py, copied next to this file
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -34,9 +34,7 @@ class TritonPythonModel:
         self.stream_interval = int(params.get("stream_interval", "1"))
         self.lock = threading.Lock()
         self.streams = []  # [sender, tokens left, tokens made, stream?, text not sent yet]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._tick, daemon=True)
-        self.thread.start()
+        self.pacer = Pacer(self.interval, self._step)
 
     def execute(self, requests):
         for request in requests:
@@ -50,40 +48,32 @@ class TritonPythonModel:
                 self.streams.append([sender, max(n, 1), 0, stream, []])
         return None
 
-    def _tick(self):
-        next_tick = time.monotonic()
-        while not self.stop.is_set():
-            next_tick += self.interval
-            with self.lock:
-                streams = list(self.streams)
-            done = []
-            for entry in streams:
-                sender, left, sent, stream, parts = entry
-                try:
-                    if sent % 25 == 0 and sender.is_cancelled():  # an IPC round trip: not every token
-                        done.append(entry)
-                        sender.send(flags=FINAL)
-                        continue
-                    parts.append(f" {sent}")
-                    entry[1], entry[2] = left - 1, sent + 1
-                    if entry[1] == 0:
-                        done.append(entry)
-                        sender.send(_text("".join(parts), final_count=entry[2]), flags=FINAL)
-                    elif stream and (sent == 0 or len(parts) >= self.stream_interval):
-                        sender.send(_text("".join(parts)))
-                        parts.clear()
-                except Exception:
+    def _step(self):
+        """One tick: a token for every open stream."""
+        with self.lock:
+            streams = list(self.streams)
+        done = []
+        for entry in streams:
+            sender, left, sent, stream, parts = entry
+            try:
+                if sent % 25 == 0 and sender.is_cancelled():  # an IPC round trip: not every token
                     done.append(entry)
-            if done:
-                gone = {id(entry) for entry in done}
-                with self.lock:
-                    self.streams = [s for s in self.streams if id(s) not in gone]
-            delay = next_tick - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            else:
-                next_tick = time.monotonic()  # behind: do not try to catch up in a burst
+                    sender.send(flags=FINAL)
+                    continue
+                parts.append(f" {sent}")
+                entry[1], entry[2] = left - 1, sent + 1
+                if entry[1] == 0:
+                    done.append(entry)
+                    sender.send(_text("".join(parts), final_count=entry[2]), flags=FINAL)
+                elif stream and (sent == 0 or len(parts) >= self.stream_interval):
+                    sender.send(_text("".join(parts)))
+                    parts.clear()
+            except Exception:
+                done.append(entry)
+        if done:
+            gone = {id(entry) for entry in done}
+            with self.lock:
+                self.streams = [s for s in self.streams if id(s) not in gone]
 
     def finalize(self):
-        self.stop.set()
-        self.thread.join(timeout=5)
+        self.pacer.close()
