@@ -5,6 +5,7 @@ has its model's version directory on ``sys.path``.
 """
 import threading
 import time
+import traceback
 
 
 class Pacer:
@@ -22,7 +23,10 @@ class Pacer:
         next_step = time.monotonic()
         while not self._stop.is_set():
             next_step += self.interval
-            self.step()
+            try:
+                self.step()
+            except Exception:  # a benchmark's pace must not stop at one bad step
+                traceback.print_exc()
             delay = next_step - time.monotonic()
             if delay > 0:
                 time.sleep(delay)

@@ -50,3 +50,26 @@ def test_defaults_keep_the_llm_models_stream_interval(tmp_path):
     llm = parse(repo / "llm" / "config.pbtxt")
     assert [g.count for g in llm.instance_group] == [1]
     assert {k: v.string_value for k, v in llm.parameters.items()}["stream_interval"] == "1"
+
+
+def test_the_echo_models_pace_goes_on_after_a_failing_step_and_stops_at_close():
+    import threading
+
+    sys.path.insert(0, str(PACING.parent))
+    from pacing import Pacer
+
+    steps, enough = [], threading.Event()
+
+    def step():
+        steps.append(1)
+        if len(steps) == 1:
+            raise RuntimeError("a step that fails")
+        if len(steps) >= 3:
+            enough.set()
+
+    pacer = Pacer(0.005, step)
+    assert enough.wait(5), "the pace stopped at the failing step"
+    pacer.close()
+    after = len(steps)
+    assert not pacer._thread.is_alive()
+    assert len(steps) == after

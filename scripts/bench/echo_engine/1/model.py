@@ -74,10 +74,13 @@ class TritonPythonModel:
         with self.lock:
             while self.waiting and len(self.active) < self.slots:
                 entry = self.waiting.popleft()
-                if entry.stopped or entry.sender.is_cancelled():
-                    entry.sender.send(flags=FINAL)
-                else:
-                    self.active.append(entry)
+                try:
+                    if entry.stopped or entry.sender.is_cancelled():
+                        entry.sender.send(flags=FINAL)
+                        continue
+                except Exception:  # the client is gone
+                    continue
+                self.active.append(entry)
             return list(self.active)
 
     def _step(self):
