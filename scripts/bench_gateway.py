@@ -66,6 +66,12 @@ def echo_repository(dest: Path, interval_ms: float, stream_interval: int = 1) ->
     return dest
 
 
+def cpu_flags() -> str:
+    """The vector flags of this CPU that speed figures depend on (printed with every table)."""
+    flags = Path("/proc/cpuinfo").read_text()
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16") if f in flags)
+
+
 def cpu_seconds(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
@@ -273,8 +279,7 @@ def main() -> int:
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
-    flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16") if f in Path("/proc/cpuinfo").read_text())
-    print(f"{os.cpu_count()} CPUs ({flags}); streams {args.streams}; workers {args.workers}; "
+    print(f"{os.cpu_count()} CPUs ({cpu_flags()}); streams {args.streams}; workers {args.workers}; "
           f"stream_interval {args.stream_interval}; rounds {args.rounds}", flush=True)
     rows = sweep(args)
     print("\n" + table(rows))

@@ -42,9 +42,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_gateway import PACING, machine_busy, run_client  # noqa: E402  (scripts/ is this script's path)
+import load_streams  # noqa: E402  (scripts/ is this script's path)
+from bench_gateway import PACING, cpu_flags, machine_busy, run_client  # noqa: E402
 
-from trident.child_process import free_port, process_cpu  # noqa: E402
+from trident.child_process import free_port  # noqa: E402
 from trident.triton_launcher import TritonPorts, TritonServer  # noqa: E402
 
 ECHO_ENGINE = ROOT / "scripts" / "bench" / "echo_engine"
@@ -84,20 +85,10 @@ def echo_engine_repository(dest: Path, source: Path, *, slots: int, interval_ms:
 
 
 def cpu_by_part(triton: TritonServer) -> dict[str, float]:
-    """CPU seconds so far of Triton's process and of each model's stubs (by model)."""
-    parts = {"triton": process_cpu(triton.process.pid)[1]}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-            if b"triton_python_backend_stub" not in args[0] or str(triton.model_repository).encode() not in args[1]:
-                continue
-            model = Path(args[1].decode()).parent.parent.name  # <repo>/<model>/1/model.py
-            parts[model] = parts.get(model, 0.0) + process_cpu(int(entry.name))[1]
-        except (OSError, ValueError, IndexError):
-            continue  # ended meanwhile
-    return parts
+    """CPU seconds so far of Triton's own process and of each model's stubs, by model: load_streams'
+    count over Triton's process group, the stubs named as their models."""
+    parts = load_streams.cpu_by_part({"triton": triton.process.pid})  # Triton runs in a session of its own
+    return {part.removeprefix("stub "): cpu for part, cpu in parts.items()}
 
 
 def measure(triton: TritonServer, way: str, streams: int, tokens: int, pace_ms: float) -> dict:
@@ -218,8 +209,7 @@ def main() -> int:
                                llm_instances=args.llm_instances[0], stream_interval=args.llm_stream_interval)
         print(args.repository_only)
         return 0
-    flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16") if f in Path("/proc/cpuinfo").read_text())
-    print(f"{os.cpu_count()} CPUs ({flags}); streams {args.streams}; {args.slots} engine slots, a step every "
+    print(f"{os.cpu_count()} CPUs ({cpu_flags()}); streams {args.streams}; {args.slots} engine slots, a step every "
           f"{args.pace_ms:g} ms; llm instances {args.llm_instances}; llm stream_interval "
           f"{args.llm_stream_interval or 'as in ' + str(args.source)}; rounds {args.rounds}", flush=True)
     rows = sweep(args)
