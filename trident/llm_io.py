@@ -64,10 +64,16 @@ class Request(Protocol):
         """For a cancel request (trident.contract CANCEL_PARAMETER): the token of the request
         it ends; None for a generation request."""
 
+    def pings(self) -> bool:
+        """True for a liveness ping (trident.contract PING_PARAMETER)."""
+
     def is_cancelled(self) -> bool: ...
 
     def send_admission(self) -> None:
         """An empty, non-final response: accepted, generation pending."""
+
+    def send_pong(self) -> None:
+        """The answer to a ping: one final response naming the server, as the admission does."""
 
     def send_text(self, text: str, *, index: int = 0, n: int = 1, tokens: Optional[list[TokenLogprob]] = None) -> None:
         """A non-final response holding a text delta of choice ``index`` of ``n`` (with its tokens

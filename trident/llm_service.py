@@ -137,7 +137,7 @@ class LlmService:
         self._threads: list[threading.Thread] = []
         self.counters = dict.fromkeys(("accepted", "rejected", "cancelled_queued", "cancelled_at_engine",
                                        "completed", "failed", "cancel_requests", "cancels_posted",
-                                       "cancels_from_board"), 0)
+                                       "cancels_from_board", "pings"), 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -161,10 +161,12 @@ class LlmService:
 
     def accept(self, request: Request) -> None:
         """Validate, answer errors at once, acknowledge, queue. Never raises."""
-        try:
-            target = request.cancels()
-        except Exception:  # unreadable parameters: a generation request, validated below
-            target = None
+        # Unreadable parameters: a generation request, validated below.
+        ping, target = _read(request, "pings", False), _read(request, "cancels", None)
+        if ping:  # answered here, ahead of every queue: a probe of this stub and Triton's stream path
+            self.counters["pings"] += 1
+            _safely(request.send_pong)
+            return
         if target is not None:
             self._cancel_request(target)
             _safely(request.close)
@@ -477,6 +479,14 @@ def _final(job: Job, send: Callable[..., None], *args: Any, **kwargs: Any) -> bo
             return False
         job.closed = True
         return _safely(send, *args, **kwargs)
+
+
+def _read(request: Request, name: str, default: Any) -> Any:
+    """``request.<name>()``, or ``default`` when that fails."""
+    try:
+        return getattr(request, name)()
+    except Exception:
+        return default
 
 
 def _safely(send: Callable[..., None], *args: Any, **kwargs: Any) -> bool:

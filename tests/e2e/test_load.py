@@ -13,6 +13,9 @@ import pytest
 from conftest import SMALL_BATCH, build_small_repository, start_gateway, start_triton
 from e2e_helpers import API_KEY, engine_metrics
 from load_clients import COUNTING, Stream, disconnect_storm, join_all
+from testkit import wait_until
+
+from trident import stream_probe
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,8 @@ def test_streams_beyond_the_slots_get_tokens_as_the_engine_makes_them(load_gatew
     """48 streams on 4 slots (44 waiting in the engine's queue). Before the fix the llm model's
     responses waited for a thread of the Python backend's pool, all of which were held by BLS
     calls waiting for their first token: clients got nothing until the first batch ended. Here,
-    at every moment, the clients have received nearly every token the engine has generated."""
+    at every moment, the clients have received nearly every token the engine has generated.
+    A stream probe's ping meanwhile is answered while requests wait (trident.stream_probe)."""
     n, tokens = 12 * SMALL_BATCH, 96
     Stream.received = 0
     before = engine_metrics(small_triton)
@@ -43,6 +47,10 @@ def test_streams_beyond_the_slots_get_tokens_as_the_engine_makes_them(load_gatew
     watcher = threading.Thread(target=monitor, daemon=True)
     watcher.start()
     streams = [Stream(load_gateway.url, {**COUNTING, "max_new_tokens": tokens}).start() for _ in range(n)]
+    # The stream probe's ping is answered ahead of the queue: while requests still wait for a slot.
+    assert wait_until(lambda: engine_metrics(small_triton)["waiting"] > 0, timeout=60)
+    assert stream_probe.ping(small_triton.grpc_url, timeout=30)
+    assert engine_metrics(small_triton)["waiting"] > 0
     join_all(streams, small_triton)
     stop.set()
     watcher.join()

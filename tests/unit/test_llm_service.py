@@ -18,8 +18,8 @@ TIMEOUT = 10
 
 class FakeRequest:
     def __init__(self, prompt="Hello there", *, max_tokens=8, stream=True, stop_words=(), admission=False,
-                 fail_on=(), token=None, cancels=None):
-        self.token, self.target = token, cancels
+                 fail_on=(), token=None, cancels=None, ping=False):
+        self.token, self.target, self.ping = token, cancels, ping
         self.inputs = {
             "text_input": np.array([[prompt.encode()]], dtype=object),
             "max_tokens": np.array([[max_tokens]], dtype=np.int32),
@@ -47,6 +47,9 @@ class FakeRequest:
     def cancels(self):
         return self.target
 
+    def pings(self):
+        return self.ping
+
     def is_cancelled(self):
         self.polls += 1
         return self.cancelled.is_set()
@@ -62,6 +65,9 @@ class FakeRequest:
 
     def send_admission(self):
         self._record("send_admission")
+
+    def send_pong(self):
+        self._record("send_pong", final=True)
 
     def send_text(self, text, *, index=0, n=1, tokens=None):
         self._record("send_text", text)
@@ -304,6 +310,36 @@ def test_a_cancel_request_ends_a_request_at_the_engine_with_a_final_response(mak
     service.accept(other)
     wait(other)
     assert other.sent[-1][0] == "send_final"  # a token names one request only
+
+
+def test_a_ping_is_answered_at_once_ahead_of_a_full_queue(make_service, tokenizer):
+    """trident.stream_probe's ping: answered on the accepting thread with one final response,
+    while every worker is busy and requests wait; it never reaches the engine or the queue."""
+    engine = FakeEngine(tokenizer, hold=True)
+    service, _ = make_service(engine, max_concurrent=1)
+    busy, queued = FakeRequest(), FakeRequest(admission=True)
+    service.accept(busy)
+    service.accept(queued)
+    ping = FakeRequest(ping=True, max_tokens=1, prompt="")  # the required inputs, ignored
+    service.accept(ping)
+    assert ping.sent == [("send_pong", None)] and ping.done.is_set()
+    assert service.counters["pings"] == 1 and service.counters["accepted"] == 2
+    engine.release.set()
+    wait(busy)
+    wait(queued)
+    assert len(engine.streams) == 2
+
+
+def test_a_request_whose_parameters_cannot_be_read_is_a_generation_request(make_service, tokenizer):
+    class Unreadable(FakeRequest):
+        def pings(self):
+            raise ValueError("bad parameters")
+
+    service, _ = make_service(FakeEngine(tokenizer))
+    request = Unreadable(max_tokens=2)
+    service.accept(request)
+    wait(request)
+    assert request.sent[-1][0] == "send_final" and service.counters["pings"] == 0
 
 
 def test_a_cancel_request_ends_a_request_still_queued_here_at_once(make_service, tokenizer):

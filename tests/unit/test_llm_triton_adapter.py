@@ -65,12 +65,16 @@ class Sender:
 
 
 class Request:
-    def __init__(self, outputs):
+    def __init__(self, outputs, parameters="{}"):
         self.sender = Sender()
         self._outputs = outputs
+        self._parameters = parameters
 
     def get_response_sender(self):
         return self.sender
+
+    def parameters(self):
+        return self._parameters
 
     def requested_output_names(self):
         return self._outputs
@@ -134,6 +138,17 @@ def test_responses_carry_only_the_outputs_the_client_asked_for(model):
     adapter.send_admission()
     adapter.send_text("Paris", n=2, index=1)
     assert everything.sender.sent == [(["server"], 0), (["sequence_index", "text_output"], 0)]
+
+
+def test_a_ping_is_read_from_its_bool_parameter_and_answered_with_one_final_response(model):
+    """trident.stream_probe sends trident_ping as a bool parameter (Triton hands the parameters
+    to the stub as JSON); the pong names the server and is the request's final response."""
+    ping = model.TritonRequest(Request(["server"], '{"trident_ping": true, "triton_enable_empty_final_response": true}'))
+    assert ping.pings() and ping.cancels() is None
+    ping.send_pong()
+    assert ping._sender.sent == [(["server"], model.FINAL)]
+    for parameters in ('{}', '{"trident_ping": "yes"}', '{"trident_ping": false}', "not json"):
+        assert not model.TritonRequest(Request(["server"], parameters)).pings()
 
 
 def test_instances_share_a_cancel_board_only_when_there_are_several(model, monkeypatch, tmp_path):

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trident.contract import ADMISSION_PARAMETER, CANCEL_PARAMETER, CANCEL_TOKEN_PARAMETER, SERVER_ID_ENV
+from trident.contract import ADMISSION_PARAMETER, CANCEL_PARAMETER, CANCEL_TOKEN_PARAMETER, PING_PARAMETER, SERVER_ID_ENV
 from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_response, stop_inputs
 from trident.llm_io import EngineChunk, LlmSettings, output_tensors
 from trident.cancel_board import CancelBoard, default_directory, remove_stale
@@ -93,6 +93,10 @@ def _configure_logging():
         logger.setLevel(logging.INFO)
 
 
+def _server_tensor():
+    return np.array([[SERVER_ID.encode()]], dtype=np.object_)
+
+
 class TritonRequest:
     """trident.llm_io.Request over a Triton request and its decoupled response sender."""
 
@@ -129,12 +133,17 @@ class TritonRequest:
         token = self._parameter(CANCEL_PARAMETER)
         return token if isinstance(token, str) and token else None
 
+    def pings(self):
+        return self._parameter(PING_PARAMETER) is True
+
     def is_cancelled(self):
         return self._sender.is_cancelled()
 
     def send_admission(self):
-        server = np.array([[SERVER_ID.encode()]], dtype=np.object_)
-        self._sender.send(self._response({"server": server}))
+        self._sender.send(self._response({"server": _server_tensor()}))
+
+    def send_pong(self):
+        self._sender.send(self._response({"server": _server_tensor()}), flags=FINAL)
 
     def send_text(self, text, *, index=0, n=1, tokens=None):
         self._sender.send(self._response(output_tensors(text, index=index, tokens=tokens, n=n)))
