@@ -5,11 +5,14 @@
     make serve TRITON_REPLICAS=2    # two, on their own ports; the gateway balances over both
 
 A Triton that crashes is restarted by itself (with backoff, and a log line); the gateway keeps
-serving from the others, or answers 503 while none is up, and recovers by itself. Ctrl-C (or
+serving from the others, or answers 503 while none is up, and recovers by itself. So is a
+Triton that runs but fails its stream probe (trident.stream_probe: its gRPC stream handler or its
+``llm`` stub stuck, which Triton's HTTP health endpoints do not show) several times in a row. Ctrl-C (or
 SIGTERM) drains the gateway (open streams get GATEWAY_DRAIN_TIMEOUT), then stops the Tritons,
 each with its exit timeout for the requests in flight.
 """
 import argparse
+import functools
 import logging
 import os
 import secrets
@@ -22,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trident import stream_probe  # noqa: E402
 from trident.gateway_process import GatewayProcess  # noqa: E402
 from trident.supervisor import Supervised  # noqa: E402
 from trident.triton_launcher import TritonPorts, TritonServer  # noqa: E402
@@ -85,6 +89,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=int(os.environ.get("GATEWAY_WORKERS", "1")))
     parser.add_argument("--host", default=os.environ.get("GATEWAY_HOST", "127.0.0.1"))
     parser.add_argument("--triton-replicas", type=int, default=int(os.environ.get("TRITON_REPLICAS") or 1))
+    parser.add_argument("--probe-interval", type=float, default=float(os.environ.get("TRIDENT_PROBE_INTERVAL") or 15),
+                        help="seconds between stream probes of each Triton (0: none); TRIDENT_PROBE_INTERVAL")
+    parser.add_argument("--probe-timeout", type=float, default=10.0, help="seconds a stream probe waits for its answer")
+    parser.add_argument("--probe-failures", type=int, default=3,
+                        help="failed stream probes in a row that restart a Triton")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[serve] %(message)s")
     if args.triton_replicas < 1:
@@ -108,7 +117,9 @@ def main() -> int:
                              log_path=args.work_dir / "gateway.log",
                              extra_env={"TRIDENT_API_KEY": key,
                                         "TRIDENT_TOKENIZER_DIR": str(args.tokenizer_dir.resolve())})
-    supervised = [Supervised(t, label=f"Triton {i}" if len(tritons) > 1 else "Triton")
+    supervised = [Supervised(t, label=f"Triton {i}" if len(tritons) > 1 else "Triton",
+                             probe=functools.partial(stream_probe.ping, t.grpc_url, timeout=args.probe_timeout),
+                             probe_interval=args.probe_interval, probe_failures=args.probe_failures)
                   for i, t in enumerate(tritons)]
     supervised.append(Supervised(gateway, label="the gateway", start_timeout=60))
     try:

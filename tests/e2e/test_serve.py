@@ -1,5 +1,7 @@
 """``make serve`` as a user runs it (scripts/serve.py, the small-batch repository): the service
-stays up after it says it is ready, and comes back by itself when Triton is killed."""
+stays up after it says it is ready, and comes back by itself when Triton is killed, and when
+Triton runs but its ``llm`` stub hangs (Triton's HTTP health endpoints still say ready; the
+stream probe, trident.stream_probe, finds it)."""
 import os
 import signal
 import subprocess
@@ -31,13 +33,27 @@ def _triton_pid(work) -> int | None:
     return int(out[0]) if out else None
 
 
-def test_serve_stays_up_and_restarts_a_killed_triton(small_repo, tmp_path):
+def _llm_stub_pid(work) -> int | None:
+    out = subprocess.run(["pgrep", "-f", f"{work}.*triton_python_backend_stub .*/llm/1/model.py"],
+                         capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def _http_ready(port: str) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_serve_stays_up_and_restarts_a_killed_or_hung_triton(small_repo, tmp_path):
     port = free_port()
     env = {**os.environ, "TRIDENT_API_KEY": API_KEY, "GATEWAY_PORT": str(port), "TRITON_HTTP_PORT": str(free_port()),
            "TRITON_GRPC_PORT": str(free_port()), "TRITON_METRICS_PORT": str(free_port())}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/serve.py"), "--model-repository", str(small_repo),
-                             "--tokenizer-dir", str(model_dir()), "--work-dir", str(tmp_path / "run")],
+                             "--tokenizer-dir", str(model_dir()), "--work-dir", str(tmp_path / "run"),
+                             "--probe-interval", "1", "--probe-timeout", "3", "--probe-failures", "3"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -55,6 +71,28 @@ def test_serve_stays_up_and_restarts_a_killed_triton(small_repo, tmp_path):
             (tmp_path / "serve.log").read_text()
         assert wait_for(lambda: _generates(url), timeout=60)
         assert _triton_pid(tmp_path / "run") not in (None, pid)
+
+        # The probe on its own, as a Kubernetes exec liveness probe runs it.
+        grpc_port, http_port = env["TRITON_GRPC_PORT"], env["TRITON_HTTP_PORT"]
+        probe = subprocess.run([sys.executable, "-m", "trident.stream_probe", "--url", f"127.0.0.1:{grpc_port}"],
+                               capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert probe.returncode == 0 and "answered a stream ping" in probe.stdout, probe
+
+        # The llm stub hangs: Triton runs and says ready over HTTP, every stream fails.
+        pid = _triton_pid(tmp_path / "run")
+        stub = _llm_stub_pid(tmp_path / "run")
+        assert stub is not None
+        os.kill(stub, signal.SIGSTOP)
+        probe = subprocess.run([sys.executable, "-m", "trident.stream_probe", "--url", f"127.0.0.1:{grpc_port}",
+                                "--timeout", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert probe.returncode == 1 and "not live" in probe.stderr, probe
+        assert _http_ready(http_port) and not _generates(url)
+        assert wait_for(lambda: "Triton is back (restart 2)" in (tmp_path / "serve.log").read_text(), timeout=300), \
+            (tmp_path / "serve.log").read_text()
+        assert "failed 3 probes in a row" in (tmp_path / "serve.log").read_text()
+        assert wait_for(lambda: _generates(url), timeout=60)
+        assert _triton_pid(tmp_path / "run") not in (None, pid)
+        assert _llm_stub_pid(tmp_path / "run") not in (None, stub)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
