@@ -202,16 +202,27 @@ def test_every_service_selects_one_deployment_and_its_ports(objects):
             assert port.get("targetPort", port["port"]) in ports, f"Service {name}: no container port {port}"
 
 
-def test_triton_probes_use_tritons_health_endpoints(objects, overlay):
+def test_triton_probes_use_tritons_health_endpoints_and_the_stream_probe(objects, overlay):
     triton = container(named(objects, "Deployment", "triton"), "triton")
-    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     startup = triton["startupProbe"]
     assert startup["httpGet"]["path"] in ("/v2/health/live", "/v2/health/ready")
     # Model load (CPU), or an engine build at the first start on a GPU, before the liveness probe.
     assert probe_budget(startup) >= (1800 if overlay == "gpu" else 300)
-    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+    for probe in ("readinessProbe", "startupProbe"):
         assert triton[probe]["httpGet"]["port"] in ("http", 8000)
+    # Liveness: a ping on a gRPC stream (trident.stream_probe), which /v2/health/live cannot
+    # replace; it answers within its --timeout, and the kubelet waits longer than that (the
+    # interpreter's start and gRPC's import come on top).
+    liveness = triton["livenessProbe"]
+    command = liveness["exec"]["command"]
+    assert command[:3] == ["python3", "-m", "trident.stream_probe"]
+    timeout = float(command[command.index("--timeout") + 1])
+    assert liveness["timeoutSeconds"] >= timeout + 3 and liveness["periodSeconds"] >= liveness["timeoutSeconds"]
+    # It pings 127.0.0.1:$TRITON_GRPC_PORT (8001 without it): the container's gRPC port.
+    env = {e["name"]: e.get("value") for e in triton.get("env", [])}
+    grpc_port = int(env.get("TRITON_GRPC_PORT") or 8001)
+    assert grpc_port in [p["containerPort"] for p in triton["ports"] if p.get("name") == "grpc"]
 
 
 def test_gateway_probes_and_grace_period_cover_the_drain(objects):
