@@ -64,10 +64,14 @@ def ping(url: str, *, model: str = MODEL, timeout: float = 10.0) -> str:
                                     response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
         server: Optional[str] = None
         answered = False
+        error = ""
         try:
+            # Read to the call's end, also after an error: a call dropped after its final response
+            # is cancelled by grpcio, which left Triton 2.51 counting the request as in flight.
             for response in call(request, timeout=timeout, wait_for_ready=False):
                 if response.error_message:
-                    raise ProbeFailed(f"{model} answered the ping with an error: {response.error_message}")
+                    error = error or response.error_message
+                    continue
                 arrays = output_arrays(response.infer_response)
                 if "server" in arrays and arrays["server"].size:
                     value = arrays["server"].flat[0]
@@ -79,6 +83,8 @@ def ping(url: str, *, model: str = MODEL, timeout: float = 10.0) -> str:
                 raise ProbeFailed(f"no answer to a stream ping to {model} at {url} in {timeout:g} s") from None
             detail = exc.details() if hasattr(exc, "details") else str(exc)
             raise ProbeFailed(f"stream ping to {model} at {url} failed: {code.name if code else ''} {detail}") from None
+    if error:
+        raise ProbeFailed(f"{model} answered the ping with an error: {error}")
     if not answered:
         raise ProbeFailed(f"the stream ping to {model} at {url} ended without a final response")
     return server or "?"
