@@ -6,11 +6,17 @@ has *open* at once (a stream may hold an engine slot for minutes). Over the boun
 (``RATELIMIT_STORAGE_URI``): in the process for ``memory://`` (per worker, so a key's bound is per
 worker there), in Redis for ``redis://``, shared by every worker and replica. In Redis each open
 generation is a member of a sorted set scored by its lease's end (the request timeout plus a
-minute), so a worker that dies holding some does not leak them: they expire.
+minute), so a worker that dies holding some does not leak them: they expire. For the same reason
+a generation that ends while Redis is unreachable still ends as it should: its member, which
+could not be removed, expires with its lease (a warning in the log). While Redis is unreachable,
+new generations of a bounded key get a 503 (gateway.errors), as with the rate limits; flask-limiter's
+``RATELIMIT_SWALLOW_ERRORS`` (let them through) and ``RATELIMIT_IN_MEMORY_FALLBACK_ENABLED`` (count
+in the process meanwhile) apply here too.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +24,8 @@ from typing import Any
 
 from .errors import ClientError
 from .ids import new_id
+
+log = logging.getLogger("trident.gateway")
 
 _ACQUIRE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -33,9 +41,11 @@ return 1
 class KeyConcurrency:
     """Counts each key's open generations; ``acquire`` returns the function that gives one back."""
 
-    def __init__(self, storage_uri: str, *, lease: float) -> None:
+    def __init__(self, storage_uri: str, *, lease: float, fail_open: bool = False,
+                 memory_fallback: bool = False) -> None:
         self.storage_uri = storage_uri
         self.lease = lease
+        self.fail_open, self.memory_fallback = fail_open, memory_fallback
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()  # never held across anything that yields
         self._redis: Any = None
@@ -45,7 +55,15 @@ class KeyConcurrency:
         if not limit:
             return _nothing
         if self.storage_uri.startswith(("redis://", "rediss://", "unix://")):
-            return self._acquire_redis(name, limit, retry_after)
+            try:
+                return self._acquire_redis(name, limit, retry_after)
+            except Exception as exc:
+                if not ((self.fail_open or self.memory_fallback) and _redis_unreachable(exc)):
+                    raise  # a 429, or a 503 (gateway.errors)
+                log.warning("Redis is unreachable (%s): the open generations of key %r are %s", exc, name,
+                            "counted in this process meanwhile" if self.memory_fallback else "not bounded meanwhile")
+                if not self.memory_fallback:
+                    return _nothing
         with self._lock:
             count = self._counts.get(name, 0)
             if count >= limit:
@@ -77,13 +95,25 @@ class KeyConcurrency:
             nonlocal released
             if not released:
                 released = True
-                self._redis.zrem(key, member)
+                try:
+                    self._redis.zrem(key, member)
+                except Exception as exc:  # Redis unreachable: the member expires with its lease
+                    log.warning("could not give back an open generation of key %r in Redis (%s); it "
+                                "expires with its lease in %.0f s", name, exc, self.lease)
 
         return release
 
 
 def _nothing() -> None:
     pass
+
+
+def _redis_unreachable(exc: BaseException) -> bool:
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+    except ImportError:  # pragma: no cover - a redis:// store needs the client
+        return False
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError))
 
 
 def _refused(name: str, limit: int, retry_after: int) -> ClientError:

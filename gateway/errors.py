@@ -13,7 +13,7 @@ import logging
 from typing import Any
 from collections.abc import Mapping
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("trident.gateway")
@@ -188,7 +188,21 @@ def _handle_unexpected(exc: BaseException) -> Response:
     return envelope(internal_error(request_id))
 
 
+def _handle_store_unreachable(exc: BaseException) -> Response:
+    """Redis (the rate limits' and open-generation bounds' store) unreachable: a 503 to retry,
+    with one log line, not a 500 and a traceback per request."""
+    log.warning("the rate-limit store is unreachable: %s", exc)
+    retry_after = int(current_app.config.get("RETRY_AFTER") or 1)
+    return envelope(unavailable("The rate-limit store is unreachable; retry the request shortly", retry_after))
+
+
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(ApiError, _handle_api_error)
     app.register_error_handler(HTTPException, _handle_http_exception)
     app.register_error_handler(Exception, _handle_unexpected)
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+    except ImportError:  # no Redis client: no Redis store either
+        return
+    app.register_error_handler(RedisConnectionError, _handle_store_unreachable)
+    app.register_error_handler(RedisTimeoutError, _handle_store_unreachable)

@@ -176,7 +176,8 @@ _ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
     429: ("The key's rate limit is exceeded.", ("retry_after", "should_retry", "ratelimit")),
     500: ("An unexpected failure; the message holds the request id and no internals.", ()),
     501: ("Chat completions are not configured on this deployment (no chat template).", ("should_retry",)),
-    503: ("Triton unreachable or not ready, or the gateway at its in-flight limit.",
+    503: ("Triton unreachable or not ready, the gateway at its in-flight limit, or the rate-limit store "
+          "(Redis) unreachable for a key with a limit.",
           ("retry_after", "should_retry")),
 }
 

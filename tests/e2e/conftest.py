@@ -96,34 +96,45 @@ def client(gateway):
     session.close()
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
+def start_redis(work: Path, port: int) -> subprocess.Popen:
+    """A redis-server on ``port`` (no persistence), answering pings; skips the test without one."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
-    work = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    log = open(work / "redis.log", "wb")
+    log = open(work / "redis.log", "ab")
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", "",
          "--appendonly", "no", "--daemonize", "no"],
         stdout=log, stderr=subprocess.STDOUT,
     )
-    try:
-        import redis
+    log.close()
+    import redis
 
-        client = redis.Redis(host="127.0.0.1", port=port)
-        if not wait_for(lambda: _pings(client), timeout=15):
-            pytest.fail(f"redis-server did not answer on {port}: {(work / 'redis.log').read_text()}")
+    client = redis.Redis(host="127.0.0.1", port=port)
+    if not wait_for(lambda: _pings(client), timeout=15):
+        stop_redis(proc)
+        pytest.fail(f"redis-server did not answer on {port}: {(work / 'redis.log').read_text()}")
+    return proc
+
+
+def stop_redis(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    work = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    proc = start_redis(work, port)
+    try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_redis(proc)
 
 
 def _pings(client) -> bool:

@@ -1,6 +1,6 @@
 """Operations on the real stack (gunicorn + gevent workers + the real Triton): rate limits shared
 in Redis across 4 workers, /metrics summed across workers, the JSON request log, the in-flight
-cap under a burst, TLS, timeouts and the body limit.
+cap under a burst, TLS, timeouts, the body limit, and Redis going away mid-stream.
 
 Three gateways of their own (the session's Triton is shared): ``redis_gateway`` (4 workers,
 keys file, Redis storage), ``tls_gateway`` (HTTPS, 1 worker, MAX_IN_FLIGHT=4) and
@@ -20,8 +20,8 @@ import uuid
 import pytest
 import requests
 
-from conftest import start_gateway
-from testkit import MODEL
+from conftest import start_gateway, start_redis, stop_redis
+from testkit import MODEL, free_port
 
 from e2e_helpers import API_KEY, AUTH, engine_metrics, log_lines, sample, scrape, sse_events, wait_for
 from gateway.keys import add_key
@@ -369,3 +369,52 @@ def test_no_log_line_metric_or_error_holds_a_key_or_its_hash(redis_gateway):
         for secret in (key, hashlib.sha256(key.encode()).hexdigest()):
             assert secret not in log and secret not in metrics
             assert not any(secret in body for body in bodies)
+
+
+# -- Redis going away and coming back ----------------------------------------------------------
+
+
+def test_redis_down_is_a_503_to_retry_and_open_streams_end_normally(triton, tmp_path_factory):
+    """Redis (the rate limits and open-generation bounds of every worker) stops mid-stream: the
+    open stream ends with its `done`, a bounded key's new requests get a 503 with Retry-After
+    (not a 500 and a traceback each), a key without limits is served, and once Redis is back
+    (same port, empty) the bounded key is served again."""
+    work = tmp_path_factory.mktemp("redis-outage")
+    port = free_port()
+    redis_proc = start_redis(work, port)
+    keys = work / "keys.json"
+    bounded = add_key(keys, name="bounded", models=["*"], rate_limit="100/minute", max_concurrent=2)
+    free = add_key(keys, name="free", models=["*"])
+    gw = start_gateway(triton, tmp_path_factory, extra_env={
+        "TRIDENT_API_KEYS_FILE": str(keys), "TRIDENT_RATELIMIT_STORAGE_URI": f"redis://127.0.0.1:{port}/0",
+        "TRIDENT_RETRY_AFTER": "3", "TRIDENT_REQUEST_TIMEOUT": "60"})
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 24, "temperature": 0}
+
+    def post(key, **extra):
+        return requests.post(gw.url + "/generate", json={**body, **extra}, timeout=60,
+                             headers={"Authorization": f"Bearer {key}"}, stream=extra.get("stream", False))
+
+    try:
+        assert post(bounded).status_code == 200
+        stream = post(bounded, stream=True)
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        assert any(line.startswith(b"event: token") for line in lines)  # decoding
+        stop_redis(redis_proc)
+        rest = b"\n".join(lines)
+        assert b"event: done" in rest and b"event: error" not in rest
+
+        down = post(bounded)
+        assert down.status_code == 503 and down.headers["Retry-After"] == "3", down.text
+        assert down.json()["error"]["type"] == "service_unavailable"
+        assert post(free).status_code == 200
+
+        redis_proc = start_redis(work, port)
+        assert wait_for(lambda: post(bounded).status_code == 200, timeout=30)
+        logs = log_lines(gw)
+        assert not [line for line in logs if line.get("msg") == "unhandled error"]
+        assert any("rate-limit store is unreachable" in line.get("msg", "") for line in logs)
+        assert any("could not give back an open generation" in line.get("msg", "") for line in logs)
+    finally:
+        gw.stop()
+        stop_redis(redis_proc)
