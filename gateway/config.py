@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     # HTTP
     "HEARTBEAT_INTERVAL": 5.0,  # seconds between SSE keep-alive comments while waiting
     "MAX_BODY_BYTES": 1 << 20,  # larger bodies are a 413
+    "BODY_TIMEOUT": 30.0,  # seconds a request body may take to arrive, once its headers have; then a 408
     "MAX_IN_FLIGHT": 256,  # generations per worker process at once; more are a 503; 0: no limit
     # Logs (see gateway.telemetry)
     "LOG_FORMAT": "json",  # "json": one object per line; "text"
@@ -127,7 +128,7 @@ def load_config(
 
 
 def _check(config: Mapping[str, Any]) -> None:
-    for key in ("HEARTBEAT_INTERVAL", "REQUEST_TIMEOUT", "READY_TIMEOUT", "CONNECT_TIMEOUT"):
+    for key in ("HEARTBEAT_INTERVAL", "REQUEST_TIMEOUT", "READY_TIMEOUT", "CONNECT_TIMEOUT", "BODY_TIMEOUT"):
         if config[key] <= 0:
             raise ValueError(f"gateway config {key} must be positive")
     if config["MAX_IN_FLIGHT"] < 0:

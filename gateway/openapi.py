@@ -172,6 +172,7 @@ _ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
     403: ("The key may not use this model.", ()),
     404: ("Unknown model.", ()),
     405: ("Wrong method.", ()),
+    408: ("The request body did not arrive within the configured time (BODY_TIMEOUT) after its headers.", ()),
     413: ("Request body over the configured limit.", ()),
     429: ("The key's rate limit is exceeded.", ("retry_after", "should_retry", "ratelimit")),
     500: ("An unexpected failure; the message holds the request id and no internals.", ()),
@@ -245,7 +246,7 @@ def _v1_stream(chunk: str) -> dict[str, Any]:
     }
 
 
-_GENERATION_ERRORS = (400, 401, 403, 404, 413, 429, 500, 503)
+_GENERATION_ERRORS = (400, 401, 403, 404, 408, 413, 429, 500, 503)
 
 
 def _operations(app: Flask) -> dict[str, dict[str, Any]]:

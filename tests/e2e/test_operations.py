@@ -4,7 +4,7 @@ cap under a burst, TLS, timeouts, the body limit, and Redis going away mid-strea
 
 Three gateways of their own (the session's Triton is shared): ``redis_gateway`` (4 workers,
 keys file, Redis storage), ``tls_gateway`` (HTTPS, 1 worker, MAX_IN_FLIGHT=4) and
-``timeout_gateway`` (REQUEST_TIMEOUT=2 s, a 2000-byte body limit).
+``timeout_gateway`` (REQUEST_TIMEOUT=2 s, a 2000-byte body limit, BODY_TIMEOUT=1.5 s).
 """
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ def tls_gateway(triton, tmp_path_factory, certificate):
 def timeout_gateway(triton, tmp_path_factory):
     gw = start_gateway(triton, tmp_path_factory, extra_env={
         "TRIDENT_REQUEST_TIMEOUT": "2", "TRIDENT_MAX_BODY_BYTES": "2000", "TRIDENT_HEARTBEAT_INTERVAL": "0.5",
+        "TRIDENT_BODY_TIMEOUT": "1.5",
     })
     yield gw
     gw.stop()
@@ -346,6 +347,44 @@ def test_body_over_the_limit_is_413(timeout_gateway):
     assert r.status_code == 413
     assert r.json() == {"error": {"message": "Request body is larger than the limit of 2000 bytes",
                                   "type": "invalid_request_error", "param": None, "code": 413}}
+
+
+def _raw_post(url: str, body: bytes, *, sent: int, then: bytes = b"", pause: float = 0.0) -> bytes:
+    """POST /generate over a plain socket: ``sent`` bytes of ``body``, ``pause`` seconds, then
+    ``then``; everything the server answers until it closes the connection (or 10 s pass)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    head = (f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        sock.sendall(head + body[:sent])
+        time.sleep(pause)
+        if then:
+            sock.sendall(then)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            pass
+    return answer
+
+
+def test_a_body_that_stalls_is_a_408_and_its_connection_closes(timeout_gateway):
+    """A client that sends its headers and part of its body, then nothing (stalled, or gone behind a
+    NAT without closing): a 408 after BODY_TIMEOUT (1.5 s here), then the connection closes,
+    instead of a connection and greenlet held for ever. A body that arrives in pieces within the
+    limit is served."""
+    body = json.dumps({"prompt": "1, 2, 3,", "max_new_tokens": 1, "temperature": 0}).encode()
+    started = time.monotonic()
+    answer = _raw_post(timeout_gateway.url, body, sent=10)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"code":408' in answer and b"did not arrive within 1.5 s" in answer
+    assert time.monotonic() - started < 9  # closed by the server, not by this client's 10 s
+    slow = _raw_post(timeout_gateway.url, body, sent=10, then=body[10:], pause=0.5)
+    assert slow.startswith(b"HTTP/1.1 200"), slow[:200]
 
 
 def test_no_log_line_metric_or_error_holds_a_key_or_its_hash(redis_gateway):

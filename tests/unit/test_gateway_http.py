@@ -387,7 +387,8 @@ def test_config_precedence(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "override",
-    [{"MAX_IN_FLIGHT": "lots"}, {"READY_TIMEOUT": -1}, {"HEARTBEAT_INTERVAL": 0}, {"MAX_IN_FLIGHT": True}],
+    [{"MAX_IN_FLIGHT": "lots"}, {"READY_TIMEOUT": -1}, {"HEARTBEAT_INTERVAL": 0}, {"BODY_TIMEOUT": 0},
+     {"BODY_TIMEOUT": "soon"}, {"MAX_IN_FLIGHT": True}],
 )
 def test_bad_config_stops_start_up(override):
     with pytest.raises(ValueError):

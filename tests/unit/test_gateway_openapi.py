@@ -106,7 +106,7 @@ def test_request_schemas_come_from_the_app_schemas():
 
 def test_responses_errors_and_sse_payloads_are_described():
     post = SPEC["paths"]["/v1/chat/completions"]["post"]
-    assert set(post["responses"]) == {"200", "400", "401", "403", "404", "413", "429", "500", "501", "503"}
+    assert set(post["responses"]) == {"200", "400", "401", "403", "404", "408", "413", "429", "500", "501", "503"}
     assert post["responses"]["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     assert set(post["responses"]["429"]["headers"]) >= {"Retry-After", "x-should-retry", "X-Request-ID"}
     event = post["responses"]["200"]["content"]["text/event-stream"]["schema"]
