@@ -79,9 +79,11 @@ ENV TRITON_HTTP_PORT=8000 \
     TRITON_METRICS_PORT=8002
 EXPOSE 8000 8001 8002
 
-# Ready = every model loaded (Triton's strict readiness). Loading takes a while: a long start period.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('TRITON_HTTP_PORT', '8000'), timeout=4)"]
+# Healthy = the llm model answers a ping on a gRPC stream (trident.stream_probe): its models are
+# loaded and its streaming path works, which /v2/health/ready alone does not show (a deadlocked
+# stream handler or a hung llm stub leave it 200). Loading takes a while: a long start period.
+HEALTHCHECK --interval=15s --timeout=10s --start-period=300s --retries=3 \
+    CMD ["python", "-m", "trident.stream_probe", "--timeout", "5"]
 
 # The launcher runs tritonserver in the foreground, forwards SIGTERM and gives in-flight requests
 # Triton's exit timeout to finish; give the container a stop timeout longer than that.

@@ -557,7 +557,8 @@ def test_cpu_triton_image_builds_the_model_and_runs_the_launcher():
     assert json.loads(found["CMD"][-1]) == ["python", "-m", "trident.triton_launcher", "--model-repository",
                                             "/models/repository"]
     assert found["USER"][-1].split(":")[0] not in ("root", "0")
-    assert "/v2/health/ready" in found["HEALTHCHECK"][-1]
+    check = found["HEALTHCHECK"][-1]
+    assert '["python", "-m", "trident.stream_probe", "--timeout", "5"]' in check and "--timeout=10s" in check
 
 
 def test_gpu_image_installs_nothing_over_the_images_packages():
