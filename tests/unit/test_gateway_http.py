@@ -399,3 +399,34 @@ def test_create_app_reads_nothing_at_import_time(monkeypatch):
     monkeypatch.setenv("TRIDENT_MODEL_NAME", "env-model")
     client = create_app({"API_KEY": KEY}, backend=FakeBackend()).test_client()
     assert client.post("/generate", json=BODY, headers=AUTH).get_json()["model"] == "env-model"
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408(monkeypatch):
+    """gateway.json_body under gevent: the body's read runs under a timer (BODY_TIMEOUT); its
+    expiry is a 408, any other failure of the read passes through. (The real stalled socket:
+    tests/e2e/test_operations.py.)"""
+    import gevent
+
+    from gateway import json_body
+
+    app = create_app({"API_KEY": KEY, "BODY_TIMEOUT": 0.05}, backend=FakeBackend())
+    monkeypatch.setattr(json_body, "_gevent_timeout", lambda seconds: gevent.Timeout(seconds))
+
+    class Stalled:
+        is_json = True
+
+        def __init__(self, failure=None):
+            self.failure = failure
+
+        def get_data(self, cache=True):
+            if self.failure:
+                raise self.failure
+            gevent.sleep(5)  # a body that never comes
+            return b"{}"
+
+    with app.app_context():
+        with pytest.raises(ClientError) as caught:
+            json_body.read_json_object(Stalled())
+        assert caught.value.status == 408 and "did not arrive within 0.05 s" in caught.value.message
+        with pytest.raises(OSError):
+            json_body.read_json_object(Stalled(OSError("connection reset")))
