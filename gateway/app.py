@@ -14,7 +14,7 @@ from flask import Flask, Response, g, has_request_context, request
 
 from .auth import KeyStore
 from .backend import Backend
-from .concurrency import KeyConcurrency
+from .concurrency import KeyConcurrency, is_redis
 from .config import load_config
 from .errors import register_error_handlers
 from .openai_routes import init_app as init_openai
@@ -73,7 +73,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | No
         heartbeat_interval=app.config["HEARTBEAT_INTERVAL"],
         retry_after=app.config["RETRY_AFTER"],
         key_concurrency=KeyConcurrency(app.config["RATELIMIT_STORAGE_URI"],
-                                       lease=app.config["REQUEST_TIMEOUT"] + 60,
+                                       lease=app.config["REQUEST_TIMEOUT"] + 60, timeout=app.config["STORE_TIMEOUT"],
                                        fail_open=bool(app.config.get("RATELIMIT_SWALLOW_ERRORS")),
                                        memory_fallback=bool(app.config.get("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"))),
         default_max_concurrent=app.config["DEFAULT_MAX_CONCURRENT"],
@@ -84,6 +84,12 @@ def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | No
     app.after_request(_send_request_id)
     app.after_request(add_retry_advice)  # registered before the limiter: runs after its headers
     telemetry.init_app(app)  # metrics + request log line for every route; before the limiter too
+    if is_redis(app.config["RATELIMIT_STORAGE_URI"]):
+        # A Redis that does not answer (a host gone without a reset) costs a request STORE_TIMEOUT,
+        # not the OS's TCP timeout of minutes; the operator's own options win.
+        store_timeout = app.config["STORE_TIMEOUT"]
+        timeouts = {"socket_connect_timeout": store_timeout, "socket_timeout": store_timeout}
+        app.config["RATELIMIT_STORAGE_OPTIONS"] = {**timeouts, **(app.config.get("RATELIMIT_STORAGE_OPTIONS") or {})}
     limiter.init_app(app)
     app.register_blueprint(bp)
     init_openai(app)  # /v1/*

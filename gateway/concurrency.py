@@ -41,10 +41,11 @@ return 1
 class KeyConcurrency:
     """Counts each key's open generations; ``acquire`` returns the function that gives one back."""
 
-    def __init__(self, storage_uri: str, *, lease: float, fail_open: bool = False,
+    def __init__(self, storage_uri: str, *, lease: float, timeout: float = 2.0, fail_open: bool = False,
                  memory_fallback: bool = False) -> None:
         self.storage_uri = storage_uri
         self.lease = lease
+        self.timeout = timeout  # a Redis connect or command
         self.fail_open, self.memory_fallback = fail_open, memory_fallback
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()  # never held across anything that yields
@@ -54,7 +55,7 @@ class KeyConcurrency:
     def acquire(self, name: str, limit: int | None, *, retry_after: int) -> Callable[[], None]:
         if not limit:
             return _nothing
-        if self.storage_uri.startswith(("redis://", "rediss://", "unix://")):
+        if is_redis(self.storage_uri):
             try:
                 return self._acquire_redis(name, limit, retry_after)
             except Exception as exc:
@@ -84,7 +85,8 @@ class KeyConcurrency:
         if self._redis is None:
             import redis
 
-            self._redis = redis.Redis.from_url(self.storage_uri)
+            self._redis = redis.Redis.from_url(self.storage_uri, socket_connect_timeout=self.timeout,
+                                               socket_timeout=self.timeout)
             self._script = self._redis.register_script(_ACQUIRE)
         key, member, now = f"trident:open-generations:{name}", new_id(), time.time()
         if not self._script(keys=[key], args=[now, now + self.lease, member, limit, int(self.lease) + 60]):
@@ -102,6 +104,11 @@ class KeyConcurrency:
                                 "expires with its lease in %.0f s", name, exc, self.lease)
 
         return release
+
+
+def is_redis(storage_uri: str) -> bool:
+    """Whether the limits' store is Redis (else flask-limiter's memory:// in the process)."""
+    return storage_uri.startswith(("redis://", "rediss://", "unix://"))
 
 
 def _nothing() -> None:

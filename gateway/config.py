@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "DEFAULT_MAX_CONCURRENT": 0,  # open generations per key, for keys without their own; 0: no bound
     "RATELIMIT_STORAGE_URI": "memory://",  # flask-limiter; "redis://..." for several replicas
     "RATELIMIT_HEADERS_ENABLED": True,  # X-RateLimit-* and Retry-After
+    "STORE_TIMEOUT": 2.0,  # seconds a Redis connect or command of the limits may take; then a 503
     # HTTP
     "HEARTBEAT_INTERVAL": 5.0,  # seconds between SSE keep-alive comments while waiting
     "MAX_BODY_BYTES": 1 << 20,  # larger bodies are a 413
@@ -128,7 +129,8 @@ def load_config(
 
 
 def _check(config: Mapping[str, Any]) -> None:
-    for key in ("HEARTBEAT_INTERVAL", "REQUEST_TIMEOUT", "READY_TIMEOUT", "CONNECT_TIMEOUT", "BODY_TIMEOUT"):
+    for key in ("HEARTBEAT_INTERVAL", "REQUEST_TIMEOUT", "READY_TIMEOUT", "CONNECT_TIMEOUT", "BODY_TIMEOUT",
+                "STORE_TIMEOUT"):
         if config[key] <= 0:
             raise ValueError(f"gateway config {key} must be positive")
     if config["MAX_IN_FLIGHT"] < 0:

@@ -100,3 +100,40 @@ def test_a_generation_that_ends_while_redis_is_gone_gives_back_nothing_and_raise
     release()  # once only
     warnings = [rec.getMessage() for rec in caplog.records]
     assert len(warnings) == 1 and "expires with its lease in 120 s" in warnings[0]
+
+
+def test_a_redis_that_accepts_and_never_answers_costs_a_request_the_store_timeout(tmp_path):
+    """A Redis host gone without a reset (or hung): its port accepts (the kernel's backlog) and
+    answers nothing. A bounded key's request is a 503 after STORE_TIMEOUT (0.5 s here), whatever
+    the Redis client's own default (redis-py 8: 5 s; older ones waited for ever). Run in a fresh
+    interpreter (flask-limiter's storage options, as above)."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # never accepted, never answered
+    try:
+        path = tmp_path / "keys.json"
+        path.write_text(json.dumps(KEYS))
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        script = f"""
+import json, sys
+sys.path[:0] = {[str(UNIT), str(UNIT.parent)]!r}
+from gateway_fakes import FakeBackend
+from gateway import create_app
+c = create_app({{"API_KEYS_FILE": {str(path)!r}, "RATELIMIT_STORAGE_URI": {url!r}, "STORE_TIMEOUT": 0.5}},
+               backend=FakeBackend()).test_client()
+started = time.monotonic()
+codes = [c.post("/generate", json={BODY!r}, headers={{"Authorization": "Bearer " + name + "-key"}}).status_code
+         for name in ("limited", "bounded", "free")]
+print(json.dumps([codes, time.monotonic() - started]))
+"""
+        out = subprocess.run([sys.executable, "-c", "import time\n" + script], capture_output=True, text=True,
+                             timeout=120, cwd=UNIT.parents[1])
+        assert out.returncode == 0, out.stderr
+        codes, seconds = json.loads(out.stdout.strip().splitlines()[-1])
+        assert codes == [503, 503, 200]
+        # Two waits of 0.5 s, with a wide margin; the client's own 5 s would take 10.
+        assert seconds < 4, seconds
+    finally:
+        silent.close()
