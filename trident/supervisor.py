@@ -72,9 +72,13 @@ class Supervised:
             if self._unhealthy is not None or self._restart_pending() or self.server.exited():
                 failures = 0  # check() restarts it: probe the new one
                 continue
+            restarts = self.restarts
             try:
                 self.probe()
             except Exception as exc:  # any failure counts: the probe's message says what it was
+                if self.restarts != restarts or self._restart_pending() or self.server.exited():
+                    failures = 0  # it went down (or was restarted) meanwhile: check() sees to that
+                    continue
                 failures += 1
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 log.warning("%s failed its probe (%d of %d in a row): %s", self.label, failures,

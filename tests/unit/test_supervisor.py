@@ -114,6 +114,31 @@ def test_no_probe_while_the_server_is_down_and_an_exit_still_restarts():
         stop(*parts)
 
 
+def test_a_probe_that_fails_because_the_server_died_meanwhile_restarts_nothing_more():
+    """The third failure in a row comes from a server that exited during that probe and was
+    restarted (for its exit) before the probe gave up: one restart, not a second one for a
+    failure of the server that is gone."""
+    server = FakeServer()
+    calls = []
+
+    def dying() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("slow")
+        if len(calls) == 3:
+            server.running = False  # it dies during this probe ...
+            assert wait_until(lambda: server.starts == 2, timeout=10)  # ... and is restarted for that
+            raise RuntimeError("no answer to a stream ping to llm in 1 s")
+        return "server"
+
+    parts = supervise(server, dying, probe_interval=0.01, probe_failures=3, stable_after=0)
+    try:
+        assert wait_until(lambda: len(calls) >= 10, timeout=10)
+        assert server.starts == 2 and parts[0].restarts == 1
+    finally:
+        stop(*parts)
+
+
 def test_stop_ends_the_probe_thread():
     server, probe = FakeServer(), Probe()
     supervised = Supervised(server, label="Triton", probe=probe, probe_interval=0.01)
