@@ -2,9 +2,11 @@
 but fails its probe several times in a row; one failed probe among good ones restarts nothing."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 
 from testkit import wait_until
 
@@ -49,8 +51,9 @@ class Probe:
         return "server"
 
 
-def supervise(server, probe, **kwargs) -> tuple[Supervised, threading.Event, threading.Thread]:
-    """A started Supervised and a thread that calls check() as scripts/serve.py does."""
+@contextlib.contextmanager
+def supervising(server, probe, **kwargs) -> Iterator[Supervised]:
+    """A started Supervised, and a thread that calls its check() as scripts/serve.py does."""
     supervised = Supervised(server, label="Triton", min_backoff=0.01, probe=probe, **kwargs)
     supervised.start()
     done = threading.Event()
@@ -61,24 +64,20 @@ def supervise(server, probe, **kwargs) -> tuple[Supervised, threading.Event, thr
 
     checker = threading.Thread(target=loop, daemon=True)
     checker.start()
-    return supervised, done, checker
-
-
-def stop(supervised, done, checker) -> None:
-    done.set()
-    checker.join(5)
-    supervised.stop()
+    try:
+        yield supervised
+    finally:
+        done.set()
+        checker.join(5)
+        supervised.stop()
 
 
 def test_a_server_that_fails_its_probe_in_a_row_is_restarted(caplog):
     caplog.set_level(logging.INFO, logger="trident.supervisor")
     server, probe = FakeServer(), Probe(failures=3)
-    parts = supervise(server, probe, probe_interval=0.02, probe_failures=3)
-    try:
+    with supervising(server, probe, probe_interval=0.02, probe_failures=3) as supervised:
         assert wait_until(lambda: probe.calls >= 8, timeout=10)
-        assert server.starts == 2 and server.stops == 1 and parts[0].restarts == 1
-    finally:
-        stop(*parts)
+        assert server.starts == 2 and server.stops == 1 and supervised.restarts == 1
     messages = [r.getMessage() for r in caplog.records]
     assert any("failed 3 probes in a row (no answer to a stream ping" in m for m in messages), messages
     assert any("Triton is back (restart 1)" in m for m in messages), messages
@@ -94,24 +93,18 @@ def test_failures_that_are_not_in_a_row_restart_nothing():
             raise RuntimeError("slow")
         return "server"
 
-    parts = supervise(server, flaky, probe_interval=0.01, probe_failures=2)
-    try:
+    with supervising(server, flaky, probe_interval=0.01, probe_failures=2) as supervised:
         assert wait_until(lambda: len(calls) >= 30, timeout=10)
-        assert server.starts == 1 and parts[0].restarts == 0
-    finally:
-        stop(*parts)
+        assert server.starts == 1 and supervised.restarts == 0
 
 
 def test_no_probe_while_the_server_is_down_and_an_exit_still_restarts():
     server, probe = FakeServer(), Probe()
-    parts = supervise(server, probe, probe_interval=0.01, probe_failures=1, stable_after=0)
-    try:
+    with supervising(server, probe, probe_interval=0.01, probe_failures=1, stable_after=0) as supervised:
         assert wait_until(lambda: probe.calls >= 3, timeout=10)
         server.running = False  # it exits by itself
         assert wait_until(lambda: server.starts == 2, timeout=10)
-        assert parts[0].restarts == 1
-    finally:
-        stop(*parts)
+        assert supervised.restarts == 1
 
 
 def test_a_probe_that_fails_because_the_server_died_meanwhile_restarts_nothing_more():
@@ -131,12 +124,9 @@ def test_a_probe_that_fails_because_the_server_died_meanwhile_restarts_nothing_m
             raise RuntimeError("no answer to a stream ping to llm in 1 s")
         return "server"
 
-    parts = supervise(server, dying, probe_interval=0.01, probe_failures=3, stable_after=0)
-    try:
+    with supervising(server, dying, probe_interval=0.01, probe_failures=3, stable_after=0) as supervised:
         assert wait_until(lambda: len(calls) >= 10, timeout=10)
-        assert server.starts == 2 and parts[0].restarts == 1
-    finally:
-        stop(*parts)
+        assert server.starts == 2 and supervised.restarts == 1
 
 
 def test_stop_ends_the_probe_thread():
