@@ -24,6 +24,7 @@ from trident.contract import (
     CANCEL_TOKEN_PARAMETER,
     INVALID_REQUEST,
     SERVER_ERROR,
+    control_inputs,
     llm_inputs,
     parse_error,
 )
@@ -52,8 +53,7 @@ def build_infer_request(
 def build_cancel_request(model_name: str, cancel_token: str) -> service_pb2.ModelInferRequest:
     """The "llm" request that ends the request carrying ``cancel_token`` (trident.contract
     CANCEL_PARAMETER), with the inputs Triton requires (ignored by the model)."""
-    request = infer_request(model_name, {"text_input": np.array([[b""]], dtype=np.object_),
-                                         "max_tokens": np.array([[1]], dtype=np.int32)})
+    request = infer_request(model_name, control_inputs())
     request.parameters[CANCEL_PARAMETER].string_param = cancel_token
     return request
 

@@ -130,6 +130,12 @@ CANCEL_PARAMETER = "trident_cancel"
 #: ignored (the required ones must be present, as for :data:`CANCEL_PARAMETER`).
 PING_PARAMETER = "trident_ping"
 
+
+def control_inputs() -> dict[str, np.ndarray]:
+    """The inputs Triton requires of every ``llm`` request, for one that only controls (a cancel
+    request, a ping): an empty ``text_input`` and a ``max_tokens``, which the model ignores."""
+    return {"text_input": np.array([[b""]], dtype=np.object_), "max_tokens": np.array([[1]], dtype=np.int32)}
+
 # -- finish reasons -----------------------------------------------------------------------------
 
 FINISH_LENGTH = "length"  # max_new_tokens reached

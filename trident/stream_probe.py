@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Optional
 
-from .contract import PING_PARAMETER
+from .contract import PING_PARAMETER, control_inputs
 
 #: The model that answers pings.
 MODEL = "llm"
@@ -38,14 +38,9 @@ class ProbeFailed(RuntimeError):
 
 
 def _ping_request(model: str):
-    import numpy as np
-
     from .triton_wire import infer_request
 
-    # The llm model's required inputs, ignored for a ping.
-    inputs = {"text_input": np.array([[b""]], dtype=np.object_),
-              "max_tokens": np.array([[1]], dtype=np.int32)}
-    return infer_request(model, inputs, request_id="ping-" + uuid.uuid4().hex[:12], outputs=("server",),
+    return infer_request(model, control_inputs(), request_id="ping-" + uuid.uuid4().hex[:12], outputs=("server",),
                          bool_parameters=(PING_PARAMETER,))
 
 
