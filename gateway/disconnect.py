@@ -23,7 +23,8 @@ from typing import Any
 log = logging.getLogger("trident.gateway")
 
 
-def _gevent_active() -> bool:
+def gevent_active() -> bool:
+    """Whether this process runs under gevent's patched sockets (the gateway's workers)."""
     try:
         from gevent import monkey
     except ImportError:  # pragma: no cover - gevent is a dependency
@@ -49,7 +50,7 @@ class DisconnectWatch:
 
     def _arm(self) -> None:
         sock = self._sock
-        if sock is None or hasattr(sock, "getpeercert") or not _gevent_active():
+        if sock is None or hasattr(sock, "getpeercert") or not gevent_active():
             return
         try:
             from gevent import get_hub

@@ -16,6 +16,7 @@ from flask import Request, current_app
 
 from trident.contract import MAX_JSON_DEPTH
 
+from .disconnect import gevent_active
 from .errors import ClientError
 from .schemas import describe
 
@@ -72,11 +73,11 @@ def _read_body(request: Request, timeout: float) -> bytes:
 
 
 def _gevent_timeout(seconds: float) -> Any:
-    try:
-        from gevent import Timeout, monkey
-    except ImportError:  # pragma: no cover - gevent is a dependency
+    if not gevent_active():
         return None
-    return Timeout(seconds) if monkey.is_module_patched("socket") else None
+    from gevent import Timeout
+
+    return Timeout(seconds)
 
 
 def json_depth(raw: bytes) -> int:
