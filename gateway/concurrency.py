@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ClientError
+from .errors import ClientError, store_unreachable_errors
 from .ids import new_id
 
 log = logging.getLogger("trident.gateway")
@@ -59,7 +59,7 @@ class KeyConcurrency:
             try:
                 return self._acquire_redis(name, limit, retry_after)
             except Exception as exc:
-                if not ((self.fail_open or self.memory_fallback) and _redis_unreachable(exc)):
+                if not ((self.fail_open or self.memory_fallback) and isinstance(exc, store_unreachable_errors())):
                     raise  # a 429, or a 503 (gateway.errors)
                 log.warning("Redis is unreachable (%s): the open generations of key %r are %s", exc, name,
                             "counted in this process meanwhile" if self.memory_fallback else "not bounded meanwhile")
@@ -113,14 +113,6 @@ def is_redis(storage_uri: str) -> bool:
 
 def _nothing() -> None:
     pass
-
-
-def _redis_unreachable(exc: BaseException) -> bool:
-    try:
-        from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
-    except ImportError:  # pragma: no cover - a redis:// store needs the client
-        return False
-    return isinstance(exc, (RedisConnectionError, RedisTimeoutError))
 
 
 def _refused(name: str, limit: int, retry_after: int) -> ClientError:

@@ -188,6 +188,16 @@ def _handle_unexpected(exc: BaseException) -> Response:
     return envelope(internal_error(request_id))
 
 
+def store_unreachable_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the limits' store (Redis) cannot be reached: refused, timed out.
+    Empty without a Redis client (no Redis store either)."""
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+    except ImportError:  # pragma: no cover - the gateway's dependencies include redis
+        return ()
+    return (RedisConnectionError, RedisTimeoutError)
+
+
 def _handle_store_unreachable(exc: BaseException) -> Response:
     """Redis (the rate limits' and open-generation bounds' store) unreachable: a 503 to retry,
     with one log line, not a 500 and a traceback per request."""
@@ -200,9 +210,5 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(ApiError, _handle_api_error)
     app.register_error_handler(HTTPException, _handle_http_exception)
     app.register_error_handler(Exception, _handle_unexpected)
-    try:
-        from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
-    except ImportError:  # no Redis client: no Redis store either
-        return
-    app.register_error_handler(RedisConnectionError, _handle_store_unreachable)
-    app.register_error_handler(RedisTimeoutError, _handle_store_unreachable)
+    for error in store_unreachable_errors():
+        app.register_error_handler(error, _handle_store_unreachable)
