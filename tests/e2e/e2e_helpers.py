@@ -8,6 +8,21 @@ API_KEY = "test-key-" + os.urandom(6).hex()
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
+def open_generate(url: str, data: bytes, *, content_length: int | None = None, timeout: float = 30):
+    """POST /generate with the test key on a plain socket: the head (Content-Length
+    ``content_length``, by default ``len(data)``) and ``data``. Returns the socket, the response
+    unread: for clients that hang up, stall or read it their own way."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    length = len(data) if content_length is None else content_length
+    sock = socket.create_connection((where.hostname, where.port), timeout=timeout)
+    sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Authorization: Bearer {API_KEY}\r\nContent-Length: {length}\r\n\r\n".encode() + data)
+    return sock
+
+
 def post(client, path="/generate", **body):
     return client.post(client.base_url + path, json=body, timeout=120)
 

@@ -5,13 +5,13 @@ streams through the real gateway. Timing is judged by the engine's own counters 
 generated against tokens the clients received, decode steps), not by wall-clock bounds, except
 where the contract names one (the engine idle within 2 s of the last client gone).
 """
-import socket
+import json
 import threading
 import time
 
 import pytest
 from conftest import SMALL_BATCH, build_small_repository, start_gateway, start_triton
-from e2e_helpers import API_KEY, engine_metrics
+from e2e_helpers import engine_metrics, open_generate
 from load_clients import COUNTING, Stream, disconnect_storm, join_all
 from testkit import wait_until
 
@@ -128,15 +128,7 @@ def quiet_gateway(small_triton, tmp_path_factory):
 
 def raw_request(url, body):
     """Send one request on a plain socket and return it (the response is never read)."""
-    import json
-    from urllib.parse import urlparse
-
-    u = urlparse(url)
-    data = json.dumps(body).encode()
-    sock = socket.create_connection((u.hostname, u.port), timeout=30)
-    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-    return sock
+    return open_generate(url, json.dumps(body).encode())
 
 
 @pytest.mark.parametrize("streamed", [False, True])

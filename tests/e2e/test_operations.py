@@ -23,7 +23,7 @@ import requests
 from conftest import start_gateway, start_redis, stop_redis
 from testkit import MODEL, free_port
 
-from e2e_helpers import API_KEY, AUTH, engine_metrics, log_lines, sample, scrape, sse_events, wait_for
+from e2e_helpers import API_KEY, AUTH, engine_metrics, log_lines, open_generate, sample, scrape, sse_events, wait_for
 from gateway.keys import add_key
 
 
@@ -352,14 +352,7 @@ def test_body_over_the_limit_is_413(timeout_gateway):
 def _raw_post(url: str, body: bytes, *, sent: int, then: bytes = b"", pause: float = 0.0) -> bytes:
     """POST /generate over a plain socket: ``sent`` bytes of ``body``, ``pause`` seconds, then
     ``then``; everything the server answers until it closes the connection (or 10 s pass)."""
-    import socket
-    from urllib.parse import urlsplit
-
-    where = urlsplit(url)
-    head = (f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
-        sock.sendall(head + body[:sent])
+    with open_generate(url, body[:sent], content_length=len(body), timeout=10) as sock:
         time.sleep(pause)
         if then:
             sock.sendall(then)
