@@ -82,6 +82,7 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("prompt_tokens", np.int32),
     TensorSpec("completion_tokens", np.int32),
     TensorSpec("server", np.object_),  # on the admission response: which Triton took the request
+    TensorSpec("instance", np.object_),  # on a ping's answer: which instance of llm answered it
     # With num_return_sequences > 1: the choice a response belongs to (absent: 0). Each choice
     # ends with its own response carrying finish_reason and its completion_tokens.
     TensorSpec("sequence_index", np.int32),

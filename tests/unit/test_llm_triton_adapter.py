@@ -151,6 +151,17 @@ def test_a_ping_is_read_from_its_bool_parameter_and_answered_with_one_final_resp
         assert not model.TritonRequest(Request(["server"], parameters)).pings()
 
 
+def test_a_pong_names_the_instance_that_answered(model, monkeypatch):
+    """trident.stream_probe pings until every instance of llm has answered."""
+    monkeypatch.setitem(model.INSTANCE, "name", "llm_0_1")  # set by initialize from model_instance_name
+    request = Request(["server", "instance"], '{"trident_ping": true}')
+    responses = []
+    request.sender.send = lambda response=None, flags=0: responses.append((response, flags))
+    model.TritonRequest(request).send_pong()
+    ((response, flags),) = responses
+    assert flags == model.FINAL and response.output_tensors["instance"].flat[0] == b"llm_0_1"
+
+
 def test_instances_share_a_cancel_board_only_when_there_are_several(model, monkeypatch, tmp_path):
     """config.pbtxt's instance_group count (build_repository.py --llm-instances): with more than
     one instance, each builds the board in the same directory (trident.cancel_board)."""

@@ -23,6 +23,7 @@ from trident.stub_objects import Retirement, requested_only
 log = logging.getLogger("trident.llm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 SERVER_ID = os.environ.get(SERVER_ID_ENV) or socket.gethostname()  # which Triton: in admissions
+INSTANCE = {"name": "?"}  # which instance of llm this stub serves (initialize): in a ping's answer
 
 
 class TritonPythonModel:
@@ -30,6 +31,7 @@ class TritonPythonModel:
         from transformers import AutoTokenizer
 
         _configure_logging()
+        INSTANCE["name"] = args.get("model_instance_name") or "?"
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         settings = LlmSettings.from_parameters(params)
@@ -143,7 +145,8 @@ class TritonRequest:
         self._sender.send(self._response({"server": _server_tensor()}))
 
     def send_pong(self):
-        self._sender.send(self._response({"server": _server_tensor()}), flags=FINAL)
+        instance = np.array([[INSTANCE["name"].encode()]], dtype=np.object_)
+        self._sender.send(self._response({"server": _server_tensor(), "instance": instance}), flags=FINAL)
 
     def send_text(self, text, *, index=0, n=1, tokens=None):
         self._sender.send(self._response(output_tensors(text, index=index, tokens=tokens, n=n)))
