@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--triton-replicas", type=int, default=int(os.environ.get("TRITON_REPLICAS") or 1))
     parser.add_argument("--probe-interval", type=float, default=float(os.environ.get("TRIDENT_PROBE_INTERVAL") or 15),
                         help="seconds between stream probes of each Triton (0: none); TRIDENT_PROBE_INTERVAL")
-    parser.add_argument("--probe-timeout", type=float, default=10.0, help="seconds a stream probe waits for its answer")
+    parser.add_argument("--probe-timeout", type=float, default=10.0, help="seconds a stream probe (every ping of it) may take")
     parser.add_argument("--probe-failures", type=int, default=3,
                         help="failed stream probes in a row that restart a Triton")
     args = parser.parse_args()
@@ -118,7 +118,7 @@ def main() -> int:
                              extra_env={"TRIDENT_API_KEY": key,
                                         "TRIDENT_TOKENIZER_DIR": str(args.tokenizer_dir.resolve())})
     supervised = [Supervised(t, label=f"Triton {i}" if len(tritons) > 1 else "Triton",
-                             probe=functools.partial(stream_probe.ping, t.grpc_url, timeout=args.probe_timeout),
+                             probe=functools.partial(stream_probe.probe, t.grpc_url, timeout=args.probe_timeout),
                              probe_interval=args.probe_interval, probe_failures=args.probe_failures)
                   for i, t in enumerate(tritons)]
     supervised.append(Supervised(gateway, label="the gateway", start_timeout=60))

@@ -9,7 +9,7 @@ own, since starting Triton waits for its models to load.
 
 A server can also be alive and useless: Triton's HTTP health endpoints stay "live" and "ready"
 while its gRPC stream handler is deadlocked or its ``llm`` stub hangs, and every request then
-hangs or fails. With a ``probe`` (for Triton: trident.stream_probe.ping, a stream call the
+hangs or fails. With a ``probe`` (for Triton: trident.stream_probe.probe, stream calls the
 ``llm`` model answers ahead of its queue), a thread calls it every ``probe_interval`` seconds;
 after ``probe_failures`` failures in a row the server is restarted as if it had exited, with a
 log line that gives the last failure.

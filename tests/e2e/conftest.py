@@ -59,6 +59,13 @@ def small_repo(tmp_path_factory):
     return build_small_repository(tmp_path_factory.mktemp("repo-small") / "repository")
 
 
+@pytest.fixture(scope="session")
+def two_llm_repo(tmp_path_factory):
+    """The small-batch repository with two instances of llm (two stub processes)."""
+    return build_small_repository(tmp_path_factory.mktemp("repo-two-llm") / "repository",
+                                  extra=("--llm-instances", "2"))
+
+
 def start_triton(repo, tmp_path_factory, name="triton"):
     work = tmp_path_factory.mktemp(name)
     server = TritonServer(model_repository=repo, work_dir=work,

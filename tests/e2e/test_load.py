@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import SMALL_BATCH, build_small_repository, start_gateway, start_triton
+from conftest import SMALL_BATCH, start_gateway, start_triton
 from e2e_helpers import engine_metrics, open_generate
 from load_clients import COUNTING, Stream, disconnect_storm, join_all
 from testkit import wait_until
@@ -47,9 +47,9 @@ def test_streams_beyond_the_slots_get_tokens_as_the_engine_makes_them(load_gatew
     watcher = threading.Thread(target=monitor, daemon=True)
     watcher.start()
     streams = [Stream(load_gateway.url, {**COUNTING, "max_new_tokens": tokens}).start() for _ in range(n)]
-    # The stream probe's ping is answered ahead of the queue: while requests still wait for a slot.
+    # The stream probe's pings are answered ahead of the queue: while requests still wait for a slot.
     assert wait_until(lambda: engine_metrics(small_triton)["waiting"] > 0, timeout=60)
-    assert stream_probe.ping(small_triton.grpc_url, timeout=30)
+    assert stream_probe.probe(small_triton.grpc_url, timeout=30)[1] == ["llm_0_0"]
     assert engine_metrics(small_triton)["waiting"] > 0
     join_all(streams, small_triton)
     stop.set()
@@ -86,11 +86,8 @@ def test_a_disconnect_storm_leaves_the_engine_idle(load_gateway, small_triton):
 
 
 @pytest.fixture(scope="module")
-def two_llm_triton(tmp_path_factory):
-    """The small-batch repository with two instances of llm (two stub processes)."""
-    repo = build_small_repository(tmp_path_factory.mktemp("repo-two-llm") / "repository",
-                                  extra=("--llm-instances", "2"))
-    server = start_triton(repo, tmp_path_factory, "triton-two-llm")
+def two_llm_triton(two_llm_repo, tmp_path_factory):
+    server = start_triton(two_llm_repo, tmp_path_factory, "triton-two-llm")
     yield server
     server.stop()
 

@@ -18,10 +18,16 @@ from trident.triton_wire import FINAL_FLAG, deserialize, serialize
 
 class FakeTriton:
     """``ModelStreamInfer`` answering each request as ``behaviour`` says: "pong" (the llm model's
-    answer), "hang" (a stuck server), "error", "no-final" (responses that never end the request)."""
+    answer), "hang" (a stuck server), "error", "no-final" (responses that never end the request),
+    "one-hung-of-two" (pong and error in turn: Triton handing requests in turn to two instances,
+    one with a stub the Python backend finds unhealthy), "one-blocked-of-two" (every pong from
+    the first instance: the other's execute blocks, so it takes no request); ``ModelConfig``
+    naming ``instances`` instances, whose pongs name them in turn."""
 
-    def __init__(self, behaviour: str) -> None:
+    def __init__(self, behaviour: str, instances: int = 1) -> None:
         self.behaviour = behaviour
+        self.instances = instances
+        self.groups = [(instances, [])]  # the config's instance groups: count, GPUs (count on each)
         self.requests: list[service_pb2.ModelInferRequest] = []
         self.release = threading.Event()
         self.cancelled_after_answer: bool | None = None
@@ -29,14 +35,24 @@ class FakeTriton:
         handler = grpc.stream_stream_rpc_method_handler(
             self._stream, request_deserializer=service_pb2.ModelInferRequest.FromString,
             response_serializer=service_pb2.ModelStreamInferResponse.SerializeToString)
-        self.server.add_generic_rpc_handlers(
-            [grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {"ModelStreamInfer": handler})])
+        config = grpc.unary_unary_rpc_method_handler(
+            self._config, request_deserializer=service_pb2.ModelConfigRequest.FromString,
+            response_serializer=service_pb2.ModelConfigResponse.SerializeToString)
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {"ModelStreamInfer": handler, "ModelConfig": config})])
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def _config(self, request, context):
+        response = service_pb2.ModelConfigResponse()
+        response.config.name = request.name
+        for i, (count, gpus) in enumerate(self.groups):
+            response.config.instance_group.add(name=f"{request.name}_{i}", count=count, gpus=gpus)
+        return response
 
     def _stream(self, requests, context):
         for request in requests:
@@ -45,7 +61,7 @@ class FakeTriton:
                 self.release.wait(30)
                 return
             response = service_pb2.ModelStreamInferResponse()
-            if self.behaviour == "error":
+            if self.behaviour == "error" or (self.behaviour == "one-hung-of-two" and len(self.requests) % 2 == 0):
                 response.error_message = "Stub process 'llm_0_0' is not healthy."
                 yield response
                 time.sleep(0.3)  # a client that drops the call now cancels it
@@ -53,11 +69,13 @@ class FakeTriton:
                 continue
             infer = response.infer_response
             infer.model_name, infer.id = request.model_name, request.id
-            datatype, raw = serialize(np.array([[b"triton-7:8001"]], dtype=np.object_))
-            tensor = infer.outputs.add(name="server", datatype=datatype)
-            tensor.shape.extend([1, 1])
-            infer.raw_output_contents.append(raw)
-            if self.behaviour == "pong":
+            turn = 0 if self.behaviour == "one-blocked-of-two" else (len(self.requests) - 1) % self.instances
+            for name, value in (("server", b"triton-7:8001"), ("instance", b"llm_0_%d" % turn)):
+                datatype, raw = serialize(np.array([[value]], dtype=np.object_))
+                tensor = infer.outputs.add(name=name, datatype=datatype)
+                tensor.shape.extend([1, 1])
+                infer.raw_output_contents.append(raw)
+            if self.behaviour in ("pong", "one-hung-of-two", "one-blocked-of-two"):
                 infer.parameters[FINAL_FLAG].bool_param = True
             yield response
 
@@ -68,7 +86,8 @@ class FakeTriton:
 
 @pytest.fixture
 def triton(request):
-    server = FakeTriton(request.param)
+    behaviour, _, instances = request.param.partition("/")
+    server = FakeTriton(behaviour, int(instances or 1))
     yield server
     server.close()
 
@@ -80,7 +99,7 @@ def test_a_ping_is_one_request_to_llm_with_its_required_inputs_and_the_ping_para
     assert request.model_name == "llm" and request.parameters[PING_PARAMETER].bool_param
     inputs = {t.name: deserialize(t.datatype, t.shape, raw) for t, raw in zip(request.inputs, request.raw_input_contents)}
     assert set(inputs) == {"text_input", "max_tokens"} and int(inputs["max_tokens"].flat[0]) == 1
-    assert [o.name for o in request.outputs] == ["server"]
+    assert [o.name for o in request.outputs] == ["server", "instance"]
 
 
 @pytest.mark.parametrize("triton", ["hang"], indirect=True)
@@ -106,14 +125,61 @@ def test_a_stream_without_a_final_response_fails(triton):
         stream_probe.ping(triton.url, timeout=5)
 
 
+@pytest.mark.parametrize("triton", ["pong/2"], indirect=True)
+def test_the_instance_count_is_every_group_of_the_config(triton):
+    """Triton runs a group's count on each GPU it lists (and a count of 0 is its default, 1)."""
+    with grpc.insecure_channel(triton.url) as channel:
+        assert stream_probe._instances(channel, triton.url, "llm", 5) == 2
+        triton.groups = [(2, [0, 1]), (0, [])]
+        assert stream_probe._instances(channel, triton.url, "llm", 5) == 2 * 2 + 1
+
+
+@pytest.mark.parametrize("triton", ["pong/3"], indirect=True)
+def test_a_probe_pings_until_each_instance_has_answered(triton):
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0", "llm_0_1", "llm_0_2"], 3)
+    assert len(triton.requests) == 3 and len({r.id for r in triton.requests}) == 3
+
+
+@pytest.mark.parametrize("triton", ["one-hung-of-two/2"], indirect=True)
+def test_a_probe_fails_when_one_instance_of_two_fails(triton):
+    """Triton hands an idle server's requests to the instances in turn: one ping a probe failed
+    every other probe, so 3 failures in a row never came."""
+    assert stream_probe.ping(triton.url, timeout=5) == "triton-7:8001"  # the healthy instance
+    with pytest.raises(stream_probe.ProbeFailed, match=r"not healthy.*\(ping 1\)"):
+        stream_probe.probe(triton.url, timeout=5)  # the next request reaches the other one
+
+
+@pytest.mark.parametrize("triton", ["one-blocked-of-two/2"], indirect=True)
+def test_a_probe_fails_when_an_instance_answers_no_ping(triton):
+    started = time.monotonic()
+    with pytest.raises(stream_probe.ProbeFailed, match=r"1 of the 2 instances of llm .* answered none of \d+ "
+                                                       r"stream pings in 1 s \(answered: llm_0_0 \d+\)"):
+        stream_probe.probe(triton.url, timeout=1)
+    assert time.monotonic() - started < 3
+    assert 2 <= len(triton.requests) <= 1 / stream_probe.PING_PAUSE + 2  # paced, not a flood
+
+
+@pytest.mark.parametrize("triton", ["hang/2"], indirect=True)
+def test_the_timeout_bounds_the_whole_probe(triton):
+    started = time.monotonic()
+    with pytest.raises(stream_probe.ProbeFailed, match="no answer to a stream ping"):
+        stream_probe.probe(triton.url, timeout=0.5)
+    assert time.monotonic() - started < 5 and len(triton.requests) == 1
+
+
 @pytest.mark.parametrize("triton", ["pong", "hang"], indirect=True)
 def test_the_command_exits_0_when_answered_and_1_when_not(triton, capsys):
     code = stream_probe.main(["--url", triton.url, "--timeout", "0.5"])
     out = capsys.readouterr()
     if triton.behaviour == "pong":
-        assert code == 0 and "server triton-7:8001" in out.out
+        assert code == 0 and "server triton-7:8001" in out.out and "instances (llm_0_0)" in out.out
     else:
         assert code == 1 and "not live" in out.err
+
+
+def test_nothing_listening_fails_the_probe_at_the_config():
+    with pytest.raises(stream_probe.ProbeFailed, match="the config of llm at 127.0.0.1:9 failed: UNAVAILABLE"):
+        stream_probe.probe("127.0.0.1:9", timeout=2)
 
 
 def test_nothing_listening_fails():
