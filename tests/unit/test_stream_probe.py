@@ -62,7 +62,7 @@ class FakeTriton:
                 return
             response = service_pb2.ModelStreamInferResponse()
             if self.behaviour == "error" or (self.behaviour == "one-hung-of-two" and len(self.requests) % 2 == 0):
-                response.error_message = "Stub process 'llm_0_0' is not healthy."
+                response.error_message = f"Stub process 'llm_0_{int(self.behaviour != 'error')}' is not healthy."
                 yield response
                 time.sleep(0.3)  # a client that drops the call now cancels it
                 self.cancelled_after_answer = not context.is_active()
