@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trident import shm_regions  # noqa: E402
 from trident.contract import ENGINE_GRPC_ENV, SERVER_ID_ENV  # noqa: E402
 from trident.trtllm.commands import shell_line  # noqa: E402
 from trident.trtllm.launch import TRITONSERVER, triton_command, world_size_of  # noqa: E402
@@ -45,6 +46,8 @@ def main() -> int:
     # Which Triton took a request: in the llm model's admission responses, the gateway's logs.
     os.environ.setdefault(SERVER_ID_ENV, f"{socket.gethostname()}:{args.grpc_port}")
     os.environ[ENGINE_GRPC_ENV] = f"127.0.0.1:{args.grpc_port}"  # llm -> engine (trident.engine_grpc)
+    # A Triton killed in this pod before (liveness probe) left its stubs' regions in /dev/shm.
+    shm_regions.remove_stale()
     print(f"[launch-triton] world size {world_size}; gRPC on :{args.grpc_port} "
           f"(point the gateway at TRIDENT_TRITON_GRPC_URL=<host>:{args.grpc_port})", flush=True)
     os.execvp(cmd[0], cmd)

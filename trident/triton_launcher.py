@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
+from . import shm_regions
 from .child_process import ChildServer
 from .contract import ENGINE_GRPC_ENV, SERVER_ID_ENV
 
@@ -197,6 +198,7 @@ class TritonServer(ChildServer):
         env = triton_env()
         env.setdefault(SERVER_ID_ENV, f"{socket.gethostname()}:{self.ports.grpc}")
         env[ENGINE_GRPC_ENV] = f"127.0.0.1:{self.ports.grpc}"  # llm -> engine (trident.engine_grpc)
+        shm_regions.remove_stale()  # those of a Triton killed before (make serve's restarts, a pod's)
         self._spawn(cmd, env=env, echo=echo)
         try:
             self.wait_ready(timeout=timeout)

@@ -8,12 +8,16 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 import requests
 from testkit import ROOT, free_port, model_dir
 
 from e2e_helpers import API_KEY, wait_for
+
+from trident import shm_regions
 
 pytestmark = pytest.mark.e2e
 
@@ -49,6 +53,11 @@ def _http_ready(port: str) -> bool:
 
 
 def test_serve_stays_up_and_restarts_a_killed_or_hung_triton(two_llm_repo, tmp_path):
+    # A region of the Python backend that a killed Triton left in /dev/shm (no process names it,
+    # an hour old): starting Triton removes it (trident.shm_regions).
+    left = Path("/dev/shm") / f"{shm_regions.PREFIX}{uuid.uuid4()}"
+    left.write_bytes(b"\0" * 4096)
+    os.utime(left, (time.time() - 3600,) * 2)
     port = free_port()
     env = {**os.environ, "TRIDENT_API_KEY": API_KEY, "GATEWAY_PORT": str(port), "TRITON_HTTP_PORT": str(free_port()),
            "TRITON_GRPC_PORT": str(free_port()), "TRITON_METRICS_PORT": str(free_port())}
@@ -61,6 +70,7 @@ def test_serve_stays_up_and_restarts_a_killed_or_hung_triton(two_llm_repo, tmp_p
     try:
         assert wait_for(lambda: "trident is ready" in (tmp_path / "serve.log").read_text(), timeout=300), \
             (tmp_path / "serve.log").read_text()
+        assert not left.exists()
         banner = (tmp_path / "serve.log").read_text()
         assert API_KEY not in banner and "from TRIDENT_API_KEY (not shown)" in banner  # the operator's secret
         time.sleep(3)  # a Triton started from a thread that had ended got SIGTERM right after it was ready
@@ -101,6 +111,7 @@ def test_serve_stays_up_and_restarts_a_killed_or_hung_triton(two_llm_repo, tmp_p
         assert _triton_pid(tmp_path / "run") not in (None, pid)
         assert _llm_stub_pid(tmp_path / "run") not in (None, stub)
     finally:
+        left.unlink(missing_ok=True)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
