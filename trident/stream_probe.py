@@ -56,16 +56,6 @@ def _ping_request(model: str):
                          bool_parameters=(PING_PARAMETER,))
 
 
-def ping(url: str, *, model: str = MODEL, timeout: float = 10.0) -> str:
-    """Ping ``model`` at the Triton gRPC endpoint ``url`` (``host:port``) once, on a stream call;
-    the server id it answers with. Raises :class:`ProbeFailed` when no final answer comes within
-    ``timeout`` seconds, or an error does."""
-    import grpc
-
-    with grpc.insecure_channel(url) as channel:
-        return _ping(channel, url, model, timeout)[0]
-
-
 def probe(url: str, *, model: str = MODEL, timeout: float = 10.0) -> tuple[str, list[str], int]:
     """Ping ``model`` until every instance its config names has answered, one ping after another,
     all within ``timeout`` seconds. Returns the server id, the instances and the pings sent;

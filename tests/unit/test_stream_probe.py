@@ -94,7 +94,7 @@ def triton(request):
 
 @pytest.mark.parametrize("triton", ["pong"], indirect=True)
 def test_a_ping_is_one_request_to_llm_with_its_required_inputs_and_the_ping_parameter(triton):
-    assert stream_probe.ping(triton.url, timeout=5) == "triton-7:8001"
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1)
     (request,) = triton.requests
     assert request.model_name == "llm" and request.parameters[PING_PARAMETER].bool_param
     inputs = {t.name: deserialize(t.datatype, t.shape, raw) for t, raw in zip(request.inputs, request.raw_input_contents)}
@@ -106,7 +106,7 @@ def test_a_ping_is_one_request_to_llm_with_its_required_inputs_and_the_ping_para
 def test_a_server_that_does_not_answer_fails_within_the_timeout(triton):
     started = time.monotonic()
     with pytest.raises(stream_probe.ProbeFailed, match="no answer to a stream ping"):
-        stream_probe.ping(triton.url, timeout=0.5)
+        stream_probe.probe(triton.url, timeout=0.5)
     assert time.monotonic() - started < 5
 
 
@@ -115,14 +115,14 @@ def test_an_error_answer_fails_and_the_call_is_read_to_its_end(triton):
     """Not cancelled after its last response: that left Triton 2.51 counting the request as in
     flight (docs/architecture.md)."""
     with pytest.raises(stream_probe.ProbeFailed, match="not healthy"):
-        stream_probe.ping(triton.url, timeout=5)
+        stream_probe.probe(triton.url, timeout=5)
     assert triton.cancelled_after_answer is False
 
 
 @pytest.mark.parametrize("triton", ["no-final"], indirect=True)
 def test_a_stream_without_a_final_response_fails(triton):
     with pytest.raises(stream_probe.ProbeFailed, match="without a final response"):
-        stream_probe.ping(triton.url, timeout=5)
+        stream_probe.probe(triton.url, timeout=5)
 
 
 @pytest.mark.parametrize("triton", ["pong/2"], indirect=True)
@@ -144,7 +144,9 @@ def test_a_probe_pings_until_each_instance_has_answered(triton):
 def test_a_probe_fails_when_one_instance_of_two_fails(triton):
     """Triton hands an idle server's requests to the instances in turn: one ping a probe failed
     every other probe, so 3 failures in a row never came."""
-    assert stream_probe.ping(triton.url, timeout=5) == "triton-7:8001"  # the healthy instance
+    triton.groups = [(1, [])]  # a probe of one ping, as before: it reaches the healthy instance
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1)
+    triton.groups = [(2, [])]
     with pytest.raises(stream_probe.ProbeFailed, match=r"not healthy.*\(ping 1\)"):
         stream_probe.probe(triton.url, timeout=5)  # the next request reaches the other one
 
@@ -180,8 +182,3 @@ def test_the_command_exits_0_when_answered_and_1_when_not(triton, capsys):
 def test_nothing_listening_fails_the_probe_at_the_config():
     with pytest.raises(stream_probe.ProbeFailed, match="the config of llm at 127.0.0.1:9 failed: UNAVAILABLE"):
         stream_probe.probe("127.0.0.1:9", timeout=2)
-
-
-def test_nothing_listening_fails():
-    with pytest.raises(stream_probe.ProbeFailed):
-        stream_probe.ping("127.0.0.1:9", timeout=2)
