@@ -125,10 +125,11 @@ CANCEL_TOKEN_PARAMETER = "trident_cancel_token"
 CANCEL_PARAMETER = "trident_cancel"
 #: Request parameter (bool) of the ``llm`` model: a liveness ping (trident.stream_probe). The
 #: model answers it at once, on the thread that accepts requests, with one final response naming
-#: its server (``server``, as in the admission response); nothing reaches the engine, so the
-#: answer comes under any load. It shows that Triton's streaming endpoint and the model's stub
-#: answer, which Triton's HTTP health endpoints do not (docs/operations.md). Its inputs are
-#: ignored (the required ones must be present, as for :data:`CANCEL_PARAMETER`).
+#: its server (``server``, as in the admission response) and the instance of the model that
+#: answered (``instance``); nothing reaches the engine, so the answer comes under any load. It
+#: shows that Triton's streaming endpoint and the model's stub answer, which Triton's HTTP health
+#: endpoints do not (docs/operations.md). Its inputs are ignored (the required ones must be
+#: present, as for :data:`CANCEL_PARAMETER`).
 PING_PARAMETER = "trident_ping"
 
 

@@ -73,7 +73,8 @@ class Request(Protocol):
         """An empty, non-final response: accepted, generation pending."""
 
     def send_pong(self) -> None:
-        """The answer to a ping: one final response naming the server, as the admission does."""
+        """The answer to a ping: one final response naming the server, as the admission does, and
+        the instance of the model that answered."""
 
     def send_text(self, text: str, *, index: int = 0, n: int = 1, tokens: Optional[list[TokenLogprob]] = None) -> None:
         """A non-final response holding a text delta of choice ``index`` of ``n`` (with its tokens

@@ -95,8 +95,9 @@ def _configure_logging():
         logger.setLevel(logging.INFO)
 
 
-def _server_tensor():
-    return np.array([[SERVER_ID.encode()]], dtype=np.object_)
+def _text_tensor(text):
+    """A [1, 1] BYTES output (``server``, ``instance``)."""
+    return np.array([[text.encode()]], dtype=np.object_)
 
 
 class TritonRequest:
@@ -142,11 +143,11 @@ class TritonRequest:
         return self._sender.is_cancelled()
 
     def send_admission(self):
-        self._sender.send(self._response({"server": _server_tensor()}))
+        self._sender.send(self._response({"server": _text_tensor(SERVER_ID)}))
 
     def send_pong(self):
-        instance = np.array([[INSTANCE["name"].encode()]], dtype=np.object_)
-        self._sender.send(self._response({"server": _server_tensor(), "instance": instance}), flags=FINAL)
+        self._sender.send(self._response({"server": _text_tensor(SERVER_ID), "instance": _text_tensor(INSTANCE["name"])}),
+                          flags=FINAL)
 
     def send_text(self, text, *, index=0, n=1, tokens=None):
         self._sender.send(self._response(output_tensors(text, index=index, tokens=tokens, n=n)))
