@@ -40,15 +40,15 @@ def named_by_processes(proc: Path = Path("/proc")) -> set[str]:
     return names
 
 
-def remove_stale(directory: Path = SHM_DIR, *, min_age: float = MIN_AGE, in_use: Iterable[str] | None = None,
-                 now: float | None = None) -> list[str]:
+def remove_stale(directory: Path = SHM_DIR, *, min_age: float = MIN_AGE, in_use: Iterable[str] | None = None
+                 ) -> list[str]:
     """Remove the regions in ``directory`` that no running process names (``in_use``: those
     named; default :func:`named_by_processes`) and that are older than ``min_age`` seconds.
     Returns the names removed; regions it may not remove (another user's) are left."""
     if not directory.is_dir():
         return []
     used = set(named_by_processes() if in_use is None else in_use)
-    now = time.time() if now is None else now
+    now = time.time()
     removed, freed = [], 0
     for path in directory.glob(PREFIX + "*"):
         if path.name in used:
@@ -66,4 +66,3 @@ def remove_stale(directory: Path = SHM_DIR, *, min_age: float = MIN_AGE, in_use:
         log.info("removed %d shared-memory region(s) of Tritons that are gone (%.0f MB) from %s",
                  len(removed), freed / 2**20, directory)
     return removed
-
