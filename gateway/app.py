@@ -73,7 +73,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | No
         heartbeat_interval=app.config["HEARTBEAT_INTERVAL"],
         retry_after=app.config["RETRY_AFTER"],
         key_concurrency=KeyConcurrency(app.config["RATELIMIT_STORAGE_URI"],
-                                       lease=app.config["REQUEST_TIMEOUT"] + 60, timeout=app.config["STORE_TIMEOUT"],
+                                       lease=app.config["CONCURRENCY_LEASE"], timeout=app.config["STORE_TIMEOUT"],
                                        fail_open=bool(app.config.get("RATELIMIT_SWALLOW_ERRORS")),
                                        memory_fallback=bool(app.config.get("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"))),
         default_max_concurrent=app.config["DEFAULT_MAX_CONCURRENT"],

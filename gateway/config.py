@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT_STORAGE_URI": "memory://",  # flask-limiter; "redis://..." for several replicas
     "RATELIMIT_HEADERS_ENABLED": True,  # X-RateLimit-* and Retry-After
     "STORE_TIMEOUT": 2.0,  # seconds a Redis connect or command of the limits may take; then a 503
+    "CONCURRENCY_LEASE": 30.0,  # seconds an open generation's place in Redis lasts unless its worker renews it
     # HTTP
     "HEARTBEAT_INTERVAL": 5.0,  # seconds between SSE keep-alive comments while waiting
     "MAX_BODY_BYTES": 1 << 20,  # larger bodies are a 413
@@ -130,7 +131,7 @@ def load_config(
 
 def _check(config: Mapping[str, Any]) -> None:
     for key in ("HEARTBEAT_INTERVAL", "REQUEST_TIMEOUT", "READY_TIMEOUT", "CONNECT_TIMEOUT", "BODY_TIMEOUT",
-                "STORE_TIMEOUT"):
+                "STORE_TIMEOUT", "CONCURRENCY_LEASE"):
         if config[key] <= 0:
             raise ValueError(f"gateway config {key} must be positive")
     if config["MAX_IN_FLIGHT"] < 0:

@@ -3,6 +3,8 @@ folder on the path). Defined once: keys, the served model's name, ports, the err
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +39,47 @@ def assert_error(response, status: int, type_: str, param: str | None, message: 
     assert response.headers["Content-Type"].startswith("application/json"), response.headers
     body = response.get_json() if hasattr(response, "get_json") else response.json()
     assert body == {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
+# -- a real Redis (the gateway's shared limits: unit and end-to-end tiers) ------------------------
+
+def start_redis(work: Path, port: int) -> subprocess.Popen:
+    """A redis-server on ``port`` (no persistence), answering pings; skips the test without one."""
+    import pytest
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
+    log = open(work / "redis.log", "ab")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", "",
+         "--appendonly", "no", "--daemonize", "no"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    if not wait_until(lambda: _pings(client), timeout=15, interval=0.05):
+        stop_redis(proc)
+        pytest.fail(f"redis-server did not answer on {port}: {(work / 'redis.log').read_text()}")
+    return proc
+
+
+def stop_redis(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
 
 
 # -- servers of the end-to-end tiers (tests/e2e, tests/gpu) ---------------------------------------

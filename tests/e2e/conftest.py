@@ -4,7 +4,6 @@ Both start on free ports for the session, wait for readiness, and always stop. W
 that uses them fails, the tail of each server's log is attached to the failure report.
 """
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import requests
 
 import testkit
-from testkit import ROOT, free_port, model_dir
+from testkit import ROOT, free_port, model_dir, start_redis, stop_redis  # noqa: F401 (tests import them from here)
 
 from trident.triton_launcher import TritonPorts, TritonServer
 
@@ -103,36 +102,6 @@ def client(gateway):
     session.close()
 
 
-def start_redis(work: Path, port: int) -> subprocess.Popen:
-    """A redis-server on ``port`` (no persistence), answering pings; skips the test without one."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
-    log = open(work / "redis.log", "ab")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", "",
-         "--appendonly", "no", "--daemonize", "no"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    log.close()
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port)
-    if not wait_for(lambda: _pings(client), timeout=15):
-        stop_redis(proc)
-        pytest.fail(f"redis-server did not answer on {port}: {(work / 'redis.log').read_text()}")
-    return proc
-
-
-def stop_redis(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     work = tmp_path_factory.mktemp("redis")
@@ -142,13 +111,6 @@ def redis_url(tmp_path_factory):
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         stop_redis(proc)
-
-
-def _pings(client) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
 
 
 @pytest.hookimpl(hookwrapper=True)

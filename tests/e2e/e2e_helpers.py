@@ -106,3 +106,38 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
         if result or time.monotonic() > deadline:
             return result
         time.sleep(interval)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a gunicorn master's workers), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # gone meanwhile
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after the state
+                found.append(int(entry))
+    return found
+
+
+def worker_holding(gateway, client_port: int) -> int | None:
+    """The gateway worker (pid) that holds the accepted end of the connection from
+    ``client_port`` to the gateway, from /proc: each worker accepts on its own socket."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+                if local == gateway.port and remote == client_port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    for pid in child_pids(gateway.process.pid):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                return pid
+        except OSError:
+            continue
+    return None

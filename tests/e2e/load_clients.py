@@ -7,6 +7,7 @@ import threading
 import time
 
 import requests
+import urllib3
 
 from e2e_helpers import AUTH, engine_metrics, wait_for
 
@@ -19,13 +20,17 @@ class Stream:
     received = 0  # token events over all streams (under lock)
     lock = threading.Lock()
 
-    def __init__(self, url, body, *, drop_after_tokens=None, drop_when=None):
+    def __init__(self, url, body, *, drop_after_tokens=None, drop_when=None, headers=None):
         """Hangs up on the headers when ``drop_after_tokens`` is 0, else at the first token event
         at which it has at least ``drop_after_tokens`` token events (when given) and ``drop_when``
-        (a threading.Event, when given) is set."""
+        (a threading.Event, when given) is set. ``headers`` add to (or replace) the test key's."""
         self.url, self.body, self.drop_after, self.drop_when = url, body, drop_after_tokens, drop_when
-        self.log = []  # kinds in arrival order: "headers", "comment", "token", "done", "error"
+        self.headers = {**AUTH, **(headers or {})}
+        # kinds in arrival order: "headers", "comment", "token", "done", "error", and "broken"
+        # when the connection broke under it (the server's end went away)
+        self.log = []
         self.status = None
+        self.port = None  # the client's end of its connection (set with its headers)
         self.text = ""
         self.dropped_at = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -35,12 +40,22 @@ class Stream:
         return self
 
     def _run(self):
-        r = requests.post(self.url + "/generate", json=self.body, headers=AUTH, stream=True, timeout=300)
+        r = requests.post(self.url + "/generate", json=self.body, headers=self.headers, stream=True, timeout=300)
         self.status = r.status_code
+        try:
+            self.port = _socket(r).getsockname()[1]
+        except (AttributeError, OSError):
+            pass  # no socket left: the response was read with its headers
         self.log.append("headers")
         if self.drop_after == 0:
             self._drop(r)
             return
+        try:
+            self._read(r)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+            self.log.append("broken")
+
+    def _read(self, r):
         tokens = 0
         for line in r.iter_lines():
             if line.startswith(b":"):
@@ -63,14 +78,16 @@ class Stream:
 
     def _drop(self, response):
         # Close the TCP connection itself (requests may otherwise keep it in its pool).
-        raw = response.raw
         try:
-            sock = raw._fp.fp.raw._sock  # the http.client socket under urllib3
-            sock.shutdown(socket.SHUT_RDWR)
+            _socket(response).shutdown(socket.SHUT_RDWR)
         except (AttributeError, OSError):
             pass
         response.close()
         self.dropped_at = time.monotonic()
+
+
+def _socket(response):
+    return response.raw._fp.fp.raw._sock  # the http.client socket under urllib3
 
 
 def join_all(streams, triton, *, seconds=180):

@@ -1,4 +1,5 @@
-"""Streaming at more streams than the engine has slots, and clients that vanish at every stage.
+"""Streaming at more streams than the engine has slots, clients that vanish at every stage, and
+a gateway worker that dies mid-stream.
 
 The small-batch Triton has SMALL_BATCH engine slots; these tests run 12x and 50x that many
 streams through the real gateway. Timing is judged by the engine's own counters (tokens
@@ -6,15 +7,20 @@ generated against tokens the clients received, decode steps), not by wall-clock 
 where the contract names one (the engine idle within 2 s of the last client gone).
 """
 import json
+import os
+import signal
 import threading
 import time
 
 import pytest
+import redis
+import requests
 from conftest import SMALL_BATCH, start_gateway, start_triton
-from e2e_helpers import engine_metrics, open_generate
-from load_clients import COUNTING, Stream, disconnect_storm, join_all
+from e2e_helpers import child_pids, engine_metrics, open_generate, worker_holding
+from load_clients import COUNTING, Stream, disconnect_storm, join_all, log_mark, log_since
 from testkit import wait_until
 
+from gateway.keys import add_key
 from trident import stream_probe
 
 
@@ -161,3 +167,82 @@ def test_a_client_that_leaves_is_noticed_without_a_write(quiet_gateway, small_tr
     assert time.monotonic() - left < 2.0, "running requests cancelled late"
     assert now["cancelled"] - before["cancelled"] == 2 * SMALL_BATCH
     assert now["prefilled"] - before["prefilled"] == SMALL_BATCH
+
+
+def test_a_gateway_worker_killed_mid_stream(small_triton, tmp_path_factory, redis_url):
+    """One of two gateway workers dies (SIGKILL: the OOM killer, a crash) with streams open.
+    gunicorn starts another in its place; the engine stops the dead worker's generations within
+    2 s (their gRPC calls went with it, and llm finds them gone: no cancel request was sent); the
+    other worker's streams finish whole. The place a dead stream held in its key's
+    ``max_concurrent`` bound (counted in Redis) comes back when its lease runs out, which only a
+    live worker renews: not a request timeout (10 minutes) later, as before 2026-12-05. And a
+    live stream keeps its place for many leases."""
+    keys = tmp_path_factory.mktemp("keys") / "keys.json"
+    one = {"Authorization": f"Bearer {add_key(keys, name='one-stream', models=['*'], max_concurrent=1)}"}
+    lease = 2.0
+    gw = start_gateway(small_triton, tmp_path_factory, workers=2, extra_env={
+        "TRIDENT_API_KEYS_FILE": str(keys), "TRIDENT_RATELIMIT_STORAGE_URI": redis_url,
+        "TRIDENT_CONCURRENCY_LEASE": str(lease), "TRIDENT_HEARTBEAT_INTERVAL": "0.5"})
+
+    def refused():  # a one-token generation of the bounded key
+        r = requests.post(gw.url + "/generate", json={"prompt": "1, 2,", "max_new_tokens": 1}, headers=one,
+                          timeout=60)
+        assert r.status_code in (200, 429), r.text
+        return r.status_code == 429
+
+    def opened(stream):
+        assert wait_until(lambda: stream.port is not None, timeout=60), stream.log
+        return stream
+
+    try:
+        assert wait_until(lambda: len(child_pids(gw.process.pid)) == 2, timeout=30)
+        body = {**COUNTING, "max_new_tokens": 150}
+        # The bounded key's stream decides which worker dies; more streams until each worker
+        # holds at least two (the kernel spreads connections over the workers' sockets).
+        streams = [opened(Stream(gw.url, body, headers=one).start())]
+        victim = worker_holding(gw, streams[0].port)
+        assert victim is not None
+        held = {}
+        while len(streams) < 24:
+            held = {s: worker_holding(gw, s.port) for s in streams}
+            if sum(pid == victim for pid in held.values()) >= 2 and sum(pid != victim for pid in held.values()) >= 2:
+                break
+            streams.append(opened(Stream(gw.url, body).start()))
+        doomed = [s for s in streams if held[s] == victim]
+        kept = [s for s in streams if held[s] != victim]
+        assert len(doomed) >= 2 and len(kept) >= 2 and None not in held.values(), held
+        assert refused()
+        mark = log_mark(small_triton)
+
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        while len(gone := [line for line in log_since(small_triton, mark) if "cancelled by the client" in line]) \
+                < len(doomed):
+            assert time.monotonic() - killed < 2.0, f"{len(gone)} of {len(doomed)} cancelled 2 s after the kill"
+            time.sleep(0.05)
+        assert len(gone) == len(doomed) and all("found gone" in line for line in gone), gone
+        assert refused()  # the dead stream's place: its lease runs on
+
+        assert wait_until(lambda: len(workers := child_pids(gw.process.pid)) == 2 and victim not in workers,
+                          timeout=60), child_pids(gw.process.pid)
+        assert wait_until(lambda: not refused(), timeout=lease + 5, interval=0.2), "the dead stream's place never came back"
+        join_all(kept, small_triton)
+        assert all(s.status == 200 and s.log[-1] == "done" for s in kept), [s.log[-3:] for s in kept]
+        assert len({s.text for s in kept}) == 1
+        assert all(s.log[-1] == "broken" and "done" not in s.log for s in doomed), [s.log[-3:] for s in doomed]
+
+        # A live stream of the bounded key keeps its place: its worker (gevent) renews the lease.
+        leave = threading.Event()
+        long = opened(Stream(gw.url, {**COUNTING, "max_new_tokens": 1000}, headers=one, drop_when=leave).start())
+        store = redis.Redis.from_url(redis_url)
+        places = lambda: store.zrange("trident:open-generations:one-stream", 0, -1, withscores=True)  # noqa: E731
+        assert wait_until(lambda: len(places()) == 1, timeout=10), places()
+        first = places()[0][1]
+        assert wait_until(lambda: places() and places()[0][1] > first + lease / 6, timeout=lease), places()
+        assert "done" not in long.log and refused()
+        leave.set()
+        long.thread.join(timeout=60)
+        assert wait_until(lambda: not refused(), timeout=10, interval=0.2)
+        assert wait_until(lambda: engine_metrics(small_triton)["active"] == 0, timeout=10)
+    finally:
+        gw.stop()
