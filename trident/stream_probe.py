@@ -19,6 +19,15 @@ all, so pings never reach it. :func:`probe` reads the model's instance count fro
 pings until every instance has answered (the answer names its instance), all within the
 timeout; an error answer, or an instance that answers none, fails it.
 
+The engine model (``llm``'s ``engine_model`` parameter) gets a ping of its own where it is a
+Python-backend model, as the CPU engine is: the Python backend of Triton 2.51 (and since, up to
+at least 2.64: triton-inference-server/server#8604) does not restart a stub that died, and Triton
+stays live and ready, the model too, while every request to it fails after a second ("Stub
+process ... is not healthy"). ``llm`` answers its pings without the engine, so only a ping of
+the engine's own finds that. The ping is TensorRT-LLM's stop request without a request id: the
+CPU engine answers it at once, ahead of its queue, and stops nothing. TensorRT-LLM's own backend
+(C++, in Triton's process) is not pinged: it cannot die without Triton.
+
     python -m trident.stream_probe                      # 127.0.0.1:$TRITON_GRPC_PORT (8001)
     python -m trident.stream_probe --url triton:8001 --timeout 10   # every ping within 10 s
 
@@ -33,7 +42,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from .contract import PING_PARAMETER, control_inputs
 
@@ -56,15 +65,27 @@ def _ping_request(model: str):
                          bool_parameters=(PING_PARAMETER,))
 
 
-def probe(url: str, *, model: str = MODEL, timeout: float = 10.0) -> tuple[str, list[str], int]:
+class Answer(NamedTuple):
+    """What a probe heard: the server's id, the ``llm`` instances that answered, the pings sent
+    to them, and the engine model that answered its own ping (None: not a Python-backend model)."""
+
+    server: str
+    instances: list[str]
+    pings: int
+    engine: Optional[str]
+
+
+def probe(url: str, *, model: str = MODEL, timeout: float = 10.0) -> Answer:
     """Ping ``model`` until every instance its config names has answered, one ping after another,
-    all within ``timeout`` seconds. Returns the server id, the instances and the pings sent;
-    raises :class:`ProbeFailed` at an error answer, or when an instance has answered none."""
+    then each instance of its engine model where that is a Python-backend model, all within
+    ``timeout`` seconds. Raises :class:`ProbeFailed` at an error answer, or when an instance
+    has answered none."""
     import grpc
 
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(url) as channel:
-        instances = _instances(channel, url, model, timeout)
+        config = _config(channel, url, model, timeout)
+        instances = _count(config)
         answered: dict[str, int] = {}
         server, pings = "?", 0
         while len(answered) < instances:
@@ -76,26 +97,55 @@ def probe(url: str, *, model: str = MODEL, timeout: float = 10.0) -> tuple[str, 
                 raise ProbeFailed(f"{instances - len(answered)} of the {instances} instances of {model} at {url} "
                                   f"answered none of {pings} stream pings in {timeout:.3g} s (answered: {heard})")
             try:
-                server, instance = _ping(channel, url, model, left)
+                named = _ask(channel, url, model, _ping_request(model), left, "the ping")
             except ProbeFailed as failure:
                 raise ProbeFailed(f"{failure} (ping {pings + 1})") from None
+            server, instance = named.get("server", "?"), named.get("instance", "?")
             pings += 1
             answered[instance] = answered.get(instance, 0) + 1
-    return server, sorted(answered), pings
+        engine = _ping_engine(channel, url, config, deadline)
+    return Answer(server, sorted(answered), pings, engine)
 
 
-def _instances(channel, url: str, model: str, timeout: float) -> int:
-    """How many instances of ``model`` the server runs: its config's instance groups, each
-    ``count`` instances (on each of its GPUs, for a group that lists GPUs)."""
+def _ping_engine(channel, url: str, llm_config, deadline: float) -> Optional[str]:
+    """Ping each instance of ``llm``'s engine model when that is a Python-backend model (a stop
+    request without an id, answered at once); returns its name, or None when not pinged."""
+    from .engine_tensors import OUTPUT_IDS, stop_inputs
+    from .triton_wire import infer_request
+
+    named = llm_config.parameters.get("engine_model")
+    if named is None or not named.string_value:
+        return None
+    engine = named.string_value
+    config = _config(channel, url, engine, max(0.001, deadline - time.monotonic()))
+    if config.backend != "python":
+        return None
+    for i in range(_count(config)):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ProbeFailed(f"no time left for the stop ping to the engine model {engine} at {url}")
+        try:
+            _ask(channel, url, engine, infer_request(engine, stop_inputs(), outputs=(OUTPUT_IDS,)), left, "the stop ping")
+        except ProbeFailed as failure:
+            raise ProbeFailed(f"the engine model: {failure} (stop ping {i + 1})") from None
+    return engine
+
+
+def _config(channel, url: str, model: str, timeout: float):
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     try:
-        config = stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=timeout,
-                                  wait_for_ready=False).config
+        return stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=timeout,
+                                wait_for_ready=False).config
     except grpc.RpcError as exc:
         raise _failed(exc, f"the config of {model} at {url}", timeout) from None
+
+
+def _count(config) -> int:
+    """How many instances a model config runs: its instance groups, each ``count`` instances (on
+    each of its GPUs, for a group that lists GPUs)."""
     return max(1, sum(max(1, group.count) * max(1, len(group.gpus)) for group in config.instance_group))
 
 
@@ -109,7 +159,9 @@ def _failed(exc, what: str, timeout: float) -> ProbeFailed:
     return ProbeFailed(f"{what} failed: {code.name if code else ''} {detail}")
 
 
-def _ping(channel, url: str, model: str, timeout: float) -> tuple[str, str]:
+def _ask(channel, url: str, model: str, request, timeout: float, what: str) -> dict[str, str]:
+    """Send ``request`` on a stream call and read the call to its end; returns the first value of
+    each output. Raises :class:`ProbeFailed` at an error answer, no answer, or no final response."""
     import grpc
     from tritonclient.grpc import service_pb2
 
@@ -123,7 +175,7 @@ def _ping(channel, url: str, model: str, timeout: float) -> tuple[str, str]:
     try:
         # Read to the call's end, also after an error: a call dropped after its final response
         # is cancelled by grpcio, which left Triton 2.51 counting the request as in flight.
-        for response in call(_ping_request(model), timeout=timeout, wait_for_ready=False):
+        for response in call(request, timeout=timeout, wait_for_ready=False):
             if response.error_message:
                 error = error or response.error_message
                 continue
@@ -135,10 +187,10 @@ def _ping(channel, url: str, model: str, timeout: float) -> tuple[str, str]:
     except grpc.RpcError as exc:
         raise _failed(exc, f"a stream ping to {model} at {url}", timeout) from None
     if error:
-        raise ProbeFailed(f"{model} answered the ping with an error: {error}")
+        raise ProbeFailed(f"{model} answered {what} with an error: {error}")
     if not answered:
-        raise ProbeFailed(f"the stream ping to {model} at {url} ended without a final response")
-    return named.get("server", "?"), named.get("instance", "?")
+        raise ProbeFailed(f"{what} to {model} at {url} ended without a final response")
+    return named
 
 
 def _http_live(url: str, timeout: float) -> None:
@@ -171,12 +223,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     started = time.monotonic()
     try:
-        server, instances, pings = probe(args.url, model=args.model, timeout=args.timeout)
+        answer = probe(args.url, model=args.model, timeout=args.timeout)
     except ProbeFailed as failure:
         print(f"not live: {failure}", file=sys.stderr)
         return 1
-    print(f"live: {args.model} at {args.url} (server {server}) answered {pings} stream ping{'s' * (pings != 1)} in "
-          f"{(time.monotonic() - started) * 1000:.0f} ms, from each of its instances ({', '.join(instances)})")
+    pings = answer.pings
+    engine = f"; its engine model {answer.engine} answered a stop ping" if answer.engine else ""
+    print(f"live: {args.model} at {args.url} (server {answer.server}) answered {pings} stream ping{'s' * (pings != 1)}, "
+          f"from each of its instances ({', '.join(answer.instances)}){engine}, in "
+          f"{(time.monotonic() - started) * 1000:.0f} ms")
     return 0
 
 

@@ -1,8 +1,9 @@
 """``make serve`` as a user runs it (scripts/serve.py, the small-batch repository with two
 instances of ``llm``): the service stays up after it says it is ready, and comes back by itself
-when Triton is killed, and when Triton runs but one of its ``llm`` stubs hangs (Triton's HTTP
+when Triton is killed, when Triton runs but one of its ``llm`` stubs hangs (Triton's HTTP
 health endpoints still say ready, half the requests fail; the stream probe,
-trident.stream_probe, finds it)."""
+trident.stream_probe, finds it), and when the engine model's stub dies (Triton still says
+ready, every generation fails; the probe's stop ping to the engine finds it)."""
 import os
 import signal
 import subprocess
@@ -38,11 +39,16 @@ def _triton_pid(work) -> int | None:
     return int(out[0]) if out else None
 
 
-def _llm_stub_pid(work, instance: str = "llm_0_1") -> int | None:
-    """The stub process of one instance of ``llm`` (Triton names it in the stub's command line)."""
-    out = subprocess.run(["pgrep", "-f", f"{work}.*triton_python_backend_stub .*/llm/1/model.py .* {instance} "],
+def _stub_pid(work, model: str, instance: str) -> int | None:
+    """The stub process of one instance of a Python-backend model (Triton names it in the stub's
+    command line)."""
+    out = subprocess.run(["pgrep", "-f", f"{work}.*triton_python_backend_stub .*/{model}/1/model.py .* {instance} "],
                          capture_output=True, text=True).stdout.split()
     return int(out[0]) if out else None
+
+
+def _llm_stub_pid(work, instance: str = "llm_0_1") -> int | None:
+    return _stub_pid(work, "llm", instance)
 
 
 def _http_ready(port: str) -> bool:
@@ -52,7 +58,7 @@ def _http_ready(port: str) -> bool:
         return False
 
 
-def test_serve_stays_up_and_restarts_a_killed_or_hung_triton(two_llm_repo, tmp_path):
+def test_serve_stays_up_and_restarts_a_killed_or_hung_triton_or_a_dead_engine(two_llm_repo, tmp_path):
     # A region of the Python backend that a killed Triton left in /dev/shm (no process names it,
     # an hour old): starting Triton removes it (trident.shm_regions).
     left = Path("/dev/shm") / f"{shm_regions.PREFIX}{uuid.uuid4()}"
@@ -110,6 +116,24 @@ def test_serve_stays_up_and_restarts_a_killed_or_hung_triton(two_llm_repo, tmp_p
         assert wait_for(lambda: _generates(url), timeout=60)
         assert _triton_pid(tmp_path / "run") not in (None, pid)
         assert _llm_stub_pid(tmp_path / "run") not in (None, stub)
+
+        # The engine's stub dies (the CPU engine is a Python-backend model): Triton does not
+        # restart it and stays ready, every generation fails after a second, and llm still
+        # answers its pings. The probe's stop ping to the engine model finds it.
+        pid = _triton_pid(tmp_path / "run")
+        engine = _stub_pid(tmp_path / "run", "tensorrt_llm", "tensorrt_llm_0_0")
+        assert engine is not None
+        os.kill(engine, signal.SIGKILL)
+        assert _http_ready(http_port)
+        probe = subprocess.run([sys.executable, "-m", "trident.stream_probe", "--url", f"127.0.0.1:{grpc_port}",
+                                "--timeout", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert probe.returncode == 1, probe
+        assert "the engine model: tensorrt_llm answered the stop ping with an error: Stub process " \
+               "'tensorrt_llm_0_0' is not healthy" in probe.stderr, probe
+        assert wait_for(lambda: "Triton is back (restart 3)" in (tmp_path / "serve.log").read_text(), timeout=300), \
+            (tmp_path / "serve.log").read_text()
+        assert wait_for(lambda: _generates(url), timeout=60)
+        assert _triton_pid(tmp_path / "run") not in (None, pid)
     finally:
         left.unlink(missing_ok=True)
         proc.send_signal(signal.SIGTERM)

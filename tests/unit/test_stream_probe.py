@@ -22,12 +22,16 @@ class FakeTriton:
     "one-hung-of-two" (pong and error in turn: Triton handing requests in turn to two instances,
     one with a stub the Python backend finds unhealthy), "one-blocked-of-two" (every pong from
     the first instance: the other's execute blocks, so it takes no request); ``ModelConfig``
-    naming ``instances`` instances, whose pongs name them in turn."""
+    naming ``instances`` instances, whose pongs name them in turn. The engine model
+    ``tensorrt_llm`` (``llm``'s ``engine_model`` when ``engine_backend`` is set) answers a stop
+    request as ``engine`` says: "final" (the CPU engine), or "dead" (its stub died)."""
 
     def __init__(self, behaviour: str, instances: int = 1) -> None:
         self.behaviour = behaviour
         self.instances = instances
         self.groups = [(instances, [])]  # the config's instance groups: count, GPUs (count on each)
+        self.engine_backend: str | None = None  # None: llm's config names no engine model
+        self.engine = "final"
         self.requests: list[service_pb2.ModelInferRequest] = []
         self.release = threading.Event()
         self.cancelled_after_answer: bool | None = None
@@ -50,6 +54,13 @@ class FakeTriton:
     def _config(self, request, context):
         response = service_pb2.ModelConfigResponse()
         response.config.name = request.name
+        if request.name == "tensorrt_llm":
+            response.config.backend = self.engine_backend
+            response.config.instance_group.add(name="tensorrt_llm_0", count=1)
+            return response
+        response.config.backend = "python"
+        if self.engine_backend is not None:
+            response.config.parameters["engine_model"].string_value = "tensorrt_llm"
         for i, (count, gpus) in enumerate(self.groups):
             response.config.instance_group.add(name=f"{request.name}_{i}", count=count, gpus=gpus)
         return response
@@ -57,6 +68,15 @@ class FakeTriton:
     def _stream(self, requests, context):
         for request in requests:
             self.requests.append(request)
+            if request.model_name == "tensorrt_llm":
+                response = service_pb2.ModelStreamInferResponse()
+                if self.engine == "dead":  # what Triton answers after a second for a dead stub
+                    response.error_message = "Stub process 'tensorrt_llm_0_0' is not healthy."
+                else:
+                    response.infer_response.model_name = request.model_name
+                    response.infer_response.parameters[FINAL_FLAG].bool_param = True
+                yield response
+                continue
             if self.behaviour == "hang":
                 self.release.wait(30)
                 return
@@ -94,7 +114,7 @@ def triton(request):
 
 @pytest.mark.parametrize("triton", ["pong"], indirect=True)
 def test_a_ping_is_one_request_to_llm_with_its_required_inputs_and_the_ping_parameter(triton):
-    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1)
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, None)
     (request,) = triton.requests
     assert request.model_name == "llm" and request.parameters[PING_PARAMETER].bool_param
     inputs = {t.name: deserialize(t.datatype, t.shape, raw) for t, raw in zip(request.inputs, request.raw_input_contents)}
@@ -129,14 +149,14 @@ def test_a_stream_without_a_final_response_fails(triton):
 def test_the_instance_count_is_every_group_of_the_config(triton):
     """Triton runs a group's count on each GPU it lists (and a count of 0 is its default, 1)."""
     with grpc.insecure_channel(triton.url) as channel:
-        assert stream_probe._instances(channel, triton.url, "llm", 5) == 2
+        assert stream_probe._count(stream_probe._config(channel, triton.url, "llm", 5)) == 2
         triton.groups = [(2, [0, 1]), (0, [])]
-        assert stream_probe._instances(channel, triton.url, "llm", 5) == 2 * 2 + 1
+        assert stream_probe._count(stream_probe._config(channel, triton.url, "llm", 5)) == 2 * 2 + 1
 
 
 @pytest.mark.parametrize("triton", ["pong/3"], indirect=True)
 def test_a_probe_pings_until_each_instance_has_answered(triton):
-    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0", "llm_0_1", "llm_0_2"], 3)
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0", "llm_0_1", "llm_0_2"], 3, None)
     assert len(triton.requests) == 3 and len({r.id for r in triton.requests}) == 3
 
 
@@ -145,7 +165,7 @@ def test_a_probe_fails_when_one_instance_of_two_fails(triton):
     """Triton hands an idle server's requests to the instances in turn: one ping a probe failed
     every other probe, so 3 failures in a row never came."""
     triton.groups = [(1, [])]  # a probe of one ping, as before: it reaches the healthy instance
-    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1)
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, None)
     triton.groups = [(2, [])]
     with pytest.raises(stream_probe.ProbeFailed, match=r"not healthy.*\(ping 1\)"):
         stream_probe.probe(triton.url, timeout=5)  # the next request reaches the other one
@@ -177,6 +197,39 @@ def test_the_command_exits_0_when_answered_and_1_when_not(triton, capsys):
         assert code == 0 and "server triton-7:8001" in out.out and "instances (llm_0_0)" in out.out
     else:
         assert code == 1 and "not live" in out.err
+
+
+@pytest.mark.parametrize("triton", ["pong"], indirect=True)
+def test_a_python_backend_engine_gets_a_stop_ping_without_a_request_id(triton):
+    triton.engine_backend = "python"  # the CPU engine
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, "tensorrt_llm")
+    ping, stop = triton.requests
+    assert ping.model_name == "llm" and stop.model_name == "tensorrt_llm" and stop.id == ""  # stops nothing
+    inputs = {t.name: deserialize(t.datatype, t.shape, raw) for t, raw in zip(stop.inputs, stop.raw_input_contents)}
+    assert bool(inputs["stop"].flat[0]) and {"input_ids", "input_lengths", "request_output_len"} <= set(inputs)
+
+
+@pytest.mark.parametrize("triton", ["pong"], indirect=True)
+def test_a_dead_engine_stub_fails_the_probe_though_llm_answers(triton, capsys):
+    """Triton does not restart a Python-backend stub that died, and stays ready; llm answers its
+    pings without the engine (by hand: every generation a 500 after a second, the llm ping fine)."""
+    triton.engine_backend, triton.engine = "python", "dead"
+    with pytest.raises(stream_probe.ProbeFailed, match=r"the engine model: tensorrt_llm answered the stop ping with "
+                                                       r"an error: Stub process 'tensorrt_llm_0_0' is not healthy"):
+        stream_probe.probe(triton.url, timeout=5)
+    assert stream_probe.main(["--url", triton.url, "--timeout", "5"]) == 1
+    assert "not live: the engine model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("triton", ["pong"], indirect=True)
+def test_tensorrt_llms_own_backend_is_not_pinged(triton, capsys):
+    """In Triton's process (C++): it cannot die without Triton, and its requests wait behind the batch."""
+    triton.engine_backend = "tensorrtllm"
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, None)
+    assert [r.model_name for r in triton.requests] == ["llm"]
+    triton.engine_backend = "python"
+    assert stream_probe.main(["--url", triton.url]) == 0
+    assert "its engine model tensorrt_llm answered a stop ping" in capsys.readouterr().out
 
 
 def test_nothing_listening_fails_the_probe_at_the_config():
