@@ -60,6 +60,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | No
             ready_timeout=app.config["READY_TIMEOUT"],
             connect_timeout=app.config["CONNECT_TIMEOUT"],
             retry_after=app.config["RETRY_AFTER"],
+            keepalive=app.config["GRPC_KEEPALIVE"],
         )
     app.extensions["trident"] = GatewayState(
         backend=backend,

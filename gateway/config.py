@@ -27,6 +27,9 @@ from typing import Any
 from flask import Flask
 
 ENV_PREFIX = "TRIDENT_"
+#: The shortest ping period Triton accepts as trident's launchers start it (seconds; its
+#: --grpc-http2-min-recv-ping-interval-without-data, trident.triton_launcher.GRPC_KEEPALIVE_ARGS).
+GRPC_KEEPALIVE_MIN = 1.0
 CONFIG_FILE_ENV = "TRIDENT_GATEWAY_CONFIG"
 
 DEFAULTS: dict[str, Any] = {
@@ -38,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "REQUEST_TIMEOUT": 600.0,  # seconds one whole generation may take (then its cancel request)
     "READY_TIMEOUT": 2.0,  # seconds: deadline of readiness probes
     "CONNECT_TIMEOUT": 5.0,  # seconds: how long a connection attempt to Triton may take
+    "GRPC_KEEPALIVE": 10.0,  # seconds between HTTP/2 pings to each Triton, and for each answer; 0: none
     "RETRY_AFTER": 5,  # seconds, sent with every 503
     # API keys (see gateway.auth)
     "API_KEY": None,  # one key allowed everything (TRIDENT_API_KEY)
@@ -134,6 +138,9 @@ def _check(config: Mapping[str, Any]) -> None:
                 "STORE_TIMEOUT", "CONCURRENCY_LEASE"):
         if config[key] <= 0:
             raise ValueError(f"gateway config {key} must be positive")
+    if config["GRPC_KEEPALIVE"] and config["GRPC_KEEPALIVE"] < GRPC_KEEPALIVE_MIN:
+        raise ValueError(f"gateway config GRPC_KEEPALIVE must be 0 (no pings) or at least {GRPC_KEEPALIVE_MIN:g} s: "
+                         "Triton closes a connection that pings more often (trident.triton_launcher)")
     if config["MAX_IN_FLIGHT"] < 0:
         raise ValueError("gateway config MAX_IN_FLIGHT must be >= 0")
     if config.get("DEFAULT_RATE_LIMIT"):

@@ -96,6 +96,30 @@ def service_config(*, retries: int) -> str:
     return json.dumps(config)
 
 
+def keepalive_options(seconds: float) -> list[tuple[str, int]]:
+    """HTTP/2 pings on every connection to Triton, every ``seconds``, busy or idle, each to be
+    answered within ``seconds`` (0: none). Without them a Triton that stops answering while its
+    host's TCP stays up (a frozen process) or whose host is gone without a reset (a lost node,
+    a partition) keeps its connection READY: round_robin hands it every other call, and each
+    hangs until the request timeout. With them the connection closes within two periods: the
+    calls on it end with UNAVAILABLE (a new one is retried on another server), and round_robin
+    skips that server until it answers again. Triton must accept the pings: trident's launchers
+    start it with trident.triton_launcher.GRPC_KEEPALIVE_ARGS."""
+    if not seconds:
+        return []
+    ms = int(seconds * 1000)
+    return [
+        ("grpc.keepalive_time_ms", ms),
+        ("grpc.keepalive_timeout_ms", ms),
+        # Every ping's answer, the flow-control (BDP) pings sent with a call's data included: with
+        # keepalive on, gRPC core waits a minute for those by default (measured: a call to a
+        # frozen Triton failed after 60 s, with this at 2 s after 2 s).
+        ("grpc.http2.ping_timeout_ms", ms),
+        ("grpc.keepalive_permit_without_calls", 1),  # an idle connection is checked too
+        ("grpc.http2.max_pings_without_data", 0),  # and keeps being checked while idle
+    ]
+
+
 class TritonGeneration:
     """One ``ModelStreamInfer`` call, read as gateway events (see ``backend.Generation``)."""
 
@@ -221,6 +245,7 @@ class TritonBackend:
         connect_timeout: float = 5.0,
         retry_after: int = 5,
         retries: int = 3,
+        keepalive: float = 10.0,
     ) -> None:
         self.url = url
         self.target = grpc_target(url)
@@ -230,6 +255,7 @@ class TritonBackend:
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
         self.retries = retries
+        self.keepalive = keepalive
         self._relay: Relay | None = None
         self._relay_lock = threading.Lock()  # held only while a relay is built (nothing yields)
         self._limits: dict[str, ModelLimits] = {}
@@ -249,6 +275,7 @@ class TritonBackend:
             ("grpc.enable_retries", 1),
             # A dns:/// target is re-resolved when a connection breaks; not more often than this.
             ("grpc.dns_min_time_between_resolutions_ms", 5000),
+            *keepalive_options(self.keepalive),
         ]
 
     @property

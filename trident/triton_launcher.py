@@ -137,6 +137,21 @@ def python_thread_pool_size(model_repository: Path, *, llm_model: str = "llm") -
     return max(DEFAULT_THREAD_POOL, concurrent + THREAD_POOL_HEADROOM)
 
 
+#: HTTP/2 keepalive on Triton's gRPC endpoint. Triton accepts its clients' pings (the gateway's,
+#: every 10 s, gateway.triton_backend.keepalive_options) on busy and idle connections, at most one
+#: a second (gRPC's default policy allows one in 5 minutes without data, and closes a connection
+#: that pings more often: GOAWAY "too_many_pings"), and pings its clients every 10 s, so that the
+#: calls of a client that froze or whose host is gone end within 20 s (llm then finds them
+#: cancelled and stops their generations) instead of running to their end.
+GRPC_KEEPALIVE_ARGS = (
+    "--grpc-keepalive-permit-without-calls=1",
+    "--grpc-http2-min-recv-ping-interval-without-data=1000",
+    "--grpc-keepalive-time=10000",
+    "--grpc-keepalive-timeout=10000",
+    "--grpc-http2-max-pings-without-data=0",
+)
+
+
 def build_command(*, model_repository: Path, backend_dir: Path, ports: TritonPorts,
                   log_verbose: int = 0, exit_timeout: int = 30,
                   extra_args: Sequence[str] = ()) -> list[str]:
@@ -156,6 +171,7 @@ def build_command(*, model_repository: Path, backend_dir: Path, ports: TritonPor
         "--exit-on-error=true",
         "--strict-readiness=true",
         f"--backend-config=python,thread-pool-size={pool}",
+        *GRPC_KEEPALIVE_ARGS,
         # On SIGINT/SIGTERM Triton stops taking requests and waits this long for the ones in
         # flight (and model unloads) before it exits.
         f"--exit-timeout-secs={exit_timeout}",

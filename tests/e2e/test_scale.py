@@ -6,6 +6,7 @@ this module's (``second_triton``), which the failover test kills and starts agai
 """
 import concurrent.futures as cf
 import json
+import os
 import signal
 import socket
 import threading
@@ -18,7 +19,7 @@ from testkit import free_port
 
 from conftest import SMALL_BATCH, start_gateway
 from e2e_helpers import AUTH, engine_metrics, log_lines, sample, scrape, wait_for
-from load_clients import COUNTING, Stream, log_mark, log_since, settled_metrics
+from load_clients import COUNTING, Stream, join_all, log_mark, log_since, settled_metrics
 from gateway.keys import add_key
 from trident.child_process import kill_group
 from trident.triton_launcher import TritonPorts, TritonServer
@@ -172,6 +173,65 @@ def test_a_killed_triton_fails_its_streams_and_nothing_else_then_comes_back(
 
     assert wait_for(took_traffic, timeout=30, interval=0.2), "the restarted Triton got no request in 30 s"
     assert time.monotonic() - back < 30
+
+
+def test_a_frozen_triton_is_left_out_within_two_keepalives_then_comes_back(
+        small_triton, second_triton, tmp_path_factory):
+    """One Triton stops answering while its host's TCP stays up (SIGSTOP: a frozen process; a
+    node lost without a reset looks the same to the gateway). Without keepalive its connection
+    stayed READY: round_robin gave it every other request, and each hung until the request
+    timeout (by hand: 3 of 6 requests a 504 after 90 s, every time). With HTTP/2 pings every
+    KEEPALIVE s, answered within KEEPALIVE s, its open stream ends with an error event, a
+    request sent to it is retried on the other Triton, and requests after that never wait for
+    it; once it runs again it takes traffic again, and the generation it held is cancelled."""
+    keepalive = 2.0
+
+    class Both:
+        grpc_url = f"{small_triton.grpc_url},{second_triton.grpc_url}"
+
+    gw = start_gateway(Both, tmp_path_factory, workers=1, extra_env={"TRIDENT_GRPC_KEEPALIVE": str(keepalive),
+                                                                    "TRIDENT_HEARTBEAT_INTERVAL": "0.5"})
+    frozen = second_triton.process.pid
+    try:
+        # Streams until the second Triton holds at least one (round_robin alternates).
+        streams = []
+        while len(streams) < 8 and engine_metrics(second_triton)["active"] == 0:
+            streams.append(Stream(gw.url, {**COUNTING, "max_new_tokens": 900}).start())
+            wait_for(lambda: engine_metrics(second_triton)["active"] + engine_metrics(small_triton)["active"]
+                     >= len(streams), timeout=30, interval=0.05)
+        assert engine_metrics(second_triton)["active"] > 0, "no stream reached the second Triton"
+        held = engine_metrics(second_triton)["active"]
+        os.kill(frozen, signal.SIGSTOP)
+        stopped = time.monotonic()
+
+        def timed(_):
+            started = time.monotonic()
+            r = requests.post(gw.url + "/generate", json=SHORT, headers=AUTH, timeout=120)
+            return r.status_code, time.monotonic() - started
+
+        with cf.ThreadPoolExecutor(6) as pool:
+            first = list(pool.map(timed, range(6)))  # some of them sent to the frozen one
+        assert [code for code, _ in first] == [200] * 6, first
+        assert max(took for _, took in first) < 4 * keepalive + 5, first
+        # Its streams ended with an error event (503) within two keepalives (and a margin);
+        # the others run on.
+        assert wait_for(lambda: sum(s.log[-1:] == ["error"] for s in streams) >= held, timeout=4 * keepalive + 5)
+        assert time.monotonic() - stopped < 4 * keepalive + 10
+        later = [timed(i) for i in range(6)]
+        assert all(code == 200 and took < keepalive for code, took in later), later
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    try:
+        before = finished(second_triton)
+        assert wait_for(lambda: requests.post(gw.url + "/generate", json=SHORT, headers=AUTH, timeout=60).ok
+                        and finished(second_triton) > before, timeout=30, interval=0.2), \
+            "the Triton that ran again got no request in 30 s"
+        # The connection it held was closed while it was frozen: llm finds the call cancelled.
+        assert wait_for(lambda: engine_metrics(second_triton)["active"] == 0, timeout=30)
+        join_all(streams, small_triton)
+        assert all(s.log[-1] in ("done", "error") for s in streams), [s.log[-3:] for s in streams]
+    finally:
+        gw.stop()
 
 
 def test_sigterm_drains_open_streams(small_triton, second_triton, tmp_path_factory):

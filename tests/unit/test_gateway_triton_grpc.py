@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -236,3 +237,26 @@ def test_text_that_arrives_with_a_failure_is_not_lost(backend):
         generation.next_events(1)
     assert info.value.status == 503
     generation.close()
+
+
+def test_keepalive_pings_every_connection_and_triton_is_started_to_accept_them():
+    """HTTP/2 pings every GRPC_KEEPALIVE s on busy and idle connections, each answer (the
+    flow-control pings' too) within as long; Triton's launch flags accept one a second, the
+    least the config allows (tests/e2e/test_scale.py freezes a Triton)."""
+    from gateway.config import GRPC_KEEPALIVE_MIN
+    from gateway.triton_backend import keepalive_options
+    from trident.triton_launcher import GRPC_KEEPALIVE_ARGS, TritonPorts, build_command
+
+    options = dict(TritonBackend(url="127.0.0.1:1", models={MODEL: "llm"}, keepalive=3)._channel_options())
+    assert {k: options[k] for k in ("grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms", "grpc.http2.ping_timeout_ms",
+                                    "grpc.keepalive_permit_without_calls", "grpc.http2.max_pings_without_data")} \
+        == {"grpc.keepalive_time_ms": 3000, "grpc.keepalive_timeout_ms": 3000, "grpc.http2.ping_timeout_ms": 3000,
+            "grpc.keepalive_permit_without_calls": 1, "grpc.http2.max_pings_without_data": 0}
+    assert keepalive_options(0) == []
+    app = create_app({"API_KEY": KEY, "TRITON_GRPC_URL": "127.0.0.1:1"})
+    assert app.config["GRPC_KEEPALIVE"] == 10 and app.extensions["trident"].backend.keepalive == 10
+    assert "--grpc-keepalive-permit-without-calls=1" in GRPC_KEEPALIVE_ARGS
+    assert f"--grpc-http2-min-recv-ping-interval-without-data={int(GRPC_KEEPALIVE_MIN * 1000)}" in GRPC_KEEPALIVE_ARGS
+    command = build_command(model_repository=Path("/r"), backend_dir=Path("/b"), ports=TritonPorts(1, 2, 3))
+    assert set(GRPC_KEEPALIVE_ARGS) <= set(command)
+

@@ -28,6 +28,7 @@ from trident.trtllm.checks import (Gpu, GpuSetupError, check_engine_version, exp
 from trident.trtllm.converter import (ConverterNotFound, converter_urls, download_converter, ensure_converter,
                                       find_convert_script)
 from trident.trtllm.launch import triton_command, world_size_of
+from trident.triton_launcher import GRPC_KEEPALIVE_ARGS
 from trident.llm_io import LlmSettings
 from trident.trtllm.plan import EngineSettings, PlanError, ServingSettings, check_plan
 
@@ -548,13 +549,13 @@ def rank(i, repo, extra=()):
 
 
 def test_world_size_one_runs_tritonserver_without_mpi():
-    assert triton_command(world_size=1, model_repository=Path("/r")) == rank(0, "/r", ["--log-verbose=0"])
+    assert triton_command(world_size=1, model_repository=Path("/r")) == rank(0, "/r", ["--log-verbose=0", *GRPC_KEEPALIVE_ARGS])
 
 
 def test_world_size_two_runs_one_tritonserver_per_rank_under_mpirun():
     assert triton_command(world_size=2, model_repository=Path("/r")) == [
         "mpirun", "--allow-run-as-root",
-        "-n", "1", *rank(0, "/r", ["--log-verbose=0"]),
+        "-n", "1", *rank(0, "/r", ["--log-verbose=0", *GRPC_KEEPALIVE_ARGS]),
         ":", "-n", "1", *rank(1, "/r", ["--model-control-mode=explicit", "--load-model=tensorrt_llm"]),
     ]
 

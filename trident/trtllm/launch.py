@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..triton_launcher import python_thread_pool_size
+from ..triton_launcher import GRPC_KEEPALIVE_ARGS, python_thread_pool_size
 from .checks import engine_world_size
 
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
@@ -37,8 +37,8 @@ def rank_args(*, rank: int, tritonserver: str, model_repository: Path, http_port
         f"--http-port={http_port}",
         f"--metrics-port={metrics_port}",
     ]
-    if rank == 0:
-        args.append(f"--log-verbose={log_verbose}")
+    if rank == 0:  # the rank that serves: keepalive as on CPU
+        args += [f"--log-verbose={log_verbose}", *GRPC_KEEPALIVE_ARGS]
     else:
         args += ["--model-control-mode=explicit", f"--load-model={engine_model}"]
     args += [
