@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .disconnect import gevent_active
 from .errors import ClientError, store_unreachable_errors
 from .ids import new_id
 
@@ -168,9 +169,7 @@ def _in_background(target: Callable[[], None]) -> None:
     """Run ``target`` as a greenlet of this thread's hub in the gevent worker (its sockets are
     gevent's, and the Redis client's pooled connections belong to the hub that made them; the
     worker leaves ``threading`` unpatched, gateway.worker), else as a daemon thread."""
-    from gevent import monkey
-
-    if monkey.is_module_patched("socket"):
+    if gevent_active():
         import gevent
 
         gevent.spawn(target)
