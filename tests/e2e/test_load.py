@@ -196,18 +196,21 @@ def test_a_gateway_worker_killed_mid_stream(small_triton, tmp_path_factory, redi
 
     try:
         assert wait_until(lambda: len(child_pids(gw.process.pid)) == 2, timeout=30)
-        body = {**COUNTING, "max_new_tokens": 150}
+        # Long enough that no stream ends before the kill, on 4 slots.
+        body = {**COUNTING, "max_new_tokens": 600}
         # The bounded key's stream decides which worker dies; more streams until each worker
-        # holds at least two (the kernel spreads connections over the workers' sockets).
-        streams = [opened(Stream(gw.url, body, headers=one).start())]
-        victim = worker_holding(gw, streams[0].port)
+        # holds at least two (the kernel spreads connections over the workers' sockets). Each
+        # stream's worker is read once, while its connection is open.
+        first = opened(Stream(gw.url, body, headers=one).start())
+        held = {first: worker_holding(gw, first.port)}
+        victim = held[first]
         assert victim is not None
-        held = {}
-        while len(streams) < 24:
-            held = {s: worker_holding(gw, s.port) for s in streams}
-            if sum(pid == victim for pid in held.values()) >= 2 and sum(pid != victim for pid in held.values()) >= 2:
-                break
-            streams.append(opened(Stream(gw.url, body).start()))
+        streams = [first]
+        while len(streams) < 24 and not (sum(pid == victim for pid in held.values()) >= 2
+                                         and sum(pid != victim for pid in held.values()) >= 2):
+            stream = opened(Stream(gw.url, body).start())
+            streams.append(stream)
+            held[stream] = worker_holding(gw, stream.port)
         doomed = [s for s in streams if held[s] == victim]
         kept = [s for s in streams if held[s] != victim]
         assert len(doomed) >= 2 and len(kept) >= 2 and None not in held.values(), held
