@@ -252,3 +252,37 @@ def test_a_gateway_worker_killed_mid_stream(small_triton, tmp_path_factory, redi
         assert wait_until(lambda: engine_metrics(small_triton)["active"] == 0, timeout=10)
     finally:
         gw.stop()
+
+
+def test_a_frozen_gateway_worker_has_its_generations_cancelled_by_triton(triton, tmp_path_factory):
+    """A gateway worker freezes (SIGSTOP; a host lost without a reset looks the same to Triton)
+    with 8 long streams open. Triton pings its clients every 10 s and closes a connection whose
+    ping goes unanswered for 10 s (trident.triton_launcher.GRPC_KEEPALIVE_ARGS), so llm finds the
+    calls gone and the engine stops their generations. Without those flags all 8 generations ran
+    to their end, for nobody (by hand: 4 x 1,900 tokens generated, none cancelled)."""
+    gw = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_HEARTBEAT_INTERVAL": "0.5"})
+    n, tokens = 8, 1900  # about a minute of generation for the 8 together on this machine
+    try:
+        (worker,) = child_pids(gw.process.pid)
+        before = engine_metrics(triton)
+        streams = [Stream(gw.url, {**COUNTING, "max_new_tokens": tokens}).start() for _ in range(n)]
+        assert wait_until(lambda: all("token" in s.log for s in streams), timeout=60), [s.log[:3] for s in streams]
+        mark = log_mark(triton)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            frozen = time.monotonic()
+
+            def cancelled():
+                return sum("cancelled by the client" in line for line in log_since(triton, mark))
+
+            assert wait_until(lambda: cancelled() == n, timeout=45, interval=0.2), \
+                f"{cancelled()} of {n} generations cancelled 45 s after the gateway froze: {engine_metrics(triton)}"
+            took = time.monotonic() - frozen
+            assert all("found gone" in line for line in log_since(triton, mark) if "cancelled by the client" in line)
+            assert wait_until(lambda: engine_metrics(triton)["active"] == 0, timeout=5)
+            assert engine_metrics(triton)["generated"] - before["generated"] < n * tokens
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert took >= 10, f"cancelled {took:.1f} s after the freeze: not by the keepalive (10 s pings)"
+    finally:
+        gw.stop()
