@@ -96,7 +96,33 @@ def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | No
     init_openai(app)  # /v1/*
     init_openapi(app)  # /openapi.json
     _configure_logging(app.config["LOG_FORMAT"])
+    if app.config["SEND_TIMEOUT"]:
+        app.wsgi_app = SendTimeout(app.wsgi_app, app.config["SEND_TIMEOUT"])  # type: ignore[method-assign]
     return app
+
+
+class SendTimeout:
+    """WSGI middleware: once the app has answered, every write of the response to the client's
+    socket may wait ``seconds`` for the client to take bytes. A client that stopped reading (a
+    frozen process, a host gone without a reset: the kernel's buffers fill and the write blocks)
+    would otherwise hold its connection, its key's ``max_concurrent`` place and a place of
+    ``MAX_IN_FLIGHT`` for as long as its TCP connection lives, which for a frozen process that
+    still acknowledges with a zero window is forever. The write then raises ``socket.timeout``;
+    gunicorn closes the body (a generation still running is cancelled, its places given back)
+    and gateway.worker closes the connection. The timeout covers only the response: the body's
+    read has its own limit (``BODY_TIMEOUT``) and gateway.worker takes it off again between
+    requests. Only under gunicorn (``gunicorn.socket``); a bare WSGI server keeps its own."""
+
+    def __init__(self, app: Any, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        body = self.app(environ, start_response)
+        sock = environ.get("gunicorn.socket")
+        if sock is not None:
+            sock.settimeout(self.seconds)
+        return body
 
 
 def _assign_request_id() -> None:

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "HEARTBEAT_INTERVAL": 5.0,  # seconds between SSE keep-alive comments while waiting
     "MAX_BODY_BYTES": 1 << 20,  # larger bodies are a 413
     "BODY_TIMEOUT": 30.0,  # seconds a request body may take to arrive, once its headers have; then a 408
+    "SEND_TIMEOUT": 60.0,  # seconds one write of a response may wait for a client that takes no bytes; 0: none
     "MAX_IN_FLIGHT": 256,  # generations per worker process at once; more are a 503; 0: no limit
     # Logs (see gateway.telemetry)
     "LOG_FORMAT": "json",  # "json": one object per line; "text"
@@ -141,6 +142,8 @@ def _check(config: Mapping[str, Any]) -> None:
     if config["GRPC_KEEPALIVE"] and config["GRPC_KEEPALIVE"] < GRPC_KEEPALIVE_MIN:
         raise ValueError(f"gateway config GRPC_KEEPALIVE must be 0 (no pings) or at least {GRPC_KEEPALIVE_MIN:g} s: "
                          "Triton closes a connection that pings more often (trident.triton_launcher)")
+    if config["SEND_TIMEOUT"] < 0:
+        raise ValueError("gateway config SEND_TIMEOUT must be >= 0 (0: no limit)")
     if config["MAX_IN_FLIGHT"] < 0:
         raise ValueError("gateway config MAX_IN_FLIGHT must be >= 0")
     if config.get("DEFAULT_RATE_LIMIT"):

@@ -18,13 +18,15 @@ it would wait too).
 
 from __future__ import annotations
 
-
+import logging
 
 from gevent import monkey
 from gevent import socket
 from gevent.server import StreamServer
 from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
+
+_log = logging.getLogger("trident.gateway")
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # noqa: ANN001
@@ -82,6 +84,21 @@ class GeventGrpcWorker(GeventWorker):
         base.util.write_error = write_json_error  # this worker process only
         ggevent.StreamServer = FewAcceptsPerTurnServer  # what GeventWorker.run builds, in this process only
         super().init_process()
+
+    def handle_request(self, listener_name, req, sock, addr):  # noqa: ANN001, ANN201 (gunicorn's)
+        """gunicorn's, with a write that ran past ``SEND_TIMEOUT`` (gateway.app.SendTimeout) ending
+        the connection with one log line instead of gunicorn's traceback, and the socket's
+        timeout taken off again afterwards (the wait for a kept-alive connection's next request
+        and its body's read have limits of their own)."""
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        except TimeoutError:
+            peer = addr if isinstance(addr, str) else ":".join(str(part) for part in addr[:2])
+            _log.warning("a client took no bytes of its response for %s s; its connection is closed "
+                         "(%s %s from %s)", sock.gettimeout(), req.method, req.path, peer or "-")
+            raise StopIteration from None  # gunicorn's way to close the connection quietly
+        finally:
+            sock.settimeout(None)
 
     def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 (gunicorn's signal handler)
         from .drain import DRAIN, drain_timeout

@@ -147,7 +147,8 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
       non-final response, then an empty final response; stream=false -> one final response with
       the whole text and the finish outputs;
     * "slow": one delta, then waits (up to 30 s) for the client to cancel;
-    * "stall": waits for cancel before any output; "error-400", "error-500", "error-after",
+    * "stall": waits for cancel before any output; "flood": 200 deltas of 64 KiB at once (more
+      than a socket's buffers hold), then waits for the cancel; "error-400", "error-500", "error-after",
       "no-finish": see ``_script``.
 
     Cancellations are counted in ``cancelled`` and, when ``cancel_log`` is set, appended to it
@@ -282,6 +283,8 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             return [stream_response(text="Hello"), Pause(30)]
         if prompt == "stall":
             return [Pause(30)]
+        if prompt == "flood":
+            return [*(stream_response(text="x" * 65536) for _ in range(200)), Pause(30)]
         if prompt == "stall-after":
             return [stream_response(text="Hello"), Pause(30)]
         if prompt == "error-400":

@@ -59,7 +59,8 @@ def stack(request, tmp_path_factory):
              *(["--preload"] if request.param else []), "gateway:create_app()"],
             cwd=ROOT, stdout=gateway_log, stderr=subprocess.STDOUT,
             env={**env, "TRIDENT_API_KEY": KEY, "TRIDENT_TRITON_GRPC_URL": f"127.0.0.1:{triton_port}",
-                 "TRIDENT_HEARTBEAT_INTERVAL": "0.1", "GATEWAY_DRAIN_TIMEOUT": "2"},
+                 "TRIDENT_HEARTBEAT_INTERVAL": "0.1", "GATEWAY_DRAIN_TIMEOUT": "2",
+                 "TRIDENT_SEND_TIMEOUT": "2"},
         ))
         wait_for_port(http_port, procs[1])
         yield f"http://127.0.0.1:{http_port}", cancel_log, work / "gateway.log", procs[1].pid
@@ -118,6 +119,33 @@ def test_concurrent_streams_heartbeat_and_disconnect_cancels(stack):
     assert wait_until(lambda: cancel_log.read_text().count("slow") == before + n, timeout=5), (
         cancel_log.read_text(), gateway_log.read_text()[-3000:])
     # and the worker still answers
+    response = requests.post(url + "/generate", json={"prompt": "Hi there"}, headers=AUTH, timeout=10)
+    assert response.status_code == 200
+
+
+def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(stack):
+    """A client that takes no more bytes (a frozen process: its kernel acknowledges with a zero
+    window, so the connection never fails) once the kernel's buffers are full: the write that
+    blocks ends after SEND_TIMEOUT (2 s here), the connection closes and the generation is
+    cancelled. Without the timeout the worker waited on it for as long as the client lived."""
+    url, cancel_log, gateway_log, _ = stack
+    before = cancel_log.read_text().count("flood")
+    body = json.dumps({"prompt": "flood", "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert sock.recv(12) == b"HTTP/1.1 200"  # admitted; from now on it reads nothing
+        started = time.monotonic()
+        assert wait_until(lambda: cancel_log.read_text().count("flood") == before + 1, timeout=20), (
+            gateway_log.read_text()[-3000:])
+        waited = time.monotonic() - started
+        # not cut off before the timeout (2 s; the write that blocked began moments before the
+        # client saw its status line)
+        assert waited >= 1.5, waited
+        assert "a client took no bytes of its response for 2.0 s; its connection is closed" in gateway_log.read_text()
+        # its place is given back while the client still holds its end, unread
+        assert wait_until(lambda: "trident_gateway_in_flight_requests 0.0" in requests.get(url + "/metrics", timeout=5).text)
     response = requests.post(url + "/generate", json={"prompt": "Hi there"}, headers=AUTH, timeout=10)
     assert response.status_code == 200
 

@@ -388,7 +388,8 @@ def test_config_precedence(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "override",
     [{"MAX_IN_FLIGHT": "lots"}, {"READY_TIMEOUT": -1}, {"HEARTBEAT_INTERVAL": 0}, {"BODY_TIMEOUT": 0},
-     {"BODY_TIMEOUT": "soon"}, {"MAX_IN_FLIGHT": True}, {"GRPC_KEEPALIVE": 0.5}, {"GRPC_KEEPALIVE": -1}],
+     {"BODY_TIMEOUT": "soon"}, {"MAX_IN_FLIGHT": True}, {"GRPC_KEEPALIVE": 0.5}, {"GRPC_KEEPALIVE": -1},
+     {"SEND_TIMEOUT": -1}],
 )
 def test_bad_config_stops_start_up(override):
     with pytest.raises(ValueError):
