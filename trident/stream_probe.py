@@ -28,6 +28,13 @@ the engine's own finds that. The ping is TensorRT-LLM's stop request without a r
 CPU engine answers it at once, ahead of its queue, and stops nothing. TensorRT-LLM's own backend
 (C++, in Triton's process) is not pinged: it cannot die without Triton.
 
+The ``preprocessing`` model (TensorRT-LLM's tokenizing model, kept for clients of Triton's gRPC
+that tokenize there; nothing of trident's own path uses it) is a Python-backend model too, with a
+stub that can die the same way, while ``llm`` and the engine go on answering: measured, every
+request to it then failed ("Stub process 'preprocessing_0_0' is not healthy") and the probe
+still passed, so that Triton was never restarted. Where the repository has it, each of its
+instances gets a one-word prompt to tokenize (Triton hands requests to idle instances in turn).
+
     python -m trident.stream_probe                      # 127.0.0.1:$TRITON_GRPC_PORT (8001)
     python -m trident.stream_probe --url triton:8001 --timeout 10   # every ping within 10 s
 
@@ -67,12 +74,14 @@ def _ping_request(model: str):
 
 class Answer(NamedTuple):
     """What a probe heard: the server's id, the ``llm`` instances that answered, the pings sent
-    to them, and the engine model that answered its own ping (None: not a Python-backend model)."""
+    to them, the engine model that answered its own ping (None: not a Python-backend model), and
+    whether the ``preprocessing`` model answered (False: the repository has none)."""
 
     server: str
     instances: list[str]
     pings: int
     engine: Optional[str]
+    preprocessing: bool = False
 
 
 def probe(url: str, *, model: str = MODEL, timeout: float = 10.0) -> Answer:
@@ -104,7 +113,8 @@ def probe(url: str, *, model: str = MODEL, timeout: float = 10.0) -> Answer:
             pings += 1
             answered[instance] = answered.get(instance, 0) + 1
         engine = _ping_engine(channel, url, config, deadline)
-    return Answer(server, sorted(answered), pings, engine)
+        preprocessing = _ping_preprocessing(channel, url, deadline)
+    return Answer(server, sorted(answered), pings, engine, preprocessing)
 
 
 def _ping_engine(channel, url: str, llm_config, deadline: float) -> Optional[str]:
@@ -120,18 +130,49 @@ def _ping_engine(channel, url: str, llm_config, deadline: float) -> Optional[str
     config = _config(channel, url, engine, max(0.001, deadline - time.monotonic()))
     if config.backend != "python":
         return None
-    for i in range(_count(config)):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise ProbeFailed(f"no time left for the stop ping to the engine model {engine} at {url}")
-        try:
-            _ask(channel, url, engine, infer_request(engine, stop_inputs(), outputs=(OUTPUT_IDS,)), left, "the stop ping")
-        except ProbeFailed as failure:
-            raise ProbeFailed(f"the engine model: {failure} (stop ping {i + 1})") from None
+    _ask_each_instance(channel, url, engine, _count(config), deadline, "the stop ping", "the engine model",
+                       lambda: infer_request(engine, stop_inputs(), outputs=(OUTPUT_IDS,)))
     return engine
 
 
-def _config(channel, url: str, model: str, timeout: float):
+#: TensorRT-LLM's tokenizing model (model_repository/common/preprocessing).
+PREPROCESSING = "preprocessing"
+
+
+def _ping_preprocessing(channel, url: str, deadline: float) -> bool:
+    """Ask each instance of the ``preprocessing`` model, where the repository has one as a
+    Python-backend model, to tokenize one word; returns whether it was asked."""
+    import numpy as np
+
+    from .triton_wire import infer_request
+
+    try:
+        config = _config(channel, url, PREPROCESSING, max(0.001, deadline - time.monotonic()), missing_ok=True)
+    except ProbeFailed as failure:
+        raise ProbeFailed(f"the preprocessing model: {failure}") from None
+    if config is None or config.backend != "python":
+        return False
+    inputs = {"QUERY": np.array([[b"ping"]], dtype=np.object_), "REQUEST_OUTPUT_LEN": np.ones((1, 1), dtype=np.int32)}
+    _ask_each_instance(channel, url, PREPROCESSING, _count(config), deadline, "the tokenize ping",
+                       "the preprocessing model", lambda: infer_request(PREPROCESSING, inputs, outputs=("INPUT_ID",)))
+    return True
+
+
+def _ask_each_instance(channel, url: str, model: str, instances: int, deadline: float, what: str, role: str,
+                       request) -> None:
+    """Send ``request()`` to ``model`` once per instance, one after another, within ``deadline``."""
+    for i in range(instances):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ProbeFailed(f"no time left for {what} to {role} {model} at {url}")
+        try:
+            _ask(channel, url, model, request(), left, what)
+        except ProbeFailed as failure:
+            raise ProbeFailed(f"{role}: {failure} ({what.removeprefix('the ')} {i + 1})") from None
+
+
+def _config(channel, url: str, model: str, timeout: float, *, missing_ok: bool = False):
+    """``model``'s config; None for a model the server does not have, when ``missing_ok``."""
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -140,6 +181,8 @@ def _config(channel, url: str, model: str, timeout: float):
         return stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=timeout,
                                 wait_for_ready=False).config
     except grpc.RpcError as exc:
+        if missing_ok and hasattr(exc, "code") and exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
         raise _failed(exc, f"the config of {model} at {url}", timeout) from None
 
 
@@ -229,6 +272,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     pings = answer.pings
     engine = f"; its engine model {answer.engine} answered a stop ping" if answer.engine else ""
+    if answer.preprocessing:
+        engine += f"; {PREPROCESSING} tokenized a word"
     print(f"live: {args.model} at {args.url} (server {answer.server}) answered {pings} stream ping{'s' * (pings != 1)}, "
           f"from each of its instances ({', '.join(answer.instances)}){engine}, in "
           f"{(time.monotonic() - started) * 1000:.0f} ms")

@@ -80,9 +80,9 @@ ENV TRITON_HTTP_PORT=8000 \
 EXPOSE 8000 8001 8002
 
 # Healthy = the llm model answers a ping on a gRPC stream (trident.stream_probe): its models are
-# loaded and its streaming path works, and the CPU engine's stub answers a stop ping, which
-# /v2/health/ready alone does not show (a deadlocked stream handler, a hung llm stub or a dead
-# engine stub leave it 200). Loading takes a while: a long start period.
+# loaded and its streaming path works, the CPU engine's stub answers a stop ping and the
+# preprocessing model tokenizes a word, which /v2/health/ready alone does not show (a deadlocked
+# stream handler, a hung llm stub or a dead engine or preprocessing stub leave it 200). Loading takes a while: a long start period.
 HEALTHCHECK --interval=15s --timeout=10s --start-period=300s --retries=3 \
     CMD ["python", "-m", "trident.stream_probe", "--timeout", "5"]
 

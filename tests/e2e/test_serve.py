@@ -2,8 +2,10 @@
 instances of ``llm``): the service stays up after it says it is ready, and comes back by itself
 when Triton is killed, when Triton runs but one of its ``llm`` stubs hangs (Triton's HTTP
 health endpoints still say ready, half the requests fail; the stream probe,
-trident.stream_probe, finds it), and when the engine model's stub dies (Triton still says
-ready, every generation fails; the probe's stop ping to the engine finds it)."""
+trident.stream_probe, finds it), when the engine model's stub dies (Triton still says ready,
+every generation fails; the probe's stop ping to the engine finds it), and when the
+``preprocessing`` model's stub dies (every request of a client that tokenizes there fails; the
+probe's tokenize ping finds it)."""
 import os
 import signal
 import subprocess
@@ -51,6 +53,25 @@ def _llm_stub_pid(work, instance: str = "llm_0_1") -> int | None:
     return _stub_pid(work, "llm", instance)
 
 
+def _tokenizes(grpc_port: str) -> bool:
+    """A client of Triton's gRPC that tokenizes with the ``preprocessing`` model gets token ids."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    query = grpcclient.InferInput("QUERY", [1, 1], "BYTES")
+    query.set_data_from_numpy(np.array([[b"hello there"]], dtype=np.object_))
+    length = grpcclient.InferInput("REQUEST_OUTPUT_LEN", [1, 1], "INT32")
+    length.set_data_from_numpy(np.array([[4]], dtype=np.int32))
+    try:
+        return client.infer("preprocessing", [query, length], client_timeout=30).as_numpy("INPUT_ID").size > 0
+    except InferenceServerException:
+        return False
+    finally:
+        client.close()
+
+
 def _http_ready(port: str) -> bool:
     try:
         return requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200
@@ -58,7 +79,7 @@ def _http_ready(port: str) -> bool:
         return False
 
 
-def test_serve_stays_up_and_restarts_a_killed_or_hung_triton_or_a_dead_engine(two_llm_repo, tmp_path):
+def test_serve_stays_up_and_restarts_a_killed_or_hung_triton_or_a_dead_engine_or_preprocessing(two_llm_repo, tmp_path):
     # A region of the Python backend that a killed Triton left in /dev/shm (no process names it,
     # an hour old): starting Triton removes it (trident.shm_regions).
     left = Path("/dev/shm") / f"{shm_regions.PREFIX}{uuid.uuid4()}"
@@ -95,6 +116,7 @@ def test_serve_stays_up_and_restarts_a_killed_or_hung_triton_or_a_dead_engine(tw
         probe = subprocess.run([sys.executable, "-m", "trident.stream_probe", "--url", f"127.0.0.1:{grpc_port}"],
                                capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert probe.returncode == 0 and "from each of its instances (llm_0_0, llm_0_1)" in probe.stdout, probe
+        assert "; its engine model tensorrt_llm answered a stop ping; preprocessing tokenized a word" in probe.stdout
 
         # One of the two llm stubs hangs: Triton runs and says ready over HTTP, and hands every
         # other request to the hung instance, which fails it after a second (by hand: 200 and 500
@@ -133,6 +155,26 @@ def test_serve_stays_up_and_restarts_a_killed_or_hung_triton_or_a_dead_engine(tw
         assert wait_for(lambda: "Triton is back (restart 3)" in (tmp_path / "serve.log").read_text(), timeout=300), \
             (tmp_path / "serve.log").read_text()
         assert wait_for(lambda: _generates(url), timeout=60)
+        assert _triton_pid(tmp_path / "run") not in (None, pid)
+
+        # The preprocessing model's stub dies (TensorRT-LLM's tokenizing model, for clients of
+        # Triton's gRPC; trident's own path does not use it): its every request fails while
+        # Triton, the model, llm and the engine all answer (by hand, the probe then passed and
+        # that Triton was never restarted). The probe's tokenize ping finds it.
+        assert _tokenizes(grpc_port)
+        pid = _triton_pid(tmp_path / "run")
+        stub = _stub_pid(tmp_path / "run", "preprocessing", "preprocessing_0_0")
+        assert stub is not None
+        os.kill(stub, signal.SIGKILL)
+        assert _http_ready(http_port) and _generates(url) and not _tokenizes(grpc_port)
+        probe = subprocess.run([sys.executable, "-m", "trident.stream_probe", "--url", f"127.0.0.1:{grpc_port}",
+                                "--timeout", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert probe.returncode == 1, probe
+        assert "the preprocessing model: preprocessing answered the tokenize ping with an error: Stub process " \
+               "'preprocessing_0_0' is not healthy" in probe.stderr, probe
+        assert wait_for(lambda: "Triton is back (restart 4)" in (tmp_path / "serve.log").read_text(), timeout=300), \
+            (tmp_path / "serve.log").read_text()
+        assert wait_for(lambda: _tokenizes(grpc_port), timeout=60) and wait_for(lambda: _generates(url), timeout=60)
         assert _triton_pid(tmp_path / "run") not in (None, pid)
     finally:
         left.unlink(missing_ok=True)

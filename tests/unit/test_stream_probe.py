@@ -24,7 +24,9 @@ class FakeTriton:
     the first instance: the other's execute blocks, so it takes no request); ``ModelConfig``
     naming ``instances`` instances, whose pongs name them in turn. The engine model
     ``tensorrt_llm`` (``llm``'s ``engine_model`` when ``engine_backend`` is set) answers a stop
-    request as ``engine`` says: "final" (the CPU engine), or "dead" (its stub died)."""
+    request as ``engine`` says: "final" (the CPU engine), or "dead" (its stub died). The
+    ``preprocessing`` model is missing (NOT_FOUND) unless ``preprocessing_backend`` is set; it
+    answers as ``preprocessing`` says ("final" or "dead")."""
 
     def __init__(self, behaviour: str, instances: int = 1) -> None:
         self.behaviour = behaviour
@@ -32,6 +34,8 @@ class FakeTriton:
         self.groups = [(instances, [])]  # the config's instance groups: count, GPUs (count on each)
         self.engine_backend: str | None = None  # None: llm's config names no engine model
         self.engine = "final"
+        self.preprocessing_backend: str | None = None  # None: the repository has no preprocessing model
+        self.preprocessing = "final"
         self.requests: list[service_pb2.ModelInferRequest] = []
         self.release = threading.Event()
         self.cancelled_after_answer: bool | None = None
@@ -54,6 +58,12 @@ class FakeTriton:
     def _config(self, request, context):
         response = service_pb2.ModelConfigResponse()
         response.config.name = request.name
+        if request.name == "preprocessing":
+            if self.preprocessing_backend is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'preprocessing' is not found")
+            response.config.backend = self.preprocessing_backend
+            response.config.instance_group.add(name="preprocessing_0", count=2)
+            return response
         if request.name == "tensorrt_llm":
             response.config.backend = self.engine_backend
             response.config.instance_group.add(name="tensorrt_llm_0", count=1)
@@ -68,10 +78,11 @@ class FakeTriton:
     def _stream(self, requests, context):
         for request in requests:
             self.requests.append(request)
-            if request.model_name == "tensorrt_llm":
+            if request.model_name in ("tensorrt_llm", "preprocessing"):
                 response = service_pb2.ModelStreamInferResponse()
-                if self.engine == "dead":  # what Triton answers after a second for a dead stub
-                    response.error_message = "Stub process 'tensorrt_llm_0_0' is not healthy."
+                how = self.engine if request.model_name == "tensorrt_llm" else self.preprocessing
+                if how == "dead":  # what Triton answers after a second for a dead stub
+                    response.error_message = f"Stub process '{request.model_name}_0_0' is not healthy."
                 else:
                     response.infer_response.model_name = request.model_name
                     response.infer_response.parameters[FINAL_FLAG].bool_param = True
@@ -114,7 +125,7 @@ def triton(request):
 
 @pytest.mark.parametrize("triton", ["pong"], indirect=True)
 def test_a_ping_is_one_request_to_llm_with_its_required_inputs_and_the_ping_parameter(triton):
-    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, None)
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, None, False)
     (request,) = triton.requests
     assert request.model_name == "llm" and request.parameters[PING_PARAMETER].bool_param
     inputs = {t.name: deserialize(t.datatype, t.shape, raw) for t, raw in zip(request.inputs, request.raw_input_contents)}
@@ -156,7 +167,7 @@ def test_the_instance_count_is_every_group_of_the_config(triton):
 
 @pytest.mark.parametrize("triton", ["pong/3"], indirect=True)
 def test_a_probe_pings_until_each_instance_has_answered(triton):
-    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0", "llm_0_1", "llm_0_2"], 3, None)
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0", "llm_0_1", "llm_0_2"], 3, None, False)
     assert len(triton.requests) == 3 and len({r.id for r in triton.requests}) == 3
 
 
@@ -165,7 +176,7 @@ def test_a_probe_fails_when_one_instance_of_two_fails(triton):
     """Triton hands an idle server's requests to the instances in turn: one ping a probe failed
     every other probe, so 3 failures in a row never came."""
     triton.groups = [(1, [])]  # a probe of one ping, as before: it reaches the healthy instance
-    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, None)
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, None, False)
     triton.groups = [(2, [])]
     with pytest.raises(stream_probe.ProbeFailed, match=r"not healthy.*\(ping 1\)"):
         stream_probe.probe(triton.url, timeout=5)  # the next request reaches the other one
@@ -202,7 +213,7 @@ def test_the_command_exits_0_when_answered_and_1_when_not(triton, capsys):
 @pytest.mark.parametrize("triton", ["pong"], indirect=True)
 def test_a_python_backend_engine_gets_a_stop_ping_without_a_request_id(triton):
     triton.engine_backend = "python"  # the CPU engine
-    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, "tensorrt_llm")
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, "tensorrt_llm", False)
     ping, stop = triton.requests
     assert ping.model_name == "llm" and stop.model_name == "tensorrt_llm" and stop.id == ""  # stops nothing
     inputs = {t.name: deserialize(t.datatype, t.shape, raw) for t, raw in zip(stop.inputs, stop.raw_input_contents)}
@@ -225,11 +236,40 @@ def test_a_dead_engine_stub_fails_the_probe_though_llm_answers(triton, capsys):
 def test_tensorrt_llms_own_backend_is_not_pinged(triton, capsys):
     """In Triton's process (C++): it cannot die without Triton, and its requests wait behind the batch."""
     triton.engine_backend = "tensorrtllm"
-    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, None)
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, None, False)
     assert [r.model_name for r in triton.requests] == ["llm"]
     triton.engine_backend = "python"
     assert stream_probe.main(["--url", triton.url]) == 0
     assert "its engine model tensorrt_llm answered a stop ping" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("triton", ["pong"], indirect=True)
+def test_each_preprocessing_instance_tokenizes_a_word_where_the_repository_has_one(triton, capsys):
+    triton.preprocessing_backend = "python"
+    assert stream_probe.probe(triton.url, timeout=5) == ("triton-7:8001", ["llm_0_0"], 1, None, True)
+    ping, *words = triton.requests
+    assert ping.model_name == "llm" and [r.model_name for r in words] == ["preprocessing"] * 2  # its 2 instances
+    inputs = {t.name: deserialize(t.datatype, t.shape, raw) for t, raw in zip(words[0].inputs, words[0].raw_input_contents)}
+    assert inputs["QUERY"].flat[0] == b"ping" and inputs["REQUEST_OUTPUT_LEN"].flat[0] == 1
+    assert stream_probe.main(["--url", triton.url]) == 0
+    assert "; preprocessing tokenized a word, in" in capsys.readouterr().out
+    triton.preprocessing_backend = "onnxruntime"  # not a stub of the Python backend: not asked
+    triton.requests.clear()
+    assert stream_probe.probe(triton.url, timeout=5).preprocessing is False
+    assert [r.model_name for r in triton.requests] == ["llm"]
+
+
+@pytest.mark.parametrize("triton", ["pong"], indirect=True)
+def test_a_dead_preprocessing_stub_fails_the_probe_though_llm_and_the_engine_answer(triton, capsys):
+    """By hand: with its stub killed, every request to preprocessing failed and Triton, the model
+    and the old probe all said ready/live."""
+    triton.engine_backend, triton.preprocessing_backend, triton.preprocessing = "python", "python", "dead"
+    with pytest.raises(stream_probe.ProbeFailed, match=r"the preprocessing model: preprocessing answered the tokenize "
+                                                       r"ping with an error: Stub process 'preprocessing_0_0' is not "
+                                                       r"healthy\. \(tokenize ping 1\)"):
+        stream_probe.probe(triton.url, timeout=5)
+    assert stream_probe.main(["--url", triton.url, "--timeout", "5"]) == 1
+    assert "not live: the preprocessing model" in capsys.readouterr().err
 
 
 def test_nothing_listening_fails_the_probe_at_the_config():
