@@ -89,6 +89,15 @@ def test_completion_stream_and_readiness(stack):
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
 
 
+def test_gunicorns_control_socket_is_off(stack):
+    """One fixed path in $HOME for every gunicorn of a host (docs in gateway.gunicorn_conf)."""
+    url, _, gateway_log, _ = stack
+    assert requests.get(url + "/readyz", timeout=10).status_code == 200  # the master has spawned its worker
+    # gunicorn's master starts the control socket right after its workers (the same second)
+    assert not wait_until(lambda: "Control socket listening" in gateway_log.read_text(), timeout=2), \
+        gateway_log.read_text()
+
+
 def test_concurrent_streams_heartbeat_and_disconnect_cancels(stack):
     url, cancel_log, gateway_log, _ = stack
     before = cancel_log.read_text().count("slow")
