@@ -65,7 +65,7 @@ worker_class = "gateway.worker.GeventGrpcWorker"
 reuse_port = True
 graceful_timeout = int(float(_env("GATEWAY_DRAIN_TIMEOUT", "30")) + 5.999)  # gunicorn takes whole seconds
 timeout = 120
-# gunicorn 23+'s control socket (``gunicornc``: reload, add or remove workers) is off. It listens
+# gunicorn 25+'s control socket (``gunicornc``: reload, add or remove workers) is off. It listens
 # at one fixed path in $HOME, so every gateway on a host took over the same socket and the first
 # to stop removed it for the others; the gateway's container has a read-only root file system.
 # Signals do the same (HUP reload, TTIN/TTOU workers, TERM drain: docs/operations.md).
