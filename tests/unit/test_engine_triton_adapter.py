@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,73 @@ def test_streaming_then_stop_request_cancels(model):
     sent = running.sender.wait()
     assert all(r.output_tensors["output_ids"].shape[-1] <= 1 for r, _ in sent)
     assert 1 <= len(running.sender.tokens()) < 40
+
+
+def test_the_probes_stop_ping_fails_while_the_loop_is_stuck_or_gone(model, monkeypatch):
+    """trident.stream_probe's stop ping (no request id) is answered at once, ahead of the loop:
+    with an error while the loop holds requests and has made no progress past the stall limit
+    (a hang in a turn, or a loop that never woke up for them), or when its thread has ended, so
+    that the probe fails and Triton is restarted."""
+    from trident.engine import engine as engine_module
+
+    ping = lambda: prompt("", stop=np.array([[True]]))  # noqa: E731
+    healthy = ping()
+    model.execute([healthy])
+    assert healthy.sender.wait() == [(None, FINAL)]
+    monkeypatch.setattr(engine_module, "STALL_LIMIT", 0.3)
+    gate, blocked = threading.Event(), threading.Event()
+    step = model.engine._step
+
+    def stuck_step():  # the loop's next decode step hangs until the gate opens
+        blocked.set()
+        assert gate.wait(30)
+        step()
+
+    monkeypatch.setattr(model.engine, "_step", stuck_step)
+    try:
+        running = prompt(n=4, streaming=np.array([[True]]))
+        model.execute([running])
+        assert blocked.wait(30)
+        quick = ping()  # within the limit: a busy turn, not a stuck one
+        model.execute([quick])
+        assert quick.sender.wait() == [(None, FINAL)]
+        time.sleep(0.5)
+        stuck = ping()
+        model.execute([stuck])
+        (response, flags), = stuck.sender.wait()
+        assert flags == FINAL and "[server_error] the engine's loop has made no progress for" in response.error.message(), \
+            response.error
+        assert "with 1 request(s) waiting or running" in response.error.message()
+    finally:
+        gate.set()
+    assert running.sender.wait()[-1][1] == FINAL
+    monkeypatch.setattr(model.engine, "_step", step)
+    time.sleep(0.5)  # idle now: no request held, however long since the last turn
+    after = ping()
+    model.execute([after])
+    assert after.sender.wait() == [(None, FINAL)]
+    # A lost wake-up: the loop waits on, with a request queued
+    monkeypatch.setattr(model.engine._cond, "notify_all", lambda: None)
+    waiting = prompt(n=2)
+    model.execute([waiting])
+    time.sleep(0.5)
+    unheard = ping()
+    model.execute([unheard])
+    (response, flags), = unheard.sender.wait()
+    assert flags == FINAL and "made no progress for" in response.error.message(), response.error.message()
+    monkeypatch.undo()
+    with model.engine._cond:
+        model.engine._cond.notify_all()
+    assert waiting.sender.wait()[-1] == (waiting.sender.sent[-1][0], FINAL) and waiting.sender.sent[-1][0].error is None
+    monkeypatch.setattr(engine_module, "STALL_LIMIT", 0.3)
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    monkeypatch.setattr(model.engine, "_thread", ended)  # the loop's thread died (a BaseException)
+    dead = ping()
+    model.execute([dead])
+    (response, flags), = dead.sender.wait()
+    assert flags == FINAL and "the engine's loop thread has ended" in response.error.message()
 
 
 def test_client_cancellation_is_polled(model):

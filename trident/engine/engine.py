@@ -43,6 +43,10 @@ from .weights import load_model
 log = logging.getLogger("trident.engine")
 
 STOP_MEMORY = 5.0  # seconds a stop for an unknown request id is kept (see Engine._early_stops)
+#: Seconds the loop may go without finishing a turn while it has requests before health() says
+#: it is stuck. A turn is one prefill of at most prefill_token_budget tokens and one decode
+#: step: well under a second here (docs/cpu_engine.md), so a minute is no busy engine.
+STALL_LIMIT = 60.0
 
 
 class Engine:
@@ -68,6 +72,9 @@ class Engine:
         self._unforked: set[Sequence] = set()  # admitted group leaders still prefilling (engine thread)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Since when the loop owes progress (guarded by _cond): the start of its turn, or the first
+        # submit while it waited; None while it waits with nothing to do.
+        self._owed_since: float | None = None
         self._counters = dict.fromkeys(
             ("steps", "tokens_generated", "requests_submitted", "requests_prefilled", "requests_finished",
              "requests_cancelled", "requests_failed", "requests_rejected"), 0
@@ -136,8 +143,32 @@ class Engine:
                         f"engine queue is full ({self.config.max_queue_size} requests waiting); retry later"
                     )
                 self._waiting.append(self._new_sequence(request, on_output, matchers))
+            if self._owed_since is None:
+                self._owed_since = time.monotonic()
             self._counters["requests_submitted"] += 1
             self._cond.notify_all()
+
+    def health(self, stall_limit: float | None = None) -> str | None:
+        """Any thread: None while the loop serves, else why it does not: its thread ended (a
+        BaseException: the loop catches every Exception), or it holds requests and has neither
+        finished its turn nor taken them up for more than ``stall_limit`` seconds (a hang: a
+        deadlock, a kernel that never returns, a lost wake-up). Answered to the stream probe's stop ping (trident.stream_probe), so that a
+        Triton whose engine cannot serve is restarted; the ping itself never waits for the loop.
+        ``stall_limit``: :data:`STALL_LIMIT` when None."""
+        stall_limit = STALL_LIMIT if stall_limit is None else stall_limit
+        thread = self._thread
+        if thread is None or self._stopping:
+            return None
+        if not thread.is_alive():
+            return "the engine's loop thread has ended"
+        with self._cond:
+            held = len(self._waiting) + len(self._active)
+            since = self._owed_since
+        stuck = 0.0 if since is None else time.monotonic() - since
+        if held and stuck > stall_limit:
+            return (f"the engine's loop has made no progress for {stuck:.0f} s (the limit is {stall_limit:g} s) "
+                    f"with {held} request(s) waiting or running")
+        return None
 
     def cancel(self, request_id: str) -> None:
         """Cancel every queued or running request with this id; takes effect at the next step."""
@@ -177,10 +208,12 @@ class Engine:
                 with self._cond:
                     while not (self._stopping or self._waiting or self._active or self._rejected
                                or self._cancel_ids):
+                        self._owed_since = None
                         self._cond.wait()
                     if self._stopping:
                         return
                     cancel_ids, self._cancel_ids = self._cancel_ids, set()
+                    self._owed_since = time.monotonic()
                 try:
                     self._reject_invalid()
                     self._poll_cancellations(cancel_ids)

@@ -171,6 +171,10 @@ class TritonPythonModel:
             if is_stop_request(tensors):
                 if request.request_id():
                     self.engine.cancel(request.request_id())
+                elif (trouble := self.engine.health()) is not None:  # the stream probe's ping
+                    log.error("stop ping: %s", trouble)
+                    _send_error(sender, error_message(SERVER_ERROR, trouble))
+                    return
                 sender.send(flags=FINAL)
                 return
             generation = request_from_tensors(request.request_id(), tensors)
