@@ -152,9 +152,9 @@ class Engine:
         """Any thread: None while the loop serves, else why it does not: its thread ended (a
         BaseException: the loop catches every Exception), or it holds requests and has neither
         finished its turn nor taken them up for more than ``stall_limit`` seconds (a hang: a
-        deadlock, a kernel that never returns, a lost wake-up). Answered to the stream probe's stop ping (trident.stream_probe), so that a
-        Triton whose engine cannot serve is restarted; the ping itself never waits for the loop.
-        ``stall_limit``: :data:`STALL_LIMIT` when None."""
+        deadlock, a kernel that never returns, a lost wake-up; :data:`STALL_LIMIT` when None).
+        Answered to the stream probe's stop ping (trident.stream_probe), so that a Triton whose
+        engine cannot serve is restarted; the ping itself never waits for the loop."""
         stall_limit = STALL_LIMIT if stall_limit is None else stall_limit
         thread = self._thread
         if thread is None or self._stopping:
