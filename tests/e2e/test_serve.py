@@ -72,6 +72,22 @@ def _tokenizes(grpc_port: str) -> bool:
         client.close()
 
 
+def _kill_stub(work, model: str, instance: str, http_port: str, grpc_port: str, failure: str,
+               meanwhile=lambda: True) -> int | None:
+    """SIGKILL one stub of a running Triton: Triton still says ready over HTTP, ``meanwhile()``
+    holds (checked at once: the supervisor restarts that Triton a few seconds later), and the
+    stream probe command fails with ``failure``. Returns that Triton's pid."""
+    pid = _triton_pid(work)
+    stub = _stub_pid(work, model, instance)
+    assert stub is not None
+    os.kill(stub, signal.SIGKILL)
+    assert _http_ready(http_port) and meanwhile()
+    probe = subprocess.run([sys.executable, "-m", "trident.stream_probe", "--url", f"127.0.0.1:{grpc_port}",
+                            "--timeout", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert probe.returncode == 1 and failure in probe.stderr, probe
+    return pid
+
+
 def _http_ready(port: str) -> bool:
     try:
         return requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200
@@ -142,16 +158,9 @@ def test_serve_stays_up_and_restarts_a_killed_or_hung_triton_or_a_dead_engine_or
         # The engine's stub dies (the CPU engine is a Python-backend model): Triton does not
         # restart it and stays ready, every generation fails after a second, and llm still
         # answers its pings. The probe's stop ping to the engine model finds it.
-        pid = _triton_pid(tmp_path / "run")
-        engine = _stub_pid(tmp_path / "run", "tensorrt_llm", "tensorrt_llm_0_0")
-        assert engine is not None
-        os.kill(engine, signal.SIGKILL)
-        assert _http_ready(http_port)
-        probe = subprocess.run([sys.executable, "-m", "trident.stream_probe", "--url", f"127.0.0.1:{grpc_port}",
-                                "--timeout", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert probe.returncode == 1, probe
-        assert "the engine model: tensorrt_llm answered the stop ping with an error: Stub process " \
-               "'tensorrt_llm_0_0' is not healthy" in probe.stderr, probe
+        pid = _kill_stub(tmp_path / "run", "tensorrt_llm", "tensorrt_llm_0_0", http_port, grpc_port,
+                         "the engine model: tensorrt_llm answered the stop ping with an error: Stub process "
+                         "'tensorrt_llm_0_0' is not healthy")
         assert wait_for(lambda: "Triton is back (restart 3)" in (tmp_path / "serve.log").read_text(), timeout=300), \
             (tmp_path / "serve.log").read_text()
         assert wait_for(lambda: _generates(url), timeout=60)
@@ -162,16 +171,10 @@ def test_serve_stays_up_and_restarts_a_killed_or_hung_triton_or_a_dead_engine_or
         # Triton, the model, llm and the engine all answer (by hand, the probe then passed and
         # that Triton was never restarted). The probe's tokenize ping finds it.
         assert _tokenizes(grpc_port)
-        pid = _triton_pid(tmp_path / "run")
-        stub = _stub_pid(tmp_path / "run", "preprocessing", "preprocessing_0_0")
-        assert stub is not None
-        os.kill(stub, signal.SIGKILL)
-        assert _http_ready(http_port) and _generates(url) and not _tokenizes(grpc_port)
-        probe = subprocess.run([sys.executable, "-m", "trident.stream_probe", "--url", f"127.0.0.1:{grpc_port}",
-                                "--timeout", "3"], capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert probe.returncode == 1, probe
-        assert "the preprocessing model: preprocessing answered the tokenize ping with an error: Stub process " \
-               "'preprocessing_0_0' is not healthy" in probe.stderr, probe
+        pid = _kill_stub(tmp_path / "run", "preprocessing", "preprocessing_0_0", http_port, grpc_port,
+                         "the preprocessing model: preprocessing answered the tokenize ping with an error: Stub "
+                         "process 'preprocessing_0_0' is not healthy",
+                         meanwhile=lambda: _generates(url) and not _tokenizes(grpc_port))
         assert wait_for(lambda: "Triton is back (restart 4)" in (tmp_path / "serve.log").read_text(), timeout=300), \
             (tmp_path / "serve.log").read_text()
         assert wait_for(lambda: _tokenizes(grpc_port), timeout=60) and wait_for(lambda: _generates(url), timeout=60)
