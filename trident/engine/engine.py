@@ -148,14 +148,13 @@ class Engine:
             self._counters["requests_submitted"] += 1
             self._cond.notify_all()
 
-    def health(self, stall_limit: float | None = None) -> str | None:
+    def health(self) -> str | None:
         """Any thread: None while the loop serves, else why it does not: its thread ended (a
         BaseException: the loop catches every Exception), or it holds requests and has neither
-        finished its turn nor taken them up for more than ``stall_limit`` seconds (a hang: a
-        deadlock, a kernel that never returns, a lost wake-up; :data:`STALL_LIMIT` when None).
+        finished its turn nor taken them up for more than :data:`STALL_LIMIT` seconds (a hang: a
+        deadlock, a kernel that never returns, a lost wake-up).
         Answered to the stream probe's stop ping (trident.stream_probe), so that a Triton whose
         engine cannot serve is restarted; the ping itself never waits for the loop."""
-        stall_limit = STALL_LIMIT if stall_limit is None else stall_limit
         thread = self._thread
         if thread is None or self._stopping:
             return None
@@ -165,8 +164,8 @@ class Engine:
             held = len(self._waiting) + len(self._active)
             since = self._owed_since
         stuck = 0.0 if since is None else time.monotonic() - since
-        if held and stuck > stall_limit:
-            return (f"the engine's loop has made no progress for {stuck:.0f} s (the limit is {stall_limit:g} s) "
+        if held and stuck > STALL_LIMIT:
+            return (f"the engine's loop has made no progress for {stuck:.0f} s (the limit is {STALL_LIMIT:g} s) "
                     f"with {held} request(s) waiting or running")
         return None
 
