@@ -5,12 +5,18 @@ A closed connection is otherwise only noticed on a write: an SSE heartbeat (ever
 generation ran for nobody. Under gunicorn's gevent worker the request's socket
 (``environ["gunicorn.socket"]``) is idle while the response is being produced: the request body
 has been read and HTTP/1.1 clients send nothing more until the response ends. So a read event on
-it means the peer closed it (``recv(MSG_PEEK)`` returns ``b""``, or fails with a reset), or,
-rarely, that a pipelining client sent its next request early, in which case watching stops.
+it means the peer closed it, or that it sent something: a pipelining client its next request
+early, a TLS client its ``close_notify`` alert (which may come just before its FIN).
 
 The watch is a libev read watcher on the socket's descriptor: no greenlet and no timer per
-request while nothing happens. TLS sockets are not watched (a peek would see TLS records, not
-the end of the stream); there, and outside gevent, heartbeats remain the only signal.
+request while nothing happens. On a read event it asks the kernel for the connection's TCP state
+(``TCP_INFO``): a FIN from the peer (``CLOSE_WAIT``) or a reset (``CLOSE``) means it is gone.
+That works the same for TLS, where the bytes themselves are encrypted records. Where bytes came
+and the connection is still open, it looks at the state again every :data:`RECHECK_SECONDS`
+until the response ends (a pipelining client that leaves, a FIN that trails its
+``close_notify``). Without ``TCP_INFO`` (not Linux) a plain socket is peeked instead
+(``recv(MSG_PEEK)`` returns ``b""`` at a FIN) and TLS sockets are not watched: heartbeats and
+token writes remain the signal there.
 """
 
 from __future__ import annotations
@@ -21,6 +27,23 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("trident.gateway")
+
+#: Seconds between looks at the TCP state of a connection that sent bytes but is still open.
+RECHECK_SECONDS = 1.0
+_TCP_ESTABLISHED = 1  # linux/tcp_states.h: the only state in which the peer has not closed or reset
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+
+
+def peer_closed(sock: Any) -> bool | None:
+    """Whether the peer of ``sock`` has closed (FIN) or reset its connection, from the kernel's
+    TCP state; None where the kernel does not tell (no ``TCP_INFO``)."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+    except OSError:  # closed here already
+        return True
+    return state[0] != _TCP_ESTABLISHED
 
 
 def gevent_active() -> bool:
@@ -50,7 +73,9 @@ class DisconnectWatch:
 
     def _arm(self) -> None:
         sock = self._sock
-        if sock is None or hasattr(sock, "getpeercert") or not gevent_active():
+        if sock is None or not gevent_active():
+            return
+        if hasattr(sock, "getpeercert") and _TCP_INFO is None:  # TLS: nothing to peek at
             return
         try:
             from gevent import get_hub
@@ -71,11 +96,28 @@ class DisconnectWatch:
     def _check(self) -> None:
         if self._stopped:
             return
-        try:
-            data = self._sock.recv(1, socket.MSG_PEEK)
-        except OSError:  # reset by the peer, or already closed
-            data = b""
-        if data == b"" and not self.gone and not self._stopped:
+        closed = peer_closed(self._sock)
+        if closed is None:  # no TCP state: a plain socket's peek sees the FIN
+            try:
+                closed = self._sock.recv(1, socket.MSG_PEEK) == b""
+            except OSError:  # reset by the peer, or already closed
+                closed = True
+            if not closed:
+                return  # bytes of a pipelined request: watching stops
+        if not closed:
+            # Bytes came and the connection is open: look again now and then (the read watcher
+            # would fire at once while they sit unread).
+            import gevent
+
+            while not closed:
+                gevent.sleep(RECHECK_SECONDS)
+                if self._stopped:
+                    return
+                closed = peer_closed(self._sock)
+        self._gone()
+
+    def _gone(self) -> None:
+        if not self.gone and not self._stopped:
             self.gone = True
             self._on_gone()
 

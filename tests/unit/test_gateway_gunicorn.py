@@ -5,9 +5,13 @@ cancels the gRPC call."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -34,9 +38,10 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> Non
     raise TimeoutError(f"nothing listens on {port}")
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["no-preload", "preload"])
-def stack(request, tmp_path_factory):
-    work = tmp_path_factory.mktemp("gunicorn")
+@contextlib.contextmanager
+def serving(work: Path, *, preload: bool = False, extra_env: dict | None = None, scheme: str = "http"):
+    """The fake Triton and one gunicorn worker in front of it; yields (url, cancel log, gateway
+    log, gunicorn's pid)."""
     cancel_log = work / "cancelled.txt"
     cancel_log.touch()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "unit")])}
@@ -56,14 +61,14 @@ def stack(request, tmp_path_factory):
         gunicorn = Path(sys.executable).with_name("gunicorn")
         procs.append(subprocess.Popen(
             [str(gunicorn), "-c", "python:gateway.gunicorn_conf", "-w", "1", "-b", f"127.0.0.1:{http_port}",
-             *(["--preload"] if request.param else []), "gateway:create_app()"],
+             *(["--preload"] if preload else []), "gateway:create_app()"],
             cwd=ROOT, stdout=gateway_log, stderr=subprocess.STDOUT,
             env={**env, "TRIDENT_API_KEY": KEY, "TRIDENT_TRITON_GRPC_URL": f"127.0.0.1:{triton_port}",
                  "TRIDENT_HEARTBEAT_INTERVAL": "0.1", "GATEWAY_DRAIN_TIMEOUT": "2",
-                 "TRIDENT_SEND_TIMEOUT": "2"},
+                 "TRIDENT_SEND_TIMEOUT": "2", **(extra_env or {})},
         ))
         wait_for_port(http_port, procs[1])
-        yield f"http://127.0.0.1:{http_port}", cancel_log, work / "gateway.log", procs[1].pid
+        yield f"{scheme}://127.0.0.1:{http_port}", cancel_log, work / "gateway.log", procs[1].pid
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -74,6 +79,28 @@ def stack(request, tmp_path_factory):
                 proc.kill()
         for f in logs:
             f.close()
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["no-preload", "preload"])
+def stack(request, tmp_path_factory):
+    with serving(tmp_path_factory.mktemp("gunicorn"), preload=request.param) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def tls_stack(tmp_path_factory):
+    """The same over HTTPS (GATEWAY_CERTFILE/GATEWAY_KEYFILE), with a self-signed certificate;
+    yields the stack and the certificate's path."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed (Debian: apt-get install -y openssl)")
+    work = tmp_path_factory.mktemp("gunicorn-tls")
+    cert, key = work / "cert.pem", work / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    with serving(work, extra_env={"GATEWAY_CERTFILE": str(cert), "GATEWAY_KEYFILE": str(key)},
+                 scheme="https") as running:
+        yield running, cert
 
 
 def test_completion_stream_and_readiness(stack):
@@ -157,6 +184,73 @@ def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(stack):
         assert wait_until(lambda: "trident_gateway_in_flight_requests 0.0" in requests.get(url + "/metrics", timeout=5).text)
     response = requests.post(url + "/generate", json={"prompt": "Hi there"}, headers=AUTH, timeout=10)
     assert response.status_code == 200
+
+
+def http_request(body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def in_flight(url: str, verify: str | bool = True) -> int:
+    text = requests.get(url + "/metrics", timeout=5, verify=verify).text
+    return int(float(text.split("\ntrident_gateway_in_flight_requests ", 1)[1].split()[0]))
+
+
+def test_a_pipelining_client_that_leaves_cancels_its_generation(stack):
+    """A client that sends the start of its next request while its first (not streamed) is being
+    generated, and then leaves: the watch saw bytes, not the end of the connection, and stopped
+    watching, so the generation ran on for nobody. It now looks at the connection's TCP state
+    again every second until the response ends."""
+    url, cancel_log, gateway_log, _ = stack
+    before = cancel_log.read_text().count("slow")
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(http_request({"prompt": "slow"}))
+        assert wait_until(lambda: in_flight(url) == 1, timeout=5)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the next request, early
+        time.sleep(1.5)
+        assert cancel_log.read_text().count("slow") == before  # still here: its generation runs on
+    left = time.monotonic()
+    assert wait_until(lambda: cancel_log.read_text().count("slow") == before + 1, timeout=10), (
+        gateway_log.read_text()[-3000:])
+    assert time.monotonic() - left < 3
+    assert wait_until(lambda: in_flight(url) == 0, timeout=5)
+
+
+@pytest.mark.parametrize("goodbye", ["fin", "close_notify, fin 1.5 s later", "reset"])
+def test_a_tls_client_that_leaves_cancels_its_generation(tls_stack, goodbye):
+    """Over HTTPS a client that leaves while its (not streamed) generation runs cancels it, as
+    over plain HTTP: the watch asks the kernel for the connection's TCP state, which TLS does not
+    hide. Before, TLS connections were not watched, and a non-streaming generation whose client
+    had left ran to its end. A client may send its ``close_notify`` alert ahead of its FIN: the
+    watch looks again every second until the FIN."""
+    (url, cancel_log, gateway_log, _), cert = tls_stack
+    before = cancel_log.read_text().count("slow")
+    context = ssl.create_default_context(cafile=str(cert))
+    raw = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    try:
+        tls.sendall(http_request({"prompt": "slow"}))
+        assert wait_until(lambda: in_flight(url, str(cert)) == 1, timeout=5)
+        if goodbye == "reset":
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            tls.close()
+        else:
+            if goodbye.startswith("close_notify"):
+                tls.settimeout(0.5)
+                with contextlib.suppress(OSError):  # sent; the gateway's own close_notify never comes
+                    tls.unwrap()
+                time.sleep(1.5)
+            # A FIN (a close with bytes unread, such as the server's TLS session tickets, would
+            # send a reset instead)
+            tls.shutdown(socket.SHUT_WR)
+        left = time.monotonic()
+        assert wait_until(lambda: cancel_log.read_text().count("slow") == before + 1, timeout=10), (
+            gateway_log.read_text()[-3000:])
+        assert time.monotonic() - left < 3
+    finally:
+        tls.close()
+    assert wait_until(lambda: in_flight(url, str(cert)) == 0, timeout=5)
 
 
 def raw_http(url: str, request: bytes) -> bytes:
