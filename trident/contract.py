@@ -74,6 +74,12 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("min_p", np.float32),
     TensorSpec("logit_bias_ids", np.int32, many=True),
     TensorSpec("logit_bias_values", np.float32, many=True),
+    # NVIDIA's clients send these two on every request (its end_to_end_grpc_client.py): beam
+    # search is not served (the engines are built with max_beam_width 1), so only beam_width 1;
+    # exclude_input_in_output false puts the prompt in front of a non-streaming text_output, as
+    # NVIDIA's ensemble does (streaming: never; absent: not, unlike NVIDIA's default).
+    TensorSpec("beam_width", np.int32),
+    TensorSpec("exclude_input_in_output", np.bool_),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one.
 LLM_OUTPUTS: tuple[TensorSpec, ...] = (
@@ -165,6 +171,9 @@ class TextRequest:
     model: str = ""  # the public model name (gateway side); not sent to Triton
     end_id: Optional[int] = None  # NVIDIA ensemble overrides of the tokenizer's ids
     pad_id: Optional[int] = None
+    # A non-streaming request's text_output starts with the prompt (NVIDIA's ensemble with
+    # exclude_input_in_output false); direct gRPC clients only, the gateway never asks for it.
+    include_prompt: bool = False
 
 
 # -- the llm tensors: encoding (gateway) and decoding (llm) ------------------------------------------
@@ -196,6 +205,7 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
         "repetition_penalty": _one(s.repetition_penalty, np.float32),
         "seed": None if s.seed is None else _one(s.seed, np.uint64),
         "stream": _one(req.stream, np.bool_),
+        "exclude_input_in_output": _one(False, np.bool_) if req.include_prompt else None,
     }
     # Output controls only when they differ from the defaults (the common request stays small).
     if s.n != 1:
@@ -299,6 +309,11 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
     }
     if _scalar(get("return_log_probs"), bool):
         given["logprobs"] = _scalar(get("num_top_log_probs"), int) or 0
+    beam_width = _scalar(get("beam_width"), int)
+    if beam_width is not None and beam_width != 1:
+        raise InvalidRequest(f"beam_width must be 1 (beam search is not served), got {beam_width}", param="beam_width")
     sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})
-    return TextRequest(prompt=prompts[0], sampling=sampling, stream=bool(_scalar(get("stream"), bool) or False),
-                       end_id=_scalar(get("end_id"), int), pad_id=_scalar(get("pad_id"), int))
+    stream = bool(_scalar(get("stream"), bool) or False)
+    return TextRequest(prompt=prompts[0], sampling=sampling, stream=stream,
+                       end_id=_scalar(get("end_id"), int), pad_id=_scalar(get("pad_id"), int),
+                       include_prompt=not stream and _scalar(get("exclude_input_in_output"), bool) is False)

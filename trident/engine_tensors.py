@@ -45,6 +45,12 @@ ENGINE_INPUTS: dict[str, Any] = {
     "embedding_bias": np.float32,  # (1, vocab): added to the logits (OpenAI's logit_bias)
     "guided_decoding_guide_type": np.object_,
     "guided_decoding_guide": np.object_,
+    # Sent by NVIDIA's clients on every request (inflight_batcher_llm_client.py), never by llm:
+    # beam_width must be 1 (engines built with max_beam_width 1); exclude_input_in_output false
+    # puts the prompt's ids in front of a non-streaming request's output_ids (absent: the
+    # model's parameter, "true" in both flavours).
+    "beam_width": np.int32,
+    "exclude_input_in_output": np.bool_,
 }
 #: Inputs only trident's CPU engine reads (TensorRT-LLM 1.2.1's backend has no such input; the
 #: llm model refuses a request needing one on GPU: trident.contract.ENGINE_FEATURES).

@@ -462,6 +462,8 @@ class LlmService:
         if gen.finish_reason is None:  # ended by a stop sequence before the engine finished it
             gen.finish()
         tail = "".join(parts[gen.index]) + tail
+        if job.text.include_prompt:  # not streaming: this is the choice's whole text
+            tail = job.text.prompt + tail
         tokens = held[gen.index] + (tokens or []) if gen.logprobs else None
         parts[gen.index], held[gen.index] = [], []
         if last:

@@ -1,7 +1,10 @@
 """The first slice end to end: gateway -> Triton gRPC -> llm -> CPU engine, and back."""
+from __future__ import annotations
+
 import concurrent.futures as cf
 
 import numpy as np
+import pytest
 
 from e2e_helpers import post, sse_events
 
@@ -143,3 +146,83 @@ def test_direct_grpc_ensemble_streams_nvidia_tensor_names(triton):
     client.close()
     assert "Paris" in "".join(pieces)
     assert final in {"length", "eos_token"}
+
+
+def _nvidia_client_request(url: str, model: str, inputs: dict) -> tuple[list, str | None]:
+    """One request as NVIDIA's tritonclient examples send it ([1, 1] tensors, streaming API):
+    every response's outputs, or the error."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    results: "queue.Queue" = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    tensors = []
+    for name, arr in inputs.items():
+        tensor = grpcclient.InferInput(name, arr.shape, np_to_triton_dtype(arr.dtype))
+        tensor.set_data_from_numpy(arr)
+        tensors.append(tensor)
+    client.async_stream_infer(model, tensors, request_id="1", enable_empty_final_response=True)
+    outputs, error = [], None
+    while True:
+        result, error = results.get(timeout=120)
+        if error is not None:
+            break
+        outputs.append({o.name: result.as_numpy(o.name) for o in result.get_response().outputs})
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    client.close()
+    return outputs, None if error is None else str(error)
+
+
+@pytest.mark.parametrize("model", ["ensemble", "llm"])
+def test_nvidia_clients_beam_width_and_exclude_input_in_output(triton, model):
+    """NVIDIA's end_to_end_grpc_client.py sends beam_width (1) and exclude_input_in_output (false
+    unless asked) on every request; both were refused as unexpected inputs. With false, a
+    non-streaming text_output is the prompt and then the completion (NVIDIA's ensemble does the
+    same); a stream never repeats the prompt; beam search is refused naming beam_width."""
+    prompt = "The capital of France is"
+
+    def text(stream: bool, exclude: bool, beam_width: int = 1) -> tuple[str, str | None]:
+        outputs, error = _nvidia_client_request(triton.grpc_url, model, {
+            "text_input": np.array([[prompt.encode()]], dtype=object),
+            "max_tokens": np.array([[8]], dtype=np.int32),
+            "stream": np.array([[stream]]),
+            "beam_width": np.array([[beam_width]], dtype=np.int32),
+            "temperature": np.array([[0.0]], dtype=np.float32),
+            "exclude_input_in_output": np.array([[exclude]]),
+        })
+        return "".join(o["text_output"].reshape(-1)[0].decode() for o in outputs if o.get("text_output") is not None), error
+
+    completion, error = text(stream=False, exclude=True)
+    assert error is None and "Paris" in completion and not completion.startswith(prompt), (completion, error)
+    assert text(stream=False, exclude=False) == (prompt + completion, None)
+    assert text(stream=True, exclude=False) == (completion, None)
+    _, error = text(stream=False, exclude=True, beam_width=2)
+    assert error is not None and "[invalid_request_error:beam_width] beam_width must be 1" in error, error
+
+
+def test_nvidia_engine_clients_beam_width_and_exclude_input_in_output(triton):
+    """The engine model takes what NVIDIA's inflight_batcher_llm_client.py sends (beam_width on
+    every request), as TensorRT-LLM's backend does: exclude_input_in_output false puts the
+    prompt's ids in front of a non-streaming output_ids (absent: the model's parameter, true)."""
+    ids = [504, 3575, 282, 4649, 314]
+
+    def output_ids(**extra) -> tuple[list[int], str | None]:
+        inputs = {"input_ids": np.array([ids], dtype=np.int32), "input_lengths": np.array([[len(ids)]], dtype=np.int32),
+                  "request_output_len": np.array([[4]], dtype=np.int32), "end_id": np.array([[2]], dtype=np.int32),
+                  "pad_id": np.array([[2]], dtype=np.int32), "beam_width": np.array([[1]], dtype=np.int32),
+                  "runtime_top_k": np.array([[1]], dtype=np.int32), "streaming": np.array([[False]]), **extra}
+        outputs, error = _nvidia_client_request(triton.grpc_url, "tensorrt_llm", inputs)
+        return [t for o in outputs if o.get("output_ids") is not None for t in o["output_ids"].reshape(-1).tolist()], error
+
+    generated, error = output_ids()
+    assert error is None and len(generated) == 4, (generated, error)
+    assert output_ids(exclude_input_in_output=np.array([[True]])) == (generated, None)
+    assert output_ids(exclude_input_in_output=np.array([[False]])) == (ids + generated, None)
+    assert output_ids(exclude_input_in_output=np.array([[False]]), streaming=np.array([[True]])) == (generated, None)
+    _, error = output_ids(beam_width=np.array([[3]], dtype=np.int32))
+    assert error is not None and "beam_width must be 1" in error, error

@@ -1,5 +1,8 @@
 """The two contracts, each one definition on both sides: gateway <-> llm (trident.contract) and
 llm <-> engine (trident.engine_tensors)."""
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -81,6 +84,55 @@ def test_llm_reads_nvidia_ensemble_names():
     assert (req.prompt, req.sampling.max_new_tokens, req.sampling.stop, req.sampling.seed, req.stream) == (
         "héllo", 4, ("\n",), 9, True)
     assert req.sampling.top_p == 1.0
+
+
+@pytest.mark.parametrize("stream, exclude, include_prompt", [
+    (False, False, True),  # NVIDIA's ensemble: the prompt, then the completion
+    (False, True, False),
+    (False, None, False),  # absent: the completion only (NVIDIA's default differs: docs)
+    (True, False, False),  # streaming never repeats the prompt (TensorRT-LLM's either)
+])
+def test_nvidia_clients_beam_width_1_and_exclude_input_in_output(stream, exclude, include_prompt):
+    """NVIDIA's end_to_end_grpc_client.py sends beam_width and exclude_input_in_output on every
+    request; both were refused as unexpected inputs."""
+    inputs = {"text_input": np.array([[b"x"]], dtype=object), "max_tokens": np.array([[3]], dtype=np.int32),
+              "stream": np.array([[stream]]), "beam_width": np.array([[1]], dtype=np.int32)}
+    if exclude is not None:
+        inputs["exclude_input_in_output"] = np.array([[exclude]])
+    req = read_llm_inputs(inputs.get)
+    assert req.include_prompt is include_prompt
+    assert read_llm_inputs(llm_inputs(req).get) == req
+
+
+@pytest.mark.parametrize("beam_width", [0, 2, 4])
+def test_beam_search_is_refused_naming_beam_width(beam_width):
+    inputs = {"text_input": np.array([[b"x"]], dtype=object), "max_tokens": np.array([[3]], dtype=np.int32),
+              "beam_width": np.array([[beam_width]], dtype=np.int32)}
+    with pytest.raises(InvalidRequest, match="beam_width must be 1") as err:
+        read_llm_inputs(inputs.get)
+    assert err.value.param == "beam_width"
+
+
+@pytest.mark.parametrize("model", ["llm", "ensemble"])
+def test_the_config_templates_declare_the_contracts_inputs(model):
+    """config.pbtxt of llm and ensemble declare LLM_INPUTS, names, types and dims (the ensemble
+    passes each on to llm): an input added to the contract and not to a template is refused by
+    Triton as unexpected."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from trident.contract import LLM_INPUTS
+
+    path = Path(__file__).resolve().parents[2] / "model_repository" / "common" / model / "config.pbtxt.in"
+    text = re.sub(r"\$\{\w+\}", "1", path.read_text())
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    types = {np.object_: "TYPE_STRING", np.int32: "TYPE_INT32", np.float32: "TYPE_FP32", np.uint64: "TYPE_UINT64",
+             np.bool_: "TYPE_BOOL"}
+    declared = {i.name: (model_config_pb2.DataType.Name(i.data_type), tuple(i.dims), i.optional) for i in config.input}
+    assert declared == {t.name: (types[t.dtype], t.dims, t.optional) for t in LLM_INPUTS}
+    if model == "ensemble":
+        [step] = config.ensemble_scheduling.step
+        assert dict(step.input_map) == {t.name: t.name for t in LLM_INPUTS}
 
 
 def test_absent_sampling_inputs_take_the_one_set_of_defaults():

@@ -18,7 +18,7 @@ from engine_sink import Collector
 import torch
 
 from trident.contract import Guide, SamplingParams
-from trident.engine import Engine, EngineConfig, GenerationRequest, request_from_tensors, response_arrays
+from trident.engine import Engine, EngineConfig, GenerationRequest, InvalidRequestError, request_from_tensors, response_arrays
 from trident.engine_tensors import engine_inputs, read_response
 
 CKPT = model_dir()
@@ -316,6 +316,37 @@ def test_adapter_tensors_round_trip(int4, tok):
     assert sorted(seen) == [0, 1] and all(len(t) >= 2 for t in seen.values())
     plain = response_arrays(run(int4, prompt, max_new_tokens=2)[0][2][-1])
     assert set(plain) == {"output_ids", "sequence_length"}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_exclude_input_in_output_false_puts_the_prompt_ids_in_front_of_a_non_streaming_output(int4, tok, streaming):
+    """TensorRT-LLM's semantics (its inflight_batcher_llm_client.py sends beam_width and may send
+    exclude_input_in_output): the request's input overrides the model's parameter, and a
+    non-streaming output then holds the prompt's ids before the generated ones; streaming
+    outputs never do. beam_width 1 is accepted, any other refused naming it."""
+    prompt = tok("In 1492, Columbus").input_ids
+    tensors = engine_inputs(SamplingParams(max_new_tokens=5, temperature=0.0), input_ids=prompt, end_id=EOS,
+                            pad_id=EOS)
+    tensors["streaming"] = np.array([[streaming]])
+    tensors["beam_width"] = np.array([[1]], dtype=np.int32)
+    generated = {}
+    for exclude in (True, False):
+        request = request_from_tensors(f"echo-{streaming}-{exclude}", {
+            **tensors, "exclude_input_in_output": np.array([[exclude]])}, exclude_input=True)
+        sink = Collector()
+        int4.submit(request, sink)
+        outs = sink.finished(request.request_id)
+        arrays = [response_arrays(out) for out in outs]
+        generated[exclude] = [t for a in arrays for t in a["output_ids"].reshape(-1).tolist()]
+        assert arrays[-1]["sequence_length"].item() == len(outs[-1].token_ids)
+    assert len(generated[True]) == 5
+    assert generated[False] == (generated[True] if streaming else prompt + generated[True])
+    # absent: the model's parameter decides
+    assert request_from_tensors("p", tensors, exclude_input=False).include_input is not streaming
+    assert not request_from_tensors("p", tensors, exclude_input=True).include_input
+    with pytest.raises(InvalidRequestError, match="beam_width must be 1") as err:
+        request_from_tensors("b", {**tensors, "beam_width": np.array([[2]], dtype=np.int32)})
+    assert err.value.param == "beam_width"
 
 
 def test_a_row_with_every_token_masked_ends_as_at_its_end_id():

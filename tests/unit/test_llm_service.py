@@ -479,6 +479,21 @@ def test_stream_interval_without_streaming_changes_nothing(make_service, tokeniz
     assert streamed(request) == ([], [tokenizer.decode(engine.ids[:8])])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_exclude_input_in_output_false_puts_the_prompt_in_front_of_a_non_streaming_text(make_service, tokenizer,
+                                                                                        stream):
+    """NVIDIA's ensemble semantics (its end_to_end_grpc_client.py sends false by default): the
+    prompt, then the completion, in one non-streaming text_output; a stream never repeats it."""
+    service, engine = make_service()
+    request = FakeRequest("Tell me", max_tokens=8, stream=stream)
+    request.inputs["exclude_input_in_output"] = np.array([[False]])
+    request.inputs["beam_width"] = np.array([[1]], dtype=np.int32)
+    service.accept(request)
+    wait(request)
+    completion = tokenizer.decode(engine.ids[:8])
+    assert request.text() == (completion if stream else "Tell me" + completion)
+
+
 def test_a_client_gone_between_grouped_responses_stops_the_engine(make_service, tokenizer):
     engine = FakeEngine(tokenizer)
     service, _ = make_service(engine, cancel_check_interval=0.0, stream_interval=2)

@@ -381,7 +381,7 @@ class Engine:
         start = seq.emitted if seq.request.streaming else 0
         out = GenerationOutput(
             request_id=seq.request.request_id,
-            token_ids=seq.output[start:],
+            token_ids=seq.request.input_ids + seq.output if seq.request.include_input else seq.output[start:],
             finished=finished,
             finish_reason=reason,
             error=error,

@@ -56,6 +56,8 @@ class GenerationRequest:
     stop_words: list[list[int]] = field(default_factory=list)  # token sequences
     bad_words: list[list[int]] = field(default_factory=list)
     streaming: bool = False
+    # Not streaming: the output's token_ids start with input_ids (exclude_input_in_output false).
+    include_input: bool = False
     # Polled at most every cancel_check_interval; True cancels the request (the client went away).
     is_cancelled: Callable[[], bool] | None = field(default=None, repr=False)
     # The guide compiled by Engine.submit (xgrammar.CompiledGrammar), in the submitting thread.

@@ -38,11 +38,19 @@ def decode_word_list(arr: np.ndarray, name: str = "stop_words_list") -> list[lis
         raise InvalidRequestError(str(exc)) from None
 
 
-def request_from_tensors(request_id: str, tensors: Mapping[str, np.ndarray]) -> GenerationRequest:
-    """Build the engine request; raises InvalidRequestError naming the offending tensor."""
+def request_from_tensors(request_id: str, tensors: Mapping[str, np.ndarray], *,
+                         exclude_input: bool = True) -> GenerationRequest:
+    """Build the engine request; raises InvalidRequestError naming the offending tensor.
+    ``exclude_input``: the model's ``exclude_input_in_output`` parameter, which the request's
+    input of that name overrides (TensorRT-LLM's backend does the same)."""
     if "input_ids" not in tensors or "request_output_len" not in tensors:
         raise InvalidRequestError("input_ids and request_output_len are required")
     try:
+        beam_width = scalar(tensors, "beam_width")
+        if beam_width is not None and beam_width != 1:
+            raise InvalidRequestError(f"beam_width must be 1 (beam search is not served), got {beam_width}",
+                                      param="beam_width")
+        streaming = bool(scalar(tensors, "streaming", False))
         input_ids = batch_row("input_ids", tensors["input_ids"], 1).astype(np.int64).tolist()
         length = scalar(tensors, "input_lengths")
         if length is not None:
@@ -60,7 +68,9 @@ def request_from_tensors(request_id: str, tensors: Mapping[str, np.ndarray]) -> 
             pad_id=scalar(tensors, "pad_id"),
             stop_words=words["stop_words_list"],
             bad_words=words["bad_words_list"],
-            streaming=bool(scalar(tensors, "streaming", False)),
+            streaming=streaming,
+            # streaming outputs never repeat the prompt (TensorRT-LLM's either)
+            include_input=not streaming and not bool(scalar(tensors, "exclude_input_in_output", exclude_input)),
         )
     except EngineTensorError as exc:
         raise InvalidRequestError(str(exc)) from None

@@ -147,6 +147,7 @@ class TritonPythonModel:
             max_queue_size=int(_param(params, "max_queue_size", "256")),
             xgrammar_tokenizer_info_path=_param(params, "xgrammar_tokenizer_info_path", ""),
         )
+        self.exclude_input = _param(params, "exclude_input_in_output", "true").lower() == "true"
         if not config.checkpoint_dir:
             raise ValueError("config.pbtxt parameter checkpoint_dir is required")
         self.engine = Engine(config)
@@ -177,7 +178,7 @@ class TritonPythonModel:
                     return
                 sender.send(flags=FINAL)
                 return
-            generation = request_from_tensors(request.request_id(), tensors)
+            generation = request_from_tensors(request.request_id(), tensors, exclude_input=self.exclude_input)
             generation.is_cancelled = sender.is_cancelled
             requested = frozenset(request.requested_output_names())
             self.engine.submit(generation, lambda out: self.responses.put(sender, out, requested))
