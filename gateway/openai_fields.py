@@ -75,27 +75,34 @@ class StringOrStrings(_StrictField):
         return non_empty_strings(value, name=name, max_items=self.max_items)
 
 
+#: Prompts one ``/v1/completions`` request may hold (an array of strings): each is a generation of
+#: its own, with its own in-flight place and a place among its key's open generations.
+MAX_PROMPTS = 32
+
+
 class Prompt(_StrictField):
-    """``prompt`` of /v1/completions: a non-empty string, or an array holding one such string."""
+    """``prompt`` of /v1/completions: a non-empty string, or an array of 1 to :data:`MAX_PROMPTS`
+    of them (token ids are refused); loaded as a tuple of strings."""
 
     expected = "a string"
 
     def accepts(self, value: Any) -> bool:
         return isinstance(value, (str, list))
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
         value = super()._deserialize(value, attr, data, **kwargs)
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValidationError(f"prompt must be one string: only one prompt per request is supported, "
-                                      f"got an array of {len(value)}")
-            if not isinstance(value[0], str):
-                raise ValidationError(f"prompt must be a string (token ids are not supported), "
-                                      f"got an array of {describe(value[0]).split(' ')[0]}")
-            value = value[0]
-        if not value:
-            raise ValidationError("prompt must be a non-empty string")
-        return value
+        if isinstance(value, str):
+            value = [value]
+        if not 1 <= len(value) <= MAX_PROMPTS:
+            raise ValidationError(f"prompt must hold 1 to {MAX_PROMPTS} prompts, got an array of {len(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ValidationError(f"prompt must be a string or an array of strings (token ids are not "
+                                      f"supported), got an array of {describe(item).split(' ')[0]}")
+            if not item:
+                where = "" if len(value) == 1 else f"[{i}]"
+                raise ValidationError(f"prompt{where} must be a non-empty string")
+        return tuple(value)
 
 
 class Nested(_StrictField):

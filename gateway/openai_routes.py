@@ -21,7 +21,8 @@ from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
 from .errors import ClientError
 from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest, load_openai
-from .openai_replies import ChatCompletionReply, CompletionReply, best
+from .openai_replies import ChatCompletionReply, CompletionReply
+from .prompts import best_per_prompt, start_prompts
 from .ratelimit import rate_limited
 from .generation import collect, start_generation, stream_response
 from .json_body import read_json_object
@@ -105,8 +106,12 @@ def _answer(req: OpenAIRequest, reply_class: type[CompletionReply] | type[ChatCo
     params = req.params
     g.param_names = req.param_names
     reply = reply_class(params.model, include_usage=req.include_usage, logprobs=req.logprobs)
-    generation, done = start_generation(params)
+    if req.prompts:  # /v1/completions with several prompts (gateway.prompts)
+        generation, done = start_prompts(params, req.prompts)
+    else:
+        generation, done = start_generation(params)
     if params.stream:
         return stream_response(generation, done, encode=reply, encode_error=reply.error)
-    choices, finished = collect(generation, done, params.sampling.n)
-    return jsonify(reply.response(best(choices, req.choices), finished))
+    prompts = len(req.prompts) or 1
+    choices, finished = collect(generation, done, params.sampling.n * prompts)
+    return jsonify(reply.response(best_per_prompt(choices, prompts, params.sampling.n, req.choices), finished))

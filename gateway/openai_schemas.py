@@ -78,6 +78,8 @@ class OpenAIRequest:
     choices: int = 1  # n: the choices answered (best_of may generate more: params.sampling.n)
     logprobs: int | None = None  # the alternatives the reply shows per token; None: no logprobs
     param_names: Mapping[str, str] = dataclasses.field(default_factory=dict)  # gateway.errors.public_param
+    # /v1/completions with an array of prompts: all of them (params holds the first); else ()
+    prompts: tuple[str, ...] = ()
 
 
 # -- nested objects -----------------------------------------------------------------------------
@@ -223,8 +225,13 @@ class CompletionSchema(_OpenAISchema):
 
     @post_load
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> OpenAIRequest:
-        return self._request(data, prompt=data["prompt"], model=self.requested_model(data),
-                             max_tokens=data.get("max_tokens"), logprobs=data.get("logprobs"))
+        prompts = data["prompt"]
+        model = self.requested_model(data)
+        for prompt in prompts[1:]:
+            self.check_prompt_length(prompt, model, "prompt")
+        req = self._request(data, prompt=prompts[0], model=model, max_tokens=data.get("max_tokens"),
+                            logprobs=data.get("logprobs"))
+        return dataclasses.replace(req, prompts=prompts) if len(prompts) > 1 else req
 
 
 class ChatCompletionSchema(_OpenAISchema):

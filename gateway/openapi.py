@@ -23,7 +23,7 @@ from marshmallow import fields
 from marshmallow.validate import Range
 
 from . import response_schemas as rs
-from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings
+from .openai_fields import MAX_PROMPTS, Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings
 from trident.contract import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 from .control_fields import LogitBias, Regex, ResponseFormat
@@ -65,7 +65,7 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
     elif isinstance(field, StringOrStrings):
         props = {"anyOf": [stop, {"type": "array", "items": stop, "maxItems": field.max_items}]}
     elif isinstance(field, Prompt):
-        props = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]}
+        props = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_PROMPTS}]}
     elif isinstance(field, MessageContent):
         part = {
             "type": "object",

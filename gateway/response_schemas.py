@@ -11,6 +11,7 @@ from marshmallow.validate import Equal, Length, OneOf, Range
 
 from trident.contract import FINISH_REASONS, MAX_CHOICES
 from .errors import ERROR_TYPES
+from .openai_fields import MAX_PROMPTS
 
 OPENAI_FINISH_REASONS = ("stop", "length")
 
@@ -51,14 +52,18 @@ class ReadySchema(Schema):
     status = _const("ready")
 
 
-def _index() -> fields.Field:
-    """A choice's index (several with ``n``)."""
-    return _required(fields.Integer, validate=Range(min=0, max=MAX_CHOICES - 1))
+#: Choices one /v1/completions answer may hold: n for each of its prompts.
+MAX_COMPLETION_CHOICES = MAX_CHOICES * MAX_PROMPTS
 
 
-def _choices(schema: type[Schema], *, streamed: bool = False) -> fields.Field:
+def _index(most: int = MAX_CHOICES) -> fields.Field:
+    """A choice's index (several with ``n``, and on /v1/completions with several prompts)."""
+    return _required(fields.Integer, validate=Range(min=0, max=most - 1))
+
+
+def _choices(schema: type[Schema], *, streamed: bool = False, most: int = MAX_CHOICES) -> fields.Field:
     return _required(fields.List, fields.Nested(schema),
-                     validate=Length(max=1) if streamed else Length(min=1, max=MAX_CHOICES))
+                     validate=Length(max=1) if streamed else Length(min=1, max=most))
 
 
 class CompletionLogprobsSchema(Schema):
@@ -153,7 +158,7 @@ class ModelListSchema(Schema):
 
 class CompletionChoiceSchema(Schema):
     text = _required(fields.String)
-    index = _index()
+    index = _index(MAX_COMPLETION_CHOICES)
     logprobs = _completion_logprobs()
     finish_reason = _required(fields.String, validate=OneOf(OPENAI_FINISH_REASONS))
 
@@ -163,13 +168,13 @@ class CompletionResponseSchema(Schema):
     object = _const("text_completion")
     created = _required(fields.Integer)
     model = _required(fields.String)
-    choices = _choices(CompletionChoiceSchema)
+    choices = _choices(CompletionChoiceSchema, most=MAX_COMPLETION_CHOICES)
     usage = fields.Nested(UsageSchema, required=True)
 
 
 class CompletionChunkChoiceSchema(Schema):
     text = _required(fields.String)
-    index = _index()
+    index = _index(MAX_COMPLETION_CHOICES)
     logprobs = _completion_logprobs()
     finish_reason = _required(fields.String, allow_none=True, validate=OneOf(OPENAI_FINISH_REASONS))
 

@@ -42,6 +42,27 @@ def test_completion_streamed_equals_json_for_greedy_requests(oai):
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
+def test_an_array_of_prompts_answers_each_as_alone(oai):
+    """Several prompts in one /v1/completions request (LangChain's OpenAI class batches so): each
+    prompt's greedy choices are what it gets alone, numbered prompt by prompt, streamed or not;
+    the usage is the sum."""
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+    alone = [oai.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    whole = oai.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [(c.index, c.text) for c in whole.choices] == [
+        (2 * i + k, a.choices[0].text) for i, a in enumerate(alone) for k in range(2)]
+    assert whole.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert whole.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    chunks = list(oai.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    texts = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert texts == {i: a.choices[0].text for i, a in enumerate(alone)}
+    assert chunks[-1].usage.total_tokens == sum(a.usage.total_tokens for a in alone)
+
+
 def test_chat_streamed_equals_json_for_greedy_requests(oai):
     request = {"model": MODEL, "messages": CAPITAL, "max_tokens": 40, "temperature": 0}
     whole = oai.chat.completions.create(**request)

@@ -13,7 +13,7 @@ from openai_fixtures import AUTH, KEY, MODEL, SMOL_SYSTEM, make_openai_app, sse_
 
 from gateway import create_app
 from gateway.auth import hash_key
-from gateway.backend import Finished
+from gateway.backend import Finished, TextDelta
 from gateway.errors import ClientError, ServerError
 from trident.contract import SamplingParams, TextRequest
 
@@ -109,9 +109,13 @@ def test_messages_content_parts_roles_and_names(client, backend):
 BAD_COMPLETIONS = [
     ({}, "prompt", "prompt is required"),
     ({"prompt": ""}, "prompt", "prompt must be a non-empty string"),
-    ({"prompt": ["a", "b"]}, "prompt",
-     "prompt must be one string: only one prompt per request is supported, got an array of 2"),
-    ({"prompt": [[1, 2]]}, "prompt", "prompt must be a string (token ids are not supported), got an array of array"),
+    ({"prompt": ["a"] * 33}, "prompt", "prompt must hold 1 to 32 prompts, got an array of 33"),
+    ({"prompt": []}, "prompt", "prompt must hold 1 to 32 prompts, got an array of 0"),
+    ({"prompt": ["a", ""]}, "prompt", "prompt[1] must be a non-empty string"),
+    ({"prompt": [[1, 2]]}, "prompt",
+     "prompt must be a string or an array of strings (token ids are not supported), got an array of array"),
+    ({"prompt": [1, 2]}, "prompt",
+     "prompt must be a string or an array of strings (token ids are not supported), got an array of integer"),
     ({"prompt": 5}, "prompt", "prompt must be a string, got integer 5"),
     ({"prompt": "x", "n": 17}, "n", "n must be between 1 and 16, got 17"),
     ({"prompt": "x", "n": 0}, "n", "n must be between 1 and 16, got 0"),
@@ -498,3 +502,117 @@ def test_json_dumps_of_chunks_keeps_unicode(tmp_path):
     raw = client.test_client().post("/v1/completions", json={**COMPLETION, "stream": True}, headers=AUTH).get_data()
     assert "✓ é".encode() in raw
     assert json.loads(raw.split(b"\n\n")[0][len(b"data: "):])["choices"][0]["text"] == "✓ é"
+
+
+# -- /v1/completions with an array of prompts (gateway.prompts) -----------------------------------
+
+
+def _per_prompt_script(params):
+    """Each choice's text names its prompt and its index; prompt "boom" fails before any text,
+    prompt "late" after some; cum_logprob makes choice k of prompt "b" the best for k = n - 1."""
+    from gateway.backend import ChoiceEnd
+
+    if params.prompt == "boom":
+        return [ClientError("prompt has 3000 tokens, over the context", param="prompt")]
+    n = params.sampling.n
+    steps = [TextDelta(f"{params.prompt}-{k}", index=k) for k in range(n)]
+    if params.prompt == "late":
+        return [*steps, ServerError("the engine failed", status=500)]
+    ends = tuple(ChoiceEnd(k, "length", 2, cum_logprob=float(k if params.prompt == "b" else -k)) for k in range(n))
+    return [*steps, Finished("length", prompt_tokens=len(params.prompt), completion_tokens=2 * n, choices=ends)]
+
+
+@pytest.fixture
+def prompts_app(tmp_path):
+    return make_openai_app(tmp_path, backend=FakeBackend(script=_per_prompt_script))
+
+
+def test_an_array_of_prompts_is_one_generation_each_answered_together(prompts_app):
+    """LangChain's OpenAI class sends its batches so. The choices of prompt i are i*n..i*n+n-1,
+    the usage is summed."""
+    app, backend = prompts_app
+    response = app.test_client().post("/v1/completions", headers=AUTH,
+                                      json={"prompt": ["a", "bb", "ccc"], "n": 2, "max_tokens": 4})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [
+        (0, "a-0"), (1, "a-1"), (2, "bb-0"), (3, "bb-1"), (4, "ccc-0"), (5, "ccc-1")]
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 12, "total_tokens": 18}
+    assert [params.prompt for params, _ in backend.calls] == ["a", "bb", "ccc"]
+    assert all(params.sampling.n == 2 and params.sampling.max_new_tokens == 4 for params, _ in backend.calls)
+    assert app.extensions["trident"].in_flight.count == 0
+
+
+def test_best_of_picks_within_each_prompt(prompts_app):
+    app, _ = prompts_app
+    response = app.test_client().post("/v1/completions", headers=AUTH,
+                                      json={"prompt": ["a", "b"], "n": 1, "best_of": 3, "max_tokens": 4})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert [(c["index"], c["text"]) for c in response.get_json()["choices"]] == [(0, "a-0"), (1, "b-2")]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_an_array_of_prompts_streams_every_choice_with_its_index(prompts_app, include_usage):
+    app, _ = prompts_app
+    body = {"prompt": ["a", "bb"], "max_tokens": 4, "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    response = app.test_client().post("/v1/completions", headers=AUTH, json=body)
+    assert response.status_code == 200
+    chunks = sse_data(response)
+    assert chunks[-1] == "[DONE]"
+    texts = {c["choices"][0]["index"]: c["choices"][0]["text"] for c in chunks[:-1]
+             if c["choices"] and c["choices"][0]["text"]}
+    assert texts == {0: "a-0", 1: "bb-0"}
+    ends = [c["choices"][0] for c in chunks[:-1] if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert sorted((e["index"], e["finish_reason"]) for e in ends) == [(0, "length"), (1, "length")]
+    usage = [c["usage"] for c in chunks[:-1] if c.get("usage")]
+    assert usage == ([{"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}] if include_usage else [])
+    assert app.extensions["trident"].in_flight.count == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_refused_fails_the_request_before_its_200_and_stops_the_others(prompts_app, stream):
+    app, backend = prompts_app
+    response = app.test_client().post("/v1/completions", headers=AUTH,
+                                      json={"prompt": ["a", "boom", "bb"], "max_tokens": 4, "stream": stream})
+    assert_error(response, 400, "invalid_request_error", "prompt", "prompt has 3000 tokens, over the context")
+    assert all(generation.closed.is_set() for generation in backend.generations)
+    assert app.extensions["trident"].in_flight.count == 0
+
+
+def test_a_prompt_failing_mid_stream_is_an_error_chunk(prompts_app):
+    app, backend = prompts_app
+    response = app.test_client().post("/v1/completions", headers=AUTH,
+                                      json={"prompt": ["a", "late"], "max_tokens": 4, "stream": True})
+    assert response.status_code == 200
+    chunks = sse_data(response)
+    assert chunks[-1] == "[DONE]" and chunks[-2]["error"]["code"] == 500, chunks
+    assert all(generation.closed.is_set() for generation in backend.generations)
+    assert app.extensions["trident"].in_flight.count == 0
+
+
+def test_each_prompt_takes_an_in_flight_place(tmp_path):
+    """3 prompts over MAX_IN_FLIGHT 2: a 503, and the two places taken are given back."""
+    app, backend = make_openai_app(tmp_path, {"MAX_IN_FLIGHT": 2, "RETRY_AFTER": 3},
+                                   backend=FakeBackend(script=_per_prompt_script))
+    response = app.test_client().post("/v1/completions", headers=AUTH, json={"prompt": ["a", "b", "c"]})
+    assert response.status_code == 503 and response.headers["Retry-After"] == "3"
+    assert len(backend.generations) == 2 and all(g.closed.is_set() for g in backend.generations)
+    assert app.extensions["trident"].in_flight.count == 0
+    assert app.test_client().post("/v1/completions", headers=AUTH, json={"prompt": ["a", "b"]}).status_code == 200
+
+
+def test_closing_the_prompts_generation_closes_every_prompt():
+    """A client that leaves (gateway.disconnect calls close) cancels every prompt's generation,
+    also one still waiting for its first event."""
+    from gateway.backend import TextDelta as Delta
+    from gateway.prompts import PromptsGeneration
+    from gateway_fakes import FakeGeneration
+
+    gens = [FakeGeneration([Delta("x"), Pause(30)]), FakeGeneration([Pause(30)])]
+    combined = PromptsGeneration(gens, n=1)
+    events = iter(combined)
+    combined.close()
+    assert list(events) == []
+    assert all(g.closed.is_set() for g in gens)
