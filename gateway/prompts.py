@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+from flask import has_app_context
+
 from trident.contract import TextRequest
 
 from .backend import ADMITTED, ChoiceEnd, Event, Finished, Generation, TextDelta
@@ -27,6 +29,7 @@ from .choices import Choice
 from .disconnect import gevent_active
 from .generation import start_generation
 from .openai_replies import best
+from .telemetry import current_record
 
 
 class _End:
@@ -52,6 +55,9 @@ class PromptsGeneration:
         self._finals: dict[int, Finished] = {}
         self._ended = 0
         self._admitted = False
+        # The request's log record (taken here, in the request's context): each prompt's
+        # generation records its own final event in it; the request's line gets their sum.
+        self._record = current_record() if has_app_context() else None
         # One reader per generation: greenlets in the gateway's gevent workers (the Triton
         # backend's generations wait on the hub), threads elsewhere (in-process tests).
         if gevent_active():
@@ -123,7 +129,10 @@ class PromptsGeneration:
             self._done = True
             if self._closed or len(self._finals) < count:
                 return []  # closed (the client left), or a generation ended without its final event
-            return [self._finished([self._finals[k] for k in range(count)])]
+            finished = self._finished([self._finals[k] for k in range(count)])
+            if self._record is not None:
+                self._record.finished = finished
+            return [finished]
         self._heard.add(i)  # any event of a generation says it was admitted
         if isinstance(item, Finished):
             self._finals[i] = item
@@ -162,6 +171,10 @@ def start_prompts(params: TextRequest, prompts: Sequence[str]) -> tuple[PromptsG
             generation.close()
             done()
         raise
+
+    record = current_record()
+    if record is not None and record.params is not None:  # the log line: how many, and all their characters
+        record.params = {**record.params, "prompts": len(prompts), "prompt_chars": sum(map(len, prompts))}
 
     def done() -> None:  # once, when the request is over (collect, stream_response)
         for _, release in started:

@@ -329,3 +329,25 @@ def test_gunicorn_conf_prepares_the_folder(tmp_path, gunicorn_conf):
     env = {"PROMETHEUS_MULTIPROC_DIR": str(given)}
     assert prepare_multiproc_dir(env) == (given, False)
     assert sorted(p.name for p in given.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_of_several_prompts_logs_their_sum(request_log, make_app, stream):
+    """/v1/completions with 3 prompts: one log line, the tokens of all three (each prompt's
+    generation records its own final event; the line gets the sum), how many prompts and all
+    their characters; the token counters count every prompt, the outcome counter the request."""
+    client = make_app().test_client()
+    labels = {"endpoint": "/v1/completions", "model": MODEL}
+    before = [value("trident_gateway_prompt_tokens_total", **labels),
+              value("trident_gateway_generations_total", **labels, outcome="eos_token")]
+    response = client.post("/v1/completions", json={"prompt": ["one two", "three", "four five six"], "stream": stream},
+                           headers={**AUTH, "X-Request-ID": "rid-prompts"})
+    response.get_data()
+    response.close()
+    (line,) = request_log()
+    assert line["request_id"] == "rid-prompts" and line["status"] == 200
+    assert line["prompt_tokens"] == 6 and line["completion_tokens"] == 18  # the fake: words, 6 deltas each
+    assert line["params"]["prompts"] == 3 and line["params"]["prompt_chars"] == 7 + 5 + 13
+    after = [value("trident_gateway_prompt_tokens_total", **labels),
+             value("trident_gateway_generations_total", **labels, outcome="eos_token")]
+    assert [a - b for a, b in zip(after, before)] == [6, 1]  # every prompt's tokens; one outcome a request
