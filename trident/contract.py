@@ -27,7 +27,7 @@ import numpy as np
 from .error_tags import *  # noqa: F401,F403 (part of the contract)
 from .error_tags import InvalidRequest
 from .sampling_params import *  # noqa: F401,F403 (part of the contract)
-from .sampling_params import Guide, SamplingParams
+from .sampling_params import Guide, SamplingParams, beam_width_error
 
 # -- the llm / ensemble tensors -------------------------------------------------------------------
 
@@ -309,9 +309,8 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
     }
     if _scalar(get("return_log_probs"), bool):
         given["logprobs"] = _scalar(get("num_top_log_probs"), int) or 0
-    beam_width = _scalar(get("beam_width"), int)
-    if beam_width is not None and beam_width != 1:
-        raise InvalidRequest(f"beam_width must be 1 (beam search is not served), got {beam_width}", param="beam_width")
+    if (trouble := beam_width_error(_scalar(get("beam_width"), int))) is not None:
+        raise InvalidRequest(trouble, param="beam_width")
     sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})
     stream = bool(_scalar(get("stream"), bool) or False)
     return TextRequest(prompt=prompts[0], sampling=sampling, stream=stream,

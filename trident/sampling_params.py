@@ -26,6 +26,16 @@ MAX_BIAS = 100.0  # |bias| (OpenAI's range)
 MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 MAX_GUIDE_CHARS = 65536  # a JSON schema, regex or grammar: compiled against the whole vocabulary
 
+
+def beam_width_error(beam_width: Optional[int]) -> Optional[str]:
+    """Why a request's ``beam_width`` (NVIDIA's clients send it on every request) cannot be
+    served, or None: beam search is not served (the engines are built with max_beam_width 1).
+    Checked by ``llm`` (trident.contract) and the CPU engine (trident.engine.triton_io) alike."""
+    if beam_width is None or beam_width == 1:
+        return None
+    return f"beam_width must be 1 (beam search is not served), got {beam_width}"
+
+
 #: What an engine can do beyond the inputs every engine reads (the llm model's parameter
 #: ``engine_features``, comma-separated, written by the repository build): the CPU engine has
 #: all; TensorRT-LLM 1.2.1's backend guided decoding only. A request needing one the engine

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from trident.contract import SERVER_ERROR, tag_error
+from trident.contract import SERVER_ERROR, beam_width_error, tag_error
 from trident.engine_tensors import (
     EngineTensorError,
     batch_row,
@@ -46,10 +46,8 @@ def request_from_tensors(request_id: str, tensors: Mapping[str, np.ndarray], *,
     if "input_ids" not in tensors or "request_output_len" not in tensors:
         raise InvalidRequestError("input_ids and request_output_len are required")
     try:
-        beam_width = scalar(tensors, "beam_width")
-        if beam_width is not None and beam_width != 1:
-            raise InvalidRequestError(f"beam_width must be 1 (beam search is not served), got {beam_width}",
-                                      param="beam_width")
+        if (trouble := beam_width_error(scalar(tensors, "beam_width"))) is not None:
+            raise InvalidRequestError(trouble, param="beam_width")
         streaming = bool(scalar(tensors, "streaming", False))
         input_ids = batch_row("input_ids", tensors["input_ids"], 1).astype(np.int64).tolist()
         length = scalar(tensors, "input_lengths")
