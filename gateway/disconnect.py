@@ -104,16 +104,15 @@ class DisconnectWatch:
                 closed = True
             if not closed:
                 return  # bytes of a pipelined request: watching stops
-        if not closed:
-            # Bytes came and the connection is open: look again now and then (the read watcher
-            # would fire at once while they sit unread).
-            import gevent
+        import gevent
 
-            while not closed:
-                gevent.sleep(RECHECK_SECONDS)
-                if self._stopped:
-                    return
-                closed = peer_closed(self._sock)
+        # Bytes came and the connection is open: look again now and then (the read watcher would
+        # fire at once while they sit unread).
+        while not closed:
+            gevent.sleep(RECHECK_SECONDS)
+            if self._stopped:
+                return
+            closed = peer_closed(self._sock)
         self._gone()
 
     def _gone(self) -> None:

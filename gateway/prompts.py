@@ -54,7 +54,6 @@ class PromptsGeneration:
         self._held: list[Event] = []  # their text until every prompt is admitted
         self._finals: dict[int, Finished] = {}
         self._ended = 0
-        self._admitted = False
         # The request's log record (taken here, in the request's context): each prompt's
         # generation records its own final event in it; the request's line gets their sum.
         self._record = current_record() if has_app_context() else None
@@ -133,6 +132,7 @@ class PromptsGeneration:
             if self._record is not None:
                 self._record.finished = finished
             return [finished]
+        admitted_before = len(self._heard) == count
         self._heard.add(i)  # any event of a generation says it was admitted
         if isinstance(item, Finished):
             self._finals[i] = item
@@ -140,8 +140,7 @@ class PromptsGeneration:
             self._held.append(dataclasses.replace(item, index=item.index + i * self._n))
         if len(self._heard) < count:
             return []
-        out: list[Event] = [] if self._admitted else [ADMITTED]
-        self._admitted = True
+        out: list[Event] = [] if admitted_before else [ADMITTED]
         out.extend(self._held)
         self._held.clear()
         return out
