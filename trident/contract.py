@@ -80,6 +80,9 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # NVIDIA's ensemble does (streaming: never; absent: not, unlike NVIDIA's default).
     TensorSpec("beam_width", np.int32),
     TensorSpec("exclude_input_in_output", np.bool_),
+    # trident extension: the prompt as token ids, used as given (not tokenized); text_input is
+    # then empty. /v1/completions' prompt of token ids, as vLLM's and llama.cpp's.
+    TensorSpec("input_ids", np.int32, many=True),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one.
 LLM_OUTPUTS: tuple[TensorSpec, ...] = (
@@ -174,6 +177,14 @@ class TextRequest:
     # A non-streaming request's text_output starts with the prompt (NVIDIA's ensemble with
     # exclude_input_in_output false); direct gRPC clients only, the gateway never asks for it.
     include_prompt: bool = False
+    # The prompt as token ids, used as they are (``prompt`` is then ""); None: ``prompt`` is text.
+    prompt_ids: Optional[tuple[int, ...]] = dataclasses.field(default=None, repr=False)
+
+    def with_prompt(self, prompt: "str | tuple[int, ...]") -> "TextRequest":
+        """This request with another prompt: a text, or token ids."""
+        if isinstance(prompt, str):
+            return dataclasses.replace(self, prompt=prompt, prompt_ids=None)
+        return dataclasses.replace(self, prompt="", prompt_ids=tuple(prompt))
 
 
 # -- the llm tensors: encoding (gateway) and decoding (llm) ------------------------------------------
@@ -193,7 +204,8 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
     non-empty, ``seed`` only when set."""
     s = req.sampling
     values = {
-        "text_input": _strings((req.prompt,)),
+        "text_input": _strings((req.prompt,)),  # "" with input_ids
+        "input_ids": None if req.prompt_ids is None else np.array([req.prompt_ids], dtype=np.int32),
         "max_tokens": _one(s.max_new_tokens, np.int32),
         "stop_words": _strings(s.stop) if s.stop else None,
         "bad_words": _strings(s.bad_words) if s.bad_words else None,
@@ -282,7 +294,15 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
     """The request from ``llm``'s input tensors (``get`` returns None for absent ones): absent
     sampling inputs take :class:`SamplingParams`' defaults. Raises InvalidRequest."""
     prompts = _texts(get("text_input"), "prompt")
-    if len(prompts) != 1:
+    ids = get("input_ids")
+    prompt_ids = None if ids is None else tuple(int(i) for i in np.asarray(ids).reshape(-1).tolist())
+    if prompt_ids is not None:
+        if prompts:
+            raise InvalidRequest("give the prompt as text_input or as input_ids, not both", param="prompt")
+        if not prompt_ids:
+            raise InvalidRequest("input_ids must hold at least one token id", param="prompt")
+        prompts = ("",)
+    elif len(prompts) != 1:
         raise InvalidRequest("text_input must hold exactly one non-empty prompt", param="prompt")
     max_tokens = _scalar(get("max_tokens"), int)
     if max_tokens is None:
@@ -313,6 +333,6 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
         raise InvalidRequest(trouble, param="beam_width")
     sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})
     stream = bool(_scalar(get("stream"), bool) or False)
-    return TextRequest(prompt=prompts[0], sampling=sampling, stream=stream,
+    return TextRequest(prompt=prompts[0], prompt_ids=prompt_ids, sampling=sampling, stream=stream,
                        end_id=_scalar(get("end_id"), int), pad_id=_scalar(get("pad_id"), int),
                        include_prompt=not stream and _scalar(get("exclude_input_in_output"), bool) is False)

@@ -60,6 +60,7 @@ from .contract import (
     TextRequest,
     context_error,
     prompt_chars_error,
+    prompt_ids_error,
     read_llm_inputs,
     tag_error,
 )
@@ -219,12 +220,19 @@ class LlmService:
         text = read_llm_inputs(request.input)
         limits = self.settings.limits
         text.sampling.check(limits)
-        if limits.max_prompt_chars and len(text.prompt) > limits.max_prompt_chars:
-            raise InvalidRequest(prompt_chars_error(len(text.prompt), limits.max_prompt_chars), param="prompt")
-        input_ids = self.tokenizer(text.prompt).input_ids
         new_tokens = text.sampling.max_new_tokens
-        if len(input_ids) + new_tokens > limits.max_context:
-            raise InvalidRequest(context_error(len(input_ids), new_tokens, limits.max_context), param="prompt")
+        if text.prompt_ids is not None:  # used as given: ids of this model, fitting the context
+            vocab = limits.vocab_size or len(self.tokenizer)
+            trouble = prompt_ids_error(text.prompt_ids, new_tokens, dataclasses.replace(limits, vocab_size=vocab))
+            if trouble is not None:
+                raise InvalidRequest(trouble, param="prompt")
+            input_ids = list(text.prompt_ids)
+        else:
+            if limits.max_prompt_chars and len(text.prompt) > limits.max_prompt_chars:
+                raise InvalidRequest(prompt_chars_error(len(text.prompt), limits.max_prompt_chars), param="prompt")
+            input_ids = self.tokenizer(text.prompt).input_ids
+            if len(input_ids) + new_tokens > limits.max_context:
+                raise InvalidRequest(context_error(len(input_ids), new_tokens, limits.max_context), param="prompt")
         bad_ids = [self.tokenizer(w, add_special_tokens=False).input_ids for w in text.sampling.bad_words]
         if text.sampling.guide is not None:
             check_guide(text.sampling.guide)  # a schema XGrammar cannot take: 400 here, on CPU and GPU
@@ -463,7 +471,8 @@ class LlmService:
             gen.finish()
         tail = "".join(parts[gen.index]) + tail
         if job.text.include_prompt:  # not streaming: this is the choice's whole text
-            tail = job.text.prompt + tail
+            prompt = job.text.prompt if job.text.prompt_ids is None else self.tokenizer.decode(job.text.prompt_ids)
+            tail = prompt + tail
         tokens = held[gen.index] + (tokens or []) if gen.logprobs else None
         parts[gen.index], held[gen.index] = [], []
         if last:

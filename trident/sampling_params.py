@@ -98,6 +98,23 @@ def context_error(prompt_tokens: int, max_new_tokens: int, max_context: int) -> 
             f"{prompt_tokens + max_new_tokens}, over the model's context of {max_context} tokens")
 
 
+def prompt_ids_error(ids: tuple[int, ...], max_new_tokens: int, limits: ModelLimits,
+                     param: str = "prompt") -> Optional[str]:
+    """The message for a prompt given as token ids that no engine can take (an id that is not a
+    token of the model, or more tokens than the context holds with ``max_new_tokens``), or None.
+    Checked by the gateway before the request leaves and by ``llm`` for direct gRPC callers."""
+    if not ids:
+        return f"{param} must hold at least one token id"
+    vocab = limits.vocab_size
+    for i, token in enumerate(ids):
+        if token < 0 or (vocab and token >= vocab):
+            bound = f"below {vocab}" if vocab else "non-negative"
+            return f"{param}: token id {token} (at {i}) is not a token of the model (ids are {bound})"
+    if len(ids) + max_new_tokens > limits.max_context:
+        return context_error(len(ids), max_new_tokens, limits.max_context)
+    return None
+
+
 # -- sampling parameters ---------------------------------------------------------------------------
 
 # TensorRT-LLM's guided_decoding_guide_type values

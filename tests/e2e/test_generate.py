@@ -205,6 +205,29 @@ def test_nvidia_clients_beam_width_and_exclude_input_in_output(triton, model):
     assert error is not None and "[invalid_request_error:beam_width] beam_width must be 1" in error, error
 
 
+@pytest.mark.parametrize("model", ["ensemble", "llm"])
+def test_a_prompt_of_token_ids_through_the_text_models(triton, tokenizer, model):
+    """input_ids (a trident extension: /v1/completions' token-id prompts) with an empty
+    text_input: greedy, the same completion as the text; not both; exclude_input_in_output false
+    puts the ids' text in front."""
+    prompt = "The capital of France is"
+
+    def request(exclude: bool, **inputs) -> tuple[str, str | None]:
+        outputs, error = _nvidia_client_request(triton.grpc_url, model, {
+            "max_tokens": np.array([[8]], dtype=np.int32), "temperature": np.array([[0.0]], dtype=np.float32),
+            "exclude_input_in_output": np.array([[exclude]]), **inputs})
+        return "".join(o["text_output"].reshape(-1)[0].decode() for o in outputs if o.get("text_output") is not None), error
+
+    text = np.array([[prompt.encode()]], dtype=object)
+    ids = np.array([tokenizer(prompt).input_ids], dtype=np.int32)
+    completion, error = request(True, text_input=text)
+    assert error is None and "Paris" in completion, (completion, error)
+    assert request(True, text_input=np.array([[b""]], dtype=object), input_ids=ids) == (completion, None)
+    assert request(False, text_input=np.array([[b""]], dtype=object), input_ids=ids) == (prompt + completion, None)
+    _, error = request(True, text_input=text, input_ids=ids)
+    assert error is not None and "[invalid_request_error:prompt] give the prompt as text_input or as input_ids" in error
+
+
 def test_nvidia_engine_clients_beam_width_and_exclude_input_in_output(triton):
     """The engine model takes what NVIDIA's inflight_batcher_llm_client.py sends (beam_width on
     every request), as TensorRT-LLM's backend does: exclude_input_in_output false puts the

@@ -104,6 +104,17 @@ def test_nvidia_clients_beam_width_1_and_exclude_input_in_output(stream, exclude
     assert read_llm_inputs(llm_inputs(req).get) == req
 
 
+def test_a_prompt_of_token_ids_crosses_as_input_ids_with_an_empty_text_input():
+    req = TextRequest(prompt="", sampling=SamplingParams(max_new_tokens=3)).with_prompt((5, 0, 49151))
+    inputs = llm_inputs(req)
+    assert inputs["text_input"].tolist() == [[b""]]  # Triton requires it
+    assert inputs["input_ids"].dtype == np.int32 and inputs["input_ids"].tolist() == [[5, 0, 49151]]
+    back = read_llm_inputs(inputs.get)
+    assert back == req and back.prompt_ids == (5, 0, 49151) and back.prompt == ""
+    assert req.with_prompt("text") == TextRequest(prompt="text", sampling=SamplingParams(max_new_tokens=3))
+    assert "input_ids" not in llm_inputs(req.with_prompt("text"))
+
+
 @pytest.mark.parametrize("beam_width", [0, 2, 4])
 def test_beam_search_is_refused_naming_beam_width(beam_width):
     inputs = {"text_input": np.array([[b"x"]], dtype=object), "max_tokens": np.array([[3]], dtype=np.int32),

@@ -101,12 +101,14 @@ class FakeEngine:
         self.last_in_final = last_in_final
         self.release = threading.Event()
         self.streams = []  # engine ids, in submission order
+        self.prompts = []  # their input_ids
         self.stops = []
         self.stopped = {}
         self.error = None
 
     def stream(self, tensors, engine_id, outputs=()):
         self.streams.append(engine_id)
+        self.prompts.append(np.asarray(tensors["input_ids"]).reshape(-1).tolist())
         self.outputs = tuple(outputs)
         stopped = self.stopped.setdefault(engine_id, threading.Event())
         if self.hold:
@@ -492,6 +494,57 @@ def test_exclude_input_in_output_false_puts_the_prompt_in_front_of_a_non_streami
     wait(request)
     completion = tokenizer.decode(engine.ids[:8])
     assert request.text() == (completion if stream else "Tell me" + completion)
+
+
+def _ids_request(ids, **kwargs):
+    request = FakeRequest("", **kwargs)
+    request.inputs["input_ids"] = np.array([ids], dtype=np.int32)
+    return request
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_of_token_ids_reaches_the_engine_as_given(make_service, tokenizer, stream):
+    """/v1/completions' prompt of token ids: not detokenized and tokenized again (which need not
+    give the same ids), counted as they are; with exclude_input_in_output false, their text."""
+    service, engine = make_service()
+    ids = tokenizer("Tell me", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    request = _ids_request(ids, max_tokens=8, stream=stream)
+    request.inputs["exclude_input_in_output"] = np.array([[False]])
+    service.accept(request)
+    wait(request)
+    assert engine.prompts == [ids]
+    assert request.sent[-1][0] == "send_final" and request.sent[-1][1][2] == len(ids)  # prompt_tokens
+    completion = tokenizer.decode(engine.ids[:8])
+    assert request.text() == (completion if stream else tokenizer.decode(ids) + completion)
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([5, 49152], "[invalid_request_error:prompt] prompt: token id 49152 (at 1) is not a token of the model "
+                 "(ids are below 49152)"),
+    ([-3], "[invalid_request_error:prompt] prompt: token id -3 (at 0) is not a token of the model"),
+    ([7] * 10, "[invalid_request_error:prompt] the prompt has 10 tokens and max_new_tokens is 8: together 18, "
+               "over the model's context of 16 tokens"),
+    ([], "[invalid_request_error:prompt] input_ids must hold at least one token id"),
+])
+def test_a_prompt_of_token_ids_the_model_cannot_take_is_refused_before_the_engine(make_service, ids, message):
+    service, engine = make_service(limits=ModelLimits(max_context=16, max_new_tokens=8))
+    request = _ids_request(ids, max_tokens=8, admission=True)
+    service.accept(request)
+    wait(request)
+    assert [k for k, _ in request.sent] == ["send_error"]
+    assert request.sent[0][1].startswith(message), request.sent[0][1]
+    assert engine.streams == []
+
+
+def test_a_prompt_as_both_text_and_token_ids_is_refused(make_service):
+    service, engine = make_service()
+    request = _ids_request([5, 6])
+    request.inputs["text_input"] = np.array([[b"Hello"]], dtype=object)
+    service.accept(request)
+    wait(request)
+    assert request.sent == [("send_error", "[invalid_request_error:prompt] give the prompt as text_input or as "
+                                           "input_ids, not both")]
+    assert engine.streams == []
 
 
 def test_a_client_gone_between_grouped_responses_stops_the_engine(make_service, tokenizer):
