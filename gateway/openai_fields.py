@@ -10,7 +10,7 @@ from typing import Any
 from marshmallow import ValidationError
 from marshmallow.validate import OneOf
 
-from trident.contract import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from trident.contract import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 from .schemas import StrictSchema, _StrictField, describe, non_empty_strings
 
@@ -75,34 +75,56 @@ class StringOrStrings(_StrictField):
         return non_empty_strings(value, name=name, max_items=self.max_items)
 
 
-#: Prompts one ``/v1/completions`` request may hold (an array of strings): each is a generation of
-#: its own, with its own in-flight place and a place among its key's open generations.
+#: Prompts one ``/v1/completions`` request may hold (an array of strings, or of arrays of token
+#: ids): each is a generation of its own, with its own in-flight place and a place among its key's
+#: open generations.
 MAX_PROMPTS = 32
+
+#: A prompt of token ids, used as given (trident.contract.TextRequest.prompt_ids).
+TokenIds = tuple[int, ...]
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Prompt(_StrictField):
-    """``prompt`` of /v1/completions: a non-empty string, or an array of 1 to :data:`MAX_PROMPTS`
-    of them (token ids are refused); loaded as a tuple of strings."""
+    """``prompt`` of /v1/completions, in OpenAI's four forms: a non-empty string, an array of 1 to
+    :data:`MAX_PROMPTS` of them, an array of token ids (one prompt), or an array of 1 to
+    :data:`MAX_PROMPTS` arrays of token ids. Loaded as a tuple of prompts, each a string or a
+    tuple of ids (whether the ids are the model's, and fit its context, is checked later)."""
 
     expected = "a string"
 
     def accepts(self, value: Any) -> bool:
         return isinstance(value, (str, list))
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str | TokenIds, ...]:
         value = super()._deserialize(value, attr, data, **kwargs)
         if isinstance(value, str):
             value = [value]
+        elif value and all(_is_id(item) for item in value):
+            value = [value]  # [1, 2, 3]: one prompt of token ids
         if not 1 <= len(value) <= MAX_PROMPTS:
             raise ValidationError(f"prompt must hold 1 to {MAX_PROMPTS} prompts, got an array of {len(value)}")
+        kind = str if isinstance(value[0], str) else list
+        prompts: list[str | TokenIds] = []
         for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise ValidationError(f"prompt must be a string or an array of strings (token ids are not "
-                                      f"supported), got an array of {describe(item).split(' ')[0]}")
+            where = "" if len(value) == 1 else f"[{i}]"
+            if not isinstance(item, kind):
+                raise ValidationError("prompt must be a string, an array of strings, an array of token ids or an "
+                                      f"array of arrays of token ids, got an array holding {describe(item)}")
             if not item:
-                where = "" if len(value) == 1 else f"[{i}]"
-                raise ValidationError(f"prompt{where} must be a non-empty string")
-        return tuple(value)
+                raise ValidationError(f"prompt{where} must be a non-empty " + ("string" if kind is str else "array of token ids"))
+            if kind is str:
+                prompts.append(item)
+                continue
+            for token in item:
+                if not _is_id(token) or not 0 <= token <= INT32_MAX:
+                    raise ValidationError(f"prompt{where} must hold token ids, integers from 0 to {INT32_MAX}, "
+                                          f"got {describe(token)}")
+            prompts.append(tuple(item))
+        return tuple(prompts)
 
 
 class Nested(_StrictField):

@@ -41,7 +41,7 @@ from marshmallow.validate import OneOf
 
 from .chat_template import ChatTemplate
 from .errors import ServerError
-from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, _only
+from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, TokenIds, _only
 from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
 
 from .control_fields import LogitBias, ResponseFormat
@@ -79,7 +79,7 @@ class OpenAIRequest:
     logprobs: int | None = None  # the alternatives the reply shows per token; None: no logprobs
     param_names: Mapping[str, str] = dataclasses.field(default_factory=dict)  # gateway.errors.public_param
     # /v1/completions with an array of prompts: all of them (params holds the first); else ()
-    prompts: tuple[str, ...] = ()
+    prompts: tuple[str | TokenIds, ...] = ()
 
 
 # -- nested objects -----------------------------------------------------------------------------
@@ -174,12 +174,12 @@ class _OpenAISchema(ModelSchema):
                 'stream_options is only allowed with "stream": true', field_name="stream_options"
             )
 
-    def _request(self, data: dict[str, Any], *, prompt: str, model: str, max_tokens: int | None,
+    def _request(self, data: dict[str, Any], *, prompt: str | TokenIds, model: str, max_tokens: int | None,
                  prompt_param: str = "prompt", logprobs: int | None = None) -> OpenAIRequest:
         """``logprobs``: the alternatives per token the reply shows (None: no logprobs)."""
-        self.check_prompt_length(prompt, model, prompt_param)
         if max_tokens is None:  # the endpoint's own default (OpenAI's), within the model's limit
             max_tokens = min(self.default_max_tokens, self.limits(model).max_new_tokens)
+        self.check_prompt(prompt, model, max_tokens, prompt_param)
         check_min_tokens(data, max_tokens, "max_tokens")
         choices = data.get("n") or 1
         generated = data.get("best_of") or choices
@@ -192,7 +192,7 @@ class _OpenAISchema(ModelSchema):
         stream = bool(data.get("stream"))
         options = data.get("stream_options") or {}
         names = {**PARAM_NAMES, **self.param_names, "n": "best_of" if generated > choices else "n"}
-        return OpenAIRequest(params=TextRequest(prompt=prompt, sampling=sampling, stream=stream, model=model),
+        return OpenAIRequest(params=TextRequest(prompt="", sampling=sampling, stream=stream, model=model).with_prompt(prompt),
                              include_usage=stream and bool(options.get("include_usage")), choices=choices,
                              logprobs=logprobs, param_names=names)
 
@@ -227,10 +227,10 @@ class CompletionSchema(_OpenAISchema):
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> OpenAIRequest:
         prompts = data["prompt"]
         model = self.requested_model(data)
-        for prompt in prompts[1:]:
-            self.check_prompt_length(prompt, model, "prompt")
         req = self._request(data, prompt=prompts[0], model=model, max_tokens=data.get("max_tokens"),
                             logprobs=data.get("logprobs"))
+        for prompt in prompts[1:]:
+            self.check_prompt(prompt, model, req.params.sampling.max_new_tokens, "prompt")
         return dataclasses.replace(req, prompts=prompts) if len(prompts) > 1 else req
 
 

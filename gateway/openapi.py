@@ -24,7 +24,7 @@ from marshmallow.validate import Range
 
 from . import response_schemas as rs
 from .openai_fields import MAX_PROMPTS, Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings
-from trident.contract import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from trident.contract import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 from .control_fields import LogitBias, Regex, ResponseFormat
 from .control_fields import openapi_properties as control_properties
@@ -65,7 +65,9 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
     elif isinstance(field, StringOrStrings):
         props = {"anyOf": [stop, {"type": "array", "items": stop, "maxItems": field.max_items}]}
     elif isinstance(field, Prompt):
-        props = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_PROMPTS}]}
+        ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}, "minItems": 1}
+        props = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_PROMPTS}, ids,
+                           {"type": "array", "items": ids, "minItems": 1, "maxItems": MAX_PROMPTS}]}
     elif isinstance(field, MessageContent):
         part = {
             "type": "object",

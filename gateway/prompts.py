@@ -29,7 +29,7 @@ from .choices import Choice
 from .disconnect import gevent_active
 from .generation import start_generation
 from .openai_replies import best
-from .telemetry import current_record
+from .telemetry import current_record, prompt_sizes
 
 
 class _End:
@@ -157,14 +157,14 @@ class PromptsGeneration:
             generation.close()
 
 
-def start_prompts(params: TextRequest, prompts: Sequence[str]) -> tuple[PromptsGeneration, Callable[[], None]]:
+def start_prompts(params: TextRequest, prompts: Sequence[str | tuple[int, ...]]) -> tuple[PromptsGeneration, Callable[[], None]]:
     """Start one generation per prompt (``params`` with each prompt in turn); when one cannot
     start (its key's bound, the in-flight cap, the backend), those already started are closed,
     their places given back, and the error raised."""
     started: list[tuple[Generation, Callable[[], None]]] = []
     try:
         for prompt in prompts:
-            started.append(start_generation(dataclasses.replace(params, prompt=prompt)))
+            started.append(start_generation(params.with_prompt(prompt)))
     except BaseException:
         for generation, done in started:
             generation.close()
@@ -172,8 +172,8 @@ def start_prompts(params: TextRequest, prompts: Sequence[str]) -> tuple[PromptsG
         raise
 
     record = current_record()
-    if record is not None and record.params is not None:  # the log line: how many, and all their characters
-        record.params = {**record.params, "prompts": len(prompts), "prompt_chars": sum(map(len, prompts))}
+    if record is not None and record.params is not None:  # the log line: how many, all their characters or ids
+        record.params = {**record.params, "prompts": len(prompts), **prompt_sizes(prompts)}
 
     def done() -> None:  # once, when the request is over (collect, stream_response)
         for _, release in started:

@@ -28,6 +28,7 @@ from trident.contract import (
     TextRequest,
     max_tokens_error,
     prompt_chars_error,
+    prompt_ids_error,
 )
 
 from .control_fields import LogitBias, Regex, ResponseFormat, guide_of
@@ -151,6 +152,14 @@ class ModelSchema(StrictSchema):
         limit = self.limits(model).max_prompt_chars
         if limit and len(prompt) > limit:
             raise ClientError(prompt_chars_error(len(prompt), limit, param), param=param)
+
+    def check_prompt(self, prompt: str | tuple[int, ...], model: str, max_new_tokens: int, param: str) -> None:
+        """:meth:`check_prompt_length` for a text; for token ids, a 400 when one is not a token of
+        the model or they cannot fit its context with ``max_new_tokens``."""
+        if isinstance(prompt, str):
+            self.check_prompt_length(prompt, model, param)
+        elif (trouble := prompt_ids_error(prompt, max_new_tokens, self.limits(model), param)) is not None:
+            raise ClientError(trouble, param=param)
 
     @validates_schema(skip_on_field_errors=False)
     def validate_token_limits(self, data: Mapping[str, Any], **kwargs: Any) -> None:

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -138,10 +138,20 @@ def note_params(params: TextRequest) -> None:
     if record is None:
         return
     record.model, record.stream = params.model, params.stream
-    record.params = {"model": params.model, "prompt_chars": len(params.prompt), "stream": params.stream,
+    prompt = params.prompt if params.prompt_ids is None else params.prompt_ids
+    record.params = {"model": params.model, **prompt_sizes((prompt,)), "stream": params.stream,
                      **params.sampling.log_fields()}
     if record.log_prompts:
-        record.prompt = params.prompt
+        record.prompt = params.prompt if params.prompt_ids is None else str(list(params.prompt_ids))
+
+
+def prompt_sizes(prompts: Sequence[str | tuple[int, ...]]) -> dict[str, int]:
+    """The log line's size of the prompts: their characters (``prompt_chars``), and with prompts
+    of token ids, their ids (``prompt_ids``)."""
+    sizes = {"prompt_chars": sum(len(p) for p in prompts if isinstance(p, str))}
+    if any(not isinstance(p, str) for p in prompts):
+        sizes["prompt_ids"] = sum(len(p) for p in prompts if not isinstance(p, str))
+    return sizes
 
 
 def observe_generation(generation: Generation, params: TextRequest) -> Generation:

@@ -63,6 +63,25 @@ def test_an_array_of_prompts_answers_each_as_alone(oai):
     assert chunks[-1].usage.total_tokens == sum(a.usage.total_tokens for a in alone)
 
 
+def test_prompts_of_token_ids_answer_as_their_text(oai, tokenizer):
+    """prompt as token ids (lm-evaluation-harness's local-completions sends them so): the engine
+    gets exactly these ids; greedy, they answer as the same text does, one prompt or several;
+    an id the model does not have is a 400 from the gateway."""
+    prompts = ["The capital of France is", "1, 2, 3, 4,"]
+    ids = [tokenizer(p).input_ids for p in prompts]
+    alone = [oai.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    one = oai.completions.create(model=MODEL, prompt=ids[0], max_tokens=6, temperature=0)
+    assert one.choices[0].text == alone[0].choices[0].text and one.usage == alone[0].usage
+    several = oai.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert [c.text for c in several.choices] == [a.choices[0].text for a in alone]
+    streamed = list(oai.completions.create(model=MODEL, prompt=ids[1], max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == alone[1].choices[0].text
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.completions.create(model=MODEL, prompt=[ids[0], [1, len(tokenizer)]], max_tokens=6)
+    assert caught.value.body["param"] == "prompt"
+    assert f"token id {len(tokenizer)} (at 1) is not a token of the model" in caught.value.body["message"]
+
+
 def test_chat_streamed_equals_json_for_greedy_requests(oai):
     request = {"model": MODEL, "messages": CAPITAL, "max_tokens": 40, "temperature": 0}
     whole = oai.chat.completions.create(**request)

@@ -112,10 +112,24 @@ BAD_COMPLETIONS = [
     ({"prompt": ["a"] * 33}, "prompt", "prompt must hold 1 to 32 prompts, got an array of 33"),
     ({"prompt": []}, "prompt", "prompt must hold 1 to 32 prompts, got an array of 0"),
     ({"prompt": ["a", ""]}, "prompt", "prompt[1] must be a non-empty string"),
-    ({"prompt": [[1, 2]]}, "prompt",
-     "prompt must be a string or an array of strings (token ids are not supported), got an array of array"),
-    ({"prompt": [1, 2]}, "prompt",
-     "prompt must be a string or an array of strings (token ids are not supported), got an array of integer"),
+    ({"prompt": ["a", [1]]}, "prompt", "prompt must be a string, an array of strings, an array of token ids or "
+     "an array of arrays of token ids, got an array holding array"),
+    ({"prompt": [[1], "a"]}, "prompt", "prompt must be a string, an array of strings, an array of token ids or "
+     "an array of arrays of token ids, got an array holding string \"a\""),
+    ({"prompt": [1, "a"]}, "prompt", "prompt must be a string, an array of strings, an array of token ids or "
+     "an array of arrays of token ids, got an array holding integer 1"),
+    ({"prompt": [[1, 2], []]}, "prompt", "prompt[1] must be a non-empty array of token ids"),
+    ({"prompt": [[]]}, "prompt", "prompt must be a non-empty array of token ids"),
+    ({"prompt": [-1]}, "prompt", "prompt must hold token ids, integers from 0 to 2147483647, got integer -1"),
+    ({"prompt": [2**31]}, "prompt", "prompt must hold token ids, integers from 0 to 2147483647, got integer 2147483648"),
+    ({"prompt": [[5, 1.5]]}, "prompt", "prompt must hold token ids, integers from 0 to 2147483647, got number 1.5"),
+    ({"prompt": [[5], [True]]}, "prompt",
+     "prompt[1] must hold token ids, integers from 0 to 2147483647, got boolean true"),
+    ({"prompt": [[1]] * 33}, "prompt", "prompt must hold 1 to 32 prompts, got an array of 33"),
+    ({"prompt": [1] * 2040, "max_tokens": 9}, "prompt", "the prompt has 2040 tokens and max_new_tokens is 9: "
+     "together 2049, over the model's context of 2048 tokens"),
+    ({"prompt": [[1], [1] * 2040], "max_tokens": 9}, "prompt", "the prompt has 2040 tokens and max_new_tokens is 9: "
+     "together 2049, over the model's context of 2048 tokens"),
     ({"prompt": 5}, "prompt", "prompt must be a string, got integer 5"),
     ({"prompt": "x", "n": 17}, "n", "n must be between 1 and 16, got 17"),
     ({"prompt": "x", "n": 0}, "n", "n must be between 1 and 16, got 0"),
@@ -541,6 +555,42 @@ def test_an_array_of_prompts_is_one_generation_each_answered_together(prompts_ap
     assert [params.prompt for params, _ in backend.calls] == ["a", "bb", "ccc"]
     assert all(params.sampling.n == 2 and params.sampling.max_new_tokens == 4 for params, _ in backend.calls)
     assert app.extensions["trident"].in_flight.count == 0
+
+
+def _ids_script(params):
+    """A prompt of token ids answers with its ids as text."""
+    assert params.prompt == "" and params.prompt_ids
+    return [TextDelta(" ".join(map(str, params.prompt_ids))),
+            Finished("length", prompt_tokens=len(params.prompt_ids), completion_tokens=1)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompts_of_token_ids_are_sent_as_ids(tmp_path, stream):
+    """OpenAI's two forms of token ids (vLLM's, llama.cpp's; lm-evaluation-harness sends them):
+    [ids] is one prompt, [[ids], [ids]] several; the ids go to llm as they are, not as text."""
+    from trident.contract import ModelLimits
+
+    app, backend = make_openai_app(tmp_path, backend=FakeBackend(script=_ids_script,
+                                                                 model_limits=ModelLimits(vocab_size=50)))
+    client = app.test_client()
+    response = client.post("/v1/completions", headers=AUTH, json={"prompt": [3, 1, 4], "max_tokens": 2, "stream": stream})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    text = "".join(d["choices"][0]["text"] for d in sse_data(response)[:-1] if d["choices"]) if stream else \
+        response.get_json()["choices"][0]["text"]
+    assert text == "3 1 4"
+    assert backend.last_params.prompt_ids == (3, 1, 4) and backend.last_params.prompt == ""
+
+    response = client.post("/v1/completions", headers=AUTH, json={"prompt": [[1, 5], [9]], "max_tokens": 2})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert [(c["index"], c["text"]) for c in response.get_json()["choices"]] == [(0, "1 5"), (1, "9")]
+    assert response.get_json()["usage"]["prompt_tokens"] == 3
+    assert [params.prompt_ids for params, _ in backend.calls[-2:]] == [(1, 5), (9,)]
+
+    calls = len(backend.calls)
+    response = client.post("/v1/completions", headers=AUTH, json={"prompt": [[1], [7, 50]], "max_tokens": 2})
+    assert_error(response, 400, "invalid_request_error", "prompt",
+                 "prompt: token id 50 (at 1) is not a token of the model (ids are below 50)")
+    assert len(backend.calls) == calls
 
 
 def test_best_of_picks_within_each_prompt(prompts_app):
