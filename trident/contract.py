@@ -19,7 +19,7 @@ A request has these shapes between the HTTP body and the engine's sampler:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -140,6 +140,18 @@ CANCEL_PARAMETER = "trident_cancel"
 #: endpoints do not (docs/operations.md). Its inputs are ignored (the required ones must be
 #: present, as for :data:`CANCEL_PARAMETER`).
 PING_PARAMETER = "trident_ping"
+#: Request parameter (bool) of the ``llm`` model: this request only tokenizes its ``text_input``
+#: with the model's tokenizer (the ids a generation of that prompt is given; special tokens
+#: unless :data:`ADD_SPECIAL_TOKENS_PARAMETER` is false) and gets one final response: the ids in
+#: ``output_token_ids``, their count in ``prompt_tokens``. The gateway's ``/tokenize``. Answered,
+#: as a ping, on the thread that accepts requests; nothing reaches the engine.
+TOKENIZE_PARAMETER = "trident_tokenize"
+#: Request parameter (bool) of a :data:`TOKENIZE_PARAMETER` request; absent: true.
+ADD_SPECIAL_TOKENS_PARAMETER = "trident_add_special_tokens"
+#: Request parameter (bool) of the ``llm`` model: this request only turns its ``input_ids`` into
+#: text (special tokens included) and gets one final response: the text in ``text_output``, the
+#: ids' count in ``prompt_tokens``. The gateway's ``/detokenize``; answered as a ping is.
+DETOKENIZE_PARAMETER = "trident_detokenize"
 
 
 def control_inputs() -> dict[str, np.ndarray]:
@@ -288,6 +300,30 @@ def _texts(value: Optional[np.ndarray], name: str) -> tuple[str, ...]:
         if text:
             out.append(text)
     return tuple(out)
+
+
+def read_tokenizer_inputs(get: Callable[[str], Optional[np.ndarray]]) -> tuple[str, tuple[int, ...]]:
+    """The text (``text_input``, may be empty) and the ids (``input_ids``, may be none) of a
+    :data:`TOKENIZE_PARAMETER` or :data:`DETOKENIZE_PARAMETER` request. Raises InvalidRequest."""
+    texts = _texts(get("text_input"), "text_input")
+    if len(texts) > 1:
+        raise InvalidRequest("text_input must hold one text", param="prompt")
+    ids = get("input_ids")
+    return (texts[0] if texts else "",
+            () if ids is None else tuple(int(i) for i in np.asarray(ids).reshape(-1).tolist()))
+
+
+def tokenize_outputs(ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """The one response to a :data:`TOKENIZE_PARAMETER` request."""
+    return {"text_output": np.array([[b""]], dtype=np.object_),
+            "output_token_ids": np.array(list(ids), dtype=np.int32).reshape(1, len(ids)),
+            "prompt_tokens": np.array([[len(ids)]], dtype=np.int32)}
+
+
+def detokenize_outputs(text: str, count: int) -> dict[str, np.ndarray]:
+    """The one response to a :data:`DETOKENIZE_PARAMETER` request (``count``: the ids')."""
+    return {"text_output": np.array([[text.encode("utf-8")]], dtype=np.object_),
+            "prompt_tokens": np.array([[count]], dtype=np.int32)}
 
 
 def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:

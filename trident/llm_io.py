@@ -67,6 +67,13 @@ class Request(Protocol):
     def pings(self) -> bool:
         """True for a liveness ping (trident.contract PING_PARAMETER)."""
 
+    def tokenizer_call(self) -> Optional[str]:
+        """"tokenize" or "detokenize" for such a request (trident.contract TOKENIZE_PARAMETER,
+        DETOKENIZE_PARAMETER); None for any other."""
+
+    def adds_special_tokens(self) -> bool:
+        """For a tokenize request: whether the tokenizer adds its special tokens (default true)."""
+
     def is_cancelled(self) -> bool: ...
 
     def send_admission(self) -> None:
@@ -84,6 +91,9 @@ class Request(Protocol):
                    final: bool = True) -> None:
         """A choice's last response: its last text, finish_reason and token counts; ``final``
         (the request's last response) is False for every choice but the last to end."""
+
+    def send_outputs(self, arrays: dict[str, np.ndarray]) -> None:
+        """One final response holding these outputs (a tokenize or detokenize answer)."""
 
     def send_error(self, message: str) -> None:
         """A final error response; ``message`` is tagged (trident.errors)."""

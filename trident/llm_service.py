@@ -59,10 +59,14 @@ from .contract import (
     TaggedError,
     TextRequest,
     context_error,
+    detokenize_outputs,
     prompt_chars_error,
     prompt_ids_error,
     read_llm_inputs,
+    read_tokenizer_inputs,
     tag_error,
+    token_ids_error,
+    tokenize_outputs,
 )
 from .cancel_board import CancelBoard
 from .engine_tensors import engine_inputs
@@ -138,7 +142,8 @@ class LlmService:
         self._threads: list[threading.Thread] = []
         self.counters = dict.fromkeys(("accepted", "rejected", "cancelled_queued", "cancelled_at_engine",
                                        "completed", "failed", "cancel_requests", "cancels_posted",
-                                       "cancels_from_board", "pings"), 0)
+                                       "cancels_from_board", "pings", "tokenize",
+                                       "detokenize"), 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -171,6 +176,20 @@ class LlmService:
         if target is not None:
             self._cancel_request(target)
             _safely(request.close)
+            return
+        tool = _read(request, "tokenizer_call", None)
+        if tool is not None:  # answered here too: the tokenizer is quick, and no engine is involved
+            self.counters[tool] += 1
+            try:
+                outputs = self._tokenize(request) if tool == "tokenize" else self._detokenize(request)
+            except TaggedError as exc:
+                _safely(request.send_error, exc.tagged())
+                return
+            except Exception:
+                log.exception("llm: a %s request failed", tool)
+                _safely(request.send_error, tag_error(SERVER_ERROR, f"internal error in {tool}"))
+                return
+            _safely(request.send_outputs, outputs)
             return
         try:
             job = self._prepare(request)
@@ -215,6 +234,24 @@ class LlmService:
                     self.counters["cancels_posted"] += 1
             except OSError:
                 log.exception("llm: could not post the cancel request for token %r", token)
+
+    def _tokenize(self, request: Request) -> dict[str, np.ndarray]:
+        """``/tokenize``: the text's ids, as a prompt of that text is given them; a text longer
+        than any prompt the model can take is refused (it would hold this thread)."""
+        text, _ = read_tokenizer_inputs(request.input)
+        limit = self.settings.limits.max_prompt_chars
+        if limit and len(text) > limit:
+            raise InvalidRequest(prompt_chars_error(len(text), limit), param="prompt")
+        special = _read(request, "adds_special_tokens", True)
+        return tokenize_outputs(self.tokenizer(text, add_special_tokens=special).input_ids)
+
+    def _detokenize(self, request: Request) -> dict[str, np.ndarray]:
+        """``/detokenize``: the ids' text, special tokens included."""
+        _, ids = read_tokenizer_inputs(request.input)
+        trouble = token_ids_error(ids, self.settings.limits.vocab_size or len(self.tokenizer), param="tokens")
+        if trouble is not None:
+            raise InvalidRequest(trouble, param="tokens")
+        return detokenize_outputs(self.tokenizer.decode(list(ids)), len(ids))
 
     def _prepare(self, request: Request) -> Job:
         text = read_llm_inputs(request.input)

@@ -7,7 +7,7 @@ sides from the ``llm`` model's config parameters.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from .error_tags import InvalidRequest
@@ -98,6 +98,16 @@ def context_error(prompt_tokens: int, max_new_tokens: int, max_context: int) -> 
             f"{prompt_tokens + max_new_tokens}, over the model's context of {max_context} tokens")
 
 
+def token_ids_error(ids: Sequence[int], vocab_size: int, param: str = "prompt") -> Optional[str]:
+    """The message for the first id that is not a token of a model of ``vocab_size`` tokens (0:
+    any non-negative id), or None."""
+    for i, token in enumerate(ids):
+        if token < 0 or (vocab_size and token >= vocab_size):
+            bound = f"below {vocab_size}" if vocab_size else "non-negative"
+            return f"{param}: token id {token} (at {i}) is not a token of the model (ids are {bound})"
+    return None
+
+
 def prompt_ids_error(ids: tuple[int, ...], max_new_tokens: int, limits: ModelLimits,
                      param: str = "prompt") -> Optional[str]:
     """The message for a prompt given as token ids that no engine can take (an id that is not a
@@ -105,14 +115,10 @@ def prompt_ids_error(ids: tuple[int, ...], max_new_tokens: int, limits: ModelLim
     Checked by the gateway before the request leaves and by ``llm`` for direct gRPC callers."""
     if not ids:
         return f"{param} must hold at least one token id"
-    vocab = limits.vocab_size
-    for i, token in enumerate(ids):
-        if token < 0 or (vocab and token >= vocab):
-            bound = f"below {vocab}" if vocab else "non-negative"
-            return f"{param}: token id {token} (at {i}) is not a token of the model (ids are {bound})"
-    if len(ids) + max_new_tokens > limits.max_context:
-        return context_error(len(ids), max_new_tokens, limits.max_context)
-    return None
+    trouble = token_ids_error(ids, limits.vocab_size, param)
+    if trouble is None and len(ids) + max_new_tokens > limits.max_context:
+        trouble = context_error(len(ids), max_new_tokens, limits.max_context)
+    return trouble
 
 
 # -- sampling parameters ---------------------------------------------------------------------------

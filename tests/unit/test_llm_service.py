@@ -20,6 +20,7 @@ class FakeRequest:
     def __init__(self, prompt="Hello there", *, max_tokens=8, stream=True, stop_words=(), admission=False,
                  fail_on=(), token=None, cancels=None, ping=False):
         self.token, self.target, self.ping = token, cancels, ping
+        self.tool, self.special = None, True  # a tokenizer call: "tokenize" | "detokenize"
         self.inputs = {
             "text_input": np.array([[prompt.encode()]], dtype=object),
             "max_tokens": np.array([[max_tokens]], dtype=np.int32),
@@ -50,6 +51,12 @@ class FakeRequest:
     def pings(self):
         return self.ping
 
+    def tokenizer_call(self):
+        return self.tool
+
+    def adds_special_tokens(self):
+        return self.special
+
     def is_cancelled(self):
         self.polls += 1
         return self.cancelled.is_set()
@@ -79,6 +86,9 @@ class FakeRequest:
 
     def send_error(self, message):
         self._record("send_error", message, final=True)
+
+    def send_outputs(self, arrays):
+        self._record("send_outputs", {k: v.tolist() for k, v in arrays.items()}, final=True)
 
     def close(self):
         self._record("close", final=True)
@@ -544,6 +554,51 @@ def test_a_prompt_as_both_text_and_token_ids_is_refused(make_service):
     wait(request)
     assert request.sent == [("send_error", "[invalid_request_error:prompt] give the prompt as text_input or as "
                                            "input_ids, not both")]
+    assert engine.streams == []
+
+
+def test_tokenize_answers_at_once_with_the_ids_a_prompt_is_given(make_service, tokenizer):
+    """The gateway's /tokenize: ahead of a full engine, one final response, nothing at the engine."""
+    service, engine = make_service()
+    request = FakeRequest("Hello there, Paris")
+    request.tool = "tokenize"
+    service.accept(request)
+    ids = tokenizer("Hello there, Paris").input_ids
+    assert request.sent == [("send_outputs", {"text_output": [[b""]], "output_token_ids": [ids],
+                                              "prompt_tokens": [[len(ids)]]})]
+    request = FakeRequest("Hello")
+    request.tool, request.special = "tokenize", False
+    service.accept(request)
+    assert request.sent[0][1]["output_token_ids"] == [tokenizer("Hello", add_special_tokens=False).input_ids]
+    empty = FakeRequest("")
+    empty.tool = "tokenize"
+    service.accept(empty)
+    assert empty.sent == [("send_outputs", {"text_output": [[b""]], "output_token_ids": [[]], "prompt_tokens": [[0]]})]
+    assert engine.streams == [] and service.counters["tokenize"] == 3
+
+
+def test_tokenize_refuses_a_text_longer_than_any_prompt(make_service):
+    service, _ = make_service(limits=ModelLimits(max_prompt_chars=10))
+    request = FakeRequest("x" * 11)
+    request.tool = "tokenize"
+    service.accept(request)
+    assert request.sent == [("send_error", "[invalid_request_error:prompt] prompt has 11 characters, more than the 10 "
+                                           "that can fit the model's context (checked before tokenizing); shorten it")]
+
+
+def test_detokenize_answers_with_the_text_of_the_ids(make_service, tokenizer):
+    service, engine = make_service()
+    ids = tokenizer("<|im_start|>user\nHi", add_special_tokens=False).input_ids
+    request = _ids_request(ids)
+    request.tool = "detokenize"
+    service.accept(request)
+    assert request.sent == [("send_outputs", {"text_output": [["<|im_start|>user\nHi".encode()]],
+                                              "prompt_tokens": [[len(ids)]]})]
+    bad = _ids_request([1, len(tokenizer)])
+    bad.tool = "detokenize"
+    service.accept(bad)
+    assert bad.sent == [("send_error", f"[invalid_request_error:tokens] tokens: token id {len(tokenizer)} (at 1) is "
+                                       f"not a token of the model (ids are below {len(tokenizer)})")]
     assert engine.streams == []
 
 

@@ -151,6 +151,21 @@ def test_a_ping_is_read_from_its_bool_parameter_and_answered_with_one_final_resp
         assert not model.TritonRequest(Request(["server"], parameters)).pings()
 
 
+def test_tokenize_and_detokenize_requests_are_read_from_their_bool_parameters(model):
+    """The gateway's /tokenize and /detokenize: one final response holding the outputs."""
+    tokenize = model.TritonRequest(Request(["output_token_ids", "prompt_tokens"], '{"trident_tokenize": true}'))
+    assert tokenize.tokenizer_call() == "tokenize" and tokenize.adds_special_tokens() and not tokenize.pings()
+    tokenize.send_outputs({"text_output": np.array([[b""]], dtype=object),
+                           "output_token_ids": np.array([[3, 4]], dtype=np.int32),
+                           "prompt_tokens": np.array([[2]], dtype=np.int32)})
+    assert tokenize._sender.sent == [(["output_token_ids", "prompt_tokens"], model.FINAL)]
+    plain = model.TritonRequest(Request([], '{"trident_tokenize": true, "trident_add_special_tokens": false}'))
+    assert plain.tokenizer_call() == "tokenize" and not plain.adds_special_tokens()
+    assert model.TritonRequest(Request([], '{"trident_detokenize": true}')).tokenizer_call() == "detokenize"
+    for parameters in ('{}', '{"trident_tokenize": "yes"}', '{"trident_detokenize": false}', "not json"):
+        assert model.TritonRequest(Request([], parameters)).tokenizer_call() is None
+
+
 def test_a_pong_names_the_instance_that_answered(model, monkeypatch):
     """trident.stream_probe pings until every instance of llm has answered."""
     monkeypatch.setitem(model.INSTANCE, "name", "llm_0_1")  # set by initialize from model_instance_name

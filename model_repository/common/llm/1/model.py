@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trident.contract import ADMISSION_PARAMETER, CANCEL_PARAMETER, CANCEL_TOKEN_PARAMETER, PING_PARAMETER, SERVER_ID_ENV
+from trident.contract import (ADD_SPECIAL_TOKENS_PARAMETER, ADMISSION_PARAMETER, CANCEL_PARAMETER, CANCEL_TOKEN_PARAMETER,
+                              DETOKENIZE_PARAMETER, PING_PARAMETER, SERVER_ID_ENV, TOKENIZE_PARAMETER)
 from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_response, stop_inputs
 from trident.llm_io import EngineChunk, LlmSettings, output_tensors
 from trident.cancel_board import CancelBoard, default_directory, remove_stale
@@ -139,6 +140,14 @@ class TritonRequest:
     def pings(self):
         return self._parameter(PING_PARAMETER) is True
 
+    def tokenizer_call(self):
+        if self._parameter(TOKENIZE_PARAMETER) is True:
+            return "tokenize"
+        return "detokenize" if self._parameter(DETOKENIZE_PARAMETER) is True else None
+
+    def adds_special_tokens(self):
+        return self._parameter(ADD_SPECIAL_TOKENS_PARAMETER) is not False
+
     def is_cancelled(self):
         return self._sender.is_cancelled()
 
@@ -159,6 +168,9 @@ class TritonRequest:
     def _response(self, arrays):
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, value) for name, value in requested_only(arrays, self._outputs).items()])
+
+    def send_outputs(self, arrays):
+        self._sender.send(self._response(arrays), flags=FINAL)
 
     def send_error(self, message):
         self._sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
