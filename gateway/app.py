@@ -19,6 +19,7 @@ from .config import load_config
 from .errors import register_error_handlers
 from .openai_routes import init_app as init_openai
 from .openapi import init_app as init_openapi
+from .tokenizer_routes import init_app as init_tokenizer
 from .ratelimit import limiter
 from .retry import add_retry_advice
 from .routes import bp
@@ -94,6 +95,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | No
     limiter.init_app(app)
     app.register_blueprint(bp)
     init_openai(app)  # /v1/*
+    init_tokenizer(app)  # /tokenize, /detokenize (after /v1: they share its chat template)
     init_openapi(app)  # /openapi.json
     _configure_logging(app.config["LOG_FORMAT"])
     if app.config["SEND_TIMEOUT"]:

@@ -129,6 +129,13 @@ class Backend(Protocol):
 
     def check_ready(self) -> None: ...
 
+    def tokenize(self, model: str, text: str, *, add_special_tokens: bool, request_id: str) -> list[int]:
+        """The ids the served model's tokenizer gives ``text`` (a prompt of it is given the same);
+        raises the typed errors."""
+
+    def detokenize(self, model: str, ids: list[int], *, request_id: str) -> str:
+        """The text of ``ids`` (special tokens included); raises the typed errors."""
+
     def limits(self, model: str) -> ModelLimits:
         """The limits of a served (backend-side) model, as the server states them; may raise a
         503 ``ServerError`` when it cannot be asked. Cached: cheap after the first call."""

@@ -24,6 +24,7 @@ from marshmallow.validate import Range
 
 from . import response_schemas as rs
 from .openai_fields import MAX_PROMPTS, Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings
+from .tokenizer_routes import TokenIdArray
 from trident.contract import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 from .control_fields import LogitBias, Regex, ResponseFormat
@@ -68,6 +69,8 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
         ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}, "minItems": 1}
         props = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_PROMPTS}, ids,
                            {"type": "array", "items": ids, "minItems": 1, "maxItems": MAX_PROMPTS}]}
+    elif isinstance(field, TokenIdArray):
+        props = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}}
     elif isinstance(field, MessageContent):
         part = {
             "type": "object",
@@ -142,7 +145,8 @@ def _plugin() -> tuple[Any, Any]:
         (StopSequences, ("array", None)),
     ):
         plugin.map_to_openapi_type(cls, *mapping)
-    for cls in (Anything, Empty, StringOrStrings, Prompt, MessageContent, Nested, LogitBias, ResponseFormat, Regex):
+    for cls in (Anything, Empty, StringOrStrings, Prompt, MessageContent, Nested, LogitBias, ResponseFormat, Regex,
+                TokenIdArray):
         plugin.map_to_openapi_type(cls, None, None)
     plugin.converter.add_attribute_function(_trident_fields)
     return plugin, spec
@@ -178,7 +182,8 @@ _ERRORS: dict[int, tuple[str, tuple[str, ...]]] = {
     413: ("Request body over the configured limit.", ()),
     429: ("The key's rate limit is exceeded.", ("retry_after", "should_retry", "ratelimit")),
     500: ("An unexpected failure; the message holds the request id and no internals.", ()),
-    501: ("Chat completions are not configured on this deployment (no chat template).", ("should_retry",)),
+    501: ("Chat completions (or tokenizing messages) are not configured on this deployment (no chat template).",
+          ("should_retry",)),
     503: ("Triton unreachable or not ready, the gateway at its in-flight limit, or the rate-limit store "
           "(Redis) unreachable for a key with a limit.",
           ("retry_after", "should_retry")),
@@ -254,6 +259,7 @@ _GENERATION_ERRORS = (400, 401, 403, 404, 408, 413, 429, 500, 503)
 def _operations(app: Flask) -> dict[str, dict[str, Any]]:
     trident = app.extensions["trident"]
     openai = app.extensions["trident.openai"]
+    tokenizer = app.extensions["trident.tokenizer"]
     bearer = [{"bearerAuth": []}]
     completion_events = _v1_stream("CompletionChunk")
     chat_events = _v1_stream("ChatCompletionChunk")
@@ -292,6 +298,21 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
                          stream=generate_events),
                 **_errors(*_GENERATION_ERRORS),
             },
+        }},
+        "/tokenize": {"post": {
+            "summary": "The model's token ids of a prompt, or of chat messages rendered with its chat template "
+            "(vLLM's /tokenize): the ids a prompt of that text is given.",
+            "security": bearer,
+            "requestBody": {"required": True, "content": {_JSON: {"schema": tokenizer.tokenize_schema}}},
+            "responses": {200: _ok("The ids.", rs.TokenizeResponseSchema),
+                          **_errors(400, 401, 403, 404, 408, 413, 429, 500, 501, 503)},
+        }},
+        "/detokenize": {"post": {
+            "summary": "The text of token ids, special tokens included (vLLM's /detokenize).",
+            "security": bearer,
+            "requestBody": {"required": True, "content": {_JSON: {"schema": tokenizer.detokenize_schema}}},
+            "responses": {200: _ok("The text.", rs.DetokenizeResponseSchema),
+                          **_errors(400, 401, 403, 404, 408, 413, 429, 500, 503)},
         }},
         "/v1/models": {"get": {
             "summary": "The served models this key may use (OpenAI-compatible).",

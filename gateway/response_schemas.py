@@ -144,6 +144,16 @@ class GenerateDoneEventSchema(Schema):
 # -- /v1 ----------------------------------------------------------------------------------------
 
 
+class TokenizeResponseSchema(Schema):
+    count = _required(fields.Integer, validate=Range(min=0))
+    max_model_len = _required(fields.Integer, validate=Range(min=1))
+    tokens = _required(fields.List, fields.Integer(validate=Range(min=0)))
+
+
+class DetokenizeResponseSchema(Schema):
+    prompt = _required(fields.String)
+
+
 class ModelSchema(Schema):
     id = _required(fields.String)
     object = _const("model")

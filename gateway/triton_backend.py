@@ -31,9 +31,19 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
+import numpy as np
 from tritonclient.grpc import service_pb2
 
-from trident.contract import ModelLimits, TextRequest, llm_inputs
+from trident.contract import (
+    ADD_SPECIAL_TOKENS_PARAMETER,
+    DETOKENIZE_PARAMETER,
+    TOKENIZE_PARAMETER,
+    ModelLimits,
+    TextRequest,
+    control_inputs,
+    llm_inputs,
+)
+from trident.triton_wire import infer_request, is_final, output_arrays
 
 from .backend import ADMITTED, Admitted, ChoiceEnd, Event, Finished, TextDelta
 from .errors import ApiError, internal_error, timeout_error, unavailable
@@ -41,6 +51,7 @@ from .triton_codec import (
     StreamResponse,
     build_cancel_request,
     build_infer_request,
+    model_error,
     parse_stream_response,
     tagged_error,
 )
@@ -53,6 +64,8 @@ _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHA
 #: call, so at the Triton that holds the request) before the call is cancelled: llm ends it
 #: within its cancel check interval (0.1 s) and the engine's stop; this is the safety net.
 CANCEL_GRACE = 3.0
+#: Seconds a tokenize or detokenize call may take (llm answers it on its accepting thread).
+TOKENIZER_TIMEOUT = 30.0
 _SERVICE = "inference.GRPCInferenceService"
 
 
@@ -213,19 +226,25 @@ class TritonGeneration:
         self._call.cancel()  # a no-op once the call has ended
 
     def _rpc_error(self, err: grpc.RpcError) -> ApiError:
-        code, details = err.code(), err.details() or ""
-        tagged = tagged_error(details, retry_after=self._retry_after)
-        if tagged is not None:
-            return tagged
-        log.warning("Triton gRPC error: %s %s", code, details, extra=self._log_extra)
-        # gRPC core's own INTERNAL (not Triton's): the connection broke under the call, e.g. the
-        # server was killed as the request went out; the server is gone, not failing.
-        transport = code == grpc.StatusCode.INTERNAL and details == "Internal error from Core"
-        if code in _UNAVAILABLE_CODES or code == grpc.StatusCode.CANCELLED or transport:
-            return unavailable("The inference server is unavailable; try again later", self._retry_after)
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # the last resort after a timeout (CallTimedOut)
-            return timeout_error(self._timeout, self._request_id)
-        return internal_error(self._request_id)
+        return rpc_error(err, retry_after=self._retry_after, timeout=self._timeout, request_id=self._request_id)
+
+
+def rpc_error(err: grpc.RpcError, *, retry_after: int, timeout: float, request_id: str) -> ApiError:
+    """The API error a failed call stands for: the model's tagged error, 503 when the server is
+    gone, 504 past the deadline, else 500."""
+    code, details = err.code(), err.details() or ""
+    tagged = tagged_error(details, retry_after=retry_after)
+    if tagged is not None:
+        return tagged
+    log.warning("Triton gRPC error: %s %s", code, details, extra={"request_id": request_id})
+    # gRPC core's own INTERNAL (not Triton's): the connection broke under the call, e.g. the
+    # server was killed as the request went out; the server is gone, not failing.
+    transport = code == grpc.StatusCode.INTERNAL and details == "Internal error from Core"
+    if code in _UNAVAILABLE_CODES or code == grpc.StatusCode.CANCELLED or transport:
+        return unavailable("The inference server is unavailable; try again later", retry_after)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # the last resort after a timeout (CallTimedOut)
+        return timeout_error(timeout, request_id)
+    return internal_error(request_id)
 
 
 class TritonBackend:
@@ -306,6 +325,48 @@ class TritonBackend:
                                  cancel_request=functools.partial(build_cancel_request, triton_model, token),
                                  cancel_grace=CANCEL_GRACE)
         return TritonGeneration(call, request_id=request_id, retry_after=retry_after, timeout=self.request_timeout)
+
+    def tokenize(self, model: str, text: str, *, add_special_tokens: bool, request_id: str) -> list[int]:
+        """The ids ``llm`` gives a prompt of ``text`` (trident.contract TOKENIZE_PARAMETER)."""
+        inputs = {**control_inputs(), "text_input": np.array([[text.encode("utf-8")]], dtype=np.object_)}
+        request = infer_request(self.models[model], inputs, request_id=request_id,
+                                outputs=("output_token_ids", "prompt_tokens"), bool_parameters=(TOKENIZE_PARAMETER,))
+        if not add_special_tokens:
+            request.parameters[ADD_SPECIAL_TOKENS_PARAMETER].bool_param = False
+        ids = self._answer(request, request_id).get("output_token_ids")
+        return [] if ids is None else [int(i) for i in ids.reshape(-1).tolist()]
+
+    def detokenize(self, model: str, ids: list[int], *, request_id: str) -> str:
+        """The text of ``ids`` (trident.contract DETOKENIZE_PARAMETER)."""
+        inputs = {**control_inputs(), "input_ids": np.array(ids, dtype=np.int32).reshape(1, len(ids))}
+        request = infer_request(self.models[model], inputs, request_id=request_id, outputs=("text_output",),
+                                bool_parameters=(DETOKENIZE_PARAMETER,))
+        text = self._answer(request, request_id).get("text_output")
+        return "" if text is None or not text.size else bytes(text.reshape(-1)[0]).decode("utf-8", "replace")
+
+    def _answer(self, request: Any, request_id: str) -> dict[str, np.ndarray]:
+        """The outputs of the final response of a one-request ``llm`` call that gets one answer;
+        the typed errors otherwise."""
+        try:
+            return output_arrays(self.relay.run(self._one_answer(request, request_id), timeout=TOKENIZER_TIMEOUT + 5))
+        except grpc.RpcError as err:
+            raise rpc_error(err, retry_after=self.retry_after, timeout=TOKENIZER_TIMEOUT, request_id=request_id) from None
+        except TimeoutError:
+            raise timeout_error(TOKENIZER_TIMEOUT, request_id) from None
+
+    async def _one_answer(self, request: Any, request_id: str) -> Any:
+        call = self.relay.stub.ModelStreamInfer(timeout=TOKENIZER_TIMEOUT)
+        await call.write(request)
+        await call.done_writing()
+        answer = None
+        async for message in call:  # read to the call's end: it is never cancelled (see Relay.stream)
+            if message.error_message:
+                raise model_error(message.error_message, request_id=request_id, retry_after=self.retry_after)
+            if is_final(message.infer_response):
+                answer = message.infer_response
+        if answer is None:
+            raise unavailable("The inference server ended the call without an answer", self.retry_after)
+        return answer
 
     def check_ready(self) -> None:
         """Ready while at least one server is: round_robin picks a server for each probe, so this

@@ -77,6 +77,7 @@ class FakeBackend:
     model_limits: ModelLimits = field(default_factory=ModelLimits)  # what Triton would report
     calls: list[tuple[GenerationParams, str]] = field(default_factory=list)
     generations: list[FakeGeneration] = field(default_factory=list)
+    tokenizer_calls: list[tuple] = field(default_factory=list)
 
     def generate(self, params: GenerationParams, *, request_id: str) -> FakeGeneration:
         self.calls.append((params, request_id))
@@ -92,6 +93,15 @@ class FakeBackend:
 
     def limits(self, model: str) -> ModelLimits:
         return self.model_limits
+
+    def tokenize(self, model: str, text: str, *, add_special_tokens: bool, request_id: str) -> list[int]:
+        """One id per character below 256 (its code), after a 1 (the "special token") when asked."""
+        self.tokenizer_calls.append(("tokenize", model, text, add_special_tokens))
+        return ([1] if add_special_tokens else []) + [ord(c) if ord(c) < 256 else 0 for c in text]
+
+    def detokenize(self, model: str, ids: list[int], *, request_id: str) -> str:
+        self.tokenizer_calls.append(("detokenize", model, ids))
+        return "".join(chr(i) if i < 256 else f"<{i}>" for i in ids if i != 1)
 
     @property
     def last_params(self) -> GenerationParams:

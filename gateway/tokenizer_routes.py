@@ -1,0 +1,174 @@
+"""``POST /tokenize`` and ``POST /detokenize``: the served model's tokenizer, with the request
+and response bodies of vLLM's and SGLang's routes of those names.
+
+The ids come from the Triton ``llm`` model (trident.contract TOKENIZE_PARAMETER), whose
+tokenizer every prompt goes through: they are exactly the ids a prompt of that text is given,
+which /v1/completions takes back as a prompt of token ids. Chat ``messages`` are rendered with
+the model's chat template first, as /v1/chat/completions renders them. Both calls are quick
+(``llm`` answers them on its accepting thread, never at the engine): they count against the
+key's rate limit, not against the in-flight generations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, g, request
+from marshmallow import ValidationError, post_load, validates_schema
+
+from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, token_ids_error
+
+from .auth import authorize_model, require_api_key
+from .chat_template import ChatTemplate
+from .errors import ClientError, ServerError
+from .fields import StrictBoolean, StrictString, describe
+from .json_body import read_json_object
+from .openai_fields import Nested
+from .openai_schemas import ChatMessageSchema
+from .ratelimit import rate_limited
+from .schemas import ModelSchema, _StrictField
+
+bp = Blueprint("tokenizer", __name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeRequest:
+    model: str
+    text: str = ""
+    add_special_tokens: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DetokenizeRequest:
+    model: str
+    tokens: tuple[int, ...] = ()
+
+
+class TokenIdArray(_StrictField):
+    """An array of token ids: integers from 0 to INT32_MAX; loaded as a tuple."""
+
+    expected = "an array of token ids"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, list)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[int, ...]:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        for i, token in enumerate(value):
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token <= INT32_MAX:
+                raise ValidationError(f"{self.public_name}[{i}] must be a token id, an integer from 0 to {INT32_MAX}, "
+                                      f"got {describe(token)}")
+        return tuple(value)
+
+
+class TokenizeSchema(ModelSchema):
+    """``prompt`` (special tokens added unless ``add_special_tokens`` is false), or chat
+    ``messages`` (rendered with the generation prompt unless ``add_generation_prompt`` is false;
+    no special tokens added unless asked): vLLM's two request forms."""
+
+    model = StrictString()
+    prompt = StrictString()
+    messages = Nested(ChatMessageSchema, many=True, min_items=1, max_items=MAX_CHAT_MESSAGES)
+    add_special_tokens = StrictBoolean()
+    add_generation_prompt = StrictBoolean()
+
+    def __init__(self, *, chat_template: ChatTemplate | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.chat_template = chat_template
+
+    @validates_schema
+    def validate_one_input(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        if ("prompt" in data) == ("messages" in data):
+            raise ValidationError("give either prompt or messages", field_name="prompt")
+        if "add_generation_prompt" in data and "messages" not in data:
+            raise ValidationError("add_generation_prompt goes with messages", field_name="add_generation_prompt")
+
+    @post_load
+    def make_request(self, data: dict[str, Any], **kwargs: Any) -> TokenizeRequest:
+        model = self.requested_model(data)
+        if "messages" in data:
+            if self.chat_template is None:
+                raise ServerError("Tokenizing messages needs the chat template, which this gateway lacks "
+                                  "(TOKENIZER_DIR); send prompt", status=501)
+            text = self.chat_template.render(data["messages"],
+                                             add_generation_prompt=data.get("add_generation_prompt", True))
+            special, param = data.get("add_special_tokens", False), "messages"
+        else:
+            text, special, param = data["prompt"], data.get("add_special_tokens", True), "prompt"
+        self.check_prompt_length(text, model, param)
+        return TokenizeRequest(model=model, text=text, add_special_tokens=special)
+
+
+class DetokenizeSchema(ModelSchema):
+    """``tokens``: ids of the model's vocabulary, at most its context."""
+
+    model = StrictString()
+    tokens = TokenIdArray(required=True, allow_none=False,
+                          error_messages={"required": "tokens is required", "null": "tokens must be an array, got null"})
+
+    @post_load
+    def make_request(self, data: dict[str, Any], **kwargs: Any) -> DetokenizeRequest:
+        model = self.requested_model(data)
+        tokens, limits = data["tokens"], self.limits(model)
+        if len(tokens) > limits.max_context:
+            raise ClientError(f"tokens holds {len(tokens)} ids, more than the model's context of "
+                              f"{limits.max_context}", param="tokens")
+        trouble = token_ids_error(tokens, limits.vocab_size, param="tokens")
+        if trouble is not None:
+            raise ClientError(trouble, param="tokens")
+        return DetokenizeRequest(model=model, tokens=tokens)
+
+
+@dataclass(frozen=True)
+class TokenizerState:
+    tokenize_schema: TokenizeSchema
+    detokenize_schema: DetokenizeSchema
+
+
+def init_app(app: Flask) -> None:
+    """Build the schemas (after gateway.openai_routes: they share its chat template) and register
+    the routes."""
+    schema = app.extensions["trident"].generate_schema
+    common = {"limits": schema.limits, "served_models": schema.served_models, "default_model": schema.default_model}
+    app.extensions["trident.tokenizer"] = TokenizerState(
+        tokenize_schema=TokenizeSchema(chat_template=app.extensions["trident.openai"].chat_schema.chat_template,
+                                       **common),
+        detokenize_schema=DetokenizeSchema(**common),
+    )
+    app.register_blueprint(bp)
+
+
+def _load(schema: ModelSchema, body: dict[str, Any]) -> Any:
+    try:
+        return schema.load(body)
+    except ValidationError as err:
+        raise schema.first_error(err) from None
+
+
+@bp.post("/tokenize")
+@require_api_key
+@rate_limited
+def tokenize() -> Any:
+    """The ids of ``prompt`` (or of the rendered ``messages``): ``tokens``, their ``count`` and
+    the model's context, ``max_model_len``."""
+    state = current_app.extensions["trident.tokenizer"]
+    req = _load(state.tokenize_schema, read_json_object(request))
+    authorize_model(g.api_key, req.model)
+    backend = current_app.extensions["trident"].backend
+    ids = backend.tokenize(req.model, req.text, add_special_tokens=req.add_special_tokens, request_id=g.request_id)
+    limits = state.tokenize_schema.limits(req.model)
+    return {"count": len(ids), "max_model_len": limits.max_context, "tokens": ids}
+
+
+@bp.post("/detokenize")
+@require_api_key
+@rate_limited
+def detokenize() -> Any:
+    """The text of ``tokens`` (special tokens included): ``prompt``."""
+    state = current_app.extensions["trident.tokenizer"]
+    req = _load(state.detokenize_schema, read_json_object(request))
+    authorize_model(g.api_key, req.model)
+    backend = current_app.extensions["trident"].backend
+    return {"prompt": backend.detokenize(req.model, list(req.tokens), request_id=g.request_id)}
