@@ -3,7 +3,8 @@
 On SIGTERM (gateway.worker calls :func:`begin` from gunicorn's exit handler):
 
 * ``/readyz`` answers 503 at once and so does every new generation (a kept-alive connection may
-  still send one); the worker stops accepting connections (gunicorn);
+  still send one); the worker stops accepting connections (gunicorn) and closes those waiting
+  for a request (gateway.worker.GeventGrpcWorker.close_idle_connections);
 * open streams go on until they finish, for at most ``GATEWAY_DRAIN_TIMEOUT`` seconds (30 by
   default); then each gets an ``event: error`` (503, ``service_unavailable``: "the server is
   shutting down") and ends, and the worker exits. gunicorn's own graceful timeout is set above

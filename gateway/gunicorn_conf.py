@@ -6,7 +6,8 @@ multiprocess metrics across workers.
 (``trident.gateway_process.GatewayProcess`` passes ``-c python:gateway.gunicorn_conf`` too.)
 From the environment: ``GATEWAY_HOST`` (127.0.0.1), ``GATEWAY_PORT`` (8080), ``GATEWAY_WORKERS``
 (1), ``GATEWAY_DRAIN_TIMEOUT`` (30 s: after SIGTERM open streams get that long, gateway.drain;
-gunicorn's graceful timeout is 5 s more), ``GATEWAY_CERTFILE``/``GATEWAY_KEYFILE`` (HTTPS). The
+gunicorn's graceful timeout is 5 s more), ``GATEWAY_KEEPALIVE`` (2 s an idle kept-alive connection
+waits for its next request), ``GATEWAY_CERTFILE``/``GATEWAY_KEYFILE`` (HTTPS). The
 worker class is gateway.worker.GeventGrpcWorker. ``reuse_port``: every worker opens its own
 listening socket with SO_REUSEPORT and the kernel spreads connections over them (with one shared
 socket, whichever gevent worker woke first took a whole burst: 30 of 30 connections).
@@ -62,6 +63,9 @@ def _env(name: str, default: str) -> str:
 bind = [f"{_env('GATEWAY_HOST', '127.0.0.1')}:{_env('GATEWAY_PORT', '8080')}"]
 workers = int(_env("GATEWAY_WORKERS", "1"))
 worker_class = "gateway.worker.GeventGrpcWorker"
+# Seconds an idle kept-alive connection waits for its next request (a connection's first request
+# gets GATEWAY_HEADER_TIMEOUT instead: gateway.worker.RequestWait).
+keepalive = int(_env("GATEWAY_KEEPALIVE", "2"))
 reuse_port = True
 graceful_timeout = int(float(_env("GATEWAY_DRAIN_TIMEOUT", "30")) + 5.999)  # gunicorn takes whole seconds
 timeout = 120

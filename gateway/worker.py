@@ -19,7 +19,10 @@ it would wait too).
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 
+import gevent
 from gevent import monkey
 from gevent import socket
 from gevent.server import StreamServer
@@ -27,6 +30,47 @@ from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
 _log = logging.getLogger("trident.gateway")
+
+#: Seconds a connection's first request line and headers may take to arrive (GATEWAY_HEADER_TIMEOUT).
+HEADER_TIMEOUT = 30.0
+#: Seconds a wait for a request may last once the worker drains: a request already on its way
+#: still gets its 503; a connection that sends nothing is closed.
+DRAINING_WAIT = 1.0
+
+
+def header_timeout(environ=os.environ) -> float:  # noqa: ANN001
+    return float(environ.get("GATEWAY_HEADER_TIMEOUT") or HEADER_TIMEOUT)
+
+
+class RequestWait:
+    """gunicorn's wait for a connection's next request line and headers, as this worker bounds
+    it (GeventGrpcWorker.timeout_ctx). gunicorn's gevent worker waits ``keepalive`` seconds (2 by
+    default) for every request, the first on a new connection included, then closes the
+    connection without a word: a client whose first request came 2 s after it connected (a
+    slow network, a client or a gateway worker busy for a moment) lost its connection with no
+    answer (tests/e2e/test_scale.py saw 2 of 20 streams so). Here the first request gets
+    GATEWAY_HEADER_TIMEOUT (30 s) and later ones ``keepalive`` (GATEWAY_KEEPALIVE); while it
+    waits the connection is idle, and a drain closes idle connections at once (they would hold
+    the worker's exit until gunicorn's graceful timeout)."""
+
+    def __init__(self, worker: "GeventGrpcWorker") -> None:
+        self.worker = worker
+        self.greenlet = gevent.getcurrent()
+        first = self.greenlet not in worker.served
+        seconds = worker.first_request_timeout if first else worker.cfg.keepalive
+        if worker.draining:
+            seconds = min(seconds, DRAINING_WAIT)
+        self.timeout = gevent.Timeout(seconds, False)  # False: it ends the wait quietly
+
+    def __enter__(self) -> "RequestWait":
+        self.worker.served.add(self.greenlet)
+        self.worker.waiting[self.greenlet] = self.timeout
+        self.timeout.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:  # noqa: ANN002
+        self.worker.waiting.pop(self.greenlet, None)
+        return bool(self.timeout.__exit__(*exc))
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # noqa: ANN001
@@ -81,6 +125,12 @@ class GeventGrpcWorker(GeventWorker):
     def init_process(self) -> None:
         from gunicorn.workers import base
 
+        self.first_request_timeout = max(header_timeout(), float(self.cfg.keepalive))
+        self.served: weakref.WeakSet = weakref.WeakSet()  # connections' greenlets that had a request wait
+        # Those waiting for a request now (idle), with the timeout that bounds the wait.
+        self.waiting: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.draining = False
+
         base.util.write_error = write_json_error  # this worker process only
         ggevent.StreamServer = FewAcceptsPerTurnServer  # what GeventWorker.run builds, in this process only
         super().init_process()
@@ -100,11 +150,26 @@ class GeventGrpcWorker(GeventWorker):
         finally:
             sock.settimeout(None)
 
+    def timeout_ctx(self) -> RequestWait:
+        """The bound of each wait for a request (RequestWait); gunicorn's is ``keepalive`` for all."""
+        return RequestWait(self)
+
     def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 (gunicorn's signal handler)
         from .drain import DRAIN, drain_timeout
 
         DRAIN.begin(drain_timeout())
+        self.draining = True
+        gevent.spawn(self.close_idle_connections)
         super().handle_exit(sig, frame)
+
+    def close_idle_connections(self) -> None:
+        """End every connection waiting for a request: its wait ends as when its time is up (its
+        own timeout raised in it, which ends the wait quietly), and gunicorn closes the socket."""
+        idle = list(self.waiting.items())
+        if idle:
+            _log.info("draining: closing %d idle connection(s)", len(idle))
+        for greenlet, timeout in idle:
+            greenlet.kill(exception=timeout, block=False)
 
     def patch(self) -> None:
         monkey.patch_all(thread=False)

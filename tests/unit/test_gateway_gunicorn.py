@@ -253,6 +253,65 @@ def test_a_tls_client_that_leaves_cancels_its_generation(tls_stack, goodbye):
     assert wait_until(lambda: in_flight(url, str(cert)) == 0, timeout=5)
 
 
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """The status line of the answer, or b"" when the connection was closed without one."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_a_first_request_that_comes_late_is_answered(stack):
+    """gunicorn's gevent worker gave every request, a new connection's first included, its
+    keepalive (2 s) to arrive, then closed the connection without a word: a stream of
+    tests/e2e/test_scale.py got "Remote end closed connection without response". The first
+    request gets GATEWAY_HEADER_TIMEOUT (30 s); an idle kept-alive connection still ends after
+    keepalive."""
+    url = stack[0]
+    with _connect(url) as late, _connect(url) as trickled:
+        trickled.sendall(HEALTHZ[:10])
+        time.sleep(3)
+        late.sendall(HEALTHZ)
+        assert _answer(late) == b"HTTP/1.1 200 OK"
+        trickled.sendall(HEALTHZ[10:])
+        assert _answer(trickled) == b"HTTP/1.1 200 OK"
+        late.recv(65536)  # the rest of the answer
+        time.sleep(3)  # idle, after a request: gunicorn's keepalive (2 s) ends it
+        assert late.recv(65536) == b""
+
+
+def test_sigterm_closes_idle_connections_at_once(tmp_path):
+    """A connection waiting for its first request (browsers and HTTP clients open them ahead)
+    or its next one is closed when the worker drains, so it does not hold the worker's exit until
+    gunicorn's graceful timeout."""
+    with serving(tmp_path) as (url, _, gateway_log, pid):
+        fresh, kept = _connect(url), _connect(url)
+        kept.sendall(HEALTHZ)
+        assert _answer(kept) == b"HTTP/1.1 200 OK"
+        kept.recv(65536)
+        os.kill(pid, 15)
+        for sock in (fresh, kept):  # closed without an answer, long before GATEWAY_HEADER_TIMEOUT (30 s)
+            sock.settimeout(10)
+            assert sock.recv(4096) == b""
+        assert wait_until(lambda: "Shutting down: Master" in gateway_log.read_text(), timeout=10)
+        log = gateway_log.read_text()
+        # at least the fresh one was waiting then; the other may still have been finishing its answer
+        assert "idle connection(s)" in log and "graceful timeout" not in log, log
+        fresh.close()
+        kept.close()
+
+
 def raw_http(url: str, request: bytes) -> bytes:
     host, port = url.rsplit("/", 1)[-1].split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
