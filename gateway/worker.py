@@ -18,6 +18,7 @@ it would wait too).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import weakref
@@ -116,6 +117,21 @@ class FewAcceptsPerTurnServer(StreamServer):
     measurement, with the relay on its own thread)."""
 
     max_accept = 4
+
+    def wrap_socket_and_handle(self, client_socket, address):  # noqa: ANN001, ANN201 (gevent's)
+        """gevent's, with the TLS handshake bounded by GATEWAY_HEADER_TIMEOUT: gevent's waits as
+        long as the client likes, so a client that connected and sent nothing held its
+        connection (and a place of the worker's pool) forever (more than 40 s measured; plain
+        HTTP gives up after the header timeout, gateway.worker.RequestWait)."""
+        ssl_socket = self.wrap_socket(client_socket, do_handshake_on_connect=False, **self.ssl_args)
+        with contextlib.closing(ssl_socket):
+            shaken = False
+            with gevent.Timeout(header_timeout(), False):
+                ssl_socket.do_handshake()
+                shaken = True
+            if not shaken:
+                return None
+            return self.handle(ssl_socket, address)
 
 
 class GeventGrpcWorker(GeventWorker):

@@ -312,6 +312,24 @@ def test_sigterm_closes_idle_connections_at_once(tmp_path):
         kept.close()
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_client_that_sends_nothing_is_closed_after_the_header_timeout(tmp_path, scheme):
+    """Over HTTPS gevent waited for the TLS handshake as long as the client liked: a client that
+    connected and sent nothing kept its connection, and a place in the worker's pool, forever."""
+    env = {"GATEWAY_HEADER_TIMEOUT": "2"}
+    if scheme == "https":
+        if shutil.which("openssl") is None:
+            pytest.skip("the openssl command is not installed (Debian: apt-get install -y openssl)")
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=localhost", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        env.update(GATEWAY_CERTFILE=str(cert), GATEWAY_KEYFILE=str(key))
+    with serving(tmp_path, extra_env=env, scheme=scheme) as (url, _, _, _):
+        with _connect(url) as silent:
+            silent.settimeout(15)  # a socket.timeout here: the gateway kept it open
+            assert silent.recv(4096) == b""  # closed by the gateway, without an answer
+
+
 def raw_http(url: str, request: bytes) -> bytes:
     host, port = url.rsplit("/", 1)[-1].split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
