@@ -65,7 +65,11 @@ workers = int(_env("GATEWAY_WORKERS", "1"))
 worker_class = "gateway.worker.GeventGrpcWorker"
 # Seconds an idle kept-alive connection waits for its next request (a connection's first request
 # gets GATEWAY_HEADER_TIMEOUT instead: gateway.worker.RequestWait).
+# At least 1: with 0 gunicorn reads each request with no time bound at all, the first included.
 keepalive = int(_env("GATEWAY_KEEPALIVE", "2"))
+if keepalive < 1:
+    raise ValueError(f"GATEWAY_KEEPALIVE must be at least 1 (seconds), got {keepalive}: with 0 gunicorn would "
+                     "wait for a request without any time limit")
 reuse_port = True
 graceful_timeout = int(float(_env("GATEWAY_DRAIN_TIMEOUT", "30")) + 5.999)  # gunicorn takes whole seconds
 timeout = 120

@@ -330,6 +330,17 @@ def test_a_client_that_sends_nothing_is_closed_after_the_header_timeout(tmp_path
             assert silent.recv(4096) == b""  # closed by the gateway, without an answer
 
 
+def test_a_keepalive_of_0_stops_the_gateway_at_start_up():
+    """gunicorn reads requests without any time bound when keepalive is 0 (no header timeout
+    either): GATEWAY_KEEPALIVE below 1 is refused."""
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    result = subprocess.run([str(gunicorn), "-c", "python:gateway.gunicorn_conf", "--check-config", "gateway:create_app()"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "GATEWAY_KEEPALIVE": "0", "TRIDENT_API_KEY": KEY})
+    assert result.returncode != 0
+    assert "GATEWAY_KEEPALIVE must be at least 1 (seconds), got 0" in result.stdout + result.stderr
+
+
 def raw_http(url: str, request: bytes) -> bytes:
     host, port = url.rsplit("/", 1)[-1].split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
