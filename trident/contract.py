@@ -302,15 +302,18 @@ def _texts(value: Optional[np.ndarray], name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _ids(value: Optional[np.ndarray]) -> Optional[tuple[int, ...]]:
+    """An ``input_ids`` tensor as a tuple of ids; None when absent."""
+    return None if value is None else tuple(int(i) for i in np.asarray(value).reshape(-1).tolist())
+
+
 def read_tokenizer_inputs(get: Callable[[str], Optional[np.ndarray]]) -> tuple[str, tuple[int, ...]]:
     """The text (``text_input``, may be empty) and the ids (``input_ids``, may be none) of a
     :data:`TOKENIZE_PARAMETER` or :data:`DETOKENIZE_PARAMETER` request. Raises InvalidRequest."""
     texts = _texts(get("text_input"), "text_input")
     if len(texts) > 1:
         raise InvalidRequest("text_input must hold one text", param="prompt")
-    ids = get("input_ids")
-    return (texts[0] if texts else "",
-            () if ids is None else tuple(int(i) for i in np.asarray(ids).reshape(-1).tolist()))
+    return texts[0] if texts else "", _ids(get("input_ids")) or ()
 
 
 def tokenize_outputs(ids: Sequence[int]) -> dict[str, np.ndarray]:
@@ -330,8 +333,7 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
     """The request from ``llm``'s input tensors (``get`` returns None for absent ones): absent
     sampling inputs take :class:`SamplingParams`' defaults. Raises InvalidRequest."""
     prompts = _texts(get("text_input"), "prompt")
-    ids = get("input_ids")
-    prompt_ids = None if ids is None else tuple(int(i) for i in np.asarray(ids).reshape(-1).tolist())
+    prompt_ids = _ids(get("input_ids"))
     if prompt_ids is not None:
         if prompts:
             raise InvalidRequest("give the prompt as text_input or as input_ids, not both", param="prompt")

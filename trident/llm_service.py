@@ -124,6 +124,8 @@ class LlmService:
         # The other instances' cancel requests (None with one instance).
         self.board = board
         self.end_id = tokenizer.eos_token_id
+        # Token ids are below it: the config's vocab_size, else the tokenizer's (read once).
+        self.vocab_size = settings.limits.vocab_size or len(tokenizer)
         # A token's text on its own (logprobs' alternatives); the same few ids come back often.
         self._token_text = functools.lru_cache(maxsize=65536)(
             lambda token: tokenizer.decode([token], skip_special_tokens=False))
@@ -248,7 +250,7 @@ class LlmService:
     def _detokenize(self, request: Request) -> dict[str, np.ndarray]:
         """``/detokenize``: the ids' text, special tokens included."""
         _, ids = read_tokenizer_inputs(request.input)
-        trouble = token_ids_error(ids, self.settings.limits.vocab_size or len(self.tokenizer), param="tokens")
+        trouble = token_ids_error(ids, self.vocab_size, param="tokens")
         if trouble is not None:
             raise InvalidRequest(trouble, param="tokens")
         return detokenize_outputs(self.tokenizer.decode(list(ids)), len(ids))
@@ -259,8 +261,8 @@ class LlmService:
         text.sampling.check(limits)
         new_tokens = text.sampling.max_new_tokens
         if text.prompt_ids is not None:  # used as given: ids of this model, fitting the context
-            vocab = limits.vocab_size or len(self.tokenizer)
-            trouble = prompt_ids_error(text.prompt_ids, new_tokens, dataclasses.replace(limits, vocab_size=vocab))
+            trouble = prompt_ids_error(text.prompt_ids, new_tokens,
+                                       dataclasses.replace(limits, vocab_size=self.vocab_size))
             if trouble is not None:
                 raise InvalidRequest(trouble, param="prompt")
             input_ids = list(text.prompt_ids)
@@ -277,7 +279,7 @@ class LlmService:
                                 end_id=self.end_id if text.end_id is None else text.end_id,
                                 pad_id=self.pad_id if text.pad_id is None else text.pad_id,
                                 bad_words_ids=[b for b in bad_ids if b],
-                                vocab_size=limits.vocab_size or len(self.tokenizer))
+                                vocab_size=self.vocab_size)
         return Job(request=request, text=text, tensors=tensors, prompt_tokens=len(input_ids),
                    engine_id=str(next(self._ids)), last_check=self.clock(), token=request.cancel_token())
 

@@ -110,11 +110,10 @@ def token_ids_error(ids: Sequence[int], vocab_size: int, param: str = "prompt") 
 
 def prompt_ids_error(ids: tuple[int, ...], max_new_tokens: int, limits: ModelLimits,
                      param: str = "prompt") -> Optional[str]:
-    """The message for a prompt given as token ids that no engine can take (an id that is not a
-    token of the model, or more tokens than the context holds with ``max_new_tokens``), or None.
-    Checked by the gateway before the request leaves and by ``llm`` for direct gRPC callers."""
-    if not ids:
-        return f"{param} must hold at least one token id"
+    """The message for a prompt given as token ids (at least one: both callers' readers refuse
+    none) that no engine can take (an id that is not a token of the model, or more tokens than
+    the context holds with ``max_new_tokens``), or None. Checked by the gateway before the
+    request leaves and by ``llm`` for direct gRPC callers."""
     trouble = token_ids_error(ids, limits.vocab_size, param)
     if trouble is None and len(ids) + max_new_tokens > limits.max_context:
         trouble = context_error(len(ids), max_new_tokens, limits.max_context)
