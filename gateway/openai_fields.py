@@ -88,6 +88,11 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_token_id(value: Any) -> bool:
+    """A token id of the wire: an integer (not a boolean) from 0 to INT32_MAX."""
+    return _is_id(value) and 0 <= value <= INT32_MAX
+
+
 class Prompt(_StrictField):
     """``prompt`` of /v1/completions, in OpenAI's four forms: a non-empty string, an array of 1 to
     :data:`MAX_PROMPTS` of them, an array of token ids (one prompt), or an array of 1 to
@@ -120,11 +125,28 @@ class Prompt(_StrictField):
                 prompts.append(item)
                 continue
             for token in item:
-                if not _is_id(token) or not 0 <= token <= INT32_MAX:
+                if not is_token_id(token):
                     raise ValidationError(f"prompt{where} must hold token ids, integers from 0 to {INT32_MAX}, "
                                           f"got {describe(token)}")
             prompts.append(tuple(item))
         return tuple(prompts)
+
+
+class TokenIdArray(_StrictField):
+    """An array of token ids (``/detokenize``'s ``tokens``); loaded as a tuple."""
+
+    expected = "an array of token ids"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, list)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[int, ...]:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        for i, token in enumerate(value):
+            if not is_token_id(token):
+                raise ValidationError(f"{self.public_name}[{i}] must be a token id, an integer from 0 to {INT32_MAX}, "
+                                      f"got {describe(token)}")
+        return tuple(value)
 
 
 class Nested(_StrictField):

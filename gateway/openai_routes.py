@@ -20,12 +20,13 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request
 from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
 from .errors import ClientError
-from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest, load_openai
+from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest
 from .openai_replies import ChatCompletionReply, CompletionReply
 from .prompts import best_per_prompt, start_prompts
 from .ratelimit import rate_limited
 from .generation import collect, start_generation, stream_response
 from .json_body import read_json_object
+from .schemas import load_request
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -92,14 +93,14 @@ def retrieve_model(model: str) -> Any:
 @require_api_key
 @rate_limited
 def completions() -> Any:
-    return _answer(load_openai(_state().completion_schema, read_json_object(request)), CompletionReply)
+    return _answer(load_request(_state().completion_schema, read_json_object(request)), CompletionReply)
 
 
 @bp.post("/chat/completions")
 @require_api_key
 @rate_limited
 def chat_completions() -> Any:
-    return _answer(load_openai(_state().chat_schema, read_json_object(request)), ChatCompletionReply)
+    return _answer(load_request(_state().chat_schema, read_json_object(request)), ChatCompletionReply)
 
 
 def _answer(req: OpenAIRequest, reply_class: type[CompletionReply] | type[ChatCompletionReply]) -> Any:

@@ -309,13 +309,6 @@ class ChatCompletionSchema(_OpenAISchema):
                              logprobs=logprobs)
 
 
-def load_openai(schema: _OpenAISchema, body: dict[str, Any]) -> OpenAIRequest:
-    try:
-        return schema.load(body)
-    except ValidationError as err:
-        raise schema.first_error(err) from None
-
-
 __all__ = [
     "CHAT_DEFAULT_MAX_TOKENS",
     "COMPLETIONS_DEFAULT_MAX_TOKENS",
@@ -323,5 +316,4 @@ __all__ = [
     "ChatMessageSchema",
     "CompletionSchema",
     "OpenAIRequest",
-    "load_openai",
 ]

@@ -23,8 +23,7 @@ from marshmallow import fields
 from marshmallow.validate import Range
 
 from . import response_schemas as rs
-from .openai_fields import MAX_PROMPTS, Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings
-from .tokenizer_routes import TokenIdArray
+from .openai_fields import MAX_PROMPTS, Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, TokenIdArray
 from trident.contract import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 from .control_fields import LogitBias, Regex, ResponseFormat
@@ -55,6 +54,9 @@ def openapi_json() -> Any:
 # -- fields the marshmallow plugin does not know ------------------------------------------------
 
 
+_TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": INT32_MAX}  # trident.contract's ids are INT32
+
+
 def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     """apispec attribute function (bound to its converter): the gateway's own field classes,
     exclusive ranges, and the app's token limit."""
@@ -66,11 +68,11 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
     elif isinstance(field, StringOrStrings):
         props = {"anyOf": [stop, {"type": "array", "items": stop, "maxItems": field.max_items}]}
     elif isinstance(field, Prompt):
-        ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}, "minItems": 1}
+        ids = {"type": "array", "items": _TOKEN_ID, "minItems": 1}
         props = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_PROMPTS}, ids,
                            {"type": "array", "items": ids, "minItems": 1, "maxItems": MAX_PROMPTS}]}
     elif isinstance(field, TokenIdArray):
-        props = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}}
+        props = {"type": "array", "items": _TOKEN_ID}
     elif isinstance(field, MessageContent):
         part = {
             "type": "object",

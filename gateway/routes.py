@@ -22,7 +22,7 @@ from .generation import collect, start_generation, stream_response
 from .ratelimit import rate_limited
 from .sse import event_bytes
 from .json_body import read_json_object
-from .schemas import load_generate
+from .schemas import load_request
 from .state import GatewayState
 from .ids import new_id
 
@@ -55,7 +55,7 @@ def readyz() -> Any:
 @rate_limited
 def generate() -> Any:
     """The completion as JSON, or with ``"stream": true`` as server-sent events (gateway.sse)."""
-    params = load_generate(_state().generate_schema, read_json_object(request))
+    params = load_request(_state().generate_schema, read_json_object(request))
     sampling = params.sampling
     if sampling.guide is not None:  # the llm model's errors name the contract's fields
         field = "regex" if sampling.guide.type == GUIDE_REGEX else "response_format"

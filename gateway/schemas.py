@@ -283,7 +283,9 @@ def _first_message(messages: Any) -> str:
     return str(messages)
 
 
-def load_generate(schema: GenerateSchema, body: dict[str, Any]) -> TextRequest:
+def load_request(schema: StrictSchema, body: dict[str, Any]) -> Any:
+    """What ``schema`` loads from a request body (a TextRequest, an OpenAIRequest, ...); the one
+    400 of :meth:`StrictSchema.first_error` when it does not load."""
     try:
         return schema.load(body)
     except ValidationError as err:

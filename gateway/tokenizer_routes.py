@@ -18,17 +18,17 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, g, request
 from marshmallow import ValidationError, post_load, validates_schema
 
-from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, token_ids_error
+from trident.contract import MAX_CHAT_MESSAGES, token_ids_error
 
 from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
 from .errors import ClientError, ServerError
-from .fields import StrictBoolean, StrictString, describe
+from .fields import StrictBoolean, StrictString
 from .json_body import read_json_object
-from .openai_fields import Nested
+from .openai_fields import Nested, TokenIdArray
 from .openai_schemas import ChatMessageSchema
 from .ratelimit import rate_limited
-from .schemas import ModelSchema, _StrictField
+from .schemas import ModelSchema, load_request
 
 bp = Blueprint("tokenizer", __name__)
 
@@ -44,23 +44,6 @@ class TokenizeRequest:
 class DetokenizeRequest:
     model: str
     tokens: tuple[int, ...] = ()
-
-
-class TokenIdArray(_StrictField):
-    """An array of token ids: integers from 0 to INT32_MAX; loaded as a tuple."""
-
-    expected = "an array of token ids"
-
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, list)
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[int, ...]:
-        value = super()._deserialize(value, attr, data, **kwargs)
-        for i, token in enumerate(value):
-            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token <= INT32_MAX:
-                raise ValidationError(f"{self.public_name}[{i}] must be a token id, an integer from 0 to {INT32_MAX}, "
-                                      f"got {describe(token)}")
-        return tuple(value)
 
 
 class TokenizeSchema(ModelSchema):
@@ -140,13 +123,6 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
 
 
-def _load(schema: ModelSchema, body: dict[str, Any]) -> Any:
-    try:
-        return schema.load(body)
-    except ValidationError as err:
-        raise schema.first_error(err) from None
-
-
 @bp.post("/tokenize")
 @require_api_key
 @rate_limited
@@ -154,7 +130,7 @@ def tokenize() -> Any:
     """The ids of ``prompt`` (or of the rendered ``messages``): ``tokens``, their ``count`` and
     the model's context, ``max_model_len``."""
     state = current_app.extensions["trident.tokenizer"]
-    req = _load(state.tokenize_schema, read_json_object(request))
+    req = load_request(state.tokenize_schema, read_json_object(request))
     authorize_model(g.api_key, req.model)
     backend = current_app.extensions["trident"].backend
     ids = backend.tokenize(req.model, req.text, add_special_tokens=req.add_special_tokens, request_id=g.request_id)
@@ -168,7 +144,7 @@ def tokenize() -> Any:
 def detokenize() -> Any:
     """The text of ``tokens`` (special tokens included): ``prompt``."""
     state = current_app.extensions["trident.tokenizer"]
-    req = _load(state.detokenize_schema, read_json_object(request))
+    req = load_request(state.detokenize_schema, read_json_object(request))
     authorize_model(g.api_key, req.model)
     backend = current_app.extensions["trident"].backend
     return {"prompt": backend.detokenize(req.model, list(req.tokens), request_id=g.request_id)}

@@ -330,7 +330,7 @@ class TritonBackend:
         """The ids ``llm`` gives a prompt of ``text`` (trident.contract TOKENIZE_PARAMETER)."""
         inputs = {**control_inputs(), "text_input": np.array([[text.encode("utf-8")]], dtype=np.object_)}
         request = infer_request(self.models[model], inputs, request_id=request_id,
-                                outputs=("output_token_ids", "prompt_tokens"), bool_parameters=(TOKENIZE_PARAMETER,))
+                                outputs=("output_token_ids",), bool_parameters=(TOKENIZE_PARAMETER,))
         if not add_special_tokens:
             request.parameters[ADD_SPECIAL_TOKENS_PARAMETER].bool_param = False
         ids = self._answer(request, request_id).get("output_token_ids")

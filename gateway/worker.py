@@ -117,6 +117,7 @@ class FewAcceptsPerTurnServer(StreamServer):
     measurement, with the relay on its own thread)."""
 
     max_accept = 4
+    handshake_timeout = HEADER_TIMEOUT  # GATEWAY_HEADER_TIMEOUT: set once by GeventGrpcWorker.init_process
 
     def wrap_socket_and_handle(self, client_socket, address):  # noqa: ANN001, ANN201 (gevent's)
         """gevent's, with the TLS handshake bounded by GATEWAY_HEADER_TIMEOUT: gevent's waits as
@@ -126,7 +127,7 @@ class FewAcceptsPerTurnServer(StreamServer):
         ssl_socket = self.wrap_socket(client_socket, do_handshake_on_connect=False, **self.ssl_args)
         with contextlib.closing(ssl_socket):
             shaken = False
-            with gevent.Timeout(header_timeout(), False):
+            with gevent.Timeout(self.handshake_timeout, False):
                 ssl_socket.do_handshake()
                 shaken = True
             if not shaken:
@@ -141,7 +142,8 @@ class GeventGrpcWorker(GeventWorker):
     def init_process(self) -> None:
         from gunicorn.workers import base
 
-        self.first_request_timeout = max(header_timeout(), float(self.cfg.keepalive))
+        FewAcceptsPerTurnServer.handshake_timeout = header_timeout()  # this worker process only
+        self.first_request_timeout = max(FewAcceptsPerTurnServer.handshake_timeout, float(self.cfg.keepalive))
         self.served: weakref.WeakSet = weakref.WeakSet()  # connections' greenlets that had a request wait
         # Those waiting for a request now (idle), with the timeout that bounds the wait.
         self.waiting: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
