@@ -106,16 +106,18 @@ class ChatTemplate:
             raise ValueError(f"the tokenizer in {folder} has no chat template")
         return template
 
-    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """The prompt for ``messages`` (dicts with ``role`` and ``content``), ending with the
-        assistant's turn header. A template that refuses the conversation (``raise_exception``,
+        assistant's turn header; ``tools`` as transformers passes them (OpenAI's
+        ``{"type": "function", "function": {...}}``, or None). A template that refuses the conversation (``raise_exception``,
         e.g. roles out of order) is a 400 on ``messages``."""
         # As transformers does: a key whose value is None is left out (templates test presence).
         conversation = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
             return self._template.render(
                 messages=conversation,
-                tools=None,  # defined, as transformers passes them
+                tools=tools or None,  # always defined, as transformers passes them
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **self._variables,

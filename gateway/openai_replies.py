@@ -22,6 +22,7 @@ from .backend import Event, Finished, TextDelta, TokenLogprobs
 from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs
 from .errors import ApiError
 from .ids import new_id
+from .tools import CallReader, ToolChoice, message_calls
 
 DONE = b"data: [DONE]\n\n"
 
@@ -85,7 +86,8 @@ class _Reply:
     # -- SSE -----------------------------------------------------------------------------------
 
     def _delta_choice(self, index: int, text: str | None, reason: str | None,
-                      logprobs: TokenLogprobs | None = None) -> dict[str, Any]:
+                      logprobs: TokenLogprobs | None = None) -> dict[str, Any] | None:
+        """One choice of a chunk; None when this text has nothing to show yet."""
         raise NotImplementedError
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
@@ -99,7 +101,8 @@ class _Reply:
         if isinstance(event, TextDelta):
             if not event.text and event.logprobs is None:
                 return b""
-            return self._chunk([self._delta_choice(event.index, event.text, None, event.logprobs)])
+            choice = self._delta_choice(event.index, event.text, None, event.logprobs)
+            return b"" if choice is None else self._chunk([choice])
         out = b"".join(self._chunk([self._delta_choice(end.index, None, finish_reason(end.finish_reason))])
                        for end in event.ends)
         if self.include_usage:
@@ -136,35 +139,64 @@ class CompletionReply(_Reply):
 
 class ChatCompletionReply(_Reply):
     """``/v1/chat/completions``: ``chat.completion`` and ``chat.completion.chunk``; the first
-    chunk of each choice carries the assistant's role."""
+    chunk of each choice carries the assistant's role. With a forced tool call (``tool_choice``,
+    gateway.tools) the text is the calls: ``content`` is null and ``tool_calls`` holds them; a
+    stream sends a named function's arguments as they come (the first chunk with the call's id
+    and name), and ``required``'s calls each once it is complete."""
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
-    def __init__(self, model: str, **kwargs: Any) -> None:
+    def __init__(self, model: str, *, tool_choice: ToolChoice | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self._role_sent: set[int] = set()
+        self.tool_choice = tool_choice
+        self._readers: dict[int, CallReader] = {}  # a stream's calls, per choice
 
     def _choice(self, choice: Choice) -> dict[str, Any]:
+        if self.tool_choice is None:
+            message = {"role": "assistant", "content": choice.text}
+        else:
+            message = {"role": "assistant", "content": None, "tool_calls": message_calls(self.tool_choice, choice.text)}
         return {
             "index": choice.index,
-            "message": {"role": "assistant", "content": choice.text},
+            "message": message,
             "logprobs": chat_logprobs(choice.pieces) if self.logprobs is not None else None,
             "finish_reason": finish_reason(choice.finish_reason),
         }
 
     def _delta_choice(self, index: int, text: str | None, reason: str | None,
-                      logprobs: TokenLogprobs | None = None) -> dict[str, Any]:
+                      logprobs: TokenLogprobs | None = None) -> dict[str, Any] | None:
         delta: dict[str, Any] = {}
-        if index not in self._role_sent:
+        first = index not in self._role_sent
+        if first:
             self._role_sent.add(index)
             delta["role"] = "assistant"
-            if text is None:
-                text = ""
-        if text is not None:
-            delta["content"] = text
+        if self.tool_choice is not None:
+            delta.update(self._call_delta(index, text, first))
+        elif text is not None or first:
+            delta["content"] = text or ""
+        if reason is None and not first and not delta and logprobs is None:
+            return None  # text of a call not complete yet
         shown = None
         if self.logprobs is not None and reason is None:
             shown = chat_logprobs([logprobs] if logprobs is not None else [])
         return {"index": index, "delta": delta, "logprobs": shown, "finish_reason": reason}
+
+    def _call_delta(self, index: int, text: str | None, first: bool) -> dict[str, Any]:
+        """The ``tool_calls`` (and, first, the null ``content``) of a streamed choice."""
+        reader = self._readers.get(index)
+        if reader is None:
+            reader = self._readers[index] = CallReader(self.tool_choice)
+        delta: dict[str, Any] = {"content": None} if first else {}
+        if self.tool_choice.mode == "function":
+            if first:
+                delta["tool_calls"] = [reader.call(self.tool_choice.name or "", text or "")]
+            elif text:
+                delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
+        elif text:
+            calls = reader.feed(text)
+            if calls:
+                delta["tool_calls"] = calls
+        return delta

@@ -106,7 +106,8 @@ def chat_completions() -> Any:
 def _answer(req: OpenAIRequest, reply_class: type[CompletionReply] | type[ChatCompletionReply]) -> Any:
     params = req.params
     g.param_names = req.param_names
-    reply = reply_class(params.model, include_usage=req.include_usage, logprobs=req.logprobs)
+    options = {"tool_choice": req.tool_choice} if req.tool_choice is not None else {}
+    reply = reply_class(params.model, include_usage=req.include_usage, logprobs=req.logprobs, **options)
     if req.prompts:  # /v1/completions with several prompts (gateway.prompts)
         generation, done = start_prompts(params, req.prompts)
     else:

@@ -10,14 +10,14 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   of log-probabilities), ``presence_penalty`` and ``frequency_penalty`` (-2..2), ``logit_bias``,
   ``logprobs`` (completions: 0..20 alternatives; chat: a boolean, with ``top_logprobs`` 0..20),
   ``response_format`` (``text``, ``json_object``, ``json_schema``: XGrammar constrains the
-  output); and, as vLLM does, the extensions ``top_k``, ``repetition_penalty``, ``min_p`` and
-  ``min_tokens`` (``extra_body`` in the official client);
+  output), ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (chat: forced calls, through
+  the same constraint; gateway.tools); and, as vLLM does, the extensions ``top_k``,
+  ``repetition_penalty``, ``min_p`` and ``min_tokens`` (``extra_body`` in the official client);
 * accepted only at their neutral value, else a 400 that says so: ``echo`` (false), ``suffix`` (""),
-  ``tools``/``functions`` ([]), ``tool_choice``/
-  ``function_call`` ("none"/"auto"), ``modalities`` (["text"]), ``audio``/``prediction``/
-  ``web_search_options`` (null);
+  ``functions`` ([]), ``function_call`` ("none"/"auto"), ``modalities`` (["text"]),
+  ``audio``/``prediction``/``web_search_options`` (null);
 * accepted and ignored (they do not change the output): ``user``, ``metadata``, ``store``,
-  ``service_tier``, ``parallel_tool_calls``, ``reasoning_effort``, ``verbosity``,
+  ``service_tier``, ``reasoning_effort``, ``verbosity``,
   ``prompt_cache_key``, ``prompt_cache_retention``, ``safety_identifier``;
 * anything else is a 400 naming the field, as OpenAI's own API answers
   (``Unrecognized request argument supplied: ...``). The official client sends only the fields
@@ -45,6 +45,16 @@ from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, Stri
 from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
 
 from .control_fields import LogitBias, ResponseFormat
+from .tools import (
+    MAX_TOOLS,
+    ToolCallSchema,
+    ToolChoice,
+    ToolChoiceField,
+    ToolSchema,
+    check_unique_names,
+    tool_choice_of,
+    tool_guide,
+)
 
 from .schemas import (
     ModelSchema,
@@ -66,7 +76,7 @@ INT64_MIN = -(2**63)
 #: the llm model's names of fields (in its errors) as both endpoints name them
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "stop_sequences": "stop", "guided_decoding_guide": "response_format",
                "guided_decoding_guide_type": "response_format"}
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +90,8 @@ class OpenAIRequest:
     param_names: Mapping[str, str] = dataclasses.field(default_factory=dict)  # gateway.errors.public_param
     # /v1/completions with an array of prompts: all of them (params holds the first); else ()
     prompts: tuple[str | TokenIds, ...] = ()
+    # /v1/chat/completions: the call the request forces (gateway.tools), answered as tool_calls
+    tool_choice: ToolChoice | None = None
 
 
 # -- nested objects -----------------------------------------------------------------------------
@@ -94,7 +106,8 @@ class StreamOptionsSchema(StrictSchema):
 
 class ChatMessageSchema(StrictSchema):
     """One of ``messages``. Assistant messages returned by an earlier response may be sent back
-    as they are: their null ``refusal``, ``tool_calls``, ... are accepted."""
+    as they are: their null ``refusal``, their ``tool_calls`` (then ``content`` may be null),
+    ... are accepted; a tool's result is a ``tool`` message naming its call (gateway.tools)."""
 
     role = StrictString(
         required=True,
@@ -102,27 +115,43 @@ class ChatMessageSchema(StrictSchema):
         validate=OneOf(CHAT_ROLES, error="role must be one of " + ", ".join(CHAT_ROLES) + ", got {input}"),
         error_messages={"required": "role is required", "null": "role must be a string, got null"},
     )
-    content = MessageContent(
-        required=True,
-        allow_none=False,
-        error_messages={"required": "content is required",
-                        "null": "content must be a string or an array of text parts, got null"},
-    )
+    content = MessageContent()
     name = StrictString()
     refusal = Empty("refusals are not supported")
-    tool_calls = Empty("tool calls are not supported")
-    function_call = Empty("function calls are not supported")
-    tool_call_id = Empty("tool messages are not supported")
+    tool_calls = Nested(ToolCallSchema, many=True, max_items=MAX_TOOLS)
+    function_call = Empty("function calls (OpenAI's deprecated form) are not supported: send tool_calls")
+    tool_call_id = StrictString()
     audio = Empty("audio is not supported")
     annotations = Empty("annotations are not supported")
+
+    @validates_schema(pass_original=True)
+    def validate_role_fields(self, data: Mapping[str, Any], original: Any, **kwargs: Any) -> None:
+        role = data.get("role")
+        if data.get("tool_calls") and role != "assistant":
+            raise ValidationError("tool_calls are only allowed in assistant messages", field_name="tool_calls")
+        if role == "tool" and data.get("tool_call_id") is None:
+            raise ValidationError("tool_call_id is required in tool messages: the id of the call answered",
+                                  field_name="tool_call_id")
+        if role != "tool" and data.get("tool_call_id") is not None:
+            raise ValidationError("tool_call_id is only allowed in tool messages", field_name="tool_call_id")
+        if data.get("content") is None and not (role == "assistant" and data.get("tool_calls")):
+            # the same messages as when content was a required, non-null field
+            raise ValidationError("content is required" if "content" not in original
+                                  else "content must be a string or an array of text parts, got null",
+                                  field_name="content")
 
     @post_load
     def to_template(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """What the chat template sees: role (``developer`` is the newer name of ``system``),
-        content and, when given, name."""
-        message = {"role": "system" if data["role"] == "developer" else data["role"], "content": data["content"]}
-        if data.get("name") is not None:
-            message["name"] = data["name"]
+        content and, when given, name, tool calls and the id of the call a tool answers."""
+        # an assistant's calls without text: content "" (as vLLM gives it), which templates that
+        # concatenate content can render
+        content = data.get("content")
+        message = {"role": "system" if data["role"] == "developer" else data["role"],
+                   "content": "" if content is None else content}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if data.get(key):
+                message[key] = data[key]
         return message
 
 
@@ -255,10 +284,11 @@ class ChatCompletionSchema(_OpenAISchema):
     logprobs = StrictBoolean()
     top_logprobs = StrictInteger(
         validate=_range("top_logprobs must be between {min} and {max}, got {input}", min=0, max=MAX_TOP_LOGPROBS))
-    tools = Empty("tools are not supported")
-    tool_choice = Empty("tools are not supported", neutral=("none", "auto"))
-    functions = Empty("functions are not supported")
-    function_call = Empty("functions are not supported", neutral=("none", "auto"))
+    tools = Nested(ToolSchema, many=True, max_items=MAX_TOOLS)
+    tool_choice = ToolChoiceField()
+    functions = Empty("functions (OpenAI's deprecated form of tools) are not supported: send tools")
+    function_call = Empty("function_call (OpenAI's deprecated form of tool_choice) is not supported: send tool_choice",
+                          neutral=("none", "auto"))
     modalities = Empty("only text output is supported", neutral=(["text"],))
     audio = Empty("audio output is not supported")
     prediction = Empty("predicted outputs are not supported")
@@ -267,7 +297,7 @@ class ChatCompletionSchema(_OpenAISchema):
     metadata = Anything()
     store = Anything()
     service_tier = Anything()
-    parallel_tool_calls = Anything()
+    parallel_tool_calls = StrictBoolean()  # false: a required call is one call
     reasoning_effort = Anything()
     verbosity = Anything()
     prompt_cache_key = Anything()
@@ -291,22 +321,42 @@ class ChatCompletionSchema(_OpenAISchema):
         if data.get("top_logprobs") and not data.get("logprobs"):
             raise ValidationError('top_logprobs needs "logprobs": true', field_name="top_logprobs")
 
+    @validates_schema
+    def validate_tools(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        check_unique_names(data.get("tools") or ())
+        forced = tool_choice_of(data.get("tools"), data.get("tool_choice"))
+        if forced is not None and data.get("response_format") is not None:
+            what = '"required"' if forced.mode == "required" else "a named function"
+            raise ValidationError(f"response_format cannot be used when tool_choice forces a call ({what}): the "
+                                  "call's arguments already follow the function's parameters",
+                                  field_name="response_format")
+
     @post_load
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> OpenAIRequest:
         model = self.requested_model(data)
+        tools = data.get("tools") or None
+        forced = tool_choice_of(tools, data.get("tool_choice"))
+        if forced is not None:
+            guide = tool_guide(tools, forced, parallel=data.get("parallel_tool_calls") is not False)
+            data = {**data, "response_format": guide}
         if self.chat_template is None:
             raise ServerError(
                 "Chat completions are not available: this gateway has no chat template configured "
                 "(TOKENIZER_DIR); use /v1/completions",
                 status=501,
             )
-        prompt = self.chat_template.render(data["messages"], add_generation_prompt=True)
+        prompt = self.chat_template.render(data["messages"], add_generation_prompt=True, tools=tools)
         max_tokens = data.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = data.get("max_tokens")
         logprobs = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
-        return self._request(data, prompt=prompt, model=model, max_tokens=max_tokens, prompt_param="messages",
-                             logprobs=logprobs)
+        req = self._request(data, prompt=prompt, model=model, max_tokens=max_tokens, prompt_param="messages",
+                            logprobs=logprobs)
+        if forced is None:
+            return req
+        # errors of the guide (XGrammar cannot take a function's parameters) name tools
+        names = {**req.param_names, "guided_decoding_guide": "tools", "guided_decoding_guide_type": "tools"}
+        return dataclasses.replace(req, tool_choice=forced, param_names=names)
 
 
 __all__ = [

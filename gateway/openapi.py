@@ -29,6 +29,7 @@ from trident.contract import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from .control_fields import LogitBias, Regex, ResponseFormat
 from .control_fields import openapi_properties as control_properties
 from .schemas import StopSequences, StrictBoolean, StrictInteger, StrictNumber, StrictString
+from .tools import CHOICES as TOOL_CHOICES, JsonObject, ToolChoiceField
 
 bp = Blueprint("openapi", __name__)
 
@@ -86,6 +87,14 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
         props = {"type": "array", "items": ref, "minItems": field.min_items} if field.many else {"anyOf": [ref]}
         if field.many and field.max_items is not None:
             props["maxItems"] = field.max_items
+    elif isinstance(field, JsonObject):
+        props = {"type": ["object", "null"] if field.allow_none else "object"}
+    elif isinstance(field, ToolChoiceField):
+        function = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+                    "additionalProperties": False}
+        named = {"type": "object", "properties": {"type": {"type": "string", "enum": ["function"]}, "function": function},
+                 "required": ["type", "function"], "additionalProperties": False}
+        props = {"anyOf": [{"type": "string", "enum": list(TOOL_CHOICES)}, named]}
     elif (controls := control_properties(field)) is not None:
         props = controls
     elif isinstance(field, Empty):
@@ -148,7 +157,7 @@ def _plugin() -> tuple[Any, Any]:
     ):
         plugin.map_to_openapi_type(cls, *mapping)
     for cls in (Anything, Empty, StringOrStrings, Prompt, MessageContent, Nested, LogitBias, ResponseFormat, Regex,
-                TokenIdArray):
+                TokenIdArray, JsonObject, ToolChoiceField):
         plugin.map_to_openapi_type(cls, None, None)
     plugin.converter.add_attribute_function(_trident_fields)
     return plugin, spec

@@ -201,9 +201,25 @@ class CompletionChunkSchema(Schema):
     usage = fields.Nested(UsageSchema, allow_none=True)
 
 
+class CalledFunctionSchema(Schema):
+    name = _required(fields.String)
+    arguments = _required(fields.String)  # JSON text
+
+
+class ReplyToolCallSchema(Schema):
+    """A call of a function, when the request forced one (``tool_choice``, gateway.tools)."""
+
+    id = _required(fields.String)
+    type = _const("function")
+    function = fields.Nested(CalledFunctionSchema, required=True)
+
+
 class AssistantMessageSchema(Schema):
+    """``content`` is null when the reply is ``tool_calls``."""
+
     role = _const("assistant")
-    content = _required(fields.String)
+    content = _required(fields.String, allow_none=True)
+    tool_calls = fields.List(fields.Nested(ReplyToolCallSchema))
 
 
 class ChatChoiceSchema(Schema):
@@ -222,11 +238,27 @@ class ChatCompletionResponseSchema(Schema):
     usage = fields.Nested(UsageSchema, required=True)
 
 
+class DeltaFunctionSchema(Schema):
+    name = fields.String()  # in the call's first delta
+    arguments = fields.String()  # the next piece of the JSON text
+
+
+class DeltaToolCallSchema(Schema):
+    """A piece of a call: its first has ``id``, ``type`` and the function's ``name``."""
+
+    index = _required(fields.Integer, validate=Range(min=0))  # the call's, within its choice
+    id = fields.String()
+    type = fields.String(validate=OneOf(["function"]))
+    function = fields.Nested(DeltaFunctionSchema)
+
+
 class ChatDeltaSchema(Schema):
-    """The first delta has ``role``; the last (with ``finish_reason``) is empty."""
+    """The first delta has ``role``; the last (with ``finish_reason``) is empty. With a forced
+    tool call, ``content`` is null and ``tool_calls`` carries the calls' pieces."""
 
     role = fields.String(validate=OneOf(["assistant"]))
-    content = fields.String()
+    content = fields.String(allow_none=True)
+    tool_calls = fields.List(fields.Nested(DeltaToolCallSchema))
 
 
 class ChatChunkChoiceSchema(Schema):

@@ -29,6 +29,7 @@ from .openai_fields import Nested, TokenIdArray
 from .openai_schemas import ChatMessageSchema
 from .ratelimit import rate_limited
 from .schemas import ModelSchema, load_request
+from .tools import MAX_TOOLS, ToolSchema
 
 bp = Blueprint("tokenizer", __name__)
 
@@ -49,13 +50,15 @@ class DetokenizeRequest:
 class TokenizeSchema(ModelSchema):
     """``prompt`` (special tokens added unless ``add_special_tokens`` is false), or chat
     ``messages`` (rendered with the generation prompt unless ``add_generation_prompt`` is false;
-    no special tokens added unless asked): vLLM's two request forms."""
+    no special tokens added unless asked; ``tools`` as /v1/chat/completions gives them to the
+    template): vLLM's two request forms."""
 
     model = StrictString()
     prompt = StrictString()
     messages = Nested(ChatMessageSchema, many=True, min_items=1, max_items=MAX_CHAT_MESSAGES)
     add_special_tokens = StrictBoolean()
     add_generation_prompt = StrictBoolean()
+    tools = Nested(ToolSchema, many=True, max_items=MAX_TOOLS)
 
     def __init__(self, *, chat_template: ChatTemplate | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -67,6 +70,8 @@ class TokenizeSchema(ModelSchema):
             raise ValidationError("give either prompt or messages", field_name="prompt")
         if "add_generation_prompt" in data and "messages" not in data:
             raise ValidationError("add_generation_prompt goes with messages", field_name="add_generation_prompt")
+        if data.get("tools") and "messages" not in data:
+            raise ValidationError("tools go with messages", field_name="tools")
 
     @post_load
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> TokenizeRequest:
@@ -75,7 +80,7 @@ class TokenizeSchema(ModelSchema):
             if self.chat_template is None:
                 raise ServerError("Tokenizing messages needs the chat template, which this gateway lacks "
                                   "(TOKENIZER_DIR); send prompt", status=501)
-            text = self.chat_template.render(data["messages"],
+            text = self.chat_template.render(data["messages"], tools=data.get("tools"),
                                              add_generation_prompt=data.get("add_generation_prompt", True))
             special, param = data.get("add_special_tokens", False), "messages"
         else:

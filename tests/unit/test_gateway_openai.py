@@ -191,14 +191,16 @@ BAD_CHATS = [
     ({"messages": [{"content": "x"}]}, "messages", "messages[0].role is required"),
     ({"messages": [{"role": "user"}]}, "messages", "messages[0].content is required"),
     ({"messages": [*USER, {"role": "tool", "content": "x"}]}, "messages",
-     "messages[1].role must be one of system, developer, user, assistant, got tool"),
+     "messages[1].tool_call_id is required in tool messages: the id of the call answered"),
+    ({"messages": [*USER, {"role": "function", "content": "x"}]}, "messages",
+     "messages[1].role must be one of system, developer, user, assistant, tool, got function"),
     ({"messages": [{"role": "user", "content": None}]}, "messages",
      "messages[0].content must be a string or an array of text parts, got null"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
      'messages[0].content[0] must be a text part ({"type": "text", "text": ...}): only text content is supported, '
      'got type string "image_url"'),
     ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]}, "messages",
-     "messages[0].tool_calls: tool calls are not supported"),
+     "messages[0].tool_calls[0].type is required"),
     ({"messages": [{"role": "user", "content": "x", "extra": 1}]}, "messages",
      "messages[0] has an unrecognized field: extra"),
     ({**CHAT, "max_tokens": 3, "max_completion_tokens": 4}, "max_tokens",
@@ -213,8 +215,12 @@ BAD_CHATS = [
     ({**CHAT, "best_of": 2}, "best_of", "Unrecognized request argument supplied: best_of"),
     ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format",
      "response_format.json_schema.schema must be a JSON schema (an object), got null"),
-    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools are not supported"),
-    ({**CHAT, "tool_choice": "required"}, "tool_choice", "tool_choice: tools are not supported"),
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice",
+     'tool_choice "auto" (the default when tools are given) is not supported: this server has no parser of the '
+     'model\'s own tool-call syntax. Send "required", a named function ({"type": "function", "function": '
+     '{"name": ...}}) or "none"'),
+    ({**CHAT, "tool_choice": "required"}, "tool_choice",
+     "tool_choice needs tools: give the functions the model may call in tools"),
     ({**CHAT, "modalities": ["text", "audio"]}, "modalities", "modalities: only text output is supported"),
     ({**CHAT, "prompt": "x"}, "prompt", "Unrecognized request argument supplied: prompt"),
 ]

@@ -96,7 +96,7 @@ def test_request_schemas_come_from_the_app_schemas():
     assert chat["properties"]["n"] == {"type": ["integer", "null"], "minimum": 1, "maximum": 16}
     assert generate["properties"]["logit_bias"]["additionalProperties"] == {"type": "number", "minimum": -100, "maximum": 100}
     assert {"type": "null"} in chat["properties"]["response_format"]["anyOf"]
-    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
+    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]
     ops = SPEC["paths"]
     assert ops["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ChatCompletionRequest"

@@ -1,0 +1,315 @@
+"""Tool calls on ``/v1/chat/completions`` (OpenAI's ``tools`` and ``tool_choice``), made with
+constrained decoding, as vLLM does without a model-specific tool parser:
+
+* ``tool_choice: {"type": "function", "function": {"name": N}}`` (a named function): the output
+  is constrained (XGrammar, the guide ``response_format`` also uses) to the JSON of N's
+  ``parameters``; the reply has one call of N whose ``arguments`` is that text;
+* ``tool_choice: "required"``: the output is constrained to a JSON array of one or more
+  ``{"name": ..., "parameters": {...}}`` objects, each a declared function with its own
+  parameters (at most one with ``parallel_tool_calls: false``); the reply has one call per
+  element, ``arguments`` the element's parameters as JSON;
+* ``"none"``: no call; the tools still reach the chat template, as with OpenAI and vLLM;
+* ``"auto"`` (OpenAI's default when tools are given) needs a parser of the model's own tool-call
+  syntax, which this server does not have: a 400 that says what to send instead (vLLM answers
+  the same without ``--tool-call-parser``).
+
+Every form gives the tools to the chat template (``tools``, as transformers does); a template
+that ignores them shows the model the functions only through the constraint. In the reply,
+``content`` is null, ``tool_calls`` holds the calls and ``finish_reason`` is the generation's
+(``stop``, or ``length`` when ``max_tokens`` cut it), as vLLM and OpenAI answer a forced call.
+A required call that a cut left incomplete is not reported (``finish_reason`` says why).
+
+Messages may carry an earlier turn's calls (an assistant message's ``tool_calls``, its content
+then optional) and their results (``role: "tool"`` with ``tool_call_id``); the template gets
+each call's ``arguments`` decoded from JSON, as templates expect (transformers, vLLM).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from marshmallow import ValidationError, post_load
+from marshmallow.validate import OneOf, Regexp
+
+from trident.contract import GUIDE_JSON_SCHEMA, MAX_GUIDE_CHARS, Guide
+
+from .fields import StrictBoolean, StrictString, _StrictField, describe
+from .ids import new_id
+from .openai_fields import Nested
+from .schemas import StrictSchema
+
+#: At most this many tools in one request (OpenAI's limit).
+MAX_TOOLS = 128
+#: A function's name, as OpenAI allows it.
+FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: The parameters of a function declared without any: it takes none.
+NO_PARAMETERS = {"type": "object", "properties": {}}
+CHOICES = ("none", "auto", "required")
+
+
+class JsonObject(_StrictField):
+    """Any JSON object (a function's ``parameters``, a JSON schema)."""
+
+    expected = "an object"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, dict)
+
+
+class FunctionSchema(StrictSchema):
+    """``tools[i].function``: a function the model may call."""
+
+    name = StrictString(
+        required=True,
+        allow_none=False,
+        validate=Regexp(FUNCTION_NAME, error="name must be 1 to 64 letters, digits, underscores or dashes, got {input}"),
+        error_messages={"required": "name is required", "null": "name must be a string, got null"},
+    )
+    description = StrictString()
+    parameters = JsonObject()
+    strict = StrictBoolean()
+
+
+class ToolSchema(StrictSchema):
+    """One of ``tools``: ``{"type": "function", "function": {...}}``; loads the function's dict."""
+
+    type = StrictString(
+        required=True,
+        allow_none=False,
+        validate=OneOf(["function"], error="type must be \"function\", got {input}"),
+        error_messages={"required": "type is required", "null": "type must be a string, got null"},
+    )
+    function = Nested(FunctionSchema, required=True, allow_none=False,
+                      error_messages={"required": "function is required", "null": "function must be an object, got null"})
+
+    @post_load
+    def to_tool(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        function = {k: v for k, v in data["function"].items() if v is not None}
+        return {"type": "function", "function": function}
+
+
+class FunctionCallSchema(StrictSchema):
+    """An earlier call's ``function``: its name and its arguments (a JSON text)."""
+
+    name = StrictString(required=True, allow_none=False,
+                        error_messages={"required": "name is required", "null": "name must be a string, got null"})
+    arguments = StrictString(required=True, allow_none=False,
+                             error_messages={"required": "arguments is required",
+                                             "null": "arguments must be a string, got null"})
+
+
+class ToolCallSchema(StrictSchema):
+    """One of an assistant message's ``tool_calls``, as a reply gave it; loads what the chat
+    template sees: the arguments decoded when they are a JSON object."""
+
+    id = StrictString(required=True, allow_none=False,
+                      error_messages={"required": "id is required", "null": "id must be a string, got null"})
+    type = StrictString(
+        required=True,
+        allow_none=False,
+        validate=OneOf(["function"], error="type must be \"function\", got {input}"),
+        error_messages={"required": "type is required", "null": "type must be a string, got null"},
+    )
+    function = Nested(FunctionCallSchema, required=True, allow_none=False,
+                      error_messages={"required": "function is required", "null": "function must be an object, got null"})
+
+    @post_load
+    def to_template(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        arguments: Any = data["function"]["arguments"]
+        try:
+            decoded = json.loads(arguments)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, dict):
+            arguments = decoded
+        return {"id": data["id"], "type": "function",
+                "function": {"name": data["function"]["name"], "arguments": arguments}}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """``tool_choice``: ``mode`` is "none", "auto", "required" or "function" (with ``name``)."""
+
+    mode: str
+    name: str | None = None
+
+
+class ToolChoiceField(_StrictField):
+    """``tool_choice``: "none", "auto", "required" or ``{"type": "function", "function":
+    {"name": ...}}``; loads a :class:`ToolChoice`."""
+
+    expected = 'one of "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, (str, dict))
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> ToolChoice:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        name = self.public_name
+        if isinstance(value, str):
+            if value not in CHOICES:
+                raise ValidationError(f"{name} must be {self.expected}, got {describe(value)}")
+            return ToolChoice(value)
+        unknown = sorted(set(value) - {"type", "function"})
+        if unknown:
+            raise ValidationError(f"{name} has an unrecognized field: {unknown[0]}")
+        if value.get("type") != "function":
+            raise ValidationError(f"{name}.type must be \"function\", got {describe(value.get('type'))}")
+        function = value.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValidationError(f"{name}.function must be an object with the function's name, got "
+                                  f"{describe(function if not isinstance(function, dict) else function.get('name'))}")
+        unknown = sorted(set(function) - {"name"})
+        if unknown:
+            raise ValidationError(f"{name}.function has an unrecognized field: {unknown[0]}")
+        return ToolChoice("function", function["name"])
+
+
+def tool_choice_of(tools: Sequence[Mapping[str, Any]] | None, choice: ToolChoice | None) -> ToolChoice | None:
+    """The call a request forces (``required`` or a named function), or None for plain text.
+    Raises ``ValidationError`` (naming ``tool_choice``) for a choice that cannot be served."""
+    if not tools:
+        if choice is not None and choice.mode in ("required", "function"):
+            raise ValidationError("tool_choice needs tools: give the functions the model may call in tools",
+                                  field_name="tool_choice")
+        return None
+    mode = choice.mode if choice is not None else "auto"
+    if mode == "none":
+        return None
+    if mode == "auto":
+        raise ValidationError(
+            'tool_choice "auto" (the default when tools are given) is not supported: this server has no '
+            'parser of the model\'s own tool-call syntax. Send "required", a named function '
+            '({"type": "function", "function": {"name": ...}}) or "none"', field_name="tool_choice")
+    names = [tool["function"]["name"] for tool in tools]
+    if mode == "function" and choice is not None and choice.name not in names:
+        raise ValidationError(f"tool_choice names function {json.dumps(choice.name)}, which is not in tools",
+                              field_name="tool_choice")
+    return ToolChoice(mode, choice.name if choice is not None else None)
+
+
+def check_unique_names(tools: Sequence[Mapping[str, Any]]) -> None:
+    seen = set()
+    for i, tool in enumerate(tools):
+        name = tool["function"]["name"]
+        if name in seen:
+            raise ValidationError(f"tools[{i}].function.name {json.dumps(name)} is declared twice", field_name="tools")
+        seen.add(name)
+
+
+def _parameters(tools: Sequence[Mapping[str, Any]], name: str) -> Mapping[str, Any]:
+    for tool in tools:
+        if tool["function"]["name"] == name:
+            return tool["function"].get("parameters") or NO_PARAMETERS
+    raise KeyError(name)
+
+
+def tool_guide(tools: Sequence[Mapping[str, Any]], choice: ToolChoice, *, parallel: bool = True) -> Guide:
+    """The JSON schema the output must match for a forced call (see the module's docstring)."""
+    if choice.mode == "function":
+        schema: Mapping[str, Any] = _parameters(tools, choice.name or "")
+    else:
+        calls = [{"type": "object",
+                  "properties": {"name": {"type": "string", "enum": [tool["function"]["name"]]},
+                                 "parameters": tool["function"].get("parameters") or NO_PARAMETERS},
+                  "required": ["name", "parameters"]}
+                 for tool in tools]
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not parallel:
+            schema["maxItems"] = 1
+    text = json.dumps(schema, ensure_ascii=False)
+    if len(text) > MAX_GUIDE_CHARS:
+        raise ValidationError(f"the schema of the tools' calls must be at most {MAX_GUIDE_CHARS} characters as JSON, "
+                              f"got {len(text)}: declare fewer or smaller functions", field_name="tools")
+    return Guide(GUIDE_JSON_SCHEMA, text)
+
+
+def new_call_id() -> str:
+    return f"call_{new_id()[:24]}"
+
+
+class CallReader:
+    """The calls of one choice's output, read as it grows: for a named function, the output is
+    the arguments of one call; for ``required``, each element of the JSON array is a call,
+    reported once it is complete."""
+
+    _decoder = json.JSONDecoder()
+
+    def __init__(self, choice: ToolChoice) -> None:
+        self.choice = choice
+        self._text = ""
+        self._pos = 0  # where the next element (or the array's "[") starts
+        self._opened = False
+        self._closed = False
+        self.calls = 0  # calls reported so far
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """The calls completed by ``text`` (``required``), each ``{"index", "id", "type",
+        "function": {"name", "arguments"}}``, numbered from 0 in the order they come."""
+        self._text += text
+        found = []
+        while not self._closed:
+            start = _skip_space(self._text, self._pos)
+            if start >= len(self._text):
+                break
+            char = self._text[start]
+            if not self._opened:
+                if char != "[":
+                    self._closed = True  # not an array: nothing to read (the constraint makes it one)
+                    break
+                self._opened, self._pos = True, start + 1
+                continue
+            if char == ",":
+                self._pos = start + 1
+                continue
+            if char == "]":
+                self._closed = True
+                break
+            if "}" not in self._text[start:]:
+                break  # an object that cannot be complete yet
+            try:
+                value, end = self._decoder.raw_decode(self._text, start)
+            except ValueError:
+                break  # incomplete
+            self._pos = end
+            if isinstance(value, dict) and isinstance(value.get("name"), str) and "parameters" in value:
+                found.append(self.call(value["name"], json.dumps(value["parameters"], ensure_ascii=False)))
+        return found
+
+    def call(self, name: str, arguments: str) -> dict[str, Any]:
+        call = {"index": self.calls, "id": new_call_id(), "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+        self.calls += 1
+        return call
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def message_calls(choice: ToolChoice, text: str) -> list[dict[str, Any]]:
+    """A finished choice's calls, as a non-streaming reply gives them."""
+    reader = CallReader(choice)
+    calls = [reader.call(choice.name or "", text)] if choice.mode == "function" else reader.feed(text)
+    return [{k: v for k, v in call.items() if k != "index"} for call in calls]  # a message's calls have no index
+
+
+__all__ = [
+    "MAX_TOOLS",
+    "CallReader",
+    "JsonObject",
+    "ToolCallSchema",
+    "ToolChoice",
+    "ToolChoiceField",
+    "ToolSchema",
+    "check_unique_names",
+    "message_calls",
+    "tool_choice_of",
+    "tool_guide",
+]
