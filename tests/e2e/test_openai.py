@@ -96,6 +96,54 @@ def test_chat_streamed_equals_json_for_greedy_requests(oai):
     assert chunks[-1].usage == whole.usage
 
 
+WEATHER_TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "required": ["city", "unit"], "properties": {
+            "city": {"type": "string", "maxLength": 30}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}},
+    {"type": "function", "function": {
+        "name": "get_time", "parameters": {"type": "object", "required": ["timezone"],
+                                           "properties": {"timezone": {"type": "string", "maxLength": 30}}}}},
+]
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_forced_tool_calls_follow_the_functions_parameters(oai, tool_choice):
+    """tool_choice "required" and a named function (gateway.tools) through the real llm model's
+    XGrammar constraint: the official client reads the calls, streamed or not, and each call's
+    arguments are JSON that matches its function's parameters; the streamed calls equal the
+    whole ones (greedy); a conversation carrying the call and its result goes on."""
+    request = {"model": MODEL, "messages": WEATHER_QUESTION, "tools": WEATHER_TOOLS, "tool_choice": tool_choice,
+               "temperature": 0, "max_tokens": 80}
+    whole = oai.chat.completions.create(**request)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert calls and all(call.type == "function" and call.id.startswith("call_") for call in calls)
+    if isinstance(tool_choice, dict):
+        assert [call.function.name for call in calls] == ["get_weather"]
+    for call in calls:
+        arguments = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
+        else:
+            assert call.function.name == "get_time" and set(arguments) == {"timezone"}
+    streamed = {}
+    for chunk in oai.chat.completions.create(**request, stream=True):
+        for piece in chunk.choices[0].delta.tool_calls or []:
+            call = streamed.setdefault(piece.index, {"id": piece.id, "name": piece.function.name, "arguments": ""})
+            call["arguments"] += piece.function.arguments or ""
+    assert [(c["name"], c["arguments"]) for c in streamed.values()] == [
+        (call.function.name, call.function.arguments) for call in calls]
+    history = [*WEATHER_QUESTION, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": calls[0].id, "content": "18 degrees and sunny"}]
+    answer = oai.chat.completions.create(model=MODEL, messages=history, tools=WEATHER_TOOLS, tool_choice="none",
+                                         temperature=0, max_tokens=8)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
 def test_stop_sequences_finish_with_stop(oai):
     whole = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=30,
                                    temperature=0, stop=["."])
