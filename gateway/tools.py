@@ -201,21 +201,48 @@ def check_unique_names(tools: Sequence[Mapping[str, Any]]) -> None:
         seen.add(name)
 
 
-def _parameters(tools: Sequence[Mapping[str, Any]], name: str) -> Mapping[str, Any]:
-    for tool in tools:
-        if tool["function"]["name"] == name:
-            return tool["function"].get("parameters") or NO_PARAMETERS
-    raise KeyError(name)
+#: JSON Schema keywords that only annotate (they constrain nothing): left out of the guide, so
+#: that functions described at length still fit MAX_GUIDE_CHARS.
+ANNOTATIONS = frozenset({"description", "title", "examples", "$comment", "deprecated", "readOnly", "writeOnly"})
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+            "unevaluatedItems", "unevaluatedProperties", "additionalItems")
+
+
+def constraint(schema: Any) -> Any:
+    """``schema`` without its annotations (:data:`ANNOTATIONS`), keywords only: a property
+    named "description" stays, and values (``enum``, ``const``, ``default``) are kept as given."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ANNOTATIONS:
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, Mapping):
+            out[key] = {name: constraint(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [constraint(sub) for sub in value]
+        elif key in _SCHEMAS:
+            out[key] = [constraint(sub) for sub in value] if isinstance(value, list) else constraint(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parameters(tool: Mapping[str, Any]) -> Any:
+    return constraint(tool["function"].get("parameters") or NO_PARAMETERS)
 
 
 def tool_guide(tools: Sequence[Mapping[str, Any]], choice: ToolChoice, *, parallel: bool = True) -> Guide:
-    """The JSON schema the output must match for a forced call (see the module's docstring)."""
+    """The JSON schema the output must match for a forced call (see the module's docstring),
+    without the parameters' annotations (descriptions reach the model through the template)."""
     if choice.mode == "function":
-        schema: Mapping[str, Any] = _parameters(tools, choice.name or "")
+        schema = next(_parameters(tool) for tool in tools if tool["function"]["name"] == choice.name)
     else:
         calls = [{"type": "object",
                   "properties": {"name": {"type": "string", "enum": [tool["function"]["name"]]},
-                                 "parameters": tool["function"].get("parameters") or NO_PARAMETERS},
+                                 "parameters": _parameters(tool)},
                   "required": ["name", "parameters"]}
                  for tool in tools]
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}

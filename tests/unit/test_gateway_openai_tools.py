@@ -95,6 +95,37 @@ def test_a_function_without_parameters_takes_an_empty_object(client, backend):
     assert json.loads(backend.last_params.sampling.guide.text) == {"type": "object", "properties": {}}
 
 
+def test_annotations_are_left_out_of_the_guide_so_long_descriptions_fit(client, backend):
+    """Descriptions constrain nothing: the guide keeps keywords and values only, so 128 functions
+    described at length (about 280 KB of schema) are served; a property named "description" and
+    enum values stay."""
+    parameters = {
+        "type": "object", "title": "Args", "description": "d" * 2000,
+        "properties": {
+            "description": {"type": "string", "description": "a property so named"},
+            "kind": {"enum": ["a", "b"], "description": "which", "examples": ["a"]},
+            "tags": {"type": "array", "items": {"type": "string", "title": "t"}},
+            "when": {"anyOf": [{"type": "string", "description": "iso"}, {"type": "null"}]},
+        },
+        "required": ["description"],
+    }
+    tools = [{"type": "function", "function": {"name": f"f{i}", "description": "f" * 200, "parameters": parameters}}
+             for i in range(128)]
+    response = client.post("/v1/chat/completions", json={"messages": USER, "tools": tools, "tool_choice": "required"},
+                           headers=AUTH)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    schema = json.loads(backend.last_params.sampling.guide.text)
+    assert len(schema["items"]["anyOf"]) == 128
+    assert schema["items"]["anyOf"][0]["properties"]["parameters"] == {
+        "type": "object",
+        "properties": {"description": {"type": "string"}, "kind": {"enum": ["a", "b"]},
+                       "tags": {"type": "array", "items": {"type": "string"}},
+                       "when": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+        "required": ["description"],
+    }
+    assert "d" * 2000 in backend.last_params.prompt  # the template still shows them
+
+
 @pytest.mark.parametrize("parallel", [None, True, False])
 def test_required_constrains_the_output_to_an_array_of_declared_calls(client, backend, spec, parallel):
     backend.script = says(*REQUIRED_TEXT)
@@ -231,7 +262,8 @@ BAD = [
     ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools", "tools[0].function is required"),
     ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)], "tool_choice": "required"},
      "tools", "tools must have at most 128 items, got 129"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"description": "x" * 70000}}}],
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"enum": ["x" * 100] * 700}}}}}],
       "tool_choice": "required"}, "tools", "the schema of the tools' calls must be at most 65536 characters"),
     ({"tools": [], "tool_choice": NAMED}, "tool_choice", "tool_choice needs tools"),
     ({"functions": [{"name": "f"}]}, "functions",
