@@ -66,27 +66,34 @@ class TokenizeSchema(ModelSchema):
 
     @validates_schema
     def validate_one_input(self, data: Mapping[str, Any], **kwargs: Any) -> None:
-        if ("prompt" in data) == ("messages" in data):
+        # null means "not given", as everywhere
+        prompt, messages = data.get("prompt") is not None, data.get("messages") is not None
+        if prompt == messages:
             raise ValidationError("give either prompt or messages", field_name="prompt")
-        if "add_generation_prompt" in data and "messages" not in data:
+        if data.get("add_generation_prompt") is not None and not messages:
             raise ValidationError("add_generation_prompt goes with messages", field_name="add_generation_prompt")
-        if data.get("tools") and "messages" not in data:
+        if data.get("tools") and not messages:
             raise ValidationError("tools go with messages", field_name="tools")
 
     @post_load
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> TokenizeRequest:
         model = self.requested_model(data)
-        if "messages" in data:
+        if data.get("messages") is not None:
             if self.chat_template is None:
                 raise ServerError("Tokenizing messages needs the chat template, which this gateway lacks "
                                   "(TOKENIZER_DIR); send prompt", status=501)
             text = self.chat_template.render(data["messages"], tools=data.get("tools"),
-                                             add_generation_prompt=data.get("add_generation_prompt", True))
-            special, param = data.get("add_special_tokens", False), "messages"
+                                             add_generation_prompt=_given(data, "add_generation_prompt", True))
+            special, param = _given(data, "add_special_tokens", False), "messages"
         else:
-            text, special, param = data["prompt"], data.get("add_special_tokens", True), "prompt"
+            text, special, param = data["prompt"], _given(data, "add_special_tokens", True), "prompt"
         self.check_prompt_length(text, model, param)
         return TokenizeRequest(model=model, text=text, add_special_tokens=special)
+
+
+def _given(data: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = data.get(name)
+    return default if value is None else value
 
 
 class DetokenizeSchema(ModelSchema):

@@ -48,6 +48,21 @@ def test_tokenize_messages_renders_them_as_chat_completions_does(app):
     assert backend.tokenizer_calls[-1] == ("tokenize", MODEL, SMOL_SYSTEM + "<|im_start|>user\nhi<|im_end|>\n", True)
 
 
+def test_null_means_not_given(app):
+    """As everywhere: a null field is its default (found by the live fuzz: a null prompt was a
+    500)."""
+    app, backend = app
+    client = app.test_client()
+    messages = [{"role": "user", "content": "hi"}]
+    nulls = {"add_special_tokens": None, "model": None}
+    assert client.post("/tokenize", json={"prompt": "hi", "messages": None, **nulls}, headers=AUTH).status_code == 200
+    assert client.post("/tokenize", json={"prompt": None, "messages": messages, "add_generation_prompt": None,
+                                          "tools": None, **nulls}, headers=AUTH).status_code == 200
+    assert backend.tokenizer_calls == [
+        ("tokenize", MODEL, "hi", True),
+        ("tokenize", MODEL, SMOL_SYSTEM + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", False)]
+
+
 def test_detokenize_answers_the_text(app):
     app, backend = app
     body = app.test_client().post("/detokenize", json={"tokens": [1, 104, 105, 299]}, headers=AUTH).get_json()
@@ -57,6 +72,10 @@ def test_detokenize_answers_the_text(app):
 
 @pytest.mark.parametrize("path, body, param, message", [
     ("/tokenize", {}, "prompt", "give either prompt or messages"),
+    ("/tokenize", {"prompt": None}, "prompt", "give either prompt or messages"),
+    ("/tokenize", {"prompt": None, "messages": None}, "prompt", "give either prompt or messages"),
+    ("/tokenize", {"prompt": "a", "messages": None, "add_generation_prompt": False}, "add_generation_prompt",
+     "add_generation_prompt goes with messages"),
     ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt",
      "give either prompt or messages"),
     ("/tokenize", {"prompt": "a", "add_generation_prompt": True}, "add_generation_prompt",
