@@ -118,10 +118,18 @@ class GuideCompiler:
     """Compiles guides for one tokenizer, with XGrammar's cache (a repeated schema costs ~0.1 ms).
     Thread-safe; compile off the engine's decode loop (a new schema takes milliseconds)."""
 
-    def __init__(self, tokenizer_info, *, max_threads: int = 1) -> None:
+    def __init__(self, tokenizer_info, *, max_threads: int = 1, cache_bytes: int = -1) -> None:
+        """``cache_bytes``: at most this much of compiled guides are kept (XGrammar evicts the least
+        recently used); -1 keeps every one, 0 none."""
         self.tokenizer_info = tokenizer_info
         with LOCK:
-            self._compiler = _xgr().GrammarCompiler(tokenizer_info, max_threads=max_threads, cache_enabled=True)
+            self._compiler = _xgr().GrammarCompiler(tokenizer_info, max_threads=max_threads,
+                                                    cache_enabled=cache_bytes != 0, cache_limit_bytes=cache_bytes)
+
+    def cache_bytes(self) -> int:
+        """Bytes of compiled guides the cache holds now."""
+        with LOCK:
+            return int(self._compiler.get_cache_size_bytes())
 
     def compile(self, guide: Guide):
         """The CompiledGrammar of ``guide``; raises InvalidRequest naming the field."""

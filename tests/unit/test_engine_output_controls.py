@@ -281,6 +281,37 @@ def test_json_schema_guide_output_parses_and_validates(engine, tok):
                 assert valid(json.loads(text)), text
 
 
+def test_compiled_guides_are_kept_within_their_cache_limit(info_path):
+    """Each new schema's compiled grammar (tens of KB against SmolLM2's vocabulary) is kept for
+    reuse; bounded (guide_cache_mb), the least recently used are evicted, so a server that sees
+    ever new schemas (tool sets, schemas that carry data) does not grow without end."""
+    from trident.engine.guided import GuideCompiler
+
+    def schema(i):
+        return Guide("json_schema", json.dumps({"type": "object", "properties": {f"name_{i}": {"type": "string"}}}))
+
+    bounded = GuideCompiler(info_path, vocab_size=49152, cache_bytes=400_000)
+    unbounded = GuideCompiler(info_path, vocab_size=49152)
+    none = GuideCompiler(info_path, vocab_size=49152, cache_bytes=0)
+    assert bounded.cache_bytes() == 0  # nothing compiled yet
+    for i in range(30):
+        for compiler in (bounded, unbounded, none):
+            compiler.compile(schema(i))
+    assert 0 < bounded.cache_bytes() <= 400_000
+    assert unbounded.cache_bytes() > 2 * 400_000  # ~37 KB a schema of one string field
+    assert none.cache_bytes() == 0
+    assert EngineConfig(checkpoint_dir="x").guide_cache_mb == 64
+    with pytest.raises(ValueError, match="guide_cache_mb must be >= 0"):
+        EngineConfig(checkpoint_dir="x", guide_cache_mb=-1)
+
+
+def test_the_engine_reports_its_guide_cache(fp32, tok):
+    before = fp32.stats()["guide_cache_bytes"]
+    guide = Guide("json_schema", json.dumps({"type": "object", "properties": {"cache_probe": {"type": "boolean"}}}))
+    run(fp32, tok("Answer:").input_ids, max_new_tokens=3, guide=guide, temperature=0.0)
+    assert fp32.stats()["guide_cache_bytes"] > before
+
+
 def test_a_bad_schema_is_an_error_naming_the_guide(fp32, tok):
     sink = Collector()
     bad = Guide("json_schema", '{"type": "object", "properties": {"a": {"type": "no-such-type"}}}')

@@ -69,6 +69,11 @@ class EngineConfig:
     # Guided decoding: XGrammar's description of the tokenizer (TensorRT-LLM's
     # xgrammar_tokenizer_info.json, trident.grammar.write_tokenizer_info); "": guides refused.
     xgrammar_tokenizer_info_path: str = ""
+    # Compiled guides (each JSON schema, regex or grammar against the whole vocabulary: 35-75 KB for
+    # a small schema with SmolLM2's 49,152 tokens) kept for reuse, least recently used evicted
+    # first. Unbounded, a server that sees ever new schemas (tool sets, schemas carrying data)
+    # grows without end. 0: none kept.
+    guide_cache_mb: int = 64
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":
@@ -79,8 +84,9 @@ class EngineConfig:
             raise ValueError(f"weight_dtype {self.weight_dtype} computes in float32: use dtype float32 or auto")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if self.prefix_cache_mb < 0:
-            raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb!r}")
+        for name in ("prefix_cache_mb", "guide_cache_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("max_batch_size", "max_seq_len", "max_queue_size", "prefill_token_budget", "kv_block_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")

@@ -60,7 +60,8 @@ class Engine:
         self.max_seq_len = self.model.max_seq_len
         self.batch = self._make_batch()
         self.cache = self.batch.cache
-        self.guides = GuideCompiler(config.xgrammar_tokenizer_info_path, vocab_size=self.model.config.vocab_size)
+        self.guides = GuideCompiler(config.xgrammar_tokenizer_info_path, vocab_size=self.model.config.vocab_size,
+                                    cache_bytes=config.guide_cache_mb << 20)
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()  # guarded by _cond
         self._rejected: collections.deque[tuple[GenerationRequest, OnOutput, EngineError]] = collections.deque()
@@ -186,6 +187,7 @@ class Engine:
         out["max_batch_size"] = self.config.max_batch_size
         out["max_seq_len"] = self.max_seq_len
         out.update(self.batch.stats())  # int4: KV blocks and prefix-cache counters
+        out["guide_cache_bytes"] = self.guides.cache_bytes()
         return out
 
     # ---- engine thread ----

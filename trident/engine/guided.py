@@ -22,9 +22,10 @@ class GuideCompiler:
     """The engine's compiler: trident.grammar's, built from the tokenizer description file
     (TensorRT-LLM's xgrammar_tokenizer_info.json) with the model's vocabulary size."""
 
-    def __init__(self, tokenizer_info_path: str, *, vocab_size: int) -> None:
+    def __init__(self, tokenizer_info_path: str, *, vocab_size: int, cache_bytes: int = -1) -> None:
         self.path = tokenizer_info_path
         self.vocab_size = vocab_size
+        self.cache_limit = cache_bytes  # trident.grammar.GuideCompiler's cache_bytes
         self._compiler = None
         self._lock = threading.Lock()
 
@@ -33,8 +34,15 @@ class GuideCompiler:
             if self._compiler is None:
                 from trident.grammar import GuideCompiler as Compiler, load_tokenizer_info
 
-                self._compiler = Compiler(load_tokenizer_info(self.path, vocab_size=self.vocab_size))
+                self._compiler = Compiler(load_tokenizer_info(self.path, vocab_size=self.vocab_size),
+                                          cache_bytes=self.cache_limit)
             return self._compiler
+
+    def cache_bytes(self) -> int:
+        """Bytes of compiled guides kept for reuse (0 before the first guide)."""
+        with self._lock:
+            compiler = self._compiler
+        return compiler.cache_bytes() if compiler is not None else 0
 
     def compile(self, guide: Guide):
         """The CompiledGrammar; raises InvalidRequestError naming the field."""

@@ -129,4 +129,6 @@ METRICS = (
      "prefix_cache_blocks"),
     ("trident_engine_kv_blocks_free", "GAUGE", "KV blocks free or cached (int4)", "kv_blocks_free"),
     ("trident_engine_kv_blocks_total", "GAUGE", "KV blocks in the paged cache (int4)", "kv_blocks_total"),
+    ("trident_engine_guide_cache_bytes", "GAUGE", "compiled guides kept for reuse (at most guide_cache_mb)",
+     "guide_cache_bytes"),
 )

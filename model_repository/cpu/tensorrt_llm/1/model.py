@@ -146,6 +146,7 @@ class TritonPythonModel:
             num_threads=num_threads or None,
             max_queue_size=int(_param(params, "max_queue_size", "256")),
             xgrammar_tokenizer_info_path=_param(params, "xgrammar_tokenizer_info_path", ""),
+            guide_cache_mb=int(_param(params, "guide_cache_mb", str(EngineConfig.guide_cache_mb))),
         )
         self.exclude_input = _param(params, "exclude_input_in_output", "true").lower() == "true"
         if not config.checkpoint_dir:
