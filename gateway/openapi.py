@@ -84,7 +84,8 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
         props = {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]}
     elif isinstance(field, Nested):
         ref = self.resolve_nested_schema(field.schema_class)
-        props = {"type": "array", "items": ref, "minItems": field.min_items} if field.many else {"anyOf": [ref]}
+        array = ["array", "null"] if field.allow_none else "array"  # null: not given
+        props = {"type": array, "items": ref, "minItems": field.min_items} if field.many else {"anyOf": [ref]}
         if field.many and field.max_items is not None:
             props["maxItems"] = field.max_items
     elif isinstance(field, JsonObject):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, g, request
-from marshmallow import ValidationError, post_load, validates_schema
+from marshmallow import ValidationError, post_load, validates, validates_schema
 
 from trident.contract import MAX_CHAT_MESSAGES, token_ids_error
 
@@ -63,6 +63,11 @@ class TokenizeSchema(ModelSchema):
     def __init__(self, *, chat_template: ChatTemplate | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.chat_template = chat_template
+
+    @validates("prompt")
+    def validate_prompt(self, value: str | None, data_key: str) -> None:
+        if value is not None and not value:  # as /generate's (the document's minLength)
+            raise ValidationError(f"{data_key} must be a non-empty string")
 
     @validates_schema
     def validate_one_input(self, data: Mapping[str, Any], **kwargs: Any) -> None:

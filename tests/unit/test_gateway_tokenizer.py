@@ -73,6 +73,7 @@ def test_detokenize_answers_the_text(app):
 @pytest.mark.parametrize("path, body, param, message", [
     ("/tokenize", {}, "prompt", "give either prompt or messages"),
     ("/tokenize", {"prompt": None}, "prompt", "give either prompt or messages"),
+    ("/tokenize", {"prompt": ""}, "prompt", "prompt must be a non-empty string"),
     ("/tokenize", {"prompt": None, "messages": None}, "prompt", "give either prompt or messages"),
     ("/tokenize", {"prompt": "a", "messages": None, "add_generation_prompt": False}, "add_generation_prompt",
      "add_generation_prompt goes with messages"),
