@@ -83,6 +83,10 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # trident extension: the prompt as token ids, used as given (not tokenized); text_input is
     # then empty. /v1/completions' prompt of token ids, as vLLM's and llama.cpp's.
     TensorSpec("input_ids", np.int32, many=True),
+    # trident extension: OpenAI's echo. The prompt is in front of the text, streamed or not; with
+    # return_log_probs its tokens come first in the token outputs, each with its log-probability
+    # (NaN for the first token, which has none) and alternatives (CPU engine).
+    TensorSpec("echo", np.bool_),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one.
 LLM_OUTPUTS: tuple[TensorSpec, ...] = (
@@ -251,6 +255,8 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
     if s.guide is not None:
         values["guided_decoding_guide_type"] = _strings((s.guide.type,))
         values["guided_decoding_guide"] = _strings((s.guide.text,))
+    if s.echo:
+        values["echo"] = _one(True, np.bool_)
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -367,6 +373,7 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
     }
     if _scalar(get("return_log_probs"), bool):
         given["logprobs"] = _scalar(get("num_top_log_probs"), int) or 0
+    given["echo"] = _scalar(get("echo"), bool)
     if (trouble := beam_width_error(_scalar(get("beam_width"), int))) is not None:
         raise InvalidRequest(trouble, param="beam_width")
     sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})

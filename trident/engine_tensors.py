@@ -57,6 +57,9 @@ ENGINE_INPUTS: dict[str, Any] = {
 CPU_ENGINE_INPUTS: dict[str, Any] = {
     "min_p": np.float32,
     "num_top_log_probs": np.int32,  # alternatives per token, 0..20 (with return_log_probs)
+    # the prompt's own log-probabilities, with this many alternatives per position (0..20);
+    # absent or negative: none (OpenAI's echo with logprobs)
+    "num_context_log_probs": np.int32,
 }
 OUTPUT_IDS = "output_ids"  # (batch 1, beam 1, new tokens) int32
 SEQUENCE_LENGTH = "sequence_length"  # (1, 1) int32
@@ -69,6 +72,11 @@ ENGINE_OUTPUTS = (OUTPUT_IDS, SEQUENCE_LENGTH)
 #: What llm asks for besides ENGINE_OUTPUTS when a request has logprobs or several choices.
 LOG_PROB_OUTPUTS = (OUTPUT_LOG_PROBS, CUM_LOG_PROBS)
 CPU_ENGINE_OUTPUTS = (TOP_LOG_PROBS, TOP_LOG_PROB_IDS)
+# CPU engine, with num_context_log_probs, only in a request's first response (L: prompt length):
+CONTEXT_LOG_PROBS = "context_log_probs"  # (1, 1, L) fp32: element i is log P(prompt[i] | prompt[:i]); 0: NaN
+CONTEXT_TOP_LOG_PROBS = "context_top_log_probs"  # (1, 1, L, k) fp32, best first; row 0: NaN
+CONTEXT_TOP_LOG_PROB_IDS = "context_top_log_prob_ids"  # (1, 1, L, k) int32; row 0: -1
+CONTEXT_OUTPUTS = (CONTEXT_LOG_PROBS, CONTEXT_TOP_LOG_PROBS, CONTEXT_TOP_LOG_PROB_IDS)
 
 
 class EngineTensorError(ValueError):
@@ -158,6 +166,8 @@ def _output_control_inputs(s: SamplingParams, vocab_size: int) -> dict[str, np.n
         tensors["return_log_probs"] = _one(True, "return_log_probs")
         if s.logprobs:
             tensors["num_top_log_probs"] = _one(s.logprobs, "num_top_log_probs")
+        if s.echo:  # the prompt's tokens with their log-probabilities (CPU engine)
+            tensors["num_context_log_probs"] = _one(s.logprobs, "num_context_log_probs")
     if s.guide is not None:
         tensors["guided_decoding_guide_type"] = _string(s.guide.type)
         tensors["guided_decoding_guide"] = _string(s.guide.text)
@@ -327,6 +337,10 @@ class EngineResponse:
     top_ids: Optional[list[list[int]]] = None  # per token, best first
     top_log_probs: Optional[list[list[float]]] = None
     sequence_index: int = 0
+    # The prompt's log-probabilities (first response, when asked for: CONTEXT_OUTPUTS)
+    context_log_probs: Optional[list[float]] = None
+    context_top_ids: Optional[list[list[int]]] = None
+    context_top_log_probs: Optional[list[list[float]]] = None
 
 
 def read_response(get: Callable[[str], Optional[np.ndarray]]) -> EngineResponse:
@@ -346,5 +360,14 @@ def read_response(get: Callable[[str], Optional[np.ndarray]]) -> EngineResponse:
         top_ids = np.asarray(t_ids).reshape(-1, k)[-n:].tolist()
         top = np.asarray(t_lp, dtype=np.float32).reshape(-1, k)[-n:].tolist()
     index = get(SEQUENCE_INDEX)
+    context = context_ids = context_top = None
+    if (c := get(CONTEXT_LOG_PROBS)) is not None:
+        context = np.asarray(c, dtype=np.float32).reshape(-1).tolist()
+        c_ids, c_lp = get(CONTEXT_TOP_LOG_PROB_IDS), get(CONTEXT_TOP_LOG_PROBS)
+        if c_ids is not None and c_lp is not None:
+            k = np.shape(c_ids)[-1]
+            context_ids = np.asarray(c_ids).reshape(-1, k).tolist()
+            context_top = np.asarray(c_lp, dtype=np.float32).reshape(-1, k).tolist()
     return EngineResponse(ids, log_probs, top_ids, top,
-                          int(np.asarray(index).reshape(-1)[0]) if index is not None and np.size(index) else 0)
+                          int(np.asarray(index).reshape(-1)[0]) if index is not None and np.size(index) else 0,
+                          context, context_ids, context_top)

@@ -43,7 +43,8 @@ def beam_width_error(beam_width: Optional[int]) -> Optional[str]:
 FEATURE_TOP_LOGPROBS = "top_logprobs"  # alternatives per token (TensorRT-LLM: the chosen token only)
 FEATURE_MIN_P = "min_p"  # the backend reads no min_p input
 FEATURE_GUIDED = "guided_decoding"  # XGrammar configured (both engines, when the build could describe the tokenizer)
-ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P, FEATURE_GUIDED)
+FEATURE_PROMPT_LOGPROBS = "prompt_logprobs"  # the prompt's log-probabilities (the CPU engine's context outputs)
+ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P, FEATURE_GUIDED, FEATURE_PROMPT_LOGPROBS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +170,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: Optional[int] = None  # None: none; 0: the chosen token's; k: also the k best
     guide: Optional[Guide] = None  # structured output
+    # The prompt in front of the text (OpenAI's echo); with logprobs, each prompt token comes
+    # with its log-probability and the alternatives asked for (the first token has none).
+    echo: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -235,6 +239,9 @@ class SamplingParams:
                 raise InvalidRequest("top log-probabilities are not supported by this deployment's engine "
                                      "(TensorRT-LLM returns the chosen token's only): ask for 0 alternatives",
                                      param="logprobs")
+        if self.echo and self.logprobs is not None and FEATURE_PROMPT_LOGPROBS not in features:
+            raise InvalidRequest("the prompt's log-probabilities (echo with logprobs) are not supported by this "
+                                 "deployment's engine", param="echo")
         if self.guide is not None:
             if FEATURE_GUIDED not in features:
                 raise InvalidRequest("structured output is not configured on this deployment (its repository has "
@@ -252,5 +259,5 @@ class SamplingParams:
     def log_fields(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "stop_sequences": len(self.stop),
-                "seed": self.seed, "n": self.n, "logprobs": self.logprobs,
+                "seed": self.seed, "n": self.n, "logprobs": self.logprobs, "echo": self.echo,
                 "guide": None if self.guide is None else self.guide.type}

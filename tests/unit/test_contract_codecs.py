@@ -115,6 +115,22 @@ def test_a_prompt_of_token_ids_crosses_as_input_ids_with_an_empty_text_input():
     assert "input_ids" not in llm_inputs(req.with_prompt("text"))
 
 
+def test_echo_crosses_as_a_bool_and_needs_the_engine_feature_only_with_logprobs():
+    from trident.contract import FEATURE_PROMPT_LOGPROBS, InvalidRequest, ModelLimits
+
+    req = TextRequest(prompt="p", sampling=SamplingParams(echo=True, logprobs=2), stream=True)
+    inputs = llm_inputs(req)
+    assert inputs["echo"].dtype == np.bool_ and inputs["echo"].tolist() == [[True]]
+    assert read_llm_inputs(inputs.get) == req
+    assert "echo" not in llm_inputs(TextRequest(prompt="p"))
+    gpu = ModelLimits(features=frozenset({"guided_decoding"}))
+    SamplingParams(echo=True).check(gpu)  # the prompt's text: every engine
+    with pytest.raises(InvalidRequest) as err:
+        SamplingParams(echo=True, logprobs=0).check(gpu)
+    assert err.value.param == "echo"
+    SamplingParams(echo=True, logprobs=0).check(ModelLimits(features=frozenset({FEATURE_PROMPT_LOGPROBS})))
+
+
 @pytest.mark.parametrize("beam_width", [0, 2, 4])
 def test_beam_search_is_refused_naming_beam_width(beam_width):
     inputs = {"text_input": np.array([[b"x"]], dtype=object), "max_tokens": np.array([[3]], dtype=np.int32),

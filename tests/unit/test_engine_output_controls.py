@@ -19,7 +19,14 @@ import torch
 
 from trident.contract import Guide, SamplingParams
 from trident.engine import Engine, EngineConfig, GenerationRequest, InvalidRequestError, request_from_tensors, response_arrays
-from trident.engine_tensors import engine_inputs, read_response
+from trident.engine_tensors import (
+    CONTEXT_LOG_PROBS,
+    CONTEXT_OUTPUTS,
+    CONTEXT_TOP_LOG_PROB_IDS,
+    CONTEXT_TOP_LOG_PROBS,
+    engine_inputs,
+    read_response,
+)
 
 CKPT = model_dir()
 pytestmark = pytest.mark.skipif(not (CKPT / "model.safetensors").is_file(), reason=f"no checkpoint in {CKPT}")
@@ -44,13 +51,14 @@ SCHEMA = {
 _ids = iter(range(10**6))
 
 
-def run(engine, ids, *, end_id=EOS, **sampling):
+def run(engine, ids, *, end_id=EOS, context=None, **sampling):
     """Submit one request and wait: its streams by sequence index."""
     rid = f"r{next(_ids)}"
     sink = Collector()
     sampling.setdefault("max_new_tokens", 12)
     sampling.setdefault("temperature", 0.0)
-    engine.submit(GenerationRequest(rid, list(ids), SamplingParams(**sampling), end_id=end_id), sink)
+    engine.submit(GenerationRequest(rid, list(ids), SamplingParams(**sampling), end_id=end_id,
+                                    context_logprobs=context), sink)
     return sink.streams(rid)
 
 
@@ -153,6 +161,148 @@ def test_greedy_chooses_the_best_alternative_and_plain_requests_carry_none(int4,
     assert all(o.log_probs is None and o.top_ids is None and o.sequence_index is None for o in outs)
     [(_, _, outs)] = run(int4, prompt, max_new_tokens=8, logprobs=0).values()
     assert all(len(o.log_probs) == len(o.token_ids) and o.top_ids is None for o in outs)
+
+
+# ---- the prompt's log-probabilities (num_context_log_probs) ----
+
+CONTEXT_TEXT = ("In 1492, Columbus sailed the ocean blue. He was looking for a route to India but found the "
+                "Americas instead, which changed history.")
+
+
+def context_run(engine, prompt, k, *, rid=None, streaming=True, **sampling):
+    """A request with context logprobs: its outputs in the order sent, checked that exactly the
+    first carries the prompt's arrays; returns (log_probs (L,), top ids (L, k), top values, outputs)."""
+    rid = rid or f"c{next(_ids)}"
+    sink = Collector()
+    sampling.setdefault("max_new_tokens", 3)
+    sampling.setdefault("temperature", 0.0)
+    engine.submit(GenerationRequest(rid, list(prompt), SamplingParams(**sampling), end_id=None, streaming=streaming,
+                                    context_logprobs=k), sink)
+    outs = sink.finished(rid)
+    assert [o.context_log_probs is not None for o in outs] == [True] + [False] * (len(outs) - 1)
+    first = outs[0]
+    L = len(prompt)
+    assert first.context_log_probs.shape == (L,) and first.context_log_probs.dtype == np.float32
+    assert first.context_top_ids.shape == first.context_top_log_probs.shape == (L, k)
+    return first.context_log_probs, first.context_top_ids, first.context_top_log_probs, outs
+
+
+def reference_prompt_logprobs(hf, prompt):
+    """Teacher-forced float32 log_softmax (L - 1, V): row i - 1 is the distribution of prompt[i]."""
+    with torch.inference_mode():
+        return hf(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("name, bound", [("fp32", 1e-4), ("int4", INT4_LOGPROB_BOUND)])
+def test_context_logprobs_are_the_prompts_teacher_forced_distribution(request, tok, hf, name, bound):
+    engine = request.getfixturevalue(name)
+    prompt = tok(CONTEXT_TEXT).input_ids
+    L, k = len(prompt), 5
+    # raw logits: temperature and penalties change nothing
+    lp, ids, values, _ = context_run(engine, prompt, k, temperature=0.7, top_k=1, repetition_penalty=1.3)
+    assert np.isnan(lp[0]) and (ids[0] == -1).all() and np.isnan(values[0]).all()
+    ref = reference_prompt_logprobs(hf, prompt)
+    expected = ref[torch.arange(L - 1), torch.tensor(prompt[1:])].numpy()
+    err = np.abs(lp[1:] - expected)
+    print(f"{name}: prompt of {L}: max |logprob - fp32 reference| = {err.max():.2e}, mean {err.mean():.2e}")
+    assert err.max() < bound and err.mean() < bound / 3  # a shifted row is off by nats everywhere
+    ref_values = ref.topk(k).values.numpy()
+    assert np.abs(values[1:] - ref_values).max() < bound
+    # each alternative is the token it names (ties allowed: ids are checked through their values)
+    assert np.abs(values[1:] - ref.gather(1, torch.from_numpy(ids[1:]).long()).numpy()).max() < bound
+    assert (np.diff(values[1:], axis=1) <= 0).all()
+    for i in range(1, L):  # consistent with the token's own entry
+        assert values[i, 0] >= lp[i]
+        if prompt[i] in ids[i].tolist():
+            assert values[i, ids[i].tolist().index(prompt[i])] == lp[i]
+    if name == "fp32":
+        assert (ids[1:] == ref.topk(k).indices.numpy()).mean() > 0.95  # only near-ties may swap
+    # k = 0: the log-probabilities alone, the same ones
+    lp0, ids0, _, _ = context_run(engine, prompt, 0)
+    assert ids0.shape == (L, 0) and np.array_equal(lp0, lp, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["fp32", "int4"])
+def test_context_logprobs_of_a_chunked_prefill_are_the_same(request, info_path, tok, monkeypatch, name):
+    """A prompt longer than prefill_token_budget (int4: prefilled over several steps, next to a
+    plain request) and fewer context rows a step than the prompt has (both models) change nothing."""
+    prompt = tok(CONTEXT_TEXT + " " + CONTEXT_TEXT).input_ids[:50]
+    whole = context_run(request.getfixturevalue(name), prompt, 4)
+    extra = {"weight_dtype": "int4"} if name == "int4" else {}
+    small = _engine(info_path, prefill_token_budget=16, **extra)
+    try:
+        other = tok("A plain request beside it").input_ids
+        for rows in (256, 7):
+            monkeypatch.setattr("trident.engine.paged_batch.CONTEXT_ROWS_PER_STEP", rows)
+            monkeypatch.setattr("trident.engine.slot_batch.CONTEXT_ROWS_PER_STEP", rows)
+            sink = Collector()
+            small.submit(GenerationRequest(f"beside-{rows}", other, SamplingParams(max_new_tokens=20, temperature=0.0)),
+                         sink)
+            steps = small.stats()["steps"]
+            chunked = context_run(small, prompt, 4)
+            assert sink.finished(f"beside-{rows}")[-1].finish_reason == "length"
+            if name == "int4":  # its first token came after a prefill of one chunk a step
+                assert chunked[3][0].step - steps >= -(-len(prompt) // min(16, rows))
+            for a, b in zip(whole[:3], chunked[:3]):
+                if name == "int4":  # rows never influence each other: the same bits
+                    assert np.array_equal(a, b, equal_nan=True)
+                else:
+                    assert np.allclose(a, b, atol=1e-5, equal_nan=True)
+            assert whole[3][0].token_ids == chunked[3][0].token_ids
+    finally:
+        small.stop()
+
+
+def test_context_logprobs_bypass_the_prefix_cache_and_leave_it_to_others(int4, tok):
+    prompt = tok("Prefix reuse and context log-probabilities: " + CONTEXT_TEXT).input_ids
+    assert len(prompt) > 2 * int4.config.kv_block_size
+
+    def delta(before):
+        after = int4.stats()
+        return {k: after[k] - before[k] for k in ("prefix_cache_hit_tokens", "prefix_cache_hit_requests",
+                                                  "prompt_tokens_prefilled")}
+
+    before = int4.stats()
+    first = context_run(int4, prompt, 3)
+    assert delta(before) == {"prefix_cache_hit_tokens": 0, "prefix_cache_hit_requests": 0,
+                             "prompt_tokens_prefilled": len(prompt)}
+    before = int4.stats()
+    second = context_run(int4, prompt, 3)  # its blocks are cached now: every position computed anyway
+    assert delta(before) == {"prefix_cache_hit_tokens": 0, "prefix_cache_hit_requests": 0,
+                             "prompt_tokens_prefilled": len(prompt)}
+    for a, b in zip(first[:3], second[:3]):
+        assert np.array_equal(a, b, equal_nan=True)
+    before = int4.stats()
+    [(tokens, _, _)] = run(int4, prompt, max_new_tokens=3).values()  # a plain request reuses them
+    reused = delta(before)
+    assert reused["prefix_cache_hit_requests"] == 1 and reused["prefix_cache_hit_tokens"] > 0
+    assert tokens == first[3][0].token_ids + [t for o in first[3][1:] for t in o.token_ids]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_context_logprobs_of_n_sequences_come_once(engine, tok, streaming):
+    prompt = tok(CONTEXT_TEXT).input_ids
+    single = context_run(engine, prompt, 2)
+    lp, ids, values, outs = context_run(engine, prompt, 2, n=2, streaming=streaming, max_new_tokens=4,
+                                        temperature=1.0, seed=5)
+    assert {o.sequence_index for o in outs} == {0, 1}
+    for a, b in zip(single[:3], (lp, ids, values)):
+        assert np.array_equal(a, b, equal_nan=True)
+
+
+def test_a_bad_num_context_log_probs_is_an_invalid_request_naming_it(fp32, tok):
+    sink = Collector()
+    fp32.submit(GenerationRequest("ctx-21", [1, 2, 3], SamplingParams(max_new_tokens=2), context_logprobs=21), sink)
+    [out] = sink.finished("ctx-21")
+    assert out.finish_reason == "error" and out.error_type == "invalid_request_error"
+    assert out.error_param == "num_context_log_probs" and "between 0 and 20" in out.error
+    tensors = engine_inputs(SamplingParams(max_new_tokens=2), input_ids=[1, 2, 3], end_id=EOS, pad_id=EOS)
+    with pytest.raises(InvalidRequestError, match="num_context_log_probs must be an integer") as err:
+        request_from_tensors("f", {**tensors, "num_context_log_probs": np.array([[2.0]], dtype=np.float32)})
+    assert err.value.param == "num_context_log_probs"
+    assert request_from_tensors("off", {**tensors, "num_context_log_probs": np.array([[-1]], np.int32)}) \
+        .context_logprobs is None
+    assert request_from_tensors("absent", tensors).context_logprobs is None
 
 
 # ---- n ----
@@ -347,6 +497,35 @@ def test_adapter_tensors_round_trip(int4, tok):
     assert sorted(seen) == [0, 1] and all(len(t) >= 2 for t in seen.values())
     plain = response_arrays(run(int4, prompt, max_new_tokens=2)[0][2][-1])
     assert set(plain) == {"output_ids", "sequence_length"}
+
+
+def test_context_logprobs_adapter_tensors_round_trip(int4, tok):
+    prompt = tok(CONTEXT_TEXT).input_ids
+    L = len(prompt)
+    tensors = engine_inputs(SamplingParams(max_new_tokens=4, temperature=0.0), input_ids=prompt, end_id=EOS,
+                            pad_id=EOS)
+    request = request_from_tensors("ctx-adapter", {**tensors, "num_context_log_probs": np.array([[4]], np.int32)})
+    assert request.context_logprobs == 4 and request.streaming
+    sink = Collector()
+    int4.submit(request, sink)
+    outs = sink.finished("ctx-adapter")
+    arrays = [response_arrays(out) for out in outs]
+    assert len(arrays) > 1 and all(not set(CONTEXT_OUTPUTS) & set(a) for a in arrays[1:])
+    first = arrays[0]
+    assert first[CONTEXT_LOG_PROBS].shape == (1, 1, L) and first[CONTEXT_LOG_PROBS].dtype == np.float32
+    assert first[CONTEXT_TOP_LOG_PROBS].shape == (1, 1, L, 4) and first[CONTEXT_TOP_LOG_PROBS].dtype == np.float32
+    assert first[CONTEXT_TOP_LOG_PROB_IDS].shape == (1, 1, L, 4)
+    assert first[CONTEXT_TOP_LOG_PROB_IDS].dtype == np.int32
+    assert np.array_equal(first[CONTEXT_LOG_PROBS].reshape(-1), outs[0].context_log_probs, equal_nan=True)
+    assert first[CONTEXT_TOP_LOG_PROB_IDS][0, 0, 0].tolist() == [-1] * 4
+    assert np.array_equal(first[CONTEXT_TOP_LOG_PROB_IDS].reshape(L, 4), outs[0].context_top_ids)
+    assert read_response(first.get).token_ids == outs[0].token_ids
+    none = dict(tensors)  # k = 0: (1, 1, L, 0)
+    request = request_from_tensors("ctx-0", {**none, "num_context_log_probs": np.array([[0]], np.int32)})
+    sink = Collector()
+    int4.submit(request, sink)
+    first = response_arrays(sink.finished("ctx-0")[0])
+    assert first[CONTEXT_TOP_LOG_PROBS].shape == first[CONTEXT_TOP_LOG_PROB_IDS].shape == (1, 1, L, 0)
 
 
 @pytest.mark.parametrize("streaming", [False, True])

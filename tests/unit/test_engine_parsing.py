@@ -22,6 +22,7 @@ from trident.engine.kv_cache import KVCache
 from trident.engine.weights import map_weight_name
 from trident.contract import SamplingParams
 from trident.engine_tensors import (
+    CONTEXT_OUTPUTS,
     CPU_ENGINE_INPUTS,
     CPU_ENGINE_OUTPUTS,
     ENGINE_INPUTS,
@@ -160,7 +161,7 @@ def test_template_placeholders():
     }
     assert 'backend: "python"' in text and "decoupled: true" in text and "KIND_CPU" in text
     for name in (*ENGINE_INPUTS, *CPU_ENGINE_INPUTS, *ENGINE_OUTPUTS, *LOG_PROB_OUTPUTS, *CPU_ENGINE_OUTPUTS,
-                 SEQUENCE_INDEX):
+                 *CONTEXT_OUTPUTS, SEQUENCE_INDEX):
         assert f'name: "{name}"' in text
 
 

@@ -12,6 +12,7 @@ from pb_fakes import FINAL, Tensor, load_model, unload
 from testkit import model_dir
 
 from trident.engine import QueueFullError
+from trident.engine_tensors import CONTEXT_LOG_PROBS, CONTEXT_OUTPUTS, CONTEXT_TOP_LOG_PROB_IDS
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT = model_dir()
@@ -133,6 +134,22 @@ def test_only_the_requested_outputs_are_sent(model):
     model.execute([everything])
     (response, _), = everything.sender.wait()
     assert sorted(response.output_tensors) == ["output_ids", "sequence_length"]
+
+
+def test_context_logprobs_come_on_the_first_response_when_requested(model):
+    outputs = ["output_ids", "sequence_length", *CONTEXT_OUTPUTS]
+    context = dict(streaming=np.array([[True]]), num_context_log_probs=np.array([[2]], dtype=np.int32))
+    req = prompt(n=3, outputs=outputs, **context)
+    model.execute([req])
+    sent = [r.output_tensors for r, _ in req.sender.wait() if r is not None]
+    assert len(sent) == 3 and sorted(sent[0]) == sorted(outputs)
+    assert all(sorted(t) == ["output_ids", "sequence_length"] for t in sent[1:])
+    assert sent[0][CONTEXT_LOG_PROBS].shape == (1, 1, 5) and np.isnan(sent[0][CONTEXT_LOG_PROBS][0, 0, 0])
+    assert sent[0][CONTEXT_TOP_LOG_PROB_IDS].shape == (1, 1, 5, 2)
+    assert (sent[0][CONTEXT_LOG_PROBS][0, 0, 1:] < 0).all()
+    unasked = prompt(n=3, outputs=["output_ids"], **context)  # requested_only: never unasked
+    model.execute([unasked])
+    assert all(list(r.output_tensors) == ["output_ids"] for r, _ in unasked.sender.wait() if r is not None)
 
 
 def test_streaming_then_stop_request_cancels(model):

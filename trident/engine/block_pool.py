@@ -42,13 +42,14 @@ class BlockPool:
 
     # ---- lookups and allocation ----
 
-    def match(self, tokens: list[int], block_size: int) -> tuple[list[int], list[int]]:
+    def match(self, tokens: list[int], block_size: int, *, lookup: bool = True) -> tuple[list[int], list[int]]:
         """The registered blocks that cover a prefix of ``tokens`` (taking a reference on each)
         and their chain ids. At most (len - 1) // block_size blocks: the last token is always
-        computed, its logits are the point of the prefill."""
+        computed, its logits are the point of the prefill. ``lookup`` False: none (a request
+        that needs every position computed), counted as a miss."""
         blocks: list[int] = []
         chain: list[int] = []
-        if self.reuse:
+        if self.reuse and lookup:
             parent = ROOT
             for i in range((len(tokens) - 1) // block_size):
                 block = self._table.get((parent, tuple(tokens[i * block_size:(i + 1) * block_size])))

@@ -396,6 +396,11 @@ class Engine:
             out.log_probs, out.cum_log_prob = seq.log_probs[start:], seq.cum_log_prob
             if seq.top_ids is not None:
                 out.top_ids, out.top_log_probs = seq.top_ids[start:], seq.top_log_probs[start:]
+        ctx = seq.context
+        if ctx is not None and not ctx.sent and ctx.ready and error is None:  # the request's first output
+            ctx.sent = True
+            out.context_log_probs, out.context_top_ids, out.context_top_log_probs = (
+                ctx.log_probs, ctx.top_ids, ctx.top_log_probs)
         seq.emitted = len(seq.output)
         try:
             seq.on_output(out)

@@ -97,7 +97,7 @@ class Llama:
             return torch.softmax(scores, dim=-1)
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self._norm(x, self.weights.norm, self.config.rms_norm_eps)
         return quant.linear(x, self.weights.lm_head).float()  # (B, V) fp32 for sampling
 
@@ -116,6 +116,13 @@ class Llama:
         """Prefill several prompts in one pass: their rows go through every matmul together (one
         kernel call per weight instead of one per prompt), attention runs per prompt. Fills each
         prompt's cache slot; returns each prompt's last-position logits (n, V)."""
+        ends = torch.tensor([int(p.shape[0]) for p in prompts]).cumsum(0)
+        return self.logits(self.prefill_hidden(prompts, slots, cache)[ends - 1])
+
+    @torch.inference_mode()
+    def prefill_hidden(self, prompts: list[torch.Tensor], slots: list[int], cache: KVCache) -> torch.Tensor:
+        """prefill_many's pass, returning the last layer's output (T, H) of every prompt position,
+        prompts one after the other: :meth:`logits` of any of its rows (context.py)."""
         c = self.config
         lengths = [int(p.shape[0]) for p in prompts]
         ends = torch.tensor(lengths).cumsum(0)
@@ -142,7 +149,7 @@ class Llama:
             o = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
             x = x + quant.linear(o, layer.wo)
             x = x + self._mlp(layer, self._norm(x, layer.ffn_norm, c.rms_norm_eps))
-        return self._logits(x[ends - 1])
+        return x
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -183,4 +190,4 @@ class Llama:
             o = torch.bmm(self._softmax(scores), values).view(B, self.q_size)  # (B, n_heads*hd)
             x = x + quant.linear(o, layer.wo)
             x = x + self._mlp(layer, self._norm(x, layer.ffn_norm, c.rms_norm_eps))
-        return self._logits(x)
+        return self.logits(x)

@@ -6,6 +6,10 @@ that is decoding, plus the next chunk of each prompt still being prefilled, at m
 ``prefill_token_budget`` prompt tokens a step (a long prompt is spread over several steps, so
 running sequences keep getting tokens). Rows never influence each other (see fused_llama.py):
 chunking, batching and reuse change no sequence's tokens.
+
+A sequence that asks for its prompt's log-probabilities (context.py) gets a logits row for every
+prompt position: it never takes cached blocks (it may still leave its own for others), and its
+chunks share at most CONTEXT_ROWS_PER_STEP such rows a step.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .context import CONTEXT_ROWS_PER_STEP
 from .fused_llama import FusedLlama
 from .paged_cache import PagedKVCache
 from .sequence import Sequence
@@ -40,7 +45,7 @@ class PagedBatch:
         seq.slot = heapq.heappop(self._free_slots)
         if seq.group is not None:
             seq.group.reserved = [heapq.heappop(self._free_slots) for _ in range(seq.group.n - 1)]
-        seq.cache_len = self.cache.open(seq.slot, seq.request.input_ids)
+        seq.cache_len = self.cache.open(seq.slot, seq.request.input_ids, reuse=seq.context is None)
         self.sequences.append(seq)
 
     def fork(self, leader: Sequence, children: list[Sequence]) -> None:
@@ -57,21 +62,27 @@ class PagedBatch:
 
     def step(self) -> tuple[list[Sequence], torch.Tensor | None]:
         """One kernel call; returns the sequences that got logits (a prompt's last chunk, or a
-        decoding sequence) and those logits (R, V)."""
+        decoding sequence) and those logits (R, V). The rows of prompt positions asked for
+        their log-probabilities go to the sequences' ContextLogprobs instead."""
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logit_rows: list[int] = []
         with_logits: list[Sequence] = []
+        sampled_rows: list[int] = []  # where with_logits' rows are among logit_rows
+        context: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, first logits row, rows)
         advanced: list[tuple[Sequence, int]] = []
         budget = self.prefill_token_budget
+        context_budget = CONTEXT_ROWS_PER_STEP
         for seq in self.sequences:
             prompt = seq.request.input_ids
             start = seq.cache_len
             if start < len(prompt):  # prefilling: the next chunk, in admission order
-                if budget <= 0:
-                    continue
                 n = min(len(prompt) - start, budget)
+                if seq.wants_context:
+                    n = min(n, context_budget)
+                if n <= 0:
+                    continue
                 budget -= n
                 self.prompt_tokens += n
                 tokens.extend(prompt[start:start + n])
@@ -81,7 +92,14 @@ class PagedBatch:
             self.cache.extend(seq.slot, start + n)
             positions.extend(range(start, start + n))
             slots.extend([seq.slot] * n)
+            if seq.wants_context:  # positions start.. give the log-probabilities of tokens start + 1..
+                m = min(start + n, len(prompt) - 1) - start
+                if m > 0:
+                    context.append((seq, start, len(logit_rows), m))
+                    logit_rows.extend(range(len(tokens) - n, len(tokens) - n + m))
+                    context_budget -= m
             if start + n >= len(prompt):
+                sampled_rows.append(len(logit_rows))
                 logit_rows.append(len(tokens) - 1)
                 with_logits.append(seq)
             advanced.append((seq, n))
@@ -89,10 +107,14 @@ class PagedBatch:
             return [], None
         self.use_threads(len(tokens))
         logits = self.model.forward(torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots), self.cache,
-                                    torch.tensor(logit_rows, dtype=torch.long))
+                                    torch.tensor(logit_rows, dtype=torch.long))  # (len(logit_rows), V)
         for seq, n in advanced:
             seq.cache_len += n
             self.cache.commit(seq.slot, seq.cache_len, lambda seq=seq: seq.request.input_ids + seq.output)
+        if context:
+            for seq, first, row, m in context:
+                seq.context.add(logits[row:row + m], first, seq.request.input_ids)
+            logits = logits[sampled_rows]  # (R, V)
         return with_logits, logits
 
     def remove_finished(self) -> None:

@@ -40,11 +40,12 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
-    def open(self, slot: int, prompt: list[int]) -> int:
-        """Start a sequence in a free slot: take the cached blocks of its longest known prefix;
-        returns how many prompt tokens they cover (positions the sequence need not compute)."""
+    def open(self, slot: int, prompt: list[int], *, reuse: bool = True) -> int:
+        """Start a sequence in a free slot: take the cached blocks of its longest known prefix
+        (none when not ``reuse``); returns how many prompt tokens they cover (positions the
+        sequence need not compute)."""
         assert not self._blocks[slot], f"slot {slot} is in use"
-        blocks, chain = self.pool.match(prompt, self.block_size)
+        blocks, chain = self.pool.match(prompt, self.block_size, lookup=reuse)
         self._blocks[slot], self._chains[slot] = blocks, chain
         if blocks:
             self.tables[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)

@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+import numpy as np
+
 from trident.contract import (
     INVALID_REQUEST,
     MAX_CHOICES,
@@ -58,6 +60,9 @@ class GenerationRequest:
     streaming: bool = False
     # Not streaming: the output's token_ids start with input_ids (exclude_input_in_output false).
     include_input: bool = False
+    # num_context_log_probs: the prompt's own log-probabilities with k alternatives per position,
+    # in the first output (context.py); None: not asked.
+    context_logprobs: int | None = None
     # Polled at most every cancel_check_interval; True cancels the request (the client went away).
     is_cancelled: Callable[[], bool] | None = field(default=None, repr=False)
     # The guide compiled by Engine.submit (xgrammar.CompiledGrammar), in the submitting thread.
@@ -130,6 +135,9 @@ class GenerationRequest:
         if s.logprobs is not None and not 0 <= s.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"num_top_log_probs must be between 0 and {MAX_TOP_LOGPROBS}, got {s.logprobs}",
                                       param="num_top_log_probs")
+        if self.context_logprobs is not None and not 0 <= self.context_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"num_context_log_probs must be between 0 and {MAX_TOP_LOGPROBS}, "
+                                      f"got {self.context_logprobs}", param="num_context_log_probs")
         for token, bias in s.logit_bias:
             if not 0 <= token < vocab_size:
                 raise InvalidRequestError(f"embedding_bias has {vocab_size} entries at most (the model's vocabulary), "
@@ -160,3 +168,9 @@ class GenerationOutput:
     cum_log_prob: float | None = None
     top_ids: list[list[int]] | None = None
     top_log_probs: list[list[float]] | None = None
+    # With context_logprobs, on the request's first output only: (L,) fp32 log P(prompt[i] |
+    # prompt[:i]) (NaN at 0), and (L, k) int32 ids / fp32 log-probabilities, best first (row 0:
+    # -1 / NaN). See context.ContextLogprobs.
+    context_log_probs: np.ndarray | None = None
+    context_top_ids: np.ndarray | None = None
+    context_top_log_probs: np.ndarray | None = None

@@ -286,12 +286,12 @@ def _logprobs(raw: torch.Tensor, want: list[int], tokens: list[int],
         top_v, top_i = top_v.tolist(), top_i.tolist()
     out = {}
     for j, (i, k) in enumerate(zip(live, ks)):
-        ids, values = ([], []) if not k else _best_first(raw[i], top_v[j][:k], top_i[j][:k])
+        ids, values = ([], []) if not k else best_first(raw[i], top_v[j][:k], top_i[j][:k])
         out[want[i]] = TokenLogprobs(chosen[j], ids, values)
     return out
 
 
-def _best_first(row: torch.Tensor, values: list[float], ids: list[int]) -> tuple[list[int], list[float]]:
+def best_first(row: torch.Tensor, values: list[float], ids: list[int]) -> tuple[list[int], list[float]]:
     """topk's k best, with ties broken by the lower id (topk leaves tie order unspecified)."""
     k = len(ids)
     if len(set(values)) == k and int((row >= values[-1]).sum()) == k:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from trident.grammar import LOCK as GRAMMAR_LOCK
+from .context import ContextLogprobs
 from .request import GenerationOutput, GenerationRequest
 from .sampling import NO_TOKEN, RowSampling, TokenLogprobs, make_generator
 
@@ -50,6 +51,8 @@ class Sequence:
     top_ids: list[list[int]] | None = None
     top_log_probs: list[list[float]] | None = None
     cum_log_prob: float = 0.0
+    # with context_logprobs: the prompt's, one object for the whole group (sent once)
+    context: ContextLogprobs | None = None
     vocab_size: int = 0
     _multi_bad: list[list[int]] = field(default_factory=list, repr=False)
 
@@ -62,6 +65,8 @@ class Sequence:
         group = Group(n=n, matchers=list(matchers or [])) if n > 1 else None
         seq = cls._make(request, on_output, vocab_size=vocab_size, index=0 if group else None,
                         matcher=matchers[0] if matchers else None)
+        if request.context_logprobs is not None:
+            seq.context = ContextLogprobs.create(len(request.input_ids), request.context_logprobs)
         if group is not None:
             seq.group = group
             group.members.append(seq)
@@ -76,6 +81,7 @@ class Sequence:
                          matcher=group.matchers[index] if group.matchers else None, seen=self.sampling.seen)
         seq.group = group
         seq.cache_len = self.cache_len
+        seq.context = self.context
         group.members.append(seq)
         return seq
 
@@ -106,6 +112,11 @@ class Sequence:
             if p.logprobs:
                 seq.top_ids, seq.top_log_probs = [], []
         return seq
+
+    @property
+    def wants_context(self) -> bool:
+        """Its prompt's log-probabilities are still to be computed."""
+        return self.context is not None and not self.context.ready
 
     @property
     def last_token(self) -> int:

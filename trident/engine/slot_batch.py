@@ -3,7 +3,8 @@ the contiguous slot KV cache: a sequence's index in ``sequences`` is its cache s
 
 Prompts are prefilled when admitted (one at a time: this model is not batch-invariant), then
 every step decodes one token for all of them. A finished sequence's slot is filled by moving the
-last one, so a decode step reads plain views of slots 0..B-1.
+last one, so a decode step reads plain views of slots 0..B-1. A prompt's log-probabilities
+(context.py) come from its prefill's hidden states, CONTEXT_ROWS_PER_STEP logits rows at a time.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .context import CONTEXT_ROWS_PER_STEP
 from .kv_cache import KVCache
 from .llama import Llama
 from .sequence import Sequence
@@ -56,10 +58,26 @@ class SlotBatch:
         prompts = [torch.tensor(seq.request.input_ids, dtype=torch.long) for seq in seqs]
         self.use_threads(sum(len(p) for p in prompts))
         self.prompt_tokens += sum(len(p) for p in prompts)
-        logits = self.model.prefill_many(prompts, slots, self.cache)  # (n, V)
+        if not any(seq.wants_context for seq in seqs):
+            logits = self.model.prefill_many(prompts, slots, self.cache)  # (n, V)
+        else:
+            hidden = self.model.prefill_hidden(prompts, slots, self.cache)  # (T, H)
+            ends = torch.tensor([len(p) for p in prompts]).cumsum(0)
+            logits = self.model.logits(hidden[ends - 1])  # (n, V): what prefill_many returns
+            for seq, end in zip(seqs, ends.tolist()):
+                if seq.wants_context:
+                    self._context(seq, hidden[end - len(seq.request.input_ids):end])
         for seq in seqs:
             seq.cache_len = len(seq.request.input_ids)
         return logits
+
+    def _context(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """The prompt's log-probabilities from its positions' hidden states (L, H): the logits
+        of positions 0..L-2, CONTEXT_ROWS_PER_STEP rows at a time (memory stays bounded)."""
+        prompt = seq.request.input_ids
+        for first in range(0, len(prompt) - 1, CONTEXT_ROWS_PER_STEP):
+            last = min(first + CONTEXT_ROWS_PER_STEP, len(prompt) - 1)
+            seq.context.add(self.model.logits(hidden[first:last]), first, prompt)  # (rows, V)
 
     def step(self) -> tuple[list[Sequence], torch.Tensor | None]:
         """One decode step for every sequence: (the sequences, their logits (B, V))."""

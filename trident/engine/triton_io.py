@@ -14,6 +14,9 @@ import numpy as np
 
 from trident.contract import SERVER_ERROR, beam_width_error, tag_error
 from trident.engine_tensors import (
+    CONTEXT_LOG_PROBS,
+    CONTEXT_TOP_LOG_PROB_IDS,
+    CONTEXT_TOP_LOG_PROBS,
     EngineTensorError,
     batch_row,
     decode_words_list,
@@ -69,20 +72,40 @@ def request_from_tensors(request_id: str, tensors: Mapping[str, np.ndarray], *,
             streaming=streaming,
             # streaming outputs never repeat the prompt (TensorRT-LLM's either)
             include_input=not streaming and not bool(scalar(tensors, "exclude_input_in_output", exclude_input)),
+            context_logprobs=_context_logprobs(tensors),
         )
     except EngineTensorError as exc:
         raise InvalidRequestError(str(exc)) from None
 
 
+def _context_logprobs(tensors: Mapping[str, np.ndarray]) -> int | None:
+    """num_context_log_probs: k, or None when absent or negative (off). Range: the engine's check."""
+    name = "num_context_log_probs"
+    arr = tensors.get(name)
+    if arr is None:
+        return None
+    if not np.issubdtype(np.asarray(arr).dtype, np.integer):
+        raise InvalidRequestError(f"{name} must be an integer tensor, got {np.asarray(arr).dtype}", param=name)
+    k = int(scalar(tensors, name))
+    return None if k < 0 else k
+
+
 def response_arrays(out: GenerationOutput) -> dict[str, np.ndarray]:
     """An output's tensors: output_ids and sequence_length always; log-probabilities,
     alternatives and the sequence index only when the request asked for them (a plain request's
-    responses are exactly what they were before these existed)."""
+    responses are exactly what they were before these existed); the prompt's log-probabilities
+    on the one output that carries them (the request's first)."""
     top = out.top_ids is not None
-    return output_arrays(out.token_ids, log_probs=out.log_probs, cum_log_prob=out.cum_log_prob,
-                         top_ids=_rows(out.top_ids, np.int32) if top else None,
-                         top_log_probs=_rows(out.top_log_probs, np.float32) if top else None,
-                         sequence_index=out.sequence_index)
+    arrays = output_arrays(out.token_ids, log_probs=out.log_probs, cum_log_prob=out.cum_log_prob,
+                           top_ids=_rows(out.top_ids, np.int32) if top else None,
+                           top_log_probs=_rows(out.top_log_probs, np.float32) if top else None,
+                           sequence_index=out.sequence_index)
+    if out.context_log_probs is not None:
+        L, k = out.context_top_ids.shape
+        arrays[CONTEXT_LOG_PROBS] = np.asarray(out.context_log_probs, dtype=np.float32).reshape(1, 1, L)
+        arrays[CONTEXT_TOP_LOG_PROBS] = np.asarray(out.context_top_log_probs, dtype=np.float32).reshape(1, 1, L, k)
+        arrays[CONTEXT_TOP_LOG_PROB_IDS] = np.asarray(out.context_top_ids, dtype=np.int32).reshape(1, 1, L, k)
+    return arrays
 
 
 def _rows(rows: list[list], dtype) -> np.ndarray:
