@@ -88,12 +88,16 @@ def completion_logprobs(pieces: Iterable[TokenLogprobs], offsets: list[int] | No
     order). ``offsets``: the tokens' text offsets when the caller tracks them (streams), else
     they count from ``start``."""
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []
+    top: list[dict[str, float] | None] = []
     for piece in pieces:
         tokens.extend(piece.tokens)
-        token_logprobs.extend(piece.logprobs)
         for i, (token, logprob) in enumerate(zip(piece.tokens, piece.logprobs)):
+            if logprob != logprob:  # NaN: an echoed prompt's first token, which has no log-probability
+                token_logprobs.append(None)
+                top.append(None)
+                continue
+            token_logprobs.append(logprob)
             best = dict(piece.top[i]) if piece.top is not None else {}
             best.setdefault(token, logprob)  # the chosen token is always there, as OpenAI's
             top.append(best)

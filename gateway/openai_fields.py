@@ -8,16 +8,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from marshmallow import ValidationError
-from marshmallow.validate import OneOf
 
 from trident.contract import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 from .schemas import StrictSchema, _StrictField, describe, non_empty_strings
-
-
-def _only(value: Any, message: str) -> OneOf:
-    """A field accepted only at ``value`` (documented as ``enum: [value]``)."""
-    return OneOf([value], error=message)
 
 
 class Anything(_StrictField):

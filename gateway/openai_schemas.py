@@ -13,7 +13,9 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   output), ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (chat: forced calls, through
   the same constraint; gateway.tools); and, as vLLM does, the extensions ``top_k``,
   ``repetition_penalty``, ``min_p`` and ``min_tokens`` (``extra_body`` in the official client);
-* accepted only at their neutral value, else a 400 that says so: ``echo`` (false), ``suffix`` (""),
+* ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
+  tokens first in the log-probabilities (the first with null), as vLLM's;
+* accepted only at their neutral value, else a 400 that says so: ``suffix`` (""),
   ``functions`` ([]), ``function_call`` ("none"/"auto"), ``modalities`` (["text"]),
   ``audio``/``prediction``/``web_search_options`` (null);
 * accepted and ignored (they do not change the output): ``user``, ``metadata``, ``store``,
@@ -41,7 +43,7 @@ from marshmallow.validate import OneOf
 
 from .chat_template import ChatTemplate
 from .errors import ServerError
-from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, TokenIds, _only
+from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, TokenIds
 from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
 
 from .control_fields import LogitBias, ResponseFormat
@@ -217,7 +219,7 @@ class _OpenAISchema(ModelSchema):
                   "logprobs": 0 if logprobs is None and generated > choices else logprobs}
         if data.get("seed") is not None:
             fields["seed"] = data["seed"] % (UINT64_MAX + 1)  # int64 seeds of OpenAI, as uint64
-        sampling = sampling_params(fields, max_new_tokens="max_tokens", stop="stop")
+        sampling = sampling_params(fields, max_new_tokens="max_tokens", stop="stop", echo="echo")
         stream = bool(data.get("stream"))
         options = data.get("stream_options") or {}
         names = {**PARAM_NAMES, **self.param_names, "n": "best_of" if generated > choices else "n"}
@@ -235,7 +237,7 @@ class CompletionSchema(_OpenAISchema):
         error_messages={"required": "prompt is required", "null": "prompt must be a string, got null"},
     )
     suffix = Empty("suffix is not supported")
-    echo = StrictBoolean(validate=_only(False, "echo is not supported: only false is accepted"))
+    echo = StrictBoolean()  # the prompt in front of each choice's text (with logprobs: its tokens too)
     best_of = StrictInteger(
         validate=_range("best_of must be between {min} and {max}, got {input}", min=1, max=MAX_CHOICES))
     logprobs = StrictInteger(

@@ -69,11 +69,12 @@ def _choices(schema: type[Schema], *, streamed: bool = False, most: int = MAX_CH
 class CompletionLogprobsSchema(Schema):
     """OpenAI's legacy completions ``logprobs`` (``/generate`` and ``/v1/completions``): per
     token its text, log-probability, the best alternatives with the chosen token, and where it
-    starts in the choice's text."""
+    starts in the choice's text. With ``echo`` the prompt's tokens come first; its first token has
+    no log-probability (null, and null alternatives), as OpenAI's and vLLM's."""
 
     tokens = _required(fields.List, fields.String())
-    token_logprobs = _required(fields.List, fields.Float())
-    top_logprobs = _required(fields.List, fields.Dict(keys=fields.String(), values=fields.Float()))
+    token_logprobs = _required(fields.List, fields.Float(allow_none=True))
+    top_logprobs = _required(fields.List, fields.Dict(keys=fields.String(), values=fields.Float(), allow_none=True))
     text_offset = _required(fields.List, fields.Integer(validate=Range(min=0)))
 
 

@@ -163,3 +163,26 @@ class TextGeneration:
         text = self._text[self._sent:out_end]
         self._sent = out_end
         return text
+
+
+def prompt_tokens(tokenizer, ids: Sequence[int], log_probs: Sequence[float],
+                  top_ids: Optional[Sequence[Sequence[int]]] = None,
+                  top_log_probs: Optional[Sequence[Sequence[float]]] = None, *,
+                  token_text: Optional[Callable[[int], str]] = None) -> list[TokenLogprob]:
+    """The prompt's tokens as echo returns them: each with its part of the prompt's text
+    (special tokens included; the parts concatenate to the decoded prompt), its
+    log-probability (NaN for the first token, which has none) and its alternatives (an id
+    below 0 is none)."""
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=False)
+    text_of = token_text or (lambda i: tokenizer.decode([i], skip_special_tokens=False))
+    out: list[TokenLogprob] = []
+    for k, token in enumerate(ids):
+        top: tuple[tuple[str, float], ...] = ()
+        if top_ids is not None and top_log_probs is not None:
+            top = tuple((text_of(int(t)), float(lp)) for t, lp in zip(top_ids[k], top_log_probs[k]) if t >= 0)
+        logprob = float(log_probs[k]) if k < len(log_probs) else float("nan")
+        out.append(TokenLogprob(detok.push([token]), int(token), logprob, top))
+    tail = detok.flush()
+    if tail and out:
+        out[-1] = dataclasses.replace(out[-1], text=out[-1].text + tail)
+    return out

@@ -12,7 +12,7 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 from .contract import ModelLimits
-from .engine_tensors import CPU_ENGINE_OUTPUTS, ENGINE_OUTPUTS, LOG_PROB_OUTPUTS, SEQUENCE_INDEX
+from .engine_tensors import CONTEXT_OUTPUTS, CPU_ENGINE_OUTPUTS, ENGINE_OUTPUTS, LOG_PROB_OUTPUTS, SEQUENCE_INDEX
 from .generation import TextGeneration, TokenLogprob
 from .sampling_params import SamplingParams
 
@@ -115,6 +115,11 @@ class EngineChunk:
     top_log_probs: Optional[Sequence[Sequence[float]]] = None
     sequence_index: int = 0
     final: bool = False
+    # In the first response of a request that asked for them: the prompt's log-probabilities
+    # (NaN for the first token) and alternatives per prompt position (ids below 0: none)
+    context_log_probs: Optional[Sequence[float]] = None
+    context_top_ids: Optional[Sequence[Sequence[int]]] = None
+    context_top_log_probs: Optional[Sequence[Sequence[float]]] = None
 
 
 class EngineClient(Protocol):
@@ -139,6 +144,8 @@ def engine_outputs(sampling: SamplingParams) -> tuple[str, ...]:
         outputs += LOG_PROB_OUTPUTS
         if sampling.logprobs:
             outputs += CPU_ENGINE_OUTPUTS
+        if sampling.echo:  # the prompt's log-probabilities, in the first response
+            outputs += CONTEXT_OUTPUTS
     if sampling.n > 1:
         outputs += (SEQUENCE_INDEX,)
     return outputs

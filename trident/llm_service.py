@@ -70,7 +70,7 @@ from .contract import (
 )
 from .cancel_board import CancelBoard
 from .engine_tensors import engine_inputs
-from .generation import TextGeneration, TokenLogprob
+from .generation import TextGeneration, TokenLogprob, prompt_tokens
 from .grammar import check_guide
 from .llm_io import EngineClient, EngineFailure, LlmSettings, Request, engine_outputs
 
@@ -96,6 +96,7 @@ class Job:
     tensors: dict[str, np.ndarray]
     prompt_tokens: int
     engine_id: str
+    input_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # the prompt's, as sent
     last_check: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False
     at_engine: bool = False
@@ -281,7 +282,8 @@ class LlmService:
                                 bad_words_ids=[b for b in bad_ids if b],
                                 vocab_size=self.vocab_size)
         return Job(request=request, text=text, tensors=tensors, prompt_tokens=len(input_ids),
-                   engine_id=str(next(self._ids)), last_check=self.clock(), token=request.cancel_token())
+                   engine_id=str(next(self._ids)), last_check=self.clock(), token=request.cancel_token(),
+                   input_ids=list(input_ids))
 
     # -- cancellation ---------------------------------------------------------------------------
 
@@ -447,10 +449,24 @@ class LlmService:
         started = [False] * n  # the choice has streamed something
         interval = self.settings.stream_interval
         stopping = False
+        # echo: every choice's text starts with the prompt; with logprobs its tokens come from the
+        # engine's first response (the prompt's log-probabilities)
+        echo_tokens = text.sampling.echo and text.sampling.logprobs is not None
+        if text.sampling.echo and not echo_tokens:
+            prompt = self._prompt_text(job)
+            parts = [[prompt] for _ in range(n)]
         for chunk in self.engine.stream(job.tensors, job.engine_id, engine_outputs(text.sampling)):
             job.running = True
             if chunk.error is not None:
                 raise EngineFailure(chunk.error)
+            if echo_tokens:
+                echo_tokens = False
+                if chunk.context_log_probs is None:
+                    raise EngineFailure("the engine sent no log-probabilities of the prompt (echo)")
+                tokens = prompt_tokens(self.tokenizer, job.input_ids, chunk.context_log_probs, chunk.context_top_ids,
+                                       chunk.context_top_log_probs, token_text=self._token_text)
+                prompt = "".join(t.text for t in tokens)
+                parts, held = [[prompt] for _ in range(n)], [list(tokens) for _ in range(n)]
             if stopping or not 0 <= chunk.sequence_index < n:
                 continue  # drain the engine stream up to its final response
             gen = gens[chunk.sequence_index]
@@ -509,9 +525,8 @@ class LlmService:
         if gen.finish_reason is None:  # ended by a stop sequence before the engine finished it
             gen.finish()
         tail = "".join(parts[gen.index]) + tail
-        if job.text.include_prompt:  # not streaming: this is the choice's whole text
-            prompt = job.text.prompt if job.text.prompt_ids is None else self.tokenizer.decode(job.text.prompt_ids)
-            tail = prompt + tail
+        if job.text.include_prompt and not job.text.sampling.echo:  # not streaming: the choice's whole text
+            tail = self._prompt_text(job) + tail
         tokens = held[gen.index] + (tokens or []) if gen.logprobs else None
         parts[gen.index], held[gen.index] = [], []
         if last:
@@ -520,6 +535,12 @@ class LlmService:
             self._cancel(job)
             return False
         return True
+
+
+    def _prompt_text(self, job: Job) -> str:
+        """The prompt as text: as given, or its ids decoded (special tokens included)."""
+        text = job.text
+        return text.prompt if text.prompt_ids is None else self.tokenizer.decode(list(text.prompt_ids))
 
 
 def _final(job: Job, send: Callable[..., None], *args: Any, **kwargs: Any) -> bool:

@@ -82,6 +82,42 @@ def test_prompts_of_token_ids_answer_as_their_text(oai, tokenizer):
     assert f"token id {len(tokenizer)} (at 1) is not a token of the model" in caught.value.body["message"]
 
 
+def test_echo_scores_a_continuation_as_lm_evaluation_harness_reads_it(oai, tokenizer):
+    """lm-evaluation-harness's loglikelihood request (token ids of context + continuation, echo,
+    logprobs 1, max_tokens 1) through the real engine: the prompt's tokens come first with their
+    log-probabilities (the first null), and for a continuation the model would itself generate
+    greedily each is the most likely token, with the log-probability it had when generated."""
+    context = tokenizer("The capital of France is").input_ids
+    continuation, greedy = [], []
+    for _ in range(4):  # the model's own greedy tokens, one at a time (their ids, not a re-tokenized text)
+        step = oai.completions.create(model=MODEL, prompt=context + continuation, max_tokens=1, temperature=0,
+                                      logprobs=0).choices[0]
+        [token] = tokenizer(step.text, add_special_tokens=False).input_ids
+        continuation.append(token)
+        greedy.append(step.logprobs.token_logprobs[0])
+    request = dict(model=MODEL, prompt=[context + continuation] * 2, echo=True, logprobs=1, max_tokens=1,
+                   temperature=0, seed=1234)
+    scored = oai.completions.create(**request)
+    for choice in scored.choices:
+        lp = choice.logprobs
+        prompt_text = tokenizer.decode(context + continuation)
+        assert choice.text.startswith(prompt_text) and "".join(lp.tokens) == choice.text
+        assert len(lp.tokens) == len(context) + len(continuation) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+        part = slice(len(context), -1)  # what lm-evaluation-harness sums
+        assert lp.token_logprobs[part] == pytest.approx(greedy, abs=0.02)
+        assert all(value == max(top.values()) for value, top in zip(lp.token_logprobs[part], lp.top_logprobs[part]))
+        assert all(v < 0 for v in lp.token_logprobs[1:])
+    assert scored.usage.completion_tokens == 2  # the echoed prompt is not counted
+    chunks = list(oai.completions.create(**{**request, "prompt": context + continuation}, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text.startswith(prompt_text) and first.logprobs.token_logprobs[0] is None
+    plain = oai.completions.create(model=MODEL, prompt="The capital of France is", echo=True, max_tokens=3,
+                                   temperature=0)
+    assert plain.choices[0].text.startswith("The capital of France is") and plain.choices[0].logprobs is None
+
+
 def test_chat_streamed_equals_json_for_greedy_requests(oai):
     request = {"model": MODEL, "messages": CAPITAL, "max_tokens": 40, "temperature": 0}
     whole = oai.chat.completions.create(**request)

@@ -143,7 +143,6 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "min_p": 1.5}, "min_p", "min_p must be between 0 and 1, got 1.5"),
     ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format",
      "response_format.type must be one of text, json_object, json_schema, got string \"xml\""),
-    ({"prompt": "x", "echo": True}, "echo", "echo is not supported: only false is accepted"),
     ({"prompt": "x", "suffix": "end"}, "suffix", "suffix is not supported"),
     ({"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty",
      "frequency_penalty must be between -2 and 2, got 2.5"),

@@ -198,3 +198,54 @@ def test_the_sum_of_shown_logprobs_is_the_choices_cum_logprob(client):
     offsets = [c["choices"][0]["logprobs"]["text_offset"] for c in chunks
                if c != "[DONE]" and c["choices"] and c["choices"][0]["index"] == 0 and c["choices"][0]["logprobs"]]
     assert offsets == [[0, 1], [3, 5]]
+
+
+# -- echo ---------------------------------------------------------------------------------------
+
+
+def echoing(params):
+    """What the llm model answers with echo: the prompt "Hi there" first (its tokens with
+    logprobs: the first has none, NaN), then "!" (streamed: the prompt with the first token)."""
+    k = params.sampling.logprobs
+    prompt = piece(("Hi", float("nan")), (" there", -3.0), top=k) if k is not None else None
+    if prompt is not None and k:  # the first token has no alternatives either
+        prompt = TokenLogprobs(prompt.tokens, prompt.token_ids, prompt.logprobs, ((), *prompt.top[1:]))
+    first = piece(("!", -0.5), top=k) if k is not None else None
+    if params.stream:
+        both = TokenLogprobs(prompt.tokens + first.tokens, (0, 1, 2), prompt.logprobs + first.logprobs,
+                             prompt.top + first.top if prompt.top else None) if k is not None else None
+        steps = [TextDelta("Hi there!", 0, both)]
+    else:
+        steps = [TextDelta("Hi there!", 0, TokenLogprobs(prompt.tokens + first.tokens, (0, 1, 2),
+                                                         prompt.logprobs + first.logprobs,
+                                                         prompt.top + first.top if prompt.top else None)
+                           if k is not None else None)]
+    return [*steps, Finished("length", prompt_tokens=2, completion_tokens=1)]
+
+
+def test_completions_echo_reaches_the_backend_and_its_first_prompt_token_has_null_logprobs(tmp_path):
+    app, backend = make_openai_app(tmp_path, backend=FakeBackend(script=echoing))
+    client = app.test_client()
+    spec = client.get("/openapi.json").get_json()
+    body = client.post("/v1/completions", json={"prompt": "Hi there", "echo": True, "logprobs": 1, "max_tokens": 1},
+                       headers=AUTH).get_json()
+    assert backend.last_params.sampling.echo and backend.last_params.sampling.logprobs == 1
+    import jsonschema_rs
+    jsonschema_rs.Draft202012Validator({**spec, "$ref": "#/components/schemas/CompletionResponse"}).validate(body)
+    [choice] = body["choices"]
+    assert choice["text"] == "Hi there!"
+    assert choice["logprobs"] == {"tokens": ["Hi", " there", "!"], "token_logprobs": [None, -3.0, -0.5],
+                                  "top_logprobs": [None, {" there": -3.0}, {"!": -0.5}], "text_offset": [0, 2, 8]}
+    # lm-evaluation-harness's loglikelihood reads exactly this: the continuation's logprobs, greedy or not
+    continuation = choice["logprobs"]["token_logprobs"][1:-1]
+    assert sum(continuation) == -3.0
+    assert all(lp == max(top.values()) for lp, top in zip(continuation, choice["logprobs"]["top_logprobs"][1:-1]))
+    chunks = sse_data(client.post("/v1/completions", json={"prompt": "Hi there", "echo": True, "logprobs": 1,
+                                                           "max_tokens": 1, "stream": True}, headers=AUTH))
+    assert chunks[0]["choices"][0]["text"] == "Hi there!"
+    assert chunks[0]["choices"][0]["logprobs"]["token_logprobs"] == [None, -3.0, -0.5]
+    plain = client.post("/v1/completions", json={"prompt": "Hi there", "echo": True}, headers=AUTH).get_json()
+    assert plain["choices"][0]["text"] == "Hi there!" and plain["choices"][0]["logprobs"] is None
+    assert backend.last_params.sampling.echo and backend.last_params.sampling.logprobs is None
+    client.post("/v1/completions", json={"prompt": "Hi there", "echo": False}, headers=AUTH)
+    assert not backend.last_params.sampling.echo

@@ -6,7 +6,7 @@ import pytest
 from test_llm_service import FakeEngine, FakeRequest, make_service, wait  # noqa: F401 (fixture)
 
 from trident.contract import parse_error
-from trident.engine_tensors import ENGINE_OUTPUTS, LOG_PROB_OUTPUTS, SEQUENCE_INDEX, TOP_LOG_PROBS
+from trident.engine_tensors import CONTEXT_OUTPUTS, ENGINE_OUTPUTS, LOG_PROB_OUTPUTS, SEQUENCE_INDEX, TOP_LOG_PROBS
 from trident.generation import TextGeneration, TokenLogprob
 from trident.llm_io import engine_outputs, output_tensors
 from trident.contract import ENGINE_FEATURES, ModelLimits, SamplingParams, TextRequest
@@ -119,3 +119,79 @@ def test_output_tensors_shapes():
     assert out["top_log_prob_texts"].shape == (1, 2, 2) and out["top_log_probs"][0, 1, 1] == -np.inf
     assert out["finish_reason"].tolist() == [[b"length"]] and "cum_log_probs" in out
     assert set(output_tensors("x")) == {"text_output"}
+
+
+# -- echo (OpenAI's /v1/completions echo) -------------------------------------------------------
+
+FEATURES = ModelLimits(features=frozenset(ENGINE_FEATURES))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_echo_puts_the_prompt_in_front_of_each_choice(make_service, tokenizer, stream):
+    service, engine = make_service()
+    req = request(echo=True, num_return_sequences=2, stream=stream)
+    service.accept(req)
+    wait(req)
+    assert choice_texts(req, 2) == ["Hello there" + tokenizer.decode(engine.ids[i:i + 4]) for i in range(2)]
+    if stream:  # the prompt comes at once, with the first token
+        first = [text for kind, i, text, _ in req.choices if i == 0][0]
+        assert first == "Hello there" + tokenizer.decode(engine.ids[:1])
+    assert not set(CONTEXT_OUTPUTS) & set(engine.outputs)  # text only: the engine is not asked
+    ends = [p for k, p in req.sent if k == "send_final"]
+    assert [completion for _, _, _, completion in ends] == [4, 4]  # the prompt is not counted
+
+
+def test_echo_of_token_ids_is_their_text(make_service, tokenizer):
+    service, engine = make_service()
+    ids = tokenizer("Hi <|im_start|>you", add_special_tokens=False).input_ids
+    req = request(echo=True, stream=False)
+    req.inputs["text_input"] = np.array([[b""]], dtype=object)
+    req.inputs["input_ids"] = np.array([ids], dtype=np.int32)
+    service.accept(req)
+    wait(req)
+    assert choice_texts(req, 1)[0] == "Hi <|im_start|>you" + tokenizer.decode(engine.ids[:4])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_echo_with_logprobs_gives_the_prompt_tokens_first(make_service, tokenizer, stream):
+    service, engine = make_service(limits=FEATURES)
+    req = request(echo=True, return_log_probs=True, num_top_log_probs=2, num_return_sequences=2, stream=stream)
+    service.accept(req)
+    wait(req)
+    assert set(CONTEXT_OUTPUTS) <= set(engine.outputs)
+    prompt_ids = engine.prompts[-1]
+    for index in range(2):
+        tokens = choice_tokens(req, index)
+        text = choice_texts(req, 2)[index]
+        assert "".join(t.text for t in tokens) == text and text.startswith("Hello there")
+        head = tokens[:len(prompt_ids)]
+        assert [t.id for t in head] == prompt_ids and "".join(t.text for t in head) == "Hello there"
+        assert np.isnan(head[0].logprob) and head[0].top == ()
+        assert [t.logprob for t in head[1:]] == [-0.5 - i / 100 for i in range(1, len(prompt_ids))]
+        assert [t.top for t in head[1:]] == [((tokenizer.decode([t]), -0.5 - i / 100), (tokenizer.decode([0]), -9.0))
+                                             for i, t in enumerate(prompt_ids[1:], start=1)]
+        assert [t.id for t in tokens[len(prompt_ids):]] == [engine.ids[(s + index) % len(engine.ids)] for s in range(4)]
+    ends = [p for k, p in req.sent if k == "send_final"]
+    assert [completion for _, _, _, completion in ends] == [4, 4]
+
+
+def test_echo_with_logprobs_needs_the_engine_feature(make_service):
+    service, engine = make_service()  # the GPU repository's features: no prompt log-probabilities
+    req = request(echo=True, return_log_probs=True)
+    service.accept(req)
+    wait(req)
+    assert parse_error(req.sent[0][1]).param == "echo" and engine.streams == []
+
+
+def test_an_engine_that_sends_no_prompt_logprobs_is_an_error(make_service, tokenizer):
+    class Forgetful(FakeEngine):
+        def stream(self, tensors, engine_id, outputs=()):
+            tensors = {k: v for k, v in tensors.items() if k != "num_context_log_probs"}
+            yield from super().stream(tensors, engine_id, outputs)
+
+    service, engine = make_service(engine=Forgetful(tokenizer), limits=FEATURES)
+    req = request(echo=True, return_log_probs=True)
+    service.accept(req)
+    wait(req)
+    (kind, message), = [s for s in req.sent if s[0] == "send_error"]
+    assert "no log-probabilities of the prompt" in message

@@ -131,6 +131,10 @@ class FakeEngine:
         n = int(tensors["num_return_sequences"][0, 0]) if "num_return_sequences" in tensors else 1
         logprobs = "return_log_probs" in tensors
         top = int(tensors["num_top_log_probs"][0, 0]) if "num_top_log_probs" in tensors else 0
+        # the prompt's log-probabilities, in the first response: -0.5 - i/100 for its i-th token
+        # (NaN for the first), alternatives: the token itself then id 0 (row 0: none)
+        context = int(tensors["num_context_log_probs"][0, 0]) if "num_context_log_probs" in tensors else -1
+        prompt = self.prompts[-1]
         steps = min(limit, len(self.ids))
         for step in range(steps):
             for index in range(n):  # choice i says the reply from its i-th token on
@@ -145,6 +149,11 @@ class FakeEngine:
                 if top:
                     extra["top_ids"] = [[token] + [self.ids[0]] * (top - 1)]
                     extra["top_log_probs"] = [[-0.25 * (index + 1)] + [-5.0] * (top - 1)]
+                if context >= 0 and step == 0 and index == 0:
+                    extra["context_log_probs"] = [float("nan")] + [-0.5 - i / 100 for i in range(1, len(prompt))]
+                    extra["context_top_ids"] = [[-1] * context] + [[t] + [0] * (context - 1) for t in prompt[1:]]
+                    extra["context_top_log_probs"] = [[float("nan")] * context] + [
+                        [-0.5 - i / 100] + [-9.0] * (context - 1) for i in range(1, len(prompt))]
                 yield EngineChunk(token_ids=[token], sequence_index=index, **extra)
                 if extra.get("final"):
                     return
