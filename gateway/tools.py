@@ -60,15 +60,26 @@ class JsonObject(_StrictField):
         return isinstance(value, dict)
 
 
+def _required_string(name: str, **kwargs: Any) -> StrictString:
+    return StrictString(required=True, allow_none=False, **kwargs,
+                        error_messages={"required": f"{name} is required", "null": f"{name} must be a string, got null"})
+
+
+def _function_type() -> StrictString:
+    """``type``: only "function"."""
+    return _required_string("type", validate=OneOf(["function"], error="type must be \"function\", got {input}"))
+
+
+def _required_object(schema: type[StrictSchema], name: str) -> Nested:
+    return Nested(schema, required=True, allow_none=False,
+                  error_messages={"required": f"{name} is required", "null": f"{name} must be an object, got null"})
+
+
 class FunctionSchema(StrictSchema):
     """``tools[i].function``: a function the model may call."""
 
-    name = StrictString(
-        required=True,
-        allow_none=False,
-        validate=Regexp(FUNCTION_NAME, error="name must be 1 to 64 letters, digits, underscores or dashes, got {input}"),
-        error_messages={"required": "name is required", "null": "name must be a string, got null"},
-    )
+    name = _required_string("name", validate=Regexp(
+        FUNCTION_NAME, error="name must be 1 to 64 letters, digits, underscores or dashes, got {input}"))
     description = StrictString()
     parameters = JsonObject()
     strict = StrictBoolean()
@@ -77,14 +88,8 @@ class FunctionSchema(StrictSchema):
 class ToolSchema(StrictSchema):
     """One of ``tools``: ``{"type": "function", "function": {...}}``; loads the function's dict."""
 
-    type = StrictString(
-        required=True,
-        allow_none=False,
-        validate=OneOf(["function"], error="type must be \"function\", got {input}"),
-        error_messages={"required": "type is required", "null": "type must be a string, got null"},
-    )
-    function = Nested(FunctionSchema, required=True, allow_none=False,
-                      error_messages={"required": "function is required", "null": "function must be an object, got null"})
+    type = _function_type()
+    function = _required_object(FunctionSchema, "function")
 
     @post_load
     def to_tool(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -95,27 +100,17 @@ class ToolSchema(StrictSchema):
 class FunctionCallSchema(StrictSchema):
     """An earlier call's ``function``: its name and its arguments (a JSON text)."""
 
-    name = StrictString(required=True, allow_none=False,
-                        error_messages={"required": "name is required", "null": "name must be a string, got null"})
-    arguments = StrictString(required=True, allow_none=False,
-                             error_messages={"required": "arguments is required",
-                                             "null": "arguments must be a string, got null"})
+    name = _required_string("name")
+    arguments = _required_string("arguments")
 
 
 class ToolCallSchema(StrictSchema):
     """One of an assistant message's ``tool_calls``, as a reply gave it; loads what the chat
     template sees: the arguments decoded when they are a JSON object."""
 
-    id = StrictString(required=True, allow_none=False,
-                      error_messages={"required": "id is required", "null": "id must be a string, got null"})
-    type = StrictString(
-        required=True,
-        allow_none=False,
-        validate=OneOf(["function"], error="type must be \"function\", got {input}"),
-        error_messages={"required": "type is required", "null": "type must be a string, got null"},
-    )
-    function = Nested(FunctionCallSchema, required=True, allow_none=False,
-                      error_messages={"required": "function is required", "null": "function must be an object, got null"})
+    id = _required_string("id")
+    type = _function_type()
+    function = _required_object(FunctionCallSchema, "function")
 
     @post_load
     def to_template(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:

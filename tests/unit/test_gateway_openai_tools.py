@@ -10,7 +10,8 @@ import jsonschema_rs
 import openapi_sse
 import pytest
 from gateway_fakes import Finished
-from openai_fixtures import AUTH, make_openai_app, sse_data
+from openai_fixtures import AUTH, make_openai_app, sse_data, tokenizer_dir
+from test_gateway_openai import backend, client  # noqa: F401 (fixtures)
 
 from gateway.backend import ChoiceEnd, TextDelta, TokenLogprobs
 from testkit import assert_error
@@ -36,20 +37,8 @@ REQUIRED_TEXT = ['[{"name": "get', '_weather", "parameters": {"city": "Pa', 'ris
 
 
 @pytest.fixture
-def app_backend(tmp_path):
-    from openai_fixtures import tokenizer_dir
-    app, backend = make_openai_app(tmp_path, {"TOKENIZER_DIR": str(tokenizer_dir(tmp_path / "tools", TOOLS_TEMPLATE))})
-    return app, backend
-
-
-@pytest.fixture
-def client(app_backend):
-    return app_backend[0].test_client()
-
-
-@pytest.fixture
-def backend(app_backend):
-    return app_backend[1]
+def app_backend(tmp_path):  # test_gateway_openai's client and backend fixtures take this app
+    return make_openai_app(tmp_path, {"TOKENIZER_DIR": str(tokenizer_dir(tmp_path / "tools", TOOLS_TEMPLATE))})
 
 
 @pytest.fixture
