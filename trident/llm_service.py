@@ -536,7 +536,6 @@ class LlmService:
             return False
         return True
 
-
     def _prompt_text(self, job: Job) -> str:
         """The prompt as text: as given, or its ids decoded (special tokens included)."""
         text = job.text
