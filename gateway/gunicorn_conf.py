@@ -26,7 +26,9 @@ worker forks):
   prometheus-client requires (stale files from a previous run would be summed in). Give each
   gunicorn its own folder.
 
-``child_exit`` marks a dead worker's live gauges (in-flight) as gone; its counters stay summed.
+``child_exit`` drops a dead worker's live gauge (in-flight) and folds its counters and histograms
+into one archive file per kind (gateway.metrics_files): their totals stay, and the folder does not
+grow with every worker gunicorn replaces.
 """
 
 from __future__ import annotations
@@ -113,9 +115,9 @@ def post_worker_init(worker) -> None:  # noqa: ANN001
 
 
 def child_exit(server, worker) -> None:  # noqa: ANN001 (gunicorn's hook signature)
-    from prometheus_client import multiprocess
+    from gateway import metrics_files
 
-    multiprocess.mark_process_dead(worker.pid, str(_multiproc_dir))
+    metrics_files.fold_dead_process(worker.pid, _multiproc_dir)
 
 
 def on_exit(server) -> None:  # noqa: ANN001

@@ -8,8 +8,9 @@ generation timings and tokens by ``telemetry.observe_generation``, the in-flight
 Under gunicorn each worker is its own process, so counters live in prometheus-client's
 multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` names a folder of per-process files that
 ``/metrics`` sums on every scrape, whichever worker answers it. ``gateway.gunicorn_conf``
-creates that folder (or empties a given one) before any worker starts, and marks exited workers
-dead. The variable has to be set before prometheus_client is imported, which is why it is the
+creates that folder (or empties a given one) before any worker starts, and folds each exited
+worker's files into archives (gateway.metrics_files), which is why a scrape reads them under a
+shared lock. The variable has to be set before prometheus_client is imported, which is why it is the
 gunicorn config's job and not the app's. Without it (tests, one process) the default registry is
 served.
 """
@@ -21,6 +22,8 @@ import os
 from flask import Response
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest, multiprocess
+
+from gateway import metrics_files
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The classic text format every Prometheus (and other scraper) reads; our names need nothing newer.
@@ -86,16 +89,23 @@ RATE_LIMITED = Counter(
 )
 
 
+def _multiproc_dir() -> str:
+    return os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()) or ""
+
+
 def multiprocess_mode() -> bool:
-    return bool(os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()))
+    return bool(_multiproc_dir())
 
 
 def render() -> bytes:
     """The Prometheus text exposition of this gateway (every worker's numbers, summed)."""
     if multiprocess_mode():
+        folder = _multiproc_dir()
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
+        multiprocess.MultiProcessCollector(registry, path=folder)
+        # The files are read in generate_latest; never while the master folds a dead worker's.
+        with metrics_files.folder_lock(folder, exclusive=False):
+            return generate_latest(registry)
     return generate_latest(REGISTRY)
 
 

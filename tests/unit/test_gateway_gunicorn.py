@@ -452,3 +452,38 @@ def _read_all(socks: list[socket.socket], stream: socket.socket) -> tuple[dict, 
                     sel.unregister(sock)
                     open_ -= 1
     return data, arrival, open_
+
+
+def test_replaced_workers_leave_their_totals_but_no_metrics_files(tmp_path):
+    """gunicorn replaces a worker that dies (here killed with SIGKILL, four times over). Each
+    one's counters and histograms are folded into the archives by the master
+    (gateway.metrics_files): /metrics keeps every request counted, and the folder holds the live
+    worker's files and the archives only (before, two files stayed per dead worker and every
+    scrape read them all)."""
+    import signal
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    folder = tmp_path / "metrics"
+    with serving(tmp_path, extra_env={"PROMETHEUS_MULTIPROC_DIR": str(folder)}) as (url, _, gateway_log, master):
+        children = Path(f"/proc/{master}/task/{master}/children")
+        dead: list[int] = []
+        for _ in range(4):
+            for _ in range(3):
+                reply = requests.post(url + "/generate", json={"prompt": "Hi there"}, headers=AUTH, timeout=10)
+                assert reply.status_code == 200, reply.text
+            (worker,) = map(int, children.read_text().split())
+            os.kill(worker, signal.SIGKILL)
+            dead.append(worker)
+            assert wait_until(lambda: children.read_text().split() not in ([], [str(worker)]), timeout=30), \
+                gateway_log.read_text()[-2000:]
+        assert wait_until(lambda: requests.get(url + "/healthz", timeout=5).ok, timeout=30)
+        text = requests.get(url + "/metrics", timeout=5).text
+        (live,) = map(int, children.read_text().split())
+        names = {p.name for p in folder.glob("*.db")}
+    counted = {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
+               for s in f.samples if s.name == "trident_gateway_requests_total"}
+    assert counted[(("endpoint", "/generate"), ("status", "200"))] == 12
+    assert not {n for n in names for pid in dead if n.endswith(f"_{pid}.db")}, sorted(names)
+    assert names <= {"counter_archive.db", "histogram_archive.db", f"counter_{live}.db", f"histogram_{live}.db",
+                     f"gauge_livesum_{live}.db"}, sorted(names)

@@ -267,6 +267,7 @@ _WORKER = """
 import sys
 from gateway import metrics
 metrics.REQUESTS.labels("/generate", "200").inc(int(sys.argv[1]))
+metrics.LATENCY.labels("/generate").observe(int(sys.argv[1]) / 10)
 metrics.IN_FLIGHT.inc()
 """
 
@@ -284,11 +285,13 @@ def gunicorn_conf(tmp_path, monkeypatch):
 
 
 def test_multiprocess_metrics_are_summed_over_processes(tmp_path, gunicorn_conf, monkeypatch):
-    """Two "workers" write their numbers; a third process's /metrics shows the sums; the live
-    gauge of a process marked dead (gunicorn's child_exit) is dropped."""
+    """Three "workers" write their numbers; another process's /metrics shows the sums. When
+    gunicorn's child_exit reports a worker dead, its live gauge is dropped and its counter and
+    histogram files are folded into the archives: every sum a scrape shows stays exactly as it
+    was, and the folder keeps no file of a dead worker."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     pids = []
-    for n in (3, 4):
+    for n in (3, 4, 8):
         proc = subprocess.run([sys.executable, "-c", _WORKER + "import os; print(os.getpid())", str(n)],
                               env=env, cwd=ROOT, capture_output=True, text=True, check=True)
         pids.append(int(proc.stdout))
@@ -300,17 +303,28 @@ def test_multiprocess_metrics_are_summed_over_processes(tmp_path, gunicorn_conf,
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for f in text_string_to_metric_families(out) for s in f.samples}
 
-    samples = scrape()
-    assert samples[("trident_gateway_requests_total", (("endpoint", "/generate"), ("status", "200")))] == 7
-    assert samples[("trident_gateway_in_flight_requests", ())] == 2
+    in_flight = ("trident_gateway_in_flight_requests", ())
+    requests_ok = ("trident_gateway_requests_total", (("endpoint", "/generate"), ("status", "200")))
+    latency = "trident_gateway_request_duration_seconds"
+    before = scrape()
+    assert before[requests_ok] == 15 and before[in_flight] == 3
+    assert before[(latency + "_sum", (("endpoint", "/generate"),))] == pytest.approx(1.5)
+    assert before[(latency + "_bucket", (("endpoint", "/generate"), ("le", "0.5")))] == 2  # 0.3 and 0.4
+
     class Worker:
-        pid = pids[0]
+        pid = 0
 
     monkeypatch.setattr(gunicorn_conf, "_multiproc_dir", tmp_path)  # as if the config had made it
-    gunicorn_conf.child_exit(None, Worker())
-    samples = scrape()
-    assert samples[("trident_gateway_in_flight_requests", ())] == 1
-    assert samples[("trident_gateway_requests_total", (("endpoint", "/generate"), ("status", "200")))] == 7
+    for gone, pid in enumerate(pids[:2], start=1):
+        Worker.pid = pid
+        gunicorn_conf.child_exit(None, Worker())
+        after = scrape()
+        assert after.pop(in_flight) == 3 - gone
+        assert after == pytest.approx({k: v for k, v in before.items() if k != in_flight}, rel=1e-12)  # sums in another order
+        assert not list(tmp_path.glob(f"*_{pid}.db"))
+    names = {p.name for p in tmp_path.glob("*.db")}  # (each scrape's process leaves files too)
+    assert {"counter_archive.db", "histogram_archive.db", f"counter_{pids[2]}.db", f"histogram_{pids[2]}.db",
+            f"gauge_livesum_{pids[2]}.db"} <= names
 
 
 def test_gunicorn_conf_prepares_the_folder(tmp_path, gunicorn_conf):
