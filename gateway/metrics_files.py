@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,17 +35,35 @@ from prometheus_client import multiprocess
 from prometheus_client.mmap_dict import MmapedDict
 
 LOCK_NAME = "scrape.lock"
+# How long the master waits for scrapes to finish before it leaves a dead worker's files as they
+# are (still summed, as before folding existed): a worker stopped in the middle of a scrape must
+# not hang the master, which also restarts workers and handles signals.
+FOLD_WAIT_S = 2.0
+log = logging.getLogger("trident.gateway.metrics")
 # Kinds whose values add up over processes (a live gauge's file is removed instead, by
 # mark_process_dead; the gateway has no other gauges).
 SUMMED_KINDS = ("counter", "histogram")
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, *, exclusive: bool) -> Iterator[None]:
-    """Hold ``scrape.lock`` in ``folder``: shared for a scrape, exclusive for a fold."""
+def folder_lock(folder: str | os.PathLike, *, exclusive: bool, wait: float | None = None) -> Iterator[None]:
+    """Hold ``scrape.lock`` in ``folder``: shared for a scrape, exclusive for a fold. ``wait``:
+    give up after that many seconds (TimeoutError) instead of blocking."""
     fd = os.open(Path(folder) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        if wait is None:
+            fcntl.flock(fd, mode)
+        else:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"{LOCK_NAME} stayed locked for {wait} s") from None
+                    time.sleep(0.01)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -69,14 +89,20 @@ def _fold_file(dead: Path, archive: Path) -> None:
     dead.unlink()
 
 
-def fold_dead_process(pid: int, folder: str | os.PathLike) -> None:
+def fold_dead_process(pid: int, folder: str | os.PathLike, *, wait: float = FOLD_WAIT_S) -> bool:
     """After process ``pid`` has exited: drop its live gauges, fold its counters and histograms
     into the archives. Call once per dead process, after it can no longer write (gunicorn's
-    child_exit runs after the worker is reaped, before its replacement is forked)."""
+    child_exit runs after the worker is reaped, before its replacement is forked). False when
+    scrapes held the folder longer than ``wait``: its files then stay, still counted."""
     folder = Path(folder)
-    with folder_lock(folder, exclusive=True):
-        multiprocess.mark_process_dead(pid, str(folder))
-        for kind in SUMMED_KINDS:
-            dead = folder / f"{kind}_{pid}.db"
-            if dead.exists():
-                _fold_file(dead, folder / f"{kind}_archive.db")
+    multiprocess.mark_process_dead(pid, str(folder))  # removing a live gauge's file needs no lock
+    try:
+        with folder_lock(folder, exclusive=True, wait=wait):
+            for kind in SUMMED_KINDS:
+                dead = folder / f"{kind}_{pid}.db"
+                if dead.exists():
+                    _fold_file(dead, folder / f"{kind}_archive.db")
+    except TimeoutError:
+        log.warning("metrics of exited worker %d left unfolded: a scrape held %s for %.0f s", pid, LOCK_NAME, wait)
+        return False
+    return True

@@ -454,6 +454,13 @@ def _read_all(socks: list[socket.socket], stream: socket.socket) -> tuple[dict, 
     return data, arrival, open_
 
 
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).ok
+    except requests.ConnectionError:
+        return False
+
+
 def test_replaced_workers_leave_their_totals_but_no_metrics_files(tmp_path):
     """gunicorn replaces a worker that dies (here killed with SIGKILL, four times over). Each
     one's counters and histograms are folded into the archives by the master
@@ -477,7 +484,8 @@ def test_replaced_workers_leave_their_totals_but_no_metrics_files(tmp_path):
             dead.append(worker)
             assert wait_until(lambda: children.read_text().split() not in ([], [str(worker)]), timeout=30), \
                 gateway_log.read_text()[-2000:]
-        assert wait_until(lambda: requests.get(url + "/healthz", timeout=5).ok, timeout=30)
+            # each worker listens on its own socket (reuse_port): the new one answers once booted
+            assert wait_until(lambda: _answers(url + "/healthz"), timeout=30), gateway_log.read_text()[-2000:]
         text = requests.get(url + "/metrics", timeout=5).text
         (live,) = map(int, children.read_text().split())
         names = {p.name for p in folder.glob("*.db")}

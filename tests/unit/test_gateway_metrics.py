@@ -327,6 +327,26 @@ def test_multiprocess_metrics_are_summed_over_processes(tmp_path, gunicorn_conf,
             f"gauge_livesum_{pids[2]}.db"} <= names
 
 
+def test_a_fold_waits_for_scrapes_but_never_hangs_the_master(tmp_path):
+    """While a scrape reads the files (its shared lock), a fold waits; past its wait it leaves
+    the dead worker's files in place (still summed) instead of blocking gunicorn's master."""
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from gateway import metrics_files
+
+    key = mmap_key("c", "c_total", [], [], "help")
+    for name in ("counter_11.db", "counter_archive.db"):
+        f = MmapedDict(str(tmp_path / name))
+        f.write_value(key, 2.0, 0.0)
+        f.close()
+    with metrics_files.folder_lock(tmp_path, exclusive=False):
+        assert metrics_files.fold_dead_process(11, tmp_path, wait=0.2) is False
+        assert (tmp_path / "counter_11.db").exists()
+    assert metrics_files.fold_dead_process(11, tmp_path, wait=0.2) is True
+    assert not (tmp_path / "counter_11.db").exists()
+    assert [v for _, v, _, _ in MmapedDict.read_all_values_from_file(str(tmp_path / "counter_archive.db"))] == [4.0]
+
+
 def test_gunicorn_conf_prepares_the_folder(tmp_path, gunicorn_conf):
     prepare_multiproc_dir = gunicorn_conf.prepare_multiproc_dir
 
