@@ -12,7 +12,8 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   ``response_format`` (``text``, ``json_object``, ``json_schema``: XGrammar constrains the
   output), ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (chat: forced calls, through
   the same constraint; gateway.tools); and, as vLLM does, the extensions ``top_k``,
-  ``repetition_penalty``, ``min_p`` and ``min_tokens`` (``extra_body`` in the official client);
+  ``repetition_penalty``, ``min_p``, ``min_tokens`` and ``ignore_eos`` (``extra_body`` in the
+  official client; ``ignore_eos`` is ``min_tokens`` = ``max_tokens``);
 * ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
   tokens first in the log-probabilities (the first with null), as vLLM's;
 * accepted only at their neutral value, else a 400 that says so: ``suffix`` (""),
@@ -197,6 +198,9 @@ class _OpenAISchema(ModelSchema):
     min_p = StrictNumber(validate=_range("min_p must be between {min} and {max}, got {input}", min=0, max=1))
     min_tokens = StrictInteger(validate=_range("min_tokens must be between {min} and {max}, got {input}",
                                                min=0, max=INT32_MAX))
+    # vLLM's, SGLang's and llama.cpp's: generate through the end token, up to max_tokens (benchmark
+    # clients send it: vLLM's bench with --ignore-eos, SGLang's bench_serving by default).
+    ignore_eos = StrictBoolean()
 
     @validates_schema
     def validate_stream_options(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -219,6 +223,11 @@ class _OpenAISchema(ModelSchema):
                   "logprobs": 0 if logprobs is None and generated > choices else logprobs}
         if data.get("seed") is not None:
             fields["seed"] = data["seed"] % (UINT64_MAX + 1)  # int64 seeds of OpenAI, as uint64
+        if data.get("ignore_eos"):
+            # The end token is banned for the whole generation: min_tokens, which both engines
+            # take (TensorRT-LLM has no ignore_eos; NVIDIA's genai-perf sends min_length the same
+            # way). Stop sequences still stop it, as in vLLM.
+            fields["min_tokens"] = max_tokens
         sampling = sampling_params(fields, max_new_tokens="max_tokens", stop="stop", echo="echo")
         stream = bool(data.get("stream"))
         options = data.get("stream_options") or {}

@@ -132,6 +132,28 @@ def test_chat_streamed_equals_json_for_greedy_requests(oai):
     assert chunks[-1].usage == whole.usage
 
 
+def test_ignore_eos_generates_through_the_end_token_as_benchmark_clients_ask(oai, gateway):
+    """vLLM's bench serve (openai-chat, --ignore-eos) sends this body; every request had been a 400
+    (an unknown field). The model ends its turn after a sentence without it; with it, the stream
+    runs to max_completion_tokens and usage counts them."""
+    body = {"model": MODEL, "messages": CAPITAL, "max_completion_tokens": 40, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    reply = requests.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert reply.status_code == 200, reply.text
+    events = [json.loads(line[len("data: "):]) for line in reply.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert events[-1]["usage"]["completion_tokens"] == 40
+    assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == ["length"]
+    assert "Paris" in "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    natural = oai.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=40, temperature=0)
+    assert natural.choices[0].finish_reason == "stop" and natural.usage.completion_tokens < 40
+    held = oai.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=40, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert (held.choices[0].finish_reason, held.usage.completion_tokens) == ("length", 40)
+    assert held.choices[0].message.content.startswith(natural.choices[0].message.content)
+
+
 WEATHER_TOOLS = [
     {"type": "function", "function": {
         "name": "get_weather", "description": "The weather in a city",

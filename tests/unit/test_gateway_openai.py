@@ -90,6 +90,25 @@ def test_max_tokens_and_max_completion_tokens_may_agree(client, backend):
     assert backend.last_params.sampling.max_new_tokens == 6
 
 
+@pytest.mark.parametrize(("path", "body", "max_tokens"), [
+    ("/v1/completions", {**COMPLETION, "max_tokens": 40}, 40),
+    ("/v1/completions", COMPLETION, 16),  # the endpoint's default max_tokens
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 30, "min_tokens": 3}, 30),
+    ("/v1/chat/completions", CHAT, 512),
+])
+def test_ignore_eos_bans_the_end_token_up_to_max_tokens(client, backend, path, body, max_tokens):
+    """vLLM's ignore_eos, as benchmark clients send it (vLLM's bench serve, SGLang's
+    bench_serving): min_tokens is max_tokens, a given min_tokens included; false changes
+    nothing."""
+    assert client.post(path, json={**body, "ignore_eos": True}, headers=AUTH).status_code == 200
+    sampling = backend.last_params.sampling
+    assert (sampling.min_tokens, sampling.max_new_tokens) == (max_tokens, max_tokens)
+    assert client.post(path, json={**body, "ignore_eos": False}, headers=AUTH).status_code == 200
+    assert backend.last_params.sampling.min_tokens == body.get("min_tokens", 0)
+    response = client.post(path, json={**body, "ignore_eos": "yes"}, headers=AUTH)
+    assert_error(response, 400, "invalid_request_error", "ignore_eos", "ignore_eos must be a boolean (true or false), got string \"yes\"")
+
+
 def test_messages_content_parts_roles_and_names(client, backend):
     messages = [
         {"role": "developer", "content": "Be brief."},
