@@ -3,8 +3,10 @@
 On SIGTERM (gateway.worker calls :func:`begin` from gunicorn's exit handler):
 
 * ``/readyz`` answers 503 at once and so does every new generation (a kept-alive connection may
-  still send one); the worker stops accepting connections (gunicorn) and closes those waiting
-  for a request (gateway.worker.GeventGrpcWorker.close_idle_connections);
+  still send one); the worker stops listening once another worker listens on the port, or after
+  1 s (gateway.worker.FewAcceptsPerTurnServer.stop_listening), and closes the kept-alive
+  connections waiting for their next request at once, fresh ones after 1 s for their first
+  (gateway.worker.GeventGrpcWorker.close_idle_connections);
 * open streams go on until they finish, for at most ``GATEWAY_DRAIN_TIMEOUT`` seconds (30 by
   default); then each gets an ``event: error`` (503, ``service_unavailable``: "the server is
   shutting down") and ends, and the worker exits. gunicorn's own graceful timeout is set above

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import weakref
 
 import gevent
@@ -57,15 +58,15 @@ class RequestWait:
     def __init__(self, worker: "GeventGrpcWorker") -> None:
         self.worker = worker
         self.greenlet = gevent.getcurrent()
-        first = self.greenlet not in worker.served
-        seconds = worker.first_request_timeout if first else worker.cfg.keepalive
+        self.first = self.greenlet not in worker.served
+        seconds = worker.first_request_timeout if self.first else worker.cfg.keepalive
         if worker.draining:
             seconds = min(seconds, DRAINING_WAIT)
         self.timeout = gevent.Timeout(seconds, False)  # False: it ends the wait quietly
 
     def __enter__(self) -> "RequestWait":
         self.worker.served.add(self.greenlet)
-        self.worker.waiting[self.greenlet] = self.timeout
+        self.worker.waiting[self.greenlet] = self
         self.timeout.__enter__()
         return self
 
@@ -101,6 +102,27 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # 
     util.write_nonblock(sock, head + body)
 
 
+LISTEN_HANDOVER_S = 1.0
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets listening on ``port`` in this network namespace (Linux's /proc/net/tcp and
+    tcp6; 0 when they cannot be read)."""
+    suffix = f":{port:04X}"
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as rows:
+                next(rows, None)
+                for row in rows:
+                    fields = row.split(None, 4)
+                    if len(fields) > 3 and fields[3] == "0A" and fields[1].endswith(suffix):
+                        count += 1
+        except OSError:
+            continue
+    return count
+
+
 class FewAcceptsPerTurnServer(StreamServer):
     """gevent's server, accepting at most 4 connections per turn of the event loop instead of 100.
     Each accepted connection's greenlet runs its whole admission (HTTP parsing, key, rate limit,
@@ -118,6 +140,39 @@ class FewAcceptsPerTurnServer(StreamServer):
 
     max_accept = 4
     handshake_timeout = HEADER_TIMEOUT  # GATEWAY_HEADER_TIMEOUT: set once by GeventGrpcWorker.init_process
+    started: weakref.WeakSet = weakref.WeakSet()  # this process's servers, for the drain to close
+
+    def start(self) -> None:
+        super().start()
+        FewAcceptsPerTurnServer.started.add(self)
+
+    def stop_listening(self) -> None:
+        """Close the listening socket now, after taking the connections already waiting in its
+        backlog (each is answered, as any request during the drain). gunicorn closes it only
+        when its run loop next wakes, up to 1 s after SIGTERM; with ``reuse_port`` each worker
+        has its own socket, so during a reload (HUP) the kernel kept giving the old worker new
+        connections for that second (each a 503 "shutting down"), and closing a socket resets
+        the connections still in its backlog."""
+        if self.closed:
+            return
+        # Not before another socket listens on the port (a reload's new worker binds its own just
+        # after its fork, when the old ones are told to stop): closing first refused connections.
+        # One worker stopping alone waits the second gunicorn waited.
+        address = self.socket.getsockname()
+        deadline = time.monotonic() + LISTEN_HANDOVER_S
+        while isinstance(address, tuple) and time.monotonic() < deadline and listening_sockets(address[1]) < 2:
+            gevent.sleep(0.02)
+        if self.closed:
+            return
+        while not self.full():
+            try:
+                args = self.do_read()  # a non-blocking accept: None once the backlog is empty
+            except OSError:
+                break
+            if not args:
+                break
+            self.do_handle(*args)
+        self.close()
 
     def wrap_socket_and_handle(self, client_socket, address):  # noqa: ANN001, ANN201 (gevent's)
         """gevent's, with the TLS handshake bounded by GATEWAY_HEADER_TIMEOUT: gevent's waits as
@@ -133,6 +188,25 @@ class FewAcceptsPerTurnServer(StreamServer):
             if not shaken:
                 return None
             return self.handle(ssl_socket, address)
+
+
+class NamedListener:
+    """A listening socket as gunicorn's connection handler sees it, with its address read once.
+    gunicorn's handler starts every connection with ``listener.getsockname()``; for a connection
+    accepted just before the drain closed the listener that raised EBADF ("Socket error
+    processing request", an ERROR line), and the connection was closed with its request unread:
+    the client got a reset (1 to 5 in 3 reloads under load, tests/unit/test_gateway_gunicorn.py)."""
+
+    __slots__ = ("_sock", "_name")
+
+    def __init__(self, sock) -> None:  # noqa: ANN001
+        self._sock, self._name = sock, sock.getsockname()
+
+    def getsockname(self):  # noqa: ANN201
+        return self._name
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._sock, name)
 
 
 class GeventGrpcWorker(GeventWorker):
@@ -152,6 +226,13 @@ class GeventGrpcWorker(GeventWorker):
         base.util.write_error = write_json_error  # this worker process only
         ggevent.StreamServer = FewAcceptsPerTurnServer  # what GeventWorker.run builds, in this process only
         super().init_process()
+
+    def run(self) -> None:
+        self.named_listeners = {sock: NamedListener(sock) for sock in self.sockets}
+        super().run()
+
+    def handle(self, listener, client, addr) -> None:  # noqa: ANN001 (gunicorn's)
+        super().handle(self.named_listeners.get(listener, listener), client, addr)
 
     def handle_request(self, listener_name, req, sock, addr):  # noqa: ANN001, ANN201 (gunicorn's)
         """gunicorn's, with a write that ran past ``SEND_TIMEOUT`` (gateway.app.SendTimeout) ending
@@ -177,17 +258,34 @@ class GeventGrpcWorker(GeventWorker):
 
         DRAIN.begin(drain_timeout())
         self.draining = True
+        for server in list(FewAcceptsPerTurnServer.started):
+            gevent.spawn(server.stop_listening)
         gevent.spawn(self.close_idle_connections)
         super().handle_exit(sig, frame)
 
     def close_idle_connections(self) -> None:
-        """End every connection waiting for a request: its wait ends as when its time is up (its
-        own timeout raised in it, which ends the wait quietly), and gunicorn closes the socket."""
+        """End the connections waiting for a request: each wait ends as when its time is up (its
+        own timeout raised in it, which ends the wait quietly), and gunicorn closes the socket.
+        A kept-alive connection waiting for its next request is closed at once (its client may
+        resend on a new one, as after any keep-alive timeout). A fresh connection waiting for its
+        first request gets DRAINING_WAIT to send it (then it is answered, a 503 for a
+        generation): a client that had just connected was sending it, and a close with its
+        request unread reset the connection (1 in 30 reloads under load)."""
         idle = list(self.waiting.items())
         if idle:
             _log.info("draining: closing %d idle connection(s)", len(idle))
-        for greenlet, timeout in idle:
-            greenlet.kill(exception=timeout, block=False)
+        fresh = []
+        for greenlet, wait in idle:
+            if wait.first:
+                fresh.append(greenlet)
+            else:
+                greenlet.kill(exception=wait.timeout, block=False)
+        if fresh:
+            gevent.sleep(DRAINING_WAIT)
+            for greenlet in fresh:
+                wait = self.waiting.get(greenlet)
+                if wait is not None and wait.first:  # still waiting for that first request
+                    greenlet.kill(exception=wait.timeout, block=False)
 
     def patch(self) -> None:
         monkey.patch_all(thread=False)

@@ -39,9 +39,10 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> Non
 
 
 @contextlib.contextmanager
-def serving(work: Path, *, preload: bool = False, extra_env: dict | None = None, scheme: str = "http"):
-    """The fake Triton and one gunicorn worker in front of it; yields (url, cancel log, gateway
-    log, gunicorn's pid)."""
+def serving(work: Path, *, preload: bool = False, extra_env: dict | None = None, scheme: str = "http",
+            workers: int = 1):
+    """The fake Triton and gunicorn (one worker unless told) in front of it; yields (url, cancel
+    log, gateway log, gunicorn's pid)."""
     cancel_log = work / "cancelled.txt"
     cancel_log.touch()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "unit")])}
@@ -60,7 +61,7 @@ def serving(work: Path, *, preload: bool = False, extra_env: dict | None = None,
         logs.append(gateway_log)
         gunicorn = Path(sys.executable).with_name("gunicorn")
         procs.append(subprocess.Popen(
-            [str(gunicorn), "-c", "python:gateway.gunicorn_conf", "-w", "1", "-b", f"127.0.0.1:{http_port}",
+            [str(gunicorn), "-c", "python:gateway.gunicorn_conf", "-w", str(workers), "-b", f"127.0.0.1:{http_port}",
              *(["--preload"] if preload else []), "gateway:create_app()"],
             cwd=ROOT, stdout=gateway_log, stderr=subprocess.STDOUT,
             env={**env, "TRIDENT_API_KEY": KEY, "TRIDENT_TRITON_GRPC_URL": f"127.0.0.1:{triton_port}",
@@ -312,6 +313,28 @@ def test_sigterm_closes_idle_connections_at_once(tmp_path):
         kept.close()
 
 
+def test_a_fresh_connection_sending_its_request_as_the_drain_starts_is_answered(tmp_path):
+    """A client that has just connected is sending its first request: when SIGTERM comes first,
+    that request is still answered (a 503 for a generation, the drain's retry) within the drain's
+    1 s for a first request, not met with a closed connection. A kept-alive connection waiting
+    for its next request is still closed at once."""
+    with serving(tmp_path) as (url, _, gateway_log, pid):
+        kept = _connect(url)
+        kept.sendall(HEALTHZ)
+        assert _answer(kept) == b"HTTP/1.1 200 OK"
+        kept.recv(65536)
+        fresh = _connect(url)
+        time.sleep(0.5)  # accepted: its handler waits for the request line
+        os.kill(pid, 15)
+        time.sleep(0.3)
+        fresh.sendall(http_request({"prompt": "Hi there"}))
+        assert _answer(fresh).startswith(b"HTTP/1.1 503 "), gateway_log.read_text()[-2000:]
+        kept.settimeout(10)
+        assert kept.recv(4096) == b""
+        fresh.close()
+        kept.close()
+
+
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_a_client_that_sends_nothing_is_closed_after_the_header_timeout(tmp_path, scheme):
     """Over HTTPS gevent waited for the TLS handshake as long as the client liked: a client that
@@ -495,3 +518,42 @@ def test_replaced_workers_leave_their_totals_but_no_metrics_files(tmp_path):
     assert not {n for n in names for pid in dead if n.endswith(f"_{pid}.db")}, sorted(names)
     assert names <= {"counter_archive.db", "histogram_archive.db", f"counter_{live}.db", f"histogram_{live}.db",
                      f"gauge_livesum_{live}.db"}, sorted(names)
+
+
+def test_reloads_under_load_lose_no_connection(tmp_path):
+    """Three reloads (SIGHUP: new workers start, the old ones drain) while 8 clients send short
+    requests on fresh connections: every request is answered, 200 or the drain's 503 (a retry).
+    Each worker has its own listening socket (reuse_port). Before, an old worker kept accepting
+    for up to a second after SIGTERM (about 17 503s a reload), and connections accepted just
+    before its socket closed were reset (1 or 2 in 3 reloads): gunicorn's handler reads the
+    listener's address first, EBADF on a closed socket (gateway.worker.NamedListener); the old
+    worker now stops listening as soon as a new one listens (FewAcceptsPerTurnServer.stop_listening)."""
+    import collections
+    import signal
+
+    with serving(tmp_path, workers=2) as (url, _, gateway_log, master):
+        assert wait_until(lambda: _answers(url + "/healthz"), timeout=30)
+        outcomes: collections.Counter = collections.Counter()
+        stop = time.monotonic() + 10
+
+        def client() -> None:
+            while time.monotonic() < stop:
+                try:
+                    reply = requests.post(url + "/generate", json={"prompt": "Hi there"},
+                                          headers={**AUTH, "Connection": "close"}, timeout=10)
+                    outcomes[reply.status_code if reply.status_code == 200 else reply.text[:120]] += 1
+                except requests.RequestException as exc:
+                    outcomes[type(exc).__name__ + ": " + str(exc)[-80:]] += 1
+
+        clients = [threading.Thread(target=client) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        for _ in range(3):
+            time.sleep(2.5)
+            os.kill(master, signal.SIGHUP)
+        for thread in clients:
+            thread.join()
+    drained = '{"error":{"message":"The gateway is shutting down; retry the request","type":"service_unavailable"'
+    assert outcomes[200] > 100, outcomes
+    assert all(k == 200 or k.startswith(drained) for k in outcomes), outcomes
+    assert "Socket error processing request" not in gateway_log.read_text()
