@@ -320,7 +320,8 @@ def test_multiprocess_metrics_are_summed_over_processes(tmp_path, gunicorn_conf,
         gunicorn_conf.child_exit(None, Worker())
         after = scrape()
         assert after.pop(in_flight) == 3 - gone
-        assert after == pytest.approx({k: v for k, v in before.items() if k != in_flight}, rel=1e-12)  # sums in another order
+        # (the same sums, added in another order)
+        assert after == pytest.approx({k: v for k, v in before.items() if k != in_flight}, rel=1e-12)
         assert not list(tmp_path.glob(f"*_{pid}.db"))
     names = {p.name for p in tmp_path.glob("*.db")}  # (each scrape's process leaves files too)
     assert {"counter_archive.db", "histogram_archive.db", f"counter_{pids[2]}.db", f"histogram_{pids[2]}.db",

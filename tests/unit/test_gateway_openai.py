@@ -106,7 +106,8 @@ def test_ignore_eos_bans_the_end_token_up_to_max_tokens(client, backend, path, b
     assert client.post(path, json={**body, "ignore_eos": False}, headers=AUTH).status_code == 200
     assert backend.last_params.sampling.min_tokens == body.get("min_tokens", 0)
     response = client.post(path, json={**body, "ignore_eos": "yes"}, headers=AUTH)
-    assert_error(response, 400, "invalid_request_error", "ignore_eos", "ignore_eos must be a boolean (true or false), got string \"yes\"")
+    assert_error(response, 400, "invalid_request_error", "ignore_eos",
+                 'ignore_eos must be a boolean (true or false), got string "yes"')
 
 
 def test_messages_content_parts_roles_and_names(client, backend):
