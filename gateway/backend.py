@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from trident.contract import ModelLimits, TextRequest
 
@@ -56,6 +56,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     choices: tuple[ChoiceEnd, ...] = ()
+    cached_tokens: int | None = None  # of prompt_tokens, from the engine's prefix cache (when it says)
 
     @property
     def ends(self) -> tuple[ChoiceEnd, ...]:
@@ -69,6 +70,14 @@ class Finished:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+
+    @property
+    def openai_usage(self) -> dict[str, Any]:
+        """OpenAI's usage: ``prompt_tokens_details.cached_tokens`` too, when the engine said."""
+        usage: dict[str, Any] = self.usage
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
 
 
 @dataclass(frozen=True, slots=True)

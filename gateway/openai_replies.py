@@ -81,7 +81,8 @@ class _Reply:
 
     def response(self, choices: list[Choice], finished: Finished) -> dict[str, Any]:
         """The non-streaming response body; usage counts every generated token (best_of's too)."""
-        return {**self._head(self.object), "choices": [self._choice(c) for c in choices], "usage": finished.usage}
+        return {**self._head(self.object), "choices": [self._choice(c) for c in choices],
+                "usage": finished.openai_usage}
 
     # -- SSE -----------------------------------------------------------------------------------
 
@@ -106,7 +107,7 @@ class _Reply:
         out = b"".join(self._chunk([self._delta_choice(end.index, None, finish_reason(end.finish_reason))])
                        for end in event.ends)
         if self.include_usage:
-            out += self._chunk([], usage=event.usage)
+            out += self._chunk([], usage=event.openai_usage)
         return out + DONE
 
     error = staticmethod(error_chunk)  # SSEBody's ``encode_error``

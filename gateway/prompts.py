@@ -148,8 +148,10 @@ class PromptsGeneration:
     def _finished(self, finals: list[Finished]) -> Finished:
         ends = tuple(ChoiceEnd(end.index + i * self._n, end.finish_reason, end.completion_tokens, end.cum_logprob)
                      for i, final in enumerate(finals) for end in final.ends)
+        cached = [f.cached_tokens for f in finals if f.cached_tokens is not None]
         return Finished(finish_reason=finals[0].finish_reason, prompt_tokens=sum(f.prompt_tokens for f in finals),
-                        completion_tokens=sum(f.completion_tokens for f in finals), choices=ends)
+                        completion_tokens=sum(f.completion_tokens for f in finals), choices=ends,
+                        cached_tokens=sum(cached) if len(cached) == len(finals) else None)
 
     def close(self) -> None:
         self._closed = True

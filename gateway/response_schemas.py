@@ -44,6 +44,17 @@ class UsageSchema(Schema):
     total_tokens = _required(fields.Integer, validate=Range(min=0))
 
 
+class PromptTokensDetailsSchema(Schema):
+    cached_tokens = _required(fields.Integer, validate=Range(min=0))
+
+
+class OpenAIUsageSchema(UsageSchema):
+    """OpenAI's usage: with ``prompt_tokens_details.cached_tokens`` when the engine reports how
+    many prompt tokens came from its prefix cache (the CPU engine), absent otherwise."""
+
+    prompt_tokens_details = fields.Nested(PromptTokensDetailsSchema)
+
+
 class HealthSchema(Schema):
     status = _const("ok")
 
@@ -180,7 +191,7 @@ class CompletionResponseSchema(Schema):
     created = _required(fields.Integer)
     model = _required(fields.String)
     choices = _choices(CompletionChoiceSchema, most=MAX_COMPLETION_CHOICES)
-    usage = fields.Nested(UsageSchema, required=True)
+    usage = fields.Nested(OpenAIUsageSchema, required=True)
 
 
 class CompletionChunkChoiceSchema(Schema):
@@ -199,7 +210,7 @@ class CompletionChunkSchema(Schema):
     created = _required(fields.Integer)
     model = _required(fields.String)
     choices = _choices(CompletionChunkChoiceSchema, streamed=True)
-    usage = fields.Nested(UsageSchema, allow_none=True)
+    usage = fields.Nested(OpenAIUsageSchema, allow_none=True)
 
 
 class CalledFunctionSchema(Schema):
@@ -236,7 +247,7 @@ class ChatCompletionResponseSchema(Schema):
     created = _required(fields.Integer)
     model = _required(fields.String)
     choices = _choices(ChatChoiceSchema)
-    usage = fields.Nested(UsageSchema, required=True)
+    usage = fields.Nested(OpenAIUsageSchema, required=True)
 
 
 class DeltaFunctionSchema(Schema):
@@ -277,4 +288,4 @@ class ChatCompletionChunkSchema(Schema):
     created = _required(fields.Integer)
     model = _required(fields.String)
     choices = _choices(ChatChunkChoiceSchema, streamed=True)
-    usage = fields.Nested(UsageSchema, allow_none=True)
+    usage = fields.Nested(OpenAIUsageSchema, allow_none=True)

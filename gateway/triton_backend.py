@@ -145,6 +145,7 @@ class TritonGeneration:
         self._closed = False
         self._ends: dict[int, ChoiceEnd] = {}  # each choice's last response
         self._prompt_tokens = 0
+        self._cached_tokens: int | None = None
         self._ended = False
         self._pending_error: ApiError | None = None
 
@@ -170,6 +171,8 @@ class TritonGeneration:
                 if item.finished is not None:
                     self._ends[item.finished.index] = item.finished
                     self._prompt_tokens = item.prompt_tokens
+                    if item.cached_tokens is not None:
+                        self._cached_tokens = item.cached_tokens
             elif item is None:  # the call ended
                 self._ended = True
                 if self._closed:
@@ -194,7 +197,8 @@ class TritonGeneration:
         ends = tuple(self._ends[i] for i in sorted(self._ends))
         return Finished(finish_reason=ends[0].finish_reason, prompt_tokens=self._prompt_tokens,
                         completion_tokens=sum(end.completion_tokens for end in ends),
-                        choices=ends if len(ends) > 1 or ends[0].cum_logprob is not None else ())
+                        choices=ends if len(ends) > 1 or ends[0].cum_logprob is not None else (),
+                        cached_tokens=self._cached_tokens)
 
     def __iter__(self) -> Iterator[Event]:
         while True:

@@ -70,6 +70,7 @@ class StreamResponse:
     index: int = 0  # the choice (sequence_index)
     logprobs: TokenLogprobs | None = None  # the tokens of ``text``, when asked for
     prompt_tokens: int = 0  # with ``finished``
+    cached_tokens: int | None = None  # with ``finished``, when the engine reports it
 
 
 _SCALAR_FORMATS = {"INT32": "<i", "INT64": "<q", "UINT64": "<Q"}
@@ -138,6 +139,7 @@ def parse_stream_response(
         index=index,
         logprobs=_token_logprobs(arrays) if "output_log_probs" in arrays else None,
         prompt_tokens=int(values.get("prompt_tokens", 0)),
+        cached_tokens=int(values["cached_tokens"]) if "cached_tokens" in values else None,
     )
 
 

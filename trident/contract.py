@@ -109,6 +109,10 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("top_log_prob_texts", np.object_, matrix=True),
     TensorSpec("top_log_probs", np.float32, matrix=True),
     TensorSpec("cum_log_probs", np.float32),
+    # On a choice's last response, when the engine reports it (feature cached_tokens, the CPU
+    # engine): how many of the prompt's tokens came from the engine's prefix cache (OpenAI's
+    # usage.prompt_tokens_details.cached_tokens).
+    TensorSpec("cached_tokens", np.int32),
 )
 
 #: Environment variable naming a Triton server (``host:grpc port`` by default, set by the

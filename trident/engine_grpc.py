@@ -115,12 +115,7 @@ class GrpcEngine:
                     continue
                 arrays = output_arrays(infer)
                 if arrays:
-                    out = read_response(arrays.get)
-                    yield EngineChunk(token_ids=out.token_ids, log_probs=out.log_probs, top_ids=out.top_ids,
-                                      top_log_probs=out.top_log_probs, sequence_index=out.sequence_index,
-                                      final=finished, context_log_probs=out.context_log_probs,
-                                      context_top_ids=out.context_top_ids,
-                                      context_top_log_probs=out.context_top_log_probs)
+                    yield EngineChunk.of(read_response(arrays.get), final=finished)
         except grpc.RpcError as exc:
             if not finished:
                 yield EngineChunk(error=self._failure(exc, engine_id))

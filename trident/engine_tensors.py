@@ -60,6 +60,8 @@ CPU_ENGINE_INPUTS: dict[str, Any] = {
     # the prompt's own log-probabilities, with this many alternatives per position (0..20);
     # absent or negative: none (OpenAI's echo with logprobs)
     "num_context_log_probs": np.int32,
+    # the final response says how many prompt tokens came from the prefix cache (num_cached_tokens)
+    "return_num_cached_tokens": np.bool_,
 }
 OUTPUT_IDS = "output_ids"  # (batch 1, beam 1, new tokens) int32
 SEQUENCE_LENGTH = "sequence_length"  # (1, 1) int32
@@ -77,6 +79,8 @@ CONTEXT_LOG_PROBS = "context_log_probs"  # (1, 1, L) fp32: element i is log P(pr
 CONTEXT_TOP_LOG_PROBS = "context_top_log_probs"  # (1, 1, L, k) fp32, best first; row 0: NaN
 CONTEXT_TOP_LOG_PROB_IDS = "context_top_log_prob_ids"  # (1, 1, L, k) int32; row 0: -1
 CONTEXT_OUTPUTS = (CONTEXT_LOG_PROBS, CONTEXT_TOP_LOG_PROBS, CONTEXT_TOP_LOG_PROB_IDS)
+# CPU engine, with return_num_cached_tokens, on the request's final response:
+NUM_CACHED_TOKENS = "num_cached_tokens"  # (1, 1) int32: prompt tokens taken from the prefix cache
 
 
 class EngineTensorError(ValueError):
@@ -112,11 +116,13 @@ def words_list(sequences: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def engine_inputs(sampling: SamplingParams, *, input_ids: Sequence[int], end_id: int, pad_id: int,
-                  bad_words_ids: Sequence[Sequence[int]] = (), vocab_size: int = 0) -> dict[str, np.ndarray]:
+                  bad_words_ids: Sequence[Sequence[int]] = (), vocab_size: int = 0,
+                  report_cached: bool = False) -> dict[str, np.ndarray]:
     """The engine request for one prompt (leading batch dim 1, explicit dtypes). Every sampling
     value is sent, so the engine's own defaults never apply. Greedy (``sampling.greedy``) is
     TensorRT-LLM's ``runtime_top_k`` 1 (it refuses a zero temperature). Always streaming: ``llm``
-    matches stop sequences as tokens come and stops the request on a match."""
+    matches stop sequences as tokens come and stops the request on a match. ``report_cached``:
+    ask for the final response's num_cached_tokens (CPU engine only)."""
     tensors = {
         "input_ids": np.array([list(input_ids)], dtype=np.int32),
         "input_lengths": _one(len(input_ids), "input_lengths"),
@@ -138,6 +144,8 @@ def engine_inputs(sampling: SamplingParams, *, input_ids: Sequence[int], end_id:
     if bad_words_ids:
         tensors["bad_words_list"] = words_list(bad_words_ids)
     tensors.update(_output_control_inputs(sampling, vocab_size))
+    if report_cached:  # an engine with the feature (CPU): the prefix cache's share of the prompt
+        tensors["return_num_cached_tokens"] = _one(True, "return_num_cached_tokens")
     return tensors
 
 
@@ -341,6 +349,7 @@ class EngineResponse:
     context_log_probs: Optional[list[float]] = None
     context_top_ids: Optional[list[list[int]]] = None
     context_top_log_probs: Optional[list[list[float]]] = None
+    cached_tokens: Optional[int] = None  # NUM_CACHED_TOKENS (the final response, when asked for)
 
 
 def read_response(get: Callable[[str], Optional[np.ndarray]]) -> EngineResponse:
@@ -368,6 +377,8 @@ def read_response(get: Callable[[str], Optional[np.ndarray]]) -> EngineResponse:
             k = np.shape(c_ids)[-1]
             context_ids = np.asarray(c_ids).reshape(-1, k).tolist()
             context_top = np.asarray(c_lp, dtype=np.float32).reshape(-1, k).tolist()
+    cached = get(NUM_CACHED_TOKENS)
     return EngineResponse(ids, log_probs, top_ids, top,
                           int(np.asarray(index).reshape(-1)[0]) if index is not None and np.size(index) else 0,
-                          context, context_ids, context_top)
+                          context, context_ids, context_top,
+                          int(np.asarray(cached).reshape(-1)[0]) if cached is not None and np.size(cached) else None)

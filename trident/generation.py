@@ -55,6 +55,7 @@ class TextGeneration:
         self.index = index
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self.cached_tokens: Optional[int] = None  # of prompt_tokens, from the engine's prefix cache (when reported)
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = StopSequenceMatcher(req.sampling.stop)
         self.finish_reason: Optional[str] = None

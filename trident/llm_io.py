@@ -12,7 +12,15 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 from .contract import ModelLimits
-from .engine_tensors import CONTEXT_OUTPUTS, CPU_ENGINE_OUTPUTS, ENGINE_OUTPUTS, LOG_PROB_OUTPUTS, SEQUENCE_INDEX
+from .engine_tensors import (
+    CONTEXT_OUTPUTS,
+    CPU_ENGINE_OUTPUTS,
+    ENGINE_OUTPUTS,
+    LOG_PROB_OUTPUTS,
+    NUM_CACHED_TOKENS,
+    SEQUENCE_INDEX,
+    EngineResponse,
+)
 from .generation import TextGeneration, TokenLogprob
 from .sampling_params import SamplingParams
 
@@ -120,6 +128,17 @@ class EngineChunk:
     context_log_probs: Optional[Sequence[float]] = None
     context_top_ids: Optional[Sequence[Sequence[int]]] = None
     context_top_log_probs: Optional[Sequence[Sequence[float]]] = None
+    # In the request's final response, when asked for (feature cached_tokens): prompt tokens the
+    # engine took from its prefix cache
+    cached_tokens: Optional[int] = None
+
+    @classmethod
+    def of(cls, out: EngineResponse, *, final: bool = False) -> "EngineChunk":
+        """The chunk of an engine response read by trident.engine_tensors.read_response."""
+        return cls(token_ids=out.token_ids, log_probs=out.log_probs, top_ids=out.top_ids,
+                   top_log_probs=out.top_log_probs, sequence_index=out.sequence_index, final=final,
+                   context_log_probs=out.context_log_probs, context_top_ids=out.context_top_ids,
+                   context_top_log_probs=out.context_top_log_probs, cached_tokens=out.cached_tokens)
 
 
 class EngineClient(Protocol):
@@ -136,10 +155,11 @@ class EngineFailure(Exception):
     """The engine model answered with an error; its message is passed on unchanged."""
 
 
-def engine_outputs(sampling: SamplingParams) -> tuple[str, ...]:
+def engine_outputs(sampling: SamplingParams, *, cached_tokens: bool = False) -> tuple[str, ...]:
     """The engine outputs a request needs: log-probabilities, alternatives (CPU engine), the
-    choice index, only when it asked for them."""
-    outputs = ENGINE_OUTPUTS
+    choice index, only when it asked for them; ``cached_tokens``: the prefix cache's share of
+    the prompt (an engine with that feature)."""
+    outputs = ENGINE_OUTPUTS + ((NUM_CACHED_TOKENS,) if cached_tokens else ())
     if sampling.logprobs is not None:
         outputs += LOG_PROB_OUTPUTS
         if sampling.logprobs:
@@ -155,7 +175,8 @@ def output_tensors(text: str, *, index: int = 0, tokens: Optional[list[TokenLogp
                    gen: Optional[TextGeneration] = None, n: int = 1) -> dict[str, np.ndarray]:
     """One llm response's tensors (trident.contract.LLM_OUTPUTS), each with the batch dimension:
     the text; the choice index with several choices; the tokens of the text with logprobs; and on
-    a choice's last response (``gen``) its finish_reason, token counts and cum_log_probs."""
+    a choice's last response (``gen``) its finish_reason, token counts (cached_tokens when the
+    engine reported them) and cum_log_probs."""
     out = {"text_output": np.array([[text.encode("utf-8")]], dtype=np.object_)}
     if n > 1:
         out["sequence_index"] = np.array([[index]], dtype=np.int32)
@@ -178,6 +199,8 @@ def output_tensors(text: str, *, index: int = 0, tokens: Optional[list[TokenLogp
         out["finish_reason"] = np.array([[gen.finish_reason.encode()]], dtype=np.object_)
         out["prompt_tokens"] = np.array([[gen.prompt_tokens]], dtype=np.int32)
         out["completion_tokens"] = np.array([[gen.completion_tokens]], dtype=np.int32)
+        if gen.cached_tokens is not None:
+            out["cached_tokens"] = np.array([[gen.cached_tokens]], dtype=np.int32)
         if gen.logprobs:
             out["cum_log_probs"] = np.array([[gen.cum_logprob]], dtype=np.float32)
     return out

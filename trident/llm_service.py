@@ -58,6 +58,7 @@ from .contract import (
     InvalidRequest,
     TaggedError,
     TextRequest,
+    FEATURE_CACHED_TOKENS,
     context_error,
     detokenize_outputs,
     prompt_chars_error,
@@ -111,6 +112,7 @@ class Job:
     cancel_requested: bool = False  # a cancel request named it: its client is gone
     via_board: bool = False  # ... which reached another instance, and came here by its board
     running: bool = False  # the engine has answered (it holds a slot for it)
+    report_cached: bool = False  # the engine reports the prompt tokens of its prefix cache
 
 
 class LlmService:
@@ -276,14 +278,15 @@ class LlmService:
         bad_ids = [self.tokenizer(w, add_special_tokens=False).input_ids for w in text.sampling.bad_words]
         if text.sampling.guide is not None:
             check_guide(text.sampling.guide)  # a schema XGrammar cannot take: 400 here, on CPU and GPU
+        report_cached = limits is not None and FEATURE_CACHED_TOKENS in limits.features
         tensors = engine_inputs(text.sampling, input_ids=input_ids,
                                 end_id=self.end_id if text.end_id is None else text.end_id,
                                 pad_id=self.pad_id if text.pad_id is None else text.pad_id,
                                 bad_words_ids=[b for b in bad_ids if b],
-                                vocab_size=self.vocab_size)
+                                vocab_size=self.vocab_size, report_cached=report_cached)
         return Job(request=request, text=text, tensors=tensors, prompt_tokens=len(input_ids),
                    engine_id=str(next(self._ids)), last_check=self.clock(), token=request.cancel_token(),
-                   input_ids=list(input_ids))
+                   input_ids=list(input_ids), report_cached=report_cached)
 
     # -- cancellation ---------------------------------------------------------------------------
 
@@ -455,10 +458,14 @@ class LlmService:
         if text.sampling.echo and not echo_tokens:
             prompt = self._prompt_text(job)
             parts = [[prompt] for _ in range(n)]
-        for chunk in self.engine.stream(job.tensors, job.engine_id, engine_outputs(text.sampling)):
+        outputs = engine_outputs(text.sampling, cached_tokens=job.report_cached)
+        for chunk in self.engine.stream(job.tensors, job.engine_id, outputs):
             job.running = True
             if chunk.error is not None:
                 raise EngineFailure(chunk.error)
+            if chunk.cached_tokens is not None:  # the engine's final response: choices not ended yet
+                for gen in gens:
+                    gen.cached_tokens = chunk.cached_tokens
             if echo_tokens:
                 echo_tokens = False
                 if chunk.context_log_probs is None:

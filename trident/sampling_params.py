@@ -44,7 +44,8 @@ FEATURE_TOP_LOGPROBS = "top_logprobs"  # alternatives per token (TensorRT-LLM: t
 FEATURE_MIN_P = "min_p"  # the backend reads no min_p input
 FEATURE_GUIDED = "guided_decoding"  # XGrammar configured (both engines, when the build could describe the tokenizer)
 FEATURE_PROMPT_LOGPROBS = "prompt_logprobs"  # the prompt's log-probabilities (the CPU engine's context outputs)
-ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P, FEATURE_GUIDED, FEATURE_PROMPT_LOGPROBS)
+FEATURE_CACHED_TOKENS = "cached_tokens"  # prompt tokens from the prefix cache, per request (return_num_cached_tokens)
+ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P, FEATURE_GUIDED, FEATURE_PROMPT_LOGPROBS, FEATURE_CACHED_TOKENS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from trident.engine_tensors import (
     CONTEXT_OUTPUTS,
     CONTEXT_TOP_LOG_PROB_IDS,
     CONTEXT_TOP_LOG_PROBS,
+    NUM_CACHED_TOKENS,
     engine_inputs,
     read_response,
 )
@@ -571,3 +572,60 @@ def test_a_row_with_every_token_masked_ends_as_at_its_end_id():
     tokens, _ = sample_step(torch.randn(2, 8), [seq.sampling, live])
     assert tokens[0] == NO_TOKEN and 0 <= tokens[1] < 8
     assert seq.append(tokens[0]) == "end_id" and seq.output == []
+
+
+# -- the prefix cache's share of a prompt (return_num_cached_tokens) ------------------------------
+
+
+def cached_run(engine, prompt, *, report=True, streaming=True, **sampling):
+    """A request's outputs, checked that only its final one says how many prompt tokens came
+    from the prefix cache (and that one only when asked)."""
+    rid = f"k{next(_ids)}"
+    sink = Collector()
+    sampling.setdefault("max_new_tokens", 3)
+    sampling.setdefault("temperature", 0.0)
+    engine.submit(GenerationRequest(rid, list(prompt), SamplingParams(**sampling), end_id=None, streaming=streaming,
+                                    report_cached=report), sink)
+    outs = sink.finished(rid)
+    assert [o.cached_tokens is not None for o in outs] == [False] * (len(outs) - 1) + [report]
+    return outs[-1].cached_tokens, outs
+
+
+def test_the_final_output_says_how_many_prompt_tokens_came_from_the_prefix_cache(int4, fp32, tok):
+    """The paged int4 batch: the first request of a prompt computes it all (0); the next reuses
+    its whole blocks, all but the last token's (the hit the engine counts); n sequences report
+    it once, on the request's final output. The fp32 slot batch has no prefix cache: 0."""
+    prompt = tok("The prefix cache's share: " + CONTEXT_TEXT).input_ids
+    block = int4.config.kv_block_size
+    assert len(prompt) > 2 * block
+    before = int4.stats()["prefix_cache_hit_tokens"]
+    assert cached_run(int4, prompt)[0] == 0
+    reused, _ = cached_run(int4, prompt, streaming=False)
+    assert reused == (len(prompt) - 1) // block * block
+    assert int4.stats()["prefix_cache_hit_tokens"] - before == reused
+    assert cached_run(int4, prompt, n=2, max_new_tokens=4)[0] == reused
+    longer = prompt + tok(" And one more sentence of its own.", add_special_tokens=False).input_ids
+    assert reused <= cached_run(int4, longer)[0] <= len(prompt)  # its own tail is computed
+    assert cached_run(int4, prompt, report=False)[0] is None
+    assert cached_run(fp32, prompt)[0] == 0
+    assert cached_run(fp32, prompt)[0] == 0
+
+
+def test_num_cached_tokens_tensors_round_trip(int4, tok):
+    """The engine model's tensors: the input asks, the final response carries (1, 1) int32, and
+    llm's reader takes it."""
+    prompt = tok("Round trip of the cached count: " + CONTEXT_TEXT).input_ids
+    sampling = SamplingParams(max_new_tokens=2, temperature=0.0)
+    tensors = engine_inputs(sampling, input_ids=prompt, end_id=EOS, pad_id=EOS, report_cached=True)
+    request = request_from_tensors("rt-cached", tensors)
+    assert request.report_cached
+    assert not request_from_tensors("rt-plain", engine_inputs(sampling, input_ids=prompt, end_id=EOS,
+                                                               pad_id=EOS)).report_cached
+    cached_run(int4, prompt)  # the blocks are cached now
+    sink = Collector()
+    int4.submit(request, sink)
+    outs = sink.finished("rt-cached")
+    arrays = response_arrays(outs[-1])
+    assert arrays[NUM_CACHED_TOKENS].shape == (1, 1) and arrays[NUM_CACHED_TOKENS].dtype == np.int32
+    assert read_response(arrays.get).cached_tokens == outs[-1].cached_tokens > 0
+    assert all(NUM_CACHED_TOKENS not in response_arrays(o) for o in outs[:-1])

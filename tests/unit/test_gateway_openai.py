@@ -691,3 +691,28 @@ def test_closing_the_prompts_generation_closes_every_prompt():
     combined.close()
     assert list(events) == []
     assert all(g.closed.is_set() for g in gens)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_says_how_many_prompt_tokens_came_from_the_prefix_cache(tmp_path, stream):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens when the engine reports it (the CPU
+    engine), summed over the prompts of a request; absent when it does not (GPU); /generate's
+    usage (shared/API.md) is unchanged."""
+    cached = {"Hi there": 8, "Hello": 2}
+    backend = FakeBackend(script=lambda p: ["Hi", Finished("length", 12, 1, cached_tokens=cached.get(p.prompt))])
+    client = make_openai_app(tmp_path, backend=backend)[0].test_client()
+    extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+
+    def usage(path: str, body: dict) -> dict:
+        response = client.post(path, json={**body, **extra}, headers=AUTH)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return sse_data(response)[-2]["usage"] if stream else response.get_json()["usage"]
+
+    details = {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13, "prompt_tokens_details": {"cached_tokens": 8}}
+    assert usage("/v1/completions", COMPLETION) == details
+    two = usage("/v1/completions", {"prompt": ["Hi there", "Hello"]})
+    assert two["prompt_tokens_details"] == {"cached_tokens": 10} and two["prompt_tokens"] == 24
+    assert "prompt_tokens_details" not in usage("/v1/completions", {"prompt": "Bye"})
+    assert usage("/v1/chat/completions", CHAT) == {k: v for k, v in details.items() if k != "prompt_tokens_details"}
+    response = client.post("/generate", json={"prompt": "Hi there"}, headers=AUTH)
+    assert response.get_json()["usage"] == {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13}

@@ -209,3 +209,16 @@ def test_the_llm_models_logprob_outputs_parse_back():
     assert parsed.finished == ChoiceEnd(1, "length", 2, -0.75)
     plain = parse(stream_response(arrays=output_tensors("x", tokens=[TokenLogprob("x", 1, -1.0)])))
     assert plain.logprobs.top is None and plain.finished is None and plain.index == 0
+
+
+def test_a_choices_last_response_carries_the_prefix_caches_share_when_the_engine_said():
+    from trident.contract import TextRequest
+    from trident.generation import TextGeneration
+    from trident.llm_io import output_tensors
+
+    gen = TextGeneration(None, TextRequest(prompt="p"), prompt_tokens=40, token_text=str)
+    gen.finish_reason, gen.completion_tokens = "length", 2
+    assert parse(stream_response(arrays=output_tensors("x", gen=gen), final=True)).cached_tokens is None
+    gen.cached_tokens = 32
+    parsed = parse(stream_response(arrays=output_tensors("x", gen=gen), final=True))
+    assert (parsed.prompt_tokens, parsed.cached_tokens) == (40, 32)

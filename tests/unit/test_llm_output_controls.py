@@ -6,7 +6,14 @@ import pytest
 from test_llm_service import FakeEngine, FakeRequest, make_service, wait  # noqa: F401 (fixture)
 
 from trident.contract import parse_error
-from trident.engine_tensors import CONTEXT_OUTPUTS, ENGINE_OUTPUTS, LOG_PROB_OUTPUTS, SEQUENCE_INDEX, TOP_LOG_PROBS
+from trident.engine_tensors import (
+    CONTEXT_OUTPUTS,
+    ENGINE_OUTPUTS,
+    LOG_PROB_OUTPUTS,
+    NUM_CACHED_TOKENS,
+    SEQUENCE_INDEX,
+    TOP_LOG_PROBS,
+)
 from trident.generation import TextGeneration, TokenLogprob
 from trident.llm_io import engine_outputs, output_tensors
 from trident.contract import ENGINE_FEATURES, ModelLimits, SamplingParams, TextRequest
@@ -195,3 +202,24 @@ def test_an_engine_that_sends_no_prompt_logprobs_is_an_error(make_service, token
     wait(req)
     (kind, message), = [s for s in req.sent if s[0] == "send_error"]
     assert "no log-probabilities of the prompt" in message
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_prefix_cache_share_reaches_every_choice_still_open_at_the_engines_end(make_service, stream):
+    """An engine with the feature (CPU) is asked for num_cached_tokens (in its final response),
+    and each choice's last response carries it; without the feature (GPU) it is neither asked
+    for nor sent."""
+    service, engine = make_service(limits=FEATURES)
+    req = request(num_return_sequences=3, stream=stream)
+    service.accept(req)
+    wait(req)
+    assert NUM_CACHED_TOKENS in engine.outputs
+    assert [g.cached_tokens for g in req.ended] == [7, 7, 7]
+    gen = req.ended[0]
+    assert output_tensors("x", gen=gen)["cached_tokens"].tolist() == [[7]]
+    plain, engine = make_service()  # the GPU repository's features: not asked, not reported
+    req = request(stream=stream)
+    plain.accept(req)
+    wait(req)
+    assert NUM_CACHED_TOKENS not in engine.outputs and [g.cached_tokens for g in req.ended] == [None]
+    assert "cached_tokens" not in output_tensors("x", gen=req.ended[0])

@@ -33,6 +33,7 @@ class FakeRequest:
         self.cancelled = threading.Event()
         self.sent = []  # (kind, payload)
         self.choices = []  # ("text" | "end" | "final", choice index, text, tokens)
+        self.ended = []  # the TextGeneration of each choice's last response, in order
         self.done = threading.Event()
         self.polls = 0  # is_cancelled() calls
 
@@ -82,6 +83,7 @@ class FakeRequest:
 
     def send_final(self, text, gen, *, tokens=None, final=True):
         self._record("send_final", (text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens), final=final)
+        self.ended.append(gen)
         self.choices.append(("final" if final else "end", gen.index, text, tokens))
 
     def send_error(self, message):
@@ -144,6 +146,8 @@ class FakeEngine:
                 extra = {}
                 if self.last_in_final and step == steps - 1 and index == n - 1:
                     extra["final"] = True
+                    if "return_num_cached_tokens" in tensors:
+                        extra["cached_tokens"] = 7
                 if logprobs:
                     extra["log_probs"] = [-0.25 * (index + 1)]
                 if top:
@@ -157,7 +161,9 @@ class FakeEngine:
                 yield EngineChunk(token_ids=[token], sequence_index=index, **extra)
                 if extra.get("final"):
                     return
-        yield EngineChunk(token_ids=[], final=True)  # the final response
+        # the final response; with return_num_cached_tokens it says 7 prompt tokens were cached
+        yield EngineChunk(token_ids=[], final=True,
+                          cached_tokens=7 if "return_num_cached_tokens" in tensors else None)
 
     def stop(self, engine_id):
         self.stops.append(engine_id)

@@ -396,6 +396,8 @@ class Engine:
             out.log_probs, out.cum_log_prob = seq.log_probs[start:], seq.cum_log_prob
             if seq.top_ids is not None:
                 out.top_ids, out.top_log_probs = seq.top_ids[start:], seq.top_log_probs[start:]
+        if finished and seq.request.report_cached and error is None:
+            out.cached_tokens = seq.cached_prompt
         ctx = seq.context
         if ctx is not None and not ctx.sent and ctx.ready and error is None:  # the request's first output
             ctx.sent = True

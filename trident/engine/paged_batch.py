@@ -45,7 +45,8 @@ class PagedBatch:
         seq.slot = heapq.heappop(self._free_slots)
         if seq.group is not None:
             seq.group.reserved = [heapq.heappop(self._free_slots) for _ in range(seq.group.n - 1)]
-        seq.cache_len = self.cache.open(seq.slot, seq.request.input_ids, reuse=seq.context is None)
+        seq.cache_len = seq.cached_prompt = self.cache.open(seq.slot, seq.request.input_ids,
+                                                            reuse=seq.context is None)
         self.sequences.append(seq)
 
     def fork(self, leader: Sequence, children: list[Sequence]) -> None:

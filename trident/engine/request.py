@@ -63,6 +63,9 @@ class GenerationRequest:
     # num_context_log_probs: the prompt's own log-probabilities with k alternatives per position,
     # in the first output (context.py); None: not asked.
     context_logprobs: int | None = None
+    # return_num_cached_tokens: the final output says how many prompt tokens came from the
+    # prefix cache (num_cached_tokens; OpenAI's usage.prompt_tokens_details.cached_tokens).
+    report_cached: bool = False
     # Polled at most every cancel_check_interval; True cancels the request (the client went away).
     is_cancelled: Callable[[], bool] | None = field(default=None, repr=False)
     # The guide compiled by Engine.submit (xgrammar.CompiledGrammar), in the submitting thread.
@@ -174,3 +177,6 @@ class GenerationOutput:
     context_log_probs: np.ndarray | None = None
     context_top_ids: np.ndarray | None = None
     context_top_log_probs: np.ndarray | None = None
+    # With report_cached, on the request's final output: its prompt tokens whose K/V came from the
+    # prefix cache at admission (0 on the fp32 slot batch, which has none).
+    cached_tokens: int | None = None

@@ -41,6 +41,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     emitted: int = 0  # output tokens already sent (streaming)
     cache_len: int = 0  # tokens whose K/V are in the cache
+    cached_prompt: int = 0  # of the prompt, tokens taken from the prefix cache at admission
     slot: int = -1  # its row of the paged cache's block tables (paged_batch.py)
     finished: bool = False
     cancel_checked: float = 0.0  # time.monotonic() of the last is_cancelled() poll
@@ -81,6 +82,7 @@ class Sequence:
                          matcher=group.matchers[index] if group.matchers else None, seen=self.sampling.seen)
         seq.group = group
         seq.cache_len = self.cache_len
+        seq.cached_prompt = self.cached_prompt
         seq.context = self.context
         group.members.append(seq)
         return seq

@@ -17,6 +17,7 @@ from trident.engine_tensors import (
     CONTEXT_LOG_PROBS,
     CONTEXT_TOP_LOG_PROB_IDS,
     CONTEXT_TOP_LOG_PROBS,
+    NUM_CACHED_TOKENS,
     EngineTensorError,
     batch_row,
     decode_words_list,
@@ -73,6 +74,7 @@ def request_from_tensors(request_id: str, tensors: Mapping[str, np.ndarray], *,
             # streaming outputs never repeat the prompt (TensorRT-LLM's either)
             include_input=not streaming and not bool(scalar(tensors, "exclude_input_in_output", exclude_input)),
             context_logprobs=_context_logprobs(tensors),
+            report_cached=bool(scalar(tensors, "return_num_cached_tokens", False)),
         )
     except EngineTensorError as exc:
         raise InvalidRequestError(str(exc)) from None
@@ -100,6 +102,8 @@ def response_arrays(out: GenerationOutput) -> dict[str, np.ndarray]:
                            top_ids=_rows(out.top_ids, np.int32) if top else None,
                            top_log_probs=_rows(out.top_log_probs, np.float32) if top else None,
                            sequence_index=out.sequence_index)
+    if out.cached_tokens is not None:
+        arrays[NUM_CACHED_TOKENS] = np.array([[out.cached_tokens]], dtype=np.int32)
     if out.context_log_probs is not None:
         L, k = out.context_top_ids.shape
         arrays[CONTEXT_LOG_PROBS] = np.asarray(out.context_log_probs, dtype=np.float32).reshape(1, 1, L)

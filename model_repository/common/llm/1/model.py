@@ -218,9 +218,7 @@ class BlsEngine:
                 tensor = pb_utils.get_output_tensor_by_name(response, name)
                 return None if tensor is None else tensor.as_numpy()
 
-            out = read_response(get)
-            yield EngineChunk(token_ids=out.token_ids, log_probs=out.log_probs, top_ids=out.top_ids,
-                              top_log_probs=out.top_log_probs, sequence_index=out.sequence_index)
+            yield EngineChunk.of(read_response(get))
 
     def stop(self, engine_id):
         stop = pb_utils.InferenceRequest(
