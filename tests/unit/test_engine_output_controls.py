@@ -170,16 +170,22 @@ CONTEXT_TEXT = ("In 1492, Columbus sailed the ocean blue. He was looking for a r
                 "Americas instead, which changed history.")
 
 
-def context_run(engine, prompt, k, *, rid=None, streaming=True, **sampling):
-    """A request with context logprobs: its outputs in the order sent, checked that exactly the
-    first carries the prompt's arrays; returns (log_probs (L,), top ids (L, k), top values, outputs)."""
-    rid = rid or f"c{next(_ids)}"
+def outputs_of(engine, prompt, rid, *, streaming=True, request=None, **sampling):
+    """One short greedy request (no end id) with these GenerationRequest fields: its outputs, in
+    the order sent."""
     sink = Collector()
     sampling.setdefault("max_new_tokens", 3)
     sampling.setdefault("temperature", 0.0)
     engine.submit(GenerationRequest(rid, list(prompt), SamplingParams(**sampling), end_id=None, streaming=streaming,
-                                    context_logprobs=k), sink)
-    outs = sink.finished(rid)
+                                    **(request or {})), sink)
+    return sink.finished(rid)
+
+
+def context_run(engine, prompt, k, *, rid=None, streaming=True, **sampling):
+    """A request with context logprobs: its outputs in the order sent, checked that exactly the
+    first carries the prompt's arrays; returns (log_probs (L,), top ids (L, k), top values, outputs)."""
+    outs = outputs_of(engine, prompt, rid or f"c{next(_ids)}", streaming=streaming,
+                      request={"context_logprobs": k}, **sampling)
     assert [o.context_log_probs is not None for o in outs] == [True] + [False] * (len(outs) - 1)
     first = outs[0]
     L = len(prompt)
@@ -580,13 +586,8 @@ def test_a_row_with_every_token_masked_ends_as_at_its_end_id():
 def cached_run(engine, prompt, *, report=True, streaming=True, **sampling):
     """A request's outputs, checked that only its final one says how many prompt tokens came
     from the prefix cache (and that one only when asked)."""
-    rid = f"k{next(_ids)}"
-    sink = Collector()
-    sampling.setdefault("max_new_tokens", 3)
-    sampling.setdefault("temperature", 0.0)
-    engine.submit(GenerationRequest(rid, list(prompt), SamplingParams(**sampling), end_id=None, streaming=streaming,
-                                    report_cached=report), sink)
-    outs = sink.finished(rid)
+    outs = outputs_of(engine, prompt, f"k{next(_ids)}", streaming=streaming, request={"report_cached": report},
+                      **sampling)
     assert [o.cached_tokens is not None for o in outs] == [False] * (len(outs) - 1) + [report]
     return outs[-1].cached_tokens, outs
 
