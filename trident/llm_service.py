@@ -112,7 +112,6 @@ class Job:
     cancel_requested: bool = False  # a cancel request named it: its client is gone
     via_board: bool = False  # ... which reached another instance, and came here by its board
     running: bool = False  # the engine has answered (it holds a slot for it)
-    report_cached: bool = False  # the engine reports the prompt tokens of its prefix cache
 
 
 class LlmService:
@@ -129,6 +128,8 @@ class LlmService:
         self.end_id = tokenizer.eos_token_id
         # Token ids are below it: the config's vocab_size, else the tokenizer's (read once).
         self.vocab_size = settings.limits.vocab_size or len(tokenizer)
+        # The engine says how many prompt tokens its prefix cache served (the CPU engine's feature).
+        self.report_cached = FEATURE_CACHED_TOKENS in settings.limits.features
         # A token's text on its own (logprobs' alternatives); the same few ids come back often.
         self._token_text = functools.lru_cache(maxsize=65536)(
             lambda token: tokenizer.decode([token], skip_special_tokens=False))
@@ -278,15 +279,14 @@ class LlmService:
         bad_ids = [self.tokenizer(w, add_special_tokens=False).input_ids for w in text.sampling.bad_words]
         if text.sampling.guide is not None:
             check_guide(text.sampling.guide)  # a schema XGrammar cannot take: 400 here, on CPU and GPU
-        report_cached = limits is not None and FEATURE_CACHED_TOKENS in limits.features
         tensors = engine_inputs(text.sampling, input_ids=input_ids,
                                 end_id=self.end_id if text.end_id is None else text.end_id,
                                 pad_id=self.pad_id if text.pad_id is None else text.pad_id,
                                 bad_words_ids=[b for b in bad_ids if b],
-                                vocab_size=self.vocab_size, report_cached=report_cached)
+                                vocab_size=self.vocab_size, report_cached=self.report_cached)
         return Job(request=request, text=text, tensors=tensors, prompt_tokens=len(input_ids),
                    engine_id=str(next(self._ids)), last_check=self.clock(), token=request.cancel_token(),
-                   input_ids=list(input_ids), report_cached=report_cached)
+                   input_ids=list(input_ids))
 
     # -- cancellation ---------------------------------------------------------------------------
 
@@ -458,7 +458,7 @@ class LlmService:
         if text.sampling.echo and not echo_tokens:
             prompt = self._prompt_text(job)
             parts = [[prompt] for _ in range(n)]
-        outputs = engine_outputs(text.sampling, cached_tokens=job.report_cached)
+        outputs = engine_outputs(text.sampling, cached_tokens=self.report_cached)
         for chunk in self.engine.stream(job.tensors, job.engine_id, outputs):
             job.running = True
             if chunk.error is not None:
