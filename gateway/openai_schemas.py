@@ -15,7 +15,8 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   ``repetition_penalty``, ``min_p``, ``min_tokens`` and ``ignore_eos`` (``extra_body`` in the
   official client; ``ignore_eos`` is ``min_tokens`` = ``max_tokens``);
 * ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
-  tokens first in the log-probabilities (the first with null), as vLLM's;
+  tokens first in the log-probabilities (the first with null), as vLLM's; with ``max_tokens`` 0
+  the prompt alone, scored (OpenAI's legacy API and vLLM take 0 only with echo);
 * accepted only at their neutral value, else a 400 that says so: ``suffix`` (""),
   ``functions`` ([]), ``function_call`` ("none"/"auto"), ``modalities`` (["text"]),
   ``audio``/``prediction``/``web_search_options`` (null);
@@ -214,7 +215,7 @@ class _OpenAISchema(ModelSchema):
         """``logprobs``: the alternatives per token the reply shows (None: no logprobs)."""
         if max_tokens is None:  # the endpoint's own default (OpenAI's), within the model's limit
             max_tokens = min(self.default_max_tokens, self.limits(model).max_new_tokens)
-        self.check_prompt(prompt, model, max_tokens, prompt_param)
+        self.check_prompt(prompt, model, max(max_tokens, 1), prompt_param)  # the engine makes one token at least
         check_min_tokens(data, max_tokens, "max_tokens")
         choices = data.get("n") or 1
         generated = data.get("best_of") or choices
@@ -252,6 +253,12 @@ class CompletionSchema(_OpenAISchema):
     logprobs = StrictInteger(
         validate=_range("logprobs must be between {min} and {max}, got {input}", min=0, max=MAX_TOP_LOGPROBS))
 
+    least_token_budget = 0
+
+    def least_tokens(self, data: Mapping[str, Any]) -> int:
+        # echo with max_tokens 0 scores the prompt alone (OpenAI's legacy API, vLLM): nothing generated
+        return 0 if data.get("echo") is True else 1
+
     @validates_schema
     def validate_best_of(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         best_of, n = data.get("best_of"), data.get("n") or 1
@@ -270,7 +277,7 @@ class CompletionSchema(_OpenAISchema):
         req = self._request(data, prompt=prompts[0], model=model, max_tokens=data.get("max_tokens"),
                             logprobs=data.get("logprobs"))
         for prompt in prompts[1:]:
-            self.check_prompt(prompt, model, req.params.sampling.max_new_tokens, "prompt")
+            self.check_prompt(prompt, model, req.params.sampling.engine_tokens, "prompt")
         return dataclasses.replace(req, prompts=prompts) if len(prompts) > 1 else req
 
 

@@ -107,7 +107,7 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
             ret.pop("minimum", None)
             props["exclusiveMinimum"] = validator.min
     if field.name in _TOKEN_LIMIT_FIELDS:
-        props.update(minimum=1)
+        props.update(minimum=getattr(field.parent, "least_token_budget", 1))  # completions: 0 with echo
         limit = _served_limit(field.parent)
         if limit is not None:
             props.update(maximum=limit)

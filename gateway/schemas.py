@@ -161,6 +161,13 @@ class ModelSchema(StrictSchema):
         elif (trouble := prompt_ids_error(prompt, max_new_tokens, self.limits(model), param)) is not None:
             raise ClientError(trouble, param=param)
 
+    #: the smallest token budget any request may ask for (the minimum /openapi.json gives)
+    least_token_budget = 1
+
+    def least_tokens(self, data: Mapping[str, Any]) -> int:
+        """The smallest token budget this request may ask for."""
+        return self.least_token_budget
+
     @validates_schema(skip_on_field_errors=False)
     def validate_token_limits(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         values = [(name, data.get(name)) for name in self.token_fields if isinstance(data.get(name), int)]
@@ -170,9 +177,11 @@ class ModelSchema(StrictSchema):
         if model not in self.served_models:
             return  # the 404 comes from post_load, after every field error
         limit = self.limits(model).max_new_tokens
+        least = self.least_tokens(data)
         for name, value in values:
-            if not 1 <= value <= limit:
-                raise ValidationError(max_tokens_error(value, limit, name), field_name=name)
+            if not least <= value <= limit:
+                raise ValidationError(max_tokens_error(value, limit, name, echo=self.least_token_budget == 0),
+                                      field_name=name)
 
 
 class GenerateSchema(ModelSchema):

@@ -126,7 +126,7 @@ def engine_inputs(sampling: SamplingParams, *, input_ids: Sequence[int], end_id:
     tensors = {
         "input_ids": np.array([list(input_ids)], dtype=np.int32),
         "input_lengths": _one(len(input_ids), "input_lengths"),
-        "request_output_len": _one(sampling.max_new_tokens, "request_output_len"),
+        "request_output_len": _one(sampling.engine_tokens, "request_output_len"),
         "end_id": _one(end_id, "end_id"),
         "pad_id": _one(pad_id, "pad_id"),
         "streaming": _one(True, "streaming"),

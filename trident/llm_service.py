@@ -263,7 +263,7 @@ class LlmService:
         text = read_llm_inputs(request.input)
         limits = self.settings.limits
         text.sampling.check(limits)
-        new_tokens = text.sampling.max_new_tokens
+        new_tokens = text.sampling.engine_tokens
         if text.prompt_ids is not None:  # used as given: ids of this model, fitting the context
             trouble = prompt_ids_error(text.prompt_ids, new_tokens,
                                        dataclasses.replace(limits, vocab_size=self.vocab_size))
@@ -458,6 +458,8 @@ class LlmService:
         if text.sampling.echo and not echo_tokens:
             prompt = self._prompt_text(job)
             parts = [[prompt] for _ in range(n)]
+        # max_new_tokens 0 (echo only: the prompt scored): the engine's one token is not the reply's
+        scoring = text.sampling.max_new_tokens == 0
         outputs = engine_outputs(text.sampling, cached_tokens=self.report_cached)
         for chunk in self.engine.stream(job.tensors, job.engine_id, outputs):
             job.running = True
@@ -474,7 +476,7 @@ class LlmService:
                                        chunk.context_top_log_probs, token_text=self._token_text)
                 prompt = "".join(t.text for t in tokens)
                 parts, held = [[prompt] for _ in range(n)], [list(tokens) for _ in range(n)]
-            if stopping or not 0 <= chunk.sequence_index < n:
+            if stopping or scoring or not 0 <= chunk.sequence_index < n:
                 continue  # drain the engine stream up to its final response
             gen = gens[chunk.sequence_index]
             if gen.ended:

@@ -76,8 +76,10 @@ class ModelLimits:
         return cls(**values)
 
 
-def max_tokens_error(value: int, limit: int, param: str = "max_new_tokens") -> str:
-    return f"{param} must be between 1 and {limit}, got {value}"
+def max_tokens_error(value: int, limit: int, param: str = "max_new_tokens", *, echo: bool = True) -> str:
+    """``echo``: the caller could have sent echo (then 0 is allowed with it, and the message says so)."""
+    hint = " (0 only with echo: the prompt scored, nothing generated)" if value == 0 and echo else ""
+    return f"{param} must be between 1 and {limit}, got {value}{hint}"
 
 
 def prompt_chars_error(chars: int, limit: int, param: str = "prompt") -> str:
@@ -179,12 +181,20 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def engine_tokens(self) -> int:
+        """The tokens the engine is asked for, and the room they need in the context: at least
+        one. ``max_new_tokens`` 0 is an echo that only scores the prompt (OpenAI's legacy
+        ``echo`` with ``max_tokens`` 0, vLLM's too): the engine's one token is dropped by ``llm``."""
+        return max(self.max_new_tokens, 1)
+
     def check(self, limits: Optional[ModelLimits] = None) -> None:
         """Raise InvalidRequest naming the field when a value is one no engine can serve. The
         gateway's schemas are stricter (shared/API.md's ranges, e.g. temperature at most 2)
         before a request leaves; this guards direct gRPC callers, who keep NVIDIA's ranges."""
         limit = limits.max_new_tokens if limits else None
-        if self.max_new_tokens < 1 or (limit is not None and self.max_new_tokens > limit):
+        least = 0 if self.echo else 1
+        if self.max_new_tokens < least or (limit is not None and self.max_new_tokens > limit):
             raise InvalidRequest(max_tokens_error(self.max_new_tokens, limit or INT32_MAX), param="max_new_tokens")
         if not self.temperature >= 0.0:  # also NaN
             raise InvalidRequest(f"temperature must be at least 0, got {self.temperature:g}", param="temperature")

@@ -123,6 +123,32 @@ def test_echo_scores_a_continuation_as_lm_evaluation_harness_reads_it(oai, token
     assert plain.choices[0].text.startswith("The capital of France is") and plain.choices[0].logprobs is None
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(oai, tokenizer):
+    """OpenAI's legacy scoring request (HELM, older lm-evaluation-harness): echo, logprobs and
+    max_tokens 0 through the real engine give the prompt's tokens and log-probabilities alone,
+    the same as with max_tokens 1 less its generated token; streamed the same; 0 without echo is
+    a 400."""
+    prompt = "The capital of France is Paris"
+    request = dict(model=MODEL, prompt=prompt, echo=True, logprobs=2, temperature=0)
+    scored = oai.completions.create(**request, max_tokens=0)
+    [choice] = scored.choices
+    ids = tokenizer(prompt).input_ids
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert len(choice.logprobs.tokens) == len(ids) and "".join(choice.logprobs.tokens) == prompt
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids)
+    one = oai.completions.create(**request, max_tokens=1).choices[0].logprobs
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(one.token_logprobs[1:len(ids)], abs=0.02)
+    assert [set(t) for t in choice.logprobs.top_logprobs[1:]] == [set(t) for t in one.top_logprobs[1:len(ids)]]
+    chunks = list(oai.completions.create(**request, max_tokens=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
+    plain = oai.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=0)
+    assert plain.choices[0].text == prompt and plain.usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+    assert caught.value.body["param"] == "max_tokens"
+
+
 def test_chat_streamed_equals_json_for_greedy_requests(oai):
     request = {"model": MODEL, "messages": CAPITAL, "max_tokens": 40, "temperature": 0}
     whole = oai.chat.completions.create(**request)

@@ -171,7 +171,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "logit_bias": {"1": 101}}, "logit_bias", "logit_bias[1] must be between -100 and 100, got 101"),
     ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias",
      "logit_bias: keys must be token ids (non-negative integers), got string \"a\""),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens must be between 1 and 2048, got 0"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens must be between 1 and 2048, got 0 (0 only with echo: the prompt scored, nothing generated)"),
     ({"prompt": "x", "max_tokens": 1.5}, "max_tokens", "max_tokens must be an integer, got number 1.5"),
     ({"prompt": "x", "temperature": 3}, "temperature", "temperature must be between 0 and 2, got 3"),
     ({"prompt": "x", "top_p": 0}, "top_p", "top_p must be greater than 0 and at most 1, got 0"),

@@ -249,3 +249,40 @@ def test_completions_echo_reaches_the_backend_and_its_first_prompt_token_has_nul
     assert backend.last_params.sampling.echo and backend.last_params.sampling.logprobs is None
     client.post("/v1/completions", json={"prompt": "Hi there", "echo": False}, headers=AUTH)
     assert not backend.last_params.sampling.echo
+
+
+def scored_prompt(params):
+    """What llm answers an echo with max_tokens 0: the prompt's tokens alone, none generated."""
+    prompt = TokenLogprobs(("Hi", " there"), (0, 1), (math.nan, -3.0), None)
+    return [TextDelta("Hi there", 0, prompt if params.sampling.logprobs is not None else None),
+            Finished("length", prompt_tokens=2, completion_tokens=0)]
+
+
+def test_completions_max_tokens_0_with_echo_scores_the_prompt_and_without_echo_is_a_400(tmp_path):
+    """OpenAI's legacy API and vLLM take max_tokens 0 with echo (HELM and older lm-evaluation-
+    harness score prompts so); without echo it stays a 400, and chat has no echo."""
+    app, backend = make_openai_app(tmp_path, backend=FakeBackend(script=scored_prompt))
+    client = app.test_client()
+    spec = client.get("/openapi.json").get_json()
+    schemas = spec["components"]["schemas"]
+    assert schemas["CompletionRequest"]["properties"]["max_tokens"]["minimum"] == 0
+    assert schemas["ChatCompletionRequest"]["properties"]["max_tokens"]["minimum"] == 1
+    body = client.post("/v1/completions", json={"prompt": "Hi there", "echo": True, "logprobs": 0, "max_tokens": 0},
+                       headers=AUTH).get_json()
+    assert backend.last_params.sampling.max_new_tokens == 0 and backend.last_params.sampling.echo
+    import jsonschema_rs
+    jsonschema_rs.Draft202012Validator({**spec, "$ref": "#/components/schemas/CompletionResponse"}).validate(body)
+    [choice] = body["choices"]
+    assert choice["text"] == "Hi there" and choice["finish_reason"] == "length"
+    assert choice["logprobs"]["token_logprobs"] == [None, -3.0]
+    assert body["usage"]["completion_tokens"] == 0
+    for extra, status in (({}, 400), ({"echo": False}, 400), ({"echo": True}, 200)):
+        reply = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 0, **extra}, headers=AUTH)
+        assert reply.status_code == status, (extra, reply.get_json())
+        if status == 400:
+            error = reply.get_json()["error"]
+            assert error["param"] == "max_tokens" and "0 only with echo" in error["message"]
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                     "max_tokens": 0}, headers=AUTH)
+    assert chat.status_code == 400 and chat.get_json()["error"]["param"] == "max_tokens"
+    assert "echo" not in chat.get_json()["error"]["message"]

@@ -204,6 +204,50 @@ def test_an_engine_that_sends_no_prompt_logprobs_is_an_error(make_service, token
     assert "no log-probabilities of the prompt" in message
 
 
+class Counting(FakeEngine):
+    """Records the tokens each request asked the engine for."""
+
+    def stream(self, tensors, engine_id, outputs=()):
+        self.asked = getattr(self, "asked", []) + [int(tensors["request_output_len"][0, 0])]
+        yield from super().stream(tensors, engine_id, outputs)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_echo_with_max_tokens_0_scores_the_prompt_and_generates_nothing(make_service, tokenizer, stream, logprobs):
+    """OpenAI's legacy echo with max_tokens 0 (vLLM's too): the engine makes one token, which
+    the reply leaves out; each choice is the prompt alone, 0 completion tokens, ended by length."""
+    service, engine = make_service(engine=Counting(tokenizer), limits=FEATURES)
+    extra = {"return_log_probs": True, "num_top_log_probs": 1} if logprobs else {}
+    req = request(echo=True, max_tokens=0, num_return_sequences=2, stream=stream, **extra)
+    service.accept(req)
+    wait(req)
+    assert engine.asked == [1]
+    assert choice_texts(req, 2) == ["Hello there", "Hello there"]
+    if logprobs:
+        prompt_ids = engine.prompts[-1]
+        for index in range(2):
+            assert [t.id for t in choice_tokens(req, index)] == prompt_ids
+    ends = [p for k, p in req.sent if k == "send_final"]
+    assert [(reason, completion) for _, reason, _, completion in ends] == [("length", 0)] * 2
+
+
+def test_max_tokens_0_without_echo_is_refused_and_with_it_still_needs_room_for_the_engines_token(
+        make_service, tokenizer):
+    service, engine = make_service(limits=ModelLimits(max_context=8, max_new_tokens=4))
+    req = request(max_tokens=0)
+    service.accept(req)
+    wait(req)
+    error = parse_error(req.sent[0][1])
+    assert error.param == "max_new_tokens" and "0 only with echo" in error.message
+    full = request(echo=True, max_tokens=0, stream=False)  # 8 prompt ids: no room for the engine's one token
+    full.inputs["text_input"] = np.array([[b""]], dtype=object)
+    full.inputs["input_ids"] = np.array([[5] * 8], dtype=np.int32)
+    service.accept(full)
+    wait(full)
+    assert parse_error(full.sent[0][1]).param == "prompt" and engine.streams == []
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_the_prefix_cache_share_reaches_every_choice_still_open_at_the_engines_end(make_service, stream):
     """An engine with the feature (CPU) is asked for num_cached_tokens (in its final response),
