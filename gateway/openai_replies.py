@@ -22,7 +22,8 @@ from .backend import Event, Finished, TextDelta, TokenLogprobs
 from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs
 from .errors import ApiError
 from .ids import new_id
-from .tools import CallReader, ToolChoice, message_calls
+from .tool_parsers import AutoCalls, split_calls
+from .tools import CallReader, ToolChoice, message_calls, new_call_id
 
 DONE = b"data: [DONE]\n\n"
 
@@ -143,7 +144,9 @@ class ChatCompletionReply(_Reply):
     chunk of each choice carries the assistant's role. With a forced tool call (``tool_choice``,
     gateway.tools) the text is the calls: ``content`` is null and ``tool_calls`` holds them; a
     stream sends a named function's arguments as they come (the first chunk with the call's id
-    and name), and ``required``'s calls each once it is complete."""
+    and name), and ``required``'s calls each once it is complete. With ``auto`` the text is read
+    for the calls the model wrote (gateway.tool_parsers): ``content`` is the rest, each call is
+    sent once complete and the finish reason is ``tool_calls`` when it called."""
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
@@ -154,18 +157,30 @@ class ChatCompletionReply(_Reply):
         self._role_sent: set[int] = set()
         self.tool_choice = tool_choice
         self._readers: dict[int, CallReader] = {}  # a stream's calls, per choice
+        self._autos: dict[int, AutoCalls] = {}  # the same with "auto"
 
     def _choice(self, choice: Choice) -> dict[str, Any]:
+        reason = finish_reason(choice.finish_reason)
         if self.tool_choice is None:
             message = {"role": "assistant", "content": choice.text}
+        elif self.tool_choice.mode == "auto":
+            content, calls = split_calls(choice.text, self.tool_choice.names, new_call_id, most=self._most_calls)
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+                reason = _called(reason)
         else:
             message = {"role": "assistant", "content": None, "tool_calls": message_calls(self.tool_choice, choice.text)}
         return {
             "index": choice.index,
             "message": message,
             "logprobs": chat_logprobs(choice.pieces) if self.logprobs is not None else None,
-            "finish_reason": finish_reason(choice.finish_reason),
+            "finish_reason": reason,
         }
+
+    @property
+    def _most_calls(self) -> int | None:
+        return None if self.tool_choice is None or self.tool_choice.parallel else 1
 
     def _delta_choice(self, index: int, text: str | None, reason: str | None,
                       logprobs: TokenLogprobs | None = None) -> dict[str, Any] | None:
@@ -174,7 +189,9 @@ class ChatCompletionReply(_Reply):
         if first:
             self._role_sent.add(index)
             delta["role"] = "assistant"
-        if self.tool_choice is not None:
+        if self.tool_choice is not None and self.tool_choice.mode == "auto":
+            reason = self._auto_delta(delta, index, text, reason, first)
+        elif self.tool_choice is not None:
             delta.update(self._call_delta(index, text, first))
         elif text is not None or first:
             delta["content"] = text or ""
@@ -184,6 +201,25 @@ class ChatCompletionReply(_Reply):
         if self.logprobs is not None and reason is None:
             shown = chat_logprobs([logprobs] if logprobs is not None else [])
         return {"index": index, "delta": delta, "logprobs": shown, "finish_reason": reason}
+
+    def _auto_delta(self, delta: dict[str, Any], index: int, text: str | None, reason: str | None,
+                    first: bool) -> str | None:
+        """``auto``: the content that is final and the calls completed so far go into ``delta``;
+        at the choice's end, what was held back, and ``tool_calls`` as the finish reason when it
+        called (and was not cut by max_tokens)."""
+        reader = self._autos.get(index)
+        if reader is None:
+            reader = self._autos[index] = AutoCalls(self.tool_choice.names, new_call_id, most=self._most_calls)
+        content, calls = reader.feed(text) if text else ("", [])
+        if reason is not None:
+            content += reader.finish()[0]
+            if reader.calls:
+                reason = _called(reason)
+        if content or first:
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = calls
+        return reason
 
     def _call_delta(self, index: int, text: str | None, first: bool) -> dict[str, Any]:
         """The ``tool_calls`` (and, first, the null ``content``) of a streamed choice."""
@@ -201,3 +237,9 @@ class ChatCompletionReply(_Reply):
             if calls:
                 delta["tool_calls"] = calls
         return delta
+
+
+def _called(reason: str) -> str:
+    """A choice's finish reason once the model called a function: ``tool_calls``, as OpenAI's and
+    vLLM's, unless max_tokens cut it."""
+    return "tool_calls" if reason == "stop" else reason

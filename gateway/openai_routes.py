@@ -19,6 +19,7 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request
 
 from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
+from .tool_parsers import check_parser
 from .errors import ClientError
 from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest
 from .openai_replies import ChatCompletionReply, CompletionReply
@@ -52,9 +53,11 @@ def init_app(app: Flask) -> None:
     }
     tokenizer_dir = app.config.get("TOKENIZER_DIR")
     template = ChatTemplate.from_tokenizer_dir(tokenizer_dir) if tokenizer_dir else None
+    parser = app.config.get("TOOL_CALL_PARSER") or None
+    check_parser(parser)
     app.extensions["trident.openai"] = OpenAIState(
         completion_schema=CompletionSchema(**common),
-        chat_schema=ChatCompletionSchema(chat_template=template, **common),
+        chat_schema=ChatCompletionSchema(chat_template=template, tool_call_parser=parser, **common),
         served_models=tuple(schema.served_models),
         created=int(time.time()),
     )

@@ -11,7 +11,8 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   ``logprobs`` (completions: 0..20 alternatives; chat: a boolean, with ``top_logprobs`` 0..20),
   ``response_format`` (``text``, ``json_object``, ``json_schema``: XGrammar constrains the
   output), ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (chat: forced calls, through
-  the same constraint; gateway.tools); and, as vLLM does, the extensions ``top_k``,
+  the same constraint, gateway.tools; ``auto`` where the deployment names the model's call
+  syntax, gateway.tool_parsers); and, as vLLM does, the extensions ``top_k``,
   ``repetition_penalty``, ``min_p``, ``min_tokens`` and ``ignore_eos`` (``extra_body`` in the
   official client; ``ignore_eos`` is ``min_tokens`` = ``max_tokens``);
 * ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
@@ -322,9 +323,11 @@ class ChatCompletionSchema(_OpenAISchema):
     prompt_cache_retention = Anything()
     safety_identifier = Anything()
 
-    def __init__(self, *, chat_template: ChatTemplate | None, **kwargs: Any) -> None:
+    def __init__(self, *, chat_template: ChatTemplate | None, tool_call_parser: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.chat_template = chat_template
+        self.tool_call_parser = tool_call_parser  # tool_choice "auto" reads the model's calls (gateway.tool_parsers)
 
     @validates_schema
     def validate_max_tokens_alias(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -342,8 +345,8 @@ class ChatCompletionSchema(_OpenAISchema):
     @validates_schema
     def validate_tools(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         check_unique_names(data.get("tools") or ())
-        forced = tool_choice_of(data.get("tools"), data.get("tool_choice"))
-        if forced is not None and data.get("response_format") is not None:
+        forced = tool_choice_of(data.get("tools"), data.get("tool_choice"), self.tool_call_parser)
+        if forced is not None and forced.mode != "auto" and data.get("response_format") is not None:
             what = '"required"' if forced.mode == "required" else "a named function"
             raise ValidationError(f"response_format cannot be used when tool_choice forces a call ({what}): the "
                                   "call's arguments already follow the function's parameters",
@@ -353,8 +356,10 @@ class ChatCompletionSchema(_OpenAISchema):
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> OpenAIRequest:
         model = self.requested_model(data)
         tools = data.get("tools") or None
-        forced = tool_choice_of(tools, data.get("tool_choice"))
-        if forced is not None:
+        forced = tool_choice_of(tools, data.get("tool_choice"), self.tool_call_parser)
+        if forced is not None and forced.mode == "auto":  # the model chooses; its calls are read from its text
+            forced = dataclasses.replace(forced, parallel=data.get("parallel_tool_calls") is not False)
+        elif forced is not None:
             guide = tool_guide(tools, forced, parallel=data.get("parallel_tool_calls") is not False)
             data = {**data, "response_format": guide}
         if self.chat_template is None:
@@ -372,6 +377,8 @@ class ChatCompletionSchema(_OpenAISchema):
                             logprobs=logprobs)
         if forced is None:
             return req
+        if forced.mode == "auto":
+            return dataclasses.replace(req, tool_choice=forced)
         # errors of the guide (XGrammar cannot take a function's parameters) name tools
         names = {**req.param_names, "guided_decoding_guide": "tools", "guided_decoding_guide_type": "tools"}
         return dataclasses.replace(req, tool_choice=forced, param_names=names)

@@ -14,6 +14,8 @@ from .errors import ERROR_TYPES
 from .openai_fields import MAX_PROMPTS
 
 OPENAI_FINISH_REASONS = ("stop", "length")
+#: chat also ends with "tool_calls" when the model chose to call (tool_choice "auto", gateway.tool_parsers)
+CHAT_FINISH_REASONS = (*OPENAI_FINISH_REASONS, "tool_calls")
 
 
 def _required(field_class: type[fields.Field], *args, **kwargs) -> fields.Field:
@@ -227,7 +229,8 @@ class ReplyToolCallSchema(Schema):
 
 
 class AssistantMessageSchema(Schema):
-    """``content`` is null when the reply is ``tool_calls``."""
+    """``content`` is null when the reply is forced ``tool_calls``; with ``auto``, the text beside
+    the calls, or null when there is none."""
 
     role = _const("assistant")
     content = _required(fields.String, allow_none=True)
@@ -238,7 +241,7 @@ class ChatChoiceSchema(Schema):
     index = _index()
     message = fields.Nested(AssistantMessageSchema, required=True)
     logprobs = _chat_logprobs()
-    finish_reason = _required(fields.String, validate=OneOf(OPENAI_FINISH_REASONS))
+    finish_reason = _required(fields.String, validate=OneOf(CHAT_FINISH_REASONS))
 
 
 class ChatCompletionResponseSchema(Schema):
@@ -265,8 +268,10 @@ class DeltaToolCallSchema(Schema):
 
 
 class ChatDeltaSchema(Schema):
-    """The first delta has ``role``; the last (with ``finish_reason``) is empty. With a forced
-    tool call, ``content`` is null and ``tool_calls`` carries the calls' pieces."""
+    """The first delta has ``role``; the last (with ``finish_reason``) is empty, or with
+    ``tool_choice`` "auto" carries the text held back to its end. With a forced tool call,
+    ``content`` is null and ``tool_calls`` carries the calls' pieces; with "auto", ``content``
+    the text and ``tool_calls`` each call once it is complete."""
 
     role = fields.String(validate=OneOf(["assistant"]))
     content = fields.String(allow_none=True)
@@ -277,7 +282,7 @@ class ChatChunkChoiceSchema(Schema):
     index = _index()
     delta = fields.Nested(ChatDeltaSchema, required=True)
     logprobs = _chat_logprobs()
-    finish_reason = _required(fields.String, allow_none=True, validate=OneOf(OPENAI_FINISH_REASONS))
+    finish_reason = _required(fields.String, allow_none=True, validate=OneOf(CHAT_FINISH_REASONS))
 
 
 class ChatCompletionChunkSchema(Schema):

@@ -9,9 +9,10 @@ constrained decoding, as vLLM does without a model-specific tool parser:
   parameters (at most one with ``parallel_tool_calls: false``); the reply has one call per
   element, ``arguments`` the element's parameters as JSON;
 * ``"none"``: no call; the tools still reach the chat template, as with OpenAI and vLLM;
-* ``"auto"`` (OpenAI's default when tools are given) needs a parser of the model's own tool-call
-  syntax, which this server does not have: a 400 that says what to send instead (vLLM answers
-  the same without ``--tool-call-parser``).
+* ``"auto"`` (OpenAI's default when tools are given): the output is free and the calls the model
+  wrote in its own syntax are read from it, where the deployment names that syntax
+  (``TOOL_CALL_PARSER``, gateway.tool_parsers); without one, a 400 that says what to send
+  instead (vLLM answers the same without ``--tool-call-parser``).
 
 Every form gives the tools to the chat template (``tools``, as transformers does); a template
 that ignores them shows the model the functions only through the constraint. In the reply,
@@ -127,10 +128,13 @@ class ToolCallSchema(StrictSchema):
 
 @dataclass(frozen=True, slots=True)
 class ToolChoice:
-    """``tool_choice``: ``mode`` is "none", "auto", "required" or "function" (with ``name``)."""
+    """``tool_choice``: ``mode`` is "none", "auto", "required" or "function" (with ``name``);
+    for "auto", ``names`` are the declared functions, which the model may call."""
 
     mode: str
     name: str | None = None
+    names: tuple[str, ...] = ()
+    parallel: bool = True  # "auto": false keeps the first call only
 
 
 class ToolChoiceField(_StrictField):
@@ -164,9 +168,12 @@ class ToolChoiceField(_StrictField):
         return ToolChoice("function", function["name"])
 
 
-def tool_choice_of(tools: Sequence[Mapping[str, Any]] | None, choice: ToolChoice | None) -> ToolChoice | None:
-    """The call a request forces (``required`` or a named function), or None for plain text.
-    Raises ``ValidationError`` (naming ``tool_choice``) for a choice that cannot be served."""
+def tool_choice_of(tools: Sequence[Mapping[str, Any]] | None, choice: ToolChoice | None,
+                   parser: str | None = None) -> ToolChoice | None:
+    """The call a request forces (``required`` or a named function), ``auto`` when the model
+    chooses (only where the deployment has a ``parser`` of its calls, gateway.tool_parsers), or
+    None for plain text. Raises ``ValidationError`` (naming ``tool_choice``) for a choice that
+    cannot be served."""
     if not tools:
         if choice is not None and choice.mode in ("required", "function"):
             raise ValidationError("tool_choice needs tools: give the functions the model may call in tools",
@@ -175,12 +182,14 @@ def tool_choice_of(tools: Sequence[Mapping[str, Any]] | None, choice: ToolChoice
     mode = choice.mode if choice is not None else "auto"
     if mode == "none":
         return None
-    if mode == "auto":
-        raise ValidationError(
-            'tool_choice "auto" (the default when tools are given) is not supported: this server has no '
-            'parser of the model\'s own tool-call syntax. Send "required", a named function '
-            '({"type": "function", "function": {"name": ...}}) or "none"', field_name="tool_choice")
     names = [tool["function"]["name"] for tool in tools]
+    if mode == "auto":
+        if parser:
+            return ToolChoice("auto", names=tuple(names))
+        raise ValidationError(
+            'tool_choice "auto" (the default when tools are given) is not supported: this deployment names no '
+            "parser of the model's own tool-call syntax (TOOL_CALL_PARSER). Send \"required\", a named function "
+            '({"type": "function", "function": {"name": ...}}) or "none"', field_name="tool_choice")
     if mode == "function" and choice is not None and choice.name not in names:
         raise ValidationError(f"tool_choice names function {json.dumps(choice.name)}, which is not in tools",
                               field_name="tool_choice")

@@ -248,6 +248,56 @@ def test_forced_tool_calls_follow_the_functions_parameters(oai, tool_choice):
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
 
 
+@pytest.fixture(scope="module")
+def hermes_gateway(triton, tmp_path_factory):
+    """A gateway that reads the hermes tool-call syntax (TOOL_CALL_PARSER: tool_choice "auto")."""
+    gw = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_TOOL_CALL_PARSER": "hermes"})
+    yield gw
+    gw.stop()
+
+
+def hermes_turn(city: str) -> list[dict]:
+    """A question and the assistant's earlier answer in the hermes syntax, as plain text: SmolLM2's
+    template renders no tools, so the conversation itself shows the small model the syntax."""
+    call = json.dumps({"name": "get_weather", "arguments": {"city": city, "unit": "celsius"}})
+    return [{"role": "user", "content": f"What is the weather in {city}?"},
+            {"role": "assistant", "content": f"<tool_call>\n{call}\n</tool_call>"}]
+
+
+def test_auto_tool_calls_are_read_from_the_models_own_text(hermes_gateway, oai):
+    """tool_choice "auto" through the real llm model, unconstrained: the model writes the call in
+    the hermes syntax (shown by earlier turns), the gateway answers it as tool_calls with
+    finish_reason "tool_calls", streamed the same (greedy); a question it answers in words stays
+    text. The shared gateway (no parser) refuses auto."""
+    plain, oai = oai, openai.OpenAI(base_url=f"{hermes_gateway.url}/v1", api_key=API_KEY, max_retries=0)
+    system = {"role": "system", "content": "You answer weather questions by calling get_weather."}
+    messages = [system, *hermes_turn("Rome"), *hermes_turn("Oslo"),
+                {"role": "user", "content": "What is the weather in Berlin?"}]
+    request = {"model": MODEL, "messages": messages, "tools": WEATHER_TOOLS, "temperature": 0, "max_tokens": 60}
+    whole = oai.chat.completions.create(**request)  # tool_choice left out: "auto", OpenAI's default with tools
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] == "Berlin"
+    assert not choice.message.content
+    streamed, content, reasons = {}, "", []
+    for chunk in oai.chat.completions.create(**request, tool_choice="auto", stream=True):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        reasons.append(chunk.choices[0].finish_reason)
+        for piece in delta.tool_calls or []:
+            streamed[piece.index] = (piece.function.name, piece.function.arguments)
+    assert list(streamed.values()) == [(call.function.name, call.function.arguments)]
+    assert content == "" and reasons[-1] == "tool_calls"
+    words = oai.chat.completions.create(**{**request, "messages": CAPITAL, "max_tokens": 40})
+    assert words.choices[0].finish_reason == "stop" and "Paris" in words.choices[0].message.content
+    assert not words.choices[0].message.tool_calls
+    with pytest.raises(openai.BadRequestError) as caught:
+        plain.chat.completions.create(**request)
+    assert caught.value.body["param"] == "tool_choice" and "TOOL_CALL_PARSER" in caught.value.body["message"]
+
+
 def test_stop_sequences_finish_with_stop(oai):
     whole = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=30,
                                    temperature=0, stop=["."])

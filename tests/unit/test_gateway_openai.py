@@ -235,9 +235,9 @@ BAD_CHATS = [
     ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format",
      "response_format.json_schema.schema must be a JSON schema (an object), got null"),
     ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice",
-     'tool_choice "auto" (the default when tools are given) is not supported: this server has no parser of the '
-     'model\'s own tool-call syntax. Send "required", a named function ({"type": "function", "function": '
-     '{"name": ...}}) or "none"'),
+     'tool_choice "auto" (the default when tools are given) is not supported: this deployment names no parser of '
+     'the model\'s own tool-call syntax (TOOL_CALL_PARSER). Send "required", a named function ({"type": '
+     '"function", "function": {"name": ...}}) or "none"'),
     ({**CHAT, "tool_choice": "required"}, "tool_choice",
      "tool_choice needs tools: give the functions the model may call in tools"),
     ({**CHAT, "modalities": ["text", "audio"]}, "modalities", "modalities: only text output is supported"),

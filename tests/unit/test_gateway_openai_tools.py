@@ -58,6 +58,12 @@ def chat(client, **body):
     return client.post("/v1/chat/completions", json={"messages": USER, "tools": TOOLS, **body}, headers=AUTH)
 
 
+def streamed_chunks(spec, response):
+    """A chat stream's chunks (without [DONE]), once its events are checked against the document."""
+    openapi_sse.check_sse(spec, "/v1/chat/completions", response.get_data())
+    return [d for d in sse_data(response) if d != "[DONE]"]
+
+
 def check_response(spec, body):
     jsonschema_rs.Draft202012Validator({**spec, "$ref": "#/components/schemas/ChatCompletionResponse"}).validate(body)
 
@@ -151,8 +157,7 @@ def test_a_named_call_streams_its_arguments_as_they_come(client, backend, spec):
     pieces = ['{"city', '": "Pa', 'ris"}']
     backend.script = says(*pieces)
     response = chat(client, tool_choice=NAMED, stream=True)
-    openapi_sse.check_sse(spec, "/v1/chat/completions", response.get_data())
-    chunks = [d for d in sse_data(response) if d != "[DONE]"]
+    chunks = streamed_chunks(spec, response)
     deltas = [c["choices"][0]["delta"] for c in chunks]
     first = deltas[0]
     assert first["role"] == "assistant" and first["content"] is None
@@ -166,8 +171,7 @@ def test_a_named_call_streams_its_arguments_as_they_come(client, backend, spec):
 def test_required_calls_stream_each_once_it_is_complete(client, backend, spec):
     backend.script = says(*REQUIRED_TEXT)
     response = chat(client, tool_choice="required", stream=True)
-    openapi_sse.check_sse(spec, "/v1/chat/completions", response.get_data())
-    chunks = [d for d in sse_data(response) if d != "[DONE]"]
+    chunks = streamed_chunks(spec, response)
     deltas = [c["choices"][0]["delta"] for c in chunks]
     # the role first (the first piece completes no call), a chunk per completed call, the end
     assert deltas[0] == {"role": "assistant", "content": None}
