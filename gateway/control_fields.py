@@ -1,5 +1,6 @@
 """Fields of the output controls (issue 15), shared by ``/generate`` and ``/v1/*``: ``logit_bias``,
-``response_format`` (and ``/generate``'s ``regex``), with their limits from trident.contract.
+``response_format`` (and ``/generate``'s ``regex``, ``/v1/*``'s ``structured_outputs``), with their
+limits from trident.contract.
 
 ``response_format`` is OpenAI's: ``{"type": "text"}`` (the default), ``{"type": "json_object"}``
 (any JSON object) or ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...},
@@ -17,6 +18,7 @@ from typing import Any
 from marshmallow import ValidationError
 
 from trident.contract import (
+    GUIDE_EBNF,
     GUIDE_JSON_SCHEMA,
     GUIDE_REGEX,
     JSON_OBJECT_SCHEMA,
@@ -119,6 +121,70 @@ class Regex(_StrictField):
         return Guide(GUIDE_REGEX, value)
 
 
+#: vLLM's ``structured_outputs`` constraints (one per request) and what each loads
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+#: at most this many strings in ``structured_outputs.choice``
+MAX_CHOICES_OF_CHOICE = 1024
+
+
+class StructuredOutputs(_StrictField):
+    """vLLM's ``structured_outputs`` extension on ``/v1/*`` (``extra_body`` in the official
+    client): one of ``json`` (a JSON schema, an object or its text), ``regex``, ``choice`` (the
+    output is exactly one of these strings), ``grammar`` (XGrammar's EBNF, as vLLM's xgrammar
+    backend and TensorRT-LLM take it) or ``json_object: true``; loads a Guide."""
+
+    expected = "an object"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, dict)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Guide:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        name = self.public_name
+        unknown = [key for key in value if key not in STRUCTURED_KINDS]
+        if unknown:
+            raise ValidationError(f"{name} has an unrecognized field: {unknown[0]} (supported: "
+                                  f"{', '.join(STRUCTURED_KINDS)})")
+        given = [key for key in STRUCTURED_KINDS if value.get(key) not in (None, False)]
+        if len(given) != 1:
+            raise ValidationError(f"{name} must give exactly one of {', '.join(STRUCTURED_KINDS)}, got "
+                                  f"{len(given)}")
+        kind = given[0]
+        spec = value[kind]
+        path = f"{name}.{kind}"
+        if kind == "json_object":
+            if spec is not True:
+                raise ValidationError(f"{path} must be true, got {describe(spec)}")
+            return Guide(GUIDE_JSON_SCHEMA, JSON_OBJECT_SCHEMA)
+        if kind == "json":
+            if isinstance(spec, str):
+                try:
+                    spec = json.loads(spec)
+                except ValueError:
+                    raise ValidationError(f"{path} must be a JSON schema (an object, or its JSON text)") from None
+            if not isinstance(spec, dict):
+                raise ValidationError(f"{path} must be a JSON schema (an object, or its JSON text), got "
+                                      f"{describe(spec)}")
+            return Guide(GUIDE_JSON_SCHEMA, _bounded(json.dumps(spec, ensure_ascii=False), path))
+        if kind == "choice":
+            if (not isinstance(spec, list) or not spec or len(spec) > MAX_CHOICES_OF_CHOICE
+                    or not all(isinstance(c, str) and c for c in spec)):
+                raise ValidationError(f"{path} must be an array of 1 to {MAX_CHOICES_OF_CHOICE} non-empty strings")
+            # an EBNF alternation of string literals: JSON's escapes are XGrammar's too
+            return Guide(GUIDE_EBNF, _bounded("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                        for c in spec), path))
+        if not isinstance(spec, str) or not spec:
+            raise ValidationError(f"{path} must be a non-empty string, got {describe(spec)}")
+        return Guide(GUIDE_REGEX if kind == "regex" else GUIDE_EBNF, _bounded(spec, path))
+
+
+def _bounded(text: str, path: str) -> str:
+    if len(text) > MAX_GUIDE_CHARS:
+        raise ValidationError(f"{path} must be at most {MAX_GUIDE_CHARS} characters as the engine gets it, "
+                              f"got {len(text)}")
+    return text
+
+
 def guide_of(data: Mapping[str, Any]) -> Guide | None:
     """The request's guide: ``response_format`` or ``regex`` (400 when both constrain)."""
     fmt, regex = data.get("response_format"), data.get("regex")
@@ -145,4 +211,14 @@ def openapi_properties(field: Any) -> dict[str, Any] | None:
         return {"anyOf": [simple, schema]}
     if isinstance(field, Regex):
         return {"type": ["string", *nullable], "minLength": 1, "maxLength": MAX_GUIDE_CHARS}
+    if isinstance(field, StructuredOutputs):
+        text = {"type": "string", "minLength": 1}
+        kinds = {"json": {"anyOf": [{"type": "object"}, text]}, "regex": text, "grammar": text,
+                 "choice": {"type": "array", "minItems": 1, "maxItems": MAX_CHOICES_OF_CHOICE, "items": text},
+                 "json_object": {"const": True}}
+        # the other kinds may be given as null (not given), json_object also as false
+        absent = {kind: {"enum": [False, None]} if kind == "json_object" else {"type": "null"} for kind in kinds}
+        one = [{"type": "object", "properties": {**absent, kind: kinds[kind]}, "required": [kind],
+                "additionalProperties": False} for kind in STRUCTURED_KINDS]
+        return {"anyOf": [*one, *([{"type": "null"}] if nullable else [])]}
     return None

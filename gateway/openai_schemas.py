@@ -13,8 +13,10 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   output), ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (chat: forced calls, through
   the same constraint, gateway.tools; ``auto`` where the deployment names the model's call
   syntax, gateway.tool_parsers); and, as vLLM does, the extensions ``top_k``,
-  ``repetition_penalty``, ``min_p``, ``min_tokens`` and ``ignore_eos`` (``extra_body`` in the
-  official client; ``ignore_eos`` is ``min_tokens`` = ``max_tokens``);
+  ``repetition_penalty``, ``min_p``, ``min_tokens``, ``ignore_eos`` (``extra_body`` in the
+  official client; ``ignore_eos`` is ``min_tokens`` = ``max_tokens``) and ``structured_outputs``
+  (``json``, ``regex``, ``choice``, ``grammar`` or ``json_object``: the same constraint as
+  ``response_format``, gateway.control_fields);
 * ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
   tokens first in the log-probabilities (the first with null), as vLLM's; with ``max_tokens`` 0
   the prompt alone, scored (OpenAI's legacy API and vLLM take 0 only with echo);
@@ -49,7 +51,7 @@ from .errors import ServerError
 from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, TokenIds
 from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
 
-from .control_fields import LogitBias, ResponseFormat
+from .control_fields import LogitBias, ResponseFormat, StructuredOutputs
 from .tools import (
     MAX_TOOLS,
     ToolCallSchema,
@@ -191,6 +193,7 @@ class _OpenAISchema(ModelSchema):
     presence_penalty = StrictNumber(validate=_penalty("presence_penalty"))
     logit_bias = LogitBias()
     response_format = ResponseFormat()
+    structured_outputs = StructuredOutputs()  # vLLM's: json, regex, choice, grammar or json_object
     user = Anything()
     # Extensions (vLLM has the same): sampling knobs of /generate.
     top_k = StrictInteger(validate=_range("top_k must be between {min} and {max}, got {input}", min=0, max=INT32_MAX))
@@ -203,6 +206,12 @@ class _OpenAISchema(ModelSchema):
     # vLLM's, SGLang's and llama.cpp's: generate through the end token, up to max_tokens (benchmark
     # clients send it: vLLM's bench with --ignore-eos, SGLang's bench_serving by default).
     ignore_eos = StrictBoolean()
+
+    @validates_schema
+    def validate_structured_outputs(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        if data.get("structured_outputs") is not None and data.get("response_format") is not None:
+            raise ValidationError("give either structured_outputs or a JSON response_format, not both",
+                                  field_name="structured_outputs")
 
     @validates_schema
     def validate_stream_options(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -220,7 +229,8 @@ class _OpenAISchema(ModelSchema):
         check_min_tokens(data, max_tokens, "max_tokens")
         choices = data.get("n") or 1
         generated = data.get("best_of") or choices
-        fields = {**data, "max_tokens": max_tokens, "n": generated, "guide": data.get("response_format"),
+        guide = data.get("response_format") or data.get("structured_outputs")
+        fields = {**data, "max_tokens": max_tokens, "n": generated, "guide": guide,
                   # best_of ranks the choices by their sum of log-probabilities: the engine must report them
                   "logprobs": 0 if logprobs is None and generated > choices else logprobs}
         if data.get("seed") is not None:
@@ -234,6 +244,8 @@ class _OpenAISchema(ModelSchema):
         stream = bool(data.get("stream"))
         options = data.get("stream_options") or {}
         names = {**PARAM_NAMES, **self.param_names, "n": "best_of" if generated > choices else "n"}
+        if data.get("structured_outputs") is not None:  # the guide's errors name the field it came from
+            names.update(guided_decoding_guide="structured_outputs", guided_decoding_guide_type="structured_outputs")
         return OpenAIRequest(params=TextRequest(prompt="", sampling=sampling, stream=stream, model=model).with_prompt(prompt),
                              include_usage=stream and bool(options.get("include_usage")), choices=choices,
                              logprobs=logprobs, param_names=names)
@@ -346,11 +358,11 @@ class ChatCompletionSchema(_OpenAISchema):
     def validate_tools(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         check_unique_names(data.get("tools") or ())
         forced = tool_choice_of(data.get("tools"), data.get("tool_choice"), self.tool_call_parser)
-        if forced is not None and forced.mode != "auto" and data.get("response_format") is not None:
-            what = '"required"' if forced.mode == "required" else "a named function"
-            raise ValidationError(f"response_format cannot be used when tool_choice forces a call ({what}): the "
-                                  "call's arguments already follow the function's parameters",
-                                  field_name="response_format")
+        for name in ("response_format", "structured_outputs"):
+            if forced is not None and forced.mode != "auto" and data.get(name) is not None:
+                what = '"required"' if forced.mode == "required" else "a named function"
+                raise ValidationError(f"{name} cannot be used when tool_choice forces a call ({what}): the "
+                                      "call's arguments already follow the function's parameters", field_name=name)
 
     @post_load
     def make_request(self, data: dict[str, Any], **kwargs: Any) -> OpenAIRequest:

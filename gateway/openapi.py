@@ -26,7 +26,7 @@ from . import response_schemas as rs
 from .openai_fields import MAX_PROMPTS, Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, TokenIdArray
 from trident.contract import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
-from .control_fields import LogitBias, Regex, ResponseFormat
+from .control_fields import LogitBias, Regex, ResponseFormat, StructuredOutputs
 from .control_fields import openapi_properties as control_properties
 from .schemas import StopSequences, StrictBoolean, StrictInteger, StrictNumber, StrictString
 from .tools import CHOICES as TOOL_CHOICES, JsonObject, ToolChoiceField
@@ -158,7 +158,7 @@ def _plugin() -> tuple[Any, Any]:
     ):
         plugin.map_to_openapi_type(cls, *mapping)
     for cls in (Anything, Empty, StringOrStrings, Prompt, MessageContent, Nested, LogitBias, ResponseFormat, Regex,
-                TokenIdArray, JsonObject, ToolChoiceField):
+                StructuredOutputs, TokenIdArray, JsonObject, ToolChoiceField):
         plugin.map_to_openapi_type(cls, None, None)
     plugin.converter.add_attribute_function(_trident_fields)
     return plugin, spec

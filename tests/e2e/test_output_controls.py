@@ -150,6 +150,39 @@ def test_bad_guides_are_400s_naming_the_field(gateway, oai):
     assert caught.value.body["param"] == "response_format"
 
 
+def test_structured_outputs_constrain_both_openai_endpoints(oai):
+    """vLLM's structured_outputs through the official client (extra_body) on the real engine:
+    choice gives exactly one of the strings, regex and grammar match, json validates; streamed
+    the same; a regex XGrammar cannot take is a 400 naming structured_outputs."""
+    review = [{"role": "user", "content": "Is this review positive or negative? 'I loved every minute.'"}]
+    choices = ["positive", "negative", "mixed"]
+    picked = oai.chat.completions.create(model=MODEL, messages=review, temperature=0, max_tokens=10,
+                                         extra_body={"structured_outputs": {"choice": choices}})
+    assert picked.choices[0].message.content in choices and picked.choices[0].finish_reason == "stop"
+    streamed = oai.chat.completions.create(model=MODEL, messages=review, temperature=0, max_tokens=10, stream=True,
+                                           extra_body={"structured_outputs": {"choice": choices}})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+        picked.choices[0].message.content
+    for temperature in (0.0, 1.5):  # sampling hot does not leave the choices either
+        hot = oai.chat.completions.create(model=MODEL, messages=review, temperature=temperature, max_tokens=10, n=4,
+                                          seed=7, extra_body={"structured_outputs": {"choice": choices}})
+        assert all(c.message.content in choices for c in hot.choices)
+    date = oai.completions.create(model=MODEL, prompt="Today's date is", temperature=0, max_tokens=16,
+                                  extra_body={"structured_outputs": {"regex": r" [0-9]{4}-[0-9]{2}-[0-9]{2}"}})
+    text = date.choices[0].text
+    assert len(text) == 11 and text[5] == "-" and text[8] == "-" and text[1:5].isdigit()
+    answer = oai.completions.create(model=MODEL, prompt="Is Paris in France? Answer:", temperature=0, max_tokens=8,
+                                    extra_body={"structured_outputs": {"grammar": 'root ::= " " ("yes" | "no") "."'}})
+    assert answer.choices[0].text in (" yes.", " no.")
+    person = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Invent a person."}],
+                                         temperature=0, max_tokens=96,
+                                         extra_body={"structured_outputs": {"json": PERSON}})
+    jsonschema_rs.validate(PERSON, json.loads(person.choices[0].message.content))
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.completions.create(model=MODEL, prompt="x", extra_body={"structured_outputs": {"regex": "(a"}})
+    assert caught.value.body["param"] == "structured_outputs"
+
+
 def test_frequency_penalty_two_stops_a_repeating_continuation(gateway):
     """ "la la la ..." goes on repeating greedily; at frequency_penalty 2 no token comes twice."""
     body = {"prompt": "la la la la la", "max_new_tokens": 6, "temperature": 0, "logprobs": 0}

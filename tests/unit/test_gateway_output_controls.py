@@ -15,7 +15,7 @@ from test_gateway_openai_client import Client
 
 from gateway.backend import ChoiceEnd, Finished, TextDelta, TokenLogprobs
 from gateway.errors import ClientError
-from trident.contract import GUIDE_JSON_SCHEMA, GUIDE_REGEX, JSON_OBJECT_SCHEMA, Guide
+from trident.contract import GUIDE_EBNF, GUIDE_JSON_SCHEMA, GUIDE_REGEX, JSON_OBJECT_SCHEMA, Guide
 
 
 def piece(*tokens: tuple[str, float], top: int = 0) -> TokenLogprobs:
@@ -52,6 +52,11 @@ def app_backend(tmp_path):
 @pytest.fixture
 def client(app_backend):
     return app_backend[0].test_client()
+
+
+@pytest.fixture
+def backend(app_backend):
+    return app_backend[1]
 
 
 def generate(client, **body):
@@ -169,6 +174,11 @@ def _refuse(param):
     ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}, "stream": True},
      "guided_decoding_guide", "response_format"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "n", "best_of"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "(a"}}, "guided_decoding_guide",
+     "structured_outputs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "structured_outputs": {"grammar": "root ::= "}}, "guided_decoding_guide_type",
+     "structured_outputs"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 3}, "max_new_tokens", "max_tokens"),
 ])
 def test_backend_errors_name_the_endpoints_fields(tmp_path, path, body, contract, public):
@@ -286,3 +296,75 @@ def test_completions_max_tokens_0_with_echo_scores_the_prompt_and_without_echo_i
                                                      "max_tokens": 0}, headers=AUTH)
     assert chat.status_code == 400 and chat.get_json()["error"]["param"] == "max_tokens"
     assert "echo" not in chat.get_json()["error"]["message"]
+
+
+# -- structured_outputs (vLLM's extension on /v1) -----------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+
+
+@pytest.mark.parametrize(("spec", "guide"), [
+    ({"json": SCHEMA}, Guide(GUIDE_JSON_SCHEMA, json.dumps(SCHEMA))),
+    ({"json": json.dumps(SCHEMA)}, Guide(GUIDE_JSON_SCHEMA, json.dumps(SCHEMA))),
+    ({"json_object": True}, Guide(GUIDE_JSON_SCHEMA, JSON_OBJECT_SCHEMA)),
+    ({"regex": "[0-9]{4}"}, Guide(GUIDE_REGEX, "[0-9]{4}")),
+    ({"grammar": 'root ::= "yes" | "no"'}, Guide(GUIDE_EBNF, 'root ::= "yes" | "no"')),
+    ({"choice": ["positive", 'say "hi"\n', "é"]}, Guide(GUIDE_EBNF, 'root ::= "positive" | "say \\"hi\\"\\n" | "é"')),
+    ({"regex": None, "choice": ["a", "b"]}, Guide(GUIDE_EBNF, 'root ::= "a" | "b"')),
+])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_structured_outputs_reach_the_engine_as_its_guide(client, backend, path, spec, guide):
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    response = client.post(path, json={**body, "structured_outputs": spec}, headers=AUTH)
+    assert response.status_code == 200, response.get_json()
+    assert backend.last_params.sampling.guide == guide
+
+
+def test_a_choice_guide_accepts_exactly_its_strings():
+    """The EBNF built for choice, compiled by XGrammar as the engine does: each string and nothing else."""
+    from xgrammar import Grammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from gateway.control_fields import StructuredOutputs
+
+    choices = ["positive", 'say "hi"', "back\\slash", "line\nbreak", "中文", "\x01"]
+    guide = StructuredOutputs()._deserialize({"choice": choices}, "structured_outputs", {})
+    grammar = Grammar.from_ebnf(guide.text)
+    assert all(_is_grammar_accept_string(grammar, c) for c in choices)
+    assert not any(_is_grammar_accept_string(grammar, c) for c in ["positiv", "positive ", "say hi", ""])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs must give exactly one of"),
+    ({"structured_outputs": {}}, "structured_outputs must give exactly one of"),
+    ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs has an unrecognized field: structural_tag"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice must be an array of 1 to 1024 non-empty"),
+    ({"structured_outputs": {"choice": ["a", 3]}}, "structured_outputs.choice must be an array"),
+    ({"structured_outputs": {"regex": ""}}, "structured_outputs.regex must be a non-empty string"),
+    ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json must be a JSON schema"),
+    ({"structured_outputs": {"json": [1]}}, "structured_outputs.json must be a JSON schema"),
+    ({"structured_outputs": {"json_object": 1}}, "structured_outputs.json_object must be true"),
+    ({"structured_outputs": {"grammar": "x" * 70000}}, "structured_outputs.grammar must be at most 65536"),
+    ({"structured_outputs": "json"}, "structured_outputs must be an object"),
+    ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+     "give either structured_outputs or a JSON response_format, not both"),
+])
+def test_bad_structured_outputs_are_400s_naming_the_field(client, backend, extra, message):
+    response = client.post("/v1/completions", json={"prompt": "x", **extra}, headers=AUTH)
+    assert response.status_code == 400, response.get_json()
+    error = response.get_json()["error"]
+    assert error["param"] == "structured_outputs" and error["message"].startswith(message), error["message"]
+    assert backend.calls == []
+
+
+def test_structured_outputs_are_in_the_document_and_conflict_with_forced_tools(client, backend):
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        kinds = [next(iter(one["required"])) for one in schemas[name]["properties"]["structured_outputs"]["anyOf"]
+                 if "required" in one]
+        assert kinds == ["json", "regex", "choice", "grammar", "json_object"]
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    response = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": "required",
+        "structured_outputs": {"choice": ["a"]}}, headers=AUTH)
+    assert response.status_code == 400 and response.get_json()["error"]["param"] == "structured_outputs"
