@@ -14,7 +14,8 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   the same constraint, gateway.tools; ``auto`` where the deployment names the model's call
   syntax, gateway.tool_parsers); and, as vLLM does, the extensions ``top_k``,
   ``repetition_penalty``, ``min_p``, ``min_tokens``, ``ignore_eos`` (``extra_body`` in the
-  official client; ``ignore_eos`` is ``min_tokens`` = ``max_tokens``) and ``structured_outputs``
+  official client; ``ignore_eos`` is ``min_tokens`` = ``max_tokens``), ``stop_token_ids``,
+  ``include_stop_str_in_output`` and ``structured_outputs``
   (``json``, ``regex``, ``choice``, ``grammar`` or ``json_object``: the same constraint as
   ``response_format``, gateway.control_fields);
 * ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
@@ -48,7 +49,7 @@ from marshmallow.validate import OneOf
 
 from .chat_template import ChatTemplate
 from .errors import ServerError
-from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, TokenIds
+from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, TokenIdArray, TokenIds
 from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
 
 from .control_fields import LogitBias, ResponseFormat, StructuredOutputs
@@ -206,6 +207,9 @@ class _OpenAISchema(ModelSchema):
     # vLLM's, SGLang's and llama.cpp's: generate through the end token, up to max_tokens (benchmark
     # clients send it: vLLM's bench with --ignore-eos, SGLang's bench_serving by default).
     ignore_eos = StrictBoolean()
+    # vLLM's: token ids that stop a choice as a stop sequence does; the stop kept in the text
+    stop_token_ids = TokenIdArray()
+    include_stop_str_in_output = StrictBoolean()
 
     @validates_schema
     def validate_structured_outputs(self, data: Mapping[str, Any], **kwargs: Any) -> None:

@@ -87,6 +87,10 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # return_log_probs its tokens come first in the token outputs, each with its log-probability
     # (NaN for the first token, which has none) and alternatives (CPU engine).
     TensorSpec("echo", np.bool_),
+    # trident extensions, vLLM's names: token ids that end a choice as a stop sequence does
+    # (finish_reason stop), and whether the stop (sequence or token) stays in the text.
+    TensorSpec("stop_token_ids", np.int32, many=True),
+    TensorSpec("include_stop_str_in_output", np.bool_),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one.
 LLM_OUTPUTS: tuple[TensorSpec, ...] = (
@@ -261,6 +265,10 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
         values["guided_decoding_guide"] = _strings((s.guide.text,))
     if s.echo:
         values["echo"] = _one(True, np.bool_)
+    if s.stop_token_ids:
+        values["stop_token_ids"] = np.array([s.stop_token_ids], dtype=np.int32)
+    if s.include_stop_str_in_output:
+        values["include_stop_str_in_output"] = _one(True, np.bool_)
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -378,6 +386,8 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
     if _scalar(get("return_log_probs"), bool):
         given["logprobs"] = _scalar(get("num_top_log_probs"), int) or 0
     given["echo"] = _scalar(get("echo"), bool)
+    given["stop_token_ids"] = _ids(get("stop_token_ids"))
+    given["include_stop_str_in_output"] = _scalar(get("include_stop_str_in_output"), bool)
     if (trouble := beam_width_error(_scalar(get("beam_width"), int))) is not None:
         raise InvalidRequest(trouble, param="beam_width")
     sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})

@@ -57,7 +57,10 @@ class TextGeneration:
         self.completion_tokens = 0
         self.cached_tokens: Optional[int] = None  # of prompt_tokens, from the engine's prefix cache (when reported)
         self._detok = IncrementalDetokenizer(tokenizer)
-        self._stops = StopSequenceMatcher(req.sampling.stop)
+        self._include_stop = req.sampling.include_stop_str_in_output
+        self._stops = StopSequenceMatcher(req.sampling.stop, include=self._include_stop)
+        self._stop_ids = frozenset(req.sampling.stop_token_ids)
+        self._stop_token: Optional[int] = None  # the stop token id that ended this choice
         self.finish_reason: Optional[str] = None
         self.ended = False  # its final response was sent (llm_service)
         # logprobs bookkeeping, only when asked for
@@ -72,8 +75,9 @@ class TextGeneration:
 
     @property
     def stopped(self) -> bool:
-        """A stop sequence matched: the engine request (or this choice) should be stopped."""
-        return self._stops.matched is not None
+        """A stop sequence matched or a stop token came: the engine request (or this choice)
+        should be stopped."""
+        return self._stops.matched is not None or self._stop_token is not None
 
     def push(self, token_ids: Sequence[int], log_probs: Optional[Sequence[float]] = None,
              top_ids: Optional[Sequence[Sequence[int]]] = None,
@@ -87,11 +91,29 @@ class TextGeneration:
         out = []
         for token in token_ids:  # one at a time, so counting stops at the matching token
             self.completion_tokens += 1
+            if token in self._stop_ids:
+                out.append(self._end_on_token(token))
+                break
             out.append(self._stops.push(self._detok.push([token])))
             if self.stopped:
                 self.finish_reason = FINISH_STOP
                 break
         return "".join(out)
+
+    def _end_on_token(self, token: int) -> str:
+        """A stop token came: the text held back is released, with the token's own text when it
+        is included."""
+        piece = (self._detok.push([token]) if self._include_stop else "") + self._detok.flush()
+        self._stop_token, self.finish_reason = token, FINISH_STOP
+        return self._release_rest(piece)
+
+    def _release_rest(self, text: str) -> str:
+        """The last text of a choice a stop token ended: all that was held back is released (it
+        can no longer start a stop sequence), up to a stop sequence ``text`` completes."""
+        released = self._stops.push(text)
+        if self._stops.matched is None:
+            released += self._stops.flush()
+        return released
 
     def finish(self) -> str:
         """The engine finished this choice; returns the text still held back."""
@@ -120,14 +142,24 @@ class TextGeneration:
     def _push_aligned(self, token_ids, log_probs, top_ids, top_log_probs) -> str:
         for k, token in enumerate(token_ids):
             self.completion_tokens += 1
-            piece = self._detok.push([token])
-            start = len(self._text)
-            self._text += piece
-            top = ()
-            if top_ids is not None and top_log_probs is not None:
-                top = tuple((self._token_text(int(t)), float(lp)) for t, lp in zip(top_ids[k], top_log_probs[k]))
-            logprob = float(log_probs[k]) if log_probs is not None and k < len(log_probs) else float("nan")
-            self._pending.append(_Pending(start, len(self._text), int(token), logprob, top))
+            ends = token in self._stop_ids
+            piece = ""
+            if not ends or self._include_stop:  # a stop token left out is not returned, nor its text
+                piece = self._detok.push([token])
+                start = len(self._text)
+                self._text += piece
+                top = ()
+                if top_ids is not None and top_log_probs is not None:
+                    top = tuple((self._token_text(int(t)), float(lp)) for t, lp in zip(top_ids[k], top_log_probs[k]))
+                logprob = float(log_probs[k]) if log_probs is not None and k < len(log_probs) else float("nan")
+                self._pending.append(_Pending(start, len(self._text), int(token), logprob, top))
+            if ends:
+                tail = self._detok.flush()
+                if tail:
+                    self._extend_last(tail)
+                self._released += len(self._release_rest(piece + tail))
+                self._stop_token, self.finish_reason = token, FINISH_STOP
+                return self._hand_out(final=True)
             self._released += len(self._stops.push(piece))
             if self.stopped:
                 self.finish_reason = FINISH_STOP

@@ -22,6 +22,7 @@ MAX_JSON_DEPTH = 32  # nesting of a request body (the deepest valid body needs 4
 MAX_CHOICES = 16  # n (and best_of): each choice costs a whole generation
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_STOP_TOKEN_IDS = 64  # entries of stop_token_ids
 MAX_BIAS = 100.0  # |bias| (OpenAI's range)
 MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 MAX_GUIDE_CHARS = 65536  # a JSON schema, regex or grammar: compiled against the whole vocabulary
@@ -176,6 +177,10 @@ class SamplingParams:
     # The prompt in front of the text (OpenAI's echo); with logprobs, each prompt token comes
     # with its log-probability and the alternatives asked for (the first token has none).
     echo: bool = False
+    # vLLM's: token ids that end a choice like a stop sequence (the end token always does), and
+    # whether the matched stop sequence or stop token stays at the end of the text.
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -230,10 +235,15 @@ class SamplingParams:
         if self.min_p and FEATURE_MIN_P not in features:
             raise InvalidRequest("min_p is not supported by this deployment's engine (TensorRT-LLM's backend "
                                  "has no min_p input); leave it at 0", param="min_p")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(f"stop_token_ids must have at most {MAX_STOP_TOKEN_IDS} entries, got "
+                                 f"{len(self.stop_token_ids)}", param="stop_token_ids")
+        vocab = limits.vocab_size if limits is not None else 0
+        if (trouble := token_ids_error(self.stop_token_ids, vocab, "stop_token_ids")) is not None:
+            raise InvalidRequest(trouble, param="stop_token_ids")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise InvalidRequest(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}",
                                  param="logit_bias")
-        vocab = limits.vocab_size if limits is not None else 0
         for token, bias in self.logit_bias:
             if token < 0 or (vocab and token >= vocab):
                 bound = f"below {vocab}" if vocab else "non-negative"

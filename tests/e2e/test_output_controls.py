@@ -183,6 +183,30 @@ def test_structured_outputs_constrain_both_openai_endpoints(oai):
     assert caught.value.body["param"] == "structured_outputs"
 
 
+def test_stop_token_ids_and_included_stops_on_the_real_model(oai):
+    """vLLM's stop_token_ids and include_stop_str_in_output through the official client: a token
+    of the greedy continuation ends it there (finish_reason stop, text before it), its text kept
+    with include_stop_str_in_output, as is a stop sequence; streamed the same."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir()))
+    kwargs = dict(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0)
+    full = oai.completions.create(**kwargs).choices[0].text
+    ids = tokenizer(full, add_special_tokens=False).input_ids
+    stop = ids[2]  # a token in the middle of the greedy continuation
+    before = tokenizer.decode(ids[:ids.index(stop)])
+    cut = oai.completions.create(**kwargs, extra_body={"stop_token_ids": [stop]}).choices[0]
+    assert (cut.text, cut.finish_reason) == (before, "stop")
+    kept = oai.completions.create(**kwargs, extra_body={"stop_token_ids": [stop], "include_stop_str_in_output": True})
+    assert kept.choices[0].text == tokenizer.decode(ids[:ids.index(stop) + 1])
+    chunks = oai.completions.create(**kwargs, stream=True, extra_body={"stop_token_ids": [stop]})
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == before
+    word = full.split()[1]
+    with_stop = oai.completions.create(**kwargs, stop=[word], extra_body={"include_stop_str_in_output": True})
+    assert with_stop.choices[0].text == full[:full.index(word) + len(word)]
+    assert with_stop.choices[0].finish_reason == "stop"
+
+
 def test_frequency_penalty_two_stops_a_repeating_continuation(gateway):
     """ "la la la ..." goes on repeating greedily; at frequency_penalty 2 no token comes twice."""
     body = {"prompt": "la la la la la", "max_new_tokens": 6, "temperature": 0, "logprobs": 0}

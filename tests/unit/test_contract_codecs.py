@@ -131,6 +131,22 @@ def test_echo_crosses_as_a_bool_and_needs_the_engine_feature_only_with_logprobs(
     SamplingParams(echo=True, logprobs=0).check(ModelLimits(features=frozenset({FEATURE_PROMPT_LOGPROBS})))
 
 
+def test_stop_token_ids_and_include_stop_cross_and_are_checked():
+    from trident.contract import MAX_STOP_TOKEN_IDS, InvalidRequest, ModelLimits
+
+    req = TextRequest(prompt="p", sampling=SamplingParams(stop_token_ids=(2, 7), include_stop_str_in_output=True))
+    inputs = llm_inputs(req)
+    assert inputs["stop_token_ids"].dtype == np.int32 and inputs["stop_token_ids"].tolist() == [[2, 7]]
+    assert inputs["include_stop_str_in_output"].tolist() == [[True]]
+    assert read_llm_inputs(inputs.get) == req
+    plain = llm_inputs(TextRequest(prompt="p"))
+    assert "stop_token_ids" not in plain and "include_stop_str_in_output" not in plain
+    for ids, message in (((1,) * (MAX_STOP_TOKEN_IDS + 1), "at most 64"), ((5, 99), "token id 99 (at 1)")):
+        with pytest.raises(InvalidRequest) as err:
+            SamplingParams(stop_token_ids=ids).check(ModelLimits(vocab_size=50))
+        assert err.value.param == "stop_token_ids" and message in str(err.value)
+
+
 @pytest.mark.parametrize("beam_width", [0, 2, 4])
 def test_beam_search_is_refused_naming_beam_width(beam_width):
     inputs = {"text_input": np.array([[b"x"]], dtype=object), "max_tokens": np.array([[3]], dtype=np.int32),

@@ -368,3 +368,18 @@ def test_structured_outputs_are_in_the_document_and_conflict_with_forced_tools(c
         "messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": "required",
         "structured_outputs": {"choice": ["a"]}}, headers=AUTH)
     assert response.status_code == 400 and response.get_json()["error"]["param"] == "structured_outputs"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stop_token_ids_and_include_stop_str_in_output_reach_the_llm_model(client, backend, path):
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    response = client.post(path, json={**body, "stop_token_ids": [2, 49152], "include_stop_str_in_output": True},
+                           headers=AUTH)
+    assert response.status_code == 200
+    sampling = backend.last_params.sampling
+    assert sampling.stop_token_ids == (2, 49152) and sampling.include_stop_str_in_output
+    client.post(path, json=body, headers=AUTH)
+    assert backend.last_params.sampling.stop_token_ids == () and not backend.last_params.sampling.include_stop_str_in_output
+    for extra in ({"stop_token_ids": [1, -2]}, {"stop_token_ids": 3}, {"include_stop_str_in_output": "yes"}):
+        bad = client.post(path, json={**body, **extra}, headers=AUTH)
+        assert bad.status_code == 400 and bad.get_json()["error"]["param"] == next(iter(extra))

@@ -204,6 +204,22 @@ def test_an_engine_that_sends_no_prompt_logprobs_is_an_error(make_service, token
     assert "no log-probabilities of the prompt" in message
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_token_ends_its_choice_and_stops_the_engine(make_service, tokenizer, include):
+    """stop_token_ids (vLLM's), direct gRPC: the choice ends at the token (its text only with
+    include_stop_str_in_output), finish_reason stop, and the engine request is stopped."""
+    service, engine = make_service()
+    three = tokenizer(" three", add_special_tokens=False).input_ids
+    req = request(stream=False, max_tokens=8, include_stop_str_in_output=include)
+    req.inputs["stop_token_ids"] = np.array([[three[0], 7]], dtype=np.int32)
+    service.accept(req)
+    wait(req)
+    assert choice_texts(req, 1) == [" one two" + (" three" if include else "")]
+    [(_, reason, _, completion)] = [p for k, p in req.sent if k == "send_final"]
+    assert (reason, completion) == ("stop_sequence", 3)
+    assert engine.stops == engine.streams
+
+
 class Counting(FakeEngine):
     """Records the tokens each request asked the engine for."""
 

@@ -111,6 +111,55 @@ def test_generation_finish_reasons(tokenizer):
     assert gen.completion_tokens < len(ids)  # tokens after the match are not counted
 
 
+@pytest.mark.parametrize("pieces, stops, released", [
+    (["Hello", " wor", "ld", "!"], ["world"], "Hello world"),
+    (["The end", ".\n", "User:", " hi"], ["\nUser:"], "The end.\nUser:"),
+    (["stop", "here", " more"], ["here", "stophere"], "stophere"),
+])
+def test_an_included_stop_sequence_ends_the_text(pieces, stops, released):
+    m = StopSequenceMatcher(stops, include=True)
+    assert "".join(release_all(m, pieces)) == released and m.matched is not None
+
+
+def sampled(tokenizer, ids, *, stop_ids=(), include=False, stops=(), logprobs=None):
+    """A generation of ``ids`` pushed one by one; its text (streamed), tokens' texts and end."""
+    sampling = SamplingParams(max_new_tokens=50, stop=tuple(stops), stop_token_ids=tuple(stop_ids),
+                              include_stop_str_in_output=include, logprobs=logprobs)
+    gen = TextGeneration(tokenizer, TextRequest(prompt="p", sampling=sampling), prompt_tokens=5)
+    text, tokens = "", []
+    for token in ids:
+        text += gen.push([token], [-1.0] if logprobs is not None else None)
+        tokens += gen.take_tokens()
+        if gen.stopped:
+            break
+    else:
+        text += gen.finish()
+        tokens += gen.take_tokens()
+    return text, [t.text for t in tokens], gen.finish_reason, gen.completion_tokens
+
+
+@pytest.mark.parametrize("logprobs", [None, 0])
+def test_a_stop_token_ends_the_choice_with_its_text_only_when_included(tokenizer, logprobs):
+    ids = tokenizer(" Paris. The end", add_special_tokens=False).input_ids
+    dot = tokenizer(".", add_special_tokens=False).input_ids[0]
+    at = ids.index(dot)
+    before = tokenizer.decode(ids[:at])
+    text, tokens, reason, count = sampled(tokenizer, ids, stop_ids=[dot], logprobs=logprobs)
+    assert (text, reason, count) == (before, "stop_sequence", at + 1)  # the stop token is counted
+    text, tokens, reason, _ = sampled(tokenizer, ids, stop_ids=[dot], include=True, logprobs=logprobs)
+    assert (text, reason) == (before + ".", "stop_sequence")
+    if logprobs is not None:
+        assert "".join(tokens) == text and len(tokens) == at + 1
+    # text held back as the possible start of a stop sequence is released at the stop token
+    text, *_ = sampled(tokenizer, ids, stop_ids=[dot], stops=["Paris!"], logprobs=logprobs)
+    assert text == before
+    # a stop sequence is kept with include, and it ends the choice first when it comes first
+    text, tokens, reason, _ = sampled(tokenizer, ids, stops=["Par"], include=True, logprobs=logprobs)
+    assert (text, reason) == (" Par", "stop_sequence")
+    if logprobs is not None:
+        assert "".join(tokens) == text
+
+
 def test_words_list_format():
     out = words_list([[5, 6], [7]])
     assert out.shape == (1, 2, 3)

@@ -1,7 +1,8 @@
 """Stop sequences matched on decoded text, across token boundaries.
 
 Text is released only once it cannot be the start of a stop sequence; a match ends the
-generation and neither the stop sequence nor anything after it is ever released.
+generation and nothing after it is ever released, nor the stop sequence itself unless
+``include`` (vLLM's ``include_stop_str_in_output``).
 """
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Sequence
 
 
 class StopSequenceMatcher:
-    def __init__(self, stop_sequences: Sequence[str] = ()):
+    def __init__(self, stop_sequences: Sequence[str] = (), *, include: bool = False):
         self._stops = [s for s in stop_sequences if s]
+        self._include = include  # a matched stop sequence stays at the end of the text (vLLM's include_stop_str_in_output)
         self._longest = max((len(s) for s in self._stops), default=0)
         self._text = ""  # everything generated so far
         self._released = 0  # self._text[:_released] has been handed out
@@ -26,7 +28,7 @@ class StopSequenceMatcher:
             return self._release(len(self._text))
         hit = self._earliest_match(start)
         if hit is not None:
-            return self._release(hit)
+            return self._release(hit + (len(self.matched) if self._include and self.matched else 0))
         return self._release(len(self._text) - self._held_back())
 
     def flush(self) -> str:
