@@ -352,6 +352,15 @@ class EngineResponse:
     cached_tokens: Optional[int] = None  # NUM_CACHED_TOKENS (the final response, when asked for)
 
 
+def _rows(array: np.ndarray, count: int, dtype: Any = None) -> list[list]:
+    """The last ``count`` rows of a [..., k] tensor of alternatives: ``count`` empty rows when k is
+    0 (no alternatives asked for: there is nothing to tell the rows apart by)."""
+    k = np.shape(array)[-1]
+    if k == 0 or count == 0:
+        return [[] for _ in range(count)]
+    return np.asarray(array, dtype=dtype).reshape(-1, k)[-count:].tolist()
+
+
 def read_response(get: Callable[[str], Optional[np.ndarray]]) -> EngineResponse:
     """An engine response from its output tensors. TensorRT-LLM's streaming responses carry the
     new tokens; their log-probabilities are taken from the end of output_log_probs, so a backend
@@ -365,18 +374,14 @@ def read_response(get: Callable[[str], Optional[np.ndarray]]) -> EngineResponse:
         log_probs = flat[flat.size - n:].tolist() if n else []
     t_ids, t_lp = get(TOP_LOG_PROB_IDS), get(TOP_LOG_PROBS)
     if t_ids is not None and t_lp is not None and n:
-        k = np.shape(t_ids)[-1]
-        top_ids = np.asarray(t_ids).reshape(-1, k)[-n:].tolist()
-        top = np.asarray(t_lp, dtype=np.float32).reshape(-1, k)[-n:].tolist()
+        top_ids, top = _rows(t_ids, n), _rows(t_lp, n, np.float32)
     index = get(SEQUENCE_INDEX)
     context = context_ids = context_top = None
     if (c := get(CONTEXT_LOG_PROBS)) is not None:
         context = np.asarray(c, dtype=np.float32).reshape(-1).tolist()
         c_ids, c_lp = get(CONTEXT_TOP_LOG_PROB_IDS), get(CONTEXT_TOP_LOG_PROBS)
         if c_ids is not None and c_lp is not None:
-            k = np.shape(c_ids)[-1]
-            context_ids = np.asarray(c_ids).reshape(-1, k).tolist()
-            context_top = np.asarray(c_lp, dtype=np.float32).reshape(-1, k).tolist()
+            context_ids, context_top = _rows(c_ids, len(context)), _rows(c_lp, len(context), np.float32)
     cached = get(NUM_CACHED_TOKENS)
     return EngineResponse(ids, log_probs, top_ids, top,
                           int(np.asarray(index).reshape(-1)[0]) if index is not None and np.size(index) else 0,

@@ -144,6 +144,10 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(oai, tokenizer):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
     plain = oai.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=0)
     assert plain.choices[0].text == prompt and plain.usage.completion_tokens == 0
+    # logprobs 0: no alternatives, only each token's own log-probability (was a 500 until 2026-12-06)
+    bare = oai.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=0, max_tokens=0).choices[0].logprobs
+    assert bare.token_logprobs[1:] == pytest.approx(choice.logprobs.token_logprobs[1:], abs=0.02)
+    assert [list(t) for t in bare.top_logprobs[1:]] == [[token] for token in bare.tokens[1:]]
     with pytest.raises(openai.BadRequestError) as caught:
         oai.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
     assert caught.value.body["param"] == "max_tokens"

@@ -533,6 +533,8 @@ def test_context_logprobs_adapter_tensors_round_trip(int4, tok):
     int4.submit(request, sink)
     first = response_arrays(sink.finished("ctx-0")[0])
     assert first[CONTEXT_TOP_LOG_PROBS].shape == first[CONTEXT_TOP_LOG_PROB_IDS].shape == (1, 1, L, 0)
+    back = read_response(first.get)  # echo with logprobs 0: the prompt's tokens, no alternatives
+    assert len(back.context_log_probs) == L and back.context_top_ids == back.context_top_log_probs == [[]] * L
 
 
 @pytest.mark.parametrize("streaming", [False, True])
