@@ -212,7 +212,7 @@ class ChatCompletionReply(_Reply):
             reader = self._autos[index] = AutoCalls(self.tool_choice.names, new_call_id, most=self._most_calls)
         content, calls = reader.feed(text) if text else ("", [])
         if reason is not None:
-            content += reader.finish()[0]
+            content += reader.finish()
             if reader.calls:
                 reason = _called(reason)
         if content or first:

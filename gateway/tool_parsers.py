@@ -41,9 +41,9 @@ def check_parser(name: str | None) -> None:
 class AutoCalls:
     """One choice's text, split into content and calls as it comes (the ``hermes`` syntax).
 
-    ``feed(text)`` and ``finish()`` return ``(content, calls)``: the content that is final now,
-    and the calls completed, each ``{"index", "id", "type", "function": {"name", "arguments"}}``
-    numbered from 0 (``new_id`` names them)."""
+    ``feed(text)`` returns ``(content, calls)``: the content that is final now, and the calls
+    completed, each ``{"index", "id", "type", "function": {"name", "arguments"}}`` numbered from
+    0 (``new_id`` names them); ``finish()`` the content held back to the end."""
 
     def __init__(self, names: Collection[str], new_id: Callable[[], str], *, most: int | None = None) -> None:
         self._names = frozenset(names)
@@ -97,13 +97,13 @@ class AutoCalls:
             break
         return "".join(content), calls
 
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+    def finish(self) -> str:
         """The end of the text: what is held back is content (an unclosed block too)."""
         tail = (self._space + HERMES_OPEN if self._inside else "") + self._buf
         if self._after_block:
             tail = tail.lstrip(_SPACE)
         self._buf, self._inside = "", False
-        return tail, []
+        return tail
 
     def _call(self, body: str) -> dict[str, Any] | None:
         try:
@@ -140,8 +140,7 @@ def split_calls(text: str, names: Collection[str], new_id: Callable[[], str], *,
     whitespace is None."""
     reader = AutoCalls(names, new_id, most=most)
     content, calls = reader.feed(text)
-    tail, _ = reader.finish()
-    content += tail
+    content += reader.finish()
     if calls and not content.strip(_SPACE):
         return None, [{k: v for k, v in c.items() if k != "index"} for c in calls]
     return content, [{k: v for k, v in c.items() if k != "index"} for c in calls]

@@ -91,40 +91,33 @@ class TextGeneration:
         out = []
         for token in token_ids:  # one at a time, so counting stops at the matching token
             self.completion_tokens += 1
-            if token in self._stop_ids:
-                out.append(self._end_on_token(token))
-                break
-            out.append(self._stops.push(self._detok.push([token])))
+            ends = token in self._stop_ids
+            if not ends or self._include_stop:  # a stop token left out adds no text
+                out.append(self._stops.push(self._detok.push([token])))
+            if ends and not self.stopped:  # (a stop sequence its text completed came first)
+                out.append(self._release_held(stop_token=token))
             if self.stopped:
                 self.finish_reason = FINISH_STOP
                 break
         return "".join(out)
 
-    def _end_on_token(self, token: int) -> str:
-        """A stop token came: the text held back is released, with the token's own text when it
-        is included."""
-        piece = (self._detok.push([token]) if self._include_stop else "") + self._detok.flush()
-        self._stop_token, self.finish_reason = token, FINISH_STOP
-        return self._release_rest(piece)
-
-    def _release_rest(self, text: str) -> str:
-        """The last text of a choice a stop token ended: all that was held back is released (it
-        can no longer start a stop sequence), up to a stop sequence ``text`` completes."""
-        released = self._stops.push(text)
-        if self._stops.matched is None:
-            released += self._stops.flush()
-        return released
-
     def finish(self) -> str:
         """The engine finished this choice; returns the text still held back."""
         if self.stopped:
             return ""
+        return self._release_held()
+
+    def _release_held(self, *, stop_token: Optional[int] = None) -> str:
+        """The end of this choice's text (the engine finished it, or ``stop_token`` came): what
+        the detokenizer and the stop matcher held back is released, up to a stop sequence it
+        completes, and the finish reason set."""
         tail = self._detok.flush()
         if self.logprobs and tail:
             self._extend_last(tail)
         released = self._stops.push(tail)
         if not self.stopped:
             released += self._stops.flush()
+        self._stop_token = stop_token
         self.finish_reason = finish_reason(stopped=self.stopped, completion_tokens=self.completion_tokens,
                                            max_new_tokens=self.req.sampling.max_new_tokens)
         if not self.logprobs:
@@ -143,7 +136,6 @@ class TextGeneration:
         for k, token in enumerate(token_ids):
             self.completion_tokens += 1
             ends = token in self._stop_ids
-            piece = ""
             if not ends or self._include_stop:  # a stop token left out is not returned, nor its text
                 piece = self._detok.push([token])
                 start = len(self._text)
@@ -153,14 +145,9 @@ class TextGeneration:
                     top = tuple((self._token_text(int(t)), float(lp)) for t, lp in zip(top_ids[k], top_log_probs[k]))
                 logprob = float(log_probs[k]) if log_probs is not None and k < len(log_probs) else float("nan")
                 self._pending.append(_Pending(start, len(self._text), int(token), logprob, top))
-            if ends:
-                tail = self._detok.flush()
-                if tail:
-                    self._extend_last(tail)
-                self._released += len(self._release_rest(piece + tail))
-                self._stop_token, self.finish_reason = token, FINISH_STOP
-                return self._hand_out(final=True)
-            self._released += len(self._stops.push(piece))
+                self._released += len(self._stops.push(piece))
+            if ends and not self.stopped:
+                return self._release_held(stop_token=token)
             if self.stopped:
                 self.finish_reason = FINISH_STOP
                 return self._hand_out(final=True)

@@ -244,11 +244,9 @@ class SamplingParams:
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise InvalidRequest(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}",
                                  param="logit_bias")
+        if (trouble := token_ids_error([t for t, _ in self.logit_bias], vocab, "logit_bias")) is not None:
+            raise InvalidRequest(trouble, param="logit_bias")
         for token, bias in self.logit_bias:
-            if token < 0 or (vocab and token >= vocab):
-                bound = f"below {vocab}" if vocab else "non-negative"
-                raise InvalidRequest(f"logit_bias: token id {token} is not a token of the model (ids are {bound})",
-                                     param="logit_bias")
             if not -MAX_BIAS <= bias <= MAX_BIAS:
                 raise InvalidRequest(f"logit_bias: the bias of token {token} must be between -{MAX_BIAS:g} and "
                                      f"{MAX_BIAS:g}, got {bias:g}", param="logit_bias")

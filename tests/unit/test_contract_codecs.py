@@ -145,6 +145,9 @@ def test_stop_token_ids_and_include_stop_cross_and_are_checked():
         with pytest.raises(InvalidRequest) as err:
             SamplingParams(stop_token_ids=ids).check(ModelLimits(vocab_size=50))
         assert err.value.param == "stop_token_ids" and message in str(err.value)
+    with pytest.raises(InvalidRequest) as err:  # logit_bias's ids are checked the same way
+        SamplingParams(logit_bias=((5, 1.0), (99, 2.0))).check(ModelLimits(vocab_size=50))
+    assert err.value.param == "logit_bias" and "logit_bias: token id 99 (at 1) is not a token" in str(err.value)
 
 
 @pytest.mark.parametrize("beam_width", [0, 2, 4])

@@ -33,7 +33,7 @@ def pieces(text: str, size: int, most=None) -> tuple[str, list[dict]]:
         got, new = reader.feed(text[start:start + size])
         content.append(got)
         calls.extend(new)
-    content.append(reader.finish()[0])
+    content.append(reader.finish())
     return "".join(content), calls
 
 
