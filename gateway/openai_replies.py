@@ -22,7 +22,7 @@ from .backend import Event, Finished, TextDelta, TokenLogprobs
 from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs
 from .errors import ApiError
 from .ids import new_id
-from .tool_parsers import AutoCalls, split_calls
+from .tool_parsers import CallReader, call_reader, split_calls
 from .tools import CallReader, ToolChoice, message_calls, new_call_id
 
 DONE = b"data: [DONE]\n\n"
@@ -157,14 +157,15 @@ class ChatCompletionReply(_Reply):
         self._role_sent: set[int] = set()
         self.tool_choice = tool_choice
         self._readers: dict[int, CallReader] = {}  # a stream's calls, per choice
-        self._autos: dict[int, AutoCalls] = {}  # the same with "auto"
+        self._autos: dict[int, CallReader] = {}  # the same with "auto"
 
     def _choice(self, choice: Choice) -> dict[str, Any]:
         reason = finish_reason(choice.finish_reason)
         if self.tool_choice is None:
             message = {"role": "assistant", "content": choice.text}
         elif self.tool_choice.mode == "auto":
-            content, calls = split_calls(choice.text, self.tool_choice.names, new_call_id, most=self._most_calls)
+            content, calls = split_calls(self.tool_choice.parser, choice.text, self.tool_choice.names, new_call_id,
+                                         most=self._most_calls)
             message = {"role": "assistant", "content": content}
             if calls:
                 message["tool_calls"] = calls
@@ -209,10 +210,12 @@ class ChatCompletionReply(_Reply):
         called (and was not cut by max_tokens)."""
         reader = self._autos.get(index)
         if reader is None:
-            reader = self._autos[index] = AutoCalls(self.tool_choice.names, new_call_id, most=self._most_calls)
+            reader = self._autos[index] = call_reader(self.tool_choice.parser, self.tool_choice.names, new_call_id,
+                                                      most=self._most_calls)
         content, calls = reader.feed(text) if text else ("", [])
         if reason is not None:
-            content += reader.finish()
+            tail, more = reader.finish()
+            content, calls = content + tail, calls + more
             if reader.calls:
                 reason = _called(reason)
         if content or first:

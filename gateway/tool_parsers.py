@@ -3,31 +3,48 @@
 With ``auto`` the model decides between answering and calling, in the syntax it was trained on;
 the gateway reads that syntax (vLLM's ``--tool-call-parser``, llama.cpp's ``--jinja`` do the
 same). The deployment names it with ``TOOL_CALL_PARSER`` (``TRIDENT_TOOL_CALL_PARSER``); without
-one, ``auto`` with tools stays a 400 (gateway.tools), as vLLM answers without a parser.
+one, ``auto`` with tools stays a 400 (gateway.tools), as vLLM answers without a parser. A call
+names a function declared in ``tools``, with an object of arguments; anything else stays text.
 
 ``hermes``: each call is a JSON object ``{"name": ..., "arguments": {...}}`` between
 ``<tool_call>`` and ``</tool_call>``, as Hermes 2 Pro / 3, Qwen2.5 / Qwen3 and SmolLM3 write them
 (their chat templates render ``tools`` and teach it). Text outside the blocks is the message's
 ``content``; whitespace next to a block is not part of it, and beside calls, content that is
-only whitespace is null. A block whose JSON is not such an object, or names a function that is not in ``tools``,
-stays text, as does a block the generation did not close.
+only whitespace is null. A block whose JSON is not such an object, or names a function that is
+not in ``tools``, stays text, as does a block the generation did not close.
 
-:class:`AutoCalls` reads a choice's text as it grows (streams): it hands out content as soon as it
-cannot be the start of a block, and each call once its block is closed. The same reader gives a
-whole reply, so a stream and a reply of the same text agree.
+``llama3_json``: Llama 3.1 / 3.2 / 3.3 and Llama 4 with JSON tool templates answer a call with
+the JSON object itself, ``{"name": ..., "parameters": {...}}`` (``arguments`` is read too),
+several separated by ``;`` (or whitespace), after the ``<|python_tag|>`` token or none (the token is special:
+the text usually no longer has it). So a reply whose text begins with ``{`` is read as calls, one
+object after the other; from the first object that is not such a call, the rest is ``content``.
+A reply that begins otherwise is text.
+
+``pythonic``: Llama 3.2 / Llama 4 with pythonic templates (and ToolACE) answer with a Python list
+of calls with keyword arguments, ``[get_weather(city="Paris"), noop()]``, the whole reply; the
+values are literals (strings, numbers, True/False/None, lists and dicts of them). A reply that
+is not such a list is text.
+
+Each reader takes a choice's text as it grows (streams): it hands out content as soon as it
+cannot belong to a call, and each call once it is complete (``pythonic``'s once the reply ends:
+only the whole text tells). The same reader gives a whole reply, so a stream and a reply of the
+same text agree.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 from collections.abc import Callable, Collection
 from typing import Any
 
 #: The parsers a deployment may name (TOOL_CALL_PARSER).
-PARSERS = ("hermes",)
+PARSERS = ("hermes", "llama3_json", "pythonic")
 
 HERMES_OPEN = "<tool_call>"
 HERMES_CLOSE = "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"  # Llama 3's token before a call (special: usually not in the text)
 _SPACE = " \t\r\n"
 
 
@@ -38,23 +55,57 @@ def check_parser(name: str | None) -> None:
                          f'"auto"), got {name!r}')
 
 
-class AutoCalls:
-    """One choice's text, split into content and calls as it comes (the ``hermes`` syntax).
+class CallReader:
+    """One choice's text, split into content and calls as it comes.
 
     ``feed(text)`` returns ``(content, calls)``: the content that is final now, and the calls
     completed, each ``{"index", "id", "type", "function": {"name", "arguments"}}`` numbered from
-    0 (``new_id`` names them); ``finish()`` the content held back to the end."""
+    0 (``new_id`` names them); ``finish()`` the same for the end of the text (what was held
+    back). ``calls`` counts the calls read (also those left out by ``most``)."""
 
     def __init__(self, names: Collection[str], new_id: Callable[[], str], *, most: int | None = None) -> None:
         self._names = frozenset(names)
         self._most = most  # calls beyond this many are left out (parallel_tool_calls: false keeps one)
         self._new_id = new_id
+        self.calls = 0
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        raise NotImplementedError
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        raise NotImplementedError
+
+    def _call(self, value: Any) -> dict[str, Any] | None:
+        """``{"name", "arguments" or "parameters"}`` of a declared function as a call, else None."""
+        if not isinstance(value, dict) or value.get("name") not in self._names:
+            return None
+        arguments = value.get("arguments", value.get("parameters", {}))
+        if isinstance(arguments, str):  # some models write the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        call = {"index": self.calls, "id": self._new_id(), "type": "function",
+                "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
+        self.calls += 1
+        return call
+
+    def _kept(self, call: dict[str, Any]) -> bool:
+        return self._most is None or call["index"] < self._most
+
+
+class HermesCalls(CallReader):
+    """``hermes``: calls in ``<tool_call>`` blocks anywhere in the text."""
+
+    def __init__(self, names: Collection[str], new_id: Callable[[], str], *, most: int | None = None) -> None:
+        super().__init__(names, new_id, most=most)
         self._buf = ""  # text not handed out yet
         self._inside = False  # _buf is the inside of an open block
         self._searched = 0  # inside a block: where the search for its end goes on
         self._after_block = False  # skip the whitespace that follows a block
         self._space = ""  # the whitespace before the open block: content, unless the block is a call
-        self.calls = 0
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         self._buf += text
@@ -68,12 +119,12 @@ class AutoCalls:
                     break
                 body, self._buf = self._buf[:end], self._buf[end + len(HERMES_CLOSE):]
                 self._inside, self._searched = False, 0
-                call = self._call(body)
+                call = self._call(_json(body))
                 if call is None:  # not a call of a declared function: it stays text
                     content.append(self._space + HERMES_OPEN + body + HERMES_CLOSE)
                     self._after_block = False
                 else:
-                    if self._most is None or call["index"] < self._most:
+                    if self._kept(call):
                         calls.append(call)
                     self._after_block = True
                 continue
@@ -90,60 +141,229 @@ class AutoCalls:
                 self._buf, self._inside = self._buf[start + len(HERMES_OPEN):], True
                 continue
             # Hold back what may still become a block's start, and the whitespace before it.
-            keep = len(self._buf) - _partial_open(self._buf)
+            keep = len(self._buf) - _partial(self._buf, HERMES_OPEN)
             keep = len(self._buf[:keep].rstrip(_SPACE))
             content.append(self._buf[:keep])
             self._buf = self._buf[keep:]
             break
         return "".join(content), calls
 
-    def finish(self) -> str:
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """The end of the text: what is held back is content (an unclosed block too)."""
         tail = (self._space + HERMES_OPEN if self._inside else "") + self._buf
         if self._after_block:
             tail = tail.lstrip(_SPACE)
         self._buf, self._inside = "", False
-        return tail
+        return tail, []
 
-    def _call(self, body: str) -> dict[str, Any] | None:
-        try:
-            value = json.loads(body)
-        except ValueError:
+
+class Llama3JsonCalls(CallReader):
+    """``llama3_json``: a reply that begins with ``{`` (after whitespace and ``<|python_tag|>``)
+    is calls, JSON objects separated by ``;`` or whitespace; the rest from the first object that is not a call
+    is content. Any other reply is text, handed out as it comes."""
+
+    def __init__(self, names: Collection[str], new_id: Callable[[], str], *, most: int | None = None) -> None:
+        super().__init__(names, new_id, most=most)
+        self._buf = ""  # text not handed out yet
+        self._state = "start"  # start (nothing but whitespace yet), object, between (calls), text
+        self._object = _ObjectEnd()
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        self._buf += text
+        content: list[str] = []
+        calls: list[dict[str, Any]] = []
+        while self._buf:
+            if self._state == "text":
+                content.append(self._buf)
+                self._buf = ""
+            elif self._state == "start":
+                rest = self._buf.lstrip(_SPACE)
+                if rest.startswith(PYTHON_TAG):
+                    self._buf = rest[len(PYTHON_TAG):]
+                    continue
+                if not rest or (PYTHON_TAG.startswith(rest)):
+                    break  # whitespace, or the start of the tag: not known yet
+                if rest[0] == "{":
+                    self._buf, self._state = rest, "object"
+                else:
+                    self._state = "text"
+            elif self._state == "between":  # after a call: whitespace, maybe ";", whitespace, "{"
+                rest = self._buf.lstrip(_SPACE)
+                if rest.startswith(";"):
+                    rest = rest[1:].lstrip(_SPACE)
+                if not rest:
+                    break  # the next call may follow
+                self._buf, self._state = rest, "object" if rest[0] == "{" else "text"
+            else:  # "object": _buf begins with one
+                end = self._object.scan(self._buf)
+                if end < 0:
+                    break
+                call = self._call(_json(self._buf[:end]))
+                self._object = _ObjectEnd()
+                if call is None:  # not a call: this and the rest are text
+                    self._state = "text"
+                    continue
+                if self._kept(call):
+                    calls.append(call)
+                self._buf, self._state = self._buf[end:], "between"
+        return "".join(content), calls
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """The end of the text: an object never closed is content; so is a reply of whitespace
+        only (what follows the calls, separators and whitespace, is not)."""
+        tail = "" if self._state == "between" else self._buf
+        self._buf, self._state = "", "text"
+        return tail, []
+
+
+class _ObjectEnd:
+    """Where the JSON object at the start of a growing text ends (its brackets counted outside
+    strings); ``scan`` goes on from where the last call stopped."""
+
+    def __init__(self) -> None:
+        self._at, self._depth, self._string, self._escaped = 0, 0, False, False
+
+    def scan(self, text: str) -> int:
+        """The index after the object's closing brace, or -1 while it is open."""
+        for i in range(self._at, len(text)):
+            char = text[i]
+            if self._string:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == '"':
+                    self._string = False
+            elif char == '"':
+                self._string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return i + 1
+        self._at = len(text)
+        return -1
+
+
+class PythonicCalls(CallReader):
+    """``pythonic``: a reply that begins with ``[`` is held to its end and read as a list of
+    calls; any other reply is text, handed out as it comes."""
+
+    def __init__(self, names: Collection[str], new_id: Callable[[], str], *, most: int | None = None) -> None:
+        super().__init__(names, new_id, most=most)
+        self._buf = ""
+        self._state = "start"  # start, list (held to the end), text
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        self._buf += text
+        if self._state == "start":
+            rest = self._buf.lstrip(_SPACE)
+            if not rest:
+                return "", []
+            self._state = "list" if rest[0] == "[" else "text"
+        if self._state == "text":
+            out, self._buf = self._buf, ""
+            return out, []
+        return "", []
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        text, self._buf, state, self._state = self._buf, "", self._state, "text"
+        if state != "list":
+            return text, []
+        values = _python_calls(text.strip(_SPACE))
+        calls = [self._call(value) for value in values] if values is not None else []
+        if not calls or None in calls:
+            self.calls = 0
+            return text, []
+        return "", [call for call in calls if self._kept(call)]
+
+
+def _python_calls(text: str) -> list[dict[str, Any]] | None:
+    """``[f(a=1), g()]`` as ``[{"name": "f", "arguments": {"a": 1}}, ...]``; None for any other
+    text (positional arguments, values that are not literals, ``**kwargs``, a syntax error)."""
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return None
+    calls = []
+    for node in tree.elts:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
             return None
-        if not isinstance(value, dict) or value.get("name") not in self._names:
-            return None
-        arguments = value.get("arguments", value.get("parameters", {}))
-        if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        arguments = {}
+        for keyword in node.keywords:
+            if keyword.arg is None:
+                return None
             try:
-                arguments = json.loads(arguments)
+                arguments[keyword.arg] = _literal(keyword.value)
             except ValueError:
                 return None
-        if not isinstance(arguments, dict):
-            return None
-        call = {"index": self.calls, "id": self._new_id(), "type": "function",
-                "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
-        self.calls += 1
-        return call
+        calls.append({"name": node.func.id, "arguments": arguments})
+    return calls
 
 
-def _partial_open(text: str) -> int:
-    """How many of ``text``'s last characters are the start of HERMES_OPEN (0: none)."""
-    for size in range(min(len(text), len(HERMES_OPEN) - 1), 0, -1):
-        if HERMES_OPEN.startswith(text[-size:]):
+def _literal(node: ast.expr) -> Any:
+    """A JSON value written as a Python literal (string, number, True/False/None, list, dict with
+    string keys); ValueError for anything else."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):  # -1, -2.5
+        value = _literal(node.operand)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("only a number is negated")
+        return -value
+    if isinstance(node, ast.Constant):
+        value = node.value
+        if value is None or isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+            return value
+        raise ValueError("not a JSON value")
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(item) for item in node.elts]
+    if isinstance(node, ast.Dict):
+        if not all(isinstance(key, ast.Constant) and isinstance(key.value, str) for key in node.keys):
+            raise ValueError("a dict's keys must be strings")
+        return {key.value: _literal(value) for key, value in zip(node.keys, node.values)}  # type: ignore[union-attr]
+    raise ValueError("not a literal")
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _partial(text: str, token: str) -> int:
+    """How many of ``text``'s last characters are the start of ``token`` (0: none)."""
+    for size in range(min(len(text), len(token) - 1), 0, -1):
+        if token.startswith(text[-size:]):
             return size
     return 0
 
 
-def split_calls(text: str, names: Collection[str], new_id: Callable[[], str], *,
+_READERS: dict[str, type[CallReader]] = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls,
+                                         "pythonic": PythonicCalls}
+
+
+def call_reader(parser: str, names: Collection[str], new_id: Callable[[], str], *,
+                most: int | None = None) -> CallReader:
+    """The reader of one choice's text in the syntax ``parser`` names (one of PARSERS)."""
+    return _READERS[parser](names, new_id, most=most)
+
+
+def split_calls(parser: str, text: str, names: Collection[str], new_id: Callable[[], str], *,
                 most: int | None = None) -> tuple[str | None, list[dict[str, Any]]]:
     """A whole reply's content and calls (without ``index``); with calls, content that is only
     whitespace is None."""
-    reader = AutoCalls(names, new_id, most=most)
+    reader = call_reader(parser, names, new_id, most=most)
     content, calls = reader.feed(text)
-    content += reader.finish()
+    tail, more = reader.finish()
+    content, calls = content + tail, calls + more
+    calls = [{k: v for k, v in c.items() if k != "index"} for c in calls]
     if calls and not content.strip(_SPACE):
-        return None, [{k: v for k, v in c.items() if k != "index"} for c in calls]
-    return content, [{k: v for k, v in c.items() if k != "index"} for c in calls]
+        return None, calls
+    return content, calls
 
 
-__all__ = ["PARSERS", "AutoCalls", "check_parser", "split_calls"]
+__all__ = ["PARSERS", "CallReader", "HermesCalls", "Llama3JsonCalls", "PythonicCalls", "call_reader",
+           "check_parser", "split_calls"]

@@ -135,6 +135,7 @@ class ToolChoice:
     name: str | None = None
     names: tuple[str, ...] = ()
     parallel: bool = True  # "auto": false keeps the first call only
+    parser: str | None = None  # "auto": the syntax the model writes its calls in (gateway.tool_parsers)
 
 
 class ToolChoiceField(_StrictField):
@@ -185,7 +186,7 @@ def tool_choice_of(tools: Sequence[Mapping[str, Any]] | None, choice: ToolChoice
     names = [tool["function"]["name"] for tool in tools]
     if mode == "auto":
         if parser:
-            return ToolChoice("auto", names=tuple(names))
+            return ToolChoice("auto", names=tuple(names), parser=parser)
         raise ValidationError(
             'tool_choice "auto" (the default when tools are given) is not supported: this deployment names no '
             "parser of the model's own tool-call syntax (TOOL_CALL_PARSER). Send \"required\", a named function "

@@ -252,30 +252,37 @@ def test_forced_tool_calls_follow_the_functions_parameters(oai, tool_choice):
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
 
 
-@pytest.fixture(scope="module")
-def hermes_gateway(triton, tmp_path_factory):
-    """A gateway that reads the hermes tool-call syntax (TOOL_CALL_PARSER: tool_choice "auto")."""
-    gw = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_TOOL_CALL_PARSER": "hermes"})
+@pytest.fixture(scope="module", params=["hermes", "llama3_json", "pythonic"])
+def parser_gateway(request, triton, tmp_path_factory):
+    """A gateway that reads one tool-call syntax (TOOL_CALL_PARSER: tool_choice "auto")."""
+    gw = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_TOOL_CALL_PARSER": request.param})
+    gw.parser = request.param
     yield gw
     gw.stop()
 
 
-def hermes_turn(city: str) -> list[dict]:
-    """A question and the assistant's earlier answer in the hermes syntax, as plain text: SmolLM2's
-    template renders no tools, so the conversation itself shows the small model the syntax."""
-    call = json.dumps({"name": "get_weather", "arguments": {"city": city, "unit": "celsius"}})
-    return [{"role": "user", "content": f"What is the weather in {city}?"},
-            {"role": "assistant", "content": f"<tool_call>\n{call}\n</tool_call>"}]
+def call_turn(parser: str, city: str) -> list[dict]:
+    """A question and the assistant's earlier answer in the parser's syntax, as plain text:
+    SmolLM2's template renders no tools, so the conversation itself shows the small model the
+    syntax."""
+    if parser == "hermes":
+        call = json.dumps({"name": "get_weather", "arguments": {"city": city, "unit": "celsius"}})
+        answer = f"<tool_call>\n{call}\n</tool_call>"
+    elif parser == "llama3_json":
+        answer = json.dumps({"name": "get_weather", "parameters": {"city": city, "unit": "celsius"}})
+    else:
+        answer = f'[get_weather(city="{city}", unit="celsius")]'
+    return [{"role": "user", "content": f"What is the weather in {city}?"}, {"role": "assistant", "content": answer}]
 
 
-def test_auto_tool_calls_are_read_from_the_models_own_text(hermes_gateway, oai):
-    """tool_choice "auto" through the real llm model, unconstrained: the model writes the call in
-    the hermes syntax (shown by earlier turns), the gateway answers it as tool_calls with
-    finish_reason "tool_calls", streamed the same (greedy); a question it answers in words stays
-    text. The shared gateway (no parser) refuses auto."""
-    plain, oai = oai, openai.OpenAI(base_url=f"{hermes_gateway.url}/v1", api_key=API_KEY, max_retries=0)
+def test_auto_tool_calls_are_read_from_the_models_own_text(parser_gateway, oai):
+    """tool_choice "auto" through the real llm model, unconstrained, in each syntax the gateway
+    reads: the model writes the call in it (shown by earlier turns), the gateway answers it as
+    tool_calls with finish_reason "tool_calls", streamed the same (greedy); a question it answers
+    in words stays text. The shared gateway (no parser) refuses auto."""
+    plain, oai = oai, openai.OpenAI(base_url=f"{parser_gateway.url}/v1", api_key=API_KEY, max_retries=0)
     system = {"role": "system", "content": "You answer weather questions by calling get_weather."}
-    messages = [system, *hermes_turn("Rome"), *hermes_turn("Oslo"),
+    messages = [system, *call_turn(parser_gateway.parser, "Rome"), *call_turn(parser_gateway.parser, "Oslo"),
                 {"role": "user", "content": "What is the weather in Berlin?"}]
     request = {"model": MODEL, "messages": messages, "tools": WEATHER_TOOLS, "temperature": 0, "max_tokens": 60}
     whole = oai.chat.completions.create(**request)  # tool_choice left out: "auto", OpenAI's default with tools

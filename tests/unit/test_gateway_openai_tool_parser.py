@@ -1,6 +1,6 @@
-"""tool_choice "auto" (gateway.tool_parsers): the hermes syntax read out of a choice's text, as a
-whole and in pieces of every size, and through the app with TOOL_CALL_PARSER (fake backend;
-replies checked against the app's own /openapi.json)."""
+"""tool_choice "auto" (gateway.tool_parsers): the hermes, llama3_json and pythonic syntaxes read
+out of a choice's text, as a whole and in pieces of every size, and through the app with
+TOOL_CALL_PARSER (fake backend; replies checked against the app's own /openapi.json)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from test_gateway_openai import backend, client  # noqa: F401 (fixtures)
 from test_gateway_openai_tools import NAMED, TOOLS_TEMPLATE, chat, check_response, says, streamed_chunks
 
 from gateway.backend import ChoiceEnd, TextDelta
-from gateway.tool_parsers import AutoCalls, check_parser, split_calls
+from gateway.tool_parsers import PARSERS, call_reader, check_parser, split_calls
 
 NAMES = ("get_weather", "noop")
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -26,15 +26,16 @@ def ids():
     return lambda: f"call_{next(counter)}"
 
 
-def pieces(text: str, size: int, most=None) -> tuple[str, list[dict]]:
-    reader = AutoCalls(NAMES, ids(), most=most)
+def pieces(text: str, size: int, most=None, parser="hermes") -> tuple[str, list[dict]]:
+    reader = call_reader(parser, NAMES, ids(), most=most)
     content, calls = [], []
     for start in range(0, len(text), size):
         got, new = reader.feed(text[start:start + size])
         content.append(got)
         calls.extend(new)
-    content.append(reader.finish())
-    return "".join(content), calls
+    tail, more = reader.finish()
+    assert reader.calls >= len(calls + more)
+    return "".join(content) + tail, calls + more
 
 
 def names_and_arguments(calls):
@@ -61,19 +62,96 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "content", "calls"), CASES)
-def test_content_and_calls_of_a_whole_text_and_of_its_pieces_of_every_size(text, content, calls):
-    whole_content, whole_calls = split_calls(text, NAMES, ids())
+LLAMA = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+LLAMA_CASES = [
+    ("The weather is fine.", "The weather is fine.", []),
+    (LLAMA, None, [("get_weather", {"city": "Paris"})]),
+    # after the <|python_tag|> token where the text keeps it, leading whitespace, "arguments"
+    ('<|python_tag|>{"name": "noop", "arguments": {}}', None, [("noop", {})]),
+    ('\n {"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}', None, [("get_weather", {"city": "Oslo"})]),
+    # several, separated by ";" or whitespace; braces and quotes inside strings
+    (LLAMA + '; {"name": "noop", "parameters": {}}', None, [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    (LLAMA + '\n{"name": "get_weather", "parameters": {"city": "a \\"}{[ b"}};',
+     None, [("get_weather", {"city": "Paris"}), ("get_weather", {"city": 'a "}{[ b'})]),
+    # from the first object that is not a call, the rest is text
+    (LLAMA + " I called it.", "I called it.", [("get_weather", {"city": "Paris"})]),
+    (LLAMA + '; {"name": "rm_rf", "parameters": {}}', '{"name": "rm_rf", "parameters": {}}', [("get_weather", {"city": "Paris"})]),
+    ('{"name": "rm_rf", "parameters": {}}', '{"name": "rm_rf", "parameters": {}}', []),
+    ('{"answer": 42}', '{"answer": 42}', []),
+    ('{"name": "get_weather", "param', '{"name": "get_weather", "param', []),
+    ("{not json} at all", "{not json} at all", []),
+    ('The call is {"name": "noop", "parameters": {}}', 'The call is {"name": "noop", "parameters": {}}', []),
+    ("<|python", "<|python", []),
+    ("  ", "  ", []),
+]
+PYTHONIC_CASES = [
+    ("The weather is fine.", "The weather is fine.", []),
+    ('[get_weather(city="Paris")]', None, [("get_weather", {"city": "Paris"})]),
+    ("\n[get_weather(city='Oslo', days=-2, hourly=True, extra=None, where={'lat': 1.5, 'tags': ['a', (1, 2)]}), noop()]\n",
+     None, [("get_weather", {"city": "Oslo", "days": -2, "hourly": True, "extra": None,
+                             "where": {"lat": 1.5, "tags": ["a", [1, 2]]}}), ("noop", {})]),
+    # all or nothing: any part that is not a literal call of a declared function leaves it text
+    ('[get_weather(city="Paris"), rm_rf()]', '[get_weather(city="Paris"), rm_rf()]', []),
+    ('[get_weather("Paris")]', '[get_weather("Paris")]', []),
+    ("[get_weather(city=open('x'))]", "[get_weather(city=open('x'))]", []),
+    ("[get_weather(**{'city': 'x'})]", "[get_weather(**{'city': 'x'})]", []),
+    ("[get_weather(city=1e999)]", "[get_weather(city=1e999)]", []),
+    ("[os.noop()]", "[os.noop()]", []),
+    ("[1, 2]", "[1, 2]", []),
+    ("[]", "[]", []),
+    ('[get_weather(city="Paris")] done', '[get_weather(city="Paris")] done', []),
+    ('[get_weather(city="Par', '[get_weather(city="Par', []),
+    ("  ", "  ", []),
+]
+SYNTAX_CASES = ([("hermes", *case) for case in CASES] + [("llama3_json", *case) for case in LLAMA_CASES]
+                + [("pythonic", *case) for case in PYTHONIC_CASES])
+
+
+@pytest.mark.parametrize(("parser", "text", "content", "calls"), SYNTAX_CASES)
+def test_content_and_calls_of_a_whole_text_and_of_its_pieces_of_every_size(parser, text, content, calls):
+    whole_content, whole_calls = split_calls(parser, text, NAMES, ids())
     assert (whole_content, names_and_arguments(whole_calls)) == (content, calls)
     assert all(c["id"].startswith("call_") and c["type"] == "function" and "index" not in c for c in whole_calls)
     for size in range(1, len(text) + 1):
-        got, streamed = pieces(text, size)
+        got, streamed = pieces(text, size, parser=parser)
         assert got == (content or ""), size
         assert names_and_arguments(streamed) == calls and [c["index"] for c in streamed] == list(range(len(calls)))
 
 
+def test_llama3_json_hands_out_text_at_once_and_each_call_once_its_object_closes():
+    reader = call_reader("llama3_json", NAMES, ids())
+    assert reader.feed("  ") == ("", [])  # a call may follow
+    assert reader.feed("It is ") == ("  It is ", [])
+    assert reader.feed("{sunny}") == ("{sunny}", [])  # not at the start: text
+    reader = call_reader("llama3_json", NAMES, ids())
+    assert reader.feed('{"name": "noop", "parameters": {"a": "}"') == ("", [])
+    content, calls = reader.feed('}}; {"name"')
+    assert content == "" and names_and_arguments(calls) == [("noop", {"a": "}"})]
+    content, calls = reader.feed(': "noop"}')
+    assert content == "" and [c["index"] for c in calls] == [1] and names_and_arguments(calls) == [("noop", {})]
+    assert reader.finish() == ("", [])
+
+
+def test_pythonic_holds_a_list_to_the_end_and_hands_out_other_text_at_once():
+    reader = call_reader("pythonic", NAMES, ids())
+    assert reader.feed(" It is") == (" It is", [])
+    reader = call_reader("pythonic", NAMES, ids())
+    assert reader.feed("[noop()") == ("", []) and reader.feed("]") == ("", [])
+    content, calls = reader.finish()
+    assert content == "" and names_and_arguments(calls) == [("noop", {})] and reader.calls == 1
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_parallel_tool_calls_false_keeps_the_first_call_in_every_syntax(parser):
+    text = {"hermes": CALL + NOOP, "llama3_json": LLAMA + '; {"name": "noop", "parameters": {}}',
+            "pythonic": '[get_weather(city="Paris"), noop()]'}[parser]
+    content, calls = split_calls(parser, text, NAMES, ids(), most=1)
+    assert content is None and names_and_arguments(calls) == [("get_weather", {"city": "Paris"})]
+    assert names_and_arguments(pieces(text, 5, most=1, parser=parser)[1]) == [("get_weather", {"city": "Paris"})]
+
+
 def test_content_is_handed_out_as_soon_as_it_cannot_start_a_call_and_calls_once_closed():
-    reader = AutoCalls(NAMES, ids())
+    reader = call_reader("hermes", NAMES, ids())
     assert reader.feed("Sure") == ("Sure", [])
     assert reader.feed(", one moment. <tool") == (", one moment.", [])  # " <tool" may start a call
     assert reader.feed('_call>{"name": "noop", ') == ("", [])
@@ -81,16 +159,11 @@ def test_content_is_handed_out_as_soon_as_it_cannot_start_a_call_and_calls_once_
     assert content == "and" and names_and_arguments(calls) == [("noop", {})]
 
 
-def test_parallel_tool_calls_false_keeps_the_first_call():
-    content, calls = split_calls(CALL + NOOP, NAMES, ids(), most=1)
-    assert content is None and names_and_arguments(calls) == [("get_weather", {"city": "Paris"})]
-    assert names_and_arguments(pieces(CALL + NOOP, 5, most=1)[1]) == [("get_weather", {"city": "Paris"})]
-
-
 def test_a_parser_the_gateway_does_not_have_stops_it_from_starting(tmp_path):
     check_parser(None)
-    check_parser("hermes")
-    with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of hermes"):
+    for name in ("hermes", "llama3_json", "pythonic"):
+        check_parser(name)
+    with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of hermes, llama3_json, pythonic"):
         check_parser("mistral")
     with pytest.raises(ValueError, match="TOOL_CALL_PARSER"):
         make_openai_app(tmp_path, {"TOOL_CALL_PARSER": "llama4"})
@@ -196,3 +269,32 @@ def test_each_choice_of_an_auto_reply_has_its_own_calls(client, backend, spec):
     assert first["finish_reason"] == "tool_calls" and first["message"]["content"] is None
     assert names_and_arguments(first["message"]["tool_calls"]) == [("get_weather", {"city": "Paris"})]
     assert second["finish_reason"] == "stop" and second["message"] == {"role": "assistant", "content": "No call."}
+
+
+LLAMA_SPOKEN = ['{"name": "get_weather", ', '"parameters": {"city": "Paris"}}', '; {"name": "noop", "parameters": {}}']
+PYTHONIC_SPOKEN = ["[get_weather(", "city='Paris'), ", "noop()]"]
+
+
+@pytest.mark.parametrize(("parser", "spoken"), [("llama3_json", LLAMA_SPOKEN), ("pythonic", PYTHONIC_SPOKEN)])
+def test_each_syntax_answers_calls_whole_and_streamed_through_the_app(tmp_path, parser, spoken):
+    """The deployment's TOOL_CALL_PARSER picks the syntax: the same reply, whole and streamed,
+    is the two calls with finish_reason tool_calls; the other syntaxes' text stays content."""
+    app, fake = make_openai_app(tmp_path, {"TOKENIZER_DIR": str(tokenizer_dir(tmp_path / "tools", TOOLS_TEMPLATE)),
+                                           "TOOL_CALL_PARSER": parser})
+    web = app.test_client()
+    spec = web.get("/openapi.json").get_json()
+    expected = [("get_weather", {"city": "Paris"}), ("noop", {})]
+    fake.script = says(*spoken)
+    body = chat(web).get_json()
+    check_response(spec, body)
+    [answer] = body["choices"]
+    assert answer["finish_reason"] == "tool_calls" and answer["message"]["content"] is None
+    assert names_and_arguments(answer["message"]["tool_calls"]) == expected
+    chunks = streamed_chunks(spec, chat(web, stream=True))
+    calls = [c for chunk in chunks for c in chunk["choices"][0]["delta"].get("tool_calls", [])]
+    assert names_and_arguments(calls) == expected and [c["index"] for c in calls] == [0, 1]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    fake.script = says(*SPOKEN)  # hermes blocks are not this syntax's calls
+    body = chat(web).get_json()
+    assert body["choices"][0]["finish_reason"] == "stop" and "tool_calls" not in body["choices"][0]["message"]
+    assert body["choices"][0]["message"]["content"] == "".join(SPOKEN)
