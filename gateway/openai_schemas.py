@@ -15,7 +15,7 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   syntax, gateway.tool_parsers); and, as vLLM does, the extensions ``top_k``,
   ``repetition_penalty``, ``min_p``, ``min_tokens``, ``ignore_eos`` (``extra_body`` in the
   official client; ``ignore_eos`` is ``min_tokens`` = ``max_tokens``), ``stop_token_ids``,
-  ``include_stop_str_in_output`` and ``structured_outputs``
+  ``include_stop_str_in_output``, ``skip_special_tokens`` and ``structured_outputs``
   (``json``, ``regex``, ``choice``, ``grammar`` or ``json_object``: the same constraint as
   ``response_format``, gateway.control_fields);
 * ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
@@ -53,6 +53,7 @@ from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, Stri
 from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
 
 from .control_fields import LogitBias, ResponseFormat, StructuredOutputs
+from .tool_parsers import KEEP_SPECIAL_TOKENS
 from .tools import (
     MAX_TOOLS,
     ToolCallSchema,
@@ -210,6 +211,8 @@ class _OpenAISchema(ModelSchema):
     # vLLM's: token ids that stop a choice as a stop sequence does; the stop kept in the text
     stop_token_ids = TokenIdArray()
     include_stop_str_in_output = StrictBoolean()
+    # vLLM's: false keeps the tokenizer's special tokens in the text
+    skip_special_tokens = StrictBoolean()
 
     @validates_schema
     def validate_structured_outputs(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -375,6 +378,8 @@ class ChatCompletionSchema(_OpenAISchema):
         forced = tool_choice_of(tools, data.get("tool_choice"), self.tool_call_parser)
         if forced is not None and forced.mode == "auto":  # the model chooses; its calls are read from its text
             forced = dataclasses.replace(forced, parallel=data.get("parallel_tool_calls") is not False)
+            if forced.parser in KEEP_SPECIAL_TOKENS:  # its calls begin with a special token
+                data = {**data, "skip_special_tokens": False}
         elif forced is not None:
             guide = tool_guide(tools, forced, parallel=data.get("parallel_tool_calls") is not False)
             data = {**data, "response_format": guide}

@@ -270,7 +270,7 @@ def check_min_tokens(data: Mapping[str, Any], max_tokens: int | None, name: str 
 #: SamplingParams fields a request sets under the same name
 _SAME_NAME = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "n", "min_tokens",
               "presence_penalty", "frequency_penalty", "min_p", "logit_bias", "logprobs", "guide", "stop_token_ids",
-              "include_stop_str_in_output")
+              "include_stop_str_in_output", "skip_special_tokens")
 _FLOATS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 
 

@@ -20,6 +20,14 @@ the text usually no longer has it). So a reply whose text begins with ``{`` is r
 object after the other; from the first object that is not such a call, the rest is ``content``.
 A reply that begins otherwise is text.
 
+``mistral``: Mistral models write ``[TOOL_CALLS]`` (a special token) before their calls: a JSON
+array of ``{"name": ..., "arguments": {...}}`` (Mistral 7B Instruct v0.3's tokenizer), or the
+function's name and its arguments object, ``[TOOL_CALLS]get_weather{"city": "Paris"}`` (v11
+tokenizers; ``name[ARGS]{...}`` in newer ones: Ministral, Devstral), one marker per call. The
+text before the first marker is ``content``; a marker followed by anything else stays text. The
+token is special, so with this parser and tools the gateway asks for the text with its special
+tokens (vLLM does the same).
+
 ``pythonic``: Llama 3.2 / Llama 4 with pythonic templates (and ToolACE) answer with a Python list
 of calls with keyword arguments, ``[get_weather(city="Paris"), noop()]``, the whole reply; the
 values are literals (strings, numbers, True/False/None, lists and dicts of them). A reply that
@@ -40,10 +48,15 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 #: The parsers a deployment may name (TOOL_CALL_PARSER).
-PARSERS = ("hermes", "llama3_json", "pythonic")
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+#: Parsers whose call marker is a special token: the text must keep special tokens.
+KEEP_SPECIAL_TOKENS = frozenset({"mistral"})
 
 HERMES_OPEN = "<tool_call>"
 HERMES_CLOSE = "</tool_call>"
+MISTRAL_CALLS = "[TOOL_CALLS]"
+MISTRAL_ARGS = "[ARGS]"
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")  # OpenAI's function names
 PYTHON_TAG = "<|python_tag|>"  # Llama 3's token before a call (special: usually not in the text)
 _SPACE = " \t\r\n"
 
@@ -77,6 +90,11 @@ class CallReader:
 
     def _call(self, value: Any) -> dict[str, Any] | None:
         """``{"name", "arguments" or "parameters"}`` of a declared function as a call, else None."""
+        parsed = self._parse(value)
+        return None if parsed is None else self._make(*parsed)
+
+    def _parse(self, value: Any) -> tuple[str, dict[str, Any]] | None:
+        """The function's name and arguments of such an object, or None."""
         if not isinstance(value, dict) or value.get("name") not in self._names:
             return None
         arguments = value.get("arguments", value.get("parameters", {}))
@@ -87,8 +105,11 @@ class CallReader:
                 return None
         if not isinstance(arguments, dict):
             return None
+        return value["name"], arguments
+
+    def _make(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
         call = {"index": self.calls, "id": self._new_id(), "type": "function",
-                "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
+                "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
         self.calls += 1
         return call
 
@@ -213,6 +234,103 @@ class Llama3JsonCalls(CallReader):
         only (what follows the calls, separators and whitespace, is not)."""
         tail = "" if self._state == "between" else self._buf
         self._buf, self._state = "", "text"
+        return tail, []
+
+
+class MistralCalls(CallReader):
+    """``mistral``: calls after ``[TOOL_CALLS]`` markers, as a JSON array or as ``name{...}`` /
+    ``name[ARGS]{...}``; a marker followed by anything else stays text."""
+
+    def __init__(self, names: Collection[str], new_id: Callable[[], str], *, most: int | None = None) -> None:
+        super().__init__(names, new_id, most=most)
+        self._buf = ""  # text not read yet
+        self._state = "text"  # text, marker (after one), array, name, args
+        self._raw = ""  # the text from the marker on: content if it is not a call
+        self._space = ""  # the whitespace before the marker: content, unless calls follow
+        self._name = ""
+        self._object = _ObjectEnd()
+        self._after_call = False  # skip the whitespace that follows calls
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        self._buf += text
+        content: list[str] = []
+        calls: list[dict[str, Any]] = []
+        while self._buf:
+            state = self._state
+            if state == "text":
+                if self._after_call:
+                    self._buf = self._buf.lstrip(_SPACE)
+                    if not self._buf:
+                        break
+                    self._after_call = False
+                start = self._buf.find(MISTRAL_CALLS)
+                if start >= 0:
+                    before = self._buf[:start]
+                    content.append(before.rstrip(_SPACE))
+                    self._space = before[len(before.rstrip(_SPACE)):]
+                    self._buf, self._raw, self._state = self._buf[start + len(MISTRAL_CALLS):], MISTRAL_CALLS, "marker"
+                    continue
+                keep = len(self._buf) - _partial(self._buf, MISTRAL_CALLS)
+                keep = len(self._buf[:keep].rstrip(_SPACE))
+                content.append(self._buf[:keep])
+                self._buf = self._buf[keep:]
+                break
+            if state == "marker":
+                rest = self._buf.lstrip(_SPACE)
+                self._raw += self._buf[:len(self._buf) - len(rest)]
+                self._buf = rest
+                if not rest:
+                    break
+                if rest[0] == "[":
+                    self._state, self._object = "array", _ObjectEnd()
+                elif rest[0] in _NAME_CHARS:
+                    self._state, self._name = "name", ""
+                else:
+                    content.append(self._not_a_call())
+            elif state == "name":
+                size = next((i for i, char in enumerate(self._buf) if char not in _NAME_CHARS), len(self._buf))
+                self._name += self._buf[:size]
+                self._raw += self._buf[:size]
+                self._buf = self._buf[size:]
+                if self._buf.startswith(MISTRAL_ARGS):
+                    self._raw += MISTRAL_ARGS
+                    self._buf = self._buf[len(MISTRAL_ARGS):]
+                if self._buf.startswith("{"):
+                    self._state, self._object = "args", _ObjectEnd()
+                elif self._buf and not MISTRAL_ARGS.startswith(self._buf[:len(MISTRAL_ARGS)]):
+                    content.append(self._not_a_call())
+                else:
+                    break  # more of the name, or of [ARGS], may follow
+            else:  # "array" or "args": _buf begins with its JSON
+                end = self._object.scan(self._buf)
+                if end < 0:
+                    break
+                body, self._buf = self._buf[:end], self._buf[end:]
+                self._raw += body
+                value = _json(body)
+                if state == "args":
+                    value = [{"name": self._name, "arguments": value}]
+                parsed = [self._parse(item) for item in value] if isinstance(value, list) and value else [None]
+                if None in parsed:
+                    content.append(self._not_a_call())
+                    continue
+                calls.extend(call for call in (self._make(*p) for p in parsed) if self._kept(call))
+                self._state, self._raw, self._space, self._after_call = "text", "", "", True
+        return "".join(content), calls
+
+    def _not_a_call(self) -> str:
+        """The marker and what followed it are text; reading goes on after them."""
+        raw, self._raw, self._state = self._space + self._raw, "", "text"
+        self._space = ""
+        return raw
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """The end of the text: what is held back is content (a call never completed too)."""
+        if self._state == "text":
+            tail = self._buf.lstrip(_SPACE) if self._after_call else self._buf
+        else:
+            tail = self._space + self._raw + self._buf
+        self._buf, self._raw, self._space, self._state = "", "", "", "text"
         return tail, []
 
 
@@ -342,7 +460,7 @@ def _partial(text: str, token: str) -> int:
 
 
 _READERS: dict[str, type[CallReader]] = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls,
-                                         "pythonic": PythonicCalls}
+                                         "mistral": MistralCalls, "pythonic": PythonicCalls}
 
 
 def call_reader(parser: str, names: Collection[str], new_id: Callable[[], str], *,
@@ -365,5 +483,6 @@ def split_calls(parser: str, text: str, names: Collection[str], new_id: Callable
     return content, calls
 
 
-__all__ = ["PARSERS", "CallReader", "HermesCalls", "Llama3JsonCalls", "PythonicCalls", "call_reader",
+__all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "CallReader", "HermesCalls", "Llama3JsonCalls", "MistralCalls",
+           "PythonicCalls", "call_reader",
            "check_parser", "split_calls"]

@@ -56,7 +56,7 @@ class TextGeneration:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.cached_tokens: Optional[int] = None  # of prompt_tokens, from the engine's prefix cache (when reported)
-        self._detok = IncrementalDetokenizer(tokenizer)
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=req.sampling.skip_special_tokens)
         self._include_stop = req.sampling.include_stop_str_in_output
         self._stops = StopSequenceMatcher(req.sampling.stop, include=self._include_stop)
         self._stop_ids = frozenset(req.sampling.stop_token_ids)

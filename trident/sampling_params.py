@@ -181,6 +181,8 @@ class SamplingParams:
     # whether the matched stop sequence or stop token stays at the end of the text.
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
+    # vLLM's: False keeps the tokenizer's special tokens (<|im_start|>, tool-call markers) in the text.
+    skip_special_tokens: bool = True
 
     @property
     def greedy(self) -> bool:

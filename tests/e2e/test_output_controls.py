@@ -207,6 +207,20 @@ def test_stop_token_ids_and_included_stops_on_the_real_model(oai):
     assert with_stop.choices[0].finish_reason == "stop"
 
 
+def test_skip_special_tokens_false_keeps_them_in_the_text_on_the_real_model(oai):
+    """vLLM's skip_special_tokens: after a finished ChatML user turn the model opens the
+    assistant's with <|im_start|>; by default that token is left out of the text, with false it
+    is kept (streamed the same), and the rest of the text is the same."""
+    prompt = "<|im_start|>user\nHi<|im_end|>\n"
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    kept = oai.completions.create(**kwargs, extra_body={"skip_special_tokens": False}).choices[0].text
+    assert kept.startswith("<|im_start|>"), kept
+    plain = oai.completions.create(**kwargs).choices[0].text
+    assert "<|im_start|>" not in plain and plain == kept.replace("<|im_start|>", "")
+    chunks = oai.completions.create(**kwargs, stream=True, extra_body={"skip_special_tokens": False})
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == kept
+
+
 def test_frequency_penalty_two_stops_a_repeating_continuation(gateway):
     """ "la la la ..." goes on repeating greedily; at frequency_penalty 2 no token comes twice."""
     body = {"prompt": "la la la la la", "max_new_tokens": 6, "temperature": 0, "logprobs": 0}

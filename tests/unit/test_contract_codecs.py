@@ -150,6 +150,15 @@ def test_stop_token_ids_and_include_stop_cross_and_are_checked():
     assert err.value.param == "logit_bias" and "logit_bias: token id 99 (at 1) is not a token" in str(err.value)
 
 
+def test_skip_special_tokens_crosses_only_when_false():
+    req = TextRequest(prompt="p", sampling=SamplingParams(skip_special_tokens=False))
+    inputs = llm_inputs(req)
+    assert inputs["skip_special_tokens"].dtype == np.bool_ and inputs["skip_special_tokens"].tolist() == [[False]]
+    assert read_llm_inputs(inputs.get) == req
+    plain = llm_inputs(TextRequest(prompt="p"))
+    assert "skip_special_tokens" not in plain and read_llm_inputs(plain.get).sampling.skip_special_tokens
+
+
 @pytest.mark.parametrize("beam_width", [0, 2, 4])
 def test_beam_search_is_refused_naming_beam_width(beam_width):
     inputs = {"text_input": np.array([[b"x"]], dtype=object), "max_tokens": np.array([[3]], dtype=np.int32),

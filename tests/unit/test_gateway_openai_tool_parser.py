@@ -103,8 +103,28 @@ PYTHONIC_CASES = [
     ('[get_weather(city="Par', '[get_weather(city="Par', []),
     ("  ", "  ", []),
 ]
+MISTRAL = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "noop", "arguments": {}}]'
+MISTRAL_CASES = [
+    ("The weather is fine.", "The weather is fine.", []),
+    # v0.3: a JSON array after the marker; content before it
+    (MISTRAL, None, [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    ("Let me look.\n" + MISTRAL + "\n", "Let me look.", [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    # v11: name{arguments}, a marker per call; v13: name[ARGS]{arguments}
+    ('[TOOL_CALLS]get_weather{"city": "Pa}ris"}[TOOL_CALLS]noop{}', None, [("get_weather", {"city": "Pa}ris"}), ("noop", {})]),
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"} Done.', "Done.", [("get_weather", {"city": "Oslo"})]),
+    # not calls: they stay text, and reading goes on after them
+    ('[TOOL_CALLS]rm_rf{}', '[TOOL_CALLS]rm_rf{}', []),
+    ('a [TOOL_CALLS] b', 'a [TOOL_CALLS] b', []),
+    ('[TOOL_CALLS][{"name": "noop", "arguments": {}}, {"name": "rm_rf", "arguments": {}}]',
+     '[TOOL_CALLS][{"name": "noop", "arguments": {}}, {"name": "rm_rf", "arguments": {}}]', []),
+    ('[TOOL_CALLS][] x [TOOL_CALLS]noop{}', '[TOOL_CALLS][] x', [("noop", {})]),
+    ('[TOOL_CALLS]noop[ARG]{}', '[TOOL_CALLS]noop[ARG]{}', []),
+    ('[TOOL_CALLS]get_weather{"city": "Par', '[TOOL_CALLS]get_weather{"city": "Par', []),
+    ("[TOOL_CALL", "[TOOL_CALL", []),
+    ("  ", "  ", []),
+]
 SYNTAX_CASES = ([("hermes", *case) for case in CASES] + [("llama3_json", *case) for case in LLAMA_CASES]
-                + [("pythonic", *case) for case in PYTHONIC_CASES])
+                + [("mistral", *case) for case in MISTRAL_CASES] + [("pythonic", *case) for case in PYTHONIC_CASES])
 
 
 @pytest.mark.parametrize(("parser", "text", "content", "calls"), SYNTAX_CASES)
@@ -144,7 +164,7 @@ def test_pythonic_holds_a_list_to_the_end_and_hands_out_other_text_at_once():
 @pytest.mark.parametrize("parser", PARSERS)
 def test_parallel_tool_calls_false_keeps_the_first_call_in_every_syntax(parser):
     text = {"hermes": CALL + NOOP, "llama3_json": LLAMA + '; {"name": "noop", "parameters": {}}',
-            "pythonic": '[get_weather(city="Paris"), noop()]'}[parser]
+            "pythonic": '[get_weather(city="Paris"), noop()]', "mistral": MISTRAL}[parser]
     content, calls = split_calls(parser, text, NAMES, ids(), most=1)
     assert content is None and names_and_arguments(calls) == [("get_weather", {"city": "Paris"})]
     assert names_and_arguments(pieces(text, 5, most=1, parser=parser)[1]) == [("get_weather", {"city": "Paris"})]
@@ -161,10 +181,10 @@ def test_content_is_handed_out_as_soon_as_it_cannot_start_a_call_and_calls_once_
 
 def test_a_parser_the_gateway_does_not_have_stops_it_from_starting(tmp_path):
     check_parser(None)
-    for name in ("hermes", "llama3_json", "pythonic"):
+    for name in ("hermes", "llama3_json", "mistral", "pythonic"):
         check_parser(name)
-    with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of hermes, llama3_json, pythonic"):
-        check_parser("mistral")
+    with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of hermes, llama3_json, mistral, pythonic"):
+        check_parser("mistral_v3")
     with pytest.raises(ValueError, match="TOOL_CALL_PARSER"):
         make_openai_app(tmp_path, {"TOOL_CALL_PARSER": "llama4"})
 
@@ -273,9 +293,11 @@ def test_each_choice_of_an_auto_reply_has_its_own_calls(client, backend, spec):
 
 LLAMA_SPOKEN = ['{"name": "get_weather", ', '"parameters": {"city": "Paris"}}', '; {"name": "noop", "parameters": {}}']
 PYTHONIC_SPOKEN = ["[get_weather(", "city='Paris'), ", "noop()]"]
+MISTRAL_SPOKEN = ["[TOOL_CALLS]get_", 'weather{"city": "Paris"}', "[TOOL_CALLS]noop{}"]
 
 
-@pytest.mark.parametrize(("parser", "spoken"), [("llama3_json", LLAMA_SPOKEN), ("pythonic", PYTHONIC_SPOKEN)])
+@pytest.mark.parametrize(("parser", "spoken"), [("llama3_json", LLAMA_SPOKEN), ("pythonic", PYTHONIC_SPOKEN),
+                                                ("mistral", MISTRAL_SPOKEN)])
 def test_each_syntax_answers_calls_whole_and_streamed_through_the_app(tmp_path, parser, spoken):
     """The deployment's TOOL_CALL_PARSER picks the syntax: the same reply, whole and streamed,
     is the two calls with finish_reason tool_calls; the other syntaxes' text stays content."""
@@ -286,6 +308,8 @@ def test_each_syntax_answers_calls_whole_and_streamed_through_the_app(tmp_path, 
     expected = [("get_weather", {"city": "Paris"}), ("noop", {})]
     fake.script = says(*spoken)
     body = chat(web).get_json()
+    # mistral's marker is a special token: its text is asked for with special tokens, as vLLM does
+    assert fake.last_params.sampling.skip_special_tokens is (parser != "mistral")
     check_response(spec, body)
     [answer] = body["choices"]
     assert answer["finish_reason"] == "tool_calls" and answer["message"]["content"] is None

@@ -383,3 +383,16 @@ def test_stop_token_ids_and_include_stop_str_in_output_reach_the_llm_model(clien
     for extra in ({"stop_token_ids": [1, -2]}, {"stop_token_ids": 3}, {"include_stop_str_in_output": "yes"}):
         bad = client.post(path, json={**body, **extra}, headers=AUTH)
         assert bad.status_code == 400 and bad.get_json()["error"]["param"] == next(iter(extra))
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_skip_special_tokens_false_reaches_the_llm_model(client, backend, path):
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    assert client.post(path, json={**body, "skip_special_tokens": False}, headers=AUTH).status_code == 200
+    assert backend.last_params.sampling.skip_special_tokens is False
+    client.post(path, json={**body, "skip_special_tokens": True}, headers=AUTH)
+    assert backend.last_params.sampling.skip_special_tokens is True
+    client.post(path, json=body, headers=AUTH)
+    assert backend.last_params.sampling.skip_special_tokens is True
+    bad = client.post(path, json={**body, "skip_special_tokens": "no"}, headers=AUTH)
+    assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "skip_special_tokens"

@@ -283,3 +283,20 @@ def test_the_prefix_cache_share_reaches_every_choice_still_open_at_the_engines_e
     wait(req)
     assert NUM_CACHED_TOKENS not in engine.outputs and [g.cached_tokens for g in req.ended] == [None]
     assert "cached_tokens" not in output_tensors("x", gen=req.ended[0])
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_special_tokens_are_left_out_unless_skip_special_tokens_is_false(make_service, tokenizer, skip):
+    """skip_special_tokens (vLLM's), direct gRPC: a special token the engine generates (here
+    <|im_start|>) is not in the text by default; with false it is, streamed or not."""
+    reply = " one<|im_start|> two"
+    engine = FakeEngine(tokenizer, reply)
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") in engine.ids
+    for stream in (True, False):
+        service, _ = make_service(engine=engine)
+        req = request(stream=stream, max_tokens=len(engine.ids))
+        if not skip:
+            req.inputs["skip_special_tokens"] = np.array([[False]], dtype=np.bool_)
+        service.accept(req)
+        wait(req)
+        assert choice_texts(req, 1) == [" one two" if skip else reply]
