@@ -29,6 +29,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from .errors import ClientError
 
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+#: Variables the gateway gives every render: a request's chat_template_kwargs may not set them.
+RESERVED_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt", "raise_exception",
+                                "strftime_now", "additional_special_tokens", *_SPECIAL_TOKENS})
+MAX_TEMPLATE_KWARGS = 64  # entries of chat_template_kwargs
 
 
 def _raise_exception(message: str) -> None:
@@ -107,21 +111,42 @@ class ChatTemplate:
         return template
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+               continue_final_message: bool = False, tools: Sequence[Mapping[str, Any]] | None = None,
+               variables: Mapping[str, Any] | None = None) -> str:
         """The prompt for ``messages`` (dicts with ``role`` and ``content``), ending with the
-        assistant's turn header; ``tools`` as transformers passes them (OpenAI's
-        ``{"type": "function", "function": {...}}``, or None). A template that refuses the conversation (``raise_exception``,
-        e.g. roles out of order) is a 400 on ``messages``."""
+        assistant's turn header (``add_generation_prompt``), or, with ``continue_final_message``,
+        with the final message's text left open for the model to go on with (vLLM's and
+        transformers' prefill); ``tools`` as transformers passes them (OpenAI's ``{"type":
+        "function", "function": {...}}``, or None); ``variables``: more of the template's own
+        (vLLM's ``chat_template_kwargs``, e.g. Qwen3's ``enable_thinking``; none of
+        RESERVED_VARIABLES). A template that refuses the conversation (``raise_exception``, e.g.
+        roles out of order) is a 400 on ``messages``."""
         # As transformers does: a key whose value is None is left out (templates test presence).
         conversation = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        context = {**(variables or {}), **self._variables, "messages": conversation,
+                   "tools": tools or None,  # always defined, as transformers passes them
+                   "documents": None, "add_generation_prompt": add_generation_prompt}
         try:
-            return self._template.render(
-                messages=conversation,
-                tools=tools or None,  # always defined, as transformers passes them
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self._variables,
-            )
+            text = self._template.render(context)
         except jinja2.exceptions.TemplateError as exc:
             raise ClientError(f"messages could not be rendered with the model's chat template: {exc}",
                               param="messages") from None
+        return _open_final_message(text, conversation[-1].get("content")) if continue_final_message else text
+
+
+def _open_final_message(text: str, content: Any) -> str:
+    """The rendered conversation cut right after the final message's text, so that the model
+    continues that message: what the template put after it (the end of the turn) is left out.
+    The template may have trimmed the message's whitespace: its text is looked for without it,
+    and its trailing whitespace kept only where the template kept it."""
+    final = content if isinstance(content, str) else ""
+    core = final.strip()
+    if not core:
+        raise ClientError("continue_final_message needs text in the final message to continue", param="messages")
+    at = text.rfind(core)
+    if at < 0:
+        raise ClientError("continue_final_message: the model's chat template does not show the final message's text, "
+                          "so it cannot be continued", param="messages")
+    kept = final.lstrip()
+    end = at + len(kept) if text.startswith(kept, at) else at + len(core)
+    return text[:end]

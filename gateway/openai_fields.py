@@ -11,6 +11,7 @@ from marshmallow import ValidationError
 
 from trident.contract import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
+from .chat_template import MAX_TEMPLATE_KWARGS, RESERVED_VARIABLES
 from .schemas import StrictSchema, _StrictField, describe, non_empty_strings
 
 
@@ -214,3 +215,27 @@ class MessageContent(_StrictField):
                 raise ValidationError(f"content[{i}] has an unrecognized field: {unknown[0]}")
             texts.append(part["text"])
         return "\n".join(texts)
+
+
+class ChatTemplateKwargs(_StrictField):
+    """``chat_template_kwargs`` (vLLM's): more variables for the model's chat template, such as
+    Qwen3's ``enable_thinking``; a template that does not use one ignores it. The variables the
+    gateway sets itself (``messages``, ``tools``, the special tokens...) are refused: they have
+    fields of their own."""
+
+    expected = "an object"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, dict)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if len(value) > MAX_TEMPLATE_KWARGS:
+            raise ValidationError(f"{self.public_name} must have at most {MAX_TEMPLATE_KWARGS} entries, got {len(value)}")
+        for name in value:
+            if name in RESERVED_VARIABLES:
+                raise ValidationError(f"{self.public_name}.{name} is set by the gateway and cannot be given here"
+                                      + (f": send {name} in the request itself" if name in ("messages", "tools",
+                                                                                             "add_generation_prompt")
+                                         else ""))
+        return value

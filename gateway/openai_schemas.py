@@ -49,7 +49,17 @@ from marshmallow.validate import OneOf
 
 from .chat_template import ChatTemplate
 from .errors import ServerError
-from .openai_fields import Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, TokenIdArray, TokenIds
+from .openai_fields import (
+    Anything,
+    ChatTemplateKwargs,
+    Empty,
+    MessageContent,
+    Nested,
+    Prompt,
+    StringOrStrings,
+    TokenIdArray,
+    TokenIds,
+)
 from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
 
 from .control_fields import LogitBias, ResponseFormat, StructuredOutputs
@@ -301,6 +311,21 @@ class CompletionSchema(_OpenAISchema):
         return dataclasses.replace(req, prompts=prompts) if len(prompts) > 1 else req
 
 
+def render_options(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A chat request's options for ChatTemplate.render (vLLM's fields): the assistant's turn
+    header unless ``add_generation_prompt`` is false or the final message is continued
+    (``continue_final_message``, which cannot go with an explicit ``add_generation_prompt``
+    true), and ``chat_template_kwargs``."""
+    continued = data.get("continue_final_message") is True
+    header = data.get("add_generation_prompt")
+    if continued and header is True:
+        raise ValidationError("continue_final_message and add_generation_prompt cannot both be true: the final "
+                              "message is continued, not answered (leave add_generation_prompt out)",
+                              field_name="continue_final_message")
+    return {"add_generation_prompt": not continued if header is None else header,
+            "continue_final_message": continued, "variables": data.get("chat_template_kwargs") or None}
+
+
 class ChatCompletionSchema(_OpenAISchema):
     """``POST /v1/chat/completions``: ``messages`` become the prompt through the model's chat
     template (``chat_template``; None when the deployment has none: a 501)."""
@@ -338,6 +363,10 @@ class ChatCompletionSchema(_OpenAISchema):
     parallel_tool_calls = StrictBoolean()  # false: a required call is one call
     reasoning_effort = Anything()
     verbosity = Anything()
+    # vLLM's: how the chat template renders the conversation (gateway.chat_template)
+    add_generation_prompt = StrictBoolean()
+    continue_final_message = StrictBoolean()
+    chat_template_kwargs = ChatTemplateKwargs()
     prompt_cache_key = Anything()
     prompt_cache_retention = Anything()
     safety_identifier = Anything()
@@ -360,6 +389,10 @@ class ChatCompletionSchema(_OpenAISchema):
     def validate_top_logprobs(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         if data.get("top_logprobs") and not data.get("logprobs"):
             raise ValidationError('top_logprobs needs "logprobs": true', field_name="top_logprobs")
+
+    @validates_schema
+    def validate_render_options(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        render_options(data)
 
     @validates_schema
     def validate_tools(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -389,7 +422,7 @@ class ChatCompletionSchema(_OpenAISchema):
                 "(TOKENIZER_DIR); use /v1/completions",
                 status=501,
             )
-        prompt = self.chat_template.render(data["messages"], add_generation_prompt=True, tools=tools)
+        prompt = self.chat_template.render(data["messages"], tools=tools, **render_options(data))
         max_tokens = data.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = data.get("max_tokens")
@@ -412,4 +445,5 @@ __all__ = [
     "ChatMessageSchema",
     "CompletionSchema",
     "OpenAIRequest",
+    "render_options",
 ]

@@ -23,7 +23,18 @@ from marshmallow import fields
 from marshmallow.validate import Range
 
 from . import response_schemas as rs
-from .openai_fields import MAX_PROMPTS, Anything, Empty, MessageContent, Nested, Prompt, StringOrStrings, TokenIdArray
+from .chat_template import MAX_TEMPLATE_KWARGS, RESERVED_VARIABLES
+from .openai_fields import (
+    MAX_PROMPTS,
+    Anything,
+    ChatTemplateKwargs,
+    Empty,
+    MessageContent,
+    Nested,
+    Prompt,
+    StringOrStrings,
+    TokenIdArray,
+)
 from trident.contract import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 from .control_fields import LogitBias, Regex, ResponseFormat, StructuredOutputs
@@ -88,6 +99,9 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
         props = {"type": array, "items": ref, "minItems": field.min_items} if field.many else {"anyOf": [ref]}
         if field.many and field.max_items is not None:
             props["maxItems"] = field.max_items
+    elif isinstance(field, ChatTemplateKwargs):
+        props = {"type": ["object", "null"], "maxProperties": MAX_TEMPLATE_KWARGS,
+                 "propertyNames": {"not": {"enum": sorted(RESERVED_VARIABLES)}}}
     elif isinstance(field, JsonObject):
         props = {"type": ["object", "null"] if field.allow_none else "object"}
     elif isinstance(field, ToolChoiceField):
@@ -158,7 +172,7 @@ def _plugin() -> tuple[Any, Any]:
     ):
         plugin.map_to_openapi_type(cls, *mapping)
     for cls in (Anything, Empty, StringOrStrings, Prompt, MessageContent, Nested, LogitBias, ResponseFormat, Regex,
-                StructuredOutputs, TokenIdArray, JsonObject, ToolChoiceField):
+                StructuredOutputs, TokenIdArray, JsonObject, ToolChoiceField, ChatTemplateKwargs):
         plugin.map_to_openapi_type(cls, None, None)
     plugin.converter.add_attribute_function(_trident_fields)
     return plugin, spec

@@ -25,8 +25,8 @@ from .chat_template import ChatTemplate
 from .errors import ClientError, ServerError
 from .fields import StrictBoolean, StrictString
 from .json_body import read_json_object
-from .openai_fields import Nested, TokenIdArray
-from .openai_schemas import ChatMessageSchema
+from .openai_fields import ChatTemplateKwargs, Nested, TokenIdArray
+from .openai_schemas import ChatMessageSchema, render_options
 from .ratelimit import rate_limited
 from .schemas import ModelSchema, load_request
 from .tools import MAX_TOOLS, ToolSchema
@@ -49,15 +49,17 @@ class DetokenizeRequest:
 
 class TokenizeSchema(ModelSchema):
     """``prompt`` (special tokens added unless ``add_special_tokens`` is false), or chat
-    ``messages`` (rendered with the generation prompt unless ``add_generation_prompt`` is false;
-    no special tokens added unless asked; ``tools`` as /v1/chat/completions gives them to the
-    template): vLLM's two request forms."""
+    ``messages`` (rendered as /v1/chat/completions renders them: the generation prompt unless
+    ``add_generation_prompt`` is false, ``continue_final_message``, ``chat_template_kwargs``,
+    ``tools``; no special tokens added unless asked): vLLM's two request forms."""
 
     model = StrictString()
     prompt = StrictString()
     messages = Nested(ChatMessageSchema, many=True, min_items=1, max_items=MAX_CHAT_MESSAGES)
     add_special_tokens = StrictBoolean()
     add_generation_prompt = StrictBoolean()
+    continue_final_message = StrictBoolean()
+    chat_template_kwargs = ChatTemplateKwargs()
     tools = Nested(ToolSchema, many=True, max_items=MAX_TOOLS)
 
     def __init__(self, *, chat_template: ChatTemplate | None, **kwargs: Any) -> None:
@@ -75,8 +77,10 @@ class TokenizeSchema(ModelSchema):
         prompt, messages = data.get("prompt") is not None, data.get("messages") is not None
         if prompt == messages:
             raise ValidationError("give either prompt or messages", field_name="prompt")
-        if data.get("add_generation_prompt") is not None and not messages:
-            raise ValidationError("add_generation_prompt goes with messages", field_name="add_generation_prompt")
+        for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs"):
+            if data.get(name) is not None and not messages:
+                raise ValidationError(f"{name} goes with messages", field_name=name)
+        render_options(data)
         if data.get("tools") and not messages:
             raise ValidationError("tools go with messages", field_name="tools")
 
@@ -87,8 +91,7 @@ class TokenizeSchema(ModelSchema):
             if self.chat_template is None:
                 raise ServerError("Tokenizing messages needs the chat template, which this gateway lacks "
                                   "(TOKENIZER_DIR); send prompt", status=501)
-            text = self.chat_template.render(data["messages"], tools=data.get("tools"),
-                                             add_generation_prompt=_given(data, "add_generation_prompt", True))
+            text = self.chat_template.render(data["messages"], tools=data.get("tools"), **render_options(data))
             special, param = _given(data, "add_special_tokens", False), "messages"
         else:
             text, special, param = data["prompt"], _given(data, "add_special_tokens", True), "prompt"

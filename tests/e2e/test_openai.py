@@ -10,7 +10,7 @@ import openai
 import pytest
 import requests
 from conftest import start_gateway
-from e2e_helpers import API_KEY
+from e2e_helpers import API_KEY, AUTH
 
 pytestmark = pytest.mark.e2e
 
@@ -309,6 +309,29 @@ def test_auto_tool_calls_are_read_from_the_models_own_text(parser_gateway, oai):
     with pytest.raises(openai.BadRequestError) as caught:
         plain.chat.completions.create(**request)
     assert caught.value.body["param"] == "tool_choice" and "TOOL_CALL_PARSER" in caught.value.body["message"]
+
+
+def test_a_prefilled_reply_is_continued_and_template_fields_reach_the_prompt(oai, gateway):
+    """vLLM's continue_final_message on the real model: the assistant's reply, begun by the
+    caller, is continued (the prompt ends with its text, no end of turn); /tokenize renders the
+    same prompt (its count is usage.prompt_tokens); add_generation_prompt false drops the header;
+    a reserved chat_template_kwargs key is a 400."""
+    prefill = [*CAPITAL, {"role": "assistant", "content": "The capital of France is"}]
+    extra = {"continue_final_message": True}
+    reply = oai.chat.completions.create(model=MODEL, messages=prefill, max_tokens=6, temperature=0, extra_body=extra)
+    assert reply.choices[0].message.content.startswith(" Paris"), reply.choices[0].message.content
+    tokenized = requests.post(f"{gateway.url}/tokenize", json={"messages": prefill, **extra}, headers=AUTH, timeout=30).json()
+    assert tokenized["count"] == reply.usage.prompt_tokens
+    text = requests.post(f"{gateway.url}/detokenize", json={"tokens": tokenized["tokens"]}, headers=AUTH, timeout=30).json()
+    assert text["prompt"].endswith("<|im_start|>assistant\nThe capital of France is")
+    headless = requests.post(f"{gateway.url}/tokenize", json={"messages": CAPITAL, "add_generation_prompt": False},
+                             headers=AUTH, timeout=30).json()
+    assert headless["count"] == oai.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=1,
+                                                            extra_body={"add_generation_prompt": False}).usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=1,
+                                    extra_body={"chat_template_kwargs": {"messages": []}})
+    assert caught.value.body["param"] == "chat_template_kwargs"
 
 
 def test_stop_sequences_finish_with_stop(oai):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from openai_fixtures import SMOL_TEMPLATE, tokenizer_dir
+from openai_fixtures import AUTH, SMOL_TEMPLATE, make_openai_app, tokenizer_dir
 
 from gateway.chat_template import ChatTemplate
 from gateway.errors import ClientError
@@ -104,3 +104,92 @@ def test_none_values_are_left_out_as_transformers_does():
 def test_smol_template_constant_is_the_served_one(checkpoint_dir):
     """openai_fixtures.SMOL_TEMPLATE stands in for the real tokenizer in other tests."""
     assert ChatTemplate.from_tokenizer_dir(checkpoint_dir).source.strip() == SMOL_TEMPLATE.strip()
+
+
+PREFILLS = [
+    [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "The capital is"}],
+    [{"role": "user", "content": "Count"}, {"role": "assistant", "content": "1, 2, "}],  # trailing space kept
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  Hello\n"}],
+]
+# A template that trims each message (as many do): a trailing space is then not in the prompt.
+TRIMMING_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}</{{ m['role'] }}>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.mark.parametrize("messages", PREFILLS)
+def test_a_continued_final_message_is_what_transformers_renders(tokenizer, checkpoint_dir, tmp_path, messages):
+    """continue_final_message (vLLM's, transformers'): the prompt ends with the final message's
+    text, left open; with the served model's template and with one that trims messages."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    ours = ChatTemplate.from_tokenizer_dir(checkpoint_dir).render(messages, add_generation_prompt=False,
+                                                                 continue_final_message=True)
+    theirs = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert ours == theirs and ours.endswith(messages[-1]["content"])
+    folder = tokenizer_dir(tmp_path / "trim", TRIMMING_TEMPLATE)
+    ours = ChatTemplate.from_tokenizer_dir(folder).render(messages, add_generation_prompt=False,
+                                                         continue_final_message=True)
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=TRIMMING_TEMPLATE,
+                                        continue_final_message=True)
+    assert ours == rendered[0] and ours.endswith(messages[-1]["content"].strip())
+
+
+# A template with a variable of its own, as Qwen3's enable_thinking.
+THINKING_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}<assistant>{% if enable_thinking is defined and "
+                     "enable_thinking is false %}<think></think>{% endif %}{% endif %}")
+
+
+def test_template_variables_are_what_transformers_renders_and_cannot_replace_the_gateways(tmp_path):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "user", "content": "Hi"}]
+    template = ChatTemplate.from_tokenizer_dir(tokenizer_dir(tmp_path / "think", THINKING_TEMPLATE))
+    for variables in ({"enable_thinking": False}, {"enable_thinking": True}, {"unused": [1, {"a": None}]}, {}):
+        ours = template.render(messages, variables=variables)
+        rendered, _ = render_jinja_template(conversations=[messages], chat_template=THINKING_TEMPLATE,
+                                            add_generation_prompt=True, **variables)
+        assert ours == rendered[0]
+    assert template.render(messages, variables={"enable_thinking": False}).endswith("<assistant><think></think>")
+
+
+def test_a_final_message_the_template_does_not_show_cannot_be_continued(tmp_path):
+    template = ChatTemplate.from_tokenizer_dir(tokenizer_dir(tmp_path / "hide", "{{ messages | length }}"))
+    for content in ("hidden text", "   ", ""):
+        with pytest.raises(ClientError) as err:
+            template.render([{"role": "assistant", "content": content}], continue_final_message=True)
+        assert err.value.param == "messages" and "continue_final_message" in str(err.value)
+
+
+def test_chat_completions_render_with_the_requests_template_fields(tmp_path):
+    """vLLM's add_generation_prompt, continue_final_message and chat_template_kwargs on
+    /v1/chat/completions reach the prompt; bad ones are 400s naming them."""
+    app, backend = make_openai_app(tmp_path, {"TOKENIZER_DIR": str(tokenizer_dir(tmp_path / "t", THINKING_TEMPLATE))})
+    web = app.test_client()
+    user = [{"role": "user", "content": "Hi"}]
+
+    def chat(**body):
+        return web.post("/v1/chat/completions", json={"messages": user, "max_tokens": 2, **body}, headers=AUTH)
+
+    cases = [({}, "<user>Hi\n<assistant>"),
+             ({"chat_template_kwargs": {"enable_thinking": False}}, "<user>Hi\n<assistant><think></think>"),
+             ({"chat_template_kwargs": {"enable_thinking": True, "other": 1}}, "<user>Hi\n<assistant>"),
+             ({"add_generation_prompt": False}, "<user>Hi\n"),
+             ({"messages": [*user, {"role": "assistant", "content": "Hel"}], "continue_final_message": True},
+              "<user>Hi\n<assistant>Hel"),
+             ({"messages": [*user, {"role": "assistant", "content": "Hel"}], "continue_final_message": True,
+               "add_generation_prompt": False}, "<user>Hi\n<assistant>Hel"),
+             ({"continue_final_message": False, "add_generation_prompt": None}, "<user>Hi\n<assistant>")]
+    for body, prompt in cases:
+        response = chat(**body)
+        assert response.status_code == 200, response.get_json()
+        assert backend.last_params.prompt == prompt, body
+    bad = [({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+           ({"continue_final_message": "yes"}, "continue_final_message"),
+           ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
+           ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+           ({"chat_template_kwargs": {f"k{i}": i for i in range(65)}}, "chat_template_kwargs"),
+           ({"messages": [*user, {"role": "assistant", "content": " "}], "continue_final_message": True}, "messages")]
+    for body, param in bad:
+        response = chat(**body)
+        assert response.status_code == 400 and response.get_json()["error"]["param"] == param, body

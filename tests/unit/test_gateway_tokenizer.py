@@ -46,6 +46,12 @@ def test_tokenize_messages_renders_them_as_chat_completions_does(app):
     client.post("/tokenize", json={"messages": messages, "add_generation_prompt": False, "add_special_tokens": True},
                 headers=AUTH)
     assert backend.tokenizer_calls[-1] == ("tokenize", MODEL, SMOL_SYSTEM + "<|im_start|>user\nhi<|im_end|>\n", True)
+    prefill = [*messages, {"role": "assistant", "content": "Hel"}]
+    assert client.post("/v1/chat/completions", json={"messages": prefill, "max_tokens": 4, "continue_final_message": True},
+                       headers=AUTH).status_code == 200
+    assert backend.last_params.prompt.endswith("<|im_start|>assistant\nHel")
+    client.post("/tokenize", json={"messages": prefill, "continue_final_message": True}, headers=AUTH)
+    assert backend.tokenizer_calls[-1] == ("tokenize", MODEL, backend.last_params.prompt, False)
 
 
 def test_null_means_not_given(app):
@@ -81,6 +87,16 @@ def test_detokenize_answers_the_text(app):
      "give either prompt or messages"),
     ("/tokenize", {"prompt": "a", "add_generation_prompt": True}, "add_generation_prompt",
      "add_generation_prompt goes with messages"),
+    ("/tokenize", {"prompt": "a", "continue_final_message": True}, "continue_final_message",
+     "continue_final_message goes with messages"),
+    ("/tokenize", {"prompt": "a", "chat_template_kwargs": {}}, "chat_template_kwargs",
+     "chat_template_kwargs goes with messages"),
+    ("/tokenize", {"messages": [{"role": "assistant", "content": "a"}], "continue_final_message": True,
+                   "add_generation_prompt": True}, "continue_final_message",
+     "continue_final_message and add_generation_prompt cannot both be true: the final message is continued, not "
+     "answered (leave add_generation_prompt out)"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "a"}], "chat_template_kwargs": {"bos_token": "x"}},
+     "chat_template_kwargs", "chat_template_kwargs.bos_token is set by the gateway and cannot be given here"),
     ("/tokenize", {"prompt": 5}, "prompt", "prompt must be a string, got integer 5"),
     ("/tokenize", {"prompt": "x" * 201}, "prompt", "prompt has 201 characters, more than the 200 that can fit "
      "the model's context (checked before tokenizing); shorten it"),
