@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "MODEL_NAME": "smollm2-135m-instruct",  # the public model name, served by TRITON_MODEL
     "TOKENIZER_DIR": None,  # the served model's tokenizer folder: its chat template, for /v1/chat
     "TOOL_CALL_PARSER": None,  # the model's tool-call syntax, for tool_choice "auto" (gateway.tool_parsers)
+    "REASONING_PARSER": None,  # the model's thinking syntax: chat replies' reasoning (gateway.reasoning)
     "REQUEST_TIMEOUT": 600.0,  # seconds one whole generation may take (then its cancel request)
     "READY_TIMEOUT": 2.0,  # seconds: deadline of readiness probes
     "CONNECT_TIMEOUT": 5.0,  # seconds: how long a connection attempt to Triton may take
@@ -66,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _TYPES: dict[str, type] = {key: type(value) for key, value in DEFAULTS.items() if value is not None}
-_TYPES.update({"TOKENIZER_DIR": str, "TOOL_CALL_PARSER": str, "API_KEY": str, "API_KEYS_FILE": str, "API_KEYS": list, "DEFAULT_RATE_LIMIT": str})
+_TYPES.update({"TOKENIZER_DIR": str, "TOOL_CALL_PARSER": str, "REASONING_PARSER": str, "API_KEY": str, "API_KEYS_FILE": str, "API_KEYS": list, "DEFAULT_RATE_LIMIT": str})
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

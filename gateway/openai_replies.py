@@ -22,7 +22,8 @@ from .backend import Event, Finished, TextDelta, TokenLogprobs
 from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs
 from .errors import ApiError
 from .ids import new_id
-from .tool_parsers import CallReader, call_reader, split_calls
+from .reasoning import Reasoning, ReasoningReader, split_reasoning
+from .tool_parsers import SyntaxReader, call_reader, split_calls
 from .tools import CallReader, ToolChoice, message_calls, new_call_id
 
 DONE = b"data: [DONE]\n\n"
@@ -146,32 +147,43 @@ class ChatCompletionReply(_Reply):
     stream sends a named function's arguments as they come (the first chunk with the call's id
     and name), and ``required``'s calls each once it is complete. With ``auto`` the text is read
     for the calls the model wrote (gateway.tool_parsers): ``content`` is the rest, each call is
-    sent once complete and the finish reason is ``tool_calls`` when it called."""
+    sent once complete and the finish reason is ``tool_calls`` when it called. With ``reasoning``
+    the thinking is read out of the text first (gateway.reasoning): ``reasoning`` (and
+    ``reasoning_content``) hold it, and only the rest is content, read for calls."""
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
-    def __init__(self, model: str, *, tool_choice: ToolChoice | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: str, *, tool_choice: ToolChoice | None = None, reasoning: Reasoning | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self._role_sent: set[int] = set()
         self.tool_choice = tool_choice
+        self.reasoning = reasoning
+        self._thoughts: dict[int, ReasoningReader] = {}  # a stream's reasoning, per choice
         self._readers: dict[int, CallReader] = {}  # a stream's calls, per choice
-        self._autos: dict[int, CallReader] = {}  # the same with "auto"
+        self._autos: dict[int, SyntaxReader] = {}  # the same with "auto"
 
     def _choice(self, choice: Choice) -> dict[str, Any]:
         reason = finish_reason(choice.finish_reason)
+        text: str | None = choice.text
+        thought = None
+        if self.reasoning is not None and self.reasoning.thinking:
+            thought, text = split_reasoning(text)
         if self.tool_choice is None:
-            message = {"role": "assistant", "content": choice.text}
+            message = {"role": "assistant", "content": text}
         elif self.tool_choice.mode == "auto":
-            content, calls = split_calls(self.tool_choice.parser, choice.text, self.tool_choice.names, new_call_id,
-                                         most=self._most_calls)
+            content, calls = split_calls(self.tool_choice.parser, text, self.tool_choice.names, new_call_id,
+                                         most=self._most_calls) if text is not None else (None, [])
             message = {"role": "assistant", "content": content}
             if calls:
                 message["tool_calls"] = calls
                 reason = _called(reason)
         else:
             message = {"role": "assistant", "content": None, "tool_calls": message_calls(self.tool_choice, choice.text)}
+        if self.reasoning is not None and self.reasoning.include:
+            message["reasoning"] = message["reasoning_content"] = thought
         return {
             "index": choice.index,
             "message": message,
@@ -190,6 +202,10 @@ class ChatCompletionReply(_Reply):
         if first:
             self._role_sent.add(index)
             delta["role"] = "assistant"
+        if self.reasoning is not None and self.reasoning.thinking:
+            thought, text = self._reason(index, text, final=reason is not None)
+            if thought and self.reasoning.include:
+                delta["reasoning"] = delta["reasoning_content"] = thought
         if self.tool_choice is not None and self.tool_choice.mode == "auto":
             reason = self._auto_delta(delta, index, text, reason, first)
         elif self.tool_choice is not None:
@@ -202,6 +218,18 @@ class ChatCompletionReply(_Reply):
         if self.logprobs is not None and reason is None:
             shown = chat_logprobs([logprobs] if logprobs is not None else [])
         return {"index": index, "delta": delta, "logprobs": shown, "finish_reason": reason}
+
+    def _reason(self, index: int, text: str | None, *, final: bool) -> tuple[str, str | None]:
+        """A streamed choice's reasoning and content (None: none yet) in this text; at its end,
+        also what was held back."""
+        reader = self._thoughts.get(index)
+        if reader is None:
+            reader = self._thoughts[index] = ReasoningReader()
+        thought, content = reader.feed(text) if text else ("", "")
+        if final:
+            tail_thought, tail_content = reader.finish()
+            thought, content = thought + tail_thought, content + tail_content
+        return thought, content or None
 
     def _auto_delta(self, delta: dict[str, Any], index: int, text: str | None, reason: str | None,
                     first: bool) -> str | None:

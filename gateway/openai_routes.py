@@ -19,6 +19,7 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request
 
 from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
+from .reasoning import check_parser as check_reasoning_parser
 from .tool_parsers import check_parser
 from .errors import ClientError
 from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest
@@ -55,9 +56,12 @@ def init_app(app: Flask) -> None:
     template = ChatTemplate.from_tokenizer_dir(tokenizer_dir) if tokenizer_dir else None
     parser = app.config.get("TOOL_CALL_PARSER") or None
     check_parser(parser)
+    reasoning = app.config.get("REASONING_PARSER") or None
+    check_reasoning_parser(reasoning)
     app.extensions["trident.openai"] = OpenAIState(
         completion_schema=CompletionSchema(**common),
-        chat_schema=ChatCompletionSchema(chat_template=template, tool_call_parser=parser, **common),
+        chat_schema=ChatCompletionSchema(chat_template=template, tool_call_parser=parser, reasoning_parser=reasoning,
+                                         **common),
         served_models=tuple(schema.served_models),
         created=int(time.time()),
     )
@@ -110,6 +114,8 @@ def _answer(req: OpenAIRequest, reply_class: type[CompletionReply] | type[ChatCo
     params = req.params
     g.param_names = req.param_names
     options = {"tool_choice": req.tool_choice} if req.tool_choice is not None else {}
+    if req.reasoning is not None:
+        options["reasoning"] = req.reasoning
     reply = reply_class(params.model, include_usage=req.include_usage, logprobs=req.logprobs, **options)
     if req.prompts:  # /v1/completions with several prompts (gateway.prompts)
         generation, done = start_prompts(params, req.prompts)

@@ -63,6 +63,7 @@ from .openai_fields import (
 from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
 
 from .control_fields import LogitBias, ResponseFormat, StructuredOutputs
+from .reasoning import Reasoning
 from .tool_parsers import KEEP_SPECIAL_TOKENS
 from .tools import (
     MAX_TOOLS,
@@ -111,6 +112,8 @@ class OpenAIRequest:
     prompts: tuple[str | TokenIds, ...] = ()
     # /v1/chat/completions: the call the request forces (gateway.tools), answered as tool_calls
     tool_choice: ToolChoice | None = None
+    # /v1/chat/completions: how the model's thinking is read out of the text (gateway.reasoning)
+    reasoning: Reasoning | None = None
 
 
 # -- nested objects -----------------------------------------------------------------------------
@@ -142,12 +145,22 @@ class ChatMessageSchema(StrictSchema):
     tool_call_id = StrictString()
     audio = Empty("audio is not supported")
     annotations = Empty("annotations are not supported")
+    # an assistant's thinking, as a reply with REASONING_PARSER gives it back (gateway.reasoning)
+    reasoning = StrictString()
+    reasoning_content = StrictString()
 
     @validates_schema(pass_original=True)
     def validate_role_fields(self, data: Mapping[str, Any], original: Any, **kwargs: Any) -> None:
         role = data.get("role")
         if data.get("tool_calls") and role != "assistant":
             raise ValidationError("tool_calls are only allowed in assistant messages", field_name="tool_calls")
+        for name in ("reasoning", "reasoning_content"):
+            if data.get(name) is not None and role != "assistant":
+                raise ValidationError(f"{name} is only allowed in assistant messages", field_name=name)
+        if None not in (data.get("reasoning"), data.get("reasoning_content")) and \
+                data["reasoning"] != data["reasoning_content"]:
+            raise ValidationError("reasoning and reasoning_content are the same field (vLLM's and DeepSeek's names): "
+                                  "send one of them", field_name="reasoning_content")
         if role == "tool" and data.get("tool_call_id") is None:
             raise ValidationError("tool_call_id is required in tool messages: the id of the call answered",
                                   field_name="tool_call_id")
@@ -162,7 +175,9 @@ class ChatMessageSchema(StrictSchema):
     @post_load
     def to_template(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """What the chat template sees: role (``developer`` is the newer name of ``system``),
-        content and, when given, name, tool calls and the id of the call a tool answers."""
+        content and, when given, name, tool calls, the id of the call a tool answers and an
+        assistant's thinking (under both names: Qwen3's and DeepSeek's templates read
+        ``reasoning_content``)."""
         # an assistant's calls without text: content "" (as vLLM gives it), which templates that
         # concatenate content can render
         content = data.get("content")
@@ -171,6 +186,9 @@ class ChatMessageSchema(StrictSchema):
         for key in ("name", "tool_calls", "tool_call_id"):
             if data.get(key):
                 message[key] = data[key]
+        thought = data.get("reasoning") if data.get("reasoning") is not None else data.get("reasoning_content")
+        if thought is not None:
+            message["reasoning"] = message["reasoning_content"] = thought
         return message
 
 
@@ -370,12 +388,14 @@ class ChatCompletionSchema(_OpenAISchema):
     prompt_cache_key = Anything()
     prompt_cache_retention = Anything()
     safety_identifier = Anything()
+    include_reasoning = StrictBoolean()  # vLLM's: false leaves the reasoning out (gateway.reasoning)
 
     def __init__(self, *, chat_template: ChatTemplate | None, tool_call_parser: str | None = None,
-                 **kwargs: Any) -> None:
+                 reasoning_parser: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.chat_template = chat_template
         self.tool_call_parser = tool_call_parser  # tool_choice "auto" reads the model's calls (gateway.tool_parsers)
+        self.reasoning_parser = reasoning_parser  # replies' reasoning is read from the text (gateway.reasoning)
 
     @validates_schema
     def validate_max_tokens_alias(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -429,6 +449,11 @@ class ChatCompletionSchema(_OpenAISchema):
         logprobs = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
         req = self._request(data, prompt=prompt, model=model, max_tokens=max_tokens, prompt_param="messages",
                             logprobs=logprobs)
+        if self.reasoning_parser and req.params.sampling.guide is None:  # a guide constrains from the first token
+            variables = data.get("chat_template_kwargs") or {}
+            req = dataclasses.replace(req, reasoning=Reasoning(
+                self.reasoning_parser, thinking=variables.get("enable_thinking") is not False,
+                include=data.get("include_reasoning") is not False))
         if forced is None:
             return req
         if forced.mode == "auto":

@@ -235,6 +235,9 @@ class AssistantMessageSchema(Schema):
     role = _const("assistant")
     content = _required(fields.String, allow_none=True)
     tool_calls = fields.List(fields.Nested(ReplyToolCallSchema))
+    # with REASONING_PARSER (gateway.reasoning): the thinking, under vLLM's name and DeepSeek's
+    reasoning = fields.String(allow_none=True)
+    reasoning_content = fields.String(allow_none=True)
 
 
 class ChatChoiceSchema(Schema):
@@ -276,6 +279,8 @@ class ChatDeltaSchema(Schema):
     role = fields.String(validate=OneOf(["assistant"]))
     content = fields.String(allow_none=True)
     tool_calls = fields.List(fields.Nested(DeltaToolCallSchema))
+    reasoning = fields.String()  # the next piece of the thinking (gateway.reasoning)
+    reasoning_content = fields.String()
 
 
 class ChatChunkChoiceSchema(Schema):

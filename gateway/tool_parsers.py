@@ -68,7 +68,7 @@ def check_parser(name: str | None) -> None:
                          f'"auto"), got {name!r}')
 
 
-class CallReader:
+class SyntaxReader:
     """One choice's text, split into content and calls as it comes.
 
     ``feed(text)`` returns ``(content, calls)``: the content that is final now, and the calls
@@ -117,7 +117,7 @@ class CallReader:
         return self._most is None or call["index"] < self._most
 
 
-class HermesCalls(CallReader):
+class HermesCalls(SyntaxReader):
     """``hermes``: calls in ``<tool_call>`` blocks anywhere in the text."""
 
     def __init__(self, names: Collection[str], new_id: Callable[[], str], *, most: int | None = None) -> None:
@@ -162,7 +162,7 @@ class HermesCalls(CallReader):
                 self._buf, self._inside = self._buf[start + len(HERMES_OPEN):], True
                 continue
             # Hold back what may still become a block's start, and the whitespace before it.
-            keep = len(self._buf) - _partial(self._buf, HERMES_OPEN)
+            keep = len(self._buf) - partial_start(self._buf, HERMES_OPEN)
             keep = len(self._buf[:keep].rstrip(_SPACE))
             content.append(self._buf[:keep])
             self._buf = self._buf[keep:]
@@ -178,7 +178,7 @@ class HermesCalls(CallReader):
         return tail, []
 
 
-class Llama3JsonCalls(CallReader):
+class Llama3JsonCalls(SyntaxReader):
     """``llama3_json``: a reply that begins with ``{`` (after whitespace and ``<|python_tag|>``)
     is calls, JSON objects separated by ``;`` or whitespace; the rest from the first object that is not a call
     is content. Any other reply is text, handed out as it comes."""
@@ -237,7 +237,7 @@ class Llama3JsonCalls(CallReader):
         return tail, []
 
 
-class MistralCalls(CallReader):
+class MistralCalls(SyntaxReader):
     """``mistral``: calls after ``[TOOL_CALLS]`` markers, as a JSON array or as ``name{...}`` /
     ``name[ARGS]{...}``; a marker followed by anything else stays text."""
 
@@ -270,7 +270,7 @@ class MistralCalls(CallReader):
                     self._space = before[len(before.rstrip(_SPACE)):]
                     self._buf, self._raw, self._state = self._buf[start + len(MISTRAL_CALLS):], MISTRAL_CALLS, "marker"
                     continue
-                keep = len(self._buf) - _partial(self._buf, MISTRAL_CALLS)
+                keep = len(self._buf) - partial_start(self._buf, MISTRAL_CALLS)
                 keep = len(self._buf[:keep].rstrip(_SPACE))
                 content.append(self._buf[:keep])
                 self._buf = self._buf[keep:]
@@ -364,7 +364,7 @@ class _ObjectEnd:
         return -1
 
 
-class PythonicCalls(CallReader):
+class PythonicCalls(SyntaxReader):
     """``pythonic``: a reply that begins with ``[`` is held to its end and read as a list of
     calls; any other reply is text, handed out as it comes."""
 
@@ -451,7 +451,7 @@ def _json(text: str) -> Any:
         return None
 
 
-def _partial(text: str, token: str) -> int:
+def partial_start(text: str, token: str) -> int:
     """How many of ``text``'s last characters are the start of ``token`` (0: none)."""
     for size in range(min(len(text), len(token) - 1), 0, -1):
         if token.startswith(text[-size:]):
@@ -459,12 +459,12 @@ def _partial(text: str, token: str) -> int:
     return 0
 
 
-_READERS: dict[str, type[CallReader]] = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls,
+_READERS: dict[str, type[SyntaxReader]] = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls,
                                          "mistral": MistralCalls, "pythonic": PythonicCalls}
 
 
 def call_reader(parser: str, names: Collection[str], new_id: Callable[[], str], *,
-                most: int | None = None) -> CallReader:
+                most: int | None = None) -> SyntaxReader:
     """The reader of one choice's text in the syntax ``parser`` names (one of PARSERS)."""
     return _READERS[parser](names, new_id, most=most)
 
@@ -483,6 +483,5 @@ def split_calls(parser: str, text: str, names: Collection[str], new_id: Callable
     return content, calls
 
 
-__all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "CallReader", "HermesCalls", "Llama3JsonCalls", "MistralCalls",
-           "PythonicCalls", "call_reader",
-           "check_parser", "split_calls"]
+__all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "HermesCalls", "Llama3JsonCalls", "MistralCalls", "PythonicCalls",
+           "SyntaxReader", "call_reader", "check_parser", "partial_start", "split_calls"]
