@@ -98,10 +98,7 @@ def _schema_text(spec: Any, path: str) -> str:
     schema = spec.get("schema")
     if not isinstance(schema, dict):
         raise ValidationError(f"{path}.schema must be a JSON schema (an object), got {describe(schema)}")
-    text = json.dumps(schema, ensure_ascii=False)
-    if len(text) > MAX_GUIDE_CHARS:
-        raise ValidationError(f"{path}.schema must be at most {MAX_GUIDE_CHARS} characters as JSON, got {len(text)}")
-    return text
+    return _bounded(json.dumps(schema, ensure_ascii=False), f"{path}.schema", " as JSON")
 
 
 class Regex(_StrictField):
@@ -116,9 +113,7 @@ class Regex(_StrictField):
         value = super()._deserialize(value, attr, data, **kwargs)
         if not value:
             raise ValidationError(f"{self.public_name} must be a non-empty string")
-        if len(value) > MAX_GUIDE_CHARS:
-            raise ValidationError(f"{self.public_name} must be at most {MAX_GUIDE_CHARS} characters, got {len(value)}")
-        return Guide(GUIDE_REGEX, value)
+        return Guide(GUIDE_REGEX, _bounded(value, self.public_name))
 
 
 #: vLLM's ``structured_outputs`` constraints (one per request) and what each loads
@@ -165,23 +160,26 @@ class StructuredOutputs(_StrictField):
             if not isinstance(spec, dict):
                 raise ValidationError(f"{path} must be a JSON schema (an object, or its JSON text), got "
                                       f"{describe(spec)}")
-            return Guide(GUIDE_JSON_SCHEMA, _bounded(json.dumps(spec, ensure_ascii=False), path))
+            return Guide(GUIDE_JSON_SCHEMA, _bounded(json.dumps(spec, ensure_ascii=False), path, _AS_SENT))
         if kind == "choice":
             if (not isinstance(spec, list) or not spec or len(spec) > MAX_CHOICES_OF_CHOICE
                     or not all(isinstance(c, str) and c for c in spec)):
                 raise ValidationError(f"{path} must be an array of 1 to {MAX_CHOICES_OF_CHOICE} non-empty strings")
             # an EBNF alternation of string literals: JSON's escapes are XGrammar's too
             return Guide(GUIDE_EBNF, _bounded("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
-                                                                        for c in spec), path))
+                                                                        for c in spec), path, _AS_SENT))
         if not isinstance(spec, str) or not spec:
             raise ValidationError(f"{path} must be a non-empty string, got {describe(spec)}")
-        return Guide(GUIDE_REGEX if kind == "regex" else GUIDE_EBNF, _bounded(spec, path))
+        return Guide(GUIDE_REGEX if kind == "regex" else GUIDE_EBNF, _bounded(spec, path, _AS_SENT))
 
 
-def _bounded(text: str, path: str) -> str:
+_AS_SENT = " as the engine gets it"
+
+
+def _bounded(text: str, path: str, measured: str = "") -> str:
+    """A guide's text within MAX_GUIDE_CHARS (``measured`` says how it was counted), else the 400."""
     if len(text) > MAX_GUIDE_CHARS:
-        raise ValidationError(f"{path} must be at most {MAX_GUIDE_CHARS} characters as the engine gets it, "
-                              f"got {len(text)}")
+        raise ValidationError(f"{path} must be at most {MAX_GUIDE_CHARS} characters{measured}, got {len(text)}")
     return text
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from marshmallow import ValidationError, fields
 
+from trident.contract import INT32_MAX
+
 
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -91,3 +93,29 @@ class StrictBoolean(_StrictField):
 
     def accepts(self, value: Any) -> bool:
         return isinstance(value, bool)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_token_id(value: Any) -> bool:
+    """A token id of the wire: an integer (not a boolean) from 0 to INT32_MAX."""
+    return _is_id(value) and 0 <= value <= INT32_MAX
+
+
+class TokenIdArray(_StrictField):
+    """An array of token ids (``/detokenize``'s ``tokens``); loaded as a tuple."""
+
+    expected = "an array of token ids"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, list)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[int, ...]:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        for i, token in enumerate(value):
+            if not is_token_id(token):
+                raise ValidationError(f"{self.public_name}[{i}] must be a token id, an integer from 0 to {INT32_MAX}, "
+                                      f"got {describe(token)}")
+        return tuple(value)

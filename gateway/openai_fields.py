@@ -12,6 +12,7 @@ from marshmallow import ValidationError
 from trident.contract import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 from .chat_template import MAX_TEMPLATE_KWARGS, RESERVED_VARIABLES
+from .fields import TokenIdArray, _is_id, is_token_id  # noqa: F401 (re-exported)
 from .schemas import StrictSchema, _StrictField, describe, non_empty_strings
 
 
@@ -79,15 +80,6 @@ MAX_PROMPTS = 32
 TokenIds = tuple[int, ...]
 
 
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_token_id(value: Any) -> bool:
-    """A token id of the wire: an integer (not a boolean) from 0 to INT32_MAX."""
-    return _is_id(value) and 0 <= value <= INT32_MAX
-
-
 class Prompt(_StrictField):
     """``prompt`` of /v1/completions, in OpenAI's four forms: a non-empty string, an array of 1 to
     :data:`MAX_PROMPTS` of them, an array of token ids (one prompt), or an array of 1 to
@@ -125,23 +117,6 @@ class Prompt(_StrictField):
                                           f"got {describe(token)}")
             prompts.append(tuple(item))
         return tuple(prompts)
-
-
-class TokenIdArray(_StrictField):
-    """An array of token ids (``/detokenize``'s ``tokens``); loaded as a tuple."""
-
-    expected = "an array of token ids"
-
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, list)
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[int, ...]:
-        value = super()._deserialize(value, attr, data, **kwargs)
-        for i, token in enumerate(value):
-            if not is_token_id(token):
-                raise ValidationError(f"{self.public_name}[{i}] must be a token id, an integer from 0 to {INT32_MAX}, "
-                                      f"got {describe(token)}")
-        return tuple(value)
 
 
 class Nested(_StrictField):

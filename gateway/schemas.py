@@ -38,6 +38,7 @@ from .fields import (  # noqa: F401 (re-exported: the schemas' field types)
     StrictInteger,
     StrictNumber,
     StrictString,
+    TokenIdArray,
     _StrictField,
     describe,
 )
@@ -231,6 +232,10 @@ class GenerateSchema(ModelSchema):
     logit_bias = LogitBias()
     response_format = ResponseFormat()
     regex = Regex()
+    # vLLM's, as on /v1/*: token ids that stop a choice, the stop kept in the text, special tokens kept
+    stop_token_ids = TokenIdArray()
+    include_stop_str_in_output = StrictBoolean()
+    skip_special_tokens = StrictBoolean()
 
     @validates("prompt")
     def validate_prompt(self, value: str, data_key: str) -> None:

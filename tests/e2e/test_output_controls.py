@@ -183,7 +183,7 @@ def test_structured_outputs_constrain_both_openai_endpoints(oai):
     assert caught.value.body["param"] == "structured_outputs"
 
 
-def test_stop_token_ids_and_included_stops_on_the_real_model(oai):
+def test_stop_token_ids_and_included_stops_on_the_real_model(oai, gateway):
     """vLLM's stop_token_ids and include_stop_str_in_output through the official client: a token
     of the greedy continuation ends it there (finish_reason stop, text before it), its text kept
     with include_stop_str_in_output, as is a stop sequence; streamed the same."""
@@ -201,6 +201,10 @@ def test_stop_token_ids_and_included_stops_on_the_real_model(oai):
     assert kept.choices[0].text == tokenizer.decode(ids[:ids.index(stop) + 1])
     chunks = oai.completions.create(**kwargs, stream=True, extra_body={"stop_token_ids": [stop]})
     assert "".join(c.choices[0].text for c in chunks if c.choices) == before
+    generated = generate(gateway, prompt=kwargs["prompt"], max_new_tokens=12, temperature=0,
+                         stop_token_ids=[stop])  # /generate takes them too
+    [choice] = generated["choices"]
+    assert choice["text"] == before and choice["finish_reason"] == "stop_sequence"
     word = full.split()[1]
     with_stop = oai.completions.create(**kwargs, stop=[word], extra_body={"include_stop_str_in_output": True})
     assert with_stop.choices[0].text == full[:full.index(word) + len(word)]

@@ -396,3 +396,19 @@ def test_skip_special_tokens_false_reaches_the_llm_model(client, backend, path):
     assert backend.last_params.sampling.skip_special_tokens is True
     bad = client.post(path, json={**body, "skip_special_tokens": "no"}, headers=AUTH)
     assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "skip_special_tokens"
+
+
+def test_generate_takes_vllms_stop_token_ids_include_stop_and_skip_special_tokens(client, backend):
+    """/generate has the same three extensions as /v1/*, under the same names."""
+    body = {"prompt": "x", "stop_token_ids": [2, 7], "include_stop_str_in_output": True, "skip_special_tokens": False}
+    assert client.post("/generate", json=body, headers=AUTH).status_code == 200
+    sampling = backend.last_params.sampling
+    assert (sampling.stop_token_ids, sampling.include_stop_str_in_output, sampling.skip_special_tokens) == \
+        ((2, 7), True, False)
+    client.post("/generate", json={"prompt": "x"}, headers=AUTH)
+    sampling = backend.last_params.sampling
+    assert (sampling.stop_token_ids, sampling.include_stop_str_in_output, sampling.skip_special_tokens) == \
+        ((), False, True)
+    for extra in ({"stop_token_ids": [1, -2]}, {"include_stop_str_in_output": 1}, {"skip_special_tokens": "no"}):
+        bad = client.post("/generate", json={"prompt": "x", **extra}, headers=AUTH)
+        assert bad.status_code == 400 and bad.get_json()["error"]["param"] == next(iter(extra))
