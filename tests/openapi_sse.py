@@ -21,23 +21,31 @@ def _payload_schema(spec: dict, path: str, event: str) -> dict:
     raise AssertionError(f"undocumented event {event!r} on {path}")
 
 
-def check_sse(spec: dict, path: str, body: bytes) -> None:
-    """The stream's shape (named events for /generate; data lines then [DONE], once, last, for
-    /v1) and each JSON payload against the document (schemathesis checks each event too, with
-    contentSchema; this does not depend on that)."""
+def check_sse(spec: dict, path: str, body: bytes, *, complete: bool = True) -> None:
+    """The stream's shape (named events for /generate and /v1/messages, the last one ending it;
+    data lines then [DONE], once, last, for the other /v1 streams) and each JSON payload against
+    the document (schemathesis checks each event too, with contentSchema; this does not depend
+    on that). ``complete`` false: the reader stopped early (schemathesis reads at most 20 events
+    of a stream and says so, ``stream_cut_short``), so the events that end a stream may be
+    missing, and nothing else."""
     blocks = [b for b in body.decode("utf-8").split("\n\n") if b and not b.startswith(":")]
     assert blocks, "empty stream"
     for i, block in enumerate(blocks):
         lines = block.split("\n")
-        if path == "/generate":
+        last_block = i == len(blocks) - 1
+        if path in ("/generate", "/v1/messages"):
             assert len(lines) == 2 and lines[0].startswith("event: "), block
             event, data = lines[0][len("event: "):], lines[1][len("data: "):]
-            assert (event in ("done", "error")) == (i == len(blocks) - 1), block
+            ends = ("done", "error") if path == "/generate" else ("message_stop", "error")
+            assert event not in ends or last_block, f"{block} before the end"
+            assert event in ends or not last_block or not complete, f"the stream does not end with one of {ends}"
+            if path == "/v1/messages":
+                assert (event == "message_start") == (i == 0), block
         else:
             assert len(lines) == 1 and lines[0].startswith("data: "), block
             event, data = "message", lines[0][len("data: "):]
             if data == "[DONE]":
-                assert i == len(blocks) - 1, "[DONE] before the end"
+                assert last_block, "[DONE] before the end"
                 continue
-            assert i < len(blocks) - 1, "the stream does not end with [DONE]"
+            assert not last_block or not complete, "the stream does not end with [DONE]"
         _validator(spec, _payload_schema(spec, path, event)).validate(json.loads(data))

@@ -126,8 +126,8 @@ def test_responses_errors_and_sse_payloads_are_described():
 # -- SSE payloads against the document (tests/openapi_sse.py) ------------------------------------
 
 
-def check_sse(path: str, body: bytes) -> None:
-    openapi_sse.check_sse(SPEC, path, body)
+def check_sse(path: str, body: bytes, *, complete: bool = True) -> None:
+    openapi_sse.check_sse(SPEC, path, body, complete=complete)
 
 
 def test_check_sse_can_fail():
@@ -138,6 +138,10 @@ def test_check_sse_can_fail():
                                      b'"param": null, "code": 500}}\n\n')
     with pytest.raises(AssertionError):
         check_sse("/generate", b'event: done\ndata: {}\n\nevent: token\ndata: {"text": "x"}\n\n')
+    cut = b'data: {"error": {"message": "m", "type": "server_error", "param": null, "code": 500}}\n\n'
+    check_sse("/v1/completions", cut, complete=False)  # a reader that stopped early: no [DONE] yet
+    with pytest.raises(AssertionError):  # but [DONE] before the end is still wrong
+        check_sse("/v1/completions", b"data: [DONE]\n\n" + cut, complete=False)
 
 
 # -- the fuzz run -------------------------------------------------------------------------------
@@ -151,7 +155,7 @@ def test_fuzz(case):
     SENT.append(case.operation.label)
     case.validate_response(response, checks=CHECKS, headers=AUTH)
     if response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
-        check_sse(case.path, response.content)
+        check_sse(case.path, response.content, complete=not response.stream_cut_short)
 
 
 def test_fuzz_sent_enough_requests():
