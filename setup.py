@@ -50,6 +50,7 @@ DEV = [
     "pytest>=8",
     "pytest-timeout>=2.3",
     "openai>=3.54,<4",
+    "anthropic>=2.17,<3",  # tests of /v1/messages with Anthropic's own client
     "schemathesis>=4.32,<5",
     "hypothesis>=6.100",
     "jsonschema-rs>=0.60",

@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer <key>``, stored and compared as SHA-256 hashes only.
+"""API keys: ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, the header Anthropic's
+clients send), stored and compared as SHA-256 hashes only.
 
 Keys come from any of, together:
 
@@ -159,7 +160,10 @@ def require_api_key(view: F) -> F:
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         store: KeyStore = current_app.extensions["trident"].keys
-        key = authenticate(store, request.headers.get("Authorization"))
+        header = request.headers.get("Authorization")
+        if header is None and request.headers.get("x-api-key"):  # Anthropic's clients send the key so
+            header = f"Bearer {request.headers['x-api-key'].strip()}"
+        key = authenticate(store, header)
         g.api_key = key
         authorize_endpoint(key, _endpoint())
         return view(*args, **kwargs)

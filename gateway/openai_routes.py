@@ -1,5 +1,6 @@
 """OpenAI-compatible routes: ``GET /v1/models``, ``GET /v1/models/<id>``,
-``POST /v1/completions``, ``POST /v1/chat/completions`` (docs/openai.md).
+``POST /v1/completions``, ``POST /v1/chat/completions`` (docs/openai.md); and Anthropic's
+``POST /v1/messages``, served as the chat completion it is (gateway.anthropic).
 
 They share everything but the request schema and the body format with ``/generate``: the API
 key (401), the key's rate limit (429, one budget across all generation routes), the checks of
@@ -11,12 +12,14 @@ exception classes by status.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 
+from .anthropic import MessagesReply, MessagesSchema, messages_param
 from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
 from .reasoning import check_parser as check_reasoning_parser
@@ -39,6 +42,7 @@ OWNER = "trident"
 class OpenAIState:
     completion_schema: CompletionSchema
     chat_schema: ChatCompletionSchema
+    messages_schema: MessagesSchema
     served_models: tuple[str, ...]
     created: int  # "created" of every model object: when this app was built
 
@@ -62,6 +66,7 @@ def init_app(app: Flask) -> None:
         completion_schema=CompletionSchema(**common),
         chat_schema=ChatCompletionSchema(chat_template=template, tool_call_parser=parser, reasoning_parser=reasoning,
                                          **common),
+        messages_schema=MessagesSchema(),
         served_models=tuple(schema.served_models),
         created=int(time.time()),
     )
@@ -110,13 +115,33 @@ def chat_completions() -> Any:
     return _answer(load_request(_state().chat_schema, read_json_object(request)), ChatCompletionReply)
 
 
-def _answer(req: OpenAIRequest, reply_class: type[CompletionReply] | type[ChatCompletionReply]) -> Any:
+@bp.post("/messages")
+@require_api_key
+@rate_limited
+def messages() -> Any:
+    state = _state()
+    body = load_request(state.messages_schema, read_json_object(request))  # the chat completion it is
+    try:
+        req = load_request(state.chat_schema, body)
+    except ClientError as err:
+        err.param = messages_param(err.param)
+        raise
+    names = {name: messages_param(public) or public for name, public in req.param_names.items()}
+    reply = MessagesReply(req.params.model, tool_choice=req.tool_choice, reasoning=req.reasoning,
+                          stops=req.params.sampling.stop)
+    return _answer(dataclasses.replace(req, param_names=names), reply)
+
+
+def _answer(req: OpenAIRequest, reply_class: type[CompletionReply] | type[ChatCompletionReply] | MessagesReply) -> Any:
+    """Start the generation and answer it with the reply (a class is built for the request)."""
     params = req.params
     g.param_names = req.param_names
-    options = {"tool_choice": req.tool_choice} if req.tool_choice is not None else {}
-    if req.reasoning is not None:
-        options["reasoning"] = req.reasoning
-    reply = reply_class(params.model, include_usage=req.include_usage, logprobs=req.logprobs, **options)
+    reply = reply_class
+    if isinstance(reply_class, type):
+        options = {"tool_choice": req.tool_choice} if req.tool_choice is not None else {}
+        if req.reasoning is not None:
+            options["reasoning"] = req.reasoning
+        reply = reply_class(params.model, include_usage=req.include_usage, logprobs=req.logprobs, **options)
     if req.prompts:  # /v1/completions with several prompts (gateway.prompts)
         generation, done = start_prompts(params, req.prompts)
     else:

@@ -23,6 +23,7 @@ from marshmallow import fields
 from marshmallow.validate import Range
 
 from . import response_schemas as rs
+from .anthropic import ASSISTANT_BLOCKS, USER_BLOCKS, BlockContent, SystemPrompt
 from .chat_template import MAX_TEMPLATE_KWARGS, RESERVED_VARIABLES
 from .openai_fields import (
     MAX_PROMPTS,
@@ -48,6 +49,7 @@ OPENAPI_VERSION = "3.1.0"
 _TOKEN_LIMIT_FIELDS = ("max_new_tokens", "max_length", "max_tokens", "max_completion_tokens")
 _JSON = "application/json"
 _SSE = "text/event-stream"
+ANTHROPIC_BLOCK_TYPES = tuple(dict.fromkeys((*USER_BLOCKS, *ASSISTANT_BLOCKS)))
 
 
 def init_app(app: Flask) -> None:
@@ -99,6 +101,14 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
         props = {"type": array, "items": ref, "minItems": field.min_items} if field.many else {"anyOf": [ref]}
         if field.many and field.max_items is not None:
             props["maxItems"] = field.max_items
+    elif isinstance(field, SystemPrompt):
+        block = {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                 "required": ["type", "text"]}
+        props = {"anyOf": [{"type": "string"}, {"type": "array", "items": block}]}
+    elif isinstance(field, BlockContent):
+        block = {"type": "object", "properties": {"type": {"type": "string", "enum": list(ANTHROPIC_BLOCK_TYPES)}},
+                 "required": ["type"]}
+        props = {"anyOf": [{"type": "string"}, {"type": "array", "items": block}]}
     elif isinstance(field, ChatTemplateKwargs):
         props = {"type": ["object", "null"], "maxProperties": MAX_TEMPLATE_KWARGS,
                  "propertyNames": {"not": {"enum": sorted(RESERVED_VARIABLES)}}}
@@ -172,7 +182,8 @@ def _plugin() -> tuple[Any, Any]:
     ):
         plugin.map_to_openapi_type(cls, *mapping)
     for cls in (Anything, Empty, StringOrStrings, Prompt, MessageContent, Nested, LogitBias, ResponseFormat, Regex,
-                StructuredOutputs, TokenIdArray, JsonObject, ToolChoiceField, ChatTemplateKwargs):
+                StructuredOutputs, TokenIdArray, JsonObject, ToolChoiceField, ChatTemplateKwargs, SystemPrompt,
+                BlockContent):
         plugin.map_to_openapi_type(cls, None, None)
     plugin.converter.add_attribute_function(_trident_fields)
     return plugin, spec
@@ -289,6 +300,16 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
     bearer = [{"bearerAuth": []}]
     completion_events = _v1_stream("CompletionChunk")
     chat_events = _v1_stream("ChatCompletionChunk")
+    message_events = {
+        "oneOf": [_sse_event(name, _json_text(_ref(schema))) for name, schema in (
+            ("message_start", "AnthropicMessageStart"), ("content_block_start", "AnthropicBlockStart"),
+            ("content_block_delta", "AnthropicBlockDelta"), ("content_block_stop", "AnthropicBlockStop"),
+            ("message_delta", "AnthropicMessageDelta"), ("message_stop", "AnthropicMessageStop"),
+            ("error", "AnthropicErrorEvent"))],
+        "description": "Anthropic's events: message_start, then for each content block content_block_start, "
+        "content_block_delta* and content_block_stop, then message_delta and message_stop; a failure after the "
+        "stream began is event: error.",
+    }
     generate_events = {
         "oneOf": [
             _sse_event("token", _json_text(_ref("GenerateTokenEvent"))),
@@ -371,6 +392,16 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
                 **_errors(*_GENERATION_ERRORS, 501),
             },
         }},
+        "/v1/messages": {"post": {
+            "summary": "Anthropic's Messages API, served as the chat completion it is (the same template, tools "
+            "and limits). JSON, or (stream: true) Anthropic's named events. The key may also come as x-api-key.",
+            "security": bearer,
+            "requestBody": {"required": True, "content": {_JSON: {"schema": openai.messages_schema}}},
+            "responses": {
+                200: _ok("The message.", rs.AnthropicMessageResponseSchema, stream=message_events),
+                **_errors(*_GENERATION_ERRORS, 501),
+            },
+        }},
     }
 
 
@@ -403,12 +434,20 @@ def build_spec(app: Flask) -> dict[str, Any]:
     spec.components.schema("GenerateRequest", schema=trident.generate_schema)
     spec.components.schema("CompletionRequest", schema=openai.completion_schema)
     spec.components.schema("ChatCompletionRequest", schema=openai.chat_schema)
+    spec.components.schema("MessagesRequest", schema=openai.messages_schema)
     spec.components.schema("Error", schema=rs.ErrorSchema)
     for name, schema in (
         ("GenerateTokenEvent", rs.GenerateTokenEventSchema),
         ("GenerateDoneEvent", rs.GenerateDoneEventSchema),
         ("CompletionChunk", rs.CompletionChunkSchema),
         ("ChatCompletionChunk", rs.ChatCompletionChunkSchema),
+        ("AnthropicMessageStart", rs.AnthropicMessageStartSchema),
+        ("AnthropicBlockStart", rs.AnthropicBlockStartSchema),
+        ("AnthropicBlockDelta", rs.AnthropicBlockDeltaSchema),
+        ("AnthropicBlockStop", rs.AnthropicBlockStopSchema),
+        ("AnthropicMessageDelta", rs.AnthropicMessageDeltaSchema),
+        ("AnthropicMessageStop", rs.AnthropicMessageStopSchema),
+        ("AnthropicErrorEvent", rs.AnthropicErrorEventSchema),
     ):
         spec.components.schema(name, schema=schema)
     registered = _registered(app)

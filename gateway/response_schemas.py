@@ -299,3 +299,102 @@ class ChatCompletionChunkSchema(Schema):
     model = _required(fields.String)
     choices = _choices(ChatChunkChoiceSchema, streamed=True)
     usage = fields.Nested(OpenAIUsageSchema, allow_none=True)
+
+
+# -- /v1/messages (Anthropic's Messages API, gateway.anthropic) ---------------------------------
+
+ANTHROPIC_STOP_REASONS = ("end_turn", "max_tokens", "stop_sequence", "tool_use")
+ANTHROPIC_BLOCKS = ("text", "thinking", "tool_use")
+
+
+class AnthropicUsageSchema(Schema):
+    input_tokens = _required(fields.Integer, validate=Range(min=0))
+    output_tokens = _required(fields.Integer, validate=Range(min=0))
+    cache_read_input_tokens = fields.Integer(validate=Range(min=0))  # where the engine reports them
+
+
+class AnthropicBlockSchema(Schema):
+    """A content block: ``text`` (``text``), ``thinking`` (``thinking``, an empty ``signature``)
+    or ``tool_use`` (``id``, ``name``, ``input``)."""
+
+    type = _required(fields.String, validate=OneOf(ANTHROPIC_BLOCKS))
+    text = fields.String()
+    thinking = fields.String()
+    signature = fields.String()
+    id = fields.String()
+    name = fields.String()
+    input = fields.Dict()
+
+
+class AnthropicMessageResponseSchema(Schema):
+    id = _required(fields.String)
+    type = _const("message")
+    role = _const("assistant")
+    model = _required(fields.String)
+    content = _required(fields.List, fields.Nested(AnthropicBlockSchema))
+    stop_reason = _required(fields.String, validate=OneOf(ANTHROPIC_STOP_REASONS))
+    stop_sequence = _required(fields.String, allow_none=True)
+    usage = fields.Nested(AnthropicUsageSchema, required=True)
+
+
+class AnthropicStartedMessageSchema(AnthropicMessageResponseSchema):
+    """The message of ``message_start``: no content and no stop reason yet."""
+
+    stop_reason = _required(fields.String, allow_none=True, validate=OneOf(ANTHROPIC_STOP_REASONS))
+
+
+class AnthropicMessageStartSchema(Schema):
+    type = _const("message_start")
+    message = fields.Nested(AnthropicStartedMessageSchema, required=True)
+
+
+class AnthropicBlockStartSchema(Schema):
+    type = _const("content_block_start")
+    index = _required(fields.Integer, validate=Range(min=0))
+    content_block = fields.Nested(AnthropicBlockSchema, required=True)
+
+
+class AnthropicBlockDeltaBodySchema(Schema):
+    """``text_delta`` (``text``), ``thinking_delta`` (``thinking``) or ``input_json_delta``
+    (``partial_json``: the next piece of the call's input, as JSON text)."""
+
+    type = _required(fields.String, validate=OneOf(["text_delta", "thinking_delta", "input_json_delta"]))
+    text = fields.String()
+    thinking = fields.String()
+    partial_json = fields.String()
+
+
+class AnthropicBlockDeltaSchema(Schema):
+    type = _const("content_block_delta")
+    index = _required(fields.Integer, validate=Range(min=0))
+    delta = fields.Nested(AnthropicBlockDeltaBodySchema, required=True)
+
+
+class AnthropicBlockStopSchema(Schema):
+    type = _const("content_block_stop")
+    index = _required(fields.Integer, validate=Range(min=0))
+
+
+class AnthropicStopSchema(Schema):
+    stop_reason = _required(fields.String, validate=OneOf(ANTHROPIC_STOP_REASONS))
+    stop_sequence = _required(fields.String, allow_none=True)
+
+
+class AnthropicMessageDeltaSchema(Schema):
+    type = _const("message_delta")
+    delta = fields.Nested(AnthropicStopSchema, required=True)
+    usage = fields.Nested(AnthropicUsageSchema, required=True)
+
+
+class AnthropicMessageStopSchema(Schema):
+    type = _const("message_stop")
+
+
+class AnthropicErrorBodySchema(Schema):
+    type = _required(fields.String, validate=OneOf(["invalid_request_error", "overloaded_error", "api_error"]))
+    message = _required(fields.String)
+
+
+class AnthropicErrorEventSchema(Schema):
+    type = _const("error")
+    error = fields.Nested(AnthropicErrorBodySchema, required=True)

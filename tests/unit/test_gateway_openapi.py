@@ -67,8 +67,8 @@ def test_every_endpoint_is_described():
     assert documented == {
         ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"), ("/openapi.json", "get"),
         ("/generate", "post"), ("/v1/models", "get"), ("/v1/models/{model}", "get"),
-        ("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/tokenize", "post"),
-        ("/detokenize", "post"),
+        ("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/messages", "post"),
+        ("/tokenize", "post"), ("/detokenize", "post"),
     }
     # ... and that is every route of the app (but the /generate/ alias and Flask's static files)
     routes = {
