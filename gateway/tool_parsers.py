@@ -154,19 +154,11 @@ class HermesCalls(SyntaxReader):
                 if not self._buf:
                     break
                 self._after_block = False
-            start = self._buf.find(HERMES_OPEN)
-            if start >= 0:
-                before = self._buf[:start]
-                content.append(before.rstrip(_SPACE))
-                self._space = before[len(before.rstrip(_SPACE)):]
-                self._buf, self._inside = self._buf[start + len(HERMES_OPEN):], True
-                continue
-            # Hold back what may still become a block's start, and the whitespace before it.
-            keep = len(self._buf) - partial_start(self._buf, HERMES_OPEN)
-            keep = len(self._buf[:keep].rstrip(_SPACE))
-            content.append(self._buf[:keep])
-            self._buf = self._buf[keep:]
-            break
+            piece, space, self._buf, found = _until_marker(self._buf, HERMES_OPEN)
+            content.append(piece)
+            if not found:
+                break
+            self._space, self._inside = space, True
         return "".join(content), calls
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
@@ -263,18 +255,12 @@ class MistralCalls(SyntaxReader):
                     if not self._buf:
                         break
                     self._after_call = False
-                start = self._buf.find(MISTRAL_CALLS)
-                if start >= 0:
-                    before = self._buf[:start]
-                    content.append(before.rstrip(_SPACE))
-                    self._space = before[len(before.rstrip(_SPACE)):]
-                    self._buf, self._raw, self._state = self._buf[start + len(MISTRAL_CALLS):], MISTRAL_CALLS, "marker"
-                    continue
-                keep = len(self._buf) - partial_start(self._buf, MISTRAL_CALLS)
-                keep = len(self._buf[:keep].rstrip(_SPACE))
-                content.append(self._buf[:keep])
-                self._buf = self._buf[keep:]
-                break
+                piece, space, self._buf, found = _until_marker(self._buf, MISTRAL_CALLS)
+                content.append(piece)
+                if not found:
+                    break
+                self._space, self._raw, self._state = space, MISTRAL_CALLS, "marker"
+                continue
             if state == "marker":
                 rest = self._buf.lstrip(_SPACE)
                 self._raw += self._buf[:len(self._buf) - len(rest)]
@@ -449,6 +435,21 @@ def _json(text: str) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError):
         return None
+
+
+def _until_marker(text: str, marker: str) -> tuple[str, str, str, bool]:
+    """Text read up to a call's ``marker``: ``(content, space, rest, found)``. Found: the content
+    before it (without the whitespace next to it, ``space``: content only if no call follows)
+    and the text after it. Not found: the content that can no longer be the marker's start, nor
+    whitespace before one, and the rest, held back."""
+    start = text.find(marker)
+    if start >= 0:
+        before = text[:start]
+        content = before.rstrip(_SPACE)
+        return content, before[len(content):], text[start + len(marker):], True
+    keep = len(text) - partial_start(text, marker)
+    keep = len(text[:keep].rstrip(_SPACE))
+    return text[:keep], "", text[keep:], False
 
 
 def partial_start(text: str, token: str) -> int:
