@@ -35,6 +35,9 @@ The reply: ``content`` blocks (``thinking``, ``text``, ``tool_use``), ``stop_rea
 ``message_delta`` (the stop reason and the usage, ``input_tokens`` included: they are known only
 at the end) and ``message_stop``; a failure after the stream began is ``event: error``. Errors
 before it are the gateway's JSON envelope, as on every endpoint.
+
+``POST /v1/messages/count_tokens`` answers ``{"input_tokens": n}``: the tokens of the prompt the
+same request (without ``max_tokens``) renders, which its ``usage.input_tokens`` would be.
 """
 
 from __future__ import annotations
@@ -295,7 +298,7 @@ class MessagesSchema(StrictSchema):
         for message in data["messages"]:
             messages.extend(_chat_messages(message))
         last = data["messages"][-1]
-        body: dict[str, Any] = {"messages": messages, "max_tokens": data["max_tokens"]}
+        body: dict[str, Any] = {"messages": messages, "max_tokens": data.get("max_tokens", 1)}  # count_tokens: 1
         if last["role"] == "assistant" and not any(b["type"] == "tool_use" for b in last["content"]):
             body["continue_final_message"] = True  # prefill: the reply continues it
         for name in ("model", "stream", "temperature", "top_p", "top_k"):
@@ -322,6 +325,14 @@ class MessagesSchema(StrictSchema):
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output",
                                                                              "schema": output_format["schema"]}}
         return body
+
+
+class CountTokensSchema(MessagesSchema):
+    """``POST /v1/messages/count_tokens``: a Messages request without ``max_tokens``; its prompt is
+    counted, nothing is generated."""
+
+    class Meta:
+        exclude = ("max_tokens",)
 
 
 def _chat_messages(message: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -499,4 +510,4 @@ def _usage(finished: Finished) -> dict[str, int]:
     return usage
 
 
-__all__ = ["BlockContent", "MessagesReply", "MessagesSchema", "SystemPrompt", "messages_param"]
+__all__ = ["BlockContent", "CountTokensSchema", "MessagesReply", "MessagesSchema", "SystemPrompt", "messages_param"]

@@ -19,7 +19,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 
-from .anthropic import MessagesReply, MessagesSchema, messages_param
+from .anthropic import CountTokensSchema, MessagesReply, MessagesSchema, messages_param
 from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
 from .reasoning import check_parser as check_reasoning_parser
@@ -43,6 +43,7 @@ class OpenAIState:
     completion_schema: CompletionSchema
     chat_schema: ChatCompletionSchema
     messages_schema: MessagesSchema
+    count_tokens_schema: CountTokensSchema
     served_models: tuple[str, ...]
     created: int  # "created" of every model object: when this app was built
 
@@ -67,6 +68,7 @@ def init_app(app: Flask) -> None:
         chat_schema=ChatCompletionSchema(chat_template=template, tool_call_parser=parser, reasoning_parser=reasoning,
                                          **common),
         messages_schema=MessagesSchema(),
+        count_tokens_schema=CountTokensSchema(),
         served_models=tuple(schema.served_models),
         created=int(time.time()),
     )
@@ -119,17 +121,33 @@ def chat_completions() -> Any:
 @require_api_key
 @rate_limited
 def messages() -> Any:
-    state = _state()
-    body = load_request(state.messages_schema, read_json_object(request))  # the chat completion it is
-    try:
-        req = load_request(state.chat_schema, body)
-    except ClientError as err:
-        err.param = messages_param(err.param)
-        raise
+    req = _messages_request(_state().messages_schema)
     names = {name: messages_param(public) or public for name, public in req.param_names.items()}
     reply = MessagesReply(req.params.model, tool_choice=req.tool_choice, reasoning=req.reasoning,
                           stops=req.params.sampling.stop)
     return _answer(dataclasses.replace(req, param_names=names), reply)
+
+
+@bp.post("/messages/count_tokens")
+@require_api_key
+@rate_limited
+def count_message_tokens() -> Any:
+    """Anthropic's token count: the tokens of the prompt a Messages request renders."""
+    req = _messages_request(_state().count_tokens_schema)
+    authorize_model(g.api_key, req.params.model)
+    backend = current_app.extensions["trident"].backend
+    ids = backend.tokenize(req.params.model, req.params.prompt, add_special_tokens=False, request_id=g.request_id)
+    return {"input_tokens": len(ids)}
+
+
+def _messages_request(schema: MessagesSchema) -> OpenAIRequest:
+    """The chat completion a Messages request is; errors name the Messages fields."""
+    body = load_request(schema, read_json_object(request))
+    try:
+        return load_request(_state().chat_schema, body)
+    except ClientError as err:
+        err.param = messages_param(err.param)
+        raise
 
 
 def _answer(req: OpenAIRequest, reply_class: type[CompletionReply] | type[ChatCompletionReply] | MessagesReply) -> Any:

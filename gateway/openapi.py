@@ -402,6 +402,14 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
                 **_errors(*_GENERATION_ERRORS, 501),
             },
         }},
+        "/v1/messages/count_tokens": {"post": {
+            "summary": "Anthropic's token count: the tokens of the prompt a Messages request (max_tokens not "
+            "needed) renders, its usage.input_tokens.",
+            "security": bearer,
+            "requestBody": {"required": True, "content": {_JSON: {"schema": openai.count_tokens_schema}}},
+            "responses": {200: _ok("The count.", rs.AnthropicTokenCountSchema),
+                          **_errors(400, 401, 403, 404, 408, 413, 429, 500, 501, 503)},
+        }},
     }
 
 
@@ -435,6 +443,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
     spec.components.schema("CompletionRequest", schema=openai.completion_schema)
     spec.components.schema("ChatCompletionRequest", schema=openai.chat_schema)
     spec.components.schema("MessagesRequest", schema=openai.messages_schema)
+    spec.components.schema("CountTokensRequest", schema=openai.count_tokens_schema)
     spec.components.schema("Error", schema=rs.ErrorSchema)
     for name, schema in (
         ("GenerateTokenEvent", rs.GenerateTokenEventSchema),

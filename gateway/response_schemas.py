@@ -398,3 +398,7 @@ class AnthropicErrorBodySchema(Schema):
 class AnthropicErrorEventSchema(Schema):
     type = _const("error")
     error = fields.Nested(AnthropicErrorBodySchema, required=True)
+
+
+class AnthropicTokenCountSchema(Schema):
+    input_tokens = _required(fields.Integer, validate=Range(min=0))

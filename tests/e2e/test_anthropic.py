@@ -1,5 +1,5 @@
 """Anthropic's own ``anthropic`` client, unmodified, against the real gateway and Triton (CPU
-model): /v1/messages streamed and not, a prefilled reply, stop sequences, a forced tool, the
+model): /v1/messages streamed and not, its token count, a prefilled reply, stop sequences, a forced tool, the
 key as x-api-key, and the exception class it raises for a 400."""
 
 import anthropic
@@ -30,6 +30,7 @@ def test_a_message_and_its_stream_agree_on_the_real_model(claude):
         final = stream.get_final_message()
     assert text == block.text and final.usage.input_tokens == message.usage.input_tokens
     assert final.usage.output_tokens == message.usage.output_tokens and final.stop_reason == "end_turn"
+    assert claude.messages.count_tokens(model=MODEL, messages=CAPITAL).input_tokens == message.usage.input_tokens
     cut = claude.messages.create(model=MODEL, max_tokens=2, messages=CAPITAL, extra_body=GREEDY)
     assert cut.stop_reason == "max_tokens" and cut.usage.output_tokens == 2
 

@@ -186,6 +186,7 @@ def test_the_key_may_come_as_x_api_key(app):
     ({"max_tokens": 5, "messages": USER, "tools": [{**WEATHER, "name": "bad name"}]}, "tools"),
     ({"max_tokens": 5, "messages": USER, "container": "x"}, "container"),
     ({"max_tokens": 10**9, "messages": USER}, "max_tokens"),
+    ({"max_tokens": 0, "messages": USER}, "max_tokens"),  # Anthropic's cache pre-warming: not offered
     ({"max_tokens": 5, "messages": USER, "model": "other"}, "model"),
 ])
 def test_bad_requests_are_4xx_naming_the_messages_field(app, body, param):
@@ -209,3 +210,20 @@ def test_an_error_after_the_stream_began_is_an_error_event(app):
                                          headers=AUTH))
     assert events[0]["type"] == "message_start" and events[-1]["type"] == "error"
     assert events[-1]["error"]["type"] == "overloaded_error"
+
+
+def test_count_tokens_counts_the_prompt_the_request_renders(app):
+    """/v1/messages/count_tokens (max_tokens not needed): the fake tokenizer gives each character
+    of the rendered prompt an id, so the count is the prompt's length, no special token added."""
+    flask_app, backend, web, spec = app
+    body = {"messages": USER, "system": "Be brief.", "tools": [WEATHER]}
+    client = client_of(flask_app)
+    count = client.messages.count_tokens(model=MODEL, **body)
+    assert web.post("/v1/messages", json={**body, "max_tokens": 5}, headers=AUTH).status_code == 200
+    assert count.input_tokens == len(backend.last_params.prompt)
+    assert backend.tokenizer_calls[-1] == ("tokenize", MODEL, backend.last_params.prompt, False)
+    jsonschema_rs.Draft202012Validator({**spec, "$ref": "#/components/schemas/AnthropicTokenCount"}).validate(
+        {"input_tokens": count.input_tokens})
+    bad = web.post("/v1/messages/count_tokens", json={"messages": [{"role": "robot", "content": "x"}]}, headers=AUTH)
+    assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "messages"
+    assert web.post("/v1/messages/count_tokens", json=body).status_code == 401
