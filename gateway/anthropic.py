@@ -433,7 +433,7 @@ class MessagesReply:
         out.extend(self._close())
         out.append(_event("message_delta", {
             "delta": {"stop_reason": self._stop_reason(reason, stop), "stop_sequence": stop},
-            "usage": {"output_tokens": event.completion_tokens, **_usage(event)}}))
+            "usage": _usage(event)}))
         out.append(_event("message_stop", {}))
         return b"".join(out)
 

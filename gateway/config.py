@@ -154,3 +154,10 @@ def _check(config: Mapping[str, Any]) -> None:
         parse_many(config["DEFAULT_RATE_LIMIT"])  # a bad limit stops start-up, not the first request
     if config["LOG_FORMAT"] not in ("json", "text"):
         raise ValueError(f"gateway config LOG_FORMAT must be 'json' or 'text', got {config['LOG_FORMAT']!r}")
+    from . import reasoning, tool_parsers
+
+    for key, names, unset in (("TOOL_CALL_PARSER", tool_parsers.PARSERS, 'no tool_choice "auto"'),
+                              ("REASONING_PARSER", reasoning.PARSERS, "no reasoning read")):
+        if config.get(key) and config[key] not in names:  # the model's syntaxes this gateway reads
+            raise ValueError(f"gateway config {key} must be one of {', '.join(names)} (or empty: {unset}), "
+                             f"got {config[key]!r}")

@@ -22,8 +22,6 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request
 from .anthropic import CountTokensSchema, MessagesReply, MessagesSchema, messages_param
 from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
-from .reasoning import check_parser as check_reasoning_parser
-from .tool_parsers import check_parser
 from .errors import ClientError
 from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest
 from .openai_replies import ChatCompletionReply, CompletionReply
@@ -59,10 +57,8 @@ def init_app(app: Flask) -> None:
     }
     tokenizer_dir = app.config.get("TOKENIZER_DIR")
     template = ChatTemplate.from_tokenizer_dir(tokenizer_dir) if tokenizer_dir else None
-    parser = app.config.get("TOOL_CALL_PARSER") or None
-    check_parser(parser)
+    parser = app.config.get("TOOL_CALL_PARSER") or None  # names checked by gateway.config
     reasoning = app.config.get("REASONING_PARSER") or None
-    check_reasoning_parser(reasoning)
     app.extensions["trident.openai"] = OpenAIState(
         completion_schema=CompletionSchema(**common),
         chat_schema=ChatCompletionSchema(chat_template=template, tool_call_parser=parser, reasoning_parser=reasoning,
@@ -107,14 +103,17 @@ def retrieve_model(model: str) -> Any:
 @require_api_key
 @rate_limited
 def completions() -> Any:
-    return _answer(load_request(_state().completion_schema, read_json_object(request)), CompletionReply)
+    req = load_request(_state().completion_schema, read_json_object(request))
+    return _answer(req, CompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs))
 
 
 @bp.post("/chat/completions")
 @require_api_key
 @rate_limited
 def chat_completions() -> Any:
-    return _answer(load_request(_state().chat_schema, read_json_object(request)), ChatCompletionReply)
+    req = load_request(_state().chat_schema, read_json_object(request))
+    return _answer(req, ChatCompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
+                                            tool_choice=req.tool_choice, reasoning=req.reasoning))
 
 
 @bp.post("/messages")
@@ -150,16 +149,10 @@ def _messages_request(schema: MessagesSchema) -> OpenAIRequest:
         raise
 
 
-def _answer(req: OpenAIRequest, reply_class: type[CompletionReply] | type[ChatCompletionReply] | MessagesReply) -> Any:
-    """Start the generation and answer it with the reply (a class is built for the request)."""
+def _answer(req: OpenAIRequest, reply: CompletionReply | ChatCompletionReply | MessagesReply) -> Any:
+    """Start the generation and answer it, as JSON or SSE, in ``reply``'s shapes."""
     params = req.params
     g.param_names = req.param_names
-    reply = reply_class
-    if isinstance(reply_class, type):
-        options = {"tool_choice": req.tool_choice} if req.tool_choice is not None else {}
-        if req.reasoning is not None:
-            options["reasoning"] = req.reasoning
-        reply = reply_class(params.model, include_usage=req.include_usage, logprobs=req.logprobs, **options)
     if req.prompts:  # /v1/completions with several prompts (gateway.prompts)
         generation, done = start_prompts(params, req.prompts)
     else:

@@ -29,19 +29,13 @@ from dataclasses import dataclass
 
 from .tool_parsers import partial_start
 
-#: The parsers a deployment may name (REASONING_PARSER): vLLM's names of the <think> syntax.
+#: The parsers a deployment may name (REASONING_PARSER; gateway.config refuses another name):
+#: vLLM's names of the <think> syntax.
 PARSERS = ("deepseek_r1", "qwen3")
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 _SPACE = " \t\r\n"
-
-
-def check_parser(name: str | None) -> None:
-    """A deployment's REASONING_PARSER: None/"" or one of PARSERS (else it does not start)."""
-    if name and name not in PARSERS:
-        raise ValueError(f"REASONING_PARSER must be one of {', '.join(PARSERS)} (or empty: no reasoning read), "
-                         f"got {name!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,4 +96,4 @@ def split_reasoning(text: str) -> tuple[str | None, str | None]:
     return thought or None, (content or None) if reader.thought_ended else None
 
 
-__all__ = ["PARSERS", "Reasoning", "ReasoningReader", "check_parser", "split_reasoning"]
+__all__ = ["PARSERS", "Reasoning", "ReasoningReader", "split_reasoning"]

@@ -47,7 +47,7 @@ import math
 from collections.abc import Callable, Collection
 from typing import Any
 
-#: The parsers a deployment may name (TOOL_CALL_PARSER).
+#: The parsers a deployment may name (TOOL_CALL_PARSER; gateway.config refuses another name).
 PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 #: Parsers whose call marker is a special token: the text must keep special tokens.
 KEEP_SPECIAL_TOKENS = frozenset({"mistral"})
@@ -59,13 +59,6 @@ MISTRAL_ARGS = "[ARGS]"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")  # OpenAI's function names
 PYTHON_TAG = "<|python_tag|>"  # Llama 3's token before a call (special: usually not in the text)
 _SPACE = " \t\r\n"
-
-
-def check_parser(name: str | None) -> None:
-    """A deployment's TOOL_CALL_PARSER: None/"" or one of PARSERS (else it does not start)."""
-    if name and name not in PARSERS:
-        raise ValueError(f"TOOL_CALL_PARSER must be one of {', '.join(PARSERS)} (or empty: no tool_choice "
-                         f'"auto"), got {name!r}')
 
 
 class SyntaxReader:
@@ -485,4 +478,4 @@ def split_calls(parser: str, text: str, names: Collection[str], new_id: Callable
 
 
 __all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "HermesCalls", "Llama3JsonCalls", "MistralCalls", "PythonicCalls",
-           "SyntaxReader", "call_reader", "check_parser", "partial_start", "split_calls"]
+           "SyntaxReader", "call_reader", "partial_start", "split_calls"]

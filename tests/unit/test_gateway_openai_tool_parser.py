@@ -14,7 +14,7 @@ from test_gateway_openai import backend, client  # noqa: F401 (fixtures)
 from test_gateway_openai_tools import NAMED, TOOLS_TEMPLATE, chat, check_response, says, streamed_chunks
 
 from gateway.backend import ChoiceEnd, TextDelta
-from gateway.tool_parsers import PARSERS, call_reader, check_parser, split_calls
+from gateway.tool_parsers import PARSERS, call_reader, split_calls
 
 NAMES = ("get_weather", "noop")
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -180,13 +180,12 @@ def test_content_is_handed_out_as_soon_as_it_cannot_start_a_call_and_calls_once_
 
 
 def test_a_parser_the_gateway_does_not_have_stops_it_from_starting(tmp_path):
-    check_parser(None)
-    for name in ("hermes", "llama3_json", "mistral", "pythonic"):
-        check_parser(name)
+    for name in (None, "", "hermes", "llama3_json", "mistral", "pythonic"):
+        make_openai_app(tmp_path / str(name), {"TOOL_CALL_PARSER": name})
     with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of hermes, llama3_json, mistral, pythonic"):
-        check_parser("mistral_v3")
+        make_openai_app(tmp_path / "bad", {"TOOL_CALL_PARSER": "mistral_v3"})
     with pytest.raises(ValueError, match="TOOL_CALL_PARSER"):
-        make_openai_app(tmp_path, {"TOOL_CALL_PARSER": "llama4"})
+        make_openai_app(tmp_path / "worse", {"TOOL_CALL_PARSER": "llama4"})
 
 
 # -- through the app -----------------------------------------------------------------------------
