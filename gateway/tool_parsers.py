@@ -33,6 +33,13 @@ of calls with keyword arguments, ``[get_weather(city="Paris"), noop()]``, the wh
 values are literals (strings, numbers, True/False/None, lists and dicts of them). A reply that
 is not such a list is text.
 
+``qwen3_coder``: Qwen3-Coder writes each call in a ``<tool_call>`` block (as hermes) in XML:
+``<function=get_weather>``, a ``<parameter=city>`` ... ``</parameter>`` per argument (one newline
+next to each end of a value is layout), ``</function>``. A value is text; the parameter's type
+in the tool's schema says which JSON value it is (vLLM's qwen3_coder rules), and text that is
+not one of that type stays a string. A reply that ends after ``</function>`` without
+``</tool_call>`` made that call (models stop there; vLLM reads it so too).
+
 Each reader takes a choice's text as it grows (streams): it hands out content as soon as it
 cannot belong to a call, and each call once it is complete (``pythonic``'s once the reply ends:
 only the whole text tells). The same reader gives a whole reply, so a stream and a reply of the
@@ -44,11 +51,11 @@ from __future__ import annotations
 import ast
 import json
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 #: The parsers a deployment may name (TOOL_CALL_PARSER; gateway.config refuses another name).
-PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder")
 #: Parsers whose call marker is a special token: the text must keep special tokens.
 KEEP_SPECIAL_TOKENS = frozenset({"mistral"})
 
@@ -57,6 +64,10 @@ HERMES_CLOSE = "</tool_call>"
 MISTRAL_CALLS = "[TOOL_CALLS]"
 MISTRAL_ARGS = "[ARGS]"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")  # OpenAI's function names
+QWEN_FUNCTION, QWEN_FUNCTION_END = "<function=", "</function>"
+QWEN_PARAMETER, QWEN_PARAMETER_END = "<parameter=", "</parameter>"
+#: parameter types whose text is the value (vLLM's qwen3_coder list)
+STRING_TYPES = frozenset({"string", "str", "text", "varchar", "char", "enum"})
 PYTHON_TAG = "<|python_tag|>"  # Llama 3's token before a call (special: usually not in the text)
 _SPACE = " \t\r\n"
 
@@ -71,6 +82,8 @@ class SyntaxReader:
 
     def __init__(self, names: Collection[str], new_id: Callable[[], str], *, most: int | None = None) -> None:
         self._names = frozenset(names)
+        # each function's declared parameter types, where ``names`` maps names to them (qwen3_coder reads them)
+        self._types: Mapping[str, Mapping[str, str]] = names if isinstance(names, Mapping) else {}
         self._most = most  # calls beyond this many are left out (parallel_tool_calls: false keeps one)
         self._new_id = new_id
         self.calls = 0
@@ -113,6 +126,9 @@ class SyntaxReader:
 class HermesCalls(SyntaxReader):
     """``hermes``: calls in ``<tool_call>`` blocks anywhere in the text."""
 
+    #: a block the text ends in without its ``</tool_call>`` is read as a call too
+    UNCLOSED_CALLS = False
+
     def __init__(self, names: Collection[str], new_id: Callable[[], str], *, most: int | None = None) -> None:
         super().__init__(names, new_id, most=most)
         self._buf = ""  # text not handed out yet
@@ -133,7 +149,7 @@ class HermesCalls(SyntaxReader):
                     break
                 body, self._buf = self._buf[:end], self._buf[end + len(HERMES_CLOSE):]
                 self._inside, self._searched = False, 0
-                call = self._call(_json(body))
+                call = self._block_call(body)
                 if call is None:  # not a call of a declared function: it stays text
                     content.append(self._space + HERMES_OPEN + body + HERMES_CLOSE)
                     self._after_block = False
@@ -154,13 +170,103 @@ class HermesCalls(SyntaxReader):
             self._space, self._inside = space, True
         return "".join(content), calls
 
+    def _block_call(self, body: str) -> dict[str, Any] | None:
+        """The call a block's inside writes, or None (the block stays text)."""
+        return self._call(_json(body))
+
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """The end of the text: what is held back is content (an unclosed block too)."""
+        """The end of the text: what is held back is content (an unclosed block too, unless the
+        syntax's call closes itself: ``UNCLOSED_CALLS``)."""
+        if self._inside and self.UNCLOSED_CALLS and (call := self._block_call(self._buf)) is not None:
+            self._buf, self._inside = "", False
+            return "", [call] if self._kept(call) else []
         tail = (self._space + HERMES_OPEN if self._inside else "") + self._buf
         if self._after_block:
             tail = tail.lstrip(_SPACE)
         self._buf, self._inside = "", False
         return tail, []
+
+
+class Qwen3CoderCalls(HermesCalls):
+    """``qwen3_coder``: calls in ``<tool_call>`` blocks, as hermes, each written in XML:
+    ``<function=NAME>``, its ``<parameter=KEY>value</parameter>``s, ``</function>``. The function
+    element closes the call: a reply that ends after it without ``</tool_call>`` (models do
+    stop there) made the call, as vLLM reads it."""
+
+    UNCLOSED_CALLS = True
+
+    def _block_call(self, body: str) -> dict[str, Any] | None:
+        parsed = _xml_call(body.strip(_SPACE))
+        if parsed is None or parsed[0] not in self._names:
+            return None
+        name, raw = parsed
+        types = self._types.get(name) or {}
+        return self._make(name, {key: _typed(value, types.get(key)) for key, value in raw.items()})
+
+
+def _xml_call(text: str) -> tuple[str, dict[str, str]] | None:
+    """``<function=NAME>`` + parameters + ``</function>`` as the name and each parameter's text
+    (one newline next to each end of a value is the layout, not the value); None for any other
+    text. A parameter's ``</parameter>`` may be missing before the next one or the end."""
+    if not text.startswith(QWEN_FUNCTION) or not text.endswith(QWEN_FUNCTION_END):
+        return None
+    text = text[len(QWEN_FUNCTION):-len(QWEN_FUNCTION_END)]
+    head = text.find(">")
+    name = text[:head]
+    if head <= 0 or "\n" in name or "<" in name:
+        return None
+    rest, values = text[head + 1:].lstrip(_SPACE), {}
+    while rest:
+        if not rest.startswith(QWEN_PARAMETER):
+            return None
+        rest = rest[len(QWEN_PARAMETER):]
+        head = rest.find(">")
+        key = rest[:head]
+        if head <= 0 or "\n" in key or "<" in key:
+            return None
+        rest = rest[head + 1:]
+        close, following = rest.find(QWEN_PARAMETER_END), rest.find(QWEN_PARAMETER)
+        if close >= 0 and (following < 0 or close < following):
+            value, rest = rest[:close], rest[close + len(QWEN_PARAMETER_END):]
+        elif following >= 0:
+            value, rest = rest[:following], rest[following:]
+        else:
+            value, rest = rest, ""
+        value = value[1:] if value.startswith("\n") else value
+        values[key] = value[:-1] if value.endswith("\n") else value
+        rest = rest.lstrip(_SPACE)
+    return name, values
+
+
+def _typed(value: str, kind: str | None) -> Any:
+    """A parameter's text as the JSON value its declared type (gateway.tools.parameter_types)
+    asks for, as vLLM's qwen3_coder reads it: ``null`` is null; a string type (or an undeclared
+    parameter) keeps the text; an integer, a number, a boolean, an object or an array is read
+    as one where the text is one (a number that is a whole number as an integer; an object or
+    array also as a Python literal), and is kept as text where it is not."""
+    if value.lower() == "null":
+        return None
+    if kind is None or kind in STRING_TYPES:
+        return value
+    try:
+        if kind.startswith(("int", "uint", "long", "short", "unsigned")):
+            return int(value)
+        if kind.startswith(("num", "float", "double")):
+            number = float(value)
+            if not math.isfinite(number):
+                return value
+            return int(number) if number.is_integer() else number
+    except ValueError:
+        return value
+    if kind in ("boolean", "bool", "binary"):
+        return {"true": True, "false": False}.get(value.strip(_SPACE).lower(), value)
+    read = _json(value) if kind in ("object", "array", "arr") or kind.startswith(("dict", "list")) else None
+    if read is None:
+        try:
+            read = _literal(ast.parse(value.strip(_SPACE), mode="eval").body)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return value
+    return read
 
 
 class Llama3JsonCalls(SyntaxReader):
@@ -424,10 +530,16 @@ def _literal(node: ast.expr) -> Any:
 
 
 def _json(text: str) -> Any:
+    """The JSON value of a text, or None (NaN and Infinity are not JSON: json.dumps would write
+    them back as invalid JSON)."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _until_marker(text: str, marker: str) -> tuple[str, str, str, bool]:
@@ -454,7 +566,8 @@ def partial_start(text: str, token: str) -> int:
 
 
 _READERS: dict[str, type[SyntaxReader]] = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls,
-                                         "mistral": MistralCalls, "pythonic": PythonicCalls}
+                                         "mistral": MistralCalls, "pythonic": PythonicCalls,
+                                         "qwen3_coder": Qwen3CoderCalls}
 
 
 def call_reader(parser: str, names: Collection[str], new_id: Callable[[], str], *,
@@ -478,4 +591,4 @@ def split_calls(parser: str, text: str, names: Collection[str], new_id: Callable
 
 
 __all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "HermesCalls", "Llama3JsonCalls", "MistralCalls", "PythonicCalls",
-           "SyntaxReader", "call_reader", "partial_start", "split_calls"]
+           "Qwen3CoderCalls", "SyntaxReader", "call_reader", "partial_start", "split_calls"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from marshmallow import ValidationError, post_load
@@ -129,11 +129,12 @@ class ToolCallSchema(StrictSchema):
 @dataclass(frozen=True, slots=True)
 class ToolChoice:
     """``tool_choice``: ``mode`` is "none", "auto", "required" or "function" (with ``name``);
-    for "auto", ``names`` are the declared functions, which the model may call."""
+    for "auto", ``names`` are the declared functions, which the model may call, each with its
+    parameters' declared types (:func:`parameter_types`)."""
 
     mode: str
     name: str | None = None
-    names: tuple[str, ...] = ()
+    names: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     parallel: bool = True  # "auto": false keeps the first call only
     parser: str | None = None  # "auto": the syntax the model writes its calls in (gateway.tool_parsers)
 
@@ -186,7 +187,8 @@ def tool_choice_of(tools: Sequence[Mapping[str, Any]] | None, choice: ToolChoice
     names = [tool["function"]["name"] for tool in tools]
     if mode == "auto":
         if parser:
-            return ToolChoice("auto", names=tuple(names), parser=parser)
+            return ToolChoice("auto", names={tool["function"]["name"]: parameter_types(tool["function"].get("parameters"))
+                                             for tool in tools}, parser=parser)
         raise ValidationError(
             'tool_choice "auto" (the default when tools are given) is not supported: this deployment names no '
             "parser of the model's own tool-call syntax (TOOL_CALL_PARSER). Send \"required\", a named function "
@@ -195,6 +197,21 @@ def tool_choice_of(tools: Sequence[Mapping[str, Any]] | None, choice: ToolChoice
         raise ValidationError(f"tool_choice names function {json.dumps(choice.name)}, which is not in tools",
                               field_name="tool_choice")
     return ToolChoice(mode, choice.name if choice is not None else None)
+
+
+def parameter_types(parameters: Any) -> dict[str, str]:
+    """The declared type of each property of a function's parameters schema, lower-cased (of
+    ``["integer", "null"]``, the first that is not null; "string" where none is declared)."""
+    properties = parameters.get("properties") if isinstance(parameters, Mapping) else None
+    if not isinstance(properties, Mapping):
+        return {}
+    types = {}
+    for key, schema in properties.items():
+        kind = schema.get("type") if isinstance(schema, Mapping) else None
+        if isinstance(kind, list):
+            kind = next((k for k in kind if isinstance(k, str) and k != "null"), None)
+        types[key] = kind.strip().lower() if isinstance(kind, str) else "string"
+    return types
 
 
 def check_unique_names(tools: Sequence[Mapping[str, Any]]) -> None:

@@ -252,7 +252,7 @@ def test_forced_tool_calls_follow_the_functions_parameters(oai, tool_choice):
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
 
 
-@pytest.fixture(scope="module", params=["hermes", "llama3_json", "mistral", "pythonic"])
+@pytest.fixture(scope="module", params=["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"])
 def parser_gateway(request, triton, tmp_path_factory):
     """A gateway that reads one tool-call syntax (TOOL_CALL_PARSER: tool_choice "auto")."""
     gw = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_TOOL_CALL_PARSER": request.param})
@@ -272,6 +272,9 @@ def call_turn(parser: str, city: str) -> list[dict]:
         answer = json.dumps({"name": "get_weather", "parameters": {"city": city, "unit": "celsius"}})
     elif parser == "mistral":  # SmolLM2 has no [TOOL_CALLS] token: the marker is plain text here
         answer = "[TOOL_CALLS]" + json.dumps([{"name": "get_weather", "arguments": {"city": city, "unit": "celsius"}}])
+    elif parser == "qwen3_coder":
+        answer = (f"<tool_call>\n<function=get_weather>\n<parameter=city>\n{city}\n</parameter>\n"
+                  "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>")
     else:
         answer = f'[get_weather(city="{city}", unit="celsius")]'
     return [{"role": "user", "content": f"What is the weather in {city}?"}, {"role": "assistant", "content": answer}]

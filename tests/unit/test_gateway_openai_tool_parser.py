@@ -1,6 +1,6 @@
-"""tool_choice "auto" (gateway.tool_parsers): the hermes, llama3_json and pythonic syntaxes read
-out of a choice's text, as a whole and in pieces of every size, and through the app with
-TOOL_CALL_PARSER (fake backend; replies checked against the app's own /openapi.json)."""
+"""tool_choice "auto" (gateway.tool_parsers): the hermes, llama3_json, mistral, pythonic and
+qwen3_coder syntaxes read out of a choice's text, as a whole and in pieces of every size, and
+through the app with TOOL_CALL_PARSER (fake backend; replies checked against the app's own /openapi.json)."""
 
 from __future__ import annotations
 
@@ -123,8 +123,38 @@ MISTRAL_CASES = [
     ("[TOOL_CALL", "[TOOL_CALL", []),
     ("  ", "  ", []),
 ]
+QWEN = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
+QWEN_NOOP = "<tool_call>\n<function=noop>\n</function>\n</tool_call>"
+QWEN_CASES = [
+    ("The weather is fine.", "The weather is fine.", []),
+    (QWEN, None, [("get_weather", {"city": "Paris"})]),
+    ("Let me look.\n\n" + QWEN + "\n" + QWEN_NOOP + "\nDone.", "Let me look.Done.",
+     [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    # one newline next to each end of a value is layout; the rest of it is the value, markup too
+    ("<tool_call><function=get_weather><parameter=city>\n\n a <b>\n</x>\n\n</parameter></function></tool_call>", None,
+     [("get_weather", {"city": "\n a <b>\n</x>\n"})]),
+    # a missing </parameter> ends at the next parameter or at </function>; the last value wins
+    ("<tool_call><function=get_weather><parameter=city>Oslo<parameter=unit>c\n</function></tool_call>", None,
+     [("get_weather", {"city": "Oslo", "unit": "c"})]),
+    ("<tool_call><function=get_weather><parameter=city>A</parameter><parameter=city>B</parameter></function>"
+     "</tool_call>", None, [("get_weather", {"city": "B"})]),
+    # not calls of a declared function in this syntax: they stay text, as does a block never closed
+    ("a <tool_call><function=rm_rf></function></tool_call>", "a <tool_call><function=rm_rf></function></tool_call>", []),
+    ("a " + CALL, "a " + CALL, []),  # hermes's JSON is not this syntax
+    ("<tool_call><function=noop>x</function></tool_call>", "<tool_call><function=noop>x</function></tool_call>", []),
+    ("<tool_call><function=noop></tool_call>", "<tool_call><function=noop></tool_call>", []),
+    ("<tool_call><function=get_weather><parameter=>x</parameter></function></tool_call>",
+     "<tool_call><function=get_weather><parameter=>x</parameter></function></tool_call>", []),
+    ("ok <tool_call>\n<function=get_weather>\n<parameter=ci", "ok <tool_call>\n<function=get_weather>\n<parameter=ci", []),
+    # a reply that ends after </function> made the call (models stop there); hermes's blocks must close
+    ("ok " + QWEN[:-len("</tool_call>")], "ok", [("get_weather", {"city": "Paris"})]),
+    (QWEN_NOOP + QWEN[:-len("\n</tool_call>")], None, [("noop", {}), ("get_weather", {"city": "Paris"})]),
+    ("<tool_call><function=noop></function> and more", "<tool_call><function=noop></function> and more", []),
+    ("  ", "  ", []),
+]
 SYNTAX_CASES = ([("hermes", *case) for case in CASES] + [("llama3_json", *case) for case in LLAMA_CASES]
-                + [("mistral", *case) for case in MISTRAL_CASES] + [("pythonic", *case) for case in PYTHONIC_CASES])
+                + [("mistral", *case) for case in MISTRAL_CASES] + [("pythonic", *case) for case in PYTHONIC_CASES]
+                + [("qwen3_coder", *case) for case in QWEN_CASES])
 
 
 @pytest.mark.parametrize(("parser", "text", "content", "calls"), SYNTAX_CASES)
@@ -164,10 +194,46 @@ def test_pythonic_holds_a_list_to_the_end_and_hands_out_other_text_at_once():
 @pytest.mark.parametrize("parser", PARSERS)
 def test_parallel_tool_calls_false_keeps_the_first_call_in_every_syntax(parser):
     text = {"hermes": CALL + NOOP, "llama3_json": LLAMA + '; {"name": "noop", "parameters": {}}',
-            "pythonic": '[get_weather(city="Paris"), noop()]', "mistral": MISTRAL}[parser]
+            "pythonic": '[get_weather(city="Paris"), noop()]', "mistral": MISTRAL, "qwen3_coder": QWEN + QWEN_NOOP}[parser]
     content, calls = split_calls(parser, text, NAMES, ids(), most=1)
     assert content is None and names_and_arguments(calls) == [("get_weather", {"city": "Paris"})]
     assert names_and_arguments(pieces(text, 5, most=1, parser=parser)[1]) == [("get_weather", {"city": "Paris"})]
+
+
+TYPED = {"get_weather": {"city": "string", "days": "integer", "scale": "number", "metric": "boolean",
+                         "options": "object", "hours": "array", "extra": "any"}, "noop": {}}
+
+
+@pytest.mark.parametrize(("parameter", "text", "value"), [
+    ("city", "42", "42"), ("city", "null", None), ("city", " x ", " x "), ("undeclared", "42", "42"),
+    ("days", "3", 3), ("days", "-3", -3), ("days", "3.5", "3.5"), ("days", "three", "three"),
+    ("scale", "2.5", 2.5), ("scale", "2.0", 2), ("scale", "1e999", "1e999"), ("scale", "nan", "nan"),
+    ("metric", "True", True), ("metric", "false", False), ("metric", "yes", "yes"),
+    ("options", '{"a": [1, null]}', {"a": [1, None]}), ("options", "{'a': (1, None)}", {"a": [1, None]}),
+    ("options", '{"a": NaN}', '{"a": NaN}'), ("options", "{'a': print}", "{'a': print}"),
+    ("hours", "[1, 2]", [1, 2]), ("hours", "[1,", "[1,"), ("extra", "[true]", "[true]"), ("extra", "[True]", [True]),
+])
+def test_qwen3_coder_reads_each_value_as_its_declared_type_and_keeps_the_text_where_it_is_not_one(parameter, text,
+                                                                                                    value):
+    """As vLLM's qwen3_coder: the tool's schema says what a parameter's text is (the arguments
+    stay valid JSON: no NaN, no Python objects)."""
+    block = f"<tool_call>\n<function=get_weather>\n<parameter={parameter}>\n{text}\n</parameter>\n</function>\n</tool_call>"
+    content, calls = split_calls("qwen3_coder", block, TYPED, ids())
+    assert content is None and names_and_arguments(calls) == [("get_weather", {parameter: value})]
+    assert json.loads(calls[0]["function"]["arguments"], parse_constant=lambda name: pytest.fail(name))
+
+
+def test_arguments_that_are_not_strict_json_are_not_a_call():
+    text = '<tool_call>{"name": "get_weather", "arguments": {"days": NaN}}</tool_call>'
+    assert split_calls("hermes", text, NAMES, ids()) == (text, [])
+
+
+def test_the_types_a_reader_gets_are_the_tools_declared_ones():
+    from gateway.tools import parameter_types
+    assert parameter_types({"type": "object", "properties": {
+        "a": {"type": "Integer"}, "b": {"type": ["null", "number"]}, "c": {"enum": [1, 2]}, "d": True}}) == {
+        "a": "integer", "b": "number", "c": "string", "d": "string"}
+    assert parameter_types(None) == parameter_types({"type": "object"}) == {}
 
 
 def test_content_is_handed_out_as_soon_as_it_cannot_start_a_call_and_calls_once_closed():
@@ -180,9 +246,10 @@ def test_content_is_handed_out_as_soon_as_it_cannot_start_a_call_and_calls_once_
 
 
 def test_a_parser_the_gateway_does_not_have_stops_it_from_starting(tmp_path):
-    for name in (None, "", "hermes", "llama3_json", "mistral", "pythonic"):
+    for name in (None, "", "hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"):
         make_openai_app(tmp_path / str(name), {"TOOL_CALL_PARSER": name})
-    with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of hermes, llama3_json, mistral, pythonic"):
+    with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of hermes, llama3_json, mistral, pythonic, "
+                                         "qwen3_coder"):
         make_openai_app(tmp_path / "bad", {"TOOL_CALL_PARSER": "mistral_v3"})
     with pytest.raises(ValueError, match="TOOL_CALL_PARSER"):
         make_openai_app(tmp_path / "worse", {"TOOL_CALL_PARSER": "llama4"})
@@ -293,10 +360,12 @@ def test_each_choice_of_an_auto_reply_has_its_own_calls(client, backend, spec):
 LLAMA_SPOKEN = ['{"name": "get_weather", ', '"parameters": {"city": "Paris"}}', '; {"name": "noop", "parameters": {}}']
 PYTHONIC_SPOKEN = ["[get_weather(", "city='Paris'), ", "noop()]"]
 MISTRAL_SPOKEN = ["[TOOL_CALLS]get_", 'weather{"city": "Paris"}', "[TOOL_CALLS]noop{}"]
+QWEN_SPOKEN = ["<tool_call>\n<function=get_", "weather>\n<parameter=city>\nPar", "is\n</parameter>\n</function>\n</tool_call>",
+               "\n" + QWEN_NOOP]
 
 
 @pytest.mark.parametrize(("parser", "spoken"), [("llama3_json", LLAMA_SPOKEN), ("pythonic", PYTHONIC_SPOKEN),
-                                                ("mistral", MISTRAL_SPOKEN)])
+                                                ("mistral", MISTRAL_SPOKEN), ("qwen3_coder", QWEN_SPOKEN)])
 def test_each_syntax_answers_calls_whole_and_streamed_through_the_app(tmp_path, parser, spoken):
     """The deployment's TOOL_CALL_PARSER picks the syntax: the same reply, whole and streamed,
     is the two calls with finish_reason tool_calls; the other syntaxes' text stays content."""
