@@ -34,7 +34,10 @@ The reply: ``content`` blocks (``thinking``, ``text``, ``tool_use``), ``stop_rea
 (``text_delta``, ``thinking_delta``, ``input_json_delta``) and ``content_block_stop``, then
 ``message_delta`` (the stop reason and the usage, ``input_tokens`` included: they are known only
 at the end) and ``message_stop``; a failure after the stream began is ``event: error``. Errors
-before it are the gateway's JSON envelope, as on every endpoint.
+are Anthropic's shape, ``{"type": "error", "error": {"type", "message", "param"}, "request_id"}``
+(its error types: ``invalid_request_error``, ``authentication_error``, ``rate_limit_error``,
+``overloaded_error`` for a 503...), from the key check on, and each answer carries Anthropic's
+``request-id`` header (the gateway's X-Request-ID), which the SDK reads.
 
 ``POST /v1/messages/count_tokens`` answers ``{"input_tokens": n}``: the tokens of the prompt the
 same request (without ``max_tokens``) renders, which its ``usage.input_tokens`` would be.
@@ -439,10 +442,7 @@ class MessagesReply:
 
     def error(self, error: ApiError) -> bytes:
         """A failure after the stream began (SSEBody's ``encode_error``)."""
-        kind = "overloaded_error" if error.status == 503 else \
-            "invalid_request_error" if 400 <= error.status < 500 else "api_error"
-        return (b"" if self._started else self._start()) + _event("error", {"error": {"type": kind,
-                                                                                      "message": error.message}})
+        return (b"" if self._started else self._start()) + _event("error", {"error": error_object(error)})
 
     def _start(self) -> bytes:
         self._started = True
@@ -490,6 +490,28 @@ class MessagesReply:
         return [_event("content_block_stop", {"index": index})]
 
 
+#: Anthropic's error ``type`` by status; other 4xx are ``invalid_request_error``, other 5xx ``api_error``
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+               503: "overloaded_error", 504: "timeout_error"}
+
+
+def error_object(error: ApiError) -> dict[str, Any]:
+    """An error as Anthropic's error object: its ``type`` and ``message``, and the field it names
+    (``param``, the gateway's, where there is one: Anthropic's objects may carry more fields)."""
+    kind = ERROR_TYPES.get(error.status) or ("invalid_request_error" if error.status < 500 else "api_error")
+    out = {"type": kind, "message": error.message}
+    if error.param is not None:
+        out["param"] = error.param
+    return out
+
+
+def error_body(error: ApiError, request_id: str) -> dict[str, Any]:
+    """The body of an error answered on Anthropic's paths, in Anthropic's shape (gateway.errors'
+    ``register_error_body``)."""
+    return {"type": "error", "error": error_object(error), "request_id": request_id}
+
+
 def _event(name: str, data: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: {json.dumps({'type': name, **data}, ensure_ascii=False)}\n\n".encode("utf-8")
 
@@ -510,4 +532,5 @@ def _usage(finished: Finished) -> dict[str, int]:
     return usage
 
 
-__all__ = ["BlockContent", "CountTokensSchema", "MessagesReply", "MessagesSchema", "SystemPrompt", "messages_param"]
+__all__ = ["ERROR_TYPES", "BlockContent", "CountTokensSchema", "MessagesReply", "MessagesSchema", "SystemPrompt",
+           "error_body", "error_object", "messages_param"]

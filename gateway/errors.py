@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -132,8 +132,22 @@ def internal_error(request_id: str) -> ServerError:
     )
 
 
+#: ``app.extensions`` key of the error bodies of other APIs the gateway serves (their paths' prefix
+#: -> the body of an error there): :func:`register_error_body`
+ERROR_BODIES = "trident.error_bodies"
+
+
+def register_error_body(app: Flask, prefix: str, body: Callable[[ApiError, str], dict[str, Any]]) -> None:
+    """Errors on paths under ``prefix`` take ``body(error, request_id)`` instead of the contract's
+    envelope: an API of another vendor's shape (Anthropic's, gateway.anthropic) answers its
+    clients' errors in that vendor's shape, from the key check to the rate limit."""
+    app.extensions.setdefault(ERROR_BODIES, {})[prefix] = body
+
+
 def envelope(error: ApiError) -> Response:
-    response = jsonify({"error": error.to_dict()})
+    bodies = current_app.extensions.get(ERROR_BODIES) or {}
+    shape = next((body for prefix, body in bodies.items() if request.path.startswith(prefix)), None)
+    response = jsonify(shape(error, g.get("request_id") or "-") if shape else {"error": error.to_dict()})
     response.status_code = error.status
     for name, value in error.headers.items():
         response.headers[name] = value

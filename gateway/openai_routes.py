@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Flask, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from .anthropic import CountTokensSchema, MessagesReply, MessagesSchema, messages_param
+from .anthropic import CountTokensSchema, MessagesReply, MessagesSchema, error_body, messages_param
 from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
-from .errors import ClientError
+from .errors import ClientError, register_error_body
 from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest
 from .openai_replies import ChatCompletionReply, CompletionReply
 from .prompts import best_per_prompt, start_prompts
@@ -69,6 +69,18 @@ def init_app(app: Flask) -> None:
         created=int(time.time()),
     )
     app.register_blueprint(bp)
+    register_error_body(app, MESSAGES_PATH, error_body)  # Anthropic's clients get Anthropic's errors
+    app.after_request(_anthropic_request_id)
+
+
+MESSAGES_PATH = "/v1/messages"
+
+
+def _anthropic_request_id(response: Response) -> Response:
+    """Anthropic's ``request-id`` header (its SDK's ``_request_id``) on its paths' answers."""
+    if request.path.startswith(MESSAGES_PATH):
+        response.headers["request-id"] = g.get("request_id") or "-"
+    return response
 
 
 def _state() -> OpenAIState:

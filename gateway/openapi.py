@@ -244,12 +244,12 @@ _HEADER_COMPONENTS = {"request_id": "RequestId", "retry_after": "RetryAfter", "s
                       "www_authenticate": "WWWAuthenticate", "ratelimit": "RateLimit"}
 
 
-def _errors(*statuses: int) -> dict[int, Any]:
+def _errors(*statuses: int, schema: Any = rs.ErrorSchema) -> dict[int, Any]:
     return {
         status: {
             "description": _ERRORS[status][0],
             "headers": _headers(_ERRORS[status][1]),
-            "content": {_JSON: {"schema": rs.ErrorSchema}},
+            "content": {_JSON: {"schema": schema}},
         }
         for status in statuses
     }
@@ -399,7 +399,7 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
             "requestBody": {"required": True, "content": {_JSON: {"schema": openai.messages_schema}}},
             "responses": {
                 200: _ok("The message.", rs.AnthropicMessageResponseSchema, stream=message_events),
-                **_errors(*_GENERATION_ERRORS, 501),
+                **_errors(*_GENERATION_ERRORS, 501, schema=rs.AnthropicErrorResponseSchema),
             },
         }},
         "/v1/messages/count_tokens": {"post": {
@@ -408,7 +408,8 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
             "security": bearer,
             "requestBody": {"required": True, "content": {_JSON: {"schema": openai.count_tokens_schema}}},
             "responses": {200: _ok("The count.", rs.AnthropicTokenCountSchema),
-                          **_errors(400, 401, 403, 404, 408, 413, 429, 500, 501, 503)},
+                          **_errors(400, 401, 403, 404, 408, 413, 429, 500, 501, 503,
+                                    schema=rs.AnthropicErrorResponseSchema)},
         }},
     }
 
@@ -457,6 +458,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
         ("AnthropicMessageDelta", rs.AnthropicMessageDeltaSchema),
         ("AnthropicMessageStop", rs.AnthropicMessageStopSchema),
         ("AnthropicErrorEvent", rs.AnthropicErrorEventSchema),
+        ("AnthropicError", rs.AnthropicErrorResponseSchema),
     ):
         spec.components.schema(name, schema=schema)
     registered = _registered(app)

@@ -10,6 +10,7 @@ from marshmallow import Schema, fields
 from marshmallow.validate import Equal, Length, OneOf, Range
 
 from trident.contract import FINISH_REASONS, MAX_CHOICES
+from .anthropic import ERROR_TYPES as ANTHROPIC_ERROR_TYPES
 from .errors import ERROR_TYPES
 from .openai_fields import MAX_PROMPTS
 
@@ -391,8 +392,19 @@ class AnthropicMessageStopSchema(Schema):
 
 
 class AnthropicErrorBodySchema(Schema):
-    type = _required(fields.String, validate=OneOf(["invalid_request_error", "overloaded_error", "api_error"]))
+    type = _required(fields.String, validate=OneOf(sorted(set(ANTHROPIC_ERROR_TYPES.values()) | {"api_error"})))
     message = _required(fields.String)
+    param = fields.String(metadata={"description": "The request's field the error is about, where there is one "
+                                                   "(the gateway's addition)."})
+
+
+class AnthropicErrorResponseSchema(Schema):
+    """An error on /v1/messages*: Anthropic's shape."""
+
+    type = _const("error")
+    error = fields.Nested(AnthropicErrorBodySchema, required=True)
+    request_id = _required(fields.String, metadata={"description": "The request's id (also its request-id and "
+                                                                   "X-Request-ID headers)."})
 
 
 class AnthropicErrorEventSchema(Schema):

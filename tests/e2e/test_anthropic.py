@@ -1,6 +1,6 @@
 """Anthropic's own ``anthropic`` client, unmodified, against the real gateway and Triton (CPU
 model): /v1/messages streamed and not, its token count, a prefilled reply, stop sequences, a forced tool, the
-key as x-api-key, and the exception class it raises for a 400."""
+key as x-api-key, and the exception class it raises for a 400 or a 401 (Anthropic's error shape)."""
 
 import anthropic
 import pytest
@@ -64,6 +64,12 @@ def test_bad_requests_raise_the_clients_exception(claude):
     with pytest.raises(anthropic.BadRequestError) as caught:
         claude.messages.create(model=MODEL, max_tokens=8, messages=CAPITAL, extra_body={"temperature": 1.5})
     assert caught.value.status_code == 400 and caught.value.body["error"]["param"] == "temperature"
-    with pytest.raises(anthropic.AuthenticationError):
+    # Anthropic's error shape and request id, through the real gateway under gunicorn
+    assert caught.value.body["type"] == "error" and caught.value.body["error"]["type"] == "invalid_request_error"
+    assert caught.value.request_id and caught.value.body["request_id"] == caught.value.request_id
+    with pytest.raises(anthropic.AuthenticationError) as caught:
         anthropic.Anthropic(base_url=claude.base_url, api_key="wrong", max_retries=0).messages.create(
             model=MODEL, max_tokens=8, messages=CAPITAL)
+    assert caught.value.body["error"]["type"] == "authentication_error"
+    message = claude.messages.create(model=MODEL, max_tokens=2, messages=CAPITAL)
+    assert message._request_id  # the request-id header, which the client reads

@@ -195,6 +195,58 @@ def test_bad_requests_are_4xx_naming_the_messages_field(app, body, param):
     assert 400 <= response.status_code < 500 and response.get_json()["error"]["param"] == param, response.get_json()
 
 
+def check_error(spec, response, status, kind):
+    """An error on Anthropic's paths: Anthropic's shape (checked against the document), its type
+    for the status, the request id in the body and in Anthropic's request-id header."""
+    body = response.get_json()
+    assert response.status_code == status, body
+    jsonschema_rs.Draft202012Validator({**spec, "$ref": "#/components/schemas/AnthropicError"}).validate(body)
+    assert body["type"] == "error" and body["error"]["type"] == kind and body["error"]["message"]
+    assert body["request_id"] == response.headers["request-id"] == response.headers["X-Request-ID"]
+    return body
+
+
+def test_errors_are_anthropics_shape_from_the_key_check_to_the_rate_limit(tmp_path):
+    """What the anthropic client raises, and what agent tools print (error.type, error.message),
+    for a bad field, a bad key, an unknown path, a body too large, a rate limit and a busy
+    engine; the other endpoints keep the contract's envelope."""
+    flask_app, backend, web, spec = make_app(tmp_path, MAX_BODY_BYTES=4096)
+    client = client_of(flask_app)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model=MODEL, max_tokens=5, messages=USER, extra_body={"temperature": 1.5})
+    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    assert caught.value.body["error"]["param"] == "temperature" and caught.value.request_id
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        anthropic.Anthropic(base_url="http://gateway", api_key="wrong", max_retries=0,
+                            http_client=httpx2.Client(transport=httpx2.WSGITransport(app=flask_app))
+                            ).messages.create(model=MODEL, max_tokens=5, messages=USER)
+    assert caught.value.body["error"]["type"] == "authentication_error"
+    body = {"max_tokens": 5, "messages": USER}
+    check_error(spec, web.post("/v1/messages", json=body), 401, "authentication_error")
+    check_error(spec, web.post("/v1/messages/nope", json=body, headers=AUTH), 404, "not_found_error")
+    check_error(spec, web.post("/v1/messages", json={**body, "system": "x" * 5000}, headers=AUTH), 413,
+                "request_too_large")
+    check_error(spec, web.post("/v1/messages/count_tokens", json={"messages": 1}, headers=AUTH), 400,
+                "invalid_request_error")
+    _, _, limited_web, _ = make_app(tmp_path / "limited", DEFAULT_RATE_LIMIT="2/minute")
+    limited = [limited_web.post("/v1/messages", json=body, headers=AUTH) for _ in range(3)]
+    assert [r.status_code for r in limited[:-1]] == [200, 200]
+    check_error(spec, limited[-1], 429, "rate_limit_error")
+    assert web.post("/v1/chat/completions", json={"messages": USER}).get_json()["error"]["type"] == \
+        "authentication_error"  # the contract's envelope elsewhere: no top-level type
+    assert "type" not in web.post("/v1/chat/completions", json={"messages": USER}).get_json()
+
+
+def test_a_busy_engine_is_an_overloaded_error(app):
+    _, backend, web, spec = app
+    from gateway.errors import ServerError
+
+    backend.script = lambda params: [ServerError("the engine's queue is full", status=503, retry_after=1)]
+    response = web.post("/v1/messages", json={"max_tokens": 5, "messages": USER}, headers=AUTH)
+    check_error(spec, response, 503, "overloaded_error")
+    assert response.headers["Retry-After"] == "1"
+
+
 def test_chat_field_names_map_to_the_messages_fields():
     assert [messages_param(p) for p in ("stop", "messages[2].content", "tools[1].function.parameters",
                                         "parallel_tool_calls", "response_format", "max_tokens", None)] == [
