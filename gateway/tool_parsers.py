@@ -40,6 +40,13 @@ in the tool's schema says which JSON value it is (vLLM's qwen3_coder rules), and
 not one of that type stays a string. A reply that ends after ``</function>`` without
 ``</tool_call>`` made that call (models stop there; vLLM reads it so too).
 
+``deepseek_v3`` and ``deepseek_v31``: DeepSeek V3 / R1 and V3.1 and newer write their calls in
+one block, ``<｜tool▁calls▁begin｜>`` ... ``<｜tool▁calls▁end｜>``, each call between
+``<｜tool▁call▁begin｜>`` and ``<｜tool▁call▁end｜>``: V3.1 as ``NAME<｜tool▁sep｜>{arguments}``,
+V3 as ``function<｜tool▁sep｜>NAME`` and the arguments in a fenced ``json`` block. The markers are
+tokens the text keeps (not special). A block is all calls or text; one the reply ends in
+before ``<｜tool▁calls▁end｜>`` still made its complete calls.
+
 Each reader takes a choice's text as it grows (streams): it hands out content as soon as it
 cannot belong to a call, and each call once it is complete (``pythonic``'s once the reply ends:
 only the whole text tells). The same reader gives a whole reply, so a stream and a reply of the
@@ -55,12 +62,14 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 #: The parsers a deployment may name (TOOL_CALL_PARSER; gateway.config refuses another name).
-PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder")
+PARSERS = ("deepseek_v3", "deepseek_v31", "hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder")
 #: Parsers whose call marker is a special token: the text must keep special tokens.
 KEEP_SPECIAL_TOKENS = frozenset({"mistral"})
 
 HERMES_OPEN = "<tool_call>"
 HERMES_CLOSE = "</tool_call>"
+DEEPSEEK_CALLS, DEEPSEEK_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DEEPSEEK_CALL, DEEPSEEK_CALL_END, DEEPSEEK_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 MISTRAL_CALLS = "[TOOL_CALLS]"
 MISTRAL_ARGS = "[ARGS]"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")  # OpenAI's function names
@@ -126,7 +135,8 @@ class SyntaxReader:
 class HermesCalls(SyntaxReader):
     """``hermes``: calls in ``<tool_call>`` blocks anywhere in the text."""
 
-    #: a block the text ends in without its ``</tool_call>`` is read as a call too
+    OPEN, CLOSE = HERMES_OPEN, HERMES_CLOSE  # a block's markers
+    #: a block the text ends in without its closing marker is read as calls too
     UNCLOSED_CALLS = False
 
     def __init__(self, names: Collection[str], new_id: Callable[[], str], *, most: int | None = None) -> None:
@@ -143,19 +153,18 @@ class HermesCalls(SyntaxReader):
         calls: list[dict[str, Any]] = []
         while self._buf:
             if self._inside:
-                end = self._buf.find(HERMES_CLOSE, self._searched)
+                end = self._buf.find(self.CLOSE, self._searched)
                 if end < 0:
-                    self._searched = max(0, len(self._buf) - len(HERMES_CLOSE) + 1)
+                    self._searched = max(0, len(self._buf) - len(self.CLOSE) + 1)
                     break
-                body, self._buf = self._buf[:end], self._buf[end + len(HERMES_CLOSE):]
+                body, self._buf = self._buf[:end], self._buf[end + len(self.CLOSE):]
                 self._inside, self._searched = False, 0
-                call = self._block_call(body)
-                if call is None:  # not a call of a declared function: it stays text
-                    content.append(self._space + HERMES_OPEN + body + HERMES_CLOSE)
+                made = self._block_calls(body)
+                if made is None:  # not calls of declared functions: the block stays text
+                    content.append(self._space + self.OPEN + body + self.CLOSE)
                     self._after_block = False
                 else:
-                    if self._kept(call):
-                        calls.append(call)
+                    calls.extend(call for call in made if self._kept(call))
                     self._after_block = True
                 continue
             if self._after_block:
@@ -163,24 +172,25 @@ class HermesCalls(SyntaxReader):
                 if not self._buf:
                     break
                 self._after_block = False
-            piece, space, self._buf, found = _until_marker(self._buf, HERMES_OPEN)
+            piece, space, self._buf, found = _until_marker(self._buf, self.OPEN)
             content.append(piece)
             if not found:
                 break
             self._space, self._inside = space, True
         return "".join(content), calls
 
-    def _block_call(self, body: str) -> dict[str, Any] | None:
-        """The call a block's inside writes, or None (the block stays text)."""
-        return self._call(_json(body))
+    def _block_calls(self, body: str) -> list[dict[str, Any]] | None:
+        """The calls a block's inside writes, or None (the block stays text)."""
+        call = self._call(_json(body))
+        return None if call is None else [call]
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """The end of the text: what is held back is content (an unclosed block too, unless the
-        syntax's call closes itself: ``UNCLOSED_CALLS``)."""
-        if self._inside and self.UNCLOSED_CALLS and (call := self._block_call(self._buf)) is not None:
+        syntax's calls close themselves: ``UNCLOSED_CALLS``)."""
+        if self._inside and self.UNCLOSED_CALLS and (made := self._block_calls(self._buf)) is not None:
             self._buf, self._inside = "", False
-            return "", [call] if self._kept(call) else []
-        tail = (self._space + HERMES_OPEN if self._inside else "") + self._buf
+            return "", [call for call in made if self._kept(call)]
+        tail = (self._space + self.OPEN if self._inside else "") + self._buf
         if self._after_block:
             tail = tail.lstrip(_SPACE)
         self._buf, self._inside = "", False
@@ -195,13 +205,52 @@ class Qwen3CoderCalls(HermesCalls):
 
     UNCLOSED_CALLS = True
 
-    def _block_call(self, body: str) -> dict[str, Any] | None:
+    def _block_calls(self, body: str) -> list[dict[str, Any]] | None:
         parsed = _xml_call(body.strip(_SPACE))
         if parsed is None or parsed[0] not in self._names:
             return None
         name, raw = parsed
         types = self._types.get(name) or {}
-        return self._make(name, {key: _typed(value, types.get(key)) for key, value in raw.items()})
+        return [self._make(name, {key: _typed(value, types.get(key)) for key, value in raw.items()})]
+
+
+class DeepSeekCalls(HermesCalls):
+    """``deepseek_v31``: DeepSeek's calls block, ``<｜tool▁calls▁begin｜>``, a
+    ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{arguments}<｜tool▁call▁end｜>`` per call,
+    ``<｜tool▁calls▁end｜>``; all the block's calls or none of them (it stays text). Each call
+    closes itself: a reply that ends before the block's end made its calls (vLLM reads so)."""
+
+    OPEN, CLOSE = DEEPSEEK_CALLS, DEEPSEEK_CALLS_END
+    UNCLOSED_CALLS = True
+    FENCED = False  # deepseek_v3: "function<｜tool▁sep｜>NAME\n```json\n{arguments}\n```"
+
+    def _block_calls(self, body: str) -> list[dict[str, Any]] | None:
+        rest, parsed = body.strip(_SPACE), []
+        while rest:
+            end = rest.find(DEEPSEEK_CALL_END)
+            if not rest.startswith(DEEPSEEK_CALL) or end < 0:
+                return None
+            name, sep, arguments = rest[len(DEEPSEEK_CALL):end].partition(DEEPSEEK_SEP)
+            if self.FENCED:
+                kind, name = name, arguments
+                name, _, arguments = name.partition("\n")
+                fence = arguments.strip(_SPACE)
+                if kind != "function" or not fence.startswith("```json") or not fence.endswith("```") or len(fence) < 10:
+                    return None
+                arguments = fence[len("```json"):-len("```")]
+            one = self._parse({"name": name, "arguments": _json(arguments)}) if sep else None
+            if one is None:
+                return None
+            parsed.append(one)
+            rest = rest[end + len(DEEPSEEK_CALL_END):].lstrip(_SPACE)
+        return [self._make(*one) for one in parsed] if parsed else None
+
+
+class DeepSeekV3Calls(DeepSeekCalls):
+    """``deepseek_v3``: as deepseek_v31, each call written ``function<｜tool▁sep｜>NAME``, a
+    newline, and its arguments in a fenced ``json`` block."""
+
+    FENCED = True
 
 
 def _xml_call(text: str) -> tuple[str, dict[str, str]] | None:
@@ -567,7 +616,8 @@ def partial_start(text: str, token: str) -> int:
 
 _READERS: dict[str, type[SyntaxReader]] = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls,
                                          "mistral": MistralCalls, "pythonic": PythonicCalls,
-                                         "qwen3_coder": Qwen3CoderCalls}
+                                         "qwen3_coder": Qwen3CoderCalls, "deepseek_v3": DeepSeekV3Calls,
+                                         "deepseek_v31": DeepSeekCalls}
 
 
 def call_reader(parser: str, names: Collection[str], new_id: Callable[[], str], *,
@@ -590,5 +640,5 @@ def split_calls(parser: str, text: str, names: Collection[str], new_id: Callable
     return content, calls
 
 
-__all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "HermesCalls", "Llama3JsonCalls", "MistralCalls", "PythonicCalls",
+__all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "DeepSeekCalls", "DeepSeekV3Calls", "HermesCalls", "Llama3JsonCalls", "MistralCalls", "PythonicCalls",
            "Qwen3CoderCalls", "SyntaxReader", "call_reader", "partial_start", "split_calls"]

@@ -252,7 +252,7 @@ def test_forced_tool_calls_follow_the_functions_parameters(oai, tool_choice):
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
 
 
-@pytest.fixture(scope="module", params=["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"])
+@pytest.fixture(scope="module", params=["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "deepseek_v31"])
 def parser_gateway(request, triton, tmp_path_factory):
     """A gateway that reads one tool-call syntax (TOOL_CALL_PARSER: tool_choice "auto")."""
     gw = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_TOOL_CALL_PARSER": request.param})
@@ -272,6 +272,9 @@ def call_turn(parser: str, city: str) -> list[dict]:
         answer = json.dumps({"name": "get_weather", "parameters": {"city": city, "unit": "celsius"}})
     elif parser == "mistral":  # SmolLM2 has no [TOOL_CALLS] token: the marker is plain text here
         answer = "[TOOL_CALLS]" + json.dumps([{"name": "get_weather", "arguments": {"city": city, "unit": "celsius"}}])
+    elif parser == "deepseek_v31":  # SmolLM2 has no such tokens: the markers are plain text here
+        call = json.dumps({"city": city, "unit": "celsius"})
+        answer = f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{call}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
     elif parser == "qwen3_coder":
         answer = (f"<tool_call>\n<function=get_weather>\n<parameter=city>\n{city}\n</parameter>\n"
                   "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>")
@@ -289,7 +292,7 @@ def test_auto_tool_calls_are_read_from_the_models_own_text(parser_gateway, oai):
     system = {"role": "system", "content": "You answer weather questions by calling get_weather."}
     messages = [system, *call_turn(parser_gateway.parser, "Rome"), *call_turn(parser_gateway.parser, "Oslo"),
                 {"role": "user", "content": "What is the weather in Berlin?"}]
-    request = {"model": MODEL, "messages": messages, "tools": WEATHER_TOOLS, "temperature": 0, "max_tokens": 60}
+    request = {"model": MODEL, "messages": messages, "tools": WEATHER_TOOLS, "temperature": 0, "max_tokens": 120}
     whole = oai.chat.completions.create(**request)  # tool_choice left out: "auto", OpenAI's default with tools
     choice = whole.choices[0]
     assert choice.finish_reason == "tool_calls", choice.message

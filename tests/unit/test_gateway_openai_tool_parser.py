@@ -1,5 +1,5 @@
-"""tool_choice "auto" (gateway.tool_parsers): the hermes, llama3_json, mistral, pythonic and
-qwen3_coder syntaxes read out of a choice's text, as a whole and in pieces of every size, and
+"""tool_choice "auto" (gateway.tool_parsers): the hermes, llama3_json, mistral, pythonic,
+qwen3_coder, deepseek_v3 and deepseek_v31 syntaxes read out of a choice's text, as a whole and in pieces of every size, and
 through the app with TOOL_CALL_PARSER (fake backend; replies checked against the app's own /openapi.json)."""
 
 from __future__ import annotations
@@ -152,9 +152,34 @@ QWEN_CASES = [
     ("<tool_call><function=noop></function> and more", "<tool_call><function=noop></function> and more", []),
     ("  ", "  ", []),
 ]
+B, E, C, CE, SEP = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+DEEPSEEK = B + C + 'get_weather' + SEP + '{"city": "Paris"}' + CE + C + "noop" + SEP + "{}" + CE + E
+DEEPSEEK_CASES = [
+    ("The weather is fine.", "The weather is fine.", []),
+    (DEEPSEEK, None, [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    ("Let me look.\n" + DEEPSEEK + "\nDone.", "Let me look.Done.", [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    # each call closes itself: a reply that ends before the block's end made its calls
+    (DEEPSEEK[:-len(E)], None, [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    # a block is all calls or text: an undeclared function, bad JSON, V3's layout, a call never closed
+    (B + C + "rm_rf" + SEP + "{}" + CE + E, B + C + "rm_rf" + SEP + "{}" + CE + E, []),
+    ("a " + B + C + "noop" + SEP + "{" + CE + E, "a " + B + C + "noop" + SEP + "{" + CE + E, []),
+    (B + C + "function" + SEP + "noop\n```json\n{}\n```" + CE + E, B + C + "function" + SEP + "noop\n```json\n{}\n```" + CE + E, []),
+    (B + C + "noop" + SEP + "{}", B + C + "noop" + SEP + "{}", []),
+    ("  ", "  ", []),
+]
+DEEPSEEK_V3 = (B + C + "function" + SEP + 'get_weather\n```json\n{"city": "Paris"}\n```' + CE + "\n" + C + "function" + SEP
+               + "noop\n```json\n{}\n```" + CE + E)
+DEEPSEEK_V3_CASES = [
+    (DEEPSEEK_V3, None, [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    ("Sure. " + DEEPSEEK_V3[:-len(E)], "Sure.", [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    (DEEPSEEK, DEEPSEEK, []),  # V3.1's layout is not V3's
+    (B + C + "tool" + SEP + "noop\n```json\n{}\n```" + CE + E, B + C + "tool" + SEP + "noop\n```json\n{}\n```" + CE + E, []),
+    (B + C + "function" + SEP + "noop\n{}" + CE + E, B + C + "function" + SEP + "noop\n{}" + CE + E, []),
+]
 SYNTAX_CASES = ([("hermes", *case) for case in CASES] + [("llama3_json", *case) for case in LLAMA_CASES]
                 + [("mistral", *case) for case in MISTRAL_CASES] + [("pythonic", *case) for case in PYTHONIC_CASES]
-                + [("qwen3_coder", *case) for case in QWEN_CASES])
+                + [("qwen3_coder", *case) for case in QWEN_CASES] + [("deepseek_v31", *case) for case in DEEPSEEK_CASES]
+                + [("deepseek_v3", *case) for case in DEEPSEEK_V3_CASES])
 
 
 @pytest.mark.parametrize(("parser", "text", "content", "calls"), SYNTAX_CASES)
@@ -194,7 +219,8 @@ def test_pythonic_holds_a_list_to_the_end_and_hands_out_other_text_at_once():
 @pytest.mark.parametrize("parser", PARSERS)
 def test_parallel_tool_calls_false_keeps_the_first_call_in_every_syntax(parser):
     text = {"hermes": CALL + NOOP, "llama3_json": LLAMA + '; {"name": "noop", "parameters": {}}',
-            "pythonic": '[get_weather(city="Paris"), noop()]', "mistral": MISTRAL, "qwen3_coder": QWEN + QWEN_NOOP}[parser]
+            "pythonic": '[get_weather(city="Paris"), noop()]', "mistral": MISTRAL, "qwen3_coder": QWEN + QWEN_NOOP,
+            "deepseek_v31": DEEPSEEK, "deepseek_v3": DEEPSEEK_V3}[parser]
     content, calls = split_calls(parser, text, NAMES, ids(), most=1)
     assert content is None and names_and_arguments(calls) == [("get_weather", {"city": "Paris"})]
     assert names_and_arguments(pieces(text, 5, most=1, parser=parser)[1]) == [("get_weather", {"city": "Paris"})]
@@ -246,10 +272,10 @@ def test_content_is_handed_out_as_soon_as_it_cannot_start_a_call_and_calls_once_
 
 
 def test_a_parser_the_gateway_does_not_have_stops_it_from_starting(tmp_path):
-    for name in (None, "", "hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"):
+    for name in (None, "", *PARSERS):
         make_openai_app(tmp_path / str(name), {"TOOL_CALL_PARSER": name})
-    with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of hermes, llama3_json, mistral, pythonic, "
-                                         "qwen3_coder"):
+    with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of deepseek_v3, deepseek_v31, hermes, "
+                                         "llama3_json, mistral, pythonic, qwen3_coder"):
         make_openai_app(tmp_path / "bad", {"TOOL_CALL_PARSER": "mistral_v3"})
     with pytest.raises(ValueError, match="TOOL_CALL_PARSER"):
         make_openai_app(tmp_path / "worse", {"TOOL_CALL_PARSER": "llama4"})
@@ -364,8 +390,12 @@ QWEN_SPOKEN = ["<tool_call>\n<function=get_", "weather>\n<parameter=city>\nPar",
                "\n" + QWEN_NOOP]
 
 
+DEEPSEEK_SPOKEN = [DEEPSEEK[:30], DEEPSEEK[30:61], DEEPSEEK[61:]]
+
+
 @pytest.mark.parametrize(("parser", "spoken"), [("llama3_json", LLAMA_SPOKEN), ("pythonic", PYTHONIC_SPOKEN),
-                                                ("mistral", MISTRAL_SPOKEN), ("qwen3_coder", QWEN_SPOKEN)])
+                                                ("mistral", MISTRAL_SPOKEN), ("qwen3_coder", QWEN_SPOKEN),
+                                                ("deepseek_v31", DEEPSEEK_SPOKEN)])
 def test_each_syntax_answers_calls_whole_and_streamed_through_the_app(tmp_path, parser, spoken):
     """The deployment's TOOL_CALL_PARSER picks the syntax: the same reply, whole and streamed,
     is the two calls with finish_reason tool_calls; the other syntaxes' text stays content."""
