@@ -30,10 +30,11 @@ The reply: ``content`` blocks (``thinking``, ``text``, ``tool_use``), ``stop_rea
 (``end_turn``, ``max_tokens``, ``stop_sequence`` with the ``stop_sequence`` generated, or
 ``tool_use``) and ``usage`` (``input_tokens``, ``output_tokens``, and
 ``cache_read_input_tokens`` where the engine reports them). Streamed: Anthropic's named events,
-``message_start``, then per block ``content_block_start``, ``content_block_delta``s
-(``text_delta``, ``thinking_delta``, ``input_json_delta``) and ``content_block_stop``, then
-``message_delta`` (the stop reason and the usage, ``input_tokens`` included: they are known only
-at the end) and ``message_stop``; a failure after the stream began is ``event: error``. Errors
+``message_start`` (sent once the server took the request: its usage has the prompt's
+``input_tokens``, which the llm model's admission says), then per block ``content_block_start``,
+``content_block_delta``s (``text_delta``, ``thinking_delta``, ``input_json_delta``) and
+``content_block_stop``, then ``message_delta`` (the stop reason and the whole usage) and
+``message_stop``; a failure after the stream began is ``event: error``. Errors
 are Anthropic's shape, ``{"type": "error", "error": {"type", "message", "param"}, "request_id"}``
 (its error types: ``invalid_request_error``, ``authentication_error``, ``rate_limit_error``,
 ``overloaded_error`` for a 503...), from the key check on, and each answer carries Anthropic's
@@ -52,7 +53,7 @@ from typing import Any
 from marshmallow import ValidationError, post_load, validates_schema
 from marshmallow.validate import OneOf
 
-from .backend import Event, Finished, TextDelta
+from .backend import Admitted, Event, Finished, TextDelta
 from .choices import Choice
 from .errors import ApiError
 from .fields import StrictBoolean, StrictInteger, StrictNumber, StrictString, _StrictField, describe
@@ -444,11 +445,16 @@ class MessagesReply:
         """A failure after the stream began (SSEBody's ``encode_error``)."""
         return (b"" if self._started else self._start()) + _event("error", {"error": error_object(error)})
 
-    def _start(self) -> bytes:
+    def admitted(self, event: Admitted) -> bytes:
+        """The stream's start once the server took the request (SSEBody's ``encode_admitted``):
+        ``message_start`` with the prompt's token count, which the admission says."""
+        return b"" if self._started else self._start(event.prompt_tokens or 0)
+
+    def _start(self, input_tokens: int = 0) -> bytes:
         self._started = True
         return _event("message_start", {"message": {
             "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 0}}})
 
     def _events(self, delta: Mapping[str, Any]) -> list[bytes]:
         """A chat delta's pieces as content block events."""

@@ -84,9 +84,10 @@ class Finished:
 class Admitted:
     """The server validated and queued the request; text follows. Optional: a backend whose
     server cannot say so yields its first text (or error) instead. ``server`` names the server
-    that took it, when it says (one of several Tritons)."""
+    that took it and ``prompt_tokens`` the prompt's token count, when it says."""
 
     server: str | None = None
+    prompt_tokens: int | None = None
 
 
 ADMITTED = Admitted()

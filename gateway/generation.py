@@ -17,7 +17,7 @@ from flask import Response, current_app, g, request
 from trident.contract import TextRequest
 
 from .auth import authorize_model
-from .backend import Event, Finished, Generation
+from .backend import Admitted, Event, Finished, Generation
 from .choices import Choice, gather
 from .disconnect import DisconnectWatch
 from .drain import DRAIN
@@ -91,9 +91,11 @@ def stream_response(
     *,
     encode: Callable[[Event], bytes] = event_bytes,
     encode_error: Callable[[ApiError], bytes] = error_bytes,
+    encode_admitted: Callable[[Admitted], bytes] | None = None,
 ) -> Response:
-    """The SSE response of a streaming generation; ``encode``/``encode_error`` as in SSEBody (an
-    error names the route's fields: ``g.param_names``, gateway.errors.public_param)."""
+    """The SSE response of a streaming generation; ``encode``/``encode_error``/``encode_admitted``
+    as in SSEBody (an error names the route's fields: ``g.param_names``,
+    gateway.errors.public_param)."""
     request_id: str = g.request_id
     names = g.get("param_names")
     if names:
@@ -122,6 +124,7 @@ def stream_response(
         on_close=done,
         encode=encode,
         encode_error=encode_error,
+        encode_admitted=encode_admitted,
         environ=request.environ,
     )
     return Response(

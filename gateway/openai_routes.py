@@ -170,7 +170,8 @@ def _answer(req: OpenAIRequest, reply: CompletionReply | ChatCompletionReply | M
     else:
         generation, done = start_generation(params)
     if params.stream:
-        return stream_response(generation, done, encode=reply, encode_error=reply.error)
+        return stream_response(generation, done, encode=reply, encode_error=reply.error,
+                               encode_admitted=reply.admitted if isinstance(reply, MessagesReply) else None)
     prompts = len(req.prompts) or 1
     choices, finished = collect(generation, done, params.sampling.n * prompts)
     return jsonify(reply.response(best_per_prompt(choices, prompts, params.sampling.n, req.choices), finished))

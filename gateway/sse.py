@@ -133,14 +133,18 @@ class SSEBody:
         on_close: Callable[[], None],
         encode: Callable[[Event], bytes] = event_bytes,
         encode_error: Callable[[ApiError], bytes] = error_bytes,
+        encode_admitted: Callable[[Admitted], bytes] | None = None,
         environ: dict[str, Any] | None = None,
     ) -> None:
         """``encode`` turns each text or final event into the bytes sent and ``encode_error`` a
         failure after the stream began; the defaults are ``/generate``'s events (the
-        OpenAI-compatible routes pass their own, gateway.openai_replies). ``environ`` (the WSGI
-        environ) lets the body watch the client's connection (gateway.disconnect)."""
+        OpenAI-compatible routes pass their own, gateway.openai_replies). ``encode_admitted``
+        (optional) gives the bytes sent after the admission's heartbeat (Anthropic's
+        ``message_start``, gateway.anthropic). ``environ`` (the WSGI environ) lets the body
+        watch the client's connection (gateway.disconnect)."""
         self._generation = generation
         self._encode = encode
+        self._encode_admitted = encode_admitted
         self._encode_error = encode_error
         self._heartbeat = heartbeat_interval
         self._request_id = request_id
@@ -165,6 +169,8 @@ class SSEBody:
         for event in events:
             if isinstance(event, Admitted):
                 parts.append(HEARTBEAT)  # the status line and headers leave with it
+                if self._encode_admitted is not None:
+                    parts.append(self._encode_admitted(event))
             else:
                 parts.append(self._encode(event))
         return b"".join(parts), bool(events) and isinstance(events[-1], Finished)

@@ -164,7 +164,8 @@ class TritonGeneration:
         for item in items:
             if isinstance(item, StreamResponse):
                 if item.admitted:
-                    events.append(Admitted(item.server) if item.server else ADMITTED)
+                    events.append(Admitted(item.server, item.prompt_tokens or None)
+                                  if item.server or item.prompt_tokens else ADMITTED)
                     continue
                 if item.text or item.logprobs is not None and item.logprobs.tokens:
                     events.append(TextDelta(item.text, item.index, item.logprobs))

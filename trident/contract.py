@@ -95,13 +95,14 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # (default true: left out, as both vLLM and NVIDIA's postprocessing do).
     TensorSpec("skip_special_tokens", np.bool_),
 )
-#: Outputs: text on every response; the counts and finish_reason on the final one.
+#: Outputs: text on every response; the counts and finish_reason on the final one (prompt_tokens
+#: also on the admission response, which the gateway asks for).
 LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("text_output", np.object_, optional=False),
     TensorSpec("finish_reason", np.object_),
     TensorSpec("prompt_tokens", np.int32),
     TensorSpec("completion_tokens", np.int32),
-    TensorSpec("server", np.object_),  # on the admission response: which Triton took the request
+    TensorSpec("server", np.object_),  # on the admission response (with prompt_tokens): which Triton took the request
     TensorSpec("instance", np.object_),  # on a ping's answer: which instance of llm answered it
     # With num_return_sequences > 1: the choice a response belongs to (absent: 0). Each choice
     # ends with its own response carrying finish_reason and its completion_tokens.

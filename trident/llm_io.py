@@ -84,8 +84,10 @@ class Request(Protocol):
 
     def is_cancelled(self) -> bool: ...
 
-    def send_admission(self) -> None:
-        """An empty, non-final response: accepted, generation pending."""
+    def send_admission(self, prompt_tokens: int) -> None:
+        """A non-final response without text: accepted, generation pending. It names the server
+        and the prompt's token count (known once the prompt is tokenized: Anthropic's stream
+        reports it in its first event)."""
 
     def send_pong(self) -> None:
         """The answer to a ping: one final response naming the server, as the admission does, and

@@ -209,7 +209,7 @@ class LlmService:
             _safely(request.send_error, tag_error(SERVER_ERROR, "internal error while accepting the request"))
             return
         self.counters["accepted"] += 1
-        if request.wants_admission() and not _safely(request.send_admission):
+        if request.wants_admission() and not _safely(request.send_admission, job.prompt_tokens):
             return  # the client is already gone
         with self._jobs_lock:
             if job.token is not None and self._early_cancels.pop(job.token, None) is not None:

@@ -26,9 +26,12 @@ def test_a_message_and_its_stream_agree_on_the_real_model(claude):
     assert block.type == "text" and "Paris" in block.text
     assert message.stop_reason == "end_turn" and message.usage.input_tokens > 0 and message.usage.output_tokens > 0
     with claude.messages.stream(model=MODEL, max_tokens=24, messages=CAPITAL, extra_body=GREEDY) as stream:
-        text = "".join(stream.text_stream)
+        events = list(stream)
         final = stream.get_final_message()
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta" and e.delta.type == "text_delta")
     assert text == block.text and final.usage.input_tokens == message.usage.input_tokens
+    # the first event already has the prompt's count: the llm model's admission says it
+    assert events[0].type == "message_start" and events[0].message.usage.input_tokens == message.usage.input_tokens
     assert final.usage.output_tokens == message.usage.output_tokens and final.stop_reason == "end_turn"
     assert claude.messages.count_tokens(model=MODEL, messages=CAPITAL).input_tokens == message.usage.input_tokens
     cut = claude.messages.create(model=MODEL, max_tokens=2, messages=CAPITAL, extra_body=GREEDY)

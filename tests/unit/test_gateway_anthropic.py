@@ -15,6 +15,7 @@ from openai_fixtures import AUTH, KEY, MODEL, make_openai_app, tokenizer_dir
 from test_gateway_openai_tools import TOOLS_TEMPLATE, says
 
 from gateway.anthropic import messages_param
+from gateway.backend import Admitted, Finished
 
 WEATHER = {"name": "get_weather", "description": "The weather of a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -262,6 +263,27 @@ def test_an_error_after_the_stream_began_is_an_error_event(app):
                                          headers=AUTH))
     assert events[0]["type"] == "message_start" and events[-1]["type"] == "error"
     assert events[-1]["error"]["type"] == "overloaded_error"
+
+
+def test_message_start_reports_the_prompts_tokens_once_the_server_took_the_request(app):
+    """Anthropic's first event carries usage.input_tokens (agent tools read it for their context
+    accounting): the llm model's admission says the count, before any text."""
+    flask_app, backend, web, spec = app
+    backend.script = lambda params: [Admitted("vm:1", prompt_tokens=7), "Hel", "lo",
+                                     Finished("eos_token", prompt_tokens=7, completion_tokens=2)]
+    events = check_events(spec, web.post("/v1/messages", json={"max_tokens": 5, "messages": USER, "stream": True},
+                                         headers=AUTH))
+    assert events[0]["type"] == "message_start" and events[0]["message"]["usage"] == {"input_tokens": 7,
+                                                                                       "output_tokens": 0}
+    assert [e["type"] for e in events].count("message_start") == 1 and events[1]["type"] == "content_block_start"
+    with client_of(flask_app).messages.stream(model=MODEL, max_tokens=5, messages=USER) as stream:
+        first = next(iter(stream))
+        assert first.type == "message_start" and first.message.usage.input_tokens == 7
+        assert stream.get_final_message().usage.input_tokens == 7
+    backend.script = lambda params: ["Hel", Finished("eos_token", prompt_tokens=7, completion_tokens=1)]
+    events = check_events(spec, web.post("/v1/messages", json={"max_tokens": 5, "messages": USER, "stream": True},
+                                         headers=AUTH))  # a backend that does not admit: known at the end only
+    assert events[0]["message"]["usage"]["input_tokens"] == 0 and events[-2]["usage"]["input_tokens"] == 7
 
 
 def test_count_tokens_counts_the_prompt_the_request_renders(app):

@@ -125,6 +125,13 @@ def test_a_lone_text_output_parses_as_with_other_outputs(text, final):
     assert lone.text == text and lone.final is final and lone.finished is None and lone.admitted is False
 
 
+def test_the_admission_response_names_its_server_and_the_prompts_tokens():
+    parsed = parse(stream_response(arrays={"server": np.array([[b"vm:8001"]], dtype=np.object_),
+                                           "prompt_tokens": np.array([[42]], dtype=np.int32)}))
+    assert parsed.admitted and parsed.finished is None and parsed.text == ""
+    assert (parsed.server, parsed.prompt_tokens) == ("vm:8001", 42)
+
+
 def test_parse_final_response_with_outputs():
     parsed = parse(stream_response(text=".", finish=("eos_token", 13, 3), final=True))
     assert parsed.text == "." and parsed.final is True

@@ -71,8 +71,8 @@ class FakeRequest:
         if final:
             self.done.set()
 
-    def send_admission(self):
-        self._record("send_admission")
+    def send_admission(self, prompt_tokens):
+        self._record("send_admission", prompt_tokens)
 
     def send_pong(self):
         self._record("send_pong", final=True)
@@ -211,7 +211,8 @@ def test_admission_comes_first_and_only_when_asked(make_service):
     service.accept(silent)
     wait(asked)
     wait(silent)
-    assert asked.sent[0] == ("send_admission", None)
+    [final] = [payload for kind, payload in asked.sent if kind == "send_final"]
+    assert asked.sent[0] == ("send_admission", final[2]) and final[2] > 0  # the prompt's tokens, as the final says
     assert all(kind != "send_admission" for kind, _ in silent.sent)
 
 

@@ -130,14 +130,14 @@ def test_responses_carry_only_the_outputs_the_client_asked_for(model):
     """The stub would drop the rest inside send, without the GIL."""
     request = Request(["text_output"])
     adapter = model.TritonRequest(request)
-    adapter.send_admission()
+    adapter.send_admission(5)
     adapter.send_text("Paris", n=2, index=1)
     assert request.sender.sent == [([], 0), (["text_output"], 0)]
-    everything = Request(["text_output", "sequence_index", "server"])
+    everything = Request(["text_output", "sequence_index", "server", "prompt_tokens"])
     adapter = model.TritonRequest(everything)
-    adapter.send_admission()
+    adapter.send_admission(5)
     adapter.send_text("Paris", n=2, index=1)
-    assert everything.sender.sent == [(["server"], 0), (["sequence_index", "text_output"], 0)]
+    assert everything.sender.sent == [(["prompt_tokens", "server"], 0), (["sequence_index", "text_output"], 0)]
 
 
 def test_a_ping_is_read_from_its_bool_parameter_and_answered_with_one_final_response(model):

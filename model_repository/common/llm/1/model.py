@@ -151,8 +151,9 @@ class TritonRequest:
     def is_cancelled(self):
         return self._sender.is_cancelled()
 
-    def send_admission(self):
-        self._sender.send(self._response({"server": _text_tensor(SERVER_ID)}))
+    def send_admission(self, prompt_tokens):
+        self._sender.send(self._response({"server": _text_tensor(SERVER_ID),
+                                          "prompt_tokens": np.array([[prompt_tokens]], dtype=np.int32)}))
 
     def send_pong(self):
         self._sender.send(self._response({"server": _text_tensor(SERVER_ID), "instance": _text_tensor(INSTANCE["name"])}),
