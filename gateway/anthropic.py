@@ -55,7 +55,7 @@ from marshmallow.validate import OneOf
 
 from .backend import Admitted, Event, Finished, TextDelta
 from .choices import Choice
-from .errors import ApiError
+from .errors import ApiError, renamed_param
 from .fields import StrictBoolean, StrictInteger, StrictNumber, StrictString, _StrictField, describe
 from .ids import new_id
 from .openai_fields import Anything, Nested
@@ -243,14 +243,7 @@ _PARAMS = (("stop", "stop_sequences"), ("parallel_tool_calls", "tool_choice"), (
 
 def messages_param(param: str | None) -> str | None:
     """The Messages field of a chat field an error names."""
-    if param is None:
-        return None
-    for chat, ours in _PARAMS:
-        if param == chat or param.startswith(chat + "["):
-            return ours
-    if param.startswith("tools["):
-        return param.replace(".function.parameters", ".input_schema").replace(".function", "")
-    return param
+    return renamed_param(param, _PARAMS, ((".function.parameters", ".input_schema"), (".function", "")))
 
 
 class MessagesSchema(StrictSchema):

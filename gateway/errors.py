@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -169,6 +169,23 @@ def _http_message(exc: HTTPException) -> str:
     if status == 429:
         return f"Rate limit exceeded: {exc.description}"
     return exc.description or exc.name
+
+
+def renamed_param(param: str | None, fields: Sequence[tuple[str, str]],
+                  tool_parts: Sequence[tuple[str, str]] = ((".function", ""),)) -> str | None:
+    """The field of another API's request (Anthropic's, the Responses API's) that a chat field
+    an error names stands for: ``fields`` maps chat fields (and their items, ``messages[2]...``)
+    to it, the first match winning; in ``tools[i]...``, ``tool_parts`` rename the parts of a
+    chat tool's path; any other field keeps its name."""
+    if param is None:
+        return None
+    for chat, ours in fields:
+        if param == chat or param.startswith(chat + "["):
+            return ours
+    if param.startswith("tools["):
+        for part, ours in tool_parts:
+            param = param.replace(part, ours)
+    return param
 
 
 def public_param(error: ApiError, names: Mapping[str, str] | None) -> ApiError:

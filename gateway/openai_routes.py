@@ -1,6 +1,7 @@
 """OpenAI-compatible routes: ``GET /v1/models``, ``GET /v1/models/<id>``,
-``POST /v1/completions``, ``POST /v1/chat/completions`` (docs/openai.md); and Anthropic's
-``POST /v1/messages``, served as the chat completion it is (gateway.anthropic).
+``POST /v1/completions``, ``POST /v1/chat/completions`` (docs/openai.md); OpenAI's
+``POST /v1/responses`` (gateway.responses) and Anthropic's ``POST /v1/messages``
+(gateway.anthropic), each served as the chat completion it is.
 
 They share everything but the request schema and the body format with ``/generate``: the API
 key (401), the key's rate limit (429, one budget across all generation routes), the checks of
@@ -26,6 +27,7 @@ from .errors import ClientError, register_error_body
 from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest
 from .openai_replies import ChatCompletionReply, CompletionReply
 from .prompts import best_per_prompt, start_prompts
+from .responses import ResponsesReply, ResponsesSchema, responses_param
 from .ratelimit import rate_limited
 from .generation import collect, start_generation, stream_response
 from .json_body import read_json_object
@@ -41,6 +43,7 @@ class OpenAIState:
     completion_schema: CompletionSchema
     chat_schema: ChatCompletionSchema
     messages_schema: MessagesSchema
+    responses_schema: ResponsesSchema
     count_tokens_schema: CountTokensSchema
     served_models: tuple[str, ...]
     created: int  # "created" of every model object: when this app was built
@@ -64,6 +67,7 @@ def init_app(app: Flask) -> None:
         chat_schema=ChatCompletionSchema(chat_template=template, tool_call_parser=parser, reasoning_parser=reasoning,
                                          **common),
         messages_schema=MessagesSchema(),
+        responses_schema=ResponsesSchema(),
         count_tokens_schema=CountTokensSchema(),
         served_models=tuple(schema.served_models),
         created=int(time.time()),
@@ -139,6 +143,23 @@ def messages() -> Any:
     return _answer(dataclasses.replace(req, param_names=names), reply)
 
 
+@bp.post("/responses")
+@require_api_key
+@rate_limited
+def responses() -> Any:
+    """OpenAI's Responses API, served as the chat completion it is (gateway.responses)."""
+    body = load_request(_state().responses_schema, read_json_object(request))
+    echo = body.pop("responses")  # what the response object repeats of the request
+    try:
+        req = load_request(_state().chat_schema, body)
+    except ClientError as err:
+        err.param = responses_param(err.param)
+        raise
+    names = {name: responses_param(public) or public for name, public in req.param_names.items()}
+    reply = ResponsesReply(req.params.model, echo, tool_choice=req.tool_choice, reasoning=req.reasoning)
+    return _answer(dataclasses.replace(req, param_names=names), reply)
+
+
 @bp.post("/messages/count_tokens")
 @require_api_key
 @rate_limited
@@ -161,7 +182,7 @@ def _messages_request(schema: MessagesSchema) -> OpenAIRequest:
         raise
 
 
-def _answer(req: OpenAIRequest, reply: CompletionReply | ChatCompletionReply | MessagesReply) -> Any:
+def _answer(req: OpenAIRequest, reply: CompletionReply | ChatCompletionReply | MessagesReply | ResponsesReply) -> Any:
     """Start the generation and answer it, as JSON or SSE, in ``reply``'s shapes."""
     params = req.params
     g.param_names = req.param_names
@@ -170,8 +191,8 @@ def _answer(req: OpenAIRequest, reply: CompletionReply | ChatCompletionReply | M
     else:
         generation, done = start_generation(params)
     if params.stream:
-        return stream_response(generation, done, encode=reply, encode_error=reply.error,
-                               encode_admitted=reply.admitted if isinstance(reply, MessagesReply) else None)
+        admitted = reply.admitted if isinstance(reply, (MessagesReply, ResponsesReply)) else None
+        return stream_response(generation, done, encode=reply, encode_error=reply.error, encode_admitted=admitted)
     prompts = len(req.prompts) or 1
     choices, finished = collect(generation, done, params.sampling.n * prompts)
     return jsonify(reply.response(best_per_prompt(choices, prompts, params.sampling.n, req.choices), finished))

@@ -310,6 +310,25 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
         "content_block_delta* and content_block_stop, then message_delta and message_stop; a failure after the "
         "stream began is event: error.",
     }
+    response_events = {
+        "oneOf": [_sse_event(name, _json_text(_ref(schema))) for name, schema in (
+            *((name, "ResponsesLifecycleEvent") for name in ("response.created", "response.in_progress",
+                                                               "response.completed", "response.incomplete")),
+            ("response.output_item.added", "ResponsesItemEvent"), ("response.output_item.done", "ResponsesItemEvent"),
+            ("response.content_part.added", "ResponsesPartEvent"), ("response.content_part.done", "ResponsesPartEvent"),
+            ("response.output_text.delta", "ResponsesTextDeltaEvent"),
+            ("response.reasoning_text.delta", "ResponsesTextDeltaEvent"),
+            ("response.output_text.done", "ResponsesTextDoneEvent"),
+            ("response.reasoning_text.done", "ResponsesTextDoneEvent"),
+            ("response.function_call_arguments.delta", "ResponsesArgumentsDeltaEvent"),
+            ("response.function_call_arguments.done", "ResponsesArgumentsDoneEvent"),
+            ("error", "ResponsesErrorEvent"))],
+        "description": "The Responses API's events, each with its sequence_number: response.created and "
+        "response.in_progress, then per output item response.output_item.added, its part's content_part.added, "
+        "its deltas (output_text, reasoning_text or function_call_arguments), their .done events and "
+        "response.output_item.done; last response.completed or response.incomplete (the whole response). A "
+        "failure after the stream began is event: error.",
+    }
     generate_events = {
         "oneOf": [
             _sse_event("token", _json_text(_ref("GenerateTokenEvent"))),
@@ -392,6 +411,16 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
                 **_errors(*_GENERATION_ERRORS, 501),
             },
         }},
+        "/v1/responses": {"post": {
+            "summary": "OpenAI's Responses API (stateless: nothing is stored), served as the chat completion it is "
+            "(the same template, tools and limits). JSON, or (stream: true) the Responses events.",
+            "security": bearer,
+            "requestBody": {"required": True, "content": {_JSON: {"schema": openai.responses_schema}}},
+            "responses": {
+                200: _ok("The response.", rs.ResponsesResponseSchema, stream=response_events),
+                **_errors(*_GENERATION_ERRORS, 501),
+            },
+        }},
         "/v1/messages": {"post": {
             "summary": "Anthropic's Messages API, served as the chat completion it is (the same template, tools "
             "and limits). JSON, or (stream: true) Anthropic's named events. The key may also come as x-api-key.",
@@ -444,6 +473,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
     spec.components.schema("CompletionRequest", schema=openai.completion_schema)
     spec.components.schema("ChatCompletionRequest", schema=openai.chat_schema)
     spec.components.schema("MessagesRequest", schema=openai.messages_schema)
+    spec.components.schema("ResponsesRequest", schema=openai.responses_schema)
     spec.components.schema("CountTokensRequest", schema=openai.count_tokens_schema)
     spec.components.schema("Error", schema=rs.ErrorSchema)
     for name, schema in (
@@ -459,6 +489,14 @@ def build_spec(app: Flask) -> dict[str, Any]:
         ("AnthropicMessageStop", rs.AnthropicMessageStopSchema),
         ("AnthropicErrorEvent", rs.AnthropicErrorEventSchema),
         ("AnthropicError", rs.AnthropicErrorResponseSchema),
+        ("ResponsesLifecycleEvent", rs.ResponsesLifecycleEventSchema),
+        ("ResponsesItemEvent", rs.ResponsesItemEventSchema),
+        ("ResponsesPartEvent", rs.ResponsesPartEventSchema),
+        ("ResponsesTextDeltaEvent", rs.ResponsesTextDeltaEventSchema),
+        ("ResponsesTextDoneEvent", rs.ResponsesTextDoneEventSchema),
+        ("ResponsesArgumentsDeltaEvent", rs.ResponsesArgumentsDeltaEventSchema),
+        ("ResponsesArgumentsDoneEvent", rs.ResponsesArgumentsDoneEventSchema),
+        ("ResponsesErrorEvent", rs.ResponsesErrorEventSchema),
     ):
         spec.components.schema(name, schema=schema)
     registered = _registered(app)

@@ -414,3 +414,146 @@ class AnthropicErrorEventSchema(Schema):
 
 class AnthropicTokenCountSchema(Schema):
     input_tokens = _required(fields.Integer, validate=Range(min=0))
+
+
+# -- /v1/responses (OpenAI's Responses API, gateway.responses) -----------------------------------
+
+RESPONSE_STATUSES = ("in_progress", "completed", "incomplete")
+
+
+class ResponsesPartSchema(Schema):
+    """A part of an item's content: ``output_text`` (a message's) or ``reasoning_text``."""
+
+    type = _required(fields.String, validate=OneOf(["output_text", "reasoning_text"]))
+    text = _required(fields.String)
+    annotations = fields.List(fields.Dict())
+    logprobs = fields.List(fields.Dict())
+
+
+class ResponsesItemSchema(Schema):
+    """An output item: a ``message`` (``role``, ``content``), a ``reasoning`` (``summary``,
+    ``content``) or a ``function_call`` (``call_id``, ``name``, ``arguments``)."""
+
+    type = _required(fields.String, validate=OneOf(["message", "reasoning", "function_call"]))
+    id = _required(fields.String)
+    status = _required(fields.String, validate=OneOf(RESPONSE_STATUSES))
+    role = fields.String(validate=OneOf(["assistant"]))
+    content = fields.List(fields.Nested(ResponsesPartSchema))
+    summary = fields.List(fields.Dict())
+    call_id = fields.String()
+    name = fields.String()
+    arguments = fields.String()
+
+
+class ResponsesInputDetailsSchema(Schema):
+    cached_tokens = _required(fields.Integer, validate=Range(min=0))
+
+
+class ResponsesOutputDetailsSchema(Schema):
+    reasoning_tokens = _required(fields.Integer, validate=Range(min=0))
+
+
+class ResponsesUsageSchema(Schema):
+    input_tokens = _required(fields.Integer, validate=Range(min=0))
+    input_tokens_details = fields.Nested(ResponsesInputDetailsSchema, required=True)
+    output_tokens = _required(fields.Integer, validate=Range(min=0))
+    output_tokens_details = fields.Nested(ResponsesOutputDetailsSchema, required=True)
+    total_tokens = _required(fields.Integer, validate=Range(min=0))
+
+
+class ResponsesIncompleteSchema(Schema):
+    reason = _required(fields.String, validate=OneOf(["max_output_tokens"]))
+
+
+class ResponsesResponseSchema(Schema):
+    """The response object: what was generated, and what the request asked for."""
+
+    id = _required(fields.String)
+    object = _const("response")
+    created_at = _required(fields.Integer)
+    completed_at = fields.Integer()
+    status = _required(fields.String, validate=OneOf(RESPONSE_STATUSES))
+    model = _required(fields.String)
+    output = _required(fields.List, fields.Nested(ResponsesItemSchema))
+    error = fields.Dict(required=True, allow_none=True)
+    incomplete_details = fields.Nested(ResponsesIncompleteSchema, required=True, allow_none=True)
+    usage = fields.Nested(ResponsesUsageSchema, required=True, allow_none=True)
+    store = fields.Boolean()
+    instructions = fields.String(allow_none=True)
+    max_output_tokens = fields.Integer(allow_none=True)
+    temperature = fields.Float(allow_none=True)
+    top_p = fields.Float(allow_none=True)
+    tool_choice = fields.Raw()
+    tools = fields.List(fields.Dict())
+    parallel_tool_calls = fields.Boolean()
+    text = fields.Dict()
+    metadata = fields.Dict()
+
+
+class _ResponsesEventSchema(Schema):
+    sequence_number = _required(fields.Integer, validate=Range(min=0))
+
+
+class ResponsesLifecycleEventSchema(_ResponsesEventSchema):
+    """``response.created``, ``response.in_progress``, ``response.completed``,
+    ``response.incomplete``: the response as it stands."""
+
+    type = _required(fields.String, validate=OneOf(["response.created", "response.in_progress",
+                                                    "response.completed", "response.incomplete"]))
+    response = fields.Nested(ResponsesResponseSchema, required=True)
+
+
+class ResponsesItemEventSchema(_ResponsesEventSchema):
+    type = _required(fields.String, validate=OneOf(["response.output_item.added", "response.output_item.done"]))
+    output_index = _required(fields.Integer, validate=Range(min=0))
+    item = fields.Nested(ResponsesItemSchema, required=True)
+
+
+class _ResponsesItemPieceSchema(_ResponsesEventSchema):
+    """An event about an output item: its id and its index in ``output``."""
+
+    item_id = _required(fields.String)
+    output_index = _required(fields.Integer, validate=Range(min=0))
+
+
+class _ResponsesPartPieceSchema(_ResponsesItemPieceSchema):
+    """An event about a part of an item's content: also the part's index."""
+
+    content_index = _required(fields.Integer, validate=Range(min=0))
+
+
+class ResponsesPartEventSchema(_ResponsesPartPieceSchema):
+    type = _required(fields.String, validate=OneOf(["response.content_part.added", "response.content_part.done"]))
+    part = fields.Nested(ResponsesPartSchema, required=True)
+
+
+class ResponsesTextDeltaEventSchema(_ResponsesPartPieceSchema):
+    type = _required(fields.String, validate=OneOf(["response.output_text.delta", "response.reasoning_text.delta"]))
+    delta = _required(fields.String)
+    logprobs = fields.List(fields.Dict())
+
+
+class ResponsesTextDoneEventSchema(_ResponsesPartPieceSchema):
+    type = _required(fields.String, validate=OneOf(["response.output_text.done", "response.reasoning_text.done"]))
+    text = _required(fields.String)
+    logprobs = fields.List(fields.Dict())
+
+
+class ResponsesArgumentsDeltaEventSchema(_ResponsesItemPieceSchema):
+    type = _const("response.function_call_arguments.delta")
+    delta = _required(fields.String)
+
+
+class ResponsesArgumentsDoneEventSchema(_ResponsesItemPieceSchema):
+    type = _const("response.function_call_arguments.done")
+    name = _required(fields.String)
+    arguments = _required(fields.String)
+
+
+class ResponsesErrorEventSchema(_ResponsesEventSchema):
+    """A failure after the stream began: the error's type (``code``), message and field."""
+
+    type = _const("error")
+    code = _required(fields.String, allow_none=True)
+    message = _required(fields.String)
+    param = _required(fields.String, allow_none=True)

@@ -22,7 +22,8 @@ def _payload_schema(spec: dict, path: str, event: str) -> dict:
 
 
 def check_sse(spec: dict, path: str, body: bytes, *, complete: bool = True) -> None:
-    """The stream's shape (named events for /generate and /v1/messages, the last one ending it;
+    """The stream's shape (named events for /generate, /v1/messages and /v1/responses, the last
+    one ending it;
     data lines then [DONE], once, last, for the other /v1 streams) and each JSON payload against
     the document (schemathesis checks each event too, with contentSchema; this does not depend
     on that). ``complete`` false: the reader stopped early (schemathesis reads at most 20 events
@@ -33,14 +34,18 @@ def check_sse(spec: dict, path: str, body: bytes, *, complete: bool = True) -> N
     for i, block in enumerate(blocks):
         lines = block.split("\n")
         last_block = i == len(blocks) - 1
-        if path in ("/generate", "/v1/messages"):
+        if path in ("/generate", "/v1/messages", "/v1/responses"):
             assert len(lines) == 2 and lines[0].startswith("event: "), block
             event, data = lines[0][len("event: "):], lines[1][len("data: "):]
-            ends = ("done", "error") if path == "/generate" else ("message_stop", "error")
+            ends = {"/generate": ("done", "error"), "/v1/messages": ("message_stop", "error"),
+                    "/v1/responses": ("response.completed", "response.incomplete", "error")}[path]
             assert event not in ends or last_block, f"{block} before the end"
             assert event in ends or not last_block or not complete, f"the stream does not end with one of {ends}"
             if path == "/v1/messages":
                 assert (event == "message_start") == (i == 0), block
+            if path == "/v1/responses":  # response.created first; each event numbered in order
+                assert (event == "response.created") == (i == 0), block
+                assert json.loads(data)["sequence_number"] == i, block
         else:
             assert len(lines) == 1 and lines[0].startswith("data: "), block
             event, data = "message", lines[0][len("data: "):]

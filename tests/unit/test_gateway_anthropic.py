@@ -44,9 +44,10 @@ def check_message(spec, body):
     return body
 
 
-def check_events(spec, response):
-    """The stream's events, once checked against the document."""
-    openapi_sse.check_sse(spec, "/v1/messages", response.get_data())
+def check_events(spec, response, path="/v1/messages"):
+    """The stream's named events (of ``path``'s API), once checked against the document."""
+    assert response.status_code == 200, response.get_data(as_text=True)
+    openapi_sse.check_sse(spec, path, response.get_data())
     events = []
     for block in response.get_data(as_text=True).split("\n\n"):
         lines = [line for line in block.split("\n") if line and not line.startswith(":")]

@@ -68,7 +68,7 @@ def test_every_endpoint_is_described():
         ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"), ("/openapi.json", "get"),
         ("/generate", "post"), ("/v1/models", "get"), ("/v1/models/{model}", "get"),
         ("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/messages", "post"),
-        ("/v1/messages/count_tokens", "post"),
+        ("/v1/messages/count_tokens", "post"), ("/v1/responses", "post"),
         ("/tokenize", "post"), ("/detokenize", "post"),
     }
     # ... and that is every route of the app (but the /generate/ alias and Flask's static files)

@@ -1,0 +1,65 @@
+"""OpenAI's ``openai`` client's ``responses``, unmodified, against the real gateway and Triton (CPU
+model): a response and its stream agree with each other and with the chat completion of the
+same conversation, a forced function call, a reply cut by max_output_tokens, and a 400."""
+
+import json
+
+import openai
+import pytest
+from e2e_helpers import API_KEY
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = "What is the capital of France? Answer in one sentence."
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "required": ["city"], "properties": {"city": {"type": "string", "maxLength": 30}}}}
+
+
+@pytest.fixture
+def oai(gateway):
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_a_response_its_stream_and_the_chat_completion_agree_on_the_real_model(oai):
+    response = oai.responses.create(model=MODEL, input=QUESTION, instructions="You are brief.", temperature=0,
+                                    max_output_tokens=24)
+    assert response.status == "completed" and "Paris" in response.output_text
+    chat = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=24, messages=[
+        {"role": "system", "content": "You are brief."}, {"role": "user", "content": QUESTION}])
+    assert chat.choices[0].message.content == response.output_text  # the same generation, greedy
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (chat.usage.prompt_tokens,
+                                                                          chat.usage.completion_tokens)
+    with oai.responses.stream(model=MODEL, input=QUESTION, instructions="You are brief.", temperature=0,
+                              max_output_tokens=24) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == final.output_text == response.output_text
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    cut = oai.responses.create(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=2)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 2
+
+
+def test_a_forced_function_call_and_its_output_sent_back(oai):
+    request = {"model": MODEL, "input": "What is the weather in Paris?", "tools": [WEATHER],
+               "tool_choice": {"type": "function", "name": "get_weather"}, "max_output_tokens": 40}
+    [call] = oai.responses.create(**request).output
+    assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
+    assert set(json.loads(call.arguments)) == {"city"}
+    with oai.responses.stream(**request) as stream:
+        streamed = [e for e in stream if e.type == "response.function_call_arguments.done"]
+    assert len(streamed) == 1 and set(json.loads(streamed[0].arguments)) == {"city"}
+    history = [{"role": "user", "content": "What is the weather in Paris?"}, call.model_dump(exclude_none=True),
+               {"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees and sunny"}]
+    answer = oai.responses.create(model=MODEL, input=history, tools=[WEATHER], tool_choice="none", temperature=0,
+                                  max_output_tokens=12)
+    assert answer.output_text and answer.output[0].type == "message"
+
+
+def test_bad_requests_raise_the_clients_exception(oai):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.responses.create(model=MODEL, input=QUESTION, previous_response_id="resp_1")
+    assert caught.value.body["param"] == "previous_response_id"
