@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
@@ -136,11 +137,10 @@ def chat_completions() -> Any:
 @require_api_key
 @rate_limited
 def messages() -> Any:
-    req = _messages_request(_state().messages_schema)
-    names = {name: messages_param(public) or public for name, public in req.param_names.items()}
+    req, _ = _as_chat(_state().messages_schema, messages_param)
     reply = MessagesReply(req.params.model, tool_choice=req.tool_choice, reasoning=req.reasoning,
                           stops=req.params.sampling.stop)
-    return _answer(dataclasses.replace(req, param_names=names), reply)
+    return _answer(req, reply)
 
 
 @bp.post("/responses")
@@ -148,16 +148,8 @@ def messages() -> Any:
 @rate_limited
 def responses() -> Any:
     """OpenAI's Responses API, served as the chat completion it is (gateway.responses)."""
-    body = load_request(_state().responses_schema, read_json_object(request))
-    echo = body.pop("responses")  # what the response object repeats of the request
-    try:
-        req = load_request(_state().chat_schema, body)
-    except ClientError as err:
-        err.param = responses_param(err.param)
-        raise
-    names = {name: responses_param(public) or public for name, public in req.param_names.items()}
-    reply = ResponsesReply(req.params.model, echo, tool_choice=req.tool_choice, reasoning=req.reasoning)
-    return _answer(dataclasses.replace(req, param_names=names), reply)
+    req, echo = _as_chat(_state().responses_schema, responses_param)
+    return _answer(req, ResponsesReply(req.params.model, echo, tool_choice=req.tool_choice, reasoning=req.reasoning))
 
 
 @bp.post("/messages/count_tokens")
@@ -165,21 +157,27 @@ def responses() -> Any:
 @rate_limited
 def count_message_tokens() -> Any:
     """Anthropic's token count: the tokens of the prompt a Messages request renders."""
-    req = _messages_request(_state().count_tokens_schema)
+    req, _ = _as_chat(_state().count_tokens_schema, messages_param)
     authorize_model(g.api_key, req.params.model)
     backend = current_app.extensions["trident"].backend
     ids = backend.tokenize(req.params.model, req.params.prompt, add_special_tokens=False, request_id=g.request_id)
     return {"input_tokens": len(ids)}
 
 
-def _messages_request(schema: MessagesSchema) -> OpenAIRequest:
-    """The chat completion a Messages request is; errors name the Messages fields."""
+def _as_chat(schema: MessagesSchema | ResponsesSchema,
+             public: Callable[[str | None], str | None]) -> tuple[OpenAIRequest, dict[str, Any]]:
+    """The chat completion another API's request is (its schema builds the chat body), and what
+    its reply repeats of the request (the body's ``echo``, if any); its errors, now and from the
+    llm model, name that API's fields (``public``)."""
     body = load_request(schema, read_json_object(request))
+    echo = body.pop("echo", {})
     try:
-        return load_request(_state().chat_schema, body)
+        req = load_request(_state().chat_schema, body)
     except ClientError as err:
-        err.param = messages_param(err.param)
+        err.param = public(err.param)
         raise
+    names = {name: public(field) or field for name, field in req.param_names.items()}
+    return dataclasses.replace(req, param_names=names), echo
 
 
 def _answer(req: OpenAIRequest, reply: CompletionReply | ChatCompletionReply | MessagesReply | ResponsesReply) -> Any:

@@ -257,8 +257,8 @@ class ResponsesSchema(StrictSchema):
 
     @post_load
     def chat_body(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        """The /v1/chat/completions body this request is (and, under ``responses``, what the
-        reply echoes)."""
+        """The /v1/chat/completions body this request is (and, under ``echo``, what the response
+        object repeats of the request)."""
         messages: list[dict[str, Any]] = []
         if data.get("instructions"):
             messages.append({"role": "system", "content": data["instructions"]})
@@ -282,12 +282,12 @@ class ResponsesSchema(StrictSchema):
         given = {k: v for k, v in data.items() if v is not None}
         if isinstance(given.get("tool_choice"), dict):  # echoed as the request gave it
             given["tool_choice"] = {"type": "function", "name": given["tool_choice"]["function"]["name"]}
-        body["responses"] = {"instructions": given.get("instructions"), "max_output_tokens": given.get("max_output_tokens"),
-                             "temperature": given.get("temperature"), "top_p": given.get("top_p"),
-                             "tool_choice": given.get("tool_choice", "auto"), "tools": given.get("tools", []),
-                             "parallel_tool_calls": given.get("parallel_tool_calls", True),
-                             "text": {"format": text_format or {"type": "text"}},
-                             "metadata": given["metadata"] if isinstance(given.get("metadata"), dict) else {}}
+        body["echo"] = {"instructions": given.get("instructions"), "max_output_tokens": given.get("max_output_tokens"),
+                        "temperature": given.get("temperature"), "top_p": given.get("top_p"),
+                        "tool_choice": given.get("tool_choice", "auto"), "tools": given.get("tools", []),
+                        "parallel_tool_calls": given.get("parallel_tool_calls", True),
+                        "text": {"format": text_format or {"type": "text"}},
+                        "metadata": given["metadata"] if isinstance(given.get("metadata"), dict) else {}}
         return body
 
 
