@@ -347,7 +347,6 @@ class ResponsesReply:
     def response(self, choices: list[Choice], finished: Finished) -> dict[str, Any]:
         choice = choices[0]
         message = self._chat._choice(choice)["message"]
-        status = "incomplete" if choice.finish_reason == "length" else "completed"  # the last item was cut
         if message.get("reasoning"):
             self._items.append(_reasoning_item(message["reasoning"]))
         if message.get("content"):
@@ -355,7 +354,7 @@ class ResponsesReply:
         for call in message.get("tool_calls") or ():
             self._items.append(_call_item(call["id"], call["function"]["name"], call["function"]["arguments"]))
         if self._items:
-            self._items[-1]["status"] = status
+            self._items[-1]["status"] = _status(self._items[-1], cut=choice.finish_reason == "length")
         return self._response(choice.finish_reason, finished)
 
     def _response(self, reason: str | None, finished: Finished | None) -> dict[str, Any]:
@@ -389,7 +388,7 @@ class ResponsesReply:
         delta = self._chat._delta_choice(0, None, "stop")
         if delta is not None:
             out.extend(self._pieces(delta["delta"]))
-        out.extend(self._close("incomplete" if reason == "length" else "completed"))
+        out.extend(self._close(cut=reason == "length"))
         final = self._response(reason, event)
         out.append(self._event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                                response=final))
@@ -450,13 +449,13 @@ class ResponsesReply:
                                delta=text, **extra))
         return out
 
-    def _close(self, status: str = "completed") -> list[bytes]:
-        """The ``.done`` events of the item being streamed (``incomplete``: max_output_tokens cut it)."""
+    def _close(self, *, cut: bool = False) -> list[bytes]:
+        """The ``.done`` events of the item being streamed (``cut``: max_output_tokens ended it)."""
         item, self._open = self._open, None
         if item is None:
             return []
         index = self._open_at
-        item["status"] = status
+        item["status"] = _status(item, cut=cut)
         out = []
         if item["type"] == "function_call":
             out.append(self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
@@ -476,6 +475,21 @@ class ResponsesReply:
         body = {"type": event, "sequence_number": self._sequence, **data}
         self._sequence += 1
         return f"event: {event}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode("utf-8")
+
+
+def _status(item: Mapping[str, Any], *, cut: bool) -> str:
+    """The status of the last item when the generation ended: ``incomplete`` when
+    max_output_tokens cut it (text; a call whose arguments are not whole JSON: a named
+    function's, whose arguments are the whole output), else ``completed``."""
+    if not cut:
+        return "completed"
+    if item["type"] == "function_call":
+        try:
+            json.loads(item["arguments"])
+            return "completed"  # a whole call: the cut came after it
+        except ValueError:
+            return "incomplete"
+    return "incomplete"
 
 
 def _message_item(text: str, *, status: str = "completed") -> dict[str, Any]:

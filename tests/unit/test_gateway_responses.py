@@ -142,6 +142,7 @@ def test_text_format_is_the_chat_response_format(app):
 
 
 def test_a_reply_cut_by_max_output_tokens_is_incomplete(app):
+    """The response, and the item the cut ended (text; a named call's arguments)."""
     _, backend, web, spec = app
     backend.script = says("Hello", " there", reason="length")
     body = check_response(spec, post(web, max_output_tokens=2).get_json())
@@ -150,6 +151,16 @@ def test_a_reply_cut_by_max_output_tokens_is_incomplete(app):
     events = events_of(spec, post(web, max_output_tokens=2, stream=True))
     assert events[-1]["type"] == "response.incomplete" and events[-1]["response"]["status"] == "incomplete"
     assert events[-2]["type"] == "response.output_item.done" and events[-2]["item"]["status"] == "incomplete"
+    # a call reported whole stays completed (the cut came after it); a named call's cut arguments do not
+    for choice, script, status in (("required", says('[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"na',
+                                                     reason="length"), "completed"),
+                                   ({"type": "function", "name": "get_weather"}, says('{"city": "Pa', reason="length"),
+                                    "incomplete")):
+        backend.script = script
+        for stream in (False, True):
+            response = post(web, tools=[TOOL], tool_choice=choice, max_output_tokens=9, stream=stream)
+            body = events_of(spec, response)[-1]["response"] if stream else check_response(spec, response.get_json())
+            assert body["status"] == "incomplete" and [i["status"] for i in body["output"]] == [status], body
 
 
 def test_the_stream_starts_once_the_server_took_the_request_and_ends_with_an_error_event_on_failure(app):
