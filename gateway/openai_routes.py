@@ -149,7 +149,8 @@ def messages() -> Any:
 def responses() -> Any:
     """OpenAI's Responses API, served as the chat completion it is (gateway.responses)."""
     req, echo = _as_chat(_state().responses_schema, responses_param)
-    return _answer(req, ResponsesReply(req.params.model, echo, tool_choice=req.tool_choice, reasoning=req.reasoning))
+    return _answer(req, ResponsesReply(req.params.model, echo, tool_choice=req.tool_choice, reasoning=req.reasoning,
+                                       logprobs=req.logprobs))
 
 
 @bp.post("/messages/count_tokens")

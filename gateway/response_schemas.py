@@ -483,6 +483,7 @@ class ResponsesResponseSchema(Schema):
     max_output_tokens = fields.Integer(allow_none=True)
     temperature = fields.Float(allow_none=True)
     top_p = fields.Float(allow_none=True)
+    top_logprobs = fields.Integer(allow_none=True)
     tool_choice = fields.Raw()
     tools = fields.List(fields.Dict())
     parallel_tool_calls = fields.Boolean()

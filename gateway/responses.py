@@ -20,10 +20,12 @@ What maps to what:
 * ``max_output_tokens``, ``temperature``, ``top_p``, ``stream``; ``tools`` (``function`` tools:
   ``name``, ``description``, ``parameters``, ``strict``), ``tool_choice`` (``auto``, ``none``,
   ``required``, ``{"type": "function", "name": ...}``), ``parallel_tool_calls``;
-  ``text.format`` (``text``, ``json_object``, ``json_schema``: chat's ``response_format``).
+  ``text.format`` (``text``, ``json_object``, ``json_schema``: chat's ``response_format``);
+  ``include: ["message.output_text.logprobs"]`` and ``top_logprobs`` (chat's ``logprobs`` and
+  ``top_logprobs``, in the ``output_text``).
 * Stateless: nothing is stored, so ``previous_response_id``, ``conversation`` and ``prompt``
   are 400s (send the whole conversation in ``input``) and ``store`` is accepted and ignored, as
-  are ``metadata``, ``include``, ``reasoning``, ``truncation``, ``user``, ``service_tier``,
+  are ``metadata``, the rest of ``include``, ``reasoning``, ``truncation``, ``user``, ``service_tier``,
   ``prompt_cache_key`` and ``safety_identifier``.
 
 The reply: a ``response`` with ``output`` items (``reasoning`` where REASONING_PARSER read some,
@@ -57,10 +59,12 @@ from .openai_replies import ChatCompletionReply
 from .reasoning import Reasoning
 from .schemas import StrictSchema, _range
 from .tools import MAX_TOOLS, JsonObject, ToolChoice
-from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES
+from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_TOP_LOGPROBS
 
 #: the roles of input messages, as the chat template's (``developer`` is OpenAI's newer system)
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+#: what ``include`` names to have logprobs in the message's ``output_text``
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 #: the text parts a message's content may hold
 TEXT_PARTS = ("input_text", "output_text")
 #: stream events, in the order a stream sends them (the document lists them)
@@ -234,6 +238,9 @@ class ResponsesSchema(StrictSchema):
     tool_choice = ToolChoiceValue()
     parallel_tool_calls = StrictBoolean()
     text = Nested(TextConfigSchema)
+    top_logprobs = StrictInteger(validate=_range("top_logprobs must be between {min} and {max}, got {input}", min=0,
+                                                 max=MAX_TOP_LOGPROBS))
+    include = Anything()  # "message.output_text.logprobs" asks for logprobs; the rest is ignored
     # Nothing is stored here: what needs a stored response or a stored prompt is refused.
     previous_response_id = Empty("previous_response_id is not supported: this server stores no responses; send the "
                                  "whole conversation in input")
@@ -245,7 +252,6 @@ class ResponsesSchema(StrictSchema):
     # Accepted and ignored: they do not change what is generated here.
     store = Anything()
     metadata = Anything()
-    include = Anything()
     reasoning = Anything()
     truncation = Anything()
     user = Anything()
@@ -272,6 +278,11 @@ class ResponsesSchema(StrictSchema):
         if data.get("tools"):
             body["tools"] = [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
                              for tool in data["tools"]]
+        include = data.get("include")
+        if (isinstance(include, list) and LOGPROBS_INCLUDE in include) or data.get("top_logprobs"):
+            body["logprobs"] = True  # chat's: every generated token's log-probability
+            if data.get("top_logprobs"):
+                body["top_logprobs"] = data["top_logprobs"]
         text_format = (data.get("text") or {}).get("format")
         if text_format is not None and text_format["type"] != "text":
             if text_format["type"] == "json_object":
@@ -286,7 +297,7 @@ class ResponsesSchema(StrictSchema):
                         "temperature": given.get("temperature"), "top_p": given.get("top_p"),
                         "tool_choice": given.get("tool_choice", "auto"), "tools": given.get("tools", []),
                         "parallel_tool_calls": given.get("parallel_tool_calls", True),
-                        "text": {"format": text_format or {"type": "text"}},
+                        "text": {"format": text_format or {"type": "text"}}, "top_logprobs": given.get("top_logprobs"),
                         "metadata": given["metadata"] if isinstance(given.get("metadata"), dict) else {}}
         return body
 
@@ -330,12 +341,13 @@ class ResponsesReply:
     reply (its reasoning and tool-call readers) and its pieces become output items."""
 
     def __init__(self, model: str, echo: Mapping[str, Any], *, tool_choice: ToolChoice | None = None,
-                 reasoning: Reasoning | None = None) -> None:
+                 reasoning: Reasoning | None = None, logprobs: int | None = None) -> None:
         self.id = f"resp_{new_id()}"
         self.model = model
         self.created_at = int(time.time())
         self._echo = dict(echo)
-        self._chat = ChatCompletionReply(model, tool_choice=tool_choice, reasoning=reasoning)
+        self._chat = ChatCompletionReply(model, tool_choice=tool_choice, reasoning=reasoning, logprobs=logprobs)
+        self._logprobs: list[dict[str, Any]] = []  # streamed tokens' log-probabilities not handed out yet
         self._sequence = 0
         self._started = False
         self._items: list[dict[str, Any]] = []  # the output so far
@@ -346,11 +358,14 @@ class ResponsesReply:
 
     def response(self, choices: list[Choice], finished: Finished) -> dict[str, Any]:
         choice = choices[0]
-        message = self._chat._choice(choice)["message"]
+        answer = self._chat._choice(choice)
+        message = answer["message"]
         if message.get("reasoning"):
             self._items.append(_reasoning_item(message["reasoning"]))
         if message.get("content"):
             self._items.append(_message_item(message["content"]))
+            if answer["logprobs"] is not None:  # as chat's: every generated token
+                self._items[-1]["content"][0]["logprobs"] = answer["logprobs"]["content"]
         for call in message.get("tool_calls") or ():
             self._items.append(_call_item(call["id"], call["function"]["name"], call["function"]["arguments"]))
         if self._items:
@@ -379,9 +394,11 @@ class ResponsesReply:
         """The SSE bytes of one generation event (SSEBody's ``encode``)."""
         out = [self._start()]
         if isinstance(event, TextDelta):
-            if event.index == 0 and event.text:
-                delta = self._chat._delta_choice(0, event.text, None)
+            if event.index == 0 and (event.text or event.logprobs is not None):
+                delta = self._chat._delta_choice(0, event.text, None, event.logprobs)
                 if delta is not None:
+                    if delta["logprobs"] is not None:
+                        self._logprobs += delta["logprobs"]["content"]
                     out.extend(self._pieces(delta["delta"]))
             return b"".join(out)
         reason = event.ends[0].finish_reason
@@ -444,7 +461,10 @@ class ResponsesReply:
             self._open, self._open_at = item, index
         self._open["content"][0]["text"] += text
         name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-        extra = {} if kind == "reasoning" else {"logprobs": []}
+        extra = {}
+        if kind == "message":  # the tokens' log-probabilities so far (thinking's too, as chat's)
+            extra["logprobs"], self._logprobs = self._logprobs, []
+            self._open["content"][0]["logprobs"] += extra["logprobs"]
         out.append(self._event(name, item_id=self._open["id"], output_index=self._open_at, content_index=0,
                                delta=text, **extra))
         return out
@@ -463,7 +483,11 @@ class ResponsesReply:
         else:
             part = item["content"][0]
             name = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
-            extra = {} if item["type"] == "reasoning" else {"logprobs": []}
+            extra = {}
+            if item["type"] == "message":  # all of its tokens' log-probabilities
+                part["logprobs"] += self._logprobs
+                self._logprobs = []
+                extra["logprobs"] = part["logprobs"]
             out.append(self._event(name, item_id=item["id"], output_index=index, content_index=0, text=part["text"],
                                    **extra))
             out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,

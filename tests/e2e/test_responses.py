@@ -1,6 +1,7 @@
 """OpenAI's ``openai`` client's ``responses``, unmodified, against the real gateway and Triton (CPU
 model): a response and its stream agree with each other and with the chat completion of the
-same conversation, a forced function call, a reply cut by max_output_tokens, and a 400."""
+same conversation, its logprobs equal chat's, a forced function call, a reply cut by
+max_output_tokens, and a 400."""
 
 import json
 
@@ -41,6 +42,24 @@ def test_a_response_its_stream_and_the_chat_completion_agree_on_the_real_model(o
     cut = oai.responses.create(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=2)
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
     assert cut.usage.output_tokens == 2
+
+
+def test_logprobs_are_chats_for_the_same_generation(oai):
+    """include message.output_text.logprobs with top_logprobs: the tokens spell the output text,
+    and equal chat's logprobs for the same conversation (greedy), streamed the same."""
+    asked = {"model": MODEL, "input": QUESTION, "temperature": 0, "max_output_tokens": 12, "top_logprobs": 2,
+             "include": ["message.output_text.logprobs"]}
+    response = oai.responses.create(**asked)
+    tokens = response.output[0].content[0].logprobs
+    assert "".join(t.token for t in tokens) == response.output_text and len(tokens) == response.usage.output_tokens
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in tokens)
+    chat = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+                                       max_tokens=12, logprobs=True, top_logprobs=2)
+    assert [(t.token, round(t.logprob, 4)) for t in tokens] == [
+        (t.token, round(t.logprob, 4)) for t in chat.choices[0].logprobs.content]
+    with oai.responses.stream(**asked) as stream:
+        streamed = [t for e in stream if e.type == "response.output_text.delta" for t in e.logprobs]
+    assert [t.token for t in streamed] == [t.token for t in tokens]
 
 
 def test_a_forced_function_call_and_its_output_sent_back(oai):

@@ -13,8 +13,9 @@ import pytest
 from openai_fixtures import AUTH, KEY, MODEL
 from test_gateway_anthropic import check_events, make_app  # the app with the tools template and hermes
 from test_gateway_openai_tools import WEATHER, says
+from test_gateway_output_controls import piece
 
-from gateway.backend import Admitted, Finished
+from gateway.backend import Admitted, Finished, TextDelta
 from gateway.errors import ServerError
 from gateway.responses import responses_param
 
@@ -141,6 +142,42 @@ def test_text_format_is_the_chat_response_format(app):
     assert backend.last_params.sampling.guide is None
 
 
+def test_logprobs_come_with_the_output_text_when_included(app):
+    """include "message.output_text.logprobs" (and top_logprobs for alternatives): chat's
+    log-probabilities in the output_text, whole and streamed (the deltas' lists add up to the
+    done event's and the final item's)."""
+    flask_app, backend, web, spec = app
+
+    def script(params):
+        k = params.sampling.logprobs
+        assert k is not None
+        return [TextDelta("Hel", 0, piece(("H", -0.5), ("el", -0.25), top=k)),
+                TextDelta("lo!", 0, piece(("lo", -0.125), ("!", -1.0), top=k)),
+                Finished("eos_token", prompt_tokens=3, completion_tokens=4)]
+
+    backend.script = script
+    body = check_response(spec, post(web, include=["message.output_text.logprobs"]).get_json())
+    part = body["output"][0]["content"][0]
+    assert part["text"] == "Hello!" and [(t["token"], t["logprob"]) for t in part["logprobs"]] == [
+        ("H", -0.5), ("el", -0.25), ("lo", -0.125), ("!", -1.0)]
+    assert all(t["top_logprobs"] == [] for t in part["logprobs"]) and backend.last_params.sampling.logprobs == 0
+    body = check_response(spec, post(web, top_logprobs=2).get_json())
+    assert body["top_logprobs"] == 2 and body["output"][0]["content"][0]["logprobs"][0]["top_logprobs"] == [
+        {"token": "H", "logprob": -0.5, "bytes": [72]}, {"token": "alt0", "logprob": -1.5, "bytes": [97, 108, 116, 48]}]
+    events = events_of(spec, post(web, top_logprobs=2, stream=True))
+    deltas = [t for e in events if e["type"] == "response.output_text.delta" for t in e["logprobs"]]
+    [done] = [e for e in events if e["type"] == "response.output_text.done"]
+    final = events[-1]["response"]["output"][0]["content"][0]["logprobs"]
+    assert [t["token"] for t in deltas] == ["H", "el", "lo", "!"] and deltas == done["logprobs"] == final
+    with client_of(flask_app).responses.stream(model=MODEL, input="x", include=["message.output_text.logprobs"],
+                                                top_logprobs=1) as stream:
+        final = stream.get_final_response()
+    assert [t.token for t in final.output[0].content[0].logprobs] == ["H", "el", "lo", "!"]
+    backend.script = says("Hello")
+    assert post(web).get_json()["output"][0]["content"][0]["logprobs"] == []  # not asked: none
+    assert backend.last_params.sampling.logprobs is None
+
+
 def test_a_reply_cut_by_max_output_tokens_is_incomplete(app):
     """The response, and the item the cut ended (text; a named call's arguments)."""
     _, backend, web, spec = app
@@ -191,7 +228,7 @@ def test_the_stream_starts_once_the_server_took_the_request_and_ends_with_an_err
     ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
     ({"text": {"format": {"type": "json_schema"}}}, "text"),
-    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"top_logprobs": 21}, "top_logprobs"),
     ({"model": "other"}, "model"),
 ])
 def test_bad_requests_are_4xx_naming_the_responses_field(app, body, param):
