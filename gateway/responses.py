@@ -1,6 +1,6 @@
 """``POST /v1/responses``: OpenAI's Responses API, stateless, for the clients that speak it (the
-``openai`` client's ``responses``, the OpenAI Agents SDK, coding agents), as vLLM and llama.cpp's
-server offer it.
+``openai`` client's ``responses``, the OpenAI Agents SDK, coding agents), as vLLM offers it
+(llama.cpp's server does not, yet).
 
 A Responses request is the same generation as a chat completion, so it is served by the chat
 path, as gateway.anthropic serves Anthropic's: :class:`ResponsesSchema` checks the request's own
