@@ -56,7 +56,7 @@ from marshmallow.validate import OneOf
 from .backend import Admitted, Event, Finished, TextDelta
 from .choices import Choice
 from .errors import ApiError, renamed_param
-from .fields import StrictBoolean, StrictInteger, StrictNumber, StrictString, _StrictField, describe
+from .fields import StrictBoolean, StrictInteger, StrictNumber, StrictString, _StrictField, check_fields, describe
 from .ids import new_id
 from .openai_fields import Anything, Nested
 from .openai_replies import ChatCompletionReply
@@ -146,14 +146,7 @@ _OPTIONAL_FIELDS = {
 
 def _block(block: dict[str, Any], where: str) -> dict[str, Any]:
     kind = block["type"]
-    required = _BLOCK_FIELDS[kind]
-    unknown = sorted(set(block) - {"type", *required, *_OPTIONAL_FIELDS[kind]})
-    if unknown:
-        raise ValidationError(f"{where} has an unrecognized field: {unknown[0]}")
-    for name, type_ in required.items():
-        if not isinstance(block.get(name), type_):
-            wanted = {str: "a string", dict: "an object"}[type_]
-            raise ValidationError(f"{where}.{name} must be {wanted}, got {describe(block.get(name))}")
+    check_fields(block, where, _BLOCK_FIELDS[kind], _OPTIONAL_FIELDS[kind])
     if kind == "tool_result":
         if block.get("is_error") is not None and not isinstance(block["is_error"], bool):
             raise ValidationError(f"{where}.is_error must be a boolean, got {describe(block['is_error'])}")

@@ -6,6 +6,7 @@ and ``true`` are rejected), numbers JSON numbers, booleans real booleans, string
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from marshmallow import ValidationError, fields
@@ -32,6 +33,23 @@ def describe(value: Any) -> str:
     if isinstance(value, list):
         return "array"
     return "object"
+
+
+#: how an error names the value a field wanted, by its Python types (check_fields)
+_WANTED = {str: "a string", dict: "an object", (str, list): "a string or an array of text parts"}
+
+
+def check_fields(item: Mapping[str, Any], where: str, required: Mapping[str, type | tuple[type, ...]],
+                 optional: Collection[str] = ()) -> None:
+    """An object of another API's request (an Anthropic block, a Responses item): no field but
+    ``type``, the ``required`` ones and the ``optional`` ones; each required one of its type.
+    Raises ``ValidationError`` naming the field (``where.name``)."""
+    unknown = sorted(set(item) - {"type", *required, *optional})
+    if unknown:
+        raise ValidationError(f"{where} has an unrecognized field: {unknown[0]}")
+    for name, kinds in required.items():
+        if not isinstance(item.get(name), kinds):
+            raise ValidationError(f"{where}.{name} must be {_WANTED[kinds]}, got {describe(item.get(name))}")
 
 
 class _StrictField(fields.Field):

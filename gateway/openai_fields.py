@@ -4,7 +4,8 @@ path (``messages[1].role ...``), and fields accepted only at a neutral value."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from marshmallow import ValidationError
@@ -173,23 +174,32 @@ class MessageContent(_StrictField):
         return isinstance(value, (str, list))
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
-        value = super()._deserialize(value, attr, data, **kwargs)
-        if isinstance(value, str):
-            return value
-        texts = []
-        for i, part in enumerate(value):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text":
-                got = f"type {describe(kind)}" if isinstance(part, dict) else describe(part)
-                raise ValidationError(f"content[{i}] must be a text part ({{\"type\": \"text\", \"text\": ...}}): "
-                                      f"only text content is supported, got {got}")
-            if not isinstance(part.get("text"), str):
-                raise ValidationError(f"content[{i}].text must be a string, got {describe(part.get('text'))}")
-            unknown = sorted(set(part) - {"type", "text"})
-            if unknown:
-                raise ValidationError(f"content[{i}] has an unrecognized field: {unknown[0]}")
-            texts.append(part["text"])
-        return "\n".join(texts)
+        return joined_text(super()._deserialize(value, attr, data, **kwargs), "content")
+
+
+def joined_text(value: Any, where: str, kinds: Sequence[str] = ("text",), extra: Collection[str] = ()) -> str:
+    """A string, or an array of text parts (``type`` one of ``kinds``, a string ``text``, no other
+    field but ``extra``) joined with newlines, as vLLM joins a message's parts: chat's content,
+    the Responses API's (gateway.responses). Raises ``ValidationError`` naming the part."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValidationError(f"{where} must be a string or an array of text parts, got {describe(value)}")
+    shape = " or ".join(json.dumps(kind) for kind in kinds)
+    texts = []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in kinds:
+            got = f"type {describe(kind)}" if isinstance(part, dict) else describe(part)
+            raise ValidationError(f"{where}[{i}] must be a text part ({{\"type\": {shape}, \"text\": ...}}): "
+                                  f"only text content is supported, got {got}")
+        if not isinstance(part.get("text"), str):
+            raise ValidationError(f"{where}[{i}].text must be a string, got {describe(part.get('text'))}")
+        unknown = sorted(set(part) - {"type", "text", *extra})
+        if unknown:
+            raise ValidationError(f"{where}[{i}] has an unrecognized field: {unknown[0]}")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 class ChatTemplateKwargs(_StrictField):

@@ -52,9 +52,9 @@ from marshmallow.validate import OneOf
 from .backend import Admitted, Event, Finished, TextDelta
 from .choices import Choice
 from .errors import ApiError, renamed_param
-from .fields import StrictBoolean, StrictInteger, StrictNumber, StrictString, _StrictField, describe
+from .fields import StrictBoolean, StrictInteger, StrictNumber, StrictString, _StrictField, check_fields, describe
 from .ids import new_id
-from .openai_fields import Anything, Empty, Nested
+from .openai_fields import Anything, Empty, Nested, joined_text
 from .openai_replies import ChatCompletionReply
 from .reasoning import Reasoning
 from .schemas import StrictSchema, _range
@@ -65,8 +65,8 @@ from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_TOP_LOGPROBS
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 #: what ``include`` names to have logprobs in the message's ``output_text``
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
-#: the text parts a message's content may hold
-TEXT_PARTS = ("input_text", "output_text")
+#: the text parts a message's content may hold, and their fields beside type and text
+TEXT_PARTS, PART_FIELDS = ("input_text", "output_text"), ("annotations", "logprobs")
 #: stream events, in the order a stream sends them (the document lists them)
 EVENTS = ("response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
           "response.output_text.delta", "response.output_text.done", "response.reasoning_text.delta",
@@ -75,57 +75,28 @@ EVENTS = ("response.created", "response.in_progress", "response.output_item.adde
           "response.completed", "response.incomplete", "error")
 
 
-def _fields(item: Mapping[str, Any], where: str, required: Mapping[str, type | tuple[type, ...]],
-            optional: tuple[str, ...] = ()) -> None:
-    unknown = sorted(set(item) - {"type", *required, *optional})
-    if unknown:
-        raise ValidationError(f"{where} has an unrecognized field: {unknown[0]}")
-    for name, kinds in required.items():
-        if not isinstance(item.get(name), kinds):
-            wanted = "a string" if kinds is str else "a string or an array of text parts"
-            raise ValidationError(f"{where}.{name} must be {wanted}, got {describe(item.get(name))}")
-
-
-def _text(content: Any, where: str, parts: tuple[str, ...] = TEXT_PARTS) -> str:
-    """A string, or text parts joined with newlines (a message's content, a call's output)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ValidationError(f"{where} must be a string or an array of text parts, got {describe(content)}")
-    texts = []
-    for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in parts or not isinstance(part.get("text"), str):
-            got = f"type {describe(kind)}" if isinstance(part, dict) else describe(part)
-            raise ValidationError(f"{where}[{i}] must be a text part ({' or '.join(parts)}, with its text; images, "
-                                  f"files and audio are not supported), got {got}")
-        unknown = sorted(set(part) - {"type", "text", "annotations", "logprobs"})
-        if unknown:
-            raise ValidationError(f"{where}[{i}] has an unrecognized field: {unknown[0]}")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
 def _item(item: Any, where: str) -> dict[str, Any]:
     """One input item, checked, as ``{"type": ..., ...}`` with its text read."""
     if not isinstance(item, dict):
         raise ValidationError(f"{where} must be an object, got {describe(item)}")
     kind = item.get("type", "message" if "role" in item else None)
     if kind == "message":
-        _fields(item, where, {"role": str, "content": (str, list)}, ("id", "status", "phase"))
+        check_fields(item, where, {"role": str, "content": (str, list)}, ("id", "status", "phase"))
         if item["role"] not in ROLES:
             raise ValidationError(f"{where}.role must be one of user, system, developer, assistant, got "
                                   f"{describe(item['role'])}")
-        return {"type": "message", "role": ROLES[item["role"]], "text": _text(item["content"], f"{where}.content")}
+        text = joined_text(item["content"], f"{where}.content", TEXT_PARTS, PART_FIELDS)
+        return {"type": "message", "role": ROLES[item["role"]], "text": text}
     if kind == "function_call":
-        _fields(item, where, {"call_id": str, "name": str, "arguments": str}, ("id", "status", "namespace"))
+        check_fields(item, where, {"call_id": str, "name": str, "arguments": str}, ("id", "status", "namespace"))
         return {"type": kind, "call_id": item["call_id"], "name": item["name"], "arguments": item["arguments"]}
     if kind == "function_call_output":
-        _fields(item, where, {"call_id": str, "output": (str, list)}, ("id", "status"))
-        return {"type": kind, "call_id": item["call_id"], "output": _text(item["output"], f"{where}.output")}
+        check_fields(item, where, {"call_id": str, "output": (str, list)}, ("id", "status"))
+        output = joined_text(item["output"], f"{where}.output", TEXT_PARTS, PART_FIELDS)
+        return {"type": kind, "call_id": item["call_id"], "output": output}
     if kind == "reasoning":
-        _fields(item, where, {}, ("id", "summary", "content", "encrypted_content", "status"))
-        texts = [_text(item.get(key) or [], f"{where}.{key}", (part,))
+        check_fields(item, where, {}, ("id", "summary", "content", "encrypted_content", "status"))
+        texts = [joined_text(item.get(key) or [], f"{where}.{key}", (part,))
                  for key, part in (("content", "reasoning_text"), ("summary", "summary_text"))]
         return {"type": kind, "text": texts[0] or texts[1]}
     got = f"type {describe(kind)}" if kind is not None else "an item without a type or role"
