@@ -47,6 +47,21 @@ V3 as ``function<｜tool▁sep｜>NAME`` and the arguments in a fenced ``json`` 
 tokens the text keeps (not special). A block is all calls or text; one the reply ends in
 before ``<｜tool▁calls▁end｜>`` still made its complete calls.
 
+``kimi_k2``: Kimi K2 writes its calls in one section, ``<|tool_calls_section_begin|>`` ...
+``<|tool_calls_section_end|>``, each call ``<|tool_call_begin|>functions.NAME:N
+<|tool_call_argument_begin|>{arguments}<|tool_call_end|>``; read as DeepSeek's block. The
+``functions.NAME:N`` is the call's id, kept (Kimi's template writes it back in the next turn,
+and the model was trained on ids of that form). The markers are special tokens: with this
+parser the gateway asks for the text with its special tokens, as for ``mistral``.
+
+``glm45`` and ``glm47``: GLM-4.5 / 4.6 (``glm45``) and GLM-4.7 / 5 (``glm47``) write each call in
+a ``<tool_call>`` block (as hermes): the function's name, then an ``<arg_key>KEY</arg_key>``
+``<arg_value>VALUE</arg_value>`` pair per argument (4.5 puts a newline after the name and
+between the pairs, 4.7 none; both are read). A value is text; a parameter declared a string
+(or declared without a type) keeps it, any other is read as JSON, else as a Python literal,
+else kept as text (vLLM's ``glm45`` rules, but for the untyped parameters, which vLLM reads as
+JSON).
+
 Each reader takes a choice's text as it grows (streams): it hands out content as soon as it
 cannot belong to a call, and each call once it is complete (``pythonic``'s once the reply ends:
 only the whole text tells). The same reader gives a whole reply, so a stream and a reply of the
@@ -62,14 +77,18 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 #: The parsers a deployment may name (TOOL_CALL_PARSER; gateway.config refuses another name).
-PARSERS = ("deepseek_v3", "deepseek_v31", "hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder")
+PARSERS = ("deepseek_v3", "deepseek_v31", "glm45", "glm47", "hermes", "kimi_k2", "llama3_json", "mistral", "pythonic",
+           "qwen3_coder")
 #: Parsers whose call marker is a special token: the text must keep special tokens.
-KEEP_SPECIAL_TOKENS = frozenset({"mistral"})
+KEEP_SPECIAL_TOKENS = frozenset({"kimi_k2", "mistral"})
 
 HERMES_OPEN = "<tool_call>"
 HERMES_CLOSE = "</tool_call>"
 DEEPSEEK_CALLS, DEEPSEEK_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DEEPSEEK_CALL, DEEPSEEK_CALL_END, DEEPSEEK_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+KIMI_CALLS, KIMI_CALLS_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+KIMI_CALL, KIMI_ARGUMENTS, KIMI_CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
 MISTRAL_CALLS = "[TOOL_CALLS]"
 MISTRAL_ARGS = "[ARGS]"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")  # OpenAI's function names
@@ -79,6 +98,7 @@ QWEN_PARAMETER, QWEN_PARAMETER_END = "<parameter=", "</parameter>"
 STRING_TYPES = frozenset({"string", "str", "text", "varchar", "char", "enum"})
 PYTHON_TAG = "<|python_tag|>"  # Llama 3's token before a call (special: usually not in the text)
 _SPACE = " \t\r\n"
+_NOT_JSON = object()
 
 
 class SyntaxReader:
@@ -122,8 +142,8 @@ class SyntaxReader:
             return None
         return value["name"], arguments
 
-    def _make(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        call = {"index": self.calls, "id": self._new_id(), "type": "function",
+    def _make(self, name: str, arguments: dict[str, Any], call_id: str | None = None) -> dict[str, Any]:
+        call = {"index": self.calls, "id": call_id or self._new_id(), "type": "function",
                 "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
         self.calls += 1
         return call
@@ -251,6 +271,89 @@ class DeepSeekV3Calls(DeepSeekCalls):
     newline, and its arguments in a fenced ``json`` block."""
 
     FENCED = True
+
+
+class KimiK2Calls(HermesCalls):
+    """``kimi_k2``: Kimi K2's calls section, ``<|tool_calls_section_begin|>``, a
+    ``<|tool_call_begin|>functions.NAME:N<|tool_call_argument_begin|>{arguments}<|tool_call_end|>``
+    per call (whitespace between the parts is layout), ``<|tool_calls_section_end|>``; all the
+    section's calls or none (it stays text), each closing itself, as deepseek_v31. A call's
+    ``functions.NAME:N`` (or ``NAME:N``) is its id, unless the reply used it already."""
+
+    OPEN, CLOSE = KIMI_CALLS, KIMI_CALLS_END
+    UNCLOSED_CALLS = True
+
+    def __init__(self, names: Collection[str], new_id: Callable[[], str], *, most: int | None = None) -> None:
+        super().__init__(names, new_id, most=most)
+        self._ids: set[str] = set()  # the model's ids this reply used
+
+    def _block_calls(self, body: str) -> list[dict[str, Any]] | None:
+        rest, parsed = body.strip(_SPACE), []
+        while rest:
+            end = rest.find(KIMI_CALL_END)
+            if not rest.startswith(KIMI_CALL) or end < 0:
+                return None
+            call_id, sep, arguments = rest[len(KIMI_CALL):end].partition(KIMI_ARGUMENTS)
+            call_id = call_id.strip(_SPACE)
+            head, colon, number = call_id.rpartition(":")
+            name = head[len("functions."):] if head.startswith("functions.") else head
+            if not sep or not colon or not number.isdigit() or not number.isascii():
+                return None
+            one = self._parse({"name": name, "arguments": _json(arguments)})
+            if one is None:
+                return None
+            parsed.append((*one, call_id))
+            rest = rest[end + len(KIMI_CALL_END):].lstrip(_SPACE)
+        if not parsed:
+            return None
+        calls = []
+        for name, arguments, call_id in parsed:
+            calls.append(self._make(name, arguments, None if call_id in self._ids else call_id))
+            self._ids.add(call_id)
+        return calls
+
+
+class GlmCalls(HermesCalls):
+    """``glm45`` / ``glm47``: calls in ``<tool_call>`` blocks, as hermes, each the function's
+    name and an ``<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>`` pair per argument
+    (whitespace around the parts is layout). A value is read by its parameter's declared type
+    (:func:`_glm_typed`)."""
+
+    def _block_calls(self, body: str) -> list[dict[str, Any]] | None:
+        body = body.strip(_SPACE)
+        start = body.find(GLM_KEY)
+        name, rest = (body, "") if start < 0 else (body[:start], body[start:])
+        name = name.strip(_SPACE)
+        if name not in self._names:
+            return None
+        types = self._types.get(name) or {}
+        arguments: dict[str, Any] = {}
+        while rest:
+            key_end = rest.find(GLM_KEY_END)
+            if not rest.startswith(GLM_KEY) or key_end < 0:
+                return None
+            key = rest[len(GLM_KEY):key_end].strip(_SPACE)
+            rest = rest[key_end + len(GLM_KEY_END):].lstrip(_SPACE)
+            value_end = rest.find(GLM_VALUE_END)
+            if not key or not rest.startswith(GLM_VALUE) or value_end < 0:
+                return None
+            arguments[key] = _glm_typed(rest[len(GLM_VALUE):value_end].strip(_SPACE), types.get(key))
+            rest = rest[value_end + len(GLM_VALUE_END):].lstrip(_SPACE)
+        return [self._make(name, arguments)]
+
+
+def _glm_typed(value: str, kind: str | None) -> Any:
+    """A GLM argument's text as its value, by vLLM's glm45 rules: a parameter declared a string
+    keeps the text; any other is the text read as JSON, else as a Python literal, else the text
+    (strict JSON either way: no NaN, no Python objects)."""
+    if kind in STRING_TYPES:
+        return value
+    if (read := _json(value, _NOT_JSON)) is not _NOT_JSON:
+        return read
+    try:
+        return _literal(ast.parse(value, mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return value
 
 
 def _xml_call(text: str) -> tuple[str, dict[str, str]] | None:
@@ -578,17 +681,24 @@ def _literal(node: ast.expr) -> Any:
     raise ValueError("not a literal")
 
 
-def _json(text: str) -> Any:
-    """The JSON value of a text, or None (NaN and Infinity are not JSON: json.dumps would write
-    them back as invalid JSON)."""
+def _json(text: str, default: Any = None) -> Any:
+    """The JSON value of a text, or ``default`` (NaN, Infinity and numbers too large for a float,
+    such as 1e999, are not JSON: json.dumps would write them back as invalid JSON)."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError):
-        return None
+        return default
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is out of a float's range")
+    return number
 
 
 def _until_marker(text: str, marker: str) -> tuple[str, str, str, bool]:
@@ -617,7 +727,8 @@ def partial_start(text: str, token: str) -> int:
 _READERS: dict[str, type[SyntaxReader]] = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls,
                                          "mistral": MistralCalls, "pythonic": PythonicCalls,
                                          "qwen3_coder": Qwen3CoderCalls, "deepseek_v3": DeepSeekV3Calls,
-                                         "deepseek_v31": DeepSeekCalls}
+                                         "deepseek_v31": DeepSeekCalls, "kimi_k2": KimiK2Calls, "glm45": GlmCalls,
+                                         "glm47": GlmCalls}
 
 
 def call_reader(parser: str, names: Collection[str], new_id: Callable[[], str], *,
@@ -640,5 +751,6 @@ def split_calls(parser: str, text: str, names: Collection[str], new_id: Callable
     return content, calls
 
 
-__all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "DeepSeekCalls", "DeepSeekV3Calls", "HermesCalls", "Llama3JsonCalls", "MistralCalls", "PythonicCalls",
+__all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "DeepSeekCalls", "DeepSeekV3Calls", "GlmCalls", "HermesCalls", "KimiK2Calls",
+           "Llama3JsonCalls", "MistralCalls", "PythonicCalls",
            "Qwen3CoderCalls", "SyntaxReader", "call_reader", "partial_start", "split_calls"]

@@ -1,5 +1,5 @@
 """tool_choice "auto" (gateway.tool_parsers): the hermes, llama3_json, mistral, pythonic,
-qwen3_coder, deepseek_v3 and deepseek_v31 syntaxes read out of a choice's text, as a whole and in pieces of every size, and
+qwen3_coder, deepseek_v3, deepseek_v31, kimi_k2 and glm45/glm47 syntaxes read out of a choice's text, as a whole and in pieces of every size, and
 through the app with TOOL_CALL_PARSER (fake backend; replies checked against the app's own /openapi.json)."""
 
 from __future__ import annotations
@@ -176,17 +176,59 @@ DEEPSEEK_V3_CASES = [
     (B + C + "tool" + SEP + "noop\n```json\n{}\n```" + CE + E, B + C + "tool" + SEP + "noop\n```json\n{}\n```" + CE + E, []),
     (B + C + "function" + SEP + "noop\n{}" + CE + E, B + C + "function" + SEP + "noop\n{}" + CE + E, []),
 ]
+KB, KE, KC, KA, KCE = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+                       "<|tool_call_argument_begin|>", "<|tool_call_end|>")
+KIMI = KB + KC + "functions.get_weather:0" + KA + '{"city": "Paris"}' + KCE + KC + "functions.noop:1" + KA + "{}" + KCE + KE
+KIMI_CASES = [
+    ("The weather is fine.", "The weather is fine.", []),
+    (KIMI, None, [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    ("Let me look.\n" + KIMI + "\nDone.", "Let me look.Done.", [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    # whitespace between the parts is layout; the id may lack "functions."
+    (KB + "\n" + KC + " noop:3 " + KA + " {} " + KCE + "\n" + KE, None, [("noop", {})]),
+    # each call closes itself: a reply that ends before the section's end made its calls
+    (KIMI[:-len(KE)], None, [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    # a section is all calls or text: an undeclared function, bad JSON, no index, a call never closed
+    (KB + KC + "functions.rm_rf:0" + KA + "{}" + KCE + KE, KB + KC + "functions.rm_rf:0" + KA + "{}" + KCE + KE, []),
+    ("a " + KB + KC + "functions.noop:0" + KA + "{" + KCE + KE, "a " + KB + KC + "functions.noop:0" + KA + "{" + KCE + KE, []),
+    (KB + KC + "functions.noop" + KA + "{}" + KCE + KE, KB + KC + "functions.noop" + KA + "{}" + KCE + KE, []),
+    (KB + KC + "functions.noop:0" + KA + "{}", KB + KC + "functions.noop:0" + KA + "{}", []),
+    (KB + KC + "functions.noop:0{}" + KCE + KE, KB + KC + "functions.noop:0{}" + KCE + KE, []),
+    ("  ", "  ", []),
+]
+GLM = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>"
+GLM_NOOP = "<tool_call>noop\n</tool_call>"
+GLM_CASES = [
+    ("The weather is fine.", "The weather is fine.", []),
+    (GLM, None, [("get_weather", {"city": "Paris"})]),
+    ("Let me look.\n\n" + GLM + "\n" + GLM_NOOP + "\nDone.", "Let me look.Done.",
+     [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    # GLM-4.7's layout: no newlines; whitespace around a key or a value is layout
+    ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value><arg_key> unit </arg_key>"
+     "<arg_value> c </arg_value></tool_call>", None, [("get_weather", {"city": "Oslo", "unit": "c"})]),
+    # not calls of a declared function in this syntax: they stay text, as does a block never closed
+    ("a <tool_call>rm_rf\n</tool_call>", "a <tool_call>rm_rf\n</tool_call>", []),
+    ("a " + CALL, "a " + CALL, []),  # hermes's JSON is not this syntax
+    ("<tool_call>noop\n<arg_key>x</arg_key></tool_call>", "<tool_call>noop\n<arg_key>x</arg_key></tool_call>", []),
+    ("<tool_call>noop<arg_key></arg_key><arg_value>1</arg_value></tool_call>",
+     "<tool_call>noop<arg_key></arg_key><arg_value>1</arg_value></tool_call>", []),
+    ("<tool_call>noop<arg_key>x</arg_key>1</tool_call>", "<tool_call>noop<arg_key>x</arg_key>1</tool_call>", []),
+    ("ok " + GLM[:-len("</tool_call>")], "ok " + GLM[:-len("</tool_call>")], []),
+    ("  ", "  ", []),
+]
 SYNTAX_CASES = ([("hermes", *case) for case in CASES] + [("llama3_json", *case) for case in LLAMA_CASES]
                 + [("mistral", *case) for case in MISTRAL_CASES] + [("pythonic", *case) for case in PYTHONIC_CASES]
                 + [("qwen3_coder", *case) for case in QWEN_CASES] + [("deepseek_v31", *case) for case in DEEPSEEK_CASES]
-                + [("deepseek_v3", *case) for case in DEEPSEEK_V3_CASES])
+                + [("deepseek_v3", *case) for case in DEEPSEEK_V3_CASES] + [("kimi_k2", *case) for case in KIMI_CASES]
+                + [("glm45", *case) for case in GLM_CASES] + [("glm47", *case) for case in GLM_CASES])
 
 
 @pytest.mark.parametrize(("parser", "text", "content", "calls"), SYNTAX_CASES)
 def test_content_and_calls_of_a_whole_text_and_of_its_pieces_of_every_size(parser, text, content, calls):
     whole_content, whole_calls = split_calls(parser, text, NAMES, ids())
     assert (whole_content, names_and_arguments(whole_calls)) == (content, calls)
-    assert all(c["id"].startswith("call_") and c["type"] == "function" and "index" not in c for c in whole_calls)
+    assert all(c["type"] == "function" and "index" not in c for c in whole_calls)
+    if parser != "kimi_k2":  # its calls keep the model's ids (below)
+        assert all(c["id"].startswith("call_") for c in whole_calls)
     for size in range(1, len(text) + 1):
         got, streamed = pieces(text, size, parser=parser)
         assert got == (content or ""), size
@@ -220,7 +262,8 @@ def test_pythonic_holds_a_list_to_the_end_and_hands_out_other_text_at_once():
 def test_parallel_tool_calls_false_keeps_the_first_call_in_every_syntax(parser):
     text = {"hermes": CALL + NOOP, "llama3_json": LLAMA + '; {"name": "noop", "parameters": {}}',
             "pythonic": '[get_weather(city="Paris"), noop()]', "mistral": MISTRAL, "qwen3_coder": QWEN + QWEN_NOOP,
-            "deepseek_v31": DEEPSEEK, "deepseek_v3": DEEPSEEK_V3}[parser]
+            "deepseek_v31": DEEPSEEK, "deepseek_v3": DEEPSEEK_V3, "kimi_k2": KIMI, "glm45": GLM + GLM_NOOP,
+            "glm47": GLM + GLM_NOOP}[parser]
     content, calls = split_calls(parser, text, NAMES, ids(), most=1)
     assert content is None and names_and_arguments(calls) == [("get_weather", {"city": "Paris"})]
     assert names_and_arguments(pieces(text, 5, most=1, parser=parser)[1]) == [("get_weather", {"city": "Paris"})]
@@ -249,8 +292,39 @@ def test_qwen3_coder_reads_each_value_as_its_declared_type_and_keeps_the_text_wh
     assert json.loads(calls[0]["function"]["arguments"], parse_constant=lambda name: pytest.fail(name))
 
 
-def test_arguments_that_are_not_strict_json_are_not_a_call():
-    text = '<tool_call>{"name": "get_weather", "arguments": {"days": NaN}}</tool_call>'
+@pytest.mark.parametrize(("parameter", "text", "value"), [
+    ("city", "42", "42"), ("city", "null", "null"), ("city", "[1]", "[1]"),
+    ("days", "3", 3), ("days", "three", "three"), ("undeclared", "42", 42), ("undeclared", "Paris", "Paris"),
+    ("scale", "2.5", 2.5), ("scale", "1e999", "1e999"), ("scale", "NaN", "NaN"), ("metric", "true", True),
+    ("metric", "True", True), ("extra", "null", None), ("extra", "None", None),
+    ("options", '{"a": [1, null]}', {"a": [1, None]}), ("options", "{'a': (1, None)}", {"a": [1, None]}),
+    ("options", "{'a': print}", "{'a': print}"), ("hours", "[1,", "[1,"),
+])
+def test_glm_reads_a_value_as_a_string_where_declared_one_else_as_json_or_a_literal(parameter, text, value):
+    """As vLLM's glm45: a parameter declared a string keeps its text; any other value is JSON, a
+    Python literal or the text (the arguments stay strict JSON)."""
+    for parser in ("glm45", "glm47"):
+        block = f"<tool_call>get_weather\n<arg_key>{parameter}</arg_key>\n<arg_value>{text}</arg_value>\n</tool_call>"
+        content, calls = split_calls(parser, block, TYPED, ids())
+        assert content is None and names_and_arguments(calls) == [("get_weather", {parameter: value})]
+        assert json.loads(calls[0]["function"]["arguments"], parse_constant=lambda name: pytest.fail(name))
+
+
+def test_kimi_k2_calls_keep_the_model_s_ids_once_each():
+    """Kimi's template writes a call's id back into the next turn: the reply keeps the model's
+    ``functions.NAME:N``; an id the reply already used gets a new one (ids answer one call each)."""
+    again = KB + KC + "functions.noop:1" + KA + "{}" + KCE + KE
+    content, calls = split_calls("kimi_k2", KIMI + again, NAMES, ids())
+    assert content is None
+    assert [c["id"] for c in calls] == ["functions.get_weather:0", "functions.noop:1", "call_0"]
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>{"name": "get_weather", "arguments": {"days": NaN}}</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"days": 1e999}}</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"days": -Infinity}}</tool_call>',
+])
+def test_arguments_that_are_not_strict_json_are_not_a_call(text):
     assert split_calls("hermes", text, NAMES, ids()) == (text, [])
 
 
@@ -274,8 +348,8 @@ def test_content_is_handed_out_as_soon_as_it_cannot_start_a_call_and_calls_once_
 def test_a_parser_the_gateway_does_not_have_stops_it_from_starting(tmp_path):
     for name in (None, "", *PARSERS):
         make_openai_app(tmp_path / str(name), {"TOOL_CALL_PARSER": name})
-    with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of deepseek_v3, deepseek_v31, hermes, "
-                                         "llama3_json, mistral, pythonic, qwen3_coder"):
+    with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of deepseek_v3, deepseek_v31, glm45, glm47, "
+                                         "hermes, kimi_k2, llama3_json, mistral, pythonic, qwen3_coder"):
         make_openai_app(tmp_path / "bad", {"TOOL_CALL_PARSER": "mistral_v3"})
     with pytest.raises(ValueError, match="TOOL_CALL_PARSER"):
         make_openai_app(tmp_path / "worse", {"TOOL_CALL_PARSER": "llama4"})
@@ -391,11 +465,15 @@ QWEN_SPOKEN = ["<tool_call>\n<function=get_", "weather>\n<parameter=city>\nPar",
 
 
 DEEPSEEK_SPOKEN = [DEEPSEEK[:30], DEEPSEEK[30:61], DEEPSEEK[61:]]
+KIMI_SPOKEN = [KIMI[:40], KIMI[40:90], KIMI[90:]]
+GLM_SPOKEN = ["<tool_call>get_we", "ather<arg_key>city</arg_key><arg_value>Pa", "ris</arg_value></tool_call>",
+              "\n" + GLM_NOOP]
 
 
 @pytest.mark.parametrize(("parser", "spoken"), [("llama3_json", LLAMA_SPOKEN), ("pythonic", PYTHONIC_SPOKEN),
                                                 ("mistral", MISTRAL_SPOKEN), ("qwen3_coder", QWEN_SPOKEN),
-                                                ("deepseek_v31", DEEPSEEK_SPOKEN)])
+                                                ("deepseek_v31", DEEPSEEK_SPOKEN), ("kimi_k2", KIMI_SPOKEN),
+                                                ("glm45", GLM_SPOKEN), ("glm47", GLM_SPOKEN)])
 def test_each_syntax_answers_calls_whole_and_streamed_through_the_app(tmp_path, parser, spoken):
     """The deployment's TOOL_CALL_PARSER picks the syntax: the same reply, whole and streamed,
     is the two calls with finish_reason tool_calls; the other syntaxes' text stays content."""
@@ -406,8 +484,8 @@ def test_each_syntax_answers_calls_whole_and_streamed_through_the_app(tmp_path, 
     expected = [("get_weather", {"city": "Paris"}), ("noop", {})]
     fake.script = says(*spoken)
     body = chat(web).get_json()
-    # mistral's marker is a special token: its text is asked for with special tokens, as vLLM does
-    assert fake.last_params.sampling.skip_special_tokens is (parser != "mistral")
+    # mistral's and kimi_k2's markers are special tokens: their text is asked for with special tokens
+    assert fake.last_params.sampling.skip_special_tokens is (parser not in ("mistral", "kimi_k2"))
     check_response(spec, body)
     [answer] = body["choices"]
     assert answer["finish_reason"] == "tool_calls" and answer["message"]["content"] is None
