@@ -55,6 +55,10 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT_HEADERS_ENABLED": True,  # X-RateLimit-* and Retry-After
     "STORE_TIMEOUT": 2.0,  # seconds a Redis connect or command of the limits may take; then a 503
     "CONCURRENCY_LEASE": 30.0,  # seconds an open generation's place in Redis lasts unless its worker renews it
+    # Stored responses of /v1/responses (gateway.response_store): "" off, "memory" (this process), "redis://..."
+    "RESPONSES_STORE": "",
+    "RESPONSES_TTL": 30 * 86400.0,  # seconds a stored response is kept (OpenAI keeps them 30 days)
+    "RESPONSES_MEMORY_MB": 256.0,  # the "memory" store's bound per process; the oldest go first
     # HTTP
     "HEARTBEAT_INTERVAL": 5.0,  # seconds between SSE keep-alive comments while waiting
     "MAX_BODY_BYTES": 1 << 20,  # larger bodies are a 413
@@ -138,7 +142,7 @@ def load_config(
 
 def _check(config: Mapping[str, Any]) -> None:
     for key in ("HEARTBEAT_INTERVAL", "REQUEST_TIMEOUT", "READY_TIMEOUT", "CONNECT_TIMEOUT", "BODY_TIMEOUT",
-                "STORE_TIMEOUT", "CONCURRENCY_LEASE"):
+                "STORE_TIMEOUT", "CONCURRENCY_LEASE", "RESPONSES_TTL", "RESPONSES_MEMORY_MB"):
         if config[key] <= 0:
             raise ValueError(f"gateway config {key} must be positive")
     if config["GRPC_KEEPALIVE"] and config["GRPC_KEEPALIVE"] < GRPC_KEEPALIVE_MIN:
@@ -154,7 +158,9 @@ def _check(config: Mapping[str, Any]) -> None:
         parse_many(config["DEFAULT_RATE_LIMIT"])  # a bad limit stops start-up, not the first request
     if config["LOG_FORMAT"] not in ("json", "text"):
         raise ValueError(f"gateway config LOG_FORMAT must be 'json' or 'text', got {config['LOG_FORMAT']!r}")
-    from . import reasoning, tool_parsers
+    from . import reasoning, response_store, tool_parsers
+
+    response_store.check_store_name(config["RESPONSES_STORE"])
 
     for key, names, unset in (("TOOL_CALL_PARSER", tool_parsers.PARSERS, 'no tool_choice "auto"'),
                               ("REASONING_PARSER", reasoning.PARSERS, "no reasoning read")):

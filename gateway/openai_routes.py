@@ -1,7 +1,9 @@
 """OpenAI-compatible routes: ``GET /v1/models``, ``GET /v1/models/<id>``,
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (docs/openai.md); OpenAI's
 ``POST /v1/responses`` (gateway.responses) and Anthropic's ``POST /v1/messages``
-(gateway.anthropic), each served as the chat completion it is.
+(gateway.anthropic), each served as the chat completion it is; the stored responses'
+``GET`` / ``DELETE /v1/responses/<id>`` and ``GET /v1/responses/<id>/input_items``
+(gateway.response_store).
 
 They share everything but the request schema and the body format with ``/generate``: the API
 key (401), the key's rate limit (429, one budget across all generation routes), the checks of
@@ -14,6 +16,7 @@ exception classes by status.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -28,13 +31,16 @@ from .errors import ClientError, register_error_body
 from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest
 from .openai_replies import ChatCompletionReply, CompletionReply
 from .prompts import best_per_prompt, start_prompts
-from .responses import ResponsesReply, ResponsesSchema, responses_param
+from .response_store import ResponseStore, make_store, reachable
+from .responses import (ResponsesReply, ResponsesSchema, chat_messages, output_items, public_item, responses_param,
+                        with_ids)
 from .ratelimit import rate_limited
 from .generation import collect, start_generation, stream_response
 from .json_body import read_json_object
 from .schemas import load_request
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
+log = logging.getLogger("trident.gateway")
 
 OWNER = "trident"
 
@@ -48,6 +54,7 @@ class OpenAIState:
     count_tokens_schema: CountTokensSchema
     served_models: tuple[str, ...]
     created: int  # "created" of every model object: when this app was built
+    response_store: ResponseStore | None = None  # RESPONSES_STORE's (None: nothing is stored)
 
 
 def init_app(app: Flask) -> None:
@@ -72,6 +79,7 @@ def init_app(app: Flask) -> None:
         count_tokens_schema=CountTokensSchema(),
         served_models=tuple(schema.served_models),
         created=int(time.time()),
+        response_store=make_store(app.config),
     )
     app.register_blueprint(bp)
     register_error_body(app, MESSAGES_PATH, error_body)  # Anthropic's clients get Anthropic's errors
@@ -147,10 +155,103 @@ def messages() -> Any:
 @require_api_key
 @rate_limited
 def responses() -> Any:
-    """OpenAI's Responses API, served as the chat completion it is (gateway.responses)."""
-    req, echo = _as_chat(_state().responses_schema, responses_param)
+    """OpenAI's Responses API, served as the chat completion it is (gateway.responses); stored
+    and continued where the deployment keeps responses (gateway.response_store)."""
+    store, context = _state().response_store, []
+
+    def continued(body: dict[str, Any]) -> dict[str, Any]:
+        """The conversation so far: the previous response's, then this input."""
+        nonlocal context
+        echo, items = body["echo"], body.pop("input_items")
+        previous = echo["previous_response_id"]
+        if previous is not None:
+            record = _stored(previous, param="previous_response_id", what="Previous response")
+            items = [*record["items"], *output_items(record["response"]), *items]
+            body["messages"] = chat_messages(echo["instructions"], items)
+        echo["store"] = store is not None and echo["store"]
+        context = with_ids(items) if echo["store"] else []
+        return body
+
+    req, echo = _as_chat(_state().responses_schema, responses_param, continued)
+    keep = None
+    if echo["store"]:
+        owner = _owner()
+
+        def keep(response: dict[str, Any]) -> bool:
+            try:
+                store.put(owner, response["id"], {"response": response, "items": context})
+                return True
+            except Exception as exc:  # the reply stands; it says it was not stored
+                log.warning("could not store response %s: %s", response["id"], exc)
+                return False
+
     return _answer(req, ResponsesReply(req.params.model, echo, tool_choice=req.tool_choice, reasoning=req.reasoning,
-                                       logprobs=req.logprobs))
+                                       logprobs=req.logprobs, keep=keep))
+
+
+@bp.get("/responses/<response_id>")
+@require_api_key
+def retrieve_response(response_id: str) -> Any:
+    """A stored response, as it was answered."""
+    if request.args.get("stream", "false").lower() not in ("false", "0"):
+        raise ClientError("stream is not supported here: a stored response is retrieved whole", param="stream")
+    return _stored(response_id)["response"]
+
+
+@bp.delete("/responses/<response_id>")
+@require_api_key
+def delete_response(response_id: str) -> Any:
+    """Forget a stored response (the ones that continued it keep their own copy)."""
+    _stored(response_id)
+    reachable(_state().response_store.delete, _retry_after(), _owner(), response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+@bp.get("/responses/<response_id>/input_items")
+@require_api_key
+def list_input_items(response_id: str) -> Any:
+    """The input items a stored response answered: the whole conversation before its output,
+    ``limit`` (1-100, default 20) at a time, ``order`` desc (newest first, the default) or asc,
+    ``after`` an item's id."""
+    limit_text, order, after = request.args.get("limit", "20"), request.args.get("order", "desc"), request.args.get("after")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+        raise ClientError(f"limit must be an integer between 1 and 100, got {limit_text!r}", param="limit")
+    if order not in ("asc", "desc"):
+        raise ClientError(f"order must be asc or desc, got {order!r}", param="order")
+    items = [public_item(item) for item in _stored(response_id)["items"]]
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise ClientError(f"after names no input item of response {response_id!r}: {after!r}", param="after")
+        items = items[ids.index(after) + 1:]
+    page = items[:int(limit_text)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}
+
+
+def _owner() -> str:
+    """Whose stored responses a request sees: its API key's."""
+    key = g.get("api_key")
+    return key.name if key is not None else ""
+
+
+def _retry_after() -> int:
+    return int(current_app.config.get("RETRY_AFTER") or 1)
+
+
+def _stored(response_id: str, *, param: str = "response_id", what: str = "Response") -> dict[str, Any]:
+    """The record of a stored response of this key; a 404 when there is none (or the store is off)."""
+    store = _state().response_store
+    record = None if store is None else reachable(store.get, _retry_after(), _owner(), response_id)
+    if store is None and param == "previous_response_id":
+        raise ClientError("previous_response_id is not supported: this server stores no responses (RESPONSES_STORE is "
+                          "not set); send the whole conversation in input", param=param)
+    if record is None:
+        off = "" if store is not None else " (this server stores no responses: RESPONSES_STORE is not set)"
+        raise ClientError(f"{what} with id {response_id!r} not found{off}", status=404, param=param)
+    return record
 
 
 @bp.post("/messages/count_tokens")
@@ -165,12 +266,14 @@ def count_message_tokens() -> Any:
     return {"input_tokens": len(ids)}
 
 
-def _as_chat(schema: MessagesSchema | ResponsesSchema,
-             public: Callable[[str | None], str | None]) -> tuple[OpenAIRequest, dict[str, Any]]:
-    """The chat completion another API's request is (its schema builds the chat body), and what
-    its reply repeats of the request (the body's ``echo``, if any); its errors, now and from the
-    llm model, name that API's fields (``public``)."""
+def _as_chat(schema: MessagesSchema | ResponsesSchema, public: Callable[[str | None], str | None],
+             adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> tuple[OpenAIRequest, dict[str, Any]]:
+    """The chat completion another API's request is (its schema builds the chat body, which
+    ``adjust`` may change), and what its reply repeats of the request (the body's ``echo``, if
+    any); its errors, now and from the llm model, name that API's fields (``public``)."""
     body = load_request(schema, read_json_object(request))
+    if adjust is not None:
+        body = adjust(body)
     echo = body.pop("echo", {})
     try:
         req = load_request(_state().chat_schema, body)

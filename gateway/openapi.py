@@ -291,6 +291,7 @@ def _v1_stream(chunk: str) -> dict[str, Any]:
 
 
 _GENERATION_ERRORS = (400, 401, 403, 404, 408, 413, 429, 500, 503)
+_RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def _operations(app: Flask) -> dict[str, dict[str, Any]]:
@@ -412,14 +413,41 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
             },
         }},
         "/v1/responses": {"post": {
-            "summary": "OpenAI's Responses API (stateless: nothing is stored), served as the chat completion it is "
-            "(the same template, tools and limits). JSON, or (stream: true) the Responses events.",
+            "summary": "OpenAI's Responses API, served as the chat completion it is (the same template, tools and "
+            "limits); stored and continued (previous_response_id) where RESPONSES_STORE is set. JSON, or "
+            "(stream: true) the Responses events.",
             "security": bearer,
             "requestBody": {"required": True, "content": {_JSON: {"schema": openai.responses_schema}}},
             "responses": {
                 200: _ok("The response.", rs.ResponsesResponseSchema, stream=response_events),
                 **_errors(*_GENERATION_ERRORS, 501),
             },
+        }},
+        "/v1/responses/{response_id}": {
+            "get": {
+                "summary": "A stored response (RESPONSES_STORE), as it was answered; 404 for another key's.",
+                "security": bearer,
+                "parameters": [_RESPONSE_ID],
+                "responses": {200: _ok("The response.", rs.ResponsesResponseSchema), **_errors(400, 401, 403, 404, 503)},
+            },
+            "delete": {
+                "summary": "Delete a stored response.",
+                "security": bearer,
+                "parameters": [_RESPONSE_ID],
+                "responses": {200: _ok("Deleted.", rs.ResponsesDeletedSchema), **_errors(401, 403, 404, 503)},
+            },
+        },
+        "/v1/responses/{response_id}/input_items": {"get": {
+            "summary": "The input items a stored response answered (the whole conversation before its output), "
+            "a page at a time.",
+            "security": bearer,
+            "parameters": [
+                _RESPONSE_ID,
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
+                {"name": "after", "in": "query", "schema": {"type": "string"}},
+            ],
+            "responses": {200: _ok("The items.", rs.ResponsesInputItemListSchema), **_errors(400, 401, 403, 404, 503)},
         }},
         "/v1/messages": {"post": {
             "summary": "Anthropic's Messages API, served as the chat completion it is (the same template, tools "

@@ -489,6 +489,47 @@ class ResponsesResponseSchema(Schema):
     parallel_tool_calls = fields.Boolean()
     text = fields.Dict()
     metadata = fields.Dict()
+    previous_response_id = fields.String(allow_none=True)
+
+
+class ResponsesInputPartSchema(Schema):
+    """A part of a stored input message: ``input_text``, ``output_text`` (an assistant's) or a
+    reasoning item's ``reasoning_text``."""
+
+    type = _required(fields.String, validate=OneOf(["input_text", "output_text", "reasoning_text"]))
+    text = _required(fields.String)
+
+
+class ResponsesInputItemSchema(Schema):
+    """A stored input item: a ``message``, a ``function_call``, its ``function_call_output`` or a
+    ``reasoning`` item."""
+
+    type = _required(fields.String, validate=OneOf(["message", "function_call", "function_call_output", "reasoning"]))
+    id = _required(fields.String)
+    status = fields.String(validate=OneOf(["completed"]))
+    role = fields.String(validate=OneOf(["user", "system", "assistant"]))
+    content = fields.List(fields.Nested(ResponsesInputPartSchema))
+    summary = fields.List(fields.Dict())
+    call_id = fields.String()
+    name = fields.String()
+    arguments = fields.String()
+    output = fields.String()
+
+
+class ResponsesInputItemListSchema(Schema):
+    """A page of a stored response's input items."""
+
+    object = _const("list")
+    data = _required(fields.List, fields.Nested(ResponsesInputItemSchema))
+    first_id = fields.String(required=True, allow_none=True)
+    last_id = fields.String(required=True, allow_none=True)
+    has_more = _required(fields.Boolean)
+
+
+class ResponsesDeletedSchema(Schema):
+    id = _required(fields.String)
+    object = _const("response")
+    deleted = _required(fields.Boolean)
 
 
 class _ResponsesEventSchema(Schema):

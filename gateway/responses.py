@@ -23,10 +23,14 @@ What maps to what:
   ``text.format`` (``text``, ``json_object``, ``json_schema``: chat's ``response_format``);
   ``include: ["message.output_text.logprobs"]`` and ``top_logprobs`` (chat's ``logprobs`` and
   ``top_logprobs``, in the ``output_text``).
-* Stateless: nothing is stored, so ``previous_response_id``, ``conversation`` and ``prompt``
-  are 400s (send the whole conversation in ``input``) and ``store`` is accepted and ignored, as
-  are ``metadata``, the rest of ``include``, ``reasoning``, ``truncation``, ``user``, ``service_tier``,
-  ``prompt_cache_key`` and ``safety_identifier``.
+* Stored responses (gateway.response_store) where the deployment sets RESPONSES_STORE:
+  ``store`` (default true there) keeps the response and its conversation, and
+  ``previous_response_id`` continues one (its input items, then its output, then this
+  ``input``). Without a store nothing is stored: ``store`` is answered false and
+  ``previous_response_id`` is a 400 (send the whole conversation in ``input``).
+  ``conversation`` and ``prompt`` are 400s; ``metadata`` (echoed), the rest of ``include``,
+  ``reasoning``, ``truncation``, ``user``, ``service_tier``, ``prompt_cache_key`` and
+  ``safety_identifier`` are accepted and ignored.
 
 The reply: a ``response`` with ``output`` items (``reasoning`` where REASONING_PARSER read some,
 the ``message`` with its ``output_text``, the ``function_call``s), ``status`` ``completed`` or
@@ -43,7 +47,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from marshmallow import ValidationError, post_load, validates_schema
@@ -101,7 +105,7 @@ def _item(item: Any, where: str) -> dict[str, Any]:
         return {"type": kind, "text": texts[0] or texts[1]}
     got = f"type {describe(kind)}" if kind is not None else "an item without a type or role"
     raise ValidationError(f"{where} must be a message, function_call, function_call_output or reasoning item "
-                          f"(this server stores nothing: no item_reference; no images or files), got {got}")
+                          f"(no item_reference; no images or files), got {got}")
 
 
 class ResponseInput(_StrictField):
@@ -212,16 +216,14 @@ class ResponsesSchema(StrictSchema):
     top_logprobs = StrictInteger(validate=_range("top_logprobs must be between {min} and {max}, got {input}", min=0,
                                                  max=MAX_TOP_LOGPROBS))
     include = Anything()  # "message.output_text.logprobs" asks for logprobs; the rest is ignored
-    # Nothing is stored here: what needs a stored response or a stored prompt is refused.
-    previous_response_id = Empty("previous_response_id is not supported: this server stores no responses; send the "
-                                 "whole conversation in input")
-    conversation = Empty("conversation is not supported: this server stores no conversations; send the whole "
-                         "conversation in input")
+    # Stored responses (gateway.response_store): the route looks the previous one up.
+    previous_response_id = StrictString()
+    store = StrictBoolean()
+    conversation = Empty("conversation is not supported: this server keeps no conversation objects; send the whole "
+                         "conversation in input, or continue a stored response with previous_response_id")
     prompt = Empty("prompt (a stored prompt template) is not supported: send instructions and input")
-    background = Empty("background responses are not supported (nothing is stored): leave background false",
-                       neutral=(False,))
+    background = Empty("background responses are not supported: leave background false", neutral=(False,))
     # Accepted and ignored: they do not change what is generated here.
-    store = Anything()
     metadata = Anything()
     reasoning = Anything()
     truncation = Anything()
@@ -236,11 +238,8 @@ class ResponsesSchema(StrictSchema):
     def chat_body(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """The /v1/chat/completions body this request is (and, under ``echo``, what the response
         object repeats of the request)."""
-        messages: list[dict[str, Any]] = []
-        if data.get("instructions"):
-            messages.append({"role": "system", "content": data["instructions"]})
-        messages.extend(_chat_messages(data["input"]))
-        body: dict[str, Any] = {"messages": messages}
+        body: dict[str, Any] = {"messages": chat_messages(data.get("instructions"), data["input"]),
+                                "input_items": data["input"]}
         for ours, chat in (("model", "model"), ("stream", "stream"), ("temperature", "temperature"),
                            ("top_p", "top_p"), ("max_output_tokens", "max_tokens"),
                            ("parallel_tool_calls", "parallel_tool_calls"), ("tool_choice", "tool_choice")):
@@ -269,8 +268,15 @@ class ResponsesSchema(StrictSchema):
                         "tool_choice": given.get("tool_choice", "auto"), "tools": given.get("tools", []),
                         "parallel_tool_calls": given.get("parallel_tool_calls", True),
                         "text": {"format": text_format or {"type": "text"}}, "top_logprobs": given.get("top_logprobs"),
-                        "metadata": given["metadata"] if isinstance(given.get("metadata"), dict) else {}}
+                        "metadata": given["metadata"] if isinstance(given.get("metadata"), dict) else {},
+                        "previous_response_id": given.get("previous_response_id"), "store": given.get("store", True)}
         return body
+
+
+def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat messages of a request's instructions (a system turn first) and input items."""
+    messages = [{"role": "system", "content": instructions}] if instructions else []
+    return messages + _chat_messages(items)
 
 
 def _chat_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -312,8 +318,10 @@ class ResponsesReply:
     reply (its reasoning and tool-call readers) and its pieces become output items."""
 
     def __init__(self, model: str, echo: Mapping[str, Any], *, tool_choice: ToolChoice | None = None,
-                 reasoning: Reasoning | None = None, logprobs: int | None = None) -> None:
+                 reasoning: Reasoning | None = None, logprobs: int | None = None,
+                 keep: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self.id = f"resp_{new_id()}"
+        self._keep = keep  # stores the finished response (echo's store true); False: it could not
         self.model = model
         self.created_at = int(time.time())
         self._echo = dict(echo)
@@ -341,7 +349,13 @@ class ResponsesReply:
             self._items.append(_call_item(call["id"], call["function"]["name"], call["function"]["arguments"]))
         if self._items:
             self._items[-1]["status"] = _status(self._items[-1], cut=choice.finish_reason == "length")
-        return self._response(choice.finish_reason, finished)
+        return self._kept(self._response(choice.finish_reason, finished))
+
+    def _kept(self, response: dict[str, Any]) -> dict[str, Any]:
+        """The finished response, stored where asked (``store`` false where that failed)."""
+        if self._keep is not None and not self._keep(response):
+            response["store"] = False
+        return response
 
     def _response(self, reason: str | None, finished: Finished | None) -> dict[str, Any]:
         """The response object: in progress (no ``reason``), completed or incomplete."""
@@ -350,7 +364,7 @@ class ResponsesReply:
         out = {"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
                "model": self.model, "output": list(self._items), "error": None,
                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-               "usage": _usage(finished) if finished is not None else None, "store": False, **self._echo}
+               "usage": _usage(finished) if finished is not None else None, **self._echo}
         if reason is not None and not incomplete:
             out["completed_at"] = int(time.time())
         return out
@@ -377,7 +391,7 @@ class ResponsesReply:
         if delta is not None:
             out.extend(self._pieces(delta["delta"]))
         out.extend(self._close(cut=reason == "length"))
-        final = self._response(reason, event)
+        final = self._kept(self._response(reason, event))
         out.append(self._event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                                response=final))
         return b"".join(out)
@@ -502,6 +516,35 @@ def _call_item(call_id: str, name: str, arguments: str, *, status: str = "comple
             "arguments": arguments, "status": status}
 
 
+#: the id prefix of each kind of stored input item
+_ITEM_IDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checked input items, each with an ``id`` (a stored response's items are listed by id)."""
+    return [item if item.get("id") else {**item, "id": f"{_ITEM_IDS[item['type']]}_{new_id()}"} for item in items]
+
+
+def output_items(response: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A stored response's output as checked input items (with their ids): what a request
+    that continues it sends again."""
+    return [{**_item(item, "output"), "id": item["id"]} for item in response["output"]]
+
+
+def public_item(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A checked input item in the Responses API's shape (``GET .../input_items``)."""
+    kind, out = item["type"], {"type": item["type"], "id": item["id"]}
+    if kind == "message":
+        part = "output_text" if item["role"] == "assistant" else "input_text"
+        return {**out, "status": "completed", "role": item["role"], "content": [{"type": part, "text": item["text"]}]}
+    if kind == "function_call":
+        return {**out, "status": "completed", "call_id": item["call_id"], "name": item["name"],
+                "arguments": item["arguments"]}
+    if kind == "function_call_output":
+        return {**out, "status": "completed", "call_id": item["call_id"], "output": item["output"]}
+    return {**out, "summary": [], "content": [{"type": "reasoning_text", "text": item["text"]}]}
+
+
 def _usage(finished: Finished) -> dict[str, Any]:
     return {"input_tokens": finished.prompt_tokens,
             "input_tokens_details": {"cached_tokens": finished.cached_tokens or 0},
@@ -509,4 +552,5 @@ def _usage(finished: Finished) -> dict[str, Any]:
             "total_tokens": finished.prompt_tokens + finished.completion_tokens}
 
 
-__all__ = ["EVENTS", "ResponseInput", "ResponsesReply", "ResponsesSchema", "responses_param"]
+__all__ = ["EVENTS", "ResponseInput", "ResponsesReply", "ResponsesSchema", "chat_messages", "output_items",
+           "public_item", "responses_param", "with_ids"]

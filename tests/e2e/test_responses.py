@@ -1,12 +1,14 @@
 """OpenAI's ``openai`` client's ``responses``, unmodified, against the real gateway and Triton (CPU
 model): a response and its stream agree with each other and with the chat completion of the
 same conversation, its logprobs equal chat's, a forced function call, a reply cut by
-max_output_tokens, and a 400."""
+max_output_tokens, and a 400; stored responses continued across two gateways that share a real
+Redis (RESPONSES_STORE)."""
 
 import json
 
 import openai
 import pytest
+from conftest import start_gateway
 from e2e_helpers import API_KEY
 
 pytestmark = pytest.mark.e2e
@@ -82,3 +84,44 @@ def test_bad_requests_raise_the_clients_exception(oai):
     with pytest.raises(openai.BadRequestError) as caught:
         oai.responses.create(model=MODEL, input=QUESTION, previous_response_id="resp_1")
     assert caught.value.body["param"] == "previous_response_id"
+
+
+@pytest.fixture(scope="module")
+def two_gateways(triton, tmp_path_factory, redis_url):
+    """Two gateway processes (replicas) sharing one Redis for their stored responses."""
+    env = {"TRIDENT_RESPONSES_STORE": redis_url}
+    gateways = [start_gateway(triton, tmp_path_factory, extra_env=env) for _ in range(2)]
+    yield [openai.OpenAI(base_url=f"{gw.url}/v1", api_key=API_KEY, max_retries=0) for gw in gateways]
+    for gw in gateways:
+        gw.stop()
+
+
+def test_a_stored_response_is_continued_through_another_gateway(two_gateways):
+    """A response stored by one gateway is retrieved, listed and continued (previous_response_id)
+    through the other: the continuation is the same generation (greedy) as the stateless request
+    with the whole conversation, whole and streamed; deleted through either, it is gone from both."""
+    one, two = two_gateways
+    settings = {"model": MODEL, "temperature": 0, "max_output_tokens": 16}
+    first = one.responses.create(input="My name is Ada. Say hello to me.", **settings)
+    assert first.store is True and first.status in ("completed", "incomplete")
+    assert two.responses.retrieve(first.id).model_dump() == first.model_dump()
+    assert [i.content[0].text for i in two.responses.input_items.list(first.id).data] == [
+        "My name is Ada. Say hello to me."]
+    second = two.responses.create(input="What is my name?", previous_response_id=first.id, **settings)
+    whole = [{"role": "user", "content": "My name is Ada. Say hello to me."},
+             {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "What is my name?"}]
+    stateless = one.responses.create(input=whole, store=False, **settings)
+    assert stateless.store is False
+    assert (second.output_text, second.usage.input_tokens) == (stateless.output_text, stateless.usage.input_tokens)
+    assert second.previous_response_id == first.id
+    with one.responses.stream(input="What is my name?", previous_response_id=first.id, **settings) as stream:
+        streamed = list(stream)[-1].response  # response.completed, or .incomplete where max_output_tokens cut it
+    assert streamed.status == second.status and streamed.output_text == second.output_text
+    assert one.responses.retrieve(streamed.id).model_dump() == streamed.model_dump()
+    texts = [i.content[0].text for i in one.responses.input_items.list(second.id, order="asc").data]
+    assert texts == ["My name is Ada. Say hello to me.", first.output_text, "What is my name?"]
+    two.responses.delete(first.id)
+    for client in (one, two):
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(first.id)
+    assert one.responses.retrieve(second.id).id == second.id  # what continued it keeps its own copy

@@ -68,12 +68,13 @@ def test_every_endpoint_is_described():
         ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"), ("/openapi.json", "get"),
         ("/generate", "post"), ("/v1/models", "get"), ("/v1/models/{model}", "get"),
         ("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/messages", "post"),
-        ("/v1/messages/count_tokens", "post"), ("/v1/responses", "post"),
+        ("/v1/messages/count_tokens", "post"), ("/v1/responses", "post"), ("/v1/responses/{response_id}", "get"),
+        ("/v1/responses/{response_id}", "delete"), ("/v1/responses/{response_id}/input_items", "get"),
         ("/tokenize", "post"), ("/detokenize", "post"),
     }
     # ... and that is every route of the app (but the /generate/ alias and Flask's static files)
     routes = {
-        (rule.rule.replace("<path:model>", "{model}"), method.lower())
+        (rule.rule.replace("<path:model>", "{model}").replace("<response_id>", "{response_id}"), method.lower())
         for rule in APP.url_map.iter_rules()
         for method in rule.methods - {"HEAD", "OPTIONS"}
         if rule.endpoint != "static" and rule.rule != "/generate/"

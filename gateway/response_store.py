@@ -1,0 +1,148 @@
+"""Stored responses of OpenAI's Responses API: ``store``, ``previous_response_id`` and the
+``/v1/responses/{id}`` routes (retrieve, delete, list its input items).
+
+Off unless the deployment names a store with ``RESPONSES_STORE`` (``TRIDENT_RESPONSES_STORE``),
+as vLLM keeps none unless asked (``VLLM_ENABLE_RESPONSES_API_STORE``):
+
+* ``memory``: in this worker process, at most ``RESPONSES_MEMORY_MB`` of them (the oldest go
+  first). Only for one gateway process: another worker does not see them.
+* ``redis://host:port/db`` (or ``rediss://``, ``unix://``): in Redis, shared by every worker and
+  replica, as the rate limits are; each record expires with Redis's own TTL.
+
+A record is the response object as it was answered and the conversation it continued: the
+input items of every earlier turn (the previous response's own context, its output) and of this
+one. ``previous_response_id`` continues that conversation with the new input; ``instructions``
+is not carried over (OpenAI's rule). Records last ``RESPONSES_TTL`` seconds and belong to the API
+key that made them: another key gets a 404, as for a response that does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Protocol
+
+from .concurrency import is_redis
+from .errors import unavailable
+
+log = logging.getLogger("trident.gateway")
+
+#: how RESPONSES_STORE names the in-process store
+MEMORY = "memory"
+_PREFIX = "trident:response:"
+
+
+class ResponseStore(Protocol):
+    def put(self, owner: str, response_id: str, record: dict[str, Any]) -> None: ...
+
+    def get(self, owner: str, response_id: str) -> dict[str, Any] | None: ...
+
+    def delete(self, owner: str, response_id: str) -> bool: ...
+
+
+class MemoryStore:
+    """Records in this process, oldest evicted first past ``max_chars`` of JSON."""
+
+    def __init__(self, ttl: float, max_chars: int, clock: Any = time.monotonic) -> None:
+        self.ttl, self.max_chars, self._clock = ttl, max_chars, clock
+        self._records: OrderedDict[str, tuple[str, float, str]] = OrderedDict()  # id -> (owner, expiry, JSON)
+        self._chars = 0
+        self._lock = threading.Lock()  # never held across anything that yields
+
+    def put(self, owner: str, response_id: str, record: dict[str, Any]) -> None:
+        text = json.dumps(record, ensure_ascii=False)
+        with self._lock:
+            self._drop(response_id)
+            self._records[response_id] = (owner, self._clock() + self.ttl, text)
+            self._chars += len(text)
+            while self._chars > self.max_chars and self._records:
+                self._drop(next(iter(self._records)))
+
+    def get(self, owner: str, response_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._records.get(response_id)
+            if entry is None or entry[0] != owner:
+                return None
+            if entry[1] <= self._clock():
+                self._drop(response_id)
+                return None
+            text = entry[2]
+        return json.loads(text)
+
+    def delete(self, owner: str, response_id: str) -> bool:
+        with self._lock:
+            entry = self._records.get(response_id)
+            if entry is None or entry[0] != owner or entry[1] <= self._clock():
+                return False
+            self._drop(response_id)
+            return True
+
+    def _drop(self, response_id: str) -> None:
+        entry = self._records.pop(response_id, None)
+        if entry is not None:
+            self._chars -= len(entry[2])
+
+
+class RedisStore:
+    """Records in Redis (one string each, with Redis's TTL), shared by all gateways."""
+
+    def __init__(self, uri: str, ttl: float, timeout: float) -> None:
+        import redis
+
+        self.ttl = max(1, int(ttl))
+        self._redis = redis.Redis.from_url(uri, socket_connect_timeout=timeout, socket_timeout=timeout)
+
+    def put(self, owner: str, response_id: str, record: dict[str, Any]) -> None:
+        self._redis.set(_PREFIX + response_id, json.dumps({"owner": owner, "record": record}, ensure_ascii=False),
+                        ex=self.ttl)
+
+    def get(self, owner: str, response_id: str) -> dict[str, Any] | None:
+        raw = self._redis.get(_PREFIX + response_id)
+        if raw is None:
+            return None
+        stored = json.loads(raw)
+        return stored["record"] if stored.get("owner") == owner else None
+
+    def delete(self, owner: str, response_id: str) -> bool:
+        if self.get(owner, response_id) is None:
+            return False
+        return bool(self._redis.delete(_PREFIX + response_id))
+
+
+def make_store(config: Any) -> ResponseStore | None:
+    """The store RESPONSES_STORE names (None: off); gateway.config checked the name."""
+    name = config.get("RESPONSES_STORE") or ""
+    if not name:
+        return None
+    if name == MEMORY:
+        workers = os.environ.get("GATEWAY_WORKERS", "1").strip()
+        if workers.isdigit() and int(workers) > 1:  # gunicorn's workers (gateway.gunicorn_conf)
+            raise ValueError(f"gateway config RESPONSES_STORE=memory keeps responses in one process, and "
+                             f"GATEWAY_WORKERS is {workers}: a request reaching another worker would not find "
+                             f"them; use a redis:// store, or one worker")
+        return MemoryStore(config["RESPONSES_TTL"], int(config["RESPONSES_MEMORY_MB"] * 2**20))
+    return RedisStore(name, config["RESPONSES_TTL"], config["STORE_TIMEOUT"])
+
+
+def check_store_name(name: str) -> None:
+    if name and name != MEMORY and not is_redis(name):
+        raise ValueError(f"gateway config RESPONSES_STORE must be empty (off), '{MEMORY}' or a redis:// URI, "
+                         f"got {name!r}")
+
+
+def reachable(call: Any, retry_after: int, *args: Any) -> Any:
+    """``call(*args)``, a 503 to retry when the store (Redis) cannot be reached."""
+    from .errors import store_unreachable_errors
+
+    try:
+        return call(*args)
+    except store_unreachable_errors() as exc:
+        log.warning("the response store is unreachable: %s", exc)
+        raise unavailable("The response store is unreachable; retry the request shortly", retry_after) from exc
+
+
+__all__ = ["MEMORY", "MemoryStore", "RedisStore", "ResponseStore", "check_store_name", "make_store", "reachable"]
