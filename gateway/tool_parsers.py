@@ -54,6 +54,12 @@ before ``<｜tool▁calls▁end｜>`` still made its complete calls.
 and the model was trained on ids of that form). The markers are special tokens: with this
 parser the gateway asks for the text with its special tokens, as for ``mistral``.
 
+``minimax_m2``: MiniMax-M2 writes its calls in ``<minimax:tool_call>`` blocks (anywhere in the
+text, as hermes), one ``<invoke name="NAME">`` ... ``</invoke>`` per call, each argument a
+``<parameter name="KEY">VALUE</parameter>`` (the quotes are optional; one newline next to each
+end of a value is layout); a block is all calls or text. Values are read by their declared types,
+as qwen3_coder's.
+
 ``glm45`` and ``glm47``: GLM-4.5 / 4.6 (``glm45``) and GLM-4.7 / 5 (``glm47``) write each call in
 a ``<tool_call>`` block (as hermes): the function's name, then an ``<arg_key>KEY</arg_key>``
 ``<arg_value>VALUE</arg_value>`` pair per argument (4.5 puts a newline after the name and
@@ -77,8 +83,8 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 #: The parsers a deployment may name (TOOL_CALL_PARSER; gateway.config refuses another name).
-PARSERS = ("deepseek_v3", "deepseek_v31", "glm45", "glm47", "hermes", "kimi_k2", "llama3_json", "mistral", "pythonic",
-           "qwen3_coder")
+PARSERS = ("deepseek_v3", "deepseek_v31", "glm45", "glm47", "hermes", "kimi_k2", "llama3_json", "minimax_m2", "mistral",
+           "pythonic", "qwen3_coder")
 #: Parsers whose call marker is a special token: the text must keep special tokens.
 KEEP_SPECIAL_TOKENS = frozenset({"kimi_k2", "mistral"})
 
@@ -88,6 +94,9 @@ DEEPSEEK_CALLS, DEEPSEEK_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool�
 DEEPSEEK_CALL, DEEPSEEK_CALL_END, DEEPSEEK_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 KIMI_CALLS, KIMI_CALLS_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 KIMI_CALL, KIMI_ARGUMENTS, KIMI_CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+MINIMAX_CALLS, MINIMAX_CALLS_END = "<minimax:tool_call>", "</minimax:tool_call>"
+MINIMAX_INVOKE, MINIMAX_INVOKE_END = "<invoke name=", "</invoke>"
+MINIMAX_PARAMETER, MINIMAX_PARAMETER_END = "<parameter name=", "</parameter>"
 GLM_KEY, GLM_KEY_END, GLM_VALUE, GLM_VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
 MISTRAL_CALLS = "[TOOL_CALLS]"
 MISTRAL_ARGS = "[ARGS]"
@@ -311,6 +320,55 @@ class KimiK2Calls(HermesCalls):
             calls.append(self._make(name, arguments, None if call_id in self._ids else call_id))
             self._ids.add(call_id)
         return calls
+
+
+class MiniMaxM2Calls(HermesCalls):
+    """``minimax_m2``: ``<minimax:tool_call>`` blocks of ``<invoke name="NAME">`` elements, each
+    with its ``<parameter name="KEY">VALUE</parameter>``s; all the block's calls or none (it stays
+    text). Values are read by their parameters' declared types (:func:`_typed`)."""
+
+    OPEN, CLOSE = MINIMAX_CALLS, MINIMAX_CALLS_END
+
+    def _block_calls(self, body: str) -> list[dict[str, Any]] | None:
+        rest, parsed = body.strip(_SPACE), []
+        while rest:
+            end = rest.find(MINIMAX_INVOKE_END)
+            head = rest.find(">")
+            if not rest.startswith(MINIMAX_INVOKE) or end < 0 or head < 0 or head > end:
+                return None
+            name = _unquoted(rest[len(MINIMAX_INVOKE):head])
+            if name not in self._names:
+                return None
+            types = self._types.get(name) or {}
+            arguments = _minimax_parameters(rest[head + 1:end].strip(_SPACE))
+            if arguments is None:
+                return None
+            parsed.append((name, {key: _typed(value, types.get(key)) for key, value in arguments.items()}))
+            rest = rest[end + len(MINIMAX_INVOKE_END):].lstrip(_SPACE)
+        return [self._make(name, arguments) for name, arguments in parsed] if parsed else None
+
+
+def _unquoted(text: str) -> str:
+    text = text.strip(_SPACE)
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" else text
+
+
+def _minimax_parameters(text: str) -> dict[str, str] | None:
+    """``<parameter name="KEY">VALUE</parameter>``s (whitespace between them) as each key's text
+    (one newline next to each end of a value is layout), or None."""
+    values: dict[str, str] = {}
+    while text:
+        head, end = text.find(">"), text.find(MINIMAX_PARAMETER_END)
+        if not text.startswith(MINIMAX_PARAMETER) or head < 0 or end < head:
+            return None
+        key = _unquoted(text[len(MINIMAX_PARAMETER):head])
+        if not key or "<" in key:
+            return None
+        value = text[head + 1:end]
+        value = value[1:] if value.startswith("\n") else value
+        values[key] = value[:-1] if value.endswith("\n") else value
+        text = text[end + len(MINIMAX_PARAMETER_END):].lstrip(_SPACE)
+    return values
 
 
 class GlmCalls(HermesCalls):
@@ -728,7 +786,7 @@ _READERS: dict[str, type[SyntaxReader]] = {"hermes": HermesCalls, "llama3_json":
                                          "mistral": MistralCalls, "pythonic": PythonicCalls,
                                          "qwen3_coder": Qwen3CoderCalls, "deepseek_v3": DeepSeekV3Calls,
                                          "deepseek_v31": DeepSeekCalls, "kimi_k2": KimiK2Calls, "glm45": GlmCalls,
-                                         "glm47": GlmCalls}
+                                         "glm47": GlmCalls, "minimax_m2": MiniMaxM2Calls}
 
 
 def call_reader(parser: str, names: Collection[str], new_id: Callable[[], str], *,
@@ -752,5 +810,5 @@ def split_calls(parser: str, text: str, names: Collection[str], new_id: Callable
 
 
 __all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "DeepSeekCalls", "DeepSeekV3Calls", "GlmCalls", "HermesCalls", "KimiK2Calls",
-           "Llama3JsonCalls", "MistralCalls", "PythonicCalls",
+           "Llama3JsonCalls", "MiniMaxM2Calls", "MistralCalls", "PythonicCalls",
            "Qwen3CoderCalls", "SyntaxReader", "call_reader", "partial_start", "split_calls"]

@@ -254,7 +254,7 @@ def test_forced_tool_calls_follow_the_functions_parameters(oai, tool_choice):
 
 
 @pytest.fixture(scope="module", params=["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "deepseek_v31",
-                                        "kimi_k2", "glm45"])
+                                        "kimi_k2", "glm45", "minimax_m2"])
 def parser_gateway(request, triton, tmp_path_factory):
     """A gateway that reads one tool-call syntax (TOOL_CALL_PARSER: tool_choice "auto")."""
     gw = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_TOOL_CALL_PARSER": request.param})
@@ -284,6 +284,9 @@ def call_turn(parser: str, city: str) -> list[dict]:
         call, number = json.dumps({"city": city, "unit": "celsius"}), ("Rome", "Oslo").index(city)  # Kimi numbers the calls
         answer = (f"<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:{number}"
                   f"<|tool_call_argument_begin|>{call}<|tool_call_end|><|tool_calls_section_end|>")
+    elif parser == "minimax_m2":
+        answer = (f'<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">{city}</parameter>\n'
+                  '<parameter name="unit">celsius</parameter>\n</invoke>\n</minimax:tool_call>')
     elif parser == "glm45":
         answer = (f"<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>{city}</arg_value>\n"
                   "<arg_key>unit</arg_key>\n<arg_value>celsius</arg_value>\n</tool_call>")

@@ -1,5 +1,5 @@
 """tool_choice "auto" (gateway.tool_parsers): the hermes, llama3_json, mistral, pythonic,
-qwen3_coder, deepseek_v3, deepseek_v31, kimi_k2 and glm45/glm47 syntaxes read out of a choice's text, as a whole and in pieces of every size, and
+qwen3_coder, deepseek_v3, deepseek_v31, kimi_k2, glm45/glm47 and minimax_m2 syntaxes read out of a choice's text, as a whole and in pieces of every size, and
 through the app with TOOL_CALL_PARSER (fake backend; replies checked against the app's own /openapi.json)."""
 
 from __future__ import annotations
@@ -215,11 +215,30 @@ GLM_CASES = [
     ("ok " + GLM[:-len("</tool_call>")], "ok " + GLM[:-len("</tool_call>")], []),
     ("  ", "  ", []),
 ]
+MINIMAX = ('<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">Paris</parameter>\n</invoke>\n'
+           '<invoke name="noop">\n</invoke>\n</minimax:tool_call>')
+MINIMAX_CASES = [
+    ("The weather is fine.", "The weather is fine.", []),
+    (MINIMAX, None, [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    ("Let me look.\n" + MINIMAX + "\nDone.", "Let me look.Done.", [("get_weather", {"city": "Paris"}), ("noop", {})]),
+    # unquoted names; one newline next to each end of a value is layout, the rest is the value
+    ("<minimax:tool_call><invoke name=get_weather><parameter name=city>\n\n<b> x\n</parameter></invoke>"
+     "</minimax:tool_call>", None, [("get_weather", {"city": "\n<b> x"})]),
+    # a block is all calls or text: an undeclared function, a parameter never closed, no invoke, never closed
+    ('<minimax:tool_call><invoke name="noop"></invoke><invoke name="rm_rf"></invoke></minimax:tool_call>',
+     '<minimax:tool_call><invoke name="noop"></invoke><invoke name="rm_rf"></invoke></minimax:tool_call>', []),
+    ('<minimax:tool_call><invoke name="noop"><parameter name="a">1</invoke></minimax:tool_call>',
+     '<minimax:tool_call><invoke name="noop"><parameter name="a">1</invoke></minimax:tool_call>', []),
+    ("<minimax:tool_call>noop</minimax:tool_call>", "<minimax:tool_call>noop</minimax:tool_call>", []),
+    ("ok " + MINIMAX[:-len("</minimax:tool_call>")], "ok " + MINIMAX[:-len("</minimax:tool_call>")], []),
+    ("  ", "  ", []),
+]
 SYNTAX_CASES = ([("hermes", *case) for case in CASES] + [("llama3_json", *case) for case in LLAMA_CASES]
                 + [("mistral", *case) for case in MISTRAL_CASES] + [("pythonic", *case) for case in PYTHONIC_CASES]
                 + [("qwen3_coder", *case) for case in QWEN_CASES] + [("deepseek_v31", *case) for case in DEEPSEEK_CASES]
                 + [("deepseek_v3", *case) for case in DEEPSEEK_V3_CASES] + [("kimi_k2", *case) for case in KIMI_CASES]
-                + [("glm45", *case) for case in GLM_CASES] + [("glm47", *case) for case in GLM_CASES])
+                + [("glm45", *case) for case in GLM_CASES] + [("glm47", *case) for case in GLM_CASES]
+                + [("minimax_m2", *case) for case in MINIMAX_CASES])
 
 
 @pytest.mark.parametrize(("parser", "text", "content", "calls"), SYNTAX_CASES)
@@ -263,7 +282,7 @@ def test_parallel_tool_calls_false_keeps_the_first_call_in_every_syntax(parser):
     text = {"hermes": CALL + NOOP, "llama3_json": LLAMA + '; {"name": "noop", "parameters": {}}',
             "pythonic": '[get_weather(city="Paris"), noop()]', "mistral": MISTRAL, "qwen3_coder": QWEN + QWEN_NOOP,
             "deepseek_v31": DEEPSEEK, "deepseek_v3": DEEPSEEK_V3, "kimi_k2": KIMI, "glm45": GLM + GLM_NOOP,
-            "glm47": GLM + GLM_NOOP}[parser]
+            "glm47": GLM + GLM_NOOP, "minimax_m2": MINIMAX}[parser]
     content, calls = split_calls(parser, text, NAMES, ids(), most=1)
     assert content is None and names_and_arguments(calls) == [("get_weather", {"city": "Paris"})]
     assert names_and_arguments(pieces(text, 5, most=1, parser=parser)[1]) == [("get_weather", {"city": "Paris"})]
@@ -310,6 +329,15 @@ def test_glm_reads_a_value_as_a_string_where_declared_one_else_as_json_or_a_lite
         assert json.loads(calls[0]["function"]["arguments"], parse_constant=lambda name: pytest.fail(name))
 
 
+def test_minimax_m2_reads_values_by_their_declared_types():
+    block = ('<minimax:tool_call><invoke name="get_weather"><parameter name="days">3</parameter>'
+             '<parameter name="city">42</parameter><parameter name="options">{"a": 1}</parameter>'
+             '<parameter name="metric">true</parameter></invoke></minimax:tool_call>')
+    content, calls = split_calls("minimax_m2", block, TYPED, ids())
+    assert content is None and names_and_arguments(calls) == [
+        ("get_weather", {"days": 3, "city": "42", "options": {"a": 1}, "metric": True})]
+
+
 def test_kimi_k2_calls_keep_the_model_s_ids_once_each():
     """Kimi's template writes a call's id back into the next turn: the reply keeps the model's
     ``functions.NAME:N``; an id the reply already used gets a new one (ids answer one call each)."""
@@ -349,7 +377,8 @@ def test_a_parser_the_gateway_does_not_have_stops_it_from_starting(tmp_path):
     for name in (None, "", *PARSERS):
         make_openai_app(tmp_path / str(name), {"TOOL_CALL_PARSER": name})
     with pytest.raises(ValueError, match="TOOL_CALL_PARSER must be one of deepseek_v3, deepseek_v31, glm45, glm47, "
-                                         "hermes, kimi_k2, llama3_json, mistral, pythonic, qwen3_coder"):
+                                         "hermes, kimi_k2, llama3_json, minimax_m2, mistral, pythonic, "
+                                         "qwen3_coder"):
         make_openai_app(tmp_path / "bad", {"TOOL_CALL_PARSER": "mistral_v3"})
     with pytest.raises(ValueError, match="TOOL_CALL_PARSER"):
         make_openai_app(tmp_path / "worse", {"TOOL_CALL_PARSER": "llama4"})
@@ -466,6 +495,7 @@ QWEN_SPOKEN = ["<tool_call>\n<function=get_", "weather>\n<parameter=city>\nPar",
 
 DEEPSEEK_SPOKEN = [DEEPSEEK[:30], DEEPSEEK[30:61], DEEPSEEK[61:]]
 KIMI_SPOKEN = [KIMI[:40], KIMI[40:90], KIMI[90:]]
+MINIMAX_SPOKEN = [MINIMAX[:25], MINIMAX[25:70], MINIMAX[70:]]
 GLM_SPOKEN = ["<tool_call>get_we", "ather<arg_key>city</arg_key><arg_value>Pa", "ris</arg_value></tool_call>",
               "\n" + GLM_NOOP]
 
@@ -473,7 +503,8 @@ GLM_SPOKEN = ["<tool_call>get_we", "ather<arg_key>city</arg_key><arg_value>Pa", 
 @pytest.mark.parametrize(("parser", "spoken"), [("llama3_json", LLAMA_SPOKEN), ("pythonic", PYTHONIC_SPOKEN),
                                                 ("mistral", MISTRAL_SPOKEN), ("qwen3_coder", QWEN_SPOKEN),
                                                 ("deepseek_v31", DEEPSEEK_SPOKEN), ("kimi_k2", KIMI_SPOKEN),
-                                                ("glm45", GLM_SPOKEN), ("glm47", GLM_SPOKEN)])
+                                                ("glm45", GLM_SPOKEN), ("glm47", GLM_SPOKEN),
+                                                ("minimax_m2", MINIMAX_SPOKEN)])
 def test_each_syntax_answers_calls_whole_and_streamed_through_the_app(tmp_path, parser, spoken):
     """The deployment's TOOL_CALL_PARSER picks the syntax: the same reply, whole and streamed,
     is the two calls with finish_reason tool_calls; the other syntaxes' text stays content."""
