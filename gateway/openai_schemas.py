@@ -77,6 +77,7 @@ from .tools import (
 )
 
 from .schemas import (
+    BadWords,
     ModelSchema,
     StrictBoolean,
     StrictInteger,
@@ -241,6 +242,8 @@ class _OpenAISchema(ModelSchema):
     include_stop_str_in_output = StrictBoolean()
     # vLLM's: false keeps the tokenizer's special tokens in the text
     skip_special_tokens = StrictBoolean()
+    # vLLM's: words never generated (as written and after a space)
+    bad_words = BadWords()
 
     @validates_schema
     def validate_structured_outputs(self, data: Mapping[str, Any], **kwargs: Any) -> None:

@@ -40,7 +40,7 @@ from trident.contract import INT32_MAX, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
 from .control_fields import LogitBias, Regex, ResponseFormat, StructuredOutputs
 from .control_fields import openapi_properties as control_properties
-from .schemas import StopSequences, StrictBoolean, StrictInteger, StrictNumber, StrictString
+from .schemas import MAX_REQUEST_BAD_WORDS, BadWords, StopSequences, StrictBoolean, StrictInteger, StrictNumber, StrictString
 from .tools import CHOICES as TOOL_CHOICES, JsonObject, ToolChoiceField
 
 bp = Blueprint("openapi", __name__)
@@ -79,6 +79,8 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
     stop = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     if isinstance(field, StopSequences):
         props = {"items": stop, "maxItems": MAX_STOP_SEQUENCES}
+    elif isinstance(field, BadWords):
+        props = {"items": {**stop, "maxLength": MAX_STOP_CHARS - 1, "pattern": r"\S"}, "maxItems": MAX_REQUEST_BAD_WORDS}
     elif isinstance(field, StringOrStrings):
         props = {"anyOf": [stop, {"type": "array", "items": stop, "maxItems": field.max_items}]}
     elif isinstance(field, Prompt):
@@ -179,6 +181,7 @@ def _plugin() -> tuple[Any, Any]:
         (StrictNumber, ("number", None)),
         (StrictBoolean, ("boolean", None)),
         (StopSequences, ("array", None)),
+        (BadWords, ("array", None)),
     ):
         plugin.map_to_openapi_type(cls, *mapping)
     for cls in (Anything, Empty, StringOrStrings, Prompt, MessageContent, Nested, LogitBias, ResponseFormat, Regex,

@@ -17,6 +17,7 @@ from marshmallow.validate import Range
 
 from trident.contract import (
     INT32_MAX,
+    MAX_BAD_WORDS,
     MAX_CHOICES,
     MAX_PENALTY,
     MAX_TOP_LOGPROBS,
@@ -67,6 +68,40 @@ class StopSequences(_StrictField):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
         return non_empty_strings(super()._deserialize(value, attr, data, **kwargs), name=self.public_name,
                                  max_items=MAX_STOP_SEQUENCES)
+
+
+#: bad words one request may name: each is banned as written and after a space (two sequences)
+MAX_REQUEST_BAD_WORDS = MAX_BAD_WORDS // 2
+
+
+class BadWords(_StrictField):
+    """vLLM's ``bad_words``: words the output never contains, each banned as its token sequence
+    at the start of a word and after a space (:func:`spaced_variants`)."""
+
+    expected = "an array of strings"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, list)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        words = non_empty_strings(super()._deserialize(value, attr, data, **kwargs), name=self.public_name,
+                                  max_items=MAX_REQUEST_BAD_WORDS, max_chars=MAX_STOP_CHARS - 1)
+        for i, word in enumerate(words):
+            if not word.strip():
+                raise ValidationError(f"{self.public_name}[{i}] must have a character other than whitespace")
+        return words
+
+
+def spaced_variants(words: Sequence[str]) -> tuple[str, ...]:
+    """The bad words to send the engine for words a request names: each without its leading
+    whitespace and after one space, as vLLM bans them (BPE tokenizers spell a word differently
+    at the start of the text and inside it), without repeats."""
+    out: list[str] = []
+    for word in words:
+        for variant in (word.lstrip(), " " + word.lstrip()):
+            if variant not in out:
+                out.append(variant)
+    return tuple(out)
 
 
 def reject_conflicting_alias(data: Mapping[str, Any], name: str, alias: str, message: str) -> None:
@@ -236,6 +271,7 @@ class GenerateSchema(ModelSchema):
     stop_token_ids = TokenIdArray()
     include_stop_str_in_output = StrictBoolean()
     skip_special_tokens = StrictBoolean()
+    bad_words = BadWords()  # vLLM's: words never generated
 
     @validates("prompt")
     def validate_prompt(self, value: str, data_key: str) -> None:
@@ -275,7 +311,7 @@ def check_min_tokens(data: Mapping[str, Any], max_tokens: int | None, name: str 
 #: SamplingParams fields a request sets under the same name
 _SAME_NAME = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "n", "min_tokens",
               "presence_penalty", "frequency_penalty", "min_p", "logit_bias", "logprobs", "guide", "stop_token_ids",
-              "include_stop_str_in_output", "skip_special_tokens")
+              "include_stop_str_in_output", "skip_special_tokens", "bad_words")
 _FLOATS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 
 
@@ -287,6 +323,8 @@ def sampling_params(data: Mapping[str, Any], **renamed: str) -> SamplingParams:
     for name in _FLOATS:
         if name in values:
             values[name] = float(values[name])
+    if "bad_words" in values:
+        values["bad_words"] = spaced_variants(values["bad_words"])
     return SamplingParams(**values)
 
 

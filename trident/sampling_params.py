@@ -23,6 +23,7 @@ MAX_CHOICES = 16  # n (and best_of): each choice costs a whole generation
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 MAX_STOP_TOKEN_IDS = 64  # entries of stop_token_ids
+MAX_BAD_WORDS = 64  # bad words (text) per request: each a token sequence the engine matches at every token
 MAX_BIAS = 100.0  # |bias| (OpenAI's range)
 MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 MAX_GUIDE_CHARS = 65536  # a JSON schema, regex or grammar: compiled against the whole vocabulary
@@ -88,10 +89,10 @@ def prompt_chars_error(chars: int, limit: int, param: str = "prompt") -> str:
             f"(checked before tokenizing); shorten it")
 
 
-def stop_error(stops: tuple[str, ...], param: str = "stop_sequences") -> Optional[str]:
-    """The message for stop sequences over the limits, or None."""
-    if len(stops) > MAX_STOP_SEQUENCES:
-        return f"{param} must have at most {MAX_STOP_SEQUENCES} items, got {len(stops)}"
+def stop_error(stops: tuple[str, ...], param: str = "stop_sequences", most: int = MAX_STOP_SEQUENCES) -> Optional[str]:
+    """The message for stop sequences (or bad words: ``most``) over the limits, or None."""
+    if len(stops) > most:
+        return f"{param} must have at most {most} items, got {len(stops)}"
     for i, stop in enumerate(stops):
         if len(stop) > MAX_STOP_CHARS:
             return f"{param}[{i}] must be at most {MAX_STOP_CHARS} characters, got {len(stop)}"
@@ -214,8 +215,9 @@ class SamplingParams:
                                  param="repetition_penalty")
         if self.seed is not None and not 0 <= self.seed <= UINT64_MAX:
             raise InvalidRequest(f"seed must be between 0 and {UINT64_MAX}, got {self.seed}", param="seed")
-        for stops, param in ((self.stop, "stop_sequences"), (self.bad_words, "bad_words")):
-            message = stop_error(stops, param)
+        for stops, param, most in ((self.stop, "stop_sequences", MAX_STOP_SEQUENCES),
+                                   (self.bad_words, "bad_words", MAX_BAD_WORDS)):
+            message = stop_error(stops, param, most)
             if message:
                 raise InvalidRequest(message, param=param)
         self._check_output_controls(limits)
@@ -280,5 +282,5 @@ class SamplingParams:
     def log_fields(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "stop_sequences": len(self.stop),
-                "seed": self.seed, "n": self.n, "logprobs": self.logprobs, "echo": self.echo,
+                "bad_words": len(self.bad_words), "seed": self.seed, "n": self.n, "logprobs": self.logprobs, "echo": self.echo,
                 "guide": None if self.guide is None else self.guide.type}

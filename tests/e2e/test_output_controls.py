@@ -305,3 +305,33 @@ def test_logit_bias_bans_and_forces_a_token_and_min_tokens_holds_off_the_end(gat
     assert ended["choices"][0]["finish_reason"] == "eos_token" and natural < 30
     held = generate(gateway, **short, min_tokens=natural + 5)
     assert held["usage"]["completion_tokens"] >= natural + 5
+
+
+def test_bad_words_keep_words_out_of_the_output_on_the_real_model(oai, gateway):
+    """vLLM's bad_words through the llm model and the CPU engine: a greedy answer that names
+    Paris (its own token, " Paris" inside the sentence) no longer does; a word of several tokens
+    is kept out too (the engine bans its last token after the others); /generate takes the same."""
+    settings = {"model": MODEL, "messages": CAPITAL, "temperature": 0, "max_tokens": 24}
+    plain = oai.chat.completions.create(**settings).choices[0].message.content
+    assert "Paris" in plain, plain
+    banned = oai.chat.completions.create(**settings, extra_body={"bad_words": ["Paris"]}).choices[0].message.content
+    assert "Paris" not in banned and banned != plain, banned
+    word, prompt, text = multi_token_word(gateway)
+    kept_out = generate(gateway, prompt=prompt, max_new_tokens=16, temperature=0, bad_words=[word])["choices"][0]["text"]
+    assert word not in kept_out and kept_out != text, (word, text, kept_out)
+    streamed = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True,
+                                      extra_body={"bad_words": [word]})
+    assert "".join(chunk.choices[0].text for chunk in streamed) == kept_out
+
+
+def multi_token_word(gateway) -> tuple[str, str, str]:
+    """A word of several tokens (after a space) in a greedy continuation, its prompt and the
+    continuation (SmolLM2's common words are one token each: rarer ones are looked for)."""
+    for prompt in ("The scientific name of the house cat is", "The chemical formula of caffeine is",
+                   "Albert Einstein was born in"):
+        text = generate(gateway, prompt=prompt, max_new_tokens=16, temperature=0)["choices"][0]["text"]
+        for word in (w.strip(".,;:!?()") for w in text.split()):
+            if word.isalpha() and requests.post(gateway.url + "/tokenize", json={"prompt": " " + word}, headers=AUTH,
+                                                timeout=30).json()["count"] > 1:
+                return word, prompt, text
+    pytest.fail("no greedy continuation has a word of several tokens")

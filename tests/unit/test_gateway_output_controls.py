@@ -412,3 +412,35 @@ def test_generate_takes_vllms_stop_token_ids_include_stop_and_skip_special_token
     for extra in ({"stop_token_ids": [1, -2]}, {"include_stop_str_in_output": 1}, {"skip_special_tokens": "no"}):
         bad = client.post("/generate", json={"prompt": "x", **extra}, headers=AUTH)
         assert bad.status_code == 400 and bad.get_json()["error"]["param"] == next(iter(extra))
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions"])
+def test_bad_words_reach_the_llm_model_as_written_and_after_a_space(client, backend, path):
+    """vLLM's bad_words: each word is banned at the start of the text and inside it (BPE spells
+    " Paris" apart from "Paris"), leading whitespace dropped, repeats sent once."""
+    body = {"messages": [{"role": "user", "content": "x"}]} if path.endswith("chat/completions") else {"prompt": "x"}
+    response = client.post(path, json={**body, "bad_words": ["Paris", " Paris", "  New York"]}, headers=AUTH)
+    assert response.status_code == 200, response.get_json()
+    assert backend.last_params.sampling.bad_words == ("Paris", " Paris", "New York", " New York")
+    client.post(path, json=body, headers=AUTH)
+    assert backend.last_params.sampling.bad_words == ()
+    for words, message in ((["ok", " \n"], "bad_words[1] must have a character other than whitespace"),
+                           ([""], "bad_words[0] must be a non-empty string"), ("Paris", "must be an array"),
+                           (["x"] * 33, "bad_words must have at most 32 items, got 33"),
+                           (["x" * 256], "bad_words[0] must be at most 255 characters")):
+        bad = client.post(path, json={**body, "bad_words": words}, headers=AUTH)
+        error = bad.get_json()["error"]
+        assert bad.status_code == 400 and error["param"] == "bad_words" and message in error["message"], error
+
+
+def test_the_contract_takes_as_many_bad_words_as_the_gateway_sends():
+    """32 words become at most 64 sequences: within the contract's own limit (NVIDIA's ensemble
+    input, which a gRPC client fills directly)."""
+    from trident.contract import MAX_BAD_WORDS, SamplingParams
+    from gateway.schemas import MAX_REQUEST_BAD_WORDS, spaced_variants
+
+    words = spaced_variants([f"w{i}" for i in range(MAX_REQUEST_BAD_WORDS)])
+    assert len(words) == MAX_BAD_WORDS
+    SamplingParams(bad_words=words).check()
+    with pytest.raises(Exception, match="bad_words must have at most 64 items"):
+        SamplingParams(bad_words=words + ("one more",)).check()
