@@ -140,7 +140,8 @@ class StructuredOutputs(_StrictField):
         if unknown:
             raise ValidationError(f"{name} has an unrecognized field: {unknown[0]} (supported: "
                                   f"{', '.join(STRUCTURED_KINDS)})")
-        given = [key for key in STRUCTURED_KINDS if value.get(key) not in (None, False)]
+        # not given: absent, null, or json_object false (``in (None, False)`` would take 0 and 0.0 as false)
+        given = [key for key in STRUCTURED_KINDS if value.get(key) is not None and value.get(key) is not False]
         if len(given) != 1:
             raise ValidationError(f"{name} must give exactly one of {', '.join(STRUCTURED_KINDS)}, got "
                                   f"{len(given)}")

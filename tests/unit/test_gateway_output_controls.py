@@ -344,6 +344,10 @@ def test_a_choice_guide_accepts_exactly_its_strings():
     ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json must be a JSON schema"),
     ({"structured_outputs": {"json": [1]}}, "structured_outputs.json must be a JSON schema"),
     ({"structured_outputs": {"json_object": 1}}, "structured_outputs.json_object must be true"),
+    # 0 and 0.0 are not false (a fuzzed request found them taken as "not given" beside a choice)
+    ({"structured_outputs": {"choice": ["0"], "json_object": 0.0}}, "structured_outputs must give exactly one of"),
+    ({"structured_outputs": {"json_object": 0}}, "structured_outputs.json_object must be true"),
+    ({"structured_outputs": {"regex": 0}}, "structured_outputs.regex must be a non-empty string"),
     ({"structured_outputs": {"grammar": "x" * 70000}}, "structured_outputs.grammar must be at most 65536"),
     ({"structured_outputs": "json"}, "structured_outputs must be an object"),
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
