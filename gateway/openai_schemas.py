@@ -63,7 +63,7 @@ from .openai_fields import (
 from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
 
 from .control_fields import LogitBias, ResponseFormat, StructuredOutputs
-from .reasoning import Reasoning
+from .reasoning import KEEP_SPECIAL_TOKENS as REASONING_KEEPS_SPECIAL, Reasoning
 from .tool_parsers import KEEP_SPECIAL_TOKENS
 from .tools import (
     MAX_TOOLS,
@@ -445,6 +445,8 @@ class ChatCompletionSchema(_OpenAISchema):
                 "(TOKENIZER_DIR); use /v1/completions",
                 status=501,
             )
+        if self.reasoning_parser in REASONING_KEEPS_SPECIAL:  # its thinking tags are special tokens
+            data = {**data, "skip_special_tokens": False}
         prompt = self.chat_template.render(data["messages"], tools=tools, **render_options(data))
         max_tokens = data.get("max_completion_tokens")
         if max_tokens is None:

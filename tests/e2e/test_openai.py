@@ -354,33 +354,44 @@ def test_a_prefilled_reply_is_continued_and_template_fields_reach_the_prompt(oai
     assert caught.value.body["param"] == "chat_template_kwargs"
 
 
-@pytest.fixture(scope="module")
-def reasoning_gateway(triton, tmp_path_factory):
-    """A gateway that reads the models' <think> syntax (REASONING_PARSER)."""
-    gw = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_REASONING_PARSER": "deepseek_r1"})
+#: the thinking tags of each REASONING_PARSER tried
+THINK_TAGS = {"deepseek_r1": ("<think>", "</think>"), "glm45": ("<think>", "</think>"), "mistral": ("[THINK]", "[/THINK]")}
+
+
+@pytest.fixture(scope="module", params=list(THINK_TAGS))
+def reasoning_gateway(request, triton, tmp_path_factory):
+    """A gateway that reads one thinking syntax (REASONING_PARSER)."""
+    gw = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_REASONING_PARSER": request.param})
+    gw.parser = request.param
     yield gw
     gw.stop()
 
 
-def thinking_turn(question: str, thought: str, answer: str) -> list[dict]:
+def thinking_turn(question: str, thought: str, answer: str, parser: str = "deepseek_r1") -> list[dict]:
     """A question and the assistant's earlier answer with its thinking, as plain text: SmolLM2
-    does not think on its own, so the conversation shows it how."""
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": f"<think>{thought}</think>{answer}"}]
+    does not think on its own (and has none of the tags as special tokens), so the conversation
+    shows it how."""
+    opening, closing = THINK_TAGS[parser]
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": f"{opening}{thought}{closing}{answer}"}]
 
 
 def test_a_reasoning_models_thinking_comes_apart_from_its_answer(reasoning_gateway):
     """REASONING_PARSER on the real model (greedy), through the official client: the thinking
     the model writes comes as reasoning (and reasoning_content), the answer as content, streamed
-    the same; include_reasoning false leaves it out."""
+    the same; include_reasoning false leaves it out. For the models that open their thinking
+    themselves (glm45, mistral), an answer that does not is content; for the others (the
+    template opened it), reasoning."""
     oai = openai.OpenAI(base_url=f"{reasoning_gateway.url}/v1", api_key=API_KEY, max_retries=0)
-    messages = [*thinking_turn("What is the capital of Italy?", "Italy's capital is Rome.", "Rome."),
-                *thinking_turn("What is the capital of Spain?", "Spain's capital is Madrid.", "Madrid."),
+    parser = reasoning_gateway.parser
+    messages = [*thinking_turn("What is the capital of Italy?", "Italy's capital is Rome.", "Rome.", parser),
+                *thinking_turn("What is the capital of Spain?", "Spain's capital is Madrid.", "Madrid.", parser),
                 {"role": "user", "content": "What is the capital of France?"}]
     request = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 40}
     message = oai.chat.completions.create(**request).choices[0].message
     extra = message.model_extra or {}
     assert extra.get("reasoning") and extra["reasoning"] == extra.get("reasoning_content"), message
-    assert "<think>" not in extra["reasoning"] and "</think>" not in (message.content or "")
+    assert THINK_TAGS[parser][0] not in extra["reasoning"] and THINK_TAGS[parser][1] not in (message.content or "")
     assert "Paris" in message.content
     thought, content = "", ""
     for chunk in oai.chat.completions.create(**request, stream=True):
@@ -390,6 +401,12 @@ def test_a_reasoning_models_thinking_comes_apart_from_its_answer(reasoning_gatew
     assert (thought, content) == (extra["reasoning"], message.content)
     hidden = oai.chat.completions.create(**request, extra_body={"include_reasoning": False}).choices[0].message
     assert hidden.content == message.content and "reasoning" not in (hidden.model_extra or {})
+    direct = oai.chat.completions.create(**{**request, "messages": CAPITAL}).choices[0].message  # no thinking shown
+    assert THINK_TAGS[parser][0] not in (direct.content or "") + ((direct.model_extra or {}).get("reasoning") or "")
+    if parser in ("glm45", "mistral"):
+        assert "Paris" in direct.content and direct.model_extra["reasoning"] is None, direct
+    else:
+        assert direct.content is None and "Paris" in direct.model_extra["reasoning"], direct
 
 
 def test_stop_sequences_finish_with_stop(oai):

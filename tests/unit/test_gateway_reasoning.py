@@ -12,7 +12,7 @@ from openai_fixtures import AUTH, make_openai_app, tokenizer_dir
 from test_gateway_openai_tools import TOOLS, TOOLS_TEMPLATE, USER, check_response, says, streamed_chunks
 
 from gateway.backend import ChoiceEnd, TextDelta
-from gateway.reasoning import ReasoningReader, split_reasoning
+from gateway.reasoning import PARSERS, SYNTAXES, ReasoningReader, split_reasoning
 
 CASES = [
     # text, reasoning, content
@@ -27,8 +27,33 @@ CASES = [
 ]
 
 
-def pieces(text: str, size: int) -> tuple[str, str, bool]:
-    reader = ReasoningReader()
+# the syntaxes of models that open their thinking themselves (glm45; mistral's tags)
+OPENED_CASES = [
+    ("<think>2+2 is 4.</think>\n\nIt is 4.", "2+2 is 4.", "\n\nIt is 4."),
+    ("It is 4.", None, "It is 4."),  # not opened: no thinking (thinking off, or not needed)
+    ("2+2 is 4.</think>It is 4.", None, "2+2 is 4.</think>It is 4."),
+    ("\n<think>\nhm", "\nhm", None),  # cut while thinking: all reasoning
+    ("<thi", None, "<thi"),
+    ("", None, None),
+]
+def mistral(text: str | None) -> str | None:
+    """A case of the <think> syntax in Magistral's tags."""
+    return text if text is None else text.replace("<think>", "[THINK]").replace("</think>", "[/THINK]")
+
+
+SEED_CASES = [  # ByteDance Seed-OSS: R1's rules with its own tags
+    ("<seed:think>2+2 is 4.</seed:think>It is 4.", "2+2 is 4.", "It is 4."),
+    ("2+2 is 4.</seed:think>It is 4.", "2+2 is 4.", "It is 4."),
+    ("<think>x</think>y", "<think>x</think>y", None),
+]
+SYNTAX_CASES = ([("deepseek_r1", *case) for case in CASES] + [("glm47", *case) for case in CASES]
+                + [("glm45", *case) for case in OPENED_CASES] + [("seed_oss", *case) for case in SEED_CASES]
+                + [("mistral", *(mistral(part) for part in case)) for case in OPENED_CASES])
+
+
+
+def pieces(text: str, size: int, parser: str = "deepseek_r1") -> tuple[str, str, bool]:
+    reader = ReasoningReader(SYNTAXES[parser])
     thought, content = [], []
     for start in range(0, len(text), size):
         t, c = reader.feed(text[start:start + size])
@@ -38,11 +63,11 @@ def pieces(text: str, size: int) -> tuple[str, str, bool]:
     return "".join(thought) + t, "".join(content) + c, reader.thought_ended
 
 
-@pytest.mark.parametrize(("text", "thought", "content"), CASES)
-def test_reasoning_and_content_of_a_whole_text_and_of_its_pieces_of_every_size(text, thought, content):
-    assert split_reasoning(text) == (thought, content)
+@pytest.mark.parametrize(("parser", "text", "thought", "content"), SYNTAX_CASES)
+def test_reasoning_and_content_of_a_whole_text_and_of_its_pieces_of_every_size(parser, text, thought, content):
+    assert split_reasoning(text, parser) == (thought, content)
     for size in range(1, len(text) + 1):
-        got_thought, got_content, ended = pieces(text, size)
+        got_thought, got_content, ended = pieces(text, size, parser)
         assert (got_thought or None, (got_content or None) if ended else None) == (thought, content), size
 
 
@@ -57,9 +82,10 @@ def test_thinking_is_handed_out_as_soon_as_it_cannot_be_the_end_of_it():
 
 
 def test_a_parser_the_gateway_does_not_have_stops_it_from_starting(tmp_path):
-    for name in (None, "", "deepseek_r1", "qwen3"):
+    for name in (None, "", *PARSERS):
         make_openai_app(tmp_path / str(name), {"REASONING_PARSER": name})
-    with pytest.raises(ValueError, match="REASONING_PARSER must be one of deepseek_r1, qwen3"):
+    with pytest.raises(ValueError, match="REASONING_PARSER must be one of deepseek_r1, glm45, glm47, mistral, qwen3, "
+                                         "seed_oss"):
         make_openai_app(tmp_path / "bad", {"REASONING_PARSER": "granite"})
 
 
@@ -96,6 +122,27 @@ def test_a_reply_has_its_reasoning_apart_from_its_content_whole_and_streamed(app
     assert "".join(d.get("content") or "" for d in deltas) == "\n\nIt is sunny."
     first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
     assert not any(d.get("reasoning") for d in deltas[first_content + 1:])  # thinking first, then the answer
+
+
+@pytest.mark.parametrize("parser", ["glm45", "mistral"])
+def test_models_that_open_their_thinking_themselves_through_the_app(tmp_path, parser):
+    """glm45 and mistral: a reply that opens its thinking has it apart, whole and streamed; one
+    that does not is all content; mistral's tags are special tokens, so the text is asked for
+    with them (as vLLM does)."""
+    app, backend = make_openai_app(tmp_path, {"TOKENIZER_DIR": str(tokenizer_dir(tmp_path / "t", TOOLS_TEMPLATE)),
+                                              "REASONING_PARSER": parser})
+    client, spec = app.test_client(), app.test_client().get("/openapi.json").get_json()
+    spoken = ["[THINK]The user", " wants Paris.[/TH", "INK]\n\nIt is ", "sunny."] if parser == "mistral" else SPOKEN
+    backend.script = says(*spoken)
+    message = chat(client).get_json()["choices"][0]["message"]
+    assert (message["reasoning"], message["content"]) == ("The user wants Paris.", "\n\nIt is sunny.")
+    assert backend.last_params.sampling.skip_special_tokens is (parser != "mistral")
+    deltas = [c["choices"][0]["delta"] for c in streamed_chunks(spec, chat(client, stream=True))]
+    assert "".join(d.get("reasoning", "") for d in deltas) == "The user wants Paris."
+    assert "".join(d.get("content") or "" for d in deltas) == "\n\nIt is sunny."
+    backend.script = says("It is ", "sunny.")
+    message = chat(client).get_json()["choices"][0]["message"]
+    assert (message["reasoning"], message["content"]) == (None, "It is sunny.")
 
 
 def test_include_reasoning_false_and_thinking_turned_off(app):
