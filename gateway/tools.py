@@ -7,7 +7,8 @@ constrained decoding, as vLLM does without a model-specific tool parser:
 * ``tool_choice: "required"``: the output is constrained to a JSON array of one or more
   ``{"name": ..., "parameters": {...}}`` objects, each a declared function with its own
   parameters (at most one with ``parallel_tool_calls: false``); the reply has one call per
-  element, ``arguments`` the element's parameters as JSON;
+  element, ``arguments`` the element's parameters as the model wrote them (streamed as they
+  come);
 * ``"none"``: no call; the tools still reach the chat template, as with OpenAI and vLLM;
 * ``"auto"`` (OpenAI's default when tools are given): the output is free and the calls the model
   wrote in its own syntax are read from it, where the deployment names that syntax
@@ -18,7 +19,8 @@ Every form gives the tools to the chat template (``tools``, as transformers does
 that ignores them shows the model the functions only through the constraint. In the reply,
 ``content`` is null, ``tool_calls`` holds the calls and ``finish_reason`` is the generation's
 (``stop``, or ``length`` when ``max_tokens`` cut it), as vLLM and OpenAI answer a forced call.
-A required call that a cut left incomplete is not reported (``finish_reason`` says why).
+A call that a cut left incomplete has the arguments generated so far (``finish_reason`` says
+why), named or ``required``.
 
 Messages may carry an earlier turn's calls (an assistant message's ``tool_calls``, its content
 then optional) and their results (``role: "tool"`` with ``tool_call_id``); the template gets
@@ -281,59 +283,137 @@ def new_call_id() -> str:
     return f"call_{new_id()[:24]}"
 
 
+#: the start of an element of ``required``'s array, up to its arguments: the name first (the
+#: guide's schema lists it first, and XGrammar writes the properties in that order)
+_ELEMENT_HEAD = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:\s*')
+
+
 class CallReader:
     """The calls of one choice's output, read as it grows: for a named function, the output is
     the arguments of one call; for ``required``, each element of the JSON array is a call,
-    reported once it is complete."""
+    handed out as it comes: its name once the element reaches its ``parameters``, then the
+    parameters' text piece by piece (the constraint makes it valid JSON; a generation cut in
+    the middle leaves the arguments written so far, as for a named function)."""
 
     _decoder = json.JSONDecoder()
 
     def __init__(self, choice: ToolChoice) -> None:
         self.choice = choice
         self._text = ""
-        self._pos = 0  # where the next element (or the array's "[") starts
-        self._opened = False
-        self._closed = False
-        self.calls = 0  # calls reported so far
+        self._pos = 0  # where reading goes on
+        self._state = "start"  # start (before "["), between (elements), head, arguments, tail, closed
+        self._element = 0  # where the element being read starts
+        self._value = _ValueEnd()  # the end of the arguments being streamed
+        self.calls = 0  # calls handed out so far
 
     def feed(self, text: str) -> list[dict[str, Any]]:
-        """The calls completed by ``text`` (``required``), each ``{"index", "id", "type",
-        "function": {"name", "arguments"}}``, numbered from 0 in the order they come."""
+        """The pieces of calls ``text`` adds (``required``): a call's first piece is
+        ``{"index", "id", "type", "function": {"name", "arguments"}}`` (numbered from 0 in the
+        order they come), a later one ``{"index", "function": {"arguments"}}`` with the next
+        text of its arguments."""
         self._text += text
-        found = []
-        while not self._closed:
+        out: list[dict[str, Any]] = []
+        while self._state != "closed":
+            if self._state == "arguments":
+                end = self._value.scan(self._text, self._pos)
+                piece = self._text[self._pos:len(self._text) if end < 0 else end]
+                if piece:
+                    out.append({"index": self.calls - 1, "function": {"arguments": piece}})
+                if end < 0:
+                    self._pos = len(self._text)
+                    break
+                self._pos, self._state = end, "tail"
+                continue
             start = _skip_space(self._text, self._pos)
             if start >= len(self._text):
                 break
             char = self._text[start]
-            if not self._opened:
-                if char != "[":
-                    self._closed = True  # not an array: nothing to read (the constraint makes it one)
+            if self._state == "start":
+                # not an array: nothing to read (the constraint makes it one)
+                self._state, self._pos = ("between", start + 1) if char == "[" else ("closed", start)
+            elif self._state == "between":
+                if char == "]" or char not in ",{":
+                    self._state = "closed"
+                elif char == ",":
+                    self._pos = start + 1
+                else:
+                    self._state, self._element, self._pos = "head", start, start
+            elif self._state == "head":
+                if not self._head(out):
                     break
-                self._opened, self._pos = True, start + 1
-                continue
-            if char == ",":
-                self._pos = start + 1
-                continue
-            if char == "]":
-                self._closed = True
-                break
-            if "}" not in self._text[start:]:
-                break  # an object that cannot be complete yet
-            try:
-                value, end = self._decoder.raw_decode(self._text, start)
-            except ValueError:
-                break  # incomplete
-            self._pos = end
-            if isinstance(value, dict) and isinstance(value.get("name"), str) and "parameters" in value:
-                found.append(self.call(value["name"], json.dumps(value["parameters"], ensure_ascii=False)))
-        return found
+            else:  # tail: the element's closing brace
+                self._state, self._pos = ("between", start + 1) if char == "}" else ("closed", start)
+        return out
+
+    def _head(self, out: list[dict[str, Any]]) -> bool:
+        """Read an element's name (its first piece out); False: more text is needed."""
+        head = _ELEMENT_HEAD.match(self._text, self._element)
+        if head is not None and head.end() < len(self._text):
+            out.append(self.call(json.loads(head.group(1)), ""))
+            self._pos, self._state, self._value = head.end(), "arguments", _ValueEnd()
+            return True
+        if "}" not in self._text[self._element:]:
+            return False
+        try:  # another order of the keys: the element whole, once complete
+            value, end = self._decoder.raw_decode(self._text, self._element)
+        except ValueError:
+            return False
+        self._pos, self._state = end, "between"
+        if isinstance(value, dict) and isinstance(value.get("name"), str) and "parameters" in value:
+            out.append(self.call(value["name"], json.dumps(value["parameters"], ensure_ascii=False)))
+        return True
 
     def call(self, name: str, arguments: str) -> dict[str, Any]:
         call = {"index": self.calls, "id": new_call_id(), "type": "function",
                 "function": {"name": name, "arguments": arguments}}
         self.calls += 1
         return call
+
+
+class _ValueEnd:
+    """Where a JSON value that streams in ends: an object or array at its closing bracket, a
+    string at its closing quote, a number or literal before the character that follows it."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._kind = ""  # the value's first character: { [ " or another (number, literal)
+
+    def scan(self, text: str, pos: int) -> int:
+        """The index just after the value's end, reading from ``pos``; -1: not there yet."""
+        for i in range(pos, len(text)):
+            char = text[i]
+            if not self._kind:
+                self._kind = char
+                if char == '"':
+                    self._in_string = True
+                elif char in "{[":
+                    self._depth = 1
+                continue
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == '"':
+                    self._in_string = False
+                    if self._kind == '"':
+                        return i + 1
+                continue
+            if self._kind not in '{["':
+                if char in ",}] \t\r\n":
+                    return i
+                continue
+            if char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return i + 1
+        return -1
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -343,10 +423,20 @@ def _skip_space(text: str, pos: int) -> int:
 
 
 def message_calls(choice: ToolChoice, text: str) -> list[dict[str, Any]]:
-    """A finished choice's calls, as a non-streaming reply gives them."""
+    """A finished choice's calls, as a non-streaming reply gives them: the pieces a stream
+    hands out, joined."""
     reader = CallReader(choice)
-    calls = [reader.call(choice.name or "", text)] if choice.mode == "function" else reader.feed(text)
-    return [{k: v for k, v in call.items() if k != "index"} for call in calls]  # a message's calls have no index
+    if choice.mode == "function":
+        pieces = [reader.call(choice.name or "", text)]
+    else:
+        pieces = reader.feed(text)
+    calls: list[dict[str, Any]] = []
+    for piece in pieces:
+        if "id" in piece:  # a call's first piece; a message's calls have no index
+            calls.append({"id": piece["id"], "type": piece["type"], "function": dict(piece["function"])})
+        else:
+            calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
+    return calls
 
 
 __all__ = [

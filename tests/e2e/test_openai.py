@@ -242,10 +242,13 @@ def test_forced_tool_calls_follow_the_functions_parameters(oai, tool_choice):
     streamed = {}
     for chunk in oai.chat.completions.create(**request, stream=True):
         for piece in chunk.choices[0].delta.tool_calls or []:
-            call = streamed.setdefault(piece.index, {"id": piece.id, "name": piece.function.name, "arguments": ""})
+            call = streamed.setdefault(piece.index, {"id": piece.id, "name": piece.function.name, "arguments": "",
+                                                     "pieces": 0})
             call["arguments"] += piece.function.arguments or ""
+            call["pieces"] += bool(piece.function.arguments)
     assert [(c["name"], c["arguments"]) for c in streamed.values()] == [
         (call.function.name, call.function.arguments) for call in calls]
+    assert all(c["pieces"] > 1 for c in streamed.values())  # the arguments stream as they come, both ways
     history = [*WEATHER_QUESTION, choice.message.model_dump(exclude_none=True),
                {"role": "tool", "tool_call_id": calls[0].id, "content": "18 degrees and sunny"}]
     answer = oai.chat.completions.create(model=MODEL, messages=history, tools=WEATHER_TOOLS, tool_choice="none",

@@ -144,13 +144,22 @@ def test_required_constrains_the_output_to_an_array_of_declared_calls(client, ba
     assert len({c["id"] for c in message["tool_calls"]}) == 2
 
 
-def test_a_required_call_cut_by_max_tokens_is_left_out(client, backend, spec):
-    backend.script = says(*REQUIRED_TEXT[:3], reason="length")
+def test_a_required_call_cut_by_max_tokens_has_the_arguments_written_so_far(client, backend, spec):
+    """As a named call's: the cut call is in the reply with what its arguments got, whole and
+    streamed alike (finish_reason length says why); a call whose arguments had not begun is not."""
+    backend.script = says(*REQUIRED_TEXT[:2], reason="length")
     body = chat(client, tool_choice="required").get_json()
     check_response(spec, body)
     [choice] = body["choices"]
     assert choice["finish_reason"] == "length"
-    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather"]
+    assert [c["function"] for c in choice["message"]["tool_calls"]] == [{"name": "get_weather",
+                                                                        "arguments": '{"city": "Pa'}]
+    deltas = [c["choices"][0]["delta"] for c in streamed_chunks(spec, chat(client, tool_choice="required", stream=True))]
+    streamed = "".join(t["function"]["arguments"] for d in deltas for t in d.get("tool_calls", []))
+    assert streamed == '{"city": "Pa'
+    backend.script = says(*REQUIRED_TEXT[:3], reason="length")  # the second call's name, not its arguments
+    body = chat(client, tool_choice="required").get_json()
+    assert [c["function"]["name"] for c in body["choices"][0]["message"]["tool_calls"]] == ["get_weather"]
 
 
 def test_a_named_call_streams_its_arguments_as_they_come(client, backend, spec):
@@ -168,17 +177,18 @@ def test_a_named_call_streams_its_arguments_as_they_come(client, backend, spec):
     assert deltas[-1] == {} and chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_required_calls_stream_each_once_it_is_complete(client, backend, spec):
+def test_required_calls_stream_their_arguments_as_they_come(client, backend, spec):
+    """Each call's name once its element reaches its parameters, then the parameters' text in
+    the pieces the model writes them (vLLM and OpenAI stream arguments so)."""
     backend.script = says(*REQUIRED_TEXT)
     response = chat(client, tool_choice="required", stream=True)
     chunks = streamed_chunks(spec, response)
     deltas = [c["choices"][0]["delta"] for c in chunks]
-    # the role first (the first piece completes no call), a chunk per completed call, the end
-    assert deltas[0] == {"role": "assistant", "content": None}
+    assert deltas[0] == {"role": "assistant", "content": None}  # the first piece reaches no parameters
     calls = [d["tool_calls"] for d in deltas[1:-1]]
-    assert [[(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in cs] for cs in calls] == [
-        [(0, "get_weather", '{"city": "Paris"}')], [(1, "noop", "{}")]]
-    assert all(c["id"].startswith("call_") and c["type"] == "function" for cs in calls for c in cs)
+    assert calls[0][0]["id"].startswith("call_") and calls[0][0]["type"] == "function"
+    assert [[(c["index"], c["function"].get("name"), c["function"]["arguments"]) for c in cs] for cs in calls] == [
+        [(0, "get_weather", ""), (0, None, '{"city": "Pa')], [(0, None, 'ris"}')], [(1, "noop", ""), (1, None, "{}")]]
     assert deltas[-1] == {} and chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
@@ -192,7 +202,7 @@ def test_each_choice_has_its_own_calls(client, backend, spec):
     response = chat(client, tool_choice="required", stream=True, n=2)
     openapi_sse.check_sse(spec, "/v1/chat/completions", response.get_data())
     calls = [(c["choices"][0]["index"], t["index"], t["function"]["name"])
-             for c in sse_data(response)[:-1] for t in c["choices"][0]["delta"].get("tool_calls", [])]
+             for c in sse_data(response)[:-1] for t in c["choices"][0]["delta"].get("tool_calls", []) if "id" in t]
     assert calls == [(1, 0, "noop"), (0, 0, "noop")]
 
 
