@@ -254,12 +254,9 @@ class DeepSeekCalls(HermesCalls):
     FENCED = False  # deepseek_v3: "function<｜tool▁sep｜>NAME\n```json\n{arguments}\n```"
 
     def _block_calls(self, body: str) -> list[dict[str, Any]] | None:
-        rest, parsed = body.strip(_SPACE), []
-        while rest:
-            end = rest.find(DEEPSEEK_CALL_END)
-            if not rest.startswith(DEEPSEEK_CALL) or end < 0:
-                return None
-            name, sep, arguments = rest[len(DEEPSEEK_CALL):end].partition(DEEPSEEK_SEP)
+        parsed = []
+        for call in _elements(body, DEEPSEEK_CALL, DEEPSEEK_CALL_END) or ():
+            name, sep, arguments = call.partition(DEEPSEEK_SEP)
             if self.FENCED:
                 kind, name = name, arguments
                 name, _, arguments = name.partition("\n")
@@ -271,7 +268,6 @@ class DeepSeekCalls(HermesCalls):
             if one is None:
                 return None
             parsed.append(one)
-            rest = rest[end + len(DEEPSEEK_CALL_END):].lstrip(_SPACE)
         return [self._make(*one) for one in parsed] if parsed else None
 
 
@@ -297,12 +293,9 @@ class KimiK2Calls(HermesCalls):
         self._ids: set[str] = set()  # the model's ids this reply used
 
     def _block_calls(self, body: str) -> list[dict[str, Any]] | None:
-        rest, parsed = body.strip(_SPACE), []
-        while rest:
-            end = rest.find(KIMI_CALL_END)
-            if not rest.startswith(KIMI_CALL) or end < 0:
-                return None
-            call_id, sep, arguments = rest[len(KIMI_CALL):end].partition(KIMI_ARGUMENTS)
+        parsed = []
+        for call in _elements(body, KIMI_CALL, KIMI_CALL_END) or ():
+            call_id, sep, arguments = call.partition(KIMI_ARGUMENTS)
             call_id = call_id.strip(_SPACE)
             head, colon, number = call_id.rpartition(":")
             name = head[len("functions."):] if head.startswith("functions.") else head
@@ -312,7 +305,6 @@ class KimiK2Calls(HermesCalls):
             if one is None:
                 return None
             parsed.append((*one, call_id))
-            rest = rest[end + len(KIMI_CALL_END):].lstrip(_SPACE)
         if not parsed:
             return None
         calls = []
@@ -330,21 +322,15 @@ class MiniMaxM2Calls(HermesCalls):
     OPEN, CLOSE = MINIMAX_CALLS, MINIMAX_CALLS_END
 
     def _block_calls(self, body: str) -> list[dict[str, Any]] | None:
-        rest, parsed = body.strip(_SPACE), []
-        while rest:
-            end = rest.find(MINIMAX_INVOKE_END)
-            head = rest.find(">")
-            if not rest.startswith(MINIMAX_INVOKE) or end < 0 or head < 0 or head > end:
-                return None
-            name = _unquoted(rest[len(MINIMAX_INVOKE):head])
-            if name not in self._names:
+        parsed = []
+        for invoke in _elements(body, MINIMAX_INVOKE, MINIMAX_INVOKE_END) or ():
+            name, head, inside = invoke.partition(">")
+            name = _unquoted(name)
+            arguments = _minimax_parameters(inside) if head else None
+            if name not in self._names or arguments is None:
                 return None
             types = self._types.get(name) or {}
-            arguments = _minimax_parameters(rest[head + 1:end].strip(_SPACE))
-            if arguments is None:
-                return None
             parsed.append((name, {key: _typed(value, types.get(key)) for key, value in arguments.items()}))
-            rest = rest[end + len(MINIMAX_INVOKE_END):].lstrip(_SPACE)
         return [self._make(name, arguments) for name, arguments in parsed] if parsed else None
 
 
@@ -356,19 +342,31 @@ def _unquoted(text: str) -> str:
 def _minimax_parameters(text: str) -> dict[str, str] | None:
     """``<parameter name="KEY">VALUE</parameter>``s (whitespace between them) as each key's text
     (one newline next to each end of a value is layout), or None."""
+    parameters = _elements(text, MINIMAX_PARAMETER, MINIMAX_PARAMETER_END, empty=True)
+    if parameters is None:
+        return None
     values: dict[str, str] = {}
-    while text:
-        head, end = text.find(">"), text.find(MINIMAX_PARAMETER_END)
-        if not text.startswith(MINIMAX_PARAMETER) or head < 0 or end < head:
+    for parameter in parameters:
+        key, head, value = parameter.partition(">")
+        key = _unquoted(key)
+        if not head or not key or "<" in key:
             return None
-        key = _unquoted(text[len(MINIMAX_PARAMETER):head])
-        if not key or "<" in key:
-            return None
-        value = text[head + 1:end]
         value = value[1:] if value.startswith("\n") else value
         values[key] = value[:-1] if value.endswith("\n") else value
-        text = text[end + len(MINIMAX_PARAMETER_END):].lstrip(_SPACE)
     return values
+
+
+def _elements(text: str, opening: str, closing: str, *, empty: bool = False) -> list[str] | None:
+    """The insides of the ``opening`` ... ``closing`` elements a text is made of (whitespace
+    between and around them); None for any other text, or for none at all unless ``empty``."""
+    rest, insides = text.strip(_SPACE), []
+    while rest:
+        end = rest.find(closing)
+        if not rest.startswith(opening) or end < 0:
+            return None
+        insides.append(rest[len(opening):end])
+        rest = rest[end + len(closing):].lstrip(_SPACE)
+    return insides if insides or empty else None
 
 
 class GlmCalls(HermesCalls):
@@ -488,7 +486,7 @@ class Llama3JsonCalls(SyntaxReader):
         super().__init__(names, new_id, most=most)
         self._buf = ""  # text not handed out yet
         self._state = "start"  # start (nothing but whitespace yet), object, between (calls), text
-        self._object = _ObjectEnd()
+        self._object = JsonValueEnd()
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         self._buf += text
@@ -521,7 +519,7 @@ class Llama3JsonCalls(SyntaxReader):
                 if end < 0:
                     break
                 call = self._call(_json(self._buf[:end]))
-                self._object = _ObjectEnd()
+                self._object = JsonValueEnd()
                 if call is None:  # not a call: this and the rest are text
                     self._state = "text"
                     continue
@@ -549,7 +547,7 @@ class MistralCalls(SyntaxReader):
         self._raw = ""  # the text from the marker on: content if it is not a call
         self._space = ""  # the whitespace before the marker: content, unless calls follow
         self._name = ""
-        self._object = _ObjectEnd()
+        self._object = JsonValueEnd()
         self._after_call = False  # skip the whitespace that follows calls
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
@@ -577,7 +575,7 @@ class MistralCalls(SyntaxReader):
                 if not rest:
                     break
                 if rest[0] == "[":
-                    self._state, self._object = "array", _ObjectEnd()
+                    self._state, self._object = "array", JsonValueEnd()
                 elif rest[0] in _NAME_CHARS:
                     self._state, self._name = "name", ""
                 else:
@@ -591,7 +589,7 @@ class MistralCalls(SyntaxReader):
                     self._raw += MISTRAL_ARGS
                     self._buf = self._buf[len(MISTRAL_ARGS):]
                 if self._buf.startswith("{"):
-                    self._state, self._object = "args", _ObjectEnd()
+                    self._state, self._object = "args", JsonValueEnd()
                 elif self._buf and not MISTRAL_ARGS.startswith(self._buf[:len(MISTRAL_ARGS)]):
                     content.append(self._not_a_call())
                 else:
@@ -629,17 +627,24 @@ class MistralCalls(SyntaxReader):
         return tail, []
 
 
-class _ObjectEnd:
-    """Where the JSON object at the start of a growing text ends (its brackets counted outside
-    strings); ``scan`` goes on from where the last call stopped."""
+class JsonValueEnd:
+    """Where the JSON value that starts at ``start`` of a growing text ends: an object or array
+    at its closing bracket (brackets counted outside strings), a string at its closing quote, a
+    number or literal before the character that follows it. ``scan`` goes on from where the
+    last call stopped."""
 
-    def __init__(self) -> None:
-        self._at, self._depth, self._string, self._escaped = 0, 0, False, False
+    def __init__(self, start: int = 0) -> None:
+        self._at, self._depth, self._string, self._escaped = start, 0, False, False
+        self._kind = ""  # the value's first character: { [ " or another (a number, a literal)
 
     def scan(self, text: str) -> int:
-        """The index after the object's closing brace, or -1 while it is open."""
+        """The index after the value's end, or -1 while it goes on."""
         for i in range(self._at, len(text)):
             char = text[i]
+            if not self._kind:
+                self._kind = char
+                self._depth, self._string = int(char in "{["), char == '"'
+                continue
             if self._string:
                 if self._escaped:
                     self._escaped = False
@@ -647,6 +652,11 @@ class _ObjectEnd:
                     self._escaped = True
                 elif char == '"':
                     self._string = False
+                    if self._kind == '"':
+                        return i + 1
+            elif self._kind not in '{["':
+                if char in ",}]" or char in _SPACE:
+                    return i
             elif char == '"':
                 self._string = True
             elif char in "{[":
@@ -809,6 +819,6 @@ def split_calls(parser: str, text: str, names: Collection[str], new_id: Callable
     return content, calls
 
 
-__all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "DeepSeekCalls", "DeepSeekV3Calls", "GlmCalls", "HermesCalls", "KimiK2Calls",
+__all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "DeepSeekCalls", "JsonValueEnd", "DeepSeekV3Calls", "GlmCalls", "HermesCalls", "KimiK2Calls",
            "Llama3JsonCalls", "MiniMaxM2Calls", "MistralCalls", "PythonicCalls",
            "Qwen3CoderCalls", "SyntaxReader", "call_reader", "partial_start", "split_calls"]

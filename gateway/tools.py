@@ -44,6 +44,7 @@ from .fields import StrictBoolean, StrictString, _StrictField, describe
 from .ids import new_id
 from .openai_fields import Nested
 from .schemas import StrictSchema
+from .tool_parsers import JsonValueEnd
 
 #: At most this many tools in one request (OpenAI's limit).
 MAX_TOOLS = 128
@@ -303,7 +304,7 @@ class CallReader:
         self._pos = 0  # where reading goes on
         self._state = "start"  # start (before "["), between (elements), head, arguments, tail, closed
         self._element = 0  # where the element being read starts
-        self._value = _ValueEnd()  # the end of the arguments being streamed
+        self._value = JsonValueEnd()  # the end of the arguments being streamed
         self.calls = 0  # calls handed out so far
 
     def feed(self, text: str) -> list[dict[str, Any]]:
@@ -315,7 +316,7 @@ class CallReader:
         out: list[dict[str, Any]] = []
         while self._state != "closed":
             if self._state == "arguments":
-                end = self._value.scan(self._text, self._pos)
+                end = self._value.scan(self._text)
                 piece = self._text[self._pos:len(self._text) if end < 0 else end]
                 if piece:
                     out.append({"index": self.calls - 1, "function": {"arguments": piece}})
@@ -350,7 +351,7 @@ class CallReader:
         head = _ELEMENT_HEAD.match(self._text, self._element)
         if head is not None and head.end() < len(self._text):
             out.append(self.call(json.loads(head.group(1)), ""))
-            self._pos, self._state, self._value = head.end(), "arguments", _ValueEnd()
+            self._pos, self._state, self._value = head.end(), "arguments", JsonValueEnd(head.end())
             return True
         if "}" not in self._text[self._element:]:
             return False
@@ -368,52 +369,6 @@ class CallReader:
                 "function": {"name": name, "arguments": arguments}}
         self.calls += 1
         return call
-
-
-class _ValueEnd:
-    """Where a JSON value that streams in ends: an object or array at its closing bracket, a
-    string at its closing quote, a number or literal before the character that follows it."""
-
-    def __init__(self) -> None:
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
-        self._kind = ""  # the value's first character: { [ " or another (number, literal)
-
-    def scan(self, text: str, pos: int) -> int:
-        """The index just after the value's end, reading from ``pos``; -1: not there yet."""
-        for i in range(pos, len(text)):
-            char = text[i]
-            if not self._kind:
-                self._kind = char
-                if char == '"':
-                    self._in_string = True
-                elif char in "{[":
-                    self._depth = 1
-                continue
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif char == "\\":
-                    self._escaped = True
-                elif char == '"':
-                    self._in_string = False
-                    if self._kind == '"':
-                        return i + 1
-                continue
-            if self._kind not in '{["':
-                if char in ",}] \t\r\n":
-                    return i
-                continue
-            if char == '"':
-                self._in_string = True
-            elif char in "{[":
-                self._depth += 1
-            elif char in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    return i + 1
-        return -1
 
 
 def _skip_space(text: str, pos: int) -> int:

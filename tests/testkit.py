@@ -2,11 +2,12 @@
 folder on the path). Defined once: keys, the served model's name, ports, the error envelope."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from trident.child_process import free_port  # noqa: F401 (shared by every tier as testkit.free_port)
@@ -64,6 +65,17 @@ def start_redis(work: Path, port: int) -> subprocess.Popen:
         stop_redis(proc)
         pytest.fail(f"redis-server did not answer on {port}: {(work / 'redis.log').read_text()}")
     return proc
+
+
+@contextlib.contextmanager
+def running_redis(work: Path) -> Iterator[str]:
+    """A redis-server of its own in ``work`` for the block, as its URL (skips without one)."""
+    port = free_port()
+    proc = start_redis(work, port)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop_redis(proc)
 
 
 def stop_redis(proc: subprocess.Popen) -> None:

@@ -104,13 +104,8 @@ def client(gateway):
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
-    work = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    proc = start_redis(work, port)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop_redis(proc)
+    with testkit.running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.hookimpl(hookwrapper=True)

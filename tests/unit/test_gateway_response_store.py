@@ -12,7 +12,7 @@ from openai_fixtures import AUTH, MODEL
 from test_gateway_openai_tools import says
 from test_gateway_responses import CALL, TOOL, check_response, client_of, events_of, post
 from test_gateway_anthropic import make_app
-from testkit import free_port, start_redis, stop_redis
+from testkit import running_redis
 
 from gateway.auth import hash_key
 from gateway.response_store import MemoryStore, RedisStore
@@ -28,13 +28,8 @@ KEYS = [{"name": "other", "sha256": hash_key("other-key"), "models": ["*"]}]
 
 @pytest.fixture(scope="module")
 def redis_uri(tmp_path_factory):
-    work = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    proc = start_redis(work, port)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop_redis(proc)
+    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture(params=["memory", "redis"])
