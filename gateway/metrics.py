@@ -82,6 +82,12 @@ IN_FLIGHT = Gauge(
     "Generations running now, summed over the gateway's worker processes.",
     multiprocess_mode="livesum",
 )
+STORED_RESPONSES = Counter(
+    "trident_gateway_stored_responses",
+    "Finished /v1/responses responses asked to be kept (RESPONSES_STORE), by outcome: 'stored', or "
+    "'failed' when the store could not take one (the reply then says store false).",
+    ["outcome"],
+)
 RATE_LIMITED = Counter(
     "trident_gateway_rate_limited_requests",
     "Requests refused with 429 because the API key's rate limit was exceeded.",

@@ -24,6 +24,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
+from . import metrics
 from .anthropic import CountTokensSchema, MessagesReply, MessagesSchema, error_body, messages_param
 from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
@@ -180,10 +181,12 @@ def responses() -> Any:
         def keep(response: dict[str, Any]) -> bool:
             try:
                 store.put(owner, response["id"], {"response": response, "items": context})
-                return True
             except Exception as exc:  # the reply stands; it says it was not stored
                 log.warning("could not store response %s: %s", response["id"], exc)
+                metrics.STORED_RESPONSES.labels(outcome="failed").inc()
                 return False
+            metrics.STORED_RESPONSES.labels(outcome="stored").inc()
+            return True
 
     return _answer(req, ResponsesReply(req.params.model, echo, tool_choice=req.tool_choice, reasoning=req.reasoning,
                                        logprobs=req.logprobs, keep=keep))

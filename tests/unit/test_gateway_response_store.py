@@ -14,6 +14,7 @@ from test_gateway_responses import CALL, TOOL, check_response, client_of, events
 from test_gateway_anthropic import make_app
 from testkit import running_redis
 
+from gateway import metrics
 from gateway.auth import hash_key
 from gateway.response_store import MemoryStore, RedisStore
 
@@ -38,12 +39,18 @@ def app(request, tmp_path):
     return make_app(tmp_path, RESPONSES_STORE=uri, API_KEYS=KEYS)
 
 
+def stored_count(outcome: str) -> float:
+    return metrics.STORED_RESPONSES.labels(outcome=outcome)._value.get()
+
+
 def test_a_response_is_stored_retrieved_listed_and_deleted_through_the_official_client(app):
     flask_app, backend, web, spec = app
     client = client_of(flask_app)
+    stored = stored_count("stored")
     response = client.responses.create(model=MODEL, input="Weather in Paris?", instructions="Be brief.",
                                        max_output_tokens=20)
     assert response.store is True and response.previous_response_id is None
+    assert stored_count("stored") == stored + 1
     again = client.responses.retrieve(response.id)
     assert again.model_dump() == response.model_dump()
     check_response(spec, web.get(f"/v1/responses/{response.id}", headers=AUTH).get_json())
@@ -142,7 +149,9 @@ def test_a_response_that_could_not_be_stored_says_so(tmp_path, caplog):
     """Redis unreachable when the response is done: the answer stands, with store false; looking
     a response up is a 503 to retry."""
     flask_app, backend, web, spec = make_app(tmp_path, RESPONSES_STORE="redis://127.0.0.1:1/0", STORE_TIMEOUT=0.5)
+    failed = stored_count("failed")
     assert check_response(spec, post(web).get_json())["store"] is False
+    assert stored_count("failed") == failed + 1
     final = events_of(spec, post(web, stream=True))[-1]["response"]
     assert final["store"] is False
     assert any("could not store response" in record.getMessage() for record in caplog.records)
