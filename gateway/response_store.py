@@ -27,7 +27,7 @@ from collections import OrderedDict
 from typing import Any, Protocol
 
 from .concurrency import is_redis
-from .errors import unavailable
+from .errors import store_unreachable_errors, unavailable
 
 log = logging.getLogger("trident.gateway")
 
@@ -55,6 +55,9 @@ class MemoryStore:
 
     def put(self, owner: str, response_id: str, record: dict[str, Any]) -> None:
         text = json.dumps(record, ensure_ascii=False)
+        if len(text) > self.max_chars:  # it would push itself out: say so (the reply: store false)
+            raise ValueError(f"a record of {len(text)} characters does not fit the memory store's "
+                             f"{self.max_chars}")
         with self._lock:
             self._drop(response_id)
             self._records[response_id] = (owner, self._clock() + self.ttl, text)
@@ -136,8 +139,6 @@ def check_store_name(name: str) -> None:
 
 def reachable(call: Any, retry_after: int, *args: Any) -> Any:
     """``call(*args)``, a 503 to retry when the store (Redis) cannot be reached."""
-    from .errors import store_unreachable_errors
-
     try:
         return call(*args)
     except store_unreachable_errors() as exc:

@@ -188,6 +188,9 @@ def test_the_memory_store_keeps_records_per_owner_until_they_expire_or_room_runs
     kept = [i for i in range(10) if store.get("a", f"big{i}") is not None]
     assert kept == [7, 8, 9]  # the oldest went first, the bound holds
     assert store.delete("a", "big9") and store.get("a", "big9") is None and not store.delete("a", "big9")
+    with pytest.raises(ValueError, match="does not fit"):  # one record over the whole bound: refused, not lost
+        store.put("a", "huge", {"text": "z" * 300})
+    assert store.get("a", "big8") is not None
 
 
 def test_the_redis_store_shares_records_with_every_store_on_the_same_redis(redis_uri):
