@@ -22,7 +22,7 @@ from .backend import Event, Finished, TextDelta, TokenLogprobs
 from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs
 from .errors import ApiError
 from .ids import new_id
-from .reasoning import Reasoning, ReasoningReader, reader as reasoning_reader, split_reasoning
+from .reasoning import Reasoning, ReasoningReader, reader_for, split_reasoning
 from .tool_parsers import SyntaxReader, call_reader, split_calls
 from .tools import CallReader, ToolChoice, message_calls, new_call_id
 
@@ -224,7 +224,7 @@ class ChatCompletionReply(_Reply):
         also what was held back."""
         reader = self._thoughts.get(index)
         if reader is None:
-            reader = self._thoughts[index] = reasoning_reader(self.reasoning.parser)
+            reader = self._thoughts[index] = reader_for(self.reasoning.parser)
         thought, content = reader.feed(text) if text else ("", "")
         if final:
             tail_thought, tail_content = reader.finish()

@@ -165,6 +165,9 @@ def responses() -> Any:
         nonlocal context
         echo, items = body["echo"], body.pop("input_items")
         previous = echo["previous_response_id"]
+        if previous is not None and store is None:
+            raise ClientError("previous_response_id is not supported: this server stores no responses (RESPONSES_STORE "
+                              "is not set); send the whole conversation in input", param="previous_response_id")
         if previous is not None:
             record = _stored(previous, param="previous_response_id", what="Previous response")
             items = [*record["items"], *output_items(record["response"]), *items]
@@ -205,8 +208,9 @@ def retrieve_response(response_id: str) -> Any:
 @require_api_key
 def delete_response(response_id: str) -> Any:
     """Forget a stored response (the ones that continued it keep their own copy)."""
-    _stored(response_id)
-    reachable(_state().response_store.delete, _retry_after(), _owner(), response_id)
+    store = _state().response_store
+    if store is None or not reachable(store.delete, _retry_after(), _owner(), response_id):
+        raise _not_found(response_id, store)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
@@ -241,20 +245,22 @@ def _owner() -> str:
 
 
 def _retry_after() -> int:
-    return int(current_app.config.get("RETRY_AFTER") or 1)
+    return current_app.extensions["trident"].retry_after
 
 
 def _stored(response_id: str, *, param: str = "response_id", what: str = "Response") -> dict[str, Any]:
     """The record of a stored response of this key; a 404 when there is none (or the store is off)."""
     store = _state().response_store
     record = None if store is None else reachable(store.get, _retry_after(), _owner(), response_id)
-    if store is None and param == "previous_response_id":
-        raise ClientError("previous_response_id is not supported: this server stores no responses (RESPONSES_STORE is "
-                          "not set); send the whole conversation in input", param=param)
     if record is None:
-        off = "" if store is not None else " (this server stores no responses: RESPONSES_STORE is not set)"
-        raise ClientError(f"{what} with id {response_id!r} not found{off}", status=404, param=param)
+        raise _not_found(response_id, store, param=param, what=what)
     return record
+
+
+def _not_found(response_id: str, store: ResponseStore | None, *, param: str = "response_id",
+               what: str = "Response") -> ClientError:
+    off = "" if store is not None else " (this server stores no responses: RESPONSES_STORE is not set)"
+    return ClientError(f"{what} with id {response_id!r} not found{off}", status=404, param=param)
 
 
 @bp.post("/messages/count_tokens")

@@ -123,7 +123,7 @@ class ReasoningReader:
         return self._state == "content"
 
 
-def reader(parser: str) -> ReasoningReader:
+def reader_for(parser: str) -> ReasoningReader:
     """A reader of one choice's text in the syntax ``parser`` names (one of PARSERS)."""
     return ReasoningReader(SYNTAXES[parser])
 
@@ -131,12 +131,12 @@ def reader(parser: str) -> ReasoningReader:
 def split_reasoning(text: str, parser: str = "deepseek_r1") -> tuple[str | None, str | None]:
     """A whole reply's ``(reasoning, content)``; None for a part that is empty (content: also
     when the thinking never ended)."""
-    reader = ReasoningReader(SYNTAXES[parser])
+    reader = reader_for(parser)
     thought, content = reader.feed(text)
     tail_thought, tail_content = reader.finish()
     thought, content = thought + tail_thought, content + tail_content
     return thought or None, (content or None) if reader.thought_ended else None
 
 
-__all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "SYNTAXES", "Reasoning", "ReasoningReader", "Syntax", "reader",
+__all__ = ["KEEP_SPECIAL_TOKENS", "PARSERS", "SYNTAXES", "Reasoning", "ReasoningReader", "Syntax", "reader_for",
            "split_reasoning"]

@@ -406,10 +406,7 @@ def _glm_typed(value: str, kind: str | None) -> Any:
         return value
     if (read := _json(value, _NOT_JSON)) is not _NOT_JSON:
         return read
-    try:
-        return _literal(ast.parse(value, mode="eval").body)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return value
+    return _python_literal(value, value)
 
 
 def _xml_call(text: str) -> tuple[str, dict[str, str]] | None:
@@ -469,12 +466,15 @@ def _typed(value: str, kind: str | None) -> Any:
     if kind in ("boolean", "bool", "binary"):
         return {"true": True, "false": False}.get(value.strip(_SPACE).lower(), value)
     read = _json(value) if kind in ("object", "array", "arr") or kind.startswith(("dict", "list")) else None
-    if read is None:
-        try:
-            read = _literal(ast.parse(value.strip(_SPACE), mode="eval").body)
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            return value
-    return read
+    return _python_literal(value.strip(_SPACE), value) if read is None else read
+
+
+def _python_literal(text: str, default: Any) -> Any:
+    """The JSON value a text writes as a Python literal (:func:`_literal`), or ``default``."""
+    try:
+        return _literal(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return default
 
 
 class Llama3JsonCalls(SyntaxReader):

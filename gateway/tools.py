@@ -303,7 +303,6 @@ class CallReader:
         self._text = ""
         self._pos = 0  # where reading goes on
         self._state = "start"  # start (before "["), between (elements), head, arguments, tail, closed
-        self._element = 0  # where the element being read starts
         self._value = JsonValueEnd()  # the end of the arguments being streamed
         self.calls = 0  # calls handed out so far
 
@@ -333,12 +332,12 @@ class CallReader:
                 # not an array: nothing to read (the constraint makes it one)
                 self._state, self._pos = ("between", start + 1) if char == "[" else ("closed", start)
             elif self._state == "between":
-                if char == "]" or char not in ",{":
+                if char not in ",{":  # "]", or not an array of calls: the end
                     self._state = "closed"
                 elif char == ",":
                     self._pos = start + 1
                 else:
-                    self._state, self._element, self._pos = "head", start, start
+                    self._state, self._pos = "head", start  # _pos stays at the element's start until its head is read
             elif self._state == "head":
                 if not self._head(out):
                     break
@@ -348,15 +347,15 @@ class CallReader:
 
     def _head(self, out: list[dict[str, Any]]) -> bool:
         """Read an element's name (its first piece out); False: more text is needed."""
-        head = _ELEMENT_HEAD.match(self._text, self._element)
+        head = _ELEMENT_HEAD.match(self._text, self._pos)
         if head is not None and head.end() < len(self._text):
             out.append(self.call(json.loads(head.group(1)), ""))
             self._pos, self._state, self._value = head.end(), "arguments", JsonValueEnd(head.end())
             return True
-        if "}" not in self._text[self._element:]:
+        if "}" not in self._text[self._pos:]:
             return False
         try:  # another order of the keys: the element whole, once complete
-            value, end = self._decoder.raw_decode(self._text, self._element)
+            value, end = self._decoder.raw_decode(self._text, self._pos)
         except ValueError:
             return False
         self._pos, self._state = end, "between"
