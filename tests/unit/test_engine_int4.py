@@ -338,12 +338,17 @@ def test_fused_step_refuses_bad_inputs():
         wqkv = overrides.get("wqkv", model.wqkv)
         return OPS.forward_q4(a["tokens"], a["positions"], a["row_slots"], cache.tables, a["logit_rows"], model.embed,
                               model.norm, model.lm_head, model.attn_norm, model.ffn_norm, wqkv, model.wo,
-                              model.w_gate_up, model.w_down, cache.kv, model.cos, model.sin_signed, c.num_heads,
+                              model.w_gate_up, model.w_down, a.get("qkv_bias", model.qkv_bias),
+                              a.get("qk_norm", model.qk_norm), cache.kv, model.cos, model.sin_signed, c.num_heads,
                               c.num_kv_heads, c.rms_norm_eps, model.scale)
 
     assert run().shape == (1, 96)
     with pytest.raises(RuntimeError, match="weight shapes do not match"):
         run(wqkv=model.wqkv[:, :-1].contiguous())
+    with pytest.raises(RuntimeError, match="qkv_bias must be"):
+        run(qkv_bias=torch.zeros(c.num_layers, 7))
+    with pytest.raises(RuntimeError, match="qk_norm must be"):
+        run(qk_norm=torch.ones(c.num_layers, 2, c.head_dim + 1))
     with pytest.raises(RuntimeError, match="block table entry"):
         run(positions=torch.tensor([0, 9]))  # slot 0 has blocks for positions 0..7 only
     with pytest.raises(RuntimeError, match="position out of range"):

@@ -18,6 +18,7 @@ from trident.engine import (
     output_arrays,
     request_from_tensors,
 )
+from trident.engine.config import RopeScaling
 from trident.engine.kv_cache import KVCache
 from trident.engine.weights import map_weight_name
 from trident.contract import SamplingParams
@@ -210,8 +211,34 @@ def test_llama_config_reads_both_rope_layouts():
     assert LlamaConfig.from_dict({**raw, "rope_parameters": {"rope_theta": 1e5}}).rope_theta == 1e5
     assert LlamaConfig.from_dict({**raw, "rope_theta": 5e5}).rope_theta == 5e5
     assert LlamaConfig.from_dict(raw).head_dim == 4
-    with pytest.raises(ValueError, match="rope"):
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    assert (LlamaConfig.from_dict({**raw, "rope_parameters": {**llama3, "rope_theta": 5e5}}).rope_scaling
+            == LlamaConfig.from_dict({**raw, "rope_theta": 5e5, "rope_scaling": llama3}).rope_scaling
+            == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192))
+    assert LlamaConfig.from_dict({**raw, "rope_scaling": {"type": "linear", "factor": 2.0}}).rope_scaling.factor == 2.0
+    with pytest.raises(ValueError, match="needs factor, low_freq_factor"):
         LlamaConfig.from_dict({**raw, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e5}})
+    for refused in ({"rope_type": "yarn", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0},
+                    {"rope_type": "default", "partial_rotary_factor": 0.5}):
+        with pytest.raises(ValueError, match="rope|rotary"):
+            LlamaConfig.from_dict({**raw, "rope_parameters": refused})
+
+
+def test_llama_config_reads_the_llama_family_and_refuses_the_rest():
+    raw = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 4096}
+    qwen2 = LlamaConfig.from_dict({**raw, "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False})
+    assert (qwen2.qkv_bias, qwen2.qk_norm) == (True, False)
+    qwen3 = LlamaConfig.from_dict({**raw, "model_type": "qwen3", "head_dim": 16, "attention_bias": False})
+    assert (qwen3.qkv_bias, qwen3.qk_norm, qwen3.head_dim) == (False, True, 16)
+    assert LlamaConfig.from_dict({**raw, "model_type": "mistral", "sliding_window": None}).model_type == "mistral"
+    for refused, match in (({"model_type": "gemma2"}, "not served"), ({"attention_bias": True}, "attention_bias"),
+                           ({"mlp_bias": True}, "mlp_bias"), ({"hidden_act": "gelu"}, "hidden_act"),
+                           ({"model_type": "qwen2", "use_sliding_window": True}, "sliding"),
+                           ({"model_type": "mistral", "sliding_window": 1024}, "sliding")):
+        with pytest.raises(ValueError, match=match):
+            LlamaConfig.from_dict({**raw, **refused})
 
 
 def test_engine_config_validation():

@@ -79,3 +79,27 @@ def test_launcher_sizes_the_python_thread_pool_from_the_llm_concurrency(tmp_path
     cmd = build_command(model_repository=out, backend_dir=tmp_path, ports=TritonPorts(1, 2, 3))
     assert "--backend-config=python,thread-pool-size=96" in cmd and "--exit-timeout-secs=30" in cmd
     assert "--backend-config=python,thread-pool-size=96" in triton_command(world_size=1, model_repository=out)
+
+
+@pytest.mark.parametrize("config, reason", [
+    ({"model_type": "gemma2"}, "model_type 'gemma2' is not served"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type 'yarn'"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "sliding-window attention"),
+])
+def test_build_script_refuses_a_checkpoint_the_engine_would_compute_wrongly(tmp_path, config, reason):
+    """Refused with the engine's reason when the repository is built, not when Triton loads it."""
+    import json
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "vocab_size": 32, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, **config}))
+    (model / "model.safetensors").write_bytes(b"")
+    proc = subprocess.run([sys.executable, str(ROOT / "build/build_repository.py"), "--model-dir", str(model),
+                           "--out", str(tmp_path / "repo")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "the CPU engine cannot serve this checkpoint" in proc.stderr and reason in proc.stderr
+    assert not (tmp_path / "repo").exists()

@@ -110,8 +110,37 @@ class EngineConfig:
         return DTYPES[self.dtype]
 
 
+#: model_type (config.json) -> what the checkpoint adds to the Llama layer. Qwen2 / Qwen2.5 put a
+#: bias on the q, k and v projections; Qwen3 an RMSNorm on each query and key head before RoPE
+#: (and a head_dim of its own); Mistral is the Llama layer (without a sliding window).
+ARCHITECTURES = {
+    "llama": {"qkv_bias": False, "qk_norm": False},
+    "mistral": {"qkv_bias": False, "qk_norm": False},
+    "qwen2": {"qkv_bias": True, "qk_norm": False},
+    "qwen3": {"qkv_bias": False, "qk_norm": True},
+}
+#: Scaled RoPE the engine computes (Hugging Face's rope_type names): ``linear`` divides every
+#: frequency by ``factor``; ``llama3`` (Llama 3.1 / 3.2 / 3.3) divides the low frequencies, keeps
+#: the high ones and blends between. Others (yarn, longrope, dynamic) are refused, not approximated.
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A scaled RoPE's parameters (``rope_parameters`` of transformers 5, ``rope_scaling`` of 4)."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
+    """The hyper-parameters of a Llama-layer checkpoint: Llama 2 / 3.x, Mistral, Qwen2 / 2.5, Qwen3
+    and SmolLM (see ARCHITECTURES)."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -123,6 +152,10 @@ class LlamaConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
+    model_type: str = "llama"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: RopeScaling | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "LlamaConfig":
@@ -131,13 +164,22 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LlamaConfig":
-        if raw.get("model_type", "llama") != "llama":
-            raise ValueError(f"only llama checkpoints are supported, got {raw.get('model_type')!r}")
-        rope = raw.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default" or raw.get("rope_scaling"):
-            # Scaled RoPE (llama3, yarn, ...) changes the frequencies; refuse rather than be wrong.
-            raise ValueError(f"unsupported rope parameters: {rope or raw.get('rope_scaling')}")
-        theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        model_type = raw.get("model_type", "llama")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {model_type!r} is not served by this engine; it serves "
+                             f"{', '.join(sorted(ARCHITECTURES))}")
+        layer = dict(ARCHITECTURES[model_type])
+        if raw.get("attention_bias"):  # Llama's and Qwen3's option of a q/k/v (and o) bias
+            raise ValueError("attention_bias is not supported")
+        if raw.get("mlp_bias"):
+            raise ValueError("mlp_bias is not supported")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {raw.get('hidden_act')!r} is not supported (silu only)")
+        window = raw.get("sliding_window") if model_type == "mistral" else None
+        if raw.get("use_sliding_window") or (window and window < int(raw.get("max_position_embeddings", 2048))):
+            # Every position attends to all earlier ones here; a window would change the outputs.
+            raise ValueError("sliding-window attention is not supported")
+        theta, scaling = _rope(raw)
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         return cls(
@@ -149,7 +191,33 @@ class LlamaConfig:
             num_kv_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or hidden // heads),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
+            rope_theta=theta,
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            model_type=model_type,
+            rope_scaling=scaling,
+            **layer,
         )
+
+
+def _rope(raw: dict) -> tuple[float, RopeScaling | None]:
+    """The RoPE base and scaling of a config.json in either layout: transformers 5's
+    ``rope_parameters`` (base and scaling in one dict) or 4's ``rope_theta`` + ``rope_scaling``."""
+    params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {rope_type!r} (served: {', '.join(ROPE_TYPES)}): {params}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial rotary embeddings are not supported: {params}")
+    if rope_type == "default":
+        return theta, None
+    needed = ("factor",) if rope_type == "linear" else ("factor", "low_freq_factor", "high_freq_factor")
+    if any(key not in params for key in needed):
+        raise ValueError(f"rope type {rope_type!r} needs {', '.join(needed)}: {params}")
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", float(params["factor"]))
+    return theta, RopeScaling(
+        "llama3", float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]),
+        int(params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+            or raw.get("max_position_embeddings", 8192)))

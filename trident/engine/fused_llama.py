@@ -1,4 +1,5 @@
-"""The int4 Llama forward pass as one kernel call per step (csrc/forward.cpp).
+"""The int4 Llama-layer forward pass (Llama, Mistral, Qwen2, Qwen3) as one kernel call per step
+(csrc/forward.cpp).
 
 A step is any set of rows, each one token of one sequence at one position: the whole prompt (or
 a chunk of it) of a sequence being prefilled, one token of each sequence decoding, or both at
@@ -40,6 +41,11 @@ class FusedLlama:
             for name in ("wqkv", "wo", "w_gate_up", "w_down"))
         self.embed = w.tok_embeddings.packed  # Q8 (V / 8, bytes); the tied lm_head is the same tensor
         self.lm_head = w.lm_head.packed
+        # Qwen2's biases (L, q + 2*kv) and Qwen3's query / key norms (L, 2, head_dim); empty: none
+        self.qkv_bias = (torch.stack([layer.bqkv for layer in w.layers]).float().contiguous() if config.qkv_bias
+                         else torch.empty(0))
+        self.qk_norm = (torch.stack([torch.stack([layer.q_norm, layer.k_norm]) for layer in w.layers]).float()
+                        .contiguous() if config.qk_norm else torch.empty(0))
         self.norm = w.norm.clone()  # not a view: that would keep the whole checkpoint resident
         self.cos, self.sin_signed = (t.contiguous() for t in rope_tables(config, max_seq_len, torch.float32))
         self.scale = 1.0 / math.sqrt(config.head_dim)
@@ -52,7 +58,7 @@ class FusedLlama:
         c = self.config
         return kernels.ops().forward_q4(
             tokens, positions, row_slots, cache.tables, logit_rows, self.embed, self.norm, self.lm_head,
-            self.attn_norm, self.ffn_norm, self.wqkv, self.wo, self.w_gate_up, self.w_down, cache.kv, self.cos,
+            self.attn_norm, self.ffn_norm, self.wqkv, self.wo, self.w_gate_up, self.w_down, self.qkv_bias, self.qk_norm, cache.kv, self.cos,
             self.sin_signed, c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
 
     # The interface of llama.Llama, for one prompt or one token per slot (tests, measurements).

@@ -31,11 +31,33 @@ def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """RoPE's (head_dim / 2,) fp32 frequencies, scaled as config.rope_scaling says, in Hugging
+    Face's operations and order (modeling_rope_utils), so the tables match its bit for bit."""
+    c = config
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+    scaling = c.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: wavelengths longer than the pre-training context / low_freq_factor are stretched by
+    # factor, shorter than context / high_freq_factor kept, those between blended linearly
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    context = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < context / high) * ~(wavelen > context / low)
+    return torch.where(medium, blended, scaled)
+
+
 def rope_tables(config: LlamaConfig, max_seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (max_seq_len, head_dim) as Hugging Face computes them (fp32, then cast), sin
     with its first half negated (see apply_rope_)."""
     c = config
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+    inv_freq = inverse_frequencies(c)
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
     sin = emb.sin().to(dtype)
@@ -87,6 +109,20 @@ class Llama:
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.weights.tok_embeddings.rows(tokens)  # (T, H)
 
+    def _qkv(self, layer: "LayerWeights", h: torch.Tensor) -> torch.Tensor:
+        """The rows' queries, keys and values before RoPE (T, q + 2*kv): the fused projection, then
+        Qwen2's bias or Qwen3's per-head norms where the checkpoint has them."""
+        qkv = quant.linear(h, layer.wqkv)
+        if layer.bqkv is not None:
+            qkv += layer.bqkv
+        if layer.q_norm is not None:
+            c, T = self.config, qkv.shape[0]
+            q = qkv[:, :self.q_size].view(T, c.num_heads, c.head_dim)
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(T, c.num_kv_heads, c.head_dim)
+            q.copy_(self._norm(q, layer.q_norm, c.rms_norm_eps))
+            k.copy_(self._norm(k, layer.k_norm, c.rms_norm_eps))
+        return qkv
+
     def _mlp(self, layer: "LayerWeights", x: torch.Tensor) -> torch.Tensor:
         gate_up = quant.linear(x, layer.w_gate_up)  # (T, 2*I)
         inter = self.config.intermediate_size
@@ -132,8 +168,7 @@ class Llama:
         x = self._embed(torch.cat(prompts))  # (T, H)
         cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]  # (T, 1, hd)
         for i, layer in enumerate(self.layers):
-            h = self._norm(x, layer.attention_norm, c.rms_norm_eps)
-            qkv = quant.linear(h, layer.wqkv)  # (T, q + 2*kv)
+            qkv = self._qkv(layer, self._norm(x, layer.attention_norm, c.rms_norm_eps))  # (T, q + 2*kv)
             apply_rope_(qkv[:, :self.q_size + self.kv_size].view(T, qk_heads, c.head_dim), cos, sin)
             outputs = []
             for slot, end, n in zip(slots, ends.tolist(), lengths):
@@ -175,8 +210,7 @@ class Llama:
         index = cache.decode_index(positions)  # (B*2*n_kv,)
         x = self._embed(tokens)  # (B, H)
         for i, layer in enumerate(self.layers):
-            h = self._norm(x, layer.attention_norm, c.rms_norm_eps)
-            qkv = quant.linear(h, layer.wqkv)  # (B, q + 2*kv)
+            qkv = self._qkv(layer, self._norm(x, layer.attention_norm, c.rms_norm_eps))  # (B, q + 2*kv)
             apply_rope_(qkv[:, :self.q_size + self.kv_size].view(B, qk_heads, hd), cos, sin)
             cache.write_decode(i, index, qkv[:, self.q_size:].reshape(B * 2 * n_kv, hd))
             kv = cache.kv[i]

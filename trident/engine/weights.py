@@ -39,6 +39,12 @@ WEIGHT_MAP = {
     "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.w_gate",
     "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.w_up",
     "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.w_down",
+    # Qwen2's q/k/v biases, Qwen3's per-head query and key norms (config.ARCHITECTURES)
+    "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.bq",
+    "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.bk",
+    "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.bv",
+    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.q_norm",
+    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.k_norm",
 }
 _PATTERNS = [
     (re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)") + "$"), dst)
@@ -78,6 +84,9 @@ class LayerWeights:
     wo: object  # (H, q)
     w_gate_up: object  # (2*I, H)
     w_down: object  # (H, I)
+    bqkv: torch.Tensor | None = None  # (q + 2*kv,): Qwen2's q/k/v biases
+    q_norm: torch.Tensor | None = None  # (head_dim,): Qwen3's RMSNorm of each query head
+    k_norm: torch.Tensor | None = None  # (head_dim,): and of each key head
 
 
 @dataclass
@@ -101,6 +110,12 @@ def fuse(config: LlamaConfig, tensors: dict[str, torch.Tensor], dtype: torch.dty
             raise ValueError("checkpoint has no lm_head.weight and does not tie embeddings")
         lm_head = table
     layers = []
+    needed = [*(("bq", "bk", "bv") if config.qkv_bias else ()), *(("q_norm", "k_norm") if config.qk_norm else ())]
+    missing = [f"layers.{i}.{name}" for i in range(config.num_layers) for name in needed
+               if f"layers.{i}.{name}" not in tensors]
+    if missing:
+        raise ValueError(f"a {config.model_type} checkpoint needs {', '.join(needed)} in every layer; "
+                         f"missing {', '.join(missing[:4])}")
     for i in range(config.num_layers):
         p = f"layers.{i}."
         layers.append(LayerWeights(
@@ -110,6 +125,9 @@ def fuse(config: LlamaConfig, tensors: dict[str, torch.Tensor], dtype: torch.dty
             wo=tensors.pop(p + "wo"),
             w_gate_up=torch.cat([tensors.pop(p + "w_gate"), tensors.pop(p + "w_up")]).contiguous(),
             w_down=tensors.pop(p + "w_down"),
+            bqkv=torch.cat([tensors.pop(p + n) for n in ("bq", "bk", "bv")]) if config.qkv_bias else None,
+            q_norm=tensors.pop(p + "q_norm") if config.qk_norm else None,
+            k_norm=tensors.pop(p + "k_norm") if config.qk_norm else None,
         ))
     norm = tensors.pop("norm")
     if tensors:
@@ -212,6 +230,7 @@ def build_model(config: LlamaConfig, tensors: dict[str, torch.Tensor], *, dtype:
         weights.norm = weights.norm.clone()
         for layer in weights.layers:
             layer.attention_norm, layer.ffn_norm = layer.attention_norm.clone(), layer.ffn_norm.clone()
+            layer.q_norm, layer.k_norm = (None if t is None else t.clone() for t in (layer.q_norm, layer.k_norm))
         quant.release_free_memory()
     return model
 

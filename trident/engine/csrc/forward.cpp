@@ -44,8 +44,8 @@ Shapes check_weights(const at::Tensor& embed, const at::Tensor& norm, const at::
 template <typename S>
 void layers(const Shapes& s, float* x, int64_t T, const int64_t* logit_rows, int64_t R, const Paged& paged_in,
             const at::Tensor& attn_norm, const at::Tensor& ffn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
-            const at::Tensor& w_gate_up, const at::Tensor& w_down, S* kv, const float* cos, const float* sin_signed,
-            float eps, float scale) {
+            const at::Tensor& w_gate_up, const at::Tensor& w_down, const float* qkv_bias, const float* qk_norm,
+            S* kv, const float* cos, const float* sin_signed, float eps, float scale) {
   const int64_t hd = paged_in.hd, heads = s.num_heads + paged_in.n_kv;
   const int64_t layer_stride = paged_in.num_blocks * paged_in.block_stride();
   std::vector<float> h(T * std::max(s.H, s.q_size)), qkv(T * s.qkv_size), gu(T * 2 * s.inter), act(T * s.inter);
@@ -56,8 +56,16 @@ void layers(const Shapes& s, float* x, int64_t T, const int64_t* logit_rows, int
     const float* fn = ffn_norm.data_ptr<float>() + l * s.H;
     for_rows(T, [&](int64_t i) { rms_norm_row(x + i * s.H, an, h.data() + i * s.H, s.H, eps); });
     q4_gemm(h.data(), T, s.H, wqkv.data_ptr<uint8_t>() + l * wqkv.stride(0), s.qkv_size, qkv.data(), s.qkv_size, false);
+    const float* bias = qkv_bias ? qkv_bias + l * s.qkv_size : nullptr;
+    const float* q_norm = qk_norm ? qk_norm + l * 2 * hd : nullptr;
     for_rows(T, [&](int64_t i) {
-      for (int64_t k = 0; k < heads; ++k) rope(qkv.data() + i * s.qkv_size + k * hd, cos + pos[i] * hd, sin_signed + pos[i] * hd, hd);
+      float* row = qkv.data() + i * s.qkv_size;
+      if (bias)  // Qwen2: q, k and v biases
+        for (int64_t j = 0; j < s.qkv_size; ++j) row[j] += bias[j];
+      if (q_norm)  // Qwen3: each query head, then each key head, RMS-normed before RoPE
+        for (int64_t k = 0; k < heads; ++k)
+          rms_norm_row(row + k * hd, k < s.num_heads ? q_norm : q_norm + hd, row + k * hd, hd, eps);
+      for (int64_t k = 0; k < heads; ++k) rope(row + k * hd, cos + pos[i] * hd, sin_signed + pos[i] * hd, hd);
     });
     S* kv_l = kv + l * layer_stride;
     p.pos = pos.data();
@@ -93,9 +101,9 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
                       const at::Tensor& block_tables, const at::Tensor& logit_rows, const at::Tensor& embed,
                       const at::Tensor& norm, const at::Tensor& lm_head, const at::Tensor& attn_norm,
                       const at::Tensor& ffn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
-                      const at::Tensor& w_gate_up, const at::Tensor& w_down, at::Tensor& kv, const at::Tensor& cos,
-                      const at::Tensor& sin_signed, int64_t num_heads, int64_t num_kv_heads, double eps,
-                      double scale) {
+                      const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& qkv_bias,
+                      const at::Tensor& qk_norm, at::Tensor& kv, const at::Tensor& cos, const at::Tensor& sin_signed,
+                      int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
   TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.dim() == 1 && tokens.is_contiguous() && tokens.numel() > 0,
               "tokens must be int64 (T,)");
   const int64_t T = tokens.numel();
@@ -108,6 +116,16 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
                   sin_signed.is_contiguous() && cos.size(1) == p.hd && sin_signed.sizes() == cos.sizes(),
               "rope tables must be float32 (max positions, head dim)");
   for (int64_t i = 0; i < T; ++i) TORCH_CHECK(p.pos[i] < cos.size(0), "position beyond the rope tables");
+  // empty: the checkpoint has none (Llama); else (layers, qkv size) and (layers, 2, head dim)
+  TORCH_CHECK(qkv_bias.numel() == 0 || (qkv_bias.scalar_type() == at::kFloat && qkv_bias.is_contiguous() &&
+                                        qkv_bias.dim() == 2 && qkv_bias.size(0) == s.L && qkv_bias.size(1) == s.qkv_size),
+              "qkv_bias must be empty or float32 (layers, q + 2 kv)");
+  TORCH_CHECK(qk_norm.numel() == 0 || (qk_norm.scalar_type() == at::kFloat && qk_norm.is_contiguous() &&
+                                       qk_norm.dim() == 3 && qk_norm.size(0) == s.L && qk_norm.size(1) == 2 &&
+                                       qk_norm.size(2) == p.hd),
+              "qk_norm must be empty or float32 (layers, 2, head dim)");
+  const float* bias = qkv_bias.numel() ? qkv_bias.data_ptr<float>() : nullptr;
+  const float* qkn = qk_norm.numel() ? qk_norm.data_ptr<float>() : nullptr;
   TORCH_CHECK(logit_rows.scalar_type() == at::kLong && logit_rows.dim() == 1 && logit_rows.is_contiguous(),
               "logit_rows must be int64 (R,)");
   const int64_t R = logit_rows.numel();
@@ -121,11 +139,11 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
   const float* sp = sin_signed.data_ptr<float>();
   const float eps_f = static_cast<float>(eps), scale_f = static_cast<float>(scale);
   if (kv.scalar_type() == at::kHalf)
-    layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down,
+    layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, bias, qkn,
            reinterpret_cast<uint16_t*>(kv.data_ptr<at::Half>()), cp, sp, eps_f, scale_f);
   else
-    layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, kv.data_ptr<float>(), cp, sp,
-           eps_f, scale_f);
+    layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, bias, qkn, kv.data_ptr<float>(),
+           cp, sp, eps_f, scale_f);
   // rows 0..R-1 of x are the logit rows: layers() compacted them in the last layer when R < T,
   // and R == T means every row, in order
   const float* rows = x.data();

@@ -11,9 +11,9 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
                       const at::Tensor& block_tables, const at::Tensor& logit_rows, const at::Tensor& embed,
                       const at::Tensor& norm, const at::Tensor& lm_head, const at::Tensor& attn_norm,
                       const at::Tensor& ffn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
-                      const at::Tensor& w_gate_up, const at::Tensor& w_down, at::Tensor& kv, const at::Tensor& cos,
-                      const at::Tensor& sin_signed, int64_t num_heads, int64_t num_kv_heads, double eps,
-                      double scale);
+                      const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& qkv_bias,
+                      const at::Tensor& qk_norm, at::Tensor& kv, const at::Tensor& cos, const at::Tensor& sin_signed,
+                      int64_t num_heads, int64_t num_kv_heads, double eps, double scale);
 
 namespace {
 
@@ -132,7 +132,7 @@ TORCH_LIBRARY(trident, m) {
   m.def("set_kernel_isa(int isa) -> int");
   m.def("forward_q4(Tensor tokens, Tensor positions, Tensor row_slots, Tensor block_tables, Tensor logit_rows, "
         "Tensor embed, Tensor norm, Tensor lm_head, Tensor attn_norm, Tensor ffn_norm, Tensor wqkv, Tensor wo, "
-        "Tensor w_gate_up, Tensor w_down, Tensor(a!) kv, Tensor cos, Tensor sin_signed, int num_heads, "
+        "Tensor w_gate_up, Tensor w_down, Tensor qkv_bias, Tensor qk_norm, Tensor(a!) kv, Tensor cos, Tensor sin_signed, int num_heads, "
         "int num_kv_heads, float eps, float scale) -> Tensor");
 }
 

@@ -1,0 +1,190 @@
+"""The CPU engine on the Llama family beyond SmolLM2, against Hugging Face transformers.
+
+Each case is a small checkpoint with random weights written by transformers itself
+(``save_pretrained``, so its config.json is transformers' own): Llama 3.x's scaled RoPE
+(``llama3``, at positions past the pre-training context, where the scaling changes the tables),
+Qwen2's q/k/v biases, Qwen3's per-head query and key norms with a head_dim apart from
+hidden / heads. Every weight is drawn large enough that each part moves the logits (transformers
+initialises biases to 0 and norms to 1, which would test nothing), and the matmul weights are
+rounded through the int4 format first, so the int4 engine runs the checkpoint's own values.
+
+* float32 (torch ops, llama.py): the logits of every prompt position and of decode steps equal
+  transformers' within float rounding, and the engine's greedy tokens are transformers' tokens;
+* int4 (one kernel call a step, csrc/forward.cpp; activations quantized per block of 32, so not
+  exact): within 3 % of transformers' logits, and more than 5 times farther from them when the
+  kernel is handed the model without the part the architecture adds (so the check can fail).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trident.contract import SamplingParams
+from trident.engine import Engine, EngineConfig, GenerationRequest, kernels
+from trident.engine.config import LlamaConfig
+from trident.engine.kv_cache import KVCache
+from trident.engine.paged_cache import PagedKVCache
+from trident.engine.weights import build_model, read_checkpoint
+from engine_sink import Collector
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 256, 64, 128, 2, 4, 2
+PROMPT_LEN, MAX_SEQ_LEN, N_NEW = 96, 128, 12
+
+CASES = {
+    # Llama 3.x RoPE with a pre-training context of 16: prompts of 96 positions reach far past it
+    "llama3_rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 16}}),
+    "qwen2": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "tie_word_embeddings": True}),
+    "qwen3": ("qwen3", {"head_dim": 32, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+}
+
+
+def _config(model_type: str, extra: dict):
+    cls = transformers.AutoConfig.for_model(model_type).__class__
+    return cls(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+               num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_SEQ_LEN,
+               rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=1, **extra)
+
+
+def _int4_values(w: torch.Tensor) -> torch.Tensor:
+    ops = kernels.ops()
+    from trident.engine import quant
+
+    return ops.q4_dequant(quant.pack_q4(w)[0])
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def checkpoint(request, tmp_path_factory):
+    """(folder, transformers model) of one case."""
+    model_type, extra = CASES[request.param]
+    torch.manual_seed(11)
+    hf = transformers.AutoModelForCausalLM.from_config(_config(model_type, extra), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.copy_(torch.randn_like(p))
+            else:  # a matmul weight: N(0, 1/fan_in), on the int4 grid
+                p.copy_(_int4_values(torch.randn_like(p) * p.shape[1] ** -0.5))
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return folder, hf
+
+
+def _prompt(seed: int = 5, n: int = PROMPT_LEN) -> list[int]:
+    return torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.inference_mode()
+def _hf_logits(hf, tokens: list[int]) -> torch.Tensor:
+    return hf(torch.tensor([tokens])).logits[0].float()  # (T, V)
+
+
+def _model(folder, weight_dtype: str):
+    config = LlamaConfig.from_checkpoint(folder)
+    return build_model(config, read_checkpoint(folder, torch.float32), dtype=torch.float32,
+                       max_seq_len=MAX_SEQ_LEN, weight_dtype=weight_dtype)
+
+
+def test_the_config_is_read_as_transformers_wrote_it(checkpoint):
+    folder, hf = checkpoint
+    config = LlamaConfig.from_checkpoint(folder)
+    assert config.model_type == hf.config.model_type
+    assert config.head_dim == getattr(hf.config, "head_dim", HIDDEN // HEADS)
+    assert config.qkv_bias == (config.model_type == "qwen2")
+    assert config.qk_norm == (config.model_type == "qwen3")
+    assert (config.rope_scaling is not None) == (config.model_type == "llama")
+
+
+def test_rope_frequencies_are_transformers_own(checkpoint):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from trident.engine.llama import inverse_frequencies
+
+    folder, hf = checkpoint
+    rope_type = hf.config.rope_parameters["rope_type"]
+    if rope_type == "default":
+        expected = hf.model.rotary_emb.inv_freq
+    else:
+        expected, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf.config, "cpu")
+        assert attention_factor == 1.0
+    assert torch.equal(inverse_frequencies(LlamaConfig.from_checkpoint(folder)), expected)
+
+
+def test_float32_prefill_and_decode_match_transformers(checkpoint):
+    folder, hf = checkpoint
+    model = _model(folder, "auto")
+    c = model.config
+    tokens = _prompt()
+    expected = _hf_logits(hf, tokens)
+    cache = KVCache()
+    cache.setup(num_layers=c.num_layers, max_batch_size=1, num_kv_heads=c.num_kv_heads, max_seq_len=MAX_SEQ_LEN,
+                head_dim=c.head_dim, dtype=torch.float32)
+    with torch.inference_mode():
+        hidden = model.prefill_hidden([torch.tensor(tokens[:-8])], [0], cache)
+        torch.testing.assert_close(model.logits(hidden), expected[:-8], atol=2e-4, rtol=1e-4)
+        for pos in range(len(tokens) - 8, len(tokens)):  # then one decode step at a time
+            logits = model.decode(torch.tensor([tokens[pos]]), torch.tensor([pos]), cache)
+            torch.testing.assert_close(logits[0], expected[pos], atol=2e-4, rtol=1e-4)
+
+
+def test_engine_greedy_tokens_are_transformers_tokens(checkpoint):
+    folder, hf = checkpoint
+    prompts = [_prompt(seed, n) for seed, n in ((1, 40), (2, 90), (3, 7))]
+    with torch.inference_mode():
+        refs = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                            max_new_tokens=N_NEW, do_sample=False, eos_token_id=None, pad_token_id=1)[0, len(p):].tolist() for p in prompts]
+    engine = Engine(EngineConfig(checkpoint_dir=str(folder), max_batch_size=4, max_seq_len=MAX_SEQ_LEN,
+                                 dtype="float32"))
+    engine.start()
+    try:
+        sink = Collector()
+        for i, p in enumerate(prompts):
+            engine.submit(GenerationRequest(request_id=str(i), input_ids=p,
+                                            sampling=SamplingParams(max_new_tokens=N_NEW, temperature=0.0)), sink)
+        sink.wait(*(str(i) for i in range(len(prompts))))
+    finally:
+        engine.stop()
+    assert [sink.tokens(str(i)) for i in range(len(prompts))] == refs
+
+
+def test_int4_kernel_runs_the_architecture(checkpoint):
+    folder, hf = checkpoint
+    model = _model(folder, "int4")
+    c = model.config
+    tokens = _prompt()
+    expected = _hf_logits(hf, tokens)
+    T = len(tokens)
+
+    def logits(fused):
+        cache = PagedKVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_slots=1,
+                             max_seq_len=MAX_SEQ_LEN, block_size=16, dtype=torch.float32, cache_bytes=0, reuse=False)
+        cache.extend(0, T)
+        with torch.inference_mode():
+            return fused.forward(torch.tensor(tokens), torch.arange(T), torch.zeros(T, dtype=torch.long), cache,
+                                 torch.arange(T))
+
+    def error(got):  # relative to the spread of the logits themselves
+        return float((got - expected).norm() / (expected - expected.mean(-1, keepdim=True)).norm())
+
+    close = error(logits(model))
+    assert close < 0.03
+    # The same kernel without what the architecture adds (bias, head norms) or with plain RoPE
+    # tables is several times farther off: the check above sees each of them.
+    if c.qkv_bias:
+        model.qkv_bias = torch.zeros_like(model.qkv_bias)
+    elif c.qk_norm:
+        model.qk_norm = torch.empty(0)
+    else:
+        from trident.engine.llama import rope_tables
+        import dataclasses
+
+        plain = dataclasses.replace(c, rope_scaling=None)
+        model.cos, model.sin_signed = (t.contiguous() for t in rope_tables(plain, MAX_SEQ_LEN, torch.float32))
+    assert error(logits(model)) > 5 * close
