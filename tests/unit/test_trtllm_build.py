@@ -26,7 +26,7 @@ from trident.trtllm.checkpoint import CheckpointError, check_converted, read_mod
 from trident.trtllm.checks import (Gpu, GpuSetupError, check_engine_version, explain_failure, list_gpus,
                                    require_pinned_version)
 from trident.trtllm.converter import (ConverterNotFound, converter_urls, download_converter, ensure_converter,
-                                      find_convert_script)
+                                      find_convert_script, image_paths, download_path)
 from trident.trtllm.launch import triton_command, world_size_of
 from trident.triton_launcher import GRPC_KEEPALIVE_ARGS
 from trident.llm_io import LlmSettings
@@ -330,10 +330,68 @@ def test_compat_view_makes_the_checkpoint_readable_by_transformers_4_57(tmp_path
 
 
 def converted_config(shape, *, rotary_base=None, tp=1):
-    return {"architecture": "LlamaForCausalLM", "dtype": "bfloat16", "num_hidden_layers": shape.num_hidden_layers,
-            "num_attention_heads": shape.num_attention_heads, "hidden_size": shape.hidden_size,
-            "rotary_base": shape.rope_theta if rotary_base is None else rotary_base,
-            "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}}
+    """What the family's converter writes (tensorrt_llm/models/{llama,qwen}/config.py: the HF
+    architecture kept, rotary_base, and qwen_type from the HF model_type for Qwen)."""
+    config = {"architecture": shape.architecture, "dtype": "bfloat16", "num_hidden_layers": shape.num_hidden_layers,
+              "num_attention_heads": shape.num_attention_heads, "hidden_size": shape.hidden_size,
+              "rotary_base": shape.rope_theta if rotary_base is None else rotary_base,
+              "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}}
+    if shape.family == "qwen":
+        config["qwen_type"] = shape.model_type
+    return config
+
+
+def write_qwen(path: Path, model_type: str) -> Path:
+    """A Qwen2 / Qwen3 checkpoint folder as transformers 5 writes it."""
+    write_llama(path, heads=16, kv_heads=8, rope_theta=1000000.0)
+    config = json.loads((path / "config.json").read_text())
+    config.update(architectures=[f"{model_type.capitalize()}ForCausalLM"], model_type=model_type)
+    if model_type == "qwen3":
+        config.update(head_dim=128, attention_bias=False)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_qwen_checkpoints_build_with_the_qwen_converter(tmp_path, model_type):
+    """The family's own converter (found in the image, or downloaded from the release), its
+    converted config checked for the Qwen variant, then the same trtllm-build and repository."""
+    shape = read_model_shape(write_qwen(tmp_path / "model", model_type))
+    assert (shape.family, shape.model_type, shape.rope_theta) == ("qwen", model_type, 1000000.0)
+    tools = FakeTools(shape)
+    layout = fake_build(tmp_path, tools)
+    assert (layout.engine_dir / "rank0.engine").is_file()
+    assert json.loads((layout.hf_dir / "config.json").read_text())["rope_theta"] == 1000000.0
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "rank0.safetensors").write_bytes(b"")
+    (ckpt / "config.json").write_text(json.dumps({**converted_config(shape), "qwen_type": "qwen2_moe"}))
+    with pytest.raises(CheckpointError, match=f"qwen_type: 'qwen2_moe', expected '{model_type}'"):
+        check_converted(checkpoint_dir=ckpt, shape=shape, tp_size=1, pp_size=1, dtype="bfloat16")
+    image, downloaded = image_paths("qwen")[0], download_path("qwen")
+    assert image == Path("/app/examples/models/core/qwen/convert_checkpoint.py")
+    assert downloaded == Path(f"/opt/trident/third_party/tensorrt_llm/{TRTLLM_VERSION}/qwen/convert_checkpoint.py")
+    assert converter_urls(family="qwen")[0] == (
+        f"https://raw.githubusercontent.com/NVIDIA/TensorRT-LLM/release/{TRTLLM_VERSION}/"
+        "examples/models/core/qwen/convert_checkpoint.py")
+
+
+def test_the_family_picks_the_converter_found_in_the_image(tmp_path):
+    found = {family: tmp_path / family / "convert_checkpoint.py" for family in ("llama", "qwen")}
+    for path in found.values():
+        path.parent.mkdir()
+        path.write_text(CONVERTER_TEXT)
+    for family, path in found.items():
+        assert find_convert_script(env={}, candidates=(path,), family=family) == path
+    assert find_convert_script(env={"TRIDENT_TRTLLM_CONVERT_SCRIPT": "/mine.py"}, family="qwen") == Path("/mine.py")
+
+
+def test_other_architectures_are_refused_with_the_supported_ones(tmp_path):
+    path = write_llama(tmp_path / "model")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="supports LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        read_model_shape(path)
 
 
 def test_converted_checkpoint_with_the_default_rope_base_is_refused(tmp_path):

@@ -22,7 +22,7 @@ from .checkpoint import check_converted, read_model_shape, write_compat_view
 from .checks import (GpuSetupError, check_engine_version, explain_failure, list_gpus, require_pinned_version,
                      tensorrt_llm_version)
 from .commands import build_command, convert_command, shell_line
-from .converter import CONVERT_SCRIPT_ENV, find_convert_script
+from .converter import CONVERT_SCRIPT_ENV, find_convert_script, in_repo
 from .plan import BuildLayout, EngineSettings, ServingSettings, check_plan
 from .repository import write_trtllm_repository
 
@@ -113,9 +113,9 @@ def run_build(*, model_dir: Path, out_dir: Path, engine: EngineSettings, serving
         f"max_input_len={engine.input_len}, max_num_tokens={engine.max_num_tokens} -> {layout.root}")
 
     if dry_run:
-        script = find_convert_script(explicit=convert_script)
+        script = find_convert_script(explicit=convert_script, family=shape.family)
         if script is None:
-            script = Path("<convert_checkpoint.py of TensorRT-LLM " + TRTLLM_VERSION + ">")
+            script = Path(f"<{in_repo(shape.family)} of TensorRT-LLM {TRTLLM_VERSION}>")
             log("note: no convert_checkpoint.py found here; in Dockerfile.triton's image it is the image's "
                 "own copy or a downloaded one (or pass --convert-script)")
         commands = plan_commands(layout=layout, engine=engine, convert_script=script, python=python,
@@ -152,10 +152,10 @@ def run_build(*, model_dir: Path, out_dir: Path, engine: EngineSettings, serving
         log(f"engines in {layout.engine_dir} match this build (build.json): not rebuilding")
         write_compat_view(model_dir=model_dir, out_dir=layout.hf_dir)
     else:
-        script = find_convert_script(explicit=convert_script)
+        script = find_convert_script(explicit=convert_script, family=shape.family)
         if script is None or not script.is_file():
             raise BuildError(
-                f"convert_checkpoint.py of TensorRT-LLM {TRTLLM_VERSION} not found "
+                f"{in_repo(shape.family)} of TensorRT-LLM {TRTLLM_VERSION} not found "
                 f"({script or 'no candidate path exists'}): pass --convert-script or set "
                 f"{CONVERT_SCRIPT_ENV} (Dockerfile.triton finds the image's copy or downloads one: "
                 "python3 -m trident.trtllm.converter)")

@@ -31,6 +31,14 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 TOKENIZER_CLASS_COMPAT = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
 
+#: Hugging Face architectures this build drives -> TensorRT-LLM's converter family (its
+#: ``examples/models/core/<family>/convert_checkpoint.py``). Both converters keep the HF name as
+#: the TensorRT-LLM checkpoint's ``architecture`` (``architecture=hf_config.architectures[0]``),
+#: which ``trtllm-build`` looks up in ``tensorrt_llm.models.MODEL_MAP``; the Qwen one also writes
+#: ``qwen_type`` (the HF ``model_type``), which turns on Qwen2's q/k/v bias or Qwen3's q/k norms.
+FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen", "Qwen3ForCausalLM": "qwen"}
+
+
 class CheckpointError(ValueError):
     """The checkpoint cannot be built as asked; the message says what to change."""
 
@@ -47,6 +55,12 @@ class ModelShape:
     vocab_size: int
     max_position_embeddings: int
     rope_theta: float
+    model_type: str = "llama"
+
+    @property
+    def family(self) -> str:
+        """The TensorRT-LLM converter that reads this checkpoint (FAMILIES)."""
+        return FAMILIES[self.architecture]
 
 
 def _rope_theta(config: Mapping) -> float:
@@ -64,10 +78,10 @@ def read_model_shape(model_dir: Path) -> ModelShape:
         raise CheckpointError(f"{path} not found: --model-dir must be a Hugging Face checkpoint folder")
     config = json.loads(path.read_text())
     architectures = config.get("architectures") or []
-    if architectures != ["LlamaForCausalLM"]:
+    if len(architectures) != 1 or architectures[0] not in FAMILIES:
         raise CheckpointError(
-            f"{path}: architectures {architectures}; this build step drives TensorRT-LLM's Llama "
-            "converter and supports LlamaForCausalLM only")
+            f"{path}: architectures {architectures}; this build step drives TensorRT-LLM's Llama and "
+            f"Qwen converters and supports {', '.join(FAMILIES)}")
     heads = int(config["num_attention_heads"])
     return ModelShape(
         architecture=architectures[0],
@@ -78,6 +92,7 @@ def read_model_shape(model_dir: Path) -> ModelShape:
         vocab_size=int(config["vocab_size"]),
         max_position_embeddings=int(config.get("max_position_embeddings") or 2048),
         rope_theta=_rope_theta(config),
+        model_type=str(config.get("model_type") or "llama"),
     )
 
 
@@ -148,6 +163,9 @@ def check_converted(*, checkpoint_dir: Path, shape: ModelShape, tp_size: int, pp
         # The silent one: a wrong RoPE base builds and serves, and generates worse text.
         "rotary_base": shape.rope_theta,
     }
+    if shape.family == "qwen":
+        # the Qwen layer variant (q/k/v bias for qwen2, q/k norms for qwen3) follows qwen_type
+        expected["qwen_type"] = shape.model_type
     wrong = [f"{key}: {config.get(key)!r}, expected {value!r}"
              for key, value in expected.items() if config.get(key) != value]
     for key, value in (("tp_size", tp_size), ("pp_size", pp_size), ("world_size", tp_size * pp_size)):

@@ -1,8 +1,10 @@
-"""Where ``convert_checkpoint.py``, TensorRT-LLM's Llama converter, comes from.
+"""Where ``convert_checkpoint.py``, TensorRT-LLM's checkpoint converter, comes from.
 
-The converter is one of TensorRT-LLM's examples, not part of the tensorrt_llm wheel, and it has
+Each model family has its own (``examples/models/core/<family>/convert_checkpoint.py``: ``llama``
+for LlamaForCausalLM, ``qwen`` for Qwen2ForCausalLM and Qwen3ForCausalLM; checkpoint.FAMILIES).
+A converter is one of TensorRT-LLM's examples, not part of the tensorrt_llm wheel, and it has
 to be the one of the installed release (its flags and weight mapping change between releases).
-``find_convert_script`` takes, in order:
+``find_convert_script`` takes, for the family being built, in order:
 
 1. ``--convert-script`` or ``$TRIDENT_TRTLLM_CONVERT_SCRIPT``: the operator's choice;
 2. a copy inside the image: tensorrtllm_backend's image build copies the release's ``examples/``
@@ -27,18 +29,36 @@ from typing import Callable, Iterable, Sequence
 from . import TRTLLM_GIT_REFS, TRTLLM_VERSION
 
 CONVERT_SCRIPT_ENV = "TRIDENT_TRTLLM_CONVERT_SCRIPT"
-# The converter's path inside TensorRT-LLM's source tree (1.x layout).
-IN_REPO = "examples/models/core/llama/convert_checkpoint.py"
-# Where NVIDIA's Triton + TensorRT-LLM images put TensorRT-LLM's examples/ (/app/examples first).
-IMAGE_CANDIDATES = (
-    Path("/app") / IN_REPO,
-    Path("/app/tensorrt_llm") / IN_REPO,
-    Path("/opt/tensorrt_llm") / IN_REPO,
-)
-# Where ``ensure_converter`` saves a downloaded copy (Dockerfile.triton runs it at image build).
-DOWNLOADED = Path("/opt/trident/third_party/tensorrt_llm") / TRTLLM_VERSION / "convert_checkpoint.py"
-# The image's own copy first, the downloaded one otherwise.
-CANDIDATES = IMAGE_CANDIDATES + (DOWNLOADED,)
+FAMILIES = ("llama", "qwen")
+
+
+def in_repo(family: str = "llama") -> str:
+    """The family's converter inside TensorRT-LLM's source tree (1.x layout)."""
+    if family not in FAMILIES:
+        raise ValueError(f"no converter family {family!r} (known: {', '.join(FAMILIES)})")
+    return f"examples/models/core/{family}/convert_checkpoint.py"
+
+
+def image_paths(family: str = "llama") -> tuple[Path, ...]:
+    """Where NVIDIA's Triton + TensorRT-LLM images put TensorRT-LLM's examples/ (/app/examples first)."""
+    return tuple(root / in_repo(family) for root in (Path("/app"), Path("/app/tensorrt_llm"), Path("/opt/tensorrt_llm")))
+
+
+def download_path(family: str = "llama") -> Path:
+    """Where ``ensure_converter`` saves a downloaded copy (Dockerfile.triton runs it at image build)."""
+    root = Path("/opt/trident/third_party/tensorrt_llm") / TRTLLM_VERSION
+    return root / "convert_checkpoint.py" if family == "llama" else root / family / "convert_checkpoint.py"
+
+
+def candidate_paths(family: str = "llama") -> tuple[Path, ...]:
+    """The image's own copy first, the downloaded one otherwise."""
+    return image_paths(family) + (download_path(family),)
+
+
+IN_REPO = in_repo("llama")
+IMAGE_CANDIDATES = image_paths("llama")
+DOWNLOADED = download_path("llama")
+CANDIDATES = candidate_paths("llama")
 RAW_URL = "https://raw.githubusercontent.com/NVIDIA/TensorRT-LLM/{ref}/{path}"
 
 
@@ -47,18 +67,20 @@ class ConverterNotFound(RuntimeError):
 
 
 def find_convert_script(*, explicit: str | None = None, env: dict | None = None,
-                        candidates: Sequence[Path] = CANDIDATES) -> Path | None:
-    """The converter to run: --convert-script, else $TRIDENT_TRTLLM_CONVERT_SCRIPT, else a known path."""
+                        candidates: Sequence[Path] | None = None, family: str = "llama") -> Path | None:
+    """The converter to run: --convert-script, else $TRIDENT_TRTLLM_CONVERT_SCRIPT, else a known
+    path of the family's converter."""
     env = os.environ if env is None else env
     if explicit:
         return Path(explicit)
     if env.get(CONVERT_SCRIPT_ENV):
         return Path(env[CONVERT_SCRIPT_ENV])
-    return next((path for path in candidates if path.is_file()), None)
+    paths = candidate_paths(family) if candidates is None else candidates
+    return next((path for path in paths if path.is_file()), None)
 
 
-def converter_urls(refs: Iterable[str] = TRTLLM_GIT_REFS) -> list[str]:
-    return [RAW_URL.format(ref=ref, path=IN_REPO) for ref in refs]
+def converter_urls(refs: Iterable[str] = TRTLLM_GIT_REFS, family: str = "llama") -> list[str]:
+    return [RAW_URL.format(ref=ref, path=in_repo(family)) for ref in refs]
 
 
 def looks_like_converter(text: str) -> bool:
@@ -97,13 +119,14 @@ def download_converter(*, dest: Path, urls: Sequence[str], fetch: Callable[[str]
     raise ConverterNotFound(
         f"could not download convert_checkpoint.py of TensorRT-LLM {TRTLLM_VERSION}:\n  "
         + "\n  ".join(failures)
-        + f"\nPass --convert-script or set {CONVERT_SCRIPT_ENV} to a copy of {IN_REPO} from that release.")
+        + f"\nPass --convert-script or set {CONVERT_SCRIPT_ENV} to a copy of the file above from that release.")
 
 
 def ensure_converter(*, dest: Path = DOWNLOADED, image_candidates: Sequence[Path] = IMAGE_CANDIDATES,
                      urls: Sequence[str] | None = None, fetch: Callable[[str], str] = http_get,
                      log: Callable[[str], None] = print) -> Path:
-    """The image's own converter when it has one; otherwise a downloaded copy at ``dest``."""
+    """The image's own converter when it has one; otherwise a downloaded copy at ``dest``
+    (``urls``: the Llama converter's unless given)."""
     own = next((path for path in image_candidates if path.is_file()), None)
     if own is not None:
         log(f"[converter] the image has TensorRT-LLM's converter: {own} (nothing downloaded)")
@@ -121,16 +144,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python3 -m trident.trtllm.converter",
         description=f"Make TensorRT-LLM {TRTLLM_VERSION}'s convert_checkpoint.py available: the image's "
                     "own copy if it has one, else download it (Dockerfile.triton runs this).")
-    parser.add_argument("--dest", type=Path, default=DOWNLOADED, help="where a downloaded copy goes")
+    parser.add_argument("--family", action="append", dest="families", choices=FAMILIES, default=None,
+                        help=f"converter family, repeatable (default: all of {', '.join(FAMILIES)})")
+    parser.add_argument("--dest", type=Path, default=None,
+                        help="where a downloaded copy goes (one --family only; default: per family under "
+                             f"{DOWNLOADED.parent})")
     parser.add_argument("--ref", action="append", dest="refs", default=None,
                         help=f"git ref of NVIDIA/TensorRT-LLM to try, repeatable (default: "
                              f"{' then '.join(TRTLLM_GIT_REFS)})")
     args = parser.parse_args(argv)
-    try:
-        ensure_converter(dest=args.dest, urls=converter_urls(args.refs or TRTLLM_GIT_REFS))
-    except ConverterNotFound as exc:
-        print(f"[converter] error: {exc}", file=sys.stderr)
-        return 1
+    families = args.families or list(FAMILIES)
+    if args.dest is not None and len(families) != 1:
+        parser.error("--dest needs exactly one --family")
+    for family in families:
+        try:
+            ensure_converter(dest=args.dest or download_path(family), image_candidates=image_paths(family),
+                             urls=converter_urls(args.refs or TRTLLM_GIT_REFS, family=family))
+        except ConverterNotFound as exc:
+            print(f"[converter] error: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
