@@ -4,7 +4,7 @@ Each case is a small checkpoint with random weights written by transformers itse
 (``save_pretrained``, so its config.json is transformers' own): Llama 3.x's scaled RoPE
 (``llama3``, at positions past the pre-training context, where the scaling changes the tables),
 Qwen2's q/k/v biases, Qwen3's per-head query and key norms with a head_dim apart from
-hidden / heads. Every weight is drawn large enough that each part moves the logits (transformers
+hidden / heads, and Mistral (Llama's layer under another name). Every weight is drawn large enough that each part moves the logits (transformers
 initialises biases to 0 and norms to 1, which would test nothing), and the matmul weights are
 rounded through the int4 format first, so the int4 engine runs the checkpoint's own values.
 
@@ -39,6 +39,8 @@ CASES = {
                                                   "original_max_position_embeddings": 16}}),
     "qwen2": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "tie_word_embeddings": True}),
     "qwen3": ("qwen3", {"head_dim": 32, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+    # Mistral's layer is Llama's; its window (here wider than any sequence) changes nothing
+    "mistral": ("mistral", {"sliding_window": 4096}),
 }
 
 
@@ -100,6 +102,7 @@ def test_the_config_is_read_as_transformers_wrote_it(checkpoint):
     assert config.qkv_bias == (config.model_type == "qwen2")
     assert config.qk_norm == (config.model_type == "qwen3")
     assert (config.rope_scaling is not None) == (config.model_type == "llama")
+    assert config.rope_theta == hf.config.rope_parameters["rope_theta"]
 
 
 def test_rope_frequencies_are_transformers_own(checkpoint):
@@ -181,6 +184,8 @@ def test_int4_kernel_runs_the_architecture(checkpoint):
         model.qkv_bias = torch.zeros_like(model.qkv_bias)
     elif c.qk_norm:
         model.qk_norm = torch.empty(0)
+    elif c.rope_scaling is None:  # Mistral adds nothing: Llama's layer exactly
+        return
     else:
         from trident.engine.llama import rope_tables
         import dataclasses
