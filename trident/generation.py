@@ -22,7 +22,7 @@ import dataclasses
 from collections import deque
 from typing import Callable, Optional, Sequence
 
-from .contract import FINISH_STOP, TextRequest, finish_reason
+from .contract import FINISH_EOS, FINISH_STOP, TextRequest, finish_reason
 from .text import IncrementalDetokenizer, StopSequenceMatcher
 
 
@@ -50,7 +50,7 @@ class TextGeneration:
     """Turns one choice's token stream into released text, a finish reason and token counts."""
 
     def __init__(self, tokenizer, req: TextRequest, *, prompt_tokens: int, index: int = 0,
-                 token_text: Optional[Callable[[int], str]] = None):
+                 token_text: Optional[Callable[[int], str]] = None, end_ids: frozenset[int] = frozenset()):
         self.req = req
         self.index = index
         self.prompt_tokens = prompt_tokens
@@ -61,6 +61,12 @@ class TextGeneration:
         self._stops = StopSequenceMatcher(req.sampling.stop, include=self._include_stop)
         self._stop_ids = frozenset(req.sampling.stop_token_ids)
         self._stop_token: Optional[int] = None  # the stop token id that ended this choice
+        # The model's other end tokens (generation_config.json's, llm_service.model_end_ids): they
+        # end the choice as the engine's end id does, without text or a count, finish eos_token.
+        # Neither they nor stop_token_ids end it before min_tokens tokens (vLLM's min_tokens).
+        self._end_ids = end_ids
+        self._min_tokens = req.sampling.min_tokens
+        self._model_ended = False
         self.finish_reason: Optional[str] = None
         self.ended = False  # its final response was sent (llm_service)
         # logprobs bookkeeping, only when asked for
@@ -77,7 +83,18 @@ class TextGeneration:
     def stopped(self) -> bool:
         """A stop sequence matched or a stop token came: the engine request (or this choice)
         should be stopped."""
-        return self._stops.matched is not None or self._stop_token is not None
+        return self._stops.matched is not None or self._stop_token is not None or self._model_ended
+
+    def _ends_model(self, token: int) -> bool:
+        """``token`` (not yet counted) is one of the model's other end tokens, allowed here."""
+        return token in self._end_ids and self.completion_tokens >= self._min_tokens
+
+    def _end_of_model(self) -> str:
+        """One of the model's other end tokens came: the choice ends as at the engine's end id."""
+        released = self._release_held()
+        self._model_ended = True
+        self.finish_reason = FINISH_EOS
+        return released
 
     def push(self, token_ids: Sequence[int], log_probs: Optional[Sequence[float]] = None,
              top_ids: Optional[Sequence[Sequence[int]]] = None,
@@ -90,8 +107,11 @@ class TextGeneration:
             return self._push_aligned(token_ids, log_probs, top_ids, top_log_probs)
         out = []
         for token in token_ids:  # one at a time, so counting stops at the matching token
+            if self._ends_model(token):
+                out.append(self._end_of_model())
+                break
             self.completion_tokens += 1
-            ends = token in self._stop_ids
+            ends = token in self._stop_ids and self.completion_tokens > self._min_tokens
             if not ends or self._include_stop:  # a stop token left out adds no text
                 out.append(self._stops.push(self._detok.push([token])))
             if ends and not self.stopped:  # (a stop sequence its text completed came first)
@@ -134,8 +154,10 @@ class TextGeneration:
 
     def _push_aligned(self, token_ids, log_probs, top_ids, top_log_probs) -> str:
         for k, token in enumerate(token_ids):
+            if self._ends_model(token):
+                return self._end_of_model()
             self.completion_tokens += 1
-            ends = token in self._stop_ids
+            ends = token in self._stop_ids and self.completion_tokens > self._min_tokens
             if not ends or self._include_stop:  # a stop token left out is not returned, nor its text
                 piece = self._detok.push([token])
                 start = len(self._text)

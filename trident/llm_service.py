@@ -43,12 +43,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import logging
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -114,11 +116,26 @@ class Job:
     running: bool = False  # the engine has answered (it holds a slot for it)
 
 
+def model_end_ids(model_dir: str | Path) -> tuple[int, ...]:
+    """The end tokens of the model's ``generation_config.json`` (``eos_token_id``: one id or a
+    list): transformers' ``generate`` and vLLM end a generation at any of them. Llama 3.x lists
+    ``<|end_of_text|>``, ``<|eom_id|>`` and ``<|eot_id|>``; Qwen2.5 / Qwen3 ``<|im_end|>`` and
+    ``<|endoftext|>``; the tokenizer names one. () without the file."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    values = value if isinstance(value, list) else [value]
+    return tuple(sorted({v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0}))
+
+
 class LlmService:
     """Accepts requests (``accept``), streams them from the engine on worker threads."""
 
     def __init__(self, settings: LlmSettings, tokenizer: Any, engine: "EngineClient", *,
-                 clock: Callable[[], float] = time.monotonic, board: Optional[CancelBoard] = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, board: Optional[CancelBoard] = None,
+                 end_ids: Iterable[int] = ()) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
         self.engine = engine
@@ -126,6 +143,8 @@ class LlmService:
         # The other instances' cancel requests (None with one instance).
         self.board = board
         self.end_id = tokenizer.eos_token_id
+        # The model's other end tokens (model_end_ids): a choice ends at them as at end_id.
+        self.end_ids = frozenset(end_ids) - {self.end_id}
         # Token ids are below it: the config's vocab_size, else the tokenizer's (read once).
         self.vocab_size = settings.limits.vocab_size or len(tokenizer)
         # The engine says how many prompt tokens its prefix cache served (the CPU engine's feature).
@@ -441,8 +460,10 @@ class LlmService:
     def _generate(self, job: Job) -> None:
         request, text = job.request, job.text
         n = text.sampling.n
+        # A request that names its own end id (direct gRPC) ends at it alone.
+        end_ids = self.end_ids if text.end_id is None else frozenset()
         gens = [TextGeneration(self.tokenizer, text, prompt_tokens=job.prompt_tokens, index=i,
-                               token_text=self._token_text) for i in range(n)]
+                               token_text=self._token_text, end_ids=end_ids) for i in range(n)]
         # A choice's released text and tokens wait here until they are sent: without streaming,
         # for its last response; streaming, for every ``stream_interval``-th engine token (its
         # first text at once).

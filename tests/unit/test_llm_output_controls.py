@@ -220,6 +220,49 @@ def test_a_stop_token_ends_its_choice_and_stops_the_engine(make_service, tokeniz
     assert engine.stops == engine.streams
 
 
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_the_models_other_end_tokens_end_a_choice_as_its_end_id(make_service, tokenizer, logprobs):
+    """generation_config.json's end tokens (Llama 3's <|eom_id|>, Qwen's <|endoftext|>): the
+    choice ends there as at the engine's end id (no text, not counted, eos_token), the engine
+    request is stopped; not before min_tokens (so not with ignore_eos), and not for a request
+    that names its own end_id."""
+    three = tokenizer(" three", add_special_tokens=False).input_ids[0]
+    extra = {"return_log_probs": True} if logprobs else {}
+    service, engine = make_service(end_ids=(three, tokenizer.eos_token_id))
+    req = request(stream=False, max_tokens=6, **extra)
+    service.accept(req)
+    wait(req)
+    assert choice_texts(req, 1) == [" one two"]
+    [(_, reason, _, completion)] = [p for k, p in req.sent if k == "send_final"]
+    assert (reason, completion) == ("eos_token", 2)
+    assert engine.stops == engine.streams
+    if logprobs:
+        assert [t.text for t in choice_tokens(req, 0)] == [" one", " two"]
+    for held in (request(stream=False, max_tokens=6, min_tokens=6, **extra),  # ignore_eos
+                 request(stream=False, max_tokens=6, end_id=tokenizer.eos_token_id, **extra)):
+        service.accept(held)
+        wait(held)
+        assert choice_texts(held, 1)[0].startswith(" one two three four")
+        assert [p[1] for k, p in held.sent if k == "send_final"] == ["length"]
+    for min_tokens, text, reason in ((2, " one two", "eos_token"),  # an end may be the 3rd token
+                                     (3, " one two three four five six", "length")):
+        req = request(stream=False, max_tokens=6, min_tokens=min_tokens, **extra)
+        service.accept(req)
+        wait(req)
+        assert choice_texts(req, 1) == [text]
+        assert [p[1] for k, p in req.sent if k == "send_final"] == [reason]
+
+
+def test_stop_token_ids_wait_for_min_tokens(tokenizer):
+    """vLLM's min_tokens holds back stop_token_ids too (it bans them until then)."""
+    ids = tokenizer(" one two three four two", add_special_tokens=False).input_ids
+    two = ids[1]
+    sampling = SamplingParams(max_new_tokens=10, min_tokens=3, stop_token_ids=(two,))
+    gen = TextGeneration(tokenizer, TextRequest(prompt="p", sampling=sampling), prompt_tokens=1)
+    text = "".join(gen.push([t]) for t in ids) + gen.finish()
+    assert (text, gen.finish_reason, gen.completion_tokens) == (" one two three four", "stop_sequence", 5)
+
+
 class Counting(FakeEngine):
     """Records the tokens each request asked the engine for."""
 

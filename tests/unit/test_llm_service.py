@@ -1,5 +1,6 @@
 """The llm model's request loop (trident.llm_service) with a fake engine and fake Triton requests:
 admission, streaming, stop sequences, cancellation at every stage, workers that never die."""
+import json
 import os
 import threading
 import time
@@ -174,10 +175,10 @@ class FakeEngine:
 def make_service(tokenizer):
     services = []
 
-    def make(engine=None, board=None, **settings):
+    def make(engine=None, board=None, end_ids=(), **settings):
         engine = engine or FakeEngine(tokenizer)
         defaults = dict(max_concurrent=2, cancel_check_interval=0.02)
-        service = LlmService(LlmSettings(**{**defaults, **settings}), tokenizer, engine, board=board)
+        service = LlmService(LlmSettings(**{**defaults, **settings}), tokenizer, engine, board=board, end_ids=end_ids)
         service.start()
         services.append(service)
         return service, engine
@@ -762,3 +763,16 @@ def test_a_request_with_a_cancel_token_is_polled_less_often_and_still_noticed(ma
     assert [k for k, _ in tokened.sent] == ["close"] and len(engine.stops) == 1
     plain.cancelled.set()
     wait(plain)
+
+
+def test_model_end_ids_reads_generation_config(tmp_path):
+    from trident.llm_service import model_end_ids
+
+    assert model_end_ids(tmp_path) == ()  # no generation_config.json
+    path = tmp_path / "generation_config.json"
+    for value, ids in (([128001, 128008, 128009], (128001, 128008, 128009)), (2, (2,)), (None, ()),
+                       ([151645, True, -1, "x", 151643], (151643, 151645))):
+        path.write_text(json.dumps({"eos_token_id": value}))
+        assert model_end_ids(tmp_path) == ids
+    path.write_text("not json")
+    assert model_end_ids(tmp_path) == ()

@@ -18,7 +18,7 @@ from trident.contract import (ADD_SPECIAL_TOKENS_PARAMETER, ADMISSION_PARAMETER,
 from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_response, stop_inputs
 from trident.llm_io import EngineChunk, LlmSettings, output_tensors
 from trident.cancel_board import CancelBoard, default_directory, remove_stale
-from trident.llm_service import EARLY_CANCEL_SECONDS, LlmService
+from trident.llm_service import EARLY_CANCEL_SECONDS, LlmService, model_end_ids
 from trident.stub_objects import Retirement, requested_only
 
 log = logging.getLogger("trident.llm")
@@ -38,7 +38,8 @@ class TritonPythonModel:
         settings = LlmSettings.from_parameters(params)
         tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
         self.engine = _engine(settings.engine_model)
-        self.service = LlmService(settings, tokenizer, self.engine, board=_cancel_board(config))
+        self.service = LlmService(settings, tokenizer, self.engine, board=_cancel_board(config),
+                                  end_ids=model_end_ids(params["tokenizer_dir"]))
         self.service.start()
         log.info("llm ready: %s", settings)
 
