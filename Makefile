@@ -167,5 +167,5 @@ bench-quick: $(STAMP) model
 	    --out $(CACHE)/bench/quick.png
 
 engine-memory: $(STAMP) model
-	$(PY) scripts/engine_memory.py --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) \
+	$(PY) scripts/engine_memory.py --model-dir $(MODEL_DIR) --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) \
 	    --weight-dtype $(WEIGHT_DTYPE)

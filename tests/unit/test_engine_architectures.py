@@ -193,3 +193,41 @@ def test_int4_kernel_runs_the_architecture(checkpoint):
         plain = dataclasses.replace(c, rope_scaling=None)
         model.cos, model.sin_signed = (t.contiguous() for t in rope_tables(plain, MAX_SEQ_LEN, torch.float32))
     assert error(logits(model)) > 5 * close
+
+
+def test_int4_reads_a_bfloat16_checkpoint_as_stored_and_packs_the_same_weights(checkpoint, tmp_path, monkeypatch):
+    """int4 loading reads the checkpoint in its own dtype (half the memory of float32 for a
+    bfloat16 one: scripts/engine_memory.py gives the peak) and packs each weight from float32,
+    so the model is bit for bit the one built from float32 tensors."""
+    from trident.engine import weights
+
+    read_dtypes = []
+
+    def reading(folder, dtype):
+        tensors = read_checkpoint(folder, dtype)
+        read_dtypes.extend({t.dtype for t in tensors.values()})
+        return tensors
+
+    monkeypatch.setattr(weights, "read_checkpoint", reading)
+    _, hf = checkpoint
+    folder = tmp_path / "bf16"
+    hf.to(torch.bfloat16).save_pretrained(folder)
+    hf.to(torch.float32)
+    assert {t.dtype for t in read_checkpoint(folder, None).values()} == {torch.bfloat16}
+    loaded, _ = weights.load_model(EngineConfig(checkpoint_dir=str(folder), dtype="float32", weight_dtype="int4",
+                                        max_seq_len=MAX_SEQ_LEN))
+    assert read_dtypes == [torch.bfloat16]  # never all of it in float32
+    reference = _model(folder, "int4")  # from float32 tensors
+    tokens = _prompt(n=40)
+    T = len(tokens)
+    c = loaded.config
+
+    def logits(fused):
+        cache = PagedKVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_slots=1,
+                             max_seq_len=MAX_SEQ_LEN, block_size=16, dtype=torch.float32, cache_bytes=0, reuse=False)
+        cache.extend(0, T)
+        with torch.inference_mode():
+            return fused.forward(torch.tensor(tokens), torch.arange(T), torch.zeros(T, dtype=torch.long), cache,
+                                 torch.arange(T))
+
+    assert torch.equal(logits(loaded), logits(reference))

@@ -34,8 +34,9 @@ class FusedLlama:
         self.max_seq_len = max_seq_len
         w = weights
         # (layers, ...) stacks: one tensor per kind, so a step passes 15 tensors, not 6 x layers
-        self.attn_norm = torch.stack([layer.attention_norm for layer in w.layers]).contiguous()  # (L, H)
-        self.ffn_norm = torch.stack([layer.ffn_norm for layer in w.layers]).contiguous()
+        # (float32: the checkpoint may be read in its own dtype, weights.load_model)
+        self.attn_norm = torch.stack([layer.attention_norm for layer in w.layers]).float().contiguous()  # (L, H)
+        self.ffn_norm = torch.stack([layer.ffn_norm for layer in w.layers]).float().contiguous()
         self.wqkv, self.wo, self.w_gate_up, self.w_down = (
             torch.stack([getattr(layer, name).packed for layer in w.layers]).contiguous()  # (L, N / 8, bytes)
             for name in ("wqkv", "wo", "w_gate_up", "w_down"))
@@ -46,7 +47,7 @@ class FusedLlama:
                          else torch.empty(0))
         self.qk_norm = (torch.stack([torch.stack([layer.q_norm, layer.k_norm]) for layer in w.layers]).float()
                         .contiguous() if config.qk_norm else torch.empty(0))
-        self.norm = w.norm.clone()  # not a view: that would keep the whole checkpoint resident
+        self.norm = w.norm.float().clone()  # not a view: that would keep the whole checkpoint resident
         self.cos, self.sin_signed = (t.contiguous() for t in rope_tables(config, max_seq_len, torch.float32))
         self.scale = 1.0 / math.sqrt(config.head_dim)
 

@@ -61,8 +61,9 @@ def map_weight_name(name: str) -> str | None:
     return None
 
 
-def read_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of WEIGHT_MAP in the checkpoint's *.safetensors, under our names, in dtype."""
+def read_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every tensor of WEIGHT_MAP in the checkpoint's *.safetensors, under our names, in dtype
+    (None: as stored)."""
     files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {checkpoint_dir}")
@@ -72,7 +73,8 @@ def read_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype) -> dict[str,
             for name in f.keys():
                 ours = map_weight_name(name)
                 if ours is not None:
-                    weights[ours] = f.get_tensor(name).to(dtype)
+                    tensor = f.get_tensor(name)
+                    weights[ours] = tensor if dtype is None else tensor.to(dtype)
     return weights
 
 
@@ -251,9 +253,12 @@ def load_model(config: EngineConfig) -> tuple[Llama | FusedLlama, EngineConfig]:
             config = dataclasses.replace(config, weight_dtype="auto", dtype="float32")
     model_config = LlamaConfig.from_checkpoint(config.checkpoint_dir)
     calibration = quant.calibration_tokens(config.checkpoint_dir) if config.weight_dtype == "int8" else None
+    # int4 packs each weight from float32 one tensor at a time (quant._blocks): read as stored
+    # (bfloat16 for most checkpoints), so loading holds the model once in its own dtype, not all
+    # of it in float32 (an 8B bfloat16 checkpoint: 16 GB, not 32, before packing to ~4.5 GB).
     model = build_model(
         model_config,
-        read_checkpoint(config.checkpoint_dir, config.torch_dtype),
+        read_checkpoint(config.checkpoint_dir, None if config.weight_dtype == "int4" else config.torch_dtype),
         dtype=config.torch_dtype,
         max_seq_len=min(config.max_seq_len, model_config.max_position_embeddings),
         weight_dtype=config.weight_dtype,
