@@ -94,6 +94,17 @@ def _model(folder, weight_dtype: str):
                        max_seq_len=MAX_SEQ_LEN, weight_dtype=weight_dtype)
 
 
+def _fused_logits(fused, tokens: list[int]) -> torch.Tensor:
+    """The int4 model's logits (T, V) of every position of one prompt, in one step."""
+    c, T = fused.config, len(tokens)
+    cache = PagedKVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_slots=1,
+                         max_seq_len=MAX_SEQ_LEN, block_size=16, dtype=torch.float32, cache_bytes=0, reuse=False)
+    cache.extend(0, T)
+    with torch.inference_mode():
+        return fused.forward(torch.tensor(tokens), torch.arange(T), torch.zeros(T, dtype=torch.long), cache,
+                             torch.arange(T))
+
+
 def test_the_config_is_read_as_transformers_wrote_it(checkpoint):
     folder, hf = checkpoint
     config = LlamaConfig.from_checkpoint(folder)
@@ -120,12 +131,16 @@ def test_rope_frequencies_are_transformers_own(checkpoint):
     assert torch.equal(inverse_frequencies(LlamaConfig.from_checkpoint(folder)), expected)
 
 
-def test_float32_prefill_and_decode_match_transformers(checkpoint):
+def _against_transformers(checkpoint, weight_dtype: str):
+    """The engine's model of the checkpoint, a prompt and transformers' logits for it."""
     folder, hf = checkpoint
-    model = _model(folder, "auto")
-    c = model.config
     tokens = _prompt()
-    expected = _hf_logits(hf, tokens)
+    return _model(folder, weight_dtype), tokens, _hf_logits(hf, tokens)
+
+
+def test_float32_prefill_and_decode_match_transformers(checkpoint):
+    model, tokens, expected = _against_transformers(checkpoint, "auto")
+    c = model.config
     cache = KVCache()
     cache.setup(num_layers=c.num_layers, max_batch_size=1, num_kv_heads=c.num_kv_heads, max_seq_len=MAX_SEQ_LEN,
                 head_dim=c.head_dim, dtype=torch.float32)
@@ -158,25 +173,13 @@ def test_engine_greedy_tokens_are_transformers_tokens(checkpoint):
 
 
 def test_int4_kernel_runs_the_architecture(checkpoint):
-    folder, hf = checkpoint
-    model = _model(folder, "int4")
+    model, tokens, expected = _against_transformers(checkpoint, "int4")
     c = model.config
-    tokens = _prompt()
-    expected = _hf_logits(hf, tokens)
-    T = len(tokens)
-
-    def logits(fused):
-        cache = PagedKVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_slots=1,
-                             max_seq_len=MAX_SEQ_LEN, block_size=16, dtype=torch.float32, cache_bytes=0, reuse=False)
-        cache.extend(0, T)
-        with torch.inference_mode():
-            return fused.forward(torch.tensor(tokens), torch.arange(T), torch.zeros(T, dtype=torch.long), cache,
-                                 torch.arange(T))
 
     def error(got):  # relative to the spread of the logits themselves
         return float((got - expected).norm() / (expected - expected.mean(-1, keepdim=True)).norm())
 
-    close = error(logits(model))
+    close = error(_fused_logits(model, tokens))
     assert close < 0.03
     # The same kernel without what the architecture adds (bias, head norms) or with plain RoPE
     # tables is several times farther off: the check above sees each of them.
@@ -192,7 +195,7 @@ def test_int4_kernel_runs_the_architecture(checkpoint):
 
         plain = dataclasses.replace(c, rope_scaling=None)
         model.cos, model.sin_signed = (t.contiguous() for t in rope_tables(plain, MAX_SEQ_LEN, torch.float32))
-    assert error(logits(model)) > 5 * close
+    assert error(_fused_logits(model, tokens)) > 5 * close
 
 
 def test_int4_reads_a_bfloat16_checkpoint_as_stored_and_packs_the_same_weights(checkpoint, tmp_path, monkeypatch):
@@ -215,19 +218,8 @@ def test_int4_reads_a_bfloat16_checkpoint_as_stored_and_packs_the_same_weights(c
     hf.to(torch.float32)
     assert {t.dtype for t in read_checkpoint(folder, None).values()} == {torch.bfloat16}
     loaded, _ = weights.load_model(EngineConfig(checkpoint_dir=str(folder), dtype="float32", weight_dtype="int4",
-                                        max_seq_len=MAX_SEQ_LEN))
+                                                max_seq_len=MAX_SEQ_LEN))
     assert read_dtypes == [torch.bfloat16]  # never all of it in float32
     reference = _model(folder, "int4")  # from float32 tensors
     tokens = _prompt(n=40)
-    T = len(tokens)
-    c = loaded.config
-
-    def logits(fused):
-        cache = PagedKVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_slots=1,
-                             max_seq_len=MAX_SEQ_LEN, block_size=16, dtype=torch.float32, cache_bytes=0, reuse=False)
-        cache.extend(0, T)
-        with torch.inference_mode():
-            return fused.forward(torch.tensor(tokens), torch.arange(T), torch.zeros(T, dtype=torch.long), cache,
-                                 torch.arange(T))
-
-    assert torch.equal(logits(loaded), logits(reference))
+    assert torch.equal(_fused_logits(loaded, tokens), _fused_logits(reference, tokens))
