@@ -81,8 +81,8 @@ class TextGeneration:
 
     @property
     def stopped(self) -> bool:
-        """A stop sequence matched or a stop token came: the engine request (or this choice)
-        should be stopped."""
+        """A stop sequence matched, a stop token or one of the model's other end tokens came: the
+        engine request (or this choice) should be stopped."""
         return self._stops.matched is not None or self._stop_token is not None or self._model_ended
 
     def _ends_model(self, token: int) -> bool:
