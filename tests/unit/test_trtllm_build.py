@@ -329,6 +329,32 @@ def test_compat_view_makes_the_checkpoint_readable_by_transformers_4_57(tmp_path
     write_compat_view(model_dir=model, out_dir=tmp_path / "hf")  # again: replaces, no error
 
 
+def test_a_llama3_rope_built_unscaled_is_refused(tmp_path):
+    """Llama 3.1+: the compat view spells transformers 5's rope_parameters as rope_scaling, the
+    converter copies it into rotary_scaling; one without it (or another factor) is refused."""
+    path = write_llama(tmp_path / "model")
+    config = json.loads((path / "config.json").read_text())
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    config["rope_parameters"] = {**scaling, "rope_theta": 500000.0}
+    (path / "config.json").write_text(json.dumps(config))
+    shape = read_model_shape(path)
+    assert shape.rope_scaling == ("llama3", 32.0)
+    view = write_compat_view(model_dir=path, out_dir=tmp_path / "hf")
+    assert json.loads((view / "config.json").read_text())["rope_scaling"] == scaling
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "rank0.safetensors").write_bytes(b"")
+    for rotary_scaling, ok in ((scaling, True), ({**scaling, "type": "llama3"}, True), (None, False),
+                               ({**scaling, "factor": 8.0}, False)):
+        (ckpt / "config.json").write_text(json.dumps({**converted_config(shape), "rotary_scaling": rotary_scaling}))
+        if ok:
+            check_converted(checkpoint_dir=ckpt, shape=shape, tp_size=1, pp_size=1, dtype="bfloat16")
+        else:
+            with pytest.raises(CheckpointError, match="rotary_scaling"):
+                check_converted(checkpoint_dir=ckpt, shape=shape, tp_size=1, pp_size=1, dtype="bfloat16")
+
+
 def converted_config(shape, *, rotary_base=None, tp=1):
     """What the family's converter writes (tensorrt_llm/models/{llama,qwen}/config.py: the HF
     architecture kept, rotary_base, and qwen_type from the HF model_type for Qwen)."""

@@ -56,6 +56,8 @@ class ModelShape:
     max_position_embeddings: int
     rope_theta: float
     model_type: str = "llama"
+    # A scaled RoPE (Llama 3.1+'s llama3, linear, yarn...): its type and factor, else None
+    rope_scaling: tuple[str, float] | None = None
 
     @property
     def family(self) -> str:
@@ -93,7 +95,17 @@ def read_model_shape(model_dir: Path) -> ModelShape:
         max_position_embeddings=int(config.get("max_position_embeddings") or 2048),
         rope_theta=_rope_theta(config),
         model_type=str(config.get("model_type") or "llama"),
+        rope_scaling=_rope_scaling(compat_config(config).get("rope_scaling")),
     )
+
+
+def _rope_scaling(scaling) -> tuple[str, float] | None:
+    """(type, factor) of a RoPE scaling dict, in either spelling of its type (TensorRT-LLM's
+    attention reads ``type``, else ``rope_type``); None for none or the default."""
+    if not isinstance(scaling, Mapping):
+        return None
+    kind = scaling.get("type", scaling.get("rope_type", "default"))
+    return None if kind == "default" else (str(kind), float(scaling.get("factor", 1.0)))
 
 
 def compat_config(config: Mapping) -> dict:
@@ -168,6 +180,11 @@ def check_converted(*, checkpoint_dir: Path, shape: ModelShape, tp_size: int, pp
         expected["qwen_type"] = shape.model_type
     wrong = [f"{key}: {config.get(key)!r}, expected {value!r}"
              for key, value in expected.items() if config.get(key) != value]
+    # Also silent: RoPE built unscaled (Llama 3.1+ then degrades past its pre-training context).
+    # Both converters copy the HF rope_scaling into rotary_scaling whole.
+    if _rope_scaling(config.get("rotary_scaling")) != shape.rope_scaling:
+        wrong.append(f"rotary_scaling: {config.get('rotary_scaling')!r}, expected type and factor "
+                     f"{shape.rope_scaling!r}")
     for key, value in (("tp_size", tp_size), ("pp_size", pp_size), ("world_size", tp_size * pp_size)):
         if mapping.get(key) != value:
             wrong.append(f"mapping.{key}: {mapping.get(key)!r}, expected {value!r}")
