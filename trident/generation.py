@@ -62,8 +62,10 @@ class TextGeneration:
         self._stop_ids = frozenset(req.sampling.stop_token_ids)
         self._stop_token: Optional[int] = None  # the stop token id that ended this choice
         # The model's other end tokens (generation_config.json's, llm_service.model_end_ids): they
-        # end the choice as the engine's end id does, without text or a count, finish eos_token.
-        # Neither they nor stop_token_ids end it before min_tokens tokens (vLLM's min_tokens).
+        # end the choice as the engine's end id does, without text or a count, finish eos_token,
+        # and like it not before min_tokens tokens (so never with ignore_eos, min_tokens =
+        # max_new_tokens). stop_token_ids and stop sequences are not held back: ignore_eos keeps
+        # them, as in vLLM, and it reaches here as min_tokens.
         self._end_ids = end_ids
         self._min_tokens = req.sampling.min_tokens
         self._model_ended = False
@@ -111,7 +113,7 @@ class TextGeneration:
                 out.append(self._end_of_model())
                 break
             self.completion_tokens += 1
-            ends = token in self._stop_ids and self.completion_tokens > self._min_tokens
+            ends = token in self._stop_ids
             if not ends or self._include_stop:  # a stop token left out adds no text
                 out.append(self._stops.push(self._detok.push([token])))
             if ends and not self.stopped:  # (a stop sequence its text completed came first)
@@ -157,7 +159,7 @@ class TextGeneration:
             if self._ends_model(token):
                 return self._end_of_model()
             self.completion_tokens += 1
-            ends = token in self._stop_ids and self.completion_tokens > self._min_tokens
+            ends = token in self._stop_ids
             if not ends or self._include_stop:  # a stop token left out is not returned, nor its text
                 piece = self._detok.push([token])
                 start = len(self._text)

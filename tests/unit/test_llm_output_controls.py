@@ -244,6 +244,13 @@ def test_the_models_other_end_tokens_end_a_choice_as_its_end_id(make_service, to
         wait(held)
         assert choice_texts(held, 1)[0].startswith(" one two three four")
         assert [p[1] for k, p in held.sent if k == "send_final"] == ["length"]
+    # ignore_eos keeps stop_token_ids (vLLM's): the same token asked for as a stop still stops
+    stopped = request(stream=False, max_tokens=6, min_tokens=6, **extra)
+    stopped.inputs["stop_token_ids"] = np.array([[three]], dtype=np.int32)
+    service.accept(stopped)
+    wait(stopped)
+    assert choice_texts(stopped, 1) == [" one two"]
+    assert [p[1] for k, p in stopped.sent if k == "send_final"] == ["stop_sequence"]
     for min_tokens, text, reason in ((2, " one two", "eos_token"),  # an end may be the 3rd token
                                      (3, " one two three four five six", "length")):
         req = request(stream=False, max_tokens=6, min_tokens=min_tokens, **extra)
@@ -251,16 +258,6 @@ def test_the_models_other_end_tokens_end_a_choice_as_its_end_id(make_service, to
         wait(req)
         assert choice_texts(req, 1) == [text]
         assert [p[1] for k, p in req.sent if k == "send_final"] == [reason]
-
-
-def test_stop_token_ids_wait_for_min_tokens(tokenizer):
-    """vLLM's min_tokens holds back stop_token_ids too (it bans them until then)."""
-    ids = tokenizer(" one two three four two", add_special_tokens=False).input_ids
-    two = ids[1]
-    sampling = SamplingParams(max_new_tokens=10, min_tokens=3, stop_token_ids=(two,))
-    gen = TextGeneration(tokenizer, TextRequest(prompt="p", sampling=sampling), prompt_tokens=1)
-    text = "".join(gen.push([t]) for t in ids) + gen.finish()
-    assert (text, gen.finish_reason, gen.completion_tokens) == (" one two three four", "stop_sequence", 5)
 
 
 class Counting(FakeEngine):
