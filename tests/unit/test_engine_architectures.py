@@ -4,7 +4,8 @@ Each case is a small checkpoint with random weights written by transformers itse
 (``save_pretrained``, so its config.json is transformers' own): Llama 3.x's scaled RoPE
 (``llama3``, at positions past the pre-training context, where the scaling changes the tables),
 Qwen2's q/k/v biases, Qwen3's per-head query and key norms with a head_dim apart from
-hidden / heads, and Mistral (Llama's layer under another name). Every weight is drawn large enough that each part moves the logits (transformers
+hidden / heads, Mistral (Llama's layer under another name) and Phi-3 (Llama's layer, its
+projections stored fused). Every weight is drawn large enough that each part moves the logits (transformers
 initialises biases to 0 and norms to 1, which would test nothing), and the matmul weights are
 rounded through the int4 format first, so the int4 engine runs the checkpoint's own values.
 
@@ -41,6 +42,8 @@ CASES = {
     "qwen3": ("qwen3", {"head_dim": 32, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
     # Mistral's layer is Llama's; its window (here wider than any sequence) changes nothing
     "mistral": ("mistral", {"sliding_window": 4096}),
+    # Phi-3 / Phi-4: Llama's layer with q/k/v and gate/up stored fused
+    "phi3": ("phi3", {"sliding_window": None, "tie_word_embeddings": False}),
 }
 
 
@@ -187,7 +190,7 @@ def test_int4_kernel_runs_the_architecture(checkpoint):
         model.qkv_bias = torch.zeros_like(model.qkv_bias)
     elif c.qk_norm:
         model.qk_norm = torch.empty(0)
-    elif c.rope_scaling is None:  # Mistral adds nothing: Llama's layer exactly
+    elif c.rope_scaling is None:  # Mistral and Phi-3 add nothing to the computation: Llama's layer
         return
     else:
         from trident.engine.llama import rope_tables

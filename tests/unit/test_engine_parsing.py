@@ -233,10 +233,12 @@ def test_llama_config_reads_the_llama_family_and_refuses_the_rest():
     qwen3 = LlamaConfig.from_dict({**raw, "model_type": "qwen3", "head_dim": 16, "attention_bias": False})
     assert (qwen3.qkv_bias, qwen3.qk_norm, qwen3.head_dim) == (False, True, 16)
     assert LlamaConfig.from_dict({**raw, "model_type": "mistral", "sliding_window": None}).model_type == "mistral"
+    assert LlamaConfig.from_dict({**raw, "model_type": "phi3", "sliding_window": None}).model_type == "phi3"
     for refused, match in (({"model_type": "gemma2"}, "not served"), ({"attention_bias": True}, "attention_bias"),
                            ({"mlp_bias": True}, "mlp_bias"), ({"hidden_act": "gelu"}, "hidden_act"),
                            ({"model_type": "qwen2", "use_sliding_window": True}, "sliding"),
-                           ({"model_type": "mistral", "sliding_window": 1024}, "sliding")):
+                           ({"model_type": "mistral", "sliding_window": 1024}, "sliding"),
+                           ({"model_type": "phi3", "sliding_window": 2047}, "sliding")):
         with pytest.raises(ValueError, match=match):
             LlamaConfig.from_dict({**raw, **refused})
 

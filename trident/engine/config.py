@@ -112,10 +112,12 @@ class EngineConfig:
 
 #: model_type (config.json) -> what the checkpoint adds to the Llama layer. Qwen2 / Qwen2.5 put a
 #: bias on the q, k and v projections; Qwen3 an RMSNorm on each query and key head before RoPE
-#: (and a head_dim of its own); Mistral is the Llama layer (without a sliding window).
+#: (and a head_dim of its own); Mistral is the Llama layer (without a sliding window), Phi-3 / Phi-4
+#: too, with q/k/v and gate/up stored fused (weights.WEIGHT_MAP).
 ARCHITECTURES = {
     "llama": {"qkv_bias": False, "qk_norm": False},
     "mistral": {"qkv_bias": False, "qk_norm": False},
+    "phi3": {"qkv_bias": False, "qk_norm": False},
     "qwen2": {"qkv_bias": True, "qk_norm": False},
     "qwen3": {"qkv_bias": False, "qk_norm": True},
 }
@@ -138,8 +140,8 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """The hyper-parameters of a Llama-layer checkpoint: Llama 2 / 3.x, Mistral, Qwen2 / 2.5, Qwen3
-    and SmolLM (see ARCHITECTURES)."""
+    """The hyper-parameters of a Llama-layer checkpoint: Llama 2 / 3.x, Mistral, Qwen2 / 2.5, Qwen3,
+    Phi-3 / Phi-4 and SmolLM (see ARCHITECTURES)."""
 
     vocab_size: int
     hidden_size: int
@@ -175,7 +177,8 @@ class LlamaConfig:
             raise ValueError("mlp_bias is not supported")
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {raw.get('hidden_act')!r} is not supported (silu only)")
-        window = raw.get("sliding_window") if model_type == "mistral" else None
+        # (Qwen's configs name a window that only use_sliding_window turns on)
+        window = raw.get("sliding_window") if model_type in ("mistral", "phi3") else None
         if raw.get("use_sliding_window") or (window and window < int(raw.get("max_position_embeddings", 2048))):
             # Every position attends to all earlier ones here; a window would change the outputs.
             raise ValueError("sliding-window attention is not supported")

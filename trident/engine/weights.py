@@ -39,6 +39,10 @@ WEIGHT_MAP = {
     "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.w_gate",
     "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.w_up",
     "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.w_down",
+    # Phi-3 / Phi-4 store the projections fused, in the order fuse() concatenates them: q, k, v
+    # rows; gate rows then up rows
+    "model.layers.{i}.self_attn.qkv_proj.weight": "layers.{i}.wqkv",
+    "model.layers.{i}.mlp.gate_up_proj.weight": "layers.{i}.w_gate_up",
     # Qwen2's q/k/v biases, Qwen3's per-head query and key norms (config.ARCHITECTURES)
     "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.bq",
     "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.bk",
@@ -123,9 +127,9 @@ def fuse(config: LlamaConfig, tensors: dict[str, torch.Tensor], dtype: torch.dty
         layers.append(LayerWeights(
             attention_norm=tensors.pop(p + "attention_norm"),
             ffn_norm=tensors.pop(p + "ffn_norm"),
-            wqkv=torch.cat([tensors.pop(p + n) for n in ("wq", "wk", "wv")]).contiguous(),
+            wqkv=_fused(tensors, p, "wqkv", ("wq", "wk", "wv")),
             wo=tensors.pop(p + "wo"),
-            w_gate_up=torch.cat([tensors.pop(p + "w_gate"), tensors.pop(p + "w_up")]).contiguous(),
+            w_gate_up=_fused(tensors, p, "w_gate_up", ("w_gate", "w_up")),
             w_down=tensors.pop(p + "w_down"),
             bqkv=torch.cat([tensors.pop(p + n) for n in ("bq", "bk", "bv")]) if config.qkv_bias else None,
             q_norm=tensors.pop(p + "q_norm") if config.qk_norm else None,
@@ -135,6 +139,13 @@ def fuse(config: LlamaConfig, tensors: dict[str, torch.Tensor], dtype: torch.dty
     if tensors:
         log.warning("unused weights: %s", sorted(tensors)[:5])
     return ModelWeights(quant.DenseEmbedding(table, dtype), norm, lm_head, layers)
+
+
+def _fused(tensors: dict[str, torch.Tensor], prefix: str, name: str, parts: tuple[str, ...]) -> torch.Tensor:
+    """A layer's fused matmul weight: stored fused (Phi-3), or its parts concatenated by rows."""
+    if prefix + name in tensors:
+        return tensors.pop(prefix + name).contiguous()
+    return torch.cat([tensors.pop(prefix + part) for part in parts]).contiguous()
 
 
 def to_float16(w: ModelWeights) -> None:
