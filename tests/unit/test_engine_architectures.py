@@ -201,28 +201,42 @@ def test_int4_kernel_runs_the_architecture(checkpoint):
     assert error(_fused_logits(model, tokens)) > 5 * close
 
 
-def test_int4_reads_a_bfloat16_checkpoint_as_stored_and_packs_the_same_weights(checkpoint, tmp_path, monkeypatch):
-    """int4 loading reads the checkpoint in its own dtype (half the memory of float32 for a
-    bfloat16 one: scripts/engine_memory.py gives the peak) and packs each weight from float32,
-    so the model is bit for bit the one built from float32 tensors."""
+def test_int4_reads_a_bfloat16_checkpoint_a_layer_at_a_time_and_packs_the_same_weights(checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    """int4 loading reads the checkpoint lazily, in its own dtype, and packs each layer before it
+    reads the next (scripts/engine_memory.py gives the peak), from float32 a tensor at a time:
+    the model is bit for bit the one built from float32 tensors."""
     from trident.engine import weights
 
-    read_dtypes = []
+    events = []  # ("read", our name, dtype) and ("packed", layer)
+    read = weights.LazyTensors.__getitem__
+    pack = weights._to_int4_layer
 
-    def reading(folder, dtype):
-        tensors = read_checkpoint(folder, dtype)
-        read_dtypes.extend({t.dtype for t in tensors.values()})
-        return tensors
+    def reading(self, ours):
+        tensor = read(self, ours)
+        events.append(("read", ours, tensor.dtype))
+        return tensor
 
-    monkeypatch.setattr(weights, "read_checkpoint", reading)
+    def packing(layer, exact):
+        pack(layer, exact)
+        events.append(("packed",))
+
+    monkeypatch.setattr(weights.LazyTensors, "__getitem__", reading)
+    monkeypatch.setattr(weights, "_to_int4_layer", packing)
     _, hf = checkpoint
     folder = tmp_path / "bf16"
     hf.to(torch.bfloat16).save_pretrained(folder)
     hf.to(torch.float32)
-    assert {t.dtype for t in read_checkpoint(folder, None).values()} == {torch.bfloat16}
     loaded, _ = weights.load_model(EngineConfig(checkpoint_dir=str(folder), dtype="float32", weight_dtype="int4",
                                                 max_seq_len=MAX_SEQ_LEN))
-    assert read_dtypes == [torch.bfloat16]  # never all of it in float32
-    reference = _model(folder, "int4")  # from float32 tensors
+    assert {e[2] for e in events if e[0] == "read"} == {torch.bfloat16}  # never all of it in float32
+    layer_of_reads = [int(e[1].split(".")[1]) if e[0] == "read" and e[1].startswith("layers.") else None
+                      for e in events]
+    packed_at = [i for i, e in enumerate(events) if e[0] == "packed"]
+    assert len(packed_at) >= LAYERS
+    for layer in range(1, LAYERS):  # layer N is read only after layer N-1 was packed
+        first_read = layer_of_reads.index(layer)
+        assert packed_at[layer - 1] < first_read
+    reference = _model(folder, "int4")  # from float32 tensors, read all at once
     tokens = _prompt(n=40)
     assert torch.equal(_fused_logits(loaded, tokens), _fused_logits(reference, tokens))

@@ -357,3 +357,14 @@ def test_fused_step_refuses_bad_inputs():
         run(row_slots=torch.tensor([0, 3]))
     with pytest.raises(RuntimeError, match="logit_rows must increase"):
         run(logit_rows=torch.tensor([1, 0]))
+
+
+def test_packing_in_row_chunks_gives_the_same_bytes():
+    """Q4/Q8 weights are packed PACK_ROWS rows at a time (bounded float32 temporaries): the same
+    packed bytes and exact fraction as packing the whole tensor at once."""
+    w = torch.randn(8 * 37, 96)
+    w[:8] = torch.round(w[:8] * 4) / 4  # rows on a coarse grid: some weights kept exactly
+    for pack in (quant.pack_q4, quant.pack_q8):
+        whole, exact = pack(w)
+        chunked, chunked_exact = quant.packed_in_chunks(pack, w, rows=16)
+        assert torch.equal(chunked, whole) and chunked_exact == pytest.approx(exact)

@@ -140,13 +140,33 @@ def pack_q8(w: torch.Tensor) -> tuple[torch.Tensor, float]:
     return _interleave(n, d[..., None], q.reshape(n, nb, 8, 4)), exact
 
 
+#: Rows packed at a time: packing works on float32 copies and temporaries of what it packs (about
+#: five times the float32 size), so a whole embedding table (Llama 3's 128256 x 4096: 2 GB in
+#: float32) would need ~10 GB for a moment. Rows are packed independently, in groups of GROUP.
+PACK_ROWS = 2048
+
+
+def packed_in_chunks(pack, w: torch.Tensor, rows: int = PACK_ROWS) -> tuple[torch.Tensor, float]:
+    """``pack(w)`` (pack_q4 or pack_q8) done ``rows`` rows at a time: the same bytes, bounded
+    temporaries."""
+    n = w.shape[0]
+    if n <= rows:
+        return pack(w)
+    parts, kept = [], 0.0
+    for start in range(0, n, rows):
+        part, exact = pack(w[start:start + rows])
+        parts.append(part)
+        kept += exact * min(rows, n - start)
+    return torch.cat(parts), kept / n
+
+
 class Q4Weight:
     """(N, K) weight as 4-bit blocks; products in int8 x int4 with per-block fp32 scales."""
 
     __slots__ = ("packed", "exact")
 
     def __init__(self, w: torch.Tensor) -> None:
-        self.packed, self.exact = pack_q4(w)
+        self.packed, self.exact = packed_in_chunks(pack_q4, w)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.ops().q4_linear(x, self.packed)
@@ -158,7 +178,7 @@ class Q8Weight:
     __slots__ = ("packed", "exact")
 
     def __init__(self, w: torch.Tensor) -> None:
-        self.packed, self.exact = pack_q8(w)
+        self.packed, self.exact = packed_in_chunks(pack_q8, w)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.ops().q8_linear(x, self.packed)

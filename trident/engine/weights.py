@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,50 @@ def read_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype | None) -> di
     return weights
 
 
+class LazyTensors(MutableMapping):
+    """The checkpoint's tensors of WEIGHT_MAP under our names, each read from its safetensors file
+    only when taken (``pop``): int4 loading packs a layer before reading the next, so it holds one
+    layer in the checkpoint's dtype at a time, not the whole checkpoint."""
+
+    def __init__(self, checkpoint_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+        files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {checkpoint_dir}")
+        self.dtype = dtype
+        self._files = [safe_open(str(path), framework="pt") for path in files]
+        self._where: dict[str, tuple[object, str]] = {}
+        for f in self._files:
+            for name in f.keys():
+                ours = map_weight_name(name)
+                if ours is not None:
+                    self._where[ours] = (f, name)
+
+    def __getitem__(self, ours: str) -> torch.Tensor:
+        f, name = self._where[ours]
+        tensor = f.get_tensor(name)
+        return tensor if self.dtype is None else tensor.to(self.dtype)
+
+    def __contains__(self, ours: object) -> bool:  # (Mapping's would read the tensor)
+        return ours in self._where
+
+    def __setitem__(self, ours: str, value: torch.Tensor) -> None:
+        raise TypeError("checkpoint tensors are read-only")
+
+    def __delitem__(self, ours: str) -> None:
+        del self._where[ours]
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        """Unmap the files (what was taken stays)."""
+        self._where.clear()
+        self._files.clear()
+
+
 @dataclass
 class LayerWeights:
     attention_norm: torch.Tensor
@@ -106,9 +151,11 @@ class ModelWeights:
     weight_dtype: str = "auto"
 
 
-def fuse(config: LlamaConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> ModelWeights:
+def fuse(config: LlamaConfig, tensors: MutableMapping[str, torch.Tensor], dtype: torch.dtype,
+         on_layer: Callable[[LayerWeights], None] | None = None) -> ModelWeights:
     """Checkpoint tensors -> ModelWeights in dtype, with QKV and gate/up each concatenated into one
-    matmul (fewer, larger GEMMs are faster on CPU). Consumes ``tensors``."""
+    matmul (fewer, larger GEMMs are faster on CPU). Consumes ``tensors``, a layer at a time;
+    ``on_layer`` converts each layer before the next is read (int4 packing)."""
     table = tensors.pop("tok_embeddings")  # (V, H)
     lm_head = tensors.pop("lm_head", None)
     if lm_head is None:
@@ -124,7 +171,7 @@ def fuse(config: LlamaConfig, tensors: dict[str, torch.Tensor], dtype: torch.dty
                          f"missing {', '.join(missing[:4])}")
     for i in range(config.num_layers):
         p = f"layers.{i}."
-        layers.append(LayerWeights(
+        layers.append(layer := LayerWeights(
             attention_norm=tensors.pop(p + "attention_norm"),
             ffn_norm=tensors.pop(p + "ffn_norm"),
             wqkv=_fused(tensors, p, "wqkv", ("wq", "wk", "wv")),
@@ -135,13 +182,15 @@ def fuse(config: LlamaConfig, tensors: dict[str, torch.Tensor], dtype: torch.dty
             q_norm=tensors.pop(p + "q_norm") if config.qk_norm else None,
             k_norm=tensors.pop(p + "k_norm") if config.qk_norm else None,
         ))
+        if on_layer is not None:
+            on_layer(layer)
     norm = tensors.pop("norm")
     if tensors:
         log.warning("unused weights: %s", sorted(tensors)[:5])
     return ModelWeights(quant.DenseEmbedding(table, dtype), norm, lm_head, layers)
 
 
-def _fused(tensors: dict[str, torch.Tensor], prefix: str, name: str, parts: tuple[str, ...]) -> torch.Tensor:
+def _fused(tensors: MutableMapping[str, torch.Tensor], prefix: str, name: str, parts: tuple[str, ...]) -> torch.Tensor:
     """A layer's fused matmul weight: stored fused (Phi-3), or its parts concatenated by rows."""
     if prefix + name in tensors:
         return tensors.pop(prefix + name).contiguous()
@@ -157,18 +206,27 @@ def to_float16(w: ModelWeights) -> None:
     w.tok_embeddings = quant.DenseEmbedding(w.tok_embeddings.table.half(), torch.float32)
 
 
-def to_int4(w: ModelWeights) -> None:
+def _to_int4_layer(layer: LayerWeights, exact: list[tuple[float, int]]) -> None:
+    """A layer's matmul weights as 4-bit blocks (those not packed yet); ``exact`` collects the
+    fraction of each that packing kept exactly, and its size."""
+    for name in MATMULS:
+        dense = getattr(layer, name)
+        if isinstance(dense, quant.Q4Weight):
+            continue
+        weight = quant.Q4Weight(dense)
+        exact.append((weight.exact, dense.numel()))
+        setattr(layer, name, weight)
+
+
+def to_int4(w: ModelWeights, exact: list[tuple[float, int]] | None = None) -> None:
     """Matmul weights as 4-bit blocks (GGUF Q4_1), the embedding table and lm_head as Q8_0: for a
     checkpoint converted from such a GGUF file this is the file's own quantization, so the weights
-    used are exactly the checkpoint's (the fraction is logged)."""
+    used are exactly the checkpoint's (the fraction is logged; ``exact``: that of layers packed
+    already, as fuse read them)."""
     kernels.load()
-    exact = []
+    exact = [] if exact is None else exact
     for layer in w.layers:
-        for name in MATMULS:
-            dense = getattr(layer, name)
-            weight = quant.Q4Weight(dense)
-            exact.append((weight.exact, dense.numel()))
-            setattr(layer, name, weight)
+        _to_int4_layer(layer, exact)
     table = w.tok_embeddings.table
     head = quant.Q8Weight(w.lm_head)
     w.tok_embeddings = head if w.lm_head is table else quant.Q8Weight(table)
@@ -215,7 +273,7 @@ def to_int8(model: Llama, calibration_tokens: list[int]) -> None:
     w.tok_embeddings = quant.Int8Embedding(*quant.quantize_rows(w.tok_embeddings.table))
 
 
-def build_model(config: LlamaConfig, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, max_seq_len: int,
+def build_model(config: LlamaConfig, tensors: MutableMapping[str, torch.Tensor], *, dtype: torch.dtype, max_seq_len: int,
                 weight_dtype: str = "auto", calibration_tokens: list[int] | None = None) -> Llama | FusedLlama:
     """The model over checkpoint tensors (our names, see read_checkpoint) in the given weight
     format: int4 runs as FusedLlama (one kernel call a step), the others as Llama (torch ops)."""
@@ -223,16 +281,19 @@ def build_model(config: LlamaConfig, tensors: dict[str, torch.Tensor], *, dtype:
         raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
     if weight_dtype != "auto" and dtype != torch.float32:
         raise ValueError(f"weight_dtype {weight_dtype} runs with float32 activations; use dtype float32")
-    weights = fuse(config, tensors, dtype)
-    if weight_dtype == "float16":
-        to_float16(weights)
-    elif weight_dtype == "int4":
-        to_int4(weights)
+    if weight_dtype == "int4":  # each layer packed as it is read: one dense layer at a time
+        kernels.load()
+        exact: list[tuple[float, int]] = []
+        weights = fuse(config, tensors, dtype, on_layer=lambda layer: _to_int4_layer(layer, exact))
+        to_int4(weights, exact)
         weights.weight_dtype = weight_dtype
         model = FusedLlama(config, weights, max_seq_len=max_seq_len)  # copies what it keeps
         del weights, tensors
         quant.release_free_memory()
         return model
+    weights = fuse(config, tensors, dtype)
+    if weight_dtype == "float16":
+        to_float16(weights)
     model = Llama(config, weights, dtype=dtype, max_seq_len=max_seq_len)
     if weight_dtype == "int8":
         to_int8(model, calibration_tokens or list(range(1, 129)))
@@ -264,15 +325,22 @@ def load_model(config: EngineConfig) -> tuple[Llama | FusedLlama, EngineConfig]:
             config = dataclasses.replace(config, weight_dtype="auto", dtype="float32")
     model_config = LlamaConfig.from_checkpoint(config.checkpoint_dir)
     calibration = quant.calibration_tokens(config.checkpoint_dir) if config.weight_dtype == "int8" else None
-    # int4 packs each weight from float32 one tensor at a time (quant._blocks): read as stored
-    # (bfloat16 for most checkpoints), so loading holds the model once in its own dtype, not all
-    # of it in float32 (an 8B bfloat16 checkpoint: 16 GB, not 32, before packing to ~4.5 GB).
-    model = build_model(
-        model_config,
-        read_checkpoint(config.checkpoint_dir, None if config.weight_dtype == "int4" else config.torch_dtype),
-        dtype=config.torch_dtype,
-        max_seq_len=min(config.max_seq_len, model_config.max_position_embeddings),
-        weight_dtype=config.weight_dtype,
-        calibration_tokens=calibration,
-    )
+    # int4 packs each weight from float32 one tensor at a time (quant._blocks) and each layer as
+    # it is read: the checkpoint is read lazily as stored (bfloat16 for most), so loading holds
+    # the embeddings and one layer of it, not all of it in float32 (an 8B bfloat16 checkpoint:
+    # 32 GB before; the packed model is ~4.5 GB).
+    int4 = config.weight_dtype == "int4"
+    tensors = LazyTensors(config.checkpoint_dir) if int4 else read_checkpoint(config.checkpoint_dir, config.torch_dtype)
+    try:
+        model = build_model(
+            model_config,
+            tensors,
+            dtype=config.torch_dtype,
+            max_seq_len=min(config.max_seq_len, model_config.max_position_embeddings),
+            weight_dtype=config.weight_dtype,
+            calibration_tokens=calibration,
+        )
+    finally:
+        if int4:
+            tensors.close()
     return model, config
