@@ -68,19 +68,12 @@ def map_weight_name(name: str) -> str | None:
 
 def read_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Every tensor of WEIGHT_MAP in the checkpoint's *.safetensors, under our names, in dtype
-    (None: as stored)."""
-    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {checkpoint_dir}")
-    weights: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                ours = map_weight_name(name)
-                if ours is not None:
-                    tensor = f.get_tensor(name)
-                    weights[ours] = tensor if dtype is None else tensor.to(dtype)
-    return weights
+    (None: as stored), all read now."""
+    tensors = LazyTensors(checkpoint_dir, dtype)
+    try:
+        return {ours: tensors[ours] for ours in tensors}
+    finally:
+        tensors.close()
 
 
 class LazyTensors(MutableMapping):
