@@ -9,8 +9,8 @@ the worst case of all slots at ``max_seq_len``.
     .venv/bin/python scripts/engine_memory.py --max-batch-size 32 --max-seq-len 2048 --weight-dtype int8
 
 It also gives the peak of loading (anonymous memory, sampled): with int4 the checkpoint is read
-in its own dtype and packed a tensor at a time, so a bfloat16 checkpoint peaks near its file's
-size, not twice it (float32).
+in its own dtype and packed a layer at a time, so a bfloat16 checkpoint peaks below its file's
+size (docs/cpu_engine.md, Memory), not at twice it (all read as float32).
 """
 import argparse
 import json

@@ -1,5 +1,5 @@
-"""The int4 Llama-layer forward pass (Llama, Mistral, Qwen2, Qwen3) as one kernel call per step
-(csrc/forward.cpp).
+"""The int4 Llama-layer forward pass (Llama, Mistral, Qwen2, Qwen3, Phi-3 / Phi-4) as one kernel
+call per step (csrc/forward.cpp).
 
 A step is any set of rows, each one token of one sequence at one position: the whole prompt (or
 a chunk of it) of a sequence being prefilled, one token of each sequence decoding, or both at
@@ -59,8 +59,8 @@ class FusedLlama:
         c = self.config
         return kernels.ops().forward_q4(
             tokens, positions, row_slots, cache.tables, logit_rows, self.embed, self.norm, self.lm_head,
-            self.attn_norm, self.ffn_norm, self.wqkv, self.wo, self.w_gate_up, self.w_down, self.qkv_bias, self.qk_norm, cache.kv, self.cos,
-            self.sin_signed, c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
+            self.attn_norm, self.ffn_norm, self.wqkv, self.wo, self.w_gate_up, self.w_down, self.qkv_bias,
+            self.qk_norm, cache.kv, self.cos, self.sin_signed, c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
 
     # The interface of llama.Llama, for one prompt or one token per slot (tests, measurements).
 

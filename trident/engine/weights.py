@@ -200,26 +200,20 @@ def to_float16(w: ModelWeights) -> None:
 
 
 def _to_int4_layer(layer: LayerWeights, exact: list[tuple[float, int]]) -> None:
-    """A layer's matmul weights as 4-bit blocks (those not packed yet); ``exact`` collects the
-    fraction of each that packing kept exactly, and its size."""
+    """A layer's matmul weights as 4-bit blocks (GGUF Q4_1); ``exact`` collects the fraction of
+    each that packing kept exactly, and its size."""
     for name in MATMULS:
         dense = getattr(layer, name)
-        if isinstance(dense, quant.Q4Weight):
-            continue
         weight = quant.Q4Weight(dense)
         exact.append((weight.exact, dense.numel()))
         setattr(layer, name, weight)
 
 
-def to_int4(w: ModelWeights, exact: list[tuple[float, int]] | None = None) -> None:
-    """Matmul weights as 4-bit blocks (GGUF Q4_1), the embedding table and lm_head as Q8_0: for a
-    checkpoint converted from such a GGUF file this is the file's own quantization, so the weights
-    used are exactly the checkpoint's (the fraction is logged; ``exact``: that of layers packed
-    already, as fuse read them)."""
-    kernels.load()
-    exact = [] if exact is None else exact
-    for layer in w.layers:
-        _to_int4_layer(layer, exact)
+def _to_int4_embeddings(w: ModelWeights, exact: list[tuple[float, int]]) -> None:
+    """The embedding table and lm_head as Q8_0 blocks, once every layer was packed
+    (_to_int4_layer, ``exact``). For a checkpoint converted from a Q4_1 GGUF file this is the
+    file's own quantization, so the weights used are exactly the checkpoint's (the fractions are
+    logged)."""
     table = w.tok_embeddings.table
     head = quant.Q8Weight(w.lm_head)
     w.tok_embeddings = head if w.lm_head is table else quant.Q8Weight(table)
@@ -278,7 +272,7 @@ def build_model(config: LlamaConfig, tensors: MutableMapping[str, torch.Tensor],
         kernels.load()
         exact: list[tuple[float, int]] = []
         weights = fuse(config, tensors, dtype, on_layer=lambda layer: _to_int4_layer(layer, exact))
-        to_int4(weights, exact)
+        _to_int4_embeddings(weights, exact)
         weights.weight_dtype = weight_dtype
         model = FusedLlama(config, weights, max_seq_len=max_seq_len)  # copies what it keeps
         del weights, tensors
@@ -318,12 +312,11 @@ def load_model(config: EngineConfig) -> tuple[Llama | FusedLlama, EngineConfig]:
             config = dataclasses.replace(config, weight_dtype="auto", dtype="float32")
     model_config = LlamaConfig.from_checkpoint(config.checkpoint_dir)
     calibration = quant.calibration_tokens(config.checkpoint_dir) if config.weight_dtype == "int8" else None
-    # int4 packs each weight from float32 one tensor at a time (quant._blocks) and each layer as
-    # it is read: the checkpoint is read lazily as stored (bfloat16 for most), so loading holds
-    # the embeddings and one layer of it, not all of it in float32 (an 8B bfloat16 checkpoint:
-    # 32 GB before; the packed model is ~4.5 GB).
-    int4 = config.weight_dtype == "int4"
-    tensors = LazyTensors(config.checkpoint_dir) if int4 else read_checkpoint(config.checkpoint_dir, config.torch_dtype)
+    # int4 packs each layer as it is read, from float32 a few rows at a time (quant.PACK_ROWS):
+    # the checkpoint is read as stored (bfloat16 for most), so loading holds its embeddings, one
+    # of its layers and the packed ones, never all of it, let alone in float32 (an 8B bfloat16
+    # checkpoint: ~35 GB when read all as float32; the packed model is ~4.5 GB).
+    tensors = LazyTensors(config.checkpoint_dir, None if config.weight_dtype == "int4" else config.torch_dtype)
     try:
         model = build_model(
             model_config,
@@ -334,6 +327,5 @@ def load_model(config: EngineConfig) -> tuple[Llama | FusedLlama, EngineConfig]:
             calibration_tokens=calibration,
         )
     finally:
-        if int4:
-            tensors.close()
+        tensors.close()
     return model, config
