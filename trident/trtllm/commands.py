@@ -1,8 +1,9 @@
 """The argv of each TensorRT-LLM 1.2.1 build step, as pure functions (no GPU, no imports of it).
 
 Flags checked against TensorRT-LLM's sources (docs/gpu.md lists the files and commits):
-``examples/models/core/llama/convert_checkpoint.py`` and ``examples/models/core/qwen/convert_checkpoint.py``
-(both: --model_dir --output_dir --dtype {auto,float16,bfloat16,float32} --tp_size --pp_size) and ``tensorrt_llm/commands/build.py`` with
+``examples/models/core/llama/convert_checkpoint.py`` and
+``examples/models/core/qwen/convert_checkpoint.py`` (both: --model_dir --output_dir --dtype
+{auto,float16,bfloat16,float32} --tp_size --pp_size) and ``tensorrt_llm/commands/build.py`` with
 the plugin flags that ``tensorrt_llm/plugin/plugin.py::add_plugin_argument`` exposes.
 """
 from __future__ import annotations

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from . import TRTLLM_GIT_REFS, TRTLLM_VERSION
+from .checkpoint import FAMILIES as ARCHITECTURE_FAMILIES
 
 CONVERT_SCRIPT_ENV = "TRIDENT_TRTLLM_CONVERT_SCRIPT"
-FAMILIES = ("llama", "qwen")
+FAMILIES = tuple(sorted(set(ARCHITECTURE_FAMILIES.values())))  # llama, qwen
 
 
 def in_repo(family: str = "llama") -> str:
@@ -55,10 +56,6 @@ def candidate_paths(family: str = "llama") -> tuple[Path, ...]:
     return image_paths(family) + (download_path(family),)
 
 
-IN_REPO = in_repo("llama")
-IMAGE_CANDIDATES = image_paths("llama")
-DOWNLOADED = download_path("llama")
-CANDIDATES = candidate_paths("llama")
 RAW_URL = "https://raw.githubusercontent.com/NVIDIA/TensorRT-LLM/{ref}/{path}"
 
 
@@ -122,20 +119,21 @@ def download_converter(*, dest: Path, urls: Sequence[str], fetch: Callable[[str]
         + f"\nPass --convert-script or set {CONVERT_SCRIPT_ENV} to a copy of the file above from that release.")
 
 
-def ensure_converter(*, dest: Path = DOWNLOADED, image_candidates: Sequence[Path] = IMAGE_CANDIDATES,
-                     urls: Sequence[str] | None = None, fetch: Callable[[str], str] = http_get,
-                     log: Callable[[str], None] = print) -> Path:
-    """The image's own converter when it has one; otherwise a downloaded copy at ``dest``
-    (``urls``: the Llama converter's unless given)."""
-    own = next((path for path in image_candidates if path.is_file()), None)
+def ensure_converter(*, family: str = "llama", dest: Path | None = None,
+                     image_candidates: Sequence[Path] | None = None, urls: Sequence[str] | None = None,
+                     fetch: Callable[[str], str] = http_get, log: Callable[[str], None] = print) -> Path:
+    """The image's own converter of ``family`` when it has one; otherwise a downloaded copy (at
+    ``dest``; the image's paths, the destination and the URLs are the family's unless given)."""
+    own = next((path for path in (image_paths(family) if image_candidates is None else image_candidates)
+                if path.is_file()), None)
     if own is not None:
         log(f"[converter] the image has TensorRT-LLM's converter: {own} (nothing downloaded)")
         return own
-    dest = Path(dest)
+    dest = Path(download_path(family) if dest is None else dest)
     if dest.is_file() and looks_like_converter(dest.read_text(errors="replace")):
         log(f"[converter] already downloaded: {dest}")
         return dest
-    download_converter(dest=dest, urls=converter_urls() if urls is None else urls, fetch=fetch, log=log)
+    download_converter(dest=dest, urls=converter_urls(family=family) if urls is None else urls, fetch=fetch, log=log)
     return dest
 
 
@@ -148,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"converter family, repeatable (default: all of {', '.join(FAMILIES)})")
     parser.add_argument("--dest", type=Path, default=None,
                         help="where a downloaded copy goes (one --family only; default: per family under "
-                             f"{DOWNLOADED.parent})")
+                             f"{download_path().parent})")
     parser.add_argument("--ref", action="append", dest="refs", default=None,
                         help=f"git ref of NVIDIA/TensorRT-LLM to try, repeatable (default: "
                              f"{' then '.join(TRTLLM_GIT_REFS)})")
@@ -158,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--dest needs exactly one --family")
     for family in families:
         try:
-            ensure_converter(dest=args.dest or download_path(family), image_candidates=image_paths(family),
+            ensure_converter(family=family, dest=args.dest,
                              urls=converter_urls(args.refs or TRTLLM_GIT_REFS, family=family))
         except ConverterNotFound as exc:
             print(f"[converter] error: {exc}", file=sys.stderr)
