@@ -241,7 +241,11 @@ def test_sigterm_drains_open_streams(small_triton, second_triton, tmp_path_facto
         grpc_url = f"{small_triton.grpc_url},{second_triton.grpc_url}"
 
     gw = start_gateway(Both, tmp_path_factory, workers=1, drain_timeout=60)
-    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 64, "temperature": 0, "stream": True}
+    # Warm first (the worker's first requests open its gRPC channels), and streams long enough
+    # that opening 20 cannot outlast them: at 64 tokens all 20 ended within 2.5 s of opening here,
+    # and a slower CI run opened them after they had ended.
+    assert requests.post(gw.url + "/generate", json=SHORT, headers=AUTH, timeout=60).status_code == 200
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_new_tokens": 256, "temperature": 0, "stream": True}
     results, opened = [], threading.Semaphore(0)
 
     def stream():
