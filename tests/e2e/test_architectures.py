@@ -1,5 +1,5 @@
-"""A checkpoint other than SmolLM2 served through the whole stack: a Qwen3 checkpoint written by
-transformers (random weights, SmolLM2's tokenizer files), its repository built by
+"""A checkpoint other than SmolLM2 served through the whole stack: a Qwen3 checkpoint with YaRN
+RoPE written by transformers (random weights, SmolLM2's tokenizer files), its repository built by
 build/build_repository.py in float32 (token-identical to transformers), the real Triton and the
 real gateway, as ``make serve CHECKPOINT=...`` runs them.
 
@@ -37,7 +37,9 @@ def served(tmp_path_factory):
     config = transformers.Qwen3Config(
         vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=4, head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1,
-        eos_token_id=2, pad_token_id=2)
+        eos_token_id=2, pad_token_id=2,
+        # YaRN from a pre-training context of 64 (Qwen3's long-context setting): the long prompt passes it
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64})
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # every part large enough to matter (norms and biases start at 1 and 0)

@@ -3,17 +3,19 @@
 Each case is a small checkpoint with random weights written by transformers itself
 (``save_pretrained``, so its config.json is transformers' own): Llama 3.x's scaled RoPE
 (``llama3``, at positions past the pre-training context, where the scaling changes the tables),
-Qwen2's q/k/v biases, Qwen3's per-head query and key norms with a head_dim apart from
-hidden / heads, Mistral (Llama's layer under another name) and Phi-3 (Llama's layer, its
-projections stored fused). Every weight is drawn large enough that each part moves the logits (transformers
-initialises biases to 0 and norms to 1, which would test nothing), and the matmul weights are
-rounded through the int4 format first, so the int4 engine runs the checkpoint's own values.
+Qwen2's q/k/v biases, Qwen3's per-head query and key norms with a head_dim apart from hidden /
+heads, Mistral (Llama's layer under another name), Phi-3 (Llama's layer, its projections stored
+fused, with a sliding window) and SmolLM3 (a layer without RoPE). Every weight is drawn large
+enough that each part moves the logits (transformers initialises biases to 0 and norms to 1,
+which would test nothing), and the matmul weights are rounded through the int4 format first, so
+the int4 engine runs the checkpoint's own values.
 
 * float32 (torch ops, llama.py): the logits of every prompt position and of decode steps equal
   transformers' within float rounding, and the engine's greedy tokens are transformers' tokens;
 * int4 (one kernel call a step, csrc/forward.cpp; activations quantized per block of 32, so not
   exact): within 3 % of transformers' logits, and more than 5 times farther from them when the
   kernel is handed the model without the part the architecture adds (so the check can fail).
+  The float32 logits check fails without it too: each part moves the logits far more than 2e-4.
 """
 from __future__ import annotations
 
@@ -40,10 +42,18 @@ CASES = {
                                                   "original_max_position_embeddings": 16}}),
     "qwen2": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "tie_word_embeddings": True}),
     "qwen3": ("qwen3", {"head_dim": 32, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+    # YaRN (Qwen3's and SmolLM3's long context) from a pre-training context of 16: the blend of
+    # divided and kept frequencies, and cos and sin scaled by its attention factor (1.14)
+    "qwen3_yarn": ("qwen3", {"head_dim": 32, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                                                 "original_max_position_embeddings": 16}}),
     # Mistral's layer is Llama's; its window (here wider than any sequence) changes nothing
     "mistral": ("mistral", {"sliding_window": 4096}),
-    # Phi-3 / Phi-4: Llama's layer with q/k/v and gate/up stored fused
-    "phi3": ("phi3", {"sliding_window": None, "tie_word_embeddings": False}),
+    # Phi-3: Llama's layer with q/k/v and gate/up stored fused, and a sliding window (2047 in
+    # Phi-3-mini; 24 here, under prompts of 96: a prefill and decode steps both pass it)
+    "phi3": ("phi3", {"sliding_window": 24, "tie_word_embeddings": False}),
+    # SmolLM3: the second layer applies no RoPE (NoPE; every 4th layer in the released model)
+    "smollm3": ("smollm3", {"no_rope_layers": [1, 0], "rope_parameters": {"rope_type": "default",
+                                                                           "rope_theta": 5e6}}),
 }
 
 
@@ -115,23 +125,36 @@ def test_the_config_is_read_as_transformers_wrote_it(checkpoint):
     assert config.head_dim == getattr(hf.config, "head_dim", HIDDEN // HEADS)
     assert config.qkv_bias == (config.model_type == "qwen2")
     assert config.qk_norm == (config.model_type == "qwen3")
-    assert (config.rope_scaling is not None) == (config.model_type == "llama")
+    assert (config.rope_scaling is not None) == ("rope_type" in hf.config.rope_parameters
+                                                 and hf.config.rope_parameters["rope_type"] != "default")
+    assert config.nope_layers == ((1,) if config.model_type == "smollm3" else ())
+    assert config.sliding_window == (24 if config.model_type == "phi3" else None)
+    assert config.tie_word_embeddings == hf.config.tie_word_embeddings
     assert config.rope_theta == hf.config.rope_parameters["rope_theta"]
 
 
 def test_rope_frequencies_are_transformers_own(checkpoint):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from trident.engine.llama import inverse_frequencies
+    from trident.engine.llama import inverse_frequencies, rope_tables
 
     folder, hf = checkpoint
+    config = LlamaConfig.from_checkpoint(folder)
     rope_type = hf.config.rope_parameters["rope_type"]
     if rope_type == "default":
         expected = hf.model.rotary_emb.inv_freq
     else:
         expected, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf.config, "cpu")
-        assert attention_factor == 1.0
-    assert torch.equal(inverse_frequencies(LlamaConfig.from_checkpoint(folder)), expected)
+        assert config.rope_scaling.attention_factor == attention_factor
+        assert (attention_factor != 1.0) == (rope_type == "yarn")
+    assert torch.equal(inverse_frequencies(config), expected)
+    # and the tables: cos and sin of every position as transformers' rotary embedding gives them
+    positions = torch.arange(MAX_SEQ_LEN)[None]
+    hf_cos, hf_sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    cos, sin_signed = rope_tables(config, MAX_SEQ_LEN, torch.float32)
+    half = config.head_dim // 2
+    assert torch.equal(cos, hf_cos[0])
+    assert torch.equal(torch.cat((-sin_signed[:, :half], sin_signed[:, half:]), dim=-1), hf_sin[0])
 
 
 def _against_transformers(checkpoint, weight_dtype: str):
@@ -184,21 +207,45 @@ def test_int4_kernel_runs_the_architecture(checkpoint):
 
     close = error(_fused_logits(model, tokens))
     assert close < 0.03
-    # The same kernel without what the architecture adds (bias, head norms) or with plain RoPE
-    # tables is several times farther off: the check above sees each of them.
-    if c.qkv_bias:
-        model.qkv_bias = torch.zeros_like(model.qkv_bias)
-    elif c.qk_norm:
-        model.qk_norm = torch.empty(0)
-    elif c.rope_scaling is None:  # Mistral and Phi-3 add nothing to the computation: Llama's layer
-        return
-    else:
+    # The same kernel without what the architecture adds (scaled RoPE, bias, head norms, layers
+    # without RoPE) is several times farther off: the check above sees each of them.
+    if c.rope_scaling is not None:  # plain RoPE tables
         from trident.engine.llama import rope_tables
         import dataclasses
 
         plain = dataclasses.replace(c, rope_scaling=None)
         model.cos, model.sin_signed = (t.contiguous() for t in rope_tables(plain, MAX_SEQ_LEN, torch.float32))
+    elif c.qkv_bias:
+        model.qkv_bias = torch.zeros_like(model.qkv_bias)
+    elif c.qk_norm:
+        model.qk_norm = torch.empty(0)
+    elif c.nope_layers:  # RoPE in every layer, as Llama
+        model.rope_layers = torch.empty(0, dtype=torch.bool)
+    elif c.sliding_window:  # every earlier position seen
+        import dataclasses
+
+        model.config = dataclasses.replace(c, sliding_window=None)
+    else:  # Mistral adds nothing to the computation: Llama's layer
+        return
     assert error(_fused_logits(model, tokens)) > 5 * close
+
+
+def test_int4_logits_do_not_depend_on_how_the_prompt_is_chunked(checkpoint):
+    """A prompt prefilled in chunks (each attending to the cache the earlier ones wrote, through
+    the sliding window where there is one) gives the logits of the prompt in one step, bit for bit."""
+    model, tokens, _ = _against_transformers(checkpoint, "int4")
+    c, T = model.config, len(tokens)
+    whole = _fused_logits(model, tokens)
+    cache = PagedKVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_slots=1,
+                         max_seq_len=MAX_SEQ_LEN, block_size=16, dtype=torch.float32, cache_bytes=0, reuse=False)
+    parts, start = [], 0
+    with torch.inference_mode():
+        for end in (5, 37, 38, 80, T):
+            cache.extend(0, end)
+            parts.append(model.forward(torch.tensor(tokens[start:end]), torch.arange(start, end),
+                                       torch.zeros(end - start, dtype=torch.long), cache, torch.arange(end - start)))
+            start = end
+    assert torch.equal(torch.cat(parts), whole)
 
 
 def test_int4_reads_a_bfloat16_checkpoint_a_layer_at_a_time_and_packs_the_same_weights(checkpoint, tmp_path,

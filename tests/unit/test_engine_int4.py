@@ -290,16 +290,21 @@ def test_fused_layer_steps_match_torch_to_float_rounding():
     tables = torch.randperm(12, generator=g).int().view(3, 4)
     positions, slots = torch.tensor([0, 7, 63, 20]), torch.tensor([0, 1, 2, 1])
     q = torch.randn(4, n_heads * hd, generator=g)
-    for dtype in (torch.float32, torch.float16):
+    # and with sliding windows (the last `window` positions: whole blocks before it skipped)
+    for dtype, window in ((torch.float32, 0), (torch.float16, 0), (torch.float32, 1), (torch.float32, 5),
+                          (torch.float16, 16), (torch.float32, 21)):
         cache = kv.to(dtype)
-        o = OPS.paged_attention(q, cache, positions, slots, tables, n_kv, 0.125)
+        o = OPS.paged_attention(q, cache, positions, slots, tables, n_kv, 0.125, window)
         for b, (pos, slot) in enumerate(zip(positions.tolist(), slots.tolist())):
+            first = max(0, pos + 1 - window) if window else 0
             blocks = cache[tables[slot].long()].float()  # (4, 2, n_kv, bs, hd)
-            keys = blocks[:, 0].permute(1, 0, 2, 3).reshape(n_kv, -1, hd)[:, :pos + 1]
-            values = blocks[:, 1].permute(1, 0, 2, 3).reshape(n_kv, -1, hd)[:, :pos + 1]
+            keys = blocks[:, 0].permute(1, 0, 2, 3).reshape(n_kv, -1, hd)[:, first:pos + 1]
+            values = blocks[:, 1].permute(1, 0, 2, 3).reshape(n_kv, -1, hd)[:, first:pos + 1]
             expected = torch.nn.functional.scaled_dot_product_attention(
                 q[b].view(1, n_heads, 1, hd), keys[None], values[None], scale=0.125, enable_gqa=True)
             torch.testing.assert_close(o[b], expected.reshape(-1), rtol=1e-5, atol=3e-6)
+    with pytest.raises(RuntimeError, match="window must be >= 0"):
+        OPS.paged_attention(q, kv, positions, slots, tables, n_kv, 0.125, -1)
 
 
 def test_engine_serves_float32_when_the_kernels_cannot_be_built(monkeypatch, caplog):
@@ -339,8 +344,8 @@ def test_fused_step_refuses_bad_inputs():
         return OPS.forward_q4(a["tokens"], a["positions"], a["row_slots"], cache.tables, a["logit_rows"], model.embed,
                               model.norm, model.lm_head, model.attn_norm, model.ffn_norm, wqkv, model.wo,
                               model.w_gate_up, model.w_down, a.get("qkv_bias", model.qkv_bias),
-                              a.get("qk_norm", model.qk_norm), cache.kv, model.cos, model.sin_signed, c.num_heads,
-                              c.num_kv_heads, c.rms_norm_eps, model.scale)
+                              a.get("qk_norm", model.qk_norm), a.get("rope_layers", model.rope_layers), cache.kv,
+                              model.cos, model.sin_signed, c.num_heads, c.num_kv_heads, c.rms_norm_eps, model.scale)
 
     assert run().shape == (1, 96)
     with pytest.raises(RuntimeError, match="weight shapes do not match"):
@@ -349,6 +354,10 @@ def test_fused_step_refuses_bad_inputs():
         run(qkv_bias=torch.zeros(c.num_layers, 7))
     with pytest.raises(RuntimeError, match="qk_norm must be"):
         run(qk_norm=torch.ones(c.num_layers, 2, c.head_dim + 1))
+    with pytest.raises(RuntimeError, match="rope_layers must be"):
+        run(rope_layers=torch.ones(c.num_layers + 1, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="rope_layers must be"):
+        run(rope_layers=torch.ones(c.num_layers, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="block table entry"):
         run(positions=torch.tensor([0, 9]))  # slot 0 has blocks for positions 0..7 only
     with pytest.raises(RuntimeError, match="position out of range"):

@@ -1,6 +1,7 @@
 """Engine pieces that need no model: Triton tensor parsing, sampling, config, the KV cache."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -219,7 +220,20 @@ def test_llama_config_reads_both_rope_layouts():
     assert LlamaConfig.from_dict({**raw, "rope_scaling": {"type": "linear", "factor": 2.0}}).rope_scaling.factor == 2.0
     with pytest.raises(ValueError, match="needs factor, low_freq_factor"):
         LlamaConfig.from_dict({**raw, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e5}})
-    for refused in ({"rope_type": "yarn", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0},
+    yarn = LlamaConfig.from_dict({**raw, "max_position_embeddings": 4096,
+                                  "rope_scaling": {"type": "yarn", "factor": 4.0}}).rope_scaling
+    assert yarn == RopeScaling("yarn", 4.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
+                               attention_factor=0.1 * math.log(4.0) + 1, truncate=True)
+    given = LlamaConfig.from_dict({**raw, "original_max_position_embeddings": 512, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 1e5, "factor": 2.0, "original_max_position_embeddings": 1024,
+        "beta_fast": 16, "beta_slow": 2, "attention_factor": 1.5, "truncate": False}}).rope_scaling
+    assert given == RopeScaling("yarn", 2.0, original_max_position_embeddings=512, beta_fast=16.0, beta_slow=2.0,
+                                attention_factor=1.5, truncate=False)  # config.json's own context first
+    deepseek = LlamaConfig.from_dict({**raw, "rope_scaling": {"type": "yarn", "factor": 40.0, "mscale": 1.0,
+                                                              "mscale_all_dim": 0.5}}).rope_scaling
+    assert deepseek.attention_factor == pytest.approx((0.1 * math.log(40) + 1) / (0.05 * math.log(40) + 1))
+    for refused in ({"rope_type": "longrope", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0},
+                    {"rope_type": "yarn"},
                     {"rope_type": "default", "partial_rotary_factor": 0.5}):
         with pytest.raises(ValueError, match="rope|rotary"):
             LlamaConfig.from_dict({**raw, "rope_parameters": refused})
@@ -234,13 +248,34 @@ def test_llama_config_reads_the_llama_family_and_refuses_the_rest():
     assert (qwen3.qkv_bias, qwen3.qk_norm, qwen3.head_dim) == (False, True, 16)
     assert LlamaConfig.from_dict({**raw, "model_type": "mistral", "sliding_window": None}).model_type == "mistral"
     assert LlamaConfig.from_dict({**raw, "model_type": "phi3", "sliding_window": None}).model_type == "phi3"
+    # Mistral v0.1's and Phi-3's windows (a window no shorter than the context is none)
+    assert LlamaConfig.from_dict({**raw, "model_type": "mistral", "sliding_window": 1024}).sliding_window == 1024
+    assert LlamaConfig.from_dict({**raw, "model_type": "phi3", "sliding_window": 2047}).sliding_window == 2047
+    assert LlamaConfig.from_dict({**raw, "model_type": "mistral", "sliding_window": 4096}).sliding_window is None
+    assert qwen2.sliding_window is None  # named, not turned on
     for refused, match in (({"model_type": "gemma2"}, "not served"), ({"attention_bias": True}, "attention_bias"),
                            ({"mlp_bias": True}, "mlp_bias"), ({"hidden_act": "gelu"}, "hidden_act"),
                            ({"model_type": "qwen2", "use_sliding_window": True}, "sliding"),
-                           ({"model_type": "mistral", "sliding_window": 1024}, "sliding"),
-                           ({"model_type": "phi3", "sliding_window": 2047}, "sliding")):
+                           ({"model_type": "mistral", "sliding_window": 0}, "sliding_window must be"),
+                           ({"model_type": "smollm3", "use_sliding_window": True, "sliding_window": 64}, "sliding")):
         with pytest.raises(ValueError, match=match):
             LlamaConfig.from_dict({**raw, **refused})
+
+
+def test_smollm3_config_names_its_layers_without_rope():
+    raw = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 8,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "model_type": "smollm3"}
+    default = LlamaConfig.from_dict(raw)  # transformers' default: every 4th layer, and tied embeddings
+    assert (default.nope_layers, default.tie_word_embeddings) == ((3, 7), True)
+    assert LlamaConfig.from_dict({**raw, "no_rope_layer_interval": 2}).nope_layers == (1, 3, 5, 7)
+    listed = LlamaConfig.from_dict({**raw, "no_rope_layers": [0, 1, 1, 1, 1, 1, 1, 0], "tie_word_embeddings": False})
+    assert (listed.nope_layers, listed.tie_word_embeddings) == ((0, 7), False)
+    assert LlamaConfig.from_dict({**raw, "model_type": "llama", "no_rope_layers": [0] * 8}).nope_layers == ()
+    for bad in ([1] * 7, [1] * 7 + [2], "1111"):
+        with pytest.raises(ValueError, match="no_rope_layers must be 8 values"):
+            LlamaConfig.from_dict({**raw, "no_rope_layers": bad})
+    with pytest.raises(ValueError, match="no_rope_layer_interval"):
+        LlamaConfig.from_dict({**raw, "no_rope_layer_interval": 0})
 
 
 def test_engine_config_validation():

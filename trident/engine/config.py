@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,19 +113,27 @@ class EngineConfig:
 
 #: model_type (config.json) -> what the checkpoint adds to the Llama layer. Qwen2 / Qwen2.5 put a
 #: bias on the q, k and v projections; Qwen3 an RMSNorm on each query and key head before RoPE
-#: (and a head_dim of its own); Mistral is the Llama layer (without a sliding window), Phi-3 / Phi-4
-#: too, with q/k/v and gate/up stored fused (weights.WEIGHT_MAP).
+#: (and a head_dim of its own); Mistral is the Llama layer (with a sliding window in v0.1), Phi-3 /
+#: Phi-4 too (Phi-3's window), with q/k/v and gate/up stored fused (weights.WEIGHT_MAP); SmolLM3
+#: leaves RoPE out of some layers (``no_rope_layers``: every 4th by default, "NoPE"), read into
+#: ``LlamaConfig.nope_layers``.
 ARCHITECTURES = {
     "llama": {"qkv_bias": False, "qk_norm": False},
     "mistral": {"qkv_bias": False, "qk_norm": False},
     "phi3": {"qkv_bias": False, "qk_norm": False},
     "qwen2": {"qkv_bias": True, "qk_norm": False},
     "qwen3": {"qkv_bias": False, "qk_norm": True},
+    "smollm3": {"qkv_bias": False, "qk_norm": False},
 }
+#: tie_word_embeddings where config.json leaves it out: transformers' default for the type
+TIED_BY_DEFAULT = frozenset({"smollm3"})
 #: Scaled RoPE the engine computes (Hugging Face's rope_type names): ``linear`` divides every
 #: frequency by ``factor``; ``llama3`` (Llama 3.1 / 3.2 / 3.3) divides the low frequencies, keeps
-#: the high ones and blends between. Others (yarn, longrope, dynamic) are refused, not approximated.
-ROPE_TYPES = ("default", "linear", "llama3")
+#: the high ones and blends between; ``yarn`` (Qwen2.5 / Qwen3 / SmolLM3 past their pre-training
+#: context) blends between divided and kept by dimension and scales cos and sin by its attention
+#: factor. Others (longrope, dynamic: frequencies that change with the sequence's length) are
+#: refused, not approximated.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -133,15 +142,19 @@ class RopeScaling:
 
     rope_type: str
     factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0  # yarn: the rotation counts bounding the blend
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0  # yarn: cos and sin are multiplied by it
+    truncate: bool = True  # yarn: the blend's bounds rounded to whole dimensions
 
 
 @dataclass(frozen=True)
 class LlamaConfig:
     """The hyper-parameters of a Llama-layer checkpoint: Llama 2 / 3.x, Mistral, Qwen2 / 2.5, Qwen3,
-    Phi-3 / Phi-4 and SmolLM (see ARCHITECTURES)."""
+    Phi-3 / Phi-4, SmolLM2 and SmolLM3 (see ARCHITECTURES)."""
 
     vocab_size: int
     hidden_size: int
@@ -158,6 +171,8 @@ class LlamaConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     rope_scaling: RopeScaling | None = None
+    nope_layers: tuple[int, ...] = ()  # the layers that apply no RoPE (SmolLM3), increasing
+    sliding_window: int | None = None  # each position attends to the last this many (itself included)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "LlamaConfig":
@@ -177,30 +192,53 @@ class LlamaConfig:
             raise ValueError("mlp_bias is not supported")
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {raw.get('hidden_act')!r} is not supported (silu only)")
-        # (Qwen's configs name a window that only use_sliding_window turns on)
+        # Mistral v0.1 and Phi-3 / 3.5 attend, in every layer, to the last sliding_window positions
+        # (a window no shorter than the context changes nothing). Qwen's and SmolLM3's configs name
+        # a window that use_sliding_window turns on for some layers only: refused.
         window = raw.get("sliding_window") if model_type in ("mistral", "phi3") else None
-        if raw.get("use_sliding_window") or (window and window < int(raw.get("max_position_embeddings", 2048))):
-            # Every position attends to all earlier ones here; a window would change the outputs.
-            raise ValueError("sliding-window attention is not supported")
+        if raw.get("use_sliding_window"):
+            raise ValueError("sliding-window attention in some layers only (use_sliding_window) is not supported")
+        if window is not None and int(window) < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {window!r}")
+        max_positions = int(raw.get("max_position_embeddings", 2048))
+        window = int(window) if window and int(window) < max_positions else None
         theta, scaling = _rope(raw)
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
+        num_layers = int(raw["num_hidden_layers"])
         return cls(
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or hidden // heads),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)),
             model_type=model_type,
             rope_scaling=scaling,
+            nope_layers=_nope_layers(raw, num_layers) if model_type == "smollm3" else (),
+            sliding_window=window,
             **layer,
         )
+
+
+def _nope_layers(raw: dict, num_layers: int) -> tuple[int, ...]:
+    """SmolLM3's layers without RoPE: ``no_rope_layers`` holds 1 for a layer that applies it and
+    0 for one that does not; without the list, every ``no_rope_layer_interval``-th layer (4th)
+    skips it (transformers' SmolLM3Config)."""
+    flags = raw.get("no_rope_layers")
+    if flags is None:
+        interval = int(raw.get("no_rope_layer_interval", 4))
+        if interval < 1:
+            raise ValueError(f"no_rope_layer_interval must be >= 1, got {interval}")
+        flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if not isinstance(flags, list) or len(flags) != num_layers or any(f not in (0, 1) for f in flags):
+        raise ValueError(f"no_rope_layers must be {num_layers} values of 0 or 1, got {flags!r}")
+    return tuple(i for i, f in enumerate(flags) if not f)
 
 
 def _rope(raw: dict) -> tuple[float, RopeScaling | None]:
@@ -215,12 +253,39 @@ def _rope(raw: dict) -> tuple[float, RopeScaling | None]:
         raise ValueError(f"partial rotary embeddings are not supported: {params}")
     if rope_type == "default":
         return theta, None
-    needed = ("factor",) if rope_type == "linear" else ("factor", "low_freq_factor", "high_freq_factor")
+    needed = ("factor", "low_freq_factor", "high_freq_factor") if rope_type == "llama3" else ("factor",)
     if any(key not in params for key in needed):
         raise ValueError(f"rope type {rope_type!r} needs {', '.join(needed)}: {params}")
     if rope_type == "linear":
         return theta, RopeScaling("linear", float(params["factor"]))
+    if rope_type == "yarn":
+        return theta, _yarn(raw, params)
     return theta, RopeScaling(
         "llama3", float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]),
         int(params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
             or raw.get("max_position_embeddings", 8192)))
+
+
+def _yarn(raw: dict, params: dict) -> RopeScaling:
+    """YaRN's parameters, with transformers' defaults (modeling_rope_utils: _compute_yarn_parameters,
+    standardize_rope_params): beta_fast 32, beta_slow 1, bounds truncated, and an attention factor
+    of 0.1 ln(factor) + 1 (or the ratio of two such with DeepSeek's ``mscale`` / ``mscale_all_dim``)
+    unless given."""
+    factor = float(params["factor"])
+    # transformers' order: config.json's own (Phi-3 keeps it there), the RoPE dict's, the context
+    original = (raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                or raw.get("max_position_embeddings", 2048))
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention = _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all_dim))
+        else:
+            attention = _yarn_mscale(factor)
+    return RopeScaling("yarn", factor, original_max_position_embeddings=int(original),
+                       beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                       attention_factor=float(attention), truncate=bool(params.get("truncate", True)))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0

@@ -1,4 +1,4 @@
-"""The int4 Llama-layer forward pass (Llama, Mistral, Qwen2, Qwen3, Phi-3 / Phi-4) as one kernel
+"""The int4 Llama-layer forward pass (Llama, Mistral, Qwen2, Qwen3, Phi-3 / Phi-4, SmolLM3) as one kernel
 call per step (csrc/forward.cpp).
 
 A step is any set of rows, each one token of one sequence at one position: the whole prompt (or
@@ -47,6 +47,9 @@ class FusedLlama:
                          else torch.empty(0))
         self.qk_norm = (torch.stack([torch.stack([layer.q_norm, layer.k_norm]) for layer in w.layers]).float()
                         .contiguous() if config.qk_norm else torch.empty(0))
+        # SmolLM3: whether each layer applies RoPE (L,); empty: every layer does
+        self.rope_layers = (torch.tensor([i not in config.nope_layers for i in range(config.num_layers)])
+                            if config.nope_layers else torch.empty(0, dtype=torch.bool))
         self.norm = w.norm.float().clone()  # not a view: that would keep the whole checkpoint resident
         self.cos, self.sin_signed = (t.contiguous() for t in rope_tables(config, max_seq_len, torch.float32))
         self.scale = 1.0 / math.sqrt(config.head_dim)
@@ -60,7 +63,8 @@ class FusedLlama:
         return kernels.ops().forward_q4(
             tokens, positions, row_slots, cache.tables, logit_rows, self.embed, self.norm, self.lm_head,
             self.attn_norm, self.ffn_norm, self.wqkv, self.wo, self.w_gate_up, self.w_down, self.qkv_bias,
-            self.qk_norm, cache.kv, self.cos, self.sin_signed, c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
+            self.qk_norm, self.rope_layers, cache.kv, self.cos, self.sin_signed, c.num_heads, c.num_kv_heads,
+            c.rms_norm_eps, self.scale, c.sliding_window or 0)
 
     # The interface of llama.Llama, for one prompt or one token per slot (tests, measurements).
 

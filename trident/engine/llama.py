@@ -41,6 +41,8 @@ def inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
         return inv_freq
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
+    if scaling.rope_type == "yarn":
+        return _yarn_frequencies(c, scaling)
     # llama3: wavelengths longer than the pre-training context / low_freq_factor are stretched by
     # factor, shorter than context / high_freq_factor kept, those between blended linearly
     factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
@@ -53,16 +55,39 @@ def inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+def _yarn_frequencies(c: LlamaConfig, scaling) -> torch.Tensor:
+    """YaRN: dimensions that turn fewer than beta_slow times over the pre-training context are
+    divided by factor, those that turn more than beta_fast times kept, a linear ramp between."""
+    dim, base, context = c.head_dim, c.rope_theta, scaling.original_max_position_embeddings
+
+    def dimension(rotations: float) -> float:  # the dimension that turns that many times
+        return dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension(scaling.beta_fast), dimension(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    kept = 1 - ramp
+    return (1.0 / (scaling.factor * pos_freqs)) * (1 - kept) + (1.0 / pos_freqs) * kept
+
+
 def rope_tables(config: LlamaConfig, max_seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (max_seq_len, head_dim) as Hugging Face computes them (fp32, then cast), sin
-    with its first half negated (see apply_rope_)."""
+    """cos and sin (max_seq_len, head_dim) as Hugging Face computes them (fp32, times YaRN's
+    attention factor, then cast), sin with its first half negated (see apply_rope_)."""
     c = config
     inv_freq = inverse_frequencies(c)
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
-    sin = emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if c.rope_scaling is not None and c.rope_scaling.attention_factor != 1.0:
+        cos, sin = cos * c.rope_scaling.attention_factor, sin * c.rope_scaling.attention_factor
+    sin = sin.to(dtype)
     half = c.head_dim // 2
-    return emb.cos().to(dtype), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return cos.to(dtype), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -97,6 +122,7 @@ class Llama:
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
         self._norm = rms_norm_fp32 if dtype == torch.float32 else rms_norm
+        self._nope = frozenset(c.nope_layers)  # layers that apply no RoPE (SmolLM3)
 
     @property
     def weight_dtype(self) -> str:
@@ -122,6 +148,15 @@ class Llama:
             q.copy_(self._norm(q, layer.q_norm, c.rms_norm_eps))
             k.copy_(self._norm(k, layer.k_norm, c.rms_norm_eps))
         return qkv
+
+    def _prefill_mask(self, n: int) -> dict:
+        """SDPA's mask over a prompt of n positions: causal, and within the sliding window when the
+        model has one (key j seen from query i when i - window < j <= i, as transformers masks)."""
+        window = self.config.sliding_window
+        if window is None or window >= n:
+            return {"is_causal": True}
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        return {"attn_mask": (j <= i) & (j > i - window)}
 
     def _mlp(self, layer: "LayerWeights", x: torch.Tensor) -> torch.Tensor:
         gate_up = quant.linear(x, layer.w_gate_up)  # (T, 2*I)
@@ -169,7 +204,8 @@ class Llama:
         cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]  # (T, 1, hd)
         for i, layer in enumerate(self.layers):
             qkv = self._qkv(layer, self._norm(x, layer.attention_norm, c.rms_norm_eps))  # (T, q + 2*kv)
-            apply_rope_(qkv[:, :self.q_size + self.kv_size].view(T, qk_heads, c.head_dim), cos, sin)
+            if i not in self._nope:
+                apply_rope_(qkv[:, :self.q_size + self.kv_size].view(T, qk_heads, c.head_dim), cos, sin)
             outputs = []
             for slot, end, n in zip(slots, ends.tolist(), lengths):
                 q, k, v = qkv[end - n:end].split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -178,7 +214,7 @@ class Llama:
                 v = v.view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)  # (n_kv, n, hd)
                 cache.write_prefill(i, slot, k, v)
                 o = F.scaled_dot_product_attention(
-                    q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True, enable_gqa=True
+                    q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), enable_gqa=True, **self._prefill_mask(n)
                 )  # (1, n_heads, n, hd)
                 outputs.append(o[0].transpose(0, 1).reshape(n, self.q_size))
             o = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
@@ -203,15 +239,20 @@ class Llama:
         qk_heads = c.num_heads + n_kv
         S = int(positions.max()) + 1  # attend only over the longest live prefix, not max_seq_len
         cos, sin = self.cos[positions][:, None, :], self.sin_signed[positions][:, None, :]  # (B, 1, hd)
-        # Each row sees its own length; the rest of the cache view holds stale data.
+        # Each row sees its own length (the rest of the cache view holds stale data), or the last
+        # sliding_window positions of it.
+        hidden = torch.arange(S)[None, :] > positions[:, None]
+        if c.sliding_window is not None:
+            hidden |= torch.arange(S)[None, :] <= positions[:, None] - c.sliding_window
         mask = torch.zeros(B, S, dtype=self.dtype).masked_fill_(
-            torch.arange(S)[None, :] > positions[:, None], float("-inf")
+            hidden, float("-inf")
         ).repeat_interleave(n_kv, dim=0)[:, None, :]  # (B*n_kv, 1, S)
         index = cache.decode_index(positions)  # (B*2*n_kv,)
         x = self._embed(tokens)  # (B, H)
         for i, layer in enumerate(self.layers):
             qkv = self._qkv(layer, self._norm(x, layer.attention_norm, c.rms_norm_eps))  # (B, q + 2*kv)
-            apply_rope_(qkv[:, :self.q_size + self.kv_size].view(B, qk_heads, hd), cos, sin)
+            if i not in self._nope:
+                apply_rope_(qkv[:, :self.q_size + self.kv_size].view(B, qk_heads, hd), cos, sin)
             cache.write_decode(i, index, qkv[:, self.q_size:].reshape(B * 2 * n_kv, hd))
             kv = cache.kv[i]
             keys = kv[0, :B, :, :S].reshape(B * n_kv, S, hd)  # a view: slots and heads merge

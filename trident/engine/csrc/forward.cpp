@@ -45,7 +45,8 @@ template <typename S>
 void layers(const Shapes& s, float* x, int64_t T, const int64_t* logit_rows, int64_t R, const Paged& paged_in,
             const at::Tensor& attn_norm, const at::Tensor& ffn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
             const at::Tensor& w_gate_up, const at::Tensor& w_down, const float* qkv_bias, const float* qk_norm,
-            S* kv, const float* cos, const float* sin_signed, float eps, float scale) {
+            const bool* rope_layers, S* kv, const float* cos, const float* sin_signed, float eps, float scale,
+            int64_t window) {
   const int64_t hd = paged_in.hd, heads = s.num_heads + paged_in.n_kv;
   const int64_t layer_stride = paged_in.num_blocks * paged_in.block_stride();
   std::vector<float> h(T * std::max(s.H, s.q_size)), qkv(T * s.qkv_size), gu(T * 2 * s.inter), act(T * s.inter);
@@ -58,6 +59,7 @@ void layers(const Shapes& s, float* x, int64_t T, const int64_t* logit_rows, int
     q4_gemm(h.data(), T, s.H, wqkv.data_ptr<uint8_t>() + l * wqkv.stride(0), s.qkv_size, qkv.data(), s.qkv_size, false);
     const float* bias = qkv_bias ? qkv_bias + l * s.qkv_size : nullptr;
     const float* q_norm = qk_norm ? qk_norm + l * 2 * hd : nullptr;
+    const bool with_rope = !rope_layers || rope_layers[l];  // SmolLM3's NoPE layers apply none
     for_rows(T, [&](int64_t i) {
       float* row = qkv.data() + i * s.qkv_size;
       if (bias)  // Qwen2: q, k and v biases
@@ -65,7 +67,8 @@ void layers(const Shapes& s, float* x, int64_t T, const int64_t* logit_rows, int
       if (q_norm)  // Qwen3: each query head, then each key head, RMS-normed before RoPE
         for (int64_t k = 0; k < heads; ++k)
           rms_norm_row(row + k * hd, k < s.num_heads ? q_norm : q_norm + hd, row + k * hd, hd, eps);
-      for (int64_t k = 0; k < heads; ++k) rope(row + k * hd, cos + pos[i] * hd, sin_signed + pos[i] * hd, hd);
+      if (with_rope)
+        for (int64_t k = 0; k < heads; ++k) rope(row + k * hd, cos + pos[i] * hd, sin_signed + pos[i] * hd, hd);
     });
     S* kv_l = kv + l * layer_stride;
     p.pos = pos.data();
@@ -83,7 +86,7 @@ void layers(const Shapes& s, float* x, int64_t T, const int64_t* logit_rows, int
       T = R;
       if (T == 0) break;  // a step of prompt chunks only: their K/V were all it had to compute
     }
-    attention(qkv.data(), s.qkv_size, kv_l, p, T, s.num_heads, scale, h.data());
+    attention(qkv.data(), s.qkv_size, kv_l, p, T, s.num_heads, scale, window, h.data());
     q4_gemm(h.data(), T, s.q_size, wo.data_ptr<uint8_t>() + l * wo.stride(0), s.H, x, s.H, true);
     for_rows(T, [&](int64_t i) { rms_norm_row(x + i * s.H, fn, h.data() + i * s.H, s.H, eps); });
     q4_gemm(h.data(), T, s.H, w_gate_up.data_ptr<uint8_t>() + l * w_gate_up.stride(0), 2 * s.inter, gu.data(),
@@ -102,8 +105,10 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
                       const at::Tensor& norm, const at::Tensor& lm_head, const at::Tensor& attn_norm,
                       const at::Tensor& ffn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
                       const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& qkv_bias,
-                      const at::Tensor& qk_norm, at::Tensor& kv, const at::Tensor& cos, const at::Tensor& sin_signed,
-                      int64_t num_heads, int64_t num_kv_heads, double eps, double scale) {
+                      const at::Tensor& qk_norm, const at::Tensor& rope_layers, at::Tensor& kv, const at::Tensor& cos,
+                      const at::Tensor& sin_signed, int64_t num_heads, int64_t num_kv_heads, double eps, double scale,
+                      int64_t window) {
+  TORCH_CHECK(window >= 0, "forward_q4: window must be >= 0 (0: none)");
   TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.dim() == 1 && tokens.is_contiguous() && tokens.numel() > 0,
               "tokens must be int64 (T,)");
   const int64_t T = tokens.numel();
@@ -124,6 +129,10 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
                                        qk_norm.dim() == 3 && qk_norm.size(0) == s.L && qk_norm.size(1) == 2 &&
                                        qk_norm.size(2) == p.hd),
               "qk_norm must be empty or float32 (layers, 2, head dim)");
+  TORCH_CHECK(rope_layers.numel() == 0 || (rope_layers.scalar_type() == at::kBool && rope_layers.is_contiguous() &&
+                                           rope_layers.dim() == 1 && rope_layers.size(0) == s.L),
+              "rope_layers must be empty (RoPE in every layer) or bool (layers,)");
+  const bool* rl = rope_layers.numel() ? rope_layers.data_ptr<bool>() : nullptr;
   const float* bias = qkv_bias.numel() ? qkv_bias.data_ptr<float>() : nullptr;
   const float* qkn = qk_norm.numel() ? qk_norm.data_ptr<float>() : nullptr;
   TORCH_CHECK(logit_rows.scalar_type() == at::kLong && logit_rows.dim() == 1 && logit_rows.is_contiguous(),
@@ -139,11 +148,11 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
   const float* sp = sin_signed.data_ptr<float>();
   const float eps_f = static_cast<float>(eps), scale_f = static_cast<float>(scale);
   if (kv.scalar_type() == at::kHalf)
-    layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, bias, qkn,
-           reinterpret_cast<uint16_t*>(kv.data_ptr<at::Half>()), cp, sp, eps_f, scale_f);
+    layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, bias, qkn, rl,
+           reinterpret_cast<uint16_t*>(kv.data_ptr<at::Half>()), cp, sp, eps_f, scale_f, window);
   else
-    layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, bias, qkn, kv.data_ptr<float>(),
-           cp, sp, eps_f, scale_f);
+    layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, bias, qkn, rl,
+           kv.data_ptr<float>(), cp, sp, eps_f, scale_f, window);
   // rows 0..R-1 of x are the logit rows: layers() compacted them in the last layer when R < T,
   // and R == T means every row, in order
   const float* rows = x.data();

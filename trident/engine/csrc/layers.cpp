@@ -91,7 +91,7 @@ constexpr int64_t kTileRows = 4;  // prompt rows sharing the K/V they convert
 
 template <typename S>
 void attention(const float* q, int64_t q_stride, const S* kv, const Paged& p, int64_t T, int64_t num_heads,
-               float scale, float* o) {
+               float scale, int64_t window, float* o) {
   const int64_t group = num_heads / p.n_kv, hd = p.hd, bs = p.bs, gh = group * hd;
   std::vector<int64_t> tiles{0};  // row ranges [tiles[k], tiles[k + 1])
   int64_t keys = 0;
@@ -108,11 +108,13 @@ void attention(const float* q, int64_t q_stride, const S* kv, const Paged& p, in
     thread_local std::vector<float> scores, kf, vf;
     const int64_t i0 = tiles[k / p.n_kv], rows = tiles[k / p.n_kv + 1] - i0, g = k % p.n_kv;
     const int64_t len = p.pos[i0 + rows - 1] + 1, padded = (len + 7) / 8 * 8;  // the tile's longest row
+    // the first position any row of the tile sees (its first row's window), down to a block
+    const int64_t first = window > 0 ? std::max<int64_t>(0, p.pos[i0] + 1 - window) / 8 * 8 / bs * bs : 0;
     scores.resize(rows * group * padded);
-    kf.resize(padded * hd);  // K and V of positions 0..len-1 in fp32, K zero up to a multiple of 8
+    kf.resize(padded * hd);  // K and V of positions first..len-1 in fp32, K zero up to a multiple of 8
     vf.resize(len * hd);
     std::fill(kf.begin() + len * hd, kf.end(), 0.f);
-    for (int64_t t0 = 0; t0 < len; t0 += bs) {
+    for (int64_t t0 = first; t0 < len; t0 += bs) {
       const S* block = kv + p.block_of(i0, t0) * p.block_stride();
       const int64_t n = std::min(len, t0 + bs) - t0;
       to_float(block + g * bs * hd, kf.data() + t0 * hd, n * hd);
@@ -121,17 +123,19 @@ void attention(const float* q, int64_t q_stride, const S* kv, const Paged& p, in
     float inv[kTileRows * 64];
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t n = p.pos[i0 + r] + 1;
+      // keys s0..n-1: all of them, or the window's; scores from s0 rounded down to 8
+      const int64_t s0 = window > 0 ? std::max<int64_t>(0, n - window) : 0, a0 = s0 / 8 * 8;
       for (int64_t j = 0; j < group; ++j) {
         const float* qj = q + (i0 + r) * q_stride + g * gh + j * hd;
         float* sc = scores.data() + (r * group + j) * padded;
-        for (int64_t t = 0; t < n; t += 8) _mm256_storeu_ps(sc + t, scores8(qj, kf.data() + t * hd, hd, scale8));
-        inv[r * group + j] = softmax_unnormalized(sc, n);
+        for (int64_t t = a0; t < n; t += 8) _mm256_storeu_ps(sc + t, scores8(qj, kf.data() + t * hd, hd, scale8));
+        inv[r * group + j] = softmax_unnormalized(sc + s0, n - s0);
         float* out = o + (i0 + r) * num_heads * hd + g * gh + j * hd;
         for (int64_t c0 = 0; c0 < hd; c0 += 64) {  // 8 accumulators: 64 outputs at a time
           const int64_t m = std::min<int64_t>(64, hd - c0) / 8;
           __m256 acc[8];
           for (int64_t u = 0; u < m; ++u) acc[u] = _mm256_setzero_ps();
-          for (int64_t t = 0; t < n; ++t) {
+          for (int64_t t = s0; t < n; ++t) {
             const __m256 e = _mm256_set1_ps(sc[t]);
             const float* v = vf.data() + t * hd + c0;
             for (int64_t u = 0; u < m; ++u) acc[u] = _mm256_fmadd_ps(e, _mm256_loadu_ps(v + 8 * u), acc[u]);
@@ -175,8 +179,9 @@ Paged check_paged(const at::Tensor& kv, int64_t kv_dims, const at::Tensor& posit
 
 template void write_kv<float>(const float*, int64_t, int64_t, float*, const Paged&, int64_t);
 template void write_kv<uint16_t>(const float*, int64_t, int64_t, uint16_t*, const Paged&, int64_t);
-template void attention<float>(const float*, int64_t, const float*, const Paged&, int64_t, int64_t, float, float*);
+template void attention<float>(const float*, int64_t, const float*, const Paged&, int64_t, int64_t, float, int64_t,
+                               float*);
 template void attention<uint16_t>(const float*, int64_t, const uint16_t*, const Paged&, int64_t, int64_t, float,
-                                  float*);
+                                  int64_t, float*);
 
 }  // namespace trident

@@ -52,10 +52,11 @@ void swiglu_row(const float* gu, int64_t inter, float* act);
 // each row's K and V (after its q part in a qkv row) into its sequence's block at its position
 template <typename S>
 void write_kv(const float* qkv, int64_t qkv_size, int64_t q_size, S* kv, const Paged& p, int64_t T);
-// o (T, num_heads * hd): each query row against positions 0..pos of its sequence
+// o (T, num_heads * hd): each query row against positions 0..pos of its sequence, or with a
+// sliding window (window > 0) against the last `window` of them, pos - window + 1..pos
 template <typename S>
 void attention(const float* q, int64_t q_stride, const S* kv, const Paged& p, int64_t T, int64_t num_heads,
-               float scale, float* o);
+               float scale, int64_t window, float* o);
 // checks the cache, positions, slots and block tables of T rows; kv_dims 6 with a layer axis
 Paged check_paged(const at::Tensor& kv, int64_t kv_dims, const at::Tensor& positions, const at::Tensor& row_slots,
                   const at::Tensor& tables, int64_t T);

@@ -12,8 +12,9 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
                       const at::Tensor& norm, const at::Tensor& lm_head, const at::Tensor& attn_norm,
                       const at::Tensor& ffn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
                       const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& qkv_bias,
-                      const at::Tensor& qk_norm, at::Tensor& kv, const at::Tensor& cos, const at::Tensor& sin_signed,
-                      int64_t num_heads, int64_t num_kv_heads, double eps, double scale);
+                      const at::Tensor& qk_norm, const at::Tensor& rope_layers, at::Tensor& kv, const at::Tensor& cos,
+                      const at::Tensor& sin_signed, int64_t num_heads, int64_t num_kv_heads, double eps, double scale,
+                      int64_t window);
 
 namespace {
 
@@ -96,7 +97,9 @@ at::Tensor swiglu(const at::Tensor& gate_up_in) {
 }
 
 at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& kv, const at::Tensor& positions,
-                           const at::Tensor& row_slots, const at::Tensor& tables, int64_t num_kv_heads, double scale) {
+                           const at::Tensor& row_slots, const at::Tensor& tables, int64_t num_kv_heads, double scale,
+                           int64_t window) {
+  TORCH_CHECK(window >= 0, "paged_attention: window must be >= 0 (0: none)");
   const at::Tensor q = q_in.contiguous();
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat, "paged_attention: q must be float32 (T, heads * head dim)");
   const int64_t T = q.size(0);
@@ -107,9 +110,9 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& kv, const a
   at::Tensor o = at::empty_like(q);
   if (kv.scalar_type() == at::kHalf)
     attention(q.data_ptr<float>(), q.size(1), reinterpret_cast<const uint16_t*>(kv.data_ptr<at::Half>()), p, T,
-              num_heads, static_cast<float>(scale), o.data_ptr<float>());
+              num_heads, static_cast<float>(scale), window, o.data_ptr<float>());
   else
-    attention(q.data_ptr<float>(), q.size(1), kv.data_ptr<float>(), p, T, num_heads, static_cast<float>(scale),
+    attention(q.data_ptr<float>(), q.size(1), kv.data_ptr<float>(), p, T, num_heads, static_cast<float>(scale), window,
               o.data_ptr<float>());
   return o;
 }
@@ -128,12 +131,13 @@ TORCH_LIBRARY(trident, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("swiglu(Tensor gate_up) -> Tensor");
   m.def("paged_attention(Tensor q, Tensor kv, Tensor positions, Tensor row_slots, Tensor block_tables, "
-        "int num_kv_heads, float scale) -> Tensor");
+        "int num_kv_heads, float scale, int window=0) -> Tensor");
   m.def("set_kernel_isa(int isa) -> int");
   m.def("forward_q4(Tensor tokens, Tensor positions, Tensor row_slots, Tensor block_tables, Tensor logit_rows, "
         "Tensor embed, Tensor norm, Tensor lm_head, Tensor attn_norm, Tensor ffn_norm, Tensor wqkv, Tensor wo, "
-        "Tensor w_gate_up, Tensor w_down, Tensor qkv_bias, Tensor qk_norm, Tensor(a!) kv, Tensor cos, Tensor sin_signed, int num_heads, "
-        "int num_kv_heads, float eps, float scale) -> Tensor");
+        "Tensor w_gate_up, Tensor w_down, Tensor qkv_bias, Tensor qk_norm, Tensor rope_layers, Tensor(a!) kv, "
+        "Tensor cos, Tensor sin_signed, int num_heads, int num_kv_heads, float eps, float scale, "
+        "int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(trident, CPU, m) {
