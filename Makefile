@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CACHE ?= $(CURDIR)/.cache
 # CHECKPOINT=/path: serve that Hugging Face folder (safetensors + tokenizer) instead of SmolLM2:
-# Llama 2 / 3.x, Mistral, Qwen2 / 2.5, Qwen3, Phi-3 (4k) / Phi-4, SmolLM3 (docs/cpu_engine.md, "Models"). Nothing is converted.
+# Llama 2 / 3.x, Mistral, Qwen2 / 2.5, Qwen3, Phi-3 (4k) / Phi-4, SmolLM3 (docs/cpu_engine.md,
+# "Models"). Nothing is converted.
 CHECKPOINT ?=
 ifeq ($(strip $(CHECKPOINT)),)
 MODEL_DIR := $(CACHE)/models/smollm2-135m-instruct
