@@ -19,6 +19,8 @@ the int4 engine runs the checkpoint's own values.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -107,11 +109,15 @@ def _model(folder, weight_dtype: str):
                        max_seq_len=MAX_SEQ_LEN, weight_dtype=weight_dtype)
 
 
+def _paged_cache(c: LlamaConfig) -> PagedKVCache:
+    return PagedKVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_slots=1,
+                        max_seq_len=MAX_SEQ_LEN, block_size=16, dtype=torch.float32, cache_bytes=0, reuse=False)
+
+
 def _fused_logits(fused, tokens: list[int]) -> torch.Tensor:
     """The int4 model's logits (T, V) of every position of one prompt, in one step."""
-    c, T = fused.config, len(tokens)
-    cache = PagedKVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_slots=1,
-                         max_seq_len=MAX_SEQ_LEN, block_size=16, dtype=torch.float32, cache_bytes=0, reuse=False)
+    T = len(tokens)
+    cache = _paged_cache(fused.config)
     cache.extend(0, T)
     with torch.inference_mode():
         return fused.forward(torch.tensor(tokens), torch.arange(T), torch.zeros(T, dtype=torch.long), cache,
@@ -211,7 +217,6 @@ def test_int4_kernel_runs_the_architecture(checkpoint):
     # without RoPE) is several times farther off: the check above sees each of them.
     if c.rope_scaling is not None:  # plain RoPE tables
         from trident.engine.llama import rope_tables
-        import dataclasses
 
         plain = dataclasses.replace(c, rope_scaling=None)
         model.cos, model.sin_signed = (t.contiguous() for t in rope_tables(plain, MAX_SEQ_LEN, torch.float32))
@@ -222,8 +227,6 @@ def test_int4_kernel_runs_the_architecture(checkpoint):
     elif c.nope_layers:  # RoPE in every layer, as Llama
         model.rope_layers = torch.empty(0, dtype=torch.bool)
     elif c.sliding_window:  # every earlier position seen
-        import dataclasses
-
         model.config = dataclasses.replace(c, sliding_window=None)
     else:  # Mistral adds nothing to the computation: Llama's layer
         return
@@ -234,13 +237,11 @@ def test_int4_logits_do_not_depend_on_how_the_prompt_is_chunked(checkpoint):
     """A prompt prefilled in chunks (each attending to the cache the earlier ones wrote, through
     the sliding window where there is one) gives the logits of the prompt in one step, bit for bit."""
     model, tokens, _ = _against_transformers(checkpoint, "int4")
-    c, T = model.config, len(tokens)
     whole = _fused_logits(model, tokens)
-    cache = PagedKVCache(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_slots=1,
-                         max_seq_len=MAX_SEQ_LEN, block_size=16, dtype=torch.float32, cache_bytes=0, reuse=False)
+    cache = _paged_cache(model.config)
     parts, start = [], 0
     with torch.inference_mode():
-        for end in (5, 37, 38, 80, T):
+        for end in (5, 37, 38, 80, len(tokens)):
             cache.extend(0, end)
             parts.append(model.forward(torch.tensor(tokens[start:end]), torch.arange(start, end),
                                        torch.zeros(end - start, dtype=torch.long), cache, torch.arange(end - start)))
