@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""32-stream decode tokens/s of the CPU engine alone (int4, no Triton), for the code in ROOT.
+"""Decode tokens/s of 32 streams (``--batch``) of the CPU engine alone (int4, no Triton), for the
+code in ROOT.
 
     .venv/bin/python scripts/bench_engine_decode.py                    # this checkout, greedy and sampled
     git worktree add /tmp/before <commit>
     .venv/bin/python scripts/bench_engine_decode.py --root /tmp/before --label before --modes sampled
+    .venv/bin/python scripts/bench_engine_decode.py --checkpoint /tmp/synth --batch 1 --modes greedy
 
-Submits 32 streaming requests of a 6-token prompt (each its own), 96 new tokens each, all
+Submits ``--batch`` streaming requests of a 6-token prompt (each its own), 96 new tokens each, all
 decoding together, and reports the steady-state rate (tokens of every stream between a quarter
 of the way in and the end, over that time), best of 3 runs per mode. Modes: greedy, sampled
 (T 0.8, top-p 0.95, seeded), logprobs5 (sampled with 5 alternatives a token). Used for the
@@ -22,6 +24,7 @@ p.add_argument("--root", default=str(Path(__file__).resolve().parents[1]), help=
 p.add_argument("--label", default="this")
 p.add_argument("--modes", default="greedy,sampled")
 p.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / ".cache/models/smollm2-135m-instruct"))
+p.add_argument("--batch", type=int, default=32, help="streams decoding together (the engine's slots)")
 args = p.parse_args()
 sys.path.insert(0, args.root)
 
@@ -30,7 +33,7 @@ from trident.contract import SamplingParams  # noqa: E402
 from trident.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
 
 assert te.__file__.startswith(args.root), te.__file__
-B, TOKENS = 32, 96
+B, TOKENS = args.batch, 96
 engine = Engine(EngineConfig(checkpoint_dir=args.checkpoint, max_batch_size=B, max_seq_len=512, dtype="float32",
                              weight_dtype="int4", num_threads=2))
 engine.start()
