@@ -88,7 +88,7 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
         props = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_PROMPTS}, ids,
                            {"type": "array", "items": ids, "minItems": 1, "maxItems": MAX_PROMPTS}]}
     elif isinstance(field, TokenIdArray):
-        props = {"type": "array", "items": _TOKEN_ID}
+        props = {"type": ["array", "null"] if field.allow_none else "array", "items": _TOKEN_ID}  # null: not given
     elif isinstance(field, MessageContent):
         part = {
             "type": "object",
