@@ -202,19 +202,20 @@ class Llama:
         positions = torch.cat([torch.arange(n) for n in lengths])
         x = self._embed(torch.cat(prompts))  # (T, H)
         cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]  # (T, 1, hd)
+        masks = [self._prefill_mask(n) for n in lengths]  # each prompt's, the same in every layer
         for i, layer in enumerate(self.layers):
             qkv = self._qkv(layer, self._norm(x, layer.attention_norm, c.rms_norm_eps))  # (T, q + 2*kv)
             if i not in self._nope:
                 apply_rope_(qkv[:, :self.q_size + self.kv_size].view(T, qk_heads, c.head_dim), cos, sin)
             outputs = []
-            for slot, end, n in zip(slots, ends.tolist(), lengths):
+            for slot, end, n, mask in zip(slots, ends.tolist(), lengths, masks):
                 q, k, v = qkv[end - n:end].split([self.q_size, self.kv_size, self.kv_size], dim=-1)
                 q = q.view(n, c.num_heads, c.head_dim).transpose(0, 1)  # (n_heads, n, hd)
                 k = k.view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)  # (n_kv, n, hd)
                 v = v.view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)  # (n_kv, n, hd)
                 cache.write_prefill(i, slot, k, v)
                 o = F.scaled_dot_product_attention(
-                    q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), enable_gqa=True, **self._prefill_mask(n)
+                    q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), enable_gqa=True, **mask
                 )  # (1, n_heads, n, hd)
                 outputs.append(o[0].transpose(0, 1).reshape(n, self.q_size))
             o = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
