@@ -14,7 +14,7 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   the same constraint, gateway.tools; ``auto`` where the deployment names the model's call
   syntax, gateway.tool_parsers); and, as vLLM does, the extensions ``top_k``,
   ``repetition_penalty``, ``min_p``, ``min_tokens``, ``ignore_eos`` (``extra_body`` in the
-  official client; ``ignore_eos`` is ``min_tokens`` = ``max_tokens``), ``stop_token_ids``,
+  official client; the engines get ``ignore_eos`` as ``min_tokens`` = ``max_tokens``), ``stop_token_ids``,
   ``include_stop_str_in_output``, ``skip_special_tokens`` and ``structured_outputs``
   (``json``, ``regex``, ``choice``, ``grammar`` or ``json_object``: the same constraint as
   ``response_format``, gateway.control_fields);
@@ -273,11 +273,6 @@ class _OpenAISchema(ModelSchema):
                   "logprobs": 0 if logprobs is None and generated > choices else logprobs}
         if data.get("seed") is not None:
             fields["seed"] = data["seed"] % (UINT64_MAX + 1)  # int64 seeds of OpenAI, as uint64
-        if data.get("ignore_eos"):
-            # The end token is banned for the whole generation: min_tokens, which both engines
-            # take (TensorRT-LLM has no ignore_eos; NVIDIA's genai-perf sends min_length the same
-            # way). Stop sequences still stop it, as in vLLM.
-            fields["min_tokens"] = max_tokens
         sampling = sampling_params(fields, max_new_tokens="max_tokens", stop="stop", echo="echo")
         stream = bool(data.get("stream"))
         options = data.get("stream_options") or {}

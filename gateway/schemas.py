@@ -272,6 +272,7 @@ class GenerateSchema(ModelSchema):
     include_stop_str_in_output = StrictBoolean()
     skip_special_tokens = StrictBoolean()
     bad_words = BadWords()  # vLLM's: words never generated
+    ignore_eos = StrictBoolean()  # vLLM's: the end tokens do not end the text
 
     @validates("prompt")
     def validate_prompt(self, value: str, data_key: str) -> None:
@@ -311,7 +312,7 @@ def check_min_tokens(data: Mapping[str, Any], max_tokens: int | None, name: str 
 #: SamplingParams fields a request sets under the same name
 _SAME_NAME = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "n", "min_tokens",
               "presence_penalty", "frequency_penalty", "min_p", "logit_bias", "logprobs", "guide", "stop_token_ids",
-              "include_stop_str_in_output", "skip_special_tokens", "bad_words")
+              "include_stop_str_in_output", "skip_special_tokens", "bad_words", "ignore_eos")
 _FLOATS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 
 

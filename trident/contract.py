@@ -91,6 +91,9 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # (finish_reason stop), and whether the stop (sequence or token) stays in the text.
     TensorSpec("stop_token_ids", np.int32, many=True),
     TensorSpec("include_stop_str_in_output", np.bool_),
+    # trident extension, vLLM's name: the end tokens never end a choice (stop sequences and
+    # stop_token_ids still do)
+    TensorSpec("ignore_eos", np.bool_),
     # trident extension, vLLM's name: false keeps the tokenizer's special tokens in the text
     # (default true: left out, as both vLLM and NVIDIA's postprocessing do).
     TensorSpec("skip_special_tokens", np.bool_),
@@ -273,6 +276,8 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
         values["stop_token_ids"] = np.array([s.stop_token_ids], dtype=np.int32)
     if s.include_stop_str_in_output:
         values["include_stop_str_in_output"] = _one(True, np.bool_)
+    if s.ignore_eos:
+        values["ignore_eos"] = _one(True, np.bool_)
     if not s.skip_special_tokens:
         values["skip_special_tokens"] = _one(False, np.bool_)
     return {name: value for name, value in values.items() if value is not None}
@@ -394,6 +399,7 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
     given["echo"] = _scalar(get("echo"), bool)
     given["stop_token_ids"] = _ids(get("stop_token_ids"))
     given["include_stop_str_in_output"] = _scalar(get("include_stop_str_in_output"), bool)
+    given["ignore_eos"] = _scalar(get("ignore_eos"), bool)
     given["skip_special_tokens"] = _scalar(get("skip_special_tokens"), bool)
     if (trouble := beam_width_error(_scalar(get("beam_width"), int))) is not None:
         raise InvalidRequest(trouble, param="beam_width")

@@ -155,8 +155,8 @@ def _output_control_inputs(s: SamplingParams, vocab_size: int) -> dict[str, np.n
     tensors: dict[str, np.ndarray] = {}
     if s.n != 1:
         tensors["num_return_sequences"] = _one(s.n, "num_return_sequences")
-    if s.min_tokens:
-        tensors["min_tokens"] = _one(s.min_tokens, "min_tokens")
+    if s.engine_min_tokens:
+        tensors["min_tokens"] = _one(s.engine_min_tokens, "min_tokens")
     if s.presence_penalty:
         tensors["presence_penalty"] = _one(s.presence_penalty, "presence_penalty")
     if s.frequency_penalty:

@@ -63,11 +63,14 @@ class TextGeneration:
         self._stop_token: Optional[int] = None  # the stop token id that ended this choice
         # The model's other end tokens (generation_config.json's, llm_service.model_end_ids): they
         # end the choice as the engine's end id does, without text or a count, finish eos_token,
-        # and like it not before min_tokens tokens (so never with ignore_eos, min_tokens =
-        # max_new_tokens). stop_token_ids and stop sequences are not held back: ignore_eos keeps
-        # them, as in vLLM, and it reaches here as min_tokens.
+        # and like it not before min_tokens tokens, and never with ignore_eos (the engine bans its
+        # end id then, SamplingParams.engine_min_tokens). Before min_tokens tokens a stop_token_ids
+        # token does not end the choice either (it is an ordinary token, as an end token of the
+        # model is), and no stop sequence is matched in the text of those tokens, as in vLLM;
+        # ignore_eos keeps both.
         self._end_ids = end_ids
         self._min_tokens = req.sampling.min_tokens
+        self._ignore_eos = req.sampling.ignore_eos
         self._model_ended = False
         self.finish_reason: Optional[str] = None
         self.ended = False  # its final response was sent (llm_service)
@@ -89,7 +92,12 @@ class TextGeneration:
 
     def _ends_model(self, token: int) -> bool:
         """``token`` (not yet counted) is one of the model's other end tokens, allowed here."""
-        return token in self._end_ids and self.completion_tokens >= self._min_tokens
+        return token in self._end_ids and not self._ignore_eos and self.completion_tokens >= self._min_tokens
+
+    @property
+    def _past_min_tokens(self) -> bool:
+        """The last counted token may end the choice (stop token, stop sequence in its text)."""
+        return self.completion_tokens > self._min_tokens
 
     def _end_of_model(self) -> str:
         """One of the model's other end tokens came: the choice ends as at the engine's end id."""
@@ -113,9 +121,10 @@ class TextGeneration:
                 out.append(self._end_of_model())
                 break
             self.completion_tokens += 1
-            ends = token in self._stop_ids
+            free = self._past_min_tokens
+            ends = free and token in self._stop_ids
             if not ends or self._include_stop:  # a stop token left out adds no text
-                out.append(self._stops.push(self._detok.push([token])))
+                out.append(self._stops.push(self._detok.push([token]), match=free))
             if ends and not self.stopped:  # (a stop sequence its text completed came first)
                 out.append(self._release_held(stop_token=token))
             if self.stopped:
@@ -136,7 +145,7 @@ class TextGeneration:
         tail = self._detok.flush()
         if self.logprobs and tail:
             self._extend_last(tail)
-        released = self._stops.push(tail)
+        released = self._stops.push(tail, match=self._past_min_tokens)
         if not self.stopped:
             released += self._stops.flush()
         self._stop_token = stop_token
@@ -159,7 +168,8 @@ class TextGeneration:
             if self._ends_model(token):
                 return self._end_of_model()
             self.completion_tokens += 1
-            ends = token in self._stop_ids
+            free = self._past_min_tokens
+            ends = free and token in self._stop_ids
             if not ends or self._include_stop:  # a stop token left out is not returned, nor its text
                 piece = self._detok.push([token])
                 start = len(self._text)
@@ -169,7 +179,7 @@ class TextGeneration:
                     top = tuple((self._token_text(int(t)), float(lp)) for t, lp in zip(top_ids[k], top_log_probs[k]))
                 logprob = float(log_probs[k]) if log_probs is not None and k < len(log_probs) else float("nan")
                 self._pending.append(_Pending(start, len(self._text), int(token), logprob, top))
-                self._released += len(self._stops.push(piece))
+                self._released += len(self._stops.push(piece, match=free))
             if ends and not self.stopped:
                 return self._release_held(stop_token=token)
             if self.stopped:

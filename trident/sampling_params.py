@@ -168,7 +168,14 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()  # words never generated (text; NVIDIA ensemble input)
     # Output controls (issue 15), with OpenAI's and TensorRT-LLM's meanings:
     n: int = 1  # choices (TensorRT-LLM's num_return_sequences), each its own random stream
-    min_tokens: int = 0  # the end token is banned before this many tokens
+    # No end of the choice before this many tokens: the end token is banned (both engines), the
+    # model's other end tokens and stop_token_ids do not end it, and no stop sequence is matched
+    # in the text of those first tokens (vLLM's meaning).
+    min_tokens: int = 0
+    # vLLM's: the end tokens (the engine's and the model's others) never end the choice: it runs
+    # to max_new_tokens unless a stop sequence or a stop_token_ids token ends it. The engines get
+    # it as min_tokens = max_new_tokens (TensorRT-LLM has no ignore_eos).
+    ignore_eos: bool = False
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
     frequency_penalty: float = 0.0  # ... times the number of times it was generated
     min_p: float = 0.0  # keep tokens with probability >= min_p x the most likely one's; 0: off
@@ -195,6 +202,11 @@ class SamplingParams:
         one. ``max_new_tokens`` 0 is an echo that only scores the prompt (OpenAI's legacy
         ``echo`` with ``max_tokens`` 0, vLLM's too): the engine's one token is dropped by ``llm``."""
         return max(self.max_new_tokens, 1)
+
+    @property
+    def engine_min_tokens(self) -> int:
+        """The engine's ``min_tokens``: the tokens before which it bans its end token."""
+        return self.max_new_tokens if self.ignore_eos else self.min_tokens
 
     def check(self, limits: Optional[ModelLimits] = None) -> None:
         """Raise InvalidRequest naming the field when a value is one no engine can serve. The

@@ -211,6 +211,40 @@ def test_stop_token_ids_and_included_stops_on_the_real_model(oai, gateway):
     assert with_stop.choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_holds_back_stop_tokens_and_stop_sequences_on_the_real_model(oai, gateway):
+    """vLLM's min_tokens: before that many tokens neither a stop_token_ids token nor a stop
+    sequence ends the text (greedy, the continuation is the plain one); from the next token on
+    they do. ignore_eos alone keeps them (vLLM's bench clients send it with stops)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir()))
+    kwargs = dict(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0)
+    full = oai.completions.create(**kwargs).choices[0].text
+    ids = tokenizer(full, add_special_tokens=False).input_ids
+    stop = ids[2]
+    at = ids.index(stop)
+    later = [j for j in range(at + 1, len(ids)) if ids[j] == stop]
+    held = oai.completions.create(**kwargs, extra_body={"stop_token_ids": [stop], "min_tokens": at + 1}).choices[0]
+    if later:
+        assert (held.text, held.finish_reason) == (tokenizer.decode(ids[:later[0]]), "stop")
+    else:
+        assert (held.text, held.finish_reason) == (full, "length")
+    cut = oai.completions.create(**kwargs, extra_body={"stop_token_ids": [stop], "min_tokens": at}).choices[0]
+    assert (cut.text, cut.finish_reason) == (tokenizer.decode(ids[:at]), "stop")
+    kept = oai.completions.create(**kwargs, extra_body={"stop_token_ids": [stop], "ignore_eos": True}).choices[0]
+    assert (kept.text, kept.finish_reason) == (tokenizer.decode(ids[:at]), "stop")
+    # a stop sequence: the text of its first token, which occurs once in the continuation
+    word = next(t for t in (tokenizer.decode([i]).strip() for i in ids[1:]) if t and full.count(t) == 1)
+    through = next(k for k in range(1, len(ids) + 1) if word in tokenizer.decode(ids[:k]))  # tokens up to it
+    for min_tokens, text, reason in ((through, full, "length"), (through - 1, full[:full.index(word)], "stop")):
+        streamed = oai.completions.create(**kwargs, stop=[word], stream=True, extra_body={"min_tokens": min_tokens})
+        chunks = [c for c in streamed if c.choices]
+        assert ("".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason) == (text, reason)
+        generated = generate(gateway, prompt=kwargs["prompt"], max_new_tokens=12, temperature=0,
+                             stop_sequences=[word], min_tokens=min_tokens)["choices"][0]
+        assert generated["text"] == text
+
+
 def test_skip_special_tokens_false_keeps_them_in_the_text_on_the_real_model(oai):
     """vLLM's skip_special_tokens: after a finished ChatML user turn the model opens the
     assistant's with <|im_start|>; by default that token is left out of the text, with false it

@@ -98,13 +98,18 @@ def test_max_tokens_and_max_completion_tokens_may_agree(client, backend):
 ])
 def test_ignore_eos_bans_the_end_token_up_to_max_tokens(client, backend, path, body, max_tokens):
     """vLLM's ignore_eos, as benchmark clients send it (vLLM's bench serve, SGLang's
-    bench_serving): min_tokens is max_tokens, a given min_tokens included; false changes
+    bench_serving): its own field, next to the min_tokens given (which alone holds back stop
+    sequences and stop tokens); the engines ban their end token up to max_tokens; false changes
     nothing."""
     assert client.post(path, json={**body, "ignore_eos": True}, headers=AUTH).status_code == 200
     sampling = backend.last_params.sampling
-    assert (sampling.min_tokens, sampling.max_new_tokens) == (max_tokens, max_tokens)
+    assert (sampling.ignore_eos, sampling.min_tokens, sampling.max_new_tokens) == (
+        True, body.get("min_tokens", 0), max_tokens)
+    assert sampling.engine_min_tokens == max_tokens
     assert client.post(path, json={**body, "ignore_eos": False}, headers=AUTH).status_code == 200
-    assert backend.last_params.sampling.min_tokens == body.get("min_tokens", 0)
+    sampling = backend.last_params.sampling
+    assert (sampling.ignore_eos, sampling.min_tokens) == (False, body.get("min_tokens", 0))
+    assert sampling.engine_min_tokens == body.get("min_tokens", 0)
     response = client.post(path, json={**body, "ignore_eos": "yes"}, headers=AUTH)
     assert_error(response, 400, "invalid_request_error", "ignore_eos",
                  'ignore_eos must be a boolean (true or false), got string "yes"')

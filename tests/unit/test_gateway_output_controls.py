@@ -418,6 +418,20 @@ def test_generate_takes_vllms_stop_token_ids_include_stop_and_skip_special_token
         assert bad.status_code == 400 and bad.get_json()["error"]["param"] == next(iter(extra))
 
 
+def test_generate_takes_ignore_eos_next_to_min_tokens(client, backend):
+    """/generate has vLLM's ignore_eos as /v1/* has it: its own field (min_tokens as given), the
+    engines ban their end token up to max_new_tokens."""
+    body = {"prompt": "x", "max_new_tokens": 9, "min_tokens": 2, "ignore_eos": True}
+    assert client.post("/generate", json=body, headers=AUTH).status_code == 200
+    sampling = backend.last_params.sampling
+    assert (sampling.ignore_eos, sampling.min_tokens, sampling.engine_min_tokens) == (True, 2, 9)
+    client.post("/generate", json={"prompt": "x", "min_tokens": 2}, headers=AUTH)
+    sampling = backend.last_params.sampling
+    assert (sampling.ignore_eos, sampling.min_tokens, sampling.engine_min_tokens) == (False, 2, 2)
+    bad = client.post("/generate", json={"prompt": "x", "ignore_eos": 1}, headers=AUTH)
+    assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "ignore_eos"
+
+
 @pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions"])
 def test_bad_words_reach_the_llm_model_as_written_and_after_a_space(client, backend, path):
     """vLLM's bad_words: each word is banned at the start of the text and inside it (BPE spells

@@ -224,7 +224,7 @@ def test_a_stop_token_ends_its_choice_and_stops_the_engine(make_service, tokeniz
 def test_the_models_other_end_tokens_end_a_choice_as_its_end_id(make_service, tokenizer, logprobs):
     """generation_config.json's end tokens (Llama 3's <|eom_id|>, Qwen's <|endoftext|>): the
     choice ends there as at the engine's end id (no text, not counted, eos_token), the engine
-    request is stopped; not before min_tokens (so not with ignore_eos), and not for a request
+    request is stopped; not before min_tokens, never with ignore_eos, and not for a request
     that names its own end_id."""
     three = tokenizer(" three", add_special_tokens=False).input_ids[0]
     extra = {"return_log_probs": True} if logprobs else {}
@@ -238,14 +238,16 @@ def test_the_models_other_end_tokens_end_a_choice_as_its_end_id(make_service, to
     assert engine.stops == engine.streams
     if logprobs:
         assert [t.text for t in choice_tokens(req, 0)] == [" one", " two"]
-    for held in (request(stream=False, max_tokens=6, min_tokens=6, **extra),  # ignore_eos
+    for held in (request(stream=False, max_tokens=6, ignore_eos=True, **extra),
                  request(stream=False, max_tokens=6, end_id=tokenizer.eos_token_id, **extra)):
         service.accept(held)
         wait(held)
         assert choice_texts(held, 1)[0].startswith(" one two three four")
         assert [p[1] for k, p in held.sent if k == "send_final"] == ["length"]
+    # the engine bans its end id up to max_tokens (TensorRT-LLM has no ignore_eos)
+    assert int(engine.tensors[-2]["min_tokens"][0, 0]) == 6
     # ignore_eos keeps stop_token_ids (vLLM's): the same token asked for as a stop still stops
-    stopped = request(stream=False, max_tokens=6, min_tokens=6, **extra)
+    stopped = request(stream=False, max_tokens=6, ignore_eos=True, **extra)
     stopped.inputs["stop_token_ids"] = np.array([[three]], dtype=np.int32)
     service.accept(stopped)
     wait(stopped)
@@ -257,6 +259,37 @@ def test_the_models_other_end_tokens_end_a_choice_as_its_end_id(make_service, to
         service.accept(req)
         wait(req)
         assert choice_texts(req, 1) == [text]
+        assert [p[1] for k, p in req.sent if k == "send_final"] == [reason]
+        assert int(engine.tensors[-1]["min_tokens"][0, 0]) == min_tokens
+
+
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_min_tokens_holds_back_stop_tokens_and_stop_sequences_on_the_wire(make_service, tokenizer, logprobs):
+    """Direct gRPC: min_tokens (vLLM's) lets no stop_token_ids token or stop sequence end the
+    choice before that many tokens (the engine gets min_tokens as given, banning its end id);
+    ignore_eos and min_tokens together: the engine's min_tokens is max_tokens, stops still
+    count after min_tokens."""
+    three = tokenizer(" three", add_special_tokens=False).input_ids[0]
+    extra = {"return_log_probs": True} if logprobs else {}
+    service, engine = make_service()
+    cases = (({"min_tokens": 3}, " one two three four five six", "length", 3),
+             ({"min_tokens": 2}, " one two", "stop_sequence", 2),
+             ({"min_tokens": 2, "ignore_eos": True}, " one two", "stop_sequence", 6))
+    for kw, text, reason, engine_min in cases:
+        req = request(stream=True, max_tokens=6, **kw, **extra)
+        req.inputs["stop_token_ids"] = np.array([[three]], dtype=np.int32)
+        service.accept(req)
+        wait(req)
+        assert choice_texts(req, 1) == [text], kw
+        assert [p[1] for k, p in req.sent if k == "send_final"] == [reason]
+        assert int(engine.tensors[-1]["min_tokens"][0, 0]) == engine_min
+    for kw, text, reason in (({"min_tokens": 3}, " one two three ", "stop_sequence"),
+                             ({"min_tokens": 4}, " one two three four ", "stop_sequence"),
+                             ({"min_tokens": 5}, " one two three four five six", "length")):
+        req = request(stream=True, max_tokens=6, stop_words=("f",), **kw, **extra)
+        service.accept(req)
+        wait(req)
+        assert choice_texts(req, 1) == [text], kw
         assert [p[1] for k, p in req.sent if k == "send_final"] == [reason]
 
 

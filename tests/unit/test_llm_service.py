@@ -115,6 +115,7 @@ class FakeEngine:
         self.release = threading.Event()
         self.streams = []  # engine ids, in submission order
         self.prompts = []  # their input_ids
+        self.tensors = []  # their tensors
         self.stops = []
         self.stopped = {}
         self.error = None
@@ -122,6 +123,7 @@ class FakeEngine:
     def stream(self, tensors, engine_id, outputs=()):
         self.streams.append(engine_id)
         self.prompts.append(np.asarray(tensors["input_ids"]).reshape(-1).tolist())
+        self.tensors.append(tensors)
         self.outputs = tuple(outputs)
         stopped = self.stopped.setdefault(engine_id, threading.Event())
         if self.hold:

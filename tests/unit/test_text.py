@@ -91,6 +91,18 @@ def test_possible_stop_prefix_is_held_back():
     assert m.push("x") == "##x"
 
 
+def test_text_pushed_without_matching_is_never_part_of_a_stop_sequence():
+    """min_tokens' text (match=False): released at once with what was held back, and no stop
+    sequence starts in it, not even one that it and later text would complete."""
+    m = StopSequenceMatcher(["ab", "###"])
+    assert m.push("x#") == "x"  # "#" may start "###"
+    assert m.push("#a", match=False) == "##a"
+    assert m.push("b#") == "b"  # "ab" would start in the protected text: no match
+    assert m.matched is None
+    assert m.push("##") == ""
+    assert m.matched == "###"
+
+
 def request(max_tokens=10, stop_words=()):
     return TextRequest(prompt="p", sampling=SamplingParams(max_new_tokens=max_tokens, stop=tuple(stop_words)))
 
@@ -121,11 +133,13 @@ def test_an_included_stop_sequence_ends_the_text(pieces, stops, released):
     assert "".join(release_all(m, pieces)) == released and m.matched is not None
 
 
-def sampled(tokenizer, ids, *, stop_ids=(), include=False, stops=(), logprobs=None):
+def sampled(tokenizer, ids, *, stop_ids=(), include=False, stops=(), logprobs=None, min_tokens=0,
+            ignore_eos=False, end_ids=frozenset()):
     """A generation of ``ids`` pushed one by one; its text (streamed), tokens' texts and end."""
     sampling = SamplingParams(max_new_tokens=50, stop=tuple(stops), stop_token_ids=tuple(stop_ids),
-                              include_stop_str_in_output=include, logprobs=logprobs)
-    gen = TextGeneration(tokenizer, TextRequest(prompt="p", sampling=sampling), prompt_tokens=5)
+                              include_stop_str_in_output=include, logprobs=logprobs, min_tokens=min_tokens,
+                              ignore_eos=ignore_eos)
+    gen = TextGeneration(tokenizer, TextRequest(prompt="p", sampling=sampling), prompt_tokens=5, end_ids=end_ids)
     text, tokens = "", []
     for token in ids:
         text += gen.push([token], [-1.0] if logprobs is not None else None)
@@ -158,6 +172,44 @@ def test_a_stop_token_ends_the_choice_with_its_text_only_when_included(tokenizer
     assert (text, reason) == (" Par", "stop_sequence")
     if logprobs is not None:
         assert "".join(tokens) == text
+
+
+@pytest.mark.parametrize("logprobs", [None, 0])
+def test_min_tokens_holds_back_stop_tokens_and_stop_sequences(tokenizer, logprobs):
+    """vLLM's min_tokens: before that many tokens a stop_token_ids token is an ordinary token
+    (counted, its text kept) and no stop sequence is matched in their text; the first one after
+    ends the choice as usual. ignore_eos (alone) keeps both."""
+    ids = tokenizer(" one two three four two three", add_special_tokens=False).input_ids
+    assert len(ids) == 6
+    three = ids[2]
+    for kw, text, reason, count in (
+        ({"stop_ids": [three]}, " one two", "stop_sequence", 3),
+        ({"stop_ids": [three], "min_tokens": 2}, " one two", "stop_sequence", 3),  # the 3rd may stop
+        ({"stop_ids": [three], "min_tokens": 3}, " one two three four two", "stop_sequence", 6),
+        ({"stop_ids": [three], "min_tokens": 6}, " one two three four two three", "eos_token", 6),  # ids end
+        ({"stop_ids": [three], "ignore_eos": True}, " one two", "stop_sequence", 3),
+        ({"stops": ["o"]}, " ", "stop_sequence", 1),
+        ({"stops": ["o"], "min_tokens": 1}, " one tw", "stop_sequence", 2),
+        ({"stops": ["o"], "min_tokens": 3}, " one two three f", "stop_sequence", 4),
+        ({"stops": ["two three"], "min_tokens": 2}, " one two three four ", "stop_sequence", 6),  # not from token 2
+        ({"stops": ["two three"], "min_tokens": 1}, " one ", "stop_sequence", 3),
+        ({"stops": ["o"], "ignore_eos": True}, " ", "stop_sequence", 1),
+    ):
+        got, tokens, got_reason, got_count = sampled(tokenizer, ids, logprobs=logprobs, **kw)
+        assert (got, got_reason, got_count) == (text, reason, count), kw
+        if logprobs is not None:
+            assert "".join(tokens) == got
+
+
+def test_ignore_eos_and_min_tokens_hold_back_the_models_other_end_tokens(tokenizer):
+    """The model's other end tokens (generation_config.json's) end the choice as the end token
+    does (finish eos_token, not counted), after min_tokens tokens and never with ignore_eos."""
+    ids = tokenizer(" one two three four", add_special_tokens=False).input_ids
+    three = frozenset([ids[2]])
+    assert sampled(tokenizer, ids, end_ids=three)[2:] == ("eos_token", 2)
+    assert sampled(tokenizer, ids, end_ids=three, min_tokens=2)[2:] == ("eos_token", 2)
+    assert sampled(tokenizer, ids, end_ids=three, min_tokens=3)[0] == " one two three four"
+    assert sampled(tokenizer, ids, end_ids=three, ignore_eos=True)[0] == " one two three four"
 
 
 def test_words_list_format():

@@ -16,15 +16,20 @@ class StopSequenceMatcher:
         self._longest = max((len(s) for s in self._stops), default=0)
         self._text = ""  # everything generated so far
         self._released = 0  # self._text[:_released] has been handed out
+        self._floor = 0  # no stop sequence starts before this offset (min_tokens' protected text)
         self.matched: str | None = None
 
-    def push(self, delta: str) -> str:
-        """Add generated text; return the part that is now safe to release."""
+    def push(self, delta: str, *, match: bool = True) -> str:
+        """Add generated text; return the part that is now safe to release. With ``match``
+        false the text is never part of a stop sequence (the text of the first ``min_tokens``
+        tokens): it is released at once, with what was held back."""
         if self.matched is not None or not delta:
             return ""
-        start = max(0, len(self._text) - self._longest + 1)
+        start = max(self._floor, len(self._text) - self._longest + 1)
         self._text += delta
-        if not self._stops:
+        if not match:
+            self._floor = len(self._text)
+        if not self._stops or not match:
             return self._release(len(self._text))
         hit = self._earliest_match(start)
         if hit is not None:
@@ -47,7 +52,7 @@ class StopSequenceMatcher:
 
     def _held_back(self) -> int:
         """Length of the longest suffix of the text that is a proper prefix of a stop."""
-        tail = self._text[-self._longest:]
+        tail = self._text[max(self._floor, len(self._text) - self._longest):]
         for k in range(min(len(tail), self._longest - 1), 0, -1):
             suffix = tail[-k:]
             if any(stop.startswith(suffix) for stop in self._stops):
