@@ -227,8 +227,8 @@ def test_llama_config_reads_both_rope_layouts():
     given = LlamaConfig.from_dict({**raw, "original_max_position_embeddings": 512, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": 1e5, "factor": 2.0, "original_max_position_embeddings": 1024,
         "beta_fast": 16, "beta_slow": 2, "attention_factor": 1.5, "truncate": False}}).rope_scaling
-    assert given == RopeScaling("yarn", 2.0, original_max_position_embeddings=512, beta_fast=16.0, beta_slow=2.0,
-                                attention_factor=1.5, truncate=False)  # config.json's own context first
+    assert given == RopeScaling("yarn", 2.0, original_max_position_embeddings=1024, beta_fast=16.0, beta_slow=2.0,
+                                attention_factor=1.5, truncate=False)  # the RoPE dict's context (below)
     deepseek = LlamaConfig.from_dict({**raw, "rope_scaling": {"type": "yarn", "factor": 40.0, "mscale": 1.0,
                                                               "mscale_all_dim": 0.5}}).rope_scaling
     assert deepseek.attention_factor == pytest.approx((0.1 * math.log(40) + 1) / (0.05 * math.log(40) + 1))
@@ -237,6 +237,30 @@ def test_llama_config_reads_both_rope_layouts():
                     {"rope_type": "default", "partial_rotary_factor": 0.5}):
         with pytest.raises(ValueError, match="rope|rotary"):
             LlamaConfig.from_dict({**raw, "rope_parameters": refused})
+
+
+@pytest.mark.parametrize("rope_type", ["llama3", "yarn"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral", "smollm3"])
+def test_the_pretraining_context_of_rope_scaling_is_read_as_transformers_reads_it(rope_type, model_type):
+    """original_max_position_embeddings: the RoPE dict's, else the model's context; a top-level
+    one is not read, as transformers' configuration classes of these types do (their
+    standardize_rope_params runs before extra config.json keys become attributes)."""
+    import transformers
+
+    raw = {"model_type": model_type, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "max_position_embeddings": 4096}
+    scaling = {"rope_type": rope_type, "factor": 8.0}
+    if rope_type == "llama3":
+        scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    hf_class = transformers.AutoConfig.for_model(model_type).__class__
+    for extra, in_dict in (({"original_max_position_embeddings": 512}, {"original_max_position_embeddings": 1024}),
+                           ({}, {"original_max_position_embeddings": 1024}),
+                           ({"original_max_position_embeddings": 512}, {}), ({}, {})):
+        config = {**raw, **extra, "rope_scaling": {**scaling, **in_dict}}
+        theirs = hf_class(**config).rope_parameters["original_max_position_embeddings"]
+        assert theirs == (1024 if in_dict else 4096)
+        assert LlamaConfig.from_dict(config).rope_scaling.original_max_position_embeddings == theirs
 
 
 def test_llama_config_reads_the_llama_family_and_refuses_the_rest():

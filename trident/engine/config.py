@@ -262,8 +262,16 @@ def _rope(raw: dict) -> tuple[float, RopeScaling | None]:
         return theta, _yarn(raw, params)
     return theta, RopeScaling(
         "llama3", float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]),
-        int(params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
-            or raw.get("max_position_embeddings", 8192)))
+        _pretraining_context(raw, params, 8192))
+
+
+def _pretraining_context(raw: dict, params: dict, default: int) -> int:
+    """The context of pre-training that llama3 / yarn scaling starts from, as transformers reads
+    it for the types served here (standardize_rope_params): the RoPE dict's
+    ``original_max_position_embeddings``, else the model's context. A top-level one is not read
+    (only configuration classes that declare it, Phi-3's, take it, and Phi-3 scales by longrope,
+    which is refused)."""
+    return int(params.get("original_max_position_embeddings") or raw.get("max_position_embeddings", default))
 
 
 def _yarn(raw: dict, params: dict) -> RopeScaling:
@@ -272,9 +280,7 @@ def _yarn(raw: dict, params: dict) -> RopeScaling:
     of 0.1 ln(factor) + 1 (or the ratio of two such with DeepSeek's ``mscale`` / ``mscale_all_dim``)
     unless given."""
     factor = float(params["factor"])
-    # transformers' order: config.json's own (Phi-3 keeps it there), the RoPE dict's, the context
-    original = (raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
-                or raw.get("max_position_embeddings", 2048))
+    original = _pretraining_context(raw, params, 2048)
     attention = params.get("attention_factor")
     if attention is None:
         mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
@@ -282,7 +288,7 @@ def _yarn(raw: dict, params: dict) -> RopeScaling:
             attention = _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all_dim))
         else:
             attention = _yarn_mscale(factor)
-    return RopeScaling("yarn", factor, original_max_position_embeddings=int(original),
+    return RopeScaling("yarn", factor, original_max_position_embeddings=original,
                        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
                        attention_factor=float(attention), truncate=bool(params.get("truncate", True)))
 
