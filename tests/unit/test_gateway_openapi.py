@@ -13,7 +13,7 @@ import openapi_sse
 import pytest
 import schemathesis
 from gateway_fakes import FakeBackend
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, seed, settings
 from openai_fixtures import AUTH, KEY, tokenizer_dir
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -189,9 +189,14 @@ def test_check_sse_can_fail():
 # -- the fuzz run -------------------------------------------------------------------------------
 
 
+# A fixed seed, not derandomize: derandomize's seed (Hypothesis' digest of the test) differed
+# with the checkout's path, so every clone (each CI run) sent other requests; 146 of the 789
+# bodies of POST /v1/completions differed between two checkouts of one commit. With the seed,
+# every run, here and in CI, sends the same requests.
 @schema.parametrize()
+@seed(20261206)
 @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck),
-          derandomize=True, database=None)
+          database=None)
 def test_fuzz(case):
     response = case.call(headers=AUTH)
     SENT.append(case.operation.label)
