@@ -53,6 +53,12 @@ CASES = {
     # Phi-3: Llama's layer with q/k/v and gate/up stored fused, and a sliding window (2047 in
     # Phi-3-mini; 24 here, under prompts of 96: a prefill and decode steps both pass it)
     "phi3": ("phi3", {"sliding_window": 24, "tie_word_embeddings": False}),
+    # LongRoPE (Phi-3-mini-128k, Phi-3.5-mini) from a pre-training context of 16: per-dimension
+    # short factors within it, long ones past it, cos and sin scaled by sqrt(1 + ln 8 / ln 16)
+    "phi3_longrope": ("phi3", {"original_max_position_embeddings": 16, "tie_word_embeddings": False,
+                               "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
+                                                   "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.7],
+                                                   "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]}}),
     # SmolLM3: the second layer applies no RoPE (NoPE; every 4th layer in the released model)
     "smollm3": ("smollm3", {"no_rope_layers": [1, 0], "rope_parameters": {"rope_type": "default",
                                                                            "rope_theta": 5e6}}),
@@ -76,7 +82,11 @@ def _int4_values(w: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module", params=sorted(CASES))
 def checkpoint(request, tmp_path_factory):
     """(folder, transformers model) of one case."""
-    model_type, extra = CASES[request.param]
+    return _checkpoint(request.param, tmp_path_factory)
+
+
+def _checkpoint(name: str, tmp_path_factory):
+    model_type, extra = CASES[name]
     torch.manual_seed(11)
     hf = transformers.AutoModelForCausalLM.from_config(_config(model_type, extra), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -89,7 +99,7 @@ def checkpoint(request, tmp_path_factory):
                 p.copy_(torch.randn_like(p))
             else:  # a matmul weight: N(0, 1/fan_in), on the int4 grid
                 p.copy_(_int4_values(torch.randn_like(p) * p.shape[1] ** -0.5))
-    folder = tmp_path_factory.mktemp(request.param)
+    folder = tmp_path_factory.mktemp(name)
     hf.save_pretrained(folder)
     return folder, hf
 
@@ -121,7 +131,7 @@ def _fused_logits(fused, tokens: list[int]) -> torch.Tensor:
     cache.extend(0, T)
     with torch.inference_mode():
         return fused.forward(torch.tensor(tokens), torch.arange(T), torch.zeros(T, dtype=torch.long), cache,
-                             torch.arange(T))
+                             torch.arange(T), torch.full((T,), T))
 
 
 def test_the_config_is_read_as_transformers_wrote_it(checkpoint):
@@ -134,7 +144,7 @@ def test_the_config_is_read_as_transformers_wrote_it(checkpoint):
     assert (config.rope_scaling is not None) == ("rope_type" in hf.config.rope_parameters
                                                  and hf.config.rope_parameters["rope_type"] != "default")
     assert config.nope_layers == ((1,) if config.model_type == "smollm3" else ())
-    assert config.sliding_window == (24 if config.model_type == "phi3" else None)
+    assert config.sliding_window == (24 if config.model_type == "phi3" and hf.config.sliding_window else None)
     assert config.tie_word_embeddings == hf.config.tie_word_embeddings
     assert config.rope_theta == hf.config.rope_parameters["rope_theta"]
 
@@ -152,15 +162,23 @@ def test_rope_frequencies_are_transformers_own(checkpoint):
     else:
         expected, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf.config, "cpu")
         assert config.rope_scaling.attention_factor == attention_factor
-        assert (attention_factor != 1.0) == (rope_type == "yarn")
+        assert (attention_factor != 1.0) == (rope_type in ("yarn", "longrope"))
     assert torch.equal(inverse_frequencies(config), expected)
-    # and the tables: cos and sin of every position as transformers' rotary embedding gives them
-    positions = torch.arange(MAX_SEQ_LEN)[None]
-    hf_cos, hf_sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
     cos, sin_signed = rope_tables(config, MAX_SEQ_LEN, torch.float32)
     half = config.head_dim // 2
-    assert torch.equal(cos, hf_cos[0])
-    assert torch.equal(torch.cat((-sin_signed[:, :half], sin_signed[:, half:]), dim=-1), hf_sin[0])
+    sin = torch.cat((-sin_signed[:, :half], sin_signed[:, half:]), dim=-1)
+    # and the tables: cos and sin of every position as transformers' rotary embedding gives them
+    # for a sequence that long (LongRoPE: the long factors, the second half of the tables)
+    positions = torch.arange(MAX_SEQ_LEN)[None]
+    hf_cos, hf_sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    rows = slice(MAX_SEQ_LEN, None) if rope_type == "longrope" else slice(None)
+    assert torch.equal(cos[rows], hf_cos[0]) and torch.equal(sin[rows], hf_sin[0])
+    if rope_type == "longrope":  # and for one within the pre-training context: the short factors
+        assert torch.equal(inverse_frequencies(config, long=True),
+                           ROPE_INIT_FUNCTIONS[rope_type](hf.config, "cpu", seq_len=config.long_rope + 1)[0])
+        hf_cos, hf_sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions[:, :config.long_rope])
+        assert torch.equal(cos[:config.long_rope], hf_cos[0]) and torch.equal(sin[:config.long_rope], hf_sin[0])
+        assert not torch.equal(cos[:MAX_SEQ_LEN], cos[MAX_SEQ_LEN:])
 
 
 def _against_transformers(checkpoint, weight_dtype: str):
@@ -215,7 +233,10 @@ def test_int4_kernel_runs_the_architecture(checkpoint):
     assert close < 0.03
     # The same kernel without what the architecture adds (scaled RoPE, bias, head norms, layers
     # without RoPE) is several times farther off: the check above sees each of them.
-    if c.rope_scaling is not None:  # plain RoPE tables
+    if c.long_rope is not None:  # the short factors' tables for the long rows too
+        model.cos, model.sin_signed = (torch.cat((t[:MAX_SEQ_LEN], t[:MAX_SEQ_LEN])).contiguous()
+                                       for t in (model.cos, model.sin_signed))
+    elif c.rope_scaling is not None:  # plain RoPE tables
         from trident.engine.llama import rope_tables
 
         plain = dataclasses.replace(c, rope_scaling=None)
@@ -235,7 +256,8 @@ def test_int4_kernel_runs_the_architecture(checkpoint):
 
 def test_int4_logits_do_not_depend_on_how_the_prompt_is_chunked(checkpoint):
     """A prompt prefilled in chunks (each attending to the cache the earlier ones wrote, through
-    the sliding window where there is one) gives the logits of the prompt in one step, bit for bit."""
+    the sliding window where there is one; with LongRoPE each told the prompt's length, as the
+    engine's batch does) gives the logits of the prompt in one step, bit for bit."""
     model, tokens, _ = _against_transformers(checkpoint, "int4")
     whole = _fused_logits(model, tokens)
     cache = _paged_cache(model.config)
@@ -244,7 +266,8 @@ def test_int4_logits_do_not_depend_on_how_the_prompt_is_chunked(checkpoint):
         for end in (5, 37, 38, 80, len(tokens)):
             cache.extend(0, end)
             parts.append(model.forward(torch.tensor(tokens[start:end]), torch.arange(start, end),
-                                       torch.zeros(end - start, dtype=torch.long), cache, torch.arange(end - start)))
+                                       torch.zeros(end - start, dtype=torch.long), cache, torch.arange(end - start),
+                                       torch.full((end - start,), len(tokens))))
             start = end
     assert torch.equal(torch.cat(parts), whole)
 
@@ -288,3 +311,102 @@ def test_int4_reads_a_bfloat16_checkpoint_a_layer_at_a_time_and_packs_the_same_w
     reference = _model(folder, "int4")  # from float32 tensors, read all at once
     tokens = _prompt(n=40)
     assert torch.equal(_fused_logits(loaded, tokens), _fused_logits(reference, tokens))
+
+
+# ---------------------------------------------------------------- LongRoPE's switch
+
+
+@pytest.fixture(scope="module")
+def longrope(tmp_path_factory):
+    return _checkpoint("phi3_longrope", tmp_path_factory)
+
+
+@torch.inference_mode()
+def _hf_generate_logits(hf, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy tokens and the logits (n, V) it chose each from, with its KV cache:
+    the prompt in one call, then one call per token (each call picks LongRoPE's factors)."""
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1,
+                      output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits).float()
+
+
+def _run(engine: Engine, runs: list[tuple[str, list[int]]], n: int) -> dict[str, tuple[list[int], list[float], int]]:
+    """Greedy requests one after the other (each finds the blocks the earlier ones left):
+    per request id its tokens, their log-probabilities and its prompt tokens from the prefix cache."""
+    results = {}
+    engine.start()
+    try:
+        for rid, prompt in runs:
+            sink = Collector()
+            engine.submit(GenerationRequest(request_id=rid, input_ids=prompt, report_cached=True,
+                                            sampling=SamplingParams(max_new_tokens=n, temperature=0.0, logprobs=0)),
+                          sink)
+            sink.wait(rid)
+            outputs = sink.outputs[rid]
+            results[rid] = (sink.tokens(rid), [lp for o in outputs for lp in o.log_probs or []],
+                            next(o.cached_tokens for o in outputs if o.finished))
+    finally:
+        engine.stop()
+    return results
+
+
+def test_longrope_engine_switches_to_the_long_factors_as_transformers_does(longrope):
+    """float32 engine (torch ops): a prompt within the pre-training context (16) is computed with
+    the short factors; when its sequence grows past it, the whole sequence is computed again with
+    the long ones (transformers' Phi-3 drops its cache there); a longer prompt is long from its
+    first position. Each generated token and its log-probability are transformers' (generate,
+    with its cache), prompts of 6, 16 (the switch at the first decode step) and 17."""
+    folder, hf = longrope
+    prompts = {"6": _prompt(7, 6), "16": _prompt(8, 16), "17": _prompt(9, 17)}
+    engine = Engine(EngineConfig(checkpoint_dir=str(folder), max_batch_size=4, max_seq_len=MAX_SEQ_LEN,
+                                 dtype="float32"))
+    results = _run(engine, list(prompts.items()), 14)
+    for rid, prompt in prompts.items():
+        tokens, logits = _hf_generate_logits(hf, prompt, 14)
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+        assert results[rid][0] == tokens, rid
+        torch.testing.assert_close(torch.tensor(results[rid][1]), expected, atol=2e-4, rtol=1e-4, msg=rid)
+    assert engine.stats()["long_rope_recomputed"] == 2  # the prompts of 6 and 16
+
+
+def test_int4_engine_picks_longropes_tables_per_sequence_and_keeps_their_blocks_apart(longrope):
+    """The int4 engine (chunked prefill, batching, prefix reuse) over sequences on both sides of
+    the pre-training context: each generated token's log-probability equals the one the fused
+    model gives for the sequence so far computed in one step, with the short factors while it
+    is within the context and the long ones past it (the kernel is bit-exact: chunking,
+    batching and the recomputation change nothing). Prefix reuse keeps the two apart: a prompt
+    within the context reuses the blocks of shorter prompts, a longer one those computed with the
+    long factors (a long prompt's, or a recomputed sequence's), never the other kind (checked by
+    the log-probabilities: the other kind's K/V would move them)."""
+    folder, _ = longrope
+    engine = Engine(EngineConfig(checkpoint_dir=str(folder), max_batch_size=4, max_seq_len=MAX_SEQ_LEN,
+                                 dtype="float32", weight_dtype="int4", kv_cache_dtype="float32", kv_block_size=8,
+                                 prefill_token_budget=24))
+    base = _prompt(9, 64)
+    runs = [("short", base[:12]),  # recomputed at 17 tokens: base[:8]'s block in both kinds
+            ("short_again", base[:14]), ("long", base[:40]), ("extends_long", base[:56]),
+            ("short_after_long", base[:15]), ("at_the_context", base[:16])]
+    results = _run(engine, runs, 10)
+    model = _model(folder, "int4")
+    context = model.config.long_rope
+    for rid, prompt in runs:
+        tokens, logprobs, _ = results[rid]
+        sequence = prompt + tokens[:-1]
+        T = len(sequence)
+        rows = torch.arange(len(prompt) - 1, T)
+        both = []
+        for lengths in (context, T):  # every row short (within the context), every row long
+            cache = _paged_cache(model.config)
+            cache.extend(0, T)
+            with torch.inference_mode():
+                both.append(model.forward(torch.tensor(sequence), torch.arange(T), torch.zeros(T, dtype=torch.long),
+                                          cache, rows, torch.full((T,), lengths)))
+        logits = torch.where((rows + 1 > context)[:, None], both[1], both[0])  # the sequence's length then
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+        torch.testing.assert_close(torch.tensor(logprobs), expected, atol=1e-5, rtol=0, msg=rid)
+        assert tokens == logits.argmax(-1).tolist(), rid
+    cached = {rid: r[2] for rid, r in results.items()}
+    assert cached == {"short": 0, "short_again": 8, "long": 8, "extends_long": 40, "short_after_long": 8,
+                      "at_the_context": 8}
+    assert engine.stats()["long_rope_recomputed"] == 4  # all but long and extends_long

@@ -345,7 +345,8 @@ def test_fused_step_refuses_bad_inputs():
                               model.norm, model.lm_head, model.attn_norm, model.ffn_norm, wqkv, model.wo,
                               model.w_gate_up, model.w_down, a.get("qkv_bias", model.qkv_bias),
                               a.get("qk_norm", model.qk_norm), a.get("rope_layers", model.rope_layers), cache.kv,
-                              model.cos, model.sin_signed, c.num_heads, c.num_kv_heads, c.rms_norm_eps, model.scale)
+                              model.cos, model.sin_signed, c.num_heads, c.num_kv_heads, c.rms_norm_eps, model.scale,
+                              0, a.get("rope_rows", torch.empty(0, dtype=torch.long)))
 
     assert run().shape == (1, 96)
     with pytest.raises(RuntimeError, match="weight shapes do not match"):
@@ -366,6 +367,14 @@ def test_fused_step_refuses_bad_inputs():
         run(row_slots=torch.tensor([0, 3]))
     with pytest.raises(RuntimeError, match="logit_rows must increase"):
         run(logit_rows=torch.tensor([1, 0]))
+    with pytest.raises(RuntimeError, match="rope_rows must be"):
+        run(rope_rows=torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="rope_rows must be"):
+        run(rope_rows=torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="position beyond the rope tables"):
+        run(rope_rows=torch.tensor([0, model.cos.shape[0]]))
+    # a row's table row is its position unless rope_rows says otherwise: the same rows, the same logits
+    assert torch.equal(run(rope_rows=torch.tensor([0, 1])), run())
 
 
 def test_packing_in_row_chunks_gives_the_same_bytes():

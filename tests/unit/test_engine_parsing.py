@@ -239,6 +239,60 @@ def test_llama_config_reads_both_rope_layouts():
             LlamaConfig.from_dict({**raw, "rope_parameters": refused})
 
 
+def test_longrope_is_read_as_transformers_reads_phi3s():
+    """Phi-3.5-mini's settings: the pre-training context at the top level (it wins over the RoPE
+    dict's for phi3, 4096 when absent), factor the context over it, the attention factor
+    sqrt(1 + ln(factor) / ln(context)), as transformers' Phi3Config and longrope computation."""
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    raw = {"model_type": "phi3", "vocab_size": 10, "hidden_size": 32, "intermediate_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+           "max_position_embeddings": 131072, "original_max_position_embeddings": 4096}
+    short, long = [1.0 + i / 10 for i in range(8)], [2.0 + i for i in range(8)]
+    longrope = {"type": "longrope", "short_factor": short, "long_factor": long}
+    for extra, rope in (({}, longrope), ({"original_max_position_embeddings": 2048}, longrope),
+                        ({"original_max_position_embeddings": None}, longrope),
+                        ({}, {**longrope, "original_max_position_embeddings": 8192}),
+                        ({}, {**longrope, "factor": 4.0, "attention_factor": 1.25})):
+        config = {k: v for k, v in {**raw, **extra, "rope_scaling": rope}.items() if v is not None}
+        ours = LlamaConfig.from_dict(config).rope_scaling
+        hf = Phi3Config(**config)
+        inv_freq, attention = ROPE_INIT_FUNCTIONS["longrope"](hf, "cpu")
+        assert ours.original_max_position_embeddings == hf.rope_parameters["original_max_position_embeddings"]
+        assert ours.attention_factor == attention
+        assert (ours.short_factor, ours.long_factor) == (tuple(short), tuple(long))
+    phi35 = LlamaConfig.from_dict({**raw, "rope_scaling": longrope})
+    assert phi35.long_rope == 4096 and phi35.rope_scaling.factor == 32.0
+    assert phi35.rope_scaling.attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    assert LlamaConfig.from_dict(raw).long_rope is None
+    with pytest.raises(ValueError, match="head_dim / 2 = 8 factors, got 7"):
+        LlamaConfig.from_dict({**raw, "rope_scaling": {**longrope, "short_factor": short[:7], "long_factor": long[:7]}})
+    with pytest.raises(ValueError, match="differ in length"):
+        LlamaConfig.from_dict({**raw, "rope_scaling": {**longrope, "long_factor": long[:7]}})
+    with pytest.raises(ValueError, match="needs short_factor, long_factor"):
+        LlamaConfig.from_dict({**raw, "rope_scaling": {"type": "longrope", "short_factor": short}})
+
+
+def test_rope_rows_pick_longropes_long_tables_by_the_sequences_length():
+    """transformers' choice per forward call (the longest position + 1: the whole prompt at
+    prefill, each step's own position in decode) made per row: prompts within the context and
+    their decode steps up to it take the short rows, everything else the long ones."""
+    from trident.engine.llama import rope_rows
+
+    raw = {"vocab_size": 10, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "max_position_embeddings": 64, "original_max_position_embeddings": 16,
+           "model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8,
+                                                  "long_factor": [2.0] * 8}}
+    c = LlamaConfig.from_dict(raw)
+    positions = torch.tensor([0, 5, 15, 0, 15, 16, 15, 16, 40])
+    prompts = torch.tensor([16, 16, 16, 17, 17, 17, 3, 3, 3])  # a prompt of 16 (short), of 17 (long), decode of 3
+    assert rope_rows(c, positions, prompts, 100).tolist() == [0, 5, 15, 100, 115, 116, 15, 116, 140]
+    assert rope_rows(c, positions, None, 100).tolist() == [0, 5, 15, 0, 15, 116, 15, 116, 140]
+    plain = LlamaConfig.from_dict({k: v for k, v in raw.items() if k != "rope_scaling"})
+    assert rope_rows(plain, positions, prompts, 100) is positions
+
+
 @pytest.mark.parametrize("rope_type", ["llama3", "yarn"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral", "smollm3"])
 def test_the_pretraining_context_of_rope_scaling_is_read_as_transformers_reads_it(rope_type, model_type):

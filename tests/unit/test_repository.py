@@ -83,8 +83,8 @@ def test_launcher_sizes_the_python_thread_pool_from_the_llm_concurrency(tmp_path
 
 @pytest.mark.parametrize("config, reason", [
     ({"model_type": "gemma2"}, "model_type 'gemma2' is not served"),
-    ({"model_type": "llama", "rope_parameters": {"rope_type": "longrope", "factor": 4.0}},
-     "unsupported rope type 'longrope'"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "dynamic", "factor": 4.0}},
+     "unsupported rope type 'dynamic'"),
     ({"model_type": "qwen2", "use_sliding_window": True}, "sliding-window attention"),
 ])
 def test_build_script_refuses_a_checkpoint_the_engine_would_compute_wrongly(tmp_path, config, reason):

@@ -20,6 +20,10 @@ import heapq
 from collections import OrderedDict
 
 ROOT = 0  # the chain id before a sequence's first block
+#: the chain id before the first block of a sequence whose K/V were computed otherwise than those
+#: of the same tokens from ROOT (LongRoPE's long factors, paged_batch.PagedBatch._root): its
+#: blocks are found only by such sequences
+LONG_ROOT = -1
 
 
 class OutOfBlocks(RuntimeError):
@@ -42,7 +46,8 @@ class BlockPool:
 
     # ---- lookups and allocation ----
 
-    def match(self, tokens: list[int], block_size: int, *, lookup: bool = True) -> tuple[list[int], list[int]]:
+    def match(self, tokens: list[int], block_size: int, *, lookup: bool = True,
+              root: int = ROOT) -> tuple[list[int], list[int]]:
         """The registered blocks that cover a prefix of ``tokens`` (taking a reference on each)
         and their chain ids. At most (len - 1) // block_size blocks: the last token is always
         computed, its logits are the point of the prefill. ``lookup`` False: none (a request
@@ -50,7 +55,7 @@ class BlockPool:
         blocks: list[int] = []
         chain: list[int] = []
         if self.reuse and lookup:
-            parent = ROOT
+            parent = root
             for i in range((len(tokens) - 1) // block_size):
                 block = self._table.get((parent, tuple(tokens[i * block_size:(i + 1) * block_size])))
                 if block is None:

@@ -131,9 +131,11 @@ TIED_BY_DEFAULT = frozenset({"smollm3"})
 #: frequency by ``factor``; ``llama3`` (Llama 3.1 / 3.2 / 3.3) divides the low frequencies, keeps
 #: the high ones and blends between; ``yarn`` (Qwen2.5 / Qwen3 / SmolLM3 past their pre-training
 #: context) blends between divided and kept by dimension and scales cos and sin by its attention
-#: factor. Others (longrope, dynamic: frequencies that change with the sequence's length) are
-#: refused, not approximated.
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+#: factor; ``longrope`` (Phi-3-mini-128k, Phi-3.5-mini: their long context) has two sets of
+#: per-dimension factors, the short one while a sequence is within the pre-training context and
+#: the long one past it (see LlamaConfig.long_rope), and scales cos and sin by its attention
+#: factor. ``dynamic`` (frequencies recomputed for every length) is refused, not approximated.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,10 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
     beta_fast: float = 32.0  # yarn: the rotation counts bounding the blend
     beta_slow: float = 1.0
-    attention_factor: float = 1.0  # yarn: cos and sin are multiplied by it
+    attention_factor: float = 1.0  # yarn, longrope: cos and sin are multiplied by it
     truncate: bool = True  # yarn: the blend's bounds rounded to whole dimensions
+    short_factor: tuple[float, ...] = ()  # longrope: each frequency divided by its factor (head_dim / 2 of them)
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,16 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     nope_layers: tuple[int, ...] = ()  # the layers that apply no RoPE (SmolLM3), increasing
     sliding_window: int | None = None  # each position attends to the last this many (itself included)
+
+    @property
+    def long_rope(self) -> int | None:
+        """With ``longrope`` scaling, the pre-training context: a row of a sequence whose prompt
+        or whose own position + 1 is longer rotates by the long factors, else by the short ones.
+        That is transformers' choice (by the longest position of each forward call: the whole
+        prompt at prefill, then each decode step's own), made per row so that neither chunking
+        nor batching changes a sequence's numbers. None without longrope."""
+        s = self.rope_scaling
+        return s.original_max_position_embeddings if s is not None and s.rope_type == "longrope" else None
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "LlamaConfig":
@@ -206,6 +220,9 @@ class LlamaConfig:
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         num_layers = int(raw["num_hidden_layers"])
+        head_dim = int(raw.get("head_dim") or hidden // heads)
+        if scaling is not None and scaling.rope_type == "longrope" and len(scaling.short_factor) != head_dim // 2:
+            raise ValueError(f"longrope needs head_dim / 2 = {head_dim // 2} factors, got {len(scaling.short_factor)}")
         return cls(
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
@@ -213,7 +230,7 @@ class LlamaConfig:
             num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             max_position_embeddings=max_positions,
@@ -253,13 +270,16 @@ def _rope(raw: dict) -> tuple[float, RopeScaling | None]:
         raise ValueError(f"partial rotary embeddings are not supported: {params}")
     if rope_type == "default":
         return theta, None
-    needed = ("factor", "low_freq_factor", "high_freq_factor") if rope_type == "llama3" else ("factor",)
+    needed = {"llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+              "longrope": ("short_factor", "long_factor")}.get(rope_type, ("factor",))
     if any(key not in params for key in needed):
         raise ValueError(f"rope type {rope_type!r} needs {', '.join(needed)}: {params}")
     if rope_type == "linear":
         return theta, RopeScaling("linear", float(params["factor"]))
     if rope_type == "yarn":
         return theta, _yarn(raw, params)
+    if rope_type == "longrope":
+        return theta, _longrope(raw, params)
     return theta, RopeScaling(
         "llama3", float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]),
         _pretraining_context(raw, params, 8192))
@@ -291,6 +311,28 @@ def _yarn(raw: dict, params: dict) -> RopeScaling:
     return RopeScaling("yarn", factor, original_max_position_embeddings=original,
                        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
                        attention_factor=float(attention), truncate=bool(params.get("truncate", True)))
+
+
+def _longrope(raw: dict, params: dict) -> RopeScaling:
+    """LongRoPE's parameters as transformers reads them (_compute_longrope_parameters): Phi-3's
+    configuration keeps the pre-training context at its top level (4096 when absent) and that
+    wins over the RoPE dict's; ``factor`` defaults to the context over it, and the attention
+    factor to sqrt(1 + ln(factor) / ln(pre-training context)) (1 when factor <= 1)."""
+    if raw.get("model_type") == "phi3":
+        original = int(raw.get("original_max_position_embeddings") or 4096)
+    else:
+        original = _pretraining_context(raw, params, 4096)
+    factor = params.get("factor")
+    if factor is None:
+        factor = int(raw.get("max_position_embeddings", original)) / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    short, long = (tuple(float(f) for f in params[name]) for name in ("short_factor", "long_factor"))
+    if len(short) != len(long):
+        raise ValueError(f"longrope's short_factor and long_factor differ in length ({len(short)}, {len(long)})")
+    return RopeScaling("longrope", float(factor), original_max_position_embeddings=original,
+                       attention_factor=float(attention), short_factor=short, long_factor=long)
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -17,7 +17,7 @@ import torch
 
 from . import kernels
 from .config import LlamaConfig
-from .llama import rope_tables
+from .llama import rope_rows, rope_tables
 from .paged_cache import PagedKVCache
 
 if TYPE_CHECKING:
@@ -52,19 +52,25 @@ class FusedLlama:
                             if config.nope_layers else torch.empty(0, dtype=torch.bool))
         self.norm = w.norm.float().clone()  # not a view: that would keep the whole checkpoint resident
         self.cos, self.sin_signed = (t.contiguous() for t in rope_tables(config, max_seq_len, torch.float32))
+        self._no_rows = torch.empty(0, dtype=torch.long)  # the tables' row of each row: its position
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, row_slots: torch.Tensor,
-                cache: PagedKVCache, logit_rows: torch.Tensor) -> torch.Tensor:
+                cache: PagedKVCache, logit_rows: torch.Tensor, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """One step over T rows (tokens, positions, row_slots: (T,) int64), each slot's blocks
         already extended to its rows' positions; returns the logits (R, V) fp32 of logit_rows
-        ((R,) int64, increasing)."""
+        ((R,) int64, increasing). ``prompt_lengths`` (T,): each row's sequence's prompt length,
+        which with LongRoPE picks the row's tables (llama.rope_rows); None: decode rows (their
+        position + 1 picks them)."""
         c = self.config
+        rows = self._no_rows
+        if c.long_rope is not None:
+            rows = rope_rows(c, positions, prompt_lengths, self.max_seq_len).contiguous()
         return kernels.ops().forward_q4(
             tokens, positions, row_slots, cache.tables, logit_rows, self.embed, self.norm, self.lm_head,
             self.attn_norm, self.ffn_norm, self.wqkv, self.wo, self.w_gate_up, self.w_down, self.qkv_bias,
             self.qk_norm, self.rope_layers, cache.kv, self.cos, self.sin_signed, c.num_heads, c.num_kv_heads,
-            c.rms_norm_eps, self.scale, c.sliding_window or 0)
+            c.rms_norm_eps, self.scale, c.sliding_window or 0, rows)
 
     # The interface of llama.Llama, for one prompt or one token per slot (tests, measurements).
 
@@ -73,7 +79,8 @@ class FusedLlama:
         """A whole prompt at positions 0..T-1 of a slot; its last position's logits (V,)."""
         T = tokens.shape[0]
         cache.extend(slot, T)
-        return self.forward(tokens.long(), torch.arange(T), torch.full((T,), slot), cache, torch.tensor([T - 1]))[0]
+        return self.forward(tokens.long(), torch.arange(T), torch.full((T,), slot), cache, torch.tensor([T - 1]),
+                            torch.full((T,), T))[0]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:

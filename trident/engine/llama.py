@@ -31,12 +31,16 @@ def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
+def inverse_frequencies(config: LlamaConfig, *, long: bool = False) -> torch.Tensor:
     """RoPE's (head_dim / 2,) fp32 frequencies, scaled as config.rope_scaling says, in Hugging
-    Face's operations and order (modeling_rope_utils), so the tables match its bit for bit."""
+    Face's operations and order (modeling_rope_utils), so the tables match its bit for bit.
+    ``long``: longrope's long factors (else its short ones)."""
     c = config
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
     scaling = c.rope_scaling
+    if scaling is not None and scaling.rope_type == "longrope":
+        factors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32)
+        return 1.0 / (factors * c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
     if scaling is None:
         return inv_freq
     if scaling.rope_type == "linear":
@@ -76,10 +80,18 @@ def _yarn_frequencies(c: LlamaConfig, scaling) -> torch.Tensor:
 
 
 def rope_tables(config: LlamaConfig, max_seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (max_seq_len, head_dim) as Hugging Face computes them (fp32, times YaRN's
-    attention factor, then cast), sin with its first half negated (see apply_rope_)."""
+    """cos and sin (max_seq_len, head_dim) as Hugging Face computes them (fp32, times YaRN's or
+    LongRoPE's attention factor, then cast), sin with its first half negated (see apply_rope_).
+    With longrope, (2 * max_seq_len, head_dim): the short factors' rows, then the long ones'
+    (:func:`rope_rows` picks a row's)."""
     c = config
-    inv_freq = inverse_frequencies(c)
+    if c.long_rope is not None:
+        short, long = (_tables(c, inverse_frequencies(c, long=long), max_seq_len, dtype) for long in (False, True))
+        return torch.cat((short[0], long[0])), torch.cat((short[1], long[1]))
+    return _tables(c, inverse_frequencies(c), max_seq_len, dtype)
+
+
+def _tables(c: LlamaConfig, inv_freq: torch.Tensor, max_seq_len: int, dtype: torch.dtype):
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
     cos, sin = emb.cos(), emb.sin()
@@ -88,6 +100,19 @@ def rope_tables(config: LlamaConfig, max_seq_len: int, dtype: torch.dtype) -> tu
     sin = sin.to(dtype)
     half = c.head_dim // 2
     return cos.to(dtype), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
+
+def rope_rows(config: LlamaConfig, positions: torch.Tensor, lengths: torch.Tensor | None,
+              max_seq_len: int) -> torch.Tensor:
+    """The rope_tables row of each row of a step: its position, or with longrope, past the
+    short rows when the row's sequence is longer than the pre-training context, that is when
+    its prompt (``lengths``, per row; None: decode rows, whose position is past their prompt)
+    or its own position + 1 is (LlamaConfig.long_rope)."""
+    context = config.long_rope
+    if context is None:
+        return positions
+    longest = positions + 1 if lengths is None else torch.maximum(lengths, positions + 1)
+    return positions + max_seq_len * (longest > context)
 
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -201,7 +226,9 @@ class Llama:
         qk_heads = c.num_heads + c.num_kv_heads
         positions = torch.cat([torch.arange(n) for n in lengths])
         x = self._embed(torch.cat(prompts))  # (T, H)
-        cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]  # (T, 1, hd)
+        prompt_lengths = torch.cat([torch.full((n,), n) for n in lengths]) if c.long_rope is not None else None
+        rows = rope_rows(c, positions, prompt_lengths, self.max_seq_len)
+        cos, sin = self.cos[rows][:, None], self.sin_signed[rows][:, None]  # (T, 1, hd)
         masks = [self._prefill_mask(n) for n in lengths]  # each prompt's, the same in every layer
         for i, layer in enumerate(self.layers):
             qkv = self._qkv(layer, self._norm(x, layer.attention_norm, c.rms_norm_eps))  # (T, q + 2*kv)
@@ -239,7 +266,8 @@ class Llama:
         group = c.num_heads // n_kv
         qk_heads = c.num_heads + n_kv
         S = int(positions.max()) + 1  # attend only over the longest live prefix, not max_seq_len
-        cos, sin = self.cos[positions][:, None, :], self.sin_signed[positions][:, None, :]  # (B, 1, hd)
+        rows = rope_rows(c, positions, None, self.max_seq_len)
+        cos, sin = self.cos[rows][:, None, :], self.sin_signed[rows][:, None, :]  # (B, 1, hd)
         # Each row sees its own length (the rest of the cache view holds stale data), or the last
         # sliding_window positions of it.
         hidden = torch.arange(S)[None, :] > positions[:, None]

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .block_pool import LONG_ROOT, ROOT
 from .context import CONTEXT_ROWS_PER_STEP
 from .fused_llama import FusedLlama
 from .paged_cache import PagedKVCache
@@ -36,6 +37,7 @@ class PagedBatch:
         self.sequences: list[Sequence] = []
         self._free_slots = list(range(max_batch_size))  # a heap
         self.prompt_tokens = 0  # prompt tokens computed (the rest came from the prefix cache)
+        self.recomputed = 0  # LongRoPE: sequences computed again past the pre-training context
 
     def has_room(self, slots: int = 1) -> bool:
         return len(self._free_slots) >= slots
@@ -46,8 +48,31 @@ class PagedBatch:
         if seq.group is not None:
             seq.group.reserved = [heapq.heappop(self._free_slots) for _ in range(seq.group.n - 1)]
         seq.cache_len = seq.cached_prompt = self.cache.open(seq.slot, seq.request.input_ids,
-                                                            reuse=seq.context is None)
+                                                            reuse=seq.context is None, root=self._root(seq))
         self.sequences.append(seq)
+
+    def _root(self, seq: Sequence) -> int:
+        """The prefix cache's chain its blocks belong to: with LongRoPE, a prompt longer than
+        the pre-training context computes every position with the long factors, so its blocks
+        are not those of the same tokens in a shorter prompt (block_pool.LONG_ROOT)."""
+        context = self.model.config.long_rope
+        return LONG_ROOT if context is not None and len(seq.request.input_ids) > context else ROOT
+
+    def _grows_past_the_context(self, seq: Sequence) -> bool:
+        """Its next token is the first past LongRoPE's pre-training context, its K/V so far made
+        with the short factors (a prompt within the context)."""
+        context = self.model.config.long_rope
+        return seq.long_ids is None and seq.cache_len == context >= len(seq.request.input_ids)
+
+    def _recompute_long(self, seq: Sequence) -> None:
+        """transformers' Phi-3 at this point drops its cache and computes the whole sequence
+        again with the long factors (Phi3ForCausalLM.prepare_inputs_for_generation): so does the
+        engine, as a prompt of the sequence's tokens in the long chains of the prefix cache (its
+        short blocks stay cached for others). Its next logits come from that prefill's last row."""
+        seq.long_ids = seq.request.input_ids + seq.output
+        self.cache.close(seq.slot)
+        seq.cache_len = self.cache.open(seq.slot, seq.long_ids, root=LONG_ROOT)
+        self.recomputed += 1
 
     def fork(self, leader: Sequence, children: list[Sequence]) -> None:
         """The leader's prompt is prefilled: its other members take their reserved slots, sharing
@@ -73,10 +98,14 @@ class PagedBatch:
         sampled_rows: list[int] = []  # where with_logits' rows are among logit_rows
         context: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, first logits row, rows)
         advanced: list[tuple[Sequence, int]] = []
+        long_rope = self.model.config.long_rope is not None
+        lengths: list[int] = []  # with LongRoPE: each row's prompt length (which picks its tables)
         budget = self.prefill_token_budget
         context_budget = CONTEXT_ROWS_PER_STEP
         for seq in self.sequences:
-            prompt = seq.request.input_ids
+            if long_rope and self._grows_past_the_context(seq):
+                self._recompute_long(seq)
+            prompt = seq.long_ids or seq.request.input_ids
             start = seq.cache_len
             if start < len(prompt):  # prefilling: the next chunk, in admission order
                 n = min(len(prompt) - start, budget)
@@ -93,6 +122,8 @@ class PagedBatch:
             self.cache.extend(seq.slot, start + n)
             positions.extend(range(start, start + n))
             slots.extend([seq.slot] * n)
+            if long_rope:
+                lengths.extend([len(prompt)] * n)
             if seq.wants_context:  # positions start.. give the log-probabilities of tokens start + 1..
                 m = min(start + n, len(prompt) - 1) - start
                 if m > 0:
@@ -108,7 +139,8 @@ class PagedBatch:
             return [], None
         self.use_threads(len(tokens))
         logits = self.model.forward(torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots), self.cache,
-                                    torch.tensor(logit_rows, dtype=torch.long))  # (len(logit_rows), V)
+                                    torch.tensor(logit_rows, dtype=torch.long),  # (len(logit_rows), V)
+                                    torch.tensor(lengths) if long_rope else None)
         for seq, n in advanced:
             seq.cache_len += n
             self.cache.commit(seq.slot, seq.cache_len, lambda seq=seq: seq.request.input_ids + seq.output)
@@ -138,4 +170,7 @@ class PagedBatch:
         self.remove_finished()
 
     def stats(self) -> dict[str, int]:
-        return {**self.cache.stats(), "prompt_tokens_prefilled": self.prompt_tokens}
+        stats = {**self.cache.stats(), "prompt_tokens_prefilled": self.prompt_tokens}
+        if self.model.config.long_rope is not None:
+            stats["long_rope_recomputed"] = self.recomputed
+        return stats

@@ -32,6 +32,7 @@ class PagedKVCache:
         self.tables = torch.full((max_slots, self.max_blocks), -1, dtype=torch.int32)
         self._blocks: list[list[int]] = [[] for _ in range(max_slots)]  # per slot, = its table row
         self._chains: list[list[int]] = [[] for _ in range(max_slots)]  # chain ids of its full blocks
+        self._roots = [ROOT] * max_slots  # the chain id before each slot's first block
 
     @property
     def dtype(self) -> torch.dtype:
@@ -40,13 +41,15 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
-    def open(self, slot: int, prompt: list[int], *, reuse: bool = True) -> int:
+    def open(self, slot: int, prompt: list[int], *, reuse: bool = True, root: int = ROOT) -> int:
         """Start a sequence in a free slot: take the cached blocks of its longest known prefix
-        (none when not ``reuse``); returns how many prompt tokens they cover (positions the
-        sequence need not compute)."""
+        (none when not ``reuse``) in the chains from ``root`` (block_pool.LONG_ROOT: K/V computed
+        otherwise); returns how many prompt tokens they cover (positions the sequence need not
+        compute)."""
         assert not self._blocks[slot], f"slot {slot} is in use"
-        blocks, chain = self.pool.match(prompt, self.block_size, lookup=reuse)
+        blocks, chain = self.pool.match(prompt, self.block_size, lookup=reuse, root=root)
         self._blocks[slot], self._chains[slot] = blocks, chain
+        self._roots[slot] = root
         if blocks:
             self.tables[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         return len(blocks) * self.block_size
@@ -70,7 +73,7 @@ class PagedKVCache:
         all_tokens = tokens()
         bs = self.block_size
         for i in range(len(chain), full):
-            parent = chain[-1] if chain else ROOT
+            parent = chain[-1] if chain else self._roots[slot]
             chain.append(self.pool.register(self._blocks[slot][i], parent, tuple(all_tokens[i * bs:(i + 1) * bs])))
 
     def fork(self, src: int, dst: int, length: int) -> None:
@@ -88,6 +91,7 @@ class PagedKVCache:
             self.kv[:, block] = self.kv[:, self._blocks[src][full]]  # (layers, 2, kv heads, block size, head dim)
             blocks = blocks + [block]
         self._blocks[dst], self._chains[dst] = blocks, list(self._chains[src][:full])
+        self._roots[dst] = self._roots[src]
         if blocks:
             self.tables[dst, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
 

@@ -42,6 +42,9 @@ class Sequence:
     emitted: int = 0  # output tokens already sent (streaming)
     cache_len: int = 0  # tokens whose K/V are in the cache
     cached_prompt: int = 0  # of the prompt, tokens taken from the prefix cache at admission
+    # LongRoPE, a prompt within the pre-training context whose sequence grew past it: the tokens
+    # recomputed with the long factors (its prompt and what it generated), see paged_batch.py
+    long_ids: list[int] | None = None
     slot: int = -1  # its row of the paged cache's block tables (paged_batch.py)
     finished: bool = False
     cancel_checked: float = 0.0  # time.monotonic() of the last is_cancelled() poll

@@ -30,6 +30,7 @@ class SlotBatch:
         self.sequences: list[Sequence] = []
         self._reserved = 0  # slots promised to the other members of admitted groups
         self.prompt_tokens = 0  # prompt tokens prefilled
+        self.recomputed = 0  # LongRoPE: sequences computed again past the pre-training context
 
     def has_room(self, slots: int = 1) -> bool:
         return len(self.sequences) + self._reserved + slots <= self.max_batch_size
@@ -86,6 +87,16 @@ class SlotBatch:
         positions = torch.tensor([s.cache_len for s in active], dtype=torch.long)  # (B,)
         self.use_threads(len(active))
         logits = self.model.decode(tokens, positions, self.cache)  # (B, V) fp32
+        context = self.model.config.long_rope
+        if context is not None:
+            # LongRoPE: a sequence whose prompt was within the pre-training context and whose
+            # next token is the first past it is computed again, whole, with the long factors (as
+            # transformers' Phi-3 drops its cache there); its decode row above is replaced
+            for slot, s in enumerate(active):
+                if s.cache_len == context >= len(s.request.input_ids):
+                    ids = torch.tensor(s.request.input_ids + s.output, dtype=torch.long)
+                    logits[slot] = self.model.prefill_many([ids], [slot], self.cache)[0]
+                    self.recomputed += 1
         for s in active:
             s.cache_len += 1
         return active, logits
@@ -108,4 +119,7 @@ class SlotBatch:
         self._reserved = 0
 
     def stats(self) -> dict[str, int]:
-        return {"prompt_tokens_prefilled": self.prompt_tokens}
+        stats = {"prompt_tokens_prefilled": self.prompt_tokens}
+        if self.model.config.long_rope is not None:
+            stats["long_rope_recomputed"] = self.recomputed
+        return stats

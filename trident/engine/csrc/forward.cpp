@@ -45,8 +45,8 @@ template <typename S>
 void layers(const Shapes& s, float* x, int64_t T, const int64_t* logit_rows, int64_t R, const Paged& paged_in,
             const at::Tensor& attn_norm, const at::Tensor& ffn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
             const at::Tensor& w_gate_up, const at::Tensor& w_down, const float* qkv_bias, const float* qk_norm,
-            const bool* rope_layers, S* kv, const float* cos, const float* sin_signed, float eps, float scale,
-            int64_t window) {
+            const bool* rope_layers, S* kv, const float* cos, const float* sin_signed, const int64_t* rope_rows,
+            float eps, float scale, int64_t window) {
   const int64_t hd = paged_in.hd, heads = s.num_heads + paged_in.n_kv;
   const int64_t layer_stride = paged_in.num_blocks * paged_in.block_stride();
   std::vector<float> h(T * std::max(s.H, s.q_size)), qkv(T * s.qkv_size), gu(T * 2 * s.inter), act(T * s.inter);
@@ -67,8 +67,10 @@ void layers(const Shapes& s, float* x, int64_t T, const int64_t* logit_rows, int
       if (q_norm)  // Qwen3: each query head, then each key head, RMS-normed before RoPE
         for (int64_t k = 0; k < heads; ++k)
           rms_norm_row(row + k * hd, k < s.num_heads ? q_norm : q_norm + hd, row + k * hd, hd, eps);
-      if (with_rope)
-        for (int64_t k = 0; k < heads; ++k) rope(row + k * hd, cos + pos[i] * hd, sin_signed + pos[i] * hd, hd);
+      if (with_rope) {
+        const int64_t t = rope_rows ? rope_rows[i] : pos[i];  // the table row (LongRoPE: short or long)
+        for (int64_t k = 0; k < heads; ++k) rope(row + k * hd, cos + t * hd, sin_signed + t * hd, hd);
+      }
     });
     S* kv_l = kv + l * layer_stride;
     p.pos = pos.data();
@@ -107,7 +109,7 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
                       const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& qkv_bias,
                       const at::Tensor& qk_norm, const at::Tensor& rope_layers, at::Tensor& kv, const at::Tensor& cos,
                       const at::Tensor& sin_signed, int64_t num_heads, int64_t num_kv_heads, double eps, double scale,
-                      int64_t window) {
+                      int64_t window, const at::Tensor& rope_rows) {
   TORCH_CHECK(window >= 0, "forward_q4: window must be >= 0 (0: none)");
   TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.dim() == 1 && tokens.is_contiguous() && tokens.numel() > 0,
               "tokens must be int64 (T,)");
@@ -120,7 +122,13 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin_signed.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin_signed.is_contiguous() && cos.size(1) == p.hd && sin_signed.sizes() == cos.sizes(),
               "rope tables must be float32 (max positions, head dim)");
-  for (int64_t i = 0; i < T; ++i) TORCH_CHECK(p.pos[i] < cos.size(0), "position beyond the rope tables");
+  // rope_rows: each row's row of the tables (LongRoPE's two sets); empty: its position
+  TORCH_CHECK(rope_rows.numel() == 0 || (rope_rows.scalar_type() == at::kLong && rope_rows.dim() == 1 &&
+                                         rope_rows.is_contiguous() && rope_rows.numel() == T),
+              "rope_rows must be empty or int64 (T,)");
+  const int64_t* rr = rope_rows.numel() ? rope_rows.data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; i < T; ++i)
+    TORCH_CHECK((rr ? rr[i] : p.pos[i]) >= 0 && (rr ? rr[i] : p.pos[i]) < cos.size(0), "position beyond the rope tables");
   // empty: the checkpoint has none (Llama); else (layers, qkv size) and (layers, 2, head dim)
   TORCH_CHECK(qkv_bias.numel() == 0 || (qkv_bias.scalar_type() == at::kFloat && qkv_bias.is_contiguous() &&
                                         qkv_bias.dim() == 2 && qkv_bias.size(0) == s.L && qkv_bias.size(1) == s.qkv_size),
@@ -149,10 +157,10 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
   const float eps_f = static_cast<float>(eps), scale_f = static_cast<float>(scale);
   if (kv.scalar_type() == at::kHalf)
     layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, bias, qkn, rl,
-           reinterpret_cast<uint16_t*>(kv.data_ptr<at::Half>()), cp, sp, eps_f, scale_f, window);
+           reinterpret_cast<uint16_t*>(kv.data_ptr<at::Half>()), cp, sp, rr, eps_f, scale_f, window);
   else
     layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, bias, qkn, rl,
-           kv.data_ptr<float>(), cp, sp, eps_f, scale_f, window);
+           kv.data_ptr<float>(), cp, sp, rr, eps_f, scale_f, window);
   // rows 0..R-1 of x are the logit rows: layers() compacted them in the last layer when R < T,
   // and R == T means every row, in order
   const float* rows = x.data();

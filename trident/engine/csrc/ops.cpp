@@ -14,7 +14,7 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
                       const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& qkv_bias,
                       const at::Tensor& qk_norm, const at::Tensor& rope_layers, at::Tensor& kv, const at::Tensor& cos,
                       const at::Tensor& sin_signed, int64_t num_heads, int64_t num_kv_heads, double eps, double scale,
-                      int64_t window);
+                      int64_t window, const at::Tensor& rope_rows);
 
 namespace {
 
@@ -137,7 +137,7 @@ TORCH_LIBRARY(trident, m) {
         "Tensor embed, Tensor norm, Tensor lm_head, Tensor attn_norm, Tensor ffn_norm, Tensor wqkv, Tensor wo, "
         "Tensor w_gate_up, Tensor w_down, Tensor qkv_bias, Tensor qk_norm, Tensor rope_layers, Tensor(a!) kv, "
         "Tensor cos, Tensor sin_signed, int num_heads, int num_kv_heads, float eps, float scale, "
-        "int window=0) -> Tensor");
+        "int window, Tensor rope_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(trident, CPU, m) {
