@@ -1,6 +1,7 @@
 """Engine pieces that need no model: Triton tensor parsing, sampling, config, the KV cache."""
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -257,7 +258,7 @@ def test_longrope_is_read_as_transformers_reads_phi3s():
                         ({}, {**longrope, "factor": 4.0, "attention_factor": 1.25})):
         config = {k: v for k, v in {**raw, **extra, "rope_scaling": rope}.items() if v is not None}
         ours = LlamaConfig.from_dict(config).rope_scaling
-        hf = Phi3Config(**config)
+        hf = Phi3Config(**copy.deepcopy(config))  # it writes its defaults into the dict it is given
         inv_freq, attention = ROPE_INIT_FUNCTIONS["longrope"](hf, "cpu")
         assert ours.original_max_position_embeddings == hf.rope_parameters["original_max_position_embeddings"]
         assert ours.attention_factor == attention
@@ -272,6 +273,12 @@ def test_longrope_is_read_as_transformers_reads_phi3s():
         LlamaConfig.from_dict({**raw, "rope_scaling": {**longrope, "long_factor": long[:7]}})
     with pytest.raises(ValueError, match="needs short_factor, long_factor"):
         LlamaConfig.from_dict({**raw, "rope_scaling": {"type": "longrope", "short_factor": short}})
+    # Phi-4-mini: LongRoPE over 3/4 of each head, the factor at config.json's top level
+    with pytest.raises(ValueError, match="partial rotary"):
+        LlamaConfig.from_dict({**raw, "partial_rotary_factor": 0.75,
+                               "rope_scaling": {**longrope, "short_factor": short[:6], "long_factor": long[:6]}})
+    with pytest.raises(ValueError, match="partial rotary"):
+        LlamaConfig.from_dict({**raw, "partial_rotary_factor": 0.5})
 
 
 def test_rope_rows_pick_longropes_long_tables_by_the_sequences_length():
@@ -312,7 +319,7 @@ def test_the_pretraining_context_of_rope_scaling_is_read_as_transformers_reads_i
                            ({}, {"original_max_position_embeddings": 1024}),
                            ({"original_max_position_embeddings": 512}, {}), ({}, {})):
         config = {**raw, **extra, "rope_scaling": {**scaling, **in_dict}}
-        theirs = hf_class(**config).rope_parameters["original_max_position_embeddings"]
+        theirs = hf_class(**copy.deepcopy(config)).rope_parameters["original_max_position_embeddings"]
         assert theirs == (1024 if in_dict else 4096)
         assert LlamaConfig.from_dict(config).rope_scaling.original_max_position_embeddings == theirs
 

@@ -181,10 +181,11 @@ class LlamaConfig:
     @property
     def long_rope(self) -> int | None:
         """With ``longrope`` scaling, the pre-training context: a row of a sequence whose prompt
-        or whose own position + 1 is longer rotates by the long factors, else by the short ones.
-        That is transformers' choice (by the longest position of each forward call: the whole
-        prompt at prefill, then each decode step's own), made per row so that neither chunking
-        nor batching changes a sequence's numbers. None without longrope."""
+        or whose own position + 1 is longer rotates by the long factors, else by the short ones
+        (llama.rope_rows), chosen per row so that neither chunking nor batching changes a
+        sequence's numbers. With transformers' Phi-3 recomputation where a sequence grows past
+        it (PagedBatch._recompute_long, SlotBatch.step), every step's logits are those of its whole sequence
+        computed with the factors its length calls for. None without longrope."""
         s = self.rope_scaling
         return s.original_max_position_embeddings if s is not None and s.rope_type == "longrope" else None
 
@@ -266,7 +267,8 @@ def _rope(raw: dict) -> tuple[float, RopeScaling | None]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unsupported rope type {rope_type!r} (served: {', '.join(ROPE_TYPES)}): {params}")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
+    # transformers takes it from config.json's top level too (Phi-4-mini: 0.75, with longrope)
+    if params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError(f"partial rotary embeddings are not supported: {params}")
     if rope_type == "default":
         return theta, None
@@ -289,8 +291,7 @@ def _pretraining_context(raw: dict, params: dict, default: int) -> int:
     """The context of pre-training that llama3 / yarn scaling starts from, as transformers reads
     it for the types served here (standardize_rope_params): the RoPE dict's
     ``original_max_position_embeddings``, else the model's context. A top-level one is not read
-    (only configuration classes that declare it, Phi-3's, take it, and Phi-3 scales by longrope,
-    which is refused)."""
+    (only configuration classes that declare it take it: Phi-3's, see _longrope)."""
     return int(params.get("original_max_position_embeddings") or raw.get("max_position_embeddings", default))
 
 
