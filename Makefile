@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CACHE ?= $(CURDIR)/.cache
 # CHECKPOINT=/path: serve that Hugging Face folder (safetensors + tokenizer) instead of SmolLM2:
-# Llama 2 / 3.x, Mistral, Qwen2 / 2.5, Qwen3, Phi-3 / 3.5-mini / Phi-4, SmolLM3 (docs/cpu_engine.md,
+# Llama 2 / 3.x, Mistral, Qwen2 / 2.5, Qwen3, Phi-3 / 3.5-mini / Phi-4 / 4-mini, SmolLM3 (docs/cpu_engine.md,
 # "Models"). Nothing is converted.
 CHECKPOINT ?=
 ifeq ($(strip $(CHECKPOINT)),)

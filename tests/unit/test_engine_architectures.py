@@ -59,6 +59,13 @@ CASES = {
                                "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
                                                    "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.7],
                                                    "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]}}),
+    # Phi-4-mini: LongRoPE over part of each head (3/4 in Phi-4-mini, 1/2 here: 8 of 16
+    # dimensions turn, the others pass unchanged), embeddings tied
+    "phi3_partial": ("phi3", {"original_max_position_embeddings": 16, "partial_rotary_factor": 0.5,
+                              "tie_word_embeddings": True,
+                              "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
+                                                  "short_factor": [1.0, 1.1, 1.3, 1.6],
+                                                  "long_factor": [1.0, 2.0, 4.0, 8.0]}}),
     # SmolLM3: the second layer applies no RoPE (NoPE; every 4th layer in the released model)
     "smollm3": ("smollm3", {"no_rope_layers": [1, 0], "rope_parameters": {"rope_type": "default",
                                                                            "rope_theta": 5e6}}),
@@ -165,7 +172,7 @@ def test_rope_frequencies_are_transformers_own(checkpoint):
         assert (attention_factor != 1.0) == (rope_type in ("yarn", "longrope"))
     assert torch.equal(inverse_frequencies(config), expected)
     cos, sin_signed = rope_tables(config, MAX_SEQ_LEN, torch.float32)
-    half = config.head_dim // 2
+    half = config.rotary_dim // 2
     sin = torch.cat((-sin_signed[:, :half], sin_signed[:, half:]), dim=-1)
     # and the tables: cos and sin of every position as transformers' rotary embedding gives them
     # for a sequence that long (LongRoPE: the long factors, the second half of the tables)

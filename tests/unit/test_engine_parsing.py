@@ -234,8 +234,7 @@ def test_llama_config_reads_both_rope_layouts():
                                                               "mscale_all_dim": 0.5}}).rope_scaling
     assert deepseek.attention_factor == pytest.approx((0.1 * math.log(40) + 1) / (0.05 * math.log(40) + 1))
     for refused in ({"rope_type": "longrope", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0},
-                    {"rope_type": "yarn"},
-                    {"rope_type": "default", "partial_rotary_factor": 0.5}):
+                    {"rope_type": "yarn"}):
         with pytest.raises(ValueError, match="rope|rotary"):
             LlamaConfig.from_dict({**raw, "rope_parameters": refused})
 
@@ -267,18 +266,24 @@ def test_longrope_is_read_as_transformers_reads_phi3s():
     assert phi35.long_rope == 4096 and phi35.rope_scaling.factor == 32.0
     assert phi35.rope_scaling.attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
     assert LlamaConfig.from_dict(raw).long_rope is None
-    with pytest.raises(ValueError, match="head_dim / 2 = 8 factors, got 7"):
+    with pytest.raises(ValueError, match="rotary dim / 2 = 8 factors, got 7"):
         LlamaConfig.from_dict({**raw, "rope_scaling": {**longrope, "short_factor": short[:7], "long_factor": long[:7]}})
     with pytest.raises(ValueError, match="differ in length"):
         LlamaConfig.from_dict({**raw, "rope_scaling": {**longrope, "long_factor": long[:7]}})
     with pytest.raises(ValueError, match="needs short_factor, long_factor"):
         LlamaConfig.from_dict({**raw, "rope_scaling": {"type": "longrope", "short_factor": short}})
-    # Phi-4-mini: LongRoPE over 3/4 of each head, the factor at config.json's top level
-    with pytest.raises(ValueError, match="partial rotary"):
-        LlamaConfig.from_dict({**raw, "partial_rotary_factor": 0.75,
-                               "rope_scaling": {**longrope, "short_factor": short[:6], "long_factor": long[:6]}})
-    with pytest.raises(ValueError, match="partial rotary"):
-        LlamaConfig.from_dict({**raw, "partial_rotary_factor": 0.5})
+    # Phi-4-mini: LongRoPE over 3/4 of each head, the factor at config.json's top level (or in the
+    # RoPE dict, which wins); the factors are per rotary dimension pair
+    mini = LlamaConfig.from_dict({**raw, "partial_rotary_factor": 0.75,
+                                  "rope_scaling": {**longrope, "short_factor": short[:6], "long_factor": long[:6]}})
+    assert (mini.head_dim, mini.rotary_dim) == (16, 12)
+    assert LlamaConfig.from_dict({**raw, "partial_rotary_factor": 0.75, "rope_scaling": {
+        **longrope, "partial_rotary_factor": 1.0}}).rotary_dim == 16
+    with pytest.raises(ValueError, match="rotary dim / 2 = 6 factors, got 8"):
+        LlamaConfig.from_dict({**raw, "partial_rotary_factor": 0.75, "rope_scaling": longrope})
+    for bad in (0.0, 1.5, 0.0625, 0.3125):  # none, more than the head, 1 and 5 dimensions
+        with pytest.raises(ValueError, match="rotary dimensions"):
+            LlamaConfig.from_dict({**raw, "partial_rotary_factor": bad})
 
 
 def test_rope_rows_pick_longropes_long_tables_by_the_sequences_length():

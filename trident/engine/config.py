@@ -177,6 +177,13 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     nope_layers: tuple[int, ...] = ()  # the layers that apply no RoPE (SmolLM3), increasing
     sliding_window: int | None = None  # each position attends to the last this many (itself included)
+    # RoPE turns the first rotary_dim dimensions of each query and key head (Phi-4-mini: 3/4 of
+    # them, partial_rotary_factor); the others pass unchanged. 0: the whole head.
+    partial_rotary_dim: int = 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.partial_rotary_dim or self.head_dim
 
     @property
     def long_rope(self) -> int | None:
@@ -222,8 +229,9 @@ class LlamaConfig:
         hidden = int(raw["hidden_size"])
         num_layers = int(raw["num_hidden_layers"])
         head_dim = int(raw.get("head_dim") or hidden // heads)
-        if scaling is not None and scaling.rope_type == "longrope" and len(scaling.short_factor) != head_dim // 2:
-            raise ValueError(f"longrope needs head_dim / 2 = {head_dim // 2} factors, got {len(scaling.short_factor)}")
+        rotary_dim = _rotary_dim(raw, head_dim)
+        if scaling is not None and scaling.rope_type == "longrope" and len(scaling.short_factor) != rotary_dim // 2:
+            raise ValueError(f"longrope needs rotary dim / 2 = {rotary_dim // 2} factors, got {len(scaling.short_factor)}")
         return cls(
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
@@ -240,8 +248,23 @@ class LlamaConfig:
             rope_scaling=scaling,
             nope_layers=_nope_layers(raw, num_layers) if model_type == "smollm3" else (),
             sliding_window=window,
+            partial_rotary_dim=rotary_dim if rotary_dim != head_dim else 0,
             **layer,
         )
+
+
+def _rotary_dim(raw: dict, head_dim: int) -> int:
+    """The dimensions of a head RoPE turns: head_dim times ``partial_rotary_factor`` (the RoPE
+    dict's, else config.json's top-level one, as transformers' standardize_rope_params takes
+    it), rounded down as transformers rounds it."""
+    params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    given = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    factor = 1.0 if given is None else float(given)
+    dim = int(head_dim * factor)
+    if not 0 < factor <= 1 or dim < 2 or dim % 2:
+        raise ValueError(f"partial_rotary_factor {factor:g} of head_dim {head_dim} gives {dim} rotary dimensions: "
+                         f"an even number from 2 to head_dim is needed")
+    return dim
 
 
 def _nope_layers(raw: dict, num_layers: int) -> tuple[int, ...]:
@@ -267,9 +290,6 @@ def _rope(raw: dict) -> tuple[float, RopeScaling | None]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unsupported rope type {rope_type!r} (served: {', '.join(ROPE_TYPES)}): {params}")
-    # transformers takes it from config.json's top level too (Phi-4-mini: 0.75, with longrope)
-    if params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"partial rotary embeddings are not supported: {params}")
     if rope_type == "default":
         return theta, None
     needed = {"llama3": ("factor", "low_freq_factor", "high_freq_factor"),

@@ -32,15 +32,16 @@ def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 
 def inverse_frequencies(config: LlamaConfig, *, long: bool = False) -> torch.Tensor:
-    """RoPE's (head_dim / 2,) fp32 frequencies, scaled as config.rope_scaling says, in Hugging
+    """RoPE's (rotary_dim / 2,) fp32 frequencies, scaled as config.rope_scaling says, in Hugging
     Face's operations and order (modeling_rope_utils), so the tables match its bit for bit.
     ``long``: longrope's long factors (else its short ones)."""
     c = config
+    dim = c.rotary_dim
     scaling = c.rope_scaling
     if scaling is not None and scaling.rope_type == "longrope":
         factors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32)
-        return 1.0 / (factors * c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+        return 1.0 / (factors * c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if scaling is None:
         return inv_freq
     if scaling.rope_type == "linear":
@@ -62,7 +63,7 @@ def inverse_frequencies(config: LlamaConfig, *, long: bool = False) -> torch.Ten
 def _yarn_frequencies(c: LlamaConfig, scaling) -> torch.Tensor:
     """YaRN: dimensions that turn fewer than beta_slow times over the pre-training context are
     divided by factor, those that turn more than beta_fast times kept, a linear ramp between."""
-    dim, base, context = c.head_dim, c.rope_theta, scaling.original_max_position_embeddings
+    dim, base, context = c.rotary_dim, c.rope_theta, scaling.original_max_position_embeddings
 
     def dimension(rotations: float) -> float:  # the dimension that turns that many times
         return dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(base))
@@ -80,9 +81,9 @@ def _yarn_frequencies(c: LlamaConfig, scaling) -> torch.Tensor:
 
 
 def rope_tables(config: LlamaConfig, max_seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (max_seq_len, head_dim) as Hugging Face computes them (fp32, times YaRN's or
+    """cos and sin (max_seq_len, rotary_dim) as Hugging Face computes them (fp32, times YaRN's or
     LongRoPE's attention factor, then cast), sin with its first half negated (see apply_rope_).
-    With longrope, (2 * max_seq_len, head_dim): the short factors' rows, then the long ones'
+    With longrope, (2 * max_seq_len, rotary_dim): the short factors' rows, then the long ones'
     (:func:`rope_rows` picks a row's)."""
     c = config
     if c.long_rope is not None:
@@ -93,12 +94,12 @@ def rope_tables(config: LlamaConfig, max_seq_len: int, dtype: torch.dtype) -> tu
 
 def _tables(c: LlamaConfig, inv_freq: torch.Tensor, max_seq_len: int, dtype: torch.dtype):
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, rotary_dim)
     cos, sin = emb.cos(), emb.sin()
     if c.rope_scaling is not None and c.rope_scaling.attention_factor != 1.0:
         cos, sin = cos * c.rope_scaling.attention_factor, sin * c.rope_scaling.attention_factor
     sin = sin.to(dtype)
-    half = c.head_dim // 2
+    half = c.rotary_dim // 2
     return cos.to(dtype), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
@@ -113,6 +114,18 @@ def rope_rows(config: LlamaConfig, positions: torch.Tensor, lengths: torch.Tenso
         return positions
     longest = positions + 1 if lengths is None else torch.maximum(lengths, positions + 1)
     return positions + max_seq_len * (longest > context)
+
+
+def rotate_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """apply_rope_ over the first cos.shape[-1] dimensions of each head of x (all of them but
+    with partial rotary embeddings, whose other dimensions pass unchanged, as transformers
+    splits them)."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return apply_rope_(x, cos, sin_signed)
+    part = x[..., :rotary]
+    part.copy_(apply_rope_(part.contiguous(), cos, sin_signed))
+    return x
 
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -233,7 +246,7 @@ class Llama:
         for i, layer in enumerate(self.layers):
             qkv = self._qkv(layer, self._norm(x, layer.attention_norm, c.rms_norm_eps))  # (T, q + 2*kv)
             if i not in self._nope:
-                apply_rope_(qkv[:, :self.q_size + self.kv_size].view(T, qk_heads, c.head_dim), cos, sin)
+                rotate_(qkv[:, :self.q_size + self.kv_size].view(T, qk_heads, c.head_dim), cos, sin)
             outputs = []
             for slot, end, n, mask in zip(slots, ends.tolist(), lengths, masks):
                 q, k, v = qkv[end - n:end].split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -281,7 +294,7 @@ class Llama:
         for i, layer in enumerate(self.layers):
             qkv = self._qkv(layer, self._norm(x, layer.attention_norm, c.rms_norm_eps))  # (B, q + 2*kv)
             if i not in self._nope:
-                apply_rope_(qkv[:, :self.q_size + self.kv_size].view(B, qk_heads, hd), cos, sin)
+                rotate_(qkv[:, :self.q_size + self.kv_size].view(B, qk_heads, hd), cos, sin)
             cache.write_decode(i, index, qkv[:, self.q_size:].reshape(B * 2 * n_kv, hd))
             kv = cache.kv[i]
             keys = kv[0, :B, :, :S].reshape(B * n_kv, S, hd)  # a view: slots and heads merge

@@ -45,9 +45,10 @@ template <typename S>
 void layers(const Shapes& s, float* x, int64_t T, const int64_t* logit_rows, int64_t R, const Paged& paged_in,
             const at::Tensor& attn_norm, const at::Tensor& ffn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
             const at::Tensor& w_gate_up, const at::Tensor& w_down, const float* qkv_bias, const float* qk_norm,
-            const bool* rope_layers, S* kv, const float* cos, const float* sin_signed, const int64_t* rope_rows,
-            float eps, float scale, int64_t window) {
+            const bool* rope_layers, S* kv, const float* cos, const float* sin_signed, int64_t rotary_dim,
+            const int64_t* rope_rows, float eps, float scale, int64_t window) {
   const int64_t hd = paged_in.hd, heads = s.num_heads + paged_in.n_kv;
+  const int64_t rd = rotary_dim;  // the dimensions RoPE turns (partial rotary: fewer than hd)
   const int64_t layer_stride = paged_in.num_blocks * paged_in.block_stride();
   std::vector<float> h(T * std::max(s.H, s.q_size)), qkv(T * s.qkv_size), gu(T * 2 * s.inter), act(T * s.inter);
   std::vector<int64_t> pos(paged_in.pos, paged_in.pos + T), slot(paged_in.slot, paged_in.slot + T);
@@ -69,7 +70,7 @@ void layers(const Shapes& s, float* x, int64_t T, const int64_t* logit_rows, int
           rms_norm_row(row + k * hd, k < s.num_heads ? q_norm : q_norm + hd, row + k * hd, hd, eps);
       if (with_rope) {
         const int64_t t = rope_rows ? rope_rows[i] : pos[i];  // the table row (LongRoPE: short or long)
-        for (int64_t k = 0; k < heads; ++k) rope(row + k * hd, cos + t * hd, sin_signed + t * hd, hd);
+        for (int64_t k = 0; k < heads; ++k) rope(row + k * hd, cos + t * rd, sin_signed + t * rd, rd);
       }
     });
     S* kv_l = kv + l * layer_stride;
@@ -119,9 +120,11 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
                   num_heads / num_kv_heads <= 64, "forward_q4: kv cache does not match the model");
   const Shapes s = check_weights(embed, norm, lm_head, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, num_heads,
                                  num_kv_heads, p.hd);
+  // (max positions, rotary dims): the whole head, or with partial rotary its first dimensions
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin_signed.scalar_type() == at::kFloat && cos.is_contiguous() &&
-                  sin_signed.is_contiguous() && cos.size(1) == p.hd && sin_signed.sizes() == cos.sizes(),
-              "rope tables must be float32 (max positions, head dim)");
+                  sin_signed.is_contiguous() && cos.dim() == 2 && cos.size(1) >= 2 && cos.size(1) % 2 == 0 &&
+                  cos.size(1) <= p.hd && sin_signed.sizes() == cos.sizes(),
+              "rope tables must be float32 (max positions, rotary dims: even, at most head dim)");
   // rope_rows: each row's row of the tables (LongRoPE's two sets); empty: its position
   TORCH_CHECK(rope_rows.numel() == 0 || (rope_rows.scalar_type() == at::kLong && rope_rows.dim() == 1 &&
                                          rope_rows.is_contiguous() && rope_rows.numel() == T),
@@ -157,10 +160,10 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
   const float eps_f = static_cast<float>(eps), scale_f = static_cast<float>(scale);
   if (kv.scalar_type() == at::kHalf)
     layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, bias, qkn, rl,
-           reinterpret_cast<uint16_t*>(kv.data_ptr<at::Half>()), cp, sp, rr, eps_f, scale_f, window);
+           reinterpret_cast<uint16_t*>(kv.data_ptr<at::Half>()), cp, sp, cos.size(1), rr, eps_f, scale_f, window);
   else
     layers(s, x.data(), T, lr, R, p, attn_norm, ffn_norm, wqkv, wo, w_gate_up, w_down, bias, qkn, rl,
-           kv.data_ptr<float>(), cp, sp, rr, eps_f, scale_f, window);
+           kv.data_ptr<float>(), cp, sp, cos.size(1), rr, eps_f, scale_f, window);
   // rows 0..R-1 of x are the logit rows: layers() compacted them in the last layer when R < T,
   // and R == T means every row, in order
   const float* rows = x.data();
