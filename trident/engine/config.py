@@ -151,7 +151,7 @@ class RopeScaling:
     beta_slow: float = 1.0
     attention_factor: float = 1.0  # yarn, longrope: cos and sin are multiplied by it
     truncate: bool = True  # yarn: the blend's bounds rounded to whole dimensions
-    short_factor: tuple[float, ...] = ()  # longrope: each frequency divided by its factor (head_dim / 2 of them)
+    short_factor: tuple[float, ...] = ()  # longrope: each frequency divided by its factor (rotary_dim / 2 of them)
     long_factor: tuple[float, ...] = ()
 
 
@@ -190,9 +190,9 @@ class LlamaConfig:
         """With ``longrope`` scaling, the pre-training context: a row of a sequence whose prompt
         or whose own position + 1 is longer rotates by the long factors, else by the short ones
         (llama.rope_rows), chosen per row so that neither chunking nor batching changes a
-        sequence's numbers. With transformers' Phi-3 recomputation where a sequence grows past
-        it (PagedBatch._recompute_long, SlotBatch.step), every step's logits are those of its whole sequence
-        computed with the factors its length calls for. None without longrope."""
+        sequence's numbers. With transformers' Phi-3 recomputation where a sequence grows past it
+        (Sequence.grows_past), every step's logits are those of its whole sequence computed with
+        the factors its length calls for. None without longrope."""
         s = self.rope_scaling
         return s.original_max_position_embeddings if s is not None and s.rope_type == "longrope" else None
 

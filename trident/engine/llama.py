@@ -38,10 +38,11 @@ def inverse_frequencies(config: LlamaConfig, *, long: bool = False) -> torch.Ten
     c = config
     dim = c.rotary_dim
     scaling = c.rope_scaling
+    powers = c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     if scaling is not None and scaling.rope_type == "longrope":
         factors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32)
-        return 1.0 / (factors * c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        return 1.0 / (factors * powers)
+    inv_freq = 1.0 / powers
     if scaling is None:
         return inv_freq
     if scaling.rope_type == "linear":

@@ -58,17 +58,12 @@ class PagedBatch:
         context = self.model.config.long_rope
         return LONG_ROOT if context is not None and len(seq.request.input_ids) > context else ROOT
 
-    def _grows_past_the_context(self, seq: Sequence) -> bool:
-        """Its next token is the first past LongRoPE's pre-training context, its K/V so far made
-        with the short factors (a prompt within the context)."""
-        context = self.model.config.long_rope
-        return seq.long_ids is None and seq.cache_len == context >= len(seq.request.input_ids)
-
     def _recompute_long(self, seq: Sequence) -> None:
-        """transformers' Phi-3 at this point drops its cache and computes the whole sequence
-        again with the long factors (Phi3ForCausalLM.prepare_inputs_for_generation): so does the
-        engine, as a prompt of the sequence's tokens in the long chains of the prefix cache (its
-        short blocks stay cached for others). Its next logits come from that prefill's last row."""
+        """Sequence.grows_past: transformers' Phi-3 at this point drops its cache and computes the
+        whole sequence again with the long factors (Phi3ForCausalLM.prepare_inputs_for_generation):
+        so does the engine, as a prompt of the sequence's tokens in the long chains of the prefix
+        cache (its short blocks stay cached for others). Its next logits come from that prefill's
+        last row."""
         seq.long_ids = seq.request.input_ids + seq.output
         self.cache.close(seq.slot)
         seq.cache_len = self.cache.open(seq.slot, seq.long_ids, root=LONG_ROOT)
@@ -98,12 +93,13 @@ class PagedBatch:
         sampled_rows: list[int] = []  # where with_logits' rows are among logit_rows
         context: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, first logits row, rows)
         advanced: list[tuple[Sequence, int]] = []
-        long_rope = self.model.config.long_rope is not None
+        pretraining = self.model.config.long_rope  # LongRoPE's pre-training context (None: not LongRoPE)
+        long_rope = pretraining is not None
         lengths: list[int] = []  # with LongRoPE: each row's prompt length (which picks its tables)
         budget = self.prefill_token_budget
         context_budget = CONTEXT_ROWS_PER_STEP
         for seq in self.sequences:
-            if long_rope and self._grows_past_the_context(seq):
+            if seq.grows_past(pretraining):
                 self._recompute_long(seq)
             prompt = seq.long_ids or seq.request.input_ids
             start = seq.cache_len

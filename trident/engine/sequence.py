@@ -43,7 +43,7 @@ class Sequence:
     cache_len: int = 0  # tokens whose K/V are in the cache
     cached_prompt: int = 0  # of the prompt, tokens taken from the prefix cache at admission
     # LongRoPE, a prompt within the pre-training context whose sequence grew past it: the tokens
-    # recomputed with the long factors (its prompt and what it generated), see paged_batch.py
+    # recomputed with the long factors (its prompt and what it generated), see grows_past
     long_ids: list[int] | None = None
     slot: int = -1  # its row of the paged cache's block tables (paged_batch.py)
     finished: bool = False
@@ -122,6 +122,14 @@ class Sequence:
     def wants_context(self) -> bool:
         """Its prompt's log-probabilities are still to be computed."""
         return self.context is not None and not self.context.ready
+
+    def grows_past(self, context: int | None) -> bool:
+        """LongRoPE (``context``: LlamaConfig.long_rope): its next token is the first past the
+        pre-training context and its K/V so far were made with the short factors (a prompt within
+        the context, not recomputed yet). The batch then computes the whole sequence again with
+        the long factors and sets ``long_ids``, as transformers' Phi-3 drops its cache there."""
+        return (context is not None and self.long_ids is None
+                and self.cache_len == context >= len(self.request.input_ids))
 
     @property
     def last_token(self) -> int:

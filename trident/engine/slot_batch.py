@@ -89,13 +89,12 @@ class SlotBatch:
         logits = self.model.decode(tokens, positions, self.cache)  # (B, V) fp32
         context = self.model.config.long_rope
         if context is not None:
-            # LongRoPE: a sequence whose prompt was within the pre-training context and whose
-            # next token is the first past it is computed again, whole, with the long factors (as
-            # transformers' Phi-3 drops its cache there); its decode row above is replaced
+            # LongRoPE (Sequence.grows_past): the sequence is computed again, whole, with the long
+            # factors; its decode row above is replaced
             for slot, s in enumerate(active):
-                if s.cache_len == context >= len(s.request.input_ids):
-                    ids = torch.tensor(s.request.input_ids + s.output, dtype=torch.long)
-                    logits[slot] = self.model.prefill_many([ids], [slot], self.cache)[0]
+                if s.grows_past(context):
+                    s.long_ids = s.request.input_ids + s.output
+                    logits[slot] = self.model.prefill_many([torch.tensor(s.long_ids)], [slot], self.cache)[0]
                     self.recomputed += 1
         for s in active:
             s.cache_len += 1

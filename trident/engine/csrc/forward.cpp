@@ -45,10 +45,10 @@ template <typename S>
 void layers(const Shapes& s, float* x, int64_t T, const int64_t* logit_rows, int64_t R, const Paged& paged_in,
             const at::Tensor& attn_norm, const at::Tensor& ffn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
             const at::Tensor& w_gate_up, const at::Tensor& w_down, const float* qkv_bias, const float* qk_norm,
-            const bool* rope_layers, S* kv, const float* cos, const float* sin_signed, int64_t rotary_dim,
+            const bool* rope_layers, S* kv, const float* cos, const float* sin_signed, int64_t rd,
             const int64_t* rope_rows, float eps, float scale, int64_t window) {
+  // rd: the dimensions of each head RoPE turns (partial rotary: fewer than hd), the tables' width
   const int64_t hd = paged_in.hd, heads = s.num_heads + paged_in.n_kv;
-  const int64_t rd = rotary_dim;  // the dimensions RoPE turns (partial rotary: fewer than hd)
   const int64_t layer_stride = paged_in.num_blocks * paged_in.block_stride();
   std::vector<float> h(T * std::max(s.H, s.q_size)), qkv(T * s.qkv_size), gu(T * 2 * s.inter), act(T * s.inter);
   std::vector<int64_t> pos(paged_in.pos, paged_in.pos + T), slot(paged_in.slot, paged_in.slot + T);
@@ -130,8 +130,10 @@ at::Tensor forward_q4(const at::Tensor& tokens, const at::Tensor& positions, con
                                          rope_rows.is_contiguous() && rope_rows.numel() == T),
               "rope_rows must be empty or int64 (T,)");
   const int64_t* rr = rope_rows.numel() ? rope_rows.data_ptr<int64_t>() : nullptr;
-  for (int64_t i = 0; i < T; ++i)
-    TORCH_CHECK((rr ? rr[i] : p.pos[i]) >= 0 && (rr ? rr[i] : p.pos[i]) < cos.size(0), "position beyond the rope tables");
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t t = rr ? rr[i] : p.pos[i];
+    TORCH_CHECK(t >= 0 && t < cos.size(0), "position beyond the rope tables");
+  }
   // empty: the checkpoint has none (Llama); else (layers, qkv size) and (layers, 2, head dim)
   TORCH_CHECK(qkv_bias.numel() == 0 || (qkv_bias.scalar_type() == at::kFloat && qkv_bias.is_contiguous() &&
                                         qkv_bias.dim() == 2 && qkv_bias.size(0) == s.L && qkv_bias.size(1) == s.qkv_size),
