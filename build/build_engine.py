@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Build TensorRT-LLM 1.2.1 engines from a Hugging Face Llama checkpoint and fill the trtllm
-model repository: convert_checkpoint.py -> trtllm-build -> model_repository/ (flavour trtllm).
+"""Build TensorRT-LLM 1.2.1 engines from a Hugging Face checkpoint (Llama, Mistral, Qwen2 / Qwen3:
+trident/trtllm/checkpoint.py's FAMILIES) and fill the trtllm model repository: convert_checkpoint.py -> trtllm-build -> model_repository/ (flavour trtllm).
 
 Everything lands under --out: hf/ (the checkpoint as 1.2.1 reads it), engines/,
 model_repository/ and build.json. --dry-run prints every command and writes the configs
@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trident.trtllm.build import BuildError, run_build  # noqa: E402
-from trident.trtllm.checkpoint import CheckpointError  # noqa: E402
+from trident.trtllm.checkpoint import FAMILIES, CheckpointError  # noqa: E402
 from trident.trtllm.plan import DTYPES, SCHEDULER_POLICIES, EngineSettings, PlanError, ServingSettings  # noqa: E402
 
 defaults, serving_defaults = EngineSettings(), ServingSettings()
@@ -21,7 +21,7 @@ defaults, serving_defaults = EngineSettings(), ServingSettings()
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", required=True, type=Path, help="HF checkpoint (LlamaForCausalLM) + tokenizer")
+    p.add_argument("--model-dir", required=True, type=Path, help="HF checkpoint + tokenizer, its architecture one of: " + ", ".join(FAMILIES))
     p.add_argument("--out", required=True, type=Path, help="folder for engines and the model repository")
     p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
     p.add_argument("--tp-size", type=int, default=defaults.tp_size, help="tensor-parallel GPUs")
@@ -48,8 +48,8 @@ def main() -> int:
     p.add_argument("--llm-instances", type=int, default=serving_defaults.llm_instances,
                    help="processes of the llm model: more spread its per-token work over more cores")
     p.add_argument("--convert-script", default=None,
-                   help="TensorRT-LLM's examples/models/core/llama/convert_checkpoint.py "
-                        "(default: $TRIDENT_TRTLLM_CONVERT_SCRIPT or the image's copy)")
+                   help="TensorRT-LLM's examples/models/core/<family>/convert_checkpoint.py for the "
+                        "model's family (default: $TRIDENT_TRTLLM_CONVERT_SCRIPT or the image's copy)")
     p.add_argument("--skip-existing", action="store_true",
                    help="keep engines whose build.json matches this build (the container entrypoint)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, write only the configs")

@@ -402,6 +402,88 @@ def test_qwen_checkpoints_build_with_the_qwen_converter(tmp_path, model_type):
         "examples/models/core/qwen/convert_checkpoint.py")
 
 
+def write_mistral(path: Path, *, sliding_window) -> Path:
+    """A Mistral checkpoint folder as transformers 5 writes it: v0.1 has a window of 4096, v0.2 /
+    v0.3 and Mistral-Nemo null."""
+    write_llama(path, heads=32, kv_heads=8, rope_theta=1000000.0)
+    config = json.loads((path / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=sliding_window,
+                  max_position_embeddings=32768)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def engine_parameters(layout) -> dict[str, str]:
+    config = parse((layout.repository_dir / "tensorrt_llm" / "config.pbtxt").read_text())
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+@pytest.mark.parametrize("window, max_seq_len, expected", [
+    (4096, 8192, "4096"),  # Mistral v0.1 past its window: the backend keeps the last 4096 positions
+    (4096, 4096, None),    # sequences no longer than the window: nothing to set
+    (None, 8192, None),    # v0.2 / v0.3: no window
+])
+def test_mistral_builds_with_the_llama_converter_and_its_window(tmp_path, window, max_seq_len, expected):
+    """MODEL_MAP sends MistralForCausalLM to LLaMAForCausalLM and the Llama converter keeps the HF
+    architecture; the sliding window is the backend's max_attention_window_size, written into the
+    tensorrt_llm config only where it limits attention (parsed with Triton's protobuf)."""
+    shape = read_model_shape(write_mistral(tmp_path / "model", sliding_window=window))
+    assert (shape.family, shape.architecture, shape.sliding_window) == ("llama", "MistralForCausalLM", window)
+    lines = []
+    layout = run_build(model_dir=tmp_path / "model", out_dir=tmp_path / "out", dry_run=True, convert_script=CONVERT,
+                       engine=EngineSettings(max_seq_len=max_seq_len, max_num_tokens=max_seq_len),
+                       serving=ServingSettings(), python=PY, log=lines.append,
+                       popen=pytest.fail, gpus=pytest.fail, trtllm_version=pytest.fail)
+    convert = printed_commands(lines)[0]
+    assert convert[:2] == [PY, CONVERT] and "llama" in convert[1]
+    assert engine_parameters(layout).get("max_attention_window_size") == expected
+    text = (layout.repository_dir / "tensorrt_llm" / "config.pbtxt").read_text()
+    assert text.count('key: "max_attention_window_size"') == (expected is not None)
+    tools = FakeTools(shape)
+    built = fake_build(tmp_path / "built", tools, model_dir=tmp_path / "model")
+    assert [Path(c[1]).name for c in tools.calls[:1]] == ["convert_checkpoint.py"]
+    assert engine_parameters(built).get("max_attention_window_size") == (
+        str(window) if window is not None and window < 512 else None)  # fake_build: max_seq_len 512
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "rank0.safetensors").write_bytes(b"")
+    (ckpt / "config.json").write_text(json.dumps({**converted_config(shape), "architecture": "LlamaForCausalLM"}))
+    with pytest.raises(CheckpointError, match="architecture: 'LlamaForCausalLM', expected 'MistralForCausalLM'"):
+        check_converted(checkpoint_dir=ckpt, shape=shape, tp_size=1, pp_size=1, dtype="bfloat16")
+
+
+def test_a_short_window_reaches_the_backend_from_the_fake_build(tmp_path):
+    """The full (faked) build writes the window too (fake_build's engine has max_seq_len 512)."""
+    write_mistral(tmp_path / "model", sliding_window=256)
+    layout = fake_build(tmp_path, FakeTools(read_model_shape(tmp_path / "model")))
+    assert engine_parameters(layout)["max_attention_window_size"] == "256"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True,
+      "sliding_window": 4096, "max_window_layers": 2}, "use_sliding_window turns on sliding-window attention"),
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 0},
+     "sliding_window must be a positive integer or null, got 0"),
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": "4096"},
+     "sliding_window must be a positive integer or null, got '4096'"),
+])
+def test_windows_the_build_cannot_set_up_are_refused(tmp_path, change, message):
+    path = write_llama(tmp_path / "model")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=message):
+        read_model_shape(path)
+
+
+def test_windows_of_other_families_are_not_read(tmp_path):
+    """Qwen2's sliding_window without use_sliding_window is off (transformers reads it so): no
+    parameter, as for a Llama config."""
+    path = write_qwen(tmp_path / "model", "qwen2")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "sliding_window": 64, "use_sliding_window": False}))
+    assert read_model_shape(path).sliding_window is None
+
+
 def test_the_family_picks_the_converter_found_in_the_image(tmp_path):
     found = {family: tmp_path / family / "convert_checkpoint.py" for family in ("llama", "qwen")}
     for path in found.values():
@@ -416,7 +498,7 @@ def test_other_architectures_are_refused_with_the_supported_ones(tmp_path):
     path = write_llama(tmp_path / "model")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
-    with pytest.raises(CheckpointError, match="supports LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    with pytest.raises(CheckpointError, match="supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         read_model_shape(path)
 
 
@@ -472,10 +554,12 @@ class FakeTools:
         return FakeProcess(["converted"], 0)
 
 
-def fake_build(tmp_path, tools, **kwargs):
+def fake_build(tmp_path, tools, model_dir=None, **kwargs):
     script = tmp_path / "convert_checkpoint.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text("")
-    return run_build(model_dir=tmp_path / "model", out_dir=tmp_path / "out", engine=EngineSettings(max_seq_len=512),
+    return run_build(model_dir=model_dir or tmp_path / "model", out_dir=tmp_path / "out",
+                     engine=EngineSettings(max_seq_len=512),
                      serving=ServingSettings(), convert_script=str(script), log=lambda _: None, popen=tools,
                      gpus=lambda: [Gpu(0, "NVIDIA H100", 81559, "580.95")],
                      trtllm_version=lambda python: TRTLLM_VERSION, **kwargs)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import TRITON_IMAGE, TRTLLM_VERSION
-from .checkpoint import check_converted, read_model_shape, write_compat_view
+from .checkpoint import attention_window, check_converted, read_model_shape, write_compat_view
 from .checks import (GpuSetupError, check_engine_version, explain_failure, list_gpus, require_pinned_version,
                      tensorrt_llm_version)
 from .commands import build_command, convert_command, shell_line
@@ -107,6 +107,10 @@ def run_build(*, model_dir: Path, out_dir: Path, engine: EngineSettings, serving
     shape = read_model_shape(model_dir)
     for warning in check_plan(engine=engine, serving=serving, shape=shape):
         log(f"warning: {warning}")
+    window = attention_window(shape, engine.max_seq_len)
+    if window is not None:
+        log(f"sliding window: the model attends to the last {window} positions; the tensorrt_llm model "
+            f"gets max_attention_window_size {window}")
     total = 5
     log(f"TensorRT-LLM {TRTLLM_VERSION} build of {model_dir.name}: {engine.dtype}, tp={engine.tp_size} "
         f"pp={engine.pp_size}, max_batch_size={engine.max_batch_size}, max_seq_len={engine.max_seq_len}, "
@@ -129,7 +133,8 @@ def run_build(*, model_dir: Path, out_dir: Path, engine: EngineSettings, serving
         log(f"$ {shell_line(commands.build)}")
         log(f"[5/{total}] model repository -> {layout.repository_dir}")
         write_trtllm_repository(out_dir=layout.repository_dir, tokenizer_dir=layout.hf_dir,
-                                engine_dir=layout.engine_dir, engine=engine, serving=serving)
+                                engine_dir=layout.engine_dir, engine=engine, serving=serving,
+                                attention_window=window)
         log("dry run done: nothing was converted or built")
         return layout
 
@@ -186,7 +191,8 @@ def run_build(*, model_dir: Path, out_dir: Path, engine: EngineSettings, serving
         raise BuildError(str(exc)) from exc
     log(f"[5/{total}] model repository -> {layout.repository_dir}")
     write_trtllm_repository(out_dir=layout.repository_dir, tokenizer_dir=layout.hf_dir,
-                            engine_dir=layout.engine_dir, engine=engine, serving=serving)
+                            engine_dir=layout.engine_dir, engine=engine, serving=serving,
+                            attention_window=window)
     layout.stamp.write_text(json.dumps(stamp, indent=2) + "\n")
     log("done")
     return layout

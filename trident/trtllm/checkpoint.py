@@ -36,7 +36,16 @@ TOKENIZER_CLASS_COMPAT = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 #: the TensorRT-LLM checkpoint's ``architecture`` (``architecture=hf_config.architectures[0]``),
 #: which ``trtllm-build`` looks up in ``tensorrt_llm.models.MODEL_MAP``; the Qwen one also writes
 #: ``qwen_type`` (the HF ``model_type``), which turns on Qwen2's q/k/v bias or Qwen3's q/k norms.
-FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen", "Qwen3ForCausalLM": "qwen"}
+#: Mistral is the Llama layer: ``MODEL_MAP`` sends ``MistralForCausalLM`` to ``LLaMAForCausalLM``
+#: and the Llama converter reads its checkpoint (``LLaMAConfig.from_hugging_face``); its sliding
+#: window is not in the converted checkpoint but a runtime setting of the backend
+#: (``max_attention_window_size``, :func:`attention_window`).
+FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+            "Qwen2ForCausalLM": "qwen", "Qwen3ForCausalLM": "qwen"}
+#: model_types whose ``sliding_window`` applies to every layer (as the CPU engine reads them,
+#: trident.engine.config); Qwen's and SmolLM3's name a window that ``use_sliding_window`` turns on
+#: for some layers only.
+WINDOW_MODEL_TYPES = ("mistral",)
 
 
 class CheckpointError(ValueError):
@@ -58,6 +67,9 @@ class ModelShape:
     model_type: str = "llama"
     # A scaled RoPE (Llama 3.1+'s llama3, linear, yarn...): its type and factor, else None
     rope_scaling: tuple[str, float] | None = None
+    # Sliding-window attention in every layer (Mistral v0.1: 4096): each position attends to the
+    # last this many positions, itself included; None for none
+    sliding_window: int | None = None
 
     @property
     def family(self) -> str:
@@ -84,6 +96,13 @@ def read_model_shape(model_dir: Path) -> ModelShape:
         raise CheckpointError(
             f"{path}: architectures {architectures}; this build step drives TensorRT-LLM's Llama and "
             f"Qwen converters and supports {', '.join(FAMILIES)}")
+    if config.get("use_sliding_window"):
+        raise CheckpointError(
+            f"{path}: use_sliding_window turns on sliding-window attention in some layers only, which "
+            "this build does not set up (the engine would attend to the whole sequence in every layer)")
+    window = config.get("sliding_window") if config.get("model_type") in WINDOW_MODEL_TYPES else None
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise CheckpointError(f"{path}: sliding_window must be a positive integer or null, got {window!r}")
     heads = int(config["num_attention_heads"])
     return ModelShape(
         architecture=architectures[0],
@@ -96,7 +115,16 @@ def read_model_shape(model_dir: Path) -> ModelShape:
         rope_theta=_rope_theta(config),
         model_type=str(config.get("model_type") or "llama"),
         rope_scaling=_rope_scaling(compat_config(config).get("rope_scaling")),
+        sliding_window=window,
     )
+
+
+def attention_window(shape: ModelShape, max_seq_len: int) -> int | None:
+    """The backend's ``max_attention_window_size`` for this model: its sliding window when that is
+    shorter than the engine's sequences, else None (the backend's default, the whole sequence).
+    TensorRT-LLM keeps the last that many positions of each sequence in its KV cache."""
+    window = shape.sliding_window
+    return window if window is not None and window < max_seq_len else None
 
 
 def _rope_scaling(scaling) -> tuple[str, float] | None:

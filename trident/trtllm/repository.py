@@ -19,8 +19,12 @@ LLM_MAX_BATCH_SIZE = 64
 
 
 def trtllm_values(*, tokenizer_dir: Path, engine_dir: Path, engine: EngineSettings,
-                  serving: ServingSettings, out_dir: Path = Path("."), guided: bool = True) -> dict:
-    """Every placeholder of the common + trtllm templates, and nothing else (the builder checks)."""
+                  serving: ServingSettings, out_dir: Path = Path("."), guided: bool = True,
+                  attention_window: int | None = None) -> dict:
+    """Every placeholder of the common + trtllm templates, and nothing else (the builder checks).
+
+    ``attention_window``: the model's sliding window (checkpoint.attention_window), written as the
+    backend's ``max_attention_window_size``; None writes no such parameter (the whole sequence)."""
     return {
         # common/: llm, preprocessing, ensemble
         "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
@@ -42,6 +46,8 @@ def trtllm_values(*, tokenizer_dir: Path, engine_dir: Path, engine: EngineSettin
         "kv_cache_free_gpu_mem_fraction": serving.kv_cache_free_gpu_mem_fraction,
         "enable_kv_cache_reuse": "true" if serving.enable_kv_cache_reuse else "false",
         "batch_scheduler_policy": serving.batch_scheduler_policy,
+        "attention_window_parameter": "" if attention_window is None else (
+            f'parameters {{ key: "max_attention_window_size" value: {{ string_value: "{int(attention_window)}" }} }}'),
         "guided_decoding_backend": "xgrammar" if guided else "",
         "xgrammar_tokenizer_info_path": str(Path(out_dir).resolve() / TOKENIZER_INFO) if guided else "",
     }
@@ -59,10 +65,11 @@ def _prompt_chars(tokenizer_dir: Path, max_context: int) -> int:
 
 
 def write_trtllm_repository(*, out_dir: Path, tokenizer_dir: Path, engine_dir: Path,
-                            engine: EngineSettings, serving: ServingSettings) -> Path:
+                            engine: EngineSettings, serving: ServingSettings,
+                            attention_window: int | None = None) -> Path:
     info = _tokenizer_info(Path(tokenizer_dir))
     values = trtllm_values(tokenizer_dir=tokenizer_dir, engine_dir=engine_dir, engine=engine, serving=serving,
-                           out_dir=out_dir, guided=info is not None)
+                           out_dir=out_dir, guided=info is not None, attention_window=attention_window)
     out = build_repository(flavour="trtllm", values=values, out_dir=out_dir)
     if info is not None:
         (out / TOKENIZER_INFO).write_text(json.dumps(info), encoding="utf-8")
