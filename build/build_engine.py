@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Build TensorRT-LLM 1.2.1 engines from a Hugging Face checkpoint (Llama, Mistral, Qwen2 / Qwen3:
-trident/trtllm/checkpoint.py's FAMILIES) and fill the trtllm model repository: convert_checkpoint.py -> trtllm-build -> model_repository/ (flavour trtllm).
+"""Build TensorRT-LLM 1.2.1 engines from a Hugging Face checkpoint (Llama, Mistral, Phi-3 / Phi-4,
+Qwen2 / Qwen3: trident/trtllm/checkpoint.py's FAMILIES) and fill the trtllm model repository:
+convert_checkpoint.py -> trtllm-build -> model_repository/ (flavour trtllm).
 
 Everything lands under --out: hf/ (the checkpoint as 1.2.1 reads it), engines/,
 model_repository/ and build.json. --dry-run prints every command and writes the configs

@@ -364,6 +364,13 @@ def converted_config(shape, *, rotary_base=None, tp=1):
               "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}}
     if shape.family == "qwen":
         config["qwen_type"] = shape.model_type
+    if shape.family == "phi":  # tensorrt_llm/models/phi3/config.py
+        config.update(rotary_pct=shape.partial_rotary_factor, position_embedding_type="rope_gpt_neox",
+                      rotary_scaling=None)
+        if shape.long_rope is not None:
+            short, long, context = shape.long_rope
+            config.update(position_embedding_type="long_rope", longrope_scaling_short_factors=list(short),
+                          longrope_scaling_long_factors=list(long), original_max_position_embeddings=context)
     return config
 
 
@@ -484,21 +491,122 @@ def test_windows_of_other_families_are_not_read(tmp_path):
     assert read_model_shape(path).sliding_window is None
 
 
+def write_phi3(path: Path, *, long_rope: bool, partial: float = 1.0, window: int | None = None) -> Path:
+    """A Phi-3 checkpoint folder written by transformers 5's own Phi3Config (rope_parameters):
+    Phi-3-mini-4k (no LongRoPE, window 2047), Phi-3.5-mini (LongRoPE), Phi-4-mini (LongRoPE over
+    3/4 of each head, tied embeddings)."""
+    import transformers
+
+    write_llama(path)
+    head_dim, heads = 64, 8
+    pairs = int(head_dim * partial) // 2
+    kwargs = dict(max_position_embeddings=4096)
+    if long_rope:
+        kwargs = dict(max_position_embeddings=131072, original_max_position_embeddings=4096, rope_scaling={
+            "rope_type": "longrope", "short_factor": [1.0 + i / 100 for i in range(pairs)],
+            "long_factor": [2.0 + i / 10 for i in range(pairs)]})
+    transformers.Phi3Config(
+        hidden_size=head_dim * heads, num_attention_heads=heads, num_key_value_heads=4, num_hidden_layers=4,
+        intermediate_size=128, vocab_size=1000, rope_theta=10000.0, partial_rotary_factor=partial,
+        sliding_window=window, tie_word_embeddings=partial != 1.0, architectures=["Phi3ForCausalLM"],
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, **kwargs).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("long_rope, partial, window, max_seq_len, expected_window", [
+    (False, 1.0, 2047, 4096, "2047"),    # Phi-3-mini-4k: its window is the backend's
+    (True, 1.0, 262144, 8192, None),     # Phi-3.5-mini: LongRoPE, a window longer than any sequence
+    (True, 0.75, 262144, 8192, None),    # Phi-4-mini: LongRoPE over 3/4 of each head
+])
+def test_phi3_builds_with_the_phi_converter(tmp_path, long_rope, partial, window, max_seq_len, expected_window):
+    """The Phi converter (examples/models/core/phi) reads transformers 4.57's Phi3Config: the compat
+    view writes LongRoPE as the three-field rope_scaling it accepts and the context and partial
+    factor at the top level; the converted config is checked for LongRoPE (which TensorRT-LLM
+    turns on only from 128000 positions), both factor lists, the context and rotary_pct."""
+    model = write_phi3(tmp_path / "model", long_rope=long_rope, partial=partial, window=window)
+    shape = read_model_shape(model)
+    assert (shape.family, shape.partial_rotary_factor, shape.sliding_window) == ("phi", partial, window)
+    pairs = int(64 * partial) // 2
+    if long_rope:
+        short, long, context = shape.long_rope
+        assert (len(short), len(long), context, long[1]) == (pairs, pairs, 4096, 2.1)
+    else:
+        assert shape.long_rope is None
+    layout = run_build(model_dir=model, out_dir=tmp_path / "out", dry_run=True, convert_script=CONVERT,
+                       engine=EngineSettings(max_seq_len=max_seq_len, max_num_tokens=max_seq_len),
+                       serving=ServingSettings(), python=PY, log=lambda _: None,
+                       popen=pytest.fail, gpus=pytest.fail, trtllm_version=pytest.fail)
+    view = json.loads((layout.hf_dir / "config.json").read_text())
+    assert view["rope_theta"] == 10000.0 and view["partial_rotary_factor"] == partial
+    if long_rope:
+        # transformers 4.57.3's Phi3Config._rope_scaling_validation: exactly these three fields
+        assert view["rope_scaling"] == {"type": "longrope", "short_factor": list(short), "long_factor": list(long)}
+        assert view["original_max_position_embeddings"] == 4096
+    else:
+        assert "rope_scaling" not in view
+    assert engine_parameters(layout).get("max_attention_window_size") == expected_window
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "rank0.safetensors").write_bytes(b"")
+    good = converted_config(shape)
+    (ckpt / "config.json").write_text(json.dumps(good))
+    check_converted(checkpoint_dir=ckpt, shape=shape, tp_size=1, pp_size=1, dtype="bfloat16")
+    wrongs = [({"rotary_pct": 1.0 if partial != 1.0 else 0.5}, "rotary_pct")]
+    if long_rope:
+        wrongs += [({"position_embedding_type": "rope_gpt_neox"}, "position_embedding_type: 'rope_gpt_neox', "
+                                                                  "expected 'long_rope'"),
+                   ({"longrope_scaling_long_factors": list(short)}, "longrope_scaling_long_factors"),
+                   ({"original_max_position_embeddings": 131072}, "original_max_position_embeddings: 131072")]
+    else:
+        wrongs += [({"position_embedding_type": "long_rope"}, "expected 'rope_gpt_neox'")]
+    for change, message in wrongs:
+        (ckpt / "config.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            check_converted(checkpoint_dir=ckpt, shape=shape, tp_size=1, pp_size=1, dtype="bfloat16")
+    tools = FakeTools(shape)
+    built = fake_build(tmp_path / "built", tools, model_dir=model)
+    assert (built.engine_dir / "rank0.engine").is_file()
+    with pytest.raises(PlanError, match="Phi converter has no pipeline parallelism"):
+        check_plan(engine=EngineSettings(pp_size=2), serving=ServingSettings(), shape=shape)
+
+
+def test_phi3_long_rope_the_converter_would_drop_or_refuse_is_refused(tmp_path):
+    path = write_phi3(tmp_path / "model", long_rope=True)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 65536}))
+    with pytest.raises(CheckpointError, match="builds LongRoPE only from 128000 positions up"):
+        read_model_shape(path)
+    params = {**config["rope_parameters"], "short_factor": [1.0] * 5}
+    (path / "config.json").write_text(json.dumps({**config, "rope_parameters": params}))
+    with pytest.raises(CheckpointError, match="LongRoPE with 32 short and 32 long factors"):
+        read_model_shape(path)
+    # a config.json already in transformers 4's spelling (as the Hub's Phi-3 ones) is kept as it is
+    old = {k: v for k, v in config.items() if k != "rope_parameters"}
+    old.update(rope_theta=10000.0, rope_scaling={"type": "su", "short_factor": [1.0] * 32, "long_factor": [2.0] * 32})
+    (path / "config.json").write_text(json.dumps(old))
+    shape = read_model_shape(path)
+    assert shape.long_rope == ((1.0,) * 32, (2.0,) * 32, 4096)
+    view = write_compat_view(model_dir=path, out_dir=tmp_path / "hf")
+    assert json.loads((view / "config.json").read_text())["rope_scaling"] == old["rope_scaling"]
+
+
 def test_the_family_picks_the_converter_found_in_the_image(tmp_path):
-    found = {family: tmp_path / family / "convert_checkpoint.py" for family in ("llama", "qwen")}
+    found = {family: tmp_path / family / "convert_checkpoint.py" for family in ("llama", "phi", "qwen")}
     for path in found.values():
         path.parent.mkdir()
         path.write_text(CONVERTER_TEXT)
     for family, path in found.items():
         assert find_convert_script(env={}, candidates=(path,), family=family) == path
     assert find_convert_script(env={"TRIDENT_TRTLLM_CONVERT_SCRIPT": "/mine.py"}, family="qwen") == Path("/mine.py")
+    assert image_paths("phi")[0] == Path("/app/examples/models/core/phi/convert_checkpoint.py")
+    assert download_path("phi") == Path(f"/opt/trident/third_party/tensorrt_llm/{TRTLLM_VERSION}/phi/convert_checkpoint.py")
 
 
 def test_other_architectures_are_refused_with_the_supported_ones(tmp_path):
     path = write_llama(tmp_path / "model")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
-    with pytest.raises(CheckpointError, match="supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    with pytest.raises(CheckpointError, match="supports LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         read_model_shape(path)
 
 

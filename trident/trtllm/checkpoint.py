@@ -40,12 +40,20 @@ TOKENIZER_CLASS_COMPAT = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 #: and the Llama converter reads its checkpoint (``LLaMAConfig.from_hugging_face``); its sliding
 #: window is not in the converted checkpoint but a runtime setting of the backend
 #: (``max_attention_window_size``, :func:`attention_window`).
-FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+#: Phi-3 / 3.5-mini and Phi-4 / 4-mini have their own converter (``examples/models/core/phi``,
+#: ``Phi3Config.from_hugging_face``: LongRoPE, partial rotary as ``rotary_pct``; no pipeline
+#: parallelism), checked by :func:`check_converted` as the others.
+FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Phi3ForCausalLM": "phi",
             "Qwen2ForCausalLM": "qwen", "Qwen3ForCausalLM": "qwen"}
 #: model_types whose ``sliding_window`` applies to every layer (as the CPU engine reads them,
 #: trident.engine.config); Qwen's and SmolLM3's name a window that ``use_sliding_window`` turns on
 #: for some layers only.
-WINDOW_MODEL_TYPES = ("mistral",)
+WINDOW_MODEL_TYPES = ("mistral", "phi3")
+#: TensorRT-LLM's Phi3Config.from_hugging_face builds LongRoPE only for a model of at least this
+#: many positions (``if hf_config.max_position_embeddings >= 128000``); below, plain RoPE.
+PHI3_LONG_ROPE_MIN_POSITIONS = 128000
+#: transformers 4.57's Phi3Config: the pre-training context when config.json names none.
+PHI3_DEFAULT_CONTEXT = 4096
 
 
 class CheckpointError(ValueError):
@@ -70,6 +78,10 @@ class ModelShape:
     # Sliding-window attention in every layer (Mistral v0.1: 4096): each position attends to the
     # last this many positions, itself included; None for none
     sliding_window: int | None = None
+    # The share of each head that RoPE turns (Phi-4-mini: 0.75)
+    partial_rotary_factor: float = 1.0
+    # Phi-3's LongRoPE: (short factors, long factors, pre-training context), else None
+    long_rope: tuple[tuple[float, ...], tuple[float, ...], int] | None = None
 
     @property
     def family(self) -> str:
@@ -94,8 +106,8 @@ def read_model_shape(model_dir: Path) -> ModelShape:
     architectures = config.get("architectures") or []
     if len(architectures) != 1 or architectures[0] not in FAMILIES:
         raise CheckpointError(
-            f"{path}: architectures {architectures}; this build step drives TensorRT-LLM's Llama and "
-            f"Qwen converters and supports {', '.join(FAMILIES)}")
+            f"{path}: architectures {architectures}; this build step drives TensorRT-LLM's Llama, Phi "
+            f"and Qwen converters and supports {', '.join(FAMILIES)}")
     if config.get("use_sliding_window"):
         raise CheckpointError(
             f"{path}: use_sliding_window turns on sliding-window attention in some layers only, which "
@@ -104,6 +116,10 @@ def read_model_shape(model_dir: Path) -> ModelShape:
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise CheckpointError(f"{path}: sliding_window must be a positive integer or null, got {window!r}")
     heads = int(config["num_attention_heads"])
+    compat = compat_config(config)
+    partial, long_rope = 1.0, None
+    if config.get("model_type") == "phi3":
+        partial, long_rope = _phi3_rope(path, compat, head_dim=int(config["hidden_size"]) // heads)
     return ModelShape(
         architecture=architectures[0],
         num_attention_heads=heads,
@@ -114,9 +130,39 @@ def read_model_shape(model_dir: Path) -> ModelShape:
         max_position_embeddings=int(config.get("max_position_embeddings") or 2048),
         rope_theta=_rope_theta(config),
         model_type=str(config.get("model_type") or "llama"),
-        rope_scaling=_rope_scaling(compat_config(config).get("rope_scaling")),
+        rope_scaling=_rope_scaling(compat.get("rope_scaling")),
         sliding_window=window,
+        partial_rotary_factor=partial,
+        long_rope=long_rope,
     )
+
+
+def _phi3_rope(path: Path, compat: Mapping, *, head_dim: int):
+    """(partial rotary factor, LongRoPE) of a Phi-3 config as transformers 4.57's Phi3Config and
+    TensorRT-LLM's Phi3Config.from_hugging_face read it (the compat view: rope_scaling of three
+    fields, the context and the factor at config.json's top level). Refuses what the converter
+    would refuse, and a LongRoPE it would silently build as plain RoPE."""
+    partial = float(compat.get("partial_rotary_factor", 1.0))
+    scaling = compat.get("rope_scaling")
+    if scaling is None:
+        return partial, None
+    kind = scaling.get("type") if isinstance(scaling, Mapping) else None
+    kind = "longrope" if kind in ("su", "yarn") else kind  # Phi3Config's _rope_scaling_adjustment
+    pairs = int(head_dim * partial) // 2
+    short, long = (scaling.get(k) if isinstance(scaling, Mapping) else None for k in ("short_factor", "long_factor"))
+    if kind != "longrope" or set(scaling) != {"type", "short_factor", "long_factor"} or not all(
+            isinstance(f, list) and len(f) == pairs and all(isinstance(x, (int, float)) for x in f)
+            for f in (short, long)):
+        raise CheckpointError(
+            f"{path}: Phi-3's rope_scaling must be LongRoPE with {pairs} short and {pairs} long factors "
+            f"(transformers 4.57's Phi3Config refuses anything else), got {scaling!r}")
+    positions = int(compat.get("max_position_embeddings") or 0)
+    if positions < PHI3_LONG_ROPE_MIN_POSITIONS:
+        raise CheckpointError(
+            f"{path}: LongRoPE with max_position_embeddings {positions}: TensorRT-LLM's Phi3Config builds "
+            f"LongRoPE only from {PHI3_LONG_ROPE_MIN_POSITIONS} positions up and would build plain RoPE")
+    context = int(compat.get("original_max_position_embeddings") or PHI3_DEFAULT_CONTEXT)
+    return partial, (tuple(map(float, short)), tuple(map(float, long)), context)
 
 
 def attention_window(shape: ModelShape, max_seq_len: int) -> int | None:
@@ -143,7 +189,16 @@ def compat_config(config: Mapping) -> dict:
     if "rope_theta" not in out:
         out["rope_theta"] = _rope_theta(config)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default" and "rope_scaling" not in out:
+    if out.get("model_type") == "phi3":
+        # transformers 4.57's Phi3Config reads these at the top level only (defaults 4096 and 1.0)
+        for key in ("original_max_position_embeddings", "partial_rotary_factor"):
+            if key not in out and key in params:
+                out[key] = params[key]
+        if rope_type != "default" and "rope_scaling" not in out:
+            # and refuses a rope_scaling of other than these three fields
+            out["rope_scaling"] = {"type": rope_type, "short_factor": params.get("short_factor"),
+                                   "long_factor": params.get("long_factor")}
+    elif rope_type != "default" and "rope_scaling" not in out:
         # transformers 4.x spells a scaled RoPE as rope_scaling = {rope_type, factor, ...}.
         out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
     if "torch_dtype" not in out and "dtype" in out:
@@ -186,6 +241,13 @@ def write_compat_view(*, model_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _brief(value) -> str:
+    """A value for an error message: a long factor list by its length and ends."""
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{value[0]!r}, {value[1]!r}, ... {value[-1]!r}] ({len(value)} values)"
+    return repr(value)
+
+
 def check_converted(*, checkpoint_dir: Path, shape: ModelShape, tp_size: int, pp_size: int,
                     dtype: str) -> dict:
     """Compare the TensorRT-LLM checkpoint's config.json with the source model; return it."""
@@ -206,11 +268,21 @@ def check_converted(*, checkpoint_dir: Path, shape: ModelShape, tp_size: int, pp
     if shape.family == "qwen":
         # the Qwen layer variant (q/k/v bias for qwen2, q/k norms for qwen3) follows qwen_type
         expected["qwen_type"] = shape.model_type
-    wrong = [f"{key}: {config.get(key)!r}, expected {value!r}"
+    if shape.family == "phi":
+        # Phi3Config.from_hugging_face: partial rotary as rotary_pct, LongRoPE as its own
+        # position embedding type with both factor lists and the pre-training context
+        expected["rotary_pct"] = shape.partial_rotary_factor
+        expected["position_embedding_type"] = "rope_gpt_neox" if shape.long_rope is None else "long_rope"
+        if shape.long_rope is not None:
+            short, long, context = shape.long_rope
+            expected.update(longrope_scaling_short_factors=list(short), longrope_scaling_long_factors=list(long),
+                            original_max_position_embeddings=context)
+    wrong = [f"{key}: {_brief(config.get(key))}, expected {_brief(value)}"
              for key, value in expected.items() if config.get(key) != value]
     # Also silent: RoPE built unscaled (Llama 3.1+ then degrades past its pre-training context).
-    # Both converters copy the HF rope_scaling into rotary_scaling whole.
-    if _rope_scaling(config.get("rotary_scaling")) != shape.rope_scaling:
+    # The Llama and Qwen converters copy the HF rope_scaling into rotary_scaling whole (Phi-3's
+    # LongRoPE is checked above).
+    if shape.family != "phi" and _rope_scaling(config.get("rotary_scaling")) != shape.rope_scaling:
         wrong.append(f"rotary_scaling: {config.get('rotary_scaling')!r}, expected type and factor "
                      f"{shape.rope_scaling!r}")
     for key, value in (("tp_size", tp_size), ("pp_size", pp_size), ("world_size", tp_size * pp_size)):

@@ -75,6 +75,9 @@ def check_plan(*, engine: EngineSettings, serving: ServingSettings, shape: Model
             "multiple of them (TensorRT-LLM then replicates each kv head)")
     if engine.pp_size > shape.num_hidden_layers:
         problems.append(f"--pp-size {engine.pp_size} is more than the model's {shape.num_hidden_layers} layers")
+    if shape.family == "phi" and engine.pp_size != 1:
+        problems.append(f"--pp-size {engine.pp_size}: TensorRT-LLM's Phi converter has no pipeline parallelism "
+                        "(its convert_checkpoint.py asserts pp_size == 1); use --tp-size")
     if not 1 <= engine.input_len < engine.max_seq_len:
         problems.append(
             f"--max-input-len {engine.input_len} must be at least 1 and below --max-seq-len "
