@@ -108,13 +108,13 @@ def run_build(*, model_dir: Path, out_dir: Path, engine: EngineSettings, serving
     for warning in check_plan(engine=engine, serving=serving, shape=shape):
         log(f"warning: {warning}")
     window = attention_window(shape, engine.max_seq_len)
-    if window is not None:
-        log(f"sliding window: the model attends to the last {window} positions; the tensorrt_llm model "
-            f"gets max_attention_window_size {window}")
     total = 5
     log(f"TensorRT-LLM {TRTLLM_VERSION} build of {model_dir.name}: {engine.dtype}, tp={engine.tp_size} "
         f"pp={engine.pp_size}, max_batch_size={engine.max_batch_size}, max_seq_len={engine.max_seq_len}, "
         f"max_input_len={engine.input_len}, max_num_tokens={engine.max_num_tokens} -> {layout.root}")
+    if window is not None:
+        log(f"sliding window: the model attends to the last {window} positions; the tensorrt_llm model "
+            f"gets max_attention_window_size {window}")
 
     if dry_run:
         script = find_convert_script(explicit=convert_script, family=shape.family)
