@@ -97,6 +97,11 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # trident extension, vLLM's name: false keeps the tokenizer's special tokens in the text
     # (default true: left out, as both vLLM and NVIDIA's postprocessing do).
     TensorSpec("skip_special_tokens", np.bool_),
+    # NVIDIA's ensemble (and its tensorrt_llm backend): token counts on every response, as Triton's
+    # OpenAI-compatible frontend asks for them on every request to a TensorRT-LLM model
+    # (num_input_tokens: the prompt's; num_output_tokens: the tokens this response adds).
+    TensorSpec("return_num_input_tokens", np.bool_),
+    TensorSpec("return_num_output_tokens", np.bool_),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one (prompt_tokens
 #: also on the admission response, which the gateway asks for).
@@ -124,6 +129,11 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     # engine): how many of the prompt's tokens came from the engine's prefix cache (OpenAI's
     # usage.prompt_tokens_details.cached_tokens).
     TensorSpec("cached_tokens", np.int32),
+    # With return_num_input_tokens / return_num_output_tokens, on every text response (NVIDIA's
+    # names and meaning): the prompt's token count, and how many generated tokens this response
+    # accounts for (a choice's responses add up to its completion_tokens).
+    TensorSpec("num_input_tokens", np.int32),
+    TensorSpec("num_output_tokens", np.int32),
 )
 
 #: Environment variable naming a Triton server (``host:grpc port`` by default, set by the
@@ -210,6 +220,10 @@ class TextRequest:
     include_prompt: bool = False
     # The prompt as token ids, used as they are (``prompt`` is then ""); None: ``prompt`` is text.
     prompt_ids: Optional[tuple[int, ...]] = dataclasses.field(default=None, repr=False)
+    # NVIDIA's token counts on every response (num_input_tokens / num_output_tokens); direct
+    # gRPC clients only (Triton's OpenAI frontend), the gateway reads completion_tokens.
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
 
     def with_prompt(self, prompt: "str | tuple[int, ...]") -> "TextRequest":
         """This request with another prompt: a text, or token ids."""
@@ -280,6 +294,10 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
         values["ignore_eos"] = _one(True, np.bool_)
     if not s.skip_special_tokens:
         values["skip_special_tokens"] = _one(False, np.bool_)
+    if req.return_num_input_tokens:
+        values["return_num_input_tokens"] = _one(True, np.bool_)
+    if req.return_num_output_tokens:
+        values["return_num_output_tokens"] = _one(True, np.bool_)
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -407,4 +425,6 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
     stream = bool(_scalar(get("stream"), bool) or False)
     return TextRequest(prompt=prompts[0], prompt_ids=prompt_ids, sampling=sampling, stream=stream,
                        end_id=_scalar(get("end_id"), int), pad_id=_scalar(get("pad_id"), int),
-                       include_prompt=not stream and _scalar(get("exclude_input_in_output"), bool) is False)
+                       include_prompt=not stream and _scalar(get("exclude_input_in_output"), bool) is False,
+                       return_num_input_tokens=bool(_scalar(get("return_num_input_tokens"), bool)),
+                       return_num_output_tokens=bool(_scalar(get("return_num_output_tokens"), bool)))

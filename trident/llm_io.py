@@ -93,12 +93,13 @@ class Request(Protocol):
         """The answer to a ping: one final response naming the server, as the admission does, and
         the instance of the model that answered."""
 
-    def send_text(self, text: str, *, index: int = 0, n: int = 1, tokens: Optional[list[TokenLogprob]] = None) -> None:
+    def send_text(self, text: str, *, index: int = 0, n: int = 1, tokens: Optional[list[TokenLogprob]] = None,
+                  counts: Optional[dict[str, int]] = None) -> None:
         """A non-final response holding a text delta of choice ``index`` of ``n`` (with its tokens
-        when logprobs were asked for)."""
+        when logprobs were asked for, and NVIDIA's per-response token counts when asked for)."""
 
     def send_final(self, text: str, gen: TextGeneration, *, tokens: Optional[list[TokenLogprob]] = None,
-                   final: bool = True) -> None:
+                   final: bool = True, counts: Optional[dict[str, int]] = None) -> None:
         """A choice's last response: its last text, finish_reason and token counts; ``final``
         (the request's last response) is False for every choice but the last to end."""
 
@@ -174,12 +175,16 @@ def engine_outputs(sampling: SamplingParams, *, cached_tokens: bool = False) -> 
 
 
 def output_tensors(text: str, *, index: int = 0, tokens: Optional[list[TokenLogprob]] = None,
-                   gen: Optional[TextGeneration] = None, n: int = 1) -> dict[str, np.ndarray]:
+                   gen: Optional[TextGeneration] = None, n: int = 1,
+                   counts: Optional[dict[str, int]] = None) -> dict[str, np.ndarray]:
     """One llm response's tensors (trident.contract.LLM_OUTPUTS), each with the batch dimension:
     the text; the choice index with several choices; the tokens of the text with logprobs; and on
     a choice's last response (``gen``) its finish_reason, token counts (cached_tokens when the
-    engine reported them) and cum_log_probs."""
+    engine reported them) and cum_log_probs. ``counts``: NVIDIA's num_input_tokens /
+    num_output_tokens of this response, those asked for."""
     out = {"text_output": np.array([[text.encode("utf-8")]], dtype=np.object_)}
+    for name, value in (counts or {}).items():
+        out[name] = np.array([[value]], dtype=np.int32)
     if n > 1:
         out["sequence_index"] = np.array([[index]], dtype=np.int32)
     if tokens is not None:

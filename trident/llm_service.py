@@ -114,6 +114,8 @@ class Job:
     cancel_requested: bool = False  # a cancel request named it: its client is gone
     via_board: bool = False  # ... which reached another instance, and came here by its board
     running: bool = False  # the engine has answered (it holds a slot for it)
+    # Choice index -> its generated tokens already counted in num_output_tokens
+    reported: dict[int, int] = dataclasses.field(default_factory=dict, repr=False)
 
 
 def model_end_ids(model_dir: str | Path) -> tuple[int, ...]:
@@ -530,7 +532,8 @@ class LlmService:
                 if out or held[i]:
                     out_tokens = held[i] if gen.logprobs else None
                     parts[i], held[i], unsent[i], started[i] = [], [], 0, True
-                    if not _safely(request.send_text, out, index=i, n=n, tokens=out_tokens):
+                    if not _safely(request.send_text, out, index=i, n=n, tokens=out_tokens,
+                                   counts=self._counts(job, gen)):
                         self._cancel(job)  # the response stream is gone: so is the client
                         stopping = True
         if job.cancelled or self._poll(job):
@@ -559,12 +562,29 @@ class LlmService:
             tail = self._prompt_text(job) + tail
         tokens = held[gen.index] + (tokens or []) if gen.logprobs else None
         parts[gen.index], held[gen.index] = [], []
+        counts = self._counts(job, gen)
         if last:
-            return _final(job, job.request.send_final, tail, gen, tokens=tokens)
-        if not _safely(job.request.send_final, tail, gen, tokens=tokens, final=False):
+            return _final(job, job.request.send_final, tail, gen, tokens=tokens, counts=counts)
+        if not _safely(job.request.send_final, tail, gen, tokens=tokens, final=False, counts=counts):
             self._cancel(job)
             return False
         return True
+
+    @staticmethod
+    def _counts(job: Job, gen: TextGeneration) -> Optional[dict[str, int]]:
+        """NVIDIA's token counts for the response of ``gen``'s choice about to be sent, those the
+        request asked for: the prompt's tokens, and the generated tokens not counted in an
+        earlier response of that choice (so they add up to its completion_tokens)."""
+        text = job.text
+        if not (text.return_num_input_tokens or text.return_num_output_tokens):
+            return None
+        counts = {}
+        if text.return_num_input_tokens:
+            counts["num_input_tokens"] = job.prompt_tokens
+        if text.return_num_output_tokens:
+            counts["num_output_tokens"] = gen.completion_tokens - job.reported.get(gen.index, 0)
+            job.reported[gen.index] = gen.completion_tokens
+        return counts
 
     def _prompt_text(self, job: Job) -> str:
         """The prompt as text: as given, or its ids decoded (special tokens included)."""

@@ -205,6 +205,34 @@ def test_nvidia_clients_beam_width_and_exclude_input_in_output(triton, model):
     assert error is not None and "[invalid_request_error:beam_width] beam_width must be 1" in error, error
 
 
+@pytest.mark.parametrize("model, stream", [("ensemble", True), ("ensemble", False), ("llm", True)])
+def test_triton_openai_frontends_request_with_nvidia_token_counts(triton, tokenizer, model, stream):
+    """Triton's OpenAI-compatible frontend sends, with every request to a TensorRT-LLM model,
+    return_num_input_tokens and return_num_output_tokens (its usage comes from num_input_tokens
+    and the num_output_tokens of each response, added up); both were refused as unexpected
+    inputs. Now each text response carries the prompt's tokens and the tokens it adds, and they
+    add up to completion_tokens; the text is the one without them."""
+    prompt = "The capital of France is"
+    base = {"text_input": np.array([[prompt.encode()]], dtype=object), "stream": np.array([[stream]]),
+            "max_tokens": np.array([[12]], dtype=np.int32), "stop_words": np.array([[b"\n"]], dtype=object),
+            "temperature": np.array([[0.0]], dtype=np.float32), "exclude_input_in_output": np.array([[True]])}
+    flags = {"return_num_input_tokens": np.array([[True]]), "return_num_output_tokens": np.array([[True]])}
+    outputs, error = _nvidia_client_request(triton.grpc_url, model, {**base, **flags})
+    assert error is None, error
+    texts = [o for o in outputs if o.get("text_output") is not None]
+    assert texts and all(o.get("num_input_tokens") is not None and o.get("num_output_tokens") is not None for o in texts)
+    assert {int(o["num_input_tokens"].reshape(-1)[0]) for o in texts} == {len(tokenizer(prompt).input_ids)}
+    [final] = [o for o in outputs if o.get("completion_tokens") is not None]
+    counted = [int(o["num_output_tokens"].reshape(-1)[0]) for o in texts]
+    assert sum(counted) == int(final["completion_tokens"].reshape(-1)[0]) >= 1, counted
+    if stream:
+        assert len(counted) > 1 and all(c >= 0 for c in counted)
+    plain, error = _nvidia_client_request(triton.grpc_url, model, base)
+    assert error is None and all(o.get("num_output_tokens") is None for o in plain)
+    text = lambda outs: "".join(o["text_output"].reshape(-1)[0].decode() for o in outs if o.get("text_output") is not None)
+    assert text(outputs) == text(plain) and "Paris" in text(plain)
+
+
 @pytest.mark.parametrize("model", ["ensemble", "llm"])
 def test_a_prompt_of_token_ids_through_the_text_models(triton, tokenizer, model):
     """input_ids (a trident extension: /v1/completions' token-id prompts) with an empty

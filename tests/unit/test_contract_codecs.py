@@ -170,13 +170,13 @@ def test_beam_search_is_refused_naming_beam_width(beam_width):
 
 @pytest.mark.parametrize("model", ["llm", "ensemble"])
 def test_the_config_templates_declare_the_contracts_inputs(model):
-    """config.pbtxt of llm and ensemble declare LLM_INPUTS, names, types and dims (the ensemble
-    passes each on to llm): an input added to the contract and not to a template is refused by
-    Triton as unexpected."""
+    """config.pbtxt of llm and ensemble declare LLM_INPUTS and LLM_OUTPUTS, names, types and dims
+    (the ensemble passes each on to llm and back): an input added to the contract and not to a
+    template is refused by Triton as unexpected, an output left out of one never reaches its client."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from trident.contract import LLM_INPUTS
+    from trident.contract import LLM_INPUTS, LLM_OUTPUTS
 
     path = Path(__file__).resolve().parents[2] / "model_repository" / "common" / model / "config.pbtxt.in"
     text = re.sub(r"\$\{\w+\}", "1", path.read_text())
@@ -185,9 +185,21 @@ def test_the_config_templates_declare_the_contracts_inputs(model):
              np.bool_: "TYPE_BOOL"}
     declared = {i.name: (model_config_pb2.DataType.Name(i.data_type), tuple(i.dims), i.optional) for i in config.input}
     assert declared == {t.name: (types[t.dtype], t.dims, t.optional) for t in LLM_INPUTS}
+    outputs = {o.name: (model_config_pb2.DataType.Name(o.data_type), tuple(o.dims)) for o in config.output}
+    assert outputs == {t.name: (types[t.dtype], t.dims) for t in LLM_OUTPUTS}
     if model == "ensemble":
         [step] = config.ensemble_scheduling.step
         assert dict(step.input_map) == {t.name: t.name for t in LLM_INPUTS}
+        assert dict(step.output_map) == {t.name: t.name for t in LLM_OUTPUTS}
+
+
+def test_nvidia_token_count_flags_cross_only_when_set():
+    req = TextRequest(prompt="p", return_num_input_tokens=True, return_num_output_tokens=True)
+    inputs = llm_inputs(req)
+    assert inputs["return_num_input_tokens"].tolist() == [[True]] and inputs["return_num_output_tokens"].dtype == np.bool_
+    assert read_llm_inputs(inputs.get) == req
+    plain = llm_inputs(TextRequest(prompt="p"))
+    assert "return_num_input_tokens" not in plain and not read_llm_inputs(plain.get).return_num_output_tokens
 
 
 def test_absent_sampling_inputs_take_the_one_set_of_defaults():

@@ -37,6 +37,7 @@ class FakeRequest:
         self.ended = []  # the TextGeneration of each choice's last response, in order
         self.done = threading.Event()
         self.polls = 0  # is_cancelled() calls
+        self.counts = []  # (choice index, NVIDIA's token counts or None) of each text response
 
     def input(self, name):
         return self.inputs.get(name)
@@ -78,14 +79,16 @@ class FakeRequest:
     def send_pong(self):
         self._record("send_pong", final=True)
 
-    def send_text(self, text, *, index=0, n=1, tokens=None):
+    def send_text(self, text, *, index=0, n=1, tokens=None, counts=None):
         self._record("send_text", text)
         self.choices.append(("text", index, text, tokens))
+        self.counts.append((index, counts))
 
-    def send_final(self, text, gen, *, tokens=None, final=True):
+    def send_final(self, text, gen, *, tokens=None, final=True, counts=None):
         self._record("send_final", (text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens), final=final)
         self.ended.append(gen)
         self.choices.append(("final" if final else "end", gen.index, text, tokens))
+        self.counts.append((gen.index, counts))
 
     def send_error(self, message):
         self._record("send_error", message, final=True)
@@ -205,6 +208,50 @@ def test_streams_deltas_then_a_final_response_with_the_counts(make_service, toke
     _, reason, prompt_tokens, completion_tokens = request.sent[-1][1]
     assert (reason, completion_tokens) == ("length", 4)
     assert prompt_tokens == len(tokenizer("Hello there").input_ids)
+
+
+@pytest.mark.parametrize("stream, n, stop_words, last_in_final", [
+    (True, 1, (), True),            # the real engines' way: the last token in the final response
+    (True, 1, (), False),
+    (True, 1, (" four",), True),    # ended by a stop sequence while the engine runs on
+    (False, 1, (), True),           # one response: all the tokens
+    (True, 2, (), True),            # per choice
+])
+def test_nvidia_token_counts_on_every_response_add_up(make_service, tokenizer, stream, n, stop_words, last_in_final):
+    """return_num_input_tokens / return_num_output_tokens (NVIDIA's ensemble, which Triton's
+    OpenAI frontend sends with every request): each text response carries the prompt's tokens
+    and the generated tokens it adds, and a choice's add up to its completion_tokens."""
+    service, engine = make_service(FakeEngine(tokenizer, last_in_final=last_in_final))
+    request = FakeRequest(max_tokens=6, stream=stream, stop_words=stop_words)
+    request.inputs.update(return_num_input_tokens=np.array([[True]]), return_num_output_tokens=np.array([[True]]))
+    if n > 1:
+        request.inputs["num_return_sequences"] = np.array([[n]], dtype=np.int32)
+    service.accept(request)
+    wait(request)
+    prompt = len(tokenizer("Hello there").input_ids)
+    assert len(request.counts) == len(request.choices) >= (n if not stream else n + 1)
+    for index, counts in request.counts:
+        assert counts["num_input_tokens"] == prompt and counts["num_output_tokens"] >= 0
+    for gen in request.ended:
+        mine = [c["num_output_tokens"] for i, c in request.counts if i == gen.index]
+        assert sum(mine) == gen.completion_tokens > 0
+        if stream and not stop_words:
+            assert all(c == 1 for c in mine[:-1])  # one engine token a response (stream_interval 1)
+    if stop_words:
+        assert request.ended[0].finish_reason == "stop_sequence" and request.ended[0].completion_tokens < 6
+    if not stream:
+        assert [c["num_output_tokens"] for _, c in request.counts] == [request.ended[0].completion_tokens]
+
+
+def test_nvidia_token_counts_only_when_asked(make_service, tokenizer):
+    service, _ = make_service()
+    plain, inputs_only = FakeRequest(max_tokens=3), FakeRequest(max_tokens=3)
+    inputs_only.inputs["return_num_input_tokens"] = np.array([[True]])
+    for request in (plain, inputs_only):
+        service.accept(request)
+        wait(request)
+    assert plain.counts and all(counts is None for _, counts in plain.counts)
+    assert inputs_only.counts and all(set(counts) == {"num_input_tokens"} for _, counts in inputs_only.counts)
 
 
 def test_admission_comes_first_and_only_when_asked(make_service):

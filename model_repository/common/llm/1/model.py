@@ -160,11 +160,12 @@ class TritonRequest:
         self._sender.send(self._response({"server": _text_tensor(SERVER_ID), "instance": _text_tensor(INSTANCE["name"])}),
                           flags=FINAL)
 
-    def send_text(self, text, *, index=0, n=1, tokens=None):
-        self._sender.send(self._response(output_tensors(text, index=index, tokens=tokens, n=n)))
+    def send_text(self, text, *, index=0, n=1, tokens=None, counts=None):
+        self._sender.send(self._response(output_tensors(text, index=index, tokens=tokens, n=n, counts=counts)))
 
-    def send_final(self, text, gen, *, tokens=None, final=True):
-        response = self._response(output_tensors(text, index=gen.index, tokens=tokens, gen=gen, n=gen.req.sampling.n))
+    def send_final(self, text, gen, *, tokens=None, final=True, counts=None):
+        response = self._response(output_tensors(text, index=gen.index, tokens=tokens, gen=gen, n=gen.req.sampling.n,
+                                                 counts=counts))
         self._sender.send(response, flags=FINAL if final else 0)
 
     def _response(self, arrays):
