@@ -342,6 +342,12 @@ def test_a_llama3_rope_built_unscaled_is_refused(tmp_path):
     assert shape.rope_scaling == ("llama3", 32.0)
     view = write_compat_view(model_dir=path, out_dir=tmp_path / "hf")
     assert json.loads((view / "config.json").read_text())["rope_scaling"] == scaling
+    # a null rope_scaling beside rope_parameters would hide the scaling from transformers 4.57
+    (path / "config.json").write_text(json.dumps({**config, "rope_scaling": None}))
+    assert read_model_shape(path).rope_scaling == ("llama3", 32.0)
+    view = write_compat_view(model_dir=path, out_dir=tmp_path / "hf")
+    assert json.loads((view / "config.json").read_text())["rope_scaling"] == scaling
+    (path / "config.json").write_text(json.dumps(config))
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "rank0.safetensors").write_bytes(b"")
@@ -580,6 +586,11 @@ def test_phi3_long_rope_the_converter_would_drop_or_refuse_is_refused(tmp_path):
     (path / "config.json").write_text(json.dumps({**config, "rope_parameters": params}))
     with pytest.raises(CheckpointError, match="LongRoPE with 32 short and 32 long factors"):
         read_model_shape(path)
+    # a null rope_scaling beside transformers 5's rope_parameters would hide LongRoPE from 4.57
+    (path / "config.json").write_text(json.dumps({**config, "rope_scaling": None}))
+    assert read_model_shape(path).long_rope is not None
+    view = write_compat_view(model_dir=path, out_dir=tmp_path / "hf-null")
+    assert json.loads((view / "config.json").read_text())["rope_scaling"]["type"] == "longrope"
     # a config.json already in transformers 4's spelling (as the Hub's Phi-3 ones) is kept as it is
     old = {k: v for k, v in config.items() if k != "rope_parameters"}
     old.update(rope_theta=10000.0, rope_scaling={"type": "su", "short_factor": [1.0] * 32, "long_factor": [2.0] * 32})

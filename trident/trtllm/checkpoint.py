@@ -194,12 +194,13 @@ def compat_config(config: Mapping) -> dict:
         for key in ("original_max_position_embeddings", "partial_rotary_factor"):
             if key not in out and key in params:
                 out[key] = params[key]
-        if rope_type != "default" and "rope_scaling" not in out:
+        if rope_type != "default" and out.get("rope_scaling") is None:
             # and refuses a rope_scaling of other than these three fields
             out["rope_scaling"] = {"type": rope_type, "short_factor": params.get("short_factor"),
                                    "long_factor": params.get("long_factor")}
-    elif rope_type != "default" and "rope_scaling" not in out:
-        # transformers 4.x spells a scaled RoPE as rope_scaling = {rope_type, factor, ...}.
+    elif rope_type != "default" and out.get("rope_scaling") is None:
+        # transformers 4.x spells a scaled RoPE as rope_scaling = {rope_type, factor, ...}; a
+        # null one beside rope_parameters would hide the scaling from it.
         out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
     if "torch_dtype" not in out and "dtype" in out:
         out["torch_dtype"] = out["dtype"]
