@@ -143,19 +143,20 @@ def _phi3_rope(path: Path, compat: Mapping, *, head_dim: int):
     fields, the context and the factor at config.json's top level). Refuses what the converter
     would refuse, and a LongRoPE it would silently build as plain RoPE."""
     partial = float(compat.get("partial_rotary_factor", 1.0))
-    scaling = compat.get("rope_scaling")
-    if scaling is None:
+    given = compat.get("rope_scaling")
+    if given is None:
         return partial, None
-    kind = scaling.get("type") if isinstance(scaling, Mapping) else None
-    kind = "longrope" if kind in ("su", "yarn") else kind  # Phi3Config's _rope_scaling_adjustment
     pairs = int(head_dim * partial) // 2
-    short, long = (scaling.get(k) if isinstance(scaling, Mapping) else None for k in ("short_factor", "long_factor"))
-    if kind != "longrope" or set(scaling) != {"type", "short_factor", "long_factor"} or not all(
+    scaling = dict(given) if isinstance(given, Mapping) else {}
+    if scaling.get("type") in ("su", "yarn"):  # Phi3Config's _rope_scaling_adjustment
+        scaling["type"] = "longrope"
+    short, long = scaling.get("short_factor"), scaling.get("long_factor")
+    if scaling.get("type") != "longrope" or set(scaling) != {"type", "short_factor", "long_factor"} or not all(
             isinstance(f, list) and len(f) == pairs and all(isinstance(x, (int, float)) for x in f)
             for f in (short, long)):
         raise CheckpointError(
             f"{path}: Phi-3's rope_scaling must be LongRoPE with {pairs} short and {pairs} long factors "
-            f"(transformers 4.57's Phi3Config refuses anything else), got {scaling!r}")
+            f"(transformers 4.57's Phi3Config refuses anything else), got {given!r}")
     positions = int(compat.get("max_position_embeddings") or 0)
     if positions < PHI3_LONG_ROPE_MIN_POSITIONS:
         raise CheckpointError(
