@@ -3,7 +3,8 @@
 Templates are ``*.in`` files with ``${name}`` placeholders; every other file is copied as is.
 The output folder is written whole into a temporary folder and then swapped in, and tracked
 template files are never modified. A placeholder with no value, or a value no template uses,
-is an error: a half-filled config must never reach Triton.
+is an error: a half-filled config must never reach Triton. A model in ``ALIASES`` is written as a
+copy of another under its own name.
 """
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ FLAVOURS = {
     "cpu": ("common", "cpu"),
     "trtllm": ("common", "trtllm"),
 }
+#: Models served by another model's code and config under a second name (alias: its source). The
+#: NVIDIA-compatible entry point ``ensemble`` is the ``llm`` model itself, not Triton's ensemble
+#: scheduler: that scheduler passes a client's cancellation only to steps it has not started yet
+#: (Triton core's EnsembleContext::ScheduleSteps, to this day), so a direct gRPC client of an
+#: ``ensemble`` -> ``llm`` pipeline that hung up left its generation running to max_tokens, and
+#: the cancelled calls kept Triton from unloading the ensemble at shutdown (its 30 s exit timeout).
+ALIASES = {"ensemble": "llm"}
 
 
 class TemplateError(ValueError):
@@ -87,4 +95,20 @@ def build_repository(*, flavour: str, values: Mapping[str, object], out_dir: Pat
                     dest.write_text(fill_template(path.read_text(), values, source=str(path)))
                 elif path.name != ".keep":
                     shutil.copy2(path, dest)
+        for alias, source in ALIASES.items():
+            _write_alias(tmp, alias, source)
     return out_dir
+
+
+def _write_alias(repo: Path, alias: str, source: str) -> None:
+    """``repo/alias``: a copy of ``repo/source`` whose config names it ``alias``."""
+    if (repo / alias).exists():
+        raise TemplateError(f"{alias} is defined in the templates and as an alias of {source}")
+    if not (repo / source).is_dir():
+        raise TemplateError(f"{alias} is an alias of {source}, which no template defines")
+    shutil.copytree(repo / source, repo / alias, ignore=shutil.ignore_patterns("__pycache__"))
+    config = repo / alias / "config.pbtxt"
+    text, count = re.subn(rf'^name: "{re.escape(source)}"$', f'name: "{alias}"', config.read_text(), flags=re.M)
+    if count != 1:
+        raise TemplateError(f"{source}/config.pbtxt must have exactly one top-level line name: \"{source}\"")
+    config.write_text(f"# {alias}: the {source} model under a second name (trident.repo_builder.ALIASES)\n" + text)

@@ -121,6 +121,74 @@ def test_a_disconnect_storm_over_two_llm_instances_leaves_the_engine_idle(two_ll
     assert "instances share cancel requests" in log.read_text(errors="replace")
 
 
+def test_direct_grpc_clients_of_the_ensemble_that_hang_up_are_cancelled(small_triton):
+    """NVIDIA-style clients of ``ensemble`` cancel by cancelling their gRPC call. Triton's ensemble
+    scheduler never passed that on to the running llm step, so each such generation ran to
+    max_tokens for nobody; ``ensemble`` is now llm itself (trident.repo_builder.ALIASES). 4 streams
+    decode, 4 wait in the engine's queue: the waiting ones leave first and are never prefilled,
+    the decoding ones leave after 2 responses; the engine is idle within 2 s of the last."""
+    import asyncio
+
+    import grpc
+    import numpy as np
+    from tritonclient.grpc import service_pb2_grpc
+
+    from gateway.triton_codec import build_infer_request
+
+    before = engine_metrics(small_triton)
+    inputs = {"text_input": np.array([[b"1, 2, 3, 4, 5, 6,"]], dtype=object),
+              "max_tokens": np.array([[1000]], np.int32), "min_tokens": np.array([[1000]], np.int32),
+              "stream": np.array([[True]])}
+
+    async def until(predicate):
+        for _ in range(600):
+            if predicate(engine_metrics(small_triton)):
+                return
+            await asyncio.sleep(0.1)
+        pytest.fail(f"engine never reached the expected state: {engine_metrics(small_triton)}")
+
+    async def decode_then_leave(stub, seen):
+        call = stub.ModelStreamInfer(iter((build_infer_request("ensemble", inputs),)))
+        responses = 0
+        async for _ in call:
+            responses += 1
+            seen.add(id(call))
+            if responses == 2:
+                await queued_left.wait()
+                call.cancel()
+                return
+
+    async def main():
+        async with grpc.aio.insecure_channel(small_triton.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            seen = set()
+            decoding = [asyncio.ensure_future(decode_then_leave(stub, seen)) for _ in range(SMALL_BATCH)]
+            while len(seen) < SMALL_BATCH:
+                await asyncio.sleep(0.05)
+            queued = [stub.ModelStreamInfer(iter((build_infer_request("ensemble", inputs),)))
+                      for _ in range(SMALL_BATCH)]
+            await until(lambda m: m["waiting"] - before["waiting"] >= SMALL_BATCH)
+            for call in queued:
+                call.cancel()
+            await until(lambda m: m["waiting"] == before["waiting"])
+            queued_left.set()
+            await asyncio.gather(*decoding)
+
+    queued_left = asyncio.Event()
+    asyncio.run(main())
+    left = time.monotonic()
+    while (now := engine_metrics(small_triton))["active"] or now["waiting"]:
+        assert time.monotonic() - left < 2, f"engine still busy 2 s after the last client left: {now}"
+        time.sleep(0.05)
+    settled = now["generated"]
+    time.sleep(1.0)
+    after = engine_metrics(small_triton)
+    assert after["generated"] == settled, "tokens still generated after every client left"
+    assert after["prefilled"] - before["prefilled"] == SMALL_BATCH  # the waiting ones never were
+    assert after["cancelled"] - before["cancelled"] == 2 * SMALL_BATCH
+    assert settled - before["generated"] < SMALL_BATCH * 200
+
+
 @pytest.fixture(scope="module")
 def quiet_gateway(small_triton, tmp_path_factory):
     """Heartbeats every 10 minutes: a client that leaves can only be noticed on its socket."""

@@ -59,12 +59,44 @@ def test_cpu_repository_configs_parse_with_tritons_protobuf(tmp_path):
     assert params["max_context"] == "1024" and params["tokenizer_dir"] == str(tmp_path.resolve())
     settings = LlmSettings.from_parameters(params)  # what the llm model reads back
     assert (settings.max_concurrent, settings.stream_interval, settings.limits.max_context) == (64, 1, 1024)
-    # The ensemble exposes exactly the llm model's interface.
+    # The ensemble is the llm model under NVIDIA's name: its config but the name, its code.
     ens, llm = parsed["ensemble"], parsed["llm"]
-    assert [(i.name, i.data_type) for i in ens.input] == [(i.name, i.data_type) for i in llm.input]
-    assert [(o.name, o.data_type) for o in ens.output] == [(o.name, o.data_type) for o in llm.output]
+    ens.name = "llm"
+    assert ens == llm and not ens.HasField("ensemble_scheduling") and ens.backend == "python"
+    assert (out / "ensemble" / "1" / "model.py").read_bytes() == (out / "llm" / "1" / "model.py").read_bytes()
     # Tracked templates are never modified by a build.
     assert {p: p.read_bytes() for p in tracked_before} == tracked_before
+
+
+def _templates(root: Path, models: dict) -> Path:
+    """A template root for the cpu flavour with ``models`` (name -> config text) in common/."""
+    for name, config in models.items():
+        (root / "common" / name / "1").mkdir(parents=True)
+        (root / "common" / name / "config.pbtxt.in").write_text(config)
+        (root / "common" / name / "1" / "model.py").write_text(f"# {name}\n")
+    (root / "cpu").mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def test_an_alias_is_its_source_renamed(tmp_path):
+    root = _templates(tmp_path / "t", {"llm": '# llm\nname: "llm"\nmax_batch_size: ${n}\n'})
+    out = build_repository(flavour="cpu", values={"n": 4}, out_dir=tmp_path / "repo", template_root=root)
+    config = (out / "ensemble" / "config.pbtxt").read_text()
+    assert config.splitlines()[1:] == ["# llm", 'name: "ensemble"', "max_batch_size: 4"]
+    assert (out / "ensemble" / "1" / "model.py").read_text() == "# llm\n"
+    assert (out / "llm" / "config.pbtxt").read_text() == '# llm\nname: "llm"\nmax_batch_size: 4\n'
+
+
+@pytest.mark.parametrize("models, message", [
+    ({"llm": 'name: "llm"\n', "ensemble": 'name: "ensemble"\n'}, "defined in the templates and as an alias"),
+    ({"preprocessing": 'name: "preprocessing"\n'}, "which no template defines"),
+    ({"llm": 'name: "other"\n'}, "exactly one top-level line"),
+])
+def test_an_alias_never_overwrites_or_half_renames(tmp_path, models, message):
+    root = _templates(tmp_path / "t", models)
+    with pytest.raises(TemplateError, match=message):
+        build_repository(flavour="cpu", values={}, out_dir=tmp_path / "repo", template_root=root)
+    assert not (tmp_path / "repo").exists()
 
 
 def test_launcher_sizes_the_python_thread_pool_from_the_llm_concurrency(tmp_path):
