@@ -347,6 +347,8 @@ def test_llama_config_reads_the_llama_family_and_refuses_the_rest():
                            ({"mlp_bias": True}, "mlp_bias"), ({"hidden_act": "gelu"}, "hidden_act"),
                            ({"model_type": "qwen2", "use_sliding_window": True}, "sliding"),
                            ({"model_type": "mistral", "sliding_window": 0}, "sliding_window must be"),
+                           # refused as the GPU build refuses it (trident.hf_config: one reading)
+                           ({"model_type": "phi3", "sliding_window": "2047"}, "positive integer or null, got '2047'"),
                            ({"model_type": "smollm3", "use_sliding_window": True, "sliding_window": 64}, "sliding")):
         with pytest.raises(ValueError, match=match):
             LlamaConfig.from_dict({**raw, **refused})

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..hf_config import PHI3_DEFAULT_CONTEXT, every_layer_window
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 WEIGHT_DTYPES = ("auto", "float16", "int8", "int4")
 KV_CACHE_DTYPES = {"auto": torch.float16, "float16": torch.float16, "float32": torch.float32}
@@ -215,15 +217,10 @@ class LlamaConfig:
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {raw.get('hidden_act')!r} is not supported (silu only)")
         # Mistral v0.1 and Phi-3 / 3.5 attend, in every layer, to the last sliding_window positions
-        # (a window no shorter than the context changes nothing). Qwen's and SmolLM3's configs name
-        # a window that use_sliding_window turns on for some layers only: refused.
-        window = raw.get("sliding_window") if model_type in ("mistral", "phi3") else None
-        if raw.get("use_sliding_window"):
-            raise ValueError("sliding-window attention in some layers only (use_sliding_window) is not supported")
-        if window is not None and int(window) < 1:
-            raise ValueError(f"sliding_window must be >= 1, got {window!r}")
+        # (a window no shorter than the context changes nothing).
+        window = every_layer_window(raw)
         max_positions = int(raw.get("max_position_embeddings", 2048))
-        window = int(window) if window and int(window) < max_positions else None
+        window = window if window is not None and window < max_positions else None
         theta, scaling = _rope(raw)
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
@@ -340,7 +337,7 @@ def _longrope(raw: dict, params: dict) -> RopeScaling:
     wins over the RoPE dict's; ``factor`` defaults to the context over it, and the attention
     factor to sqrt(1 + ln(factor) / ln(pre-training context)) (1 when factor <= 1)."""
     if raw.get("model_type") == "phi3":
-        original = int(raw.get("original_max_position_embeddings") or 4096)
+        original = int(raw.get("original_max_position_embeddings") or PHI3_DEFAULT_CONTEXT)
     else:
         original = _pretraining_context(raw, params, 4096)
     factor = params.get("factor")

@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Mapping
 
+from ..hf_config import PHI3_DEFAULT_CONTEXT, every_layer_window
+
 # Weight files are linked, never copied (they can be tens of GB); everything else is copied so
 # the tokenizer keeps working after the build even if the source folder goes away.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -45,15 +47,9 @@ TOKENIZER_CLASS_COMPAT = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 #: parallelism), checked by :func:`check_converted` as the others.
 FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Phi3ForCausalLM": "phi",
             "Qwen2ForCausalLM": "qwen", "Qwen3ForCausalLM": "qwen"}
-#: model_types whose ``sliding_window`` applies to every layer (as the CPU engine reads them,
-#: trident.engine.config); Qwen's and SmolLM3's name a window that ``use_sliding_window`` turns on
-#: for some layers only.
-WINDOW_MODEL_TYPES = ("mistral", "phi3")
 #: TensorRT-LLM's Phi3Config.from_hugging_face builds LongRoPE only for a model of at least this
 #: many positions (``if hf_config.max_position_embeddings >= 128000``); below, plain RoPE.
 PHI3_LONG_ROPE_MIN_POSITIONS = 128000
-#: transformers 4.57's Phi3Config: the pre-training context when config.json names none.
-PHI3_DEFAULT_CONTEXT = 4096
 
 
 class CheckpointError(ValueError):
@@ -108,13 +104,10 @@ def read_model_shape(model_dir: Path) -> ModelShape:
         raise CheckpointError(
             f"{path}: architectures {architectures}; this build step drives TensorRT-LLM's Llama, Phi "
             f"and Qwen converters and supports {', '.join(FAMILIES)}")
-    if config.get("use_sliding_window"):
-        raise CheckpointError(
-            f"{path}: use_sliding_window turns on sliding-window attention in some layers only, which "
-            "this build does not set up (the engine would attend to the whole sequence in every layer)")
-    window = config.get("sliding_window") if config.get("model_type") in WINDOW_MODEL_TYPES else None
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise CheckpointError(f"{path}: sliding_window must be a positive integer or null, got {window!r}")
+    try:
+        window = every_layer_window(config)  # read as the CPU engine reads it
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     heads = int(config["num_attention_heads"])
     compat = compat_config(config)
     partial, long_rope = 1.0, None
