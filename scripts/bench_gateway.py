@@ -31,7 +31,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trident.child_process import free_port, process_cpu  # noqa: E402
+from trident.fsutil import scratch_dir  # noqa: E402
 from trident.gateway_process import GatewayProcess  # noqa: E402
 from trident.repo_builder import fill_template  # noqa: E402
 from trident.triton_launcher import TritonPorts, TritonServer  # noqa: E402
@@ -118,8 +118,12 @@ def sweep(args) -> list[dict]:
     """Every (streams, stream interval) on a Triton of its own; in each of ``args.rounds`` rounds
     the floor and each gateway in turn, in the opposite order every other round (the machine's
     speed drifts: no relay always runs first)."""
+    with scratch_dir("bench-gateway-") as work:  # removed after a run, kept with its logs after a failure
+        return _sweep(args, work)
+
+
+def _sweep(args, work: Path) -> list[dict]:
     rows = []
-    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     key = "bench-" + os.urandom(8).hex()
     for streams, interval in [(s, i) for s in args.streams for i in args.stream_interval]:
         pace = pace_ms(streams)

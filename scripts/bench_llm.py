@@ -36,7 +36,6 @@ import re
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +45,7 @@ import load_streams  # noqa: E402  (scripts/ is this script's path)
 from bench_gateway import PACING, cpu_flags, machine_busy, run_client  # noqa: E402
 
 from trident.child_process import free_port  # noqa: E402
+from trident.fsutil import scratch_dir  # noqa: E402
 from trident.triton_launcher import TritonPorts, TritonServer  # noqa: E402
 
 ECHO_ENGINE = ROOT / "scripts" / "bench" / "echo_engine"
@@ -109,8 +109,12 @@ def sweep(args) -> list[dict]:
     """Each number of ``llm`` instances on a Triton of its own; on it, for each number of open
     streams and each round, the engine-direct floor and ``llm`` in turn, in the opposite order
     every other round."""
+    with scratch_dir("bench-llm-") as work:  # removed after a run, kept with its logs after a failure
+        return _sweep(args, work)
+
+
+def _sweep(args, work: Path) -> list[dict]:
     rows = []
-    work = Path(tempfile.mkdtemp(prefix="bench-llm-"))
     for instances in args.llm_instances:
         repo = echo_engine_repository(work / f"repo-{instances}", args.source, slots=args.slots,
                                       interval_ms=args.pace_ms, llm_instances=instances,

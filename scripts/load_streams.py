@@ -31,7 +31,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trident.child_process import free_port, process_cpu  # noqa: E402
+from trident.fsutil import scratch_dir  # noqa: E402
 
 PROMPT = "1, 2, 3, 4, 5, 6,"  # the model counts on: every request makes all its tokens
 
@@ -297,42 +297,42 @@ def main() -> int:
 
     started = []
     groups: dict[str, int] = {}  # server -> process group, for the CPU table
-    try:
-        if not args.grpc_url:
-            from trident.triton_launcher import TritonPorts, TritonServer
+    with scratch_dir("load-streams-") as work:  # removed after a run, kept with its logs after a failure
+        try:
+            if not args.grpc_url:
+                from trident.triton_launcher import TritonPorts, TritonServer
 
-            work = Path(tempfile.mkdtemp(prefix="load-streams-"))
-            triton = TritonServer(model_repository=args.model_repository, work_dir=work,
-                                  ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
-            started.append(triton)
-            print(f"starting Triton on {args.model_repository} (log {triton.log_path})", flush=True)
-            triton.start(timeout=600)
-            args.grpc_url = triton.grpc_url
-            groups["triton"] = triton.process.pid
-        if not args.gateway_url and "gateway" in args.ways:
-            from trident.gateway_process import GatewayProcess
+                triton = TritonServer(model_repository=args.model_repository, work_dir=work / "triton",
+                                      ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
+                started.append(triton)
+                print(f"starting Triton on {args.model_repository} (log {triton.log_path})", flush=True)
+                triton.start(timeout=600)
+                args.grpc_url = triton.grpc_url
+                groups["triton"] = triton.process.pid
+            if not args.gateway_url and "gateway" in args.ways:
+                from trident.gateway_process import GatewayProcess
 
-            args.api_key = args.api_key or "load-" + os.urandom(8).hex()
-            gw = GatewayProcess(port=free_port(), triton_grpc_url=args.grpc_url, workers=args.gateway_workers,
-                                log_path=Path(tempfile.mkdtemp(prefix="load-gw-")) / "gateway.log",
-                                # Every stream admitted (the default limit, 256, would answer 503 beyond it):
-                                # the streams beyond the engine's slots are to wait in llm and the engine.
-                                extra_env={"TRIDENT_API_KEY": args.api_key, "TRIDENT_LOG_FORMAT": "text",
-                                           "TRIDENT_MAX_IN_FLIGHT": str(batch * max(args.multiples))})
-            started.append(gw)
-            gw.start(timeout=60)
-            args.gateway_url = gw.url
-            groups["gateway"] = gw.process.pid
-        print(f"{batch} engine slots; {args.tokens} tokens a stream; multiples {args.multiples}", flush=True)
-        rows = measure(args, batch, groups)
-        summary = summarize(rows)
-        print_table(summary, batch, args.rounds)
-        if args.json:
-            args.json.write_text(json.dumps({"batch": batch, "tokens": args.tokens, "rows": rows,
-                                             "summary": summary}, indent=1))
-    finally:
-        for server in reversed(started):
-            server.stop()
+                args.api_key = args.api_key or "load-" + os.urandom(8).hex()
+                gw = GatewayProcess(port=free_port(), triton_grpc_url=args.grpc_url, workers=args.gateway_workers,
+                                    log_path=work / "gateway.log",
+                                    # Every stream admitted (the default limit, 256, would answer 503 beyond it):
+                                    # the streams beyond the engine's slots are to wait in llm and the engine.
+                                    extra_env={"TRIDENT_API_KEY": args.api_key, "TRIDENT_LOG_FORMAT": "text",
+                                               "TRIDENT_MAX_IN_FLIGHT": str(batch * max(args.multiples))})
+                started.append(gw)
+                gw.start(timeout=60)
+                args.gateway_url = gw.url
+                groups["gateway"] = gw.process.pid
+            print(f"{batch} engine slots; {args.tokens} tokens a stream; multiples {args.multiples}", flush=True)
+            rows = measure(args, batch, groups)
+            summary = summarize(rows)
+            print_table(summary, batch, args.rounds)
+            if args.json:
+                args.json.write_text(json.dumps({"batch": batch, "tokens": args.tokens, "rows": rows,
+                                                 "summary": summary}, indent=1))
+        finally:
+            for server in reversed(started):
+                server.stop()
     return 0
 
 

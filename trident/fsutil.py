@@ -1,9 +1,10 @@
-"""File-system helpers shared by the build steps."""
+"""File-system helpers shared by the build steps and the scripts."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -26,3 +27,16 @@ def replace_dir(out_dir: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A new temporary folder for a run's servers and logs: removed when the block succeeds, kept
+    (and named on stderr) when it fails, for its logs."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    except BaseException:
+        print(f"logs kept in {path}", file=sys.stderr, flush=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)

@@ -41,8 +41,11 @@ EXAMPLES_PER_OPERATION = 150
 MIN_REQUESTS = 1000
 
 
+TOKENIZER_HOME = tempfile.TemporaryDirectory(prefix="trident-openapi-")  # removed when the run ends
+
+
 def _app():
-    folder = tokenizer_dir(Path(tempfile.mkdtemp(prefix="trident-openapi-")) / "tok")
+    folder = tokenizer_dir(Path(TOKENIZER_HOME.name) / "tok")
     return create_app({"API_KEY": KEY, "TOKENIZER_DIR": str(folder)}, backend=FakeBackend())
 
 
