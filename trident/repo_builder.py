@@ -29,9 +29,9 @@ FLAVOURS = {
 #: Models served by another model's code and config under a second name (alias: its source). The
 #: NVIDIA-compatible entry point ``ensemble`` is the ``llm`` model itself, not Triton's ensemble
 #: scheduler: that scheduler passes a client's cancellation only to steps it has not started yet
-#: (Triton core's EnsembleContext::ScheduleSteps, to this day), so a direct gRPC client of an
-#: ``ensemble`` -> ``llm`` pipeline that hung up left its generation running to max_tokens, and
-#: the cancelled calls kept Triton from unloading the ensemble at shutdown (its 30 s exit timeout).
+#: (Triton core's EnsembleContext::ScheduleSteps, r24.10 to core's main of 2026-06), so a direct
+#: gRPC client of an ``ensemble`` -> ``llm`` pipeline that hung up left its generation running to
+#: max_tokens (docs/architecture.md).
 ALIASES = {"ensemble": "llm"}
 
 
