@@ -10,7 +10,7 @@ No torch and no Triton import: unit-tested on its own.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -62,6 +62,9 @@ CPU_ENGINE_INPUTS: dict[str, Any] = {
     "num_context_log_probs": np.int32,
     # the final response says how many prompt tokens came from the prefix cache (num_cached_tokens)
     "return_num_cached_tokens": np.bool_,
+    # (1, K) ids banned as end_id is while fewer than min_tokens tokens were generated (vLLM bans
+    # its stop tokens there; TensorRT-LLM only the end id)
+    "min_tokens_stop_ids": np.int32,
 }
 OUTPUT_IDS = "output_ids"  # (batch 1, beam 1, new tokens) int32
 SEQUENCE_LENGTH = "sequence_length"  # (1, 1) int32
@@ -117,12 +120,15 @@ def words_list(sequences: Sequence[Sequence[int]]) -> np.ndarray:
 
 def engine_inputs(sampling: SamplingParams, *, input_ids: Sequence[int], end_id: int, pad_id: int,
                   bad_words_ids: Sequence[Sequence[int]] = (), vocab_size: int = 0,
-                  report_cached: bool = False) -> dict[str, np.ndarray]:
+                  report_cached: bool = False, min_tokens_stop_ids: Iterable[int] = ()) -> dict[str, np.ndarray]:
     """The engine request for one prompt (leading batch dim 1, explicit dtypes). Every sampling
     value is sent, so the engine's own defaults never apply. Greedy (``sampling.greedy``) is
     TensorRT-LLM's ``runtime_top_k`` 1 (it refuses a zero temperature). Always streaming: ``llm``
     matches stop sequences as tokens come and stops the request on a match. ``report_cached``:
-    ask for the final response's num_cached_tokens (CPU engine only)."""
+    ask for the final response's num_cached_tokens (CPU engine only). ``min_tokens_stop_ids``:
+    the tokens that end a choice besides ``end_id`` (stop_token_ids, the model's other end
+    tokens), banned with it before ``min_tokens`` (CPU engine only; not with ``ignore_eos``, whose
+    engine ``min_tokens`` is the whole output while stop tokens still end it from ``min_tokens``)."""
     tensors = {
         "input_ids": np.array([list(input_ids)], dtype=np.int32),
         "input_lengths": _one(len(input_ids), "input_lengths"),
@@ -146,6 +152,9 @@ def engine_inputs(sampling: SamplingParams, *, input_ids: Sequence[int], end_id:
     tensors.update(_output_control_inputs(sampling, vocab_size))
     if report_cached:  # an engine with the feature (CPU): the prefix cache's share of the prompt
         tensors["return_num_cached_tokens"] = _one(True, "return_num_cached_tokens")
+    stops = sorted(set(min_tokens_stop_ids) - {end_id})
+    if stops and sampling.min_tokens and not sampling.ignore_eos:
+        tensors["min_tokens_stop_ids"] = np.array([stops], dtype=np.int32)
     return tensors
 
 

@@ -61,6 +61,7 @@ from .contract import (
     TaggedError,
     TextRequest,
     FEATURE_CACHED_TOKENS,
+    FEATURE_MIN_TOKENS_STOPS,
     context_error,
     detokenize_outputs,
     prompt_chars_error,
@@ -151,6 +152,8 @@ class LlmService:
         self.vocab_size = settings.limits.vocab_size or len(tokenizer)
         # The engine says how many prompt tokens its prefix cache served (the CPU engine's feature).
         self.report_cached = FEATURE_CACHED_TOKENS in settings.limits.features
+        # The engine bans the stop tokens (not only its end id) before min_tokens (CPU engine).
+        self.ban_stops = FEATURE_MIN_TOKENS_STOPS in settings.limits.features
         # A token's text on its own (logprobs' alternatives); the same few ids come back often.
         self._token_text = functools.lru_cache(maxsize=65536)(
             lambda token: tokenizer.decode([token], skip_special_tokens=False))
@@ -300,11 +303,14 @@ class LlmService:
         bad_ids = [self.tokenizer(w, add_special_tokens=False).input_ids for w in text.sampling.bad_words]
         if text.sampling.guide is not None:
             check_guide(text.sampling.guide)  # a schema XGrammar cannot take: 400 here, on CPU and GPU
+        # What ends a choice besides the end id (TextGeneration): banned with it before min_tokens.
+        stop_ids = (*text.sampling.stop_token_ids, *(self.end_ids if text.end_id is None else ()))
         tensors = engine_inputs(text.sampling, input_ids=input_ids,
                                 end_id=self.end_id if text.end_id is None else text.end_id,
                                 pad_id=self.pad_id if text.pad_id is None else text.pad_id,
                                 bad_words_ids=[b for b in bad_ids if b],
-                                vocab_size=self.vocab_size, report_cached=self.report_cached)
+                                vocab_size=self.vocab_size, report_cached=self.report_cached,
+                                min_tokens_stop_ids=stop_ids if self.ban_stops else ())
         return Job(request=request, text=text, tensors=tensors, prompt_tokens=len(input_ids),
                    engine_id=str(next(self._ids)), last_check=self.clock(), token=request.cancel_token(),
                    input_ids=list(input_ids))

@@ -47,7 +47,11 @@ FEATURE_MIN_P = "min_p"  # the backend reads no min_p input
 FEATURE_GUIDED = "guided_decoding"  # XGrammar configured (both engines, when the build could describe the tokenizer)
 FEATURE_PROMPT_LOGPROBS = "prompt_logprobs"  # the prompt's log-probabilities (the CPU engine's context outputs)
 FEATURE_CACHED_TOKENS = "cached_tokens"  # prompt tokens from the prefix cache, per request (return_num_cached_tokens)
-ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P, FEATURE_GUIDED, FEATURE_PROMPT_LOGPROBS, FEATURE_CACHED_TOKENS)
+# min_tokens bans the stop tokens too (min_tokens_stop_ids), as vLLM; without it (TensorRT-LLM
+# bans only its end id) those tokens are ordinary tokens until min_tokens: served either way.
+FEATURE_MIN_TOKENS_STOPS = "min_tokens_stops"
+ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P, FEATURE_GUIDED, FEATURE_PROMPT_LOGPROBS, FEATURE_CACHED_TOKENS,
+                   FEATURE_MIN_TOKENS_STOPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,9 +172,10 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()  # words never generated (text; NVIDIA ensemble input)
     # Output controls (issue 15), with OpenAI's and TensorRT-LLM's meanings:
     n: int = 1  # choices (TensorRT-LLM's num_return_sequences), each its own random stream
-    # No end of the choice before this many tokens: the end token is banned (both engines), the
-    # model's other end tokens and stop_token_ids do not end it, and no stop sequence is matched
-    # in the text of those first tokens (vLLM's meaning).
+    # No end of the choice before this many tokens: the end token is banned (both engines), so are
+    # the model's other end tokens and stop_token_ids on an engine with FEATURE_MIN_TOKENS_STOPS
+    # (elsewhere they do not end it), and no stop sequence is matched in the text of those first
+    # tokens (vLLM's meaning).
     min_tokens: int = 0
     # vLLM's: the end tokens (the engine's and the model's others) never end the choice: it runs
     # to max_new_tokens unless a stop sequence or a stop_token_ids token ends it. The engines get

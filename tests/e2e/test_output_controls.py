@@ -213,8 +213,9 @@ def test_stop_token_ids_and_included_stops_on_the_real_model(oai, gateway):
 
 def test_min_tokens_holds_back_stop_tokens_and_stop_sequences_on_the_real_model(oai, gateway):
     """vLLM's min_tokens: before that many tokens neither a stop_token_ids token nor a stop
-    sequence ends the text (greedy, the continuation is the plain one); from the next token on
-    they do. ignore_eos alone keeps them (vLLM's bench clients send it with stops)."""
+    sequence ends the text; the CPU engine bans the stop token there, as vLLM (greedy then takes
+    another token in its place); from the next token on they end it. ignore_eos alone keeps them
+    (vLLM's bench clients send it with stops)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir()))
@@ -223,12 +224,10 @@ def test_min_tokens_holds_back_stop_tokens_and_stop_sequences_on_the_real_model(
     ids = tokenizer(full, add_special_tokens=False).input_ids
     stop = ids[2]
     at = ids.index(stop)
-    later = [j for j in range(at + 1, len(ids)) if ids[j] == stop]
     held = oai.completions.create(**kwargs, extra_body={"stop_token_ids": [stop], "min_tokens": at + 1}).choices[0]
-    if later:
-        assert (held.text, held.finish_reason) == (tokenizer.decode(ids[:later[0]]), "stop")
-    else:
-        assert (held.text, held.finish_reason) == (full, "length")
+    prefix = tokenizer.decode(ids[:at])
+    assert held.text.startswith(prefix) and held.text != full, held.text
+    assert not held.text[len(prefix):].startswith(tokenizer.decode([stop])), held.text
     cut = oai.completions.create(**kwargs, extra_body={"stop_token_ids": [stop], "min_tokens": at}).choices[0]
     assert (cut.text, cut.finish_reason) == (tokenizer.decode(ids[:at]), "stop")
     kept = oai.completions.create(**kwargs, extra_body={"stop_token_ids": [stop], "ignore_eos": True}).choices[0]
@@ -339,6 +338,13 @@ def test_logit_bias_bans_and_forces_a_token_and_min_tokens_holds_off_the_end(gat
     assert ended["choices"][0]["finish_reason"] == "eos_token" and natural < 30
     held = generate(gateway, **short, min_tokens=natural + 5)
     assert held["usage"]["completion_tokens"] >= natural + 5
+    # min_tokens bans the stop tokens too (vLLM's; the CPU engine): a forced stop token comes only
+    # once min_tokens tokens are there, and ends the text at once (counted, its text left out)
+    stopped = generate(gateway, **{**body, "prompt": "My dog is called", "max_new_tokens": 8},
+                       logit_bias={str(paris[0]): 100}, stop_token_ids=[paris[0]], min_tokens=3)
+    [choice] = stopped["choices"]
+    assert (stopped["usage"]["completion_tokens"], choice["finish_reason"]) == (3 + 1, "stop_sequence"), stopped
+    assert "Paris" not in choice["text"] and choice["text"].strip(), stopped
 
 
 def test_bad_words_keep_words_out_of_the_output_on_the_real_model(oai, gateway):

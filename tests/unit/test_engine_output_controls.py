@@ -52,14 +52,14 @@ SCHEMA = {
 _ids = iter(range(10**6))
 
 
-def run(engine, ids, *, end_id=EOS, context=None, **sampling):
+def run(engine, ids, *, end_id=EOS, context=None, min_tokens_stops=(), **sampling):
     """Submit one request and wait: its streams by sequence index."""
     rid = f"r{next(_ids)}"
     sink = Collector()
     sampling.setdefault("max_new_tokens", 12)
     sampling.setdefault("temperature", 0.0)
     engine.submit(GenerationRequest(rid, list(ids), SamplingParams(**sampling), end_id=end_id,
-                                    context_logprobs=context), sink)
+                                    context_logprobs=context, min_tokens_stops=tuple(min_tokens_stops)), sink)
     return sink.streams(rid)
 
 
@@ -390,6 +390,45 @@ def test_min_tokens_bans_the_end_id_until_reached(engine, tok):
     assert reason == "end_id" and len(short) < 6  # greedy ends at once here
     [(tokens, _, _)] = run(engine, prompt, max_new_tokens=16, min_tokens=6).values()
     assert len(tokens) >= 6 and EOS not in tokens
+
+
+def test_min_tokens_bans_the_stop_tokens_it_is_given_until_reached(engine, tok):
+    """min_tokens_stop_ids (the llm model's stop tokens, vLLM's min_tokens): banned as the end id
+    is while fewer than min_tokens tokens were generated, ordinary tokens after. A token forced by
+    logit_bias comes only from the min_tokens-th position on; without the ban it comes at once."""
+    prompt = tok("The capital of France is").input_ids
+    forced = tok(" banana").input_ids[0]
+    bias = ((forced, 100.0),)
+    [(plain, _, _)] = run(engine, prompt, max_new_tokens=6, min_tokens=4, logit_bias=bias).values()
+    assert plain == [forced] * 6  # only the end id is banned
+    [(tokens, _, _)] = run(engine, prompt, max_new_tokens=6, min_tokens=4, logit_bias=bias,
+                           min_tokens_stops=(forced,)).values()
+    assert forced not in tokens[:4] and tokens[4:] == [forced] * 2, tok.decode(tokens)
+    # with n > 1 each sequence counts its own tokens; without min_tokens nothing is banned
+    streams = run(engine, prompt, max_new_tokens=5, min_tokens=3, logit_bias=bias, min_tokens_stops=(forced,),
+                  n=2, temperature=0.9, seed=3)
+    assert [toks[3:] for toks, _, _ in streams.values()] == [[forced] * 2] * 2
+    assert all(forced not in toks[:3] for toks, _, _ in streams.values())
+    [(free, _, _)] = run(engine, prompt, max_new_tokens=3, logit_bias=bias, min_tokens_stops=(forced,)).values()
+    assert free == [forced] * 3
+
+
+def test_min_tokens_stop_ids_are_read_and_checked(engine):
+    """The CPU engine's input min_tokens_stop_ids (1, K): read into the request; ids outside the
+    vocabulary are a 400 naming it, as a float tensor is."""
+    base = {"input_ids": np.array([[1, 2, 3]], np.int32), "request_output_len": np.array([[4]], np.int32),
+            "min_tokens": np.array([[2]], np.int32)}
+    req = request_from_tensors("a", {**base, "min_tokens_stop_ids": np.array([[7, 9]], np.int32)})
+    assert req.min_tokens_stops == (7, 9)
+    assert request_from_tensors("b", base).min_tokens_stops == ()
+    with pytest.raises(InvalidRequestError, match="min_tokens_stop_ids") as bad:
+        request_from_tensors("c", {**base, "min_tokens_stop_ids": np.array([[7.0]], np.float32)})
+    assert bad.value.param == "min_tokens_stop_ids"
+    vocab = engine.model.config.vocab_size
+    wide = request_from_tensors("d", {**base, "min_tokens_stop_ids": np.array([[vocab]], np.int32)})
+    with pytest.raises(InvalidRequestError, match=r"min_tokens_stop_ids contains ids outside") as out:
+        wide.validate(vocab_size=vocab, max_seq_len=256)
+    assert out.value.param == "min_tokens_stop_ids"
 
 
 def test_logit_bias_forces_and_bans(engine, tok):

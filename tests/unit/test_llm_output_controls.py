@@ -293,6 +293,31 @@ def test_min_tokens_holds_back_stop_tokens_and_stop_sequences_on_the_wire(make_s
         assert [p[1] for k, p in req.sent if k == "send_final"] == [reason]
 
 
+def test_min_tokens_sends_the_stop_tokens_to_an_engine_that_bans_them(make_service, tokenizer):
+    """On an engine with the feature (the CPU engine), min_tokens also bans what would end the
+    choice besides the end id: stop_token_ids and the model's other end tokens (vLLM's
+    min_tokens), as the input min_tokens_stop_ids. Not sent without min_tokens, with ignore_eos
+    (the engine's min_tokens is then max_tokens, while stop tokens end the text from min_tokens
+    on), or to an engine without the feature (TensorRT-LLM's backend has no such input); a
+    request naming its own end_id sends its stop_token_ids only."""
+    three, five = (tokenizer(w, add_special_tokens=False).input_ids[0] for w in (" three", " five"))
+    eos = tokenizer.eos_token_id
+    cases = (({"min_tokens": 2}, FEATURES, [three, five]),
+             ({"min_tokens": 2, "end_id": eos}, FEATURES, [five]),
+             ({}, FEATURES, None),
+             ({"min_tokens": 2, "ignore_eos": True}, FEATURES, None),
+             ({"min_tokens": 2}, ModelLimits(), None))
+    for kw, limits, sent in cases:
+        service, engine = make_service(end_ids=(three, eos), limits=limits)
+        req = request(stream=False, max_tokens=6, **kw)
+        req.inputs["stop_token_ids"] = np.array([[five]], dtype=np.int32)
+        service.accept(req)
+        wait(req)
+        ids = engine.tensors[-1].get("min_tokens_stop_ids")
+        assert (None if ids is None else ids.tolist()) == (None if sent is None else [sorted(sent)]), kw
+        assert ids is None or ids.dtype == np.int32
+
+
 class Counting(FakeEngine):
     """Records the tokens each request asked the engine for."""
 

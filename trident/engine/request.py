@@ -66,6 +66,9 @@ class GenerationRequest:
     # return_num_cached_tokens: the final output says how many prompt tokens came from the
     # prefix cache (num_cached_tokens; OpenAI's usage.prompt_tokens_details.cached_tokens).
     report_cached: bool = False
+    # min_tokens_stop_ids: tokens banned with end_id while fewer than min_tokens tokens were
+    # generated (the llm model's stop tokens, vLLM's min_tokens; TensorRT-LLM bans end_id only).
+    min_tokens_stops: tuple[int, ...] = ()
     # Polled at most every cancel_check_interval; True cancels the request (the client went away).
     is_cancelled: Callable[[], bool] | None = field(default=None, repr=False)
     # The guide compiled by Engine.submit (xgrammar.CompiledGrammar), in the submitting thread.
@@ -141,6 +144,9 @@ class GenerationRequest:
         if self.context_logprobs is not None and not 0 <= self.context_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"num_context_log_probs must be between 0 and {MAX_TOP_LOGPROBS}, "
                                       f"got {self.context_logprobs}", param="num_context_log_probs")
+        if any(not 0 <= t < vocab_size for t in self.min_tokens_stops):
+            raise InvalidRequestError(f"min_tokens_stop_ids contains ids outside [0, {vocab_size})",
+                                      param="min_tokens_stop_ids")
         for token, bias in s.logit_bias:
             if not 0 <= token < vocab_size:
                 raise InvalidRequestError(f"embedding_bias has {vocab_size} entries at most (the model's vocabulary), "

@@ -109,7 +109,8 @@ class Sequence:
             kw["bias_ids"] = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long)
             kw["bias_values"] = torch.tensor([b for _, b in p.logit_bias], dtype=torch.float32)
         rs = RowSampling(params=p, banned=sorted({w[0] for w in request.bad_words if len(w) == 1}), matcher=matcher,
-                         dynamic_bans=bool(multi) or (p.min_tokens > 0 and request.end_id is not None), **kw)
+                         dynamic_bans=bool(multi) or (p.min_tokens > 0 and (request.end_id is not None
+                                                                               or bool(request.min_tokens_stops))), **kw)
         seq = cls(request=request, on_output=on_output, sampling=rs, cancel_checked=time.monotonic(), index=index,
                   vocab_size=vocab_size, _multi_bad=multi)
         if p.logprobs is not None:
@@ -137,14 +138,17 @@ class Sequence:
 
     def update_bans(self) -> None:
         """Bans that depend on the tokens so far (rows with ``sampling.dynamic_bans``): the last
-        token of a multi-token bad word whose other tokens end the sequence; the end id while
-        fewer than min_tokens tokens were generated (TensorRT-LLM bans only the end id)."""
+        token of a multi-token bad word whose other tokens end the sequence; the end id (and
+        the request's min_tokens_stops: llm's stop tokens, as vLLM; TensorRT-LLM bans only the
+        end id) while fewer than min_tokens tokens were generated."""
         now = []
         if self._multi_bad:
             tail = (self.request.input_ids + self.output)[-max(len(w) for w in self._multi_bad):]
             now = [w[-1] for w in self._multi_bad if tail[len(tail) - len(w) + 1:] == w[:-1]]
-        if len(self.output) < self.request.sampling.min_tokens and self.request.end_id is not None:
-            now.append(self.request.end_id)
+        if len(self.output) < self.request.sampling.min_tokens:
+            if self.request.end_id is not None:
+                now.append(self.request.end_id)
+            now.extend(self.request.min_tokens_stops)
         self.sampling.banned_now = now
 
     def append(self, token: int, logprobs: TokenLogprobs | None = None) -> str | None:

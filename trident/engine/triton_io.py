@@ -75,9 +75,20 @@ def request_from_tensors(request_id: str, tensors: Mapping[str, np.ndarray], *,
             include_input=not streaming and not bool(scalar(tensors, "exclude_input_in_output", exclude_input)),
             context_logprobs=_context_logprobs(tensors),
             report_cached=bool(scalar(tensors, "return_num_cached_tokens", False)),
+            min_tokens_stops=_id_list(tensors, "min_tokens_stop_ids"),
         )
     except EngineTensorError as exc:
         raise InvalidRequestError(str(exc)) from None
+
+
+def _id_list(tensors: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    """A (1, K) or (K,) integer tensor of token ids; () when absent."""
+    arr = tensors.get(name)
+    if arr is None:
+        return ()
+    if not np.issubdtype(np.asarray(arr).dtype, np.integer):
+        raise InvalidRequestError(f"{name} must be an integer tensor, got {np.asarray(arr).dtype}", param=name)
+    return tuple(int(t) for t in batch_row(name, arr, 1).tolist())
 
 
 def _context_logprobs(tensors: Mapping[str, np.ndarray]) -> int | None:
