@@ -28,6 +28,9 @@ WEIGHT_DTYPE ?= int4
 STREAM_INTERVAL ?= 1
 # Processes of the llm model (more spread its per-token work over more cores; docs/operations.md).
 LLM_INSTANCES ?= 1
+# NVIDIA's names for the llm model, each served as a copy of it (a stub process): ensemble,
+# tensorrt_llm_bls, both (comma-separated) or none (NVIDIA_NAMES=, the gateway needs none).
+NVIDIA_NAMES ?= ensemble
 PYTEST_ARGS ?=
 
 .PHONY: install system-deps compiler kernels model repository serve test unit clean
@@ -75,7 +78,8 @@ repository: $(STAMP) model kernels
 	@echo "==> filling the CPU model repository into $(REPO_DIR)"
 	$(PY) build/build_repository.py --model-dir $(MODEL_DIR) --out $(REPO_DIR) \
 	    --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) --dtype $(DTYPE) \
-	    --weight-dtype $(WEIGHT_DTYPE) --stream-interval $(STREAM_INTERVAL) --llm-instances $(LLM_INSTANCES)
+	    --weight-dtype $(WEIGHT_DTYPE) --stream-interval $(STREAM_INTERVAL) --llm-instances $(LLM_INSTANCES) \
+	    --nvidia-names "$(NVIDIA_NAMES)"
 
 # TRITON_REPLICAS=N: N Tritons on their own ports (base + 10 * i), the gateway balancing over them.
 TRITON_REPLICAS ?= 1
@@ -114,7 +118,7 @@ TP_SIZE ?= 1
 PP_SIZE ?= 1
 TRITON_IMAGE_TAG ?= trident-triton:trtllm-1.2.1
 ENGINE_ARGS = --dtype $(ENGINE_DTYPE) --tp-size $(TP_SIZE) --pp-size $(PP_SIZE) \
-    --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN)
+    --max-batch-size $(MAX_BATCH_SIZE) --max-seq-len $(MAX_SEQ_LEN) --nvidia-names "$(NVIDIA_NAMES)"
 
 .PHONY: engine engine-dry-run triton-image
 

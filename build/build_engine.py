@@ -48,6 +48,9 @@ def main() -> int:
                    help="engine tokens per streamed response of the llm model (1: every token)")
     p.add_argument("--llm-instances", type=int, default=serving_defaults.llm_instances,
                    help="processes of the llm model: more spread its per-token work over more cores")
+    p.add_argument("--nvidia-names", default=",".join(serving_defaults.nvidia_names),
+                   help="NVIDIA's names for the llm model to serve too, each a copy of it (a stub process): "
+                        "comma-separated, of ensemble, tensorrt_llm_bls; empty for none")
     p.add_argument("--convert-script", default=None,
                    help="TensorRT-LLM's examples/models/core/<family>/convert_checkpoint.py for the "
                         "model's family (default: $TRIDENT_TRTLLM_CONVERT_SCRIPT or the image's copy)")
@@ -63,7 +66,8 @@ def main() -> int:
                               enable_kv_cache_reuse=args.enable_kv_cache_reuse,
                               batch_scheduler_policy=args.batch_scheduler_policy,
                               max_new_tokens_limit=args.max_new_tokens_limit, max_concurrent=args.max_concurrent,
-                              stream_interval=args.stream_interval, llm_instances=args.llm_instances)
+                              stream_interval=args.stream_interval, llm_instances=args.llm_instances,
+                              nvidia_names=tuple(n.strip() for n in args.nvidia_names.split(",") if n.strip()))
 
     def log(message: str) -> None:
         print(f"[build-engine] {message}", flush=True)

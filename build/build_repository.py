@@ -11,7 +11,8 @@ from trident.contract import ENGINE_FEATURES  # noqa: E402
 from trident.engine.config import WEIGHT_DTYPES, LlamaConfig  # noqa: E402
 from trident.grammar import write_tokenizer_info  # noqa: E402
 from trident.prompt_limits import max_prompt_chars  # noqa: E402
-from trident.repo_builder import TOKENIZER_INFO, build_repository, model_vocab_size  # noqa: E402
+from trident.repo_builder import (DEFAULT_NVIDIA_NAMES, NVIDIA_NAMES, TOKENIZER_INFO, TemplateError,  # noqa: E402
+                                  build_repository, model_vocab_size, parse_nvidia_names)
 
 
 def cpu_values(args) -> dict:
@@ -64,7 +65,14 @@ def main() -> int:
                              "checkpoint converted from a Q4_1 GGUF; the default), auto (= dtype; float32 "
                              "is HF-identical), or float16/int8 packed for fbgemm")
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--nvidia-names", default=",".join(DEFAULT_NVIDIA_NAMES),
+                        help=f"NVIDIA's names for the llm model to serve too, each a copy of it (a stub process): "
+                             f"comma-separated, of {', '.join(NVIDIA_NAMES)}; empty for none (docs/architecture.md)")
     args = parser.parse_args()
+    try:
+        nvidia_names = parse_nvidia_names(args.nvidia_names)
+    except TemplateError as exc:
+        parser.error(f"--nvidia-names: {exc}")
     if args.stream_interval < 1:
         parser.error(f"--stream-interval must be at least 1, got {args.stream_interval}")
     if args.llm_instances < 1:
@@ -78,7 +86,7 @@ def main() -> int:
         parser.error(f"--model-dir {args.model_dir}: no *.safetensors weights (the CPU engine reads safetensors)")
     logging.info("model: %s, %d layers, hidden %d, %d heads (%d kv), head_dim %d", model.model_type,
                  model.num_layers, model.hidden_size, model.num_heads, model.num_kv_heads, model.head_dim)
-    out = build_repository(flavour="cpu", values=cpu_values(args), out_dir=args.out)
+    out = build_repository(flavour="cpu", values=cpu_values(args), out_dir=args.out, nvidia_names=nvidia_names)
     write_tokenizer_info(args.model_dir, out / TOKENIZER_INFO)
     logging.info("wrote %s", out)
     return 0

@@ -3,8 +3,8 @@
 Templates are ``*.in`` files with ``${name}`` placeholders; every other file is copied as is.
 The output folder is written whole into a temporary folder and then swapped in, and tracked
 template files are never modified. A placeholder with no value, or a value no template uses,
-is an error: a half-filled config must never reach Triton. A model in ``ALIASES`` is written as a
-copy of another under its own name.
+is an error: a half-filled config must never reach Triton. Each of NVIDIA's names asked for
+(``NVIDIA_NAMES``) is written as a copy of the ``llm`` model under that name.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .fsutil import replace_dir
 
@@ -26,13 +26,17 @@ FLAVOURS = {
     "cpu": ("common", "cpu"),
     "trtllm": ("common", "trtllm"),
 }
-#: Models served by another model's code and config under a second name (alias: its source). The
-#: NVIDIA-compatible entry point ``ensemble`` is the ``llm`` model itself, not Triton's ensemble
+#: The names NVIDIA's TensorRT-LLM examples and clients give the text-level model: ``ensemble``
+#: (its ensemble pipeline) and ``tensorrt_llm_bls`` (its BLS model). Each one asked for is the
+#: ``llm`` model under that name (its code and config, ``ALIAS_SOURCE``), not Triton's ensemble
 #: scheduler: that scheduler passes a client's cancellation only to steps it has not started yet
 #: (Triton core's EnsembleContext::ScheduleSteps, r24.10 to core's main of 2026-06), so a direct
 #: gRPC client of an ``ensemble`` -> ``llm`` pipeline that hung up left its generation running to
-#: max_tokens (docs/architecture.md).
-ALIASES = {"ensemble": "llm"}
+#: max_tokens (docs/architecture.md). Each costs a stub process (about 300 MB): ``ensemble`` by
+#: default, the build's ``--nvidia-names`` chooses (none for a gateway-only deployment).
+NVIDIA_NAMES = ("ensemble", "tensorrt_llm_bls")
+DEFAULT_NVIDIA_NAMES = ("ensemble",)
+ALIAS_SOURCE = "llm"
 
 
 class TemplateError(ValueError):
@@ -66,11 +70,23 @@ def placeholders_in(paths) -> set[str]:
     return names
 
 
+def parse_nvidia_names(text: str) -> tuple[str, ...]:
+    """``--nvidia-names``: comma-separated names of ``NVIDIA_NAMES`` (empty: none), in order, once each."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in NVIDIA_NAMES]
+    if unknown:
+        raise TemplateError(f"unknown NVIDIA model name(s) {', '.join(unknown)}; choose from {', '.join(NVIDIA_NAMES)} "
+                            "(comma-separated, or nothing for none)")
+    return names
+
+
 def build_repository(*, flavour: str, values: Mapping[str, object], out_dir: Path,
-                     template_root: Path = TEMPLATE_ROOT) -> Path:
-    """Write the repository for ``flavour`` into ``out_dir`` (replacing what was there)."""
+                     template_root: Path = TEMPLATE_ROOT, nvidia_names: Sequence[str] = DEFAULT_NVIDIA_NAMES) -> Path:
+    """Write the repository for ``flavour`` into ``out_dir`` (replacing what was there), with
+    ``nvidia_names`` (of ``NVIDIA_NAMES``) as copies of the ``llm`` model."""
     if flavour not in FLAVOURS:
         raise TemplateError(f"unknown flavour {flavour!r}; choose one of {sorted(FLAVOURS)}")
+    nvidia_names = parse_nvidia_names(",".join(nvidia_names))
     sources = [Path(template_root) / part for part in FLAVOURS[flavour]]
     for src in sources:
         if not src.is_dir():
@@ -95,8 +111,8 @@ def build_repository(*, flavour: str, values: Mapping[str, object], out_dir: Pat
                     dest.write_text(fill_template(path.read_text(), values, source=str(path)))
                 elif path.name != ".keep":
                     shutil.copy2(path, dest)
-        for alias, source in ALIASES.items():
-            _write_alias(tmp, alias, source)
+        for alias in nvidia_names:
+            _write_alias(tmp, alias, ALIAS_SOURCE)
     return out_dir
 
 
@@ -111,4 +127,4 @@ def _write_alias(repo: Path, alias: str, source: str) -> None:
     text, count = re.subn(rf'^name: "{re.escape(source)}"$', f'name: "{alias}"', config.read_text(), flags=re.M)
     if count != 1:
         raise TemplateError(f"{source}/config.pbtxt must have exactly one top-level line name: \"{source}\"")
-    config.write_text(f"# {alias}: the {source} model under a second name (trident.repo_builder.ALIASES)\n" + text)
+    config.write_text(f"# {alias}: the {source} model under NVIDIA's name (trident.repo_builder.NVIDIA_NAMES)\n" + text)

@@ -60,9 +60,10 @@ def small_repo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def two_llm_repo(tmp_path_factory):
-    """The small-batch repository with two instances of llm (two stub processes)."""
+    """The small-batch repository with two instances of llm (two stub processes), and NVIDIA's
+    ``tensorrt_llm_bls`` name for it instead of ``ensemble`` (as many stubs as the default)."""
     return build_small_repository(tmp_path_factory.mktemp("repo-two-llm") / "repository",
-                                  extra=("--llm-instances", "2"))
+                                  extra=("--llm-instances", "2", "--nvidia-names", "tensorrt_llm_bls"))
 
 
 def start_triton(repo, tmp_path_factory, name="triton"):

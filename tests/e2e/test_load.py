@@ -121,10 +121,50 @@ def test_a_disconnect_storm_over_two_llm_instances_leaves_the_engine_idle(two_ll
     assert "instances share cancel requests" in log.read_text(errors="replace")
 
 
+def test_tensorrt_llm_bls_is_llm_under_nvidias_name_when_asked_for(two_llm_triton):
+    """``--nvidia-names tensorrt_llm_bls``: NVIDIA's BLS model name is served as llm itself (and
+    ``ensemble`` is not); a client of it streams text with NVIDIA's inputs, and one that cancels
+    its call leaves the engine idle within 2 s, as a client of llm."""
+    import asyncio
+
+    import grpc
+    import numpy as np
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    from gateway.triton_codec import build_infer_request, parse_stream_response
+
+    inputs = {"text_input": np.array([[b"1, 2, 3, 4, 5, 6,"]], dtype=object),
+              "max_tokens": np.array([[1000]], np.int32), "min_tokens": np.array([[1000]], np.int32),
+              "stream": np.array([[True]]), "temperature": np.array([[0.0]], np.float32)}
+
+    async def main():
+        async with grpc.aio.insecure_channel(two_llm_triton.grpc_url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            index = await stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True))
+            names = {m.name for m in index.models}
+            call = stub.ModelStreamInfer(iter((build_infer_request("tensorrt_llm_bls", inputs),)))
+            texts = []
+            async for response in call:
+                assert not response.error_message, response.error_message
+                texts.append(parse_stream_response(response, request_id="bls", retry_after=1).text or "")
+                if len(texts) == 3:
+                    call.cancel()
+                    break
+            return names, texts
+
+    names, texts = asyncio.run(main())
+    assert {"llm", "tensorrt_llm", "tensorrt_llm_bls"} <= names and "ensemble" not in names, names
+    assert "".join(texts).strip(), texts
+    left = time.monotonic()
+    while (now := engine_metrics(two_llm_triton))["active"] or now["waiting"]:
+        assert time.monotonic() - left < 2, f"engine still busy 2 s after the client left: {now}"
+        time.sleep(0.05)
+
+
 def test_direct_grpc_clients_of_the_ensemble_that_hang_up_are_cancelled(small_triton):
     """NVIDIA-style clients of ``ensemble`` cancel by cancelling their gRPC call. Triton's ensemble
     scheduler never passed that on to the running llm step, so each such generation ran to
-    max_tokens for nobody; ``ensemble`` is now llm itself (trident.repo_builder.ALIASES). 4 streams
+    max_tokens for nobody; ``ensemble`` is now llm itself (trident.repo_builder.NVIDIA_NAMES). 4 streams
     decode, 4 wait in the engine's queue: the waiting ones leave first and are never prefilled,
     the decoding ones leave after 2 responses; the engine is idle within 2 s of the last."""
     import asyncio

@@ -6,7 +6,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from trident.llm_io import LlmSettings
-from trident.repo_builder import TemplateError, build_repository, fill_template
+from trident.repo_builder import TemplateError, build_repository, fill_template, parse_nvidia_names
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,6 +85,36 @@ def test_an_alias_is_its_source_renamed(tmp_path):
     assert config.splitlines()[1:] == ["# llm", 'name: "ensemble"', "max_batch_size: 4"]
     assert (out / "ensemble" / "1" / "model.py").read_text() == "# llm\n"
     assert (out / "llm" / "config.pbtxt").read_text() == '# llm\nname: "llm"\nmax_batch_size: 4\n'
+
+
+@pytest.mark.parametrize("names, served", [((), []), (("tensorrt_llm_bls",), ["tensorrt_llm_bls"]),
+                                           (("tensorrt_llm_bls", "ensemble"), ["ensemble", "tensorrt_llm_bls"])])
+def test_the_nvidia_names_asked_for_are_llm_renamed(tmp_path, names, served):
+    root = _templates(tmp_path / "t", {"llm": '# llm\nname: "llm"\n'})
+    out = build_repository(flavour="cpu", values={}, out_dir=tmp_path / "repo", template_root=root, nvidia_names=names)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["llm", *served])
+    for name in served:
+        assert (out / name / "config.pbtxt").read_text().splitlines()[1:] == ["# llm", f'name: "{name}"']
+
+
+def test_nvidia_names_are_checked_before_anything_is_written(tmp_path):
+    assert parse_nvidia_names(" tensorrt_llm_bls, ensemble,,tensorrt_llm_bls ") == ("tensorrt_llm_bls", "ensemble")
+    assert parse_nvidia_names("") == ()
+    root = _templates(tmp_path / "t", {"llm": 'name: "llm"\n'})
+    with pytest.raises(TemplateError, match="unknown NVIDIA model name.s. llm_bls; choose from ensemble, tensorrt_llm_bls"):
+        build_repository(flavour="cpu", values={}, out_dir=tmp_path / "repo", template_root=root, nvidia_names=("llm_bls",))
+    assert not (tmp_path / "repo").exists()
+
+
+def test_build_repository_refuses_an_unknown_nvidia_name(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "build/build_repository.py"), "--model-dir", str(tmp_path),
+                           "--out", str(tmp_path / "repo"), "--nvidia-names", "ensemble,bls"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--nvidia-names: unknown NVIDIA model name(s) bls" in proc.stderr, proc.stderr
+    assert not (tmp_path / "repo").exists()
 
 
 @pytest.mark.parametrize("models, message", [

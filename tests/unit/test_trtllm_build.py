@@ -97,6 +97,27 @@ def test_build_engine_entry_point_dry_run_tp2(tmp_path):
     convert, build = expected_commands(out.resolve(), tp=2)
     convert[0] = sys.executable
     assert printed_commands(proc.stdout.splitlines()) == [convert, build]
+    # NVIDIA's name for the llm model: ensemble by default (in the dry run's configs too)
+    assert sorted(p.name for p in (out / "model_repository").iterdir() if p.is_dir()) == [
+        "ensemble", "llm", "preprocessing", "tensorrt_llm"]
+
+
+@pytest.mark.parametrize("names, served", [("tensorrt_llm_bls", ["tensorrt_llm_bls"]), ("", []),
+                                           ("ensemble,tensorrt_llm_bls", ["ensemble", "tensorrt_llm_bls"])])
+def test_build_engine_serves_the_nvidia_names_asked_for(tmp_path, names, served):
+    """--nvidia-names: NVIDIA's names served as copies of llm in the TensorRT-LLM repository too."""
+    model = write_llama(tmp_path / "model")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "build/build_engine.py"), "--model-dir", str(model), "--out", str(out),
+         "--max-batch-size", "16", "--max-seq-len", "1024", "--convert-script", CONVERT, "--dry-run",
+         "--nvidia-names", names], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    models = sorted(p.name for p in (out / "model_repository").iterdir() if p.is_dir())
+    assert models == sorted(["llm", "preprocessing", "tensorrt_llm", *served])
+    for name in served:
+        config = (out / "model_repository" / name / "config.pbtxt").read_text()
+        assert f'\nname: "{name}"\n' in config and "backend: \"python\"" in config
 
 
 def test_tp_that_does_not_split_the_heads_is_refused_with_the_sizes_that_work(tmp_path):
@@ -124,6 +145,8 @@ def test_bad_serving_knobs_are_refused(tmp_path):
         check_plan(engine=EngineSettings(), serving=ServingSettings(kv_cache_free_gpu_mem_fraction=1.5), shape=shape)
     with pytest.raises(PlanError, match="--stream-interval must be at least 1, got 0"):
         check_plan(engine=EngineSettings(), serving=ServingSettings(stream_interval=0), shape=shape)
+    with pytest.raises(PlanError, match="--nvidia-names: unknown NVIDIA model name.s. triton_ensemble"):
+        check_plan(engine=EngineSettings(), serving=ServingSettings(nvidia_names=("triton_ensemble",)), shape=shape)
 
 
 # ---------------------------------------------------------------- the filled repository

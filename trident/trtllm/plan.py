@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
+from ..repo_builder import DEFAULT_NVIDIA_NAMES, TemplateError, parse_nvidia_names
 from .checkpoint import ModelShape
 
 DTYPES = ("bfloat16", "float16")
@@ -53,6 +54,8 @@ class ServingSettings:
     max_concurrent: int = 256
     stream_interval: int = 1  # engine tokens per streamed response of the llm model
     llm_instances: int = 1  # processes of the llm model (its per-token work per core: docs/operations.md)
+    # NVIDIA's names served as copies of the llm model (trident.repo_builder.NVIDIA_NAMES)
+    nvidia_names: tuple[str, ...] = DEFAULT_NVIDIA_NAMES
 
 
 def check_plan(*, engine: EngineSettings, serving: ServingSettings, shape: ModelShape) -> list[str]:
@@ -101,6 +104,10 @@ def check_plan(*, engine: EngineSettings, serving: ServingSettings, shape: Model
         problems.append(f"--stream-interval must be at least 1, got {serving.stream_interval}")
     if serving.llm_instances < 1:
         problems.append(f"--llm-instances must be at least 1, got {serving.llm_instances}")
+    try:
+        parse_nvidia_names(",".join(serving.nvidia_names))
+    except TemplateError as exc:
+        problems.append(f"--nvidia-names: {exc}")
     if problems:
         raise PlanError("cannot build this engine:\n  " + "\n  ".join(problems))
 

@@ -70,7 +70,7 @@ def write_trtllm_repository(*, out_dir: Path, tokenizer_dir: Path, engine_dir: P
     info = _tokenizer_info(Path(tokenizer_dir))
     values = trtllm_values(tokenizer_dir=tokenizer_dir, engine_dir=engine_dir, engine=engine, serving=serving,
                            out_dir=out_dir, guided=info is not None, attention_window=attention_window)
-    out = build_repository(flavour="trtllm", values=values, out_dir=out_dir)
+    out = build_repository(flavour="trtllm", values=values, out_dir=out_dir, nvidia_names=serving.nvidia_names)
     if info is not None:
         (out / TOKENIZER_INFO).write_text(json.dumps(info), encoding="utf-8")
     return out
