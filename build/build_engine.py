@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trident.repo_builder import NVIDIA_NAMES, TemplateError, parse_nvidia_names  # noqa: E402
 from trident.trtllm.build import BuildError, run_build  # noqa: E402
 from trident.trtllm.checkpoint import FAMILIES, CheckpointError  # noqa: E402
 from trident.trtllm.plan import DTYPES, SCHEDULER_POLICIES, EngineSettings, PlanError, ServingSettings  # noqa: E402
@@ -50,7 +51,7 @@ def main() -> int:
                    help="processes of the llm model: more spread its per-token work over more cores")
     p.add_argument("--nvidia-names", default=",".join(serving_defaults.nvidia_names),
                    help="NVIDIA's names for the llm model to serve too, each a copy of it (a stub process): "
-                        "comma-separated, of ensemble, tensorrt_llm_bls; empty for none")
+                        f"comma-separated, of {', '.join(NVIDIA_NAMES)}; empty for none")
     p.add_argument("--convert-script", default=None,
                    help="TensorRT-LLM's examples/models/core/<family>/convert_checkpoint.py for the "
                         "model's family (default: $TRIDENT_TRTLLM_CONVERT_SCRIPT or the image's copy)")
@@ -58,6 +59,10 @@ def main() -> int:
                    help="keep engines whose build.json matches this build (the container entrypoint)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, write only the configs")
     args = p.parse_args()
+    try:
+        nvidia_names = parse_nvidia_names(args.nvidia_names)
+    except TemplateError as exc:
+        p.error(f"--nvidia-names: {exc}")
 
     engine = EngineSettings(dtype=args.dtype, tp_size=args.tp_size, pp_size=args.pp_size,
                             max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
@@ -67,7 +72,7 @@ def main() -> int:
                               batch_scheduler_policy=args.batch_scheduler_policy,
                               max_new_tokens_limit=args.max_new_tokens_limit, max_concurrent=args.max_concurrent,
                               stream_interval=args.stream_interval, llm_instances=args.llm_instances,
-                              nvidia_names=tuple(n.strip() for n in args.nvidia_names.split(",") if n.strip()))
+                              nvidia_names=nvidia_names)
 
     def log(message: str) -> None:
         print(f"[build-engine] {message}", flush=True)

@@ -12,7 +12,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from .fsutil import replace_dir
 
@@ -71,8 +71,13 @@ def placeholders_in(paths) -> set[str]:
 
 
 def parse_nvidia_names(text: str) -> tuple[str, ...]:
-    """``--nvidia-names``: comma-separated names of ``NVIDIA_NAMES`` (empty: none), in order, once each."""
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    """``--nvidia-names`` of both builds: comma-separated names of ``NVIDIA_NAMES`` (empty: none)."""
+    return check_nvidia_names(text.split(","))
+
+
+def check_nvidia_names(names: Iterable[str]) -> tuple[str, ...]:
+    """``names``, each of ``NVIDIA_NAMES``: stripped, without empty ones, in order, once each."""
+    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
     unknown = [n for n in names if n not in NVIDIA_NAMES]
     if unknown:
         raise TemplateError(f"unknown NVIDIA model name(s) {', '.join(unknown)}; choose from {', '.join(NVIDIA_NAMES)} "
@@ -86,7 +91,7 @@ def build_repository(*, flavour: str, values: Mapping[str, object], out_dir: Pat
     ``nvidia_names`` (of ``NVIDIA_NAMES``) as copies of the ``llm`` model."""
     if flavour not in FLAVOURS:
         raise TemplateError(f"unknown flavour {flavour!r}; choose one of {sorted(FLAVOURS)}")
-    nvidia_names = parse_nvidia_names(",".join(nvidia_names))
+    nvidia_names = check_nvidia_names(nvidia_names)
     sources = [Path(template_root) / part for part in FLAVOURS[flavour]]
     for src in sources:
         if not src.is_dir():

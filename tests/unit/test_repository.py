@@ -6,7 +6,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from trident.llm_io import LlmSettings
-from trident.repo_builder import TemplateError, build_repository, fill_template, parse_nvidia_names
+from trident.repo_builder import TemplateError, build_repository, check_nvidia_names, fill_template, parse_nvidia_names
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,6 +100,7 @@ def test_the_nvidia_names_asked_for_are_llm_renamed(tmp_path, names, served):
 def test_nvidia_names_are_checked_before_anything_is_written(tmp_path):
     assert parse_nvidia_names(" tensorrt_llm_bls, ensemble,,tensorrt_llm_bls ") == ("tensorrt_llm_bls", "ensemble")
     assert parse_nvidia_names("") == ()
+    assert check_nvidia_names(("ensemble", " ensemble ", "")) == ("ensemble",)
     root = _templates(tmp_path / "t", {"llm": 'name: "llm"\n'})
     with pytest.raises(TemplateError, match="unknown NVIDIA model name.s. llm_bls; choose from ensemble, tensorrt_llm_bls"):
         build_repository(flavour="cpu", values={}, out_dir=tmp_path / "repo", template_root=root, nvidia_names=("llm_bls",))

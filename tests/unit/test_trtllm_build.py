@@ -102,6 +102,15 @@ def test_build_engine_entry_point_dry_run_tp2(tmp_path):
         "ensemble", "llm", "preprocessing", "tensorrt_llm"]
 
 
+def test_build_engine_refuses_an_unknown_nvidia_name(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "build/build_engine.py"), "--model-dir", str(write_llama(tmp_path / "model")),
+         "--out", str(tmp_path / "out"), "--convert-script", CONVERT, "--dry-run", "--nvidia-names", "bls"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--nvidia-names: unknown NVIDIA model name(s) bls" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("names, served", [("tensorrt_llm_bls", ["tensorrt_llm_bls"]), ("", []),
                                            ("ensemble,tensorrt_llm_bls", ["ensemble", "tensorrt_llm_bls"])])
 def test_build_engine_serves_the_nvidia_names_asked_for(tmp_path, names, served):

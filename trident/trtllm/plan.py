@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from ..repo_builder import DEFAULT_NVIDIA_NAMES, TemplateError, parse_nvidia_names
+from ..repo_builder import DEFAULT_NVIDIA_NAMES, TemplateError, check_nvidia_names
 from .checkpoint import ModelShape
 
 DTYPES = ("bfloat16", "float16")
@@ -105,7 +105,7 @@ def check_plan(*, engine: EngineSettings, serving: ServingSettings, shape: Model
     if serving.llm_instances < 1:
         problems.append(f"--llm-instances must be at least 1, got {serving.llm_instances}")
     try:
-        parse_nvidia_names(",".join(serving.nvidia_names))
+        check_nvidia_names(serving.nvidia_names)
     except TemplateError as exc:
         problems.append(f"--nvidia-names: {exc}")
     if problems:
