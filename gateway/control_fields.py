@@ -18,6 +18,8 @@ from typing import Any
 from marshmallow import ValidationError
 
 from trident.contract import (
+    INT32_MAX,
+    MAX_ALLOWED_TOKEN_IDS,
     GUIDE_EBNF,
     GUIDE_JSON_SCHEMA,
     GUIDE_REGEX,
@@ -28,7 +30,7 @@ from trident.contract import (
     Guide,
 )
 
-from .fields import _StrictField, describe
+from .fields import _StrictField, describe, is_token_id
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
@@ -58,6 +60,47 @@ class LogitBias(_StrictField):
                 raise ValidationError(f"{name}[{key}] must be between -{MAX_BIAS:g} and {MAX_BIAS:g}, got {bias}")
             out.append((int(key), float(bias)))
         return tuple(out)
+
+
+class AllowedTokenIds(_StrictField):
+    """vLLM's ``allowed_token_ids``: only these token ids can be generated; loads a tuple of ids
+    (each once). The ids are checked against the model's vocabulary by the llm model."""
+
+    expected = "an array of token ids"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, list)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[int, ...]:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        name = self.public_name
+        if not value:
+            raise ValidationError(f"{name} must hold at least one token id (leave it out to allow every token)")
+        if len(value) > MAX_ALLOWED_TOKEN_IDS:
+            raise ValidationError(f"{name} must have at most {MAX_ALLOWED_TOKEN_IDS} entries, got {len(value)}")
+        for i, token in enumerate(value):
+            if not is_token_id(token):
+                raise ValidationError(f"{name}[{i}] must be a token id, an integer from 0 to {INT32_MAX}, "
+                                      f"got {describe(token)}")
+        return tuple(dict.fromkeys(value))
+
+
+class TruncatePromptTokens(_StrictField):
+    """vLLM's ``truncate_prompt_tokens``: keep only the prompt's last k tokens (k at least 1), or
+    -1: as many of them as fit the context with the tokens asked for. The model's context bounds
+    k (checked by the llm model, which knows it)."""
+
+    expected = "an integer"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if value != -1 and not 1 <= value <= INT32_MAX:
+            raise ValidationError(f"{self.public_name} must be -1 (as many as fit the context) or a number of "
+                                  f"tokens from 1, got {value}")
+        return value
 
 
 class ResponseFormat(_StrictField):
@@ -210,6 +253,12 @@ def openapi_properties(field: Any) -> dict[str, Any] | None:
         return {"anyOf": [simple, schema]}
     if isinstance(field, Regex):
         return {"type": ["string", *nullable], "minLength": 1, "maxLength": MAX_GUIDE_CHARS}
+    if isinstance(field, AllowedTokenIds):
+        return {"type": ["array", *nullable], "minItems": 1, "maxItems": MAX_ALLOWED_TOKEN_IDS,
+                "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}}
+    if isinstance(field, TruncatePromptTokens):
+        return {"anyOf": [{"const": -1}, {"type": "integer", "minimum": 1, "maximum": INT32_MAX},
+                          *([{"type": "null"}] if nullable else [])]}
     if isinstance(field, StructuredOutputs):
         text = {"type": "string", "minLength": 1}
         kinds = {"json": {"anyOf": [{"type": "object"}, text]}, "regex": text, "grammar": text,

@@ -15,7 +15,8 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   syntax, gateway.tool_parsers); and, as vLLM does, the extensions ``top_k``,
   ``repetition_penalty``, ``min_p``, ``min_tokens``, ``ignore_eos`` (``extra_body`` in the
   official client; the engines get ``ignore_eos`` as ``min_tokens`` = ``max_tokens``), ``stop_token_ids``,
-  ``include_stop_str_in_output``, ``skip_special_tokens`` and ``structured_outputs``
+  ``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``,
+  ``truncate_prompt_tokens`` and ``structured_outputs``
   (``json``, ``regex``, ``choice``, ``grammar`` or ``json_object``: the same constraint as
   ``response_format``, gateway.control_fields);
 * ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
@@ -62,7 +63,7 @@ from .openai_fields import (
 )
 from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
 
-from .control_fields import LogitBias, ResponseFormat, StructuredOutputs
+from .control_fields import AllowedTokenIds, LogitBias, ResponseFormat, StructuredOutputs, TruncatePromptTokens
 from .reasoning import KEEP_SPECIAL_TOKENS as REASONING_KEEPS_SPECIAL, Reasoning
 from .tool_parsers import KEEP_SPECIAL_TOKENS
 from .tools import (
@@ -244,6 +245,9 @@ class _OpenAISchema(ModelSchema):
     skip_special_tokens = StrictBoolean()
     # vLLM's: words never generated (as written and after a space)
     bad_words = BadWords()
+    # vLLM's: only these token ids are generated; only the prompt's last k tokens are kept
+    allowed_token_ids = AllowedTokenIds()
+    truncate_prompt_tokens = TruncatePromptTokens()
 
     @validates_schema
     def validate_structured_outputs(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -263,7 +267,9 @@ class _OpenAISchema(ModelSchema):
         """``logprobs``: the alternatives per token the reply shows (None: no logprobs)."""
         if max_tokens is None:  # the endpoint's own default (OpenAI's), within the model's limit
             max_tokens = min(self.default_max_tokens, self.limits(model).max_new_tokens)
-        self.check_prompt(prompt, model, max(max_tokens, 1), prompt_param)  # the engine makes one token at least
+        truncated = data.get("truncate_prompt_tokens") is not None
+        # the engine makes one token at least
+        self.check_prompt(prompt, model, max(max_tokens, 1), prompt_param, truncated)
         check_min_tokens(data, max_tokens, "max_tokens")
         choices = data.get("n") or 1
         generated = data.get("best_of") or choices
@@ -323,7 +329,8 @@ class CompletionSchema(_OpenAISchema):
         req = self._request(data, prompt=prompts[0], model=model, max_tokens=data.get("max_tokens"),
                             logprobs=data.get("logprobs"))
         for prompt in prompts[1:]:
-            self.check_prompt(prompt, model, req.params.sampling.engine_tokens, "prompt")
+            self.check_prompt(prompt, model, req.params.sampling.engine_tokens, "prompt",
+                              req.params.sampling.truncate_prompt_tokens is not None)
         return dataclasses.replace(req, prompts=prompts) if len(prompts) > 1 else req
 
 

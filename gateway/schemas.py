@@ -30,9 +30,10 @@ from trident.contract import (
     max_tokens_error,
     prompt_chars_error,
     prompt_ids_error,
+    token_ids_error,
 )
 
-from .control_fields import LogitBias, Regex, ResponseFormat, guide_of
+from .control_fields import AllowedTokenIds, LogitBias, Regex, ResponseFormat, TruncatePromptTokens, guide_of
 from .errors import ClientError
 from .fields import (  # noqa: F401 (re-exported: the schemas' field types)
     StrictBoolean,
@@ -189,12 +190,18 @@ class ModelSchema(StrictSchema):
         if limit and len(prompt) > limit:
             raise ClientError(prompt_chars_error(len(prompt), limit, param), param=param)
 
-    def check_prompt(self, prompt: str | tuple[int, ...], model: str, max_new_tokens: int, param: str) -> None:
+    def check_prompt(self, prompt: str | tuple[int, ...], model: str, max_new_tokens: int, param: str,
+                     truncated: bool = False) -> None:
         """:meth:`check_prompt_length` for a text; for token ids, a 400 when one is not a token of
-        the model or they cannot fit its context with ``max_new_tokens``."""
+        the model or they cannot fit its context with ``max_new_tokens`` (unless ``truncated``:
+        truncate_prompt_tokens keeps only their last ones, and the llm model checks what is left)."""
         if isinstance(prompt, str):
             self.check_prompt_length(prompt, model, param)
-        elif (trouble := prompt_ids_error(prompt, max_new_tokens, self.limits(model), param)) is not None:
+            return
+        limits = self.limits(model)
+        trouble = (token_ids_error(prompt, limits.vocab_size, param) if truncated
+                   else prompt_ids_error(prompt, max_new_tokens, limits, param))
+        if trouble is not None:
             raise ClientError(trouble, param=param)
 
     #: the smallest token budget any request may ask for (the minimum /openapi.json gives)
@@ -273,6 +280,8 @@ class GenerateSchema(ModelSchema):
     skip_special_tokens = StrictBoolean()
     bad_words = BadWords()  # vLLM's: words never generated
     ignore_eos = StrictBoolean()  # vLLM's: the end tokens do not end the text
+    allowed_token_ids = AllowedTokenIds()  # vLLM's: only these tokens are generated
+    truncate_prompt_tokens = TruncatePromptTokens()  # vLLM's: only the prompt's last k tokens
 
     @validates("prompt")
     def validate_prompt(self, value: str, data_key: str) -> None:
@@ -312,7 +321,8 @@ def check_min_tokens(data: Mapping[str, Any], max_tokens: int | None, name: str 
 #: SamplingParams fields a request sets under the same name
 _SAME_NAME = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "n", "min_tokens",
               "presence_penalty", "frequency_penalty", "min_p", "logit_bias", "logprobs", "guide", "stop_token_ids",
-              "include_stop_str_in_output", "skip_special_tokens", "bad_words", "ignore_eos")
+              "include_stop_str_in_output", "skip_special_tokens", "bad_words", "ignore_eos", "allowed_token_ids",
+              "truncate_prompt_tokens")
 _FLOATS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 
 

@@ -102,6 +102,10 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # (num_input_tokens: the prompt's; num_output_tokens: the tokens this response adds).
     TensorSpec("return_num_input_tokens", np.bool_),
     TensorSpec("return_num_output_tokens", np.bool_),
+    # trident extensions, vLLM's names: only these token ids can be generated; keep only the
+    # prompt's last k tokens (-1: as many as fit the context with max_tokens).
+    TensorSpec("allowed_token_ids", np.int32, many=True),
+    TensorSpec("truncate_prompt_tokens", np.int32),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one (prompt_tokens
 #: also on the admission response, which the gateway asks for).
@@ -294,6 +298,10 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
         values["ignore_eos"] = _one(True, np.bool_)
     if not s.skip_special_tokens:
         values["skip_special_tokens"] = _one(False, np.bool_)
+    if s.allowed_token_ids:
+        values["allowed_token_ids"] = np.array([s.allowed_token_ids], dtype=np.int32)
+    if s.truncate_prompt_tokens is not None:
+        values["truncate_prompt_tokens"] = _one(s.truncate_prompt_tokens, np.int32)
     if req.return_num_input_tokens:
         values["return_num_input_tokens"] = _one(True, np.bool_)
     if req.return_num_output_tokens:
@@ -419,6 +427,9 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
     given["include_stop_str_in_output"] = _scalar(get("include_stop_str_in_output"), bool)
     given["ignore_eos"] = _scalar(get("ignore_eos"), bool)
     given["skip_special_tokens"] = _scalar(get("skip_special_tokens"), bool)
+    allowed = _ids(get("allowed_token_ids"))
+    given["allowed_token_ids"] = tuple(dict.fromkeys(allowed)) if allowed else None  # in order, once each
+    given["truncate_prompt_tokens"] = _scalar(get("truncate_prompt_tokens"), int)
     if (trouble := beam_width_error(_scalar(get("beam_width"), int))) is not None:
         raise InvalidRequest(trouble, param="beam_width")
     sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None})

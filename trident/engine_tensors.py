@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .contract import Guide, SamplingParams
+from .contract import DISALLOWED_BIAS, Guide, SamplingParams
 
 #: Inputs of the engine model (name -> numpy dtype), the subset of the TensorRT-LLM backend's
 #: that trident uses; declared with the same names in both repository flavours' config.pbtxt.
@@ -172,13 +172,8 @@ def _output_control_inputs(s: SamplingParams, vocab_size: int) -> dict[str, np.n
         tensors["frequency_penalty"] = _one(s.frequency_penalty, "frequency_penalty")
     if s.min_p:
         tensors["min_p"] = _one(s.min_p, "min_p")
-    if s.logit_bias:
-        if vocab_size <= max(t for t, _ in s.logit_bias):
-            raise ValueError(f"embedding_bias needs the model's vocabulary size (got {vocab_size})")
-        bias = np.zeros((1, vocab_size), dtype=np.float32)
-        for token, value in s.logit_bias:
-            bias[0, token] = value
-        tensors["embedding_bias"] = bias
+    if s.logit_bias or s.allowed_token_ids:
+        tensors["embedding_bias"] = _embedding_bias(s, vocab_size)
     if s.logprobs is not None:
         tensors["return_log_probs"] = _one(True, "return_log_probs")
         if s.logprobs:
@@ -189,6 +184,23 @@ def _output_control_inputs(s: SamplingParams, vocab_size: int) -> dict[str, np.n
         tensors["guided_decoding_guide_type"] = _string(s.guide.type)
         tensors["guided_decoding_guide"] = _string(s.guide.text)
     return tensors
+
+
+def _embedding_bias(s: SamplingParams, vocab_size: int) -> np.ndarray:
+    """TensorRT-LLM's dense ``embedding_bias`` (1, vocab): ``logit_bias``, and with
+    ``allowed_token_ids`` DISALLOWED_BIAS for every token not in it."""
+    highest = max([t for t, _ in s.logit_bias] + list(s.allowed_token_ids))
+    if vocab_size <= highest:
+        raise ValueError(f"embedding_bias needs the model's vocabulary size (got {vocab_size})")
+    if s.allowed_token_ids:
+        bias = np.full((1, vocab_size), DISALLOWED_BIAS, dtype=np.float32)
+        bias[0, list(s.allowed_token_ids)] = 0.0
+    else:
+        bias = np.zeros((1, vocab_size), dtype=np.float32)
+    for token, value in s.logit_bias:
+        if not s.allowed_token_ids or bias[0, token] != DISALLOWED_BIAS:
+            bias[0, token] = value
+    return bias
 
 
 def stop_inputs() -> dict[str, np.ndarray]:

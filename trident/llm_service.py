@@ -65,7 +65,6 @@ from .contract import (
     context_error,
     detokenize_outputs,
     prompt_chars_error,
-    prompt_ids_error,
     read_llm_inputs,
     read_tokenizer_inputs,
     tag_error,
@@ -101,6 +100,7 @@ class Job:
     prompt_tokens: int
     engine_id: str
     input_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # the prompt's, as sent
+    truncated: bool = False  # truncate_prompt_tokens cut the prompt: input_ids are what is left of it
     last_check: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False
     at_engine: bool = False
@@ -286,20 +286,22 @@ class LlmService:
     def _prepare(self, request: Request) -> Job:
         text = read_llm_inputs(request.input)
         limits = self.settings.limits
-        text.sampling.check(limits)
+        text.sampling.check(dataclasses.replace(limits, vocab_size=self.vocab_size))
         new_tokens = text.sampling.engine_tokens
-        if text.prompt_ids is not None:  # used as given: ids of this model, fitting the context
-            trouble = prompt_ids_error(text.prompt_ids, new_tokens,
-                                       dataclasses.replace(limits, vocab_size=self.vocab_size))
-            if trouble is not None:
+        if text.prompt_ids is not None:  # used as given: ids of this model
+            if (trouble := token_ids_error(text.prompt_ids, self.vocab_size)) is not None:
                 raise InvalidRequest(trouble, param="prompt")
             input_ids = list(text.prompt_ids)
         else:
             if limits.max_prompt_chars and len(text.prompt) > limits.max_prompt_chars:
                 raise InvalidRequest(prompt_chars_error(len(text.prompt), limits.max_prompt_chars), param="prompt")
             input_ids = self.tokenizer(text.prompt).input_ids
-            if len(input_ids) + new_tokens > limits.max_context:
-                raise InvalidRequest(context_error(len(input_ids), new_tokens, limits.max_context), param="prompt")
+        kept = text.sampling.kept_prompt_tokens(len(input_ids), limits.max_context)
+        truncated = kept < len(input_ids)
+        if truncated:  # truncate_prompt_tokens: the last ones
+            input_ids = input_ids[len(input_ids) - kept:]
+        if len(input_ids) + new_tokens > limits.max_context:
+            raise InvalidRequest(context_error(len(input_ids), new_tokens, limits.max_context), param="prompt")
         bad_ids = [self.tokenizer(w, add_special_tokens=False).input_ids for w in text.sampling.bad_words]
         if text.sampling.guide is not None:
             check_guide(text.sampling.guide)  # a schema XGrammar cannot take: 400 here, on CPU and GPU
@@ -313,7 +315,7 @@ class LlmService:
                                 min_tokens_stop_ids=stop_ids if self.ban_stops else ())
         return Job(request=request, text=text, tensors=tensors, prompt_tokens=len(input_ids),
                    engine_id=str(next(self._ids)), last_check=self.clock(), token=request.cancel_token(),
-                   input_ids=list(input_ids))
+                   input_ids=list(input_ids), truncated=truncated)
 
     # -- cancellation ---------------------------------------------------------------------------
 
@@ -593,8 +595,11 @@ class LlmService:
         return counts
 
     def _prompt_text(self, job: Job) -> str:
-        """The prompt as text: as given, or its ids decoded (special tokens included)."""
+        """The prompt as text: as given, or its ids decoded (special tokens included); a prompt
+        that truncate_prompt_tokens cut is the text of the tokens left."""
         text = job.text
+        if job.truncated:
+            return self.tokenizer.decode(job.input_ids)
         return text.prompt if text.prompt_ids is None else self.tokenizer.decode(list(text.prompt_ids))
 
 

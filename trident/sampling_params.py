@@ -27,6 +27,11 @@ MAX_BAD_WORDS = 64  # bad words (text) per request: each a token sequence the en
 MAX_BIAS = 100.0  # |bias| (OpenAI's range)
 MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 MAX_GUIDE_CHARS = 65536  # a JSON schema, regex or grammar: compiled against the whole vocabulary
+MAX_ALLOWED_TOKEN_IDS = 16384  # entries of allowed_token_ids (a larger choice reads better as a grammar)
+#: The bias every token outside ``allowed_token_ids`` gets in the engine's dense ``embedding_bias``:
+#: finite (a -inf would turn a row with nothing else left into NaNs, and fp16 holds it), and far
+#: below any logit, so that no such token is ever sampled (exp(-10000) is 0 in every float type).
+DISALLOWED_BIAS = -10000.0
 
 
 def beam_width_error(beam_width: Optional[int]) -> Optional[str]:
@@ -196,6 +201,13 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # vLLM's: False keeps the tokenizer's special tokens (<|im_start|>, tool-call markers) in the text.
     skip_special_tokens: bool = True
+    # vLLM's: only these token ids can be generated (empty: any). The engines get it in the dense
+    # embedding_bias: DISALLOWED_BIAS for every other token, logit_bias still applies to these.
+    allowed_token_ids: tuple[int, ...] = ()
+    # vLLM's: keep only the prompt's last k tokens (left truncation, after tokenizing, special
+    # tokens included); -1: as many of the last tokens as fit the context with the tokens asked
+    # for. None: not truncated (a prompt that does not fit is a 400).
+    truncate_prompt_tokens: Optional[int] = None
 
     @property
     def greedy(self) -> bool:
@@ -212,6 +224,17 @@ class SamplingParams:
     def engine_min_tokens(self) -> int:
         """The engine's ``min_tokens``: the tokens before which it bans its end token."""
         return self.max_new_tokens if self.ignore_eos else self.min_tokens
+
+    def kept_prompt_tokens(self, prompt_tokens: int, max_context: int) -> int:
+        """How many of a prompt's ``prompt_tokens`` tokens the engine is given: all of them, or
+        the last ``truncate_prompt_tokens`` (-1: as many as fit ``max_context`` with the tokens
+        asked for; at least one)."""
+        keep = self.truncate_prompt_tokens
+        if keep is None:
+            return prompt_tokens
+        if keep == -1:
+            keep = max(max_context - self.engine_tokens, 1)
+        return min(prompt_tokens, keep)
 
     def check(self, limits: Optional[ModelLimits] = None) -> None:
         """Raise InvalidRequest naming the field when a value is one no engine can serve. The
@@ -271,6 +294,17 @@ class SamplingParams:
             if not -MAX_BIAS <= bias <= MAX_BIAS:
                 raise InvalidRequest(f"logit_bias: the bias of token {token} must be between -{MAX_BIAS:g} and "
                                      f"{MAX_BIAS:g}, got {bias:g}", param="logit_bias")
+        if len(self.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS:
+            raise InvalidRequest(f"allowed_token_ids must have at most {MAX_ALLOWED_TOKEN_IDS} entries, got "
+                                 f"{len(self.allowed_token_ids)}", param="allowed_token_ids")
+        if (trouble := token_ids_error(self.allowed_token_ids, vocab, "allowed_token_ids")) is not None:
+            raise InvalidRequest(trouble, param="allowed_token_ids")
+        if self.truncate_prompt_tokens is not None:
+            most = limits.max_context if limits is not None else INT32_MAX
+            if self.truncate_prompt_tokens != -1 and not 1 <= self.truncate_prompt_tokens <= most:
+                raise InvalidRequest(f"truncate_prompt_tokens must be -1 (as many as fit) or between 1 and "
+                                     f"{most} (the model's context), got {self.truncate_prompt_tokens}",
+                                     param="truncate_prompt_tokens")
         if self.logprobs is not None:
             if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
                 raise InvalidRequest(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}",
@@ -300,4 +334,5 @@ class SamplingParams:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "stop_sequences": len(self.stop),
                 "bad_words": len(self.bad_words), "seed": self.seed, "n": self.n, "logprobs": self.logprobs, "echo": self.echo,
-                "guide": None if self.guide is None else self.guide.type}
+                "guide": None if self.guide is None else self.guide.type,
+                "allowed_token_ids": len(self.allowed_token_ids), "truncate_prompt_tokens": self.truncate_prompt_tokens}

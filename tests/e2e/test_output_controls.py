@@ -375,3 +375,62 @@ def multi_token_word(gateway) -> tuple[str, str, str]:
                                                 timeout=30).json()["count"] > 1:
                 return word, prompt, text
     pytest.fail("no greedy continuation has a word of several tokens")
+
+
+def test_allowed_token_ids_restrict_sampled_output_on_the_real_model(oai, gateway):
+    """vLLM's allowed_token_ids through the gateway, llm (the dense embedding_bias) and the CPU
+    engine: sampled choices, streamed and not, hold only the allowed tokens (each token's text,
+    from logprobs); the same request without it does not."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir()))
+    words = (" yes", " no", " maybe", " Paris", ",")
+    allowed = [tok(w, add_special_tokens=False).input_ids[0] for w in words]
+    assert [tok.decode([i]) for i in allowed] == list(words)
+    body = {"prompt": "Write a long story about a dragon:", "max_new_tokens": 12, "temperature": 1.3, "n": 3,
+            "seed": 11, "logprobs": 0}
+    free = generate(gateway, **body)
+    assert any(t not in words for c in free["choices"] for t in c["logprobs"]["tokens"]), free
+    restricted = generate(gateway, **body, allowed_token_ids=allowed)
+    for choice in restricted["choices"]:
+        tokens = choice["logprobs"]["tokens"]
+        assert len(tokens) == 12 and set(tokens) <= set(words), choice
+        assert choice["finish_reason"] == "length"  # the end token is not allowed either
+    streamed = oai.completions.create(model=MODEL, prompt=body["prompt"], max_tokens=12, temperature=1.3, n=2,
+                                      seed=3, stream=True, logprobs=0, extra_body={"allowed_token_ids": allowed})
+    tokens = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            tokens.setdefault(c.index, []).extend(c.logprobs.tokens if c.logprobs else [])
+    assert sorted(tokens) == [0, 1]
+    for seen in tokens.values():
+        assert len(seen) == 12 and set(seen) <= set(words), seen
+
+
+def test_truncate_prompt_tokens_serves_a_prompt_longer_than_the_context(oai, gateway):
+    """vLLM's truncate_prompt_tokens on the real stack: a prompt of about 3,000 tokens (the
+    context is 2,048) is a 400 as it is, served with its last 100 tokens, or with as many as fit
+    (-1), on /generate and chat; usage counts the tokens the engine was given."""
+    long_text = "The quick brown fox jumps over the lazy dog. " * 300
+    refused = requests.post(gateway.url + "/generate", json={"prompt": long_text, "max_new_tokens": 8},
+                            headers=AUTH, timeout=120)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt", refused.text
+    kept = generate(gateway, prompt=long_text, max_new_tokens=8, temperature=0, truncate_prompt_tokens=100)
+    assert kept["usage"]["prompt_tokens"] == 100 and kept["usage"]["completion_tokens"] >= 1
+    most = generate(gateway, prompt=long_text, max_new_tokens=48, temperature=0, truncate_prompt_tokens=-1)
+    assert most["usage"]["prompt_tokens"] == 2048 - 48
+    echoed = oai.completions.create(model=MODEL, prompt=long_text, max_tokens=2, temperature=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": 6})
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir()))
+    last = tok.decode(tok(long_text).input_ids[-6:])  # the echo is the text of the tokens kept
+    assert last.startswith(" over the lazy dog.")
+    assert echoed.usage.prompt_tokens == 6 and echoed.choices[0].text.startswith(last)
+    assert len(echoed.choices[0].text) > len(last)
+    chat = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_text + "Say hi."}],
+                                       max_tokens=8, temperature=0, extra_body={"truncate_prompt_tokens": -1})
+    assert chat.usage.prompt_tokens == 2048 - 8 and chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:  # more than the context: the 400 names the field
+        oai.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"truncate_prompt_tokens": 4096})
+    assert err.value.body["param"] == "truncate_prompt_tokens"

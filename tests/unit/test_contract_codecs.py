@@ -252,3 +252,44 @@ def test_finish_reason_is_derived_in_one_place():
 def test_limits_come_from_the_llm_config_parameters():
     assert ModelLimits.from_parameters({"max_context": "1024", "max_new_tokens_limit": "512"}) == ModelLimits(1024, 512)
     assert ModelLimits.from_parameters({}) == ModelLimits()
+
+
+def test_allowed_token_ids_and_truncate_prompt_tokens_cross_and_are_checked():
+    from trident.contract import DISALLOWED_BIAS, MAX_ALLOWED_TOKEN_IDS
+
+    req = TextRequest(prompt="p", sampling=SamplingParams(allowed_token_ids=(7, 2), truncate_prompt_tokens=-1))
+    inputs = llm_inputs(req)
+    assert inputs["allowed_token_ids"].dtype == np.int32 and inputs["allowed_token_ids"].tolist() == [[7, 2]]
+    assert inputs["truncate_prompt_tokens"].dtype == np.int32 and inputs["truncate_prompt_tokens"].tolist() == [[-1]]
+    assert read_llm_inputs(inputs.get) == req
+    plain = llm_inputs(TextRequest(prompt="p"))
+    assert "allowed_token_ids" not in plain and "truncate_prompt_tokens" not in plain
+    assert read_llm_inputs(plain.get) == TextRequest(prompt="p")
+    twice = {**inputs, "allowed_token_ids": np.array([[7, 2, 7]], dtype=np.int32)}  # a direct caller's repeats
+    assert read_llm_inputs(twice.get).sampling.allowed_token_ids == (7, 2)
+    limits = ModelLimits(vocab_size=50, max_context=64)
+    for sampling, param, message in (
+            (SamplingParams(allowed_token_ids=(1,) * (MAX_ALLOWED_TOKEN_IDS + 1)), "allowed_token_ids", "at most"),
+            (SamplingParams(allowed_token_ids=(5, 50)), "allowed_token_ids", "token id 50 (at 1)"),
+            (SamplingParams(truncate_prompt_tokens=0), "truncate_prompt_tokens", "got 0"),
+            (SamplingParams(truncate_prompt_tokens=65), "truncate_prompt_tokens", "between 1 and 64"),
+            (SamplingParams(truncate_prompt_tokens=-2), "truncate_prompt_tokens", "got -2")):
+        with pytest.raises(InvalidRequest) as err:
+            sampling.check(limits)
+        assert err.value.param == param and message in str(err.value), sampling
+    SamplingParams(truncate_prompt_tokens=64, allowed_token_ids=(0, 49)).check(limits)
+    # the engine gets the restriction as TensorRT-LLM's dense embedding_bias; the CPU engine reads it back
+    t = engine_inputs(SamplingParams(allowed_token_ids=(3, 1), logit_bias=((1, -2.0), (4, 9.0))), input_ids=[5],
+                      end_id=2, pad_id=2, vocab_size=6)
+    assert t["embedding_bias"].tolist() == [[DISALLOWED_BIAS, -2.0, DISALLOWED_BIAS, 0.0, DISALLOWED_BIAS,
+                                             DISALLOWED_BIAS]]
+    assert read_sampling(t).logit_bias == ((0, DISALLOWED_BIAS), (1, -2.0), (2, DISALLOWED_BIAS),
+                                           (4, DISALLOWED_BIAS), (5, DISALLOWED_BIAS))
+
+
+def test_kept_prompt_tokens():
+    assert SamplingParams().kept_prompt_tokens(100, 64) == 100  # not truncated: the context check refuses it
+    assert SamplingParams(truncate_prompt_tokens=10).kept_prompt_tokens(100, 64) == 10
+    assert SamplingParams(truncate_prompt_tokens=10).kept_prompt_tokens(4, 64) == 4
+    assert SamplingParams(truncate_prompt_tokens=-1, max_new_tokens=16).kept_prompt_tokens(100, 64) == 48
+    assert SamplingParams(truncate_prompt_tokens=-1, max_new_tokens=0, echo=True).kept_prompt_tokens(100, 64) == 63

@@ -441,6 +441,31 @@ def test_logit_bias_forces_and_bans(engine, tok):
     assert tokens[0] != plain[0]
 
 
+def test_allowed_token_ids_keep_every_other_token_out(engine, tok):
+    """vLLM's allowed_token_ids, as the llm model sends it (a dense embedding_bias with
+    DISALLOWED_BIAS elsewhere) and the engine reads it back: sampled choices draw only allowed
+    tokens; a logit_bias on an allowed token still applies."""
+    from trident.engine_tensors import engine_inputs, read_sampling
+
+    prompt = tok("The capital of France is").input_ids
+    allowed = [tok(w).input_ids[0] for w in (" Paris", " London", " banana", " the", " a")]
+    vocab = engine.model.config.vocab_size
+
+    def sampled(**extra):
+        params = SamplingParams(max_new_tokens=8, temperature=1.5, n=2, seed=5, **extra)
+        got = read_sampling(engine_inputs(params, input_ids=prompt, end_id=EOS, pad_id=EOS, vocab_size=vocab))
+        streams = run(engine, prompt, **{f: getattr(got, f) for f in ("max_new_tokens", "temperature", "n", "seed",
+                                                                      "logit_bias")})
+        return [tokens for tokens, _, _ in streams.values()]
+
+    free = sampled()
+    assert any(t not in allowed for tokens in free for t in tokens)  # unrestricted, they wander
+    restricted = sampled(allowed_token_ids=tuple(allowed))
+    assert len(restricted) == 2 and all(len(tokens) == 8 and set(tokens) <= set(allowed) for tokens in restricted)
+    forced = sampled(allowed_token_ids=tuple(allowed), logit_bias=((allowed[2], 100.0), (tok(" Rome").input_ids[0], 100.0)))
+    assert forced == [[allowed[2]] * 8] * 2
+
+
 def test_min_p_one_is_greedy(engine, tok):
     prompt = tok("def fibonacci(n):").input_ids
     [(greedy, _, _)] = run(engine, prompt, max_new_tokens=10).values()

@@ -15,7 +15,7 @@ from test_gateway_openai_client import Client
 
 from gateway.backend import ChoiceEnd, Finished, TextDelta, TokenLogprobs
 from gateway.errors import ClientError
-from trident.contract import GUIDE_EBNF, GUIDE_JSON_SCHEMA, GUIDE_REGEX, JSON_OBJECT_SCHEMA, Guide
+from trident.contract import GUIDE_EBNF, GUIDE_JSON_SCHEMA, GUIDE_REGEX, JSON_OBJECT_SCHEMA, Guide, ModelLimits
 
 
 def piece(*tokens: tuple[str, float], top: int = 0) -> TokenLogprobs:
@@ -462,3 +462,56 @@ def test_the_contract_takes_as_many_bad_words_as_the_gateway_sends():
     SamplingParams(bad_words=words).check()
     with pytest.raises(Exception, match="bad_words must have at most 64 items"):
         SamplingParams(bad_words=words + ("one more",)).check()
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions"])
+def test_allowed_token_ids_and_truncate_prompt_tokens_reach_the_llm_model(client, backend, path):
+    """vLLM's two extensions, under their names on every generation endpoint: loaded (the ids
+    once each), absent by default, and refused with the field named when malformed."""
+    body = ({"prompt": "x"} if path != "/v1/chat/completions" else {"messages": [{"role": "user", "content": "x"}]})
+    response = client.post(path, json={**body, "allowed_token_ids": [7, 2, 7], "truncate_prompt_tokens": 16},
+                           headers=AUTH)
+    assert response.status_code == 200
+    sampling = backend.last_params.sampling
+    assert (sampling.allowed_token_ids, sampling.truncate_prompt_tokens) == ((7, 2), 16)
+    client.post(path, json={**body, "truncate_prompt_tokens": -1, "allowed_token_ids": None}, headers=AUTH)
+    assert (backend.last_params.sampling.allowed_token_ids, backend.last_params.sampling.truncate_prompt_tokens) == \
+        ((), -1)
+    client.post(path, json=body, headers=AUTH)
+    assert (backend.last_params.sampling.allowed_token_ids, backend.last_params.sampling.truncate_prompt_tokens) == \
+        ((), None)
+    calls = len(backend.calls)
+    for extra, message in (({"allowed_token_ids": []}, "at least one token id"),
+                           ({"allowed_token_ids": [1, -2]}, "allowed_token_ids[1] must be a token id"),
+                           ({"allowed_token_ids": [1] * 16385}, "at most 16384 entries"),
+                           ({"allowed_token_ids": 3}, "array"),
+                           ({"truncate_prompt_tokens": 0}, "must be -1"),
+                           ({"truncate_prompt_tokens": -5}, "must be -1"),
+                           ({"truncate_prompt_tokens": True}, "integer"),
+                           ({"truncate_prompt_tokens": 2.5}, "integer")):
+        bad = client.post(path, json={**body, **extra}, headers=AUTH)
+        error = bad.get_json()["error"]
+        assert bad.status_code == 400 and error["param"] == next(iter(extra)) and message in error["message"], error
+    assert len(backend.calls) == calls
+
+
+def test_a_token_id_prompt_longer_than_the_context_passes_with_truncate_prompt_tokens(client, backend):
+    """The gateway's own check of a prompt of ids leaves the context to the llm model when the
+    request truncates (the ids must still be the model's)."""
+    body = {"prompt": [1] * 2100, "max_tokens": 9}
+    refused = client.post("/v1/completions", json=body, headers=AUTH)
+    assert refused.status_code == 400 and "2100 tokens" in refused.get_json()["error"]["message"]
+    assert client.post("/v1/completions", json={**body, "truncate_prompt_tokens": 100}, headers=AUTH).status_code == 200
+    assert backend.last_params.prompt_ids == (1,) * 2100 and backend.last_params.sampling.truncate_prompt_tokens == 100
+    backend.model_limits = ModelLimits(vocab_size=50)
+    outside = client.post("/v1/completions", json={**body, "prompt": [1, 50], "truncate_prompt_tokens": 1},
+                          headers=AUTH)
+    assert outside.status_code == 400 and outside.get_json()["error"]["param"] == "prompt"
+
+
+def test_the_two_extensions_are_in_the_document(client):
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    for name in ("GenerateRequest", "CompletionRequest", "ChatCompletionRequest"):
+        props = schemas[name]["properties"]
+        assert props["allowed_token_ids"]["minItems"] == 1 and props["allowed_token_ids"]["maxItems"] == 16384
+        assert {"const": -1} in props["truncate_prompt_tokens"]["anyOf"]

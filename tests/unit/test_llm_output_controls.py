@@ -398,3 +398,106 @@ def test_special_tokens_are_left_out_unless_skip_special_tokens_is_false(make_se
         service.accept(req)
         wait(req)
         assert choice_texts(req, 1) == [" one two" if skip else reply]
+
+
+# -- truncate_prompt_tokens and allowed_token_ids (vLLM's) -------------------------------------------
+
+PROMPT = "one two three four five six seven eight nine ten eleven twelve"
+
+
+@pytest.mark.parametrize("as_ids", [False, True])
+def test_truncate_prompt_tokens_gives_the_engine_the_prompts_last_tokens(make_service, tokenizer, as_ids):
+    """vLLM's truncate_prompt_tokens: the last k tokens of the tokenized prompt (or of its ids),
+    counted as the prompt's tokens; -1 keeps as many as fit the context with max_tokens. A
+    prompt too long for the context without it is a 400, with it served."""
+    ids = tokenizer(PROMPT).input_ids
+    limits = ModelLimits(max_context=10, max_new_tokens=8)
+    cases = ((None, None), (3, ids[-3:]), (-1, ids[-(10 - 4):]), (len(ids) + 5, None))
+    for keep, sent in cases:
+        service, engine = make_service(limits=limits)
+        req = request(stream=False, max_tokens=4)
+        if as_ids:
+            req.inputs["text_input"] = np.array([[b""]], dtype=object)
+            req.inputs["input_ids"] = np.array([ids], dtype=np.int32)
+        else:
+            req.inputs["text_input"] = np.array([[PROMPT.encode()]], dtype=object)
+        if keep is not None:
+            req.inputs["truncate_prompt_tokens"] = np.array([[keep]], dtype=np.int32)
+        service.accept(req)
+        wait(req)
+        if keep is None or keep > limits.max_context:  # not truncated, or k over the context: refused
+            error = parse_error(req.sent[0][1])
+            assert error.param == ("prompt" if keep is None else "truncate_prompt_tokens"), error
+            assert engine.streams == []
+            continue
+        assert engine.prompts[-1] == sent, keep
+        final = [p for k, p in req.sent if k == "send_final"][0]
+        assert final[2] == len(sent)  # prompt_tokens: what the engine was given
+
+
+def test_truncate_prompt_tokens_that_still_leaves_no_room_is_refused(make_service, tokenizer):
+    service, engine = make_service(limits=ModelLimits(max_context=10, max_new_tokens=8))
+    req = request(stream=False, max_tokens=8)
+    req.inputs["text_input"] = np.array([[PROMPT.encode()]], dtype=object)
+    req.inputs["truncate_prompt_tokens"] = np.array([[5]], dtype=np.int32)  # 5 + 8 > 10
+    service.accept(req)
+    wait(req)
+    error = parse_error(req.sent[0][1])
+    assert error.param == "prompt" and "5 tokens" in error.message and engine.streams == []
+
+
+@pytest.mark.parametrize("keep", [0, -2])
+def test_truncate_prompt_tokens_out_of_range_is_refused(make_service, keep):
+    service, engine = make_service()
+    req = request(stream=False)
+    req.inputs["truncate_prompt_tokens"] = np.array([[keep]], dtype=np.int32)
+    service.accept(req)
+    wait(req)
+    assert parse_error(req.sent[0][1]).param == "truncate_prompt_tokens" and engine.streams == []
+
+
+def test_echo_of_a_truncated_prompt_is_the_text_of_the_tokens_kept(make_service, tokenizer):
+    service, engine = make_service()
+    req = request(echo=True, stream=False, max_tokens=2)
+    req.inputs["text_input"] = np.array([[PROMPT.encode()]], dtype=object)
+    req.inputs["truncate_prompt_tokens"] = np.array([[2]], dtype=np.int32)
+    service.accept(req)
+    wait(req)
+    kept = tokenizer(PROMPT).input_ids[-2:]
+    assert tokenizer.decode(kept) == " eleven twelve"
+    assert choice_texts(req, 1)[0] == " eleven twelve" + tokenizer.decode(engine.ids[:2])
+
+
+def test_allowed_token_ids_reach_the_engine_as_a_dense_bias_with_logit_bias(make_service, tokenizer):
+    """Only the allowed ids keep their logits (their logit_bias added); every other token gets
+    DISALLOWED_BIAS, a logit_bias on it included, in TensorRT-LLM's embedding_bias (both engines)."""
+    from trident.contract import DISALLOWED_BIAS
+
+    vocab = len(tokenizer)
+    service, engine = make_service()
+    req = request(stream=False)
+    req.inputs["allowed_token_ids"] = np.array([[7, 9, 7]], dtype=np.int32)
+    req.inputs["logit_bias_ids"] = np.array([[9, 11]], dtype=np.int32)
+    req.inputs["logit_bias_values"] = np.array([[2.5, 50.0]], dtype=np.float32)
+    service.accept(req)
+    wait(req)
+    bias = engine.tensors[-1]["embedding_bias"]
+    assert bias.shape == (1, vocab) and bias.dtype == np.float32
+    expected = np.full(vocab, DISALLOWED_BIAS, dtype=np.float32)
+    expected[7], expected[9] = 0.0, 2.5
+    assert np.array_equal(bias[0], expected)
+    plain = request(stream=False)  # no restriction, no bias: no tensor
+    service.accept(plain)
+    wait(plain)
+    assert "embedding_bias" not in engine.tensors[-1]
+
+
+def test_allowed_token_ids_outside_the_vocabulary_are_refused(make_service, tokenizer):
+    service, engine = make_service()
+    req = request(stream=False)
+    req.inputs["allowed_token_ids"] = np.array([[5, len(tokenizer) + 3]], dtype=np.int32)
+    service.accept(req)
+    wait(req)
+    error = parse_error(req.sent[0][1])
+    assert error.param == "allowed_token_ids" and str(len(tokenizer) + 3) in error.message
+    assert engine.streams == []
