@@ -287,21 +287,31 @@ def read_sampling(tensors: Mapping[str, np.ndarray]) -> SamplingParams:
         presence_penalty=float(scalar(tensors, "presence_penalty", 0.0)),
         frequency_penalty=float(scalar(tensors, "frequency_penalty", 0.0)),
         min_p=float(scalar(tensors, "min_p", 0.0)),
-        logit_bias=read_embedding_bias(tensors.get("embedding_bias")),
+        **read_embedding_bias(tensors.get("embedding_bias")),
         logprobs=logprobs,
         guide=read_guide(tensors),
     )
 
 
-def read_embedding_bias(arr: Optional[np.ndarray]) -> tuple[tuple[int, float], ...]:
-    """The non-zero entries of a dense embedding_bias ((1, V) or (V,); empty: none)."""
+def read_embedding_bias(arr: Optional[np.ndarray]) -> dict[str, tuple]:
+    """A dense embedding_bias ((1, V) or (V,); absent: none) as the SamplingParams fields it
+    came from: ``logit_bias`` (its non-zero entries) and, where some tokens have DISALLOWED_BIAS
+    and others not, ``allowed_token_ids`` (the others) with ``logit_bias`` among those only, as
+    the llm model builds it; either way the same logits."""
     if arr is None:
-        return ()
+        return {}
     flat = np.asarray(arr, dtype=np.float32).reshape(-1)
     if not np.isfinite(flat).all():
         raise EngineTensorError("embedding_bias: values must be finite")
-    ids = np.flatnonzero(flat)
-    return tuple(zip(ids.tolist(), flat[ids].tolist()))
+    out: dict[str, tuple] = {}
+    kept = np.flatnonzero(flat != DISALLOWED_BIAS)
+    if 0 < kept.size < flat.size:
+        out["allowed_token_ids"] = tuple(kept.tolist())
+        ids = kept[flat[kept] != 0.0]
+    else:
+        ids = np.flatnonzero(flat)
+    out["logit_bias"] = tuple(zip(ids.tolist(), flat[ids].tolist()))
+    return out
 
 
 def _text(tensors: Mapping[str, np.ndarray], name: str) -> Optional[str]:

@@ -283,8 +283,13 @@ def test_allowed_token_ids_and_truncate_prompt_tokens_cross_and_are_checked():
                       end_id=2, pad_id=2, vocab_size=6)
     assert t["embedding_bias"].tolist() == [[DISALLOWED_BIAS, -2.0, DISALLOWED_BIAS, 0.0, DISALLOWED_BIAS,
                                              DISALLOWED_BIAS]]
-    assert read_sampling(t).logit_bias == ((0, DISALLOWED_BIAS), (1, -2.0), (2, DISALLOWED_BIAS),
-                                           (4, DISALLOWED_BIAS), (5, DISALLOWED_BIAS))
+    back = read_sampling(t)  # the same restriction and biases, as the llm model had them
+    assert (back.allowed_token_ids, back.logit_bias) == ((1, 3), ((1, -2.0),))
+    # a bias with no DISALLOWED_BIAS entry, or only those, is a logit_bias (the logits are the same)
+    assert read_sampling(engine_inputs(SamplingParams(logit_bias=((4, 9.0),)), input_ids=[5], end_id=2, pad_id=2,
+                                       vocab_size=6)).allowed_token_ids == ()
+    flat = {**t, "embedding_bias": np.full((1, 6), DISALLOWED_BIAS, dtype=np.float32)}
+    assert (read_sampling(flat).allowed_token_ids, len(read_sampling(flat).logit_bias)) == ((), 6)
 
 
 def test_kept_prompt_tokens():

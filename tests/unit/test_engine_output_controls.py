@@ -454,8 +454,9 @@ def test_allowed_token_ids_keep_every_other_token_out(engine, tok):
     def sampled(**extra):
         params = SamplingParams(max_new_tokens=8, temperature=1.5, n=2, seed=5, **extra)
         got = read_sampling(engine_inputs(params, input_ids=prompt, end_id=EOS, pad_id=EOS, vocab_size=vocab))
+        assert got.allowed_token_ids == tuple(sorted(extra.get("allowed_token_ids", ())))
         streams = run(engine, prompt, **{f: getattr(got, f) for f in ("max_new_tokens", "temperature", "n", "seed",
-                                                                      "logit_bias")})
+                                                                      "logit_bias", "allowed_token_ids")})
         return [tokens for tokens, _, _ in streams.values()]
 
     free = sampled()

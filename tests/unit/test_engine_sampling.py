@@ -47,3 +47,29 @@ def test_peaked_rows_do_not_sort_the_vocabulary(monkeypatch):
     logits = torch.randn(32, V) * 8  # top-256 hold nearly all the mass, as in a trained model's rows
     sampling._sample_rows(logits, rows_for(dict(temperature=0.8, top_p=0.95), 32))
     assert sum(sorted_rows) <= 1, sorted_rows
+
+
+def test_allowed_token_ids_shift_every_other_logit_as_the_dense_bias_does():
+    """The CPU sampler applies allowed_token_ids as TensorRT-LLM's dense embedding_bias does
+    (the llm model's -10000 on every other token, the logit_bias on the allowed ones): the same
+    logits, and a sampled row never leaves the allowed tokens."""
+    from trident.contract import DISALLOWED_BIAS
+    from trident.engine.sampling import apply_penalties
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, V) * 5
+    allowed = torch.tensor([3, 17, 4096])
+    p = SamplingParams(temperature=1.0, allowed_token_ids=(3, 17, 4096), logit_bias=((17, 2.0),))
+    rows = [RowSampling(params=p, bias_ids=torch.tensor([17]), bias_values=torch.tensor([2.0]), allowed=allowed,
+                        generator=make_generator(1)),
+            RowSampling(params=SamplingParams(temperature=1.0), generator=make_generator(2))]
+    dense = torch.full((V,), DISALLOWED_BIAS)
+    dense[allowed] = 0.0
+    dense[17] += 2.0
+    expected = logits.clone()
+    expected[0] += dense
+    out = logits.clone()
+    apply_penalties(out, rows)
+    assert torch.equal(out, expected)
+    drawn = {sampling.sample(logits.clone(), rows[:1])[0] for _ in range(50)}
+    assert drawn <= {3, 17, 4096}

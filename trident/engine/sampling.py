@@ -4,7 +4,7 @@ The order, for each row (docs/cpu_engine.md, "Output controls"):
 
 1. log-probabilities, for rows that asked: log_softmax of the model's raw logits;
 2. repetition penalty (prompt and output), then presence / frequency penalties (output only);
-3. logit bias;
+3. logit bias, then DISALLOWED_BIAS on every token outside ``allowed_token_ids``;
 4. bans (-inf): bad words, the end id before min_tokens;
 5. the grammar's mask (-inf for every token the guide does not allow next);
 6. a row left with no possible token ends its sequence (:data:`NO_TOKEN`);
@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from trident.contract import SamplingParams
+from trident.contract import DISALLOWED_BIAS, SamplingParams
 
 from . import guided
 
@@ -50,6 +50,7 @@ class RowSampling:
     counted: set[int] | None = None  # tokens already counted once (presence)
     bias_ids: torch.Tensor | None = None  # (n,) int64: logit_bias, sparse
     bias_values: torch.Tensor | None = None  # (n,) fp32
+    allowed: torch.Tensor | None = None  # (k,) int64: allowed_token_ids; every other token gets DISALLOWED_BIAS
     matcher: Any = None  # xgrammar.GrammarMatcher of the guide
     # any of the above: the row's logits need processing (one flag, checked once per row and step)
     processed: bool = field(init=False)
@@ -57,7 +58,8 @@ class RowSampling:
     def __post_init__(self) -> None:
         self.processed = bool(
             (self.seen is not None and self.params.repetition_penalty != 1.0) or self.banned or self.dynamic_bans
-            or self.penalty is not None or self.bias_ids is not None or self.matcher is not None)
+            or self.penalty is not None or self.bias_ids is not None or self.allowed is not None
+            or self.matcher is not None)
 
     temperature = property(lambda self: self.params.temperature)
     top_k = property(lambda self: self.params.top_k)
@@ -113,6 +115,10 @@ def apply_penalties(logits: torch.Tensor, rows: list[RowSampling], which: list[i
             logits[b] -= r.penalty
         if r.bias_ids is not None:
             logits[b].index_add_(0, r.bias_ids, r.bias_values)
+        if r.allowed is not None:  # as TensorRT-LLM's dense embedding_bias adds it to the others
+            keep = logits[b, r.allowed]
+            logits[b] += DISALLOWED_BIAS
+            logits[b, r.allowed] = keep
         if r.banned or r.banned_now:
             logits[b, r.banned + r.banned_now] = float("-inf")
             banned_rows.append(b)

@@ -108,6 +108,8 @@ class Sequence:
         if p.logit_bias:
             kw["bias_ids"] = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long)
             kw["bias_values"] = torch.tensor([b for _, b in p.logit_bias], dtype=torch.float32)
+        if p.allowed_token_ids:
+            kw["allowed"] = torch.tensor(p.allowed_token_ids, dtype=torch.long)
         rs = RowSampling(params=p, banned=sorted({w[0] for w in request.bad_words if len(w) == 1}), matcher=matcher,
                          dynamic_bans=bool(multi) or (p.min_tokens > 0 and (request.end_id is not None
                                                                                or bool(request.min_tokens_stops))), **kw)
