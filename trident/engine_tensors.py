@@ -127,8 +127,10 @@ def engine_inputs(sampling: SamplingParams, *, input_ids: Sequence[int], end_id:
     matches stop sequences as tokens come and stops the request on a match. ``report_cached``:
     ask for the final response's num_cached_tokens (CPU engine only). ``min_tokens_stop_ids``:
     the tokens that end a choice besides ``end_id`` (stop_token_ids, the model's other end
-    tokens), banned with it before ``min_tokens`` (CPU engine only; not with ``ignore_eos``, whose
-    engine ``min_tokens`` is the whole output while stop tokens still end it from ``min_tokens``)."""
+    tokens), banned with it before ``min_tokens`` (CPU engine only). With ``ignore_eos`` the
+    engine's ``min_tokens`` is the whole output (the end id never comes); with stop ids to ban
+    as well, it is ``min_tokens`` instead and the end id a one-token bad word, banned throughout,
+    so that the stop ids are banned for ``min_tokens`` tokens only."""
     tensors = {
         "input_ids": np.array([list(input_ids)], dtype=np.int32),
         "input_lengths": _one(len(input_ids), "input_lengths"),
@@ -147,13 +149,17 @@ def engine_inputs(sampling: SamplingParams, *, input_ids: Sequence[int], end_id:
         tensors["runtime_top_p"] = _one(sampling.top_p, "runtime_top_p")
     if sampling.seed is not None:
         tensors["seed"] = _one(sampling.seed, "seed")
-    if bad_words_ids:
-        tensors["bad_words_list"] = words_list(bad_words_ids)
+    stops = sorted(set(min_tokens_stop_ids) - {end_id}) if sampling.min_tokens else []
+    split_ban = bool(stops) and sampling.ignore_eos  # the end id throughout, the stop ids for min_tokens
+    bad_words = [*bad_words_ids, [end_id]] if split_ban else bad_words_ids
+    if bad_words:
+        tensors["bad_words_list"] = words_list(bad_words)
     tensors.update(_output_control_inputs(sampling, vocab_size))
+    if split_ban:
+        tensors["min_tokens"] = _one(sampling.min_tokens, "min_tokens")
     if report_cached:  # an engine with the feature (CPU): the prefix cache's share of the prompt
         tensors["return_num_cached_tokens"] = _one(True, "return_num_cached_tokens")
-    stops = sorted(set(min_tokens_stop_ids) - {end_id})
-    if stops and sampling.min_tokens and not sampling.ignore_eos:
+    if stops:
         tensors["min_tokens_stop_ids"] = np.array([stops], dtype=np.int32)
     return tensors
 

@@ -306,7 +306,9 @@ class LlmService:
         if text.sampling.guide is not None:
             check_guide(text.sampling.guide)  # a schema XGrammar cannot take: 400 here, on CPU and GPU
         # What ends a choice besides the end id (TextGeneration): banned with it before min_tokens.
-        stop_ids = (*text.sampling.stop_token_ids, *(self.end_ids if text.end_id is None else ()))
+        # (With ignore_eos the model's other end tokens end nothing: only stop_token_ids then.)
+        others = self.end_ids if text.end_id is None and not text.sampling.ignore_eos else ()
+        stop_ids = (*text.sampling.stop_token_ids, *others)
         tensors = engine_inputs(text.sampling, input_ids=input_ids,
                                 end_id=self.end_id if text.end_id is None else text.end_id,
                                 pad_id=self.pad_id if text.pad_id is None else text.pad_id,

@@ -345,6 +345,13 @@ def test_logit_bias_bans_and_forces_a_token_and_min_tokens_holds_off_the_end(gat
     [choice] = stopped["choices"]
     assert (stopped["usage"]["completion_tokens"], choice["finish_reason"]) == (3 + 1, "stop_sequence"), stopped
     assert "Paris" not in choice["text"] and choice["text"].strip(), stopped
+    # with ignore_eos as well (vLLM bans them then too): the end token never, the stop token
+    # from min_tokens on
+    stopped = generate(gateway, **{**body, "prompt": "My dog is called", "max_new_tokens": 8},
+                       logit_bias={str(paris[0]): 100}, stop_token_ids=[paris[0]], min_tokens=3, ignore_eos=True)
+    [choice] = stopped["choices"]
+    assert (stopped["usage"]["completion_tokens"], choice["finish_reason"]) == (3 + 1, "stop_sequence"), stopped
+    assert "Paris" not in choice["text"] and choice["text"].strip(), stopped
 
 
 def test_bad_words_keep_words_out_of_the_output_on_the_real_model(oai, gateway):

@@ -299,13 +299,14 @@ def test_min_tokens_sends_the_stop_tokens_to_an_engine_that_bans_them(make_servi
     min_tokens), as the input min_tokens_stop_ids. Not sent without min_tokens, with ignore_eos
     (the engine's min_tokens is then max_tokens, while stop tokens end the text from min_tokens
     on), or to an engine without the feature (TensorRT-LLM's backend has no such input); a
-    request naming its own end_id sends its stop_token_ids only."""
+    request naming its own end_id sends its stop_token_ids only. With ignore_eos only the
+    stop_token_ids are sent (the model's other end tokens end nothing then): see the next test."""
     three, five = (tokenizer(w, add_special_tokens=False).input_ids[0] for w in (" three", " five"))
     eos = tokenizer.eos_token_id
     cases = (({"min_tokens": 2}, FEATURES, [three, five]),
              ({"min_tokens": 2, "end_id": eos}, FEATURES, [five]),
              ({}, FEATURES, None),
-             ({"min_tokens": 2, "ignore_eos": True}, FEATURES, None),
+             ({"min_tokens": 2, "ignore_eos": True}, FEATURES, [five]),  # the other end tokens end nothing then
              ({"min_tokens": 2}, ModelLimits(), None))
     for kw, limits, sent in cases:
         service, engine = make_service(end_ids=(three, eos), limits=limits)
@@ -316,6 +317,31 @@ def test_min_tokens_sends_the_stop_tokens_to_an_engine_that_bans_them(make_servi
         ids = engine.tensors[-1].get("min_tokens_stop_ids")
         assert (None if ids is None else ids.tolist()) == (None if sent is None else [sorted(sent)]), kw
         assert ids is None or ids.dtype == np.int32
+
+
+def test_ignore_eos_with_min_tokens_bans_the_end_id_throughout_and_the_stop_tokens_for_min_tokens(
+        make_service, tokenizer):
+    """vLLM bans stop_token_ids for min_tokens tokens with ignore_eos too. The engine's
+    min_tokens is then the request's, the end id a one-token bad word (banned throughout, as the
+    whole-output min_tokens banned it); without stop tokens to ban, or on an engine without the
+    feature, ignore_eos stays min_tokens = max_tokens."""
+    from trident.engine.triton_io import decode_word_list
+
+    five = tokenizer(" five", add_special_tokens=False).input_ids[0]
+    eos = tokenizer.eos_token_id
+    for stop_ids, limits, expected in (([five], FEATURES, (2, [[eos]], [[five]])),
+                                       ([], FEATURES, (6, [], None)),
+                                       ([five], ModelLimits(), (6, [], None))):
+        service, engine = make_service(limits=limits)
+        req = request(stream=False, max_tokens=6, min_tokens=2, ignore_eos=True)
+        if stop_ids:
+            req.inputs["stop_token_ids"] = np.array([stop_ids], dtype=np.int32)
+        service.accept(req)
+        wait(req)
+        t = engine.tensors[-1]
+        bad = decode_word_list(t["bad_words_list"]) if "bad_words_list" in t else []
+        ids = t.get("min_tokens_stop_ids")
+        assert (int(t["min_tokens"][0, 0]), bad, None if ids is None else ids.tolist()) == expected, stop_ids
 
 
 class Counting(FakeEngine):
