@@ -49,6 +49,15 @@ def read_texts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     return texts
 
 
+def token_ids(client: openai.OpenAI, model: str, text: str) -> list[int]:
+    """The ids the served model's tokenizer gives ``text`` (no special tokens): the gateway's
+    ``POST /tokenize``, beside ``/v1``."""
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+    reply = client.with_options(base_url=root).post(
+        "/tokenize", cast_to=object, body={"model": model, "prompt": text, "add_special_tokens": False})
+    return list(reply["tokens"])
+
+
 def connect(args: argparse.Namespace) -> tuple[openai.OpenAI, str]:
     """The client and the model to use; exits with a message when no key was given."""
     if not args.api_key:
