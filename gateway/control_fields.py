@@ -30,7 +30,7 @@ from trident.contract import (
     Guide,
 )
 
-from .fields import _StrictField, describe, is_token_id
+from .fields import TokenIdArray, _StrictField, describe
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
@@ -62,27 +62,19 @@ class LogitBias(_StrictField):
         return tuple(out)
 
 
-class AllowedTokenIds(_StrictField):
+class AllowedTokenIds(TokenIdArray):
     """vLLM's ``allowed_token_ids``: only these token ids can be generated; loads a tuple of ids
     (each once). The ids are checked against the model's vocabulary by the llm model."""
 
-    expected = "an array of token ids"
-
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, list)
-
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[int, ...]:
-        value = super()._deserialize(value, attr, data, **kwargs)
-        name = self.public_name
-        if not value:
-            raise ValidationError(f"{name} must hold at least one token id (leave it out to allow every token)")
-        if len(value) > MAX_ALLOWED_TOKEN_IDS:
-            raise ValidationError(f"{name} must have at most {MAX_ALLOWED_TOKEN_IDS} entries, got {len(value)}")
-        for i, token in enumerate(value):
-            if not is_token_id(token):
-                raise ValidationError(f"{name}[{i}] must be a token id, an integer from 0 to {INT32_MAX}, "
-                                      f"got {describe(token)}")
-        return tuple(dict.fromkeys(value))
+        if isinstance(value, list):  # bounded before each id is checked
+            if not value:
+                raise ValidationError(f"{self.public_name} must hold at least one token id (leave it out to allow "
+                                      "every token)")
+            if len(value) > MAX_ALLOWED_TOKEN_IDS:
+                raise ValidationError(f"{self.public_name} must have at most {MAX_ALLOWED_TOKEN_IDS} entries, "
+                                      f"got {len(value)}")
+        return tuple(dict.fromkeys(super()._deserialize(value, attr, data, **kwargs)))
 
 
 class TruncatePromptTokens(_StrictField):
@@ -257,8 +249,7 @@ def openapi_properties(field: Any) -> dict[str, Any] | None:
         return {"type": ["array", *nullable], "minItems": 1, "maxItems": MAX_ALLOWED_TOKEN_IDS,
                 "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}}
     if isinstance(field, TruncatePromptTokens):
-        return {"anyOf": [{"const": -1}, {"type": "integer", "minimum": 1, "maximum": INT32_MAX},
-                          *([{"type": "null"}] if nullable else [])]}
+        return {"anyOf": [{"const": -1}, {"type": "integer", "minimum": 1, "maximum": INT32_MAX}]}
     if isinstance(field, StructuredOutputs):
         text = {"type": "string", "minLength": 1}
         kinds = {"json": {"anyOf": [{"type": "object"}, text]}, "regex": text, "grammar": text,
@@ -268,5 +259,5 @@ def openapi_properties(field: Any) -> dict[str, Any] | None:
         absent = {kind: {"enum": [False, None]} if kind == "json_object" else {"type": "null"} for kind in kinds}
         one = [{"type": "object", "properties": {**absent, kind: kinds[kind]}, "required": [kind],
                 "additionalProperties": False} for kind in STRUCTURED_KINDS]
-        return {"anyOf": [*one, *([{"type": "null"}] if nullable else [])]}
+        return {"anyOf": one}
     return None

@@ -77,7 +77,9 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
     props: dict[str, Any] = {}
     text = {"type": "string", "minLength": 1}
     stop = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
-    if isinstance(field, StopSequences):
+    if (controls := control_properties(field)) is not None:  # first: AllowedTokenIds is a TokenIdArray
+        props = controls
+    elif isinstance(field, StopSequences):
         props = {"items": stop, "maxItems": MAX_STOP_SEQUENCES}
     elif isinstance(field, BadWords):
         props = {"items": {**stop, "maxLength": MAX_STOP_CHARS - 1, "pattern": r"\S"}, "maxItems": MAX_REQUEST_BAD_WORDS}
@@ -122,8 +124,6 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
         named = {"type": "object", "properties": {"type": {"type": "string", "enum": ["function"]}, "function": function},
                  "required": ["type", "function"], "additionalProperties": False}
         props = {"anyOf": [{"type": "string", "enum": list(TOOL_CHOICES)}, named]}
-    elif (controls := control_properties(field)) is not None:
-        props = controls
     elif isinstance(field, Empty):
         props = {"enum": [None, {}, [], "", *field.neutral], "description": f"Only its neutral values are accepted ({field.unsupported})."}
     if field.allow_none and "anyOf" in props:

@@ -198,13 +198,14 @@ def _embedding_bias(s: SamplingParams, vocab_size: int) -> np.ndarray:
     highest = max([t for t, _ in s.logit_bias] + list(s.allowed_token_ids))
     if vocab_size <= highest:
         raise ValueError(f"embedding_bias needs the model's vocabulary size (got {vocab_size})")
-    if s.allowed_token_ids:
+    allowed = set(s.allowed_token_ids)
+    if allowed:
         bias = np.full((1, vocab_size), DISALLOWED_BIAS, dtype=np.float32)
-        bias[0, list(s.allowed_token_ids)] = 0.0
+        bias[0, list(allowed)] = 0.0
     else:
         bias = np.zeros((1, vocab_size), dtype=np.float32)
     for token, value in s.logit_bias:
-        if not s.allowed_token_ids or bias[0, token] != DISALLOWED_BIAS:
+        if not allowed or token in allowed:  # a bias on a disallowed token changes nothing
             bias[0, token] = value
     return bias
 

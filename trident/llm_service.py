@@ -150,6 +150,7 @@ class LlmService:
         self.end_ids = frozenset(end_ids) - {self.end_id}
         # Token ids are below it: the config's vocab_size, else the tokenizer's (read once).
         self.vocab_size = settings.limits.vocab_size or len(tokenizer)
+        self.limits = dataclasses.replace(settings.limits, vocab_size=self.vocab_size)  # what requests are checked against
         # The engine says how many prompt tokens its prefix cache served (the CPU engine's feature).
         self.report_cached = FEATURE_CACHED_TOKENS in settings.limits.features
         # The engine bans the stop tokens (not only its end id) before min_tokens (CPU engine).
@@ -285,8 +286,8 @@ class LlmService:
 
     def _prepare(self, request: Request) -> Job:
         text = read_llm_inputs(request.input)
-        limits = self.settings.limits
-        text.sampling.check(dataclasses.replace(limits, vocab_size=self.vocab_size))
+        limits = self.limits
+        text.sampling.check(limits)
         new_tokens = text.sampling.engine_tokens
         if text.prompt_ids is not None:  # used as given: ids of this model
             if (trouble := token_ids_error(text.prompt_ids, self.vocab_size)) is not None:
