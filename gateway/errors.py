@@ -81,6 +81,11 @@ class ClientError(ApiError):
         super().__init__(message, status=status, **kwargs)
 
 
+class PromptTooLong(ClientError):
+    """A prompt longer in characters than any the model can take (checked before tokenizing):
+    the 400 that the Responses API's ``truncation: "auto"`` answers by dropping turns."""
+
+
 class ServerError(ApiError):
     """The gateway or Triton failed (5xx). 503 errors carry ``Retry-After``."""
 

@@ -33,8 +33,8 @@ from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIReques
 from .openai_replies import ChatCompletionReply, CompletionReply
 from .prompts import best_per_prompt, start_prompts
 from .response_store import ResponseStore, make_store, reachable
-from .responses import (ResponsesReply, ResponsesSchema, chat_messages, output_items, public_item, responses_param,
-                        with_ids)
+from .responses import (ResponsesReply, ResponsesSchema, chat_messages, fit_conversation, output_items, public_item,
+                        responses_param, with_ids)
 from .ratelimit import rate_limited
 from .generation import collect, start_generation, stream_response
 from .json_body import read_json_object
@@ -158,12 +158,13 @@ def messages() -> Any:
 def responses() -> Any:
     """OpenAI's Responses API, served as the chat completion it is (gateway.responses); stored
     and continued where the deployment keeps responses (gateway.response_store)."""
-    store, context = _state().response_store, []
+    store, context, auto = _state().response_store, [], False
 
     def continued(body: dict[str, Any]) -> dict[str, Any]:
         """The conversation so far: the previous response's, then this input."""
-        nonlocal context
+        nonlocal context, auto
         echo, items = body["echo"], body.pop("input_items")
+        auto = echo["truncation"] == "auto"
         previous = echo["previous_response_id"]
         if previous is not None and store is None:
             raise ClientError("previous_response_id is not supported: this server stores no responses (RESPONSES_STORE "
@@ -176,7 +177,21 @@ def responses() -> Any:
         context = with_ids(items) if echo["store"] else []
         return body
 
-    req, echo = _as_chat(_state().responses_schema, responses_param, continued)
+    def load(body: dict[str, Any]) -> OpenAIRequest:
+        """The chat request; with truncation auto, of the conversation's last turns that fit."""
+        chat_schema = _state().chat_schema
+        if not auto:
+            return load_request(chat_schema, body)
+        backend = current_app.extensions["trident"].backend
+
+        def count(req: OpenAIRequest) -> int:  # as the llm model tokenizes a prompt
+            return len(backend.tokenize(req.params.model, req.params.prompt, add_special_tokens=True,
+                                        request_id=g.request_id))
+
+        return fit_conversation(body, lambda chat: load_request(chat_schema, chat), count,
+                                lambda req: chat_schema.limits(req.params.model).max_context)
+
+    req, echo = _as_chat(_state().responses_schema, responses_param, continued, load)
     keep = None
     if echo["store"]:
         owner = _owner()
@@ -276,16 +291,18 @@ def count_message_tokens() -> Any:
 
 
 def _as_chat(schema: MessagesSchema | ResponsesSchema, public: Callable[[str | None], str | None],
-             adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> tuple[OpenAIRequest, dict[str, Any]]:
+             adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+             load: Callable[[dict[str, Any]], OpenAIRequest] | None = None) -> tuple[OpenAIRequest, dict[str, Any]]:
     """The chat completion another API's request is (its schema builds the chat body, which
-    ``adjust`` may change), and what its reply repeats of the request (the body's ``echo``, if
-    any); its errors, now and from the llm model, name that API's fields (``public``)."""
+    ``adjust`` may change, and ``load`` loads instead of the chat schema), and what its reply
+    repeats of the request (the body's ``echo``, if any); its errors, now and from the llm model,
+    name that API's fields (``public``)."""
     body = load_request(schema, read_json_object(request))
     if adjust is not None:
         body = adjust(body)
     echo = body.pop("echo", {})
     try:
-        req = load_request(_state().chat_schema, body)
+        req = load_request(_state().chat_schema, body) if load is None else load(body)
     except ClientError as err:
         err.param = public(err.param)
         raise

@@ -282,7 +282,8 @@ class _OpenAISchema(ModelSchema):
         sampling = sampling_params(fields, max_new_tokens="max_tokens", stop="stop", echo="echo")
         stream = bool(data.get("stream"))
         options = data.get("stream_options") or {}
-        names = {**PARAM_NAMES, **self.param_names, "n": "best_of" if generated > choices else "n"}
+        # the llm model's "prompt" (a prompt over the context) is chat's messages
+        names = {**PARAM_NAMES, "prompt": prompt_param, **self.param_names, "n": "best_of" if generated > choices else "n"}
         if data.get("structured_outputs") is not None:  # the guide's errors name the field it came from
             names.update(guided_decoding_guide="structured_outputs", guided_decoding_guide_type="structured_outputs")
         return OpenAIRequest(params=TextRequest(prompt="", sampling=sampling, stream=stream, model=model).with_prompt(prompt),

@@ -490,6 +490,7 @@ class ResponsesResponseSchema(Schema):
     text = fields.Dict()
     metadata = fields.Dict()
     previous_response_id = fields.String(allow_none=True)
+    truncation = fields.String(validate=OneOf(["auto", "disabled"]))
 
 
 class ResponsesInputPartSchema(Schema):

@@ -29,8 +29,10 @@ What maps to what:
   ``input``). Without a store nothing is stored: ``store`` is answered false and
   ``previous_response_id`` is a 400 (send the whole conversation in ``input``).
   ``conversation`` and ``prompt`` are 400s; ``metadata`` (echoed), the rest of ``include``,
-  ``reasoning``, ``truncation``, ``user``, ``service_tier``, ``prompt_cache_key`` and
-  ``safety_identifier`` are accepted and ignored.
+  ``reasoning``, ``user``, ``service_tier``, ``prompt_cache_key`` and ``safety_identifier`` are
+  accepted and ignored.
+* ``truncation``: "disabled" (the default; a conversation over the context is the llm model's
+  400) or "auto": :func:`fit_conversation` drops its oldest turns until it fits (echoed).
 
 The reply: a ``response`` with ``output`` items (``reasoning`` where REASONING_PARSER read some,
 the ``message`` with its ``output_text``, the ``function_call``s), ``status`` ``completed`` or
@@ -55,7 +57,7 @@ from marshmallow.validate import OneOf
 
 from .backend import Admitted, Event, Finished, TextDelta
 from .choices import Choice
-from .errors import ApiError, renamed_param
+from .errors import ApiError, ClientError, PromptTooLong, renamed_param
 from .fields import StrictBoolean, StrictInteger, StrictNumber, StrictString, _StrictField, check_fields, describe
 from .ids import new_id
 from .openai_fields import Anything, Empty, Nested, joined_text
@@ -69,6 +71,11 @@ from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_TOP_LOGPROBS
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 #: what ``include`` names to have logprobs in the message's ``output_text``
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+#: ``truncation``'s values: "disabled" (the default: a conversation that does not fit is a 400)
+TRUNCATIONS = ("auto", "disabled")
+#: tokens a tokenizer may add to a text beyond one per UTF-8 byte (BOS, EOS, a leading space):
+#: a prompt of fewer bytes than the context less this and max_tokens fits without counting
+TOKENIZER_SLACK = 8
 #: the text parts a message's content may hold, and their fields beside type and text
 TEXT_PARTS, PART_FIELDS = ("input_text", "output_text"), ("annotations", "logprobs")
 #: stream events, in the order a stream sends them (the document lists them)
@@ -226,7 +233,8 @@ class ResponsesSchema(StrictSchema):
     # Accepted and ignored: they do not change what is generated here.
     metadata = Anything()
     reasoning = Anything()
-    truncation = Anything()
+    # "auto": the oldest turns are dropped where the conversation would not fit (fit_conversation)
+    truncation = StrictString(validate=OneOf(TRUNCATIONS, error="truncation must be auto or disabled, got {input}"))
     user = Anything()
     service_tier = Anything()
     prompt_cache_key = Anything()
@@ -269,8 +277,61 @@ class ResponsesSchema(StrictSchema):
                         "parallel_tool_calls": given.get("parallel_tool_calls", True),
                         "text": {"format": text_format or {"type": "text"}}, "top_logprobs": given.get("top_logprobs"),
                         "metadata": given["metadata"] if isinstance(given.get("metadata"), dict) else {},
-                        "previous_response_id": given.get("previous_response_id"), "store": given.get("store", True)}
+                        "previous_response_id": given.get("previous_response_id"), "store": given.get("store", True),
+                        "truncation": given.get("truncation", "disabled")}
         return body
+
+
+def fit_conversation(body: dict[str, Any], load: Callable[[dict[str, Any]], Any], count: Callable[[Any], int],
+                     max_context: Callable[[Any], int]) -> Any:
+    """``truncation: "auto"``: the chat request (what ``load`` makes of a chat body) of the
+    conversation in ``body`` with as few of its oldest turns dropped as make it fit the model's
+    context with its ``max_tokens`` (``count`` and ``max_context``: a request's prompt tokens and
+    its model's context; found by a binary search over the turns). The leading system messages
+    (``instructions``, system and developer items) stay; what is kept of the rest starts at a
+    user message, so no call's output is left without the call, and holds at most
+    MAX_CHAT_MESSAGES messages (a long chain of stored responses may have more). A 400 naming
+    ``messages`` when the last turn alone does not fit."""
+    messages = body["messages"]
+    head = next((i for i, message in enumerate(messages) if message["role"] != "system"), len(messages))
+    cuts = [head, *(i for i in range(head + 1, len(messages)) if messages[i]["role"] == "user")]
+    cuts = [cut for cut in cuts if head + len(messages) - cut <= MAX_CHAT_MESSAGES] or cuts[-1:]
+    tried: dict[int, tuple[Any, str | None]] = {}
+
+    def attempt(j: int) -> tuple[Any, str | None]:
+        """The request keeping the turns from ``cuts[j]`` on, and why it does not fit (None: it does)."""
+        if j not in tried:
+            try:
+                req = load({**body, "messages": messages[:head] + messages[cuts[j]:]})
+            except PromptTooLong as err:
+                tried[j] = (None, err.message)
+            else:
+                budget, context = req.params.sampling.engine_tokens, max_context(req)
+                tokens = 0
+                if len(req.params.prompt.encode()) + TOKENIZER_SLACK + budget > context:
+                    tokens = count(req)
+                trouble = None if tokens + budget <= context else (
+                    f"its prompt has {tokens} tokens and max_output_tokens is {budget}: together {tokens + budget}, "
+                    f"over the model's context of {context} tokens")
+                tried[j] = (req, trouble)
+        return tried[j]
+
+    last = len(cuts) - 1
+    req, trouble = attempt(0)
+    if trouble is None:
+        return req
+    req, trouble = attempt(last)
+    if trouble is not None:
+        raise ClientError(f"the conversation does not fit the model's context even with truncation auto, which "
+                          f"keeps the system messages and the last turn: {trouble}", param="messages")
+    low, high = 0, last  # attempt(low) does not fit, attempt(high) does
+    while high - low > 1:
+        middle = (low + high) // 2
+        if attempt(middle)[1] is None:
+            high = middle
+        else:
+            low = middle
+    return attempt(high)[0]
 
 
 def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:

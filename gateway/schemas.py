@@ -34,7 +34,7 @@ from trident.contract import (
 )
 
 from .control_fields import AllowedTokenIds, LogitBias, Regex, ResponseFormat, TruncatePromptTokens, guide_of
-from .errors import ClientError
+from .errors import ClientError, PromptTooLong
 from .fields import (  # noqa: F401 (re-exported: the schemas' field types)
     StrictBoolean,
     StrictInteger,
@@ -188,7 +188,7 @@ class ModelSchema(StrictSchema):
         """A 400 before the prompt crosses to Triton when it cannot fit the model's context."""
         limit = self.limits(model).max_prompt_chars
         if limit and len(prompt) > limit:
-            raise ClientError(prompt_chars_error(len(prompt), limit, param), param=param)
+            raise PromptTooLong(prompt_chars_error(len(prompt), limit, param), param=param)
 
     def check_prompt(self, prompt: str | tuple[int, ...], model: str, max_new_tokens: int, param: str,
                      truncated: bool = False) -> None:

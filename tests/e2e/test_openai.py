@@ -443,7 +443,7 @@ def test_401_is_authentication_error(gateway):
     ("request_kwargs", "param", "text"),
     [
         ({"n": 17}, "n", "n must be between 1 and 16"),
-        ({"max_tokens": 2048}, "prompt", "context"),  # refused by Triton: prompt + max_tokens > context
+        ({"max_tokens": 2048}, "messages", "context"),  # refused by Triton: prompt + max_tokens > context
     ],
 )
 def test_400_is_bad_request_error(oai, request_kwargs, param, text):

@@ -8,6 +8,7 @@ import json
 
 import openai
 import pytest
+import requests
 from conftest import start_gateway
 from e2e_helpers import API_KEY
 
@@ -84,6 +85,32 @@ def test_bad_requests_raise_the_clients_exception(oai):
     with pytest.raises(openai.BadRequestError) as caught:
         oai.responses.create(model=MODEL, input=QUESTION, previous_response_id="resp_1")
     assert caught.value.body["param"] == "previous_response_id"
+
+
+def test_truncation_auto_serves_a_conversation_longer_than_the_context_from_its_last_turns(oai, gateway):
+    """Two long turns and a question: over the context as a whole (a 400 naming input without
+    truncation); with truncation auto the instructions and the turns from the second user
+    message on are served: the same generation (greedy) and prompt tokens as the chat
+    completion of just those messages."""
+    def notes(topic):
+        return " ".join(f"Note {i} about {topic}: it is worth remembering." for i in range(110))
+
+    turns = [{"role": "user", "content": notes("birds")}, {"role": "assistant", "content": "Noted."},
+             {"role": "user", "content": notes("trees")}, {"role": "assistant", "content": "Noted."},
+             {"role": "user", "content": QUESTION}]
+    settings = {"model": MODEL, "instructions": "You are brief.", "temperature": 0, "max_output_tokens": 24}
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.responses.create(input=turns, **settings)
+    assert caught.value.body["param"] == "input" and "context" in caught.value.body["message"]
+    response = oai.responses.create(input=turns, truncation="auto", **settings)
+    assert response.status == "completed" and response.truncation == "auto" and "Paris" in response.output_text
+    kept = [{"role": "system", "content": "You are brief."}, *turns[2:]]
+    chat = oai.chat.completions.create(model=MODEL, messages=kept, temperature=0, max_tokens=24)
+    assert (response.output_text, response.usage.input_tokens) == (chat.choices[0].message.content,
+                                                                   chat.usage.prompt_tokens)
+    whole = requests.post(f"{gateway.url}/tokenize", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": MODEL, "messages": [kept[0], *turns]}, timeout=30).json()["count"]
+    assert whole + 24 > 2048 > chat.usage.prompt_tokens + 24  # one more turn would not have fit
 
 
 @pytest.fixture(scope="module")

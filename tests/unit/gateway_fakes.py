@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.backend import Event, Finished, TextDelta
+from gateway.backend import ChoiceEnd, Event, Finished, TextDelta
 from gateway.errors import ApiError
 from gateway.triton_codec import serialize
 from trident.contract import CANCEL_PARAMETER, CANCEL_TOKEN_PARAMETER, ModelLimits, TextRequest
@@ -31,17 +31,24 @@ class Pause:
     seconds: float
 
 
-Step = str | Finished | Pause | BaseException
+Step = str | TextDelta | Finished | Pause | BaseException
 Script = Callable[[GenerationParams], list[Step]]
 
 
 def default_script(params: GenerationParams) -> list[Step]:
-    """Deltas (one, joined, when not streaming, as the "llm" model does) then Finished."""
-    max_new_tokens = params.sampling.max_new_tokens
+    """Deltas (one, joined, when not streaming, as the "llm" model does) then Finished; with
+    ``n`` choices, each choice's deltas in turn and every choice's end, as the llm model sends."""
+    max_new_tokens, n = params.sampling.max_new_tokens, params.sampling.n
     deltas = list(DEFAULT_DELTAS)[:max_new_tokens]
-    steps: list[Step] = deltas if params.stream else ["".join(deltas)]
     reason = "length" if max_new_tokens <= len(DEFAULT_DELTAS) else "eos_token"
-    return [*steps, Finished(reason, prompt_tokens=len(params.prompt.split()), completion_tokens=len(deltas))]
+    prompt_tokens = len(params.prompt.split())
+    if n == 1:
+        steps: list[Step] = deltas if params.stream else ["".join(deltas)]
+        return [*steps, Finished(reason, prompt_tokens=prompt_tokens, completion_tokens=len(deltas))]
+    texts = deltas if params.stream else ["".join(deltas)]
+    steps = [TextDelta(text, index=i) for i in range(n) for text in texts]
+    ends = tuple(ChoiceEnd(i, reason, len(deltas)) for i in range(n))
+    return [*steps, Finished(reason, prompt_tokens=prompt_tokens, completion_tokens=n * len(deltas), choices=ends)]
 
 
 class FakeGeneration:

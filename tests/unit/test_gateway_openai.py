@@ -401,13 +401,15 @@ def test_failure_after_the_stream_began_is_an_error_chunk_then_done(tmp_path, pa
     assert data[-1] == "[DONE]"
 
 
-@pytest.mark.parametrize("path,body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+@pytest.mark.parametrize("path,body,param", [("/v1/completions", COMPLETION, "prompt"),
+                                             ("/v1/chat/completions", CHAT, "messages")])
 @pytest.mark.parametrize("stream", [False, True])
-def test_failure_before_any_output_is_an_http_status(tmp_path, path, body, stream):
+def test_failure_before_any_output_is_an_http_status(tmp_path, path, body, param, stream):
+    """The llm model's 400 (its field "prompt": chat's messages)."""
     error = ClientError("prompt has 3000 tokens, over the context", param="prompt")
     client = make_openai_app(tmp_path, backend=FakeBackend(script=lambda p: [error]))[0].test_client()
     response = client.post(path, json={**body, "stream": stream}, headers=AUTH)
-    assert_error(response, 400, "invalid_request_error", "prompt", error.message)
+    assert_error(response, 400, "invalid_request_error", param, error.message)
 
 
 def test_stream_heartbeats_and_closing_cancels(tmp_path):
@@ -497,6 +499,23 @@ def test_503_carries_retry_after_and_advice(tmp_path, retry_after, advice):
     assert_error(response, 503, "service_unavailable", None, error.message)
     assert response.headers["Retry-After"] == str(retry_after)
     assert response.headers["x-should-retry"] == advice
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", COMPLETION, "prompt"),
+    ("/v1/chat/completions", CHAT, "messages"),
+    ("/v1/responses", {"input": "Hi"}, "input"),
+    ("/v1/messages", {"max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}, "messages"),
+])
+def test_a_prompt_over_the_context_is_a_400_naming_the_endpoints_own_field(tmp_path, path, body, param):
+    """The llm model's 400 names its field "prompt": chat, Responses and Messages have none of
+    that name, and say which of theirs holds the conversation."""
+    error = ClientError("the prompt has 3000 tokens and max_new_tokens is 16: together 3016, over the model's "
+                        "context of 2048 tokens", param="prompt")
+    client = make_openai_app(tmp_path, backend=FakeBackend(generate_error=error))[0].test_client()
+    response = client.post(path, json={"model": MODEL, **body}, headers=AUTH)
+    assert response.status_code == 400, response.get_json()
+    assert response.get_json()["error"]["param"] == param and "context" in response.get_json()["error"]["message"]
 
 
 def test_504_timeout_says_do_not_retry(tmp_path):

@@ -17,6 +17,7 @@ from testkit import running_redis
 from gateway import metrics
 from gateway.auth import hash_key
 from gateway.response_store import MemoryStore, RedisStore
+from trident.contract import MAX_CHAT_MESSAGES, ModelLimits
 
 OTHER = {"Authorization": "Bearer other-key"}
 
@@ -208,3 +209,27 @@ def test_the_memory_store_is_refused_beside_several_workers(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="GATEWAY_WORKERS is 2"):
         make_app(tmp_path, RESPONSES_STORE="memory")
     make_app(tmp_path / "redis", RESPONSES_STORE="redis://127.0.0.1:1/0")  # shared: fine
+
+
+def test_truncation_auto_serves_a_chain_of_stored_responses_longer_than_any_request(app):
+    """A conversation continued response after response grows past the messages one request may
+    hold: with truncation auto each continuation is served from its last
+    turns, while what is stored stays the whole conversation."""
+    flask_app, backend, web, spec = app
+    backend.model_limits = ModelLimits(max_context=65536)  # the count of messages is what binds
+    previous, asked = None, 0
+    for batch in range(3):  # 3 x 100 turns, each with its reply: 3 x 200 items and 3 replies
+        turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {batch}.{i}"} for i in range(199)]
+        body = {"input": turns, "truncation": "auto", "max_output_tokens": 20}
+        if previous is not None:
+            body["previous_response_id"] = previous
+        response = post(web, **body)
+        assert response.status_code == 200, response.get_json()
+        previous, asked = check_response(spec, response.get_json())["id"], asked + len(turns)
+    prompt = backend.last_params.prompt
+    assert prompt.endswith("<user>turn 2.198\n<assistant>") and "turn 0.0\n" not in prompt
+    assert MAX_CHAT_MESSAGES - 2 <= prompt.count("<user>") + prompt.count("<assistant>") - 1 <= MAX_CHAT_MESSAGES
+    listed = web.get(f"/v1/responses/{previous}/input_items?limit=100&order=asc", headers=AUTH).get_json()
+    assert listed["data"][0]["content"][0]["text"] == "turn 0.0" and listed["has_more"]
+    response = post(web, input="And?", previous_response_id=previous, max_output_tokens=20)
+    assert response.status_code == 400 and response.get_json()["error"]["param"] == "input"

@@ -18,6 +18,7 @@ from test_gateway_output_controls import piece
 from gateway.backend import Admitted, Finished, TextDelta
 from gateway.errors import ServerError
 from gateway.responses import responses_param
+from trident.contract import ModelLimits
 
 TOOL = {"type": "function", "name": "get_weather", "description": "The weather", "parameters": WEATHER}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -230,6 +231,8 @@ def test_the_stream_starts_once_the_server_took_the_request_and_ends_with_an_err
     ({"text": {"format": {"type": "json_schema"}}}, "text"),
     ({"top_logprobs": 21}, "top_logprobs"),
     ({"model": "other"}, "model"),
+    ({"truncation": "middle"}, "truncation"),
+    ({"truncation": True}, "truncation"),
 ])
 def test_bad_requests_are_4xx_naming_the_responses_field(app, body, param):
     _, _, web, _ = app
@@ -252,3 +255,115 @@ def test_stateless_fields_are_accepted_and_change_nothing(app):
     assert body["store"] is False and body["metadata"] == {"k": "v"}
     assert web.get("/v1/responses/" + body["id"], headers=AUTH).status_code == 404  # nothing was stored
     assert web.post("/v1/responses", json={"input": "x"}).status_code == 401
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+CONVERSATION = [user("A" * 60), assistant("B" * 60), user("C" * 60), assistant("D" * 10), user("Last?")]
+WHOLE = f"<system>Be brief.\n<user>{'A' * 60}\n<assistant>{'B' * 60}\n<user>{'C' * 60}\n<assistant>DDDDDDDDDD\n" \
+        "<user>Last?\n<assistant>"
+LAST_TWO = f"<system>Be brief.\n<user>{'C' * 60}\n<assistant>DDDDDDDDDD\n<user>Last?\n<assistant>"
+
+
+def ask(web, spec, **body):
+    response = post(web, instructions="Be brief.", input=CONVERSATION, max_output_tokens=20, **body)
+    return response.status_code, check_response(spec, response.get_json()) if response.status_code == 200 \
+        else response.get_json()["error"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_truncation_auto_drops_the_oldest_turns_until_the_conversation_fits(app, stream):
+    """The fake tokenizer counts a token per character (and one special): the whole conversation
+    (~300 tokens) and 20 to generate do not fit a context of 200; keeping the instructions and
+    the turns from the second user message on does (137 + 20), and keeping also the turn before
+    it would not: those are the turns the engine gets. Without truncation the whole prompt goes
+    (and the llm model would answer its 400)."""
+    _, backend, web, spec = app
+    backend.model_limits = ModelLimits(max_context=200)
+    assert len(WHOLE) + 1 + 20 > 200 and len(LAST_TWO) + 1 + 20 <= 200
+    status, body = ask(web, spec, truncation="auto", stream=stream) if not stream else (None, None)
+    if stream:
+        events = events_of(spec, post(web, instructions="Be brief.", input=CONVERSATION, max_output_tokens=20,
+                                      truncation="auto", stream=True))
+        body = events[-1]["response"]
+        assert events[-1]["type"] == "response.completed"
+    else:
+        assert status == 200
+    assert backend.last_params.prompt == LAST_TWO and body["truncation"] == "auto"
+    counted = [text for kind, _, text, special in backend.tokenizer_calls if kind == "tokenize"]
+    assert WHOLE in counted and all(special for *_, special in backend.tokenizer_calls)
+    status, body = ask(web, spec)
+    assert status == 200 and backend.last_params.prompt == WHOLE and body["truncation"] == "disabled"
+    status, body = ask(web, spec, truncation="disabled")
+    assert status == 200 and backend.last_params.prompt == WHOLE and body["truncation"] == "disabled"
+
+
+def test_truncation_auto_leaves_a_conversation_that_fits_as_it_is_without_counting_a_short_one(app):
+    _, backend, web, spec = app
+    status, body = ask(web, spec, truncation="auto")  # context 2048: ~300 bytes need no count
+    assert status == 200 and backend.last_params.prompt == WHOLE and backend.tokenizer_calls == []
+    backend.model_limits = ModelLimits(max_context=len(WHOLE) + 1 + 20)  # fits exactly, once counted
+    status, body = ask(web, spec, truncation="auto")
+    assert status == 200 and backend.last_params.prompt == WHOLE
+    assert [text for _, _, text, _ in backend.tokenizer_calls] == [WHOLE]
+
+
+def test_truncation_auto_keeps_as_many_turns_as_fit(app):
+    """Forty turns of growing length: what is kept fits, and one more turn would not."""
+    _, backend, web, spec = app
+    backend.model_limits = ModelLimits(max_context=400)
+    turns = [item for i in range(40) for item in (user(f"question {i} " + "q" * i), assistant(f"answer {i}"))]
+    response = post(web, input=[*turns, user("And now?")], max_output_tokens=30, truncation="auto")
+    assert response.status_code == 200, response.get_json()
+    prompt = backend.last_params.prompt
+    first = int(prompt.split("<user>question ", 1)[1].split(" ", 1)[0])
+    assert prompt.startswith(f"<user>question {first} ") and prompt.endswith("<user>And now?\n<assistant>")
+    assert len(prompt) + 1 + 30 <= 400
+    one_more = f"<user>question {first - 1} " + "q" * (first - 1) + f"\n<assistant>answer {first - 1}\n" + prompt
+    assert len(one_more) + 1 + 30 > 400
+    assert len([kind for kind, *_ in backend.tokenizer_calls]) <= 8  # a binary search over 41 turns, not each
+
+
+def test_truncation_auto_keeps_the_system_messages_and_starts_at_a_user_message(app):
+    """A call and its output are never split: the kept turns start at a user message."""
+    _, backend, web, spec = app
+    backend.model_limits = ModelLimits(max_context=500)  # the tools' definitions take ~300
+    items = [{"role": "developer", "content": "Use tools."}, user("W" * 200),
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
+             user("And Rome?"),
+             {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+             {"type": "function_call_output", "call_id": "call_2", "output": "21 C"}]
+    response = post(web, input=items, tools=[TOOL], max_output_tokens=10, truncation="auto")
+    assert response.status_code == 200, response.get_json()
+    prompt = backend.last_params.prompt
+    assert prompt.endswith('<system>Use tools.\n<user>And Rome?\n<assistant>CALL get_weather {"city": "Rome"} '
+                           'city=Rome\n<tool>RESULT OF call_2: 21 C\n<assistant>'), prompt
+    assert "WWW" not in prompt and "call_1" not in prompt
+
+
+def test_truncation_auto_answers_the_character_bound_by_dropping_turns_too(app):
+    """A conversation over the characters any prompt may have (checked before tokenizing) is a
+    400 naming input, or with truncation auto served from its last turns."""
+    _, backend, web, spec = app
+    backend.model_limits = ModelLimits(max_context=2048, max_prompt_chars=150)
+    status, error = ask(web, spec)
+    assert status == 400 and error["param"] == "input" and "characters" in error["message"], error
+    status, body = ask(web, spec, truncation="auto")
+    assert status == 200 and backend.last_params.prompt == LAST_TWO and body["usage"]["input_tokens"] > 0
+
+
+@pytest.mark.parametrize("limits", [ModelLimits(max_context=60), ModelLimits(max_prompt_chars=30)])
+def test_truncation_auto_is_a_400_when_the_last_turn_alone_does_not_fit(app, limits):
+    _, backend, web, spec = app
+    backend.model_limits = limits
+    calls = len(backend.calls)
+    status, error = ask(web, spec, truncation="auto")
+    assert status == 400 and error["param"] == "input", error
+    assert "even with truncation auto" in error["message"] and len(backend.calls) == calls
