@@ -17,12 +17,14 @@ from trident.contract import ModelLimits, TextRequest
 @dataclass(frozen=True, slots=True)
 class TokenLogprobs:
     """The tokens of one piece of text (their texts concatenate to it), with log-probabilities
-    and, when asked for, each one's best alternatives ``(text, logprob)``, best first."""
+    and, when asked for, each one's best alternatives ``(text, logprob)``, best first, and their
+    ids (``top_ids``, where the llm model sent them)."""
 
     tokens: tuple[str, ...]
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     top: tuple[tuple[tuple[str, float], ...], ...] | None = None
+    top_ids: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,30 +82,51 @@ class TextOffsets:
         return out
 
 
+def token_id_name(token_id: int) -> str:
+    """vLLM's ``return_tokens_as_token_ids`` name of a token: ``token_id:<id>``."""
+    return f"token_id:{token_id}"
+
+
+def _shown(piece: TokenLogprobs, as_ids: bool) -> tuple[tuple[str, ...], list[tuple[tuple[str, str, float], ...]]]:
+    """A piece's tokens and alternatives ``(name, text, logprob)`` as the reply names them: by
+    their texts, or (``as_ids``) by their ids' names (an alternative whose id the llm model did
+    not send is left out)."""
+    n = len(piece.tokens)
+    top = list(piece.top) if piece.top is not None else [()] * n
+    if not as_ids:
+        return piece.tokens, [tuple((t, t, lp) for t, lp in row) for row in top]
+    ids = piece.top_ids if piece.top_ids is not None else [()] * n
+    named = [tuple((token_id_name(i), t, lp) for i, (t, lp) in zip(row_ids, row)) for row_ids, row in zip(ids, top)]
+    return tuple(token_id_name(t) for t in piece.token_ids), named
+
+
 def completion_logprobs(pieces: Iterable[TokenLogprobs], offsets: list[int] | None = None,
-                        start: int = 0) -> dict[str, Any]:
+                        start: int = 0, *, as_ids: bool = False) -> dict[str, Any]:
     """OpenAI's legacy completions ``logprobs`` object of the given pieces (one choice's, in
     order). ``offsets``: the tokens' text offsets when the caller tracks them (streams), else
-    they count from ``start``."""
+    they count from ``start`` (over the tokens' texts, also when ``as_ids`` names them by id)."""
     tokens: list[str] = []
+    texts: list[str] = []
     token_logprobs: list[float | None] = []
     top: list[dict[str, float] | None] = []
     for piece in pieces:
-        tokens.extend(piece.tokens)
-        for i, (token, logprob) in enumerate(zip(piece.tokens, piece.logprobs)):
+        names, alternatives = _shown(piece, as_ids)
+        tokens.extend(names)
+        texts.extend(piece.tokens)
+        for token, logprob, best_of in zip(names, piece.logprobs, alternatives):
             if logprob != logprob:  # NaN: an echoed prompt's first token, which has no log-probability
                 token_logprobs.append(None)
                 top.append(None)
                 continue
             token_logprobs.append(logprob)
-            best = dict(piece.top[i]) if piece.top is not None else {}
+            best = {name: lp for name, _, lp in best_of}
             best.setdefault(token, logprob)  # the chosen token is always there, as OpenAI's
             top.append(best)
     if offsets is None:
         offsets = []
-        for token in tokens:
+        for text in texts:
             offsets.append(start)
-            start += len(token)
+            start += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
@@ -113,15 +134,16 @@ def _utf8(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-def chat_logprobs(pieces: Iterable[TokenLogprobs]) -> dict[str, Any]:
-    """OpenAI's chat ``logprobs`` object of the given pieces."""
+def chat_logprobs(pieces: Iterable[TokenLogprobs], *, as_ids: bool = False) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs`` object of the given pieces (``as_ids``: tokens named by id;
+    ``bytes`` stay their texts')."""
     content = []
     for piece in pieces:
-        for i, (token, logprob) in enumerate(zip(piece.tokens, piece.logprobs)):
-            alternatives = piece.top[i] if piece.top is not None else ()
+        names, alternatives = _shown(piece, as_ids)
+        for token, text, logprob, best in zip(names, piece.tokens, piece.logprobs, alternatives):
             content.append({
-                "token": token, "logprob": logprob, "bytes": _utf8(token),
-                "top_logprobs": [{"token": t, "logprob": lp, "bytes": _utf8(t)} for t, lp in alternatives],
+                "token": token, "logprob": logprob, "bytes": _utf8(text),
+                "top_logprobs": [{"token": name, "logprob": lp, "bytes": _utf8(t)} for name, t, lp in best],
             })
     return {"content": content, "refusal": None}
 

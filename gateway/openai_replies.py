@@ -66,12 +66,14 @@ class _Reply:
     chunk_object: str
     id_prefix: str
 
-    def __init__(self, model: str, *, include_usage: bool = False, logprobs: int | None = None) -> None:
+    def __init__(self, model: str, *, include_usage: bool = False, logprobs: int | None = None,
+                 tokens_as_ids: bool = False) -> None:
         self.id = f"{self.id_prefix}-{new_id()}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
         self.logprobs = logprobs
+        self.tokens_as_ids = tokens_as_ids  # vLLM's return_tokens_as_token_ids
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -127,7 +129,7 @@ class CompletionReply(_Reply):
         self._offsets = TextOffsets()
 
     def _choice(self, choice: Choice) -> dict[str, Any]:
-        logprobs = completion_logprobs(choice.pieces) if self.logprobs is not None else None
+        logprobs = completion_logprobs(choice.pieces, as_ids=self.tokens_as_ids) if self.logprobs is not None else None
         return {"text": choice.text, "index": choice.index, "logprobs": logprobs,
                 "finish_reason": finish_reason(choice.finish_reason)}
 
@@ -136,7 +138,8 @@ class CompletionReply(_Reply):
         shown = None
         if self.logprobs is not None and reason is None:
             pieces = [logprobs] if logprobs is not None else []
-            shown = completion_logprobs(pieces, self._offsets.take(index, logprobs.tokens) if pieces else [])
+            shown = completion_logprobs(pieces, self._offsets.take(index, logprobs.tokens) if pieces else [],
+                                        as_ids=self.tokens_as_ids)
         return {"text": text or "", "index": index, "logprobs": shown, "finish_reason": reason}
 
 
@@ -187,7 +190,7 @@ class ChatCompletionReply(_Reply):
         return {
             "index": choice.index,
             "message": message,
-            "logprobs": chat_logprobs(choice.pieces) if self.logprobs is not None else None,
+            "logprobs": chat_logprobs(choice.pieces, as_ids=self.tokens_as_ids) if self.logprobs is not None else None,
             "finish_reason": reason,
         }
 
@@ -216,7 +219,7 @@ class ChatCompletionReply(_Reply):
             return None  # text of a call not complete yet
         shown = None
         if self.logprobs is not None and reason is None:
-            shown = chat_logprobs([logprobs] if logprobs is not None else [])
+            shown = chat_logprobs([logprobs] if logprobs is not None else [], as_ids=self.tokens_as_ids)
         return {"index": index, "delta": delta, "logprobs": shown, "finish_reason": reason}
 
     def _reason(self, index: int, text: str | None, *, final: bool) -> tuple[str, str | None]:

@@ -130,7 +130,8 @@ def retrieve_model(model: str) -> Any:
 @rate_limited
 def completions() -> Any:
     req = load_request(_state().completion_schema, read_json_object(request))
-    return _answer(req, CompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs))
+    return _answer(req, CompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
+                                        tokens_as_ids=req.tokens_as_ids))
 
 
 @bp.post("/chat/completions")
@@ -139,7 +140,8 @@ def completions() -> Any:
 def chat_completions() -> Any:
     req = load_request(_state().chat_schema, read_json_object(request))
     return _answer(req, ChatCompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
-                                            tool_choice=req.tool_choice, reasoning=req.reasoning))
+                                            tool_choice=req.tool_choice, reasoning=req.reasoning,
+                                            tokens_as_ids=req.tokens_as_ids))
 
 
 @bp.post("/messages")

@@ -116,6 +116,8 @@ class OpenAIRequest:
     tool_choice: ToolChoice | None = None
     # /v1/chat/completions: how the model's thinking is read out of the text (gateway.reasoning)
     reasoning: Reasoning | None = None
+    # vLLM's return_tokens_as_token_ids: the logprobs' tokens named "token_id:<id>"
+    tokens_as_ids: bool = False
 
 
 # -- nested objects -----------------------------------------------------------------------------
@@ -248,6 +250,9 @@ class _OpenAISchema(ModelSchema):
     # vLLM's: only these token ids are generated; only the prompt's last k tokens are kept
     allowed_token_ids = AllowedTokenIds()
     truncate_prompt_tokens = TruncatePromptTokens()
+    # vLLM's: with logprobs, tokens named "token_id:<id>" (a token that is no whole character is
+    # then told apart from others)
+    return_tokens_as_token_ids = StrictBoolean()
 
     @validates_schema
     def validate_structured_outputs(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -288,7 +293,8 @@ class _OpenAISchema(ModelSchema):
             names.update(guided_decoding_guide="structured_outputs", guided_decoding_guide_type="structured_outputs")
         return OpenAIRequest(params=TextRequest(prompt="", sampling=sampling, stream=stream, model=model).with_prompt(prompt),
                              include_usage=stream and bool(options.get("include_usage")), choices=choices,
-                             logprobs=logprobs, param_names=names)
+                             logprobs=logprobs, param_names=names,
+                             tokens_as_ids=bool(data.get("return_tokens_as_token_ids")))
 
 
 class CompletionSchema(_OpenAISchema):

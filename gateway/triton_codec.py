@@ -144,7 +144,7 @@ def parse_stream_response(
 
 
 _ARRAY_OUTPUTS = frozenset(("output_token_texts", "output_token_ids", "output_log_probs", "top_log_prob_texts",
-                            "top_log_probs", "cum_log_probs"))
+                            "top_log_probs", "top_log_prob_ids", "cum_log_probs"))
 _NUMPY = {"INT32": "<i4", "FP32": "<f4"}
 
 
@@ -169,15 +169,19 @@ def _token_logprobs(arrays: dict[str, tuple[Any, list[int], bytes]]) -> TokenLog
     ids = _array(*arrays["output_token_ids"]) if "output_token_ids" in arrays else [0] * n
     if len(texts) != n or len(ids) != n:
         raise ValueError("Triton response with token texts, ids and logprobs of different lengths")
-    top = None
+    top = top_ids = None
     if "top_log_probs" in arrays and "top_log_prob_texts" in arrays:
         values, alternatives = _array(*arrays["top_log_probs"]), _array(*arrays["top_log_prob_texts"])
         k = arrays["top_log_probs"][1][-1] if n else 0
-        if len(values) != n * k or len(alternatives) != n * k:
+        alternative_ids = _array(*arrays["top_log_prob_ids"]) if "top_log_prob_ids" in arrays else None
+        if len(values) != n * k or len(alternatives) != n * k or (
+                alternative_ids is not None and len(alternative_ids) != n * k):
             raise ValueError("Triton response with top log-probabilities of the wrong shape")
-        top = tuple(tuple((alternatives[i * k + j], values[i * k + j]) for j in range(k)
-                          if values[i * k + j] != float("-inf")) for i in range(n))
-    return TokenLogprobs(tuple(texts), tuple(int(i) for i in ids), tuple(logprobs), top)
+        rows = [[j for j in range(i * k, i * k + k) if values[j] != float("-inf")] for i in range(n)]
+        top = tuple(tuple((alternatives[j], values[j]) for j in row) for row in rows)
+        if alternative_ids is not None:
+            top_ids = tuple(tuple(int(alternative_ids[j]) for j in row) for row in rows)
+    return TokenLogprobs(tuple(texts), tuple(int(i) for i in ids), tuple(logprobs), top, top_ids)
 
 
 _NOT_LOADED = ("Request for unknown model", "is not ready", "has no available versions")

@@ -121,13 +121,15 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("sequence_index", np.int32),
     # With return_log_probs, per response, one entry per token of its text_output: the token's
     # text (the texts concatenate to text_output), id and log-probability; with
-    # num_top_log_probs k > 0 also [tokens, k] alternatives (texts and log-probabilities, best
-    # first). On a choice's last response, cum_log_probs: the sum over its returned tokens.
+    # num_top_log_probs k > 0 also [tokens, k] alternatives (texts, log-probabilities and ids,
+    # best first; a row with fewer: texts "", log-probabilities -inf, ids -1). On a choice's last
+    # response, cum_log_probs: the sum over its returned tokens.
     TensorSpec("output_token_texts", np.object_, many=True),
     TensorSpec("output_token_ids", np.int32, many=True),
     TensorSpec("output_log_probs", np.float32, many=True),
     TensorSpec("top_log_prob_texts", np.object_, matrix=True),
     TensorSpec("top_log_probs", np.float32, matrix=True),
+    TensorSpec("top_log_prob_ids", np.int32, matrix=True),
     TensorSpec("cum_log_probs", np.float32),
     # On a choice's last response, when the engine reports it (feature cached_tokens, the CPU
     # engine): how many of the prompt's tokens came from the engine's prefix cache (OpenAI's

@@ -29,12 +29,13 @@ from .text import IncrementalDetokenizer, StopSequenceMatcher
 @dataclasses.dataclass(frozen=True, slots=True)
 class TokenLogprob:
     """One returned token: its part of the text, id, log-probability, and the alternatives
-    (text, log-probability), best first, when asked for."""
+    (text, log-probability), best first, when asked for, with their ids (``top_ids``)."""
 
     text: str
     id: int
     logprob: float
     top: tuple[tuple[str, float], ...] = ()
+    top_ids: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(slots=True)
@@ -44,6 +45,7 @@ class _Pending:
     id: int
     logprob: float
     top: tuple[tuple[str, float], ...]
+    top_ids: tuple[int, ...]
 
 
 class TextGeneration:
@@ -174,11 +176,12 @@ class TextGeneration:
                 piece = self._detok.push([token])
                 start = len(self._text)
                 self._text += piece
-                top = ()
+                top, alternatives = (), ()
                 if top_ids is not None and top_log_probs is not None:
-                    top = tuple((self._token_text(int(t)), float(lp)) for t, lp in zip(top_ids[k], top_log_probs[k]))
+                    alternatives = tuple(int(t) for t in top_ids[k])
+                    top = tuple((self._token_text(t), float(lp)) for t, lp in zip(alternatives, top_log_probs[k]))
                 logprob = float(log_probs[k]) if log_probs is not None and k < len(log_probs) else float("nan")
-                self._pending.append(_Pending(start, len(self._text), int(token), logprob, top))
+                self._pending.append(_Pending(start, len(self._text), int(token), logprob, top, alternatives[:len(top)]))
                 self._released += len(self._stops.push(piece, match=free))
             if ends and not self.stopped:
                 return self._release_held(stop_token=token)
@@ -209,7 +212,7 @@ class TextGeneration:
             if held_bytes and tok.start == tok.end == len(self._text):
                 break  # its bytes may still become a character: it waits for it
             self._pending.popleft()
-            self._ready.append(TokenLogprob(self._text[tok.start:tok.end], tok.id, tok.logprob, tok.top))
+            self._ready.append(TokenLogprob(self._text[tok.start:tok.end], tok.id, tok.logprob, tok.top, tok.top_ids))
             self.cum_logprob += tok.logprob
             out_end = tok.end
         if final:
@@ -232,10 +235,12 @@ def prompt_tokens(tokenizer, ids: Sequence[int], log_probs: Sequence[float],
     out: list[TokenLogprob] = []
     for k, token in enumerate(ids):
         top: tuple[tuple[str, float], ...] = ()
+        alternatives: tuple[int, ...] = ()
         if top_ids is not None and top_log_probs is not None:
-            top = tuple((text_of(int(t)), float(lp)) for t, lp in zip(top_ids[k], top_log_probs[k]) if t >= 0)
+            kept = [(int(t), float(lp)) for t, lp in zip(top_ids[k], top_log_probs[k]) if t >= 0]
+            top, alternatives = tuple((text_of(t), lp) for t, lp in kept), tuple(t for t, _ in kept)
         logprob = float(log_probs[k]) if k < len(log_probs) else float("nan")
-        out.append(TokenLogprob(detok.push([token]), int(token), logprob, top))
+        out.append(TokenLogprob(detok.push([token]), int(token), logprob, top, alternatives))
     tail = detok.flush()
     if tail and out:
         out[-1] = dataclasses.replace(out[-1], text=out[-1].text + tail)

@@ -196,12 +196,15 @@ def output_tensors(text: str, *, index: int = 0, tokens: Optional[list[TokenLogp
         if k:
             texts = np.full((1, len(tokens), k), b"", dtype=np.object_)
             values = np.full((1, len(tokens), k), -np.inf, dtype=np.float32)
+            ids = np.full((1, len(tokens), k), -1, dtype=np.int32)
             for i, token in enumerate(tokens):
                 for j, (alt, logprob) in enumerate(token.top):
                     texts[0, i, j] = alt.encode("utf-8")
                     values[0, i, j] = logprob
+                ids[0, i, :len(token.top_ids)] = token.top_ids
             out["top_log_prob_texts"] = texts
             out["top_log_probs"] = values
+            out["top_log_prob_ids"] = ids
     if gen is not None:
         out["finish_reason"] = np.array([[gen.finish_reason.encode()]], dtype=np.object_)
         out["prompt_tokens"] = np.array([[gen.prompt_tokens]], dtype=np.int32)

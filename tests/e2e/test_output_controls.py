@@ -55,6 +55,43 @@ def test_chat_top_logprobs_under_greedy(oai):
         assert bytes(t.bytes).decode("utf-8", "replace") == t.token or "\ufffd" in t.token
 
 
+def test_return_tokens_as_token_ids_names_every_token_and_alternative_by_its_id(oai, gateway):
+    """vLLM's return_tokens_as_token_ids on the real stack: the same greedy generation names its
+    tokens "token_id:<id>", ids whose text (/detokenize) is each token's text, the best
+    alternative the chosen id with the same log-probability; whole and streamed, completions
+    and chat."""
+    def text_of(ids):
+        r = requests.post(gateway.url + "/detokenize", json={"model": MODEL, "tokens": ids}, headers=AUTH, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["prompt"]
+
+    def ids_of(names):
+        assert all(name.startswith("token_id:") for name in names), names
+        return [int(name.split(":", 1)[1]) for name in names]
+
+    asked = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "logprobs": 3}
+    plain = oai.completions.create(**asked).choices[0]
+    named = oai.completions.create(**asked, extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    assert named.text == plain.text and named.logprobs.token_logprobs == plain.logprobs.token_logprobs
+    ids = ids_of(named.logprobs.tokens)
+    assert [text_of([i]) for i in ids] == plain.logprobs.tokens and text_of(ids) == named.text
+    assert named.logprobs.text_offset == plain.logprobs.text_offset  # offsets in the text, as before
+    for chosen, lp, top in zip(ids, named.logprobs.token_logprobs, named.logprobs.top_logprobs):
+        assert len(top) == 3 and set(ids_of(list(top))) >= {chosen}
+        best = max(top, key=top.get)
+        assert ids_of([best]) == [chosen] and math.isclose(top[best], lp, abs_tol=1e-6)
+    chat = {"model": MODEL, "messages": CAPITAL, "max_tokens": 10, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2, "extra_body": {"return_tokens_as_token_ids": True}}
+    whole = oai.chat.completions.create(**chat).choices[0]
+    content = whole.logprobs.content
+    assert text_of(ids_of([t.token for t in content])) == whole.message.content
+    assert b"".join(bytes(t.bytes) for t in content).decode() == whole.message.content  # bytes: the texts'
+    assert all(ids_of([t.top_logprobs[0].token]) == ids_of([t.token]) for t in content)
+    streamed = [t.token for chunk in oai.chat.completions.create(**chat, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.content]
+    assert streamed == [t.token for t in content]
+
+
 def test_generate_logprobs_streamed_and_not_agree_and_line_up_with_the_text(gateway):
     body = {"prompt": "The capital of France is", "max_new_tokens": 12, "temperature": 0, "logprobs": 2,
             "stop_sequences": ["\n\n"]}

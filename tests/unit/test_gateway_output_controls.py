@@ -515,3 +515,57 @@ def test_the_two_extensions_are_in_the_document(client):
         props = schemas[name]["properties"]
         assert props["allowed_token_ids"]["minItems"] == 1 and props["allowed_token_ids"]["maxItems"] == 16384
         assert {"const": -1} in props["truncate_prompt_tokens"]["anyOf"]
+
+
+def with_ids(params):
+    """One delta of two tokens (ids 7 and 300) with two alternatives each (ids 7, 9 and 300, 8),
+    one of which is no whole character ("\ufffd": its bytes end in another token)."""
+    logprobs = TokenLogprobs(("H", "é"), (7, 300), (-0.5, -0.25),
+                             ((("H", -0.5), ("\ufffd", -1.5)), (("é", -0.25), ("e", -2.0))), ((7, 9), (300, 8)))
+    return [TextDelta("Hé", 0, logprobs), Finished("eos_token", prompt_tokens=3, completion_tokens=2)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_return_tokens_as_token_ids_names_the_logprobs_tokens_by_id(tmp_path, stream):
+    """vLLM's return_tokens_as_token_ids: every token and alternative is "token_id:<id>" (two
+    alternatives of the same text stay apart); bytes and text_offset stay the texts'. Without it
+    the texts, as before."""
+    client = make_openai_app(tmp_path, backend=FakeBackend(script=with_ids))[0].test_client()
+
+    def ask(path, body):
+        response = client.post(path, json={"model": MODEL, "stream": stream, **body}, headers=AUTH)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        if not stream:
+            return response.get_json()["choices"][0]["logprobs"]
+        shown = [c["choices"][0]["logprobs"] for c in sse_data(response)[:-1] if c["choices"][0]["logprobs"]]
+        assert len(shown) == 1
+        return shown[0]
+
+    completion = {"prompt": "Hi", "logprobs": 2}
+    as_ids = ask("/v1/completions", {**completion, "return_tokens_as_token_ids": True})
+    assert as_ids["tokens"] == ["token_id:7", "token_id:300"] and as_ids["text_offset"] == [0, 1]
+    assert as_ids["top_logprobs"] == [{"token_id:7": -0.5, "token_id:9": -1.5}, {"token_id:300": -0.25, "token_id:8": -2.0}]
+    as_texts = ask("/v1/completions", completion)
+    assert as_texts["tokens"] == ["H", "é"] and as_texts["top_logprobs"][0] == {"H": -0.5, "\ufffd": -1.5}
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 2}
+    content = ask("/v1/chat/completions", {**chat, "return_tokens_as_token_ids": True})["content"]
+    assert [(c["token"], c["bytes"]) for c in content] == [("token_id:7", [72]), ("token_id:300", [195, 169])]
+    assert [(t["token"], t["bytes"]) for t in content[0]["top_logprobs"]] == [("token_id:7", [72]),
+                                                                              ("token_id:9", [239, 191, 189])]
+    assert [c["token"] for c in ask("/v1/chat/completions", chat)["content"]] == ["H", "é"]
+
+
+def test_return_tokens_as_token_ids_must_be_a_boolean(client):
+    response = client.post("/v1/completions", json={"prompt": "Hi", "return_tokens_as_token_ids": "yes"},
+                           headers=AUTH)
+    assert response.status_code == 400 and response.get_json()["error"]["param"] == "return_tokens_as_token_ids"
+
+
+def test_tokens_as_ids_leave_out_alternatives_whose_ids_did_not_come():
+    """An llm model that sends no alternatives' ids: named by id, the chosen token alone."""
+    from gateway.choices import chat_logprobs, completion_logprobs
+
+    older = TokenLogprobs(("H",), (7,), (-0.5,), ((("H", -0.5), ("x", -1.5)),))
+    assert completion_logprobs([older], as_ids=True)["top_logprobs"] == [{"token_id:7": -0.5}]
+    assert chat_logprobs([older], as_ids=True)["content"][0]["top_logprobs"] == []
+    assert completion_logprobs([older])["top_logprobs"] == [{"H": -0.5, "x": -1.5}]

@@ -204,7 +204,8 @@ def test_the_llm_models_logprob_outputs_parse_back():
     from trident.generation import TextGeneration, TokenLogprob
     from trident.llm_io import output_tensors
 
-    tokens = [TokenLogprob("He", 5, -0.5, (("He", -0.5), ("A", -1.5))), TokenLogprob("llo ✓", 6, -0.25, (("llo ✓", -0.25),))]
+    tokens = [TokenLogprob("He", 5, -0.5, (("He", -0.5), ("A", -1.5)), (5, 32)),
+              TokenLogprob("llo ✓", 6, -0.25, (("llo ✓", -0.25),), (6,))]
     gen = TextGeneration(None, TextRequest(prompt="p", sampling=SamplingParams(logprobs=2, n=2)), prompt_tokens=3,
                          index=1, token_text=str)
     gen.finish_reason, gen.completion_tokens, gen.cum_logprob = "length", 2, -0.75
@@ -213,9 +214,14 @@ def test_the_llm_models_logprob_outputs_parse_back():
     assert parsed.logprobs.tokens == ("He", "llo ✓") and parsed.logprobs.token_ids == (5, 6)
     assert parsed.logprobs.logprobs == (-0.5, -0.25)
     assert parsed.logprobs.top == ((("He", -0.5), ("A", -1.5)), (("llo ✓", -0.25),))
+    assert parsed.logprobs.top_ids == ((5, 32), (6,))  # the padding of the shorter row dropped, as its texts'
     assert parsed.finished == ChoiceEnd(1, "length", 2, -0.75)
     plain = parse(stream_response(arrays=output_tensors("x", tokens=[TokenLogprob("x", 1, -1.0)])))
     assert plain.logprobs.top is None and plain.finished is None and plain.index == 0
+    older = output_tensors("Hello ✓", tokens=tokens)  # an llm model that sends no alternatives' ids
+    del older["top_log_prob_ids"]
+    parsed = parse(stream_response(arrays=older))
+    assert parsed.logprobs.top is not None and parsed.logprobs.top_ids is None
 
 
 def test_a_choices_last_response_carries_the_prefix_caches_share_when_the_engine_said():

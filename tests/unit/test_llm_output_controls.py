@@ -82,6 +82,7 @@ def test_logprob_tokens_concatenate_to_the_text(make_service, tokenizer, stream,
     assert "".join(t.text for t in tokens) == text and [t.id for t in tokens] == engine.ids[:6]
     assert all(t.logprob == -0.25 and len(t.top) == 2 for t in tokens)
     assert [t.top[0][0] for t in tokens] == [tokenizer.decode([i]) for i in engine.ids[:6]]
+    assert [t.top_ids for t in tokens] == [(i, engine.ids[0]) for i in engine.ids[:6]]  # the alternatives' ids
     assert set(LOG_PROB_OUTPUTS + (TOP_LOG_PROBS,)) <= set(engine.outputs)
 
 
@@ -119,11 +120,12 @@ def test_output_tensors_shapes():
     gen = TextGeneration(None, TextRequest(prompt="p", sampling=SamplingParams(logprobs=2, n=2)), prompt_tokens=3,
                          index=1, token_text=str)
     gen.finish_reason = "length"
-    tokens = [TokenLogprob("a", 5, -0.5, (("a", -0.5), ("b", -1.0))), TokenLogprob("", 6, -0.25, (("c", -0.3),))]
+    tokens = [TokenLogprob("a", 5, -0.5, (("a", -0.5), ("b", -1.0)), (5, 9)), TokenLogprob("", 6, -0.25, (("c", -0.3),), (4,))]
     out = output_tensors("a", index=1, tokens=tokens, gen=gen, n=2)
     assert out["sequence_index"].tolist() == [[1]]
     assert out["output_token_texts"].shape == (1, 2) and out["output_log_probs"].dtype == np.float32
     assert out["top_log_prob_texts"].shape == (1, 2, 2) and out["top_log_probs"][0, 1, 1] == -np.inf
+    assert out["top_log_prob_ids"].dtype == np.int32 and out["top_log_prob_ids"].tolist() == [[[5, 9], [4, -1]]]
     assert out["finish_reason"].tolist() == [[b"length"]] and "cum_log_probs" in out
     assert set(output_tensors("x")) == {"text_output"}
 
@@ -177,6 +179,7 @@ def test_echo_with_logprobs_gives_the_prompt_tokens_first(make_service, tokenize
         assert [t.logprob for t in head[1:]] == [-0.5 - i / 100 for i in range(1, len(prompt_ids))]
         assert [t.top for t in head[1:]] == [((tokenizer.decode([t]), -0.5 - i / 100), (tokenizer.decode([0]), -9.0))
                                              for i, t in enumerate(prompt_ids[1:], start=1)]
+        assert [t.top_ids for t in head] == [()] + [(t, 0) for t in prompt_ids[1:]]
         assert [t.id for t in tokens[len(prompt_ids):]] == [engine.ids[(s + index) % len(engine.ids)] for s in range(4)]
     ends = [p for k, p in req.sent if k == "send_final"]
     assert [completion for _, _, _, completion in ends] == [4, 4]
