@@ -59,6 +59,8 @@ class Finished:
     completion_tokens: int
     choices: tuple[ChoiceEnd, ...] = ()
     cached_tokens: int | None = None  # of prompt_tokens, from the engine's prefix cache (when it says)
+    # each prompt's ids as the engine got them, when asked for (TextRequest.return_prompt_token_ids)
+    prompt_token_ids: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def ends(self) -> tuple[ChoiceEnd, ...]:
@@ -90,6 +92,8 @@ class Admitted:
 
     server: str | None = None
     prompt_tokens: int | None = None
+    # each prompt's ids as the engine got them, when asked for (TextRequest.return_prompt_token_ids)
+    prompt_token_ids: tuple[tuple[int, ...], ...] | None = None
 
 
 ADMITTED = Admitted()

@@ -130,6 +130,11 @@ def completion_logprobs(pieces: Iterable[TokenLogprobs], offsets: list[int] | No
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
+def generated_ids(pieces: Iterable[TokenLogprobs]) -> list[int]:
+    """The ids of one choice's generated tokens (vLLM's ``return_token_ids``)."""
+    return [token for piece in pieces for token in piece.token_ids]
+
+
 def _utf8(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 

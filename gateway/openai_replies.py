@@ -18,8 +18,8 @@ import json
 import time
 from typing import Any
 
-from .backend import Event, Finished, TextDelta, TokenLogprobs
-from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs
+from .backend import Admitted, Event, Finished, TextDelta, TokenLogprobs
+from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs, generated_ids
 from .errors import ApiError
 from .ids import new_id
 from .reasoning import Reasoning, ReasoningReader, reader_for, split_reasoning
@@ -67,13 +67,38 @@ class _Reply:
     id_prefix: str
 
     def __init__(self, model: str, *, include_usage: bool = False, logprobs: int | None = None,
-                 tokens_as_ids: bool = False) -> None:
+                 tokens_as_ids: bool = False, token_ids: bool = False, per_prompt: int = 1) -> None:
         self.id = f"{self.id_prefix}-{new_id()}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
         self.logprobs = logprobs
         self.tokens_as_ids = tokens_as_ids  # vLLM's return_tokens_as_token_ids
+        # vLLM's return_token_ids: the prompt's ids (each prompt's: ``per_prompt`` choices each)
+        # and every choice's generated ids
+        self.token_ids = token_ids
+        self.per_prompt = per_prompt
+        self._prompt_ids: tuple[tuple[int, ...], ...] | None = None
+        self._ids_sent: set[int] = set()  # streamed choices whose prompt ids went out
+
+    def admitted(self, event: Admitted) -> bytes:
+        """SSEBody's ``encode_admitted``: no bytes; the prompts' ids noted for the first chunks."""
+        self._prompt_ids = event.prompt_token_ids
+        return b""
+
+    def _prompt_ids_of(self, index: int) -> list[int] | None:
+        """The ids of the prompt of choice ``index`` (None: they did not come)."""
+        prompt = index // self.per_prompt
+        if self._prompt_ids is None or prompt >= len(self._prompt_ids):
+            return None
+        return list(self._prompt_ids[prompt])
+
+    def _first_ids(self, index: int) -> list[int] | None:
+        """A stream's prompt ids for choice ``index``'s first chunk (None after it)."""
+        if index in self._ids_sent:
+            return None
+        self._ids_sent.add(index)
+        return self._prompt_ids_of(index)
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -85,6 +110,7 @@ class _Reply:
 
     def response(self, choices: list[Choice], finished: Finished) -> dict[str, Any]:
         """The non-streaming response body; usage counts every generated token (best_of's too)."""
+        self._prompt_ids = finished.prompt_token_ids
         return {**self._head(self.object), "choices": [self._choice(c) for c in choices],
                 "usage": finished.openai_usage}
 
@@ -130,8 +156,12 @@ class CompletionReply(_Reply):
 
     def _choice(self, choice: Choice) -> dict[str, Any]:
         logprobs = completion_logprobs(choice.pieces, as_ids=self.tokens_as_ids) if self.logprobs is not None else None
-        return {"text": choice.text, "index": choice.index, "logprobs": logprobs,
-                "finish_reason": finish_reason(choice.finish_reason)}
+        out = {"text": choice.text, "index": choice.index, "logprobs": logprobs,
+               "finish_reason": finish_reason(choice.finish_reason)}
+        if self.token_ids:
+            out["prompt_token_ids"] = self._prompt_ids_of(choice.index)
+            out["token_ids"] = generated_ids(choice.pieces)
+        return out
 
     def _delta_choice(self, index: int, text: str | None, reason: str | None,
                       logprobs: TokenLogprobs | None = None) -> dict[str, Any]:
@@ -140,7 +170,11 @@ class CompletionReply(_Reply):
             pieces = [logprobs] if logprobs is not None else []
             shown = completion_logprobs(pieces, self._offsets.take(index, logprobs.tokens) if pieces else [],
                                         as_ids=self.tokens_as_ids)
-        return {"text": text or "", "index": index, "logprobs": shown, "finish_reason": reason}
+        out = {"text": text or "", "index": index, "logprobs": shown, "finish_reason": reason}
+        if self.token_ids:  # vLLM's: the prompt's ids in each choice's first chunk, each chunk its own ids
+            out["prompt_token_ids"] = self._first_ids(index)
+            out["token_ids"] = list(logprobs.token_ids) if logprobs is not None else []
+        return out
 
 
 class ChatCompletionReply(_Reply):
@@ -161,6 +195,7 @@ class ChatCompletionReply(_Reply):
     def __init__(self, model: str, *, tool_choice: ToolChoice | None = None, reasoning: Reasoning | None = None,
                  **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        self._first_chunk_ids: list[int] | None = None  # the next chunk's prompt_token_ids (return_token_ids)
         self._role_sent: set[int] = set()
         self.tool_choice = tool_choice
         self.reasoning = reasoning
@@ -187,12 +222,24 @@ class ChatCompletionReply(_Reply):
             message = {"role": "assistant", "content": None, "tool_calls": message_calls(self.tool_choice, choice.text)}
         if self.reasoning is not None and self.reasoning.include:
             message["reasoning"] = message["reasoning_content"] = thought
-        return {
+        out = {
             "index": choice.index,
             "message": message,
             "logprobs": chat_logprobs(choice.pieces, as_ids=self.tokens_as_ids) if self.logprobs is not None else None,
             "finish_reason": reason,
         }
+        if self.token_ids:
+            out["token_ids"] = generated_ids(choice.pieces)
+        return out
+
+    def _prompt_ids_of(self, index: int) -> list[int] | None:
+        return super()._prompt_ids_of(0)  # one conversation, whatever the choice
+
+    def response(self, choices: list[Choice], finished: Finished) -> dict[str, Any]:
+        out = super().response(choices, finished)
+        if self.token_ids:  # vLLM's: the conversation's ids beside the choices
+            out["prompt_token_ids"] = self._prompt_ids_of(0)
+        return out
 
     @property
     def _most_calls(self) -> int | None:
@@ -220,7 +267,21 @@ class ChatCompletionReply(_Reply):
         shown = None
         if self.logprobs is not None and reason is None:
             shown = chat_logprobs([logprobs] if logprobs is not None else [], as_ids=self.tokens_as_ids)
-        return {"index": index, "delta": delta, "logprobs": shown, "finish_reason": reason}
+        out = {"index": index, "delta": delta, "logprobs": shown, "finish_reason": reason}
+        if self.token_ids:  # vLLM's: each chunk its own ids; the conversation's in the role chunks
+            out["token_ids"] = list(logprobs.token_ids) if logprobs is not None else []
+            if first:
+                self._first_chunk_ids = self._first_ids(index)
+        return out
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
+        ids, self._first_chunk_ids = self._first_chunk_ids, None
+        if ids is None:
+            return super()._chunk(choices, usage)
+        chunk = {**self._head(self.chunk_object), "prompt_token_ids": ids, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = usage
+        return data_line(chunk)
 
     def _reason(self, index: int, text: str | None, *, final: bool) -> tuple[str, str | None]:
         """A streamed choice's reasoning and content (None: none yet) in this text; at its end,

@@ -131,7 +131,8 @@ def retrieve_model(model: str) -> Any:
 def completions() -> Any:
     req = load_request(_state().completion_schema, read_json_object(request))
     return _answer(req, CompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
-                                        tokens_as_ids=req.tokens_as_ids))
+                                        tokens_as_ids=req.tokens_as_ids, token_ids=req.token_ids,
+                                        per_prompt=req.choices))
 
 
 @bp.post("/chat/completions")
@@ -141,7 +142,7 @@ def chat_completions() -> Any:
     req = load_request(_state().chat_schema, read_json_object(request))
     return _answer(req, ChatCompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
                                             tool_choice=req.tool_choice, reasoning=req.reasoning,
-                                            tokens_as_ids=req.tokens_as_ids))
+                                            tokens_as_ids=req.tokens_as_ids, token_ids=req.token_ids))
 
 
 @bp.post("/messages")
@@ -321,7 +322,7 @@ def _answer(req: OpenAIRequest, reply: CompletionReply | ChatCompletionReply | M
     else:
         generation, done = start_generation(params)
     if params.stream:
-        admitted = reply.admitted if isinstance(reply, (MessagesReply, ResponsesReply)) else None
+        admitted = reply.admitted  # the Messages and Responses streams start there; the others note ids
         return stream_response(generation, done, encode=reply, encode_error=reply.error, encode_admitted=admitted)
     prompts = len(req.prompts) or 1
     choices, finished = collect(generation, done, params.sampling.n * prompts)

@@ -118,6 +118,8 @@ class OpenAIRequest:
     reasoning: Reasoning | None = None
     # vLLM's return_tokens_as_token_ids: the logprobs' tokens named "token_id:<id>"
     tokens_as_ids: bool = False
+    # vLLM's return_token_ids: the prompt's and every choice's token ids in the reply
+    token_ids: bool = False
 
 
 # -- nested objects -----------------------------------------------------------------------------
@@ -253,6 +255,14 @@ class _OpenAISchema(ModelSchema):
     # vLLM's: with logprobs, tokens named "token_id:<id>" (a token that is no whole character is
     # then told apart from others)
     return_tokens_as_token_ids = StrictBoolean()
+    # vLLM's: the prompt's ids (prompt_token_ids) and each choice's generated ids (token_ids)
+    return_token_ids = StrictBoolean()
+
+    @validates_schema
+    def validate_return_token_ids(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        if data.get("return_token_ids") and data.get("echo"):
+            raise ValidationError("return_token_ids cannot be used with echo: prompt_token_ids are the prompt's "
+                                  "ids (leave echo out)", field_name="return_token_ids")
 
     @validates_schema
     def validate_structured_outputs(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -279,22 +289,26 @@ class _OpenAISchema(ModelSchema):
         choices = data.get("n") or 1
         generated = data.get("best_of") or choices
         guide = data.get("response_format") or data.get("structured_outputs")
+        token_ids = bool(data.get("return_token_ids"))
         fields = {**data, "max_tokens": max_tokens, "n": generated, "guide": guide,
-                  # best_of ranks the choices by their sum of log-probabilities: the engine must report them
-                  "logprobs": 0 if logprobs is None and generated > choices else logprobs}
+                  # best_of ranks the choices by their sum of log-probabilities, and return_token_ids
+                  # reads the generated ids from the tokens: the engine must report them
+                  "logprobs": 0 if logprobs is None and (generated > choices or token_ids) else logprobs}
         if data.get("seed") is not None:
             fields["seed"] = data["seed"] % (UINT64_MAX + 1)  # int64 seeds of OpenAI, as uint64
         sampling = sampling_params(fields, max_new_tokens="max_tokens", stop="stop", echo="echo")
         stream = bool(data.get("stream"))
         options = data.get("stream_options") or {}
+        params = TextRequest(prompt="", sampling=sampling, stream=stream, model=model,
+                             return_prompt_token_ids=token_ids).with_prompt(prompt)
         # the llm model's "prompt" (a prompt over the context) is chat's messages
         names = {**PARAM_NAMES, "prompt": prompt_param, **self.param_names, "n": "best_of" if generated > choices else "n"}
         if data.get("structured_outputs") is not None:  # the guide's errors name the field it came from
             names.update(guided_decoding_guide="structured_outputs", guided_decoding_guide_type="structured_outputs")
-        return OpenAIRequest(params=TextRequest(prompt="", sampling=sampling, stream=stream, model=model).with_prompt(prompt),
+        return OpenAIRequest(params=params,
                              include_usage=stream and bool(options.get("include_usage")), choices=choices,
                              logprobs=logprobs, param_names=names,
-                             tokens_as_ids=bool(data.get("return_tokens_as_token_ids")))
+                             tokens_as_ids=bool(data.get("return_tokens_as_token_ids")), token_ids=token_ids)
 
 
 class CompletionSchema(_OpenAISchema):

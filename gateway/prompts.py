@@ -24,7 +24,7 @@ from flask import has_app_context
 
 from trident.contract import TextRequest
 
-from .backend import ADMITTED, ChoiceEnd, Event, Finished, Generation, TextDelta
+from .backend import ADMITTED, Admitted, ChoiceEnd, Event, Finished, Generation, TextDelta
 from .choices import Choice
 from .disconnect import gevent_active
 from .generation import start_generation
@@ -53,6 +53,7 @@ class PromptsGeneration:
         self._heard: set[int] = set()  # generations admitted
         self._held: list[Event] = []  # their text until every prompt is admitted
         self._finals: dict[int, Finished] = {}
+        self._prompt_ids: dict[int, tuple[int, ...]] = {}  # each prompt's ids, from its admission
         self._ended = 0
         # The request's log record (taken here, in the request's context): each prompt's
         # generation records its own final event in it; the request's line gets their sum.
@@ -134,24 +135,34 @@ class PromptsGeneration:
             return [finished]
         admitted_before = len(self._heard) == count
         self._heard.add(i)  # any event of a generation says it was admitted
+        if isinstance(item, Admitted) and item.prompt_token_ids is not None:
+            self._prompt_ids[i] = item.prompt_token_ids[0]
         if isinstance(item, Finished):
             self._finals[i] = item
         elif isinstance(item, TextDelta):
             self._held.append(dataclasses.replace(item, index=item.index + i * self._n))
         if len(self._heard) < count:
             return []
-        out: list[Event] = [] if admitted_before else [ADMITTED]
+        out: list[Event] = [] if admitted_before else [self._admitted()]
         out.extend(self._held)
         self._held.clear()
         return out
+
+    def _admitted(self) -> Admitted:
+        """The admission of every prompt: with each prompt's ids, when they came for all."""
+        ids = self._prompt_ids
+        return Admitted(prompt_token_ids=tuple(ids[k] for k in range(len(self._generations)))) \
+            if len(ids) == len(self._generations) else ADMITTED
 
     def _finished(self, finals: list[Finished]) -> Finished:
         ends = tuple(ChoiceEnd(end.index + i * self._n, end.finish_reason, end.completion_tokens, end.cum_logprob)
                      for i, final in enumerate(finals) for end in final.ends)
         cached = [f.cached_tokens for f in finals if f.cached_tokens is not None]
+        ids = [f.prompt_token_ids for f in finals]
         return Finished(finish_reason=finals[0].finish_reason, prompt_tokens=sum(f.prompt_tokens for f in finals),
                         completion_tokens=sum(f.completion_tokens for f in finals), choices=ends,
-                        cached_tokens=sum(cached) if len(cached) == len(finals) else None)
+                        cached_tokens=sum(cached) if len(cached) == len(finals) else None,
+                        prompt_token_ids=tuple(i[0] for i in ids) if all(i is not None for i in ids) else None)
 
     def close(self) -> None:
         self._closed = True

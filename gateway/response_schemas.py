@@ -181,11 +181,18 @@ class ModelListSchema(Schema):
     data = _required(fields.List, fields.Nested(ModelSchema))
 
 
+def _token_ids() -> fields.Field:
+    """vLLM's ``return_token_ids``: token ids (null where they did not come)."""
+    return fields.List(fields.Integer(validate=Range(min=0)), allow_none=True)
+
+
 class CompletionChoiceSchema(Schema):
     text = _required(fields.String)
     index = _index(MAX_COMPLETION_CHOICES)
     logprobs = _completion_logprobs()
     finish_reason = _required(fields.String, validate=OneOf(OPENAI_FINISH_REASONS))
+    prompt_token_ids = _token_ids()  # with return_token_ids: the choice's prompt's ids
+    token_ids = _token_ids()  # with return_token_ids: the choice's generated ids
 
 
 class CompletionResponseSchema(Schema):
@@ -202,6 +209,8 @@ class CompletionChunkChoiceSchema(Schema):
     index = _index(MAX_COMPLETION_CHOICES)
     logprobs = _completion_logprobs()
     finish_reason = _required(fields.String, allow_none=True, validate=OneOf(OPENAI_FINISH_REASONS))
+    prompt_token_ids = _token_ids()  # with return_token_ids: in the choice's first chunk
+    token_ids = _token_ids()  # with return_token_ids: this chunk's generated ids
 
 
 class CompletionChunkSchema(Schema):
@@ -246,6 +255,7 @@ class ChatChoiceSchema(Schema):
     message = fields.Nested(AssistantMessageSchema, required=True)
     logprobs = _chat_logprobs()
     finish_reason = _required(fields.String, validate=OneOf(CHAT_FINISH_REASONS))
+    token_ids = _token_ids()  # with return_token_ids: the choice's generated ids
 
 
 class ChatCompletionResponseSchema(Schema):
@@ -253,6 +263,7 @@ class ChatCompletionResponseSchema(Schema):
     object = _const("chat.completion")
     created = _required(fields.Integer)
     model = _required(fields.String)
+    prompt_token_ids = _token_ids()  # with return_token_ids: the conversation's ids
     choices = _choices(ChatChoiceSchema)
     usage = fields.Nested(OpenAIUsageSchema, required=True)
 
@@ -289,15 +300,18 @@ class ChatChunkChoiceSchema(Schema):
     delta = fields.Nested(ChatDeltaSchema, required=True)
     logprobs = _chat_logprobs()
     finish_reason = _required(fields.String, allow_none=True, validate=OneOf(CHAT_FINISH_REASONS))
+    token_ids = _token_ids()  # with return_token_ids: this chunk's generated ids
 
 
 class ChatCompletionChunkSchema(Schema):
-    """One ``data:`` line of a /v1/chat/completions stream; ``usage`` as in CompletionChunk."""
+    """One ``data:`` line of a /v1/chat/completions stream; ``usage`` as in CompletionChunk;
+    ``prompt_token_ids`` (return_token_ids) in each choice's first chunk."""
 
     id = _required(fields.String)
     object = _const("chat.completion.chunk")
     created = _required(fields.Integer)
     model = _required(fields.String)
+    prompt_token_ids = _token_ids()
     choices = _choices(ChatChunkChoiceSchema, streamed=True)
     usage = fields.Nested(OpenAIUsageSchema, allow_none=True)
 

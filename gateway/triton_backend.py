@@ -148,6 +148,7 @@ class TritonGeneration:
         self._cached_tokens: int | None = None
         self._ended = False
         self._pending_error: ApiError | None = None
+        self._prompt_ids: tuple[tuple[int, ...], ...] | None = None  # from the admission, when asked for
 
     def next_events(self, timeout: float | None) -> list[Event] | None:
         """Every event that has arrived, waiting up to ``timeout`` for the first; None when the
@@ -164,7 +165,9 @@ class TritonGeneration:
         for item in items:
             if isinstance(item, StreamResponse):
                 if item.admitted:
-                    events.append(Admitted(item.server, item.prompt_tokens or None)
+                    if item.prompt_token_ids is not None:
+                        self._prompt_ids = (item.prompt_token_ids,)
+                    events.append(Admitted(item.server, item.prompt_tokens or None, self._prompt_ids)
                                   if item.server or item.prompt_tokens else ADMITTED)
                     continue
                 if item.text or item.logprobs is not None and item.logprobs.tokens:
@@ -199,7 +202,7 @@ class TritonGeneration:
         return Finished(finish_reason=ends[0].finish_reason, prompt_tokens=self._prompt_tokens,
                         completion_tokens=sum(end.completion_tokens for end in ends),
                         choices=ends if len(ends) > 1 or ends[0].cum_logprob is not None else (),
-                        cached_tokens=self._cached_tokens)
+                        cached_tokens=self._cached_tokens, prompt_token_ids=self._prompt_ids)
 
     def __iter__(self) -> Iterator[Event]:
         while True:

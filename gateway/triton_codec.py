@@ -71,6 +71,7 @@ class StreamResponse:
     logprobs: TokenLogprobs | None = None  # the tokens of ``text``, when asked for
     prompt_tokens: int = 0  # with ``finished``
     cached_tokens: int | None = None  # with ``finished``, when the engine reports it
+    prompt_token_ids: tuple[int, ...] | None = None  # on the admission, when asked for
 
 
 _SCALAR_FORMATS = {"INT32": "<i", "INT64": "<q", "UINT64": "<Q"}
@@ -138,13 +139,15 @@ def parse_stream_response(
         server=bytes(values["server"]).decode("utf-8", "replace") if "server" in values else None,
         index=index,
         logprobs=_token_logprobs(arrays) if "output_log_probs" in arrays else None,
+        prompt_token_ids=tuple(int(i) for i in _array(*arrays["prompt_token_ids"])) if "prompt_token_ids" in arrays
+        else None,
         prompt_tokens=int(values.get("prompt_tokens", 0)),
         cached_tokens=int(values["cached_tokens"]) if "cached_tokens" in values else None,
     )
 
 
 _ARRAY_OUTPUTS = frozenset(("output_token_texts", "output_token_ids", "output_log_probs", "top_log_prob_texts",
-                            "top_log_probs", "top_log_prob_ids", "cum_log_probs"))
+                            "top_log_probs", "top_log_prob_ids", "cum_log_probs", "prompt_token_ids"))
 _NUMPY = {"INT32": "<i4", "FP32": "<f4"}
 
 

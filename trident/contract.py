@@ -106,6 +106,10 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # prompt's last k tokens (-1: as many as fit the context with max_tokens).
     TensorSpec("allowed_token_ids", np.int32, many=True),
     TensorSpec("truncate_prompt_tokens", np.int32),
+    # trident extension (vLLM's return_token_ids answers with them): the ids the engine got for
+    # the prompt (after truncate_prompt_tokens), prompt_token_ids, in a first response without
+    # text, with prompt_tokens (the admission response, when the caller asked for that too).
+    TensorSpec("return_prompt_token_ids", np.bool_),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one (prompt_tokens
 #: also on the admission response, which the gateway asks for).
@@ -140,6 +144,9 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     # accounts for (a choice's responses add up to its completion_tokens).
     TensorSpec("num_input_tokens", np.int32),
     TensorSpec("num_output_tokens", np.int32),
+    # With return_prompt_token_ids, on the first response (no text; with prompt_tokens and server,
+    # the admission response): the ids the engine got for the prompt.
+    TensorSpec("prompt_token_ids", np.int32, many=True),
 )
 
 #: Environment variable naming a Triton server (``host:grpc port`` by default, set by the
@@ -230,6 +237,8 @@ class TextRequest:
     # gRPC clients only (Triton's OpenAI frontend), the gateway reads completion_tokens.
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
+    # The prompt's ids (after truncation) in a first response without text (return_prompt_token_ids).
+    return_prompt_token_ids: bool = False
 
     def with_prompt(self, prompt: "str | tuple[int, ...]") -> "TextRequest":
         """This request with another prompt: a text, or token ids."""
@@ -308,6 +317,8 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
         values["return_num_input_tokens"] = _one(True, np.bool_)
     if req.return_num_output_tokens:
         values["return_num_output_tokens"] = _one(True, np.bool_)
+    if req.return_prompt_token_ids:
+        values["return_prompt_token_ids"] = _one(True, np.bool_)
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -440,4 +451,5 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
                        end_id=_scalar(get("end_id"), int), pad_id=_scalar(get("pad_id"), int),
                        include_prompt=not stream and _scalar(get("exclude_input_in_output"), bool) is False,
                        return_num_input_tokens=bool(_scalar(get("return_num_input_tokens"), bool)),
-                       return_num_output_tokens=bool(_scalar(get("return_num_output_tokens"), bool)))
+                       return_num_output_tokens=bool(_scalar(get("return_num_output_tokens"), bool)),
+                       return_prompt_token_ids=bool(_scalar(get("return_prompt_token_ids"), bool)))

@@ -84,10 +84,10 @@ class Request(Protocol):
 
     def is_cancelled(self) -> bool: ...
 
-    def send_admission(self, prompt_tokens: int) -> None:
+    def send_admission(self, prompt_tokens: int, prompt_ids: Optional[Sequence[int]] = None) -> None:
         """A non-final response without text: accepted, generation pending. It names the server
         and the prompt's token count (known once the prompt is tokenized: Anthropic's stream
-        reports it in its first event)."""
+        reports it in its first event), and its ids when asked for (return_prompt_token_ids)."""
 
     def send_pong(self) -> None:
         """The answer to a ping: one final response naming the server, as the admission does, and

@@ -234,7 +234,10 @@ class LlmService:
             _safely(request.send_error, tag_error(SERVER_ERROR, "internal error while accepting the request"))
             return
         self.counters["accepted"] += 1
-        if request.wants_admission() and not _safely(request.send_admission, job.prompt_tokens):
+        # The admission response; asked for by the gateway, or sent for the prompt's ids alone.
+        ids = job.input_ids if job.text.return_prompt_token_ids else None
+        if (request.wants_admission() or ids is not None) and not _safely(request.send_admission, job.prompt_tokens,
+                                                                           ids):
             return  # the client is already gone
         with self._jobs_lock:
             if job.token is not None and self._early_cancels.pop(job.token, None) is not None:

@@ -92,6 +92,40 @@ def test_return_tokens_as_token_ids_names_every_token_and_alternative_by_its_id(
     assert streamed == [t.token for t in content]
 
 
+def test_return_token_ids_gives_the_ids_the_engine_got_and_generated(oai, gateway):
+    """vLLM's return_token_ids on the real stack: prompt_token_ids are /tokenize's ids of the
+    prompt (of the rendered conversation for chat; the kept ones with truncate_prompt_tokens),
+    token_ids detokenize to each choice's text; streamed, the same ids a chunk at a time."""
+    def post(path, body):
+        r = requests.post(gateway.url + path, json={"model": MODEL, **body}, headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    prompt = "The capital of France is"
+    asked = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+             "extra_body": {"return_token_ids": True}}
+    whole = oai.completions.create(**asked).model_dump()["choices"][0]
+    ids = post("/tokenize", {"prompt": prompt})["tokens"]
+    assert whole["prompt_token_ids"] == ids and whole["logprobs"] is None
+    assert post("/detokenize", {"tokens": whole["token_ids"]})["prompt"] == whole["text"] and whole["token_ids"]
+    chunks = [c.model_dump()["choices"][0] for c in oai.completions.create(**asked, stream=True)]
+    assert [c["prompt_token_ids"] for c in chunks if c["prompt_token_ids"]] == [ids]
+    assert [i for c in chunks for i in c["token_ids"] or []] == whole["token_ids"]
+    cut = oai.completions.create(**{**asked, "extra_body": {"return_token_ids": True, "truncate_prompt_tokens": 3}})
+    assert cut.model_dump()["choices"][0]["prompt_token_ids"] == ids[-3:]
+    chat = {"model": MODEL, "messages": CAPITAL, "max_tokens": 10, "temperature": 0, "n": 2,
+            "extra_body": {"return_token_ids": True}}
+    answer = oai.chat.completions.create(**chat).model_dump()
+    assert answer["prompt_token_ids"] == post("/tokenize", {"messages": CAPITAL})["tokens"]
+    for choice in answer["choices"]:
+        assert post("/detokenize", {"tokens": choice["token_ids"]})["prompt"] == choice["message"]["content"]
+    streamed = [c.model_dump() for c in oai.chat.completions.create(**chat, stream=True)]
+    assert [c["prompt_token_ids"] for c in streamed if c.get("prompt_token_ids")] == [answer["prompt_token_ids"]] * 2
+    for index in (0, 1):
+        got = [i for c in streamed for ch in c["choices"] if ch["index"] == index for i in ch["token_ids"] or []]
+        assert got == answer["choices"][index]["token_ids"]
+
+
 def test_generate_logprobs_streamed_and_not_agree_and_line_up_with_the_text(gateway):
     body = {"prompt": "The capital of France is", "max_new_tokens": 12, "temperature": 0, "logprobs": 2,
             "stop_sequences": ["\n\n"]}

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import math
 
+import jsonschema_rs
 import pytest
 from gateway_fakes import FakeBackend
 from openai_fixtures import AUTH, MODEL, make_openai_app, sse_data
 from test_gateway_openai_client import Client
 
-from gateway.backend import ChoiceEnd, Finished, TextDelta, TokenLogprobs
+from gateway.backend import Admitted, ChoiceEnd, Finished, TextDelta, TokenLogprobs
 from gateway.errors import ClientError
 from trident.contract import GUIDE_EBNF, GUIDE_JSON_SCHEMA, GUIDE_REGEX, JSON_OBJECT_SCHEMA, Guide, ModelLimits
 
@@ -569,3 +570,84 @@ def test_tokens_as_ids_leave_out_alternatives_whose_ids_did_not_come():
     assert completion_logprobs([older], as_ids=True)["top_logprobs"] == [{"token_id:7": -0.5}]
     assert chat_logprobs([older], as_ids=True)["content"][0]["top_logprobs"] == []
     assert completion_logprobs([older])["top_logprobs"] == [{"H": -0.5, "x": -1.5}]
+
+
+def ids_script(params):
+    """The llm model's answer with return_prompt_token_ids and logprobs: the admission with the
+    prompt's ids, each choice's tokens with their ids, the final event with the prompt's ids."""
+    prompt = ((5, 6, 7),) if params.return_prompt_token_ids else None
+    n = params.sampling.n
+    tokens = params.sampling.logprobs is not None
+    def delta(text, index, ids):
+        logprobs = TokenLogprobs(tuple(text), ids, (-0.5,) * len(ids)) if tokens else None
+        return TextDelta(text, index, logprobs)
+    steps = [Admitted("vm:1", prompt_tokens=3, prompt_token_ids=prompt)]
+    for i in range(n):
+        steps += [delta("ab", i, (10 + i, 20 + i)), delta("c", i, (30 + i,))]
+    ends = tuple(ChoiceEnd(i, "eos_token", 3, -1.5) for i in range(n))
+    return [*steps, Finished("eos_token", prompt_tokens=3, completion_tokens=3 * n, choices=ends if n > 1 else (),
+                             prompt_token_ids=prompt)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_return_token_ids_gives_the_prompts_and_each_choices_ids(tmp_path, stream):
+    """vLLM's return_token_ids: the llm model is asked for the prompt's ids and for tokens (so
+    their ids) though the reply shows no logprobs; completions: prompt_token_ids and token_ids on
+    each choice (streamed: the prompt's in each choice's first chunk, each chunk its own ids);
+    chat: prompt_token_ids beside the choices (streamed: in the role chunks)."""
+    backend = FakeBackend(script=ids_script)
+    client = make_openai_app(tmp_path, backend=backend)[0].test_client()
+
+    def ask(path, body):
+        response = client.post(path, json={"model": MODEL, "stream": stream, "n": 2, "return_token_ids": True, **body},
+                               headers=AUTH)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        sampling = backend.last_params.sampling
+        assert backend.last_params.return_prompt_token_ids and sampling.logprobs == 0
+        return sse_data(response)[:-1] if stream else response.get_json()
+
+    completion = ask("/v1/completions", {"prompt": "Hi"})
+    chat = ask("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+    spec = client.get("/openapi.json").get_json()
+    for name, bodies in (("Completion", completion), ("ChatCompletion", chat)):  # the document says these fields
+        ref = f"#/components/schemas/{name}{'Chunk' if stream else 'Response'}"
+        for body in bodies if stream else [bodies]:
+            jsonschema_rs.Draft202012Validator({**spec, "$ref": ref}).validate(body)
+    if not stream:
+        assert [(c["index"], c["prompt_token_ids"], c["token_ids"], c["logprobs"]) for c in completion["choices"]] == [
+            (0, [5, 6, 7], [10, 20, 30], None), (1, [5, 6, 7], [11, 21, 31], None)]
+        assert chat["prompt_token_ids"] == [5, 6, 7]
+        assert [(c["token_ids"], c["logprobs"]) for c in chat["choices"]] == [([10, 20, 30], None), ([11, 21, 31], None)]
+        return
+    for index in (0, 1):
+        own = [c["choices"][0] for c in completion if c["choices"][0]["index"] == index]
+        assert [c["prompt_token_ids"] for c in own] == [[5, 6, 7], None, None]  # the last: the finish chunk
+        assert [c["token_ids"] for c in own] == [[10 + index, 20 + index], [30 + index], []]
+        assert all(c["logprobs"] is None for c in own)
+        chunks = [c for c in chat if c["choices"][0]["index"] == index]
+        assert [c.get("prompt_token_ids") for c in chunks] == [[5, 6, 7], None, None]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert [c["choices"][0]["token_ids"] for c in chunks] == [[10 + index, 20 + index], [30 + index], []]
+
+
+def test_return_token_ids_with_several_prompts_gives_each_choice_its_prompts_ids(tmp_path):
+    def script(params):
+        ids = tuple(ord(c) for c in params.prompt)
+        return [Admitted("vm:1", 1, (ids,)), TextDelta("x", 0, TokenLogprobs(("x",), (99,), (-1.0,))),
+                Finished("eos_token", prompt_tokens=len(ids), completion_tokens=1, prompt_token_ids=(ids,))]
+
+    client = make_openai_app(tmp_path, backend=FakeBackend(script=script))[0].test_client()
+    for stream in (False, True):
+        response = client.post("/v1/completions", json={"prompt": ["ab", "c"], "return_token_ids": True,
+                                                        "stream": stream}, headers=AUTH)
+        assert response.status_code == 200
+        choices = ([c["choices"][0] for c in sse_data(response)[:-1] if c["choices"][0]["prompt_token_ids"]]
+                   if stream else response.get_json()["choices"])
+        assert sorted((c["index"], c["prompt_token_ids"], c["token_ids"]) for c in choices) == [
+            (0, [97, 98], [99]), (1, [99], [99])]
+
+
+def test_return_token_ids_is_refused_with_echo(client):
+    response = client.post("/v1/completions", json={"prompt": "Hi", "echo": True, "return_token_ids": True},
+                           headers=AUTH)
+    assert response.status_code == 400 and response.get_json()["error"]["param"] == "return_token_ids"

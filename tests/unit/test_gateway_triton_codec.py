@@ -129,7 +129,11 @@ def test_the_admission_response_names_its_server_and_the_prompts_tokens():
     parsed = parse(stream_response(arrays={"server": np.array([[b"vm:8001"]], dtype=np.object_),
                                            "prompt_tokens": np.array([[42]], dtype=np.int32)}))
     assert parsed.admitted and parsed.finished is None and parsed.text == ""
-    assert (parsed.server, parsed.prompt_tokens) == ("vm:8001", 42)
+    assert (parsed.server, parsed.prompt_tokens) == ("vm:8001", 42) and parsed.prompt_token_ids is None
+    asked = parse(stream_response(arrays={"server": np.array([[b"vm:8001"]], dtype=np.object_),
+                                          "prompt_tokens": np.array([[3]], dtype=np.int32),
+                                          "prompt_token_ids": np.array([[1, 17, 40000]], dtype=np.int32)}))
+    assert asked.admitted and asked.prompt_token_ids == (1, 17, 40000)  # return_prompt_token_ids
 
 
 def test_parse_final_response_with_outputs():

@@ -530,3 +530,22 @@ def test_allowed_token_ids_outside_the_vocabulary_are_refused(make_service, toke
     error = parse_error(req.sent[0][1])
     assert error.param == "allowed_token_ids" and str(len(tokenizer) + 3) in error.message
     assert engine.streams == []
+
+
+@pytest.mark.parametrize("admission", [True, False])
+def test_return_prompt_token_ids_sends_the_ids_the_engine_got_first(make_service, tokenizer, admission):
+    """return_prompt_token_ids: the first response (the admission, asked for or not) holds the
+    prompt's ids, after truncate_prompt_tokens; the engine got those ids."""
+    service, engine = make_service()
+    req = request(return_prompt_token_ids=True, truncate_prompt_tokens=2)
+    req.admission = admission
+    service.accept(req)
+    wait(req)
+    kind, (count, ids) = req.sent[0]
+    whole = tokenizer("Hello there").input_ids
+    assert kind == "send_admission" and ids == whole[-2:] == list(engine.prompts[-1]) and count == 2
+    assert req.sent[-1][0] == "send_final"
+    plain = request()
+    service.accept(plain)
+    wait(plain)
+    assert all(kind != "send_admission" for kind, _ in plain.sent)

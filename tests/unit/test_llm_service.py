@@ -73,8 +73,8 @@ class FakeRequest:
         if final:
             self.done.set()
 
-    def send_admission(self, prompt_tokens):
-        self._record("send_admission", prompt_tokens)
+    def send_admission(self, prompt_tokens, prompt_ids=None):
+        self._record("send_admission", prompt_tokens if prompt_ids is None else (prompt_tokens, list(prompt_ids)))
 
     def send_pong(self):
         self._record("send_pong", final=True)

@@ -138,6 +138,11 @@ def test_responses_carry_only_the_outputs_the_client_asked_for(model):
     adapter.send_admission(5)
     adapter.send_text("Paris", n=2, index=1)
     assert everything.sender.sent == [(["prompt_tokens", "server"], 0), (["sequence_index", "text_output"], 0)]
+    adapter.send_admission(2, [17, 42])  # return_prompt_token_ids
+    assert everything.sender.sent[-1] == (["prompt_tokens", "server"], 0)  # not asked for: dropped
+    ids = Request(["prompt_tokens", "prompt_token_ids"])
+    model.TritonRequest(ids).send_admission(2, [17, 42])
+    assert ids.sender.sent == [(["prompt_token_ids", "prompt_tokens"], 0)]
 
 
 def test_a_ping_is_read_from_its_bool_parameter_and_answered_with_one_final_response(model):

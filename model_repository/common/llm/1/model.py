@@ -152,9 +152,11 @@ class TritonRequest:
     def is_cancelled(self):
         return self._sender.is_cancelled()
 
-    def send_admission(self, prompt_tokens):
-        self._sender.send(self._response({"server": _text_tensor(SERVER_ID),
-                                          "prompt_tokens": np.array([[prompt_tokens]], dtype=np.int32)}))
+    def send_admission(self, prompt_tokens, prompt_ids=None):
+        outputs = {"server": _text_tensor(SERVER_ID), "prompt_tokens": np.array([[prompt_tokens]], dtype=np.int32)}
+        if prompt_ids is not None:
+            outputs["prompt_token_ids"] = np.array([list(prompt_ids)], dtype=np.int32).reshape(1, len(prompt_ids))
+        self._sender.send(self._response(outputs))
 
     def send_pong(self):
         self._sender.send(self._response({"server": _text_tensor(SERVER_ID), "instance": _text_tensor(INSTANCE["name"])}),
