@@ -35,6 +35,7 @@ class TextDelta:
     text: str
     index: int = 0
     logprobs: TokenLogprobs | None = None
+    tokens: int | None = None  # the generated tokens it accounts for, when the backend says (num_output_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,8 @@ class Admitted:
     prompt_tokens: int | None = None
     # each prompt's ids as the engine got them, when asked for (TextRequest.return_prompt_token_ids)
     prompt_token_ids: tuple[tuple[int, ...], ...] | None = None
+    # with several prompts (gateway.prompts): each one's token count
+    prompts_tokens: tuple[int, ...] | None = None
 
 
 ADMITTED = Admitted()

@@ -4,7 +4,9 @@ Streams are OpenAI's: ``data: <chunk>`` lines without event names, then ``data: 
 ends every stream, also one that failed after it began (the failure is a ``data:`` line holding
 ``{"error": {...}}``, the envelope's error object, which the official client raises as an
 ``APIError``). With ``stream_options.include_usage`` every chunk has ``"usage": null`` and one
-more chunk, with empty ``choices`` and the usage, comes before ``[DONE]``. Heartbeats are SSE
+more chunk, with empty ``choices`` and the usage, comes before ``[DONE]``; with vLLM's
+``continuous_usage_stats`` too, every chunk's usage is its prompt's tokens and its choice's so
+far (the llm model's num_output_tokens; its finish chunk: the choice's completion_tokens). Heartbeats are SSE
 comments (gateway.sse), which SSE clients skip.
 
 Several choices (``n``) stream interleaved, each chunk naming its choice's ``index``; each
@@ -67,7 +69,8 @@ class _Reply:
     id_prefix: str
 
     def __init__(self, model: str, *, include_usage: bool = False, logprobs: int | None = None,
-                 tokens_as_ids: bool = False, token_ids: bool = False, per_prompt: int = 1) -> None:
+                 tokens_as_ids: bool = False, token_ids: bool = False, per_prompt: int = 1,
+                 continuous_usage: bool = False) -> None:
         self.id = f"{self.id_prefix}-{new_id()}"
         self.created = int(time.time())
         self.model = model
@@ -80,15 +83,38 @@ class _Reply:
         self.per_prompt = per_prompt
         self._prompt_ids: tuple[tuple[int, ...], ...] | None = None
         self._ids_sent: set[int] = set()  # streamed choices whose prompt ids went out
+        # vLLM's continuous_usage_stats: each chunk's usage, its choice's tokens so far
+        self.continuous_usage = continuous_usage
+        self._prompt_counts: tuple[int, ...] = ()  # each prompt's tokens (the admission says)
+        self._generated: dict[int, int] = {}  # each streamed choice's tokens so far
 
     def admitted(self, event: Admitted) -> bytes:
-        """SSEBody's ``encode_admitted``: no bytes; the prompts' ids noted for the first chunks."""
+        """SSEBody's ``encode_admitted``: no bytes; the prompts' ids and token counts noted for
+        the chunks."""
         self._prompt_ids = event.prompt_token_ids
+        if event.prompts_tokens is not None:
+            self._prompt_counts = event.prompts_tokens
+        elif event.prompt_tokens is not None:
+            self._prompt_counts = (event.prompt_tokens,)
         return b""
+
+    def _usage_so_far(self, index: int, completion_tokens: int | None = None) -> dict[str, int] | None:
+        """A chunk's usage under continuous_usage_stats (None without): its prompt's tokens and
+        its choice's so far (``completion_tokens`` at its end)."""
+        if not self.continuous_usage:
+            return None
+        prompt = self._prompt_of(index)
+        prompt_tokens = self._prompt_counts[prompt] if prompt < len(self._prompt_counts) else 0
+        done = self._generated.get(index, 0) if completion_tokens is None else completion_tokens
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+    def _prompt_of(self, index: int) -> int:
+        """Which prompt choice ``index`` answers (``per_prompt`` choices each)."""
+        return index // self.per_prompt
 
     def _prompt_ids_of(self, index: int) -> list[int] | None:
         """The ids of the prompt of choice ``index`` (None: they did not come)."""
-        prompt = index // self.per_prompt
+        prompt = self._prompt_of(index)
         if self._prompt_ids is None or prompt >= len(self._prompt_ids):
             return None
         return list(self._prompt_ids[prompt])
@@ -130,11 +156,14 @@ class _Reply:
     def __call__(self, event: Event) -> bytes:
         """The SSE bytes of one generation event (SSEBody's ``encode``)."""
         if isinstance(event, TextDelta):
+            if event.tokens:
+                self._generated[event.index] = self._generated.get(event.index, 0) + event.tokens
             if not event.text and event.logprobs is None:
                 return b""
             choice = self._delta_choice(event.index, event.text, None, event.logprobs)
-            return b"" if choice is None else self._chunk([choice])
-        out = b"".join(self._chunk([self._delta_choice(end.index, None, finish_reason(end.finish_reason))])
+            return b"" if choice is None else self._chunk([choice], usage=self._usage_so_far(event.index))
+        out = b"".join(self._chunk([self._delta_choice(end.index, None, finish_reason(end.finish_reason))],
+                                   usage=self._usage_so_far(end.index, end.completion_tokens))
                        for end in event.ends)
         if self.include_usage:
             out += self._chunk([], usage=event.openai_usage)
@@ -232,8 +261,8 @@ class ChatCompletionReply(_Reply):
             out["token_ids"] = generated_ids(choice.pieces)
         return out
 
-    def _prompt_ids_of(self, index: int) -> list[int] | None:
-        return super()._prompt_ids_of(0)  # one conversation, whatever the choice
+    def _prompt_of(self, index: int) -> int:
+        return 0  # one conversation, whatever the choice
 
     def response(self, choices: list[Choice], finished: Finished) -> dict[str, Any]:
         out = super().response(choices, finished)

@@ -132,7 +132,7 @@ def completions() -> Any:
     req = load_request(_state().completion_schema, read_json_object(request))
     return _answer(req, CompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
                                         tokens_as_ids=req.tokens_as_ids, token_ids=req.token_ids,
-                                        per_prompt=req.choices))
+                                        per_prompt=req.choices, continuous_usage=req.continuous_usage))
 
 
 @bp.post("/chat/completions")
@@ -142,7 +142,8 @@ def chat_completions() -> Any:
     req = load_request(_state().chat_schema, read_json_object(request))
     return _answer(req, ChatCompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
                                             tool_choice=req.tool_choice, reasoning=req.reasoning,
-                                            tokens_as_ids=req.tokens_as_ids, token_ids=req.token_ids))
+                                            tokens_as_ids=req.tokens_as_ids, token_ids=req.token_ids,
+                                            continuous_usage=req.continuous_usage))
 
 
 @bp.post("/messages")

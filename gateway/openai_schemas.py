@@ -120,6 +120,8 @@ class OpenAIRequest:
     tokens_as_ids: bool = False
     # vLLM's return_token_ids: the prompt's and every choice's token ids in the reply
     token_ids: bool = False
+    # vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk's usage so far
+    continuous_usage: bool = False
 
 
 # -- nested objects -----------------------------------------------------------------------------
@@ -129,6 +131,8 @@ class StreamOptionsSchema(StrictSchema):
     """``stream_options``; only with ``"stream": true``."""
 
     include_usage = StrictBoolean()
+    # vLLM's: with include_usage, every chunk's usage so far (its choice's tokens)
+    continuous_usage_stats = StrictBoolean()
     include_obfuscation = StrictBoolean()  # accepted and ignored: chunks carry no padding here
 
 
@@ -299,14 +303,16 @@ class _OpenAISchema(ModelSchema):
         sampling = sampling_params(fields, max_new_tokens="max_tokens", stop="stop", echo="echo")
         stream = bool(data.get("stream"))
         options = data.get("stream_options") or {}
-        params = TextRequest(prompt="", sampling=sampling, stream=stream, model=model,
-                             return_prompt_token_ids=token_ids).with_prompt(prompt)
+        include_usage = stream and bool(options.get("include_usage"))
+        continuous = include_usage and bool(options.get("continuous_usage_stats"))
+        params = TextRequest(prompt="", sampling=sampling, stream=stream, model=model, return_prompt_token_ids=token_ids,
+                             return_num_output_tokens=continuous).with_prompt(prompt)
         # the llm model's "prompt" (a prompt over the context) is chat's messages
         names = {**PARAM_NAMES, "prompt": prompt_param, **self.param_names, "n": "best_of" if generated > choices else "n"}
         if data.get("structured_outputs") is not None:  # the guide's errors name the field it came from
             names.update(guided_decoding_guide="structured_outputs", guided_decoding_guide_type="structured_outputs")
         return OpenAIRequest(params=params,
-                             include_usage=stream and bool(options.get("include_usage")), choices=choices,
+                             include_usage=include_usage, continuous_usage=continuous, choices=choices,
                              logprobs=logprobs, param_names=names,
                              tokens_as_ids=bool(data.get("return_tokens_as_token_ids")), token_ids=token_ids)
 

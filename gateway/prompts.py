@@ -54,6 +54,7 @@ class PromptsGeneration:
         self._held: list[Event] = []  # their text until every prompt is admitted
         self._finals: dict[int, Finished] = {}
         self._prompt_ids: dict[int, tuple[int, ...]] = {}  # each prompt's ids, from its admission
+        self._prompt_counts: dict[int, int] = {}  # each prompt's token count, from its admission
         self._ended = 0
         # The request's log record (taken here, in the request's context): each prompt's
         # generation records its own final event in it; the request's line gets their sum.
@@ -137,6 +138,8 @@ class PromptsGeneration:
         self._heard.add(i)  # any event of a generation says it was admitted
         if isinstance(item, Admitted) and item.prompt_token_ids is not None:
             self._prompt_ids[i] = item.prompt_token_ids[0]
+        if isinstance(item, Admitted) and item.prompt_tokens is not None:
+            self._prompt_counts[i] = item.prompt_tokens
         if isinstance(item, Finished):
             self._finals[i] = item
         elif isinstance(item, TextDelta):
@@ -149,10 +152,14 @@ class PromptsGeneration:
         return out
 
     def _admitted(self) -> Admitted:
-        """The admission of every prompt: with each prompt's ids, when they came for all."""
-        ids = self._prompt_ids
-        return Admitted(prompt_token_ids=tuple(ids[k] for k in range(len(self._generations)))) \
-            if len(ids) == len(self._generations) else ADMITTED
+        """The admission of every prompt: with each prompt's ids and token count, when they came
+        for all."""
+        count = len(self._generations)
+        ids, counts = self._prompt_ids, self._prompt_counts
+        if len(ids) < count and len(counts) < count:
+            return ADMITTED
+        return Admitted(prompt_token_ids=tuple(ids[k] for k in range(count)) if len(ids) == count else None,
+                        prompts_tokens=tuple(counts[k] for k in range(count)) if len(counts) == count else None)
 
     def _finished(self, finals: list[Finished]) -> Finished:
         ends = tuple(ChoiceEnd(end.index + i * self._n, end.finish_reason, end.completion_tokens, end.cum_logprob)

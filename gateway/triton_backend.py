@@ -170,8 +170,8 @@ class TritonGeneration:
                     events.append(Admitted(item.server, item.prompt_tokens or None, self._prompt_ids)
                                   if item.server or item.prompt_tokens else ADMITTED)
                     continue
-                if item.text or item.logprobs is not None and item.logprobs.tokens:
-                    events.append(TextDelta(item.text, item.index, item.logprobs))
+                if item.text or item.logprobs is not None and item.logprobs.tokens or item.output_tokens:
+                    events.append(TextDelta(item.text, item.index, item.logprobs, item.output_tokens))
                 if item.finished is not None:
                     self._ends[item.finished.index] = item.finished
                     self._prompt_tokens = item.prompt_tokens

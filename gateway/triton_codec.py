@@ -72,6 +72,7 @@ class StreamResponse:
     prompt_tokens: int = 0  # with ``finished``
     cached_tokens: int | None = None  # with ``finished``, when the engine reports it
     prompt_token_ids: tuple[int, ...] | None = None  # on the admission, when asked for
+    output_tokens: int | None = None  # NVIDIA's num_output_tokens, when asked for (return_num_output_tokens)
 
 
 _SCALAR_FORMATS = {"INT32": "<i", "INT64": "<q", "UINT64": "<Q"}
@@ -141,6 +142,7 @@ def parse_stream_response(
         logprobs=_token_logprobs(arrays) if "output_log_probs" in arrays else None,
         prompt_token_ids=tuple(int(i) for i in _array(*arrays["prompt_token_ids"])) if "prompt_token_ids" in arrays
         else None,
+        output_tokens=int(values["num_output_tokens"]) if "num_output_tokens" in values else None,
         prompt_tokens=int(values.get("prompt_tokens", 0)),
         cached_tokens=int(values["cached_tokens"]) if "cached_tokens" in values else None,
     )

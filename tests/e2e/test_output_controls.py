@@ -126,6 +126,33 @@ def test_return_token_ids_gives_the_ids_the_engine_got_and_generated(oai, gatewa
         assert got == answer["choices"][index]["token_ids"]
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats_counts_each_choices_tokens_as_they_stream(oai, chat):
+    """vLLM's continuous_usage_stats on the real stack: every chunk's usage is the prompt's
+    tokens and its choice's tokens so far, which are the ids streamed so far (return_token_ids);
+    the last chunk's usage sums the choices."""
+    extra = {"return_token_ids": True}
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    common = {"model": MODEL, "max_tokens": 12, "temperature": 0, "n": 2, "stream": True,
+              "stream_options": options, "extra_body": extra}
+    stream = (oai.chat.completions.create(messages=CAPITAL, **common) if chat
+              else oai.completions.create(prompt="The capital of France is", **common))
+    chunks = [c.model_dump() for c in stream]
+    *steps, last = chunks
+    assert last["choices"] == [] and steps
+    prompt_tokens = last["usage"]["prompt_tokens"]
+    ids: dict[int, int] = {}
+    for chunk in steps:
+        choice, usage = chunk["choices"][0], chunk["usage"]
+        ids[choice["index"]] = ids.get(choice["index"], 0) + len(choice["token_ids"] or [])
+        assert usage["prompt_tokens"] == prompt_tokens
+        assert usage["completion_tokens"] == ids[choice["index"]] or choice["finish_reason"] is not None
+        assert usage["total_tokens"] == prompt_tokens + usage["completion_tokens"]
+    finals = {c["choices"][0]["index"]: c["usage"]["completion_tokens"] for c in steps if c["choices"][0]["finish_reason"]}
+    assert sorted(finals) == [0, 1] and sum(finals.values()) == last["usage"]["completion_tokens"]
+    assert all(finals[i] >= ids[i] for i in finals)  # a stop token left out of the text is still counted
+
+
 def test_generate_logprobs_streamed_and_not_agree_and_line_up_with_the_text(gateway):
     body = {"prompt": "The capital of France is", "max_new_tokens": 12, "temperature": 0, "logprobs": 2,
             "stop_sequences": ["\n\n"]}

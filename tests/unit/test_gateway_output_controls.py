@@ -651,3 +651,49 @@ def test_return_token_ids_is_refused_with_echo(client):
     response = client.post("/v1/completions", json={"prompt": "Hi", "echo": True, "return_token_ids": True},
                            headers=AUTH)
     assert response.status_code == 400 and response.get_json()["error"]["param"] == "return_token_ids"
+
+
+def counted_script(params):
+    """Two choices, each "ab" (2 tokens) then "c" (1 token) with NVIDIA's per-response counts
+    when asked for (return_num_output_tokens); choice 1 ends with 4 tokens (a stop token left
+    out of the text)."""
+    counted = params.return_num_output_tokens
+    steps = [Admitted("vm:1", prompt_tokens=5)]
+    for i in range(params.sampling.n):
+        steps += [TextDelta("ab", i, tokens=2 if counted else None), TextDelta("c", i, tokens=1 if counted else None)]
+    ends = (ChoiceEnd(0, "eos_token", 3), ChoiceEnd(1, "stop_sequence", 4))[:params.sampling.n]
+    return [*steps, Finished("eos_token", prompt_tokens=5, completion_tokens=7, choices=ends)]
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": "Hi"}),
+                                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})])
+def test_continuous_usage_stats_gives_every_chunk_its_choices_usage_so_far(tmp_path, path, body):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): each chunk's usage is
+    the prompt's tokens and its choice's tokens so far (the finish chunk: the choice's
+    completion_tokens); the last chunk the whole usage. Without include_usage it changes nothing."""
+    backend = FakeBackend(script=counted_script)
+    client = make_openai_app(tmp_path, backend=backend)[0].test_client()
+    spec = client.get("/openapi.json").get_json()
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    response = client.post(path, json={"model": MODEL, "stream": True, "n": 2, "stream_options": options, **body},
+                           headers=AUTH)
+    assert response.status_code == 200 and backend.last_params.return_num_output_tokens
+    chunks = sse_data(response)[:-1]
+    for chunk in chunks:
+        jsonschema_rs.Draft202012Validator(
+            {**spec, "$ref": f"#/components/schemas/{'Chat' if 'chat' in path else ''}CompletionChunk"}).validate(chunk)
+    seen = [(c["choices"][0]["index"], c["usage"]["completion_tokens"]) for c in chunks if c["choices"]]
+    assert seen == [(0, 2), (0, 3), (1, 2), (1, 3), (0, 3), (1, 4)]
+    assert all(c["usage"]["prompt_tokens"] == 5 and c["usage"]["total_tokens"] == 5 + c["usage"]["completion_tokens"]
+               for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 7
+    plain = client.post(path, json={"model": MODEL, "stream": True, "n": 2, "stream_options": {
+        "continuous_usage_stats": True}, **body}, headers=AUTH)
+    assert not backend.last_params.return_num_output_tokens
+    assert all("usage" not in c for c in sse_data(plain)[:-1])
+
+
+def test_continuous_usage_stats_needs_stream(client):
+    response = client.post("/v1/completions", json={"prompt": "Hi", "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}}, headers=AUTH)
+    assert response.status_code == 400 and response.get_json()["error"]["param"] == "stream_options"

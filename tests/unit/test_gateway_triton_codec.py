@@ -239,3 +239,10 @@ def test_a_choices_last_response_carries_the_prefix_caches_share_when_the_engine
     gen.cached_tokens = 32
     parsed = parse(stream_response(arrays=output_tensors("x", gen=gen), final=True))
     assert (parsed.prompt_tokens, parsed.cached_tokens) == (40, 32)
+
+
+def test_nvidias_per_response_token_count_is_read_when_sent():
+    """return_num_output_tokens (continuous_usage_stats): the tokens each response accounts for."""
+    counted = parse(stream_response(text="ab", arrays={"num_output_tokens": np.array([[2]], dtype=np.int32)}))
+    assert (counted.text, counted.output_tokens) == ("ab", 2)
+    assert parse(stream_response(text="ab")).output_tokens is None
