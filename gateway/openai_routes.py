@@ -28,7 +28,7 @@ from . import metrics
 from .anthropic import CountTokensSchema, MessagesReply, MessagesSchema, error_body, messages_param
 from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
-from .errors import ClientError, register_error_body
+from .errors import ClientError, ServerError, register_error_body
 from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest
 from .openai_replies import ChatCompletionReply, CompletionReply
 from .prompts import best_per_prompt, start_prompts
@@ -102,7 +102,14 @@ def _state() -> OpenAIState:
 
 
 def _model_object(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": OWNER}
+    """A model card; with vLLM's and SGLang's ``root`` and ``max_model_len`` (its context, which
+    clients size their requests by), the latter left out while Triton cannot say it."""
+    card = {"id": name, "object": "model", "created": created, "owned_by": OWNER, "root": name}
+    try:
+        card["max_model_len"] = _state().chat_schema.limits(name).max_context
+    except ServerError as err:
+        log.info("the model card of %s has no max_model_len: %s", name, err.message)
+    return card
 
 
 @bp.get("/models")

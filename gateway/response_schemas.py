@@ -174,6 +174,8 @@ class ModelSchema(Schema):
     object = _const("model")
     created = _required(fields.Integer)
     owned_by = _required(fields.String)
+    root = fields.String()  # vLLM's and SGLang's: the model it serves (its own id here)
+    max_model_len = fields.Integer(validate=Range(min=1))  # vLLM's: the context, prompt and output together
 
 
 class ModelListSchema(Schema):

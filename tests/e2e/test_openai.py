@@ -33,7 +33,8 @@ def oai(gateway):
 
 def test_models(oai):
     assert [m.id for m in oai.models.list()] == [MODEL]
-    assert oai.models.retrieve(MODEL).id == MODEL
+    card = oai.models.retrieve(MODEL).model_dump()
+    assert card["id"] == card["root"] == MODEL and card["max_model_len"] == 2048  # vLLM's: the context
 
 
 def test_completion_streamed_equals_json_for_greedy_requests(oai):

@@ -436,6 +436,18 @@ def test_models_list_and_retrieve(client):
     assert one == listed["data"][0]
     assert_error(client.get("/v1/models/gpt-4", headers=AUTH), 404, "not_found_error", "model",
                  "The model 'gpt-4' does not exist or is not served here")
+    assert (one["root"], one["max_model_len"]) == (MODEL, 2048)  # vLLM's fields: the context Triton reports
+
+
+def test_model_cards_leave_max_model_len_out_while_triton_cannot_say_it(tmp_path):
+    class Unreachable(FakeBackend):
+        def limits(self, model):
+            raise ServerError("The inference server is unreachable", status=503, retry_after=5)
+
+    client = make_openai_app(tmp_path, backend=Unreachable())[0].test_client()
+    listed = client.get("/v1/models", headers=AUTH)
+    assert listed.status_code == 200 and "max_model_len" not in listed.get_json()["data"][0]
+    assert client.get(f"/v1/models/{MODEL}", headers=AUTH).get_json()["id"] == MODEL
 
 
 def test_models_are_those_the_key_may_use(tmp_path):
