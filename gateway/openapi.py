@@ -350,6 +350,10 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
             "summary": "Readiness: 200 only when Triton is reachable and every served model is ready.",
             "responses": {200: _ok("Ready.", rs.ReadySchema), **_errors(503)},
         }},
+        "/health": {"get": {
+            "summary": "Readiness under vLLM's and SGLang's name (their routers and clients probe it): /readyz.",
+            "responses": {200: _ok("Ready.", rs.ReadySchema), **_errors(503)},
+        }},
         "/metrics": {"get": {
             "summary": "Prometheus metrics.",
             "responses": {200: _ok("Prometheus text format.", {"type": "string"}, media="text/plain")},

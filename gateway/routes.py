@@ -40,9 +40,11 @@ def healthz() -> Any:
 
 
 @bp.get("/readyz")
+@bp.get("/health", endpoint="readyz")
 def readyz() -> Any:
     """200 when a Triton is live and ready with every served model, else 503 (also while the
-    gateway drains before it exits, gateway.drain); no key."""
+    gateway drains before it exits, gateway.drain); no key. Also ``/health``, vLLM's and
+    SGLang's name, which their routers, load balancers and clients probe."""
     if DRAIN.draining:
         raise unavailable("The gateway is shutting down", _state().retry_after)
     _state().backend.check_ready()

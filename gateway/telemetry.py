@@ -41,7 +41,7 @@ from trident.contract import TextRequest
 
 log = logging.getLogger("trident.gateway.request")
 
-_PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+_PROBES = frozenset({"/healthz", "/readyz", "/health", "/metrics"})
 
 
 def endpoint_label() -> str:

@@ -26,6 +26,7 @@ def own_stack(tmp_path_factory):
 
 def test_triton_stopped_mid_stream_then_503(own_stack):
     triton, gateway = own_stack
+    assert requests.get(gateway.url + "/health", timeout=30).json() == {"status": "ready"}
     r = requests.post(gateway.url + "/generate", headers=AUTH, stream=True, timeout=120,
                       json={"prompt": "Write a long story.", "max_new_tokens": 1500, "temperature": 0,
                             "stream": True})
@@ -47,8 +48,9 @@ def test_triton_stopped_mid_stream_then_503(own_stack):
     assert r.status_code == 503, r.text
     assert r.json()["error"]["type"] == "service_unavailable"
     assert int(r.headers["Retry-After"]) > 0
-    ready = requests.get(gateway.url + "/readyz", timeout=30)
-    assert ready.status_code == 503 and "Retry-After" in ready.headers
+    for probe in ("/readyz", "/health"):  # /health: vLLM's and SGLang's name
+        ready = requests.get(gateway.url + probe, timeout=30)
+        assert ready.status_code == 503 and "Retry-After" in ready.headers
     assert requests.get(gateway.url + "/healthz", timeout=30).status_code == 200
 
 

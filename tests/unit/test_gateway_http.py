@@ -321,11 +321,13 @@ def test_health_needs_no_key():
     client = make_client()
     assert client.get("/healthz").get_json() == {"status": "ok"}
     assert client.get("/readyz").get_json() == {"status": "ready"}
+    assert client.get("/health").get_json() == {"status": "ready"}  # vLLM's and SGLang's name for it
 
 
-def test_readyz_is_503_when_backend_is_not_ready():
+@pytest.mark.parametrize("path", ["/readyz", "/health"])
+def test_readyz_is_503_when_backend_is_not_ready(path):
     backend = FakeBackend(ready_error=ServerError("The inference server is unreachable", status=503, retry_after=5))
-    response = make_client(backend=backend).get("/readyz")
+    response = make_client(backend=backend).get(path)
     assert_error(response, 503, "service_unavailable", None, "The inference server is unreachable")
     assert response.headers["Retry-After"] == "5"
 

@@ -68,7 +68,7 @@ def test_the_document_is_valid_openapi_3_1():
 def test_every_endpoint_is_described():
     documented = {(p, m) for p, ops in SPEC["paths"].items() for m in ops}
     assert documented == {
-        ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"), ("/openapi.json", "get"),
+        ("/healthz", "get"), ("/readyz", "get"), ("/health", "get"), ("/metrics", "get"), ("/openapi.json", "get"),
         ("/generate", "post"), ("/v1/models", "get"), ("/v1/models/{model}", "get"),
         ("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/messages", "post"),
         ("/v1/messages/count_tokens", "post"), ("/v1/responses", "post"), ("/v1/responses/{response_id}", "get"),
