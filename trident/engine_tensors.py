@@ -154,9 +154,8 @@ def engine_inputs(sampling: SamplingParams, *, input_ids: Sequence[int], end_id:
     bad_words = [*bad_words_ids, [end_id]] if split_ban else bad_words_ids
     if bad_words:
         tensors["bad_words_list"] = words_list(bad_words)
-    tensors.update(_output_control_inputs(sampling, vocab_size))
-    if split_ban:
-        tensors["min_tokens"] = _one(sampling.min_tokens, "min_tokens")
+    tensors.update(_output_control_inputs(sampling, vocab_size,
+                                          min_tokens=sampling.min_tokens if split_ban else sampling.engine_min_tokens))
     if report_cached:  # an engine with the feature (CPU): the prefix cache's share of the prompt
         tensors["return_num_cached_tokens"] = _one(True, "return_num_cached_tokens")
     if stops:
@@ -164,14 +163,15 @@ def engine_inputs(sampling: SamplingParams, *, input_ids: Sequence[int], end_id:
     return tensors
 
 
-def _output_control_inputs(s: SamplingParams, vocab_size: int) -> dict[str, np.ndarray]:
+def _output_control_inputs(s: SamplingParams, vocab_size: int, *, min_tokens: int) -> dict[str, np.ndarray]:
     """The output controls, each only when it is not its default (a plain request stays as it
-    was). ``logit_bias`` becomes TensorRT-LLM's dense ``embedding_bias`` of the model's width."""
+    was); ``min_tokens``: the engine's (engine_inputs decides it). ``logit_bias`` becomes
+    TensorRT-LLM's dense ``embedding_bias`` of the model's width."""
     tensors: dict[str, np.ndarray] = {}
     if s.n != 1:
         tensors["num_return_sequences"] = _one(s.n, "num_return_sequences")
-    if s.engine_min_tokens:
-        tensors["min_tokens"] = _one(s.engine_min_tokens, "min_tokens")
+    if min_tokens:
+        tensors["min_tokens"] = _one(min_tokens, "min_tokens")
     if s.presence_penalty:
         tensors["presence_penalty"] = _one(s.presence_penalty, "presence_penalty")
     if s.frequency_penalty:
