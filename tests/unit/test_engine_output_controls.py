@@ -17,7 +17,7 @@ from testkit import model_dir
 from engine_sink import Collector
 import torch
 
-from trident.contract import Guide, SamplingParams
+from trident.contract import DISALLOWED_BIAS, Guide, SamplingParams
 from trident.engine import Engine, EngineConfig, GenerationRequest, InvalidRequestError, request_from_tensors, response_arrays
 from trident.engine_tensors import (
     CONTEXT_LOG_PROBS,
@@ -429,6 +429,23 @@ def test_min_tokens_stop_ids_are_read_and_checked(engine):
     with pytest.raises(InvalidRequestError, match=r"min_tokens_stop_ids contains ids outside") as out:
         wide.validate(vocab_size=vocab, max_seq_len=256)
     assert out.value.param == "min_tokens_stop_ids"
+
+
+def test_an_embedding_bias_wider_than_the_vocabulary_is_a_400_naming_it():
+    """The dense embedding_bias read back as allowed ids or as biased tokens: a token past the
+    model's vocabulary is refused either way (one bound for both)."""
+    base = {"input_ids": np.array([[1, 2, 3]], np.int32), "request_output_len": np.array([[4]], np.int32)}
+    vocab = 100
+    allowed = np.full((1, vocab + 5), DISALLOWED_BIAS, np.float32)
+    allowed[0, [3, vocab + 2]] = 0.0  # allowed_token_ids (3, 102)
+    biased = np.zeros((1, vocab + 5), np.float32)
+    biased[0, vocab + 1] = 2.5  # logit_bias ((101, 2.5),)
+    for bias, token in ((allowed, vocab + 2), (biased, vocab + 1)):
+        req = request_from_tensors("w", {**base, "embedding_bias": bias})
+        with pytest.raises(InvalidRequestError, match=f"entries at most .*got one for token {token}$") as out:
+            req.validate(vocab_size=vocab, max_seq_len=256)
+        assert out.value.param == "embedding_bias"
+        req.validate(vocab_size=vocab + 5, max_seq_len=256)  # within a wider vocabulary: fine
 
 
 def test_logit_bias_forces_and_bans(engine, tok):

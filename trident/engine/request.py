@@ -147,13 +147,13 @@ class GenerationRequest:
         if any(not 0 <= t < vocab_size for t in self.min_tokens_stops):
             raise InvalidRequestError(f"min_tokens_stop_ids contains ids outside [0, {vocab_size})",
                                       param="min_tokens_stop_ids")
-        if s.allowed_token_ids and not 0 <= max(s.allowed_token_ids) < vocab_size:
+        # the tokens the dense embedding_bias names: allowed ones and biased ones, one bound for both
+        named = (*s.allowed_token_ids, *(token for token, _ in s.logit_bias))
+        if named and not (0 <= min(named) and max(named) < vocab_size):
+            token = next(t for t in named if not 0 <= t < vocab_size)
             raise InvalidRequestError(f"embedding_bias has {vocab_size} entries at most (the model's vocabulary), "
-                                      f"got one for token {max(s.allowed_token_ids)}", param="embedding_bias")
+                                      f"got one for token {token}", param="embedding_bias")
         for token, bias in s.logit_bias:
-            if not 0 <= token < vocab_size:
-                raise InvalidRequestError(f"embedding_bias has {vocab_size} entries at most (the model's vocabulary), "
-                                          f"got a bias for token {token}", param="embedding_bias")
             if not math.isfinite(bias):
                 raise InvalidRequestError(f"embedding_bias must be finite, got {bias} for token {token}",
                                           param="embedding_bias")
