@@ -82,7 +82,6 @@ class _Reply:
         self.token_ids = token_ids
         self.per_prompt = per_prompt
         self._prompt_ids: tuple[tuple[int, ...], ...] | None = None
-        self._ids_sent: set[int] = set()  # streamed choices whose prompt ids went out
         # vLLM's continuous_usage_stats: each chunk's usage, its choice's tokens so far
         self.continuous_usage = continuous_usage
         self._prompt_counts: tuple[int, ...] = ()  # each prompt's tokens (the admission says)
@@ -119,13 +118,6 @@ class _Reply:
             return None
         return list(self._prompt_ids[prompt])
 
-    def _first_ids(self, index: int) -> list[int] | None:
-        """A stream's prompt ids for choice ``index``'s first chunk (None after it)."""
-        if index in self._ids_sent:
-            return None
-        self._ids_sent.add(index)
-        return self._prompt_ids_of(index)
-
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
@@ -147,8 +139,8 @@ class _Reply:
         """One choice of a chunk; None when this text has nothing to show yet."""
         raise NotImplementedError
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
-        chunk = {**self._head(self.chunk_object), "choices": choices}
+    def _chunk(self, choices: list[dict[str, Any]], usage: Any = None, **extra: Any) -> bytes:
+        chunk = {**self._head(self.chunk_object), **extra, "choices": choices}
         if self.include_usage:
             chunk["usage"] = usage
         return data_line(chunk)
@@ -182,6 +174,7 @@ class CompletionReply(_Reply):
     def __init__(self, model: str, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self._offsets = TextOffsets()
+        self._ids_sent: set[int] = set()  # streamed choices whose prompt ids went out (return_token_ids)
 
     def _choice(self, choice: Choice) -> dict[str, Any]:
         logprobs = completion_logprobs(choice.pieces, as_ids=self.tokens_as_ids) if self.logprobs is not None else None
@@ -205,6 +198,13 @@ class CompletionReply(_Reply):
             out["token_ids"] = list(logprobs.token_ids) if logprobs is not None else []
         return out
 
+    def _first_ids(self, index: int) -> list[int] | None:
+        """A stream's prompt ids for choice ``index``'s first chunk (None after it)."""
+        if index in self._ids_sent:
+            return None
+        self._ids_sent.add(index)
+        return self._prompt_ids_of(index)
+
 
 class ChatCompletionReply(_Reply):
     """``/v1/chat/completions``: ``chat.completion`` and ``chat.completion.chunk``; the first
@@ -224,7 +224,6 @@ class ChatCompletionReply(_Reply):
     def __init__(self, model: str, *, tool_choice: ToolChoice | None = None, reasoning: Reasoning | None = None,
                  **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        self._first_chunk_ids: list[int] | None = None  # the next chunk's prompt_token_ids (return_token_ids)
         self._role_sent: set[int] = set()
         self.tool_choice = tool_choice
         self.reasoning = reasoning
@@ -297,20 +296,18 @@ class ChatCompletionReply(_Reply):
         if self.logprobs is not None and reason is None:
             shown = chat_logprobs([logprobs] if logprobs is not None else [], as_ids=self.tokens_as_ids)
         out = {"index": index, "delta": delta, "logprobs": shown, "finish_reason": reason}
-        if self.token_ids:  # vLLM's: each chunk its own ids; the conversation's in the role chunks
+        if self.token_ids:  # vLLM's: each chunk its own ids
             out["token_ids"] = list(logprobs.token_ids) if logprobs is not None else []
-            if first:
-                self._first_chunk_ids = self._first_ids(index)
         return out
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
-        ids, self._first_chunk_ids = self._first_chunk_ids, None
-        if ids is None:
-            return super()._chunk(choices, usage)
-        chunk = {**self._head(self.chunk_object), "prompt_token_ids": ids, "choices": choices}
-        if self.include_usage:
-            chunk["usage"] = usage
-        return data_line(chunk)
+    def _chunk(self, choices: list[dict[str, Any]], usage: Any = None, **extra: Any) -> bytes:
+        """vLLM's return_token_ids: the conversation's ids in each choice's first chunk, the one
+        with the role."""
+        if self.token_ids and choices and "role" in choices[0]["delta"]:
+            ids = self._prompt_ids_of(0)
+            if ids is not None:
+                extra["prompt_token_ids"] = ids
+        return super()._chunk(choices, usage, **extra)
 
     def _reason(self, index: int, text: str | None, *, final: bool) -> tuple[str, str | None]:
         """A streamed choice's reasoning and content (None: none yet) in this text; at its end,
