@@ -28,6 +28,17 @@ class TokenLogprobs:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptLogprobs:
+    """One prompt's tokens with their log-probabilities (vLLM's prompt_logprobs): each token's
+    text decoded alone, id and log-probability given the tokens before it (NaN for the first,
+    which has none), with the best alternatives at its position (none for the first), and its
+    rank there (``ranks``: 1 the most likely; 0 for the first)."""
+
+    tokens: TokenLogprobs
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     """The next piece of generated text of choice ``index``: whole UTF-8 characters, never the
     prompt, never a (possibly partial) stop sequence; with ``logprobs`` its tokens."""
@@ -62,6 +73,8 @@ class Finished:
     cached_tokens: int | None = None  # of prompt_tokens, from the engine's prefix cache (when it says)
     # each prompt's ids as the engine got them, when asked for (TextRequest.return_prompt_token_ids)
     prompt_token_ids: tuple[tuple[int, ...], ...] | None = None
+    # each prompt's tokens with their log-probabilities, when asked for (SamplingParams.prompt_logprobs)
+    prompt_logprobs: tuple[PromptLogprobs, ...] | None = None
 
     @property
     def ends(self) -> tuple[ChoiceEnd, ...]:

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import ChoiceEnd, Event, Finished, TextDelta, TokenLogprobs
+from .backend import ChoiceEnd, Event, Finished, PromptLogprobs, TextDelta, TokenLogprobs
 from .sse import sse_event
 
 
@@ -133,6 +133,33 @@ def completion_logprobs(pieces: Iterable[TokenLogprobs], offsets: list[int] | No
 def generated_ids(pieces: Iterable[TokenLogprobs]) -> list[int]:
     """The ids of one choice's generated tokens (vLLM's ``return_token_ids``)."""
     return [token for piece in pieces for token in piece.token_ids]
+
+
+#: What vLLM's prompt_logprobs show for a log-probability of -inf (JSON has no infinity)
+PROMPT_LOGPROB_FLOOR = -9999.0
+
+
+def prompt_logprobs_object(prompt: PromptLogprobs) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs`` of one prompt: null for its first token, which has none, then
+    per token an object from token id to ``logprob``, ``rank`` and ``decoded_token`` (the token
+    decoded alone): the prompt's token first, with its rank in the vocabulary, then the best
+    alternatives, ranks 1 to k (the prompt's token keeps its place when it is one of them)."""
+    tokens = prompt.tokens
+    top = tokens.top or ()
+    top_ids = tokens.top_ids or ()
+    out: list[dict[str, dict[str, Any]] | None] = [None] if tokens.tokens else []
+    for i in range(1, len(tokens.tokens)):
+        entry = {str(tokens.token_ids[i]): _prompt_entry(tokens.logprobs[i], prompt.ranks[i], tokens.tokens[i])}
+        if i < len(top) and i < len(top_ids):
+            for rank, (token_id, (text, logprob)) in enumerate(zip(top_ids[i], top[i]), start=1):
+                entry[str(token_id)] = _prompt_entry(logprob, rank, text)
+        out.append(entry)
+    return out
+
+
+def _prompt_entry(logprob: float, rank: int, text: str) -> dict[str, Any]:
+    return {"logprob": PROMPT_LOGPROB_FLOOR if logprob == float("-inf") else logprob, "rank": rank,
+            "decoded_token": text}
 
 
 def _utf8(text: str) -> list[int]:

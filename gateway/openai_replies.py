@@ -20,8 +20,8 @@ import json
 import time
 from typing import Any
 
-from .backend import Admitted, Event, Finished, TextDelta, TokenLogprobs
-from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs, generated_ids
+from .backend import Admitted, Event, Finished, PromptLogprobs, TextDelta, TokenLogprobs
+from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs, generated_ids, prompt_logprobs_object
 from .errors import ApiError
 from .ids import new_id
 from .reasoning import Reasoning, ReasoningReader, reader_for, split_reasoning
@@ -70,7 +70,7 @@ class _Reply:
 
     def __init__(self, model: str, *, include_usage: bool = False, logprobs: int | None = None,
                  tokens_as_ids: bool = False, token_ids: bool = False, per_prompt: int = 1,
-                 continuous_usage: bool = False) -> None:
+                 continuous_usage: bool = False, prompt_logprobs: bool = False) -> None:
         self.id = f"{self.id_prefix}-{new_id()}"
         self.created = int(time.time())
         self.model = model
@@ -82,6 +82,9 @@ class _Reply:
         self.token_ids = token_ids
         self.per_prompt = per_prompt
         self._prompt_ids: tuple[tuple[int, ...], ...] | None = None
+        # vLLM's prompt_logprobs (not streamed): each prompt's tokens with their log-probabilities
+        self.prompt_logprobs = prompt_logprobs
+        self._prompt_scores: tuple[PromptLogprobs, ...] | None = None
         # vLLM's continuous_usage_stats: each chunk's usage, its choice's tokens so far
         self.continuous_usage = continuous_usage
         self._prompt_counts: tuple[int, ...] = ()  # each prompt's tokens (the admission says)
@@ -118,6 +121,13 @@ class _Reply:
             return None
         return list(self._prompt_ids[prompt])
 
+    def _prompt_logprobs_of(self, index: int) -> list[dict[str, dict[str, Any]] | None] | None:
+        """vLLM's prompt_logprobs of the prompt of choice ``index`` (None: they did not come)."""
+        prompt = self._prompt_of(index)
+        if self._prompt_scores is None or prompt >= len(self._prompt_scores):
+            return None
+        return prompt_logprobs_object(self._prompt_scores[prompt])
+
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
@@ -129,6 +139,7 @@ class _Reply:
     def response(self, choices: list[Choice], finished: Finished) -> dict[str, Any]:
         """The non-streaming response body; usage counts every generated token (best_of's too)."""
         self._prompt_ids = finished.prompt_token_ids
+        self._prompt_scores = finished.prompt_logprobs
         return {**self._head(self.object), "choices": [self._choice(c) for c in choices],
                 "usage": finished.openai_usage}
 
@@ -183,6 +194,8 @@ class CompletionReply(_Reply):
         if self.token_ids:
             out["prompt_token_ids"] = self._prompt_ids_of(choice.index)
             out["token_ids"] = generated_ids(choice.pieces)
+        if self.prompt_logprobs:
+            out["prompt_logprobs"] = self._prompt_logprobs_of(choice.index)
         return out
 
     def _delta_choice(self, index: int, text: str | None, reason: str | None,
@@ -267,6 +280,8 @@ class ChatCompletionReply(_Reply):
         out = super().response(choices, finished)
         if self.token_ids:  # vLLM's: the conversation's ids beside the choices
             out["prompt_token_ids"] = self._prompt_ids_of(0)
+        if self.prompt_logprobs:  # vLLM's: beside the choices too
+            out["prompt_logprobs"] = self._prompt_logprobs_of(0)
         return out
 
     @property

@@ -139,7 +139,8 @@ def completions() -> Any:
     req = load_request(_state().completion_schema, read_json_object(request))
     return _answer(req, CompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
                                         tokens_as_ids=req.tokens_as_ids, token_ids=req.token_ids,
-                                        per_prompt=req.choices, continuous_usage=req.continuous_usage))
+                                        per_prompt=req.choices, continuous_usage=req.continuous_usage,
+                                        prompt_logprobs=req.params.sampling.prompt_logprobs is not None))
 
 
 @bp.post("/chat/completions")
@@ -150,7 +151,8 @@ def chat_completions() -> Any:
     return _answer(req, ChatCompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
                                             tool_choice=req.tool_choice, reasoning=req.reasoning,
                                             tokens_as_ids=req.tokens_as_ids, token_ids=req.token_ids,
-                                            continuous_usage=req.continuous_usage))
+                                            continuous_usage=req.continuous_usage,
+                                            prompt_logprobs=req.params.sampling.prompt_logprobs is not None))
 
 
 @bp.post("/messages")

@@ -18,7 +18,9 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   ``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``,
   ``truncate_prompt_tokens`` and ``structured_outputs``
   (``json``, ``regex``, ``choice``, ``grammar`` or ``json_object``: the same constraint as
-  ``response_format``, gateway.control_fields);
+  ``response_format``, gateway.control_fields); ``prompt_logprobs`` (0..20, not streamed: each
+  prompt token's log-probability and rank with the k best tokens at its position, in vLLM's
+  shape);
 * ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
   tokens first in the log-probabilities (the first with null), as vLLM's; with ``max_tokens`` 0
   the prompt alone, scored (OpenAI's legacy API and vLLM take 0 only with echo);
@@ -261,6 +263,16 @@ class _OpenAISchema(ModelSchema):
     return_tokens_as_token_ids = StrictBoolean()
     # vLLM's: the prompt's ids (prompt_token_ids) and each choice's generated ids (token_ids)
     return_token_ids = StrictBoolean()
+    # vLLM's: each prompt token's log-probability and rank, with the k best tokens at its
+    # position (not streamed, as vLLM's)
+    prompt_logprobs = StrictInteger(
+        validate=_range("prompt_logprobs must be between {min} and {max}, got {input}", min=0, max=MAX_TOP_LOGPROBS))
+
+    @validates_schema
+    def validate_prompt_logprobs(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        if data.get("prompt_logprobs") is not None and data.get("stream"):
+            raise ValidationError('prompt_logprobs are not available with "stream": true (as vLLM\'s): send the '
+                                  "request without streaming", field_name="prompt_logprobs")
 
     @validates_schema
     def validate_return_token_ids(self, data: Mapping[str, Any], **kwargs: Any) -> None:

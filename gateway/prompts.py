@@ -166,10 +166,12 @@ class PromptsGeneration:
                      for i, final in enumerate(finals) for end in final.ends)
         cached = [f.cached_tokens for f in finals if f.cached_tokens is not None]
         ids = [f.prompt_token_ids for f in finals]
+        scored = [f.prompt_logprobs for f in finals]
         return Finished(finish_reason=finals[0].finish_reason, prompt_tokens=sum(f.prompt_tokens for f in finals),
                         completion_tokens=sum(f.completion_tokens for f in finals), choices=ends,
                         cached_tokens=sum(cached) if len(cached) == len(finals) else None,
-                        prompt_token_ids=tuple(i[0] for i in ids) if all(i is not None for i in ids) else None)
+                        prompt_token_ids=tuple(i[0] for i in ids) if all(i is not None for i in ids) else None,
+                        prompt_logprobs=tuple(p[0] for p in scored) if all(p is not None for p in scored) else None)
 
     def close(self) -> None:
         self._closed = True

@@ -188,6 +188,21 @@ def _token_ids() -> fields.Field:
     return fields.List(fields.Integer(validate=Range(min=0)), allow_none=True)
 
 
+class PromptLogprobSchema(Schema):
+    """One token at a prompt position (vLLM's prompt_logprobs): -9999.0 stands for -inf."""
+
+    logprob = _required(fields.Float)
+    rank = _required(fields.Integer, validate=Range(min=1))  # 1: the most likely there
+    decoded_token = _required(fields.String)  # the token decoded alone
+
+
+def _prompt_logprobs() -> fields.Field:
+    """vLLM's ``prompt_logprobs``: null for the first token, then per token an object from token
+    id to PromptLogprob (the prompt's token, then the k best)."""
+    return fields.List(fields.Dict(keys=fields.String(), values=fields.Nested(PromptLogprobSchema), allow_none=True),
+                       allow_none=True)
+
+
 class CompletionChoiceSchema(Schema):
     text = _required(fields.String)
     index = _index(MAX_COMPLETION_CHOICES)
@@ -195,6 +210,7 @@ class CompletionChoiceSchema(Schema):
     finish_reason = _required(fields.String, validate=OneOf(OPENAI_FINISH_REASONS))
     prompt_token_ids = _token_ids()  # with return_token_ids: the choice's prompt's ids
     token_ids = _token_ids()  # with return_token_ids: the choice's generated ids
+    prompt_logprobs = _prompt_logprobs()  # with prompt_logprobs: the choice's prompt's
 
 
 class CompletionResponseSchema(Schema):
@@ -266,6 +282,7 @@ class ChatCompletionResponseSchema(Schema):
     created = _required(fields.Integer)
     model = _required(fields.String)
     prompt_token_ids = _token_ids()  # with return_token_ids: the conversation's ids
+    prompt_logprobs = _prompt_logprobs()  # with prompt_logprobs: the conversation's
     choices = _choices(ChatChoiceSchema)
     usage = fields.Nested(OpenAIUsageSchema, required=True)
 

@@ -45,7 +45,7 @@ from trident.contract import (
 )
 from trident.triton_wire import infer_request, is_final, output_arrays
 
-from .backend import ADMITTED, Admitted, ChoiceEnd, Event, Finished, TextDelta
+from .backend import ADMITTED, Admitted, ChoiceEnd, Event, Finished, PromptLogprobs, TextDelta
 from .errors import ApiError, internal_error, timeout_error, unavailable
 from .triton_codec import (
     StreamResponse,
@@ -149,6 +149,7 @@ class TritonGeneration:
         self._ended = False
         self._pending_error: ApiError | None = None
         self._prompt_ids: tuple[tuple[int, ...], ...] | None = None  # from the admission, when asked for
+        self._prompt_logprobs: PromptLogprobs | None = None  # from its response, when asked for
 
     def next_events(self, timeout: float | None) -> list[Event] | None:
         """Every event that has arrived, waiting up to ``timeout`` for the first; None when the
@@ -170,6 +171,8 @@ class TritonGeneration:
                     events.append(Admitted(item.server, item.prompt_tokens or None, self._prompt_ids)
                                   if item.server or item.prompt_tokens else ADMITTED)
                     continue
+                if item.prompt_logprobs is not None:
+                    self._prompt_logprobs = item.prompt_logprobs
                 if item.text or item.logprobs is not None and item.logprobs.tokens or item.output_tokens:
                     events.append(TextDelta(item.text, item.index, item.logprobs, item.output_tokens))
                 if item.finished is not None:
@@ -202,7 +205,8 @@ class TritonGeneration:
         return Finished(finish_reason=ends[0].finish_reason, prompt_tokens=self._prompt_tokens,
                         completion_tokens=sum(end.completion_tokens for end in ends),
                         choices=ends if len(ends) > 1 or ends[0].cum_logprob is not None else (),
-                        cached_tokens=self._cached_tokens, prompt_token_ids=self._prompt_ids)
+                        cached_tokens=self._cached_tokens, prompt_token_ids=self._prompt_ids,
+                        prompt_logprobs=None if self._prompt_logprobs is None else (self._prompt_logprobs,))
 
     def __iter__(self) -> Iterator[Event]:
         while True:

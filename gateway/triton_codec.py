@@ -30,7 +30,7 @@ from trident.contract import (
 )
 from trident.triton_wire import FINAL_FLAG, infer_request, serialize
 
-from .backend import ChoiceEnd, TokenLogprobs
+from .backend import ChoiceEnd, PromptLogprobs, TokenLogprobs
 from .errors import ApiError, ClientError, internal_error, unavailable
 
 __all__ = ["build_infer_request", "llm_inputs", "parse_stream_response", "serialize", "tagged_error"]
@@ -72,6 +72,7 @@ class StreamResponse:
     prompt_tokens: int = 0  # with ``finished``
     cached_tokens: int | None = None  # with ``finished``, when the engine reports it
     prompt_token_ids: tuple[int, ...] | None = None  # on the admission, when asked for
+    prompt_logprobs: PromptLogprobs | None = None  # on a response of its own before the text, when asked for
     output_tokens: int | None = None  # NVIDIA's num_output_tokens, when asked for (return_num_output_tokens)
 
 
@@ -136,10 +137,11 @@ def parse_stream_response(
         text=text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text),
         finished=finished,
         final=bool(final),
-        admitted=not final and "text_output" not in values and finished is None,
+        admitted=not final and "text_output" not in values and finished is None and "prompt_log_probs" not in arrays,
         server=bytes(values["server"]).decode("utf-8", "replace") if "server" in values else None,
         index=index,
         logprobs=_token_logprobs(arrays) if "output_log_probs" in arrays else None,
+        prompt_logprobs=_prompt_logprobs(arrays) if "prompt_log_probs" in arrays else None,
         prompt_token_ids=tuple(int(i) for i in _array(*arrays["prompt_token_ids"])) if "prompt_token_ids" in arrays
         else None,
         output_tokens=int(values["num_output_tokens"]) if "num_output_tokens" in values else None,
@@ -148,8 +150,12 @@ def parse_stream_response(
     )
 
 
-_ARRAY_OUTPUTS = frozenset(("output_token_texts", "output_token_ids", "output_log_probs", "top_log_prob_texts",
-                            "top_log_probs", "top_log_prob_ids", "cum_log_probs", "prompt_token_ids"))
+#: The outputs of a choice's tokens (TokenLogprobs), and of the prompt's (prompt_logprobs)
+_OUTPUT_NAMES = ("output_token_texts", "output_token_ids", "output_log_probs", "top_log_prob_texts", "top_log_probs",
+                 "top_log_prob_ids")
+_PROMPT_NAMES = ("prompt_token_texts", "prompt_token_ids", "prompt_log_probs", "prompt_top_log_prob_texts",
+                 "prompt_top_log_probs", "prompt_top_log_prob_ids")
+_ARRAY_OUTPUTS = frozenset((*_OUTPUT_NAMES, *_PROMPT_NAMES, "cum_log_probs", "prompt_log_prob_ranks"))
 _NUMPY = {"INT32": "<i4", "FP32": "<f4"}
 
 
@@ -167,18 +173,22 @@ def _array(datatype: str, shape: list[int], raw: bytes) -> list[Any]:
     return np.frombuffer(raw, dtype=_NUMPY[datatype]).tolist()
 
 
-def _token_logprobs(arrays: dict[str, tuple[Any, list[int], bytes]]) -> TokenLogprobs:
-    logprobs = _array(*arrays["output_log_probs"])
+def _token_logprobs(arrays: dict[str, tuple[Any, list[int], bytes]],
+                    names: tuple[str, ...] = _OUTPUT_NAMES) -> TokenLogprobs:
+    """The tokens in the outputs ``names`` (texts, ids, log-probabilities and the alternatives':
+    texts, log-probabilities, ids)."""
+    texts_name, ids_name, logprobs_name, top_texts_name, top_name, top_ids_name = names
+    logprobs = _array(*arrays[logprobs_name])
     n = len(logprobs)
-    texts = _array(*arrays["output_token_texts"]) if "output_token_texts" in arrays else [""] * n
-    ids = _array(*arrays["output_token_ids"]) if "output_token_ids" in arrays else [0] * n
+    texts = _array(*arrays[texts_name]) if texts_name in arrays else [""] * n
+    ids = _array(*arrays[ids_name]) if ids_name in arrays else [0] * n
     if len(texts) != n or len(ids) != n:
         raise ValueError("Triton response with token texts, ids and logprobs of different lengths")
     top = top_ids = None
-    if "top_log_probs" in arrays and "top_log_prob_texts" in arrays:
-        values, alternatives = _array(*arrays["top_log_probs"]), _array(*arrays["top_log_prob_texts"])
-        k = arrays["top_log_probs"][1][-1] if n else 0
-        alternative_ids = _array(*arrays["top_log_prob_ids"]) if "top_log_prob_ids" in arrays else None
+    if top_name in arrays and top_texts_name in arrays:
+        values, alternatives = _array(*arrays[top_name]), _array(*arrays[top_texts_name])
+        k = arrays[top_name][1][-1] if n else 0
+        alternative_ids = _array(*arrays[top_ids_name]) if top_ids_name in arrays else None
         if len(values) != n * k or len(alternatives) != n * k or (
                 alternative_ids is not None and len(alternative_ids) != n * k):
             raise ValueError("Triton response with top log-probabilities of the wrong shape")
@@ -187,6 +197,14 @@ def _token_logprobs(arrays: dict[str, tuple[Any, list[int], bytes]]) -> TokenLog
         if alternative_ids is not None:
             top_ids = tuple(tuple(int(alternative_ids[j]) for j in row) for row in rows)
     return TokenLogprobs(tuple(texts), tuple(int(i) for i in ids), tuple(logprobs), top, top_ids)
+
+
+def _prompt_logprobs(arrays: dict[str, tuple[Any, list[int], bytes]]) -> PromptLogprobs:
+    tokens = _token_logprobs(arrays, _PROMPT_NAMES)
+    ranks = _array(*arrays["prompt_log_prob_ranks"]) if "prompt_log_prob_ranks" in arrays else [0] * len(tokens.tokens)
+    if len(ranks) != len(tokens.tokens):
+        raise ValueError("Triton response with prompt log-probabilities and ranks of different lengths")
+    return PromptLogprobs(tokens, tuple(int(r) for r in ranks))
 
 
 _NOT_LOADED = ("Request for unknown model", "is not ready", "has no available versions")

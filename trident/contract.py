@@ -110,6 +110,10 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # the prompt (after truncate_prompt_tokens), prompt_token_ids, in a first response without
     # text, with prompt_tokens (the admission response, when the caller asked for that too).
     TensorSpec("return_prompt_token_ids", np.bool_),
+    # trident extension (vLLM's prompt_logprobs; CPU engine): k (0..20). A response without text,
+    # before any text, holds the prompt's tokens: prompt_token_ids, their texts, log-probabilities
+    # and ranks, and the k best tokens at each position (the prompt_* outputs).
+    TensorSpec("num_prompt_log_probs", np.int32),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one (prompt_tokens
 #: also on the admission response, which the gateway asks for).
@@ -147,6 +151,17 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     # With return_prompt_token_ids, on the first response (no text; with prompt_tokens and server,
     # the admission response): the ids the engine got for the prompt.
     TensorSpec("prompt_token_ids", np.int32, many=True),
+    # With num_prompt_log_probs k, on a response without text before any text (with
+    # prompt_token_ids): per prompt token, its text (decoded alone), log-probability given the
+    # tokens before it (NaN for the first) and rank there (1: the most likely; 0 for the first),
+    # and [tokens, k] alternatives (texts, log-probabilities, ids; best first; row 0 empty: "",
+    # -inf, -1).
+    TensorSpec("prompt_token_texts", np.object_, many=True),
+    TensorSpec("prompt_log_probs", np.float32, many=True),
+    TensorSpec("prompt_log_prob_ranks", np.int32, many=True),
+    TensorSpec("prompt_top_log_prob_texts", np.object_, matrix=True),
+    TensorSpec("prompt_top_log_probs", np.float32, matrix=True),
+    TensorSpec("prompt_top_log_prob_ids", np.int32, matrix=True),
 )
 
 #: Environment variable naming a Triton server (``host:grpc port`` by default, set by the
@@ -301,6 +316,8 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
         values["guided_decoding_guide"] = _strings((s.guide.text,))
     if s.echo:
         values["echo"] = _one(True, np.bool_)
+    if s.prompt_logprobs is not None:
+        values["num_prompt_log_probs"] = _one(s.prompt_logprobs, np.int32)
     if s.stop_token_ids:
         values["stop_token_ids"] = np.array([s.stop_token_ids], dtype=np.int32)
     if s.include_stop_str_in_output:
@@ -436,6 +453,7 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
     if _scalar(get("return_log_probs"), bool):
         given["logprobs"] = _scalar(get("num_top_log_probs"), int) or 0
     given["echo"] = _scalar(get("echo"), bool)
+    given["prompt_logprobs"] = _scalar(get("num_prompt_log_probs"), int)
     given["stop_token_ids"] = _ids(get("stop_token_ids"))
     given["include_stop_str_in_output"] = _scalar(get("include_stop_str_in_output"), bool)
     given["ignore_eos"] = _scalar(get("ignore_eos"), bool)

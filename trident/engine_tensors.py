@@ -81,7 +81,8 @@ CPU_ENGINE_OUTPUTS = (TOP_LOG_PROBS, TOP_LOG_PROB_IDS)
 CONTEXT_LOG_PROBS = "context_log_probs"  # (1, 1, L) fp32: element i is log P(prompt[i] | prompt[:i]); 0: NaN
 CONTEXT_TOP_LOG_PROBS = "context_top_log_probs"  # (1, 1, L, k) fp32, best first; row 0: NaN
 CONTEXT_TOP_LOG_PROB_IDS = "context_top_log_prob_ids"  # (1, 1, L, k) int32; row 0: -1
-CONTEXT_OUTPUTS = (CONTEXT_LOG_PROBS, CONTEXT_TOP_LOG_PROBS, CONTEXT_TOP_LOG_PROB_IDS)
+CONTEXT_LOG_PROB_RANKS = "context_log_prob_ranks"  # (1, 1, L) int32: tokens at least as likely, itself too; 0: 0
+CONTEXT_OUTPUTS = (CONTEXT_LOG_PROBS, CONTEXT_TOP_LOG_PROBS, CONTEXT_TOP_LOG_PROB_IDS, CONTEXT_LOG_PROB_RANKS)
 # CPU engine, with return_num_cached_tokens, on the request's final response:
 NUM_CACHED_TOKENS = "num_cached_tokens"  # (1, 1) int32: prompt tokens taken from the prefix cache
 
@@ -184,12 +185,19 @@ def _output_control_inputs(s: SamplingParams, vocab_size: int, *, min_tokens: in
         tensors["return_log_probs"] = _one(True, "return_log_probs")
         if s.logprobs:
             tensors["num_top_log_probs"] = _one(s.logprobs, "num_top_log_probs")
-        if s.echo:  # the prompt's tokens with their log-probabilities (CPU engine)
-            tensors["num_context_log_probs"] = _one(s.logprobs, "num_context_log_probs")
+    if (k := context_logprobs(s)) is not None:  # the prompt's tokens with their log-probabilities (CPU engine)
+        tensors["num_context_log_probs"] = _one(k, "num_context_log_probs")
     if s.guide is not None:
         tensors["guided_decoding_guide_type"] = _string(s.guide.type)
         tensors["guided_decoding_guide"] = _string(s.guide.text)
     return tensors
+
+
+def context_logprobs(s: SamplingParams) -> Optional[int]:
+    """The alternatives per prompt position the engine is asked for: echo's (logprobs) and
+    prompt_logprobs' together, each shown its own; None when neither asks for the prompt's."""
+    asked = [k for k in (s.logprobs if s.echo else None, s.prompt_logprobs) if k is not None]
+    return max(asked) if asked else None
 
 
 def _embedding_bias(s: SamplingParams, vocab_size: int) -> np.ndarray:
@@ -387,6 +395,7 @@ class EngineResponse:
     context_log_probs: Optional[list[float]] = None
     context_top_ids: Optional[list[list[int]]] = None
     context_top_log_probs: Optional[list[list[float]]] = None
+    context_ranks: Optional[list[int]] = None
     cached_tokens: Optional[int] = None  # NUM_CACHED_TOKENS (the final response, when asked for)
 
 
@@ -414,14 +423,16 @@ def read_response(get: Callable[[str], Optional[np.ndarray]]) -> EngineResponse:
     if t_ids is not None and t_lp is not None and n:
         top_ids, top = _rows(t_ids, n), _rows(t_lp, n, np.float32)
     index = get(SEQUENCE_INDEX)
-    context = context_ids = context_top = None
+    context = context_ids = context_top = ranks = None
     if (c := get(CONTEXT_LOG_PROBS)) is not None:
         context = np.asarray(c, dtype=np.float32).reshape(-1).tolist()
         c_ids, c_lp = get(CONTEXT_TOP_LOG_PROB_IDS), get(CONTEXT_TOP_LOG_PROBS)
         if c_ids is not None and c_lp is not None:
             context_ids, context_top = _rows(c_ids, len(context)), _rows(c_lp, len(context), np.float32)
+        if (r := get(CONTEXT_LOG_PROB_RANKS)) is not None:
+            ranks = np.asarray(r).reshape(-1).astype(int).tolist()
     cached = get(NUM_CACHED_TOKENS)
     return EngineResponse(ids, log_probs, top_ids, top,
                           int(np.asarray(index).reshape(-1)[0]) if index is not None and np.size(index) else 0,
-                          context, context_ids, context_top,
+                          context, context_ids, context_top, ranks,
                           int(np.asarray(cached).reshape(-1)[0]) if cached is not None and np.size(cached) else None)

@@ -103,8 +103,9 @@ class Request(Protocol):
         """A choice's last response: its last text, finish_reason and token counts; ``final``
         (the request's last response) is False for every choice but the last to end."""
 
-    def send_outputs(self, arrays: dict[str, np.ndarray]) -> None:
-        """One final response holding these outputs (a tokenize or detokenize answer)."""
+    def send_outputs(self, arrays: dict[str, np.ndarray], *, final: bool = True) -> None:
+        """One response holding these outputs: a final one (a tokenize or detokenize answer), or
+        not (the prompt's log-probabilities, before the text)."""
 
     def send_error(self, message: str) -> None:
         """A final error response; ``message`` is tagged (trident.errors)."""
@@ -131,6 +132,7 @@ class EngineChunk:
     context_log_probs: Optional[Sequence[float]] = None
     context_top_ids: Optional[Sequence[Sequence[int]]] = None
     context_top_log_probs: Optional[Sequence[Sequence[float]]] = None
+    context_ranks: Optional[Sequence[int]] = None  # each prompt token's rank at its position (0 at 0)
     # In the request's final response, when asked for (feature cached_tokens): prompt tokens the
     # engine took from its prefix cache
     cached_tokens: Optional[int] = None
@@ -141,7 +143,8 @@ class EngineChunk:
         return cls(token_ids=out.token_ids, log_probs=out.log_probs, top_ids=out.top_ids,
                    top_log_probs=out.top_log_probs, sequence_index=out.sequence_index, final=final,
                    context_log_probs=out.context_log_probs, context_top_ids=out.context_top_ids,
-                   context_top_log_probs=out.context_top_log_probs, cached_tokens=out.cached_tokens)
+                   context_top_log_probs=out.context_top_log_probs, context_ranks=out.context_ranks,
+                   cached_tokens=out.cached_tokens)
 
 
 class EngineClient(Protocol):
@@ -167,11 +170,38 @@ def engine_outputs(sampling: SamplingParams, *, cached_tokens: bool = False) -> 
         outputs += LOG_PROB_OUTPUTS
         if sampling.logprobs:
             outputs += CPU_ENGINE_OUTPUTS
-        if sampling.echo:  # the prompt's log-probabilities, in the first response
-            outputs += CONTEXT_OUTPUTS
+    if sampling.prompt_logprobs is not None or sampling.echo and sampling.logprobs is not None:
+        outputs += CONTEXT_OUTPUTS  # the prompt's log-probabilities, in the first response
     if sampling.n > 1:
         outputs += (SEQUENCE_INDEX,)
     return outputs
+
+
+def prompt_logprob_tensors(ids: Sequence[int], chunk: EngineChunk, k: int,
+                           token_text: Callable[[int], str]) -> dict[str, np.ndarray]:
+    """The response of num_prompt_log_probs ``k`` (trident.contract LLM_OUTPUTS, batch dimension
+    included): the prompt's ids (as the engine got them), each one's text decoded alone, its
+    log-probability and rank (from the engine's first response, ``chunk``), and the ``k`` best
+    tokens at each position (texts, log-probabilities, ids; "" / -inf / -1 where a row has fewer)."""
+    L = len(ids)
+    ranks = chunk.context_ranks
+    if chunk.context_log_probs is None or ranks is None or not len(chunk.context_log_probs) == len(ranks) == L:
+        raise EngineFailure("the engine sent no log-probabilities and ranks of the prompt (prompt_logprobs)")
+    out = {"prompt_token_ids": np.array(list(ids), dtype=np.int32).reshape(1, L),
+           "prompt_token_texts": np.array([token_text(int(t)).encode("utf-8") for t in ids],
+                                          dtype=np.object_).reshape(1, L),
+           "prompt_log_probs": np.asarray(chunk.context_log_probs, dtype=np.float32).reshape(1, L),
+           "prompt_log_prob_ranks": np.asarray(ranks, dtype=np.int32).reshape(1, L)}
+    texts = np.full((1, L, k), b"", dtype=np.object_)
+    values = np.full((1, L, k), -np.inf, dtype=np.float32)
+    top = np.full((1, L, k), -1, dtype=np.int32)
+    if k and chunk.context_top_ids is not None and chunk.context_top_log_probs is not None:
+        for i, (row_ids, row_lps) in enumerate(zip(chunk.context_top_ids, chunk.context_top_log_probs)):
+            for j, (t, lp) in enumerate(zip(row_ids[:k], row_lps[:k])):
+                if t >= 0:
+                    texts[0, i, j], values[0, i, j], top[0, i, j] = token_text(int(t)).encode("utf-8"), lp, t
+    out.update(prompt_top_log_prob_texts=texts, prompt_top_log_probs=values, prompt_top_log_prob_ids=top)
+    return out
 
 
 def output_tensors(text: str, *, index: int = 0, tokens: Optional[list[TokenLogprob]] = None,

@@ -49,7 +49,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -75,7 +75,7 @@ from .cancel_board import CancelBoard
 from .engine_tensors import engine_inputs
 from .generation import TextGeneration, TokenLogprob, prompt_tokens
 from .grammar import check_guide
-from .llm_io import EngineClient, EngineFailure, LlmSettings, Request, engine_outputs
+from .llm_io import EngineClient, EngineFailure, LlmSettings, Request, engine_outputs, prompt_logprob_tensors
 
 log = logging.getLogger("trident.llm")
 
@@ -495,6 +495,7 @@ class LlmService:
         if text.sampling.echo and not echo_tokens:
             prompt = self._prompt_text(job)
             parts = [[prompt] for _ in range(n)]
+        prompt_logprobs = text.sampling.prompt_logprobs  # k, until the prompt's response is sent
         # max_new_tokens 0 (echo only: the prompt scored): the engine's one token is not the reply's
         scoring = text.sampling.max_new_tokens == 0
         outputs = engine_outputs(text.sampling, cached_tokens=self.report_cached)
@@ -505,12 +506,20 @@ class LlmService:
             if chunk.cached_tokens is not None:  # the engine's final response: choices not ended yet
                 for gen in gens:
                     gen.cached_tokens = chunk.cached_tokens
+            if prompt_logprobs is not None:  # before any text: the engine's first response has them
+                arrays = prompt_logprob_tensors(job.input_ids, chunk, prompt_logprobs, self._token_text)
+                prompt_logprobs = None
+                if not _safely(request.send_outputs, arrays, final=False):
+                    self._cancel(job)  # the response stream is gone: so is the client
+                    stopping = True
             if echo_tokens:
                 echo_tokens = False
                 if chunk.context_log_probs is None:
                     raise EngineFailure("the engine sent no log-probabilities of the prompt (echo)")
-                tokens = prompt_tokens(self.tokenizer, job.input_ids, chunk.context_log_probs, chunk.context_top_ids,
-                                       chunk.context_top_log_probs, token_text=self._token_text)
+                k = text.sampling.logprobs  # the engine's rows hold prompt_logprobs' k when that is more
+                tokens = prompt_tokens(self.tokenizer, job.input_ids, chunk.context_log_probs,
+                                       _first(chunk.context_top_ids, k), _first(chunk.context_top_log_probs, k),
+                                       token_text=self._token_text)
                 prompt = "".join(t.text for t in tokens)
                 parts, held = [[prompt] for _ in range(n)], [list(tokens) for _ in range(n)]
             if stopping or scoring or not 0 <= chunk.sequence_index < n:
@@ -624,6 +633,11 @@ def _read(request: Request, name: str, default: Any) -> Any:
         return getattr(request, name)()
     except Exception:
         return default
+
+
+def _first(rows: Optional[Sequence[Sequence]], k: int) -> Optional[list]:
+    """The first ``k`` of each row (alternatives best first), or None."""
+    return None if rows is None else [row[:k] for row in rows]
 
 
 def _safely(send: Callable[..., None], *args: Any, **kwargs: Any) -> bool:

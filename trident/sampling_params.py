@@ -195,6 +195,9 @@ class SamplingParams:
     # The prompt in front of the text (OpenAI's echo); with logprobs, each prompt token comes
     # with its log-probability and the alternatives asked for (the first token has none).
     echo: bool = False
+    # vLLM's prompt_logprobs: each prompt token's log-probability and rank with the k best tokens
+    # at its position, sent before the text (CPU engine); None: not asked.
+    prompt_logprobs: Optional[int] = None
     # vLLM's: token ids that end a choice like a stop sequence (the end token always does), and
     # whether the matched stop sequence or stop token stays at the end of the text.
     stop_token_ids: tuple[int, ...] = ()
@@ -316,6 +319,13 @@ class SamplingParams:
         if self.echo and self.logprobs is not None and FEATURE_PROMPT_LOGPROBS not in features:
             raise InvalidRequest("the prompt's log-probabilities (echo with logprobs) are not supported by this "
                                  "deployment's engine", param="echo")
+        if self.prompt_logprobs is not None:
+            if not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidRequest(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, "
+                                     f"got {self.prompt_logprobs}", param="prompt_logprobs")
+            if FEATURE_PROMPT_LOGPROBS not in features:
+                raise InvalidRequest("the prompt's log-probabilities (prompt_logprobs) are not supported by this "
+                                     "deployment's engine", param="prompt_logprobs")
         if self.guide is not None:
             if FEATURE_GUIDED not in features:
                 raise InvalidRequest("structured output is not configured on this deployment (its repository has "
@@ -334,5 +344,6 @@ class SamplingParams:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "stop_sequences": len(self.stop),
                 "bad_words": len(self.bad_words), "seed": self.seed, "n": self.n, "logprobs": self.logprobs, "echo": self.echo,
+                "prompt_logprobs": self.prompt_logprobs,
                 "guide": None if self.guide is None else self.guide.type,
                 "allowed_token_ids": len(self.allowed_token_ids), "truncate_prompt_tokens": self.truncate_prompt_tokens}

@@ -126,6 +126,45 @@ def test_return_token_ids_gives_the_ids_the_engine_got_and_generated(oai, gatewa
         assert got == answer["choices"][index]["token_ids"]
 
 
+def test_prompt_logprobs_score_each_prompt_token_as_echo_does_with_ranks(oai, gateway):
+    """vLLM's prompt_logprobs on the real stack (CPU engine): one entry per /tokenize id of the
+    prompt (null first); each holds the prompt's token with the log-probability echo's logprobs
+    give it, and the k best with echo's values, ranks 1..k; the token's rank agrees with them;
+    decoded_token is /detokenize's text of the id alone; the text is the greedy text without
+    the field. Chat: beside the choices, one per token of the rendered conversation. Streamed: 400."""
+    def post(path, body):
+        r = requests.post(gateway.url + path, json={"model": MODEL, **body}, headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    prompt = "The capital of France is"
+    asked = {"prompt": prompt, "max_tokens": 6, "temperature": 0}
+    scored = post("/v1/completions", {**asked, "prompt_logprobs": 3})["choices"][0]
+    echoed = post("/v1/completions", {**asked, "echo": True, "logprobs": 3, "max_tokens": 0})["choices"][0]["logprobs"]
+    plain = post("/v1/completions", asked)["choices"][0]
+    assert scored["text"] == plain["text"] and "prompt_logprobs" not in plain
+    ids = post("/tokenize", {"prompt": prompt})["tokens"]
+    entries = scored["prompt_logprobs"]
+    assert len(entries) == len(ids) == len(echoed["token_logprobs"]) and entries[0] is None
+    for i, (entry, token_id) in enumerate(zip(entries[1:], ids[1:]), start=1):
+        own = entry[str(token_id)]
+        assert list(entry)[0] == str(token_id) and own["logprob"] == pytest.approx(echoed["token_logprobs"][i], abs=1e-6)
+        best = sorted(((v["rank"], v["logprob"]) for k, v in entry.items() if k != str(token_id) or v["rank"] <= 3))
+        assert [r for r, _ in best] == list(range(1, 4))
+        assert [lp for _, lp in best] == pytest.approx(sorted(echoed["top_logprobs"][i].values(), reverse=True)[:3],
+                                                       abs=1e-6)
+        assert own["rank"] >= 1 and (own["rank"] == 1) == (own["logprob"] >= best[0][1])
+        assert own["decoded_token"] == post("/detokenize", {"tokens": [token_id]})["prompt"]
+    assert any(entry[str(t)]["rank"] > 3 for entry, t in zip(entries[1:], ids[1:]))  # a token outside the 3 best
+    chat = post("/v1/chat/completions", {"messages": CAPITAL, "max_tokens": 4, "prompt_logprobs": 0})
+    conversation = post("/tokenize", {"messages": CAPITAL})["tokens"]
+    assert [None if e is None else list(e) for e in chat["prompt_logprobs"]] == [None] + [[str(t)] for t in
+                                                                                         conversation[1:]]
+    streamed = requests.post(gateway.url + "/v1/completions", json={**asked, "prompt_logprobs": 1, "stream": True},
+                             headers=AUTH, timeout=60)
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_continuous_usage_stats_counts_each_choices_tokens_as_they_stream(oai, chat):
     """vLLM's continuous_usage_stats on the real stack: every chunk's usage is the prompt's

@@ -20,6 +20,7 @@ import torch
 from trident.contract import DISALLOWED_BIAS, Guide, SamplingParams
 from trident.engine import Engine, EngineConfig, GenerationRequest, InvalidRequestError, request_from_tensors, response_arrays
 from trident.engine_tensors import (
+    CONTEXT_LOG_PROB_RANKS,
     CONTEXT_LOG_PROBS,
     CONTEXT_OUTPUTS,
     CONTEXT_TOP_LOG_PROB_IDS,
@@ -224,9 +225,26 @@ def test_context_logprobs_are_the_prompts_teacher_forced_distribution(request, t
             assert values[i, ids[i].tolist().index(prompt[i])] == lp[i]
     if name == "fp32":
         assert (ids[1:] == ref.topk(k).indices.numpy()).mean() > 0.95  # only near-ties may swap
-    # k = 0: the log-probabilities alone, the same ones
-    lp0, ids0, _, _ = context_run(engine, prompt, 0)
+    # each prompt token's rank: the tokens at least as likely there, itself included (vLLM's count)
+    ranks = context_run(engine, prompt, k)[3][0].context_ranks
+    assert ranks.shape == (L,) and ranks.dtype == np.int32 and ranks[0] == 0 and (ranks[1:] >= 1).all()
+    for i in range(1, L):  # where the token is one of the k best, its rank is its place there
+        row = ids[i].tolist()
+        if prompt[i] in row and (values[i] == lp[i]).sum() == 1:
+            assert ranks[i] == row.index(prompt[i]) + 1
+    ref_ranks = (ref >= torch.from_numpy(expected)[:, None]).sum(-1).numpy()
+    off = np.abs(ranks[1:] - ref_ranks)
+    print(f"{name}: ranks {ranks[1:].min()}..{ranks[1:].max()}, off from the fp32 reference by at most {off.max()}, "
+          f"the same at {(off == 0).mean():.0%} of the positions")
+    if name == "fp32":  # only near-ties may differ
+        assert (off <= np.maximum(2, ref_ranks // 100)).all()
+    else:  # quantized weights move flat distributions' ranks; the order stays
+        assert (off <= np.maximum(2, ref_ranks // 2)).all() and (off == 0).mean() > 0.7
+    assert len(set(ranks[1:].tolist())) > 3  # not a constant
+    # k = 0: the log-probabilities alone, the same ones (and the same ranks)
+    lp0, ids0, _, outs0 = context_run(engine, prompt, 0)
     assert ids0.shape == (L, 0) and np.array_equal(lp0, lp, equal_nan=True)
+    assert np.array_equal(outs0[0].context_ranks, ranks)
 
 
 @pytest.mark.parametrize("name", ["fp32", "int4"])
@@ -608,7 +626,10 @@ def test_context_logprobs_adapter_tensors_round_trip(int4, tok):
     assert np.array_equal(first[CONTEXT_LOG_PROBS].reshape(-1), outs[0].context_log_probs, equal_nan=True)
     assert first[CONTEXT_TOP_LOG_PROB_IDS][0, 0, 0].tolist() == [-1] * 4
     assert np.array_equal(first[CONTEXT_TOP_LOG_PROB_IDS].reshape(L, 4), outs[0].context_top_ids)
-    assert read_response(first.get).token_ids == outs[0].token_ids
+    assert first[CONTEXT_LOG_PROB_RANKS].shape == (1, 1, L) and first[CONTEXT_LOG_PROB_RANKS].dtype == np.int32
+    back = read_response(first.get)
+    assert back.token_ids == outs[0].token_ids
+    assert back.context_ranks == outs[0].context_ranks.tolist() and back.context_ranks[0] == 0
     none = dict(tensors)  # k = 0: (1, 1, L, 0)
     request = request_from_tensors("ctx-0", {**none, "num_context_log_probs": np.array([[0]], np.int32)})
     sink = Collector()

@@ -12,7 +12,7 @@ from pb_fakes import FINAL, Tensor, load_model, unload
 from testkit import model_dir
 
 from trident.engine import QueueFullError
-from trident.engine_tensors import CONTEXT_LOG_PROBS, CONTEXT_OUTPUTS, CONTEXT_TOP_LOG_PROB_IDS
+from trident.engine_tensors import CONTEXT_LOG_PROB_RANKS, CONTEXT_LOG_PROBS, CONTEXT_OUTPUTS, CONTEXT_TOP_LOG_PROB_IDS
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT = model_dir()
@@ -147,6 +147,8 @@ def test_context_logprobs_come_on_the_first_response_when_requested(model):
     assert sent[0][CONTEXT_LOG_PROBS].shape == (1, 1, 5) and np.isnan(sent[0][CONTEXT_LOG_PROBS][0, 0, 0])
     assert sent[0][CONTEXT_TOP_LOG_PROB_IDS].shape == (1, 1, 5, 2)
     assert (sent[0][CONTEXT_LOG_PROBS][0, 0, 1:] < 0).all()
+    assert sent[0][CONTEXT_LOG_PROB_RANKS].shape == (1, 1, 5) and sent[0][CONTEXT_LOG_PROB_RANKS][0, 0, 0] == 0
+    assert (sent[0][CONTEXT_LOG_PROB_RANKS][0, 0, 1:] >= 1).all()
     unasked = prompt(n=3, outputs=["output_ids"], **context)  # requested_only: never unasked
     model.execute([unasked])
     assert all(list(r.output_tensors) == ["output_ids"] for r, _ in unasked.sender.wait() if r is not None)

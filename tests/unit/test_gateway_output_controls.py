@@ -14,7 +14,7 @@ from gateway_fakes import FakeBackend
 from openai_fixtures import AUTH, MODEL, make_openai_app, sse_data
 from test_gateway_openai_client import Client
 
-from gateway.backend import Admitted, ChoiceEnd, Finished, TextDelta, TokenLogprobs
+from gateway.backend import Admitted, ChoiceEnd, Finished, PromptLogprobs, TextDelta, TokenLogprobs
 from gateway.errors import ClientError
 from trident.contract import GUIDE_EBNF, GUIDE_JSON_SCHEMA, GUIDE_REGEX, JSON_OBJECT_SCHEMA, Guide, ModelLimits
 
@@ -697,3 +697,88 @@ def test_continuous_usage_stats_needs_stream(client):
     response = client.post("/v1/completions", json={"prompt": "Hi", "stream_options": {
         "include_usage": True, "continuous_usage_stats": True}}, headers=AUTH)
     assert response.status_code == 400 and response.get_json()["error"]["param"] == "stream_options"
+
+
+def scored_script(params):
+    """The llm model's answer with num_prompt_log_probs: the prompt's tokens with their
+    log-probabilities, ranks and best alternatives (before the text), each choice's text."""
+    k = params.sampling.prompt_logprobs
+    scored = None
+    if k is not None:  # the prompt "A big" (ids 5, 6, 7); the second token among the best, the third not
+        rows = ((), (("B", -0.75), (" big", -0.75), ("C", -2.0)), (("!", -0.5), ("?", float("-inf")), ("x", -3.0)))
+        ids = ((), (8, 6, 9), (10, 11, 12))
+        tokens = TokenLogprobs(("A", " big", "!"), (5, 6, 7), (math.nan, -0.75, float("-inf")),
+                               tuple(row[:k] for row in rows), tuple(row[:k] for row in ids))
+        scored = (PromptLogprobs(tokens, (0, 2, 49152)),)
+    n = params.sampling.n
+    ends = tuple(ChoiceEnd(i, "eos_token", 1) for i in range(n))
+    return [Admitted("vm:1", prompt_tokens=3), *(TextDelta("ok", i) for i in range(n)),
+            Finished("eos_token", prompt_tokens=3, completion_tokens=n, choices=ends if n > 1 else (),
+                     prompt_logprobs=scored)]
+
+
+def test_prompt_logprobs_gives_each_prompt_tokens_logprob_rank_and_best_tokens(tmp_path):
+    """vLLM's prompt_logprobs: the llm model is asked for k; completions: each choice's
+    prompt_logprobs, chat: beside the choices; null for the first token, then the prompt's token
+    (its rank) and the k best (ranks 1..k; the prompt's token keeps its first place with its rank
+    among them); -inf shown as -9999.0; the document describes the field."""
+    backend = FakeBackend(script=scored_script)
+    client = make_openai_app(tmp_path, backend=backend)[0].test_client()
+    spec = client.get("/openapi.json").get_json()
+
+    def ask(path, body, name):
+        response = client.post(path, json={"model": MODEL, "n": 2, "prompt_logprobs": 2, **body}, headers=AUTH)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        assert backend.last_params.sampling.prompt_logprobs == 2
+        body = response.get_json()
+        jsonschema_rs.Draft202012Validator({**spec, "$ref": f"#/components/schemas/{name}Response"}).validate(body)
+        return body
+
+    expected = [None,
+                {"6": {"logprob": -0.75, "rank": 2, "decoded_token": " big"},
+                 "8": {"logprob": -0.75, "rank": 1, "decoded_token": "B"}},
+                {"7": {"logprob": -9999.0, "rank": 49152, "decoded_token": "!"},
+                 "10": {"logprob": -0.5, "rank": 1, "decoded_token": "!"},
+                 "11": {"logprob": -9999.0, "rank": 2, "decoded_token": "?"}}]
+    completion = ask("/v1/completions", {"prompt": "A big"}, "Completion")
+    assert [c["prompt_logprobs"] for c in completion["choices"]] == [expected, expected]
+    assert [list(entry) for entry in expected[1:]] == [["6", "8"], ["7", "10", "11"]]
+    assert [list(entry) for entry in completion["choices"][0]["prompt_logprobs"][1:]] == [["6", "8"], ["7", "10", "11"]]
+    chat = ask("/v1/chat/completions", {"messages": [{"role": "user", "content": "A big"}]}, "ChatCompletion")
+    assert chat["prompt_logprobs"] == expected and all("prompt_logprobs" not in c for c in chat["choices"])
+    zero = client.post("/v1/completions", json={"prompt": "A big", "prompt_logprobs": 0}, headers=AUTH).get_json()
+    assert zero["choices"][0]["prompt_logprobs"] == [None, {"6": {"logprob": -0.75, "rank": 2, "decoded_token": " big"}},
+                                                     {"7": {"logprob": -9999.0, "rank": 49152, "decoded_token": "!"}}]
+    plain = client.post("/v1/completions", json={"prompt": "A big"}, headers=AUTH).get_json()
+    assert backend.last_params.sampling.prompt_logprobs is None and "prompt_logprobs" not in plain["choices"][0]
+
+
+def test_prompt_logprobs_with_several_prompts_gives_each_choice_its_prompts(tmp_path):
+    def script(params):
+        ids = tuple(ord(c) for c in params.prompt)
+        tokens = TokenLogprobs(tuple(params.prompt), ids, (math.nan,) + (-1.0,) * (len(ids) - 1),
+                               ((),) * len(ids), ((),) * len(ids))
+        return [TextDelta("x"), Finished("eos_token", prompt_tokens=len(ids), completion_tokens=1,
+                                         prompt_logprobs=(PromptLogprobs(tokens, (0,) + (3,) * (len(ids) - 1)),))]
+
+    client = make_openai_app(tmp_path, backend=FakeBackend(script=script))[0].test_client()
+    response = client.post("/v1/completions", json={"prompt": ["ab", "c"], "n": 2, "prompt_logprobs": 0}, headers=AUTH)
+    assert response.status_code == 200
+    shown = sorted((c["index"], c["prompt_logprobs"]) for c in response.get_json()["choices"])
+    b = {"98": {"logprob": -1.0, "rank": 3, "decoded_token": "b"}}
+    assert shown == [(0, [None, b]), (1, [None, b]), (2, [None]), (3, [None])]
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"prompt_logprobs": 2, "stream": True}, "stream"),
+    ({"prompt_logprobs": 21}, "between 0 and 20"),
+    ({"prompt_logprobs": -1}, "between 0 and 20"),
+    ({"prompt_logprobs": True}, "integer"),
+])
+@pytest.mark.parametrize("path,request_body", [("/v1/completions", {"prompt": "Hi"}),
+                                               ("/v1/chat/completions",
+                                                {"messages": [{"role": "user", "content": "Hi"}]})])
+def test_prompt_logprobs_out_of_range_or_streamed_is_a_400(client, body, message, path, request_body):
+    response = client.post(path, json={**request_body, **body}, headers=AUTH)
+    error = response.get_json()["error"]
+    assert response.status_code == 400 and error["param"] == "prompt_logprobs" and message in error["message"]

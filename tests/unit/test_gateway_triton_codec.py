@@ -136,6 +136,27 @@ def test_the_admission_response_names_its_server_and_the_prompts_tokens():
     assert asked.admitted and asked.prompt_token_ids == (1, 17, 40000)  # return_prompt_token_ids
 
 
+def test_the_prompts_logprobs_response_is_read_back_and_is_no_admission():
+    """num_prompt_log_probs: the llm model's response (trident.llm_io.prompt_logprob_tensors)
+    read back by the gateway: each prompt token's text, id, log-probability and rank, the best
+    alternatives of each position (a row with fewer than k: the rest left out)."""
+    from trident.llm_io import EngineChunk, prompt_logprob_tensors
+
+    chunk = EngineChunk(token_ids=(9,), context_log_probs=[float("nan"), -1.5, -0.25],
+                        context_top_ids=[[-1, -1], [4, 17], [40000, -1]],
+                        context_top_log_probs=[[float("nan")] * 2, [-0.5, -1.5], [-0.25, float("nan")]],
+                        context_ranks=[0, 2, 1])
+    texts = {1: "<s>", 17: " é", 40000: "!", 4: "a"}
+    parsed = parse(stream_response(arrays=prompt_logprob_tensors((1, 17, 40000), chunk, 2, texts.__getitem__)))
+    assert not parsed.admitted and parsed.text == "" and parsed.finished is None and not parsed.final
+    prompt = parsed.prompt_logprobs
+    assert prompt.tokens.tokens == ("<s>", " é", "!") and prompt.tokens.token_ids == (1, 17, 40000)
+    assert np.isnan(prompt.tokens.logprobs[0]) and prompt.tokens.logprobs[1:] == (-1.5, -0.25)
+    assert prompt.ranks == (0, 2, 1)
+    assert prompt.tokens.top == ((), (("a", -0.5), (" é", -1.5)), (("!", -0.25),))
+    assert prompt.tokens.top_ids == ((), (4, 17), (40000,))
+
+
 def test_parse_final_response_with_outputs():
     parsed = parse(stream_response(text=".", finish=("eos_token", 13, 3), final=True))
     assert parsed.text == "." and parsed.final is True

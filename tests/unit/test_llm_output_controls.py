@@ -185,6 +185,59 @@ def test_echo_with_logprobs_gives_the_prompt_tokens_first(make_service, tokenize
     assert [completion for _, _, _, completion in ends] == [4, 4]
 
 
+@pytest.mark.parametrize("echo_k", [None, 1, 3])
+def test_prompt_logprobs_come_in_a_response_of_their_own_before_the_text(make_service, tokenizer, echo_k):
+    """num_prompt_log_probs k: the engine is asked for the prompt's k best (with echo's logprobs,
+    the more of the two, each shown its own); one non-final response before any text holds the
+    prompt's ids (as the engine got them), their texts decoded alone, log-probabilities, ranks
+    and the k best with texts and ids; then the text as without it."""
+    service, engine = make_service(limits=FEATURES)
+    echo = {} if echo_k is None else {"echo": True, "return_log_probs": True, "num_top_log_probs": echo_k}
+    req = request(num_prompt_log_probs=2, num_return_sequences=2, stream=True, **echo)
+    service.accept(req)
+    wait(req)
+    assert set(CONTEXT_OUTPUTS) <= set(engine.outputs)
+    assert int(engine.tensors[-1]["num_context_log_probs"][0, 0]) == max(2, echo_k or 0)
+    prompt_ids = engine.prompts[-1]
+    kinds = [kind for kind, _ in req.sent]
+    first_text = kinds.index("send_text")
+    assert kinds.count("send_outputs") == 1 and kinds.index("send_outputs") < first_text
+    arrays = next(payload for kind, payload in req.sent if kind == "send_outputs")
+    assert req.output_finals == [False]
+    L = len(prompt_ids)
+    assert arrays["prompt_token_ids"] == [prompt_ids]
+    assert arrays["prompt_token_texts"] == [[tokenizer.decode([t]).encode() for t in prompt_ids]]
+    assert np.isnan(arrays["prompt_log_probs"][0][0])
+    assert arrays["prompt_log_probs"][0][1:] == pytest.approx([-0.5 - i / 100 for i in range(1, L)])
+    assert arrays["prompt_log_prob_ranks"] == [[0] + [1] * (L - 1)]
+    assert arrays["prompt_top_log_prob_ids"] == [[[-1, -1]] + [[t, 0] for t in prompt_ids[1:]]]
+    assert arrays["prompt_top_log_prob_texts"][0][1] == [tokenizer.decode([prompt_ids[1]]).encode(),
+                                                        tokenizer.decode([0]).encode()]
+    assert arrays["prompt_top_log_probs"][0][0] == [float("-inf")] * 2
+    assert arrays["prompt_top_log_probs"][0][1] == pytest.approx([-0.51, -9.0])
+    texts = choice_texts(req, 2)
+    for index in range(2):
+        generated = tokenizer.decode(engine.ids[index:index + 4])
+        assert texts[index] == ("Hello there" if echo_k is not None else "") + generated
+        if echo_k is not None:  # echo's tokens keep their own k
+            head = choice_tokens(req, index)[:L]
+            assert [len(t.top) for t in head] == [0] + [min(echo_k, 3)] * (L - 1)
+
+
+def test_prompt_logprobs_need_the_engine_feature_and_a_k_within_bounds(make_service):
+    service, engine = make_service()  # the GPU repository's features: no prompt log-probabilities
+    req = request(num_prompt_log_probs=1)
+    service.accept(req)
+    wait(req)
+    assert parse_error(req.sent[0][1]).param == "prompt_logprobs" and engine.streams == []
+    service, engine = make_service(limits=FEATURES)
+    req = request(num_prompt_log_probs=21)
+    service.accept(req)
+    wait(req)
+    error = parse_error(req.sent[0][1])
+    assert error.param == "prompt_logprobs" and "between 0 and 20" in error.message and engine.streams == []
+
+
 def test_echo_with_logprobs_needs_the_engine_feature(make_service):
     service, engine = make_service()  # the GPU repository's features: no prompt log-probabilities
     req = request(echo=True, return_log_probs=True)
@@ -200,11 +253,13 @@ def test_an_engine_that_sends_no_prompt_logprobs_is_an_error(make_service, token
             yield from super().stream(tensors, engine_id, outputs)
 
     service, engine = make_service(engine=Forgetful(tokenizer), limits=FEATURES)
-    req = request(echo=True, return_log_probs=True)
-    service.accept(req)
-    wait(req)
-    (kind, message), = [s for s in req.sent if s[0] == "send_error"]
-    assert "no log-probabilities of the prompt" in message
+    for asked in ({"echo": True, "return_log_probs": True}, {"num_prompt_log_probs": 2}):
+        req = request(**asked)
+        service.accept(req)
+        wait(req)
+        (kind, message), = [s for s in req.sent if s[0] == "send_error"]
+        assert "no log-probabilities" in message and "of the prompt" in message
+        assert not any(kind == "send_text" for kind, _ in req.sent)
 
 
 @pytest.mark.parametrize("include", [False, True])

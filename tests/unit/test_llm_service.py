@@ -33,6 +33,7 @@ class FakeRequest:
         self.fail_on = set(fail_on)  # names of send functions that raise, as for a client gone
         self.cancelled = threading.Event()
         self.sent = []  # (kind, payload)
+        self.output_finals = []  # each send_outputs' final flag
         self.choices = []  # ("text" | "end" | "final", choice index, text, tokens)
         self.ended = []  # the TextGeneration of each choice's last response, in order
         self.done = threading.Event()
@@ -93,8 +94,9 @@ class FakeRequest:
     def send_error(self, message):
         self._record("send_error", message, final=True)
 
-    def send_outputs(self, arrays):
-        self._record("send_outputs", {k: v.tolist() for k, v in arrays.items()}, final=True)
+    def send_outputs(self, arrays, *, final=True):
+        self.output_finals.append(final)
+        self._record("send_outputs", {k: v.tolist() for k, v in arrays.items()}, final=final)
 
     def close(self):
         self._record("close", final=True)
@@ -164,6 +166,7 @@ class FakeEngine:
                     extra["context_top_ids"] = [[-1] * context] + [[t] + [0] * (context - 1) for t in prompt[1:]]
                     extra["context_top_log_probs"] = [[float("nan")] * context] + [
                         [-0.5 - i / 100] + [-9.0] * (context - 1) for i in range(1, len(prompt))]
+                    extra["context_ranks"] = [0] + [1] * (len(prompt) - 1)  # each prompt token the best
                 yield EngineChunk(token_ids=[token], sequence_index=index, **extra)
                 if extra.get("final"):
                     return

@@ -1,6 +1,7 @@
 """A prompt's own log-probabilities (OpenAI's ``echo`` with ``logprobs``, vLLM's prompt_logprobs):
-for each prompt position i >= 1, log P(prompt[i] | prompt[:i]) under the model's raw logits, and
-the k most likely tokens there. Filled while the prompt is prefilled (on the paged cache over
+for each prompt position i >= 1, log P(prompt[i] | prompt[:i]) under the model's raw logits, the
+token's rank there (1 + how many other tokens are at least as likely, vLLM's count), and the k
+most likely tokens there. Filled while the prompt is prefilled (on the paged cache over
 several steps), sent once, with the request's first output.
 
 The logits row of position p is the distribution of the token at p + 1, so a prompt of L tokens
@@ -28,13 +29,14 @@ class ContextLogprobs:
     log_probs: np.ndarray  # (L,) fp32; NaN at 0 (the first token has no context)
     top_ids: np.ndarray  # (L, k) int32, best first; -1 in row 0
     top_log_probs: np.ndarray  # (L, k) fp32; NaN in row 0
+    ranks: np.ndarray  # (L,) int32; 0 at 0
     filled: int = 1  # positions 0..filled-1 are known
     sent: bool = False  # carried by an output already
 
     @classmethod
     def create(cls, length: int, k: int) -> "ContextLogprobs":
         return cls(np.full(length, np.nan, dtype=np.float32), np.full((length, k), -1, dtype=np.int32),
-                   np.full((length, k), np.nan, dtype=np.float32))
+                   np.full((length, k), np.nan, dtype=np.float32), np.zeros(length, dtype=np.int32))
 
     @property
     def ready(self) -> bool:
@@ -47,7 +49,9 @@ class ContextLogprobs:
         assert first + 1 == self.filled and first + n < len(prompt), (first, n, self.filled, len(prompt))
         lp = logits.log_softmax(-1)  # (n, V): as sampling.py's, for generated tokens
         rows = slice(first + 1, first + 1 + n)
-        self.log_probs[rows] = lp.gather(1, torch.tensor(prompt[rows])[:, None])[:, 0].numpy()
+        chosen = lp.gather(1, torch.tensor(prompt[rows])[:, None])  # (n, 1)
+        self.log_probs[rows] = chosen[:, 0].numpy()
+        self.ranks[rows] = (lp >= chosen).sum(-1).numpy()  # the token itself counted: 1 is the best
         k = self.top_ids.shape[1]
         if k:
             values, ids = lp.topk(k, dim=-1)  # (n, k), descending; tie order unspecified

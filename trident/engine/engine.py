@@ -401,8 +401,8 @@ class Engine:
         ctx = seq.context
         if ctx is not None and not ctx.sent and ctx.ready and error is None:  # the request's first output
             ctx.sent = True
-            out.context_log_probs, out.context_top_ids, out.context_top_log_probs = (
-                ctx.log_probs, ctx.top_ids, ctx.top_log_probs)
+            out.context_log_probs, out.context_top_ids, out.context_top_log_probs, out.context_ranks = (
+                ctx.log_probs, ctx.top_ids, ctx.top_log_probs, ctx.ranks)
         seq.emitted = len(seq.output)
         try:
             seq.on_output(out)

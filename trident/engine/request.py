@@ -182,10 +182,11 @@ class GenerationOutput:
     top_log_probs: list[list[float]] | None = None
     # With context_logprobs, on the request's first output only: (L,) fp32 log P(prompt[i] |
     # prompt[:i]) (NaN at 0), and (L, k) int32 ids / fp32 log-probabilities, best first (row 0:
-    # -1 / NaN). See context.ContextLogprobs.
+    # -1 / NaN), and (L,) int32 ranks (0 at 0). See context.ContextLogprobs.
     context_log_probs: np.ndarray | None = None
     context_top_ids: np.ndarray | None = None
     context_top_log_probs: np.ndarray | None = None
+    context_ranks: np.ndarray | None = None
     # With report_cached, on the request's final output: its prompt tokens whose K/V came from the
     # prefix cache at admission (0 on the fp32 slot batch, which has none).
     cached_tokens: int | None = None

@@ -14,6 +14,7 @@ import numpy as np
 
 from trident.contract import SERVER_ERROR, beam_width_error, tag_error
 from trident.engine_tensors import (
+    CONTEXT_LOG_PROB_RANKS,
     CONTEXT_LOG_PROBS,
     CONTEXT_TOP_LOG_PROB_IDS,
     CONTEXT_TOP_LOG_PROBS,
@@ -120,6 +121,7 @@ def response_arrays(out: GenerationOutput) -> dict[str, np.ndarray]:
         arrays[CONTEXT_LOG_PROBS] = np.asarray(out.context_log_probs, dtype=np.float32).reshape(1, 1, L)
         arrays[CONTEXT_TOP_LOG_PROBS] = np.asarray(out.context_top_log_probs, dtype=np.float32).reshape(1, 1, L, k)
         arrays[CONTEXT_TOP_LOG_PROB_IDS] = np.asarray(out.context_top_ids, dtype=np.int32).reshape(1, 1, L, k)
+        arrays[CONTEXT_LOG_PROB_RANKS] = np.asarray(out.context_ranks, dtype=np.int32).reshape(1, 1, L)
     return arrays
 
 

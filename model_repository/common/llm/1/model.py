@@ -174,8 +174,8 @@ class TritonRequest:
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, value) for name, value in requested_only(arrays, self._outputs).items()])
 
-    def send_outputs(self, arrays):
-        self._sender.send(self._response(arrays), flags=FINAL)
+    def send_outputs(self, arrays, *, final=True):
+        self._sender.send(self._response(arrays), flags=FINAL if final else 0)
 
     def send_error(self, message):
         self._sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
