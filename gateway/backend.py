@@ -58,6 +58,8 @@ class ChoiceEnd:
     finish_reason: str
     completion_tokens: int
     cum_logprob: float | None = None
+    # what stopped it (vLLM's stop_reason): the stop sequence matched or the stop token, when the llm model says
+    stop: str | int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ import json
 import time
 from typing import Any
 
-from .backend import Admitted, Event, Finished, PromptLogprobs, TextDelta, TokenLogprobs
+from .backend import Admitted, ChoiceEnd, Event, Finished, PromptLogprobs, TextDelta, TokenLogprobs
 from .choices import Choice, TextOffsets, chat_logprobs, completion_logprobs, generated_ids, prompt_logprobs_object
 from .errors import ApiError
 from .ids import new_id
@@ -140,8 +140,15 @@ class _Reply:
         """The non-streaming response body; usage counts every generated token (best_of's too)."""
         self._prompt_ids = finished.prompt_token_ids
         self._prompt_scores = finished.prompt_logprobs
-        return {**self._head(self.object), "choices": [self._choice(c) for c in choices],
+        return {**self._head(self.object), "choices": [self._stopped(self._choice(c), c.end) for c in choices],
                 "usage": finished.openai_usage}
+
+    @staticmethod
+    def _stopped(choice: dict[str, Any], end: ChoiceEnd | None) -> dict[str, Any]:
+        """vLLM's ``stop_reason`` in a choice that ended: the stop sequence it matched or the stop
+        token's id; null when the model's end token or max_tokens ended it."""
+        choice["stop_reason"] = None if end is None else end.stop
+        return choice
 
     # -- SSE -----------------------------------------------------------------------------------
 
@@ -165,7 +172,8 @@ class _Reply:
                 return b""
             choice = self._delta_choice(event.index, event.text, None, event.logprobs)
             return b"" if choice is None else self._chunk([choice], usage=self._usage_so_far(event.index))
-        out = b"".join(self._chunk([self._delta_choice(end.index, None, finish_reason(end.finish_reason))],
+        out = b"".join(self._chunk([self._stopped(self._delta_choice(end.index, None, finish_reason(end.finish_reason)),
+                                                  end)],
                                    usage=self._usage_so_far(end.index, end.completion_tokens))
                        for end in event.ends)
         if self.include_usage:

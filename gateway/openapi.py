@@ -124,6 +124,8 @@ def _trident_fields(self: Any, field: fields.Field, ret: dict[str, Any], **kwarg
         named = {"type": "object", "properties": {"type": {"type": "string", "enum": ["function"]}, "function": function},
                  "required": ["type", "function"], "additionalProperties": False}
         props = {"anyOf": [{"type": "string", "enum": list(TOOL_CHOICES)}, named]}
+    elif isinstance(field, rs.StopReason):
+        props = {"type": ["string", "integer", "null"]}
     elif isinstance(field, Empty):
         props = {"enum": [None, {}, [], "", *field.neutral], "description": f"Only its neutral values are accepted ({field.unsupported})."}
     if field.allow_none and "anyOf" in props:

@@ -24,7 +24,7 @@ from flask import has_app_context
 
 from trident.contract import TextRequest
 
-from .backend import ADMITTED, Admitted, ChoiceEnd, Event, Finished, Generation, TextDelta
+from .backend import ADMITTED, Admitted, Event, Finished, Generation, TextDelta
 from .choices import Choice
 from .disconnect import gevent_active
 from .generation import start_generation
@@ -162,7 +162,7 @@ class PromptsGeneration:
                         prompts_tokens=tuple(counts[k] for k in range(count)) if len(counts) == count else None)
 
     def _finished(self, finals: list[Finished]) -> Finished:
-        ends = tuple(ChoiceEnd(end.index + i * self._n, end.finish_reason, end.completion_tokens, end.cum_logprob)
+        ends = tuple(dataclasses.replace(end, index=end.index + i * self._n)
                      for i, final in enumerate(finals) for end in final.ends)
         cached = [f.cached_tokens for f in finals if f.cached_tokens is not None]
         ids = [f.prompt_token_ids for f in finals]

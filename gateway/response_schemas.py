@@ -183,6 +183,15 @@ class ModelListSchema(Schema):
     data = _required(fields.List, fields.Nested(ModelSchema))
 
 
+class StopReason(fields.Field):
+    """vLLM's ``stop_reason``: the stop sequence a choice matched (a string), the stop token's id
+    (an integer), or null."""
+
+
+def _stop_reason() -> fields.Field:
+    return StopReason(allow_none=True)
+
+
 def _token_ids() -> fields.Field:
     """vLLM's ``return_token_ids``: token ids (null where they did not come)."""
     return fields.List(fields.Integer(validate=Range(min=0)), allow_none=True)
@@ -211,6 +220,7 @@ class CompletionChoiceSchema(Schema):
     prompt_token_ids = _token_ids()  # with return_token_ids: the choice's prompt's ids
     token_ids = _token_ids()  # with return_token_ids: the choice's generated ids
     prompt_logprobs = _prompt_logprobs()  # with prompt_logprobs: the choice's prompt's
+    stop_reason = _stop_reason()  # in a choice that ended (vLLM's)
 
 
 class CompletionResponseSchema(Schema):
@@ -229,6 +239,7 @@ class CompletionChunkChoiceSchema(Schema):
     finish_reason = _required(fields.String, allow_none=True, validate=OneOf(OPENAI_FINISH_REASONS))
     prompt_token_ids = _token_ids()  # with return_token_ids: in the choice's first chunk
     token_ids = _token_ids()  # with return_token_ids: this chunk's generated ids
+    stop_reason = _stop_reason()  # in a choice's finish chunk (vLLM's)
 
 
 class CompletionChunkSchema(Schema):
@@ -274,6 +285,7 @@ class ChatChoiceSchema(Schema):
     logprobs = _chat_logprobs()
     finish_reason = _required(fields.String, validate=OneOf(CHAT_FINISH_REASONS))
     token_ids = _token_ids()  # with return_token_ids: the choice's generated ids
+    stop_reason = _stop_reason()  # in a choice that ended (vLLM's)
 
 
 class ChatCompletionResponseSchema(Schema):
@@ -320,6 +332,7 @@ class ChatChunkChoiceSchema(Schema):
     logprobs = _chat_logprobs()
     finish_reason = _required(fields.String, allow_none=True, validate=OneOf(CHAT_FINISH_REASONS))
     token_ids = _token_ids()  # with return_token_ids: this chunk's generated ids
+    stop_reason = _stop_reason()  # in a choice's finish chunk (vLLM's)
 
 
 class ChatCompletionChunkSchema(Schema):

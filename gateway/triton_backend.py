@@ -204,7 +204,8 @@ class TritonGeneration:
         ends = tuple(self._ends[i] for i in sorted(self._ends))
         return Finished(finish_reason=ends[0].finish_reason, prompt_tokens=self._prompt_tokens,
                         completion_tokens=sum(end.completion_tokens for end in ends),
-                        choices=ends if len(ends) > 1 or ends[0].cum_logprob is not None else (),
+                        choices=ends if len(ends) > 1 or ends[0].cum_logprob is not None or ends[0].stop is not None
+                        else (),
                         cached_tokens=self._cached_tokens, prompt_token_ids=self._prompt_ids,
                         prompt_logprobs=None if self._prompt_logprobs is None else (self._prompt_logprobs,))
 

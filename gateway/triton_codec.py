@@ -131,6 +131,8 @@ def parse_stream_response(
             finish_reason=bytes(values["finish_reason"]).decode("utf-8"),
             completion_tokens=int(values["completion_tokens"]),
             cum_logprob=float(_array(*cum)[0]) if cum is not None and cum[2] else None,
+            stop=bytes(values["stop_sequence"]).decode("utf-8", "replace") if "stop_sequence" in values
+            else int(values["stop_token_id"]) if "stop_token_id" in values else None,
         )
     text = values.get("text_output", b"")
     return StreamResponse(

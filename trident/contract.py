@@ -139,6 +139,11 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("top_log_probs", np.float32, matrix=True),
     TensorSpec("top_log_prob_ids", np.int32, matrix=True),
     TensorSpec("cum_log_probs", np.float32),
+    # On a choice's last response, when a stop ended it (vLLM's stop_reason): the stop sequence it
+    # matched, or the stop token (one of stop_token_ids, or an end token of the model's other than
+    # end_id); neither when the end id or max_tokens ended it.
+    TensorSpec("stop_sequence", np.object_),
+    TensorSpec("stop_token_id", np.int32),
     # On a choice's last response, when the engine reports it (feature cached_tokens, the CPU
     # engine): how many of the prompt's tokens came from the engine's prefix cache (OpenAI's
     # usage.prompt_tokens_details.cached_tokens).

@@ -73,7 +73,7 @@ class TextGeneration:
         self._end_ids = end_ids
         self._min_tokens = req.sampling.min_tokens
         self._ignore_eos = req.sampling.ignore_eos
-        self._model_ended = False
+        self._model_ended: Optional[int] = None  # the model's other end token that ended this choice
         self.finish_reason: Optional[str] = None
         self.ended = False  # its final response was sent (llm_service)
         # logprobs bookkeeping, only when asked for
@@ -90,7 +90,17 @@ class TextGeneration:
     def stopped(self) -> bool:
         """A stop sequence matched, a stop token or one of the model's other end tokens came: the
         engine request (or this choice) should be stopped."""
-        return self._stops.matched is not None or self._stop_token is not None or self._model_ended
+        return self._stops.matched is not None or self._stop_token is not None or self._model_ended is not None
+
+    @property
+    def stop_reason(self) -> "str | int | None":
+        """What stopped this choice (vLLM's ``stop_reason``): the stop sequence it matched, or the
+        token (one of stop_token_ids, or an end token of the model's besides the engine's end id,
+        which vLLM counts among the stop tokens); None when the engine's end id or the token
+        budget ended it."""
+        if self._stops.matched is not None:
+            return self._stops.matched
+        return self._stop_token if self._stop_token is not None else self._model_ended
 
     def _ends_model(self, token: int) -> bool:
         """``token`` (not yet counted) is one of the model's other end tokens, allowed here."""
@@ -101,10 +111,10 @@ class TextGeneration:
         """The last counted token may end the choice (stop token, stop sequence in its text)."""
         return self.completion_tokens > self._min_tokens
 
-    def _end_of_model(self) -> str:
+    def _end_of_model(self, token: int) -> str:
         """One of the model's other end tokens came: the choice ends as at the engine's end id."""
         released = self._release_held()
-        self._model_ended = True
+        self._model_ended = token
         self.finish_reason = FINISH_EOS
         return released
 
@@ -120,7 +130,7 @@ class TextGeneration:
         out = []
         for token in token_ids:  # one at a time, so counting stops at the matching token
             if self._ends_model(token):
-                out.append(self._end_of_model())
+                out.append(self._end_of_model(token))
                 break
             self.completion_tokens += 1
             free = self._past_min_tokens
@@ -168,7 +178,7 @@ class TextGeneration:
     def _push_aligned(self, token_ids, log_probs, top_ids, top_log_probs) -> str:
         for k, token in enumerate(token_ids):
             if self._ends_model(token):
-                return self._end_of_model()
+                return self._end_of_model(token)
             self.completion_tokens += 1
             free = self._past_min_tokens
             ends = free and token in self._stop_ids

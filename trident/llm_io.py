@@ -243,4 +243,9 @@ def output_tensors(text: str, *, index: int = 0, tokens: Optional[list[TokenLogp
             out["cached_tokens"] = np.array([[gen.cached_tokens]], dtype=np.int32)
         if gen.logprobs:
             out["cum_log_probs"] = np.array([[gen.cum_logprob]], dtype=np.float32)
+        stop = gen.stop_reason
+        if isinstance(stop, str):
+            out["stop_sequence"] = np.array([[stop.encode("utf-8")]], dtype=np.object_)
+        elif stop is not None:
+            out["stop_token_id"] = np.array([[stop]], dtype=np.int32)
     return out

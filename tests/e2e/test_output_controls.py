@@ -348,6 +348,31 @@ def test_stop_token_ids_and_included_stops_on_the_real_model(oai, gateway):
     assert with_stop.choices[0].finish_reason == "stop"
 
 
+def test_stop_reason_is_the_stop_sequence_or_token_that_ended_the_choice(oai):
+    """vLLM's stop_reason on the real stack: the stop sequence the greedy text met (of two
+    given), the id of a stop token, null at max_tokens and at the model's end token; streamed,
+    in the finish chunk; chat too."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir()))
+    kwargs = dict(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0)
+    full = oai.completions.create(**kwargs).choices[0]
+    assert (full.finish_reason, full.model_extra["stop_reason"]) == ("length", None)
+    word = full.text.split()[1]
+    stop = tokenizer(full.text, add_special_tokens=False).input_ids[2]
+    for extra, expected in (({"stop": ["never said here", word]}, word),
+                            ({"extra_body": {"stop_token_ids": [stop]}}, stop)):
+        choice = oai.completions.create(**kwargs, **extra).choices[0]
+        assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", expected)
+        chunks = [c.choices[0] for c in oai.completions.create(**kwargs, **extra, stream=True) if c.choices]
+        assert [(c.finish_reason, c.model_extra["stop_reason"]) for c in chunks if c.finish_reason] == [("stop", expected)]
+    ended = oai.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=60, temperature=0).choices[0]
+    assert (ended.finish_reason, ended.model_extra["stop_reason"]) == ("stop", None)  # <|im_end|>, the end id
+    said = ended.message.content.split()[2]
+    cut = oai.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=60, temperature=0, stop=[said])
+    assert cut.choices[0].model_extra["stop_reason"] == said
+
+
 def test_min_tokens_holds_back_stop_tokens_and_stop_sequences_on_the_real_model(oai, gateway):
     """vLLM's min_tokens: before that many tokens neither a stop_token_ids token nor a stop
     sequence ends the text; the CPU engine bans the stop token there, as vLLM (greedy then takes

@@ -315,7 +315,8 @@ def test_completion_response(tmp_path, reason, openai_reason):
     assert {k: v for k, v in body.items() if k not in ("id", "created")} == {
         "object": "text_completion",
         "model": MODEL,
-        "choices": [{"text": "Hello world", "index": 0, "logprobs": None, "finish_reason": openai_reason}],
+        "choices": [{"text": "Hello world", "index": 0, "logprobs": None, "finish_reason": openai_reason,
+                     "stop_reason": None}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
     }
 
@@ -329,7 +330,7 @@ def test_chat_response(tmp_path):
         "object": "chat.completion",
         "model": MODEL,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"}, "logprobs": None,
-                     "finish_reason": "stop"}],
+                     "finish_reason": "stop", "stop_reason": None}],
         "usage": {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22},
     }
 
@@ -358,7 +359,7 @@ def test_completion_stream_chunks(tmp_path, include_usage):
     choices = [
         [{"text": "Hel", "index": 0, "logprobs": None, "finish_reason": None}],
         [{"text": "lo", "index": 0, "logprobs": None, "finish_reason": None}],
-        [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}],
+        [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length", "stop_reason": None}],
     ]
     if include_usage:
         assert [c["choices"] for c in chunks] == [*choices, []]
@@ -387,7 +388,8 @@ def test_chat_stream_of_no_text_still_sends_the_role(tmp_path):
     client = make_openai_app(tmp_path, backend=FakeBackend(script=lambda p: [Finished("eos_token", 4, 0)]))[0].test_client()
     data = sse_data(client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH))
     assert [c["choices"][0] for c in data[:-1]] == [
-        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": "stop"}
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": "stop",
+         "stop_reason": None}
     ]
     assert data[-1] == "[DONE]"
 

@@ -782,3 +782,43 @@ def test_prompt_logprobs_out_of_range_or_streamed_is_a_400(client, body, message
     response = client.post(path, json={**request_body, **body}, headers=AUTH)
     error = response.get_json()["error"]
     assert response.status_code == 400 and error["param"] == "prompt_logprobs" and message in error["message"]
+
+
+def stops_script(params):
+    """Each prompt's two choices: the first stopped by a stop sequence, the second by a stop
+    token; with n = 1 (and the second prompt), one that the end token ended."""
+    n = params.sampling.n
+    ends = (ChoiceEnd(0, "stop_sequence", 1, stop="END"), ChoiceEnd(1, "stop_sequence", 1, stop=42))[:n]
+    if params.prompt == "second":
+        ends = tuple(ChoiceEnd(i, "eos_token", 1) for i in range(n))
+    return [*(TextDelta("ok", i) for i in range(n)),
+            Finished(ends[0].finish_reason, prompt_tokens=1, completion_tokens=n, choices=ends)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_reason_names_the_stop_sequence_or_token_of_each_choice(tmp_path, stream):
+    """vLLM's stop_reason: in every choice (streamed: in its finish chunk), the stop sequence
+    it matched, the stop token's id, or null; several prompts: each its own; described by the
+    document."""
+    client = make_openai_app(tmp_path, backend=FakeBackend(script=stops_script))[0].test_client()
+    spec = client.get("/openapi.json").get_json()
+
+    def ask(path, body, name):
+        response = client.post(path, json={"model": MODEL, "stream": stream, **body}, headers=AUTH)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        bodies = sse_data(response)[:-1] if stream else [response.get_json()]
+        ref = f"#/components/schemas/{name}{'Chunk' if stream else 'Response'}"
+        for one in bodies:
+            jsonschema_rs.Draft202012Validator({**spec, "$ref": ref}).validate(one)
+        choices = [c for one in bodies for c in one["choices"]]
+        if stream:
+            assert all("stop_reason" not in c for c in choices if c["finish_reason"] is None)
+            choices = [c for c in choices if c["finish_reason"] is not None]
+        return sorted((c["index"], c["stop_reason"]) for c in choices)
+
+    completions = ask("/v1/completions", {"prompt": ["first", "second"], "n": 2}, "Completion")
+    assert completions == [(0, "END"), (1, 42), (2, None), (3, None)]
+    chat = ask("/v1/chat/completions", {"messages": [{"role": "user", "content": "first"}], "n": 2}, "ChatCompletion")
+    assert chat == [(0, "END"), (1, 42)]
+    one = ask("/v1/completions", {"prompt": "first"}, "Completion")
+    assert one == [(0, "END")]

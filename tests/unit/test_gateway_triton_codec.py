@@ -163,6 +163,15 @@ def test_parse_final_response_with_outputs():
     assert parsed.finished == ChoiceEnd(0, "eos_token", completion_tokens=3) and parsed.prompt_tokens == 13
 
 
+def test_a_choices_last_response_says_what_stopped_it():
+    """stop_sequence / stop_token_id (vLLM's stop_reason), as trident.llm_io.output_tensors
+    writes them; neither: None."""
+    for extra, stop in (({"stop_sequence": np.array([["Paris é".encode()]], dtype=np.object_)}, "Paris é"),
+                        ({"stop_token_id": np.array([[128009]], dtype=np.int32)}, 128009), ({}, None)):
+        parsed = parse(stream_response(text=".", finish=("stop_sequence", 13, 3), final=True, arrays=extra))
+        assert parsed.finished == ChoiceEnd(0, "stop_sequence", completion_tokens=3, stop=stop)
+
+
 def test_parse_empty_final_response():
     parsed = parse(stream_response(final=True))
     assert parsed.text == "" and parsed.finished is None and parsed.final is True

@@ -322,6 +322,36 @@ def test_the_models_other_end_tokens_end_a_choice_as_its_end_id(make_service, to
 
 
 @pytest.mark.parametrize("logprobs", [False, True])
+def test_stop_reason_names_the_stop_sequence_or_token_that_ended_a_choice(make_service, tokenizer, logprobs):
+    """vLLM's stop_reason on a choice's last response: stop_sequence (the sequence matched),
+    stop_token_id (a stop_token_ids token, or an end token of the model's besides the end id);
+    neither when the engine's end id or max_tokens ended it."""
+    three, five = (tokenizer(w, add_special_tokens=False).input_ids[0] for w in (" three", " five"))
+    service, engine = make_service(end_ids=(five,))
+    extra = {"return_log_probs": True} if logprobs else {}
+    cases = [({"stop_words": ("hree",)}, "hree"), ({"stop_token_ids": [three, 7]}, three), ({}, five),
+             ({"max_tokens": 3}, None), ({"ignore_eos": True, "max_tokens": 20}, None)]
+    for asked, expected in cases:
+        stops = asked.pop("stop_token_ids", None)
+        req = request(stream=False, max_tokens=asked.pop("max_tokens", 8), stop_words=asked.pop("stop_words", ()),
+                      **asked, **extra)
+        if stops is not None:
+            req.inputs["stop_token_ids"] = np.array([stops], dtype=np.int32)
+        service.accept(req)
+        wait(req)
+        (gen,) = req.ended
+        assert gen.stop_reason == expected, asked
+        arrays = output_tensors("", gen=gen)
+        if isinstance(expected, str):
+            assert arrays["stop_sequence"].tolist() == [[expected.encode()]] and "stop_token_id" not in arrays
+        elif expected is not None:
+            assert arrays["stop_token_id"].tolist() == [[expected]] and "stop_sequence" not in arrays
+        else:
+            assert not {"stop_sequence", "stop_token_id"} & set(arrays)
+    assert [p[1] for k, p in req.sent if k == "send_final"] == ["eos_token"]  # the engine ended the last one
+
+
+@pytest.mark.parametrize("logprobs", [False, True])
 def test_min_tokens_holds_back_stop_tokens_and_stop_sequences_on_the_wire(make_service, tokenizer, logprobs):
     """Direct gRPC: min_tokens (vLLM's) lets no stop_token_ids token or stop sequence end the
     choice before that many tokens (the engine gets min_tokens as given, banning its end id);
