@@ -53,7 +53,7 @@ from typing import Any
 from marshmallow import ValidationError, post_load, validates_schema
 from marshmallow.validate import OneOf
 
-from .backend import Admitted, Event, Finished, TextDelta
+from .backend import Admitted, ChoiceEnd, Event, Finished, TextDelta
 from .choices import Choice
 from .errors import ApiError, renamed_param
 from .fields import StrictBoolean, StrictInteger, StrictNumber, StrictString, _StrictField, check_fields, describe
@@ -294,9 +294,8 @@ class MessagesSchema(StrictSchema):
         for name in ("model", "stream", "temperature", "top_p", "top_k"):
             if data.get(name) is not None:
                 body[name] = data[name]
-        if data.get("stop_sequences"):
-            # kept in the text by the llm model so that the reply can say which one it was
-            body.update(stop=list(data["stop_sequences"]), include_stop_str_in_output=True)
+        if data.get("stop_sequences"):  # the llm model says which one ended the text (ChoiceEnd.stop)
+            body["stop"] = list(data["stop_sequences"])
         if data.get("tools"):
             body["tools"] = [{"type": "function", "function": {
                 "name": tool["name"], "parameters": tool["input_schema"],
@@ -350,13 +349,10 @@ class MessagesReply:
     """The JSON answer and the SSE events of one Messages request. The text goes through a chat
     reply (its reasoning and tool-call readers) and its pieces become content blocks."""
 
-    def __init__(self, model: str, *, tool_choice: ToolChoice | None = None, reasoning: Reasoning | None = None,
-                 stops: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: str, *, tool_choice: ToolChoice | None = None, reasoning: Reasoning | None = None) -> None:
         self.id = f"msg_{new_id()}"
         self.model = model
         self._chat = ChatCompletionReply(model, tool_choice=tool_choice, reasoning=reasoning)
-        self._stops = sorted(stops, key=len, reverse=True)  # the longest first: the one that ended the text
-        self._held = ""  # streamed text that may end with the stop sequence
         self._started = False
         self._open: tuple[int, str] | None = None  # the block being streamed: its index and type
         self._blocks = 0
@@ -364,14 +360,11 @@ class MessagesReply:
 
     # -- the stop sequence ------------------------------------------------------------------------
 
-    def _cut_stop(self, text: str, reason: str) -> tuple[str, str | None]:
-        """The text without the stop sequence that ended it (the llm model keeps it, asked by
-        include_stop_str_in_output), and that sequence."""
-        if reason == "stop_sequence":
-            for stop in self._stops:
-                if text.endswith(stop):
-                    return text[:-len(stop)], stop
-        return text, None
+    @staticmethod
+    def _stop_sequence(end: ChoiceEnd | None) -> str | None:
+        """The stop sequence that ended the text, as the llm model says (ChoiceEnd.stop; a stop
+        token of the model's own is none)."""
+        return end.stop if end is not None and isinstance(end.stop, str) else None
 
     def _stop_reason(self, reason: str, stop: str | None) -> str:
         if self._called and reason != "length":
@@ -384,8 +377,8 @@ class MessagesReply:
 
     def response(self, choices: list[Choice], finished: Finished) -> dict[str, Any]:
         choice = choices[0]
-        text, stop = self._cut_stop(choice.text, choice.finish_reason)
-        message = self._chat._choice(Choice(choice.index, [text], choice.pieces, choice.end))["message"]
+        stop = self._stop_sequence(choice.end)
+        message = self._chat._choice(choice)["message"]
         content: list[dict[str, Any]] = []
         if message.get("reasoning"):
             content.append({"type": "thinking", "thinking": message["reasoning"], "signature": ""})
@@ -406,18 +399,12 @@ class MessagesReply:
         out = [] if self._started else [self._start()]
         if isinstance(event, TextDelta):
             if event.index == 0 and event.text:
-                self._held += event.text
-                keep = len(self._stops[0]) if self._stops else 0
-                text, self._held = (self._held[:-keep], self._held[-keep:]) if keep else (self._held, "")
-                if text:
-                    delta = self._chat._delta_choice(0, text, None)
-                    if delta is not None:
-                        out.extend(self._events(delta["delta"]))
+                delta = self._chat._delta_choice(0, event.text, None)
+                if delta is not None:
+                    out.extend(self._events(delta["delta"]))
             return b"".join(out)
-        reason = event.ends[0].finish_reason
-        text, stop = self._cut_stop(self._held, reason)
-        self._held = ""
-        delta = self._chat._delta_choice(0, text or None, "stop")
+        reason, stop = event.ends[0].finish_reason, self._stop_sequence(event.ends[0])
+        delta = self._chat._delta_choice(0, None, "stop")
         if delta is not None:
             out.extend(self._events(delta["delta"]))
         out.extend(self._close())

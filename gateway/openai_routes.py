@@ -160,8 +160,7 @@ def chat_completions() -> Any:
 @rate_limited
 def messages() -> Any:
     req, _ = _as_chat(_state().messages_schema, messages_param)
-    reply = MessagesReply(req.params.model, tool_choice=req.tool_choice, reasoning=req.reasoning,
-                          stops=req.params.sampling.stop)
+    reply = MessagesReply(req.params.model, tool_choice=req.tool_choice, reasoning=req.reasoning)
     return _answer(req, reply)
 
 

@@ -47,6 +47,12 @@ def test_prefill_system_and_stop_sequences(claude):
                                      stop_sequences=["xyz", "Paris"])
     assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", "Paris")
     assert "Paris" not in stopped.content[0].text if stopped.content else True
+    with claude.messages.stream(model=MODEL, max_tokens=24, messages=prefill, extra_body=GREEDY,
+                                stop_sequences=["xyz", "Paris"]) as stream:  # the same, streamed
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "Paris")
+    assert text == (stopped.content[0].text if stopped.content else "")
 
 
 def test_a_forced_tool_is_a_tool_use_block(claude):

@@ -15,7 +15,7 @@ from openai_fixtures import AUTH, KEY, MODEL, make_openai_app, tokenizer_dir
 from test_gateway_openai_tools import TOOLS_TEMPLATE, says
 
 from gateway.anthropic import messages_param
-from gateway.backend import Admitted, Finished
+from gateway.backend import Admitted, ChoiceEnd, Finished
 
 WEATHER = {"name": "get_weather", "description": "The weather of a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -89,17 +89,32 @@ def test_system_prompt_history_and_prefill_reach_the_template(app):
 
 
 def test_stop_sequences_say_which_one_ended_the_text(app):
+    """The llm model says which stop sequence ended the text (ChoiceEnd.stop), whole and
+    streamed: stop_sequence is that one, even when another one given ends the text too; a stop
+    token of the model's own is end_turn."""
     flask_app, backend, web, spec = app
-    backend.script = says("It is sun", "ny. END", reason="stop_sequence")
+
+    def stopped(stop):
+        def script(params):
+            texts = ["It is sun", "ny. E"] if params.stream else ["It is sunny. E"]
+            return [*texts, Finished("stop_sequence", prompt_tokens=3, completion_tokens=2,
+                                     choices=(ChoiceEnd(0, "stop_sequence", 2, stop=stop),))]
+        return script
+
     client = client_of(flask_app)
-    message = client.messages.create(model=MODEL, max_tokens=20, messages=USER, stop_sequences=["STOP", " END"])
-    assert backend.last_params.sampling.include_stop_str_in_output  # kept by the llm model, cut here
-    assert message.content[0].text == "It is sunny." and message.stop_reason == "stop_sequence"
-    assert message.stop_sequence == " END"
-    with client.messages.stream(model=MODEL, max_tokens=20, messages=USER, stop_sequences=["STOP", " END"]) as stream:
+    stops = ["E", "ND", " END"]  # "E" also ends the text: the llm model's word decides
+    backend.script = stopped("ND")
+    message = client.messages.create(model=MODEL, max_tokens=20, messages=USER, stop_sequences=stops)
+    assert backend.last_params.sampling.stop == tuple(stops) and not backend.last_params.sampling.include_stop_str_in_output
+    assert message.content[0].text == "It is sunny. E" and message.stop_reason == "stop_sequence"
+    assert message.stop_sequence == "ND"
+    with client.messages.stream(model=MODEL, max_tokens=20, messages=USER, stop_sequences=stops) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
-    assert text == "It is sunny." and (final.stop_reason, final.stop_sequence) == ("stop_sequence", " END")
+    assert text == "It is sunny. E" and (final.stop_reason, final.stop_sequence) == ("stop_sequence", "ND")
+    backend.script = stopped(128009)  # an end token of the model's own (generation_config.json)
+    message = client.messages.create(model=MODEL, max_tokens=20, messages=USER, stop_sequences=stops)
+    assert (message.stop_reason, message.stop_sequence) == ("end_turn", None)
     backend.script = says("It is", " sunny", reason="length")
     message = client.messages.create(model=MODEL, max_tokens=2, messages=USER)
     assert message.stop_reason == "max_tokens"
