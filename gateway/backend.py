@@ -167,6 +167,10 @@ class Backend(Protocol):
         """The ids the served model's tokenizer gives ``text`` (a prompt of it is given the same);
         raises the typed errors."""
 
+    def tokenize_pieces(self, model: str, text: str, *, add_special_tokens: bool,
+                        request_id: str) -> tuple[list[int], list[str]]:
+        """As :meth:`tokenize`, with each id's piece of the vocabulary (vLLM's ``token_strs``)."""
+
     def detokenize(self, model: str, ids: list[int], *, request_id: str) -> str:
         """The text of ``ids`` (special tokens included); raises the typed errors."""
 

@@ -163,6 +163,7 @@ class TokenizeResponseSchema(Schema):
     count = _required(fields.Integer, validate=Range(min=0))
     max_model_len = _required(fields.Integer, validate=Range(min=1))
     tokens = _required(fields.List, fields.Integer(validate=Range(min=0)))
+    token_strs = fields.List(fields.String())  # with return_token_strs: each id's piece of the vocabulary
 
 
 class DetokenizeResponseSchema(Schema):

@@ -39,6 +39,7 @@ class TokenizeRequest:
     model: str
     text: str = ""
     add_special_tokens: bool = True
+    token_strs: bool = False  # vLLM's return_token_strs
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class TokenizeSchema(ModelSchema):
     continue_final_message = StrictBoolean()
     chat_template_kwargs = ChatTemplateKwargs()
     tools = Nested(ToolSchema, many=True, max_items=MAX_TOOLS)
+    return_token_strs = StrictBoolean()  # vLLM's: each id's piece of the vocabulary too (token_strs)
 
     def __init__(self, *, chat_template: ChatTemplate | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -96,7 +98,8 @@ class TokenizeSchema(ModelSchema):
         else:
             text, special, param = data["prompt"], _given(data, "add_special_tokens", True), "prompt"
         self.check_prompt_length(text, model, param)
-        return TokenizeRequest(model=model, text=text, add_special_tokens=special)
+        return TokenizeRequest(model=model, text=text, add_special_tokens=special,
+                               token_strs=bool(data.get("return_token_strs")))
 
 
 def _given(data: Mapping[str, Any], name: str, default: bool) -> bool:
@@ -148,13 +151,18 @@ def init_app(app: Flask) -> None:
 @rate_limited
 def tokenize() -> Any:
     """The ids of ``prompt`` (or of the rendered ``messages``): ``tokens``, their ``count`` and
-    the model's context, ``max_model_len``."""
+    the model's context, ``max_model_len``; with ``return_token_strs``, ``token_strs``: each id's
+    piece of the vocabulary (the tokenizer's own spelling, e.g. byte-level BPE's "Ġ" for a space)."""
     state = current_app.extensions["trident.tokenizer"]
     req = load_request(state.tokenize_schema, read_json_object(request))
     authorize_model(g.api_key, req.model)
     backend = current_app.extensions["trident"].backend
-    ids = backend.tokenize(req.model, req.text, add_special_tokens=req.add_special_tokens, request_id=g.request_id)
     limits = state.tokenize_schema.limits(req.model)
+    if req.token_strs:
+        ids, pieces = backend.tokenize_pieces(req.model, req.text, add_special_tokens=req.add_special_tokens,
+                                              request_id=g.request_id)
+        return {"count": len(ids), "max_model_len": limits.max_context, "tokens": ids, "token_strs": pieces}
+    ids = backend.tokenize(req.model, req.text, add_special_tokens=req.add_special_tokens, request_id=g.request_id)
     return {"count": len(ids), "max_model_len": limits.max_context, "tokens": ids}
 
 

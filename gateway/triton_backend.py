@@ -37,6 +37,7 @@ from tritonclient.grpc import service_pb2
 from trident.contract import (
     ADD_SPECIAL_TOKENS_PARAMETER,
     DETOKENIZE_PARAMETER,
+    TOKEN_STRS_PARAMETER,
     TOKENIZE_PARAMETER,
     ModelLimits,
     TextRequest,
@@ -341,13 +342,31 @@ class TritonBackend:
 
     def tokenize(self, model: str, text: str, *, add_special_tokens: bool, request_id: str) -> list[int]:
         """The ids ``llm`` gives a prompt of ``text`` (trident.contract TOKENIZE_PARAMETER)."""
+        return self._tokenize(model, text, add_special_tokens=add_special_tokens, request_id=request_id)[0]
+
+    def tokenize_pieces(self, model: str, text: str, *, add_special_tokens: bool,
+                        request_id: str) -> tuple[list[int], list[str]]:
+        """The ids and their vocabulary pieces (trident.contract TOKEN_STRS_PARAMETER)."""
+        ids, pieces = self._tokenize(model, text, add_special_tokens=add_special_tokens, request_id=request_id,
+                                     pieces=True)
+        if len(pieces) != len(ids):
+            log.error("llm answered %d ids with %d pieces", len(ids), len(pieces), extra={"request_id": request_id})
+            raise internal_error(request_id)
+        return ids, pieces
+
+    def _tokenize(self, model: str, text: str, *, add_special_tokens: bool, request_id: str,
+                  pieces: bool = False) -> tuple[list[int], list[str]]:
         inputs = {**control_inputs(), "text_input": np.array([[text.encode("utf-8")]], dtype=np.object_)}
         request = infer_request(self.models[model], inputs, request_id=request_id,
-                                outputs=("output_token_ids",), bool_parameters=(TOKENIZE_PARAMETER,))
+                                outputs=("output_token_ids", "token_strs") if pieces else ("output_token_ids",),
+                                bool_parameters=(TOKENIZE_PARAMETER, TOKEN_STRS_PARAMETER) if pieces
+                                else (TOKENIZE_PARAMETER,))
         if not add_special_tokens:
             request.parameters[ADD_SPECIAL_TOKENS_PARAMETER].bool_param = False
-        ids = self._answer(request, request_id).get("output_token_ids")
-        return [] if ids is None else [int(i) for i in ids.reshape(-1).tolist()]
+        answer = self._answer(request, request_id)
+        ids, strs = answer.get("output_token_ids"), answer.get("token_strs")
+        return ([] if ids is None else [int(i) for i in ids.reshape(-1).tolist()],
+                [] if strs is None else [bytes(t).decode("utf-8", "replace") for t in strs.reshape(-1).tolist()])
 
     def detokenize(self, model: str, ids: list[int], *, request_id: str) -> str:
         """The text of ``ids`` (trident.contract DETOKENIZE_PARAMETER)."""

@@ -167,6 +167,8 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("prompt_top_log_prob_texts", np.object_, matrix=True),
     TensorSpec("prompt_top_log_probs", np.float32, matrix=True),
     TensorSpec("prompt_top_log_prob_ids", np.int32, matrix=True),
+    # On a tokenize answer with TOKEN_STRS_PARAMETER: each id's piece of the vocabulary.
+    TensorSpec("token_strs", np.object_, many=True),
 )
 
 #: Environment variable naming a Triton server (``host:grpc port`` by default, set by the
@@ -210,6 +212,10 @@ PING_PARAMETER = "trident_ping"
 TOKENIZE_PARAMETER = "trident_tokenize"
 #: Request parameter (bool) of a :data:`TOKENIZE_PARAMETER` request; absent: true.
 ADD_SPECIAL_TOKENS_PARAMETER = "trident_add_special_tokens"
+#: Request parameter (bool) of a :data:`TOKENIZE_PARAMETER` request: the answer also holds each
+#: id's piece of the vocabulary (the tokenizer's ``convert_ids_to_tokens``) in ``token_strs``
+#: (vLLM's /tokenize ``return_token_strs``); absent: false.
+TOKEN_STRS_PARAMETER = "trident_token_strs"
 #: Request parameter (bool) of the ``llm`` model: this request only turns its ``input_ids`` into
 #: text (special tokens included) and gets one final response: the text in ``text_output``, the
 #: ids' count in ``prompt_tokens``. The gateway's ``/detokenize``; answered as a ping is.
@@ -406,11 +412,15 @@ def read_tokenizer_inputs(get: Callable[[str], Optional[np.ndarray]]) -> tuple[s
     return texts[0] if texts else "", _ids(get("input_ids")) or ()
 
 
-def tokenize_outputs(ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """The one response to a :data:`TOKENIZE_PARAMETER` request."""
-    return {"text_output": np.array([[b""]], dtype=np.object_),
-            "output_token_ids": np.array(list(ids), dtype=np.int32).reshape(1, len(ids)),
-            "prompt_tokens": np.array([[len(ids)]], dtype=np.int32)}
+def tokenize_outputs(ids: Sequence[int], strs: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """The one response to a :data:`TOKENIZE_PARAMETER` request (``strs``: the ids' pieces,
+    :data:`TOKEN_STRS_PARAMETER`)."""
+    out = {"text_output": np.array([[b""]], dtype=np.object_),
+           "output_token_ids": np.array(list(ids), dtype=np.int32).reshape(1, len(ids)),
+           "prompt_tokens": np.array([[len(ids)]], dtype=np.int32)}
+    if strs is not None:
+        out["token_strs"] = np.array([s.encode("utf-8") for s in strs], dtype=np.object_).reshape(1, len(strs))
+    return out
 
 
 def detokenize_outputs(text: str, count: int) -> dict[str, np.ndarray]:

@@ -82,6 +82,10 @@ class Request(Protocol):
     def adds_special_tokens(self) -> bool:
         """For a tokenize request: whether the tokenizer adds its special tokens (default true)."""
 
+    def wants_token_strs(self) -> bool:
+        """For a tokenize request: whether the answer holds the ids' vocabulary pieces (default
+        false; trident.contract TOKEN_STRS_PARAMETER)."""
+
     def is_cancelled(self) -> bool: ...
 
     def send_admission(self, prompt_tokens: int, prompt_ids: Optional[Sequence[int]] = None) -> None:

@@ -277,7 +277,9 @@ class LlmService:
         if limit and len(text) > limit:
             raise InvalidRequest(prompt_chars_error(len(text), limit), param="prompt")
         special = _read(request, "adds_special_tokens", True)
-        return tokenize_outputs(self.tokenizer(text, add_special_tokens=special).input_ids)
+        ids = self.tokenizer(text, add_special_tokens=special).input_ids
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if _read(request, "wants_token_strs", False) else None
+        return tokenize_outputs(ids, strs)
 
     def _detokenize(self, request: Request) -> dict[str, np.ndarray]:
         """``/detokenize``: the ids' text, special tokens included."""

@@ -21,6 +21,10 @@ def test_tokenize_gives_the_ids_a_prompt_is_given(gateway, tokenizer):
     assert completion["usage"]["prompt_tokens"] == body["count"]
     text = requests.post(f"{gateway.url}/detokenize", json={"tokens": body["tokens"]}, headers=AUTH, timeout=30).json()
     assert text == {"prompt": prompt}
+    pieces = requests.post(f"{gateway.url}/tokenize", json={"prompt": prompt, "return_token_strs": True},
+                           headers=AUTH, timeout=30).json()  # vLLM's: the vocabulary's own spelling
+    assert pieces["tokens"] == body["tokens"]
+    assert pieces["token_strs"] == tokenizer.convert_ids_to_tokens(body["tokens"]) and "ĠParis" in pieces["token_strs"]
 
 
 def test_tokenize_messages_as_the_chat_template_renders_them(gateway, tokenizer):

@@ -106,6 +106,12 @@ class FakeBackend:
         self.tokenizer_calls.append(("tokenize", model, text, add_special_tokens))
         return ([1] if add_special_tokens else []) + [ord(c) if ord(c) < 256 else 0 for c in text]
 
+    def tokenize_pieces(self, model: str, text: str, *, add_special_tokens: bool,
+                        request_id: str) -> tuple[list[int], list[str]]:
+        """tokenize's ids; each one's piece: "<s>" for the special token, else its character."""
+        ids = self.tokenize(model, text, add_special_tokens=add_special_tokens, request_id=request_id)
+        return ids, ["<s>" if i == 1 else chr(i) for i in ids]
+
     def detokenize(self, model: str, ids: list[int], *, request_id: str) -> str:
         self.tokenizer_calls.append(("detokenize", model, ids))
         return "".join(chr(i) if i < 256 else f"<{i}>" for i in ids if i != 1)

@@ -3,6 +3,7 @@ whose tokenizer gives each character its code (and 1 for the special token)."""
 
 from __future__ import annotations
 
+import jsonschema_rs
 import pytest
 from gateway_fakes import FakeBackend
 from openai_fixtures import AUTH, KEY, MODEL, SMOL_SYSTEM, make_openai_app
@@ -30,6 +31,17 @@ def test_tokenize_a_prompt_answers_as_vllm_does(app):
     assert body == {"count": 2, "max_model_len": 64, "tokens": [104, 105]}
     assert backend.tokenizer_calls == [("tokenize", MODEL, "hi", True), ("tokenize", MODEL, "hi", False)]
     assert backend.calls == []  # no generation
+    spec = client.get("/openapi.json").get_json()
+    for body in ({"prompt": "hi", "return_token_strs": True},
+                 {"messages": [{"role": "user", "content": "hi"}], "return_token_strs": True}):
+        answer = client.post("/tokenize", json=body, headers=AUTH).get_json()  # vLLM's return_token_strs
+        assert len(answer["token_strs"]) == len(answer["tokens"]) == answer["count"]
+        jsonschema_rs.Draft202012Validator({**spec, "$ref": "#/components/schemas/TokenizeResponse"}).validate(answer)
+    assert answer["token_strs"][-3:] == list("nt\n")  # the rendered conversation's last pieces
+    assert client.post("/tokenize", json={"prompt": "hi", "return_token_strs": True},
+                       headers=AUTH).get_json()["token_strs"] == ["<s>", "h", "i"]
+    no = client.post("/tokenize", json={"prompt": "hi", "return_token_strs": False}, headers=AUTH).get_json()
+    assert "token_strs" not in no
 
 
 def test_tokenize_messages_renders_them_as_chat_completions_does(app):
@@ -103,6 +115,8 @@ def test_detokenize_answers_the_text(app):
     ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens",
      "add_special_tokens must be a boolean (true or false), got string \"yes\""),
     ("/tokenize", {"prompt": "a", "echo": True}, "echo", "Unrecognized request argument supplied: echo"),
+    ("/tokenize", {"prompt": "a", "return_token_strs": 1}, "return_token_strs",
+     "return_token_strs must be a boolean (true or false), got integer 1"),
     ("/detokenize", {}, "tokens", "tokens is required"),
     ("/detokenize", {"tokens": "abc"}, "tokens", "tokens must be an array of token ids, got string \"abc\""),
     ("/detokenize", {"tokens": [3, -1]}, "tokens",

@@ -21,7 +21,7 @@ class FakeRequest:
     def __init__(self, prompt="Hello there", *, max_tokens=8, stream=True, stop_words=(), admission=False,
                  fail_on=(), token=None, cancels=None, ping=False):
         self.token, self.target, self.ping = token, cancels, ping
-        self.tool, self.special = None, True  # a tokenizer call: "tokenize" | "detokenize"
+        self.tool, self.special, self.token_strs = None, True, False  # a tokenizer call: "tokenize" | "detokenize"
         self.inputs = {
             "text_input": np.array([[prompt.encode()]], dtype=object),
             "max_tokens": np.array([[max_tokens]], dtype=np.int32),
@@ -60,6 +60,9 @@ class FakeRequest:
 
     def adds_special_tokens(self):
         return self.special
+
+    def wants_token_strs(self):
+        return self.token_strs
 
     def is_cancelled(self):
         self.polls += 1
@@ -643,7 +646,15 @@ def test_tokenize_answers_at_once_with_the_ids_a_prompt_is_given(make_service, t
     empty.tool = "tokenize"
     service.accept(empty)
     assert empty.sent == [("send_outputs", {"text_output": [[b""]], "output_token_ids": [[]], "prompt_tokens": [[0]]})]
-    assert engine.streams == [] and service.counters["tokenize"] == 3
+    pieces = FakeRequest("Hello there, Paris é")  # return_token_strs: the vocabulary's pieces too
+    pieces.tool, pieces.token_strs = "tokenize", True
+    service.accept(pieces)
+    ids = tokenizer("Hello there, Paris é").input_ids
+    answer = pieces.sent[0][1]
+    assert answer["output_token_ids"] == [ids]
+    assert answer["token_strs"] == [[t.encode() for t in tokenizer.convert_ids_to_tokens(ids)]]
+    assert b"\xc4\xa0there" in answer["token_strs"][0]  # byte-level BPE's piece of " there"
+    assert engine.streams == [] and service.counters["tokenize"] == 4
 
 
 def test_tokenize_refuses_a_text_longer_than_any_prompt(make_service):

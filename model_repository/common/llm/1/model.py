@@ -14,7 +14,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trident.contract import (ADD_SPECIAL_TOKENS_PARAMETER, ADMISSION_PARAMETER, CANCEL_PARAMETER, CANCEL_TOKEN_PARAMETER,
-                              DETOKENIZE_PARAMETER, PING_PARAMETER, SERVER_ID_ENV, TOKENIZE_PARAMETER)
+                              DETOKENIZE_PARAMETER, PING_PARAMETER, SERVER_ID_ENV, TOKEN_STRS_PARAMETER,
+                              TOKENIZE_PARAMETER)
 from trident.engine_tensors import ENGINE_OUTPUTS, OUTPUT_IDS, read_response, stop_inputs
 from trident.llm_io import EngineChunk, LlmSettings, output_tensors
 from trident.cancel_board import CancelBoard, default_directory, remove_stale
@@ -148,6 +149,9 @@ class TritonRequest:
 
     def adds_special_tokens(self):
         return self._parameter(ADD_SPECIAL_TOKENS_PARAMETER) is not False
+
+    def wants_token_strs(self):
+        return self._parameter(TOKEN_STRS_PARAMETER) is True
 
     def is_cancelled(self):
         return self._sender.is_cancelled()
