@@ -196,9 +196,9 @@ def responses() -> Any:
             return load_request(chat_schema, body)
         backend = current_app.extensions["trident"].backend
 
-        def count(req: OpenAIRequest) -> int:  # as the llm model tokenizes a prompt
-            return len(backend.tokenize(req.params.model, req.params.prompt, add_special_tokens=True,
-                                        request_id=g.request_id))
+        def count(req: OpenAIRequest) -> int:  # as the llm model tokenizes the prompt
+            return len(backend.tokenize(req.params.model, req.params.prompt,
+                                        add_special_tokens=req.params.add_special_tokens, request_id=g.request_id))
 
         return fit_conversation(body, lambda chat: load_request(chat_schema, chat), count,
                                 lambda req: chat_schema.limits(req.params.model).max_context)
@@ -298,7 +298,8 @@ def count_message_tokens() -> Any:
     req, _ = _as_chat(_state().count_tokens_schema, messages_param)
     authorize_model(g.api_key, req.params.model)
     backend = current_app.extensions["trident"].backend
-    ids = backend.tokenize(req.params.model, req.params.prompt, add_special_tokens=False, request_id=g.request_id)
+    ids = backend.tokenize(req.params.model, req.params.prompt, add_special_tokens=req.params.add_special_tokens,
+                           request_id=g.request_id)  # as the llm model tokenizes the prompt
     return {"input_tokens": len(ids)}
 
 

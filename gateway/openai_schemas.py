@@ -18,7 +18,9 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   ``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``,
   ``truncate_prompt_tokens`` and ``structured_outputs``
   (``json``, ``regex``, ``choice``, ``grammar`` or ``json_object``: the same constraint as
-  ``response_format``, gateway.control_fields); ``prompt_logprobs`` (0..20, not streamed: each
+  ``response_format``, gateway.control_fields); ``add_special_tokens`` (whether the prompt's
+  text gets the tokenizer's special tokens, a BOS: by default yes on completions, no on chat,
+  whose template renders its own, as vLLM); ``prompt_logprobs`` (0..20, not streamed: each
   prompt token's log-probability and rank with the k best tokens at its position, in vLLM's
   shape);
 * ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
@@ -213,6 +215,9 @@ class _OpenAISchema(ModelSchema):
     default_max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     token_fields = ("max_tokens",)
     param_names: Mapping[str, str] = {}  # the endpoint's own names of the llm model's fields
+    # vLLM's add_special_tokens default: a completion's prompt gets the tokenizer's special tokens
+    # (a BOS), a chat template's rendering has its own
+    adds_special_tokens = True
 
     model = StrictString()
     max_tokens = StrictInteger()
@@ -263,6 +268,8 @@ class _OpenAISchema(ModelSchema):
     return_tokens_as_token_ids = StrictBoolean()
     # vLLM's: the prompt's ids (prompt_token_ids) and each choice's generated ids (token_ids)
     return_token_ids = StrictBoolean()
+    # vLLM's: whether the prompt's text is tokenized with the tokenizer's special tokens
+    add_special_tokens = StrictBoolean()
     # vLLM's: each prompt token's log-probability and rank, with the k best tokens at its
     # position (not streamed, as vLLM's)
     prompt_logprobs = StrictInteger(
@@ -317,8 +324,11 @@ class _OpenAISchema(ModelSchema):
         options = data.get("stream_options") or {}
         include_usage = stream and bool(options.get("include_usage"))
         continuous = include_usage and bool(options.get("continuous_usage_stats"))
+        special = data.get("add_special_tokens")
         params = TextRequest(prompt="", sampling=sampling, stream=stream, model=model, return_prompt_token_ids=token_ids,
-                             return_num_output_tokens=continuous).with_prompt(prompt)
+                             return_num_output_tokens=continuous,
+                             add_special_tokens=self.adds_special_tokens if special is None else special
+                             ).with_prompt(prompt)
         # the llm model's "prompt" (a prompt over the context) is chat's messages
         names = {**PARAM_NAMES, "prompt": prompt_param, **self.param_names, "n": "best_of" if generated > choices else "n"}
         if data.get("structured_outputs") is not None:  # the guide's errors name the field it came from
@@ -394,6 +404,7 @@ class ChatCompletionSchema(_OpenAISchema):
 
     default_max_tokens = CHAT_DEFAULT_MAX_TOKENS
     token_fields = ("max_tokens", "max_completion_tokens")
+    adds_special_tokens = False  # the template renders the BOS it wants (vLLM's default for chat)
     param_names = {"logprobs": "top_logprobs"}  # the llm refuses alternatives, which top_logprobs asks for
 
     messages = Nested(

@@ -114,6 +114,10 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # before any text, holds the prompt's tokens: prompt_token_ids, their texts, log-probabilities
     # and ranks, and the k best tokens at each position (the prompt_* outputs).
     TensorSpec("num_prompt_log_probs", np.int32),
+    # trident extension (vLLM's add_special_tokens): false tokenizes text_input without the
+    # tokenizer's special tokens (a BOS its post-processor adds): a prompt rendered by a chat
+    # template already has them. Absent: true (transformers' default, NVIDIA's preprocessing).
+    TensorSpec("add_special_tokens", np.bool_),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one (prompt_tokens
 #: also on the admission response, which the gateway asks for).
@@ -265,6 +269,9 @@ class TextRequest:
     return_num_output_tokens: bool = False
     # The prompt's ids (after truncation) in a first response without text (return_prompt_token_ids).
     return_prompt_token_ids: bool = False
+    # Tokenize the prompt text with the tokenizer's special tokens (false: a chat template's
+    # rendering, which holds them already; vLLM's add_special_tokens).
+    add_special_tokens: bool = True
 
     def with_prompt(self, prompt: "str | tuple[int, ...]") -> "TextRequest":
         """This request with another prompt: a text, or token ids."""
@@ -347,6 +354,8 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
         values["return_num_output_tokens"] = _one(True, np.bool_)
     if req.return_prompt_token_ids:
         values["return_prompt_token_ids"] = _one(True, np.bool_)
+    if not req.add_special_tokens:
+        values["add_special_tokens"] = _one(False, np.bool_)
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -485,4 +494,5 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
                        include_prompt=not stream and _scalar(get("exclude_input_in_output"), bool) is False,
                        return_num_input_tokens=bool(_scalar(get("return_num_input_tokens"), bool)),
                        return_num_output_tokens=bool(_scalar(get("return_num_output_tokens"), bool)),
-                       return_prompt_token_ids=bool(_scalar(get("return_prompt_token_ids"), bool)))
+                       return_prompt_token_ids=bool(_scalar(get("return_prompt_token_ids"), bool)),
+                       add_special_tokens=_scalar(get("add_special_tokens"), bool) is not False)

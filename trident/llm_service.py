@@ -301,7 +301,7 @@ class LlmService:
         else:
             if limits.max_prompt_chars and len(text.prompt) > limits.max_prompt_chars:
                 raise InvalidRequest(prompt_chars_error(len(text.prompt), limits.max_prompt_chars), param="prompt")
-            input_ids = self.tokenizer(text.prompt).input_ids
+            input_ids = self.tokenizer(text.prompt, add_special_tokens=text.add_special_tokens).input_ids
         kept = text.sampling.kept_prompt_tokens(len(input_ids), limits.max_context)
         truncated = kept < len(input_ids)
         if truncated:  # truncate_prompt_tokens: the last ones

@@ -312,6 +312,7 @@ def test_count_tokens_counts_the_prompt_the_request_renders(app):
     assert web.post("/v1/messages", json={**body, "max_tokens": 5}, headers=AUTH).status_code == 200
     assert count.input_tokens == len(backend.last_params.prompt)
     assert backend.tokenizer_calls[-1] == ("tokenize", MODEL, backend.last_params.prompt, False)
+    assert backend.last_params.add_special_tokens is False  # counted as the llm model tokenizes it
     jsonschema_rs.Draft202012Validator({**spec, "$ref": "#/components/schemas/AnthropicTokenCount"}).validate(
         {"input_tokens": count.input_tokens})
     bad = web.post("/v1/messages/count_tokens", json={"messages": [{"role": "robot", "content": "x"}]}, headers=AUTH)

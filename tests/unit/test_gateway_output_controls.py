@@ -822,3 +822,19 @@ def test_stop_reason_names_the_stop_sequence_or_token_of_each_choice(tmp_path, s
     assert chat == [(0, "END"), (1, 42)]
     one = ask("/v1/completions", {"prompt": "first"}, "Completion")
     assert one == [(0, "END")]
+
+
+def test_add_special_tokens_defaults_to_true_on_completions_and_false_on_chat(client, backend):
+    """vLLM's defaults: a completion's prompt gets the tokenizer's special tokens (a BOS); a
+    chat template's rendering has its own (a Llama 3 template writes <|begin_of_text|>, which the
+    tokenizer would add again); each can be asked the other way; documented."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    for path, body, expected in (("/v1/completions", {"prompt": "Hi"}, True), ("/v1/chat/completions", chat, False)):
+        for given in (None, True, False):
+            extra = {} if given is None else {"add_special_tokens": given}
+            assert client.post(path, json={**body, **extra}, headers=AUTH).status_code == 200
+            assert backend.last_params.add_special_tokens is (expected if given is None else given), (path, given)
+    bad = client.post("/v1/chat/completions", json={**chat, "add_special_tokens": "no"}, headers=AUTH)
+    assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "add_special_tokens"
+    spec = client.get("/openapi.json").get_json()["components"]["schemas"]
+    assert "add_special_tokens" in spec["ChatCompletionRequest"]["properties"]

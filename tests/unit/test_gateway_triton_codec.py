@@ -54,6 +54,15 @@ def test_the_llm_model_reads_back_what_the_gateway_sends():
     assert read_llm_inputs(llm_inputs(params()).get).sampling == SamplingParams()
 
 
+def test_add_special_tokens_false_crosses_the_seam_and_true_is_not_sent():
+    rendered = TextRequest(prompt="<s>Hi", add_special_tokens=False)
+    inputs = llm_inputs(rendered)
+    assert inputs["add_special_tokens"].tolist() == [[False]]
+    assert read_llm_inputs(inputs.get).add_special_tokens is False
+    assert "add_special_tokens" not in llm_inputs(TextRequest(prompt="Hi"))
+    assert read_llm_inputs(llm_inputs(TextRequest(prompt="Hi")).get).add_special_tokens is True
+
+
 def test_optional_tensors_are_omitted_only_when_none():
     inputs = llm_inputs(params())
     assert "seed" not in inputs and "stop_words" not in inputs

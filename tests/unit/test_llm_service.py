@@ -657,6 +657,34 @@ def test_tokenize_answers_at_once_with_the_ids_a_prompt_is_given(make_service, t
     assert engine.streams == [] and service.counters["tokenize"] == 4
 
 
+def test_add_special_tokens_false_leaves_out_the_bos_a_tokenizer_adds(checkpoint_dir):
+    """A tokenizer whose post-processor adds a BOS (Llama 3's): a prompt rendered by a chat
+    template, which holds its BOS already, is tokenized without it (add_special_tokens false,
+    vLLM's default for chat); a completion's prompt with it (the default). Only one BOS either way."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+    bos = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A",
+                                                             special_tokens=[("<|im_start|>", bos)])
+    engine = FakeEngine(tokenizer)
+    service = LlmService(LlmSettings(max_concurrent=2, cancel_check_interval=0.02), tokenizer, engine)
+    service.start()
+    try:
+        rendered = FakeRequest("<|im_start|>user\nHi")
+        rendered.inputs["add_special_tokens"] = np.array([[False]])
+        plain = FakeRequest("Hi")
+        for request in (rendered, plain):
+            service.accept(request)
+            wait(request)
+    finally:
+        service.stop()
+    assert engine.prompts[0] == [bos] + tokenizer("user\nHi", add_special_tokens=False).input_ids
+    assert engine.prompts[1] == [bos] + tokenizer("Hi", add_special_tokens=False).input_ids
+    assert [ids.count(bos) for ids in engine.prompts] == [1, 1]
+
+
 def test_tokenize_refuses_a_text_longer_than_any_prompt(make_service):
     service, _ = make_service(limits=ModelLimits(max_prompt_chars=10))
     request = FakeRequest("x" * 11)
