@@ -85,6 +85,7 @@ class _Reply:
         # vLLM's prompt_logprobs (not streamed): each prompt's tokens with their log-probabilities
         self.prompt_logprobs = prompt_logprobs
         self._prompt_scores: tuple[PromptLogprobs, ...] | None = None
+        self._prompt_objects: dict[int, list[dict[str, dict[str, Any]] | None]] = {}  # each prompt's, shown
         # vLLM's continuous_usage_stats: each chunk's usage, its choice's tokens so far
         self.continuous_usage = continuous_usage
         self._prompt_counts: tuple[int, ...] = ()  # each prompt's tokens (the admission says)
@@ -122,11 +123,14 @@ class _Reply:
         return list(self._prompt_ids[prompt])
 
     def _prompt_logprobs_of(self, index: int) -> list[dict[str, dict[str, Any]] | None] | None:
-        """vLLM's prompt_logprobs of the prompt of choice ``index`` (None: they did not come)."""
+        """vLLM's prompt_logprobs of the prompt of choice ``index`` (None: they did not come);
+        built once per prompt, however many choices show it."""
         prompt = self._prompt_of(index)
         if self._prompt_scores is None or prompt >= len(self._prompt_scores):
             return None
-        return prompt_logprobs_object(self._prompt_scores[prompt])
+        if prompt not in self._prompt_objects:
+            self._prompt_objects[prompt] = prompt_logprobs_object(self._prompt_scores[prompt])
+        return self._prompt_objects[prompt]
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
