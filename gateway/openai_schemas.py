@@ -22,7 +22,7 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   text gets the tokenizer's special tokens, a BOS: by default yes on completions, no on chat,
   whose template renders its own, as vLLM); ``prompt_logprobs`` (0..20, not streamed: each
   prompt token's log-probability and rank with the k best tokens at its position, in vLLM's
-  shape);
+  shape); ``cache_salt`` (the prompt's K/V reused only by requests with the same salt, CPU engine);
 * ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
   tokens first in the log-probabilities (the first with null), as vLLM's; with ``max_tokens`` 0
   the prompt alone, scored (OpenAI's legacy API and vLLM take 0 only with echo);
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from marshmallow import ValidationError, post_load, validates_schema
-from marshmallow.validate import OneOf
+from marshmallow.validate import Length, OneOf
 
 from .chat_template import ChatTemplate
 from .errors import ServerError
@@ -65,7 +65,8 @@ from .openai_fields import (
     TokenIdArray,
     TokenIds,
 )
-from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS, UINT64_MAX, TextRequest
+from trident.contract import (INT32_MAX, MAX_CACHE_SALT_CHARS, MAX_CHAT_MESSAGES, MAX_CHOICES, MAX_TOP_LOGPROBS,
+                              UINT64_MAX, TextRequest)
 
 from .control_fields import AllowedTokenIds, LogitBias, ResponseFormat, StructuredOutputs, TruncatePromptTokens
 from .reasoning import KEEP_SPECIAL_TOKENS as REASONING_KEEPS_SPECIAL, Reasoning
@@ -270,6 +271,9 @@ class _OpenAISchema(ModelSchema):
     return_token_ids = StrictBoolean()
     # vLLM's: whether the prompt's text is tokenized with the tokenizer's special tokens
     add_special_tokens = StrictBoolean()
+    # vLLM's: the prompt's K/V are reused only by requests with the same salt (CPU engine)
+    cache_salt = StrictString(validate=Length(min=1, max=MAX_CACHE_SALT_CHARS,
+                                              error="cache_salt must be a non-empty string of at most {max} characters"))
     # vLLM's: each prompt token's log-probability and rank, with the k best tokens at its
     # position (not streamed, as vLLM's)
     prompt_logprobs = StrictInteger(

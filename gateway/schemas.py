@@ -322,7 +322,7 @@ def check_min_tokens(data: Mapping[str, Any], max_tokens: int | None, name: str 
 _SAME_NAME = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "n", "min_tokens",
               "presence_penalty", "frequency_penalty", "min_p", "logit_bias", "logprobs", "guide", "stop_token_ids",
               "include_stop_str_in_output", "skip_special_tokens", "bad_words", "ignore_eos", "allowed_token_ids",
-              "truncate_prompt_tokens", "prompt_logprobs")
+              "truncate_prompt_tokens", "prompt_logprobs", "cache_salt")
 _FLOATS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 
 

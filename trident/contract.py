@@ -118,6 +118,9 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # tokenizer's special tokens (a BOS its post-processor adds): a prompt rendered by a chat
     # template already has them. Absent: true (transformers' default, NVIDIA's preprocessing).
     TensorSpec("add_special_tokens", np.bool_),
+    # trident extension, vLLM's name (CPU engine): the prompt's K/V are reused only by requests
+    # with the same salt (the engine gets it as cache_salt_id, TensorRT-LLM's executor's name).
+    TensorSpec("cache_salt", np.object_),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one (prompt_tokens
 #: also on the admission response, which the gateway asks for).
@@ -336,6 +339,8 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
         values["echo"] = _one(True, np.bool_)
     if s.prompt_logprobs is not None:
         values["num_prompt_log_probs"] = _one(s.prompt_logprobs, np.int32)
+    if s.cache_salt is not None:
+        values["cache_salt"] = _strings((s.cache_salt,))
     if s.stop_token_ids:
         values["stop_token_ids"] = np.array([s.stop_token_ids], dtype=np.int32)
     if s.include_stop_str_in_output:
@@ -478,6 +483,10 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
         given["logprobs"] = _scalar(get("num_top_log_probs"), int) or 0
     given["echo"] = _scalar(get("echo"), bool)
     given["prompt_logprobs"] = _scalar(get("num_prompt_log_probs"), int)
+    salts = _texts(get("cache_salt"), "cache_salt")
+    if len(salts) > 1:
+        raise InvalidRequest("give one cache_salt", param="cache_salt")
+    given["cache_salt"] = salts[0] if salts else None
     given["stop_token_ids"] = _ids(get("stop_token_ids"))
     given["include_stop_str_in_output"] = _scalar(get("include_stop_str_in_output"), bool)
     given["ignore_eos"] = _scalar(get("ignore_eos"), bool)

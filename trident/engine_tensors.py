@@ -10,6 +10,7 @@ No torch and no Triton import: unit-tested on its own.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -65,6 +66,9 @@ CPU_ENGINE_INPUTS: dict[str, Any] = {
     # (1, K) ids banned as end_id is while fewer than min_tokens tokens were generated (vLLM bans
     # its stop tokens there; TensorRT-LLM only the end id)
     "min_tokens_stop_ids": np.int32,
+    # (1, 1) the request's prefix cache blocks are shared only with requests of the same id
+    # (the name of a request field in TensorRT-LLM's sources; cache_salt_id() of vLLM's cache_salt)
+    "cache_salt_id": np.uint64,
 }
 OUTPUT_IDS = "output_ids"  # (batch 1, beam 1, new tokens) int32
 SEQUENCE_LENGTH = "sequence_length"  # (1, 1) int32
@@ -187,10 +191,18 @@ def _output_control_inputs(s: SamplingParams, vocab_size: int, *, min_tokens: in
             tensors["num_top_log_probs"] = _one(s.logprobs, "num_top_log_probs")
     if (k := context_logprobs(s)) is not None:  # the prompt's tokens with their log-probabilities (CPU engine)
         tensors["num_context_log_probs"] = _one(k, "num_context_log_probs")
+    if s.cache_salt is not None:
+        tensors["cache_salt_id"] = _one(cache_salt_id(s.cache_salt), "cache_salt_id")
     if s.guide is not None:
         tensors["guided_decoding_guide_type"] = _string(s.guide.type)
         tensors["guided_decoding_guide"] = _string(s.guide.text)
     return tensors
+
+
+def cache_salt_id(salt: str) -> int:
+    """The engine's id of a cache_salt: 64 bits of its BLAKE2b digest (a salt is any string; the
+    engine keys its prefix cache chains by the id)."""
+    return int.from_bytes(hashlib.blake2b(salt.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def context_logprobs(s: SamplingParams) -> Optional[int]:

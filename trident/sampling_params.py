@@ -55,8 +55,13 @@ FEATURE_CACHED_TOKENS = "cached_tokens"  # prompt tokens from the prefix cache, 
 # min_tokens bans the stop tokens too (min_tokens_stop_ids), as vLLM; without it (TensorRT-LLM
 # bans only its end id) those tokens are ordinary tokens until min_tokens: served either way.
 FEATURE_MIN_TOKENS_STOPS = "min_tokens_stops"
+# cache_salt: a request's prefix cache blocks are shared only with requests of the same salt
+# (the CPU engine's cache_salt_id; TensorRT-LLM's backend has no such input)
+FEATURE_CACHE_SALT = "cache_salt"
 ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P, FEATURE_GUIDED, FEATURE_PROMPT_LOGPROBS, FEATURE_CACHED_TOKENS,
-                   FEATURE_MIN_TOKENS_STOPS)
+                   FEATURE_MIN_TOKENS_STOPS, FEATURE_CACHE_SALT)
+#: The most characters a cache_salt may have (vLLM sets none; a salt is an id, not a text).
+MAX_CACHE_SALT_CHARS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +216,9 @@ class SamplingParams:
     # tokens included); -1: as many of the last tokens as fit the context with the tokens asked
     # for. None: not truncated (a prompt that does not fit is a 400).
     truncate_prompt_tokens: Optional[int] = None
+    # vLLM's cache_salt: the prompt's K/V are reused only by requests with the same salt (a
+    # tenant's), so that no one can tell from the speed of an answer which prompts others sent.
+    cache_salt: Optional[str] = dataclasses.field(default=None, repr=False)
 
     @property
     def greedy(self) -> bool:
@@ -308,6 +316,13 @@ class SamplingParams:
                 raise InvalidRequest(f"truncate_prompt_tokens must be -1 (as many as fit) or between 1 and "
                                      f"{most} (the model's context), got {self.truncate_prompt_tokens}",
                                      param="truncate_prompt_tokens")
+        if self.cache_salt is not None:
+            if not self.cache_salt or len(self.cache_salt) > MAX_CACHE_SALT_CHARS:
+                raise InvalidRequest(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+                                     f"characters, got {len(self.cache_salt)}", param="cache_salt")
+            if FEATURE_CACHE_SALT not in features:
+                raise InvalidRequest("cache_salt is not supported by this deployment's engine (TensorRT-LLM's "
+                                     "backend takes no salt for its KV cache reuse)", param="cache_salt")
         if self.logprobs is not None:
             if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
                 raise InvalidRequest(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}",

@@ -206,6 +206,29 @@ def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(oai):
     assert second.choices[0].text == first.choices[0].text
 
 
+def test_a_cache_salt_keeps_a_tenants_prefix_to_its_own_requests(oai):
+    """vLLM's cache_salt on the real stack: a salted prompt's blocks serve the same salt only
+    (cached_tokens), not another salt nor unsalted requests, which keep their own; chat too."""
+    import uuid
+
+    prompt = f"Tenant note {uuid.uuid4().hex}: " + "the quick brown fox jumps over the lazy dog, " * 8
+
+    def cached(salt=None, **extra):
+        body = {"cache_salt": salt} if salt is not None else {}
+        answer = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, extra_body=body,
+                                        **extra)
+        return answer.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    reused = cached("tenant-a")
+    assert reused > 0
+    assert (cached("tenant-b"), cached(), cached(), cached("tenant-b")) == (0, 0, reused, reused)
+    chat = [{"role": "user", "content": prompt}]
+    tokens = [oai.chat.completions.create(model=MODEL, messages=chat, max_tokens=2, extra_body={"cache_salt": salt})
+              .usage.prompt_tokens_details.cached_tokens for salt in ("tenant-c", "tenant-c", "tenant-d")]
+    assert tokens[0] == tokens[2] == 0 < tokens[1]
+
+
 WEATHER_TOOLS = [
     {"type": "function", "function": {
         "name": "get_weather", "description": "The weather in a city",

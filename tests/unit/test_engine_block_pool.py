@@ -121,3 +121,18 @@ def test_paged_cache_tables_follow_the_slots():
     assert cache.tables[1, :2].tolist() == [0, 1]
     cache.extend(1, 11)
     assert cache.tables[1, 2] == 2  # the lowest free block
+
+
+def test_salted_roots_are_their_own_chains():
+    """block_pool.salted_root: each salt (and None) a root of its own, for ROOT and LONG_ROOT
+    alike, never a chain id of a block (those count up from 1)."""
+    from trident.engine.block_pool import LONG_ROOT, ROOT, salted_root
+
+    roots = {salted_root(root, salt) for root in (ROOT, LONG_ROOT) for salt in (None, 0, 1, 2**64 - 1)}
+    assert len(roots) == 8 and salted_root(ROOT, None) == ROOT and salted_root(LONG_ROOT, None) == LONG_ROOT
+    assert all(r <= 0 for r in roots)
+    pool = BlockPool(16, cache_blocks=16)
+    tokens = list(range(9))
+    pool.release(fill(pool, tokens))
+    assert len(pool.match(tokens, BS)[0]) == 2
+    assert pool.match(tokens, BS, root=salted_root(ROOT, 7)) == ([], [])

@@ -717,6 +717,45 @@ def test_the_final_output_says_how_many_prompt_tokens_came_from_the_prefix_cache
     assert cached_run(fp32, prompt)[0] == 0
 
 
+def test_a_cache_salt_shares_prefix_blocks_only_with_its_own_requests(int4, tok):
+    """vLLM's cache_salt (the engine's cache_salt_id): the same prompt reuses the blocks of an
+    earlier request with the same salt only; none from a request without a salt or with another,
+    and a request without a salt none of a salted one's; the same tokens either way."""
+    prompt = tok("Salted prefixes, one tenant's: " + CONTEXT_TEXT).input_ids
+    reused = (len(prompt) - 1) // int4.config.kv_block_size * int4.config.kv_block_size
+
+    def run(salt):
+        tensors = engine_inputs(SamplingParams(max_new_tokens=3, temperature=0.0, cache_salt=salt), input_ids=prompt,
+                                end_id=EOS, pad_id=EOS, report_cached=True)
+        assert ("cache_salt_id" in tensors) == (salt is not None)
+        request = request_from_tensors(f"salt-{next(_ids)}", tensors)
+        sink = Collector()
+        int4.submit(request, sink)
+        outs = sink.finished(request.request_id)
+        return outs[-1].cached_tokens, [t for o in outs for t in o.token_ids]
+
+    first, tokens = run("tenant-a")
+    assert first == 0
+    assert run("tenant-a") == (reused, tokens)  # the same salt: its blocks
+    assert run("tenant-b") == (0, tokens)  # another salt: none
+    assert run(None) == (0, tokens)  # no salt: none of the salted ones
+    assert run(None) == (reused, tokens)  # the unsalted chain is its own
+    assert run("tenant-b")[0] == reused
+
+
+def test_cache_salt_ids_are_64_bits_and_read_back():
+    from trident.engine_tensors import cache_salt_id
+
+    ids = {cache_salt_id(s) for s in ("a", "b", "tenant-é", "x" * 1024)}
+    assert len(ids) == 4 and all(0 <= i < 2**64 for i in ids)
+    tensors = engine_inputs(SamplingParams(max_new_tokens=1, cache_salt="tenant-é"), input_ids=[1, 2], end_id=EOS,
+                            pad_id=EOS)
+    assert tensors["cache_salt_id"].dtype == np.uint64 and tensors["cache_salt_id"].shape == (1, 1)
+    assert request_from_tensors("r", tensors).cache_salt_id == cache_salt_id("tenant-é")
+    with pytest.raises(InvalidRequestError, match="cache_salt_id"):
+        request_from_tensors("r", {**tensors, "cache_salt_id": np.array([[1.5]], dtype=np.float32)})
+
+
 def test_num_cached_tokens_tensors_round_trip(int4, tok):
     """The engine model's tensors: the input asks, the final response carries (1, 1) int32, and
     llm's reader takes it."""

@@ -838,3 +838,15 @@ def test_add_special_tokens_defaults_to_true_on_completions_and_false_on_chat(cl
     assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "add_special_tokens"
     spec = client.get("/openapi.json").get_json()["components"]["schemas"]
     assert "add_special_tokens" in spec["ChatCompletionRequest"]["properties"]
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": "Hi"}),
+                                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})])
+def test_cache_salt_goes_to_the_llm_model_and_must_be_a_non_empty_string(client, backend, path, body):
+    assert client.post(path, json={**body, "cache_salt": "tenant-a"}, headers=AUTH).status_code == 200
+    assert backend.last_params.sampling.cache_salt == "tenant-a"
+    assert client.post(path, json=body, headers=AUTH).status_code == 200
+    assert backend.last_params.sampling.cache_salt is None
+    for bad in ("", 5, "x" * 1025):
+        response = client.post(path, json={**body, "cache_salt": bad}, headers=AUTH)
+        assert response.status_code == 400 and response.get_json()["error"]["param"] == "cache_salt", bad

@@ -61,6 +61,8 @@ def test_add_special_tokens_false_crosses_the_seam_and_true_is_not_sent():
     assert read_llm_inputs(inputs.get).add_special_tokens is False
     assert "add_special_tokens" not in llm_inputs(TextRequest(prompt="Hi"))
     assert read_llm_inputs(llm_inputs(TextRequest(prompt="Hi")).get).add_special_tokens is True
+    salted = TextRequest(prompt="Hi", sampling=SamplingParams(cache_salt="tenant-é"))
+    assert read_llm_inputs(llm_inputs(salted).get) == salted
 
 
 def test_optional_tensors_are_omitted_only_when_none():

@@ -238,6 +238,25 @@ def test_prompt_logprobs_need_the_engine_feature_and_a_k_within_bounds(make_serv
     assert error.param == "prompt_logprobs" and "between 0 and 20" in error.message and engine.streams == []
 
 
+def test_cache_salt_reaches_the_engine_as_its_id_where_the_engine_takes_it(make_service):
+    from trident.engine_tensors import cache_salt_id
+
+    service, engine = make_service(limits=FEATURES)
+    req = request(cache_salt="tenant-é", stream=False)
+    service.accept(req)
+    wait(req)
+    assert engine.tensors[-1]["cache_salt_id"].tolist() == [[cache_salt_id("tenant-é")]]
+    plain = request(stream=False)
+    service.accept(plain)
+    wait(plain)
+    assert "cache_salt_id" not in engine.tensors[-1]
+    service, engine = make_service()  # the GPU repository's features: TensorRT-LLM's backend takes no salt
+    refused = request(cache_salt="tenant-é")
+    service.accept(refused)
+    wait(refused)
+    assert parse_error(refused.sent[0][1]).param == "cache_salt" and engine.streams == []
+
+
 def test_echo_with_logprobs_needs_the_engine_feature(make_service):
     service, engine = make_service()  # the GPU repository's features: no prompt log-probabilities
     req = request(echo=True, return_log_probs=True)

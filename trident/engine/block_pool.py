@@ -26,6 +26,15 @@ ROOT = 0  # the chain id before a sequence's first block
 LONG_ROOT = -1
 
 
+def salted_root(root: int, salt_id: int | None) -> int:
+    """The chain id before the first block of a sequence with cache_salt ``salt_id`` (None: ``root``
+    itself): one of its own for each salt (and for each of ROOT and LONG_ROOT), below the other
+    roots, so that only sequences with the same salt find its blocks."""
+    if salt_id is None:
+        return root
+    return -2 - (salt_id << 1) - (root == LONG_ROOT)
+
+
 class OutOfBlocks(RuntimeError):
     pass
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .block_pool import LONG_ROOT, ROOT
+from .block_pool import LONG_ROOT, ROOT, salted_root
 from .context import CONTEXT_ROWS_PER_STEP
 from .fused_llama import FusedLlama
 from .paged_cache import PagedKVCache
@@ -54,9 +54,11 @@ class PagedBatch:
     def _root(self, seq: Sequence) -> int:
         """The prefix cache's chain its blocks belong to: with LongRoPE, a prompt longer than
         the pre-training context computes every position with the long factors, so its blocks
-        are not those of the same tokens in a shorter prompt (block_pool.LONG_ROOT)."""
+        are not those of the same tokens in a shorter prompt (block_pool.LONG_ROOT); with a
+        cache_salt, that salt's own chain (block_pool.salted_root)."""
         context = self.model.config.long_rope
-        return LONG_ROOT if context is not None and len(seq.request.input_ids) > context else ROOT
+        root = LONG_ROOT if context is not None and len(seq.request.input_ids) > context else ROOT
+        return salted_root(root, seq.request.cache_salt_id)  # a cache_salt's requests share their own chains
 
     def _recompute_long(self, seq: Sequence) -> None:
         """Sequence.grows_past: transformers' Phi-3 at this point drops its cache and computes the
@@ -66,7 +68,7 @@ class PagedBatch:
         last row."""
         seq.long_ids = seq.request.input_ids + seq.output
         self.cache.close(seq.slot)
-        seq.cache_len = self.cache.open(seq.slot, seq.long_ids, root=LONG_ROOT)
+        seq.cache_len = self.cache.open(seq.slot, seq.long_ids, root=salted_root(LONG_ROOT, seq.request.cache_salt_id))
         self.recomputed += 1
 
     def fork(self, leader: Sequence, children: list[Sequence]) -> None:

@@ -69,6 +69,9 @@ class GenerationRequest:
     # min_tokens_stop_ids: tokens banned with end_id while fewer than min_tokens tokens were
     # generated (the llm model's stop tokens, vLLM's min_tokens; TensorRT-LLM bans end_id only).
     min_tokens_stops: tuple[int, ...] = ()
+    # cache_salt_id: its prefix cache blocks are shared only with requests of the same id (vLLM's
+    # cache_salt); None: with every request without one.
+    cache_salt_id: int | None = None
     # Polled at most every cancel_check_interval; True cancels the request (the client went away).
     is_cancelled: Callable[[], bool] | None = field(default=None, repr=False)
     # The guide compiled by Engine.submit (xgrammar.CompiledGrammar), in the submitting thread.

@@ -77,9 +77,21 @@ def request_from_tensors(request_id: str, tensors: Mapping[str, np.ndarray], *,
             context_logprobs=_context_logprobs(tensors),
             report_cached=bool(scalar(tensors, "return_num_cached_tokens", False)),
             min_tokens_stops=_id_list(tensors, "min_tokens_stop_ids"),
+            cache_salt_id=_salt(tensors),
         )
     except EngineTensorError as exc:
         raise InvalidRequestError(str(exc)) from None
+
+
+def _salt(tensors: Mapping[str, np.ndarray]) -> int | None:
+    """cache_salt_id: an unsigned 64-bit integer, or None when absent."""
+    arr = tensors.get("cache_salt_id")
+    if arr is None:
+        return None
+    if not np.issubdtype(np.asarray(arr).dtype, np.integer):
+        raise InvalidRequestError(f"cache_salt_id must be an integer tensor, got {np.asarray(arr).dtype}",
+                                  param="cache_salt_id")
+    return int(scalar(tensors, "cache_salt_id")) & (2**64 - 1)
 
 
 def _id_list(tensors: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
