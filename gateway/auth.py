@@ -29,11 +29,14 @@ import hmac
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flask import current_app, g, request
 from limits import parse_many as parse_rate_limit
+
+from trident.contract import MAX_CACHE_SALT_CHARS, TextRequest
 
 from .errors import ClientError
 
@@ -55,6 +58,9 @@ class ApiKey:
     rate_limit: str | None = None
     endpoints: frozenset[str] = frozenset({"*"})  # fnmatch patterns of route paths
     max_concurrent: int | None = None  # open generations at once (gateway.concurrency); None: the default
+    # every generation of the key gets this cache_salt (a request's own nested under it): keys of
+    # one salt share prefix-cache blocks, no other key's requests see them (CPU engine)
+    cache_salt: str | None = None
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -85,10 +91,30 @@ def _parse_entry(entry: Any, where: str) -> ApiKey:
     if max_concurrent is not None and (not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool)
                                        or max_concurrent < 1):
         raise ValueError(f"{where}: API key {name!r}: 'max_concurrent' must be a positive integer")
-    unknown = set(entry) - {"name", "sha256", "models", "rate_limit", "endpoints", "max_concurrent"}
+    cache_salt = entry.get("cache_salt")
+    if cache_salt is not None:
+        check_key_salt(cache_salt, f"{where}: API key {name!r}")
+    unknown = set(entry) - {"name", "sha256", "models", "rate_limit", "endpoints", "max_concurrent", "cache_salt"}
     if unknown:
         raise ValueError(f"{where}: API key {name!r}: unknown fields {sorted(unknown)}")
-    return ApiKey(name, bytes.fromhex(digest), frozenset(models), rate_limit, frozenset(endpoints), max_concurrent)
+    return ApiKey(name, bytes.fromhex(digest), frozenset(models), rate_limit, frozenset(endpoints), max_concurrent,
+                  cache_salt)
+
+
+def check_key_salt(salt: Any, where: str) -> None:
+    if not isinstance(salt, str) or not salt or len(salt) > MAX_CACHE_SALT_CHARS:
+        raise ValueError(f"{where}: 'cache_salt' must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+                         "characters")
+
+
+def salted(params: TextRequest, key: ApiKey) -> TextRequest:
+    """``params`` with its key's cache_salt, the request's own (if any) nested under it, so that
+    one key's salts never name another's blocks."""
+    if key.cache_salt is None:
+        return params
+    own = params.sampling.cache_salt
+    salt = key.cache_salt if own is None else f"{key.cache_salt}\x00{own}"
+    return dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, cache_salt=salt))
 
 
 class KeyStore:

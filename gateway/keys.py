@@ -32,7 +32,7 @@ from typing import Any
 
 from limits import parse_many as parse_rate_limit
 
-from .auth import KeyStore, _parse_entry, hash_key
+from .auth import KeyStore, _parse_entry, check_key_salt, hash_key
 
 KEY_PREFIX = "tk-"
 
@@ -77,6 +77,7 @@ def add_key(
     rate_limit: str | None = None,
     endpoints: list[str] | None = None,
     max_concurrent: int | None = None,
+    cache_salt: str | None = None,
 ) -> str:
     """Add a key named ``name``; returns the key (the only time it exists outside a client)."""
     entries = read_entries(path)
@@ -94,6 +95,9 @@ def add_key(
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         entry["max_concurrent"] = max_concurrent
+    if cache_salt is not None:
+        check_key_salt(cache_salt, "cache_salt")
+        entry["cache_salt"] = cache_salt
     write_entries(path, [*entries, entry])
     return key
 
@@ -129,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--endpoints", type=_names, default=None, help="comma-separated paths or patterns, e.g. '/v1/*'")
     add.add_argument("--max-concurrent", type=int, default=None,
                      help="generations the key may have open at once (default: DEFAULT_MAX_CONCURRENT)")
+    add.add_argument("--cache-salt", default=None,
+                     help="the key's prefix-cache salt: keys of one salt share cached prompts, no other key sees them")
     for name in ("list", "revoke"):
         sub = commands.add_parser(name, help=f"{name} keys")
         sub.add_argument("--file", type=Path, default=argparse.SUPPRESS)
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "add":
             key = add_key(args.file, name=args.name, models=args.models, rate_limit=args.rate_limit,
-                          endpoints=args.endpoints, max_concurrent=args.max_concurrent)
+                          endpoints=args.endpoints, max_concurrent=args.max_concurrent, cache_salt=args.cache_salt)
             print(key)
             print(f"added key {args.name!r} to {args.file}; this is the only time the key is shown",
                   file=sys.stderr)

@@ -60,8 +60,10 @@ FEATURE_MIN_TOKENS_STOPS = "min_tokens_stops"
 FEATURE_CACHE_SALT = "cache_salt"
 ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P, FEATURE_GUIDED, FEATURE_PROMPT_LOGPROBS, FEATURE_CACHED_TOKENS,
                    FEATURE_MIN_TOKENS_STOPS, FEATURE_CACHE_SALT)
-#: The most characters a cache_salt may have (vLLM sets none; a salt is an id, not a text).
+#: The most characters a request's (or an API key's) cache_salt may have at the gateway (vLLM
+#: sets none; a salt is an id, not a text); the llm model takes a key's and a request's together.
 MAX_CACHE_SALT_CHARS = 1024
+MAX_LLM_CACHE_SALT_CHARS = 2 * MAX_CACHE_SALT_CHARS + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,8 +319,8 @@ class SamplingParams:
                                      f"{most} (the model's context), got {self.truncate_prompt_tokens}",
                                      param="truncate_prompt_tokens")
         if self.cache_salt is not None:
-            if not self.cache_salt or len(self.cache_salt) > MAX_CACHE_SALT_CHARS:
-                raise InvalidRequest(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+            if not self.cache_salt or len(self.cache_salt) > MAX_LLM_CACHE_SALT_CHARS:
+                raise InvalidRequest(f"cache_salt must be a non-empty string of at most {MAX_LLM_CACHE_SALT_CHARS} "
                                      f"characters, got {len(self.cache_salt)}", param="cache_salt")
             if FEATURE_CACHE_SALT not in features:
                 raise InvalidRequest("cache_salt is not supported by this deployment's engine (TensorRT-LLM's "

@@ -229,6 +229,29 @@ def test_a_cache_salt_keeps_a_tenants_prefix_to_its_own_requests(oai):
     assert tokens[0] == tokens[2] == 0 < tokens[1]
 
 
+def test_keys_of_one_cache_salt_share_cached_prompts_and_no_other_key_sees_them(triton, tmp_path_factory):
+    """A keys file where two keys of one tenant carry cache_salt "acme" and a third none: the
+    tenant's keys reuse each other's blocks, the third key none of them, on the real stack."""
+    import uuid
+
+    keys = tmp_path_factory.mktemp("keys") / "keys.json"
+    names = {"acme-1": "acme", "acme-2": "acme", "other": None}
+    keys.write_text(json.dumps([{"name": name, "sha256": hashlib.sha256(name.encode()).hexdigest(), "models": ["*"],
+                                 **({"cache_salt": salt} if salt else {})} for name, salt in names.items()]))
+    gateway = start_gateway(triton, tmp_path_factory, extra_env={"TRIDENT_API_KEYS_FILE": str(keys)})
+    prompt = f"Shared note {uuid.uuid4().hex}: " + "the quick brown fox jumps over the lazy dog, " * 8
+    try:
+        def cached(key):
+            client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=0)
+            answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+            return answer.usage.prompt_tokens_details.cached_tokens
+
+        first = cached("acme-1")
+        assert first == 0 and cached("acme-2") > 0 and cached("other") == 0 and cached("other") > 0
+    finally:
+        gateway.stop()
+
+
 WEATHER_TOOLS = [
     {"type": "function", "function": {
         "name": "get_weather", "description": "The weather in a city",

@@ -107,6 +107,33 @@ def test_endpoint_permissions_are_403(tmp_path):
     assert client.post("/generate", json=BODY, headers=bearer("nope")).status_code == 401
 
 
+def test_a_keys_cache_salt_salts_each_of_its_generations_with_the_requests_own_under_it(tmp_path, capsys):
+    """Keys of one cache_salt share prefix-cache blocks, no other key's requests reach them: the
+    key's salt goes on every generation (/generate, /v1/completions, chat, several prompts), a
+    request's own cache_salt nested under it (one key's salts never name another's)."""
+    path = tmp_path / "keys.json"
+    assert main(["add", "--name", "acme-1", "--cache-salt", "acme", "--file", str(path)]) == 0
+    acme = capsys.readouterr().out.strip()
+    plain = add_key(path, name="plain", models=["*"])
+    assert read_entries(path)[0]["cache_salt"] == "acme"
+    backend = FakeBackend()
+    client = create_app({"API_KEYS_FILE": str(path)}, backend=backend).test_client()
+
+    def salts(key, path_, body):
+        before = len(backend.calls)
+        assert client.post(path_, json=body, headers=bearer(key)).status_code == 200
+        return [call[0].sampling.cache_salt for call in backend.calls[before:]]
+
+    assert salts(acme, "/generate", BODY) == ["acme"]
+    assert salts(acme, "/v1/completions", {"prompt": ["a", "b"], "cache_salt": "t1"}) == ["acme\x00t1"] * 2
+    assert salts(plain, "/v1/completions", {"prompt": "a", "cache_salt": "t1"}) == ["t1"]
+    assert salts(plain, "/generate", BODY) == [None]
+    for bad in ("", 5, "x" * 1025):
+        path.write_text(json.dumps([{"name": "a", "sha256": hash_key("k"), "models": ["*"], "cache_salt": bad}]))
+        with pytest.raises(ValueError, match="cache_salt"):
+            client_for(path)
+
+
 @pytest.mark.parametrize("endpoints", [[], "/generate", [""], [3]])
 def test_bad_endpoints_stop_start_up(tmp_path, endpoints):
     path = tmp_path / "keys.json"
