@@ -22,6 +22,7 @@ A presented key is hashed and compared with every stored hash using ``hmac.compa
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import hashlib
@@ -29,7 +30,6 @@ import hmac
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
