@@ -23,7 +23,9 @@ from trident.contract import (
     CANCEL_PARAMETER,
     CANCEL_TOKEN_PARAMETER,
     INVALID_REQUEST,
+    PROMPT_TOKEN_OUTPUTS,
     SERVER_ERROR,
+    TOKEN_OUTPUTS,
     control_inputs,
     llm_inputs,
     parse_error,
@@ -152,12 +154,7 @@ def parse_stream_response(
     )
 
 
-#: The outputs of a choice's tokens (TokenLogprobs), and of the prompt's (prompt_logprobs)
-_OUTPUT_NAMES = ("output_token_texts", "output_token_ids", "output_log_probs", "top_log_prob_texts", "top_log_probs",
-                 "top_log_prob_ids")
-_PROMPT_NAMES = ("prompt_token_texts", "prompt_token_ids", "prompt_log_probs", "prompt_top_log_prob_texts",
-                 "prompt_top_log_probs", "prompt_top_log_prob_ids")
-_ARRAY_OUTPUTS = frozenset((*_OUTPUT_NAMES, *_PROMPT_NAMES, "cum_log_probs", "prompt_log_prob_ranks"))
+_ARRAY_OUTPUTS = frozenset((*TOKEN_OUTPUTS, *PROMPT_TOKEN_OUTPUTS, "cum_log_probs", "prompt_log_prob_ranks"))
 _NUMPY = {"INT32": "<i4", "FP32": "<f4"}
 
 
@@ -176,7 +173,7 @@ def _array(datatype: str, shape: list[int], raw: bytes) -> list[Any]:
 
 
 def _token_logprobs(arrays: dict[str, tuple[Any, list[int], bytes]],
-                    names: tuple[str, ...] = _OUTPUT_NAMES) -> TokenLogprobs:
+                    names: tuple[str, ...] = TOKEN_OUTPUTS) -> TokenLogprobs:
     """The tokens in the outputs ``names`` (texts, ids, log-probabilities and the alternatives':
     texts, log-probabilities, ids)."""
     texts_name, ids_name, logprobs_name, top_texts_name, top_name, top_ids_name = names
@@ -202,7 +199,7 @@ def _token_logprobs(arrays: dict[str, tuple[Any, list[int], bytes]],
 
 
 def _prompt_logprobs(arrays: dict[str, tuple[Any, list[int], bytes]]) -> PromptLogprobs:
-    tokens = _token_logprobs(arrays, _PROMPT_NAMES)
+    tokens = _token_logprobs(arrays, PROMPT_TOKEN_OUTPUTS)
     ranks = _array(*arrays["prompt_log_prob_ranks"]) if "prompt_log_prob_ranks" in arrays else [0] * len(tokens.tokens)
     if len(ranks) != len(tokens.tokens):
         raise ValueError("Triton response with prompt log-probabilities and ranks of different lengths")

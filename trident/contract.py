@@ -178,6 +178,14 @@ LLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("token_strs", np.object_, many=True),
 )
 
+#: The outputs that carry tokens (texts, ids, log-probabilities, and the alternatives' texts,
+#: log-probabilities and ids), in that order: a response's generated ones, and the prompt's
+#: (num_prompt_log_probs). The llm model writes them (trident.llm_io), the gateway reads them.
+TOKEN_OUTPUTS = ("output_token_texts", "output_token_ids", "output_log_probs", "top_log_prob_texts", "top_log_probs",
+                 "top_log_prob_ids")
+PROMPT_TOKEN_OUTPUTS = ("prompt_token_texts", "prompt_token_ids", "prompt_log_probs", "prompt_top_log_prob_texts",
+                        "prompt_top_log_probs", "prompt_top_log_prob_ids")
+
 #: Environment variable naming a Triton server (``host:grpc port`` by default, set by the
 #: launchers); the ``llm`` model puts it in its admission response, the gateway in its metrics
 #: and logs.

@@ -11,7 +11,7 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from .contract import ModelLimits
+from .contract import PROMPT_TOKEN_OUTPUTS, TOKEN_OUTPUTS, ModelLimits
 from .engine_tensors import (
     CONTEXT_OUTPUTS,
     CPU_ENGINE_OUTPUTS,
@@ -20,6 +20,7 @@ from .engine_tensors import (
     NUM_CACHED_TOKENS,
     SEQUENCE_INDEX,
     EngineResponse,
+    context_logprobs,
 )
 from .generation import TextGeneration, TokenLogprob
 from .sampling_params import SamplingParams
@@ -174,7 +175,7 @@ def engine_outputs(sampling: SamplingParams, *, cached_tokens: bool = False) -> 
         outputs += LOG_PROB_OUTPUTS
         if sampling.logprobs:
             outputs += CPU_ENGINE_OUTPUTS
-    if sampling.prompt_logprobs is not None or sampling.echo and sampling.logprobs is not None:
+    if context_logprobs(sampling) is not None:
         outputs += CONTEXT_OUTPUTS  # the prompt's log-probabilities, in the first response
     if sampling.n > 1:
         outputs += (SEQUENCE_INDEX,)
@@ -183,29 +184,42 @@ def engine_outputs(sampling: SamplingParams, *, cached_tokens: bool = False) -> 
 
 def prompt_logprob_tensors(ids: Sequence[int], chunk: EngineChunk, k: int,
                            token_text: Callable[[int], str]) -> dict[str, np.ndarray]:
-    """The response of num_prompt_log_probs ``k`` (trident.contract LLM_OUTPUTS, batch dimension
-    included): the prompt's ids (as the engine got them), each one's text decoded alone, its
-    log-probability and rank (from the engine's first response, ``chunk``), and the ``k`` best
-    tokens at each position (texts, log-probabilities, ids; "" / -inf / -1 where a row has fewer)."""
+    """The response of num_prompt_log_probs ``k`` (trident.contract PROMPT_TOKEN_OUTPUTS and
+    prompt_log_prob_ranks): the prompt's ids (as the engine got them), each one's text decoded
+    alone, its log-probability and rank (from the engine's first response, ``chunk``), and the
+    ``k`` best tokens at each position."""
     L = len(ids)
     ranks = chunk.context_ranks
     if chunk.context_log_probs is None or ranks is None or not len(chunk.context_log_probs) == len(ranks) == L:
         raise EngineFailure("the engine sent no log-probabilities and ranks of the prompt (prompt_logprobs)")
-    out = {"prompt_token_ids": np.array(list(ids), dtype=np.int32).reshape(1, L),
-           "prompt_token_texts": np.array([token_text(int(t)).encode("utf-8") for t in ids],
-                                          dtype=np.object_).reshape(1, L),
-           "prompt_log_probs": np.asarray(chunk.context_log_probs, dtype=np.float32).reshape(1, L),
-           "prompt_log_prob_ranks": np.asarray(ranks, dtype=np.int32).reshape(1, L)}
-    texts = np.full((1, L, k), b"", dtype=np.object_)
-    values = np.full((1, L, k), -np.inf, dtype=np.float32)
-    top = np.full((1, L, k), -1, dtype=np.int32)
-    if k and chunk.context_top_ids is not None and chunk.context_top_log_probs is not None:
-        for i, (row_ids, row_lps) in enumerate(zip(chunk.context_top_ids, chunk.context_top_log_probs)):
-            for j, (t, lp) in enumerate(zip(row_ids[:k], row_lps[:k])):
-                if t >= 0:
-                    texts[0, i, j], values[0, i, j], top[0, i, j] = token_text(int(t)).encode("utf-8"), lp, t
-    out.update(prompt_top_log_prob_texts=texts, prompt_top_log_probs=values, prompt_top_log_prob_ids=top)
+    rows = zip(chunk.context_top_ids or [()] * L, chunk.context_top_log_probs or [()] * L) if k else [((), ())] * L
+    tokens = []
+    for token, logprob, (row_ids, row_lps) in zip(ids, chunk.context_log_probs, rows):
+        best = [(int(t), float(lp)) for t, lp in zip(row_ids[:k], row_lps[:k]) if t >= 0]
+        tokens.append(TokenLogprob(token_text(int(token)), int(token), float(logprob),
+                                   tuple((token_text(t), lp) for t, lp in best), tuple(t for t, _ in best)))
+    out = dict(zip(PROMPT_TOKEN_OUTPUTS, token_arrays(tokens, k)))
+    out["prompt_log_prob_ranks"] = np.asarray(ranks, dtype=np.int32).reshape(1, L)
     return out
+
+
+def token_arrays(tokens: Sequence[TokenLogprob], k: int) -> tuple[np.ndarray, ...]:
+    """Tokens as the tensors of trident.contract TOKEN_OUTPUTS (or PROMPT_TOKEN_OUTPUTS), batch
+    dimension included: texts, ids, log-probabilities [1, n], and ``k`` alternatives each
+    [1, n, k] (texts, log-probabilities, ids; best first; "" / -inf / -1 past a shorter row)."""
+    n = len(tokens)
+    texts = np.full((1, n, k), b"", dtype=np.object_)
+    values = np.full((1, n, k), -np.inf, dtype=np.float32)
+    alternatives = np.full((1, n, k), -1, dtype=np.int32)
+    for i, token in enumerate(tokens):
+        for j, (alt, logprob) in enumerate(token.top):
+            texts[0, i, j] = alt.encode("utf-8")
+            values[0, i, j] = logprob
+        alternatives[0, i, :len(token.top_ids)] = token.top_ids
+    return (np.array([t.text.encode("utf-8") for t in tokens], dtype=np.object_).reshape(1, n),
+            np.array([t.id for t in tokens], dtype=np.int32).reshape(1, n),
+            np.array([t.logprob for t in tokens], dtype=np.float32).reshape(1, n),
+            texts, values, alternatives)
 
 
 def output_tensors(text: str, *, index: int = 0, tokens: Optional[list[TokenLogprob]] = None,
@@ -223,22 +237,8 @@ def output_tensors(text: str, *, index: int = 0, tokens: Optional[list[TokenLogp
         out["sequence_index"] = np.array([[index]], dtype=np.int32)
     if tokens is not None:
         k = max((len(t.top) for t in tokens), default=0)
-        out["output_token_texts"] = np.array([[t.text.encode("utf-8") for t in tokens]], dtype=np.object_).reshape(
-            1, len(tokens))
-        out["output_token_ids"] = np.array([[t.id for t in tokens]], dtype=np.int32).reshape(1, len(tokens))
-        out["output_log_probs"] = np.array([[t.logprob for t in tokens]], dtype=np.float32).reshape(1, len(tokens))
-        if k:
-            texts = np.full((1, len(tokens), k), b"", dtype=np.object_)
-            values = np.full((1, len(tokens), k), -np.inf, dtype=np.float32)
-            ids = np.full((1, len(tokens), k), -1, dtype=np.int32)
-            for i, token in enumerate(tokens):
-                for j, (alt, logprob) in enumerate(token.top):
-                    texts[0, i, j] = alt.encode("utf-8")
-                    values[0, i, j] = logprob
-                ids[0, i, :len(token.top_ids)] = token.top_ids
-            out["top_log_prob_texts"] = texts
-            out["top_log_probs"] = values
-            out["top_log_prob_ids"] = ids
+        arrays = token_arrays(tokens, k)
+        out.update(zip(TOKEN_OUTPUTS, arrays if k else arrays[:3]))  # the alternatives when asked for
     if gen is not None:
         out["finish_reason"] = np.array([[gen.finish_reason.encode()]], dtype=np.object_)
         out["prompt_tokens"] = np.array([[gen.prompt_tokens]], dtype=np.int32)
