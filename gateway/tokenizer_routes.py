@@ -26,7 +26,7 @@ from .errors import ClientError, ServerError
 from .fields import StrictBoolean, StrictString
 from .json_body import read_json_object
 from .openai_fields import ChatTemplateKwargs, Nested, TokenIdArray
-from .openai_schemas import ChatMessageSchema, render_options
+from .openai_schemas import ChatCompletionSchema, ChatMessageSchema, CompletionSchema, render_options
 from .ratelimit import rate_limited
 from .schemas import ModelSchema, load_request
 from .tools import MAX_TOOLS, ToolSchema
@@ -94,9 +94,10 @@ class TokenizeSchema(ModelSchema):
                 raise ServerError("Tokenizing messages needs the chat template, which this gateway lacks "
                                   "(TOKENIZER_DIR); send prompt", status=501)
             text = self.chat_template.render(data["messages"], tools=data.get("tools"), **render_options(data))
-            special, param = _given(data, "add_special_tokens", False), "messages"
+            special, param = _given(data, "add_special_tokens", ChatCompletionSchema.adds_special_tokens), "messages"
         else:
-            text, special, param = data["prompt"], _given(data, "add_special_tokens", True), "prompt"
+            text, param = data["prompt"], "prompt"
+            special = _given(data, "add_special_tokens", CompletionSchema.adds_special_tokens)
         self.check_prompt_length(text, model, param)
         return TokenizeRequest(model=model, text=text, add_special_tokens=special,
                                token_strs=bool(data.get("return_token_strs")))
@@ -157,13 +158,16 @@ def tokenize() -> Any:
     req = load_request(state.tokenize_schema, read_json_object(request))
     authorize_model(g.api_key, req.model)
     backend = current_app.extensions["trident"].backend
-    limits = state.tokenize_schema.limits(req.model)
     if req.token_strs:
         ids, pieces = backend.tokenize_pieces(req.model, req.text, add_special_tokens=req.add_special_tokens,
                                               request_id=g.request_id)
-        return {"count": len(ids), "max_model_len": limits.max_context, "tokens": ids, "token_strs": pieces}
-    ids = backend.tokenize(req.model, req.text, add_special_tokens=req.add_special_tokens, request_id=g.request_id)
-    return {"count": len(ids), "max_model_len": limits.max_context, "tokens": ids}
+    else:
+        ids, pieces = backend.tokenize(req.model, req.text, add_special_tokens=req.add_special_tokens,
+                                       request_id=g.request_id), None
+    out = {"count": len(ids), "max_model_len": state.tokenize_schema.limits(req.model).max_context, "tokens": ids}
+    if pieces is not None:
+        out["token_strs"] = pieces
+    return out
 
 
 @bp.post("/detokenize")
