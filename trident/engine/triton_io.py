@@ -83,17 +83,6 @@ def request_from_tensors(request_id: str, tensors: Mapping[str, np.ndarray], *,
         raise InvalidRequestError(str(exc)) from None
 
 
-def _salt(tensors: Mapping[str, np.ndarray]) -> int | None:
-    """cache_salt_id: an unsigned 64-bit integer, or None when absent."""
-    arr = tensors.get("cache_salt_id")
-    if arr is None:
-        return None
-    if not np.issubdtype(np.asarray(arr).dtype, np.integer):
-        raise InvalidRequestError(f"cache_salt_id must be an integer tensor, got {np.asarray(arr).dtype}",
-                                  param="cache_salt_id")
-    return int(scalar(tensors, "cache_salt_id")) & (2**64 - 1)
-
-
 def _id_list(tensors: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
     """A (1, K) or (K,) integer tensor of token ids; () when absent."""
     arr = tensors.get(name)
@@ -106,14 +95,24 @@ def _id_list(tensors: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
 
 def _context_logprobs(tensors: Mapping[str, np.ndarray]) -> int | None:
     """num_context_log_probs: k, or None when absent or negative (off). Range: the engine's check."""
-    name = "num_context_log_probs"
+    k = _integer(tensors, "num_context_log_probs")
+    return None if k is None or k < 0 else k
+
+
+def _salt(tensors: Mapping[str, np.ndarray]) -> int | None:
+    """cache_salt_id: an unsigned 64-bit integer, or None when absent."""
+    salt = _integer(tensors, "cache_salt_id")
+    return None if salt is None else salt & (2**64 - 1)
+
+
+def _integer(tensors: Mapping[str, np.ndarray], name: str) -> int | None:
+    """One value of an integer tensor, or None when absent."""
     arr = tensors.get(name)
     if arr is None:
         return None
     if not np.issubdtype(np.asarray(arr).dtype, np.integer):
         raise InvalidRequestError(f"{name} must be an integer tensor, got {np.asarray(arr).dtype}", param=name)
-    k = int(scalar(tensors, name))
-    return None if k < 0 else k
+    return int(scalar(tensors, name))
 
 
 def response_arrays(out: GenerationOutput) -> dict[str, np.ndarray]:
