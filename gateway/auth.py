@@ -9,7 +9,8 @@ Keys come from any of, together:
   ``{"name": "alice", "sha256": "<hex digest of the key>", "models": ["*"] or [names],
   "rate_limit": "60/minute", "endpoints": ["*"], "max_concurrent": 4}`` (``rate_limit`` may be absent:
   ``DEFAULT_RATE_LIMIT`` applies; ``endpoints``, shell-style patterns of route paths such as
-  ``"/generate"`` or ``"/v1/*"``, may be absent: every endpoint). ``python -m gateway.keys``
+  ``"/generate"`` or ``"/v1/*"``, may be absent: every endpoint; ``cache_salt`` and ``priority``,
+  optional, apply to every generation of the key: :func:`for_key`). ``python -m gateway.keys``
   adds, lists and revokes entries;
 * config ``API_KEYS``: the same list, inline (a config file, or tests).
 
@@ -36,7 +37,7 @@ from typing import Any, TypeVar
 from flask import current_app, g, request
 from limits import parse_many as parse_rate_limit
 
-from trident.contract import MAX_CACHE_SALT_CHARS, TextRequest
+from trident.contract import INT32_MAX, INT32_MIN, MAX_CACHE_SALT_CHARS, TextRequest
 
 from .errors import ClientError
 
@@ -61,6 +62,9 @@ class ApiKey:
     # every generation of the key gets this cache_salt (a request's own nested under it): keys of
     # one salt share prefix-cache blocks, no other key's requests see them (CPU engine)
     cache_salt: str | None = None
+    # the default priority of the key's generations and the earliest they may ask for (vLLM's
+    # priority, the lower first): a tenant's requests wait behind another's in the engine's queue
+    priority: int | None = None
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -94,11 +98,15 @@ def _parse_entry(entry: Any, where: str) -> ApiKey:
     cache_salt = entry.get("cache_salt")
     if cache_salt is not None:
         check_key_salt(cache_salt, f"{where}: API key {name!r}")
-    unknown = set(entry) - {"name", "sha256", "models", "rate_limit", "endpoints", "max_concurrent", "cache_salt"}
+    priority = entry.get("priority")
+    if priority is not None:
+        check_key_priority(priority, f"{where}: API key {name!r}")
+    unknown = set(entry) - {"name", "sha256", "models", "rate_limit", "endpoints", "max_concurrent", "cache_salt",
+                            "priority"}
     if unknown:
         raise ValueError(f"{where}: API key {name!r}: unknown fields {sorted(unknown)}")
     return ApiKey(name, bytes.fromhex(digest), frozenset(models), rate_limit, frozenset(endpoints), max_concurrent,
-                  cache_salt)
+                  cache_salt, priority)
 
 
 def check_key_salt(salt: Any, where: str) -> None:
@@ -107,14 +115,24 @@ def check_key_salt(salt: Any, where: str) -> None:
                          "characters")
 
 
-def salted(params: TextRequest, key: ApiKey) -> TextRequest:
-    """``params`` with its key's cache_salt, the request's own (if any) nested under it, so that
-    one key's salts never name another's blocks."""
-    if key.cache_salt is None:
-        return params
-    own = params.sampling.cache_salt
-    salt = key.cache_salt if own is None else f"{key.cache_salt}\x00{own}"
-    return dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, cache_salt=salt))
+def check_key_priority(priority: Any, where: str) -> None:
+    if not isinstance(priority, int) or isinstance(priority, bool) or not INT32_MIN <= priority <= INT32_MAX:
+        raise ValueError(f"{where}: 'priority' must be an integer between {INT32_MIN} and {INT32_MAX}")
+
+
+def for_key(params: TextRequest, key: ApiKey) -> TextRequest:
+    """``params`` as the key's generation: with its cache_salt, the request's own (if any) nested
+    under it, so that one key's salts never name another's blocks; with its priority where the
+    request gives none, and never an earlier one (the lower is the earlier) than the key's."""
+    sampling = params.sampling
+    if key.cache_salt is not None:
+        own = sampling.cache_salt
+        salt = key.cache_salt if own is None else f"{key.cache_salt}\x00{own}"
+        sampling = dataclasses.replace(sampling, cache_salt=salt)
+    if key.priority is not None:
+        own = sampling.priority
+        sampling = dataclasses.replace(sampling, priority=key.priority if own is None else max(own, key.priority))
+    return params if sampling is params.sampling else dataclasses.replace(params, sampling=sampling)
 
 
 class KeyStore:

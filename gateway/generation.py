@@ -16,7 +16,7 @@ from flask import Response, current_app, g, request
 
 from trident.contract import TextRequest
 
-from .auth import authorize_model, salted
+from .auth import authorize_model, for_key
 from .backend import Admitted, Event, Finished, Generation
 from .choices import Choice, gather
 from .disconnect import DisconnectWatch
@@ -59,7 +59,7 @@ def start_generation(params: TextRequest) -> tuple[Generation, Callable[[], None
         release_key()
 
     try:
-        generation = observe_generation(state.backend.generate(salted(params, key), request_id=request_id), params)
+        generation = observe_generation(state.backend.generate(for_key(params, key), request_id=request_id), params)
     except BaseException:
         done()
         raise

@@ -32,7 +32,7 @@ from typing import Any
 
 from limits import parse_many as parse_rate_limit
 
-from .auth import KeyStore, _parse_entry, check_key_salt, hash_key
+from .auth import KeyStore, _parse_entry, check_key_priority, check_key_salt, hash_key
 
 KEY_PREFIX = "tk-"
 
@@ -78,6 +78,7 @@ def add_key(
     endpoints: list[str] | None = None,
     max_concurrent: int | None = None,
     cache_salt: str | None = None,
+    priority: int | None = None,
 ) -> str:
     """Add a key named ``name``; returns the key (the only time it exists outside a client)."""
     entries = read_entries(path)
@@ -98,6 +99,9 @@ def add_key(
     if cache_salt is not None:
         check_key_salt(cache_salt, "cache_salt")
         entry["cache_salt"] = cache_salt
+    if priority is not None:
+        check_key_priority(priority, "priority")
+        entry["priority"] = priority
     write_entries(path, [*entries, entry])
     return key
 
@@ -135,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="generations the key may have open at once (default: DEFAULT_MAX_CONCURRENT)")
     add.add_argument("--cache-salt", default=None,
                      help="the key's prefix-cache salt: keys of one salt share cached prompts, no other key sees them")
+    add.add_argument("--priority", type=int, default=None,
+                     help="the key's default priority in the engine's queue and the earliest it may ask for (the "
+                          "lower first; default: none, requests give their own, 0 when they do not)")
     for name in ("list", "revoke"):
         sub = commands.add_parser(name, help=f"{name} keys")
         sub.add_argument("--file", type=Path, default=argparse.SUPPRESS)
@@ -147,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "add":
             key = add_key(args.file, name=args.name, models=args.models, rate_limit=args.rate_limit,
-                          endpoints=args.endpoints, max_concurrent=args.max_concurrent, cache_salt=args.cache_salt)
+                          endpoints=args.endpoints, max_concurrent=args.max_concurrent, cache_salt=args.cache_salt,
+                          priority=args.priority)
             print(key)
             print(f"added key {args.name!r} to {args.file}; this is the only time the key is shown",
                   file=sys.stderr)

@@ -23,6 +23,7 @@ policy for OpenAI's fields (docs/openai.md says the same for users):
   whose template renders its own, as vLLM); ``prompt_logprobs`` (0..20, not streamed: each
   prompt token's log-probability and rank with the k best tokens at its position, in vLLM's
   shape); ``cache_salt`` (the prompt's K/V reused only by requests with the same salt, CPU engine);
+  ``priority`` (waiting requests admitted to the engine the lower values first, CPU engine);
 * ``echo`` (completions): the prompt in front of each choice's text, with ``logprobs`` its
   tokens first in the log-probabilities (the first with null), as vLLM's; with ``max_tokens`` 0
   the prompt alone, scored (OpenAI's legacy API and vLLM take 0 only with echo);
@@ -93,6 +94,7 @@ from .schemas import (
     _penalty,
     _range,
     check_min_tokens,
+    priority_field,
     reject_conflicting_alias,
     sampling_params,
 )
@@ -274,6 +276,8 @@ class _OpenAISchema(ModelSchema):
     # vLLM's: the prompt's K/V are reused only by requests with the same salt (CPU engine)
     cache_salt = StrictString(validate=Length(min=1, max=MAX_CACHE_SALT_CHARS,
                                               error="cache_salt must be a non-empty string of at most {max} characters"))
+    # vLLM's: the engine admits waiting requests the lower values first (CPU engine)
+    priority = priority_field()
     # vLLM's: each prompt token's log-probability and rank, with the k best tokens at its
     # position (not streamed, as vLLM's)
     prompt_logprobs = StrictInteger(

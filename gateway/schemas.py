@@ -17,6 +17,7 @@ from marshmallow.validate import Range
 
 from trident.contract import (
     INT32_MAX,
+    INT32_MIN,
     MAX_BAD_WORDS,
     MAX_CHOICES,
     MAX_PENALTY,
@@ -111,6 +112,13 @@ def reject_conflicting_alias(data: Mapping[str, Any], name: str, alias: str, mes
     new, old = data.get(name), data.get(alias)
     if new is not None and old is not None and new != old:
         raise ValidationError(message.format(old=old, new=new), field_name=alias)
+
+
+def priority_field() -> StrictInteger:
+    """vLLM's ``priority``: the engine admits waiting requests the lower values first, then in
+    arrival order (0 by default; CPU engine, trident.engine.waiting)."""
+    return StrictInteger(validate=_range("priority must be between {min} and {max}, got {input}", min=INT32_MIN,
+                                         max=INT32_MAX))
 
 
 def _range(message: str, **kwargs: Any) -> Range:
@@ -282,6 +290,7 @@ class GenerateSchema(ModelSchema):
     ignore_eos = StrictBoolean()  # vLLM's: the end tokens do not end the text
     allowed_token_ids = AllowedTokenIds()  # vLLM's: only these tokens are generated
     truncate_prompt_tokens = TruncatePromptTokens()  # vLLM's: only the prompt's last k tokens
+    priority = priority_field()  # vLLM's: the engine admits waiting requests the lower values first
 
     @validates("prompt")
     def validate_prompt(self, value: str, data_key: str) -> None:
@@ -322,7 +331,7 @@ def check_min_tokens(data: Mapping[str, Any], max_tokens: int | None, name: str 
 _SAME_NAME = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "n", "min_tokens",
               "presence_penalty", "frequency_penalty", "min_p", "logit_bias", "logprobs", "guide", "stop_token_ids",
               "include_stop_str_in_output", "skip_special_tokens", "bad_words", "ignore_eos", "allowed_token_ids",
-              "truncate_prompt_tokens", "prompt_logprobs", "cache_salt")
+              "truncate_prompt_tokens", "prompt_logprobs", "cache_salt", "priority")
 _FLOATS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 
 

@@ -121,6 +121,9 @@ LLM_INPUTS: tuple[TensorSpec, ...] = (
     # trident extension, vLLM's name (CPU engine): the prompt's K/V are reused only by requests
     # with the same salt (the engine gets it as cache_salt_id, TensorRT-LLM's executor's name).
     TensorSpec("cache_salt", np.object_),
+    # trident extension, vLLM's name and meaning (CPU engine): the engine admits waiting requests
+    # the lower values first, then in arrival order; absent: 0 (first come, first served).
+    TensorSpec("priority", np.int32),
 )
 #: Outputs: text on every response; the counts and finish_reason on the final one (prompt_tokens
 #: also on the admission response, which the gateway asks for).
@@ -349,6 +352,8 @@ def llm_inputs(req: TextRequest) -> dict[str, np.ndarray]:
         values["num_prompt_log_probs"] = _one(s.prompt_logprobs, np.int32)
     if s.cache_salt is not None:
         values["cache_salt"] = _strings((s.cache_salt,))
+    if s.priority is not None:
+        values["priority"] = _one(s.priority, np.int32)
     if s.stop_token_ids:
         values["stop_token_ids"] = np.array([s.stop_token_ids], dtype=np.int32)
     if s.include_stop_str_in_output:
@@ -495,6 +500,7 @@ def read_llm_inputs(get: Callable[[str], Optional[np.ndarray]]) -> TextRequest:
     if len(salts) > 1:
         raise InvalidRequest("give one cache_salt", param="cache_salt")
     given["cache_salt"] = salts[0] if salts else None
+    given["priority"] = _scalar(get("priority"), int)
     given["stop_token_ids"] = _ids(get("stop_token_ids"))
     given["include_stop_str_in_output"] = _scalar(get("include_stop_str_in_output"), bool)
     given["ignore_eos"] = _scalar(get("ignore_eos"), bool)

@@ -69,6 +69,9 @@ CPU_ENGINE_INPUTS: dict[str, Any] = {
     # (1, 1) the request's prefix cache blocks are shared only with requests of the same id
     # (the name of a request field in TensorRT-LLM's sources; cache_salt_id() of vLLM's cache_salt)
     "cache_salt_id": np.uint64,
+    # (1, 1) the waiting queue admits the lower values first, then in arrival order (vLLM's
+    # priority; absent: 0). TensorRT-LLM's executor has a priority the Triton backend never reads.
+    "priority": np.int32,
 }
 OUTPUT_IDS = "output_ids"  # (batch 1, beam 1, new tokens) int32
 SEQUENCE_LENGTH = "sequence_length"  # (1, 1) int32
@@ -193,6 +196,8 @@ def _output_control_inputs(s: SamplingParams, vocab_size: int, *, min_tokens: in
         tensors["num_context_log_probs"] = _one(k, "num_context_log_probs")
     if s.cache_salt is not None:
         tensors["cache_salt_id"] = _one(cache_salt_id(s.cache_salt), "cache_salt_id")
+    if s.priority:  # 0 is the engine's own default, and the only value a GPU deployment takes
+        tensors["priority"] = _one(s.priority, "priority")
     if s.guide is not None:
         tensors["guided_decoding_guide_type"] = _string(s.guide.type)
         tensors["guided_decoding_guide"] = _string(s.guide.text)

@@ -58,8 +58,11 @@ FEATURE_MIN_TOKENS_STOPS = "min_tokens_stops"
 # cache_salt: a request's prefix cache blocks are shared only with requests of the same salt
 # (the CPU engine's cache_salt_id; TensorRT-LLM's backend has no such input)
 FEATURE_CACHE_SALT = "cache_salt"
+# priority: the engine admits waiting requests by priority, then arrival (the CPU engine's input
+# priority; TensorRT-LLM's executor sorts its queue by a priority the Triton backend never sets)
+FEATURE_PRIORITY = "priority"
 ENGINE_FEATURES = (FEATURE_TOP_LOGPROBS, FEATURE_MIN_P, FEATURE_GUIDED, FEATURE_PROMPT_LOGPROBS, FEATURE_CACHED_TOKENS,
-                   FEATURE_MIN_TOKENS_STOPS, FEATURE_CACHE_SALT)
+                   FEATURE_MIN_TOKENS_STOPS, FEATURE_CACHE_SALT, FEATURE_PRIORITY)
 #: The most characters a request's (or an API key's) cache_salt may have at the gateway (vLLM
 #: sets none; a salt is an id, not a text); the llm model takes a key's and a request's together.
 MAX_CACHE_SALT_CHARS = 1024
@@ -164,6 +167,7 @@ class Guide:
 
 UINT64_MAX = 2**64 - 1
 INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -221,6 +225,9 @@ class SamplingParams:
     # vLLM's cache_salt: the prompt's K/V are reused only by requests with the same salt (a
     # tenant's), so that no one can tell from the speed of an answer which prompts others sent.
     cache_salt: Optional[str] = dataclasses.field(default=None, repr=False)
+    # vLLM's priority: waiting requests are admitted to the engine's batch the lower values first,
+    # then in arrival order (None: 0, first come, first served); one admitted is never preempted.
+    priority: Optional[int] = None
 
     @property
     def greedy(self) -> bool:
@@ -325,6 +332,13 @@ class SamplingParams:
             if FEATURE_CACHE_SALT not in features:
                 raise InvalidRequest("cache_salt is not supported by this deployment's engine (TensorRT-LLM's "
                                      "backend takes no salt for its KV cache reuse)", param="cache_salt")
+        if self.priority is not None:
+            if not INT32_MIN <= self.priority <= INT32_MAX:
+                raise InvalidRequest(f"priority must be between {INT32_MIN} and {INT32_MAX}, got {self.priority}",
+                                     param="priority")
+            if self.priority != 0 and FEATURE_PRIORITY not in features:  # vLLM: 0 without priority scheduling
+                raise InvalidRequest("priority other than 0 is not supported by this deployment's engine "
+                                     "(TensorRT-LLM's Triton backend sets no request priority)", param="priority")
         if self.logprobs is not None:
             if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
                 raise InvalidRequest(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}",

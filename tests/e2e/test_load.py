@@ -75,6 +75,31 @@ def test_streams_beyond_the_slots_get_tokens_as_the_engine_makes_them(load_gatew
     assert all(s.log[1] == "comment" for s in waited)
 
 
+def test_the_slot_that_frees_goes_to_the_earliest_priority(load_gateway, small_triton):
+    """vLLM's priority through the gateway and llm: the engine's slots are held by long streams;
+    a request of priority 10 waits, then one of -10. The one slot that frees (its client leaves)
+    goes to -10, although it came later: while it decodes its 64 tokens, 10 still waits."""
+    leave = [threading.Event() for _ in range(SMALL_BATCH)]
+    hold = [Stream(load_gateway.url, {**COUNTING, "max_new_tokens": 900, "ignore_eos": True}, drop_after_tokens=1,
+                   drop_when=event).start() for event in leave]
+    try:
+        assert wait_until(lambda: engine_metrics(small_triton)["active"] == SMALL_BATCH, timeout=60)
+        low = Stream(load_gateway.url, {**COUNTING, "max_new_tokens": 4, "priority": 10}).start()
+        assert wait_until(lambda: engine_metrics(small_triton)["waiting"] == 1, timeout=60)
+        high = Stream(load_gateway.url, {**COUNTING, "max_new_tokens": 64, "ignore_eos": True,
+                                         "priority": -10}).start()
+        assert wait_until(lambda: engine_metrics(small_triton)["waiting"] == 2, timeout=60)
+        leave[0].set()
+        assert wait_until(lambda: "token" in high.log, timeout=60), (high.log, low.log)
+        assert "token" not in low.log, low.log
+        join_all([high, low], small_triton)
+        assert high.log[-1] == low.log[-1] == "done" and high.status == low.status == 200
+    finally:
+        for event in leave:
+            event.set()
+        join_all(hold, small_triton)
+    assert wait_until(lambda: not engine_metrics(small_triton)["active"], timeout=30)
+
 def test_a_disconnect_storm_leaves_the_engine_idle(load_gateway, small_triton):
     """100 clients hang up after 2 tokens, 100 as soon as they have their 200 (still queued):
     all cancelled, the queued ones before prefill, the engine idle within 2 s of the last.

@@ -504,6 +504,33 @@ def test_queue_overflow_and_cancel_while_waiting():
     assert [sink.final(r).finish_reason for r in ("q0", "q2")] == ["length", "length"]
 
 
+
+def test_waiting_requests_are_admitted_by_priority_then_arrival_and_none_is_preempted():
+    """vLLM's priority: with one slot, the waiting queue admits the lower values first, equal
+    ones in arrival order; a request of an earlier priority that arrives while another decodes
+    waits for it to end (no preemption), then passes every waiting one."""
+    eng = Engine(EngineConfig(checkpoint_dir=str(CKPT), max_batch_size=1, max_seq_len=32, dtype="float32"))
+    late = threading.Event()
+
+    def on_each(out):
+        if out.request_id == "c" and not late.is_set():  # c decodes: a request of priority -100 comes
+            late.set()
+            eng.submit(greedy("late", [1, 2, 3], max_new_tokens=2, priority=-100), sink)
+
+    sink = Collector(on_each=on_each)
+    for rid, priority in (("a", 0), ("b", 5), ("c", -1), ("d", 0), ("e", -1)):
+        eng.submit(greedy(rid, [1, 2, 3], end_id=None, max_new_tokens=3, streaming=True, priority=priority), sink)
+    assert eng.stats()["waiting"] == 5
+    eng.start()
+    try:
+        sink.wait("a", "b", "c", "d", "e", "late")
+    finally:
+        eng.stop()
+    first_step = {rid: outs[0].step for rid, outs in sink.outputs.items()}
+    assert sorted(first_step, key=first_step.get) == ["c", "late", "e", "a", "d", "b"]
+    assert sink.final("c").step < first_step["late"]  # c ran to its end first
+    assert all(len(sink.tokens(rid)) == 3 for rid in "abcde")
+
 # ---------------------------------------------------------------- sampling and stopping
 
 def sampled(rid, ids, seed, **kw):

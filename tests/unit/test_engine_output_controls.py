@@ -756,6 +756,19 @@ def test_cache_salt_ids_are_64_bits_and_read_back():
         request_from_tensors("r", {**tensors, "cache_salt_id": np.array([[1.5]], dtype=np.float32)})
 
 
+def test_priority_is_sent_when_not_0_and_read_back():
+    """0 is the engine's own default (and the only value a GPU deployment takes): not sent."""
+    tensors = engine_inputs(SamplingParams(max_new_tokens=1, priority=-7), input_ids=[1, 2], end_id=EOS, pad_id=EOS)
+    assert tensors["priority"].dtype == np.int32 and tensors["priority"].tolist() == [[-7]]
+    assert request_from_tensors("r", tensors).priority == -7
+    for default in (0, None):
+        plain = engine_inputs(SamplingParams(max_new_tokens=1, priority=default), input_ids=[1, 2], end_id=EOS,
+                              pad_id=EOS)
+        assert "priority" not in plain and request_from_tensors("r", plain).priority == 0
+    with pytest.raises(InvalidRequestError, match="priority"):
+        request_from_tensors("r", {**tensors, "priority": np.array([[1.5]], dtype=np.float32)})
+
+
 def test_num_cached_tokens_tensors_round_trip(int4, tok):
     """The engine model's tensors: the input asks, the final response carries (1, 1) int32, and
     llm's reader takes it."""

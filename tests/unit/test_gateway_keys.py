@@ -134,6 +134,34 @@ def test_a_keys_cache_salt_salts_each_of_its_generations_with_the_requests_own_u
             client_for(path)
 
 
+def test_a_keys_priority_is_its_generations_default_and_the_earliest_they_may_ask_for(tmp_path, capsys):
+    """A tenant's requests wait behind another's in the engine's queue: the key's priority goes
+    on every generation that gives none; a request may ask for a later one (higher), never an
+    earlier one than its key's."""
+    path = tmp_path / "keys.json"
+    assert main(["add", "--name", "batch", "--priority", "10", "--file", str(path)]) == 0
+    batch = capsys.readouterr().out.strip()
+    plain = add_key(path, name="plain", models=["*"])
+    assert read_entries(path)[0]["priority"] == 10
+    backend = FakeBackend()
+    client = create_app({"API_KEYS_FILE": str(path)}, backend=backend).test_client()
+
+    def priorities(key, path_, body):
+        before = len(backend.calls)
+        assert client.post(path_, json=body, headers=bearer(key)).status_code == 200
+        return [call[0].sampling.priority for call in backend.calls[before:]]
+
+    assert priorities(batch, "/generate", BODY) == [10]
+    assert priorities(batch, "/v1/completions", {"prompt": ["a", "b"], "priority": -5}) == [10, 10]
+    assert priorities(batch, "/v1/completions", {"prompt": "a", "priority": 20}) == [20]
+    assert priorities(plain, "/v1/completions", {"prompt": "a", "priority": -5}) == [-5]
+    assert priorities(plain, "/generate", BODY) == [None]
+    for bad in (1.5, "1", True, 2**31):
+        path.write_text(json.dumps([{"name": "a", "sha256": hash_key("k"), "models": ["*"], "priority": bad}]))
+        with pytest.raises(ValueError, match="priority"):
+            client_for(path)
+
+
 @pytest.mark.parametrize("endpoints", [[], "/generate", [""], [3]])
 def test_bad_endpoints_stop_start_up(tmp_path, endpoints):
     path = tmp_path / "keys.json"

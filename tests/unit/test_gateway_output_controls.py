@@ -850,3 +850,17 @@ def test_cache_salt_goes_to_the_llm_model_and_must_be_a_non_empty_string(client,
     for bad in ("", 5, "x" * 1025):
         response = client.post(path, json={**body, "cache_salt": bad}, headers=AUTH)
         assert response.status_code == 400 and response.get_json()["error"]["param"] == "cache_salt", bad
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": "Hi"}), ("/generate", {"prompt": "Hi"}),
+                                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                                       ("/v1/responses", {"input": "Hi"})])
+def test_priority_goes_to_the_llm_model_and_must_be_an_int32(client, backend, path, body):
+    for given in (-3, 0, 2**31 - 1, -(2**31)):
+        assert client.post(path, json={**body, "priority": given}, headers=AUTH).status_code == 200
+        assert backend.last_params.sampling.priority == given
+    assert client.post(path, json=body, headers=AUTH).status_code == 200
+    assert backend.last_params.sampling.priority is None
+    for bad in (1.5, "1", True, 2**31, -(2**31) - 1):
+        response = client.post(path, json={**body, "priority": bad}, headers=AUTH)
+        assert response.status_code == 400 and response.get_json()["error"]["param"] == "priority", bad

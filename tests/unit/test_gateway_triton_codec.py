@@ -63,6 +63,8 @@ def test_add_special_tokens_false_crosses_the_seam_and_true_is_not_sent():
     assert read_llm_inputs(llm_inputs(TextRequest(prompt="Hi")).get).add_special_tokens is True
     salted = TextRequest(prompt="Hi", sampling=SamplingParams(cache_salt="tenant-é"))
     assert read_llm_inputs(llm_inputs(salted).get) == salted
+    urgent = TextRequest(prompt="Hi", sampling=SamplingParams(priority=-(2**31)))
+    assert llm_inputs(urgent)["priority"].dtype == np.int32 and read_llm_inputs(llm_inputs(urgent).get) == urgent
 
 
 def test_optional_tensors_are_omitted_only_when_none():

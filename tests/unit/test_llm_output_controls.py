@@ -257,6 +257,24 @@ def test_cache_salt_reaches_the_engine_as_its_id_where_the_engine_takes_it(make_
     assert parse_error(refused.sent[0][1]).param == "cache_salt" and engine.streams == []
 
 
+def test_priority_reaches_the_cpu_engine_and_only_0_a_gpu_one(make_service):
+    service, engine = make_service(limits=FEATURES)
+    req = request(priority=-5, stream=False)
+    service.accept(req)
+    wait(req)
+    assert engine.tensors[-1]["priority"].tolist() == [[-5]]
+    service, engine = make_service()  # the GPU repository's features: the backend sets no priority
+    zero = request(priority=0, stream=False)
+    service.accept(zero)
+    wait(zero)
+    assert "priority" not in engine.tensors[-1] and all(kind != "send_error" for kind, _ in zero.sent)
+    refused = request(priority=3)
+    service.accept(refused)
+    wait(refused)
+    error = parse_error(refused.sent[0][1])
+    assert error.param == "priority" and "TensorRT-LLM" in error.message and len(engine.streams) == 1
+
+
 def test_echo_with_logprobs_needs_the_engine_feature(make_service):
     service, engine = make_service()  # the GPU repository's features: no prompt log-probabilities
     req = request(echo=True, return_log_probs=True)

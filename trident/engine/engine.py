@@ -7,9 +7,10 @@ every decoding sequence plus chunks of the prompts being prefilled, on a paged K
 prefix reuse (paged_batch.py); the torch-ops model prefills each prompt when it is admitted, then
 decodes all sequences from a contiguous slot cache (slot_batch.py).
 
-A request with num_return_sequences n > 1 is admitted only when n slots are free (requests are
-admitted in order, so it never starves), prefilled once, then forked into n sequences sharing
-the prompt's KV (sequence.Group).
+Waiting requests are admitted by priority, then in arrival order (waiting.py). A request with
+num_return_sequences n > 1 is admitted only when n slots are free (nothing passes the head of the
+queue, so smaller requests do not starve it), prefilled once, then forked into n sequences sharing the prompt's KV
+(sequence.Group).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from .request import (
 from .sampling import RowSampling, TokenLogprobs, sample_step
 from .sequence import OnOutput, Sequence, fork_leaders
 from .slot_batch import SlotBatch
+from .waiting import WaitingQueue
 from .weights import load_model
 
 log = logging.getLogger("trident.engine")
@@ -63,7 +65,7 @@ class Engine:
         self.guides = GuideCompiler(config.xgrammar_tokenizer_info_path, vocab_size=self.model.config.vocab_size,
                                     cache_bytes=config.guide_cache_mb << 20)
         self._cond = threading.Condition()
-        self._waiting: collections.deque[Sequence] = collections.deque()  # guarded by _cond
+        self._waiting = WaitingQueue()  # guarded by _cond; by priority, then arrival
         self._rejected: collections.deque[tuple[GenerationRequest, OnOutput, EngineError]] = collections.deque()
         self._cancel_ids: set[str] = set()  # guarded by _cond
         # Stops for ids the engine did not hold yet (the stop overtook its request): a request
@@ -290,7 +292,8 @@ class Engine:
             batch: list[Sequence] = []
             gone: list[Sequence] = []
             with self._cond:
-                # in order: a request of n sequences waits for n free slots, and nothing passes it
+                # in order (priority, then arrival): a request of n sequences waits for n free
+                # slots, and nothing passes it
                 while self._waiting and self.batch.has_room(self._waiting[0].request.sampling.n):
                     n = len(self._waiting[0].request.input_ids)
                     if budget is not None and n > budget and (batch or budget < self.config.prefill_token_budget):
@@ -429,7 +432,7 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
-            waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting = self._waiting.clear()
             rejected, self._rejected = list(self._rejected), collections.deque()
         for request, on_output, error in rejected:
             self._finish(Sequence(request=request, on_output=on_output, sampling=RowSampling()),

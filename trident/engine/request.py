@@ -72,6 +72,9 @@ class GenerationRequest:
     # cache_salt_id: its prefix cache blocks are shared only with requests of the same id (vLLM's
     # cache_salt); None: with every request without one.
     cache_salt_id: int | None = None
+    # priority: the waiting queue admits the lower values first, then in arrival order (vLLM's
+    # priority; every request 0 by default: first come, first served)
+    priority: int = 0
     # Polled at most every cancel_check_interval; True cancels the request (the client went away).
     is_cancelled: Callable[[], bool] | None = field(default=None, repr=False)
     # The guide compiled by Engine.submit (xgrammar.CompiledGrammar), in the submitting thread.

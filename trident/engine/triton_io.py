@@ -78,6 +78,7 @@ def request_from_tensors(request_id: str, tensors: Mapping[str, np.ndarray], *,
             report_cached=bool(scalar(tensors, "return_num_cached_tokens", False)),
             min_tokens_stops=_id_list(tensors, "min_tokens_stop_ids"),
             cache_salt_id=_salt(tensors),
+            priority=_integer(tensors, "priority") or 0,
         )
     except EngineTensorError as exc:
         raise InvalidRequestError(str(exc)) from None
