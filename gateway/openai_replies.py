@@ -240,15 +240,18 @@ class ChatCompletionReply(_Reply):
     for the calls the model wrote (gateway.tool_parsers): ``content`` is the rest, each call is
     sent once complete and the finish reason is ``tool_calls`` when it called. With ``reasoning``
     the thinking is read out of the text first (gateway.reasoning): ``reasoning`` (and
-    ``reasoning_content``) hold it, and only the rest is content, read for calls."""
+    ``reasoning_content``) hold it, and only the rest is content, read for calls. With ``echo``
+    (vLLM's: the text of the assistant message being continued) each choice's content starts with
+    it, streamed in the choice's first chunk."""
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
     def __init__(self, model: str, *, tool_choice: ToolChoice | None = None, reasoning: Reasoning | None = None,
-                 **kwargs: Any) -> None:
+                 echo: str | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        self.echo = echo
         self._role_sent: set[int] = set()
         self.tool_choice = tool_choice
         self.reasoning = reasoning
@@ -273,6 +276,8 @@ class ChatCompletionReply(_Reply):
                 reason = _called(reason)
         else:
             message = {"role": "assistant", "content": None, "tool_calls": message_calls(self.tool_choice, choice.text)}
+        if self.echo:
+            message["content"] = self.echo + (message["content"] or "")
         if self.reasoning is not None and self.reasoning.include:
             message["reasoning"] = message["reasoning_content"] = thought
         out = {
@@ -317,6 +322,8 @@ class ChatCompletionReply(_Reply):
             delta.update(self._call_delta(index, text, first))
         elif text is not None or first:
             delta["content"] = text or ""
+        if first and self.echo:
+            delta["content"] = self.echo + (delta.get("content") or "")
         if reason is None and not first and not delta and logprobs is None:
             return None  # text of a call not complete yet
         shown = None

@@ -151,7 +151,7 @@ def chat_completions() -> Any:
     return _answer(req, ChatCompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
                                             tool_choice=req.tool_choice, reasoning=req.reasoning,
                                             tokens_as_ids=req.tokens_as_ids, token_ids=req.token_ids,
-                                            continuous_usage=req.continuous_usage,
+                                            continuous_usage=req.continuous_usage, echo=req.echo,
                                             prompt_logprobs=req.params.sampling.prompt_logprobs is not None))
 
 

@@ -129,6 +129,9 @@ class OpenAIRequest:
     token_ids: bool = False
     # vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk's usage so far
     continuous_usage: bool = False
+    # /v1/chat/completions, vLLM's echo: the last message's text, in front of each choice's
+    # content, when that message is the assistant's (the one continued); None: nothing echoed
+    echo: str | None = None
 
 
 # -- nested objects -----------------------------------------------------------------------------
@@ -452,6 +455,9 @@ class ChatCompletionSchema(_OpenAISchema):
     prompt_cache_retention = Anything()
     safety_identifier = Anything()
     include_reasoning = StrictBoolean()  # vLLM's: false leaves the reasoning out (gateway.reasoning)
+    # vLLM's: each choice's content starts with the last message's when that message is the
+    # assistant's (continue_final_message): the whole message, not only its new part
+    echo = StrictBoolean()
 
     def __init__(self, *, chat_template: ChatTemplate | None, tool_call_parser: str | None = None,
                  reasoning_parser: str | None = None, **kwargs: Any) -> None:
@@ -481,6 +487,9 @@ class ChatCompletionSchema(_OpenAISchema):
     def validate_tools(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         check_unique_names(data.get("tools") or ())
         forced = tool_choice_of(data.get("tools"), data.get("tool_choice"), self.tool_call_parser)
+        if forced is not None and forced.mode != "auto" and data.get("echo"):
+            raise ValidationError("echo cannot be used when tool_choice forces a call: the reply has no content to "
+                                  "put the last message in front of", field_name="echo")
         for name in ("response_format", "structured_outputs"):
             if forced is not None and forced.mode != "auto" and data.get(name) is not None:
                 what = '"required"' if forced.mode == "required" else "a named function"
@@ -512,8 +521,13 @@ class ChatCompletionSchema(_OpenAISchema):
         if max_tokens is None:
             max_tokens = data.get("max_tokens")
         logprobs = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
-        req = self._request(data, prompt=prompt, model=model, max_tokens=max_tokens, prompt_param="messages",
-                            logprobs=logprobs)
+        # chat's echo is the reply's (the last message's text), not the llm model's (the prompt's)
+        last = data["messages"][-1]
+        echoed = last["content"] if data.get("echo") and last["role"] == "assistant" and last["content"] else None
+        req = self._request({**data, "echo": None}, prompt=prompt, model=model, max_tokens=max_tokens,
+                            prompt_param="messages", logprobs=logprobs)
+        if echoed is not None:
+            req = dataclasses.replace(req, echo=echoed)
         if self.reasoning_parser and req.params.sampling.guide is None:  # a guide constrains from the first token
             variables = data.get("chat_template_kwargs") or {}
             req = dataclasses.replace(req, reasoning=Reasoning(

@@ -383,13 +383,24 @@ def test_auto_tool_calls_are_read_from_the_models_own_text(parser_gateway, oai):
 
 def test_a_prefilled_reply_is_continued_and_template_fields_reach_the_prompt(oai, gateway):
     """vLLM's continue_final_message on the real model: the assistant's reply, begun by the
-    caller, is continued (the prompt ends with its text, no end of turn); /tokenize renders the
+    caller, is continued (the prompt ends with its text, no end of turn), with echo the whole
+    message in the reply, streamed or not; /tokenize renders the
     same prompt (its count is usage.prompt_tokens); add_generation_prompt false drops the header;
     a reserved chat_template_kwargs key is a 400."""
     prefill = [*CAPITAL, {"role": "assistant", "content": "The capital of France is"}]
     extra = {"continue_final_message": True}
     reply = oai.chat.completions.create(model=MODEL, messages=prefill, max_tokens=6, temperature=0, extra_body=extra)
     assert reply.choices[0].message.content.startswith(" Paris"), reply.choices[0].message.content
+    # vLLM's echo: the whole message, the caller's beginning and the model's continuation
+    whole = "The capital of France is" + reply.choices[0].message.content
+    echoed = oai.chat.completions.create(model=MODEL, messages=prefill, max_tokens=6, temperature=0,
+                                         extra_body={**extra, "echo": True})
+    assert echoed.choices[0].message.content == whole
+    assert (echoed.usage.prompt_tokens, echoed.usage.completion_tokens) == (reply.usage.prompt_tokens,
+                                                                            reply.usage.completion_tokens)
+    stream = oai.chat.completions.create(model=MODEL, messages=prefill, max_tokens=6, temperature=0, stream=True,
+                                         extra_body={**extra, "echo": True})
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == whole
     tokenized = requests.post(f"{gateway.url}/tokenize", json={"messages": prefill, **extra}, headers=AUTH, timeout=30).json()
     assert tokenized["count"] == reply.usage.prompt_tokens
     text = requests.post(f"{gateway.url}/detokenize", json={"tokens": tokenized["tokens"]}, headers=AUTH, timeout=30).json()

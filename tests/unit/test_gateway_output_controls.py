@@ -375,6 +375,34 @@ def test_structured_outputs_are_in_the_document_and_conflict_with_forced_tools(c
     assert response.status_code == 400 and response.get_json()["error"]["param"] == "structured_outputs"
 
 
+def test_chat_echo_puts_the_continued_assistant_message_in_front_of_each_choice(client, backend):
+    """vLLM's chat echo: the last message's text starts every choice's content when it is the
+    assistant's (the message continue_final_message continues), streamed in each choice's first
+    chunk; the llm model is not asked to echo the prompt; nothing is echoed after a user message."""
+    continued = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well, "}],
+                 "continue_final_message": True, "echo": True, "n": 2}
+    body = client.post("/v1/chat/completions", json=continued, headers=AUTH).get_json()
+    assert [c["message"]["content"] for c in body["choices"]] == ["Well, Hello!", "Well, Hi"]
+    assert backend.last_params.sampling.echo is False
+    chunks = [c for c in sse_data(client.post("/v1/chat/completions", json={**continued, "stream": True},
+                                              headers=AUTH)) if c != "[DONE]"]
+    texts = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["delta"].get("content") or ""
+    assert texts == {0: "Well, Hello!", 1: "Well, Hi"}
+    firsts = [next(c["choices"][0]["delta"] for c in chunks if c["choices"][0]["index"] == i) for i in (0, 1)]
+    assert all(d["role"] == "assistant" and d["content"].startswith("Well, ") for d in firsts), firsts
+    answered = client.post("/v1/chat/completions", json={**continued, "messages": continued["messages"][:1]},
+                           headers=AUTH).get_json()
+    assert [c["message"]["content"] for c in answered["choices"]] == ["Hello!", "Hi"]
+    plain = client.post("/v1/chat/completions", json={**continued, "echo": False}, headers=AUTH).get_json()
+    assert [c["message"]["content"] for c in plain["choices"]] == ["Hello!", "Hi"]
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    refused = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "echo": True,
+                                                        "tools": tools, "tool_choice": "required"}, headers=AUTH)
+    assert refused.status_code == 400 and refused.get_json()["error"]["param"] == "echo"
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_stop_token_ids_and_include_stop_str_in_output_reach_the_llm_model(client, backend, path):
     body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
