@@ -94,10 +94,15 @@ def main() -> int:
     parser.add_argument("--probe-timeout", type=float, default=10.0, help="seconds a stream probe (every ping of it) may take")
     parser.add_argument("--probe-failures", type=int, default=3,
                         help="failed stream probes in a row that restart a Triton")
+    parser.add_argument("--restart-backoff", type=float, default=1.0,
+                        help="seconds before a Triton that exited or failed its probes is restarted, doubled for "
+                             "each restart within a minute of the last start (up to 30 s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[serve] %(message)s")
     if args.triton_replicas < 1:
         parser.error("--triton-replicas must be at least 1")
+    if args.restart_backoff < 0:
+        parser.error("--restart-backoff must be at least 0")
 
     port = int(os.environ.get("GATEWAY_PORT", "8080"))
     key, origin = api_key(args.key_file)
@@ -124,7 +129,8 @@ def main() -> int:
                                         or args.tokenizer_dir.resolve().name})
     supervised = [Supervised(t, label=f"Triton {i}" if len(tritons) > 1 else "Triton",
                              probe=functools.partial(stream_probe.probe, t.grpc_url, timeout=args.probe_timeout),
-                             probe_interval=args.probe_interval, probe_failures=args.probe_failures)
+                             probe_interval=args.probe_interval, probe_failures=args.probe_failures,
+                             min_backoff=args.restart_backoff)
                   for i, t in enumerate(tritons)]
     supervised.append(Supervised(gateway, label="the gateway", start_timeout=60))
     try:

@@ -99,10 +99,10 @@ class Supervised:
         if time.monotonic() - self._started_at > self.stable_after:
             self._backoff = self.min_backoff  # it had been running fine: restart at once-ish
         if unhealthy is not None and not self.server.exited():
-            log.error("%s is running but failed %d probes in a row (%s); restarting it in %.0f s", self.label,
+            log.error("%s is running but failed %d probes in a row (%s); restarting it in %g s", self.label,
                       self.probe_failures, unhealthy, self._backoff)
         else:
-            log.error("%s exited (code %s); restarting it in %.0f s", self.label, code, self._backoff)
+            log.error("%s exited (code %s); restarting it in %g s", self.label, code, self._backoff)
         self._restarting = threading.Thread(target=self._restart, args=(self._backoff,), daemon=True,
                                             name=f"restart-{self.label}")
         self._backoff = min(self._backoff * 2, self.max_backoff)

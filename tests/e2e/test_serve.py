@@ -107,7 +107,8 @@ def test_serve_stays_up_and_restarts_a_killed_or_hung_triton_or_a_dead_engine_or
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/serve.py"), "--model-repository", str(two_llm_repo),
                              "--tokenizer-dir", str(model_dir()), "--work-dir", str(tmp_path / "run"),
-                             "--probe-interval", "1", "--probe-timeout", "3", "--probe-failures", "3"],
+                             "--probe-interval", "1", "--probe-timeout", "3", "--probe-failures", "3",
+                             "--restart-backoff", "0.25"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
