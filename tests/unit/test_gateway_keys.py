@@ -107,22 +107,33 @@ def test_endpoint_permissions_are_403(tmp_path):
     assert client.post("/generate", json=BODY, headers=bearer("nope")).status_code == 401
 
 
+def two_keys(tmp_path, capsys, *options):
+    """A keys file with a key made by ``python -m gateway.keys add`` with ``options`` and a plain
+    one; returns the file, the two keys, and a function from (key, path, body) to the
+    SamplingParams of each generation the request started."""
+    path = tmp_path / "keys.json"
+    assert main(["add", "--name", "special", *options, "--file", str(path)]) == 0
+    special = capsys.readouterr().out.strip()
+    plain = add_key(path, name="plain", models=["*"])
+    backend = FakeBackend()
+    client = create_app({"API_KEYS_FILE": str(path)}, backend=backend).test_client()
+
+    def sent(key, path_, body):
+        before = len(backend.calls)
+        assert client.post(path_, json=body, headers=bearer(key)).status_code == 200
+        return [call[0].sampling for call in backend.calls[before:]]
+
+    return path, special, plain, sent
+
 def test_a_keys_cache_salt_salts_each_of_its_generations_with_the_requests_own_under_it(tmp_path, capsys):
     """Keys of one cache_salt share prefix-cache blocks, no other key's requests reach them: the
     key's salt goes on every generation (/generate, /v1/completions, chat, several prompts), a
     request's own cache_salt nested under it (one key's salts never name another's)."""
-    path = tmp_path / "keys.json"
-    assert main(["add", "--name", "acme-1", "--cache-salt", "acme", "--file", str(path)]) == 0
-    acme = capsys.readouterr().out.strip()
-    plain = add_key(path, name="plain", models=["*"])
+    path, acme, plain, sent = two_keys(tmp_path, capsys, "--cache-salt", "acme")
     assert read_entries(path)[0]["cache_salt"] == "acme"
-    backend = FakeBackend()
-    client = create_app({"API_KEYS_FILE": str(path)}, backend=backend).test_client()
 
     def salts(key, path_, body):
-        before = len(backend.calls)
-        assert client.post(path_, json=body, headers=bearer(key)).status_code == 200
-        return [call[0].sampling.cache_salt for call in backend.calls[before:]]
+        return [sampling.cache_salt for sampling in sent(key, path_, body)]
 
     assert salts(acme, "/generate", BODY) == ["acme"]
     assert salts(acme, "/v1/completions", {"prompt": ["a", "b"], "cache_salt": "t1"}) == ["acme\x00t1"] * 2
@@ -138,18 +149,11 @@ def test_a_keys_priority_is_its_generations_default_and_the_earliest_they_may_as
     """A tenant's requests wait behind another's in the engine's queue: the key's priority goes
     on every generation that gives none; a request may ask for a later one (higher), never an
     earlier one than its key's."""
-    path = tmp_path / "keys.json"
-    assert main(["add", "--name", "batch", "--priority", "10", "--file", str(path)]) == 0
-    batch = capsys.readouterr().out.strip()
-    plain = add_key(path, name="plain", models=["*"])
+    path, batch, plain, sent = two_keys(tmp_path, capsys, "--priority", "10")
     assert read_entries(path)[0]["priority"] == 10
-    backend = FakeBackend()
-    client = create_app({"API_KEYS_FILE": str(path)}, backend=backend).test_client()
 
     def priorities(key, path_, body):
-        before = len(backend.calls)
-        assert client.post(path_, json=body, headers=bearer(key)).status_code == 200
-        return [call[0].sampling.priority for call in backend.calls[before:]]
+        return [sampling.priority for sampling in sent(key, path_, body)]
 
     assert priorities(batch, "/generate", BODY) == [10]
     assert priorities(batch, "/v1/completions", {"prompt": ["a", "b"], "priority": -5}) == [10, 10]
