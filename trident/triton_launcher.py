@@ -196,6 +196,9 @@ class TritonServer(ChildServer):
         self.log_verbose = log_verbose
         self.ready_models = tuple(ready_models)
         self.exit_timeout = exit_timeout
+        # the shared-memory regions of the running Triton's stubs, read once it is ready (stop()
+        # removes them: a Triton that died took its stubs along, and their command lines with them)
+        self._regions: set[str] = set()
 
     @property
     def grpc_url(self) -> str:
@@ -221,6 +224,7 @@ class TritonServer(ChildServer):
         except BaseException:
             self.stop()
             raise
+        self._regions = shm_regions.named_by_processes(group=self.process.pid)
         return self
 
     def is_ready(self) -> bool:
@@ -266,8 +270,15 @@ class TritonServer(ChildServer):
 
     def stop(self, *, timeout: float | None = None) -> None:
         """SIGINT (Triton stops taking requests and lets in-flight ones end, up to its exit
-        timeout), then the process group is killed past ``timeout`` (exit timeout + 10 s)."""
+        timeout), then the process group is killed past ``timeout`` (exit timeout + 10 s). The
+        shared-memory regions its stubs named (once it was ready, or now) go too: Triton removes
+        them when it stops, not when it is killed (or died), and each holds memory
+        (trident.shm_regions)."""
+        regions, self._regions = self._regions, set()
+        if self.process is not None:
+            regions |= shm_regions.named_by_processes(group=self.process.pid)
         super().stop(timeout=self.exit_timeout + 10 if timeout is None else timeout)
+        shm_regions.remove(regions)
 
     def __enter__(self) -> "TritonServer":
         return self.start()

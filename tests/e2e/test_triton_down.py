@@ -55,17 +55,23 @@ def test_triton_stopped_mid_stream_then_503(own_stack):
 
 
 def test_stop_leaves_no_process_of_the_group(tmp_path_factory):
-    """Stopping Triton also ends its Python-backend stubs, even after Triton died first."""
+    """Stopping Triton also ends its Python-backend stubs, even after Triton died first, and
+    removes the shared-memory regions of its stubs, which a killed Triton leaves in /dev/shm."""
     import os
     import signal
+
+    from trident import shm_regions
 
     triton = TritonServer(model_repository=repo_dir(), work_dir=tmp_path_factory.mktemp("triton-kill"),
                           ports=TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port()))
     triton.start(timeout=300)
     pgid = triton.process.pid
+    regions = [shm_regions.SHM_DIR / name for name in shm_regions.named_by_processes(group=pgid)]
+    assert len(regions) >= 4 and all(region.exists() for region in regions), regions  # one per stub
     triton.process.send_signal(signal.SIGKILL)  # only Triton itself: its stubs are orphaned
     triton.process.wait()
     triton.stop()
+    assert not [region for region in regions if region.exists()]
     deadline = time.monotonic() + 15  # killed processes linger until their new parent reaps them
     while time.monotonic() < deadline:
         try:
