@@ -377,4 +377,5 @@ class SamplingParams:
                 "bad_words": len(self.bad_words), "seed": self.seed, "n": self.n, "logprobs": self.logprobs, "echo": self.echo,
                 "prompt_logprobs": self.prompt_logprobs,
                 "guide": None if self.guide is None else self.guide.type,
-                "allowed_token_ids": len(self.allowed_token_ids), "truncate_prompt_tokens": self.truncate_prompt_tokens}
+                "allowed_token_ids": len(self.allowed_token_ids), "truncate_prompt_tokens": self.truncate_prompt_tokens,
+                "priority": self.priority}

@@ -189,7 +189,7 @@ def test_request_log_line_has_ids_counts_and_timings_but_no_secrets(request_log,
     client = make_app().test_client()
     response = client.post(
         "/generate",
-        json={"prompt": "the secret prompt", "stream": True, "temperature": 0.5},
+        json={"prompt": "the secret prompt", "stream": True, "temperature": 0.5, "priority": 3},
         headers={**AUTH, "X-Request-ID": "rid-log-1"},
     )
     text = response.get_data(as_text=True)
@@ -204,6 +204,7 @@ def test_request_log_line_has_ids_counts_and_timings_but_no_secrets(request_log,
     assert line["prompt_tokens"] == 3 and line["completion_tokens"] == 6
     assert 0 <= line["ttft_s"] <= line["duration_s"] < 5
     assert line["params"]["temperature"] == 0.5 and line["params"]["prompt_chars"] == 17
+    assert line["params"]["priority"] == 3  # the request's own (an API key's is the keys file's)
     raw = json.dumps(line)
     assert "secret" not in raw and KEY not in raw and "prompt" not in line and "output" not in line
     assert "Hello" in text and "Hello" not in raw  # the output is not logged either
