@@ -97,6 +97,12 @@ class ModelLimits:
         return cls(**values)
 
 
+def _check_between(name: str, value: int, low: int, high: int) -> None:
+    """An integer field's bounds, inclusive: a 400 naming the field, in the one wording of these checks."""
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low} and {high}, got {value}", param=name)
+
+
 def max_tokens_error(value: int, limit: int, param: str = "max_new_tokens", *, echo: bool = True) -> str:
     """``echo``: the caller could have sent echo (then 0 is allowed with it, and the message says so)."""
     hint = " (0 only with echo: the prompt scored, nothing generated)" if value == 0 and echo else ""
@@ -273,8 +279,8 @@ class SamplingParams:
         if not self.repetition_penalty > 0.0:
             raise InvalidRequest(f"repetition_penalty must be greater than 0, got {self.repetition_penalty:g}",
                                  param="repetition_penalty")
-        if self.seed is not None and not 0 <= self.seed <= UINT64_MAX:
-            raise InvalidRequest(f"seed must be between 0 and {UINT64_MAX}, got {self.seed}", param="seed")
+        if self.seed is not None:
+            _check_between("seed", self.seed, 0, UINT64_MAX)
         for stops, param, most in ((self.stop, "stop_sequences", MAX_STOP_SEQUENCES),
                                    (self.bad_words, "bad_words", MAX_BAD_WORDS)):
             message = stop_error(stops, param, most)
@@ -283,8 +289,7 @@ class SamplingParams:
         self._check_output_controls(limits)
 
     def _check_output_controls(self, limits: Optional[ModelLimits]) -> None:
-        if not 1 <= self.n <= MAX_CHOICES:
-            raise InvalidRequest(f"n must be between 1 and {MAX_CHOICES}, got {self.n}", param="n")
+        _check_between("n", self.n, 1, MAX_CHOICES)
         if not 0 <= self.min_tokens <= self.max_new_tokens:
             raise InvalidRequest(f"min_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
                                  f"got {self.min_tokens}", param="min_tokens")
@@ -333,16 +338,12 @@ class SamplingParams:
                 raise InvalidRequest("cache_salt is not supported by this deployment's engine (TensorRT-LLM's "
                                      "backend takes no salt for its KV cache reuse)", param="cache_salt")
         if self.priority is not None:
-            if not INT32_MIN <= self.priority <= INT32_MAX:
-                raise InvalidRequest(f"priority must be between {INT32_MIN} and {INT32_MAX}, got {self.priority}",
-                                     param="priority")
+            _check_between("priority", self.priority, INT32_MIN, INT32_MAX)
             if self.priority != 0 and FEATURE_PRIORITY not in features:  # vLLM: 0 without priority scheduling
                 raise InvalidRequest("priority other than 0 is not supported by this deployment's engine "
                                      "(TensorRT-LLM's Triton backend sets no request priority)", param="priority")
         if self.logprobs is not None:
-            if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-                raise InvalidRequest(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}",
-                                     param="logprobs")
+            _check_between("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
             if self.logprobs and FEATURE_TOP_LOGPROBS not in features:
                 raise InvalidRequest("top log-probabilities are not supported by this deployment's engine "
                                      "(TensorRT-LLM returns the chosen token's only): ask for 0 alternatives",
@@ -351,9 +352,7 @@ class SamplingParams:
             raise InvalidRequest("the prompt's log-probabilities (echo with logprobs) are not supported by this "
                                  "deployment's engine", param="echo")
         if self.prompt_logprobs is not None:
-            if not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
-                raise InvalidRequest(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, "
-                                     f"got {self.prompt_logprobs}", param="prompt_logprobs")
+            _check_between("prompt_logprobs", self.prompt_logprobs, 0, MAX_TOP_LOGPROBS)
             if FEATURE_PROMPT_LOGPROBS not in features:
                 raise InvalidRequest("the prompt's log-probabilities (prompt_logprobs) are not supported by this "
                                      "deployment's engine", param="prompt_logprobs")
