@@ -261,8 +261,7 @@ class Engine:
     def _cancel(self, seq: Sequence) -> None:
         """Cancel a request: every unfinished sequence of it (each ends with its tokens so far)."""
         with self._cond:
-            if seq in self._waiting:
-                self._waiting.remove(seq)
+            self._waiting.discard(seq)
         members = [m for m in seq.group.members if not m.finished] if seq.group is not None else [seq]
         log.info("request %s cancelled after %d generated tokens", seq.request.request_id,
                  sum(len(m.output) for m in (seq.group.members if seq.group is not None else [seq])))

@@ -30,12 +30,12 @@ class WaitingQueue:
     def popleft(self) -> Sequence:
         return self._items.pop(0)[2]
 
-    def remove(self, seq: Sequence) -> None:
+    def discard(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the queue if it waits there (a cancelled request)."""
         for i, item in enumerate(self._items):
             if item[2] is seq:
                 del self._items[i]
                 return
-        raise ValueError("not waiting")
 
     def clear(self) -> list[Sequence]:
         """Empty the queue; returns what it held, in order."""
@@ -44,9 +44,6 @@ class WaitingQueue:
 
     def __getitem__(self, index: int) -> Sequence:
         return self._items[index][2]
-
-    def __contains__(self, seq: object) -> bool:
-        return any(item[2] is seq for item in self._items)
 
     def __iter__(self) -> Iterator[Sequence]:
         return (item[2] for item in self._items)
