@@ -3,7 +3,7 @@
 ``POST /v1/responses`` (gateway.responses) and Anthropic's ``POST /v1/messages``
 (gateway.anthropic), each served as the chat completion it is; the stored responses'
 ``GET`` / ``DELETE /v1/responses/<id>`` and ``GET /v1/responses/<id>/input_items``
-(gateway.response_store).
+(gateway.response_store), and ``POST /v1/responses/<id>/cancel`` (gateway.background).
 
 They share everything but the request schema and the body format with ``/generate``: the API
 key (401), the key's rate limit (429, one budget across all generation routes), the checks of
@@ -24,11 +24,11 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from . import metrics
+from . import background, metrics
 from .anthropic import CountTokensSchema, MessagesReply, MessagesSchema, error_body, messages_param
 from .auth import authorize_model, require_api_key
 from .chat_template import ChatTemplate
-from .errors import ClientError, ServerError, register_error_body
+from .errors import ClientError, ServerError, internal_error, register_error_body
 from .openai_schemas import ChatCompletionSchema, CompletionSchema, OpenAIRequest
 from .openai_replies import ChatCompletionReply, CompletionReply
 from .prompts import best_per_prompt, start_prompts
@@ -39,6 +39,8 @@ from .ratelimit import rate_limited
 from .generation import collect, start_generation, stream_response
 from .json_body import read_json_object
 from .schemas import load_request
+from .sse import event_source
+from .telemetry import defer_record
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 log = logging.getLogger("trident.gateway")
@@ -204,6 +206,8 @@ def responses() -> Any:
                                 lambda req: chat_schema.limits(req.params.model).max_context)
 
     req, echo = _as_chat(_state().responses_schema, responses_param, continued, load)
+    if echo["background"]:
+        return _background(req, echo, store, context)
     keep = None
     if echo["store"]:
         owner = _owner()
@@ -222,22 +226,90 @@ def responses() -> Any:
                                        logprobs=req.logprobs, keep=keep))
 
 
+def _background(req: OpenAIRequest, echo: dict[str, Any], store: ResponseStore | None,
+                context: list[dict[str, Any]]) -> Any:
+    """``"background": true`` (gateway.background): admitted here, answered ``queued``, run on."""
+    if store is None:
+        raise ClientError("background is not supported: this server stores no responses (RESPONSES_STORE is not "
+                          "set), and a background response is read from the store", param="background")
+    if not echo["store"]:
+        raise ClientError("background responses must be stored: leave store true (or unset)", param="background")
+    if req.params.stream:
+        raise ClientError("background with stream is not supported: create the response, then retrieve it",
+                          param="background")
+    g.param_names = req.param_names
+    reply = ResponsesReply(req.params.model, echo, tool_choice=req.tool_choice, reasoning=req.reasoning,
+                           logprobs=req.logprobs)
+    # Streamed from the llm model (not one piece at the end): its first token marks it in progress.
+    generation, done = start_generation(dataclasses.replace(req.params, stream=True))
+    source = event_source(generation)
+    try:
+        first = None
+        while first is None:  # the admission: errors before it are this request's status
+            first = source.next_events(current_app.extensions["trident"].heartbeat_interval)
+        if not first:
+            log.error("generation ended without a final event")
+            raise internal_error(g.request_id)
+        queued = reply.queued()
+        owner = _owner()
+        reachable(store.put, _retry_after(), owner, reply.id, {"response": queued, "items": context})
+        reachable(store.renew_run, _retry_after(), reply.id, background.LEASE_SECONDS)
+    except BaseException:
+        generation.close()
+        done()
+        raise
+    record = defer_record()  # the request's log line and outcome: at the run's end
+    if record is not None:
+        record.status, record.key = 200, g.api_key.name
+    background.BackgroundRun(store=store, owner=owner, reply=reply, items=context, generation=generation,
+                             source=source, first=first, n=req.params.sampling.n, done=done,
+                             request_id=g.request_id, record=record).start()
+    return queued
+
+
 @bp.get("/responses/<response_id>")
 @require_api_key
 def retrieve_response(response_id: str) -> Any:
-    """A stored response, as it was answered."""
+    """A stored response, as it stands (a background one: queued, in progress, or its end)."""
     if request.args.get("stream", "false").lower() not in ("false", "0"):
         raise ClientError("stream is not supported here: a stored response is retrieved whole", param="stream")
-    return _stored(response_id)["response"]
+    record = _stored(response_id)
+    record = reachable(background.settled, _retry_after(), _state().response_store, _owner(), response_id, record)
+    if record is None:
+        raise _not_found(response_id, _state().response_store)
+    return record["response"]
+
+
+@bp.post("/responses/<response_id>/cancel")
+@require_api_key
+def cancel_response(response_id: str) -> Any:
+    """Cancel a background response that is queued or in progress (gateway.background)."""
+    store = _state().response_store
+    record = _stored(response_id)
+    record = reachable(background.settled, _retry_after(), store, _owner(), response_id, record)
+    if record is not None:
+        record = reachable(background.cancel, _retry_after(), store, _owner(), response_id)
+    if record is None:
+        raise _not_found(response_id, store)
+    response = record["response"]
+    if response["status"] == "cancelled":
+        return response
+    if not response.get("background"):
+        raise ClientError("Cannot cancel a synchronous response.", param="response_id")
+    raise ClientError(f"Cannot cancel a response that is already {response['status']}.", param="response_id")
 
 
 @bp.delete("/responses/<response_id>")
 @require_api_key
 def delete_response(response_id: str) -> Any:
-    """Forget a stored response (the ones that continued it keep their own copy)."""
+    """Forget a stored response (the ones that continued it keep their own copy); a background
+    one still running is cancelled (its run sees the record gone)."""
     store = _state().response_store
     if store is None or not reachable(store.delete, _retry_after(), _owner(), response_id):
         raise _not_found(response_id, store)
+    run = background.RUNS.get(response_id)
+    if run is not None:  # this process runs it: at once
+        run.stop()
     return {"id": response_id, "object": "response", "deleted": True}
 
 

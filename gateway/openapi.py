@@ -423,8 +423,8 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
         }},
         "/v1/responses": {"post": {
             "summary": "OpenAI's Responses API, served as the chat completion it is (the same template, tools and "
-            "limits); stored and continued (previous_response_id) where RESPONSES_STORE is set. JSON, or "
-            "(stream: true) the Responses events.",
+            "limits); stored and continued (previous_response_id), and run in the background (background: true, "
+            "answered queued), where RESPONSES_STORE is set. JSON, or (stream: true) the Responses events.",
             "security": bearer,
             "requestBody": {"required": True, "content": {_JSON: {"schema": openai.responses_schema}}},
             "responses": {
@@ -434,7 +434,8 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
         }},
         "/v1/responses/{response_id}": {
             "get": {
-                "summary": "A stored response (RESPONSES_STORE), as it was answered; 404 for another key's.",
+                "summary": "A stored response (RESPONSES_STORE), as it was answered, or a background one as it "
+                "stands (queued, in_progress, then its end); 404 for another key's.",
                 "security": bearer,
                 "parameters": [_RESPONSE_ID],
                 "responses": {200: _ok("The response.", rs.ResponsesResponseSchema), **_errors(400, 401, 403, 404, 503)},
@@ -446,6 +447,14 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
                 "responses": {200: _ok("Deleted.", rs.ResponsesDeletedSchema), **_errors(401, 403, 404, 503)},
             },
         },
+        "/v1/responses/{response_id}/cancel": {"post": {
+            "summary": "Cancel a background response that is queued or in progress: it is answered cancelled (again "
+            "when it was already); a finished one is a 400.",
+            "security": bearer,
+            "parameters": [_RESPONSE_ID],
+            "responses": {200: _ok("The cancelled response.", rs.ResponsesResponseSchema),
+                          **_errors(400, 401, 403, 404, 503)},
+        }},
         "/v1/responses/{response_id}/input_items": {"get": {
             "summary": "The input items a stored response answered (the whole conversation before its output), "
             "a page at a time.",

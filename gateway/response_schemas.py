@@ -466,6 +466,8 @@ class AnthropicTokenCountSchema(Schema):
 # -- /v1/responses (OpenAI's Responses API, gateway.responses) -----------------------------------
 
 RESPONSE_STATUSES = ("in_progress", "completed", "incomplete")
+#: a response's own statuses: its items', and a background response's (gateway.background)
+RESPONSE_OBJECT_STATUSES = (*RESPONSE_STATUSES, "queued", "failed", "cancelled")
 
 
 class ResponsesPartSchema(Schema):
@@ -519,13 +521,14 @@ class ResponsesResponseSchema(Schema):
     object = _const("response")
     created_at = _required(fields.Integer)
     completed_at = fields.Integer()
-    status = _required(fields.String, validate=OneOf(RESPONSE_STATUSES))
+    status = _required(fields.String, validate=OneOf(RESPONSE_OBJECT_STATUSES))
     model = _required(fields.String)
     output = _required(fields.List, fields.Nested(ResponsesItemSchema))
     error = fields.Dict(required=True, allow_none=True)
     incomplete_details = fields.Nested(ResponsesIncompleteSchema, required=True, allow_none=True)
     usage = fields.Nested(ResponsesUsageSchema, required=True, allow_none=True)
     store = fields.Boolean()
+    background = fields.Boolean()
     instructions = fields.String(allow_none=True)
     max_output_tokens = fields.Integer(allow_none=True)
     temperature = fields.Float(allow_none=True)

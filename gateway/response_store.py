@@ -14,6 +14,11 @@ input items of every earlier turn (the previous response's own context, its outp
 one. ``previous_response_id`` continues that conversation with the new input; ``instructions``
 is not carried over (OpenAI's rule). Records last ``RESPONSES_TTL`` seconds and belong to the API
 key that made them: another key gets a 404, as for a response that does not exist.
+
+A background response (gateway.background) changes while it runs: :meth:`update` changes a
+record only if it still is what its caller saw (the runner's result and a cancel never overwrite
+each other), and a run lease (:meth:`renew_run`, :meth:`running`) says that the process running it
+is alive.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .concurrency import is_redis
@@ -34,6 +40,7 @@ log = logging.getLogger("trident.gateway")
 #: how RESPONSES_STORE names the in-process store
 MEMORY = "memory"
 _PREFIX = "trident:response:"
+_RUN_PREFIX = "trident:response-run:"
 
 
 class ResponseStore(Protocol):
@@ -43,6 +50,21 @@ class ResponseStore(Protocol):
 
     def delete(self, owner: str, response_id: str) -> bool: ...
 
+    def update(self, owner: str, response_id: str,
+               change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """Atomically: the record, ``change``d (``change`` returns the new record, or None to
+        leave it as it is). Returns the record now stored; None when there is none (or it is
+        another owner's)."""
+        ...
+
+    def renew_run(self, response_id: str, seconds: float) -> None:
+        """The process running a background response is alive for ``seconds`` more."""
+        ...
+
+    def running(self, response_id: str) -> bool:
+        """Whether a run lease of the response is current."""
+        ...
+
 
 class MemoryStore:
     """Records in this process, oldest evicted first past ``max_chars`` of JSON."""
@@ -51,6 +73,7 @@ class MemoryStore:
         self.ttl, self.max_chars, self._clock = ttl, max_chars, clock
         self._records: OrderedDict[str, tuple[str, float, str]] = OrderedDict()  # id -> (owner, expiry, JSON)
         self._chars = 0
+        self._runs: dict[str, float] = {}  # id -> end of its run lease
         self._lock = threading.Lock()  # never held across anything that yields
 
     def put(self, owner: str, response_id: str, record: dict[str, Any]) -> None:
@@ -59,11 +82,14 @@ class MemoryStore:
             raise ValueError(f"a record of {len(text)} characters does not fit the memory store's "
                              f"{self.max_chars}")
         with self._lock:
-            self._drop(response_id)
-            self._records[response_id] = (owner, self._clock() + self.ttl, text)
-            self._chars += len(text)
-            while self._chars > self.max_chars and self._records:
-                self._drop(next(iter(self._records)))
+            self._put(owner, response_id, text)
+
+    def _put(self, owner: str, response_id: str, text: str) -> None:
+        self._drop(response_id)
+        self._records[response_id] = (owner, self._clock() + self.ttl, text)
+        self._chars += len(text)
+        while self._chars > self.max_chars and self._records:
+            self._drop(next(iter(self._records)))
 
     def get(self, owner: str, response_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -83,6 +109,33 @@ class MemoryStore:
                 return False
             self._drop(response_id)
             return True
+
+    def update(self, owner: str, response_id: str,
+               change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
+        with self._lock:  # change() is plain data work: it does not yield
+            entry = self._records.get(response_id)
+            if entry is None or entry[0] != owner or entry[1] <= self._clock():
+                return None
+            record = json.loads(entry[2])
+            new = change(record)
+            if new is None:
+                return record
+            text = json.dumps(new, ensure_ascii=False)
+            if len(text) > self.max_chars:
+                raise ValueError(f"a record of {len(text)} characters does not fit the memory store's "
+                                 f"{self.max_chars}")
+            self._put(owner, response_id, text)
+        return new
+
+    def renew_run(self, response_id: str, seconds: float) -> None:
+        with self._lock:
+            now = self._clock()
+            self._runs = {rid: end for rid, end in self._runs.items() if end > now}  # the lapsed go
+            self._runs[response_id] = now + seconds
+
+    def running(self, response_id: str) -> bool:
+        with self._lock:
+            return self._runs.get(response_id, 0.0) > self._clock()
 
     def _drop(self, response_id: str) -> None:
         entry = self._records.pop(response_id, None)
@@ -114,6 +167,37 @@ class RedisStore:
         if self.get(owner, response_id) is None:
             return False
         return bool(self._redis.delete(_PREFIX + response_id))
+
+    def update(self, owner: str, response_id: str,
+               change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """Redis's optimistic transaction: WATCH the key, read it, write it in MULTI/EXEC, which
+        fails (and the read is done again) if another client wrote it in between."""
+        import redis
+
+        key = _PREFIX + response_id
+        with self._redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    stored = json.loads(raw) if raw is not None else None
+                    if stored is None or stored.get("owner") != owner:
+                        return None
+                    new = change(stored["record"])
+                    if new is None:
+                        return stored["record"]
+                    pipe.multi()
+                    pipe.set(key, json.dumps({"owner": owner, "record": new}, ensure_ascii=False), ex=self.ttl)
+                    pipe.execute()
+                    return new
+                except redis.WatchError:
+                    continue
+
+    def renew_run(self, response_id: str, seconds: float) -> None:
+        self._redis.set(_RUN_PREFIX + response_id, b"1", px=max(1, int(seconds * 1000)))
+
+    def running(self, response_id: str) -> bool:
+        return bool(self._redis.exists(_RUN_PREFIX + response_id))
 
 
 def make_store(config: Any) -> ResponseStore | None:

@@ -230,7 +230,7 @@ class ResponsesSchema(StrictSchema):
     conversation = Empty("conversation is not supported: this server keeps no conversation objects; send the whole "
                          "conversation in input, or continue a stored response with previous_response_id")
     prompt = Empty("prompt (a stored prompt template) is not supported: send instructions and input")
-    background = Empty("background responses are not supported: leave background false", neutral=(False,))
+    background = StrictBoolean()  # run on after the answer (gateway.background); needs a store
     # Accepted and ignored: they do not change what is generated here.
     metadata = Anything()
     reasoning = Anything()
@@ -280,6 +280,7 @@ class ResponsesSchema(StrictSchema):
                         "text": {"format": text_format or {"type": "text"}}, "top_logprobs": given.get("top_logprobs"),
                         "metadata": given["metadata"] if isinstance(given.get("metadata"), dict) else {},
                         "previous_response_id": given.get("previous_response_id"), "store": given.get("store", True),
+                        "background": given.get("background", False),
                         "truncation": given.get("truncation", "disabled")}
         return body
 
@@ -413,6 +414,15 @@ class ResponsesReply:
         if self._items:
             self._items[-1]["status"] = _status(self._items[-1], cut=choice.finish_reason == "length")
         return self._kept(self._response(choice.finish_reason, finished))
+
+    def queued(self) -> dict[str, Any]:
+        """The response object of a background request just taken (gateway.background)."""
+        return {**self._response(None, None), "status": "queued"}
+
+    def failed(self, error: ApiError) -> dict[str, Any]:
+        """The response object of a background request whose generation failed."""
+        return {**self._response(None, None), "status": "failed",
+                "error": {"code": error.type, "message": error.message}}
 
     def _kept(self, response: dict[str, Any]) -> dict[str, Any]:
         """The finished response, stored where asked (``store`` false where that failed)."""

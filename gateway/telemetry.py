@@ -75,6 +75,7 @@ class RequestRecord:
     error: str | None = None  # the error type that ended a generation, also mid-stream
     ttft: float | None = None
     server: str | None = None  # the Triton that took the generation, when it said
+    deferred: bool = False  # closed by whatever goes on after the response (gateway.background)
     _closed: bool = False
 
     def close(self) -> None:
@@ -130,6 +131,15 @@ class RequestRecord:
 
 def current_record() -> RequestRecord | None:
     return g.get("trident_record")
+
+
+def defer_record() -> RequestRecord | None:
+    """The request's record, to be closed by its caller (a generation that outlives the
+    response: gateway.background) instead of when the response has been sent."""
+    record = current_record()
+    if record is not None:
+        record.deferred = True
+    return record
 
 
 def note_params(params: TextRequest) -> None:
@@ -254,6 +264,8 @@ def _end_request(response: Response) -> Response:
     record.key = key.name if key is not None else None
     if response.status_code == 429:
         metrics.RATE_LIMITED.labels(record.endpoint, record.key or "").inc()
+    if record.deferred and response.status_code == 200:  # its generation goes on: closed at its end
+        return response
     if response.is_streamed:  # sent after this hook: the record is closed with the response
         response.call_on_close(record.close)
     else:  # the body is complete here; only the network send is left

@@ -230,6 +230,21 @@ class GeventGrpcWorker(GeventWorker):
     def run(self) -> None:
         self.named_listeners = {sock: NamedListener(sock) for sock in self.sockets}
         super().run()
+        self.wait_for_background_runs()
+
+    def wait_for_background_runs(self) -> None:
+        """Once the connections are done: the background responses still running
+        (gateway.background) go on until the drain's deadline, which fails them, as it ends
+        the open streams; a little longer for them to store that."""
+        from .background import RUNS
+        from .drain import DRAIN, drain_timeout
+
+        deadline = (DRAIN.started or time.monotonic()) + drain_timeout() + 2.0
+        if RUNS:
+            _log.info("draining: %d background response(s) still running", len(RUNS))
+        while RUNS and time.monotonic() < deadline:
+            self.notify()
+            gevent.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def handle(self, listener, client, addr) -> None:  # noqa: ANN001 (gunicorn's)
         super().handle(self.named_listeners.get(listener, listener), client, addr)

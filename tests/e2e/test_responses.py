@@ -5,12 +5,14 @@ max_output_tokens, and a 400; stored responses continued across two gateways tha
 Redis (RESPONSES_STORE)."""
 
 import json
+import time
 
 import openai
 import pytest
 import requests
 from conftest import start_gateway
-from e2e_helpers import API_KEY
+from e2e_helpers import API_KEY, engine_metrics
+from testkit import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -152,3 +154,43 @@ def test_a_stored_response_is_continued_through_another_gateway(two_gateways):
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(first.id)
     assert one.responses.retrieve(second.id).id == second.id  # what continued it keeps its own copy
+
+
+def test_a_background_response_runs_through_one_gateway_and_is_read_and_cancelled_through_the_other(
+        two_gateways, triton):
+    """``background``: created through one gateway, answered queued; read through the other
+    while it runs and once done, it is the foreground generation (greedy). A long one cancelled
+    through the other gateway stops in the engine (the run looks at its record every second):
+    the engine is idle and its token counter still soon after."""
+    one, two = two_gateways
+    settings = {"model": MODEL, "temperature": 0, "max_output_tokens": 24}
+    foreground = one.responses.create(input=QUESTION, store=False, **settings)
+    queued = one.responses.create(input=QUESTION, background=True, **settings)
+    assert queued.status == "queued" and queued.background is True and queued.output == []
+    done = _until_settled(two, queued.id)
+    assert (done.status, done.output_text, done.usage.output_tokens) == (
+        foreground.status, foreground.output_text, foreground.usage.output_tokens)
+    assert one.responses.retrieve(queued.id).model_dump() == done.model_dump()
+
+    # a constraint that cannot end before max_output_tokens: it runs for as long as the test needs
+    numbers = {"type": "object", "required": ["numbers"], "additionalProperties": False, "properties": {
+        "numbers": {"type": "array", "items": {"type": "integer"}, "minItems": 5000}}}
+    long = one.responses.create(model=MODEL, input="List numbers.", max_output_tokens=1500, background=True,
+                                text={"format": {"type": "json_schema", "name": "numbers", "schema": numbers}})
+    assert wait_until(lambda: two.responses.retrieve(long.id).status == "in_progress", 30, 0.05)
+    assert wait_until(lambda: engine_metrics(triton)["active"] == 1, 10)  # Triton's metrics lag a little
+    cancelled = two.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and cancelled.id == long.id
+    assert wait_until(lambda: engine_metrics(triton)["active"] == 0, 2 + 1)  # the run's next look, then the engine
+    generated = engine_metrics(triton)["generated"]
+    time.sleep(0.5)
+    assert engine_metrics(triton)["generated"] == generated
+    assert one.responses.retrieve(long.id).status == "cancelled"
+    assert two.responses.cancel(long.id).status == "cancelled"  # again: the same answer
+    with pytest.raises(openai.BadRequestError):
+        two.responses.cancel(queued.id)  # completed: nothing to cancel
+
+
+def _until_settled(client, response_id, timeout: float = 60):
+    assert wait_until(lambda: client.responses.retrieve(response_id).status not in ("queued", "in_progress"), timeout, 0.05)
+    return client.responses.retrieve(response_id)

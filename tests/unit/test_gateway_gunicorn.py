@@ -557,3 +557,78 @@ def test_reloads_under_load_lose_no_connection(tmp_path):
     assert outcomes[200] > 100, outcomes
     assert all(k == 200 or k.startswith(drained) for k in outcomes), outcomes
     assert "Socket error processing request" not in gateway_log.read_text()
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    from testkit import running_redis
+
+    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+def _background_env(work: Path, redis_url: str) -> dict:
+    """A chat template that renders a message's text alone (so that input "slow" is the fake
+    Triton's "slow" prompt) and a Redis store, which outlives the gateway."""
+    from openai_fixtures import tokenizer_dir
+
+    template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    return {"TRIDENT_TOKENIZER_DIR": str(tokenizer_dir(work / "tokenizer", template)),
+            "TRIDENT_RESPONSES_STORE": redis_url}
+
+
+def _stored_status(redis_url: str, response_id: str, *, settle: bool = False) -> dict:
+    """The stored response, as the other gateways sharing the store read it."""
+    from gateway import background
+    from gateway.response_store import RedisStore
+
+    store = RedisStore(redis_url, 60, 2)
+    record = store.get("default", response_id)
+    if settle:
+        record = background.settled(store, "default", response_id, record)
+    return record["response"]
+
+
+def test_sigterm_lets_a_background_response_run_until_the_drains_end_then_fails_it(tmp_path, redis_url):
+    """The generation outlives its request: SIGTERM's drain gives it GATEWAY_DRAIN_TIMEOUT (2 s
+    here), as it gives an open stream, then cancels it and stores it failed; the worker waits for
+    that before it exits."""
+    with serving(tmp_path, extra_env=_background_env(tmp_path, redis_url)) as (url, cancel_log, gateway_log, pid):
+        created = requests.post(url + "/v1/responses", json={"input": "slow", "background": True}, headers=AUTH,
+                                timeout=10)
+        assert created.status_code == 200 and created.json()["status"] == "queued", created.text
+        response_id = created.json()["id"]
+        assert wait_until(lambda: requests.get(f"{url}/v1/responses/{response_id}", headers=AUTH,
+                                               timeout=5).json()["status"] == "in_progress", timeout=5)
+        assert in_flight(url) == 1  # its request ended; its place is held
+        os.kill(pid, 15)
+        time.sleep(1.0)
+        assert _stored_status(redis_url, response_id)["status"] == "in_progress"  # it runs on through the drain
+        assert wait_until(lambda: "Shutting down: Master" in gateway_log.read_text(), timeout=15)
+        failed = _stored_status(redis_url, response_id)
+        assert failed["status"] == "failed" and failed["error"]["code"] == "service_unavailable", failed
+        assert "slow " in cancel_log.read_text()  # its generation was cancelled in Triton
+        log = gateway_log.read_text()
+        assert "1 background response(s) still running" in log and "graceful timeout" not in log, log[-3000:]
+
+
+def test_a_background_response_of_a_killed_gateway_is_failed_once_its_lease_lapses(tmp_path, redis_url):
+    """SIGKILL: nothing stores the end; the run's lease lapses (LEASE_SECONDS) and the response
+    reads failed, instead of in progress until the record expires."""
+    from gateway import background
+
+    with serving(tmp_path, extra_env=_background_env(tmp_path, redis_url)) as (url, cancel_log, _, pid):
+        created = requests.post(url + "/v1/responses", json={"input": "slow", "background": True}, headers=AUTH,
+                                timeout=10)
+        response_id = created.json()["id"]
+        assert wait_until(lambda: _stored_status(redis_url, response_id)["status"] == "in_progress", timeout=5)
+        for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+            os.kill(int(child), 9)  # the worker, then its arbiter
+        os.kill(pid, 9)
+        killed = time.monotonic()
+        assert _stored_status(redis_url, response_id, settle=True)["status"] == "in_progress"
+        assert wait_until(lambda: _stored_status(redis_url, response_id, settle=True)["status"] == "failed",
+                          timeout=background.LEASE_SECONDS + 3)
+        assert time.monotonic() - killed >= background.LEASE_SECONDS - 1.5  # renewed every POLL_SECONDS until then
+        assert _stored_status(redis_url, response_id)["error"] == background.ORPHANED
+        assert wait_until(lambda: "slow grpc-cancel" in cancel_log.read_text(), timeout=5)  # Triton saw it go

@@ -1,0 +1,242 @@
+"""Background responses: OpenAI's ``"background": true`` on ``POST /v1/responses``, as vLLM
+offers it. The generation outlives the HTTP request; the client polls the stored response.
+
+* The request is checked and admitted as any generation: its 4xx, 429 and 503 are its answer,
+  and so are the llm model's errors before it takes the request (a prompt too long for the
+  context). Then it is answered at once with the response object, ``status`` ``queued``, which
+  is stored (a store is required: RESPONSES_STORE, gateway.response_store).
+* The generation runs on in this worker process (:class:`BackgroundRun`), holding its in-flight
+  place and its key's concurrency place as a connected client's would. The stored response is
+  ``in_progress`` from its first token, then ``completed`` or ``incomplete`` with its output and
+  usage, or ``failed`` with ``error`` (``code``: the error's type, ``message``).
+* ``POST /v1/responses/{id}/cancel``, through any gateway sharing the store, makes a ``queued``
+  or ``in_progress`` response ``cancelled`` and answers it; the run sees that within
+  :data:`POLL_SECONDS` (at once in its own process) and cancels the generation in the engine.
+  Cancelling a cancelled response answers it again; a finished one is a 400. ``DELETE`` of a
+  running response cancels its generation too.
+* The record only ever leaves ``queued`` / ``in_progress`` once: the run's result and a cancel
+  are written with :meth:`ResponseStore.update`, which changes a record only from what its
+  caller read, so neither overwrites the other.
+* A run renews a lease in the store every :data:`POLL_SECONDS`; a response still ``queued`` or
+  ``in_progress`` whose lease lapsed (:data:`LEASE_SECONDS`: its worker process was killed, or
+  crashed) is ``failed`` when it is next read, instead of staying in progress until it expires.
+* On SIGTERM, runs go on for the drain's time, as open streams do (gateway.drain); then each is
+  ``failed`` ("the server is shutting down") and the worker exits (gateway.worker waits for
+  them).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import metrics
+from .backend import Event, Finished, TextDelta
+from .choices import Choice, gather
+from .disconnect import gevent_active
+from .drain import DRAIN
+from .errors import ApiError, internal_error
+from .response_store import ResponseStore
+from .responses import ResponsesReply
+from .telemetry import RequestRecord
+
+log = logging.getLogger("trident.gateway")
+
+#: seconds between a run's looks at its record (cancelled, deleted) and renewals of its lease
+POLL_SECONDS = 1.0
+#: how long a run's lease lasts without renewal: a run not heard of for that long is dead
+LEASE_SECONDS = 6.0
+#: the statuses of a response whose generation has not ended
+ACTIVE = ("queued", "in_progress")
+#: the error of a response whose run's lease lapsed
+ORPHANED = {"code": "server_error",
+            "message": "The gateway process running this background response stopped before it finished; "
+                       "create it again"}
+
+#: this process's runs, by response id (they hold themselves here while they run)
+RUNS: dict[str, BackgroundRun] = {}
+
+
+class BackgroundRun:
+    """One background response's generation, from its first events to its stored end."""
+
+    def __init__(self, *, store: ResponseStore, owner: str, reply: ResponsesReply, items: list[dict[str, Any]],
+                 generation: Any, source: Any, first: list[Event], n: int, done: Callable[[], None],
+                 request_id: str, record: RequestRecord | None) -> None:
+        self.response_id = reply.id
+        self._store, self._owner, self._reply, self._items = store, owner, reply, items
+        self._generation, self._source, self._first, self._n = generation, source, first, n
+        self._done, self._record = done, record
+        self._log_extra = {"request_id": request_id}
+        self._abort: ApiError | None = None
+        self._stopped = False  # cancelled or deleted: nothing is written
+        self._started = False  # in_progress written
+        self.ended: Any = None  # set when the run is over (an Event of the hub or of threading)
+
+    def start(self) -> None:
+        RUNS[self.response_id] = self
+        DRAIN.streams.add(self)
+        if gevent_active():  # the worker's hub: its sockets and the store's pooled connections are its
+            import gevent
+            import gevent.event
+
+            self.ended = gevent.event.Event()
+            gevent.spawn(self._run)
+        else:
+            self.ended = threading.Event()
+            threading.Thread(target=self._run, name=f"background-{self.response_id}", daemon=True).start()
+
+    def abort(self, error: ApiError) -> None:
+        """Any thread: end the generation; the response fails with ``error`` (the drain's end)."""
+        self._abort = error
+        self._generation.close()
+
+    def stop(self) -> None:
+        """Any thread: the response was cancelled (or deleted): end the generation, write nothing."""
+        self._stopped = True
+        self._generation.close()
+
+    def _run(self) -> None:
+        outcome = "cancelled"
+        try:
+            try:
+                choices, finished = gather(self._events(), self._n)
+            except ApiError as err:
+                log.warning("background response %s failed: %s %s", self.response_id, err.status, err.message,
+                            extra=self._log_extra)
+                outcome = err.type
+                self._end(self._reply.failed(err))
+                return
+            if self._abort is not None:
+                outcome = self._abort.type
+                self._end(self._reply.failed(self._abort))
+            elif finished is not None:
+                outcome = finished.finish_reason
+                self._end(self._reply.response(choices, finished))
+            elif not self._stopped:
+                log.error("generation ended without a final event", extra=self._log_extra)
+                outcome = "server_error"
+                self._end(self._reply.failed(internal_error(self._log_extra["request_id"])))
+        except Exception:
+            log.exception("background response %s failed", self.response_id, extra=self._log_extra)
+            outcome = "server_error"
+        finally:
+            RUNS.pop(self.response_id, None)
+            DRAIN.streams.discard(self)
+            try:
+                self._generation.close()
+            finally:
+                self._done()
+                if self._record is not None:
+                    if self._record.finished is None and self._record.error is None:
+                        self._record.error = outcome if outcome != "cancelled" else None
+                    self._record.close()
+                self.ended.set()
+
+    def _events(self) -> Iterator[Event]:
+        """The generation's events; between batches, at most every POLL_SECONDS, the lease is
+        renewed and the record looked at: gone or cancelled, the events end there."""
+        events: list[Event] | None = self._first
+        next_look = time.monotonic() + POLL_SECONDS
+        while True:
+            if events:
+                for event in events:
+                    if isinstance(event, TextDelta) and not self._started:
+                        self._started = True
+                        self._set_in_progress()
+                    yield event
+                if isinstance(events[-1], Finished):
+                    return
+            elif events is not None:  # [] : the generation ended (closed, or without its final event)
+                return
+            if self._abort is not None or self._stopped:
+                return
+            now = time.monotonic()
+            if now >= next_look:
+                if not self._wanted():
+                    self.stop()
+                    return
+                next_look = now + POLL_SECONDS
+            events = self._source.next_events(max(0.0, next_look - now))
+
+    def _wanted(self) -> bool:
+        """Renew the lease; whether the response is still stored and neither cancelled nor ended.
+        A store that cannot be reached is taken as yes: the run goes on."""
+        try:
+            self._store.renew_run(self.response_id, LEASE_SECONDS)
+            record = self._store.get(self._owner, self.response_id)
+        except Exception as exc:
+            log.warning("background response %s: the store is unreachable (%s); it runs on", self.response_id, exc,
+                        extra=self._log_extra)
+            return True
+        return record is not None and record["response"]["status"] in ACTIVE
+
+    def _set_in_progress(self) -> None:
+        def change(record: dict[str, Any]) -> dict[str, Any] | None:
+            if record["response"]["status"] != "queued":
+                return None
+            return {**record, "response": {**record["response"], "status": "in_progress"}}
+
+        try:
+            self._store.update(self._owner, self.response_id, change)
+        except Exception as exc:  # the end is written later; in_progress is a courtesy
+            log.warning("background response %s: could not mark it in progress: %s", self.response_id, exc,
+                        extra=self._log_extra)
+
+    def _end(self, response: dict[str, Any]) -> None:
+        """Store the finished response, unless it was cancelled or deleted meanwhile."""
+        def change(record: dict[str, Any]) -> dict[str, Any] | None:
+            if record["response"]["status"] not in ACTIVE:
+                return None
+            return {**record, "response": response}
+
+        try:
+            stored = self._store.update(self._owner, self.response_id, change)
+        except Exception as exc:
+            log.warning("could not store background response %s: %s", self.response_id, exc, extra=self._log_extra)
+            metrics.STORED_RESPONSES.labels(outcome="failed").inc()
+            return
+        if stored is not None and stored["response"] is response:
+            metrics.STORED_RESPONSES.labels(outcome="stored").inc()
+
+
+def settled(store: ResponseStore, owner: str, response_id: str, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record as it stands: one still queued or in progress whose run's lease lapsed is
+    failed (and stored so). None when it is gone."""
+    if record["response"]["status"] not in ACTIVE or store.running(response_id):
+        return record
+
+    def change(current: dict[str, Any]) -> dict[str, Any] | None:
+        if current["response"]["status"] not in ACTIVE:
+            return None
+        return {**current, "response": {**current["response"], "status": "failed", "error": dict(ORPHANED)}}
+
+    return store.update(owner, response_id, change)
+
+
+def cancel(store: ResponseStore, owner: str, response_id: str) -> dict[str, Any] | None:
+    """Cancel a queued or in-progress response: its record as it now stands (``cancelled``, or
+    the status it already had), None when there is none."""
+    def change(record: dict[str, Any]) -> dict[str, Any] | None:
+        if record["response"]["status"] not in ACTIVE:
+            return None
+        return {**record, "response": {**record["response"], "status": "cancelled"}}
+
+    record = store.update(owner, response_id, change)
+    if record is not None and record["response"]["status"] == "cancelled":
+        run = RUNS.get(response_id)
+        if run is not None:  # this process runs it: at once, not at its next look
+            run.stop()
+    return record
+
+
+def wait_for_runs(deadline: float) -> None:
+    """Until every run of this process ended, or ``deadline`` (time.monotonic()) passed."""
+    for run in list(RUNS.values()):
+        run.ended.wait(max(0.0, deadline - time.monotonic()))
+
+
+__all__ = ["ACTIVE", "BackgroundRun", "LEASE_SECONDS", "POLL_SECONDS", "RUNS", "cancel", "settled", "wait_for_runs"]

@@ -1,0 +1,232 @@
+"""Background responses (gateway.background): ``"background": true`` on ``/v1/responses``,
+retrieved while it runs and after, cancelled, deleted, failed, and orphaned by a dead process;
+through the official client against the in-process gateway (fake backend), with the in-process
+store and with a real redis-server (skipped without one)."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+from gateway_fakes import Pause, wait_until
+from openai_fixtures import AUTH, MODEL
+from test_gateway_anthropic import make_app
+from test_gateway_response_store import app, redis_uri  # noqa: F401 (fixtures: a memory store, a redis one)
+from test_gateway_responses import check_response, client_of, post
+
+from gateway import background, metrics
+from gateway.backend import Finished
+from gateway.drain import DRAIN
+from gateway.errors import unavailable
+from gateway.response_store import MemoryStore
+
+OWNER = "default"  # the name of the one API_KEY's key
+
+
+def store_of(flask_app):
+    return flask_app.extensions["trident.openai"].response_store
+
+
+def in_flight(flask_app) -> int:
+    return flask_app.extensions["trident"].in_flight.count
+
+
+def slow(params):
+    """A first token, then a long wait (until the generation is closed), then the end."""
+    return ["Hello", Pause(30), " world", Finished("eos_token", prompt_tokens=3, completion_tokens=2)]
+
+
+def retrieved(web, spec, response_id):
+    response = web.get(f"/v1/responses/{response_id}", headers=AUTH)
+    assert response.status_code == 200, response.get_json()
+    return check_response(spec, response.get_json())
+
+
+def wait_for_status(web, spec, response_id, status, timeout=5.0):
+    assert wait_until(lambda: retrieved(web, spec, response_id)["status"] == status, timeout), (
+        retrieved(web, spec, response_id))
+    return retrieved(web, spec, response_id)
+
+
+def test_a_background_response_is_queued_then_retrieved_completed_as_the_foreground_one(app):
+    flask_app, backend, web, spec = app
+    client = client_of(flask_app)
+    foreground = client.responses.create(model=MODEL, input="Weather in Paris?", max_output_tokens=20)
+    stored = metrics.STORED_RESPONSES.labels(outcome="stored")._value.get()
+    queued = client.responses.create(model=MODEL, input="Weather in Paris?", max_output_tokens=20, background=True)
+    assert queued.status == "queued" and queued.background is True and queued.store is True
+    assert queued.output == [] and queued.usage is None
+    done = wait_for_status(web, spec, queued.id, "completed")
+    assert done["background"] is True and done["id"] == queued.id and done["created_at"] == queued.created_at
+    assert done["output"][0]["content"][0]["text"] == foreground.output_text == "Hello, world ✓!"
+    assert done["usage"] == foreground.usage.model_dump(exclude_unset=True)
+    assert client.responses.retrieve(queued.id).output_text == foreground.output_text
+    assert metrics.STORED_RESPONSES.labels(outcome="stored")._value.get() == stored + 1
+    assert in_flight(flask_app) == 0 and backend.generations[-1].closed.is_set()
+    # it is stored as any: continued, its input items listed
+    [item] = client.responses.input_items.list(queued.id).data
+    assert item.content[0].text == "Weather in Paris?"
+    client.responses.create(model=MODEL, input="And in Rome?", previous_response_id=queued.id)
+    assert "Hello, world ✓!" in backend.last_params.prompt
+    with pytest.raises(openai.BadRequestError) as caught:  # finished: nothing to cancel
+        client.responses.cancel(queued.id)
+    assert caught.value.body["message"] == "Cannot cancel a response that is already completed."
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.cancel(foreground.id)
+    assert caught.value.body["message"] == "Cannot cancel a synchronous response."
+
+
+def test_cancel_ends_the_generation_and_answers_cancelled_again(app):
+    flask_app, backend, web, spec = app
+    backend.script = slow
+    client = client_of(flask_app)
+    queued = client.responses.create(model=MODEL, input="Weather in Paris?", background=True)
+    running = wait_for_status(web, spec, queued.id, "in_progress")
+    assert in_flight(flask_app) == 1 and not backend.generations[-1].closed.is_set()
+    assert running["output"] == [] and running["usage"] is None
+    cancelled = client.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled" and cancelled.id == queued.id
+    check_response(spec, cancelled.model_dump(mode="json", exclude_unset=True))
+    assert backend.generations[-1].closed.is_set()  # this process runs it: at once
+    assert wait_until(lambda: in_flight(flask_app) == 0)
+    assert background.RUNS == {}
+    assert client.responses.cancel(queued.id).status == "cancelled"  # again: the same answer
+    time.sleep(0.2)
+    assert retrieved(web, spec, queued.id)["status"] == "cancelled"  # the run wrote nothing over it
+
+
+def test_a_cancel_through_another_process_ends_the_run_at_its_next_look(app, monkeypatch):
+    """Another gateway sharing the store cancels: the record changes, and the run, which looks
+    at it every POLL_SECONDS, closes its generation."""
+    flask_app, backend, web, spec = app
+    monkeypatch.setattr(background, "POLL_SECONDS", 0.1)
+    backend.script = slow
+    queued = post(web, background=True).get_json()
+    wait_for_status(web, spec, queued["id"], "in_progress")
+    run = background.RUNS.pop(queued["id"])  # as if it ran elsewhere: cancel() cannot reach it
+    try:
+        assert background.cancel(store_of(flask_app), OWNER, queued["id"])["response"]["status"] == "cancelled"
+        assert run.ended.wait(2) and backend.generations[-1].closed.is_set()
+    finally:
+        background.RUNS.pop(queued["id"], None)
+    assert in_flight(flask_app) == 0 and retrieved(web, spec, queued["id"])["status"] == "cancelled"
+
+
+def test_deleting_a_running_response_ends_its_generation(app):
+    flask_app, backend, web, _ = app
+    backend.script = slow
+    queued = post(web, background=True).get_json()
+    assert wait_until(lambda: backend.generations and backend.generations[-1].consumed >= 2)
+    assert web.delete(f"/v1/responses/{queued['id']}", headers=AUTH).status_code == 200
+    assert backend.generations[-1].closed.is_set() and wait_until(lambda: in_flight(flask_app) == 0)
+    assert web.get(f"/v1/responses/{queued['id']}", headers=AUTH).status_code == 404
+
+
+def test_a_generation_that_fails_makes_a_failed_response(app):
+    flask_app, backend, web, spec = app
+    backend.script = lambda params: ["Hel", unavailable("The engine is restarting", 1)]
+    queued = post(web, background=True).get_json()
+    failed = wait_for_status(web, spec, queued["id"], "failed")
+    assert failed["error"] == {"code": "service_unavailable", "message": "The engine is restarting"}
+    assert in_flight(flask_app) == 0
+
+
+def test_the_drains_end_fails_a_running_response(app):
+    flask_app, backend, web, spec = app
+    backend.script = slow
+    queued = post(web, background=True).get_json()
+    wait_for_status(web, spec, queued["id"], "in_progress")
+    DRAIN.end_streams()  # the drain's deadline (gateway.drain), as at the end of a SIGTERM's drain
+    failed = wait_for_status(web, spec, queued["id"], "failed")
+    assert failed["error"]["code"] == "service_unavailable" and "shutting down" in failed["error"]["message"]
+    assert in_flight(flask_app) == 0
+
+
+def test_a_response_whose_run_died_is_failed_when_read(app):
+    """A worker killed mid-run leaves its record in progress and its lease to lapse: read, it is
+    failed (and stored so); a cancel then finds it finished."""
+    flask_app, _, web, spec = app
+    store = store_of(flask_app)
+    record = {"response": {**retrieved_shape(), "id": "resp_dead", "status": "in_progress"}, "items": []}
+    store.put(OWNER, "resp_dead", record)
+    store.renew_run("resp_dead", 0.2)
+    assert retrieved(web, spec, "resp_dead")["status"] == "in_progress"  # its lease runs
+    time.sleep(0.3)
+    failed = retrieved(web, spec, "resp_dead")
+    assert failed["status"] == "failed" and failed["error"] == background.ORPHANED
+    assert store.get(OWNER, "resp_dead")["response"]["status"] == "failed"
+    response = web.post("/v1/responses/resp_dead/cancel", headers=AUTH)
+    assert response.status_code == 400
+    assert response.get_json()["error"]["message"] == "Cannot cancel a response that is already failed."
+
+
+def retrieved_shape():
+    return {"object": "response", "created_at": 1, "model": MODEL, "output": [], "error": None,
+            "incomplete_details": None, "usage": None, "background": True, "store": True}
+
+
+def test_refusals_and_errors_before_admission_are_the_requests_status(app, tmp_path):
+    flask_app, backend, web, _ = app
+    for body, message in (({"store": False}, "must be stored"), ({"stream": True}, "stream")):
+        response = post(web, background=True, **body)
+        error = response.get_json()["error"]
+        assert response.status_code == 400 and error["param"] == "background" and message in error["message"]
+    response = post(web, background="yes")
+    assert response.status_code == 400 and response.get_json()["error"]["param"] == "background"
+    backend.generate_error = unavailable("Triton is unreachable", 2)
+    response = post(web, background=True)
+    assert response.status_code == 503 and in_flight(flask_app) == 0
+    backend.generate_error = None
+    backend.script = lambda params: [unavailable("The engine queue is full", 1)]  # before the admission
+    assert post(web, background=True).status_code == 503 and in_flight(flask_app) == 0
+    _, _, off, _ = make_app(tmp_path / "off")  # no RESPONSES_STORE
+    response = post(off, background=True)
+    error = response.get_json()["error"]
+    assert response.status_code == 400 and error["param"] == "background" and "RESPONSES_STORE" in error["message"]
+    assert post(off, background=False).status_code == 200
+
+
+def test_cancel_of_nothing_or_of_another_keys_response_is_a_404(tmp_path):
+    from gateway.auth import hash_key
+
+    flask_app, backend, web, _ = make_app(tmp_path, RESPONSES_STORE="memory", API_KEYS=[
+        {"name": "other", "sha256": hash_key("other-key"), "models": ["*"]}])
+    backend.script = slow
+    queued = post(web, background=True).get_json()
+    try:
+        for headers in ({"Authorization": "Bearer other-key"}, AUTH):
+            path = f"/v1/responses/{queued['id'] if headers is not AUTH else 'resp_nope'}/cancel"
+            response = web.post(path, headers=headers)
+            assert response.status_code == 404 and response.get_json()["error"]["param"] == "response_id"
+    finally:
+        assert web.post(f"/v1/responses/{queued['id']}/cancel", headers=AUTH).status_code == 200
+    assert wait_until(lambda: in_flight(flask_app) == 0)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_update_changes_a_record_only_from_what_its_caller_read(kind, request):
+    """Two writers racing on one record (a run's end, a cancel): each change sees the other's
+    result, never overwrites it."""
+    if kind == "memory":
+        store = MemoryStore(60, 2**20)
+    else:
+        from gateway.response_store import RedisStore
+
+        store = RedisStore(request.getfixturevalue("redis_uri"), 60, 2)
+    store.put("a", "r1", {"response": {"status": "queued"}, "items": []})
+
+    def finish(record):
+        return None if record["response"]["status"] != "queued" else {**record, "response": {"status": "completed"}}
+
+    def cancel(record):
+        return None if record["response"]["status"] != "queued" else {**record, "response": {"status": "cancelled"}}
+
+    assert store.update("a", "r1", cancel)["response"]["status"] == "cancelled"
+    assert store.update("a", "r1", finish)["response"]["status"] == "cancelled"  # unchanged, as it stands
+    assert store.update("b", "r1", cancel) is None and store.update("a", "nope", cancel) is None
+    assert not store.running("r1")
+    store.renew_run("r1", 0.3)
+    assert store.running("r1")
+    time.sleep(0.4)
+    assert not store.running("r1")
