@@ -31,7 +31,14 @@ class Pause:
     seconds: float
 
 
-Step = str | TextDelta | Finished | Pause | BaseException
+@dataclass
+class Gate:
+    """A script step: wait until ``event`` is set (or the generation is closed; at most 30 s)."""
+
+    event: threading.Event
+
+
+Step = str | TextDelta | Finished | Pause | Gate | BaseException
 Script = Callable[[GenerationParams], list[Step]]
 
 
@@ -65,6 +72,11 @@ class FakeGeneration:
             if isinstance(step, Pause):
                 if self.closed.wait(step.seconds):
                     return
+            elif isinstance(step, Gate):
+                deadline = time.monotonic() + 30
+                while not step.event.wait(0.01):
+                    if self.closed.is_set() or time.monotonic() > deadline:
+                        return
             elif isinstance(step, BaseException):
                 raise step
             elif isinstance(step, str):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
-from gateway_fakes import FakeBackend, Pause, default_script
+from gateway_fakes import FakeBackend, Gate, Pause, default_script
 from testkit import AUTH, wait_until
 
 from gateway.backend import ADMITTED, Finished
@@ -110,14 +111,23 @@ def test_generation_without_final_event_ends_with_error_event(make_app):
 
 
 def test_heartbeats_while_waiting_for_the_next_token(make_app):
-    backend = FakeBackend(script=lambda p: ["a", Pause(0.25), "b", Finished("length", 1, 2)])
-    raw = stream(make_app(backend=backend, HEARTBEAT_INTERVAL=0.05).test_client()).get_data(as_text=True)
-    events = parse_sse(raw)
-    names = [name for name, _ in events]
+    """The next token waits for the test (a gate, not a pause: a slow moment of the machine
+    cannot make the wait shorter than the heartbeats it must hold) until two heartbeats came."""
+    gate = threading.Event()
+    backend = FakeBackend(script=lambda p: ["a", Gate(gate), "b", Finished("length", 1, 2)])
+    client = make_app(backend=backend, HEARTBEAT_INTERVAL=0.05).test_client()
+    response = client.post("/generate", json={**BODY, "stream": True}, headers=AUTH, buffered=False)
+    chunks = iter(response.response)
+    raw = next(chunks).decode()
+    while raw.count(": keep-alive\n\n") < 2:
+        raw += next(chunks).decode()
+    gate.set()
+    raw += b"".join(chunks).decode()
+    response.close()
+    names = [name for name, _ in parse_sse(raw)]
     assert names[0] == "token" and names[-2:] == ["token", "done"]
     beats = names[1:-2]
     assert len(beats) >= 2 and set(beats) == {"comment"}
-    assert ": keep-alive\n\n" in raw
 
 
 def test_client_disconnect_cancels_the_generation(make_app):
