@@ -16,7 +16,7 @@ import pytest
 import redis
 import requests
 from conftest import SMALL_BATCH, start_gateway, start_triton
-from e2e_helpers import child_pids, engine_metrics, open_generate, worker_holding
+from e2e_helpers import API_KEY, child_pids, engine_metrics, open_generate, worker_holding
 from load_clients import COUNTING, Stream, disconnect_storm, join_all, log_mark, log_since
 from testkit import wait_until
 
@@ -419,3 +419,79 @@ def test_a_frozen_gateway_worker_has_its_generations_cancelled_by_triton(triton,
         assert took >= 10, f"cancelled {took:.1f} s after the freeze: not by the keepalive (10 s pings)"
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="module")
+def background_gateways(small_triton, tmp_path_factory, redis_url):
+    """Two gateways in front of the small-batch Triton, sharing a Redis response store."""
+    gateways = [start_gateway(small_triton, tmp_path_factory, extra_env={"TRIDENT_RESPONSES_STORE": redis_url})
+                for _ in range(2)]
+    yield gateways
+    for gw in gateways:
+        gw.stop()
+
+
+def test_background_responses_beyond_the_slots_cancelled_through_another_gateway_free_the_engine(
+        background_gateways, small_triton):
+    """6x the slots in background responses through one gateway (the engine: 4 running, 20
+    waiting), all cancelled through the other, the waiting ones first: each run sees its record
+    cancelled at its next look (every second) and cancels its generation, so the engine's queue
+    empties within that second plus its own 2 s, none of the waiting ones ever reaches prefill,
+    then the running ones are cancelled the same way and the engine is idle, its token counter
+    still; every response reads cancelled through both gateways, and the first gateway's
+    in-flight places are all given back."""
+    one, two = background_gateways
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    numbers = {"type": "object", "required": ["numbers"], "additionalProperties": False, "properties": {
+        "numbers": {"type": "array", "items": {"type": "integer"}, "minItems": 5000}}}
+    body = {"input": "List numbers.", "max_output_tokens": 600, "background": True,
+            "text": {"format": {"type": "json_schema", "name": "numbers", "schema": numbers}}}
+    n = 6 * SMALL_BATCH
+    before = engine_metrics(small_triton)
+    ids = []
+    for _ in range(n):
+        created = requests.post(f"{one.url}/v1/responses", json=body, headers=auth, timeout=60)
+        assert created.status_code == 200 and created.json()["status"] == "queued", created.text
+        ids.append(created.json()["id"])
+    assert wait_until(lambda: (lambda m: m["active"] == SMALL_BATCH and m["waiting"] == n - SMALL_BATCH)(
+        engine_metrics(small_triton)), timeout=60), engine_metrics(small_triton)
+    assert in_flight(one.url) == n
+
+    def statuses(gw):
+        return {i: requests.get(f"{gw.url}/v1/responses/{i}", headers=auth, timeout=30).json()["status"] for i in ids}
+
+    # which ones run: in progress from their first token; the others wait in the engine's queue
+    assert wait_until(lambda: sorted(statuses(two).values()).count("in_progress") == SMALL_BATCH, timeout=30)
+    now = statuses(two)
+    running = [i for i in ids if now[i] == "in_progress"]
+    waiting = [i for i in ids if now[i] == "queued"]
+    assert len(waiting) == n - SMALL_BATCH, now
+
+    def cancel(batch):
+        for response_id in batch:
+            cancelled = requests.post(f"{two.url}/v1/responses/{response_id}/cancel", headers=auth, timeout=30)
+            assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+        return time.monotonic()
+
+    last = cancel(waiting)
+    assert wait_until(lambda: engine_metrics(small_triton)["waiting"] == 0, timeout=30)
+    emptied = time.monotonic() - last
+    assert engine_metrics(small_triton)["active"] == SMALL_BATCH  # the running ones run on
+    last = cancel(running)
+    assert wait_until(lambda: engine_metrics(small_triton)["active"] == 0, timeout=30), engine_metrics(small_triton)
+    idle = time.monotonic() - last
+    print(f"queue empty {emptied:.2f} s after the last waiting one's cancel, engine idle {idle:.2f} s after the "
+          f"last running one's")
+    assert emptied < 1 + 2 and idle < 1 + 2, (emptied, idle)  # the runs' next look (1 s), then the engine's 2 s
+    settled = engine_metrics(small_triton)
+    assert settled["prefilled"] - before["prefilled"] == SMALL_BATCH  # no waiting one was run
+    time.sleep(0.5)
+    assert engine_metrics(small_triton)["generated"] == settled["generated"]
+    for gw in (one, two):
+        assert set(statuses(gw).values()) == {"cancelled"}
+    assert wait_until(lambda: in_flight(one.url) == 0, timeout=5)
+
+
+def in_flight(url: str) -> int:
+    text = requests.get(url + "/metrics", timeout=10).text
+    return int(float(text.split("\ntrident_gateway_in_flight_requests ", 1)[1].split()[0]))
