@@ -9,7 +9,8 @@ On SIGTERM (gateway.worker calls :func:`begin` from gunicorn's exit handler):
   (gateway.worker.GeventGrpcWorker.close_idle_connections);
 * open streams go on until they finish, for at most ``GATEWAY_DRAIN_TIMEOUT`` seconds (30 by
   default); then each gets an ``event: error`` (503, ``service_unavailable``: "the server is
-  shutting down") and ends, and the worker exits. gunicorn's own graceful timeout is set above
+  shutting down") and ends, and the worker exits. Background responses (gateway.background) go
+  on the same way and are stored failed with that error. gunicorn's own graceful timeout is set above
   the drain (gateway.gunicorn_conf), so it never cuts a stream off without that event.
 """
 
@@ -31,7 +32,8 @@ def drain_timeout(environ: Any = os.environ) -> float:
 
 
 class Drain:
-    """This process's drain state and its open streams (gateway.sse.SSEBody registers itself)."""
+    """This process's drain state and its open streams (gateway.sse.SSEBody registers itself, and
+    so does a background response's run, gateway.background)."""
 
     def __init__(self) -> None:
         self.started: float | None = None
@@ -46,7 +48,7 @@ class Drain:
         if self.started is not None:
             return
         self.started = time.monotonic()
-        log.info("draining: %d open stream(s), at most %.0f s", len(self.streams), timeout)
+        log.info("draining: %d open stream(s) and background response(s), at most %.0f s", len(self.streams), timeout)
         try:
             import gevent
 
@@ -59,7 +61,7 @@ class Drain:
 
         streams = list(self.streams)
         if streams:
-            log.warning("drain time over: ending %d open stream(s)", len(streams))
+            log.warning("drain time over: ending %d open stream(s) and background response(s)", len(streams))
         for body in streams:
             body.abort(unavailable("The server is shutting down; retry the request", 1))
 
