@@ -77,12 +77,16 @@ class MemoryStore:
         self._lock = threading.Lock()  # never held across anything that yields
 
     def put(self, owner: str, response_id: str, record: dict[str, Any]) -> None:
+        text = self._text(record)
+        with self._lock:
+            self._put(owner, response_id, text)
+
+    def _text(self, record: dict[str, Any]) -> str:
         text = json.dumps(record, ensure_ascii=False)
         if len(text) > self.max_chars:  # it would push itself out: say so (the reply: store false)
             raise ValueError(f"a record of {len(text)} characters does not fit the memory store's "
                              f"{self.max_chars}")
-        with self._lock:
-            self._put(owner, response_id, text)
+        return text
 
     def _put(self, owner: str, response_id: str, text: str) -> None:
         self._drop(response_id)
@@ -120,11 +124,7 @@ class MemoryStore:
             new = change(record)
             if new is None:
                 return record
-            text = json.dumps(new, ensure_ascii=False)
-            if len(text) > self.max_chars:
-                raise ValueError(f"a record of {len(text)} characters does not fit the memory store's "
-                                 f"{self.max_chars}")
-            self._put(owner, response_id, text)
+            self._put(owner, response_id, self._text(new))
         return new
 
     def renew_run(self, response_id: str, seconds: float) -> None:
