@@ -120,9 +120,10 @@ class BackgroundRun:
                 log.error("generation ended without a final event", extra=self._log_extra)
                 outcome = "server_error"
                 self._end(self._reply.failed(internal_error(self._log_extra["request_id"])))
-        except Exception:
+        except Exception:  # a bug: the response says it failed (not, later, that its process died)
             log.exception("background response %s failed", self.response_id, extra=self._log_extra)
             outcome = "server_error"
+            self._end(self._reply.failed(internal_error(self._log_extra["request_id"])))
         finally:
             RUNS.pop(self.response_id, None)
             DRAIN.streams.discard(self)
@@ -233,10 +234,4 @@ def cancel(store: ResponseStore, owner: str, response_id: str) -> dict[str, Any]
     return record
 
 
-def wait_for_runs(deadline: float) -> None:
-    """Until every run of this process ended, or ``deadline`` (time.monotonic()) passed."""
-    for run in list(RUNS.values()):
-        run.ended.wait(max(0.0, deadline - time.monotonic()))
-
-
-__all__ = ["ACTIVE", "BackgroundRun", "LEASE_SECONDS", "POLL_SECONDS", "RUNS", "cancel", "settled", "wait_for_runs"]
+__all__ = ["ACTIVE", "BackgroundRun", "LEASE_SECONDS", "ORPHANED", "POLL_SECONDS", "RUNS", "cancel", "settled"]

@@ -132,6 +132,19 @@ def test_a_generation_that_fails_makes_a_failed_response(app):
     assert in_flight(flask_app) == 0
 
 
+def test_a_bug_in_the_run_makes_a_failed_response_not_an_orphan(app, monkeypatch):
+    flask_app, _, web, spec = app
+
+    def broken(self, choices, finished):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("gateway.responses.ResponsesReply.response", broken)
+    queued = post(web, background=True).get_json()
+    failed = wait_for_status(web, spec, queued["id"], "failed")
+    assert failed["error"]["code"] == "server_error" and failed["error"] != background.ORPHANED
+    assert in_flight(flask_app) == 0
+
+
 def test_the_drains_end_fails_a_running_response(app):
     flask_app, backend, web, spec = app
     backend.script = slow
