@@ -516,14 +516,18 @@ class ChatCompletionSchema(_OpenAISchema):
             )
         if self.reasoning_parser in REASONING_KEEPS_SPECIAL:  # its thinking tags are special tokens
             data = {**data, "skip_special_tokens": False}
-        prompt = self.chat_template.render(data["messages"], tools=tools, **render_options(data))
+        options = render_options(data)
+        prompt = self.chat_template.render(data["messages"], tools=tools, **options)
         max_tokens = data.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = data.get("max_tokens")
         logprobs = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
-        # chat's echo is the reply's (the last message's text), not the llm model's (the prompt's)
+        # chat's echo is the reply's (the last message's text), not the llm model's (the prompt's):
+        # vLLM's rule, the last message when its role is the reply's, which is the assistant's after
+        # a generation prompt and the last message's own without one (its text is continued)
         last = data["messages"][-1]
-        echoed = last["content"] if data.get("echo") and last["role"] == "assistant" and last["content"] else None
+        replies_as_last = last["role"] == "assistant" or not options["add_generation_prompt"]
+        echoed = last["content"] if data.get("echo") and replies_as_last and last["content"] else None
         req = self._request({**data, "echo": None}, prompt=prompt, model=model, max_tokens=max_tokens,
                             prompt_param="messages", logprobs=logprobs)
         if echoed is not None:

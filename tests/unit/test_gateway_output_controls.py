@@ -378,7 +378,8 @@ def test_structured_outputs_are_in_the_document_and_conflict_with_forced_tools(c
 def test_chat_echo_puts_the_continued_assistant_message_in_front_of_each_choice(client, backend):
     """vLLM's chat echo: the last message's text starts every choice's content when it is the
     assistant's (the message continue_final_message continues), streamed in each choice's first
-    chunk; the llm model is not asked to echo the prompt; nothing is echoed after a user message."""
+    chunk; the llm model is not asked to echo the prompt; nothing is echoed after a user message
+    answered with the assistant's generation prompt, and that message is echoed without one."""
     continued = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well, "}],
                  "continue_final_message": True, "echo": True, "n": 2}
     body = client.post("/v1/chat/completions", json=continued, headers=AUTH).get_json()
@@ -393,11 +394,17 @@ def test_chat_echo_puts_the_continued_assistant_message_in_front_of_each_choice(
     assert texts == {0: "Well, Hello!", 1: "Well, Hi"}
     firsts = [next(c["choices"][0]["delta"] for c in chunks if c["choices"][0]["index"] == i) for i in (0, 1)]
     assert all(d["role"] == "assistant" and d["content"].startswith("Well, ") for d in firsts), firsts
-    answered = client.post("/v1/chat/completions", json={**continued, "messages": continued["messages"][:1]},
-                           headers=AUTH).get_json()
+    answered = client.post("/v1/chat/completions", json={**continued, "messages": continued["messages"][:1],
+                                                         "continue_final_message": False}, headers=AUTH).get_json()
     assert [c["message"]["content"] for c in answered["choices"]] == ["Hello!", "Hi"]
     plain = client.post("/v1/chat/completions", json={**continued, "echo": False}, headers=AUTH).get_json()
     assert [c["message"]["content"] for c in plain["choices"]] == ["Hello!", "Hi"]
+    # without a generation prompt the last message is continued whatever its role: echoed (vLLM's rule)
+    raw = {"messages": [{"role": "user", "content": "The capital of France is"}], "add_generation_prompt": False,
+           "echo": True, "n": 2}
+    body = client.post("/v1/chat/completions", json=raw, headers=AUTH).get_json()
+    assert [c["message"]["content"] for c in body["choices"]] == ["The capital of France isHello!",
+                                                                  "The capital of France isHi"]
     tools = [{"type": "function", "function": {"name": "f"}}]
     refused = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "echo": True,
                                                         "tools": tools, "tool_choice": "required"}, headers=AUTH)
