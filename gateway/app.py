@@ -6,7 +6,6 @@ Served as ``gunicorn -k gateway.worker.GeventGrpcWorker 'gateway:create_app()'``
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,12 +26,10 @@ from .schemas import GenerateSchema
 from .state import GatewayState, InFlight
 from . import telemetry
 from .telemetry import formatter
-from .ids import new_id
+from .ids import TAME_REQUEST_ID, new_id
 
 log = logging.getLogger("trident.gateway")
 
-# A client's X-Request-ID is echoed (and logged) when it is this tame; otherwise a new one.
-_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
 
 def create_app(config: Mapping[str, Any] | None = None, *, backend: Backend | None = None) -> Flask:
@@ -129,7 +126,9 @@ class SendTimeout:
 
 def _assign_request_id() -> None:
     sent = request.headers.get("X-Request-ID", "")
-    g.request_id = sent if _CLIENT_REQUEST_ID.match(sent) else new_id()
+    # A client's X-Request-ID is echoed (and logged) when it is tame; otherwise a new one.
+    g.client_request_id = bool(TAME_REQUEST_ID.match(sent))
+    g.request_id = sent if g.client_request_id else new_id()
 
 
 def _send_request_id(response: Response) -> Response:

@@ -11,6 +11,10 @@ generator in a child after ``fork``).
 from __future__ import annotations
 
 import random
+import re
+
+#: a request id a client may give (its X-Request-ID, vLLM's request_id): echoed and logged as it is
+TAME_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
 
 def new_id() -> str:

@@ -70,8 +70,8 @@ class _Reply:
 
     def __init__(self, model: str, *, include_usage: bool = False, logprobs: int | None = None,
                  tokens_as_ids: bool = False, token_ids: bool = False, per_prompt: int = 1,
-                 continuous_usage: bool = False, prompt_logprobs: bool = False) -> None:
-        self.id = f"{self.id_prefix}-{new_id()}"
+                 continuous_usage: bool = False, prompt_logprobs: bool = False, request_id: str | None = None) -> None:
+        self.id = f"{self.id_prefix}-{request_id or new_id()}"  # vLLM's: chatcmpl-<request_id>
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage

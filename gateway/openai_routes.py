@@ -40,7 +40,7 @@ from .generation import collect, start_generation, stream_response
 from .json_body import read_json_object
 from .schemas import load_request
 from .sse import event_source
-from .telemetry import defer_record
+from .telemetry import adopt_request_id, defer_record
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 log = logging.getLogger("trident.gateway")
@@ -139,7 +139,8 @@ def retrieve_model(model: str) -> Any:
 @rate_limited
 def completions() -> Any:
     req = load_request(_state().completion_schema, read_json_object(request))
-    return _answer(req, CompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
+    return _answer(req, CompletionReply(req.params.model, request_id=req.request_id, include_usage=req.include_usage,
+                                        logprobs=req.logprobs,
                                         tokens_as_ids=req.tokens_as_ids, token_ids=req.token_ids,
                                         per_prompt=req.choices, continuous_usage=req.continuous_usage,
                                         prompt_logprobs=req.params.sampling.prompt_logprobs is not None))
@@ -150,7 +151,8 @@ def completions() -> Any:
 @rate_limited
 def chat_completions() -> Any:
     req = load_request(_state().chat_schema, read_json_object(request))
-    return _answer(req, ChatCompletionReply(req.params.model, include_usage=req.include_usage, logprobs=req.logprobs,
+    return _answer(req, ChatCompletionReply(req.params.model, request_id=req.request_id,
+                                            include_usage=req.include_usage, logprobs=req.logprobs,
                                             tool_choice=req.tool_choice, reasoning=req.reasoning,
                                             tokens_as_ids=req.tokens_as_ids, token_ids=req.token_ids,
                                             continuous_usage=req.continuous_usage, echo=req.echo,
@@ -238,6 +240,8 @@ def _background(req: OpenAIRequest, echo: dict[str, Any], store: ResponseStore |
         raise ClientError("background with stream is not supported: create the response, then retrieve it",
                           param="background")
     g.param_names = req.param_names
+    if req.request_id is not None:
+        adopt_request_id(req.request_id)
     reply = ResponsesReply(req.params.model, echo, tool_choice=req.tool_choice, reasoning=req.reasoning,
                            logprobs=req.logprobs)
     # Streamed from the llm model (not one piece at the end): its first token marks it in progress.
@@ -399,6 +403,8 @@ def _answer(req: OpenAIRequest, reply: CompletionReply | ChatCompletionReply | M
     """Start the generation and answer it, as JSON or SSE, in ``reply``'s shapes."""
     params = req.params
     g.param_names = req.param_names
+    if req.request_id is not None:
+        adopt_request_id(req.request_id)
     if req.prompts:  # /v1/completions with several prompts (gateway.prompts)
         generation, done = start_prompts(params, req.prompts)
     else:

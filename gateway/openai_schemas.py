@@ -95,6 +95,7 @@ from .schemas import (
     _range,
     check_min_tokens,
     priority_field,
+    request_id_field,
     reject_conflicting_alias,
     sampling_params,
 )
@@ -130,8 +131,10 @@ class OpenAIRequest:
     # vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk's usage so far
     continuous_usage: bool = False
     # /v1/chat/completions, vLLM's echo: the last message's text, in front of each choice's
-    # content, when that message is the assistant's (the one continued); None: nothing echoed
+    # content, when that message has the reply's role (gateway.openai_schemas); None: nothing echoed
     echo: str | None = None
+    # vLLM's request_id: the request's id (gateway.telemetry.adopt_request_id) and its reply's
+    request_id: str | None = None
 
 
 # -- nested objects -----------------------------------------------------------------------------
@@ -281,6 +284,8 @@ class _OpenAISchema(ModelSchema):
                                               error="cache_salt must be a non-empty string of at most {max} characters"))
     # vLLM's: the engine admits waiting requests the lower values first (CPU engine)
     priority = priority_field()
+    # vLLM's: the request's id (logs, Triton) and its reply's (chatcmpl-<request_id>)
+    request_id = request_id_field()
     # vLLM's: each prompt token's log-probability and rank, with the k best tokens at its
     # position (not streamed, as vLLM's)
     prompt_logprobs = StrictInteger(
@@ -347,7 +352,8 @@ class _OpenAISchema(ModelSchema):
         return OpenAIRequest(params=params,
                              include_usage=include_usage, continuous_usage=continuous, choices=choices,
                              logprobs=logprobs, param_names=names,
-                             tokens_as_ids=bool(data.get("return_tokens_as_token_ids")), token_ids=token_ids)
+                             tokens_as_ids=bool(data.get("return_tokens_as_token_ids")), token_ids=token_ids,
+                             request_id=data.get("request_id"))
 
 
 class CompletionSchema(_OpenAISchema):

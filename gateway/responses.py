@@ -63,7 +63,7 @@ from .ids import new_id
 from .openai_fields import Anything, Empty, Nested, joined_text
 from .openai_replies import ChatCompletionReply
 from .reasoning import Reasoning
-from .schemas import StrictSchema, _range, priority_field
+from .schemas import StrictSchema, _range, priority_field, request_id_field
 from .tools import MAX_TOOLS, JsonObject, ToolChoice
 from trident.contract import INT32_MAX, MAX_CHAT_MESSAGES, MAX_TOP_LOGPROBS
 
@@ -224,6 +224,7 @@ class ResponsesSchema(StrictSchema):
                                                  max=MAX_TOP_LOGPROBS))
     include = Anything()  # "message.output_text.logprobs" asks for logprobs; the rest is ignored
     priority = priority_field()  # vLLM's: the engine admits waiting requests the lower values first
+    request_id = request_id_field()  # vLLM's: the request's id (logs, Triton); not the response's here
     # Stored responses (gateway.response_store): the route looks the previous one up.
     previous_response_id = StrictString()
     store = StrictBoolean()
@@ -252,7 +253,7 @@ class ResponsesSchema(StrictSchema):
         for ours, chat in (("model", "model"), ("stream", "stream"), ("temperature", "temperature"),
                            ("top_p", "top_p"), ("max_output_tokens", "max_tokens"),
                            ("parallel_tool_calls", "parallel_tool_calls"), ("tool_choice", "tool_choice"),
-                           ("priority", "priority")):
+                           ("priority", "priority"), ("request_id", "request_id")):
             if data.get(ours) is not None:
                 body[chat] = data[ours]
         if data.get("tools"):

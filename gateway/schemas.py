@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, post_load, validates, validates_schema
-from marshmallow.validate import Range
+from marshmallow.validate import Range, Regexp
 
 from trident.contract import (
     INT32_MAX,
@@ -36,6 +36,7 @@ from trident.contract import (
 
 from .control_fields import AllowedTokenIds, LogitBias, Regex, ResponseFormat, TruncatePromptTokens, guide_of
 from .errors import ClientError, PromptTooLong
+from .ids import TAME_REQUEST_ID
 from .fields import (  # noqa: F401 (re-exported: the schemas' field types)
     StrictBoolean,
     StrictInteger,
@@ -119,6 +120,12 @@ def priority_field() -> StrictInteger:
     arrival order (0 by default; CPU engine, trident.engine.waiting)."""
     return StrictInteger(validate=_range("priority must be between {min} and {max}, got {input}", min=INT32_MIN,
                                          max=INT32_MAX))
+
+
+def request_id_field() -> StrictString:
+    """vLLM's ``request_id``: 1 to 128 of the characters a client's X-Request-ID may have."""
+    return StrictString(validate=Regexp(TAME_REQUEST_ID, error="request_id must be 1 to 128 of A-Z a-z 0-9 and "
+                                                              "._:/+=@-, got {input!r}"))
 
 
 def _range(message: str, **kwargs: Any) -> Range:

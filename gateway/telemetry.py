@@ -133,6 +133,18 @@ def current_record() -> RequestRecord | None:
     return g.get("trident_record")
 
 
+def adopt_request_id(request_id: str) -> None:
+    """The request's id named in its body (vLLM's ``request_id``): it becomes the request's id
+    (its log line, X-Request-ID, Triton's request id), unless the client sent X-Request-ID,
+    which names it first (as vLLM reads the header first: gateway.app)."""
+    if g.get("client_request_id"):
+        return
+    g.request_id = request_id
+    record = current_record()
+    if record is not None:
+        record.request_id = request_id
+
+
 def defer_record() -> RequestRecord | None:
     """The request's record, to be closed by its caller (a generation that outlives the
     response: gateway.background) instead of when the response has been sent."""

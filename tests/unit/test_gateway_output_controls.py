@@ -899,3 +899,33 @@ def test_priority_goes_to_the_llm_model_and_must_be_an_int32(client, backend, pa
     for bad in (1.5, "1", True, 2**31, -(2**31) - 1):
         response = client.post(path, json={**body, "priority": bad}, headers=AUTH)
         assert response.status_code == 400 and response.get_json()["error"]["param"] == "priority", bad
+
+
+def test_request_id_names_the_request_and_the_reply_as_vllms(tmp_path):
+    """vLLM's request_id: the reply's id (chatcmpl-<id>, cmpl-<id>, every streamed chunk's), the
+    request's id (X-Request-ID answered, the backend's request id, the log line) unless the
+    client sent X-Request-ID, which names the request first; Responses: the request's only (a
+    stored response's id is the gateway's); not a tame id: a 400 naming it."""
+    from test_gateway_anthropic import make_app
+
+    flask_app, backend, web, _ = make_app(tmp_path)
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "request_id": "job-7:a"}
+    response = web.post("/v1/chat/completions", json=chat, headers=AUTH)
+    assert response.get_json()["id"] == "chatcmpl-job-7:a" and response.headers["X-Request-ID"] == "job-7:a"
+    assert backend.calls[-1][1] == "job-7:a"
+    chunks = [c for c in sse_data(web.post("/v1/chat/completions", json={**chat, "stream": True}, headers=AUTH))
+              if c != "[DONE]"]
+    assert {c["id"] for c in chunks} == {"chatcmpl-job-7:a"}
+    response = web.post("/v1/completions", json={"prompt": "Hi", "request_id": "job-8"}, headers=AUTH)
+    assert response.get_json()["id"] == "cmpl-job-8" and backend.calls[-1][1] == "job-8"
+    response = web.post("/v1/chat/completions", json=chat, headers={**AUTH, "X-Request-ID": "from-header"})
+    assert response.get_json()["id"] == "chatcmpl-job-7:a" and response.headers["X-Request-ID"] == "from-header"
+    assert backend.calls[-1][1] == "from-header"
+    response = web.post("/v1/responses", json={"input": "Hi", "request_id": "job-9"}, headers=AUTH)
+    assert response.get_json()["id"].startswith("resp_") and backend.calls[-1][1] == "job-9"
+    assert response.headers["X-Request-ID"] == "job-9"
+    for bad in ("two words", "", "x" * 129, 5):
+        for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {"prompt": "Hi"}),
+                           ("/v1/responses", {"input": "Hi"})):
+            response = web.post(path, json={**body, "request_id": bad}, headers=AUTH)
+            assert response.status_code == 400 and response.get_json()["error"]["param"] == "request_id", (path, bad)
