@@ -4,6 +4,7 @@ class it raises for 401, 400 and 429."""
 
 import hashlib
 import json
+import os
 import re
 
 import httpx2
@@ -11,7 +12,7 @@ import openai
 import pytest
 import requests
 from conftest import start_gateway
-from e2e_helpers import API_KEY, AUTH
+from e2e_helpers import API_KEY, AUTH, log_lines, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -537,3 +538,17 @@ def test_429_is_rate_limit_error_without_blind_retries(triton, tmp_path_factory)
         assert response.status_code == 429
     finally:
         gateway.stop()
+
+
+def test_request_id_names_the_reply_and_the_request_in_the_log(oai, gateway):
+    """vLLM's request_id through the official client (extra_body): the reply's id, and the
+    request's log line; streamed, every chunk's id."""
+    rid = "e2e-job-" + os.urandom(4).hex()
+    raw = oai.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_body={"request_id": rid})
+    assert raw.parse().id == f"chatcmpl-{rid}" and raw.headers["x-request-id"] == rid
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                              stream=True, extra_body={"request_id": rid + "s"}))
+    assert {c.id for c in chunks} == {f"chatcmpl-{rid}s"}
+    assert wait_for(lambda: {rid, rid + "s"} <= {line.get("request_id") for line in log_lines(gateway)
+                                                if line.get("msg") == "generation"})
