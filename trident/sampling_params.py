@@ -274,8 +274,7 @@ class SamplingParams:
             raise InvalidRequest(f"temperature must be at least 0, got {self.temperature:g}", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be greater than 0 and at most 1, got {self.top_p:g}", param="top_p")
-        if self.top_k < 0:
-            raise InvalidRequest(f"top_k must be between 0 and {INT32_MAX}, got {self.top_k}", param="top_k")
+        _check_between("top_k", self.top_k, 0, INT32_MAX)
         if not self.repetition_penalty > 0.0:
             raise InvalidRequest(f"repetition_penalty must be greater than 0, got {self.repetition_penalty:g}",
                                  param="repetition_penalty")

@@ -223,6 +223,7 @@ def test_llm_inputs_refused_with_the_field_named(inputs, param):
     (SamplingParams(max_new_tokens=8, temperature=float("nan")), "temperature"),
     (SamplingParams(max_new_tokens=8, top_p=1.5), "top_p"),
     (SamplingParams(max_new_tokens=8, top_k=-1), "top_k"),
+    (SamplingParams(max_new_tokens=8, top_k=2**31), "top_k"),  # the bound its message names (INT32_MAX)
     (SamplingParams(max_new_tokens=8, repetition_penalty=0.0), "repetition_penalty"),
 ])
 def test_check_names_the_field(sampling, param):
