@@ -243,3 +243,46 @@ def test_update_changes_a_record_only_from_what_its_caller_read(kind, request):
     assert store.running("r1")
     time.sleep(0.4)
     assert not store.running("r1")
+
+
+def test_a_running_background_response_holds_its_keys_place_and_an_in_flight_place(tmp_path):
+    """Its request has ended, but its generation counts: a key allowed 2 open generations gets a
+    429 for a third while 2 run in the background, and the gateway's in-flight cap (3 here) a 503
+    for the fourth; both are given back when they end."""
+    from gateway.auth import hash_key
+
+    flask_app, backend, web, _ = make_app(tmp_path, RESPONSES_STORE="memory", MAX_IN_FLIGHT=3, API_KEYS=[
+        {"name": "batch", "sha256": hash_key("batch-key"), "models": ["*"], "max_concurrent": 2}])
+    batch = {"Authorization": "Bearer batch-key"}
+    backend.script = slow
+    running = [web.post("/v1/responses", json={"input": "Hi", "background": True}, headers=batch).get_json()["id"]
+               for _ in range(2)]
+    refused = web.post("/v1/responses", json={"input": "Hi", "background": True}, headers=batch)
+    assert refused.status_code == 429, refused.get_json()
+    mine = post(web, background=True).get_json()["id"]  # another key: the third in-flight place
+    full = post(web, background=True)
+    assert full.status_code == 503 and in_flight(flask_app) == 3
+    for response_id, headers in ((running[0], batch), (running[1], batch), (mine, AUTH)):
+        assert web.post(f"/v1/responses/{response_id}/cancel", headers=headers).status_code == 200
+    assert wait_until(lambda: in_flight(flask_app) == 0)
+    again = web.post("/v1/responses", json={"input": "Hi", "background": True}, headers=batch)
+    assert again.status_code == 200
+    assert web.post(f"/v1/responses/{again.get_json()['id']}/cancel", headers=batch).status_code == 200
+    assert wait_until(lambda: in_flight(flask_app) == 0)
+
+
+def test_the_requests_log_line_and_outcome_come_at_the_runs_end(app, caplog):
+    flask_app, backend, web, spec = app
+    outcomes = metrics.GENERATIONS.labels("/v1/responses", MODEL, "eos_token")
+    before = outcomes._value.get()
+    backend.script = lambda params: ["Hel", Pause(0.3), "lo", Finished("eos_token", prompt_tokens=3,
+                                                                        completion_tokens=2)]
+    with caplog.at_level("INFO", logger="trident.gateway.request"):
+        queued = post(web, background=True).get_json()
+        assert not [r for r in caplog.records if r.getMessage() == "generation"]  # answered, still running
+        wait_for_status(web, spec, queued["id"], "completed")
+        assert wait_until(lambda: [r for r in caplog.records if r.getMessage() == "generation"])
+    [line] = [r.fields for r in caplog.records if r.getMessage() == "generation"]
+    assert line["status"] == 200 and line["finish_reason"] == "eos_token" and line["completion_tokens"] == 2
+    assert line["duration_s"] >= 0.3 and line["path"] == "/v1/responses"
+    assert outcomes._value.get() == before + 1
