@@ -590,10 +590,11 @@ def _stored_status(redis_url: str, response_id: str, *, settle: bool = False) ->
 
 
 def test_sigterm_lets_a_background_response_run_until_the_drains_end_then_fails_it(tmp_path, redis_url):
-    """The generation outlives its request: SIGTERM's drain gives it GATEWAY_DRAIN_TIMEOUT (2 s
+    """The generation outlives its request: SIGTERM's drain gives it GATEWAY_DRAIN_TIMEOUT (4 s
     here), as it gives an open stream, then cancels it and stores it failed; the worker waits for
     that before it exits."""
-    with serving(tmp_path, extra_env=_background_env(tmp_path, redis_url)) as (url, cancel_log, gateway_log, pid):
+    env = {**_background_env(tmp_path, redis_url), "GATEWAY_DRAIN_TIMEOUT": "4"}
+    with serving(tmp_path, extra_env=env) as (url, cancel_log, gateway_log, pid):
         created = requests.post(url + "/v1/responses", json={"input": "slow", "background": True}, headers=AUTH,
                                 timeout=10)
         assert created.status_code == 200 and created.json()["status"] == "queued", created.text
@@ -604,7 +605,7 @@ def test_sigterm_lets_a_background_response_run_until_the_drains_end_then_fails_
         os.kill(pid, 15)
         time.sleep(1.0)
         assert _stored_status(redis_url, response_id)["status"] == "in_progress"  # it runs on through the drain
-        assert wait_until(lambda: "Shutting down: Master" in gateway_log.read_text(), timeout=15)
+        assert wait_until(lambda: "Shutting down: Master" in gateway_log.read_text(), timeout=20)
         failed = _stored_status(redis_url, response_id)
         assert failed["status"] == "failed" and failed["error"]["code"] == "service_unavailable", failed
         assert "slow " in cancel_log.read_text()  # its generation was cancelled in Triton
@@ -629,6 +630,6 @@ def test_a_background_response_of_a_killed_gateway_is_failed_once_its_lease_laps
         assert _stored_status(redis_url, response_id, settle=True)["status"] == "in_progress"
         assert wait_until(lambda: _stored_status(redis_url, response_id, settle=True)["status"] == "failed",
                           timeout=background.LEASE_SECONDS + 3)
-        assert time.monotonic() - killed >= background.LEASE_SECONDS - 1.5  # renewed every POLL_SECONDS until then
+        assert time.monotonic() - killed >= 2  # renewed every POLL_SECONDS until the kill: not at once
         assert _stored_status(redis_url, response_id)["error"] == background.ORPHANED
         assert wait_until(lambda: "slow grpc-cancel" in cancel_log.read_text(), timeout=5)  # Triton saw it go
