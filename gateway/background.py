@@ -35,7 +35,7 @@ from typing import Any
 
 from . import metrics
 from .backend import Event, Finished, TextDelta
-from .choices import Choice, gather
+from .choices import gather
 from .disconnect import gevent_active
 from .drain import DRAIN
 from .errors import ApiError, internal_error
@@ -176,26 +176,17 @@ class BackgroundRun:
         return record is not None and record["response"]["status"] in ACTIVE
 
     def _set_in_progress(self) -> None:
-        def change(record: dict[str, Any]) -> dict[str, Any] | None:
-            if record["response"]["status"] != "queued":
-                return None
-            return {**record, "response": {**record["response"], "status": "in_progress"}}
-
         try:
-            self._store.update(self._owner, self.response_id, change)
+            _moved(self._store, self._owner, self.response_id, lambda r: {**r, "status": "in_progress"},
+                   since=("queued",))
         except Exception as exc:  # the end is written later; in_progress is a courtesy
             log.warning("background response %s: could not mark it in progress: %s", self.response_id, exc,
                         extra=self._log_extra)
 
     def _end(self, response: dict[str, Any]) -> None:
         """Store the finished response, unless it was cancelled or deleted meanwhile."""
-        def change(record: dict[str, Any]) -> dict[str, Any] | None:
-            if record["response"]["status"] not in ACTIVE:
-                return None
-            return {**record, "response": response}
-
         try:
-            stored = self._store.update(self._owner, self.response_id, change)
+            stored = _moved(self._store, self._owner, self.response_id, lambda _: response)
         except Exception as exc:
             log.warning("could not store background response %s: %s", self.response_id, exc, extra=self._log_extra)
             metrics.STORED_RESPONSES.labels(outcome="failed").inc()
@@ -204,34 +195,41 @@ class BackgroundRun:
             metrics.STORED_RESPONSES.labels(outcome="stored").inc()
 
 
+def _moved(store: ResponseStore, owner: str, response_id: str, change: Callable[[dict[str, Any]], dict[str, Any]],
+           *, since: tuple[str, ...] = ACTIVE) -> dict[str, Any] | None:
+    """Atomically (ResponseStore.update): the stored response becomes ``change(response)`` if
+    its status is one of ``since``. The record as it now stands; None when it is gone."""
+    def moved(record: dict[str, Any]) -> dict[str, Any] | None:
+        if record["response"]["status"] not in since:
+            return None
+        return {**record, "response": change(record["response"])}
+
+    return store.update(owner, response_id, moved)
+
+
 def settled(store: ResponseStore, owner: str, response_id: str, record: dict[str, Any]) -> dict[str, Any] | None:
     """The record as it stands: one still queued or in progress whose run's lease lapsed is
     failed (and stored so). None when it is gone."""
     if record["response"]["status"] not in ACTIVE or store.running(response_id):
         return record
-
-    def change(current: dict[str, Any]) -> dict[str, Any] | None:
-        if current["response"]["status"] not in ACTIVE:
-            return None
-        return {**current, "response": {**current["response"], "status": "failed", "error": dict(ORPHANED)}}
-
-    return store.update(owner, response_id, change)
+    return _moved(store, owner, response_id, lambda r: {**r, "status": "failed", "error": dict(ORPHANED)})
 
 
 def cancel(store: ResponseStore, owner: str, response_id: str) -> dict[str, Any] | None:
     """Cancel a queued or in-progress response: its record as it now stands (``cancelled``, or
     the status it already had), None when there is none."""
-    def change(record: dict[str, Any]) -> dict[str, Any] | None:
-        if record["response"]["status"] not in ACTIVE:
-            return None
-        return {**record, "response": {**record["response"], "status": "cancelled"}}
-
-    record = store.update(owner, response_id, change)
+    record = _moved(store, owner, response_id, lambda r: {**r, "status": "cancelled"})
     if record is not None and record["response"]["status"] == "cancelled":
-        run = RUNS.get(response_id)
-        if run is not None:  # this process runs it: at once, not at its next look
-            run.stop()
+        stop_here(response_id)
     return record
 
 
-__all__ = ["ACTIVE", "BackgroundRun", "LEASE_SECONDS", "ORPHANED", "POLL_SECONDS", "RUNS", "cancel", "settled"]
+def stop_here(response_id: str) -> None:
+    """End the response's generation now if this process runs it (a cancel or a delete); the
+    run of another process sees its record at its next look."""
+    run = RUNS.get(response_id)
+    if run is not None:
+        run.stop()
+
+
+__all__ = ["ACTIVE", "BackgroundRun", "LEASE_SECONDS", "ORPHANED", "POLL_SECONDS", "RUNS", "cancel", "settled", "stop_here"]

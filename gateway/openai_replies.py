@@ -241,8 +241,8 @@ class ChatCompletionReply(_Reply):
     sent once complete and the finish reason is ``tool_calls`` when it called. With ``reasoning``
     the thinking is read out of the text first (gateway.reasoning): ``reasoning`` (and
     ``reasoning_content``) hold it, and only the rest is content, read for calls. With ``echo``
-    (vLLM's: the text of the assistant message being continued) each choice's content starts with
-    it, streamed in the choice's first chunk."""
+    (vLLM's: the text of the last message, when it has the reply's role: gateway.openai_schemas)
+    each choice's content starts with it, streamed in the choice's first chunk."""
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"

@@ -277,22 +277,16 @@ def retrieve_response(response_id: str) -> Any:
     """A stored response, as it stands (a background one: queued, in progress, or its end)."""
     if request.args.get("stream", "false").lower() not in ("false", "0"):
         raise ClientError("stream is not supported here: a stored response is retrieved whole", param="stream")
-    record = _stored(response_id)
-    record = reachable(background.settled, _retry_after(), _state().response_store, _owner(), response_id, record)
-    if record is None:
-        raise _not_found(response_id, _state().response_store)
-    return record["response"]
+    return _settled(response_id)["response"]
 
 
 @bp.post("/responses/<response_id>/cancel")
 @require_api_key
 def cancel_response(response_id: str) -> Any:
     """Cancel a background response that is queued or in progress (gateway.background)."""
+    _settled(response_id)  # an orphaned run's response is failed, not cancelled
     store = _state().response_store
-    record = _stored(response_id)
-    record = reachable(background.settled, _retry_after(), store, _owner(), response_id, record)
-    if record is not None:
-        record = reachable(background.cancel, _retry_after(), store, _owner(), response_id)
+    record = reachable(background.cancel, _retry_after(), store, _owner(), response_id)
     if record is None:
         raise _not_found(response_id, store)
     response = record["response"]
@@ -311,9 +305,7 @@ def delete_response(response_id: str) -> Any:
     store = _state().response_store
     if store is None or not reachable(store.delete, _retry_after(), _owner(), response_id):
         raise _not_found(response_id, store)
-    run = background.RUNS.get(response_id)
-    if run is not None:  # this process runs it: at once
-        run.stop()
+    background.stop_here(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
@@ -357,6 +349,15 @@ def _stored(response_id: str, *, param: str = "response_id", what: str = "Respon
     record = None if store is None else reachable(store.get, _retry_after(), _owner(), response_id)
     if record is None:
         raise _not_found(response_id, store, param=param, what=what)
+    return record
+
+
+def _settled(response_id: str) -> dict[str, Any]:
+    """A stored response's record as it stands (gateway.background.settled); a 404 when there is none."""
+    record = reachable(background.settled, _retry_after(), _state().response_store, _owner(), response_id,
+                       _stored(response_id))
+    if record is None:
+        raise _not_found(response_id, _state().response_store)
     return record
 
 

@@ -461,8 +461,8 @@ class ChatCompletionSchema(_OpenAISchema):
     prompt_cache_retention = Anything()
     safety_identifier = Anything()
     include_reasoning = StrictBoolean()  # vLLM's: false leaves the reasoning out (gateway.reasoning)
-    # vLLM's: each choice's content starts with the last message's when that message is the
-    # assistant's (continue_final_message): the whole message, not only its new part
+    # vLLM's: each choice's content starts with the last message's when that message has the
+    # reply's role (the assistant's, or any without a generation prompt): the whole message
     echo = StrictBoolean()
 
     def __init__(self, *, chat_template: ChatTemplate | None, tool_call_parser: str | None = None,
