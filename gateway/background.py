@@ -23,6 +23,14 @@ offers it. The generation outlives the HTTP request; the client polls the stored
 * On SIGTERM, runs go on for the drain's time, as open streams do (gateway.drain); then each is
   ``failed`` ("the server is shutting down") and the worker exits (gateway.worker waits for
   them).
+* With ``"stream": true`` the run also encodes the Responses stream's events and keeps them in
+  the store (ResponseStore.append_events), the last (``response.completed``,
+  ``response.incomplete`` or ``response.failed``) once the stored response has ended. The
+  request is answered with those events as they come (:class:`Follower`), and so is
+  ``GET /v1/responses/{id}?stream=true&starting_after=N`` through any gateway sharing the store,
+  from the event after ``N``: a client whose connection dropped resumes where it was, and its
+  leaving does not end the generation (a cancel does). A follower's stream ends with the
+  response's last event; a cancelled (or deleted) response's just ends.
 """
 
 from __future__ import annotations
@@ -36,11 +44,12 @@ from typing import Any
 from . import metrics
 from .backend import Event, Finished, TextDelta
 from .choices import gather
-from .disconnect import gevent_active
+from .disconnect import DisconnectWatch, gevent_active
 from .drain import DRAIN
-from .errors import ApiError, internal_error
+from .errors import ApiError, internal_error, store_unreachable_errors, unavailable
 from .response_store import ResponseStore
 from .responses import ResponsesReply
+from .sse import HEARTBEAT, sse_event
 from .telemetry import RequestRecord
 
 log = logging.getLogger("trident.gateway")
@@ -65,11 +74,17 @@ class BackgroundRun:
 
     def __init__(self, *, store: ResponseStore, owner: str, reply: ResponsesReply, items: list[dict[str, Any]],
                  generation: Any, source: Any, first: list[Event], n: int, done: Callable[[], None],
-                 request_id: str, record: RequestRecord | None) -> None:
+                 request_id: str, record: RequestRecord | None, stream: ResponsesReply | None = None,
+                 kept: int = 0) -> None:
+        """``stream``: the encoder of the stream's events, kept in the store (its first ``kept``
+        already are)."""
         self.response_id = reply.id
         self._store, self._owner, self._reply, self._items = store, owner, reply, items
         self._generation, self._source, self._first, self._n = generation, source, first, n
         self._done, self._record = done, record
+        self._stream = stream
+        self._kept = kept  # events kept so far (the next one's sequence number)
+        self._last = b""  # the stream's last events: kept once the stored response has ended
         self._log_extra = {"request_id": request_id}
         self._abort: ApiError | None = None
         self._stopped = False  # cancelled or deleted: nothing is written
@@ -115,7 +130,8 @@ class BackgroundRun:
                 self._end(self._reply.failed(self._abort))
             elif finished is not None:
                 outcome = finished.finish_reason
-                self._end(self._reply.response(choices, finished))
+                streamed = self._stream.final if self._stream is not None else None  # its items' ids too
+                self._end(streamed if streamed is not None else self._reply.response(choices, finished))
             elif not self._stopped:
                 log.error("generation ended without a final event", extra=self._log_extra)
                 outcome = "server_error"
@@ -143,6 +159,8 @@ class BackgroundRun:
         events: list[Event] | None = self._first
         next_look = time.monotonic() + POLL_SECONDS
         while True:
+            if events and self._stream is not None:
+                self._encode(events)
             if events:
                 for event in events:
                     if isinstance(event, TextDelta) and not self._started:
@@ -162,6 +180,26 @@ class BackgroundRun:
                     return
                 next_look = now + POLL_SECONDS
             events = self._source.next_events(max(0.0, next_look - now))
+
+    def _encode(self, events: list[Event]) -> None:
+        """The stream's events of a batch, kept; the end's held back for :meth:`_end`."""
+        chunk = b"".join(self._stream(event) for event in events if isinstance(event, (TextDelta, Finished)))
+        if isinstance(events[-1], Finished):
+            self._last = chunk
+        else:
+            self.keep(chunk)
+
+    def keep(self, chunk: bytes) -> None:
+        """Keep SSE events in the store, numbered on; one that cannot be is lost to followers."""
+        events = split_events(chunk)
+        if not events:
+            return
+        try:
+            self._store.append_events(self.response_id, self._kept, events)
+        except Exception as exc:
+            log.warning("background response %s: could not keep %d stream event(s): %s", self.response_id,
+                        len(events), exc, extra=self._log_extra)
+        self._kept += len(events)
 
     def _wanted(self) -> bool:
         """Renew the lease; whether the response is still stored and neither cancelled nor ended.
@@ -193,6 +231,8 @@ class BackgroundRun:
             return
         if stored is not None and stored["response"] is response:
             metrics.STORED_RESPONSES.labels(outcome="stored").inc()
+            if self._stream is not None:  # now a follower that reads the end finds the response ended
+                self.keep(self._stream.failed_event(response) if response["status"] == "failed" else self._last)
 
 
 def _moved(store: ResponseStore, owner: str, response_id: str, change: Callable[[dict[str, Any]], dict[str, Any]],
@@ -224,6 +264,121 @@ def cancel(store: ResponseStore, owner: str, response_id: str) -> dict[str, Any]
     return record
 
 
+def split_events(chunk: bytes) -> list[bytes]:
+    """SSE events one by one (a JSON data line has no blank line in it)."""
+    return [event + b"\n\n" for event in chunk.split(b"\n\n") if event]
+
+
+#: the events that end a stream
+_LAST = tuple(f"event: {name}\n".encode() for name in ("response.completed", "response.incomplete",
+                                                         "response.failed"))
+
+
+class Follower:
+    """The SSE body of a client following a streamed background response's kept events: those
+    numbered after ``after``, then each as the run keeps it, until the last. While none comes it
+    sends a heartbeat every ``heartbeat_interval``, and at most every POLL_SECONDS it looks at the
+    record: a response that ended without its last event kept (its process died: failed) gets it
+    from the record; a cancelled or deleted one's stream ends. The client's leaving ends only
+    this stream."""
+
+    def __init__(self, store: ResponseStore, owner: str, response_id: str, after: int, *,
+                 heartbeat_interval: float, request_id: str, environ: dict[str, Any] | None) -> None:
+        self._store, self._owner, self.response_id = store, owner, response_id
+        self._heartbeat, self._environ = heartbeat_interval, environ
+        self._log_extra = {"request_id": request_id}
+        self._abort: ApiError | None = None
+        self._gone = False
+        self._watch: DisconnectWatch | None = None
+        self._chunks = self._run(after)
+
+    def __iter__(self) -> Follower:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def abort(self, error: ApiError) -> None:
+        """The drain's deadline: the stream ends with ``error`` (the client resumes elsewhere)."""
+        self._abort = error
+
+    def _client_gone(self) -> None:
+        self._gone = True
+
+    def _run(self, after: int) -> Iterator[bytes]:
+        DRAIN.streams.add(self)
+        if self._environ is not None:
+            self._watch = DisconnectWatch.start(self._environ, self._client_gone)
+        try:
+            quiet = time.monotonic()
+            while not self._gone:
+                if self._abort is not None:
+                    yield self._error(self._abort, after)
+                    return
+                try:
+                    events = self._store.read_events(self.response_id, after, POLL_SECONDS) or self._ended(after)
+                except store_unreachable_errors() as exc:
+                    log.warning("background response %s: the store is unreachable (%s); its stream ends",
+                                self.response_id, exc, extra=self._log_extra)
+                    yield self._error(unavailable("The response store is unreachable; resume the stream shortly",
+                                                  1), after)
+                    return
+                if events is None:  # it runs on, nothing new
+                    if time.monotonic() - quiet >= self._heartbeat:
+                        quiet = time.monotonic()
+                        yield HEARTBEAT
+                    continue
+                if not events:
+                    return
+                after, quiet = events[-1][0], time.monotonic()
+                yield b"".join(event for _, event in events)
+                if events[-1][1].startswith(_LAST):
+                    return
+        finally:
+            self._finish()
+
+    @staticmethod
+    def _error(error: ApiError, after: int) -> bytes:
+        """An error event that ends the stream, numbered as the last event sent: resuming after it
+        loses none."""
+        return sse_event("error", {"type": "error", "sequence_number": max(after, 0), "code": error.type,
+                                   "message": error.message, "param": None})
+
+    def _ended(self, after: int) -> list[tuple[int, bytes]] | None:
+        """None while the response runs; else its events left to send (none: the stream ends)."""
+        record = self._store.get(self._owner, self.response_id)
+        record = None if record is None else settled(self._store, self._owner, self.response_id, record)
+        if record is not None and record["response"]["status"] in ACTIVE:
+            return None
+        if record is None or record["response"]["status"] == "cancelled":
+            return self._store.read_events(self.response_id, after, 0)
+        events = self._store.read_events(self.response_id, after, POLL_SECONDS)  # its run keeps its end next
+        if events and events[-1][1].startswith(_LAST):
+            return events
+        last = self._store.last_event(self.response_id)
+        if last is not None and last[1].startswith(_LAST):  # the client asked for events after the end
+            return events
+        response = record["response"]  # ended, its last event not kept: its process died (or the store failed it)
+        name = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(response["status"],
+                                                                                           "response.failed")
+        number = max(after, last[0] if last is not None else -1) + 1
+        log.info("background response %s ended without its last stream event; sent from the record",
+                 self.response_id, extra=self._log_extra)
+        return [*events, (number, sse_event(name, {"type": name, "sequence_number": number, "response": response}))]
+
+    def _finish(self) -> None:
+        DRAIN.streams.discard(self)
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    def close(self) -> None:
+        try:
+            self._chunks.close()
+        finally:
+            self._finish()
+
+
 def stop_here(response_id: str) -> None:
     """End the response's generation now if this process runs it (a cancel or a delete); the
     run of another process sees its record at its next look."""
@@ -232,4 +387,5 @@ def stop_here(response_id: str) -> None:
         run.stop()
 
 
-__all__ = ["ACTIVE", "BackgroundRun", "LEASE_SECONDS", "ORPHANED", "POLL_SECONDS", "RUNS", "cancel", "settled", "stop_here"]
+__all__ = ["ACTIVE", "BackgroundRun", "Follower", "LEASE_SECONDS", "ORPHANED", "POLL_SECONDS", "RUNS", "cancel", "settled", "split_events",
+           "stop_here"]

@@ -41,6 +41,7 @@ from .json_body import read_json_object
 from .schemas import load_request
 from .sse import event_source
 from .telemetry import adopt_request_id, defer_record
+from trident.contract import INT32_MAX
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 log = logging.getLogger("trident.gateway")
@@ -236,14 +237,13 @@ def _background(req: OpenAIRequest, echo: dict[str, Any], store: ResponseStore |
                           "set), and a background response is read from the store", param="background")
     if not echo["store"]:
         raise ClientError("background responses must be stored: leave store true (or unset)", param="background")
-    if req.params.stream:
-        raise ClientError("background with stream is not supported: create the response, then retrieve it",
-                          param="background")
     g.param_names = req.param_names
     if req.request_id is not None:
         adopt_request_id(req.request_id)
     reply = ResponsesReply(req.params.model, echo, tool_choice=req.tool_choice, reasoning=req.reasoning,
                            logprobs=req.logprobs)
+    encoder = reply.twin() if req.params.stream else None  # the stream's events, kept in the store
+    kept: list[bytes] = []
     # Streamed from the llm model (not one piece at the end): its first token marks it in progress.
     generation, done = start_generation(dataclasses.replace(req.params, stream=True))
     source = event_source(generation)
@@ -256,8 +256,14 @@ def _background(req: OpenAIRequest, echo: dict[str, Any], store: ResponseStore |
             raise internal_error(g.request_id)
         queued = reply.queued()
         owner = _owner()
-        reachable(store.put, _retry_after(), owner, reply.id, {"response": queued, "items": context})
+        stored = {"response": queued, "items": context}
+        if encoder is not None:
+            stored["streamed"] = True
+        reachable(store.put, _retry_after(), owner, reply.id, stored)
         reachable(store.renew_run, _retry_after(), reply.id, background.LEASE_SECONDS)
+        if encoder is not None:
+            kept = background.split_events(encoder.admitted(first[0]))
+            reachable(store.append_events, _retry_after(), reply.id, 0, kept)
     except BaseException:
         generation.close()
         done()
@@ -267,17 +273,40 @@ def _background(req: OpenAIRequest, echo: dict[str, Any], store: ResponseStore |
         record.status, record.key = 200, g.api_key.name
     background.BackgroundRun(store=store, owner=owner, reply=reply, items=context, generation=generation,
                              source=source, first=first, n=req.params.sampling.n, done=done,
-                             request_id=g.request_id, record=record).start()
-    return queued
+                             request_id=g.request_id, record=record, stream=encoder, kept=len(kept)).start()
+    if encoder is None:
+        return queued
+    return _follow(store, owner, reply.id, -1)
+
+
+def _follow(store: ResponseStore, owner: str, response_id: str, after: int) -> Response:
+    """The SSE response of a streamed background response's events after ``after``."""
+    body = background.Follower(store, owner, response_id, after,
+                               heartbeat_interval=current_app.extensions["trident"].heartbeat_interval,
+                               request_id=g.request_id, environ=request.environ)
+    return Response(body, status=200, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @bp.get("/responses/<response_id>")
 @require_api_key
 def retrieve_response(response_id: str) -> Any:
-    """A stored response, as it stands (a background one: queued, in progress, or its end)."""
-    if request.args.get("stream", "false").lower() not in ("false", "0"):
-        raise ClientError("stream is not supported here: a stored response is retrieved whole", param="stream")
-    return _settled(response_id)["response"]
+    """A stored response, as it stands (a background one: queued, in progress, or its end); with
+    ``stream=true`` a streamed background response's events, after ``starting_after``."""
+    stream = request.args.get("stream", "false").lower()
+    if stream not in ("true", "1", "false", "0"):
+        raise ClientError(f"stream must be true or false, got {request.args['stream']!r}", param="stream")
+    after = request.args.get("starting_after")
+    if after is not None and not (after.isascii() and after.isdigit() and int(after) <= INT32_MAX):
+        raise ClientError(f"starting_after must be a sequence number (an integer from 0 to {INT32_MAX}), got "
+                          f"{after!r}", param="starting_after")
+    record = _settled(response_id)
+    if stream in ("false", "0"):
+        return record["response"]
+    if not record.get("streamed"):
+        raise ClientError(f"Response {response_id!r} has no stream to follow: only a response created with "
+                          "background and stream true keeps its events", param="stream")
+    return _follow(_state().response_store, _owner(), response_id, -1 if after is None else int(after))
 
 
 @bp.post("/responses/<response_id>/cancel")

@@ -319,7 +319,8 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
     response_events = {
         "oneOf": [_sse_event(name, _json_text(_ref(schema))) for name, schema in (
             *((name, "ResponsesLifecycleEvent") for name in ("response.created", "response.in_progress",
-                                                               "response.completed", "response.incomplete")),
+                                                               "response.completed", "response.incomplete",
+                                                               "response.failed")),
             ("response.output_item.added", "ResponsesItemEvent"), ("response.output_item.done", "ResponsesItemEvent"),
             ("response.content_part.added", "ResponsesPartEvent"), ("response.content_part.done", "ResponsesPartEvent"),
             ("response.output_text.delta", "ResponsesTextDeltaEvent"),
@@ -333,7 +334,8 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
         "response.in_progress, then per output item response.output_item.added, its part's content_part.added, "
         "its deltas (output_text, reasoning_text or function_call_arguments), their .done events and "
         "response.output_item.done; last response.completed or response.incomplete (the whole response). A "
-        "failure after the stream began is event: error.",
+        "failure after the stream began is event: error; a background response's stream ends with "
+        "response.failed instead (the failed response).",
     }
     generate_events = {
         "oneOf": [
@@ -435,10 +437,18 @@ def _operations(app: Flask) -> dict[str, dict[str, Any]]:
         "/v1/responses/{response_id}": {
             "get": {
                 "summary": "A stored response (RESPONSES_STORE), as it was answered, or a background one as it "
-                "stands (queued, in_progress, then its end); 404 for another key's.",
+                "stands (queued, in_progress, then its end); 404 for another key's. With stream=true, the events of "
+                "a background response created with stream true, from the one after starting_after, followed to "
+                "its end.",
                 "security": bearer,
-                "parameters": [_RESPONSE_ID],
-                "responses": {200: _ok("The response.", rs.ResponsesResponseSchema), **_errors(400, 401, 403, 404, 503)},
+                "parameters": [
+                    _RESPONSE_ID,
+                    {"name": "stream", "in": "query", "schema": {"type": "boolean"}},
+                    {"name": "starting_after", "in": "query",
+                     "schema": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}},
+                ],
+                "responses": {200: _ok("The response.", rs.ResponsesResponseSchema, stream=response_events),
+                              **_errors(400, 401, 403, 404, 503)},
             },
             "delete": {
                 "summary": "Delete a stored response.",

@@ -589,10 +589,12 @@ class _ResponsesEventSchema(Schema):
 
 class ResponsesLifecycleEventSchema(_ResponsesEventSchema):
     """``response.created``, ``response.in_progress``, ``response.completed``,
-    ``response.incomplete``: the response as it stands."""
+    ``response.incomplete``, ``response.failed`` (a background response's): the response as it
+    stands."""
 
     type = _required(fields.String, validate=OneOf(["response.created", "response.in_progress",
-                                                    "response.completed", "response.incomplete"]))
+                                                    "response.completed", "response.incomplete",
+                                                    "response.failed"]))
     response = fields.Nested(ResponsesResponseSchema, required=True)
 
 

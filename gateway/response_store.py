@@ -18,7 +18,9 @@ key that made them: another key gets a 404, as for a response that does not exis
 A background response (gateway.background) changes while it runs: :meth:`update` changes a
 record only if it still is what its caller saw (the runner's result and a cancel never overwrite
 each other), and a run lease (:meth:`renew_run`, :meth:`running`) says that the process running it
-is alive.
+is alive. One created with ``stream: true`` keeps its stream's events, in order, each under its
+``sequence_number`` (:meth:`append_events`), for clients that follow it or resume it later
+(:meth:`read_events`; in Redis a stream, read with ``XREAD BLOCK``); they go with the record.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ log = logging.getLogger("trident.gateway")
 MEMORY = "memory"
 _PREFIX = "trident:response:"
 _RUN_PREFIX = "trident:response-run:"
+_EVENTS_PREFIX = "trident:response-events:"
+#: the longest a read of events waits in Redis (below its connections' socket timeout)
+MAX_EVENT_WAIT = 1.0
 
 
 class ResponseStore(Protocol):
@@ -65,6 +70,19 @@ class ResponseStore(Protocol):
         """Whether a run lease of the response is current."""
         ...
 
+    def append_events(self, response_id: str, first: int, events: list[bytes]) -> None:
+        """Keep a streamed response's next events (one SSE event each), numbered from ``first``."""
+        ...
+
+    def read_events(self, response_id: str, after: int, wait: float) -> list[tuple[int, bytes]]:
+        """The kept events numbered above ``after``, with their numbers; when there are none yet,
+        waiting up to ``wait`` seconds (at most :data:`MAX_EVENT_WAIT`) for the next."""
+        ...
+
+    def last_event(self, response_id: str) -> tuple[int, bytes] | None:
+        """The last kept event, with its number; None when none is."""
+        ...
+
 
 class MemoryStore:
     """Records in this process, oldest evicted first past ``max_chars`` of JSON."""
@@ -74,6 +92,8 @@ class MemoryStore:
         self._records: OrderedDict[str, tuple[str, float, str]] = OrderedDict()  # id -> (owner, expiry, JSON)
         self._chars = 0
         self._runs: dict[str, float] = {}  # id -> end of its run lease
+        self._events: dict[str, list[bytes]] = {}  # id -> its stream's events (index: sequence number)
+        self._waiting: dict[str, list[Any]] = {}  # id -> the events (gevent's or threading's) of its readers
         self._lock = threading.Lock()  # never held across anything that yields
 
     def put(self, owner: str, response_id: str, record: dict[str, Any]) -> None:
@@ -89,9 +109,14 @@ class MemoryStore:
         return text
 
     def _put(self, owner: str, response_id: str, text: str) -> None:
-        self._drop(response_id)
+        old = self._records.pop(response_id, None)  # rewritten: its events stay
+        if old is not None:
+            self._chars -= len(old[2])
         self._records[response_id] = (owner, self._clock() + self.ttl, text)
         self._chars += len(text)
+        self._evict()
+
+    def _evict(self) -> None:
         while self._chars > self.max_chars and self._records:
             self._drop(next(iter(self._records)))
 
@@ -137,10 +162,51 @@ class MemoryStore:
         with self._lock:
             return self._runs.get(response_id, 0.0) > self._clock()
 
+    def append_events(self, response_id: str, first: int, events: list[bytes]) -> None:
+        with self._lock:
+            if response_id not in self._records:  # deleted, or evicted: nobody can read them
+                return
+            kept = self._events.setdefault(response_id, [])
+            if first != len(kept):
+                raise ValueError(f"events of {response_id} numbered from {first}, after {len(kept)}")
+            kept += events
+            self._chars += sum(len(event) for event in events)
+            waiting = self._waiting.pop(response_id, [])
+            self._evict()
+        for woken in waiting:
+            woken.set()
+
+    def read_events(self, response_id: str, after: int, wait: float) -> list[tuple[int, bytes]]:
+        with self._lock:
+            new = self._since(response_id, after)
+            if new or wait <= 0:
+                return new
+            woken = _new_event()
+            self._waiting.setdefault(response_id, []).append(woken)
+        woken.wait(min(wait, MAX_EVENT_WAIT))
+        with self._lock:
+            waiting = self._waiting.get(response_id)
+            if waiting is not None and woken in waiting:
+                waiting.remove(woken)
+                if not waiting:
+                    del self._waiting[response_id]
+            return self._since(response_id, after)
+
+    def last_event(self, response_id: str) -> tuple[int, bytes] | None:
+        with self._lock:
+            kept = self._events.get(response_id)
+            return (len(kept) - 1, kept[-1]) if kept else None
+
+    def _since(self, response_id: str, after: int) -> list[tuple[int, bytes]]:
+        kept = self._events.get(response_id, [])
+        start = max(after + 1, 0)
+        return list(enumerate(kept[start:], start))
+
     def _drop(self, response_id: str) -> None:
         entry = self._records.pop(response_id, None)
         if entry is not None:
             self._chars -= len(entry[2])
+        self._chars -= sum(len(event) for event in self._events.pop(response_id, ()))
 
 
 class RedisStore:
@@ -166,7 +232,7 @@ class RedisStore:
     def delete(self, owner: str, response_id: str) -> bool:
         if self.get(owner, response_id) is None:
             return False
-        return bool(self._redis.delete(_PREFIX + response_id))
+        return bool(self._redis.delete(_PREFIX + response_id, _EVENTS_PREFIX + response_id))
 
     def update(self, owner: str, response_id: str,
                change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -198,6 +264,44 @@ class RedisStore:
 
     def running(self, response_id: str) -> bool:
         return bool(self._redis.exists(_RUN_PREFIX + response_id))
+
+    def append_events(self, response_id: str, first: int, events: list[bytes]) -> None:
+        """A Redis stream whose entry ids are ``0-<sequence number + 1>`` (ids must be above 0-0),
+        so a read after a sequence number is an ``XREAD`` after its id; it expires with the record."""
+        key = _EVENTS_PREFIX + response_id
+        with self._redis.pipeline(transaction=False) as pipe:
+            for number, event in enumerate(events, first):
+                pipe.xadd(key, {"e": event}, id=f"0-{number + 1}")
+            pipe.expire(key, self.ttl)
+            pipe.execute()
+
+    def read_events(self, response_id: str, after: int, wait: float) -> list[tuple[int, bytes]]:
+        block = int(min(wait, MAX_EVENT_WAIT) * 1000)
+        found = self._redis.xread({_EVENTS_PREFIX + response_id: f"0-{max(after + 1, 0)}"},
+                                  block=block if block > 0 else None)
+        return [] if not found else [_entry(entry) for entry in found[0][1]]
+
+    def last_event(self, response_id: str) -> tuple[int, bytes] | None:
+        found = self._redis.xrevrange(_EVENTS_PREFIX + response_id, count=1)
+        return _entry(found[0]) if found else None
+
+
+def _entry(entry: tuple[bytes, dict[bytes, bytes]]) -> tuple[int, bytes]:
+    """A kept event of a Redis stream and its sequence number (its id's second part, less one)."""
+    entry_id, fields = entry
+    return int(entry_id.split(b"-")[1]) - 1, fields[b"e"]
+
+
+def _new_event() -> Any:
+    """An event a reader waits on: gevent's in the gateway's workers (``threading`` is not patched
+    there, gateway.worker, and the readers and writers are greenlets of one hub), else threading's."""
+    from .disconnect import gevent_active
+
+    if gevent_active():
+        import gevent.event
+
+        return gevent.event.Event()
+    return threading.Event()
 
 
 def make_store(config: Any) -> ResponseStore | None:

@@ -83,7 +83,7 @@ EVENTS = ("response.created", "response.in_progress", "response.output_item.adde
           "response.output_text.delta", "response.output_text.done", "response.reasoning_text.delta",
           "response.reasoning_text.done", "response.function_call_arguments.delta",
           "response.function_call_arguments.done", "response.content_part.done", "response.output_item.done",
-          "response.completed", "response.incomplete", "error")
+          "response.completed", "response.incomplete", "response.failed", "error")
 
 
 def _item(item: Any, where: str) -> dict[str, Any]:
@@ -385,6 +385,7 @@ class ResponsesReply:
     def __init__(self, model: str, echo: Mapping[str, Any], *, tool_choice: ToolChoice | None = None,
                  reasoning: Reasoning | None = None, logprobs: int | None = None,
                  keep: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        self._given = (model, dict(echo), tool_choice, reasoning, logprobs)
         self.id = f"resp_{new_id()}"
         self._keep = keep  # stores the finished response (echo's store true); False: it could not
         self.model = model
@@ -397,6 +398,15 @@ class ResponsesReply:
         self._items: list[dict[str, Any]] = []  # the output so far
         self._open: dict[str, Any] | None = None  # the item being streamed (its index: _open_at)
         self._open_at = 0
+        self.final: dict[str, Any] | None = None  # the response a stream ended with
+
+    def twin(self) -> ResponsesReply:
+        """A reply of this one's response (its id, its creation time) with none of its output yet:
+        a streamed background response's events are encoded apart from its stored response."""
+        model, echo, tool_choice, reasoning, logprobs = self._given
+        twin = ResponsesReply(model, echo, tool_choice=tool_choice, reasoning=reasoning, logprobs=logprobs)
+        twin.id, twin.created_at = self.id, self.created_at
+        return twin
 
     # -- JSON -----------------------------------------------------------------------------------
 
@@ -465,10 +475,14 @@ class ResponsesReply:
         if delta is not None:
             out.extend(self._pieces(delta["delta"]))
         out.extend(self._close(cut=reason == "length"))
-        final = self._kept(self._response(reason, event))
+        final = self.final = self._kept(self._response(reason, event))
         out.append(self._event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                                response=final))
         return b"".join(out)
+
+    def failed_event(self, response: dict[str, Any]) -> bytes:
+        """``response.failed``: a background response's stream ends with its failed response."""
+        return self._start() + self._event("response.failed", response=response)
 
     def error(self, error: ApiError) -> bytes:
         """A failure after the stream began (SSEBody's ``encode_error``)."""

@@ -38,7 +38,8 @@ def check_sse(spec: dict, path: str, body: bytes, *, complete: bool = True) -> N
             assert len(lines) == 2 and lines[0].startswith("event: "), block
             event, data = lines[0][len("event: "):], lines[1][len("data: "):]
             ends = {"/generate": ("done", "error"), "/v1/messages": ("message_stop", "error"),
-                    "/v1/responses": ("response.completed", "response.incomplete", "error")}[path]
+                    "/v1/responses": ("response.completed", "response.incomplete", "response.failed",
+                                       "error")}[path]
             assert event not in ends or last_block, f"{block} before the end"
             assert event in ends or not last_block or not complete, f"the stream does not end with one of {ends}"
             if path == "/v1/messages":

@@ -191,6 +191,30 @@ def test_a_background_response_runs_through_one_gateway_and_is_read_and_cancelle
         two.responses.cancel(queued.id)  # completed: nothing to cancel
 
 
+def test_a_streamed_background_response_dropped_at_one_gateway_is_resumed_through_the_other(two_gateways):
+    """``background`` and ``stream``: the client drops after three deltas from one gateway and
+    resumes through the other after the last event it read (the events are kept in Redis): every
+    later event once, numbered on, and together the foreground generation's text (greedy)."""
+    one, two = two_gateways
+    settings = {"model": MODEL, "temperature": 0, "max_output_tokens": 24}
+    foreground = one.responses.create(input=QUESTION, store=False, **settings)
+    stream = one.responses.create(input=QUESTION, background=True, stream=True, **settings)
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if sum(e.type == "response.output_text.delta" for e in seen) == 3:
+            break
+    stream.close()  # the connection drops
+    response_id = seen[0].response.id
+    with two.responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number) as rest:
+        later = list(rest)
+    events = seen + later
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert later[-1].type == "response.completed" and later[-1].response.output_text == foreground.output_text
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == foreground.output_text
+    assert two.responses.retrieve(response_id).model_dump() == later[-1].response.model_dump()
+
+
 def _until_settled(client, response_id, timeout: float = 60):
     assert wait_until(lambda: client.responses.retrieve(response_id).status not in ("queued", "in_progress"), timeout, 0.05)
     return client.responses.retrieve(response_id)

@@ -181,10 +181,10 @@ def retrieved_shape():
 
 def test_refusals_and_errors_before_admission_are_the_requests_status(app, tmp_path):
     flask_app, backend, web, _ = app
-    for body, message in (({"store": False}, "must be stored"), ({"stream": True}, "stream")):
+    for body in ({"store": False}, {"store": False, "stream": True}):
         response = post(web, background=True, **body)
         error = response.get_json()["error"]
-        assert response.status_code == 400 and error["param"] == "background" and message in error["message"]
+        assert response.status_code == 400 and error["param"] == "background" and "must be stored" in error["message"]
     response = post(web, background="yes")
     assert response.status_code == 400 and response.get_json()["error"]["param"] == "background"
     backend.generate_error = unavailable("Triton is unreachable", 2)
