@@ -3,7 +3,7 @@
 On SIGTERM (gateway.worker calls :func:`begin` from gunicorn's exit handler):
 
 * ``/readyz`` answers 503 at once and so does every new generation (a kept-alive connection may
-  still send one); the worker stops listening once another worker listens on the port, or after
+  still send one); the worker stops listening once a new worker listens on the port, or after
   1 s (gateway.worker.FewAcceptsPerTurnServer.stop_listening), and closes the kept-alive
   connections waiting for their next request at once, fresh ones after 1 s for their first
   (gateway.worker.GeventGrpcWorker.close_idle_connections);

@@ -146,21 +146,27 @@ class FewAcceptsPerTurnServer(StreamServer):
         super().start()
         FewAcceptsPerTurnServer.started.add(self)
 
-    def stop_listening(self) -> None:
+    def stop_listening(self, workers: int = 1) -> None:
         """Close the listening socket now, after taking the connections already waiting in its
         backlog (each is answered, as any request during the drain). gunicorn closes it only
         when its run loop next wakes, up to 1 s after SIGTERM; with ``reuse_port`` each worker
         has its own socket, so during a reload (HUP) the kernel kept giving the old worker new
         connections for that second (each a 503 "shutting down"), and closing a socket resets
-        the connections still in its backlog."""
+        the connections still in its backlog. ``workers``: how many the server runs (gunicorn's
+        ``workers``)."""
         if self.closed:
             return
-        # Not before another socket listens on the port (a reload's new worker binds its own just
-        # after its fork, when the old ones are told to stop): closing first refused connections.
-        # One worker stopping alone waits the second gunicorn waited.
+        # Not before a new worker's socket listens on the port (a reload's new workers bind theirs
+        # just after their fork, when the old ones are told to stop): closing first refused
+        # connections. Of the sockets listening, at most ``workers`` are the old ones (this one
+        # included), so one more is a new one's; waiting for any second one let both old workers
+        # of two close before either new one listened, when the new ones were slow to be
+        # scheduled after their fork (a loaded machine): the port refused connections meanwhile.
+        # A worker stopping alone (no new one comes) waits the second gunicorn waited.
         address = self.socket.getsockname()
         deadline = time.monotonic() + LISTEN_HANDOVER_S
-        while isinstance(address, tuple) and time.monotonic() < deadline and listening_sockets(address[1]) < 2:
+        while (isinstance(address, tuple) and time.monotonic() < deadline
+               and listening_sockets(address[1]) < workers + 1):
             gevent.sleep(0.02)
         if self.closed:
             return
@@ -274,7 +280,7 @@ class GeventGrpcWorker(GeventWorker):
         DRAIN.begin(drain_timeout())
         self.draining = True
         for server in list(FewAcceptsPerTurnServer.started):
-            gevent.spawn(server.stop_listening)
+            gevent.spawn(server.stop_listening, self.cfg.workers)
         gevent.spawn(self.close_idle_connections)
         super().handle_exit(sig, frame)
 

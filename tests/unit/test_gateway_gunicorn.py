@@ -520,6 +520,42 @@ def test_replaced_workers_leave_their_totals_but_no_metrics_files(tmp_path):
                      f"gauge_livesum_{live}.db"}, sorted(names)
 
 
+def test_an_old_worker_of_two_stops_listening_only_once_a_new_ones_socket_listens():
+    """A reload of two workers: both old ones are told to stop as the new ones start. Two sockets
+    listening on the port may be the two old ones: one stopping must not close its socket until a
+    third (a new worker's) listens, or both old ones close before either new one listens and the
+    port refuses connections meanwhile (the wait was for any second socket)."""
+    import gevent
+
+    from gateway.worker import FewAcceptsPerTurnServer
+
+    import gevent.socket
+
+    def listener(port: int = 0) -> socket.socket:
+        sock = gevent.socket.socket()  # as gunicorn's gevent worker's listeners (non-blocking)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(16)
+        return sock
+
+    old = listener()
+    port = old.getsockname()[1]
+    sibling = listener(port)  # the other old worker's
+    server = FewAcceptsPerTurnServer(old, handle=lambda client, address: client.close())
+    server.start()
+    try:
+        stopping = gevent.spawn(server.stop_listening, 2)
+        gevent.sleep(0.3)
+        assert not server.closed and not stopping.dead  # two listen: both may be old ones
+        new = listener(port)  # a new worker's
+        stopping.join(0.5)
+        assert stopping.dead and server.closed
+        new.close()
+    finally:
+        server.close()
+        sibling.close()
+
+
 def test_reloads_under_load_lose_no_connection(tmp_path):
     """Three reloads (SIGHUP: new workers start, the old ones drain) while 8 clients send short
     requests on fresh connections: every request is answered, 200 or the drain's 503 (a retry).
