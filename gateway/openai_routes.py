@@ -24,6 +24,8 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
+from trident.contract import INT32_MAX
+
 from . import background, metrics
 from .anthropic import CountTokensSchema, MessagesReply, MessagesSchema, error_body, messages_param
 from .auth import authorize_model, require_api_key
@@ -41,7 +43,6 @@ from .json_body import read_json_object
 from .schemas import load_request
 from .sse import event_source
 from .telemetry import adopt_request_id, defer_record
-from trident.contract import INT32_MAX
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 log = logging.getLogger("trident.gateway")

@@ -44,7 +44,7 @@ MEMORY = "memory"
 _PREFIX = "trident:response:"
 _RUN_PREFIX = "trident:response-run:"
 _EVENTS_PREFIX = "trident:response-events:"
-#: the longest a read of events waits in Redis (below its connections' socket timeout)
+#: the longest a read of events waits (in Redis also at most half its connections' socket timeout)
 MAX_EVENT_WAIT = 1.0
 
 
@@ -217,6 +217,7 @@ class RedisStore:
 
         self.ttl = max(1, int(ttl))
         self._redis = redis.Redis.from_url(uri, socket_connect_timeout=timeout, socket_timeout=timeout)
+        self._max_wait = min(MAX_EVENT_WAIT, timeout / 2)  # a blocking read ends well within the socket timeout
 
     def put(self, owner: str, response_id: str, record: dict[str, Any]) -> None:
         self._redis.set(_PREFIX + response_id, json.dumps({"owner": owner, "record": record}, ensure_ascii=False),
@@ -276,7 +277,7 @@ class RedisStore:
             pipe.execute()
 
     def read_events(self, response_id: str, after: int, wait: float) -> list[tuple[int, bytes]]:
-        block = int(min(wait, MAX_EVENT_WAIT) * 1000)
+        block = int(min(wait, self._max_wait) * 1000)
         found = self._redis.xread({_EVENTS_PREFIX + response_id: f"0-{max(after + 1, 0)}"},
                                   block=block if block > 0 else None)
         return [] if not found else [_entry(entry) for entry in found[0][1]]

@@ -217,6 +217,9 @@ def test_the_stores_keep_events_in_order_wake_a_waiting_reader_and_drop_them_wit
     store.update("a", "r1", lambda record: {**record, "response": {"status": "completed"}})
     assert len(store.read_events("r1", -1, 0)) == 4  # a changed record keeps its events
     assert store.delete("a", "r1") and store.read_events("r1", -1, 0) == []
+    if kind == "redis":  # a blocking read ends within the connection's socket timeout (a short one here)
+        quick = RedisStore(request.getfixturevalue("redis_uri"), 60, 0.4)
+        assert quick.read_events("r1", -1, 5.0) == []
     if kind == "memory":  # evicted with their record, and counted in the store's size
         small = MemoryStore(60, 400)
         small.put("a", "old", {"response": {}, "items": []})
