@@ -48,8 +48,13 @@ def check_events(spec, response, path="/v1/messages"):
     """The stream's named events (of ``path``'s API), once checked against the document."""
     assert response.status_code == 200, response.get_data(as_text=True)
     openapi_sse.check_sse(spec, path, response.get_data())
+    return named_events(response.get_data())
+
+
+def named_events(body: bytes) -> list[dict]:
+    """The JSON of each named SSE event of a body (comments left out), each named as its type."""
     events = []
-    for block in response.get_data(as_text=True).split("\n\n"):
+    for block in body.decode("utf-8").split("\n\n"):
         lines = [line for line in block.split("\n") if line and not line.startswith(":")]
         if lines:
             name, data = lines[0].removeprefix("event: "), json.loads(lines[1].removeprefix("data: "))

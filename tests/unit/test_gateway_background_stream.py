@@ -15,7 +15,7 @@ import openai
 import pytest
 from gateway_fakes import Gate, Pause, wait_until
 from openai_fixtures import AUTH, KEY, MODEL
-from test_gateway_anthropic import make_app
+from test_gateway_anthropic import make_app, named_events as events_in
 from test_gateway_background import OWNER, in_flight, retrieved, retrieved_shape, slow, store_of, wait_for_status
 from test_gateway_response_store import app, redis_uri  # noqa: F401 (fixtures: a memory store, a redis one)
 from test_gateway_responses import client_of, events_of, post
@@ -25,18 +25,6 @@ from gateway.backend import Finished
 from gateway.drain import DRAIN
 from gateway.errors import unavailable
 from gateway.response_store import MemoryStore, RedisStore
-
-
-def events_in(body: bytes) -> list[dict]:
-    """The JSON of each SSE event of a body (heartbeat comments left out)."""
-    out = []
-    for block in body.decode("utf-8").split("\n\n"):
-        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
-        if lines:
-            name, data = lines[0].removeprefix("event: "), json.loads(lines[1].removeprefix("data: "))
-            assert data["type"] == name
-            out.append(data)
-    return out
 
 
 def follow(web, response_id, query=""):

@@ -535,19 +535,9 @@ def test_more_than_one_worker_without_listener_migration_is_warned_of(tmp_path):
 def test_gunicorn_warns_when_it_starts(tmp_path):
     """The warning reaches the operator: gunicorn's log, once, when it starts with 2 workers and
     the switch at 0 (here, when it can be set to 0 for the test)."""
-    from gateway.gunicorn_conf import MIGRATE_REQ
-
-    try:
-        before = MIGRATE_REQ.read_text().strip()
-        MIGRATE_REQ.write_text("0")
-    except OSError as exc:
-        pytest.skip(f"net.ipv4.tcp_migrate_req cannot be set here: {exc}")
-    try:
-        with serving(tmp_path, workers=2) as (url, _, gateway_log, _):
-            assert wait_until(lambda: _answers(url + "/healthz"), timeout=30)
-            assert gateway_log.read_text().count("net.ipv4.tcp_migrate_req is 0") == 1
-    finally:
-        MIGRATE_REQ.write_text(before)
+    with listener_migration("0"), serving(tmp_path, workers=2) as (url, _, gateway_log, _):
+        assert wait_until(lambda: _answers(url + "/healthz"), timeout=30)
+        assert gateway_log.read_text().count("net.ipv4.tcp_migrate_req is 0") == 1
 
 
 def test_an_old_worker_of_two_stops_listening_only_once_a_new_ones_socket_listens():
@@ -586,21 +576,28 @@ def test_an_old_worker_of_two_stops_listening_only_once_a_new_ones_socket_listen
         sibling.close()
 
 
-@pytest.fixture
-def migrating_listeners():
-    """``net.ipv4.tcp_migrate_req`` 1, as the documented deployment has it (docs/operations.md),
-    for the test; put back after."""
+@contextlib.contextmanager
+def listener_migration(value: str):
+    """``net.ipv4.tcp_migrate_req`` set to ``value`` for a test (skipped where it cannot be);
+    put back after."""
     from gateway.gunicorn_conf import MIGRATE_REQ
 
     try:
         before = MIGRATE_REQ.read_text().strip()
-        MIGRATE_REQ.write_text("1")
+        MIGRATE_REQ.write_text(value)
     except OSError as exc:
         pytest.skip(f"net.ipv4.tcp_migrate_req cannot be set here: {exc}")
     try:
         yield
     finally:
         MIGRATE_REQ.write_text(before)
+
+
+@pytest.fixture
+def migrating_listeners():
+    """As the documented deployment has it (docs/operations.md)."""
+    with listener_migration("1"):
+        yield
 
 
 def test_reloads_under_load_lose_no_connection(tmp_path, migrating_listeners):
