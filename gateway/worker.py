@@ -23,6 +23,7 @@ import logging
 import os
 import time
 import weakref
+from pathlib import Path
 
 import gevent
 from gevent import monkey
@@ -103,6 +104,29 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:  # 
 
 
 LISTEN_HANDOVER_S = 1.0
+
+#: Linux's switch for moving the connections waiting in a closing listener to another of its port
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def migration_warning(worker_count: int, switch: Path = MIGRATE_REQ) -> str | None:
+    """What to tell the operator when connections can be reset as workers are replaced: each
+    worker listens on its own socket (``reuse_port``), and closing a socket resets the connections
+    still in its backlog, or still in their handshake, unless the kernel moves them to another
+    listener of the port (``net.ipv4.tcp_migrate_req``, Linux 5.14+). None when that is on, the
+    switch cannot be read (another kernel), or one worker serves (it is replaced only as the
+    whole server stops)."""
+    if worker_count < 2:
+        return None
+    try:
+        if switch.read_text().strip() != "0":
+            return None
+    except OSError:
+        return None
+    return (f"net.ipv4.tcp_migrate_req is 0: when a reload (HUP) replaces the {worker_count} workers, each old "
+            "one's listening socket closes, and the kernel resets the connections still waiting in it (a few in "
+            "a reload under load); set it to 1 in the gateway's network namespace (Compose: sysctls; "
+            "docs/operations.md)")
 
 
 def listening_sockets(port: int) -> int:

@@ -521,7 +521,7 @@ def test_replaced_workers_leave_their_totals_but_no_metrics_files(tmp_path):
 
 
 def test_more_than_one_worker_without_listener_migration_is_warned_of(tmp_path):
-    from gateway.gunicorn_conf import migration_warning
+    from gateway.worker import migration_warning
 
     switch = tmp_path / "tcp_migrate_req"
     switch.write_text("0\n")
@@ -580,7 +580,7 @@ def test_an_old_worker_of_two_stops_listening_only_once_a_new_ones_socket_listen
 def listener_migration(value: str):
     """``net.ipv4.tcp_migrate_req`` set to ``value`` for a test (skipped where it cannot be);
     put back after."""
-    from gateway.gunicorn_conf import MIGRATE_REQ
+    from gateway.worker import MIGRATE_REQ
 
     try:
         before = MIGRATE_REQ.read_text().strip()
