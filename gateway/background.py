@@ -44,7 +44,7 @@ from typing import Any
 from . import metrics
 from .backend import Event, Finished, TextDelta
 from .choices import gather
-from .disconnect import DisconnectWatch, gevent_active
+from .disconnect import DisconnectWatch, gevent_active, new_event
 from .drain import DRAIN
 from .errors import ApiError, internal_error, store_unreachable_errors, unavailable
 from .response_store import ResponseStore
@@ -94,14 +94,12 @@ class BackgroundRun:
     def start(self) -> None:
         RUNS[self.response_id] = self
         DRAIN.streams.add(self)
+        self.ended = new_event()
         if gevent_active():  # the worker's hub: its sockets and the store's pooled connections are its
             import gevent
-            import gevent.event
 
-            self.ended = gevent.event.Event()
             gevent.spawn(self._run)
         else:
-            self.ended = threading.Event()
             threading.Thread(target=self._run, name=f"background-{self.response_id}", daemon=True).start()
 
     def abort(self, error: ApiError) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,16 @@ def gevent_active() -> bool:
     except ImportError:  # pragma: no cover - gevent is a dependency
         return False
     return monkey.is_module_patched("socket")
+
+
+def new_event() -> Any:
+    """An event to wait on: gevent's in the gateway's workers (``threading`` is not patched there,
+    gateway.worker, and the waiters and setters are greenlets of one hub), else threading's."""
+    if gevent_active():
+        import gevent.event
+
+        return gevent.event.Event()
+    return threading.Event()
 
 
 class DisconnectWatch:

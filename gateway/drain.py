@@ -33,7 +33,7 @@ def drain_timeout(environ: Any = os.environ) -> float:
 
 class Drain:
     """This process's drain state and its open streams (gateway.sse.SSEBody registers itself, and
-    so does a background response's run, gateway.background)."""
+    so do a background response's run and a follower of its kept events, gateway.background)."""
 
     def __init__(self) -> None:
         self.started: float | None = None

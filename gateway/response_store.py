@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .concurrency import is_redis
+from .disconnect import new_event
 from .errors import store_unreachable_errors, unavailable
 
 log = logging.getLogger("trident.gateway")
@@ -181,7 +182,7 @@ class MemoryStore:
             new = self._since(response_id, after)
             if new or wait <= 0:
                 return new
-            woken = _new_event()
+            woken = new_event()
             self._waiting.setdefault(response_id, []).append(woken)
         woken.wait(min(wait, MAX_EVENT_WAIT))
         with self._lock:
@@ -291,18 +292,6 @@ def _entry(entry: tuple[bytes, dict[bytes, bytes]]) -> tuple[int, bytes]:
     """A kept event of a Redis stream and its sequence number (its id's second part, less one)."""
     entry_id, fields = entry
     return int(entry_id.split(b"-")[1]) - 1, fields[b"e"]
-
-
-def _new_event() -> Any:
-    """An event a reader waits on: gevent's in the gateway's workers (``threading`` is not patched
-    there, gateway.worker, and the readers and writers are greenlets of one hub), else threading's."""
-    from .disconnect import gevent_active
-
-    if gevent_active():
-        import gevent.event
-
-        return gevent.event.Event()
-    return threading.Event()
 
 
 def make_store(config: Any) -> ResponseStore | None:
