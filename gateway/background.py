@@ -83,7 +83,8 @@ class BackgroundRun:
         self._generation, self._source, self._first, self._n = generation, source, first, n
         self._done, self._record = done, record
         self._stream = stream
-        self._kept = kept  # events kept so far (the next one's sequence number)
+        self._kept = kept  # events kept so far (the first held back's sequence number)
+        self._held: list[bytes] = []  # events the store could not take yet, in order: sent again first
         self._last = b""  # the stream's last events: kept once the stored response has ended
         self._log_extra = {"request_id": request_id}
         self._abort: ApiError | None = None
@@ -188,16 +189,26 @@ class BackgroundRun:
             self.keep(chunk)
 
     def keep(self, chunk: bytes) -> None:
-        """Keep SSE events in the store, numbered on; one that cannot be is lost to followers."""
+        """Keep SSE events in the store, numbered on. Those it cannot take (unreachable) are held
+        and sent again, first, with the next ones: a follower waits for them (or, at a store it
+        cannot read, ends with an error to resume after) and never reads past a gap."""
         events = split_events(chunk)
         if not events:
             return
+        held = self._held
+        held += events
         try:
-            self._store.append_events(self.response_id, self._kept, events)
+            self._store.append_events(self.response_id, self._kept, held)
         except Exception as exc:
-            log.warning("background response %s: could not keep %d stream event(s): %s", self.response_id,
-                        len(events), exc, extra=self._log_extra)
-        self._kept += len(events)
+            if len(held) == len(events):  # once an outage
+                log.warning("background response %s: the store did not take its stream's events (%s); they "
+                            "are held and sent again with the next", self.response_id, exc, extra=self._log_extra)
+            return
+        if len(held) > len(events):
+            log.info("background response %s: the store took the %d stream event(s) held back", self.response_id,
+                     len(held) - len(events), extra=self._log_extra)
+        self._kept += len(held)
+        held.clear()
 
     def _wanted(self) -> bool:
         """Renew the lease; whether the response is still stored and neither cancelled nor ended.

@@ -72,7 +72,10 @@ class ResponseStore(Protocol):
         ...
 
     def append_events(self, response_id: str, first: int, events: list[bytes]) -> None:
-        """Keep a streamed response's next events (one SSE event each), numbered from ``first``."""
+        """Keep a streamed response's next events (one SSE event each), numbered from ``first``.
+        Those already kept are skipped, so a batch whose append failed (or seemed to: a timeout
+        after Redis took it) is appended again whole; a batch that would leave a gap is refused
+        (ValueError). Nothing is kept for a record that is gone."""
         ...
 
     def read_events(self, response_id: str, after: int, wait: float) -> list[tuple[int, bytes]]:
@@ -168,8 +171,9 @@ class MemoryStore:
             if response_id not in self._records:  # deleted, or evicted: nobody can read them
                 return
             kept = self._events.setdefault(response_id, [])
-            if first != len(kept):
+            if first > len(kept):
                 raise ValueError(f"events of {response_id} numbered from {first}, after {len(kept)}")
+            events = events[len(kept) - first:]
             kept += events
             self._chars += sum(len(event) for event in events)
             waiting = self._waiting.pop(response_id, [])
@@ -219,6 +223,7 @@ class RedisStore:
         self.ttl = max(1, int(ttl))
         self._redis = redis.Redis.from_url(uri, socket_connect_timeout=timeout, socket_timeout=timeout)
         self._max_wait = min(MAX_EVENT_WAIT, timeout / 2)  # a blocking read ends well within the socket timeout
+        self._append = self._redis.register_script(_APPEND)
 
     def put(self, owner: str, response_id: str, record: dict[str, Any]) -> None:
         self._redis.set(_PREFIX + response_id, json.dumps({"owner": owner, "record": record}, ensure_ascii=False),
@@ -269,13 +274,18 @@ class RedisStore:
 
     def append_events(self, response_id: str, first: int, events: list[bytes]) -> None:
         """A Redis stream whose entry ids are ``0-<sequence number + 1>`` (ids must be above 0-0),
-        so a read after a sequence number is an ``XREAD`` after its id; it expires with the record."""
-        key = _EVENTS_PREFIX + response_id
-        with self._redis.pipeline(transaction=False) as pipe:
-            for number, event in enumerate(events, first):
-                pipe.xadd(key, {"e": event}, id=f"0-{number + 1}")
-            pipe.expire(key, self.ttl)
-            pipe.execute()
+        so a read after a sequence number is an ``XREAD`` after its id; it expires with the record.
+        One script (_APPEND) does it, so that a batch is kept whole or not at all, and one sent
+        again skips what is kept."""
+        import redis
+
+        try:
+            self._append(keys=[_PREFIX + response_id, _EVENTS_PREFIX + response_id],
+                         args=[self.ttl, first, *events])
+        except redis.exceptions.ResponseError as exc:
+            if "numbered from" not in str(exc):
+                raise
+            raise ValueError(f"events of {response_id} {exc}") from None
 
     def read_events(self, response_id: str, after: int, wait: float) -> list[tuple[int, bytes]]:
         block = int(min(wait, self._max_wait) * 1000)
@@ -286,6 +296,31 @@ class RedisStore:
     def last_event(self, response_id: str) -> tuple[int, bytes] | None:
         found = self._redis.xrevrange(_EVENTS_PREFIX + response_id, count=1)
         return _entry(found[0]) if found else None
+
+
+#: KEYS: the record, its events' stream; ARGV: the TTL, the first event's number, the events.
+#: Appends those not kept yet (a stream's last id is ``0-<events kept>``), unless that would leave
+#: a gap (an error) or the record is gone (nothing: nobody can read them, and a deleted
+#: response's stream is not made again).
+_APPEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local kept = 0
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if #top > 0 then
+  kept = tonumber(string.match(top[1][1], '-(%d+)$'))
+end
+local first = tonumber(ARGV[2])
+if first > kept then
+  return redis.error_reply('numbered from ' .. first .. ', after ' .. kept)
+end
+for i = 3 + kept - first, #ARGV do
+  redis.call('XADD', KEYS[2], '0-' .. (first + i - 2), 'e', ARGV[i])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
 
 
 def _entry(entry: tuple[bytes, dict[bytes, bytes]]) -> tuple[int, bytes]:

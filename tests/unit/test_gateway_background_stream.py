@@ -197,6 +197,13 @@ def test_the_stores_keep_events_in_order_wake_a_waiting_reader_and_drop_them_wit
     store.append_events("r1", 2, [b"e2"])
     assert store.read_events("r1", -1, 0) == [(0, b"e0"), (1, b"e1"), (2, b"e2")]
     assert store.read_events("r1", 1, 0) == [(2, b"e2")] and store.read_events("r1", 2, 0) == []
+    # a batch sent again (its append seemed to fail) keeps only what is new; one past a gap is refused
+    store.append_events("r1", 1, [b"e1", b"e2"])
+    assert store.read_events("r1", -1, 0) == [(0, b"e0"), (1, b"e1"), (2, b"e2")]
+    with pytest.raises(ValueError, match="numbered from 4, after 3"):
+        store.append_events("r1", 4, [b"e4"])
+    store.append_events("gone", 0, [b"e0"])  # no record (deleted): nothing kept, no stream made
+    assert store.read_events("gone", -1, 0) == [] and store.last_event("gone") is None
     # a reader waiting for the next event gets it when it is kept, not at the end of its wait
     threading.Timer(0.1, store.append_events, ("r1", 3, [b"e3"])).start()
     started = time.monotonic()
@@ -263,3 +270,102 @@ def test_a_store_that_becomes_unreachable_ends_a_followers_stream_with_an_error_
     monkeypatch.setattr(store, "read_events", real)
     assert web.post(f"/v1/responses/{first[0]['response']['id']}/cancel", headers=AUTH).status_code == 200
     assert wait_until(lambda: in_flight(flask_app) == 0)
+
+
+def _gated_script(gates):
+    """Deltas, each after its gate: the run keeps each in a batch of its own."""
+    steps = ["Hello"]
+    for gate, text in zip(gates, [",", " world", "!"]):
+        steps += [Gate(gate), text]
+    return lambda params: [*steps, Finished("eos_token", prompt_tokens=3, completion_tokens=4)]
+
+
+def _whole(events):
+    """A whole stream: numbered 0..n-1, each once, its deltas, its end."""
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == "response.completed"
+    return "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+
+
+def test_events_the_store_did_not_take_are_sent_again_and_a_follower_reads_no_gap(app, monkeypatch):
+    """Two batches whose append failed (the store unreachable) are held and kept, in order, with
+    the next one; a follower that waited meanwhile and one that replays it later read every event
+    once, none missing."""
+    import redis
+
+    flask_app, backend, web, spec = app
+    gates = [threading.Event() for _ in range(3)]
+    backend.script = _gated_script(gates)
+    store = store_of(flask_app)
+    real, failed = store.append_events, []
+
+    def flaky(response_id, first, events):
+        if failing.is_set():
+            failed.append(first)
+            raise redis.exceptions.ConnectionError("Connection refused")
+        return real(response_id, first, events)
+
+    failing = threading.Event()
+    monkeypatch.setattr(store, "append_events", flaky)
+    created = post(web, background=True, stream=True)
+    chunks = iter(created.response)
+    first = events_in(next(chunks))
+    response_id = first[0]["response"]["id"]
+    assert wait_until(lambda: backend.generations and backend.generations[-1].consumed >= 2)  # at the first gate
+    followed = []
+    follower = threading.Thread(target=lambda: followed.extend(follow(web, response_id)))
+    follower.start()
+    failing.set()
+    gates[0].set()
+    assert wait_until(lambda: len(failed) == 1)
+    gates[1].set()
+    assert wait_until(lambda: len(failed) == 2)
+    assert failed[0] == failed[1]  # the held batch first, again
+    failing.clear()
+    gates[2].set()
+    follower.join(10)
+    assert not follower.is_alive()
+    assert _whole(followed) == "Hello, world!"
+    assert first + events_in(b"".join(chunks)) == followed  # the creator's own stream, read now
+    replayed = follow(web, response_id)
+    assert replayed == followed and replayed[-1]["response"] == retrieved(web, spec, response_id)
+    assert wait_until(lambda: in_flight(flask_app) == 0)
+
+
+def test_a_redis_that_stops_answering_mid_run_loses_no_event(tmp_path):
+    """redis-server stopped (SIGSTOP) while the run keeps two batches: each append times out,
+    perhaps taken by Redis once it runs again; the run sends them again with the next batch
+    and the stream read after reads each event once, in order."""
+    import os
+    import signal
+
+    from testkit import start_redis, stop_redis
+
+    from trident.child_process import free_port
+
+    port = free_port()
+    server = start_redis(tmp_path, port)
+    try:
+        flask_app, backend, web, spec = make_app(tmp_path, RESPONSES_STORE=f"redis://127.0.0.1:{port}/0",
+                                                 STORE_TIMEOUT=0.5)
+        gates = [threading.Event() for _ in range(3)]
+        backend.script = _gated_script(gates)
+        created = post(web, background=True, stream=True)
+        response_id = events_in(next(iter(created.response)))[0]["response"]["id"]
+        created.close()  # the creator leaves; the run goes on
+        assert wait_until(lambda: backend.generations and backend.generations[-1].consumed >= 2)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            for n, gate in enumerate(gates[:2]):
+                gate.set()
+                assert wait_until(lambda: backend.generations[-1].consumed >= 4 + 2 * n, 5)  # at the next gate
+                time.sleep(1.2)  # the batch's append (and a look at the record) timed out
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        gates[2].set()
+        assert wait_until(lambda: in_flight(flask_app) == 0, 10)
+        events = follow(web, response_id)
+        assert _whole(events) == "Hello, world!"
+        assert events[-1]["response"] == retrieved(web, spec, response_id)
+    finally:
+        stop_redis(server)
