@@ -19,7 +19,9 @@ offers it. The generation outlives the HTTP request; the client polls the stored
   caller read, so neither overwrites the other.
 * A run renews a lease in the store every :data:`POLL_SECONDS`; a response still ``queued`` or
   ``in_progress`` whose lease lapsed (:data:`LEASE_SECONDS`: its worker process was killed, or
-  crashed) is ``failed`` when it is next read, instead of staying in progress until it expires.
+  crashed), and stayed lapsed :data:`ORPHAN_GRACE` seconds after a read first found it so, is
+  ``failed`` when it is next read, instead of staying in progress until it expires. The grace
+  keeps a store outage longer than the lease from failing runs that are alive.
 * On SIGTERM, runs go on for the drain's time, as open streams do (gateway.drain); then each is
   ``failed`` ("the server is shutting down") and the worker exits (gateway.worker waits for
   them).
@@ -56,8 +58,12 @@ log = logging.getLogger("trident.gateway")
 
 #: seconds between a run's looks at its record (cancelled, deleted) and renewals of its lease
 POLL_SECONDS = 1.0
-#: how long a run's lease lasts without renewal: a run not heard of for that long is dead
+#: how long a run's lease lasts without renewal
 LEASE_SECONDS = 6.0
+#: how long after a look first found a run's lease lapsed it is taken for dead, if its lease is
+#: still lapsed then: a run alive through a store outage (which its lease did not outlast)
+#: renews within a poll and a store timeout or two of the store's return
+ORPHAN_GRACE = 6.0
 #: the statuses of a response whose generation has not ended
 ACTIVE = ("queued", "in_progress")
 #: the error of a response whose run's lease lapsed
@@ -257,9 +263,10 @@ def _moved(store: ResponseStore, owner: str, response_id: str, change: Callable[
 
 
 def settled(store: ResponseStore, owner: str, response_id: str, record: dict[str, Any]) -> dict[str, Any] | None:
-    """The record as it stands: one still queued or in progress whose run's lease lapsed is
-    failed (and stored so). None when it is gone."""
-    if record["response"]["status"] not in ACTIVE or store.running(response_id):
+    """The record as it stands: one still queued or in progress whose run's lease lapsed, and was
+    still lapsed ORPHAN_GRACE seconds after a look first found it so, is failed (and stored so).
+    None when it is gone."""
+    if record["response"]["status"] not in ACTIVE or not store.run_lapsed(response_id, ORPHAN_GRACE):
         return record
     return _moved(store, owner, response_id, lambda r: {**r, "status": "failed", "error": dict(ORPHANED)})
 
@@ -396,5 +403,5 @@ def stop_here(response_id: str) -> None:
         run.stop()
 
 
-__all__ = ["ACTIVE", "BackgroundRun", "Follower", "LEASE_SECONDS", "ORPHANED", "POLL_SECONDS", "RUNS", "cancel", "settled", "split_events",
-           "stop_here"]
+__all__ = ["ACTIVE", "BackgroundRun", "Follower", "LEASE_SECONDS", "ORPHAN_GRACE", "ORPHANED", "POLL_SECONDS", "RUNS",
+           "cancel", "settled", "split_events", "stop_here"]

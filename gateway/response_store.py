@@ -17,10 +17,11 @@ key that made them: another key gets a 404, as for a response that does not exis
 
 A background response (gateway.background) changes while it runs: :meth:`update` changes a
 record only if it still is what its caller saw (the runner's result and a cancel never overwrite
-each other), and a run lease (:meth:`renew_run`, :meth:`running`) says that the process running it
-is alive. One created with ``stream: true`` keeps its stream's events, in order, each under its
-``sequence_number`` (:meth:`append_events`), for clients that follow it or resume it later
-(:meth:`read_events`; in Redis a stream, read with ``XREAD BLOCK``); they go with the record.
+each other), and a run lease (:meth:`renew_run`, :meth:`running`, :meth:`run_lapsed`) says that
+the process running it is alive. One created with ``stream: true`` keeps its stream's events, in
+order, each under its ``sequence_number`` (:meth:`append_events`), for clients that follow it or
+resume it later (:meth:`read_events`; in Redis a stream, read with ``XREAD BLOCK``); they go with
+the record.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ MEMORY = "memory"
 _PREFIX = "trident:response:"
 _RUN_PREFIX = "trident:response-run:"
 _EVENTS_PREFIX = "trident:response-events:"
+_LAPSED_PREFIX = "trident:response-run-lapsed:"
 #: the longest a read of events waits (in Redis also at most half its connections' socket timeout)
 MAX_EVENT_WAIT = 1.0
 
@@ -69,6 +71,14 @@ class ResponseStore(Protocol):
 
     def running(self, response_id: str) -> bool:
         """Whether a run lease of the response is current."""
+        ...
+
+    def run_lapsed(self, response_id: str, grace: float) -> bool:
+        """Whether the response's run lease has lapsed and stayed so ``grace`` seconds: the first
+        look that finds it lapsed notes when (and answers no); a look ``grace`` seconds after that,
+        still without a lease, answers yes. :meth:`renew_run` forgets the note. A run alive across
+        a store outage longer than its lease renews it within seconds of the store's return,
+        before any reader's second look."""
         ...
 
     def append_events(self, response_id: str, first: int, events: list[bytes]) -> None:
@@ -96,6 +106,7 @@ class MemoryStore:
         self._records: OrderedDict[str, tuple[str, float, str]] = OrderedDict()  # id -> (owner, expiry, JSON)
         self._chars = 0
         self._runs: dict[str, float] = {}  # id -> end of its run lease
+        self._lapsed: dict[str, float] = {}  # id -> when a look first found its lease lapsed
         self._events: dict[str, list[bytes]] = {}  # id -> its stream's events (index: sequence number)
         self._waiting: dict[str, list[Any]] = {}  # id -> the events (gevent's or threading's) of its readers
         self._lock = threading.Lock()  # never held across anything that yields
@@ -161,10 +172,19 @@ class MemoryStore:
             now = self._clock()
             self._runs = {rid: end for rid, end in self._runs.items() if end > now}  # the lapsed go
             self._runs[response_id] = now + seconds
+            self._lapsed.pop(response_id, None)
 
     def running(self, response_id: str) -> bool:
         with self._lock:
             return self._runs.get(response_id, 0.0) > self._clock()
+
+    def run_lapsed(self, response_id: str, grace: float) -> bool:
+        with self._lock:
+            now = self._clock()
+            if self._runs.get(response_id, 0.0) > now:
+                return False
+            since = self._lapsed.setdefault(response_id, now)
+            return now - since >= grace
 
     def append_events(self, response_id: str, first: int, events: list[bytes]) -> None:
         with self._lock:
@@ -208,6 +228,7 @@ class MemoryStore:
         return list(enumerate(kept[start:], start))
 
     def _drop(self, response_id: str) -> None:
+        self._lapsed.pop(response_id, None)
         entry = self._records.pop(response_id, None)
         if entry is not None:
             self._chars -= len(entry[2])
@@ -224,6 +245,7 @@ class RedisStore:
         self._redis = redis.Redis.from_url(uri, socket_connect_timeout=timeout, socket_timeout=timeout)
         self._max_wait = min(MAX_EVENT_WAIT, timeout / 2)  # a blocking read ends well within the socket timeout
         self._append = self._redis.register_script(_APPEND)
+        self._lapsed = self._redis.register_script(_LAPSED)
 
     def put(self, owner: str, response_id: str, record: dict[str, Any]) -> None:
         self._redis.set(_PREFIX + response_id, json.dumps({"owner": owner, "record": record}, ensure_ascii=False),
@@ -239,7 +261,8 @@ class RedisStore:
     def delete(self, owner: str, response_id: str) -> bool:
         if self.get(owner, response_id) is None:
             return False
-        return bool(self._redis.delete(_PREFIX + response_id, _EVENTS_PREFIX + response_id))
+        return bool(self._redis.delete(_PREFIX + response_id, _EVENTS_PREFIX + response_id,
+                                       _LAPSED_PREFIX + response_id))
 
     def update(self, owner: str, response_id: str,
                change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -267,10 +290,18 @@ class RedisStore:
                     continue
 
     def renew_run(self, response_id: str, seconds: float) -> None:
-        self._redis.set(_RUN_PREFIX + response_id, b"1", px=max(1, int(seconds * 1000)))
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(_RUN_PREFIX + response_id, b"1", px=max(1, int(seconds * 1000)))
+            pipe.delete(_LAPSED_PREFIX + response_id)
+            pipe.execute()
 
     def running(self, response_id: str) -> bool:
         return bool(self._redis.exists(_RUN_PREFIX + response_id))
+
+    def run_lapsed(self, response_id: str, grace: float) -> bool:
+        """By Redis's clock (TIME), so the gateways' clocks need not agree (_LAPSED)."""
+        return bool(self._lapsed(keys=[_RUN_PREFIX + response_id, _LAPSED_PREFIX + response_id],
+                                 args=[int(grace * 1000), self.ttl * 1000]))
 
     def append_events(self, response_id: str, first: int, events: list[bytes]) -> None:
         """A Redis stream whose entry ids are ``0-<sequence number + 1>`` (ids must be above 0-0),
@@ -320,6 +351,26 @@ for i = 3 + kept - first, #ARGV do
 end
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
+"""
+
+
+#: KEYS: the run's lease, the note of when a look first found it lapsed; ARGV: the grace and the
+#: note's own expiry (ms). 1 when the lease has been lapsed for the grace.
+_LAPSED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local since = redis.call('GET', KEYS[2])
+if not since then
+  redis.call('SET', KEYS[2], string.format('%.0f', now), 'PX', ARGV[2])
+  return 0
+end
+if now - tonumber(since) >= tonumber(ARGV[1]) then
+  return 1
+end
+return 0
 """
 
 

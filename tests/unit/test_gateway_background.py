@@ -5,11 +5,12 @@ store and with a real redis-server (skipped without one)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import openai
 import pytest
-from gateway_fakes import Pause, wait_until
+from gateway_fakes import Gate, Pause, wait_until
 from openai_fixtures import AUTH, MODEL
 from test_gateway_anthropic import make_app
 from test_gateway_response_store import app, redis_uri  # noqa: F401 (fixtures: a memory store, a redis one)
@@ -156,9 +157,11 @@ def test_the_drains_end_fails_a_running_response(app):
     assert in_flight(flask_app) == 0
 
 
-def test_a_response_whose_run_died_is_failed_when_read(app):
-    """A worker killed mid-run leaves its record in progress and its lease to lapse: read, it is
-    failed (and stored so); a cancel then finds it finished."""
+def test_a_response_whose_run_died_is_failed_when_read(app, monkeypatch):
+    """A worker killed mid-run leaves its record in progress and its lease to lapse: read once
+    the lease has lapsed and again ORPHAN_GRACE later, it is failed (and stored so); a cancel
+    then finds it finished."""
+    monkeypatch.setattr(background, "ORPHAN_GRACE", 0.5)
     flask_app, _, web, spec = app
     store = store_of(flask_app)
     record = {"response": {**retrieved_shape(), "id": "resp_dead", "status": "in_progress"}, "items": []}
@@ -166,6 +169,8 @@ def test_a_response_whose_run_died_is_failed_when_read(app):
     store.renew_run("resp_dead", 1.0)
     assert retrieved(web, spec, "resp_dead")["status"] == "in_progress"  # its lease runs
     time.sleep(1.2)
+    assert retrieved(web, spec, "resp_dead")["status"] == "in_progress"  # lapsed: noted, not yet failed
+    time.sleep(0.6)
     failed = retrieved(web, spec, "resp_dead")
     assert failed["status"] == "failed" and failed["error"] == background.ORPHANED
     assert store.get(OWNER, "resp_dead")["response"]["status"] == "failed"
@@ -240,9 +245,17 @@ def test_update_changes_a_record_only_from_what_its_caller_read(kind, request):
     assert store.update("b", "r1", cancel) is None and store.update("a", "nope", cancel) is None
     assert not store.running("r1")
     store.renew_run("r1", 1.0)
-    assert store.running("r1")
+    assert store.running("r1") and not store.run_lapsed("r1", 0.3)
     time.sleep(1.2)
     assert not store.running("r1")
+    assert not store.run_lapsed("r1", 0.3)  # the first look that finds it lapsed notes it
+    time.sleep(0.4)
+    assert store.run_lapsed("r1", 0.3) and store.run_lapsed("r1", 0.3)
+    store.renew_run("r1", 0.2)  # renewed (the store was back): the note is forgotten
+    time.sleep(0.4)
+    assert not store.run_lapsed("r1", 0.3)
+    time.sleep(0.4)
+    assert store.run_lapsed("r1", 0.3)
 
 
 def test_a_running_background_response_holds_its_keys_place_and_an_in_flight_place(tmp_path):
@@ -286,3 +299,45 @@ def test_the_requests_log_line_and_outcome_come_at_the_runs_end(app, caplog):
     assert line["status"] == 200 and line["finish_reason"] == "eos_token" and line["completion_tokens"] == 2
     assert line["duration_s"] >= 0.95 and line["path"] == "/v1/responses"  # the run's, not the answer's
     assert outcomes._value.get() == before + 1
+
+
+def test_a_store_outage_longer_than_the_lease_does_not_fail_a_run_that_is_alive(tmp_path, monkeypatch):
+    """redis-server stopped (SIGSTOP) for twice the run's lease: the run cannot renew it and it
+    lapses, but the run goes on; reads from the moment Redis answers again find it in progress
+    (the first notes the lapse, the run renews within ORPHAN_GRACE), and it completes. Before the
+    grace, the first read failed it ("stopped before it finished") and the run then stopped."""
+    import os
+    import signal
+
+    from testkit import start_redis, stop_redis
+
+    from trident.child_process import free_port
+
+    monkeypatch.setattr(background, "LEASE_SECONDS", 1.5)
+    monkeypatch.setattr(background, "ORPHAN_GRACE", 3.0)
+    port = free_port()
+    server = start_redis(tmp_path, port)
+    try:
+        flask_app, backend, web, spec = make_app(tmp_path, RESPONSES_STORE=f"redis://127.0.0.1:{port}/0",
+                                                 STORE_TIMEOUT=0.5)
+        gate = threading.Event()
+        backend.script = lambda params: ["Hello", Gate(gate), " world",
+                                         Finished("eos_token", prompt_tokens=3, completion_tokens=2)]
+        response_id = client_of(flask_app).responses.create(model=MODEL, input="Hi", background=True).id
+        assert wait_until(lambda: backend.generations and backend.generations[-1].consumed >= 2)  # at the gate
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            time.sleep(2 * background.LEASE_SECONDS)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        deadline = time.monotonic() + background.ORPHAN_GRACE + 1
+        while time.monotonic() < deadline:  # a client polling hard from the moment Redis is back
+            assert retrieved(web, spec, response_id)["status"] == "in_progress"
+            time.sleep(0.1)
+        assert not backend.generations[-1].closed.is_set()
+        gate.set()
+        done = wait_for_status(web, spec, response_id, "completed")
+        assert done["output"][0]["content"][0]["text"] == "Hello world"
+        assert wait_until(lambda: in_flight(flask_app) == 0)
+    finally:
+        stop_redis(server)

@@ -133,9 +133,10 @@ def test_a_failing_generation_ends_its_stream_with_response_failed(app):
     assert in_flight(flask_app) == 0
 
 
-def test_a_response_whose_run_died_ends_its_followers_stream_failed(app):
-    """Its process was killed mid-run: the kept events, then (the lease lapsed) response.failed
-    from the record, numbered on."""
+def test_a_response_whose_run_died_ends_its_followers_stream_failed(app, monkeypatch):
+    """Its process was killed mid-run: the kept events, then (the lease lapsed, and stayed so
+    ORPHAN_GRACE) response.failed from the record, numbered on."""
+    monkeypatch.setattr(background, "ORPHAN_GRACE", 0.5)
     flask_app, _, web, spec = app
     store = store_of(flask_app)
     response = {**retrieved_shape(), "id": "resp_dead", "status": "in_progress"}
