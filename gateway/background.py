@@ -37,6 +37,7 @@ offers it. The generation outlives the HTTP request; the client polls the stored
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -64,6 +65,8 @@ LEASE_SECONDS = 6.0
 #: still lapsed then: a run alive through a store outage (which its lease did not outlast)
 #: renews within a poll and a store timeout or two of the store's return
 ORPHAN_GRACE = 6.0
+#: how long a run whose generation ended tries to store its end while the store cannot be reached
+END_RETRY_SECONDS = 30.0
 #: the statuses of a response whose generation has not ended
 ACTIVE = ("queued", "in_progress")
 #: the error of a response whose run's lease lapsed
@@ -96,6 +99,7 @@ class BackgroundRun:
         self._abort: ApiError | None = None
         self._stopped = False  # cancelled or deleted: nothing is written
         self._started = False  # in_progress written
+        self._released = False  # the generation closed, its places given back
         self.ended: Any = None  # set when the run is over (an Event of the hub or of threading)
 
     def start(self) -> None:
@@ -149,9 +153,8 @@ class BackgroundRun:
             RUNS.pop(self.response_id, None)
             DRAIN.streams.discard(self)
             try:
-                self._generation.close()
+                self._release()
             finally:
-                self._done()
                 if self._record is not None:
                     if self._record.finished is None and self._record.error is None:
                         self._record.error = outcome if outcome != "cancelled" else None
@@ -194,14 +197,15 @@ class BackgroundRun:
         else:
             self.keep(chunk)
 
-    def keep(self, chunk: bytes) -> None:
+    def keep(self, chunk: bytes) -> bool:
         """Keep SSE events in the store, numbered on. Those it cannot take (unreachable) are held
         and sent again, first, with the next ones: a follower waits for them (or, at a store it
-        cannot read, ends with an error to resume after) and never reads past a gap."""
+        cannot read, ends with an error to resume after) and never reads past a gap. Whether
+        none is held now."""
         events = split_events(chunk)
-        if not events:
-            return
         held = self._held
+        if not held and not events:
+            return True
         held += events
         try:
             self._store.append_events(self.response_id, self._kept, held)
@@ -209,12 +213,13 @@ class BackgroundRun:
             if len(held) == len(events):  # once an outage
                 log.warning("background response %s: the store did not take its stream's events (%s); they "
                             "are held and sent again with the next", self.response_id, exc, extra=self._log_extra)
-            return
+            return False
         if len(held) > len(events):
             log.info("background response %s: the store took the %d stream event(s) held back", self.response_id,
                      len(held) - len(events), extra=self._log_extra)
         self._kept += len(held)
         held.clear()
+        return True
 
     def _wanted(self) -> bool:
         """Renew the lease; whether the response is still stored and neither cancelled nor ended.
@@ -236,18 +241,49 @@ class BackgroundRun:
             log.warning("background response %s: could not mark it in progress: %s", self.response_id, exc,
                         extra=self._log_extra)
 
+    def _release(self) -> None:
+        """Once: the generation closed, its in-flight and key places given back."""
+        if not self._released:
+            self._released = True
+            try:
+                self._generation.close()
+            finally:
+                self._done()
+
     def _end(self, response: dict[str, Any]) -> None:
-        """Store the finished response, unless it was cancelled or deleted meanwhile."""
-        try:
-            stored = _moved(self._store, self._owner, self.response_id, lambda _: response)
-        except Exception as exc:
-            log.warning("could not store background response %s: %s", self.response_id, exc, extra=self._log_extra)
-            metrics.STORED_RESPONSES.labels(outcome="failed").inc()
-            return
+        """Store the finished response, unless it was cancelled or deleted meanwhile, then keep its
+        stream's last events. The generation is over: its places are given back first. A store
+        that cannot be reached (a Redis restart, a failover) is tried again every POLL_SECONDS for
+        up to END_RETRY_SECONDS, the run's lease renewed with each try, so that the response is
+        not lost to an outage at its end (nor taken meanwhile for one whose process died)."""
+        self._release()
+        deadline = time.monotonic() + END_RETRY_SECONDS
+        for attempt in itertools.count():
+            try:
+                stored = _moved(self._store, self._owner, self.response_id, lambda _: response)
+                break
+            except Exception as exc:
+                if time.monotonic() + POLL_SECONDS > deadline:
+                    log.warning("could not store background response %s: %s", self.response_id, exc,
+                                extra=self._log_extra)
+                    metrics.STORED_RESPONSES.labels(outcome="failed").inc()
+                    return
+                if attempt == 0:
+                    log.warning("background response %s ended, and the store is unreachable (%s): tried again "
+                                "every %g s for up to %g s", self.response_id, exc, POLL_SECONDS, END_RETRY_SECONDS,
+                                extra=self._log_extra)
+            time.sleep(POLL_SECONDS)
+            try:
+                self._store.renew_run(self.response_id, LEASE_SECONDS)
+            except Exception:
+                pass  # the next try says it
         if stored is not None and stored["response"] is response:
             metrics.STORED_RESPONSES.labels(outcome="stored").inc()
             if self._stream is not None:  # now a follower that reads the end finds the response ended
-                self.keep(self._stream.failed_event(response) if response["status"] == "failed" else self._last)
+                last = self._stream.failed_event(response) if response["status"] == "failed" else self._last
+                while not self.keep(last) and time.monotonic() + POLL_SECONDS <= deadline:
+                    last = b""
+                    time.sleep(POLL_SECONDS)
 
 
 def _moved(store: ResponseStore, owner: str, response_id: str, change: Callable[[dict[str, Any]], dict[str, Any]],
@@ -403,5 +439,5 @@ def stop_here(response_id: str) -> None:
         run.stop()
 
 
-__all__ = ["ACTIVE", "BackgroundRun", "Follower", "LEASE_SECONDS", "ORPHAN_GRACE", "ORPHANED", "POLL_SECONDS", "RUNS",
-           "cancel", "settled", "split_events", "stop_here"]
+__all__ = ["ACTIVE", "BackgroundRun", "END_RETRY_SECONDS", "Follower", "LEASE_SECONDS", "ORPHAN_GRACE", "ORPHANED",
+           "POLL_SECONDS", "RUNS", "cancel", "settled", "split_events", "stop_here"]

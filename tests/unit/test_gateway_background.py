@@ -325,6 +325,7 @@ def test_a_store_outage_longer_than_the_lease_does_not_fail_a_run_that_is_alive(
                                          Finished("eos_token", prompt_tokens=3, completion_tokens=2)]
         response_id = client_of(flask_app).responses.create(model=MODEL, input="Hi", background=True).id
         assert wait_until(lambda: backend.generations and backend.generations[-1].consumed >= 2)  # at the gate
+        wait_for_status(web, spec, response_id, "in_progress")  # its first token: the run wrote it
         os.kill(server.pid, signal.SIGSTOP)
         try:
             time.sleep(2 * background.LEASE_SECONDS)

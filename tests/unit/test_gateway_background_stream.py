@@ -370,3 +370,42 @@ def test_a_redis_that_stops_answering_mid_run_loses_no_event(tmp_path):
         assert events[-1]["response"] == retrieved(web, spec, response_id)
     finally:
         stop_redis(server)
+
+
+def test_a_run_that_ends_while_redis_is_stopped_stores_its_end_and_its_events_once_it_is_back(tmp_path):
+    """The generation ends while redis-server is stopped (SIGSTOP): its places are given back at
+    once, and the run tries again until Redis answers, then stores the response completed and
+    keeps the events held back and the last; the stream read after is whole. Before, the end
+    was lost (the response read in progress, then failed as if its process had died)."""
+    import os
+    import signal
+
+    from testkit import start_redis, stop_redis
+
+    from trident.child_process import free_port
+
+    port = free_port()
+    server = start_redis(tmp_path, port)
+    try:
+        flask_app, backend, web, spec = make_app(tmp_path, RESPONSES_STORE=f"redis://127.0.0.1:{port}/0",
+                                                 STORE_TIMEOUT=0.5)
+        gates = [threading.Event() for _ in range(3)]
+        backend.script = _gated_script(gates)
+        created = post(web, background=True, stream=True)
+        response_id = events_in(next(iter(created.response)))[0]["response"]["id"]
+        created.close()
+        assert wait_until(lambda: backend.generations and backend.generations[-1].consumed >= 2)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            for gate in gates:
+                gate.set()
+            assert wait_until(lambda: in_flight(flask_app) == 0, 5)  # ended: its place given back meanwhile
+            time.sleep(3.0)  # several tries of its end
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        stored = wait_for_status(web, spec, response_id, "completed", timeout=5)
+        events = follow(web, response_id)
+        assert _whole(events) == "Hello, world!" == stored["output"][0]["content"][0]["text"]
+        assert events[-1]["response"] == stored
+    finally:
+        stop_redis(server)
