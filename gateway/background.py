@@ -98,7 +98,7 @@ class BackgroundRun:
         self._log_extra = {"request_id": request_id}
         self._abort: ApiError | None = None
         self._stopped = False  # cancelled or deleted: nothing is written
-        self._started = False  # in_progress written
+        self._started = False  # a token came: in_progress written (or tried again at the next look)
         self._released = False  # the generation closed, its places given back
         self.ended: Any = None  # set when the run is over (an Event of the hub or of threading)
 
@@ -231,6 +231,8 @@ class BackgroundRun:
             log.warning("background response %s: the store is unreachable (%s); it runs on", self.response_id, exc,
                         extra=self._log_extra)
             return True
+        if record is not None and self._started and record["response"]["status"] == "queued":
+            self._set_in_progress()  # its first try met a store that could not be reached
         return record is not None and record["response"]["status"] in ACTIVE
 
     def _set_in_progress(self) -> None:

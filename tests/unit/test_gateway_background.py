@@ -342,3 +342,30 @@ def test_a_store_outage_longer_than_the_lease_does_not_fail_a_run_that_is_alive(
         assert wait_until(lambda: in_flight(flask_app) == 0)
     finally:
         stop_redis(server)
+
+
+def test_in_progress_that_the_store_did_not_take_is_written_at_the_runs_next_look(app, monkeypatch):
+    """The store fails the run's first write of in_progress (unreachable for a moment): the
+    response reads in_progress after the run's next look at its record, not queued until its end."""
+    import redis
+
+    flask_app, backend, web, spec = app
+    gate = threading.Event()
+    backend.script = lambda params: ["Hello", Gate(gate), " world",
+                                     Finished("eos_token", prompt_tokens=3, completion_tokens=2)]
+    store = store_of(flask_app)
+    real, refused = store.update, []
+
+    def flaky(owner, response_id, change):
+        if not refused:
+            refused.append(response_id)
+            raise redis.exceptions.ConnectionError("Connection refused")
+        return real(owner, response_id, change)
+
+    monkeypatch.setattr(store, "update", flaky)
+    response_id = client_of(flask_app).responses.create(model=MODEL, input="Hi", background=True).id
+    assert wait_until(lambda: refused)
+    assert retrieved(web, spec, response_id)["status"] == "queued"
+    wait_for_status(web, spec, response_id, "in_progress", timeout=background.POLL_SECONDS + 2)
+    gate.set()
+    assert wait_for_status(web, spec, response_id, "completed")["output"][0]["content"][0]["text"] == "Hello world"
