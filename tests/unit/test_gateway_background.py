@@ -5,6 +5,9 @@ store and with a real redis-server (skipped without one)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import time
 
@@ -48,6 +51,33 @@ def wait_for_status(web, spec, response_id, status, timeout=5.0):
     assert wait_until(lambda: retrieved(web, spec, response_id)["status"] == status, timeout), (
         retrieved(web, spec, response_id))
     return retrieved(web, spec, response_id)
+
+
+@contextlib.contextmanager
+def own_redis_app(tmp_path):
+    """The in-process gateway (make_app) with a Redis store on a redis-server of its own, which
+    the test may stop (:func:`stopped`), and a STORE_TIMEOUT of 0.5 s; yields (app, backend,
+    test client, OpenAPI document, the server's process)."""
+    from testkit import start_redis, stop_redis
+
+    from trident.child_process import free_port
+
+    port = free_port()
+    server = start_redis(tmp_path, port)
+    try:
+        yield (*make_app(tmp_path, RESPONSES_STORE=f"redis://127.0.0.1:{port}/0", STORE_TIMEOUT=0.5), server)
+    finally:
+        stop_redis(server)
+
+
+@contextlib.contextmanager
+def stopped(server):
+    """redis-server stopped (SIGSTOP: it answers nothing, as a hung one or a failover) for the block."""
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
 
 
 def test_a_background_response_is_queued_then_retrieved_completed_as_the_foreground_one(app):
@@ -306,31 +336,17 @@ def test_a_store_outage_longer_than_the_lease_does_not_fail_a_run_that_is_alive(
     lapses, but the run goes on; reads from the moment Redis answers again find it in progress
     (the first notes the lapse, the run renews within ORPHAN_GRACE), and it completes. Before the
     grace, the first read failed it ("stopped before it finished") and the run then stopped."""
-    import os
-    import signal
-
-    from testkit import start_redis, stop_redis
-
-    from trident.child_process import free_port
-
     monkeypatch.setattr(background, "LEASE_SECONDS", 1.5)
     monkeypatch.setattr(background, "ORPHAN_GRACE", 3.0)
-    port = free_port()
-    server = start_redis(tmp_path, port)
-    try:
-        flask_app, backend, web, spec = make_app(tmp_path, RESPONSES_STORE=f"redis://127.0.0.1:{port}/0",
-                                                 STORE_TIMEOUT=0.5)
+    with own_redis_app(tmp_path) as (flask_app, backend, web, spec, server):
         gate = threading.Event()
         backend.script = lambda params: ["Hello", Gate(gate), " world",
                                          Finished("eos_token", prompt_tokens=3, completion_tokens=2)]
         response_id = client_of(flask_app).responses.create(model=MODEL, input="Hi", background=True).id
         assert wait_until(lambda: backend.generations and backend.generations[-1].consumed >= 2)  # at the gate
         wait_for_status(web, spec, response_id, "in_progress")  # its first token: the run wrote it
-        os.kill(server.pid, signal.SIGSTOP)
-        try:
+        with stopped(server):
             time.sleep(2 * background.LEASE_SECONDS)
-        finally:
-            os.kill(server.pid, signal.SIGCONT)
         deadline = time.monotonic() + background.ORPHAN_GRACE + 1
         while time.monotonic() < deadline:  # a client polling hard from the moment Redis is back
             assert retrieved(web, spec, response_id)["status"] == "in_progress"
@@ -340,8 +356,6 @@ def test_a_store_outage_longer_than_the_lease_does_not_fail_a_run_that_is_alive(
         done = wait_for_status(web, spec, response_id, "completed")
         assert done["output"][0]["content"][0]["text"] == "Hello world"
         assert wait_until(lambda: in_flight(flask_app) == 0)
-    finally:
-        stop_redis(server)
 
 
 def test_in_progress_that_the_store_did_not_take_is_written_at_the_runs_next_look(app, monkeypatch):

@@ -16,7 +16,8 @@ import pytest
 from gateway_fakes import Gate, Pause, wait_until
 from openai_fixtures import AUTH, KEY, MODEL
 from test_gateway_anthropic import make_app, named_events as events_in
-from test_gateway_background import OWNER, in_flight, retrieved, retrieved_shape, slow, store_of, wait_for_status
+from test_gateway_background import (OWNER, in_flight, own_redis_app, retrieved, retrieved_shape, slow, stopped,
+                                     store_of, wait_for_status)
 from test_gateway_response_store import app, redis_uri  # noqa: F401 (fixtures: a memory store, a redis one)
 from test_gateway_responses import client_of, events_of, post
 
@@ -337,39 +338,18 @@ def test_a_redis_that_stops_answering_mid_run_loses_no_event(tmp_path):
     """redis-server stopped (SIGSTOP) while the run keeps two batches: each append times out,
     perhaps taken by Redis once it runs again; the run sends them again with the next batch
     and the stream read after reads each event once, in order."""
-    import os
-    import signal
-
-    from testkit import start_redis, stop_redis
-
-    from trident.child_process import free_port
-
-    port = free_port()
-    server = start_redis(tmp_path, port)
-    try:
-        flask_app, backend, web, spec = make_app(tmp_path, RESPONSES_STORE=f"redis://127.0.0.1:{port}/0",
-                                                 STORE_TIMEOUT=0.5)
-        gates = [threading.Event() for _ in range(3)]
-        backend.script = _gated_script(gates)
-        created = post(web, background=True, stream=True)
-        response_id = events_in(next(iter(created.response)))[0]["response"]["id"]
-        created.close()  # the creator leaves; the run goes on
-        assert wait_until(lambda: backend.generations and backend.generations[-1].consumed >= 2)
-        os.kill(server.pid, signal.SIGSTOP)
-        try:
+    with own_redis_app(tmp_path) as (flask_app, backend, web, spec, server):
+        gates, response_id = _left_at_the_first_gate(backend, web)
+        with stopped(server):
             for n, gate in enumerate(gates[:2]):
                 gate.set()
                 assert wait_until(lambda: backend.generations[-1].consumed >= 4 + 2 * n, 5)  # at the next gate
                 time.sleep(1.2)  # the batch's append (and a look at the record) timed out
-        finally:
-            os.kill(server.pid, signal.SIGCONT)
         gates[2].set()
         assert wait_until(lambda: in_flight(flask_app) == 0, 10)
         events = follow(web, response_id)
         assert _whole(events) == "Hello, world!"
         assert events[-1]["response"] == retrieved(web, spec, response_id)
-    finally:
-        stop_redis(server)
 
 
 def test_a_run_that_ends_while_redis_is_stopped_stores_its_end_and_its_events_once_it_is_back(tmp_path):
@@ -377,35 +357,26 @@ def test_a_run_that_ends_while_redis_is_stopped_stores_its_end_and_its_events_on
     once, and the run tries again until Redis answers, then stores the response completed and
     keeps the events held back and the last; the stream read after is whole. Before, the end
     was lost (the response read in progress, then failed as if its process had died)."""
-    import os
-    import signal
-
-    from testkit import start_redis, stop_redis
-
-    from trident.child_process import free_port
-
-    port = free_port()
-    server = start_redis(tmp_path, port)
-    try:
-        flask_app, backend, web, spec = make_app(tmp_path, RESPONSES_STORE=f"redis://127.0.0.1:{port}/0",
-                                                 STORE_TIMEOUT=0.5)
-        gates = [threading.Event() for _ in range(3)]
-        backend.script = _gated_script(gates)
-        created = post(web, background=True, stream=True)
-        response_id = events_in(next(iter(created.response)))[0]["response"]["id"]
-        created.close()
-        assert wait_until(lambda: backend.generations and backend.generations[-1].consumed >= 2)
-        os.kill(server.pid, signal.SIGSTOP)
-        try:
+    with own_redis_app(tmp_path) as (flask_app, backend, web, spec, server):
+        gates, response_id = _left_at_the_first_gate(backend, web)
+        with stopped(server):
             for gate in gates:
                 gate.set()
             assert wait_until(lambda: in_flight(flask_app) == 0, 5)  # ended: its place given back meanwhile
             time.sleep(3.0)  # several tries of its end
-        finally:
-            os.kill(server.pid, signal.SIGCONT)
         stored = wait_for_status(web, spec, response_id, "completed", timeout=5)
         events = follow(web, response_id)
         assert _whole(events) == "Hello, world!" == stored["output"][0]["content"][0]["text"]
         assert events[-1]["response"] == stored
-    finally:
-        stop_redis(server)
+
+
+def _left_at_the_first_gate(backend, web):
+    """A streamed background response of :func:`_gated_script` whose client left after its
+    first events, its run waiting at the first gate: (the gates, its id)."""
+    gates = [threading.Event() for _ in range(3)]
+    backend.script = _gated_script(gates)
+    created = post(web, background=True, stream=True)
+    response_id = events_in(next(iter(created.response)))[0]["response"]["id"]
+    created.close()  # the run goes on
+    assert wait_until(lambda: backend.generations and backend.generations[-1].consumed >= 2)
+    return gates, response_id
