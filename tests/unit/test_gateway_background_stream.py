@@ -363,7 +363,7 @@ def test_a_run_that_ends_while_redis_is_stopped_stores_its_end_and_its_events_on
             for gate in gates:
                 gate.set()
             assert wait_until(lambda: in_flight(flask_app) == 0, 5)  # ended: its place given back meanwhile
-            time.sleep(3.0)  # several tries of its end
+            time.sleep(1.5)  # tries of its end
         stored = wait_for_status(web, spec, response_id, "completed", timeout=5)
         events = follow(web, response_id)
         assert _whole(events) == "Hello, world!" == stored["output"][0]["content"][0]["text"]
