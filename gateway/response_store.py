@@ -17,8 +17,8 @@ key that made them: another key gets a 404, as for a response that does not exis
 
 A background response (gateway.background) changes while it runs: :meth:`update` changes a
 record only if it still is what its caller saw (the runner's result and a cancel never overwrite
-each other), and a run lease (:meth:`renew_run`, :meth:`running`, :meth:`run_lapsed`) says that
-the process running it is alive. One created with ``stream: true`` keeps its stream's events, in
+each other), and a run lease (:meth:`renew_run`, :meth:`run_lapsed`) says that the process
+running it is alive. One created with ``stream: true`` keeps its stream's events, in
 order, each under its ``sequence_number`` (:meth:`append_events`), for clients that follow it or
 resume it later (:meth:`read_events`; in Redis a stream, read with ``XREAD BLOCK``); they go with
 the record.
@@ -67,10 +67,6 @@ class ResponseStore(Protocol):
 
     def renew_run(self, response_id: str, seconds: float) -> None:
         """The process running a background response is alive for ``seconds`` more."""
-        ...
-
-    def running(self, response_id: str) -> bool:
-        """Whether a run lease of the response is current."""
         ...
 
     def run_lapsed(self, response_id: str, grace: float) -> bool:
@@ -174,10 +170,6 @@ class MemoryStore:
             self._runs[response_id] = now + seconds
             self._lapsed.pop(response_id, None)
 
-    def running(self, response_id: str) -> bool:
-        with self._lock:
-            return self._runs.get(response_id, 0.0) > self._clock()
-
     def run_lapsed(self, response_id: str, grace: float) -> bool:
         with self._lock:
             now = self._clock()
@@ -244,8 +236,8 @@ class RedisStore:
         self.ttl = max(1, int(ttl))
         self._redis = redis.Redis.from_url(uri, socket_connect_timeout=timeout, socket_timeout=timeout)
         self._max_wait = min(MAX_EVENT_WAIT, timeout / 2)  # a blocking read ends well within the socket timeout
-        self._append = self._redis.register_script(_APPEND)
-        self._lapsed = self._redis.register_script(_LAPSED)
+        self._append_script = self._redis.register_script(_APPEND)
+        self._lapsed_script = self._redis.register_script(_LAPSED)
 
     def put(self, owner: str, response_id: str, record: dict[str, Any]) -> None:
         self._redis.set(_PREFIX + response_id, json.dumps({"owner": owner, "record": record}, ensure_ascii=False),
@@ -295,13 +287,10 @@ class RedisStore:
             pipe.delete(_LAPSED_PREFIX + response_id)
             pipe.execute()
 
-    def running(self, response_id: str) -> bool:
-        return bool(self._redis.exists(_RUN_PREFIX + response_id))
-
     def run_lapsed(self, response_id: str, grace: float) -> bool:
         """By Redis's clock (TIME), so the gateways' clocks need not agree (_LAPSED)."""
-        return bool(self._lapsed(keys=[_RUN_PREFIX + response_id, _LAPSED_PREFIX + response_id],
-                                 args=[int(grace * 1000), self.ttl * 1000]))
+        return bool(self._lapsed_script(keys=[_RUN_PREFIX + response_id, _LAPSED_PREFIX + response_id],
+                                        args=[int(grace * 1000), self.ttl * 1000]))
 
     def append_events(self, response_id: str, first: int, events: list[bytes]) -> None:
         """A Redis stream whose entry ids are ``0-<sequence number + 1>`` (ids must be above 0-0),
@@ -311,8 +300,8 @@ class RedisStore:
         import redis
 
         try:
-            self._append(keys=[_PREFIX + response_id, _EVENTS_PREFIX + response_id],
-                         args=[self.ttl, first, *events])
+            self._append_script(keys=[_PREFIX + response_id, _EVENTS_PREFIX + response_id],
+                                args=[self.ttl, first, *events])
         except redis.exceptions.ResponseError as exc:
             if "numbered from" not in str(exc):
                 raise

@@ -273,12 +273,12 @@ def test_update_changes_a_record_only_from_what_its_caller_read(kind, request):
     assert store.update("a", "r1", cancel)["response"]["status"] == "cancelled"
     assert store.update("a", "r1", finish)["response"]["status"] == "cancelled"  # unchanged, as it stands
     assert store.update("b", "r1", cancel) is None and store.update("a", "nope", cancel) is None
-    assert not store.running("r1")
-    store.renew_run("r1", 1.0)
-    assert store.running("r1") and not store.run_lapsed("r1", 0.3)
-    time.sleep(1.2)
-    assert not store.running("r1")
-    assert not store.run_lapsed("r1", 0.3)  # the first look that finds it lapsed notes it
+    assert not store.run_lapsed("r1", 0.3)  # no lease: the first look that finds none notes it
+    store.renew_run("r1", 1.0)  # a lease, and the note forgotten
+    time.sleep(0.4)
+    assert not store.run_lapsed("r1", 0.3)  # the lease is current (past the note's grace)
+    time.sleep(0.8)
+    assert not store.run_lapsed("r1", 0.3)  # lapsed 1.2 s after the renewal: this look notes it
     time.sleep(0.4)
     assert store.run_lapsed("r1", 0.3) and store.run_lapsed("r1", 0.3)
     store.renew_run("r1", 0.2)  # renewed (the store was back): the note is forgotten
