@@ -10,7 +10,10 @@ loads it (:func:`load_tokenizer_info`) and compiles guides with :class:`GuideCom
 
 The ``llm`` model checks a guide before it reaches any engine (:func:`check_guide`): the grammar
 is built without the vocabulary (cheap), so a schema or regex XGrammar cannot take is a 400
-naming the field, on CPU and GPU alike, instead of an engine error mid-request.
+naming the field, on CPU and GPU alike, instead of an engine error mid-request. It imports
+XGrammar at its first guided request (:func:`load`, on a thread of its own while other requests
+go on: trident.llm_service), so that a stub that is never asked for structured output never
+loads torch.
 
 JSON is generated without free whitespace (``any_whitespace=False``): with it a small model can
 emit spaces or newlines until ``max_tokens``, and the output then never parses.
@@ -18,6 +21,7 @@ emit spaces or newlines until ``max_tokens``, and the output then never parses.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,17 @@ def _xgr():
         import xgrammar  # imported on first use: the gateway never needs it
 
     return xgrammar
+
+
+def loaded() -> bool:
+    """Whether XGrammar is imported in this process (it imports torch: about 1.3 s of CPU where
+    torch is not imported yet, as in a ``llm`` stub: trident.text.hf_tokenizer)."""
+    return "xgrammar" in sys.modules
+
+
+def load() -> None:
+    """Import XGrammar (and torch) now."""
+    _xgr()
 
 
 def _error(guide: Guide, exc: Exception) -> InvalidRequest:

@@ -74,6 +74,7 @@ from .contract import (
 from .cancel_board import CancelBoard
 from .engine_tensors import engine_inputs
 from .generation import TextGeneration, TokenLogprob, prompt_tokens
+from . import grammar
 from .grammar import check_guide
 from .llm_io import EngineClient, EngineFailure, LlmSettings, Request, engine_outputs, prompt_logprob_tensors
 
@@ -88,6 +89,9 @@ EARLY_CANCEL_SECONDS = 10.0
 #: cancel of the call, a gateway process that died).
 TOKEN_POLL_FACTOR = 5
 
+
+class _AwaitGuides(Exception):
+    """The request has a guide and XGrammar is not loaded yet (LlmService._await_guides)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -138,7 +142,10 @@ class LlmService:
 
     def __init__(self, settings: LlmSettings, tokenizer: Any, engine: "EngineClient", *,
                  clock: Callable[[], float] = time.monotonic, board: Optional[CancelBoard] = None,
-                 end_ids: Iterable[int] = ()) -> None:
+                 end_ids: Iterable[int] = (), load_guides: Callable[[], None] = grammar.load,
+                 guides_loaded: Optional[bool] = None) -> None:
+        """``load_guides`` imports XGrammar for :func:`check_guide`, at the first request with a
+        guide unless ``guides_loaded`` (by default: whether it is imported already)."""
         self.settings = settings
         self.tokenizer = tokenizer
         self.engine = engine
@@ -171,6 +178,12 @@ class LlmService:
         self._early_cancels: dict[str, float] = {}
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Requests with a guide that came before XGrammar was loaded: accepted again once it is.
+        self._load_guides = load_guides
+        self._guides_ready = grammar.loaded() if guides_loaded is None else guides_loaded
+        self._guides_lock = threading.Lock()
+        self._guides_waiting: list[Request] = []
+        self._guides_loader: Optional[threading.Thread] = None
         self.counters = dict.fromkeys(("accepted", "rejected", "cancelled_queued", "cancelled_at_engine",
                                        "completed", "failed", "cancel_requests", "cancels_posted",
                                        "cancels_from_board", "pings", "tokenize",
@@ -224,6 +237,9 @@ class LlmService:
             return
         try:
             job = self._prepare(request)
+        except _AwaitGuides:
+            self._await_guides(request)
+            return
         except TaggedError as exc:
             self.counters["rejected"] += 1
             _safely(request.send_error, exc.tagged())
@@ -246,6 +262,34 @@ class LlmService:
         if job.token is not None and not job.cancel_requested and self._take_from_board(job.token):
             job.cancel_requested = job.via_board = True  # another instance got its cancel request first
         self._queue.put(job)
+
+    def _await_guides(self, request: Request) -> None:
+        """A request with a guide before XGrammar is loaded (a stub's first): it waits, unanswered,
+        while a thread of its own imports XGrammar (and torch: about 1.3 s of CPU), then is
+        accepted again; the execute thread goes on with other requests meanwhile."""
+        with self._guides_lock:
+            if not self._guides_ready:
+                self._guides_waiting.append(request)
+                if self._guides_loader is None:
+                    self._guides_loader = threading.Thread(target=self._load_guides_then_accept,
+                                                           name="llm-load-xgrammar", daemon=True)
+                    self._guides_loader.start()
+                return
+        self.accept(request)  # loaded since its check
+
+    def _load_guides_then_accept(self) -> None:
+        started = time.monotonic()
+        try:
+            self._load_guides()
+        except Exception:  # its requests then fail as internal errors (check_guide cannot import it)
+            log.exception("llm: loading XGrammar failed")
+        else:
+            log.info("llm: XGrammar loaded for the first request with a guide in %.1f s", time.monotonic() - started)
+        with self._guides_lock:
+            self._guides_ready = True
+            waiting, self._guides_waiting = self._guides_waiting, []
+        for request in waiting:
+            self.accept(request)
 
     def _cancel_request(self, token: str) -> None:
         """A cancel request for the job with this token: it is ended as if its client had been
@@ -310,6 +354,8 @@ class LlmService:
             raise InvalidRequest(context_error(len(input_ids), new_tokens, limits.max_context), param="prompt")
         bad_ids = [self.tokenizer(w, add_special_tokens=False).input_ids for w in text.sampling.bad_words]
         if text.sampling.guide is not None:
+            if not self._guides_ready:
+                raise _AwaitGuides
             check_guide(text.sampling.guide)  # a schema XGrammar cannot take: 400 here, on CPU and GPU
         # What ends a choice besides the end id (TextGeneration): banned with it before min_tokens.
         # (With ignore_eos the model's other end tokens end nothing: only stop_token_ids then.)

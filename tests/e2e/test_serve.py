@@ -7,6 +7,7 @@ every generation fails; the probe's stop ping to the engine finds it), and when 
 ``preprocessing`` model's stub dies (every request of a client that tokenizes there fails; the
 probe's tokenize ping finds it)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +48,11 @@ def _stub_pid(work, model: str, instance: str) -> int | None:
     out = subprocess.run(["pgrep", "-f", f"{work}.*triton_python_backend_stub .*/{model}/1/model.py .* {instance} "],
                          capture_output=True, text=True).stdout.split()
     return int(out[0]) if out else None
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether a process has PyTorch's library loaded."""
+    return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
 
 
 def _llm_stub_pid(work, instance: str = "llm_0_1") -> int | None:
@@ -120,6 +126,18 @@ def test_serve_stays_up_and_restarts_a_killed_or_hung_triton_or_a_dead_engine_or
         time.sleep(3)  # a Triton started from a thread that had ended got SIGTERM right after it was ready
         assert "exited" not in (tmp_path / "serve.log").read_text(), (tmp_path / "serve.log").read_text()
         assert _generates(url)
+        # The stubs that only tokenize never load torch (trident.text.hf_tokenizer: about 250 MB
+        # and 2 s of CPU each); an llm stub loads it with XGrammar at its first request with a
+        # guide, which waits for it while other requests go on (trident.llm_service).
+        work = tmp_path / "run"
+        stubs = [_stub_pid(work, "llm", "llm_0_0"), _stub_pid(work, "llm", "llm_0_1"),
+                 _stub_pid(work, "preprocessing", "preprocessing_0_0")]
+        assert None not in stubs and not any(_maps_torch(stub) for stub in stubs)
+        guided = [requests.post(url + "/generate", json={**BODY, "regex": " [0-9]{3}"},
+                                headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) for _ in range(2)]
+        assert [r.status_code for r in guided] == [200, 200], [r.text for r in guided]
+        assert all(re.fullmatch(" [0-9]{3}", r.json()["choices"][0]["text"]) for r in guided), [r.text for r in guided]
+        assert sum(_maps_torch(stub) for stub in stubs[:2]) >= 1 and not _maps_torch(stubs[2])
         pid = _triton_pid(tmp_path / "run")
         assert pid is not None
         os.kill(pid, signal.SIGKILL)

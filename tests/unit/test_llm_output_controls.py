@@ -1,9 +1,11 @@
 """The llm model's side of the output controls (issue 15), with the fake engine of
 test_llm_service: several choices (each its own text, finish and counts; one final response),
 logprobs aligned with the text streamed or not, guides checked before the engine."""
+import threading
+
 import numpy as np
 import pytest
-from test_llm_service import FakeEngine, FakeRequest, make_service, wait  # noqa: F401 (fixture)
+from test_llm_service import TIMEOUT, FakeEngine, FakeRequest, make_service, wait  # noqa: F401 (fixture)
 
 from trident.contract import parse_error
 from trident.engine_tensors import (
@@ -114,6 +116,41 @@ def test_a_schema_xgrammar_cannot_compile_is_refused_naming_the_field(make_servi
     tagged = parse_error(message)
     assert kind == "send_error" and tagged.param == "guided_decoding_guide" and "bogus" in tagged.message
     assert engine.streams == []
+
+
+def test_guided_requests_wait_for_xgrammar_to_load_while_other_requests_go_on(make_service):
+    """A stub imports XGrammar (and torch) at its first request with a guide, once, on a thread
+    of its own: the guided requests wait there, unanswered, while a plain one is admitted and
+    answered; then each is checked as usual (a schema XGrammar cannot take refused, a good one
+    generated), and later guided requests are checked at once."""
+    release, loads = threading.Event(), []
+
+    def load():
+        loads.append(threading.current_thread().name)
+        assert release.wait(TIMEOUT)
+
+    service, engine = make_service(limits=ModelLimits(features=frozenset(ENGINE_FEATURES)),
+                                   service_args=dict(load_guides=load, guides_loaded=False))
+    bad = request(guided_decoding_guide_type="json_schema", guided_decoding_guide='{"type": "bogus"}')
+    good = request(guided_decoding_guide_type="json_schema", guided_decoding_guide='{"type": "object"}')
+    plain = request()
+    for req in (bad, good, plain):
+        req.admission = True
+        service.accept(req)
+    wait(plain)
+    assert plain.sent[0][0] == "send_admission" and plain.sent[-1][0] == "send_final"
+    assert bad.sent == [] and good.sent == [] and loads == ["llm-load-xgrammar"]
+    release.set()
+    wait(bad)
+    wait(good)
+    (kind, message), = bad.sent
+    assert kind == "send_error" and parse_error(message).param == "guided_decoding_guide"
+    assert good.sent[0][0] == "send_admission" and good.sent[-1][0] == "send_final"
+    assert [t["guided_decoding_guide"].reshape(-1)[0] for t in engine.tensors if "guided_decoding_guide" in t] == [
+        b'{"type": "object"}']  # the plain request's tensors have none
+    later = request(guided_decoding_guide_type="json_schema", guided_decoding_guide='{"type": "bogus"}')
+    service.accept(later)
+    assert later.sent and later.sent[0][0] == "send_error" and loads == ["llm-load-xgrammar"]  # at once
 
 
 def test_output_tensors_shapes():

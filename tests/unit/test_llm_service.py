@@ -186,10 +186,11 @@ class FakeEngine:
 def make_service(tokenizer):
     services = []
 
-    def make(engine=None, board=None, end_ids=(), **settings):
+    def make(engine=None, board=None, end_ids=(), service_args=None, **settings):
         engine = engine or FakeEngine(tokenizer)
         defaults = dict(max_concurrent=2, cancel_check_interval=0.02)
-        service = LlmService(LlmSettings(**{**defaults, **settings}), tokenizer, engine, board=board, end_ids=end_ids)
+        service = LlmService(LlmSettings(**{**defaults, **settings}), tokenizer, engine, board=board, end_ids=end_ids,
+                             **(service_args or {}))
         service.start()
         services.append(service)
         return service, engine

@@ -217,3 +217,51 @@ def test_words_list_format():
     assert out.shape == (1, 2, 3)
     assert out[0, 0].tolist() == [5, 6, 7]
     assert out[0, 1].tolist() == [2, 3, -1]
+
+
+_TOKENIZER_PROBE = r"""
+import json, sys
+hidden = sys.argv[2] == "hidden"
+if hidden:
+    from trident.text.hf_tokenizer import load_tokenizer
+    tok = load_tokenizer(sys.argv[1])
+    loaded = "torch" in sys.modules
+    import torch  # importable afterwards (XGrammar imports it at a stub's first guide)
+else:
+    import torch
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(sys.argv[1])
+    loaded = True
+texts = ["Hello there", " leading space", "naïve café 東京 🙂", "<|im_start|>user\nhi<|im_end|>", "a\n\n\tb  c", ""]
+ids = [tok(t).input_ids for t in texts] + [tok(t, add_special_tokens=False).input_ids for t in texts]
+print(json.dumps({
+    "torch_at_load": loaded,
+    "class": type(tok).__name__,
+    "ids": ids,
+    "decoded": [tok.decode(i) for i in ids] + [tok.decode(i, skip_special_tokens=True) for i in ids],
+    "pieces": [tok.convert_ids_to_tokens(i) for i in ids],
+    "chat": tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True),
+    "special": [tok.eos_token_id, tok.pad_token_id, tok.bos_token_id, len(tok)],
+}))
+"""
+
+
+def test_a_tokenizer_loaded_without_torch_is_the_same_tokenizer(checkpoint_dir):
+    """trident.text.hf_tokenizer: the llm and preprocessing stubs' tokenizer, read without
+    importing torch, encodes, decodes and renders the chat template as the usual one does."""
+    import json
+    import subprocess
+    import sys
+
+    from testkit import ROOT
+
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-c", _TOKENIZER_PROBE, str(checkpoint_dir), mode], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "PyTorch was not found" not in out.stderr  # transformers' advice, expected there
+        return json.loads(out.stdout)
+
+    hidden, usual = probe("hidden"), probe("usual")
+    assert hidden.pop("torch_at_load") is False and usual.pop("torch_at_load") is True
+    assert hidden == usual

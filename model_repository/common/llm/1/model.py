@@ -21,6 +21,7 @@ from trident.llm_io import EngineChunk, LlmSettings, output_tensors
 from trident.cancel_board import CancelBoard, default_directory, remove_stale
 from trident.llm_service import EARLY_CANCEL_SECONDS, LlmService, model_end_ids
 from trident.stub_objects import Retirement, requested_only
+from trident.text.hf_tokenizer import load_tokenizer
 
 log = logging.getLogger("trident.llm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -30,14 +31,12 @@ INSTANCE = {"name": "?"}  # which instance of llm this stub serves (initialize):
 
 class TritonPythonModel:
     def initialize(self, args):
-        from transformers import AutoTokenizer
-
         _configure_logging()
         INSTANCE["name"] = args.get("model_instance_name") or "?"
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         settings = LlmSettings.from_parameters(params)
-        tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
+        tokenizer = load_tokenizer(params["tokenizer_dir"])  # without torch (XGrammar's, at the first guide)
         self.engine = _engine(settings.engine_model)
         self.service = LlmService(settings, tokenizer, self.engine, board=_cancel_board(config),
                                   end_ids=model_end_ids(params["tokenizer_dir"]))

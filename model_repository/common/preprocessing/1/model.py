@@ -7,17 +7,16 @@ import triton_python_backend_utils as pb_utils
 
 from trident.contract import SERVER_ERROR, InvalidRequest, TaggedError, tag_error
 from trident.engine_tensors import words_list
+from trident.text.hf_tokenizer import load_tokenizer
 
 log = logging.getLogger("trident.preprocessing")
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        from transformers import AutoTokenizer
-
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"])
+        self.tokenizer = load_tokenizer(params["tokenizer_dir"])  # without torch
         self.end_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
 
