@@ -1,6 +1,7 @@
 """The decode fast path's building blocks, the reduced-precision weights and the memory report."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,36 @@ def test_a_build_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path, m
         kernels.load.cache_clear()
     assert calls == [(False, 1)]  # leftover removed; another process could not take the flock meanwhile
     assert time.monotonic() - started < 10
+
+
+def test_every_build_runs_the_ninja_of_the_package_whatever_is_first_on_path(tmp_path, monkeypatch):
+    """A system ninja first on PATH (Debian's 1.11 here) hashes build commands otherwise than the
+    ``ninja`` package (1.13) that Triton's stubs find first: each rebuilt what the other built
+    (~20 s each time `make serve` and Triton's engine stub took turns). torch's load must see the
+    package's, and PATH is as it was afterwards."""
+    import shutil
+
+    import ninja
+
+    from trident.engine import kernels
+
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\nexit 1\n")
+    (other / "ninja").chmod(0o755)
+    path = os.pathsep.join([str(other), os.environ.get("PATH", "")])
+    monkeypatch.setenv("PATH", path)
+    assert shutil.which("ninja") == str(other / "ninja")
+    seen = []
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.append(shutil.which("ninja")))
+    monkeypatch.setattr(kernels, "missing_cpu_flags", lambda: [])
+    kernels.load.cache_clear()
+    try:
+        kernels.load()
+    finally:
+        kernels.load.cache_clear()
+    assert seen == [os.path.join(ninja.BIN_DIR, "ninja")]
+    assert os.environ["PATH"] == path
