@@ -1,4 +1,5 @@
-"""File-system helpers shared by the build steps and the scripts."""
+"""File-system helpers shared by the build steps and the scripts, and one for this process's
+environment (:func:`environ_set`)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,20 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+@contextlib.contextmanager
+def environ_set(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block, then as it was (unset if it was unset)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 @contextlib.contextmanager

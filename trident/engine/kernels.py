@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from trident.fsutil import environ_set
+
 log = logging.getLogger("trident.engine")
 
 CSRC = Path(__file__).with_name("csrc")
@@ -102,15 +104,8 @@ def package_ninja():
     except (ImportError, AttributeError):
         yield
         return
-    before = os.environ.get("PATH")
-    os.environ["PATH"] = os.pathsep.join(p for p in (bin_dir, before) if p)
-    try:
+    with environ_set("PATH", os.pathsep.join(p for p in (bin_dir, os.environ.get("PATH")) if p)):
         yield
-    finally:
-        if before is None:
-            os.environ.pop("PATH", None)
-        else:
-            os.environ["PATH"] = before
 
 
 def ops():

@@ -16,10 +16,13 @@ the process may import torch (a stub's ``initialize``).
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ..fsutil import environ_set
 
 #: transformers' one-line advice at import ("PyTorch was not found ..."), expected here.
 _QUIET = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
@@ -27,20 +30,21 @@ _QUIET = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
 
 def load_tokenizer(path: str | Path) -> Any:
     """``AutoTokenizer.from_pretrained(path)``, without importing torch where it is not yet imported."""
-    hide = "torch" not in sys.modules
-    quiet = os.environ.get(_QUIET)
-    if hide:
-        sys.modules["torch"] = None  # type: ignore[assignment]
-        os.environ[_QUIET] = "1"
-    try:
+    with contextlib.ExitStack() as stack:
+        if "torch" not in sys.modules:
+            stack.enter_context(_torch_hidden())
+            stack.enter_context(environ_set(_QUIET, "1"))
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(path))
+
+
+@contextlib.contextmanager
+def _torch_hidden() -> Iterator[None]:
+    """``import torch`` finds nothing in the block (``None`` in ``sys.modules``)."""
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        yield
     finally:
-        if hide:
-            if sys.modules.get("torch", 0) is None:
-                del sys.modules["torch"]
-            if quiet is None:
-                os.environ.pop(_QUIET, None)
-            else:
-                os.environ[_QUIET] = quiet
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
